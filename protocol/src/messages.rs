@@ -1,0 +1,390 @@
+//! The messages of a job session and of the tunnel.
+//!
+//! A job session is one bidirectional QUIC stream per hop (`horde/control/1`). The side that opens
+//! it (upstream: client, facilitator, validator, miner) writes [`DownMessage`]s; the side that
+//! accepts it writes [`UpMessage`]s. Each hop relays down to the next hop's stream and up to the
+//! previous one, verifying what it must. The client only ever receives
+//! [`UpMessage::Status`]: every message up the chain becomes a [`JobStatus`] the facilitator
+//! stores and pushes.
+//!
+//! Every enum here is append-only: new variants go at the end, existing ones never change.
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::job::{
+    BlobHash, Deadlines, ExecutorClass, JobId, JobSpec, NodeAddr, Program, RelativePath, Stage,
+    TerminateRequest, UnixMillis, VolumeList,
+};
+use crate::keys::Hotkey;
+use crate::records::{ClientStreamSignature, EndpointRecord, JobReceipt, MinerReport, Role};
+use crate::signed::Signed;
+
+#[cfg(test)]
+use proptest_derive::Arbitrary;
+
+/// The first frame on a `horde/control/1` stream says what the stream is for.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[cfg_attr(test, derive(Arbitrary))]
+#[non_exhaustive]
+pub enum ControlMessage {
+    /// Toward the executor on a job session.
+    Down(DownMessage),
+    /// Toward the client on a job session.
+    Up(UpMessage),
+    /// An executor registers with its miner (first frame on the executor's stream).
+    RegisterExecutor(ExecutorRegistration),
+    /// A miner report, client → facilitator → validators.
+    Report(Signed<MinerReport>),
+    /// The answer to a report.
+    ReportVerdict(ReportVerdict),
+}
+
+/// Messages toward the executor.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[cfg_attr(test, derive(Arbitrary))]
+#[non_exhaustive]
+pub enum DownMessage {
+    /// Client → facilitator: a new job.
+    Submit(Signed<JobSpec>),
+    /// Client → facilitator: re-attach to a job after reconnecting; its history is replayed.
+    Attach(JobId),
+    /// Facilitator → validator: run this job on this miner.
+    Assign(Assignment),
+    /// Validator → miner → executor: what is needed to reserve and prepare.
+    InitialDetails(InitialJobDetails),
+    /// Validator → miner → executor: the full, client-signed spec.
+    FullDetails(JobDetails),
+    /// Client → … → executor: volumes to fetch and outputs to upload.
+    Volumes(Signed<VolumeList>),
+    /// Client → … → executor: end the job.
+    Terminate(Signed<TerminateRequest>),
+}
+
+/// Messages toward the client.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[cfg_attr(test, derive(Arbitrary))]
+#[non_exhaustive]
+pub enum UpMessage {
+    /// Miner: an executor is reserved for the job.
+    Accepted,
+    /// Miner: the job is declined.
+    Declined(DeclineReason),
+    /// Executor (relayed by the miner): initial preparations are done.
+    ExecutorReady,
+    /// Executor → miner: the job is serving; the miner turns this into a signed record.
+    EndpointReady(EndpointReady),
+    /// Miner → validator → facilitator: the signed endpoint record.
+    Endpoint(Signed<EndpointRecord>),
+    /// Executor: a volume list was fetched.
+    VolumesFetched {
+        /// The list's id.
+        volume_msg_id: u64,
+    },
+    /// Executor: outputs were uploaded.
+    UploadDone(UploadDone),
+    /// Executor: the job ended.
+    Finished(JobFinished),
+    /// Any hop: the job failed in a stage.
+    Failed(JobFailure),
+    /// Any hop: horde itself failed (a node died, a link broke).
+    HordeFailed(HordeFailure),
+    /// Facilitator → client: a stored status.
+    Status(StatusUpdate),
+    /// Facilitator → client: the job was refused.
+    Rejected(RejectReason),
+}
+
+/// Facilitator → validator.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[cfg_attr(test, derive(Arbitrary))]
+pub struct Assignment {
+    /// The client-signed spec.
+    pub spec: Signed<JobSpec>,
+    /// The miner the facilitator chose.
+    pub miner: NodeAddr,
+}
+
+/// Validator → miner → executor: enough to reserve an executor and prepare.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[cfg_attr(test, derive(Arbitrary))]
+pub struct InitialJobDetails {
+    /// The job.
+    pub job_id: JobId,
+    /// Which executor class.
+    pub executor_class: ExecutorClass,
+    /// What will run (lets the executor pull an image early).
+    pub program: Program,
+    /// The staged deadlines.
+    pub deadlines: Deadlines,
+    /// The client's per-job key.
+    pub client_key: Hotkey,
+    /// The validator driving the job.
+    pub validator: Hotkey,
+}
+
+/// Validator → miner → executor: the full spec as the client signed it.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[cfg_attr(test, derive(Arbitrary))]
+pub struct JobDetails {
+    /// The client-signed spec (the executor verifies it too).
+    pub spec: Signed<JobSpec>,
+}
+
+/// Executor → miner: the job endpoint is up.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[cfg_attr(test, derive(Arbitrary))]
+pub struct EndpointReady {
+    /// The endpoint's address.
+    #[cfg_attr(test, proptest(strategy = "crate::arbitrary::socket_addr()"))]
+    pub address: SocketAddr,
+    /// The job key (the endpoint's certificate key).
+    pub job_key: Hotkey,
+}
+
+/// Why a miner declined a job.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[cfg_attr(test, derive(Arbitrary))]
+#[non_exhaustive]
+pub enum DeclineReason {
+    /// Every executor of the class is busy.
+    Busy,
+    /// The miner has no executor of the class.
+    NoExecutorForClass,
+    /// The miner does not take jobs from this validator.
+    ValidatorNotAllowed,
+    /// The spec cannot be run here.
+    InvalidSpec(String),
+    /// An executor could not be started.
+    ExecutorUnavailable(String),
+}
+
+/// Why the facilitator or validator refused a job.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[cfg_attr(test, derive(Arbitrary))]
+#[non_exhaustive]
+pub enum RejectReason {
+    /// The spec's signature does not verify.
+    BadSignature,
+    /// The spec expired (or was issued in the future).
+    Expired,
+    /// The job id was used before.
+    DuplicateJobId,
+    /// The client's key is not allowed.
+    ClientNotAllowed,
+    /// No validator is available.
+    NoValidator,
+    /// No miner is available.
+    NoMiner,
+    /// The miner declined.
+    Declined(DeclineReason),
+    /// The spec is invalid.
+    InvalidSpec(String),
+    /// The miner is not one the validator knows or trusts.
+    MinerNotAllowed,
+    /// No such job (attach).
+    UnknownJob,
+    /// The caller does not own the job.
+    NotOwner,
+}
+
+/// Why a stage failed.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[cfg_attr(test, derive(Arbitrary))]
+#[non_exhaustive]
+pub enum FailureReason {
+    /// The stage's deadline passed.
+    Timeout,
+    /// The job exited with a non-zero status.
+    NonZeroExit(i32),
+    /// The job was killed by a signal.
+    Signal(i32),
+    /// A volume could not be fetched.
+    VolumeFetch(String),
+    /// An output could not be uploaded.
+    Upload(String),
+    /// The job process could not be started.
+    Spawn(String),
+    /// The endpoint record did not verify.
+    BadEndpointRecord(String),
+}
+
+/// A job failure in one stage.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[cfg_attr(test, derive(Arbitrary))]
+pub struct JobFailure {
+    /// The stage.
+    pub stage: Stage,
+    /// Why.
+    pub reason: FailureReason,
+    /// The job's result so far (exit status, logs), when the job had started.
+    pub result: Option<JobFinished>,
+}
+
+/// horde itself failed.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[cfg_attr(test, derive(Arbitrary))]
+pub struct HordeFailure {
+    /// Which role saw it.
+    pub reported_by: Role,
+    /// Which node saw it.
+    pub reporter: Hotkey,
+    /// What happened.
+    pub reason: String,
+}
+
+/// Where an uploaded file ended up.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[cfg_attr(test, derive(Arbitrary))]
+pub struct OutputRef {
+    /// The file, relative to the output directory (or `stdout` / `stderr`).
+    pub path: RelativePath,
+    /// Its size.
+    pub size: u64,
+    /// Its BLAKE3.
+    pub hash: BlobHash,
+    /// Where it went (`blob` on a storage node, or the URL).
+    pub location: OutputLocation,
+}
+
+/// Where an output went.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[cfg_attr(test, derive(Arbitrary))]
+#[non_exhaustive]
+pub enum OutputLocation {
+    /// A storage node.
+    Blob(NodeAddr),
+    /// An HTTP PUT target.
+    Url(String),
+}
+
+/// Executor: outputs were uploaded.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[cfg_attr(test, derive(Arbitrary))]
+pub struct UploadDone {
+    /// The volume list that declared them, if any (none: the job's own `uploads`).
+    pub volume_msg_id: Option<u64>,
+    /// What was uploaded.
+    pub outputs: Vec<OutputRef>,
+}
+
+/// How the job ended.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[cfg_attr(test, derive(Arbitrary))]
+pub struct JobFinished {
+    /// Exit code (none if killed by a signal).
+    pub exit_code: Option<i32>,
+    /// Whether it was ended by a terminate request.
+    pub terminated: bool,
+    /// Uploaded outputs, stdout and stderr.
+    pub outputs: Vec<OutputRef>,
+    /// The last bytes of stdout.
+    pub stdout_tail: String,
+    /// The last bytes of stderr.
+    pub stderr_tail: String,
+}
+
+/// The statuses the facilitator stores and pushes to the client.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[cfg_attr(test, derive(Arbitrary))]
+#[non_exhaustive]
+pub enum JobStatus {
+    /// The facilitator persisted the job.
+    Received,
+    /// A validator and miner were chosen.
+    Assigned {
+        /// The validator.
+        validator: Hotkey,
+        /// The miner.
+        miner: Hotkey,
+    },
+    /// The miner reserved an executor.
+    Accepted,
+    /// The executor finished initial preparations.
+    ExecutorReady,
+    /// The job is serving: verified endpoint record.
+    EndpointReady(Signed<EndpointRecord>),
+    /// A volume list was fetched.
+    VolumesFetched {
+        /// The list's id.
+        volume_msg_id: u64,
+    },
+    /// Outputs were uploaded.
+    UploadDone(UploadDone),
+    /// Terminal: the job ran to its end.
+    Completed(JobFinished),
+    /// Terminal: the job was refused.
+    Rejected(RejectReason),
+    /// Terminal: the job failed in a stage.
+    Failed(JobFailure),
+    /// Terminal: horde failed.
+    HordeFailed(HordeFailure),
+}
+
+impl JobStatus {
+    /// Whether no status follows this one.
+    pub fn is_terminal(&self) -> bool {
+        matches!(
+            self,
+            JobStatus::Completed(_)
+                | JobStatus::Rejected(_)
+                | JobStatus::Failed(_)
+                | JobStatus::HordeFailed(_)
+        )
+    }
+}
+
+/// One stored status, numbered.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[cfg_attr(test, derive(Arbitrary))]
+pub struct StatusUpdate {
+    /// The job.
+    pub job_id: JobId,
+    /// Position in the job's history, from 0.
+    pub seq: u32,
+    /// When the facilitator stored it.
+    pub at: UnixMillis,
+    /// The status.
+    pub status: JobStatus,
+}
+
+/// An executor announcing itself to its miner.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[cfg_attr(test, derive(Arbitrary))]
+pub struct ExecutorRegistration {
+    /// The executor class it serves.
+    pub class: ExecutorClass,
+    /// The token the miner gave it when spawning (ties a child process to its slot).
+    pub token: [u8; 16],
+}
+
+/// Facilitator's answer to a miner report.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[cfg_attr(test, derive(Arbitrary))]
+#[non_exhaustive]
+pub enum ReportVerdict {
+    /// Verified and forwarded to this many validators.
+    Accepted {
+        /// Validators reached.
+        forwarded_to: u32,
+    },
+    /// Refused.
+    Refused(String),
+}
+
+/// One frame on a tunnel stream (`horde/job/1`).
+///
+/// The client sends `Data*` then `ClientEnd`; the endpoint sends `Data*` then `JobEnd`, the
+/// receipt, before it finishes the stream.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[cfg_attr(test, derive(Arbitrary))]
+#[non_exhaustive]
+pub enum TunnelFrame {
+    /// Bytes for the other side.
+    Data(Vec<u8>),
+    /// The client is done writing; its signature over what it sent.
+    ClientEnd(Signed<ClientStreamSignature>),
+    /// The job is done writing; its receipt.
+    JobEnd(Signed<JobReceipt>),
+}
