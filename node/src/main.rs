@@ -1,0 +1,114 @@
+//! The `horde` binary: parse the command line, load config, init tracing, run, wait for ctrl-c.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use horde_node::config::{NodeConfig, Overrides};
+use horde_protocol::{Role, SecretKey};
+
+/// horde: a QUIC peer-to-peer network for streaming compute jobs.
+#[derive(Debug, Parser)]
+#[command(name = "horde", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create or inspect hotkey files.
+    Key {
+        #[command(subcommand)]
+        command: KeyCommand,
+    },
+    /// Run a node.
+    Node(NodeArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum KeyCommand {
+    /// Generate a new hotkey and write it as a JSON key file with mode 0600.
+    Generate {
+        /// Where to write the key file (never overwritten).
+        #[arg(long, short, default_value = "hotkey.json")]
+        out: PathBuf,
+    },
+    /// Show the SS58 address and hex public key of a key file.
+    Show {
+        /// The key file.
+        #[arg(default_value = "hotkey.json")]
+        file: PathBuf,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct NodeArgs {
+    /// The node's config file (TOML).
+    #[arg(long, short)]
+    config: PathBuf,
+    /// The role to play (overrides the file): facilitator, validator, miner, executor, storage.
+    #[arg(long)]
+    role: Option<Role>,
+    /// The hotkey file (overrides the file).
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// QUIC listen address (overrides the file).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// State directory (overrides the file).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Key { command } => key_command(command),
+        Command::Node(args) => {
+            init_tracing();
+            let overrides = Overrides {
+                role: args.role,
+                key_file: args.key,
+                listen: args.listen,
+                data_dir: args.data_dir,
+            };
+            let config = NodeConfig::load(&args.config, &overrides)?;
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            Ok(runtime.block_on(horde_node::run_until_signal(config))?)
+        }
+    }
+}
+
+fn key_command(command: KeyCommand) -> anyhow::Result<()> {
+    match command {
+        KeyCommand::Generate { out } => {
+            let key = SecretKey::generate();
+            key.write_key_file(&out)?;
+            let hotkey = key.hotkey();
+            println!("wrote {}", out.display());
+            println!("ss58: {hotkey}");
+            println!("hex:  0x{}", hotkey.to_hex());
+        }
+        KeyCommand::Show { file } => {
+            let hotkey = SecretKey::read_key_file(&file)?.hotkey();
+            println!("ss58: {hotkey}");
+            println!("hex:  0x{}", hotkey.to_hex());
+        }
+    }
+    Ok(())
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}

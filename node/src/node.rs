@@ -1,0 +1,192 @@
+//! Node start-up and shutdown: load the hotkey, bind the QUIC endpoint for the role, accept
+//! connections and hand them to the role, stop cleanly on a signal.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use horde_protocol::{Hotkey, Role, SecretKey};
+use horde_transport::{ALPN_BLOB, ALPN_CONTROL, EndpointConfig, HordeEndpoint, codes};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument as _, debug, info, info_span, warn};
+
+use crate::config::NodeConfig;
+
+/// How long shutdown waits for connections to close before giving up.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// A node that could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NodeError {
+    /// The hotkey file is missing, unreadable or unsafe.
+    #[error(transparent)]
+    Key(#[from] horde_protocol::KeyFileError),
+    /// The QUIC endpoint could not be set up.
+    #[error("QUIC endpoint: {0}")]
+    Endpoint(#[from] horde_transport::ConfigError),
+    /// The data directory could not be created.
+    #[error("data directory {path}: {source}")]
+    DataDir {
+        /// The directory.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// The ALPNs a role serves on its node endpoint.
+pub fn role_alpns(role: Role) -> &'static [&'static [u8]] {
+    match role {
+        Role::Storage => &[ALPN_BLOB],
+        _ => &[ALPN_CONTROL],
+    }
+}
+
+/// A running node. Dropping it does not stop it: call [`RunningNode::shutdown`].
+#[derive(Debug)]
+pub struct RunningNode {
+    role: Role,
+    endpoint: Arc<HordeEndpoint>,
+    cancel: CancellationToken,
+    tasks: JoinSet<()>,
+}
+
+impl RunningNode {
+    /// Loads the key, binds the endpoint and starts accepting.
+    pub async fn start(config: NodeConfig) -> Result<Self, NodeError> {
+        let key = SecretKey::read_key_file(&config.key_file)?;
+        Self::start_with_key(config, key).await
+    }
+
+    /// Like [`RunningNode::start`] with a key already in memory.
+    pub async fn start_with_key(config: NodeConfig, key: SecretKey) -> Result<Self, NodeError> {
+        std::fs::create_dir_all(&config.data_dir).map_err(|source| NodeError::DataDir {
+            path: config.data_dir.display().to_string(),
+            source,
+        })?;
+        let endpoint_config = EndpointConfig::new(config.listen, role_alpns(config.role))
+            .with_max_connections(config.max_connections);
+        let endpoint = Arc::new(HordeEndpoint::bind(&key, endpoint_config)?);
+        let cancel = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+        tasks.spawn(accept_loop(
+            config.role,
+            Arc::clone(&endpoint),
+            cancel.child_token(),
+        ));
+        Ok(Self {
+            role: config.role,
+            endpoint,
+            cancel,
+            tasks,
+        })
+    }
+
+    /// The node's role.
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    /// The node's hotkey.
+    pub fn hotkey(&self) -> Hotkey {
+        self.endpoint.hotkey()
+    }
+
+    /// The QUIC address the node listens on.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    /// The node's endpoint (for dialing peers with the node's identity).
+    pub fn endpoint(&self) -> &Arc<HordeEndpoint> {
+        &self.endpoint
+    }
+
+    /// Stops accepting, closes every connection with [`codes::SHUTDOWN`] and waits for the
+    /// node's tasks and for the close to reach peers (bounded by a grace period).
+    pub async fn shutdown(mut self) {
+        self.cancel.cancel();
+        self.endpoint.close(codes::SHUTDOWN, b"node shutting down");
+        let drain = async {
+            while self.tasks.join_next().await.is_some() {}
+            self.endpoint.wait_idle().await;
+        };
+        if tokio::time::timeout(SHUTDOWN_GRACE, drain).await.is_err() {
+            warn!("shutdown grace period over; aborting remaining tasks");
+            self.tasks.abort_all();
+        }
+    }
+}
+
+async fn accept_loop(role: Role, endpoint: Arc<HordeEndpoint>, cancel: CancellationToken) {
+    let mut connections = JoinSet::new();
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            () = cancel.cancelled() => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+            accepted = endpoint.accept() => accepted,
+        };
+        let Some(accepted) = accepted else { break };
+        let (connection, peer, alpn) = match accepted {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                debug!(%error, "incoming connection failed");
+                continue;
+            }
+        };
+        let span =
+            info_span!("peer", peer = %peer.fmt_short(), remote = %connection.remote_address());
+        connections.spawn(
+            handle_connection(role, connection, peer, alpn, cancel.child_token()).instrument(span),
+        );
+    }
+    connections.shutdown().await;
+}
+
+async fn handle_connection(
+    role: Role,
+    connection: quinn::Connection,
+    peer: Hotkey,
+    alpn: Vec<u8>,
+    _cancel: CancellationToken,
+) {
+    debug!(alpn = %String::from_utf8_lossy(&alpn), "connection accepted");
+    // No role serves anything yet: say so and close, rather than leave the peer waiting.
+    info!(%role, %peer, "role has no service for this protocol yet; closing connection");
+    connection.close(codes::NOT_ALLOWED, b"no service for this protocol");
+}
+
+/// Starts a node from its config, logs its identity and address, and runs until SIGINT or
+/// SIGTERM, then shuts down cleanly.
+pub async fn run_until_signal(config: NodeConfig) -> Result<(), NodeError> {
+    let role = config.role;
+    let node = RunningNode::start(config).await?;
+    let addr = node
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|e| format!("unknown ({e})"));
+    info!(%role, hotkey = %node.hotkey(), hex = %node.hotkey().to_hex(), listen = %addr, "horde node started");
+    wait_for_signal().await;
+    info!("signal received; shutting down");
+    node.shutdown().await;
+    info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut terminate) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = terminate.recv() => {}
+            }
+        }
+        Err(error) => {
+            warn!(%error, "cannot listen for SIGTERM; waiting for ctrl-c only");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -1,0 +1,173 @@
+//! The `horde` binary as an operator uses it: generate a key, start a node, read its identity and
+//! address from the log, reach it over QUIC, stop it with SIGINT.
+
+use std::io::{BufRead as _, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use horde_protocol::{Hotkey, SecretKey};
+
+const HORDE: &str = env!("CARGO_BIN_EXE_horde");
+
+fn horde(args: &[&str]) -> std::process::Output {
+    Command::new(HORDE).args(args).output().expect("runs horde")
+}
+
+#[test]
+fn key_generate_then_show() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("k.json");
+    let out = horde(&["key", "generate", "--out", path.to_str().unwrap()]);
+    assert!(out.status.success(), "{out:?}");
+    let generated = String::from_utf8(out.stdout).unwrap();
+    let shown = horde(&["key", "show", path.to_str().unwrap()]);
+    assert!(shown.status.success());
+    let shown = String::from_utf8(shown.stdout).unwrap();
+    let ss58 = shown
+        .lines()
+        .next()
+        .unwrap()
+        .strip_prefix("ss58: ")
+        .unwrap();
+    assert!(generated.contains(ss58));
+    let from_file = SecretKey::read_key_file(&path).unwrap().hotkey();
+    assert_eq!(ss58.parse::<Hotkey>().unwrap(), from_file);
+    // A second generate never overwrites the key.
+    let again = horde(&["key", "generate", "--out", path.to_str().unwrap()]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
+}
+
+#[test]
+fn key_readable_by_others_is_refused_by_the_node() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("hotkey.json");
+    SecretKey::generate().write_key_file(&key).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let config = dir.path().join("node.toml");
+    std::fs::write(&config, "role = \"miner\"\nlisten = \"127.0.0.1:0\"\n").unwrap();
+    let out = horde(&["node", "--config", config.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("chmod 600"), "{stderr}");
+}
+
+#[test]
+fn bad_config_is_refused_with_the_field_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("node.toml");
+    std::fs::write(
+        &config,
+        "role = \"validator\"\nlisten_addr = \"127.0.0.1:0\"\n",
+    )
+    .unwrap();
+    let out = horde(&["node", "--config", config.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("listen_addr"), "{stderr}");
+}
+
+#[test]
+fn node_starts_logs_identity_and_exits_zero_on_sigint() {
+    let dir = tempfile::tempdir().unwrap();
+    let key_path = dir.path().join("hotkey.json");
+    assert!(
+        horde(&["key", "generate", "--out", key_path.to_str().unwrap()])
+            .status
+            .success()
+    );
+    let hotkey = SecretKey::read_key_file(&key_path).unwrap().hotkey();
+    let config = dir.path().join("node.toml");
+    std::fs::copy(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/horde.example.toml"),
+        &config,
+    )
+    .unwrap();
+
+    let mut child = Command::new(HORDE)
+        .args([
+            "node",
+            "--role",
+            "validator",
+            "--config",
+            config.to_str().unwrap(),
+        ])
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+
+    // Read the log on a thread so a silent node fails the test by timeout, not by hanging.
+    let stderr = child.stderr.take().unwrap();
+    let (lines_tx, lines_rx) = mpsc::sync_channel(64);
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let started = loop {
+        let line = lines_rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("node logs its start within 30 s");
+        if line.contains("horde node started") {
+            break line;
+        }
+    };
+    assert!(started.contains(&hotkey.to_string()), "{started}");
+    assert!(started.contains("role=validator"), "{started}");
+    let listen = started
+        .split_whitespace()
+        .find_map(|field| field.strip_prefix("listen="))
+        .expect("listen address in the log");
+    let addr: std::net::SocketAddr = listen.parse().unwrap();
+    assert!(addr.ip().is_loopback());
+    assert_ne!(addr.port(), 0);
+
+    // The node is really listening and really is that hotkey: a QUIC dial to it succeeds.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let client = horde_transport::test_utils::localhost_endpoint(&SecretKey::generate());
+        let connection = client
+            .connect(addr, &hotkey, horde_transport::ALPN_CONTROL)
+            .await
+            .expect("connects to the node");
+        assert_eq!(horde_transport::remote_hotkey(&connection).unwrap(), hotkey);
+        // The wrong expected hotkey is refused.
+        let other = SecretKey::generate().hotkey();
+        assert!(
+            client
+                .connect(addr, &other, horde_transport::ALPN_CONTROL)
+                .await
+                .is_err()
+        );
+    });
+
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let exit = loop {
+        if let Some(exit) = child.try_wait().unwrap() {
+            break exit;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node did not stop within 15 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(exit.success(), "exit status {exit:?}");
+    let rest: Vec<String> = lines_rx.try_iter().collect();
+    assert!(rest.iter().any(|l| l.contains("stopped")), "{rest:?}");
+}

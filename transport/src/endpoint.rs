@@ -1,0 +1,607 @@
+//! [`HordeEndpoint`]: a quinn endpoint bound to our key, dialing peers by hotkey and accepting a
+//! bounded number of authenticated connections.
+//!
+//! Incoming connections are handled by a background task: each one takes a permit from a
+//! semaphore of `max_connections` (refused with `CONNECTION_REFUSED` when none is left), runs its
+//! handshake in its own task under [`HANDSHAKE_TIMEOUT`] (so one slow handshake never delays
+//! another), and is handed to [`HordeEndpoint::accept`] through a bounded queue. The permit is
+//! released when the connection closes.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use horde_protocol::{Hotkey, SecretKey};
+use quinn::crypto::rustls::{HandshakeData, QuicClientConfig, QuicServerConfig};
+use quinn::{ConnectionError, IdleTimeout, TransportErrorCode, VarInt};
+use rustls::pki_types::CertificateDer;
+use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore, mpsc};
+use tracing::{debug, warn};
+
+use crate::codes;
+use crate::tls::{
+    ClientPolicy, PeerCertificateError, TlsError, client_tls_config, default_validity,
+    remote_hotkey, self_signed_certificate, server_name_string, server_tls_config,
+};
+
+/// How long a handshake may take, dialing or accepting. Loopback and LAN handshakes take
+/// milliseconds and intercontinental ones a few hundred; ten seconds leaves room for loss and
+/// retransmission while bounding how long a silent peer holds a connection slot.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Default cap on concurrent incoming connections (handshaking or established). With the
+/// connection receive window below, the worst case if every peer floods without being read is
+/// 128 × 32 MiB = 4 GiB; in practice a node talks to a few dozen peers.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 128;
+
+/// Per-stream receive window: 8 MiB. One blob or tunnel stream on its own can fill a 1 Gbit/s
+/// link at 64 ms RTT (8 MiB / 64 ms ≈ 1 Gbit/s), or ≥ 60 Gbit/s on a 1 ms loopback.
+pub const STREAM_RECEIVE_WINDOW: u32 = 8 * 1024 * 1024;
+
+/// Connection-level receive window: 32 MiB. quinn's default is unbounded; this caps what one peer
+/// can make us buffer (256 streams × 8 MiB would be 2 GiB) while letting four streams run at full
+/// per-stream speed at once.
+pub const RECEIVE_WINDOW: u64 = 32 * 1024 * 1024;
+
+/// Send window: 32 MiB of unacknowledged data per connection, matching the peer's receive window
+/// so a bulk sender is never the bottleneck, and bounding our own buffering per connection.
+pub const SEND_WINDOW: u64 = 32 * 1024 * 1024;
+
+/// Concurrent bidirectional streams a peer may open: 256. One job session is one stream per hop,
+/// so this is how many jobs can share one connection (plus blob/tunnel streams); each stream costs
+/// a few hundred bytes of state until data arrives.
+pub const MAX_CONCURRENT_BIDI_STREAMS: u32 = 256;
+
+/// Concurrent unidirectional streams a peer may open: none — horde only uses bidirectional
+/// streams, so a peer opening unidirectional ones is refused at the flow-control level.
+pub const MAX_CONCURRENT_UNI_STREAMS: u32 = 0;
+
+/// Idle timeout: 10 s. Keep-alives (below) keep healthy idle connections open; a peer that
+/// vanishes is detected within this time, which bounds how long a dead hop stalls a job.
+pub const MAX_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Keep-alive interval: 3 s, well under the idle timeout so two lost keep-alives in a row still do
+/// not close a healthy connection.
+pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(3);
+
+/// Incoming connection attempts quinn queues before we look at them: our accept task answers each
+/// at once (accept or refuse), so this only absorbs bursts. Beyond it quinn refuses by itself.
+const MAX_INCOMING: usize = 256;
+
+/// Accepted connections waiting for [`HordeEndpoint::accept`]. Small: the application should
+/// accept promptly; a full queue holds back handshaken connections (each holding its permit).
+const ACCEPT_QUEUE: usize = 16;
+
+/// Flow-control and liveness settings for every connection of an endpoint. The defaults are the
+/// documented constants of this module.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TransportTuning {
+    /// Per-stream receive window in bytes.
+    pub stream_receive_window: u32,
+    /// Connection-level receive window in bytes.
+    pub receive_window: u64,
+    /// Unacknowledged bytes we buffer per connection.
+    pub send_window: u64,
+    /// Bidirectional streams a peer may have open at once.
+    pub max_concurrent_bidi_streams: u32,
+    /// Unidirectional streams a peer may have open at once.
+    pub max_concurrent_uni_streams: u32,
+    /// A connection silent this long is closed.
+    pub max_idle_timeout: Duration,
+    /// How often an otherwise idle connection sends a keep-alive (must be below the idle timeout).
+    pub keep_alive_interval: Duration,
+}
+
+impl Default for TransportTuning {
+    fn default() -> Self {
+        Self {
+            stream_receive_window: STREAM_RECEIVE_WINDOW,
+            receive_window: RECEIVE_WINDOW,
+            send_window: SEND_WINDOW,
+            max_concurrent_bidi_streams: MAX_CONCURRENT_BIDI_STREAMS,
+            max_concurrent_uni_streams: MAX_CONCURRENT_UNI_STREAMS,
+            max_idle_timeout: MAX_IDLE_TIMEOUT,
+            keep_alive_interval: KEEP_ALIVE_INTERVAL,
+        }
+    }
+}
+
+/// An endpoint configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// A value is outside what QUIC can encode.
+    #[error("{0} is out of range for QUIC")]
+    OutOfRange(&'static str),
+    /// The keep-alive interval is not below the idle timeout: idle connections would close.
+    #[error("keep-alive interval {keep_alive:?} must be below the idle timeout {idle:?}")]
+    KeepAliveTooLong {
+        /// The keep-alive interval.
+        keep_alive: Duration,
+        /// The idle timeout.
+        idle: Duration,
+    },
+    /// No ALPN configured, or `max_connections` is zero.
+    #[error("invalid endpoint configuration: {0}")]
+    Invalid(&'static str),
+    /// The certificate or TLS configuration could not be built.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The UDP socket could not be bound.
+    #[error("binding {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// The one place connection tuning becomes a quinn [`quinn::TransportConfig`].
+pub fn transport_config(tuning: &TransportTuning) -> Result<quinn::TransportConfig, ConfigError> {
+    if tuning.keep_alive_interval >= tuning.max_idle_timeout {
+        return Err(ConfigError::KeepAliveTooLong {
+            keep_alive: tuning.keep_alive_interval,
+            idle: tuning.max_idle_timeout,
+        });
+    }
+    let receive_window = VarInt::from_u64(tuning.receive_window)
+        .map_err(|_| ConfigError::OutOfRange("receive_window"))?;
+    let idle = IdleTimeout::try_from(tuning.max_idle_timeout)
+        .map_err(|_| ConfigError::OutOfRange("max_idle_timeout"))?;
+    let mut config = quinn::TransportConfig::default();
+    config
+        .stream_receive_window(VarInt::from_u32(tuning.stream_receive_window))
+        .receive_window(receive_window)
+        .send_window(tuning.send_window)
+        .max_concurrent_bidi_streams(VarInt::from_u32(tuning.max_concurrent_bidi_streams))
+        .max_concurrent_uni_streams(VarInt::from_u32(tuning.max_concurrent_uni_streams))
+        .max_idle_timeout(Some(idle))
+        .keep_alive_interval(Some(tuning.keep_alive_interval))
+        // No datagrams: everything horde sends needs reliability and ordering.
+        .datagram_receive_buffer_size(None);
+    Ok(config)
+}
+
+/// What a [`HordeEndpoint`] binds to and accepts.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct EndpointConfig {
+    /// UDP address to bind.
+    pub bind: SocketAddr,
+    /// ALPNs accepted from clients; a client offering none of them is refused in the handshake.
+    pub alpns: Vec<Vec<u8>>,
+    /// Which client keys are accepted.
+    pub client_policy: ClientPolicy,
+    /// Cap on concurrent incoming connections (handshaking or established).
+    pub max_connections: usize,
+    /// Flow control and liveness.
+    pub transport: TransportTuning,
+}
+
+impl EndpointConfig {
+    /// A configuration accepting any client on `alpns`, with the default limits.
+    pub fn new(bind: SocketAddr, alpns: &[&[u8]]) -> Self {
+        Self {
+            bind,
+            alpns: alpns.iter().map(|alpn| alpn.to_vec()).collect(),
+            client_policy: ClientPolicy::Any,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            transport: TransportTuning::default(),
+        }
+    }
+
+    /// Sets the client policy.
+    pub fn with_client_policy(mut self, policy: ClientPolicy) -> Self {
+        self.client_policy = policy;
+        self
+    }
+
+    /// Sets the cap on concurrent incoming connections.
+    pub fn with_max_connections(mut self, max_connections: usize) -> Self {
+        self.max_connections = max_connections;
+        self
+    }
+
+    /// Sets the transport tuning.
+    pub fn with_transport(mut self, transport: TransportTuning) -> Self {
+        self.transport = transport;
+        self
+    }
+}
+
+/// Dialing a peer failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConnectError {
+    /// quinn refused to start the connection (bad address, endpoint closed, …).
+    #[error("cannot dial {addr}: {source}")]
+    Dial {
+        /// The address dialed.
+        addr: SocketAddr,
+        /// quinn's reason.
+        source: quinn::ConnectError,
+    },
+    /// We refused the peer in the TLS handshake: wrong hotkey, bad or expired certificate, ….
+    #[error("refused the peer's TLS identity (alert {alert}): {reason}")]
+    TlsRejected {
+        /// The TLS alert we sent.
+        alert: u8,
+        /// rustls's description of the failure.
+        reason: String,
+    },
+    /// The peer refused us in the TLS handshake: our certificate, our key is not allowed, no
+    /// common ALPN (alert 120), ….
+    #[error("the peer refused the TLS handshake (alert {alert}): {reason}")]
+    TlsRejectedByPeer {
+        /// The TLS alert the peer sent.
+        alert: u8,
+        /// The peer's reason text, if any.
+        reason: String,
+    },
+    /// The peer refused the connection before the handshake (at capacity or shutting down).
+    #[error("the peer refused the connection")]
+    Refused,
+    /// The handshake did not finish in time.
+    #[error("handshake did not complete within {0:?}")]
+    TimedOut(Duration),
+    /// The handshake finished but the peer's identity could not be confirmed.
+    #[error("peer identity: {0}")]
+    Identity(PeerCertificateError),
+    /// Our own TLS configuration could not be built.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// Any other connection failure (network unreachable, idle timeout, protocol error).
+    #[error("connection failed: {0}")]
+    Connection(ConnectionError),
+}
+
+impl ConnectError {
+    /// Classifies a quinn connection error: TLS refusals by either side, refused connections,
+    /// and everything else.
+    pub fn from_connection_error(error: ConnectionError) -> Self {
+        match error {
+            ConnectionError::TransportError(ref transport) => match crypto_alert(transport.code) {
+                Some(alert) => Self::TlsRejected {
+                    alert,
+                    reason: transport.reason.clone(),
+                },
+                None => Self::Connection(error),
+            },
+            ConnectionError::ConnectionClosed(ref close) => {
+                if let Some(alert) = crypto_alert(close.error_code) {
+                    Self::TlsRejectedByPeer {
+                        alert,
+                        reason: String::from_utf8_lossy(&close.reason).into_owned(),
+                    }
+                } else if close.error_code == TransportErrorCode::CONNECTION_REFUSED {
+                    Self::Refused
+                } else {
+                    Self::Connection(error)
+                }
+            }
+            other => Self::Connection(other),
+        }
+    }
+
+    /// The TLS alert of a TLS refusal by either side.
+    pub fn tls_alert(&self) -> Option<u8> {
+        match self {
+            Self::TlsRejected { alert, .. } | Self::TlsRejectedByPeer { alert, .. } => Some(*alert),
+            _ => None,
+        }
+    }
+}
+
+/// QUIC carries TLS alerts as transport error codes `0x100 + alert` (RFC 9001 §4.8).
+fn crypto_alert(code: TransportErrorCode) -> Option<u8> {
+    let code = u64::from(code);
+    code.checked_sub(0x100)
+        .and_then(|alert| u8::try_from(alert).ok())
+}
+
+/// An incoming connection that did not become usable.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AcceptError {
+    /// The handshake failed (our verifier refused the client, the client refused us, no common
+    /// ALPN, network failure).
+    #[error("handshake with {remote} failed: {source}")]
+    Handshake {
+        /// The client's address.
+        remote: SocketAddr,
+        /// What happened, classified like a dial failure.
+        source: ConnectError,
+    },
+    /// The handshake did not finish in time.
+    #[error("handshake with {remote} timed out")]
+    TimedOut {
+        /// The client's address.
+        remote: SocketAddr,
+    },
+    /// The handshake finished without a readable identity or ALPN.
+    #[error("connection from {remote}: {source}")]
+    Identity {
+        /// The client's address.
+        remote: SocketAddr,
+        /// Why.
+        source: PeerCertificateError,
+    },
+    /// The handshake finished without negotiating an ALPN.
+    #[error("connection from {remote} negotiated no ALPN")]
+    NoAlpn {
+        /// The client's address.
+        remote: SocketAddr,
+    },
+}
+
+impl AcceptError {
+    /// The TLS alert, if the handshake failed with one.
+    pub fn tls_alert(&self) -> Option<u8> {
+        match self {
+            Self::Handshake { source, .. } => source.tls_alert(),
+            _ => None,
+        }
+    }
+}
+
+/// An authenticated incoming connection: the connection, the client's hotkey, the negotiated ALPN.
+pub type Accepted = (quinn::Connection, Hotkey, Vec<u8>);
+
+/// A QUIC endpoint with our identity: it dials hotkeys and accepts authenticated connections.
+///
+/// Dropping it stops accepting; established connections live until closed (see
+/// [`HordeEndpoint::close`]).
+pub struct HordeEndpoint {
+    endpoint: quinn::Endpoint,
+    key: SecretKey,
+    certificate: CertificateDer<'static>,
+    transport: Arc<quinn::TransportConfig>,
+    connections: Arc<Semaphore>,
+    max_connections: usize,
+    accepted: Mutex<mpsc::Receiver<Result<Accepted, AcceptError>>>,
+    acceptor: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for HordeEndpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HordeEndpoint")
+            .field("hotkey", &self.key.hotkey())
+            .field("local_addr", &self.endpoint.local_addr().ok())
+            .field("incoming_connections", &self.incoming_connections())
+            .field("max_connections", &self.max_connections)
+            .finish_non_exhaustive()
+    }
+}
+
+impl HordeEndpoint {
+    /// Binds a UDP socket and starts accepting. Must be called inside a tokio runtime.
+    pub fn bind(key: &SecretKey, config: EndpointConfig) -> Result<Self, ConfigError> {
+        if config.alpns.is_empty() {
+            return Err(ConfigError::Invalid("no ALPN configured"));
+        }
+        if config.max_connections == 0 {
+            return Err(ConfigError::Invalid("max_connections is zero"));
+        }
+        let transport = Arc::new(transport_config(&config.transport)?);
+        let certificate = self_signed_certificate(key, default_validity(SystemTime::now()))?;
+        let tls = server_tls_config(
+            key,
+            certificate.clone(),
+            &config.alpns,
+            config.client_policy.clone(),
+        )?;
+        let quic = QuicServerConfig::try_from(tls).map_err(TlsError::from)?;
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic));
+        server
+            .transport_config(Arc::clone(&transport))
+            .migration(false)
+            .max_incoming(MAX_INCOMING);
+        let endpoint =
+            quinn::Endpoint::server(server, config.bind).map_err(|source| ConfigError::Bind {
+                addr: config.bind,
+                source,
+            })?;
+
+        let connections = Arc::new(Semaphore::new(config.max_connections));
+        let (sender, receiver) = mpsc::channel(ACCEPT_QUEUE);
+        let acceptor = tokio::spawn(accept_loop(
+            endpoint.clone(),
+            Arc::clone(&connections),
+            sender,
+        ));
+        Ok(Self {
+            endpoint,
+            key: key.clone(),
+            certificate,
+            transport,
+            connections,
+            max_connections: config.max_connections,
+            accepted: Mutex::new(receiver),
+            acceptor,
+        })
+    }
+
+    /// The bound UDP address.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    /// Our identity.
+    pub fn hotkey(&self) -> Hotkey {
+        self.key.hotkey()
+    }
+
+    /// Incoming connections currently holding a slot (handshaking or established).
+    pub fn incoming_connections(&self) -> usize {
+        self.max_connections - self.connections.available_permits()
+    }
+
+    /// The underlying quinn endpoint.
+    pub fn quinn(&self) -> &quinn::Endpoint {
+        &self.endpoint
+    }
+
+    /// Dials `expected` at `addr` on protocol `alpn`, within [`HANDSHAKE_TIMEOUT`].
+    ///
+    /// Succeeds only if the server's certificate key is `expected`. In TLS 1.3 the client
+    /// finishes its handshake before the server has checked the client's certificate, so a
+    /// server refusing *us* may show up only on the first use of the connection (as a
+    /// connection error carrying the TLS alert, see [`ConnectError::from_connection_error`]).
+    pub async fn connect(
+        &self,
+        addr: SocketAddr,
+        expected: &Hotkey,
+        alpn: &[u8],
+    ) -> Result<quinn::Connection, ConnectError> {
+        let tls = client_tls_config(&self.key, self.certificate.clone(), alpn)?;
+        let quic = QuicClientConfig::try_from(tls).map_err(TlsError::from)?;
+        let mut client = quinn::ClientConfig::new(Arc::new(quic));
+        client.transport_config(Arc::clone(&self.transport));
+        let connecting = self
+            .endpoint
+            .connect_with(client, addr, &server_name_string(expected))
+            .map_err(|source| ConnectError::Dial { addr, source })?;
+        let connection = tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting)
+            .await
+            .map_err(|_| ConnectError::TimedOut(HANDSHAKE_TIMEOUT))?
+            .map_err(ConnectError::from_connection_error)?;
+        // The verifier already bound the certificate to `expected`; re-reading it guards against a
+        // misconfigured verifier ever letting another key through.
+        let actual = remote_hotkey(&connection).map_err(ConnectError::Identity)?;
+        if actual != *expected {
+            connection.close(codes::NOT_ALLOWED, b"wrong identity");
+            return Err(ConnectError::Identity(PeerCertificateError::WrongHotkey {
+                expected: *expected,
+                actual,
+            }));
+        }
+        Ok(connection)
+    }
+
+    /// The next authenticated incoming connection with the client's hotkey and the ALPN, or an
+    /// error for one that failed its handshake. `None` once the endpoint is closed.
+    pub async fn accept(&self) -> Option<Result<Accepted, AcceptError>> {
+        self.accepted.lock().await.recv().await
+    }
+
+    /// Closes every connection with `code` and `reason` and stops accepting.
+    pub fn close(&self, code: VarInt, reason: &[u8]) {
+        self.endpoint.close(code, reason);
+    }
+
+    /// Waits until every connection is closed and its close has been sent.
+    pub async fn wait_idle(&self) {
+        self.endpoint.wait_idle().await;
+    }
+}
+
+impl Drop for HordeEndpoint {
+    fn drop(&mut self) {
+        self.acceptor.abort();
+    }
+}
+
+async fn accept_loop(
+    endpoint: quinn::Endpoint,
+    connections: Arc<Semaphore>,
+    accepted: mpsc::Sender<Result<Accepted, AcceptError>>,
+) {
+    while let Some(incoming) = endpoint.accept().await {
+        let Ok(permit) = Arc::clone(&connections).try_acquire_owned() else {
+            debug!(remote = %incoming.remote_address(), "refusing connection: at capacity");
+            incoming.refuse();
+            continue;
+        };
+        tokio::spawn(handle_incoming(incoming, permit, accepted.clone()));
+    }
+}
+
+/// Runs one handshake, hands the connection over, and holds its slot until it closes.
+async fn handle_incoming(
+    incoming: quinn::Incoming,
+    permit: OwnedSemaphorePermit,
+    accepted: mpsc::Sender<Result<Accepted, AcceptError>>,
+) {
+    let remote = incoming.remote_address();
+    match handshake(incoming).await {
+        Ok((connection, client, alpn)) => {
+            debug!(%remote, client = %client.fmt_short(), "accepted connection");
+            let handed_over = accepted
+                .send(Ok((connection.clone(), client, alpn)))
+                .await
+                .is_ok();
+            drop(accepted);
+            if !handed_over {
+                connection.close(codes::SHUTDOWN, b"endpoint closed");
+            }
+            connection.closed().await;
+        }
+        Err(error) => {
+            debug!(%remote, %error, "incoming connection failed");
+            if accepted.try_send(Err(error)).is_err() {
+                warn!(%remote, "accept queue full; dropped a handshake failure report");
+            }
+        }
+    }
+    drop(permit);
+}
+
+async fn handshake(incoming: quinn::Incoming) -> Result<Accepted, AcceptError> {
+    let remote = incoming.remote_address();
+    let handshake_failed = |error| AcceptError::Handshake {
+        remote,
+        source: ConnectError::from_connection_error(error),
+    };
+    let connecting = incoming.accept().map_err(handshake_failed)?;
+    let connection = tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting)
+        .await
+        .map_err(|_| AcceptError::TimedOut { remote })?
+        .map_err(handshake_failed)?;
+    let client = match remote_hotkey(&connection) {
+        Ok(client) => client,
+        Err(source) => {
+            connection.close(codes::NOT_ALLOWED, b"no identity");
+            return Err(AcceptError::Identity { remote, source });
+        }
+    };
+    let alpn = connection
+        .handshake_data()
+        .and_then(|data| data.downcast::<HandshakeData>().ok())
+        .and_then(|data| data.protocol);
+    let Some(alpn) = alpn else {
+        connection.close(codes::NOT_ALLOWED, b"no ALPN");
+        return Err(AcceptError::NoAlpn { remote });
+    };
+    Ok((connection, client, alpn))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_tuning_is_valid_and_bounded() {
+        let tuning = TransportTuning::default();
+        assert!(transport_config(&tuning).is_ok());
+        assert!(tuning.keep_alive_interval < tuning.max_idle_timeout);
+        assert!(u64::from(tuning.stream_receive_window) <= tuning.receive_window);
+    }
+
+    #[test]
+    fn keep_alive_must_be_below_idle_timeout() {
+        let mut tuning = TransportTuning::default();
+        tuning.keep_alive_interval = tuning.max_idle_timeout;
+        assert!(matches!(
+            transport_config(&tuning),
+            Err(ConfigError::KeepAliveTooLong { .. })
+        ));
+    }
+
+    #[test]
+    fn crypto_alerts_are_decoded() {
+        assert_eq!(crypto_alert(TransportErrorCode::crypto(42)), Some(42));
+        assert_eq!(crypto_alert(TransportErrorCode::CONNECTION_REFUSED), None);
+    }
+}

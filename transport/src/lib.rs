@@ -1,0 +1,75 @@
+//! horde-transport: the QUIC layer of horde.
+//!
+//! Every horde link is a QUIC connection (quinn) authenticated by mutual TLS 1.3 where the
+//! certificate key *is* the node's ed25519 hotkey. This crate turns a [`SecretKey`] into a tuned
+//! QUIC endpoint, dials peers by hotkey, and carries typed, length-prefixed postcard messages over
+//! bidirectional streams.
+//!
+//! Main types:
+//! - [`HordeEndpoint`]: a bound quinn endpoint with our identity, a cap on incoming connections
+//!   and explicit flow-control limits ([`TransportTuning`]). [`HordeEndpoint::connect`] dials a
+//!   hotkey, [`HordeEndpoint::accept`] yields authenticated connections.
+//! - [`HotkeyServerVerifier`] / [`HotkeyClientVerifier`]: the rustls verifiers that accept exactly
+//!   one self-signed ed25519 certificate and bind it to a hotkey; [`remote_hotkey`] reads the
+//!   peer's identity from a connection.
+//! - [`FramedSend`] / [`FramedRecv`]: typed frame channels (`u32` BE length + postcard) over a
+//!   QUIC stream, with the length checked before allocating.
+//! - [`JobSession`]: one bidirectional stream per job per hop, carrying [`ControlMessage`]s.
+//!
+//! Layout:
+//! - `tls.rs`: certificates, server-name convention, verifiers, rustls configs, ALPNs.
+//! - `endpoint.rs`: [`EndpointConfig`], [`TransportTuning`], [`HordeEndpoint`].
+//! - `framed.rs`: the framed channels and the cancel-safe frame reader.
+//! - `session.rs`: [`open_session`], [`accept_stream`], [`JobSession`].
+//! - `test_utils.rs` (feature `test-utils`): seeded keys and an endpoint pair on `127.0.0.1:0`.
+//!
+//! [`SecretKey`]: horde_protocol::SecretKey
+//! [`ControlMessage`]: horde_protocol::ControlMessage
+
+#![deny(missing_docs)]
+
+mod endpoint;
+mod framed;
+mod session;
+mod tls;
+
+#[cfg(any(test, feature = "test-utils"))]
+pub mod test_utils;
+
+pub use endpoint::{
+    AcceptError, Accepted, ConfigError, ConnectError, DEFAULT_MAX_CONNECTIONS, EndpointConfig,
+    HANDSHAKE_TIMEOUT, HordeEndpoint, KEEP_ALIVE_INTERVAL, MAX_CONCURRENT_BIDI_STREAMS,
+    MAX_CONCURRENT_UNI_STREAMS, MAX_IDLE_TIMEOUT, RECEIVE_WINDOW, SEND_WINDOW,
+    STREAM_RECEIVE_WINDOW, TransportTuning, transport_config,
+};
+pub use framed::{ChannelError, FrameReader, FramedRecv, FramedSend, split};
+pub use session::{FIRST_FRAME_TIMEOUT, JobSession, SessionError, accept_stream, open_session};
+pub use tls::{
+    ALPN_BLOB, ALPN_CONTROL, ALPN_JOB, CERTIFICATE_VALIDITY_BACKDATE, CERTIFICATE_VALIDITY_PERIOD,
+    ClientPolicy, HotkeyClientVerifier, HotkeyServerVerifier, PeerCertificateError, TlsError,
+    client_tls_config, default_validity, hotkey_from_server_name, parse_certificate_hotkey,
+    remote_hotkey, self_signed_certificate, server_name_for, server_tls_config,
+};
+
+/// QUIC application error codes horde uses when it closes a connection or stops/resets a stream.
+///
+/// The numbers are part of the wire protocol: append new ones, never renumber.
+pub mod codes {
+    use quinn::VarInt;
+
+    /// Orderly shutdown: the node or the job is going away, nothing went wrong.
+    pub const SHUTDOWN: VarInt = VarInt::from_u32(0);
+    /// The peer sent something the protocol does not allow (bad frame, undecodable message,
+    /// unexpected first message).
+    pub const PROTOCOL_VIOLATION: VarInt = VarInt::from_u32(1);
+    /// The peer announced a frame larger than the cap.
+    pub const FRAME_TOO_LARGE: VarInt = VarInt::from_u32(2);
+    /// The job this stream belonged to was cancelled or ended; the stream is no longer wanted.
+    pub const CANCELLED: VarInt = VarInt::from_u32(3);
+    /// The peer is authenticated but not allowed here (wrong role, wrong ALPN use).
+    pub const NOT_ALLOWED: VarInt = VarInt::from_u32(4);
+    /// The node is at capacity for this kind of work.
+    pub const BUSY: VarInt = VarInt::from_u32(5);
+    /// A local failure unrelated to the peer's behaviour.
+    pub const INTERNAL: VarInt = VarInt::from_u32(6);
+}

@@ -1,0 +1,68 @@
+//! Test helpers (feature `test-utils`): seeded keys and endpoints on `127.0.0.1:0`.
+
+use std::net::{Ipv4Addr, SocketAddr};
+
+use horde_protocol::SecretKey;
+
+use crate::endpoint::{EndpointConfig, HordeEndpoint};
+use crate::tls::{ALPN_BLOB, ALPN_CONTROL, ALPN_JOB};
+
+/// The key with seed `[n; 32]`: the same key in every run.
+pub fn seeded_key(n: u8) -> SecretKey {
+    SecretKey::from_seed(&[n; 32])
+}
+
+/// An endpoint configuration on `127.0.0.1:0` accepting all three horde ALPNs.
+pub fn localhost_config() -> EndpointConfig {
+    EndpointConfig::new(
+        SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+        &[ALPN_CONTROL, ALPN_BLOB, ALPN_JOB],
+    )
+}
+
+/// An endpoint with `key` and [`localhost_config`].
+pub fn localhost_endpoint(key: &SecretKey) -> HordeEndpoint {
+    HordeEndpoint::bind(key, localhost_config()).expect("binding 127.0.0.1:0")
+}
+
+/// Two endpoints on `127.0.0.1:0` with keys [`seeded_key`]`(1)` and `(2)`, all ALPNs.
+pub async fn endpoint_pair() -> (HordeEndpoint, HordeEndpoint) {
+    (
+        localhost_endpoint(&seeded_key(1)),
+        localhost_endpoint(&seeded_key(2)),
+    )
+}
+
+/// Two endpoints from [`endpoint_pair`] and one `horde/control/1` connection between them.
+#[derive(Debug)]
+pub struct ConnectedPair {
+    /// The dialing endpoint (key 1).
+    pub client_endpoint: HordeEndpoint,
+    /// The listening endpoint (key 2).
+    pub server_endpoint: HordeEndpoint,
+    /// The client's side of the connection.
+    pub client: quinn::Connection,
+    /// The server's side of the connection.
+    pub server: quinn::Connection,
+}
+
+/// [`endpoint_pair`], connected: the client (key 1) dials the server (key 2) on `horde/control/1`.
+pub async fn connected_pair() -> ConnectedPair {
+    let (client_endpoint, server_endpoint) = endpoint_pair().await;
+    let addr = server_endpoint.local_addr().expect("bound address");
+    let server_key = server_endpoint.hotkey();
+    let (client, accepted) = tokio::join!(
+        client_endpoint.connect(addr, &server_key, ALPN_CONTROL),
+        server_endpoint.accept()
+    );
+    let client = client.expect("connecting to the test server");
+    let (server, _, _) = accepted
+        .expect("server endpoint open")
+        .expect("accepting the test client");
+    ConnectedPair {
+        client_endpoint,
+        server_endpoint,
+        client,
+        server,
+    }
+}
