@@ -3,10 +3,10 @@
 //! The commented example lives in `node/horde.example.toml`; every field has a default that works
 //! for a single machine, so the smallest valid file names only the role.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
-use horde_protocol::Role;
+use horde_protocol::{ExecutorClass, Hotkey, NodeAddr, Role};
 use serde::Deserialize;
 
 /// Default QUIC listen address: loopback with an OS-chosen port, safe for a single machine.
@@ -55,7 +55,127 @@ struct ConfigFile {
     listen: Option<String>,
     max_connections: Option<usize>,
     data_dir: Option<PathBuf>,
+    facilitator: Option<FacilitatorFile>,
+    validator: Option<ValidatorFile>,
+    miner: Option<MinerFile>,
+    executor: Option<ExecutorFile>,
+    storage: Option<StorageFile>,
 }
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct StorageFile {
+    max_blob_size: Option<u64>,
+    put_allowlist: Option<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FacilitatorFile {
+    validators: Option<Vec<String>>,
+    miners: Option<Vec<String>>,
+    allowed_clients: Option<Vec<String>>,
+    validator_silence_ms: Option<u64>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ValidatorFile {
+    miners: Option<Vec<String>>,
+    trusted_miners: Option<Vec<String>>,
+    allowed_facilitators: Option<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClassFile {
+    class: String,
+    max_executors: Option<u32>,
+    prewarm: Option<u32>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct MinerFile {
+    classes: Option<Vec<ClassFile>>,
+    allowed_validators: Option<Vec<String>>,
+    executor_program: Option<PathBuf>,
+    job_host: Option<IpAddr>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ExecutorFile {
+    miner: Option<String>,
+    class: Option<String>,
+    job_host: Option<IpAddr>,
+}
+
+/// Default time the facilitator waits for any word from a job's validator before it fails the
+/// job: longer than the QUIC idle timeout (10 s), so a dead link is reported by QUIC first.
+pub const DEFAULT_VALIDATOR_SILENCE_MS: u64 = 30_000;
+
+/// Facilitator settings.
+#[derive(Debug, Clone, Default)]
+pub struct FacilitatorConfig {
+    /// Validators to choose from (static peers).
+    pub validators: Vec<NodeAddr>,
+    /// Miners to choose from (static peers).
+    pub miners: Vec<NodeAddr>,
+    /// Client account keys allowed to submit; `None` accepts any key (testnet).
+    pub allowed_clients: Option<Vec<Hotkey>>,
+    /// How long a job's validator may stay silent before the job fails.
+    pub validator_silence_ms: u64,
+}
+
+/// Validator settings.
+#[derive(Debug, Clone, Default)]
+pub struct ValidatorConfig {
+    /// Miners this validator knows and will drive jobs on.
+    pub miners: Vec<NodeAddr>,
+    /// Miners trusted for `on_trusted_miner` jobs.
+    pub trusted_miners: Vec<Hotkey>,
+    /// Facilitators allowed to assign jobs; `None` accepts any (testnet).
+    pub allowed_facilitators: Option<Vec<Hotkey>>,
+}
+
+/// One executor class a miner offers.
+#[derive(Debug, Clone)]
+pub struct ClassConfig {
+    /// The class.
+    pub class: ExecutorClass,
+    /// Most executors of this class running at once.
+    pub max_executors: u32,
+    /// Executors started at miner start-up, before any job asks.
+    pub prewarm: u32,
+}
+
+/// Miner settings.
+#[derive(Debug, Clone)]
+pub struct MinerConfig {
+    /// Executor classes offered.
+    pub classes: Vec<ClassConfig>,
+    /// Validators allowed to send jobs; `None` accepts any (testnet).
+    pub allowed_validators: Option<Vec<Hotkey>>,
+    /// The `horde` binary to spawn executors with (default: this binary).
+    pub executor_program: Option<PathBuf>,
+    /// The address job endpoints listen on and advertise.
+    pub job_host: IpAddr,
+}
+
+/// Executor settings.
+#[derive(Debug, Clone)]
+pub struct ExecutorConfig {
+    /// The miner to register with.
+    pub miner: NodeAddr,
+    /// The class served.
+    pub class: ExecutorClass,
+    /// The address job endpoints listen on and advertise.
+    pub job_host: IpAddr,
+}
+
+/// Loopback: the default for job endpoints, right for a single machine.
+const LOCALHOST: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
 
 /// A validated node configuration.
 #[derive(Debug, Clone)]
@@ -70,6 +190,16 @@ pub struct NodeConfig {
     pub max_connections: usize,
     /// Where the node keeps its state.
     pub data_dir: PathBuf,
+    /// `[facilitator]` settings.
+    pub facilitator: FacilitatorConfig,
+    /// `[validator]` settings.
+    pub validator: ValidatorConfig,
+    /// `[miner]` settings (`None` unless the section is present).
+    pub miner: Option<MinerConfig>,
+    /// `[executor]` settings (`None` unless the section is present).
+    pub executor: Option<ExecutorConfig>,
+    /// `[storage]` settings: blob size limit and who may put (defaults: 64 GiB, anyone).
+    pub storage: crate::storage::StoreLimits,
 }
 
 /// Command-line values that override the file.
@@ -144,12 +274,135 @@ impl NodeConfig {
             .clone()
             .or(file.data_dir.map(resolve))
             .unwrap_or_else(|| base.join(format!("{role}-data")));
+        let nodes =
+            |field: &str, list: Option<Vec<String>>| -> Result<Vec<NodeAddr>, ConfigError> {
+                list.unwrap_or_default()
+                    .iter()
+                    .map(|t| {
+                        t.parse()
+                            .map_err(|e| invalid(format!("{field}: {t:?}: {e}")))
+                    })
+                    .collect()
+            };
+        let keys =
+            |field: &str, list: Option<Vec<String>>| -> Result<Option<Vec<Hotkey>>, ConfigError> {
+                list.map(|list| {
+                    list.iter()
+                        .map(|t| {
+                            t.parse()
+                                .map_err(|e| invalid(format!("{field}: {t:?}: {e}")))
+                        })
+                        .collect()
+                })
+                .transpose()
+            };
+        let facilitator_file = file.facilitator.unwrap_or_default();
+        let facilitator = FacilitatorConfig {
+            validators: nodes("facilitator.validators", facilitator_file.validators)?,
+            miners: nodes("facilitator.miners", facilitator_file.miners)?,
+            allowed_clients: keys(
+                "facilitator.allowed_clients",
+                facilitator_file.allowed_clients,
+            )?,
+            validator_silence_ms: facilitator_file
+                .validator_silence_ms
+                .unwrap_or(DEFAULT_VALIDATOR_SILENCE_MS),
+        };
+        let validator_file = file.validator.unwrap_or_default();
+        let validator = ValidatorConfig {
+            miners: nodes("validator.miners", validator_file.miners)?,
+            trusted_miners: keys("validator.trusted_miners", validator_file.trusted_miners)?
+                .unwrap_or_default(),
+            allowed_facilitators: keys(
+                "validator.allowed_facilitators",
+                validator_file.allowed_facilitators,
+            )?,
+        };
+        let miner = match file.miner {
+            None => None,
+            Some(miner_file) => {
+                let mut classes = Vec::new();
+                for class in miner_file.classes.unwrap_or_default() {
+                    if class.class.is_empty() || class.class.len() > 64 {
+                        return Err(invalid(format!(
+                            "miner.classes: class name {:?} must be 1 to 64 characters",
+                            class.class
+                        )));
+                    }
+                    let max_executors = class.max_executors.unwrap_or(1);
+                    let prewarm = class.prewarm.unwrap_or(0);
+                    if max_executors == 0 || prewarm > max_executors {
+                        return Err(invalid(format!(
+                            "miner.classes: {}: need 1 <= max_executors and prewarm <= max_executors",
+                            class.class
+                        )));
+                    }
+                    classes.push(ClassConfig {
+                        class: ExecutorClass(class.class),
+                        max_executors,
+                        prewarm,
+                    });
+                }
+                Some(MinerConfig {
+                    classes,
+                    allowed_validators: keys(
+                        "miner.allowed_validators",
+                        miner_file.allowed_validators,
+                    )?,
+                    executor_program: miner_file.executor_program.map(resolve),
+                    job_host: miner_file.job_host.unwrap_or(LOCALHOST),
+                })
+            }
+        };
+        let executor = match file.executor {
+            None => None,
+            Some(executor_file) => {
+                let miner = executor_file
+                    .miner
+                    .ok_or_else(|| invalid("executor.miner is required".to_owned()))?;
+                let miner = miner
+                    .parse()
+                    .map_err(|e| invalid(format!("executor.miner: {e}")))?;
+                let class = executor_file
+                    .class
+                    .ok_or_else(|| invalid("executor.class is required".to_owned()))?;
+                Some(ExecutorConfig {
+                    miner,
+                    class: ExecutorClass(class),
+                    job_host: executor_file.job_host.unwrap_or(LOCALHOST),
+                })
+            }
+        };
+        let storage_file = file.storage.unwrap_or_default();
+        let max_blob_size = storage_file
+            .max_blob_size
+            .unwrap_or(crate::storage::DEFAULT_MAX_BLOB_SIZE);
+        let protocol_max = horde_protocol::blob::MAX_PROTOCOL_BLOB_SIZE;
+        if max_blob_size == 0 || max_blob_size > protocol_max {
+            return Err(invalid(format!(
+                "storage.max_blob_size must be between 1 and {protocol_max} bytes"
+            )));
+        }
+        let storage = crate::storage::StoreLimits {
+            max_blob_size,
+            put_allowlist: keys("storage.put_allowlist", storage_file.put_allowlist)?,
+        };
+        if role == Role::Executor && executor.is_none() {
+            return Err(invalid(
+                "role executor needs an [executor] section".to_owned(),
+            ));
+        }
         Ok(Self {
             role,
             key_file,
             listen,
             max_connections,
             data_dir,
+            facilitator,
+            validator,
+            miner,
+            executor,
+            storage,
         })
     }
 }
@@ -181,6 +434,33 @@ mod tests {
         let text = include_str!("../horde.example.toml");
         let config = parse(text).unwrap();
         assert_eq!(config.role, Role::Validator);
+    }
+
+    #[test]
+    fn storage_section_is_validated() {
+        let config = parse("role = \"storage\"").unwrap();
+        assert_eq!(config.storage, crate::storage::StoreLimits::default());
+        let key = horde_protocol::SecretKey::from_seed(&[3; 32]).hotkey();
+        let config = parse(&format!(
+            "role = \"storage\"\n[storage]\nmax_blob_size = 1048576\nput_allowlist = [\"{key}\"]"
+        ))
+        .unwrap();
+        assert_eq!(config.storage.max_blob_size, 1 << 20);
+        assert_eq!(config.storage.put_allowlist, Some(vec![key]));
+        for (text, needle) in [
+            ("[storage]\nmax_blob_size = 0", "max_blob_size"),
+            (
+                "[storage]\nmax_blob_size = 18446744073709551615",
+                "max_blob_size",
+            ),
+            ("[storage]\nput_allowlist = [\"nope\"]", "put_allowlist"),
+            ("[storage]\nmax_size = 1", "max_size"),
+        ] {
+            let err = parse(&format!("role = \"storage\"\n{text}"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(needle), "{text:?}: {err}");
+        }
     }
 
     #[test]

@@ -4,8 +4,26 @@
 //! Layout:
 //! - `config.rs`: the TOML node configuration ([`config::NodeConfig`]), validated at load time.
 //! - `node.rs`: start-up and shutdown ([`RunningNode`], [`run_until_signal`]).
+//! - `client.rs`: the client SDK ([`client::Client`], [`client::JobHandle`]).
+//! - `facilitator.rs` (+ `facilitator/store.rs`), `validator.rs`, `miner.rs`, `executor.rs`: the
+//!   roles of the streaming-job flow, one file each.
+//! - `job_cli.rs`: the `horde job …` commands.
+//! - `peers.rs`: outgoing connections shared by every job to a peer.
+//! - `storage.rs`: the storage role (content-addressed blob store served over `horde/blob/1`).
+//! - `blob_client.rs`: blob put/get for clients and executors, with resume and progress.
+//! - `volumes.rs`: materializing job volumes and uploading outputs.
 
+pub mod blob_client;
+pub mod client;
 pub mod config;
+pub mod executor;
+pub mod facilitator;
+pub mod job_cli;
+pub mod miner;
 mod node;
+mod peers;
+pub mod storage;
+pub mod validator;
+pub mod volumes;
 
 pub use node::{NodeError, RunningNode, role_alpns, run_until_signal};

@@ -25,6 +25,16 @@ enum Command {
     },
     /// Run a node.
     Node(NodeArgs),
+    /// Put and get blobs on a storage node.
+    Blob {
+        #[command(subcommand)]
+        command: horde_node::blob_client::BlobCommand,
+    },
+    /// Run streaming jobs and talk to them.
+    Job {
+        #[command(subcommand)]
+        command: horde_node::job_cli::JobCommand,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -66,6 +76,20 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Key { command } => key_command(command),
+        Command::Blob { command } => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            Ok(runtime.block_on(horde_node::blob_client::run_command(command))?)
+        }
+        Command::Job { command } => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            runtime.block_on(horde_node::job_cli::run_command(command))
+        }
         Command::Node(args) => {
             init_tracing();
             let overrides = Overrides {

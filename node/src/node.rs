@@ -11,6 +11,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument as _, debug, info, info_span, warn};
 
 use crate::config::NodeConfig;
+use crate::executor;
+use crate::facilitator::Facilitator;
+use crate::facilitator::store::{JobStore, StoreError};
+use crate::miner::Miner;
+use crate::storage::BlobStore;
+use crate::validator::Validator;
 
 /// How long shutdown waits for connections to close before giving up.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
@@ -25,6 +31,15 @@ pub enum NodeError {
     /// The QUIC endpoint could not be set up.
     #[error("QUIC endpoint: {0}")]
     Endpoint(#[from] horde_transport::ConfigError),
+    /// The facilitator's job store could not be opened.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The storage role's blob store could not be opened.
+    #[error("blob store: {0}")]
+    Blobs(std::io::Error),
+    /// The role's configuration is incomplete.
+    #[error("config: {0}")]
+    Config(String),
     /// The data directory could not be created.
     #[error("data directory {path}: {source}")]
     DataDir {
@@ -43,6 +58,17 @@ pub fn role_alpns(role: Role) -> &'static [&'static [u8]] {
     }
 }
 
+/// The service a role runs on incoming connections.
+#[derive(Debug, Clone)]
+enum Service {
+    Facilitator(Arc<Facilitator>),
+    Validator(Arc<Validator>),
+    Miner(Arc<Miner>),
+    Storage(Arc<BlobStore>),
+    /// Executors dial their miner; they accept nothing.
+    None,
+}
+
 /// A running node. Dropping it does not stop it: call [`RunningNode::shutdown`].
 #[derive(Debug)]
 pub struct RunningNode {
@@ -50,6 +76,9 @@ pub struct RunningNode {
     endpoint: Arc<HordeEndpoint>,
     cancel: CancellationToken,
     tasks: JoinSet<()>,
+    service: Service,
+    /// Cancelled when the role's own work ends (an executor whose miner went away).
+    role_done: CancellationToken,
 }
 
 impl RunningNode {
@@ -69,9 +98,70 @@ impl RunningNode {
             .with_max_connections(config.max_connections);
         let endpoint = Arc::new(HordeEndpoint::bind(&key, endpoint_config)?);
         let cancel = CancellationToken::new();
+        let role_done = CancellationToken::new();
         let mut tasks = JoinSet::new();
+        let service = match config.role {
+            Role::Facilitator => {
+                let store = JobStore::open(&config.data_dir.join("jobs.redb"))?;
+                Service::Facilitator(
+                    Facilitator::start(
+                        Arc::clone(&endpoint),
+                        store,
+                        config.facilitator.clone(),
+                        cancel.child_token(),
+                    )
+                    .await?,
+                )
+            }
+            Role::Validator => Service::Validator(Validator::new(
+                Arc::clone(&endpoint),
+                config.validator.clone(),
+                cancel.child_token(),
+            )),
+            Role::Miner => {
+                let miner_config = config.miner.clone().ok_or_else(|| {
+                    NodeError::Config("role miner needs a [miner] section".to_owned())
+                })?;
+                let listen = endpoint.local_addr().map_err(|source| NodeError::DataDir {
+                    path: "listen address".to_owned(),
+                    source,
+                })?;
+                let miner = Miner::new(
+                    key.clone(),
+                    miner_config,
+                    config.data_dir.clone(),
+                    listen,
+                    cancel.child_token(),
+                );
+                miner.prewarm();
+                Service::Miner(miner)
+            }
+            Role::Storage => Service::Storage(Arc::new(
+                BlobStore::open(&config.data_dir, config.storage.clone())
+                    .map_err(NodeError::Blobs)?,
+            )),
+            Role::Executor => {
+                let executor_config = config.executor.clone().ok_or_else(|| {
+                    NodeError::Config("role executor needs an [executor] section".to_owned())
+                })?;
+                let endpoint = Arc::clone(&endpoint);
+                let data_dir = config.data_dir.clone();
+                let cancel = cancel.child_token();
+                let done = role_done.clone();
+                tasks.spawn(async move {
+                    if let Err(error) =
+                        executor::run(endpoint, executor_config, data_dir, cancel).await
+                    {
+                        warn!(%error, "executor stopped");
+                    }
+                    done.cancel();
+                });
+                Service::None
+            }
+            _ => Service::None,
+        };
         tasks.spawn(accept_loop(
-            config.role,
+            service.clone(),
             Arc::clone(&endpoint),
             cancel.child_token(),
         ));
@@ -80,7 +170,14 @@ impl RunningNode {
             endpoint,
             cancel,
             tasks,
+            service,
+            role_done,
         })
+    }
+
+    /// Resolves when the role's own work ended (only executors end by themselves).
+    pub async fn role_done(&self) {
+        self.role_done.cancelled().await;
     }
 
     /// The node's role.
@@ -107,6 +204,9 @@ impl RunningNode {
     /// node's tasks and for the close to reach peers (bounded by a grace period).
     pub async fn shutdown(mut self) {
         self.cancel.cancel();
+        if let Service::Miner(miner) = &self.service {
+            miner.kill_executors();
+        }
         self.endpoint.close(codes::SHUTDOWN, b"node shutting down");
         let drain = async {
             while self.tasks.join_next().await.is_some() {}
@@ -119,7 +219,7 @@ impl RunningNode {
     }
 }
 
-async fn accept_loop(role: Role, endpoint: Arc<HordeEndpoint>, cancel: CancellationToken) {
+async fn accept_loop(service: Service, endpoint: Arc<HordeEndpoint>, cancel: CancellationToken) {
     let mut connections = JoinSet::new();
     loop {
         let accepted = tokio::select! {
@@ -139,23 +239,43 @@ async fn accept_loop(role: Role, endpoint: Arc<HordeEndpoint>, cancel: Cancellat
         let span =
             info_span!("peer", peer = %peer.fmt_short(), remote = %connection.remote_address());
         connections.spawn(
-            handle_connection(role, connection, peer, alpn, cancel.child_token()).instrument(span),
+            handle_connection(
+                service.clone(),
+                connection,
+                peer,
+                alpn,
+                cancel.child_token(),
+            )
+            .instrument(span),
         );
     }
     connections.shutdown().await;
 }
 
 async fn handle_connection(
-    role: Role,
+    service: Service,
     connection: quinn::Connection,
     peer: Hotkey,
     alpn: Vec<u8>,
-    _cancel: CancellationToken,
+    cancel: CancellationToken,
 ) {
     debug!(alpn = %String::from_utf8_lossy(&alpn), "connection accepted");
-    // No role serves anything yet: say so and close, rather than leave the peer waiting.
-    info!(%role, %peer, "role has no service for this protocol yet; closing connection");
-    connection.close(codes::NOT_ALLOWED, b"no service for this protocol");
+    match (service, alpn.as_slice()) {
+        (Service::Facilitator(facilitator), ALPN_CONTROL) => {
+            facilitator.handle_connection(connection, peer).await;
+        }
+        (Service::Validator(validator), ALPN_CONTROL) => {
+            validator.handle_connection(connection, peer).await;
+        }
+        (Service::Miner(miner), ALPN_CONTROL) => miner.handle_connection(connection, peer).await,
+        (Service::Storage(store), ALPN_BLOB) => {
+            crate::storage::serve_connection(connection, store, cancel).await;
+        }
+        _ => {
+            info!(%peer, "no service for this protocol; closing connection");
+            connection.close(codes::NOT_ALLOWED, b"no service for this protocol");
+        }
+    }
 }
 
 /// Starts a node from its config, logs its identity and address, and runs until SIGINT or
@@ -168,8 +288,10 @@ pub async fn run_until_signal(config: NodeConfig) -> Result<(), NodeError> {
         .map(|a| a.to_string())
         .unwrap_or_else(|e| format!("unknown ({e})"));
     info!(%role, hotkey = %node.hotkey(), hex = %node.hotkey().to_hex(), listen = %addr, "horde node started");
-    wait_for_signal().await;
-    info!("signal received; shutting down");
+    tokio::select! {
+        () = wait_for_signal() => info!("signal received; shutting down"),
+        () = node.role_done() => info!("role finished; shutting down"),
+    }
     node.shutdown().await;
     info!("stopped");
     Ok(())

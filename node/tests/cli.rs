@@ -1,6 +1,8 @@
 //! The `horde` binary as an operator uses it: generate a key, start a node, read its identity and
 //! address from the log, reach it over QUIC, stop it with SIGINT.
 
+#![allow(clippy::unwrap_used)] // Tests fail loudly on any error.
+
 use std::io::{BufRead as _, BufReader};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;

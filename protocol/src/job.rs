@@ -43,6 +43,35 @@ impl fmt::Debug for JobId {
     }
 }
 
+#[cfg(test)]
+mod node_addr_tests {
+    use super::*;
+
+    #[test]
+    fn node_addr_parses_and_displays() {
+        let key = crate::keys::SecretKey::from_seed(&[5; 32]).hotkey();
+        let text = format!("{key}@127.0.0.1:4000,127.0.0.2:5");
+        let addr: NodeAddr = text.parse().unwrap();
+        assert_eq!(addr.hotkey, key);
+        assert_eq!(addr.addrs.len(), 2);
+        assert_eq!(addr.to_string(), text);
+        let hex = format!("0x{}@127.0.0.1:1", key.to_hex());
+        assert_eq!(hex.parse::<NodeAddr>().unwrap().hotkey, key);
+        assert!(matches!(
+            "127.0.0.1:1".parse::<NodeAddr>(),
+            Err(NodeAddrError::Shape(_))
+        ));
+        assert!(matches!(
+            format!("{key}@nowhere").parse::<NodeAddr>(),
+            Err(NodeAddrError::Address(_))
+        ));
+        assert!(matches!(
+            "abc@127.0.0.1:1".parse::<NodeAddr>(),
+            Err(NodeAddrError::Hotkey(_))
+        ));
+    }
+}
+
 impl std::str::FromStr for JobId {
     type Err = hex::FromHexError;
     fn from_str(text: &str) -> Result<Self, Self::Err> {
@@ -113,6 +142,64 @@ pub struct NodeAddr {
     /// Addresses to try, in order.
     #[cfg_attr(test, proptest(strategy = "crate::arbitrary::socket_addrs()"))]
     pub addrs: Vec<SocketAddr>,
+}
+
+impl NodeAddr {
+    /// A node at one address.
+    pub fn new(hotkey: Hotkey, addr: SocketAddr) -> Self {
+        Self {
+            hotkey,
+            addrs: vec![addr],
+        }
+    }
+}
+
+impl fmt::Display for NodeAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}@", self.hotkey)?;
+        for (i, addr) in self.addrs.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            write!(f, "{addr}")?;
+        }
+        Ok(())
+    }
+}
+
+/// A `HOTKEY@IP:PORT[,IP:PORT…]` string that does not parse.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum NodeAddrError {
+    /// No `@` between hotkey and addresses.
+    #[error("expected HOTKEY@IP:PORT, got {0:?}")]
+    Shape(String),
+    /// The hotkey part is not a hotkey.
+    #[error("hotkey: {0}")]
+    Hotkey(#[from] crate::keys::KeyError),
+    /// An address part is not `IP:PORT`.
+    #[error("address {0:?} is not IP:PORT")]
+    Address(String),
+}
+
+impl std::str::FromStr for NodeAddr {
+    type Err = NodeAddrError;
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let text = text.trim();
+        let (hotkey, addrs) = text
+            .split_once('@')
+            .ok_or_else(|| NodeAddrError::Shape(text.to_owned()))?;
+        let hotkey: Hotkey = hotkey.parse()?;
+        let addrs = addrs
+            .split(',')
+            .map(|a| {
+                a.trim()
+                    .parse()
+                    .map_err(|_| NodeAddrError::Address(a.to_owned()))
+            })
+            .collect::<Result<Vec<SocketAddr>, _>>()?;
+        Ok(Self { hotkey, addrs })
+    }
 }
 
 /// A class of executor (hardware and runtime), e.g. `cpu-small` or `gpu-24gb`.

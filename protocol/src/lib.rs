@@ -2,6 +2,7 @@
 //!
 //! - [`keys`]: [`Hotkey`] (ed25519 public key, SS58/hex), [`SecretKey`] (zeroized), key files.
 //! - [`signed`]: [`Signed<T>`], exact bytes + signer + signature over `domain ‖ bytes`.
+//! - [`blob`]: the `horde/blob/1` messages and the verified-streaming tree (chunk groups, outboards).
 //! - [`codec`]: `u32` big-endian length + postcard frames, capped before allocation.
 //! - [`job`]: the client-signed [`JobSpec`] and what it is made of (volumes, uploads, deadlines).
 //! - [`records`]: signed records: endpoint record, node record, tunnel receipts, miner reports.
@@ -12,6 +13,7 @@
 
 #![deny(missing_docs)]
 
+pub mod blob;
 pub mod codec;
 pub mod job;
 pub mod keys;

@@ -1,3 +1,500 @@
 //! horde-testnet: starts a local network of `horde node` processes with role flags, and is the
-//! library multi-node tests use. The network harness and the `demo` command are built on top of
-//! the roles; until the roles exist this crate only fixes its place in the workspace.
+//! library multi-node tests use (the way libp2p uses `swarm-test`).
+//!
+//! [`Testnet::start`] generates a key per node in a directory (temporary unless given), picks
+//! distinct free loopback ports, writes each node's config with its static peers, starts one
+//! `horde node --role …` process per node and waits until each has logged its start. Nodes can be
+//! killed and restarted with the same key and port to test failures. Dropping the testnet kills
+//! every process.
+//!
+//! Layout: `lib.rs` (this harness), `bin/horde-testnet.rs` (the `up` / `demo` command line),
+//! `bin/horde-demo-job.rs` (the demo job program).
+
+pub mod demo_job;
+
+use std::io::Read as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use horde_protocol::{Hotkey, NodeAddr, Role, SecretKey};
+
+/// How long a node has to log its start.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The shape of the network to start.
+#[derive(Debug, Clone)]
+pub struct TestnetConfig {
+    /// Validators.
+    pub validators: usize,
+    /// Miners.
+    pub miners: usize,
+    /// Most executors per miner (of the one class, [`TestnetConfig::class`]).
+    pub executors_per_miner: u32,
+    /// Executors each miner starts before any job asks.
+    pub prewarm: u32,
+    /// Storage nodes.
+    pub storage: usize,
+    /// The executor class miners offer.
+    pub class: String,
+    /// Where keys, configs, logs and state go (default: a temporary directory).
+    pub dir: Option<PathBuf>,
+    /// The `horde` binary (default: found next to the running program, built if missing).
+    pub horde_bin: Option<PathBuf>,
+    /// `RUST_LOG` for the nodes.
+    pub log_filter: String,
+    /// Facilitator's validator-silence limit (ms); `None` keeps the default.
+    pub validator_silence_ms: Option<u64>,
+}
+
+impl Default for TestnetConfig {
+    fn default() -> Self {
+        Self {
+            validators: 1,
+            miners: 1,
+            executors_per_miner: 1,
+            prewarm: 1,
+            storage: 1,
+            class: "cpu".to_owned(),
+            dir: None,
+            horde_bin: None,
+            log_filter: "info".to_owned(),
+            validator_silence_ms: None,
+        }
+    }
+}
+
+/// One node process of the testnet.
+#[derive(Debug)]
+pub struct NodeProcess {
+    /// Its name (`facilitator`, `validator-0`, `miner-1`, `storage-0`, …).
+    pub name: String,
+    /// Its role.
+    pub role: Role,
+    /// Its hotkey.
+    pub hotkey: Hotkey,
+    /// Its QUIC address.
+    pub addr: SocketAddr,
+    /// Its config file.
+    pub config: PathBuf,
+    /// Its log file (stderr and stdout).
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+impl NodeProcess {
+    /// The node's address for clients and peers.
+    pub fn node_addr(&self) -> NodeAddr {
+        NodeAddr::new(self.hotkey, self.addr)
+    }
+
+    /// Whether the process is running.
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|child| matches!(child.try_wait(), Ok(None)))
+    }
+}
+
+/// A running local network.
+#[derive(Debug)]
+pub struct Testnet {
+    _temp: Option<tempfile::TempDir>,
+    dir: PathBuf,
+    horde_bin: PathBuf,
+    log_filter: String,
+    nodes: Vec<NodeProcess>,
+}
+
+/// A free UDP port on 127.0.0.1 (bound then released; the node binds it right after).
+fn free_udp_port() -> anyhow::Result<u16> {
+    let socket = std::net::UdpSocket::bind(("127.0.0.1", 0))?;
+    Ok(socket.local_addr()?.port())
+}
+
+/// Whether the running program is a test binary (cargo puts those in `target/<profile>/deps`).
+fn in_test_binary() -> bool {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|d| d.ends_with("deps")))
+        .unwrap_or(false)
+}
+
+/// The directory holding the running program's sibling binaries (`target/<profile>/`).
+fn binary_dir() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let dir = exe.parent()?;
+    // Test binaries live in target/<profile>/deps.
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.parent().map(Path::to_path_buf)
+    } else {
+        Some(dir.to_path_buf())
+    }
+}
+
+/// Finds a workspace binary: `$<ENV>` if set; otherwise, when running under cargo (tests,
+/// `cargo run`), asks cargo to build it in the running program's profile (a no-op when it is
+/// fresh, so a test never runs a stale binary), then takes it from next to the running program.
+pub fn workspace_binary(name: &str, package: &str, env: &str) -> anyhow::Result<PathBuf> {
+    if let Some(path) = std::env::var_os(env) {
+        return Ok(PathBuf::from(path));
+    }
+    let dir = binary_dir().context("locating the running program")?;
+    let path = dir.join(name);
+    if let Some(cargo) = std::env::var_os("CARGO") {
+        static BUILT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+        let mut built = BUILT.lock().unwrap_or_else(|p| p.into_inner());
+        if !built.iter().any(|b| b == name) {
+            let release = dir.file_name().is_some_and(|n| n == "release");
+            let mut command = Command::new(cargo);
+            if in_test_binary() {
+                // Build exactly what `cargo test --workspace` builds: the same feature set (dev
+                // dependencies enable some), so this is a no-op after the test build itself.
+                command.args(["test", "--workspace", "--no-run", "--quiet"]);
+            } else {
+                command.args(["build", "--quiet", "-p", package, "--bin", name]);
+            }
+            if release {
+                command.arg("--release");
+            }
+            let status = command
+                .status()
+                .with_context(|| format!("building {name}"))?;
+            if !status.success() {
+                bail!("could not build {name} (cargo build -p {package} --bin {name})");
+            }
+            built.push(name.to_owned());
+        }
+    }
+    if !path.is_file() {
+        bail!(
+            "{} not found; build it with `cargo build -p {package} --bin {name}` or set {env}",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// The `horde` binary.
+pub fn horde_binary() -> anyhow::Result<PathBuf> {
+    workspace_binary("horde", "horde-node", "HORDE_BIN")
+}
+
+/// The demo job binary.
+pub fn demo_job_binary() -> anyhow::Result<PathBuf> {
+    workspace_binary("horde-demo-job", "horde-testnet", "HORDE_DEMO_JOB_BIN")
+}
+
+struct Planned {
+    name: String,
+    role: Role,
+    key: SecretKey,
+    addr: SocketAddr,
+}
+
+fn list(nodes: &[&Planned]) -> String {
+    let items: Vec<String> = nodes
+        .iter()
+        .map(|n| format!("\"{}\"", NodeAddr::new(n.key.hotkey(), n.addr)))
+        .collect();
+    format!("[{}]", items.join(", "))
+}
+
+impl Testnet {
+    /// Starts the network and waits until every node has logged its start.
+    pub fn start(config: TestnetConfig) -> anyhow::Result<Self> {
+        let (temp, dir) = match &config.dir {
+            Some(dir) => {
+                std::fs::create_dir_all(dir)?;
+                (None, dir.clone())
+            }
+            None => {
+                let temp = tempfile::Builder::new()
+                    .prefix("horde-testnet-")
+                    .tempdir()?;
+                let dir = temp.path().to_path_buf();
+                (Some(temp), dir)
+            }
+        };
+        let horde_bin = match &config.horde_bin {
+            Some(bin) => bin.clone(),
+            None => horde_binary()?,
+        };
+        let mut planned = Vec::new();
+        let mut plan = |name: String, role: Role| -> anyhow::Result<()> {
+            planned.push(Planned {
+                name,
+                role,
+                key: SecretKey::generate(),
+                addr: ([127, 0, 0, 1], free_udp_port()?).into(),
+            });
+            Ok(())
+        };
+        plan("facilitator".to_owned(), Role::Facilitator)?;
+        for i in 0..config.validators {
+            plan(format!("validator-{i}"), Role::Validator)?;
+        }
+        for i in 0..config.miners {
+            plan(format!("miner-{i}"), Role::Miner)?;
+        }
+        for i in 0..config.storage {
+            plan(format!("storage-{i}"), Role::Storage)?;
+        }
+        let validators: Vec<&Planned> = planned
+            .iter()
+            .filter(|p| p.role == Role::Validator)
+            .collect();
+        let miners: Vec<&Planned> = planned.iter().filter(|p| p.role == Role::Miner).collect();
+        let mut configs = Vec::new();
+        for node in &planned {
+            let node_dir = dir.join(&node.name);
+            std::fs::create_dir_all(&node_dir)?;
+            let key_path = node_dir.join("hotkey.json");
+            let _ = std::fs::remove_file(&key_path);
+            node.key.write_key_file(&key_path)?;
+            let mut text = format!(
+                "role = \"{}\"\nkey_file = \"hotkey.json\"\nlisten = \"{}\"\ndata_dir = \"data\"\n",
+                node.role, node.addr
+            );
+            match node.role {
+                Role::Facilitator => {
+                    text.push_str(&format!(
+                        "\n[facilitator]\nvalidators = {}\nminers = {}\n",
+                        list(&validators),
+                        list(&miners)
+                    ));
+                    if let Some(silence) = config.validator_silence_ms {
+                        text.push_str(&format!("validator_silence_ms = {silence}\n"));
+                    }
+                }
+                Role::Validator => {
+                    text.push_str(&format!("\n[validator]\nminers = {}\n", list(&miners)));
+                }
+                Role::Miner => {
+                    text.push_str(&format!(
+                        "\n[miner]\nexecutor_program = \"{}\"\n\n[[miner.classes]]\nclass = \"{}\"\n\
+                         max_executors = {}\nprewarm = {}\n",
+                        horde_bin.display(),
+                        config.class,
+                        config.executors_per_miner,
+                        config.prewarm.min(config.executors_per_miner)
+                    ));
+                }
+                _ => {}
+            }
+            let config_path = node_dir.join("node.toml");
+            std::fs::write(&config_path, text)?;
+            configs.push(config_path);
+        }
+        let mut testnet = Self {
+            _temp: temp,
+            dir,
+            horde_bin,
+            log_filter: config.log_filter,
+            nodes: Vec::new(),
+        };
+        // Storage and miners first, validators next, the facilitator last: each starts after the
+        // peers it dials.
+        let order = [
+            Role::Storage,
+            Role::Miner,
+            Role::Validator,
+            Role::Facilitator,
+        ];
+        let mut entries: Vec<(Planned, PathBuf)> = planned.into_iter().zip(configs).collect();
+        entries.sort_by_key(|(p, _)| order.iter().position(|r| *r == p.role));
+        for (node, config_path) in entries {
+            let log = config_path.with_file_name("node.log");
+            testnet.nodes.push(NodeProcess {
+                name: node.name,
+                role: node.role,
+                hotkey: node.key.hotkey(),
+                addr: node.addr,
+                config: config_path,
+                log,
+                child: None,
+            });
+        }
+        for index in 0..testnet.nodes.len() {
+            testnet.spawn(index)?;
+        }
+        for index in 0..testnet.nodes.len() {
+            testnet.wait_started(index)?;
+        }
+        Ok(testnet)
+    }
+
+    fn spawn(&mut self, index: usize) -> anyhow::Result<()> {
+        let node = &mut self.nodes[index];
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&node.log)?;
+        let child = Command::new(&self.horde_bin)
+            .args(["node", "--config"])
+            .arg(&node.config)
+            .env("RUST_LOG", &self.log_filter)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", node.name))?;
+        node.child = Some(child);
+        Ok(())
+    }
+
+    fn wait_started(&mut self, index: usize) -> anyhow::Result<()> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            let node = &mut self.nodes[index];
+            if !node.is_running() {
+                bail!(
+                    "{} exited during start-up; log:\n{}",
+                    node.name,
+                    read_log(&node.log)
+                );
+            }
+            if self.count_starts(index) > 0 {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{} did not start within {START_TIMEOUT:?}",
+                    self.nodes[index].name
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn count_starts(&self, index: usize) -> usize {
+        read_log(&self.nodes[index].log)
+            .matches("horde node started")
+            .count()
+    }
+
+    /// The network's directory (keys, configs, logs).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Every node.
+    pub fn nodes(&self) -> &[NodeProcess] {
+        &self.nodes
+    }
+
+    /// The node called `name`.
+    pub fn node(&self, name: &str) -> anyhow::Result<&NodeProcess> {
+        self.nodes
+            .iter()
+            .find(|n| n.name == name)
+            .with_context(|| format!("no node {name}"))
+    }
+
+    fn index(&self, name: &str) -> anyhow::Result<usize> {
+        self.nodes
+            .iter()
+            .position(|n| n.name == name)
+            .with_context(|| format!("no node {name}"))
+    }
+
+    /// The facilitator's address (what clients dial).
+    pub fn facilitator(&self) -> NodeAddr {
+        self.nodes
+            .iter()
+            .find(|n| n.role == Role::Facilitator)
+            .map(NodeProcess::node_addr)
+            .unwrap_or_else(|| NodeAddr {
+                hotkey: SecretKey::from_seed(&[0; 32]).hotkey(),
+                addrs: Vec::new(),
+            })
+    }
+
+    /// The first storage node's address, if any.
+    pub fn storage(&self) -> Option<NodeAddr> {
+        self.nodes
+            .iter()
+            .find(|n| n.role == Role::Storage)
+            .map(NodeProcess::node_addr)
+    }
+
+    /// Kills a node with SIGKILL (no clean shutdown).
+    pub fn kill(&mut self, name: &str) -> anyhow::Result<()> {
+        let index = self.index(name)?;
+        if let Some(mut child) = self.nodes[index].child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        Ok(())
+    }
+
+    /// Restarts a killed node with the same key, port and state directory.
+    pub fn restart(&mut self, name: &str) -> anyhow::Result<()> {
+        let index = self.index(name)?;
+        self.kill(name)?;
+        let before = self.count_starts(index);
+        self.spawn(index)?;
+        let deadline = Instant::now() + START_TIMEOUT;
+        while self.count_starts(index) <= before {
+            if !self.nodes[index].is_running() {
+                bail!(
+                    "{name} exited on restart:\n{}",
+                    read_log(&self.nodes[index].log)
+                );
+            }
+            if Instant::now() > deadline {
+                bail!("{name} did not restart within {START_TIMEOUT:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    /// A node's log so far.
+    pub fn log(&self, name: &str) -> String {
+        self.node(name)
+            .map(|n| read_log(&n.log))
+            .unwrap_or_default()
+    }
+
+    /// Stops every node with SIGINT and waits for them (killing any that linger).
+    pub fn shutdown(mut self) {
+        self.stop_all();
+    }
+
+    fn stop_all(&mut self) {
+        for node in &mut self.nodes {
+            if let Some(child) = &node.child {
+                let _ = Command::new("kill")
+                    .args(["-INT", &child.id().to_string()])
+                    .status();
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        for node in &mut self.nodes {
+            if let Some(mut child) = node.child.take() {
+                while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+impl Drop for Testnet {
+    fn drop(&mut self) {
+        self.stop_all();
+    }
+}
+
+fn read_log(path: &Path) -> String {
+    let mut text = String::new();
+    if let Ok(mut file) = std::fs::File::open(path) {
+        let _ = file.read_to_string(&mut text);
+    }
+    text
+}

@@ -28,10 +28,12 @@
 
 #![deny(missing_docs)]
 
+pub mod blob;
 mod endpoint;
 mod framed;
 mod session;
 mod tls;
+pub mod tunnel;
 
 #[cfg(any(test, feature = "test-utils"))]
 pub mod test_utils;

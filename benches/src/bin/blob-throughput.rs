@@ -1,0 +1,518 @@
+//! Blob throughput on loopback, with its baselines measured in the same run.
+//!
+//! `cargo run --release -p horde-benches --bin blob-throughput -- --size 1GiB [--json PATH]`
+//!
+//! Measures, one after the other on 127.0.0.1 with both ends in this process:
+//! (a) plain TCP, (b) TCP + rustls TLS 1.3 (horde's ed25519 certificates and verifiers),
+//! (c) raw quinn with horde's TransportConfig (one stream, `write_chunk` of a static 1 MiB buffer,
+//! `read_chunk` on the other side), (d) horde blob get memory→memory with verification,
+//! (e) horde verified get file→file from a storage node's disk store, fsync included.
+//! Prints Gbit/s, CPU seconds per GB (process user+system time) and the ratio to raw quinn, writes
+//! the same as JSON, then measures a resume: a get cut at ~50% and resumed, reporting the bytes
+//! sent again beyond the missing half.
+
+use std::io::Write as _;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use anyhow::{Context as _, bail};
+use bytes::Bytes;
+use horde_node::blob_client::{self, NoProgress, Progress, get_into_vec, get_to_file_once};
+use horde_node::storage::{BlobStore, StoreLimits, serve};
+use horde_protocol::blob::CHUNK_GROUP_LEN;
+use horde_protocol::{NodeAddr, SecretKey};
+use horde_transport::blob::{ServedBlob, read_request, serve_get};
+use horde_transport::{
+    ALPN_BLOB, ClientPolicy, EndpointConfig, HordeEndpoint, client_tls_config, default_validity,
+    self_signed_certificate, server_name_for, server_tls_config,
+};
+use tokio_util::sync::CancellationToken;
+
+const CHUNK: usize = 1 << 20;
+/// Clock ticks per second of `/proc/self/stat` times (`getconf CLK_TCK`, 100 on Linux).
+const CLOCK_TICKS: f64 = 100.0;
+
+#[derive(Debug)]
+struct Args {
+    size: u64,
+    json: PathBuf,
+}
+
+fn parse_size(text: &str) -> anyhow::Result<u64> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number.parse().context("size must start with a number")?;
+    let factor = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" => 1 << 10,
+        "m" | "mib" => 1 << 20,
+        "g" | "gib" => 1 << 30,
+        "kb" => 1000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        other => bail!("unknown size unit {other:?}"),
+    };
+    Ok(number * factor)
+}
+
+fn parse_args() -> anyhow::Result<Args> {
+    let mut size = std::env::var("BLOB_BENCH_SIZE")
+        .ok()
+        .map(|s| parse_size(&s))
+        .transpose()?
+        .unwrap_or(1 << 30);
+    let mut json = PathBuf::from("target/blob-throughput.json");
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--size" => size = parse_size(&args.next().context("--size needs a value")?)?,
+            "--json" => json = args.next().context("--json needs a path")?.into(),
+            "--help" | "-h" => {
+                println!("blob-throughput [--size 1GiB] [--json target/blob-throughput.json]");
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other:?}"),
+        }
+    }
+    if size < CHUNK as u64 {
+        bail!("--size must be at least 1 MiB");
+    }
+    Ok(Args { size, json })
+}
+
+/// Process CPU time (user + system) in seconds.
+fn cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    // Fields after the command name (which may hold spaces) start at field 3 (state).
+    let Some(rest) = stat.rsplit_once(')').map(|(_, rest)| rest) else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |index: usize| fields.get(index).and_then(|f| f.parse::<f64>().ok());
+    // utime is field 14, stime field 15 (1-based); `rest` starts at field 3.
+    (ticks(11).unwrap_or(0.0) + ticks(12).unwrap_or(0.0)) / CLOCK_TICKS
+}
+
+#[derive(Debug, Clone)]
+struct Measurement {
+    name: &'static str,
+    bytes: u64,
+    seconds: f64,
+    cpu: f64,
+}
+
+impl Measurement {
+    fn gbits(&self) -> f64 {
+        self.bytes as f64 * 8.0 / self.seconds / 1e9
+    }
+
+    fn cpu_per_gb(&self) -> f64 {
+        self.cpu / (self.bytes as f64 / 1e9)
+    }
+}
+
+async fn measure<F, Fut>(name: &'static str, bytes: u64, run: F) -> anyhow::Result<Measurement>
+where
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    let cpu = cpu_seconds();
+    let start = Instant::now();
+    run().await?;
+    let seconds = start.elapsed().as_secs_f64();
+    let measurement = Measurement {
+        name,
+        bytes,
+        seconds,
+        cpu: cpu_seconds() - cpu,
+    };
+    eprintln!(
+        "{name}: {:.2} Gbit/s, {:.2} CPU s/GB",
+        measurement.gbits(),
+        measurement.cpu_per_gb()
+    );
+    Ok(measurement)
+}
+
+fn chunk_count(size: u64) -> u64 {
+    size / CHUNK as u64
+}
+
+/// (a) plain TCP: blocking sockets, one thread per end.
+fn tcp(size: u64, chunk: &Bytes) -> anyhow::Result<()> {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+    let addr = listener.local_addr()?;
+    let chunk = chunk.clone();
+    let sender = std::thread::spawn(move || -> std::io::Result<()> {
+        let mut stream = TcpStream::connect(addr)?;
+        for _ in 0..chunk_count(size) {
+            stream.write_all(&chunk)?;
+        }
+        Ok(())
+    });
+    let (mut stream, _) = listener.accept()?;
+    let received = drain(&mut stream)?;
+    sender
+        .join()
+        .map_err(|_| anyhow::anyhow!("sender panicked"))??;
+    check_received(received, size)
+}
+
+fn drain(reader: &mut impl std::io::Read) -> std::io::Result<u64> {
+    let mut buffer = vec![0u8; CHUNK];
+    let mut total = 0u64;
+    loop {
+        match reader.read(&mut buffer) {
+            Ok(0) => return Ok(total),
+            Ok(read) => total += read as u64,
+            Err(error) if error.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(total),
+            Err(error) => return Err(error),
+        }
+    }
+}
+
+fn check_received(received: u64, size: u64) -> anyhow::Result<()> {
+    let expected = chunk_count(size) * CHUNK as u64;
+    if received != expected {
+        bail!("received {received} bytes, expected {expected}");
+    }
+    Ok(())
+}
+
+/// (b) TCP + rustls TLS 1.3 with horde's certificates and verifiers.
+fn tls(size: u64, chunk: &Bytes) -> anyhow::Result<()> {
+    let server_key = SecretKey::from_seed(&[1; 32]);
+    let client_key = SecretKey::from_seed(&[2; 32]);
+    let validity = default_validity(SystemTime::now());
+    let alpn = b"bench".to_vec();
+    let server_config = Arc::new(server_tls_config(
+        &server_key,
+        self_signed_certificate(&server_key, validity)?,
+        std::slice::from_ref(&alpn),
+        ClientPolicy::Any,
+    )?);
+    let client_config = Arc::new(client_tls_config(
+        &client_key,
+        self_signed_certificate(&client_key, validity)?,
+        &alpn,
+    )?);
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+    let addr = listener.local_addr()?;
+    let chunk = chunk.clone();
+    let server_name = server_name_for(&server_key.hotkey());
+    let sender = std::thread::spawn(move || -> anyhow::Result<()> {
+        let socket = TcpStream::connect(addr)?;
+        let connection = rustls::ClientConnection::new(client_config, server_name)?;
+        let mut stream = rustls::StreamOwned::new(connection, socket);
+        for _ in 0..chunk_count(size) {
+            stream.write_all(&chunk)?;
+        }
+        stream.conn.send_close_notify();
+        stream.flush()?;
+        Ok(())
+    });
+    let (socket, _) = listener.accept()?;
+    let connection = rustls::ServerConnection::new(server_config)?;
+    let mut stream = rustls::StreamOwned::new(connection, socket);
+    let received = drain(&mut stream)?;
+    sender
+        .join()
+        .map_err(|_| anyhow::anyhow!("sender panicked"))??;
+    check_received(received, size)
+}
+
+fn quic_endpoint(seed: u8) -> anyhow::Result<HordeEndpoint> {
+    let config = EndpointConfig::new(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), &[ALPN_BLOB]);
+    Ok(HordeEndpoint::bind(
+        &SecretKey::from_seed(&[seed; 32]),
+        config,
+    )?)
+}
+
+async fn connected(
+    client: &HordeEndpoint,
+    server: &HordeEndpoint,
+) -> anyhow::Result<(quinn::Connection, quinn::Connection)> {
+    let (addr, hotkey) = (server.local_addr()?, server.hotkey());
+    let (dialed, accepted) =
+        tokio::join!(client.connect(addr, &hotkey, ALPN_BLOB), server.accept());
+    let (accepted, _, _) = accepted.context("server closed")??;
+    Ok((dialed?, accepted))
+}
+
+/// (c) raw quinn: one stream, static 1 MiB chunks.
+async fn raw_quinn(size: u64, chunk: &Bytes) -> anyhow::Result<()> {
+    let (client, server) = (quic_endpoint(3)?, quic_endpoint(4)?);
+    let (client_connection, server_connection) = connected(&client, &server).await?;
+    let chunk = chunk.clone();
+    let sender = tokio::spawn(async move {
+        let (mut send, _recv) = server_connection.open_bi().await?;
+        for _ in 0..chunk_count(size) {
+            send.write_chunk(chunk.clone()).await?;
+        }
+        send.finish()?;
+        send.stopped().await?;
+        anyhow::Ok(())
+    });
+    let (_send, mut recv) = client_connection.accept_bi().await?;
+    let mut received = 0u64;
+    while let Some(chunk) = recv.read_chunk(usize::MAX, true).await? {
+        received += chunk.bytes.len() as u64;
+    }
+    sender.await??;
+    check_received(received, size)
+}
+
+/// Serves one in-memory blob on every stream of every connection.
+async fn serve_memory(server: Arc<HordeEndpoint>, blob: ServedBlob) {
+    while let Some(Ok((connection, _, _))) = server.accept().await {
+        let blob = blob.clone();
+        tokio::spawn(async move {
+            while let Ok((mut send, mut recv)) = connection.accept_bi().await {
+                let blob = blob.clone();
+                tokio::spawn(async move {
+                    if let Ok(Some(horde_protocol::blob::BlobRequest::Get { ranges, .. })) =
+                        read_request(&mut recv).await
+                    {
+                        let _ = serve_get(&mut send, &blob, &ranges).await;
+                    }
+                });
+            }
+        });
+    }
+}
+
+/// Counts what was verified; closes the connection at half if asked to.
+struct Cut {
+    connection: Option<quinn::Connection>,
+    total: u64,
+    done: u64,
+}
+
+impl Progress for Cut {
+    fn start(&mut self, total: u64, done: u64) {
+        self.total = total;
+        self.done = done;
+    }
+
+    fn update(&mut self, done: u64) {
+        self.done = done;
+        if done >= self.total / 2
+            && let Some(connection) = self.connection.take()
+        {
+            connection.close(0u32.into(), b"bench cut");
+        }
+    }
+}
+
+fn sample(size: u64) -> Vec<u8> {
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut data = Vec::with_capacity(size as usize);
+    while (data.len() as u64) < size {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        data.extend_from_slice(&state.to_le_bytes());
+    }
+    data.truncate(size as usize);
+    data
+}
+
+#[derive(Debug)]
+struct ResumeReport {
+    size: u64,
+    verified_before_cut: u64,
+    resumed_from: u64,
+    fetched_after_resume: u64,
+    resent_beyond_missing: i64,
+}
+
+async fn resume_measurement(
+    client: &HordeEndpoint,
+    storage: &NodeAddr,
+    hash: horde_protocol::BlobHash,
+    size: u64,
+    work: &Path,
+) -> anyhow::Result<ResumeReport> {
+    let dest = work.join("resume.out");
+    let connection = blob_client::connect(client, storage).await?;
+    let mut cut = Cut {
+        connection: Some(connection.clone()),
+        total: 0,
+        done: 0,
+    };
+    let first = get_to_file_once(&connection, hash, &dest, None, u64::MAX, &mut cut).await;
+    if first.is_ok() {
+        bail!("the cut did not interrupt the transfer");
+    }
+    let connection = blob_client::connect(client, storage).await?;
+    let outcome =
+        get_to_file_once(&connection, hash, &dest, None, u64::MAX, &mut NoProgress).await?;
+    let missing = size - cut.done;
+    Ok(ResumeReport {
+        size,
+        verified_before_cut: cut.done,
+        resumed_from: outcome.resumed_from,
+        fetched_after_resume: outcome.fetched,
+        resent_beyond_missing: outcome.fetched as i64 - missing as i64,
+    })
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = parse_args()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let size = args.size / CHUNK as u64 * CHUNK as u64;
+    eprintln!("blob-throughput: {size} bytes per transfer, 127.0.0.1");
+    let chunk = Bytes::from(vec![0x5au8; CHUNK]);
+    let mut results = Vec::new();
+
+    results.push(
+        measure("tcp", size, || async {
+            let chunk = chunk.clone();
+            tokio::task::spawn_blocking(move || tcp(size, &chunk)).await?
+        })
+        .await?,
+    );
+    results.push(
+        measure("tcp+tls1.3", size, || async {
+            let chunk = chunk.clone();
+            tokio::task::spawn_blocking(move || tls(size, &chunk)).await?
+        })
+        .await?,
+    );
+    results.push(measure("raw quinn", size, || raw_quinn(size, &chunk)).await?);
+
+    // (d) memory → memory, verified.
+    let data = Bytes::from(sample(size));
+    let (blob, hash) = ServedBlob::from_memory(data.clone());
+    let memory_server = Arc::new(quic_endpoint(5)?);
+    let memory_addr = NodeAddr {
+        hotkey: memory_server.hotkey(),
+        addrs: vec![memory_server.local_addr()?],
+    };
+    let memory_task = tokio::spawn(serve_memory(Arc::clone(&memory_server), blob));
+    let client = quic_endpoint(6)?;
+    let connection = blob_client::connect(&client, &memory_addr).await?;
+    let mut received = Vec::new();
+    results.push(
+        measure("horde get mem→mem", size, || async {
+            get_into_vec(&connection, hash, u64::MAX, &mut received).await?;
+            Ok(())
+        })
+        .await?,
+    );
+    if received.len() as u64 != size || received[..] != data[..] {
+        bail!("memory transfer delivered wrong bytes");
+    }
+    drop(received);
+    memory_task.abort();
+
+    // (e) file → file from a storage node's disk store, verified, fsync included.
+    let work = tempfile::Builder::new()
+        .prefix("blob-bench")
+        .tempdir_in(args.json.parent().unwrap_or(Path::new(".")))
+        .or_else(|_| tempfile::tempdir())?;
+    let store = Arc::new(BlobStore::open(
+        &work.path().join("store"),
+        StoreLimits::default(),
+    )?);
+    let stored = {
+        let store = Arc::clone(&store);
+        let data = data.clone();
+        tokio::task::spawn_blocking(move || store.insert(&data)).await??
+    };
+    if stored != hash {
+        bail!("store computed another hash");
+    }
+    drop(data);
+    let storage_endpoint = Arc::new(quic_endpoint(7)?);
+    let storage = NodeAddr {
+        hotkey: storage_endpoint.hotkey(),
+        addrs: vec![storage_endpoint.local_addr()?],
+    };
+    let cancel = CancellationToken::new();
+    let storage_task = tokio::spawn(serve(storage_endpoint, Arc::clone(&store), cancel.clone()));
+    let connection = blob_client::connect(&client, &storage).await?;
+    let dest = work.path().join("get.out");
+    results.push(
+        measure("horde get file→file", size, || async {
+            get_to_file_once(&connection, hash, &dest, None, u64::MAX, &mut NoProgress).await?;
+            Ok(())
+        })
+        .await?,
+    );
+    std::fs::remove_file(&dest)?;
+
+    let resume = resume_measurement(&client, &storage, hash, size, work.path()).await?;
+    cancel.cancel();
+    let _ = storage_task.await;
+
+    let quinn_gbits = results
+        .iter()
+        .find(|m| m.name == "raw quinn")
+        .map_or(1.0, Measurement::gbits);
+    println!();
+    println!(
+        "| transfer ({} MiB, 127.0.0.1) | Gbit/s | CPU s/GB | vs raw quinn |",
+        size >> 20
+    );
+    println!("|---|---:|---:|---:|");
+    for m in &results {
+        println!(
+            "| {} | {:.2} | {:.2} | {:.2}× |",
+            m.name,
+            m.gbits(),
+            m.cpu_per_gb(),
+            m.gbits() / quinn_gbits
+        );
+    }
+    println!();
+    println!(
+        "resume: cut after {} of {} bytes verified, resumed from {}, fetched {} bytes after the \
+         resume; re-sent beyond the missing part: {} bytes ({:.4}% of the blob; one chunk group \
+         is {CHUNK_GROUP_LEN} bytes)",
+        resume.verified_before_cut,
+        resume.size,
+        resume.resumed_from,
+        resume.fetched_after_resume,
+        resume.resent_beyond_missing,
+        resume.resent_beyond_missing as f64 * 100.0 / resume.size as f64
+    );
+
+    let json = serde_json::json!({
+        "size_bytes": size,
+        "transfers": results.iter().map(|m| serde_json::json!({
+            "name": m.name,
+            "seconds": m.seconds,
+            "gbit_per_s": m.gbits(),
+            "cpu_seconds_per_gb": m.cpu_per_gb(),
+            "ratio_to_raw_quinn": m.gbits() / quinn_gbits,
+        })).collect::<Vec<_>>(),
+        "resume": {
+            "verified_before_cut": resume.verified_before_cut,
+            "resumed_from": resume.resumed_from,
+            "fetched_after_resume": resume.fetched_after_resume,
+            "resent_beyond_missing": resume.resent_beyond_missing,
+            "chunk_group_bytes": CHUNK_GROUP_LEN,
+        },
+    });
+    if let Some(parent) = args.json.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(&args.json, serde_json::to_string_pretty(&json)?)?;
+    eprintln!("wrote {}", args.json.display());
+    Ok(())
+}

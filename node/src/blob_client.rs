@@ -1,0 +1,736 @@
+//! Client side of `horde/blob/1`: put a file, get a blob into a file (resumable) or into memory,
+//! with progress reporting.
+//!
+//! - [`put_file`], [`get_to_file`], [`get_to_memory`]: connect, transfer, retry transient failures
+//!   a bounded number of times with exponential backoff, resuming where the last attempt stopped.
+//! - [`get_to_file_once`]: one attempt on a given connection (resuming from `DEST.partial`).
+//! - [`Progress`], [`ProgressReporter`]: bytes, rate and ETA, redrawn on one line on a terminal,
+//!   plain periodic lines otherwise.
+//!
+//! A download goes to `DEST.partial` with its verified length recorded in `DEST.partial.state`
+//! (after an fsync of the data); only a fully verified blob is renamed to `DEST`. An integrity
+//! failure deletes the partial: nothing is left at or beside `DEST`.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, IsTerminal as _, Read as _, Seek as _, SeekFrom, Write as _};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use horde_protocol::blob::ByteRange;
+use horde_protocol::{BlobHash, Hotkey, NodeAddr};
+use horde_transport::blob::{BlobError, VerifiedData, request_get, start_put};
+use horde_transport::{ALPN_BLOB, ConnectError, HordeEndpoint};
+use tokio::sync::mpsc;
+use tracing::{debug, info};
+
+/// Attempts per transfer before giving up on transient failures (connection lost, reset).
+pub const MAX_ATTEMPTS: u32 = 5;
+
+/// First retry delay; doubled after every failed attempt (0.2, 0.4, 0.8, 1.6 s).
+pub const INITIAL_BACKOFF: Duration = Duration::from_millis(200);
+
+/// Download progress is made durable (data fsynced, verified length recorded) every 64 MiB, so a
+/// crash loses at most that much verified work.
+const CHECKPOINT_BYTES: u64 = 64 << 20;
+
+/// File bytes read per upload chunk.
+const UPLOAD_CHUNK: usize = 1 << 20;
+
+/// Chunks queued between the network task and the disk thread.
+const DISK_QUEUE: usize = 8;
+
+/// A client transfer that failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The storage address lists no socket address.
+    #[error("storage node {0} has no address")]
+    NoAddress(Hotkey),
+    /// Dialing the storage node failed.
+    #[error("connecting to the storage node: {0}")]
+    Connect(#[from] ConnectError),
+    /// The transfer failed (integrity, not found, refused, connection lost, …).
+    #[error(transparent)]
+    Blob(#[from] BlobError),
+    /// The store stored our upload under another hash than the file's.
+    #[error("storage node stored {actual}, expected {expected}")]
+    HashMismatch {
+        /// The file's hash.
+        expected: BlobHash,
+        /// What the node answered.
+        actual: BlobHash,
+    },
+    /// The blob's size differs from what the caller expected.
+    #[error("blob is {actual} bytes, expected {expected}")]
+    SizeMismatch {
+        /// Expected.
+        expected: u64,
+        /// Announced.
+        actual: u64,
+    },
+    /// Local file I/O failed.
+    #[error("local file: {0}")]
+    Io(#[from] io::Error),
+}
+
+impl ClientError {
+    /// Whether this is a data-integrity failure (the node served bytes not matching the hash).
+    pub fn is_integrity(&self) -> bool {
+        matches!(self, Self::Blob(BlobError::Integrity { .. }))
+    }
+
+    fn is_transient(&self) -> bool {
+        match self {
+            Self::Blob(error) => error.is_transient(),
+            Self::Connect(ConnectError::TimedOut(_) | ConnectError::Connection(_)) => true,
+            _ => false,
+        }
+    }
+}
+
+/// Receives transfer progress. `done` counts bytes of the blob held so far.
+pub trait Progress: Send {
+    /// The transfer (re)starts: `total` bytes, of which `done` are already held.
+    fn start(&mut self, total: u64, done: u64);
+    /// `done` bytes are now held.
+    fn update(&mut self, done: u64);
+    /// The transfer ended (successfully or not).
+    fn finish(&mut self) {}
+}
+
+/// Reports nothing.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoProgress;
+
+impl Progress for NoProgress {
+    fn start(&mut self, _total: u64, _done: u64) {}
+    fn update(&mut self, _done: u64) {}
+}
+
+/// Prints bytes, rate and ETA to stderr: one redrawn line on a terminal (every 100 ms), plain
+/// lines every 2 s otherwise.
+#[derive(Debug)]
+pub struct ProgressReporter {
+    label: String,
+    terminal: bool,
+    total: u64,
+    done: u64,
+    /// Bytes held when the current attempt started (the rate counts only new bytes).
+    base: u64,
+    started: Instant,
+    last_draw: Option<Instant>,
+}
+
+impl ProgressReporter {
+    /// A reporter whose lines start with `label`; detects whether stderr is a terminal.
+    pub fn new(label: impl Into<String>) -> Self {
+        Self {
+            label: label.into(),
+            terminal: io::stderr().is_terminal(),
+            total: 0,
+            done: 0,
+            base: 0,
+            started: Instant::now(),
+            last_draw: None,
+        }
+    }
+
+    fn line(&self) -> String {
+        let elapsed = self.started.elapsed().as_secs_f64().max(1e-3);
+        let rate = (self.done - self.base.min(self.done)) as f64 / elapsed;
+        let percent = if self.total == 0 {
+            100.0
+        } else {
+            self.done as f64 * 100.0 / self.total as f64
+        };
+        let eta = if rate > 0.0 {
+            format_duration((self.total.saturating_sub(self.done)) as f64 / rate)
+        } else {
+            "?".to_owned()
+        };
+        format!(
+            "{} {} / {} ({percent:.1}%) {}/s ETA {eta}",
+            self.label,
+            format_bytes(self.done as f64),
+            format_bytes(self.total as f64),
+            format_bytes(rate),
+        )
+    }
+
+    fn draw(&mut self, force: bool) {
+        let interval = if self.terminal {
+            Duration::from_millis(100)
+        } else {
+            Duration::from_secs(2)
+        };
+        let now = Instant::now();
+        if !force && self.last_draw.is_some_and(|last| now - last < interval) {
+            return;
+        }
+        self.last_draw = Some(now);
+        let line = self.line();
+        let mut stderr = io::stderr().lock();
+        let _ = if self.terminal {
+            write!(stderr, "\r\x1b[2K{line}")
+        } else {
+            writeln!(stderr, "{line}")
+        };
+        let _ = stderr.flush();
+    }
+}
+
+impl Progress for ProgressReporter {
+    fn start(&mut self, total: u64, done: u64) {
+        self.total = total;
+        self.done = done;
+        self.base = done;
+        self.started = Instant::now();
+        self.draw(true);
+    }
+
+    fn update(&mut self, done: u64) {
+        self.done = done;
+        self.draw(false);
+    }
+
+    fn finish(&mut self) {
+        self.draw(true);
+        if self.terminal {
+            let _ = writeln!(io::stderr());
+        }
+    }
+}
+
+fn format_bytes(bytes: f64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
+fn format_duration(seconds: f64) -> String {
+    let seconds = seconds.round() as u64;
+    if seconds >= 3600 {
+        format!("{}h{:02}m", seconds / 3600, seconds / 60 % 60)
+    } else {
+        format!("{}m{:02}s", seconds / 60, seconds % 60)
+    }
+}
+
+/// Dials the storage node on `horde/blob/1`, trying its addresses in order.
+pub async fn connect(
+    endpoint: &HordeEndpoint,
+    storage: &NodeAddr,
+) -> Result<quinn::Connection, ClientError> {
+    let mut last = None;
+    for addr in &storage.addrs {
+        match endpoint.connect(*addr, &storage.hotkey, ALPN_BLOB).await {
+            Ok(connection) => return Ok(connection),
+            Err(error) => {
+                debug!(%addr, %error, "storage address failed");
+                last = Some(error);
+            }
+        }
+    }
+    Err(last.map_or(ClientError::NoAddress(storage.hotkey), ClientError::Connect))
+}
+
+/// Bounded retries with exponential backoff: [`MAX_ATTEMPTS`] attempts, delays from
+/// [`INITIAL_BACKOFF`] doubling.
+#[derive(Debug)]
+struct Retries {
+    attempt: u32,
+    delay: Duration,
+}
+
+impl Retries {
+    fn new() -> Self {
+        Self {
+            attempt: 1,
+            delay: INITIAL_BACKOFF,
+        }
+    }
+
+    /// Whether to try again after `error`; sleeps the backoff delay first.
+    async fn again(&mut self, error: &ClientError, what: &str) -> bool {
+        if !error.is_transient() || self.attempt >= MAX_ATTEMPTS {
+            return false;
+        }
+        info!(%error, attempt = self.attempt, "{what} interrupted, retrying in {:?}", self.delay);
+        tokio::time::sleep(self.delay).await;
+        self.delay *= 2;
+        self.attempt += 1;
+        true
+    }
+}
+
+/// The BLAKE3 of a file (blocking).
+pub fn hash_file(path: &Path) -> io::Result<(BlobHash, u64)> {
+    let mut file = File::open(path)?;
+    let mut hasher = blake3::Hasher::new();
+    let mut buffer = vec![0u8; UPLOAD_CHUNK];
+    let mut size = 0u64;
+    loop {
+        let read = file.read(&mut buffer)?;
+        if read == 0 {
+            break;
+        }
+        hasher.update(&buffer[..read]);
+        size += read as u64;
+    }
+    Ok((BlobHash(*hasher.finalize().as_bytes()), size))
+}
+
+/// Uploads a file to a storage node and returns its hash once the node stored and fsynced it.
+///
+/// The file is hashed first so the upload declares its hash: an interrupted upload resumes where
+/// the node's partial copy ends.
+pub async fn put_file(
+    endpoint: &HordeEndpoint,
+    storage: &NodeAddr,
+    path: &Path,
+    progress: &mut dyn Progress,
+) -> Result<BlobHash, ClientError> {
+    let owned = path.to_owned();
+    let (hash, size) = tokio::task::spawn_blocking(move || hash_file(&owned))
+        .await
+        .map_err(io::Error::other)??;
+    let mut retries = Retries::new();
+    let result = loop {
+        let result = match connect(endpoint, storage).await {
+            Ok(connection) => put_file_once(&connection, path, hash, size, progress).await,
+            Err(error) => Err(error),
+        };
+        match result {
+            Err(error) if retries.again(&error, "upload").await => {}
+            result => break result,
+        }
+    };
+    progress.finish();
+    result
+}
+
+/// One upload attempt on `connection` of the file at `path` with known `hash` and `size`.
+pub async fn put_file_once(
+    connection: &quinn::Connection,
+    path: &Path,
+    hash: BlobHash,
+    size: u64,
+    progress: &mut dyn Progress,
+) -> Result<BlobHash, ClientError> {
+    let mut upload = start_put(connection, size, Some(hash), true).await?;
+    let offset = upload.offset();
+    progress.start(size, offset);
+    let (sender, mut chunks) = mpsc::channel::<io::Result<Bytes>>(DISK_QUEUE);
+    let path = path.to_owned();
+    let reader = tokio::task::spawn_blocking(move || {
+        let read = || -> io::Result<()> {
+            let mut file = File::open(&path)?;
+            file.seek(SeekFrom::Start(offset))?;
+            let mut remaining = size - offset;
+            while remaining > 0 {
+                let mut buffer = vec![0u8; (remaining as usize).min(UPLOAD_CHUNK)];
+                file.read_exact(&mut buffer)?;
+                remaining -= buffer.len() as u64;
+                if sender.blocking_send(Ok(Bytes::from(buffer))).is_err() {
+                    return Ok(());
+                }
+            }
+            Ok(())
+        };
+        if let Err(error) = read() {
+            let _ = sender.blocking_send(Err(error));
+        }
+    });
+    while let Some(chunk) = chunks.recv().await {
+        upload.write(chunk?).await?;
+        progress.update(upload.position());
+    }
+    reader.await.map_err(io::Error::other)?;
+    let (stored, _) = upload.finish().await?;
+    if stored != hash {
+        return Err(ClientError::HashMismatch {
+            expected: hash,
+            actual: stored,
+        });
+    }
+    Ok(stored)
+}
+
+/// What a completed download did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GetOutcome {
+    /// The blob's size.
+    pub size: u64,
+    /// Verified bytes already held when the last attempt started.
+    pub resumed_from: u64,
+    /// Bytes read from the network by the last attempt (CVs and data).
+    pub fetched: u64,
+}
+
+/// Downloads a blob into `dest`, resuming from `DEST.partial`, retrying transient failures.
+/// `expected_size`, when given, is checked against the node's answer before any data is taken.
+pub async fn get_to_file(
+    endpoint: &HordeEndpoint,
+    storage: &NodeAddr,
+    hash: BlobHash,
+    dest: &Path,
+    expected_size: Option<u64>,
+    max_size: u64,
+    progress: &mut dyn Progress,
+) -> Result<GetOutcome, ClientError> {
+    let mut retries = Retries::new();
+    let result = loop {
+        let result = match connect(endpoint, storage).await {
+            Ok(connection) => {
+                get_to_file_once(&connection, hash, dest, expected_size, max_size, progress).await
+            }
+            Err(error) => Err(error),
+        };
+        match result {
+            Err(error) if retries.again(&error, "download").await => {}
+            result => break result,
+        }
+    };
+    progress.finish();
+    result
+}
+
+/// Paths of a download in progress.
+fn partial_paths(dest: &Path) -> (PathBuf, PathBuf) {
+    let mut partial = dest.as_os_str().to_owned();
+    partial.push(".partial");
+    let partial = PathBuf::from(partial);
+    let mut state = partial.as_os_str().to_owned();
+    state.push(".state");
+    (partial, PathBuf::from(state))
+}
+
+/// The verified length recorded for `hash` in a state file, if it matches and the partial
+/// file holds at least that much.
+fn recorded_progress(partial: &Path, state: &Path, hash: &BlobHash) -> Option<u64> {
+    let text = fs::read_to_string(state).ok()?;
+    let (recorded_hash, length) = text.trim().split_once(' ')?;
+    if recorded_hash != hash.to_string() {
+        return None;
+    }
+    let length: u64 = length.parse().ok()?;
+    let actual = fs::symlink_metadata(partial).ok()?;
+    (actual.is_file() && actual.len() >= length).then_some(length)
+}
+
+fn record_progress(state: &Path, hash: &BlobHash, length: u64) -> io::Result<()> {
+    let mut file = File::create(state)?;
+    file.write_all(format!("{hash} {length}\n").as_bytes())?;
+    file.sync_data()
+}
+
+fn remove_partial(partial: &Path, state: &Path) {
+    let _ = fs::remove_file(partial);
+    let _ = fs::remove_file(state);
+}
+
+/// One download attempt on `connection`: continues `DEST.partial` if its state file records
+/// verified progress for `hash`, fetches only the missing range, renames to `dest` once all of
+/// it is verified and fsynced. On an integrity failure the partial is deleted.
+pub async fn get_to_file_once(
+    connection: &quinn::Connection,
+    hash: BlobHash,
+    dest: &Path,
+    expected_size: Option<u64>,
+    max_size: u64,
+    progress: &mut dyn Progress,
+) -> Result<GetOutcome, ClientError> {
+    let (partial, state) = partial_paths(dest);
+    let resumed_from = recorded_progress(&partial, &state, &hash).unwrap_or(0);
+    let ranges = if resumed_from > 0 {
+        vec![ByteRange::from_offset(resumed_from)]
+    } else {
+        Vec::new()
+    };
+    let max_size = expected_size.map_or(max_size, |size| size.min(max_size));
+    let mut stream = match request_get(connection, hash, ranges, max_size).await {
+        Ok(stream) => stream,
+        Err(error @ BlobError::Integrity { .. }) => {
+            remove_partial(&partial, &state);
+            return Err(error.into());
+        }
+        Err(error) => return Err(error.into()),
+    };
+    let size = stream.size();
+    if let Some(expected) = expected_size
+        && expected != size
+    {
+        return Err(ClientError::SizeMismatch {
+            expected,
+            actual: size,
+        });
+    }
+    let start = stream.ranges().first().map_or(size, |range| range.start);
+    if start != resumed_from.min(size) {
+        return Err(BlobError::Protocol(format!(
+            "resume at {resumed_from}, node starts at {start}"
+        ))
+        .into());
+    }
+    progress.start(size, start);
+
+    let (queue, inbox) = mpsc::channel::<VerifiedData>(DISK_QUEUE);
+    let writer = {
+        let (partial, state) = (partial.clone(), state.clone());
+        tokio::task::spawn_blocking(move || write_partial(&partial, &state, hash, start, inbox))
+    };
+    let mut position = start;
+    let network = loop {
+        match stream.next().await {
+            Ok(Some(data)) => {
+                if data.offset != position {
+                    break Err(BlobError::Protocol("non-contiguous data".to_owned()));
+                }
+                position += data.bytes.len() as u64;
+                if queue.send(data).await.is_err() {
+                    break Ok(());
+                }
+                progress.update(position);
+            }
+            Ok(None) => break Ok(()),
+            Err(error) => break Err(error),
+        }
+    };
+    drop(queue);
+    let written = writer.await.map_err(io::Error::other)?;
+    match network {
+        Err(error @ BlobError::Integrity { .. }) => {
+            remove_partial(&partial, &state);
+            return Err(error.into());
+        }
+        Err(error) => return Err(error.into()),
+        Ok(()) => {}
+    }
+    let written = written?;
+    if written != size {
+        return Err(BlobError::Truncated {
+            missing: size - written.min(size),
+        }
+        .into());
+    }
+    fs::rename(&partial, dest)?;
+    let _ = fs::remove_file(&state);
+    if let Some(parent) = dest.parent().filter(|p| !p.as_os_str().is_empty()) {
+        File::open(parent)?.sync_all()?;
+    }
+    Ok(GetOutcome {
+        size,
+        resumed_from: start,
+        fetched: stream.wire_bytes(),
+    })
+}
+
+/// The disk side of a download: appends verified data at `start`, checkpoints every
+/// [`CHECKPOINT_BYTES`], and on the end of the inbox fsyncs and records the final length.
+fn write_partial(
+    partial: &Path,
+    state: &Path,
+    hash: BlobHash,
+    start: u64,
+    mut inbox: mpsc::Receiver<VerifiedData>,
+) -> io::Result<u64> {
+    let mut file = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(start == 0)
+        .open(partial)?;
+    file.set_len(start)?;
+    file.seek(SeekFrom::Start(start))?;
+    let mut length = start;
+    let mut checkpoint = start;
+    let mut result = Ok(());
+    while let Some(data) = inbox.blocking_recv() {
+        if let Err(error) = file.write_all(&data.bytes) {
+            result = Err(error);
+            break;
+        }
+        length += data.bytes.len() as u64;
+        if length - checkpoint >= CHECKPOINT_BYTES {
+            file.sync_data()?;
+            record_progress(state, &hash, length)?;
+            checkpoint = length;
+        }
+    }
+    file.sync_all()?;
+    record_progress(state, &hash, length)?;
+    result.map(|()| length)
+}
+
+/// Downloads a whole blob into memory, retrying transient failures and resuming from what
+/// earlier attempts delivered.
+pub async fn get_to_memory(
+    endpoint: &HordeEndpoint,
+    storage: &NodeAddr,
+    hash: BlobHash,
+    max_size: u64,
+) -> Result<Vec<u8>, ClientError> {
+    let mut buffer = Vec::new();
+    let mut retries = Retries::new();
+    loop {
+        let result = match connect(endpoint, storage).await {
+            Ok(connection) => get_into_vec(&connection, hash, max_size, &mut buffer).await,
+            Err(error) => Err(error),
+        };
+        match result {
+            Ok(_) => return Ok(buffer),
+            Err(error) if retries.again(&error, "download").await => {}
+            Err(error) => return Err(error),
+        }
+    }
+}
+
+/// One in-memory download attempt appending to `buffer` (which holds a verified prefix).
+pub async fn get_into_vec(
+    connection: &quinn::Connection,
+    hash: BlobHash,
+    max_size: u64,
+    buffer: &mut Vec<u8>,
+) -> Result<u64, ClientError> {
+    let resumed_from = buffer.len() as u64;
+    let ranges = if resumed_from > 0 {
+        vec![ByteRange::from_offset(resumed_from)]
+    } else {
+        Vec::new()
+    };
+    let mut stream = request_get(connection, hash, ranges, max_size).await?;
+    let size = stream.size();
+    buffer.reserve_exact(usize::try_from(size).map_err(io::Error::other)? - buffer.len());
+    while let Some(data) = stream.next().await? {
+        if data.offset != buffer.len() as u64 {
+            return Err(BlobError::Protocol("non-contiguous data".to_owned()).into());
+        }
+        buffer.extend_from_slice(&data.bytes);
+    }
+    if buffer.len() as u64 != size {
+        return Err(BlobError::Truncated {
+            missing: size - buffer.len() as u64,
+        }
+        .into());
+    }
+    Ok(stream.wire_bytes())
+}
+
+/// `horde blob …`: the command-line front end of this module.
+#[derive(Debug, clap::Subcommand)]
+pub enum BlobCommand {
+    /// Upload a file to a storage node; prints its BLAKE3 hash.
+    Put {
+        /// The file to upload.
+        file: PathBuf,
+        /// The storage node: HOTKEY@IP:PORT (hotkey in SS58 or hex).
+        #[arg(long)]
+        storage: NodeAddr,
+        /// Client key file (default: a fresh key for this run).
+        #[arg(long)]
+        key: Option<PathBuf>,
+    },
+    /// Download a blob, verified while streaming; resumes an interrupted download.
+    Get {
+        /// The blob's BLAKE3 hash (64 hex digits).
+        hash: BlobHash,
+        /// Where to write it (appears only once complete and verified).
+        #[arg(long, short)]
+        out: PathBuf,
+        /// The storage node: HOTKEY@IP:PORT (hotkey in SS58 or hex).
+        #[arg(long)]
+        storage: NodeAddr,
+        /// Client key file (default: a fresh key for this run).
+        #[arg(long)]
+        key: Option<PathBuf>,
+    },
+}
+
+/// A `horde blob` command that failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CommandError {
+    /// The key file could not be read.
+    #[error("key file: {0}")]
+    Key(#[from] horde_protocol::KeyFileError),
+    /// The client endpoint could not be bound.
+    #[error("client endpoint: {0}")]
+    Endpoint(#[from] horde_transport::ConfigError),
+    /// The transfer failed.
+    #[error(transparent)]
+    Transfer(#[from] ClientError),
+}
+
+/// Runs a `horde blob` command: binds an ephemeral client endpoint, transfers with a progress
+/// line on stderr, prints the hash (put) or the final path (get) on stdout.
+pub async fn run_command(command: BlobCommand) -> Result<(), CommandError> {
+    let (storage, key) = match &command {
+        BlobCommand::Put { storage, key, .. } | BlobCommand::Get { storage, key, .. } => {
+            (storage, key)
+        }
+    };
+    let key = match key {
+        Some(path) => horde_protocol::SecretKey::read_key_file(path)?,
+        None => horde_protocol::SecretKey::generate(),
+    };
+    let bind = match storage.addrs.first() {
+        Some(addr) if addr.ip().is_loopback() && addr.is_ipv4() => {
+            std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, 0))
+        }
+        Some(addr) if addr.is_ipv6() => {
+            std::net::SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0))
+        }
+        _ => std::net::SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0)),
+    };
+    let endpoint = HordeEndpoint::bind(
+        &key,
+        horde_transport::EndpointConfig::new(bind, &[ALPN_BLOB]),
+    )?;
+    match &command {
+        BlobCommand::Put { file, storage, .. } => {
+            let mut progress = ProgressReporter::new("put");
+            let hash = put_file(&endpoint, storage, file, &mut progress).await?;
+            println!("{hash}");
+        }
+        BlobCommand::Get {
+            hash, out, storage, ..
+        } => {
+            let mut progress = ProgressReporter::new("get");
+            get_to_file(
+                &endpoint,
+                storage,
+                *hash,
+                out,
+                None,
+                crate::storage::DEFAULT_MAX_BLOB_SIZE,
+                &mut progress,
+            )
+            .await?;
+            println!("{}", out.display());
+        }
+    }
+    endpoint.close(horde_transport::codes::SHUTDOWN, b"done");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_line_shows_rate_and_eta() {
+        let mut reporter = ProgressReporter::new("get");
+        reporter.total = 2 << 20;
+        reporter.done = 1 << 20;
+        let line = reporter.line();
+        assert!(line.contains("1.0 MiB / 2.0 MiB (50.0%)"), "{line}");
+        assert!(line.contains("ETA"), "{line}");
+        assert_eq!(format_duration(3725.0), "1h02m");
+        assert_eq!(format_bytes(1536.0), "1.5 KiB");
+    }
+}

@@ -1,0 +1,539 @@
+//! The client SDK: build and sign a job spec, submit it to a facilitator, follow its pushed
+//! statuses, verify the miner's endpoint record, and reach the job directly.
+//!
+//! ```text
+//! let client = Client::new(account_key, facilitator)?;
+//! let mut job = client.submit(&JobRequest::command("cpu-small", "/usr/bin/my-job")).await?;
+//! let endpoint = job.wait_for_endpoint().await?;      // verified against the chosen miner
+//! let connection = job.connect_job(&endpoint).await?; // TLS pinned to the job key
+//! ```
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use horde_protocol::messages::StatusUpdate;
+use horde_protocol::{
+    ControlMessage, Deadlines, DownMessage, EndpointRecord, ExecutorClass, Hotkey, JobId, JobSpec,
+    JobStatus, NodeAddr, Program, ReadinessProbe, SecretKey, Signed, TerminateRequest, UnixMillis,
+    UpMessage, UploadSpec, UploadTarget, VolumeList, VolumeSpec,
+};
+use horde_transport::{
+    ALPN_CONTROL, ALPN_JOB, ChannelError, ClientPolicy, ConnectError, EndpointConfig,
+    HordeEndpoint, JobSession, SessionError, open_session,
+};
+
+/// How long a spec stays valid after signing unless the request says otherwise.
+pub const DEFAULT_SPEC_LIFETIME: Duration = Duration::from_secs(600);
+
+/// The current time as [`UnixMillis`].
+pub fn now() -> UnixMillis {
+    let millis = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
+    UnixMillis(u64::try_from(millis).unwrap_or(u64::MAX))
+}
+
+/// What a client asks for; turned into a signed [`JobSpec`] at submission.
+#[derive(Debug, Clone)]
+pub struct JobRequest {
+    /// Executor class.
+    pub executor_class: ExecutorClass,
+    /// What to run.
+    pub program: Program,
+    /// Arguments.
+    pub args: Vec<String>,
+    /// Environment.
+    pub env: Vec<(String, String)>,
+    /// Staged deadlines.
+    pub deadlines: Deadlines,
+    /// Readiness probe.
+    pub readiness: ReadinessProbe,
+    /// Initial volumes.
+    pub volumes: Vec<VolumeSpec>,
+    /// Outputs uploaded at the end.
+    pub uploads: Vec<UploadSpec>,
+    /// Where stdout/stderr go.
+    pub logs: Option<UploadTarget>,
+    /// Run only on a trusted miner.
+    pub on_trusted_miner: bool,
+    /// How long the signed spec stays valid.
+    pub lifetime: Duration,
+}
+
+impl JobRequest {
+    /// A request to run `program` on `class`, with default deadlines and a `/health` probe.
+    pub fn command(class: &str, program: &str) -> Self {
+        Self {
+            executor_class: ExecutorClass(class.to_owned()),
+            program: Program::Command {
+                program: program.to_owned(),
+            },
+            args: Vec::new(),
+            env: Vec::new(),
+            deadlines: Deadlines::default(),
+            readiness: ReadinessProbe::default(),
+            volumes: Vec::new(),
+            uploads: Vec::new(),
+            logs: None,
+            on_trusted_miner: false,
+            lifetime: DEFAULT_SPEC_LIFETIME,
+        }
+    }
+
+    /// The spec for this request, with a fresh nonce.
+    pub fn into_spec(self, job_id: JobId, client_key: Hotkey, now: UnixMillis) -> JobSpec {
+        let mut nonce = [0u8; 16];
+        nonce.copy_from_slice(&JobId::random().0);
+        JobSpec {
+            job_id,
+            executor_class: self.executor_class,
+            program: self.program,
+            args: self.args,
+            env: self.env,
+            deadlines: self.deadlines,
+            readiness: self.readiness,
+            volumes: self.volumes,
+            uploads: self.uploads,
+            logs: self.logs,
+            client_key,
+            on_trusted_miner: self.on_trusted_miner,
+            nonce,
+            issued_at: now,
+            expires_at: now
+                .plus_millis(u64::try_from(self.lifetime.as_millis()).unwrap_or(u64::MAX)),
+        }
+    }
+}
+
+/// A client operation that failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The facilitator or job endpoint could not be reached.
+    #[error("connect: {0}")]
+    Connect(#[from] ConnectError),
+    /// The local endpoint could not be set up.
+    #[error("endpoint: {0}")]
+    Endpoint(#[from] horde_transport::ConfigError),
+    /// The session failed.
+    #[error("session: {0}")]
+    Session(#[from] SessionError),
+    /// The stream failed.
+    #[error("stream: {0}")]
+    Channel(#[from] ChannelError),
+    /// The facilitator closed the job stream before a terminal status.
+    #[error("facilitator closed the job stream")]
+    StreamClosed,
+    /// The facilitator sent something a client never expects.
+    #[error("unexpected message from the facilitator: {0}")]
+    Unexpected(String),
+    /// The job ended (or was refused) before the awaited status.
+    #[error("job ended: {0:?}")]
+    JobEnded(Box<JobStatus>),
+    /// The endpoint record does not verify: the client refuses to connect.
+    #[error("endpoint record refused: {0}")]
+    BadEndpoint(String),
+}
+
+/// An endpoint record that verified: signed by the miner the facilitator chose, for this job,
+/// not expired. The job key is pinned from it.
+#[derive(Debug, Clone)]
+pub struct VerifiedEndpoint {
+    /// The record as signed.
+    pub signed: Signed<EndpointRecord>,
+    /// Its content.
+    pub record: EndpointRecord,
+}
+
+impl VerifiedEndpoint {
+    /// Verifies `signed` for `job_id` against `miner` at time `now`.
+    pub fn verify(
+        signed: &Signed<EndpointRecord>,
+        job_id: JobId,
+        miner: &Hotkey,
+        now: UnixMillis,
+    ) -> Result<Self, ClientError> {
+        let record = signed
+            .verify_by(miner)
+            .map_err(|e| ClientError::BadEndpoint(e.to_string()))?;
+        if record.miner != *miner {
+            return Err(ClientError::BadEndpoint(format!(
+                "record names miner {}, expected {miner}",
+                record.miner
+            )));
+        }
+        if record.job_id != job_id {
+            return Err(ClientError::BadEndpoint(format!(
+                "record is for job {}, expected {job_id}",
+                record.job_id
+            )));
+        }
+        if record.expires_at < now {
+            return Err(ClientError::BadEndpoint("record expired".to_owned()));
+        }
+        Ok(Self {
+            signed: signed.clone(),
+            record,
+        })
+    }
+
+    /// The job endpoint's address.
+    pub fn address(&self) -> SocketAddr {
+        self.record.address
+    }
+
+    /// The pinned job key.
+    pub fn job_key(&self) -> Hotkey {
+        self.record.job_key
+    }
+}
+
+/// A client of one facilitator, with an account key.
+#[derive(Debug, Clone)]
+pub struct Client {
+    account: SecretKey,
+    endpoint: Arc<HordeEndpoint>,
+    facilitator: NodeAddr,
+}
+
+fn client_endpoint(key: &SecretKey) -> Result<HordeEndpoint, ClientError> {
+    let bind: SocketAddr = ([0, 0, 0, 0], 0).into();
+    // A client never accepts connections; one slot keeps the listener side closed in practice.
+    let config = EndpointConfig::new(bind, &[ALPN_CONTROL])
+        .with_client_policy(ClientPolicy::Only(key.hotkey()))
+        .with_max_connections(1);
+    Ok(HordeEndpoint::bind(key, config)?)
+}
+
+impl Client {
+    /// A client with `account` as its identity, talking to `facilitator`.
+    pub fn new(account: SecretKey, facilitator: NodeAddr) -> Result<Self, ClientError> {
+        let endpoint = Arc::new(client_endpoint(&account)?);
+        Ok(Self {
+            account,
+            endpoint,
+            facilitator,
+        })
+    }
+
+    /// The account key.
+    pub fn account(&self) -> Hotkey {
+        self.account.hotkey()
+    }
+
+    async fn connect(&self) -> Result<quinn::Connection, ClientError> {
+        let mut last = None;
+        for addr in &self.facilitator.addrs {
+            match self
+                .endpoint
+                .connect(*addr, &self.facilitator.hotkey, ALPN_CONTROL)
+                .await
+            {
+                Ok(connection) => return Ok(connection),
+                Err(error) => last = Some(error),
+            }
+        }
+        Err(last
+            .map(ClientError::Connect)
+            .unwrap_or_else(|| ClientError::BadEndpoint("facilitator has no address".to_owned())))
+    }
+
+    /// Signs and submits a job with a fresh job id and per-job client key.
+    pub async fn submit(&self, request: &JobRequest) -> Result<JobHandle, ClientError> {
+        let client_key = SecretKey::generate();
+        self.submit_with(request, JobId::random(), client_key, now())
+            .await
+    }
+
+    /// Submits with a given job id, client key and signing time (tests replay and expire specs
+    /// this way).
+    pub async fn submit_with(
+        &self,
+        request: &JobRequest,
+        job_id: JobId,
+        client_key: SecretKey,
+        issued_at: UnixMillis,
+    ) -> Result<JobHandle, ClientError> {
+        let spec = request
+            .clone()
+            .into_spec(job_id, client_key.hotkey(), issued_at);
+        let signed = Signed::sign(&self.account, &spec);
+        self.submit_signed(signed, client_key).await
+    }
+
+    /// Submits an already signed spec.
+    pub async fn submit_signed(
+        &self,
+        signed: Signed<JobSpec>,
+        client_key: SecretKey,
+    ) -> Result<JobHandle, ClientError> {
+        let job_id = signed
+            .verify()
+            .map_err(|e| ClientError::Unexpected(format!("own spec: {e}")))?
+            .job_id;
+        let connection = self.connect().await?;
+        let session = open_session(&connection, job_id, &DownMessage::Submit(signed)).await?;
+        Ok(JobHandle::new(
+            job_id,
+            Some(client_key),
+            session,
+            connection,
+            self.clone(),
+        ))
+    }
+
+    /// Re-attaches to a job after reconnecting; its history is replayed first.
+    pub async fn attach(
+        &self,
+        job_id: JobId,
+        client_key: Option<SecretKey>,
+    ) -> Result<JobHandle, ClientError> {
+        let connection = self.connect().await?;
+        let session = open_session(&connection, job_id, &DownMessage::Attach(job_id)).await?;
+        Ok(JobHandle::new(
+            job_id,
+            client_key,
+            session,
+            connection,
+            self.clone(),
+        ))
+    }
+}
+
+/// One submitted (or attached) job: its status stream and the client's per-job key.
+#[derive(Debug)]
+pub struct JobHandle {
+    job_id: JobId,
+    client_key: Option<SecretKey>,
+    session: JobSession,
+    _connection: quinn::Connection,
+    client: Client,
+    miner: Option<Hotkey>,
+    history: Vec<StatusUpdate>,
+    ended: bool,
+}
+
+impl JobHandle {
+    fn new(
+        job_id: JobId,
+        client_key: Option<SecretKey>,
+        session: JobSession,
+        connection: quinn::Connection,
+        client: Client,
+    ) -> Self {
+        Self {
+            job_id,
+            client_key,
+            session,
+            _connection: connection,
+            client,
+            miner: None,
+            history: Vec::new(),
+            ended: false,
+        }
+    }
+
+    /// The job id.
+    pub fn job_id(&self) -> JobId {
+        self.job_id
+    }
+
+    /// The per-job client key (the only key the job endpoint accepts).
+    pub fn client_key(&self) -> Option<&SecretKey> {
+        self.client_key.as_ref()
+    }
+
+    /// Statuses received so far.
+    pub fn history(&self) -> &[StatusUpdate] {
+        &self.history
+    }
+
+    /// The miner chosen for the job, once assigned.
+    pub fn miner(&self) -> Option<Hotkey> {
+        self.miner
+    }
+
+    /// The next pushed status; `None` after a terminal one.
+    pub async fn next_status(&mut self) -> Result<Option<StatusUpdate>, ClientError> {
+        if self.ended {
+            return Ok(None);
+        }
+        let message = self.session.recv().await?;
+        let update = match message {
+            None => return Err(ClientError::StreamClosed),
+            Some(ControlMessage::Up(UpMessage::Status(update))) => update,
+            Some(ControlMessage::Up(UpMessage::Rejected(reason))) => StatusUpdate {
+                job_id: self.job_id,
+                seq: u32::try_from(self.history.len()).unwrap_or(u32::MAX),
+                at: now(),
+                status: JobStatus::Rejected(reason),
+            },
+            Some(other) => return Err(ClientError::Unexpected(format!("{other:?}"))),
+        };
+        if update.job_id != self.job_id {
+            return Err(ClientError::Unexpected(format!(
+                "status for job {}",
+                update.job_id
+            )));
+        }
+        if let JobStatus::Assigned { miner, .. } = &update.status {
+            self.miner = Some(*miner);
+        }
+        if update.status.is_terminal() {
+            self.ended = true;
+        }
+        self.history.push(update.clone());
+        Ok(Some(update))
+    }
+
+    /// Reads statuses until the endpoint is ready and verifies its record against the assigned
+    /// miner. A record that fails verification is refused: no connection is made.
+    pub async fn wait_for_endpoint(&mut self) -> Result<VerifiedEndpoint, ClientError> {
+        if let Some(verified) = self.verified_endpoint_in_history()? {
+            return Ok(verified);
+        }
+        while let Some(update) = self.next_status().await? {
+            match update.status {
+                JobStatus::EndpointReady(signed) => {
+                    let miner = self.miner.ok_or_else(|| {
+                        ClientError::BadEndpoint("endpoint before any miner was assigned".into())
+                    })?;
+                    return VerifiedEndpoint::verify(&signed, self.job_id, &miner, now());
+                }
+                status if status.is_terminal() => {
+                    return Err(ClientError::JobEnded(Box::new(status)));
+                }
+                _ => {}
+            }
+        }
+        Err(ClientError::StreamClosed)
+    }
+
+    fn verified_endpoint_in_history(&self) -> Result<Option<VerifiedEndpoint>, ClientError> {
+        for update in &self.history {
+            if let JobStatus::EndpointReady(signed) = &update.status {
+                let miner = self
+                    .miner
+                    .ok_or_else(|| ClientError::BadEndpoint("no miner assigned".into()))?;
+                return VerifiedEndpoint::verify(signed, self.job_id, &miner, now()).map(Some);
+            }
+        }
+        Ok(None)
+    }
+
+    /// Reads statuses until a terminal one and returns it.
+    pub async fn wait_for_end(&mut self) -> Result<JobStatus, ClientError> {
+        if let Some(last) = self.history.last().filter(|u| u.status.is_terminal()) {
+            return Ok(last.status.clone());
+        }
+        while let Some(update) = self.next_status().await? {
+            if update.status.is_terminal() {
+                return Ok(update.status);
+            }
+        }
+        Err(ClientError::StreamClosed)
+    }
+
+    /// Reads statuses until `predicate` matches one (returned) or the job ends (an error).
+    pub async fn wait_for(
+        &mut self,
+        mut predicate: impl FnMut(&JobStatus) -> bool,
+    ) -> Result<JobStatus, ClientError> {
+        while let Some(update) = self.next_status().await? {
+            if predicate(&update.status) {
+                return Ok(update.status);
+            }
+            if update.status.is_terminal() {
+                return Err(ClientError::JobEnded(Box::new(update.status)));
+            }
+        }
+        Err(ClientError::StreamClosed)
+    }
+
+    /// Sends a signed volume list down to the executor.
+    pub async fn send_volumes(
+        &mut self,
+        volume_msg_id: u64,
+        fetch: Vec<VolumeSpec>,
+        upload: Vec<UploadSpec>,
+    ) -> Result<(), ClientError> {
+        let list = VolumeList {
+            job_id: self.job_id,
+            volume_msg_id,
+            fetch,
+            upload,
+        };
+        let signed = Signed::sign(&self.client.account, &list);
+        self.session
+            .send_down(&DownMessage::Volumes(signed))
+            .await?;
+        Ok(())
+    }
+
+    /// Asks for the job to end.
+    pub async fn terminate(&mut self) -> Result<(), ClientError> {
+        let request = TerminateRequest {
+            job_id: self.job_id,
+            issued_at: now(),
+        };
+        let signed = Signed::sign(&self.client.account, &request);
+        self.session
+            .send_down(&DownMessage::Terminate(signed))
+            .await?;
+        Ok(())
+    }
+
+    /// Connects to the job endpoint with the per-job client key, pinned to the verified job key.
+    pub async fn connect_job(
+        &self,
+        endpoint: &VerifiedEndpoint,
+    ) -> Result<JobConnection, ClientError> {
+        let key = self
+            .client_key
+            .clone()
+            .ok_or_else(|| ClientError::BadEndpoint("no client key for this job".into()))?;
+        JobConnection::connect(self.job_id, key, endpoint).await
+    }
+}
+
+/// A QUIC connection to a job endpoint, authenticated both ways: our certificate is the per-job
+/// client key, theirs must be the pinned job key.
+#[derive(Debug)]
+pub struct JobConnection {
+    /// The job.
+    pub job_id: JobId,
+    /// The per-job client key.
+    pub client_key: SecretKey,
+    /// The pinned job key.
+    pub job_key: Hotkey,
+    /// The connection.
+    pub connection: quinn::Connection,
+    _endpoint: HordeEndpoint,
+}
+
+impl JobConnection {
+    /// Dials the verified endpoint with `client_key` as identity.
+    pub async fn connect(
+        job_id: JobId,
+        client_key: SecretKey,
+        endpoint: &VerifiedEndpoint,
+    ) -> Result<Self, ClientError> {
+        let bind: SocketAddr = ([0, 0, 0, 0], 0).into();
+        let config = EndpointConfig::new(bind, &[ALPN_JOB])
+            .with_client_policy(ClientPolicy::Only(client_key.hotkey()))
+            .with_max_connections(1);
+        let local = HordeEndpoint::bind(&client_key, config)?;
+        let connection = local
+            .connect(endpoint.address(), &endpoint.job_key(), ALPN_JOB)
+            .await?;
+        Ok(Self {
+            job_id,
+            client_key,
+            job_key: endpoint.job_key(),
+            connection,
+            _endpoint: local,
+        })
+    }
+}

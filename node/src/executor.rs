@@ -1,0 +1,768 @@
+//! The executor role: runs one job at a time for its miner.
+//!
+//! Started by a miner with a one-time token in `HORDE_EXECUTOR_TOKEN`, it dials the miner,
+//! registers on a stream it keeps open, and accepts job sessions from the miner on that same
+//! connection. For each job it prepares `volume/` and `output/`, reports ready, verifies the
+//! client-signed spec, fetches the initial volumes, starts the job process (in its own process
+//! group, with `HORDE_JOB_PORT`, `HORDE_VOLUME_DIR`, `HORDE_OUTPUT_DIR`, `HORDE_EXECUTOR_URL`),
+//! probes its readiness route, generates the job keypair and serves the job endpoint
+//! (`horde/job/1`, certificate = job key, the only client accepted = the spec's client key),
+//! then handles volume lists, "outputs ready" notifications and termination until the job exits
+//! or its execution deadline passes. At the end it uploads declared outputs and stdout/stderr and
+//! reports the exit status with truncated copies of both logs.
+
+mod http;
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use horde_protocol::messages::{
+    EndpointReady, ExecutorRegistration, FailureReason, InitialJobDetails, JobFailure, JobFinished,
+    OutputRef, UploadDone,
+};
+use horde_protocol::{
+    ControlMessage, DownMessage, Hotkey, JobSpec, Program, RelativePath, SecretKey, Stage,
+    UpMessage, UploadSpec,
+};
+use horde_transport::{
+    ALPN_CONTROL, ALPN_JOB, ClientPolicy, EndpointConfig, HordeEndpoint, JobSession, accept_stream,
+    codes, split,
+};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument as _, debug, info, info_span, warn};
+
+use crate::config::ExecutorConfig;
+use crate::miner::EXECUTOR_TOKEN_ENV;
+use crate::volumes::{self, HttpClient};
+
+/// Readiness probing starts this often and backs off, doubling, to [`PROBE_INTERVAL_MAX`]: a job
+/// that is up in a few milliseconds is seen at once, a slow one is not hammered.
+const PROBE_INTERVAL_MIN: Duration = Duration::from_millis(1);
+/// The longest wait between two readiness probes.
+const PROBE_INTERVAL_MAX: Duration = Duration::from_millis(50);
+/// Bytes of stdout/stderr copied into the job's result.
+const LOG_TAIL_BYTES: u64 = 4096;
+/// After SIGTERM, how long the job has to exit before SIGKILL.
+const TERMINATE_GRACE: Duration = Duration::from_secs(3);
+/// Extra time on the executor's clock for the miner to send the full spec after readiness.
+const DETAILS_SLACK: Duration = Duration::from_secs(2);
+/// Pending "outputs ready" notifications.
+const OUTPUTS_QUEUE: usize = 8;
+
+/// An executor that cannot run.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ExecutorError {
+    /// No registration token in the environment: executors are started by miners.
+    #[error("{EXECUTOR_TOKEN_ENV} is missing or malformed; executors are started by a miner")]
+    NoToken,
+    /// The miner could not be reached.
+    #[error("miner unreachable: {0}")]
+    Miner(String),
+}
+
+/// Registers with the miner and runs its jobs until the miner connection ends or `cancel` fires.
+pub async fn run(
+    endpoint: Arc<HordeEndpoint>,
+    config: ExecutorConfig,
+    data_dir: PathBuf,
+    cancel: CancellationToken,
+) -> Result<(), ExecutorError> {
+    let token = std::env::var(EXECUTOR_TOKEN_ENV).map_err(|_| ExecutorError::NoToken)?;
+    let mut token_bytes = [0u8; 16];
+    hex::decode_to_slice(token.trim(), &mut token_bytes).map_err(|_| ExecutorError::NoToken)?;
+    let mut connection = None;
+    let mut last = String::from("no address");
+    for addr in &config.miner.addrs {
+        match endpoint
+            .connect(*addr, &config.miner.hotkey, ALPN_CONTROL)
+            .await
+        {
+            Ok(c) => {
+                connection = Some(c);
+                break;
+            }
+            Err(error) => last = error.to_string(),
+        }
+    }
+    let connection = connection.ok_or(ExecutorError::Miner(last))?;
+    let (send, recv) = connection
+        .open_bi()
+        .await
+        .map_err(|e| ExecutorError::Miner(e.to_string()))?;
+    let (mut registration, _registration_recv) = split(send, recv);
+    registration
+        .send(&ControlMessage::RegisterExecutor(ExecutorRegistration {
+            class: config.class.clone(),
+            token: token_bytes,
+        }))
+        .await
+        .map_err(|e| ExecutorError::Miner(e.to_string()))?;
+    info!(miner = %config.miner.hotkey, class = %config.class, "registered with miner");
+    let runner = JobRunner {
+        endpoint,
+        config,
+        data_dir,
+        http: HttpClient::default(),
+    };
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            () = cancel.cancelled() => break,
+            accepted = accept_stream(&connection) => accepted,
+        };
+        match accepted {
+            Ok(Some((send, recv, ControlMessage::Down(DownMessage::InitialDetails(details))))) => {
+                let session = JobSession::new(details.job_id, config_miner(&runner), send, recv);
+                let span = info_span!("job", job = %details.job_id.fmt_short());
+                runner
+                    .run_job(session, details, &cancel)
+                    .instrument(span)
+                    .await;
+            }
+            Ok(Some((mut send, mut recv, other))) => {
+                warn!(message = ?other, "unexpected first message from miner");
+                recv.stop(codes::PROTOCOL_VIOLATION);
+                send.reset(codes::PROTOCOL_VIOLATION);
+            }
+            Ok(None) => {
+                info!("miner connection closed; executor exits");
+                break;
+            }
+            Err(error) => debug!(%error, "miner stream failed"),
+        }
+    }
+    Ok(())
+}
+
+fn config_miner(runner: &JobRunner) -> Hotkey {
+    runner.config.miner.hotkey
+}
+
+#[derive(Debug)]
+struct JobRunner {
+    endpoint: Arc<HordeEndpoint>,
+    config: ExecutorConfig,
+    data_dir: PathBuf,
+    http: HttpClient,
+}
+
+/// How a job's run ended, before uploads.
+#[derive(Debug)]
+enum Ending {
+    /// The process exited by itself.
+    Exited(std::process::ExitStatus),
+    /// The client asked for termination.
+    Terminated(std::process::ExitStatus),
+    /// The execution deadline passed.
+    TimedOut,
+    /// The miner's session went away: nobody to report to.
+    Abandoned,
+}
+
+fn failed(stage: Stage, reason: FailureReason, result: Option<JobFinished>) -> UpMessage {
+    UpMessage::Failed(JobFailure {
+        stage,
+        reason,
+        result,
+    })
+}
+
+fn exit_code_reason(status: &std::process::ExitStatus) -> FailureReason {
+    use std::os::unix::process::ExitStatusExt as _;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => FailureReason::NonZeroExit(code),
+        (None, Some(signal)) => FailureReason::Signal(signal),
+        (None, None) => FailureReason::NonZeroExit(-1),
+    }
+}
+
+impl JobRunner {
+    async fn run_job(
+        &self,
+        mut session: JobSession,
+        details: InitialJobDetails,
+        cancel: &CancellationToken,
+    ) {
+        let job_dir = self.data_dir.join("jobs").join(details.job_id.to_string());
+        let outcome = self
+            .run_job_inner(&mut session, &details, &job_dir, cancel)
+            .await;
+        if let Some(message) = outcome
+            && let Err(error) = session.send_up(&message).await
+        {
+            warn!(%error, "could not report the job's end to the miner");
+        }
+        let _ = session.finish();
+        if let Err(error) = std::fs::remove_dir_all(&job_dir) {
+            debug!(%error, "job directory cleanup");
+        }
+        info!("job over");
+    }
+
+    async fn run_job_inner(
+        &self,
+        session: &mut JobSession,
+        details: &InitialJobDetails,
+        job_dir: &Path,
+        cancel: &CancellationToken,
+    ) -> Option<UpMessage> {
+        // Initial preparations.
+        let _ = std::fs::remove_dir_all(job_dir);
+        for dir in ["volume", "output", "logs/output"] {
+            if let Err(error) = std::fs::create_dir_all(job_dir.join(dir)) {
+                return Some(failed(
+                    Stage::ExecutorStartup,
+                    FailureReason::Spawn(format!("preparing job directory: {error}")),
+                    None,
+                ));
+            }
+        }
+        if let Program::Image { reference } = &details.program {
+            return Some(failed(
+                Stage::ExecutorStartup,
+                FailureReason::Spawn(format!(
+                    "image {reference}: this executor runs commands, not container images"
+                )),
+                None,
+            ));
+        }
+        session.send_up(&UpMessage::ExecutorReady).await.ok()?;
+
+        // The full spec.
+        let wait = Duration::from_millis(details.deadlines.executor_startup_ms) + DETAILS_SLACK;
+        let signed = match tokio::time::timeout(wait, session.recv()).await {
+            Err(_) => {
+                return Some(failed(Stage::ExecutorStartup, FailureReason::Timeout, None));
+            }
+            Ok(Ok(Some(ControlMessage::Down(DownMessage::FullDetails(full))))) => full.spec,
+            Ok(Ok(Some(ControlMessage::Down(DownMessage::Terminate(_)))))
+            | Ok(Ok(None))
+            | Ok(Err(_)) => {
+                return None;
+            }
+            Ok(Ok(Some(other))) => {
+                warn!(message = ?other, "expected the full job details");
+                return None;
+            }
+        };
+        let owner = *signed.signer();
+        let spec = match signed.verify() {
+            Ok(spec) if spec.job_id == details.job_id && spec.client_key == details.client_key => {
+                spec
+            }
+            Ok(_) => {
+                return Some(failed(
+                    Stage::ExecutorStartup,
+                    FailureReason::Spawn("full details disagree with the initial details".into()),
+                    None,
+                ));
+            }
+            Err(error) => {
+                return Some(failed(
+                    Stage::ExecutorStartup,
+                    FailureReason::Spawn(format!("client signature: {error}")),
+                    None,
+                ));
+            }
+        };
+
+        // Initial volumes.
+        let mut used_paths: HashSet<String> = HashSet::new();
+        if let Err(reason) = self
+            .fetch_volumes(
+                job_dir,
+                &spec.volumes,
+                &mut used_paths,
+                spec.deadlines.volume_download_ms,
+            )
+            .await
+        {
+            return Some(failed(Stage::VolumeDownload, reason, None));
+        }
+
+        // Start the job.
+        let outputs_listener = match TcpListener::bind(("127.0.0.1", 0)).await {
+            Ok(listener) => listener,
+            Err(error) => {
+                return Some(failed(
+                    Stage::ExecutorStartup,
+                    FailureReason::Spawn(error.to_string()),
+                    None,
+                ));
+            }
+        };
+        let executor_url = match outputs_listener.local_addr() {
+            Ok(addr) => format!("http://{addr}"),
+            Err(error) => {
+                return Some(failed(
+                    Stage::ExecutorStartup,
+                    FailureReason::Spawn(error.to_string()),
+                    None,
+                ));
+            }
+        };
+        let (outputs_tx, mut outputs_rx) = mpsc::channel(OUTPUTS_QUEUE);
+        let outputs_task = tokio::spawn(http::serve_outputs(outputs_listener, outputs_tx));
+        let _outputs_guard = AbortOnDrop(outputs_task);
+
+        let port = match free_port() {
+            Ok(port) => port,
+            Err(error) => {
+                return Some(failed(
+                    Stage::ExecutorStartup,
+                    FailureReason::Spawn(error.to_string()),
+                    None,
+                ));
+            }
+        };
+        let mut child = match self.spawn_process(&spec, job_dir, port, &executor_url) {
+            Ok(child) => child,
+            Err(error) => {
+                return Some(failed(
+                    Stage::ExecutorStartup,
+                    FailureReason::Spawn(error),
+                    None,
+                ));
+            }
+        };
+        let pid = child.id();
+        info!(pid, port, "job process started");
+        let target: SocketAddr = ([127, 0, 0, 1], port).into();
+
+        // Readiness.
+        let readiness_limit = Duration::from_millis(spec.deadlines.readiness_ms);
+        let ready = tokio::time::timeout(readiness_limit, async {
+            let mut interval = PROBE_INTERVAL_MIN;
+            loop {
+                if let Ok(Some(status)) = child.try_wait() {
+                    return Err(status);
+                }
+                if http::probe(target, &spec.readiness).await {
+                    return Ok(());
+                }
+                tokio::time::sleep(interval).await;
+                interval = (interval * 2).min(PROBE_INTERVAL_MAX);
+            }
+        })
+        .await;
+        match ready {
+            Ok(Ok(())) => {}
+            Ok(Err(status)) => {
+                let result = self.finish_logs(job_dir, &spec, Some(status), false).await;
+                return Some(failed(
+                    Stage::Readiness,
+                    exit_code_reason(&status),
+                    Some(result),
+                ));
+            }
+            Err(_) => {
+                let status = stop_process(&mut child, pid).await;
+                let result = self.finish_logs(job_dir, &spec, status, true).await;
+                return Some(failed(
+                    Stage::Readiness,
+                    FailureReason::Timeout,
+                    Some(result),
+                ));
+            }
+        }
+
+        // The job endpoint.
+        let job_key = SecretKey::generate();
+        let bind: SocketAddr = (self.config.job_host, 0).into();
+        let job_endpoint = match HordeEndpoint::bind(
+            &job_key,
+            EndpointConfig::new(bind, &[ALPN_JOB])
+                .with_client_policy(ClientPolicy::Only(spec.client_key)),
+        ) {
+            Ok(endpoint) => endpoint,
+            Err(error) => {
+                let status = stop_process(&mut child, pid).await;
+                let result = self.finish_logs(job_dir, &spec, status, true).await;
+                return Some(failed(
+                    Stage::Readiness,
+                    FailureReason::Spawn(error.to_string()),
+                    Some(result),
+                ));
+            }
+        };
+        let address = match job_endpoint.local_addr() {
+            Ok(address) => address,
+            Err(error) => {
+                let status = stop_process(&mut child, pid).await;
+                let result = self.finish_logs(job_dir, &spec, status, true).await;
+                return Some(failed(
+                    Stage::Readiness,
+                    FailureReason::Spawn(error.to_string()),
+                    Some(result),
+                ));
+            }
+        };
+        let tunnel_cancel = cancel.child_token();
+        let tunnel = horde_transport::tunnel::serve_job_endpoint(
+            job_endpoint,
+            Arc::new(horde_transport::tunnel::TunnelContext {
+                job_id: spec.job_id,
+                job_key: job_key.clone(),
+                client_key: spec.client_key,
+                target,
+            }),
+            tunnel_cancel.clone(),
+        );
+        info!(%address, job_key = %job_key.hotkey().fmt_short(), "job endpoint serving");
+        if session
+            .send_up(&UpMessage::EndpointReady(EndpointReady {
+                address,
+                job_key: job_key.hotkey(),
+            }))
+            .await
+            .is_err()
+        {
+            stop_process(&mut child, pid).await;
+            tunnel_cancel.cancel();
+            return None;
+        }
+
+        // Running.
+        let mut pending_uploads: HashMap<String, (UploadSpec, Option<u64>)> = spec
+            .uploads
+            .iter()
+            .map(|u| (u.path.0.clone(), (u.clone(), None)))
+            .collect();
+        let execution = tokio::time::sleep(Duration::from_millis(spec.deadlines.execution_ms));
+        tokio::pin!(execution);
+        let ending = loop {
+            tokio::select! {
+                biased;
+                () = cancel.cancelled() => {
+                    stop_process(&mut child, pid).await;
+                    break Ending::Abandoned;
+                }
+                status = child.wait() => match status {
+                    Ok(status) => break Ending::Exited(status),
+                    Err(error) => {
+                        warn!(%error, "waiting for the job process");
+                        stop_process(&mut child, pid).await;
+                        break Ending::Abandoned;
+                    }
+                },
+                () = &mut execution => {
+                    info!("execution deadline passed; stopping the job");
+                    stop_process(&mut child, pid).await;
+                    break Ending::TimedOut;
+                }
+                message = session.recv() => match message {
+                    Ok(Some(ControlMessage::Down(DownMessage::Volumes(list)))) => {
+                        let list = match list.verify_by(&owner) {
+                            Ok(list) if list.job_id == spec.job_id => list,
+                            _ => {
+                                warn!("volume list not signed by the job's owner; ignored");
+                                continue;
+                            }
+                        };
+                        for upload in &list.upload {
+                            pending_uploads.insert(upload.path.0.clone(), (upload.clone(), Some(list.volume_msg_id)));
+                        }
+                        match self.fetch_volumes(job_dir, &list.fetch, &mut used_paths, spec.deadlines.volume_download_ms).await {
+                            Ok(()) => {
+                                if session.send_up(&UpMessage::VolumesFetched { volume_msg_id: list.volume_msg_id }).await.is_err() {
+                                    stop_process(&mut child, pid).await;
+                                    break Ending::Abandoned;
+                                }
+                            }
+                            Err(reason) => {
+                                warn!(?reason, "mid-session volume fetch failed");
+                                let status = stop_process(&mut child, pid).await;
+                                let result = self.finish_logs(job_dir, &spec, status, true).await;
+                                tunnel_cancel.cancel();
+                                return Some(failed(Stage::VolumeDownload, reason, Some(result)));
+                            }
+                        }
+                    }
+                    Ok(Some(ControlMessage::Down(DownMessage::Terminate(request)))) => {
+                        if request.verify_by(&owner).is_ok_and(|r| r.job_id == spec.job_id) {
+                            info!("terminate requested by the client");
+                            match stop_process(&mut child, pid).await {
+                                Some(status) => break Ending::Terminated(status),
+                                None => break Ending::Abandoned,
+                            }
+                        }
+                        warn!("terminate not signed by the job's owner; ignored");
+                    }
+                    Ok(Some(other)) => warn!(message = ?other, "unexpected message from miner"),
+                    Ok(None) | Err(_) => {
+                        info!("miner ended the job session; stopping the job");
+                        stop_process(&mut child, pid).await;
+                        break Ending::Abandoned;
+                    }
+                },
+                Some(ready) = outputs_rx.recv() => {
+                    let (message, reply) = self.upload_ready(job_dir, &ready.paths, &mut pending_uploads).await;
+                    let _ = ready.reply.send(reply);
+                    if let Some(message) = message
+                        && session.send_up(&message).await.is_err() {
+                            stop_process(&mut child, pid).await;
+                            break Ending::Abandoned;
+                        }
+                }
+            }
+        };
+        let (served, failed_streams) = tunnel.stream_counts();
+        info!(served, failed = failed_streams, "job endpoint closed");
+        tunnel.shutdown().await;
+
+        // Results.
+        let (status, terminated) = match &ending {
+            Ending::Exited(status) => (Some(*status), false),
+            Ending::Terminated(status) => (Some(*status), true),
+            Ending::TimedOut => (None, true),
+            Ending::Abandoned => return None,
+        };
+        let declared: Vec<UploadSpec> = spec
+            .uploads
+            .iter()
+            .filter(|u| job_dir.join("output").join(&u.path.0).is_file())
+            .cloned()
+            .collect();
+        let mut upload_error = None;
+        let mut outputs = Vec::new();
+        if !declared.is_empty() {
+            let limit = Duration::from_millis(spec.deadlines.upload_ms);
+            match tokio::time::timeout(
+                limit,
+                volumes::upload(job_dir, &declared, &self.endpoint, &self.http),
+            )
+            .await
+            {
+                Ok(Ok(refs)) => outputs.extend(refs),
+                Ok(Err(error)) => upload_error = Some(FailureReason::Upload(error.to_string())),
+                Err(_) => upload_error = Some(FailureReason::Timeout),
+            }
+        }
+        let mut result = self.finish_logs(job_dir, &spec, status, terminated).await;
+        outputs.append(&mut result.outputs);
+        result.outputs = outputs;
+        if let Some(reason) = upload_error {
+            return Some(failed(Stage::Upload, reason, Some(result)));
+        }
+        Some(match ending {
+            Ending::TimedOut => failed(Stage::Execution, FailureReason::Timeout, Some(result)),
+            Ending::Exited(status) if !status.success() => {
+                failed(Stage::Execution, exit_code_reason(&status), Some(result))
+            }
+            _ => UpMessage::Finished(result),
+        })
+    }
+
+    async fn fetch_volumes(
+        &self,
+        job_dir: &Path,
+        fetch: &[horde_protocol::VolumeSpec],
+        used_paths: &mut HashSet<String>,
+        limit_ms: u64,
+    ) -> Result<(), FailureReason> {
+        if fetch.is_empty() {
+            return Ok(());
+        }
+        for volume in fetch {
+            if used_paths.contains(&volume.path.0) {
+                return Err(FailureReason::VolumeFetch(format!(
+                    "{}: file names must be unique within a job",
+                    volume.path
+                )));
+            }
+        }
+        let limit = Duration::from_millis(limit_ms);
+        match tokio::time::timeout(
+            limit,
+            volumes::materialize(job_dir, fetch, &self.endpoint, &self.http),
+        )
+        .await
+        {
+            Ok(Ok(placed)) => {
+                used_paths.extend(fetch.iter().map(|v| v.path.0.clone()));
+                debug!(files = placed.len(), "volumes fetched");
+                Ok(())
+            }
+            Ok(Err(error)) => Err(FailureReason::VolumeFetch(error.to_string())),
+            Err(_) => Err(FailureReason::Timeout),
+        }
+    }
+
+    /// Uploads the files the job said are ready, as the volume lists (or the spec) declared.
+    async fn upload_ready(
+        &self,
+        job_dir: &Path,
+        paths: &[String],
+        pending: &mut HashMap<String, (UploadSpec, Option<u64>)>,
+    ) -> (Option<UpMessage>, Result<usize, String>) {
+        let mut by_list: HashMap<Option<u64>, Vec<UploadSpec>> = HashMap::new();
+        for path in paths {
+            match pending.remove(path) {
+                Some((spec, list)) => by_list.entry(list).or_default().push(spec),
+                None => {
+                    return (
+                        None,
+                        Err(format!("{path}: no upload declared for this file")),
+                    );
+                }
+            }
+        }
+        let mut count = 0;
+        let mut message = None;
+        for (volume_msg_id, uploads) in by_list {
+            match volumes::upload(job_dir, &uploads, &self.endpoint, &self.http).await {
+                Ok(outputs) => {
+                    count += outputs.len();
+                    message = Some(UpMessage::UploadDone(UploadDone {
+                        volume_msg_id,
+                        outputs,
+                    }));
+                }
+                Err(error) => return (None, Err(error.to_string())),
+            }
+        }
+        (message, Ok(count))
+    }
+
+    fn spawn_process(
+        &self,
+        spec: &JobSpec,
+        job_dir: &Path,
+        port: u16,
+        executor_url: &str,
+    ) -> Result<tokio::process::Child, String> {
+        let Program::Command { program } = &spec.program else {
+            return Err("this executor runs commands only".to_owned());
+        };
+        let logs = job_dir.join("logs/output");
+        let stdout = std::fs::File::create(logs.join("stdout")).map_err(|e| e.to_string())?;
+        let stderr = std::fs::File::create(logs.join("stderr")).map_err(|e| e.to_string())?;
+        let mut command = tokio::process::Command::new(program);
+        command
+            .args(&spec.args)
+            .envs(spec.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env("HORDE_JOB_PORT", port.to_string())
+            .env("HORDE_VOLUME_DIR", job_dir.join("volume"))
+            .env("HORDE_OUTPUT_DIR", job_dir.join("output"))
+            .env("HORDE_EXECUTOR_URL", executor_url)
+            .env_remove(EXECUTOR_TOKEN_ENV)
+            .current_dir(job_dir)
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .process_group(0)
+            .kill_on_drop(true);
+        command
+            .spawn()
+            .map_err(|e| format!("starting {program}: {e}"))
+    }
+
+    /// Uploads stdout/stderr when the spec names a target, and builds the job's result.
+    async fn finish_logs(
+        &self,
+        job_dir: &Path,
+        spec: &JobSpec,
+        status: Option<std::process::ExitStatus>,
+        terminated: bool,
+    ) -> JobFinished {
+        let logs_dir = job_dir.join("logs");
+        let stdout_tail = tail(&logs_dir.join("output/stdout"));
+        let stderr_tail = tail(&logs_dir.join("output/stderr"));
+        let mut outputs: Vec<OutputRef> = Vec::new();
+        if let Some(target) = &spec.logs {
+            let uploads: Vec<UploadSpec> = ["stdout", "stderr"]
+                .iter()
+                .map(|name| UploadSpec {
+                    path: RelativePath((*name).to_owned()),
+                    target: target.clone(),
+                })
+                .collect();
+            let limit = Duration::from_millis(spec.deadlines.upload_ms);
+            match tokio::time::timeout(
+                limit,
+                volumes::upload(&logs_dir, &uploads, &self.endpoint, &self.http),
+            )
+            .await
+            {
+                Ok(Ok(refs)) => outputs = refs,
+                Ok(Err(error)) => warn!(%error, "uploading stdout/stderr failed"),
+                Err(_) => warn!("uploading stdout/stderr timed out"),
+            }
+        }
+        JobFinished {
+            exit_code: status.and_then(|s| s.code()),
+            terminated,
+            outputs,
+            stdout_tail,
+            stderr_tail,
+        }
+    }
+}
+
+/// The last [`LOG_TAIL_BYTES`] of a log file, lossily decoded.
+fn tail(path: &Path) -> String {
+    use std::io::{Read as _, Seek as _, SeekFrom};
+    let Ok(mut file) = std::fs::File::open(path) else {
+        return String::new();
+    };
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = file.seek(SeekFrom::Start(len.saturating_sub(LOG_TAIL_BYTES)));
+    let mut bytes = Vec::new();
+    let _ = file.read_to_end(&mut bytes);
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+fn free_port() -> std::io::Result<u16> {
+    let listener = std::net::TcpListener::bind(("127.0.0.1", 0))?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// Stops the job's whole process group: SIGTERM, then SIGKILL after [`TERMINATE_GRACE`].
+async fn stop_process(
+    child: &mut tokio::process::Child,
+    pid: Option<u32>,
+) -> Option<std::process::ExitStatus> {
+    if let Ok(Some(status)) = child.try_wait() {
+        kill_group(pid, rustix::process::Signal::KILL);
+        return Some(status);
+    }
+    kill_group(pid, rustix::process::Signal::TERM);
+    let status = match tokio::time::timeout(TERMINATE_GRACE, child.wait()).await {
+        Ok(Ok(status)) => Some(status),
+        _ => {
+            kill_group(pid, rustix::process::Signal::KILL);
+            child.wait().await.ok()
+        }
+    };
+    // Anything the job left behind in its group goes too.
+    kill_group(pid, rustix::process::Signal::KILL);
+    status
+}
+
+fn kill_group(pid: Option<u32>, signal: rustix::process::Signal) {
+    let Some(pid) = pid
+        .and_then(|p| i32::try_from(p).ok())
+        .and_then(rustix::process::Pid::from_raw)
+    else {
+        return;
+    };
+    // The job was started as the leader of its own group, so its pid is the group id.
+    let _ = rustix::process::kill_process_group(pid, signal);
+}
+
+/// Aborts a task when dropped.
+#[derive(Debug)]
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

@@ -1,0 +1,601 @@
+//! The facilitator role: the clients' entry point.
+//!
+//! It accepts client-signed job specs on `horde/control/1`, refuses bad signatures, expired specs,
+//! unknown clients (when an allow-list is set) and reused job ids, persists each job and every
+//! status change in its [`JobStore`], chooses a validator and a miner, drives the job's session to
+//! the validator, and pushes every status to the client on the client's job stream. A client
+//! that reconnects re-attaches with `Attach(job_id)` and gets the history, then live statuses.
+//!
+//! Each job is driven by its own task, independent of the client's stream: a client that goes
+//! away does not end its job. A job whose validator link dies (QUIC idle timeout) or that
+//! outlives all its stage deadlines plus `validator_silence_ms` ends `HordeFailed`. On start-up,
+//! jobs left unfinished by a previous run are failed explicitly, never silently lost.
+
+pub mod store;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use horde_protocol::messages::{Assignment, HordeFailure, JobFailure, RejectReason, StatusUpdate};
+use horde_protocol::{
+    ControlMessage, Deadlines, DownMessage, Hotkey, JobId, JobSpec, JobStatus, NodeAddr, Role,
+    Signed, UpMessage,
+};
+use horde_transport::{
+    ALPN_CONTROL, FramedRecv, FramedSend, HordeEndpoint, JobSession, accept_stream, codes,
+    open_session,
+};
+use tokio::sync::{broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument as _, debug, info, info_span, warn};
+
+use crate::client::now;
+use crate::config::FacilitatorConfig;
+use crate::peers::Peers;
+use store::{JobStore, StoreError};
+
+/// Tolerated clock skew for a spec's `issued_at` in the future.
+const MAX_CLOCK_SKEW_MS: u64 = 60_000;
+
+/// Live statuses buffered per job for attached clients; a client further behind than this is
+/// disconnected and re-attaches from the store.
+const LIVE_STATUS_BUFFER: usize = 64;
+
+/// Client messages (volume lists, terminate) queued per job toward its validator.
+const DOWN_QUEUE: usize = 16;
+
+/// The live side of a running job.
+#[derive(Debug, Clone)]
+struct LiveJob {
+    statuses: broadcast::Sender<StatusUpdate>,
+    down: mpsc::Sender<DownMessage>,
+}
+
+/// The facilitator service.
+#[derive(Debug)]
+pub struct Facilitator {
+    hotkey: Hotkey,
+    peers: Peers,
+    store: JobStore,
+    config: FacilitatorConfig,
+    live: Mutex<HashMap<JobId, LiveJob>>,
+    next_choice: AtomicUsize,
+    cancel: CancellationToken,
+}
+
+fn total_deadline(deadlines: &Deadlines) -> Duration {
+    let sum = deadlines
+        .reservation_ms
+        .saturating_add(deadlines.executor_startup_ms)
+        .saturating_add(deadlines.volume_download_ms)
+        .saturating_add(deadlines.readiness_ms)
+        .saturating_add(deadlines.execution_ms)
+        .saturating_add(deadlines.upload_ms);
+    Duration::from_millis(sum)
+}
+
+/// Maps a message from the validator to the status the client sees.
+fn status_of(message: UpMessage) -> Option<JobStatus> {
+    Some(match message {
+        UpMessage::Accepted => JobStatus::Accepted,
+        UpMessage::Declined(reason) => JobStatus::Rejected(RejectReason::Declined(reason)),
+        UpMessage::ExecutorReady => JobStatus::ExecutorReady,
+        UpMessage::Endpoint(record) => JobStatus::EndpointReady(record),
+        UpMessage::VolumesFetched { volume_msg_id } => JobStatus::VolumesFetched { volume_msg_id },
+        UpMessage::UploadDone(done) => JobStatus::UploadDone(done),
+        UpMessage::Finished(finished) => JobStatus::Completed(finished),
+        UpMessage::Failed(failure) => JobStatus::Failed(failure),
+        UpMessage::HordeFailed(failure) => JobStatus::HordeFailed(failure),
+        UpMessage::Rejected(reason) => JobStatus::Rejected(reason),
+        UpMessage::EndpointReady(_) | UpMessage::Status(_) => return None,
+        _ => return None,
+    })
+}
+
+impl Facilitator {
+    /// Opens the store, fails jobs a previous run left unfinished, and returns the service.
+    pub async fn start(
+        endpoint: Arc<HordeEndpoint>,
+        store: JobStore,
+        config: FacilitatorConfig,
+        cancel: CancellationToken,
+    ) -> Result<Arc<Self>, StoreError> {
+        let hotkey = endpoint.hotkey();
+        for job_id in store.unfinished().await? {
+            let failure = HordeFailure {
+                reported_by: Role::Facilitator,
+                reporter: hotkey,
+                reason: "facilitator restarted while the job was running; its session was lost"
+                    .to_owned(),
+            };
+            store
+                .append_status(job_id, JobStatus::HordeFailed(failure), now())
+                .await?;
+            warn!(job = %job_id.fmt_short(), "failed job left unfinished by a previous run");
+        }
+        Ok(Arc::new(Self {
+            hotkey,
+            peers: Peers::new(endpoint),
+            store,
+            config,
+            live: Mutex::new(HashMap::new()),
+            next_choice: AtomicUsize::new(0),
+            cancel,
+        }))
+    }
+
+    /// Serves one client connection: each stream is a submission or an attach.
+    pub async fn handle_connection(self: Arc<Self>, connection: quinn::Connection, peer: Hotkey) {
+        loop {
+            let accepted = tokio::select! {
+                biased;
+                () = self.cancel.cancelled() => return,
+                accepted = accept_stream(&connection) => accepted,
+            };
+            let (send, recv, first) = match accepted {
+                Ok(Some(stream)) => stream,
+                Ok(None) => return,
+                Err(error) => {
+                    debug!(%error, "client stream failed");
+                    continue;
+                }
+            };
+            let this = Arc::clone(&self);
+            tokio::spawn(
+                async move { this.handle_stream(peer, send, recv, first).await }.in_current_span(),
+            );
+        }
+    }
+
+    async fn handle_stream(
+        self: Arc<Self>,
+        peer: Hotkey,
+        mut send: FramedSend,
+        mut recv: FramedRecv,
+        first: ControlMessage,
+    ) {
+        match first {
+            ControlMessage::Down(DownMessage::Submit(spec)) => {
+                self.handle_submit(peer, send, recv, spec).await;
+            }
+            ControlMessage::Down(DownMessage::Attach(job_id)) => {
+                self.handle_attach(peer, send, recv, job_id).await;
+            }
+            other => {
+                warn!(%peer, message = ?other, "unexpected first message on a client stream");
+                recv.stop(codes::PROTOCOL_VIOLATION);
+                send.reset(codes::PROTOCOL_VIOLATION);
+            }
+        }
+    }
+
+    fn check_spec(&self, peer: &Hotkey, signed: &Signed<JobSpec>) -> Result<JobSpec, RejectReason> {
+        let spec = signed.verify().map_err(|_| RejectReason::BadSignature)?;
+        if signed.signer() != peer {
+            // The account that signs the spec is the one that owns the job and may re-attach.
+            return Err(RejectReason::NotOwner);
+        }
+        if let Some(allowed) = &self.config.allowed_clients
+            && !allowed.contains(peer)
+        {
+            return Err(RejectReason::ClientNotAllowed);
+        }
+        let now = now();
+        if spec.expires_at < now || spec.issued_at.0 > now.0.saturating_add(MAX_CLOCK_SKEW_MS) {
+            return Err(RejectReason::Expired);
+        }
+        if spec.executor_class.0.is_empty() {
+            return Err(RejectReason::InvalidSpec("empty executor class".to_owned()));
+        }
+        Ok(spec)
+    }
+
+    async fn handle_submit(
+        self: Arc<Self>,
+        peer: Hotkey,
+        mut send: FramedSend,
+        recv: FramedRecv,
+        signed: Signed<JobSpec>,
+    ) {
+        let spec = match self.check_spec(&peer, &signed) {
+            Ok(spec) => spec,
+            Err(reason) => {
+                info!(%peer, ?reason, "job refused");
+                let _ = send
+                    .send(&ControlMessage::Up(UpMessage::Rejected(reason)))
+                    .await;
+                let _ = send.finish();
+                return;
+            }
+        };
+        let job_id = spec.job_id;
+        let received = match self
+            .store
+            .insert_job(signed.clone(), job_id, peer, now())
+            .await
+        {
+            Ok(update) => update,
+            Err(StoreError::Duplicate(_)) => {
+                info!(%peer, job = %job_id.fmt_short(), "replayed job id refused");
+                let _ = send
+                    .send(&ControlMessage::Up(UpMessage::Rejected(
+                        RejectReason::DuplicateJobId,
+                    )))
+                    .await;
+                let _ = send.finish();
+                return;
+            }
+            Err(error) => {
+                warn!(%error, "job store failed");
+                send.reset(codes::INTERNAL);
+                return;
+            }
+        };
+        let (statuses, live_rx) = broadcast::channel(LIVE_STATUS_BUFFER);
+        let (down_tx, down_rx) = mpsc::channel(DOWN_QUEUE);
+        let live = LiveJob {
+            statuses,
+            down: down_tx,
+        };
+        self.lock_live().insert(job_id, live.clone());
+        info!(job = %job_id.fmt_short(), client = %peer, class = %spec.executor_class, "job received");
+
+        let span = info_span!("job", job = %job_id.fmt_short());
+        let driver = Arc::clone(&self);
+        tokio::spawn(
+            async move {
+                driver.drive_job(job_id, signed, spec, live, down_rx).await;
+            }
+            .instrument(span.clone()),
+        );
+        self.serve_client(send, recv, job_id, vec![received], Some(live_rx), peer)
+            .instrument(span)
+            .await;
+    }
+
+    async fn handle_attach(
+        self: Arc<Self>,
+        peer: Hotkey,
+        mut send: FramedSend,
+        recv: FramedRecv,
+        job_id: JobId,
+    ) {
+        let refuse = |reason| ControlMessage::Up(UpMessage::Rejected(reason));
+        let record = match self.store.job(job_id).await {
+            Ok(Some(record)) => record,
+            Ok(None) => {
+                let _ = send.send(&refuse(RejectReason::UnknownJob)).await;
+                let _ = send.finish();
+                return;
+            }
+            Err(error) => {
+                warn!(%error, "job store failed");
+                send.reset(codes::INTERNAL);
+                return;
+            }
+        };
+        if record.owner != peer {
+            let _ = send.send(&refuse(RejectReason::NotOwner)).await;
+            let _ = send.finish();
+            return;
+        }
+        // Subscribe before reading the history so no status falls between the two.
+        let live_rx = self
+            .lock_live()
+            .get(&job_id)
+            .map(|live| live.statuses.subscribe());
+        let history = match self.store.history(job_id).await {
+            Ok(history) => history,
+            Err(error) => {
+                warn!(%error, "job store failed");
+                send.reset(codes::INTERNAL);
+                return;
+            }
+        };
+        debug!(job = %job_id.fmt_short(), statuses = history.len(), "client re-attached");
+        self.serve_client(send, recv, job_id, history, live_rx, peer)
+            .await;
+    }
+
+    fn lock_live(&self) -> std::sync::MutexGuard<'_, HashMap<JobId, LiveJob>> {
+        // A poisoned lock only means another task panicked mid-insert; the map is still usable.
+        self.live
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Pushes `history` then live statuses to the client, and passes the client's volume lists
+    /// and terminate requests to the job's driver.
+    async fn serve_client(
+        &self,
+        mut send: FramedSend,
+        mut recv: FramedRecv,
+        job_id: JobId,
+        history: Vec<StatusUpdate>,
+        live_rx: Option<broadcast::Receiver<StatusUpdate>>,
+        owner: Hotkey,
+    ) {
+        let mut next_seq = 0u32;
+        let mut ended = false;
+        for update in history {
+            next_seq = update.seq + 1;
+            ended |= update.status.is_terminal();
+            if send
+                .send(&ControlMessage::Up(UpMessage::Status(update)))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+        let Some(mut live_rx) = live_rx.filter(|_| !ended) else {
+            let _ = send.finish();
+            return;
+        };
+        let down = self.lock_live().get(&job_id).map(|live| live.down.clone());
+        let mut client_open = true;
+        loop {
+            tokio::select! {
+                biased;
+                () = self.cancel.cancelled() => {
+                    send.reset(codes::SHUTDOWN);
+                    return;
+                }
+                update = live_rx.recv() => match update {
+                    Ok(update) if update.seq < next_seq => continue,
+                    Ok(update) => {
+                        next_seq = update.seq + 1;
+                        let terminal = update.status.is_terminal();
+                        if send.send(&ControlMessage::Up(UpMessage::Status(update))).await.is_err() {
+                            return;
+                        }
+                        if terminal {
+                            let _ = send.finish();
+                            return;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(missed)) => {
+                        warn!(missed, "client too slow for live statuses; it must re-attach");
+                        send.reset(codes::BUSY);
+                        return;
+                    }
+                    Err(broadcast::error::RecvError::Closed) => {
+                        let _ = send.finish();
+                        return;
+                    }
+                },
+                message = recv.recv::<ControlMessage>(), if client_open => match message {
+                    Ok(Some(ControlMessage::Down(message))) => {
+                        if let Err(reason) = check_client_message(&message, job_id, &owner) {
+                            warn!(%reason, "client message refused");
+                            continue;
+                        }
+                        if let Some(down) = &down
+                            && down.send(message).await.is_err() {
+                                debug!("job driver gone");
+                            }
+                    }
+                    Ok(Some(other)) => {
+                        warn!(message = ?other, "unexpected client message");
+                        recv.stop(codes::PROTOCOL_VIOLATION);
+                        client_open = false;
+                    }
+                    // The client finished its side; keep pushing statuses.
+                    Ok(None) => client_open = false,
+                    Err(error) => {
+                        debug!(%error, "client stream ended");
+                        return;
+                    }
+                },
+            }
+        }
+    }
+
+    fn choose(&self, peers: &[NodeAddr]) -> Option<NodeAddr> {
+        if peers.is_empty() {
+            return None;
+        }
+        let index = self.next_choice.fetch_add(1, Ordering::Relaxed) % peers.len();
+        peers.get(index).cloned()
+    }
+
+    async fn record(&self, job_id: JobId, live: &LiveJob, status: JobStatus) -> bool {
+        let terminal = status.is_terminal();
+        match self.store.append_status(job_id, status, now()).await {
+            Ok(update) => {
+                // No receiver (no client attached) is fine: the store has it.
+                let _ = live.statuses.send(update);
+            }
+            Err(error) => warn!(%error, "could not store status"),
+        }
+        terminal
+    }
+
+    fn horde_failed(&self, reason: String) -> JobStatus {
+        JobStatus::HordeFailed(HordeFailure {
+            reported_by: Role::Facilitator,
+            reporter: self.hotkey,
+            reason,
+        })
+    }
+
+    async fn drive_job(
+        self: Arc<Self>,
+        job_id: JobId,
+        signed: Signed<JobSpec>,
+        spec: JobSpec,
+        live: LiveJob,
+        mut down_rx: mpsc::Receiver<DownMessage>,
+    ) {
+        let final_status = self
+            .drive_job_inner(job_id, signed, &spec, &live, &mut down_rx)
+            .await;
+        if let Some(status) = final_status {
+            self.record(job_id, &live, status).await;
+        }
+        self.lock_live().remove(&job_id);
+        info!("job session over");
+    }
+
+    /// Runs the job's validator session; returns the terminal status to record if the session
+    /// itself did not deliver one.
+    async fn drive_job_inner(
+        &self,
+        job_id: JobId,
+        signed: Signed<JobSpec>,
+        spec: &JobSpec,
+        live: &LiveJob,
+        down_rx: &mut mpsc::Receiver<DownMessage>,
+    ) -> Option<JobStatus> {
+        let Some(miner) = self.choose(&self.config.miners) else {
+            return Some(JobStatus::Rejected(RejectReason::NoMiner));
+        };
+        // Try validators in turn, starting from a rotating position.
+        let mut session = None;
+        let validators = &self.config.validators;
+        let start = self.next_choice.fetch_add(1, Ordering::Relaxed);
+        for offset in 0..validators.len() {
+            let Some(validator) = validators.get((start + offset) % validators.len()) else {
+                continue;
+            };
+            match self
+                .open_validator_session(validator, job_id, &signed, &miner)
+                .await
+            {
+                Ok(opened) => {
+                    session = Some((validator.hotkey, opened));
+                    break;
+                }
+                Err(error) => warn!(validator = %validator.hotkey, %error, "validator unreachable"),
+            }
+        }
+        let Some((validator, mut session)) = session else {
+            return Some(JobStatus::Rejected(RejectReason::NoValidator));
+        };
+        if self
+            .record(
+                job_id,
+                live,
+                JobStatus::Assigned {
+                    validator,
+                    miner: miner.hotkey,
+                },
+            )
+            .await
+        {
+            return None;
+        }
+        let limit = total_deadline(&spec.deadlines)
+            + Duration::from_millis(self.config.validator_silence_ms);
+        let deadline = tokio::time::sleep(limit);
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                biased;
+                () = self.cancel.cancelled() => {
+                    session.abort(codes::SHUTDOWN);
+                    return Some(self.horde_failed("facilitator shutting down".to_owned()));
+                }
+                () = &mut deadline => {
+                    session.abort(codes::CANCELLED);
+                    return Some(self.horde_failed(format!(
+                        "validator {validator} did not end the job within its deadlines ({limit:?})"
+                    )));
+                }
+                message = session.recv() => match message {
+                    Ok(Some(ControlMessage::Up(message))) => {
+                        let Some(status) = status_of(message) else {
+                            warn!("validator sent a message clients never see; ignored");
+                            continue;
+                        };
+                        let status = match status {
+                            JobStatus::EndpointReady(record) => {
+                                match record.verify_by(&miner.hotkey) {
+                                    Ok(content) if content.job_id == job_id && content.miner == miner.hotkey => {
+                                        JobStatus::EndpointReady(record)
+                                    }
+                                    Ok(_) | Err(_) => {
+                                        session.abort(codes::PROTOCOL_VIOLATION);
+                                        return Some(JobStatus::Failed(JobFailure {
+                                            stage: horde_protocol::Stage::Readiness,
+                                            reason: horde_protocol::messages::FailureReason::BadEndpointRecord(
+                                                "endpoint record not signed by the chosen miner for this job".to_owned(),
+                                            ),
+                                            result: None,
+                                        }));
+                                    }
+                                }
+                            }
+                            other => other,
+                        };
+                        if self.record(job_id, live, status).await {
+                            let _ = session.finish();
+                            return None;
+                        }
+                    }
+                    Ok(Some(other)) => {
+                        warn!(message = ?other, "unexpected message from validator");
+                    }
+                    Ok(None) => {
+                        return Some(self.horde_failed(format!(
+                            "validator {validator} ended the job session without a result"
+                        )));
+                    }
+                    Err(error) => {
+                        return Some(self.horde_failed(format!(
+                            "validator {validator} link lost: {error}"
+                        )));
+                    }
+                },
+                Some(message) = down_rx.recv() => {
+                    if let Err(error) = session.send_down(&message).await {
+                        warn!(%error, "could not relay client message to validator");
+                    }
+                }
+            }
+        }
+    }
+
+    async fn open_validator_session(
+        &self,
+        validator: &NodeAddr,
+        job_id: JobId,
+        signed: &Signed<JobSpec>,
+        miner: &NodeAddr,
+    ) -> Result<JobSession, String> {
+        let connection = self.peers.connect(validator, ALPN_CONTROL).await?;
+        let assignment = Assignment {
+            spec: signed.clone(),
+            miner: miner.clone(),
+        };
+        open_session(&connection, job_id, &DownMessage::Assign(assignment))
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// A client may only send its own job's volume lists and terminate requests, signed by itself.
+fn check_client_message(
+    message: &DownMessage,
+    job_id: JobId,
+    owner: &Hotkey,
+) -> Result<(), String> {
+    match message {
+        DownMessage::Volumes(list) => {
+            let list = list.verify_by(owner).map_err(|e| e.to_string())?;
+            if list.job_id != job_id {
+                return Err("volume list for another job".to_owned());
+            }
+        }
+        DownMessage::Terminate(request) => {
+            let request = request.verify_by(owner).map_err(|e| e.to_string())?;
+            if request.job_id != job_id {
+                return Err("terminate for another job".to_owned());
+            }
+        }
+        other => return Err(format!("clients may not send {other:?}")),
+    }
+    Ok(())
+}

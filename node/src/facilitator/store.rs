@@ -1,0 +1,319 @@
+//! The facilitator's job store: every job and every status change, in redb (an embedded,
+//! transactional store that fsyncs each commit), so a restart loses nothing.
+//!
+//! Tables: `jobs` maps a job id to its record (the client-signed spec bytes, the owner, the next
+//! status number, whether it ended); `statuses` maps `job id ‖ seq` to one [`StatusUpdate`].
+//! Inserting a job checks for its id in the same transaction, so a job id is accepted once.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use horde_protocol::codec::{from_bytes_exact, to_bytes};
+use horde_protocol::messages::StatusUpdate;
+use horde_protocol::{Hotkey, JobId, JobSpec, JobStatus, Signed, UnixMillis};
+use redb::{Database, ReadableTable as _, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+const JOBS: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("jobs");
+const STATUSES: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("statuses");
+
+/// A store operation that failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The job id was used before.
+    #[error("job {0} exists already")]
+    Duplicate(JobId),
+    /// No such job.
+    #[error("no job {0}")]
+    UnknownJob(JobId),
+    /// The job already reached a terminal status.
+    #[error("job {0} has ended")]
+    Ended(JobId),
+    /// The database failed.
+    #[error("job store: {0}")]
+    Database(String),
+    /// A stored record did not decode (corruption or a version mismatch).
+    #[error("job store record: {0}")]
+    Corrupt(String),
+}
+
+/// What is stored per job.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobRecord {
+    /// The client-signed spec, as received.
+    pub spec: Signed<JobSpec>,
+    /// The account that submitted it (its connection's hotkey, which signed the spec).
+    pub owner: Hotkey,
+    /// Number of statuses stored.
+    pub next_seq: u32,
+    /// Whether a terminal status was stored.
+    pub ended: bool,
+}
+
+/// The job store. Cheap to clone; operations run on the blocking pool.
+#[derive(Debug, Clone)]
+pub struct JobStore {
+    db: Arc<Database>,
+}
+
+fn status_key(job_id: &JobId, seq: u32) -> [u8; 20] {
+    let mut key = [0u8; 20];
+    key[..16].copy_from_slice(&job_id.0);
+    key[16..].copy_from_slice(&seq.to_be_bytes());
+    key
+}
+
+impl JobStore {
+    /// Opens (or creates) the store at `path`.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let database = Database::create(path).map_err(db_err)?;
+        let txn = database.begin_write().map_err(db_err)?;
+        txn.open_table(JOBS).map_err(db_err)?;
+        txn.open_table(STATUSES).map_err(db_err)?;
+        txn.commit().map_err(db_err)?;
+        Ok(Self {
+            db: Arc::new(database),
+        })
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let db = Arc::clone(&self.db);
+        tokio::task::spawn_blocking(move || work(&db))
+            .await
+            .map_err(|e| StoreError::Database(format!("store task: {e}")))?
+    }
+
+    /// Stores a new job with its first status, `Received`. Refuses a known job id.
+    pub async fn insert_job(
+        &self,
+        spec: Signed<JobSpec>,
+        job_id: JobId,
+        owner: Hotkey,
+        at: UnixMillis,
+    ) -> Result<StatusUpdate, StoreError> {
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(db_err)?;
+            let update = StatusUpdate {
+                job_id,
+                seq: 0,
+                at,
+                status: JobStatus::Received,
+            };
+            {
+                let mut jobs = txn.open_table(JOBS).map_err(db_err)?;
+                if jobs.get(job_id.0.as_slice()).map_err(db_err)?.is_some() {
+                    return Err(StoreError::Duplicate(job_id));
+                }
+                let record = JobRecord {
+                    spec,
+                    owner,
+                    next_seq: 1,
+                    ended: false,
+                };
+                jobs.insert(job_id.0.as_slice(), to_bytes(&record).as_slice())
+                    .map_err(db_err)?;
+                let mut statuses = txn.open_table(STATUSES).map_err(db_err)?;
+                statuses
+                    .insert(
+                        status_key(&job_id, 0).as_slice(),
+                        to_bytes(&update).as_slice(),
+                    )
+                    .map_err(db_err)?;
+            }
+            txn.commit().map_err(db_err)?;
+            Ok(update)
+        })
+        .await
+    }
+
+    /// Appends a status; refuses after a terminal one.
+    pub async fn append_status(
+        &self,
+        job_id: JobId,
+        status: JobStatus,
+        at: UnixMillis,
+    ) -> Result<StatusUpdate, StoreError> {
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(db_err)?;
+            let update;
+            {
+                let mut jobs = txn.open_table(JOBS).map_err(db_err)?;
+                let mut record: JobRecord = match jobs.get(job_id.0.as_slice()).map_err(db_err)? {
+                    Some(bytes) => decode(bytes.value())?,
+                    None => return Err(StoreError::UnknownJob(job_id)),
+                };
+                if record.ended {
+                    return Err(StoreError::Ended(job_id));
+                }
+                update = StatusUpdate {
+                    job_id,
+                    seq: record.next_seq,
+                    at,
+                    status,
+                };
+                record.next_seq += 1;
+                record.ended = update.status.is_terminal();
+                jobs.insert(job_id.0.as_slice(), to_bytes(&record).as_slice())
+                    .map_err(db_err)?;
+                let mut statuses = txn.open_table(STATUSES).map_err(db_err)?;
+                statuses
+                    .insert(
+                        status_key(&job_id, update.seq).as_slice(),
+                        to_bytes(&update).as_slice(),
+                    )
+                    .map_err(db_err)?;
+            }
+            txn.commit().map_err(db_err)?;
+            Ok(update)
+        })
+        .await
+    }
+
+    /// The job's record.
+    pub async fn job(&self, job_id: JobId) -> Result<Option<JobRecord>, StoreError> {
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(db_err)?;
+            let jobs = txn.open_table(JOBS).map_err(db_err)?;
+            jobs.get(job_id.0.as_slice())
+                .map_err(db_err)?
+                .map(|bytes| decode(bytes.value()))
+                .transpose()
+        })
+        .await
+    }
+
+    /// Every status of the job, in order.
+    pub async fn history(&self, job_id: JobId) -> Result<Vec<StatusUpdate>, StoreError> {
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(db_err)?;
+            let statuses = txn.open_table(STATUSES).map_err(db_err)?;
+            let start = status_key(&job_id, 0);
+            let end = status_key(&job_id, u32::MAX);
+            let mut history = Vec::new();
+            for entry in statuses
+                .range(start.as_slice()..=end.as_slice())
+                .map_err(db_err)?
+            {
+                let (_, value) = entry.map_err(db_err)?;
+                history.push(decode(value.value())?);
+            }
+            Ok(history)
+        })
+        .await
+    }
+
+    /// Jobs without a terminal status (for recovery after a restart).
+    pub async fn unfinished(&self) -> Result<Vec<JobId>, StoreError> {
+        self.blocking(|db| {
+            let txn = db.begin_read().map_err(db_err)?;
+            let jobs = txn.open_table(JOBS).map_err(db_err)?;
+            let mut unfinished = Vec::new();
+            for entry in jobs.iter().map_err(db_err)? {
+                let (key, value) = entry.map_err(db_err)?;
+                let record: JobRecord = decode(value.value())?;
+                if !record.ended {
+                    let id: [u8; 16] = key
+                        .value()
+                        .try_into()
+                        .map_err(|_| StoreError::Corrupt("job key length".to_owned()))?;
+                    unfinished.push(JobId(id));
+                }
+            }
+            Ok(unfinished)
+        })
+        .await
+    }
+}
+
+fn db_err<E: std::fmt::Display>(error: E) -> StoreError {
+    StoreError::Database(error.to_string())
+}
+
+fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
+    from_bytes_exact(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use horde_protocol::SecretKey;
+    use horde_protocol::messages::{HordeFailure, JobFinished};
+    use horde_protocol::records::Role;
+
+    fn spec(job_id: JobId, key: &SecretKey) -> Signed<JobSpec> {
+        let spec = crate::client::JobRequest::command("cpu", "true").into_spec(
+            job_id,
+            SecretKey::from_seed(&[9; 32]).hotkey(),
+            UnixMillis(1),
+        );
+        Signed::sign(key, &spec)
+    }
+
+    #[tokio::test]
+    async fn statuses_survive_reopen_and_ids_are_unique() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jobs.redb");
+        let key = SecretKey::from_seed(&[1; 32]);
+        let job_id = JobId([7; 16]);
+        {
+            let store = JobStore::open(&path).unwrap();
+            store
+                .insert_job(spec(job_id, &key), job_id, key.hotkey(), UnixMillis(1))
+                .await
+                .unwrap();
+            let second = store
+                .insert_job(spec(job_id, &key), job_id, key.hotkey(), UnixMillis(2))
+                .await;
+            assert!(matches!(second, Err(StoreError::Duplicate(id)) if id == job_id));
+            let update = store
+                .append_status(job_id, JobStatus::Accepted, UnixMillis(3))
+                .await
+                .unwrap();
+            assert_eq!(update.seq, 1);
+            assert_eq!(store.unfinished().await.unwrap(), vec![job_id]);
+        }
+        let store = JobStore::open(&path).unwrap();
+        let history = store.history(job_id).await.unwrap();
+        assert_eq!(history.len(), 2);
+        assert_eq!(history[0].status, JobStatus::Received);
+        assert_eq!(history[1].status, JobStatus::Accepted);
+        let record = store.job(job_id).await.unwrap().unwrap();
+        assert_eq!(record.owner, key.hotkey());
+        assert_eq!(record.spec.verify().unwrap().job_id, job_id);
+
+        let failure = JobStatus::HordeFailed(HordeFailure {
+            reported_by: Role::Facilitator,
+            reporter: key.hotkey(),
+            reason: "test".into(),
+        });
+        store
+            .append_status(job_id, failure, UnixMillis(4))
+            .await
+            .unwrap();
+        assert!(store.unfinished().await.unwrap().is_empty());
+        let after_end = store
+            .append_status(
+                job_id,
+                JobStatus::Completed(JobFinished {
+                    exit_code: Some(0),
+                    terminated: false,
+                    outputs: vec![],
+                    stdout_tail: String::new(),
+                    stderr_tail: String::new(),
+                }),
+                UnixMillis(5),
+            )
+            .await;
+        assert!(matches!(after_end, Err(StoreError::Ended(_))));
+        assert!(matches!(
+            store
+                .append_status(JobId([0; 16]), JobStatus::Accepted, UnixMillis(6))
+                .await,
+            Err(StoreError::UnknownJob(_))
+        ));
+    }
+}

@@ -1,0 +1,657 @@
+//! `horde job …`: the client's command line over [`crate::client`].
+//!
+//! `run` submits a job spec (TOML) and prints each pushed status; the job's per-job client key,
+//! facilitator and verified endpoint record are kept in a state directory (mode 0600 files) so
+//! that `request`, `forward`, `volumes`, `terminate` and `status` can act on the job later by id.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context as _, bail};
+use horde_protocol::codec::{from_bytes_exact, to_bytes};
+use horde_protocol::messages::StatusUpdate;
+use horde_protocol::{
+    BlobHash, Deadlines, EndpointRecord, JobId, JobStatus, NodeAddr, Program, ReadinessProbe,
+    RelativePath, SecretKey, Signed, UploadSpec, UploadTarget, VolumeSource, VolumeSpec,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::client::{Client, JobConnection, JobRequest, VerifiedEndpoint, now};
+
+/// `horde job` subcommands.
+#[derive(Debug, clap::Subcommand)]
+pub enum JobCommand {
+    /// Submit a job spec, stream its statuses, print the verified endpoint.
+    Run {
+        /// The job spec (TOML).
+        #[arg(long)]
+        spec: PathBuf,
+        /// Keep following statuses until the job ends.
+        #[arg(long)]
+        follow: bool,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Print a job's status history (and follow it with --follow).
+    Status {
+        /// The job id.
+        job: String,
+        /// Keep following until the job ends.
+        #[arg(long)]
+        follow: bool,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Send one HTTP request to the job through a tunnel stream and verify the job's receipt.
+    Request {
+        /// The job id.
+        job: String,
+        /// HTTP method.
+        method: String,
+        /// Request path.
+        path: String,
+        /// Request body.
+        #[arg(long)]
+        data: Option<String>,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Tunnel a local TCP port to the job (curl, browsers and WebSocket clients work unchanged).
+    Forward {
+        /// The job id.
+        job: String,
+        /// Local address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Send a volume list (TOML) to the job and wait until it is fetched.
+    Volumes {
+        /// The job id.
+        job: String,
+        /// The volume list.
+        #[arg(long)]
+        spec: PathBuf,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// End the job and print its result.
+    Terminate {
+        /// The job id.
+        job: String,
+        #[command(flatten)]
+        common: Common,
+    },
+}
+
+/// Options every job command takes.
+#[derive(Debug, clap::Args)]
+pub struct Common {
+    /// The facilitator, `HOTKEY@IP:PORT` (remembered per job after `run`).
+    #[arg(long, env = "HORDE_FACILITATOR")]
+    facilitator: Option<String>,
+    /// The account key file (created on first use).
+    #[arg(long, env = "HORDE_ACCOUNT_KEY")]
+    key: Option<PathBuf>,
+    /// Where job state is kept.
+    #[arg(long, env = "HORDE_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+}
+
+impl Common {
+    fn state_dir(&self) -> PathBuf {
+        self.state_dir.clone().unwrap_or_else(|| {
+            std::env::var_os("HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("."))
+                .join(".horde")
+        })
+    }
+
+    fn account(&self) -> anyhow::Result<SecretKey> {
+        let path = self
+            .key
+            .clone()
+            .unwrap_or_else(|| self.state_dir().join("account.json"));
+        if !path.exists() {
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            let key = SecretKey::generate();
+            key.write_key_file(&path)?;
+            eprintln!("created account key {} ({})", path.display(), key.hotkey());
+            return Ok(key);
+        }
+        Ok(SecretKey::read_key_file(&path)?)
+    }
+}
+
+/// What is remembered about a job between commands.
+#[derive(Serialize, Deserialize)]
+struct JobState {
+    job_id: String,
+    facilitator: String,
+    client_seed: String,
+    miner: Option<String>,
+    endpoint: Option<String>,
+}
+
+fn state_path(common: &Common, job: &JobId) -> PathBuf {
+    common.state_dir().join("jobs").join(format!("{job}.json"))
+}
+
+fn save_state(common: &Common, job: &JobId, state: &JobState) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let path = state_path(common, job);
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let temp = path.with_extension("json.tmp");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&temp)?;
+    file.write_all(serde_json::to_string_pretty(state)?.as_bytes())?;
+    file.sync_all()?;
+    std::fs::rename(&temp, &path)?;
+    Ok(())
+}
+
+fn load_state(common: &Common, job: &JobId) -> anyhow::Result<JobState> {
+    let path = state_path(common, job);
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("no state for job {job} at {}", path.display()))?;
+    Ok(serde_json::from_str(&text)?)
+}
+
+fn parse_job(job: &str) -> anyhow::Result<JobId> {
+    job.parse()
+        .map_err(|_| anyhow::anyhow!("job id must be 32 hex digits, got {job:?}"))
+}
+
+/// A volume or upload entry of a spec file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VolumeEntry {
+    path: String,
+    inline: Option<String>,
+    url: Option<String>,
+    blake3: Option<String>,
+    size: Option<u64>,
+    blob: Option<String>,
+    storage: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UploadEntry {
+    path: String,
+    storage: Option<String>,
+    put_url: Option<String>,
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct DeadlinesFile {
+    reservation_ms: Option<u64>,
+    executor_startup_ms: Option<u64>,
+    volume_download_ms: Option<u64>,
+    readiness_ms: Option<u64>,
+    execution_ms: Option<u64>,
+    upload_ms: Option<u64>,
+}
+
+/// The job spec file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SpecFile {
+    executor_class: String,
+    program: Option<String>,
+    image: Option<String>,
+    #[serde(default)]
+    args: Vec<String>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    readiness_http: Option<String>,
+    readiness_tcp: Option<bool>,
+    #[serde(default)]
+    deadlines: DeadlinesFile,
+    #[serde(default)]
+    volumes: Vec<VolumeEntry>,
+    #[serde(default)]
+    uploads: Vec<UploadEntry>,
+    logs_storage: Option<String>,
+    #[serde(default)]
+    on_trusted_miner: bool,
+    expires_in_secs: Option<u64>,
+}
+
+/// The volume list file of `horde job volumes`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VolumesFile {
+    volume_msg_id: u64,
+    #[serde(default)]
+    fetch: Vec<VolumeEntry>,
+    #[serde(default)]
+    upload: Vec<UploadEntry>,
+}
+
+fn volume(entry: VolumeEntry) -> anyhow::Result<VolumeSpec> {
+    let source = match (entry.inline, entry.url, entry.blob) {
+        (Some(text), None, None) => VolumeSource::Inline {
+            bytes: text.into_bytes(),
+        },
+        (None, Some(url), None) => VolumeSource::Url {
+            url,
+            size: entry.size,
+            blake3: entry
+                .blake3
+                .map(|h| h.parse::<BlobHash>())
+                .transpose()
+                .map_err(|_| anyhow::anyhow!("{}: blake3 must be 64 hex digits", entry.path))?,
+        },
+        (None, None, Some(hash)) => VolumeSource::Blob {
+            hash: hash
+                .parse()
+                .map_err(|_| anyhow::anyhow!("{}: blob must be 64 hex digits", entry.path))?,
+            size: entry
+                .size
+                .with_context(|| format!("{}: blob volumes need size", entry.path))?,
+            storage: entry
+                .storage
+                .with_context(|| format!("{}: blob volumes need storage", entry.path))?
+                .parse()?,
+        },
+        _ => bail!(
+            "volume {}: give exactly one of inline, url or blob",
+            entry.path
+        ),
+    };
+    Ok(VolumeSpec {
+        path: RelativePath(entry.path),
+        source,
+    })
+}
+
+fn upload(entry: UploadEntry) -> anyhow::Result<UploadSpec> {
+    let target = match (entry.storage, entry.put_url) {
+        (Some(storage), None) => UploadTarget::Blob {
+            storage: storage.parse()?,
+        },
+        (None, Some(url)) => UploadTarget::HttpPut {
+            url,
+            headers: entry.headers.into_iter().collect(),
+        },
+        _ => bail!(
+            "upload {}: give exactly one of storage or put_url",
+            entry.path
+        ),
+    };
+    Ok(UploadSpec {
+        path: RelativePath(entry.path),
+        target,
+    })
+}
+
+fn request_from_file(path: &Path) -> anyhow::Result<JobRequest> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let file: SpecFile =
+        toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    let program = match (file.program, file.image) {
+        (Some(program), None) => Program::Command { program },
+        (None, Some(reference)) => Program::Image { reference },
+        _ => bail!("give exactly one of program or image"),
+    };
+    let defaults = Deadlines::default();
+    let d = file.deadlines;
+    let mut request = JobRequest::command(&file.executor_class, "");
+    request.program = program;
+    request.args = file.args;
+    request.env = file.env.into_iter().collect();
+    request.deadlines = Deadlines {
+        reservation_ms: d.reservation_ms.unwrap_or(defaults.reservation_ms),
+        executor_startup_ms: d
+            .executor_startup_ms
+            .unwrap_or(defaults.executor_startup_ms),
+        volume_download_ms: d.volume_download_ms.unwrap_or(defaults.volume_download_ms),
+        readiness_ms: d.readiness_ms.unwrap_or(defaults.readiness_ms),
+        execution_ms: d.execution_ms.unwrap_or(defaults.execution_ms),
+        upload_ms: d.upload_ms.unwrap_or(defaults.upload_ms),
+    };
+    request.readiness = match (file.readiness_http, file.readiness_tcp) {
+        (Some(path), _) => ReadinessProbe::Http { path },
+        (None, Some(true)) => ReadinessProbe::Tcp,
+        _ => ReadinessProbe::default(),
+    };
+    request.volumes = file
+        .volumes
+        .into_iter()
+        .map(volume)
+        .collect::<Result<_, _>>()?;
+    request.uploads = file
+        .uploads
+        .into_iter()
+        .map(upload)
+        .collect::<Result<_, _>>()?;
+    request.logs = file
+        .logs_storage
+        .map(|s| s.parse().map(|storage| UploadTarget::Blob { storage }))
+        .transpose()?;
+    request.on_trusted_miner = file.on_trusted_miner;
+    if let Some(secs) = file.expires_in_secs {
+        request.lifetime = std::time::Duration::from_secs(secs);
+    }
+    Ok(request)
+}
+
+fn describe(status: &JobStatus) -> String {
+    match status {
+        JobStatus::Received => "received".to_owned(),
+        JobStatus::Assigned { validator, miner } => {
+            format!("assigned: validator {validator}, miner {miner}")
+        }
+        JobStatus::Accepted => "accepted: executor reserved".to_owned(),
+        JobStatus::ExecutorReady => "executor ready".to_owned(),
+        JobStatus::EndpointReady(_) => "endpoint ready".to_owned(),
+        JobStatus::VolumesFetched { volume_msg_id } => format!("volumes {volume_msg_id} fetched"),
+        JobStatus::UploadDone(done) => {
+            let files: Vec<String> = done
+                .outputs
+                .iter()
+                .map(|o| format!("{} ({} bytes, blake3 {})", o.path, o.size, o.hash))
+                .collect();
+            format!("uploaded: {}", files.join(", "))
+        }
+        JobStatus::Completed(result) => format!(
+            "completed: exit {:?}{}, {} outputs\n--- stdout (tail)\n{}--- stderr (tail)\n{}",
+            result.exit_code,
+            if result.terminated {
+                " (terminated)"
+            } else {
+                ""
+            },
+            result.outputs.len(),
+            result.stdout_tail,
+            result.stderr_tail
+        ),
+        other => format!("{other:?}"),
+    }
+}
+
+fn print_status(started: Instant, update: &StatusUpdate) {
+    println!(
+        "[{:>6} ms] #{} {}",
+        started.elapsed().as_millis(),
+        update.seq,
+        describe(&update.status)
+    );
+}
+
+fn print_endpoint(endpoint: &VerifiedEndpoint) {
+    println!(
+        "endpoint verified: {} job key {} (signed by miner {})",
+        endpoint.address(),
+        endpoint.job_key(),
+        endpoint.record.miner
+    );
+}
+
+fn endpoint_from_state(state: &JobState, job_id: JobId) -> anyhow::Result<VerifiedEndpoint> {
+    let (Some(record), Some(miner)) = (&state.endpoint, &state.miner) else {
+        bail!("job {job_id} has no endpoint yet; see `horde job status {job_id}`");
+    };
+    let bytes = hex::decode(record)?;
+    let signed: Signed<EndpointRecord> = from_bytes_exact(&bytes)?;
+    Ok(VerifiedEndpoint::verify(
+        &signed,
+        job_id,
+        &miner.parse()?,
+        now(),
+    )?)
+}
+
+fn client_key(state: &JobState) -> anyhow::Result<SecretKey> {
+    let mut seed = [0u8; 32];
+    hex::decode_to_slice(&state.client_seed, &mut seed)?;
+    Ok(SecretKey::from_seed(&seed))
+}
+
+/// Runs a `horde job` command.
+pub async fn run_command(command: JobCommand) -> anyhow::Result<()> {
+    match command {
+        JobCommand::Run {
+            spec,
+            follow,
+            common,
+        } => {
+            let request = request_from_file(&spec)?;
+            let facilitator: NodeAddr = common
+                .facilitator
+                .as_deref()
+                .context("--facilitator HOTKEY@IP:PORT is required")?
+                .parse()?;
+            let client = Client::new(common.account()?, facilitator.clone())?;
+            let started = Instant::now();
+            let mut job = client.submit(&request).await?;
+            let job_id = job.job_id();
+            println!("job {job_id}");
+            let mut state = JobState {
+                job_id: job_id.to_string(),
+                facilitator: facilitator.to_string(),
+                client_seed: hex::encode(job.client_key().context("client key")?.seed().as_ref()),
+                miner: None,
+                endpoint: None,
+            };
+            save_state(&common, &job_id, &state)?;
+            while let Some(update) = job.next_status().await? {
+                print_status(started, &update);
+                match &update.status {
+                    JobStatus::Assigned { miner, .. } => state.miner = Some(miner.to_string()),
+                    JobStatus::EndpointReady(signed) => {
+                        let endpoint = job.wait_for_endpoint().await?;
+                        print_endpoint(&endpoint);
+                        state.endpoint = Some(hex::encode(to_bytes(signed)));
+                        save_state(&common, &job_id, &state)?;
+                        if !follow {
+                            println!(
+                                "job is serving; `horde job request {job_id} GET /` talks to it"
+                            );
+                            return Ok(());
+                        }
+                    }
+                    status if status.is_terminal() => {
+                        save_state(&common, &job_id, &state)?;
+                        return exit_for(status);
+                    }
+                    _ => {}
+                }
+                save_state(&common, &job_id, &state)?;
+            }
+            Ok(())
+        }
+        JobCommand::Status {
+            job,
+            follow,
+            common,
+        } => {
+            let job_id = parse_job(&job)?;
+            let mut handle = attach(&common, job_id).await?;
+            let started = Instant::now();
+            while let Some(update) = handle.next_status().await? {
+                print_status(started, &update);
+                if update.status.is_terminal() {
+                    return exit_for(&update.status);
+                }
+                if !follow && update.at.0 + 50 > now().0 {
+                    // Caught up with the history.
+                    break;
+                }
+            }
+            Ok(())
+        }
+        JobCommand::Request {
+            job,
+            method,
+            path,
+            data,
+            common,
+        } => {
+            let job_id = parse_job(&job)?;
+            let state = load_state(&common, &job_id)?;
+            let endpoint = endpoint_from_state(&state, job_id)?;
+            let connection = JobConnection::connect(job_id, client_key(&state)?, &endpoint).await?;
+            let response = horde_transport::tunnel::http_request(
+                &connection.connection,
+                job_id,
+                &connection.client_key,
+                connection.job_key,
+                &method,
+                &path,
+                data.unwrap_or_default().as_bytes(),
+            )
+            .await?;
+            println!("HTTP {}", response.status);
+            println!("{}", String::from_utf8_lossy(&response.body));
+            let receipt = response.receipt.verify_by(&connection.job_key)?;
+            eprintln!(
+                "receipt verified: stream {} in {} bytes (blake3 {}), out {} bytes (blake3 {})",
+                receipt.stream,
+                receipt.bytes_in,
+                hex::encode(receipt.digest_in),
+                receipt.bytes_out,
+                hex::encode(receipt.digest_out)
+            );
+            append_receipt(&common, &job_id, &response.receipt)?;
+            Ok(())
+        }
+        JobCommand::Forward {
+            job,
+            listen,
+            common,
+        } => {
+            let job_id = parse_job(&job)?;
+            let state = load_state(&common, &job_id)?;
+            let endpoint = endpoint_from_state(&state, job_id)?;
+            let connection = JobConnection::connect(job_id, client_key(&state)?, &endpoint).await?;
+            let listener = tokio::net::TcpListener::bind(listen).await?;
+            println!(
+                "forwarding {} -> job {job_id} at {}",
+                listener.local_addr()?,
+                endpoint.address()
+            );
+            let (receipts_tx, mut receipts_rx) = tokio::sync::mpsc::channel(64);
+            let forward = horde_transport::tunnel::forward_tcp(
+                listener,
+                connection.connection.clone(),
+                job_id,
+                connection.client_key.clone(),
+                connection.job_key,
+                receipts_tx,
+            );
+            tokio::pin!(forward);
+            loop {
+                tokio::select! {
+                    result = &mut forward => return Ok(result?),
+                    Some(receipt) = receipts_rx.recv() => {
+                        append_receipt(&common, &job_id, &receipt)?;
+                    }
+                    _ = tokio::signal::ctrl_c() => return Ok(()),
+                }
+            }
+        }
+        JobCommand::Volumes { job, spec, common } => {
+            let job_id = parse_job(&job)?;
+            let text = std::fs::read_to_string(&spec)?;
+            let file: VolumesFile = toml::from_str(&text)?;
+            let fetch = file
+                .fetch
+                .into_iter()
+                .map(volume)
+                .collect::<Result<_, _>>()?;
+            let upload = file
+                .upload
+                .into_iter()
+                .map(upload)
+                .collect::<Result<_, _>>()?;
+            let mut handle = attach(&common, job_id).await?;
+            skip_history(&mut handle).await?;
+            handle
+                .send_volumes(file.volume_msg_id, fetch, upload)
+                .await?;
+            let id = file.volume_msg_id;
+            handle
+                .wait_for(|s| matches!(s, JobStatus::VolumesFetched { volume_msg_id } if *volume_msg_id == id))
+                .await?;
+            println!("volumes {id} fetched");
+            Ok(())
+        }
+        JobCommand::Terminate { job, common } => {
+            let job_id = parse_job(&job)?;
+            let mut handle = attach(&common, job_id).await?;
+            skip_history(&mut handle).await?;
+            handle.terminate().await?;
+            let status = handle.wait_for_end().await?;
+            println!("{}", describe(&status));
+            exit_for(&status)
+        }
+    }
+}
+
+async fn attach(common: &Common, job_id: JobId) -> anyhow::Result<crate::client::JobHandle> {
+    let facilitator = match (&common.facilitator, load_state(common, &job_id)) {
+        (Some(addr), _) => addr.clone(),
+        (None, Ok(state)) => state.facilitator,
+        (None, Err(error)) => return Err(error.context("pass --facilitator")),
+    };
+    let client = Client::new(common.account()?, facilitator.parse()?)?;
+    Ok(client.attach(job_id, None).await?)
+}
+
+/// Reads the replayed history up to the present (the first status newer than the attach).
+async fn skip_history(handle: &mut crate::client::JobHandle) -> anyhow::Result<()> {
+    let attached = now();
+    while let Some(update) = handle.next_status().await? {
+        if update.status.is_terminal() {
+            bail!("job already ended: {}", describe(&update.status));
+        }
+        if matches!(update.status, JobStatus::EndpointReady(_)) || update.at >= attached {
+            break;
+        }
+    }
+    Ok(())
+}
+
+fn exit_for(status: &JobStatus) -> anyhow::Result<()> {
+    match status {
+        JobStatus::Completed(_) => Ok(()),
+        other => bail!("job ended: {}", describe(other)),
+    }
+}
+
+fn append_receipt(
+    common: &Common,
+    job_id: &JobId,
+    receipt: &Signed<horde_protocol::JobReceipt>,
+) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let path = common
+        .state_dir()
+        .join("jobs")
+        .join(format!("{job_id}.receipts"));
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)?;
+    writeln!(file, "{}", hex::encode(to_bytes(receipt)))?;
+    Ok(())
+}

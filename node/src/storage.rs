@@ -1,0 +1,776 @@
+//! The storage role: a content-addressed blob store on disk, served over `horde/blob/1`.
+//!
+//! - [`BlobStore`]: the files under `<data_dir>/`: `blobs/<hex>` (the blob) and
+//!   `blobs/<hex>.outboard` (its verification tree), `partial/<hex>` (+ `.size`) for resumable
+//!   uploads that declared their hash, `tmp/` for everything being written. A blob appears under
+//!   its hash only after its bytes were hashed by the store, fsynced and renamed into place.
+//! - [`PutSession`]: one upload being written (blocking I/O; run it on a blocking thread).
+//! - [`serve`] / [`serve_connection`]: the server loop, one task per stream.
+
+use std::collections::HashSet;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read as _, Seek as _, SeekFrom, Write as _};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use blake3::hazmat::HasherExt as _;
+use bytes::Bytes;
+use horde_protocol::blob::{
+    BlobErrorKind, BlobRequest, BlobResponse, BlobStatus, CHUNK_GROUP_LEN, Outboard,
+};
+use horde_protocol::{BlobHash, Hotkey};
+use horde_transport::blob::{
+    Backing, BlobError, ServedBlob, read_request, serve_get, write_response,
+};
+use horde_transport::{ALPN_BLOB, ChannelError, HordeEndpoint, codes, remote_hotkey};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument as _, debug, info, info_span, warn};
+
+/// Default cap on one blob: 64 GiB, room for model weights and datasets while bounding disk use
+/// per upload (and well under what a `Get` header can describe).
+pub const DEFAULT_MAX_BLOB_SIZE: u64 = 64 << 30;
+
+/// Bytes accumulated before one write to disk: large writes, few syscalls.
+const WRITE_BUFFER: usize = 1 << 20;
+
+/// Largest chunk read from a QUIC stream at once on upload.
+const READ_CHUNK: usize = 1 << 20;
+
+/// Uploaded chunks queued for the disk writer: bounds memory per upload to a few MiB.
+const WRITE_QUEUE: usize = 8;
+
+/// Who may upload, and how much.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreLimits {
+    /// Largest blob accepted.
+    pub max_blob_size: u64,
+    /// Hotkeys allowed to put; `None`: any authenticated key (the testnet default).
+    pub put_allowlist: Option<Vec<Hotkey>>,
+}
+
+impl Default for StoreLimits {
+    fn default() -> Self {
+        Self {
+            max_blob_size: DEFAULT_MAX_BLOB_SIZE,
+            put_allowlist: None,
+        }
+    }
+}
+
+/// A store operation that failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The blob is over the size limit.
+    #[error("blob of {size} bytes exceeds the limit of {max} bytes")]
+    TooLarge {
+        /// Announced size.
+        size: u64,
+        /// The limit.
+        max: u64,
+    },
+    /// The bytes do not hash to the declared hash.
+    #[error("uploaded bytes hash to {actual}, not the declared {declared}")]
+    HashMismatch {
+        /// Declared.
+        declared: BlobHash,
+        /// Computed.
+        actual: BlobHash,
+    },
+    /// Fewer or more bytes than announced.
+    #[error("received {received} bytes, {size} announced")]
+    WrongLength {
+        /// Received.
+        received: u64,
+        /// Announced.
+        size: u64,
+    },
+    /// Another upload of this hash is running.
+    #[error("an upload of {0} is already in progress")]
+    Busy(BlobHash),
+    /// Disk I/O failed.
+    #[error("store I/O: {0}")]
+    Io(#[from] io::Error),
+}
+
+impl StoreError {
+    fn kind(&self) -> BlobErrorKind {
+        match self {
+            Self::TooLarge { .. } => BlobErrorKind::TooLarge,
+            Self::HashMismatch { .. } => BlobErrorKind::HashMismatch,
+            Self::WrongLength { .. } => BlobErrorKind::BadRequest,
+            Self::Busy(_) => BlobErrorKind::Busy,
+            Self::Io(_) => BlobErrorKind::Internal,
+        }
+    }
+}
+
+/// The content-addressed store. Cheap to share behind an `Arc`; the only shared mutable state is
+/// the set of hashes being uploaded (so two uploads never write one partial file).
+#[derive(Debug)]
+pub struct BlobStore {
+    blobs: PathBuf,
+    partial: PathBuf,
+    tmp: PathBuf,
+    limits: StoreLimits,
+    uploads: Mutex<HashSet<BlobHash>>,
+}
+
+impl BlobStore {
+    /// Opens (creating if needed) the store under `data_dir` and empties its `tmp/`.
+    pub fn open(data_dir: &Path, limits: StoreLimits) -> io::Result<Self> {
+        let blobs = data_dir.join("blobs");
+        let partial = data_dir.join("partial");
+        let tmp = data_dir.join("tmp");
+        for dir in [&blobs, &partial, &tmp] {
+            fs::create_dir_all(dir)?;
+        }
+        for entry in fs::read_dir(&tmp)? {
+            let _ = fs::remove_file(entry?.path());
+        }
+        Ok(Self {
+            blobs,
+            partial,
+            tmp,
+            limits,
+            uploads: Mutex::new(HashSet::new()),
+        })
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> &StoreLimits {
+        &self.limits
+    }
+
+    /// Whether `hotkey` may put blobs.
+    pub fn may_put(&self, hotkey: &Hotkey) -> bool {
+        self.limits
+            .put_allowlist
+            .as_ref()
+            .is_none_or(|allowed| allowed.contains(hotkey))
+    }
+
+    /// Path of a stored blob (which may not exist).
+    pub fn blob_path(&self, hash: &BlobHash) -> PathBuf {
+        self.blobs.join(hash.to_string())
+    }
+
+    fn outboard_path(&self, hash: &BlobHash) -> PathBuf {
+        self.blobs.join(format!("{hash}.outboard"))
+    }
+
+    fn partial_path(&self, hash: &BlobHash) -> PathBuf {
+        self.partial.join(hash.to_string())
+    }
+
+    fn partial_size_path(&self, hash: &BlobHash) -> PathBuf {
+        self.partial.join(format!("{hash}.size"))
+    }
+
+    /// What the store holds for `hash`.
+    pub fn stat(&self, hash: &BlobHash) -> io::Result<BlobStatus> {
+        match fs::metadata(self.blob_path(hash)) {
+            Ok(meta) => return Ok(BlobStatus::Complete { size: meta.len() }),
+            Err(error) if error.kind() != io::ErrorKind::NotFound => return Err(error),
+            Err(_) => {}
+        }
+        match (
+            fs::metadata(self.partial_path(hash)),
+            fs::read_to_string(self.partial_size_path(hash)),
+        ) {
+            (Ok(meta), Ok(size)) => match size.trim().parse() {
+                Ok(size) => Ok(BlobStatus::Partial {
+                    received: meta.len(),
+                    size,
+                }),
+                Err(_) => Ok(BlobStatus::Absent),
+            },
+            _ => Ok(BlobStatus::Absent),
+        }
+    }
+
+    /// Opens a stored blob for serving, `None` if absent.
+    pub fn open_blob(&self, hash: &BlobHash) -> io::Result<Option<ServedBlob>> {
+        let data = match File::open(self.blob_path(hash)) {
+            Ok(file) => file,
+            Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(error) => return Err(error),
+        };
+        let outboard = File::open(self.outboard_path(hash))?;
+        let size = data.metadata()?.len();
+        if outboard.metadata()?.len() != horde_protocol::blob::outboard_len(size) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("outboard of {hash} has the wrong length"),
+            ));
+        }
+        Ok(Some(ServedBlob {
+            size,
+            data: Backing::File(Arc::new(data)),
+            outboard: Backing::File(Arc::new(outboard)),
+        }))
+    }
+
+    /// Starts an upload of `size` bytes. With a declared `hash` the bytes go to `partial/<hash>`
+    /// and, when `resume` is set, continue after what an earlier attempt left there; without one
+    /// they go to a fresh temporary file. Blocking.
+    pub fn begin_put(
+        self: &Arc<Self>,
+        size: u64,
+        hash: Option<BlobHash>,
+        resume: bool,
+    ) -> Result<PutSession, StoreError> {
+        if size > self.limits.max_blob_size {
+            return Err(StoreError::TooLarge {
+                size,
+                max: self.limits.max_blob_size,
+            });
+        }
+        let (path, offset) = match hash {
+            Some(hash) => {
+                let lock = self
+                    .uploads
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .insert(hash);
+                if !lock {
+                    return Err(StoreError::Busy(hash));
+                }
+                match self.open_partial(hash, size, resume) {
+                    Ok(found) => found,
+                    Err(error) => {
+                        self.release(&hash);
+                        return Err(error.into());
+                    }
+                }
+            }
+            None => (self.tmp.join(temp_name()), 0),
+        };
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(offset == 0)
+            .read(true)
+            .write(true)
+            .open(&path);
+        let mut file = match file {
+            Ok(file) => file,
+            Err(error) => {
+                if let Some(hash) = hash {
+                    self.release(&hash);
+                }
+                return Err(error.into());
+            }
+        };
+        let mut session = PutSession {
+            store: Arc::clone(self),
+            declared: hash,
+            size,
+            path,
+            file: None,
+            group_cvs: Vec::new(),
+            position: 0,
+            buffer: Vec::with_capacity(WRITE_BUFFER),
+            buffer_start: 0,
+            finished: false,
+        };
+        if offset > 0 {
+            // Rebuild the group CVs of the kept prefix.
+            file.set_len(offset)?;
+            file.seek(SeekFrom::Start(0))?;
+            let mut group = vec![0u8; CHUNK_GROUP_LEN as usize];
+            while session.position < offset {
+                file.read_exact(&mut group)?;
+                session
+                    .group_cvs
+                    .push(horde_protocol::blob::subtree_cv(session.position, &group));
+                session.position += CHUNK_GROUP_LEN;
+            }
+        }
+        file.seek(SeekFrom::Start(offset))?;
+        session.buffer_start = offset;
+        session.file = Some(file);
+        Ok(session)
+    }
+
+    /// Opens the partial file of `hash`, returning its path and the group-aligned offset at
+    /// which to continue.
+    fn open_partial(&self, hash: BlobHash, size: u64, resume: bool) -> io::Result<(PathBuf, u64)> {
+        let path = self.partial_path(&hash);
+        let mut offset = 0;
+        if resume
+            && let Ok(BlobStatus::Partial { received, size: s }) = self.stat(&hash)
+            && s == size
+            && size > CHUNK_GROUP_LEN
+        {
+            // Whole groups only, and at least the last group is sent again so the final group
+            // (possibly short) is always hashed from fresh bytes.
+            offset = (received / CHUNK_GROUP_LEN * CHUNK_GROUP_LEN)
+                .min((size - 1) / CHUNK_GROUP_LEN * CHUNK_GROUP_LEN);
+        }
+        write_synced(&self.partial_size_path(&hash), size.to_string().as_bytes())?;
+        Ok((path, offset))
+    }
+
+    fn release(&self, hash: &BlobHash) {
+        self.uploads
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(hash);
+    }
+
+    /// Stores `bytes` (blocking); returns the hash. For tests, benches and local imports.
+    pub fn insert(self: &Arc<Self>, bytes: &[u8]) -> Result<BlobHash, StoreError> {
+        let mut session = self.begin_put(bytes.len() as u64, None, false)?;
+        session.write(bytes)?;
+        session.finish()
+    }
+}
+
+fn temp_name() -> String {
+    let mut bytes = [0u8; 8];
+    // A clash only makes two uploads share a temp name, which `create_new`-free opening would
+    // corrupt; the OS random source failing is not recoverable here anyway.
+    getrandom::fill(&mut bytes).unwrap_or_default();
+    format!("upload-{}", hex::encode(bytes))
+}
+
+/// Writes a small file and fsyncs it.
+fn write_synced(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let mut file = File::create(path)?;
+    file.write_all(bytes)?;
+    file.sync_all()
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// One upload being written: hashes every chunk group as it completes and writes in large
+/// batches. Blocking; dropping it unfinished keeps a declared-hash partial for a later resume
+/// and deletes an anonymous temporary file.
+#[derive(Debug)]
+pub struct PutSession {
+    store: Arc<BlobStore>,
+    declared: Option<BlobHash>,
+    size: u64,
+    path: PathBuf,
+    file: Option<File>,
+    group_cvs: Vec<[u8; 32]>,
+    /// Bytes hashed into `group_cvs` or sitting in `buffer`.
+    position: u64,
+    buffer: Vec<u8>,
+    /// Blob offset of `buffer[0]`.
+    buffer_start: u64,
+    finished: bool,
+}
+
+impl PutSession {
+    /// Where the upload continues (the bytes already held).
+    pub fn offset(&self) -> u64 {
+        self.buffer_start + self.buffer.len() as u64
+    }
+
+    /// Appends bytes.
+    pub fn write(&mut self, mut data: &[u8]) -> Result<(), StoreError> {
+        let received = self.offset() + data.len() as u64;
+        if received > self.size {
+            return Err(StoreError::WrongLength {
+                received,
+                size: self.size,
+            });
+        }
+        while !data.is_empty() {
+            let take = (WRITE_BUFFER - self.buffer.len()).min(data.len());
+            self.buffer.extend_from_slice(&data[..take]);
+            data = &data[take..];
+            self.hash_complete_groups();
+            if self.buffer.len() == WRITE_BUFFER {
+                self.flush()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Hashes the whole groups in the buffer not hashed yet.
+    fn hash_complete_groups(&mut self) {
+        let group = CHUNK_GROUP_LEN as usize;
+        loop {
+            let start = (self.position - self.buffer_start) as usize;
+            if self.buffer.len() - start < group {
+                break;
+            }
+            let cv =
+                horde_protocol::blob::subtree_cv(self.position, &self.buffer[start..start + group]);
+            self.group_cvs.push(cv);
+            self.position += CHUNK_GROUP_LEN;
+        }
+    }
+
+    /// Writes the buffer out, keeping the unhashed tail of a group in it.
+    fn flush(&mut self) -> io::Result<()> {
+        let hashed = (self.position - self.buffer_start) as usize;
+        let Some(file) = self.file.as_mut() else {
+            return Ok(());
+        };
+        file.write_all(&self.buffer[..hashed])?;
+        self.buffer.drain(..hashed);
+        self.buffer_start = self.position;
+        Ok(())
+    }
+
+    /// Checks the length and hash, fsyncs, writes the outboard and renames both into place.
+    pub fn finish(mut self) -> Result<BlobHash, StoreError> {
+        let received = self.offset();
+        if received != self.size {
+            return Err(StoreError::WrongLength {
+                received,
+                size: self.size,
+            });
+        }
+        // The last, short group.
+        let tail_start = (self.position - self.buffer_start) as usize;
+        let single_group = self.size <= CHUNK_GROUP_LEN;
+        let hash = if single_group {
+            BlobHash::of(&self.buffer)
+        } else {
+            if tail_start < self.buffer.len() {
+                let mut hasher = blake3::Hasher::new();
+                hasher.set_input_offset(self.position);
+                hasher.update(&self.buffer[tail_start..]);
+                self.group_cvs.push(hasher.finalize_non_root());
+                self.position = self.size;
+            }
+            let outboard = Outboard::from_group_cvs(self.size, std::mem::take(&mut self.group_cvs));
+            let hash = outboard.root(None).ok_or_else(|| {
+                StoreError::Io(io::Error::other("multi-group outboard without a root"))
+            })?;
+            self.group_cvs = outboard.group_cvs;
+            hash
+        };
+        if let Some(declared) = self.declared
+            && declared != hash
+        {
+            // The partial is worthless: the next attempt starts over.
+            self.finished = true;
+            let _ = fs::remove_file(&self.path);
+            if let Some(declared) = self.declared {
+                let _ = fs::remove_file(self.store.partial_size_path(&declared));
+            }
+            return Err(StoreError::HashMismatch {
+                declared,
+                actual: hash,
+            });
+        }
+        if single_group {
+            self.group_cvs = if self.size == 0 {
+                Vec::new()
+            } else {
+                vec![horde_protocol::blob::subtree_cv(0, &self.buffer)]
+            };
+        }
+        self.position = self.size;
+        self.flush()?;
+        let file = self
+            .file
+            .take()
+            .ok_or_else(|| io::Error::other("upload file already closed"))?;
+        file.sync_all()?;
+        drop(file);
+        let outboard = Outboard::from_group_cvs(self.size, std::mem::take(&mut self.group_cvs));
+        let outboard_tmp = self.store.tmp.join(temp_name());
+        write_synced(&outboard_tmp, &outboard.to_bytes())?;
+        fs::rename(&outboard_tmp, self.store.outboard_path(&hash))?;
+        fs::rename(&self.path, self.store.blob_path(&hash))?;
+        sync_dir(&self.store.blobs)?;
+        if let Some(declared) = self.declared {
+            let _ = fs::remove_file(self.store.partial_size_path(&declared));
+        }
+        self.finished = true;
+        Ok(hash)
+    }
+}
+
+impl Drop for PutSession {
+    fn drop(&mut self) {
+        if let Some(declared) = self.declared {
+            if !self.finished {
+                // Keep what arrived, in whole groups, for a resume.
+                let _ = self.flush();
+                if let Some(file) = self.file.take() {
+                    let _ = file.sync_data();
+                }
+            }
+            self.store.release(&declared);
+        } else if !self.finished {
+            self.file = None;
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Accepts `horde/blob/1` connections on `endpoint` and serves them until `cancel` fires;
+/// connections on other ALPNs are closed with [`codes::NOT_ALLOWED`].
+pub async fn serve(endpoint: Arc<HordeEndpoint>, store: Arc<BlobStore>, cancel: CancellationToken) {
+    let mut connections = JoinSet::new();
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            () = cancel.cancelled() => break,
+            accepted = endpoint.accept() => accepted,
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+        };
+        let Some(accepted) = accepted else { break };
+        let (connection, peer, alpn) = match accepted {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                debug!(%error, "incoming connection failed");
+                continue;
+            }
+        };
+        if alpn != ALPN_BLOB {
+            connection.close(codes::NOT_ALLOWED, b"only horde/blob/1 here");
+            continue;
+        }
+        let span = info_span!("blob-peer", peer = %peer.fmt_short());
+        connections.spawn(
+            serve_connection(connection, Arc::clone(&store), cancel.child_token()).instrument(span),
+        );
+    }
+    endpoint.close(codes::SHUTDOWN, b"storage shutting down");
+    connections.shutdown().await;
+}
+
+/// Serves the streams of one authenticated `horde/blob/1` connection until it closes or
+/// `cancel` fires. Each stream carries one request.
+pub async fn serve_connection(
+    connection: quinn::Connection,
+    store: Arc<BlobStore>,
+    cancel: CancellationToken,
+) {
+    let peer = match remote_hotkey(&connection) {
+        Ok(peer) => peer,
+        Err(error) => {
+            warn!(%error, "blob connection without a readable identity");
+            connection.close(codes::PROTOCOL_VIOLATION, b"no identity");
+            return;
+        }
+    };
+    let mut streams = JoinSet::new();
+    loop {
+        let stream = tokio::select! {
+            biased;
+            () = cancel.cancelled() => {
+                connection.close(codes::SHUTDOWN, b"storage shutting down");
+                break;
+            }
+            stream = connection.accept_bi() => stream,
+            Some(_) = streams.join_next(), if !streams.is_empty() => continue,
+        };
+        let (send, recv) = match stream {
+            Ok(stream) => stream,
+            Err(error) => {
+                debug!(%error, "blob connection ended");
+                break;
+            }
+        };
+        let store = Arc::clone(&store);
+        streams.spawn(async move {
+            if let Err(error) = handle_stream(send, recv, peer, store).await {
+                debug!(%error, peer = %peer.fmt_short(), "blob stream failed");
+            }
+        });
+    }
+    streams.shutdown().await;
+}
+
+async fn refuse(
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+    kind: BlobErrorKind,
+    message: String,
+    stop: quinn::VarInt,
+) -> Result<(), BlobError> {
+    let _ = recv.stop(stop);
+    write_response(send, &BlobResponse::Error { kind, message }).await?;
+    let _ = send.finish();
+    Ok(())
+}
+
+async fn handle_stream(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    peer: Hotkey,
+    store: Arc<BlobStore>,
+) -> Result<(), BlobError> {
+    let request = match read_request(&mut recv).await {
+        Ok(Some(request)) => request,
+        Ok(None) => return Ok(()),
+        Err(BlobError::Channel(ChannelError::Frame(error))) => {
+            let stop = match error {
+                horde_protocol::FrameError::TooLarge { .. } => codes::FRAME_TOO_LARGE,
+                _ => codes::PROTOCOL_VIOLATION,
+            };
+            warn!(peer = %peer.fmt_short(), %error, "bad blob request");
+            let message = format!("bad request: {error}");
+            return refuse(
+                &mut send,
+                &mut recv,
+                BlobErrorKind::BadRequest,
+                message,
+                stop,
+            )
+            .await;
+        }
+        Err(error) => return Err(error),
+    };
+    match request {
+        BlobRequest::Stat { hash } => {
+            let status = store.stat(&hash)?;
+            write_response(&mut send, &BlobResponse::Status(status)).await?;
+            let _ = send.finish();
+        }
+        BlobRequest::Get { hash, ranges } => {
+            let blob = {
+                let store = Arc::clone(&store);
+                tokio::task::spawn_blocking(move || store.open_blob(&hash))
+                    .await
+                    .map_err(io::Error::other)?
+            };
+            match blob {
+                Ok(Some(blob)) => {
+                    let sent = serve_get(&mut send, &blob, &ranges).await?;
+                    debug!(hash = %hash.fmt_short(), sent, "served blob");
+                }
+                Ok(None) => {
+                    write_response(&mut send, &BlobResponse::NotFound).await?;
+                    let _ = send.finish();
+                }
+                Err(error) => {
+                    warn!(hash = %hash.fmt_short(), %error, "cannot open blob");
+                    let message = "cannot read the blob".to_owned();
+                    let kind = BlobErrorKind::Internal;
+                    return refuse(&mut send, &mut recv, kind, message, codes::INTERNAL).await;
+                }
+            }
+        }
+        BlobRequest::Put { size, hash, resume } => {
+            handle_put(send, recv, peer, store, size, hash, resume).await?;
+        }
+    }
+    Ok(())
+}
+
+enum WriterMessage {
+    Data(Bytes),
+    Finish,
+}
+
+async fn handle_put(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    peer: Hotkey,
+    store: Arc<BlobStore>,
+    size: u64,
+    hash: Option<BlobHash>,
+    resume: bool,
+) -> Result<(), BlobError> {
+    if !store.may_put(&peer) {
+        let message = format!("{peer} may not put blobs here");
+        let kind = BlobErrorKind::NotAllowed;
+        return refuse(&mut send, &mut recv, kind, message, codes::NOT_ALLOWED).await;
+    }
+    let session = {
+        let store = Arc::clone(&store);
+        tokio::task::spawn_blocking(move || store.begin_put(size, hash, resume))
+            .await
+            .map_err(io::Error::other)?
+    };
+    let session = match session {
+        Ok(session) => session,
+        Err(error) => {
+            let kind = error.kind();
+            return refuse(
+                &mut send,
+                &mut recv,
+                kind,
+                error.to_string(),
+                codes::NOT_ALLOWED,
+            )
+            .await;
+        }
+    };
+    let offset = session.offset();
+    write_response(&mut send, &BlobResponse::PutReady { offset }).await?;
+
+    let (queue, mut inbox) = mpsc::channel::<WriterMessage>(WRITE_QUEUE);
+    let writer = tokio::task::spawn_blocking(move || {
+        let mut session = session;
+        while let Some(message) = inbox.blocking_recv() {
+            match message {
+                WriterMessage::Data(bytes) => session.write(&bytes)?,
+                WriterMessage::Finish => return session.finish().map(Some),
+            }
+        }
+        Ok(None)
+    });
+    let mut received = offset;
+    let mut failure = None;
+    loop {
+        match recv.read_chunk(READ_CHUNK, true).await {
+            Ok(Some(chunk)) => {
+                received += chunk.bytes.len() as u64;
+                if received > size || queue.send(WriterMessage::Data(chunk.bytes)).await.is_err() {
+                    break;
+                }
+            }
+            Ok(None) => {
+                let _ = queue.send(WriterMessage::Finish).await;
+                break;
+            }
+            Err(error) => {
+                failure = Some(error);
+                break;
+            }
+        }
+    }
+    drop(queue);
+    let outcome = writer.await.map_err(io::Error::other)?;
+    if let Some(error) = failure {
+        info!(peer = %peer.fmt_short(), received, size, "upload interrupted, partial kept");
+        return Err(error.into());
+    }
+    match outcome {
+        Ok(Some(hash)) => {
+            info!(hash = %hash.fmt_short(), size, "stored blob");
+            write_response(&mut send, &BlobResponse::Stored { hash, size }).await?;
+            let _ = send.finish();
+            Ok(())
+        }
+        Ok(None) => {
+            let message = format!("received more than the announced {size} bytes");
+            let kind = BlobErrorKind::BadRequest;
+            refuse(
+                &mut send,
+                &mut recv,
+                kind,
+                message,
+                codes::PROTOCOL_VIOLATION,
+            )
+            .await
+        }
+        Err(error) => {
+            warn!(peer = %peer.fmt_short(), %error, "upload refused");
+            let kind = error.kind();
+            refuse(
+                &mut send,
+                &mut recv,
+                kind,
+                error.to_string(),
+                codes::PROTOCOL_VIOLATION,
+            )
+            .await
+        }
+    }
+}

@@ -1,0 +1,902 @@
+//! Volume materialization and output uploads for the executor.
+//!
+//! - [`validate_relative_path`] / [`validate_paths`]: the receiving side's checks on file names
+//!   sent by a client ([`PathError`] names each refusal).
+//! - [`materialize`]: fetches every [`VolumeSpec`] into `<job_dir>/volume/<path>`: `Blob` from a
+//!   storage node (verified, resumable), `Url` over HTTP(S) (Range resume, bounded retries with
+//!   exponential backoff, optional size and BLAKE3 checks), `Inline`. Every file is fetched into
+//!   `<job_dir>/.staging/` (outside the job's view), checked, fsynced, then renamed into place;
+//!   no directory on the way is a symlink and the final name must not exist.
+//! - [`upload`]: sends outputs from `<job_dir>/output/<path>` to a storage node or an HTTP PUT
+//!   URL (presigned S3 URLs work: a plain PUT with the given headers and a Content-Length).
+//! - [`HttpClient`]: the blocking HTTP agent (ureq, rustls) and its retry policy; calls run on
+//!   tokio's blocking pool.
+
+use std::collections::HashSet;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read as _, Write as _};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use horde_protocol::messages::{OutputLocation, OutputRef};
+use horde_protocol::{BlobHash, RelativePath, UploadSpec, UploadTarget, VolumeSource, VolumeSpec};
+use horde_transport::HordeEndpoint;
+use tracing::{debug, info};
+
+use crate::blob_client::{self, ClientError, NoProgress};
+
+/// Longest path component: 255 bytes, the `NAME_MAX` of Linux file systems.
+pub const MAX_COMPONENT_LEN: usize = 255;
+
+/// Longest relative path: 4096 bytes, Linux's `PATH_MAX`.
+pub const MAX_PATH_LEN: usize = 4096;
+
+/// Directory under the job directory that volumes land in.
+pub const VOLUME_DIR: &str = "volume";
+
+/// Directory under the job directory that outputs are read from.
+pub const OUTPUT_DIR: &str = "output";
+
+/// Private directory under the job directory where downloads are staged.
+const STAGING_DIR: &str = ".staging";
+
+/// Largest blob a volume may be when the spec does not say (matches the store's default).
+const DEFAULT_MAX_VOLUME_SIZE: u64 = crate::storage::DEFAULT_MAX_BLOB_SIZE;
+
+/// A relative path that is refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq, Clone)]
+#[non_exhaustive]
+pub enum PathError {
+    /// The empty string.
+    #[error("empty path")]
+    Empty,
+    /// Starts with `/`.
+    #[error("absolute path")]
+    Absolute,
+    /// A `..` component.
+    #[error("`..` component")]
+    ParentDir,
+    /// A `.` component.
+    #[error("`.` component")]
+    CurrentDir,
+    /// An empty component (`a//b`, trailing `/`).
+    #[error("empty component")]
+    EmptyComponent,
+    /// A NUL byte.
+    #[error("NUL byte")]
+    Nul,
+    /// A backslash (a separator on other systems).
+    #[error("backslash")]
+    Backslash,
+    /// A component longer than [`MAX_COMPONENT_LEN`].
+    #[error("component of {0} bytes (max {MAX_COMPONENT_LEN})")]
+    ComponentTooLong(usize),
+    /// A path longer than [`MAX_PATH_LEN`].
+    #[error("path of {0} bytes (max {MAX_PATH_LEN})")]
+    TooLong(usize),
+    /// The same path twice in one job.
+    #[error("duplicate path")]
+    Duplicate,
+    /// A file that is also a directory on another path (`a` and `a/b`).
+    #[error("`{0}` is both a file and a parent directory")]
+    FileIsParent(String),
+    /// A directory on the way, or the file itself, is a symlink.
+    #[error("`{0}` is a symlink")]
+    Symlink(String),
+    /// A directory on the way is not a directory.
+    #[error("`{0}` is not a directory")]
+    NotADirectory(String),
+    /// The target already exists.
+    #[error("`{0}` already exists")]
+    Exists(String),
+}
+
+/// Checks a relative path sent by a peer and returns it as a [`PathBuf`] of normal components.
+pub fn validate_relative_path(path: &RelativePath) -> Result<PathBuf, PathError> {
+    let text = path.0.as_str();
+    if text.is_empty() {
+        return Err(PathError::Empty);
+    }
+    if text.contains('\0') {
+        return Err(PathError::Nul);
+    }
+    if text.contains('\\') {
+        return Err(PathError::Backslash);
+    }
+    if text.len() > MAX_PATH_LEN {
+        return Err(PathError::TooLong(text.len()));
+    }
+    if text.starts_with('/') {
+        return Err(PathError::Absolute);
+    }
+    let mut result = PathBuf::new();
+    for component in text.split('/') {
+        match component {
+            "" => return Err(PathError::EmptyComponent),
+            "." => return Err(PathError::CurrentDir),
+            ".." => return Err(PathError::ParentDir),
+            name if name.len() > MAX_COMPONENT_LEN => {
+                return Err(PathError::ComponentTooLong(name.len()));
+            }
+            name => result.push(name),
+        }
+    }
+    Ok(result)
+}
+
+/// Validates every path of a job and refuses duplicates and a file that is another's parent.
+pub fn validate_paths<'a>(
+    paths: impl IntoIterator<Item = &'a RelativePath>,
+) -> Result<Vec<PathBuf>, (RelativePath, PathError)> {
+    let mut files = HashSet::new();
+    let mut parents = HashSet::new();
+    let mut result = Vec::new();
+    for path in paths {
+        let fail = |error| (path.clone(), error);
+        let valid = validate_relative_path(path).map_err(fail)?;
+        if files.contains(&valid) {
+            return Err(fail(PathError::Duplicate));
+        }
+        if parents.contains(&valid) {
+            return Err(fail(PathError::FileIsParent(path.0.clone())));
+        }
+        for ancestor in valid.ancestors().skip(1) {
+            if ancestor.as_os_str().is_empty() {
+                break;
+            }
+            if files.contains(ancestor) {
+                return Err(fail(PathError::FileIsParent(
+                    ancestor.display().to_string(),
+                )));
+            }
+            parents.insert(ancestor.to_owned());
+        }
+        files.insert(valid.clone());
+        result.push(valid);
+    }
+    Ok(result)
+}
+
+/// Creates (or checks) the directories of `relative` under `root`, refusing any that is a
+/// symlink or not a directory, and checks the final name is free. Returns the final path.
+pub fn prepare_target(root: &Path, relative: &Path) -> Result<PathBuf, VolumeError> {
+    let shown = relative.display().to_string();
+    let mut current = root.to_owned();
+    let components: Vec<_> = relative.components().collect();
+    let io_error = |source| VolumeError::Io {
+        path: shown.clone(),
+        source,
+    };
+    for (index, component) in components.iter().enumerate() {
+        current.push(component);
+        let last = index + 1 == components.len();
+        match fs::symlink_metadata(&current) {
+            Ok(meta) if meta.file_type().is_symlink() => {
+                return Err(path_error(
+                    &shown,
+                    PathError::Symlink(display(root, &current)),
+                ));
+            }
+            Ok(_) if last => {
+                return Err(path_error(&shown, PathError::Exists(shown.clone())));
+            }
+            Ok(meta) if !meta.is_dir() => {
+                return Err(path_error(
+                    &shown,
+                    PathError::NotADirectory(display(root, &current)),
+                ));
+            }
+            Ok(_) => {}
+            Err(error) if error.kind() == io::ErrorKind::NotFound => {
+                if !last {
+                    // `create_dir` fails if anything (a symlink included) appeared meanwhile.
+                    fs::create_dir(&current).map_err(io_error)?;
+                }
+            }
+            Err(error) => return Err(io_error(error)),
+        }
+    }
+    Ok(current)
+}
+
+fn display(root: &Path, path: &Path) -> String {
+    path.strip_prefix(root)
+        .unwrap_or(path)
+        .display()
+        .to_string()
+}
+
+fn path_error(path: &str, source: PathError) -> VolumeError {
+    VolumeError::Path {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Fetching or uploading a volume failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum VolumeError {
+    /// The path was refused.
+    #[error("volume path `{path}`: {source}")]
+    Path {
+        /// The path as sent.
+        path: String,
+        /// Why.
+        source: PathError,
+    },
+    /// A blob transfer failed.
+    #[error("volume `{path}`: {source}")]
+    Blob {
+        /// The path.
+        path: String,
+        /// The client error.
+        source: ClientError,
+    },
+    /// The HTTP server answered with an error status.
+    #[error("{url}: HTTP status {status}")]
+    HttpStatus {
+        /// The URL.
+        url: String,
+        /// The status.
+        status: u16,
+    },
+    /// The HTTP transfer kept failing after every retry.
+    #[error("{url}: {message} (after {attempts} attempts)")]
+    Http {
+        /// The URL.
+        url: String,
+        /// The last failure.
+        message: String,
+        /// Attempts made.
+        attempts: u32,
+    },
+    /// The content's size differs from the spec.
+    #[error("`{path}`: {actual} bytes, expected {expected}")]
+    SizeMismatch {
+        /// The path.
+        path: String,
+        /// Expected.
+        expected: u64,
+        /// Received.
+        actual: u64,
+    },
+    /// The content's BLAKE3 differs from the spec.
+    #[error("`{path}`: BLAKE3 {actual}, expected {expected}")]
+    HashMismatch {
+        /// The path.
+        path: String,
+        /// Expected.
+        expected: BlobHash,
+        /// Computed.
+        actual: BlobHash,
+    },
+    /// The output to upload is missing or not a regular file.
+    #[error("output `{path}`: {message}")]
+    Output {
+        /// The path.
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A source or target kind this node does not handle.
+    #[error("volume `{0}`: unsupported source or target")]
+    Unsupported(String),
+    /// Local I/O failed.
+    #[error("`{path}`: {source}")]
+    Io {
+        /// The path.
+        path: String,
+        /// The error.
+        source: io::Error,
+    },
+}
+
+/// The blocking HTTP client and its retry policy.
+#[derive(Debug, Clone)]
+pub struct HttpClient {
+    agent: ureq::Agent,
+    max_attempts: u32,
+    initial_backoff: Duration,
+}
+
+impl Default for HttpClient {
+    fn default() -> Self {
+        Self::new(5, Duration::from_millis(500))
+    }
+}
+
+impl HttpClient {
+    /// A client making at most `max_attempts` per transfer, waiting `initial_backoff` (then
+    /// doubling) between them. Status codes are handled here, not as transport errors; connects
+    /// time out after 10 s and a body stalled for 60 s fails the attempt.
+    pub fn new(max_attempts: u32, initial_backoff: Duration) -> Self {
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_connect(Some(Duration::from_secs(10)))
+            .timeout_recv_body(Some(Duration::from_secs(60)))
+            .build()
+            .into();
+        Self {
+            agent,
+            max_attempts: max_attempts.max(1),
+            initial_backoff,
+        }
+    }
+}
+
+/// A file placed by [`materialize`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Materialized {
+    /// Where it is.
+    pub path: PathBuf,
+    /// Its size.
+    pub size: u64,
+}
+
+/// Fetches every volume into `<job_dir>/volume/<path>`. Paths are validated first (all of them,
+/// before anything is fetched); each file is complete and checked before it appears.
+pub async fn materialize(
+    job_dir: &Path,
+    volumes: &[VolumeSpec],
+    endpoint: &HordeEndpoint,
+    http: &HttpClient,
+) -> Result<Vec<Materialized>, VolumeError> {
+    let paths =
+        validate_paths(volumes.iter().map(|volume| &volume.path)).map_err(|(path, source)| {
+            VolumeError::Path {
+                path: path.0,
+                source,
+            }
+        })?;
+    let root = job_dir.join(VOLUME_DIR);
+    let staging = job_dir.join(STAGING_DIR);
+    for dir in [&root, &staging] {
+        ensure_real_dir(dir)?;
+    }
+    let mut placed = Vec::with_capacity(volumes.len());
+    for (index, (volume, relative)) in volumes.iter().zip(paths).enumerate() {
+        let shown = volume.path.0.clone();
+        let target = prepare_target(&root, &relative)?;
+        let staged = staging.join(format!("volume-{index}"));
+        let size = match &volume.source {
+            VolumeSource::Inline { bytes } => {
+                write_new_file(&staged, bytes).map_err(|source| VolumeError::Io {
+                    path: shown.clone(),
+                    source,
+                })?;
+                bytes.len() as u64
+            }
+            VolumeSource::Blob {
+                hash,
+                size,
+                storage,
+            } => {
+                let outcome = blob_client::get_to_file(
+                    endpoint,
+                    storage,
+                    *hash,
+                    &staged,
+                    Some(*size),
+                    DEFAULT_MAX_VOLUME_SIZE,
+                    &mut NoProgress,
+                )
+                .await
+                .map_err(|source| VolumeError::Blob {
+                    path: shown.clone(),
+                    source,
+                })?;
+                outcome.size
+            }
+            VolumeSource::Url { url, size, blake3 } => {
+                let http = http.clone();
+                let (url, size, blake3, staged) = (url.clone(), *size, *blake3, staged.clone());
+                let path = shown.clone();
+                tokio::task::spawn_blocking(move || {
+                    fetch_url(&http, &url, &staged, size, blake3, &path)
+                })
+                .await
+                .map_err(|error| VolumeError::Io {
+                    path: shown.clone(),
+                    source: io::Error::other(error),
+                })??
+            }
+            _ => return Err(VolumeError::Unsupported(shown)),
+        };
+        // The final name was checked free; `rename` never follows a symlink at the target.
+        fs::rename(&staged, &target).map_err(|source| VolumeError::Io {
+            path: shown.clone(),
+            source,
+        })?;
+        debug!(path = %shown, size, "volume ready");
+        placed.push(Materialized { path: target, size });
+    }
+    if let Some(parent) = placed.first().and_then(|p| p.path.parent()) {
+        let _ = File::open(parent).and_then(|dir| dir.sync_all());
+    }
+    Ok(placed)
+}
+
+fn ensure_real_dir(dir: &Path) -> Result<(), VolumeError> {
+    let shown = dir.display().to_string();
+    match fs::symlink_metadata(dir) {
+        Ok(meta) if meta.file_type().is_symlink() => {
+            Err(path_error(&shown, PathError::Symlink(shown.clone())))
+        }
+        Ok(meta) if meta.is_dir() => Ok(()),
+        Ok(_) => Err(path_error(&shown, PathError::NotADirectory(shown.clone()))),
+        Err(_) => fs::create_dir_all(dir).map_err(|source| VolumeError::Io {
+            path: shown,
+            source,
+        }),
+    }
+}
+
+fn write_new_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let _ = fs::remove_file(path);
+    let mut file = OpenOptions::new().write(true).create_new(true).open(path)?;
+    file.write_all(bytes)?;
+    file.sync_all()
+}
+
+/// What one HTTP GET attempt ended with.
+enum Attempt {
+    Done,
+    Retry(String),
+}
+
+/// Downloads `url` into `dest` (blocking), resuming with `Range` after a dropped connection,
+/// then checks the size and BLAKE3. On a check failure `dest` is deleted.
+fn fetch_url(
+    http: &HttpClient,
+    url: &str,
+    dest: &Path,
+    expected_size: Option<u64>,
+    expected_hash: Option<BlobHash>,
+    shown: &str,
+) -> Result<u64, VolumeError> {
+    let io_error = |source| VolumeError::Io {
+        path: shown.to_owned(),
+        source,
+    };
+    let _ = fs::remove_file(dest);
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(dest)
+        .map_err(io_error)?;
+    let mut backoff = http.initial_backoff;
+    let mut attempt = 1;
+    loop {
+        match fetch_attempt(http, url, &mut file, expected_size) {
+            Ok(Attempt::Done) => break,
+            Ok(Attempt::Retry(message)) if attempt < http.max_attempts => {
+                info!(url, attempt, %message, "HTTP download interrupted, retrying in {backoff:?}");
+                std::thread::sleep(backoff);
+                backoff *= 2;
+                attempt += 1;
+            }
+            Ok(Attempt::Retry(message)) => {
+                let _ = fs::remove_file(dest);
+                return Err(VolumeError::Http {
+                    url: url.to_owned(),
+                    message,
+                    attempts: attempt,
+                });
+            }
+            Err(error) => {
+                let _ = fs::remove_file(dest);
+                return Err(error);
+            }
+        }
+    }
+    file.sync_all().map_err(io_error)?;
+    drop(file);
+    let checked = check_file(dest, expected_size, expected_hash, shown);
+    if checked.is_err() {
+        let _ = fs::remove_file(dest);
+    }
+    checked
+}
+
+/// One GET: asks for the bytes after what `file` holds and appends them.
+fn fetch_attempt(
+    http: &HttpClient,
+    url: &str,
+    file: &mut File,
+    expected_size: Option<u64>,
+) -> Result<Attempt, VolumeError> {
+    let held = file.metadata().map(|m| m.len()).unwrap_or(0);
+    if held > 0 && expected_size == Some(held) {
+        return Ok(Attempt::Done);
+    }
+    let mut request = http.agent.get(url);
+    if held > 0 {
+        request = request.header("Range", format!("bytes={held}-"));
+    }
+    let response = match request.call() {
+        Ok(response) => response,
+        Err(error) => return Ok(Attempt::Retry(error.to_string())),
+    };
+    let status = response.status().as_u16();
+    let append = match status {
+        200 => false,
+        206 => {
+            let start = response
+                .headers()
+                .get("content-range")
+                .and_then(|value| value.to_str().ok())
+                .and_then(content_range_start);
+            if start != Some(held) {
+                // Not the range we asked for: start over rather than splice wrong bytes.
+                false
+            } else {
+                true
+            }
+        }
+        416 if held > 0 => return Ok(Attempt::Done),
+        500..=599 | 408 | 429 => return Ok(Attempt::Retry(format!("HTTP status {status}"))),
+        _ => {
+            return Err(VolumeError::HttpStatus {
+                url: url.to_owned(),
+                status,
+            });
+        }
+    };
+    if !append {
+        file.set_len(0).map_err(|source| VolumeError::Io {
+            path: url.to_owned(),
+            source,
+        })?;
+    }
+    let mut reader = response.into_body().into_reader();
+    let mut buffer = vec![0u8; 256 * 1024];
+    loop {
+        let read = match reader.read(&mut buffer) {
+            Ok(0) => return Ok(Attempt::Done),
+            Ok(read) => read,
+            Err(error) => return Ok(Attempt::Retry(error.to_string())),
+        };
+        file.write_all(&buffer[..read])
+            .map_err(|source| VolumeError::Io {
+                path: url.to_owned(),
+                source,
+            })?;
+        if let Some(expected) = expected_size {
+            let written = file.metadata().map(|m| m.len()).unwrap_or(0);
+            if written > expected {
+                return Err(VolumeError::SizeMismatch {
+                    path: url.to_owned(),
+                    expected,
+                    actual: written,
+                });
+            }
+        }
+    }
+}
+
+/// `bytes N-M/T` → N.
+fn content_range_start(value: &str) -> Option<u64> {
+    let range = value.trim().strip_prefix("bytes ")?;
+    range.split('-').next()?.trim().parse().ok()
+}
+
+fn check_file(
+    path: &Path,
+    expected_size: Option<u64>,
+    expected_hash: Option<BlobHash>,
+    shown: &str,
+) -> Result<u64, VolumeError> {
+    let (hash, size) = blob_client::hash_file(path).map_err(|source| VolumeError::Io {
+        path: shown.to_owned(),
+        source,
+    })?;
+    if let Some(expected) = expected_size
+        && expected != size
+    {
+        return Err(VolumeError::SizeMismatch {
+            path: shown.to_owned(),
+            expected,
+            actual: size,
+        });
+    }
+    if let Some(expected) = expected_hash
+        && expected != hash
+    {
+        return Err(VolumeError::HashMismatch {
+            path: shown.to_owned(),
+            expected,
+            actual: hash,
+        });
+    }
+    Ok(size)
+}
+
+/// Opens an output under `root` without following symlinks on the way, refusing anything but
+/// a regular file.
+fn open_output(root: &Path, relative: &Path, shown: &str) -> Result<File, VolumeError> {
+    let mut current = root.to_owned();
+    for component in relative.components() {
+        current.push(component);
+        match fs::symlink_metadata(&current) {
+            Ok(meta) if meta.file_type().is_symlink() => {
+                return Err(path_error(
+                    shown,
+                    PathError::Symlink(display(root, &current)),
+                ));
+            }
+            Ok(_) => {}
+            Err(source) => {
+                return Err(VolumeError::Output {
+                    path: shown.to_owned(),
+                    message: source.to_string(),
+                });
+            }
+        }
+    }
+    let file = File::open(&current).map_err(|source| VolumeError::Io {
+        path: shown.to_owned(),
+        source,
+    })?;
+    let meta = file.metadata().map_err(|source| VolumeError::Io {
+        path: shown.to_owned(),
+        source,
+    })?;
+    if !meta.is_file() {
+        return Err(VolumeError::Output {
+            path: shown.to_owned(),
+            message: "not a regular file".to_owned(),
+        });
+    }
+    Ok(file)
+}
+
+/// Uploads every output from `<job_dir>/output/<path>` to its target and returns where each
+/// went, with its size and BLAKE3.
+pub async fn upload(
+    job_dir: &Path,
+    uploads: &[UploadSpec],
+    endpoint: &HordeEndpoint,
+    http: &HttpClient,
+) -> Result<Vec<OutputRef>, VolumeError> {
+    let paths =
+        validate_paths(uploads.iter().map(|upload| &upload.path)).map_err(|(path, source)| {
+            VolumeError::Path {
+                path: path.0,
+                source,
+            }
+        })?;
+    let root = job_dir.join(OUTPUT_DIR);
+    let mut outputs = Vec::with_capacity(uploads.len());
+    for (spec, relative) in uploads.iter().zip(paths) {
+        let shown = spec.path.0.clone();
+        let file = open_output(&root, &relative, &shown)?;
+        let path = root.join(&relative);
+        let io_error = |source| VolumeError::Io {
+            path: shown.clone(),
+            source,
+        };
+        let (hash, size) = {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || blob_client::hash_file(&path))
+                .await
+                .map_err(|error| io_error(io::Error::other(error)))?
+                .map_err(io_error)?
+        };
+        let location = match &spec.target {
+            UploadTarget::Blob { storage } => {
+                let stored = blob_client::put_file(endpoint, storage, &path, &mut NoProgress)
+                    .await
+                    .map_err(|source| VolumeError::Blob {
+                        path: shown.clone(),
+                        source,
+                    })?;
+                if stored != hash {
+                    return Err(VolumeError::HashMismatch {
+                        path: shown,
+                        expected: hash,
+                        actual: stored,
+                    });
+                }
+                OutputLocation::Blob(storage.clone())
+            }
+            UploadTarget::HttpPut { url, headers } => {
+                let (http, url, headers) = (http.clone(), url.clone(), headers.clone());
+                let sent_url = url.clone();
+                tokio::task::spawn_blocking(move || http_put(&http, &url, &headers, file))
+                    .await
+                    .map_err(|error| io_error(io::Error::other(error)))??;
+                OutputLocation::Url(sent_url)
+            }
+            _ => return Err(VolumeError::Unsupported(shown)),
+        };
+        outputs.push(OutputRef {
+            path: spec.path.clone(),
+            size,
+            hash,
+            location,
+        });
+    }
+    Ok(outputs)
+}
+
+/// PUTs a file with its Content-Length and the given headers (blocking), retrying transport
+/// failures and 5xx answers.
+fn http_put(
+    http: &HttpClient,
+    url: &str,
+    headers: &[(String, String)],
+    file: File,
+) -> Result<(), VolumeError> {
+    use std::io::Seek as _;
+    let mut file = file;
+    let mut backoff = http.initial_backoff;
+    let mut attempt = 1;
+    loop {
+        file.rewind().map_err(|source| VolumeError::Io {
+            path: url.to_owned(),
+            source,
+        })?;
+        let mut request = http.agent.put(url);
+        for (name, value) in headers {
+            request = request.header(name.as_str(), value.as_str());
+        }
+        let failure = match request.send(&file) {
+            Ok(response) => {
+                let status = response.status().as_u16();
+                if response.status().is_success() {
+                    return Ok(());
+                }
+                if !(500..=599).contains(&status) {
+                    return Err(VolumeError::HttpStatus {
+                        url: url.to_owned(),
+                        status,
+                    });
+                }
+                format!("HTTP status {status}")
+            }
+            Err(error) => error.to_string(),
+        };
+        if attempt >= http.max_attempts {
+            return Err(VolumeError::Http {
+                url: url.to_owned(),
+                message: failure,
+                attempts: attempt,
+            });
+        }
+        info!(url, attempt, %failure, "HTTP upload failed, retrying in {backoff:?}");
+        std::thread::sleep(backoff);
+        backoff *= 2;
+        attempt += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn path(text: &str) -> RelativePath {
+        RelativePath(text.to_owned())
+    }
+
+    #[test]
+    fn bad_names_are_refused_with_the_right_reason() {
+        let long_component = "a".repeat(MAX_COMPONENT_LEN + 1);
+        let long_path = vec!["abcdefgh"; MAX_PATH_LEN / 9 + 1].join("/");
+        let cases: Vec<(&str, PathError)> = vec![
+            ("", PathError::Empty),
+            ("..", PathError::ParentDir),
+            ("../etc/passwd", PathError::ParentDir),
+            ("a/../../b", PathError::ParentDir),
+            ("a/..", PathError::ParentDir),
+            ("/etc/passwd", PathError::Absolute),
+            ("/", PathError::Absolute),
+            (".", PathError::CurrentDir),
+            ("./a", PathError::CurrentDir),
+            ("a/./b", PathError::CurrentDir),
+            ("a//b", PathError::EmptyComponent),
+            ("a/", PathError::EmptyComponent),
+            ("a\0b", PathError::Nul),
+            ("a\\b", PathError::Backslash),
+            ("..\\..\\windows", PathError::Backslash),
+            (
+                &long_component,
+                PathError::ComponentTooLong(MAX_COMPONENT_LEN + 1),
+            ),
+            (&long_path, PathError::TooLong(long_path.len())),
+        ];
+        for (name, expected) in cases {
+            assert_eq!(
+                validate_relative_path(&path(name)),
+                Err(expected.clone()),
+                "{name:?}"
+            );
+        }
+        for good in [
+            "a",
+            "a/b/c.txt",
+            "..a",
+            "a..",
+            ".hidden",
+            "x/.y",
+            &"a".repeat(255),
+        ] {
+            assert!(validate_relative_path(&path(good)).is_ok(), "{good:?}");
+        }
+    }
+
+    #[test]
+    fn duplicates_and_file_parent_clashes_are_refused() {
+        let check = |names: &[&str]| {
+            let paths: Vec<RelativePath> = names.iter().map(|n| path(n)).collect();
+            validate_paths(&paths)
+                .map(|_| ())
+                .map_err(|(_, error)| error)
+        };
+        assert_eq!(check(&["a", "b", "c/d"]), Ok(()));
+        assert_eq!(check(&["a", "a"]), Err(PathError::Duplicate));
+        assert_eq!(
+            check(&["a", "a/b"]),
+            Err(PathError::FileIsParent("a".to_owned()))
+        );
+        assert_eq!(
+            check(&["a/b/c", "a/b"]),
+            Err(PathError::FileIsParent("a/b".to_owned()))
+        );
+        assert_eq!(check(&["a/b", "a/c"]), Ok(()));
+    }
+
+    #[test]
+    fn symlinks_on_the_way_or_at_the_target_are_refused() {
+        let job = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let root = job.path().join("volume");
+        fs::create_dir_all(&root).unwrap();
+        std::os::unix::fs::symlink(outside.path(), root.join("escape")).unwrap();
+        std::os::unix::fs::symlink(outside.path().join("x"), root.join("dangling")).unwrap();
+        fs::write(root.join("file"), b"x").unwrap();
+
+        let err = prepare_target(&root, Path::new("escape/owned")).unwrap_err();
+        assert!(
+            matches!(err, VolumeError::Path { source: PathError::Symlink(ref at), .. } if at == "escape"),
+            "{err:?}"
+        );
+        let err = prepare_target(&root, Path::new("dangling")).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                VolumeError::Path {
+                    source: PathError::Symlink(_),
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        let err = prepare_target(&root, Path::new("file/x")).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                VolumeError::Path {
+                    source: PathError::NotADirectory(_),
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        let err = prepare_target(&root, Path::new("file")).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                VolumeError::Path {
+                    source: PathError::Exists(_),
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        let ok = prepare_target(&root, Path::new("new/dir/file")).unwrap();
+        assert_eq!(ok, root.join("new/dir/file"));
+        assert!(root.join("new/dir").is_dir());
+        assert!(fs::read_dir(outside.path()).unwrap().next().is_none());
+    }
+}

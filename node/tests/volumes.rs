@@ -1,0 +1,403 @@
+//! Volume materialization and uploads against real servers on 127.0.0.1: a Python HTTP server
+//! process (`tests/fixtures/http_server.py`) and a horde storage node.
+
+#![allow(clippy::unwrap_used)] // Tests fail loudly on any error.
+
+use std::io::{BufRead as _, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use horde_node::storage::{BlobStore, StoreLimits, serve};
+use horde_node::volumes::{HttpClient, PathError, VolumeError, materialize, upload};
+use horde_protocol::messages::OutputLocation;
+use horde_protocol::{
+    BlobHash, NodeAddr, RelativePath, UploadSpec, UploadTarget, VolumeSource, VolumeSpec,
+};
+use horde_transport::test_utils::{localhost_endpoint, seeded_key};
+use tokio_util::sync::CancellationToken;
+
+/// The HTTP server process; killed on drop.
+struct HttpServer {
+    child: Child,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl HttpServer {
+    fn start(drop_after: Option<usize>) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/http_server.py");
+        let mut command = Command::new("python3");
+        command
+            .arg(script)
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(Stdio::piped());
+        if let Some(k) = drop_after {
+            command.arg("--drop-after").arg(k.to_string());
+        }
+        let mut child = command.spawn().expect("python3 is installed");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let port = line.trim().parse().expect("the server prints its port");
+        Self { child, port, dir }
+    }
+
+    fn url(&self, name: &str) -> String {
+        format!("http://127.0.0.1:{}/{name}", self.port)
+    }
+
+    fn serve_file(&self, name: &str, bytes: &[u8]) {
+        std::fs::write(self.dir.path().join(name), bytes).unwrap();
+    }
+
+    fn requests(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.dir.path().join("requests.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap())
+            .collect()
+    }
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn sample(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 31 + i / 997) as u8).collect()
+}
+
+fn http() -> HttpClient {
+    HttpClient::new(4, Duration::from_millis(50))
+}
+
+fn volume(path: &str, source: VolumeSource) -> VolumeSpec {
+    VolumeSpec {
+        path: RelativePath(path.to_owned()),
+        source,
+    }
+}
+
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                found.extend(files_under(&path));
+            } else {
+                found.push(path);
+            }
+        }
+    }
+    found
+}
+
+#[tokio::test]
+async fn url_source_resumes_with_range_after_a_dropped_connection() {
+    let server = HttpServer::start(Some(100_000));
+    let bytes = sample(1_000_000);
+    server.serve_file("data.bin", &bytes);
+    let job = tempfile::tempdir().unwrap();
+    let endpoint = localhost_endpoint(&seeded_key(1));
+    let placed = materialize(
+        job.path(),
+        &[volume(
+            "inputs/data.bin",
+            VolumeSource::Url {
+                url: server.url("data.bin"),
+                size: Some(bytes.len() as u64),
+                blake3: Some(BlobHash::of(&bytes)),
+            },
+        )],
+        &endpoint,
+        &http(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(placed[0].path, job.path().join("volume/inputs/data.bin"));
+    assert_eq!(std::fs::read(&placed[0].path).unwrap(), bytes);
+
+    let gets: Vec<_> = server
+        .requests()
+        .into_iter()
+        .filter(|r| r["method"] == "GET")
+        .collect();
+    assert_eq!(gets.len(), 2, "{gets:?}");
+    assert!(gets[0]["headers"].get("range").is_none());
+    let range = gets[1]["headers"]["range"].as_str().unwrap();
+    let resumed_at: u64 = range
+        .strip_prefix("bytes=")
+        .and_then(|r| r.strip_suffix('-'))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(resumed_at > 0 && resumed_at <= 100_000, "{range}");
+}
+
+#[tokio::test]
+async fn wrong_blake3_or_size_is_a_typed_error_and_leaves_no_file() {
+    let server = HttpServer::start(None);
+    let bytes = sample(50_000);
+    server.serve_file("data.bin", &bytes);
+    let job = tempfile::tempdir().unwrap();
+    let endpoint = localhost_endpoint(&seeded_key(1));
+
+    let wrong = BlobHash([1; 32]);
+    let error = materialize(
+        job.path(),
+        &[volume(
+            "data.bin",
+            VolumeSource::Url {
+                url: server.url("data.bin"),
+                size: None,
+                blake3: Some(wrong),
+            },
+        )],
+        &endpoint,
+        &http(),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(error, VolumeError::HashMismatch { expected, actual, .. }
+            if expected == wrong && actual == BlobHash::of(&bytes)),
+        "{error:?}"
+    );
+    assert!(
+        files_under(job.path()).is_empty(),
+        "{:?}",
+        files_under(job.path())
+    );
+
+    let error = materialize(
+        job.path(),
+        &[volume(
+            "data.bin",
+            VolumeSource::Url {
+                url: server.url("data.bin"),
+                size: Some(49_999),
+                blake3: None,
+            },
+        )],
+        &endpoint,
+        &http(),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(error, VolumeError::SizeMismatch { .. }),
+        "{error:?}"
+    );
+    assert!(files_under(job.path()).is_empty());
+
+    let error = materialize(
+        job.path(),
+        &[volume(
+            "missing.bin",
+            VolumeSource::Url {
+                url: server.url("missing.bin"),
+                size: None,
+                blake3: None,
+            },
+        )],
+        &endpoint,
+        &http(),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(error, VolumeError::HttpStatus { status: 404, .. }),
+        "{error:?}"
+    );
+}
+
+#[tokio::test]
+async fn http_put_upload_sends_the_file_with_custom_headers() {
+    let server = HttpServer::start(None);
+    let job = tempfile::tempdir().unwrap();
+    let output = job.path().join("output/results");
+    std::fs::create_dir_all(&output).unwrap();
+    let bytes = sample(300_000);
+    std::fs::write(output.join("model.bin"), &bytes).unwrap();
+    let endpoint = localhost_endpoint(&seeded_key(1));
+    let url = server.url("uploaded.bin?X-Amz-Signature=abc");
+    let refs = upload(
+        job.path(),
+        &[UploadSpec {
+            path: RelativePath("results/model.bin".to_owned()),
+            target: UploadTarget::HttpPut {
+                url: url.clone(),
+                headers: vec![("x-amz-meta-job".to_owned(), "job-42".to_owned())],
+            },
+        }],
+        &endpoint,
+        &http(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(refs.len(), 1);
+    assert_eq!(refs[0].size, bytes.len() as u64);
+    assert_eq!(refs[0].hash, BlobHash::of(&bytes));
+    assert_eq!(refs[0].location, OutputLocation::Url(url));
+    assert_eq!(
+        std::fs::read(server.dir.path().join("uploaded.bin")).unwrap(),
+        bytes
+    );
+    let puts: Vec<_> = server
+        .requests()
+        .into_iter()
+        .filter(|r| r["method"] == "PUT")
+        .collect();
+    assert_eq!(puts.len(), 1);
+    assert_eq!(puts[0]["headers"]["x-amz-meta-job"], "job-42");
+    assert_eq!(
+        puts[0]["headers"]["content-length"],
+        bytes.len().to_string()
+    );
+    assert!(puts[0]["headers"].get("transfer-encoding").is_none());
+}
+
+#[tokio::test]
+async fn blob_and_inline_volumes_and_blob_uploads() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(BlobStore::open(dir.path(), StoreLimits::default()).unwrap());
+    let storage_endpoint = Arc::new(localhost_endpoint(&seeded_key(20)));
+    let storage = NodeAddr {
+        hotkey: storage_endpoint.hotkey(),
+        addrs: vec![storage_endpoint.local_addr().unwrap()],
+    };
+    let cancel = CancellationToken::new();
+    tokio::spawn(serve(storage_endpoint, Arc::clone(&store), cancel.clone()));
+
+    let bytes = sample(200_000);
+    let hash = store.insert(&bytes).unwrap();
+    let job = tempfile::tempdir().unwrap();
+    let endpoint = localhost_endpoint(&seeded_key(1));
+    materialize(
+        job.path(),
+        &[
+            volume(
+                "a/blob.bin",
+                VolumeSource::Blob {
+                    hash,
+                    size: bytes.len() as u64,
+                    storage: storage.clone(),
+                },
+            ),
+            volume(
+                "a/inline.txt",
+                VolumeSource::Inline {
+                    bytes: b"hello".to_vec(),
+                },
+            ),
+        ],
+        &endpoint,
+        &http(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        std::fs::read(job.path().join("volume/a/blob.bin")).unwrap(),
+        bytes
+    );
+    assert_eq!(
+        std::fs::read(job.path().join("volume/a/inline.txt")).unwrap(),
+        b"hello"
+    );
+
+    // A wrong declared size is refused before any data is kept.
+    let error = materialize(
+        job.path(),
+        &[volume(
+            "b.bin",
+            VolumeSource::Blob {
+                hash,
+                size: 5,
+                storage: storage.clone(),
+            },
+        )],
+        &endpoint,
+        &http(),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(error, VolumeError::Blob { .. }), "{error:?}");
+    assert!(!job.path().join("volume/b.bin").exists());
+
+    // Paths are validated before anything is fetched.
+    let error = materialize(
+        job.path(),
+        &[volume("../escape", VolumeSource::Inline { bytes: vec![1] })],
+        &endpoint,
+        &http(),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(
+            error,
+            VolumeError::Path {
+                source: PathError::ParentDir,
+                ..
+            }
+        ),
+        "{error:?}"
+    );
+
+    // Outputs go to the store; the reference carries size and hash.
+    std::fs::create_dir_all(job.path().join("output")).unwrap();
+    std::fs::write(job.path().join("output/out.bin"), &bytes[..1000]).unwrap();
+    let refs = upload(
+        job.path(),
+        &[UploadSpec {
+            path: RelativePath("out.bin".to_owned()),
+            target: UploadTarget::Blob {
+                storage: storage.clone(),
+            },
+        }],
+        &endpoint,
+        &http(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(refs[0].hash, BlobHash::of(&bytes[..1000]));
+    assert_eq!(refs[0].location, OutputLocation::Blob(storage));
+    assert!(store.blob_path(&refs[0].hash).exists());
+
+    // An output that is a symlink is refused.
+    std::os::unix::fs::symlink("/etc/passwd", job.path().join("output/link")).unwrap();
+    let error = upload(
+        job.path(),
+        &[UploadSpec {
+            path: RelativePath("link".to_owned()),
+            target: UploadTarget::HttpPut {
+                url: "http://127.0.0.1:9/".to_owned(),
+                headers: vec![],
+            },
+        }],
+        &endpoint,
+        &http(),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(
+            error,
+            VolumeError::Path {
+                source: PathError::Symlink(_),
+                ..
+            }
+        ),
+        "{error:?}"
+    );
+    cancel.cancel();
+}

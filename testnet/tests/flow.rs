@@ -1,0 +1,485 @@
+//! The streaming-job flow across real processes on loopback: the happy path with every kind of
+//! traffic, and each negative path ending in its typed status.
+
+#![allow(clippy::unwrap_used)] // Tests fail loudly on any error.
+
+use std::time::Duration;
+
+use horde_node::client::{
+    Client, ClientError, JobConnection, JobHandle, JobRequest, VerifiedEndpoint,
+};
+use horde_protocol::messages::{DeclineReason, FailureReason, RejectReason};
+use horde_protocol::{
+    EndpointRecord, JobId, JobStatus, ReadinessProbe, RelativePath, SecretKey, Signed, Stage,
+    UploadSpec, UploadTarget, VolumeSource, VolumeSpec,
+};
+use horde_testnet::{Testnet, TestnetConfig, demo_job_binary};
+use horde_transport::tunnel::{TunnelStream, http_request};
+
+fn demo_request() -> JobRequest {
+    let program = demo_job_binary().expect("demo job binary");
+    JobRequest::command("cpu", program.to_str().expect("utf-8 path"))
+}
+
+fn start(config: TestnetConfig) -> Testnet {
+    Testnet::start(config).expect("testnet starts")
+}
+
+async fn submit(testnet: &Testnet, request: &JobRequest) -> (Client, JobHandle) {
+    let client = Client::new(SecretKey::generate(), testnet.facilitator()).unwrap();
+    let job = client.submit(request).await.unwrap();
+    (client, job)
+}
+
+fn kinds(job: &JobHandle) -> Vec<String> {
+    job.history()
+        .iter()
+        .map(|u| {
+            let shown = format!("{:?}", u.status);
+            shown
+                .split(['(', ' ', '{'])
+                .next()
+                .unwrap_or_default()
+                .to_owned()
+        })
+        .collect()
+}
+
+async fn endpoint(job: &mut JobHandle, testnet: &Testnet) -> VerifiedEndpoint {
+    match job.wait_for_endpoint().await {
+        Ok(endpoint) => endpoint,
+        Err(error) => panic!(
+            "{error}\nhistory: {:?}\nminer:\n{}\nvalidator:\n{}",
+            job.history(),
+            testnet.log("miner-0"),
+            testnet.log("validator-0")
+        ),
+    }
+}
+
+async fn get(connection: &JobConnection, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
+    let response = http_request(
+        &connection.connection,
+        connection.job_id,
+        &connection.client_key,
+        connection.job_key,
+        method,
+        path,
+        body,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+    // The receipt is verified inside http_request; check it names this job and key again.
+    let receipt = response.receipt.verify_by(&connection.job_key).unwrap();
+    assert_eq!(receipt.job_id, connection.job_id);
+    assert!(receipt.bytes_out >= response.body.len() as u64);
+    (response.status, response.body)
+}
+
+fn ws_frame(payload: &[u8]) -> Vec<u8> {
+    // A masked client text frame (payload < 126 bytes).
+    let mask = [0x11, 0x22, 0x33, 0x44];
+    let mut frame = vec![0x81, 0x80 | payload.len() as u8];
+    frame.extend_from_slice(&mask);
+    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    frame
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whole_flow_with_every_kind_of_traffic() {
+    let testnet = start(TestnetConfig::default());
+    let storage = testnet.storage().unwrap();
+    let mut request = demo_request();
+    request.volumes = vec![VolumeSpec {
+        path: RelativePath("greeting.txt".into()),
+        source: VolumeSource::Inline {
+            bytes: b"hello from the client".to_vec(),
+        },
+    }];
+    request.logs = Some(UploadTarget::Blob {
+        storage: storage.clone(),
+    });
+    let (_client, mut job) = submit(&testnet, &request).await;
+    let endpoint = endpoint(&mut job, &testnet).await;
+    assert_eq!(
+        kinds(&job),
+        [
+            "Received",
+            "Assigned",
+            "Accepted",
+            "ExecutorReady",
+            "EndpointReady"
+        ]
+    );
+    let connection = job.connect_job(&endpoint).await.unwrap();
+
+    // Buffered HTTP.
+    let (status, body) = get(&connection, "GET", "/health", b"").await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let (status, body) = get(&connection, "POST", "/echo", b"echo me").await;
+    assert_eq!((status, body.as_slice()), (200, b"echo me".as_slice()));
+    // Initial volume is there.
+    let (status, body) = get(&connection, "GET", "/volume?path=greeting.txt", b"").await;
+    assert_eq!(
+        (status, body.as_slice()),
+        (200, b"hello from the client".as_slice())
+    );
+
+    // Streamed response (SSE, chunked).
+    let (status, body) = get(&connection, "GET", "/stream?n=5", b"").await;
+    assert_eq!(status, 200);
+    let text = String::from_utf8_lossy(&body);
+    assert_eq!(text.matches("data: token-").count(), 5, "{text}");
+    assert!(text.contains("[DONE]"));
+
+    // WebSocket round trip on one tunnel stream, full duplex.
+    let client_key = job.client_key().unwrap().clone();
+    let mut ws = TunnelStream::open(
+        &connection.connection,
+        job.job_id(),
+        &client_key,
+        endpoint.job_key(),
+    )
+    .await
+    .unwrap();
+    ws.write(
+        b"GET /ws HTTP/1.1\r\nHost: job\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut received = Vec::new();
+    while !String::from_utf8_lossy(&received).contains("\r\n\r\n") {
+        received.extend_from_slice(&ws.read().await.unwrap().expect("handshake"));
+    }
+    let head_end = received.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    assert!(String::from_utf8_lossy(&received[..head_end]).starts_with("HTTP/1.1 101"));
+    let mut frames = received[head_end..].to_vec();
+    ws.write(&ws_frame(b"ping over the tunnel")).await.unwrap();
+    while frames.len() < 2 + 20 {
+        frames.extend_from_slice(&ws.read().await.unwrap().expect("echo"));
+    }
+    assert_eq!(frames[0], 0x81);
+    assert_eq!(&frames[2..22], b"ping over the tunnel");
+    ws.finish_sending().await.unwrap();
+    while ws.read().await.unwrap().is_some() {}
+    let receipt = ws.receipt().expect("websocket stream receipt").clone();
+    assert!(receipt.verify_by(&endpoint.job_key()).is_ok());
+
+    // Volume list mid-session: fetch a file, declare an upload.
+    job.send_volumes(
+        7,
+        vec![VolumeSpec {
+            path: RelativePath("later/data.bin".into()),
+            source: VolumeSource::Inline {
+                bytes: vec![42; 1000],
+            },
+        }],
+        vec![UploadSpec {
+            path: RelativePath("result.txt".into()),
+            target: UploadTarget::Blob {
+                storage: storage.clone(),
+            },
+        }],
+    )
+    .await
+    .unwrap();
+    job.wait_for(|s| matches!(s, JobStatus::VolumesFetched { volume_msg_id: 7 }))
+        .await
+        .unwrap();
+    let (status, body) = get(&connection, "GET", "/volume?path=later/data.bin", b"").await;
+    assert_eq!((status, body.len()), (200, 1000));
+
+    // Output uploaded mid-session: the job writes it and tells the executor.
+    let (status, body) = get(
+        &connection,
+        "POST",
+        "/output?path=result.txt",
+        b"the result",
+    )
+    .await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let done = job
+        .wait_for(|s| matches!(s, JobStatus::UploadDone(_)))
+        .await
+        .unwrap();
+    let JobStatus::UploadDone(done) = done else {
+        unreachable!()
+    };
+    assert_eq!(done.volume_msg_id, Some(7));
+    let output = &done.outputs[0];
+    assert_eq!(output.hash, horde_protocol::BlobHash::of(b"the result"));
+
+    // Terminate; logs go to storage.
+    job.terminate().await.unwrap();
+    let end = job.wait_for_end().await.unwrap();
+    let JobStatus::Completed(result) = end else {
+        panic!("{end:?}")
+    };
+    assert!(result.terminated);
+    let stdout = result
+        .outputs
+        .iter()
+        .find(|o| o.path.0 == "stdout")
+        .expect("stdout uploaded");
+
+    // Outputs and logs are downloadable from storage.
+    let downloader = horde_transport::test_utils::localhost_endpoint(&SecretKey::generate());
+    let bytes = horde_node::blob_client::get_to_memory(&downloader, &storage, output.hash, 1 << 20)
+        .await
+        .unwrap();
+    assert_eq!(bytes, b"the result");
+    let log = horde_node::blob_client::get_to_memory(&downloader, &storage, stdout.hash, 1 << 20)
+        .await
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&log).contains("/echo"),
+        "{}",
+        String::from_utf8_lossy(&log)
+    );
+    assert_eq!(kinds(&job).last().map(String::as_str), Some("Completed"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_endpoint_record_is_refused_and_wrong_client_key_cannot_connect() {
+    let testnet = start(TestnetConfig::default());
+    let (_client, mut job) = submit(&testnet, &demo_request()).await;
+    let endpoint = endpoint(&mut job, &testnet).await;
+    let miner = job.miner().unwrap();
+
+    // A record re-signed by another key, and one with a tampered byte: both refused.
+    let forger = SecretKey::generate();
+    let forged = Signed::sign(&forger, &endpoint.record);
+    assert!(matches!(
+        VerifiedEndpoint::verify(&forged, job.job_id(), &miner, horde_node::client::now()),
+        Err(ClientError::BadEndpoint(_))
+    ));
+    let mut bytes = endpoint.signed.bytes().to_vec();
+    bytes[20] ^= 1;
+    let tampered: Signed<EndpointRecord> = Signed::from_parts(
+        bytes,
+        *endpoint.signed.signer(),
+        *endpoint.signed.signature(),
+    );
+    assert!(matches!(
+        VerifiedEndpoint::verify(&tampered, job.job_id(), &miner, horde_node::client::now()),
+        Err(ClientError::BadEndpoint(_))
+    ));
+    // A record for another job is refused too.
+    assert!(matches!(
+        VerifiedEndpoint::verify(
+            &endpoint.signed,
+            JobId([9; 16]),
+            &miner,
+            horde_node::client::now()
+        ),
+        Err(ClientError::BadEndpoint(_))
+    ));
+
+    // A client key other than the spec's: the job endpoint refuses it.
+    let intruder = JobConnection::connect(job.job_id(), SecretKey::generate(), &endpoint).await;
+    let refused = match intruder {
+        Err(_) => true,
+        Ok(connection) => http_request(
+            &connection.connection,
+            job.job_id(),
+            &connection.client_key,
+            connection.job_key,
+            "GET",
+            "/health",
+            b"",
+        )
+        .await
+        .is_err(),
+    };
+    assert!(refused, "a foreign client key reached the job");
+    job.terminate().await.unwrap();
+    assert!(matches!(
+        job.wait_for_end().await.unwrap(),
+        JobStatus::Completed(_)
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_exiting_non_zero_fails_in_execution() {
+    let testnet = start(TestnetConfig::default());
+    let (_client, mut job) = submit(&testnet, &demo_request()).await;
+    let endpoint = endpoint(&mut job, &testnet).await;
+    let connection = job.connect_job(&endpoint).await.unwrap();
+    let _ = http_request(
+        &connection.connection,
+        job.job_id(),
+        &connection.client_key,
+        connection.job_key,
+        "GET",
+        "/exit?code=3",
+        b"",
+    )
+    .await;
+    let end = job.wait_for_end().await.unwrap();
+    match end {
+        JobStatus::Failed(failure) => {
+            assert_eq!(failure.stage, Stage::Execution);
+            assert_eq!(failure.reason, FailureReason::NonZeroExit(3));
+            assert_eq!(failure.result.unwrap().exit_code, Some(3));
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_never_ready_fails_in_readiness_within_its_deadline() {
+    let testnet = start(TestnetConfig::default());
+    let mut request = demo_request();
+    request.args = vec!["--fail-health".into()];
+    request.deadlines.readiness_ms = 1_500;
+    let started = std::time::Instant::now();
+    let (_client, mut job) = submit(&testnet, &request).await;
+    let end = job.wait_for_end().await.unwrap();
+    match end {
+        JobStatus::Failed(failure) => {
+            assert_eq!(failure.stage, Stage::Readiness);
+            assert_eq!(failure.reason, FailureReason::Timeout);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(15));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn execution_time_limit_ends_the_job() {
+    let testnet = start(TestnetConfig::default());
+    let mut request = demo_request();
+    request.deadlines.execution_ms = 1_500;
+    let (_client, mut job) = submit(&testnet, &request).await;
+    endpoint(&mut job, &testnet).await;
+    let end = tokio::time::timeout(Duration::from_secs(20), job.wait_for_end())
+        .await
+        .expect("ends within its deadline")
+        .unwrap();
+    match end {
+        JobStatus::Failed(failure) => {
+            assert_eq!(failure.stage, Stage::Execution);
+            assert_eq!(failure.reason, FailureReason::Timeout);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_free_executor_is_declined_busy() {
+    let testnet = start(TestnetConfig::default());
+    let (_client, mut first) = submit(&testnet, &demo_request()).await;
+    endpoint(&mut first, &testnet).await;
+    let (_client2, mut second) = submit(&testnet, &demo_request()).await;
+    let end = second.wait_for_end().await.unwrap();
+    assert_eq!(
+        end,
+        JobStatus::Rejected(RejectReason::Declined(DeclineReason::Busy))
+    );
+    // Another class entirely: no executor for it.
+    let mut gpu = demo_request();
+    gpu.executor_class = horde_protocol::ExecutorClass("gpu-80gb".into());
+    let (_client3, mut third) = submit(&testnet, &gpu).await;
+    assert_eq!(
+        third.wait_for_end().await.unwrap(),
+        JobStatus::Rejected(RejectReason::Declined(DeclineReason::NoExecutorForClass))
+    );
+    first.terminate().await.unwrap();
+    first.wait_for_end().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn miner_killed_mid_job_is_horde_failed() {
+    let mut testnet = start(TestnetConfig::default());
+    let (_client, mut job) = submit(&testnet, &demo_request()).await;
+    endpoint(&mut job, &testnet).await;
+    testnet.kill("miner-0").unwrap();
+    let end = tokio::time::timeout(Duration::from_secs(30), job.wait_for_end())
+        .await
+        .expect("failure reported within the QUIC idle timeout")
+        .unwrap();
+    match end {
+        JobStatus::HordeFailed(failure) => {
+            assert_eq!(failure.reported_by, horde_protocol::Role::Validator);
+            assert!(failure.reason.contains("miner"), "{}", failure.reason);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn facilitator_restart_keeps_the_record_and_fails_the_job_explicitly() {
+    let mut testnet = start(TestnetConfig::default());
+    let account = SecretKey::generate();
+    let client = Client::new(account.clone(), testnet.facilitator()).unwrap();
+    let mut job = client.submit(&demo_request()).await.unwrap();
+    endpoint(&mut job, &testnet).await;
+    let seen = job.history().len();
+    testnet.restart("facilitator").unwrap();
+    let client = Client::new(account, testnet.facilitator()).unwrap();
+    let mut attached = client.attach(job.job_id(), None).await.unwrap();
+    let end = attached.wait_for_end().await.unwrap();
+    let history = attached.history();
+    assert!(history.len() > seen, "{history:?}");
+    for (before, after) in job.history().iter().zip(history) {
+        assert_eq!(before, after, "history survives the restart intact");
+    }
+    match end {
+        JobStatus::HordeFailed(failure) => {
+            assert!(failure.reason.contains("restarted"), "{}", failure.reason);
+        }
+        other => panic!("{other:?}"),
+    }
+    // Another account cannot attach to the job.
+    let stranger = Client::new(SecretKey::generate(), testnet.facilitator()).unwrap();
+    let mut other = stranger.attach(job.job_id(), None).await.unwrap();
+    assert_eq!(
+        other.wait_for_end().await.unwrap(),
+        JobStatus::Rejected(RejectReason::NotOwner)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replayed_and_expired_specs_are_refused() {
+    let testnet = start(TestnetConfig {
+        prewarm: 0,
+        ..TestnetConfig::default()
+    });
+    let account = SecretKey::generate();
+    let client = Client::new(account.clone(), testnet.facilitator()).unwrap();
+    let client_key = SecretKey::generate();
+    let mut request = demo_request();
+    request.executor_class = horde_protocol::ExecutorClass("none".into());
+    let spec = request.clone().into_spec(
+        JobId::random(),
+        client_key.hotkey(),
+        horde_node::client::now(),
+    );
+    let signed = Signed::sign(&account, &spec);
+    let mut first = client
+        .submit_signed(signed.clone(), client_key.clone())
+        .await
+        .unwrap();
+    first.wait_for_end().await.unwrap();
+    let mut replay = client
+        .submit_signed(signed, client_key.clone())
+        .await
+        .unwrap();
+    assert_eq!(
+        replay.wait_for_end().await.unwrap(),
+        JobStatus::Rejected(RejectReason::DuplicateJobId)
+    );
+    // Signed long ago: expired.
+    let old = horde_protocol::UnixMillis(horde_node::client::now().0 - 3_600_000);
+    let mut expired = client
+        .submit_with(&request, JobId::random(), client_key, old)
+        .await
+        .unwrap();
+    assert_eq!(
+        expired.wait_for_end().await.unwrap(),
+        JobStatus::Rejected(RejectReason::Expired)
+    );
+    // Readiness probe kinds other than HTTP are accepted by the spec type.
+    let _ = ReadinessProbe::Tcp;
+}

@@ -1,0 +1,77 @@
+//! The control plane end to end across real processes, with a shell-started HTTP server as job.
+
+#![allow(clippy::unwrap_used)] // Tests fail loudly on any error.
+
+use horde_node::client::{Client, JobConnection, JobRequest};
+use horde_protocol::{JobStatus, ReadinessProbe, SecretKey};
+use horde_testnet::{Testnet, TestnetConfig};
+
+fn python_job() -> JobRequest {
+    let mut request = JobRequest::command("cpu", "/bin/sh");
+    request.args = vec![
+        "-c".into(),
+        "exec python3 -m http.server --bind 127.0.0.1 \"$HORDE_JOB_PORT\"".into(),
+    ];
+    request.readiness = ReadinessProbe::Http { path: "/".into() };
+    request
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smoke_submit_to_endpoint_to_terminate() {
+    let testnet = Testnet::start(TestnetConfig::default()).expect("testnet starts");
+    let client = Client::new(SecretKey::generate(), testnet.facilitator()).unwrap();
+    let mut job = client.submit(&python_job()).await.unwrap();
+    let endpoint = match job.wait_for_endpoint().await {
+        Ok(endpoint) => endpoint,
+        Err(error) => panic!(
+            "{error}\nhistory: {:?}\nminer log:\n{}\nvalidator log:\n{}",
+            job.history(),
+            testnet.log("miner-0"),
+            testnet.log("validator-0")
+        ),
+    };
+    let connection =
+        JobConnection::connect(job.job_id(), job.client_key().unwrap().clone(), &endpoint)
+            .await
+            .unwrap();
+    let response = horde_transport::tunnel::http_request(
+        &connection.connection,
+        job.job_id(),
+        &connection.client_key,
+        connection.job_key,
+        "GET",
+        "/",
+        b"",
+    )
+    .await
+    .unwrap();
+    assert_eq!(response.status, 200);
+    job.terminate().await.unwrap();
+    let end = job.wait_for_end().await.unwrap();
+    assert!(
+        matches!(end, JobStatus::Completed(ref f) if f.terminated),
+        "{end:?}"
+    );
+    let kinds: Vec<String> = job
+        .history()
+        .iter()
+        .map(|u| {
+            format!("{:?}", u.status)
+                .split(['(', ' ', '{'])
+                .next()
+                .unwrap_or("")
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "Received",
+            "Assigned",
+            "Accepted",
+            "ExecutorReady",
+            "EndpointReady",
+            "Completed"
+        ]
+    );
+}
