@@ -135,7 +135,13 @@ pub async fn run(
                 info!("miner connection closed; executor exits");
                 break;
             }
-            Err(error) => debug!(%error, "miner stream failed"),
+            Err(error) => {
+                if let Some(reason) = connection.close_reason() {
+                    info!(%reason, "miner connection lost; executor exits");
+                    break;
+                }
+                debug!(%error, "miner stream failed");
+            }
         }
     }
     Ok(())

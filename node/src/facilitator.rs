@@ -24,8 +24,7 @@ use horde_protocol::{
     Signed, UpMessage,
 };
 use horde_transport::{
-    ALPN_CONTROL, FramedRecv, FramedSend, HordeEndpoint, JobSession, accept_stream, codes,
-    open_session,
+    ALPN_CONTROL, FramedRecv, FramedSend, HordeEndpoint, JobSession, codes, open_session,
 };
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -34,6 +33,7 @@ use tracing::{Instrument as _, debug, info, info_span, warn};
 use crate::client::now;
 use crate::config::FacilitatorConfig;
 use crate::peers::Peers;
+use crate::peers::serve_streams;
 use store::{JobStore, StoreError};
 
 /// Tolerated clock skew for a spec's `issued_at` in the future.
@@ -128,25 +128,12 @@ impl Facilitator {
 
     /// Serves one client connection: each stream is a submission or an attach.
     pub async fn handle_connection(self: Arc<Self>, connection: quinn::Connection, peer: Hotkey) {
-        loop {
-            let accepted = tokio::select! {
-                biased;
-                () = self.cancel.cancelled() => return,
-                accepted = accept_stream(&connection) => accepted,
-            };
-            let (send, recv, first) = match accepted {
-                Ok(Some(stream)) => stream,
-                Ok(None) => return,
-                Err(error) => {
-                    debug!(%error, "client stream failed");
-                    continue;
-                }
-            };
+        let cancel = self.cancel.clone();
+        serve_streams(&connection, &cancel, |send, recv, first| {
             let this = Arc::clone(&self);
-            tokio::spawn(
-                async move { this.handle_stream(peer, send, recv, first).await }.in_current_span(),
-            );
-        }
+            async move { this.handle_stream(peer, send, recv, first).await }
+        })
+        .await;
     }
 
     async fn handle_stream(

@@ -20,6 +20,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::client::{Client, JobConnection, JobRequest, VerifiedEndpoint, now};
 
+/// How long the status stream must be quiet before the replayed history is taken as complete.
+const HISTORY_IDLE: std::time::Duration = std::time::Duration::from_millis(300);
+
 /// `horde job` subcommands.
 #[derive(Debug, clap::Subcommand)]
 pub enum JobCommand {
@@ -487,14 +490,20 @@ pub async fn run_command(command: JobCommand) -> anyhow::Result<()> {
             let job_id = parse_job(&job)?;
             let mut handle = attach(&common, job_id).await?;
             let started = Instant::now();
-            while let Some(update) = handle.next_status().await? {
+            loop {
+                let next = if follow {
+                    handle.next_status().await?
+                } else {
+                    // The history arrives in one burst; once the stream is quiet it is all here.
+                    match tokio::time::timeout(HISTORY_IDLE, handle.next_status()).await {
+                        Ok(next) => next?,
+                        Err(_) => break,
+                    }
+                };
+                let Some(update) = next else { break };
                 print_status(started, &update);
                 if update.status.is_terminal() {
                     return exit_for(&update.status);
-                }
-                if !follow && update.at.0 + 50 > now().0 {
-                    // Caught up with the history.
-                    break;
                 }
             }
             Ok(())
@@ -617,15 +626,12 @@ async fn attach(common: &Common, job_id: JobId) -> anyhow::Result<crate::client:
     Ok(client.attach(job_id, None).await?)
 }
 
-/// Reads the replayed history up to the present (the first status newer than the attach).
+/// Reads the replayed history (it arrives in one burst, then the stream goes quiet).
 async fn skip_history(handle: &mut crate::client::JobHandle) -> anyhow::Result<()> {
-    let attached = now();
-    while let Some(update) = handle.next_status().await? {
+    while let Ok(next) = tokio::time::timeout(HISTORY_IDLE, handle.next_status()).await {
+        let Some(update) = next? else { break };
         if update.status.is_terminal() {
             bail!("job already ended: {}", describe(&update.status));
-        }
-        if matches!(update.status, JobStatus::EndpointReady(_)) || update.at >= attached {
-            break;
         }
     }
     Ok(())

@@ -23,13 +23,14 @@ use horde_protocol::{
     ControlMessage, DownMessage, EndpointRecord, ExecutorClass, Hotkey, Role, SecretKey, Signed,
     UpMessage,
 };
-use horde_transport::{FramedRecv, FramedSend, JobSession, accept_stream, codes, open_session};
+use horde_transport::{FramedRecv, FramedSend, JobSession, codes, open_session};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument as _, debug, info, info_span, warn};
 
 use crate::client::now;
 use crate::config::MinerConfig;
+use crate::peers::serve_streams;
 
 /// How long an endpoint record stays valid beyond the job's execution and upload deadlines.
 const ENDPOINT_RECORD_MARGIN_MS: u64 = 60_000;
@@ -265,30 +266,16 @@ impl Miner {
 
     /// Serves one connection: from a validator (job sessions) or an executor (registration).
     pub async fn handle_connection(self: Arc<Self>, connection: quinn::Connection, peer: Hotkey) {
-        loop {
-            let accepted = tokio::select! {
-                biased;
-                () = self.cancel.cancelled() => return,
-                accepted = accept_stream(&connection) => accepted,
-            };
-            let (send, recv, first) = match accepted {
-                Ok(Some(stream)) => stream,
-                Ok(None) => return,
-                Err(error) => {
-                    debug!(%error, "stream failed");
-                    continue;
-                }
-            };
+        let cancel = self.cancel.clone();
+        serve_streams(&connection, &cancel, |send, recv, first| {
             let this = Arc::clone(&self);
             let connection = connection.clone();
-            tokio::spawn(
-                async move {
-                    this.handle_stream(connection, peer, send, recv, first)
-                        .await
-                }
-                .in_current_span(),
-            );
-        }
+            async move {
+                this.handle_stream(connection, peer, send, recv, first)
+                    .await
+            }
+        })
+        .await;
     }
 
     async fn handle_stream(

@@ -1,12 +1,14 @@
-//! Outgoing connections shared between jobs: one QUIC connection per peer and protocol, reused
-//! by every job session to that peer (each session is its own stream), re-dialed once closed.
+//! Connections between roles: outgoing ones shared between jobs (one QUIC connection per peer and
+//! protocol, reused by every job session to that peer, re-dialed once closed), and the loop that
+//! serves the streams of incoming ones.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use horde_protocol::{Hotkey, NodeAddr};
-use horde_transport::HordeEndpoint;
+use horde_protocol::{ControlMessage, Hotkey, NodeAddr};
+use horde_transport::{FramedRecv, FramedSend, HordeEndpoint, accept_stream};
 use tokio::sync::Mutex;
+use tracing::Instrument as _;
 
 /// A cache of live connections, keyed by peer hotkey and ALPN.
 #[derive(Debug)]
@@ -51,5 +53,34 @@ impl Peers {
             }
         }
         Err(last)
+    }
+}
+
+/// Accepts the streams of an incoming connection until it closes or `cancel` fires, and runs
+/// `handle(send, recv, first message)` for each on its own task (in the current span), so one
+/// slow job never holds up another.
+pub(crate) async fn serve_streams<F, Fut>(
+    connection: &quinn::Connection,
+    cancel: &tokio_util::sync::CancellationToken,
+    handle: F,
+) where
+    F: Fn(FramedSend, FramedRecv, ControlMessage) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            () = cancel.cancelled() => return,
+            accepted = accept_stream(connection) => accepted,
+        };
+        match accepted {
+            Ok(Some((send, recv, first))) => {
+                tokio::spawn(handle(send, recv, first).in_current_span());
+            }
+            Ok(None) => return,
+            // A dead connection fails every accept: stop, rather than spin on it.
+            Err(_) if connection.close_reason().is_some() => return,
+            Err(error) => tracing::debug!(%error, "incoming stream failed"),
+        }
     }
 }

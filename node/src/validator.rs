@@ -18,15 +18,14 @@ use horde_protocol::messages::{
 use horde_protocol::{
     ControlMessage, DownMessage, Hotkey, JobId, JobSpec, NodeAddr, Role, Stage, UpMessage,
 };
-use horde_transport::{
-    ALPN_CONTROL, FramedRecv, FramedSend, JobSession, accept_stream, codes, open_session,
-};
+use horde_transport::{ALPN_CONTROL, FramedRecv, FramedSend, JobSession, codes, open_session};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument as _, debug, info, info_span, warn};
 
 use crate::client::now;
 use crate::config::ValidatorConfig;
 use crate::peers::Peers;
+use crate::peers::serve_streams;
 
 /// Added to every stage deadline on the validator's clock (network and process start-up).
 pub const STAGE_SLACK: Duration = Duration::from_secs(2);
@@ -57,25 +56,12 @@ impl Validator {
 
     /// Serves one facilitator connection: each stream is one job.
     pub async fn handle_connection(self: Arc<Self>, connection: quinn::Connection, peer: Hotkey) {
-        loop {
-            let accepted = tokio::select! {
-                biased;
-                () = self.cancel.cancelled() => return,
-                accepted = accept_stream(&connection) => accepted,
-            };
-            let (send, recv, first) = match accepted {
-                Ok(Some(stream)) => stream,
-                Ok(None) => return,
-                Err(error) => {
-                    debug!(%error, "facilitator stream failed");
-                    continue;
-                }
-            };
+        let cancel = self.cancel.clone();
+        serve_streams(&connection, &cancel, |send, recv, first| {
             let this = Arc::clone(&self);
-            tokio::spawn(
-                async move { this.handle_stream(peer, send, recv, first).await }.in_current_span(),
-            );
-        }
+            async move { this.handle_stream(peer, send, recv, first).await }
+        })
+        .await;
     }
 
     async fn handle_stream(

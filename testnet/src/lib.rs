@@ -10,6 +10,7 @@
 //! Layout: `lib.rs` (this harness), `bin/horde-testnet.rs` (the `up` / `demo` command line),
 //! `bin/horde-demo-job.rs` (the demo job program).
 
+pub mod demo;
 pub mod demo_job;
 
 use std::io::Read as _;
@@ -22,7 +23,7 @@ use anyhow::{Context as _, bail};
 use horde_protocol::{Hotkey, NodeAddr, Role, SecretKey};
 
 /// How long a node has to log its start.
-const START_TIMEOUT: Duration = Duration::from_secs(30);
+const START_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The shape of the network to start.
 #[derive(Debug, Clone)]
@@ -335,7 +336,11 @@ impl Testnet {
         let child = Command::new(&self.horde_bin)
             .args(["node", "--config"])
             .arg(&node.config)
-            .env("RUST_LOG", &self.log_filter)
+            // Whatever the filter, keep the start/stop lines the harness waits for.
+            .env(
+                "RUST_LOG",
+                format!("{},horde_node::node=info", self.log_filter),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -459,6 +464,24 @@ impl Testnet {
             .unwrap_or_default()
     }
 
+    /// Processes whose command line mentions this testnet's directory (nodes and the executors
+    /// miners spawned), as `(pid, command line)`.
+    pub fn processes(&self) -> Vec<(u32, String)> {
+        let needle = self.dir.to_string_lossy().into_owned();
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        entries
+            .filter_map(Result::ok)
+            .filter_map(|entry| {
+                let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+                let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+                let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+                cmdline.contains(&needle).then_some((pid, cmdline))
+            })
+            .collect()
+    }
+
     /// Stops every node with SIGINT and waits for them (killing any that linger).
     pub fn shutdown(mut self) {
         self.stop_all();
@@ -481,6 +504,12 @@ impl Testnet {
                 let _ = child.kill();
                 let _ = child.wait();
             }
+        }
+        // Executors whose miner was killed outright are orphans: reap them too.
+        for (pid, _) in self.processes() {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
         }
     }
 }

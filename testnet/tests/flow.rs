@@ -406,6 +406,23 @@ async fn miner_killed_mid_job_is_horde_failed() {
         }
         other => panic!("{other:?}"),
     }
+    // The orphaned executor notices its miner is gone and exits (stopping its job).
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let executors: Vec<_> = testnet
+            .processes()
+            .into_iter()
+            .filter(|(_, cmd)| cmd.contains("executors"))
+            .collect();
+        if executors.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "orphaned executor still running: {executors:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -75,3 +75,27 @@ async fn smoke_submit_to_endpoint_to_terminate() {
         ]
     );
 }
+
+/// The README's demo, exactly as `horde-testnet demo` runs it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_passes() {
+    let testnet = Testnet::start(TestnetConfig::default()).expect("testnet starts");
+    let mut out = Vec::new();
+    let report = horde_testnet::demo::run_demo(&testnet, &mut out).await;
+    let printed = String::from_utf8_lossy(&out);
+    let report = report.unwrap_or_else(|e| panic!("{e}\n{printed}"));
+    assert_eq!(
+        report.statuses,
+        [
+            "Received",
+            "Assigned",
+            "Accepted",
+            "ExecutorReady",
+            "EndpointReady",
+            "VolumesFetched",
+            "UploadDone",
+            "Completed"
+        ]
+    );
+    assert!(printed.contains("demo complete"), "{printed}");
+}

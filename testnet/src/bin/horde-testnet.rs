@@ -1,0 +1,141 @@
+//! `horde-testnet`: start a local horde network (`up`), run the demo job through one (`demo`), or
+//! stop one started in a directory (`down`).
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use horde_testnet::{Testnet, TestnetConfig};
+
+/// Local horde networks of `horde node` processes on 127.0.0.1.
+#[derive(Debug, Parser)]
+#[command(name = "horde-testnet", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Start a network and keep it running until ctrl-c; prints a table of nodes.
+    Up(Shape),
+    /// Start a network, run a streaming job end to end through it, print each step, stop.
+    Demo(Shape),
+    /// Stop a network started with `up --dir DIR` in another terminal.
+    Down {
+        /// The network's directory.
+        #[arg(long)]
+        dir: PathBuf,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct Shape {
+    /// Validators.
+    #[arg(long, default_value_t = 1)]
+    validators: usize,
+    /// Miners.
+    #[arg(long, default_value_t = 1)]
+    miners: usize,
+    /// Executors per miner.
+    #[arg(long, default_value_t = 1)]
+    executors_per_miner: u32,
+    /// Storage nodes.
+    #[arg(long, default_value_t = 1)]
+    storage: usize,
+    /// Directory for keys, configs, logs and state (default: a temporary one).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+}
+
+impl Shape {
+    fn config(&self, storage_min: usize) -> TestnetConfig {
+        TestnetConfig {
+            validators: self.validators.max(1),
+            miners: self.miners.max(1),
+            executors_per_miner: self.executors_per_miner.max(1),
+            prewarm: self.executors_per_miner.max(1),
+            storage: self.storage.max(storage_min),
+            dir: self.dir.clone(),
+            log_filter: "info".to_owned(),
+            ..TestnetConfig::default()
+        }
+    }
+}
+
+fn print_table(testnet: &Testnet) {
+    println!(
+        "{:<14} {:<12} {:<50} quic address",
+        "node", "role", "hotkey (ss58)"
+    );
+    for node in testnet.nodes() {
+        println!(
+            "{:<14} {:<12} {:<50} {}",
+            node.name,
+            node.role.to_string(),
+            node.hotkey.to_string(),
+            node.addr
+        );
+    }
+    println!("directory: {}", testnet.dir().display());
+    println!("facilitator: {}", testnet.facilitator());
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    match cli.command {
+        Command::Up(shape) => {
+            let started = std::time::Instant::now();
+            let testnet = Testnet::start(shape.config(0))?;
+            println!("network up in {} ms", started.elapsed().as_millis());
+            print_table(&testnet);
+            let pids: Vec<String> = testnet
+                .processes()
+                .iter()
+                .map(|(pid, _)| pid.to_string())
+                .collect();
+            std::fs::write(testnet.dir().join("pids"), pids.join("\n"))?;
+            println!(
+                "ctrl-c stops it (or `horde-testnet down --dir {}`)",
+                testnet.dir().display()
+            );
+            runtime.block_on(async {
+                let _ = tokio::signal::ctrl_c().await;
+            });
+            testnet.shutdown();
+            Ok(())
+        }
+        Command::Demo(shape) => {
+            let started = std::time::Instant::now();
+            let testnet = Testnet::start(shape.config(1))?;
+            println!("network up in {} ms", started.elapsed().as_millis());
+            print_table(&testnet);
+            let report = runtime.block_on(horde_testnet::demo::run_demo(
+                &testnet,
+                &mut std::io::stdout(),
+            ));
+            testnet.shutdown();
+            let report = report?;
+            println!(
+                "demo passed: endpoint verified {} ms after submission, whole job {} ms",
+                report.endpoint_ms, report.total_ms
+            );
+            Ok(())
+        }
+        Command::Down { dir } => {
+            let pids = std::fs::read_to_string(dir.join("pids"))
+                .with_context(|| format!("no network recorded in {}", dir.display()))?;
+            for pid in pids.lines().filter(|l| !l.is_empty()) {
+                let _ = std::process::Command::new("kill")
+                    .args(["-INT", pid])
+                    .status();
+            }
+            println!("stopped {} processes", pids.lines().count());
+            Ok(())
+        }
+    }
+}
