@@ -435,6 +435,29 @@ impl Testnet {
         Ok(())
     }
 
+    /// Freezes a node with SIGSTOP: it stays up but answers nothing (a hung process).
+    pub fn pause(&self, name: &str) -> anyhow::Result<()> {
+        self.signal(name, "-STOP")
+    }
+
+    /// Thaws a node frozen by [`Testnet::pause`].
+    pub fn resume(&self, name: &str) -> anyhow::Result<()> {
+        self.signal(name, "-CONT")
+    }
+
+    fn signal(&self, name: &str, signal: &str) -> anyhow::Result<()> {
+        let node = &self.nodes[self.index(name)?];
+        let child = node
+            .child
+            .as_ref()
+            .with_context(|| format!("{name} is not running"))?;
+        let status = Command::new("kill")
+            .args([signal, &child.id().to_string()])
+            .status()?;
+        anyhow::ensure!(status.success(), "kill {signal} {name} failed");
+        Ok(())
+    }
+
     /// Restarts a killed node with the same key, port and state directory.
     pub fn restart(&mut self, name: &str) -> anyhow::Result<()> {
         let index = self.index(name)?;
@@ -488,6 +511,14 @@ impl Testnet {
     }
 
     fn stop_all(&mut self) {
+        // A frozen node cannot act on SIGINT.
+        for node in &self.nodes {
+            if let Some(child) = &node.child {
+                let _ = Command::new("kill")
+                    .args(["-CONT", &child.id().to_string()])
+                    .status();
+            }
+        }
         for node in &mut self.nodes {
             if let Some(child) = &node.child {
                 let _ = Command::new("kill")

@@ -500,3 +500,66 @@ async fn replayed_and_expired_specs_are_refused() {
     // Readiness probe kinds other than HTTP are accepted by the spec type.
     let _ = ReadinessProbe::Tcp;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_validator_fails_the_job_instead_of_leaving_it_running() {
+    let testnet = start(TestnetConfig::default());
+    let (_client, mut job) = submit(&testnet, &demo_request()).await;
+    endpoint(&mut job, &testnet).await;
+    // A hung validator: its process is alive but answers nothing, not even QUIC keep-alives.
+    testnet.pause("validator-0").unwrap();
+    let end = tokio::time::timeout(Duration::from_secs(30), job.wait_for_end())
+        .await
+        .expect("the facilitator times the job out")
+        .unwrap();
+    testnet.resume("validator-0").unwrap();
+    match end {
+        JobStatus::HordeFailed(failure) => {
+            assert_eq!(failure.reported_by, horde_protocol::Role::Facilitator);
+            assert!(failure.reason.contains("validator"), "{}", failure.reason);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn declared_outputs_and_logs_are_uploaded_when_the_job_ends() {
+    let testnet = start(TestnetConfig::default());
+    let storage = testnet.storage().unwrap();
+    let mut request = JobRequest::command("cpu", "/bin/sh");
+    request.args = vec![
+        "-c".into(),
+        "echo the answer > \"$HORDE_OUTPUT_DIR/answer.txt\"; echo started; \
+         exec python3 -m http.server --bind 127.0.0.1 \"$HORDE_JOB_PORT\""
+            .into(),
+    ];
+    request.readiness = ReadinessProbe::Tcp;
+    request.uploads = vec![UploadSpec {
+        path: RelativePath("answer.txt".into()),
+        target: UploadTarget::Blob {
+            storage: storage.clone(),
+        },
+    }];
+    request.logs = Some(UploadTarget::Blob {
+        storage: storage.clone(),
+    });
+    let (_client, mut job) = submit(&testnet, &request).await;
+    endpoint(&mut job, &testnet).await;
+    job.terminate().await.unwrap();
+    let JobStatus::Completed(result) = job.wait_for_end().await.unwrap() else {
+        panic!("{:?}", job.history());
+    };
+    let names: Vec<&str> = result.outputs.iter().map(|o| o.path.0.as_str()).collect();
+    assert_eq!(names, ["answer.txt", "stdout", "stderr"]);
+    assert!(
+        result.stdout_tail.contains("started"),
+        "{}",
+        result.stdout_tail
+    );
+    let downloader = horde_transport::test_utils::localhost_endpoint(&SecretKey::generate());
+    let answer = &result.outputs[0];
+    let bytes = horde_node::blob_client::get_to_memory(&downloader, &storage, answer.hash, 1 << 20)
+        .await
+        .unwrap();
+    assert_eq!(bytes, b"the answer\n");
+}

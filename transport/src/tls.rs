@@ -550,10 +550,29 @@ pub fn remote_hotkey(connection: &quinn::Connection) -> Result<Hotkey, PeerCerti
         .downcast::<Vec<CertificateDer<'static>>>()
         .map_err(|_| PeerCertificateError::NoCertificate)?;
     match certificates.as_slice() {
-        [one] => parse_certificate_hotkey(one),
+        [one] => certificate_key(one),
         [] => Err(PeerCertificateError::NoCertificate),
         chain => Err(PeerCertificateError::Chain(chain.len())),
     }
+}
+
+/// The Ed25519 key of a certificate the handshake already verified (rustls exposes a peer's
+/// certificate only after our verifier accepted it, self-signature and dates included), so it is
+/// read without checking the signature again: this runs once per tunnel stream.
+fn certificate_key(certificate: &CertificateDer<'_>) -> Result<Hotkey, PeerCertificateError> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(certificate.as_ref())
+        .map_err(|e| PeerCertificateError::Malformed(e.to_string()))?;
+    let spki = parsed.public_key();
+    if spki.algorithm.algorithm != OID_SIG_ED25519 {
+        return Err(PeerCertificateError::NotEd25519);
+    }
+    let key_bytes: [u8; 32] = spki
+        .subject_public_key
+        .data
+        .as_ref()
+        .try_into()
+        .map_err(|_| PeerCertificateError::NotEd25519)?;
+    Hotkey::from_bytes(key_bytes).map_err(PeerCertificateError::InvalidKey)
 }
 
 #[cfg(test)]
