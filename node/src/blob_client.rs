@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use horde_protocol::blob::ByteRange;
 use horde_protocol::{BlobHash, Hotkey, NodeAddr};
-use horde_transport::blob::{BlobError, VerifiedData, request_get, start_put};
+use horde_transport::blob::{BlobError, VerifiedSink, request_get, start_put};
 use horde_transport::{ALPN_BLOB, ConnectError, HordeEndpoint};
 use tokio::sync::mpsc;
 use tracing::{debug, info};
@@ -37,7 +37,7 @@ const CHECKPOINT_BYTES: u64 = 64 << 20;
 /// File bytes read per upload chunk.
 const UPLOAD_CHUNK: usize = 1 << 20;
 
-/// Chunks queued between the network task and the disk thread.
+/// File chunks read ahead of the network on upload.
 const DISK_QUEUE: usize = 8;
 
 /// A client transfer that failed.
@@ -454,7 +454,7 @@ pub async fn get_to_file_once(
         Vec::new()
     };
     let max_size = expected_size.map_or(max_size, |size| size.min(max_size));
-    let mut stream = match request_get(connection, hash, ranges, max_size).await {
+    let stream = match request_get(connection, hash, ranges, max_size).await {
         Ok(stream) => stream,
         Err(error @ BlobError::Integrity { .. }) => {
             remove_partial(&partial, &state);
@@ -480,38 +480,31 @@ pub async fn get_to_file_once(
     }
     progress.start(size, start);
 
-    let (queue, inbox) = mpsc::channel::<VerifiedData>(DISK_QUEUE);
+    // Verified bytes are written on the verifier thread, straight from its reused buffer.
     let writer = {
         let (partial, state) = (partial.clone(), state.clone());
-        tokio::task::spawn_blocking(move || write_partial(&partial, &state, hash, start, inbox))
+        tokio::task::spawn_blocking(move || PartialWriter::open(partial, state, hash, start))
+            .await
+            .map_err(io::Error::other)??
     };
-    let mut position = start;
-    let network = loop {
-        match stream.next().await {
-            Ok(Some(data)) => {
-                if data.offset != position {
-                    break Err(BlobError::Protocol("non-contiguous data".to_owned()));
-                }
-                position += data.bytes.len() as u64;
-                if queue.send(data).await.is_err() {
-                    break Ok(());
-                }
-                progress.update(position);
-            }
-            Ok(None) => break Ok(()),
-            Err(error) => break Err(error),
-        }
+    let (writer, network) = stream
+        .read_to_sink(writer, &mut |position| progress.update(position))
+        .await;
+    // Whatever happened, make what was written durable and record it for a resume.
+    let written = match writer {
+        Some(writer) => tokio::task::spawn_blocking(move || writer.finish())
+            .await
+            .map_err(io::Error::other)?,
+        None => Err(io::Error::other("the download's verifier thread failed")),
     };
-    drop(queue);
-    let written = writer.await.map_err(io::Error::other)?;
-    match network {
+    let fetched = match network {
         Err(error @ BlobError::Integrity { .. }) => {
             remove_partial(&partial, &state);
             return Err(error.into());
         }
         Err(error) => return Err(error.into()),
-        Ok(()) => {}
-    }
+        Ok(fetched) => fetched,
+    };
     let written = written?;
     if written != size {
         return Err(BlobError::Truncated {
@@ -527,44 +520,62 @@ pub async fn get_to_file_once(
     Ok(GetOutcome {
         size,
         resumed_from: start,
-        fetched: stream.wire_bytes(),
+        fetched,
     })
 }
 
-/// The disk side of a download: appends verified data at `start`, checkpoints every
-/// [`CHECKPOINT_BYTES`], and on the end of the inbox fsyncs and records the final length.
-fn write_partial(
-    partial: &Path,
-    state: &Path,
+/// The disk side of a download: appends verified data from `start`, checkpoints every
+/// [`CHECKPOINT_BYTES`] (data fsynced, then the length recorded), and on [`Self::finish`]
+/// fsyncs and records the final length.
+#[derive(Debug)]
+struct PartialWriter {
+    file: File,
+    state: PathBuf,
     hash: BlobHash,
-    start: u64,
-    mut inbox: mpsc::Receiver<VerifiedData>,
-) -> io::Result<u64> {
-    let mut file = OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(start == 0)
-        .open(partial)?;
-    file.set_len(start)?;
-    file.seek(SeekFrom::Start(start))?;
-    let mut length = start;
-    let mut checkpoint = start;
-    let mut result = Ok(());
-    while let Some(data) = inbox.blocking_recv() {
-        if let Err(error) = file.write_all(&data.bytes) {
-            result = Err(error);
-            break;
-        }
-        length += data.bytes.len() as u64;
-        if length - checkpoint >= CHECKPOINT_BYTES {
-            file.sync_data()?;
-            record_progress(state, &hash, length)?;
-            checkpoint = length;
-        }
+    length: u64,
+    checkpoint: u64,
+}
+
+impl PartialWriter {
+    fn open(partial: PathBuf, state: PathBuf, hash: BlobHash, start: u64) -> io::Result<Self> {
+        let mut file = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(start == 0)
+            .open(&partial)?;
+        file.set_len(start)?;
+        file.seek(SeekFrom::Start(start))?;
+        Ok(Self {
+            file,
+            state,
+            hash,
+            length: start,
+            checkpoint: start,
+        })
     }
-    file.sync_all()?;
-    record_progress(state, &hash, length)?;
-    result.map(|()| length)
+
+    /// Fsyncs and records the verified length; returns it.
+    fn finish(self) -> io::Result<u64> {
+        self.file.sync_all()?;
+        record_progress(&self.state, &self.hash, self.length)?;
+        Ok(self.length)
+    }
+}
+
+impl VerifiedSink for PartialWriter {
+    fn write(&mut self, offset: u64, bytes: &[u8]) -> io::Result<()> {
+        if offset != self.length {
+            return Err(io::Error::other("non-contiguous data"));
+        }
+        self.file.write_all(bytes)?;
+        self.length += bytes.len() as u64;
+        if self.length - self.checkpoint >= CHECKPOINT_BYTES {
+            self.file.sync_data()?;
+            record_progress(&self.state, &self.hash, self.length)?;
+            self.checkpoint = self.length;
+        }
+        Ok(())
+    }
 }
 
 /// Downloads a whole blob into memory, retrying transient failures and resuming from what
@@ -603,22 +614,10 @@ pub async fn get_into_vec(
     } else {
         Vec::new()
     };
-    let mut stream = request_get(connection, hash, ranges, max_size).await?;
-    let size = stream.size();
-    buffer.reserve_exact(usize::try_from(size).map_err(io::Error::other)? - buffer.len());
-    while let Some(data) = stream.next().await? {
-        if data.offset != buffer.len() as u64 {
-            return Err(BlobError::Protocol("non-contiguous data".to_owned()).into());
-        }
-        buffer.extend_from_slice(&data.bytes);
-    }
-    if buffer.len() as u64 != size {
-        return Err(BlobError::Truncated {
-            missing: size - buffer.len() as u64,
-        }
-        .into());
-    }
-    Ok(stream.wire_bytes())
+    let stream = request_get(connection, hash, ranges, max_size).await?;
+    // Frames are copied once, straight into `buffer`, and verified there; on an error it keeps
+    // the verified prefix for the next attempt.
+    Ok(stream.read_to_vec(buffer).await?)
 }
 
 /// `horde blob …`: the command-line front end of this module.

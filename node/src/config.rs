@@ -76,6 +76,8 @@ struct FacilitatorFile {
     miners: Option<Vec<String>>,
     allowed_clients: Option<Vec<String>>,
     validator_silence_ms: Option<u64>,
+    trusted_miners: Option<Vec<String>>,
+    exclusion_secs: Option<u64>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -84,6 +86,7 @@ struct ValidatorFile {
     miners: Option<Vec<String>>,
     trusted_miners: Option<Vec<String>>,
     allowed_facilitators: Option<Vec<String>>,
+    exclusion_secs: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -116,7 +119,7 @@ struct ExecutorFile {
 pub const DEFAULT_VALIDATOR_SILENCE_MS: u64 = 30_000;
 
 /// Facilitator settings.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct FacilitatorConfig {
     /// Validators to choose from (static peers).
     pub validators: Vec<NodeAddr>,
@@ -126,10 +129,33 @@ pub struct FacilitatorConfig {
     pub allowed_clients: Option<Vec<Hotkey>>,
     /// How long a job's validator may stay silent before the job fails.
     pub validator_silence_ms: u64,
+    /// The miners the validators trust: `on_trusted_miner` jobs are only sent to these (the
+    /// validators check again against their own `trusted_miners`). Empty: such jobs are refused
+    /// with `NoMiner`.
+    pub trusted_miners: Vec<Hotkey>,
+    /// How long a miner with a verified report against it is not chosen.
+    pub exclusion: std::time::Duration,
 }
 
+impl Default for FacilitatorConfig {
+    fn default() -> Self {
+        Self {
+            validators: Vec::new(),
+            miners: Vec::new(),
+            allowed_clients: None,
+            validator_silence_ms: DEFAULT_VALIDATOR_SILENCE_MS,
+            trusted_miners: Vec::new(),
+            exclusion: std::time::Duration::from_secs(DEFAULT_EXCLUSION_SECS),
+        }
+    }
+}
+
+/// Default time a reported miner stays excluded from selection: an hour, long enough to take a
+/// cheating miner out of rotation, short enough that a mistaken report heals by itself.
+pub const DEFAULT_EXCLUSION_SECS: u64 = 3600;
+
 /// Validator settings.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct ValidatorConfig {
     /// Miners this validator knows and will drive jobs on.
     pub miners: Vec<NodeAddr>,
@@ -137,6 +163,22 @@ pub struct ValidatorConfig {
     pub trusted_miners: Vec<Hotkey>,
     /// Facilitators allowed to assign jobs; `None` accepts any (testnet).
     pub allowed_facilitators: Option<Vec<Hotkey>>,
+    /// How long a miner with a verified report against it is excluded from selection.
+    pub exclusion: std::time::Duration,
+    /// Where exclusions are persisted (JSON, written atomically); `None` keeps them in memory.
+    pub exclusions_file: Option<PathBuf>,
+}
+
+impl Default for ValidatorConfig {
+    fn default() -> Self {
+        Self {
+            miners: Vec::new(),
+            trusted_miners: Vec::new(),
+            allowed_facilitators: None,
+            exclusion: std::time::Duration::from_secs(DEFAULT_EXCLUSION_SECS),
+            exclusions_file: None,
+        }
+    }
 }
 
 /// One executor class a miner offers.
@@ -307,6 +349,16 @@ impl NodeConfig {
             validator_silence_ms: facilitator_file
                 .validator_silence_ms
                 .unwrap_or(DEFAULT_VALIDATOR_SILENCE_MS),
+            trusted_miners: keys(
+                "facilitator.trusted_miners",
+                facilitator_file.trusted_miners,
+            )?
+            .unwrap_or_default(),
+            exclusion: std::time::Duration::from_secs(
+                facilitator_file
+                    .exclusion_secs
+                    .unwrap_or(DEFAULT_EXCLUSION_SECS),
+            ),
         };
         let validator_file = file.validator.unwrap_or_default();
         let validator = ValidatorConfig {
@@ -317,6 +369,12 @@ impl NodeConfig {
                 "validator.allowed_facilitators",
                 validator_file.allowed_facilitators,
             )?,
+            exclusion: std::time::Duration::from_secs(
+                validator_file
+                    .exclusion_secs
+                    .unwrap_or(DEFAULT_EXCLUSION_SECS),
+            ),
+            exclusions_file: Some(data_dir.join("exclusions.json")),
         };
         let miner = match file.miner {
             None => None,
@@ -467,6 +525,33 @@ mod tests {
     fn unknown_fields_are_refused() {
         let err = parse("role = \"miner\"\nlisen = \"127.0.0.1:1\"").unwrap_err();
         assert!(err.to_string().contains("lisen"), "{err}");
+    }
+
+    #[test]
+    fn trusted_miners_and_exclusion_periods_parse() {
+        let miner = horde_protocol::SecretKey::from_seed(&[4; 32]).hotkey();
+        let config = parse(&format!(
+            "role = \"facilitator\"\n[facilitator]\ntrusted_miners = [\"{miner}\"]\n\
+             exclusion_secs = 5\n[validator]\ntrusted_miners = [\"{miner}\"]\nexclusion_secs = 7\n"
+        ))
+        .unwrap();
+        assert_eq!(config.facilitator.trusted_miners, vec![miner]);
+        assert_eq!(config.facilitator.exclusion.as_secs(), 5);
+        assert_eq!(config.validator.trusted_miners, vec![miner]);
+        assert_eq!(config.validator.exclusion.as_secs(), 7);
+        assert_eq!(
+            config.validator.exclusions_file.as_deref(),
+            Some(Path::new("/etc/horde/facilitator-data/exclusions.json"))
+        );
+        let defaults = parse("role = \"validator\"").unwrap();
+        assert_eq!(
+            defaults.validator.exclusion.as_secs(),
+            DEFAULT_EXCLUSION_SECS
+        );
+        assert_eq!(
+            defaults.facilitator.exclusion.as_secs(),
+            DEFAULT_EXCLUSION_SECS
+        );
     }
 
     #[test]

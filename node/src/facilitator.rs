@@ -10,6 +10,14 @@
 //! away does not end its job. A job whose validator link dies (QUIC idle timeout) or that
 //! outlives all its stage deadlines plus `validator_silence_ms` ends `HordeFailed`. On start-up,
 //! jobs left unfinished by a previous run are failed explicitly, never silently lost.
+//!
+//! Miner reports (`ControlMessage::Report`) are verified end to end — reporter signature, the
+//! reporter owns the job, the endpoint record is signed by the miner this facilitator assigned,
+//! the receipt by the record's job key, not seen before — then forwarded to every validator and
+//! the miner is excluded from choice here too (persisted in the store). `on_trusted_miner` jobs are
+//! only given miners in `[facilitator] trusted_miners`: the facilitator picks the trusted miner
+//! itself, so the miner in `Assigned` — which the client verifies the endpoint record against —
+//! is the one that runs the job; validators still refuse a miner they do not trust.
 
 pub mod store;
 
@@ -18,13 +26,15 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use horde_protocol::messages::{Assignment, HordeFailure, JobFailure, RejectReason, StatusUpdate};
+use horde_protocol::messages::{
+    Assignment, HordeFailure, JobFailure, RejectReason, ReportVerdict, StatusUpdate,
+};
 use horde_protocol::{
-    ControlMessage, Deadlines, DownMessage, Hotkey, JobId, JobSpec, JobStatus, NodeAddr, Role,
-    Signed, UpMessage,
+    ControlMessage, Deadlines, DownMessage, Hotkey, JobId, JobSpec, JobStatus, MinerReport,
+    NodeAddr, Role, Signed, UnixMillis, UpMessage, VerifiedReport, verify_report,
 };
 use horde_transport::{
-    ALPN_CONTROL, FramedRecv, FramedSend, HordeEndpoint, JobSession, codes, open_session,
+    ALPN_CONTROL, FramedRecv, FramedSend, HordeEndpoint, JobSession, codes, open_session, split,
 };
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -46,6 +56,9 @@ const LIVE_STATUS_BUFFER: usize = 64;
 /// Client messages (volume lists, terminate) queued per job toward its validator.
 const DOWN_QUEUE: usize = 16;
 
+/// How long a validator has to answer a forwarded report before it is counted as not reached.
+const REPORT_FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The live side of a running job.
 #[derive(Debug, Clone)]
 struct LiveJob {
@@ -61,6 +74,8 @@ pub struct Facilitator {
     store: JobStore,
     config: FacilitatorConfig,
     live: Mutex<HashMap<JobId, LiveJob>>,
+    /// Reported miners and when their exclusion ends (mirrors the store).
+    excluded: Mutex<HashMap<Hotkey, UnixMillis>>,
     next_choice: AtomicUsize,
     cancel: CancellationToken,
 }
@@ -115,12 +130,14 @@ impl Facilitator {
                 .await?;
             warn!(job = %job_id.fmt_short(), "failed job left unfinished by a previous run");
         }
+        let excluded = store.exclusions().await?.into_iter().collect();
         Ok(Arc::new(Self {
             hotkey,
             peers: Peers::new(endpoint),
             store,
             config,
             live: Mutex::new(HashMap::new()),
+            excluded: Mutex::new(excluded),
             next_choice: AtomicUsize::new(0),
             cancel,
         }))
@@ -149,6 +166,17 @@ impl Facilitator {
             }
             ControlMessage::Down(DownMessage::Attach(job_id)) => {
                 self.handle_attach(peer, send, recv, job_id).await;
+            }
+            ControlMessage::Report(report) => {
+                let verdict = match self.accept_report(&report).await {
+                    Ok(forwarded_to) => ReportVerdict::Accepted { forwarded_to },
+                    Err(reason) => {
+                        info!(%peer, %reason, "miner report refused");
+                        ReportVerdict::Refused(reason)
+                    }
+                };
+                let _ = send.send(&ControlMessage::ReportVerdict(verdict)).await;
+                let _ = send.finish();
             }
             other => {
                 warn!(%peer, message = ?other, "unexpected first message on a client stream");
@@ -380,6 +408,141 @@ impl Facilitator {
         }
     }
 
+    /// Verifies a report end to end, records it (refusing duplicates), excludes the miner and
+    /// forwards the report to every validator; returns how many validators accepted it.
+    async fn accept_report(&self, signed: &Signed<MinerReport>) -> Result<u32, String> {
+        let verified = self.check_report(signed).await?;
+        let job_id = verified.report.job_id;
+        match self
+            .store
+            .insert_report(signed.digest(), job_id, verified.receipt.stream, now())
+            .await
+        {
+            Ok(()) => {}
+            Err(StoreError::DuplicateReport(reason)) => {
+                return Err(format!("duplicate report: {reason}"));
+            }
+            Err(error) => {
+                warn!(%error, "job store failed");
+                return Err("the facilitator could not store the report".to_owned());
+            }
+        }
+        let miner = verified.miner();
+        let until = exclusion_end(&verified, self.config.exclusion);
+        if let Err(error) = self.store.exclude(miner, until).await {
+            warn!(%error, "could not persist the exclusion");
+        }
+        {
+            let mut excluded = self.lock_excluded();
+            let entry = excluded.entry(miner).or_insert(until);
+            *entry = (*entry).max(until);
+        }
+        info!(job = %job_id.fmt_short(), %miner, reporter = %verified.reporter, until = until.0,
+            details = %verified.report.details, "miner report verified; miner excluded");
+        let mut forwarded_to = 0u32;
+        for validator in &self.config.validators {
+            match self.forward_report(validator, signed).await {
+                Ok(ReportVerdict::Accepted { .. }) => forwarded_to += 1,
+                Ok(verdict) => {
+                    warn!(validator = %validator.hotkey, ?verdict, "validator refused a verified report");
+                }
+                Err(error) => {
+                    warn!(validator = %validator.hotkey, %error, "could not forward the report");
+                }
+            }
+        }
+        Ok(forwarded_to)
+    }
+
+    /// The whole chain: reporter signature, ownership, the assigned miner's endpoint record, the
+    /// receipt under its job key.
+    async fn check_report(&self, signed: &Signed<MinerReport>) -> Result<VerifiedReport, String> {
+        let report = signed
+            .verify()
+            .map_err(|e| format!("bad reporter signature: {e}"))?;
+        let job_id = report.job_id;
+        if report.reported_at.0 > now().0.saturating_add(MAX_CLOCK_SKEW_MS) {
+            return Err("report dated in the future".to_owned());
+        }
+        let record = match self.store.job(job_id).await {
+            Ok(Some(record)) => record,
+            Ok(None) => return Err(format!("unknown job {job_id}")),
+            Err(error) => {
+                warn!(%error, "job store failed");
+                return Err("the facilitator could not read the job".to_owned());
+            }
+        };
+        if record.owner != *signed.signer() {
+            return Err(format!(
+                "not the owner of job {job_id}: reported by {}, owned by {}",
+                signed.signer(),
+                record.owner
+            ));
+        }
+        let history = self.store.history(job_id).await.map_err(|error| {
+            warn!(%error, "job store failed");
+            "the facilitator could not read the job".to_owned()
+        })?;
+        let miner = history
+            .iter()
+            .rev()
+            .find_map(|update| match &update.status {
+                JobStatus::Assigned { miner, .. } => Some(*miner),
+                _ => None,
+            })
+            .ok_or_else(|| format!("job {job_id} was never assigned a miner"))?;
+        verify_report(signed, Some(&miner)).map_err(|e| e.to_string())
+    }
+
+    async fn forward_report(
+        &self,
+        validator: &NodeAddr,
+        signed: &Signed<MinerReport>,
+    ) -> Result<ReportVerdict, String> {
+        let exchange = async {
+            let connection = self.peers.connect(validator, ALPN_CONTROL).await?;
+            let (send, recv) = connection.open_bi().await.map_err(|e| e.to_string())?;
+            let (mut send, mut recv) = split(send, recv);
+            send.send(&ControlMessage::Report(signed.clone()))
+                .await
+                .map_err(|e| e.to_string())?;
+            let _ = send.finish();
+            match recv.recv::<ControlMessage>().await {
+                Ok(Some(ControlMessage::ReportVerdict(verdict))) => Ok(verdict),
+                Ok(other) => Err(format!("unexpected answer {other:?}")),
+                Err(error) => Err(error.to_string()),
+            }
+        };
+        tokio::time::timeout(REPORT_FORWARD_TIMEOUT, exchange)
+            .await
+            .map_err(|_| format!("no answer within {REPORT_FORWARD_TIMEOUT:?}"))?
+    }
+
+    fn lock_excluded(&self) -> std::sync::MutexGuard<'_, HashMap<Hotkey, UnixMillis>> {
+        self.excluded
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The miners a job may be given: not excluded, and trusted if the job asks for it.
+    fn eligible_miners(&self, spec: &JobSpec) -> Vec<NodeAddr> {
+        let now = now();
+        let excluded = self.lock_excluded();
+        self.config
+            .miners
+            .iter()
+            .filter(|miner| {
+                excluded
+                    .get(&miner.hotkey)
+                    .is_none_or(|until| *until <= now)
+            })
+            .filter(|miner| {
+                !spec.on_trusted_miner || self.config.trusted_miners.contains(&miner.hotkey)
+            })
+            .cloned()
+            .collect()
+    }
+
     fn choose(&self, peers: &[NodeAddr]) -> Option<NodeAddr> {
         if peers.is_empty() {
             return None;
@@ -436,7 +599,7 @@ impl Facilitator {
         live: &LiveJob,
         down_rx: &mut mpsc::Receiver<DownMessage>,
     ) -> Option<JobStatus> {
-        let Some(miner) = self.choose(&self.config.miners) else {
+        let Some(miner) = self.choose(&self.eligible_miners(spec)) else {
             return Some(JobStatus::Rejected(RejectReason::NoMiner));
         };
         // Try validators in turn, starting from a rotating position.
@@ -561,6 +724,13 @@ impl Facilitator {
             .await
             .map_err(|e| e.to_string())
     }
+}
+
+/// When a verified report's exclusion ends: `exclusion` after the report was made (never after
+/// now + `exclusion`), so replaying an old report cannot extend it.
+pub fn exclusion_end(verified: &VerifiedReport, exclusion: Duration) -> UnixMillis {
+    let reported = verified.report.reported_at.0.min(now().0);
+    UnixMillis(reported).plus_millis(u64::try_from(exclusion.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// A client may only send its own job's volume lists and terminate requests, signed by itself.

@@ -3,6 +3,8 @@
 //! `run` submits a job spec (TOML) and prints each pushed status; the job's per-job client key,
 //! facilitator and verified endpoint record are kept in a state directory (mode 0600 files) so
 //! that `request`, `forward`, `volumes`, `terminate` and `status` can act on the job later by id.
+//! `request` and `forward` append each verified job receipt (hex) to `jobs/<job>.receipts`;
+//! `report` turns one of them, with the stored endpoint record, into a signed miner report.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -11,14 +13,15 @@ use std::time::Instant;
 
 use anyhow::{Context as _, bail};
 use horde_protocol::codec::{from_bytes_exact, to_bytes};
-use horde_protocol::messages::StatusUpdate;
+use horde_protocol::messages::{ReportVerdict, StatusUpdate};
 use horde_protocol::{
-    BlobHash, Deadlines, EndpointRecord, JobId, JobStatus, NodeAddr, Program, ReadinessProbe,
-    RelativePath, SecretKey, Signed, UploadSpec, UploadTarget, VolumeSource, VolumeSpec,
+    BlobHash, Deadlines, EndpointRecord, JobId, JobReceipt, JobStatus, NodeAddr, Program,
+    ReadinessProbe, RelativePath, SecretKey, Signed, UploadSpec, UploadTarget, VolumeSource,
+    VolumeSpec,
 };
 use serde::{Deserialize, Serialize};
 
-use crate::client::{Client, JobConnection, JobRequest, VerifiedEndpoint, now};
+use crate::client::{Client, JobConnection, JobRequest, ReportEvidence, VerifiedEndpoint, now};
 
 /// How long the status stream must be quiet before the replayed history is taken as complete.
 const HISTORY_IDLE: std::time::Duration = std::time::Duration::from_millis(300);
@@ -85,6 +88,29 @@ pub enum JobCommand {
     Terminate {
         /// The job id.
         job: String,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Report the job's miner for a wrong answer: signs a miner report with the account key
+    /// (the job's owner) from the stored endpoint record and a receipt, and prints the verdict.
+    Report {
+        /// The job id.
+        job: String,
+        /// The disputed receipt, hex as stored in `jobs/<job>.receipts` (default: the last one).
+        #[arg(long)]
+        receipt: Option<String>,
+        /// What was wrong.
+        #[arg(long)]
+        details: String,
+        /// BLAKE3 (hex) of the request (default: the receipt's digest of the bytes sent).
+        #[arg(long)]
+        request_digest: Option<String>,
+        /// BLAKE3 (hex) of the response (default: the receipt's digest of the bytes returned).
+        #[arg(long)]
+        response_digest: Option<String>,
+        /// The trusted job's receipt for the same request (hex).
+        #[arg(long)]
+        trusted_receipt: Option<String>,
         #[command(flatten)]
         common: Common,
     },
@@ -423,6 +449,42 @@ fn endpoint_from_state(state: &JobState, job_id: JobId) -> anyhow::Result<Verifi
     )?)
 }
 
+/// The stored endpoint record without the expiry check: a report may come after the job ended.
+fn stored_endpoint(state: &JobState, job_id: JobId) -> anyhow::Result<VerifiedEndpoint> {
+    let (Some(record), Some(miner)) = (&state.endpoint, &state.miner) else {
+        bail!("job {job_id} has no endpoint record; nothing to report");
+    };
+    let signed: Signed<EndpointRecord> = from_bytes_exact(&hex::decode(record)?)?;
+    let miner: horde_protocol::Hotkey = miner.parse()?;
+    let content = signed.verify_by(&miner)?;
+    if content.job_id != job_id {
+        bail!("stored endpoint record is for job {}", content.job_id);
+    }
+    Ok(VerifiedEndpoint {
+        signed,
+        record: content,
+    })
+}
+
+/// The last receipt stored for the job.
+fn last_receipt(common: &Common, job_id: &JobId) -> anyhow::Result<String> {
+    let path = receipts_path(common, job_id);
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("no receipts for job {job_id} at {}", path.display()))?;
+    text.lines()
+        .rev()
+        .find(|line| !line.trim().is_empty())
+        .map(str::to_owned)
+        .with_context(|| format!("no receipts in {}", path.display()))
+}
+
+fn receipts_path(common: &Common, job_id: &JobId) -> PathBuf {
+    common
+        .state_dir()
+        .join("jobs")
+        .join(format!("{job_id}.receipts"))
+}
+
 fn client_key(state: &JobState) -> anyhow::Result<SecretKey> {
     let mut seed = [0u8; 32];
     hex::decode_to_slice(&state.client_seed, &mut seed)?;
@@ -604,6 +666,64 @@ pub async fn run_command(command: JobCommand) -> anyhow::Result<()> {
             println!("volumes {id} fetched");
             Ok(())
         }
+        JobCommand::Report {
+            job,
+            receipt,
+            details,
+            request_digest,
+            response_digest,
+            trusted_receipt,
+            common,
+        } => {
+            let job_id = parse_job(&job)?;
+            let state = load_state(&common, &job_id)?;
+            let endpoint = stored_endpoint(&state, job_id)?;
+            let receipt_hex = match receipt {
+                Some(hex) => hex,
+                None => last_receipt(&common, &job_id)?,
+            };
+            let receipt: Signed<JobReceipt> =
+                from_bytes_exact(&hex::decode(receipt_hex.trim())?)
+                    .context("--receipt is not a hex-encoded signed receipt")?;
+            let content = receipt
+                .verify_by(&endpoint.job_key())
+                .context("the receipt is not signed by this job's key")?;
+            let digest = |given: Option<String>, default: [u8; 32]| -> anyhow::Result<[u8; 32]> {
+                let Some(text) = given else {
+                    return Ok(default);
+                };
+                let mut digest = [0u8; 32];
+                hex::decode_to_slice(text.trim(), &mut digest)
+                    .context("digests are 64 hex digits")?;
+                Ok(digest)
+            };
+            let evidence = ReportEvidence {
+                job_id,
+                endpoint: endpoint.signed.clone(),
+                receipt,
+                request_digest: digest(request_digest, content.digest_in)?,
+                response_digest: digest(response_digest, content.digest_out)?,
+                trusted_receipt: trusted_receipt
+                    .map(|hex| -> anyhow::Result<Signed<JobReceipt>> {
+                        Ok(from_bytes_exact(&hex::decode(hex.trim())?)?)
+                    })
+                    .transpose()
+                    .context("--trusted-receipt is not a hex-encoded signed receipt")?,
+            };
+            let client = Client::new(common.account()?, state.facilitator.parse()?)?;
+            let report = client.sign_report(evidence, &details);
+            match client.report(&report).await? {
+                ReportVerdict::Accepted { forwarded_to } => {
+                    println!(
+                        "report accepted: miner {} excluded, forwarded to {forwarded_to} validators",
+                        endpoint.record.miner
+                    );
+                    Ok(())
+                }
+                ReportVerdict::Refused(reason) => bail!("report refused: {reason}"),
+                other => bail!("unexpected verdict {other:?}"),
+            }
+        }
         JobCommand::Terminate { job, common } => {
             let job_id = parse_job(&job)?;
             let mut handle = attach(&common, job_id).await?;
@@ -650,10 +770,7 @@ fn append_receipt(
     receipt: &Signed<horde_protocol::JobReceipt>,
 ) -> anyhow::Result<()> {
     use std::io::Write as _;
-    let path = common
-        .state_dir()
-        .join("jobs")
-        .join(format!("{job_id}.receipts"));
+    let path = receipts_path(common, job_id);
     let mut file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)

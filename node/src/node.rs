@@ -113,11 +113,14 @@ impl RunningNode {
                     .await?,
                 )
             }
-            Role::Validator => Service::Validator(Validator::new(
-                Arc::clone(&endpoint),
-                config.validator.clone(),
-                cancel.child_token(),
-            )),
+            Role::Validator => Service::Validator(
+                Validator::new(
+                    Arc::clone(&endpoint),
+                    config.validator.clone(),
+                    cancel.child_token(),
+                )
+                .map_err(|e| NodeError::Config(e.to_string()))?,
+            ),
             Role::Miner => {
                 let miner_config = config.miner.clone().ok_or_else(|| {
                     NodeError::Config("role miner needs a [miner] section".to_owned())

@@ -7,18 +7,29 @@
 //! relays volume lists and terminate requests down and results up. Every stage has its deadline
 //! from the spec; the validator's own clock adds [`STAGE_SLACK`] so that the executor, which
 //! enforces the same deadlines with more detail, normally reports first.
+//!
+//! Miner reports forwarded by a facilitator (`ControlMessage::Report`) are verified again — the
+//! reporter's signature and the chain miner hotkey → endpoint record → job key → receipt — and
+//! the miner is excluded from selection for `[validator] exclusion_secs` from the time of the
+//! report: `Assign`s naming it are refused with `MinerNotAllowed`. Exclusions are kept in
+//! `<data_dir>/exclusions.json` (written to a temporary file, synced, then renamed), so a restart
+//! keeps them.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use horde_protocol::messages::{
     Assignment, FailureReason, HordeFailure, InitialJobDetails, JobDetails, JobFailure,
-    RejectReason,
+    RejectReason, ReportVerdict,
 };
 use horde_protocol::{
-    ControlMessage, DownMessage, Hotkey, JobId, JobSpec, NodeAddr, Role, Stage, UpMessage,
+    ControlMessage, DownMessage, Hotkey, JobId, JobSpec, MinerReport, NodeAddr, Role, Signed,
+    Stage, UnixMillis, UpMessage, verify_report,
 };
 use horde_transport::{ALPN_CONTROL, FramedRecv, FramedSend, JobSession, codes, open_session};
+use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument as _, debug, info, info_span, warn};
 
@@ -30,28 +41,174 @@ use crate::peers::serve_streams;
 /// Added to every stage deadline on the validator's clock (network and process start-up).
 pub const STAGE_SLACK: Duration = Duration::from_secs(2);
 
+/// Tolerated clock skew for a report dated in the future.
+const MAX_CLOCK_SKEW_MS: u64 = 60_000;
+
+/// The exclusions file could not be read or written.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ExclusionsError {
+    /// Reading, writing or renaming the file failed.
+    #[error("exclusions file {path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file does not parse.
+    #[error("exclusions file {path}: {message}")]
+    Corrupt {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// One excluded miner, as stored.
+#[derive(Debug, Serialize, Deserialize)]
+struct ExclusionEntry {
+    /// The miner's hotkey (SS58).
+    miner: String,
+    /// When its exclusion ends (Unix milliseconds).
+    until_ms: u64,
+}
+
+/// Reported miners and when their exclusion ends, persisted in a JSON file.
+#[derive(Debug)]
+struct Exclusions {
+    path: Option<PathBuf>,
+    miners: Mutex<HashMap<Hotkey, UnixMillis>>,
+    /// Serializes writers so the file always holds the latest map.
+    writing: tokio::sync::Mutex<()>,
+}
+
+impl Exclusions {
+    fn load(path: Option<PathBuf>) -> Result<Self, ExclusionsError> {
+        let mut miners = HashMap::new();
+        if let Some(path) = &path {
+            let shown = path.display().to_string();
+            match std::fs::read_to_string(path) {
+                Ok(text) => {
+                    let entries: Vec<ExclusionEntry> =
+                        serde_json::from_str(&text).map_err(|e| ExclusionsError::Corrupt {
+                            path: shown.clone(),
+                            message: e.to_string(),
+                        })?;
+                    for entry in entries {
+                        let miner = entry.miner.parse().map_err(|e| ExclusionsError::Corrupt {
+                            path: shown.clone(),
+                            message: format!("miner {:?}: {e}", entry.miner),
+                        })?;
+                        miners.insert(miner, UnixMillis(entry.until_ms));
+                    }
+                }
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => {
+                    return Err(ExclusionsError::Io {
+                        path: shown,
+                        source,
+                    });
+                }
+            }
+        }
+        Ok(Self {
+            path,
+            miners: Mutex::new(miners),
+            writing: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Hotkey, UnixMillis>> {
+        self.miners
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn is_excluded(&self, miner: &Hotkey, now: UnixMillis) -> bool {
+        self.lock().get(miner).is_some_and(|until| *until > now)
+    }
+
+    /// Excludes `miner` until `until` (a later existing end is kept) and persists the map.
+    async fn exclude(&self, miner: Hotkey, until: UnixMillis) -> Result<(), ExclusionsError> {
+        let _writing = self.writing.lock().await;
+        let entries: Vec<ExclusionEntry> = {
+            let mut miners = self.lock();
+            let entry = miners.entry(miner).or_insert(until);
+            *entry = (*entry).max(until);
+            miners
+                .iter()
+                .map(|(miner, until)| ExclusionEntry {
+                    miner: miner.to_string(),
+                    until_ms: until.0,
+                })
+                .collect()
+        };
+        let Some(path) = self.path.clone() else {
+            return Ok(());
+        };
+        tokio::task::spawn_blocking(move || write_atomically(&path, &entries))
+            .await
+            .map_err(|e| ExclusionsError::Io {
+                path: "exclusions".to_owned(),
+                source: std::io::Error::other(e.to_string()),
+            })?
+    }
+}
+
+/// Writes `entries` as JSON to a temporary file beside `path`, syncs it, renames it over `path`
+/// and syncs the directory: a crash leaves the old file or the new one, never a torn one.
+fn write_atomically(path: &Path, entries: &[ExclusionEntry]) -> Result<(), ExclusionsError> {
+    use std::io::Write as _;
+    let io = |source| ExclusionsError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    let text = serde_json::to_vec_pretty(entries).map_err(|e| io(std::io::Error::other(e)))?;
+    let temp = path.with_extension("json.tmp");
+    let mut file = std::fs::File::create(&temp).map_err(io)?;
+    file.write_all(&text).map_err(io)?;
+    file.sync_all().map_err(io)?;
+    std::fs::rename(&temp, path).map_err(io)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)
+            .and_then(|dir| dir.sync_all())
+            .map_err(io)?;
+    }
+    Ok(())
+}
+
 /// The validator service.
 #[derive(Debug)]
 pub struct Validator {
     hotkey: Hotkey,
     peers: Peers,
     config: ValidatorConfig,
+    exclusions: Exclusions,
     cancel: CancellationToken,
 }
 
 impl Validator {
-    /// The service.
+    /// The service, with the exclusions persisted by a previous run.
     pub fn new(
         endpoint: Arc<horde_transport::HordeEndpoint>,
         config: ValidatorConfig,
         cancel: CancellationToken,
-    ) -> Arc<Self> {
-        Arc::new(Self {
+    ) -> Result<Arc<Self>, ExclusionsError> {
+        let exclusions = Exclusions::load(config.exclusions_file.clone())?;
+        Ok(Arc::new(Self {
             hotkey: endpoint.hotkey(),
             peers: Peers::new(endpoint),
             config,
+            exclusions,
             cancel,
-        })
+        }))
+    }
+
+    /// Whether `miner` is excluded now because of a verified report.
+    pub fn is_excluded(&self, miner: &Hotkey) -> bool {
+        self.exclusions.is_excluded(miner, now())
     }
 
     /// Serves one facilitator connection: each stream is one job.
@@ -71,11 +228,26 @@ impl Validator {
         mut recv: FramedRecv,
         first: ControlMessage,
     ) {
-        let ControlMessage::Down(DownMessage::Assign(assignment)) = first else {
-            warn!(%peer, "unexpected first message on a facilitator stream");
-            recv.stop(codes::PROTOCOL_VIOLATION);
-            send.reset(codes::PROTOCOL_VIOLATION);
-            return;
+        let assignment = match first {
+            ControlMessage::Down(DownMessage::Assign(assignment)) => assignment,
+            ControlMessage::Report(report) => {
+                let verdict = match self.accept_report(&peer, &report).await {
+                    Ok(()) => ReportVerdict::Accepted { forwarded_to: 0 },
+                    Err(reason) => {
+                        info!(%peer, %reason, "miner report refused");
+                        ReportVerdict::Refused(reason)
+                    }
+                };
+                let _ = send.send(&ControlMessage::ReportVerdict(verdict)).await;
+                let _ = send.finish();
+                return;
+            }
+            _ => {
+                warn!(%peer, "unexpected first message on a facilitator stream");
+                recv.stop(codes::PROTOCOL_VIOLATION);
+                send.reset(codes::PROTOCOL_VIOLATION);
+                return;
+            }
         };
         let spec = match self.check_assignment(&peer, &assignment) {
             Ok(spec) => spec,
@@ -96,6 +268,36 @@ impl Validator {
             .await;
     }
 
+    /// Verifies a forwarded report again (signatures and the endpoint → receipt chain; the
+    /// facilitator checked ownership) and excludes the miner.
+    async fn accept_report(
+        &self,
+        facilitator: &Hotkey,
+        signed: &Signed<MinerReport>,
+    ) -> Result<(), String> {
+        if let Some(allowed) = &self.config.allowed_facilitators
+            && !allowed.contains(facilitator)
+        {
+            return Err(format!("facilitator {facilitator} is not allowed"));
+        }
+        let verified = verify_report(signed, None).map_err(|e| e.to_string())?;
+        if verified.report.reported_at.0 > now().0.saturating_add(MAX_CLOCK_SKEW_MS) {
+            return Err("report dated in the future".to_owned());
+        }
+        let miner = verified.miner();
+        let until = crate::facilitator::exclusion_end(&verified, self.config.exclusion);
+        self.exclusions
+            .exclude(miner, until)
+            .await
+            .map_err(|error| {
+                warn!(%error, "could not persist an exclusion");
+                "the validator could not persist the exclusion".to_owned()
+            })?;
+        info!(%miner, job = %verified.report.job_id.fmt_short(), until = until.0,
+            "miner report verified; miner excluded");
+        Ok(())
+    }
+
     fn check_assignment(
         &self,
         facilitator: &Hotkey,
@@ -113,7 +315,9 @@ impl Validator {
         if spec.expires_at < now() {
             return Err(RejectReason::Expired);
         }
-        if self.known_miner(&assignment.miner.hotkey).is_none() {
+        if self.known_miner(&assignment.miner.hotkey).is_none()
+            || self.is_excluded(&assignment.miner.hotkey)
+        {
             return Err(RejectReason::MinerNotAllowed);
         }
         if spec.on_trusted_miner
@@ -337,5 +541,36 @@ impl Validator {
             warn!("client message not signed by the job's owner; dropped");
         }
         ok
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use horde_protocol::SecretKey;
+
+    #[tokio::test]
+    async fn exclusions_survive_reload_and_corruption_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("exclusions.json");
+        let miner = SecretKey::from_seed(&[5; 32]).hotkey();
+        let other = SecretKey::from_seed(&[6; 32]).hotkey();
+        {
+            let exclusions = Exclusions::load(Some(path.clone())).unwrap();
+            exclusions.exclude(miner, UnixMillis(1_000)).await.unwrap();
+            exclusions.exclude(miner, UnixMillis(500)).await.unwrap();
+            exclusions.exclude(other, UnixMillis(10)).await.unwrap();
+        }
+        let exclusions = Exclusions::load(Some(path.clone())).unwrap();
+        assert!(exclusions.is_excluded(&miner, UnixMillis(999)));
+        assert!(!exclusions.is_excluded(&miner, UnixMillis(1_000)));
+        assert!(!exclusions.is_excluded(&other, UnixMillis(11)));
+        assert!(!path.with_extension("json.tmp").exists());
+
+        std::fs::write(&path, "{ not json").unwrap();
+        assert!(matches!(
+            Exclusions::load(Some(path)),
+            Err(ExclusionsError::Corrupt { .. })
+        ));
     }
 }

@@ -15,12 +15,14 @@
 use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read as _, Write as _};
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use horde_protocol::messages::{OutputLocation, OutputRef};
 use horde_protocol::{BlobHash, RelativePath, UploadSpec, UploadTarget, VolumeSource, VolumeSpec};
 use horde_transport::HordeEndpoint;
+use rustix::fs::{Mode, OFlags, RenameFlags};
 use tracing::{debug, info};
 
 use crate::blob_client::{self, ClientError, NoProgress};
@@ -199,6 +201,88 @@ pub fn prepare_target(root: &Path, relative: &Path) -> Result<PathBuf, VolumeErr
     Ok(current)
 }
 
+/// Opens directory `name` under `dir` without following a symlink (`O_NOFOLLOW | O_DIRECTORY`).
+fn open_dir_at(dir: impl AsFd, name: &Path) -> rustix::io::Result<OwnedFd> {
+    rustix::fs::openat(
+        dir,
+        name,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+}
+
+/// Moves the fsynced file `staged` (in the `staging` directory) to `relative` under `root`.
+/// Every directory on the way is opened from its parent's handle with `O_NOFOLLOW`, created if
+/// missing, and the file is renamed in relative to the last handle with `RENAME_NOREPLACE`: a
+/// symlink anywhere below `root` (or at `root` itself) is refused, never followed, even if it
+/// appeared after [`prepare_target`] looked, and an existing name is never replaced.
+fn place_file(
+    staging: &Path,
+    staged: &Path,
+    root: &Path,
+    relative: &Path,
+) -> Result<PathBuf, VolumeError> {
+    let shown = relative.display().to_string();
+    let io_error = |errno: rustix::io::Errno| VolumeError::Io {
+        path: shown.clone(),
+        source: errno.into(),
+    };
+    let components: Vec<&Path> = relative
+        .components()
+        .map(|component| Path::new(component.as_os_str()))
+        .collect();
+    let Some((file_name, dirs)) = components.split_last() else {
+        return Err(path_error(&shown, PathError::Empty));
+    };
+    // With `O_DIRECTORY`, Linux reports a symlink as `ENOTDIR` (else `ELOOP`): look at what
+    // is there, without following it, to name the refusal.
+    let refuse = |errno: rustix::io::Errno, at: &Path| match errno {
+        rustix::io::Errno::LOOP | rustix::io::Errno::NOTDIR => {
+            let symlink = fs::symlink_metadata(at).is_ok_and(|meta| meta.file_type().is_symlink());
+            let shown_at = display(root, at);
+            if symlink || errno == rustix::io::Errno::LOOP {
+                path_error(&shown, PathError::Symlink(shown_at))
+            } else {
+                path_error(&shown, PathError::NotADirectory(shown_at))
+            }
+        }
+        errno => io_error(errno),
+    };
+    let mut current = root.to_owned();
+    let mut dir = open_dir_at(rustix::fs::CWD, root).map_err(|errno| refuse(errno, root))?;
+    for name in dirs {
+        current.push(name);
+        let next = match open_dir_at(&dir, name) {
+            Err(rustix::io::Errno::NOENT) => {
+                match rustix::fs::mkdirat(&dir, *name, Mode::from_raw_mode(0o755)) {
+                    Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+                    Err(errno) => return Err(io_error(errno)),
+                }
+                open_dir_at(&dir, name)
+            }
+            other => other,
+        };
+        dir = next.map_err(|errno| refuse(errno, &current))?;
+    }
+    current.push(file_name);
+    let staging_dir =
+        open_dir_at(rustix::fs::CWD, staging).map_err(|errno| refuse(errno, staging))?;
+    let staged_name = staged.file_name().map(Path::new).unwrap_or(staged);
+    rustix::fs::renameat_with(
+        &staging_dir,
+        staged_name,
+        &dir,
+        *file_name,
+        RenameFlags::NOREPLACE,
+    )
+    .map_err(|errno| match errno {
+        rustix::io::Errno::EXIST => path_error(&shown, PathError::Exists(shown.clone())),
+        errno => io_error(errno),
+    })?;
+    rustix::fs::fsync(&dir).map_err(io_error)?;
+    Ok(current)
+}
+
 fn display(root: &Path, path: &Path) -> String {
     path.strip_prefix(root)
         .unwrap_or(path)
@@ -357,7 +441,7 @@ pub async fn materialize(
     let mut placed = Vec::with_capacity(volumes.len());
     for (index, (volume, relative)) in volumes.iter().zip(paths).enumerate() {
         let shown = volume.path.0.clone();
-        let target = prepare_target(&root, &relative)?;
+        prepare_target(&root, &relative)?;
         let staged = staging.join(format!("volume-{index}"));
         let size = match &volume.source {
             VolumeSource::Inline { bytes } => {
@@ -403,11 +487,9 @@ pub async fn materialize(
             }
             _ => return Err(VolumeError::Unsupported(shown)),
         };
-        // The final name was checked free; `rename` never follows a symlink at the target.
-        fs::rename(&staged, &target).map_err(|source| VolumeError::Io {
-            path: shown.clone(),
-            source,
-        })?;
+        // Placed through directory handles opened without following symlinks: a directory
+        // swapped for a symlink since `prepare_target` is refused, never followed.
+        let target = place_file(&staging, &staged, &root, &relative)?;
         debug!(path = %shown, size, "volume ready");
         placed.push(Materialized { path: target, size });
     }
@@ -898,5 +980,62 @@ mod tests {
         assert_eq!(ok, root.join("new/dir/file"));
         assert!(root.join("new/dir").is_dir());
         assert!(fs::read_dir(outside.path()).unwrap().next().is_none());
+    }
+
+    #[test]
+    fn placement_refuses_a_directory_swapped_for_a_symlink() {
+        let job = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let root = job.path().join("volume");
+        let staging = job.path().join(".staging");
+        fs::create_dir_all(&root).unwrap();
+        fs::create_dir_all(&staging).unwrap();
+        let relative = Path::new("a/b/file");
+        prepare_target(&root, relative).unwrap();
+        // After the check, `a` is swapped for a symlink to a directory outside the root.
+        fs::remove_dir(root.join("a/b")).unwrap();
+        fs::remove_dir(root.join("a")).unwrap();
+        fs::create_dir(outside.path().join("b")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), root.join("a")).unwrap();
+        let staged = staging.join("volume-0");
+        fs::write(&staged, b"data").unwrap();
+
+        let err = place_file(&staging, &staged, &root, relative).unwrap_err();
+        assert!(
+            matches!(err, VolumeError::Path { source: PathError::Symlink(ref at), .. } if at == "a"),
+            "{err:?}"
+        );
+        assert!(!outside.path().join("b/file").exists());
+        assert!(staged.exists());
+
+        // A symlinked last directory is refused too.
+        fs::remove_file(root.join("a")).unwrap();
+        fs::create_dir(root.join("a")).unwrap();
+        std::os::unix::fs::symlink(outside.path().join("b"), root.join("a/b")).unwrap();
+        let err = place_file(&staging, &staged, &root, relative).unwrap_err();
+        assert!(
+            matches!(err, VolumeError::Path { source: PathError::Symlink(ref at), .. } if at == "a/b"),
+            "{err:?}"
+        );
+        assert!(!outside.path().join("b/file").exists());
+
+        // Real directories: placed; an existing name is never replaced.
+        fs::remove_file(root.join("a/b")).unwrap();
+        let placed = place_file(&staging, &staged, &root, relative).unwrap();
+        assert_eq!(placed, root.join("a/b/file"));
+        assert_eq!(fs::read(&placed).unwrap(), b"data");
+        fs::write(&staged, b"other").unwrap();
+        let err = place_file(&staging, &staged, &root, relative).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                VolumeError::Path {
+                    source: PathError::Exists(_),
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert_eq!(fs::read(&placed).unwrap(), b"data");
     }
 }

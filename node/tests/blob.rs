@@ -15,10 +15,11 @@ use horde_node::blob_client::{
 };
 use horde_node::storage::{BlobStore, StoreLimits, serve};
 use horde_protocol::blob::{
-    BlobErrorKind, BlobResponse, BlobStatus, CHUNK_GROUP_LEN, MAX_REQUEST_LEN, SEGMENT_LEN,
+    BlobErrorKind, BlobResponse, BlobStatus, ByteRange, CHUNK_GROUP_LEN, MAX_REQUEST_LEN,
+    SEGMENT_LEN,
 };
 use horde_protocol::{BlobHash, NodeAddr};
-use horde_transport::blob::{BlobError, put_bytes, start_put, stat};
+use horde_transport::blob::{BlobError, put_bytes, request_get, start_put, stat};
 use horde_transport::test_utils::{localhost_endpoint, seeded_key};
 use horde_transport::{FrameReader, HordeEndpoint};
 use tokio_util::sync::CancellationToken;
@@ -498,4 +499,74 @@ async fn put_allowlist_refuses_other_keys() {
         .await
         .unwrap();
     assert_eq!(hash, BlobHash::of(b"hello"));
+}
+
+#[tokio::test]
+async fn ranged_get_yields_verified_runs_and_stops_at_a_corrupt_group() {
+    let storage = start_storage(StoreLimits::default());
+    let client = client();
+    let size = 2 * SEGMENT_LEN as usize + 777;
+    let bytes = sample(size, 9);
+    let hash = storage.store.insert(&bytes).unwrap();
+    let connection = blob_client::connect(&client, &storage.addr).await.unwrap();
+    let g = CHUNK_GROUP_LEN;
+    // Two ranges in different segments, widened to chunk groups.
+    let ranges = vec![
+        ByteRange {
+            start: g + 5,
+            end: 3 * g,
+        },
+        ByteRange {
+            start: SEGMENT_LEN + 10 * g,
+            end: u64::MAX,
+        },
+    ];
+    let mut stream = request_get(&connection, hash, ranges.clone(), NO_LIMIT)
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    while let Some(data) = stream.next().await.unwrap() {
+        let start = data.offset as usize;
+        assert_eq!(&data.bytes[..], &bytes[start..start + data.bytes.len()]);
+        got.push((data.offset, data.bytes.len() as u64));
+    }
+    let delivered: u64 = got.iter().map(|(_, len)| len).sum();
+    assert_eq!(delivered, 2 * g + (size as u64 - (SEGMENT_LEN + 10 * g)));
+    assert_eq!(got.first().map(|(offset, _)| *offset), Some(g));
+
+    // Corrupt a group of the second range: the groups before it arrive, then the error.
+    let flipped = SEGMENT_LEN + 20 * g + 3;
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(storage.store.blob_path(&hash))
+        .unwrap();
+    let mut byte = [0u8; 1];
+    file.read_exact_at(&mut byte, flipped).unwrap();
+    file.write_all_at(&[byte[0] ^ 0x01], flipped).unwrap();
+    drop(file);
+    let mut stream = request_get(&connection, hash, ranges, NO_LIMIT)
+        .await
+        .unwrap();
+    let mut end = 0;
+    let error = loop {
+        match stream.next().await {
+            Ok(Some(data)) => {
+                let start = data.offset as usize;
+                assert_eq!(&data.bytes[..], &bytes[start..start + data.bytes.len()]);
+                end = data.offset + data.bytes.len() as u64;
+            }
+            Ok(None) => panic!("a corrupt blob was delivered whole"),
+            Err(error) => break error,
+        }
+    };
+    let group_start = flipped / g * g;
+    assert!(
+        matches!(error, BlobError::Integrity { offset } if offset == group_start),
+        "{error:?}"
+    );
+    assert_eq!(
+        end, group_start,
+        "every group before the bad one was delivered"
+    );
 }

@@ -29,7 +29,10 @@ pub use job::{
 };
 pub use keys::{Hotkey, KeyError, KeyFileError, SecretKey, SignatureError};
 pub use messages::{ControlMessage, DownMessage, JobStatus, TunnelFrame, UpMessage};
-pub use records::{EndpointRecord, JobReceipt, NodeRecord, Role};
+pub use records::{
+    EndpointRecord, JobReceipt, MinerReport, NodeRecord, ReportError, Role, VerifiedReport,
+    verify_report,
+};
 pub use signed::{Signable, Signature, Signed, VerifyError};
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::job::{ExecutorClass, JobId, UnixMillis};
 use crate::keys::Hotkey;
-use crate::signed::{Signable, Signed};
+use crate::signed::{Signable, Signed, VerifyError};
 
 #[cfg(test)]
 use proptest_derive::Arbitrary;
@@ -192,4 +192,264 @@ pub struct MinerReport {
 
 impl Signable for MinerReport {
     const DOMAIN: &'static str = "horde/miner-report/v1";
+}
+
+/// Why a miner report does not verify. The `Display` text starts with a stable phrase that names
+/// the refusal; it is what `ReportVerdict::Refused` carries.
+#[derive(Clone, PartialEq, Eq, Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReportError {
+    /// The reporter's signature over the report does not verify.
+    #[error("bad reporter signature: {0}")]
+    BadReporterSignature(VerifyError),
+    /// The endpoint record is not signed by the miner it must come from.
+    #[error("endpoint record not signed by the job's miner: {0}")]
+    EndpointNotByMiner(VerifyError),
+    /// The endpoint record names another miner than its signer.
+    #[error("endpoint record not signed by the job's miner: it names {named}, signed by {signer}")]
+    EndpointMinerMismatch {
+        /// The miner the record names.
+        named: Hotkey,
+        /// Who signed it.
+        signer: Hotkey,
+    },
+    /// The endpoint record is for another job.
+    #[error("endpoint record for another job: {0}")]
+    EndpointOtherJob(JobId),
+    /// The receipt is not signed by the endpoint record's job key.
+    #[error("receipt not signed by the job key: {0}")]
+    BadReceipt(VerifyError),
+    /// The receipt names another job.
+    #[error("receipt for another job: {0}")]
+    ReceiptOtherJob(JobId),
+    /// The trusted job's receipt does not verify, or is for another request.
+    #[error("bad trusted receipt: {0}")]
+    BadTrustedReceipt(String),
+}
+
+/// A miner report whose whole chain verified: reporter signature, miner hotkey → endpoint record
+/// → job key → receipt.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct VerifiedReport {
+    /// Who signed the report.
+    pub reporter: Hotkey,
+    /// The report.
+    pub report: MinerReport,
+    /// The miner's endpoint record.
+    pub endpoint: EndpointRecord,
+    /// The disputed receipt.
+    pub receipt: JobReceipt,
+}
+
+impl VerifiedReport {
+    /// The miner the report is against.
+    pub fn miner(&self) -> Hotkey {
+        self.endpoint.miner
+    }
+}
+
+/// Verifies a miner report's chain. `miner` is the miner the verifier knows ran the job (the
+/// facilitator's assignment); `None` accepts the miner the record names, provided it signed it.
+/// Ownership of the job and duplicates are the caller's to check.
+pub fn verify_report(
+    signed: &Signed<MinerReport>,
+    miner: Option<&Hotkey>,
+) -> Result<VerifiedReport, ReportError> {
+    let report = signed.verify().map_err(ReportError::BadReporterSignature)?;
+    let signer = report.endpoint.signer();
+    let endpoint = report
+        .endpoint
+        .verify_by(miner.unwrap_or(signer))
+        .map_err(ReportError::EndpointNotByMiner)?;
+    if endpoint.miner != *report.endpoint.signer() {
+        return Err(ReportError::EndpointMinerMismatch {
+            named: endpoint.miner,
+            signer: *report.endpoint.signer(),
+        });
+    }
+    if endpoint.job_id != report.job_id {
+        return Err(ReportError::EndpointOtherJob(endpoint.job_id));
+    }
+    let receipt = report
+        .receipt
+        .verify_by(&endpoint.job_key)
+        .map_err(ReportError::BadReceipt)?;
+    if receipt.job_id != report.job_id {
+        return Err(ReportError::ReceiptOtherJob(receipt.job_id));
+    }
+    if let Some(trusted) = &report.trusted_receipt {
+        let trusted = trusted
+            .verify()
+            .map_err(|e| ReportError::BadTrustedReceipt(e.to_string()))?;
+        if trusted.job_id == report.job_id {
+            return Err(ReportError::BadTrustedReceipt(
+                "it is for the reported job itself".to_owned(),
+            ));
+        }
+        if trusted.digest_in != receipt.digest_in {
+            return Err(ReportError::BadTrustedReceipt(
+                "the trusted job was sent a different request".to_owned(),
+            ));
+        }
+    }
+    Ok(VerifiedReport {
+        reporter: *signed.signer(),
+        report,
+        endpoint,
+        receipt,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::SecretKey;
+
+    fn key(seed: u8) -> SecretKey {
+        SecretKey::from_seed(&[seed; 32])
+    }
+
+    const JOB: JobId = JobId([1; 16]);
+
+    fn receipt(job_key: &SecretKey, job_id: JobId, digest_in: [u8; 32]) -> Signed<JobReceipt> {
+        Signed::sign(
+            job_key,
+            &JobReceipt {
+                job_id,
+                stream: 4,
+                digest_in,
+                digest_out: [2; 32],
+                bytes_in: 10,
+                bytes_out: 20,
+            },
+        )
+    }
+
+    fn endpoint(miner: &SecretKey, job_id: JobId, job_key: &SecretKey) -> Signed<EndpointRecord> {
+        Signed::sign(
+            miner,
+            &EndpointRecord {
+                job_id,
+                miner: miner.hotkey(),
+                address: "127.0.0.1:1".parse().unwrap(),
+                job_key: job_key.hotkey(),
+                expires_at: UnixMillis(1),
+            },
+        )
+    }
+
+    fn report(
+        endpoint: Signed<EndpointRecord>,
+        receipt: Signed<JobReceipt>,
+        trusted: Option<Signed<JobReceipt>>,
+    ) -> Signed<MinerReport> {
+        Signed::sign(
+            &key(9),
+            &MinerReport {
+                job_id: JOB,
+                endpoint,
+                receipt,
+                request_digest: [0; 32],
+                response_digest: [0; 32],
+                trusted_receipt: trusted,
+                details: "wrong".into(),
+                reported_at: UnixMillis(5),
+            },
+        )
+    }
+
+    #[test]
+    fn a_sound_chain_verifies() {
+        let (miner, job_key) = (key(1), key(2));
+        let trusted = receipt(&key(3), JobId([7; 16]), [1; 32]);
+        let signed = report(
+            endpoint(&miner, JOB, &job_key),
+            receipt(&job_key, JOB, [1; 32]),
+            Some(trusted),
+        );
+        let verified = verify_report(&signed, Some(&miner.hotkey())).unwrap();
+        assert_eq!(verified.miner(), miner.hotkey());
+        assert_eq!(verified.reporter, key(9).hotkey());
+        assert!(verify_report(&signed, None).is_ok());
+    }
+
+    #[test]
+    fn forged_receipt_is_refused() {
+        let (miner, job_key) = (key(1), key(2));
+        let signed = report(
+            endpoint(&miner, JOB, &job_key),
+            receipt(&key(5), JOB, [1; 32]),
+            None,
+        );
+        assert!(matches!(
+            verify_report(&signed, Some(&miner.hotkey())),
+            Err(ReportError::BadReceipt(VerifyError::WrongSigner { .. }))
+        ));
+        // Right signer, tampered signature.
+        let good = receipt(&job_key, JOB, [1; 32]);
+        let forged = Signed::from_parts(
+            good.bytes().to_vec(),
+            *good.signer(),
+            crate::Signature::from_bytes([0; 64]),
+        );
+        let signed = report(endpoint(&miner, JOB, &job_key), forged, None);
+        assert!(matches!(
+            verify_report(&signed, Some(&miner.hotkey())),
+            Err(ReportError::BadReceipt(VerifyError::BadSignature { .. }))
+        ));
+    }
+
+    #[test]
+    fn receipt_of_another_job_is_refused() {
+        let (miner, job_key) = (key(1), key(2));
+        let signed = report(
+            endpoint(&miner, JOB, &job_key),
+            receipt(&job_key, JobId([3; 16]), [1; 32]),
+            None,
+        );
+        assert!(matches!(
+            verify_report(&signed, Some(&miner.hotkey())),
+            Err(ReportError::ReceiptOtherJob(_))
+        ));
+    }
+
+    #[test]
+    fn endpoint_signed_by_another_miner_is_refused() {
+        let (miner, job_key) = (key(1), key(2));
+        let signed = report(
+            endpoint(&key(6), JOB, &job_key),
+            receipt(&job_key, JOB, [1; 32]),
+            None,
+        );
+        assert!(matches!(
+            verify_report(&signed, Some(&miner.hotkey())),
+            Err(ReportError::EndpointNotByMiner(
+                VerifyError::WrongSigner { .. }
+            ))
+        ));
+        let other_job = report(
+            endpoint(&miner, JobId([8; 16]), &job_key),
+            receipt(&job_key, JOB, [1; 32]),
+            None,
+        );
+        assert!(matches!(
+            verify_report(&other_job, None),
+            Err(ReportError::EndpointOtherJob(_))
+        ));
+    }
+
+    #[test]
+    fn trusted_receipt_must_be_for_the_same_request_on_another_job() {
+        let (miner, job_key) = (key(1), key(2));
+        let other_request = receipt(&key(3), JobId([7; 16]), [9; 32]);
+        let signed = report(
+            endpoint(&miner, JOB, &job_key),
+            receipt(&job_key, JOB, [1; 32]),
+            Some(other_request),
+        );
+        assert!(matches!(
+            verify_report(&signed, None),
+            Err(ReportError::BadTrustedReceipt(_))
+        ));
+    }
 }

@@ -3,7 +3,7 @@
 //!
 //! Routes (on `127.0.0.1:$HORDE_JOB_PORT`):
 //! - `GET /health` → 200 `ok` (503 with `--fail-health`);
-//! - `POST /echo` → 200 with the request body;
+//! - `POST /echo` → 200 with the request body (reversed with `--wrong-echo`, a cheating job);
 //! - `GET /stream?n=N[&delay_ms=D]` → a chunked `text/event-stream` of N events
 //!   `data: token-i`, D ms apart (default 10), then `data: [DONE]`;
 //! - `GET /ws` → a WebSocket (RFC 6455) echoing every text and binary message, answering pings;
@@ -56,6 +56,8 @@ pub struct DemoConfig {
     pub executor_url: Option<String>,
     /// Never answer `/health` with 2xx.
     pub fail_health: bool,
+    /// Answer `/echo` wrongly (the body reversed): a cheating job for cross-validation tests.
+    pub wrong_echo: bool,
 }
 
 impl DemoConfig {
@@ -68,10 +70,12 @@ impl DemoConfig {
             .parse()
             .with_context(|| format!("HORDE_JOB_PORT {port:?} is not a port"))?;
         let mut fail_health = false;
+        let mut wrong_echo = false;
         for arg in args {
             match arg.as_str() {
                 "--fail-health" => fail_health = true,
-                other => bail!("unknown argument {other:?} (known: --fail-health)"),
+                "--wrong-echo" => wrong_echo = true,
+                other => bail!("unknown argument {other:?} (known: --fail-health, --wrong-echo)"),
             }
         }
         let dir = |name: &str| std::env::var_os(name).map(PathBuf::from);
@@ -81,6 +85,7 @@ impl DemoConfig {
             output_dir: dir("HORDE_OUTPUT_DIR"),
             executor_url: std::env::var("HORDE_EXECUTOR_URL").ok(),
             fail_health,
+            wrong_echo,
         })
     }
 }
@@ -173,6 +178,10 @@ async fn route(
             respond(stream, 503, text, b"unhealthy (--fail-health)", close).await?
         }
         ("GET", "/health") => respond(stream, 200, text, b"ok", close).await?,
+        ("POST", "/echo") if config.wrong_echo => {
+            let reversed: Vec<u8> = request.body.iter().rev().copied().collect();
+            respond(stream, 200, "application/octet-stream", &reversed, close).await?
+        }
         ("POST", "/echo") => {
             respond(
                 stream,

@@ -12,6 +12,7 @@
 
 pub mod demo;
 pub mod demo_job;
+pub mod reports;
 
 use std::io::Read as _;
 use std::net::SocketAddr;

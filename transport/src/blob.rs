@@ -16,8 +16,9 @@ use std::io;
 use std::ops::Range;
 use std::os::unix::fs::FileExt as _;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf as _, Bytes, BytesMut};
 use horde_protocol::BlobHash;
 use horde_protocol::blob::{
     BlobErrorKind, BlobRequest, BlobResponse, BlobStatus, ByteRange, CHUNK_GROUP_LEN, CV_LEN,
@@ -27,8 +28,7 @@ use horde_protocol::blob::{
 use horde_protocol::codec::encode_frame;
 use quinn::VarInt;
 use serde::de::DeserializeOwned;
-use tokio::io::AsyncReadExt as _;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::framed::{ChannelError, FrameReader};
 
@@ -143,6 +143,59 @@ impl Backing {
 
     fn is_memory(&self) -> bool {
         matches!(self, Self::Memory(_))
+    }
+}
+
+/// Reads consecutive pieces of a [`Backing`] for one response. For a file it reads through a
+/// private open file description (its own cursor) into fresh, unzeroed buffers; if that cannot
+/// be opened it falls back to positional reads.
+struct SequentialReader<'a> {
+    backing: &'a Backing,
+    private: Option<(std::fs::File, u64)>,
+}
+
+impl<'a> SequentialReader<'a> {
+    fn new(backing: &'a Backing) -> Self {
+        let private = match backing {
+            Backing::File(file) => {
+                use std::os::fd::AsRawFd as _;
+                // Reopening through procfs gives a new file description, so this cursor is
+                // shared with no other reader of the same `File`.
+                std::fs::File::open(format!("/proc/self/fd/{}", file.as_raw_fd()))
+                    .ok()
+                    .filter(|reopened| {
+                        use std::os::unix::fs::MetadataExt as _;
+                        match (reopened.metadata(), file.metadata()) {
+                            (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+                            _ => false,
+                        }
+                    })
+                    .map(|reopened| (reopened, u64::MAX))
+            }
+            Backing::Memory(_) => None,
+        };
+        Self { backing, private }
+    }
+
+    fn read(&mut self, offset: u64, len: u64) -> io::Result<Bytes> {
+        use std::io::{Read as _, Seek as _};
+        let Some((file, position)) = self.private.as_mut() else {
+            return self.backing.read_at(offset, len);
+        };
+        if *position != offset {
+            file.seek(io::SeekFrom::Start(offset))?;
+            *position = offset;
+        }
+        let mut buffer = Vec::with_capacity(usize::try_from(len).map_err(io::Error::other)?);
+        let read = file.take(len).read_to_end(&mut buffer)?;
+        *position += read as u64;
+        if (read as u64) < len {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "read past the end of the blob",
+            ));
+        }
+        Ok(Bytes::from(buffer))
     }
 }
 
@@ -298,8 +351,12 @@ pub async fn serve_get(
         let (sender, mut receiver) = mpsc::channel::<io::Result<Bytes>>(READ_AHEAD_PIECES);
         let reader_blob = blob.clone();
         let reader = tokio::task::spawn_blocking(move || {
+            let mut data = SequentialReader::new(&reader_blob.data);
             for piece in pieces {
-                let result = reader_blob.read_piece(piece);
+                let result = match piece {
+                    Piece::Data { offset, len } => data.read(offset, len),
+                    Piece::GroupCvs { .. } => reader_blob.read_piece(piece),
+                };
                 let failed = result.is_err();
                 if sender.blocking_send(result).is_err() || failed {
                     break;
@@ -326,20 +383,61 @@ pub struct VerifiedData {
     pub bytes: Bytes,
 }
 
+/// Chunks taken from quinn per `read_chunks` call (one lock of the connection for all of them).
+const READ_BATCH: usize = 64;
+
+/// Batches of received chunks queued for the verifier thread. A batch holds at most
+/// [`READ_BATCH`] STREAM frames (~1.4 KiB each), so this bounds the queue to a few MiB.
+const VERIFY_QUEUE: usize = 32;
+
+/// Verified bytes handed out per [`GetStream::next`], at most (whole chunk groups).
+const OUTPUT_LEN: usize = 1 << 20;
+
+/// Verified runs queued for [`GetStream::next`].
+const OUTPUT_QUEUE: usize = 4;
+
 /// The client side of a `Get` after the header: yields verified data in blob order.
+///
+/// Receiving and verifying are pipelined: a task reads STREAM frames from quinn in batches
+/// (`read_chunks`, no copy) and a blocking thread assembles them into chunk groups, checks each
+/// against its CV (itself checked against the root) and only then hands the bytes on. Network
+/// receive, decryption and hashing so run on different cores.
 #[derive(Debug)]
 pub struct GetStream {
-    recv: quinn::RecvStream,
     hash: BlobHash,
     size: u64,
     ranges: Vec<Range<u64>>,
-    segment_cvs: Vec<[u8; 32]>,
-    pieces: std::vec::IntoIter<Piece>,
-    group_cvs: Vec<[u8; 32]>,
-    first_group: u64,
-    pending_error: Option<BlobError>,
-    wire_bytes: u64,
-    scratch: BytesMut,
+    /// The stream and the verification state, until the pipeline starts.
+    setup: Option<(quinn::RecvStream, Tree)>,
+    output: Option<mpsc::Receiver<Output>>,
+    reader: Option<ReaderGuard>,
+    wire_bytes: Arc<AtomicU64>,
+    failed: bool,
+}
+
+/// Aborts the network reader task when the stream is dropped (its `RecvStream` is then dropped,
+/// which stops the stream).
+#[derive(Debug)]
+struct ReaderGuard(tokio::task::AbortHandle);
+
+impl Drop for ReaderGuard {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// What the network reader hands the verifier.
+enum Input {
+    Chunks(Vec<Bytes>),
+    End,
+    Failed(BlobError),
+}
+
+/// What the verifier hands [`GetStream::next`].
+enum Output {
+    Data(VerifiedData),
+    Done,
+    Failed(BlobError),
 }
 
 /// Client side of `Get`: opens a stream on `connection`, asks for `ranges` of `hash` (empty:
@@ -387,18 +485,26 @@ pub async fn request_get(
     let normalized = normalize_ranges(&ranges, size)
         .map_err(|error| BlobError::Protocol(format!("ranges: {error}")))?;
     let pieces = plan(size, &normalized);
+    let tree = Tree {
+        hash,
+        size,
+        segment_cvs,
+        pieces: pieces.into_iter(),
+        current: None,
+        piece_received: 0,
+        cv_buffer: Vec::new(),
+        group_cvs: Vec::new(),
+        first_group: 0,
+    };
     Ok(GetStream {
-        recv,
         hash,
         size,
         ranges: normalized,
-        segment_cvs,
-        pieces: pieces.into_iter(),
-        group_cvs: Vec::new(),
-        first_group: 0,
-        pending_error: None,
-        wire_bytes: 0,
-        scratch: BytesMut::new(),
+        setup: Some((recv, tree)),
+        output: None,
+        reader: None,
+        wire_bytes: Arc::new(AtomicU64::new(0)),
+        failed: false,
     })
 }
 
@@ -420,108 +526,361 @@ impl GetStream {
 
     /// Bytes read from the stream so far after the header (CVs and data, verified or not).
     pub fn wire_bytes(&self) -> u64 {
-        self.wire_bytes
+        self.wire_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Starts the network reader; returns the verifier's inbox and stop signal.
+    fn start_reader(
+        &mut self,
+        recv: quinn::RecvStream,
+    ) -> (mpsc::Receiver<Input>, oneshot::Sender<VarInt>) {
+        let (outbox, inbox) = mpsc::channel(VERIFY_QUEUE);
+        let (stop, stopped) = oneshot::channel();
+        let task = tokio::spawn(read_network(
+            recv,
+            outbox,
+            stopped,
+            Arc::clone(&self.wire_bytes),
+        ));
+        self.reader = Some(ReaderGuard(task.abort_handle()));
+        (inbox, stop)
     }
 
     /// The next run of verified bytes, `Ok(None)` when every requested range was delivered.
     ///
     /// On a bad chunk group the stream is stopped with [`STOP_INTEGRITY`] and
-    /// [`BlobError::Integrity`] is returned. When a failure happens inside a piece, the groups
-    /// verified before it are returned first and the error on the next call.
+    /// [`BlobError::Integrity`] is returned. Groups verified before a failure are returned first
+    /// and the error on a later call.
     pub async fn next(&mut self) -> Result<Option<VerifiedData>, BlobError> {
-        if let Some(error) = self.pending_error.take() {
-            return Err(error);
+        if self.failed {
+            return Err(BlobError::Protocol(
+                "the transfer already failed".to_owned(),
+            ));
         }
-        loop {
-            let Some(piece) = self.pieces.next() else {
-                return Ok(None);
-            };
-            match piece {
-                Piece::GroupCvs {
-                    segment,
-                    first_group,
-                    count,
-                } => {
-                    let mut buffer = vec![0u8; (count * CV_LEN as u64) as usize];
-                    self.read_full(&mut buffer).await?;
-                    let cvs = cvs_from_bytes(&buffer)
-                        .ok_or_else(|| BlobError::Protocol("bad CV block".to_owned()))?;
-                    let valid = if self.segment_cvs.is_empty() {
-                        root_of(&cvs) == Some(self.hash)
-                    } else {
-                        self.segment_cvs
-                            .get(segment as usize)
-                            .is_some_and(|expected| parent_cv_of(&cvs).as_ref() == Some(expected))
-                    };
-                    if !valid {
-                        return Err(self.integrity_failure(segment * SEGMENT_LEN));
-                    }
-                    self.group_cvs = cvs;
-                    self.first_group = first_group;
-                }
-                Piece::Data { offset, len } => return self.read_data(offset, len).await.map(Some),
-            }
-        }
-    }
-
-    async fn read_data(&mut self, offset: u64, len: u64) -> Result<VerifiedData, BlobError> {
-        // One buffer reused across pieces: once the caller dropped the previous piece, `reserve`
-        // reclaims the same allocation (no fresh pages to fault in), and `read_buf` fills it
-        // without zeroing first.
-        self.scratch.clear();
-        self.scratch.reserve(len as usize);
-        let mut verified = 0usize;
-        while (verified as u64) < len {
-            let group_len = (len - verified as u64).min(CHUNK_GROUP_LEN) as usize;
-            let group_offset = offset + verified as u64;
-            let result = match self.fill_scratch(verified + group_len).await {
-                Ok(()) => {
-                    let group = &self.scratch[verified..verified + group_len];
-                    if self.group_is_valid(group_offset, group) {
-                        Ok(())
-                    } else {
-                        Err(self.integrity_failure(group_offset))
-                    }
-                }
-                Err(error) => Err(error),
-            };
-            if let Err(error) = result {
-                if verified == 0 {
-                    return Err(error);
-                }
-                self.pending_error = Some(error);
-                break;
-            }
-            verified += group_len;
-        }
-        Ok(VerifiedData {
-            offset,
-            bytes: self.scratch.split_to(verified).freeze(),
-        })
-    }
-
-    /// Reads until the scratch buffer holds `target` bytes.
-    async fn fill_scratch(&mut self, target: usize) -> Result<(), BlobError> {
-        while self.scratch.len() < target {
-            let missing = target - self.scratch.len();
-            let read = (&mut self.recv)
-                .take(missing as u64)
-                .read_buf(&mut self.scratch)
-                .await
-                .map_err(|error| match error.downcast::<quinn::ReadError>() {
-                    Ok(read) => BlobError::Read(read),
-                    Err(error) => BlobError::Io(error),
-                })?;
-            if read == 0 {
-                return Err(BlobError::Truncated {
-                    missing: missing as u64,
+        if let Some((recv, tree)) = self.setup.take() {
+            let (inbox, stop) = self.start_reader(recv);
+            let (output, verified) = mpsc::channel(OUTPUT_QUEUE);
+            let start = self.ranges.first().map_or(0, |range| range.start);
+            tokio::task::spawn_blocking(move || {
+                let mut verifier = Verifier::new(tree, ChannelSink(output), start);
+                let result = verifier.run(inbox, stop);
+                let _ = verifier.sink.0.blocking_send(match result {
+                    Ok(()) => Output::Done,
+                    Err(error) => Output::Failed(error),
                 });
-            }
-            self.wire_bytes += read as u64;
+            });
+            self.output = Some(verified);
         }
-        Ok(())
+        let Some(output) = self.output.as_mut() else {
+            return Ok(None);
+        };
+        match output.recv().await {
+            Some(Output::Data(data)) => Ok(Some(data)),
+            Some(Output::Done) => {
+                self.output = None;
+                Ok(None)
+            }
+            Some(Output::Failed(error)) => {
+                self.failed = true;
+                Err(error)
+            }
+            None => {
+                self.failed = true;
+                Err(BlobError::Io(io::Error::other(
+                    "blob verifier thread failed",
+                )))
+            }
+        }
     }
 
+    /// Receives the whole response into `buffer`, which must hold exactly the blob's bytes
+    /// before the first requested range (the response must be one range to the end of the
+    /// blob, or nothing). Bytes are copied once, straight from the network frames into
+    /// `buffer`'s spare capacity, and each chunk group is verified there: on return `buffer`
+    /// holds only verified bytes (on an error, the verified prefix; a resume continues from
+    /// its length). Returns the bytes read from the stream after the header.
+    pub async fn read_to_vec(mut self, buffer: &mut Vec<u8>) -> Result<u64, BlobError> {
+        let Some((recv, tree)) = self.setup.take() else {
+            return Err(BlobError::Protocol(
+                "the transfer already started".to_owned(),
+            ));
+        };
+        let held = buffer.len() as u64;
+        let contiguous = match self.ranges.as_slice() {
+            [] => held == self.size,
+            [range] => range.start == held && range.end == self.size,
+            _ => false,
+        };
+        if !contiguous {
+            return Err(BlobError::Protocol(format!(
+                "reading into a buffer of {held} bytes needs one range from there to the end"
+            )));
+        }
+        let held = buffer.len();
+        let size = usize::try_from(self.size).map_err(io::Error::other)?;
+        // Zeroed lazily by the OS: its pages are faulted in by a helper thread ahead of the copy.
+        let mut dest = vec![0u8; size];
+        dest[..held].copy_from_slice(buffer);
+        *buffer = Vec::new();
+        let (inbox, stop) = self.start_reader(recv);
+        let verifier = tokio::task::spawn_blocking(move || {
+            let (written, result) = std::thread::scope(|scope| {
+                let tail = &mut dest[held..];
+                let (slices, receiver) = std::sync::mpsc::sync_channel(FAULT_AHEAD);
+                if tail.len() >= FAULT_THREAD_MIN {
+                    scope.spawn(move || fault_in(tail, slices));
+                } else {
+                    let _ = slices.send(tail);
+                }
+                let sink = SliceSink {
+                    slices: receiver,
+                    current: &mut [],
+                    written: 0,
+                };
+                let mut verifier = Verifier::new(tree, sink, held as u64);
+                let result = verifier.run(inbox, stop);
+                (verifier.sink.written, result)
+            });
+            dest.truncate(held + written);
+            (dest, result)
+        });
+        let (vec, result) = verifier.await.map_err(io::Error::other)?;
+        *buffer = vec;
+        result.map(|()| self.wire_bytes())
+    }
+
+    /// Receives the whole response into `writer`, called on the verifier thread with verified
+    /// bytes only, in blob order, from a buffer reused across writes. `progress` gets the blob
+    /// position reached after each write. Returns the writer (unless the verifier thread
+    /// panicked) and the outcome: the bytes read from the stream after the header, or why the
+    /// transfer stopped (everything verified before a failure was written first).
+    pub async fn read_to_sink<W: VerifiedSink + 'static>(
+        mut self,
+        writer: W,
+        progress: &mut (dyn FnMut(u64) + Send),
+    ) -> (Option<W>, Result<u64, BlobError>) {
+        let Some((recv, tree)) = self.setup.take() else {
+            let error = BlobError::Protocol("the transfer already started".to_owned());
+            return (Some(writer), Err(error));
+        };
+        let start = self.ranges.first().map_or(self.size, |range| range.start);
+        let (inbox, stop) = self.start_reader(recv);
+        let (position, mut positions) = watch::channel(start);
+        let mut verifier = tokio::task::spawn_blocking(move || {
+            let sink = WriterSink {
+                writer,
+                progress: position,
+                error: None,
+            };
+            let mut verifier = Verifier::new(tree, sink, start);
+            let result = verifier.run(inbox, stop);
+            let WriterSink { writer, error, .. } = verifier.sink;
+            let result = match (result, error) {
+                (Err(_), Some(error)) => Err(BlobError::Io(error)),
+                (result, _) => result,
+            };
+            (writer, result)
+        });
+        let joined = loop {
+            tokio::select! {
+                joined = &mut verifier => break joined,
+                Ok(()) = positions.changed() => progress(*positions.borrow_and_update()),
+            }
+        };
+        match joined {
+            Ok((writer, result)) => {
+                progress(*positions.borrow());
+                (Some(writer), result.map(|()| self.wire_bytes()))
+            }
+            Err(error) => (None, Err(BlobError::Io(io::Error::other(error)))),
+        }
+    }
+}
+
+/// The network side of a `Get`: reads STREAM frames in batches and queues them for the verifier
+/// until the stream ends, fails, or the verifier asks to stop it.
+async fn read_network(
+    mut recv: quinn::RecvStream,
+    outbox: mpsc::Sender<Input>,
+    mut stop: oneshot::Receiver<VarInt>,
+    wire_bytes: Arc<AtomicU64>,
+) {
+    let mut chunks = vec![Bytes::new(); READ_BATCH];
+    let mut stop_open = true;
+    loop {
+        let read = tokio::select! {
+            biased;
+            code = &mut stop, if stop_open => match code {
+                Ok(code) => {
+                    let _ = recv.stop(code);
+                    return;
+                }
+                // The verifier finished the plan: keep reading to the end of the stream.
+                Err(_) => {
+                    stop_open = false;
+                    continue;
+                }
+            },
+            read = recv.read_chunks(&mut chunks) => read,
+        };
+        let input = match read {
+            Ok(Some(count)) => {
+                let batch: Vec<Bytes> = chunks[..count].iter_mut().map(std::mem::take).collect();
+                let bytes: usize = batch.iter().map(Bytes::len).sum();
+                wire_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+                Input::Chunks(batch)
+            }
+            Ok(None) => Input::End,
+            Err(error) => Input::Failed(error.into()),
+        };
+        let last = !matches!(input, Input::Chunks(_));
+        if outbox.send(input).await.is_err() {
+            // The verifier is gone; it may have asked for a specific stop code first.
+            if let Ok(code) = stop.try_recv() {
+                let _ = recv.stop(code);
+            }
+            return;
+        }
+        if last {
+            return;
+        }
+    }
+}
+
+/// Where verified bytes go, on the verifier thread.
+trait Sink {
+    /// Verified bytes gathered before they are handed on.
+    fn batch(&self) -> usize;
+    /// Takes the first `len` bytes of `stage` (verified, at blob `offset`) off its front;
+    /// `false` when the consumer is gone.
+    fn accept(&mut self, offset: u64, stage: &mut BytesMut, len: usize) -> bool;
+}
+
+/// Hands verified runs to [`GetStream::next`] without copying them.
+struct ChannelSink(mpsc::Sender<Output>);
+
+impl Sink for ChannelSink {
+    fn batch(&self) -> usize {
+        OUTPUT_LEN
+    }
+
+    fn accept(&mut self, offset: u64, stage: &mut BytesMut, len: usize) -> bool {
+        let bytes = stage.split_to(len).freeze();
+        let data = VerifiedData { offset, bytes };
+        self.0.blocking_send(Output::Data(data)).is_ok()
+    }
+}
+
+/// A blocking consumer of verified bytes for [`GetStream::read_to_sink`], called on the verifier
+/// thread in blob order.
+pub trait VerifiedSink: Send {
+    /// Takes verified bytes that sit at `offset` in the blob.
+    fn write(&mut self, offset: u64, bytes: &[u8]) -> io::Result<()>;
+}
+
+/// Verified bytes gathered before one [`VerifiedSink::write`] (small enough to stay in cache).
+const SINK_BATCH: usize = 256 << 10;
+
+/// Feeds a [`VerifiedSink`] from the reused stage and reports the position reached.
+struct WriterSink<W> {
+    writer: W,
+    progress: watch::Sender<u64>,
+    error: Option<io::Error>,
+}
+
+impl<W: VerifiedSink> Sink for WriterSink<W> {
+    fn batch(&self) -> usize {
+        SINK_BATCH
+    }
+
+    fn accept(&mut self, offset: u64, stage: &mut BytesMut, len: usize) -> bool {
+        if let Err(error) = self.writer.write(offset, &stage[..len]) {
+            self.error = Some(error);
+            return false;
+        }
+        stage.advance(len);
+        self.progress.send_replace(offset + len as u64);
+        true
+    }
+}
+
+/// Destination slices of [`GetStream::read_to_vec`]'s buffer, handed over in order by the
+/// thread that faults their pages in.
+type Slices<'a> = std::sync::mpsc::Receiver<&'a mut [u8]>;
+
+/// Copies verified bytes, while they are still in cache, into consecutive destination slices.
+struct SliceSink<'a> {
+    slices: Slices<'a>,
+    current: &'a mut [u8],
+    /// Bytes written to the destination.
+    written: usize,
+}
+
+impl Sink for SliceSink<'_> {
+    fn batch(&self) -> usize {
+        // Every batch right away: the stage stays small and hot in cache.
+        0
+    }
+
+    fn accept(&mut self, _offset: u64, stage: &mut BytesMut, len: usize) -> bool {
+        let mut from = &stage[..len];
+        while !from.is_empty() {
+            if self.current.is_empty() {
+                match self.slices.recv() {
+                    Ok(slice) => self.current = slice,
+                    Err(_) => return false,
+                }
+            }
+            let take = from.len().min(self.current.len());
+            let (head, tail) = std::mem::take(&mut self.current).split_at_mut(take);
+            head.copy_from_slice(&from[..take]);
+            self.current = tail;
+            from = &from[take..];
+            self.written += take;
+        }
+        stage.advance(len);
+        true
+    }
+}
+
+/// Destination bytes per slice handed to the verifier.
+const FAULT_SLICE: usize = 1 << 20;
+
+/// Slices faulted in ahead of the verifier.
+const FAULT_AHEAD: usize = 16;
+
+/// Below this, the destination is faulted in by the verifier itself.
+const FAULT_THREAD_MIN: usize = 8 << 20;
+
+/// Touches every page of `buffer` (fresh pages are faulted in and zeroed by the OS, which is
+/// slow for large buffers) in slices, a few slices ahead of the thread that fills them.
+fn fault_in<'a>(buffer: &'a mut [u8], slices: std::sync::mpsc::SyncSender<&'a mut [u8]>) {
+    for slice in buffer.chunks_mut(FAULT_SLICE) {
+        for page in slice.chunks_mut(4096) {
+            page[0] = 0;
+        }
+        if slices.send(slice).is_err() {
+            return;
+        }
+    }
+}
+
+/// The verification tree of one response: the planned pieces and the CVs checked so far.
+#[derive(Debug)]
+struct Tree {
+    hash: BlobHash,
+    size: u64,
+    segment_cvs: Vec<[u8; 32]>,
+    pieces: std::vec::IntoIter<Piece>,
+    /// The piece being received and how much of it arrived.
+    current: Option<Piece>,
+    piece_received: u64,
+    cv_buffer: Vec<u8>,
+    group_cvs: Vec<[u8; 32]>,
+    first_group: u64,
+}
+
+impl Tree {
     fn group_is_valid(&self, offset: u64, group: &[u8]) -> bool {
         if self.size <= CHUNK_GROUP_LEN {
             return BlobHash::of(group) == self.hash;
@@ -532,22 +891,213 @@ impl GetStream {
             .is_some_and(|expected| subtree_cv(offset, group) == *expected)
     }
 
-    fn integrity_failure(&mut self, offset: u64) -> BlobError {
-        let _ = self.recv.stop(STOP_INTEGRITY);
-        BlobError::Integrity { offset }
+    /// Checks a complete CV block of `segment` against the header (or the root).
+    fn accept_cvs(&mut self, segment: u64, first_group: u64) -> Result<(), BlobError> {
+        let cvs = cvs_from_bytes(&self.cv_buffer)
+            .ok_or_else(|| BlobError::Protocol("bad CV block".to_owned()))?;
+        self.cv_buffer.clear();
+        let valid = if self.segment_cvs.is_empty() {
+            root_of(&cvs) == Some(self.hash)
+        } else {
+            self.segment_cvs
+                .get(segment as usize)
+                .is_some_and(|expected| parent_cv_of(&cvs).as_ref() == Some(expected))
+        };
+        if !valid {
+            return Err(BlobError::Integrity {
+                offset: segment * SEGMENT_LEN,
+            });
+        }
+        self.group_cvs = cvs;
+        self.first_group = first_group;
+        Ok(())
     }
 
-    async fn read_full(&mut self, buffer: &mut [u8]) -> Result<(), BlobError> {
-        let mut filled = 0;
-        while filled < buffer.len() {
-            match self.recv.read(&mut buffer[filled..]).await? {
-                Some(read) => {
-                    filled += read;
-                    self.wire_bytes += read as u64;
+    fn is_complete(&self) -> bool {
+        self.current.is_none() && self.pieces.as_slice().is_empty()
+    }
+
+    /// Bytes still expected on the wire.
+    fn missing(&self) -> u64 {
+        let current = self
+            .current
+            .map_or(0, |piece| piece.wire_len() - self.piece_received);
+        current
+            + self
+                .pieces
+                .as_slice()
+                .iter()
+                .map(Piece::wire_len)
+                .sum::<u64>()
+    }
+}
+
+fn consumer_gone() -> BlobError {
+    BlobError::Io(io::Error::other("the consumer of the blob went away"))
+}
+
+/// Assembles received frames into chunk groups in a stage buffer, verifies each group there,
+/// and only then hands it to its [`Sink`].
+struct Verifier<K> {
+    tree: Tree,
+    stage: BytesMut,
+    /// Blob offset of `stage[0]`.
+    stage_base: u64,
+    /// `stage[..verified]` is verified.
+    verified: usize,
+    sink: K,
+}
+
+impl<K: Sink> Verifier<K> {
+    /// A verifier for data starting at blob offset `start`.
+    fn new(tree: Tree, sink: K, start: u64) -> Self {
+        Self {
+            tree,
+            stage: BytesMut::new(),
+            stage_base: start,
+            verified: 0,
+            sink,
+        }
+    }
+
+    /// Feeds received bytes. Bytes beyond the plan are ignored.
+    fn push(&mut self, mut bytes: &[u8]) -> Result<(), BlobError> {
+        while !bytes.is_empty() {
+            let piece = match self.tree.current {
+                Some(piece) => piece,
+                None => match self.tree.pieces.next() {
+                    Some(piece) => {
+                        self.start_piece(piece)?;
+                        piece
+                    }
+                    None => return Ok(()),
+                },
+            };
+            let wanted = (piece.wire_len() - self.tree.piece_received) as usize;
+            let (take, rest) = bytes.split_at(wanted.min(bytes.len()));
+            bytes = rest;
+            self.tree.piece_received += take.len() as u64;
+            let complete = self.tree.piece_received == piece.wire_len();
+            match piece {
+                Piece::GroupCvs {
+                    segment,
+                    first_group,
+                    ..
+                } => {
+                    self.tree.cv_buffer.extend_from_slice(take);
+                    if complete {
+                        self.tree.accept_cvs(segment, first_group)?;
+                    }
                 }
-                None => {
+                Piece::Data { offset, len } => {
+                    if self.stage.capacity() - self.stage.len() < take.len() {
+                        // Reclaims the allocation once earlier output was dropped.
+                        let room = self.sink.batch() + CHUNK_GROUP_LEN as usize;
+                        self.stage.reserve(take.len().max(room));
+                    }
+                    self.stage.extend_from_slice(take);
+                    self.verify_groups(offset + len)?;
+                }
+            }
+            if complete {
+                self.tree.current = None;
+            }
+        }
+        Ok(())
+    }
+
+    fn start_piece(&mut self, piece: Piece) -> Result<(), BlobError> {
+        self.tree.current = Some(piece);
+        self.tree.piece_received = 0;
+        if let Piece::Data { offset, .. } = piece {
+            let end = self.stage_base + self.stage.len() as u64;
+            if offset != end {
+                // A new range: hand on what the previous one left, continue at `offset`.
+                if !self.emit(true) {
+                    return Err(consumer_gone());
+                }
+                if !self.stage.is_empty() {
+                    return Err(BlobError::Protocol(
+                        "unverified bytes between ranges".into(),
+                    ));
+                }
+                self.stage_base = offset;
+            }
+        }
+        Ok(())
+    }
+
+    /// Verifies the complete groups of the stage up to `piece_end`.
+    fn verify_groups(&mut self, piece_end: u64) -> Result<(), BlobError> {
+        loop {
+            let offset = self.stage_base + self.verified as u64;
+            let group_len = CHUNK_GROUP_LEN.min(piece_end.saturating_sub(offset)) as usize;
+            let available = self.stage.len() - self.verified;
+            if group_len == 0 || available < group_len {
+                return Ok(());
+            }
+            let group = &self.stage[self.verified..self.verified + group_len];
+            if !self.tree.group_is_valid(offset, group) {
+                return Err(BlobError::Integrity { offset });
+            }
+            self.verified += group_len;
+        }
+    }
+
+    /// Hands the verified front of the stage on: always, or once a batch is ready.
+    fn emit(&mut self, all: bool) -> bool {
+        if self.verified == 0 || (!all && self.verified < self.sink.batch()) {
+            return true;
+        }
+        let len = self.verified;
+        let delivered = self.sink.accept(self.stage_base, &mut self.stage, len);
+        self.stage_base += len as u64;
+        self.verified = 0;
+        delivered
+    }
+
+    /// Runs until the plan is complete or the transfer fails. On a failure, the bytes verified
+    /// before it are handed on, nothing after them, then the error is returned (and the stream
+    /// stopped with [`STOP_INTEGRITY`] for an integrity failure).
+    fn run(
+        &mut self,
+        mut inbox: mpsc::Receiver<Input>,
+        stop: oneshot::Sender<VarInt>,
+    ) -> Result<(), BlobError> {
+        let result = self.receive(&mut inbox);
+        match &result {
+            Err(BlobError::Integrity { .. }) => {
+                let _ = stop.send(STOP_INTEGRITY);
+            }
+            Err(_) => {
+                let _ = stop.send(STOP_CANCELLED);
+            }
+            Ok(()) => drop(stop),
+        }
+        let verified = self.verified;
+        self.stage.truncate(verified);
+        let delivered = self.emit(true);
+        match result {
+            Ok(()) if !delivered => Err(consumer_gone()),
+            result => result,
+        }
+    }
+
+    fn receive(&mut self, inbox: &mut mpsc::Receiver<Input>) -> Result<(), BlobError> {
+        while !self.tree.is_complete() {
+            match inbox.blocking_recv() {
+                Some(Input::Chunks(chunks)) => {
+                    for chunk in &chunks {
+                        self.push(chunk)?;
+                    }
+                    if !self.emit(false) {
+                        return Err(consumer_gone());
+                    }
+                }
+                Some(Input::Failed(error)) => return Err(error),
+                Some(Input::End) | None => {
                     return Err(BlobError::Truncated {
-                        missing: (buffer.len() - filled) as u64,
+                        missing: self.tree.missing(),
                     });
                 }
             }

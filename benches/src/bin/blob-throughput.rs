@@ -1,6 +1,7 @@
 //! Blob throughput on loopback, with its baselines measured in the same run.
 //!
 //! `cargo run --release -p horde-benches --bin blob-throughput -- --size 1GiB [--json PATH]`
+//! (`--only quinn,mem` runs a subset, for profiling one path; the table of record runs all).
 //!
 //! Measures, one after the other on 127.0.0.1 with both ends in this process:
 //! (a) plain TCP, (b) TCP + rustls TLS 1.3 (horde's ed25519 certificates and verifiers),
@@ -38,6 +39,15 @@ const CLOCK_TICKS: f64 = 100.0;
 struct Args {
     size: u64,
     json: PathBuf,
+    /// Measurements to run (`tcp`, `tls`, `quinn`, `mem`, `file`); all when empty. For
+    /// profiling one path; the table of record runs them all.
+    only: Vec<String>,
+}
+
+impl Args {
+    fn runs(&self, name: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|only| only == name)
+    }
 }
 
 fn parse_size(text: &str) -> anyhow::Result<u64> {
@@ -67,13 +77,21 @@ fn parse_args() -> anyhow::Result<Args> {
         .transpose()?
         .unwrap_or(1 << 30);
     let mut json = PathBuf::from("target/blob-throughput.json");
+    let mut only = Vec::new();
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--size" => size = parse_size(&args.next().context("--size needs a value")?)?,
             "--json" => json = args.next().context("--json needs a path")?.into(),
+            "--only" => {
+                let list = args.next().context("--only needs a list")?;
+                only.extend(list.split(',').map(str::to_owned));
+            }
             "--help" | "-h" => {
-                println!("blob-throughput [--size 1GiB] [--json target/blob-throughput.json]");
+                println!(
+                    "blob-throughput [--size 1GiB] [--json target/blob-throughput.json] \\
+                     [--only tcp,tls,quinn,mem,file]"
+                );
                 std::process::exit(0);
             }
             other => bail!("unknown argument {other:?}"),
@@ -82,7 +100,7 @@ fn parse_args() -> anyhow::Result<Args> {
     if size < CHUNK as u64 {
         bail!("--size must be at least 1 MiB");
     }
-    Ok(Args { size, json })
+    Ok(Args { size, json, only })
 }
 
 /// Process CPU time (user + system) in seconds.
@@ -379,86 +397,100 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let chunk = Bytes::from(vec![0x5au8; CHUNK]);
     let mut results = Vec::new();
 
-    results.push(
-        measure("tcp", size, || async {
-            let chunk = chunk.clone();
-            tokio::task::spawn_blocking(move || tcp(size, &chunk)).await?
-        })
-        .await?,
-    );
-    results.push(
-        measure("tcp+tls1.3", size, || async {
-            let chunk = chunk.clone();
-            tokio::task::spawn_blocking(move || tls(size, &chunk)).await?
-        })
-        .await?,
-    );
-    results.push(measure("raw quinn", size, || raw_quinn(size, &chunk)).await?);
+    if args.runs("tcp") {
+        results.push(
+            measure("tcp", size, || async {
+                let chunk = chunk.clone();
+                tokio::task::spawn_blocking(move || tcp(size, &chunk)).await?
+            })
+            .await?,
+        );
+    }
+    if args.runs("tls") {
+        results.push(
+            measure("tcp+tls1.3", size, || async {
+                let chunk = chunk.clone();
+                tokio::task::spawn_blocking(move || tls(size, &chunk)).await?
+            })
+            .await?,
+        );
+    }
+    if args.runs("quinn") {
+        results.push(measure("raw quinn", size, || raw_quinn(size, &chunk)).await?);
+    }
 
-    // (d) memory → memory, verified.
     let data = Bytes::from(sample(size));
     let (blob, hash) = ServedBlob::from_memory(data.clone());
-    let memory_server = Arc::new(quic_endpoint(5)?);
-    let memory_addr = NodeAddr {
-        hotkey: memory_server.hotkey(),
-        addrs: vec![memory_server.local_addr()?],
-    };
-    let memory_task = tokio::spawn(serve_memory(Arc::clone(&memory_server), blob));
     let client = quic_endpoint(6)?;
-    let connection = blob_client::connect(&client, &memory_addr).await?;
-    let mut received = Vec::new();
-    results.push(
-        measure("horde get mem→mem", size, || async {
-            get_into_vec(&connection, hash, u64::MAX, &mut received).await?;
-            Ok(())
-        })
-        .await?,
-    );
-    if received.len() as u64 != size || received[..] != data[..] {
-        bail!("memory transfer delivered wrong bytes");
+    if args.runs("mem") {
+        // (d) memory → memory, verified.
+        let memory_server = Arc::new(quic_endpoint(5)?);
+        let memory_addr = NodeAddr {
+            hotkey: memory_server.hotkey(),
+            addrs: vec![memory_server.local_addr()?],
+        };
+        let memory_task = tokio::spawn(serve_memory(Arc::clone(&memory_server), blob));
+        let connection = blob_client::connect(&client, &memory_addr).await?;
+        let mut received = Vec::new();
+        results.push(
+            measure("horde get mem→mem", size, || async {
+                get_into_vec(&connection, hash, u64::MAX, &mut received).await?;
+                Ok(())
+            })
+            .await?,
+        );
+        if received.len() as u64 != size || received[..] != data[..] {
+            bail!("memory transfer delivered wrong bytes");
+        }
+        drop(received);
+        memory_task.abort();
+    } else {
+        drop(blob);
     }
-    drop(received);
-    memory_task.abort();
 
-    // (e) file → file from a storage node's disk store, verified, fsync included.
-    let work = tempfile::Builder::new()
-        .prefix("blob-bench")
-        .tempdir_in(args.json.parent().unwrap_or(Path::new(".")))
-        .or_else(|_| tempfile::tempdir())?;
-    let store = Arc::new(BlobStore::open(
-        &work.path().join("store"),
-        StoreLimits::default(),
-    )?);
-    let stored = {
-        let store = Arc::clone(&store);
-        let data = data.clone();
-        tokio::task::spawn_blocking(move || store.insert(&data)).await??
-    };
-    if stored != hash {
-        bail!("store computed another hash");
+    let mut resume = None;
+    if args.runs("file") {
+        // (e) file → file from a storage node's disk store, verified, fsync included.
+        let work = tempfile::Builder::new()
+            .prefix("blob-bench")
+            .tempdir_in(args.json.parent().unwrap_or(Path::new(".")))
+            .or_else(|_| tempfile::tempdir())?;
+        let store = Arc::new(BlobStore::open(
+            &work.path().join("store"),
+            StoreLimits::default(),
+        )?);
+        let stored = {
+            let store = Arc::clone(&store);
+            let data = data.clone();
+            tokio::task::spawn_blocking(move || store.insert(&data)).await??
+        };
+        if stored != hash {
+            bail!("store computed another hash");
+        }
+        drop(data);
+        let storage_endpoint = Arc::new(quic_endpoint(7)?);
+        let storage = NodeAddr {
+            hotkey: storage_endpoint.hotkey(),
+            addrs: vec![storage_endpoint.local_addr()?],
+        };
+        let cancel = CancellationToken::new();
+        let storage_task =
+            tokio::spawn(serve(storage_endpoint, Arc::clone(&store), cancel.clone()));
+        let connection = blob_client::connect(&client, &storage).await?;
+        let dest = work.path().join("get.out");
+        results.push(
+            measure("horde get file→file", size, || async {
+                get_to_file_once(&connection, hash, &dest, None, u64::MAX, &mut NoProgress).await?;
+                Ok(())
+            })
+            .await?,
+        );
+        std::fs::remove_file(&dest)?;
+
+        resume = Some(resume_measurement(&client, &storage, hash, size, work.path()).await?);
+        cancel.cancel();
+        let _ = storage_task.await;
     }
-    drop(data);
-    let storage_endpoint = Arc::new(quic_endpoint(7)?);
-    let storage = NodeAddr {
-        hotkey: storage_endpoint.hotkey(),
-        addrs: vec![storage_endpoint.local_addr()?],
-    };
-    let cancel = CancellationToken::new();
-    let storage_task = tokio::spawn(serve(storage_endpoint, Arc::clone(&store), cancel.clone()));
-    let connection = blob_client::connect(&client, &storage).await?;
-    let dest = work.path().join("get.out");
-    results.push(
-        measure("horde get file→file", size, || async {
-            get_to_file_once(&connection, hash, &dest, None, u64::MAX, &mut NoProgress).await?;
-            Ok(())
-        })
-        .await?,
-    );
-    std::fs::remove_file(&dest)?;
-
-    let resume = resume_measurement(&client, &storage, hash, size, work.path()).await?;
-    cancel.cancel();
-    let _ = storage_task.await;
 
     let quinn_gbits = results
         .iter()
@@ -479,18 +511,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
             m.gbits() / quinn_gbits
         );
     }
-    println!();
-    println!(
-        "resume: cut after {} of {} bytes verified, resumed from {}, fetched {} bytes after the \
-         resume; re-sent beyond the missing part: {} bytes ({:.4}% of the blob; one chunk group \
-         is {CHUNK_GROUP_LEN} bytes)",
-        resume.verified_before_cut,
-        resume.size,
-        resume.resumed_from,
-        resume.fetched_after_resume,
-        resume.resent_beyond_missing,
-        resume.resent_beyond_missing as f64 * 100.0 / resume.size as f64
-    );
+    if let Some(resume) = &resume {
+        println!();
+        println!(
+            "resume: cut after {} of {} bytes verified, resumed from {}, fetched {} bytes after \
+             the resume; re-sent beyond the missing part: {} bytes ({:.4}% of the blob; one \
+             chunk group is {CHUNK_GROUP_LEN} bytes)",
+            resume.verified_before_cut,
+            resume.size,
+            resume.resumed_from,
+            resume.fetched_after_resume,
+            resume.resent_beyond_missing,
+            resume.resent_beyond_missing as f64 * 100.0 / resume.size as f64
+        );
+    }
 
     let json = serde_json::json!({
         "size_bytes": size,
@@ -501,13 +535,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
             "cpu_seconds_per_gb": m.cpu_per_gb(),
             "ratio_to_raw_quinn": m.gbits() / quinn_gbits,
         })).collect::<Vec<_>>(),
-        "resume": {
+        "resume": resume.as_ref().map(|resume| serde_json::json!({
             "verified_before_cut": resume.verified_before_cut,
             "resumed_from": resume.resumed_from,
             "fetched_after_resume": resume.fetched_after_resume,
             "resent_beyond_missing": resume.resent_beyond_missing,
             "chunk_group_bytes": CHUNK_GROUP_LEN,
-        },
+        })),
     });
     if let Some(parent) = args.json.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent)?;

@@ -4,6 +4,9 @@
 //! Tables: `jobs` maps a job id to its record (the client-signed spec bytes, the owner, the next
 //! status number, whether it ended); `statuses` maps `job id ‖ seq` to one [`StatusUpdate`].
 //! Inserting a job checks for its id in the same transaction, so a job id is accepted once.
+//! `reports` holds every accepted miner report twice, by `d ‖ report digest` and by
+//! `s ‖ job id ‖ stream`, so a report (or another report on the same receipt) is accepted once;
+//! `exclusions` maps a reported miner's hotkey to the time its exclusion ends.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -16,6 +19,8 @@ use serde::{Deserialize, Serialize};
 
 const JOBS: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("jobs");
 const STATUSES: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("statuses");
+const REPORTS: TableDefinition<'_, &[u8], u64> = TableDefinition::new("reports");
+const EXCLUSIONS: TableDefinition<'_, &[u8], u64> = TableDefinition::new("exclusions");
 
 /// A store operation that failed.
 #[derive(Debug, thiserror::Error)]
@@ -27,6 +32,9 @@ pub enum StoreError {
     /// No such job.
     #[error("no job {0}")]
     UnknownJob(JobId),
+    /// The report (or another on the same receipt) was accepted before.
+    #[error("duplicate report: {0}")]
+    DuplicateReport(&'static str),
     /// The job already reached a terminal status.
     #[error("job {0} has ended")]
     Ended(JobId),
@@ -71,6 +79,8 @@ impl JobStore {
         let txn = database.begin_write().map_err(db_err)?;
         txn.open_table(JOBS).map_err(db_err)?;
         txn.open_table(STATUSES).map_err(db_err)?;
+        txn.open_table(REPORTS).map_err(db_err)?;
+        txn.open_table(EXCLUSIONS).map_err(db_err)?;
         txn.commit().map_err(db_err)?;
         Ok(Self {
             db: Arc::new(database),
@@ -206,6 +216,80 @@ impl JobStore {
         .await
     }
 
+    /// Records an accepted report, refusing one whose digest, or whose (job, stream), is known.
+    pub async fn insert_report(
+        &self,
+        digest: [u8; 32],
+        job_id: JobId,
+        stream: u64,
+        at: UnixMillis,
+    ) -> Result<(), StoreError> {
+        self.blocking(move |db| {
+            let mut by_digest = vec![b'd'];
+            by_digest.extend_from_slice(&digest);
+            let mut by_stream = vec![b's'];
+            by_stream.extend_from_slice(&job_id.0);
+            by_stream.extend_from_slice(&stream.to_be_bytes());
+            let txn = db.begin_write().map_err(db_err)?;
+            {
+                let mut reports = txn.open_table(REPORTS).map_err(db_err)?;
+                if reports.get(by_digest.as_slice()).map_err(db_err)?.is_some() {
+                    return Err(StoreError::DuplicateReport(
+                        "this report was accepted before",
+                    ));
+                }
+                if reports.get(by_stream.as_slice()).map_err(db_err)?.is_some() {
+                    return Err(StoreError::DuplicateReport(
+                        "a report on this receipt was accepted before",
+                    ));
+                }
+                reports.insert(by_digest.as_slice(), at.0).map_err(db_err)?;
+                reports.insert(by_stream.as_slice(), at.0).map_err(db_err)?;
+            }
+            txn.commit().map_err(db_err)?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Excludes `miner` until `until` (an existing later end is kept).
+    pub async fn exclude(&self, miner: Hotkey, until: UnixMillis) -> Result<(), StoreError> {
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(db_err)?;
+            {
+                let mut exclusions = txn.open_table(EXCLUSIONS).map_err(db_err)?;
+                let key = miner.as_bytes().as_slice();
+                let existing = exclusions.get(key).map_err(db_err)?.map(|v| v.value());
+                let until = existing.unwrap_or(0).max(until.0);
+                exclusions.insert(key, until).map_err(db_err)?;
+            }
+            txn.commit().map_err(db_err)?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Every miner exclusion, with the time it ends (ended ones included).
+    pub async fn exclusions(&self) -> Result<Vec<(Hotkey, UnixMillis)>, StoreError> {
+        self.blocking(|db| {
+            let txn = db.begin_read().map_err(db_err)?;
+            let exclusions = txn.open_table(EXCLUSIONS).map_err(db_err)?;
+            let mut all = Vec::new();
+            for entry in exclusions.iter().map_err(db_err)? {
+                let (key, value) = entry.map_err(db_err)?;
+                let bytes: [u8; 32] = key
+                    .value()
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt("exclusion key length".to_owned()))?;
+                let miner = Hotkey::from_bytes(bytes)
+                    .map_err(|e| StoreError::Corrupt(format!("exclusion key: {e}")))?;
+                all.push((miner, UnixMillis(value.value())));
+            }
+            Ok(all)
+        })
+        .await
+    }
+
     /// Jobs without a terminal status (for recovery after a restart).
     pub async fn unfinished(&self) -> Result<Vec<JobId>, StoreError> {
         self.blocking(|db| {
@@ -251,6 +335,40 @@ mod tests {
             UnixMillis(1),
         );
         Signed::sign(key, &spec)
+    }
+
+    #[tokio::test]
+    async fn reports_are_accepted_once_and_exclusions_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jobs.redb");
+        let miner = SecretKey::from_seed(&[3; 32]).hotkey();
+        let job_id = JobId([7; 16]);
+        {
+            let store = JobStore::open(&path).unwrap();
+            store
+                .insert_report([1; 32], job_id, 4, UnixMillis(1))
+                .await
+                .unwrap();
+            assert!(matches!(
+                store.insert_report([1; 32], job_id, 8, UnixMillis(2)).await,
+                Err(StoreError::DuplicateReport(_))
+            ));
+            assert!(matches!(
+                store.insert_report([2; 32], job_id, 4, UnixMillis(2)).await,
+                Err(StoreError::DuplicateReport(_))
+            ));
+            store.exclude(miner, UnixMillis(100)).await.unwrap();
+            store.exclude(miner, UnixMillis(50)).await.unwrap();
+        }
+        let store = JobStore::open(&path).unwrap();
+        assert_eq!(
+            store.exclusions().await.unwrap(),
+            vec![(miner, UnixMillis(100))]
+        );
+        assert!(matches!(
+            store.insert_report([1; 32], job_id, 9, UnixMillis(3)).await,
+            Err(StoreError::DuplicateReport(_))
+        ));
     }
 
     #[tokio::test]

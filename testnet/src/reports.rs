@@ -1,0 +1,65 @@
+//! Helpers for cross-validation tests: settings the harness does not write (trusted miners,
+//! exclusion periods) appended to a node's config with a restart, and an `Assign` sent straight to
+//! a validator to see whether it would drive a job on a miner.
+
+use std::net::SocketAddr;
+
+use anyhow::{Context as _, bail};
+use horde_protocol::messages::Assignment;
+use horde_protocol::{
+    ControlMessage, DownMessage, Hotkey, JobSpec, NodeAddr, SecretKey, Signed, UpMessage,
+};
+use horde_transport::{ALPN_CONTROL, EndpointConfig, HordeEndpoint, open_session};
+
+use crate::Testnet;
+
+/// Appends `lines` to the role section of `name`'s config (the harness writes that section
+/// last) and restarts the node so it reads them.
+pub fn reconfigure(testnet: &mut Testnet, name: &str, lines: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let config = testnet.node(name)?.config.clone();
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&config)
+        .with_context(|| format!("opening {}", config.display()))?;
+    writeln!(file, "{lines}")?;
+    drop(file);
+    testnet.restart(name)
+}
+
+/// A TOML list of hotkeys.
+pub fn hotkey_list(hotkeys: &[Hotkey]) -> String {
+    let items: Vec<String> = hotkeys.iter().map(|h| format!("\"{h}\"")).collect();
+    format!("[{}]", items.join(", "))
+}
+
+/// Sends `Assign {spec, miner}` straight to `validator` (as a facilitator would) with a fresh
+/// key and returns the validator's first answer. A validator that accepts starts driving the
+/// job; dropping the returned session ends it.
+pub async fn assign_directly(
+    validator: &NodeAddr,
+    spec: Signed<JobSpec>,
+    miner: NodeAddr,
+) -> anyhow::Result<(UpMessage, horde_transport::JobSession)> {
+    let key = SecretKey::generate();
+    let bind: SocketAddr = ([127, 0, 0, 1], 0).into();
+    let endpoint = HordeEndpoint::bind(&key, EndpointConfig::new(bind, &[ALPN_CONTROL]))?;
+    let addr = *validator
+        .addrs
+        .first()
+        .context("validator has no address")?;
+    let connection = endpoint
+        .connect(addr, &validator.hotkey, ALPN_CONTROL)
+        .await?;
+    let job_id = spec.verify()?.job_id;
+    let mut session = open_session(
+        &connection,
+        job_id,
+        &DownMessage::Assign(Assignment { spec, miner }),
+    )
+    .await?;
+    match session.recv().await? {
+        Some(ControlMessage::Up(message)) => Ok((message, session)),
+        other => bail!("validator answered {other:?}"),
+    }
+}
