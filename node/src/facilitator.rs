@@ -734,7 +734,7 @@ pub fn exclusion_end(verified: &VerifiedReport, exclusion: Duration) -> UnixMill
 }
 
 /// A client may only send its own job's volume lists and terminate requests, signed by itself.
-fn check_client_message(
+pub(crate) fn check_client_message(
     message: &DownMessage,
     job_id: JobId,
     owner: &Hotkey,

@@ -35,6 +35,7 @@ use tracing::{Instrument as _, debug, info, info_span, warn};
 
 use crate::client::now;
 use crate::config::ValidatorConfig;
+use crate::facilitator::check_client_message;
 use crate::peers::Peers;
 use crate::peers::serve_streams;
 
@@ -529,18 +530,13 @@ impl Validator {
         job_id: JobId,
         assignment: &Assignment,
     ) -> bool {
-        let owner = assignment.spec.signer();
-        let ok = match message {
-            DownMessage::Volumes(list) => list.verify_by(owner).is_ok_and(|l| l.job_id == job_id),
-            DownMessage::Terminate(request) => {
-                request.verify_by(owner).is_ok_and(|r| r.job_id == job_id)
+        match check_client_message(message, job_id, assignment.spec.signer()) {
+            Ok(()) => true,
+            Err(reason) => {
+                warn!(%reason, "client message refused; dropped");
+                false
             }
-            _ => false,
-        };
-        if !ok {
-            warn!("client message not signed by the job's owner; dropped");
         }
-        ok
     }
 }
 
