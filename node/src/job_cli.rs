@@ -485,6 +485,19 @@ fn receipts_path(common: &Common, job_id: &JobId) -> PathBuf {
         .join(format!("{job_id}.receipts"))
 }
 
+/// Loads a job's state, re-verifies its endpoint record and connects to the job with the per-job
+/// client key.
+async fn connect_job(
+    common: &Common,
+    job: &str,
+) -> anyhow::Result<(JobId, VerifiedEndpoint, JobConnection)> {
+    let job_id = parse_job(job)?;
+    let state = load_state(common, &job_id)?;
+    let endpoint = endpoint_from_state(&state, job_id)?;
+    let connection = JobConnection::connect(job_id, client_key(&state)?, &endpoint).await?;
+    Ok((job_id, endpoint, connection))
+}
+
 fn client_key(state: &JobState) -> anyhow::Result<SecretKey> {
     let mut seed = [0u8; 32];
     hex::decode_to_slice(&state.client_seed, &mut seed)?;
@@ -577,10 +590,7 @@ pub async fn run_command(command: JobCommand) -> anyhow::Result<()> {
             data,
             common,
         } => {
-            let job_id = parse_job(&job)?;
-            let state = load_state(&common, &job_id)?;
-            let endpoint = endpoint_from_state(&state, job_id)?;
-            let connection = JobConnection::connect(job_id, client_key(&state)?, &endpoint).await?;
+            let (job_id, _endpoint, connection) = connect_job(&common, &job).await?;
             let response = horde_transport::tunnel::http_request(
                 &connection.connection,
                 job_id,
@@ -610,10 +620,7 @@ pub async fn run_command(command: JobCommand) -> anyhow::Result<()> {
             listen,
             common,
         } => {
-            let job_id = parse_job(&job)?;
-            let state = load_state(&common, &job_id)?;
-            let endpoint = endpoint_from_state(&state, job_id)?;
-            let connection = JobConnection::connect(job_id, client_key(&state)?, &endpoint).await?;
+            let (job_id, endpoint, connection) = connect_job(&common, &job).await?;
             let listener = tokio::net::TcpListener::bind(listen).await?;
             println!(
                 "forwarding {} -> job {job_id} at {}",
