@@ -7,6 +7,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use horde_protocol::{ExecutorClass, Hotkey, NodeAddr, Role};
+
+use crate::discovery::{BootstrapPeer, DiscoveryConfig, MIN_RECORD_TTL};
 use serde::Deserialize;
 
 /// Default QUIC listen address: loopback with an OS-chosen port, safe for a single machine.
@@ -60,6 +62,16 @@ struct ConfigFile {
     miner: Option<MinerFile>,
     executor: Option<ExecutorFile>,
     storage: Option<StorageFile>,
+    discovery: Option<DiscoveryFile>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct DiscoveryFile {
+    enabled: Option<bool>,
+    listen: Option<String>,
+    bootstrap: Option<Vec<String>>,
+    record_ttl_secs: Option<u64>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -242,6 +254,8 @@ pub struct NodeConfig {
     pub executor: Option<ExecutorConfig>,
     /// `[storage]` settings: blob size limit and who may put (defaults: 64 GiB, anyone).
     pub storage: crate::storage::StoreLimits,
+    /// `[discovery]` settings (on by default, listening on loopback with an OS-chosen port).
+    pub discovery: DiscoveryConfig,
 }
 
 /// Command-line values that override the file.
@@ -255,6 +269,10 @@ pub struct Overrides {
     pub listen: Option<SocketAddr>,
     /// `--data-dir`.
     pub data_dir: Option<PathBuf>,
+    /// `--bootstrap` (added to the file's list).
+    pub bootstrap: Vec<BootstrapPeer>,
+    /// `--p2p-listen`.
+    pub p2p_listen: Option<SocketAddr>,
 }
 
 impl NodeConfig {
@@ -450,6 +468,44 @@ impl NodeConfig {
                 "role executor needs an [executor] section".to_owned(),
             ));
         }
+        let discovery_file = file.discovery.unwrap_or_default();
+        let mut bootstrap = Vec::new();
+        for text in discovery_file.bootstrap.unwrap_or_default() {
+            bootstrap.push(
+                text.parse::<BootstrapPeer>()
+                    .map_err(|e| invalid(format!("discovery.bootstrap: {e}")))?,
+            );
+        }
+        bootstrap.extend(overrides.bootstrap.iter().cloned());
+        let record_ttl = match discovery_file.record_ttl_secs {
+            None => DiscoveryConfig::default().record_ttl,
+            Some(secs) => {
+                let ttl = std::time::Duration::from_secs(secs);
+                let max =
+                    std::time::Duration::from_millis(crate::discovery::MAX_RECORD_LIFETIME_MS);
+                if ttl < MIN_RECORD_TTL || ttl > max {
+                    return Err(invalid(format!(
+                        "discovery.record_ttl_secs must be {} to {}",
+                        MIN_RECORD_TTL.as_secs(),
+                        max.as_secs()
+                    )));
+                }
+                ttl
+            }
+        };
+        let discovery = DiscoveryConfig {
+            // Executors are children of their miner and never join.
+            enabled: discovery_file.enabled.unwrap_or(true) && role != Role::Executor,
+            listen: match (&overrides.p2p_listen, &discovery_file.listen) {
+                (Some(addr), _) => *addr,
+                (None, Some(text)) => text
+                    .parse()
+                    .map_err(|e| invalid(format!("discovery.listen: {e}")))?,
+                (None, None) => DiscoveryConfig::default().listen,
+            },
+            bootstrap,
+            record_ttl,
+        };
         Ok(Self {
             role,
             key_file,
@@ -461,6 +517,7 @@ impl NodeConfig {
             miner,
             executor,
             storage,
+            discovery,
         })
     }
 }
@@ -522,6 +579,47 @@ mod tests {
     }
 
     #[test]
+    fn discovery_section_and_flags() {
+        let config = parse("role = \"miner\"").unwrap();
+        assert!(config.discovery.enabled);
+        assert!(config.discovery.bootstrap.is_empty());
+        let key = horde_protocol::SecretKey::from_seed(&[4; 32]).hotkey();
+        let text = format!(
+            "role = \"validator\"\n[discovery]\nlisten = \"127.0.0.1:4100\"\n\
+             bootstrap = [\"{key}@127.0.0.1:4001\"]\nrecord_ttl_secs = 5"
+        );
+        let flag: BootstrapPeer = format!("{key}@127.0.0.1:4002").parse().unwrap();
+        let overrides = Overrides {
+            bootstrap: vec![flag.clone()],
+            ..Overrides::default()
+        };
+        let config = NodeConfig::parse(&text, "t.toml", Path::new("/x"), &overrides).unwrap();
+        assert_eq!(config.discovery.listen, "127.0.0.1:4100".parse().unwrap());
+        assert_eq!(config.discovery.bootstrap.len(), 2);
+        assert_eq!(config.discovery.bootstrap[1], flag);
+        assert_eq!(
+            config.discovery.record_ttl,
+            std::time::Duration::from_secs(5)
+        );
+        for (text, needle) in [
+            (
+                "[discovery]\nbootstrap = [\"nobody\"]",
+                "discovery.bootstrap",
+            ),
+            ("[discovery]\nrecord_ttl_secs = 1", "record_ttl_secs"),
+            ("[discovery]\nrecord_ttl_secs = 100000", "record_ttl_secs"),
+            ("[discovery]\nlisten = \"here\"", "discovery.listen"),
+        ] {
+            let err = parse(&format!("role = \"miner\"\n{text}"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(needle), "{text:?}: {err}");
+        }
+        let off = parse("role = \"miner\"\n[discovery]\nenabled = false").unwrap();
+        assert!(!off.discovery.enabled);
+    }
+
+    #[test]
     fn unknown_fields_are_refused() {
         let err = parse("role = \"miner\"\nlisen = \"127.0.0.1:1\"").unwrap_err();
         assert!(err.to_string().contains("lisen"), "{err}");
@@ -576,6 +674,8 @@ mod tests {
             listen: Some("127.0.0.1:7000".parse().unwrap()),
             key_file: Some("/k.json".into()),
             data_dir: None,
+            p2p_listen: Some("127.0.0.1:7001".parse().unwrap()),
+            ..Overrides::default()
         };
         let config = NodeConfig::parse(
             "role = \"validator\"\nlisten = \"127.0.0.1:1\"",
@@ -585,6 +685,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(config.role, Role::Miner);
+        assert_eq!(config.discovery.listen, "127.0.0.1:7001".parse().unwrap());
         assert_eq!(config.listen.port(), 7000);
         assert_eq!(config.key_file, Path::new("/k.json"));
     }

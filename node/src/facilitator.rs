@@ -42,6 +42,7 @@ use tracing::{Instrument as _, debug, info, info_span, warn};
 
 use crate::client::now;
 use crate::config::FacilitatorConfig;
+use crate::discovery::{Directory, KnownPeers};
 use crate::peers::Peers;
 use crate::peers::serve_streams;
 use store::{JobStore, StoreError};
@@ -73,10 +74,17 @@ pub struct Facilitator {
     peers: Peers,
     store: JobStore,
     config: FacilitatorConfig,
+    /// Validators to choose from: configured and discovered.
+    validators: KnownPeers,
+    /// Miners to choose from: configured and discovered (with their free capacity).
+    miners: KnownPeers,
     live: Mutex<HashMap<JobId, LiveJob>>,
     /// Reported miners and when their exclusion ends (mirrors the store).
     excluded: Mutex<HashMap<Hotkey, UnixMillis>>,
-    next_choice: AtomicUsize,
+    /// Round-robin positions over miners and over validators (separate, so one does not
+    /// skip the other's turns).
+    next_miner: AtomicUsize,
+    next_validator: AtomicUsize,
     cancel: CancellationToken,
 }
 
@@ -111,10 +119,12 @@ fn status_of(message: UpMessage) -> Option<JobStatus> {
 
 impl Facilitator {
     /// Opens the store, fails jobs a previous run left unfinished, and returns the service.
+    /// Validators and miners come from `config` and, when discovery runs, from `directory`.
     pub async fn start(
         endpoint: Arc<HordeEndpoint>,
         store: JobStore,
         config: FacilitatorConfig,
+        directory: Option<Arc<Directory>>,
         cancel: CancellationToken,
     ) -> Result<Arc<Self>, StoreError> {
         let hotkey = endpoint.hotkey();
@@ -135,10 +145,17 @@ impl Facilitator {
             hotkey,
             peers: Peers::new(endpoint),
             store,
+            validators: KnownPeers::new(
+                Role::Validator,
+                config.validators.clone(),
+                directory.clone(),
+            ),
+            miners: KnownPeers::new(Role::Miner, config.miners.clone(), directory),
             config,
             live: Mutex::new(HashMap::new()),
             excluded: Mutex::new(excluded),
-            next_choice: AtomicUsize::new(0),
+            next_miner: AtomicUsize::new(0),
+            next_validator: AtomicUsize::new(0),
             cancel,
         }))
     }
@@ -440,7 +457,7 @@ impl Facilitator {
         info!(job = %job_id.fmt_short(), %miner, reporter = %verified.reporter, until = until.0,
             details = %verified.report.details, "miner report verified; miner excluded");
         let mut forwarded_to = 0u32;
-        for validator in &self.config.validators {
+        for validator in &self.validators.list() {
             match self.forward_report(validator, signed).await {
                 Ok(ReportVerdict::Accepted { .. }) => forwarded_to += 1,
                 Ok(verdict) => {
@@ -528,9 +545,9 @@ impl Facilitator {
     fn eligible_miners(&self, spec: &JobSpec) -> Vec<NodeAddr> {
         let now = now();
         let excluded = self.lock_excluded();
-        self.config
-            .miners
-            .iter()
+        self.miners
+            .with_free(&spec.executor_class)
+            .into_iter()
             .filter(|miner| {
                 excluded
                     .get(&miner.hotkey)
@@ -539,15 +556,14 @@ impl Facilitator {
             .filter(|miner| {
                 !spec.on_trusted_miner || self.config.trusted_miners.contains(&miner.hotkey)
             })
-            .cloned()
             .collect()
     }
 
-    fn choose(&self, peers: &[NodeAddr]) -> Option<NodeAddr> {
+    fn choose_miner(&self, peers: &[NodeAddr]) -> Option<NodeAddr> {
         if peers.is_empty() {
             return None;
         }
-        let index = self.next_choice.fetch_add(1, Ordering::Relaxed) % peers.len();
+        let index = self.next_miner.fetch_add(1, Ordering::Relaxed) % peers.len();
         peers.get(index).cloned()
     }
 
@@ -599,13 +615,13 @@ impl Facilitator {
         live: &LiveJob,
         down_rx: &mut mpsc::Receiver<DownMessage>,
     ) -> Option<JobStatus> {
-        let Some(miner) = self.choose(&self.eligible_miners(spec)) else {
+        let Some(miner) = self.choose_miner(&self.eligible_miners(spec)) else {
             return Some(JobStatus::Rejected(RejectReason::NoMiner));
         };
         // Try validators in turn, starting from a rotating position.
         let mut session = None;
-        let validators = &self.config.validators;
-        let start = self.next_choice.fetch_add(1, Ordering::Relaxed);
+        let validators = &self.validators.list();
+        let start = self.next_validator.fetch_add(1, Ordering::Relaxed);
         for offset in 0..validators.len() {
             let Some(validator) = validators.get((start + offset) % validators.len()) else {
                 continue;

@@ -8,6 +8,7 @@
 //! - `facilitator.rs` (+ `facilitator/store.rs`), `validator.rs`, `miner.rs`, `executor.rs`: the
 //!   roles of the streaming-job flow, one file each.
 //! - `job_cli.rs`: the `horde job …` commands.
+//! - `discovery.rs` (+ `discovery/directory.rs`): libp2p discovery and the node-record directory.
 //! - `peers.rs`: outgoing connections shared by every job to a peer.
 //! - `storage.rs`: the storage role (content-addressed blob store served over `horde/blob/1`).
 //! - `blob_client.rs`: blob put/get for clients and executors, with resume and progress.
@@ -16,6 +17,7 @@
 pub mod blob_client;
 pub mod client;
 pub mod config;
+pub mod discovery;
 pub mod executor;
 pub mod facilitator;
 pub mod job_cli;

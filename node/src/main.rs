@@ -35,6 +35,15 @@ enum Command {
         #[command(subcommand)]
         command: horde_node::job_cli::JobCommand,
     },
+    /// List the nodes a node has discovered (asked over its discovery port).
+    Nodes {
+        /// The node to ask: `HOTKEY@IP:PORT` of its discovery listener.
+        #[arg(long)]
+        peer: horde_node::discovery::BootstrapPeer,
+        /// Print JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -70,6 +79,13 @@ struct NodeArgs {
     /// State directory (overrides the file).
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// A discovery peer to join through, `HOTKEY@IP:PORT` or `/ip4/…/udp/…/quic-v1/p2p/…`
+    /// (repeatable; added to the file's `[discovery] bootstrap`).
+    #[arg(long)]
+    bootstrap: Vec<horde_node::discovery::BootstrapPeer>,
+    /// UDP address of the discovery (libp2p QUIC) listener (overrides the file).
+    #[arg(long)]
+    p2p_listen: Option<SocketAddr>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -90,6 +106,15 @@ fn main() -> anyhow::Result<()> {
                 .context("starting the async runtime")?;
             runtime.block_on(horde_node::job_cli::run_command(command))
         }
+        Command::Nodes { peer, json } => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            let records = runtime.block_on(horde_node::discovery::list_nodes(&peer))?;
+            horde_node::discovery::print_nodes(&records, json);
+            Ok(())
+        }
         Command::Node(args) => {
             init_tracing();
             let overrides = Overrides {
@@ -97,6 +122,8 @@ fn main() -> anyhow::Result<()> {
                 key_file: args.key,
                 listen: args.listen,
                 data_dir: args.data_dir,
+                bootstrap: args.bootstrap,
+                p2p_listen: args.p2p_listen,
             };
             let config = NodeConfig::load(&args.config, &overrides)?;
             let runtime = tokio::runtime::Builder::new_multi_thread()

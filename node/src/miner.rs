@@ -20,11 +20,11 @@ use horde_protocol::messages::{
     DeclineReason, ExecutorRegistration, HordeFailure, InitialJobDetails,
 };
 use horde_protocol::{
-    ControlMessage, DownMessage, EndpointRecord, ExecutorClass, Hotkey, Role, SecretKey, Signed,
-    UpMessage,
+    ClassCapacity, ControlMessage, DownMessage, EndpointRecord, ExecutorClass, Hotkey, Role,
+    SecretKey, Signed, UpMessage,
 };
 use horde_transport::{FramedRecv, FramedSend, JobSession, codes, open_session};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument as _, debug, info, info_span, warn};
 
@@ -69,7 +69,31 @@ pub struct Miner {
     listen: std::net::SocketAddr,
     pool: Mutex<Pool>,
     registered: Notify,
+    /// Free executors per class, published in the miner's node record.
+    capacity: watch::Sender<Vec<ClassCapacity>>,
     cancel: CancellationToken,
+}
+
+/// Free and total executors of each configured class: a class is free up to `max_executors`
+/// minus the executors busy with a job (free ones may still have to be started).
+fn capacity_of(config: &MinerConfig, pool: &Pool) -> Vec<ClassCapacity> {
+    config
+        .classes
+        .iter()
+        .map(|class| {
+            let busy = pool
+                .slots
+                .values()
+                .filter(|s| s.class == class.class && matches!(s.state, SlotState::Busy))
+                .count();
+            let busy = u32::try_from(busy).unwrap_or(u32::MAX);
+            ClassCapacity {
+                class: class.class.clone(),
+                free: class.max_executors.saturating_sub(busy),
+                total: class.max_executors,
+            }
+        })
+        .collect()
 }
 
 /// An executor reserved for one job; freed on drop.
@@ -90,6 +114,7 @@ impl Drop for Reservation {
         }
         drop(pool);
         self.miner.registered.notify_waiters();
+        self.miner.publish_capacity();
     }
 }
 
@@ -102,6 +127,7 @@ impl Miner {
         listen: std::net::SocketAddr,
         cancel: CancellationToken,
     ) -> Arc<Self> {
+        let capacity = watch::Sender::new(capacity_of(&config, &Pool::default()));
         Arc::new(Self {
             key,
             config,
@@ -109,8 +135,23 @@ impl Miner {
             listen,
             pool: Mutex::new(Pool::default()),
             registered: Notify::new(),
+            capacity,
             cancel,
         })
+    }
+
+    /// Free executors per class, now and on every change (for the miner's node record).
+    pub fn capacity_updates(&self) -> watch::Receiver<Vec<ClassCapacity>> {
+        self.capacity.subscribe()
+    }
+
+    fn publish_capacity(&self) {
+        let capacity = capacity_of(&self.config, &self.lock_pool());
+        self.capacity.send_if_modified(|current| {
+            let changed = *current != capacity;
+            *current = capacity;
+            changed
+        });
     }
 
     fn lock_pool(&self) -> std::sync::MutexGuard<'_, Pool> {
@@ -139,15 +180,6 @@ impl Miner {
             }
         }
         pool.slots.clear();
-    }
-
-    /// Executors registered and free, per class (for node records).
-    pub fn free_executors(&self, class: &ExecutorClass) -> usize {
-        self.lock_pool()
-            .slots
-            .values()
-            .filter(|s| s.class == *class && matches!(s.state, SlotState::Idle(_)))
-            .count()
     }
 
     fn spawn_executor(self: &Arc<Self>, class: &ExecutorClass) -> Result<u64, String> {
@@ -235,11 +267,14 @@ impl Miner {
                     else {
                         continue;
                     };
-                    return Ok(Reservation {
+                    let reservation = Reservation {
                         miner: Arc::clone(self),
                         slot: *id,
                         connection,
-                    });
+                    };
+                    drop(pool);
+                    self.publish_capacity();
+                    return Ok(reservation);
                 }
                 let of_class = pool.slots.values().filter(|s| s.class == *class).count();
                 let starting = pool

@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument as _, debug, info, info_span, warn};
 
 use crate::config::NodeConfig;
+use crate::discovery::{Discovery, DiscoveryError, LocalNode};
 use crate::executor;
 use crate::facilitator::Facilitator;
 use crate::facilitator::store::{JobStore, StoreError};
@@ -40,6 +41,9 @@ pub enum NodeError {
     /// The role's configuration is incomplete.
     #[error("config: {0}")]
     Config(String),
+    /// Discovery could not start.
+    #[error(transparent)]
+    Discovery(#[from] DiscoveryError),
     /// The data directory could not be created.
     #[error("data directory {path}: {source}")]
     DataDir {
@@ -79,6 +83,7 @@ pub struct RunningNode {
     service: Service,
     /// Cancelled when the role's own work ends (an executor whose miner went away).
     role_done: CancellationToken,
+    discovery: Option<Discovery>,
 }
 
 impl RunningNode {
@@ -100,6 +105,40 @@ impl RunningNode {
         let cancel = CancellationToken::new();
         let role_done = CancellationToken::new();
         let mut tasks = JoinSet::new();
+        let listen = endpoint.local_addr().map_err(|source| NodeError::DataDir {
+            path: "listen address".to_owned(),
+            source,
+        })?;
+        // Miners publish their free capacity; the service is built first so it can be watched.
+        let miner = match (config.role, &config.miner) {
+            (Role::Miner, Some(miner_config)) => Some(Miner::new(
+                key.clone(),
+                miner_config.clone(),
+                config.data_dir.clone(),
+                listen,
+                cancel.child_token(),
+            )),
+            (Role::Miner, None) => {
+                return Err(NodeError::Config(
+                    "role miner needs a [miner] section".to_owned(),
+                ));
+            }
+            _ => None,
+        };
+        let discovery = if config.discovery.enabled {
+            let local = LocalNode {
+                role: config.role,
+                addrs: vec![listen],
+                capacity: miner.as_ref().map(|m| m.capacity_updates()),
+            };
+            let discovery =
+                Discovery::start(&key, local, &config.discovery, cancel.child_token()).await?;
+            info!(bootstrap = %discovery.bootstrap_addr(), "discovery listening");
+            Some(discovery)
+        } else {
+            None
+        };
+        let directory = discovery.as_ref().map(|d| Arc::clone(d.directory()));
         let service = match config.role {
             Role::Facilitator => {
                 let store = JobStore::open(&config.data_dir.join("jobs.redb"))?;
@@ -108,6 +147,7 @@ impl RunningNode {
                         Arc::clone(&endpoint),
                         store,
                         config.facilitator.clone(),
+                        directory,
                         cancel.child_token(),
                     )
                     .await?,
@@ -117,28 +157,18 @@ impl RunningNode {
                 Validator::new(
                     Arc::clone(&endpoint),
                     config.validator.clone(),
+                    directory,
                     cancel.child_token(),
                 )
                 .map_err(|e| NodeError::Config(e.to_string()))?,
             ),
-            Role::Miner => {
-                let miner_config = config.miner.clone().ok_or_else(|| {
-                    NodeError::Config("role miner needs a [miner] section".to_owned())
-                })?;
-                let listen = endpoint.local_addr().map_err(|source| NodeError::DataDir {
-                    path: "listen address".to_owned(),
-                    source,
-                })?;
-                let miner = Miner::new(
-                    key.clone(),
-                    miner_config,
-                    config.data_dir.clone(),
-                    listen,
-                    cancel.child_token(),
-                );
-                miner.prewarm();
-                Service::Miner(miner)
-            }
+            Role::Miner => match miner {
+                Some(miner) => {
+                    miner.prewarm();
+                    Service::Miner(miner)
+                }
+                None => Service::None,
+            },
             Role::Storage => Service::Storage(Arc::new(
                 BlobStore::open(&config.data_dir, config.storage.clone())
                     .map_err(NodeError::Blobs)?,
@@ -175,6 +205,7 @@ impl RunningNode {
             tasks,
             service,
             role_done,
+            discovery,
         })
     }
 
@@ -196,6 +227,11 @@ impl RunningNode {
     /// The QUIC address the node listens on.
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.endpoint.local_addr()
+    }
+
+    /// The node's discovery service, when it runs.
+    pub fn discovery(&self) -> Option<&Discovery> {
+        self.discovery.as_ref()
     }
 
     /// The node's endpoint (for dialing peers with the node's identity).

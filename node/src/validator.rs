@@ -35,6 +35,7 @@ use tracing::{Instrument as _, debug, info, info_span, warn};
 
 use crate::client::now;
 use crate::config::ValidatorConfig;
+use crate::discovery::{Directory, KnownPeers};
 use crate::facilitator::check_client_message;
 use crate::peers::Peers;
 use crate::peers::serve_streams;
@@ -186,21 +187,26 @@ pub struct Validator {
     hotkey: Hotkey,
     peers: Peers,
     config: ValidatorConfig,
+    /// The miners this validator will drive jobs on: configured and discovered.
+    miners: KnownPeers,
     exclusions: Exclusions,
     cancel: CancellationToken,
 }
 
 impl Validator {
-    /// The service, with the exclusions persisted by a previous run.
+    /// The service, with the exclusions persisted by a previous run. Miners come from `config`
+    /// and, when discovery runs, from `directory`: a miner neither lists is refused.
     pub fn new(
         endpoint: Arc<horde_transport::HordeEndpoint>,
         config: ValidatorConfig,
+        directory: Option<Arc<Directory>>,
         cancel: CancellationToken,
     ) -> Result<Arc<Self>, ExclusionsError> {
         let exclusions = Exclusions::load(config.exclusions_file.clone())?;
         Ok(Arc::new(Self {
             hotkey: endpoint.hotkey(),
             peers: Peers::new(endpoint),
+            miners: KnownPeers::new(Role::Miner, config.miners.clone(), directory),
             config,
             exclusions,
             cancel,
@@ -332,8 +338,8 @@ impl Validator {
         Ok(spec)
     }
 
-    fn known_miner(&self, hotkey: &Hotkey) -> Option<&NodeAddr> {
-        self.config.miners.iter().find(|m| m.hotkey == *hotkey)
+    fn known_miner(&self, hotkey: &Hotkey) -> Option<NodeAddr> {
+        self.miners.find(hotkey)
     }
 
     fn horde_failed(&self, reason: String) -> UpMessage {
@@ -366,7 +372,7 @@ impl Validator {
     ) -> Option<UpMessage> {
         let job_id = spec.job_id;
         // Dial the miner at the address we know, not the one we were told.
-        let miner = self.known_miner(&assignment.miner.hotkey)?.clone();
+        let miner = self.known_miner(&assignment.miner.hotkey)?;
         let connection = match self.peers.connect(&miner, ALPN_CONTROL).await {
             Ok(connection) => connection,
             Err(error) => {

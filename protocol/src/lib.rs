@@ -30,8 +30,8 @@ pub use job::{
 pub use keys::{Hotkey, KeyError, KeyFileError, SecretKey, SignatureError};
 pub use messages::{ControlMessage, DownMessage, JobStatus, TunnelFrame, UpMessage};
 pub use records::{
-    EndpointRecord, JobReceipt, MinerReport, NodeRecord, ReportError, Role, VerifiedReport,
-    verify_report,
+    ClassCapacity, EndpointRecord, JobReceipt, MinerReport, NodeRecord, RecordSync, ReportError,
+    Role, VerifiedReport, verify_report,
 };
 pub use signed::{Signable, Signature, Signed, VerifyError};
 
@@ -172,6 +172,7 @@ mod tests {
         rt_endpoint_record: Signed<EndpointRecord>,
         rt_class_capacity: ClassCapacity,
         rt_node_record: Signed<NodeRecord>,
+        rt_record_sync: RecordSync,
         rt_client_stream_signature: Signed<ClientStreamSignature>,
         rt_job_receipt: Signed<JobReceipt>,
         rt_miner_report: Signed<MinerReport>,

@@ -112,9 +112,12 @@ pub struct NodeRecord {
     pub hotkey: Hotkey,
     /// Its role.
     pub role: Role,
-    /// Its QUIC addresses.
+    /// Its QUIC addresses (the node's own endpoint: jobs, blobs, control).
     #[cfg_attr(test, proptest(strategy = "crate::arbitrary::socket_addrs()"))]
     pub addrs: Vec<SocketAddr>,
+    /// Its discovery (libp2p QUIC) addresses; the libp2p peer id is derived from `hotkey`.
+    #[cfg_attr(test, proptest(strategy = "crate::arbitrary::socket_addrs()"))]
+    pub p2p_addrs: Vec<SocketAddr>,
     /// Executor classes and free capacity (miners only).
     pub capacity: Vec<ClassCapacity>,
     /// Software version.
@@ -127,6 +130,20 @@ pub struct NodeRecord {
 
 impl Signable for NodeRecord {
     const DOMAIN: &'static str = "horde/node-record/v1";
+}
+
+/// One message of the record exchange (`/horde/records/1`): sent on every new discovery
+/// connection, on every change of the sender's own record, and to pass on records new to the
+/// sender. The answer is a `RecordSync` too.
+#[derive(Clone, PartialEq, Eq, Debug, Default, Serialize, Deserialize)]
+#[cfg_attr(test, derive(Arbitrary))]
+pub struct RecordSync {
+    /// The sender's own record: its hotkey must be the sender's libp2p identity.
+    pub own: Option<Signed<NodeRecord>>,
+    /// Records of other nodes the sender passes on (each signed by its own node).
+    pub relayed: Vec<Signed<NodeRecord>>,
+    /// Asks the receiver to answer with every record it holds.
+    pub want_all: bool,
 }
 
 /// The client's signature over what it sent on one tunnel stream: sent in the client's `End`.

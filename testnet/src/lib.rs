@@ -21,7 +21,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use horde_protocol::{Hotkey, NodeAddr, Role, SecretKey};
+use horde_node::discovery::{self, BootstrapPeer};
+use horde_protocol::{Hotkey, NodeAddr, NodeRecord, Role, SecretKey};
 
 /// How long a node has to log its start.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -49,6 +50,13 @@ pub struct TestnetConfig {
     pub log_filter: String,
     /// Facilitator's validator-silence limit (ms); `None` keeps the default.
     pub validator_silence_ms: Option<u64>,
+    /// Nodes find each other by discovery, joining through the facilitator (`--bootstrap`);
+    /// `false` writes static peer lists instead and turns discovery off (a closed deployment).
+    pub discovery: bool,
+    /// Lifetime of node records (seconds); `None` keeps the default (30 s).
+    pub record_ttl_secs: Option<u64>,
+    /// How long [`Testnet::start`] waits for discovery to converge.
+    pub converge_timeout: Duration,
 }
 
 impl Default for TestnetConfig {
@@ -64,6 +72,9 @@ impl Default for TestnetConfig {
             horde_bin: None,
             log_filter: "info".to_owned(),
             validator_silence_ms: None,
+            discovery: true,
+            record_ttl_secs: None,
+            converge_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -79,6 +90,10 @@ pub struct NodeProcess {
     pub hotkey: Hotkey,
     /// Its QUIC address.
     pub addr: SocketAddr,
+    /// Its discovery (libp2p QUIC) address, when discovery runs.
+    pub p2p: Option<SocketAddr>,
+    /// Extra command-line arguments (`--bootstrap …`).
+    args: Vec<String>,
     /// Its config file.
     pub config: PathBuf,
     /// Its log file (stderr and stdout).
@@ -108,6 +123,8 @@ pub struct Testnet {
     horde_bin: PathBuf,
     log_filter: String,
     nodes: Vec<NodeProcess>,
+    shape: TestnetConfig,
+    converged_in: Option<Duration>,
 }
 
 /// A free UDP port on 127.0.0.1 (bound then released; the node binds it right after).
@@ -194,6 +211,19 @@ struct Planned {
     role: Role,
     key: SecretKey,
     addr: SocketAddr,
+    p2p: SocketAddr,
+}
+
+impl Planned {
+    fn new(name: String, role: Role) -> anyhow::Result<Self> {
+        Ok(Self {
+            name,
+            role,
+            key: SecretKey::generate(),
+            addr: ([127, 0, 0, 1], free_udp_port()?).into(),
+            p2p: ([127, 0, 0, 1], free_udp_port()?).into(),
+        })
+    }
 }
 
 fn list(nodes: &[&Planned]) -> String {
@@ -224,108 +254,154 @@ impl Testnet {
             Some(bin) => bin.clone(),
             None => horde_binary()?,
         };
-        let mut planned = Vec::new();
-        let mut plan = |name: String, role: Role| -> anyhow::Result<()> {
-            planned.push(Planned {
-                name,
-                role,
-                key: SecretKey::generate(),
-                addr: ([127, 0, 0, 1], free_udp_port()?).into(),
-            });
-            Ok(())
-        };
-        plan("facilitator".to_owned(), Role::Facilitator)?;
+        let mut planned = vec![Planned::new("facilitator".to_owned(), Role::Facilitator)?];
         for i in 0..config.validators {
-            plan(format!("validator-{i}"), Role::Validator)?;
+            planned.push(Planned::new(format!("validator-{i}"), Role::Validator)?);
         }
         for i in 0..config.miners {
-            plan(format!("miner-{i}"), Role::Miner)?;
+            planned.push(Planned::new(format!("miner-{i}"), Role::Miner)?);
         }
         for i in 0..config.storage {
-            plan(format!("storage-{i}"), Role::Storage)?;
+            planned.push(Planned::new(format!("storage-{i}"), Role::Storage)?);
         }
-        let validators: Vec<&Planned> = planned
-            .iter()
-            .filter(|p| p.role == Role::Validator)
-            .collect();
-        let miners: Vec<&Planned> = planned.iter().filter(|p| p.role == Role::Miner).collect();
-        let mut configs = Vec::new();
-        for node in &planned {
-            let node_dir = dir.join(&node.name);
-            std::fs::create_dir_all(&node_dir)?;
-            let key_path = node_dir.join("hotkey.json");
-            let _ = std::fs::remove_file(&key_path);
-            node.key.write_key_file(&key_path)?;
-            let mut text = format!(
-                "role = \"{}\"\nkey_file = \"hotkey.json\"\nlisten = \"{}\"\ndata_dir = \"data\"\n",
-                node.role, node.addr
-            );
-            match node.role {
-                Role::Facilitator => {
-                    text.push_str(&format!(
-                        "\n[facilitator]\nvalidators = {}\nminers = {}\n",
-                        list(&validators),
-                        list(&miners)
-                    ));
-                    if let Some(silence) = config.validator_silence_ms {
-                        text.push_str(&format!("validator_silence_ms = {silence}\n"));
-                    }
-                }
-                Role::Validator => {
-                    text.push_str(&format!("\n[validator]\nminers = {}\n", list(&miners)));
-                }
-                Role::Miner => {
-                    text.push_str(&format!(
-                        "\n[miner]\nexecutor_program = \"{}\"\n\n[[miner.classes]]\nclass = \"{}\"\n\
-                         max_executors = {}\nprewarm = {}\n",
-                        horde_bin.display(),
-                        config.class,
-                        config.executors_per_miner,
-                        config.prewarm.min(config.executors_per_miner)
-                    ));
-                }
-                _ => {}
-            }
-            let config_path = node_dir.join("node.toml");
-            std::fs::write(&config_path, text)?;
-            configs.push(config_path);
-        }
+        // Static peer lists only for a closed deployment; with discovery every node joins
+        // through the facilitator, which therefore starts first.
+        let (validators, miners) = if config.discovery {
+            (String::new(), String::new())
+        } else {
+            let of_role = |role| {
+                planned
+                    .iter()
+                    .filter(|p| p.role == role)
+                    .collect::<Vec<_>>()
+            };
+            (list(&of_role(Role::Validator)), list(&of_role(Role::Miner)))
+        };
+        let bootstrap = planned
+            .first()
+            .map(|f| format!("{}@{}", f.key.hotkey(), f.p2p))
+            .unwrap_or_default();
         let mut testnet = Self {
             _temp: temp,
             dir,
             horde_bin,
-            log_filter: config.log_filter,
+            log_filter: config.log_filter.clone(),
             nodes: Vec::new(),
+            shape: config,
+            converged_in: None,
         };
-        // Storage and miners first, validators next, the facilitator last: each starts after the
-        // peers it dials.
-        let order = [
-            Role::Storage,
-            Role::Miner,
-            Role::Validator,
-            Role::Facilitator,
-        ];
-        let mut entries: Vec<(Planned, PathBuf)> = planned.into_iter().zip(configs).collect();
-        entries.sort_by_key(|(p, _)| order.iter().position(|r| *r == p.role));
-        for (node, config_path) in entries {
-            let log = config_path.with_file_name("node.log");
-            testnet.nodes.push(NodeProcess {
-                name: node.name,
-                role: node.role,
-                hotkey: node.key.hotkey(),
-                addr: node.addr,
-                config: config_path,
-                log,
-                child: None,
-            });
+        for node in &planned {
+            testnet.add_planned(node, &validators, &miners, &bootstrap)?;
         }
+        let spawned = Instant::now();
         for index in 0..testnet.nodes.len() {
             testnet.spawn(index)?;
         }
         for index in 0..testnet.nodes.len() {
             testnet.wait_started(index)?;
         }
+        if testnet.shape.discovery {
+            testnet.wait_converged(testnet.shape.converge_timeout)?;
+            testnet.converged_in = Some(spawned.elapsed());
+        }
         Ok(testnet)
+    }
+
+    /// Writes a planned node's key and config and adds it (not yet started).
+    fn add_planned(
+        &mut self,
+        node: &Planned,
+        validators: &str,
+        miners: &str,
+        bootstrap: &str,
+    ) -> anyhow::Result<()> {
+        let config = &self.shape;
+        let node_dir = self.dir.join(&node.name);
+        std::fs::create_dir_all(&node_dir)?;
+        let key_path = node_dir.join("hotkey.json");
+        let _ = std::fs::remove_file(&key_path);
+        node.key.write_key_file(&key_path)?;
+        let mut text = format!(
+            "key_file = \"hotkey.json\"\nlisten = \"{}\"\ndata_dir = \"data\"\n",
+            node.addr
+        );
+        match node.role {
+            Role::Facilitator => {
+                text.push_str("\n[facilitator]\n");
+                if !config.discovery {
+                    text.push_str(&format!("validators = {validators}\nminers = {miners}\n"));
+                }
+                if let Some(silence) = config.validator_silence_ms {
+                    text.push_str(&format!("validator_silence_ms = {silence}\n"));
+                }
+            }
+            Role::Validator if !config.discovery => {
+                text.push_str(&format!("\n[validator]\nminers = {miners}\n"));
+            }
+            Role::Miner => {
+                text.push_str(&format!(
+                    "\n[miner]\nexecutor_program = \"{}\"\n\n[[miner.classes]]\nclass = \"{}\"\n\
+                     max_executors = {}\nprewarm = {}\n",
+                    self.horde_bin.display(),
+                    config.class,
+                    config.executors_per_miner,
+                    config.prewarm.min(config.executors_per_miner)
+                ));
+            }
+            _ => {}
+        }
+        if config.discovery {
+            text.push_str(&format!("\n[discovery]\nlisten = \"{}\"\n", node.p2p));
+            if let Some(ttl) = config.record_ttl_secs {
+                text.push_str(&format!("record_ttl_secs = {ttl}\n"));
+            }
+        } else {
+            text.push_str("\n[discovery]\nenabled = false\n");
+        }
+        let config_path = node_dir.join("node.toml");
+        std::fs::write(&config_path, text)?;
+        // The role and the bootstrap peer go on the command line, the way an operator joins.
+        let mut args = vec!["--role".to_owned(), node.role.to_string()];
+        if config.discovery && node.role != Role::Facilitator {
+            args.extend(["--bootstrap".to_owned(), bootstrap.to_owned()]);
+        }
+        self.nodes.push(NodeProcess {
+            name: node.name.clone(),
+            role: node.role,
+            hotkey: node.key.hotkey(),
+            addr: node.addr,
+            p2p: config.discovery.then_some(node.p2p),
+            args,
+            log: config_path.with_file_name("node.log"),
+            config: config_path,
+            child: None,
+        });
+        Ok(())
+    }
+
+    /// Starts one more node of `role` (a late joiner) through the facilitator, and waits until
+    /// the facilitator knows it. Returns its name.
+    pub fn add_node(&mut self, role: Role) -> anyhow::Result<String> {
+        anyhow::ensure!(self.shape.discovery, "late joiners need discovery");
+        let prefix = role.to_string();
+        let n = self
+            .nodes
+            .iter()
+            .filter(|n| n.name.starts_with(&format!("{prefix}-")))
+            .count();
+        let planned = Planned::new(format!("{prefix}-{n}"), role)?;
+        let bootstrap = self
+            .nodes
+            .iter()
+            .find(|n| n.role == Role::Facilitator)
+            .and_then(|f| f.p2p.map(|p2p| format!("{}@{p2p}", f.hotkey)))
+            .context("no facilitator")?;
+        self.add_planned(&planned, "", "", &bootstrap)?;
+        let index = self.nodes.len() - 1;
+        self.spawn(index)?;
+        self.wait_started(index)?;
+        self.wait_converged(self.shape.converge_timeout)?;
+        Ok(planned.name)
     }
 
     fn spawn(&mut self, index: usize) -> anyhow::Result<()> {
@@ -337,10 +413,14 @@ impl Testnet {
         let child = Command::new(&self.horde_bin)
             .args(["node", "--config"])
             .arg(&node.config)
-            // Whatever the filter, keep the start/stop lines the harness waits for.
+            .args(&node.args)
+            // Whatever the filter, keep the start/stop and discovery lines.
             .env(
                 "RUST_LOG",
-                format!("{},horde_node::node=info", self.log_filter),
+                format!(
+                    "{},horde_node::node=info,horde_node::discovery=info",
+                    self.log_filter
+                ),
             )
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -379,6 +459,95 @@ impl Testnet {
         read_log(&self.nodes[index].log)
             .matches("horde node started")
             .count()
+    }
+
+    /// Time from spawning the nodes until discovery converged (every running node known to
+    /// the facilitator, every running miner known to every validator), when discovery runs.
+    pub fn converged_in(&self) -> Option<Duration> {
+        self.converged_in
+    }
+
+    /// The records a node's discovery directory holds now, asked over the record exchange.
+    pub fn known_by(&self, name: &str) -> anyhow::Result<Vec<NodeRecord>> {
+        let node = self.node(name)?;
+        let p2p = node
+            .p2p
+            .with_context(|| format!("{name} runs no discovery"))?;
+        let peer: BootstrapPeer = format!("{}@{p2p}", node.hotkey).parse()?;
+        Ok(block_on(
+            async move { discovery::list_nodes(&peer).await },
+        )??)
+    }
+
+    /// Waits until the facilitator knows every running node and every validator knows every
+    /// running miner.
+    pub fn wait_converged(&self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.missing_records() {
+                Ok(missing) if missing.is_empty() => return Ok(()),
+                Ok(missing) if Instant::now() > deadline => {
+                    bail!(
+                        "discovery did not converge within {timeout:?}: {}",
+                        missing.join("; ")
+                    );
+                }
+                Err(error) if Instant::now() > deadline => {
+                    bail!("discovery did not converge within {timeout:?}: {error:#}");
+                }
+                _ => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    }
+
+    /// What each observer still lacks, as `observer: names`.
+    fn missing_records(&self) -> anyhow::Result<Vec<String>> {
+        let running = |role: Option<Role>| {
+            self.nodes
+                .iter()
+                .filter(move |n| n.child.is_some() && role.is_none_or(|r| n.role == r))
+        };
+        let mut missing = Vec::new();
+        for observer in
+            running(None).filter(|n| matches!(n.role, Role::Facilitator | Role::Validator))
+        {
+            let known: Vec<Hotkey> = self
+                .known_by(&observer.name)?
+                .into_iter()
+                .map(|r| r.hotkey)
+                .collect();
+            let wanted = if observer.role == Role::Facilitator {
+                running(None)
+                    .filter(|n| n.name != observer.name)
+                    .collect::<Vec<_>>()
+            } else {
+                running(Some(Role::Miner)).collect()
+            };
+            let lacking: Vec<&str> = wanted
+                .iter()
+                .filter(|n| !known.contains(&n.hotkey))
+                .map(|n| n.name.as_str())
+                .collect();
+            if !lacking.is_empty() {
+                missing.push(format!("{} lacks {}", observer.name, lacking.join(", ")));
+            }
+        }
+        Ok(missing)
+    }
+
+    /// Resident memory of a node's process (KiB), from `/proc/PID/status`.
+    pub fn rss_kib(&self, name: &str) -> anyhow::Result<u64> {
+        let node = self.node(name)?;
+        let child = node
+            .child
+            .as_ref()
+            .with_context(|| format!("{name} is not running"))?;
+        let status = std::fs::read_to_string(format!("/proc/{}/status", child.id()))?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .with_context(|| format!("no VmRSS for {name}"))
     }
 
     /// The network's directory (keys, configs, logs).
@@ -550,6 +719,26 @@ impl Drop for Testnet {
     fn drop(&mut self) {
         self.stop_all();
     }
+}
+
+/// Runs a future to completion on a runtime of its own, on a thread of its own (so it works
+/// whether or not the caller is inside a runtime).
+fn block_on<F>(future: F) -> anyhow::Result<F::Output>
+where
+    F: std::future::Future + Send,
+    F::Output: Send,
+{
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                Ok(runtime.block_on(future))
+            })
+            .join()
+            .map_err(|_| anyhow::anyhow!("runtime thread panicked"))?
+    })
 }
 
 fn read_log(path: &Path) -> String {

@@ -366,9 +366,14 @@ async fn execution_time_limit_ends_the_job() {
     }
 }
 
+/// With static peers (a closed deployment) the facilitator knows nothing of capacity: the miner
+/// itself declines, `Busy` or `NoExecutorForClass`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_free_executor_is_declined_busy() {
-    let testnet = start(TestnetConfig::default());
+    let testnet = start(TestnetConfig {
+        discovery: false,
+        ..TestnetConfig::default()
+    });
     let (_client, mut first) = submit(&testnet, &demo_request()).await;
     endpoint(&mut first, &testnet).await;
     let (_client2, mut second) = submit(&testnet, &demo_request()).await;
@@ -387,6 +392,34 @@ async fn no_free_executor_is_declined_busy() {
     );
     first.terminate().await.unwrap();
     first.wait_for_end().await.unwrap();
+}
+
+/// With discovery the facilitator sees from the miner's record that its one executor is busy
+/// and that it has no such class: both jobs are refused before any miner is bothered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovered_capacity_keeps_jobs_off_full_miners() {
+    let testnet = start(TestnetConfig::default());
+    let (_client, mut first) = submit(&testnet, &demo_request()).await;
+    endpoint(&mut first, &testnet).await;
+    let (_client2, mut second) = submit(&testnet, &demo_request()).await;
+    assert_eq!(
+        second.wait_for_end().await.unwrap(),
+        JobStatus::Rejected(RejectReason::NoMiner)
+    );
+    let mut gpu = demo_request();
+    gpu.executor_class = horde_protocol::ExecutorClass("gpu-80gb".into());
+    let (_client3, mut third) = submit(&testnet, &gpu).await;
+    assert_eq!(
+        third.wait_for_end().await.unwrap(),
+        JobStatus::Rejected(RejectReason::NoMiner)
+    );
+    first.terminate().await.unwrap();
+    first.wait_for_end().await.unwrap();
+    // Freed again: the next job runs.
+    let (_client4, mut fourth) = submit(&testnet, &demo_request()).await;
+    endpoint(&mut fourth, &testnet).await;
+    fourth.terminate().await.unwrap();
+    fourth.wait_for_end().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -65,20 +65,27 @@ impl Shape {
 
 fn print_table(testnet: &Testnet) {
     println!(
-        "{:<14} {:<12} {:<50} quic address",
-        "node", "role", "hotkey (ss58)"
+        "{:<14} {:<12} {:<50} {:<22} discovery address",
+        "node", "role", "hotkey (ss58)", "quic address"
     );
     for node in testnet.nodes() {
         println!(
-            "{:<14} {:<12} {:<50} {}",
+            "{:<14} {:<12} {:<50} {:<22} {}",
             node.name,
             node.role.to_string(),
             node.hotkey.to_string(),
-            node.addr
+            node.addr.to_string(),
+            node.p2p.map_or_else(|| "-".to_owned(), |a| a.to_string())
         );
     }
     println!("directory: {}", testnet.dir().display());
     println!("facilitator: {}", testnet.facilitator());
+    if let Some(converged) = testnet.converged_in() {
+        println!(
+            "discovery converged {} ms after the nodes were started",
+            converged.as_millis()
+        );
+    }
 }
 
 fn main() -> anyhow::Result<()> {

@@ -1,0 +1,1046 @@
+//! Discovery: every node but executors runs a libp2p swarm beside its QUIC endpoint, finds peers
+//! with identify and Kademlia from its bootstrap peers, and exchanges signed [`NodeRecord`]s over
+//! `/horde/records/1`.
+//!
+//! Identity: the libp2p key is the node's hotkey (same ed25519 secret), so a `PeerId` and a hotkey
+//! name the same node and a bootstrap peer can be written `HOTKEY@IP:PORT`. Transport: libp2p's
+//! QUIC (quinn + rustls with ring, like the rest of horde) on its own UDP port.
+//!
+//! Records: each node signs `NodeRecord {hotkey, role, QUIC addresses, discovery addresses,
+//! executor capacity, version, seq, expires_at}`, re-signs it with a higher `seq` every third of
+//! its lifetime and whenever its capacity changes, and sends it to every connected peer. A new
+//! connection starts with both sides sending their own record and asking for all records the other
+//! holds; records new to a node are passed on to its other peers, so a record spreads through the
+//! whole network and stale copies stop at nodes that already hold a newer one. Every record is
+//! checked before it is kept ([`check_record`]): signature, signer = named hotkey, lifetime and size
+//! limits, and for a record sent as the sender's own, the sender's `PeerId` must be the record's
+//! hotkey. Refused records are logged and dropped; the newest `seq` per hotkey wins; expired
+//! records are swept every second.
+
+mod directory;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, StreamExt as _};
+use horde_protocol::codec::{FRAME_HEADER_LEN, decode_frame, encode_frame, frame_len};
+use horde_protocol::{
+    ClassCapacity, Hotkey, NodeAddr, NodeRecord, RecordSync, Role, SecretKey, Signed,
+};
+use libp2p::kad::store::MemoryStore;
+use libp2p::multiaddr::Protocol;
+use libp2p::request_response::{self, ProtocolSupport};
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, identify, kad};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+pub use directory::{
+    Directory, MAX_DIRECTORY_RECORDS, MAX_RECORD_ADDRS, MAX_RECORD_CLASSES, MAX_RECORD_LIFETIME_MS,
+    Offer, RecordRejection, check_record, has_free, node_addr,
+};
+
+use crate::client::now;
+
+/// The record exchange protocol.
+pub const PROTOCOL_RECORDS: StreamProtocol = StreamProtocol::new("/horde/records/1");
+/// horde's Kademlia protocol name (its own DHT, apart from any public one).
+pub const PROTOCOL_KAD: StreamProtocol = StreamProtocol::new("/horde/kad/1");
+/// The identify protocol version string.
+pub const PROTOCOL_IDENTIFY: &str = "/horde/id/1";
+
+/// Largest encoded [`RecordSync`] accepted or sent.
+pub const MAX_SYNC_BYTES: u32 = 1024 * 1024;
+/// Most records one [`RecordSync`] carries (a full directory answer is cut to this).
+pub const MAX_SYNC_RECORDS: usize = 1024;
+
+/// Default record lifetime.
+pub const DEFAULT_RECORD_TTL: Duration = Duration::from_secs(30);
+/// Shortest record lifetime a config may set.
+pub const MIN_RECORD_TTL: Duration = Duration::from_secs(2);
+
+/// How often a node runs a Kademlia bootstrap (a walk toward its own id and random ids) to find
+/// peers beyond the ones it knows.
+const WALK_INTERVAL: Duration = Duration::from_secs(30);
+/// How often expired records are swept.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+/// How long one record exchange may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long start-up waits for the listener.
+const LISTEN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Discovery settings (`[discovery]`).
+#[derive(Debug, Clone)]
+pub struct DiscoveryConfig {
+    /// Run discovery at all (off: static peers only, a closed deployment).
+    pub enabled: bool,
+    /// UDP address of the libp2p QUIC listener.
+    pub listen: SocketAddr,
+    /// Peers to join through.
+    pub bootstrap: Vec<BootstrapPeer>,
+    /// Lifetime of the records this node signs; re-signed every third of it.
+    pub record_ttl: Duration,
+}
+
+impl Default for DiscoveryConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            bootstrap: Vec::new(),
+            record_ttl: DEFAULT_RECORD_TTL,
+        }
+    }
+}
+
+/// A peer to join through: `HOTKEY@IP:PORT` (the libp2p QUIC address) or a full multiaddr
+/// `/ip4/…/udp/…/quic-v1/p2p/…`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BootstrapPeer {
+    /// Its peer id.
+    pub peer: PeerId,
+    /// Its address (without the `/p2p/` part).
+    pub addr: Multiaddr,
+}
+
+/// A bootstrap peer that cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BootstrapError {
+    /// Neither `HOTKEY@IP:PORT` nor a multiaddr.
+    #[error("bootstrap peer {0:?}: expected HOTKEY@IP:PORT or /ip4/…/udp/…/quic-v1/p2p/PEER_ID")]
+    Shape(String),
+    /// A multiaddr without its `/p2p/PEER_ID`.
+    #[error("bootstrap peer {0:?}: the multiaddr must end in /p2p/PEER_ID")]
+    NoPeerId(String),
+    /// The address is not a QUIC (`udp/…/quic-v1`) address.
+    #[error("bootstrap peer {0:?}: not a QUIC address (/udp/PORT/quic-v1)")]
+    NotQuic(String),
+    /// `HOTKEY@…` names exactly one address here.
+    #[error("bootstrap peer {0:?}: give exactly one address")]
+    Addresses(String),
+}
+
+impl std::str::FromStr for BootstrapPeer {
+    type Err = BootstrapError;
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let text = text.trim();
+        if text.starts_with('/') {
+            let mut addr: Multiaddr = text
+                .parse()
+                .map_err(|_| BootstrapError::Shape(text.to_owned()))?;
+            let Some(Protocol::P2p(peer)) = addr.pop() else {
+                return Err(BootstrapError::NoPeerId(text.to_owned()));
+            };
+            if socket_addr(&addr).is_none() {
+                return Err(BootstrapError::NotQuic(text.to_owned()));
+            }
+            return Ok(Self { peer, addr });
+        }
+        let node: NodeAddr = text
+            .parse()
+            .map_err(|_| BootstrapError::Shape(text.to_owned()))?;
+        let [addr] = node.addrs.as_slice() else {
+            return Err(BootstrapError::Addresses(text.to_owned()));
+        };
+        Ok(Self {
+            peer: peer_id(&node.hotkey),
+            addr: quic_multiaddr(*addr),
+        })
+    }
+}
+
+impl std::fmt::Display for BootstrapPeer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (hotkey_of(&self.peer), socket_addr(&self.addr)) {
+            (Some(hotkey), Some(addr)) => write!(f, "{hotkey}@{addr}"),
+            _ => write!(f, "{}/p2p/{}", self.addr, self.peer),
+        }
+    }
+}
+
+/// The libp2p peer id of a hotkey.
+pub fn peer_id(hotkey: &Hotkey) -> PeerId {
+    // A hotkey is a valid ed25519 point (checked when it was made), so this cannot fail; the
+    // fallback keeps the function total without a panic path.
+    match libp2p::identity::ed25519::PublicKey::try_from_bytes(hotkey.as_bytes()) {
+        Ok(key) => libp2p::identity::PublicKey::from(key).to_peer_id(),
+        Err(_) => PeerId::from_multihash(libp2p::multihash::Multihash::default())
+            .unwrap_or_else(|_| PeerId::random()),
+    }
+}
+
+/// The hotkey behind a peer id, when it is an ed25519 identity.
+pub fn hotkey_of(peer: &PeerId) -> Option<Hotkey> {
+    let multihash: &libp2p::multihash::Multihash<64> = peer.as_ref();
+    // Code 0 is the identity hash: the digest is the protobuf-encoded public key itself.
+    if multihash.code() != 0 {
+        return None;
+    }
+    let key = libp2p::identity::PublicKey::try_decode_protobuf(multihash.digest()).ok()?;
+    let key = key.try_into_ed25519().ok()?;
+    Hotkey::from_bytes(key.to_bytes()).ok()
+}
+
+/// `/ip4|ip6/…/udp/PORT/quic-v1` for a socket address.
+pub fn quic_multiaddr(addr: SocketAddr) -> Multiaddr {
+    let ip = match addr.ip() {
+        IpAddr::V4(ip) => Protocol::Ip4(ip),
+        IpAddr::V6(ip) => Protocol::Ip6(ip),
+    };
+    Multiaddr::empty()
+        .with(ip)
+        .with(Protocol::Udp(addr.port()))
+        .with(Protocol::QuicV1)
+}
+
+/// The socket address of a `/ip…/udp/…/quic-v1` multiaddr (a trailing `/p2p/…` is allowed).
+pub fn socket_addr(addr: &Multiaddr) -> Option<SocketAddr> {
+    let mut parts = addr.iter();
+    let ip = match parts.next()? {
+        Protocol::Ip4(ip) => IpAddr::V4(ip),
+        Protocol::Ip6(ip) => IpAddr::V6(ip),
+        _ => return None,
+    };
+    let Protocol::Udp(port) = parts.next()? else {
+        return None;
+    };
+    let Protocol::QuicV1 = parts.next()? else {
+        return None;
+    };
+    match parts.next() {
+        None | Some(Protocol::P2p(_)) => Some(SocketAddr::new(ip, port)),
+        Some(_) => None,
+    }
+}
+
+/// Discovery could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DiscoveryError {
+    /// The libp2p swarm could not be built.
+    #[error("libp2p: {0}")]
+    Swarm(String),
+    /// A record exchange failed.
+    #[error("record exchange: {0}")]
+    Exchange(String),
+    /// The listener could not be opened.
+    #[error("discovery listen {addr}: {message}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        message: String,
+    },
+}
+
+/// What the node says about itself.
+#[derive(Debug, Clone)]
+pub struct LocalNode {
+    /// Its role.
+    pub role: Role,
+    /// Its QUIC endpoint addresses.
+    pub addrs: Vec<SocketAddr>,
+    /// Its executor capacity (miners): the latest value is published.
+    pub capacity: Option<watch::Receiver<Vec<ClassCapacity>>>,
+}
+
+/// A running discovery service. Stops when its cancellation token is cancelled.
+#[derive(Debug)]
+pub struct Discovery {
+    directory: Arc<Directory>,
+    listen: Vec<SocketAddr>,
+    hotkey: Hotkey,
+}
+
+impl Discovery {
+    /// Builds the swarm, opens the listener, dials the bootstrap peers and runs until `cancel`.
+    pub async fn start(
+        key: &SecretKey,
+        local: LocalNode,
+        config: &DiscoveryConfig,
+        cancel: CancellationToken,
+    ) -> Result<Self, DiscoveryError> {
+        let mut swarm = build_swarm(key, config.record_ttl)?;
+        let listen_addr = quic_multiaddr(config.listen);
+        swarm
+            .listen_on(listen_addr)
+            .map_err(|e| DiscoveryError::Listen {
+                addr: config.listen,
+                message: e.to_string(),
+            })?;
+        let listen = wait_for_listener(&mut swarm, config.listen).await?;
+        let directory = Arc::new(Directory::default());
+        let hotkey = key.hotkey();
+        for peer in &config.bootstrap {
+            if peer.peer == *swarm.local_peer_id() {
+                continue;
+            }
+            swarm
+                .behaviour_mut()
+                .kad
+                .add_address(&peer.peer, peer.addr.clone());
+            let dial = libp2p::swarm::dial_opts::DialOpts::peer_id(peer.peer)
+                .addresses(vec![peer.addr.clone()])
+                .build();
+            if let Err(error) = swarm.dial(dial) {
+                warn!(%peer, %error, "cannot dial bootstrap peer");
+            }
+        }
+        let own = OwnRecord {
+            key: key.clone(),
+            role: local.role,
+            addrs: local.addrs,
+            p2p_addrs: listen.clone(),
+            capacity: local
+                .capacity
+                .as_ref()
+                .map(|rx| rx.borrow().clone())
+                .unwrap_or_default(),
+            seq: 0,
+            ttl: config.record_ttl,
+            signed: None,
+        };
+        let mut task = SwarmTask {
+            swarm,
+            directory: Arc::clone(&directory),
+            own,
+            capacity: local.capacity,
+            walked: false,
+        };
+        task.own.refresh();
+        tokio::spawn(async move { task.run(cancel).await });
+        Ok(Self {
+            directory,
+            listen,
+            hotkey,
+        })
+    }
+
+    /// The records discovered so far.
+    pub fn directory(&self) -> &Arc<Directory> {
+        &self.directory
+    }
+
+    /// The discovery listener's addresses.
+    pub fn listen_addrs(&self) -> &[SocketAddr] {
+        &self.listen
+    }
+
+    /// How other nodes bootstrap from this one: `HOTKEY@IP:PORT`.
+    pub fn bootstrap_addr(&self) -> String {
+        match self.listen.first() {
+            Some(addr) => format!("{}@{addr}", self.hotkey),
+            None => self.hotkey.to_string(),
+        }
+    }
+}
+
+/// One record exchange with a discovery peer, from a short-lived swarm of our own: sends `sync`,
+/// returns the peer's answer (with every record it holds when `sync.want_all`). Used by
+/// `horde nodes` and by the harness that waits for a network to converge.
+pub async fn exchange(
+    key: &SecretKey,
+    peer: &BootstrapPeer,
+    sync: RecordSync,
+    timeout: Duration,
+) -> Result<RecordSync, DiscoveryError> {
+    let mut swarm = build_swarm(key, DEFAULT_RECORD_TTL)?;
+    let request = swarm.behaviour_mut().records.send_request_with_addresses(
+        &peer.peer,
+        sync,
+        vec![peer.addr.clone()],
+    );
+    let wait = async {
+        loop {
+            match swarm.select_next_some().await {
+                SwarmEvent::Behaviour(BehaviourEvent::Records(
+                    request_response::Event::Message {
+                        message:
+                            request_response::Message::Response {
+                                request_id,
+                                response,
+                            },
+                        ..
+                    },
+                )) if request_id == request => return Ok(response),
+                SwarmEvent::Behaviour(BehaviourEvent::Records(
+                    request_response::Event::OutboundFailure {
+                        request_id, error, ..
+                    },
+                )) if request_id == request => {
+                    return Err(DiscoveryError::Exchange(format!("{peer}: {error}")));
+                }
+                _ => {}
+            }
+        }
+    };
+    tokio::time::timeout(timeout, wait)
+        .await
+        .map_err(|_| DiscoveryError::Exchange(format!("{peer}: no answer within {timeout:?}")))?
+}
+
+/// Every record a node holds, its own included, each verified (`horde nodes`).
+pub async fn list_nodes(peer: &BootstrapPeer) -> Result<Vec<NodeRecord>, DiscoveryError> {
+    let answer = exchange(
+        &SecretKey::generate(),
+        peer,
+        RecordSync {
+            own: None,
+            relayed: Vec::new(),
+            want_all: true,
+        },
+        REQUEST_TIMEOUT,
+    )
+    .await?;
+    let now = now();
+    let mut records = Vec::new();
+    for signed in answer.own.iter().chain(answer.relayed.iter()) {
+        match check_record(signed, now) {
+            Ok(record) => records.push(record),
+            Err(reason) => {
+                warn!(signer = %signed.signer(), %reason, "record in the answer dropped")
+            }
+        }
+    }
+    records.sort_by(|a, b| (a.role.as_str(), a.hotkey).cmp(&(b.role.as_str(), b.hotkey)));
+    Ok(records)
+}
+
+/// Prints records as a table (or JSON lines).
+pub fn print_nodes(records: &[NodeRecord], json: bool) {
+    let now = now();
+    if !json {
+        println!(
+            "{:<12} {:<50} {:<24} {:<18} expires in",
+            "role", "hotkey", "quic address", "free/total"
+        );
+    }
+    for record in records {
+        let addrs: Vec<String> = record.addrs.iter().map(ToString::to_string).collect();
+        let capacity: Vec<String> = record
+            .capacity
+            .iter()
+            .map(|c| format!("{}:{}/{}", c.class, c.free, c.total))
+            .collect();
+        let expires_s = record.expires_at.0.saturating_sub(now.0) as f64 / 1000.0;
+        if json {
+            let line = serde_json::json!({
+                "role": record.role.as_str(),
+                "hotkey": record.hotkey.to_string(),
+                "addrs": addrs,
+                "p2p_addrs": record.p2p_addrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "capacity": capacity,
+                "version": record.version,
+                "seq": record.seq,
+                "expires_in_s": expires_s,
+            });
+            println!("{line}");
+        } else {
+            println!(
+                "{:<12} {:<50} {:<24} {:<18} {expires_s:.1} s",
+                record.role.as_str(),
+                record.hotkey.to_string(),
+                addrs.join(","),
+                if capacity.is_empty() {
+                    "-".to_owned()
+                } else {
+                    capacity.join(",")
+                },
+            );
+        }
+    }
+}
+
+#[derive(NetworkBehaviour)]
+struct Behaviour {
+    identify: identify::Behaviour,
+    kad: kad::Behaviour<MemoryStore>,
+    records: request_response::Behaviour<RecordCodec>,
+}
+
+/// A libp2p swarm with horde's identity, QUIC transport and behaviours.
+fn build_swarm(key: &SecretKey, record_ttl: Duration) -> Result<Swarm<Behaviour>, DiscoveryError> {
+    let mut seed = key.seed();
+    let keypair = libp2p::identity::Keypair::ed25519_from_bytes(&mut seed[..])
+        .map_err(|e| DiscoveryError::Swarm(e.to_string()))?;
+    let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
+        .with_tokio()
+        .with_quic()
+        .with_behaviour(|keypair| {
+            let peer = keypair.public().to_peer_id();
+            let identify = identify::Behaviour::new(identify::Config::new(
+                PROTOCOL_IDENTIFY.to_owned(),
+                keypair.public(),
+            ));
+            let mut kad = kad::Behaviour::with_config(
+                peer,
+                MemoryStore::new(peer),
+                kad::Config::new(PROTOCOL_KAD),
+            );
+            // Answer queries even without a confirmed external address (loopback, LANs).
+            kad.set_mode(Some(kad::Mode::Server));
+            let records = request_response::Behaviour::with_codec(
+                RecordCodec,
+                [(PROTOCOL_RECORDS, ProtocolSupport::Full)],
+                request_response::Config::default().with_request_timeout(REQUEST_TIMEOUT),
+            );
+            Behaviour {
+                identify,
+                kad,
+                records,
+            }
+        })
+        .map_err(|e| DiscoveryError::Swarm(e.to_string()))?
+        // Records are re-sent every third of their lifetime, which keeps connections busy; an
+        // idle one outlives a lifetime before it closes.
+        .with_swarm_config(|c| c.with_idle_connection_timeout(record_ttl + REQUEST_TIMEOUT))
+        .build();
+    Ok(swarm)
+}
+
+async fn wait_for_listener(
+    swarm: &mut Swarm<Behaviour>,
+    wanted: SocketAddr,
+) -> Result<Vec<SocketAddr>, DiscoveryError> {
+    let wait = async {
+        loop {
+            match swarm.select_next_some().await {
+                SwarmEvent::NewListenAddr { address, .. } => {
+                    if let Some(addr) = socket_addr(&address) {
+                        return Ok(vec![addr]);
+                    }
+                }
+                SwarmEvent::ListenerError { error, .. } => {
+                    return Err(DiscoveryError::Listen {
+                        addr: wanted,
+                        message: error.to_string(),
+                    });
+                }
+                SwarmEvent::ListenerClosed { reason, .. } => {
+                    return Err(DiscoveryError::Listen {
+                        addr: wanted,
+                        message: format!("listener closed: {reason:?}"),
+                    });
+                }
+                _ => {}
+            }
+        }
+    };
+    tokio::time::timeout(LISTEN_TIMEOUT, wait)
+        .await
+        .map_err(|_| DiscoveryError::Listen {
+            addr: wanted,
+            message: "no listener within 10 s".to_owned(),
+        })?
+}
+
+/// The node's own record, re-signed on every change.
+struct OwnRecord {
+    key: SecretKey,
+    role: Role,
+    addrs: Vec<SocketAddr>,
+    p2p_addrs: Vec<SocketAddr>,
+    capacity: Vec<ClassCapacity>,
+    seq: u64,
+    ttl: Duration,
+    signed: Option<Signed<NodeRecord>>,
+}
+
+impl OwnRecord {
+    /// Signs the current state with a higher `seq` and a fresh expiry.
+    fn refresh(&mut self) -> Signed<NodeRecord> {
+        let now = now();
+        // Milliseconds since the epoch keep `seq` rising across restarts without a stored
+        // counter; +1 keeps it rising within one millisecond.
+        self.seq = (self.seq + 1).max(now.0);
+        let ttl_ms = u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX);
+        let record = NodeRecord {
+            hotkey: self.key.hotkey(),
+            role: self.role,
+            addrs: self.addrs.clone(),
+            p2p_addrs: self.p2p_addrs.clone(),
+            capacity: self.capacity.clone(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            seq: self.seq,
+            expires_at: now.plus_millis(ttl_ms),
+        };
+        let signed = Signed::sign(&self.key, &record);
+        self.signed = Some(signed.clone());
+        signed
+    }
+
+    fn current(&mut self) -> Signed<NodeRecord> {
+        match &self.signed {
+            Some(signed) => signed.clone(),
+            None => self.refresh(),
+        }
+    }
+}
+
+struct SwarmTask {
+    swarm: Swarm<Behaviour>,
+    directory: Arc<Directory>,
+    own: OwnRecord,
+    capacity: Option<watch::Receiver<Vec<ClassCapacity>>>,
+    walked: bool,
+}
+
+impl SwarmTask {
+    async fn run(mut self, cancel: CancellationToken) {
+        let republish_every = (self.own.ttl / 3).max(Duration::from_millis(500));
+        let mut republish = tokio::time::interval(republish_every);
+        republish.tick().await;
+        let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
+        let mut walk = tokio::time::interval(WALK_INTERVAL);
+        walk.tick().await;
+        loop {
+            let capacity_changed = async {
+                match self.capacity.as_mut() {
+                    Some(rx) => rx.changed().await.is_ok(),
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = cancel.cancelled() => break,
+                event = self.swarm.select_next_some() => self.on_event(event),
+                _ = republish.tick() => {
+                    self.own.refresh();
+                    self.push_own();
+                }
+                _ = sweep.tick() => {
+                    for record in self.directory.expire(now()) {
+                        info!(role = %record.role, hotkey = %record.hotkey, "node record expired");
+                    }
+                }
+                _ = walk.tick() => self.walk(),
+                changed = capacity_changed => {
+                    if changed {
+                        if let Some(rx) = self.capacity.as_mut() {
+                            self.own.capacity = rx.borrow_and_update().clone();
+                        }
+                        self.own.refresh();
+                        self.push_own();
+                    } else {
+                        // The sender is gone: the role stopped; keep serving what we know.
+                        self.capacity = None;
+                    }
+                }
+            }
+        }
+        debug!("discovery stopped");
+    }
+
+    fn walk(&mut self) {
+        if let Err(error) = self.swarm.behaviour_mut().kad.bootstrap() {
+            debug!(%error, "no peers to walk from yet");
+        }
+    }
+
+    fn push_own(&mut self) {
+        let own = self.own.current();
+        let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
+        for peer in peers {
+            self.swarm.behaviour_mut().records.send_request(
+                &peer,
+                RecordSync {
+                    own: Some(own.clone()),
+                    relayed: Vec::new(),
+                    want_all: false,
+                },
+            );
+        }
+    }
+
+    fn on_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                num_established,
+                ..
+            } => {
+                debug!(peer = %peer_id, "discovery connection");
+                if num_established.get() == 1 {
+                    let own = self.own.current();
+                    self.swarm.behaviour_mut().records.send_request(
+                        &peer_id,
+                        RecordSync {
+                            own: Some(own),
+                            relayed: Vec::new(),
+                            want_all: true,
+                        },
+                    );
+                }
+                if !self.walked {
+                    self.walked = true;
+                    self.walk();
+                }
+            }
+            SwarmEvent::NewListenAddr { address, .. } => {
+                if let Some(addr) = socket_addr(&address)
+                    && !self.own.p2p_addrs.contains(&addr)
+                {
+                    self.own.p2p_addrs.push(addr);
+                    self.own.refresh();
+                    self.push_own();
+                }
+            }
+            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                debug!(peer = ?peer_id, %error, "discovery dial failed");
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
+                peer_id,
+                info,
+                ..
+            })) => {
+                for addr in info.listen_addrs {
+                    if socket_addr(&addr).is_some() {
+                        self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                    }
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Records(event)) => self.on_records(event),
+            _ => {}
+        }
+    }
+
+    fn on_records(&mut self, event: request_response::Event<RecordSync, RecordSync>) {
+        match event {
+            request_response::Event::Message { peer, message, .. } => match message {
+                request_response::Message::Request {
+                    request, channel, ..
+                } => {
+                    let want_all = request.want_all;
+                    self.accept(peer, request);
+                    let relayed = if want_all {
+                        let mut all = self.directory.signed_records(
+                            &hotkey_of(&peer).unwrap_or(self.own.key.hotkey()),
+                            now(),
+                        );
+                        all.truncate(MAX_SYNC_RECORDS);
+                        all
+                    } else {
+                        Vec::new()
+                    };
+                    let answer = RecordSync {
+                        own: Some(self.own.current()),
+                        relayed,
+                        want_all: false,
+                    };
+                    if self
+                        .swarm
+                        .behaviour_mut()
+                        .records
+                        .send_response(channel, answer)
+                        .is_err()
+                    {
+                        debug!(%peer, "record exchange answer not sent: stream gone");
+                    }
+                }
+                request_response::Message::Response { response, .. } => {
+                    self.accept(peer, response);
+                }
+            },
+            request_response::Event::OutboundFailure { peer, error, .. } => {
+                debug!(%peer, %error, "record exchange failed");
+            }
+            request_response::Event::InboundFailure { peer, error, .. } => {
+                debug!(%peer, %error, "record exchange refused");
+            }
+            request_response::Event::ResponseSent { .. } => {}
+        }
+    }
+
+    /// Checks and keeps the records of one message; passes the new ones on to other peers.
+    fn accept(&mut self, from: PeerId, sync: RecordSync) {
+        let now = now();
+        let own_hotkey = self.own.key.hotkey();
+        let mut fresh = Vec::new();
+        let offered = sync.own.into_iter().map(|r| (r, true)).chain(
+            sync.relayed
+                .into_iter()
+                .take(MAX_SYNC_RECORDS)
+                .map(|r| (r, false)),
+        );
+        for (signed, as_own) in offered {
+            let record = match check_record(&signed, now) {
+                Ok(record) => record,
+                // A relayed copy that ran out on the way is normal.
+                Err(RecordRejection::Expired) if !as_own => continue,
+                Err(reason) => {
+                    warn!(peer = %from, signer = %signed.signer(), %reason, "node record dropped");
+                    continue;
+                }
+            };
+            if as_own && peer_id(&record.hotkey) != from {
+                let reason = RecordRejection::PeerIdMismatch {
+                    peer: hotkey_of(&from).map_or_else(|| from.to_string(), |h| h.to_string()),
+                    named: record.hotkey,
+                };
+                warn!(peer = %from, %reason, "node record dropped");
+                continue;
+            }
+            if record.hotkey == own_hotkey {
+                continue;
+            }
+            let (role, hotkey, seq) = (record.role, record.hotkey, record.seq);
+            let addrs = record.addrs.clone();
+            let p2p = record.p2p_addrs.clone();
+            match self.directory.offer(signed.clone(), record) {
+                Offer::New => {
+                    info!(%role, %hotkey, ?addrs, via = %from, "node discovered");
+                    // Make it reachable for Kademlia walks too.
+                    for addr in p2p {
+                        self.swarm
+                            .behaviour_mut()
+                            .kad
+                            .add_address(&peer_id(&hotkey), quic_multiaddr(addr));
+                    }
+                    fresh.push(signed);
+                }
+                Offer::Updated => {
+                    debug!(%role, %hotkey, seq, "node record updated");
+                    fresh.push(signed);
+                }
+                Offer::Stale => {}
+                Offer::Full => {
+                    warn!(%role, %hotkey, limit = MAX_DIRECTORY_RECORDS, "directory full; record dropped");
+                }
+            }
+        }
+        if fresh.is_empty() {
+            return;
+        }
+        let peers: Vec<PeerId> = self
+            .swarm
+            .connected_peers()
+            .filter(|p| **p != from)
+            .copied()
+            .collect();
+        for peer in peers {
+            let relayed: Vec<Signed<NodeRecord>> = fresh
+                .iter()
+                .filter(|r| peer_id(r.signer()) != peer)
+                .cloned()
+                .collect();
+            if relayed.is_empty() {
+                continue;
+            }
+            self.swarm.behaviour_mut().records.send_request(
+                &peer,
+                RecordSync {
+                    own: None,
+                    relayed,
+                    want_all: false,
+                },
+            );
+        }
+    }
+}
+
+/// Length-prefixed postcard frames of [`RecordSync`], capped at [`MAX_SYNC_BYTES`].
+#[derive(Debug, Clone, Copy, Default)]
+struct RecordCodec;
+
+async fn read_sync<T: AsyncRead + Unpin + Send>(io: &mut T) -> std::io::Result<RecordSync> {
+    let mut header = [0u8; FRAME_HEADER_LEN];
+    io.read_exact(&mut header).await?;
+    let len = frame_len(header, MAX_SYNC_BYTES).map_err(std::io::Error::other)?;
+    let mut frame = vec![0u8; FRAME_HEADER_LEN + len];
+    frame[..FRAME_HEADER_LEN].copy_from_slice(&header);
+    io.read_exact(&mut frame[FRAME_HEADER_LEN..]).await?;
+    let (sync, used) = decode_frame(&frame, MAX_SYNC_BYTES).map_err(std::io::Error::other)?;
+    if used != frame.len() {
+        return Err(std::io::Error::other("trailing bytes in record frame"));
+    }
+    Ok(sync)
+}
+
+async fn write_sync<T: AsyncWrite + Unpin + Send>(
+    io: &mut T,
+    sync: &RecordSync,
+) -> std::io::Result<()> {
+    let frame = encode_frame(sync, MAX_SYNC_BYTES).map_err(std::io::Error::other)?;
+    io.write_all(&frame).await?;
+    io.close().await
+}
+
+#[async_trait::async_trait]
+impl request_response::Codec for RecordCodec {
+    type Protocol = StreamProtocol;
+    type Request = RecordSync;
+    type Response = RecordSync;
+
+    async fn read_request<T: AsyncRead + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+    ) -> std::io::Result<RecordSync> {
+        read_sync(io).await
+    }
+
+    async fn read_response<T: AsyncRead + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+    ) -> std::io::Result<RecordSync> {
+        read_sync(io).await
+    }
+
+    async fn write_request<T: AsyncWrite + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        sync: RecordSync,
+    ) -> std::io::Result<()> {
+        write_sync(io, &sync).await
+    }
+
+    async fn write_response<T: AsyncWrite + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        sync: RecordSync,
+    ) -> std::io::Result<()> {
+        write_sync(io, &sync).await
+    }
+}
+
+/// The peers of one role a node may use: the ones in its config (static, for closed
+/// deployments) and the ones discovered, static first, each hotkey once.
+#[derive(Debug, Clone)]
+pub struct KnownPeers {
+    role: Role,
+    configured: Vec<NodeAddr>,
+    directory: Option<Arc<Directory>>,
+}
+
+impl KnownPeers {
+    /// Peers of `role` from `configured` and, when discovery runs, from `directory`.
+    pub fn new(role: Role, configured: Vec<NodeAddr>, directory: Option<Arc<Directory>>) -> Self {
+        Self {
+            role,
+            configured,
+            directory,
+        }
+    }
+
+    /// Every peer of the role.
+    pub fn list(&self) -> Vec<NodeAddr> {
+        self.select(|_| true)
+    }
+
+    /// Peers offering a free executor of `class`: discovered miners whose record says so, and
+    /// every configured one (a static peer publishes no capacity; it declines `Busy` itself).
+    pub fn with_free(&self, class: &horde_protocol::ExecutorClass) -> Vec<NodeAddr> {
+        self.select(|record| has_free(record, class))
+    }
+
+    /// The peer with this hotkey.
+    pub fn find(&self, hotkey: &Hotkey) -> Option<NodeAddr> {
+        if let Some(peer) = self.configured.iter().find(|p| p.hotkey == *hotkey) {
+            return Some(peer.clone());
+        }
+        let record = self.directory.as_ref()?.get(hotkey, now())?;
+        (record.role == self.role).then(|| node_addr(&record))
+    }
+
+    fn select(&self, keep: impl Fn(&NodeRecord) -> bool) -> Vec<NodeAddr> {
+        let mut peers = self.configured.clone();
+        if let Some(directory) = &self.directory {
+            for record in directory.with_role(self.role, now()) {
+                if keep(&record) && !peers.iter().any(|p| p.hotkey == record.hotkey) {
+                    peers.push(node_addr(&record));
+                }
+            }
+        }
+        peers
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn peer_ids_and_hotkeys_are_one_identity() {
+        let key = SecretKey::generate();
+        let peer = peer_id(&key.hotkey());
+        assert_eq!(hotkey_of(&peer), Some(key.hotkey()));
+        // The libp2p keypair built from the same seed has the same peer id.
+        let mut seed = key.seed();
+        let keypair = libp2p::identity::Keypair::ed25519_from_bytes(&mut seed[..]).unwrap();
+        assert_eq!(keypair.public().to_peer_id(), peer);
+        assert_eq!(hotkey_of(&PeerId::random()), None);
+    }
+
+    #[test]
+    fn bootstrap_peers_parse_in_both_forms() {
+        let key = SecretKey::generate();
+        let short: BootstrapPeer = format!("{}@127.0.0.1:4001", key.hotkey()).parse().unwrap();
+        assert_eq!(short.peer, peer_id(&key.hotkey()));
+        assert_eq!(
+            socket_addr(&short.addr),
+            Some(([127, 0, 0, 1], 4001).into())
+        );
+        assert_eq!(
+            short.to_string(),
+            format!("{}@127.0.0.1:4001", key.hotkey())
+        );
+        let long: BootstrapPeer = format!("/ip4/127.0.0.1/udp/4001/quic-v1/p2p/{}", short.peer)
+            .parse()
+            .unwrap();
+        assert_eq!(long, short);
+        for bad in [
+            "nothing".to_owned(),
+            "/ip4/127.0.0.1/udp/4001/quic-v1".to_owned(),
+            format!("/ip4/127.0.0.1/tcp/4001/p2p/{}", short.peer),
+            format!("{}@127.0.0.1:1,127.0.0.1:2", key.hotkey()),
+            "abc@127.0.0.1:1".to_owned(),
+        ] {
+            assert!(bad.parse::<BootstrapPeer>().is_err(), "{bad} parsed");
+        }
+    }
+
+    #[test]
+    fn oversized_and_garbage_sync_frames_are_refused() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            // A header announcing more than the cap is refused before any allocation.
+            let mut too_big = futures::io::Cursor::new((MAX_SYNC_BYTES + 1).to_be_bytes().to_vec());
+            assert!(read_sync(&mut too_big).await.is_err());
+            // Garbage postcard.
+            let mut garbage = 3u32.to_be_bytes().to_vec();
+            garbage.extend_from_slice(&[0xff, 0xff, 0xff]);
+            assert!(
+                read_sync(&mut futures::io::Cursor::new(garbage))
+                    .await
+                    .is_err()
+            );
+            // Truncated body.
+            let mut short = 10u32.to_be_bytes().to_vec();
+            short.push(0);
+            assert!(
+                read_sync(&mut futures::io::Cursor::new(short))
+                    .await
+                    .is_err()
+            );
+            // A good frame round-trips.
+            let mut buffer = futures::io::Cursor::new(Vec::new());
+            let sync = RecordSync {
+                own: None,
+                relayed: Vec::new(),
+                want_all: true,
+            };
+            write_sync(&mut buffer, &sync).await.unwrap();
+            buffer.set_position(0);
+            assert_eq!(read_sync(&mut buffer).await.unwrap(), sync);
+        });
+    }
+}
