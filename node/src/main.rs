@@ -35,6 +35,8 @@ enum Command {
         #[command(subcommand)]
         command: horde_node::job_cli::JobCommand,
     },
+    /// List the accounting receipts a validator or miner stored, verifying each.
+    Receipts(horde_node::receipts_cli::ReceiptsArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -90,6 +92,7 @@ fn main() -> anyhow::Result<()> {
                 .context("starting the async runtime")?;
             runtime.block_on(horde_node::job_cli::run_command(command))
         }
+        Command::Receipts(args) => horde_node::receipts_cli::run(&args),
         Command::Node(args) => {
             init_tracing();
             let overrides = Overrides {

@@ -15,6 +15,7 @@ use crate::executor;
 use crate::facilitator::Facilitator;
 use crate::facilitator::store::{JobStore, StoreError};
 use crate::miner::Miner;
+use crate::receipts::ReceiptStore;
 use crate::storage::BlobStore;
 use crate::validator::Validator;
 
@@ -40,6 +41,9 @@ pub enum NodeError {
     /// The role's configuration is incomplete.
     #[error("config: {0}")]
     Config(String),
+    /// The accounting receipt log could not be opened.
+    #[error(transparent)]
+    Receipts(#[from] crate::receipts::ReceiptLogError),
     /// The data directory could not be created.
     #[error("data directory {path}: {source}")]
     DataDir {
@@ -116,7 +120,10 @@ impl RunningNode {
             Role::Validator => Service::Validator(
                 Validator::new(
                     Arc::clone(&endpoint),
+                    key.clone(),
                     config.validator.clone(),
+                    ReceiptStore::open(&config.data_dir, config.receipts.max_log_bytes)?,
+                    config.receipts.countersign_timeout,
                     cancel.child_token(),
                 )
                 .map_err(|e| NodeError::Config(e.to_string()))?,
@@ -133,6 +140,7 @@ impl RunningNode {
                     key.clone(),
                     miner_config,
                     config.data_dir.clone(),
+                    ReceiptStore::open(&config.data_dir, config.receipts.max_log_bytes)?,
                     listen,
                     cancel.child_token(),
                 );
