@@ -87,10 +87,11 @@ pub fn run(args: &ReceiptsArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The entries in the window, verified. An entry whose payload does not even decode has no
-/// time and is always listed (as invalid).
+/// The entries in the window, verified, in order of issue (the log is in order of storing:
+/// receipts settle concurrently). An entry whose payload does not even decode has no time and is
+/// always listed (as invalid), first.
 fn select(contents: LogContents, window: TimeWindow) -> Vec<Row> {
-    contents
+    let mut rows: Vec<Row> = contents
         .entries
         .into_iter()
         .filter_map(|entry| {
@@ -112,7 +113,18 @@ fn select(contents: LogContents, window: TimeWindow) -> Vec<Row> {
                 verified,
             })
         })
-        .collect()
+        .collect();
+    rows.sort_by_key(|row| {
+        row.payload.as_ref().map(|p| {
+            let order = match p.kind {
+                ReceiptKind::Started => 0,
+                ReceiptKind::Accepted => 1,
+                _ => 2,
+            };
+            (p.issued_at, order)
+        })
+    });
+    rows
 }
 
 fn details(row: &Row) -> String {
@@ -129,7 +141,7 @@ fn details(row: &Row) -> String {
     {
         let _ = write!(
             text,
-            "{outcome} after {:.1}s",
+            "{outcome} after {:.3}s",
             *time_took_ms as f64 / 1000.0
         );
     }
@@ -179,12 +191,12 @@ fn table(rows: &[Row]) -> String {
                 (unknown(), unknown(), unknown(), unknown(), unknown())
             }
         };
-        let _ = writeln!(
-            out,
+        let line = format!(
             "{kind:<9} {job:<32} {validator:<10} {miner:<10} {issued:<20} {:<13} {}",
             countersigned(row),
             details(row)
         );
+        let _ = writeln!(out, "{}", line.trim_end());
     }
     let signed = rows.iter().filter(|r| r.verified == Ok(true)).count();
     let _ = writeln!(out, "{} receipt(s), {signed} countersigned", rows.len());
@@ -378,6 +390,110 @@ pub fn format_time(at: UnixMillis, millis: bool) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::receipts::{DEFAULT_MAX_LOG_BYTES, ReceiptLog};
+    use horde_protocol::{
+        AccountingRecord, Countersignature, ExecutorClass, JobId, JobOutcome, SecretKey, Signed,
+        Stage,
+    };
+
+    fn stored(kind: ReceiptKind, at: u64, countersign: bool, note: Option<&str>) -> StoredReceipt {
+        let (validator, miner) = (
+            SecretKey::from_seed(&[1; 32]),
+            SecretKey::from_seed(&[2; 32]),
+        );
+        let receipt = Signed::sign(
+            &validator,
+            &AccountingReceipt {
+                kind,
+                job_id: JobId([9; 16]),
+                validator: validator.hotkey(),
+                miner: miner.hotkey(),
+                executor_class: ExecutorClass("cpu".into()),
+                issued_at: UnixMillis(at),
+            },
+        );
+        StoredReceipt {
+            record: AccountingRecord {
+                countersignature: countersign.then(|| Countersignature::sign(&miner, &receipt)),
+                receipt,
+            },
+            stored_at: UnixMillis(at),
+            note: note.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn listing_verifies_orders_and_filters() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = log_path(dir.path());
+        let mut log = ReceiptLog::open(&path, DEFAULT_MAX_LOG_BYTES).unwrap();
+        let finished = ReceiptKind::Finished {
+            outcome: JobOutcome::Failed {
+                stage: Stage::Upload,
+            },
+            started_at: UnixMillis(10_000),
+            time_took_ms: 1_500,
+        };
+        // Stored out of order, as concurrent exchanges settle.
+        log.append(&stored(
+            ReceiptKind::Accepted,
+            10_000,
+            false,
+            Some("no countersignature within 5s"),
+        ))
+        .unwrap();
+        log.append(&stored(ReceiptKind::Started, 10_000, true, None))
+            .unwrap();
+        log.append(&stored(finished, 11_500, true, None)).unwrap();
+        // A receipt whose countersignature was swapped for another miner's.
+        let mut forged = stored(ReceiptKind::Started, 20_000, true, None);
+        forged.record.countersignature = Some(Countersignature::sign(
+            &SecretKey::from_seed(&[3; 32]),
+            &forged.record.receipt,
+        ));
+        log.append(&forged).unwrap();
+        // Outside the window.
+        log.append(&stored(ReceiptKind::Started, 30_000, true, None))
+            .unwrap();
+
+        let window = TimeWindow {
+            since: Some(UnixMillis(10_000)),
+            until: Some(UnixMillis(30_000)),
+        };
+        let rows = select(read_log(&path).unwrap(), window);
+        let shown = table(&rows);
+        let lines: Vec<&str> = shown.lines().collect();
+        assert_eq!(lines.len(), 6, "{shown}");
+        assert!(lines[0].starts_with("KIND"), "{shown}");
+        assert!(
+            lines[1].starts_with("started") && lines[1].ends_with(" yes"),
+            "{shown}"
+        );
+        assert!(
+            lines[2].starts_with("accepted")
+                && lines[2].contains(" no ")
+                && lines[2].ends_with("not countersigned: no countersignature within 5s"),
+            "{shown}"
+        );
+        assert!(
+            lines[3].starts_with("finished") && lines[3].ends_with("failed in Upload after 1.500s"),
+            "{shown}"
+        );
+        assert!(
+            lines[4].contains("INVALID") && lines[4].contains("countersigned by"),
+            "{shown}"
+        );
+        assert_eq!(lines[5], "4 receipt(s), 2 countersigned");
+        assert!(lines[1].contains("1970-01-01T00:00:10Z"), "{shown}");
+
+        let json: Vec<serde_json::Value> = rows.iter().map(json_row).collect();
+        assert_eq!(json[2]["outcome"], "failed in Upload");
+        assert_eq!(json[2]["time_took_ms"], 1_500);
+        assert_eq!(json[1]["countersigned"], false);
+        assert_eq!(json[1]["valid"], true);
+        assert_eq!(json[3]["valid"], false);
+        assert_eq!(json[0]["issued_at"], "1970-01-01T00:00:10.000Z");
+    }
 
     #[test]
     fn times_parse_in_both_forms() {
