@@ -393,14 +393,24 @@ impl ReceiptStore {
     }
 }
 
+/// Receipts for tests.
 #[cfg(test)]
-mod tests {
-    use super::*;
+pub(crate) mod test_support {
+    use super::StoredReceipt;
     use horde_protocol::{
-        AccountingReceipt, Countersignature, ExecutorClass, JobId, ReceiptKind, SecretKey, Signed,
+        AccountingReceipt, AccountingRecord, Countersignature, ExecutorClass, JobId, ReceiptKind,
+        SecretKey, Signed, UnixMillis,
     };
 
-    fn entry(seed: u8) -> StoredReceipt {
+    /// A stored receipt by validator key `[1; 32]` for miner key `[2; 32]`, class `cpu`, issued
+    /// and stored at `at`, countersigned if asked.
+    pub(crate) fn stored(
+        kind: ReceiptKind,
+        job_id: JobId,
+        at: UnixMillis,
+        countersign: bool,
+        note: Option<&str>,
+    ) -> StoredReceipt {
         let (validator, miner) = (
             SecretKey::from_seed(&[1; 32]),
             SecretKey::from_seed(&[2; 32]),
@@ -408,22 +418,39 @@ mod tests {
         let receipt = Signed::sign(
             &validator,
             &AccountingReceipt {
-                kind: ReceiptKind::Started,
-                job_id: JobId([seed; 16]),
+                kind,
+                job_id,
                 validator: validator.hotkey(),
                 miner: miner.hotkey(),
                 executor_class: ExecutorClass("cpu".into()),
-                issued_at: UnixMillis(u64::from(seed) * 1000),
+                issued_at: at,
             },
         );
         StoredReceipt {
             record: AccountingRecord {
-                countersignature: Some(Countersignature::sign(&miner, &receipt)),
+                countersignature: countersign.then(|| Countersignature::sign(&miner, &receipt)),
                 receipt,
             },
-            stored_at: UnixMillis(5),
-            note: None,
+            stored_at: at,
+            note: note.map(str::to_owned),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_support::stored;
+    use super::*;
+    use horde_protocol::{JobId, ReceiptKind};
+
+    fn entry(seed: u8) -> StoredReceipt {
+        stored(
+            ReceiptKind::Started,
+            JobId([seed; 16]),
+            UnixMillis(u64::from(seed) * 1000),
+            true,
+            None,
+        )
     }
 
     fn write_log(path: &Path, count: u8) -> Vec<StoredReceipt> {

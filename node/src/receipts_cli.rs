@@ -390,36 +390,11 @@ pub fn format_time(at: UnixMillis, millis: bool) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::receipts::{DEFAULT_MAX_LOG_BYTES, ReceiptLog};
-    use horde_protocol::{
-        AccountingRecord, Countersignature, ExecutorClass, JobId, JobOutcome, SecretKey, Signed,
-        Stage,
-    };
+    use crate::receipts::{DEFAULT_MAX_LOG_BYTES, ReceiptLog, test_support};
+    use horde_protocol::{Countersignature, JobId, JobOutcome, SecretKey, Stage};
 
     fn stored(kind: ReceiptKind, at: u64, countersign: bool, note: Option<&str>) -> StoredReceipt {
-        let (validator, miner) = (
-            SecretKey::from_seed(&[1; 32]),
-            SecretKey::from_seed(&[2; 32]),
-        );
-        let receipt = Signed::sign(
-            &validator,
-            &AccountingReceipt {
-                kind,
-                job_id: JobId([9; 16]),
-                validator: validator.hotkey(),
-                miner: miner.hotkey(),
-                executor_class: ExecutorClass("cpu".into()),
-                issued_at: UnixMillis(at),
-            },
-        );
-        StoredReceipt {
-            record: AccountingRecord {
-                countersignature: countersign.then(|| Countersignature::sign(&miner, &receipt)),
-                receipt,
-            },
-            stored_at: UnixMillis(at),
-            note: note.map(str::to_owned),
-        }
+        test_support::stored(kind, JobId([9; 16]), UnixMillis(at), countersign, note)
     }
 
     #[test]
