@@ -17,7 +17,9 @@
 //! matches a job that validator sent here — `Accepted` and `Finished` only for a job it accepted,
 //! `Finished` with an outcome other than "completed" not for a job its executor reported
 //! finished — then stores it in `<data_dir>/receipts.log` and answers with the
-//! countersignature, or with `Refused(reason)`.
+//! countersignature, or with `Refused(reason)`. The tracking is in memory: after a restart the
+//! miner refuses receipts for jobs from before it (their validator keeps them, marked not
+//! countersigned, with the refusal as the reason).
 
 use std::collections::HashMap;
 use std::path::PathBuf;

@@ -8,8 +8,8 @@
 //! u32 big-endian body length | first 8 bytes of BLAKE3(body) | body (postcard StoredReceipt)
 //! ```
 //!
-//! Each append is written at the end of the file in one `pwrite` and made durable with
-//! `fdatasync` before the caller hears it succeeded. A crash can only leave an incomplete (or,
+//! Each append is written at the end of the last good record (positioned writes) and made
+//! durable with `fdatasync` before the caller hears it succeeded. A crash can only leave an incomplete (or,
 //! with reordered sector writes, garbled) *last* record: on reopen the writer finds it — too
 //! short, or its checksum does not match and nothing follows it — truncates it and logs a warning.
 //! A bad record with more records after it is not a torn write but damage, and the writer refuses
@@ -135,6 +135,9 @@ pub struct LogContents {
     /// An incomplete or garbled last record (being written, or torn by a crash): its offset and
     /// length.
     pub torn_tail: Option<(u64, u64)>,
+    /// A damaged record with more after it (not a torn write): reading stopped there, so
+    /// `entries` are only those before it.
+    pub damage: Option<ReceiptLogError>,
 }
 
 /// Why a record does not read back.
@@ -145,7 +148,7 @@ enum Damage {
     Corrupt(String),
 }
 
-/// Parses the records after the magic.
+/// Parses the records after the magic, up to the first damaged one.
 fn scan(path: &str, bytes: &[u8]) -> Result<LogContents, ReceiptLogError> {
     if bytes.len() < MAGIC.len() || bytes[..MAGIC.len()] != MAGIC[..] {
         return Err(ReceiptLogError::NotAReceiptLog {
@@ -165,11 +168,12 @@ fn scan(path: &str, bytes: &[u8]) -> Result<LogContents, ReceiptLogError> {
                 break;
             }
             Err(Damage::Corrupt(reason)) => {
-                return Err(ReceiptLogError::Corrupt {
+                contents.damage = Some(ReceiptLogError::Corrupt {
                     path: path.to_owned(),
                     offset: offset as u64,
                     reason,
                 });
+                break;
             }
         }
     }
@@ -210,7 +214,8 @@ fn parse_record(rest: &[u8]) -> Result<(StoredReceipt, usize), Damage> {
     Ok((entry, end))
 }
 
-/// Reads a log without changing it (safe while a node appends to it).
+/// Reads a log without changing it (safe while a node appends to it). Damage part-way is
+/// reported in [`LogContents::damage`] with the records before it.
 pub fn read_log(path: &Path) -> Result<LogContents, ReceiptLogError> {
     let shown = path.display().to_string();
     let io = |source| ReceiptLogError::Io {
@@ -261,7 +266,10 @@ impl ReceiptLog {
             }
             bytes = MAGIC.to_vec();
         }
-        let contents = scan(&shown, &bytes)?;
+        let mut contents = scan(&shown, &bytes)?;
+        if let Some(damage) = contents.damage.take() {
+            return Err(damage);
+        }
         if let Some((offset, torn)) = contents.torn_tail {
             warn!(path = %shown, offset, bytes = torn,
                 "receipt log: incomplete last record (torn by a crash) truncated");
@@ -544,9 +552,12 @@ mod tests {
             matches!(error, ReceiptLogError::Corrupt { offset: 8, .. }),
             "{error}"
         );
+        // Readers get what they can, and the damage.
+        let read = read_log(&path).unwrap();
+        assert!(read.entries.is_empty());
         assert!(matches!(
-            read_log(&path),
-            Err(ReceiptLogError::Corrupt { .. })
+            read.damage,
+            Some(ReceiptLogError::Corrupt { offset: 8, .. })
         ));
         // The damaged file was not changed.
         assert_eq!(std::fs::read(&path).unwrap(), bytes);

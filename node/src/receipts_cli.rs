@@ -5,7 +5,8 @@
 //! signatures, and prints a table or, with `--json`, a JSON array. Times are RFC 3339
 //! (`2026-11-28T23:38:05Z`, `2026-11-28T23:38:05.250+01:00`) or Unix seconds (`1795995485`);
 //! the table shows them in UTC. A receipt that fails verification is listed as `INVALID` with
-//! the reason, and the command then exits with an error.
+//! the reason, and the command then exits with an error; so does a damaged log, after listing the
+//! receipts before the damage.
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -63,7 +64,8 @@ pub fn run(args: &ReceiptsArgs) -> anyhow::Result<()> {
             args.data_dir.display()
         );
     }
-    let contents = read_log(&path)?;
+    let mut contents = read_log(&path)?;
+    let damage = contents.damage.take();
     if let Some((offset, len)) = contents.torn_tail {
         eprintln!(
             "note: skipped an incomplete record of {len} bytes at offset {offset} (being \
@@ -80,6 +82,9 @@ pub fn run(args: &ReceiptsArgs) -> anyhow::Result<()> {
         );
     } else {
         print!("{}", table(&rows));
+    }
+    if let Some(damage) = damage {
+        bail!("{damage}; only the receipts before it are listed");
     }
     if invalid > 0 {
         bail!("{invalid} receipt(s) failed verification");
