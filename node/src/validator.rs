@@ -219,7 +219,9 @@ impl ReceiptIssuer {
             () = self.cancel.cancelled() => {
                 Err("the validator shut down before the miner answered".to_owned())
             }
-            answer = tokio::time::timeout(limit, request(&connection, &message)) => answer.unwrap_or_else(|_| Err(format!("no countersignature within {limit:?}"))),
+            answer = tokio::time::timeout(limit, request(&connection, &message)) => {
+                answer.unwrap_or_else(|_| Err(format!("no countersignature within {limit:?}")))
+            }
         };
         let (countersignature, note) = match answer {
             Ok(ControlMessage::ReceiptReply(ReceiptReply::Countersigned(countersignature))) => {
