@@ -1,7 +1,9 @@
 //! Accounting receipts across real processes: a job runs through the testnet; the validator's and
 //! the miner's data directories then both hold its started, accepted and finished receipts,
-//! signed by the validator and countersigned by the miner; and `horde receipts` lists them inside
-//! a time window and not outside it, and refuses bad input with a reason.
+//! signed by the validator and countersigned by the miner; `horde receipts` lists them inside
+//! a time window and not outside it, and refuses bad input with a reason; and a miner that stops
+//! answering neither holds up the end of the job nor keeps the validator from storing its receipt,
+//! marked not countersigned.
 
 #![allow(clippy::unwrap_used)] // Tests fail loudly on any error.
 
@@ -15,6 +17,7 @@ use horde_node::receipts_cli::format_time;
 use horde_protocol::{
     AccountingReceipt, JobId, JobOutcome, JobStatus, ReceiptKind, SecretKey, UnixMillis,
 };
+use horde_testnet::reports::reconfigure;
 use horde_testnet::{Testnet, TestnetConfig, demo_job_binary, horde_binary};
 
 fn data_dir(testnet: &Testnet, name: &str) -> PathBuf {
@@ -22,19 +25,24 @@ fn data_dir(testnet: &Testnet, name: &str) -> PathBuf {
     node.config.parent().unwrap().join("data")
 }
 
+/// The receipts for `job` in a data directory now.
+fn receipts_now(dir: &Path, job: JobId) -> Vec<(StoredReceipt, AccountingReceipt)> {
+    read_log(&log_path(dir))
+        .map(|contents| contents.entries)
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|entry| {
+            let receipt = entry.record.verify().ok()?.receipt;
+            (receipt.job_id == job).then_some((entry, receipt))
+        })
+        .collect()
+}
+
 /// The receipts for `job` in a data directory, once all three are there (or after 20 s).
 fn receipts_for(dir: &Path, job: JobId) -> Vec<(StoredReceipt, AccountingReceipt)> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let found: Vec<_> = read_log(&log_path(dir))
-            .map(|contents| contents.entries)
-            .unwrap_or_default()
-            .into_iter()
-            .filter_map(|entry| {
-                let receipt = entry.record.verify().ok()?.receipt;
-                (receipt.job_id == job).then_some((entry, receipt))
-            })
-            .collect();
+        let found = receipts_now(dir, job);
         if found.len() >= 3 || Instant::now() > deadline {
             return found;
         }
@@ -197,4 +205,90 @@ async fn a_job_leaves_countersigned_receipts_on_validator_and_miner() {
         assert!(!output.status.success(), "{args:?}");
         assert!(stderr.contains(needle), "{args:?}: {stderr}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_miner_does_not_hold_up_the_job_and_its_receipt_is_stored_uncountersigned() {
+    let mut testnet = Testnet::start(TestnetConfig {
+        storage: 0,
+        ..TestnetConfig::default()
+    })
+    .unwrap();
+    // A countersignature deadline well inside QUIC's idle timeout (10 s), so the validator gives
+    // up on the frozen miner by its own deadline.
+    reconfigure(
+        &mut testnet,
+        "validator-0",
+        "[receipts]\ncountersign_timeout_ms = 1000",
+    )
+    .unwrap();
+    let client = Client::new(SecretKey::generate(), testnet.facilitator()).unwrap();
+    let program = demo_job_binary().unwrap();
+    let mut request = JobRequest::command("cpu", program.to_str().unwrap());
+    // Long enough to freeze the miner before the executor ends the job (it could not report it).
+    request.deadlines.execution_ms = 3_000;
+    request.deadlines.upload_ms = 500;
+    let mut job = client.submit(&request).await.unwrap();
+    job.wait_for_endpoint()
+        .await
+        .unwrap_or_else(|e| panic!("{e}: {:?}", job.history()));
+    let job_id = job.job_id();
+    let validator_dir = data_dir(&testnet, "validator-0");
+    // Started and accepted are countersigned before the miner freezes.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while receipts_now(&validator_dir, job_id)
+        .iter()
+        .filter(|(entry, _)| entry.record.verify_countersigned().is_ok())
+        .count()
+        < 2
+    {
+        assert!(Instant::now() < deadline, "{}", testnet.log("validator-0"));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    testnet.pause("miner-0").unwrap();
+    // The validator's own execution deadline ends the job; the client hears it at once.
+    let end = tokio::time::timeout(Duration::from_secs(30), job.wait_for_end())
+        .await
+        .unwrap()
+        .unwrap();
+    let ended_at = now();
+    assert!(
+        matches!(&end, JobStatus::Failed(failure) if failure.stage == horde_protocol::Stage::Execution),
+        "{end:?}"
+    );
+
+    // The finished receipt is stored once the countersignature deadline has passed.
+    let found = receipts_for(&validator_dir, job_id);
+    testnet.resume("miner-0").unwrap();
+    let (entry, receipt) = found
+        .iter()
+        .find(|(_, r)| r.kind.name() == "finished")
+        .unwrap_or_else(|| panic!("no finished receipt:\n{}", testnet.log("validator-0")));
+    assert!(!entry.record.verify().unwrap().countersigned);
+    let note = entry.note.as_deref().unwrap();
+    assert!(note.contains("no countersignature within 1s"), "{note}");
+    assert!(
+        entry.stored_at.0 >= ended_at.0,
+        "the job ended before the receipt was settled"
+    );
+    assert!(entry.stored_at.0 - receipt.issued_at.0 >= 1_000);
+    let ReceiptKind::Finished { outcome, .. } = &receipt.kind else {
+        unreachable!()
+    };
+    assert_eq!(
+        *outcome,
+        JobOutcome::TimedOut {
+            stage: horde_protocol::Stage::Execution
+        }
+    );
+    let rows = listed(&validator_dir, &[], job_id);
+    let finished = rows.iter().find(|r| r["kind"] == "finished").unwrap();
+    assert_eq!(finished["countersigned"], false);
+    assert_eq!(finished["valid"], true);
+    assert!(
+        testnet
+            .log("validator-0")
+            .contains("receipt not countersigned")
+    );
 }
