@@ -63,6 +63,7 @@ struct ConfigFile {
     executor: Option<ExecutorFile>,
     storage: Option<StorageFile>,
     discovery: Option<DiscoveryFile>,
+    receipts: Option<ReceiptsFile>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -72,6 +73,13 @@ struct DiscoveryFile {
     listen: Option<String>,
     bootstrap: Option<Vec<String>>,
     record_ttl_secs: Option<u64>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ReceiptsFile {
+    max_log_bytes: Option<u64>,
+    countersign_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -228,6 +236,28 @@ pub struct ExecutorConfig {
     pub job_host: IpAddr,
 }
 
+/// Default time a validator waits for a miner's countersignature: a miner answers in one round
+/// trip and an fsync, so 5 s is generous; past it the receipt is stored uncountersigned.
+pub const DEFAULT_COUNTERSIGN_TIMEOUT_MS: u64 = 5_000;
+
+/// Accounting receipts (validators and miners): `[receipts]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReceiptsConfig {
+    /// Cap on `<data_dir>/receipts.log`; receipts past it are refused (and logged).
+    pub max_log_bytes: u64,
+    /// How long a validator waits for the miner to countersign a receipt.
+    pub countersign_timeout: std::time::Duration,
+}
+
+impl Default for ReceiptsConfig {
+    fn default() -> Self {
+        Self {
+            max_log_bytes: crate::receipts::DEFAULT_MAX_LOG_BYTES,
+            countersign_timeout: std::time::Duration::from_millis(DEFAULT_COUNTERSIGN_TIMEOUT_MS),
+        }
+    }
+}
+
 /// Loopback: the default for job endpoints, right for a single machine.
 const LOCALHOST: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
 
@@ -256,6 +286,8 @@ pub struct NodeConfig {
     pub storage: crate::storage::StoreLimits,
     /// `[discovery]` settings (on by default, listening on loopback with an OS-chosen port).
     pub discovery: DiscoveryConfig,
+    /// `[receipts]` settings: receipt log size and countersignature deadline.
+    pub receipts: ReceiptsConfig,
 }
 
 /// Command-line values that override the file.
@@ -463,6 +495,28 @@ impl NodeConfig {
             max_blob_size,
             put_allowlist: keys("storage.put_allowlist", storage_file.put_allowlist)?,
         };
+        let receipts_file = file.receipts.unwrap_or_default();
+        let receipts = ReceiptsConfig {
+            max_log_bytes: receipts_file
+                .max_log_bytes
+                .unwrap_or(crate::receipts::DEFAULT_MAX_LOG_BYTES),
+            countersign_timeout: std::time::Duration::from_millis(
+                receipts_file
+                    .countersign_timeout_ms
+                    .unwrap_or(DEFAULT_COUNTERSIGN_TIMEOUT_MS),
+            ),
+        };
+        let smallest_log = crate::receipts::MIN_LOG_BYTES;
+        if receipts.max_log_bytes < smallest_log {
+            return Err(invalid(format!(
+                "receipts.max_log_bytes must be at least {smallest_log}"
+            )));
+        }
+        if receipts.countersign_timeout.is_zero() {
+            return Err(invalid(
+                "receipts.countersign_timeout_ms must be at least 1".to_owned(),
+            ));
+        }
         if role == Role::Executor && executor.is_none() {
             return Err(invalid(
                 "role executor needs an [executor] section".to_owned(),
@@ -518,6 +572,7 @@ impl NodeConfig {
             executor,
             storage,
             discovery,
+            receipts,
         })
     }
 }
@@ -617,6 +672,31 @@ mod tests {
         }
         let off = parse("role = \"miner\"\n[discovery]\nenabled = false").unwrap();
         assert!(!off.discovery.enabled);
+    }
+
+    #[test]
+    fn receipts_section_is_validated() {
+        let config = parse("role = \"miner\"").unwrap();
+        assert_eq!(config.receipts, ReceiptsConfig::default());
+        let config = parse(
+            "role = \"validator\"\n[receipts]\nmax_log_bytes = 1048576\ncountersign_timeout_ms = 250",
+        )
+        .unwrap();
+        assert_eq!(config.receipts.max_log_bytes, 1 << 20);
+        assert_eq!(config.receipts.countersign_timeout.as_millis(), 250);
+        for (text, needle) in [
+            ("[receipts]\nmax_log_bytes = 100", "max_log_bytes"),
+            (
+                "[receipts]\ncountersign_timeout_ms = 0",
+                "countersign_timeout_ms",
+            ),
+            ("[receipts]\nmax_bytes = 1", "max_bytes"),
+        ] {
+            let err = parse(&format!("role = \"validator\"\n{text}"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(needle), "{text:?}: {err}");
+        }
     }
 
     #[test]

@@ -34,7 +34,7 @@ use horde_protocol::{
     NodeAddr, Role, Signed, UnixMillis, UpMessage, VerifiedReport, verify_report,
 };
 use horde_transport::{
-    ALPN_CONTROL, FramedRecv, FramedSend, HordeEndpoint, JobSession, codes, open_session, split,
+    ALPN_CONTROL, FramedRecv, FramedSend, HordeEndpoint, JobSession, codes, open_session,
 };
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -44,7 +44,7 @@ use crate::client::now;
 use crate::config::FacilitatorConfig;
 use crate::discovery::{Directory, KnownPeers};
 use crate::peers::Peers;
-use crate::peers::serve_streams;
+use crate::peers::{request, serve_streams};
 use store::{JobStore, StoreError};
 
 /// Tolerated clock skew for a spec's `issued_at` in the future.
@@ -518,16 +518,9 @@ impl Facilitator {
     ) -> Result<ReportVerdict, String> {
         let exchange = async {
             let connection = self.peers.connect(validator, ALPN_CONTROL).await?;
-            let (send, recv) = connection.open_bi().await.map_err(|e| e.to_string())?;
-            let (mut send, mut recv) = split(send, recv);
-            send.send(&ControlMessage::Report(signed.clone()))
-                .await
-                .map_err(|e| e.to_string())?;
-            let _ = send.finish();
-            match recv.recv::<ControlMessage>().await {
-                Ok(Some(ControlMessage::ReportVerdict(verdict))) => Ok(verdict),
-                Ok(other) => Err(format!("unexpected answer {other:?}")),
-                Err(error) => Err(error.to_string()),
+            match request(&connection, &ControlMessage::Report(signed.clone())).await? {
+                ControlMessage::ReportVerdict(verdict) => Ok(verdict),
+                other => Err(format!("unexpected answer {other:?}")),
             }
         };
         tokio::time::timeout(REPORT_FORWARD_TIMEOUT, exchange)

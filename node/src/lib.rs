@@ -9,6 +9,8 @@
 //!   roles of the streaming-job flow, one file each.
 //! - `job_cli.rs`: the `horde job …` commands.
 //! - `discovery.rs` (+ `discovery/directory.rs`): libp2p discovery and the node-record directory.
+//! - `receipts.rs`: the accounting-receipt log validators and miners keep; `receipts_cli.rs`:
+//!   `horde receipts`.
 //! - `peers.rs`: outgoing connections shared by every job to a peer.
 //! - `storage.rs`: the storage role (content-addressed blob store served over `horde/blob/1`).
 //! - `blob_client.rs`: blob put/get for clients and executors, with resume and progress.
@@ -24,6 +26,8 @@ pub mod job_cli;
 pub mod miner;
 mod node;
 mod peers;
+pub mod receipts;
+pub mod receipts_cli;
 pub mod storage;
 pub mod validator;
 pub mod volumes;

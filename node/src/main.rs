@@ -44,6 +44,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List the accounting receipts a validator or miner stored, verifying each.
+    Receipts(horde_node::receipts_cli::ReceiptsArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -115,6 +117,7 @@ fn main() -> anyhow::Result<()> {
             horde_node::discovery::print_nodes(&records, json);
             Ok(())
         }
+        Command::Receipts(args) => horde_node::receipts_cli::run(&args),
         Command::Node(args) => {
             init_tracing();
             let overrides = Overrides {

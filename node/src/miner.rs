@@ -9,6 +9,17 @@
 //! otherwise), opens a job session to it on the executor's own connection, relays messages both
 //! ways, turns the executor's `EndpointReady` into an [`EndpointRecord`] signed with the miner's
 //! hotkey, and frees the executor when the job ends.
+//!
+//! Accounting: the miner tracks each job a validator sent it (validator, executor class, whether
+//! it accepted the job, how the executor said it ended) for [`RECEIPT_WINDOW`] after the end.
+//! A validator's receipt arrives on a stream of its own (`ControlMessage::Receipt`); the miner
+//! countersigns it only if it is signed by that connection's validator, names this miner, and
+//! matches a job that validator sent here — `Accepted` and `Finished` only for a job it accepted,
+//! `Finished` with an outcome other than "completed" not for a job its executor reported
+//! finished — then stores it in `<data_dir>/receipts.log` and answers with the
+//! countersignature, or with `Refused(reason)`. The tracking is in memory: after a restart the
+//! miner refuses receipts for jobs from before it (their validator keeps them, marked not
+//! countersigned, with the refusal as the reason).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -17,11 +28,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use horde_protocol::messages::{
-    DeclineReason, ExecutorRegistration, HordeFailure, InitialJobDetails,
+    DeclineReason, ExecutorRegistration, HordeFailure, InitialJobDetails, ReceiptReply,
 };
 use horde_protocol::{
-    ClassCapacity, ControlMessage, DownMessage, EndpointRecord, ExecutorClass, Hotkey, Role,
-    SecretKey, Signed, UpMessage,
+    AccountingReceipt, AccountingRecord, ClassCapacity, ControlMessage, Countersignature,
+    DownMessage, EndpointRecord, ExecutorClass, Hotkey, JobId, JobOutcome, ReceiptKind, Role,
+    SecretKey, Signed, UpMessage, verify_receipt,
 };
 use horde_transport::{FramedRecv, FramedSend, JobSession, codes, open_session};
 use tokio::sync::{Notify, watch};
@@ -31,9 +43,90 @@ use tracing::{Instrument as _, debug, info, info_span, warn};
 use crate::client::now;
 use crate::config::MinerConfig;
 use crate::peers::serve_streams;
+use crate::receipts::ReceiptStore;
 
 /// How long an endpoint record stays valid beyond the job's execution and upload deadlines.
 const ENDPOINT_RECORD_MARGIN_MS: u64 = 60_000;
+
+/// How long after a job ends its receipts are still countersigned: the validator sends the last
+/// one as the job ends, so ten minutes covers any slow link while bounding what is tracked.
+pub const RECEIPT_WINDOW: Duration = Duration::from_secs(600);
+
+/// Most jobs tracked for receipts at once (ended ones beyond [`RECEIPT_WINDOW`] are dropped
+/// first). A tracked job is ~200 bytes, so this bounds the table near 3 MiB.
+const MAX_TRACKED_JOBS: usize = 16_384;
+
+/// How long a `Started` receipt waits for its job's session, which travels on another stream
+/// and may be read a moment later.
+const RECEIPT_JOB_WAIT: Duration = Duration::from_secs(3);
+
+/// Tolerated difference between the validator's clock and ours for a receipt's `issued_at`.
+const RECEIPT_CLOCK_SKEW_MS: u64 = 60_000;
+
+/// What the miner remembers of a job for its receipts.
+#[derive(Debug)]
+struct TrackedJob {
+    validator: Hotkey,
+    class: ExecutorClass,
+    accepted: bool,
+    /// How the miner reported the end: `Some(true)` for the executor's `Finished`,
+    /// `Some(false)` for a failure; `None` while running.
+    completed: Option<bool>,
+    ended: Option<tokio::time::Instant>,
+    /// Receipts countersigned so far: kind, digest of the validator-signed bytes, countersignature.
+    countersigned: Vec<(&'static str, [u8; 32], Countersignature)>,
+}
+
+/// Whether `payload` (already verified as signed by `validator`, for this miner) is a receipt
+/// the miner agrees with for `job`.
+fn check_receipt(
+    job: &TrackedJob,
+    validator: &Hotkey,
+    payload: &AccountingReceipt,
+) -> Result<(), String> {
+    if job.validator != *validator {
+        return Err(format!(
+            "job {} was sent here by another validator",
+            payload.job_id
+        ));
+    }
+    if job.class != payload.executor_class {
+        return Err(format!(
+            "the job ran as class {}, the receipt says {}",
+            job.class, payload.executor_class
+        ));
+    }
+    match &payload.kind {
+        ReceiptKind::Started => Ok(()),
+        ReceiptKind::Accepted | ReceiptKind::Finished { .. } if !job.accepted => {
+            Err("the job was not accepted here".to_owned())
+        }
+        ReceiptKind::Accepted => Ok(()),
+        ReceiptKind::Finished { outcome, .. } => {
+            if job.completed == Some(true) && *outcome != JobOutcome::Completed {
+                return Err(format!(
+                    "the executor reported the job finished, the receipt says {outcome}"
+                ));
+            }
+            Ok(())
+        }
+        _ => Err(format!("unknown receipt kind {}", payload.kind.name())),
+    }
+}
+
+/// Marks a tracked job ended when its session is over, however it ends.
+struct JobTracking<'a> {
+    miner: &'a Miner,
+    job_id: JobId,
+}
+
+impl Drop for JobTracking<'_> {
+    fn drop(&mut self) {
+        self.miner.update_job(self.job_id, |job| {
+            job.ended = Some(tokio::time::Instant::now());
+        });
+    }
+}
 
 /// The environment variable carrying an executor's registration token.
 pub const EXECUTOR_TOKEN_ENV: &str = "HORDE_EXECUTOR_TOKEN";
@@ -71,6 +164,10 @@ pub struct Miner {
     registered: Notify,
     /// Free executors per class, published in the miner's node record.
     capacity: watch::Sender<Vec<ClassCapacity>>,
+    receipts: ReceiptStore,
+    jobs: Mutex<HashMap<JobId, TrackedJob>>,
+    /// Signalled when a job starts being tracked.
+    jobs_changed: Notify,
     cancel: CancellationToken,
 }
 
@@ -119,11 +216,13 @@ impl Drop for Reservation {
 }
 
 impl Miner {
-    /// The service; `listen` is the miner's own QUIC address, which spawned executors dial.
+    /// The service; `listen` is the miner's own QUIC address, which spawned executors dial;
+    /// countersigned receipts go to `receipts`.
     pub fn new(
         key: SecretKey,
         config: MinerConfig,
         data_dir: PathBuf,
+        receipts: ReceiptStore,
         listen: std::net::SocketAddr,
         cancel: CancellationToken,
     ) -> Arc<Self> {
@@ -136,6 +235,9 @@ impl Miner {
             pool: Mutex::new(Pool::default()),
             registered: Notify::new(),
             capacity,
+            receipts,
+            jobs: Mutex::new(HashMap::new()),
+            jobs_changed: Notify::new(),
             cancel,
         })
     }
@@ -152,6 +254,138 @@ impl Miner {
             *current = capacity;
             changed
         });
+    }
+
+    fn lock_jobs(&self) -> std::sync::MutexGuard<'_, HashMap<JobId, TrackedJob>> {
+        self.jobs
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Starts tracking a job for its receipts (dropping jobs ended beyond the receipt window).
+    fn track_job(&self, details: &InitialJobDetails, validator: Hotkey) -> JobTracking<'_> {
+        {
+            let mut jobs = self.lock_jobs();
+            let now = tokio::time::Instant::now();
+            jobs.retain(|_, job| {
+                job.ended
+                    .is_none_or(|ended| now.duration_since(ended) < RECEIPT_WINDOW)
+            });
+            if jobs.len() >= MAX_TRACKED_JOBS {
+                warn!("too many jobs tracked for receipts; this job's receipts will be refused");
+            } else {
+                jobs.entry(details.job_id).or_insert_with(|| TrackedJob {
+                    validator,
+                    class: details.executor_class.clone(),
+                    accepted: false,
+                    completed: None,
+                    ended: None,
+                    countersigned: Vec::new(),
+                });
+            }
+        }
+        self.jobs_changed.notify_waiters();
+        JobTracking {
+            miner: self,
+            job_id: details.job_id,
+        }
+    }
+
+    fn update_job(&self, job_id: JobId, update: impl FnOnce(&mut TrackedJob)) {
+        if let Some(job) = self.lock_jobs().get_mut(&job_id) {
+            update(job);
+        }
+    }
+
+    /// Waits (at most [`RECEIPT_JOB_WAIT`]) until `job_id` is tracked; whether it is.
+    async fn wait_for_job(&self, job_id: JobId) -> bool {
+        let deadline = tokio::time::Instant::now() + RECEIPT_JOB_WAIT;
+        loop {
+            let notified = self.jobs_changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.lock_jobs().contains_key(&job_id) {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return false;
+            }
+        }
+    }
+
+    /// Checks a validator's receipt, countersigns it and stores it (see the module docs).
+    async fn countersign(
+        &self,
+        validator: &Hotkey,
+        receipt: &Signed<AccountingReceipt>,
+    ) -> Result<Countersignature, String> {
+        let payload = verify_receipt(receipt).map_err(|e| e.to_string())?;
+        payload
+            .check_parties(payload.job_id, validator, &self.key.hotkey())
+            .map_err(|e| e.to_string())?;
+        let now = now();
+        if payload.issued_at.0 > now.0.saturating_add(RECEIPT_CLOCK_SKEW_MS) {
+            return Err("receipt issued in the future".to_owned());
+        }
+        let oldest = now.0.saturating_sub(
+            (RECEIPT_WINDOW.as_millis() as u64).saturating_add(RECEIPT_CLOCK_SKEW_MS),
+        );
+        if payload.issued_at.0 < oldest {
+            return Err("receipt too old".to_owned());
+        }
+        if !self.wait_for_job(payload.job_id).await {
+            return Err(format!("job {} is unknown here", payload.job_id));
+        }
+        let kind = payload.kind.name();
+        let digest = receipt.digest();
+        let countersignature = {
+            let mut jobs = self.lock_jobs();
+            let job = jobs
+                .get_mut(&payload.job_id)
+                .ok_or_else(|| format!("job {} is unknown here", payload.job_id))?;
+            check_receipt(job, validator, &payload)?;
+            if let Some((_, seen, countersignature)) =
+                job.countersigned.iter().find(|(seen, ..)| *seen == kind)
+            {
+                // The same receipt again (a retry): the same answer, stored once.
+                return if *seen == digest {
+                    Ok(*countersignature)
+                } else {
+                    Err(format!(
+                        "a different {kind} receipt for this job was already countersigned"
+                    ))
+                };
+            }
+            let countersignature = Countersignature::sign(&self.key, receipt);
+            job.countersigned.push((kind, digest, countersignature));
+            countersignature
+        };
+        let record = AccountingRecord {
+            receipt: receipt.clone(),
+            countersignature: Some(countersignature),
+        };
+        if let Err(error) = self.receipts.append(record, None, now).await {
+            warn!(kind, %error, "countersigned receipt not stored");
+        }
+        info!(kind, job = %payload.job_id.fmt_short(), "receipt countersigned");
+        Ok(countersignature)
+    }
+
+    async fn handle_receipt(
+        &self,
+        validator: Hotkey,
+        mut send: FramedSend,
+        receipt: Signed<AccountingReceipt>,
+    ) {
+        let reply = match self.countersign(&validator, &receipt).await {
+            Ok(countersignature) => ReceiptReply::Countersigned(countersignature),
+            Err(reason) => {
+                info!(%validator, %reason, "receipt refused");
+                ReceiptReply::Refused(reason)
+            }
+        };
+        let _ = send.send(&ControlMessage::ReceiptReply(reply)).await;
+        let _ = send.finish();
     }
 
     fn lock_pool(&self) -> std::sync::MutexGuard<'_, Pool> {
@@ -333,6 +567,12 @@ impl Miner {
                     .instrument(span)
                     .await;
             }
+            ControlMessage::Receipt(receipt) => {
+                let span = info_span!("receipt", validator = %peer.fmt_short());
+                self.handle_receipt(peer, send, receipt)
+                    .instrument(span)
+                    .await;
+            }
             other => {
                 warn!(%peer, message = ?other, "unexpected first message");
                 recv.stop(codes::PROTOCOL_VIOLATION);
@@ -412,6 +652,7 @@ impl Miner {
             let _ = upstream.finish();
             return;
         }
+        let _tracking = self.track_job(&details, validator);
         let wait = Duration::from_millis(details.deadlines.reservation_ms);
         let reservation = match self.reserve(&details.executor_class, wait).await {
             Ok(reservation) => reservation,
@@ -440,6 +681,7 @@ impl Miner {
                 return;
             }
         };
+        self.update_job(job_id, |job| job.accepted = true);
         if upstream.send_up(&UpMessage::Accepted).await.is_err() {
             downstream.abort(codes::CANCELLED);
             return;
@@ -493,6 +735,10 @@ impl Miner {
                         message,
                         UpMessage::Finished(_) | UpMessage::Failed(_) | UpMessage::HordeFailed(_) | UpMessage::Declined(_)
                     );
+                    if terminal {
+                        let completed = matches!(message, UpMessage::Finished(_));
+                        self.update_job(job_id, |job| job.completed = Some(completed));
+                    }
                     if upstream.send_up(&message).await.is_err() {
                         warn!("validator link lost; ending the job");
                         downstream.abort(codes::CANCELLED);
@@ -522,5 +768,209 @@ impl Miner {
         let _ = upstream.finish();
         drop(reservation);
         debug!("job over; executor released");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::receipts::{DEFAULT_MAX_LOG_BYTES, log_path, read_log};
+    use horde_protocol::{Deadlines, Program, Stage, UnixMillis};
+
+    const JOB: JobId = JobId([4; 16]);
+
+    fn key(seed: u8) -> SecretKey {
+        SecretKey::from_seed(&[seed; 32])
+    }
+
+    fn miner(dir: &std::path::Path) -> Arc<Miner> {
+        let config = MinerConfig {
+            classes: Vec::new(),
+            allowed_validators: None,
+            executor_program: None,
+            job_host: std::net::Ipv4Addr::LOCALHOST.into(),
+        };
+        Miner::new(
+            key(2),
+            config,
+            dir.to_path_buf(),
+            ReceiptStore::open(dir, DEFAULT_MAX_LOG_BYTES).unwrap(),
+            "127.0.0.1:1".parse().unwrap(),
+            CancellationToken::new(),
+        )
+    }
+
+    fn details(job_id: JobId) -> InitialJobDetails {
+        InitialJobDetails {
+            job_id,
+            executor_class: ExecutorClass("cpu".into()),
+            program: Program::Command {
+                program: "true".into(),
+            },
+            deadlines: Deadlines {
+                reservation_ms: 1,
+                executor_startup_ms: 1,
+                volume_download_ms: 1,
+                readiness_ms: 1,
+                execution_ms: 1,
+                upload_ms: 1,
+            },
+            client_key: key(7).hotkey(),
+            validator: key(1).hotkey(),
+        }
+    }
+
+    /// A receipt signed by `validator` for miner key 2, job [`JOB`], class `cpu`, issued now.
+    fn receipt(validator: &SecretKey, kind: ReceiptKind) -> Signed<AccountingReceipt> {
+        Signed::sign(validator, &payload(validator, kind))
+    }
+
+    fn payload(validator: &SecretKey, kind: ReceiptKind) -> AccountingReceipt {
+        AccountingReceipt {
+            kind,
+            job_id: JOB,
+            validator: validator.hotkey(),
+            miner: key(2).hotkey(),
+            executor_class: ExecutorClass("cpu".into()),
+            issued_at: now(),
+        }
+    }
+
+    fn finished(outcome: JobOutcome) -> ReceiptKind {
+        ReceiptKind::Finished {
+            outcome,
+            started_at: UnixMillis(now().0 - 10),
+            time_took_ms: 10,
+        }
+    }
+
+    async fn refusal(
+        miner: &Miner,
+        peer: &SecretKey,
+        receipt: &Signed<AccountingReceipt>,
+    ) -> String {
+        miner
+            .countersign(&peer.hotkey(), receipt)
+            .await
+            .expect_err("refused")
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn countersigns_only_receipts_it_agrees_with() {
+        let dir = tempfile::tempdir().unwrap();
+        let miner = miner(dir.path());
+        let (validator, other) = (key(1), key(3));
+        // Unknown job: refused after waiting for its session.
+        let started = receipt(&validator, ReceiptKind::Started);
+        assert!(
+            refusal(&miner, &validator, &started)
+                .await
+                .contains("unknown here")
+        );
+
+        let tracking = miner.track_job(&details(JOB), validator.hotkey());
+        let countersignature = miner
+            .countersign(&validator.hotkey(), &started)
+            .await
+            .unwrap();
+        countersignature
+            .verify(&started, &started.verify().unwrap())
+            .unwrap();
+        // The same receipt again gets the same answer; a different one of the same kind does not.
+        assert_eq!(
+            miner.countersign(&validator.hotkey(), &started).await,
+            Ok(countersignature)
+        );
+        let mut later = payload(&validator, ReceiptKind::Started);
+        later.issued_at = later.issued_at.plus_millis(1);
+        let reason = refusal(&miner, &validator, &Signed::sign(&validator, &later)).await;
+        assert!(reason.contains("already countersigned"), "{reason}");
+
+        // Presented by another validator than the one that signed it.
+        let reason = refusal(&miner, &other, &started).await;
+        assert!(reason.contains("names validator"), "{reason}");
+        // Signed by another validator, for a job this one sent.
+        let reason = refusal(&miner, &other, &receipt(&other, ReceiptKind::Started)).await;
+        assert!(reason.contains("another validator"), "{reason}");
+        // Signed by another key than the validator it names.
+        let impostor = Signed::sign(&other, &payload(&validator, ReceiptKind::Started));
+        let reason = refusal(&miner, &other, &impostor).await;
+        assert!(reason.contains("signed by"), "{reason}");
+        // For another miner.
+        let mut for_other = payload(&validator, ReceiptKind::Started);
+        for_other.miner = other.hotkey();
+        let reason = refusal(&miner, &validator, &Signed::sign(&validator, &for_other)).await;
+        assert!(reason.contains("names miner"), "{reason}");
+        // Another class, or a date in the future.
+        let mut class = payload(&validator, ReceiptKind::Accepted);
+        class.executor_class = ExecutorClass("gpu".into());
+        let mut future = payload(&validator, ReceiptKind::Accepted);
+        future.issued_at = future.issued_at.plus_millis(RECEIPT_CLOCK_SKEW_MS + 1_000);
+        miner.update_job(JOB, |job| job.accepted = true);
+        let reason = refusal(&miner, &validator, &Signed::sign(&validator, &class)).await;
+        assert!(reason.contains("class"), "{reason}");
+        let reason = refusal(&miner, &validator, &Signed::sign(&validator, &future)).await;
+        assert!(reason.contains("future"), "{reason}");
+        // Tampered bytes.
+        let good = receipt(&validator, ReceiptKind::Accepted);
+        let mut bytes = good.bytes().to_vec();
+        bytes[0] ^= 1;
+        let tampered = Signed::from_parts(bytes, *good.signer(), *good.signature());
+        let reason = refusal(&miner, &validator, &tampered).await;
+        assert!(reason.contains("bad validator signature"), "{reason}");
+
+        miner.countersign(&validator.hotkey(), &good).await.unwrap();
+        // The executor reported the job finished: a receipt saying otherwise is refused.
+        miner.update_job(JOB, |job| job.completed = Some(true));
+        let timed_out = receipt(
+            &validator,
+            finished(JobOutcome::TimedOut {
+                stage: Stage::Execution,
+            }),
+        );
+        let reason = refusal(&miner, &validator, &timed_out).await;
+        assert!(reason.contains("reported the job finished"), "{reason}");
+        let done = receipt(&validator, finished(JobOutcome::Completed));
+        miner.countersign(&validator.hotkey(), &done).await.unwrap();
+        drop(tracking);
+
+        // Stored once each, countersigned by this miner.
+        let entries = read_log(&log_path(dir.path())).unwrap().entries;
+        let kinds: Vec<_> = entries
+            .iter()
+            .map(|e| e.record.verify_countersigned().unwrap().kind.name())
+            .collect();
+        assert_eq!(kinds, vec!["started", "accepted", "finished"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn accepted_and_finished_need_an_accepted_job() {
+        let dir = tempfile::tempdir().unwrap();
+        let miner = miner(dir.path());
+        let validator = key(1);
+        let _tracking = miner.track_job(&details(JOB), validator.hotkey());
+        for kind in [ReceiptKind::Accepted, finished(JobOutcome::HordeFailed)] {
+            let reason = refusal(&miner, &validator, &receipt(&validator, kind)).await;
+            assert!(reason.contains("not accepted here"), "{reason}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ended_jobs_are_forgotten_after_the_receipt_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let miner = miner(dir.path());
+        let validator = key(1);
+        drop(miner.track_job(&details(JOB), validator.hotkey()));
+        assert!(miner.lock_jobs()[&JOB].ended.is_some());
+        tokio::time::advance(RECEIPT_WINDOW + Duration::from_secs(1)).await;
+        // Tracking another job prunes it.
+        drop(miner.track_job(&details(JobId([5; 16])), validator.hotkey()));
+        assert!(!miner.lock_jobs().contains_key(&JOB));
+        let started = receipt(&validator, ReceiptKind::Started);
+        assert!(
+            refusal(&miner, &validator, &started)
+                .await
+                .contains("unknown here")
+        );
     }
 }

@@ -16,6 +16,7 @@ use crate::executor;
 use crate::facilitator::Facilitator;
 use crate::facilitator::store::{JobStore, StoreError};
 use crate::miner::Miner;
+use crate::receipts::ReceiptStore;
 use crate::storage::BlobStore;
 use crate::validator::Validator;
 
@@ -44,6 +45,9 @@ pub enum NodeError {
     /// Discovery could not start.
     #[error(transparent)]
     Discovery(#[from] DiscoveryError),
+    /// The accounting receipt log could not be opened.
+    #[error(transparent)]
+    Receipts(#[from] crate::receipts::ReceiptLogError),
     /// The data directory could not be created.
     #[error("data directory {path}: {source}")]
     DataDir {
@@ -115,6 +119,7 @@ impl RunningNode {
                 key.clone(),
                 miner_config.clone(),
                 config.data_dir.clone(),
+                ReceiptStore::open(&config.data_dir, config.receipts.max_log_bytes)?,
                 listen,
                 cancel.child_token(),
             )),
@@ -156,8 +161,11 @@ impl RunningNode {
             Role::Validator => Service::Validator(
                 Validator::new(
                     Arc::clone(&endpoint),
+                    key.clone(),
                     config.validator.clone(),
                     directory,
+                    ReceiptStore::open(&config.data_dir, config.receipts.max_log_bytes)?,
+                    config.receipts.countersign_timeout,
                     cancel.child_token(),
                 )
                 .map_err(|e| NodeError::Config(e.to_string()))?,

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use horde_protocol::{ControlMessage, Hotkey, NodeAddr};
-use horde_transport::{FramedRecv, FramedSend, HordeEndpoint, accept_stream};
+use horde_transport::{FramedRecv, FramedSend, HordeEndpoint, accept_stream, split};
 use tokio::sync::Mutex;
 use tracing::Instrument as _;
 
@@ -53,6 +53,23 @@ impl Peers {
             }
         }
         Err(last)
+    }
+}
+
+/// A one-shot exchange on a stream of its own: opens a stream on `connection`, sends `message`,
+/// finishes, and returns the peer's single answer. The caller bounds it with a timeout.
+pub(crate) async fn request(
+    connection: &quinn::Connection,
+    message: &ControlMessage,
+) -> Result<ControlMessage, String> {
+    let (send, recv) = connection.open_bi().await.map_err(|e| e.to_string())?;
+    let (mut send, mut recv) = split(send, recv);
+    send.send(message).await.map_err(|e| e.to_string())?;
+    let _ = send.finish();
+    match recv.recv::<ControlMessage>().await {
+        Ok(Some(answer)) => Ok(answer),
+        Ok(None) => Err("the peer ended the stream without an answer".to_owned()),
+        Err(error) => Err(error.to_string()),
     }
 }
 

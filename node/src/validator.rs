@@ -14,6 +14,17 @@
 //! report: `Assign`s naming it are refused with `MinerNotAllowed`. Exclusions are kept in
 //! `<data_dir>/exclusions.json` (written to a temporary file, synced, then renamed), so a restart
 //! keeps them.
+//!
+//! Accounting: for each job the validator sends to a miner it issues a `Started` receipt when it
+//! sends the job, an `Accepted` receipt when the miner reserves an executor and, for a job that
+//! got past acceptance, a `Finished` receipt with the outcome and time taken when it ends (see
+//! `horde_protocol::accounting`). Each receipt goes to the miner on a stream of its own
+//! (`ControlMessage::Receipt`), in the background: the job never waits for it. The miner's
+//! countersignature is verified and the countersigned receipt appended to
+//! `<data_dir>/receipts.log`. A miner that refuses, answers with a bad countersignature, or does
+//! not answer within `[receipts] countersign_timeout_ms` gets a warning in the log, and the
+//! receipt is stored with the validator's signature only, with a note saying why (listed as
+//! "countersigned: no" by `horde receipts`).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -22,11 +33,12 @@ use std::time::Duration;
 
 use horde_protocol::messages::{
     Assignment, FailureReason, HordeFailure, InitialJobDetails, JobDetails, JobFailure,
-    RejectReason, ReportVerdict,
+    ReceiptReply, RejectReason, ReportVerdict,
 };
 use horde_protocol::{
-    ControlMessage, DownMessage, Hotkey, JobId, JobSpec, MinerReport, NodeAddr, Role, Signed,
-    Stage, UnixMillis, UpMessage, verify_report,
+    AccountingReceipt, AccountingRecord, ControlMessage, DownMessage, ExecutorClass, Hotkey, JobId,
+    JobOutcome, JobSpec, MinerReport, NodeAddr, ReceiptKind, Role, SecretKey, Signed, Stage,
+    UnixMillis, UpMessage, verify_report,
 };
 use horde_transport::{ALPN_CONTROL, FramedRecv, FramedSend, JobSession, codes, open_session};
 use serde::{Deserialize, Serialize};
@@ -38,7 +50,8 @@ use crate::config::ValidatorConfig;
 use crate::discovery::{Directory, KnownPeers};
 use crate::facilitator::check_client_message;
 use crate::peers::Peers;
-use crate::peers::serve_streams;
+use crate::peers::{request, serve_streams};
+use crate::receipts::ReceiptStore;
 
 /// Added to every stage deadline on the validator's clock (network and process start-up).
 pub const STAGE_SLACK: Duration = Duration::from_secs(2);
@@ -181,6 +194,163 @@ fn write_atomically(path: &Path, entries: &[ExclusionEntry]) -> Result<(), Exclu
     Ok(())
 }
 
+/// Signs accounting receipts, has the miner countersign them, and stores them.
+#[derive(Debug)]
+struct ReceiptIssuer {
+    key: SecretKey,
+    store: ReceiptStore,
+    countersign_timeout: Duration,
+    cancel: CancellationToken,
+}
+
+impl ReceiptIssuer {
+    /// Sends `receipt` to the miner, waits (bounded) for its countersignature, verifies it, and
+    /// stores the receipt — countersigned, or with a note saying why not.
+    async fn settle(
+        self: Arc<Self>,
+        connection: quinn::Connection,
+        receipt: Signed<AccountingReceipt>,
+        payload: AccountingReceipt,
+    ) {
+        let kind = payload.kind.name();
+        let limit = self.countersign_timeout;
+        let message = ControlMessage::Receipt(receipt.clone());
+        let answer = tokio::select! {
+            biased;
+            () = self.cancel.cancelled() => {
+                Err("the validator shut down before the miner answered".to_owned())
+            }
+            answer = tokio::time::timeout(limit, request(&connection, &message)) => {
+                answer.unwrap_or_else(|_| Err(format!("no countersignature within {limit:?}")))
+            }
+        };
+        let (countersignature, note) = match answer {
+            Ok(ControlMessage::ReceiptReply(ReceiptReply::Countersigned(countersignature))) => {
+                match countersignature.verify(&receipt, &payload) {
+                    Ok(()) => (Some(countersignature), None),
+                    Err(error) => (None, Some(format!("bad countersignature: {error}"))),
+                }
+            }
+            Ok(ControlMessage::ReceiptReply(ReceiptReply::Refused(reason))) => {
+                (None, Some(format!("the miner refused: {reason}")))
+            }
+            Ok(other) => (None, Some(format!("unexpected answer {other:?}"))),
+            Err(reason) => (None, Some(reason)),
+        };
+        match &note {
+            Some(note) => warn!(kind, %note, "receipt not countersigned; stored without"),
+            None => debug!(kind, "receipt countersigned"),
+        }
+        let record = AccountingRecord {
+            receipt,
+            countersignature,
+        };
+        if let Err(error) = self.store.append(record, note, now()).await {
+            warn!(kind, %error, "receipt not stored");
+        }
+    }
+}
+
+/// One job's receipts on the validator: what was issued, and the exchanges in flight.
+#[derive(Debug)]
+struct JobAccounting {
+    issuer: Arc<ReceiptIssuer>,
+    job_id: JobId,
+    miner: Hotkey,
+    class: ExecutorClass,
+    /// The miner connection the job went out on; set when the job is sent.
+    connection: Option<quinn::Connection>,
+    started_at: Option<UnixMillis>,
+    accepted: bool,
+    exchanges: tokio::task::JoinSet<()>,
+}
+
+impl JobAccounting {
+    fn new(issuer: Arc<ReceiptIssuer>, job_id: JobId, class: ExecutorClass, miner: Hotkey) -> Self {
+        Self {
+            issuer,
+            job_id,
+            miner,
+            class,
+            connection: None,
+            started_at: None,
+            accepted: false,
+            exchanges: tokio::task::JoinSet::new(),
+        }
+    }
+
+    /// Signs a receipt issued at `at` and settles it with the miner in the background.
+    fn issue(&mut self, kind: ReceiptKind, at: UnixMillis) {
+        let Some(connection) = self.connection.clone() else {
+            return;
+        };
+        let payload = AccountingReceipt {
+            kind,
+            job_id: self.job_id,
+            validator: self.issuer.key.hotkey(),
+            miner: self.miner,
+            executor_class: self.class.clone(),
+            issued_at: at,
+        };
+        let receipt = Signed::sign(&self.issuer.key, &payload);
+        let settle = Arc::clone(&self.issuer).settle(connection, receipt, payload);
+        self.exchanges.spawn(settle.in_current_span());
+    }
+
+    /// The job was sent to the miner on `connection`.
+    fn started(&mut self, connection: quinn::Connection) {
+        let at = now();
+        self.connection = Some(connection);
+        self.started_at = Some(at);
+        self.issue(ReceiptKind::Started, at);
+    }
+
+    /// The miner reserved an executor.
+    fn accepted(&mut self) {
+        self.accepted = true;
+        self.issue(ReceiptKind::Accepted, now());
+    }
+
+    /// The job ended: a `Finished` receipt if it got past acceptance. Then waits for every
+    /// exchange (each bounded by the countersignature timeout).
+    async fn finish(mut self, outcome: JobOutcome) {
+        if self.accepted
+            && let Some(started_at) = self.started_at
+        {
+            let at = now();
+            let time_took_ms = at.0.saturating_sub(started_at.0);
+            self.issue(
+                ReceiptKind::Finished {
+                    outcome,
+                    started_at,
+                    time_took_ms,
+                },
+                at,
+            );
+        }
+        while self.exchanges.join_next().await.is_some() {}
+    }
+}
+
+/// How a job ended, for its `Finished` receipt: from the last message the validator sent up
+/// (`None`: the facilitator went away and the job was abandoned).
+fn job_outcome(last: Option<&UpMessage>, shutting_down: bool) -> JobOutcome {
+    match last {
+        _ if shutting_down => JobOutcome::Cancelled,
+        None => JobOutcome::Cancelled,
+        Some(UpMessage::Finished(_)) => JobOutcome::Completed,
+        Some(UpMessage::Failed(JobFailure {
+            stage,
+            reason: FailureReason::Timeout,
+            ..
+        })) => JobOutcome::TimedOut { stage: *stage },
+        Some(UpMessage::Failed(failure)) => JobOutcome::Failed {
+            stage: failure.stage,
+        },
+        Some(_) => JobOutcome::HordeFailed,
+    }
+}
+
 /// The validator service.
 #[derive(Debug)]
 pub struct Validator {
@@ -190,25 +360,37 @@ pub struct Validator {
     /// The miners this validator will drive jobs on: configured and discovered.
     miners: KnownPeers,
     exclusions: Exclusions,
+    receipts: Arc<ReceiptIssuer>,
     cancel: CancellationToken,
 }
 
 impl Validator {
     /// The service, with the exclusions persisted by a previous run. Miners come from `config`
-    /// and, when discovery runs, from `directory`: a miner neither lists is refused.
+    /// and, when discovery runs, from `directory`: a miner neither lists is refused. Accounting
+    /// receipts are signed with `key` (the endpoint's identity) and stored in `receipts`.
     pub fn new(
         endpoint: Arc<horde_transport::HordeEndpoint>,
+        key: SecretKey,
         config: ValidatorConfig,
         directory: Option<Arc<Directory>>,
+        receipts: ReceiptStore,
+        countersign_timeout: Duration,
         cancel: CancellationToken,
     ) -> Result<Arc<Self>, ExclusionsError> {
         let exclusions = Exclusions::load(config.exclusions_file.clone())?;
+        let receipts = Arc::new(ReceiptIssuer {
+            key,
+            store: receipts,
+            countersign_timeout,
+            cancel: cancel.clone(),
+        });
         Ok(Arc::new(Self {
             hotkey: endpoint.hotkey(),
             peers: Peers::new(endpoint),
             miners: KnownPeers::new(Role::Miner, config.miners.clone(), directory),
             config,
             exclusions,
+            receipts,
             cancel,
         }))
     }
@@ -352,13 +534,23 @@ impl Validator {
 
     async fn drive(&self, mut upstream: JobSession, assignment: Assignment, spec: JobSpec) {
         let job_id = spec.job_id;
-        let outcome = self.drive_inner(&mut upstream, &assignment, &spec).await;
+        let mut accounting = JobAccounting::new(
+            Arc::clone(&self.receipts),
+            job_id,
+            spec.executor_class.clone(),
+            assignment.miner.hotkey,
+        );
+        let outcome = self
+            .drive_inner(&mut upstream, &assignment, &spec, &mut accounting)
+            .await;
+        let ended = job_outcome(outcome.as_ref(), self.cancel.is_cancelled());
         if let Some(message) = outcome
             && let Err(error) = upstream.send_up(&message).await
         {
             warn!(%error, "could not report to the facilitator");
         }
         let _ = upstream.finish();
+        accounting.finish(ended).await;
         debug!(job = %job_id.fmt_short(), "job session over");
     }
 
@@ -369,6 +561,7 @@ impl Validator {
         upstream: &mut JobSession,
         assignment: &Assignment,
         spec: &JobSpec,
+        accounting: &mut JobAccounting,
     ) -> Option<UpMessage> {
         let job_id = spec.job_id;
         // Dial the miner at the address we know, not the one we were told.
@@ -396,6 +589,7 @@ impl Validator {
                     return Some(self.horde_failed(format!("miner session failed: {error}")));
                 }
             };
+        accounting.started(connection);
         let deadlines = spec.deadlines;
         let stage_limit = |stage: Stage| {
             let millis = match stage {
@@ -450,6 +644,7 @@ impl Validator {
                     };
                     let forward = match (&stage, message) {
                         (Stage::Reservation, UpMessage::Accepted) => {
+                            accounting.accepted();
                             stage = Stage::ExecutorStartup;
                             deadline.as_mut().reset(tokio::time::Instant::now() + stage_limit(stage));
                             UpMessage::Accepted
@@ -549,7 +744,208 @@ impl Validator {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use horde_protocol::SecretKey;
+    use crate::receipts::{DEFAULT_MAX_LOG_BYTES, StoredReceipt, log_path, read_log};
+    use horde_protocol::messages::JobFinished;
+    use horde_protocol::{Countersignature, JobOutcome};
+    use horde_transport::accept_stream;
+    use horde_transport::test_utils::{connected_pair, seeded_key};
+
+    const JOB: JobId = JobId([3; 16]);
+
+    /// A job's accounting on a validator with key 1 (the pair's client), against `miner`.
+    fn job_accounting(dir: &Path, miner: Hotkey, timeout: Duration) -> JobAccounting {
+        let issuer = Arc::new(ReceiptIssuer {
+            key: seeded_key(1),
+            store: ReceiptStore::open(dir, DEFAULT_MAX_LOG_BYTES).unwrap(),
+            countersign_timeout: timeout,
+            cancel: CancellationToken::new(),
+        });
+        JobAccounting::new(issuer, JOB, ExecutorClass("cpu".into()), miner)
+    }
+
+    fn stored(dir: &Path) -> Vec<StoredReceipt> {
+        read_log(&log_path(dir)).unwrap().entries
+    }
+
+    fn kinds(entries: &[StoredReceipt]) -> Vec<&'static str> {
+        entries
+            .iter()
+            .map(|e| e.record.verify().unwrap().receipt.kind.name())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_silent_miner_leaves_receipts_uncountersigned_and_never_blocks() {
+        let pair = connected_pair().await;
+        let dir = tempfile::tempdir().unwrap();
+        // The miner side accepts no stream and answers nothing.
+        let timeout = Duration::from_millis(300);
+        let mut accounting = job_accounting(dir.path(), seeded_key(2).hotkey(), timeout);
+        let begun = tokio::time::Instant::now();
+        accounting.started(pair.client.clone());
+        accounting.accepted();
+        assert!(
+            begun.elapsed() < timeout,
+            "issuing does not wait for the miner"
+        );
+        accounting.finish(JobOutcome::Completed).await;
+        let entries = stored(dir.path());
+        assert_eq!(kinds(&entries).len(), 3);
+        assert!(kinds(&entries).contains(&"finished"));
+        for entry in &entries {
+            assert!(!entry.record.verify().unwrap().countersigned);
+            let note = entry.note.as_deref().unwrap();
+            assert!(note.contains("no countersignature within"), "{note}");
+        }
+    }
+
+    #[tokio::test]
+    async fn refusals_and_forged_countersignatures_are_recorded_as_not_countersigned() {
+        let pair = connected_pair().await;
+        let dir = tempfile::tempdir().unwrap();
+        let miner = seeded_key(2);
+        // A miner that countersigns `started` with another key, refuses `accepted`, and
+        // countersigns `finished` properly.
+        let server = pair.server.clone();
+        let fake_miner = tokio::spawn(async move {
+            while let Ok(Some((mut send, _recv, first))) = accept_stream(&server).await {
+                let ControlMessage::Receipt(receipt) = first else {
+                    panic!("expected a receipt, got {first:?}");
+                };
+                let kind = receipt.verify().unwrap().kind;
+                let reply = match kind {
+                    ReceiptKind::Started => {
+                        let forged = Countersignature::sign(&seeded_key(9), &receipt);
+                        ReceiptReply::Countersigned(Countersignature {
+                            miner: miner.hotkey(),
+                            signature: forged.signature,
+                        })
+                    }
+                    ReceiptKind::Accepted => ReceiptReply::Refused("not today".into()),
+                    _ => ReceiptReply::Countersigned(Countersignature::sign(&miner, &receipt)),
+                };
+                send.send(&ControlMessage::ReceiptReply(reply))
+                    .await
+                    .unwrap();
+                let _ = send.finish();
+            }
+        });
+        let mut accounting =
+            job_accounting(dir.path(), seeded_key(2).hotkey(), Duration::from_secs(5));
+        accounting.started(pair.client.clone());
+        accounting.accepted();
+        accounting
+            .finish(JobOutcome::TimedOut {
+                stage: Stage::Execution,
+            })
+            .await;
+        let entries = stored(dir.path());
+        let note = |kind: &str| {
+            entries
+                .iter()
+                .find(|e| e.record.verify().unwrap().receipt.kind.name() == kind)
+                .unwrap()
+                .note
+                .clone()
+        };
+        assert!(
+            note("started").unwrap().starts_with("bad countersignature"),
+            "{:?}",
+            note("started")
+        );
+        assert_eq!(note("accepted").unwrap(), "the miner refused: not today");
+        assert_eq!(note("finished"), None);
+        let finished = entries
+            .iter()
+            .find_map(|e| e.record.verify_countersigned().ok())
+            .unwrap();
+        match finished.kind {
+            ReceiptKind::Finished {
+                outcome,
+                started_at,
+                time_took_ms,
+            } => {
+                assert_eq!(
+                    outcome,
+                    JobOutcome::TimedOut {
+                        stage: Stage::Execution
+                    }
+                );
+                assert_eq!(finished.issued_at.0 - started_at.0, time_took_ms);
+            }
+            other => panic!("expected finished, got {other:?}"),
+        }
+        fake_miner.abort();
+    }
+
+    #[tokio::test]
+    async fn no_finished_receipt_for_a_job_never_accepted() {
+        let pair = connected_pair().await;
+        let dir = tempfile::tempdir().unwrap();
+        let mut accounting = job_accounting(
+            dir.path(),
+            seeded_key(2).hotkey(),
+            Duration::from_millis(100),
+        );
+        accounting.started(pair.client.clone());
+        accounting.finish(JobOutcome::HordeFailed).await;
+        assert_eq!(kinds(&stored(dir.path())), vec!["started"]);
+        // Nothing is issued before the job is sent.
+        let dir = tempfile::tempdir().unwrap();
+        let mut accounting = job_accounting(
+            dir.path(),
+            seeded_key(2).hotkey(),
+            Duration::from_millis(100),
+        );
+        accounting.accepted();
+        accounting.finish(JobOutcome::Completed).await;
+        assert!(stored(dir.path()).is_empty());
+    }
+
+    #[test]
+    fn outcomes_follow_the_last_message() {
+        let failed = |reason| {
+            UpMessage::Failed(JobFailure {
+                stage: Stage::Upload,
+                reason,
+                result: None,
+            })
+        };
+        let finished = UpMessage::Finished(JobFinished {
+            exit_code: Some(0),
+            terminated: false,
+            outputs: vec![],
+            stdout_tail: String::new(),
+            stderr_tail: String::new(),
+        });
+        let horde = UpMessage::HordeFailed(HordeFailure {
+            reported_by: Role::Miner,
+            reporter: seeded_key(2).hotkey(),
+            reason: "gone".into(),
+        });
+        for (last, shutting_down, expected) in [
+            (Some(&finished), false, JobOutcome::Completed),
+            (Some(&finished), true, JobOutcome::Cancelled),
+            (None, false, JobOutcome::Cancelled),
+            (Some(&horde), false, JobOutcome::HordeFailed),
+            (
+                Some(&failed(FailureReason::Timeout)),
+                false,
+                JobOutcome::TimedOut {
+                    stage: Stage::Upload,
+                },
+            ),
+            (
+                Some(&failed(FailureReason::NonZeroExit(3))),
+                false,
+                JobOutcome::Failed {
+                    stage: Stage::Upload,
+                },
+            ),
+        ] {
+            assert_eq!(job_outcome(last, shutting_down), expected, "{last:?}");
+        }
+    }
 
     #[tokio::test]
     async fn exclusions_survive_reload_and_corruption_is_refused() {

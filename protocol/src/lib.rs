@@ -7,12 +7,15 @@
 //! - [`job`]: the client-signed [`JobSpec`] and what it is made of (volumes, uploads, deadlines).
 //! - [`records`]: signed records: endpoint record, node record, tunnel receipts, miner reports.
 //! - [`messages`]: the job-session messages relayed hop by hop, statuses, tunnel frames.
+//! - [`accounting`]: accounting receipts (job started / accepted / finished), signed by the
+//!   validator and countersigned by the miner.
 //!
 //! No tokio, no sockets, no clock: times are passed in as [`UnixMillis`]. Every enum is
 //! append-only; a breaking change bumps the ALPN version.
 
 #![deny(missing_docs)]
 
+pub mod accounting;
 pub mod blob;
 pub mod codec;
 pub mod job;
@@ -21,6 +24,10 @@ pub mod messages;
 pub mod records;
 pub mod signed;
 
+pub use accounting::{
+    AccountingReceipt, AccountingRecord, Countersignature, JobOutcome, ReceiptError, ReceiptKind,
+    VerifiedRecord, verify_receipt,
+};
 pub use codec::{DecodeError, FrameError, MAX_FRAME_LEN};
 pub use job::{
     BlobHash, Deadlines, ExecutorClass, JobId, JobSpec, NodeAddr, Program, ReadinessProbe,
@@ -196,6 +203,12 @@ mod tests {
         rt_registration: ExecutorRegistration,
         rt_verdict: ReportVerdict,
         rt_tunnel_frame: TunnelFrame,
+        rt_receipt_kind: ReceiptKind,
+        rt_job_outcome: JobOutcome,
+        rt_accounting_receipt: Signed<AccountingReceipt>,
+        rt_countersignature: Countersignature,
+        rt_accounting_record: AccountingRecord,
+        rt_receipt_reply: ReceiptReply,
     }
 
     proptest! {
@@ -305,6 +318,51 @@ mod tests {
             "wire format of Signed<EndpointRecord> changed"
         );
     }
+
+    /// Pins the encoding of a countersigned accounting record, and that it still verifies.
+    #[test]
+    fn snapshot_accounting_record() {
+        let (validator, miner) = (key(5), key(6));
+        let receipt = Signed::sign(
+            &validator,
+            &AccountingReceipt {
+                kind: ReceiptKind::Finished {
+                    outcome: JobOutcome::TimedOut {
+                        stage: Stage::Execution,
+                    },
+                    started_at: UnixMillis(1_000),
+                    time_took_ms: 250,
+                },
+                job_id: JobId([2; 16]),
+                validator: validator.hotkey(),
+                miner: miner.hotkey(),
+                executor_class: ExecutorClass("cpu".into()),
+                issued_at: UnixMillis(1_250),
+            },
+        );
+        let record = AccountingRecord {
+            countersignature: Some(Countersignature::sign(&miner, &receipt)),
+            receipt,
+        };
+        let bytes = to_bytes(&record);
+        let back: AccountingRecord = from_bytes_exact(&bytes).unwrap();
+        assert!(back.verify_countersigned().is_ok());
+        assert_eq!(
+            hex::encode(&bytes),
+            SNAPSHOT_ACCOUNTING_RECORD,
+            "wire format of AccountingRecord changed"
+        );
+    }
+
+    const SNAPSHOT_ACCOUNTING_RECORD: &str = concat!(
+        "5d020204e807fa01020202020202020202020202020202026e7a1cdd29b0b78fd13af4c5598feff4ef2a9716",
+        "6e3ca6f2e4fbfccd80505bf18a875fff1eb38451577acd5afee405456568dd7c89e090863a0557bc7af49f17",
+        "03637075e2096e7a1cdd29b0b78fd13af4c5598feff4ef2a97166e3ca6f2e4fbfccd80505bf140c3b5ef00db",
+        "bb73bb8be442e081744ba00de9ef9bdfd829ef51ecc1946903b23ab36121b8984d311ad5e12867eedd299d18",
+        "ce0ea79ea3d4cd7b0aed432bc9fa07018a875fff1eb38451577acd5afee405456568dd7c89e090863a0557bc",
+        "7af49f1740138fc350f270a29d410d3655975aaaf98aef5eef36d682bad5cc99c43ff27d45064850887464ee",
+        "fe81079349e3c144b2558ee2bddcdec99e9de771e1210d9a0b",
+    );
 
     const SNAPSHOT_SIGNED_ENDPOINT_RECORD: &str = concat!(
         "5801010101010101010101010101010101ed4928c628d1c2c6eae90338905995612959273a5c63f93636c146",

@@ -13,6 +13,7 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::accounting::{AccountingReceipt, Countersignature};
 use crate::job::{
     BlobHash, Deadlines, ExecutorClass, JobId, JobSpec, NodeAddr, Program, RelativePath, Stage,
     TerminateRequest, UnixMillis, VolumeList,
@@ -39,6 +40,11 @@ pub enum ControlMessage {
     Report(Signed<MinerReport>),
     /// The answer to a report.
     ReportVerdict(ReportVerdict),
+    /// Validator → miner, first frame of a stream of its own: an accounting receipt to
+    /// countersign. The miner answers with [`ControlMessage::ReceiptReply`] and ends the stream.
+    Receipt(Signed<AccountingReceipt>),
+    /// Miner → validator: the answer to [`ControlMessage::Receipt`].
+    ReceiptReply(ReceiptReply),
 }
 
 /// Messages toward the executor.
@@ -370,6 +376,17 @@ pub enum ReportVerdict {
         forwarded_to: u32,
     },
     /// Refused.
+    Refused(String),
+}
+
+/// A miner's answer to an accounting receipt.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[cfg_attr(test, derive(Arbitrary))]
+#[non_exhaustive]
+pub enum ReceiptReply {
+    /// Checked, stored, and countersigned.
+    Countersigned(Countersignature),
+    /// Refused, with the reason.
     Refused(String),
 }
 
