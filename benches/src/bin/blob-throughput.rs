@@ -160,16 +160,17 @@ impl Measurement {
 /// Profiles only the measured transfers: with `BLOB_BENCH_PERF_CTL=CTL_FIFO[,ACK_FIFO]`, writes
 /// `enable` / `disable` to a `perf record|stat --control fifo:CTL_FIFO,ACK_FIFO -D -1` around each
 /// measurement (waiting for perf's `ack` when an ack fifo is given).
-/// With `BLOB_BENCH_PERF_CTL=callgrind` (under `valgrind --tool=callgrind --collect-atstart=no`),
-/// switches callgrind's collection on and off with `callgrind_control` instead.
+/// With `BLOB_BENCH_PERF_CTL=callgrind` (under `valgrind --tool=callgrind`), zeroes callgrind's
+/// counters at the start and dumps them at the end with `callgrind_control` instead (the
+/// measured window is the dump numbered `.1`, `.2`, …).
 fn perf_control(command: &str) {
     let Ok(fifos) = std::env::var("BLOB_BENCH_PERF_CTL") else {
         return;
     };
     if fifos == "callgrind" {
-        let switch = if command == "enable" { "on" } else { "off" };
+        let switch = if command == "enable" { "-z" } else { "-d" };
         let status = std::process::Command::new("callgrind_control")
-            .arg(format!("--instr={switch}"))
+            .arg(switch)
             .arg(std::process::id().to_string())
             .stdout(std::process::Stdio::null())
             .status();
