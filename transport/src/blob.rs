@@ -399,9 +399,10 @@ const OUTPUT_QUEUE: usize = 4;
 /// The client side of a `Get` after the header: yields verified data in blob order.
 ///
 /// Receiving and verifying are pipelined: a task reads STREAM frames from quinn in batches
-/// (`read_chunks`, no copy) and a blocking thread assembles them into chunk groups, checks each
-/// against its CV (itself checked against the root) and only then hands the bytes on. Network
-/// receive, decryption and hashing so run on different cores.
+/// (`read_chunks`, no copy) and a blocking thread copies them once, straight into the
+/// destination (the caller's buffer, a reused write buffer, or the runs [`Self::next`] returns),
+/// checks each chunk group there against its CV (itself checked against the root) and only then
+/// hands the bytes on. Network receive, decryption and hashing so run on different cores.
 #[derive(Debug)]
 pub struct GetStream {
     hash: BlobHash,
@@ -595,8 +596,10 @@ impl GetStream {
 
     /// Receives the whole response into `buffer`, which must hold exactly the blob's bytes
     /// before the first requested range (the response must be one range to the end of the
-    /// blob, or nothing). Bytes are copied once, straight from the network frames into
-    /// `buffer`'s spare capacity, and each chunk group is verified there: on return `buffer`
+    /// blob, or nothing). Bytes are copied once, straight from the network frames into a new
+    /// buffer of the blob's size after the held prefix, and each chunk group is verified there
+    /// (the new buffer's pages are faulted in by a helper thread ahead of the copy): on return
+    /// `buffer`
     /// holds only verified bytes (on an error, the verified prefix; a resume continues from
     /// its length). Returns the bytes read from the stream after the header.
     pub async fn read_to_vec(mut self, buffer: &mut Vec<u8>) -> Result<u64, BlobError> {
