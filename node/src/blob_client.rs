@@ -13,6 +13,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, IsTerminal as _, Read as _, Seek as _, SeekFrom, Write as _};
+use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -483,7 +484,7 @@ pub async fn get_to_file_once(
     // Verified bytes are written on the verifier thread, straight from its reused buffer.
     let writer = {
         let (partial, state) = (partial.clone(), state.clone());
-        tokio::task::spawn_blocking(move || PartialWriter::open(partial, state, hash, start))
+        tokio::task::spawn_blocking(move || PartialWriter::open(partial, state, hash, start, size))
             .await
             .map_err(io::Error::other)??
     };
@@ -524,9 +525,10 @@ pub async fn get_to_file_once(
     })
 }
 
-/// The disk side of a download: appends verified data from `start`, checkpoints every
-/// [`CHECKPOINT_BYTES`] (data fsynced, then the length recorded), and on [`Self::finish`]
-/// fsyncs and records the final length.
+/// The disk side of a download: writes verified data from `start` with positional writes,
+/// checkpoints every [`CHECKPOINT_BYTES`] on a helper thread (data fsynced, then the length
+/// recorded) so the verifier never waits for the disk, and on [`Self::finish`] fsyncs and records
+/// the final length.
 #[derive(Debug)]
 struct PartialWriter {
     file: File,
@@ -534,30 +536,87 @@ struct PartialWriter {
     hash: BlobHash,
     length: u64,
     checkpoint: u64,
+    checkpoints: Option<Checkpoints>,
+}
+
+/// The helper thread that makes verified progress durable while the download goes on.
+#[derive(Debug)]
+struct Checkpoints {
+    /// Verified lengths to make durable; holds one, so a slow disk only makes checkpoints rarer.
+    lengths: std::sync::mpsc::SyncSender<u64>,
+    thread: std::thread::JoinHandle<io::Result<()>>,
+}
+
+impl Checkpoints {
+    fn start(file: File, state: PathBuf, hash: BlobHash) -> io::Result<Self> {
+        let (lengths, pending) = std::sync::mpsc::sync_channel::<u64>(1);
+        let thread = std::thread::Builder::new()
+            .name("blob-checkpoint".into())
+            .spawn(move || {
+                // Every byte below `length` was written before it was sent: after the fsync
+                // they are on disk, and only then is the length recorded.
+                for length in pending {
+                    file.sync_data()?;
+                    record_progress(&state, &hash, length)?;
+                }
+                Ok(())
+            })?;
+        Ok(Self { lengths, thread })
+    }
+
+    /// Waits for the checkpoint in progress; its error, if any.
+    fn stop(self) -> io::Result<()> {
+        drop(self.lengths);
+        self.thread
+            .join()
+            .map_err(|_| io::Error::other("the checkpoint thread panicked"))?
+    }
 }
 
 impl PartialWriter {
-    fn open(partial: PathBuf, state: PathBuf, hash: BlobHash, start: u64) -> io::Result<Self> {
-        let mut file = OpenOptions::new()
+    fn open(
+        partial: PathBuf,
+        state: PathBuf,
+        hash: BlobHash,
+        start: u64,
+        size: u64,
+    ) -> io::Result<Self> {
+        let file = OpenOptions::new()
             .create(true)
             .write(true)
             .truncate(start == 0)
             .open(&partial)?;
         file.set_len(start)?;
-        file.seek(SeekFrom::Start(start))?;
+        if size > start {
+            // Reserves the blocks up front (one allocation instead of one per write); the file's
+            // length still grows only with verified data. Not every file system can.
+            let reserved = rustix::fs::fallocate(
+                &file,
+                rustix::fs::FallocateFlags::KEEP_SIZE,
+                start,
+                size - start,
+            );
+            if let Err(error) = reserved {
+                debug!(%error, "fallocate of the partial download failed");
+            }
+        }
+        let checkpoints = Checkpoints::start(file.try_clone()?, state.clone(), hash)?;
         Ok(Self {
             file,
             state,
             hash,
             length: start,
             checkpoint: start,
+            checkpoints: Some(checkpoints),
         })
     }
 
     /// Fsyncs and records the verified length; returns it.
-    fn finish(self) -> io::Result<u64> {
+    fn finish(mut self) -> io::Result<u64> {
+        let checkpoints = self.checkpoints.take().map_or(Ok(()), Checkpoints::stop);
         self.file.sync_all()?;
         record_progress(&self.state, &self.hash, self.length)?;
+        checkpoints?;
         Ok(self.length)
     }
 }
@@ -567,12 +626,21 @@ impl VerifiedSink for PartialWriter {
         if offset != self.length {
             return Err(io::Error::other("non-contiguous data"));
         }
-        self.file.write_all(bytes)?;
+        self.file.write_all_at(bytes, offset)?;
         self.length += bytes.len() as u64;
-        if self.length - self.checkpoint >= CHECKPOINT_BYTES {
-            self.file.sync_data()?;
-            record_progress(&self.state, &self.hash, self.length)?;
-            self.checkpoint = self.length;
+        if self.length - self.checkpoint >= CHECKPOINT_BYTES
+            && let Some(checkpoints) = &self.checkpoints
+        {
+            match checkpoints.lengths.try_send(self.length) {
+                Ok(()) => self.checkpoint = self.length,
+                // The previous checkpoint is still being written: try again after more data.
+                Err(std::sync::mpsc::TrySendError::Full(_)) => {}
+                Err(std::sync::mpsc::TrySendError::Disconnected(_)) => {
+                    let failed = self.checkpoints.take().map_or(Ok(()), Checkpoints::stop);
+                    failed?;
+                    return Err(io::Error::other("the checkpoint thread stopped"));
+                }
+            }
         }
         Ok(())
     }
@@ -731,5 +799,37 @@ mod tests {
         assert!(line.contains("ETA"), "{line}");
         assert_eq!(format_duration(3725.0), "1h02m");
         assert_eq!(format_bytes(1536.0), "1.5 KiB");
+    }
+
+    #[test]
+    fn partial_writer_checkpoints_in_the_background_and_records_the_final_length() {
+        let dir = tempfile::tempdir().unwrap();
+        let (partial, state) = partial_paths(&dir.path().join("out"));
+        let hash = BlobHash([3; 32]);
+        let chunk = vec![7u8; 1 << 20];
+        let size = CHECKPOINT_BYTES + chunk.len() as u64;
+        let mut writer =
+            PartialWriter::open(partial.clone(), state.clone(), hash, 0, size).unwrap();
+        let mut offset = 0;
+        while offset < CHECKPOINT_BYTES {
+            writer.write(offset, &chunk).unwrap();
+            offset += chunk.len() as u64;
+        }
+        // The checkpoint is made durable by the helper thread, while writing goes on.
+        let mut recorded = None;
+        for _ in 0..1000 {
+            recorded = recorded_progress(&partial, &state, &hash);
+            if recorded.is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(recorded, Some(CHECKPOINT_BYTES));
+        assert!(writer.write(0, &chunk).is_err(), "only contiguous data");
+        writer.write(offset, &chunk).unwrap();
+        // The file grows with the data only, not with the reserved blocks.
+        assert_eq!(fs::metadata(&partial).unwrap().len(), size);
+        assert_eq!(writer.finish().unwrap(), size);
+        assert_eq!(recorded_progress(&partial, &state, &hash), Some(size));
     }
 }

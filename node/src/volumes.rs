@@ -938,44 +938,18 @@ mod tests {
         std::os::unix::fs::symlink(outside.path().join("x"), root.join("dangling")).unwrap();
         fs::write(root.join("file"), b"x").unwrap();
 
-        let err = prepare_target(&root, Path::new("escape/owned")).unwrap_err();
-        assert!(
-            matches!(err, VolumeError::Path { source: PathError::Symlink(ref at), .. } if at == "escape"),
-            "{err:?}"
+        // The path refusal `prepare_target` answers for `relative`.
+        let refusal = |relative: &str| match prepare_target(&root, Path::new(relative)) {
+            Err(VolumeError::Path { source, .. }) => source,
+            other => panic!("{relative}: {other:?}"),
+        };
+        assert_eq!(
+            refusal("escape/owned"),
+            PathError::Symlink("escape".to_owned())
         );
-        let err = prepare_target(&root, Path::new("dangling")).unwrap_err();
-        assert!(
-            matches!(
-                err,
-                VolumeError::Path {
-                    source: PathError::Symlink(_),
-                    ..
-                }
-            ),
-            "{err:?}"
-        );
-        let err = prepare_target(&root, Path::new("file/x")).unwrap_err();
-        assert!(
-            matches!(
-                err,
-                VolumeError::Path {
-                    source: PathError::NotADirectory(_),
-                    ..
-                }
-            ),
-            "{err:?}"
-        );
-        let err = prepare_target(&root, Path::new("file")).unwrap_err();
-        assert!(
-            matches!(
-                err,
-                VolumeError::Path {
-                    source: PathError::Exists(_),
-                    ..
-                }
-            ),
-            "{err:?}"
-        );
+        assert!(matches!(refusal("dangling"), PathError::Symlink(_)));
+        assert!(matches!(refusal("file/x"), PathError::NotADirectory(_)));
+        assert!(matches!(refusal("file"), PathError::Exists(_)));
         let ok = prepare_target(&root, Path::new("new/dir/file")).unwrap();
         assert_eq!(ok, root.join("new/dir/file"));
         assert!(root.join("new/dir").is_dir());

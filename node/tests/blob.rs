@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use horde_node::blob_client::{
-    self, ClientError, NoProgress, Progress, get_to_file, get_to_file_once, get_to_memory,
-    put_file, put_file_once,
+    self, ClientError, GetOutcome, NoProgress, Progress, get_to_file, get_to_file_once,
+    get_to_memory, put_file, put_file_once,
 };
 use horde_node::storage::{BlobStore, StoreLimits, serve};
 use horde_protocol::blob::{
@@ -61,6 +61,59 @@ fn client() -> HordeEndpoint {
     localhost_endpoint(&seeded_key(1))
 }
 
+/// A storage node, a client endpoint and one connection between them.
+struct Fixture {
+    storage: Storage,
+    client: HordeEndpoint,
+    connection: quinn::Connection,
+}
+
+impl Fixture {
+    async fn start(limits: StoreLimits) -> Self {
+        let storage = start_storage(limits);
+        let client = client();
+        let connection = blob_client::connect(&client, &storage.addr).await.unwrap();
+        Self {
+            storage,
+            client,
+            connection,
+        }
+    }
+
+    /// A fresh connection to the storage node.
+    async fn connect(&self) -> quinn::Connection {
+        blob_client::connect(&self.client, &self.storage.addr)
+            .await
+            .unwrap()
+    }
+
+    /// [`get_to_file`] with retries, no expected size, no limit and no progress.
+    async fn get_file(&self, hash: BlobHash, dest: &Path) -> Result<GetOutcome, ClientError> {
+        get_to_file(
+            &self.client,
+            &self.storage.addr,
+            hash,
+            dest,
+            None,
+            NO_LIMIT,
+            &mut NoProgress,
+        )
+        .await
+    }
+
+    /// Flips one bit of the stored blob's byte at `offset`, on disk.
+    fn corrupt(&self, hash: &BlobHash, offset: u64) {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(self.storage.store.blob_path(hash))
+            .unwrap();
+        let mut byte = [0u8; 1];
+        file.read_exact_at(&mut byte, offset).unwrap();
+        file.write_all_at(&[byte[0] ^ 0x01], offset).unwrap();
+    }
+}
+
 fn sample(len: usize, seed: u8) -> Vec<u8> {
     let mut state = u64::from(seed) + 1;
     (0..len)
@@ -81,8 +134,8 @@ fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> std::path::PathBuf {
 
 #[tokio::test]
 async fn put_then_get_stat_and_not_found() {
-    let storage = start_storage(StoreLimits::default());
-    let client = client();
+    let fixture = Fixture::start(StoreLimits::default()).await;
+    let (storage, client) = (&fixture.storage, &fixture.client);
     let work = tempfile::tempdir().unwrap();
     // Sizes around every boundary of the tree: empty, one group, a partial group, two segments.
     for (index, len) in [
@@ -97,13 +150,13 @@ async fn put_then_get_stat_and_not_found() {
     {
         let bytes = sample(len, index as u8);
         let source = write_file(work.path(), &format!("in{index}"), &bytes);
-        let hash = put_file(&client, &storage.addr, &source, &mut NoProgress)
+        let hash = put_file(client, &storage.addr, &source, &mut NoProgress)
             .await
             .unwrap();
         assert_eq!(hash, BlobHash::of(&bytes), "len {len}");
         let dest = work.path().join(format!("out{index}"));
         let outcome = get_to_file(
-            &client,
+            client,
             &storage.addr,
             hash,
             &dest,
@@ -115,32 +168,23 @@ async fn put_then_get_stat_and_not_found() {
         .unwrap();
         assert_eq!(outcome.size, len as u64);
         assert_eq!(std::fs::read(&dest).unwrap(), bytes, "len {len}");
-        let memory = get_to_memory(&client, &storage.addr, hash, NO_LIMIT)
+        let memory = get_to_memory(client, &storage.addr, hash, NO_LIMIT)
             .await
             .unwrap();
         assert_eq!(memory, bytes);
-        let connection = blob_client::connect(&client, &storage.addr).await.unwrap();
         assert_eq!(
-            stat(&connection, hash).await.unwrap(),
+            stat(&fixture.connect().await, hash).await.unwrap(),
             BlobStatus::Complete { size: len as u64 }
         );
     }
 
     let absent = BlobHash([7; 32]);
-    let connection = blob_client::connect(&client, &storage.addr).await.unwrap();
-    assert_eq!(stat(&connection, absent).await.unwrap(), BlobStatus::Absent);
+    assert_eq!(
+        stat(&fixture.connection, absent).await.unwrap(),
+        BlobStatus::Absent
+    );
     let dest = work.path().join("absent");
-    let error = get_to_file(
-        &client,
-        &storage.addr,
-        absent,
-        &dest,
-        None,
-        NO_LIMIT,
-        &mut NoProgress,
-    )
-    .await
-    .unwrap_err();
+    let error = fixture.get_file(absent, &dest).await.unwrap_err();
     assert!(
         matches!(error, ClientError::Blob(BlobError::NotFound(hash)) if hash == absent),
         "{error:?}"
@@ -150,39 +194,19 @@ async fn put_then_get_stat_and_not_found() {
 
 #[tokio::test]
 async fn corrupted_blob_is_rejected_within_one_group_and_leaves_nothing() {
-    let storage = start_storage(StoreLimits::default());
-    let client = client();
+    let fixture = Fixture::start(StoreLimits::default()).await;
     let bytes = sample(2 * SEGMENT_LEN as usize + 1000, 3);
-    let connection = blob_client::connect(&client, &storage.addr).await.unwrap();
-    let hash = put_bytes(&connection, Bytes::from(bytes.clone()))
+    let hash = put_bytes(&fixture.connection, Bytes::from(bytes.clone()))
         .await
         .unwrap();
 
     // Flip one byte of the stored blob on disk, in the second segment.
     let flipped = SEGMENT_LEN + 300_000;
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(storage.store.blob_path(&hash))
-        .unwrap();
-    let mut byte = [0u8; 1];
-    file.read_exact_at(&mut byte, flipped).unwrap();
-    file.write_all_at(&[byte[0] ^ 0x01], flipped).unwrap();
-    drop(file);
+    fixture.corrupt(&hash, flipped);
 
     let work = tempfile::tempdir().unwrap();
     let dest = work.path().join("out");
-    let error = get_to_file(
-        &client,
-        &storage.addr,
-        hash,
-        &dest,
-        None,
-        NO_LIMIT,
-        &mut NoProgress,
-    )
-    .await
-    .unwrap_err();
+    let error = fixture.get_file(hash, &dest).await.unwrap_err();
     let group_start = flipped / CHUNK_GROUP_LEN * CHUNK_GROUP_LEN;
     assert!(
         matches!(error, ClientError::Blob(BlobError::Integrity { offset }) if offset == group_start),
@@ -193,7 +217,7 @@ async fn corrupted_blob_is_rejected_within_one_group_and_leaves_nothing() {
     assert!(leftovers.is_empty(), "left behind: {leftovers:?}");
 
     // In memory too.
-    let error = get_to_memory(&client, &storage.addr, hash, NO_LIMIT)
+    let error = get_to_memory(&fixture.client, &fixture.storage.addr, hash, NO_LIMIT)
         .await
         .unwrap_err();
     assert!(error.is_integrity(), "{error:?}");
@@ -222,15 +246,14 @@ impl Progress for CutAtHalf {
 
 #[tokio::test]
 async fn cut_download_resumes_with_only_the_missing_range() {
-    let storage = start_storage(StoreLimits::default());
-    let client = client();
+    let fixture = Fixture::start(StoreLimits::default()).await;
     let size = 2 * SEGMENT_LEN as usize + 12_345;
     let bytes = sample(size, 4);
-    let hash = storage.store.insert(&bytes).unwrap();
+    let hash = fixture.storage.store.insert(&bytes).unwrap();
     let work = tempfile::tempdir().unwrap();
     let dest = work.path().join("out");
 
-    let connection = blob_client::connect(&client, &storage.addr).await.unwrap();
+    let connection = fixture.connection.clone();
     let mut cut = CutAtHalf {
         connection: connection.clone(),
         total: 0,
@@ -250,7 +273,7 @@ async fn cut_download_resumes_with_only_the_missing_range() {
     let verified_before_cut = cut.done;
     assert!(verified_before_cut >= size as u64 / 2 && verified_before_cut < size as u64);
 
-    let connection = blob_client::connect(&client, &storage.addr).await.unwrap();
+    let connection = fixture.connect().await;
     let outcome = get_to_file_once(&connection, hash, &dest, None, NO_LIMIT, &mut NoProgress)
         .await
         .unwrap();
@@ -271,14 +294,36 @@ async fn cut_download_resumes_with_only_the_missing_range() {
 }
 
 #[tokio::test]
+async fn memory_get_continues_from_a_verified_prefix() {
+    let fixture = Fixture::start(StoreLimits::default()).await;
+    let size = 2 * SEGMENT_LEN as usize + 4321;
+    let bytes = sample(size, 7);
+    let hash = fixture.storage.store.insert(&bytes).unwrap();
+    // A verified prefix ending mid-segment on a group boundary: the rest is written in place
+    // after it, through the thread that faults the destination in.
+    let held = SEGMENT_LEN as usize + 5 * CHUNK_GROUP_LEN as usize;
+    let mut buffer = bytes[..held].to_vec();
+    let fetched = blob_client::get_into_vec(&fixture.connection, hash, NO_LIMIT, &mut buffer)
+        .await
+        .unwrap();
+    assert!(buffer == bytes, "the blob was reassembled");
+    // The missing data and the CV blocks of the two segments it touches, nothing more.
+    let cv_blocks = 2 * 1024 * 32;
+    assert!(
+        fetched <= (size - held + cv_blocks) as u64,
+        "fetched {fetched}"
+    );
+}
+
+#[tokio::test]
 async fn interrupted_upload_resumes_from_the_partial() {
-    let storage = start_storage(StoreLimits::default());
-    let client = client();
+    let fixture = Fixture::start(StoreLimits::default()).await;
+    let storage = &fixture.storage;
     let size = SEGMENT_LEN as usize + 5 * CHUNK_GROUP_LEN as usize + 3;
     let bytes = sample(size, 5);
     let hash = BlobHash::of(&bytes);
 
-    let connection = blob_client::connect(&client, &storage.addr).await.unwrap();
+    let connection = fixture.connection.clone();
     let mut upload = start_put(&connection, size as u64, Some(hash), true)
         .await
         .unwrap();
@@ -288,7 +333,7 @@ async fn interrupted_upload_resumes_from_the_partial() {
         .await
         .unwrap();
     // Let the bytes reach the store before cutting (polled, not slept: CI machines are busy).
-    let observer = blob_client::connect(&client, &storage.addr).await.unwrap();
+    let observer = fixture.connect().await;
     for _ in 0..200 {
         if let BlobStatus::Partial { received: r, .. } = stat(&observer, hash).await.unwrap()
             && r > 0
@@ -299,7 +344,7 @@ async fn interrupted_upload_resumes_from_the_partial() {
     }
     connection.close(0u32.into(), b"cut");
 
-    let connection = blob_client::connect(&client, &storage.addr).await.unwrap();
+    let connection = fixture.connect().await;
     let mut received = 0;
     for _ in 0..200 {
         if let BlobStatus::Partial {
@@ -375,15 +420,15 @@ async fn interrupted_upload_resumes_from_the_partial() {
 
 #[tokio::test]
 async fn limits_are_enforced_with_typed_errors() {
-    let storage = start_storage(StoreLimits {
+    let fixture = Fixture::start(StoreLimits {
         max_blob_size: 1 << 20,
         put_allowlist: None,
-    });
-    let client = client();
-    let connection = blob_client::connect(&client, &storage.addr).await.unwrap();
+    })
+    .await;
+    let connection = &fixture.connection;
 
     // Over the store's size limit: refused before any byte is sent.
-    let error = start_put(&connection, (1 << 20) + 1, None, false)
+    let error = start_put(connection, (1 << 20) + 1, None, false)
         .await
         .unwrap_err();
     assert!(
@@ -398,12 +443,12 @@ async fn limits_are_enforced_with_typed_errors() {
     );
     // At the limit: accepted.
     let bytes = sample(1 << 20, 6);
-    let hash = put_bytes(&connection, Bytes::from(bytes.clone()))
+    let hash = put_bytes(connection, Bytes::from(bytes.clone()))
         .await
         .unwrap();
 
     // Over the client's size limit on get.
-    let error = get_to_memory(&client, &storage.addr, hash, 1000)
+    let error = get_to_memory(&fixture.client, &fixture.storage.addr, hash, 1000)
         .await
         .unwrap_err();
     assert!(
@@ -442,15 +487,13 @@ async fn limits_are_enforced_with_typed_errors() {
         }
     ));
     assert_eq!(
-        stat(&connection, hash).await.unwrap(),
+        stat(connection, hash).await.unwrap(),
         BlobStatus::Complete { size: 1 << 20 }
     );
 
     // A put declaring the wrong hash is refused and nothing is stored under either hash.
     let wrong = BlobHash([9; 32]);
-    let mut upload = start_put(&connection, 10, Some(wrong), false)
-        .await
-        .unwrap();
+    let mut upload = start_put(connection, 10, Some(wrong), false).await.unwrap();
     upload
         .write(Bytes::from_static(b"0123456789"))
         .await
@@ -466,19 +509,18 @@ async fn limits_are_enforced_with_typed_errors() {
         ),
         "{error:?}"
     );
-    assert_eq!(stat(&connection, wrong).await.unwrap(), BlobStatus::Absent);
+    assert_eq!(stat(connection, wrong).await.unwrap(), BlobStatus::Absent);
 }
 
 #[tokio::test]
 async fn put_allowlist_refuses_other_keys() {
     let allowed = seeded_key(30).hotkey();
-    let storage = start_storage(StoreLimits {
+    let fixture = Fixture::start(StoreLimits {
         max_blob_size: 1 << 20,
         put_allowlist: Some(vec![allowed]),
-    });
-    let client = client();
-    let connection = blob_client::connect(&client, &storage.addr).await.unwrap();
-    let error = put_bytes(&connection, Bytes::from_static(b"hello"))
+    })
+    .await;
+    let error = put_bytes(&fixture.connection, Bytes::from_static(b"hello"))
         .await
         .unwrap_err();
     assert!(
@@ -492,7 +534,7 @@ async fn put_allowlist_refuses_other_keys() {
         "{error:?}"
     );
     let allowed_client = localhost_endpoint(&seeded_key(30));
-    let connection = blob_client::connect(&allowed_client, &storage.addr)
+    let connection = blob_client::connect(&allowed_client, &fixture.storage.addr)
         .await
         .unwrap();
     let hash = put_bytes(&connection, Bytes::from_static(b"hello"))
@@ -503,12 +545,11 @@ async fn put_allowlist_refuses_other_keys() {
 
 #[tokio::test]
 async fn ranged_get_yields_verified_runs_and_stops_at_a_corrupt_group() {
-    let storage = start_storage(StoreLimits::default());
-    let client = client();
+    let fixture = Fixture::start(StoreLimits::default()).await;
     let size = 2 * SEGMENT_LEN as usize + 777;
     let bytes = sample(size, 9);
-    let hash = storage.store.insert(&bytes).unwrap();
-    let connection = blob_client::connect(&client, &storage.addr).await.unwrap();
+    let hash = fixture.storage.store.insert(&bytes).unwrap();
+    let connection = &fixture.connection;
     let g = CHUNK_GROUP_LEN;
     // Two ranges in different segments, widened to chunk groups.
     let ranges = vec![
@@ -521,7 +562,7 @@ async fn ranged_get_yields_verified_runs_and_stops_at_a_corrupt_group() {
             end: u64::MAX,
         },
     ];
-    let mut stream = request_get(&connection, hash, ranges.clone(), NO_LIMIT)
+    let mut stream = request_get(connection, hash, ranges.clone(), NO_LIMIT)
         .await
         .unwrap();
     let mut got = Vec::new();
@@ -536,16 +577,8 @@ async fn ranged_get_yields_verified_runs_and_stops_at_a_corrupt_group() {
 
     // Corrupt a group of the second range: the groups before it arrive, then the error.
     let flipped = SEGMENT_LEN + 20 * g + 3;
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(storage.store.blob_path(&hash))
-        .unwrap();
-    let mut byte = [0u8; 1];
-    file.read_exact_at(&mut byte, flipped).unwrap();
-    file.write_all_at(&[byte[0] ^ 0x01], flipped).unwrap();
-    drop(file);
-    let mut stream = request_get(&connection, hash, ranges, NO_LIMIT)
+    fixture.corrupt(&hash, flipped);
+    let mut stream = request_get(connection, hash, ranges, NO_LIMIT)
         .await
         .unwrap();
     let mut end = 0;

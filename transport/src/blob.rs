@@ -18,7 +18,7 @@ use std::os::unix::fs::FileExt as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use bytes::{Buf as _, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use horde_protocol::BlobHash;
 use horde_protocol::blob::{
     BlobErrorKind, BlobRequest, BlobResponse, BlobStatus, ByteRange, CHUNK_GROUP_LEN, CV_LEN,
@@ -399,9 +399,10 @@ const OUTPUT_QUEUE: usize = 4;
 /// The client side of a `Get` after the header: yields verified data in blob order.
 ///
 /// Receiving and verifying are pipelined: a task reads STREAM frames from quinn in batches
-/// (`read_chunks`, no copy) and a blocking thread assembles them into chunk groups, checks each
-/// against its CV (itself checked against the root) and only then hands the bytes on. Network
-/// receive, decryption and hashing so run on different cores.
+/// (`read_chunks`, no copy) and a blocking thread copies them once, straight into the
+/// destination (the caller's buffer, a reused write buffer, or the runs [`Self::next`] returns),
+/// checks each chunk group there against its CV (itself checked against the root) and only then
+/// hands the bytes on. Network receive, decryption and hashing so run on different cores.
 #[derive(Debug)]
 pub struct GetStream {
     hash: BlobHash,
@@ -562,9 +563,9 @@ impl GetStream {
             let (output, verified) = mpsc::channel(OUTPUT_QUEUE);
             let start = self.ranges.first().map_or(0, |range| range.start);
             tokio::task::spawn_blocking(move || {
-                let mut verifier = Verifier::new(tree, ChannelSink(output), start);
+                let mut verifier = Verifier::new(tree, ChannelSink::new(output), start);
                 let result = verifier.run(inbox, stop);
-                let _ = verifier.sink.0.blocking_send(match result {
+                let _ = verifier.sink.output.blocking_send(match result {
                     Ok(()) => Output::Done,
                     Err(error) => Output::Failed(error),
                 });
@@ -595,8 +596,10 @@ impl GetStream {
 
     /// Receives the whole response into `buffer`, which must hold exactly the blob's bytes
     /// before the first requested range (the response must be one range to the end of the
-    /// blob, or nothing). Bytes are copied once, straight from the network frames into
-    /// `buffer`'s spare capacity, and each chunk group is verified there: on return `buffer`
+    /// blob, or nothing). Bytes are copied once, straight from the network frames into a new
+    /// buffer of the blob's size after the held prefix, and each chunk group is verified there
+    /// (the new buffer's pages are faulted in by a helper thread ahead of the copy): on return
+    /// `buffer`
     /// holds only verified bytes (on an error, the verified prefix; a resume continues from
     /// its length). Returns the bytes read from the stream after the header.
     pub async fn read_to_vec(mut self, buffer: &mut Vec<u8>) -> Result<u64, BlobError> {
@@ -669,6 +672,7 @@ impl GetStream {
         let mut verifier = tokio::task::spawn_blocking(move || {
             let sink = WriterSink {
                 writer,
+                window: Vec::new(),
                 progress: position,
                 error: None,
             };
@@ -747,27 +751,51 @@ async fn read_network(
     }
 }
 
-/// Where verified bytes go, on the verifier thread.
+/// Where verified bytes go, on the verifier thread. The verifier copies received bytes straight
+/// into the sink's current *window* (destination memory), verifies each chunk group in place
+/// while it is still in cache, and hands the window on once it is full of verified groups: one
+/// copy from the network frames to the destination, no staging buffer.
 trait Sink {
-    /// Verified bytes gathered before they are handed on.
-    fn batch(&self) -> usize;
-    /// Takes the first `len` bytes of `stage` (verified, at blob `offset`) off its front;
-    /// `false` when the consumer is gone.
-    fn accept(&mut self, offset: u64, stage: &mut BytesMut, len: usize) -> bool;
+    /// Room for the next bytes of the blob, contiguous with what was last accepted (empty when
+    /// the consumer is gone or has no more room). Its length is a multiple of
+    /// [`CHUNK_GROUP_LEN`], except at the end of a destination that ends with the blob, so chunk
+    /// groups never straddle two windows.
+    fn window(&mut self) -> &mut [u8];
+    /// Takes the first `len` bytes of the window (verified, at blob `offset`); the next
+    /// [`Self::window`] is room for the bytes after them. `false` when the consumer is gone.
+    fn accept(&mut self, offset: u64, len: usize) -> bool;
 }
 
-/// Hands verified runs to [`GetStream::next`] without copying them.
-struct ChannelSink(mpsc::Sender<Output>);
+/// Hands verified runs to [`GetStream::next`] without copying them again: each window is a
+/// [`BytesMut`] whose verified front is frozen and sent.
+struct ChannelSink {
+    output: mpsc::Sender<Output>,
+    window: BytesMut,
+}
+
+impl ChannelSink {
+    fn new(output: mpsc::Sender<Output>) -> Self {
+        Self {
+            output,
+            window: BytesMut::new(),
+        }
+    }
+}
 
 impl Sink for ChannelSink {
-    fn batch(&self) -> usize {
-        OUTPUT_LEN
+    fn window(&mut self) -> &mut [u8] {
+        if self.window.is_empty() {
+            // Reclaims the previous allocation when its runs were already dropped.
+            self.window.reserve(OUTPUT_LEN);
+            self.window.resize(OUTPUT_LEN, 0);
+        }
+        &mut self.window
     }
 
-    fn accept(&mut self, offset: u64, stage: &mut BytesMut, len: usize) -> bool {
-        let bytes = stage.split_to(len).freeze();
+    fn accept(&mut self, offset: u64, len: usize) -> bool {
+        let bytes = self.window.split_to(len).freeze();
         let data = VerifiedData { offset, bytes };
-        self.0.blocking_send(Output::Data(data)).is_ok()
+        self.output.blocking_send(Output::Data(data)).is_ok()
     }
 }
 
@@ -778,27 +806,35 @@ pub trait VerifiedSink: Send {
     fn write(&mut self, offset: u64, bytes: &[u8]) -> io::Result<()>;
 }
 
-/// Verified bytes gathered before one [`VerifiedSink::write`] (small enough to stay in cache).
+/// Verified bytes gathered before one [`VerifiedSink::write`]: a multiple of the chunk group,
+/// small enough that the window is still in cache when it is written out.
 const SINK_BATCH: usize = 256 << 10;
 
-/// Feeds a [`VerifiedSink`] from the reused stage and reports the position reached.
+/// Feeds a [`VerifiedSink`] from one reused window and reports the position reached.
 struct WriterSink<W> {
     writer: W,
+    window: Vec<u8>,
     progress: watch::Sender<u64>,
     error: Option<io::Error>,
 }
 
 impl<W: VerifiedSink> Sink for WriterSink<W> {
-    fn batch(&self) -> usize {
-        SINK_BATCH
+    fn window(&mut self) -> &mut [u8] {
+        if self.window.is_empty() {
+            // Allocated on first use: a transfer that fails at once costs nothing.
+            self.window = vec![0; SINK_BATCH];
+        }
+        &mut self.window
     }
 
-    fn accept(&mut self, offset: u64, stage: &mut BytesMut, len: usize) -> bool {
-        if let Err(error) = self.writer.write(offset, &stage[..len]) {
+    fn accept(&mut self, offset: u64, len: usize) -> bool {
+        let Some(bytes) = self.window.get(..len) else {
+            return false;
+        };
+        if let Err(error) = self.writer.write(offset, bytes) {
             self.error = Some(error);
             return false;
         }
-        stage.advance(len);
         self.progress.send_replace(offset + len as u64);
         true
     }
@@ -808,42 +844,38 @@ impl<W: VerifiedSink> Sink for WriterSink<W> {
 /// thread that faults their pages in.
 type Slices<'a> = std::sync::mpsc::Receiver<&'a mut [u8]>;
 
-/// Copies verified bytes, while they are still in cache, into consecutive destination slices.
+/// Windows straight into [`GetStream::read_to_vec`]'s destination buffer.
 struct SliceSink<'a> {
     slices: Slices<'a>,
     current: &'a mut [u8],
-    /// Bytes written to the destination.
+    /// Bytes of the destination accepted (verified).
     written: usize,
 }
 
 impl Sink for SliceSink<'_> {
-    fn batch(&self) -> usize {
-        // Every batch right away: the stage stays small and hot in cache.
-        0
+    fn window(&mut self) -> &mut [u8] {
+        if self.current.is_empty()
+            && let Ok(slice) = self.slices.recv()
+        {
+            self.current = slice;
+        }
+        self.current
     }
 
-    fn accept(&mut self, _offset: u64, stage: &mut BytesMut, len: usize) -> bool {
-        let mut from = &stage[..len];
-        while !from.is_empty() {
-            if self.current.is_empty() {
-                match self.slices.recv() {
-                    Ok(slice) => self.current = slice,
-                    Err(_) => return false,
-                }
+    fn accept(&mut self, _offset: u64, len: usize) -> bool {
+        let current = std::mem::take(&mut self.current);
+        match current.get_mut(len..) {
+            Some(rest) => {
+                self.current = rest;
+                self.written += len;
+                true
             }
-            let take = from.len().min(self.current.len());
-            let (head, tail) = std::mem::take(&mut self.current).split_at_mut(take);
-            head.copy_from_slice(&from[..take]);
-            self.current = tail;
-            from = &from[take..];
-            self.written += take;
+            None => false,
         }
-        stage.advance(len);
-        true
     }
 }
 
-/// Destination bytes per slice handed to the verifier.
+/// Destination bytes per slice handed to the verifier (a multiple of [`CHUNK_GROUP_LEN`]).
 const FAULT_SLICE: usize = 1 << 20;
 
 /// Slices faulted in ahead of the verifier.
@@ -936,14 +968,15 @@ fn consumer_gone() -> BlobError {
     BlobError::Io(io::Error::other("the consumer of the blob went away"))
 }
 
-/// Assembles received frames into chunk groups in a stage buffer, verifies each group there,
-/// and only then hands it to its [`Sink`].
+/// Copies received frames into its [`Sink`]'s window, verifies each chunk group there, and only
+/// then hands the window on.
 struct Verifier<K> {
     tree: Tree,
-    stage: BytesMut,
-    /// Blob offset of `stage[0]`.
-    stage_base: u64,
-    /// `stage[..verified]` is verified.
+    /// Blob offset of the window's first byte.
+    window_base: u64,
+    /// Bytes copied into the window.
+    filled: usize,
+    /// `window[..verified]` is verified.
     verified: usize,
     sink: K,
 }
@@ -953,8 +986,8 @@ impl<K: Sink> Verifier<K> {
     fn new(tree: Tree, sink: K, start: u64) -> Self {
         Self {
             tree,
-            stage: BytesMut::new(),
-            stage_base: start,
+            window_base: start,
+            filled: 0,
             verified: 0,
             sink,
         }
@@ -974,32 +1007,41 @@ impl<K: Sink> Verifier<K> {
                 },
             };
             let wanted = (piece.wire_len() - self.tree.piece_received) as usize;
-            let (take, rest) = bytes.split_at(wanted.min(bytes.len()));
-            bytes = rest;
-            self.tree.piece_received += take.len() as u64;
-            let complete = self.tree.piece_received == piece.wire_len();
-            match piece {
+            let taken = match piece {
                 Piece::GroupCvs {
                     segment,
                     first_group,
                     ..
                 } => {
-                    self.tree.cv_buffer.extend_from_slice(take);
-                    if complete {
+                    let take = wanted.min(bytes.len());
+                    self.tree.cv_buffer.extend_from_slice(&bytes[..take]);
+                    if take == wanted {
                         self.tree.accept_cvs(segment, first_group)?;
                     }
+                    take
                 }
                 Piece::Data { offset, len } => {
-                    if self.stage.capacity() - self.stage.len() < take.len() {
-                        // Reclaims the allocation once earlier output was dropped.
-                        let room = self.sink.batch() + CHUNK_GROUP_LEN as usize;
-                        self.stage.reserve(take.len().max(room));
+                    let window = self.sink.window();
+                    let room = window.len().saturating_sub(self.filled);
+                    let take = wanted.min(bytes.len()).min(room);
+                    if take == 0 {
+                        return Err(BlobError::Protocol(
+                            "the destination has no room for the planned data".into(),
+                        ));
                     }
-                    self.stage.extend_from_slice(take);
+                    window[self.filled..self.filled + take].copy_from_slice(&bytes[..take]);
+                    self.filled += take;
                     self.verify_groups(offset + len)?;
+                    // A full window of verified groups goes on at once.
+                    if take == room && self.verified == self.filled && !self.emit() {
+                        return Err(consumer_gone());
+                    }
+                    take
                 }
-            }
-            if complete {
+            };
+            bytes = &bytes[taken..];
+            self.tree.piece_received += taken as u64;
+            if taken == wanted {
                 self.tree.current = None;
             }
         }
@@ -1010,33 +1052,33 @@ impl<K: Sink> Verifier<K> {
         self.tree.current = Some(piece);
         self.tree.piece_received = 0;
         if let Piece::Data { offset, .. } = piece {
-            let end = self.stage_base + self.stage.len() as u64;
+            let end = self.window_base + self.filled as u64;
             if offset != end {
                 // A new range: hand on what the previous one left, continue at `offset`.
-                if !self.emit(true) {
-                    return Err(consumer_gone());
-                }
-                if !self.stage.is_empty() {
+                if self.verified != self.filled {
                     return Err(BlobError::Protocol(
                         "unverified bytes between ranges".into(),
                     ));
                 }
-                self.stage_base = offset;
+                if !self.emit() {
+                    return Err(consumer_gone());
+                }
+                self.window_base = offset;
             }
         }
         Ok(())
     }
 
-    /// Verifies the complete groups of the stage up to `piece_end`.
+    /// Verifies the complete groups of the window up to `piece_end`, in place.
     fn verify_groups(&mut self, piece_end: u64) -> Result<(), BlobError> {
+        let window = self.sink.window();
         loop {
-            let offset = self.stage_base + self.verified as u64;
+            let offset = self.window_base + self.verified as u64;
             let group_len = CHUNK_GROUP_LEN.min(piece_end.saturating_sub(offset)) as usize;
-            let available = self.stage.len() - self.verified;
-            if group_len == 0 || available < group_len {
+            if group_len == 0 || self.filled - self.verified < group_len {
                 return Ok(());
             }
-            let group = &self.stage[self.verified..self.verified + group_len];
+            let group = &window[self.verified..self.verified + group_len];
             if !self.tree.group_is_valid(offset, group) {
                 return Err(BlobError::Integrity { offset });
             }
@@ -1044,15 +1086,17 @@ impl<K: Sink> Verifier<K> {
         }
     }
 
-    /// Hands the verified front of the stage on: always, or once a batch is ready.
-    fn emit(&mut self, all: bool) -> bool {
-        if self.verified == 0 || (!all && self.verified < self.sink.batch()) {
+    /// Hands the verified front of the window on and starts the next window after it; bytes
+    /// copied but not verified are dropped (only called when there are none, or on a failure).
+    fn emit(&mut self) -> bool {
+        let len = self.verified;
+        self.filled = 0;
+        self.verified = 0;
+        if len == 0 {
             return true;
         }
-        let len = self.verified;
-        let delivered = self.sink.accept(self.stage_base, &mut self.stage, len);
-        self.stage_base += len as u64;
-        self.verified = 0;
+        let delivered = self.sink.accept(self.window_base, len);
+        self.window_base += len as u64;
         delivered
     }
 
@@ -1074,9 +1118,7 @@ impl<K: Sink> Verifier<K> {
             }
             Ok(()) => drop(stop),
         }
-        let verified = self.verified;
-        self.stage.truncate(verified);
-        let delivered = self.emit(true);
+        let delivered = self.emit();
         match result {
             Ok(()) if !delivered => Err(consumer_gone()),
             result => result,
@@ -1089,9 +1131,6 @@ impl<K: Sink> Verifier<K> {
                 Some(Input::Chunks(chunks)) => {
                     for chunk in &chunks {
                         self.push(chunk)?;
-                    }
-                    if !self.emit(false) {
-                        return Err(consumer_gone());
                     }
                 }
                 Some(Input::Failed(error)) => return Err(error),

@@ -103,19 +103,35 @@ fn parse_args() -> anyhow::Result<Args> {
     Ok(Args { size, json, only })
 }
 
-/// Process CPU time (user + system) in seconds.
-fn cpu_seconds() -> f64 {
+/// Process-wide counters from `/proc/self/stat` (all threads, live and exited).
+#[derive(Debug, Clone, Copy, Default)]
+struct Usage {
+    /// CPU time (user + system) in seconds.
+    cpu: f64,
+    /// Minor page faults (fresh or reclaimed pages touched).
+    faults: f64,
+}
+
+fn usage() -> Usage {
     let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
-        return 0.0;
+        return Usage::default();
     };
     // Fields after the command name (which may hold spaces) start at field 3 (state).
     let Some(rest) = stat.rsplit_once(')').map(|(_, rest)| rest) else {
-        return 0.0;
+        return Usage::default();
     };
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |index: usize| fields.get(index).and_then(|f| f.parse::<f64>().ok());
-    // utime is field 14, stime field 15 (1-based); `rest` starts at field 3.
-    (ticks(11).unwrap_or(0.0) + ticks(12).unwrap_or(0.0)) / CLOCK_TICKS
+    let field = |index: usize| {
+        fields
+            .get(index)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // minflt is field 10, utime field 14, stime field 15 (1-based); `rest` starts at field 3.
+    Usage {
+        cpu: (field(11) + field(12)) / CLOCK_TICKS,
+        faults: field(7),
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -124,6 +140,7 @@ struct Measurement {
     bytes: u64,
     seconds: f64,
     cpu: f64,
+    faults: f64,
 }
 
 impl Measurement {
@@ -134,6 +151,53 @@ impl Measurement {
     fn cpu_per_gb(&self) -> f64 {
         self.cpu / (self.bytes as f64 / 1e9)
     }
+
+    fn faults_per_gib(&self) -> f64 {
+        self.faults / (self.bytes as f64 / f64::from(1u32 << 30))
+    }
+}
+
+/// Profiles only the measured transfers: with `BLOB_BENCH_PERF_CTL=CTL_FIFO[,ACK_FIFO]`, writes
+/// `enable` / `disable` to a `perf record|stat --control fifo:CTL_FIFO,ACK_FIFO -D -1` around each
+/// measurement (waiting for perf's `ack` when an ack fifo is given).
+/// With `BLOB_BENCH_PERF_CTL=callgrind` (under `valgrind --tool=callgrind`), zeroes callgrind's
+/// counters at the start and dumps them at the end with `callgrind_control` instead (the
+/// measured window is the dump numbered `.1`, `.2`, …).
+fn perf_control(command: &str) {
+    let Ok(fifos) = std::env::var("BLOB_BENCH_PERF_CTL") else {
+        return;
+    };
+    if fifos == "callgrind" {
+        let switch = if command == "enable" { "-z" } else { "-d" };
+        let status = std::process::Command::new("callgrind_control")
+            .arg(switch)
+            .arg(std::process::id().to_string())
+            .stdout(std::process::Stdio::null())
+            .status();
+        if let Err(error) = status {
+            eprintln!("callgrind_control: {error}");
+        }
+        return;
+    }
+    let (control, ack) = match fifos.split_once(',') {
+        Some((control, ack)) => (control, Some(ack)),
+        None => (fifos.as_str(), None),
+    };
+    let sent = std::fs::OpenOptions::new()
+        .write(true)
+        .open(control)
+        .and_then(|mut fifo| fifo.write_all(format!("{command}\n").as_bytes()));
+    if let Err(error) = sent {
+        eprintln!("perf control {control}: {error}");
+        return;
+    }
+    if let Some(ack) = ack {
+        let mut reply = [0u8; 5];
+        let _ = std::fs::File::open(ack).and_then(|mut fifo| {
+            use std::io::Read as _;
+            fifo.read(&mut reply)
+        });
+    }
 }
 
 async fn measure<F, Fut>(name: &'static str, bytes: u64, run: F) -> anyhow::Result<Measurement>
@@ -141,20 +205,25 @@ where
     F: FnOnce() -> Fut,
     Fut: Future<Output = anyhow::Result<()>>,
 {
-    let cpu = cpu_seconds();
+    perf_control("enable");
+    let before = usage();
     let start = Instant::now();
     run().await?;
     let seconds = start.elapsed().as_secs_f64();
+    let after = usage();
+    perf_control("disable");
     let measurement = Measurement {
         name,
         bytes,
         seconds,
-        cpu: cpu_seconds() - cpu,
+        cpu: after.cpu - before.cpu,
+        faults: after.faults - before.faults,
     };
     eprintln!(
-        "{name}: {:.2} Gbit/s, {:.2} CPU s/GB",
+        "{name}: {:.2} Gbit/s, {:.2} CPU s/GB, {:.0} page faults/GiB",
         measurement.gbits(),
-        measurement.cpu_per_gb()
+        measurement.cpu_per_gb(),
+        measurement.faults_per_gib()
     );
     Ok(measurement)
 }
@@ -533,6 +602,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             "seconds": m.seconds,
             "gbit_per_s": m.gbits(),
             "cpu_seconds_per_gb": m.cpu_per_gb(),
+            "page_faults_per_gib": m.faults_per_gib(),
             "ratio_to_raw_quinn": m.gbits() / quinn_gbits,
         })).collect::<Vec<_>>(),
         "resume": resume.as_ref().map(|resume| serde_json::json!({
