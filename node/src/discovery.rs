@@ -64,6 +64,8 @@ pub const MIN_RECORD_TTL: Duration = Duration::from_secs(2);
 /// How often a node runs a Kademlia bootstrap (a walk toward its own id and random ids) to find
 /// peers beyond the ones it knows.
 const WALK_INTERVAL: Duration = Duration::from_secs(30);
+/// How often bootstrap peers that are not connected are dialed again.
+const REDIAL_INTERVAL: Duration = Duration::from_secs(2);
 /// How often expired records are swept.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 /// How long one record exchange may take.
@@ -274,20 +276,17 @@ impl Discovery {
         let listen = wait_for_listener(&mut swarm, config.listen).await?;
         let directory = Arc::new(Directory::default());
         let hotkey = key.hotkey();
-        for peer in &config.bootstrap {
-            if peer.peer == *swarm.local_peer_id() {
-                continue;
-            }
+        let bootstrap: Vec<BootstrapPeer> = config
+            .bootstrap
+            .iter()
+            .filter(|peer| peer.peer != *swarm.local_peer_id())
+            .cloned()
+            .collect();
+        for peer in &bootstrap {
             swarm
                 .behaviour_mut()
                 .kad
                 .add_address(&peer.peer, peer.addr.clone());
-            let dial = libp2p::swarm::dial_opts::DialOpts::peer_id(peer.peer)
-                .addresses(vec![peer.addr.clone()])
-                .build();
-            if let Err(error) = swarm.dial(dial) {
-                warn!(%peer, %error, "cannot dial bootstrap peer");
-            }
         }
         let own = OwnRecord {
             key: key.clone(),
@@ -309,8 +308,10 @@ impl Discovery {
             own,
             capacity: local.capacity,
             walked: false,
+            bootstrap,
         };
         task.own.refresh();
+        task.redial();
         tokio::spawn(async move { task.run(cancel).await });
         Ok(Self {
             directory,
@@ -586,6 +587,9 @@ struct SwarmTask {
     own: OwnRecord,
     capacity: Option<watch::Receiver<Vec<ClassCapacity>>>,
     walked: bool,
+    /// Dialed at start and again whenever the connection to one is gone (a restarted bootstrap
+    /// node knows nobody until its peers come back).
+    bootstrap: Vec<BootstrapPeer>,
 }
 
 impl SwarmTask {
@@ -596,6 +600,8 @@ impl SwarmTask {
         let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
         let mut walk = tokio::time::interval(WALK_INTERVAL);
         walk.tick().await;
+        let mut redial = tokio::time::interval(REDIAL_INTERVAL);
+        redial.tick().await;
         loop {
             let capacity_changed = async {
                 match self.capacity.as_mut() {
@@ -616,6 +622,7 @@ impl SwarmTask {
                     }
                 }
                 _ = walk.tick() => self.walk(),
+                _ = redial.tick() => self.redial(),
                 changed = capacity_changed => {
                     if changed {
                         if let Some(rx) = self.capacity.as_mut() {
@@ -631,6 +638,20 @@ impl SwarmTask {
             }
         }
         debug!("discovery stopped");
+    }
+
+    fn redial(&mut self) {
+        for peer in &self.bootstrap {
+            if self.swarm.is_connected(&peer.peer) {
+                continue;
+            }
+            let dial = libp2p::swarm::dial_opts::DialOpts::peer_id(peer.peer)
+                .addresses(vec![peer.addr.clone()])
+                .build();
+            if let Err(error) = self.swarm.dial(dial) {
+                debug!(%peer, %error, "cannot dial bootstrap peer");
+            }
+        }
     }
 
     fn walk(&mut self) {

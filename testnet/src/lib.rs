@@ -124,6 +124,7 @@ pub struct Testnet {
     log_filter: String,
     nodes: Vec<NodeProcess>,
     shape: TestnetConfig,
+    started_in: Duration,
     converged_in: Option<Duration>,
 }
 
@@ -288,6 +289,7 @@ impl Testnet {
             log_filter: config.log_filter.clone(),
             nodes: Vec::new(),
             shape: config,
+            started_in: Duration::ZERO,
             converged_in: None,
         };
         for node in &planned {
@@ -300,6 +302,7 @@ impl Testnet {
         for index in 0..testnet.nodes.len() {
             testnet.wait_started(index)?;
         }
+        testnet.started_in = spawned.elapsed();
         if testnet.shape.discovery {
             testnet.wait_converged(testnet.shape.converge_timeout)?;
             testnet.converged_in = Some(spawned.elapsed());
@@ -325,6 +328,16 @@ impl Testnet {
             "key_file = \"hotkey.json\"\nlisten = \"{}\"\ndata_dir = \"data\"\n",
             node.addr
         );
+        // [discovery] first: the role's section comes last, so lines appended to the file (see
+        // `reports::reconfigure`) land in it.
+        if config.discovery {
+            text.push_str(&format!("\n[discovery]\nlisten = \"{}\"\n", node.p2p));
+            if let Some(ttl) = config.record_ttl_secs {
+                text.push_str(&format!("record_ttl_secs = {ttl}\n"));
+            }
+        } else {
+            text.push_str("\n[discovery]\nenabled = false\n");
+        }
         match node.role {
             Role::Facilitator => {
                 text.push_str("\n[facilitator]\n");
@@ -335,8 +348,11 @@ impl Testnet {
                     text.push_str(&format!("validator_silence_ms = {silence}\n"));
                 }
             }
-            Role::Validator if !config.discovery => {
-                text.push_str(&format!("\n[validator]\nminers = {miners}\n"));
+            Role::Validator => {
+                text.push_str("\n[validator]\n");
+                if !config.discovery {
+                    text.push_str(&format!("miners = {miners}\n"));
+                }
             }
             Role::Miner => {
                 text.push_str(&format!(
@@ -349,14 +365,6 @@ impl Testnet {
                 ));
             }
             _ => {}
-        }
-        if config.discovery {
-            text.push_str(&format!("\n[discovery]\nlisten = \"{}\"\n", node.p2p));
-            if let Some(ttl) = config.record_ttl_secs {
-                text.push_str(&format!("record_ttl_secs = {ttl}\n"));
-            }
-        } else {
-            text.push_str("\n[discovery]\nenabled = false\n");
         }
         let config_path = node_dir.join("node.toml");
         std::fs::write(&config_path, text)?;
@@ -465,6 +473,11 @@ impl Testnet {
     /// the facilitator, every running miner known to every validator), when discovery runs.
     pub fn converged_in(&self) -> Option<Duration> {
         self.converged_in
+    }
+
+    /// Time from spawning the nodes until every one had logged its start.
+    pub fn started_in(&self) -> Duration {
+        self.started_in
     }
 
     /// The records a node's discovery directory holds now, asked over the record exchange.
@@ -646,6 +659,11 @@ impl Testnet {
                 bail!("{name} did not restart within {START_TIMEOUT:?}");
             }
             std::thread::sleep(Duration::from_millis(20));
+        }
+        // A restarted node has forgotten its directory: wait until it has learnt the network
+        // again (and the network has its new record).
+        if self.shape.discovery {
+            self.wait_converged(self.shape.converge_timeout)?;
         }
         Ok(())
     }

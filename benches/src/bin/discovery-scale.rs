@@ -104,7 +104,12 @@ fn main() -> anyhow::Result<()> {
         converged.as_secs_f64() * 1e3
     );
     println!(
-        "  harness total (keys, configs, spawn, converge): {:.0} ms",
+        "  of which {:.0} ms until every node had logged its start, {:.0} ms after that",
+        testnet.started_in().as_secs_f64() * 1e3,
+        converged.saturating_sub(testnet.started_in()).as_secs_f64() * 1e3
+    );
+    println!(
+        "  harness total (build check, keys, configs, spawn, converge): {:.0} ms",
         total.as_secs_f64() * 1e3
     );
     let request = JobRequest::command("cpu", program.to_str().context("utf-8 path")?);
@@ -153,6 +158,7 @@ fn main() -> anyhow::Result<()> {
         "validators": args.validators,
         "miners": args.miners,
         "converged_ms": converged.as_secs_f64() * 1e3,
+        "all_started_ms": testnet.started_in().as_secs_f64() * 1e3,
         "job_endpoint_ms": job_ms,
         "idle_secs": args.idle_secs,
         "rss_mib": memory.iter().map(|m| serde_json::json!({
