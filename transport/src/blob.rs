@@ -621,16 +621,26 @@ impl GetStream {
         }
         let held = buffer.len();
         let size = usize::try_from(self.size).map_err(io::Error::other)?;
-        // Zeroed lazily by the OS: its pages are faulted in by a helper thread ahead of the copy.
-        let mut dest = vec![0u8; size];
-        dest[..held].copy_from_slice(buffer);
-        *buffer = Vec::new();
+        // A caller's buffer with room (a reused one) is written in place: its pages are mapped
+        // already. Otherwise a fresh one, zeroed lazily by the OS, whose pages a helper thread
+        // faults in ahead of the copy.
+        let reused = buffer.capacity() >= size;
+        let mut dest = if reused {
+            let mut dest = std::mem::take(buffer);
+            dest.resize(size, 0);
+            dest
+        } else {
+            let mut dest = vec![0u8; size];
+            dest[..held].copy_from_slice(buffer);
+            *buffer = Vec::new();
+            dest
+        };
         let (inbox, stop) = self.start_reader(recv);
         let verifier = tokio::task::spawn_blocking(move || {
             let (written, result) = std::thread::scope(|scope| {
                 let tail = &mut dest[held..];
                 let (slices, receiver) = std::sync::mpsc::sync_channel(FAULT_AHEAD);
-                if tail.len() >= FAULT_THREAD_MIN {
+                if !reused && tail.len() >= FAULT_THREAD_MIN {
                     scope.spawn(move || fault_in(tail, slices));
                 } else {
                     let _ = slices.send(tail);
