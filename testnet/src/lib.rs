@@ -175,9 +175,27 @@ pub fn workspace_binary(name: &str, package: &str, env: &str) -> anyhow::Result<
                 command.args(["test", "--workspace", "--no-run", "--quiet"]);
             } else {
                 command.args(["build", "--quiet", "-p", package, "--bin", name]);
+                // Resolve features as the `cargo run` that started us did: with the running
+                // package selected too, shared dependencies keep one feature set, so the outer
+                // and this nested build do not rebuild each other's artifacts on every run.
+                if let Ok(running) = std::env::var("CARGO_PKG_NAME")
+                    && running != package
+                {
+                    command.args(["-p", &running]);
+                }
             }
             if release {
                 command.arg("--release");
+            }
+            // `cargo run` hands its package's variables (CARGO_MANIFEST_DIR, CARGO_PKG_*, …) to
+            // us. Build scripts such as ring's track some of them, so passing them on would make
+            // the nested build redo half the graph on every run.
+            for (key, _) in std::env::vars_os() {
+                if let Some(key) = key.to_str()
+                    && is_package_variable(key)
+                {
+                    command.env_remove(key);
+                }
             }
             let status = command
                 .status()
@@ -195,6 +213,18 @@ pub fn workspace_binary(name: &str, package: &str, env: &str) -> anyhow::Result<
         );
     }
     Ok(path)
+}
+
+/// Variables cargo sets for the package it runs, as opposed to cargo's own configuration.
+fn is_package_variable(key: &str) -> bool {
+    const PREFIXES: [&str; 5] = [
+        "CARGO_PKG_",
+        "CARGO_MANIFEST_",
+        "CARGO_CRATE_",
+        "CARGO_BIN_",
+        "CARGO_TARGET_TMPDIR",
+    ];
+    key == "CARGO_PRIMARY_PACKAGE" || PREFIXES.iter().any(|p| key.starts_with(p))
 }
 
 /// The `horde` binary.
@@ -765,4 +795,36 @@ fn read_log(path: &Path) -> String {
         let _ = file.read_to_string(&mut text);
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_package_variable;
+
+    #[test]
+    fn nested_builds_drop_the_running_package_variables_only() {
+        for key in [
+            "CARGO_MANIFEST_DIR",
+            "CARGO_MANIFEST_PATH",
+            "CARGO_PKG_NAME",
+            "CARGO_PKG_VERSION",
+            "CARGO_CRATE_NAME",
+            "CARGO_BIN_NAME",
+            "CARGO_PRIMARY_PACKAGE",
+            "CARGO_TARGET_TMPDIR",
+        ] {
+            assert!(is_package_variable(key), "{key} should be dropped");
+        }
+        for key in [
+            "CARGO",
+            "CARGO_HOME",
+            "CARGO_TARGET_DIR",
+            "CARGO_BUILD_JOBS",
+            "CARGO_NET_OFFLINE",
+            "CARGO_REGISTRIES_CRATES_IO_PROTOCOL",
+            "RUSTFLAGS",
+        ] {
+            assert!(!is_package_variable(key), "{key} should be kept");
+        }
+    }
 }
