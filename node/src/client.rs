@@ -24,7 +24,7 @@ use horde_protocol::{
     Signed, TerminateRequest, UnixMillis, UpMessage, UploadSpec, UploadTarget, VolumeList,
     VolumeSpec,
 };
-use horde_transport::tunnel::{HttpResponse, TunnelError, http_request};
+use horde_transport::tunnel::{HttpResponse, JobTunnel, TunnelError, http_request};
 use horde_transport::{
     ALPN_CONTROL, ALPN_JOB, ChannelError, ClientPolicy, ConnectError, EndpointConfig,
     HordeEndpoint, JobSession, SessionError, open_session, split,
@@ -542,6 +542,8 @@ pub struct JobConnection {
     pub job_key: Hotkey,
     /// The connection.
     pub connection: quinn::Connection,
+    /// The connection with the pinned job key checked and prepared: opens tunnel streams.
+    pub tunnel: JobTunnel,
     _endpoint: HordeEndpoint,
 }
 
@@ -560,11 +562,18 @@ impl JobConnection {
         let connection = local
             .connect(endpoint.address(), &endpoint.job_key(), ALPN_JOB)
             .await?;
+        let tunnel = JobTunnel::new(
+            connection.clone(),
+            job_id,
+            client_key.clone(),
+            endpoint.job_key(),
+        )?;
         Ok(Self {
             job_id,
             client_key,
             job_key: endpoint.job_key(),
             connection,
+            tunnel,
             _endpoint: local,
         })
     }
@@ -671,24 +680,8 @@ pub async fn compare_http(
     agree: impl FnOnce(&HttpResponse, &HttpResponse) -> bool,
 ) -> Result<Comparison, ClientError> {
     let (answer, trusted_answer) = tokio::try_join!(
-        http_request(
-            &job.connection,
-            job.job_id,
-            &job.client_key,
-            job.job_key,
-            method,
-            path,
-            body,
-        ),
-        http_request(
-            &trusted.connection,
-            trusted.job_id,
-            &trusted.client_key,
-            trusted.job_key,
-            method,
-            path,
-            body,
-        ),
+        http_request(&job.tunnel, method, path, body),
+        http_request(&trusted.tunnel, method, path, body),
     )?;
     let agree = agree(&answer, &trusted_answer);
     Ok(Comparison {

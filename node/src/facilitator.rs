@@ -60,6 +60,12 @@ const DOWN_QUEUE: usize = 16;
 /// How long a validator has to answer a forwarded report before it is counted as not reached.
 const REPORT_FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The longest a job waits for a miner with a free executor of its class before `NoMiner`.
+const MINER_WAIT_MAX: Duration = Duration::from_secs(2);
+
+/// How often the records are looked at again while a job waits for a miner.
+const MINER_POLL: Duration = Duration::from_millis(20);
+
 /// The live side of a running job.
 #[derive(Debug, Clone)]
 struct LiveJob {
@@ -552,6 +558,24 @@ impl Facilitator {
             .collect()
     }
 
+    /// Chooses a miner for `spec`. When none shows a free executor of the class, waits for one
+    /// to free up (a released executor reaches the records within milliseconds) for at most
+    /// [`MINER_WAIT_MAX`] or the spec's reservation deadline, whichever is shorter, before the
+    /// job is refused with `NoMiner`.
+    async fn wait_for_miner(&self, spec: &JobSpec) -> Option<NodeAddr> {
+        let wait = MINER_WAIT_MAX.min(Duration::from_millis(spec.deadlines.reservation_ms));
+        let until = tokio::time::Instant::now() + wait;
+        loop {
+            if let Some(miner) = self.choose_miner(&self.eligible_miners(spec)) {
+                return Some(miner);
+            }
+            if tokio::time::Instant::now() >= until {
+                return None;
+            }
+            tokio::time::sleep(MINER_POLL).await;
+        }
+    }
+
     fn choose_miner(&self, peers: &[NodeAddr]) -> Option<NodeAddr> {
         if peers.is_empty() {
             return None;
@@ -608,7 +632,7 @@ impl Facilitator {
         live: &LiveJob,
         down_rx: &mut mpsc::Receiver<DownMessage>,
     ) -> Option<JobStatus> {
-        let Some(miner) = self.choose_miner(&self.eligible_miners(spec)) else {
+        let Some(miner) = self.wait_for_miner(spec).await else {
             return Some(JobStatus::Rejected(RejectReason::NoMiner));
         };
         // Try validators in turn, starting from a rotating position.

@@ -592,10 +592,7 @@ pub async fn run_command(command: JobCommand) -> anyhow::Result<()> {
         } => {
             let (job_id, _endpoint, connection) = connect_job(&common, &job).await?;
             let response = horde_transport::tunnel::http_request(
-                &connection.connection,
-                job_id,
-                &connection.client_key,
-                connection.job_key,
+                &connection.tunnel,
                 &method,
                 &path,
                 data.unwrap_or_default().as_bytes(),
@@ -630,10 +627,7 @@ pub async fn run_command(command: JobCommand) -> anyhow::Result<()> {
             let (receipts_tx, mut receipts_rx) = tokio::sync::mpsc::channel(64);
             let forward = horde_transport::tunnel::forward_tcp(
                 listener,
-                connection.connection.clone(),
-                job_id,
-                connection.client_key.clone(),
-                connection.job_key,
+                connection.tunnel.clone(),
                 receipts_tx,
             );
             tokio::pin!(forward);

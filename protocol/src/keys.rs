@@ -79,6 +79,16 @@ impl Hotkey {
         VerifyingKey::from_bytes(&self.0).map_err(|_| KeyError::InvalidPoint)
     }
 
+    /// The key decompressed and checked once, for verifying many signatures by it (a job's
+    /// receipts): each [`HotkeyVerifier::verify`] then skips the point decompression.
+    pub fn verifier(&self) -> Result<HotkeyVerifier, KeyError> {
+        let key = self.verifying_key()?;
+        if key.is_weak() {
+            return Err(KeyError::WeakKey);
+        }
+        Ok(HotkeyVerifier { hotkey: *self, key })
+    }
+
     /// Lower-case hex without prefix.
     pub fn to_hex(&self) -> String {
         hex::encode(self.0)
@@ -135,14 +145,36 @@ impl Hotkey {
         message: &[u8],
         signature: &Signature,
     ) -> Result<(), SignatureError> {
-        let key = self
-            .verifying_key()
-            .map_err(|_| SignatureError::InvalidKey)?;
-        if key.is_weak() {
-            return Err(SignatureError::InvalidKey);
-        }
+        self.verifier()
+            .map_err(|_| SignatureError::InvalidKey)?
+            .verify(domain, message, signature)
+    }
+}
+
+/// A [`Hotkey`] prepared for verification (see [`Hotkey::verifier`]): decompressed, and known not
+/// to be weak.
+#[derive(Clone, Copy, Debug)]
+pub struct HotkeyVerifier {
+    hotkey: Hotkey,
+    key: VerifyingKey,
+}
+
+impl HotkeyVerifier {
+    /// The key this verifier checks signatures for.
+    pub fn hotkey(&self) -> &Hotkey {
+        &self.hotkey
+    }
+
+    /// Checks `signature` over `domain ‖ message`, exactly as [`Hotkey::verify`] does.
+    pub fn verify(
+        &self,
+        domain: &str,
+        message: &[u8],
+        signature: &Signature,
+    ) -> Result<(), SignatureError> {
         let signature = ed25519_dalek::Signature::from_bytes(signature.as_bytes());
-        key.verify_strict(&domain_separated(domain, message), &signature)
+        self.key
+            .verify_strict(&domain_separated(domain, message), &signature)
             .map_err(|_| SignatureError::Invalid)
     }
 }
@@ -560,6 +592,34 @@ mod tests {
         // Moving bytes between tag and message does not produce the same signed bytes.
         assert_eq!(
             hotkey.verify("horde/a/v", b"1message", &signature),
+            Err(SignatureError::Invalid)
+        );
+    }
+
+    #[test]
+    fn a_prepared_verifier_agrees_with_the_hotkey() {
+        let key = SecretKey::from_seed(&[2; 32]);
+        let hotkey = key.hotkey();
+        let verifier = hotkey.verifier().unwrap();
+        assert_eq!(verifier.hotkey(), &hotkey);
+        let signature = key.sign("horde/a/v1", b"message");
+        assert_eq!(
+            verifier.verify("horde/a/v1", b"message", &signature),
+            Ok(())
+        );
+        for (domain, message) in [("horde/b/v1", &b"message"[..]), ("horde/a/v1", b"massage")] {
+            assert_eq!(
+                verifier.verify(domain, message, &signature),
+                Err(SignatureError::Invalid)
+            );
+            assert_eq!(
+                hotkey.verify(domain, message, &signature),
+                Err(SignatureError::Invalid)
+            );
+        }
+        let other = SecretKey::from_seed(&[3; 32]).sign("horde/a/v1", b"message");
+        assert_eq!(
+            verifier.verify("horde/a/v1", b"message", &other),
             Err(SignatureError::Invalid)
         );
     }

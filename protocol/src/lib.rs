@@ -34,7 +34,7 @@ pub use job::{
     RelativePath, Stage, TerminateRequest, UnixMillis, UploadSpec, UploadTarget, VolumeList,
     VolumeSource, VolumeSpec,
 };
-pub use keys::{Hotkey, KeyError, KeyFileError, SecretKey, SignatureError};
+pub use keys::{Hotkey, HotkeyVerifier, KeyError, KeyFileError, SecretKey, SignatureError};
 pub use messages::{ControlMessage, DownMessage, JobStatus, TunnelFrame, UpMessage};
 pub use records::{
     ClassCapacity, EndpointRecord, JobReceipt, MinerReport, NodeRecord, RecordSync, ReportError,

@@ -13,7 +13,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::codec::{DecodeError, from_bytes_exact, to_bytes};
-use crate::keys::{Hotkey, SecretKey, SignatureError};
+use crate::keys::{Hotkey, HotkeyVerifier, SecretKey, SignatureError};
 
 /// A 64-byte ed25519 signature.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -129,24 +129,38 @@ impl<T: Signable> Signed<T> {
 
     /// Verifies the signature over the exact bytes held, then decodes them (no trailing bytes).
     pub fn verify(&self) -> Result<T, VerifyError> {
-        self.signer
-            .verify(T::DOMAIN, &self.bytes, &self.signature)
-            .map_err(|source| VerifyError::BadSignature {
-                signer: self.signer,
-                source,
-            })?;
-        Ok(from_bytes_exact(&self.bytes)?)
+        self.decode_checked(self.signer.verify(T::DOMAIN, &self.bytes, &self.signature))
     }
 
     /// Like [`Signed::verify`], and requires the signer to be `expected`.
     pub fn verify_by(&self, expected: &Hotkey) -> Result<T, VerifyError> {
+        self.check_signer(expected)?;
+        self.verify()
+    }
+
+    /// Like [`Signed::verify_by`] with a key prepared once for many signatures.
+    pub fn verify_with(&self, expected: &HotkeyVerifier) -> Result<T, VerifyError> {
+        self.check_signer(expected.hotkey())?;
+        self.decode_checked(expected.verify(T::DOMAIN, &self.bytes, &self.signature))
+    }
+
+    /// Decodes the bytes once their signature `check` passed.
+    fn decode_checked(&self, check: Result<(), SignatureError>) -> Result<T, VerifyError> {
+        check.map_err(|source| VerifyError::BadSignature {
+            signer: self.signer,
+            source,
+        })?;
+        Ok(from_bytes_exact(&self.bytes)?)
+    }
+
+    fn check_signer(&self, expected: &Hotkey) -> Result<(), VerifyError> {
         if &self.signer != expected {
             return Err(VerifyError::WrongSigner {
                 expected: *expected,
                 actual: self.signer,
             });
         }
-        self.verify()
+        Ok(())
     }
 
     /// Who claims to have signed (not verified by itself).
@@ -236,6 +250,13 @@ mod tests {
         let signed = Signed::sign(&key, &greeting());
         assert_eq!(signed.verify().unwrap(), greeting());
         assert_eq!(signed.verify_by(&key.hotkey()).unwrap(), greeting());
+        let verifier = key.hotkey().verifier().unwrap();
+        assert_eq!(signed.verify_with(&verifier).unwrap(), greeting());
+        let stranger = SecretKey::from_seed(&[2; 32]).hotkey();
+        assert!(matches!(
+            signed.verify_with(&stranger.verifier().unwrap()),
+            Err(VerifyError::WrongSigner { .. })
+        ));
         // Survives a trip over the wire.
         let wire = to_bytes(&signed);
         let back: Signed<Greeting> = from_bytes_exact(&wire).unwrap();

@@ -9,7 +9,7 @@ use horde_node::client::{Client, JobRequest};
 use horde_protocol::{
     JobStatus, RelativePath, SecretKey, UploadSpec, UploadTarget, VolumeSource, VolumeSpec,
 };
-use horde_transport::tunnel::{TunnelStream, http_request};
+use horde_transport::tunnel::http_request;
 
 use crate::Testnet;
 use crate::demo_job::websocket::{accept_key, decode_frame, encode_frame};
@@ -89,18 +89,7 @@ pub async fn run_demo(testnet: &Testnet, out: &mut impl Write) -> anyhow::Result
     let connection = job.connect_job(&endpoint).await?;
     let call = |method: &'static str, path: &'static str, body: &'static [u8]| {
         let connection = &connection;
-        async move {
-            http_request(
-                &connection.connection,
-                connection.job_id,
-                &connection.client_key,
-                connection.job_key,
-                method,
-                path,
-                body,
-            )
-            .await
-        }
+        async move { http_request(&connection.tunnel, method, path, body).await }
     };
 
     let response = call("POST", "/echo", b"hello through the tunnel").await?;
@@ -130,14 +119,7 @@ pub async fn run_demo(testnet: &Testnet, out: &mut impl Write) -> anyhow::Result
     );
 
     // WebSocket echo on one tunnel stream.
-    let client_key = job.client_key().context("client key")?.clone();
-    let mut ws = TunnelStream::open(
-        &connection.connection,
-        job.job_id(),
-        &client_key,
-        endpoint.job_key(),
-    )
-    .await?;
+    let mut ws = connection.tunnel.open().await?;
     let key = "ZGVtby13ZWJzb2NrZXQta2V5";
     ws.write(
         format!(

@@ -14,7 +14,7 @@ use horde_protocol::{
     UploadSpec, UploadTarget, VolumeSource, VolumeSpec,
 };
 use horde_testnet::{Testnet, TestnetConfig, demo_job_binary};
-use horde_transport::tunnel::{TunnelStream, http_request};
+use horde_transport::tunnel::http_request;
 
 fn demo_request() -> JobRequest {
     let program = demo_job_binary().expect("demo job binary");
@@ -58,17 +58,9 @@ async fn endpoint(job: &mut JobHandle, testnet: &Testnet) -> VerifiedEndpoint {
 }
 
 async fn get(connection: &JobConnection, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
-    let response = http_request(
-        &connection.connection,
-        connection.job_id,
-        &connection.client_key,
-        connection.job_key,
-        method,
-        path,
-        body,
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+    let response = http_request(&connection.tunnel, method, path, body)
+        .await
+        .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
     // The receipt is verified inside http_request; check it names this job and key again.
     let receipt = response.receipt.verify_by(&connection.job_key).unwrap();
     assert_eq!(receipt.job_id, connection.job_id);
@@ -133,15 +125,7 @@ async fn whole_flow_with_every_kind_of_traffic() {
     assert!(text.contains("[DONE]"));
 
     // WebSocket round trip on one tunnel stream, full duplex.
-    let client_key = job.client_key().unwrap().clone();
-    let mut ws = TunnelStream::open(
-        &connection.connection,
-        job.job_id(),
-        &client_key,
-        endpoint.job_key(),
-    )
-    .await
-    .unwrap();
+    let mut ws = connection.tunnel.open().await.unwrap();
     ws.write(
         b"GET /ws HTTP/1.1\r\nHost: job\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
           Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
@@ -280,17 +264,9 @@ async fn forged_endpoint_record_is_refused_and_wrong_client_key_cannot_connect()
     let intruder = JobConnection::connect(job.job_id(), SecretKey::generate(), &endpoint).await;
     let refused = match intruder {
         Err(_) => true,
-        Ok(connection) => http_request(
-            &connection.connection,
-            job.job_id(),
-            &connection.client_key,
-            connection.job_key,
-            "GET",
-            "/health",
-            b"",
-        )
-        .await
-        .is_err(),
+        Ok(connection) => http_request(&connection.tunnel, "GET", "/health", b"")
+            .await
+            .is_err(),
     };
     assert!(refused, "a foreign client key reached the job");
     job.terminate().await.unwrap();
@@ -306,16 +282,7 @@ async fn job_exiting_non_zero_fails_in_execution() {
     let (_client, mut job) = submit(&testnet, &demo_request()).await;
     let endpoint = endpoint(&mut job, &testnet).await;
     let connection = job.connect_job(&endpoint).await.unwrap();
-    let _ = http_request(
-        &connection.connection,
-        job.job_id(),
-        &connection.client_key,
-        connection.job_key,
-        "GET",
-        "/exit?code=3",
-        b"",
-    )
-    .await;
+    let _ = http_request(&connection.tunnel, "GET", "/exit?code=3", b"").await;
     let end = job.wait_for_end().await.unwrap();
     match end {
         JobStatus::Failed(failure) => {

@@ -46,17 +46,9 @@ async fn serving(client: &Client, request: &JobRequest) -> (JobHandle, VerifiedE
 }
 
 async fn echo(connection: &JobConnection, body: &[u8]) -> HttpResponse {
-    http_request(
-        &connection.connection,
-        connection.job_id,
-        &connection.client_key,
-        connection.job_key,
-        "POST",
-        "/echo",
-        body,
-    )
-    .await
-    .unwrap()
+    http_request(&connection.tunnel, "POST", "/echo", body)
+        .await
+        .unwrap()
 }
 
 fn refused(verdict: ReportVerdict) -> String {

@@ -34,17 +34,9 @@ async fn smoke_submit_to_endpoint_to_terminate() {
         JobConnection::connect(job.job_id(), job.client_key().unwrap().clone(), &endpoint)
             .await
             .unwrap();
-    let response = horde_transport::tunnel::http_request(
-        &connection.connection,
-        job.job_id(),
-        &connection.client_key,
-        connection.job_key,
-        "GET",
-        "/",
-        b"",
-    )
-    .await
-    .unwrap();
+    let response = horde_transport::tunnel::http_request(&connection.tunnel, "GET", "/", b"")
+        .await
+        .unwrap();
     assert_eq!(response.status, 200);
     job.terminate().await.unwrap();
     let end = job.wait_for_end().await.unwrap();

@@ -14,13 +14,20 @@
 //!
 //! **Ending a stream.**
 //! - The client sends `Data` frames, then `ClientEnd` (its signature over the job id, the stream
-//!   id and the BLAKE3 digest of every byte it sent), then finishes its side.
-//! - The executor ([`serve_tunnel_stream`]) forwards client bytes to the job over TCP; on
-//!   `ClientEnd` it verifies the signature against the spec's client key and shuts down the TCP
-//!   write half. It forwards the job's output until the job closes TCP (EOF), then sends an
-//!   **empty `Data` frame** (the *output-ended marker*: the job will send nothing more, so a
-//!   forwarder can pass the EOF on to its local client). Once both the job's EOF and the verified
-//!   `ClientEnd` are in, it sends `JobEnd` (the receipt, signed by the job key) and finishes.
+//!   id and the BLAKE3 digest of every byte it sent), then finishes its side. It lets the data go
+//!   out before it signs, so the job starts on a request while the signature is made.
+//! - The executor ([`serve_tunnel_stream`]) forwards client bytes to the job over TCP. When
+//!   `ClientEnd` arrives it checks at once what costs nothing: the signer is the spec's client
+//!   key, and the job, stream and digest are this stream's and what arrived (a mismatch resets
+//!   the stream, [`TunnelError::BadClientSignature`]); then it shuts down the TCP write half. It
+//!   forwards the job's output until the job closes TCP (EOF). Then it sends an **empty `Data`
+//!   frame** (the *output-ended marker*: the job will send nothing more, so a forwarder can pass
+//!   the EOF on to its local client) — at once if the client is still sending, otherwise in the
+//!   same write as the receipt. Once both the job's EOF and `ClientEnd` are in, it sends
+//!   `JobEnd` (the receipt, signed by the job key) and finishes. Only then does it check
+//!   `ClientEnd`'s signature: the receipt attests what the executor itself forwarded and does
+//!   not depend on it, so the check stays off the reply's path; a signature that does not verify
+//!   fails the stream in the executor's records (the error, and no receipt logged as served).
 //! - If the job closes first and `ClientEnd` does not arrive within [`CLIENT_END_GRACE`] of the
 //!   job's EOF, the executor sends the receipt anyway, with the digest of what it had received,
 //!   and stops reading. In the normal case (a client that finishes after reading the response,
@@ -31,12 +38,14 @@
 //!   [`TunnelError::BadReceipt`]; a stream that ends without one is
 //!   [`TunnelError::MissingReceipt`].
 //!
-//! Entry points: [`serve_job_endpoint`] / [`serve_tunnel_stream`] (executor side),
-//! [`TunnelStream`] (client side), [`forward_tcp`] (a local TCP port tunneled to the job) and
-//! [`http_request`] (one HTTP/1.1 request through one stream).
+//! Entry points: [`serve_job_endpoint`] / [`serve_tunnel_stream`] (executor side); on the client,
+//! [`JobTunnel`] (a job connection whose peer was checked once against the pinned job key) opens
+//! [`TunnelStream`]s, [`http_request`] sends one HTTP/1.1 request through one stream, and
+//! [`forward_tcp`] tunnels a local TCP port to the job.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -45,7 +54,7 @@ use horde_protocol::codec::{
     FRAME_HEADER_LEN, FrameError, MAX_FRAME_LEN, encode_frame, frame_len, from_bytes_exact,
 };
 use horde_protocol::records::ClientStreamSignature;
-use horde_protocol::{Hotkey, JobId, JobReceipt, SecretKey, Signed, TunnelFrame};
+use horde_protocol::{Hotkey, HotkeyVerifier, JobId, JobReceipt, SecretKey, Signed, TunnelFrame};
 use quinn::VarInt;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
@@ -518,8 +527,7 @@ async fn serve_with_grace(
 ) -> Result<TunnelStats, TunnelError> {
     let stream = u64::from(recv.id());
     let mut frames = FrameIn::new(recv);
-    let tcp = match tokio::time::timeout(JOB_CONNECT_TIMEOUT, TcpStream::connect(ctx.target)).await
-    {
+    let tcp = match tokio::time::timeout(JOB_CONNECT_TIMEOUT, connect_job(ctx.target)).await {
         Ok(Ok(tcp)) => tcp,
         Ok(Err(source)) => return Err(abandon(&mut send, &mut frames, job_connect(ctx, source))),
         Err(_) => {
@@ -532,49 +540,57 @@ async fn serve_with_grace(
     let (tcp_read, mut tcp_write) = tcp.into_split();
     let mut inbound = Tally::new();
     let mut outbound = Tally::new();
+    // The client's `ClientEnd`, its digest already matched against what arrived. Its signature
+    // is checked once the receipt is out: it is the client's evidence for the executor's
+    // records and changes nothing in the reply or the receipt, so it stays off their path.
     let mut client_end = None;
+    // Set once `ClientEnd` is in, so the output-ended marker can wait for the receipt and go
+    // out in the same packet (both pumps run in this task).
+    let client_done = AtomicBool::new(false);
 
     let result = {
         let pump_in = pump_in(
             &mut frames,
             &mut tcp_write,
             &mut inbound,
-            &mut client_end,
             ctx,
             stream,
+            &client_done,
         );
-        let pump_out = pump_out(tcp_read, &mut send, &mut outbound);
+        let pump_out = pump_out(tcp_read, &mut send, &mut outbound, &client_done);
         let grace_timer = tokio::time::sleep(Duration::MAX / 4);
         tokio::pin!(pump_in, pump_out, grace_timer);
-        let (mut in_done, mut out_done) = (false, false);
+        let (mut in_done, mut marker_sent) = (false, None);
         loop {
             tokio::select! {
                 result = &mut pump_in, if !in_done => {
-                    if let Err(error) = result {
-                        break Err(error);
+                    match result {
+                        Ok(signed) => client_end = Some(signed),
+                        Err(error) => break Err(error),
                     }
                     in_done = true;
                 }
-                result = &mut pump_out, if !out_done => {
-                    if let Err(error) = result {
-                        break Err(error);
+                result = &mut pump_out, if marker_sent.is_none() => {
+                    match result {
+                        Ok(sent) => marker_sent = Some(sent),
+                        Err(error) => break Err(error),
                     }
-                    out_done = true;
                     grace_timer.as_mut().reset(tokio::time::Instant::now() + grace);
                 }
-                () = &mut grace_timer, if out_done && !in_done => {
+                () = &mut grace_timer, if marker_sent.is_some() && !in_done => {
                     debug!(stream, "no ClientEnd within the grace period after the job's EOF");
-                    break Ok(());
+                    break Ok(marker_sent);
                 }
             }
-            if in_done && out_done {
-                break Ok(());
+            if in_done && marker_sent.is_some() {
+                break Ok(marker_sent);
             }
         }
     };
-    if let Err(error) = result {
-        return Err(abandon(&mut send, &mut frames, error));
-    }
+    let marker_sent = match result {
+        Ok(marker_sent) => marker_sent.unwrap_or(false),
+        Err(error) => return Err(abandon(&mut send, &mut frames, error)),
+    };
     drop(tcp_write);
 
     let receipt = Signed::sign(
@@ -588,11 +604,29 @@ async fn serve_with_grace(
             bytes_out: outbound.bytes,
         },
     );
-    write_frame(&mut send, &TunnelFrame::JobEnd(receipt.clone())).await?;
+    // The output-ended marker, if still due, and the receipt in one write (one packet for a
+    // short exchange), then the stream's end.
+    let mut ending = if marker_sent {
+        Vec::new()
+    } else {
+        encode_frame(&TunnelFrame::Data(Vec::new()), MAX_TUNNEL_FRAME_LEN)?
+    };
+    ending.extend_from_slice(&encode_frame(
+        &TunnelFrame::JobEnd(receipt.clone()),
+        MAX_TUNNEL_FRAME_LEN,
+    )?);
+    send.write_all(&ending)
+        .await
+        .map_err(TunnelError::from_write)?;
     // Finishing after a reset by the peer fails; the receipt is written either way.
     let _ = send.finish();
     if client_end.is_none() {
         frames.stop(codes::CANCELLED);
+    }
+    // Let the connection send the receipt before this task checks the client's signature.
+    tokio::task::yield_now().await;
+    if let Some(signed) = &client_end {
+        check_client_end(signed, &ctx.client_key)?;
     }
     Ok(TunnelStats {
         stream,
@@ -601,6 +635,88 @@ async fn serve_with_grace(
         client_end,
         receipt,
     })
+}
+
+/// Checks what `ClientEnd` says against what arrived: this job, this stream, the digest of
+/// exactly the bytes received (`received`). Cheap: the signature is checked apart, by
+/// [`check_client_end`].
+fn match_client_end(
+    signed: &Signed<ClientStreamSignature>,
+    ctx: &TunnelContext,
+    stream: u64,
+    received: &Tally,
+) -> Result<(), TunnelError> {
+    if signed.signer() != &ctx.client_key {
+        return Err(TunnelError::BadClientSignature(format!(
+            "signed by {}, not the spec's client key",
+            signed.signer().fmt_short()
+        )));
+    }
+    let job_id = ctx.job_id;
+    let signature: ClientStreamSignature = from_bytes_exact(signed.bytes())
+        .map_err(|error| TunnelError::BadClientSignature(error.to_string()))?;
+    if signature.job_id != job_id {
+        return Err(TunnelError::BadClientSignature(format!(
+            "signed for job {}, this is job {job_id}",
+            signature.job_id
+        )));
+    }
+    if signature.stream != stream {
+        return Err(TunnelError::BadClientSignature(format!(
+            "signed for stream {}, this is stream {stream}",
+            signature.stream
+        )));
+    }
+    if signature.digest_in != received.digest() {
+        return Err(TunnelError::BadClientSignature(format!(
+            "digest does not match the {} bytes received",
+            received.bytes
+        )));
+    }
+    Ok(())
+}
+
+/// Checks `ClientEnd`'s signature: by the spec's client key, over the bytes held.
+fn check_client_end(
+    signed: &Signed<ClientStreamSignature>,
+    client_key: &Hotkey,
+) -> Result<(), TunnelError> {
+    signed
+        .verify_by(client_key)
+        .map(drop)
+        .map_err(|error| TunnelError::BadClientSignature(error.to_string()))
+}
+
+/// Connects to the job's TCP port. On loopback the handshake is usually complete when the
+/// non-blocking `connect` returns; then the connection is used at once, without the round trip
+/// through the runtime's readiness events that `TcpStream::connect` always takes. Otherwise it
+/// waits for writability as usual. Never blocks the thread.
+async fn connect_job(addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_nonblocking(true)?;
+    let in_progress = match socket.connect(&addr.into()) {
+        Ok(()) => false,
+        Err(error)
+            if error.raw_os_error() == Some(rustix::io::Errno::INPROGRESS.raw_os_error()) =>
+        {
+            true
+        }
+        Err(error) => return Err(error),
+    };
+    let connected = !in_progress || socket.peer_addr().is_ok();
+    let stream = TcpStream::from_std(std::net::TcpStream::from(socket))?;
+    if !connected {
+        stream.writable().await?;
+        if let Some(error) = stream.take_error()? {
+            return Err(error);
+        }
+        stream.peer_addr()?;
+    }
+    Ok(stream)
 }
 
 fn job_connect(ctx: &TunnelContext, source: std::io::Error) -> TunnelError {
@@ -619,16 +735,16 @@ fn abandon(send: &mut quinn::SendStream, frames: &mut FrameIn, error: TunnelErro
     error
 }
 
-/// Client → job: forwards `Data`, returns once a valid `ClientEnd` arrived (after shutting down
-/// the job's input).
+/// Client → job: forwards `Data` until `ClientEnd` arrives, checks that it names this stream
+/// and what arrived, shuts down the job's input, sets `client_done` and hands `ClientEnd` back.
 async fn pump_in(
     frames: &mut FrameIn,
     tcp_write: &mut tokio::net::tcp::OwnedWriteHalf,
     tally: &mut Tally,
-    client_end: &mut Option<Signed<ClientStreamSignature>>,
     ctx: &TunnelContext,
     stream: u64,
-) -> Result<(), TunnelError> {
+    client_done: &AtomicBool,
+) -> Result<Signed<ClientStreamSignature>, TunnelError> {
     let mut job_input_open = true;
     loop {
         match frames.next().await? {
@@ -643,33 +759,13 @@ async fn pump_in(
             }
             Incoming::Empty => {}
             Incoming::ClientEnd(signed) => {
-                let signature = signed
-                    .verify_by(&ctx.client_key)
-                    .map_err(|error| TunnelError::BadClientSignature(error.to_string()))?;
-                if signature.job_id != ctx.job_id {
-                    return Err(TunnelError::BadClientSignature(format!(
-                        "signed for job {}, this is job {}",
-                        signature.job_id, ctx.job_id
-                    )));
-                }
-                if signature.stream != stream {
-                    return Err(TunnelError::BadClientSignature(format!(
-                        "signed for stream {}, this is stream {stream}",
-                        signature.stream
-                    )));
-                }
-                if signature.digest_in != tally.digest() {
-                    return Err(TunnelError::BadClientSignature(format!(
-                        "digest does not match the {} bytes received",
-                        tally.bytes
-                    )));
-                }
-                *client_end = Some(signed);
+                match_client_end(&signed, ctx, stream, tally)?;
+                client_done.store(true, Ordering::Relaxed);
                 if job_input_open {
                     // The job may have closed already; its EOF still comes on the read half.
                     let _ = tcp_write.shutdown().await;
                 }
-                return Ok(());
+                return Ok(signed);
             }
             Incoming::JobEnd(_) => {
                 return Err(TunnelError::UnexpectedFrame("JobEnd from the client"));
@@ -679,12 +775,15 @@ async fn pump_in(
     }
 }
 
-/// Job → client: forwards the job's output until its EOF, then sends the output-ended marker.
+/// Job → client: forwards the job's output until its EOF. Sends the output-ended marker then if
+/// the client is still sending (a forwarder passes the EOF on while its client may go on);
+/// otherwise the marker goes out with the receipt. Returns whether it was sent.
 async fn pump_out(
     mut tcp_read: tokio::net::tcp::OwnedReadHalf,
     send: &mut quinn::SendStream,
     tally: &mut Tally,
-) -> Result<(), TunnelError> {
+    client_done: &AtomicBool,
+) -> Result<bool, TunnelError> {
     let mut buffer = BytesMut::with_capacity(DATA_CHUNK);
     loop {
         buffer.reserve(DATA_CHUNK);
@@ -693,7 +792,11 @@ async fn pump_out(
             .await
             .map_err(TunnelError::Job)?;
         if read == 0 {
-            return write_frame(send, &TunnelFrame::Data(Vec::new())).await;
+            if client_done.load(Ordering::Relaxed) {
+                return Ok(false);
+            }
+            write_frame(send, &TunnelFrame::Data(Vec::new())).await?;
+            return Ok(true);
         }
         let payload = buffer.split().freeze();
         tally.add(&payload);
@@ -915,7 +1018,7 @@ pub struct TunnelReader {
     frames: FrameIn,
     job_id: JobId,
     stream: u64,
-    job_key: Hotkey,
+    job_key: HotkeyVerifier,
     sent: SentTally,
     received: Tally,
     output_ended: bool,
@@ -953,47 +1056,92 @@ enum ReaderEvent {
     Done,
 }
 
-impl TunnelStream {
-    /// Opens a tunnel stream on a `horde/job/1` connection to the job endpoint, whose TLS
-    /// identity must be `job_key` (the key pinned from the verified endpoint record).
-    pub async fn open(
-        connection: &quinn::Connection,
+/// A `horde/job/1` connection to a job endpoint, with the job, the per-job client key and the
+/// pinned job key. [`JobTunnel::new`] checks once that the connection's peer (its TLS
+/// certificate, verified at the handshake) is the pinned job key and prepares that key for
+/// verifying receipts, so a stream opened afterwards costs no certificate parsing and no point
+/// decompression. Cheap to clone.
+#[derive(Clone)]
+pub struct JobTunnel {
+    connection: quinn::Connection,
+    job_id: JobId,
+    client_key: SecretKey,
+    job_key: HotkeyVerifier,
+}
+
+impl std::fmt::Debug for JobTunnel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JobTunnel")
+            .field("job_id", &self.job_id)
+            .field("job_key", self.job_key.hotkey())
+            .field("remote", &self.connection.remote_address())
+            .finish_non_exhaustive()
+    }
+}
+
+impl JobTunnel {
+    /// Wraps a `horde/job/1` connection to the job endpoint, whose TLS identity must be `job_key`
+    /// (the key pinned from the verified endpoint record); [`TunnelError::WrongJobKey`] otherwise.
+    pub fn new(
+        connection: quinn::Connection,
         job_id: JobId,
-        client_key: &SecretKey,
+        client_key: SecretKey,
         job_key: Hotkey,
     ) -> Result<Self, TunnelError> {
-        match remote_hotkey(connection) {
+        let wrong = |actual: String| TunnelError::WrongJobKey {
+            expected: job_key,
+            actual,
+        };
+        match remote_hotkey(&connection) {
             Ok(actual) if actual == job_key => {}
-            Ok(actual) => {
-                return Err(TunnelError::WrongJobKey {
-                    expected: job_key,
-                    actual: actual.to_string(),
-                });
-            }
-            Err(error) => {
-                return Err(TunnelError::WrongJobKey {
-                    expected: job_key,
-                    actual: error.to_string(),
-                });
-            }
+            Ok(actual) => return Err(wrong(actual.to_string())),
+            Err(error) => return Err(wrong(error.to_string())),
         }
-        let (send, recv) = connection.open_bi().await?;
+        let job_key = job_key
+            .verifier()
+            .map_err(|error| wrong(error.to_string()))?;
+        Ok(Self {
+            connection,
+            job_id,
+            client_key,
+            job_key,
+        })
+    }
+
+    /// The QUIC connection.
+    pub fn connection(&self) -> &quinn::Connection {
+        &self.connection
+    }
+
+    /// The job.
+    pub fn job_id(&self) -> JobId {
+        self.job_id
+    }
+
+    /// The pinned job key.
+    pub fn job_key(&self) -> Hotkey {
+        *self.job_key.hotkey()
+    }
+
+    /// Opens a tunnel stream to the job.
+    pub async fn open(&self) -> Result<TunnelStream, TunnelError> {
+        let (send, recv) = self.connection.open_bi().await?;
         let stream = u64::from(send.id());
         let sent = Arc::new(Mutex::new(Tally::new()));
-        Ok(Self {
+        Ok(TunnelStream {
             writer: TunnelWriter {
                 send,
-                job_id,
+                job_id: self.job_id,
                 stream,
-                client_key: client_key.clone(),
+                client_key: self.client_key.clone(),
                 sent: Arc::clone(&sent),
                 finished: false,
             },
             reader: TunnelReader {
                 frames: FrameIn::new(recv),
-                job_id,
+                job_id: self.job_id,
                 stream,
-                job_key,
+                job_key: self.job_key,
                 sent,
                 received: Tally::new(),
                 output_ended: false,
@@ -1001,7 +1149,9 @@ impl TunnelStream {
             },
         })
     }
+}
 
+impl TunnelStream {
     /// The QUIC stream id, as signed in `ClientEnd` and the receipt.
     pub fn id(&self) -> u64 {
         self.writer.stream
@@ -1064,6 +1214,9 @@ impl TunnelWriter {
             return Err(TunnelError::Finished);
         }
         self.finished = true;
+        // Let the connection send the data already written before this task spends its time on
+        // the signature: the job can start on the request meanwhile.
+        tokio::task::yield_now().await;
         let digest_in = lock(&self.sent).digest();
         let signature = Signed::sign(
             &self.client_key,
@@ -1159,7 +1312,7 @@ impl TunnelReader {
 
     fn verify_receipt(&self, signed: &Signed<JobReceipt>) -> Result<(), TunnelError> {
         let bad = |reason: String| Err(TunnelError::BadReceipt(reason));
-        let receipt = match signed.verify_by(&self.job_key) {
+        let receipt = match signed.verify_with(&self.job_key) {
             Ok(receipt) => receipt,
             Err(error) => return bad(error.to_string()),
         };
@@ -1206,12 +1359,10 @@ impl TunnelReader {
 /// Runs until the QUIC connection closes (returned as [`TunnelError::Connection`]).
 pub async fn forward_tcp(
     listener: TcpListener,
-    connection: quinn::Connection,
-    job_id: JobId,
-    client_key: SecretKey,
-    job_key: Hotkey,
+    tunnel: JobTunnel,
     receipts: mpsc::Sender<Signed<JobReceipt>>,
 ) -> Result<(), TunnelError> {
+    let connection = tunnel.connection().clone();
     let slots = Arc::new(Semaphore::new(MAX_FORWARDED_CONNECTIONS));
     let mut tasks = JoinSet::new();
     loop {
@@ -1237,14 +1388,11 @@ pub async fn forward_tcp(
             },
         };
         while tasks.try_join_next().is_some() {}
-        let connection = connection.clone();
-        let client_key = client_key.clone();
+        let tunnel = tunnel.clone();
         let receipts = receipts.clone();
         tasks.spawn(
             async move {
-                let result =
-                    forward_connection(tcp, &connection, job_id, &client_key, job_key, receipts)
-                        .await;
+                let result = forward_connection(tcp, &tunnel, receipts).await;
                 drop(permit);
                 match result {
                     Ok(()) => debug!("forwarded connection done"),
@@ -1258,14 +1406,11 @@ pub async fn forward_tcp(
 
 async fn forward_connection(
     tcp: TcpStream,
-    connection: &quinn::Connection,
-    job_id: JobId,
-    client_key: &SecretKey,
-    job_key: Hotkey,
+    tunnel: &JobTunnel,
     receipts: mpsc::Sender<Signed<JobReceipt>>,
 ) -> Result<(), TunnelError> {
     let _ = tcp.set_nodelay(true);
-    let tunnel = TunnelStream::open(connection, job_id, client_key, job_key).await?;
+    let tunnel = tunnel.open().await?;
     let (mut writer, mut reader) = tunnel.into_split();
     let (mut local_read, mut local_write) = tcp.into_split();
 
@@ -1362,10 +1507,7 @@ impl HttpResponse {
 /// response to the end and verifies the job's receipt. Handles `Content-Length`, chunked and
 /// read-to-EOF bodies.
 pub async fn http_request(
-    connection: &quinn::Connection,
-    job_id: JobId,
-    client_key: &SecretKey,
-    job_key: Hotkey,
+    tunnel: &JobTunnel,
     method: &str,
     path: &str,
     body: &[u8],
@@ -1384,7 +1526,7 @@ pub async fn http_request(
     .into_bytes();
     request.extend_from_slice(body);
 
-    let mut tunnel = TunnelStream::open(connection, job_id, client_key, job_key).await?;
+    let mut tunnel = tunnel.open().await?;
     tunnel.write_bytes(Bytes::from(request)).await?;
     tunnel.finish_sending().await?;
     let mut response = Vec::new();
@@ -1542,10 +1684,16 @@ mod tests {
             .connect(addr, &job_key.hotkey(), ALPN_JOB)
             .await
             .unwrap();
-        let mut tunnel =
-            TunnelStream::open(&connection, JobId([5; 16]), &client_key, job_key.hotkey())
-                .await
-                .unwrap();
+        let mut tunnel = JobTunnel::new(
+            connection.clone(),
+            JobId([5; 16]),
+            client_key,
+            job_key.hotkey(),
+        )
+        .unwrap()
+        .open()
+        .await
+        .unwrap();
         tunnel.write(b"hello").await.unwrap();
         // No finish_sending: the receipt comes after the grace period anyway, and verifies
         // because nothing was in flight.

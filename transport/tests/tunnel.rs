@@ -10,11 +10,11 @@ use std::time::Duration;
 
 use horde_protocol::codec::MAX_FRAME_LEN;
 use horde_protocol::records::ClientStreamSignature;
-use horde_protocol::{JobId, JobReceipt, SecretKey, Signed, TunnelFrame};
+use horde_protocol::{JobId, JobReceipt, SecretKey, Signature, Signed, TunnelFrame};
 use horde_transport::test_utils::{localhost_endpoint, seeded_key};
 use horde_transport::tunnel::{
-    JobEndpointHandle, TunnelContext, TunnelError, TunnelStream, forward_tcp, http_request,
-    serve_job_endpoint, serve_tunnel_stream,
+    JobEndpointHandle, JobTunnel, TunnelContext, TunnelError, TunnelStream, forward_tcp,
+    http_request, serve_job_endpoint, serve_tunnel_stream,
 };
 use horde_transport::{
     ALPN_JOB, ClientPolicy, ConnectError, EndpointConfig, HordeEndpoint, codes, split,
@@ -152,10 +152,12 @@ async fn setup(target: SocketAddr) -> Setup {
     }
 }
 
+fn job_tunnel(connection: &quinn::Connection) -> JobTunnel {
+    JobTunnel::new(connection.clone(), JOB_ID, client_key(), job_key().hotkey()).unwrap()
+}
+
 async fn open(connection: &quinn::Connection) -> TunnelStream {
-    TunnelStream::open(connection, JOB_ID, &client_key(), job_key().hotkey())
-        .await
-        .unwrap()
+    job_tunnel(connection).open().await.unwrap()
 }
 
 async fn read_to_end(tunnel: &mut TunnelStream) -> Result<Vec<u8>, TunnelError> {
@@ -327,20 +329,8 @@ async fn twenty_concurrent_streams_on_one_connection() {
 async fn http_request_through_the_tunnel() {
     let setup = setup(http_job().await).await;
     let run = |method: &'static str, path: &'static str, body: &'static [u8]| {
-        let connection = setup.connection.clone();
-        async move {
-            http_request(
-                &connection,
-                JOB_ID,
-                &client_key(),
-                job_key().hotkey(),
-                method,
-                path,
-                body,
-            )
-            .await
-            .unwrap()
-        }
+        let tunnel = job_tunnel(&setup.connection);
+        async move { http_request(&tunnel, method, path, body).await.unwrap() }
     };
     let response = run("POST", "/echo", b"some body").await;
     assert_eq!(response.status, 200);
@@ -354,17 +344,9 @@ async fn http_request_through_the_tunnel() {
     let response = run("GET", "/eof", b"").await;
     assert_eq!(response.body, b"until the close");
 
-    let error = http_request(
-        &setup.connection,
-        JOB_ID,
-        &client_key(),
-        job_key().hotkey(),
-        "GET",
-        "/a b",
-        b"",
-    )
-    .await
-    .unwrap_err();
+    let error = http_request(&job_tunnel(&setup.connection), "GET", "/a b", b"")
+        .await
+        .unwrap_err();
     assert!(matches!(error, TunnelError::Http(_)), "{error:?}");
 }
 
@@ -376,10 +358,7 @@ async fn forward_tcp_serves_plain_tcp_clients_with_receipts() {
     let (receipts_tx, mut receipts) = tokio::sync::mpsc::channel(8);
     let forwarder = tokio::spawn(forward_tcp(
         listener,
-        setup.connection.clone(),
-        JOB_ID,
-        client_key(),
-        job_key().hotkey(),
+        job_tunnel(&setup.connection),
         receipts_tx,
     ));
 
@@ -458,9 +437,14 @@ async fn a_client_key_other_than_the_specs_is_refused_at_tls() {
         Err(error) => error,
         Ok(connection) => {
             // TLS 1.3: the client may finish before the server refuses its certificate.
-            let opened =
-                TunnelStream::open(&connection, JOB_ID, &seeded_key(12), job_key().hotkey()).await;
-            if let Ok(mut tunnel) = opened {
+            let tunnel = JobTunnel::new(
+                connection.clone(),
+                JOB_ID,
+                seeded_key(12),
+                job_key().hotkey(),
+            )
+            .unwrap();
+            if let Ok(mut tunnel) = tunnel.open().await {
                 let _ = tunnel.write(b"x").await;
                 assert!(tunnel.read().await.is_err());
             }
@@ -480,13 +464,12 @@ async fn a_client_key_other_than_the_specs_is_refused_at_tls() {
 #[tokio::test]
 async fn opening_a_stream_to_an_unpinned_key_is_refused() {
     let setup = setup(echo_job().await).await;
-    let error = TunnelStream::open(
-        &setup.connection,
+    let error = JobTunnel::new(
+        setup.connection.clone(),
         JOB_ID,
-        &client_key(),
+        client_key(),
         seeded_key(13).hotkey(),
     )
-    .await
     .unwrap_err();
     assert!(
         matches!(error, TunnelError::WrongJobKey { .. }),
@@ -730,10 +713,14 @@ async fn protocol_violations_are_typed() {
     );
 }
 
-#[tokio::test]
-async fn a_good_raw_client_end_is_accepted() {
-    // The placeholder mechanism of raw_exchange itself, on the happy path: the server answers
-    // with a receipt and finishes, so the raw reader sees the end instead of a reset.
+/// A raw client that sends `hi` and a `ClientEnd` by the right key for the real stream, its
+/// signature flipped by one bit when `forge`; returns the frames it got and the server's result.
+async fn raw_client_end(
+    forge: bool,
+) -> (
+    Vec<TunnelFrame>,
+    Result<horde_transport::tunnel::TunnelStats, TunnelError>,
+) {
     let server = job_endpoint();
     let addr = server.local_addr().unwrap();
     let target = echo_job().await;
@@ -753,14 +740,31 @@ async fn a_good_raw_client_end_is_accepted() {
     let stream = u64::from(send.id());
     let (mut send, mut recv) = split(send, recv);
     send.send(&TunnelFrame::Data(b"hi".to_vec())).await.unwrap();
-    send.send(&client_end(&client_key(), JOB_ID, stream, b"hi"))
-        .await
-        .unwrap();
+    let mut end = client_end(&client_key(), JOB_ID, stream, b"hi");
+    if forge && let TunnelFrame::ClientEnd(signed) = &end {
+        let mut signature = *signed.signature().as_bytes();
+        signature[10] ^= 1;
+        end = TunnelFrame::ClientEnd(Signed::from_parts(
+            signed.bytes().to_vec(),
+            *signed.signer(),
+            Signature::from_bytes(signature),
+        ));
+    }
+    send.send(&end).await.unwrap();
     send.finish().unwrap();
     let mut frames = Vec::new();
     while let Some(frame) = recv.recv::<TunnelFrame>().await.unwrap() {
         frames.push(frame);
     }
+    connection.close(codes::SHUTDOWN, b"");
+    (frames, serve.await.unwrap())
+}
+
+#[tokio::test]
+async fn a_good_raw_client_end_is_accepted() {
+    // The placeholder mechanism of raw_exchange itself, on the happy path: the server answers
+    // with a receipt and finishes, so the raw reader sees the end instead of a reset.
+    let (frames, result) = raw_client_end(false).await;
     assert_eq!(frames[0], TunnelFrame::Data(b"hi".to_vec()));
     assert_eq!(
         frames[1],
@@ -768,10 +772,23 @@ async fn a_good_raw_client_end_is_accepted() {
         "output-ended marker"
     );
     assert!(matches!(frames[2], TunnelFrame::JobEnd(_)));
-    connection.close(codes::SHUTDOWN, b"");
-    let stats = serve.await.unwrap().unwrap();
+    let stats = result.unwrap();
     assert!(stats.client_end.is_some());
     assert_eq!((stats.bytes_in, stats.bytes_out), (2, 2));
+}
+
+#[tokio::test]
+async fn a_forged_client_signature_is_caught_after_the_receipt() {
+    // Job, stream, signer and digest match, so the reply and the receipt go out (they do not
+    // depend on the client's signature); the signature check that follows fails the stream in
+    // the executor's records.
+    let (frames, result) = raw_client_end(true).await;
+    assert_eq!(frames.len(), 3, "{frames:?}");
+    assert!(matches!(frames[2], TunnelFrame::JobEnd(_)));
+    assert!(
+        matches!(result, Err(TunnelError::BadClientSignature(_))),
+        "{result:?}"
+    );
 }
 
 /// A TCP job that discards everything it reads, closing at the client's EOF.

@@ -5,7 +5,11 @@
 //!    on `/health`, measured here by polling at 1 ms), with a per-hop breakdown from the time
 //!    each status reaches the client.
 //! 2. Tunnel request round trip (new tunnel stream, `GET /health`, verified receipt) against a
-//!    direct TCP request to the same job program (new connection, `Connection: close`).
+//!    direct TCP request to the same job program (new connection, `Connection: close`) — the
+//!    target figure. Alongside: keep-alive requests on one persistent tunnel stream (one receipt
+//!    for the whole stream, verified at its end) against keep-alive requests on one persistent
+//!    direct TCP connection, i.e. the tunnel's forwarding cost without its per-stream costs
+//!    (stream set-up, job TCP connect, the two signatures and their checks).
 //! 3. Tunnel bulk throughput against raw quinn with the same transport config and direct TCP.
 //!
 //! `cargo run --release -p horde-benches --bin flow-latency -- [--jobs N] [--requests N]
@@ -20,7 +24,9 @@ use bytes::Bytes;
 use horde_node::client::{Client, JobRequest};
 use horde_protocol::{JobId, JobStatus, SecretKey};
 use horde_testnet::{Testnet, TestnetConfig, demo_job_binary};
-use horde_transport::tunnel::{TunnelContext, TunnelStream, http_request, serve_job_endpoint};
+use horde_transport::tunnel::{
+    JobTunnel, TunnelContext, TunnelStream, http_request, serve_job_endpoint,
+};
 use horde_transport::{ALPN_JOB, ClientPolicy, EndpointConfig, HordeEndpoint};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
@@ -168,7 +174,7 @@ async fn tunnel_round_trips(
     testnet: &Testnet,
     program: &str,
     requests: usize,
-) -> anyhow::Result<Vec<f64>> {
+) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
     let client = Client::new(SecretKey::generate(), testnet.facilitator())?;
     let mut job = client.submit(&JobRequest::command("cpu", program)).await?;
     let endpoint = job.wait_for_endpoint().await?;
@@ -176,22 +182,112 @@ async fn tunnel_round_trips(
     let mut samples = Vec::with_capacity(requests);
     for _ in 0..requests {
         let started = Instant::now();
-        let response = http_request(
-            &connection.connection,
-            connection.job_id,
-            &connection.client_key,
-            connection.job_key,
-            "GET",
-            "/health",
-            b"",
-        )
-        .await?;
+        let response = http_request(&connection.tunnel, "GET", "/health", b"").await?;
         anyhow::ensure!(response.status == 200, "status {}", response.status);
         samples.push(ms(started.elapsed()));
     }
+    let keep_alive = tunnel_keep_alive_round_trips(&connection.tunnel, requests).await?;
     job.terminate().await?;
     job.wait_for_end().await?;
+    Ok((samples, keep_alive))
+}
+
+/// A keep-alive `GET /health` (no `Connection: close`).
+const KEEP_ALIVE_REQUEST: &[u8] = b"GET /health HTTP/1.1\r\nHost: job\r\n\r\n";
+
+/// The length of the first complete `Content-Length` response in `buffer`, if it is all there.
+fn complete_response(buffer: &[u8]) -> anyhow::Result<Option<usize>> {
+    let Some(head_end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return Ok(None);
+    };
+    let head = std::str::from_utf8(&buffer[..head_end])?;
+    let length: usize = head
+        .lines()
+        .find_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse().ok())?
+        })
+        .context("response without Content-Length")?;
+    let total = head_end + 4 + length;
+    Ok((buffer.len() >= total).then_some(total))
+}
+
+/// One end of a persistent connection carrying keep-alive requests.
+trait KeepAlive {
+    /// Sends one keep-alive request.
+    async fn send_request(&mut self) -> anyhow::Result<()>;
+    /// Appends the next bytes received to `buffer`.
+    async fn receive(&mut self, buffer: &mut Vec<u8>) -> anyhow::Result<()>;
+}
+
+impl KeepAlive for TcpStream {
+    async fn send_request(&mut self) -> anyhow::Result<()> {
+        Ok(self.write_all(KEEP_ALIVE_REQUEST).await?)
+    }
+
+    async fn receive(&mut self, buffer: &mut Vec<u8>) -> anyhow::Result<()> {
+        let mut chunk = [0u8; 4096];
+        let n = self.read(&mut chunk).await?;
+        anyhow::ensure!(n > 0, "job closed mid-response");
+        buffer.extend_from_slice(&chunk[..n]);
+        Ok(())
+    }
+}
+
+impl KeepAlive for TunnelStream {
+    async fn send_request(&mut self) -> anyhow::Result<()> {
+        Ok(self.write(KEEP_ALIVE_REQUEST).await?)
+    }
+
+    async fn receive(&mut self, buffer: &mut Vec<u8>) -> anyhow::Result<()> {
+        let bytes = self.read().await?.context("tunnel ended mid-response")?;
+        buffer.extend_from_slice(&bytes);
+        Ok(())
+    }
+}
+
+/// Times `requests` keep-alive `GET /health` round trips on one connection.
+async fn keep_alive_round_trips(
+    connection: &mut impl KeepAlive,
+    requests: usize,
+) -> anyhow::Result<Vec<f64>> {
+    let mut samples = Vec::with_capacity(requests);
+    let mut buffer = Vec::new();
+    for _ in 0..requests {
+        let started = Instant::now();
+        connection.send_request().await?;
+        let total = loop {
+            if let Some(total) = complete_response(&buffer)? {
+                break total;
+            }
+            connection.receive(&mut buffer).await?;
+        };
+        anyhow::ensure!(buffer.starts_with(b"HTTP/1.1 200"), "keep-alive status");
+        buffer.drain(..total);
+        samples.push(ms(started.elapsed()));
+    }
     Ok(samples)
+}
+
+/// Keep-alive requests on one tunnel stream; the stream's receipt is verified at the end.
+async fn tunnel_keep_alive_round_trips(
+    tunnel: &JobTunnel,
+    requests: usize,
+) -> anyhow::Result<Vec<f64>> {
+    let mut stream = tunnel.open().await?;
+    let samples = keep_alive_round_trips(&mut stream, requests).await?;
+    stream.finish_sending().await?;
+    while stream.read().await?.is_some() {}
+    anyhow::ensure!(stream.receipt().is_some(), "no receipt");
+    Ok(samples)
+}
+
+/// Keep-alive requests on one direct TCP connection.
+async fn direct_keep_alive_round_trips(port: u16, requests: usize) -> anyhow::Result<Vec<f64>> {
+    let mut tcp = TcpStream::connect(("127.0.0.1", port)).await?;
+    tcp.set_nodelay(true)?;
+    keep_alive_round_trips(&mut tcp, requests).await
 }
 
 /// A TCP source that writes `size` bytes to every connection, then closes.
@@ -338,8 +434,9 @@ async fn tunnel_throughput(source: SocketAddr, size: u64) -> anyhow::Result<f64>
     );
     let client = endpoint(&client_key, ALPN_JOB, ClientPolicy::Any)?;
     let connection = client.connect(addr, &job_key.hotkey(), ALPN_JOB).await?;
+    let tunnel = JobTunnel::new(connection.clone(), job_id, client_key, job_key.hotkey())?;
     let started = Instant::now();
-    let mut stream = TunnelStream::open(&connection, job_id, &client_key, job_key.hotkey()).await?;
+    let mut stream = tunnel.open().await?;
     stream.finish_sending().await?;
     let mut total = 0u64;
     while let Some(chunk) = stream.read().await? {
@@ -369,6 +466,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // Baseline: the job's own start-up, and direct TCP round trips to it.
     let mut startups = Vec::new();
     let mut direct_rtts = Vec::new();
+    let mut direct_keep_alive = Vec::new();
     for round in 0..5 {
         let (startup, child, port) = job_startup(&program).await?;
         startups.push(ms(startup));
@@ -378,6 +476,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 anyhow::ensure!(direct_request(port, "GET /health").await? == 200);
                 direct_rtts.push(ms(started.elapsed()));
             }
+            direct_keep_alive = direct_keep_alive_round_trips(port, args.requests).await?;
         }
         drop(child);
     }
@@ -391,7 +490,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // Warm the connections (first QUIC handshakes) before measuring.
     control_plane(&testnet, &program_str, 1).await?;
     let samples = control_plane(&testnet, &program_str, args.jobs).await?;
-    let tunnel_rtts = tunnel_round_trips(&testnet, &program_str, args.requests).await?;
+    let (tunnel_rtts, mut tunnel_keep_alive) =
+        tunnel_round_trips(&testnet, &program_str, args.requests).await?;
     testnet.shutdown();
 
     let mut quinn_rtts = raw_quinn_round_trips(args.requests).await?;
@@ -444,6 +544,27 @@ async fn run(args: Args) -> anyhow::Result<()> {
         tunnel_median / direct_median,
         tunnel_median / quinn_median
     );
+    let keep_direct_median = median(&mut direct_keep_alive);
+    let keep_direct_p99 = percentile(&mut direct_keep_alive, 0.99);
+    let keep_tunnel_median = median(&mut tunnel_keep_alive);
+    let keep_tunnel_p99 = percentile(&mut tunnel_keep_alive, 0.99);
+    println!(
+        "== keep-alive GET /health on one persistent connection ({} requests; the tunnel's \
+         receipt covers the whole stream, verified at its end)",
+        args.requests
+    );
+    println!(
+        "  direct TCP      median {keep_direct_median:.3} ms  p99 {keep_direct_p99:.3} ms  \
+         (one connection)"
+    );
+    println!(
+        "  horde tunnel    median {keep_tunnel_median:.3} ms  p99 {keep_tunnel_p99:.3} ms  \
+         (one tunnel stream)"
+    );
+    println!(
+        "  ratio tunnel/direct: {:.2}",
+        keep_tunnel_median / keep_direct_median
+    );
 
     println!("== bulk throughput, {} MiB job -> client", args.size_mib);
     println!(
@@ -466,6 +587,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 "tunnel_median_ms": tunnel_median, "tunnel_p99_ms": tunnel_p99,
                 "raw_quinn_median_ms": quinn_median, "raw_quinn_p99_ms": quinn_p99,
                 "ratio": tunnel_median / direct_median},
+        "keep_alive_rtt": {"direct_median_ms": keep_direct_median,
+                           "direct_p99_ms": keep_direct_p99,
+                           "tunnel_median_ms": keep_tunnel_median,
+                           "tunnel_p99_ms": keep_tunnel_p99,
+                           "ratio": keep_tunnel_median / keep_direct_median},
         "throughput_gbit": {"direct_tcp": direct, "raw_quinn": quinn, "tunnel": tunnel,
                             "tunnel_over_quinn": tunnel / quinn},
     });
