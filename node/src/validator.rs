@@ -59,6 +59,12 @@ pub const STAGE_SLACK: Duration = Duration::from_secs(2);
 /// Tolerated clock skew for a report dated in the future.
 const MAX_CLOCK_SKEW_MS: u64 = 60_000;
 
+/// The longest an assignment waits for the named miner's record to arrive by discovery.
+const MINER_RECORD_WAIT: Duration = Duration::from_secs(1);
+
+/// How often the records are looked at again meanwhile.
+const MINER_RECORD_POLL: Duration = Duration::from_millis(20);
+
 /// The exclusions file could not be read or written.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -438,6 +444,7 @@ impl Validator {
                 return;
             }
         };
+        self.await_miner_record(&assignment.miner.hotkey).await;
         let spec = match self.check_assignment(&peer, &assignment) {
             Ok(spec) => spec,
             Err(reason) => {
@@ -518,6 +525,16 @@ impl Validator {
             return Err(RejectReason::MinerNotAllowed);
         }
         Ok(spec)
+    }
+
+    /// A miner the facilitator chose from its records may not have reached this validator's yet
+    /// (records spread within milliseconds): waits for it up to [`MINER_RECORD_WAIT`] before the
+    /// assignment is checked (an unknown miner is then refused with `MinerNotAllowed`).
+    async fn await_miner_record(&self, miner: &Hotkey) {
+        let until = tokio::time::Instant::now() + MINER_RECORD_WAIT;
+        while self.known_miner(miner).is_none() && tokio::time::Instant::now() < until {
+            tokio::time::sleep(MINER_RECORD_POLL).await;
+        }
     }
 
     fn known_miner(&self, hotkey: &Hotkey) -> Option<NodeAddr> {

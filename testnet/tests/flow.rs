@@ -369,9 +369,16 @@ async fn discovered_capacity_keeps_jobs_off_full_miners() {
     let (_client, mut first) = submit(&testnet, &demo_request()).await;
     endpoint(&mut first, &testnet).await;
     let (_client2, mut second) = submit(&testnet, &demo_request()).await;
+    let refused_after = std::time::Instant::now();
     assert_eq!(
         second.wait_for_end().await.unwrap(),
         JobStatus::Rejected(RejectReason::NoMiner)
+    );
+    // It waited for an executor to free up (up to 2 s) before refusing.
+    assert!(
+        refused_after.elapsed() >= Duration::from_millis(1500),
+        "refused after {:?}",
+        refused_after.elapsed()
     );
     let mut gpu = demo_request();
     gpu.executor_class = horde_protocol::ExecutorClass("gpu-80gb".into());
@@ -380,10 +387,12 @@ async fn discovered_capacity_keeps_jobs_off_full_miners() {
         third.wait_for_end().await.unwrap(),
         JobStatus::Rejected(RejectReason::NoMiner)
     );
+    // A job submitted while the only executor is busy waits for it: freed within the wait, the
+    // executor takes the waiting job instead of it being refused.
+    let (_client4, mut fourth) = submit(&testnet, &demo_request()).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
     first.terminate().await.unwrap();
     first.wait_for_end().await.unwrap();
-    // Freed again: the next job runs.
-    let (_client4, mut fourth) = submit(&testnet, &demo_request()).await;
     endpoint(&mut fourth, &testnet).await;
     fourth.terminate().await.unwrap();
     fourth.wait_for_end().await.unwrap();
