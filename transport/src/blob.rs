@@ -649,21 +649,23 @@ impl GetStream {
         };
         let start = self.ranges.first().map_or(self.size, |range| range.start);
         let (position, mut positions) = watch::channel(start);
-        let (windows, mut to_write) = mpsc::channel::<(u64, Vec<u8>)>(WRITE_QUEUE);
+        let (windows, mut to_write) = mpsc::channel::<WrittenWindow>(WRITE_QUEUE);
         let (spare, spares) = std::sync::mpsc::sync_channel(WRITE_QUEUE + 2);
         let mut writer_thread = tokio::task::spawn_blocking(move || {
             let mut writer = writer;
-            while let Some((offset, window)) = to_write.blocking_recv() {
-                if let Err(error) = writer.write(offset, &window) {
+            while let Some(window) = to_write.blocking_recv() {
+                let bytes = window.buffer.get(window.bytes.clone()).unwrap_or_default();
+                if let Err(error) = writer.write(window.offset, bytes) {
                     return (writer, Some(error));
                 }
-                position.send_replace(offset + window.len() as u64);
-                let _ = spare.try_send(window);
+                position.send_replace(window.offset + bytes.len() as u64);
+                let _ = spare.try_send(window.buffer);
             }
             (writer, None)
         });
         let sink = WriterSink {
             window: Vec::new(),
+            window_start: 0,
             windows,
             spares,
             pending: Vec::new(),
@@ -770,13 +772,28 @@ impl Sink for ChannelSink {
 /// A blocking consumer of verified bytes for [`GetStream::read_to_sink`], called on a writer
 /// thread in blob order.
 pub trait VerifiedSink: Send {
-    /// Takes verified bytes that sit at `offset` in the blob.
+    /// Takes verified bytes that sit at `offset` in the blob. Whole windows start at an address
+    /// aligned to [`SINK_ALIGN`] and are [`SINK_BATCH`] long (a writer may use direct I/O for
+    /// them); the last one of a range may be shorter.
     fn write(&mut self, offset: u64, bytes: &[u8]) -> io::Result<()>;
 }
 
 /// Verified bytes gathered before one [`VerifiedSink::write`]: a multiple of the chunk group,
 /// small enough that the window is still in cache when it is written out.
-const SINK_BATCH: usize = 256 << 10;
+pub const SINK_BATCH: usize = 256 << 10;
+
+/// Alignment of the windows [`VerifiedSink::write`] gets: the page size, enough for direct I/O
+/// on 512 B and 4 KiB sector devices.
+pub const SINK_ALIGN: usize = 4096;
+
+/// A window of verified bytes on its way to the writer thread.
+struct WrittenWindow {
+    /// Blob offset of the first byte.
+    offset: u64,
+    buffer: Vec<u8>,
+    /// Where the bytes sit in `buffer`.
+    bytes: Range<usize>,
+}
 
 /// Windows of [`SINK_BATCH`] queued for the writer thread: enough to ride out a slow write
 /// without stalling the network, few enough to bound the memory (2 MiB).
@@ -785,12 +802,15 @@ const WRITE_QUEUE: usize = 8;
 /// Feeds the writer thread of [`GetStream::read_to_sink`] with full windows and takes their
 /// buffers back once written.
 struct WriterSink {
+    /// The buffer of the current window (empty when there is none).
     window: Vec<u8>,
-    windows: mpsc::Sender<(u64, Vec<u8>)>,
+    /// Where the window starts in it: the first address aligned to [`SINK_ALIGN`].
+    window_start: usize,
+    windows: mpsc::Sender<WrittenWindow>,
     /// Buffers the writer is done with.
     spares: std::sync::mpsc::Receiver<Vec<u8>>,
-    /// Windows accepted (with their blob offsets) but not yet queued for the writer.
-    pending: Vec<(u64, Vec<u8>)>,
+    /// Windows accepted but not yet queued for the writer.
+    pending: Vec<WrittenWindow>,
 }
 
 impl Sink for WriterSink {
@@ -799,15 +819,25 @@ impl Sink for WriterSink {
             // A buffer back from the writer, or a new one (allocated on first use: a transfer
             // that fails at once costs nothing; at most the queue's worth in flight).
             self.window = self.spares.try_recv().unwrap_or_default();
-            self.window.resize(SINK_BATCH, 0);
+            self.window.resize(SINK_BATCH + SINK_ALIGN, 0);
+            self.window_start = self
+                .window
+                .as_ptr()
+                .align_offset(SINK_ALIGN)
+                .min(SINK_ALIGN);
         }
-        &mut self.window
+        let start = self.window_start;
+        &mut self.window[start..start + SINK_BATCH]
     }
 
     fn accept(&mut self, offset: u64, len: usize) -> bool {
-        let mut window = std::mem::take(&mut self.window);
-        window.truncate(len);
-        self.pending.push((offset, window));
+        let buffer = std::mem::take(&mut self.window);
+        let start = self.window_start;
+        self.pending.push(WrittenWindow {
+            offset,
+            buffer,
+            bytes: start..start + len,
+        });
         !self.windows.is_closed()
     }
 
