@@ -481,7 +481,8 @@ pub async fn get_to_file_once(
     }
     progress.start(size, start);
 
-    // Verified bytes are written on the verifier thread, straight from its reused buffer.
+    // Verified bytes are written on a writer thread, straight from the aligned windows they were
+    // verified in.
     let writer = {
         let (partial, state) = (partial.clone(), state.clone());
         tokio::task::spawn_blocking(move || PartialWriter::open(partial, state, hash, start, size))
@@ -496,7 +497,7 @@ pub async fn get_to_file_once(
         Some(writer) => tokio::task::spawn_blocking(move || writer.finish())
             .await
             .map_err(io::Error::other)?,
-        None => Err(io::Error::other("the download's verifier thread failed")),
+        None => Err(io::Error::other("the download's writer thread failed")),
     };
     let fetched = match network {
         Err(error @ BlobError::Integrity { .. }) => {
@@ -527,7 +528,7 @@ pub async fn get_to_file_once(
 
 /// The disk side of a download: writes verified data from `start` with positional writes,
 /// checkpoints every [`CHECKPOINT_BYTES`] on a helper thread (data fsynced, then the length
-/// recorded) so the verifier never waits for the disk, and on [`Self::finish`] fsyncs and records
+/// recorded) so the writer never waits for an fsync, and on [`Self::finish`] fsyncs and records
 /// the final length.
 #[derive(Debug)]
 struct PartialWriter {
