@@ -615,10 +615,20 @@ impl GetStream {
             )));
         }
         let size = usize::try_from(self.size).map_err(io::Error::other)?;
-        // A fresh buffer is zeroed lazily by the OS: its pages are faulted in by the copy into
-        // them, on the receiving task, so each page is still in cache when it is filled.
-        let mut dest = std::mem::take(buffer);
-        dest.resize(size, 0);
+        // A caller's buffer with room (a reused one) is written in place: its pages are mapped
+        // already. Otherwise a fresh one, zeroed lazily by the OS (`vec!` of zeros asks for
+        // zeroed memory and writes nothing): each page is faulted in by the first copy into it,
+        // on the receiving task, so it is still in cache when it is filled.
+        let dest = if buffer.capacity() >= size {
+            let mut dest = std::mem::take(buffer);
+            dest.resize(size, 0);
+            dest
+        } else {
+            let mut dest = vec![0u8; size];
+            dest[..buffer.len()].copy_from_slice(buffer);
+            *buffer = Vec::new();
+            dest
+        };
         let sink = VecSink {
             dest,
             accepted: held as usize,
