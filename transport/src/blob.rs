@@ -28,7 +28,7 @@ use horde_protocol::blob::{
 use horde_protocol::codec::encode_frame;
 use quinn::VarInt;
 use serde::de::DeserializeOwned;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 
 use crate::framed::{ChannelError, FrameReader};
 
@@ -386,10 +386,6 @@ pub struct VerifiedData {
 /// Chunks taken from quinn per `read_chunks` call (one lock of the connection for all of them).
 const READ_BATCH: usize = 64;
 
-/// Batches of received chunks queued for the verifier thread. A batch holds at most
-/// [`READ_BATCH`] STREAM frames (~1.4 KiB each), so this bounds the queue to a few MiB.
-const VERIFY_QUEUE: usize = 32;
-
 /// Verified bytes handed out per [`GetStream::next`], at most (whole chunk groups).
 const OUTPUT_LEN: usize = 1 << 20;
 
@@ -398,43 +394,37 @@ const OUTPUT_QUEUE: usize = 4;
 
 /// The client side of a `Get` after the header: yields verified data in blob order.
 ///
-/// Receiving and verifying are pipelined: a task reads STREAM frames from quinn in batches
-/// (`read_chunks`, no copy) and a blocking thread copies them once, straight into the
-/// destination (the caller's buffer, a reused write buffer, or the runs [`Self::next`] returns),
-/// checks each chunk group there against its CV (itself checked against the root) and only then
-/// hands the bytes on. Network receive, decryption and hashing so run on different cores.
+/// One task reads STREAM frames from quinn in batches (`read_chunks`, no copy), copies each
+/// frame once, straight into the destination (the caller's buffer, a write buffer, or the runs
+/// [`Self::next`] returns), checks each chunk group there against its CV (itself checked against
+/// the root) while it is still in cache, and only then hands the bytes on. The task runs on the
+/// runtime's workers beside quinn's drivers: no thread hand-off per batch of frames, and the
+/// stream is only read as fast as the data is verified, so quinn's flow control paces the sender.
 #[derive(Debug)]
 pub struct GetStream {
     hash: BlobHash,
     size: u64,
     ranges: Vec<Range<u64>>,
-    /// The stream and the verification state, until the pipeline starts.
+    /// The stream and the verification state, until the transfer starts.
     setup: Option<(quinn::RecvStream, Tree)>,
     output: Option<mpsc::Receiver<Output>>,
-    reader: Option<ReaderGuard>,
+    receiver: Option<ReceiverGuard>,
     wire_bytes: Arc<AtomicU64>,
     failed: bool,
 }
 
-/// Aborts the network reader task when the stream is dropped (its `RecvStream` is then dropped,
-/// which stops the stream).
+/// Aborts the receiving task when the stream is dropped (its `RecvStream` is then dropped, which
+/// stops the stream).
 #[derive(Debug)]
-struct ReaderGuard(tokio::task::AbortHandle);
+struct ReceiverGuard(tokio::task::AbortHandle);
 
-impl Drop for ReaderGuard {
+impl Drop for ReceiverGuard {
     fn drop(&mut self) {
         self.0.abort();
     }
 }
 
-/// What the network reader hands the verifier.
-enum Input {
-    Chunks(Vec<Bytes>),
-    End,
-    Failed(BlobError),
-}
-
-/// What the verifier hands [`GetStream::next`].
+/// What the receiving task hands [`GetStream::next`].
 enum Output {
     Data(VerifiedData),
     Done,
@@ -503,7 +493,7 @@ pub async fn request_get(
         ranges: normalized,
         setup: Some((recv, tree)),
         output: None,
-        reader: None,
+        receiver: None,
         wire_bytes: Arc::new(AtomicU64::new(0)),
         failed: false,
     })
@@ -530,21 +520,23 @@ impl GetStream {
         self.wire_bytes.load(Ordering::Relaxed)
     }
 
-    /// Starts the network reader; returns the verifier's inbox and stop signal.
-    fn start_reader(
+    /// Spawns the task that receives and verifies the response into `sink`; it is aborted when
+    /// this stream is dropped. The task returns the verifier (with its sink) and the outcome.
+    fn start_receiver<K: Sink + 'static>(
         &mut self,
         recv: quinn::RecvStream,
-    ) -> (mpsc::Receiver<Input>, oneshot::Sender<VarInt>) {
-        let (outbox, inbox) = mpsc::channel(VERIFY_QUEUE);
-        let (stop, stopped) = oneshot::channel();
-        let task = tokio::spawn(read_network(
-            recv,
-            outbox,
-            stopped,
-            Arc::clone(&self.wire_bytes),
-        ));
-        self.reader = Some(ReaderGuard(task.abort_handle()));
-        (inbox, stop)
+        tree: Tree,
+        sink: K,
+        start: u64,
+    ) -> tokio::task::JoinHandle<(Verifier<K>, Result<(), BlobError>)> {
+        let wire_bytes = Arc::clone(&self.wire_bytes);
+        let task = tokio::spawn(async move {
+            let mut verifier = Verifier::new(tree, sink, start);
+            let result = verifier.receive(recv, &wire_bytes).await;
+            (verifier, result)
+        });
+        self.receiver = Some(ReceiverGuard(task.abort_handle()));
+        task
     }
 
     /// The next run of verified bytes, `Ok(None)` when every requested range was delivered.
@@ -559,16 +551,22 @@ impl GetStream {
             ));
         }
         if let Some((recv, tree)) = self.setup.take() {
-            let (inbox, stop) = self.start_reader(recv);
             let (output, verified) = mpsc::channel(OUTPUT_QUEUE);
             let start = self.ranges.first().map_or(0, |range| range.start);
-            tokio::task::spawn_blocking(move || {
-                let mut verifier = Verifier::new(tree, ChannelSink::new(output), start);
-                let result = verifier.run(inbox, stop);
-                let _ = verifier.sink.output.blocking_send(match result {
-                    Ok(()) => Output::Done,
-                    Err(error) => Output::Failed(error),
-                });
+            let task = self.start_receiver(recv, tree, ChannelSink::new(output), start);
+            // Reports the outcome after the data (the task's sender is gone by then if the
+            // consumer went away, and then nobody is listening).
+            tokio::spawn(async move {
+                if let Ok((verifier, result)) = task.await {
+                    let _ = verifier
+                        .sink
+                        .output
+                        .send(match result {
+                            Ok(()) => Output::Done,
+                            Err(error) => Output::Failed(error),
+                        })
+                        .await;
+                }
             });
             self.output = Some(verified);
         }
@@ -587,21 +585,18 @@ impl GetStream {
             }
             None => {
                 self.failed = true;
-                Err(BlobError::Io(io::Error::other(
-                    "blob verifier thread failed",
-                )))
+                Err(BlobError::Io(io::Error::other("blob receiver task failed")))
             }
         }
     }
 
     /// Receives the whole response into `buffer`, which must hold exactly the blob's bytes
     /// before the first requested range (the response must be one range to the end of the
-    /// blob, or nothing). Bytes are copied once, straight from the network frames into a new
-    /// buffer of the blob's size after the held prefix, and each chunk group is verified there
-    /// (the new buffer's pages are faulted in by a helper thread ahead of the copy): on return
-    /// `buffer`
-    /// holds only verified bytes (on an error, the verified prefix; a resume continues from
-    /// its length). Returns the bytes read from the stream after the header.
+    /// blob, or nothing). Bytes are copied once, straight from the network frames into the
+    /// buffer (grown to the blob's size; a buffer with room is written in place), and each chunk
+    /// group is verified there: on return `buffer` holds only verified bytes (on an error, the
+    /// verified prefix; a resume continues from its length). Returns the bytes read from the
+    /// stream after the header.
     pub async fn read_to_vec(mut self, buffer: &mut Vec<u8>) -> Result<u64, BlobError> {
         let Some((recv, tree)) = self.setup.take() else {
             return Err(BlobError::Protocol(
@@ -619,54 +614,40 @@ impl GetStream {
                 "reading into a buffer of {held} bytes needs one range from there to the end"
             )));
         }
-        let held = buffer.len();
         let size = usize::try_from(self.size).map_err(io::Error::other)?;
         // A caller's buffer with room (a reused one) is written in place: its pages are mapped
-        // already. Otherwise a fresh one, zeroed lazily by the OS, whose pages a helper thread
-        // faults in ahead of the copy.
-        let reused = buffer.capacity() >= size;
-        let mut dest = if reused {
+        // already. Otherwise a fresh one, zeroed lazily by the OS (`vec!` of zeros asks for
+        // zeroed memory and writes nothing): each page is faulted in by the first copy into it,
+        // on the receiving task, so it is still in cache when it is filled.
+        let dest = if buffer.capacity() >= size {
             let mut dest = std::mem::take(buffer);
             dest.resize(size, 0);
             dest
         } else {
             let mut dest = vec![0u8; size];
-            dest[..held].copy_from_slice(buffer);
+            dest[..buffer.len()].copy_from_slice(buffer);
             *buffer = Vec::new();
             dest
         };
-        let (inbox, stop) = self.start_reader(recv);
-        let verifier = tokio::task::spawn_blocking(move || {
-            let (written, result) = std::thread::scope(|scope| {
-                let tail = &mut dest[held..];
-                let (slices, receiver) = std::sync::mpsc::sync_channel(FAULT_AHEAD);
-                if !reused && tail.len() >= FAULT_THREAD_MIN {
-                    scope.spawn(move || fault_in(tail, slices));
-                } else {
-                    let _ = slices.send(tail);
-                }
-                let sink = SliceSink {
-                    slices: receiver,
-                    current: &mut [],
-                    written: 0,
-                };
-                let mut verifier = Verifier::new(tree, sink, held as u64);
-                let result = verifier.run(inbox, stop);
-                (verifier.sink.written, result)
-            });
-            dest.truncate(held + written);
-            (dest, result)
-        });
-        let (vec, result) = verifier.await.map_err(io::Error::other)?;
-        *buffer = vec;
+        let sink = VecSink {
+            dest,
+            accepted: held as usize,
+        };
+        let task = self.start_receiver(recv, tree, sink, held);
+        let (verifier, result) = task.await.map_err(io::Error::other)?;
+        let VecSink {
+            mut dest, accepted, ..
+        } = verifier.sink;
+        dest.truncate(accepted);
+        *buffer = dest;
         result.map(|()| self.wire_bytes())
     }
 
-    /// Receives the whole response into `writer`, called on the verifier thread with verified
-    /// bytes only, in blob order, from a buffer reused across writes. `progress` gets the blob
-    /// position reached after each write. Returns the writer (unless the verifier thread
-    /// panicked) and the outcome: the bytes read from the stream after the header, or why the
-    /// transfer stopped (everything verified before a failure was written first).
+    /// Receives the whole response into `writer`, called on a writer thread with verified bytes
+    /// only, in blob order, from buffers reused across writes. `progress` gets the blob position
+    /// reached after each write. Returns the writer (unless the writer thread panicked) and the
+    /// outcome: the bytes read from the stream after the header, or why the transfer stopped
+    /// (everything verified before a failure was written first).
     pub async fn read_to_sink<W: VerifiedSink + 'static>(
         mut self,
         writer: W,
@@ -677,95 +658,69 @@ impl GetStream {
             return (Some(writer), Err(error));
         };
         let start = self.ranges.first().map_or(self.size, |range| range.start);
-        let (inbox, stop) = self.start_reader(recv);
         let (position, mut positions) = watch::channel(start);
-        let mut verifier = tokio::task::spawn_blocking(move || {
-            let sink = WriterSink {
-                writer,
-                window: Vec::new(),
-                progress: position,
-                error: None,
-            };
-            let mut verifier = Verifier::new(tree, sink, start);
-            let result = verifier.run(inbox, stop);
-            let WriterSink { writer, error, .. } = verifier.sink;
-            let result = match (result, error) {
-                (Err(_), Some(error)) => Err(BlobError::Io(error)),
-                (result, _) => result,
-            };
-            (writer, result)
+        let (windows, mut to_write) = mpsc::channel::<WrittenWindow>(WRITE_QUEUE);
+        let (spare, spares) = std::sync::mpsc::sync_channel(WRITE_QUEUE + 2);
+        let mut writer_thread = tokio::task::spawn_blocking(move || {
+            let mut writer = writer;
+            while let Some(window) = to_write.blocking_recv() {
+                let bytes = window.buffer.get(window.bytes.clone()).unwrap_or_default();
+                if let Err(error) = writer.write(window.offset, bytes) {
+                    return (writer, Some(error));
+                }
+                position.send_replace(window.offset + bytes.len() as u64);
+                let _ = spare.try_send(window.buffer);
+            }
+            (writer, None)
         });
+        let sink = WriterSink {
+            window: Vec::new(),
+            window_start: 0,
+            windows,
+            spares,
+            pending: Vec::new(),
+        };
+        let mut task = self.start_receiver(recv, tree, sink, start);
         let joined = loop {
             tokio::select! {
-                joined = &mut verifier => break joined,
+                joined = &mut task => break joined,
                 Ok(()) = positions.changed() => progress(*positions.borrow_and_update()),
             }
         };
-        match joined {
-            Ok((writer, result)) => {
-                progress(*positions.borrow());
-                (Some(writer), result.map(|()| self.wire_bytes()))
+        // The sink (and with it the writer's queue) is dropped here: the writer finishes the
+        // windows still queued and stops.
+        let result = match joined {
+            Ok((verifier, result)) => {
+                drop(verifier);
+                result
             }
-            Err(error) => (None, Err(BlobError::Io(io::Error::other(error)))),
-        }
+            Err(error) => Err(BlobError::Io(io::Error::other(error))),
+        };
+        let written = loop {
+            tokio::select! {
+                written = &mut writer_thread => break written,
+                Ok(()) = positions.changed() => progress(*positions.borrow_and_update()),
+            }
+        };
+        let Ok((writer, error)) = written else {
+            let error = io::Error::other("the blob writer thread panicked");
+            return (None, Err(BlobError::Io(error)));
+        };
+        progress(*positions.borrow());
+        let result = match (result, error) {
+            (Err(_), Some(error)) => Err(BlobError::Io(error)),
+            (result, _) => result,
+        };
+        (Some(writer), result.map(|()| self.wire_bytes()))
     }
 }
 
-/// The network side of a `Get`: reads STREAM frames in batches and queues them for the verifier
-/// until the stream ends, fails, or the verifier asks to stop it.
-async fn read_network(
-    mut recv: quinn::RecvStream,
-    outbox: mpsc::Sender<Input>,
-    mut stop: oneshot::Receiver<VarInt>,
-    wire_bytes: Arc<AtomicU64>,
-) {
-    let mut chunks = vec![Bytes::new(); READ_BATCH];
-    let mut stop_open = true;
-    loop {
-        let read = tokio::select! {
-            biased;
-            code = &mut stop, if stop_open => match code {
-                Ok(code) => {
-                    let _ = recv.stop(code);
-                    return;
-                }
-                // The verifier finished the plan: keep reading to the end of the stream.
-                Err(_) => {
-                    stop_open = false;
-                    continue;
-                }
-            },
-            read = recv.read_chunks(&mut chunks) => read,
-        };
-        let input = match read {
-            Ok(Some(count)) => {
-                let batch: Vec<Bytes> = chunks[..count].iter_mut().map(std::mem::take).collect();
-                let bytes: usize = batch.iter().map(Bytes::len).sum();
-                wire_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
-                Input::Chunks(batch)
-            }
-            Ok(None) => Input::End,
-            Err(error) => Input::Failed(error.into()),
-        };
-        let last = !matches!(input, Input::Chunks(_));
-        if outbox.send(input).await.is_err() {
-            // The verifier is gone; it may have asked for a specific stop code first.
-            if let Ok(code) = stop.try_recv() {
-                let _ = recv.stop(code);
-            }
-            return;
-        }
-        if last {
-            return;
-        }
-    }
-}
-
-/// Where verified bytes go, on the verifier thread. The verifier copies received bytes straight
-/// into the sink's current *window* (destination memory), verifies each chunk group in place
-/// while it is still in cache, and hands the window on once it is full of verified groups: one
-/// copy from the network frames to the destination, no staging buffer.
-trait Sink {
+/// Where verified bytes go. The verifier copies received bytes straight into the sink's current
+/// *window* (destination memory), verifies each chunk group in place while it is still in cache,
+/// and hands the window on once it is full of verified groups: one copy from the network frames
+/// to the destination, no staging buffer. [`Self::window`] and [`Self::accept`] never block;
+/// what the consumer must wait for happens in [`Self::flush`], between batches of frames.
+trait Sink: Send {
     /// Room for the next bytes of the blob, contiguous with what was last accepted (empty when
     /// the consumer is gone or has no more room). Its length is a multiple of
     /// [`CHUNK_GROUP_LEN`], except at the end of a destination that ends with the blob, so chunk
@@ -774,13 +729,18 @@ trait Sink {
     /// Takes the first `len` bytes of the window (verified, at blob `offset`); the next
     /// [`Self::window`] is room for the bytes after them. `false` when the consumer is gone.
     fn accept(&mut self, offset: u64, len: usize) -> bool;
+    /// Passes what was accepted on to the consumer, waiting while it is behind. `false` when the
+    /// consumer is gone.
+    fn flush(&mut self) -> impl Future<Output = bool> + Send;
 }
 
 /// Hands verified runs to [`GetStream::next`] without copying them again: each window is a
-/// [`BytesMut`] whose verified front is frozen and sent.
+/// [`BytesMut`] whose verified front is frozen and queued.
 struct ChannelSink {
     output: mpsc::Sender<Output>,
     window: BytesMut,
+    /// Runs accepted but not yet sent (at most a few: one batch of frames fills few windows).
+    pending: Vec<VerifiedData>,
 }
 
 impl ChannelSink {
@@ -788,6 +748,7 @@ impl ChannelSink {
         Self {
             output,
             window: BytesMut::new(),
+            pending: Vec::new(),
         }
     }
 }
@@ -804,106 +765,126 @@ impl Sink for ChannelSink {
 
     fn accept(&mut self, offset: u64, len: usize) -> bool {
         let bytes = self.window.split_to(len).freeze();
-        let data = VerifiedData { offset, bytes };
-        self.output.blocking_send(Output::Data(data)).is_ok()
+        self.pending.push(VerifiedData { offset, bytes });
+        !self.output.is_closed()
+    }
+
+    async fn flush(&mut self) -> bool {
+        for data in self.pending.drain(..) {
+            if self.output.send(Output::Data(data)).await.is_err() {
+                return false;
+            }
+        }
+        true
     }
 }
 
-/// A blocking consumer of verified bytes for [`GetStream::read_to_sink`], called on the verifier
+/// A blocking consumer of verified bytes for [`GetStream::read_to_sink`], called on a writer
 /// thread in blob order.
 pub trait VerifiedSink: Send {
-    /// Takes verified bytes that sit at `offset` in the blob.
+    /// Takes verified bytes that sit at `offset` in the blob. Whole windows start at an address
+    /// aligned to [`SINK_ALIGN`] and are [`SINK_BATCH`] long (a writer may use direct I/O for
+    /// them); the last one of a range may be shorter.
     fn write(&mut self, offset: u64, bytes: &[u8]) -> io::Result<()>;
 }
 
 /// Verified bytes gathered before one [`VerifiedSink::write`]: a multiple of the chunk group,
 /// small enough that the window is still in cache when it is written out.
-const SINK_BATCH: usize = 256 << 10;
+pub const SINK_BATCH: usize = 256 << 10;
 
-/// Feeds a [`VerifiedSink`] from one reused window and reports the position reached.
-struct WriterSink<W> {
-    writer: W,
-    window: Vec<u8>,
-    progress: watch::Sender<u64>,
-    error: Option<io::Error>,
+/// Alignment of the windows [`VerifiedSink::write`] gets: the page size, enough for direct I/O
+/// on 512 B and 4 KiB sector devices.
+pub const SINK_ALIGN: usize = 4096;
+
+/// A window of verified bytes on its way to the writer thread.
+struct WrittenWindow {
+    /// Blob offset of the first byte.
+    offset: u64,
+    buffer: Vec<u8>,
+    /// Where the bytes sit in `buffer`.
+    bytes: Range<usize>,
 }
 
-impl<W: VerifiedSink> Sink for WriterSink<W> {
+/// Windows of [`SINK_BATCH`] queued for the writer thread: enough to ride out a slow write
+/// without stalling the network, few enough to bound the memory (2 MiB).
+const WRITE_QUEUE: usize = 8;
+
+/// Feeds the writer thread of [`GetStream::read_to_sink`] with full windows and takes their
+/// buffers back once written.
+struct WriterSink {
+    /// The buffer of the current window (empty when there is none).
+    window: Vec<u8>,
+    /// Where the window starts in it: the first address aligned to [`SINK_ALIGN`].
+    window_start: usize,
+    windows: mpsc::Sender<WrittenWindow>,
+    /// Buffers the writer is done with.
+    spares: std::sync::mpsc::Receiver<Vec<u8>>,
+    /// Windows accepted but not yet queued for the writer.
+    pending: Vec<WrittenWindow>,
+}
+
+impl Sink for WriterSink {
     fn window(&mut self) -> &mut [u8] {
         if self.window.is_empty() {
-            // Allocated on first use: a transfer that fails at once costs nothing.
-            self.window = vec![0; SINK_BATCH];
+            // A buffer back from the writer, or a new one (allocated on first use: a transfer
+            // that fails at once costs nothing; at most the queue's worth in flight).
+            self.window = self.spares.try_recv().unwrap_or_default();
+            self.window.resize(SINK_BATCH + SINK_ALIGN, 0);
+            self.window_start = self
+                .window
+                .as_ptr()
+                .align_offset(SINK_ALIGN)
+                .min(SINK_ALIGN);
         }
-        &mut self.window
+        let start = self.window_start;
+        &mut self.window[start..start + SINK_BATCH]
     }
 
     fn accept(&mut self, offset: u64, len: usize) -> bool {
-        let Some(bytes) = self.window.get(..len) else {
-            return false;
-        };
-        if let Err(error) = self.writer.write(offset, bytes) {
-            self.error = Some(error);
-            return false;
+        let buffer = std::mem::take(&mut self.window);
+        let start = self.window_start;
+        self.pending.push(WrittenWindow {
+            offset,
+            buffer,
+            bytes: start..start + len,
+        });
+        !self.windows.is_closed()
+    }
+
+    async fn flush(&mut self) -> bool {
+        for window in self.pending.drain(..) {
+            if self.windows.send(window).await.is_err() {
+                return false;
+            }
         }
-        self.progress.send_replace(offset + len as u64);
         true
     }
 }
 
-/// Destination slices of [`GetStream::read_to_vec`]'s buffer, handed over in order by the
-/// thread that faults their pages in.
-type Slices<'a> = std::sync::mpsc::Receiver<&'a mut [u8]>;
-
-/// Windows straight into [`GetStream::read_to_vec`]'s destination buffer.
-struct SliceSink<'a> {
-    slices: Slices<'a>,
-    current: &'a mut [u8],
-    /// Bytes of the destination accepted (verified).
-    written: usize,
+/// The whole destination of [`GetStream::read_to_vec`]: one window from the accepted prefix to
+/// the end of the blob.
+struct VecSink {
+    dest: Vec<u8>,
+    /// `dest[..accepted]` holds verified bytes (or the caller's verified prefix).
+    accepted: usize,
 }
 
-impl Sink for SliceSink<'_> {
+impl Sink for VecSink {
     fn window(&mut self) -> &mut [u8] {
-        if self.current.is_empty()
-            && let Ok(slice) = self.slices.recv()
-        {
-            self.current = slice;
-        }
-        self.current
+        self.dest.get_mut(self.accepted..).unwrap_or_default()
     }
 
     fn accept(&mut self, _offset: u64, len: usize) -> bool {
-        let current = std::mem::take(&mut self.current);
-        match current.get_mut(len..) {
-            Some(rest) => {
-                self.current = rest;
-                self.written += len;
-                true
-            }
-            None => false,
+        let end = self.accepted + len;
+        if end > self.dest.len() {
+            return false;
         }
+        self.accepted = end;
+        true
     }
-}
 
-/// Destination bytes per slice handed to the verifier (a multiple of [`CHUNK_GROUP_LEN`]).
-const FAULT_SLICE: usize = 1 << 20;
-
-/// Slices faulted in ahead of the verifier.
-const FAULT_AHEAD: usize = 16;
-
-/// Below this, the destination is faulted in by the verifier itself.
-const FAULT_THREAD_MIN: usize = 8 << 20;
-
-/// Touches every page of `buffer` (fresh pages are faulted in and zeroed by the OS, which is
-/// slow for large buffers) in slices, a few slices ahead of the thread that fills them.
-fn fault_in<'a>(buffer: &'a mut [u8], slices: std::sync::mpsc::SyncSender<&'a mut [u8]>) {
-    for slice in buffer.chunks_mut(FAULT_SLICE) {
-        for page in slice.chunks_mut(4096) {
-            page[0] = 0;
-        }
-        if slices.send(slice).is_err() {
-            return;
-        }
+    async fn flush(&mut self) -> bool {
+        true
     }
 }
 
@@ -1110,45 +1091,51 @@ impl<K: Sink> Verifier<K> {
         delivered
     }
 
-    /// Runs until the plan is complete or the transfer fails. On a failure, the bytes verified
-    /// before it are handed on, nothing after them, then the error is returned (and the stream
-    /// stopped with [`STOP_INTEGRITY`] for an integrity failure).
-    fn run(
+    /// Reads and verifies the response body until the plan is complete or the transfer fails.
+    /// On a failure, the bytes verified before it are handed on, nothing after them, then the
+    /// error is returned (and the stream stopped with [`STOP_INTEGRITY`] for an integrity
+    /// failure, [`STOP_CANCELLED`] otherwise).
+    async fn receive(
         &mut self,
-        mut inbox: mpsc::Receiver<Input>,
-        stop: oneshot::Sender<VarInt>,
+        mut recv: quinn::RecvStream,
+        wire_bytes: &AtomicU64,
     ) -> Result<(), BlobError> {
-        let result = self.receive(&mut inbox);
+        let result = self.receive_body(&mut recv, wire_bytes).await;
         match &result {
             Err(BlobError::Integrity { .. }) => {
-                let _ = stop.send(STOP_INTEGRITY);
+                let _ = recv.stop(STOP_INTEGRITY);
             }
             Err(_) => {
-                let _ = stop.send(STOP_CANCELLED);
+                let _ = recv.stop(STOP_CANCELLED);
             }
-            Ok(()) => drop(stop),
+            Ok(()) => {}
         }
-        let delivered = self.emit();
+        let delivered = self.emit() && self.sink.flush().await;
         match result {
             Ok(()) if !delivered => Err(consumer_gone()),
             result => result,
         }
     }
 
-    fn receive(&mut self, inbox: &mut mpsc::Receiver<Input>) -> Result<(), BlobError> {
+    async fn receive_body(
+        &mut self,
+        recv: &mut quinn::RecvStream,
+        wire_bytes: &AtomicU64,
+    ) -> Result<(), BlobError> {
+        let mut chunks = vec![Bytes::new(); READ_BATCH];
         while !self.tree.is_complete() {
-            match inbox.blocking_recv() {
-                Some(Input::Chunks(chunks)) => {
-                    for chunk in &chunks {
-                        self.push(chunk)?;
-                    }
-                }
-                Some(Input::Failed(error)) => return Err(error),
-                Some(Input::End) | None => {
-                    return Err(BlobError::Truncated {
-                        missing: self.tree.missing(),
-                    });
-                }
+            let Some(count) = recv.read_chunks(&mut chunks).await? else {
+                return Err(BlobError::Truncated {
+                    missing: self.tree.missing(),
+                });
+            };
+            for chunk in &mut chunks[..count] {
+                let chunk = std::mem::take(chunk);
+                wire_bytes.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                self.push(&chunk)?;
+            }
+            if !self.sink.flush().await {
+                return Err(consumer_gone());
             }
         }
         Ok(())

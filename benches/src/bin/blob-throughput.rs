@@ -2,6 +2,7 @@
 //!
 //! `cargo run --release -p horde-benches --bin blob-throughput -- --size 1GiB [--json PATH]`
 //! (`--only quinn,mem` runs a subset, for profiling one path; the table of record runs all).
+//! `BLOB_BENCH_STATS=1` prints each quinn sender's path statistics (loss, congestion events).
 //!
 //! Measures, one after the other on 127.0.0.1 with both ends in this process:
 //! (a) plain TCP, (b) TCP + rustls TLS 1.3 (horde's ed25519 certificates and verifiers),
@@ -346,6 +347,7 @@ async fn raw_quinn(size: u64, chunk: &Bytes) -> anyhow::Result<()> {
         }
         send.finish()?;
         send.stopped().await?;
+        print_stats("raw quinn sender", &server_connection);
         anyhow::Ok(())
     });
     let (_send, mut recv) = client_connection.accept_bi().await?;
@@ -357,6 +359,26 @@ async fn raw_quinn(size: u64, chunk: &Bytes) -> anyhow::Result<()> {
     check_received(received, size)
 }
 
+/// With `BLOB_BENCH_STATS` set, prints the sender's path statistics (loss, congestion events).
+fn print_stats(what: &str, connection: &quinn::Connection) {
+    if std::env::var_os("BLOB_BENCH_STATS").is_none() {
+        return;
+    }
+    let stats = connection.stats();
+    eprintln!(
+        "{what}: sent {} packets, lost {} ({} bytes), congestion events {}, cwnd {}, rtt {:?}; \
+         udp tx {:?} rx {:?}",
+        stats.path.sent_packets,
+        stats.path.lost_packets,
+        stats.path.lost_bytes,
+        stats.path.congestion_events,
+        stats.path.cwnd,
+        stats.path.rtt,
+        stats.udp_tx,
+        stats.udp_rx,
+    );
+}
+
 /// Serves one in-memory blob on every stream of every connection.
 async fn serve_memory(server: Arc<HordeEndpoint>, blob: ServedBlob) {
     while let Some(Ok((connection, _, _))) = server.accept().await {
@@ -364,11 +386,14 @@ async fn serve_memory(server: Arc<HordeEndpoint>, blob: ServedBlob) {
         tokio::spawn(async move {
             while let Ok((mut send, mut recv)) = connection.accept_bi().await {
                 let blob = blob.clone();
+                let connection = connection.clone();
                 tokio::spawn(async move {
                     if let Ok(Some(horde_protocol::blob::BlobRequest::Get { ranges, .. })) =
                         read_request(&mut recv).await
                     {
                         let _ = serve_get(&mut send, &blob, &ranges).await;
+                        let _ = send.stopped().await;
+                        print_stats("horde mem sender", &connection);
                     }
                 });
             }
