@@ -929,6 +929,28 @@ impl request_response::Codec for RecordCodec {
     }
 }
 
+/// How often [`wait_for_records`] looks at the records again.
+const RECORD_POLL: Duration = Duration::from_millis(20);
+
+/// Looks for something in the peer records with `find`, again every 20 ms until it is there or
+/// `within` has passed: a record another node just published (a freed executor, a newly known
+/// miner) reaches this node within milliseconds.
+pub async fn wait_for_records<T>(
+    within: Duration,
+    mut find: impl FnMut() -> Option<T>,
+) -> Option<T> {
+    let until = tokio::time::Instant::now() + within;
+    loop {
+        if let Some(found) = find() {
+            return Some(found);
+        }
+        if tokio::time::Instant::now() >= until {
+            return None;
+        }
+        tokio::time::sleep(RECORD_POLL).await;
+    }
+}
+
 /// The peers of one role a node may use: the ones in its config (static, for closed
 /// deployments) and the ones discovered, static first, each hotkey once.
 #[derive(Debug, Clone)]
@@ -984,6 +1006,21 @@ impl KnownPeers {
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
+
+    #[tokio::test]
+    async fn waiting_for_records_polls_until_found_or_out_of_time() {
+        let mut calls = 0;
+        let found = wait_for_records(Duration::from_secs(5), || {
+            calls += 1;
+            (calls == 3).then_some(calls)
+        })
+        .await;
+        assert_eq!(found, Some(3));
+        let started = std::time::Instant::now();
+        let none: Option<()> = wait_for_records(Duration::from_millis(100), || None).await;
+        assert_eq!(none, None);
+        assert!(started.elapsed() >= Duration::from_millis(100));
+    }
 
     use super::*;
 

@@ -42,7 +42,7 @@ use tracing::{Instrument as _, debug, info, info_span, warn};
 
 use crate::client::now;
 use crate::config::FacilitatorConfig;
-use crate::discovery::{Directory, KnownPeers};
+use crate::discovery::{Directory, KnownPeers, wait_for_records};
 use crate::peers::Peers;
 use crate::peers::{request, serve_streams};
 use store::{JobStore, StoreError};
@@ -62,9 +62,6 @@ const REPORT_FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The longest a job waits for a miner with a free executor of its class before `NoMiner`.
 const MINER_WAIT_MAX: Duration = Duration::from_secs(2);
-
-/// How often the records are looked at again while a job waits for a miner.
-const MINER_POLL: Duration = Duration::from_millis(20);
 
 /// The live side of a running job.
 #[derive(Debug, Clone)]
@@ -564,16 +561,7 @@ impl Facilitator {
     /// job is refused with `NoMiner`.
     async fn wait_for_miner(&self, spec: &JobSpec) -> Option<NodeAddr> {
         let wait = MINER_WAIT_MAX.min(Duration::from_millis(spec.deadlines.reservation_ms));
-        let until = tokio::time::Instant::now() + wait;
-        loop {
-            if let Some(miner) = self.choose_miner(&self.eligible_miners(spec)) {
-                return Some(miner);
-            }
-            if tokio::time::Instant::now() >= until {
-                return None;
-            }
-            tokio::time::sleep(MINER_POLL).await;
-        }
+        wait_for_records(wait, || self.choose_miner(&self.eligible_miners(spec))).await
     }
 
     fn choose_miner(&self, peers: &[NodeAddr]) -> Option<NodeAddr> {

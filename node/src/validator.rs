@@ -47,7 +47,7 @@ use tracing::{Instrument as _, debug, info, info_span, warn};
 
 use crate::client::now;
 use crate::config::ValidatorConfig;
-use crate::discovery::{Directory, KnownPeers};
+use crate::discovery::{Directory, KnownPeers, wait_for_records};
 use crate::facilitator::check_client_message;
 use crate::peers::Peers;
 use crate::peers::{request, serve_streams};
@@ -61,9 +61,6 @@ const MAX_CLOCK_SKEW_MS: u64 = 60_000;
 
 /// The longest an assignment waits for the named miner's record to arrive by discovery.
 const MINER_RECORD_WAIT: Duration = Duration::from_secs(1);
-
-/// How often the records are looked at again meanwhile.
-const MINER_RECORD_POLL: Duration = Duration::from_millis(20);
 
 /// The exclusions file could not be read or written.
 #[derive(Debug, thiserror::Error)]
@@ -531,10 +528,7 @@ impl Validator {
     /// (records spread within milliseconds): waits for it up to [`MINER_RECORD_WAIT`] before the
     /// assignment is checked (an unknown miner is then refused with `MinerNotAllowed`).
     async fn await_miner_record(&self, miner: &Hotkey) {
-        let until = tokio::time::Instant::now() + MINER_RECORD_WAIT;
-        while self.known_miner(miner).is_none() && tokio::time::Instant::now() < until {
-            tokio::time::sleep(MINER_RECORD_POLL).await;
-        }
+        wait_for_records(MINER_RECORD_WAIT, || self.known_miner(miner)).await;
     }
 
     fn known_miner(&self, hotkey: &Hotkey) -> Option<NodeAddr> {
