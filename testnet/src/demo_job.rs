@@ -11,7 +11,9 @@
 //! - `POST /output?path=P` → writes the body to `$HORDE_OUTPUT_DIR/P`, then tells the executor
 //!   (`POST $HORDE_EXECUTOR_URL/outputs` with `{"paths":["P"]}`) and answers 200 with
 //!   `{"path":P,"executor_status":S}`;
-//! - `GET /exit?code=C` → answers 200, then exits with code C.
+//! - `GET /exit?code=C` → answers 200, then exits with code C;
+//! - `GET /bytes?n=N` → 200 with N bytes of `application/octet-stream` (byte i is `i % 251`),
+//!   for throughput measurements through the tunnel (N ≤ 64 GiB; 400 otherwise).
 //!
 //! Connections are kept alive unless the request says `Connection: close` (or is HTTP/1.0).
 //! Request bodies need a `Content-Length`. One line per request goes to stdout.
@@ -36,6 +38,12 @@ use self::http::{HttpConnection, ReadError, Request, respond};
 
 /// Most SSE events one `/stream` request may ask for.
 const MAX_STREAM_EVENTS: u64 = 100_000;
+
+/// Most bytes one `/bytes` request may ask for: far beyond any benchmark run, and a bound.
+const MAX_BYTES_RESPONSE: u64 = 64 << 30;
+
+/// The size of each write of a `/bytes` body.
+const BYTES_WRITE: usize = 256 * 1024;
 
 /// Longest delay between SSE events one `/stream` request may ask for.
 const MAX_STREAM_DELAY: Duration = Duration::from_secs(1);
@@ -193,6 +201,7 @@ async fn route(
             .await?
         }
         ("GET", "/stream") => stream_tokens(stream, request, close).await?,
+        ("GET", "/bytes") => bytes(stream, request, close).await?,
         ("GET", "/ws") => {
             let status = websocket::upgrade(connection, request).await?;
             return Ok((status, After::Close));
@@ -219,9 +228,10 @@ async fn route(
             );
             std::process::exit(code);
         }
-        (_, "/health" | "/echo" | "/stream" | "/ws" | "/volume" | "/output" | "/exit") => {
-            respond(stream, 405, text, b"method not allowed", close).await?
-        }
+        (
+            _,
+            "/health" | "/echo" | "/stream" | "/bytes" | "/ws" | "/volume" | "/output" | "/exit",
+        ) => respond(stream, 405, text, b"method not allowed", close).await?,
         _ => respond(stream, 404, text, b"no such route", close).await?,
     };
     Ok((status, After::KeepAlive))
@@ -260,6 +270,37 @@ async fn stream_tokens(
     }
     http::write_chunk(stream, b"data: [DONE]\n\n").await?;
     stream.write_all(b"0\r\n\r\n").await?;
+    Ok(200)
+}
+
+/// `GET /bytes?n=N`: N bytes, byte i being `i % 251` (a period that no write size divides, so a
+/// shifted or repeated piece shows).
+async fn bytes(stream: &mut TcpStream, request: &Request, close: bool) -> std::io::Result<u16> {
+    let Some(total) = request
+        .query("n")
+        .and_then(|n| n.parse::<u64>().ok())
+        .filter(|&n| n <= MAX_BYTES_RESPONSE)
+    else {
+        let reason = format!("n must be a byte count up to {MAX_BYTES_RESPONSE}");
+        return respond(stream, 400, "text/plain", reason.as_bytes(), close).await;
+    };
+    let mut head = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {total}\r\n"
+    );
+    if close {
+        head.push_str("Connection: close\r\n");
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes()).await?;
+    // BYTES_WRITE + 251 bytes of the pattern: every write starts at some phase of it.
+    let pattern: Vec<u8> = (0..BYTES_WRITE + 251).map(|i| (i % 251) as u8).collect();
+    let mut sent = 0u64;
+    while sent < total {
+        let phase = (sent % 251) as usize;
+        let len = (total - sent).min(BYTES_WRITE as u64) as usize;
+        stream.write_all(&pattern[phase..phase + len]).await?;
+        sent += len as u64;
+    }
     Ok(200)
 }
 

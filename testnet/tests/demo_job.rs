@@ -279,6 +279,36 @@ async fn stream_sends_n_sse_tokens_then_done() {
     assert_eq!(events, expected);
 }
 
+#[tokio::test]
+async fn bytes_sends_exactly_n_bytes_of_the_pattern() {
+    let job = DemoJob::start(&[], "http://127.0.0.1:9").await;
+    // More than one write (256 KiB) and not a multiple of the pattern's period.
+    let n = 600_001usize;
+    let response = job.request("GET", &format!("/bytes?n={n}"), b"").await;
+    assert_eq!(response.status, 200);
+    assert_eq!(
+        response.header("content-type"),
+        Some("application/octet-stream")
+    );
+    assert_eq!(response.header("content-length"), Some("600001"));
+    let expected: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
+    assert!(response.body == expected, "the body is not the pattern");
+    let empty = job.request("GET", "/bytes?n=0", b"").await;
+    assert_eq!((empty.status, empty.body.len()), (200, 0));
+    for bad in [
+        "/bytes",
+        "/bytes?n=-1",
+        "/bytes?n=x",
+        "/bytes?n=68719476737",
+    ] {
+        let response = job.request("GET", bad, b"").await;
+        assert_eq!(response.status, 400, "{bad}");
+        assert!(response.text().contains("up to 68719476736"), "{bad}");
+    }
+    let response = job.request("POST", "/bytes?n=1", b"").await;
+    assert_eq!(response.status, 405);
+}
+
 /// A client frame, masked, written by hand (payloads under 126 bytes).
 fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
     let mask = [0x37, 0xfa, 0x21, 0x3d];

@@ -4,16 +4,23 @@
 //!    validator, miner, executor processes), minus the demo job's own start-up (spawn → first 2xx
 //!    on `/health`, measured here by polling at 1 ms), with a per-hop breakdown from the time
 //!    each status reaches the client.
-//! 2. Tunnel request round trip (new tunnel stream, `GET /health`, verified receipt) against a
-//!    direct TCP request to the same job program (new connection, `Connection: close`) — the
-//!    target figure. Alongside: keep-alive requests on one persistent tunnel stream (one receipt
-//!    for the whole stream, verified at its end) against keep-alive requests on one persistent
-//!    direct TCP connection, i.e. the tunnel's forwarding cost without its per-stream costs
-//!    (stream set-up, job TCP connect, the two signatures and their checks).
-//! 3. Tunnel bulk throughput against raw quinn with the same transport config and direct TCP.
+//! 2. Tunnel request round trip (new tunnel stream, `GET /health`) against a direct TCP request
+//!    to a second instance of the same job program (new connection, `Connection: close`), the
+//!    two alternating request by request so both see the same machine noise. The tunnel is timed
+//!    twice per request: when the whole response has arrived, and when the job's receipt has
+//!    been verified (when `http_request` returns) — the target figure. Alongside: keep-alive
+//!    requests on one persistent tunnel stream (one receipt for the whole stream, verified at its
+//!    end) against keep-alive requests on one persistent direct TCP connection, alternating,
+//!    i.e. the tunnel's forwarding cost without its per-stream costs (stream set-up, job TCP
+//!    connect, the two signatures and their checks).
+//! 3. Tunnel bulk throughput against raw quinn with the same transport config and direct TCP,
+//!    in alternating rounds (`--rounds`, default 3); each row reports its median and range.
+//!    The tunnel is measured twice: to a job endpoint served in this process (from a TCP
+//!    source), and to the testnet job's `GET /bytes` through the executor's own process, beside
+//!    the same request over direct TCP to the directly started job.
 //!
 //! `cargo run --release -p horde-benches --bin flow-latency -- [--jobs N] [--requests N]
-//! [--size-mib N] [--json PATH]`
+//! [--size-mib N] [--rounds N] [--json PATH]`
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -24,9 +31,7 @@ use bytes::Bytes;
 use horde_node::client::{Client, JobRequest};
 use horde_protocol::{JobId, JobStatus, SecretKey};
 use horde_testnet::{Testnet, TestnetConfig, demo_job_binary};
-use horde_transport::tunnel::{
-    JobTunnel, TunnelContext, TunnelStream, http_request, serve_job_endpoint,
-};
+use horde_transport::tunnel::{JobTunnel, TunnelContext, TunnelStream, serve_job_endpoint};
 use horde_transport::{ALPN_JOB, ClientPolicy, EndpointConfig, HordeEndpoint};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
@@ -35,6 +40,7 @@ struct Args {
     jobs: usize,
     requests: usize,
     size_mib: u64,
+    rounds: usize,
     json: String,
 }
 
@@ -43,6 +49,7 @@ fn parse_args() -> anyhow::Result<Args> {
         jobs: 20,
         requests: 200,
         size_mib: 256,
+        rounds: 3,
         json: "target/flow-latency.json".to_owned(),
     };
     let mut it = std::env::args().skip(1);
@@ -52,6 +59,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--jobs" => args.jobs = value.parse()?,
             "--requests" => args.requests = value.parse()?,
             "--size-mib" => args.size_mib = value.parse()?,
+            "--rounds" => args.rounds = value.parse::<usize>()?.max(1),
             "--json" => args.json = value,
             other => anyhow::bail!("unknown flag {other}"),
         }
@@ -68,6 +76,49 @@ fn percentile(values: &mut [f64], p: f64) -> f64 {
     values.sort_by(f64::total_cmp);
     let index = ((values.len() as f64 - 1.0) * p).round() as usize;
     values.get(index).copied().unwrap_or(f64::NAN)
+}
+
+/// A sample set's median, p99 and range.
+struct Spread {
+    median: f64,
+    p99: f64,
+    min: f64,
+    max: f64,
+}
+
+impl Spread {
+    fn of(mut values: Vec<f64>) -> Self {
+        let median = median(&mut values);
+        let p99 = percentile(&mut values, 0.99);
+        Self {
+            median,
+            p99,
+            min: values.first().copied().unwrap_or(f64::NAN),
+            max: values.last().copied().unwrap_or(f64::NAN),
+        }
+    }
+
+    fn print_ms(&self, row: &str, note: &str) {
+        println!(
+            "  {row:<14} median {:.3} ms  p99 {:.3} ms  ({note})",
+            self.median, self.p99
+        );
+    }
+
+    fn print_gbit(&self, row: &str, quinn_median: f64) {
+        println!(
+            "  {row:<14} {:>6.2} Gbit/s [{:.2}-{:.2}]  ({:.2}x raw quinn)",
+            self.median,
+            self.min,
+            self.max,
+            self.median / quinn_median
+        );
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({"median": self.median, "p99": self.p99, "min": self.min,
+                           "max": self.max})
+    }
 }
 
 fn ms(duration: Duration) -> f64 {
@@ -170,26 +221,91 @@ async fn control_plane(
     Ok(samples)
 }
 
-async fn tunnel_round_trips(
+/// Round trips measured in the same run, direct and tunnel requests alternating so that both see
+/// the same machine noise.
+struct RoundTrips {
+    /// New direct TCP connection per request (`Connection: close`), until the job's EOF.
+    direct: Vec<f64>,
+    /// New tunnel stream per request: until the whole response has arrived.
+    tunnel_response: Vec<f64>,
+    /// The same requests: until the job's receipt for the stream has been verified.
+    tunnel_verified: Vec<f64>,
+    /// Keep-alive requests on one direct TCP connection.
+    direct_keep_alive: Vec<f64>,
+    /// Keep-alive requests on one tunnel stream (its receipt verified at the end).
+    tunnel_keep_alive: Vec<f64>,
+}
+
+async fn round_trips(
     testnet: &Testnet,
     program: &str,
+    direct_port: u16,
     requests: usize,
-) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
+) -> anyhow::Result<RoundTrips> {
     let client = Client::new(SecretKey::generate(), testnet.facilitator())?;
     let mut job = client.submit(&JobRequest::command("cpu", program)).await?;
     let endpoint = job.wait_for_endpoint().await?;
     let connection = job.connect_job(&endpoint).await?;
-    let mut samples = Vec::with_capacity(requests);
+    let mut trips = RoundTrips {
+        direct: Vec::with_capacity(requests),
+        tunnel_response: Vec::with_capacity(requests),
+        tunnel_verified: Vec::with_capacity(requests),
+        direct_keep_alive: Vec::with_capacity(requests),
+        tunnel_keep_alive: Vec::with_capacity(requests),
+    };
+    // Warm both paths once.
+    direct_request(direct_port, "GET /health").await?;
+    tunnel_request(&connection.tunnel).await?;
     for _ in 0..requests {
         let started = Instant::now();
-        let response = http_request(&connection.tunnel, "GET", "/health", b"").await?;
-        anyhow::ensure!(response.status == 200, "status {}", response.status);
-        samples.push(ms(started.elapsed()));
+        anyhow::ensure!(direct_request(direct_port, "GET /health").await? == 200);
+        trips.direct.push(ms(started.elapsed()));
+        let (response, verified) = tunnel_request(&connection.tunnel).await?;
+        trips.tunnel_response.push(response);
+        trips.tunnel_verified.push(verified);
     }
-    let keep_alive = tunnel_keep_alive_round_trips(&connection.tunnel, requests).await?;
+
+    let mut tcp = TcpStream::connect(("127.0.0.1", direct_port)).await?;
+    tcp.set_nodelay(true)?;
+    let mut stream = connection.tunnel.open().await?;
+    let (mut tcp_buffer, mut tunnel_buffer) = (Vec::new(), Vec::new());
+    for _ in 0..requests {
+        let rtt = keep_alive_round_trip(&mut tcp, &mut tcp_buffer).await?;
+        trips.direct_keep_alive.push(rtt);
+        let rtt = keep_alive_round_trip(&mut stream, &mut tunnel_buffer).await?;
+        trips.tunnel_keep_alive.push(rtt);
+    }
+    stream.finish_sending().await?;
+    while stream.read().await?.is_some() {}
+    anyhow::ensure!(stream.receipt().is_some(), "no receipt");
     job.terminate().await?;
     job.wait_for_end().await?;
-    Ok((samples, keep_alive))
+    Ok(trips)
+}
+
+/// `GET /health` on a new tunnel stream, as [`horde_transport::tunnel::http_request`]
+/// sends it, timed twice: when the
+/// whole response has arrived, and when the stream ended with the job's receipt verified (the
+/// moment `http_request` returns). Milliseconds.
+async fn tunnel_request(tunnel: &JobTunnel) -> anyhow::Result<(f64, f64)> {
+    let started = Instant::now();
+    let mut stream = tunnel.open().await?;
+    stream
+        .write(b"GET /health HTTP/1.1\r\nHost: job\r\nConnection: close\r\n\r\n")
+        .await?;
+    stream.finish_sending().await?;
+    let mut response = Vec::new();
+    let mut complete = None;
+    while let Some(bytes) = stream.read().await? {
+        response.extend_from_slice(&bytes);
+        if complete.is_none() && complete_response(&response)?.is_some() {
+            complete = Some(ms(started.elapsed()));
+        }
+    }
+    let verified = ms(started.elapsed());
+    anyhow::ensure!(stream.receipt().is_some(), "no receipt");
+    anyhow::ensure!(response.starts_with(b"HTTP/1.1 200"), "tunnel status");
+    Ok((complete.context("incomplete response")?, verified))
 }
 
 /// A keep-alive `GET /health` (no `Connection: close`).
@@ -247,47 +363,23 @@ impl KeepAlive for TunnelStream {
     }
 }
 
-/// Times `requests` keep-alive `GET /health` round trips on one connection.
-async fn keep_alive_round_trips(
+/// One keep-alive `GET /health` round trip on `connection`; milliseconds.
+async fn keep_alive_round_trip(
     connection: &mut impl KeepAlive,
-    requests: usize,
-) -> anyhow::Result<Vec<f64>> {
-    let mut samples = Vec::with_capacity(requests);
-    let mut buffer = Vec::new();
-    for _ in 0..requests {
-        let started = Instant::now();
-        connection.send_request().await?;
-        let total = loop {
-            if let Some(total) = complete_response(&buffer)? {
-                break total;
-            }
-            connection.receive(&mut buffer).await?;
-        };
-        anyhow::ensure!(buffer.starts_with(b"HTTP/1.1 200"), "keep-alive status");
-        buffer.drain(..total);
-        samples.push(ms(started.elapsed()));
-    }
-    Ok(samples)
-}
-
-/// Keep-alive requests on one tunnel stream; the stream's receipt is verified at the end.
-async fn tunnel_keep_alive_round_trips(
-    tunnel: &JobTunnel,
-    requests: usize,
-) -> anyhow::Result<Vec<f64>> {
-    let mut stream = tunnel.open().await?;
-    let samples = keep_alive_round_trips(&mut stream, requests).await?;
-    stream.finish_sending().await?;
-    while stream.read().await?.is_some() {}
-    anyhow::ensure!(stream.receipt().is_some(), "no receipt");
-    Ok(samples)
-}
-
-/// Keep-alive requests on one direct TCP connection.
-async fn direct_keep_alive_round_trips(port: u16, requests: usize) -> anyhow::Result<Vec<f64>> {
-    let mut tcp = TcpStream::connect(("127.0.0.1", port)).await?;
-    tcp.set_nodelay(true)?;
-    keep_alive_round_trips(&mut tcp, requests).await
+    buffer: &mut Vec<u8>,
+) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    connection.send_request().await?;
+    let total = loop {
+        if let Some(total) = complete_response(buffer)? {
+            break total;
+        }
+        connection.receive(buffer).await?;
+    };
+    let elapsed = ms(started.elapsed());
+    anyhow::ensure!(buffer.starts_with(b"HTTP/1.1 200"), "keep-alive status");
+    buffer.drain(..total);
+    Ok(elapsed)
 }
 
 /// A TCP source that writes `size` bytes to every connection, then closes.
@@ -317,18 +409,76 @@ async fn tcp_source(size: u64) -> anyhow::Result<SocketAddr> {
     Ok(addr)
 }
 
-async fn direct_tcp_throughput(source: SocketAddr, size: u64) -> anyhow::Result<f64> {
+/// Bulk figures (Gbit/s), one per round.
+#[derive(Default)]
+struct BulkRuns {
+    /// Direct TCP from the in-process TCP source.
+    direct: Vec<f64>,
+    /// Raw quinn, both ends in this process.
+    quinn: Vec<f64>,
+    /// A tunnel stream to a job endpoint served in this process, from the TCP source.
+    tunnel: Vec<f64>,
+    /// `GET /bytes` over direct TCP to the directly started job.
+    direct_job: Vec<f64>,
+    /// `GET /bytes` through a tunnel stream to a testnet job (the executor's own process).
+    executor: Vec<f64>,
+}
+
+/// `GET /bytes?n={size}` over a new TCP connection to the job; Gbit/s of body received.
+async fn direct_bytes(port: u16, size: u64) -> anyhow::Result<f64> {
     let started = Instant::now();
-    let mut stream = TcpStream::connect(source).await?;
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).await?;
+    stream.write_all(bytes_request(size).as_bytes()).await?;
+    let total = read_to_eof(&mut stream).await?;
+    let elapsed = started.elapsed();
+    anyhow::ensure!(total > size, "direct /bytes short read {total}");
+    Ok(gbit(size, elapsed))
+}
+
+/// `GET /bytes?n={size}` on a new tunnel stream, its receipt verified; Gbit/s of body received.
+async fn tunnel_bytes(tunnel: &JobTunnel, size: u64) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    let total = tunnel_exchange(tunnel, bytes_request(size).as_bytes()).await?;
+    let elapsed = started.elapsed();
+    anyhow::ensure!(total > size, "tunnel /bytes short read {total}");
+    Ok(gbit(size, elapsed))
+}
+
+/// Sends `request` on a new tunnel stream and reads the reply to its verified receipt; returns
+/// the bytes received.
+async fn tunnel_exchange(tunnel: &JobTunnel, request: &[u8]) -> anyhow::Result<u64> {
+    let mut stream = tunnel.open().await?;
+    stream.write(request).await?;
+    stream.finish_sending().await?;
+    let mut total = 0u64;
+    while let Some(chunk) = stream.read().await? {
+        total += chunk.len() as u64;
+    }
+    anyhow::ensure!(stream.receipt().is_some(), "no receipt");
+    Ok(total)
+}
+
+/// Reads `stream` to its end, counting the bytes.
+async fn read_to_eof(stream: &mut TcpStream) -> std::io::Result<u64> {
     let mut buffer = vec![0u8; 256 * 1024];
     let mut total = 0u64;
     loop {
         let n = stream.read(&mut buffer).await?;
         if n == 0 {
-            break;
+            return Ok(total);
         }
         total += n as u64;
     }
+}
+
+fn bytes_request(size: u64) -> String {
+    format!("GET /bytes?n={size} HTTP/1.1\r\nHost: job\r\nConnection: close\r\n\r\n")
+}
+
+async fn direct_tcp_throughput(source: SocketAddr, size: u64) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    let mut stream = TcpStream::connect(source).await?;
+    let total = read_to_eof(&mut stream).await?;
     anyhow::ensure!(total == size, "short read");
     Ok(gbit(size, started.elapsed()))
 }
@@ -436,14 +586,8 @@ async fn tunnel_throughput(source: SocketAddr, size: u64) -> anyhow::Result<f64>
     let connection = client.connect(addr, &job_key.hotkey(), ALPN_JOB).await?;
     let tunnel = JobTunnel::new(connection.clone(), job_id, client_key, job_key.hotkey())?;
     let started = Instant::now();
-    let mut stream = tunnel.open().await?;
-    stream.finish_sending().await?;
-    let mut total = 0u64;
-    while let Some(chunk) = stream.read().await? {
-        total += chunk.len() as u64;
-    }
+    let total = tunnel_exchange(&tunnel, b"").await?;
     let elapsed = started.elapsed();
-    anyhow::ensure!(stream.receipt().is_some(), "no receipt");
     anyhow::ensure!(total == size, "tunnel short read {total}");
     connection.close(0u32.into(), b"done");
     handle.shutdown().await;
@@ -463,23 +607,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let program = demo_job_binary()?;
     let program_str = program.to_str().context("utf-8 path")?.to_owned();
 
-    // Baseline: the job's own start-up, and direct TCP round trips to it.
+    // Baseline: the job's own start-up. The last job started here stays up as the target of
+    // the direct TCP requests, which alternate with the tunnel's.
     let mut startups = Vec::new();
-    let mut direct_rtts = Vec::new();
-    let mut direct_keep_alive = Vec::new();
-    for round in 0..5 {
+    let mut direct_job = None;
+    for _ in 0..5 {
         let (startup, child, port) = job_startup(&program).await?;
         startups.push(ms(startup));
-        if round == 0 {
-            for _ in 0..args.requests {
-                let started = Instant::now();
-                anyhow::ensure!(direct_request(port, "GET /health").await? == 200);
-                direct_rtts.push(ms(started.elapsed()));
-            }
-            direct_keep_alive = direct_keep_alive_round_trips(port, args.requests).await?;
-        }
-        drop(child);
+        direct_job = Some((child, port));
     }
+    let (direct_child, direct_port) = direct_job.context("no direct job")?;
     let job_startup_ms = median(&mut startups);
 
     let testnet = Testnet::start(TestnetConfig {
@@ -490,16 +627,34 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // Warm the connections (first QUIC handshakes) before measuring.
     control_plane(&testnet, &program_str, 1).await?;
     let samples = control_plane(&testnet, &program_str, args.jobs).await?;
-    let (tunnel_rtts, mut tunnel_keep_alive) =
-        tunnel_round_trips(&testnet, &program_str, args.requests).await?;
-    testnet.shutdown();
-
+    let trips = round_trips(&testnet, &program_str, direct_port, args.requests).await?;
     let mut quinn_rtts = raw_quinn_round_trips(args.requests).await?;
+
+    // Bulk: a job on the testnet sends `/bytes` through the real executor process; the direct
+    // job sends the same over TCP; raw quinn and an in-process tunnel (job endpoint served in
+    // this process from a TCP source) complete the set. Rows alternate, round after round; each
+    // row's figure is its median.
     let size = args.size_mib << 20;
     let source = tcp_source(size).await?;
-    let direct = direct_tcp_throughput(source, size).await?;
-    let quinn = raw_quinn_throughput(size).await?;
-    let tunnel = tunnel_throughput(source, size).await?;
+    let client = Client::new(SecretKey::generate(), testnet.facilitator())?;
+    let mut bulk_job = client
+        .submit(&JobRequest::command("cpu", &program_str))
+        .await?;
+    let endpoint = bulk_job.wait_for_endpoint().await?;
+    let bulk_connection = bulk_job.connect_job(&endpoint).await?;
+    let mut bulk = BulkRuns::default();
+    for _ in 0..args.rounds {
+        bulk.direct.push(direct_tcp_throughput(source, size).await?);
+        bulk.quinn.push(raw_quinn_throughput(size).await?);
+        bulk.tunnel.push(tunnel_throughput(source, size).await?);
+        bulk.direct_job.push(direct_bytes(direct_port, size).await?);
+        bulk.executor
+            .push(tunnel_bytes(&bulk_connection.tunnel, size).await?);
+    }
+    bulk_job.terminate().await?;
+    bulk_job.wait_for_end().await?;
+    testnet.shutdown();
+    drop(direct_child);
 
     println!(
         "== control plane: submit -> verified endpoint ({} jobs, medians, ms since submit)",
@@ -522,59 +677,62 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "  control-plane overhead = {total:.2} - {job_startup_ms:.2} = {overhead:.2} ms (target <= 20)"
     );
 
-    let mut tunnel_sorted = tunnel_rtts.clone();
-    let mut direct_sorted = direct_rtts.clone();
-    let tunnel_median = median(&mut tunnel_sorted);
-    let direct_median = median(&mut direct_sorted);
-    let tunnel_p99 = percentile(&mut tunnel_sorted, 0.99);
-    let direct_p99 = percentile(&mut direct_sorted, 0.99);
     println!(
-        "== request round trip, GET /health ({} requests)",
+        "== request round trip, GET /health, new connection / new tunnel stream ({} requests, \
+         direct and tunnel alternating)",
         args.requests
     );
-    println!("  direct TCP      median {direct_median:.3} ms  p99 {direct_p99:.3} ms");
-    println!("  horde tunnel    median {tunnel_median:.3} ms  p99 {tunnel_p99:.3} ms");
-    let quinn_median = median(&mut quinn_rtts);
-    let quinn_p99 = percentile(&mut quinn_rtts, 0.99);
+    let direct = Spread::of(trips.direct);
+    let response = Spread::of(trips.tunnel_response);
+    let verified = Spread::of(trips.tunnel_verified);
+    let quinn_rtt = Spread::of(std::mem::take(&mut quinn_rtts));
+    direct.print_ms("direct TCP", "until the job's EOF");
+    response.print_ms("horde tunnel", "until the whole response has arrived");
+    verified.print_ms(
+        "horde tunnel",
+        "until the receipt is verified (http_request returns)",
+    );
+    quinn_rtt.print_ms("raw quinn", "new stream, both ends in this process");
     println!(
-        "  raw quinn       median {quinn_median:.3} ms  p99 {quinn_p99:.3} ms  (new stream, same process)"
+        "  ratio tunnel/direct: {:.2} with the verified receipt (target <= 2), {:.2} to the \
+         response; tunnel/raw quinn: {:.2}",
+        verified.median / direct.median,
+        response.median / direct.median,
+        verified.median / quinn_rtt.median
     );
     println!(
-        "  ratio tunnel/direct: {:.2} (target <= 2); tunnel/raw quinn: {:.2}",
-        tunnel_median / direct_median,
-        tunnel_median / quinn_median
-    );
-    let keep_direct_median = median(&mut direct_keep_alive);
-    let keep_direct_p99 = percentile(&mut direct_keep_alive, 0.99);
-    let keep_tunnel_median = median(&mut tunnel_keep_alive);
-    let keep_tunnel_p99 = percentile(&mut tunnel_keep_alive, 0.99);
-    println!(
-        "== keep-alive GET /health on one persistent connection ({} requests; the tunnel's \
-         receipt covers the whole stream, verified at its end)",
+        "== keep-alive GET /health on one persistent connection ({} requests, alternating; the \
+         tunnel's receipt covers the whole stream, verified at its end)",
         args.requests
     );
-    println!(
-        "  direct TCP      median {keep_direct_median:.3} ms  p99 {keep_direct_p99:.3} ms  \
-         (one connection)"
-    );
-    println!(
-        "  horde tunnel    median {keep_tunnel_median:.3} ms  p99 {keep_tunnel_p99:.3} ms  \
-         (one tunnel stream)"
-    );
+    let keep_direct = Spread::of(trips.direct_keep_alive);
+    let keep_tunnel = Spread::of(trips.tunnel_keep_alive);
+    keep_direct.print_ms("direct TCP", "one connection");
+    keep_tunnel.print_ms("horde tunnel", "one tunnel stream");
     println!(
         "  ratio tunnel/direct: {:.2}",
-        keep_tunnel_median / keep_direct_median
+        keep_tunnel.median / keep_direct.median
     );
 
-    println!("== bulk throughput, {} MiB job -> client", args.size_mib);
     println!(
-        "  direct TCP   {direct:>6.2} Gbit/s  ({:.2}x raw quinn)",
-        direct / quinn
+        "== bulk throughput, {} MiB job -> client ({} rounds, rows alternating; median [min-max])",
+        args.size_mib, args.rounds
     );
-    println!("  raw quinn    {quinn:>6.2} Gbit/s  (1.00x)");
+    let direct_bulk = Spread::of(bulk.direct);
+    let quinn = Spread::of(bulk.quinn);
+    let tunnel = Spread::of(bulk.tunnel);
+    let direct_job = Spread::of(bulk.direct_job);
+    let executor = Spread::of(bulk.executor);
+    direct_bulk.print_gbit("direct TCP", quinn.median);
+    quinn.print_gbit("raw quinn", quinn.median);
+    tunnel.print_gbit("horde tunnel", quinn.median);
+    println!("  (job's GET /bytes, through the testnet's executor process)");
+    direct_job.print_gbit("direct TCP", quinn.median);
+    executor.print_gbit("horde tunnel", quinn.median);
     println!(
-        "  horde tunnel {tunnel:>6.2} Gbit/s  ({:.2}x raw quinn, target >= 0.7)",
-        tunnel / quinn
+        "  tunnel/raw quinn: {:.2} in process, {:.2} through the executor (target >= 0.7)",
+        tunnel.median / quinn.median,
+        executor.median / quinn.median
     );
 
     let json = serde_json::json!({
@@ -583,17 +741,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "job_startup_ms": job_startup_ms,
         "submit_to_verified_endpoint_ms": total,
         "control_plane_overhead_ms": overhead,
-        "rtt": {"direct_median_ms": direct_median, "direct_p99_ms": direct_p99,
-                "tunnel_median_ms": tunnel_median, "tunnel_p99_ms": tunnel_p99,
-                "raw_quinn_median_ms": quinn_median, "raw_quinn_p99_ms": quinn_p99,
-                "ratio": tunnel_median / direct_median},
-        "keep_alive_rtt": {"direct_median_ms": keep_direct_median,
-                           "direct_p99_ms": keep_direct_p99,
-                           "tunnel_median_ms": keep_tunnel_median,
-                           "tunnel_p99_ms": keep_tunnel_p99,
-                           "ratio": keep_tunnel_median / keep_direct_median},
-        "throughput_gbit": {"direct_tcp": direct, "raw_quinn": quinn, "tunnel": tunnel,
-                            "tunnel_over_quinn": tunnel / quinn},
+        "rtt": {"direct": direct.json(), "tunnel_response": response.json(),
+                "tunnel_verified": verified.json(), "raw_quinn": quinn_rtt.json(),
+                "ratio": verified.median / direct.median,
+                "ratio_to_response": response.median / direct.median},
+        "keep_alive_rtt": {"direct": keep_direct.json(), "tunnel": keep_tunnel.json(),
+                           "ratio": keep_tunnel.median / keep_direct.median},
+        "throughput_gbit": {"rounds": args.rounds, "direct_tcp": direct_bulk.json(),
+                            "raw_quinn": quinn.json(), "tunnel": tunnel.json(),
+                            "tunnel_over_quinn": tunnel.median / quinn.median,
+                            "direct_tcp_job_bytes": direct_job.json(),
+                            "tunnel_executor_job_bytes": executor.json(),
+                            "executor_tunnel_over_quinn": executor.median / quinn.median},
     });
     if let Some(parent) = std::path::Path::new(&args.json).parent() {
         std::fs::create_dir_all(parent)?;
