@@ -929,13 +929,13 @@ impl request_response::Codec for RecordCodec {
     }
 }
 
-/// How often [`wait_for_records`] looks at the records again.
-const RECORD_POLL: Duration = Duration::from_millis(20);
-
-/// Looks for something in the peer records with `find`, again every 20 ms until it is there or
-/// `within` has passed: a record another node just published (a freed executor, a newly known
-/// miner) reaches this node within milliseconds.
+/// Looks for something in the peer records with `find`: now, then again at every change of
+/// `changes` (a [`Directory::subscribe`] receiver, see [`KnownPeers::changes`]) until it is
+/// there or `within` has passed. A record another node just published (a freed executor, a
+/// newly known miner) reaches this node within milliseconds, and is looked at as it arrives.
+/// Without `changes` (static peers only) nothing can change: `find` is asked once.
 pub async fn wait_for_records<T>(
+    mut changes: Option<watch::Receiver<u64>>,
     within: Duration,
     mut find: impl FnMut() -> Option<T>,
 ) -> Option<T> {
@@ -944,10 +944,12 @@ pub async fn wait_for_records<T>(
         if let Some(found) = find() {
             return Some(found);
         }
-        if tokio::time::Instant::now() >= until {
-            return None;
+        let changes = changes.as_mut()?;
+        match tokio::time::timeout_at(until, changes.changed()).await {
+            Ok(Ok(())) => {}
+            // Out of time, or the directory is gone (the node is stopping).
+            Ok(Err(_)) | Err(_) => return None,
         }
-        tokio::time::sleep(RECORD_POLL).await;
     }
 }
 
@@ -968,6 +970,14 @@ impl KnownPeers {
             configured,
             directory,
         }
+    }
+
+    /// A receiver of the directory's changes, for [`wait_for_records`]; `None` without
+    /// discovery (static peers never change).
+    pub fn changes(&self) -> Option<watch::Receiver<u64>> {
+        self.directory
+            .as_ref()
+            .map(|directory| directory.subscribe())
     }
 
     /// Every peer of the role.
@@ -1007,22 +1017,73 @@ impl KnownPeers {
 mod tests {
     #![allow(clippy::unwrap_used)]
 
-    #[tokio::test]
-    async fn waiting_for_records_polls_until_found_or_out_of_time() {
-        let mut calls = 0;
-        let found = wait_for_records(Duration::from_secs(5), || {
-            calls += 1;
-            (calls == 3).then_some(calls)
-        })
-        .await;
-        assert_eq!(found, Some(3));
-        let started = std::time::Instant::now();
-        let none: Option<()> = wait_for_records(Duration::from_millis(100), || None).await;
-        assert_eq!(none, None);
-        assert!(started.elapsed() >= Duration::from_millis(100));
+    use super::*;
+
+    /// Offers a miner record of `key` with `free` executors of class `cpu`.
+    fn offer_miner(directory: &Directory, key: &SecretKey, free: u32, seq: u64) -> Offer {
+        let record = NodeRecord {
+            hotkey: key.hotkey(),
+            role: Role::Miner,
+            addrs: vec![([127, 0, 0, 1], 4000).into()],
+            p2p_addrs: Vec::new(),
+            capacity: vec![horde_protocol::ClassCapacity {
+                class: horde_protocol::ExecutorClass("cpu".into()),
+                free,
+                total: 1,
+            }],
+            version: "test".into(),
+            seq,
+            expires_at: now().plus_millis(60_000),
+        };
+        directory.offer(Signed::sign(key, &record), record)
     }
 
-    use super::*;
+    #[tokio::test]
+    async fn waiting_for_records_wakes_on_a_change_and_gives_up_in_time() {
+        let directory = Arc::new(Directory::default());
+        let miners = KnownPeers::new(Role::Miner, Vec::new(), Some(Arc::clone(&directory)));
+        let class = horde_protocol::ExecutorClass("cpu".into());
+        let key = SecretKey::generate();
+        assert_eq!(offer_miner(&directory, &key, 0, 1), Offer::New);
+
+        // The executor frees up 100 ms later: found as that record arrives.
+        let freeing = tokio::spawn({
+            let (directory, key) = (Arc::clone(&directory), key.clone());
+            async move {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                offer_miner(&directory, &key, 1, 2)
+            }
+        });
+        let started = std::time::Instant::now();
+        let found = wait_for_records(miners.changes(), Duration::from_secs(20), || {
+            miners.with_free(&class).into_iter().next()
+        })
+        .await;
+        assert_eq!(found.map(|peer| peer.hotkey), Some(key.hotkey()));
+        let waited = started.elapsed();
+        assert!(waited >= Duration::from_millis(100), "{waited:?}");
+        assert!(waited < Duration::from_secs(10), "{waited:?}");
+        assert_eq!(freeing.await.unwrap(), Offer::Updated);
+
+        // Nothing turns up: None once the time is up.
+        let started = std::time::Instant::now();
+        let none: Option<()> =
+            wait_for_records(miners.changes(), Duration::from_millis(100), || None).await;
+        assert_eq!(none, None);
+        assert!(started.elapsed() >= Duration::from_millis(100));
+
+        // Static peers only: nothing can change, so `find` is asked once, and no time passes.
+        let fixed = KnownPeers::new(Role::Miner, Vec::new(), None);
+        let mut calls = 0;
+        let started = std::time::Instant::now();
+        let none: Option<()> = wait_for_records(fixed.changes(), Duration::from_secs(20), || {
+            calls += 1;
+            None
+        })
+        .await;
+        assert_eq!((none, calls), (None, 1));
+        assert!(started.elapsed() < Duration::from_secs(10));
+    }
 
     #[test]
     fn peer_ids_and_hotkeys_are_one_identity() {

@@ -561,7 +561,10 @@ impl Facilitator {
     /// job is refused with `NoMiner`.
     async fn wait_for_miner(&self, spec: &JobSpec) -> Option<NodeAddr> {
         let wait = MINER_WAIT_MAX.min(Duration::from_millis(spec.deadlines.reservation_ms));
-        wait_for_records(wait, || self.choose_miner(&self.eligible_miners(spec))).await
+        wait_for_records(self.miners.changes(), wait, || {
+            self.choose_miner(&self.eligible_miners(spec))
+        })
+        .await
     }
 
     fn choose_miner(&self, peers: &[NodeAddr]) -> Option<NodeAddr> {

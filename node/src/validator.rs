@@ -528,7 +528,10 @@ impl Validator {
     /// (records spread within milliseconds): waits for it up to [`MINER_RECORD_WAIT`] before the
     /// assignment is checked (an unknown miner is then refused with `MinerNotAllowed`).
     async fn await_miner_record(&self, miner: &Hotkey) {
-        wait_for_records(MINER_RECORD_WAIT, || self.known_miner(miner)).await;
+        wait_for_records(self.miners.changes(), MINER_RECORD_WAIT, || {
+            self.known_miner(miner)
+        })
+        .await;
     }
 
     fn known_miner(&self, hotkey: &Hotkey) -> Option<NodeAddr> {

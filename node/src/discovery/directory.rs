@@ -113,10 +113,12 @@ struct Entry {
 }
 
 /// The records a node knows. Shared by the discovery task (which fills it) and the roles
-/// (which choose peers from it).
+/// (which choose peers from it, and may wait for a change with [`Directory::subscribe`]).
 #[derive(Debug, Default)]
 pub struct Directory {
     entries: Mutex<HashMap<Hotkey, Entry>>,
+    /// Counts the changes: a new or newer record kept, or records dropped on expiry.
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 impl Directory {
@@ -126,8 +128,26 @@ impl Directory {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// A receiver told of every change from now on (a record kept by [`offer`](Self::offer),
+    /// records dropped by [`expire`](Self::expire)).
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    fn changed(&self) {
+        self.changes.send_modify(|count| *count += 1);
+    }
+
     /// Keeps a checked record if it is newer than the one held.
     pub fn offer(&self, signed: Signed<NodeRecord>, record: NodeRecord) -> Offer {
+        let offer = self.offer_locked(signed, record);
+        if matches!(offer, Offer::New | Offer::Updated) {
+            self.changed();
+        }
+        offer
+    }
+
+    fn offer_locked(&self, signed: Signed<NodeRecord>, record: NodeRecord) -> Offer {
         let mut entries = self.lock();
         let full = entries.len() >= MAX_DIRECTORY_RECORDS;
         match entries.get_mut(&record.hotkey) {
@@ -154,6 +174,9 @@ impl Directory {
             }
             live
         });
+        if !expired.is_empty() {
+            self.changed();
+        }
         expired
     }
 
@@ -236,6 +259,29 @@ mod tests {
     }
 
     const NOW: UnixMillis = UnixMillis(1_000_000);
+
+    #[test]
+    fn subscribers_hear_of_kept_and_expired_records_only() {
+        let directory = Directory::default();
+        let mut changes = directory.subscribe();
+        let key = SecretKey::generate();
+        let offer = |seq, expires_at| {
+            let record = record(&key, Role::Miner, seq, expires_at);
+            directory.offer(Signed::sign(&key, &record), record)
+        };
+        assert_eq!(offer(2, NOW.0 + 5000), Offer::New);
+        assert!(changes.has_changed().unwrap());
+        changes.mark_unchanged();
+        assert_eq!(offer(1, NOW.0 + 5000), Offer::Stale);
+        assert!(!changes.has_changed().unwrap());
+        assert_eq!(offer(3, NOW.0 + 5000), Offer::Updated);
+        assert!(changes.has_changed().unwrap());
+        changes.mark_unchanged();
+        assert!(directory.expire(NOW).is_empty());
+        assert!(!changes.has_changed().unwrap());
+        assert_eq!(directory.expire(UnixMillis(NOW.0 + 5000)).len(), 1);
+        assert!(changes.has_changed().unwrap());
+    }
 
     #[test]
     fn a_good_record_passes() {
