@@ -534,15 +534,8 @@ impl JobHandle {
 /// client key, theirs must be the pinned job key.
 #[derive(Debug)]
 pub struct JobConnection {
-    /// The job.
-    pub job_id: JobId,
-    /// The per-job client key.
-    pub client_key: SecretKey,
-    /// The pinned job key.
-    pub job_key: Hotkey,
-    /// The connection.
-    pub connection: quinn::Connection,
-    /// The connection with the pinned job key checked and prepared: opens tunnel streams.
+    /// The connection with the pinned job key checked and prepared: opens tunnel streams, and
+    /// holds the job id, the job key and the QUIC connection.
     pub tunnel: JobTunnel,
     _endpoint: HordeEndpoint,
 }
@@ -562,17 +555,8 @@ impl JobConnection {
         let connection = local
             .connect(endpoint.address(), &endpoint.job_key(), ALPN_JOB)
             .await?;
-        let tunnel = JobTunnel::new(
-            connection.clone(),
-            job_id,
-            client_key.clone(),
-            endpoint.job_key(),
-        )?;
+        let tunnel = JobTunnel::new(connection, job_id, client_key, endpoint.job_key())?;
         Ok(Self {
-            job_id,
-            client_key,
-            job_key: endpoint.job_key(),
-            connection,
             tunnel,
             _endpoint: local,
         })

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, StreamExt as _};
-use horde_protocol::codec::{FRAME_HEADER_LEN, decode_frame, encode_frame, frame_len};
+use horde_protocol::codec::{FRAME_HEADER_LEN, encode_frame, frame_len, from_bytes_exact};
 use horde_protocol::{
     ClassCapacity, Hotkey, NodeAddr, NodeRecord, RecordSync, Role, SecretKey, Signed,
 };
@@ -869,14 +869,10 @@ async fn read_sync<T: AsyncRead + Unpin + Send>(io: &mut T) -> std::io::Result<R
     let mut header = [0u8; FRAME_HEADER_LEN];
     io.read_exact(&mut header).await?;
     let len = frame_len(header, MAX_SYNC_BYTES).map_err(std::io::Error::other)?;
-    let mut frame = vec![0u8; FRAME_HEADER_LEN + len];
-    frame[..FRAME_HEADER_LEN].copy_from_slice(&header);
-    io.read_exact(&mut frame[FRAME_HEADER_LEN..]).await?;
-    let (sync, used) = decode_frame(&frame, MAX_SYNC_BYTES).map_err(std::io::Error::other)?;
-    if used != frame.len() {
-        return Err(std::io::Error::other("trailing bytes in record frame"));
-    }
-    Ok(sync)
+    let mut body = vec![0u8; len];
+    io.read_exact(&mut body).await?;
+    // The body must be exactly one message: trailing bytes are refused.
+    from_bytes_exact(&body).map_err(std::io::Error::other)
 }
 
 async fn write_sync<T: AsyncWrite + Unpin + Send>(
@@ -1160,6 +1156,18 @@ mod tests {
             write_sync(&mut buffer, &sync).await.unwrap();
             buffer.set_position(0);
             assert_eq!(read_sync(&mut buffer).await.unwrap(), sync);
+            // The same message with a byte after it, inside the announced length, is refused.
+            let good = buffer.into_inner();
+            let mut trailing = u32::try_from(good.len() - FRAME_HEADER_LEN + 1)
+                .unwrap()
+                .to_be_bytes()
+                .to_vec();
+            trailing.extend_from_slice(&good[FRAME_HEADER_LEN..]);
+            trailing.push(0);
+            let error = read_sync(&mut futures::io::Cursor::new(trailing))
+                .await
+                .unwrap_err();
+            assert!(error.to_string().contains("trailing"), "{error}");
         });
     }
 }

@@ -600,7 +600,7 @@ pub async fn run_command(command: JobCommand) -> anyhow::Result<()> {
             .await?;
             println!("HTTP {}", response.status);
             println!("{}", String::from_utf8_lossy(&response.body));
-            let receipt = response.receipt.verify_by(&connection.job_key)?;
+            let receipt = response.receipt.verify_by(&connection.tunnel.job_key())?;
             eprintln!(
                 "receipt verified: stream {} in {} bytes (blake3 {}), out {} bytes (blake3 {})",
                 receipt.stream,

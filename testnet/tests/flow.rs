@@ -62,8 +62,11 @@ async fn get(connection: &JobConnection, method: &str, path: &str, body: &[u8]) 
         .await
         .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
     // The receipt is verified inside http_request; check it names this job and key again.
-    let receipt = response.receipt.verify_by(&connection.job_key).unwrap();
-    assert_eq!(receipt.job_id, connection.job_id);
+    let receipt = response
+        .receipt
+        .verify_by(&connection.tunnel.job_key())
+        .unwrap();
+    assert_eq!(receipt.job_id, connection.tunnel.job_id());
     assert!(receipt.bytes_out >= response.body.len() as u64);
     (response.status, response.body)
 }

@@ -11,8 +11,8 @@ use horde_node::client::{
 };
 use horde_protocol::messages::{RejectReason, ReportVerdict};
 use horde_protocol::{
-    EndpointRecord, JobId, JobReceipt, JobStatus, MinerReport, SecretKey, Signature, Signed,
-    UpMessage,
+    EndpointRecord, JobId, JobReceipt, JobStatus, MinerReport, NodeAddr, SecretKey, Signature,
+    Signed, UpMessage,
 };
 use horde_testnet::reports::{assign_directly, hotkey_list, reconfigure};
 use horde_testnet::{Testnet, TestnetConfig, demo_job_binary};
@@ -49,6 +49,20 @@ async fn echo(connection: &JobConnection, body: &[u8]) -> HttpResponse {
     http_request(&connection.tunnel, "POST", "/echo", body)
         .await
         .unwrap()
+}
+
+/// Each of `validators`, handed a job on `miner` directly, refuses it with `MinerNotAllowed`.
+async fn assert_every_validator_refuses(validators: &[NodeAddr], miner: &NodeAddr) {
+    for validator in validators {
+        let (answer, _) = assign_directly(
+            validator,
+            signed_spec(&SecretKey::generate()),
+            miner.clone(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(answer, UpMessage::Rejected(RejectReason::MinerNotAllowed));
+    }
 }
 
 fn refused(verdict: ReportVerdict) -> String {
@@ -110,16 +124,7 @@ async fn wrong_answers_get_the_miner_reported_and_excluded_across_restarts() {
         JobStatus::Rejected(RejectReason::NoMiner)
     );
     // Every validator refuses to drive a job on it.
-    for validator in &validators {
-        let (answer, _) = assign_directly(
-            validator,
-            signed_spec(&SecretKey::generate()),
-            miner.clone(),
-        )
-        .await
-        .unwrap();
-        assert_eq!(answer, UpMessage::Rejected(RejectReason::MinerNotAllowed));
-    }
+    assert_every_validator_refuses(&validators, &miner).await;
 
     // Restarts keep the exclusion, at the validators and at the facilitator.
     testnet.restart("validator-0").unwrap();
@@ -128,16 +133,7 @@ async fn wrong_answers_get_the_miner_reported_and_excluded_across_restarts() {
     let stored =
         std::fs::read_to_string(testnet.dir().join("validator-0/data/exclusions.json")).unwrap();
     assert!(stored.contains(&miner.hotkey.to_string()), "{stored}");
-    for validator in &validators {
-        let (answer, _) = assign_directly(
-            validator,
-            signed_spec(&SecretKey::generate()),
-            miner.clone(),
-        )
-        .await
-        .unwrap();
-        assert_eq!(answer, UpMessage::Rejected(RejectReason::MinerNotAllowed));
-    }
+    assert_every_validator_refuses(&validators, &miner).await;
     let client = Client::new(SecretKey::generate(), testnet.facilitator()).unwrap();
     let mut after = client.submit(&demo_request(&[])).await.unwrap();
     assert_eq!(
