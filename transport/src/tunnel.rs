@@ -255,16 +255,23 @@ fn data_header(len: usize) -> Bytes {
     Bytes::from(header)
 }
 
-/// Writes `payload` as `Data` frames of at most [`DATA_CHUNK`] bytes, without copying it.
-async fn write_data(send: &mut quinn::SendStream, mut payload: Bytes) -> Result<(), TunnelError> {
+/// Appends `payload` to `chunks` as `Data` frames of at most [`DATA_CHUNK`] bytes (header,
+/// piece, header, piece, …), without copying it.
+fn push_data_frames(mut payload: Bytes, chunks: &mut Vec<Bytes>) {
     while !payload.is_empty() {
         let piece = payload.split_to(payload.len().min(DATA_CHUNK));
-        let mut chunks = [data_header(piece.len()), piece];
-        send.write_all_chunks(&mut chunks)
-            .await
-            .map_err(TunnelError::from_write)?;
+        chunks.push(data_header(piece.len()));
+        chunks.push(piece);
     }
-    Ok(())
+}
+
+/// Writes `payload` as `Data` frames of at most [`DATA_CHUNK`] bytes, without copying it.
+async fn write_data(send: &mut quinn::SendStream, payload: Bytes) -> Result<(), TunnelError> {
+    let mut chunks = Vec::with_capacity(2);
+    push_data_frames(payload, &mut chunks);
+    send.write_all_chunks(&mut chunks)
+        .await
+        .map_err(TunnelError::from_write)
 }
 
 /// Writes one whole frame (used for the end frames and the output-ended marker).
@@ -537,7 +544,8 @@ async fn serve_with_grace(
     };
     // Small writes (an SSE token, a WebSocket frame) go out at once.
     let _ = tcp.set_nodelay(true);
-    let (tcp_read, mut tcp_write) = tcp.into_split();
+    // Both halves live until the receipt is out: closing the job's socket is not on its path.
+    let (mut tcp_read, mut tcp_write) = tcp.into_split();
     let mut inbound = Tally::new();
     let mut outbound = Tally::new();
     // The client's `ClientEnd`, its digest already matched against what arrived. Its signature
@@ -557,10 +565,10 @@ async fn serve_with_grace(
             stream,
             &client_done,
         );
-        let pump_out = pump_out(tcp_read, &mut send, &mut outbound, &client_done);
+        let pump_out = pump_out(&mut tcp_read, &mut send, &mut outbound, &client_done);
         let grace_timer = tokio::time::sleep(Duration::MAX / 4);
         tokio::pin!(pump_in, pump_out, grace_timer);
-        let (mut in_done, mut marker_sent) = (false, None);
+        let (mut in_done, mut out_done, mut output_end) = (false, false, None);
         loop {
             tokio::select! {
                 result = &mut pump_in, if !in_done => {
@@ -569,29 +577,35 @@ async fn serve_with_grace(
                         Err(error) => break Err(error),
                     }
                     in_done = true;
-                }
-                result = &mut pump_out, if marker_sent.is_none() => {
-                    match result {
-                        Ok(sent) => marker_sent = Some(sent),
-                        Err(error) => break Err(error),
+                    if let Some(end) = output_end.take() {
+                        break Ok(end);
                     }
+                }
+                result = &mut pump_out, if !out_done => {
+                    let end = match result {
+                        Ok(end) => end,
+                        Err(error) => break Err(error),
+                    };
+                    if in_done {
+                        break Ok(end);
+                    }
+                    out_done = true;
+                    output_end = Some(end);
                     grace_timer.as_mut().reset(tokio::time::Instant::now() + grace);
                 }
-                () = &mut grace_timer, if marker_sent.is_some() && !in_done => {
+                () = &mut grace_timer, if out_done && !in_done => {
                     debug!(stream, "no ClientEnd within the grace period after the job's EOF");
-                    break Ok(marker_sent);
+                    if let Some(end) = output_end.take() {
+                        break Ok(end);
+                    }
                 }
-            }
-            if in_done && marker_sent.is_some() {
-                break Ok(marker_sent);
             }
         }
     };
-    let marker_sent = match result {
-        Ok(marker_sent) => marker_sent.unwrap_or(false),
+    let OutputEnd { marker_sent, last } = match result {
+        Ok(end) => end,
         Err(error) => return Err(abandon(&mut send, &mut frames, error)),
     };
-    drop(tcp_write);
 
     let receipt = Signed::sign(
         &ctx.job_key,
@@ -604,8 +618,8 @@ async fn serve_with_grace(
             bytes_out: outbound.bytes,
         },
     );
-    // The output-ended marker, if still due, and the receipt in one write (one packet for a
-    // short exchange), then the stream's end.
+    // The job's last bytes if they came with its EOF, the output-ended marker if still due,
+    // and the receipt, in one write (one packet for a short exchange), then the stream's end.
     let mut ending = if marker_sent {
         Vec::new()
     } else {
@@ -615,7 +629,12 @@ async fn serve_with_grace(
         &TunnelFrame::JobEnd(receipt.clone()),
         MAX_TUNNEL_FRAME_LEN,
     )?);
-    send.write_all(&ending)
+    let mut chunks = Vec::with_capacity(3);
+    if let Some(last) = last {
+        push_data_frames(last, &mut chunks);
+    }
+    chunks.push(Bytes::from(ending));
+    send.write_all_chunks(&mut chunks)
         .await
         .map_err(TunnelError::from_write)?;
     // Finishing after a reset by the peer fails; the receipt is written either way.
@@ -775,15 +794,29 @@ async fn pump_in(
     }
 }
 
+/// How the job's output ended, as [`pump_out`] reports it.
+struct OutputEnd {
+    /// The output-ended marker has been sent.
+    marker_sent: bool,
+    /// The job's last bytes, read together with its EOF after the client had finished: they
+    /// go out in one write with the receipt (counted in `tally` already).
+    last: Option<Bytes>,
+}
+
 /// Job → client: forwards the job's output until its EOF. Sends the output-ended marker then if
 /// the client is still sending (a forwarder passes the EOF on while its client may go on);
-/// otherwise the marker goes out with the receipt. Returns whether it was sent.
+/// otherwise the marker goes out with the receipt.
+///
+/// After each read it takes whatever else the job has already written without waiting, its EOF
+/// included. When that EOF comes with the last bytes and the client has finished, those bytes
+/// are kept for the receipt's write: a short reply (`Connection: close`) and its receipt then
+/// reach the client in one packet rather than two.
 async fn pump_out(
-    mut tcp_read: tokio::net::tcp::OwnedReadHalf,
+    tcp_read: &mut tokio::net::tcp::OwnedReadHalf,
     send: &mut quinn::SendStream,
     tally: &mut Tally,
     client_done: &AtomicBool,
-) -> Result<bool, TunnelError> {
+) -> Result<OutputEnd, TunnelError> {
     let mut buffer = BytesMut::with_capacity(DATA_CHUNK);
     loop {
         buffer.reserve(DATA_CHUNK);
@@ -791,16 +824,39 @@ async fn pump_out(
             .read_buf(&mut buffer)
             .await
             .map_err(TunnelError::Job)?;
-        if read == 0 {
+        let mut at_eof = read == 0;
+        while !at_eof && buffer.len() < DATA_CHUNK {
+            match tcp_read.try_read_buf(&mut buffer) {
+                Ok(0) => at_eof = true,
+                Ok(_) => {}
+                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(error) => return Err(TunnelError::Job(error)),
+            }
+        }
+        if !buffer.is_empty() {
+            let payload = buffer.split().freeze();
+            tally.add(&payload);
+            if at_eof && client_done.load(Ordering::Relaxed) {
+                return Ok(OutputEnd {
+                    marker_sent: false,
+                    last: Some(payload),
+                });
+            }
+            write_data(send, payload).await?;
+        }
+        if at_eof {
             if client_done.load(Ordering::Relaxed) {
-                return Ok(false);
+                return Ok(OutputEnd {
+                    marker_sent: false,
+                    last: None,
+                });
             }
             write_frame(send, &TunnelFrame::Data(Vec::new())).await?;
-            return Ok(true);
+            return Ok(OutputEnd {
+                marker_sent: true,
+                last: None,
+            });
         }
-        let payload = buffer.split().freeze();
-        tally.add(&payload);
-        write_data(send, payload).await?;
     }
 }
 

@@ -13,8 +13,8 @@ use horde_protocol::records::ClientStreamSignature;
 use horde_protocol::{JobId, JobReceipt, SecretKey, Signature, Signed, TunnelFrame};
 use horde_transport::test_utils::{localhost_endpoint, seeded_key};
 use horde_transport::tunnel::{
-    JobEndpointHandle, JobTunnel, TunnelContext, TunnelError, TunnelStream, forward_tcp,
-    http_request, serve_job_endpoint, serve_tunnel_stream,
+    DATA_CHUNK, JobEndpointHandle, JobTunnel, TunnelContext, TunnelError, TunnelStream,
+    forward_tcp, http_request, serve_job_endpoint, serve_tunnel_stream,
 };
 use horde_transport::{
     ALPN_JOB, ClientPolicy, ConnectError, EndpointConfig, HordeEndpoint, codes, split,
@@ -225,6 +225,60 @@ async fn round_trip_with_a_verified_receipt() {
     assert_eq!(setup.handle.receipts(), vec![receipt]);
     assert_eq!(setup.handle.stream_counts(), (1, 0));
     setup.handle.shutdown().await;
+}
+
+/// A job that reads its input to the end, then writes `reply` and closes at once: its last
+/// bytes and its EOF reach the executor together.
+async fn reply_then_close_job(reply: Vec<u8>) -> SocketAddr {
+    let listener = TcpListener::bind(localhost()).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let reply = Arc::new(reply);
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let reply = Arc::clone(&reply);
+            tokio::spawn(async move {
+                let mut input = Vec::new();
+                let _ = tcp.read_to_end(&mut input).await;
+                let _ = tcp.write_all(&reply).await;
+                let _ = tcp.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_reply_that_comes_with_its_eof_arrives_whole_before_its_receipt() {
+    // The executor keeps such last bytes for the receipt's write: small and large replies, on
+    // both sides of one Data frame.
+    for len in [1, 1000, DATA_CHUNK - 1, DATA_CHUNK + 1, 600_000] {
+        let reply = noise(len, len as u64);
+        let setup = setup(reply_then_close_job(reply.clone()).await).await;
+        let mut tunnel = open(&setup.connection).await;
+        let stream = tunnel.id();
+        tunnel.write(b"request").await.unwrap();
+        tunnel.finish_sending().await.unwrap();
+        let received = read_to_end(&mut tunnel).await.unwrap();
+        assert!(received == reply, "{len}: the reply differs");
+        let receipt = tunnel
+            .receipt()
+            .unwrap()
+            .verify_by(&job_key().hotkey())
+            .unwrap();
+        assert_eq!(
+            receipt,
+            JobReceipt {
+                job_id: JOB_ID,
+                stream,
+                digest_in: digest(b"request"),
+                digest_out: digest(&reply),
+                bytes_in: 7,
+                bytes_out: len as u64,
+            },
+            "{len}"
+        );
+        setup.handle.shutdown().await;
+    }
 }
 
 #[tokio::test]
