@@ -39,6 +39,7 @@ use tracing::{Instrument as _, debug, info, info_span, warn};
 
 use crate::config::ExecutorConfig;
 use crate::miner::EXECUTOR_TOKEN_ENV;
+use crate::tied;
 use crate::volumes::{self, HttpClient};
 
 /// Readiness probing starts this often and backs off, doubling, to [`PROBE_INTERVAL_MAX`]: a job
@@ -650,7 +651,17 @@ impl JobRunner {
         let logs = job_dir.join("logs/output");
         let stdout = std::fs::File::create(logs.join("stdout")).map_err(|e| e.to_string())?;
         let stderr = std::fs::File::create(logs.join("stderr")).map_err(|e| e.to_string())?;
-        let mut command = tokio::process::Command::new(program);
+        // The job's own PATH, if its spec sets one, is where its program is looked up.
+        let path_var = spec
+            .env
+            .iter()
+            .find(|(name, _)| name == "PATH")
+            .map(|(_, value)| std::ffi::OsString::from(value))
+            .or_else(|| std::env::var_os("PATH"));
+        let resolved = tied::resolve_program(program, path_var.as_deref(), job_dir)
+            .map_err(|e| format!("starting {program}: {e}"))?;
+        // Tied to this executor: the job is killed with it, however the executor ends.
+        let mut command = tied::tied_command(&resolved);
         command
             .args(&spec.args)
             .envs(spec.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))

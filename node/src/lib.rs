@@ -29,6 +29,7 @@ mod peers;
 pub mod receipts;
 pub mod receipts_cli;
 pub mod storage;
+pub mod tied;
 pub mod validator;
 pub mod volumes;
 

@@ -46,6 +46,19 @@ enum Command {
     },
     /// List the accounting receipts a validator or miner stored, verifying each.
     Receipts(horde_node::receipts_cli::ReceiptsArgs),
+    /// Internal: start PROGRAM tied to process PARENT (killed when PARENT's starting thread
+    /// ends). Used by executors for job processes and by miners for executors.
+    #[command(name = horde_node::tied::TIED_SUBCOMMAND, hide = true)]
+    ExecTied {
+        /// The pid of the process that must still be this process's parent.
+        #[arg(long)]
+        parent: u32,
+        /// The program to exec.
+        program: std::ffi::OsString,
+        /// Its arguments.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -118,6 +131,17 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Receipts(args) => horde_node::receipts_cli::run(&args),
+        Command::ExecTied {
+            parent,
+            program,
+            args,
+        } => {
+            let error = horde_node::tied::exec_tied(parent, &program, &args);
+            Err(anyhow::Error::new(error).context(format!(
+                "starting {}",
+                std::path::Path::new(&program).display()
+            )))
+        }
         Command::Node(args) => {
             init_tracing();
             let overrides = Overrides {

@@ -44,6 +44,7 @@ use crate::client::now;
 use crate::config::MinerConfig;
 use crate::peers::serve_streams;
 use crate::receipts::ReceiptStore;
+use crate::tied;
 
 /// How long an endpoint record stays valid beyond the job's execution and upload deadlines.
 const ENDPOINT_RECORD_MARGIN_MS: u64 = 60_000;
@@ -443,7 +444,9 @@ impl Miner {
         let log = std::fs::File::create(dir.join("executor.log")).map_err(|e| e.to_string())?;
         let log_err = log.try_clone().map_err(|e| e.to_string())?;
         let token = horde_protocol::JobId::random().0;
-        let child = tokio::process::Command::new(&program)
+        // Tied to this miner: the executor (and with it its job) is killed with the miner,
+        // however the miner ends.
+        let child = tied::tied_command(&program)
             .arg("node")
             .arg("--config")
             .arg(&config_path)

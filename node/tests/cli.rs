@@ -173,3 +173,93 @@ fn node_starts_logs_identity_and_exits_zero_on_sigint() {
     let rest: Vec<String> = lines_rx.try_iter().collect();
     assert!(rest.iter().any(|l| l.contains("stopped")), "{rest:?}");
 }
+
+/// The state letter of a process (`R`, `S`, `Z`, …), or `None` once it is gone.
+fn process_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // `pid (comm) S …`: the state follows the last `)`.
+    stat.rsplit_once(')')?.1.trim_start().chars().next()
+}
+
+#[test]
+fn a_tied_child_runs_the_program_and_dies_with_its_parent() {
+    // `sh` is the parent: it starts a tied `sleep`, prints its pid, and waits.
+    let mut parent = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "{HORDE} exec-tied --parent $$ -- sleep 600 & echo $!; wait"
+        ))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(parent.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let child: u32 = line.trim().parse().unwrap();
+    // The launcher becomes `sleep` itself: same pid.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let cmdline = std::fs::read(format!("/proc/{child}/cmdline")).unwrap_or_default();
+        if cmdline.starts_with(b"sleep\x00600") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{cmdline:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(matches!(process_state(child), Some('S' | 'R')));
+
+    // SIGKILL leaves the parent no chance to clean up; the kernel kills the child for it.
+    parent.kill().unwrap();
+    parent.wait().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !matches!(process_state(child), None | Some('Z')) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the tied child {child} outlived its parent"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn a_tied_child_whose_parent_is_not_there_does_not_start() {
+    // This test process, not pid 1, is the launcher's parent: it refuses to run the program.
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("ran");
+    let out = horde(&[
+        "exec-tied",
+        "--parent",
+        "1",
+        "--",
+        "touch",
+        marker.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("parent process 1 is gone"), "{stderr}");
+    assert!(!marker.exists());
+
+    // With the right parent it runs, arguments and all; a missing program is a clear error.
+    let ran = Command::new(HORDE)
+        .args([
+            "exec-tied",
+            "--parent",
+            &std::process::id().to_string(),
+            "--",
+        ])
+        .args(["touch", marker.to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(ran.success() && marker.exists());
+    let missing = horde(&[
+        "exec-tied",
+        "--parent",
+        &std::process::id().to_string(),
+        "--",
+        "/nonexistent/job",
+    ]);
+    assert!(!missing.status.success());
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    assert!(stderr.contains("starting /nonexistent/job"), "{stderr}");
+}

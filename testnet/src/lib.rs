@@ -708,7 +708,26 @@ impl Testnet {
     /// Processes whose command line mentions this testnet's directory (nodes and the executors
     /// miners spawned), as `(pid, command line)`.
     pub fn processes(&self) -> Vec<(u32, String)> {
-        let needle = self.dir.to_string_lossy().into_owned();
+        self.scan_processes(|cmdline, _| cmdline.contains(self.dir_text().as_str()))
+    }
+
+    /// Job processes of this testnet's executors (their environment gives them a job port and
+    /// a directory under the testnet's), as `(pid, command line)`.
+    pub fn job_processes(&self) -> Vec<(u32, String)> {
+        let dir = format!("HORDE_OUTPUT_DIR={}", self.dir_text());
+        self.scan_processes(|_, environ| {
+            environ
+                .split('\0')
+                .any(|variable| variable.starts_with(&dir))
+        })
+    }
+
+    fn dir_text(&self) -> String {
+        self.dir.to_string_lossy().into_owned()
+    }
+
+    /// Live processes (zombies left out) for which `keep(command line, environment)` holds.
+    fn scan_processes(&self, keep: impl Fn(&str, &str) -> bool) -> Vec<(u32, String)> {
         let Ok(entries) = std::fs::read_dir("/proc") else {
             return Vec::new();
         };
@@ -716,9 +735,16 @@ impl Testnet {
             .filter_map(Result::ok)
             .filter_map(|entry| {
                 let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+                let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
+                let state = stat.rsplit_once(')')?.1.trim_start().chars().next()?;
+                if state == 'Z' {
+                    return None;
+                }
                 let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
                 let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-                cmdline.contains(&needle).then_some((pid, cmdline))
+                let environ = std::fs::read(entry.path().join("environ")).unwrap_or_default();
+                let environ = String::from_utf8_lossy(&environ);
+                keep(&cmdline, &environ).then_some((pid, cmdline))
             })
             .collect()
     }

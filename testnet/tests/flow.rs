@@ -402,6 +402,46 @@ async fn discovered_capacity_keeps_jobs_off_full_miners() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn executor_killed_mid_job_takes_its_job_with_it() {
+    let testnet = start(TestnetConfig::default());
+    let (_client, mut job) = submit(&testnet, &demo_request()).await;
+    endpoint(&mut job, &testnet).await;
+    let jobs = testnet.job_processes();
+    assert_eq!(jobs.len(), 1, "{jobs:?}");
+    let executors: Vec<_> = testnet
+        .processes()
+        .into_iter()
+        .filter(|(_, cmd)| cmd.contains("executors"))
+        .collect();
+    assert_eq!(executors.len(), 1, "{executors:?}");
+    // SIGKILL: the executor gets no chance to stop its job.
+    let status = std::process::Command::new("kill")
+        .args(["-KILL", &executors[0].0.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    // The job was tied to it: the kernel kills it too.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !testnet.job_processes().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the job outlived its executor: {:?}",
+            testnet.job_processes()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // And the job ends with a failure, reported up the chain.
+    let end = tokio::time::timeout(Duration::from_secs(30), job.wait_for_end())
+        .await
+        .expect("the failure is reported")
+        .unwrap();
+    assert!(
+        matches!(end, JobStatus::HordeFailed(_) | JobStatus::Failed(_)),
+        "{end:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn miner_killed_mid_job_is_horde_failed() {
     let mut testnet = start(TestnetConfig::default());
     let (_client, mut job) = submit(&testnet, &demo_request()).await;
@@ -418,20 +458,21 @@ async fn miner_killed_mid_job_is_horde_failed() {
         }
         other => panic!("{other:?}"),
     }
-    // The orphaned executor notices its miner is gone and exits (stopping its job).
+    // The executor, tied to its miner, is gone with it, and so is its job.
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
         let executors: Vec<_> = testnet
             .processes()
             .into_iter()
             .filter(|(_, cmd)| cmd.contains("executors"))
+            .chain(testnet.job_processes())
             .collect();
         if executors.is_empty() {
             break;
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "orphaned executor still running: {executors:?}"
+            "executor or job still running: {executors:?}"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

@@ -1,0 +1,159 @@
+//! Child processes tied to the process that starts them: the kernel kills them (SIGKILL) when
+//! the thread that started them ends, however it ends — a clean exit, SIGKILL, the OOM killer, a
+//! crash. A job process therefore never outlives its executor, nor an executor its miner, and
+//! nothing keeps running (holding a GPU, a port, a job directory) with no one supervising it.
+//!
+//! A child is started as `horde exec-tied --parent PID -- PROGRAM ARGS…` ([`tied_command`]).
+//! That launcher asks for the parent-death signal (`PR_SET_PDEATHSIG`), checks that its parent
+//! is still the one that started it (else the parent is already gone and it exits), then execs
+//! the program in its place: same pid, process group, environment, working directory and open
+//! files. The signal setting survives the exec.
+//!
+//! The kernel ties the child to the starting *thread*: the roles start children from tokio
+//! worker threads, which live as long as the node's runtime.
+
+use std::ffi::{OsStr, OsString};
+use std::os::unix::fs::PermissionsExt as _;
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+
+/// The hidden `horde` subcommand that starts a tied child.
+pub const TIED_SUBCOMMAND: &str = "exec-tied";
+
+/// The running binary, as the launcher: `/proc/self/exe` names it even after the file has been
+/// replaced or deleted (a rebuild while a node runs).
+const LAUNCHER: &str = "/proc/self/exe";
+
+/// A command that runs `program` tied to this process (see the module docs). Add its arguments,
+/// environment and settings as for `program` itself.
+pub fn tied_command(program: &Path) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(LAUNCHER);
+    command
+        .arg(TIED_SUBCOMMAND)
+        .arg("--parent")
+        .arg(std::process::id().to_string())
+        .arg("--")
+        .arg(program);
+    command
+}
+
+/// The launcher (`horde exec-tied`): ties this process to `parent`, then execs `program` with
+/// `args`. Returns only if that fails.
+pub fn exec_tied(parent: u32, program: &OsStr, args: &[OsString]) -> std::io::Error {
+    if let Err(error) =
+        rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))
+    {
+        return error.into();
+    }
+    // The parent may have ended before the signal was asked for: then this process has been
+    // given to another parent, and must not start the program.
+    let current = rustix::process::getppid().map(|pid| pid.as_raw_nonzero().get());
+    if current.and_then(|pid| u32::try_from(pid).ok()) != Some(parent) {
+        return std::io::Error::other(format!(
+            "the parent process {parent} is gone (parent now {current:?})"
+        ));
+    }
+    std::process::Command::new(program).args(args).exec()
+}
+
+/// Where `program` is, as `exec` would find it: a name with a `/` is a path (relative to `cwd`,
+/// the child's working directory), any other name is looked up in `path_var` (the child's
+/// `PATH`). Errors as `exec` would give them — `NotFound`, `PermissionDenied` for a file that is
+/// not executable — but before anything is started, so the caller can report them as such.
+pub fn resolve_program(
+    program: &str,
+    path_var: Option<&OsStr>,
+    cwd: &Path,
+) -> std::io::Result<PathBuf> {
+    let executable = |path: &Path| -> std::io::Result<()> {
+        let metadata = std::fs::metadata(path)?;
+        if metadata.is_file() && metadata.permissions().mode() & 0o111 != 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                format!("{} is not an executable file", path.display()),
+            ))
+        }
+    };
+    if program.is_empty() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "the program name is empty",
+        ));
+    }
+    if program.contains('/') {
+        let path = cwd.join(program);
+        executable(&path)?;
+        return Ok(path);
+    }
+    let mut refused = None;
+    for dir in std::env::split_paths(path_var.unwrap_or_default()) {
+        let candidate = cwd.join(dir).join(program);
+        match executable(&candidate) {
+            Ok(()) => return Ok(candidate),
+            Err(error) if error.kind() == std::io::ErrorKind::PermissionDenied => {
+                refused = Some(error);
+            }
+            Err(_) => {}
+        }
+    }
+    Err(refused.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("{program} is not in PATH"),
+        )
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn programs_resolve_as_exec_would_find_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let script = dir.path().join("job.sh");
+        std::fs::write(&script, "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let plain = dir.path().join("data.txt");
+        std::fs::write(&plain, "x").unwrap();
+        let path_var = std::env::join_paths([Path::new("/nonexistent"), dir.path()]).unwrap();
+        let cwd = Path::new("/");
+
+        // By name through PATH, by absolute path, by path relative to the working directory.
+        assert_eq!(
+            resolve_program("job.sh", Some(&path_var), cwd).unwrap(),
+            script
+        );
+        let absolute = script.to_str().unwrap();
+        assert_eq!(resolve_program(absolute, None, cwd).unwrap(), script);
+        assert_eq!(
+            resolve_program("./job.sh", None, dir.path()).unwrap(),
+            dir.path().join("./job.sh")
+        );
+
+        // Missing, not executable, a directory, empty: each refused with exec's kind of error.
+        let kind = |program: &str| {
+            resolve_program(program, Some(&path_var), dir.path())
+                .unwrap_err()
+                .kind()
+        };
+        assert_eq!(kind("no-such-job"), std::io::ErrorKind::NotFound);
+        assert_eq!(kind("./no-such-job"), std::io::ErrorKind::NotFound);
+        assert_eq!(kind("data.txt"), std::io::ErrorKind::PermissionDenied);
+        assert_eq!(kind("./data.txt"), std::io::ErrorKind::PermissionDenied);
+        assert_eq!(
+            kind(dir.path().to_str().unwrap()),
+            std::io::ErrorKind::PermissionDenied
+        );
+        assert_eq!(kind(""), std::io::ErrorKind::InvalidInput);
+        // No PATH at all: nothing is found by name.
+        assert_eq!(
+            resolve_program("job.sh", None, cwd).unwrap_err().kind(),
+            std::io::ErrorKind::NotFound
+        );
+    }
+}
