@@ -3,7 +3,8 @@
 //!
 //! - [`put_file`], [`get_to_file`], [`get_to_memory`]: connect, transfer, retry transient failures
 //!   a bounded number of times with exponential backoff, resuming where the last attempt stopped.
-//! - [`get_to_file_once`]: one attempt on a given connection (resuming from `DEST.partial`).
+//! - [`get_to_file_once`]: one attempt on a given connection (resuming from `DEST.partial`);
+//!   [`get_into_buffer`], [`get_into_vec`]: one in-memory attempt (resuming from the buffer).
 //! - [`Progress`], [`ProgressReporter`]: bytes, rate and ETA, redrawn on one line on a terminal,
 //!   plain periodic lines otherwise.
 //!
@@ -20,7 +21,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use horde_protocol::blob::ByteRange;
 use horde_protocol::{BlobHash, Hotkey, NodeAddr};
-use horde_transport::blob::{BlobError, VerifiedSink, request_get, start_put};
+use horde_transport::blob::{
+    BlobBuffer, BlobError, GetStream, VerifiedSink, request_get, start_put,
+};
 use horde_transport::{ALPN_BLOB, ConnectError, HordeEndpoint};
 use tokio::sync::mpsc;
 use tracing::{debug, info};
@@ -688,22 +691,23 @@ impl VerifiedSink for PartialWriter {
 }
 
 /// Downloads a whole blob into memory, retrying transient failures and resuming from what
-/// earlier attempts delivered.
+/// earlier attempts delivered. Large blobs land in a mapping faulted in ahead of the data
+/// ([`BlobBuffer`]), handed over as [`Bytes`] without a copy.
 pub async fn get_to_memory(
     endpoint: &HordeEndpoint,
     storage: &NodeAddr,
     hash: BlobHash,
     max_size: u64,
-) -> Result<Vec<u8>, ClientError> {
-    let mut buffer = Vec::new();
+) -> Result<Bytes, ClientError> {
+    let mut buffer = BlobBuffer::new();
     let mut retries = Retries::new();
     loop {
         let result = match connect(endpoint, storage).await {
-            Ok(connection) => get_into_vec(&connection, hash, max_size, &mut buffer).await,
+            Ok(connection) => get_into_buffer(&connection, hash, max_size, &mut buffer).await,
             Err(error) => Err(error),
         };
         match result {
-            Ok(_) => return Ok(buffer),
+            Ok(_) => return Ok(buffer.into_bytes()),
             Err(error) if retries.again(&error, "download").await => {}
             Err(error) => return Err(error),
         }
@@ -711,22 +715,46 @@ pub async fn get_to_memory(
 }
 
 /// One in-memory download attempt appending to `buffer` (which holds a verified prefix).
+/// Returns the bytes read from the network.
 pub async fn get_into_vec(
     connection: &quinn::Connection,
     hash: BlobHash,
     max_size: u64,
     buffer: &mut Vec<u8>,
 ) -> Result<u64, ClientError> {
-    let resumed_from = buffer.len() as u64;
-    let ranges = if resumed_from > 0 {
-        vec![ByteRange::from_offset(resumed_from)]
-    } else {
-        Vec::new()
-    };
-    let stream = request_get(connection, hash, ranges, max_size).await?;
+    let stream = request_rest(connection, hash, max_size, buffer.len()).await?;
     // Frames are copied once, straight into `buffer`, and verified there; on an error it keeps
     // the verified prefix for the next attempt.
     Ok(stream.read_to_vec(buffer).await?)
+}
+
+/// One in-memory download attempt appending to `buffer` (which holds a verified prefix; a
+/// cleared buffer is refilled in place). A buffer without room for the blob is replaced by one
+/// in a mapping for a large blob ([`BlobBuffer::with_capacity`]). Returns the bytes read from
+/// the network.
+pub async fn get_into_buffer(
+    connection: &quinn::Connection,
+    hash: BlobHash,
+    max_size: u64,
+    buffer: &mut BlobBuffer,
+) -> Result<u64, ClientError> {
+    let stream = request_rest(connection, hash, max_size, buffer.len()).await?;
+    Ok(stream.read_to_buffer(buffer).await?)
+}
+
+/// Asks for the blob's bytes after the first `held` (all of them when none are held).
+async fn request_rest(
+    connection: &quinn::Connection,
+    hash: BlobHash,
+    max_size: u64,
+    held: usize,
+) -> Result<GetStream, BlobError> {
+    let ranges = if held > 0 {
+        vec![ByteRange::from_offset(held as u64)]
+    } else {
+        Vec::new()
+    };
+    request_get(connection, hash, ranges, max_size).await
 }
 
 /// `horde blob …`: the command-line front end of this module.

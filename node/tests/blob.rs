@@ -19,7 +19,9 @@ use horde_protocol::blob::{
     SEGMENT_LEN,
 };
 use horde_protocol::{BlobHash, NodeAddr};
-use horde_transport::blob::{BlobError, put_bytes, request_get, start_put, stat};
+use horde_transport::blob::{
+    BlobBuffer, BlobError, MAPPED_MIN, put_bytes, request_get, start_put, stat,
+};
 use horde_transport::test_utils::{localhost_endpoint, seeded_key};
 use horde_transport::{FrameReader, HordeEndpoint};
 use tokio_util::sync::CancellationToken;
@@ -313,6 +315,74 @@ async fn memory_get_continues_from_a_verified_prefix() {
         fetched <= (size - held + cv_blocks) as u64,
         "fetched {fetched}"
     );
+}
+
+#[tokio::test]
+async fn large_memory_get_fills_a_mapped_buffer_and_reuses_it() {
+    let fixture = Fixture::start(StoreLimits::default()).await;
+    let size = MAPPED_MIN + 3 * SEGMENT_LEN as usize + 777;
+    let bytes = sample(size, 11);
+    let hash = fixture.storage.store.insert(&bytes).unwrap();
+    let mut buffer = BlobBuffer::new();
+    blob_client::get_into_buffer(&fixture.connection, hash, NO_LIMIT, &mut buffer)
+        .await
+        .unwrap();
+    assert!(buffer.is_mapped(), "{buffer:?}");
+    assert!(buffer[..] == bytes[..], "the blob arrived");
+    // A cleared buffer is filled again in place.
+    let memory = buffer.as_ptr();
+    buffer.clear();
+    blob_client::get_into_buffer(&fixture.connection, hash, NO_LIMIT, &mut buffer)
+        .await
+        .unwrap();
+    assert_eq!(buffer.as_ptr(), memory);
+    assert!(buffer[..] == bytes[..], "the blob arrived again");
+    // The retrying front end hands the same bytes over without a copy.
+    let fetched = get_to_memory(&fixture.client, &fixture.storage.addr, hash, NO_LIMIT)
+        .await
+        .unwrap();
+    assert!(fetched == bytes);
+
+    // A small blob stays on the heap.
+    let small = sample(3 * CHUNK_GROUP_LEN as usize + 5, 12);
+    let small_hash = fixture.storage.store.insert(&small).unwrap();
+    let mut buffer = BlobBuffer::new();
+    blob_client::get_into_buffer(&fixture.connection, small_hash, NO_LIMIT, &mut buffer)
+        .await
+        .unwrap();
+    assert!(!buffer.is_mapped());
+    assert!(buffer[..] == small[..]);
+}
+
+#[tokio::test]
+async fn corrupt_memory_get_exposes_only_the_groups_verified_before_it() {
+    let fixture = Fixture::start(StoreLimits::default()).await;
+    let size = MAPPED_MIN + SEGMENT_LEN as usize;
+    let bytes = sample(size, 13);
+    let hash = fixture.storage.store.insert(&bytes).unwrap();
+    let flipped = MAPPED_MIN as u64 / 2 + 12_345;
+    fixture.corrupt(&hash, flipped);
+    let group_start = flipped / CHUNK_GROUP_LEN * CHUNK_GROUP_LEN;
+
+    let mut buffer = BlobBuffer::new();
+    let error = blob_client::get_into_buffer(&fixture.connection, hash, NO_LIMIT, &mut buffer)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error, ClientError::Blob(BlobError::Integrity { offset }) if offset == group_start),
+        "{error:?}"
+    );
+    // Everything before the bad group, verified; nothing from it on.
+    assert_eq!(buffer.len() as u64, group_start);
+    assert!(buffer[..] == bytes[..group_start as usize]);
+
+    // A Vec destination behaves the same.
+    let mut vec = Vec::new();
+    let error = blob_client::get_into_vec(&fixture.connection, hash, NO_LIMIT, &mut vec)
+        .await
+        .unwrap_err();
+    assert!(error.is_integrity(), "{error:?}");
+    assert_eq!(vec.len() as u64, group_start);
 }
 
 #[tokio::test]

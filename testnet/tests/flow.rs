@@ -215,7 +215,7 @@ async fn whole_flow_with_every_kind_of_traffic() {
     let bytes = horde_node::blob_client::get_to_memory(&downloader, &storage, output.hash, 1 << 20)
         .await
         .unwrap();
-    assert_eq!(bytes, b"the result");
+    assert_eq!(bytes, &b"the result"[..]);
     let log = horde_node::blob_client::get_to_memory(&downloader, &storage, stdout.hash, 1 << 20)
         .await
         .unwrap();
@@ -614,5 +614,5 @@ async fn declared_outputs_and_logs_are_uploaded_when_the_job_ends() {
     let bytes = horde_node::blob_client::get_to_memory(&downloader, &storage, answer.hash, 1 << 20)
         .await
         .unwrap();
-    assert_eq!(bytes, b"the answer\n");
+    assert_eq!(bytes, &b"the answer\n"[..]);
 }

@@ -1,16 +1,22 @@
 //! Blob throughput on loopback, with its baselines measured in the same run.
 //!
-//! `cargo run --release -p horde-benches --bin blob-throughput -- --size 1GiB [--json PATH]`
-//! (`--only quinn,mem` runs a subset, for profiling one path; the table of record runs all).
-//! `BLOB_BENCH_STATS=1` prints each quinn sender's path statistics (loss, congestion events).
+//! `cargo run --release -p horde-benches --bin blob-throughput -- --size 1GiB [--rounds 5]
+//! [--json PATH]` (`--only quinn,mem` runs a subset, for profiling one path; the table of record
+//! runs all). `BLOB_BENCH_STATS=1` prints each quinn sender's path statistics (loss, congestion
+//! events).
 //!
 //! Measures, one after the other on 127.0.0.1 with both ends in this process:
 //! (a) plain TCP, (b) TCP + rustls TLS 1.3 (horde's ed25519 certificates and verifiers),
 //! (c) raw quinn with horde's TransportConfig (one stream, `write_chunk` of a static 1 MiB buffer,
-//! `read_chunk` on the other side), (d) horde blob get memory→memory with verification,
-//! (e) horde verified get file→file from a storage node's disk store, fsync included.
-//! Prints Gbit/s, CPU seconds per GB (process user+system time) and the ratio to raw quinn, writes
-//! the same as JSON, then measures a resume: a get cut at ~50% and resumed, reporting the bytes
+//! `read_chunk` on the other side), (d) horde blob get memory→memory with verification, the way
+//! a client fetches a blob into memory (`get_to_memory`: a new connection, a fresh buffer),
+//! (d') the same into a reused buffer on an open connection, (e) horde verified get file→file
+//! from a storage node's disk store, fsync included.
+//! Each is measured once per round, in alternating rounds (a, b, c, d, d', e, a, b, …), so that
+//! the machine's noise falls on every row alike; the table gives per row the median of the
+//! rounds (and min–max) of Gbit/s, CPU seconds per GB (process user+system time) and page faults
+//! per GiB, and the ratio of its median to raw quinn's median. It writes the same, with every
+//! round, as JSON, then measures a resume: a get cut at ~50% and resumed, reporting the bytes
 //! sent again beyond the missing half.
 
 use std::io::Write as _;
@@ -21,11 +27,13 @@ use std::time::{Instant, SystemTime};
 
 use anyhow::{Context as _, bail};
 use bytes::Bytes;
-use horde_node::blob_client::{self, NoProgress, Progress, get_into_vec, get_to_file_once};
+use horde_node::blob_client::{
+    self, NoProgress, Progress, get_into_buffer, get_to_file_once, get_to_memory,
+};
 use horde_node::storage::{BlobStore, StoreLimits, serve};
 use horde_protocol::blob::CHUNK_GROUP_LEN;
 use horde_protocol::{NodeAddr, SecretKey};
-use horde_transport::blob::{ServedBlob, read_request, serve_get};
+use horde_transport::blob::{BlobBuffer, ServedBlob, read_request, serve_get};
 use horde_transport::{
     ALPN_BLOB, ClientPolicy, EndpointConfig, HordeEndpoint, client_tls_config, default_validity,
     self_signed_certificate, server_name_for, server_tls_config,
@@ -33,6 +41,18 @@ use horde_transport::{
 use tokio_util::sync::CancellationToken;
 
 const CHUNK: usize = 1 << 20;
+/// Rounds by default: the median of five is steady against one disturbed round, and five rounds
+/// of 1 GiB take about a minute.
+const DEFAULT_ROUNDS: usize = 5;
+/// The issue's targets, as ratios of medians to raw quinn's.
+const TARGETS: [(&str, f64); 2] = [(MEM, 0.90), (FILE, 0.75)];
+
+const TCP: &str = "tcp";
+const TLS: &str = "tcp+tls1.3";
+const QUINN: &str = "raw quinn";
+const MEM: &str = "horde get mem→mem";
+const MEM_REUSED: &str = "horde get mem→mem (reused buffer)";
+const FILE: &str = "horde get file→file";
 /// Clock ticks per second of `/proc/self/stat` times (`getconf CLK_TCK`, 100 on Linux).
 const CLOCK_TICKS: f64 = 100.0;
 
@@ -43,6 +63,8 @@ struct Args {
     /// Measurements to run (`tcp`, `tls`, `quinn`, `mem`, `file`); all when empty. For
     /// profiling one path; the table of record runs them all.
     only: Vec<String>,
+    /// Measured rounds (each row once per round).
+    rounds: usize,
 }
 
 impl Args {
@@ -79,19 +101,27 @@ fn parse_args() -> anyhow::Result<Args> {
         .unwrap_or(1 << 30);
     let mut json = PathBuf::from("target/blob-throughput.json");
     let mut only = Vec::new();
+    let mut rounds = DEFAULT_ROUNDS;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--size" => size = parse_size(&args.next().context("--size needs a value")?)?,
             "--json" => json = args.next().context("--json needs a path")?.into(),
+            "--rounds" => {
+                rounds = args
+                    .next()
+                    .context("--rounds needs a number")?
+                    .parse()
+                    .context("--rounds needs a number")?;
+            }
             "--only" => {
                 let list = args.next().context("--only needs a list")?;
                 only.extend(list.split(',').map(str::to_owned));
             }
             "--help" | "-h" => {
                 println!(
-                    "blob-throughput [--size 1GiB] [--json target/blob-throughput.json] \\
-                     [--only tcp,tls,quinn,mem,file]"
+                    "blob-throughput [--size 1GiB] [--rounds {DEFAULT_ROUNDS}] \\
+                     [--json target/blob-throughput.json] [--only tcp,tls,quinn,mem,file]"
                 );
                 std::process::exit(0);
             }
@@ -101,7 +131,15 @@ fn parse_args() -> anyhow::Result<Args> {
     if size < CHUNK as u64 {
         bail!("--size must be at least 1 MiB");
     }
-    Ok(Args { size, json, only })
+    if rounds == 0 {
+        bail!("--rounds must be at least 1");
+    }
+    Ok(Args {
+        size,
+        json,
+        only,
+        rounds,
+    })
 }
 
 /// Process-wide counters from `/proc/self/stat` (all threads, live and exited).
@@ -201,7 +239,12 @@ fn perf_control(command: &str) {
     }
 }
 
-async fn measure<F, Fut>(name: &'static str, bytes: u64, run: F) -> anyhow::Result<Measurement>
+async fn measure<F, Fut>(
+    name: &'static str,
+    round: usize,
+    bytes: u64,
+    run: F,
+) -> anyhow::Result<Measurement>
 where
     F: FnOnce() -> Fut,
     Fut: Future<Output = anyhow::Result<()>>,
@@ -221,7 +264,8 @@ where
         faults: after.faults - before.faults,
     };
     eprintln!(
-        "{name}: {:.2} Gbit/s, {:.2} CPU s/GB, {:.0} page faults/GiB",
+        "round {}, {name}: {:.2} Gbit/s, {:.2} CPU s/GB, {:.0} page faults/GiB",
+        round + 1,
         measurement.gbits(),
         measurement.cpu_per_gb(),
         measurement.faults_per_gib()
@@ -485,80 +529,126 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(run(args))
 }
 
+/// The rounds of one row.
+#[derive(Debug, Default)]
+struct Row {
+    rounds: Vec<Measurement>,
+}
+
+impl Row {
+    fn median_of(&self, value: fn(&Measurement) -> f64) -> f64 {
+        let mut values: Vec<f64> = self.rounds.iter().map(value).collect();
+        median(&mut values)
+    }
+
+    fn range_of(&self, value: fn(&Measurement) -> f64) -> (f64, f64) {
+        let values = self.rounds.iter().map(value);
+        let min = values.clone().fold(f64::INFINITY, f64::min);
+        (min, values.fold(f64::NEG_INFINITY, f64::max))
+    }
+}
+
+/// The median (the mean of the middle two for an even count); NaN for none.
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => f64::NAN,
+        len if len % 2 == 1 => values[len / 2],
+        len => (values[len / 2 - 1] + values[len / 2]) / 2.0,
+    }
+}
+
+/// Every row's rounds, in the order the rows run.
+#[derive(Debug, Default)]
+struct Results {
+    rows: Vec<(&'static str, Row)>,
+}
+
+impl Results {
+    fn push(&mut self, measurement: Measurement) {
+        match self
+            .rows
+            .iter_mut()
+            .find(|(name, _)| *name == measurement.name)
+        {
+            Some((_, row)) => row.rounds.push(measurement),
+            None => self.rows.push((
+                measurement.name,
+                Row {
+                    rounds: vec![measurement],
+                },
+            )),
+        }
+    }
+
+    fn row(&self, name: &str) -> Option<&Row> {
+        self.rows
+            .iter()
+            .find(|(row, _)| *row == name)
+            .map(|(_, row)| row)
+    }
+
+    /// Raw quinn's rate in `round`, for the ratios within one round.
+    fn quinn_in_round(&self, round: usize) -> Option<f64> {
+        self.row(QUINN)
+            .and_then(|row| row.rounds.get(round))
+            .map(Measurement::gbits)
+    }
+}
+
+/// A blob served from memory and the client's reusable buffer for the memory rows.
+struct MemoryRows {
+    server: NodeAddr,
+    connection: quinn::Connection,
+    task: tokio::task::JoinHandle<()>,
+    reused: BlobBuffer,
+}
+
+/// A storage node's disk store and the connection for the file row.
+struct FileRows {
+    work: tempfile::TempDir,
+    storage: NodeAddr,
+    connection: quinn::Connection,
+    cancel: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
 async fn run(args: Args) -> anyhow::Result<()> {
     let size = args.size / CHUNK as u64 * CHUNK as u64;
-    eprintln!("blob-throughput: {size} bytes per transfer, 127.0.0.1");
+    eprintln!(
+        "blob-throughput: {size} bytes per transfer, 127.0.0.1, {} rounds",
+        args.rounds
+    );
     let chunk = Bytes::from(vec![0x5au8; CHUNK]);
-    let mut results = Vec::new();
-
-    if args.runs("tcp") {
-        results.push(
-            measure("tcp", size, || async {
-                let chunk = chunk.clone();
-                tokio::task::spawn_blocking(move || tcp(size, &chunk)).await?
-            })
-            .await?,
-        );
-    }
-    if args.runs("tls") {
-        results.push(
-            measure("tcp+tls1.3", size, || async {
-                let chunk = chunk.clone();
-                tokio::task::spawn_blocking(move || tls(size, &chunk)).await?
-            })
-            .await?,
-        );
-    }
-    if args.runs("quinn") {
-        results.push(measure("raw quinn", size, || raw_quinn(size, &chunk)).await?);
-    }
-
     let data = Bytes::from(sample(size));
     let (blob, hash) = ServedBlob::from_memory(data.clone());
     let client = quic_endpoint(6)?;
+
+    let mut memory = None;
     if args.runs("mem") {
-        // (d) memory → memory, verified.
-        let memory_server = Arc::new(quic_endpoint(5)?);
-        let memory_addr = NodeAddr {
-            hotkey: memory_server.hotkey(),
-            addrs: vec![memory_server.local_addr()?],
+        let server = Arc::new(quic_endpoint(5)?);
+        let addr = NodeAddr {
+            hotkey: server.hotkey(),
+            addrs: vec![server.local_addr()?],
         };
-        let memory_task = tokio::spawn(serve_memory(Arc::clone(&memory_server), blob));
-        let connection = blob_client::connect(&client, &memory_addr).await?;
-        let mut received = Vec::new();
-        results.push(
-            measure("horde get mem→mem", size, || async {
-                get_into_vec(&connection, hash, u64::MAX, &mut received).await?;
-                Ok(())
-            })
-            .await?,
-        );
-        if received.len() as u64 != size || received[..] != data[..] {
-            bail!("memory transfer delivered wrong bytes");
-        }
-        // The same transfer into the buffer the first one left behind (emptied, its pages already
-        // mapped): a client that reuses its buffer, and the same footing as raw quinn, which
-        // allocates nothing per transfer.
-        received.clear();
-        results.push(
-            measure("horde get mem→mem (reused buffer)", size, || async {
-                get_into_vec(&connection, hash, u64::MAX, &mut received).await?;
-                Ok(())
-            })
-            .await?,
-        );
-        if received.len() as u64 != size || received[..] != data[..] {
-            bail!("memory transfer into the reused buffer delivered wrong bytes");
-        }
-        drop(received);
-        memory_task.abort();
+        let task = tokio::spawn(serve_memory(server, blob));
+        let connection = blob_client::connect(&client, &addr).await?;
+        // The reused buffer is filled once before the rounds (not measured): from then on its
+        // memory is mapped, the same footing as raw quinn, which allocates nothing per transfer.
+        let mut reused = BlobBuffer::new();
+        get_into_buffer(&connection, hash, u64::MAX, &mut reused).await?;
+        memory = Some(MemoryRows {
+            server: addr,
+            connection,
+            task,
+            reused,
+        });
     } else {
         drop(blob);
     }
 
-    let mut resume = None;
+    let mut files = None;
     if args.runs("file") {
-        // (e) file → file from a storage node's disk store, verified, fsync included.
         let work = tempfile::Builder::new()
             .prefix("blob-bench")
             .tempdir_in(args.json.parent().unwrap_or(Path::new(".")))
@@ -575,50 +665,96 @@ async fn run(args: Args) -> anyhow::Result<()> {
         if stored != hash {
             bail!("store computed another hash");
         }
-        drop(data);
-        let storage_endpoint = Arc::new(quic_endpoint(7)?);
+        let endpoint = Arc::new(quic_endpoint(7)?);
         let storage = NodeAddr {
-            hotkey: storage_endpoint.hotkey(),
-            addrs: vec![storage_endpoint.local_addr()?],
+            hotkey: endpoint.hotkey(),
+            addrs: vec![endpoint.local_addr()?],
         };
         let cancel = CancellationToken::new();
-        let storage_task =
-            tokio::spawn(serve(storage_endpoint, Arc::clone(&store), cancel.clone()));
+        let task = tokio::spawn(serve(endpoint, store, cancel.clone()));
         let connection = blob_client::connect(&client, &storage).await?;
-        let dest = work.path().join("get.out");
-        results.push(
-            measure("horde get file→file", size, || async {
-                get_to_file_once(&connection, hash, &dest, None, u64::MAX, &mut NoProgress).await?;
+        files = Some(FileRows {
+            work,
+            storage,
+            connection,
+            cancel,
+            task,
+        });
+    }
+
+    let mut results = Results::default();
+    for round in 0..args.rounds {
+        if args.runs("tcp") {
+            let chunk = chunk.clone();
+            let run = || async { tokio::task::spawn_blocking(move || tcp(size, &chunk)).await? };
+            results.push(measure(TCP, round, size, run).await?);
+        }
+        if args.runs("tls") {
+            let chunk = chunk.clone();
+            let run = || async { tokio::task::spawn_blocking(move || tls(size, &chunk)).await? };
+            results.push(measure(TLS, round, size, run).await?);
+        }
+        if args.runs("quinn") {
+            results.push(measure(QUINN, round, size, || raw_quinn(size, &chunk)).await?);
+        }
+        if let Some(memory) = &mut memory {
+            // (d) memory → memory, verified, as a client fetches a blob into memory.
+            let mut received = Bytes::new();
+            let (client, server, slot) = (&client, &memory.server, &mut received);
+            let fetch = move || async move {
+                *slot = get_to_memory(client, server, hash, u64::MAX).await?;
                 Ok(())
-            })
-            .await?,
-        );
-        std::fs::remove_file(&dest)?;
+            };
+            results.push(measure(MEM, round, size, fetch).await?);
+            if received != data {
+                bail!("memory transfer delivered wrong bytes");
+            }
+            drop(received);
+            // (d') the same into the buffer of an earlier transfer, emptied.
+            let (connection, reused) = (&memory.connection, &mut memory.reused);
+            reused.clear();
+            let fetch = move || async move {
+                get_into_buffer(connection, hash, u64::MAX, reused).await?;
+                Ok(())
+            };
+            results.push(measure(MEM_REUSED, round, size, fetch).await?);
+            if memory.reused[..] != data[..] {
+                bail!("memory transfer into the reused buffer delivered wrong bytes");
+            }
+        }
+        if let Some(files) = &files {
+            // (e) file → file from a storage node's disk store, verified, fsync included.
+            let dest = files.work.path().join("get.out");
+            let fetch = || async {
+                get_to_file_once(
+                    &files.connection,
+                    hash,
+                    &dest,
+                    None,
+                    u64::MAX,
+                    &mut NoProgress,
+                )
+                .await?;
+                Ok(())
+            };
+            results.push(measure(FILE, round, size, fetch).await?);
+            std::fs::remove_file(&dest)?;
+        }
+    }
+    drop(data);
 
-        resume = Some(resume_measurement(&client, &storage, hash, size, work.path()).await?);
-        cancel.cancel();
-        let _ = storage_task.await;
+    if let Some(memory) = memory {
+        memory.task.abort();
+    }
+    let mut resume = None;
+    if let Some(files) = files {
+        resume =
+            Some(resume_measurement(&client, &files.storage, hash, size, files.work.path()).await?);
+        files.cancel.cancel();
+        let _ = files.task.await;
     }
 
-    let quinn_gbits = results
-        .iter()
-        .find(|m| m.name == "raw quinn")
-        .map_or(1.0, Measurement::gbits);
-    println!();
-    println!(
-        "| transfer ({} MiB, 127.0.0.1) | Gbit/s | CPU s/GB | vs raw quinn |",
-        size >> 20
-    );
-    println!("|---|---:|---:|---:|");
-    for m in &results {
-        println!(
-            "| {} | {:.2} | {:.2} | {:.2}× |",
-            m.name,
-            m.gbits(),
-            m.cpu_per_gb(),
-            m.gbits() / quinn_gbits
-        );
-    }
+    print_table(&results, size, args.rounds);
     if let Some(resume) = &resume {
         println!();
         println!(
@@ -636,14 +772,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     let json = serde_json::json!({
         "size_bytes": size,
-        "transfers": results.iter().map(|m| serde_json::json!({
-            "name": m.name,
-            "seconds": m.seconds,
-            "gbit_per_s": m.gbits(),
-            "cpu_seconds_per_gb": m.cpu_per_gb(),
-            "page_faults_per_gib": m.faults_per_gib(),
-            "ratio_to_raw_quinn": m.gbits() / quinn_gbits,
-        })).collect::<Vec<_>>(),
+        "rounds": args.rounds,
+        "transfers": results.rows.iter().map(|(name, row)| row_json(&results, name, row))
+            .collect::<Vec<_>>(),
+        "targets": TARGETS.iter().filter_map(|&(name, target)| {
+            let ratio = ratio_of_medians(&results, name)?;
+            Some(serde_json::json!({
+                "name": name,
+                "ratio_of_medians_to_raw_quinn": ratio,
+                "target": target,
+                "met": ratio >= target,
+            }))
+        }).collect::<Vec<_>>(),
         "resume": resume.as_ref().map(|resume| serde_json::json!({
             "verified_before_cut": resume.verified_before_cut,
             "resumed_from": resume.resumed_from,
@@ -658,4 +798,80 @@ async fn run(args: Args) -> anyhow::Result<()> {
     std::fs::write(&args.json, serde_json::to_string_pretty(&json)?)?;
     eprintln!("wrote {}", args.json.display());
     Ok(())
+}
+
+/// A row's median rate over raw quinn's median rate.
+fn ratio_of_medians(results: &Results, name: &str) -> Option<f64> {
+    let quinn = results.row(QUINN)?.median_of(Measurement::gbits);
+    Some(results.row(name)?.median_of(Measurement::gbits) / quinn)
+}
+
+/// A row's rate over raw quinn's in each round.
+fn ratios_per_round(results: &Results, row: &Row) -> Vec<Option<f64>> {
+    (0..row.rounds.len())
+        .map(|round| Some(row.rounds[round].gbits() / results.quinn_in_round(round)?))
+        .collect()
+}
+
+fn print_table(results: &Results, size: u64, rounds: usize) {
+    println!();
+    println!(
+        "| transfer ({} MiB, 127.0.0.1), median of {rounds} rounds | Gbit/s | min–max | CPU s/GB \
+         | page faults/GiB | vs raw quinn (medians) | vs raw quinn, each round |",
+        size >> 20
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    for (name, row) in &results.rows {
+        let (min, max) = row.range_of(Measurement::gbits);
+        let ratio =
+            ratio_of_medians(results, name).map_or_else(|| "—".to_owned(), |r| format!("{r:.2}×"));
+        let per_round: Vec<String> = ratios_per_round(results, row)
+            .into_iter()
+            .map(|ratio| ratio.map_or_else(|| "—".to_owned(), |r| format!("{r:.2}")))
+            .collect();
+        println!(
+            "| {name} | {:.2} | {min:.2}–{max:.2} | {:.2} | {:.0} | {ratio} | {} |",
+            row.median_of(Measurement::gbits),
+            row.median_of(Measurement::cpu_per_gb),
+            row.median_of(Measurement::faults_per_gib),
+            per_round.join(" / "),
+        );
+    }
+    for (name, target) in TARGETS {
+        let (Some(ratio), Some(row)) = (ratio_of_medians(results, name), results.row(name)) else {
+            continue;
+        };
+        let met_rounds = ratios_per_round(results, row)
+            .into_iter()
+            .filter(|ratio| ratio.is_some_and(|ratio| ratio >= target))
+            .count();
+        println!(
+            "{name}: {ratio:.2}× raw quinn (medians), target ≥ {target:.2}×: {}; met in {met_rounds} \
+             of {} rounds",
+            if ratio >= target { "met" } else { "NOT met" },
+            row.rounds.len()
+        );
+    }
+}
+
+fn row_json(results: &Results, name: &str, row: &Row) -> serde_json::Value {
+    let (min, max) = row.range_of(Measurement::gbits);
+    serde_json::json!({
+        "name": name,
+        "median_gbit_per_s": row.median_of(Measurement::gbits),
+        "min_gbit_per_s": min,
+        "max_gbit_per_s": max,
+        "median_cpu_seconds_per_gb": row.median_of(Measurement::cpu_per_gb),
+        "median_page_faults_per_gib": row.median_of(Measurement::faults_per_gib),
+        "ratio_of_medians_to_raw_quinn": ratio_of_medians(results, name),
+        "rounds": row.rounds.iter().zip(ratios_per_round(results, row)).map(|(m, ratio)| {
+            serde_json::json!({
+                "seconds": m.seconds,
+                "gbit_per_s": m.gbits(),
+                "cpu_seconds_per_gb": m.cpu_per_gb(),
+                "page_faults_per_gib": m.faults_per_gib(),
+                "ratio_to_raw_quinn_same_round": ratio,
+            })
+        }).collect::<Vec<_>>(),
+    })
 }
