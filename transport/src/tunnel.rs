@@ -1228,6 +1228,11 @@ impl TunnelStream {
         self.writer.finish_sending().await
     }
 
+    /// Sends the last bytes and `ClientEnd` in one write; see [`TunnelWriter::write_last`].
+    pub async fn write_last(&mut self, data: Bytes) -> Result<(), TunnelError> {
+        self.writer.write_last(data).await
+    }
+
     /// The next bytes from the job; `None` once the verified receipt has arrived and the stream
     /// ended. See [`TunnelReader::read`].
     pub async fn read(&mut self) -> Result<Option<Bytes>, TunnelError> {
@@ -1273,6 +1278,37 @@ impl TunnelWriter {
         // Let the connection send the data already written before this task spends its time on
         // the signature: the job can start on the request meanwhile.
         tokio::task::yield_now().await;
+        let client_end = self.client_end()?;
+        self.send
+            .write_all(&client_end)
+            .await
+            .map_err(TunnelError::from_write)?;
+        self.send.finish().map_err(|_| TunnelError::Finished)
+    }
+
+    /// Sends `data` as the last bytes to the job, signed at once: the bytes and `ClientEnd` go
+    /// out in one write (one packet for a short request), then the sending side finishes. For a
+    /// request known whole in advance (an HTTP request): the job's endpoint then knows the
+    /// client is done as the request arrives, and can send the reply's last bytes together with
+    /// its receipt.
+    pub async fn write_last(&mut self, data: Bytes) -> Result<(), TunnelError> {
+        if self.finished {
+            return Err(TunnelError::Finished);
+        }
+        self.finished = true;
+        lock(&self.sent).add(&data);
+        let mut chunks = Vec::with_capacity(3);
+        push_data_frames(data, &mut chunks);
+        chunks.push(Bytes::from(self.client_end()?));
+        self.send
+            .write_all_chunks(&mut chunks)
+            .await
+            .map_err(TunnelError::from_write)?;
+        self.send.finish().map_err(|_| TunnelError::Finished)
+    }
+
+    /// The encoded `ClientEnd` frame over everything sent so far.
+    fn client_end(&self) -> Result<Vec<u8>, TunnelError> {
         let digest_in = lock(&self.sent).digest();
         let signature = Signed::sign(
             &self.client_key,
@@ -1282,8 +1318,10 @@ impl TunnelWriter {
                 digest_in,
             },
         );
-        write_frame(&mut self.send, &TunnelFrame::ClientEnd(signature)).await?;
-        self.send.finish().map_err(|_| TunnelError::Finished)
+        Ok(encode_frame(
+            &TunnelFrame::ClientEnd(signature),
+            MAX_TUNNEL_FRAME_LEN,
+        )?)
     }
 
     /// Abandons the sending side with an application error code.
@@ -1583,8 +1621,7 @@ pub async fn http_request(
     request.extend_from_slice(body);
 
     let mut tunnel = tunnel.open().await?;
-    tunnel.write_bytes(Bytes::from(request)).await?;
-    tunnel.finish_sending().await?;
+    tunnel.write_last(Bytes::from(request)).await?;
     let mut response = Vec::new();
     while let Some(bytes) = tunnel.read().await? {
         if response.len() + bytes.len() > MAX_HTTP_RESPONSE {

@@ -282,6 +282,34 @@ async fn a_reply_that_comes_with_its_eof_arrives_whole_before_its_receipt() {
 }
 
 #[tokio::test]
+async fn last_bytes_and_client_end_in_one_write() {
+    let setup = setup(echo_job().await).await;
+    let mut tunnel = open(&setup.connection).await;
+    tunnel.write(b"first ").await.unwrap();
+    tunnel
+        .write_last(bytes::Bytes::from_static(b"and last"))
+        .await
+        .unwrap();
+    assert!(matches!(
+        tunnel.write(b"late").await,
+        Err(TunnelError::Finished)
+    ));
+    assert!(matches!(
+        tunnel.finish_sending().await,
+        Err(TunnelError::Finished)
+    ));
+    assert_eq!(read_to_end(&mut tunnel).await.unwrap(), b"first and last");
+    let receipt = tunnel
+        .receipt()
+        .unwrap()
+        .verify_by(&job_key().hotkey())
+        .unwrap();
+    assert_eq!(receipt.digest_in, digest(b"first and last"));
+    assert_eq!(receipt.bytes_in, 14);
+    setup.handle.shutdown().await;
+}
+
+#[tokio::test]
 async fn full_duplex_exchange_before_finishing() {
     // Like a WebSocket session: several request/answer turns on one stream, then the end.
     let setup = setup(echo_job().await).await;

@@ -291,9 +291,10 @@ async fn tunnel_request(tunnel: &JobTunnel) -> anyhow::Result<(f64, f64)> {
     let started = Instant::now();
     let mut stream = tunnel.open().await?;
     stream
-        .write(b"GET /health HTTP/1.1\r\nHost: job\r\nConnection: close\r\n\r\n")
+        .write_last(Bytes::from_static(
+            b"GET /health HTTP/1.1\r\nHost: job\r\nConnection: close\r\n\r\n",
+        ))
         .await?;
-    stream.finish_sending().await?;
     let mut response = Vec::new();
     let mut complete = None;
     while let Some(bytes) = stream.read().await? {
