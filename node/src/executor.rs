@@ -341,6 +341,19 @@ impl JobRunner {
         };
         let pid = child.id();
         info!(pid, port, "job process started");
+        // The job's children share its process group: the guard kills the group if this
+        // executor ends without stopping the job (SIGKILL, a crash). Dropped (and killed) with
+        // this function, once the job has been stopped.
+        let _group_guard = pid.and_then(|pid| {
+            tied::guard_command(pid)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .inspect_err(|error| warn!(%error, "could not start the job's group guard"))
+                .ok()
+        });
         let target: SocketAddr = ([127, 0, 0, 1], port).into();
 
         // Readiness.
@@ -655,7 +668,7 @@ impl JobRunner {
         let path_var = spec
             .env
             .iter()
-            .find(|(name, _)| name == "PATH")
+            .rfind(|(name, _)| name == "PATH")
             .map(|(_, value)| std::ffi::OsString::from(value))
             .or_else(|| std::env::var_os("PATH"));
         let resolved = tied::resolve_program(program, path_var.as_deref(), job_dir)

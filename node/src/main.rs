@@ -59,6 +59,17 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<std::ffi::OsString>,
     },
+    /// Internal: kill process group GROUP with SIGKILL once process PARENT is gone. Started by
+    /// executors beside each job.
+    #[command(name = horde_node::tied::GUARD_SUBCOMMAND, hide = true)]
+    GuardGroup {
+        /// The pid of the process whose end triggers the kill.
+        #[arg(long)]
+        parent: u32,
+        /// The process group to kill.
+        #[arg(long)]
+        group: u32,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -142,6 +153,8 @@ fn main() -> anyhow::Result<()> {
                 std::path::Path::new(&program).display()
             )))
         }
+        Command::GuardGroup { parent, group } => horde_node::tied::guard_group(parent, group)
+            .with_context(|| format!("guarding process group {group}")),
         Command::Node(args) => {
             init_tracing();
             let overrides = Overrides {

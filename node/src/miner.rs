@@ -22,7 +22,7 @@
 //! countersigned, with the refusal as the reason).
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -446,6 +446,12 @@ impl Miner {
         let token = horde_protocol::JobId::random().0;
         // Tied to this miner: the executor (and with it its job) is killed with the miner,
         // however the miner ends.
+        let program = tied::resolve_program(
+            &program.to_string_lossy(),
+            std::env::var_os("PATH").as_deref(),
+            Path::new("."),
+        )
+        .map_err(|e| format!("executor program {}: {e}", program.display()))?;
         let child = tied::tied_command(&program)
             .arg("node")
             .arg("--config")

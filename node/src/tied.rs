@@ -10,15 +10,26 @@
 //! files. The signal setting survives the exec.
 //!
 //! The kernel ties the child to the starting *thread*: the roles start children from tokio
-//! worker threads, which live as long as the node's runtime.
+//! worker threads, which live as long as the node's runtime (never start one from
+//! `spawn_blocking` or `block_in_place`: that thread's exit would kill the child). The signal
+//! setting is cleared by the kernel when the program is set-user-ID, set-group-ID or has file
+//! capabilities.
+//!
+//! The signal reaches only the process itself, not what it started. A job's own children (a
+//! shell's commands, worker processes) share its process group, so the executor also starts a
+//! *group guard* per job ([`guard_command`], `horde guard-group --parent PID --group PGID`):
+//! tied to the executor with SIGTERM, which it catches, it kills the job's whole process group
+//! with SIGKILL when the executor is gone. The executor stops the guard when the job has ended.
 
 use std::ffi::{OsStr, OsString};
-use std::os::unix::fs::PermissionsExt as _;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 
 /// The hidden `horde` subcommand that starts a tied child.
 pub const TIED_SUBCOMMAND: &str = "exec-tied";
+
+/// The hidden `horde` subcommand that guards a job's process group.
+pub const GUARD_SUBCOMMAND: &str = "guard-group";
 
 /// The running binary, as the launcher: `/proc/self/exe` names it even after the file has been
 /// replaced or deleted (a rebuild while a node runs).
@@ -37,6 +48,52 @@ pub fn tied_command(program: &Path) -> tokio::process::Command {
     command
 }
 
+/// A command for the group guard of process group `group` (see the module docs), tied to this
+/// process. Keep its child handle (with `kill_on_drop`) for as long as the group must be
+/// guarded.
+pub fn guard_command(group: u32) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(LAUNCHER);
+    command
+        .arg(GUARD_SUBCOMMAND)
+        .arg("--parent")
+        .arg(std::process::id().to_string())
+        .arg("--group")
+        .arg(group.to_string());
+    command
+}
+
+/// The group guard (`horde guard-group`): waits for SIGTERM, which the kernel sends when
+/// `parent` ends, then kills process group `group` with SIGKILL. If `parent` is already gone
+/// when it starts, it kills the group at once.
+pub fn guard_group(parent: u32, group: u32) -> std::io::Result<()> {
+    let group = i32::try_from(group)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+        .ok_or_else(|| std::io::Error::other(format!("{group} is not a process group id")))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        // Catch SIGTERM before asking for it, and ask before checking the parent: the parent's
+        // end cannot slip between the steps unnoticed.
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::TERM))?;
+        if parent_is(parent) {
+            terminate.recv().await;
+        }
+        // Gone already (ESRCH) is what was wanted.
+        let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
+        Ok(())
+    })
+}
+
+/// Whether this process's parent is still `parent`.
+fn parent_is(parent: u32) -> bool {
+    rustix::process::getppid().and_then(|pid| u32::try_from(pid.as_raw_nonzero().get()).ok())
+        == Some(parent)
+}
+
 /// The launcher (`horde exec-tied`): ties this process to `parent`, then execs `program` with
 /// `args`. Returns only if that fails.
 pub fn exec_tied(parent: u32, program: &OsStr, args: &[OsString]) -> std::io::Error {
@@ -47,11 +104,8 @@ pub fn exec_tied(parent: u32, program: &OsStr, args: &[OsString]) -> std::io::Er
     }
     // The parent may have ended before the signal was asked for: then this process has been
     // given to another parent, and must not start the program.
-    let current = rustix::process::getppid().map(|pid| pid.as_raw_nonzero().get());
-    if current.and_then(|pid| u32::try_from(pid).ok()) != Some(parent) {
-        return std::io::Error::other(format!(
-            "the parent process {parent} is gone (parent now {current:?})"
-        ));
+    if !parent_is(parent) {
+        return std::io::Error::other(format!("the parent process {parent} is gone"));
     }
     std::process::Command::new(program).args(args).exec()
 }
@@ -67,7 +121,9 @@ pub fn resolve_program(
 ) -> std::io::Result<PathBuf> {
     let executable = |path: &Path| -> std::io::Result<()> {
         let metadata = std::fs::metadata(path)?;
-        if metadata.is_file() && metadata.permissions().mode() & 0o111 != 0 {
+        // Executable by this process (its user and groups, the mount), as exec will check.
+        let allowed = rustix::fs::access(path, rustix::fs::Access::EXEC_OK).is_ok();
+        if metadata.is_file() && allowed {
             Ok(())
         } else {
             Err(std::io::Error::new(
@@ -82,6 +138,8 @@ pub fn resolve_program(
             "the program name is empty",
         ));
     }
+    // Absolute, so the result does not depend on the working directory it is used from.
+    let cwd = std::path::absolute(cwd)?;
     if program.contains('/') {
         let path = cwd.join(program);
         executable(&path)?;
@@ -109,6 +167,8 @@ pub fn resolve_program(
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
+
+    use std::os::unix::fs::PermissionsExt as _;
 
     use super::*;
 

@@ -174,6 +174,21 @@ fn node_starts_logs_identity_and_exits_zero_on_sigint() {
     assert!(rest.iter().any(|l| l.contains("stopped")), "{rest:?}");
 }
 
+/// Runs `script` in `sh` (a parent process to kill) and returns it with its first line.
+fn shell_parent(script: &str) -> (std::process::Child, String) {
+    let mut parent = Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(parent.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    (parent, line)
+}
+
 /// The state letter of a process (`R`, `S`, `Z`, …), or `None` once it is gone.
 fn process_state(pid: u32) -> Option<char> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -184,18 +199,9 @@ fn process_state(pid: u32) -> Option<char> {
 #[test]
 fn a_tied_child_runs_the_program_and_dies_with_its_parent() {
     // `sh` is the parent: it starts a tied `sleep`, prints its pid, and waits.
-    let mut parent = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "{HORDE} exec-tied --parent $$ -- sleep 600 & echo $!; wait"
-        ))
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(parent.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    let (mut parent, line) = shell_parent(&format!(
+        "'{HORDE}' exec-tied --parent $$ -- sleep 600 & echo $!; wait"
+    ));
     let child: u32 = line.trim().parse().unwrap();
     // The launcher becomes `sleep` itself: same pid.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -262,4 +268,39 @@ fn a_tied_child_whose_parent_is_not_there_does_not_start() {
     assert!(!missing.status.success());
     let stderr = String::from_utf8_lossy(&missing.stderr);
     assert!(stderr.contains("starting /nonexistent/job"), "{stderr}");
+}
+
+#[test]
+fn a_group_guard_kills_the_group_when_its_parent_dies() {
+    use std::os::unix::process::{CommandExt as _, ExitStatusExt as _};
+    // The guarded group: a `sleep` leading its own process group.
+    let mut guarded = Command::new("sleep")
+        .arg("600")
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let group = guarded.id();
+    // `sh` is the guard's parent; once the guard is up it reports so and `sh` waits.
+    let (mut parent, line) = shell_parent(&format!(
+        "'{HORDE}' guard-group --parent $$ --group {group} & echo started; wait"
+    ));
+    assert_eq!(line.trim(), "started");
+    // While the parent lives, the group is left alone.
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(guarded.try_wait().unwrap().is_none());
+
+    parent.kill().unwrap();
+    parent.wait().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = guarded.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            guarded.kill().unwrap();
+            panic!("the guarded group outlived the guard's parent");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(status.signal(), Some(9), "{status:?}");
 }

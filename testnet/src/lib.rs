@@ -714,7 +714,7 @@ impl Testnet {
     /// Job processes of this testnet's executors (their environment gives them a job port and
     /// a directory under the testnet's), as `(pid, command line)`.
     pub fn job_processes(&self) -> Vec<(u32, String)> {
-        let dir = format!("HORDE_OUTPUT_DIR={}", self.dir_text());
+        let dir = format!("HORDE_OUTPUT_DIR={}/", self.dir_text());
         self.scan_processes(|_, environ| {
             environ
                 .split('\0')

@@ -404,10 +404,23 @@ async fn discovered_capacity_keeps_jobs_off_full_miners() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn executor_killed_mid_job_takes_its_job_with_it() {
     let testnet = start(TestnetConfig::default());
-    let (_client, mut job) = submit(&testnet, &demo_request()).await;
+    // A job with a child of its own: the shell starts `sleep` in the background, then becomes
+    // the demo job (which serves the endpoint). `sleep` is in the job's process group.
+    let demo = demo_job_binary().expect("demo job binary");
+    let mut request = JobRequest::command("cpu", "/bin/sh");
+    request.args = vec![
+        "-c".to_owned(),
+        "sleep 600 & exec \"$0\"".to_owned(),
+        demo.to_str().expect("utf-8 path").to_owned(),
+    ];
+    let (_client, mut job) = submit(&testnet, &request).await;
     endpoint(&mut job, &testnet).await;
     let jobs = testnet.job_processes();
-    assert_eq!(jobs.len(), 1, "{jobs:?}");
+    assert_eq!(jobs.len(), 2, "the job and its sleep: {jobs:?}");
+    assert!(
+        jobs.iter().any(|(_, cmd)| cmd.starts_with("sleep 600")),
+        "{jobs:?}"
+    );
     let executors: Vec<_> = testnet
         .processes()
         .into_iter()
@@ -420,7 +433,8 @@ async fn executor_killed_mid_job_takes_its_job_with_it() {
         .status()
         .unwrap();
     assert!(status.success());
-    // The job was tied to it: the kernel kills it too.
+    // The job was tied to it, and its group guarded: the kernel kills the job, the guard the
+    // job's own child.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while !testnet.job_processes().is_empty() {
         assert!(

@@ -593,7 +593,7 @@ async fn serve_with_grace(
                     output_end = Some(end);
                     grace_timer.as_mut().reset(tokio::time::Instant::now() + grace);
                 }
-                () = &mut grace_timer, if out_done && !in_done => {
+                () = &mut grace_timer, if output_end.is_some() && !in_done => {
                     debug!(stream, "no ClientEnd within the grace period after the job's EOF");
                     if let Some(end) = output_end.take() {
                         break Ok(end);
