@@ -341,7 +341,7 @@ impl JobRunner {
         };
         let pid = child.id();
         info!(pid, port, "job process started");
-        // The job's children share its process group: the guard kills the group if this
+        // The job and its children share its process group: the guard kills the group if this
         // executor ends without stopping the job (SIGKILL, a crash). Dropped (and killed) with
         // this function, once the job has been stopped.
         let _group_guard = pid.and_then(|pid| {
@@ -664,17 +664,9 @@ impl JobRunner {
         let logs = job_dir.join("logs/output");
         let stdout = std::fs::File::create(logs.join("stdout")).map_err(|e| e.to_string())?;
         let stderr = std::fs::File::create(logs.join("stderr")).map_err(|e| e.to_string())?;
-        // The job's own PATH, if its spec sets one, is where its program is looked up.
-        let path_var = spec
-            .env
-            .iter()
-            .rfind(|(name, _)| name == "PATH")
-            .map(|(_, value)| std::ffi::OsString::from(value))
-            .or_else(|| std::env::var_os("PATH"));
-        let resolved = tied::resolve_program(program, path_var.as_deref(), job_dir)
-            .map_err(|e| format!("starting {program}: {e}"))?;
-        // Tied to this executor: the job is killed with it, however the executor ends.
-        let mut command = tied::tied_command(&resolved);
+        // Started directly, as the leader of its own process group: the group guard started
+        // beside it (see `run_job`) kills that group if this executor ends without stopping it.
+        let mut command = tokio::process::Command::new(program);
         command
             .args(&spec.args)
             .envs(spec.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))

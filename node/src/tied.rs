@@ -1,9 +1,10 @@
-//! Child processes tied to the process that starts them: the kernel kills them (SIGKILL) when
-//! the thread that started them ends, however it ends — a clean exit, SIGKILL, the OOM killer, a
-//! crash. A job process therefore never outlives its executor, nor an executor its miner, and
-//! nothing keeps running (holding a GPU, a port, a job directory) with no one supervising it.
+//! Child processes that do not outlive the process that starts them, however it ends — a clean
+//! exit, SIGKILL, the OOM killer, a crash. An executor never outlives its miner, nor a job (with
+//! everything it started) its executor, and nothing keeps running (holding a GPU, a port, a job
+//! directory) with no one supervising it.
 //!
-//! A child is started as `horde exec-tied --parent PID -- PROGRAM ARGS…` ([`tied_command`]).
+//! A miner starts each executor as `horde exec-tied --parent PID -- PROGRAM ARGS…`
+//! ([`tied_command`]): the kernel kills it (SIGKILL) when the thread that started it ends.
 //! That launcher asks for the parent-death signal (`PR_SET_PDEATHSIG`), checks that its parent
 //! is still the one that started it (else the parent is already gone and it exits), then execs
 //! the program in its place: same pid, process group, environment, working directory and open
@@ -15,11 +16,12 @@
 //! setting is cleared by the kernel when the program is set-user-ID, set-group-ID or has file
 //! capabilities.
 //!
-//! The signal reaches only the process itself, not what it started. A job's own children (a
-//! shell's commands, worker processes) share its process group, so the executor also starts a
-//! *group guard* per job ([`guard_command`], `horde guard-group --parent PID --group PGID`):
-//! tied to the executor with SIGTERM, which it catches, it kills the job's whole process group
-//! with SIGKILL when the executor is gone. The executor stops the guard when the job has ended.
+//! That signal reaches only the process itself, not what it started. A job and its own children
+//! (a shell's commands, worker processes) share the job's process group, so the executor starts
+//! the job directly and, beside it, a *group guard* ([`guard_command`],
+//! `horde guard-group --parent PID --group PGID`): tied to the executor with SIGTERM, which it
+//! catches, it kills the job's whole process group with SIGKILL when the executor is gone. The
+//! executor stops the guard when the job has ended. The job's start thus pays no extra exec.
 
 use std::ffi::{OsStr, OsString};
 use std::os::unix::process::CommandExt as _;
@@ -38,13 +40,8 @@ const LAUNCHER: &str = "/proc/self/exe";
 /// A command that runs `program` tied to this process (see the module docs). Add its arguments,
 /// environment and settings as for `program` itself.
 pub fn tied_command(program: &Path) -> tokio::process::Command {
-    let mut command = tokio::process::Command::new(LAUNCHER);
-    command
-        .arg(TIED_SUBCOMMAND)
-        .arg("--parent")
-        .arg(std::process::id().to_string())
-        .arg("--")
-        .arg(program);
+    let mut command = launcher(TIED_SUBCOMMAND);
+    command.arg("--").arg(program);
     command
 }
 
@@ -52,13 +49,18 @@ pub fn tied_command(program: &Path) -> tokio::process::Command {
 /// process. Keep its child handle (with `kill_on_drop`) for as long as the group must be
 /// guarded.
 pub fn guard_command(group: u32) -> tokio::process::Command {
+    let mut command = launcher(GUARD_SUBCOMMAND);
+    command.arg("--group").arg(group.to_string());
+    command
+}
+
+/// This binary's `subcommand`, told this process is its parent.
+fn launcher(subcommand: &str) -> tokio::process::Command {
     let mut command = tokio::process::Command::new(LAUNCHER);
     command
-        .arg(GUARD_SUBCOMMAND)
+        .arg(subcommand)
         .arg("--parent")
-        .arg(std::process::id().to_string())
-        .arg("--group")
-        .arg(group.to_string());
+        .arg(std::process::id().to_string());
     command
 }
 
