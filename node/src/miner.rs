@@ -137,7 +137,13 @@ enum SlotState {
     Starting,
     Idle(quinn::Connection),
     Busy,
+    /// The process ended before it registered: why, for the next reservation of its class.
+    Failed(String),
 }
+
+/// How much of an executor's log a start-up failure quotes: its last line, at most this many
+/// bytes (the whole log stays in the executor's directory).
+const FAILURE_LOG_QUOTE: usize = 300;
 
 #[derive(Debug)]
 struct Slot {
@@ -145,7 +151,8 @@ struct Slot {
     token: [u8; 16],
     hotkey: Hotkey,
     state: SlotState,
-    child: Option<tokio::process::Child>,
+    /// Cancelled to kill the executor process (its watcher then reaps it).
+    stop: CancellationToken,
 }
 
 #[derive(Debug, Default)]
@@ -409,10 +416,8 @@ impl Miner {
     /// Kills every executor process.
     pub fn kill_executors(&self) {
         let mut pool = self.lock_pool();
-        for slot in pool.slots.values_mut() {
-            if let Some(child) = slot.child.as_mut() {
-                let _ = child.start_kill();
-            }
+        for slot in pool.slots.values() {
+            slot.stop.cancel();
         }
         pool.slots.clear();
     }
@@ -452,6 +457,7 @@ impl Miner {
             Path::new("."),
         )
         .map_err(|e| format!("executor program {}: {e}", program.display()))?;
+        let log_path = dir.join("executor.log");
         let child = tied::tied_command(&program)
             .arg("node")
             .arg("--config")
@@ -464,6 +470,7 @@ impl Miner {
             .spawn()
             .map_err(|e| format!("spawning {}: {e}", program.display()))?;
         info!(slot = id, %class, executor = %key.hotkey().fmt_short(), "executor spawned");
+        let stop = CancellationToken::new();
         pool.slots.insert(
             id,
             Slot {
@@ -471,10 +478,43 @@ impl Miner {
                 token,
                 hotkey: key.hotkey(),
                 state: SlotState::Starting,
-                child: Some(child),
+                stop: stop.clone(),
             },
         );
+        tokio::spawn(watch_executor(
+            Arc::downgrade(self),
+            id,
+            child,
+            stop,
+            log_path,
+        ));
         Ok(id)
+    }
+
+    /// The process of slot `id` ended with `status`. A slot still starting becomes
+    /// [`SlotState::Failed`] with the reason (the exit status and the log's last line), which the
+    /// next reservation of its class reports instead of waiting out its deadline; any other slot
+    /// is removed.
+    fn executor_exited(&self, id: u64, status: &str, log: &Path) {
+        let mut pool = self.lock_pool();
+        let Some(slot) = pool.slots.get_mut(&id) else {
+            return;
+        };
+        if matches!(slot.state, SlotState::Starting) {
+            let mut reason = format!("executor exited with {status} before registering");
+            if let Some(line) = last_log_line(log) {
+                reason.push_str(": ");
+                reason.push_str(&line);
+            }
+            warn!(slot = id, class = %slot.class, %reason, log = %log.display(), "executor failed to start");
+            slot.state = SlotState::Failed(reason);
+        } else {
+            info!(slot = id, %status, "executor process ended");
+            pool.slots.remove(&id);
+        }
+        drop(pool);
+        self.registered.notify_waiters();
+        self.publish_capacity();
     }
 
     /// Reserves a free executor of `class`, spawning one if the class has room, waiting at
@@ -494,11 +534,15 @@ impl Miner {
             notified.as_mut().enable();
             {
                 let mut pool = self.lock_pool();
-                // Reap slots whose process exited.
-                pool.slots.retain(|_, slot| {
-                    slot.child
-                        .as_mut()
-                        .is_none_or(|child| matches!(child.try_wait(), Ok(None)))
+                // Executors of the class that failed to start: their reason declines this job
+                // unless a free executor turns up (a failing program fails again, so no retry).
+                let mut failed = None;
+                pool.slots.retain(|_, slot| match &mut slot.state {
+                    SlotState::Failed(reason) if slot.class == *class => {
+                        failed = Some(std::mem::take(reason));
+                        false
+                    }
+                    _ => true,
                 });
                 let free = pool.slots.iter_mut().find(|(_, slot)| {
                     slot.class == *class
@@ -526,6 +570,9 @@ impl Miner {
                     .any(|s| s.class == *class && matches!(s.state, SlotState::Starting));
                 let room = of_class < class_config.max_executors as usize;
                 drop(pool);
+                if let Some(reason) = failed {
+                    return Err(DeclineReason::ExecutorUnavailable(reason));
+                }
                 if !starting {
                     if !room {
                         return Err(DeclineReason::Busy);
@@ -625,11 +672,8 @@ impl Miner {
         self.registered.notify_waiters();
         // The registration stream stays open for the executor's life.
         let _ = recv.recv::<ControlMessage>().await;
-        let mut pool = self.lock_pool();
-        if let Some(mut slot) = pool.slots.remove(&slot_id)
-            && let Some(child) = slot.child.as_mut()
-        {
-            let _ = child.start_kill();
+        if let Some(slot) = self.lock_pool().slots.remove(&slot_id) {
+            slot.stop.cancel();
         }
         info!(slot = slot_id, "executor gone");
     }
@@ -778,6 +822,51 @@ impl Miner {
         drop(reservation);
         debug!("job over; executor released");
     }
+}
+
+/// Owns executor process `child` of slot `id`: kills it when `stop` is cancelled, reaps it, and
+/// tells the miner how it ended.
+async fn watch_executor(
+    miner: std::sync::Weak<Miner>,
+    id: u64,
+    mut child: tokio::process::Child,
+    stop: CancellationToken,
+    log: PathBuf,
+) {
+    let status = tokio::select! {
+        biased;
+        () = stop.cancelled() => {
+            let _ = child.start_kill();
+            child.wait().await
+        }
+        status = child.wait() => status,
+    };
+    let status = match status {
+        Ok(status) => status.to_string(),
+        Err(error) => format!("an unknown status ({error})"),
+    };
+    if let Some(miner) = miner.upgrade() {
+        miner.executor_exited(id, &status, &log);
+    }
+}
+
+/// The last non-empty line of the log at `path`, at most [`FAILURE_LOG_QUOTE`] bytes of it
+/// (read from the file's end, so a huge log costs no more than a small one).
+fn last_log_line(path: &Path) -> Option<String> {
+    use std::io::{Read as _, Seek as _, SeekFrom};
+    let mut file = std::fs::File::open(path).ok()?;
+    let len = file.metadata().ok()?.len();
+    let tail = 4 * FAILURE_LOG_QUOTE as u64;
+    file.seek(SeekFrom::Start(len.saturating_sub(tail))).ok()?;
+    let mut bytes = Vec::new();
+    file.take(tail).read_to_end(&mut bytes).ok()?;
+    let text = String::from_utf8_lossy(&bytes);
+    let line = text.lines().map(str::trim).rfind(|line| !line.is_empty())?;
+    let mut end = line.len().min(FAILURE_LOG_QUOTE);
+    while !line.is_char_boundary(end) {
+        end -= 1;
+    }
+    Some(line[..end].to_owned())
 }
 
 #[cfg(test)]

@@ -46,6 +46,8 @@ pub struct TestnetConfig {
     pub dir: Option<PathBuf>,
     /// The `horde` binary (default: found next to the running program, built if missing).
     pub horde_bin: Option<PathBuf>,
+    /// The program miners start as their executors (default: the `horde` binary).
+    pub executor_program: Option<PathBuf>,
     /// `RUST_LOG` for the nodes.
     pub log_filter: String,
     /// Facilitator's validator-silence limit (ms); `None` keeps the default.
@@ -70,6 +72,7 @@ impl Default for TestnetConfig {
             class: "cpu".to_owned(),
             dir: None,
             horde_bin: None,
+            executor_program: None,
             log_filter: "info".to_owned(),
             validator_silence_ms: None,
             discovery: true,
@@ -388,7 +391,11 @@ impl Testnet {
                 text.push_str(&format!(
                     "\n[miner]\nexecutor_program = \"{}\"\n\n[[miner.classes]]\nclass = \"{}\"\n\
                      max_executors = {}\nprewarm = {}\n",
-                    self.horde_bin.display(),
+                    config
+                        .executor_program
+                        .as_ref()
+                        .unwrap_or(&self.horde_bin)
+                        .display(),
                     config.class,
                     config.executors_per_miner,
                     config.prewarm.min(config.executors_per_miner)

@@ -364,6 +364,48 @@ async fn no_free_executor_is_declined_busy() {
     first.wait_for_end().await.unwrap();
 }
 
+/// A miner whose executor program fails at start declines the job at once, with the program's
+/// exit status and the last line it logged, rather than after the reservation deadline (10 s);
+/// the next job tries a fresh executor and is told the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn executor_failing_to_start_is_declined_with_its_reason() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let scripts = tempfile::tempdir().unwrap();
+    let program = scripts.path().join("broken-executor");
+    std::fs::write(
+        &program,
+        "#!/bin/sh\necho starting\necho 'no GPU at /dev/nvidia0' >&2\nexit 3\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let testnet = start(TestnetConfig {
+        discovery: false,
+        prewarm: 0,
+        executor_program: Some(program),
+        ..TestnetConfig::default()
+    });
+    for attempt in 0..2 {
+        let started = std::time::Instant::now();
+        let (_client, mut job) = submit(&testnet, &demo_request()).await;
+        let end = job.wait_for_end().await.unwrap();
+        let JobStatus::Rejected(RejectReason::Declined(DeclineReason::ExecutorUnavailable(reason))) =
+            &end
+        else {
+            panic!(
+                "attempt {attempt}: {end:?}\nminer:\n{}",
+                testnet.log("miner-0")
+            );
+        };
+        assert!(reason.contains("exit status: 3"), "{reason}");
+        assert!(reason.ends_with("no GPU at /dev/nvidia0"), "{reason}");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "attempt {attempt} took {:?}",
+            started.elapsed()
+        );
+    }
+}
+
 /// With discovery the facilitator sees from the miner's record that its one executor is busy
 /// and that it has no such class: both jobs are refused before any miner is bothered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
