@@ -6,8 +6,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use horde_protocol::{ControlMessage, Hotkey, NodeAddr};
-use horde_transport::{FramedRecv, FramedSend, HordeEndpoint, accept_stream, split};
+use horde_transport::{
+    FramedRecv, FramedSend, HordeEndpoint, accept_framed_stream, read_first_message, split,
+};
 use tokio::sync::Mutex;
+use tokio::task::JoinSet;
 use tracing::Instrument as _;
 
 /// A cache of live connections, keyed by peer hotkey and ALPN.
@@ -76,6 +79,10 @@ pub(crate) async fn request(
 /// Accepts the streams of an incoming connection until it closes or `cancel` fires, and runs
 /// `handle(send, recv, first message)` for each on its own task (in the current span), so one
 /// slow job never holds up another.
+///
+/// First messages are read concurrently (each within [`horde_transport::FIRST_FRAME_TIMEOUT`]):
+/// a stream whose first frame is late — a lost packet, a stuck or hostile peer — does not hold
+/// up the streams opened after it. At most the connection's stream limit are pending at once.
 pub(crate) async fn serve_streams<F, Fut>(
     connection: &quinn::Connection,
     cancel: &tokio_util::sync::CancellationToken,
@@ -84,20 +91,87 @@ pub(crate) async fn serve_streams<F, Fut>(
     F: Fn(FramedSend, FramedRecv, ControlMessage) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
+    // Dropped (aborting what is still pending) when serving ends.
+    let mut first_messages = JoinSet::new();
     loop {
-        let accepted = tokio::select! {
+        tokio::select! {
             biased;
             () = cancel.cancelled() => return,
-            accepted = accept_stream(connection) => accepted,
-        };
-        match accepted {
-            Ok(Some((send, recv, first))) => {
-                tokio::spawn(handle(send, recv, first).in_current_span());
-            }
-            Ok(None) => return,
-            // A dead connection fails every accept: stop, rather than spin on it.
-            Err(_) if connection.close_reason().is_some() => return,
-            Err(error) => tracing::debug!(%error, "incoming stream failed"),
+            Some(read) = first_messages.join_next() => match read {
+                Ok(Ok((send, recv, first))) => {
+                    tokio::spawn(handle(send, recv, first).in_current_span());
+                }
+                Ok(Err(error)) => tracing::debug!(%error, "incoming stream failed"),
+                Err(error) => tracing::debug!(%error, "reading a first message failed"),
+            },
+            accepted = accept_framed_stream(connection) => match accepted {
+                Ok(Some((send, recv))) => {
+                    first_messages.spawn(read_first_message(send, recv));
+                }
+                Ok(None) => return,
+                // A dead connection fails every accept: stop, rather than spin on it.
+                Err(_) if connection.close_reason().is_some() => return,
+                Err(error) => tracing::debug!(%error, "incoming stream failed"),
+            },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use horde_protocol::{DownMessage, JobId};
+    use horde_transport::open_session;
+    use horde_transport::test_utils::connected_pair;
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+
+    /// A stream whose first frame stalls half-way does not hold up a stream opened after it:
+    /// the second is handled at once, not after the first one's 10 s first-frame timeout.
+    #[tokio::test]
+    async fn a_stalled_first_frame_does_not_hold_up_later_streams() {
+        let pair = connected_pair().await;
+        let (handled, mut handled_rx) = tokio::sync::mpsc::channel(4);
+        let cancel = CancellationToken::new();
+        let server = pair.server.clone();
+        let serving = tokio::spawn({
+            let cancel = cancel.clone();
+            async move {
+                serve_streams(&server, &cancel, |_send, _recv, first| {
+                    let handled = handled.clone();
+                    async move {
+                        let _ = handled.send(first).await;
+                    }
+                })
+                .await;
+            }
+        });
+        // Half of a frame's length prefix, then nothing. Its stream id is the lower one, so the
+        // server accepts it first.
+        let (mut stalled, _stalled_recv) = pair.client.open_bi().await.unwrap();
+        stalled.write_all(&[0, 0]).await.unwrap();
+        let _session = open_session(
+            &pair.client,
+            JobId([1; 16]),
+            &DownMessage::Attach(JobId([1; 16])),
+        )
+        .await
+        .unwrap();
+        let first = tokio::time::timeout(Duration::from_secs(5), handled_rx.recv())
+            .await
+            .expect("the second stream is handled while the first one stalls")
+            .unwrap();
+        assert_eq!(
+            first,
+            ControlMessage::Down(DownMessage::Attach(JobId([1; 16])))
+        );
+        assert!(
+            handled_rx.try_recv().is_err(),
+            "the stalled stream is not handled"
+        );
+        cancel.cancel();
+        serving.await.unwrap();
     }
 }

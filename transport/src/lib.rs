@@ -20,7 +20,8 @@
 //! - `tls.rs`: certificates, server-name convention, verifiers, rustls configs, ALPNs.
 //! - `endpoint.rs`: [`EndpointConfig`], [`TransportTuning`], [`HordeEndpoint`].
 //! - `framed.rs`: the framed channels and the cancel-safe frame reader.
-//! - `session.rs`: [`open_session`], [`accept_stream`], [`JobSession`].
+//! - `session.rs`: [`open_session`], [`accept_stream`] (or [`accept_framed_stream`] then
+//!   [`read_first_message`]), [`JobSession`].
 //! - `test_utils.rs` (feature `test-utils`): seeded keys and an endpoint pair on `127.0.0.1:0`.
 //!
 //! [`SecretKey`]: horde_protocol::SecretKey
@@ -45,7 +46,10 @@ pub use endpoint::{
     STREAM_RECEIVE_WINDOW, TransportTuning, transport_config,
 };
 pub use framed::{ChannelError, FrameReader, FramedRecv, FramedSend, split};
-pub use session::{FIRST_FRAME_TIMEOUT, JobSession, SessionError, accept_stream, open_session};
+pub use session::{
+    FIRST_FRAME_TIMEOUT, JobSession, SessionError, accept_framed_stream, accept_stream,
+    open_session, read_first_message,
+};
 pub use tls::{
     ALPN_BLOB, ALPN_CONTROL, ALPN_JOB, CERTIFICATE_VALIDITY_BACKDATE, CERTIFICATE_VALIDITY_PERIOD,
     ClientPolicy, HotkeyClientVerifier, HotkeyServerVerifier, PeerCertificateError, TlsError,

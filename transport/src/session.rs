@@ -144,17 +144,40 @@ pub async fn open_session(
 /// ends or stalls before its first message is stopped with [`codes::PROTOCOL_VIOLATION`] and
 /// reported as an error; the caller should keep accepting (one bad stream does not doom the
 /// connection) and hand each session to its own task.
+///
+/// The next stream is not accepted until this one's first message is in (up to
+/// [`FIRST_FRAME_TIMEOUT`]): fine for a peer that serves one stream at a time. A peer serving
+/// many at once accepts with [`accept_framed_stream`] and reads each first message with
+/// [`read_first_message`] concurrently, so a stream whose first frame is slow (lost packets, a
+/// stuck peer) never holds up the streams opened after it.
 pub async fn accept_stream(
     connection: &quinn::Connection,
 ) -> Result<Option<(FramedSend, FramedRecv, ControlMessage)>, SessionError> {
-    let (send, recv) = match connection.accept_bi().await {
-        Ok(streams) => streams,
-        Err(ConnectionError::ApplicationClosed(_) | ConnectionError::LocallyClosed) => {
-            return Ok(None);
-        }
-        Err(error) => return Err(error.into()),
-    };
-    let (mut send, mut recv) = split(send, recv);
+    match accept_framed_stream(connection).await? {
+        Some((send, recv)) => read_first_message(send, recv).await.map(Some),
+        None => Ok(None),
+    }
+}
+
+/// Accepts the next stream the peer opens, without reading from it (see [`accept_stream`]).
+/// `Ok(None)` when the connection was closed by the application on either side.
+pub async fn accept_framed_stream(
+    connection: &quinn::Connection,
+) -> Result<Option<(FramedSend, FramedRecv)>, SessionError> {
+    match connection.accept_bi().await {
+        Ok((send, recv)) => Ok(Some(split(send, recv))),
+        Err(ConnectionError::ApplicationClosed(_) | ConnectionError::LocallyClosed) => Ok(None),
+        Err(error) => Err(error.into()),
+    }
+}
+
+/// Reads the first message of an accepted stream within [`FIRST_FRAME_TIMEOUT`]. A stream that
+/// ends, sends a bad frame or stalls first is stopped with [`codes::PROTOCOL_VIOLATION`] and
+/// reported as an error.
+pub async fn read_first_message(
+    mut send: FramedSend,
+    mut recv: FramedRecv,
+) -> Result<(FramedSend, FramedRecv, ControlMessage), SessionError> {
     let first = match tokio::time::timeout(FIRST_FRAME_TIMEOUT, recv.recv()).await {
         Ok(Ok(Some(first))) => first,
         Ok(Ok(None)) => {
@@ -171,7 +194,7 @@ pub async fn accept_stream(
             return Err(SessionError::FirstFrameTimeout(FIRST_FRAME_TIMEOUT));
         }
     };
-    Ok(Some((send, recv, first)))
+    Ok((send, recv, first))
 }
 
 #[cfg(test)]
