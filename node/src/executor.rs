@@ -533,9 +533,14 @@ impl JobRunner {
                 }
             }
         };
-        let (served, failed_streams) = tunnel.stream_counts();
+        // The job has ended (or was stopped): replies it wrote before that still reach the
+        // client with their receipts. Abandoned (the miner is gone): closed at once.
+        let (served, failed_streams) = if matches!(ending, Ending::Abandoned) {
+            tunnel.shutdown().await
+        } else {
+            tunnel.drain(horde_transport::tunnel::DRAIN_GRACE).await
+        };
         info!(served, failed = failed_streams, "job endpoint closed");
-        tunnel.shutdown().await;
 
         // Results.
         let (status, terminated) = match &ending {

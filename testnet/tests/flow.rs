@@ -285,7 +285,13 @@ async fn job_exiting_non_zero_fails_in_execution() {
     let (_client, mut job) = submit(&testnet, &demo_request()).await;
     let endpoint = endpoint(&mut job, &testnet).await;
     let connection = job.connect_job(&endpoint).await.unwrap();
-    let _ = http_request(&connection.tunnel, "GET", "/exit?code=3", b"").await;
+    // The job answers, then exits at once: the answer still arrives whole, with its receipt
+    // (the executor lets the streams in flight end before it closes the job endpoint).
+    let (status, body) = get(&connection, "GET", "/exit?code=3", b"").await;
+    assert_eq!(
+        (status, body.as_slice()),
+        (200, b"exiting with 3".as_slice())
+    );
     let end = job.wait_for_end().await.unwrap();
     match end {
         JobStatus::Failed(failure) => {

@@ -79,6 +79,12 @@ pub const DATA_CHUNK: usize = 256 * 1024;
 /// it sends the receipt with what it received so far.
 pub const CLIENT_END_GRACE: Duration = Duration::from_secs(5);
 
+/// How long [`JobEndpointHandle::drain`] lets the streams in flight run once the job has ended:
+/// a stream ends as soon as the job's side has closed and the client has sent `ClientEnd`,
+/// and at most [`CLIENT_END_GRACE`] after the job's side closed; one more second covers
+/// sending the receipt.
+pub const DRAIN_GRACE: Duration = Duration::from_secs(CLIENT_END_GRACE.as_secs() + 1);
+
 /// How long connecting to the job's local TCP port may take.
 pub const JOB_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -873,6 +879,8 @@ struct ReceiptLog {
 pub struct JobEndpointHandle {
     local_addr: Option<SocketAddr>,
     log: Arc<Mutex<ReceiptLog>>,
+    /// Stops accepting connections and streams; those in flight go on.
+    draining: CancellationToken,
     cancel: CancellationToken,
     task: tokio::task::JoinHandle<()>,
     _stop_on_drop: DropGuard,
@@ -896,11 +904,26 @@ impl JobEndpointHandle {
         (log.served, log.failed)
     }
 
+    /// Stops accepting connections and streams, lets the streams in flight end (each with its
+    /// receipt) for up to `grace`, then closes as [`JobEndpointHandle::shutdown`] does. For a
+    /// job that has ended: a reply it wrote just before exiting still reaches the client.
+    /// Returns the final [`JobEndpointHandle::stream_counts`].
+    pub async fn drain(mut self, grace: Duration) -> (u64, u64) {
+        self.draining.cancel();
+        if tokio::time::timeout(grace, &mut self.task).await.is_ok() {
+            return self.stream_counts();
+        }
+        debug!("streams still open after the drain grace; closing");
+        self.shutdown().await
+    }
+
     /// Closes every connection with [`codes::SHUTDOWN`] and waits for the endpoint's tasks.
-    pub async fn shutdown(mut self) {
+    /// Returns the final [`JobEndpointHandle::stream_counts`].
+    pub async fn shutdown(mut self) -> (u64, u64) {
         self.cancel.cancel();
         // The task never panics on peer input; a panic has been logged by the runtime.
         let _ = (&mut self.task).await;
+        self.stream_counts()
     }
 }
 
@@ -917,22 +940,50 @@ pub fn serve_job_endpoint(
     let local_addr = endpoint.local_addr().ok();
     let log = Arc::new(Mutex::new(ReceiptLog::default()));
     let span = tracing::info_span!("job endpoint", job = %ctx.job_id.fmt_short());
+    let draining = cancel.child_token();
     let task = tokio::spawn(
-        run_job_endpoint(endpoint, ctx, cancel.clone(), Arc::clone(&log)).instrument(span),
+        run_job_endpoint(
+            endpoint,
+            ctx,
+            Stop {
+                draining: draining.clone(),
+                cancel: cancel.clone(),
+            },
+            Arc::clone(&log),
+        )
+        .instrument(span),
     );
     JobEndpointHandle {
         local_addr,
         log,
+        draining,
         _stop_on_drop: cancel.clone().drop_guard(),
         cancel,
         task,
     }
 }
 
+/// How a job endpoint stops: `draining` ends accepting (what is in flight goes on), `cancel`
+/// closes everything at once. Cancelling `cancel` also cancels `draining`.
+#[derive(Clone, Debug)]
+struct Stop {
+    draining: CancellationToken,
+    cancel: CancellationToken,
+}
+
+impl Stop {
+    fn child(&self) -> Self {
+        Self {
+            draining: self.draining.child_token(),
+            cancel: self.cancel.child_token(),
+        }
+    }
+}
+
 async fn run_job_endpoint(
     endpoint: HordeEndpoint,
     ctx: Arc<TunnelContext>,
-    cancel: CancellationToken,
+    stop: Stop,
     log: Arc<Mutex<ReceiptLog>>,
 ) {
     let slots = Arc::new(Semaphore::new(MAX_TUNNEL_STREAMS));
@@ -940,7 +991,7 @@ async fn run_job_endpoint(
     loop {
         let accepted = tokio::select! {
             biased;
-            () = cancel.cancelled() => break,
+            () = stop.draining.cancelled() => break,
             Some(_) = connections.join_next(), if !connections.is_empty() => continue,
             accepted = endpoint.accept() => accepted,
         };
@@ -958,7 +1009,7 @@ async fn run_job_endpoint(
                     serve_connection(
                         connection,
                         Arc::clone(&ctx),
-                        cancel.child_token(),
+                        stop.child(),
                         Arc::clone(&slots),
                         Arc::clone(&log),
                     )
@@ -967,14 +1018,15 @@ async fn run_job_endpoint(
             }
         }
     }
-    endpoint.close(codes::SHUTDOWN, b"job endpoint closed");
+    // Draining: the connections end once their streams have (or all at once on `cancel`).
     while connections.join_next().await.is_some() {}
+    endpoint.close(codes::SHUTDOWN, b"job endpoint closed");
 }
 
 async fn serve_connection(
     connection: quinn::Connection,
     ctx: Arc<TunnelContext>,
-    cancel: CancellationToken,
+    stop: Stop,
     slots: Arc<Semaphore>,
     log: Arc<Mutex<ReceiptLog>>,
 ) {
@@ -982,7 +1034,7 @@ async fn serve_connection(
     loop {
         let permit = tokio::select! {
             biased;
-            () = cancel.cancelled() => break,
+            () = stop.draining.cancelled() => break,
             permit = Arc::clone(&slots).acquire_owned() => match permit {
                 Ok(permit) => permit,
                 Err(_) => break,
@@ -990,7 +1042,7 @@ async fn serve_connection(
         };
         let accepted = tokio::select! {
             biased;
-            () = cancel.cancelled() => break,
+            () = stop.draining.cancelled() => break,
             Some(_) = streams.join_next(), if !streams.is_empty() => continue,
             accepted = connection.accept_bi() => accepted,
         };
@@ -1032,12 +1084,20 @@ async fn serve_connection(
             .instrument(tracing::debug_span!("tunnel", stream)),
         );
     }
-    if cancel.is_cancelled() {
+    // The streams in flight end with their receipts, unless `cancel` cuts them short.
+    let cut_short = loop {
+        tokio::select! {
+            biased;
+            () = stop.cancel.cancelled() => break true,
+            next = streams.join_next() => if next.is_none() {
+                break false;
+            },
+        }
+    };
+    if cut_short || stop.draining.is_cancelled() {
         connection.close(codes::SHUTDOWN, b"job endpoint closed");
-        streams.shutdown().await;
-    } else {
-        while streams.join_next().await.is_some() {}
     }
+    streams.shutdown().await;
 }
 
 // ---------------------------------------------------------------------------------------------

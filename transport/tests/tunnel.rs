@@ -938,3 +938,51 @@ async fn throughput_of_the_tunnel_against_raw_quinn() {
         raw.as_secs_f64() / tunneled.as_secs_f64()
     );
 }
+
+/// The job ends while a stream is in flight: draining lets that stream finish with its whole
+/// reply and receipt, accepts no new stream, then closes the connection with `SHUTDOWN`.
+#[tokio::test]
+async fn drain_lets_the_streams_in_flight_end_with_their_receipts() {
+    let setup = setup(echo_job().await).await;
+    let mut in_flight = open(&setup.connection).await;
+    in_flight.write(b"last words").await.unwrap();
+    // The executor has the stream: its echo is back.
+    assert_eq!(&in_flight.read().await.unwrap().unwrap()[..], b"last words");
+    let draining = tokio::spawn(setup.handle.drain(Duration::from_secs(10)));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // A stream opened while draining is never served.
+    let mut late = open(&setup.connection).await;
+    late.write(b"too late").await.unwrap();
+    late.finish_sending().await.unwrap();
+    // The one in flight ends normally.
+    in_flight.write(b"!").await.unwrap();
+    in_flight.finish_sending().await.unwrap();
+    assert_eq!(read_to_end(&mut in_flight).await.unwrap(), b"!");
+    let receipt = in_flight.receipt().unwrap().verify().unwrap();
+    assert_eq!((receipt.bytes_in, receipt.bytes_out), (11, 11));
+    assert_eq!(draining.await.unwrap(), (1, 0));
+    assert!(read_to_end(&mut late).await.is_err());
+    match setup.connection.closed().await {
+        quinn::ConnectionError::ApplicationClosed(close) => {
+            assert_eq!(close.error_code, codes::SHUTDOWN);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Draining is bounded: a stream that never ends is cut at the grace period.
+#[tokio::test]
+async fn drain_cuts_a_stream_that_never_ends_at_the_grace() {
+    let setup = setup(echo_job().await).await;
+    let mut endless = open(&setup.connection).await;
+    endless.write(b"ping").await.unwrap();
+    assert_eq!(&endless.read().await.unwrap().unwrap()[..], b"ping");
+    let started = std::time::Instant::now();
+    setup.handle.drain(Duration::from_millis(300)).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(read_to_end(&mut endless).await.is_err());
+}
