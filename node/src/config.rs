@@ -187,6 +187,9 @@ pub struct ValidatorConfig {
     pub exclusion: std::time::Duration,
     /// Where exclusions are persisted (JSON, written atomically); `None` keeps them in memory.
     pub exclusions_file: Option<PathBuf>,
+    /// Where accepted job ids are persisted until their spec expires; `None` keeps them in
+    /// memory.
+    pub seen_jobs_file: Option<PathBuf>,
 }
 
 impl Default for ValidatorConfig {
@@ -197,6 +200,7 @@ impl Default for ValidatorConfig {
             allowed_facilitators: None,
             exclusion: std::time::Duration::from_secs(DEFAULT_EXCLUSION_SECS),
             exclusions_file: None,
+            seen_jobs_file: None,
         }
     }
 }
@@ -425,6 +429,7 @@ impl NodeConfig {
                     .unwrap_or(DEFAULT_EXCLUSION_SECS),
             ),
             exclusions_file: Some(data_dir.join("exclusions.json")),
+            seen_jobs_file: Some(data_dir.join("seen_jobs.bin")),
         };
         let miner = match file.miner {
             None => None,

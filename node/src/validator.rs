@@ -15,6 +15,10 @@
 //! `<data_dir>/exclusions.json` (written to a temporary file, synced, then renamed), so a restart
 //! keeps them.
 //!
+//! Each job id accepted is kept until its spec expires, also across restarts (`seen.rs`,
+//! `<data_dir>/seen_jobs.bin`): the same signed spec assigned again — replayed by anyone who has
+//! seen it — is refused with `DuplicateJobId` instead of being driven (and paid for) twice.
+//!
 //! Accounting: for each job the validator sends to a miner it issues a `Started` receipt when it
 //! sends the job, an `Accepted` receipt when the miner reserves an executor and, for a job that
 //! got past acceptance, a `Finished` receipt with the outcome and time taken when it ends (see
@@ -53,6 +57,11 @@ use crate::peers::Peers;
 use crate::peers::{request, serve_streams};
 use crate::receipts::ReceiptStore;
 
+mod seen;
+
+pub use seen::SeenJobsError;
+use seen::{Seen, SeenJobs};
+
 /// Added to every stage deadline on the validator's clock (network and process start-up).
 pub const STAGE_SLACK: Duration = Duration::from_secs(2);
 
@@ -82,6 +91,18 @@ pub enum ExclusionsError {
         /// What is wrong.
         message: String,
     },
+}
+
+/// The validator's persisted state could not be loaded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ValidatorStateError {
+    /// The exclusions.
+    #[error(transparent)]
+    Exclusions(#[from] ExclusionsError),
+    /// The job ids already accepted.
+    #[error("seen jobs file {0}")]
+    SeenJobs(#[from] SeenJobsError),
 }
 
 /// One excluded miner, as stored.
@@ -363,6 +384,8 @@ pub struct Validator {
     /// The miners this validator will drive jobs on: configured and discovered.
     miners: KnownPeers,
     exclusions: Exclusions,
+    /// Job ids accepted and not yet expired: a replayed spec is refused.
+    seen: SeenJobs,
     receipts: Arc<ReceiptIssuer>,
     cancel: CancellationToken,
 }
@@ -379,8 +402,9 @@ impl Validator {
         receipts: ReceiptStore,
         countersign_timeout: Duration,
         cancel: CancellationToken,
-    ) -> Result<Arc<Self>, ExclusionsError> {
+    ) -> Result<Arc<Self>, ValidatorStateError> {
         let exclusions = Exclusions::load(config.exclusions_file.clone())?;
+        let seen = SeenJobs::load(config.seen_jobs_file.clone(), now())?;
         let receipts = Arc::new(ReceiptIssuer {
             key,
             store: receipts,
@@ -393,6 +417,7 @@ impl Validator {
             miners: KnownPeers::new(Role::Miner, config.miners.clone(), directory),
             config,
             exclusions,
+            seen,
             receipts,
             cancel,
         }))
@@ -520,6 +545,16 @@ impl Validator {
                 .contains(&assignment.miner.hotkey)
         {
             return Err(RejectReason::MinerNotAllowed);
+        }
+        // Last, so only specs accepted otherwise are recorded.
+        let (seen, written) = self.seen.insert(spec.job_id, spec.expires_at, now());
+        if let Err(error) = written {
+            // Still refused in memory until a restart; the operator needs to know.
+            warn!(%error, "could not persist an accepted job id");
+        }
+        if seen == Seen::Replayed {
+            warn!(%facilitator, job = %spec.job_id.fmt_short(), "replayed job spec refused");
+            return Err(RejectReason::DuplicateJobId);
         }
         Ok(spec)
     }

@@ -9,12 +9,14 @@ use horde_node::client::{
     Client, ClientError, JobConnection, JobHandle, JobRequest, VerifiedEndpoint,
 };
 use horde_protocol::messages::{DeclineReason, FailureReason, RejectReason};
+use horde_protocol::{ControlMessage, DownMessage, UpMessage};
 use horde_protocol::{
     EndpointRecord, JobId, JobStatus, ReadinessProbe, RelativePath, SecretKey, Signed, Stage,
     UploadSpec, UploadTarget, VolumeSource, VolumeSpec,
 };
 use horde_testnet::{Testnet, TestnetConfig, demo_job_binary};
 use horde_transport::tunnel::http_request;
+use horde_transport::{ALPN_CONTROL, EndpointConfig, HordeEndpoint, open_session};
 
 fn demo_request() -> JobRequest {
     let program = demo_job_binary().expect("demo job binary");
@@ -614,6 +616,93 @@ async fn replayed_and_expired_specs_are_refused() {
     );
     // Readiness probe kinds other than HTTP are accepted by the spec type.
     let _ = ReadinessProbe::Tcp;
+}
+
+/// Sends `spec` to `validator` as an `Assign` naming `miner`, from a node key of its own (any
+/// key may assign on a testnet), and returns the validator's first answer.
+async fn assign_directly(
+    validator: horde_protocol::NodeAddr,
+    miner: horde_protocol::NodeAddr,
+    spec: Signed<horde_protocol::JobSpec>,
+) -> ControlMessage {
+    let endpoint = HordeEndpoint::bind(
+        &SecretKey::generate(),
+        EndpointConfig::new(([127, 0, 0, 1], 0).into(), &[ALPN_CONTROL]),
+    )
+    .unwrap();
+    let connection = endpoint
+        .connect(validator.addrs[0], &validator.hotkey, ALPN_CONTROL)
+        .await
+        .unwrap();
+    let job_id = spec.verify().unwrap().job_id;
+    let assignment = horde_protocol::messages::Assignment { spec, miner };
+    let mut session = open_session(&connection, job_id, &DownMessage::Assign(assignment))
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), session.recv())
+        .await
+        .expect("the validator answers")
+        .unwrap()
+        .expect("an answer, not the end of the stream")
+}
+
+/// A signed spec that has run once, replayed to the validator by a node that saw it (here any
+/// key, as a testnet allows any facilitator): refused as a duplicate, also after the validator
+/// restarts, rather than driven again on the miner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spec_replayed_to_the_validator_is_refused_even_after_a_restart() {
+    let mut testnet = start(TestnetConfig {
+        discovery: false,
+        prewarm: 0,
+        ..TestnetConfig::default()
+    });
+    let account = SecretKey::generate();
+    let client = Client::new(account.clone(), testnet.facilitator()).unwrap();
+    let client_key = SecretKey::generate();
+    // A class the miner lacks: the validator accepts the job, the miner declines it.
+    let mut request = demo_request();
+    request.executor_class = horde_protocol::ExecutorClass("none".into());
+    let spec = request.into_spec(
+        JobId::random(),
+        client_key.hotkey(),
+        horde_node::client::now(),
+    );
+    let signed = Signed::sign(&account, &spec);
+    let mut first = client
+        .submit_signed(signed.clone(), client_key)
+        .await
+        .unwrap();
+    assert_eq!(
+        first.wait_for_end().await.unwrap(),
+        JobStatus::Rejected(RejectReason::Declined(DeclineReason::NoExecutorForClass))
+    );
+    let validator = testnet.node("validator-0").unwrap().node_addr();
+    let miner = testnet.node("miner-0").unwrap().node_addr();
+    let duplicate = ControlMessage::Up(UpMessage::Rejected(RejectReason::DuplicateJobId));
+    assert_eq!(
+        assign_directly(validator.clone(), miner.clone(), signed.clone()).await,
+        duplicate
+    );
+    testnet.restart("validator-0").unwrap();
+    assert_eq!(
+        assign_directly(validator.clone(), miner.clone(), signed).await,
+        duplicate
+    );
+    // A fresh spec is still driven (and declined by the miner, as the first was).
+    let mut request = demo_request();
+    request.executor_class = horde_protocol::ExecutorClass("none".into());
+    let fresh = Signed::sign(
+        &account,
+        &request.into_spec(
+            JobId::random(),
+            SecretKey::generate().hotkey(),
+            horde_node::client::now(),
+        ),
+    );
+    assert_eq!(
+        assign_directly(validator, miner, fresh).await,
+        ControlMessage::Up(UpMessage::Declined(DeclineReason::NoExecutorForClass))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
