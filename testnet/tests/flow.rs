@@ -574,6 +574,22 @@ async fn facilitator_restart_keeps_the_record_and_fails_the_job_explicitly() {
     );
 }
 
+/// A demo job request for executor class `none`, which no miner offers, and its spec signed by
+/// `account` for `client_key`, issued now.
+fn spec_without_executor(
+    account: &SecretKey,
+    client_key: &SecretKey,
+) -> (JobRequest, Signed<horde_protocol::JobSpec>) {
+    let mut request = demo_request();
+    request.executor_class = horde_protocol::ExecutorClass("none".into());
+    let spec = request.clone().into_spec(
+        JobId::random(),
+        client_key.hotkey(),
+        horde_node::client::now(),
+    );
+    (request, Signed::sign(account, &spec))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replayed_and_expired_specs_are_refused() {
     let testnet = start(TestnetConfig {
@@ -583,14 +599,7 @@ async fn replayed_and_expired_specs_are_refused() {
     let account = SecretKey::generate();
     let client = Client::new(account.clone(), testnet.facilitator()).unwrap();
     let client_key = SecretKey::generate();
-    let mut request = demo_request();
-    request.executor_class = horde_protocol::ExecutorClass("none".into());
-    let spec = request.clone().into_spec(
-        JobId::random(),
-        client_key.hotkey(),
-        horde_node::client::now(),
-    );
-    let signed = Signed::sign(&account, &spec);
+    let (request, signed) = spec_without_executor(&account, &client_key);
     let mut first = client
         .submit_signed(signed.clone(), client_key.clone())
         .await
@@ -660,14 +669,7 @@ async fn a_spec_replayed_to_the_validator_is_refused_even_after_a_restart() {
     let client = Client::new(account.clone(), testnet.facilitator()).unwrap();
     let client_key = SecretKey::generate();
     // A class the miner lacks: the validator accepts the job, the miner declines it.
-    let mut request = demo_request();
-    request.executor_class = horde_protocol::ExecutorClass("none".into());
-    let spec = request.into_spec(
-        JobId::random(),
-        client_key.hotkey(),
-        horde_node::client::now(),
-    );
-    let signed = Signed::sign(&account, &spec);
+    let (_, signed) = spec_without_executor(&account, &client_key);
     let mut first = client
         .submit_signed(signed.clone(), client_key)
         .await
@@ -689,16 +691,7 @@ async fn a_spec_replayed_to_the_validator_is_refused_even_after_a_restart() {
         duplicate
     );
     // A fresh spec is still driven (and declined by the miner, as the first was).
-    let mut request = demo_request();
-    request.executor_class = horde_protocol::ExecutorClass("none".into());
-    let fresh = Signed::sign(
-        &account,
-        &request.into_spec(
-            JobId::random(),
-            SecretKey::generate().hotkey(),
-            horde_node::client::now(),
-        ),
-    );
+    let (_, fresh) = spec_without_executor(&account, &SecretKey::generate());
     assert_eq!(
         assign_directly(validator, miner, fresh).await,
         ControlMessage::Up(UpMessage::Declined(DeclineReason::NoExecutorForClass))
