@@ -15,7 +15,7 @@
 use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read as _, Write as _};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd as _, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -211,11 +211,75 @@ fn open_dir_at(dir: impl AsFd, name: &Path) -> rustix::io::Result<OwnedFd> {
     )
 }
 
+/// The directories of `relative` under `root` (all its components but the last), walked from
+/// `root`'s handle: each opened from its parent's handle with `O_NOFOLLOW` (created first if
+/// missing and `create`), so a symlink anywhere below `root` or at `root` itself is refused, never
+/// followed, whenever it appeared. Returns the last directory's handle, the file name, and the
+/// path to it (for messages).
+fn walk_to_parent<'a>(
+    root: &Path,
+    relative: &'a Path,
+    create: bool,
+    shown: &str,
+) -> Result<(OwnedFd, &'a Path, PathBuf), VolumeError> {
+    let components: Vec<&Path> = relative
+        .components()
+        .map(|component| Path::new(component.as_os_str()))
+        .collect();
+    let Some((file_name, dirs)) = components.split_last() else {
+        return Err(path_error(shown, PathError::Empty));
+    };
+    let mut current = root.to_owned();
+    let mut dir = open_dir_at(rustix::fs::CWD, root)
+        .map_err(|errno| refuse_walk(errno, root, root, shown))?;
+    for name in dirs {
+        current.push(name);
+        let next = match open_dir_at(&dir, name) {
+            Err(rustix::io::Errno::NOENT) if create => {
+                match rustix::fs::mkdirat(&dir, *name, Mode::from_raw_mode(0o755)) {
+                    Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+                    Err(errno) => return Err(errno_error(shown, errno)),
+                }
+                open_dir_at(&dir, name)
+            }
+            other => other,
+        };
+        dir = next.map_err(|errno| refuse_walk(errno, root, &current, shown))?;
+    }
+    current.push(file_name);
+    Ok((dir, file_name, current))
+}
+
+/// The error for `errno` from opening `at` (under `root`) without following symlinks: with
+/// `O_DIRECTORY` Linux reports a symlink as `ENOTDIR`, without it as `ELOOP`; what is there is
+/// looked at, without following it, to name the refusal.
+fn refuse_walk(errno: rustix::io::Errno, root: &Path, at: &Path, shown: &str) -> VolumeError {
+    match errno {
+        rustix::io::Errno::LOOP | rustix::io::Errno::NOTDIR => {
+            let symlink = fs::symlink_metadata(at).is_ok_and(|meta| meta.file_type().is_symlink());
+            let shown_at = display(root, at);
+            if symlink || errno == rustix::io::Errno::LOOP {
+                path_error(shown, PathError::Symlink(shown_at))
+            } else {
+                path_error(shown, PathError::NotADirectory(shown_at))
+            }
+        }
+        errno => errno_error(shown, errno),
+    }
+}
+
+fn errno_error(shown: &str, errno: rustix::io::Errno) -> VolumeError {
+    VolumeError::Io {
+        path: shown.to_owned(),
+        source: errno.into(),
+    }
+}
+
 /// Moves the fsynced file `staged` (in the `staging` directory) to `relative` under `root`.
-/// Every directory on the way is opened from its parent's handle with `O_NOFOLLOW`, created if
-/// missing, and the file is renamed in relative to the last handle with `RENAME_NOREPLACE`: a
-/// symlink anywhere below `root` (or at `root` itself) is refused, never followed, even if it
-/// appeared after [`prepare_target`] looked, and an existing name is never replaced.
+/// The directories on the way are walked with [`walk_to_parent`] (created if missing), and the
+/// file is renamed in relative to the last handle with `RENAME_NOREPLACE`: a symlink anywhere
+/// below `root` (or at `root` itself) is refused, never followed, even if it appeared after
+/// [`prepare_target`] looked, and an existing name is never replaced.
 fn place_file(
     staging: &Path,
     staged: &Path,
@@ -223,63 +287,22 @@ fn place_file(
     relative: &Path,
 ) -> Result<PathBuf, VolumeError> {
     let shown = relative.display().to_string();
-    let io_error = |errno: rustix::io::Errno| VolumeError::Io {
-        path: shown.clone(),
-        source: errno.into(),
-    };
-    let components: Vec<&Path> = relative
-        .components()
-        .map(|component| Path::new(component.as_os_str()))
-        .collect();
-    let Some((file_name, dirs)) = components.split_last() else {
-        return Err(path_error(&shown, PathError::Empty));
-    };
-    // With `O_DIRECTORY`, Linux reports a symlink as `ENOTDIR` (else `ELOOP`): look at what
-    // is there, without following it, to name the refusal.
-    let refuse = |errno: rustix::io::Errno, at: &Path| match errno {
-        rustix::io::Errno::LOOP | rustix::io::Errno::NOTDIR => {
-            let symlink = fs::symlink_metadata(at).is_ok_and(|meta| meta.file_type().is_symlink());
-            let shown_at = display(root, at);
-            if symlink || errno == rustix::io::Errno::LOOP {
-                path_error(&shown, PathError::Symlink(shown_at))
-            } else {
-                path_error(&shown, PathError::NotADirectory(shown_at))
-            }
-        }
-        errno => io_error(errno),
-    };
-    let mut current = root.to_owned();
-    let mut dir = open_dir_at(rustix::fs::CWD, root).map_err(|errno| refuse(errno, root))?;
-    for name in dirs {
-        current.push(name);
-        let next = match open_dir_at(&dir, name) {
-            Err(rustix::io::Errno::NOENT) => {
-                match rustix::fs::mkdirat(&dir, *name, Mode::from_raw_mode(0o755)) {
-                    Ok(()) | Err(rustix::io::Errno::EXIST) => {}
-                    Err(errno) => return Err(io_error(errno)),
-                }
-                open_dir_at(&dir, name)
-            }
-            other => other,
-        };
-        dir = next.map_err(|errno| refuse(errno, &current))?;
-    }
-    current.push(file_name);
-    let staging_dir =
-        open_dir_at(rustix::fs::CWD, staging).map_err(|errno| refuse(errno, staging))?;
+    let (dir, file_name, current) = walk_to_parent(root, relative, true, &shown)?;
+    let staging_dir = open_dir_at(rustix::fs::CWD, staging)
+        .map_err(|errno| refuse_walk(errno, staging, staging, &shown))?;
     let staged_name = staged.file_name().map(Path::new).unwrap_or(staged);
     rustix::fs::renameat_with(
         &staging_dir,
         staged_name,
         &dir,
-        *file_name,
+        file_name,
         RenameFlags::NOREPLACE,
     )
     .map_err(|errno| match errno {
         rustix::io::Errno::EXIST => path_error(&shown, PathError::Exists(shown.clone())),
-        errno => io_error(errno),
+        errno => errno_error(&shown, errno),
     })?;
-    rustix::fs::fsync(&dir).map_err(io_error)?;
+    rustix::fs::fsync(&dir).map_err(|errno| errno_error(&shown, errno))?;
     Ok(current)
 }
 
@@ -697,29 +720,28 @@ fn check_file(
 /// Opens an output under `root` without following symlinks on the way, refusing anything but
 /// a regular file.
 fn open_output(root: &Path, relative: &Path, shown: &str) -> Result<File, VolumeError> {
-    let mut current = root.to_owned();
-    for component in relative.components() {
-        current.push(component);
-        match fs::symlink_metadata(&current) {
-            Ok(meta) if meta.file_type().is_symlink() => {
-                return Err(path_error(
-                    shown,
-                    PathError::Symlink(display(root, &current)),
-                ));
-            }
-            Ok(_) => {}
-            Err(source) => {
-                return Err(VolumeError::Output {
-                    path: shown.to_owned(),
-                    message: source.to_string(),
-                });
-            }
-        }
-    }
-    let file = File::open(&current).map_err(|source| VolumeError::Io {
+    let missing = || VolumeError::Output {
         path: shown.to_owned(),
-        source,
+        message: "no such file".to_owned(),
+    };
+    let (dir, file_name, current) =
+        walk_to_parent(root, relative, false, shown).map_err(|error| match error {
+            VolumeError::Io { source, .. } if source.kind() == io::ErrorKind::NotFound => missing(),
+            other => other,
+        })?;
+    // `O_NONBLOCK`: a FIFO put there by the job must not block the executor in `open`; it is
+    // then refused as not a regular file (reads from a regular file never block anyway).
+    let file = rustix::fs::openat(
+        &dir,
+        file_name,
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|errno| match errno {
+        rustix::io::Errno::NOENT => missing(),
+        errno => refuse_walk(errno, root, &current, shown),
     })?;
+    let file = File::from(file);
     let meta = file.metadata().map_err(|source| VolumeError::Io {
         path: shown.to_owned(),
         source,
@@ -731,6 +753,12 @@ fn open_output(root: &Path, relative: &Path, shown: &str) -> Result<File, Volume
         });
     }
     Ok(file)
+}
+
+/// A path that opens the very file `file` has open (Linux's `/proc/self/fd` magic link, not
+/// resolved by name): an output opened safely once is read through it however its path changes.
+fn opened_path(file: &File) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()))
 }
 
 /// Uploads every output from `<job_dir>/output/<path>` to its target and returns where each
@@ -752,8 +780,10 @@ pub async fn upload(
     let mut outputs = Vec::with_capacity(uploads.len());
     for (spec, relative) in uploads.iter().zip(paths) {
         let shown = spec.path.0.clone();
+        // Opened once, without following a symlink anywhere below `root`; hashed and sent from
+        // that open file, never by its name again, so the job cannot swap what is uploaded.
         let file = open_output(&root, &relative, &shown)?;
-        let path = root.join(&relative);
+        let path = opened_path(&file);
         let io_error = |source| VolumeError::Io {
             path: shown.clone(),
             source,
@@ -954,6 +984,64 @@ mod tests {
         assert_eq!(ok, root.join("new/dir/file"));
         assert!(root.join("new/dir").is_dir());
         assert!(fs::read_dir(outside.path()).unwrap().next().is_none());
+    }
+
+    #[test]
+    fn outputs_are_opened_without_following_symlinks_and_read_as_opened() {
+        let job = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let root = job.path().join("output");
+        fs::create_dir_all(root.join("a")).unwrap();
+        fs::write(root.join("a/result"), b"the job's result").unwrap();
+        fs::write(outside.path().join("result"), b"someone else's file").unwrap();
+        std::os::unix::fs::symlink(outside.path(), root.join("escape")).unwrap();
+        std::os::unix::fs::symlink(outside.path().join("result"), root.join("link")).unwrap();
+        let refusal = |relative: &str| match open_output(&root, Path::new(relative), relative) {
+            Err(VolumeError::Path { source, .. }) => source,
+            other => panic!("{relative}: {other:?}"),
+        };
+        assert_eq!(
+            refusal("escape/result"),
+            PathError::Symlink("escape".to_owned())
+        );
+        assert_eq!(refusal("link"), PathError::Symlink("link".to_owned()));
+        assert!(matches!(
+            open_output(&root, Path::new("a/none"), "a/none"),
+            Err(VolumeError::Output { .. })
+        ));
+        assert!(matches!(
+            open_output(&root, Path::new("b/none"), "b/none"),
+            Err(VolumeError::Output { .. })
+        ));
+
+        // Once opened, the output is read as opened: swapping `a` for a symlink to a directory
+        // outside changes nothing in what is hashed and sent.
+        let file = open_output(&root, Path::new("a/result"), "a/result").unwrap();
+        fs::rename(root.join("a"), job.path().join("moved")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), root.join("a")).unwrap();
+        let (hash, size) = blob_client::hash_file(&opened_path(&file)).unwrap();
+        assert_eq!(size, 16);
+        assert_eq!(hash.0, *blake3::hash(b"the job's result").as_bytes());
+    }
+
+    #[test]
+    fn a_fifo_output_is_refused_without_blocking() {
+        let job = tempfile::tempdir().unwrap();
+        let root = job.path().join("output");
+        fs::create_dir_all(&root).unwrap();
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            root.join("pipe"),
+            rustix::fs::FileType::Fifo,
+            Mode::from_raw_mode(0o644),
+            0,
+        )
+        .unwrap();
+        // No writer ever opens the FIFO: a blocking open would hang here.
+        match open_output(&root, Path::new("pipe"), "pipe") {
+            Err(VolumeError::Output { message, .. }) => assert_eq!(message, "not a regular file"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
