@@ -324,6 +324,68 @@ async fn job_never_ready_fails_in_readiness_within_its_deadline() {
     assert!(started.elapsed() < Duration::from_secs(15));
 }
 
+/// Initial volumes that cannot be fetched fail the job in `VolumeDownload`, before it starts:
+/// a blob the storage node does not have (a typed error naming it), and a URL whose server
+/// never answers (the stage's deadline).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unfetchable_volumes_fail_the_job_in_volume_download() {
+    let testnet = start(TestnetConfig::default());
+    let mut request = demo_request();
+    request.volumes = vec![VolumeSpec {
+        path: RelativePath("data.bin".into()),
+        source: VolumeSource::Blob {
+            hash: horde_protocol::BlobHash(*blake3::hash(b"never stored").as_bytes()),
+            size: 12,
+            storage: testnet.storage().unwrap(),
+        },
+    }];
+    let (_client, mut job) = submit(&testnet, &request).await;
+    match job.wait_for_end().await.unwrap() {
+        JobStatus::Failed(failure) => {
+            assert_eq!(failure.stage, Stage::VolumeDownload);
+            let FailureReason::VolumeFetch(message) = &failure.reason else {
+                panic!("{failure:?}");
+            };
+            assert!(message.contains("data.bin"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // A server that accepts the connection and never answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut request = demo_request();
+    request.deadlines.volume_download_ms = 500;
+    request.volumes = vec![VolumeSpec {
+        path: RelativePath("data.bin".into()),
+        source: VolumeSource::Url {
+            url: format!("http://{}/data.bin", silent.local_addr().unwrap()),
+            size: None,
+            blake3: None,
+        },
+    }];
+    let started = std::time::Instant::now();
+    let (_client, mut job) = submit(&testnet, &request).await;
+    match job.wait_for_end().await.unwrap() {
+        JobStatus::Failed(failure) => {
+            assert_eq!(
+                (failure.stage, failure.reason),
+                (Stage::VolumeDownload, FailureReason::Timeout)
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        testnet.job_processes().is_empty(),
+        "no job was started: {:?}",
+        testnet.job_processes()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn execution_time_limit_ends_the_job() {
     let testnet = start(TestnetConfig::default());
