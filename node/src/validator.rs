@@ -530,7 +530,10 @@ impl Validator {
             .spec
             .verify()
             .map_err(|_| RejectReason::BadSignature)?;
-        if spec.expires_at < now() {
+        let now = now();
+        // Expired, or issued further in the future than clocks may disagree: a spec signed
+        // ahead of time would otherwise stay valid beyond the lifetime its expiry suggests.
+        if spec.expires_at < now || spec.issued_at.0 > now.0.saturating_add(MAX_CLOCK_SKEW_MS) {
             return Err(RejectReason::Expired);
         }
         if self.known_miner(&assignment.miner.hotkey).is_none()
@@ -547,7 +550,7 @@ impl Validator {
             return Err(RejectReason::MinerNotAllowed);
         }
         // Last, so only specs accepted otherwise are recorded.
-        let (seen, written) = self.seen.insert(spec.job_id, spec.expires_at, now());
+        let (seen, written) = self.seen.insert(spec.job_id, spec.expires_at, now);
         if let Err(error) = written {
             // Still refused in memory until a restart; the operator needs to know.
             warn!(%error, "could not persist an accepted job id");

@@ -678,11 +678,21 @@ async fn replayed_and_expired_specs_are_refused() {
     // Signed long ago: expired.
     let old = horde_protocol::UnixMillis(horde_node::client::now().0 - 3_600_000);
     let mut expired = client
-        .submit_with(&request, JobId::random(), client_key, old)
+        .submit_with(&request, JobId::random(), client_key.clone(), old)
         .await
         .unwrap();
     assert_eq!(
         expired.wait_for_end().await.unwrap(),
+        JobStatus::Rejected(RejectReason::Expired)
+    );
+    // Signed ten minutes ahead (beyond the one minute clocks may disagree): refused too.
+    let ahead = horde_protocol::UnixMillis(horde_node::client::now().0 + 600_000);
+    let mut future = client
+        .submit_with(&request, JobId::random(), client_key, ahead)
+        .await
+        .unwrap();
+    assert_eq!(
+        future.wait_for_end().await.unwrap(),
         JobStatus::Rejected(RejectReason::Expired)
     );
     // Readiness probe kinds other than HTTP are accepted by the spec type.
@@ -751,6 +761,20 @@ async fn a_spec_replayed_to_the_validator_is_refused_even_after_a_restart() {
     assert_eq!(
         assign_directly(validator.clone(), miner.clone(), signed).await,
         duplicate
+    );
+    // The validator checks the dates itself: a spec signed ten minutes ahead is refused.
+    let mut request = demo_request();
+    request.executor_class = horde_protocol::ExecutorClass("none".into());
+    let ahead = horde_protocol::UnixMillis(horde_node::client::now().0 + 600_000);
+    let future = request.into_spec(JobId::random(), SecretKey::generate().hotkey(), ahead);
+    assert_eq!(
+        assign_directly(
+            validator.clone(),
+            miner.clone(),
+            Signed::sign(&account, &future)
+        )
+        .await,
+        ControlMessage::Up(UpMessage::Rejected(RejectReason::Expired))
     );
     // A fresh spec is still driven (and declined by the miner, as the first was).
     let (_, fresh) = spec_without_executor(&account, &SecretKey::generate());
