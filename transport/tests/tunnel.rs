@@ -19,6 +19,7 @@ use horde_transport::tunnel::{
 use horde_transport::{
     ALPN_JOB, ClientPolicy, ConnectError, EndpointConfig, HordeEndpoint, codes, split,
 };
+use quinn::VarInt;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -649,14 +650,16 @@ async fn fake_job(server: HordeEndpoint, end: FakeEnd) {
     let _ = tokio::time::timeout(Duration::from_secs(5), connection.closed()).await;
 }
 
+type ServerResult = Result<horde_transport::tunnel::TunnelStats, TunnelError>;
+
 /// A raw client on a real job endpoint whose server side runs [`serve_tunnel_stream`] directly,
-/// so the test sees the server's typed result.
-async fn raw_exchange(
-    frames: Vec<TunnelFrame>,
-) -> (
-    Result<horde_transport::tunnel::TunnelStats, TunnelError>,
-    quinn::ReadError,
-) {
+/// so the test sees the server's typed result. `write` sends what it likes on the stream (its
+/// id given); returns the server's result and how the client's read side ended.
+async fn raw_stream_exchange<W, Fut>(write: W) -> (ServerResult, quinn::ReadError)
+where
+    W: FnOnce(quinn::SendStream, u64) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
     let server = job_endpoint();
     let addr = server.local_addr().unwrap();
     let target = echo_job().await;
@@ -675,25 +678,7 @@ async fn raw_exchange(
         .unwrap();
     let (send, mut recv_raw) = connection.open_bi().await.unwrap();
     let stream = u64::from(send.id());
-    let mut send = horde_transport::FramedSend::new(send, MAX_FRAME_LEN);
-    for frame in frames {
-        let frame = match frame {
-            // Placeholder stream ids are filled in with the real one.
-            TunnelFrame::ClientEnd(signed) if signed.signer() == &seeded_key(99).hotkey() => {
-                TunnelFrame::ClientEnd(Signed::sign(
-                    &client_key(),
-                    &ClientStreamSignature {
-                        job_id: JOB_ID,
-                        stream,
-                        digest_in: signed.verify().unwrap().digest_in,
-                    },
-                ))
-            }
-            other => other,
-        };
-        let _ = send.send(&frame).await;
-    }
-    let _ = send.finish();
+    write(send, stream).await;
     let read_error = loop {
         match recv_raw.read_chunk(usize::MAX, true).await {
             Ok(Some(_)) => {}
@@ -703,6 +688,32 @@ async fn raw_exchange(
     };
     connection.close(codes::SHUTDOWN, b"");
     (serve.await.unwrap(), read_error)
+}
+
+/// [`raw_stream_exchange`] sending `frames`, then finishing.
+async fn raw_exchange(frames: Vec<TunnelFrame>) -> (ServerResult, quinn::ReadError) {
+    raw_stream_exchange(|send, stream| async move {
+        let mut send = horde_transport::FramedSend::new(send, MAX_FRAME_LEN);
+        for frame in frames {
+            let frame = match frame {
+                // Placeholder stream ids are filled in with the real one.
+                TunnelFrame::ClientEnd(signed) if signed.signer() == &seeded_key(99).hotkey() => {
+                    TunnelFrame::ClientEnd(Signed::sign(
+                        &client_key(),
+                        &ClientStreamSignature {
+                            job_id: JOB_ID,
+                            stream,
+                            digest_in: signed.verify().unwrap().digest_in,
+                        },
+                    ))
+                }
+                other => other,
+            };
+            let _ = send.send(&frame).await;
+        }
+        let _ = send.finish();
+    })
+    .await
 }
 
 fn client_end(key: &SecretKey, job_id: JobId, stream: u64, sent: &[u8]) -> TunnelFrame {
@@ -793,6 +804,116 @@ async fn protocol_violations_are_typed() {
         matches!(result, Err(TunnelError::UnexpectedFrame(_))),
         "{result:?}"
     );
+}
+
+/// Every malformed frame the executor can be sent is a typed frame error that resets the
+/// stream, with `FRAME_TOO_LARGE` for a length over a cap and `PROTOCOL_VIOLATION` otherwise.
+#[tokio::test]
+async fn malformed_tunnel_frames_are_typed_errors_that_reset_the_stream() {
+    let frame = |len: u32, body: &[u8]| {
+        let mut bytes = len.to_be_bytes().to_vec();
+        bytes.extend_from_slice(body);
+        bytes
+    };
+    fn too_large(error: &TunnelError) -> bool {
+        matches!(
+            error,
+            TunnelError::Frame(horde_protocol::FrameError::TooLarge { .. })
+        )
+    }
+    fn other_frame_error(error: &TunnelError) -> bool {
+        matches!(error, TunnelError::Frame(_)) && !too_large(error)
+    }
+    type Check = fn(&TunnelError) -> bool;
+    let cases: Vec<(&str, Vec<u8>, Check, VarInt)> = vec![
+        (
+            "length 0",
+            frame(0, b""),
+            |e| matches!(e, TunnelError::Frame(horde_protocol::FrameError::Empty)),
+            codes::PROTOCOL_VIOLATION,
+        ),
+        (
+            "length cap + 1",
+            frame(horde_transport::tunnel::MAX_TUNNEL_FRAME_LEN + 1, b"\0"),
+            too_large,
+            codes::FRAME_TOO_LARGE,
+        ),
+        (
+            "length 2^32 - 1",
+            frame(u32::MAX, b"\0"),
+            too_large,
+            codes::FRAME_TOO_LARGE,
+        ),
+        (
+            "Data length prefix never ends",
+            frame(7, &[0, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80]),
+            other_frame_error,
+            codes::PROTOCOL_VIOLATION,
+        ),
+        (
+            "Data longer than its frame",
+            frame(3, &[0, 100, b'x']),
+            other_frame_error,
+            codes::PROTOCOL_VIOLATION,
+        ),
+        (
+            "bytes after the Data",
+            frame(5, &[0, 1, b'x', b'y', b'z']),
+            other_frame_error,
+            codes::PROTOCOL_VIOLATION,
+        ),
+        (
+            "end frame over its cap",
+            frame(5000, &[1; 5000]),
+            too_large,
+            codes::FRAME_TOO_LARGE,
+        ),
+        (
+            "unknown frame tag",
+            frame(3, &[9, 1, 2]),
+            other_frame_error,
+            codes::PROTOCOL_VIOLATION,
+        ),
+        (
+            "undecodable ClientEnd",
+            frame(3, &[1, 0xff, 0xff]),
+            other_frame_error,
+            codes::PROTOCOL_VIOLATION,
+        ),
+        (
+            "header cut short",
+            vec![0, 0],
+            |e| {
+                matches!(
+                    e,
+                    TunnelError::Frame(horde_protocol::FrameError::Truncated { .. })
+                )
+            },
+            codes::PROTOCOL_VIOLATION,
+        ),
+        (
+            "Data cut short",
+            frame(100, &[0, 98, b'x']),
+            |e| {
+                matches!(
+                    e,
+                    TunnelError::Frame(horde_protocol::FrameError::Truncated { .. })
+                )
+            },
+            codes::PROTOCOL_VIOLATION,
+        ),
+    ];
+    for (name, bytes, check, code) in cases {
+        let (result, read_error) = raw_stream_exchange(|mut send, _| async move {
+            let _ = send.write_all(&bytes).await;
+            let _ = send.finish();
+        })
+        .await;
+        let error = result.unwrap_err();
+        assert!(check(&error), "{name}: {error:?}");
+        assert_eq!(error.error_code(), code, "{name}");
+        assert_eq!(read_error, quinn::ReadError::Reset(code), "{name}");
+    }
 }
 
 /// A raw client that sends `hi` and a `ClientEnd` by the right key for the real stream, its
