@@ -780,3 +780,76 @@ pub(crate) fn check_client_message(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use horde_protocol::{SecretKey, Signed, TerminateRequest, VolumeList};
+
+    use super::*;
+
+    /// Volume lists and terminate requests are the job owner's, for that job; nothing else
+    /// passes from a client, whatever it is signed by.
+    #[test]
+    fn client_messages_must_be_the_owners_and_for_its_job() {
+        let owner = SecretKey::from_seed(&[1; 32]);
+        let other = SecretKey::from_seed(&[2; 32]);
+        let job = JobId([7; 16]);
+        let list = |job_id| VolumeList {
+            job_id,
+            volume_msg_id: 1,
+            fetch: Vec::new(),
+            upload: Vec::new(),
+        };
+        let terminate = |job_id| TerminateRequest {
+            job_id,
+            issued_at: UnixMillis(1),
+        };
+        let check = |message: DownMessage| check_client_message(&message, job, &owner.hotkey());
+        assert!(check(DownMessage::Volumes(Signed::sign(&owner, &list(job)))).is_ok());
+        assert!(
+            check(DownMessage::Terminate(Signed::sign(
+                &owner,
+                &terminate(job)
+            )))
+            .is_ok()
+        );
+
+        let refused = [
+            (
+                "volumes by another key",
+                DownMessage::Volumes(Signed::sign(&other, &list(job))),
+            ),
+            (
+                "volumes for another job",
+                DownMessage::Volumes(Signed::sign(&owner, &list(JobId([8; 16])))),
+            ),
+            (
+                "terminate by another key",
+                DownMessage::Terminate(Signed::sign(&other, &terminate(job))),
+            ),
+            (
+                "terminate for another job",
+                DownMessage::Terminate(Signed::sign(&owner, &terminate(JobId([8; 16])))),
+            ),
+            ("attach", DownMessage::Attach(job)),
+        ];
+        for (name, message) in refused {
+            let reason = check(message).unwrap_err();
+            assert!(!reason.is_empty(), "{name}");
+        }
+        assert_eq!(
+            check(DownMessage::Volumes(Signed::sign(
+                &owner,
+                &list(JobId([8; 16]))
+            ))),
+            Err("volume list for another job".to_owned())
+        );
+        assert_eq!(
+            check(DownMessage::Terminate(Signed::sign(
+                &owner,
+                &terminate(JobId([8; 16]))
+            ))),
+            Err("terminate for another job".to_owned())
+        );
+    }
+}
