@@ -18,7 +18,7 @@ use horde_transport::test_utils::{
 };
 use horde_transport::{
     ALPN_BLOB, ALPN_CONTROL, ALPN_JOB, AcceptError, ChannelError, ClientPolicy, ConnectError,
-    EndpointConfig, FramedRecv, FramedSend, HordeEndpoint, HotkeyClientVerifier,
+    EndpointConfig, FramedRecv, FramedSend, HANDSHAKE_TIMEOUT, HordeEndpoint, HotkeyClientVerifier,
     HotkeyServerVerifier, TransportTuning, client_tls_config, codes, default_validity,
     remote_hotkey, self_signed_certificate, server_name_for, server_tls_config, split,
     transport_config,
@@ -524,5 +524,31 @@ async fn oversize_frame_over_quic_stops_the_sender() {
     assert_eq!(
         send.stream_mut().stopped().await.unwrap(),
         Some(codes::FRAME_TOO_LARGE)
+    );
+}
+
+/// Dialing an address where nothing answers (a UDP socket that never reads) fails with a typed
+/// `TimedOut` after the handshake timeout, not sooner and not never. The clock is tokio's paused
+/// one, so the test does not wait ten real seconds.
+#[tokio::test(start_paused = true)]
+async fn a_peer_that_never_answers_times_out_the_handshake() {
+    let silent = std::net::UdpSocket::bind(localhost()).unwrap();
+    let client = localhost_endpoint(&seeded_key(1));
+    let started = tokio::time::Instant::now();
+    let result = client
+        .connect(
+            silent.local_addr().unwrap(),
+            &seeded_key(2).hotkey(),
+            ALPN_CONTROL,
+        )
+        .await;
+    assert!(
+        matches!(result, Err(ConnectError::TimedOut(limit)) if limit == HANDSHAKE_TIMEOUT),
+        "{result:?}"
+    );
+    let elapsed = started.elapsed();
+    assert!(
+        (HANDSHAKE_TIMEOUT..HANDSHAKE_TIMEOUT + Duration::from_secs(1)).contains(&elapsed),
+        "{elapsed:?}"
     );
 }
