@@ -1,4 +1,9 @@
-//! Test helpers (feature `test-utils`): seeded keys and endpoints on `127.0.0.1:0`.
+//! Test helpers (feature `test-utils`): seeded keys and endpoints on `127.0.0.1:0`, and an
+//! impaired UDP path between two endpoints (`impaired_path.rs`).
+
+mod impaired_path;
+
+pub use impaired_path::{ImpairedPath, Impairment, PathCounts};
 
 use std::net::{Ipv4Addr, SocketAddr};
 
@@ -65,4 +70,23 @@ pub async fn connected_pair() -> ConnectedPair {
         client,
         server,
     }
+}
+
+/// A TCP echo job on `127.0.0.1:0`: echoes everything on each connection until the peer's EOF,
+/// then closes its side. Runs until the runtime ends.
+pub async fn echo_job() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .await
+        .expect("binding 127.0.0.1:0");
+    let addr = listener.local_addr().expect("bound address");
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut read, mut write) = tcp.into_split();
+                let _ = tokio::io::copy(&mut read, &mut write).await;
+                let _ = tokio::io::AsyncWriteExt::shutdown(&mut write).await;
+            });
+        }
+    });
+    addr
 }

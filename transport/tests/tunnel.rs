@@ -11,7 +11,7 @@ use std::time::Duration;
 use horde_protocol::codec::MAX_FRAME_LEN;
 use horde_protocol::records::ClientStreamSignature;
 use horde_protocol::{JobId, JobReceipt, SecretKey, Signature, Signed, TunnelFrame};
-use horde_transport::test_utils::{localhost_endpoint, seeded_key};
+use horde_transport::test_utils::{echo_job, localhost_endpoint, seeded_key};
 use horde_transport::tunnel::{
     DATA_CHUNK, JobEndpointHandle, JobTunnel, TunnelContext, TunnelError, TunnelStream,
     forward_tcp, http_request, serve_job_endpoint, serve_tunnel_stream,
@@ -52,22 +52,6 @@ fn context(target: SocketAddr) -> TunnelContext {
         client_key: client_key().hotkey(),
         target,
     }
-}
-
-/// A TCP echo job: echoes everything until the client's EOF, then closes.
-async fn echo_job() -> SocketAddr {
-    let listener = TcpListener::bind(localhost()).await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut read, mut write) = tcp.into_split();
-                let _ = tokio::io::copy(&mut read, &mut write).await;
-                let _ = write.shutdown().await;
-            });
-        }
-    });
-    addr
 }
 
 /// A tiny HTTP job: reads one request (head + Content-Length body), answers, closes.
