@@ -784,6 +784,61 @@ async fn a_spec_replayed_to_the_validator_is_refused_even_after_a_restart() {
     );
 }
 
+/// A miner frozen for 4 s (SIGSTOP, under the 10 s idle timeout) mid-job: the client keeps
+/// talking to the job meanwhile (the tunnel does not pass through the miner), and once the miner
+/// runs again the control path works: the client's terminate ends the job `Completed`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_miner_frozen_for_seconds_does_not_end_the_job() {
+    let testnet = start(TestnetConfig::default());
+    let (_client, mut job) = submit(&testnet, &demo_request()).await;
+    let endpoint = endpoint(&mut job, &testnet).await;
+    let connection = job.connect_job(&endpoint).await.unwrap();
+    testnet.pause("miner-0").unwrap();
+    let (status, body) = get(&connection, "POST", "/echo", b"while the miner sleeps").await;
+    assert_eq!(
+        (status, body.as_slice()),
+        (200, b"while the miner sleeps".as_slice())
+    );
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    testnet.resume("miner-0").unwrap();
+    let (status, _) = get(&connection, "GET", "/health", b"").await;
+    assert_eq!(status, 200);
+    job.terminate().await.unwrap();
+    let end = tokio::time::timeout(Duration::from_secs(20), job.wait_for_end())
+        .await
+        .expect("the job ends once terminated")
+        .unwrap();
+    assert!(matches!(end, JobStatus::Completed(_)), "{end:?}");
+}
+
+/// A validator killed mid-job (no close reaches its peers): the facilitator fails the job,
+/// naming the validator, once the QUIC idle timeout has passed since its last keep-alive went
+/// unanswered: within idle timeout + keep-alive interval (13 s), and a little slack.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_validator_fails_the_job_within_the_idle_timeout() {
+    let mut testnet = start(TestnetConfig::default());
+    let (_client, mut job) = submit(&testnet, &demo_request()).await;
+    endpoint(&mut job, &testnet).await;
+    let killed = std::time::Instant::now();
+    testnet.kill("validator-0").unwrap();
+    let end = tokio::time::timeout(Duration::from_secs(30), job.wait_for_end())
+        .await
+        .expect("the facilitator fails the job")
+        .unwrap();
+    let elapsed = killed.elapsed();
+    match end {
+        JobStatus::HordeFailed(failure) => {
+            assert_eq!(failure.reported_by, horde_protocol::Role::Facilitator);
+            assert!(failure.reason.contains("validator"), "{}", failure.reason);
+        }
+        other => panic!("{other:?}"),
+    }
+    let bound = horde_transport::MAX_IDLE_TIMEOUT
+        + horde_transport::KEEP_ALIVE_INTERVAL
+        + Duration::from_secs(2);
+    assert!(elapsed < bound, "{elapsed:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_validator_fails_the_job_instead_of_leaving_it_running() {
     let testnet = start(TestnetConfig::default());

@@ -57,7 +57,9 @@ pub const MAX_CONCURRENT_BIDI_STREAMS: u32 = 256;
 pub const MAX_CONCURRENT_UNI_STREAMS: u32 = 0;
 
 /// Idle timeout: 10 s. Keep-alives (below) keep healthy idle connections open; a peer that
-/// vanishes is detected within this time, which bounds how long a dead hop stalls a job.
+/// vanishes is detected within this time plus one [`KEEP_ALIVE_INTERVAL`] (the first keep-alive
+/// sent after the last packet received restarts the timer, RFC 9000 §10.1), which bounds how
+/// long a dead hop stalls a job.
 pub const MAX_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Keep-alive interval: 3 s, well under the idle timeout so two lost keep-alives in a row still do
