@@ -19,7 +19,7 @@ use horde_protocol::blob::{
     MAX_REQUEST_LEN, Outboard, Piece, SEGMENT_LEN, normalize_ranges, plan,
 };
 use horde_protocol::codec::encode_frame;
-use horde_protocol::{BlobHash, NodeAddr};
+use horde_protocol::{BlobHash, NodeAddr, SecretKey};
 use horde_transport::blob::{
     BlobBuffer, BlobError, MAPPED_MIN, PROGRESS_TIMEOUT, put_bytes, read_request, request_get,
     start_put, stat, write_response,
@@ -1100,4 +1100,148 @@ async fn a_dead_storage_node_is_reported_unreachable_within_the_dial_budget() {
         "{:?}",
         started.elapsed()
     );
+}
+
+/// A `horde node --role storage` child process, killed when dropped.
+struct StorageProcess {
+    child: std::process::Child,
+    addr: NodeAddr,
+}
+
+impl Drop for StorageProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts a storage node in `dir` whose files cannot grow past `max_file_kib` KiB: its shell
+/// ignores SIGXFSZ (inherited across exec) and sets RLIMIT_FSIZE, so a write past the limit
+/// fails with EFBIG, as it would on a full disk with ENOSPC.
+fn start_storage_process(dir: &Path, max_file_kib: u64) -> StorageProcess {
+    use std::io::{BufRead as _, BufReader};
+    let horde = env!("CARGO_BIN_EXE_horde");
+    let key = SecretKey::from_seed(&[23; 32]);
+    let key_file = dir.join("hotkey.json");
+    key.write_key_file(&key_file).unwrap();
+    let config = dir.join("node.toml");
+    std::fs::write(
+        &config,
+        "role = \"storage\"\nlisten = \"127.0.0.1:0\"\n[discovery]\nenabled = false\n",
+    )
+    .unwrap();
+    // `ulimit -f` counts 512-byte blocks in dash and 1 KiB blocks in bash: at most this many KiB.
+    let script = format!("trap '' XFSZ; ulimit -f {max_file_kib} && exec \"$0\" \"$@\"");
+    let mut child = std::process::Command::new("sh")
+        .args(["-c", &script, horde, "node", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (lines, started) = std::sync::mpsc::sync_channel(64);
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = lines.try_send(line);
+        }
+    });
+    let mut process = StorageProcess {
+        child,
+        addr: NodeAddr {
+            hotkey: key.hotkey(),
+            addrs: Vec::new(),
+        },
+    };
+    let line = loop {
+        let line = started
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the storage node logs its start within 30 s");
+        if line.contains("horde node started") {
+            break line;
+        }
+    };
+    let listen = line
+        .split_whitespace()
+        .find_map(|field| field.strip_prefix("listen="))
+        .expect("listen address in the log");
+    process.addr.addrs.push(listen.parse().unwrap());
+    process
+}
+
+/// A put to a store whose writes fail for want of room is refused with `StorageFull` and the
+/// stream stopped with `STORAGE_FULL` (not a protocol violation), and nothing appears under
+/// `blobs/`.
+#[tokio::test]
+async fn a_put_to_a_full_store_is_refused_as_storage_full() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_storage_process(dir.path(), 64);
+    let client = client();
+    let connection = blob_client::connect(&client, &node.addr).await.unwrap();
+
+    // Raw, to see the stop code: more than one write batch (1 MiB) of a larger blob, unfinished.
+    let size = 2 << 20;
+    let request = BlobRequest::Put {
+        size,
+        hash: None,
+        resume: false,
+    };
+    let (mut send, mut recv) = connection.open_bi().await.unwrap();
+    send.write_all(&encode_frame(&request, MAX_REQUEST_LEN).unwrap())
+        .await
+        .unwrap();
+    let ready: BlobResponse = FrameReader::new(1 << 20)
+        .read(&mut recv)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(ready, BlobResponse::PutReady { offset: 0 });
+    let _ = send.write_all(&sample((1 << 20) + 4096, 45)).await;
+    let stopped = tokio::time::timeout(Duration::from_secs(10), send.stopped())
+        .await
+        .expect("the store stops the upload")
+        .unwrap();
+    assert_eq!(stopped, Some(codes::STORAGE_FULL));
+    let refusal: BlobResponse = FrameReader::new(1 << 20)
+        .read(&mut recv)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(
+            refusal,
+            BlobResponse::Error {
+                kind: BlobErrorKind::StorageFull,
+                ..
+            }
+        ),
+        "{refusal:?}"
+    );
+
+    // Through the client: a typed refusal, not retried.
+    let work = tempfile::tempdir().unwrap();
+    let source = write_file(work.path(), "in", &sample(3 << 19, 46));
+    let error = put_file(
+        &client,
+        &node.addr,
+        &source,
+        &TransferPolicy::default(),
+        &mut NoProgress,
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(
+            error,
+            ClientError::Blob(BlobError::Refused {
+                kind: BlobErrorKind::StorageFull,
+                ..
+            })
+        ),
+        "{error:?}"
+    );
+    let blobs = dir.path().join("storage-data").join("blobs");
+    assert_eq!(std::fs::read_dir(&blobs).unwrap().count(), 0, "{blobs:?}");
 }
