@@ -805,8 +805,14 @@ async fn handle_put(
     let mut failure = None;
     let progress_timeout = store.limits.progress_timeout;
     loop {
-        let read = recv.read_chunk(READ_CHUNK, true);
-        match within_progress_timeout(progress_timeout, read).await {
+        let read = within_progress_timeout(progress_timeout, recv.read_chunk(READ_CHUNK, true));
+        let read = tokio::select! {
+            biased;
+            // The writer stopped on a disk error: answer now, not when the peer sends more.
+            () = queue.closed() => break,
+            read = read => read,
+        };
+        match read {
             Ok(Some(chunk)) => {
                 received += chunk.bytes.len() as u64;
                 if received > size || queue.send(WriterMessage::Data(chunk.bytes)).await.is_err() {
