@@ -96,8 +96,9 @@ pub enum ClientError {
         hotkey: Hotkey,
         /// Time spent on failed dials.
         tried_for: Duration,
-        /// Why the last dial failed.
-        last: ConnectError,
+        /// Why the last dial failed (boxed: rare, and it would double the size of every
+        /// `ClientError`).
+        last: Box<ConnectError>,
     },
     /// The transfer failed (integrity, not found, refused, connection lost, …).
     #[error(transparent)]
@@ -329,7 +330,7 @@ impl<'a> Retries<'a> {
                 Err(ClientError::Unreachable {
                     hotkey: storage.hotkey,
                     tried_for: self.failed_dialing,
-                    last,
+                    last: Box::new(last),
                 })
             }
             error => Err(error),
