@@ -106,6 +106,12 @@ impl Fixture {
         .await
     }
 
+    /// [`get_to_memory`] with the default policy.
+    async fn get_memory(&self, hash: BlobHash, max_size: u64) -> Result<Bytes, ClientError> {
+        let policy = TransferPolicy::default();
+        get_to_memory(&self.client, &self.storage.addr, hash, max_size, &policy).await
+    }
+
     /// Flips one bit of the stored blob's byte at `offset`, on disk.
     fn corrupt(&self, hash: &BlobHash, offset: u64) {
         let file = OpenOptions::new()
@@ -235,15 +241,7 @@ async fn corrupted_blob_is_rejected_within_one_group_and_leaves_nothing() {
     assert!(leftovers.is_empty(), "left behind: {leftovers:?}");
 
     // In memory too.
-    let error = get_to_memory(
-        &fixture.client,
-        &fixture.storage.addr,
-        hash,
-        NO_LIMIT,
-        &TransferPolicy::default(),
-    )
-    .await
-    .unwrap_err();
+    let error = fixture.get_memory(hash, NO_LIMIT).await.unwrap_err();
     assert!(error.is_integrity(), "{error:?}");
 }
 
@@ -394,15 +392,7 @@ async fn large_memory_get_fills_a_mapped_buffer_and_reuses_it() {
     assert_eq!(buffer.as_ptr(), memory);
     assert!(buffer[..] == bytes[..], "the blob arrived again");
     // The retrying front end hands the same bytes over without a copy.
-    let fetched = get_to_memory(
-        &fixture.client,
-        &fixture.storage.addr,
-        hash,
-        NO_LIMIT,
-        &TransferPolicy::default(),
-    )
-    .await
-    .unwrap();
+    let fetched = fixture.get_memory(hash, NO_LIMIT).await.unwrap();
     assert!(fetched == bytes);
 
     // A small blob stays on the heap.
@@ -599,15 +589,7 @@ async fn limits_are_enforced_with_typed_errors() {
         .unwrap();
 
     // Over the client's size limit on get.
-    let error = get_to_memory(
-        &fixture.client,
-        &fixture.storage.addr,
-        hash,
-        1000,
-        &TransferPolicy::default(),
-    )
-    .await
-    .unwrap_err();
+    let error = fixture.get_memory(hash, 1000).await.unwrap_err();
     assert!(
         matches!(error, ClientError::Blob(BlobError::TooLarge { size, max: 1000 }) if size == 1 << 20),
         "{error:?}"
