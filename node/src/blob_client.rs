@@ -2,7 +2,9 @@
 //! with progress reporting.
 //!
 //! - [`put_file`], [`get_to_file`], [`get_to_memory`]: connect, transfer, retry transient failures
-//!   a bounded number of times with exponential backoff, resuming where the last attempt stopped.
+//!   (connection lost, stream stalled, store busy) as a [`TransferPolicy`] says: a bounded number
+//!   of attempts with exponential backoff, resuming where the last attempt stopped, and a bounded
+//!   total time spent dialing a node that does not answer ([`ClientError::Unreachable`]).
 //! - [`get_to_file_once`]: one attempt on a given connection (resuming from `DEST.partial`);
 //!   [`get_into_buffer`], [`get_into_vec`]: one in-memory attempt (resuming from the buffer).
 //! - [`Progress`], [`ProgressReporter`]: bytes, rate and ETA, redrawn on one line on a terminal,
@@ -22,17 +24,50 @@ use bytes::Bytes;
 use horde_protocol::blob::ByteRange;
 use horde_protocol::{BlobHash, Hotkey, NodeAddr};
 use horde_transport::blob::{
-    BlobBuffer, BlobError, GetStream, VerifiedSink, request_get, start_put,
+    BlobBuffer, BlobError, GetStream, PROGRESS_TIMEOUT, VerifiedSink, request_get, start_put,
 };
 use horde_transport::{ALPN_BLOB, ConnectError, HordeEndpoint};
 use tokio::sync::mpsc;
 use tracing::{debug, info};
 
-/// Attempts per transfer before giving up on transient failures (connection lost, reset).
+/// Attempts per transfer before giving up on transient failures (connection lost, reset,
+/// stalled, busy).
 pub const MAX_ATTEMPTS: u32 = 5;
 
 /// First retry delay; doubled after every failed attempt (0.2, 0.4, 0.8, 1.6 s).
 pub const INITIAL_BACKOFF: Duration = Duration::from_millis(200);
+
+/// Total time a transfer spends on dials that fail before it reports the storage node
+/// unreachable: 15 s, one full handshake timeout ([`horde_transport::HANDSHAKE_TIMEOUT`], 10 s)
+/// plus a shorter second try for a first flight lost on the way. Without it a dead node costs
+/// every attempt a whole handshake timeout (5 × 10 s).
+pub const DIAL_BUDGET: Duration = Duration::from_secs(15);
+
+/// How a client transfer retries and when it gives up. [`Default`] is the documented constants.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransferPolicy {
+    /// Attempts before giving up on transient failures ([`MAX_ATTEMPTS`]).
+    pub max_attempts: u32,
+    /// First retry delay, doubled after every failed attempt ([`INITIAL_BACKOFF`]).
+    pub initial_backoff: Duration,
+    /// Total time spent on failed dials before [`ClientError::Unreachable`] ([`DIAL_BUDGET`]);
+    /// each dial is cut off when it runs out.
+    pub dial_budget: Duration,
+    /// How long a transfer may receive nothing before it fails as stalled (and is retried)
+    /// ([`PROGRESS_TIMEOUT`]).
+    pub progress_timeout: Duration,
+}
+
+impl Default for TransferPolicy {
+    fn default() -> Self {
+        Self {
+            max_attempts: MAX_ATTEMPTS,
+            initial_backoff: INITIAL_BACKOFF,
+            dial_budget: DIAL_BUDGET,
+            progress_timeout: PROGRESS_TIMEOUT,
+        }
+    }
+}
 
 /// Download progress is made durable (data fsynced, verified length recorded) every 64 MiB, so a
 /// crash loses at most that much verified work.
@@ -54,6 +89,17 @@ pub enum ClientError {
     /// Dialing the storage node failed.
     #[error("connecting to the storage node: {0}")]
     Connect(#[from] ConnectError),
+    /// Dials to the storage node kept failing for the whole [`TransferPolicy::dial_budget`].
+    #[error("storage node {hotkey} unreachable: no connection within {tried_for:?} ({last})")]
+    Unreachable {
+        /// The node.
+        hotkey: Hotkey,
+        /// Time spent on failed dials.
+        tried_for: Duration,
+        /// Why the last dial failed (boxed: rare, and it would double the size of every
+        /// `ClientError`).
+        last: Box<ConnectError>,
+    },
     /// The transfer failed (integrity, not found, refused, connection lost, …).
     #[error(transparent)]
     Blob(#[from] BlobError),
@@ -244,25 +290,56 @@ pub async fn connect(
     Err(last.map_or(ClientError::NoAddress(storage.hotkey), ClientError::Connect))
 }
 
-/// Bounded retries with exponential backoff: [`MAX_ATTEMPTS`] attempts, delays from
-/// [`INITIAL_BACKOFF`] doubling.
+/// The retries of one transfer under a [`TransferPolicy`]: attempts with a doubling delay, and
+/// the time spent on failed dials.
 #[derive(Debug)]
-struct Retries {
+struct Retries<'a> {
+    policy: &'a TransferPolicy,
     attempt: u32,
     delay: Duration,
+    failed_dialing: Duration,
 }
 
-impl Retries {
-    fn new() -> Self {
+impl<'a> Retries<'a> {
+    fn new(policy: &'a TransferPolicy) -> Self {
         Self {
+            policy,
             attempt: 1,
-            delay: INITIAL_BACKOFF,
+            delay: policy.initial_backoff,
+            failed_dialing: Duration::ZERO,
+        }
+    }
+
+    /// Dials `storage` within what is left of the dial budget; once it is spent the node is
+    /// reported unreachable (not transient: no more attempts).
+    async fn connect(
+        &mut self,
+        endpoint: &HordeEndpoint,
+        storage: &NodeAddr,
+    ) -> Result<quinn::Connection, ClientError> {
+        let left = self.policy.dial_budget.saturating_sub(self.failed_dialing);
+        let started = Instant::now();
+        let error = match tokio::time::timeout(left, connect(endpoint, storage)).await {
+            Ok(Ok(connection)) => return Ok(connection),
+            Ok(Err(error)) => error,
+            Err(_) => ClientError::Connect(ConnectError::TimedOut(left)),
+        };
+        self.failed_dialing += started.elapsed();
+        match error {
+            ClientError::Connect(last) if self.failed_dialing >= self.policy.dial_budget => {
+                Err(ClientError::Unreachable {
+                    hotkey: storage.hotkey,
+                    tried_for: self.failed_dialing,
+                    last: Box::new(last),
+                })
+            }
+            error => Err(error),
         }
     }
 
     /// Whether to try again after `error`; sleeps the backoff delay first.
     async fn again(&mut self, error: &ClientError, what: &str) -> bool {
-        if !error.is_transient() || self.attempt >= MAX_ATTEMPTS {
+        if !error.is_transient() || self.attempt >= self.policy.max_attempts {
             return false;
         }
         info!(%error, attempt = self.attempt, "{what} interrupted, retrying in {:?}", self.delay);
@@ -298,15 +375,16 @@ pub async fn put_file(
     endpoint: &HordeEndpoint,
     storage: &NodeAddr,
     path: &Path,
+    policy: &TransferPolicy,
     progress: &mut dyn Progress,
 ) -> Result<BlobHash, ClientError> {
     let owned = path.to_owned();
     let (hash, size) = tokio::task::spawn_blocking(move || hash_file(&owned))
         .await
         .map_err(io::Error::other)??;
-    let mut retries = Retries::new();
+    let mut retries = Retries::new(policy);
     let result = loop {
-        let result = match connect(endpoint, storage).await {
+        let result = match retries.connect(endpoint, storage).await {
             Ok(connection) => put_file_once(&connection, path, hash, size, progress).await,
             Err(error) => Err(error),
         };
@@ -377,8 +455,13 @@ pub struct GetOutcome {
     pub fetched: u64,
 }
 
-/// Downloads a blob into `dest`, resuming from `DEST.partial`, retrying transient failures.
-/// `expected_size`, when given, is checked against the node's answer before any data is taken.
+/// Downloads a blob into `dest`, resuming from `DEST.partial`, retrying transient failures as
+/// `policy` says. `expected_size`, when given, is checked against the node's answer before any
+/// data is taken.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "each is one independent knob of the download"
+)]
 pub async fn get_to_file(
     endpoint: &HordeEndpoint,
     storage: &NodeAddr,
@@ -386,13 +469,24 @@ pub async fn get_to_file(
     dest: &Path,
     expected_size: Option<u64>,
     max_size: u64,
+    policy: &TransferPolicy,
     progress: &mut dyn Progress,
 ) -> Result<GetOutcome, ClientError> {
-    let mut retries = Retries::new();
+    let mut retries = Retries::new(policy);
     let result = loop {
-        let result = match connect(endpoint, storage).await {
+        let result = match retries.connect(endpoint, storage).await {
             Ok(connection) => {
-                get_to_file_once(&connection, hash, dest, expected_size, max_size, progress).await
+                let timeout = policy.progress_timeout;
+                get_to_file_once(
+                    &connection,
+                    hash,
+                    dest,
+                    expected_size,
+                    max_size,
+                    timeout,
+                    progress,
+                )
+                .await
             }
             Err(error) => Err(error),
         };
@@ -441,13 +535,16 @@ fn remove_partial(partial: &Path, state: &Path) {
 
 /// One download attempt on `connection`: continues `DEST.partial` if its state file records
 /// verified progress for `hash`, fetches only the missing range, renames to `dest` once all of
-/// it is verified and fsynced. On an integrity failure the partial is deleted.
+/// it is verified and fsynced. On an integrity failure the partial is deleted; when the node
+/// sends nothing for `progress_timeout` the attempt fails with [`BlobError::Stalled`] and the
+/// verified part stays recorded for a resume.
 pub async fn get_to_file_once(
     connection: &quinn::Connection,
     hash: BlobHash,
     dest: &Path,
     expected_size: Option<u64>,
     max_size: u64,
+    progress_timeout: Duration,
     progress: &mut dyn Progress,
 ) -> Result<GetOutcome, ClientError> {
     let (partial, state) = partial_paths(dest);
@@ -458,7 +555,7 @@ pub async fn get_to_file_once(
         Vec::new()
     };
     let max_size = expected_size.map_or(max_size, |size| size.min(max_size));
-    let stream = match request_get(connection, hash, ranges, max_size).await {
+    let stream = match request_get(connection, hash, ranges, max_size, progress_timeout).await {
         Ok(stream) => stream,
         Err(error @ BlobError::Integrity { .. }) => {
             remove_partial(&partial, &state);
@@ -690,20 +787,24 @@ impl VerifiedSink for PartialWriter {
     }
 }
 
-/// Downloads a whole blob into memory, retrying transient failures and resuming from what
-/// earlier attempts delivered. Large blobs land in a mapping faulted in ahead of the data
-/// ([`BlobBuffer`]), handed over as [`Bytes`] without a copy.
+/// Downloads a whole blob into memory, retrying transient failures as `policy` says and
+/// resuming from what earlier attempts delivered. Large blobs land in a mapping faulted in
+/// ahead of the data ([`BlobBuffer`]), handed over as [`Bytes`] without a copy.
 pub async fn get_to_memory(
     endpoint: &HordeEndpoint,
     storage: &NodeAddr,
     hash: BlobHash,
     max_size: u64,
+    policy: &TransferPolicy,
 ) -> Result<Bytes, ClientError> {
     let mut buffer = BlobBuffer::new();
-    let mut retries = Retries::new();
+    let mut retries = Retries::new(policy);
     loop {
-        let result = match connect(endpoint, storage).await {
-            Ok(connection) => get_into_buffer(&connection, hash, max_size, &mut buffer).await,
+        let result = match retries.connect(endpoint, storage).await {
+            Ok(connection) => {
+                let timeout = policy.progress_timeout;
+                get_into_buffer(&connection, hash, max_size, timeout, &mut buffer).await
+            }
             Err(error) => Err(error),
         };
         match result {
@@ -715,14 +816,16 @@ pub async fn get_to_memory(
 }
 
 /// One in-memory download attempt appending to `buffer` (which holds a verified prefix).
-/// Returns the bytes read from the network.
+/// Returns the bytes read from the network; fails with [`BlobError::Stalled`] when the node
+/// sends nothing for `progress_timeout`.
 pub async fn get_into_vec(
     connection: &quinn::Connection,
     hash: BlobHash,
     max_size: u64,
+    progress_timeout: Duration,
     buffer: &mut Vec<u8>,
 ) -> Result<u64, ClientError> {
-    let stream = request_rest(connection, hash, max_size, buffer.len()).await?;
+    let stream = request_rest(connection, hash, max_size, progress_timeout, buffer.len()).await?;
     // Frames are copied once, straight into `buffer`, and verified there; on an error it keeps
     // the verified prefix for the next attempt.
     Ok(stream.read_to_vec(buffer).await?)
@@ -731,14 +834,16 @@ pub async fn get_into_vec(
 /// One in-memory download attempt appending to `buffer` (which holds a verified prefix; a
 /// cleared buffer is refilled in place). A buffer without room for the blob is replaced by one
 /// in a mapping for a large blob ([`BlobBuffer::with_capacity`]). Returns the bytes read from
-/// the network.
+/// the network; fails with [`BlobError::Stalled`] when the node sends nothing for
+/// `progress_timeout`.
 pub async fn get_into_buffer(
     connection: &quinn::Connection,
     hash: BlobHash,
     max_size: u64,
+    progress_timeout: Duration,
     buffer: &mut BlobBuffer,
 ) -> Result<u64, ClientError> {
-    let stream = request_rest(connection, hash, max_size, buffer.len()).await?;
+    let stream = request_rest(connection, hash, max_size, progress_timeout, buffer.len()).await?;
     Ok(stream.read_to_buffer(buffer).await?)
 }
 
@@ -747,6 +852,7 @@ async fn request_rest(
     connection: &quinn::Connection,
     hash: BlobHash,
     max_size: u64,
+    progress_timeout: Duration,
     held: usize,
 ) -> Result<GetStream, BlobError> {
     let ranges = if held > 0 {
@@ -754,7 +860,7 @@ async fn request_rest(
     } else {
         Vec::new()
     };
-    request_get(connection, hash, ranges, max_size).await
+    request_get(connection, hash, ranges, max_size, progress_timeout).await
 }
 
 /// `horde blob …`: the command-line front end of this module.
@@ -830,7 +936,8 @@ pub async fn run_command(command: BlobCommand) -> Result<(), CommandError> {
     match &command {
         BlobCommand::Put { file, storage, .. } => {
             let mut progress = ProgressReporter::new("put");
-            let hash = put_file(&endpoint, storage, file, &mut progress).await?;
+            let policy = TransferPolicy::default();
+            let hash = put_file(&endpoint, storage, file, &policy, &mut progress).await?;
             println!("{hash}");
         }
         BlobCommand::Get {
@@ -844,6 +951,7 @@ pub async fn run_command(command: BlobCommand) -> Result<(), CommandError> {
                 out,
                 None,
                 crate::storage::DEFAULT_MAX_BLOB_SIZE,
+                &TransferPolicy::default(),
                 &mut progress,
             )
             .await?;

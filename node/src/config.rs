@@ -87,6 +87,8 @@ struct ReceiptsFile {
 struct StorageFile {
     max_blob_size: Option<u64>,
     put_allowlist: Option<Vec<String>>,
+    progress_timeout_ms: Option<u64>,
+    max_transfers: Option<usize>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -496,9 +498,24 @@ impl NodeConfig {
                 "storage.max_blob_size must be between 1 and {protocol_max} bytes"
             )));
         }
+        let defaults = crate::storage::StoreLimits::default();
+        let progress_timeout = storage_file
+            .progress_timeout_ms
+            .map_or(defaults.progress_timeout, std::time::Duration::from_millis);
+        if progress_timeout.is_zero() {
+            return Err(invalid(
+                "storage.progress_timeout_ms must be above 0".to_owned(),
+            ));
+        }
+        let max_transfers = storage_file.max_transfers.unwrap_or(defaults.max_transfers);
+        if max_transfers == 0 {
+            return Err(invalid("storage.max_transfers must be above 0".to_owned()));
+        }
         let storage = crate::storage::StoreLimits {
             max_blob_size,
             put_allowlist: keys("storage.put_allowlist", storage_file.put_allowlist)?,
+            progress_timeout,
+            max_transfers,
         };
         let receipts_file = file.receipts.unwrap_or_default();
         let receipts = ReceiptsConfig {
@@ -617,11 +634,17 @@ mod tests {
         assert_eq!(config.storage, crate::storage::StoreLimits::default());
         let key = horde_protocol::SecretKey::from_seed(&[3; 32]).hotkey();
         let config = parse(&format!(
-            "role = \"storage\"\n[storage]\nmax_blob_size = 1048576\nput_allowlist = [\"{key}\"]"
+            "role = \"storage\"\n[storage]\nmax_blob_size = 1048576\nput_allowlist = [\"{key}\"]\n\
+             progress_timeout_ms = 1500\nmax_transfers = 3"
         ))
         .unwrap();
         assert_eq!(config.storage.max_blob_size, 1 << 20);
         assert_eq!(config.storage.put_allowlist, Some(vec![key]));
+        assert_eq!(
+            config.storage.progress_timeout,
+            std::time::Duration::from_millis(1500)
+        );
+        assert_eq!(config.storage.max_transfers, 3);
         for (text, needle) in [
             ("[storage]\nmax_blob_size = 0", "max_blob_size"),
             (
@@ -629,6 +652,8 @@ mod tests {
                 "max_blob_size",
             ),
             ("[storage]\nput_allowlist = [\"nope\"]", "put_allowlist"),
+            ("[storage]\nprogress_timeout_ms = 0", "progress_timeout_ms"),
+            ("[storage]\nmax_transfers = 0", "max_transfers"),
             ("[storage]\nmax_size = 1", "max_size"),
         ] {
             let err = parse(&format!("role = \"storage\"\n{text}"))

@@ -5,13 +5,17 @@
 //!   uploads that declared their hash, `tmp/` for everything being written. A blob appears under
 //!   its hash only after its bytes were hashed by the store, fsynced and renamed into place.
 //! - [`PutSession`]: one upload being written (blocking I/O; run it on a blocking thread).
-//! - [`serve`] / [`serve_connection`]: the server loop, one task per stream.
+//! - [`serve`] / [`serve_connection`]: the server loop, one task per stream. Every stream must
+//!   make progress within [`StoreLimits::progress_timeout`] (its request, each read of an upload
+//!   body, each write of a download), else it is reset and stopped with [`codes::TIMED_OUT`];
+//!   at most [`StoreLimits::max_transfers`] gets and puts run at once, more are refused as busy.
 
 use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read as _, Seek as _, SeekFrom, Write as _};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use blake3::hazmat::HasherExt as _;
 use bytes::Bytes;
@@ -20,10 +24,12 @@ use horde_protocol::blob::{
 };
 use horde_protocol::{BlobHash, Hotkey};
 use horde_transport::blob::{
-    Backing, BlobError, ServedBlob, read_request, serve_get, write_response,
+    Backing, BlobError, PROGRESS_TIMEOUT, ServedBlob, read_request, serve_get,
+    within_progress_timeout, write_response,
 };
 use horde_transport::{ALPN_BLOB, ChannelError, HordeEndpoint, codes, remote_hotkey};
-use tokio::sync::mpsc;
+use quinn::VarInt;
+use tokio::sync::{Semaphore, SemaphorePermit, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument as _, debug, info, info_span, warn};
@@ -41,13 +47,25 @@ const READ_CHUNK: usize = 1 << 20;
 /// Uploaded chunks queued for the disk writer: bounds memory per upload to a few MiB.
 const WRITE_QUEUE: usize = 8;
 
-/// Who may upload, and how much.
+/// Default cap on gets and puts served at once: 64. Each holds up to ~9 MiB of buffers (an
+/// upload's write queue, a download's two read batches), so 64 bound them near 600 MiB; each
+/// upload also holds a blocking thread for its disk writer, and 64 stay far below tokio's 512,
+/// so stalled or slow transfers never starve the disk work of the others. 64 transfers at once
+/// already share a 10 Gbit/s link at under 20 MB/s each.
+pub const DEFAULT_MAX_TRANSFERS: usize = 64;
+
+/// Who may upload, how much, and how the store bounds the streams it serves.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoreLimits {
     /// Largest blob accepted.
     pub max_blob_size: u64,
     /// Hotkeys allowed to put; `None`: any authenticated key (the testnet default).
     pub put_allowlist: Option<Vec<Hotkey>>,
+    /// How long a stream may make no progress (no byte of its request or upload received, no
+    /// byte of a download taken by the peer) before it is reset with [`codes::TIMED_OUT`].
+    pub progress_timeout: Duration,
+    /// Gets and puts served at once; more are refused with `Busy` (clients retry).
+    pub max_transfers: usize,
 }
 
 impl Default for StoreLimits {
@@ -55,6 +73,8 @@ impl Default for StoreLimits {
         Self {
             max_blob_size: DEFAULT_MAX_BLOB_SIZE,
             put_allowlist: None,
+            progress_timeout: PROGRESS_TIMEOUT,
+            max_transfers: DEFAULT_MAX_TRANSFERS,
         }
     }
 }
@@ -102,9 +122,29 @@ impl StoreError {
             Self::HashMismatch { .. } => BlobErrorKind::HashMismatch,
             Self::WrongLength { .. } => BlobErrorKind::BadRequest,
             Self::Busy(_) => BlobErrorKind::Busy,
+            Self::Io(error) if is_out_of_room(error) => BlobErrorKind::StorageFull,
             Self::Io(_) => BlobErrorKind::Internal,
         }
     }
+
+    /// The code the upload stream is stopped with: the peer's fault only when its bytes were.
+    fn stop_code(&self) -> VarInt {
+        match self {
+            Self::TooLarge { .. } => codes::NOT_ALLOWED,
+            Self::HashMismatch { .. } | Self::WrongLength { .. } => codes::PROTOCOL_VIOLATION,
+            Self::Busy(_) => codes::BUSY,
+            Self::Io(error) if is_out_of_room(error) => codes::STORAGE_FULL,
+            Self::Io(_) => codes::INTERNAL,
+        }
+    }
+}
+
+/// Whether a write failed for want of room: disk full, quota, or the file size limit.
+fn is_out_of_room(error: &io::Error) -> bool {
+    matches!(
+        error.kind(),
+        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded | io::ErrorKind::FileTooLarge
+    )
 }
 
 /// The content-addressed store. Cheap to share behind an `Arc`; the only shared mutable state is
@@ -116,6 +156,8 @@ pub struct BlobStore {
     tmp: PathBuf,
     limits: StoreLimits,
     uploads: Mutex<HashSet<BlobHash>>,
+    /// One permit per get or put being served ([`StoreLimits::max_transfers`]).
+    transfers: Semaphore,
 }
 
 impl BlobStore {
@@ -130,13 +172,20 @@ impl BlobStore {
         for entry in fs::read_dir(&tmp)? {
             let _ = fs::remove_file(entry?.path());
         }
+        let transfers = Semaphore::new(limits.max_transfers.min(Semaphore::MAX_PERMITS));
         Ok(Self {
             blobs,
             partial,
             tmp,
             limits,
             uploads: Mutex::new(HashSet::new()),
+            transfers,
         })
+    }
+
+    /// A slot to serve one get or put, `None` when [`StoreLimits::max_transfers`] are running.
+    fn transfer_permit(&self) -> Option<SemaphorePermit<'_>> {
+        self.transfers.try_acquire().ok()
     }
 
     /// The limits in force.
@@ -575,36 +624,79 @@ pub async fn serve_connection(
                 break;
             }
         };
-        let store = Arc::clone(&store);
-        streams.spawn(async move {
-            if let Err(error) = handle_stream(send, recv, peer, store).await {
-                debug!(%error, peer = %peer.fmt_short(), "blob stream failed");
-            }
-        });
+        streams.spawn(serve_stream(send, recv, peer, Arc::clone(&store)));
     }
     streams.shutdown().await;
 }
 
-async fn refuse(
-    send: &mut quinn::SendStream,
-    recv: &mut quinn::RecvStream,
-    kind: BlobErrorKind,
-    message: String,
-    stop: quinn::VarInt,
-) -> Result<(), BlobError> {
-    let _ = recv.stop(stop);
-    write_response(send, &BlobResponse::Error { kind, message }).await?;
-    let _ = send.finish();
-    Ok(())
-}
-
-async fn handle_stream(
+/// Serves one stream; a stream that stalled is reset and stopped with [`codes::TIMED_OUT`].
+async fn serve_stream(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     peer: Hotkey,
     store: Arc<BlobStore>,
+) {
+    match handle_stream(&mut send, &mut recv, peer, &store).await {
+        Ok(()) => {}
+        Err(error @ BlobError::Stalled { .. }) => {
+            let _ = send.reset(codes::TIMED_OUT);
+            let _ = recv.stop(codes::TIMED_OUT);
+            info!(peer = %peer.fmt_short(), %error, "blob stream stalled; reset");
+        }
+        Err(error) => debug!(%error, peer = %peer.fmt_short(), "blob stream failed"),
+    }
+}
+
+/// Stops the request side with `stop` and answers with a typed error.
+async fn refuse(
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+    store: &BlobStore,
+    kind: BlobErrorKind,
+    message: String,
+    stop: VarInt,
 ) -> Result<(), BlobError> {
-    let request = match read_request(&mut recv).await {
+    let _ = recv.stop(stop);
+    let response = BlobResponse::Error { kind, message };
+    respond(send, store, &response).await?;
+    let _ = send.finish();
+    Ok(())
+}
+
+/// Writes one response frame within the progress timeout.
+async fn respond(
+    send: &mut quinn::SendStream,
+    store: &BlobStore,
+    response: &BlobResponse,
+) -> Result<(), BlobError> {
+    within_progress_timeout(
+        store.limits.progress_timeout,
+        write_response(send, response),
+    )
+    .await
+}
+
+/// Refuses a get or put because [`StoreLimits::max_transfers`] are running.
+async fn refuse_busy(
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+    peer: Hotkey,
+    store: &BlobStore,
+) -> Result<(), BlobError> {
+    let max = store.limits.max_transfers;
+    info!(peer = %peer.fmt_short(), max, "all transfer slots busy; refusing");
+    let message = format!("serving {max} transfers already; try again later");
+    refuse(send, recv, store, BlobErrorKind::Busy, message, codes::BUSY).await
+}
+
+async fn handle_stream(
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+    peer: Hotkey,
+    store: &Arc<BlobStore>,
+) -> Result<(), BlobError> {
+    let progress_timeout = store.limits.progress_timeout;
+    let request = match within_progress_timeout(progress_timeout, read_request(recv)).await {
         Ok(Some(request)) => request,
         Ok(None) => return Ok(()),
         Err(BlobError::Channel(ChannelError::Frame(error))) => {
@@ -614,48 +706,48 @@ async fn handle_stream(
             };
             warn!(peer = %peer.fmt_short(), %error, "bad blob request");
             let message = format!("bad request: {error}");
-            return refuse(
-                &mut send,
-                &mut recv,
-                BlobErrorKind::BadRequest,
-                message,
-                stop,
-            )
-            .await;
+            let kind = BlobErrorKind::BadRequest;
+            return refuse(send, recv, store, kind, message, stop).await;
         }
         Err(error) => return Err(error),
     };
     match request {
         BlobRequest::Stat { hash } => {
             let status = store.stat(&hash)?;
-            write_response(&mut send, &BlobResponse::Status(status)).await?;
+            respond(send, store, &BlobResponse::Status(status)).await?;
             let _ = send.finish();
         }
         BlobRequest::Get { hash, ranges } => {
+            let Some(_permit) = store.transfer_permit() else {
+                return refuse_busy(send, recv, peer, store).await;
+            };
             let blob = {
-                let store = Arc::clone(&store);
+                let store = Arc::clone(store);
                 tokio::task::spawn_blocking(move || store.open_blob(&hash))
                     .await
                     .map_err(io::Error::other)?
             };
             match blob {
                 Ok(Some(blob)) => {
-                    let sent = serve_get(&mut send, &blob, &ranges).await?;
+                    let sent = serve_get(send, &blob, &ranges, progress_timeout).await?;
                     debug!(hash = %hash.fmt_short(), sent, "served blob");
                 }
                 Ok(None) => {
-                    write_response(&mut send, &BlobResponse::NotFound).await?;
+                    respond(send, store, &BlobResponse::NotFound).await?;
                     let _ = send.finish();
                 }
                 Err(error) => {
                     warn!(hash = %hash.fmt_short(), %error, "cannot open blob");
                     let message = "cannot read the blob".to_owned();
                     let kind = BlobErrorKind::Internal;
-                    return refuse(&mut send, &mut recv, kind, message, codes::INTERNAL).await;
+                    return refuse(send, recv, store, kind, message, codes::INTERNAL).await;
                 }
             }
         }
         BlobRequest::Put { size, hash, resume } => {
+            let Some(_permit) = store.transfer_permit() else {
+                return refuse_busy(send, recv, peer, store).await;
+            };
             handle_put(send, recv, peer, store, size, hash, resume).await?;
         }
     }
@@ -668,10 +760,10 @@ enum WriterMessage {
 }
 
 async fn handle_put(
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
     peer: Hotkey,
-    store: Arc<BlobStore>,
+    store: &Arc<BlobStore>,
     size: u64,
     hash: Option<BlobHash>,
     resume: bool,
@@ -679,10 +771,10 @@ async fn handle_put(
     if !store.may_put(&peer) {
         let message = format!("{peer} may not put blobs here");
         let kind = BlobErrorKind::NotAllowed;
-        return refuse(&mut send, &mut recv, kind, message, codes::NOT_ALLOWED).await;
+        return refuse(send, recv, store, kind, message, codes::NOT_ALLOWED).await;
     }
     let session = {
-        let store = Arc::clone(&store);
+        let store = Arc::clone(store);
         tokio::task::spawn_blocking(move || store.begin_put(size, hash, resume))
             .await
             .map_err(io::Error::other)?
@@ -690,19 +782,13 @@ async fn handle_put(
     let session = match session {
         Ok(session) => session,
         Err(error) => {
-            let kind = error.kind();
-            return refuse(
-                &mut send,
-                &mut recv,
-                kind,
-                error.to_string(),
-                codes::NOT_ALLOWED,
-            )
-            .await;
+            warn!(peer = %peer.fmt_short(), %error, "upload refused");
+            let (kind, stop) = (error.kind(), error.stop_code());
+            return refuse(send, recv, store, kind, error.to_string(), stop).await;
         }
     };
     let offset = session.offset();
-    write_response(&mut send, &BlobResponse::PutReady { offset }).await?;
+    respond(send, store, &BlobResponse::PutReady { offset }).await?;
 
     let (queue, mut inbox) = mpsc::channel::<WriterMessage>(WRITE_QUEUE);
     let writer = tokio::task::spawn_blocking(move || {
@@ -717,8 +803,16 @@ async fn handle_put(
     });
     let mut received = offset;
     let mut failure = None;
+    let progress_timeout = store.limits.progress_timeout;
     loop {
-        match recv.read_chunk(READ_CHUNK, true).await {
+        let read = within_progress_timeout(progress_timeout, recv.read_chunk(READ_CHUNK, true));
+        let read = tokio::select! {
+            biased;
+            // The writer stopped on a disk error: answer now, not when the peer sends more.
+            () = queue.closed() => break,
+            read = read => read,
+        };
+        match read {
             Ok(Some(chunk)) => {
                 received += chunk.bytes.len() as u64;
                 if received > size || queue.send(WriterMessage::Data(chunk.bytes)).await.is_err() {
@@ -735,42 +829,30 @@ async fn handle_put(
             }
         }
     }
+    // The writer sees the queue end, writes what it holds and stops (keeping a declared-hash
+    // partial for a resume).
     drop(queue);
     let outcome = writer.await.map_err(io::Error::other)?;
     if let Some(error) = failure {
         info!(peer = %peer.fmt_short(), received, size, "upload interrupted, partial kept");
-        return Err(error.into());
+        return Err(error);
     }
     match outcome {
         Ok(Some(hash)) => {
             info!(hash = %hash.fmt_short(), size, "stored blob");
-            write_response(&mut send, &BlobResponse::Stored { hash, size }).await?;
+            respond(send, store, &BlobResponse::Stored { hash, size }).await?;
             let _ = send.finish();
             Ok(())
         }
         Ok(None) => {
             let message = format!("received more than the announced {size} bytes");
             let kind = BlobErrorKind::BadRequest;
-            refuse(
-                &mut send,
-                &mut recv,
-                kind,
-                message,
-                codes::PROTOCOL_VIOLATION,
-            )
-            .await
+            refuse(send, recv, store, kind, message, codes::PROTOCOL_VIOLATION).await
         }
         Err(error) => {
             warn!(peer = %peer.fmt_short(), %error, "upload refused");
-            let kind = error.kind();
-            refuse(
-                &mut send,
-                &mut recv,
-                kind,
-                error.to_string(),
-                codes::PROTOCOL_VIOLATION,
-            )
-            .await
+            let (kind, stop) = (error.kind(), error.stop_code());
+            refuse(send, recv, store, kind, error.to_string(), stop).await
         }
     }
 }

@@ -486,6 +486,7 @@ pub async fn materialize(
                     &staged,
                     Some(*size),
                     DEFAULT_MAX_VOLUME_SIZE,
+                    &blob_client::TransferPolicy::default(),
                     &mut NoProgress,
                 )
                 .await
@@ -797,12 +798,14 @@ pub async fn upload(
         };
         let location = match &spec.target {
             UploadTarget::Blob { storage } => {
-                let stored = blob_client::put_file(endpoint, storage, &path, &mut NoProgress)
-                    .await
-                    .map_err(|source| VolumeError::Blob {
-                        path: shown.clone(),
-                        source,
-                    })?;
+                let policy = blob_client::TransferPolicy::default();
+                let stored =
+                    blob_client::put_file(endpoint, storage, &path, &policy, &mut NoProgress)
+                        .await
+                        .map_err(|source| VolumeError::Blob {
+                            path: shown.clone(),
+                            source,
+                        })?;
                 if stored != hash {
                     return Err(VolumeError::HashMismatch {
                         path: shown,

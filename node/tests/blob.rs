@@ -10,20 +10,22 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use horde_node::blob_client::{
-    self, ClientError, GetOutcome, NoProgress, Progress, get_to_file, get_to_file_once,
-    get_to_memory, put_file, put_file_once,
+    self, ClientError, GetOutcome, NoProgress, Progress, TransferPolicy, get_to_file,
+    get_to_file_once, get_to_memory, put_file, put_file_once,
 };
 use horde_node::storage::{BlobStore, StoreLimits, serve};
 use horde_protocol::blob::{
-    BlobErrorKind, BlobResponse, BlobStatus, ByteRange, CHUNK_GROUP_LEN, MAX_REQUEST_LEN,
-    SEGMENT_LEN,
+    BlobErrorKind, BlobRequest, BlobResponse, BlobStatus, ByteRange, CHUNK_GROUP_LEN,
+    MAX_REQUEST_LEN, Outboard, Piece, SEGMENT_LEN, normalize_ranges, plan,
 };
-use horde_protocol::{BlobHash, NodeAddr};
+use horde_protocol::codec::encode_frame;
+use horde_protocol::{BlobHash, NodeAddr, SecretKey};
 use horde_transport::blob::{
-    BlobBuffer, BlobError, MAPPED_MIN, put_bytes, request_get, start_put, stat,
+    BlobBuffer, BlobError, MAPPED_MIN, PROGRESS_TIMEOUT, put_bytes, read_request, request_get,
+    start_put, stat, write_response,
 };
 use horde_transport::test_utils::{localhost_endpoint, seeded_key};
-use horde_transport::{FrameReader, HordeEndpoint};
+use horde_transport::{FrameReader, HordeEndpoint, codes};
 use tokio_util::sync::CancellationToken;
 
 const NO_LIMIT: u64 = u64::MAX;
@@ -98,9 +100,16 @@ impl Fixture {
             dest,
             None,
             NO_LIMIT,
+            &TransferPolicy::default(),
             &mut NoProgress,
         )
         .await
+    }
+
+    /// [`get_to_memory`] with the default policy.
+    async fn get_memory(&self, hash: BlobHash, max_size: u64) -> Result<Bytes, ClientError> {
+        let policy = TransferPolicy::default();
+        get_to_memory(&self.client, &self.storage.addr, hash, max_size, &policy).await
     }
 
     /// Flips one bit of the stored blob's byte at `offset`, on disk.
@@ -152,9 +161,15 @@ async fn put_then_get_stat_and_not_found() {
     {
         let bytes = sample(len, index as u8);
         let source = write_file(work.path(), &format!("in{index}"), &bytes);
-        let hash = put_file(client, &storage.addr, &source, &mut NoProgress)
-            .await
-            .unwrap();
+        let hash = put_file(
+            client,
+            &storage.addr,
+            &source,
+            &TransferPolicy::default(),
+            &mut NoProgress,
+        )
+        .await
+        .unwrap();
         assert_eq!(hash, BlobHash::of(&bytes), "len {len}");
         let dest = work.path().join(format!("out{index}"));
         let outcome = get_to_file(
@@ -164,15 +179,22 @@ async fn put_then_get_stat_and_not_found() {
             &dest,
             Some(len as u64),
             NO_LIMIT,
+            &TransferPolicy::default(),
             &mut NoProgress,
         )
         .await
         .unwrap();
         assert_eq!(outcome.size, len as u64);
         assert_eq!(std::fs::read(&dest).unwrap(), bytes, "len {len}");
-        let memory = get_to_memory(client, &storage.addr, hash, NO_LIMIT)
-            .await
-            .unwrap();
+        let memory = get_to_memory(
+            client,
+            &storage.addr,
+            hash,
+            NO_LIMIT,
+            &TransferPolicy::default(),
+        )
+        .await
+        .unwrap();
         assert_eq!(memory, bytes);
         assert_eq!(
             stat(&fixture.connect().await, hash).await.unwrap(),
@@ -219,9 +241,7 @@ async fn corrupted_blob_is_rejected_within_one_group_and_leaves_nothing() {
     assert!(leftovers.is_empty(), "left behind: {leftovers:?}");
 
     // In memory too.
-    let error = get_to_memory(&fixture.client, &fixture.storage.addr, hash, NO_LIMIT)
-        .await
-        .unwrap_err();
+    let error = fixture.get_memory(hash, NO_LIMIT).await.unwrap_err();
     assert!(error.is_integrity(), "{error:?}");
 }
 
@@ -261,9 +281,17 @@ async fn cut_download_resumes_with_only_the_missing_range() {
         total: 0,
         done: 0,
     };
-    let error = get_to_file_once(&connection, hash, &dest, None, NO_LIMIT, &mut cut)
-        .await
-        .unwrap_err();
+    let error = get_to_file_once(
+        &connection,
+        hash,
+        &dest,
+        None,
+        NO_LIMIT,
+        PROGRESS_TIMEOUT,
+        &mut cut,
+    )
+    .await
+    .unwrap_err();
     assert!(
         matches!(error, ClientError::Blob(ref e) if e.is_transient()),
         "{error:?}"
@@ -276,9 +304,17 @@ async fn cut_download_resumes_with_only_the_missing_range() {
     assert!(verified_before_cut >= size as u64 / 2 && verified_before_cut < size as u64);
 
     let connection = fixture.connect().await;
-    let outcome = get_to_file_once(&connection, hash, &dest, None, NO_LIMIT, &mut NoProgress)
-        .await
-        .unwrap();
+    let outcome = get_to_file_once(
+        &connection,
+        hash,
+        &dest,
+        None,
+        NO_LIMIT,
+        PROGRESS_TIMEOUT,
+        &mut NoProgress,
+    )
+    .await
+    .unwrap();
     assert_eq!(std::fs::read(&dest).unwrap(), bytes);
     assert_eq!(BlobHash::of(&std::fs::read(&dest).unwrap()), hash);
     // Every verified byte was kept: the resume starts where the verified data ended, rounded
@@ -305,9 +341,15 @@ async fn memory_get_continues_from_a_verified_prefix() {
     // after it, through the thread that faults the destination in.
     let held = SEGMENT_LEN as usize + 5 * CHUNK_GROUP_LEN as usize;
     let mut buffer = bytes[..held].to_vec();
-    let fetched = blob_client::get_into_vec(&fixture.connection, hash, NO_LIMIT, &mut buffer)
-        .await
-        .unwrap();
+    let fetched = blob_client::get_into_vec(
+        &fixture.connection,
+        hash,
+        NO_LIMIT,
+        PROGRESS_TIMEOUT,
+        &mut buffer,
+    )
+    .await
+    .unwrap();
     assert!(buffer == bytes, "the blob was reassembled");
     // The missing data and the CV blocks of the two segments it touches, nothing more.
     let cv_blocks = 2 * 1024 * 32;
@@ -324,32 +366,48 @@ async fn large_memory_get_fills_a_mapped_buffer_and_reuses_it() {
     let bytes = sample(size, 11);
     let hash = fixture.storage.store.insert(&bytes).unwrap();
     let mut buffer = BlobBuffer::new();
-    blob_client::get_into_buffer(&fixture.connection, hash, NO_LIMIT, &mut buffer)
-        .await
-        .unwrap();
+    blob_client::get_into_buffer(
+        &fixture.connection,
+        hash,
+        NO_LIMIT,
+        PROGRESS_TIMEOUT,
+        &mut buffer,
+    )
+    .await
+    .unwrap();
     assert!(buffer.is_mapped(), "{buffer:?}");
     assert!(buffer[..] == bytes[..], "the blob arrived");
     // A cleared buffer is filled again in place.
     let memory = buffer.as_ptr();
     buffer.clear();
-    blob_client::get_into_buffer(&fixture.connection, hash, NO_LIMIT, &mut buffer)
-        .await
-        .unwrap();
+    blob_client::get_into_buffer(
+        &fixture.connection,
+        hash,
+        NO_LIMIT,
+        PROGRESS_TIMEOUT,
+        &mut buffer,
+    )
+    .await
+    .unwrap();
     assert_eq!(buffer.as_ptr(), memory);
     assert!(buffer[..] == bytes[..], "the blob arrived again");
     // The retrying front end hands the same bytes over without a copy.
-    let fetched = get_to_memory(&fixture.client, &fixture.storage.addr, hash, NO_LIMIT)
-        .await
-        .unwrap();
+    let fetched = fixture.get_memory(hash, NO_LIMIT).await.unwrap();
     assert!(fetched == bytes);
 
     // A small blob stays on the heap.
     let small = sample(3 * CHUNK_GROUP_LEN as usize + 5, 12);
     let small_hash = fixture.storage.store.insert(&small).unwrap();
     let mut buffer = BlobBuffer::new();
-    blob_client::get_into_buffer(&fixture.connection, small_hash, NO_LIMIT, &mut buffer)
-        .await
-        .unwrap();
+    blob_client::get_into_buffer(
+        &fixture.connection,
+        small_hash,
+        NO_LIMIT,
+        PROGRESS_TIMEOUT,
+        &mut buffer,
+    )
+    .await
+    .unwrap();
     assert!(!buffer.is_mapped());
     assert!(buffer[..] == small[..]);
 }
@@ -365,9 +423,15 @@ async fn corrupt_memory_get_exposes_only_the_groups_verified_before_it() {
     let group_start = flipped / CHUNK_GROUP_LEN * CHUNK_GROUP_LEN;
 
     let mut buffer = BlobBuffer::new();
-    let error = blob_client::get_into_buffer(&fixture.connection, hash, NO_LIMIT, &mut buffer)
-        .await
-        .unwrap_err();
+    let error = blob_client::get_into_buffer(
+        &fixture.connection,
+        hash,
+        NO_LIMIT,
+        PROGRESS_TIMEOUT,
+        &mut buffer,
+    )
+    .await
+    .unwrap_err();
     assert!(
         matches!(error, ClientError::Blob(BlobError::Integrity { offset }) if offset == group_start),
         "{error:?}"
@@ -378,9 +442,15 @@ async fn corrupt_memory_get_exposes_only_the_groups_verified_before_it() {
 
     // A Vec destination behaves the same.
     let mut vec = Vec::new();
-    let error = blob_client::get_into_vec(&fixture.connection, hash, NO_LIMIT, &mut vec)
-        .await
-        .unwrap_err();
+    let error = blob_client::get_into_vec(
+        &fixture.connection,
+        hash,
+        NO_LIMIT,
+        PROGRESS_TIMEOUT,
+        &mut vec,
+    )
+    .await
+    .unwrap_err();
     assert!(error.is_integrity(), "{error:?}");
     assert_eq!(vec.len() as u64, group_start);
 }
@@ -493,6 +563,7 @@ async fn limits_are_enforced_with_typed_errors() {
     let fixture = Fixture::start(StoreLimits {
         max_blob_size: 1 << 20,
         put_allowlist: None,
+        ..StoreLimits::default()
     })
     .await;
     let connection = &fixture.connection;
@@ -518,9 +589,7 @@ async fn limits_are_enforced_with_typed_errors() {
         .unwrap();
 
     // Over the client's size limit on get.
-    let error = get_to_memory(&fixture.client, &fixture.storage.addr, hash, 1000)
-        .await
-        .unwrap_err();
+    let error = fixture.get_memory(hash, 1000).await.unwrap_err();
     assert!(
         matches!(error, ClientError::Blob(BlobError::TooLarge { size, max: 1000 }) if size == 1 << 20),
         "{error:?}"
@@ -588,6 +657,7 @@ async fn put_allowlist_refuses_other_keys() {
     let fixture = Fixture::start(StoreLimits {
         max_blob_size: 1 << 20,
         put_allowlist: Some(vec![allowed]),
+        ..StoreLimits::default()
     })
     .await;
     let error = put_bytes(&fixture.connection, Bytes::from_static(b"hello"))
@@ -632,7 +702,7 @@ async fn ranged_get_yields_verified_runs_and_stops_at_a_corrupt_group() {
             end: u64::MAX,
         },
     ];
-    let mut stream = request_get(connection, hash, ranges.clone(), NO_LIMIT)
+    let mut stream = request_get(connection, hash, ranges.clone(), NO_LIMIT, PROGRESS_TIMEOUT)
         .await
         .unwrap();
     let mut got = Vec::new();
@@ -648,7 +718,7 @@ async fn ranged_get_yields_verified_runs_and_stops_at_a_corrupt_group() {
     // Corrupt a group of the second range: the groups before it arrive, then the error.
     let flipped = SEGMENT_LEN + 20 * g + 3;
     fixture.corrupt(&hash, flipped);
-    let mut stream = request_get(connection, hash, ranges, NO_LIMIT)
+    let mut stream = request_get(connection, hash, ranges, NO_LIMIT, PROGRESS_TIMEOUT)
         .await
         .unwrap();
     let mut end = 0;
@@ -672,4 +742,488 @@ async fn ranged_get_yields_verified_runs_and_stops_at_a_corrupt_group() {
         end, group_start,
         "every group before the bad one was delivered"
     );
+}
+
+/// A storage node whose streams give up after `progress_timeout`.
+fn storage_with_deadline(progress_timeout: Duration, max_transfers: usize) -> Storage {
+    start_storage(StoreLimits {
+        progress_timeout,
+        max_transfers,
+        ..StoreLimits::default()
+    })
+}
+
+/// Opens a get stream for `hash` and never reads it.
+async fn stalled_get(connection: &quinn::Connection, hash: BlobHash) -> quinn::RecvStream {
+    let (mut send, recv) = connection.open_bi().await.unwrap();
+    let request = BlobRequest::Get {
+        hash,
+        ranges: Vec::new(),
+    };
+    send.write_all(&encode_frame(&request, MAX_REQUEST_LEN).unwrap())
+        .await
+        .unwrap();
+    send.finish().unwrap();
+    recv
+}
+
+/// Many get streams whose reader never reads must not hold the store's blocking threads: with
+/// a pool of two, a fresh get and put still complete at once, long before the stalled streams'
+/// deadline, and after it every stalled stream is reset with `TIMED_OUT`.
+#[test]
+fn unread_get_streams_do_not_block_other_transfers_and_are_reset_after_the_deadline() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let deadline = Duration::from_secs(3);
+        let storage = storage_with_deadline(deadline, 64);
+        // Larger than a stream's receive window plus the read-ahead, so each stalled sender
+        // blocks with data still to read.
+        let big = sample(3 * SEGMENT_LEN as usize / 2, 40);
+        let big_hash = storage.store.insert(&big).unwrap();
+        let client = client();
+        let connection = blob_client::connect(&client, &storage.addr).await.unwrap();
+        let mut stalled = Vec::new();
+        for _ in 0..8 {
+            stalled.push(stalled_get(&connection, big_hash).await);
+        }
+        // Let the stalled senders fill every window and block.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+
+        // On another connection: the stalled streams hold all of this one's flow-control credit.
+        let started = std::time::Instant::now();
+        let fresh = async {
+            let other = blob_client::connect(&client, &storage.addr).await.unwrap();
+            let small = Bytes::from(sample(100_000, 41));
+            let hash = put_bytes(&other, small.clone()).await.unwrap();
+            let mut got = Vec::new();
+            blob_client::get_into_vec(&other, hash, NO_LIMIT, PROGRESS_TIMEOUT, &mut got)
+                .await
+                .unwrap();
+            assert_eq!(got, small);
+        };
+        tokio::time::timeout(deadline - Duration::from_millis(500), fresh)
+            .await
+            .expect("a fresh put and get complete while the stalled streams hold on");
+        assert!(started.elapsed() < deadline);
+
+        // Watched without reading, which would let them make progress.
+        let resets = async {
+            for recv in &mut stalled {
+                assert_eq!(recv.received_reset().await.unwrap(), Some(codes::TIMED_OUT));
+            }
+        };
+        tokio::time::timeout(4 * deadline, resets)
+            .await
+            .expect("the stalled streams are reset after the deadline");
+    });
+}
+
+/// At most `max_transfers` gets and puts run at once; one more is refused as busy (a stat is
+/// still answered), and a slot held by a stalled stream is freed by its deadline.
+#[tokio::test]
+async fn transfers_beyond_the_cap_are_refused_busy_until_a_slot_frees() {
+    let deadline = Duration::from_millis(800);
+    let storage = storage_with_deadline(deadline, 2);
+    let big = sample(3 * SEGMENT_LEN as usize / 2, 42);
+    let hash = storage.store.insert(&big).unwrap();
+    let client = client();
+    let connection = blob_client::connect(&client, &storage.addr).await.unwrap();
+    let _first = stalled_get(&connection, hash).await;
+    let _second = stalled_get(&connection, hash).await;
+    // Both slots taken (polled: the server takes them when it reads the requests).
+    let mut refused = None;
+    for _ in 0..100 {
+        match put_bytes(&connection, Bytes::from_static(b"one too many")).await {
+            Err(error) => {
+                refused = Some(error);
+                break;
+            }
+            Ok(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    let refused = refused.expect("a third transfer is refused");
+    assert!(
+        matches!(
+            refused,
+            BlobError::Refused {
+                kind: BlobErrorKind::Busy,
+                ..
+            }
+        ),
+        "{refused:?}"
+    );
+    assert!(refused.is_transient(), "busy is worth a retry");
+    assert_eq!(
+        stat(&connection, hash).await.unwrap(),
+        BlobStatus::Complete {
+            size: big.len() as u64
+        }
+    );
+    // The stalled gets are reset at their deadline and free their slots: the retrying client
+    // gets through.
+    let started = std::time::Instant::now();
+    let policy = TransferPolicy {
+        max_attempts: 10,
+        ..TransferPolicy::default()
+    };
+    let bytes = get_to_memory(&client, &storage.addr, hash, NO_LIMIT, &policy)
+        .await
+        .unwrap();
+    assert_eq!(bytes, big);
+    assert!(started.elapsed() < 10 * deadline);
+}
+
+/// A peer that sends one byte of a request, or part of an upload, then nothing, has the stream
+/// reset and stopped with `TIMED_OUT` after the deadline; the upload's verified part is kept.
+#[tokio::test]
+async fn a_stalled_request_or_upload_is_stopped_after_the_deadline() {
+    let deadline = Duration::from_millis(500);
+    let storage = storage_with_deadline(deadline, 64);
+    let client = client();
+    let connection = blob_client::connect(&client, &storage.addr).await.unwrap();
+    let bound = 10 * deadline;
+
+    let (mut send, mut recv) = connection.open_bi().await.unwrap();
+    send.write_all(&[0]).await.unwrap();
+    let reset = tokio::time::timeout(bound, recv.received_reset())
+        .await
+        .expect("a stalled request is reset");
+    assert_eq!(reset.unwrap(), Some(codes::TIMED_OUT));
+    let stopped = tokio::time::timeout(bound, send.stopped()).await.unwrap();
+    assert_eq!(stopped.unwrap(), Some(codes::TIMED_OUT));
+
+    let bytes = sample(4 * CHUNK_GROUP_LEN as usize, 43);
+    let hash = BlobHash::of(&bytes);
+    let mut upload = start_put(&connection, bytes.len() as u64, Some(hash), true)
+        .await
+        .unwrap();
+    let half = 2 * CHUNK_GROUP_LEN as usize;
+    upload
+        .write(Bytes::copy_from_slice(&bytes[..half]))
+        .await
+        .unwrap();
+    tokio::time::sleep(deadline + Duration::from_millis(300)).await;
+    let error = tokio::time::timeout(bound, async {
+        loop {
+            // The first writes may still land in the send buffer before the stop arrives.
+            if let Err(error) = upload.write(Bytes::from_static(&[0; 16])).await {
+                return error;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the stalled upload is stopped");
+    assert!(
+        matches!(error, BlobError::Write(quinn::WriteError::Stopped(code)) if code == codes::TIMED_OUT),
+        "{error:?}"
+    );
+    assert_eq!(
+        stat(&connection, hash).await.unwrap(),
+        BlobStatus::Partial {
+            received: half as u64,
+            size: bytes.len() as u64
+        },
+        "the verified part of the stalled upload is kept for a resume"
+    );
+}
+
+/// A storage node that answers every get with a valid header, the CVs and one and a half chunk
+/// groups from where the request starts, then sends nothing more (keeping the stream and the
+/// connection open). Records the start of every request.
+fn start_stalling_server(bytes: Vec<u8>) -> (NodeAddr, Arc<std::sync::Mutex<Vec<u64>>>) {
+    let endpoint = localhost_endpoint(&seeded_key(21));
+    let addr = NodeAddr {
+        hotkey: endpoint.hotkey(),
+        addrs: vec![endpoint.local_addr().unwrap()],
+    };
+    let starts = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let recorded = Arc::clone(&starts);
+    let bytes = Arc::new(bytes);
+    tokio::spawn(async move {
+        while let Some(Ok((connection, _, _))) = endpoint.accept().await {
+            let (bytes, starts) = (Arc::clone(&bytes), Arc::clone(&recorded));
+            tokio::spawn(async move {
+                while let Ok((mut send, mut recv)) = connection.accept_bi().await {
+                    let Ok(Some(BlobRequest::Get { ranges, .. })) = read_request(&mut recv).await
+                    else {
+                        continue;
+                    };
+                    let size = bytes.len() as u64;
+                    let normalized = normalize_ranges(&ranges, size).unwrap();
+                    let start = normalized.first().map_or(size, |range| range.start);
+                    starts.lock().unwrap().push(start);
+                    let outboard = Outboard::of(&bytes);
+                    let header = BlobResponse::Header {
+                        size,
+                        segment_cvs: outboard.header_segment_cvs(),
+                    };
+                    write_response(&mut send, &header).await.unwrap();
+                    let stop = start + 3 * CHUNK_GROUP_LEN / 2;
+                    let mut wire = Vec::new();
+                    for piece in plan(size, &normalized) {
+                        match piece {
+                            Piece::GroupCvs {
+                                first_group, count, ..
+                            } => {
+                                let (first, count) = (first_group as usize, count as usize);
+                                for cv in &outboard.group_cvs[first..first + count] {
+                                    wire.extend_from_slice(cv);
+                                }
+                            }
+                            Piece::Data { offset, len } => {
+                                let end = (offset + len).min(stop);
+                                if offset < end {
+                                    wire.extend_from_slice(&bytes[offset as usize..end as usize]);
+                                }
+                            }
+                        }
+                    }
+                    send.write_all(&wire).await.unwrap();
+                    // Silent from here on; the stream stays open.
+                    tokio::spawn(async move {
+                        std::future::pending::<()>().await;
+                        drop((send, recv));
+                    });
+                }
+            });
+        }
+    });
+    (addr, starts)
+}
+
+/// A node that sends a valid header and part of the data, then nothing, while keep-alives hold
+/// the connection open: the download fails as stalled within the bound its policy sets
+/// (retried, resuming after the verified group), leaves nothing at the destination and keeps
+/// the verified group recorded for a later resume.
+#[tokio::test]
+async fn a_download_from_a_node_that_goes_silent_fails_as_stalled_and_keeps_the_verified_part() {
+    let bytes = sample(4 * CHUNK_GROUP_LEN as usize, 44);
+    let hash = BlobHash::of(&bytes);
+    let (storage, starts) = start_stalling_server(bytes);
+    let client = client();
+    let work = tempfile::tempdir().unwrap();
+    let dest = work.path().join("out");
+    let policy = TransferPolicy {
+        max_attempts: 2,
+        initial_backoff: Duration::from_millis(100),
+        progress_timeout: Duration::from_millis(400),
+        ..TransferPolicy::default()
+    };
+    let started = std::time::Instant::now();
+    let mut progress = NoProgress;
+    let download = get_to_file(
+        &client,
+        &storage,
+        hash,
+        &dest,
+        None,
+        NO_LIMIT,
+        &policy,
+        &mut progress,
+    );
+    let error = tokio::time::timeout(Duration::from_secs(20), download)
+        .await
+        .expect("the download does not hang")
+        .unwrap_err();
+    assert!(
+        matches!(error, ClientError::Blob(BlobError::Stalled { idle }) if idle == policy.progress_timeout),
+        "{error:?}"
+    );
+    // Two stalls of 0.4 s and a 0.1 s backoff, with room for a busy machine.
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    let group = CHUNK_GROUP_LEN;
+    assert_eq!(
+        *starts.lock().unwrap(),
+        vec![0, group],
+        "the retry resumed after the verified group"
+    );
+    assert!(!dest.exists(), "nothing at the destination");
+    let state = std::fs::read_to_string(work.path().join("out.partial.state")).unwrap();
+    assert_eq!(state.trim(), format!("{hash} {}", 2 * group));
+}
+
+/// A storage node that does not answer at all is reported unreachable once the dial budget is
+/// spent, not after every attempt's handshake timeout.
+#[tokio::test]
+async fn a_dead_storage_node_is_reported_unreachable_within_the_dial_budget() {
+    // A bound socket that never answers: the handshake gets no reply.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let storage = NodeAddr {
+        hotkey: seeded_key(22).hotkey(),
+        addrs: vec![silent.local_addr().unwrap()],
+    };
+    let client = client();
+    let policy = TransferPolicy {
+        dial_budget: Duration::from_secs(1),
+        ..TransferPolicy::default()
+    };
+    let started = std::time::Instant::now();
+    let download = get_to_memory(&client, &storage, BlobHash([1; 32]), NO_LIMIT, &policy);
+    let error = tokio::time::timeout(Duration::from_secs(8), download)
+        .await
+        .expect("an unreachable node is reported within the dial budget")
+        .unwrap_err();
+    assert!(
+        matches!(error, ClientError::Unreachable { hotkey, .. } if hotkey == storage.hotkey),
+        "{error:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+/// A `horde node --role storage` child process, killed when dropped.
+struct StorageProcess {
+    child: std::process::Child,
+    addr: NodeAddr,
+}
+
+impl Drop for StorageProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts a storage node in `dir` whose files cannot grow past `max_file_kib` KiB: its shell
+/// ignores SIGXFSZ (inherited across exec) and sets RLIMIT_FSIZE, so a write past the limit
+/// fails with EFBIG, as it would on a full disk with ENOSPC.
+fn start_storage_process(dir: &Path, max_file_kib: u64) -> StorageProcess {
+    use std::io::{BufRead as _, BufReader};
+    let horde = env!("CARGO_BIN_EXE_horde");
+    let key = SecretKey::from_seed(&[23; 32]);
+    let key_file = dir.join("hotkey.json");
+    key.write_key_file(&key_file).unwrap();
+    let config = dir.join("node.toml");
+    std::fs::write(
+        &config,
+        "role = \"storage\"\nlisten = \"127.0.0.1:0\"\n[discovery]\nenabled = false\n",
+    )
+    .unwrap();
+    // `ulimit -f` counts 512-byte blocks in dash and 1 KiB blocks in bash: at most this many KiB.
+    let script = format!("trap '' XFSZ; ulimit -f {max_file_kib} && exec \"$0\" \"$@\"");
+    let mut child = std::process::Command::new("sh")
+        .args(["-c", &script, horde, "node", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (lines, started) = std::sync::mpsc::sync_channel(64);
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = lines.try_send(line);
+        }
+    });
+    let mut process = StorageProcess {
+        child,
+        addr: NodeAddr {
+            hotkey: key.hotkey(),
+            addrs: Vec::new(),
+        },
+    };
+    let line = loop {
+        let line = started
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the storage node logs its start within 30 s");
+        if line.contains("horde node started") {
+            break line;
+        }
+    };
+    let listen = line
+        .split_whitespace()
+        .find_map(|field| field.strip_prefix("listen="))
+        .expect("listen address in the log");
+    process.addr.addrs.push(listen.parse().unwrap());
+    process
+}
+
+/// A put to a store whose writes fail for want of room is refused with `StorageFull` and the
+/// stream stopped with `STORAGE_FULL` (not a protocol violation), and nothing appears under
+/// `blobs/`.
+#[tokio::test]
+async fn a_put_to_a_full_store_is_refused_as_storage_full() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_storage_process(dir.path(), 64);
+    let client = client();
+    let connection = blob_client::connect(&client, &node.addr).await.unwrap();
+
+    // Raw, to see the stop code: more than one write batch (1 MiB) of a larger blob, unfinished.
+    let size = 2 << 20;
+    let request = BlobRequest::Put {
+        size,
+        hash: None,
+        resume: false,
+    };
+    let (mut send, mut recv) = connection.open_bi().await.unwrap();
+    send.write_all(&encode_frame(&request, MAX_REQUEST_LEN).unwrap())
+        .await
+        .unwrap();
+    let ready: BlobResponse = FrameReader::new(1 << 20)
+        .read(&mut recv)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(ready, BlobResponse::PutReady { offset: 0 });
+    let _ = send.write_all(&sample((1 << 20) + 4096, 45)).await;
+    let stopped = tokio::time::timeout(Duration::from_secs(10), send.stopped())
+        .await
+        .expect("the store stops the upload")
+        .unwrap();
+    assert_eq!(stopped, Some(codes::STORAGE_FULL));
+    let refusal: BlobResponse = FrameReader::new(1 << 20)
+        .read(&mut recv)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(
+            refusal,
+            BlobResponse::Error {
+                kind: BlobErrorKind::StorageFull,
+                ..
+            }
+        ),
+        "{refusal:?}"
+    );
+
+    // Through the client: a typed refusal, not retried.
+    let work = tempfile::tempdir().unwrap();
+    let source = write_file(work.path(), "in", &sample(3 << 19, 46));
+    let error = put_file(
+        &client,
+        &node.addr,
+        &source,
+        &TransferPolicy::default(),
+        &mut NoProgress,
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(
+            error,
+            ClientError::Blob(BlobError::Refused {
+                kind: BlobErrorKind::StorageFull,
+                ..
+            })
+        ),
+        "{error:?}"
+    );
+    let blobs = dir.path().join("storage-data").join("blobs");
+    assert_eq!(std::fs::read_dir(&blobs).unwrap().count(), 0, "{blobs:?}");
 }

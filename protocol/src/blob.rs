@@ -155,8 +155,10 @@ pub enum BlobErrorKind {
     HashMismatch,
     /// Another upload of the same hash is in progress.
     Busy,
-    /// The store failed locally (disk full, I/O error).
+    /// The store failed locally (an I/O error other than running out of room).
     Internal,
+    /// The store has no room for the upload (disk full, quota or file size limit reached).
+    StorageFull,
 }
 
 /// A server's answer frame.

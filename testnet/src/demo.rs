@@ -245,8 +245,14 @@ pub async fn run_demo(testnet: &Testnet, out: &mut impl Write) -> anyhow::Result
             &[horde_transport::ALPN_BLOB],
         ),
     )?;
-    let log = horde_node::blob_client::get_to_memory(&downloader, &storage, stdout.hash, 16 << 20)
-        .await?;
+    let log = horde_node::blob_client::get_to_memory(
+        &downloader,
+        &storage,
+        stdout.hash,
+        16 << 20,
+        &Default::default(),
+    )
+    .await?;
     step(
         out,
         format!(

@@ -214,13 +214,25 @@ async fn whole_flow_with_every_kind_of_traffic() {
 
     // Outputs and logs are downloadable from storage.
     let downloader = horde_transport::test_utils::localhost_endpoint(&SecretKey::generate());
-    let bytes = horde_node::blob_client::get_to_memory(&downloader, &storage, output.hash, 1 << 20)
-        .await
-        .unwrap();
+    let bytes = horde_node::blob_client::get_to_memory(
+        &downloader,
+        &storage,
+        output.hash,
+        1 << 20,
+        &Default::default(),
+    )
+    .await
+    .unwrap();
     assert_eq!(bytes, &b"the result"[..]);
-    let log = horde_node::blob_client::get_to_memory(&downloader, &storage, stdout.hash, 1 << 20)
-        .await
-        .unwrap();
+    let log = horde_node::blob_client::get_to_memory(
+        &downloader,
+        &storage,
+        stdout.hash,
+        1 << 20,
+        &Default::default(),
+    )
+    .await
+    .unwrap();
     assert!(
         String::from_utf8_lossy(&log).contains("/echo"),
         "{}",
@@ -896,8 +908,14 @@ async fn declared_outputs_and_logs_are_uploaded_when_the_job_ends() {
     );
     let downloader = horde_transport::test_utils::localhost_endpoint(&SecretKey::generate());
     let answer = &result.outputs[0];
-    let bytes = horde_node::blob_client::get_to_memory(&downloader, &storage, answer.hash, 1 << 20)
-        .await
-        .unwrap();
+    let bytes = horde_node::blob_client::get_to_memory(
+        &downloader,
+        &storage,
+        answer.hash,
+        1 << 20,
+        &Default::default(),
+    )
+    .await
+    .unwrap();
     assert_eq!(bytes, &b"the answer\n"[..]);
 }

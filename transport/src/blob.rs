@@ -13,12 +13,19 @@
 //! A receiver that finds a bad chunk group stops the stream with [`STOP_INTEGRITY`] and returns
 //! [`BlobError::Integrity`]; data verified before the failure is still handed out first, so a
 //! resume never re-fetches more than one chunk group beyond what is missing.
+//!
+//! Both sides give up on a stream that makes no progress for a *progress timeout*
+//! ([`PROGRESS_TIMEOUT`] by default): the receiver when no byte arrives, the server when the
+//! peer takes none of what it sends. QUIC keep-alives keep a silent peer's connection open, so
+//! only this tells a stalled transfer from a slow one. The operation then fails with
+//! [`BlobError::Stalled`]; a receiver stops the stream with [`codes::TIMED_OUT`].
 
 use std::io;
 use std::ops::Range;
 use std::os::unix::fs::FileExt as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use horde_protocol::BlobHash;
@@ -32,6 +39,7 @@ use quinn::VarInt;
 use serde::de::DeserializeOwned;
 use tokio::sync::{mpsc, watch};
 
+use crate::codes;
 use crate::framed::{ChannelError, FrameReader};
 
 mod buffer;
@@ -45,8 +53,17 @@ pub const STOP_TOO_LARGE: VarInt = VarInt::from_u32(0x11);
 /// Stream stop code: the receiver no longer wants the data (cancelled, local failure).
 pub const STOP_CANCELLED: VarInt = VarInt::from_u32(0x12);
 
-/// Pieces read ahead from disk while the previous ones are being sent.
+/// Pieces read from disk per blocking task (up to 4 MiB): the next batch is read while the
+/// previous one is sent, so the disk and the network overlap, and a blocking thread only ever
+/// waits for the disk, never for the peer.
 const READ_AHEAD_PIECES: usize = 4;
+
+/// Default progress timeout of a blob stream: 30 s without a byte received, or without the peer
+/// taking any of what we send. Three idle timeouts ([`crate::MAX_IDLE_TIMEOUT`]): far longer
+/// than any pause a healthy peer makes (the sender writes at most a 1 MiB piece at a time, so a
+/// reader taking 35 kB/s never trips it), short enough that a peer that stops reading or
+/// sending releases its stream, memory and file handles within half a minute.
+pub const PROGRESS_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A blob transfer failed.
 #[derive(Debug, thiserror::Error)]
@@ -101,17 +118,40 @@ pub enum BlobError {
     /// A local I/O error (reading the blob from disk).
     #[error("local I/O: {0}")]
     Io(#[from] io::Error),
+    /// The stream made no progress for the progress timeout: the peer sent nothing, or took
+    /// nothing of what we sent, for that long.
+    #[error("the stream made no progress for {idle:?}")]
+    Stalled {
+        /// The progress timeout that expired.
+        idle: Duration,
+    },
 }
 
 impl BlobError {
     /// Whether retrying on a new connection may succeed (the connection or stream was lost).
     pub fn is_transient(&self) -> bool {
         match self {
-            Self::Read(_) | Self::Write(_) | Self::Connection(_) | Self::Truncated { .. } => true,
+            Self::Read(_)
+            | Self::Write(_)
+            | Self::Connection(_)
+            | Self::Truncated { .. }
+            | Self::Stalled { .. } => true,
             Self::Channel(ChannelError::Read(_) | ChannelError::Write(_)) => true,
             Self::Refused { kind, .. } => *kind == BlobErrorKind::Busy,
             _ => false,
         }
+    }
+}
+
+/// Runs one step of a transfer that needs the peer (a read, a write), failing with
+/// [`BlobError::Stalled`] if it makes no progress within `limit`.
+pub async fn within_progress_timeout<T, E: Into<BlobError>>(
+    limit: Duration,
+    step: impl Future<Output = Result<T, E>>,
+) -> Result<T, BlobError> {
+    match tokio::time::timeout(limit, step).await {
+        Ok(result) => result.map_err(Into::into),
+        Err(_) => Err(BlobError::Stalled { idle: limit }),
     }
 }
 
@@ -152,17 +192,17 @@ impl Backing {
     }
 }
 
-/// Reads consecutive pieces of a [`Backing`] for one response. For a file it reads through a
-/// private open file description (its own cursor) into fresh, unzeroed buffers; if that cannot
-/// be opened it falls back to positional reads.
-struct SequentialReader<'a> {
-    backing: &'a Backing,
+/// Reads the pieces of one response, in order. Data from a file is read through a private
+/// open file description (its own cursor) into fresh, unzeroed buffers; if that cannot be
+/// opened it falls back to positional reads. Blocking: call from a blocking context.
+struct SequentialReader {
+    blob: ServedBlob,
     private: Option<(std::fs::File, u64)>,
 }
 
-impl<'a> SequentialReader<'a> {
-    fn new(backing: &'a Backing) -> Self {
-        let private = match backing {
+impl SequentialReader {
+    fn new(blob: ServedBlob) -> Self {
+        let private = match &blob.data {
             Backing::File(file) => {
                 use std::os::fd::AsRawFd as _;
                 // Reopening through procfs gives a new file description, so this cursor is
@@ -180,13 +220,20 @@ impl<'a> SequentialReader<'a> {
             }
             Backing::Memory(_) => None,
         };
-        Self { backing, private }
+        Self { blob, private }
     }
 
-    fn read(&mut self, offset: u64, len: u64) -> io::Result<Bytes> {
+    fn read_piece(&mut self, piece: Piece) -> io::Result<Bytes> {
+        match piece {
+            Piece::Data { offset, len } => self.read_data(offset, len),
+            Piece::GroupCvs { .. } => self.blob.read_piece(piece),
+        }
+    }
+
+    fn read_data(&mut self, offset: u64, len: u64) -> io::Result<Bytes> {
         use std::io::{Read as _, Seek as _};
         let Some((file, position)) = self.private.as_mut() else {
-            return self.backing.read_at(offset, len);
+            return self.blob.data.read_at(offset, len);
         };
         if *position != offset {
             file.seek(io::SeekFrom::Start(offset))?;
@@ -307,23 +354,25 @@ fn unexpected(response: &BlobResponse) -> BlobError {
 
 /// Server side of `Get`: answers with the header and streams the planned pieces of `ranges`,
 /// then finishes the stream. Returns the bytes written after the header.
+///
+/// Every write must make progress within `progress_timeout`, else [`BlobError::Stalled`] is
+/// returned and the caller resets the stream. Disk reads run on blocking threads a batch at a
+/// time and never wait for the peer: a peer that stops reading holds no blocking thread.
 pub async fn serve_get(
     send: &mut quinn::SendStream,
     blob: &ServedBlob,
     ranges: &[ByteRange],
+    progress_timeout: Duration,
 ) -> Result<u64, BlobError> {
     let normalized = match normalize_ranges(ranges, blob.size) {
         Ok(normalized) => normalized,
         Err(error) => {
             let message = error.to_string();
-            write_response(
-                send,
-                &BlobResponse::Error {
-                    kind: BlobErrorKind::BadRequest,
-                    message: message.clone(),
-                },
-            )
-            .await?;
+            let response = BlobResponse::Error {
+                kind: BlobErrorKind::BadRequest,
+                message: message.clone(),
+            };
+            within_progress_timeout(progress_timeout, write_response(send, &response)).await?;
             let _ = send.finish();
             return Err(BlobError::Protocol(message));
         }
@@ -336,48 +385,56 @@ pub async fn serve_get(
             .await
             .map_err(io::Error::other)??
     };
-    write_response(
-        send,
-        &BlobResponse::Header {
-            size: blob.size,
-            segment_cvs,
-        },
-    )
-    .await?;
+    let header = BlobResponse::Header {
+        size: blob.size,
+        segment_cvs,
+    };
+    within_progress_timeout(progress_timeout, write_response(send, &header)).await?;
     let pieces = plan(blob.size, &normalized);
     let mut sent = 0u64;
     if blob.data.is_memory() && blob.outboard.is_memory() {
         for piece in pieces {
             let bytes = blob.read_piece(piece)?;
             sent += bytes.len() as u64;
-            send.write_chunk(bytes).await?;
+            within_progress_timeout(progress_timeout, send.write_chunk(bytes)).await?;
         }
     } else {
-        // Disk reads run on a blocking thread, a few pieces ahead of the network.
-        let (sender, mut receiver) = mpsc::channel::<io::Result<Bytes>>(READ_AHEAD_PIECES);
-        let reader_blob = blob.clone();
-        let reader = tokio::task::spawn_blocking(move || {
-            let mut data = SequentialReader::new(&reader_blob.data);
-            for piece in pieces {
-                let result = match piece {
-                    Piece::Data { offset, len } => data.read(offset, len),
-                    Piece::GroupCvs { .. } => reader_blob.read_piece(piece),
-                };
-                let failed = result.is_err();
-                if sender.blocking_send(result).is_err() || failed {
-                    break;
-                }
+        let mut pieces = pieces.into_iter();
+        let mut reading = Some(read_batch(blob, None, &mut pieces));
+        while let Some(batch) = reading.take() {
+            let (reader, batch) = batch.await.map_err(io::Error::other)?;
+            // The next batch is read while this one is sent; if the peer stalls, the task is
+            // dropped with it and its thread ends after that one bounded read.
+            if !pieces.as_slice().is_empty() {
+                reading = Some(read_batch(blob, Some(reader), &mut pieces));
             }
-        });
-        while let Some(bytes) = receiver.recv().await {
-            let bytes = bytes?;
-            sent += bytes.len() as u64;
-            send.write_chunk(bytes).await?;
+            for bytes in batch? {
+                sent += bytes.len() as u64;
+                within_progress_timeout(progress_timeout, send.write_chunk(bytes)).await?;
+            }
         }
-        reader.await.map_err(io::Error::other)?;
     }
     let _ = send.finish();
     Ok(sent)
+}
+
+/// Reads the next [`READ_AHEAD_PIECES`] of `pieces` on a blocking thread, with `reader` (or a
+/// new one for `blob`); returns the reader for the next batch with the bytes.
+fn read_batch(
+    blob: &ServedBlob,
+    reader: Option<SequentialReader>,
+    pieces: &mut std::vec::IntoIter<Piece>,
+) -> tokio::task::JoinHandle<(SequentialReader, io::Result<Vec<Bytes>>)> {
+    let batch: Vec<Piece> = pieces.by_ref().take(READ_AHEAD_PIECES).collect();
+    let blob = blob.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut reader = reader.unwrap_or_else(|| SequentialReader::new(blob));
+        let bytes = batch
+            .into_iter()
+            .map(|piece| reader.read_piece(piece))
+            .collect();
+        (reader, bytes)
+    })
 }
 
 /// Verified bytes of a blob: `bytes` is the blob's content at `offset..offset + bytes.len()`.
@@ -417,6 +474,8 @@ pub struct GetStream {
     receiver: Option<ReceiverGuard>,
     wire_bytes: Arc<AtomicU64>,
     failed: bool,
+    /// How long the receiver waits for the next bytes before giving up.
+    progress_timeout: Duration,
 }
 
 /// Aborts the receiving task when the stream is dropped (its `RecvStream` is then dropped, which
@@ -439,24 +498,29 @@ enum Output {
 
 /// Client side of `Get`: opens a stream on `connection`, asks for `ranges` of `hash` (empty:
 /// everything) and checks the header: the size against `max_size`, the segment CVs against the
-/// hash.
+/// hash. Opening the stream, sending the request, the header and then every read of the body
+/// must each make progress within `progress_timeout`, else the transfer fails with
+/// [`BlobError::Stalled`] (and the stream is stopped with [`codes::TIMED_OUT`]).
 pub async fn request_get(
     connection: &quinn::Connection,
     hash: BlobHash,
     ranges: Vec<ByteRange>,
     max_size: u64,
+    progress_timeout: Duration,
 ) -> Result<GetStream, BlobError> {
-    let (mut send, mut recv) = connection.open_bi().await?;
-    write_request(
-        &mut send,
-        &BlobRequest::Get {
-            hash,
-            ranges: ranges.clone(),
-        },
-    )
-    .await?;
+    let (mut send, mut recv) =
+        within_progress_timeout(progress_timeout, connection.open_bi()).await?;
+    let request = BlobRequest::Get {
+        hash,
+        ranges: ranges.clone(),
+    };
+    within_progress_timeout(progress_timeout, write_request(&mut send, &request)).await?;
     let _ = send.finish();
-    let (size, segment_cvs) = match read_response(&mut recv).await? {
+    let header = within_progress_timeout(progress_timeout, read_response(&mut recv)).await;
+    if let Err(BlobError::Stalled { .. }) = header {
+        let _ = recv.stop(codes::TIMED_OUT);
+    }
+    let (size, segment_cvs) = match header? {
         BlobResponse::Header { size, segment_cvs } => (size, segment_cvs),
         BlobResponse::NotFound => return Err(BlobError::NotFound(hash)),
         BlobResponse::Error { kind, message } => return Err(refused(kind, message)),
@@ -502,6 +566,7 @@ pub async fn request_get(
         receiver: None,
         wire_bytes: Arc::new(AtomicU64::new(0)),
         failed: false,
+        progress_timeout,
     })
 }
 
@@ -536,8 +601,9 @@ impl GetStream {
         start: u64,
     ) -> tokio::task::JoinHandle<(Verifier<K>, Result<(), BlobError>)> {
         let wire_bytes = Arc::clone(&self.wire_bytes);
+        let progress_timeout = self.progress_timeout;
         let task = tokio::spawn(async move {
-            let mut verifier = Verifier::new(tree, sink, start);
+            let mut verifier = Verifier::new(tree, sink, start, progress_timeout);
             let result = verifier.receive(recv, &wire_bytes).await;
             (verifier, result)
         });
@@ -1056,17 +1122,20 @@ struct Verifier<K> {
     /// `window[..verified]` is verified.
     verified: usize,
     sink: K,
+    /// How long to wait for the next bytes from the peer.
+    progress_timeout: Duration,
 }
 
 impl<K: Sink> Verifier<K> {
     /// A verifier for data starting at blob offset `start`.
-    fn new(tree: Tree, sink: K, start: u64) -> Self {
+    fn new(tree: Tree, sink: K, start: u64, progress_timeout: Duration) -> Self {
         Self {
             tree,
             window_base: start,
             filled: 0,
             verified: 0,
             sink,
+            progress_timeout,
         }
     }
 
@@ -1181,7 +1250,8 @@ impl<K: Sink> Verifier<K> {
     /// Reads and verifies the response body until the plan is complete or the transfer fails.
     /// On a failure, the bytes verified before it are handed on, nothing after them, then the
     /// error is returned (and the stream stopped with [`STOP_INTEGRITY`] for an integrity
-    /// failure, [`STOP_CANCELLED`] otherwise).
+    /// failure, [`codes::TIMED_OUT`] when the peer sent nothing for the progress timeout,
+    /// [`STOP_CANCELLED`] otherwise).
     async fn receive(
         &mut self,
         mut recv: quinn::RecvStream,
@@ -1191,6 +1261,9 @@ impl<K: Sink> Verifier<K> {
         match &result {
             Err(BlobError::Integrity { .. }) => {
                 let _ = recv.stop(STOP_INTEGRITY);
+            }
+            Err(BlobError::Stalled { .. }) => {
+                let _ = recv.stop(codes::TIMED_OUT);
             }
             Err(_) => {
                 let _ = recv.stop(STOP_CANCELLED);
@@ -1211,7 +1284,8 @@ impl<K: Sink> Verifier<K> {
     ) -> Result<(), BlobError> {
         let mut chunks = vec![Bytes::new(); READ_BATCH];
         while !self.tree.is_complete() {
-            let Some(count) = recv.read_chunks(&mut chunks).await? else {
+            let read = recv.read_chunks(&mut chunks);
+            let Some(count) = within_progress_timeout(self.progress_timeout, read).await? else {
                 return Err(BlobError::Truncated {
                     missing: self.tree.missing(),
                 });

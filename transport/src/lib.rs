@@ -78,4 +78,10 @@ pub mod codes {
     pub const BUSY: VarInt = VarInt::from_u32(5);
     /// A local failure unrelated to the peer's behaviour.
     pub const INTERNAL: VarInt = VarInt::from_u32(6);
+    /// The stream made no progress within its deadline: the peer sent nothing, or read nothing
+    /// of what we sent, for that long. The stream is given up; its resources are released.
+    pub const TIMED_OUT: VarInt = VarInt::from_u32(7);
+    /// The node has no room for the data (disk full, quota or file size limit reached); the
+    /// request itself was fine.
+    pub const STORAGE_FULL: VarInt = VarInt::from_u32(8);
 }

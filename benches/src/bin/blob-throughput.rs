@@ -28,12 +28,12 @@ use std::time::{Instant, SystemTime};
 use anyhow::{Context as _, bail};
 use bytes::Bytes;
 use horde_node::blob_client::{
-    self, NoProgress, Progress, get_into_buffer, get_to_file_once, get_to_memory,
+    self, NoProgress, Progress, TransferPolicy, get_into_buffer, get_to_file_once, get_to_memory,
 };
 use horde_node::storage::{BlobStore, StoreLimits, serve};
 use horde_protocol::blob::CHUNK_GROUP_LEN;
 use horde_protocol::{NodeAddr, SecretKey};
-use horde_transport::blob::{BlobBuffer, ServedBlob, read_request, serve_get};
+use horde_transport::blob::{BlobBuffer, PROGRESS_TIMEOUT, ServedBlob, read_request, serve_get};
 use horde_transport::{
     ALPN_BLOB, ClientPolicy, EndpointConfig, HordeEndpoint, client_tls_config, default_validity,
     self_signed_certificate, server_name_for, server_tls_config,
@@ -435,7 +435,7 @@ async fn serve_memory(server: Arc<HordeEndpoint>, blob: ServedBlob) {
                     if let Ok(Some(horde_protocol::blob::BlobRequest::Get { ranges, .. })) =
                         read_request(&mut recv).await
                     {
-                        let _ = serve_get(&mut send, &blob, &ranges).await;
+                        let _ = serve_get(&mut send, &blob, &ranges, PROGRESS_TIMEOUT).await;
                         let _ = send.stopped().await;
                         print_stats("horde mem sender", &connection);
                     }
@@ -504,13 +504,30 @@ async fn resume_measurement(
         total: 0,
         done: 0,
     };
-    let first = get_to_file_once(&connection, hash, &dest, None, u64::MAX, &mut cut).await;
+    let first = get_to_file_once(
+        &connection,
+        hash,
+        &dest,
+        None,
+        u64::MAX,
+        PROGRESS_TIMEOUT,
+        &mut cut,
+    )
+    .await;
     if first.is_ok() {
         bail!("the cut did not interrupt the transfer");
     }
     let connection = blob_client::connect(client, storage).await?;
-    let outcome =
-        get_to_file_once(&connection, hash, &dest, None, u64::MAX, &mut NoProgress).await?;
+    let outcome = get_to_file_once(
+        &connection,
+        hash,
+        &dest,
+        None,
+        u64::MAX,
+        PROGRESS_TIMEOUT,
+        &mut NoProgress,
+    )
+    .await?;
     let missing = size - cut.done;
     Ok(ResumeReport {
         size,
@@ -636,7 +653,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         // The reused buffer is filled once before the rounds (not measured): from then on its
         // memory is mapped, the same footing as raw quinn, which allocates nothing per transfer.
         let mut reused = BlobBuffer::new();
-        get_into_buffer(&connection, hash, u64::MAX, &mut reused).await?;
+        get_into_buffer(&connection, hash, u64::MAX, PROGRESS_TIMEOUT, &mut reused).await?;
         memory = Some(MemoryRows {
             server: addr,
             connection,
@@ -702,7 +719,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let mut received = Bytes::new();
             let (client, server, slot) = (&client, &memory.server, &mut received);
             let fetch = move || async move {
-                *slot = get_to_memory(client, server, hash, u64::MAX).await?;
+                *slot = get_to_memory(client, server, hash, u64::MAX, &TransferPolicy::default())
+                    .await?;
                 Ok(())
             };
             results.push(measure(MEM, round, size, fetch).await?);
@@ -714,7 +732,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let (connection, reused) = (&memory.connection, &mut memory.reused);
             reused.clear();
             let fetch = move || async move {
-                get_into_buffer(connection, hash, u64::MAX, reused).await?;
+                get_into_buffer(connection, hash, u64::MAX, PROGRESS_TIMEOUT, reused).await?;
                 Ok(())
             };
             results.push(measure(MEM_REUSED, round, size, fetch).await?);
@@ -732,6 +750,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     &dest,
                     None,
                     u64::MAX,
+                    PROGRESS_TIMEOUT,
                     &mut NoProgress,
                 )
                 .await?;
