@@ -8,6 +8,11 @@
 //! let connection = job.connect_job(&endpoint).await?; // TLS pinned to the job key
 //! ```
 //!
+//! A [`JobHandle`] that loses its link to the facilitator (a facilitator restart, a network
+//! outage) attaches to the job again by itself, with backoff, for up to [`REATTACH_WINDOW`]; the
+//! statuses it had already seen are skipped in the replayed history, so the caller sees each one
+//! once and in order.
+//!
 //! Cross-validation: [`compare_http`] runs one request on a job and on a trusted job and judges
 //! the answers; a wrong answer becomes [`ReportEvidence`] (endpoint record + the job's receipt),
 //! which [`Client::sign_report`] signs into a `MinerReport` and [`Client::report`] sends to the
@@ -29,6 +34,19 @@ use horde_transport::{
     ALPN_CONTROL, ALPN_JOB, ChannelError, ClientPolicy, ConnectError, EndpointConfig,
     HordeEndpoint, JobSession, SessionError, open_session, split,
 };
+
+/// How long a [`JobHandle`] keeps trying to attach to its job again after its link to the
+/// facilitator is lost, before it reports the loss: a facilitator restarts in seconds, and half
+/// a minute also rides out a short network outage.
+pub const REATTACH_WINDOW: Duration = Duration::from_secs(30);
+
+/// The first pause between attach attempts, doubled after each failure up to
+/// [`REATTACH_MAX_BACKOFF`]. (An attempt itself lasts until the facilitator answers or the
+/// handshake times out, so a restarting facilitator is caught by the attempt's own retries.)
+const REATTACH_FIRST_BACKOFF: Duration = Duration::from_millis(100);
+
+/// The longest pause between attach attempts.
+const REATTACH_MAX_BACKOFF: Duration = Duration::from_secs(2);
 
 /// How long a spec stays valid after signing unless the request says otherwise.
 pub const DEFAULT_SPEC_LIFETIME: Duration = Duration::from_secs(600);
@@ -322,8 +340,7 @@ impl Client {
         job_id: JobId,
         client_key: Option<SecretKey>,
     ) -> Result<JobHandle, ClientError> {
-        let connection = self.connect().await?;
-        let session = open_session(&connection, job_id, &DownMessage::Attach(job_id)).await?;
+        let (session, connection) = self.attach_session(job_id).await?;
         Ok(JobHandle::new(
             job_id,
             client_key,
@@ -331,6 +348,15 @@ impl Client {
             connection,
             self.clone(),
         ))
+    }
+
+    async fn attach_session(
+        &self,
+        job_id: JobId,
+    ) -> Result<(JobSession, quinn::Connection), ClientError> {
+        let connection = self.connect().await?;
+        let session = open_session(&connection, job_id, &DownMessage::Attach(job_id)).await?;
+        Ok((session, connection))
     }
 }
 
@@ -387,22 +413,79 @@ impl JobHandle {
         self.miner
     }
 
-    /// The next pushed status; `None` after a terminal one.
+    /// The next pushed status; `None` after a terminal one. A lost link to the facilitator is
+    /// mended by attaching again (see the module docs); the error comes only when that fails
+    /// for [`REATTACH_WINDOW`].
     pub async fn next_status(&mut self) -> Result<Option<StatusUpdate>, ClientError> {
         if self.ended {
             return Ok(None);
         }
-        let message = self.session.recv().await?;
+        loop {
+            let message = match self.session.recv().await {
+                Ok(Some(message)) => message,
+                // The stream or its connection is gone, not the job.
+                Ok(None) => {
+                    self.reattach(ClientError::StreamClosed).await?;
+                    continue;
+                }
+                Err(error @ (ChannelError::Read(_) | ChannelError::Io(_))) => {
+                    self.reattach(error.into()).await?;
+                    continue;
+                }
+                Err(error) => return Err(error.into()),
+            };
+            if let Some(update) = self.accept_status(message)? {
+                return Ok(Some(update));
+            }
+        }
+    }
+
+    /// Attaches to the job again after `cause` broke the status stream, retrying with backoff
+    /// for up to [`REATTACH_WINDOW`]; returns `cause` (or the last attempt's error) if it
+    /// cannot.
+    async fn reattach(&mut self, cause: ClientError) -> Result<(), ClientError> {
+        tracing::info!(job = %self.job_id.fmt_short(), error = %cause, "status stream lost; attaching again");
+        let deadline = tokio::time::Instant::now() + REATTACH_WINDOW;
+        let mut backoff = REATTACH_FIRST_BACKOFF;
+        let mut last = cause;
+        loop {
+            match tokio::time::timeout_at(deadline, self.client.attach_session(self.job_id)).await {
+                Ok(Ok((session, connection))) => {
+                    self.session = session;
+                    self._connection = connection;
+                    return Ok(());
+                }
+                Ok(Err(error)) => last = error,
+                Err(_) => return Err(last),
+            }
+            if tokio::time::Instant::now() + backoff >= deadline {
+                return Err(last);
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(REATTACH_MAX_BACKOFF);
+        }
+    }
+
+    /// Takes in one message of the status stream: the status it carries, or `None` for one
+    /// already seen (replayed after attaching again).
+    fn accept_status(
+        &mut self,
+        message: ControlMessage,
+    ) -> Result<Option<StatusUpdate>, ClientError> {
         let update = match message {
-            None => return Err(ClientError::StreamClosed),
-            Some(ControlMessage::Up(UpMessage::Status(update))) => update,
-            Some(ControlMessage::Up(UpMessage::Rejected(reason))) => StatusUpdate {
+            ControlMessage::Up(UpMessage::Status(update)) => {
+                if usize::try_from(update.seq).is_ok_and(|seq| seq < self.history.len()) {
+                    return Ok(None);
+                }
+                update
+            }
+            ControlMessage::Up(UpMessage::Rejected(reason)) => StatusUpdate {
                 job_id: self.job_id,
                 seq: u32::try_from(self.history.len()).unwrap_or(u32::MAX),
                 at: now(),
                 status: JobStatus::Rejected(reason),
             },
-            Some(other) => return Err(ClientError::Unexpected(format!("{other:?}"))),
+            other => return Err(ClientError::Unexpected(format!("{other:?}"))),
         };
         if update.job_id != self.job_id {
             return Err(ClientError::Unexpected(format!(

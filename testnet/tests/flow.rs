@@ -623,16 +623,25 @@ async fn facilitator_restart_keeps_the_record_and_fails_the_job_explicitly() {
     let client = Client::new(account.clone(), testnet.facilitator()).unwrap();
     let mut job = client.submit(&demo_request()).await.unwrap();
     endpoint(&mut job, &testnet).await;
-    let seen = job.history().len();
+    let seen = job.history().to_vec();
     testnet.restart("facilitator").unwrap();
+    // The handle notices (the restarted facilitator resets the old connection at once) and
+    // attaches again by itself; each status reaches it once, in order.
+    let end = tokio::time::timeout(Duration::from_secs(15), job.wait_for_end())
+        .await
+        .expect("the handle re-attaches and the job ends")
+        .unwrap();
+    let history = job.history();
+    assert!(history.len() > seen.len(), "{history:?}");
+    assert_eq!(&history[..seen.len()], seen.as_slice());
+    for (index, update) in history.iter().enumerate() {
+        assert_eq!(update.seq as usize, index, "{history:?}");
+    }
+    // A new client of the same account attaching reads the same history.
     let client = Client::new(account, testnet.facilitator()).unwrap();
     let mut attached = client.attach(job.job_id(), None).await.unwrap();
-    let end = attached.wait_for_end().await.unwrap();
-    let history = attached.history();
-    assert!(history.len() > seen, "{history:?}");
-    for (before, after) in job.history().iter().zip(history) {
-        assert_eq!(before, after, "history survives the restart intact");
-    }
+    assert_eq!(attached.wait_for_end().await.unwrap(), end);
+    assert_eq!(attached.history(), history);
     match end {
         JobStatus::HordeFailed(failure) => {
             assert!(failure.reason.contains("restarted"), "{}", failure.reason);

@@ -377,6 +377,59 @@ impl std::fmt::Debug for HordeEndpoint {
     }
 }
 
+/// The key of our stateless-reset tokens, derived from the node's identity key so that it is the
+/// same after a restart: a node restarted with its key answers packets of the connections it
+/// has forgotten with a stateless reset its peers accept (RFC 9000 §10.3), and they drop those
+/// connections at once rather than after the idle timeout. A keyed BLAKE3 MAC under a key
+/// derived for this purpose only.
+struct ResetKey([u8; 32]);
+
+impl std::fmt::Debug for ResetKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ResetKey(..)")
+    }
+}
+
+impl ResetKey {
+    fn derive(key: &SecretKey) -> Self {
+        Self(blake3::derive_key(
+            "horde 2026 QUIC stateless reset key",
+            key.seed().as_slice(),
+        ))
+    }
+}
+
+/// The key our connection ids are made (and recognized) with, derived from the node's identity
+/// like [`ResetKey`]: a restarted node must recognize its old connection ids as its own to
+/// answer them with a stateless reset (quinn drops packets whose id it did not make).
+fn connection_id_key(key: &SecretKey) -> u64 {
+    let derived = blake3::derive_key("horde 2026 QUIC connection id key", key.seed().as_slice());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&derived[..8]);
+    u64::from_le_bytes(first)
+}
+
+impl quinn::crypto::HmacKey for ResetKey {
+    fn sign(&self, data: &[u8], signature_out: &mut [u8]) {
+        let tag = blake3::keyed_hash(&self.0, data);
+        let len = signature_out.len().min(blake3::OUT_LEN);
+        signature_out[..len].copy_from_slice(&tag.as_bytes()[..len]);
+    }
+
+    fn signature_len(&self) -> usize {
+        blake3::OUT_LEN
+    }
+
+    fn verify(&self, data: &[u8], signature: &[u8]) -> Result<(), quinn::crypto::CryptoError> {
+        // `Hash == [u8]` compares in constant time.
+        if blake3::keyed_hash(&self.0, data) == *signature {
+            Ok(())
+        } else {
+            Err(quinn::crypto::CryptoError)
+        }
+    }
+}
+
 impl HordeEndpoint {
     /// Binds a UDP socket and starts accepting. Must be called inside a tokio runtime.
     pub fn bind(key: &SecretKey, config: EndpointConfig) -> Result<Self, ConfigError> {
@@ -400,11 +453,23 @@ impl HordeEndpoint {
             .transport_config(Arc::clone(&transport))
             .migration(false)
             .max_incoming(MAX_INCOMING);
-        let endpoint =
-            quinn::Endpoint::server(server, config.bind).map_err(|source| ConfigError::Bind {
-                addr: config.bind,
-                source,
-            })?;
+        let bind_error = |source| ConfigError::Bind {
+            addr: config.bind,
+            source,
+        };
+        let socket = std::net::UdpSocket::bind(config.bind).map_err(bind_error)?;
+        let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(ResetKey::derive(key)));
+        let cid_key = connection_id_key(key);
+        endpoint_config.cid_generator(move || {
+            Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+        });
+        let endpoint = quinn::Endpoint::new(
+            endpoint_config,
+            Some(server),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(bind_error)?;
 
         let connections = Arc::new(Semaphore::new(config.max_connections));
         let (sender, receiver) = mpsc::channel(ACCEPT_QUEUE);

@@ -297,3 +297,48 @@ async fn tiny_windows_both_ways_do_not_deadlock() {
         .unwrap();
     assert!(at_client == data && at_server == data);
 }
+
+/// A server that crashes (nothing reaches the client: the path is cut while it goes) and comes
+/// back with the same key on a new port: the client's next packet draws a stateless reset the
+/// client accepts, because the reset key derives from the node's key, and its connection ends
+/// at once (`Reset`) instead of after the idle timeout. A different key's reset is not accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_server_resets_its_old_connections_at_once() {
+    for (restarted_key, reset_expected) in [(seeded_key(2), true), (seeded_key(3), false)] {
+        let link = linked(TransportTuning::default(), 29).await;
+        let Linked {
+            path,
+            _client_endpoint: client_endpoint,
+            _server_endpoint: server_endpoint,
+            client,
+            server,
+        } = link;
+        // The crash: the path is cut, then the server's endpoint and connection are dropped
+        // (their close never reaches the client).
+        path.set(Impairment {
+            blackout: true,
+            ..Impairment::default()
+        });
+        drop(server);
+        drop(server_endpoint);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let restarted = HordeEndpoint::bind(&restarted_key, localhost_config()).unwrap();
+        path.retarget(restarted.local_addr().unwrap())
+            .await
+            .unwrap();
+        path.set(Impairment::default());
+        // The client sends: its packet reaches a server that has no such connection.
+        let (mut send, _recv) = client.open_bi().await.unwrap();
+        send.write_all(b"anyone there?").await.unwrap();
+        let closed = tokio::time::timeout(Duration::from_secs(2), client.closed()).await;
+        if reset_expected {
+            assert_eq!(closed.unwrap(), quinn::ConnectionError::Reset);
+        } else {
+            assert!(
+                closed.is_err(),
+                "a reset under another key was accepted: {closed:?}"
+            );
+        }
+        drop(client_endpoint);
+    }
+}

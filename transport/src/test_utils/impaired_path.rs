@@ -49,6 +49,7 @@ pub struct PathCounts {
 #[derive(Debug)]
 pub struct ImpairedPath {
     addr: SocketAddr,
+    back: Arc<UdpSocket>,
     impairment: Arc<Mutex<Impairment>>,
     counts: Arc<PathCounts>,
     _tasks: JoinSet<()>,
@@ -80,6 +81,7 @@ impl ImpairedPath {
         }
         // Server → client.
         {
+            let back = Arc::clone(&back);
             let relay = Relay::new(&impairment, &counts, seed ^ 0x9e37_79b9_7f4a_7c15);
             tasks.spawn(async move {
                 let mut buffer = vec![0u8; MAX_DATAGRAM];
@@ -93,6 +95,7 @@ impl ImpairedPath {
         }
         Ok(Self {
             addr,
+            back: Arc::clone(&back),
             impairment,
             counts,
             _tasks: tasks,
@@ -102,6 +105,12 @@ impl ImpairedPath {
     /// The address to dial instead of the server.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Relays to `server` from now on (a server restarted on another port): the client keeps
+    /// dialing [`ImpairedPath::addr`], and the new server sees the same relay address.
+    pub async fn retarget(&self, server: SocketAddr) -> std::io::Result<()> {
+        self.back.connect(server).await
     }
 
     /// Impairs the path from now on.
