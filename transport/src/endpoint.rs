@@ -5,7 +5,12 @@
 //! semaphore of `max_connections` (refused with `CONNECTION_REFUSED` when none is left), runs its
 //! handshake in its own task under [`HANDSHAKE_TIMEOUT`] (so one slow handshake never delays
 //! another), and is handed to [`HordeEndpoint::accept`] through a bounded queue. The permit is
-//! released when the connection closes.
+//! released when the connection closes. Once half the permits are taken, a source whose address
+//! is not validated yet gets a stateless Retry first, so floods of Initials from spoofed or
+//! silent sources cannot hold the permits for a handshake timeout each.
+//!
+//! Stateless-reset tokens and connection ids are keyed by the node's identity, so a node
+//! restarted with its key resets its peers' stale connections at once (RFC 9000 §10.3).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -69,6 +74,10 @@ pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(3);
 /// Incoming connection attempts quinn queues before we look at them: our accept task answers each
 /// at once (accept or refuse), so this only absorbs bursts. Beyond it quinn refuses by itself.
 const MAX_INCOMING: usize = 256;
+
+/// Once no more than 1/this of the connection slots are free (half), an incoming connection
+/// from an address not yet validated is sent a Retry first (RFC 9000 §8.1.2).
+const RETRY_BELOW_FREE_DIVISOR: usize = 2;
 
 /// Accepted connections waiting for [`HordeEndpoint::accept`]. Small: the application should
 /// accept promptly; a full queue holds back handshaken connections (each holding its permit).
@@ -476,6 +485,7 @@ impl HordeEndpoint {
         let acceptor = tokio::spawn(accept_loop(
             endpoint.clone(),
             Arc::clone(&connections),
+            config.max_connections,
             sender,
         ));
         Ok(Self {
@@ -573,9 +583,23 @@ impl Drop for HordeEndpoint {
 async fn accept_loop(
     endpoint: quinn::Endpoint,
     connections: Arc<Semaphore>,
+    max_connections: usize,
     accepted: mpsc::Sender<Result<Accepted, AcceptError>>,
 ) {
     while let Some(incoming) = endpoint.accept().await {
+        // Under load, a source must first show it receives at its address: a Retry round
+        // trip, which costs us no state. Initials from spoofed or silent sources then hold no
+        // slot for a handshake timeout each; real peers pay one extra round trip.
+        if !incoming.remote_address_validated()
+            && incoming.may_retry()
+            && connections.available_permits() * RETRY_BELOW_FREE_DIVISOR <= max_connections
+        {
+            debug!(remote = %incoming.remote_address(), "under load: validating the address first");
+            if let Err(error) = incoming.retry() {
+                error.into_incoming().refuse();
+            }
+            continue;
+        }
         let Ok(permit) = Arc::clone(&connections).try_acquire_owned() else {
             debug!(remote = %incoming.remote_address(), "refusing connection: at capacity");
             incoming.refuse();

@@ -552,3 +552,86 @@ async fn a_peer_that_never_answers_times_out_the_handshake() {
         "{elapsed:?}"
     );
 }
+
+/// A flood of QUIC Initials that are never followed up — 100 genuine client Initials, captured
+/// and then sent from 100 UDP sockets that never answer, as a spoofing or hostile source would
+/// — does not lock out a real client from another address: it connects within 2 s, although
+/// each abandoned handshake could hold a connection slot for the whole handshake timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_abandoned_handshakes_does_not_lock_out_a_real_client() {
+    use tokio::net::UdpSocket;
+    let server =
+        HordeEndpoint::bind(&seeded_key(2), localhost_config().with_max_connections(32)).unwrap();
+    let addr = server.local_addr().unwrap();
+    let server_key = server.hotkey();
+    // Capture each dialer's first datagram (its Initial) on a socket of our own.
+    let capture = UdpSocket::bind(localhost()).await.unwrap();
+    let dialers: Vec<_> = (0..100)
+        .map(|_| Arc::new(localhost_endpoint(&SecretKey::generate())))
+        .collect();
+    let capture_addr = capture.local_addr().unwrap();
+    let dialing: Vec<_> = dialers
+        .iter()
+        .map(|dialer| {
+            let (dialer, server_key) = (Arc::clone(dialer), server_key);
+            tokio::spawn(async move {
+                // Only the first flight matters; the attempt is abandoned.
+                let _ = tokio::time::timeout(
+                    Duration::from_millis(500),
+                    dialer.connect(capture_addr, &server_key, ALPN_CONTROL),
+                )
+                .await;
+            })
+        })
+        .collect();
+    let mut initials = std::collections::HashMap::new();
+    let mut buffer = vec![0u8; 65_535];
+    while initials.len() < dialers.len() {
+        let (len, from) =
+            tokio::time::timeout(Duration::from_secs(5), capture.recv_from(&mut buffer))
+                .await
+                .expect("every dialer sends its Initial")
+                .unwrap();
+        initials
+            .entry(from)
+            .or_insert_with(|| buffer[..len].to_vec());
+    }
+    for task in dialing {
+        task.abort();
+    }
+    drop(dialers);
+    // The flood: each Initial from a socket of its own that never reads what comes back.
+    let mut silent = Vec::new();
+    for initial in initials.values() {
+        let socket = UdpSocket::bind(localhost()).await.unwrap();
+        socket.send_to(initial, addr).await.unwrap();
+        silent.push(socket);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // A real client on another loopback address.
+    let config = EndpointConfig::new(
+        SocketAddr::from((Ipv4Addr::new(127, 0, 0, 2), 0)),
+        &[ALPN_CONTROL],
+    );
+    let client = HordeEndpoint::bind(&seeded_key(1), config).unwrap();
+    let (connected, accepted) = tokio::join!(
+        tokio::time::timeout(
+            Duration::from_secs(2),
+            client.connect(addr, &server_key, ALPN_CONTROL)
+        ),
+        tokio::time::timeout(Duration::from_secs(3), async {
+            loop {
+                match server.accept().await {
+                    Some(Ok(accepted)) => break accepted,
+                    Some(Err(_)) => continue,
+                    None => panic!("server closed"),
+                }
+            }
+        })
+    );
+    let connection = connected
+        .expect("the real client connects within 2 s")
+        .unwrap();
+    assert_eq!(accepted.unwrap().1, seeded_key(1).hotkey());
+    drop((connection, silent));
+}
