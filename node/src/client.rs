@@ -224,6 +224,7 @@ pub struct Client {
     account: SecretKey,
     endpoint: Arc<HordeEndpoint>,
     facilitator: NodeAddr,
+    reattach_window: Duration,
 }
 
 fn client_endpoint(key: &SecretKey) -> Result<HordeEndpoint, ClientError> {
@@ -243,7 +244,15 @@ impl Client {
             account,
             endpoint,
             facilitator,
+            reattach_window: REATTACH_WINDOW,
         })
+    }
+
+    /// How long its job handles try to attach again after losing the status stream (default
+    /// [`REATTACH_WINDOW`]; zero turns re-attaching off).
+    pub fn with_reattach_window(mut self, window: Duration) -> Self {
+        self.reattach_window = window;
+        self
     }
 
     /// The account key.
@@ -371,6 +380,9 @@ pub struct JobHandle {
     miner: Option<Hotkey>,
     history: Vec<StatusUpdate>,
     ended: bool,
+    /// Set while the status stream is being re-established: the re-attach window's end and the
+    /// next backoff. Cleared by the first new status.
+    reattaching: Option<(tokio::time::Instant, Duration)>,
 }
 
 impl JobHandle {
@@ -390,6 +402,7 @@ impl JobHandle {
             miner: None,
             history: Vec::new(),
             ended: false,
+            reattaching: None,
         }
     }
 
@@ -435,34 +448,53 @@ impl JobHandle {
                 Err(error) => return Err(error.into()),
             };
             if let Some(update) = self.accept_status(message)? {
+                // The link works again: a later loss gets a whole window of its own.
+                self.reattaching = None;
                 return Ok(Some(update));
             }
         }
     }
 
-    /// Attaches to the job again after `cause` broke the status stream, retrying with backoff
-    /// for up to [`REATTACH_WINDOW`]; returns `cause` (or the last attempt's error) if it
-    /// cannot.
+    /// Attaches to the job again after `cause` broke the status stream. Attempts are spaced
+    /// with a doubling backoff, and all attempts until a new status arrives share one
+    /// [`REATTACH_WINDOW`] (a facilitator that accepts the attach and drops it again does not
+    /// restart the window; a session that outlived the window does); past it, returns `cause`
+    /// or the last attempt's error.
     async fn reattach(&mut self, cause: ClientError) -> Result<(), ClientError> {
-        tracing::info!(job = %self.job_id.fmt_short(), error = %cause, "status stream lost; attaching again");
-        let deadline = tokio::time::Instant::now() + REATTACH_WINDOW;
-        let mut backoff = REATTACH_FIRST_BACKOFF;
+        let (deadline, mut backoff) = match self.reattaching {
+            // Still within the window of an earlier loss: a session that breaks again at once
+            // (accepted, then dropped) does not get a fresh window.
+            Some(window) if tokio::time::Instant::now() < window.0 => window,
+            _ => {
+                tracing::info!(job = %self.job_id.fmt_short(), error = %cause,
+                    "status stream lost; attaching again");
+                (
+                    tokio::time::Instant::now() + self.client.reattach_window,
+                    Duration::ZERO,
+                )
+            }
+        };
         let mut last = cause;
         loop {
+            if tokio::time::Instant::now() + backoff >= deadline {
+                self.reattaching = None;
+                return Err(last);
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).clamp(REATTACH_FIRST_BACKOFF, REATTACH_MAX_BACKOFF);
             match tokio::time::timeout_at(deadline, self.client.attach_session(self.job_id)).await {
                 Ok(Ok((session, connection))) => {
                     self.session = session;
                     self._connection = connection;
+                    self.reattaching = Some((deadline, backoff));
                     return Ok(());
                 }
                 Ok(Err(error)) => last = error,
-                Err(_) => return Err(last),
+                Err(_) => {
+                    self.reattaching = None;
+                    return Err(last);
+                }
             }
-            if tokio::time::Instant::now() + backoff >= deadline {
-                return Err(last);
-            }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(REATTACH_MAX_BACKOFF);
         }
     }
 
@@ -478,6 +510,15 @@ impl JobHandle {
                     return Ok(None);
                 }
                 update
+            }
+            // Refused on a session attached again (unknown job, not the owner): the job itself
+            // was not rejected, the re-attach was.
+            ControlMessage::Up(UpMessage::Rejected(reason)) if self.reattaching.is_some() => {
+                self.reattaching = None;
+                return Err(ClientError::Unexpected(format!(
+                    "attaching again to job {} was refused: {reason:?}",
+                    self.job_id
+                )));
             }
             ControlMessage::Up(UpMessage::Rejected(reason)) => StatusUpdate {
                 job_id: self.job_id,
@@ -757,4 +798,78 @@ pub async fn compare_http(
         trusted: trusted_answer,
         agree,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use horde_protocol::messages::StatusUpdate;
+    use horde_transport::accept_stream;
+    use horde_transport::test_utils::{localhost_endpoint, seeded_key};
+
+    use super::*;
+
+    /// A facilitator that answers the submit with one status and then drops every stream,
+    /// attaches included: the handle re-attaches with backoff, within one window in all, and
+    /// then reports the loss, rather than re-attaching forever.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn re_attaching_gives_up_after_one_window_when_every_attach_is_dropped() {
+        let facilitator = localhost_endpoint(&seeded_key(2));
+        let addr = facilitator.local_addr().unwrap();
+        let attaches = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&attaches);
+        tokio::spawn(async move {
+            while let Some(Ok((connection, _, _))) = facilitator.accept().await {
+                let counted = Arc::clone(&counted);
+                tokio::spawn(async move {
+                    while let Ok(Some((mut send, _recv, first))) = accept_stream(&connection).await
+                    {
+                        match first {
+                            ControlMessage::Down(DownMessage::Submit(signed)) => {
+                                let job_id = signed.verify().unwrap().job_id;
+                                let update = StatusUpdate {
+                                    job_id,
+                                    seq: 0,
+                                    at: now(),
+                                    status: JobStatus::Received,
+                                };
+                                send.send(&ControlMessage::Up(UpMessage::Status(update)))
+                                    .await
+                                    .unwrap();
+                                // Ended without a terminal status (a reset could discard it).
+                                let _ = send.finish();
+                            }
+                            _ => {
+                                counted.fetch_add(1, Ordering::Relaxed);
+                                send.reset(horde_transport::codes::INTERNAL);
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        let client = Client::new(seeded_key(1), NodeAddr::new(seeded_key(2).hotkey(), addr))
+            .unwrap()
+            .with_reattach_window(Duration::from_secs(1));
+        let mut job = client
+            .submit(&JobRequest::command("cpu", "/bin/true"))
+            .await
+            .unwrap();
+        let first = job.next_status().await.unwrap().unwrap();
+        assert_eq!(first.status, JobStatus::Received);
+        let started = std::time::Instant::now();
+        let result = tokio::time::timeout(Duration::from_secs(10), job.next_status())
+            .await
+            .expect("the handle gives up instead of re-attaching forever");
+        assert!(result.is_err(), "{result:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
+        );
+        // Backoff 0, 0.1, 0.2, 0.4 s … within one second: a handful of attempts, not hundreds.
+        let attempts = attaches.load(Ordering::Relaxed);
+        assert!((1..=8).contains(&attempts), "{attempts} attaches");
+    }
 }
