@@ -42,6 +42,11 @@ use crate::miner::EXECUTOR_TOKEN_ENV;
 use crate::tied;
 use crate::volumes::{self, HttpClient};
 
+/// How far past the job's execution deadline the job endpoint may drain its streams: the
+/// validator allows [`crate::validator::STAGE_SLACK`] (2 s) beyond the deadline for the
+/// results, and the upload and the report need the rest.
+const DRAIN_PAST_DEADLINE: Duration = Duration::from_secs(1);
+
 /// Readiness probing starts this often and backs off, doubling, to [`PROBE_INTERVAL_MAX`]: a job
 /// that is up in a few milliseconds is seen at once, a slow one is not hammered.
 const PROBE_INTERVAL_MIN: Duration = Duration::from_millis(1);
@@ -533,12 +538,19 @@ impl JobRunner {
                 }
             }
         };
-        // The job has ended (or was stopped): replies it wrote before that still reach the
-        // client with their receipts. Abandoned (the miner is gone): closed at once.
-        let (served, failed_streams) = if matches!(ending, Ending::Abandoned) {
-            tunnel.shutdown().await
-        } else {
-            tunnel.drain(horde_transport::tunnel::DRAIN_GRACE).await
+        // The job has ended or was terminated: replies it wrote before that still reach the
+        // client with their receipts — within the execution deadline plus a second, so the
+        // results still reach the validator inside its stage slack. Out of time or abandoned
+        // (the miner is gone): closed at once.
+        let (served, failed_streams) = match ending {
+            Ending::Exited(_) | Ending::Terminated(_) => {
+                let left = execution
+                    .deadline()
+                    .saturating_duration_since(tokio::time::Instant::now());
+                let grace = horde_transport::tunnel::DRAIN_GRACE.min(left + DRAIN_PAST_DEADLINE);
+                tunnel.drain(grace).await
+            }
+            Ending::TimedOut | Ending::Abandoned => tunnel.shutdown().await,
         };
         info!(served, failed = failed_streams, "job endpoint closed");
 

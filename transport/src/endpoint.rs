@@ -9,8 +9,9 @@
 //! is not validated yet gets a stateless Retry first, so floods of Initials from spoofed or
 //! silent sources cannot hold the permits for a handshake timeout each.
 //!
-//! Stateless-reset tokens and connection ids are keyed by the node's identity, so a node
-//! restarted with its key resets its peers' stale connections at once (RFC 9000 §10.3).
+//! Stateless-reset tokens and connection ids of an endpoint on a fixed port are keyed by the
+//! node's identity and that port, so a node restarted with its key on its port resets its peers'
+//! stale connections at once (RFC 9000 §10.3); an ephemeral port gets random keys.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -386,11 +387,11 @@ impl std::fmt::Debug for HordeEndpoint {
     }
 }
 
-/// The key of our stateless-reset tokens, derived from the node's identity key so that it is the
-/// same after a restart: a node restarted with its key answers packets of the connections it
-/// has forgotten with a stateless reset its peers accept (RFC 9000 §10.3), and they drop those
-/// connections at once rather than after the idle timeout. A keyed BLAKE3 MAC under a key
-/// derived for this purpose only.
+/// The key of our stateless-reset tokens, derived from the node's identity key and its port so
+/// that it is the same after a restart: a node restarted with its key on its port answers
+/// packets of the connections it has forgotten with a stateless reset its peers accept (RFC 9000
+/// §10.3), and they drop those connections at once rather than after the idle timeout. A keyed
+/// BLAKE3 MAC under a key derived for this purpose only.
 struct ResetKey([u8; 32]);
 
 impl std::fmt::Debug for ResetKey {
@@ -400,19 +401,29 @@ impl std::fmt::Debug for ResetKey {
 }
 
 impl ResetKey {
-    fn derive(key: &SecretKey) -> Self {
-        Self(blake3::derive_key(
+    fn derive(key: &SecretKey, port: u16) -> Self {
+        Self(derive_endpoint_key(
             "horde 2026 QUIC stateless reset key",
-            key.seed().as_slice(),
+            key,
+            port,
         ))
     }
 }
 
+/// A key for `purpose`, derived from the node's secret key and the endpoint's UDP port.
+fn derive_endpoint_key(purpose: &str, key: &SecretKey, port: u16) -> [u8; 32] {
+    *blake3::Hasher::new_derive_key(purpose)
+        .update(key.seed().as_slice())
+        .update(&port.to_be_bytes())
+        .finalize()
+        .as_bytes()
+}
+
 /// The key our connection ids are made (and recognized) with, derived from the node's identity
-/// like [`ResetKey`]: a restarted node must recognize its old connection ids as its own to
+/// and port like [`ResetKey`]: a restarted node must recognize its old connection ids as its own to
 /// answer them with a stateless reset (quinn drops packets whose id it did not make).
-fn connection_id_key(key: &SecretKey) -> u64 {
-    let derived = blake3::derive_key("horde 2026 QUIC connection id key", key.seed().as_slice());
+fn connection_id_key(key: &SecretKey, port: u16) -> u64 {
+    let derived = derive_endpoint_key("horde 2026 QUIC connection id key", key, port);
     let mut first = [0u8; 8];
     first.copy_from_slice(&derived[..8]);
     u64::from_le_bytes(first)
@@ -467,11 +478,18 @@ impl HordeEndpoint {
             source,
         };
         let socket = std::net::UdpSocket::bind(config.bind).map_err(bind_error)?;
-        let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(ResetKey::derive(key)));
-        let cid_key = connection_id_key(key);
-        endpoint_config.cid_generator(move || {
-            Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
-        });
+        // Keys that survive a restart only for a fixed port: a node comes back on its port.
+        // Two endpoints of one identity on different ports (two clients of one account) must
+        // not be able to reset each other's connections (RFC 9000 §10.3.1), so the port is part
+        // of the derivation, and an ephemeral port gets random keys.
+        let mut endpoint_config = quinn::EndpointConfig::default();
+        if config.bind.port() != 0 {
+            endpoint_config.reset_key(Arc::new(ResetKey::derive(key, config.bind.port())));
+            let cid_key = connection_id_key(key, config.bind.port());
+            endpoint_config.cid_generator(move || {
+                Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+            });
+        }
         let endpoint = quinn::Endpoint::new(
             endpoint_config,
             Some(server),

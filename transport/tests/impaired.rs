@@ -298,21 +298,32 @@ async fn tiny_windows_both_ways_do_not_deadlock() {
     assert!(at_client == data && at_server == data);
 }
 
-/// A server that crashes (nothing reaches the client: the path is cut while it goes) and comes
-/// back with the same key on a new port: the client's next packet draws a stateless reset the
-/// client accepts, because the reset key derives from the node's key, and its connection ends
-/// at once (`Reset`) instead of after the idle timeout. A different key's reset is not accepted.
+/// A server on a fixed port that crashes (nothing reaches the client: the path is cut while it
+/// goes) and comes back with the same key on the same port: the client's next packet draws a
+/// stateless reset the client accepts, because the reset key derives from the node's key and
+/// port, and its connection ends at once (`Reset`) instead of after the idle timeout. Back
+/// with another key, its reset is not accepted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_server_resets_its_old_connections_at_once() {
     for (restarted_key, reset_expected) in [(seeded_key(2), true), (seeded_key(3), false)] {
-        let link = linked(TransportTuning::default(), 29).await;
-        let Linked {
-            path,
-            _client_endpoint: client_endpoint,
-            _server_endpoint: server_endpoint,
-            client,
-            server,
-        } = link;
+        // A fixed port, as a node's configured `listen` is.
+        let port = std::net::UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let server_addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let fixed = || horde_transport::EndpointConfig::new(server_addr, &[ALPN_CONTROL]);
+        let server_endpoint = HordeEndpoint::bind(&seeded_key(2), fixed()).unwrap();
+        let path = ImpairedPath::start(server_addr, 29).await.unwrap();
+        let client_endpoint = localhost_endpoint(&seeded_key(1));
+        let server_key = seeded_key(2).hotkey();
+        let (client, accepted) = tokio::join!(
+            client_endpoint.connect(path.addr(), &server_key, ALPN_CONTROL),
+            server_endpoint.accept()
+        );
+        let client = client.unwrap();
+        let (server, _, _) = accepted.unwrap().unwrap();
         // The crash: the path is cut, then the server's endpoint and connection are dropped
         // (their close never reaches the client).
         path.set(Impairment {
@@ -320,12 +331,16 @@ async fn a_restarted_server_resets_its_old_connections_at_once() {
             ..Impairment::default()
         });
         drop(server);
+        server_endpoint.close(horde_transport::codes::SHUTDOWN, b"crashed");
+        let _ = tokio::time::timeout(Duration::from_secs(2), server_endpoint.wait_idle()).await;
         drop(server_endpoint);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let restarted = HordeEndpoint::bind(&restarted_key, localhost_config()).unwrap();
-        path.retarget(restarted.local_addr().unwrap())
-            .await
-            .unwrap();
+        // Back on the same port once the old socket is released.
+        let restarted = loop {
+            match HordeEndpoint::bind(&restarted_key, fixed()) {
+                Ok(endpoint) => break endpoint,
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        };
         path.set(Impairment::default());
         // The client sends: its packet reaches a server that has no such connection.
         let (mut send, _recv) = client.open_bi().await.unwrap();
@@ -339,6 +354,6 @@ async fn a_restarted_server_resets_its_old_connections_at_once() {
                 "a reset under another key was accepted: {closed:?}"
             );
         }
-        drop(client_endpoint);
+        drop((restarted, client_endpoint));
     }
 }

@@ -49,7 +49,6 @@ pub struct PathCounts {
 #[derive(Debug)]
 pub struct ImpairedPath {
     addr: SocketAddr,
-    back: Arc<UdpSocket>,
     impairment: Arc<Mutex<Impairment>>,
     counts: Arc<PathCounts>,
     _tasks: JoinSet<()>,
@@ -95,7 +94,6 @@ impl ImpairedPath {
         }
         Ok(Self {
             addr,
-            back: Arc::clone(&back),
             impairment,
             counts,
             _tasks: tasks,
@@ -105,12 +103,6 @@ impl ImpairedPath {
     /// The address to dial instead of the server.
     pub fn addr(&self) -> SocketAddr {
         self.addr
-    }
-
-    /// Relays to `server` from now on (a server restarted on another port): the client keeps
-    /// dialing [`ImpairedPath::addr`], and the new server sees the same relay address.
-    pub async fn retarget(&self, server: SocketAddr) -> std::io::Result<()> {
-        self.back.connect(server).await
     }
 
     /// Impairs the path from now on.
