@@ -318,7 +318,7 @@ impl<'a> Retries<'a> {
         storage: &NodeAddr,
     ) -> Result<quinn::Connection, ClientError> {
         let left = self.policy.dial_budget.saturating_sub(self.failed_dialing);
-        let started = Instant::now();
+        let started = tokio::time::Instant::now();
         let error = match tokio::time::timeout(left, connect(endpoint, storage)).await {
             Ok(Ok(connection)) => return Ok(connection),
             Ok(Err(error)) => error,

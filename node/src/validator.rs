@@ -385,7 +385,7 @@ pub struct Validator {
     miners: KnownPeers,
     exclusions: Exclusions,
     /// Job ids accepted and not yet expired: a replayed spec is refused.
-    seen: SeenJobs,
+    seen: Arc<SeenJobs>,
     receipts: Arc<ReceiptIssuer>,
     cancel: CancellationToken,
 }
@@ -404,7 +404,7 @@ impl Validator {
         cancel: CancellationToken,
     ) -> Result<Arc<Self>, ValidatorStateError> {
         let exclusions = Exclusions::load(config.exclusions_file.clone())?;
-        let seen = SeenJobs::load(config.seen_jobs_file.clone(), now())?;
+        let seen = Arc::new(SeenJobs::load(config.seen_jobs_file.clone(), now())?);
         let receipts = Arc::new(ReceiptIssuer {
             key,
             store: receipts,
@@ -467,7 +467,12 @@ impl Validator {
             }
         };
         self.await_miner_record(&assignment.miner.hotkey).await;
-        let spec = match self.check_assignment(&peer, &assignment) {
+        let checked = match self.check_assignment(&peer, &assignment) {
+            // Last, so only specs accepted otherwise are recorded.
+            Ok(spec) => self.check_not_replayed(&peer, spec).await,
+            Err(reason) => Err(reason),
+        };
+        let spec = match checked {
             Ok(spec) => spec,
             Err(reason) => {
                 info!(%peer, ?reason, "job refused");
@@ -549,14 +554,35 @@ impl Validator {
         {
             return Err(RejectReason::MinerNotAllowed);
         }
-        // Last, so only specs accepted otherwise are recorded.
-        let (seen, written) = self.seen.insert(spec.job_id, spec.expires_at, now);
+        Ok(spec)
+    }
+
+    /// Records the job id of `spec`, refusing a spec whose id was accepted before (a replay).
+    async fn check_not_replayed(
+        &self,
+        facilitator: &Hotkey,
+        spec: JobSpec,
+    ) -> Result<JobSpec, RejectReason> {
+        let seen = Arc::clone(&self.seen);
+        let (job_id, expires_at) = (spec.job_id, spec.expires_at);
+        // The file write (and, now and then, a compaction with fsyncs) stays off the workers.
+        let recorded =
+            tokio::task::spawn_blocking(move || seen.insert(job_id, expires_at, now())).await;
+        let (seen, written) = match recorded {
+            Ok(recorded) => recorded,
+            Err(error) => {
+                warn!(%error, "recording an accepted job id failed");
+                return Err(RejectReason::InvalidSpec(
+                    "the validator could not record the job".to_owned(),
+                ));
+            }
+        };
         if let Err(error) = written {
             // Still refused in memory until a restart; the operator needs to know.
             warn!(%error, "could not persist an accepted job id");
         }
         if seen == Seen::Replayed {
-            warn!(%facilitator, job = %spec.job_id.fmt_short(), "replayed job spec refused");
+            warn!(%facilitator, job = %job_id.fmt_short(), "replayed job spec refused");
             return Err(RejectReason::DuplicateJobId);
         }
         Ok(spec)

@@ -827,7 +827,9 @@ fn unread_get_streams_do_not_block_other_transfers_and_are_reset_after_the_deadl
 /// still answered), and a slot held by a stalled stream is freed by its deadline.
 #[tokio::test]
 async fn transfers_beyond_the_cap_are_refused_busy_until_a_slot_frees() {
-    let deadline = Duration::from_millis(800);
+    // Long enough that the busy refusal is seen before the stalled gets time out, even on a
+    // loaded machine (a put that slips in first includes an fsync).
+    let deadline = Duration::from_secs(2);
     let storage = storage_with_deadline(deadline, 2);
     let big = sample(3 * SEGMENT_LEN as usize / 2, 42);
     let hash = storage.store.insert(&big).unwrap();

@@ -25,7 +25,8 @@ const RECORD_LEN: usize = 24;
 /// Most ids kept. At ~100 bytes each in memory (two indexes) that is ~100 MiB at most, and a
 /// million jobs alive at once is far beyond what one validator drives. When full, the ids whose
 /// specs live longest are forgotten first: short-lived specs, the normal case, stay protected.
-pub(crate) const MAX_SEEN_JOBS: usize = 1 << 20;
+/// (Tests use a small table.)
+pub(crate) const MAX_SEEN_JOBS: usize = if cfg!(test) { 4096 } else { 1 << 20 };
 
 /// The file is compacted once it holds this many times more records than live ids ...
 const COMPACT_FACTOR: usize = 2;
@@ -152,7 +153,8 @@ impl SeenJobs {
 
     /// Records that `job_id`, whose spec expires at `expires_at`, is accepted now (`now`), or
     /// finds it was accepted before. An error writing the file is returned after the id is
-    /// recorded in memory: replays are still refused until a restart.
+    /// recorded in memory: replays are still refused until a restart. Blocking (a write, now
+    /// and then a rewrite and fsync): call it from a blocking context.
     pub(crate) fn insert(
         &self,
         job_id: JobId,
@@ -204,7 +206,12 @@ impl SeenJobs {
         let mut record = [0u8; RECORD_LEN];
         record[..16].copy_from_slice(&job_id.0);
         record[16..].copy_from_slice(&expires_at.0.to_le_bytes());
-        file.write_all(&record).map_err(error)?;
+        if let Err(source) = file.write_all(&record) {
+            // Part of the record may be in the file, which would shift every later one: the
+            // next insert rewrites the file whole from the ids in memory instead.
+            state.file = None;
+            return Err(error(source));
+        }
         *records += 1;
         Ok(())
     }
