@@ -134,12 +134,23 @@ pub const EXECUTOR_TOKEN_ENV: &str = "HORDE_EXECUTOR_TOKEN";
 
 #[derive(Debug)]
 enum SlotState {
-    Starting,
+    /// Spawned at this time, not registered yet.
+    Starting(tokio::time::Instant),
     Idle(quinn::Connection),
     Busy,
-    /// The process ended before it registered: why, for the next reservation of its class.
-    Failed(String),
+    /// The process ended (or was given up on) before it registered: why and when, for the next
+    /// reservation of its class.
+    Failed(String, tokio::time::Instant),
 }
+
+/// How long a spawned executor may take to register before it is killed and its start counted
+/// as failed: an executor registers within milliseconds, a loaded machine may take seconds, and
+/// a hung one must not keep its class waiting for ever.
+const EXECUTOR_REGISTRATION_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a failed executor start is reported to the jobs of its class: a job arriving later
+/// tries a fresh executor instead of being declined for an old failure.
+const FAILURE_MEMORY: Duration = Duration::from_secs(10);
 
 /// How much of an executor's log a start-up failure quotes: its last line, at most this many
 /// bytes (the whole log stays in the executor's directory).
@@ -477,7 +488,7 @@ impl Miner {
                 class: class.clone(),
                 token,
                 hotkey: key.hotkey(),
-                state: SlotState::Starting,
+                state: SlotState::Starting(tokio::time::Instant::now()),
                 stop: stop.clone(),
             },
         );
@@ -500,14 +511,14 @@ impl Miner {
         let Some(slot) = pool.slots.get_mut(&id) else {
             return;
         };
-        if matches!(slot.state, SlotState::Starting) {
+        if matches!(slot.state, SlotState::Starting(_)) {
             let mut reason = format!("executor exited with {status} before registering");
             if let Some(line) = last_log_line(log) {
                 reason.push_str(": ");
                 reason.push_str(&line);
             }
             warn!(slot = id, class = %slot.class, %reason, log = %log.display(), "executor failed to start");
-            slot.state = SlotState::Failed(reason);
+            slot.state = SlotState::Failed(reason, tokio::time::Instant::now());
         } else {
             info!(slot = id, %status, "executor process ended");
             pool.slots.remove(&id);
@@ -537,9 +548,23 @@ impl Miner {
                 // Executors of the class that failed to start: their reason declines this job
                 // unless a free executor turns up (a failing program fails again, so no retry).
                 let mut failed = None;
-                pool.slots.retain(|_, slot| match &mut slot.state {
-                    SlotState::Failed(reason) if slot.class == *class => {
-                        failed = Some(std::mem::take(reason));
+                let now = tokio::time::Instant::now();
+                pool.slots.retain(|id, slot| match &mut slot.state {
+                    SlotState::Failed(reason, at) if slot.class == *class => {
+                        if now.duration_since(*at) < FAILURE_MEMORY {
+                            failed = Some(std::mem::take(reason));
+                        }
+                        false
+                    }
+                    SlotState::Starting(since)
+                        if slot.class == *class
+                            && now.duration_since(*since) >= EXECUTOR_REGISTRATION_TIMEOUT =>
+                    {
+                        warn!(slot = id, class = %slot.class, "executor did not register in time; killed");
+                        slot.stop.cancel();
+                        failed = Some(format!(
+                            "executor did not register within {EXECUTOR_REGISTRATION_TIMEOUT:?}"
+                        ));
                         false
                     }
                     _ => true,
@@ -567,7 +592,7 @@ impl Miner {
                 let starting = pool
                     .slots
                     .values()
-                    .any(|s| s.class == *class && matches!(s.state, SlotState::Starting));
+                    .any(|s| s.class == *class && matches!(s.state, SlotState::Starting(_)));
                 let room = of_class < class_config.max_executors as usize;
                 drop(pool);
                 if let Some(reason) = failed {
@@ -651,7 +676,7 @@ impl Miner {
                 slot.token == registration.token
                     && slot.hotkey == peer
                     && slot.class == registration.class
-                    && matches!(slot.state, SlotState::Starting)
+                    && matches!(slot.state, SlotState::Starting(_))
             });
             match found {
                 Some((id, slot)) => {
