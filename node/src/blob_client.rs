@@ -25,6 +25,7 @@ use horde_protocol::blob::ByteRange;
 use horde_protocol::{BlobHash, Hotkey, NodeAddr};
 use horde_transport::blob::{
     BlobBuffer, BlobError, GetStream, PROGRESS_TIMEOUT, VerifiedSink, request_get, start_put,
+    within_progress_timeout,
 };
 use horde_transport::{ALPN_BLOB, ConnectError, HordeEndpoint};
 use tokio::sync::mpsc;
@@ -385,7 +386,17 @@ pub async fn put_file(
     let mut retries = Retries::new(policy);
     let result = loop {
         let result = match retries.connect(endpoint, storage).await {
-            Ok(connection) => put_file_once(&connection, path, hash, size, progress).await,
+            Ok(connection) => {
+                put_file_once(
+                    &connection,
+                    path,
+                    hash,
+                    size,
+                    progress,
+                    policy.progress_timeout,
+                )
+                .await
+            }
             Err(error) => Err(error),
         };
         match result {
@@ -397,15 +408,23 @@ pub async fn put_file(
     result
 }
 
-/// One upload attempt on `connection` of the file at `path` with known `hash` and `size`.
+/// One upload attempt on `connection` of the file at `path` with known `hash` and `size`. The
+/// store must answer the request, and take each piece, within `progress_timeout`
+/// ([`BlobError::Stalled`] otherwise, retried by [`put_file`]); its final answer, which follows
+/// verifying and fsyncing the whole blob, has no such bound.
 pub async fn put_file_once(
     connection: &quinn::Connection,
     path: &Path,
     hash: BlobHash,
     size: u64,
     progress: &mut dyn Progress,
+    progress_timeout: Duration,
 ) -> Result<BlobHash, ClientError> {
-    let mut upload = start_put(connection, size, Some(hash), true).await?;
+    let mut upload = within_progress_timeout(
+        progress_timeout,
+        start_put(connection, size, Some(hash), true),
+    )
+    .await?;
     let offset = upload.offset();
     progress.start(size, offset);
     let (sender, mut chunks) = mpsc::channel::<io::Result<Bytes>>(DISK_QUEUE);
@@ -430,7 +449,7 @@ pub async fn put_file_once(
         }
     });
     while let Some(chunk) = chunks.recv().await {
-        upload.write(chunk?).await?;
+        within_progress_timeout(progress_timeout, upload.write(chunk?)).await?;
         progress.update(upload.position());
     }
     reader.await.map_err(io::Error::other)?;

@@ -531,7 +531,16 @@ async fn interrupted_upload_resumes_from_the_partial() {
     // Dropping the first attempt's stream releases the upload; retry until the store agrees.
     let mut stored = None;
     for _ in 0..200 {
-        match put_file_once(&connection, &source, hash, size as u64, &mut NoProgress).await {
+        match put_file_once(
+            &connection,
+            &source,
+            hash,
+            size as u64,
+            &mut NoProgress,
+            horde_transport::blob::PROGRESS_TIMEOUT,
+        )
+        .await
+        {
             Ok(hash) => {
                 stored = Some(hash);
                 break;
@@ -1228,4 +1237,61 @@ async fn a_put_to_a_full_store_is_refused_as_storage_full() {
     );
     let blobs = dir.path().join("storage-data").join("blobs");
     assert_eq!(std::fs::read_dir(&blobs).unwrap().count(), 0, "{blobs:?}");
+}
+
+/// A store that answers the put request and then never reads the upload: once flow control is
+/// exhausted the client's writes make no progress, and the upload fails `Stalled` within the
+/// progress timeout (per attempt) instead of hanging.
+#[tokio::test]
+async fn an_upload_to_a_node_that_stops_reading_fails_as_stalled() {
+    let endpoint = localhost_endpoint(&seeded_key(23));
+    let storage = NodeAddr {
+        hotkey: endpoint.hotkey(),
+        addrs: vec![endpoint.local_addr().unwrap()],
+    };
+    tokio::spawn(async move {
+        while let Some(Ok((connection, _, _))) = endpoint.accept().await {
+            tokio::spawn(async move {
+                while let Ok((mut send, mut recv)) = connection.accept_bi().await {
+                    let Ok(Some(BlobRequest::Put { .. })) = read_request(&mut recv).await else {
+                        continue;
+                    };
+                    write_response(&mut send, &BlobResponse::PutReady { offset: 0 })
+                        .await
+                        .unwrap();
+                    // Never reads the body; keeps the stream open.
+                    tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_secs(60)).await;
+                        drop((send, recv));
+                    });
+                }
+            });
+        }
+    });
+    let work = tempfile::tempdir().unwrap();
+    let source = work.path().join("upload");
+    // More than the stream's flow-control window (8 MiB), so the writer must wait for the peer.
+    std::fs::write(&source, sample(24 << 20, 45)).unwrap();
+    let policy = TransferPolicy {
+        max_attempts: 2,
+        initial_backoff: Duration::from_millis(100),
+        progress_timeout: Duration::from_millis(500),
+        ..TransferPolicy::default()
+    };
+    let started = std::time::Instant::now();
+    let (client, mut progress) = (client(), NoProgress);
+    let upload = put_file(&client, &storage, &source, &policy, &mut progress);
+    let error = tokio::time::timeout(Duration::from_secs(20), upload)
+        .await
+        .expect("the upload does not hang")
+        .unwrap_err();
+    assert!(
+        matches!(error, ClientError::Blob(BlobError::Stalled { idle }) if idle == policy.progress_timeout),
+        "{error:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        started.elapsed()
+    );
 }
