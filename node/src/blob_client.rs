@@ -383,6 +383,20 @@ pub async fn put_file(
     let (hash, size) = tokio::task::spawn_blocking(move || hash_file(&owned))
         .await
         .map_err(io::Error::other)??;
+    put_hashed_file(endpoint, storage, path, hash, size, policy, progress).await
+}
+
+/// [`put_file`] for a file whose `hash` and `size` the caller has computed already (no second
+/// pass over it).
+pub async fn put_hashed_file(
+    endpoint: &HordeEndpoint,
+    storage: &NodeAddr,
+    path: &Path,
+    hash: BlobHash,
+    size: u64,
+    policy: &TransferPolicy,
+    progress: &mut dyn Progress,
+) -> Result<BlobHash, ClientError> {
     let mut retries = Retries::new(policy);
     let result = loop {
         let result = match retries.connect(endpoint, storage).await {

@@ -507,13 +507,15 @@ impl Miner {
     /// next reservation of its class reports instead of waiting out its deadline; any other slot
     /// is removed.
     fn executor_exited(&self, id: u64, status: &str, log: &Path) {
+        // Read before taking the pool lock: a file read never holds up reservations.
+        let last_line = last_log_line(log);
         let mut pool = self.lock_pool();
         let Some(slot) = pool.slots.get_mut(&id) else {
             return;
         };
         if matches!(slot.state, SlotState::Starting(_)) {
             let mut reason = format!("executor exited with {status} before registering");
-            if let Some(line) = last_log_line(log) {
+            if let Some(line) = last_line {
                 reason.push_str(": ");
                 reason.push_str(&line);
             }

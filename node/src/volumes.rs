@@ -799,13 +799,21 @@ pub async fn upload(
         let location = match &spec.target {
             UploadTarget::Blob { storage } => {
                 let policy = blob_client::TransferPolicy::default();
-                let stored =
-                    blob_client::put_file(endpoint, storage, &path, &policy, &mut NoProgress)
-                        .await
-                        .map_err(|source| VolumeError::Blob {
-                            path: shown.clone(),
-                            source,
-                        })?;
+                // The hash just computed is declared: the file is not read a second time to hash it.
+                let stored = blob_client::put_hashed_file(
+                    endpoint,
+                    storage,
+                    &path,
+                    hash,
+                    size,
+                    &policy,
+                    &mut NoProgress,
+                )
+                .await
+                .map_err(|source| VolumeError::Blob {
+                    path: shown.clone(),
+                    source,
+                })?;
                 if stored != hash {
                     return Err(VolumeError::HashMismatch {
                         path: shown,
