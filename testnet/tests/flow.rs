@@ -9,14 +9,13 @@ use horde_node::client::{
     Client, ClientError, JobConnection, JobHandle, JobRequest, VerifiedEndpoint,
 };
 use horde_protocol::messages::{DeclineReason, FailureReason, RejectReason};
-use horde_protocol::{ControlMessage, DownMessage, UpMessage};
+use horde_protocol::{ControlMessage, UpMessage};
 use horde_protocol::{
     EndpointRecord, JobId, JobStatus, ReadinessProbe, RelativePath, SecretKey, Signed, Stage,
     UploadSpec, UploadTarget, VolumeSource, VolumeSpec,
 };
 use horde_testnet::{Testnet, TestnetConfig, demo_job_binary};
 use horde_transport::tunnel::http_request;
-use horde_transport::{ALPN_CONTROL, EndpointConfig, HordeEndpoint, open_session};
 
 fn demo_request() -> JobRequest {
     let program = demo_job_binary().expect("demo job binary");
@@ -720,32 +719,19 @@ async fn replayed_and_expired_specs_are_refused() {
     let _ = ReadinessProbe::Tcp;
 }
 
-/// Sends `spec` to `validator` as an `Assign` naming `miner`, from a node key of its own (any
-/// key may assign on a testnet), and returns the validator's first answer.
+/// [`horde_testnet::reports::assign_directly`] (a fresh key, as any key may assign on a
+/// testnet) within 10 s, its answer as the control message it came in.
 async fn assign_directly(
     validator: horde_protocol::NodeAddr,
     miner: horde_protocol::NodeAddr,
     spec: Signed<horde_protocol::JobSpec>,
 ) -> ControlMessage {
-    let endpoint = HordeEndpoint::bind(
-        &SecretKey::generate(),
-        EndpointConfig::new(([127, 0, 0, 1], 0).into(), &[ALPN_CONTROL]),
-    )
-    .unwrap();
-    let connection = endpoint
-        .connect(validator.addrs[0], &validator.hotkey, ALPN_CONTROL)
-        .await
-        .unwrap();
-    let job_id = spec.verify().unwrap().job_id;
-    let assignment = horde_protocol::messages::Assignment { spec, miner };
-    let mut session = open_session(&connection, job_id, &DownMessage::Assign(assignment))
-        .await
-        .unwrap();
-    tokio::time::timeout(Duration::from_secs(10), session.recv())
+    let assigned = horde_testnet::reports::assign_directly(&validator, spec, miner);
+    let (answer, _session) = tokio::time::timeout(Duration::from_secs(10), assigned)
         .await
         .expect("the validator answers")
-        .unwrap()
-        .expect("an answer, not the end of the stream")
+        .unwrap();
+    ControlMessage::Up(answer)
 }
 
 /// A signed spec that has run once, replayed to the validator by a node that saw it (here any
