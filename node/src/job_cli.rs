@@ -494,7 +494,14 @@ async fn connect_job(
     let job_id = parse_job(job)?;
     let state = load_state(common, &job_id)?;
     let endpoint = endpoint_from_state(&state, job_id)?;
-    let connection = JobConnection::connect(job_id, client_key(&state)?, &endpoint).await?;
+    let connection = JobConnection::connect(job_id, client_key(&state)?, &endpoint)
+        .await
+        .with_context(|| {
+            format!(
+                "connecting to job {job_id}'s endpoint {}",
+                endpoint.address()
+            )
+        })?;
     Ok((job_id, endpoint, connection))
 }
 
@@ -520,7 +527,10 @@ pub async fn run_command(command: JobCommand) -> anyhow::Result<()> {
                 .parse()?;
             let client = Client::new(common.account()?, facilitator.clone())?;
             let started = Instant::now();
-            let mut job = client.submit(&request).await?;
+            let mut job = client
+                .submit(&request)
+                .await
+                .with_context(|| format!("submitting the job to the facilitator {facilitator}"))?;
             let job_id = job.job_id();
             println!("job {job_id}");
             let mut state = JobState {
@@ -744,7 +754,10 @@ async fn attach(common: &Common, job_id: JobId) -> anyhow::Result<crate::client:
         (None, Err(error)) => return Err(error.context("pass --facilitator")),
     };
     let client = Client::new(common.account()?, facilitator.parse()?)?;
-    Ok(client.attach(job_id, None).await?)
+    client
+        .attach(job_id, None)
+        .await
+        .with_context(|| format!("attaching to job {job_id} at the facilitator {facilitator}"))
 }
 
 /// Reads the replayed history (it arrives in one burst, then the stream goes quiet).

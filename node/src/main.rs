@@ -114,8 +114,40 @@ struct NodeArgs {
     p2p_listen: Option<SocketAddr>,
 }
 
-fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+fn main() -> std::process::ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("{}", describe_error(&error));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// One line per failure for the person at the terminal: `error: what: why: …`, each cause once
+/// (our error types include their cause in their own message, so the plain chain says it twice).
+/// With `RUST_BACKTRACE` set, the full report with its backtrace instead.
+fn describe_error(error: &anyhow::Error) -> String {
+    if std::env::var_os("RUST_BACKTRACE").is_some_and(|value| value != "0") {
+        return format!("Error: {error:?}");
+    }
+    format!("error: {}", one_line(error))
+}
+
+/// `error` and its causes on one line, `: `-separated, skipping a cause its effect already quotes.
+fn one_line(error: &anyhow::Error) -> String {
+    let mut line = error.to_string();
+    for cause in error.chain().skip(1) {
+        let cause = cause.to_string();
+        if !line.contains(&cause) {
+            line.push_str(": ");
+            line.push_str(&cause);
+        }
+    }
+    line
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Key { command } => key_command(command),
         Command::Blob { command } => {
@@ -202,4 +234,25 @@ fn init_tracing() {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("connect: {0}")]
+    struct Quoting(#[source] std::io::Error);
+
+    #[test]
+    fn each_cause_is_said_once() {
+        let timed_out = || std::io::Error::new(std::io::ErrorKind::TimedOut, "handshake timed out");
+        let quoted = anyhow::Error::new(Quoting(timed_out())).context("submitting the job");
+        assert_eq!(
+            one_line(&quoted),
+            "submitting the job: connect: handshake timed out"
+        );
+        let plain = anyhow::Error::new(timed_out()).context("reading job.toml");
+        assert_eq!(one_line(&plain), "reading job.toml: handshake timed out");
+    }
 }
