@@ -91,7 +91,7 @@ pub enum ClientError {
     #[error("connecting to the storage node: {0}")]
     Connect(#[from] ConnectError),
     /// Dials to the storage node kept failing for the whole [`TransferPolicy::dial_budget`].
-    #[error("storage node {hotkey} unreachable: no connection within {tried_for:?} ({last})")]
+    #[error("storage node {hotkey} unreachable: no connection within {tried_for:.1?} ({last})")]
     Unreachable {
         /// The node.
         hotkey: Hotkey,
@@ -246,6 +246,10 @@ impl Progress for ProgressReporter {
     }
 
     fn finish(&mut self) {
+        if self.last_draw.is_none() {
+            // Never started (the node was never reached): there is no transfer to report.
+            return;
+        }
         self.draw(true);
         if self.terminal {
             let _ = writeln!(io::stderr());
@@ -1009,6 +1013,10 @@ mod tests {
         assert!(line.contains("ETA"), "{line}");
         assert_eq!(format_duration(3725.0), "1h02m");
         assert_eq!(format_bytes(1536.0), "1.5 KiB");
+        // A transfer that never started (node unreachable) leaves no 0 B / 0 B line behind.
+        let mut never_started = ProgressReporter::new("put");
+        never_started.finish();
+        assert!(never_started.last_draw.is_none());
     }
 
     #[test]

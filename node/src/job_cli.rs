@@ -13,7 +13,9 @@ use std::time::Instant;
 
 use anyhow::{Context as _, bail};
 use horde_protocol::codec::{from_bytes_exact, to_bytes};
-use horde_protocol::messages::{ReportVerdict, StatusUpdate};
+use horde_protocol::messages::{
+    DeclineReason, FailureReason, RejectReason, ReportVerdict, StatusUpdate,
+};
 use horde_protocol::{
     BlobHash, Deadlines, EndpointRecord, JobId, JobReceipt, JobStatus, NodeAddr, Program,
     ReadinessProbe, RelativePath, SecretKey, Signed, UploadSpec, UploadTarget, VolumeSource,
@@ -413,6 +415,69 @@ fn describe(status: &JobStatus) -> String {
             result.stdout_tail,
             result.stderr_tail
         ),
+        JobStatus::Rejected(reason) => format!("rejected: {}", describe_rejection(reason)),
+        JobStatus::Failed(failure) => {
+            let mut text = format!(
+                "failed in stage {}: {}",
+                failure.stage,
+                describe_failure(&failure.reason)
+            );
+            if let Some(result) = &failure.result {
+                text.push_str(&format!(
+                    "\n--- stdout (tail)\n{}--- stderr (tail)\n{}",
+                    result.stdout_tail, result.stderr_tail
+                ));
+            }
+            text
+        }
+        JobStatus::HordeFailed(failure) => format!(
+            "failed inside horde, reported by the {} {}: {}",
+            failure.reported_by, failure.reporter, failure.reason
+        ),
+        other => format!("{other:?}"),
+    }
+}
+
+fn describe_rejection(reason: &RejectReason) -> String {
+    match reason {
+        RejectReason::BadSignature => "the spec's signature does not verify".to_owned(),
+        RejectReason::Expired => "the spec has expired (or is dated in the future)".to_owned(),
+        RejectReason::DuplicateJobId => "this job id has been used before".to_owned(),
+        RejectReason::ClientNotAllowed => {
+            "the facilitator does not accept this account key".to_owned()
+        }
+        RejectReason::NoValidator => "no validator is available".to_owned(),
+        RejectReason::NoMiner => "no miner has an executor of this class".to_owned(),
+        RejectReason::Declined(decline) => format!(
+            "the miner declined: {}",
+            match decline {
+                DeclineReason::Busy => "every executor of the class is busy".to_owned(),
+                DeclineReason::NoExecutorForClass => "it has no executor of this class".to_owned(),
+                DeclineReason::ValidatorNotAllowed =>
+                    "it does not accept this validator".to_owned(),
+                DeclineReason::InvalidSpec(why) => format!("invalid spec: {why}"),
+                DeclineReason::ExecutorUnavailable(why) =>
+                    format!("no executor could start: {why}"),
+                other => format!("{other:?}"),
+            }
+        ),
+        RejectReason::InvalidSpec(why) => format!("invalid spec: {why}"),
+        RejectReason::MinerNotAllowed => "the chosen miner is not allowed".to_owned(),
+        RejectReason::UnknownJob => "no such job".to_owned(),
+        RejectReason::NotOwner => "the job belongs to another account".to_owned(),
+        other => format!("{other:?}"),
+    }
+}
+
+fn describe_failure(reason: &FailureReason) -> String {
+    match reason {
+        FailureReason::Timeout => "its deadline passed".to_owned(),
+        FailureReason::NonZeroExit(code) => format!("the job exited with status {code}"),
+        FailureReason::Signal(signal) => format!("the job was killed by signal {signal}"),
+        FailureReason::VolumeFetch(why) => format!("fetching a volume failed: {why}"),
+        FailureReason::Upload(why) => format!("an upload failed: {why}"),
+        FailureReason::Spawn(why) => format!("the job could not start: {why}"),
+        FailureReason::BadEndpointRecord(why) => format!("bad endpoint record: {why}"),
         other => format!("{other:?}"),
     }
 }
@@ -791,4 +856,41 @@ fn append_receipt(
         .open(&path)?;
     writeln!(file, "{}", hex::encode(to_bytes(receipt)))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use horde_protocol::Stage;
+    use horde_protocol::messages::{JobFailure, JobFinished};
+
+    use super::*;
+
+    #[test]
+    fn terminal_statuses_read_as_sentences() {
+        let busy = JobStatus::Rejected(RejectReason::Declined(DeclineReason::Busy));
+        assert_eq!(
+            describe(&busy),
+            "rejected: the miner declined: every executor of the class is busy"
+        );
+        let exited = JobStatus::Failed(JobFailure {
+            stage: Stage::Execution,
+            reason: FailureReason::NonZeroExit(3),
+            result: Some(JobFinished {
+                exit_code: Some(3),
+                terminated: false,
+                outputs: Vec::new(),
+                stdout_tail: String::new(),
+                stderr_tail: "no such model\n".to_owned(),
+            }),
+        });
+        let text = describe(&exited);
+        assert!(
+            text.starts_with("failed in stage Execution: the job exited with status 3\n"),
+            "{text}"
+        );
+        assert!(
+            text.ends_with("--- stderr (tail)\nno such model\n"),
+            "{text}"
+        );
+    }
 }

@@ -120,7 +120,7 @@ pub enum BlobError {
     Io(#[from] io::Error),
     /// The stream made no progress for the progress timeout: the peer sent nothing, or took
     /// nothing of what we sent, for that long.
-    #[error("the stream made no progress for {idle:?}")]
+    #[error("the stream made no progress for {idle:.1?}")]
     Stalled {
         /// The progress timeout that expired.
         idle: Duration,

@@ -39,7 +39,7 @@ pub enum SessionError {
     #[error("stream ended before its first message")]
     EmptyStream,
     /// The peer opened a stream and did not send its first message in time.
-    #[error("no first message within {0:?}")]
+    #[error("no first message within {0:.1?}")]
     FirstFrameTimeout(Duration),
 }
 
