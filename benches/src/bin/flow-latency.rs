@@ -19,6 +19,12 @@
 //!    source), and to the testnet job's `GET /bytes` through the executor's own process, beside
 //!    the same request over direct TCP to the directly started job.
 //!
+//! 4. The design's floor beside both (see `floor`): a plain quinn stream relayed to the job's TCP
+//!    port with BLAKE3 digests of both directions, but no framing and no signatures, in its own
+//!    process for the round trip and in both places for bulk. The tunnel's distance to this floor
+//!    is its implementation's cost; the floor's distance to direct TCP or raw quinn is the
+//!    design's.
+//!
 //! `cargo run --release -p horde-benches --bin flow-latency -- [--jobs N] [--requests N]
 //! [--size-mib N] [--rounds N] [--json PATH]`
 
@@ -36,12 +42,17 @@ use horde_transport::{ALPN_JOB, ClientPolicy, EndpointConfig, HordeEndpoint};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 
+#[path = "flow-latency/floor.rs"]
+mod floor;
+
 struct Args {
     jobs: usize,
     requests: usize,
     size_mib: u64,
     rounds: usize,
     json: String,
+    /// Run as the floor relay to this TCP address (internal: the benchmark spawns itself).
+    floor_relay: Option<SocketAddr>,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -51,6 +62,7 @@ fn parse_args() -> anyhow::Result<Args> {
         size_mib: 256,
         rounds: 3,
         json: "target/flow-latency.json".to_owned(),
+        floor_relay: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -61,6 +73,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--size-mib" => args.size_mib = value.parse()?,
             "--rounds" => args.rounds = value.parse::<usize>()?.max(1),
             "--json" => args.json = value,
+            "--floor-relay" => args.floor_relay = Some(value.parse()?),
             other => anyhow::bail!("unknown flag {other}"),
         }
     }
@@ -234,12 +247,15 @@ struct RoundTrips {
     direct_keep_alive: Vec<f64>,
     /// Keep-alive requests on one tunnel stream (its receipt verified at the end).
     tunnel_keep_alive: Vec<f64>,
+    /// The same `GET /health` through the floor relay process, to the end of its stream.
+    floor: Vec<f64>,
 }
 
 async fn round_trips(
     testnet: &Testnet,
     program: &str,
     direct_port: u16,
+    floor_relay: &quinn::Connection,
     requests: usize,
 ) -> anyhow::Result<RoundTrips> {
     let client = Client::new(SecretKey::generate(), testnet.facilitator())?;
@@ -252,10 +268,12 @@ async fn round_trips(
         tunnel_verified: Vec::with_capacity(requests),
         direct_keep_alive: Vec::with_capacity(requests),
         tunnel_keep_alive: Vec::with_capacity(requests),
+        floor: Vec::with_capacity(requests),
     };
-    // Warm both paths once.
+    // Warm the paths once.
     direct_request(direct_port, "GET /health").await?;
     tunnel_request(&connection.tunnel).await?;
+    floor_request(floor_relay).await?;
     for _ in 0..requests {
         let started = Instant::now();
         anyhow::ensure!(direct_request(direct_port, "GET /health").await? == 200);
@@ -263,6 +281,7 @@ async fn round_trips(
         let (response, verified) = tunnel_request(&connection.tunnel).await?;
         trips.tunnel_response.push(response);
         trips.tunnel_verified.push(verified);
+        trips.floor.push(floor_request(floor_relay).await?);
     }
 
     let mut tcp = TcpStream::connect(("127.0.0.1", direct_port)).await?;
@@ -307,6 +326,21 @@ async fn tunnel_request(tunnel: &JobTunnel) -> anyhow::Result<(f64, f64)> {
     anyhow::ensure!(stream.receipt().is_some(), "no receipt");
     anyhow::ensure!(response.starts_with(b"HTTP/1.1 200"), "tunnel status");
     Ok((complete.context("incomplete response")?, verified))
+}
+
+/// `GET /health` on a new stream of the floor relay, to the end of the stream. Milliseconds.
+async fn floor_request(relay: &quinn::Connection) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    let mut response = Vec::new();
+    floor::exchange(
+        relay,
+        b"GET /health HTTP/1.1\r\nHost: job\r\nConnection: close\r\n\r\n",
+        |bytes| response.extend_from_slice(bytes),
+    )
+    .await?;
+    let elapsed = ms(started.elapsed());
+    anyhow::ensure!(response.starts_with(b"HTTP/1.1 200"), "floor relay status");
+    Ok(elapsed)
 }
 
 /// A keep-alive `GET /health` (no `Connection: close`).
@@ -423,6 +457,10 @@ struct BulkRuns {
     direct_job: Vec<f64>,
     /// `GET /bytes` through a tunnel stream to a testnet job (the executor's own process).
     executor: Vec<f64>,
+    /// The floor relay in this process, from the TCP source.
+    floor: Vec<f64>,
+    /// `GET /bytes` through the floor relay process to the directly started job.
+    floor_process: Vec<f64>,
 }
 
 /// `GET /bytes?n={size}` over a new TCP connection to the job; Gbit/s of body received.
@@ -460,6 +498,20 @@ async fn tunnel_exchange(tunnel: &JobTunnel, request: &[u8]) -> anyhow::Result<u
 }
 
 /// Reads `stream` to its end, counting the bytes.
+/// Sends `request` through the floor relay on `connection` and reads the reply; Gbit/s of the
+/// `size` bytes asked for.
+async fn floor_bytes(
+    connection: &quinn::Connection,
+    request: &[u8],
+    size: u64,
+) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    let total = floor::exchange(connection, request, |_| {}).await?;
+    let elapsed = started.elapsed();
+    anyhow::ensure!(total >= size, "floor relay short read {total}");
+    Ok(gbit(size, elapsed))
+}
+
 async fn read_to_eof(stream: &mut TcpStream) -> std::io::Result<u64> {
     let mut buffer = vec![0u8; 256 * 1024];
     let mut total = 0u64;
@@ -601,6 +653,9 @@ fn main() -> anyhow::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
+    if let Some(target) = args.floor_relay {
+        return runtime.block_on(floor::run_process(target));
+    }
     runtime.block_on(run(args))
 }
 
@@ -628,7 +683,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // Warm the connections (first QUIC handshakes) before measuring.
     control_plane(&testnet, &program_str, 1).await?;
     let samples = control_plane(&testnet, &program_str, args.jobs).await?;
-    let trips = round_trips(&testnet, &program_str, direct_port, args.requests).await?;
+    let relay_process =
+        floor::RelayProcess::spawn(std::net::SocketAddr::from(([127, 0, 0, 1], direct_port)))
+            .await?;
+    let relay_client = floor::RelayClient::connect(&relay_process.addr).await?;
+    let trips = round_trips(
+        &testnet,
+        &program_str,
+        direct_port,
+        &relay_client.connection,
+        args.requests,
+    )
+    .await?;
     let mut quinn_rtts = raw_quinn_round_trips(args.requests).await?;
 
     // Bulk: a job on the testnet sends `/bytes` through the real executor process; the direct
@@ -637,6 +703,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // row's figure is its median.
     let size = args.size_mib << 20;
     let source = tcp_source(size).await?;
+    let in_process_relay = floor::RelayClient::connect(&floor::start_in_process(source)?).await?;
     let client = Client::new(SecretKey::generate(), testnet.facilitator())?;
     let mut bulk_job = client
         .submit(&JobRequest::command("cpu", &program_str))
@@ -651,6 +718,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
         bulk.direct_job.push(direct_bytes(direct_port, size).await?);
         bulk.executor
             .push(tunnel_bytes(&bulk_connection.tunnel, size).await?);
+        bulk.floor
+            .push(floor_bytes(&in_process_relay.connection, b"", size).await?);
+        bulk.floor_process.push(
+            floor_bytes(
+                &relay_client.connection,
+                bytes_request(size).as_bytes(),
+                size,
+            )
+            .await?,
+        );
     }
     bulk_job.terminate().await?;
     bulk_job.wait_for_end().await?;
@@ -694,12 +771,22 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "until the receipt is verified (http_request returns)",
     );
     quinn_rtt.print_ms("raw quinn", "new stream, both ends in this process");
+    let floor_rtt = Spread::of(trips.floor);
+    floor_rtt.print_ms(
+        "design floor",
+        "relay process: quinn + TCP hop + digests, no framing or signatures",
+    );
     println!(
         "  ratio tunnel/direct: {:.2} with the verified receipt (target <= 2), {:.2} to the \
          response; tunnel/raw quinn: {:.2}",
         verified.median / direct.median,
         response.median / direct.median,
         verified.median / quinn_rtt.median
+    );
+    println!(
+        "  ratio floor/direct: {:.2} (what the design itself costs here); tunnel/floor: {:.2}",
+        floor_rtt.median / direct.median,
+        verified.median / floor_rtt.median
     );
     println!(
         "== keep-alive GET /health on one persistent connection ({} requests, alternating; the \
@@ -724,16 +811,28 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let tunnel = Spread::of(bulk.tunnel);
     let direct_job = Spread::of(bulk.direct_job);
     let executor = Spread::of(bulk.executor);
+    let floor_bulk = Spread::of(bulk.floor);
+    let floor_process = Spread::of(bulk.floor_process);
     direct_bulk.print_gbit("direct TCP", quinn.median);
     quinn.print_gbit("raw quinn", quinn.median);
     tunnel.print_gbit("horde tunnel", quinn.median);
-    println!("  (job's GET /bytes, through the testnet's executor process)");
+    floor_bulk.print_gbit("design floor", quinn.median);
+    println!("  (job's GET /bytes, through the testnet's executor process / the relay process)");
     direct_job.print_gbit("direct TCP", quinn.median);
     executor.print_gbit("horde tunnel", quinn.median);
+    floor_process.print_gbit("design floor", quinn.median);
     println!(
         "  tunnel/raw quinn: {:.2} in process, {:.2} through the executor (target >= 0.7)",
         tunnel.median / quinn.median,
         executor.median / quinn.median
+    );
+    println!(
+        "  design floor/raw quinn: {:.2} in process, {:.2} in its own process; tunnel/floor: \
+         {:.2} and {:.2}",
+        floor_bulk.median / quinn.median,
+        floor_process.median / quinn.median,
+        tunnel.median / floor_bulk.median,
+        executor.median / floor_process.median
     );
 
     let json = serde_json::json!({
@@ -745,7 +844,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "rtt": {"direct": direct.json(), "tunnel_response": response.json(),
                 "tunnel_verified": verified.json(), "raw_quinn": quinn_rtt.json(),
                 "ratio": verified.median / direct.median,
-                "ratio_to_response": response.median / direct.median},
+                "ratio_to_response": response.median / direct.median,
+                "floor": floor_rtt.json(), "floor_ratio": floor_rtt.median / direct.median},
         "keep_alive_rtt": {"direct": keep_direct.json(), "tunnel": keep_tunnel.json(),
                            "ratio": keep_tunnel.median / keep_direct.median},
         "throughput_gbit": {"rounds": args.rounds, "direct_tcp": direct_bulk.json(),
@@ -753,7 +853,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
                             "tunnel_over_quinn": tunnel.median / quinn.median,
                             "direct_tcp_job_bytes": direct_job.json(),
                             "tunnel_executor_job_bytes": executor.json(),
-                            "executor_tunnel_over_quinn": executor.median / quinn.median},
+                            "executor_tunnel_over_quinn": executor.median / quinn.median,
+                            "floor": floor_bulk.json(),
+                            "floor_over_quinn": floor_bulk.median / quinn.median,
+                            "floor_process": floor_process.json(),
+                            "floor_process_over_quinn": floor_process.median / quinn.median},
     });
     if let Some(parent) = std::path::Path::new(&args.json).parent() {
         std::fs::create_dir_all(parent)?;
