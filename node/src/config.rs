@@ -56,6 +56,7 @@ struct ConfigFile {
     key_file: Option<PathBuf>,
     listen: Option<String>,
     max_connections: Option<usize>,
+    max_connections_per_peer: Option<usize>,
     data_dir: Option<PathBuf>,
     facilitator: Option<FacilitatorFile>,
     validator: Option<ValidatorFile>,
@@ -278,6 +279,8 @@ pub struct NodeConfig {
     pub listen: SocketAddr,
     /// Cap on concurrent QUIC connections.
     pub max_connections: usize,
+    /// Cap on concurrent incoming QUIC connections from one hotkey.
+    pub max_connections_per_peer: usize,
     /// Where the node keeps its state.
     pub data_dir: PathBuf,
     /// `[facilitator]` settings.
@@ -360,6 +363,16 @@ impl NodeConfig {
         let max_connections = file.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
         if max_connections == 0 {
             return Err(invalid("max_connections must be at least 1".to_owned()));
+        }
+        // Above `max_connections` it has no effect, which is allowed: lowering `max_connections`
+        // alone must not make a file invalid.
+        let max_connections_per_peer = file
+            .max_connections_per_peer
+            .unwrap_or(horde_transport::DEFAULT_MAX_CONNECTIONS_PER_PEER);
+        if max_connections_per_peer == 0 {
+            return Err(invalid(
+                "max_connections_per_peer must be at least 1".to_owned(),
+            ));
         }
         let resolve = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
         let key_file = overrides
@@ -587,6 +600,7 @@ impl NodeConfig {
             key_file,
             listen,
             max_connections,
+            max_connections_per_peer,
             data_dir,
             facilitator,
             validator,
@@ -619,6 +633,12 @@ mod tests {
         assert_eq!(config.listen, DEFAULT_LISTEN.parse().unwrap());
         assert_eq!(config.key_file, Path::new("/etc/horde/hotkey.json"));
         assert_eq!(config.data_dir, Path::new("/etc/horde/validator-data"));
+        assert_eq!(
+            config.max_connections_per_peer,
+            horde_transport::DEFAULT_MAX_CONNECTIONS_PER_PEER
+        );
+        let config = parse("role = \"facilitator\"\nmax_connections_per_peer = 64").unwrap();
+        assert_eq!(config.max_connections_per_peer, 64);
     }
 
     #[test]
@@ -770,6 +790,10 @@ mod tests {
             ("role = \"client\"", "unknown role"),
             ("role = \"miner\"\nlisten = \"nowhere\"", "listen"),
             ("role = \"miner\"\nmax_connections = 0", "max_connections"),
+            (
+                "role = \"miner\"\nmax_connections_per_peer = 0",
+                "max_connections_per_peer",
+            ),
             ("role = 3", "role"),
         ] {
             let err = parse(text).unwrap_err().to_string();
