@@ -90,6 +90,7 @@ struct StorageFile {
     put_allowlist: Option<Vec<String>>,
     progress_timeout_ms: Option<u64>,
     max_transfers: Option<usize>,
+    max_transfers_per_peer: Option<usize>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -524,11 +525,22 @@ impl NodeConfig {
         if max_transfers == 0 {
             return Err(invalid("storage.max_transfers must be above 0".to_owned()));
         }
+        // Unset, the default share shrinks to a smaller `max_transfers` rather than make a file
+        // that lowers only `max_transfers` invalid.
+        let max_transfers_per_peer = storage_file
+            .max_transfers_per_peer
+            .unwrap_or(defaults.max_transfers_per_peer.min(max_transfers));
+        if max_transfers_per_peer == 0 || max_transfers_per_peer > max_transfers {
+            return Err(invalid(format!(
+                "storage.max_transfers_per_peer must be between 1 and max_transfers ({max_transfers})"
+            )));
+        }
         let storage = crate::storage::StoreLimits {
             max_blob_size,
             put_allowlist: keys("storage.put_allowlist", storage_file.put_allowlist)?,
             progress_timeout,
             max_transfers,
+            max_transfers_per_peer,
         };
         let receipts_file = file.receipts.unwrap_or_default();
         let receipts = ReceiptsConfig {
@@ -655,7 +667,7 @@ mod tests {
         let key = horde_protocol::SecretKey::from_seed(&[3; 32]).hotkey();
         let config = parse(&format!(
             "role = \"storage\"\n[storage]\nmax_blob_size = 1048576\nput_allowlist = [\"{key}\"]\n\
-             progress_timeout_ms = 1500\nmax_transfers = 3"
+             progress_timeout_ms = 1500\nmax_transfers = 3\nmax_transfers_per_peer = 2"
         ))
         .unwrap();
         assert_eq!(config.storage.max_blob_size, 1 << 20);
@@ -665,6 +677,12 @@ mod tests {
             std::time::Duration::from_millis(1500)
         );
         assert_eq!(config.storage.max_transfers, 3);
+        assert_eq!(config.storage.max_transfers_per_peer, 2);
+        let config = parse("role = \"storage\"\n[storage]\nmax_transfers = 4").unwrap();
+        assert_eq!(
+            config.storage.max_transfers_per_peer, 4,
+            "an unset share fits a smaller max_transfers"
+        );
         for (text, needle) in [
             ("[storage]\nmax_blob_size = 0", "max_blob_size"),
             (
@@ -674,6 +692,14 @@ mod tests {
             ("[storage]\nput_allowlist = [\"nope\"]", "put_allowlist"),
             ("[storage]\nprogress_timeout_ms = 0", "progress_timeout_ms"),
             ("[storage]\nmax_transfers = 0", "max_transfers"),
+            (
+                "[storage]\nmax_transfers_per_peer = 0",
+                "max_transfers_per_peer",
+            ),
+            (
+                "[storage]\nmax_transfers = 8\nmax_transfers_per_peer = 9",
+                "max_transfers_per_peer",
+            ),
             ("[storage]\nmax_size = 1", "max_size"),
         ] {
             let err = parse(&format!("role = \"storage\"\n{text}"))
