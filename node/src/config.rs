@@ -56,6 +56,7 @@ struct ConfigFile {
     key_file: Option<PathBuf>,
     listen: Option<String>,
     max_connections: Option<usize>,
+    max_connections_per_peer: Option<usize>,
     data_dir: Option<PathBuf>,
     facilitator: Option<FacilitatorFile>,
     validator: Option<ValidatorFile>,
@@ -89,6 +90,7 @@ struct StorageFile {
     put_allowlist: Option<Vec<String>>,
     progress_timeout_ms: Option<u64>,
     max_transfers: Option<usize>,
+    max_transfers_per_peer: Option<usize>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -278,6 +280,8 @@ pub struct NodeConfig {
     pub listen: SocketAddr,
     /// Cap on concurrent QUIC connections.
     pub max_connections: usize,
+    /// Cap on concurrent incoming QUIC connections from one hotkey.
+    pub max_connections_per_peer: usize,
     /// Where the node keeps its state.
     pub data_dir: PathBuf,
     /// `[facilitator]` settings.
@@ -360,6 +364,16 @@ impl NodeConfig {
         let max_connections = file.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
         if max_connections == 0 {
             return Err(invalid("max_connections must be at least 1".to_owned()));
+        }
+        // Above `max_connections` it has no effect, which is allowed: lowering `max_connections`
+        // alone must not make a file invalid.
+        let max_connections_per_peer = file
+            .max_connections_per_peer
+            .unwrap_or(horde_transport::DEFAULT_MAX_CONNECTIONS_PER_PEER);
+        if max_connections_per_peer == 0 {
+            return Err(invalid(
+                "max_connections_per_peer must be at least 1".to_owned(),
+            ));
         }
         let resolve = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
         let key_file = overrides
@@ -511,11 +525,22 @@ impl NodeConfig {
         if max_transfers == 0 {
             return Err(invalid("storage.max_transfers must be above 0".to_owned()));
         }
+        // Unset, the default share shrinks to a smaller `max_transfers` rather than make a file
+        // that lowers only `max_transfers` invalid.
+        let max_transfers_per_peer = storage_file
+            .max_transfers_per_peer
+            .unwrap_or(defaults.max_transfers_per_peer.min(max_transfers));
+        if max_transfers_per_peer == 0 || max_transfers_per_peer > max_transfers {
+            return Err(invalid(format!(
+                "storage.max_transfers_per_peer must be between 1 and max_transfers ({max_transfers})"
+            )));
+        }
         let storage = crate::storage::StoreLimits {
             max_blob_size,
             put_allowlist: keys("storage.put_allowlist", storage_file.put_allowlist)?,
             progress_timeout,
             max_transfers,
+            max_transfers_per_peer,
         };
         let receipts_file = file.receipts.unwrap_or_default();
         let receipts = ReceiptsConfig {
@@ -587,6 +612,7 @@ impl NodeConfig {
             key_file,
             listen,
             max_connections,
+            max_connections_per_peer,
             data_dir,
             facilitator,
             validator,
@@ -619,6 +645,12 @@ mod tests {
         assert_eq!(config.listen, DEFAULT_LISTEN.parse().unwrap());
         assert_eq!(config.key_file, Path::new("/etc/horde/hotkey.json"));
         assert_eq!(config.data_dir, Path::new("/etc/horde/validator-data"));
+        assert_eq!(
+            config.max_connections_per_peer,
+            horde_transport::DEFAULT_MAX_CONNECTIONS_PER_PEER
+        );
+        let config = parse("role = \"facilitator\"\nmax_connections_per_peer = 64").unwrap();
+        assert_eq!(config.max_connections_per_peer, 64);
     }
 
     #[test]
@@ -635,7 +667,7 @@ mod tests {
         let key = horde_protocol::SecretKey::from_seed(&[3; 32]).hotkey();
         let config = parse(&format!(
             "role = \"storage\"\n[storage]\nmax_blob_size = 1048576\nput_allowlist = [\"{key}\"]\n\
-             progress_timeout_ms = 1500\nmax_transfers = 3"
+             progress_timeout_ms = 1500\nmax_transfers = 3\nmax_transfers_per_peer = 2"
         ))
         .unwrap();
         assert_eq!(config.storage.max_blob_size, 1 << 20);
@@ -645,6 +677,12 @@ mod tests {
             std::time::Duration::from_millis(1500)
         );
         assert_eq!(config.storage.max_transfers, 3);
+        assert_eq!(config.storage.max_transfers_per_peer, 2);
+        let config = parse("role = \"storage\"\n[storage]\nmax_transfers = 4").unwrap();
+        assert_eq!(
+            config.storage.max_transfers_per_peer, 4,
+            "an unset share fits a smaller max_transfers"
+        );
         for (text, needle) in [
             ("[storage]\nmax_blob_size = 0", "max_blob_size"),
             (
@@ -654,6 +692,14 @@ mod tests {
             ("[storage]\nput_allowlist = [\"nope\"]", "put_allowlist"),
             ("[storage]\nprogress_timeout_ms = 0", "progress_timeout_ms"),
             ("[storage]\nmax_transfers = 0", "max_transfers"),
+            (
+                "[storage]\nmax_transfers_per_peer = 0",
+                "max_transfers_per_peer",
+            ),
+            (
+                "[storage]\nmax_transfers = 8\nmax_transfers_per_peer = 9",
+                "max_transfers_per_peer",
+            ),
             ("[storage]\nmax_size = 1", "max_size"),
         ] {
             let err = parse(&format!("role = \"storage\"\n{text}"))
@@ -770,6 +816,10 @@ mod tests {
             ("role = \"client\"", "unknown role"),
             ("role = \"miner\"\nlisten = \"nowhere\"", "listen"),
             ("role = \"miner\"\nmax_connections = 0", "max_connections"),
+            (
+                "role = \"miner\"\nmax_connections_per_peer = 0",
+                "max_connections_per_peer",
+            ),
             ("role = 3", "role"),
         ] {
             let err = parse(text).unwrap_err().to_string();

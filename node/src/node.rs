@@ -104,7 +104,8 @@ impl RunningNode {
             source,
         })?;
         let endpoint_config = EndpointConfig::new(config.listen, role_alpns(config.role))
-            .with_max_connections(config.max_connections);
+            .with_max_connections(config.max_connections)
+            .with_max_connections_per_peer(config.max_connections_per_peer);
         let endpoint = Arc::new(HordeEndpoint::bind(&key, endpoint_config)?);
         let cancel = CancellationToken::new();
         let role_done = CancellationToken::new();

@@ -8,7 +8,9 @@
 //! - [`serve`] / [`serve_connection`]: the server loop, one task per stream. Every stream must
 //!   make progress within [`StoreLimits::progress_timeout`] (its request, each read of an upload
 //!   body, each write of a download), else it is reset and stopped with [`codes::TIMED_OUT`];
-//!   at most [`StoreLimits::max_transfers`] gets and puts run at once, more are refused as busy.
+//!   at most [`StoreLimits::max_transfers`] gets and puts run at once, and at most
+//!   [`StoreLimits::max_transfers_per_peer`] of one hotkey, so one key cannot hold every slot;
+//!   more are refused as busy.
 
 use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
@@ -27,7 +29,9 @@ use horde_transport::blob::{
     Backing, BlobError, PROGRESS_TIMEOUT, ServedBlob, read_request, serve_get,
     within_progress_timeout, write_response,
 };
-use horde_transport::{ALPN_BLOB, ChannelError, HordeEndpoint, codes, remote_hotkey};
+use horde_transport::{
+    ALPN_BLOB, ChannelError, HordeEndpoint, PeerPermit, PeerQuota, codes, remote_hotkey,
+};
 use quinn::VarInt;
 use tokio::sync::{Semaphore, SemaphorePermit, mpsc};
 use tokio::task::JoinSet;
@@ -54,6 +58,12 @@ const WRITE_QUEUE: usize = 8;
 /// already share a 10 Gbit/s link at under 20 MB/s each.
 pub const DEFAULT_MAX_TRANSFERS: usize = 64;
 
+/// Default cap on gets and puts served at once for one hotkey: 16, a quarter of
+/// [`DEFAULT_MAX_TRANSFERS`], so one key (say, one holding gets it never reads, renewed within
+/// the progress timeout) leaves three quarters of the slots to the others. An executor or a
+/// client moves one blob at a time, so 16 is far above what an honest key needs.
+pub const DEFAULT_MAX_TRANSFERS_PER_PEER: usize = 16;
+
 /// Who may upload, how much, and how the store bounds the streams it serves.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoreLimits {
@@ -66,6 +76,9 @@ pub struct StoreLimits {
     pub progress_timeout: Duration,
     /// Gets and puts served at once; more are refused with `Busy` (clients retry).
     pub max_transfers: usize,
+    /// Gets and puts served at once for one hotkey; more from that key are refused with `Busy`
+    /// while other keys are still served.
+    pub max_transfers_per_peer: usize,
 }
 
 impl Default for StoreLimits {
@@ -75,6 +88,7 @@ impl Default for StoreLimits {
             put_allowlist: None,
             progress_timeout: PROGRESS_TIMEOUT,
             max_transfers: DEFAULT_MAX_TRANSFERS,
+            max_transfers_per_peer: DEFAULT_MAX_TRANSFERS_PER_PEER,
         }
     }
 }
@@ -158,6 +172,25 @@ pub struct BlobStore {
     uploads: Mutex<HashSet<BlobHash>>,
     /// One permit per get or put being served ([`StoreLimits::max_transfers`]).
     transfers: Semaphore,
+    /// What each peer holds of them ([`StoreLimits::max_transfers_per_peer`]).
+    transfers_per_peer: Arc<PeerQuota>,
+}
+
+/// A get or put being served: one of the store's transfer slots and one of its peer's share,
+/// both given back when it is dropped, however the transfer ends.
+#[derive(Debug)]
+struct TransferSlot<'a> {
+    _slot: SemaphorePermit<'a>,
+    _share: PeerPermit,
+}
+
+/// Why a get or put found no transfer slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TransfersBusy {
+    /// [`StoreLimits::max_transfers`] are running.
+    Store,
+    /// The peer runs [`StoreLimits::max_transfers_per_peer`] already.
+    Peer,
 }
 
 impl BlobStore {
@@ -173,6 +206,7 @@ impl BlobStore {
             let _ = fs::remove_file(entry?.path());
         }
         let transfers = Semaphore::new(limits.max_transfers.min(Semaphore::MAX_PERMITS));
+        let transfers_per_peer = Arc::new(PeerQuota::new(limits.max_transfers_per_peer));
         Ok(Self {
             blobs,
             partial,
@@ -180,12 +214,25 @@ impl BlobStore {
             limits,
             uploads: Mutex::new(HashSet::new()),
             transfers,
+            transfers_per_peer,
         })
     }
 
-    /// A slot to serve one get or put, `None` when [`StoreLimits::max_transfers`] are running.
-    fn transfer_permit(&self) -> Option<SemaphorePermit<'_>> {
-        self.transfers.try_acquire().ok()
+    /// A slot to serve one get or put for `peer`, unless the peer holds its share already or
+    /// [`StoreLimits::max_transfers`] are running.
+    fn transfer_slot(&self, peer: Hotkey) -> Result<TransferSlot<'_>, TransfersBusy> {
+        let share = self
+            .transfers_per_peer
+            .try_acquire(peer)
+            .ok_or(TransfersBusy::Peer)?;
+        let slot = self
+            .transfers
+            .try_acquire()
+            .map_err(|_| TransfersBusy::Store)?;
+        Ok(TransferSlot {
+            _slot: slot,
+            _share: share,
+        })
     }
 
     /// The limits in force.
@@ -676,16 +723,27 @@ async fn respond(
     .await
 }
 
-/// Refuses a get or put because [`StoreLimits::max_transfers`] are running.
+/// Refuses a get or put because [`StoreLimits::max_transfers`] are running, or
+/// [`StoreLimits::max_transfers_per_peer`] for this peer.
 async fn refuse_busy(
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
     peer: Hotkey,
     store: &BlobStore,
+    busy: TransfersBusy,
 ) -> Result<(), BlobError> {
-    let max = store.limits.max_transfers;
-    info!(peer = %peer.fmt_short(), max, "all transfer slots busy; refusing");
-    let message = format!("serving {max} transfers already; try again later");
+    let message = match busy {
+        TransfersBusy::Store => {
+            let max = store.limits.max_transfers;
+            info!(peer = %peer.fmt_short(), max, "all transfer slots busy; refusing");
+            format!("serving {max} transfers already; try again later")
+        }
+        TransfersBusy::Peer => {
+            let max = store.limits.max_transfers_per_peer;
+            info!(peer = %peer.fmt_short(), max, "the peer holds its share of transfer slots; refusing");
+            format!("serving {max} transfers for {peer} already; try again later")
+        }
+    };
     refuse(send, recv, store, BlobErrorKind::Busy, message, codes::BUSY).await
 }
 
@@ -718,8 +776,9 @@ async fn handle_stream(
             let _ = send.finish();
         }
         BlobRequest::Get { hash, ranges } => {
-            let Some(_permit) = store.transfer_permit() else {
-                return refuse_busy(send, recv, peer, store).await;
+            let _slot = match store.transfer_slot(peer) {
+                Ok(slot) => slot,
+                Err(busy) => return refuse_busy(send, recv, peer, store, busy).await,
             };
             let blob = {
                 let store = Arc::clone(store);
@@ -745,8 +804,9 @@ async fn handle_stream(
             }
         }
         BlobRequest::Put { size, hash, resume } => {
-            let Some(_permit) = store.transfer_permit() else {
-                return refuse_busy(send, recv, peer, store).await;
+            let _slot = match store.transfer_slot(peer) {
+                Ok(slot) => slot,
+                Err(busy) => return refuse_busy(send, recv, peer, store, busy).await,
             };
             handle_put(send, recv, peer, store, size, hash, resume).await?;
         }
@@ -854,5 +914,50 @@ async fn handle_put(
             let (kind, stop) = (error.kind(), error.stop_code());
             refuse(send, recv, store, kind, error.to_string(), stop).await
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use horde_transport::test_utils::seeded_key;
+
+    #[test]
+    fn transfer_slots_are_shared_fairly_and_all_given_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = StoreLimits {
+            max_transfers: 3,
+            max_transfers_per_peer: 2,
+            ..StoreLimits::default()
+        };
+        let store = BlobStore::open(dir.path(), limits).unwrap();
+        let (a, b, c) = (
+            seeded_key(1).hotkey(),
+            seeded_key(2).hotkey(),
+            seeded_key(3).hotkey(),
+        );
+        let a1 = store.transfer_slot(a).unwrap();
+        let a2 = store.transfer_slot(a).unwrap();
+        assert_eq!(store.transfer_slot(a).unwrap_err(), TransfersBusy::Peer);
+        let b1 = store
+            .transfer_slot(b)
+            .expect("another key still gets a slot");
+        // Every slot is taken: a third key under its share is refused for the store's cap,
+        // and the refusal leaves no share held.
+        assert_eq!(store.transfer_slot(c).unwrap_err(), TransfersBusy::Store);
+        assert_eq!(store.transfers_per_peer.held_by(&c), 0);
+        assert_eq!(store.transfers_per_peer.peers(), 2);
+
+        drop(a1);
+        let c1 = store
+            .transfer_slot(c)
+            .expect("a freed slot serves the next key");
+        drop((a2, b1, c1));
+        assert_eq!(store.transfers.available_permits(), 3);
+        assert_eq!(
+            store.transfers_per_peer.peers(),
+            0,
+            "peers with no transfer leave the table"
+        );
     }
 }

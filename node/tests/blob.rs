@@ -776,6 +776,43 @@ async fn stalled_get(connection: &quinn::Connection, hash: BlobHash) -> quinn::R
     recv
 }
 
+/// Checks that `error` is the store's transient `Busy` refusal.
+fn assert_busy(error: &BlobError) {
+    assert!(
+        matches!(
+            error,
+            BlobError::Refused {
+                kind: BlobErrorKind::Busy,
+                ..
+            }
+        ),
+        "{error:?}"
+    );
+    assert!(error.is_transient(), "busy is worth a retry");
+}
+
+/// Repeats `attempt` (`what`) every 20 ms until the store refuses it, and checks the refusal is
+/// `Busy`. Polled: the server takes its transfer slots when it reads the requests.
+async fn refused_busy<T, F>(mut attempt: impl FnMut() -> F, what: &str)
+where
+    F: std::future::Future<Output = Result<T, BlobError>>,
+{
+    for _ in 0..100 {
+        match attempt().await {
+            Err(error) => return assert_busy(&error),
+            Ok(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    panic!("{what} is never refused");
+}
+
+/// Fetches `hash` whole on a fresh stream and drops what arrives.
+async fn fetch(connection: &quinn::Connection, hash: BlobHash) -> Result<(), BlobError> {
+    let mut stream = request_get(connection, hash, Vec::new(), NO_LIMIT, PROGRESS_TIMEOUT).await?;
+    while stream.next().await?.is_some() {}
+    Ok(())
+}
+
 /// Many get streams whose reader never reads must not hold the store's blocking threads: with
 /// a pool of two, a fresh get and put still complete at once, long before the stalled streams'
 /// deadline, and after it every stalled stream is reset with `TIMED_OUT`.
@@ -847,28 +884,8 @@ async fn transfers_beyond_the_cap_are_refused_busy_until_a_slot_frees() {
     let _first = stalled_get(&connection, hash).await;
     let _second = stalled_get(&connection, hash).await;
     // Both slots taken (polled: the server takes them when it reads the requests).
-    let mut refused = None;
-    for _ in 0..100 {
-        match put_bytes(&connection, Bytes::from_static(b"one too many")).await {
-            Err(error) => {
-                refused = Some(error);
-                break;
-            }
-            Ok(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-        }
-    }
-    let refused = refused.expect("a third transfer is refused");
-    assert!(
-        matches!(
-            refused,
-            BlobError::Refused {
-                kind: BlobErrorKind::Busy,
-                ..
-            }
-        ),
-        "{refused:?}"
-    );
-    assert!(refused.is_transient(), "busy is worth a retry");
+    let one_too_many = || put_bytes(&connection, Bytes::from_static(b"one too many"));
+    refused_busy(one_too_many, "a third transfer").await;
     assert_eq!(
         stat(&connection, hash).await.unwrap(),
         BlobStatus::Complete {
@@ -887,6 +904,53 @@ async fn transfers_beyond_the_cap_are_refused_busy_until_a_slot_frees() {
         .unwrap();
     assert_eq!(bytes, big);
     assert!(started.elapsed() < 10 * deadline);
+}
+
+/// One key gets at most `max_transfers_per_peer` of the slots: holding its whole share with
+/// gets it never reads, its next get is refused busy (on another connection too: the share is
+/// the key's), while a second key still gets and puts at once, far from the total cap.
+#[tokio::test]
+async fn one_key_holding_its_share_is_refused_busy_while_another_key_is_served() {
+    // The stalled gets hold their slots until this deadline: far beyond the test's steps.
+    let deadline = Duration::from_secs(20);
+    let storage = start_storage(StoreLimits {
+        progress_timeout: deadline,
+        max_transfers: 8,
+        max_transfers_per_peer: 2,
+        ..StoreLimits::default()
+    });
+    let big = sample(3 * SEGMENT_LEN as usize / 2, 43);
+    let big_hash = storage.store.insert(&big).unwrap();
+    let small = sample(10_000, 44);
+    let small_hash = storage.store.insert(&small).unwrap();
+
+    let greedy = client();
+    let connection = blob_client::connect(&greedy, &storage.addr).await.unwrap();
+    let _first = stalled_get(&connection, big_hash).await;
+    let _second = stalled_get(&connection, big_hash).await;
+    let another_connection = blob_client::connect(&greedy, &storage.addr).await.unwrap();
+    let third_get = || fetch(&another_connection, small_hash);
+    refused_busy(third_get, "a third get from one key").await;
+
+    let started = std::time::Instant::now();
+    let other = localhost_endpoint(&seeded_key(5));
+    let served = async {
+        let connection = blob_client::connect(&other, &storage.addr).await.unwrap();
+        let bytes = Bytes::from(sample(100_000, 45));
+        let policy = TransferPolicy::default();
+        let (put, got) = tokio::join!(
+            put_bytes(&connection, bytes.clone()),
+            get_to_memory(&other, &storage.addr, small_hash, NO_LIMIT, &policy)
+        );
+        assert_eq!(put.unwrap(), BlobHash::of(&bytes));
+        assert_eq!(got.unwrap(), small);
+    };
+    tokio::time::timeout(deadline / 4, served)
+        .await
+        .expect("another key's put and get are served while the first holds its share");
+    assert!(started.elapsed() < deadline);
+    // The first key is still held to its share.
+    assert_busy(&third_get().await.unwrap_err());
 }
 
 /// A peer that sends one byte of a request, or part of an upload, then nothing, has the stream

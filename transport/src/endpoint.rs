@@ -9,6 +9,11 @@
 //! is not validated yet gets a stateless Retry first, so floods of Initials from spoofed or
 //! silent sources cannot hold the permits for a handshake timeout each.
 //!
+//! Once the handshake has told us the client's hotkey, the connection also takes a
+//! [`PeerQuota`] permit: one key holds at most `max_connections_per_peer` connections at once, so
+//! it cannot take every slot; an extra one is closed with [`codes::TOO_MANY_CONNECTIONS`] and
+//! never reaches [`HordeEndpoint::accept`].
+//!
 //! Stateless-reset tokens and connection ids of an endpoint on a fixed port are keyed by the
 //! node's identity and that port, so a node restarted with its key on its port resets its peers'
 //! stale connections at once (RFC 9000 §10.3); an ephemeral port gets random keys.
@@ -22,9 +27,10 @@ use quinn::crypto::rustls::{HandshakeData, QuicClientConfig, QuicServerConfig};
 use quinn::{ConnectionError, IdleTimeout, TransportErrorCode, VarInt};
 use rustls::pki_types::CertificateDer;
 use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore, mpsc};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::codes;
+use crate::peer_quota::{PeerPermit, PeerQuota};
 use crate::tls::{
     ClientPolicy, PeerCertificateError, TlsError, client_tls_config, default_validity,
     remote_hotkey, self_signed_certificate, server_name_string, server_tls_config,
@@ -39,6 +45,14 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// connection receive window below, the worst case if every peer floods without being read is
 /// 128 × 32 MiB = 4 GiB; in practice a node talks to a few dozen peers.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 128;
+
+/// Default cap on concurrent incoming connections from one hotkey: 16, an eighth of
+/// [`DEFAULT_MAX_CONNECTIONS`], so at least eight keys are needed to fill an endpoint. Roles keep
+/// one connection per peer and protocol (a few per key); the clients that open one per job or
+/// per transfer (the job client SDK, the blob client, tests and benches) run a handful at once.
+/// A node whose clients run more jobs at once raises it (`max_connections_per_peer` in the node
+/// config).
+pub const DEFAULT_MAX_CONNECTIONS_PER_PEER: usize = 16;
 
 /// Per-stream receive window: 8 MiB. One blob or tunnel stream on its own can fill a 1 Gbit/s
 /// link at 64 ms RTT (8 MiB / 64 ms ≈ 1 Gbit/s), or ≥ 60 Gbit/s on a 1 ms loopback.
@@ -134,7 +148,7 @@ pub enum ConfigError {
         /// The idle timeout.
         idle: Duration,
     },
-    /// No ALPN configured, or `max_connections` is zero.
+    /// No ALPN configured, or `max_connections` or `max_connections_per_peer` is zero.
     #[error("invalid endpoint configuration: {0}")]
     Invalid(&'static str),
     /// The certificate or TLS configuration could not be built.
@@ -188,6 +202,8 @@ pub struct EndpointConfig {
     pub client_policy: ClientPolicy,
     /// Cap on concurrent incoming connections (handshaking or established).
     pub max_connections: usize,
+    /// Cap on concurrent established incoming connections from one hotkey.
+    pub max_connections_per_peer: usize,
     /// Flow control and liveness.
     pub transport: TransportTuning,
 }
@@ -200,6 +216,7 @@ impl EndpointConfig {
             alpns: alpns.iter().map(|alpn| alpn.to_vec()).collect(),
             client_policy: ClientPolicy::Any,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_peer: DEFAULT_MAX_CONNECTIONS_PER_PEER,
             transport: TransportTuning::default(),
         }
     }
@@ -213,6 +230,12 @@ impl EndpointConfig {
     /// Sets the cap on concurrent incoming connections.
     pub fn with_max_connections(mut self, max_connections: usize) -> Self {
         self.max_connections = max_connections;
+        self
+    }
+
+    /// Sets the cap on concurrent incoming connections from one hotkey.
+    pub fn with_max_connections_per_peer(mut self, max_connections_per_peer: usize) -> Self {
+        self.max_connections_per_peer = max_connections_per_peer;
         self
     }
 
@@ -372,6 +395,7 @@ pub struct HordeEndpoint {
     transport: Arc<quinn::TransportConfig>,
     connections: Arc<Semaphore>,
     max_connections: usize,
+    per_peer: Arc<PeerQuota>,
     accepted: Mutex<mpsc::Receiver<Result<Accepted, AcceptError>>>,
     acceptor: tokio::task::JoinHandle<()>,
 }
@@ -383,6 +407,7 @@ impl std::fmt::Debug for HordeEndpoint {
             .field("local_addr", &self.endpoint.local_addr().ok())
             .field("incoming_connections", &self.incoming_connections())
             .field("max_connections", &self.max_connections)
+            .field("max_connections_per_peer", &self.per_peer.max_per_peer())
             .finish_non_exhaustive()
     }
 }
@@ -459,6 +484,9 @@ impl HordeEndpoint {
         if config.max_connections == 0 {
             return Err(ConfigError::Invalid("max_connections is zero"));
         }
+        if config.max_connections_per_peer == 0 {
+            return Err(ConfigError::Invalid("max_connections_per_peer is zero"));
+        }
         let transport = Arc::new(transport_config(&config.transport)?);
         let certificate = self_signed_certificate(key, default_validity(SystemTime::now()))?;
         let tls = server_tls_config(
@@ -499,11 +527,13 @@ impl HordeEndpoint {
         .map_err(bind_error)?;
 
         let connections = Arc::new(Semaphore::new(config.max_connections));
+        let per_peer = Arc::new(PeerQuota::new(config.max_connections_per_peer));
         let (sender, receiver) = mpsc::channel(ACCEPT_QUEUE);
         let acceptor = tokio::spawn(accept_loop(
             endpoint.clone(),
             Arc::clone(&connections),
             config.max_connections,
+            Arc::clone(&per_peer),
             sender,
         ));
         Ok(Self {
@@ -513,6 +543,7 @@ impl HordeEndpoint {
             transport,
             connections,
             max_connections: config.max_connections,
+            per_peer,
             accepted: Mutex::new(receiver),
             acceptor,
         })
@@ -531,6 +562,12 @@ impl HordeEndpoint {
     /// Incoming connections currently holding a slot (handshaking or established).
     pub fn incoming_connections(&self) -> usize {
         self.max_connections - self.connections.available_permits()
+    }
+
+    /// Established incoming connections from `peer` (each counts against its
+    /// `max_connections_per_peer`).
+    pub fn incoming_connections_from(&self, peer: &Hotkey) -> usize {
+        self.per_peer.held_by(peer)
     }
 
     /// The underlying quinn endpoint.
@@ -602,6 +639,7 @@ async fn accept_loop(
     endpoint: quinn::Endpoint,
     connections: Arc<Semaphore>,
     max_connections: usize,
+    per_peer: Arc<PeerQuota>,
     accepted: mpsc::Sender<Result<Accepted, AcceptError>>,
 ) {
     while let Some(incoming) = endpoint.accept().await {
@@ -623,19 +661,31 @@ async fn accept_loop(
             incoming.refuse();
             continue;
         };
-        tokio::spawn(handle_incoming(incoming, permit, accepted.clone()));
+        let per_peer = Arc::clone(&per_peer);
+        tokio::spawn(handle_incoming(
+            incoming,
+            permit,
+            per_peer,
+            accepted.clone(),
+        ));
     }
 }
 
-/// Runs one handshake, hands the connection over, and holds its slot until it closes.
+/// Runs one handshake, takes the client's share of the connections, hands the connection over,
+/// and holds its slot and share until it closes (both are released when this task ends, on
+/// every path).
 async fn handle_incoming(
     incoming: quinn::Incoming,
     permit: OwnedSemaphorePermit,
+    per_peer: Arc<PeerQuota>,
     accepted: mpsc::Sender<Result<Accepted, AcceptError>>,
 ) {
     let remote = incoming.remote_address();
     match handshake(incoming).await {
         Ok((connection, client, alpn)) => {
+            let Some(_share) = peer_share(&per_peer, &connection, client, remote) else {
+                return;
+            };
             debug!(%remote, client = %client.fmt_short(), "accepted connection");
             let handed_over = accepted
                 .send(Ok((connection.clone(), client, alpn)))
@@ -655,6 +705,26 @@ async fn handle_incoming(
         }
     }
     drop(permit);
+}
+
+/// A permit of `client`'s share of the connections, or `None` after closing `connection` with
+/// [`codes::TOO_MANY_CONNECTIONS`] because the client holds its whole share already.
+fn peer_share(
+    per_peer: &Arc<PeerQuota>,
+    connection: &quinn::Connection,
+    client: Hotkey,
+    remote: SocketAddr,
+) -> Option<PeerPermit> {
+    let share = per_peer.try_acquire(client);
+    if share.is_none() {
+        let max = per_peer.max_per_peer();
+        info!(%remote, peer = %client.fmt_short(), max, "refusing connection: the peer holds its share of connections");
+        connection.close(
+            codes::TOO_MANY_CONNECTIONS,
+            b"too many connections from this key",
+        );
+    }
+    share
 }
 
 async fn handshake(incoming: quinn::Incoming) -> Result<Accepted, AcceptError> {

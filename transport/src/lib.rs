@@ -7,8 +7,9 @@
 //!
 //! Main types:
 //! - [`HordeEndpoint`]: a bound quinn endpoint with our identity, a cap on incoming connections
-//!   and explicit flow-control limits ([`TransportTuning`]). [`HordeEndpoint::connect`] dials a
-//!   hotkey, [`HordeEndpoint::accept`] yields authenticated connections.
+//!   and on those of any one hotkey, and explicit flow-control limits ([`TransportTuning`]).
+//!   [`HordeEndpoint::connect`] dials a hotkey, [`HordeEndpoint::accept`] yields authenticated
+//!   connections.
 //! - [`HotkeyServerVerifier`] / [`HotkeyClientVerifier`]: the rustls verifiers that accept exactly
 //!   one self-signed ed25519 certificate and bind it to a hotkey; [`remote_hotkey`] reads the
 //!   peer's identity from a connection.
@@ -20,6 +21,8 @@
 //! - `tls.rs`: certificates, server-name convention, verifiers, rustls configs, ALPNs.
 //! - `endpoint.rs`: [`EndpointConfig`], [`TransportTuning`], [`HordeEndpoint`].
 //! - `framed.rs`: the framed channels and the cancel-safe frame reader.
+//! - `peer_quota.rs`: [`PeerQuota`], a per-hotkey share of a shared limit (connections here,
+//!   transfer slots in the storage role).
 //! - `session.rs`: [`open_session`], [`accept_stream`] (or [`accept_framed_stream`] then
 //!   [`read_first_message`]), [`JobSession`].
 //! - `test_utils.rs` (feature `test-utils`): seeded keys and an endpoint pair on `127.0.0.1:0`.
@@ -32,6 +35,7 @@
 pub mod blob;
 mod endpoint;
 mod framed;
+mod peer_quota;
 mod session;
 mod tls;
 pub mod tunnel;
@@ -40,12 +44,13 @@ pub mod tunnel;
 pub mod test_utils;
 
 pub use endpoint::{
-    AcceptError, Accepted, ConfigError, ConnectError, DEFAULT_MAX_CONNECTIONS, EndpointConfig,
-    HANDSHAKE_TIMEOUT, HordeEndpoint, KEEP_ALIVE_INTERVAL, MAX_CONCURRENT_BIDI_STREAMS,
-    MAX_CONCURRENT_UNI_STREAMS, MAX_IDLE_TIMEOUT, RECEIVE_WINDOW, SEND_WINDOW,
-    STREAM_RECEIVE_WINDOW, TransportTuning, transport_config,
+    AcceptError, Accepted, ConfigError, ConnectError, DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_CONNECTIONS_PER_PEER, EndpointConfig, HANDSHAKE_TIMEOUT, HordeEndpoint,
+    KEEP_ALIVE_INTERVAL, MAX_CONCURRENT_BIDI_STREAMS, MAX_CONCURRENT_UNI_STREAMS, MAX_IDLE_TIMEOUT,
+    RECEIVE_WINDOW, SEND_WINDOW, STREAM_RECEIVE_WINDOW, TransportTuning, transport_config,
 };
 pub use framed::{ChannelError, FrameReader, FramedRecv, FramedSend, split};
+pub use peer_quota::{PeerPermit, PeerQuota};
 pub use session::{
     FIRST_FRAME_TIMEOUT, JobSession, SessionError, accept_framed_stream, accept_stream,
     open_session, read_first_message,
@@ -84,4 +89,8 @@ pub mod codes {
     /// The node has no room for the data (disk full, quota or file size limit reached); the
     /// request itself was fine.
     pub const STORAGE_FULL: VarInt = VarInt::from_u32(8);
+    /// The peer's key already holds its share of this node's connections
+    /// (`max_connections_per_peer`); the extra connection is closed right after its handshake.
+    /// Close one, or retry later.
+    pub const TOO_MANY_CONNECTIONS: VarInt = VarInt::from_u32(9);
 }

@@ -474,6 +474,75 @@ async fn connection_cap_refuses_then_recovers() {
     drop((second, third, held));
 }
 
+/// One key holds at most `max_connections_per_peer` connections: its next one is closed with
+/// `TOO_MANY_CONNECTIONS` right after the handshake and never accepted, while another key still
+/// connects; once the first key closes one, it can connect again.
+#[tokio::test]
+async fn connections_per_key_are_capped_without_refusing_other_keys() {
+    let config = localhost_config().with_max_connections_per_peer(2);
+    let server = HordeEndpoint::bind(&seeded_key(2), config).unwrap();
+    let addr = server.local_addr().unwrap();
+    let server_key = server.hotkey();
+    let greedy = localhost_endpoint(&seeded_key(1));
+    let other = localhost_endpoint(&seeded_key(3));
+
+    let first = dial(&greedy, addr, server_key, ALPN_CONTROL).await.unwrap();
+    let second = dial(&greedy, addr, server_key, ALPN_CONTROL).await.unwrap();
+    let mut held = vec![
+        next_accept(&server).await.unwrap(),
+        next_accept(&server).await.unwrap(),
+    ];
+    assert_eq!(server.incoming_connections_from(&greedy.hotkey()), 2);
+
+    let error = refusal(dial(&greedy, addr, server_key, ALPN_CONTROL).await).await;
+    assert!(
+        matches!(
+            &error,
+            ConnectError::Connection(quinn::ConnectionError::ApplicationClosed(close))
+                if close.error_code == codes::TOO_MANY_CONNECTIONS
+        ),
+        "{error:?}"
+    );
+    assert_eq!(server.incoming_connections_from(&greedy.hotkey()), 2);
+
+    // Another key connects at once, and is the next connection accepted (the refused one never
+    // reaches `accept`).
+    let from_other = dial(&other, addr, server_key, ALPN_CONTROL).await.unwrap();
+    let accepted = next_accept(&server).await.unwrap();
+    assert_eq!(accepted.1, other.hotkey());
+    held.push(accepted);
+
+    first.close(codes::SHUTDOWN, b"done");
+    let released = tokio::time::timeout(Duration::from_secs(5), async {
+        while server.incoming_connections_from(&greedy.hotkey()) > 1 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(
+        released.is_ok(),
+        "the closed connection's share was not released"
+    );
+
+    let again = dial(&greedy, addr, server_key, ALPN_CONTROL).await.unwrap();
+    let accepted = next_accept(&server).await.unwrap();
+    assert_eq!(accepted.1, greedy.hotkey());
+    assert!(again.close_reason().is_none(), "{:?}", again.close_reason());
+    assert_eq!(server.incoming_connections_from(&greedy.hotkey()), 2);
+    held.push(accepted);
+    drop((second, from_other, again, held));
+}
+
+#[tokio::test]
+async fn a_zero_per_peer_cap_is_refused() {
+    let config = localhost_config().with_max_connections_per_peer(0);
+    let error = HordeEndpoint::bind(&seeded_key(2), config).unwrap_err();
+    assert!(
+        error.to_string().contains("max_connections_per_peer"),
+        "{error}"
+    );
+}
+
 #[tokio::test]
 async fn framed_round_trip_over_quic() {
     let pair = connected_pair().await;
