@@ -218,13 +218,18 @@ impl VerifiedEndpoint {
     }
 }
 
-/// A client of one facilitator, with an account key.
+/// A client of one facilitator, with an account key. Clones share one connection to the
+/// facilitator: every job, attach and report is a stream on it (DESIGN: many jobs share one
+/// connection), so one client can run more jobs at once than the facilitator's per-key
+/// connection cap, and only the first call pays for a handshake.
 #[derive(Debug, Clone)]
 pub struct Client {
     account: SecretKey,
     endpoint: Arc<HordeEndpoint>,
     facilitator: NodeAddr,
     reattach_window: Duration,
+    /// The shared connection, dialed on first use and again once it has closed or failed.
+    connection: Arc<tokio::sync::Mutex<Option<quinn::Connection>>>,
 }
 
 fn client_endpoint(key: &SecretKey) -> Result<HordeEndpoint, ClientError> {
@@ -245,6 +250,7 @@ impl Client {
             endpoint,
             facilitator,
             reattach_window: REATTACH_WINDOW,
+            connection: Arc::default(),
         })
     }
 
@@ -260,7 +266,49 @@ impl Client {
         self.account.hotkey()
     }
 
+    /// The shared connection to the facilitator; dials one if there is none or it has closed.
+    /// Callers wait for one dial rather than each making their own.
     async fn connect(&self) -> Result<quinn::Connection, ClientError> {
+        let mut shared = self.connection.lock().await;
+        if let Some(connection) = shared.as_ref()
+            && connection.close_reason().is_none()
+        {
+            return Ok(connection.clone());
+        }
+        let connection = self.dial().await?;
+        *shared = Some(connection.clone());
+        Ok(connection)
+    }
+
+    /// Drops `connection` as the shared one after a failure on it (it may be dead without
+    /// knowing yet, e.g. the facilitator restarted), so the next call dials afresh.
+    async fn forget(&self, connection: &quinn::Connection) {
+        let mut shared = self.connection.lock().await;
+        if shared
+            .as_ref()
+            .is_some_and(|current| current.stable_id() == connection.stable_id())
+        {
+            *shared = None;
+        }
+    }
+
+    /// Opens a job session on the shared connection, forgetting the connection if that fails.
+    async fn session(
+        &self,
+        job_id: JobId,
+        first: &DownMessage,
+    ) -> Result<(JobSession, quinn::Connection), ClientError> {
+        let connection = self.connect().await?;
+        match open_session(&connection, job_id, first).await {
+            Ok(session) => Ok((session, connection)),
+            Err(error) => {
+                self.forget(&connection).await;
+                Err(error.into())
+            }
+        }
+    }
+
+    async fn dial(&self) -> Result<quinn::Connection, ClientError> {
         let mut last = None;
         for addr in &self.facilitator.addrs {
             match self
@@ -310,8 +358,7 @@ impl Client {
             .verify()
             .map_err(|e| ClientError::Unexpected(format!("own spec: {e}")))?
             .job_id;
-        let connection = self.connect().await?;
-        let session = open_session(&connection, job_id, &DownMessage::Submit(signed)).await?;
+        let (session, connection) = self.session(job_id, &DownMessage::Submit(signed)).await?;
         Ok(JobHandle::new(
             job_id,
             Some(client_key),
@@ -329,10 +376,15 @@ impl Client {
     /// Sends a signed miner report to the facilitator on a new stream and returns its verdict.
     pub async fn report(&self, report: &Signed<MinerReport>) -> Result<ReportVerdict, ClientError> {
         let connection = self.connect().await?;
-        let (send, recv) = connection
-            .open_bi()
-            .await
-            .map_err(|e| ClientError::Unexpected(format!("opening a report stream: {e}")))?;
+        let (send, recv) = match connection.open_bi().await {
+            Ok(stream) => stream,
+            Err(error) => {
+                self.forget(&connection).await;
+                return Err(ClientError::Unexpected(format!(
+                    "opening a report stream: {error}"
+                )));
+            }
+        };
         let (mut send, mut recv) = split(send, recv);
         send.send(&ControlMessage::Report(report.clone())).await?;
         send.finish()?;
@@ -363,9 +415,7 @@ impl Client {
         &self,
         job_id: JobId,
     ) -> Result<(JobSession, quinn::Connection), ClientError> {
-        let connection = self.connect().await?;
-        let session = open_session(&connection, job_id, &DownMessage::Attach(job_id)).await?;
-        Ok((session, connection))
+        self.session(job_id, &DownMessage::Attach(job_id)).await
     }
 }
 
@@ -809,6 +859,80 @@ mod tests {
     use horde_transport::test_utils::{localhost_endpoint, seeded_key};
 
     use super::*;
+
+    /// Jobs, attaches and reports of one client share one connection to the facilitator: more
+    /// jobs than its per-key connection cap run at once, and a closed connection is replaced.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn jobs_share_one_connection_and_a_closed_one_is_replaced() {
+        let facilitator = localhost_endpoint(&seeded_key(2));
+        let addr = facilitator.local_addr().unwrap();
+        let connections = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let accepted = Arc::clone(&connections);
+        tokio::spawn(async move {
+            while let Some(Ok((connection, _, _))) = facilitator.accept().await {
+                accepted.lock().unwrap().push(connection.clone());
+                tokio::spawn(async move {
+                    while let Ok(Some((mut send, _recv, first))) = accept_stream(&connection).await
+                    {
+                        let ControlMessage::Down(DownMessage::Submit(signed)) = first else {
+                            continue;
+                        };
+                        let update = StatusUpdate {
+                            job_id: signed.verify().unwrap().job_id,
+                            seq: 0,
+                            at: now(),
+                            status: JobStatus::Received,
+                        };
+                        send.send(&ControlMessage::Up(UpMessage::Status(update)))
+                            .await
+                            .unwrap();
+                        // The job stays open: its stream is held until the test ends.
+                        tokio::spawn(async move {
+                            tokio::time::sleep(Duration::from_secs(60)).await;
+                            drop(send);
+                        });
+                    }
+                });
+            }
+        });
+        let client =
+            Client::new(seeded_key(1), NodeAddr::new(seeded_key(2).hotkey(), addr)).unwrap();
+        let jobs = horde_transport::DEFAULT_MAX_CONNECTIONS_PER_PEER + 4;
+        let mut handles = Vec::new();
+        for _ in 0..jobs {
+            let mut job = client
+                .submit(&JobRequest::command("cpu", "/bin/true"))
+                .await
+                .unwrap();
+            let first = job.next_status().await.unwrap().unwrap();
+            assert_eq!(first.status, JobStatus::Received);
+            handles.push(job);
+        }
+        assert_eq!(
+            connections.lock().unwrap().len(),
+            1,
+            "{jobs} jobs, one connection"
+        );
+
+        // The facilitator closes it (as on a restart): the next submit dials a new one.
+        let first = connections.lock().unwrap()[0].clone();
+        first.close(0u32.into(), b"restart");
+        first.closed().await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while handles[0]._connection.close_reason().is_none() {
+            assert!(tokio::time::Instant::now() < deadline, "close never seen");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let mut job = client
+            .submit(&JobRequest::command("cpu", "/bin/true"))
+            .await
+            .unwrap();
+        assert_eq!(
+            job.next_status().await.unwrap().unwrap().status,
+            JobStatus::Received
+        );
+        assert_eq!(connections.lock().unwrap().len(), 2);
+    }
 
     /// A facilitator that answers the submit with one status and then drops every stream,
     /// attaches included: the handle re-attaches with backoff, within one window in all, and
