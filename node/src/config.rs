@@ -128,6 +128,7 @@ struct MinerFile {
     allowed_validators: Option<Vec<String>>,
     executor_program: Option<PathBuf>,
     job_host: Option<IpAddr>,
+    registration_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -231,6 +232,9 @@ pub struct MinerConfig {
     pub executor_program: Option<PathBuf>,
     /// The address job endpoints listen on and advertise.
     pub job_host: IpAddr,
+    /// How long a spawned executor may take to register before it is killed and its start
+    /// counted as failed.
+    pub registration_timeout: std::time::Duration,
 }
 
 /// Executor settings.
@@ -268,6 +272,10 @@ impl Default for ReceiptsConfig {
 
 /// Loopback: the default for job endpoints, right for a single machine.
 const LOCALHOST: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
+/// Longest executor registration timeout accepted: an executor that has not registered within
+/// an hour is hung, and a longer wait would only keep its class's jobs declined.
+const MAX_REGISTRATION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// A validated node configuration.
 #[derive(Debug, Clone)]
@@ -472,6 +480,17 @@ impl NodeConfig {
                         prewarm,
                     });
                 }
+                let registration_timeout = miner_file.registration_timeout_ms.map_or(
+                    crate::miner::DEFAULT_REGISTRATION_TIMEOUT,
+                    std::time::Duration::from_millis,
+                );
+                if registration_timeout.is_zero() || registration_timeout > MAX_REGISTRATION_TIMEOUT
+                {
+                    return Err(invalid(format!(
+                        "miner.registration_timeout_ms must be 1 to {}",
+                        MAX_REGISTRATION_TIMEOUT.as_millis()
+                    )));
+                }
                 Some(MinerConfig {
                     classes,
                     allowed_validators: keys(
@@ -480,6 +499,7 @@ impl NodeConfig {
                     )?,
                     executor_program: miner_file.executor_program.map(resolve),
                     job_host: miner_file.job_host.unwrap_or(LOCALHOST),
+                    registration_timeout,
                 })
             }
         };
@@ -806,6 +826,25 @@ mod tests {
             defaults.facilitator.exclusion.as_secs(),
             DEFAULT_EXCLUSION_SECS
         );
+    }
+
+    #[test]
+    fn miner_registration_timeout_is_validated() {
+        let timeout = |config: NodeConfig| config.miner.unwrap().registration_timeout;
+        let defaults = parse("role = \"miner\"\n[miner]").unwrap();
+        assert_eq!(
+            timeout(defaults),
+            crate::miner::DEFAULT_REGISTRATION_TIMEOUT
+        );
+        let config = parse("role = \"miner\"\n[miner]\nregistration_timeout_ms = 2000").unwrap();
+        assert_eq!(timeout(config), std::time::Duration::from_secs(2));
+        for text in [
+            "role = \"miner\"\n[miner]\nregistration_timeout_ms = 0",
+            "role = \"miner\"\n[miner]\nregistration_timeout_ms = 3600001",
+        ] {
+            let err = parse(text).unwrap_err().to_string();
+            assert!(err.contains("registration_timeout_ms"), "{text:?}: {err}");
+        }
     }
 
     #[test]

@@ -35,7 +35,7 @@ use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, identify, kad};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{Instrument as _, debug, info, info_span, warn};
 
 pub use directory::{
     Directory, MAX_DIRECTORY_RECORDS, MAX_RECORD_ADDRS, MAX_RECORD_CLASSES, MAX_RECORD_LIFETIME_MS,
@@ -249,12 +249,15 @@ pub struct LocalNode {
     pub capacity: Option<watch::Receiver<Vec<ClassCapacity>>>,
 }
 
-/// A running discovery service. Stops when its cancellation token is cancelled.
+/// A running discovery service. Stops when its cancellation token is cancelled
+/// ([`Discovery::stopped`] waits for that).
 #[derive(Debug)]
 pub struct Discovery {
     directory: Arc<Directory>,
     listen: Vec<SocketAddr>,
     hotkey: Hotkey,
+    /// The swarm task; it owns the discovery listener.
+    task: tokio::task::JoinHandle<()>,
 }
 
 impl Discovery {
@@ -312,12 +315,21 @@ impl Discovery {
         };
         task.own.refresh();
         task.redial();
-        tokio::spawn(async move { task.run(cancel).await });
+        let span = info_span!("discovery", node = %hotkey.fmt_short());
+        let task = tokio::spawn(task.run(cancel).instrument(span));
         Ok(Self {
             directory,
             listen,
             hotkey,
+            task,
         })
+    }
+
+    /// Waits until the service has stopped (its cancellation token was cancelled) and its
+    /// listener is closed.
+    pub async fn stopped(self) {
+        // The task never panics on peer input; a panic has been logged by the runtime.
+        let _ = self.task.await;
     }
 
     /// The records discovered so far.

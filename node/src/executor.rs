@@ -321,7 +321,9 @@ impl JobRunner {
             }
         };
         let (outputs_tx, mut outputs_rx) = mpsc::channel(OUTPUTS_QUEUE);
-        let outputs_task = tokio::spawn(http::serve_outputs(outputs_listener, outputs_tx));
+        // Owned by this job: aborted (with its requests) when the guard drops.
+        let outputs_task =
+            tokio::spawn(http::serve_outputs(outputs_listener, outputs_tx).in_current_span());
         let _outputs_guard = AbortOnDrop(outputs_task);
 
         let port = match free_port() {

@@ -38,6 +38,7 @@ use horde_transport::{
 };
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{Instrument as _, debug, info, info_span, warn};
 
 use crate::client::now;
@@ -89,6 +90,9 @@ pub struct Facilitator {
     next_miner: AtomicUsize,
     next_validator: AtomicUsize,
     cancel: CancellationToken,
+    /// The job drivers ([`Facilitator::drive_job`]): they outlive the client's stream (a client
+    /// may re-attach) and end with the job or on `cancel`; shutdown waits for them.
+    jobs: TaskTracker,
 }
 
 fn total_deadline(deadlines: &Deadlines) -> Duration {
@@ -160,7 +164,15 @@ impl Facilitator {
             next_miner: AtomicUsize::new(0),
             next_validator: AtomicUsize::new(0),
             cancel,
+            jobs: TaskTracker::new(),
         }))
+    }
+
+    /// Waits for every job driver to end (they end on the facilitator's cancellation, failing
+    /// their jobs `HordeFailed`).
+    pub async fn wait_for_jobs(&self) {
+        self.jobs.close();
+        self.jobs.wait().await;
     }
 
     /// Serves one client connection: each stream is a submission or an attach.
@@ -279,7 +291,7 @@ impl Facilitator {
 
         let span = info_span!("job", job = %job_id.fmt_short());
         let driver = Arc::clone(&self);
-        tokio::spawn(
+        self.jobs.spawn(
             async move {
                 driver.drive_job(job_id, signed, spec, live, down_rx).await;
             }

@@ -38,6 +38,7 @@ use horde_protocol::{
 use horde_transport::{FramedRecv, FramedSend, JobSession, codes, open_session};
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{Instrument as _, debug, info, info_span, warn};
 
 use crate::client::now;
@@ -134,8 +135,8 @@ pub const EXECUTOR_TOKEN_ENV: &str = "HORDE_EXECUTOR_TOKEN";
 
 #[derive(Debug)]
 enum SlotState {
-    /// Spawned at this time, not registered yet.
-    Starting(tokio::time::Instant),
+    /// Spawned, not registered yet (its watcher enforces the registration timeout).
+    Starting,
     Idle(quinn::Connection),
     Busy,
     /// The process ended (or was given up on) before it registered: why and when, for the next
@@ -144,9 +145,10 @@ enum SlotState {
 }
 
 /// How long a spawned executor may take to register before it is killed and its start counted
-/// as failed: an executor registers within milliseconds, a loaded machine may take seconds, and
-/// a hung one must not keep its class waiting for ever.
-const EXECUTOR_REGISTRATION_TIMEOUT: Duration = Duration::from_secs(30);
+/// as failed, unless `[miner] registration_timeout_ms` says otherwise: an executor registers
+/// within milliseconds, a loaded machine may take seconds, and a hung one must not keep its
+/// class waiting for ever.
+pub const DEFAULT_REGISTRATION_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How long a failed executor start is reported to the jobs of its class: a job arriving later
 /// tries a fresh executor instead of being declined for an old failure.
@@ -164,6 +166,19 @@ struct Slot {
     state: SlotState,
     /// Cancelled to kill the executor process (its watcher then reaps it).
     stop: CancellationToken,
+}
+
+impl Slot {
+    /// A slot for an executor just spawned with `token` and `hotkey`'s key.
+    fn starting(class: ExecutorClass, token: [u8; 16], hotkey: Hotkey) -> Self {
+        Self {
+            class,
+            token,
+            hotkey,
+            state: SlotState::Starting,
+            stop: CancellationToken::new(),
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -188,6 +203,8 @@ pub struct Miner {
     /// Signalled when a job starts being tracked.
     jobs_changed: Notify,
     cancel: CancellationToken,
+    /// The executor watchers ([`watch_executor`]), one per process; shutdown waits for them.
+    tasks: TaskTracker,
 }
 
 /// Free and total executors of each configured class: a class is free up to `max_executors`
@@ -258,6 +275,7 @@ impl Miner {
             jobs: Mutex::new(HashMap::new()),
             jobs_changed: Notify::new(),
             cancel,
+            tasks: TaskTracker::new(),
         })
     }
 
@@ -433,6 +451,13 @@ impl Miner {
         pool.slots.clear();
     }
 
+    /// Kills every executor process and waits until each one is reaped.
+    pub async fn shutdown(&self) {
+        self.kill_executors();
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+
     fn spawn_executor(self: &Arc<Self>, class: &ExecutorClass) -> Result<u64, String> {
         let mut pool = self.lock_pool();
         let id = pool.next_id;
@@ -481,31 +506,59 @@ impl Miner {
             .spawn()
             .map_err(|e| format!("spawning {}: {e}", program.display()))?;
         info!(slot = id, %class, executor = %key.hotkey().fmt_short(), "executor spawned");
-        let stop = CancellationToken::new();
-        pool.slots.insert(
-            id,
-            Slot {
-                class: class.clone(),
-                token,
-                hotkey: key.hotkey(),
-                state: SlotState::Starting(tokio::time::Instant::now()),
-                stop: stop.clone(),
-            },
-        );
-        tokio::spawn(watch_executor(
+        let slot = Slot::starting(class.clone(), token, key.hotkey());
+        self.add_slot(&mut pool, id, slot, child, log_path);
+        Ok(id)
+    }
+
+    /// Adds `slot` as `id` for executor process `child` (whose log is `log`) and starts the
+    /// process's watcher.
+    fn add_slot(
+        self: &Arc<Self>,
+        pool: &mut Pool,
+        id: u64,
+        slot: Slot,
+        child: tokio::process::Child,
+        log: PathBuf,
+    ) {
+        let span = info_span!("executor", slot = id, class = %slot.class);
+        let watcher = watch_executor(
             Arc::downgrade(self),
             id,
             child,
-            stop,
-            log_path,
-        ));
-        Ok(id)
+            slot.stop.clone(),
+            self.config.registration_timeout,
+            log,
+        );
+        pool.slots.insert(id, slot);
+        self.tasks.spawn(watcher.instrument(span));
+    }
+
+    /// Slot `id` has not registered within the registration timeout: if it is still starting,
+    /// it becomes [`SlotState::Failed`] (its watcher then kills the process). Whether it was.
+    fn registration_overdue(&self, id: u64) -> bool {
+        let mut pool = self.lock_pool();
+        let Some(slot) = pool.slots.get_mut(&id) else {
+            return false;
+        };
+        if !matches!(slot.state, SlotState::Starting) {
+            return false;
+        }
+        let timeout = self.config.registration_timeout;
+        warn!(slot = id, class = %slot.class, ?timeout, "executor did not register in time; killing it");
+        slot.state = SlotState::Failed(
+            format!(
+                "executor did not register within the registration timeout ({timeout:?}); killed"
+            ),
+            tokio::time::Instant::now(),
+        );
+        true
     }
 
     /// The process of slot `id` ended with `status`. A slot still starting becomes
     /// [`SlotState::Failed`] with the reason (the exit status and the log's last line), which the
-    /// next reservation of its class reports instead of waiting out its deadline; any other slot
-    /// is removed.
+    /// next reservation of its class reports instead of waiting out its deadline; a slot that
+    /// already failed keeps its reason; any other slot is removed.
     fn executor_exited(&self, id: u64, status: &str, log: &Path) {
         // Read before taking the pool lock: a file read never holds up reservations.
         let last_line = last_log_line(log);
@@ -513,17 +566,21 @@ impl Miner {
         let Some(slot) = pool.slots.get_mut(&id) else {
             return;
         };
-        if matches!(slot.state, SlotState::Starting(_)) {
-            let mut reason = format!("executor exited with {status} before registering");
-            if let Some(line) = last_line {
-                reason.push_str(": ");
-                reason.push_str(&line);
+        match slot.state {
+            SlotState::Starting => {
+                let mut reason = format!("executor exited with {status} before registering");
+                if let Some(line) = last_line {
+                    reason.push_str(": ");
+                    reason.push_str(&line);
+                }
+                warn!(slot = id, class = %slot.class, %reason, log = %log.display(), "executor failed to start");
+                slot.state = SlotState::Failed(reason, tokio::time::Instant::now());
             }
-            warn!(slot = id, class = %slot.class, %reason, log = %log.display(), "executor failed to start");
-            slot.state = SlotState::Failed(reason, tokio::time::Instant::now());
-        } else {
-            info!(slot = id, %status, "executor process ended");
-            pool.slots.remove(&id);
+            SlotState::Failed(..) => info!(slot = id, %status, "failed executor reaped"),
+            SlotState::Idle(_) | SlotState::Busy => {
+                info!(slot = id, %status, "executor process ended");
+                pool.slots.remove(&id);
+            }
         }
         drop(pool);
         self.registered.notify_waiters();
@@ -551,22 +608,11 @@ impl Miner {
                 // unless a free executor turns up (a failing program fails again, so no retry).
                 let mut failed = None;
                 let now = tokio::time::Instant::now();
-                pool.slots.retain(|id, slot| match &mut slot.state {
+                pool.slots.retain(|_, slot| match &mut slot.state {
                     SlotState::Failed(reason, at) if slot.class == *class => {
                         if now.duration_since(*at) < FAILURE_MEMORY {
                             failed = Some(std::mem::take(reason));
                         }
-                        false
-                    }
-                    SlotState::Starting(since)
-                        if slot.class == *class
-                            && now.duration_since(*since) >= EXECUTOR_REGISTRATION_TIMEOUT =>
-                    {
-                        warn!(slot = id, class = %slot.class, "executor did not register in time; killed");
-                        slot.stop.cancel();
-                        failed = Some(format!(
-                            "executor did not register within {EXECUTOR_REGISTRATION_TIMEOUT:?}"
-                        ));
                         false
                     }
                     _ => true,
@@ -594,7 +640,7 @@ impl Miner {
                 let starting = pool
                     .slots
                     .values()
-                    .any(|s| s.class == *class && matches!(s.state, SlotState::Starting(_)));
+                    .any(|s| s.class == *class && matches!(s.state, SlotState::Starting));
                 let room = of_class < class_config.max_executors as usize;
                 drop(pool);
                 if let Some(reason) = failed {
@@ -678,7 +724,7 @@ impl Miner {
                 slot.token == registration.token
                     && slot.hotkey == peer
                     && slot.class == registration.class
-                    && matches!(slot.state, SlotState::Starting(_))
+                    && matches!(slot.state, SlotState::Starting)
             });
             match found {
                 Some((id, slot)) => {
@@ -851,22 +897,35 @@ impl Miner {
     }
 }
 
-/// Owns executor process `child` of slot `id`: kills it when `stop` is cancelled, reaps it, and
-/// tells the miner how it ended.
+/// Owns executor process `child` of slot `id`: kills it when `stop` is cancelled or when it has
+/// not registered within `registration_timeout`, reaps it, and tells the miner how it ended.
 async fn watch_executor(
     miner: std::sync::Weak<Miner>,
     id: u64,
     mut child: tokio::process::Child,
     stop: CancellationToken,
+    registration_timeout: Duration,
     log: PathBuf,
 ) {
-    let status = tokio::select! {
-        biased;
-        () = stop.cancelled() => {
-            let _ = child.start_kill();
-            child.wait().await
+    let registration_deadline = tokio::time::sleep(registration_timeout);
+    tokio::pin!(registration_deadline);
+    let mut registering = true;
+    let status = loop {
+        tokio::select! {
+            biased;
+            () = stop.cancelled() => {
+                let _ = child.start_kill();
+                break child.wait().await;
+            }
+            status = child.wait() => break status,
+            () = &mut registration_deadline, if registering => {
+                registering = false;
+                if miner.upgrade().is_some_and(|miner| miner.registration_overdue(id)) {
+                    let _ = child.start_kill();
+                    break child.wait().await;
+                }
+            }
         }
-        status = child.wait() => status,
     };
     let status = match status {
         Ok(status) => status.to_string(),
@@ -914,6 +973,7 @@ mod tests {
             allowed_validators: None,
             executor_program: None,
             job_host: std::net::Ipv4Addr::LOCALHOST.into(),
+            registration_timeout: DEFAULT_REGISTRATION_TIMEOUT,
         };
         Miner::new(
             key(2),
@@ -1078,6 +1138,27 @@ mod tests {
             let reason = refusal(&miner, &validator, &receipt(&validator, kind)).await;
             assert!(reason.contains("not accepted here"), "{reason}");
         }
+    }
+
+    /// Shutdown returns only once every executor process has been killed and reaped.
+    #[tokio::test]
+    async fn shutdown_kills_and_reaps_every_executor() {
+        let dir = tempfile::tempdir().unwrap();
+        let miner = miner(dir.path());
+        let child = tokio::process::Command::new("sleep")
+            .arg("600")
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let process = Path::new("/proc").join(child.id().unwrap().to_string());
+        let slot = Slot::starting(ExecutorClass("cpu".into()), [0; 16], key(9).hotkey());
+        let log = dir.path().join("executor.log");
+        miner.add_slot(&mut miner.lock_pool(), 0, slot, child, log);
+        assert!(process.exists());
+        tokio::time::timeout(Duration::from_secs(10), miner.shutdown())
+            .await
+            .expect("shutdown ends");
+        assert!(!process.exists(), "{} is still there", process.display());
     }
 
     #[tokio::test(start_paused = true)]

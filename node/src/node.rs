@@ -20,7 +20,8 @@ use crate::receipts::ReceiptStore;
 use crate::storage::BlobStore;
 use crate::validator::Validator;
 
-/// How long shutdown waits for connections to close before giving up.
+/// How long shutdown waits for the node's tasks to end and its connections to close before it
+/// aborts what is left.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// A node that could not start.
@@ -249,15 +250,26 @@ impl RunningNode {
     }
 
     /// Stops accepting, closes every connection with [`codes::SHUTDOWN`] and waits for the
-    /// node's tasks and for the close to reach peers (bounded by a grace period).
+    /// node's tasks (connections and their streams, the role's own tasks: a miner's executors
+    /// reaped, a facilitator's jobs ended, discovery stopped) and for the close to reach peers,
+    /// bounded by a grace period.
     pub async fn shutdown(mut self) {
         self.cancel.cancel();
         if let Service::Miner(miner) = &self.service {
             miner.kill_executors();
         }
         self.endpoint.close(codes::SHUTDOWN, b"node shutting down");
+        let discovery = self.discovery.take();
         let drain = async {
             while self.tasks.join_next().await.is_some() {}
+            match &self.service {
+                Service::Miner(miner) => miner.shutdown().await,
+                Service::Facilitator(facilitator) => facilitator.wait_for_jobs().await,
+                _ => {}
+            }
+            if let Some(discovery) = discovery {
+                discovery.stopped().await;
+            }
             self.endpoint.wait_idle().await;
         };
         if tokio::time::timeout(SHUTDOWN_GRACE, drain).await.is_err() {
@@ -297,7 +309,9 @@ async fn accept_loop(service: Service, endpoint: Arc<HordeEndpoint>, cancel: Can
             .instrument(span),
         );
     }
-    connections.shutdown().await;
+    // Each connection ends with its streams, which end on the role's cancellation or with the
+    // endpoint's close; the node's shutdown bounds the wait.
+    while connections.join_next().await.is_some() {}
 }
 
 async fn handle_connection(

@@ -78,7 +78,9 @@ pub(crate) async fn request(
 
 /// Accepts the streams of an incoming connection until it closes or `cancel` fires, and runs
 /// `handle(send, recv, first message)` for each on its own task (in the current span), so one
-/// slow job never holds up another.
+/// slow job never holds up another. Then waits for those tasks: each ends with its stream, or
+/// by the role's own cancellation (which `cancel` is, or a child of); dropping this future
+/// aborts them.
 ///
 /// First messages are read concurrently (each within [`horde_transport::FIRST_FRAME_TIMEOUT`]):
 /// a stream whose first frame is late — a lost packet, a stuck or hostile peer — does not hold
@@ -93,13 +95,15 @@ pub(crate) async fn serve_streams<F, Fut>(
 {
     // Dropped (aborting what is still pending) when serving ends.
     let mut first_messages = JoinSet::new();
+    let mut handlers = JoinSet::new();
     loop {
         tokio::select! {
             biased;
-            () = cancel.cancelled() => return,
+            () = cancel.cancelled() => break,
+            Some(_) = handlers.join_next(), if !handlers.is_empty() => {}
             Some(read) = first_messages.join_next() => match read {
                 Ok(Ok((send, recv, first))) => {
-                    tokio::spawn(handle(send, recv, first).in_current_span());
+                    handlers.spawn(handle(send, recv, first).in_current_span());
                 }
                 Ok(Err(error)) => tracing::debug!(%error, "incoming stream failed"),
                 Err(error) => tracing::debug!(%error, "reading a first message failed"),
@@ -108,13 +112,14 @@ pub(crate) async fn serve_streams<F, Fut>(
                 Ok(Some((send, recv))) => {
                     first_messages.spawn(read_first_message(send, recv));
                 }
-                Ok(None) => return,
+                Ok(None) => break,
                 // A dead connection fails every accept: stop, rather than spin on it.
-                Err(_) if connection.close_reason().is_some() => return,
+                Err(_) if connection.close_reason().is_some() => break,
                 Err(error) => tracing::debug!(%error, "incoming stream failed"),
             },
         }
     }
+    while handlers.join_next().await.is_some() {}
 }
 
 #[cfg(test)]

@@ -48,6 +48,8 @@ pub struct TestnetConfig {
     pub horde_bin: Option<PathBuf>,
     /// The program miners start as their executors (default: the `horde` binary).
     pub executor_program: Option<PathBuf>,
+    /// How long miners give a spawned executor to register (ms); `None` keeps the default (30 s).
+    pub registration_timeout_ms: Option<u64>,
     /// `RUST_LOG` for the nodes.
     pub log_filter: String,
     /// Facilitator's validator-silence limit (ms); `None` keeps the default.
@@ -73,6 +75,7 @@ impl Default for TestnetConfig {
             dir: None,
             horde_bin: None,
             executor_program: None,
+            registration_timeout_ms: None,
             log_filter: "info".to_owned(),
             validator_silence_ms: None,
             discovery: true,
@@ -389,13 +392,18 @@ impl Testnet {
             }
             Role::Miner => {
                 text.push_str(&format!(
-                    "\n[miner]\nexecutor_program = \"{}\"\n\n[[miner.classes]]\nclass = \"{}\"\n\
-                     max_executors = {}\nprewarm = {}\n",
+                    "\n[miner]\nexecutor_program = \"{}\"\n",
                     config
                         .executor_program
                         .as_ref()
                         .unwrap_or(&self.horde_bin)
                         .display(),
+                ));
+                if let Some(timeout) = config.registration_timeout_ms {
+                    text.push_str(&format!("registration_timeout_ms = {timeout}\n"));
+                }
+                text.push_str(&format!(
+                    "\n[[miner.classes]]\nclass = \"{}\"\nmax_executors = {}\nprewarm = {}\n",
                     config.class,
                     config.executors_per_miner,
                     config.prewarm.min(config.executors_per_miner)

@@ -445,20 +445,26 @@ async fn no_free_executor_is_declined_busy() {
     first.wait_for_end().await.unwrap();
 }
 
+/// A shell script at `dir/name` with `body`, for miners to start as their executor program.
+fn executor_script(dir: &std::path::Path, name: &str, body: &str) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt as _;
+    let program = dir.join(name);
+    std::fs::write(&program, format!("#!/bin/sh\n{body}")).unwrap();
+    std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).unwrap();
+    program
+}
+
 /// A miner whose executor program fails at start declines the job at once, with the program's
 /// exit status and the last line it logged, rather than after the reservation deadline (10 s);
 /// the next job tries a fresh executor and is told the same.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn executor_failing_to_start_is_declined_with_its_reason() {
-    use std::os::unix::fs::PermissionsExt as _;
     let scripts = tempfile::tempdir().unwrap();
-    let program = scripts.path().join("broken-executor");
-    std::fs::write(
-        &program,
-        "#!/bin/sh\necho starting\necho 'no GPU at /dev/nvidia0' >&2\nexit 3\n",
-    )
-    .unwrap();
-    std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let program = executor_script(
+        scripts.path(),
+        "broken-executor",
+        "echo starting\necho 'no GPU at /dev/nvidia0' >&2\nexit 3\n",
+    );
     let testnet = start(TestnetConfig {
         discovery: false,
         prewarm: 0,
@@ -485,6 +491,51 @@ async fn executor_failing_to_start_is_declined_with_its_reason() {
             started.elapsed()
         );
     }
+}
+
+/// An executor program that starts but never registers is killed once the miner's registration
+/// timeout (2 s here) passes, and the job waiting for it is declined at that moment, naming the
+/// timeout, rather than after the reservation deadline (10 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn executor_not_registering_is_killed_and_its_job_declined() {
+    let scripts = tempfile::tempdir().unwrap();
+    let pid_file = scripts.path().join("executor.pid");
+    // `exec`: the pid written is the process the miner started (and must kill).
+    let program = executor_script(
+        scripts.path(),
+        "hung-executor",
+        &format!("echo $$ > '{}'\nexec sleep 600\n", pid_file.display()),
+    );
+    let testnet = start(TestnetConfig {
+        discovery: false,
+        prewarm: 0,
+        executor_program: Some(program),
+        registration_timeout_ms: Some(2_000),
+        ..TestnetConfig::default()
+    });
+    let started = std::time::Instant::now();
+    let (_client, mut job) = submit(&testnet, &demo_request()).await;
+    let end = tokio::time::timeout(Duration::from_secs(30), job.wait_for_end())
+        .await
+        .expect("the job ends")
+        .unwrap();
+    let elapsed = started.elapsed();
+    let JobStatus::Rejected(RejectReason::Declined(DeclineReason::ExecutorUnavailable(reason))) =
+        &end
+    else {
+        panic!("{end:?}\nminer:\n{}", testnet.log("miner-0"));
+    };
+    assert!(reason.contains("registration timeout (2s)"), "{reason}");
+    assert!(
+        (Duration::from_millis(1500)..Duration::from_secs(8)).contains(&elapsed),
+        "declined after {elapsed:?}"
+    );
+    let pid = std::fs::read_to_string(&pid_file).unwrap();
+    let pid = pid.trim();
+    assert!(
+        !std::path::Path::new("/proc").join(pid).exists(),
+        "the hung executor (pid {pid}) is still there"
+    );
 }
 
 /// With discovery the facilitator sees from the miner's record that its one executor is busy

@@ -627,7 +627,8 @@ impl GetStream {
             let start = self.ranges.first().map_or(0, |range| range.start);
             let task = self.start_receiver(recv, tree, ChannelSink::new(output), start);
             // Reports the outcome after the data (the task's sender is gone by then if the
-            // consumer went away, and then nobody is listening).
+            // consumer went away, and then nobody is listening). Detached: it owns nothing but
+            // the receiver's handle and ends with the receiver, which this stream aborts on drop.
             tokio::spawn(async move {
                 if let Ok((verifier, result)) = task.await {
                     let _ = verifier

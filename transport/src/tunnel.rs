@@ -941,6 +941,7 @@ pub fn serve_job_endpoint(
     let log = Arc::new(Mutex::new(ReceiptLog::default()));
     let span = tracing::info_span!("job endpoint", job = %ctx.job_id.fmt_short());
     let draining = cancel.child_token();
+    // Owned by the handle: stopped by its token (also on drop) and awaited by its shutdown.
     let task = tokio::spawn(
         run_job_endpoint(
             endpoint,

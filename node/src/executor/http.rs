@@ -9,6 +9,8 @@ use serde::Deserialize;
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
+use tracing::Instrument as _;
 
 /// Longest request head (request line + headers) the outputs listener reads.
 const MAX_HEAD: usize = 16 * 1024;
@@ -72,17 +74,27 @@ struct OutputsBody {
     paths: Vec<String>,
 }
 
-/// Serves `POST /outputs` on `listener`, handing each notification to `notify`.
+/// Serves `POST /outputs` on `listener`, handing each notification to `notify`, each request on
+/// a task of its own (in the current span); dropping this future aborts them.
 pub(crate) async fn serve_outputs(listener: TcpListener, notify: mpsc::Sender<OutputsReady>) {
+    let mut requests = JoinSet::new();
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            return;
+        let accepted = tokio::select! {
+            Some(_) = requests.join_next(), if !requests.is_empty() => continue,
+            accepted = listener.accept() => accepted,
+        };
+        let Ok((stream, _)) = accepted else {
+            break;
         };
         let notify = notify.clone();
-        tokio::spawn(async move {
-            let _ = handle_outputs(stream, notify).await;
-        });
+        requests.spawn(
+            async move {
+                let _ = handle_outputs(stream, notify).await;
+            }
+            .in_current_span(),
+        );
     }
+    while requests.join_next().await.is_some() {}
 }
 
 async fn handle_outputs(
