@@ -970,11 +970,20 @@ pub async fn run_command(command: BlobCommand) -> Result<(), CommandError> {
         &key,
         horde_transport::EndpointConfig::new(bind, &[ALPN_BLOB]),
     )?;
-    match &command {
+    let result = transfer(&command, &endpoint).await;
+    // Tell the node before exiting (bounded), so it frees the connection's slot at once rather
+    // than at its idle timeout; also after a failure.
+    endpoint.close(horde_transport::codes::SHUTDOWN, b"done");
+    let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+    Ok(result?)
+}
+
+async fn transfer(command: &BlobCommand, endpoint: &HordeEndpoint) -> Result<(), ClientError> {
+    match command {
         BlobCommand::Put { file, storage, .. } => {
             let mut progress = ProgressReporter::new("put");
             let policy = TransferPolicy::default();
-            let hash = put_file(&endpoint, storage, file, &policy, &mut progress).await?;
+            let hash = put_file(endpoint, storage, file, &policy, &mut progress).await?;
             println!("{hash}");
         }
         BlobCommand::Get {
@@ -982,7 +991,7 @@ pub async fn run_command(command: BlobCommand) -> Result<(), CommandError> {
         } => {
             let mut progress = ProgressReporter::new("get");
             get_to_file(
-                &endpoint,
+                endpoint,
                 storage,
                 *hash,
                 out,
@@ -995,7 +1004,6 @@ pub async fn run_command(command: BlobCommand) -> Result<(), CommandError> {
             println!("{}", out.display());
         }
     }
-    endpoint.close(horde_transport::codes::SHUTDOWN, b"done");
     Ok(())
 }
 

@@ -406,7 +406,10 @@ impl JobRunner {
         let job_endpoint = match HordeEndpoint::bind(
             &job_key,
             EndpointConfig::new(bind, &[ALPN_JOB])
-                .with_client_policy(ClientPolicy::Only(spec.client_key)),
+                .with_client_policy(ClientPolicy::Only(spec.client_key))
+                // Every connection comes from the spec's one client key: a per-key share
+                // would only shrink the endpoint's own cap.
+                .with_max_connections_per_peer(horde_transport::DEFAULT_MAX_CONNECTIONS),
         ) {
             Ok(endpoint) => endpoint,
             Err(error) => {

@@ -576,8 +576,44 @@ fn client_key(state: &JobState) -> anyhow::Result<SecretKey> {
     Ok(SecretKey::from_seed(&seed))
 }
 
+/// The facilitator clients a command made, closed when it ends: a process that exits without
+/// closing leaves its connection counted at the facilitator until the idle timeout, against
+/// the per-key connection cap.
+#[derive(Default)]
+struct Facilitators(std::sync::Mutex<Vec<Client>>);
+
+impl Facilitators {
+    fn client(&self, account: SecretKey, facilitator: NodeAddr) -> anyhow::Result<Client> {
+        let client = Client::new(account, facilitator)?;
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(client.clone());
+        Ok(client)
+    }
+
+    async fn close(&self) {
+        let clients = std::mem::take(
+            &mut *self
+                .0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        for client in clients {
+            client.close().await;
+        }
+    }
+}
+
 /// Runs a `horde job` command.
 pub async fn run_command(command: JobCommand) -> anyhow::Result<()> {
+    let facilitators = Facilitators::default();
+    let result = run(command, &facilitators).await;
+    facilitators.close().await;
+    result
+}
+
+async fn run(command: JobCommand, facilitators: &Facilitators) -> anyhow::Result<()> {
     match command {
         JobCommand::Run {
             spec,
@@ -590,7 +626,7 @@ pub async fn run_command(command: JobCommand) -> anyhow::Result<()> {
                 .as_deref()
                 .context("--facilitator HOTKEY@IP:PORT is required")?
                 .parse()?;
-            let client = Client::new(common.account()?, facilitator.clone())?;
+            let client = facilitators.client(common.account()?, facilitator.clone())?;
             let started = Instant::now();
             let mut job = client
                 .submit(&request)
@@ -638,7 +674,7 @@ pub async fn run_command(command: JobCommand) -> anyhow::Result<()> {
             common,
         } => {
             let job_id = parse_job(&job)?;
-            let mut handle = attach(&common, job_id).await?;
+            let mut handle = attach(&common, job_id, facilitators).await?;
             let started = Instant::now();
             loop {
                 let next = if follow {
@@ -672,7 +708,9 @@ pub async fn run_command(command: JobCommand) -> anyhow::Result<()> {
                 &path,
                 data.unwrap_or_default().as_bytes(),
             )
-            .await?;
+            .await;
+            connection.close().await;
+            let response = response?;
             println!("HTTP {}", response.status);
             println!("{}", String::from_utf8_lossy(&response.body));
             let receipt = response.receipt.verify_by(&connection.tunnel.job_key())?;
@@ -706,15 +744,19 @@ pub async fn run_command(command: JobCommand) -> anyhow::Result<()> {
                 receipts_tx,
             );
             tokio::pin!(forward);
-            loop {
+            let result = loop {
                 tokio::select! {
-                    result = &mut forward => return Ok(result?),
+                    result = &mut forward => break result.map_err(anyhow::Error::from),
                     Some(receipt) = receipts_rx.recv() => {
-                        append_receipt(&common, &job_id, &receipt)?;
+                        if let Err(error) = append_receipt(&common, &job_id, &receipt) {
+                            break Err(error);
+                        }
                     }
-                    _ = tokio::signal::ctrl_c() => return Ok(()),
+                    _ = tokio::signal::ctrl_c() => break Ok(()),
                 }
-            }
+            };
+            connection.close().await;
+            result
         }
         JobCommand::Volumes { job, spec, common } => {
             let job_id = parse_job(&job)?;
@@ -730,7 +772,7 @@ pub async fn run_command(command: JobCommand) -> anyhow::Result<()> {
                 .into_iter()
                 .map(upload)
                 .collect::<Result<_, _>>()?;
-            let mut handle = attach(&common, job_id).await?;
+            let mut handle = attach(&common, job_id, facilitators).await?;
             skip_history(&mut handle).await?;
             handle
                 .send_volumes(file.volume_msg_id, fetch, upload)
@@ -786,7 +828,7 @@ pub async fn run_command(command: JobCommand) -> anyhow::Result<()> {
                     .transpose()
                     .context("--trusted-receipt is not a hex-encoded signed receipt")?,
             };
-            let client = Client::new(common.account()?, state.facilitator.parse()?)?;
+            let client = facilitators.client(common.account()?, state.facilitator.parse()?)?;
             let report = client.sign_report(evidence, &details);
             match client.report(&report).await? {
                 ReportVerdict::Accepted { forwarded_to } => {
@@ -802,7 +844,7 @@ pub async fn run_command(command: JobCommand) -> anyhow::Result<()> {
         }
         JobCommand::Terminate { job, common } => {
             let job_id = parse_job(&job)?;
-            let mut handle = attach(&common, job_id).await?;
+            let mut handle = attach(&common, job_id, facilitators).await?;
             skip_history(&mut handle).await?;
             handle.terminate().await?;
             let status = handle.wait_for_end().await?;
@@ -812,13 +854,17 @@ pub async fn run_command(command: JobCommand) -> anyhow::Result<()> {
     }
 }
 
-async fn attach(common: &Common, job_id: JobId) -> anyhow::Result<crate::client::JobHandle> {
+async fn attach(
+    common: &Common,
+    job_id: JobId,
+    facilitators: &Facilitators,
+) -> anyhow::Result<crate::client::JobHandle> {
     let facilitator = match (&common.facilitator, load_state(common, &job_id)) {
         (Some(addr), _) => addr.clone(),
         (None, Ok(state)) => state.facilitator,
         (None, Err(error)) => return Err(error.context("pass --facilitator")),
     };
-    let client = Client::new(common.account()?, facilitator.parse()?)?;
+    let client = facilitators.client(common.account()?, facilitator.parse()?)?;
     client
         .attach(job_id, None)
         .await

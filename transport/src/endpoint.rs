@@ -27,7 +27,7 @@ use quinn::crypto::rustls::{HandshakeData, QuicClientConfig, QuicServerConfig};
 use quinn::{ConnectionError, IdleTimeout, TransportErrorCode, VarInt};
 use rustls::pki_types::CertificateDer;
 use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore, mpsc};
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use crate::codes;
 use crate::peer_quota::{PeerPermit, PeerQuota};
@@ -48,10 +48,11 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 128;
 
 /// Default cap on concurrent incoming connections from one hotkey: 16, an eighth of
 /// [`DEFAULT_MAX_CONNECTIONS`], so at least eight keys are needed to fill an endpoint. Roles keep
-/// one connection per peer and protocol (a few per key); the clients that open one per job or
-/// per transfer (the job client SDK, the blob client, tests and benches) run a handful at once.
-/// A node whose clients run more jobs at once raises it (`max_connections_per_peer` in the node
-/// config).
+/// one connection per peer and protocol (a few per key), and a job client shares one connection
+/// for all its jobs; each client process (every `horde job` or `horde blob` command) holds its
+/// own until it exits, so a facilitator whose users run more such commands at once under one
+/// key raises it (`max_connections_per_peer` in the node config). A job endpoint, which admits
+/// exactly one client key, sets it to its whole cap.
 pub const DEFAULT_MAX_CONNECTIONS_PER_PEER: usize = 16;
 
 /// Per-stream receive window: 8 MiB. One blob or tunnel stream on its own can fill a 1 Gbit/s
@@ -718,7 +719,7 @@ fn peer_share(
     let share = per_peer.try_acquire(client);
     if share.is_none() {
         let max = per_peer.max_per_peer();
-        info!(%remote, peer = %client.fmt_short(), max, "refusing connection: the peer holds its share of connections");
+        debug!(%remote, peer = %client.fmt_short(), max, "refusing connection: the peer holds its share of connections");
         connection.close(
             codes::TOO_MANY_CONNECTIONS,
             b"too many connections from this key",

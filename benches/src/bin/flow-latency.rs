@@ -497,7 +497,6 @@ async fn tunnel_exchange(tunnel: &JobTunnel, request: &[u8]) -> anyhow::Result<u
     Ok(total)
 }
 
-/// Reads `stream` to its end, counting the bytes.
 /// Sends `request` through the floor relay on `connection` and reads the reply; Gbit/s of the
 /// `size` bytes asked for.
 async fn floor_bytes(
@@ -512,6 +511,7 @@ async fn floor_bytes(
     Ok(gbit(size, elapsed))
 }
 
+/// Reads `stream` to its end, counting the bytes.
 async fn read_to_eof(stream: &mut TcpStream) -> std::io::Result<u64> {
     let mut buffer = vec![0u8; 256 * 1024];
     let mut total = 0u64;
