@@ -185,6 +185,9 @@ impl Slot {
 struct Pool {
     slots: HashMap<u64, Slot>,
     next_id: u64,
+    /// Set by [`Miner::kill_executors`]: no executor is started any more, so none outlives the
+    /// shutdown (set and checked under the pool lock, so no spawn slips in after the kill).
+    closed: bool,
 }
 
 /// The miner service.
@@ -442,9 +445,10 @@ impl Miner {
         }
     }
 
-    /// Kills every executor process.
+    /// Kills every executor process, and starts no other one from now on.
     pub fn kill_executors(&self) {
         let mut pool = self.lock_pool();
+        pool.closed = true;
         for slot in pool.slots.values() {
             slot.stop.cancel();
         }
@@ -460,6 +464,9 @@ impl Miner {
 
     fn spawn_executor(self: &Arc<Self>, class: &ExecutorClass) -> Result<u64, String> {
         let mut pool = self.lock_pool();
+        if pool.closed {
+            return Err("miner shutting down".to_owned());
+        }
         let id = pool.next_id;
         pool.next_id += 1;
         let dir = self.data_dir.join("executors").join(format!("{id}"));
@@ -588,7 +595,7 @@ impl Miner {
     }
 
     /// Reserves a free executor of `class`, spawning one if the class has room, waiting at
-    /// most `wait` for one to register.
+    /// most `wait` for one to register; declines at once when the miner is cancelled.
     async fn reserve(
         self: &Arc<Self>,
         class: &ExecutorClass,
@@ -654,10 +661,20 @@ impl Miner {
                         .map_err(DeclineReason::ExecutorUnavailable)?;
                 }
             }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return Err(DeclineReason::ExecutorUnavailable(
-                    "no executor registered within the reservation deadline".to_owned(),
-                ));
+            tokio::select! {
+                biased;
+                () = self.cancel.cancelled() => {
+                    return Err(DeclineReason::ExecutorUnavailable(
+                        "miner shutting down".to_owned(),
+                    ));
+                }
+                woken = tokio::time::timeout_at(deadline, notified) => {
+                    if woken.is_err() {
+                        return Err(DeclineReason::ExecutorUnavailable(
+                            "no executor registered within the reservation deadline".to_owned(),
+                        ));
+                    }
+                }
             }
         }
     }
@@ -898,7 +915,8 @@ impl Miner {
 }
 
 /// Owns executor process `child` of slot `id`: kills it when `stop` is cancelled or when it has
-/// not registered within `registration_timeout`, reaps it, and tells the miner how it ended.
+/// not registered within `registration_timeout` (or the miner is gone by then: nothing could use
+/// it), reaps it, and tells the miner how it ended.
 async fn watch_executor(
     miner: std::sync::Weak<Miner>,
     id: u64,
@@ -920,7 +938,7 @@ async fn watch_executor(
             status = child.wait() => break status,
             () = &mut registration_deadline, if registering => {
                 registering = false;
-                if miner.upgrade().is_some_and(|miner| miner.registration_overdue(id)) {
+                if miner.upgrade().is_none_or(|miner| miner.registration_overdue(id)) {
                     let _ = child.start_kill();
                     break child.wait().await;
                 }
@@ -968,12 +986,20 @@ mod tests {
     }
 
     fn miner(dir: &std::path::Path) -> Arc<Miner> {
+        miner_with(dir, Vec::new(), DEFAULT_REGISTRATION_TIMEOUT)
+    }
+
+    fn miner_with(
+        dir: &std::path::Path,
+        classes: Vec<crate::config::ClassConfig>,
+        registration_timeout: Duration,
+    ) -> Arc<Miner> {
         let config = MinerConfig {
-            classes: Vec::new(),
+            classes,
             allowed_validators: None,
             executor_program: None,
             job_host: std::net::Ipv4Addr::LOCALHOST.into(),
-            registration_timeout: DEFAULT_REGISTRATION_TIMEOUT,
+            registration_timeout,
         };
         Miner::new(
             key(2),
@@ -1145,6 +1171,17 @@ mod tests {
     async fn shutdown_kills_and_reaps_every_executor() {
         let dir = tempfile::tempdir().unwrap();
         let miner = miner(dir.path());
+        let process = add_sleeping_executor(&miner, dir.path());
+        assert!(process.exists());
+        tokio::time::timeout(Duration::from_secs(10), miner.shutdown())
+            .await
+            .expect("shutdown ends");
+        assert!(!process.exists(), "{} is still there", process.display());
+    }
+
+    /// Adds a starting executor of class `cpu` to `miner`'s pool: a `sleep` that never
+    /// registers. Its `/proc` entry.
+    fn add_sleeping_executor(miner: &Arc<Miner>, dir: &Path) -> PathBuf {
         let child = tokio::process::Command::new("sleep")
             .arg("600")
             .kill_on_drop(true)
@@ -1152,13 +1189,78 @@ mod tests {
             .unwrap();
         let process = Path::new("/proc").join(child.id().unwrap().to_string());
         let slot = Slot::starting(ExecutorClass("cpu".into()), [0; 16], key(9).hotkey());
-        let log = dir.path().join("executor.log");
+        let log = dir.join("executor.log");
         miner.add_slot(&mut miner.lock_pool(), 0, slot, child, log);
-        assert!(process.exists());
-        tokio::time::timeout(Duration::from_secs(10), miner.shutdown())
+        process
+    }
+
+    /// A reservation waiting for an executor while the miner shuts down is declined at once, and
+    /// no executor is started once the executors are killed: none is left to hold up shutdown
+    /// until its registration timeout.
+    #[tokio::test]
+    async fn shutdown_declines_waiting_reservations_and_starts_no_executor() {
+        let dir = tempfile::tempdir().unwrap();
+        let cpu = ExecutorClass("cpu".into());
+        let class = crate::config::ClassConfig {
+            class: cpu.clone(),
+            max_executors: 1,
+            prewarm: 0,
+        };
+        let miner = miner_with(dir.path(), vec![class], DEFAULT_REGISTRATION_TIMEOUT);
+        let process = add_sleeping_executor(&miner, dir.path());
+        let mut reservation = tokio::spawn({
+            let miner = Arc::clone(&miner);
+            let cpu = cpu.clone();
+            async move { miner.reserve(&cpu, Duration::from_secs(600)).await }
+        });
+        // Let the reservation start waiting for the starting executor.
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!reservation.is_finished(), "{:?}", reservation.await);
+
+        // What the node's shutdown does.
+        miner.cancel.cancel();
+        miner.kill_executors();
+        let declined = tokio::time::timeout(Duration::from_secs(5), &mut reservation)
             .await
-            .expect("shutdown ends");
+            .expect("the reservation ends promptly")
+            .unwrap();
+        match declined {
+            Err(DeclineReason::ExecutorUnavailable(reason)) => {
+                assert!(reason.contains("shutting down"), "{reason}");
+            }
+            other => panic!("expected a decline, got {other:?}"),
+        }
+        // A job ending now wakes reservations, which would find room for a new executor.
+        let refused = miner.spawn_executor(&cpu).expect_err("no executor starts");
+        assert!(refused.contains("shutting down"), "{refused}");
+        tokio::time::timeout(Duration::from_secs(5), miner.shutdown())
+            .await
+            .expect("shutdown ends well before the registration timeout");
         assert!(!process.exists(), "{} is still there", process.display());
+        assert!(miner.lock_pool().slots.is_empty());
+        assert!(
+            !dir.path().join("executors").exists(),
+            "an executor was set up"
+        );
+    }
+
+    /// An executor whose miner is gone is killed and reaped at its registration deadline.
+    #[tokio::test]
+    async fn executor_of_a_dropped_miner_is_killed() {
+        let dir = tempfile::tempdir().unwrap();
+        let miner = miner_with(dir.path(), Vec::new(), Duration::from_millis(100));
+        let process = add_sleeping_executor(&miner, dir.path());
+        drop(miner);
+        let gone = async {
+            while process.exists() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), gone)
+            .await
+            .unwrap_or_else(|_| panic!("{} is still there", process.display()));
     }
 
     #[tokio::test(start_paused = true)]
