@@ -8,11 +8,13 @@
 //! Measures, one after the other on 127.0.0.1 with both ends in this process:
 //! (a) plain TCP, (b) TCP + rustls TLS 1.3 (horde's ed25519 certificates and verifiers),
 //! (c) raw quinn with horde's TransportConfig (one stream, `write_chunk` of a static 1 MiB buffer,
-//! `read_chunk` on the other side), (d) horde blob get memory→memory with verification, the way
+//! `read_chunk` on the other side), (c') the same receiver copying into fresh memory (a new
+//! buffer of the blob's size per transfer): the floor of any get into fresh memory, which pays
+//! the kernel for every new page, (d) horde blob get memory→memory with verification, the way
 //! a client fetches a blob into memory (`get_to_memory`: a new connection, a fresh buffer),
 //! (d') the same into a reused buffer on an open connection, (e) horde verified get file→file
 //! from a storage node's disk store, fsync included.
-//! Each is measured once per round, in alternating rounds (a, b, c, d, d', e, a, b, …), so that
+//! Each is measured once per round, in alternating rounds (a, b, c, c', d, d', e, a, b, …), so that
 //! the machine's noise falls on every row alike; the table gives per row the median of the
 //! rounds (and min–max) of Gbit/s, CPU seconds per GB (process user+system time) and page faults
 //! per GiB, and the ratio of its median to raw quinn's median. It writes the same, with every
@@ -50,6 +52,7 @@ const TARGETS: [(&str, f64); 2] = [(MEM, 0.90), (FILE, 0.75)];
 const TCP: &str = "tcp";
 const TLS: &str = "tcp+tls1.3";
 const QUINN: &str = "raw quinn";
+const QUINN_FRESH: &str = "raw quinn → fresh memory";
 const MEM: &str = "horde get mem→mem";
 const MEM_REUSED: &str = "horde get mem→mem (reused buffer)";
 const FILE: &str = "horde get file→file";
@@ -379,8 +382,10 @@ async fn connected(
     Ok((dialed?, accepted))
 }
 
-/// (c) raw quinn: one stream, static 1 MiB chunks.
-async fn raw_quinn(size: u64, chunk: &Bytes) -> anyhow::Result<()> {
+/// (c) raw quinn: one stream, static 1 MiB chunks. With `fresh` — (c') — the receiver copies
+/// them into a new buffer of the blob's size, left in `fresh` (freed outside the measurement,
+/// as the memory rows' results are).
+async fn raw_quinn(size: u64, chunk: &Bytes, fresh: Option<&mut Vec<u8>>) -> anyhow::Result<()> {
     let (client, server) = (quic_endpoint(3)?, quic_endpoint(4)?);
     let (client_connection, server_connection) = connected(&client, &server).await?;
     let chunk = chunk.clone();
@@ -395,11 +400,21 @@ async fn raw_quinn(size: u64, chunk: &Bytes) -> anyhow::Result<()> {
         anyhow::Ok(())
     });
     let (_send, mut recv) = client_connection.accept_bi().await?;
+    let mut memory = match fresh {
+        Some(_) => Vec::with_capacity(usize::try_from(size)?),
+        None => Vec::new(),
+    };
     let mut received = 0u64;
     while let Some(chunk) = recv.read_chunk(usize::MAX, true).await? {
         received += chunk.bytes.len() as u64;
+        if fresh.is_some() {
+            memory.extend_from_slice(&chunk.bytes);
+        }
     }
     sender.await??;
+    if let Some(slot) = fresh {
+        *slot = memory;
+    }
     check_received(received, size)
 }
 
@@ -712,7 +727,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
             results.push(measure(TLS, round, size, run).await?);
         }
         if args.runs("quinn") {
-            results.push(measure(QUINN, round, size, || raw_quinn(size, &chunk)).await?);
+            results.push(measure(QUINN, round, size, || raw_quinn(size, &chunk, None)).await?);
+            let mut received = Vec::new();
+            let (chunk, slot) = (&chunk, &mut received);
+            let fetch = move || async move { raw_quinn(size, chunk, Some(slot)).await };
+            results.push(measure(QUINN_FRESH, round, size, fetch).await?);
+            drop(received);
         }
         if let Some(memory) = &mut memory {
             // (d) memory → memory, verified, as a client fetches a blob into memory.
