@@ -166,6 +166,13 @@ pub enum ClientError {
     /// The facilitator could not be reached (a dial that other callers were waiting for).
     #[error("facilitator unreachable: {0}")]
     Unreachable(String),
+    /// The facilitator refused the connection: this key already holds as many as it admits
+    /// from one key (its `max_connections_per_peer`).
+    #[error(
+        "the facilitator admits no more connections from this key: end other clients using it, \
+         or ask its operator to raise max_connections_per_peer"
+    )]
+    TooManyConnections,
     /// The facilitator did not answer a submit or attach in time, twice.
     #[error("no answer from the facilitator within {0:.1?}")]
     NoAnswer(Duration),
@@ -375,6 +382,13 @@ impl Client {
                 Err(_) => ClientError::NoAnswer(FIRST_ANSWER_TIMEOUT),
             };
             self.forget(&connection).await;
+            if let Some(quinn::ConnectionError::ApplicationClosed(close)) =
+                connection.close_reason()
+                && close.error_code == horde_transport::codes::TOO_MANY_CONNECTIONS
+            {
+                // A new connection would be refused the same way while the others are open.
+                return Err(ClientError::TooManyConnections);
+            }
             if retried {
                 return Err(error);
             }
@@ -974,7 +988,19 @@ mod tests {
         S: Fn(ControlMessage, FramedSend) -> F + Clone + Send + Sync + 'static,
         F: Future<Output = ()> + Send + 'static,
     {
-        let facilitator = localhost_endpoint(&seeded_key(2));
+        fake_facilitator_on(localhost_endpoint(&seeded_key(2)), on_connection, serve)
+    }
+
+    /// [`fake_facilitator`] on a given endpoint (keyed `seeded_key(2)`).
+    fn fake_facilitator_on<S, F>(
+        facilitator: HordeEndpoint,
+        on_connection: impl Fn(&quinn::Connection) + Send + 'static,
+        serve: S,
+    ) -> Client
+    where
+        S: Fn(ControlMessage, FramedSend) -> F + Clone + Send + Sync + 'static,
+        F: Future<Output = ()> + Send + 'static,
+    {
         let addr = facilitator.local_addr().unwrap();
         tokio::spawn(async move {
             while let Some(Ok((connection, _, _))) = facilitator.accept().await {
@@ -1052,6 +1078,41 @@ mod tests {
         }
         submitted(&client).await;
         assert_eq!(connections.lock().unwrap().len(), 2);
+    }
+
+    /// A client whose connection the facilitator refuses for its per-key cap gets a typed error
+    /// saying so, not a broken stream.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_connection_over_the_per_key_cap_is_a_typed_error() {
+        let facilitator = HordeEndpoint::bind(
+            &seeded_key(2),
+            horde_transport::test_utils::localhost_config().with_max_connections_per_peer(1),
+        )
+        .unwrap();
+        let first = fake_facilitator_on(
+            facilitator,
+            |_| {},
+            |first, mut send| async move {
+                if let ControlMessage::Down(DownMessage::Submit(signed)) = first {
+                    let job_id = signed.verify().unwrap().job_id;
+                    send.send(&status(job_id, 0, JobStatus::Received))
+                        .await
+                        .unwrap();
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                }
+            },
+        );
+        let _held = submitted(&first).await;
+        // Another client of the same key: a second connection, one over the cap.
+        let second = Client::new(seeded_key(1), first.facilitator.clone()).unwrap();
+        let error = second
+            .submit(&JobRequest::command("cpu", "/bin/true"))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(error, ClientError::TooManyConnections),
+            "{error:?}"
+        );
     }
 
     /// A submit whose answer is lost (the stream breaks before it) is sent again on a new
