@@ -976,23 +976,11 @@ mod tests {
 
     use super::*;
 
-    /// A fake facilitator on loopback (key `seeded_key(2)`) and a client of it (key
-    /// `seeded_key(1)`): each connection is shown to `on_connection`, and each stream's first
-    /// message is served by `serve` with the stream's send half, in a task of its own (a
+    /// A fake facilitator on `facilitator` (key `seeded_key(2)`, on loopback) and a client of it
+    /// (key `seeded_key(1)`): each connection is shown to `on_connection`, and each stream's
+    /// first message is served by `serve` with the stream's send half, in a task of its own (a
     /// session that stays open holds its send half).
     fn fake_facilitator<S, F>(
-        on_connection: impl Fn(&quinn::Connection) + Send + 'static,
-        serve: S,
-    ) -> Client
-    where
-        S: Fn(ControlMessage, FramedSend) -> F + Clone + Send + Sync + 'static,
-        F: Future<Output = ()> + Send + 'static,
-    {
-        fake_facilitator_on(localhost_endpoint(&seeded_key(2)), on_connection, serve)
-    }
-
-    /// [`fake_facilitator`] on a given endpoint (keyed `seeded_key(2)`).
-    fn fake_facilitator_on<S, F>(
         facilitator: HordeEndpoint,
         on_connection: impl Fn(&quinn::Connection) + Send + 'static,
         serve: S,
@@ -1043,6 +1031,7 @@ mod tests {
         let connections = Arc::new(std::sync::Mutex::new(Vec::new()));
         let accepted = Arc::clone(&connections);
         let client = fake_facilitator(
+            localhost_endpoint(&seeded_key(2)),
             move |connection| accepted.lock().unwrap().push(connection.clone()),
             |first, mut send| async move {
                 let ControlMessage::Down(DownMessage::Submit(signed)) = first else {
@@ -1089,7 +1078,7 @@ mod tests {
             horde_transport::test_utils::localhost_config().with_max_connections_per_peer(1),
         )
         .unwrap();
-        let first = fake_facilitator_on(
+        let first = fake_facilitator(
             facilitator,
             |_| {},
             |first, mut send| async move {
@@ -1124,6 +1113,7 @@ mod tests {
         let counted = Arc::clone(&connections);
         let known = Arc::new(std::sync::Mutex::new(None::<JobId>));
         let client = fake_facilitator(
+            localhost_endpoint(&seeded_key(2)),
             move |_| {
                 counted.fetch_add(1, Ordering::Relaxed);
             },
@@ -1172,6 +1162,7 @@ mod tests {
         let attaches = Arc::new(AtomicUsize::new(0));
         let counted = Arc::clone(&attaches);
         let client = fake_facilitator(
+            localhost_endpoint(&seeded_key(2)),
             |_| {},
             move |first, mut send| {
                 let counted = Arc::clone(&counted);
