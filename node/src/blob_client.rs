@@ -282,17 +282,11 @@ pub async fn connect(
     endpoint: &HordeEndpoint,
     storage: &NodeAddr,
 ) -> Result<quinn::Connection, ClientError> {
-    let mut last = None;
-    for addr in &storage.addrs {
-        match endpoint.connect(*addr, &storage.hotkey, ALPN_BLOB).await {
-            Ok(connection) => return Ok(connection),
-            Err(error) => {
-                debug!(%addr, %error, "storage address failed");
-                last = Some(error);
-            }
-        }
+    match endpoint.connect_node(storage, ALPN_BLOB).await {
+        Ok(connection) => Ok(connection),
+        Err(ConnectError::NoAddress) => Err(ClientError::NoAddress(storage.hotkey)),
+        Err(error) => Err(ClientError::Connect(error)),
     }
-    Err(last.map_or(ClientError::NoAddress(storage.hotkey), ClientError::Connect))
 }
 
 /// The retries of one transfer under a [`TransferPolicy`]: attempts with a doubling delay, and
@@ -974,7 +968,7 @@ pub async fn run_command(command: BlobCommand) -> Result<(), CommandError> {
     // Tell the node before exiting (bounded), so it frees the connection's slot at once rather
     // than at its idle timeout; also after a failure.
     endpoint.close(horde_transport::codes::SHUTDOWN, b"done");
-    let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+    crate::client::wait_for_close(&endpoint).await;
     Ok(result?)
 }
 

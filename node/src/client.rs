@@ -51,6 +51,17 @@ const REATTACH_MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// How long a spec stays valid after signing unless the request says otherwise.
 pub const DEFAULT_SPEC_LIFETIME: Duration = Duration::from_secs(600);
 
+/// Tolerated clock skew between nodes: a spec, report or record dated this far in the future is
+/// still taken (1 min: ample for NTP-synced hosts, short against specs signed ahead of time).
+pub(crate) const MAX_CLOCK_SKEW_MS: u64 = 60_000;
+
+/// Whether `spec` is current at `now`: not expired, and not issued further in the future than
+/// clocks may disagree (a spec signed ahead of time would otherwise stay valid beyond the
+/// lifetime its expiry suggests). Facilitator and validator both check it.
+pub(crate) fn spec_is_current(spec: &JobSpec, now: UnixMillis) -> bool {
+    spec.expires_at >= now && spec.issued_at.0 <= now.0.saturating_add(MAX_CLOCK_SKEW_MS)
+}
+
 /// The current time as [`UnixMillis`].
 pub fn now() -> UnixMillis {
     let millis = SystemTime::now()
@@ -262,8 +273,14 @@ struct SharedLink {
 /// answers, so 10 s is far above a healthy answer (a few ms).
 const FIRST_ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// How long [`Client::close`] waits for the connection close to be sent.
+/// How long a client closing before its process exits waits for the close to be sent.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// Waits (up to [`CLOSE_GRACE`]) until `endpoint`'s closed connections have told their peers,
+/// so the peers free the slots at once rather than at their idle timeout.
+pub(crate) async fn wait_for_close(endpoint: &HordeEndpoint) {
+    let _ = tokio::time::timeout(CLOSE_GRACE, endpoint.wait_idle()).await;
+}
 
 fn client_endpoint(key: &SecretKey) -> Result<HordeEndpoint, ClientError> {
     let bind: SocketAddr = ([0, 0, 0, 0], 0).into();
@@ -348,7 +365,7 @@ impl Client {
         if let Some(connection) = connection {
             connection.close(0u32.into(), b"client done");
         }
-        let _ = tokio::time::timeout(CLOSE_GRACE, self.endpoint.wait_idle()).await;
+        wait_for_close(&self.endpoint).await;
     }
 
     /// Opens a job session on the shared connection and reads the facilitator's first answer.
@@ -398,20 +415,17 @@ impl Client {
     }
 
     async fn dial(&self) -> Result<quinn::Connection, ClientError> {
-        let mut last = None;
-        for addr in &self.facilitator.addrs {
-            match self
-                .endpoint
-                .connect(*addr, &self.facilitator.hotkey, ALPN_CONTROL)
-                .await
-            {
-                Ok(connection) => return Ok(connection),
-                Err(error) => last = Some(error),
-            }
+        match self
+            .endpoint
+            .connect_node(&self.facilitator, ALPN_CONTROL)
+            .await
+        {
+            Ok(connection) => Ok(connection),
+            Err(ConnectError::NoAddress) => Err(ClientError::BadEndpoint(
+                "facilitator has no address".to_owned(),
+            )),
+            Err(error) => Err(ClientError::Connect(error)),
         }
-        Err(last
-            .map(ClientError::Connect)
-            .unwrap_or_else(|| ClientError::BadEndpoint("facilitator has no address".to_owned())))
     }
 
     /// Signs and submits a job with a fresh job id and per-job client key.
@@ -584,14 +598,11 @@ impl JobHandle {
             return Ok(None);
         }
         loop {
-            if let Some(message) = self.pending.take() {
-                if let Some(update) = self.accept_status(message)? {
-                    self.reattaching = None;
-                    return Ok(Some(update));
-                }
-                continue;
-            }
-            let message = match self.session.recv().await {
+            let received = match self.pending.take() {
+                Some(message) => Ok(Some(message)),
+                None => self.session.recv().await,
+            };
+            let message = match received {
                 Ok(Some(message)) => message,
                 // The stream or its connection is gone, not the job.
                 Ok(None) => {
@@ -827,7 +838,7 @@ impl JobConnection {
     /// so it frees the slot at once rather than at its idle timeout. Call before a process exits.
     pub async fn close(&self) {
         self.tunnel.connection().close(0u32.into(), b"client done");
-        let _ = tokio::time::timeout(CLOSE_GRACE, self._endpoint.wait_idle()).await;
+        wait_for_close(&self._endpoint).await;
     }
 
     /// Dials the verified endpoint with `client_key` as identity.

@@ -83,21 +83,10 @@ pub async fn run(
     let token = std::env::var(EXECUTOR_TOKEN_ENV).map_err(|_| ExecutorError::NoToken)?;
     let mut token_bytes = [0u8; 16];
     hex::decode_to_slice(token.trim(), &mut token_bytes).map_err(|_| ExecutorError::NoToken)?;
-    let mut connection = None;
-    let mut last = String::from("no address");
-    for addr in &config.miner.addrs {
-        match endpoint
-            .connect(*addr, &config.miner.hotkey, ALPN_CONTROL)
-            .await
-        {
-            Ok(c) => {
-                connection = Some(c);
-                break;
-            }
-            Err(error) => last = error.to_string(),
-        }
-    }
-    let connection = connection.ok_or(ExecutorError::Miner(last))?;
+    let connection = endpoint
+        .connect_node(&config.miner, ALPN_CONTROL)
+        .await
+        .map_err(|error| ExecutorError::Miner(error.to_string()))?;
     let (send, recv) = connection
         .open_bi()
         .await

@@ -41,15 +41,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument as _, debug, info, info_span, warn};
 
-use crate::client::now;
+use crate::client::{MAX_CLOCK_SKEW_MS, now, spec_is_current};
 use crate::config::FacilitatorConfig;
 use crate::discovery::{Directory, KnownPeers, wait_for_records};
 use crate::peers::Peers;
 use crate::peers::{request, serve_streams};
 use store::{JobStore, StoreError};
-
-/// Tolerated clock skew for a spec's `issued_at` in the future.
-const MAX_CLOCK_SKEW_MS: u64 = 60_000;
 
 /// Live statuses buffered per job for attached clients; a client further behind than this is
 /// disconnected and re-attaches from the store.
@@ -229,8 +226,7 @@ impl Facilitator {
         {
             return Err(RejectReason::ClientNotAllowed);
         }
-        let now = now();
-        if spec.expires_at < now || spec.issued_at.0 > now.0.saturating_add(MAX_CLOCK_SKEW_MS) {
+        if !spec_is_current(&spec, now()) {
             return Err(RejectReason::Expired);
         }
         if spec.executor_class.0.is_empty() {

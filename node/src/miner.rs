@@ -458,6 +458,12 @@ impl Miner {
     /// Kills every executor process and waits until each one is reaped.
     pub async fn shutdown(&self) {
         self.kill_executors();
+        self.wait_for_executors().await;
+    }
+
+    /// Waits until every executor's watcher has ended (after [`Miner::kill_executors`]: each
+    /// process reaped).
+    pub async fn wait_for_executors(&self) {
         self.tasks.close();
         self.tasks.wait().await;
     }

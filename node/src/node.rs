@@ -263,7 +263,8 @@ impl RunningNode {
         let drain = async {
             while self.tasks.join_next().await.is_some() {}
             match &self.service {
-                Service::Miner(miner) => miner.shutdown().await,
+                // Killed above, at the start of the shutdown.
+                Service::Miner(miner) => miner.wait_for_executors().await,
                 Service::Facilitator(facilitator) => facilitator.wait_for_jobs().await,
                 _ => {}
             }

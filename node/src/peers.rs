@@ -45,17 +45,13 @@ impl Peers {
             }
             connections.remove(&key);
         }
-        let mut last = String::from("no address");
-        for addr in &node.addrs {
-            match self.endpoint.connect(*addr, &node.hotkey, alpn).await {
-                Ok(connection) => {
-                    connections.insert(key, connection.clone());
-                    return Ok(connection);
-                }
-                Err(error) => last = format!("{addr}: {error}"),
-            }
-        }
-        Err(last)
+        let connection = self
+            .endpoint
+            .connect_node(node, alpn)
+            .await
+            .map_err(|error| error.to_string())?;
+        connections.insert(key, connection.clone());
+        Ok(connection)
     }
 }
 

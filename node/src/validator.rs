@@ -49,7 +49,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument as _, debug, info, info_span, warn};
 
-use crate::client::now;
+use crate::client::{MAX_CLOCK_SKEW_MS, now, spec_is_current};
 use crate::config::ValidatorConfig;
 use crate::discovery::{Directory, KnownPeers, wait_for_records};
 use crate::facilitator::check_client_message;
@@ -64,9 +64,6 @@ use seen::{Seen, SeenJobs};
 
 /// Added to every stage deadline on the validator's clock (network and process start-up).
 pub const STAGE_SLACK: Duration = Duration::from_secs(2);
-
-/// Tolerated clock skew for a report dated in the future.
-const MAX_CLOCK_SKEW_MS: u64 = 60_000;
 
 /// The longest an assignment waits for the named miner's record to arrive by discovery.
 const MINER_RECORD_WAIT: Duration = Duration::from_secs(1);
@@ -535,10 +532,7 @@ impl Validator {
             .spec
             .verify()
             .map_err(|_| RejectReason::BadSignature)?;
-        let now = now();
-        // Expired, or issued further in the future than clocks may disagree: a spec signed
-        // ahead of time would otherwise stay valid beyond the lifetime its expiry suggests.
-        if spec.expires_at < now || spec.issued_at.0 > now.0.saturating_add(MAX_CLOCK_SKEW_MS) {
+        if !spec_is_current(&spec, now()) {
             return Err(RejectReason::Expired);
         }
         if self.known_miner(&assignment.miner.hotkey).is_none()

@@ -799,8 +799,9 @@ pub async fn upload(
         let location = match &spec.target {
             UploadTarget::Blob { storage } => {
                 let policy = blob_client::TransferPolicy::default();
-                // The hash just computed is declared: the file is not read a second time to hash it.
-                let stored = blob_client::put_hashed_file(
+                // The hash just computed is declared: the file is not read a second time to hash
+                // it, and a store that keeps it under another hash is an error of the put.
+                blob_client::put_hashed_file(
                     endpoint,
                     storage,
                     &path,
@@ -814,13 +815,6 @@ pub async fn upload(
                     path: shown.clone(),
                     source,
                 })?;
-                if stored != hash {
-                    return Err(VolumeError::HashMismatch {
-                        path: shown,
-                        expected: hash,
-                        actual: stored,
-                    });
-                }
                 OutputLocation::Blob(storage.clone())
             }
             UploadTarget::HttpPut { url, headers } => {

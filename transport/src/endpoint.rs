@@ -22,7 +22,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use horde_protocol::{Hotkey, SecretKey};
+use horde_protocol::{Hotkey, NodeAddr, SecretKey};
 use quinn::crypto::rustls::{HandshakeData, QuicClientConfig, QuicServerConfig};
 use quinn::{ConnectionError, IdleTimeout, TransportErrorCode, VarInt};
 use rustls::pki_types::CertificateDer;
@@ -291,6 +291,9 @@ pub enum ConnectError {
     /// Any other connection failure (network unreachable, idle timeout, protocol error).
     #[error("connection failed: {0}")]
     Connection(ConnectionError),
+    /// The node's address lists no socket address to dial.
+    #[error("the node lists no address")]
+    NoAddress,
 }
 
 impl ConnectError {
@@ -574,6 +577,26 @@ impl HordeEndpoint {
     /// The underlying quinn endpoint.
     pub fn quinn(&self) -> &quinn::Endpoint {
         &self.endpoint
+    }
+
+    /// Dials `node` on protocol `alpn`, trying its addresses in order; the last failure if none
+    /// answers ([`ConnectError::NoAddress`] if it lists none).
+    pub async fn connect_node(
+        &self,
+        node: &NodeAddr,
+        alpn: &[u8],
+    ) -> Result<quinn::Connection, ConnectError> {
+        let mut last = ConnectError::NoAddress;
+        for addr in &node.addrs {
+            match self.connect(*addr, &node.hotkey, alpn).await {
+                Ok(connection) => return Ok(connection),
+                Err(error) => {
+                    debug!(%addr, %error, "address failed");
+                    last = error;
+                }
+            }
+        }
+        Err(last)
     }
 
     /// Dials `expected` at `addr` on protocol `alpn`, within [`HANDSHAKE_TIMEOUT`].

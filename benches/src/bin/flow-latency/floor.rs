@@ -20,8 +20,8 @@ use horde_transport::{ALPN_JOB, ClientPolicy, HordeEndpoint};
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::net::TcpStream;
 
-/// Read size on both hops, as the tunnel's (`horde_transport::tunnel::DATA_CHUNK`).
-const CHUNK: usize = 256 * 1024;
+/// Read size on both hops: the tunnel's.
+const CHUNK: usize = horde_transport::tunnel::DATA_CHUNK;
 
 /// Serves relay streams to `target` on `endpoint` until the endpoint closes.
 pub(crate) async fn serve(endpoint: HordeEndpoint, target: SocketAddr) {
