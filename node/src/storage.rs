@@ -143,12 +143,12 @@ impl StoreError {
 
     /// The code the upload stream is stopped with: the peer's fault only when its bytes were.
     fn stop_code(&self) -> VarInt {
-        match self {
-            Self::TooLarge { .. } => codes::NOT_ALLOWED,
-            Self::HashMismatch { .. } | Self::WrongLength { .. } => codes::PROTOCOL_VIOLATION,
-            Self::Busy(_) => codes::BUSY,
-            Self::Io(error) if is_out_of_room(error) => codes::STORAGE_FULL,
-            Self::Io(_) => codes::INTERNAL,
+        match self.kind() {
+            BlobErrorKind::TooLarge => codes::NOT_ALLOWED,
+            BlobErrorKind::HashMismatch | BlobErrorKind::BadRequest => codes::PROTOCOL_VIOLATION,
+            BlobErrorKind::Busy => codes::BUSY,
+            BlobErrorKind::StorageFull => codes::STORAGE_FULL,
+            _ => codes::INTERNAL,
         }
     }
 }
@@ -769,6 +769,14 @@ async fn handle_stream(
         }
         Err(error) => return Err(error),
     };
+    // Gets and puts hold a transfer slot (the store's and the peer's share) until they end.
+    let _slot = match &request {
+        BlobRequest::Get { .. } | BlobRequest::Put { .. } => match store.transfer_slot(peer) {
+            Ok(slot) => Some(slot),
+            Err(busy) => return refuse_busy(send, recv, peer, store, busy).await,
+        },
+        _ => None,
+    };
     match request {
         BlobRequest::Stat { hash } => {
             let status = store.stat(&hash)?;
@@ -776,10 +784,6 @@ async fn handle_stream(
             let _ = send.finish();
         }
         BlobRequest::Get { hash, ranges } => {
-            let _slot = match store.transfer_slot(peer) {
-                Ok(slot) => slot,
-                Err(busy) => return refuse_busy(send, recv, peer, store, busy).await,
-            };
             let blob = {
                 let store = Arc::clone(store);
                 tokio::task::spawn_blocking(move || store.open_blob(&hash))
@@ -804,10 +808,6 @@ async fn handle_stream(
             }
         }
         BlobRequest::Put { size, hash, resume } => {
-            let _slot = match store.transfer_slot(peer) {
-                Ok(slot) => slot,
-                Err(busy) => return refuse_busy(send, recv, peer, store, busy).await,
-            };
             handle_put(send, recv, peer, store, size, hash, resume).await?;
         }
     }

@@ -184,7 +184,7 @@ impl Exclusions {
         let Some(path) = self.path.clone() else {
             return Ok(());
         };
-        tokio::task::spawn_blocking(move || write_atomically(&path, &entries))
+        tokio::task::spawn_blocking(move || write_exclusions(&path, &entries))
             .await
             .map_err(|e| ExclusionsError::Io {
                 path: "exclusions".to_owned(),
@@ -193,24 +193,29 @@ impl Exclusions {
     }
 }
 
-/// Writes `entries` as JSON to a temporary file beside `path`, syncs it, renames it over `path`
-/// and syncs the directory: a crash leaves the old file or the new one, never a torn one.
-fn write_atomically(path: &Path, entries: &[ExclusionEntry]) -> Result<(), ExclusionsError> {
-    use std::io::Write as _;
+/// Writes `entries` as JSON to `path` with [`write_atomically`].
+fn write_exclusions(path: &Path, entries: &[ExclusionEntry]) -> Result<(), ExclusionsError> {
     let io = |source| ExclusionsError::Io {
         path: path.display().to_string(),
         source,
     };
     let text = serde_json::to_vec_pretty(entries).map_err(|e| io(std::io::Error::other(e)))?;
-    let temp = path.with_extension("json.tmp");
-    let mut file = std::fs::File::create(&temp).map_err(io)?;
-    file.write_all(&text).map_err(io)?;
-    file.sync_all().map_err(io)?;
-    std::fs::rename(&temp, path).map_err(io)?;
+    write_atomically(path, &text).map_err(io)
+}
+
+/// Writes `bytes` to a temporary file beside `path`, syncs it, renames it over `path` and syncs
+/// the directory: a crash leaves the old file or the new one, never a torn one.
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut temp = path.as_os_str().to_owned();
+    temp.push(".tmp");
+    let temp = std::path::PathBuf::from(temp);
+    let mut file = std::fs::File::create(&temp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&temp, path)?;
     if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)
-            .and_then(|dir| dir.sync_all())
-            .map_err(io)?;
+        std::fs::File::open(dir)?.sync_all()?;
     }
     Ok(())
 }

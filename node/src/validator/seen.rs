@@ -217,22 +217,15 @@ impl SeenJobs {
     }
 }
 
-/// Writes `ids` to a temporary file beside `path`, syncs it, renames it over `path`, syncs the
-/// directory, and returns the file open for appending.
+/// Writes `ids` over `path` atomically ([`super::write_atomically`]) and returns the file open
+/// for appending.
 fn rewrite(path: &Path, ids: &Ids) -> std::io::Result<File> {
-    let temp = path.with_extension("bin.tmp");
     let mut bytes = Vec::with_capacity(ids.expiry.len() * RECORD_LEN);
     for (job_id, expires_at) in &ids.expiry {
         bytes.extend_from_slice(&job_id.0);
         bytes.extend_from_slice(&expires_at.0.to_le_bytes());
     }
-    let mut file = File::create(&temp)?;
-    file.write_all(&bytes)?;
-    file.sync_all()?;
-    std::fs::rename(&temp, path)?;
-    if let Some(dir) = path.parent() {
-        File::open(dir)?.sync_all()?;
-    }
+    super::write_atomically(path, &bytes)?;
     OpenOptions::new().append(true).open(path)
 }
 
