@@ -1,36 +1,25 @@
-//! horde-node: the roles of a horde node, its configuration, the client SDK, and the `horde`
-//! binary (a thin `main.rs` over this library).
+//! horde-node: the client SDK, the roles of a horde node, and the `horde` command line, each
+//! behind a Cargo feature so an application that embeds the client compiles only the client.
 //!
-//! Layout:
-//! - `config.rs`: the TOML node configuration ([`config::NodeConfig`]), validated at load time.
-//! - `node.rs`: start-up and shutdown ([`RunningNode`], [`run_until_signal`]).
-//! - `client.rs`: the client SDK ([`client::Client`], [`client::JobHandle`]).
-//! - `facilitator.rs` (+ `facilitator/store.rs`), `validator.rs`, `miner.rs`, `executor.rs`: the
-//!   roles of the streaming-job flow, one file each.
-//! - `job_cli.rs`: the `horde job …` commands.
-//! - `discovery.rs` (+ `discovery/directory.rs`): libp2p discovery and the node-record directory.
-//! - `receipts.rs`: the accounting-receipt log validators and miners keep; `receipts_cli.rs`:
-//!   `horde receipts`.
-//! - `peers.rs`: outgoing connections shared by every job to a peer.
-//! - `storage.rs`: the storage role (content-addressed blob store served over `horde/blob/1`).
-//! - `blob_client.rs`: blob put/get for clients and executors, with resume and progress.
-//! - `volumes.rs`: materializing job volumes and uploading outputs.
+//! Features (default: all three):
+//! - `client`: [`client`] — submit jobs, follow statuses, reach jobs, move blobs (protocol +
+//!   transport + tokio, serde/toml for spec files).
+//! - `server`: [`server`] — the roles, discovery (libp2p), the job store (redb), URL volumes
+//!   (ureq). Implies `client`.
+//! - `cli`: [`cli`] — the `horde` binary's commands (clap, tracing-subscriber, anyhow). Implies
+//!   `server`.
+//!
+//! Layout: `clock.rs` (the wall clock, read in one place), `client.rs` + `client/`,
+//! `server.rs` + `server/`, `cli.rs` + `cli/`. Dependencies run `cli → server → client`, never
+//! backwards.
 
-pub mod blob_client;
+pub mod clock;
+
+#[cfg(feature = "client")]
 pub mod client;
-pub mod config;
-pub mod discovery;
-pub mod executor;
-pub mod facilitator;
-pub mod job_cli;
-pub mod miner;
-mod node;
-mod peers;
-pub mod receipts;
-pub mod receipts_cli;
-pub mod storage;
-pub mod tied;
-pub mod validator;
-pub mod volumes;
 
-pub use node::{NodeError, RunningNode, role_alpns, run_until_signal};
+#[cfg(feature = "server")]
+pub mod server;
+
+#[cfg(feature = "cli")]
+pub mod cli;

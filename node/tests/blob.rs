@@ -9,11 +9,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use horde_node::blob_client::{
-    self, ClientError, GetOutcome, NoProgress, Progress, TransferPolicy, get_to_file,
-    get_to_file_once, get_to_memory, put_file, put_file_once,
+use horde_node::client::blob::{
+    self, ClientError, GetOutcome, TransferPolicy, get_to_file, get_to_file_once, get_to_memory,
+    put_file, put_file_once,
 };
-use horde_node::storage::{BlobStore, StoreLimits, serve};
+use horde_node::client::progress::{NoProgress, Progress};
+use horde_node::server::storage::{BlobStore, StoreLimits, serve};
 use horde_protocol::blob::{
     BlobErrorKind, BlobRequest, BlobResponse, BlobStatus, ByteRange, CHUNK_GROUP_LEN,
     MAX_REQUEST_LEN, Outboard, Piece, SEGMENT_LEN, normalize_ranges, plan,
@@ -76,7 +77,7 @@ impl Fixture {
     async fn start(limits: StoreLimits) -> Self {
         let storage = start_storage(limits);
         let client = client();
-        let connection = blob_client::connect(&client, &storage.addr).await.unwrap();
+        let connection = blob::connect(&client, &storage.addr).await.unwrap();
         Self {
             storage,
             client,
@@ -86,7 +87,7 @@ impl Fixture {
 
     /// A fresh connection to the storage node.
     async fn connect(&self) -> quinn::Connection {
-        blob_client::connect(&self.client, &self.storage.addr)
+        blob::connect(&self.client, &self.storage.addr)
             .await
             .unwrap()
     }
@@ -341,7 +342,7 @@ async fn memory_get_continues_from_a_verified_prefix() {
     // after it, through the thread that faults the destination in.
     let held = SEGMENT_LEN as usize + 5 * CHUNK_GROUP_LEN as usize;
     let mut buffer = bytes[..held].to_vec();
-    let fetched = blob_client::get_into_vec(
+    let fetched = blob::get_into_vec(
         &fixture.connection,
         hash,
         NO_LIMIT,
@@ -366,7 +367,7 @@ async fn large_memory_get_fills_a_mapped_buffer_and_reuses_it() {
     let bytes = sample(size, 11);
     let hash = fixture.storage.store.insert(&bytes).unwrap();
     let mut buffer = BlobBuffer::new();
-    blob_client::get_into_buffer(
+    blob::get_into_buffer(
         &fixture.connection,
         hash,
         NO_LIMIT,
@@ -380,7 +381,7 @@ async fn large_memory_get_fills_a_mapped_buffer_and_reuses_it() {
     // A cleared buffer is filled again in place.
     let memory = buffer.as_ptr();
     buffer.clear();
-    blob_client::get_into_buffer(
+    blob::get_into_buffer(
         &fixture.connection,
         hash,
         NO_LIMIT,
@@ -399,7 +400,7 @@ async fn large_memory_get_fills_a_mapped_buffer_and_reuses_it() {
     let small = sample(3 * CHUNK_GROUP_LEN as usize + 5, 12);
     let small_hash = fixture.storage.store.insert(&small).unwrap();
     let mut buffer = BlobBuffer::new();
-    blob_client::get_into_buffer(
+    blob::get_into_buffer(
         &fixture.connection,
         small_hash,
         NO_LIMIT,
@@ -423,7 +424,7 @@ async fn corrupt_memory_get_exposes_only_the_groups_verified_before_it() {
     let group_start = flipped / CHUNK_GROUP_LEN * CHUNK_GROUP_LEN;
 
     let mut buffer = BlobBuffer::new();
-    let error = blob_client::get_into_buffer(
+    let error = blob::get_into_buffer(
         &fixture.connection,
         hash,
         NO_LIMIT,
@@ -442,7 +443,7 @@ async fn corrupt_memory_get_exposes_only_the_groups_verified_before_it() {
 
     // A Vec destination behaves the same.
     let mut vec = Vec::new();
-    let error = blob_client::get_into_vec(
+    let error = blob::get_into_vec(
         &fixture.connection,
         hash,
         NO_LIMIT,
@@ -683,7 +684,7 @@ async fn put_allowlist_refuses_other_keys() {
         "{error:?}"
     );
     let allowed_client = localhost_endpoint(&seeded_key(30));
-    let connection = blob_client::connect(&allowed_client, &fixture.storage.addr)
+    let connection = blob::connect(&allowed_client, &fixture.storage.addr)
         .await
         .unwrap();
     let hash = put_bytes(&connection, Bytes::from_static(b"hello"))
@@ -832,7 +833,7 @@ fn unread_get_streams_do_not_block_other_transfers_and_are_reset_after_the_deadl
         let big = sample(3 * SEGMENT_LEN as usize / 2, 40);
         let big_hash = storage.store.insert(&big).unwrap();
         let client = client();
-        let connection = blob_client::connect(&client, &storage.addr).await.unwrap();
+        let connection = blob::connect(&client, &storage.addr).await.unwrap();
         let mut stalled = Vec::new();
         for _ in 0..8 {
             stalled.push(stalled_get(&connection, big_hash).await);
@@ -843,11 +844,11 @@ fn unread_get_streams_do_not_block_other_transfers_and_are_reset_after_the_deadl
         // On another connection: the stalled streams hold all of this one's flow-control credit.
         let started = std::time::Instant::now();
         let fresh = async {
-            let other = blob_client::connect(&client, &storage.addr).await.unwrap();
+            let other = blob::connect(&client, &storage.addr).await.unwrap();
             let small = Bytes::from(sample(100_000, 41));
             let hash = put_bytes(&other, small.clone()).await.unwrap();
             let mut got = Vec::new();
-            blob_client::get_into_vec(&other, hash, NO_LIMIT, PROGRESS_TIMEOUT, &mut got)
+            blob::get_into_vec(&other, hash, NO_LIMIT, PROGRESS_TIMEOUT, &mut got)
                 .await
                 .unwrap();
             assert_eq!(got, small);
@@ -880,7 +881,7 @@ async fn transfers_beyond_the_cap_are_refused_busy_until_a_slot_frees() {
     let big = sample(3 * SEGMENT_LEN as usize / 2, 42);
     let hash = storage.store.insert(&big).unwrap();
     let client = client();
-    let connection = blob_client::connect(&client, &storage.addr).await.unwrap();
+    let connection = blob::connect(&client, &storage.addr).await.unwrap();
     let _first = stalled_get(&connection, hash).await;
     let _second = stalled_get(&connection, hash).await;
     // Both slots taken (polled: the server takes them when it reads the requests).
@@ -925,17 +926,17 @@ async fn one_key_holding_its_share_is_refused_busy_while_another_key_is_served()
     let small_hash = storage.store.insert(&small).unwrap();
 
     let greedy = client();
-    let connection = blob_client::connect(&greedy, &storage.addr).await.unwrap();
+    let connection = blob::connect(&greedy, &storage.addr).await.unwrap();
     let _first = stalled_get(&connection, big_hash).await;
     let _second = stalled_get(&connection, big_hash).await;
-    let another_connection = blob_client::connect(&greedy, &storage.addr).await.unwrap();
+    let another_connection = blob::connect(&greedy, &storage.addr).await.unwrap();
     let third_get = || fetch(&another_connection, small_hash);
     refused_busy(third_get, "a third get from one key").await;
 
     let started = std::time::Instant::now();
     let other = localhost_endpoint(&seeded_key(5));
     let served = async {
-        let connection = blob_client::connect(&other, &storage.addr).await.unwrap();
+        let connection = blob::connect(&other, &storage.addr).await.unwrap();
         let bytes = Bytes::from(sample(100_000, 45));
         let policy = TransferPolicy::default();
         let (put, got) = tokio::join!(
@@ -960,7 +961,7 @@ async fn a_stalled_request_or_upload_is_stopped_after_the_deadline() {
     let deadline = Duration::from_millis(500);
     let storage = storage_with_deadline(deadline, 64);
     let client = client();
-    let connection = blob_client::connect(&client, &storage.addr).await.unwrap();
+    let connection = blob::connect(&client, &storage.addr).await.unwrap();
     let bound = 10 * deadline;
 
     let (mut send, mut recv) = connection.open_bi().await.unwrap();
@@ -1223,7 +1224,7 @@ async fn a_put_to_a_full_store_is_refused_as_storage_full() {
     let dir = tempfile::tempdir().unwrap();
     let node = start_storage_process(dir.path(), 64);
     let client = client();
-    let connection = blob_client::connect(&client, &node.addr).await.unwrap();
+    let connection = blob::connect(&client, &node.addr).await.unwrap();
 
     // Raw, to see the stop code: more than one write batch (1 MiB) of a larger blob, unfinished.
     let size = 2 << 20;

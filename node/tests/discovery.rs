@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use horde_node::client::now;
-use horde_node::discovery::{
+use horde_node::server::discovery::{
     BootstrapPeer, Discovery, DiscoveryConfig, LocalNode, exchange, peer_id, quic_multiaddr,
 };
 use horde_protocol::{

@@ -9,8 +9,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use horde_node::storage::{BlobStore, StoreLimits, serve};
-use horde_node::volumes::{HttpClient, PathError, VolumeError, materialize, upload};
+use horde_node::server::executor::volumes::{
+    HttpClient, PathError, VolumeError, materialize, upload,
+};
+use horde_node::server::storage::{BlobStore, StoreLimits, serve};
 use horde_protocol::messages::OutputLocation;
 use horde_protocol::{
     BlobHash, NodeAddr, RelativePath, UploadSpec, UploadTarget, VolumeSource, VolumeSpec,

@@ -67,6 +67,10 @@ pub const MAX_RESPONSE_LEN: u32 = crate::codec::MAX_FRAME_LEN;
 /// with room for the frame's other fields.
 pub const MAX_PROTOCOL_BLOB_SIZE: u64 = (MAX_RESPONSE_LEN as u64 / 32 - 64) * SEGMENT_LEN;
 
+/// Default cap on one blob: 64 GiB, room for model weights and datasets while bounding disk use
+/// per upload (and well under what a `Get` header can describe).
+pub const DEFAULT_MAX_BLOB_SIZE: u64 = 64 << 30;
+
 /// Most ranges one `Get` may ask for (keeps the request under [`MAX_REQUEST_LEN`]).
 pub const MAX_RANGES: usize = 64;
 

@@ -432,6 +432,19 @@ pub struct JobSpec {
     pub expires_at: UnixMillis,
 }
 
+/// Tolerated clock skew between nodes: a spec, report or record dated this far in the future is
+/// still taken (1 min: ample for NTP-synced hosts, short against specs signed ahead of time).
+pub const MAX_CLOCK_SKEW_MS: u64 = 60_000;
+
+impl JobSpec {
+    /// Whether the spec is current at `now`: not expired, and not issued further in the future
+    /// than clocks may disagree (`skew_ms`; a spec signed ahead of time would otherwise stay valid
+    /// beyond the lifetime its expiry suggests). Facilitator and validator both check it.
+    pub fn is_current(&self, now: UnixMillis, skew_ms: u64) -> bool {
+        self.expires_at >= now && self.issued_at.0 <= now.0.saturating_add(skew_ms)
+    }
+}
+
 impl Signable for JobSpec {
     const DOMAIN: &'static str = "horde/job-spec/v1";
 }

@@ -30,12 +30,14 @@ pub use accounting::{
 };
 pub use codec::{DecodeError, FrameError, MAX_FRAME_LEN};
 pub use job::{
-    BlobHash, Deadlines, ExecutorClass, JobId, JobSpec, NodeAddr, Program, ReadinessProbe,
-    RelativePath, Stage, TerminateRequest, UnixMillis, UploadSpec, UploadTarget, VolumeList,
-    VolumeSource, VolumeSpec,
+    BlobHash, Deadlines, ExecutorClass, JobId, JobSpec, MAX_CLOCK_SKEW_MS, NodeAddr, Program,
+    ReadinessProbe, RelativePath, Stage, TerminateRequest, UnixMillis, UploadSpec, UploadTarget,
+    VolumeList, VolumeSource, VolumeSpec,
 };
 pub use keys::{Hotkey, HotkeyVerifier, KeyError, KeyFileError, SecretKey, SignatureError};
-pub use messages::{ControlMessage, DownMessage, JobStatus, TunnelFrame, UpMessage};
+pub use messages::{
+    ClientMessageError, ControlMessage, DownMessage, JobStatus, TunnelFrame, UpMessage,
+};
 pub use records::{
     ClassCapacity, EndpointRecord, JobReceipt, MinerReport, NodeRecord, RecordSync, ReportError,
     Role, VerifiedReport, verify_report,

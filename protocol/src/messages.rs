@@ -405,3 +405,136 @@ pub enum TunnelFrame {
     /// The job is done writing; its receipt.
     JobEnd(Signed<JobReceipt>),
 }
+/// A client message the path refuses: clients may only send their own job's volume lists and
+/// terminate requests, signed by the job's owner.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientMessageError {
+    /// Not signed by the job's owner.
+    #[error("{0}")]
+    Signature(#[from] crate::signed::VerifyError),
+    /// A volume list naming another job.
+    #[error("volume list for another job")]
+    VolumesForAnotherJob,
+    /// A terminate request naming another job.
+    #[error("terminate for another job")]
+    TerminateForAnotherJob,
+    /// A message only nodes send.
+    #[error("clients may not send {0}")]
+    NotFromClients(&'static str),
+}
+
+impl DownMessage {
+    /// The variant's name, for logs and errors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            DownMessage::Submit(_) => "Submit",
+            DownMessage::Attach(_) => "Attach",
+            DownMessage::Assign(_) => "Assign",
+            DownMessage::InitialDetails(_) => "InitialDetails",
+            DownMessage::FullDetails(_) => "FullDetails",
+            DownMessage::Volumes(_) => "Volumes",
+            DownMessage::Terminate(_) => "Terminate",
+        }
+    }
+
+    /// Checks a message a client sent on job `job_id`'s session: only volume lists and terminate
+    /// requests, for that job, signed by `owner`, pass. Facilitator and validator both check.
+    pub fn check_from_owner(
+        &self,
+        job_id: JobId,
+        owner: &Hotkey,
+    ) -> Result<(), ClientMessageError> {
+        match self {
+            DownMessage::Volumes(list) => {
+                if list.verify_by(owner)?.job_id != job_id {
+                    return Err(ClientMessageError::VolumesForAnotherJob);
+                }
+            }
+            DownMessage::Terminate(request) => {
+                if request.verify_by(owner)?.job_id != job_id {
+                    return Err(ClientMessageError::TerminateForAnotherJob);
+                }
+            }
+            other => return Err(ClientMessageError::NotFromClients(other.name())),
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod client_message_tests {
+    use crate::{SecretKey, Signed, TerminateRequest, VolumeList};
+
+    use super::*;
+
+    /// Volume lists and terminate requests are the job owner's, for that job; nothing else
+    /// passes from a client, whatever it is signed by.
+    #[test]
+    fn client_messages_must_be_the_owners_and_for_its_job() {
+        let owner = SecretKey::from_seed(&[1; 32]);
+        let other = SecretKey::from_seed(&[2; 32]);
+        let job = JobId([7; 16]);
+        let list = |job_id| VolumeList {
+            job_id,
+            volume_msg_id: 1,
+            fetch: Vec::new(),
+            upload: Vec::new(),
+        };
+        let terminate = |job_id| TerminateRequest {
+            job_id,
+            issued_at: UnixMillis(1),
+        };
+        let check = |message: DownMessage| {
+            message
+                .check_from_owner(job, &owner.hotkey())
+                .map_err(|e| e.to_string())
+        };
+        assert!(check(DownMessage::Volumes(Signed::sign(&owner, &list(job)))).is_ok());
+        assert!(
+            check(DownMessage::Terminate(Signed::sign(
+                &owner,
+                &terminate(job)
+            )))
+            .is_ok()
+        );
+
+        let refused = [
+            (
+                "volumes by another key",
+                DownMessage::Volumes(Signed::sign(&other, &list(job))),
+            ),
+            (
+                "volumes for another job",
+                DownMessage::Volumes(Signed::sign(&owner, &list(JobId([8; 16])))),
+            ),
+            (
+                "terminate by another key",
+                DownMessage::Terminate(Signed::sign(&other, &terminate(job))),
+            ),
+            (
+                "terminate for another job",
+                DownMessage::Terminate(Signed::sign(&owner, &terminate(JobId([8; 16])))),
+            ),
+            ("attach", DownMessage::Attach(job)),
+        ];
+        for (name, message) in refused {
+            let reason = check(message).unwrap_err();
+            assert!(!reason.is_empty(), "{name}");
+        }
+        assert_eq!(
+            check(DownMessage::Volumes(Signed::sign(
+                &owner,
+                &list(JobId([8; 16]))
+            ))),
+            Err("volume list for another job".to_owned())
+        );
+        assert_eq!(
+            check(DownMessage::Terminate(Signed::sign(
+                &owner,
+                &terminate(JobId([8; 16]))
+            ))),
+            Err("terminate for another job".to_owned())
+        );
+    }
+}

@@ -263,6 +263,12 @@ impl VerifiedReport {
     pub fn miner(&self) -> Hotkey {
         self.endpoint.miner
     }
+
+    /// When the miner's exclusion ends: `exclusion_ms` after the report was made (never after
+    /// `now` + `exclusion_ms`), so replaying an old report cannot extend it.
+    pub fn exclusion_end(&self, exclusion_ms: u64, now: UnixMillis) -> UnixMillis {
+        UnixMillis(self.report.reported_at.0.min(now.0)).plus_millis(exclusion_ms)
+    }
 }
 
 /// Verifies a miner report's chain. `miner` is the miner the verifier knows ran the job (the

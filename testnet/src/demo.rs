@@ -245,7 +245,7 @@ pub async fn run_demo(testnet: &Testnet, out: &mut impl Write) -> anyhow::Result
             &[horde_transport::ALPN_BLOB],
         ),
     )?;
-    let log = horde_node::blob_client::get_to_memory(
+    let log = horde_node::client::blob::get_to_memory(
         &downloader,
         &storage,
         stdout.hash,

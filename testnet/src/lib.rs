@@ -21,7 +21,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use horde_node::discovery::{self, BootstrapPeer};
+use horde_node::server::discovery::{self, BootstrapPeer};
 use horde_protocol::{Hotkey, NodeAddr, NodeRecord, Role, SecretKey};
 
 /// How long a node has to log its start.
@@ -471,7 +471,7 @@ impl Testnet {
             .env(
                 "RUST_LOG",
                 format!(
-                    "{},horde_node::node=info,horde_node::discovery=info",
+                    "{},horde_node::server::node=info,horde_node::server::discovery=info",
                     self.log_filter
                 ),
             )

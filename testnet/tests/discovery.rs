@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use horde_node::client::{Client, JobRequest, now};
-use horde_node::discovery::{BootstrapPeer, exchange};
+use horde_node::server::discovery::{BootstrapPeer, exchange};
 use horde_protocol::{
     ClassCapacity, ExecutorClass, Hotkey, JobStatus, NodeRecord, RecordSync, Role, SecretKey,
     Signature, Signed,

@@ -213,7 +213,7 @@ async fn whole_flow_with_every_kind_of_traffic() {
 
     // Outputs and logs are downloadable from storage.
     let downloader = horde_transport::test_utils::localhost_endpoint(&SecretKey::generate());
-    let bytes = horde_node::blob_client::get_to_memory(
+    let bytes = horde_node::client::blob::get_to_memory(
         &downloader,
         &storage,
         output.hash,
@@ -223,7 +223,7 @@ async fn whole_flow_with_every_kind_of_traffic() {
     .await
     .unwrap();
     assert_eq!(bytes, &b"the result"[..]);
-    let log = horde_node::blob_client::get_to_memory(
+    let log = horde_node::client::blob::get_to_memory(
         &downloader,
         &storage,
         stdout.hash,
@@ -954,7 +954,7 @@ async fn declared_outputs_and_logs_are_uploaded_when_the_job_ends() {
     );
     let downloader = horde_transport::test_utils::localhost_endpoint(&SecretKey::generate());
     let answer = &result.outputs[0];
-    let bytes = horde_node::blob_client::get_to_memory(
+    let bytes = horde_node::client::blob::get_to_memory(
         &downloader,
         &storage,
         answer.hash,

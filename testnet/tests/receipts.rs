@@ -11,9 +11,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+use horde_node::cli::receipts::format_time;
 use horde_node::client::{Client, JobRequest, now};
-use horde_node::receipts::{StoredReceipt, log_path, read_log};
-use horde_node::receipts_cli::format_time;
+use horde_node::server::receipts::{StoredReceipt, log_path, read_log};
 use horde_protocol::{
     AccountingReceipt, JobId, JobOutcome, JobStatus, ReceiptKind, SecretKey, UnixMillis,
 };

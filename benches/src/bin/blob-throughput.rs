@@ -29,10 +29,11 @@ use std::time::{Instant, SystemTime};
 
 use anyhow::{Context as _, bail};
 use bytes::Bytes;
-use horde_node::blob_client::{
-    self, NoProgress, Progress, TransferPolicy, get_into_buffer, get_to_file_once, get_to_memory,
+use horde_node::client::blob::{
+    self, TransferPolicy, get_into_buffer, get_to_file_once, get_to_memory,
 };
-use horde_node::storage::{BlobStore, StoreLimits, serve};
+use horde_node::client::progress::{NoProgress, Progress};
+use horde_node::server::storage::{BlobStore, StoreLimits, serve};
 use horde_protocol::blob::CHUNK_GROUP_LEN;
 use horde_protocol::{NodeAddr, SecretKey};
 use horde_transport::blob::{BlobBuffer, PROGRESS_TIMEOUT, ServedBlob, read_request, serve_get};
@@ -513,7 +514,7 @@ async fn resume_measurement(
     work: &Path,
 ) -> anyhow::Result<ResumeReport> {
     let dest = work.join("resume.out");
-    let connection = blob_client::connect(client, storage).await?;
+    let connection = blob::connect(client, storage).await?;
     let mut cut = Cut {
         connection: Some(connection.clone()),
         total: 0,
@@ -532,7 +533,7 @@ async fn resume_measurement(
     if first.is_ok() {
         bail!("the cut did not interrupt the transfer");
     }
-    let connection = blob_client::connect(client, storage).await?;
+    let connection = blob::connect(client, storage).await?;
     let outcome = get_to_file_once(
         &connection,
         hash,
@@ -664,7 +665,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             addrs: vec![server.local_addr()?],
         };
         let task = tokio::spawn(serve_memory(server, blob));
-        let connection = blob_client::connect(&client, &addr).await?;
+        let connection = blob::connect(&client, &addr).await?;
         // The reused buffer is filled once before the rounds (not measured): from then on its
         // memory is mapped, the same footing as raw quinn, which allocates nothing per transfer.
         let mut reused = BlobBuffer::new();
@@ -704,7 +705,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         };
         let cancel = CancellationToken::new();
         let task = tokio::spawn(serve(endpoint, store, cancel.clone()));
-        let connection = blob_client::connect(&client, &storage).await?;
+        let connection = blob::connect(&client, &storage).await?;
         files = Some(FileRows {
             work,
             storage,

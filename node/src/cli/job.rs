@@ -6,9 +6,8 @@
 //! `request` and `forward` append each verified job receipt (hex) to `jobs/<job>.receipts`;
 //! `report` turns one of them, with the stored endpoint record, into a signed miner report.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context as _, bail};
@@ -16,14 +15,12 @@ use horde_protocol::codec::{from_bytes_exact, to_bytes};
 use horde_protocol::messages::{
     DeclineReason, FailureReason, RejectReason, ReportVerdict, StatusUpdate,
 };
-use horde_protocol::{
-    BlobHash, Deadlines, EndpointRecord, JobId, JobReceipt, JobStatus, NodeAddr, Program,
-    ReadinessProbe, RelativePath, SecretKey, Signed, UploadSpec, UploadTarget, VolumeSource,
-    VolumeSpec,
-};
+use horde_protocol::{EndpointRecord, JobId, JobReceipt, JobStatus, NodeAddr, SecretKey, Signed};
 use serde::{Deserialize, Serialize};
 
-use crate::client::{Client, JobConnection, JobRequest, ReportEvidence, VerifiedEndpoint, now};
+use crate::client::spec::VolumeListFile;
+use crate::client::{Client, JobConnection, JobRequest, ReportEvidence, VerifiedEndpoint};
+use crate::clock::now;
 
 /// How long the status stream must be quiet before the replayed history is taken as complete.
 const HISTORY_IDLE: std::time::Duration = std::time::Duration::from_millis(300);
@@ -204,185 +201,6 @@ fn load_state(common: &Common, job: &JobId) -> anyhow::Result<JobState> {
 fn parse_job(job: &str) -> anyhow::Result<JobId> {
     job.parse()
         .map_err(|_| anyhow::anyhow!("job id must be 32 hex digits, got {job:?}"))
-}
-
-/// A volume or upload entry of a spec file.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct VolumeEntry {
-    path: String,
-    inline: Option<String>,
-    url: Option<String>,
-    blake3: Option<String>,
-    size: Option<u64>,
-    blob: Option<String>,
-    storage: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct UploadEntry {
-    path: String,
-    storage: Option<String>,
-    put_url: Option<String>,
-    #[serde(default)]
-    headers: BTreeMap<String, String>,
-}
-
-#[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct DeadlinesFile {
-    reservation_ms: Option<u64>,
-    executor_startup_ms: Option<u64>,
-    volume_download_ms: Option<u64>,
-    readiness_ms: Option<u64>,
-    execution_ms: Option<u64>,
-    upload_ms: Option<u64>,
-}
-
-/// The job spec file.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct SpecFile {
-    executor_class: String,
-    program: Option<String>,
-    image: Option<String>,
-    #[serde(default)]
-    args: Vec<String>,
-    #[serde(default)]
-    env: BTreeMap<String, String>,
-    readiness_http: Option<String>,
-    readiness_tcp: Option<bool>,
-    #[serde(default)]
-    deadlines: DeadlinesFile,
-    #[serde(default)]
-    volumes: Vec<VolumeEntry>,
-    #[serde(default)]
-    uploads: Vec<UploadEntry>,
-    logs_storage: Option<String>,
-    #[serde(default)]
-    on_trusted_miner: bool,
-    expires_in_secs: Option<u64>,
-}
-
-/// The volume list file of `horde job volumes`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct VolumesFile {
-    volume_msg_id: u64,
-    #[serde(default)]
-    fetch: Vec<VolumeEntry>,
-    #[serde(default)]
-    upload: Vec<UploadEntry>,
-}
-
-fn volume(entry: VolumeEntry) -> anyhow::Result<VolumeSpec> {
-    let source = match (entry.inline, entry.url, entry.blob) {
-        (Some(text), None, None) => VolumeSource::Inline {
-            bytes: text.into_bytes(),
-        },
-        (None, Some(url), None) => VolumeSource::Url {
-            url,
-            size: entry.size,
-            blake3: entry
-                .blake3
-                .map(|h| h.parse::<BlobHash>())
-                .transpose()
-                .map_err(|_| anyhow::anyhow!("{}: blake3 must be 64 hex digits", entry.path))?,
-        },
-        (None, None, Some(hash)) => VolumeSource::Blob {
-            hash: hash
-                .parse()
-                .map_err(|_| anyhow::anyhow!("{}: blob must be 64 hex digits", entry.path))?,
-            size: entry
-                .size
-                .with_context(|| format!("{}: blob volumes need size", entry.path))?,
-            storage: entry
-                .storage
-                .with_context(|| format!("{}: blob volumes need storage", entry.path))?
-                .parse()?,
-        },
-        _ => bail!(
-            "volume {}: give exactly one of inline, url or blob",
-            entry.path
-        ),
-    };
-    Ok(VolumeSpec {
-        path: RelativePath(entry.path),
-        source,
-    })
-}
-
-fn upload(entry: UploadEntry) -> anyhow::Result<UploadSpec> {
-    let target = match (entry.storage, entry.put_url) {
-        (Some(storage), None) => UploadTarget::Blob {
-            storage: storage.parse()?,
-        },
-        (None, Some(url)) => UploadTarget::HttpPut {
-            url,
-            headers: entry.headers.into_iter().collect(),
-        },
-        _ => bail!(
-            "upload {}: give exactly one of storage or put_url",
-            entry.path
-        ),
-    };
-    Ok(UploadSpec {
-        path: RelativePath(entry.path),
-        target,
-    })
-}
-
-fn request_from_file(path: &Path) -> anyhow::Result<JobRequest> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let file: SpecFile =
-        toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-    let program = match (file.program, file.image) {
-        (Some(program), None) => Program::Command { program },
-        (None, Some(reference)) => Program::Image { reference },
-        _ => bail!("give exactly one of program or image"),
-    };
-    let defaults = Deadlines::default();
-    let d = file.deadlines;
-    let mut request = JobRequest::command(&file.executor_class, "");
-    request.program = program;
-    request.args = file.args;
-    request.env = file.env.into_iter().collect();
-    request.deadlines = Deadlines {
-        reservation_ms: d.reservation_ms.unwrap_or(defaults.reservation_ms),
-        executor_startup_ms: d
-            .executor_startup_ms
-            .unwrap_or(defaults.executor_startup_ms),
-        volume_download_ms: d.volume_download_ms.unwrap_or(defaults.volume_download_ms),
-        readiness_ms: d.readiness_ms.unwrap_or(defaults.readiness_ms),
-        execution_ms: d.execution_ms.unwrap_or(defaults.execution_ms),
-        upload_ms: d.upload_ms.unwrap_or(defaults.upload_ms),
-    };
-    request.readiness = match (file.readiness_http, file.readiness_tcp) {
-        (Some(path), _) => ReadinessProbe::Http { path },
-        (None, Some(true)) => ReadinessProbe::Tcp,
-        _ => ReadinessProbe::default(),
-    };
-    request.volumes = file
-        .volumes
-        .into_iter()
-        .map(volume)
-        .collect::<Result<_, _>>()?;
-    request.uploads = file
-        .uploads
-        .into_iter()
-        .map(upload)
-        .collect::<Result<_, _>>()?;
-    request.logs = file
-        .logs_storage
-        .map(|s| s.parse().map(|storage| UploadTarget::Blob { storage }))
-        .transpose()?;
-    request.on_trusted_miner = file.on_trusted_miner;
-    if let Some(secs) = file.expires_in_secs {
-        request.lifetime = std::time::Duration::from_secs(secs);
-    }
-    Ok(request)
 }
 
 fn describe(status: &JobStatus) -> String {
@@ -620,7 +438,7 @@ async fn run(command: JobCommand, facilitators: &Facilitators) -> anyhow::Result
             follow,
             common,
         } => {
-            let request = request_from_file(&spec)?;
+            let request = JobRequest::from_file(&spec)?;
             let facilitator: NodeAddr = common
                 .facilitator
                 .as_deref()
@@ -760,22 +578,11 @@ async fn run(command: JobCommand, facilitators: &Facilitators) -> anyhow::Result
         }
         JobCommand::Volumes { job, spec, common } => {
             let job_id = parse_job(&job)?;
-            let text = std::fs::read_to_string(&spec)?;
-            let file: VolumesFile = toml::from_str(&text)?;
-            let fetch = file
-                .fetch
-                .into_iter()
-                .map(volume)
-                .collect::<Result<_, _>>()?;
-            let upload = file
-                .upload
-                .into_iter()
-                .map(upload)
-                .collect::<Result<_, _>>()?;
+            let file = VolumeListFile::from_file(&spec)?;
             let mut handle = attach(&common, job_id, facilitators).await?;
             skip_history(&mut handle).await?;
             handle
-                .send_volumes(file.volume_msg_id, fetch, upload)
+                .send_volumes(file.volume_msg_id, file.fetch, file.upload)
                 .await?;
             let id = file.volume_msg_id;
             handle

@@ -15,7 +15,7 @@ use anyhow::{Context as _, bail};
 use horde_protocol::codec::from_bytes_exact;
 use horde_protocol::{AccountingReceipt, ReceiptKind, UnixMillis};
 
-use crate::receipts::{LogContents, StoredReceipt, TimeWindow, log_path, read_log};
+use crate::server::receipts::{LogContents, StoredReceipt, TimeWindow, log_path, read_log};
 
 /// `horde receipts` arguments.
 #[derive(Debug, clap::Args)]
@@ -395,7 +395,7 @@ pub fn format_time(at: UnixMillis, millis: bool) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::receipts::{DEFAULT_MAX_LOG_BYTES, ReceiptLog, test_support};
+    use crate::server::receipts::{DEFAULT_MAX_LOG_BYTES, ReceiptLog, test_support};
     use horde_protocol::{Countersignature, JobId, JobOutcome, SecretKey, Stage};
 
     fn stored(kind: ReceiptKind, at: u64, countersign: bool, note: Option<&str>) -> StoredReceipt {

@@ -15,10 +15,10 @@
 //! failure deletes the partial: nothing is left at or beside `DEST`.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, IsTerminal as _, Read as _, Seek as _, SeekFrom, Write as _};
+use std::io::{self, Read as _, Seek as _, SeekFrom, Write as _};
 use std::os::unix::fs::{FileExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use horde_protocol::blob::ByteRange;
@@ -30,6 +30,8 @@ use horde_transport::blob::{
 use horde_transport::{ALPN_BLOB, ConnectError, HordeEndpoint};
 use tokio::sync::mpsc;
 use tracing::{debug, info};
+
+use crate::client::progress::Progress;
 
 /// Attempts per transfer before giving up on transient failures (connection lost, reset,
 /// stalled, busy).
@@ -137,143 +139,6 @@ impl ClientError {
             Self::Connect(ConnectError::TimedOut(_) | ConnectError::Connection(_)) => true,
             _ => false,
         }
-    }
-}
-
-/// Receives transfer progress. `done` counts bytes of the blob held so far.
-pub trait Progress: Send {
-    /// The transfer (re)starts: `total` bytes, of which `done` are already held.
-    fn start(&mut self, total: u64, done: u64);
-    /// `done` bytes are now held.
-    fn update(&mut self, done: u64);
-    /// The transfer ended (successfully or not).
-    fn finish(&mut self) {}
-}
-
-/// Reports nothing.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct NoProgress;
-
-impl Progress for NoProgress {
-    fn start(&mut self, _total: u64, _done: u64) {}
-    fn update(&mut self, _done: u64) {}
-}
-
-/// Prints bytes, rate and ETA to stderr: one redrawn line on a terminal (every 100 ms), plain
-/// lines every 2 s otherwise.
-#[derive(Debug)]
-pub struct ProgressReporter {
-    label: String,
-    terminal: bool,
-    total: u64,
-    done: u64,
-    /// Bytes held when the current attempt started (the rate counts only new bytes).
-    base: u64,
-    started: Instant,
-    last_draw: Option<Instant>,
-}
-
-impl ProgressReporter {
-    /// A reporter whose lines start with `label`; detects whether stderr is a terminal.
-    pub fn new(label: impl Into<String>) -> Self {
-        Self {
-            label: label.into(),
-            terminal: io::stderr().is_terminal(),
-            total: 0,
-            done: 0,
-            base: 0,
-            started: Instant::now(),
-            last_draw: None,
-        }
-    }
-
-    fn line(&self) -> String {
-        let elapsed = self.started.elapsed().as_secs_f64().max(1e-3);
-        let rate = (self.done - self.base.min(self.done)) as f64 / elapsed;
-        let percent = if self.total == 0 {
-            100.0
-        } else {
-            self.done as f64 * 100.0 / self.total as f64
-        };
-        let eta = if rate > 0.0 {
-            format_duration((self.total.saturating_sub(self.done)) as f64 / rate)
-        } else {
-            "?".to_owned()
-        };
-        format!(
-            "{} {} / {} ({percent:.1}%) {}/s ETA {eta}",
-            self.label,
-            format_bytes(self.done as f64),
-            format_bytes(self.total as f64),
-            format_bytes(rate),
-        )
-    }
-
-    fn draw(&mut self, force: bool) {
-        let interval = if self.terminal {
-            Duration::from_millis(100)
-        } else {
-            Duration::from_secs(2)
-        };
-        let now = Instant::now();
-        if !force && self.last_draw.is_some_and(|last| now - last < interval) {
-            return;
-        }
-        self.last_draw = Some(now);
-        let line = self.line();
-        let mut stderr = io::stderr().lock();
-        let _ = if self.terminal {
-            write!(stderr, "\r\x1b[2K{line}")
-        } else {
-            writeln!(stderr, "{line}")
-        };
-        let _ = stderr.flush();
-    }
-}
-
-impl Progress for ProgressReporter {
-    fn start(&mut self, total: u64, done: u64) {
-        self.total = total;
-        self.done = done;
-        self.base = done;
-        self.started = Instant::now();
-        self.draw(true);
-    }
-
-    fn update(&mut self, done: u64) {
-        self.done = done;
-        self.draw(false);
-    }
-
-    fn finish(&mut self) {
-        if self.last_draw.is_none() {
-            // Never started (the node was never reached): there is no transfer to report.
-            return;
-        }
-        self.draw(true);
-        if self.terminal {
-            let _ = writeln!(io::stderr());
-        }
-    }
-}
-
-fn format_bytes(bytes: f64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = bytes;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    format!("{value:.1} {}", UNITS[unit])
-}
-
-fn format_duration(seconds: f64) -> String {
-    let seconds = seconds.round() as u64;
-    if seconds >= 3600 {
-        format!("{}h{:02}m", seconds / 3600, seconds / 60 % 60)
-    } else {
-        format!("{}m{:02}s", seconds / 60, seconds % 60)
     }
 }
 
@@ -894,132 +759,9 @@ async fn request_rest(
     request_get(connection, hash, ranges, max_size, progress_timeout).await
 }
 
-/// `horde blob …`: the command-line front end of this module.
-#[derive(Debug, clap::Subcommand)]
-pub enum BlobCommand {
-    /// Upload a file to a storage node; prints its BLAKE3 hash.
-    Put {
-        /// The file to upload.
-        file: PathBuf,
-        /// The storage node: HOTKEY@IP:PORT (hotkey in SS58 or hex).
-        #[arg(long)]
-        storage: NodeAddr,
-        /// Client key file (default: a fresh key for this run).
-        #[arg(long)]
-        key: Option<PathBuf>,
-    },
-    /// Download a blob, verified while streaming; resumes an interrupted download.
-    Get {
-        /// The blob's BLAKE3 hash (64 hex digits).
-        hash: BlobHash,
-        /// Where to write it (appears only once complete and verified).
-        #[arg(long, short)]
-        out: PathBuf,
-        /// The storage node: HOTKEY@IP:PORT (hotkey in SS58 or hex).
-        #[arg(long)]
-        storage: NodeAddr,
-        /// Client key file (default: a fresh key for this run).
-        #[arg(long)]
-        key: Option<PathBuf>,
-    },
-}
-
-/// A `horde blob` command that failed.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum CommandError {
-    /// The key file could not be read.
-    #[error("key file: {0}")]
-    Key(#[from] horde_protocol::KeyFileError),
-    /// The client endpoint could not be bound.
-    #[error("client endpoint: {0}")]
-    Endpoint(#[from] horde_transport::ConfigError),
-    /// The transfer failed.
-    #[error(transparent)]
-    Transfer(#[from] ClientError),
-}
-
-/// Runs a `horde blob` command: binds an ephemeral client endpoint, transfers with a progress
-/// line on stderr, prints the hash (put) or the final path (get) on stdout.
-pub async fn run_command(command: BlobCommand) -> Result<(), CommandError> {
-    let (storage, key) = match &command {
-        BlobCommand::Put { storage, key, .. } | BlobCommand::Get { storage, key, .. } => {
-            (storage, key)
-        }
-    };
-    let key = match key {
-        Some(path) => horde_protocol::SecretKey::read_key_file(path)?,
-        None => horde_protocol::SecretKey::generate(),
-    };
-    let bind = match storage.addrs.first() {
-        Some(addr) if addr.ip().is_loopback() && addr.is_ipv4() => {
-            std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, 0))
-        }
-        Some(addr) if addr.is_ipv6() => {
-            std::net::SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0))
-        }
-        _ => std::net::SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0)),
-    };
-    let endpoint = HordeEndpoint::bind(
-        &key,
-        horde_transport::EndpointConfig::new(bind, &[ALPN_BLOB]),
-    )?;
-    let result = transfer(&command, &endpoint).await;
-    // Tell the node before exiting (bounded), so it frees the connection's slot at once rather
-    // than at its idle timeout; also after a failure.
-    endpoint.close(horde_transport::codes::SHUTDOWN, b"done");
-    crate::client::wait_for_close(&endpoint).await;
-    Ok(result?)
-}
-
-async fn transfer(command: &BlobCommand, endpoint: &HordeEndpoint) -> Result<(), ClientError> {
-    match command {
-        BlobCommand::Put { file, storage, .. } => {
-            let mut progress = ProgressReporter::new("put");
-            let policy = TransferPolicy::default();
-            let hash = put_file(endpoint, storage, file, &policy, &mut progress).await?;
-            println!("{hash}");
-        }
-        BlobCommand::Get {
-            hash, out, storage, ..
-        } => {
-            let mut progress = ProgressReporter::new("get");
-            get_to_file(
-                endpoint,
-                storage,
-                *hash,
-                out,
-                None,
-                crate::storage::DEFAULT_MAX_BLOB_SIZE,
-                &TransferPolicy::default(),
-                &mut progress,
-            )
-            .await?;
-            println!("{}", out.display());
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn progress_line_shows_rate_and_eta() {
-        let mut reporter = ProgressReporter::new("get");
-        reporter.total = 2 << 20;
-        reporter.done = 1 << 20;
-        let line = reporter.line();
-        assert!(line.contains("1.0 MiB / 2.0 MiB (50.0%)"), "{line}");
-        assert!(line.contains("ETA"), "{line}");
-        assert_eq!(format_duration(3725.0), "1h02m");
-        assert_eq!(format_bytes(1536.0), "1.5 KiB");
-        // A transfer that never started (node unreachable) leaves no 0 B / 0 B line behind.
-        let mut never_started = ProgressReporter::new("put");
-        never_started.finish();
-        assert!(never_started.last_draw.is_none());
-    }
 
     #[test]
     fn partial_writer_checkpoints_in_the_background_and_records_the_final_length() {

@@ -20,19 +20,20 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
+use crate::client::{JobConnection, ReportEvidence, VerifiedEndpoint};
+use crate::clock::now;
 use horde_protocol::messages::{RejectReason, ReportVerdict, StatusUpdate};
 use horde_protocol::{
-    ControlMessage, Deadlines, DownMessage, EndpointRecord, ExecutorClass, Hotkey, JobId,
-    JobReceipt, JobSpec, JobStatus, MinerReport, NodeAddr, Program, ReadinessProbe, SecretKey,
-    Signed, TerminateRequest, UnixMillis, UpMessage, UploadSpec, UploadTarget, VolumeList,
-    VolumeSpec,
+    ControlMessage, Deadlines, DownMessage, ExecutorClass, Hotkey, JobId, JobSpec, JobStatus,
+    MinerReport, NodeAddr, Program, ReadinessProbe, SecretKey, Signed, TerminateRequest,
+    UnixMillis, UpMessage, UploadSpec, UploadTarget, VolumeList, VolumeSpec,
 };
-use horde_transport::tunnel::{HttpResponse, JobTunnel, TunnelError, http_request};
+use horde_transport::tunnel::TunnelError;
 use horde_transport::{
-    ALPN_CONTROL, ALPN_JOB, ChannelError, ClientPolicy, ConnectError, EndpointConfig,
-    HordeEndpoint, JobSession, SessionError, open_session, split,
+    ALPN_CONTROL, ChannelError, ClientPolicy, ConnectError, EndpointConfig, HordeEndpoint,
+    JobSession, SessionError, open_session, split,
 };
 
 /// How long a [`JobHandle`] keeps trying to attach to its job again after its link to the
@@ -50,26 +51,6 @@ const REATTACH_MAX_BACKOFF: Duration = Duration::from_secs(2);
 
 /// How long a spec stays valid after signing unless the request says otherwise.
 pub const DEFAULT_SPEC_LIFETIME: Duration = Duration::from_secs(600);
-
-/// Tolerated clock skew between nodes: a spec, report or record dated this far in the future is
-/// still taken (1 min: ample for NTP-synced hosts, short against specs signed ahead of time).
-pub(crate) const MAX_CLOCK_SKEW_MS: u64 = 60_000;
-
-/// Whether `spec` is current at `now`: not expired, and not issued further in the future than
-/// clocks may disagree (a spec signed ahead of time would otherwise stay valid beyond the
-/// lifetime its expiry suggests). Facilitator and validator both check it.
-pub(crate) fn spec_is_current(spec: &JobSpec, now: UnixMillis) -> bool {
-    spec.expires_at >= now && spec.issued_at.0 <= now.0.saturating_add(MAX_CLOCK_SKEW_MS)
-}
-
-/// The current time as [`UnixMillis`].
-pub fn now() -> UnixMillis {
-    let millis = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_millis())
-        .unwrap_or(0);
-    UnixMillis(u64::try_from(millis).unwrap_or(u64::MAX))
-}
 
 /// What a client asks for; turned into a signed [`JobSpec`] at submission.
 #[derive(Debug, Clone)]
@@ -187,59 +168,6 @@ pub enum ClientError {
     /// The facilitator did not answer a submit or attach in time, twice.
     #[error("no answer from the facilitator within {0:.1?}")]
     NoAnswer(Duration),
-}
-
-/// An endpoint record that verified: signed by the miner the facilitator chose, for this job,
-/// not expired. The job key is pinned from it.
-#[derive(Debug, Clone)]
-pub struct VerifiedEndpoint {
-    /// The record as signed.
-    pub signed: Signed<EndpointRecord>,
-    /// Its content.
-    pub record: EndpointRecord,
-}
-
-impl VerifiedEndpoint {
-    /// Verifies `signed` for `job_id` against `miner` at time `now`.
-    pub fn verify(
-        signed: &Signed<EndpointRecord>,
-        job_id: JobId,
-        miner: &Hotkey,
-        now: UnixMillis,
-    ) -> Result<Self, ClientError> {
-        let record = signed
-            .verify_by(miner)
-            .map_err(|e| ClientError::BadEndpoint(e.to_string()))?;
-        if record.miner != *miner {
-            return Err(ClientError::BadEndpoint(format!(
-                "record names miner {}, expected {miner}",
-                record.miner
-            )));
-        }
-        if record.job_id != job_id {
-            return Err(ClientError::BadEndpoint(format!(
-                "record is for job {}, expected {job_id}",
-                record.job_id
-            )));
-        }
-        if record.expires_at < now {
-            return Err(ClientError::BadEndpoint("record expired".to_owned()));
-        }
-        Ok(Self {
-            signed: signed.clone(),
-            record,
-        })
-    }
-
-    /// The job endpoint's address.
-    pub fn address(&self) -> SocketAddr {
-        self.record.address
-    }
-
-    /// The pinned job key.
-    pub fn job_key(&self) -> Hotkey {
-        self.record.job_key
-    }
 }
 
 /// A client of one facilitator, with an account key. Clones share one connection to the
@@ -821,159 +749,6 @@ impl JobHandle {
             .ok_or_else(|| ClientError::BadEndpoint("no client key for this job".into()))?;
         JobConnection::connect(self.job_id, key, endpoint).await
     }
-}
-
-/// A QUIC connection to a job endpoint, authenticated both ways: our certificate is the per-job
-/// client key, theirs must be the pinned job key.
-#[derive(Debug)]
-pub struct JobConnection {
-    /// The connection with the pinned job key checked and prepared: opens tunnel streams, and
-    /// holds the job id, the job key and the QUIC connection.
-    pub tunnel: JobTunnel,
-    _endpoint: HordeEndpoint,
-}
-
-impl JobConnection {
-    /// Closes the connection and waits (up to a second) until the job endpoint has been told,
-    /// so it frees the slot at once rather than at its idle timeout. Call before a process exits.
-    pub async fn close(&self) {
-        self.tunnel.connection().close(0u32.into(), b"client done");
-        wait_for_close(&self._endpoint).await;
-    }
-
-    /// Dials the verified endpoint with `client_key` as identity.
-    pub async fn connect(
-        job_id: JobId,
-        client_key: SecretKey,
-        endpoint: &VerifiedEndpoint,
-    ) -> Result<Self, ClientError> {
-        let bind: SocketAddr = ([0, 0, 0, 0], 0).into();
-        let config = EndpointConfig::new(bind, &[ALPN_JOB])
-            .with_client_policy(ClientPolicy::Only(client_key.hotkey()))
-            .with_max_connections(1);
-        let local = HordeEndpoint::bind(&client_key, config)?;
-        let connection = local
-            .connect(endpoint.address(), &endpoint.job_key(), ALPN_JOB)
-            .await?;
-        let tunnel = JobTunnel::new(connection, job_id, client_key, endpoint.job_key())?;
-        Ok(Self {
-            tunnel,
-            _endpoint: local,
-        })
-    }
-}
-
-/// What a miner report is built from: the miner's endpoint record for the job, the job's receipt
-/// for the disputed stream, and digests of what was asked and answered.
-#[derive(Debug, Clone)]
-pub struct ReportEvidence {
-    /// The job that answered wrongly.
-    pub job_id: JobId,
-    /// The miner's signed endpoint record for the job.
-    pub endpoint: Signed<EndpointRecord>,
-    /// The job's receipt for the disputed stream.
-    pub receipt: Signed<JobReceipt>,
-    /// BLAKE3 of the request (for HTTP: of the request body).
-    pub request_digest: [u8; 32],
-    /// BLAKE3 of the response (for HTTP: of the response body).
-    pub response_digest: [u8; 32],
-    /// The trusted job's receipt for the same request, if one was run.
-    pub trusted_receipt: Option<Signed<JobReceipt>>,
-}
-
-impl ReportEvidence {
-    /// Evidence from a verified endpoint, the disputed receipt and the request and response
-    /// payloads (their BLAKE3 digests go into the report).
-    pub fn new(
-        endpoint: &VerifiedEndpoint,
-        receipt: Signed<JobReceipt>,
-        request: &[u8],
-        response: &[u8],
-    ) -> Self {
-        Self {
-            job_id: endpoint.record.job_id,
-            endpoint: endpoint.signed.clone(),
-            receipt,
-            request_digest: *blake3::hash(request).as_bytes(),
-            response_digest: *blake3::hash(response).as_bytes(),
-            trusted_receipt: None,
-        }
-    }
-
-    /// Adds the trusted job's receipt for the same request.
-    pub fn with_trusted_receipt(mut self, receipt: Signed<JobReceipt>) -> Self {
-        self.trusted_receipt = Some(receipt);
-        self
-    }
-
-    /// The report, signed by `reporter` (the account that owns the job).
-    pub fn sign(self, reporter: &SecretKey, details: &str, at: UnixMillis) -> Signed<MinerReport> {
-        let report = MinerReport {
-            job_id: self.job_id,
-            endpoint: self.endpoint,
-            receipt: self.receipt,
-            request_digest: self.request_digest,
-            response_digest: self.response_digest,
-            trusted_receipt: self.trusted_receipt,
-            details: details.to_owned(),
-            reported_at: at,
-        };
-        Signed::sign(reporter, &report)
-    }
-}
-
-/// One request run on a job and on a trusted job, and the judgement.
-#[derive(Debug, Clone)]
-pub struct Comparison {
-    /// The request body sent to both.
-    pub request: Vec<u8>,
-    /// The job's answer (its receipt is the disputed one).
-    pub answer: HttpResponse,
-    /// The trusted job's answer.
-    pub trusted: HttpResponse,
-    /// Whether the judge found them to agree.
-    pub agree: bool,
-}
-
-impl Comparison {
-    /// The evidence for a report against the job whose verified endpoint is `endpoint`.
-    pub fn evidence(&self, endpoint: &VerifiedEndpoint) -> ReportEvidence {
-        ReportEvidence::new(
-            endpoint,
-            self.answer.receipt.clone(),
-            &self.request,
-            &self.answer.body,
-        )
-        .with_trusted_receipt(self.trusted.receipt.clone())
-    }
-}
-
-/// The default judge: same status and byte-equal bodies.
-pub fn byte_equal(answer: &HttpResponse, trusted: &HttpResponse) -> bool {
-    answer.status == trusted.status && answer.body == trusted.body
-}
-
-/// Sends one HTTP request to `job` and the same to `trusted`, verifies both receipts, and judges
-/// the answers with `agree` (e.g. [`byte_equal`], or a comparison that tolerates nondeterminism).
-pub async fn compare_http(
-    job: &JobConnection,
-    trusted: &JobConnection,
-    method: &str,
-    path: &str,
-    body: &[u8],
-    agree: impl FnOnce(&HttpResponse, &HttpResponse) -> bool,
-) -> Result<Comparison, ClientError> {
-    let (answer, trusted_answer) = tokio::try_join!(
-        http_request(&job.tunnel, method, path, body),
-        http_request(&trusted.tunnel, method, path, body),
-    )?;
-    let agree = agree(&answer, &trusted_answer);
-    Ok(Comparison {
-        request: body.to_vec(),
-        answer,
-        trusted: trusted_answer,
-        agree,
-    })
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use horde_protocol::{ExecutorClass, Hotkey, NodeAddr, Role};
 
-use crate::discovery::{BootstrapPeer, DiscoveryConfig, MIN_RECORD_TTL};
+use crate::server::discovery::{BootstrapPeer, DiscoveryConfig, MIN_RECORD_TTL};
 use serde::Deserialize;
 
 /// Default QUIC listen address: loopback with an OS-chosen port, safe for a single machine.
@@ -264,7 +264,7 @@ pub struct ReceiptsConfig {
 impl Default for ReceiptsConfig {
     fn default() -> Self {
         Self {
-            max_log_bytes: crate::receipts::DEFAULT_MAX_LOG_BYTES,
+            max_log_bytes: crate::server::receipts::DEFAULT_MAX_LOG_BYTES,
             countersign_timeout: std::time::Duration::from_millis(DEFAULT_COUNTERSIGN_TIMEOUT_MS),
         }
     }
@@ -301,7 +301,7 @@ pub struct NodeConfig {
     /// `[executor]` settings (`None` unless the section is present).
     pub executor: Option<ExecutorConfig>,
     /// `[storage]` settings: blob size limit and who may put (defaults: 64 GiB, anyone).
-    pub storage: crate::storage::StoreLimits,
+    pub storage: crate::server::storage::StoreLimits,
     /// `[discovery]` settings (on by default, listening on loopback with an OS-chosen port).
     pub discovery: DiscoveryConfig,
     /// `[receipts]` settings: receipt log size and countersignature deadline.
@@ -481,7 +481,7 @@ impl NodeConfig {
                     });
                 }
                 let registration_timeout = miner_file.registration_timeout_ms.map_or(
-                    crate::miner::DEFAULT_REGISTRATION_TIMEOUT,
+                    crate::server::miner::DEFAULT_REGISTRATION_TIMEOUT,
                     std::time::Duration::from_millis,
                 );
                 if registration_timeout.is_zero() || registration_timeout > MAX_REGISTRATION_TIMEOUT
@@ -525,14 +525,14 @@ impl NodeConfig {
         let storage_file = file.storage.unwrap_or_default();
         let max_blob_size = storage_file
             .max_blob_size
-            .unwrap_or(crate::storage::DEFAULT_MAX_BLOB_SIZE);
+            .unwrap_or(crate::server::storage::DEFAULT_MAX_BLOB_SIZE);
         let protocol_max = horde_protocol::blob::MAX_PROTOCOL_BLOB_SIZE;
         if max_blob_size == 0 || max_blob_size > protocol_max {
             return Err(invalid(format!(
                 "storage.max_blob_size must be between 1 and {protocol_max} bytes"
             )));
         }
-        let defaults = crate::storage::StoreLimits::default();
+        let defaults = crate::server::storage::StoreLimits::default();
         let progress_timeout = storage_file
             .progress_timeout_ms
             .map_or(defaults.progress_timeout, std::time::Duration::from_millis);
@@ -555,7 +555,7 @@ impl NodeConfig {
                 "storage.max_transfers_per_peer must be between 1 and max_transfers ({max_transfers})"
             )));
         }
-        let storage = crate::storage::StoreLimits {
+        let storage = crate::server::storage::StoreLimits {
             max_blob_size,
             put_allowlist: keys("storage.put_allowlist", storage_file.put_allowlist)?,
             progress_timeout,
@@ -566,14 +566,14 @@ impl NodeConfig {
         let receipts = ReceiptsConfig {
             max_log_bytes: receipts_file
                 .max_log_bytes
-                .unwrap_or(crate::receipts::DEFAULT_MAX_LOG_BYTES),
+                .unwrap_or(crate::server::receipts::DEFAULT_MAX_LOG_BYTES),
             countersign_timeout: std::time::Duration::from_millis(
                 receipts_file
                     .countersign_timeout_ms
                     .unwrap_or(DEFAULT_COUNTERSIGN_TIMEOUT_MS),
             ),
         };
-        let smallest_log = crate::receipts::MIN_LOG_BYTES;
+        let smallest_log = crate::server::receipts::MIN_LOG_BYTES;
         if receipts.max_log_bytes < smallest_log {
             return Err(invalid(format!(
                 "receipts.max_log_bytes must be at least {smallest_log}"
@@ -602,8 +602,9 @@ impl NodeConfig {
             None => DiscoveryConfig::default().record_ttl,
             Some(secs) => {
                 let ttl = std::time::Duration::from_secs(secs);
-                let max =
-                    std::time::Duration::from_millis(crate::discovery::MAX_RECORD_LIFETIME_MS);
+                let max = std::time::Duration::from_millis(
+                    crate::server::discovery::MAX_RECORD_LIFETIME_MS,
+                );
                 if ttl < MIN_RECORD_TTL || ttl > max {
                     return Err(invalid(format!(
                         "discovery.record_ttl_secs must be {} to {}",
@@ -675,7 +676,7 @@ mod tests {
 
     #[test]
     fn example_file_parses() {
-        let text = include_str!("../horde.example.toml");
+        let text = include_str!("../../horde.example.toml");
         let config = parse(text).unwrap();
         assert_eq!(config.role, Role::Validator);
     }
@@ -683,7 +684,10 @@ mod tests {
     #[test]
     fn storage_section_is_validated() {
         let config = parse("role = \"storage\"").unwrap();
-        assert_eq!(config.storage, crate::storage::StoreLimits::default());
+        assert_eq!(
+            config.storage,
+            crate::server::storage::StoreLimits::default()
+        );
         let key = horde_protocol::SecretKey::from_seed(&[3; 32]).hotkey();
         let config = parse(&format!(
             "role = \"storage\"\n[storage]\nmax_blob_size = 1048576\nput_allowlist = [\"{key}\"]\n\
@@ -834,7 +838,7 @@ mod tests {
         let defaults = parse("role = \"miner\"\n[miner]").unwrap();
         assert_eq!(
             timeout(defaults),
-            crate::miner::DEFAULT_REGISTRATION_TIMEOUT
+            crate::server::miner::DEFAULT_REGISTRATION_TIMEOUT
         );
         let config = parse("role = \"miner\"\n[miner]\nregistration_timeout_ms = 2000").unwrap();
         assert_eq!(timeout(config), std::time::Duration::from_secs(2));

@@ -42,7 +42,7 @@ pub use directory::{
     Offer, RecordRejection, check_record, has_free, node_addr,
 };
 
-use crate::client::now;
+use crate::clock::now;
 
 /// The record exchange protocol.
 pub const PROTOCOL_RECORDS: StreamProtocol = StreamProtocol::new("/horde/records/1");
@@ -420,51 +420,6 @@ pub async fn list_nodes(peer: &BootstrapPeer) -> Result<Vec<NodeRecord>, Discove
     }
     records.sort_by(|a, b| (a.role.as_str(), a.hotkey).cmp(&(b.role.as_str(), b.hotkey)));
     Ok(records)
-}
-
-/// Prints records as a table (or JSON lines).
-pub fn print_nodes(records: &[NodeRecord], json: bool) {
-    let now = now();
-    if !json {
-        println!(
-            "{:<12} {:<50} {:<24} {:<18} expires in",
-            "role", "hotkey", "quic address", "free/total"
-        );
-    }
-    for record in records {
-        let addrs: Vec<String> = record.addrs.iter().map(ToString::to_string).collect();
-        let capacity: Vec<String> = record
-            .capacity
-            .iter()
-            .map(|c| format!("{}:{}/{}", c.class, c.free, c.total))
-            .collect();
-        let expires_s = record.expires_at.0.saturating_sub(now.0) as f64 / 1000.0;
-        if json {
-            let line = serde_json::json!({
-                "role": record.role.as_str(),
-                "hotkey": record.hotkey.to_string(),
-                "addrs": addrs,
-                "p2p_addrs": record.p2p_addrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
-                "capacity": capacity,
-                "version": record.version,
-                "seq": record.seq,
-                "expires_in_s": expires_s,
-            });
-            println!("{line}");
-        } else {
-            println!(
-                "{:<12} {:<50} {:<24} {:<18} {expires_s:.1} s",
-                record.role.as_str(),
-                record.hotkey.to_string(),
-                addrs.join(","),
-                if capacity.is_empty() {
-                    "-".to_owned()
-                } else {
-                    capacity.join(",")
-                },
-            );
-        }
-    }
 }
 
 #[derive(NetworkBehaviour)]

@@ -12,6 +12,7 @@
 //! reports the exit status with truncated copies of both logs.
 
 mod http;
+pub mod volumes;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -37,13 +38,13 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument as _, debug, info, info_span, warn};
 
-use crate::config::ExecutorConfig;
-use crate::miner::EXECUTOR_TOKEN_ENV;
-use crate::tied;
-use crate::volumes::{self, HttpClient};
+use crate::server::EXECUTOR_TOKEN_ENV;
+use crate::server::config::ExecutorConfig;
+use crate::server::supervision;
+use volumes::HttpClient;
 
 /// How far past the job's execution deadline the job endpoint may drain its streams: the
-/// validator allows [`crate::validator::STAGE_SLACK`] (2 s) beyond the deadline for the
+/// validator allows its stage slack (2 s) beyond the deadline for the
 /// results, and the upload and the report need the rest.
 const DRAIN_PAST_DEADLINE: Duration = Duration::from_secs(1);
 
@@ -341,7 +342,7 @@ impl JobRunner {
         // executor ends without stopping the job (SIGKILL, a crash). Dropped (and killed) with
         // this function, once the job has been stopped.
         let _group_guard = pid.and_then(|pid| {
-            tied::guard_command(pid)
+            supervision::guard_command(pid)
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())

@@ -41,11 +41,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument as _, debug, info, info_span, warn};
 
-use crate::client::{MAX_CLOCK_SKEW_MS, now, spec_is_current};
-use crate::config::FacilitatorConfig;
-use crate::discovery::{Directory, KnownPeers, wait_for_records};
-use crate::peers::Peers;
-use crate::peers::{request, serve_streams};
+use horde_protocol::MAX_CLOCK_SKEW_MS;
+
+use crate::clock::now;
+use crate::server::config::FacilitatorConfig;
+use crate::server::discovery::{Directory, KnownPeers, wait_for_records};
+use crate::server::streams::Peers;
+use crate::server::streams::{request, serve_streams};
 use store::{JobStore, StoreError};
 
 /// Live statuses buffered per job for attached clients; a client further behind than this is
@@ -226,7 +228,7 @@ impl Facilitator {
         {
             return Err(RejectReason::ClientNotAllowed);
         }
-        if !spec_is_current(&spec, now()) {
+        if !spec.is_current(now(), MAX_CLOCK_SKEW_MS) {
             return Err(RejectReason::Expired);
         }
         if spec.executor_class.0.is_empty() {
@@ -411,7 +413,7 @@ impl Facilitator {
                 },
                 message = recv.recv::<ControlMessage>(), if client_open => match message {
                     Ok(Some(ControlMessage::Down(message))) => {
-                        if let Err(reason) = check_client_message(&message, job_id, &owner) {
+                        if let Err(reason) = message.check_from_owner(job_id, &owner) {
                             warn!(%reason, "client message refused");
                             continue;
                         }
@@ -456,7 +458,7 @@ impl Facilitator {
             }
         }
         let miner = verified.miner();
-        let until = exclusion_end(&verified, self.config.exclusion);
+        let until = verified.exclusion_end(crate::clock::millis(self.config.exclusion), now());
         if let Err(error) = self.store.exclude(miner, until).await {
             warn!(%error, "could not persist the exclusion");
         }
@@ -755,109 +757,5 @@ impl Facilitator {
         open_session(&connection, job_id, &DownMessage::Assign(assignment))
             .await
             .map_err(|e| e.to_string())
-    }
-}
-
-/// When a verified report's exclusion ends: `exclusion` after the report was made (never after
-/// now + `exclusion`), so replaying an old report cannot extend it.
-pub fn exclusion_end(verified: &VerifiedReport, exclusion: Duration) -> UnixMillis {
-    let reported = verified.report.reported_at.0.min(now().0);
-    UnixMillis(reported).plus_millis(u64::try_from(exclusion.as_millis()).unwrap_or(u64::MAX))
-}
-
-/// A client may only send its own job's volume lists and terminate requests, signed by itself.
-pub(crate) fn check_client_message(
-    message: &DownMessage,
-    job_id: JobId,
-    owner: &Hotkey,
-) -> Result<(), String> {
-    match message {
-        DownMessage::Volumes(list) => {
-            let list = list.verify_by(owner).map_err(|e| e.to_string())?;
-            if list.job_id != job_id {
-                return Err("volume list for another job".to_owned());
-            }
-        }
-        DownMessage::Terminate(request) => {
-            let request = request.verify_by(owner).map_err(|e| e.to_string())?;
-            if request.job_id != job_id {
-                return Err("terminate for another job".to_owned());
-            }
-        }
-        other => return Err(format!("clients may not send {other:?}")),
-    }
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use horde_protocol::{SecretKey, Signed, TerminateRequest, VolumeList};
-
-    use super::*;
-
-    /// Volume lists and terminate requests are the job owner's, for that job; nothing else
-    /// passes from a client, whatever it is signed by.
-    #[test]
-    fn client_messages_must_be_the_owners_and_for_its_job() {
-        let owner = SecretKey::from_seed(&[1; 32]);
-        let other = SecretKey::from_seed(&[2; 32]);
-        let job = JobId([7; 16]);
-        let list = |job_id| VolumeList {
-            job_id,
-            volume_msg_id: 1,
-            fetch: Vec::new(),
-            upload: Vec::new(),
-        };
-        let terminate = |job_id| TerminateRequest {
-            job_id,
-            issued_at: UnixMillis(1),
-        };
-        let check = |message: DownMessage| check_client_message(&message, job, &owner.hotkey());
-        assert!(check(DownMessage::Volumes(Signed::sign(&owner, &list(job)))).is_ok());
-        assert!(
-            check(DownMessage::Terminate(Signed::sign(
-                &owner,
-                &terminate(job)
-            )))
-            .is_ok()
-        );
-
-        let refused = [
-            (
-                "volumes by another key",
-                DownMessage::Volumes(Signed::sign(&other, &list(job))),
-            ),
-            (
-                "volumes for another job",
-                DownMessage::Volumes(Signed::sign(&owner, &list(JobId([8; 16])))),
-            ),
-            (
-                "terminate by another key",
-                DownMessage::Terminate(Signed::sign(&other, &terminate(job))),
-            ),
-            (
-                "terminate for another job",
-                DownMessage::Terminate(Signed::sign(&owner, &terminate(JobId([8; 16])))),
-            ),
-            ("attach", DownMessage::Attach(job)),
-        ];
-        for (name, message) in refused {
-            let reason = check(message).unwrap_err();
-            assert!(!reason.is_empty(), "{name}");
-        }
-        assert_eq!(
-            check(DownMessage::Volumes(Signed::sign(
-                &owner,
-                &list(JobId([8; 16]))
-            ))),
-            Err("volume list for another job".to_owned())
-        );
-        assert_eq!(
-            check(DownMessage::Terminate(Signed::sign(
-                &owner,
-                &terminate(JobId([8; 16]))
-            ))),
-            Err("terminate for another job".to_owned())
-        );
     }
 }

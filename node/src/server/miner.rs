@@ -41,11 +41,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument as _, debug, info, info_span, warn};
 
-use crate::client::now;
-use crate::config::MinerConfig;
-use crate::peers::serve_streams;
-use crate::receipts::ReceiptStore;
-use crate::tied;
+use crate::clock::now;
+use crate::server::config::MinerConfig;
+use crate::server::receipts::ReceiptStore;
+use crate::server::streams::serve_streams;
+use crate::server::supervision;
 
 /// How long an endpoint record stays valid beyond the job's execution and upload deadlines.
 const ENDPOINT_RECORD_MARGIN_MS: u64 = 60_000;
@@ -129,9 +129,6 @@ impl Drop for JobTracking<'_> {
         });
     }
 }
-
-/// The environment variable carrying an executor's registration token.
-pub const EXECUTOR_TOKEN_ENV: &str = "HORDE_EXECUTOR_TOKEN";
 
 #[derive(Debug)]
 enum SlotState {
@@ -500,18 +497,18 @@ impl Miner {
         let token = horde_protocol::JobId::random().0;
         // Tied to this miner: the executor (and with it its job) is killed with the miner,
         // however the miner ends.
-        let program = tied::resolve_program(
+        let program = supervision::resolve_program(
             &program.to_string_lossy(),
             std::env::var_os("PATH").as_deref(),
             Path::new("."),
         )
         .map_err(|e| format!("executor program {}: {e}", program.display()))?;
         let log_path = dir.join("executor.log");
-        let child = tied::tied_command(&program)
+        let child = supervision::tied_command(&program)
             .arg("node")
             .arg("--config")
             .arg(&config_path)
-            .env(EXECUTOR_TOKEN_ENV, hex::encode(token))
+            .env(crate::server::EXECUTOR_TOKEN_ENV, hex::encode(token))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err)
@@ -982,7 +979,7 @@ fn last_log_line(path: &Path) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::receipts::{DEFAULT_MAX_LOG_BYTES, log_path, read_log};
+    use crate::server::receipts::{DEFAULT_MAX_LOG_BYTES, log_path, read_log};
     use horde_protocol::{Deadlines, Program, Stage, UnixMillis};
 
     const JOB: JobId = JobId([4; 16]);
@@ -997,7 +994,7 @@ mod tests {
 
     fn miner_with(
         dir: &std::path::Path,
-        classes: Vec<crate::config::ClassConfig>,
+        classes: Vec<crate::server::config::ClassConfig>,
         registration_timeout: Duration,
     ) -> Arc<Miner> {
         let config = MinerConfig {
@@ -1207,7 +1204,7 @@ mod tests {
     async fn shutdown_declines_waiting_reservations_and_starts_no_executor() {
         let dir = tempfile::tempdir().unwrap();
         let cpu = ExecutorClass("cpu".into());
-        let class = crate::config::ClassConfig {
+        let class = crate::server::config::ClassConfig {
             class: cpu.clone(),
             max_executors: 1,
             prewarm: 0,

@@ -10,15 +10,15 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument as _, debug, info, info_span, warn};
 
-use crate::config::NodeConfig;
-use crate::discovery::{Discovery, DiscoveryError, LocalNode};
-use crate::executor;
-use crate::facilitator::Facilitator;
-use crate::facilitator::store::{JobStore, StoreError};
-use crate::miner::Miner;
-use crate::receipts::ReceiptStore;
-use crate::storage::BlobStore;
-use crate::validator::Validator;
+use crate::server::config::NodeConfig;
+use crate::server::discovery::{Discovery, DiscoveryError, LocalNode};
+use crate::server::executor;
+use crate::server::facilitator::Facilitator;
+use crate::server::facilitator::store::{JobStore, StoreError};
+use crate::server::miner::Miner;
+use crate::server::receipts::ReceiptStore;
+use crate::server::storage::BlobStore;
+use crate::server::validator::Validator;
 
 /// How long shutdown waits for the node's tasks to end and its connections to close before it
 /// aborts what is left.
@@ -48,7 +48,7 @@ pub enum NodeError {
     Discovery(#[from] DiscoveryError),
     /// The accounting receipt log could not be opened.
     #[error(transparent)]
-    Receipts(#[from] crate::receipts::ReceiptLogError),
+    Receipts(#[from] crate::server::receipts::ReceiptLogError),
     /// The data directory could not be created.
     #[error("data directory {path}: {source}")]
     DataDir {
@@ -332,7 +332,7 @@ async fn handle_connection(
         }
         (Service::Miner(miner), ALPN_CONTROL) => miner.handle_connection(connection, peer).await,
         (Service::Storage(store), ALPN_BLOB) => {
-            crate::storage::serve_connection(connection, store, cancel).await;
+            crate::server::storage::serve_connection(connection, store, cancel).await;
         }
         _ => {
             info!(%peer, "no service for this protocol; closing connection");

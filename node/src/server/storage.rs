@@ -38,9 +38,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument as _, debug, info, info_span, warn};
 
-/// Default cap on one blob: 64 GiB, room for model weights and datasets while bounding disk use
-/// per upload (and well under what a `Get` header can describe).
-pub const DEFAULT_MAX_BLOB_SIZE: u64 = 64 << 30;
+pub use horde_protocol::blob::DEFAULT_MAX_BLOB_SIZE;
 
 /// Bytes accumulated before one write to disk: large writes, few syscalls.
 const WRITE_BUFFER: usize = 1 << 20;

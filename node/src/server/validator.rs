@@ -49,13 +49,14 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument as _, debug, info, info_span, warn};
 
-use crate::client::{MAX_CLOCK_SKEW_MS, now, spec_is_current};
-use crate::config::ValidatorConfig;
-use crate::discovery::{Directory, KnownPeers, wait_for_records};
-use crate::facilitator::check_client_message;
-use crate::peers::Peers;
-use crate::peers::{request, serve_streams};
-use crate::receipts::ReceiptStore;
+use horde_protocol::MAX_CLOCK_SKEW_MS;
+
+use crate::clock::now;
+use crate::server::config::ValidatorConfig;
+use crate::server::discovery::{Directory, KnownPeers, wait_for_records};
+use crate::server::receipts::ReceiptStore;
+use crate::server::streams::Peers;
+use crate::server::streams::{request, serve_streams};
 
 mod seen;
 
@@ -510,7 +511,7 @@ impl Validator {
             return Err("report dated in the future".to_owned());
         }
         let miner = verified.miner();
-        let until = crate::facilitator::exclusion_end(&verified, self.config.exclusion);
+        let until = verified.exclusion_end(crate::clock::millis(self.config.exclusion), now());
         self.exclusions
             .exclude(miner, until)
             .await
@@ -537,7 +538,7 @@ impl Validator {
             .spec
             .verify()
             .map_err(|_| RejectReason::BadSignature)?;
-        if !spec_is_current(&spec, now()) {
+        if !spec.is_current(now(), MAX_CLOCK_SKEW_MS) {
             return Err(RejectReason::Expired);
         }
         if self.known_miner(&assignment.miner.hotkey).is_none()
@@ -808,7 +809,7 @@ impl Validator {
         job_id: JobId,
         assignment: &Assignment,
     ) -> bool {
-        match check_client_message(message, job_id, assignment.spec.signer()) {
+        match message.check_from_owner(job_id, assignment.spec.signer()) {
             Ok(()) => true,
             Err(reason) => {
                 warn!(%reason, "client message refused; dropped");
@@ -821,7 +822,7 @@ impl Validator {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::receipts::{DEFAULT_MAX_LOG_BYTES, StoredReceipt, log_path, read_log};
+    use crate::server::receipts::{DEFAULT_MAX_LOG_BYTES, StoredReceipt, log_path, read_log};
     use horde_protocol::messages::JobFinished;
     use horde_protocol::{Countersignature, JobOutcome};
     use horde_transport::accept_stream;

@@ -25,7 +25,8 @@ use horde_transport::HordeEndpoint;
 use rustix::fs::{Mode, OFlags, RenameFlags};
 use tracing::{debug, info};
 
-use crate::blob_client::{self, ClientError, NoProgress};
+use crate::client::blob::{self, ClientError};
+use crate::client::progress::NoProgress;
 
 /// Longest path component: 255 bytes, the `NAME_MAX` of Linux file systems.
 pub const MAX_COMPONENT_LEN: usize = 255;
@@ -43,7 +44,7 @@ pub const OUTPUT_DIR: &str = "output";
 const STAGING_DIR: &str = ".staging";
 
 /// Largest blob a volume may be when the spec does not say (matches the store's default).
-const DEFAULT_MAX_VOLUME_SIZE: u64 = crate::storage::DEFAULT_MAX_BLOB_SIZE;
+const DEFAULT_MAX_VOLUME_SIZE: u64 = crate::server::storage::DEFAULT_MAX_BLOB_SIZE;
 
 /// A relative path that is refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq, Clone)]
@@ -479,14 +480,14 @@ pub async fn materialize(
                 size,
                 storage,
             } => {
-                let outcome = blob_client::get_to_file(
+                let outcome = blob::get_to_file(
                     endpoint,
                     storage,
                     *hash,
                     &staged,
                     Some(*size),
                     DEFAULT_MAX_VOLUME_SIZE,
-                    &blob_client::TransferPolicy::default(),
+                    &blob::TransferPolicy::default(),
                     &mut NoProgress,
                 )
                 .await
@@ -693,7 +694,7 @@ fn check_file(
     expected_hash: Option<BlobHash>,
     shown: &str,
 ) -> Result<u64, VolumeError> {
-    let (hash, size) = blob_client::hash_file(path).map_err(|source| VolumeError::Io {
+    let (hash, size) = blob::hash_file(path).map_err(|source| VolumeError::Io {
         path: shown.to_owned(),
         source,
     })?;
@@ -791,17 +792,17 @@ pub async fn upload(
         };
         let (hash, size) = {
             let path = path.clone();
-            tokio::task::spawn_blocking(move || blob_client::hash_file(&path))
+            tokio::task::spawn_blocking(move || blob::hash_file(&path))
                 .await
                 .map_err(|error| io_error(io::Error::other(error)))?
                 .map_err(io_error)?
         };
         let location = match &spec.target {
             UploadTarget::Blob { storage } => {
-                let policy = blob_client::TransferPolicy::default();
+                let policy = blob::TransferPolicy::default();
                 // The hash just computed is declared: the file is not read a second time to hash
                 // it, and a store that keeps it under another hash is an error of the put.
-                blob_client::put_hashed_file(
+                blob::put_hashed_file(
                     endpoint,
                     storage,
                     &path,
@@ -1024,7 +1025,7 @@ mod tests {
         let file = open_output(&root, Path::new("a/result"), "a/result").unwrap();
         fs::rename(root.join("a"), job.path().join("moved")).unwrap();
         std::os::unix::fs::symlink(outside.path(), root.join("a")).unwrap();
-        let (hash, size) = blob_client::hash_file(&opened_path(&file)).unwrap();
+        let (hash, size) = blob::hash_file(&opened_path(&file)).unwrap();
         assert_eq!(size, 16);
         assert_eq!(hash.0, *blake3::hash(b"the job's result").as_bytes());
     }

@@ -1,0 +1,144 @@
+//! The `horde` command line: one clap tree, one tokio runtime, errors on one line.
+//!
+//! Layout:
+//! - `cli.rs`: [`Cli`], dispatch ([`main`]), the one-line error report.
+//! - `cli/key.rs`: `horde key …`; `cli/node.rs`: `horde node`; `cli/job.rs`: `horde job …`;
+//!   `cli/blob.rs`: `horde blob …`; `cli/nodes.rs`: `horde nodes`; `cli/receipts.rs`:
+//!   `horde receipts`; `cli/internal.rs`: hidden subcommands the node starts itself.
+
+pub mod blob;
+pub mod internal;
+pub mod job;
+pub mod key;
+pub mod node;
+mod nodes;
+pub mod receipts;
+
+use std::future::Future;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+
+use crate::server::discovery::BootstrapPeer;
+
+/// horde: a QUIC peer-to-peer network for streaming compute jobs.
+#[derive(Debug, Parser)]
+#[command(name = "horde", version)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create or inspect hotkey files.
+    Key {
+        #[command(subcommand)]
+        command: key::KeyCommand,
+    },
+    /// Run a node.
+    Node(node::NodeArgs),
+    /// Put and get blobs on a storage node.
+    Blob {
+        #[command(subcommand)]
+        command: blob::BlobCommand,
+    },
+    /// Run streaming jobs and talk to them.
+    Job {
+        #[command(subcommand)]
+        command: job::JobCommand,
+    },
+    /// List the nodes a node has discovered (asked over its discovery port).
+    Nodes {
+        /// The node to ask: `HOTKEY@IP:PORT` of its discovery listener.
+        #[arg(long)]
+        peer: BootstrapPeer,
+        /// Print JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the accounting receipts a validator or miner stored, verifying each.
+    Receipts(receipts::ReceiptsArgs),
+    #[command(flatten)]
+    Internal(internal::InternalCommand),
+}
+
+/// Parses the command line, runs the command, prints a failure on one line; the process's exit
+/// code.
+pub fn main() -> std::process::ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("{}", describe_error(&error));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Key { command } => key::run(command),
+        Command::Receipts(args) => receipts::run(&args),
+        Command::Internal(command) => internal::run(command),
+        Command::Blob { command } => block_on(async { Ok(blob::run_command(command).await?) }),
+        Command::Job { command } => block_on(job::run_command(command)),
+        Command::Nodes { peer, json } => block_on(nodes::run(&peer, json)),
+        Command::Node(args) => {
+            let config = node::load(args)?;
+            block_on(async { Ok(crate::server::run_until_signal(config).await?) })
+        }
+    }
+}
+
+/// The one tokio runtime of a `horde` process, built for the commands that need one.
+fn block_on(future: impl Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(future)
+}
+
+/// One line per failure for the person at the terminal: `error: what: why: …`, each cause once
+/// (our error types include their cause in their own message, so the plain chain says it twice).
+/// With `RUST_BACKTRACE` set, the full report with its backtrace instead.
+fn describe_error(error: &anyhow::Error) -> String {
+    if std::env::var_os("RUST_BACKTRACE").is_some_and(|value| value != "0") {
+        return format!("Error: {error:?}");
+    }
+    format!("error: {}", one_line(error))
+}
+
+/// `error` and its causes on one line, `: `-separated, skipping a cause its effect already quotes.
+fn one_line(error: &anyhow::Error) -> String {
+    let mut line = error.to_string();
+    for cause in error.chain().skip(1) {
+        let cause = cause.to_string();
+        if !line.contains(&cause) {
+            line.push_str(": ");
+            line.push_str(&cause);
+        }
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("connect: {0}")]
+    struct Quoting(#[source] std::io::Error);
+
+    #[test]
+    fn each_cause_is_said_once() {
+        let timed_out = || std::io::Error::new(std::io::ErrorKind::TimedOut, "handshake timed out");
+        let quoted = anyhow::Error::new(Quoting(timed_out())).context("submitting the job");
+        assert_eq!(
+            one_line(&quoted),
+            "submitting the job: connect: handshake timed out"
+        );
+        let plain = anyhow::Error::new(timed_out()).context("reading job.toml");
+        assert_eq!(one_line(&plain), "reading job.toml: handshake timed out");
+    }
+}

@@ -1,0 +1,116 @@
+//! `horde blob …`: put and get blobs on a storage node from the command line.
+
+use std::path::PathBuf;
+
+use horde_protocol::{BlobHash, NodeAddr};
+use horde_transport::{ALPN_BLOB, HordeEndpoint};
+
+use crate::client::blob::{ClientError, TransferPolicy, get_to_file, put_file};
+use crate::client::progress::ProgressReporter;
+
+/// `horde blob …`: the command-line front end of this module.
+#[derive(Debug, clap::Subcommand)]
+pub enum BlobCommand {
+    /// Upload a file to a storage node; prints its BLAKE3 hash.
+    Put {
+        /// The file to upload.
+        file: PathBuf,
+        /// The storage node: HOTKEY@IP:PORT (hotkey in SS58 or hex).
+        #[arg(long)]
+        storage: NodeAddr,
+        /// Client key file (default: a fresh key for this run).
+        #[arg(long)]
+        key: Option<PathBuf>,
+    },
+    /// Download a blob, verified while streaming; resumes an interrupted download.
+    Get {
+        /// The blob's BLAKE3 hash (64 hex digits).
+        hash: BlobHash,
+        /// Where to write it (appears only once complete and verified).
+        #[arg(long, short)]
+        out: PathBuf,
+        /// The storage node: HOTKEY@IP:PORT (hotkey in SS58 or hex).
+        #[arg(long)]
+        storage: NodeAddr,
+        /// Client key file (default: a fresh key for this run).
+        #[arg(long)]
+        key: Option<PathBuf>,
+    },
+}
+
+/// A `horde blob` command that failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CommandError {
+    /// The key file could not be read.
+    #[error("key file: {0}")]
+    Key(#[from] horde_protocol::KeyFileError),
+    /// The client endpoint could not be bound.
+    #[error("client endpoint: {0}")]
+    Endpoint(#[from] horde_transport::ConfigError),
+    /// The transfer failed.
+    #[error(transparent)]
+    Transfer(#[from] ClientError),
+}
+
+/// Runs a `horde blob` command: binds an ephemeral client endpoint, transfers with a progress
+/// line on stderr, prints the hash (put) or the final path (get) on stdout.
+pub async fn run_command(command: BlobCommand) -> Result<(), CommandError> {
+    let (storage, key) = match &command {
+        BlobCommand::Put { storage, key, .. } | BlobCommand::Get { storage, key, .. } => {
+            (storage, key)
+        }
+    };
+    let key = match key {
+        Some(path) => horde_protocol::SecretKey::read_key_file(path)?,
+        None => horde_protocol::SecretKey::generate(),
+    };
+    let bind = match storage.addrs.first() {
+        Some(addr) if addr.ip().is_loopback() && addr.is_ipv4() => {
+            std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, 0))
+        }
+        Some(addr) if addr.is_ipv6() => {
+            std::net::SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0))
+        }
+        _ => std::net::SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0)),
+    };
+    let endpoint = HordeEndpoint::bind(
+        &key,
+        horde_transport::EndpointConfig::new(bind, &[ALPN_BLOB]),
+    )?;
+    let result = transfer(&command, &endpoint).await;
+    // Tell the node before exiting (bounded), so it frees the connection's slot at once rather
+    // than at its idle timeout; also after a failure.
+    endpoint.close(horde_transport::codes::SHUTDOWN, b"done");
+    crate::client::wait_for_close(&endpoint).await;
+    Ok(result?)
+}
+
+async fn transfer(command: &BlobCommand, endpoint: &HordeEndpoint) -> Result<(), ClientError> {
+    match command {
+        BlobCommand::Put { file, storage, .. } => {
+            let mut progress = ProgressReporter::new("put");
+            let policy = TransferPolicy::default();
+            let hash = put_file(endpoint, storage, file, &policy, &mut progress).await?;
+            println!("{hash}");
+        }
+        BlobCommand::Get {
+            hash, out, storage, ..
+        } => {
+            let mut progress = ProgressReporter::new("get");
+            get_to_file(
+                endpoint,
+                storage,
+                *hash,
+                out,
+                None,
+                horde_protocol::blob::DEFAULT_MAX_BLOB_SIZE,
+                &TransferPolicy::default(),
+                &mut progress,
+            )
+            .await?;
+            println!("{}", out.display());
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,53 @@
+//! Hidden subcommands the node starts itself (process supervision); not for people.
+
+use anyhow::Context as _;
+
+use crate::server::supervision;
+
+/// Internal subcommands.
+#[derive(Debug, clap::Subcommand)]
+pub enum InternalCommand {
+    /// Internal: start PROGRAM tied to process PARENT (killed when PARENT's starting thread
+    /// ends). Used by miners for executors.
+    #[command(name = supervision::TIED_SUBCOMMAND, hide = true)]
+    ExecTied {
+        /// The pid of the process that must still be this process's parent.
+        #[arg(long)]
+        parent: u32,
+        /// The program to exec.
+        program: std::ffi::OsString,
+        /// Its arguments.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
+    /// Internal: kill process group GROUP with SIGKILL once process PARENT is gone. Started by
+    /// executors beside each job.
+    #[command(name = supervision::GUARD_SUBCOMMAND, hide = true)]
+    GuardGroup {
+        /// The pid of the process whose end triggers the kill.
+        #[arg(long)]
+        parent: u32,
+        /// The process group to kill.
+        #[arg(long)]
+        group: u32,
+    },
+}
+
+/// Runs an internal command (synchronously: these exec or block on purpose).
+pub(crate) fn run(command: InternalCommand) -> anyhow::Result<()> {
+    match command {
+        InternalCommand::ExecTied {
+            parent,
+            program,
+            args,
+        } => {
+            let error = supervision::exec_tied(parent, &program, &args);
+            Err(anyhow::Error::new(error).context(format!(
+                "starting {}",
+                std::path::Path::new(&program).display()
+            )))
+        }
+        InternalCommand::GuardGroup { parent, group } => supervision::guard_group(parent, group)
+            .with_context(|| format!("guarding process group {group}")),
+    }
+}

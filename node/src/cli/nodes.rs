@@ -1,0 +1,58 @@
+//! `horde nodes`: what a node has discovered, as a table or JSON lines.
+
+use horde_protocol::NodeRecord;
+
+use crate::clock::now;
+use crate::server::discovery::{BootstrapPeer, list_nodes};
+
+/// Asks the node at `peer`'s discovery listener for its directory and prints it.
+pub(crate) async fn run(peer: &BootstrapPeer, json: bool) -> anyhow::Result<()> {
+    let records = list_nodes(peer).await?;
+    print_nodes(&records, json);
+    Ok(())
+}
+
+/// Prints records as a table (or JSON lines).
+fn print_nodes(records: &[NodeRecord], json: bool) {
+    let now = now();
+    if !json {
+        println!(
+            "{:<12} {:<50} {:<24} {:<18} expires in",
+            "role", "hotkey", "quic address", "free/total"
+        );
+    }
+    for record in records {
+        let addrs: Vec<String> = record.addrs.iter().map(ToString::to_string).collect();
+        let capacity: Vec<String> = record
+            .capacity
+            .iter()
+            .map(|c| format!("{}:{}/{}", c.class, c.free, c.total))
+            .collect();
+        let expires_s = record.expires_at.0.saturating_sub(now.0) as f64 / 1000.0;
+        if json {
+            let line = serde_json::json!({
+                "role": record.role.as_str(),
+                "hotkey": record.hotkey.to_string(),
+                "addrs": addrs,
+                "p2p_addrs": record.p2p_addrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "capacity": capacity,
+                "version": record.version,
+                "seq": record.seq,
+                "expires_in_s": expires_s,
+            });
+            println!("{line}");
+        } else {
+            println!(
+                "{:<12} {:<50} {:<24} {:<18} {expires_s:.1} s",
+                record.role.as_str(),
+                record.hotkey.to_string(),
+                addrs.join(","),
+                if capacity.is_empty() {
+                    "-".to_owned()
+                } else {
+                    capacity.join(",")
+                },
+            );
+        }
+    }
+}

@@ -1,0 +1,33 @@
+//! The node's roles (feature `server`): facilitator, validator, miner, executor and storage, with
+//! discovery and the node's configuration, start-up and shutdown.
+//!
+//! Layout:
+//! - `server/config.rs`: the TOML node configuration ([`config::NodeConfig`]), validated at load.
+//! - `server/node.rs`: start-up and shutdown ([`RunningNode`], [`run_until_signal`]).
+//! - `server/streams.rs`: incoming job streams dispatched to a role, and outgoing connections
+//!   shared by every job to a peer.
+//! - `server/receipts.rs`: the accounting-receipt log validators and miners keep.
+//! - `server/supervision.rs`: process supervision (a child tied to its parent's life).
+//! - `server/discovery.rs` (+ `discovery/`): libp2p discovery and the node-record directory.
+//! - `server/facilitator.rs` (+ `facilitator/store.rs`), `server/validator.rs`
+//!   (+ `validator/seen.rs`), `server/miner.rs`, `server/executor.rs` (+ `executor/http.rs`,
+//!   `executor/volumes.rs`), `server/storage.rs`: the roles, one folder each. Roles never import
+//!   each other; what two roles share lives here or in `horde-protocol`.
+
+pub mod config;
+pub mod discovery;
+pub mod executor;
+pub mod facilitator;
+pub mod miner;
+mod node;
+pub mod receipts;
+pub mod storage;
+mod streams;
+pub mod supervision;
+pub mod validator;
+
+/// The environment variable carrying an executor's one-time registration token (miner → the
+/// executor it starts).
+pub const EXECUTOR_TOKEN_ENV: &str = "HORDE_EXECUTOR_TOKEN";
+
+pub use node::{NodeError, RunningNode, role_alpns, run_until_signal};
