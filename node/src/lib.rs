@@ -9,10 +9,13 @@
 //! - `cli`: [`cli`] — the `horde` binary's commands (clap, tracing-subscriber, anyhow). Implies
 //!   `server`.
 //!
-//! Layout: `clock.rs` (the wall clock, read in one place), `client.rs` + `client/`,
+//! Layout: `clock.rs` (the wall clock, read in one place), `atomic_file.rs` (the one atomic
+//! file write), `client.rs` + `client/`,
 //! `server.rs` + `server/`, `cli.rs` + `cli/`. Dependencies run `cli → server → client`, never
 //! backwards.
 
+#[cfg(feature = "client")]
+mod atomic_file;
 pub mod clock;
 
 #[cfg(feature = "client")]

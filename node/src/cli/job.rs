@@ -172,22 +172,15 @@ fn state_path(common: &Common, job: &JobId) -> PathBuf {
 }
 
 fn save_state(common: &Common, job: &JobId, state: &JobState) -> anyhow::Result<()> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
     let path = state_path(common, job);
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent)?;
     }
-    let temp = path.with_extension("json.tmp");
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&temp)?;
-    file.write_all(serde_json::to_string_pretty(state)?.as_bytes())?;
-    file.sync_all()?;
-    std::fs::rename(&temp, &path)?;
+    crate::atomic_file::write_atomically(
+        &path,
+        serde_json::to_string_pretty(state)?.as_bytes(),
+        0o600,
+    )?;
     Ok(())
 }
 

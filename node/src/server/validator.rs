@@ -194,31 +194,14 @@ impl Exclusions {
     }
 }
 
-/// Writes `entries` as JSON to `path` with [`write_atomically`].
+/// Writes `entries` as JSON to `path` atomically.
 fn write_exclusions(path: &Path, entries: &[ExclusionEntry]) -> Result<(), ExclusionsError> {
     let io = |source| ExclusionsError::Io {
         path: path.display().to_string(),
         source,
     };
     let text = serde_json::to_vec_pretty(entries).map_err(|e| io(std::io::Error::other(e)))?;
-    write_atomically(path, &text).map_err(io)
-}
-
-/// Writes `bytes` to a temporary file beside `path`, syncs it, renames it over `path` and syncs
-/// the directory: a crash leaves the old file or the new one, never a torn one.
-fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write as _;
-    let mut temp = path.as_os_str().to_owned();
-    temp.push(".tmp");
-    let temp = std::path::PathBuf::from(temp);
-    let mut file = std::fs::File::create(&temp)?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    std::fs::rename(&temp, path)?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
+    crate::atomic_file::write_atomically(path, &text, 0o600).map_err(io)
 }
 
 /// Signs accounting receipts, has the miner countersign them, and stores them.

@@ -217,7 +217,7 @@ impl SeenJobs {
     }
 }
 
-/// Writes `ids` over `path` atomically ([`super::write_atomically`]) and returns the file open
+/// Writes `ids` over `path` atomically (`crate::atomic_file::write_atomically`) and returns the file open
 /// for appending.
 fn rewrite(path: &Path, ids: &Ids) -> std::io::Result<File> {
     let mut bytes = Vec::with_capacity(ids.expiry.len() * RECORD_LEN);
@@ -225,7 +225,7 @@ fn rewrite(path: &Path, ids: &Ids) -> std::io::Result<File> {
         bytes.extend_from_slice(&job_id.0);
         bytes.extend_from_slice(&expires_at.0.to_le_bytes());
     }
-    super::write_atomically(path, &bytes)?;
+    crate::atomic_file::write_atomically(path, &bytes, 0o600)?;
     OpenOptions::new().append(true).open(path)
 }
 
