@@ -7,7 +7,9 @@
 //! killed and restarted with the same key and port to test failures. Dropping the testnet kills
 //! every process.
 //!
-//! Layout: `lib.rs` (this harness), `bin/horde-testnet.rs` (the `up` / `demo` command line),
+//! Layout: `lib.rs` (this harness), `demo.rs` (the demo run through a network), `demo_job.rs`
+//! (+ `demo_job/http.rs`, `demo_job/websocket.rs`: the demo job program's server), `reports.rs`
+//! (helpers for miner-report tests), `bin/horde-testnet.rs` (the `up` / `demo` command line),
 //! `bin/horde-demo-job.rs` (the demo job program).
 
 pub mod demo;

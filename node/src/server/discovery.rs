@@ -16,6 +16,9 @@
 //! limits, and for a record sent as the sender's own, the sender's `PeerId` must be the record's
 //! hotkey. Refused records are logged and dropped; the newest `seq` per hotkey wins; expired
 //! records are swept every second.
+//!
+//! Layout: `discovery.rs` (the swarm, record exchange and checks), `discovery/directory.rs` (the
+//! node-record directory: newest `seq` wins, expiry).
 
 mod directory;
 

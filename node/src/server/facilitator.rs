@@ -11,6 +11,9 @@
 //! outlives all its stage deadlines plus `validator_silence_ms` ends `HordeFailed`. On start-up,
 //! jobs left unfinished by a previous run are failed explicitly, never silently lost.
 //!
+//! Layout: `facilitator.rs` (admission, choice, job drivers), `facilitator/store.rs` (the redb
+//! job store).
+//!
 //! Miner reports (`ControlMessage::Report`) are verified end to end — reporter signature, the
 //! reporter owns the job, the endpoint record is signed by the miner this facilitator assigned,
 //! the receipt by the record's job key, not seen before — then forwarded to every validator and
