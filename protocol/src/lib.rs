@@ -6,6 +6,7 @@
 //! - [`codec`]: `u32` big-endian length + postcard frames, capped before allocation.
 //! - [`job`]: the client-signed [`JobSpec`] and what it is made of (volumes, uploads, deadlines).
 //! - [`records`]: signed records: endpoint record, node record, tunnel receipts, miner reports.
+//! - [`spec_check`]: checks on a spec that need no executor (paths, readiness, deadline bounds).
 //! - [`messages`]: the job-session messages relayed hop by hop, statuses, tunnel frames.
 //! - [`accounting`]: accounting receipts (job started / accepted / finished), signed by the
 //!   validator and countersigned by the miner.
@@ -23,6 +24,7 @@ pub mod keys;
 pub mod messages;
 pub mod records;
 pub mod signed;
+pub mod spec_check;
 
 pub use accounting::{
     AccountingReceipt, AccountingRecord, Countersignature, JobOutcome, ReceiptError, ReceiptKind,
@@ -34,6 +36,7 @@ pub use job::{
     ReadinessProbe, RelativePath, Stage, TerminateRequest, UnixMillis, UploadSpec, UploadTarget,
     VolumeList, VolumeSource, VolumeSpec,
 };
+pub use spec_check::{PathError, SpecFieldError};
 pub use keys::{Hotkey, HotkeyVerifier, KeyError, KeyFileError, SecretKey, SignatureError};
 pub use messages::{
     ClientMessageError, ControlMessage, DownMessage, JobStatus, TunnelFrame, UpMessage,
