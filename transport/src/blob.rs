@@ -35,6 +35,7 @@ use horde_protocol::blob::{
     normalize_ranges, parent_cv_of, plan, root_of, segment_count, subtree_cv,
 };
 use horde_protocol::codec::encode_frame;
+use horde_protocol::wire::blob_stop;
 use quinn::VarInt;
 use serde::de::DeserializeOwned;
 use tokio::sync::{mpsc, watch};
@@ -46,12 +47,15 @@ mod buffer;
 
 pub use buffer::{BlobBuffer, MAPPED_MIN};
 
-/// Stream stop code: the receiver found data that does not match the hash.
-pub const STOP_INTEGRITY: VarInt = VarInt::from_u32(0x10);
-/// Stream stop code: the receiver refuses a blob larger than its limit.
-pub const STOP_TOO_LARGE: VarInt = VarInt::from_u32(0x11);
-/// Stream stop code: the receiver no longer wants the data (cancelled, local failure).
-pub const STOP_CANCELLED: VarInt = VarInt::from_u32(0x12);
+/// Stream stop code: the receiver found data that does not match the hash
+/// ([`blob_stop::INTEGRITY`]).
+pub const STOP_INTEGRITY: VarInt = VarInt::from_u32(blob_stop::INTEGRITY);
+/// Stream stop code: the receiver refuses a blob larger than its limit
+/// ([`blob_stop::TOO_LARGE`]).
+pub const STOP_TOO_LARGE: VarInt = VarInt::from_u32(blob_stop::TOO_LARGE);
+/// Stream stop code: the receiver no longer wants the data (cancelled, local failure)
+/// ([`blob_stop::CANCELLED`]).
+pub const STOP_CANCELLED: VarInt = VarInt::from_u32(blob_stop::CANCELLED);
 
 /// Pieces read from disk per blocking task (up to 4 MiB): the next batch is read while the
 /// previous one is sent, so the disk and the network overlap, and a blocking thread only ever

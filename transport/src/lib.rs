@@ -18,7 +18,8 @@
 //! - [`JobSession`]: one bidirectional stream per job per hop, carrying [`ControlMessage`]s.
 //!
 //! Layout:
-//! - `tls.rs`: certificates, server-name convention, verifiers, rustls configs, ALPNs.
+//! - `tls.rs`: certificates, server-name convention, verifiers, rustls configs (the ALPNs live
+//!   in [`horde_protocol::wire`] and are re-exported here).
 //! - `endpoint.rs`: [`EndpointConfig`], [`TransportTuning`], [`HordeEndpoint`].
 //! - `framed.rs`: the framed channels and the cancel-safe frame reader.
 //! - `peer_quota.rs`: [`PeerQuota`], a per-hotkey share of a shared limit (connections here,
@@ -62,35 +63,37 @@ pub use tls::{
     remote_hotkey, self_signed_certificate, server_name_for, server_tls_config,
 };
 
-/// QUIC application error codes horde uses when it closes a connection or stops/resets a stream.
+/// QUIC application error codes horde uses when it closes a connection or stops/resets a stream:
+/// [`horde_protocol::wire::codes`] as [`quinn::VarInt`]s.
 ///
-/// The numbers are part of the wire protocol: append new ones, never renumber.
+/// The numbers are part of the wire protocol: append new ones there, never renumber.
 pub mod codes {
+    use horde_protocol::wire::codes as wire;
     use quinn::VarInt;
 
     /// Orderly shutdown: the node or the job is going away, nothing went wrong.
-    pub const SHUTDOWN: VarInt = VarInt::from_u32(0);
+    pub const SHUTDOWN: VarInt = VarInt::from_u32(wire::SHUTDOWN);
     /// The peer sent something the protocol does not allow (bad frame, undecodable message,
     /// unexpected first message).
-    pub const PROTOCOL_VIOLATION: VarInt = VarInt::from_u32(1);
+    pub const PROTOCOL_VIOLATION: VarInt = VarInt::from_u32(wire::PROTOCOL_VIOLATION);
     /// The peer announced a frame larger than the cap.
-    pub const FRAME_TOO_LARGE: VarInt = VarInt::from_u32(2);
+    pub const FRAME_TOO_LARGE: VarInt = VarInt::from_u32(wire::FRAME_TOO_LARGE);
     /// The job this stream belonged to was cancelled or ended; the stream is no longer wanted.
-    pub const CANCELLED: VarInt = VarInt::from_u32(3);
+    pub const CANCELLED: VarInt = VarInt::from_u32(wire::CANCELLED);
     /// The peer is authenticated but not allowed here (wrong role, wrong ALPN use).
-    pub const NOT_ALLOWED: VarInt = VarInt::from_u32(4);
+    pub const NOT_ALLOWED: VarInt = VarInt::from_u32(wire::NOT_ALLOWED);
     /// The node is at capacity for this kind of work.
-    pub const BUSY: VarInt = VarInt::from_u32(5);
+    pub const BUSY: VarInt = VarInt::from_u32(wire::BUSY);
     /// A local failure unrelated to the peer's behaviour.
-    pub const INTERNAL: VarInt = VarInt::from_u32(6);
+    pub const INTERNAL: VarInt = VarInt::from_u32(wire::INTERNAL);
     /// The stream made no progress within its deadline: the peer sent nothing, or read nothing
     /// of what we sent, for that long. The stream is given up; its resources are released.
-    pub const TIMED_OUT: VarInt = VarInt::from_u32(7);
+    pub const TIMED_OUT: VarInt = VarInt::from_u32(wire::TIMED_OUT);
     /// The node has no room for the data (disk full, quota or file size limit reached); the
     /// request itself was fine.
-    pub const STORAGE_FULL: VarInt = VarInt::from_u32(8);
+    pub const STORAGE_FULL: VarInt = VarInt::from_u32(wire::STORAGE_FULL);
     /// The peer's key already holds its share of this node's connections
     /// (`max_connections_per_peer`); the extra connection is closed right after its handshake.
     /// Close one, or retry later.
-    pub const TOO_MANY_CONNECTIONS: VarInt = VarInt::from_u32(9);
+    pub const TOO_MANY_CONNECTIONS: VarInt = VarInt::from_u32(wire::TOO_MANY_CONNECTIONS);
 }
