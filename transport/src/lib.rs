@@ -36,6 +36,7 @@
 pub mod blob;
 mod endpoint;
 mod framed;
+pub mod http;
 mod peer_quota;
 mod session;
 mod tls;
