@@ -33,6 +33,7 @@
 
 #![deny(missing_docs)]
 
+mod accept;
 pub mod blob;
 mod endpoint;
 mod framed;
@@ -45,6 +46,7 @@ pub mod tunnel;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod test_utils;
 
+pub use accept::{DEFAULT_SHUTDOWN_GRACE, IncomingConnection, serve_connections};
 pub use endpoint::{
     AcceptError, Accepted, ConfigError, ConnectError, DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_CONNECTIONS_PER_PEER, EndpointConfig, HANDSHAKE_TIMEOUT, HordeEndpoint,
