@@ -35,6 +35,7 @@
 
 mod accept;
 pub mod blob;
+mod dialer;
 mod endpoint;
 mod framed;
 pub mod http;
@@ -47,6 +48,7 @@ pub mod tunnel;
 pub mod test_utils;
 
 pub use accept::{DEFAULT_SHUTDOWN_GRACE, IncomingConnection, serve_connections};
+pub use dialer::{ConnectionCache, DEFAULT_MAX_PEERS, DialError};
 pub use endpoint::{
     AcceptError, Accepted, ConfigError, ConnectError, DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_CONNECTIONS_PER_PEER, EndpointConfig, HANDSHAKE_TIMEOUT, HordeEndpoint,
