@@ -30,7 +30,7 @@
 //! them. A type whose tag is missing from that list cannot be signed or verified: the check is
 //! made at compile time when [`Signed::sign`] or [`Signed::verify`] is instantiated for it.
 //!
-//! ```compile_fail
+//! ```compile_fail,E0080
 //! use horde_protocol::{SecretKey, Signable, Signed};
 //!
 //! #[derive(serde::Serialize, serde::Deserialize)]
