@@ -10,6 +10,9 @@
 //! - [`messages`]: the job-session messages relayed hop by hop, statuses, tunnel frames.
 //! - [`accounting`]: accounting receipts (job started / accepted / finished), signed by the
 //!   validator and countersigned by the miner.
+//! - [`wire`]: every versioned name and code on the wire (ALPNs, error and stop codes, discovery
+//!   protocol names, signature domain tags) in one append-only table, and the rule for changing
+//!   the wire.
 //!
 //! No tokio, no sockets, no clock: times are passed in as [`UnixMillis`]. Every enum is
 //! append-only; a breaking change bumps the ALPN version.
@@ -25,6 +28,7 @@ pub mod messages;
 pub mod records;
 pub mod signed;
 pub mod spec_check;
+pub mod wire;
 
 pub use accounting::{
     AccountingReceipt, AccountingRecord, Countersignature, JobOutcome, ReceiptError, ReceiptKind,

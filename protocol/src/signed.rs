@@ -64,8 +64,16 @@ impl<'de> Deserialize<'de> for Signature {
 
 /// A type that can be signed. Its domain tag names the purpose of the signature.
 pub trait Signable: Serialize + DeserializeOwned {
-    /// The domain tag, e.g. `horde/job-spec/v1`. Unique per type.
+    /// The domain tag, e.g. `horde/job-spec/v1`. Unique per type, and listed in
+    /// [`crate::wire::DOMAIN_TAGS`].
     const DOMAIN: &'static str;
+
+    /// [`Self::DOMAIN`], checked at compile time to be listed in [`crate::wire::DOMAIN_TAGS`]:
+    /// [`Signed`] signs and verifies with this, so a type whose tag is not listed cannot be
+    /// signed or verified. Not meant to be overridden (the crate's own tests do, for tags that
+    /// never reach the wire).
+    #[doc(hidden)]
+    const LISTED_DOMAIN: &'static str = crate::wire::listed_domain(Self::DOMAIN);
 }
 
 /// Why a signed envelope was refused.
@@ -108,7 +116,7 @@ impl<T: Signable> Signed<T> {
     /// Encodes `value` and signs `T::DOMAIN ‖ bytes` with `key`.
     pub fn sign(key: &SecretKey, value: &T) -> Self {
         let bytes = to_bytes(value);
-        let signature = key.sign(T::DOMAIN, &bytes);
+        let signature = key.sign(T::LISTED_DOMAIN, &bytes);
         Self {
             bytes,
             signer: key.hotkey(),
@@ -129,7 +137,10 @@ impl<T: Signable> Signed<T> {
 
     /// Verifies the signature over the exact bytes held, then decodes them (no trailing bytes).
     pub fn verify(&self) -> Result<T, VerifyError> {
-        self.decode_checked(self.signer.verify(T::DOMAIN, &self.bytes, &self.signature))
+        self.decode_checked(
+            self.signer
+                .verify(T::LISTED_DOMAIN, &self.bytes, &self.signature),
+        )
     }
 
     /// Like [`Signed::verify`], and requires the signer to be `expected`.
@@ -141,7 +152,7 @@ impl<T: Signable> Signed<T> {
     /// Like [`Signed::verify_by`] with a key prepared once for many signatures.
     pub fn verify_with(&self, expected: &HotkeyVerifier) -> Result<T, VerifyError> {
         self.check_signer(expected.hotkey())?;
-        self.decode_checked(expected.verify(T::DOMAIN, &self.bytes, &self.signature))
+        self.decode_checked(expected.verify(T::LISTED_DOMAIN, &self.bytes, &self.signature))
     }
 
     /// Decodes the bytes once their signature `check` passed.
@@ -226,6 +237,8 @@ mod tests {
     }
     impl Signable for Greeting {
         const DOMAIN: &'static str = "horde/test-greeting/v1";
+        // A test-only purpose, never on the wire: not in `wire::DOMAIN_TAGS`.
+        const LISTED_DOMAIN: &'static str = Self::DOMAIN;
     }
 
     #[derive(Serialize, Deserialize, Debug, PartialEq)]
@@ -235,6 +248,7 @@ mod tests {
     }
     impl Signable for OtherPurpose {
         const DOMAIN: &'static str = "horde/test-other/v1";
+        const LISTED_DOMAIN: &'static str = Self::DOMAIN;
     }
 
     fn greeting() -> Greeting {

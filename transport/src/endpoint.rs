@@ -27,6 +27,7 @@ use quinn::crypto::rustls::{HandshakeData, QuicClientConfig, QuicServerConfig};
 use quinn::{ConnectionError, IdleTimeout, TransportErrorCode, VarInt};
 use rustls::pki_types::CertificateDer;
 use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::task::JoinSet;
 use tracing::{debug, warn};
 
 use crate::codes;
@@ -666,7 +667,17 @@ async fn accept_loop(
     per_peer: Arc<PeerQuota>,
     accepted: mpsc::Sender<Result<Accepted, AcceptError>>,
 ) {
-    while let Some(incoming) = endpoint.accept().await {
+    // One task per connection (its handshake, then holding its slot until it closes), owned
+    // here: they end with this loop, when the endpoint closes or is dropped.
+    let mut tasks = JoinSet::new();
+    loop {
+        let incoming = tokio::select! {
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
+            incoming = endpoint.accept() => match incoming {
+                Some(incoming) => incoming,
+                None => break,
+            },
+        };
         // Under load, a source must first show it receives at its address: a Retry round
         // trip, which costs us no state. Initials from spoofed or silent sources then hold no
         // slot for a handshake timeout each; real peers pay one extra round trip.
@@ -686,13 +697,15 @@ async fn accept_loop(
             continue;
         };
         let per_peer = Arc::clone(&per_peer);
-        tokio::spawn(handle_incoming(
+        tasks.spawn(handle_incoming(
             incoming,
             permit,
             per_peer,
             accepted.clone(),
         ));
     }
+    // Closed: the tasks still holding a slot have nothing left to count it against.
+    tasks.shutdown().await;
 }
 
 /// Runs one handshake, takes the client's share of the connections, hands the connection over,

@@ -16,25 +16,42 @@
 //! - [`FramedSend`] / [`FramedRecv`]: typed frame channels (`u32` BE length + postcard) over a
 //!   QUIC stream, with the length checked before allocating.
 //! - [`JobSession`]: one bidirectional stream per job per hop, carrying [`ControlMessage`]s.
+//! - [`ConnectionCache`]: the dialer; [`serve_connections`]: the accept loop.
 //!
 //! Layout:
-//! - `tls.rs`: certificates, server-name convention, verifiers, rustls configs, ALPNs.
+//! - `tls.rs`: certificates, server-name convention, verifiers, rustls configs (the ALPNs live
+//!   in [`horde_protocol::wire`] and are re-exported here).
 //! - `endpoint.rs`: [`EndpointConfig`], [`TransportTuning`], [`HordeEndpoint`].
+//! - `accept.rs`: [`serve_connections`] / [`HordeEndpoint::serve`], the accept loop that owns
+//!   one task per incoming connection.
+//! - `dialer.rs`: [`ConnectionCache`], one shared connection (and one dial in flight) per peer
+//!   hotkey and ALPN.
 //! - `framed.rs`: the framed channels and the cancel-safe frame reader.
 //! - `peer_quota.rs`: [`PeerQuota`], a per-hotkey share of a shared limit (connections here,
 //!   transfer slots in the storage role).
 //! - `session.rs`: [`open_session`], [`accept_stream`] (or [`accept_framed_stream`] then
 //!   [`read_first_message`]), [`JobSession`].
-//! - `test_utils.rs` (feature `test-utils`): seeded keys and an endpoint pair on `127.0.0.1:0`.
+//! - `blob.rs` + `blob/`: the `horde/blob/1` protocol ([`blob`]): `serve.rs`, `get.rs`,
+//!   `verify.rs`, `sink.rs`, `put.rs`, `buffer.rs`.
+//! - `tunnel.rs` + `tunnel/`: the `horde/job/1` job tunnel ([`tunnel`]): `wire.rs`, `server.rs`,
+//!   `client.rs`, `forward.rs`.
+//! - `http.rs`: [`http`], the one HTTP/1.1 head and body-framing parser (on `httparse`).
+//! - `test_utils.rs` + `test_utils/impaired_path.rs` (feature `test-utils`): seeded keys, an
+//!   endpoint pair on `127.0.0.1:0`, an impaired UDP path.
+//! - [`codes`] (here): the application error codes of [`horde_protocol::wire::codes`] as
+//!   `quinn::VarInt`s.
 //!
 //! [`SecretKey`]: horde_protocol::SecretKey
 //! [`ControlMessage`]: horde_protocol::ControlMessage
 
 #![deny(missing_docs)]
 
+mod accept;
 pub mod blob;
+mod dialer;
 mod endpoint;
 mod framed;
+pub mod http;
 mod peer_quota;
 mod session;
 mod tls;
@@ -43,6 +60,8 @@ pub mod tunnel;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod test_utils;
 
+pub use accept::{DEFAULT_SHUTDOWN_GRACE, IncomingConnection, serve_connections};
+pub use dialer::{ConnectionCache, DEFAULT_MAX_PEERS, DialError};
 pub use endpoint::{
     AcceptError, Accepted, ConfigError, ConnectError, DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_CONNECTIONS_PER_PEER, EndpointConfig, HANDSHAKE_TIMEOUT, HordeEndpoint,
@@ -62,35 +81,87 @@ pub use tls::{
     remote_hotkey, self_signed_certificate, server_name_for, server_tls_config,
 };
 
-/// QUIC application error codes horde uses when it closes a connection or stops/resets a stream.
+/// QUIC application error codes horde uses when it closes a connection or stops/resets a stream:
+/// [`horde_protocol::wire::codes`] as [`quinn::VarInt`]s.
 ///
-/// The numbers are part of the wire protocol: append new ones, never renumber.
+/// The numbers are part of the wire protocol: append new ones there, never renumber.
 pub mod codes {
+    use horde_protocol::wire::codes as wire;
     use quinn::VarInt;
 
     /// Orderly shutdown: the node or the job is going away, nothing went wrong.
-    pub const SHUTDOWN: VarInt = VarInt::from_u32(0);
+    pub const SHUTDOWN: VarInt = VarInt::from_u32(wire::SHUTDOWN);
     /// The peer sent something the protocol does not allow (bad frame, undecodable message,
     /// unexpected first message).
-    pub const PROTOCOL_VIOLATION: VarInt = VarInt::from_u32(1);
+    pub const PROTOCOL_VIOLATION: VarInt = VarInt::from_u32(wire::PROTOCOL_VIOLATION);
     /// The peer announced a frame larger than the cap.
-    pub const FRAME_TOO_LARGE: VarInt = VarInt::from_u32(2);
+    pub const FRAME_TOO_LARGE: VarInt = VarInt::from_u32(wire::FRAME_TOO_LARGE);
     /// The job this stream belonged to was cancelled or ended; the stream is no longer wanted.
-    pub const CANCELLED: VarInt = VarInt::from_u32(3);
+    pub const CANCELLED: VarInt = VarInt::from_u32(wire::CANCELLED);
     /// The peer is authenticated but not allowed here (wrong role, wrong ALPN use).
-    pub const NOT_ALLOWED: VarInt = VarInt::from_u32(4);
+    pub const NOT_ALLOWED: VarInt = VarInt::from_u32(wire::NOT_ALLOWED);
     /// The node is at capacity for this kind of work.
-    pub const BUSY: VarInt = VarInt::from_u32(5);
+    pub const BUSY: VarInt = VarInt::from_u32(wire::BUSY);
     /// A local failure unrelated to the peer's behaviour.
-    pub const INTERNAL: VarInt = VarInt::from_u32(6);
+    pub const INTERNAL: VarInt = VarInt::from_u32(wire::INTERNAL);
     /// The stream made no progress within its deadline: the peer sent nothing, or read nothing
     /// of what we sent, for that long. The stream is given up; its resources are released.
-    pub const TIMED_OUT: VarInt = VarInt::from_u32(7);
+    pub const TIMED_OUT: VarInt = VarInt::from_u32(wire::TIMED_OUT);
     /// The node has no room for the data (disk full, quota or file size limit reached); the
     /// request itself was fine.
-    pub const STORAGE_FULL: VarInt = VarInt::from_u32(8);
+    pub const STORAGE_FULL: VarInt = VarInt::from_u32(wire::STORAGE_FULL);
     /// The peer's key already holds its share of this node's connections
     /// (`max_connections_per_peer`); the extra connection is closed right after its handshake.
     /// Close one, or retry later.
-    pub const TOO_MANY_CONNECTIONS: VarInt = VarInt::from_u32(9);
+    pub const TOO_MANY_CONNECTIONS: VarInt = VarInt::from_u32(wire::TOO_MANY_CONNECTIONS);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    /// Every source file is named in the `//!` layout list, and every file the list names
+    /// exists.
+    #[test]
+    fn the_layout_list_matches_the_files() {
+        let doc: String = include_str!("lib.rs")
+            .lines()
+            .take_while(|line| line.starts_with("//!"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let layout = &doc[doc.find("Layout:").expect("a layout list")..];
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut files = Vec::new();
+        let mut dirs = vec![src.clone()];
+        while let Some(dir) = dirs.pop() {
+            for entry in std::fs::read_dir(dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    dirs.push(path);
+                } else if path.extension().is_some_and(|ext| ext == "rs") {
+                    files.push(path);
+                }
+            }
+        }
+        for file in &files {
+            let name = file.file_name().unwrap().to_str().unwrap();
+            if name != "lib.rs" {
+                assert!(
+                    layout.contains(&format!("`{name}`")) || layout.contains(&format!("/{name}`")),
+                    "{name} missing from the layout list"
+                );
+            }
+        }
+        for named in layout.split('`').skip(1).step_by(2) {
+            if let Some(name) = named.strip_suffix(".rs") {
+                let name = format!("{}.rs", name.rsplit('/').next().unwrap());
+                assert!(
+                    files
+                        .iter()
+                        .any(|file| file.file_name().unwrap().to_str() == Some(&name)),
+                    "the layout names {named}, which does not exist"
+                );
+            }
+        }
+    }
 }

@@ -90,3 +90,40 @@ pub async fn echo_job() -> SocketAddr {
     });
     addr
 }
+
+/// A job endpoint for job `[job; 16]` whose job's TCP port is `target` (job key
+/// [`seeded_key`]`(key_seed + 1)`, client key `seeded_key(key_seed)`), served by
+/// [`serve_job_endpoint`](crate::tunnel::serve_job_endpoint), and a client [`JobTunnel`] to it.
+///
+/// [`JobTunnel`]: crate::tunnel::JobTunnel
+pub async fn job_tunnel(
+    target: SocketAddr,
+    job: u8,
+    key_seed: u8,
+) -> (crate::tunnel::JobTunnel, crate::tunnel::JobEndpointHandle) {
+    use std::sync::Arc;
+
+    use horde_protocol::JobId;
+
+    use crate::tunnel::{JobTunnel, TunnelContext, serve_job_endpoint};
+
+    let (client_key, job_key) = (seeded_key(key_seed), seeded_key(key_seed.wrapping_add(1)));
+    let config = EndpointConfig::new(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), &[ALPN_JOB])
+        .with_client_policy(crate::ClientPolicy::Only(client_key.hotkey()));
+    let server = HordeEndpoint::bind(&job_key, config).expect("binding 127.0.0.1:0");
+    let addr = server.local_addr().expect("bound address");
+    let ctx = Arc::new(TunnelContext {
+        job_id: JobId([job; 16]),
+        job_key: job_key.clone(),
+        client_key: client_key.hotkey(),
+        target,
+    });
+    let handle = serve_job_endpoint(server, ctx, tokio_util::sync::CancellationToken::new());
+    let connection = localhost_endpoint(&client_key)
+        .connect(addr, &job_key.hotkey(), ALPN_JOB)
+        .await
+        .expect("connecting to the job endpoint");
+    let tunnel = JobTunnel::new(connection, JobId([job; 16]), client_key, job_key.hotkey())
+        .expect("the job endpoint presents the job key");
+    (tunnel, handle)
+}

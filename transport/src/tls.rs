@@ -23,12 +23,7 @@ use x509_parser::oid_registry::{
     OID_X509_EXT_KEY_USAGE, OID_X509_EXT_SUBJECT_ALT_NAME,
 };
 
-/// ALPN of job sessions, heartbeats and registration between nodes.
-pub const ALPN_CONTROL: &[u8] = b"horde/control/1";
-/// ALPN of blob transfers to and from storage.
-pub const ALPN_BLOB: &[u8] = b"horde/blob/1";
-/// ALPN of client tunnels to a job endpoint (certificate = the job key).
-pub const ALPN_JOB: &[u8] = b"horde/job/1";
+pub use horde_protocol::wire::{ALPN_BLOB, ALPN_CONTROL, ALPN_JOB};
 
 /// How far before "now" a fresh certificate becomes valid: a peer whose clock lags ours by up to
 /// an hour still accepts it. Identity rests on the key, not on the dates, so backdating is free.

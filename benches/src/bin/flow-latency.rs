@@ -37,6 +37,7 @@ use bytes::Bytes;
 use horde_node::client::{Client, JobRequest};
 use horde_protocol::{JobId, JobStatus, SecretKey};
 use horde_testnet::{Testnet, TestnetConfig, demo_job_binary};
+use horde_transport::http;
 use horde_transport::tunnel::{JobTunnel, TunnelContext, TunnelStream, serve_job_endpoint};
 use horde_transport::{ALPN_JOB, ClientPolicy, EndpointConfig, HordeEndpoint};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -179,12 +180,10 @@ async fn direct_request(port: u16, request_line: &str) -> anyhow::Result<u16> {
         .await?;
     let mut response = Vec::new();
     stream.read_to_end(&mut response).await?;
-    let text = String::from_utf8_lossy(&response);
-    Ok(text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0))
+    Ok(match http::parse_response_head(&response) {
+        Ok(Some(head)) => head.status,
+        _ => 0,
+    })
 }
 
 const HOPS: [&str; 6] = [
@@ -346,22 +345,10 @@ async fn floor_request(relay: &quinn::Connection) -> anyhow::Result<f64> {
 /// A keep-alive `GET /health` (no `Connection: close`).
 const KEEP_ALIVE_REQUEST: &[u8] = b"GET /health HTTP/1.1\r\nHost: job\r\n\r\n";
 
-/// The length of the first complete `Content-Length` response in `buffer`, if it is all there.
+/// The length of the first complete response in `buffer`, if it is all there (a response
+/// framed by the connection's end is an error: it cannot be told complete).
 fn complete_response(buffer: &[u8]) -> anyhow::Result<Option<usize>> {
-    let Some(head_end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") else {
-        return Ok(None);
-    };
-    let head = std::str::from_utf8(&buffer[..head_end])?;
-    let length: usize = head
-        .lines()
-        .find_map(|line| {
-            let (name, value) = line.split_once(':')?;
-            name.eq_ignore_ascii_case("content-length")
-                .then(|| value.trim().parse().ok())?
-        })
-        .context("response without Content-Length")?;
-    let total = head_end + 4 + length;
-    Ok((buffer.len() >= total).then_some(total))
+    Ok(http::complete_response_len(buffer)?)
 }
 
 /// One end of a persistent connection carrying keep-alive requests.

@@ -48,11 +48,12 @@ pub use directory::{
 use crate::clock::now;
 
 /// The record exchange protocol.
-pub const PROTOCOL_RECORDS: StreamProtocol = StreamProtocol::new("/horde/records/1");
+pub const PROTOCOL_RECORDS: StreamProtocol =
+    StreamProtocol::new(horde_protocol::wire::DISCOVERY_RECORDS);
 /// horde's Kademlia protocol name (its own DHT, apart from any public one).
-pub const PROTOCOL_KAD: StreamProtocol = StreamProtocol::new("/horde/kad/1");
+pub const PROTOCOL_KAD: StreamProtocol = StreamProtocol::new(horde_protocol::wire::DISCOVERY_KAD);
 /// The identify protocol version string.
-pub const PROTOCOL_IDENTIFY: &str = "/horde/id/1";
+pub const PROTOCOL_IDENTIFY: &str = horde_protocol::wire::DISCOVERY_IDENTIFY;
 
 /// Largest encoded [`RecordSync`] accepted or sent.
 pub const MAX_SYNC_BYTES: u32 = 1024 * 1024;

@@ -1,6 +1,8 @@
 //! Just enough HTTP/1.1 for the demo job: reading requests (head + `Content-Length` body) from a
 //! kept-alive connection, writing responses and chunks, and one outgoing POST to the executor.
+//! Heads are parsed by [`horde_transport::http`].
 
+use horde_transport::http;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
@@ -115,9 +117,14 @@ impl HttpConnection {
 
     /// The next request; `None` if the client closed between requests.
     pub async fn read_request(&mut self) -> Result<Option<Request>, ReadError> {
-        let head_end = loop {
-            if let Some(end) = find(&self.buffer, b"\r\n\r\n") {
-                break end;
+        let head = loop {
+            match http::parse_request_head(&self.buffer) {
+                Ok(Some(head)) => break head,
+                Ok(None) => {}
+                Err(error) if error.is_unsupported_version() => {
+                    return Err(bad(505, "only HTTP/1.0 and HTTP/1.1"));
+                }
+                Err(error) => return Err(bad(400, error.to_string())),
             }
             if self.buffer.len() > MAX_HEAD {
                 return Err(bad(431, "request head too large"));
@@ -129,38 +136,16 @@ impl HttpConnection {
                 return Err(bad(400, "connection closed inside a request head"));
             }
         };
-        let head = std::str::from_utf8(&self.buffer[..head_end])
-            .map_err(|_| bad(400, "request head is not UTF-8"))?
-            .to_owned();
-        self.buffer.drain(..head_end + 4);
-        let mut lines = head.split("\r\n");
-        let request_line = lines.next().unwrap_or_default();
-        let mut parts = request_line.split(' ');
-        let (Some(method), Some(target), Some(version), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
-            return Err(bad(400, format!("bad request line {request_line:?}")));
-        };
-        let http10 = match version {
-            "HTTP/1.1" => false,
-            "HTTP/1.0" => true,
-            _ => return Err(bad(505, "only HTTP/1.0 and HTTP/1.1")),
-        };
-        let mut headers = Vec::new();
-        for line in lines {
-            let (name, value) = line
-                .split_once(':')
-                .ok_or_else(|| bad(400, format!("bad header line {line:?}")))?;
-            headers.push((name.trim().to_owned(), value.trim().to_owned()));
-        }
-        let (path, query) = split_target(target);
+        self.buffer.drain(..head.len);
+        let (path, query) = split_target(&head.target);
+        let length = http::content_length(&head.headers);
         let mut request = Request {
-            method: method.to_owned(),
-            target: target.to_owned(),
+            http10: head.minor_version == 0,
+            method: head.method,
+            target: head.target,
             path,
             query,
-            http10,
-            headers,
+            headers: head.headers,
             body: Vec::new(),
         };
         if request
@@ -169,12 +154,9 @@ impl HttpConnection {
         {
             return Err(bad(411, "send the body with a Content-Length"));
         }
-        let length = match request.header("content-length") {
-            None => 0,
-            Some(length) => length
-                .parse::<usize>()
-                .map_err(|_| bad(400, "bad Content-Length"))?,
-        };
+        let length = length
+            .map_err(|_| bad(400, "bad Content-Length"))?
+            .unwrap_or(0);
         if length > MAX_BODY {
             return Err(bad(413, "body too large"));
         }
@@ -186,12 +168,6 @@ impl HttpConnection {
         request.body = self.buffer.drain(..length).collect();
         Ok(Some(request))
     }
-}
-
-pub(crate) fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack
-        .windows(needle.len())
-        .position(|window| window == needle)
 }
 
 fn split_target(target: &str) -> (String, Vec<(String, String)>) {
@@ -303,21 +279,18 @@ pub async fn notify_outputs(executor_url: &str, paths: &[String]) -> std::io::Re
     stream.write_all(request.as_bytes()).await?;
     let mut response = Vec::new();
     let mut chunk = [0u8; 4096];
-    let line_end = loop {
-        if let Some(end) = find(&response, b"\r\n") {
-            break end;
+    loop {
+        match http::parse_response_head(&response) {
+            Ok(Some(head)) => return Ok(head.status),
+            Ok(None) => {}
+            Err(_) => return Err(invalid("the executor sent a bad status line")),
         }
         let read = stream.read(&mut chunk).await?;
         if read == 0 || response.len() > MAX_HEAD {
             return Err(invalid("the executor sent no status line"));
         }
         response.extend_from_slice(&chunk[..read]);
-    };
-    let line = String::from_utf8_lossy(&response[..line_end]).into_owned();
-    line.split(' ')
-        .nth(1)
-        .and_then(|status| status.parse().ok())
-        .ok_or_else(|| invalid("the executor sent a bad status line"))
+    }
 }
 
 #[cfg(test)]

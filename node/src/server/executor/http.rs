@@ -5,14 +5,15 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use horde_protocol::ReadinessProbe;
+use horde_transport::http;
 use serde::Deserialize;
-use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tracing::Instrument as _;
 
-/// Longest request head (request line + headers) the outputs listener reads.
+/// Longest head (status or request line + headers) the probe and the outputs listener read.
 const MAX_HEAD: usize = 16 * 1024;
 /// Largest `POST /outputs` body: a list of relative paths.
 const MAX_OUTPUTS_BODY: usize = 64 * 1024;
@@ -44,19 +45,37 @@ async fn probe_once(target: SocketAddr, readiness: &ReadinessProbe) -> bool {
     if stream.write_all(request.as_bytes()).await.is_err() {
         return false;
     }
-    let mut reader = BufReader::new(stream);
-    let mut status_line = String::new();
-    if reader.read_line(&mut status_line).await.is_err() {
-        return false;
-    }
-    let code = status_line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse::<u16>().ok());
+    let code = match read_head(&mut stream, http::parse_response_head).await {
+        Ok(Some((head, _))) => Some(head.status),
+        _ => None,
+    };
     match (readiness, code) {
         (ReadinessProbe::WebSocket { .. }, Some(101)) => true,
         (ReadinessProbe::Http { .. }, Some(code)) => (200..300).contains(&code),
         _ => false,
+    }
+}
+
+/// Reads from `stream` until `parse` finds a whole head within [`MAX_HEAD`] bytes; returns it
+/// with every byte read (the head's first). `None` for a malformed or overlong head, or an EOF
+/// before its end.
+async fn read_head<T>(
+    stream: &mut TcpStream,
+    parse: fn(&[u8]) -> Result<Option<T>, http::HttpError>,
+) -> std::io::Result<Option<(T, Vec<u8>)>> {
+    let mut buffer = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        match parse(&buffer) {
+            Ok(Some(head)) => return Ok(Some((head, buffer))),
+            Ok(None) if buffer.len() <= MAX_HEAD => {}
+            _ => return Ok(None),
+        }
+        let read = stream.read(&mut chunk).await?;
+        if read == 0 {
+            return Ok(None);
+        }
+        buffer.extend_from_slice(&chunk[..read]);
     }
 }
 
@@ -98,41 +117,29 @@ pub(crate) async fn serve_outputs(listener: TcpListener, notify: mpsc::Sender<Ou
 }
 
 async fn handle_outputs(
-    stream: TcpStream,
+    mut stream: TcpStream,
     notify: mpsc::Sender<OutputsReady>,
 ) -> std::io::Result<()> {
-    let mut reader = BufReader::new(stream);
-    let mut head = String::new();
-    let mut content_length = 0usize;
-    let mut request_line = String::new();
-    reader.read_line(&mut request_line).await?;
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line).await? == 0 || head.len() > MAX_HEAD {
-            return respond(reader.into_inner(), 400, "bad request").await;
-        }
-        if line == "\r\n" || line == "\n" {
-            break;
-        }
-        if let Some((name, value)) = line.split_once(':')
-            && name.trim().eq_ignore_ascii_case("content-length")
-        {
-            content_length = value.trim().parse().unwrap_or(usize::MAX);
-        }
-        head.push_str(&line);
+    let Some((head, mut body)) = read_head(&mut stream, http::parse_request_head).await? else {
+        return respond(stream, 400, "bad request").await;
+    };
+    if head.method != "POST" || head.target != "/outputs" {
+        return respond(stream, 404, "only POST /outputs").await;
     }
-    let mut parts = request_line.split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    if method != "POST" || path != "/outputs" {
-        return respond(reader.into_inner(), 404, "only POST /outputs").await;
-    }
+    // An unreadable or conflicting length counts as too large, as before.
+    let content_length = http::content_length(&head.headers)
+        .unwrap_or(Some(usize::MAX))
+        .unwrap_or(0);
     if content_length > MAX_OUTPUTS_BODY {
-        return respond(reader.into_inner(), 413, "body too large").await;
+        return respond(stream, 413, "body too large").await;
     }
-    let mut body = vec![0u8; content_length];
-    reader.read_exact(&mut body).await?;
+    body.drain(..head.len);
+    body.truncate(content_length);
+    let received = body.len();
+    body.resize(content_length, 0);
+    stream.read_exact(&mut body[received..]).await?;
     let Ok(parsed) = serde_json::from_slice::<OutputsBody>(&body) else {
-        return respond(reader.into_inner(), 400, "expected {\"paths\": [...]}").await;
+        return respond(stream, 400, "expected {\"paths\": [...]}").await;
     };
     let (reply, answer) = oneshot::channel();
     if notify
@@ -143,12 +150,12 @@ async fn handle_outputs(
         .await
         .is_err()
     {
-        return respond(reader.into_inner(), 503, "job is ending").await;
+        return respond(stream, 503, "job is ending").await;
     }
     match answer.await {
-        Ok(Ok(count)) => respond(reader.into_inner(), 200, &format!("uploaded {count}")).await,
-        Ok(Err(reason)) => respond(reader.into_inner(), 500, &reason).await,
-        Err(_) => respond(reader.into_inner(), 503, "job is ending").await,
+        Ok(Ok(count)) => respond(stream, 200, &format!("uploaded {count}")).await,
+        Ok(Err(reason)) => respond(stream, 500, &reason).await,
+        Err(_) => respond(stream, 503, "job is ending").await,
     }
 }
 

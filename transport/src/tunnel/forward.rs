@@ -1,0 +1,182 @@
+//! A local TCP port tunnelled to the job: every accepted connection gets its own tunnel stream.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use horde_protocol::{JobReceipt, Signed};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::JoinSet;
+use tracing::{Instrument as _, debug, warn};
+
+use super::client::{JobTunnel, ReaderEvent};
+use super::{DATA_CHUNK, MAX_FORWARDED_CONNECTIONS, TunnelError};
+use crate::codes;
+
+/// Tunnels every connection accepted on `listener` to the job through its own tunnel stream on
+/// `connection`: bytes are pumped both ways, the local client's EOF becomes `finish_sending`,
+/// the job's EOF is passed on as a TCP half-close, and each verified receipt is sent on
+/// `receipts`. curl, browsers and WebSocket clients work unchanged.
+///
+/// Runs until the QUIC connection closes (returned as [`TunnelError::Connection`]).
+pub async fn forward_tcp(
+    listener: TcpListener,
+    tunnel: JobTunnel,
+    receipts: mpsc::Sender<Signed<JobReceipt>>,
+) -> Result<(), TunnelError> {
+    let connection = tunnel.connection().clone();
+    let slots = Arc::new(Semaphore::new(MAX_FORWARDED_CONNECTIONS));
+    let mut tasks = JoinSet::new();
+    loop {
+        let permit = tokio::select! {
+            biased;
+            error = connection.closed() => return Err(TunnelError::Connection(error)),
+            permit = Arc::clone(&slots).acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => return Ok(()),
+            },
+        };
+        let (tcp, peer) = tokio::select! {
+            biased;
+            error = connection.closed() => return Err(TunnelError::Connection(error)),
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors and the like: transient, keep serving.
+                    warn!(%error, "accepting a local connection");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        while tasks.try_join_next().is_some() {}
+        let tunnel = tunnel.clone();
+        let receipts = receipts.clone();
+        tasks.spawn(
+            async move {
+                let result = forward_connection(tcp, &tunnel, receipts).await;
+                drop(permit);
+                match result {
+                    Ok(()) => debug!("forwarded connection done"),
+                    Err(error) => warn!(%error, "forwarded connection failed"),
+                }
+            }
+            .instrument(tracing::debug_span!("forward", %peer)),
+        );
+    }
+}
+
+async fn forward_connection(
+    tcp: TcpStream,
+    tunnel: &JobTunnel,
+    receipts: mpsc::Sender<Signed<JobReceipt>>,
+) -> Result<(), TunnelError> {
+    let _ = tcp.set_nodelay(true);
+    let tunnel = tunnel.open().await?;
+    let (mut writer, mut reader) = tunnel.into_split();
+    let (mut local_read, mut local_write) = tcp.into_split();
+
+    let up = async {
+        let mut buffer = BytesMut::with_capacity(DATA_CHUNK);
+        loop {
+            buffer.reserve(DATA_CHUNK);
+            match local_read.read_buf(&mut buffer).await {
+                Ok(0) => break,
+                Ok(_) => writer.write_bytes(buffer.split().freeze()).await?,
+                Err(error) => {
+                    writer.reset(codes::CANCELLED);
+                    return Err(TunnelError::Local(error));
+                }
+            }
+        }
+        writer.finish_sending().await
+    };
+    let down = async {
+        let mut local_open = true;
+        loop {
+            match reader.next_event().await? {
+                ReaderEvent::Data(bytes) => {
+                    if local_open && let Err(error) = local_write.write_all(&bytes).await {
+                        // The local client went away; keep reading for the receipt.
+                        debug!(%error, "local client stopped reading");
+                        local_open = false;
+                    }
+                }
+                ReaderEvent::OutputEnded => {
+                    let _ = local_write.shutdown().await;
+                }
+                ReaderEvent::Done => {
+                    let _ = local_write.shutdown().await;
+                    return reader.receipt().cloned().ok_or(TunnelError::MissingReceipt);
+                }
+            }
+        }
+    };
+    tokio::pin!(up, down);
+    let mut up_done = false;
+    loop {
+        tokio::select! {
+            result = &mut down => {
+                let receipt = result?;
+                // If the owner stopped listening the receipt is dropped; it was verified
+                // either way.
+                let _ = receipts.send(receipt).await;
+                return Ok(());
+            }
+            result = &mut up, if !up_done => {
+                up_done = true;
+                match result {
+                    Err(error @ TunnelError::Local(_)) => return Err(error),
+                    // A tunnel write failure shows up on the reading side as well (a reset,
+                    // or the receipt the job sent after its grace period).
+                    Err(error) => debug!(%error, "sending to the job ended"),
+                    Ok(()) => {}
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_utils::job_tunnel;
+
+    #[tokio::test]
+    async fn forwards_a_local_connection_both_ways_with_a_receipt() {
+        // A job that upper-cases what it reads until EOF, then closes.
+        let job = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let target = job.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut tcp, _) = job.accept().await.unwrap();
+            let mut input = Vec::new();
+            tcp.read_to_end(&mut input).await.unwrap();
+            tcp.write_all(&input.to_ascii_uppercase()).await.unwrap();
+        });
+        let (tunnel, handle) = job_tunnel(target, 4, 40).await;
+        let connection = tunnel.connection().clone();
+        let local = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let local_addr = local.local_addr().unwrap();
+        let (receipts, mut receipts_rx) = mpsc::channel(4);
+        let forwarder = tokio::spawn(forward_tcp(local, tunnel, receipts));
+
+        let mut tcp = TcpStream::connect(local_addr).await.unwrap();
+        tcp.write_all(b"hello job").await.unwrap();
+        tcp.shutdown().await.unwrap();
+        let mut output = Vec::new();
+        tcp.read_to_end(&mut output).await.unwrap();
+        assert_eq!(output, b"HELLO JOB");
+        let receipt = receipts_rx.recv().await.unwrap().verify().unwrap();
+        assert_eq!((receipt.bytes_in, receipt.bytes_out), (9, 9));
+        assert_eq!(receipt.digest_out, *blake3::hash(b"HELLO JOB").as_bytes());
+
+        connection.close(codes::SHUTDOWN, b"done");
+        assert!(matches!(
+            forwarder.await.unwrap(),
+            Err(TunnelError::Connection(_))
+        ));
+        assert_eq!(handle.shutdown().await, (1, 0));
+    }
+}
