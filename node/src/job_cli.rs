@@ -247,6 +247,7 @@ struct SpecFile {
     executor_class: String,
     program: Option<String>,
     image: Option<String>,
+    image_blob: Option<ImageBlobEntry>,
     #[serde(default)]
     args: Vec<String>,
     #[serde(default)]
@@ -263,6 +264,16 @@ struct SpecFile {
     #[serde(default)]
     on_trusted_miner: bool,
     expires_in_secs: Option<u64>,
+}
+
+/// `image_blob = { hash, size, storage }`: an image archive on a storage node (the line
+/// `horde blob put-image` prints).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ImageBlobEntry {
+    hash: String,
+    size: u64,
+    storage: String,
 }
 
 /// The volume list file of `horde job volumes`.
@@ -338,10 +349,18 @@ fn request_from_file(path: &Path) -> anyhow::Result<JobRequest> {
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let file: SpecFile =
         toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-    let program = match (file.program, file.image) {
-        (Some(program), None) => Program::Command { program },
-        (None, Some(reference)) => Program::Image { reference },
-        _ => bail!("give exactly one of program or image"),
+    let program = match (file.program, file.image, file.image_blob) {
+        (Some(program), None, None) => Program::Command { program },
+        (None, Some(reference), None) => Program::Image { reference },
+        (None, None, Some(blob)) => Program::ImageBlob {
+            hash: blob
+                .hash
+                .parse()
+                .map_err(|_| anyhow::anyhow!("image_blob: hash must be 64 hex digits"))?,
+            size: blob.size,
+            storage: blob.storage.parse().context("image_blob: storage")?,
+        },
+        _ => bail!("give exactly one of program, image or image_blob"),
     };
     let defaults = Deadlines::default();
     let d = file.deadlines;
@@ -910,6 +929,48 @@ mod tests {
     use horde_protocol::messages::{JobFailure, JobFinished};
 
     use super::*;
+
+    #[test]
+    fn spec_files_name_an_image_or_an_image_blob() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = format!(
+            "{}@127.0.0.1:4000",
+            horde_protocol::SecretKey::from_seed(&[1; 32]).hotkey()
+        );
+        let hash = "ab".repeat(32);
+        let read = |text: &str| {
+            let path = dir.path().join("job.toml");
+            std::fs::write(&path, text).unwrap();
+            request_from_file(&path).map(|request| request.program)
+        };
+        let image = read("executor_class = \"c\"\nimage = \"demo@sha256:00\"\n").unwrap();
+        assert_eq!(
+            image,
+            Program::Image {
+                reference: "demo@sha256:00".into()
+            }
+        );
+        let blob = read(&format!(
+            "executor_class = \"c\"\nimage_blob = {{ hash = \"{hash}\", size = 12, storage = \"{storage}\" }}\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            blob,
+            Program::ImageBlob {
+                hash: hash.parse().unwrap(),
+                size: 12,
+                storage: storage.parse().unwrap(),
+            }
+        );
+        let both = format!(
+            "executor_class = \"c\"\nimage = \"x\"\nimage_blob = {{ hash = \"{hash}\", size = 1, storage = \"{storage}\" }}\n"
+        );
+        assert!(read(&both).is_err());
+        assert!(read(&format!(
+            "executor_class = \"c\"\nimage_blob = {{ hash = \"zz\", size = 1, storage = \"{storage}\" }}\n"
+        ))
+        .is_err());
+    }
 
     #[test]
     fn terminal_statuses_read_as_sentences() {

@@ -70,6 +70,20 @@ enum Command {
         #[arg(long)]
         group: u32,
     },
+    /// Internal: force-remove container CONTAINER through the engine once process PARENT is
+    /// gone. Started by executors beside each job container.
+    #[command(name = horde_node::runner::container::GUARD_CONTAINER_SUBCOMMAND, hide = true)]
+    GuardContainer {
+        /// The pid of the process whose end triggers the removal.
+        #[arg(long)]
+        parent: u32,
+        /// The container's name or id.
+        #[arg(long)]
+        container: String,
+        /// The engine socket (`unix:///…`); default: `DOCKER_HOST`, else the standard socket.
+        #[arg(long)]
+        engine: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -187,6 +201,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::GuardGroup { parent, group } => horde_node::tied::guard_group(parent, group)
             .with_context(|| format!("guarding process group {group}")),
+        Command::GuardContainer {
+            parent,
+            container,
+            engine,
+        } => {
+            let engine = horde_node::runner::container::engine::engine_address(engine.as_deref())?;
+            horde_node::runner::container::guard_container(parent, &container, &engine)
+                .with_context(|| format!("guarding container {container}"))
+        }
         Command::Node(args) => {
             init_tracing();
             let overrides = Overrides {

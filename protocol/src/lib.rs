@@ -278,6 +278,31 @@ mod tests {
         );
     }
 
+    /// Pins the encoding of `Program`: `ImageBlob` was appended (variant 2), so the variants
+    /// before it keep their tags.
+    #[test]
+    fn snapshot_program() {
+        let image = Program::Image {
+            reference: "a".into(),
+        };
+        assert_eq!(hex::encode(to_bytes(&image)), "010161");
+        let blob = Program::ImageBlob {
+            hash: BlobHash([0xab; 32]),
+            size: 300,
+            storage: NodeAddr {
+                hotkey: key(7).hotkey(),
+                addrs: vec!["127.0.0.1:4000".parse().unwrap()],
+            },
+        };
+        let bytes = to_bytes(&blob);
+        assert_eq!(bytes[0], 2, "ImageBlob is the third variant");
+        assert_eq!(
+            hex::encode(&bytes[1..35]),
+            format!("{}ac02", "ab".repeat(32))
+        );
+        assert_eq!(from_bytes_exact::<Program>(&bytes).unwrap(), blob);
+    }
+
     #[test]
     fn snapshot_tunnel_data() {
         let frame = TunnelFrame::Data(b"GET /".to_vec());
