@@ -270,9 +270,10 @@ impl ContainerJob {
         )));
 
         let namespace = self.namespace().await?;
-        let netns =
-            NetnsHandle::enter(namespace, format!("netns-{}", launch.job_id.fmt_short())).await?;
-        self.outputs = Some(netns.listen(spec::outputs_port(launch.port)).await?);
+        let thread = format!("netns-{}", launch.job_id.fmt_short());
+        let (netns, outputs) =
+            NetnsHandle::enter(namespace, thread, spec::outputs_port(launch.port)).await?;
+        self.outputs = Some(outputs);
         self.netns = Some(netns);
         Ok(())
     }
