@@ -228,6 +228,16 @@ pub enum Program {
         /// The image reference.
         reference: String,
     },
+    /// A container image archive (the engine's `save` format) held as a blob on a horde
+    /// storage node: fetched and verified by BLAKE3, loaded into the engine, and run.
+    ImageBlob {
+        /// The archive's BLAKE3 hash (verified while streaming).
+        hash: BlobHash,
+        /// Its size in bytes.
+        size: u64,
+        /// The storage node holding it.
+        storage: NodeAddr,
+    },
 }
 
 /// The staged deadlines of a job, in milliseconds. Each stage's overrun fails the job with

@@ -40,7 +40,6 @@ pub use job::{
     ReadinessProbe, RelativePath, Stage, TerminateRequest, UnixMillis, UploadSpec, UploadTarget,
     VolumeList, VolumeSource, VolumeSpec,
 };
-pub use spec_check::{PathError, SpecFieldError};
 pub use keys::{Hotkey, HotkeyVerifier, KeyError, KeyFileError, SecretKey, SignatureError};
 pub use messages::{
     ClientMessageError, ControlMessage, DownMessage, JobStatus, TunnelFrame, UpMessage,
@@ -50,6 +49,7 @@ pub use records::{
     Role, VerifiedReport, verify_report,
 };
 pub use signed::{Signable, Signature, Signed, VerifyError};
+pub use spec_check::{PathError, SpecFieldError};
 
 #[cfg(test)]
 mod arbitrary {
@@ -285,6 +285,31 @@ mod tests {
              7401014b015601020304050600072f6865616c74680106696e2e7478740202686900008139770ea87d175f56\
              a35466c34c7ecccb8d8a91b4ee37a25df60f5b8fc9b3940022222222222222222222222222222222e807d00f"
         );
+    }
+
+    /// Pins the encoding of `Program`: `ImageBlob` was appended (variant 2), so the variants
+    /// before it keep their tags.
+    #[test]
+    fn snapshot_program() {
+        let image = Program::Image {
+            reference: "a".into(),
+        };
+        assert_eq!(hex::encode(to_bytes(&image)), "010161");
+        let blob = Program::ImageBlob {
+            hash: BlobHash([0xab; 32]),
+            size: 300,
+            storage: NodeAddr {
+                hotkey: key(7).hotkey(),
+                addrs: vec!["127.0.0.1:4000".parse().unwrap()],
+            },
+        };
+        let bytes = to_bytes(&blob);
+        assert_eq!(bytes[0], 2, "ImageBlob is the third variant");
+        assert_eq!(
+            hex::encode(&bytes[1..35]),
+            format!("{}ac02", "ab".repeat(32))
+        );
+        assert_eq!(from_bytes_exact::<Program>(&bytes).unwrap(), blob);
     }
 
     #[test]

@@ -197,7 +197,11 @@ fn check_target(field: &str, target: &UploadTarget) -> Result<(), SpecFieldError
 
 fn check_deadlines(deadlines: &Deadlines) -> Result<(), SpecFieldError> {
     let stages = [
-        ("reservation_ms", deadlines.reservation_ms, MAX_DEADLINES.reservation_ms),
+        (
+            "reservation_ms",
+            deadlines.reservation_ms,
+            MAX_DEADLINES.reservation_ms,
+        ),
         (
             "executor_startup_ms",
             deadlines.executor_startup_ms,
@@ -208,8 +212,16 @@ fn check_deadlines(deadlines: &Deadlines) -> Result<(), SpecFieldError> {
             deadlines.volume_download_ms,
             MAX_DEADLINES.volume_download_ms,
         ),
-        ("readiness_ms", deadlines.readiness_ms, MAX_DEADLINES.readiness_ms),
-        ("execution_ms", deadlines.execution_ms, MAX_DEADLINES.execution_ms),
+        (
+            "readiness_ms",
+            deadlines.readiness_ms,
+            MAX_DEADLINES.readiness_ms,
+        ),
+        (
+            "execution_ms",
+            deadlines.execution_ms,
+            MAX_DEADLINES.execution_ms,
+        ),
         ("upload_ms", deadlines.upload_ms, MAX_DEADLINES.upload_ms),
     ];
     for (name, value, max) in stages {

@@ -99,7 +99,10 @@ fn layout_lists_match_the_files() {
                 {
                     continue;
                 }
-                if !named.iter().any(|n| n.rsplit('/').next() == Some(child_name)) {
+                if !named
+                    .iter()
+                    .any(|n| n.rsplit('/').next() == Some(child_name))
+                {
                     problems.push(format!(
                         "{}: its layout list does not name {child_name}",
                         file.strip_prefix(&root).unwrap().display()
@@ -132,7 +135,14 @@ fn function_start(line: &str) -> Option<usize> {
     let trimmed = line.trim_start();
     let indent = line.len() - trimmed.len();
     let mut rest = trimmed;
-    for prefix in ["pub(crate) ", "pub(super) ", "pub ", "async ", "const ", "unsafe "] {
+    for prefix in [
+        "pub(crate) ",
+        "pub(super) ",
+        "pub ",
+        "async ",
+        "const ",
+        "unsafe ",
+    ] {
         rest = rest.strip_prefix(prefix).unwrap_or(rest);
         rest = rest.strip_prefix(prefix).unwrap_or(rest);
     }
@@ -168,7 +178,10 @@ fn no_file_or_function_is_too_long() {
                 };
                 let length = length + 2;
                 if length > MAX_FUNCTION_LINES {
-                    problems.push(format!("{shown}:{}: a function of {length} lines", start + 1));
+                    problems.push(format!(
+                        "{shown}:{}: a function of {length} lines",
+                        start + 1
+                    ));
                 }
             }
         }

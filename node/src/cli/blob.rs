@@ -22,6 +22,18 @@ pub enum BlobCommand {
         #[arg(long)]
         key: Option<PathBuf>,
     },
+    /// Upload a container image archive (`docker save` format); prints the job-spec line that
+    /// runs it (`image_blob = {…}`).
+    PutImage {
+        /// The image archive.
+        archive: PathBuf,
+        /// The storage node: HOTKEY@IP:PORT (hotkey in SS58 or hex).
+        #[arg(long)]
+        storage: NodeAddr,
+        /// Client key file (default: a fresh key for this run).
+        #[arg(long)]
+        key: Option<PathBuf>,
+    },
     /// Download a blob, verified while streaming; resumes an interrupted download.
     Get {
         /// The blob's BLAKE3 hash (64 hex digits).
@@ -57,9 +69,9 @@ pub enum CommandError {
 /// line on stderr, prints the hash (put) or the final path (get) on stdout.
 pub async fn run_command(command: BlobCommand) -> Result<(), CommandError> {
     let (storage, key) = match &command {
-        BlobCommand::Put { storage, key, .. } | BlobCommand::Get { storage, key, .. } => {
-            (storage, key)
-        }
+        BlobCommand::Put { storage, key, .. }
+        | BlobCommand::PutImage { storage, key, .. }
+        | BlobCommand::Get { storage, key, .. } => (storage, key),
     };
     let key = match key {
         Some(path) => horde_protocol::SecretKey::read_key_file(path)?,
@@ -94,6 +106,17 @@ async fn transfer(command: &BlobCommand, endpoint: &HordeEndpoint) -> Result<(),
             let hash = put_file(endpoint, storage, file, &policy, &mut progress).await?;
             println!("{hash}");
         }
+        BlobCommand::PutImage {
+            archive, storage, ..
+        } => {
+            let mut progress = ProgressReporter::new("put");
+            let policy = TransferPolicy::default();
+            let hash = put_file(endpoint, storage, archive, &policy, &mut progress).await?;
+            let size = std::fs::metadata(archive)
+                .map_err(|error| ClientError::Io(error))?
+                .len();
+            println!("{}", image_blob_line(&hash, size, storage));
+        }
         BlobCommand::Get {
             hash, out, storage, ..
         } => {
@@ -113,4 +136,32 @@ async fn transfer(command: &BlobCommand, endpoint: &HordeEndpoint) -> Result<(),
         }
     }
     Ok(())
+}
+
+/// The job-spec line that runs the image archive `hash` held by `storage`.
+fn image_blob_line(hash: &BlobHash, size: u64, storage: &NodeAddr) -> String {
+    format!("image_blob = {{ hash = \"{hash}\", size = {size}, storage = \"{storage}\" }}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn put_image_prints_a_spec_line() {
+        let storage: NodeAddr = format!(
+            "{}@127.0.0.1:4000",
+            horde_protocol::SecretKey::from_seed(&[1; 32]).hotkey()
+        )
+        .parse()
+        .unwrap();
+        let line = image_blob_line(&BlobHash([0xab; 32]), 12, &storage);
+        assert_eq!(
+            line,
+            format!(
+                "image_blob = {{ hash = \"{}\", size = 12, storage = \"{storage}\" }}",
+                "ab".repeat(32)
+            )
+        );
+    }
 }

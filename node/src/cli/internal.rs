@@ -2,6 +2,7 @@
 
 use anyhow::Context as _;
 
+use crate::server::executor::runner::container;
 use crate::server::supervision;
 
 /// Internal subcommands.
@@ -31,6 +32,20 @@ pub enum InternalCommand {
         #[arg(long)]
         group: u32,
     },
+    /// Internal: force-remove container CONTAINER once process PARENT is gone. Started by
+    /// executors beside each job container.
+    #[command(name = container::GUARD_CONTAINER_SUBCOMMAND, hide = true)]
+    GuardContainer {
+        /// The pid of the process whose end triggers the removal.
+        #[arg(long)]
+        parent: u32,
+        /// The container's name or id.
+        #[arg(long)]
+        container: String,
+        /// The engine socket (`unix:///…`); default: `DOCKER_HOST`, else the standard socket.
+        #[arg(long)]
+        engine: Option<String>,
+    },
 }
 
 /// Runs an internal command (synchronously: these exec or block on purpose).
@@ -49,5 +64,14 @@ pub(crate) fn run(command: InternalCommand) -> anyhow::Result<()> {
         }
         InternalCommand::GuardGroup { parent, group } => supervision::guard_group(parent, group)
             .with_context(|| format!("guarding process group {group}")),
+        InternalCommand::GuardContainer {
+            parent,
+            container,
+            engine,
+        } => {
+            let engine = container::engine::engine_address(engine.as_deref())?;
+            container::guard_container(parent, &container, &engine)
+                .with_context(|| format!("guarding container {container}"))
+        }
     }
 }

@@ -106,6 +106,7 @@ struct SpecFile {
     executor_class: String,
     program: Option<String>,
     image: Option<String>,
+    image_blob: Option<ImageBlobEntry>,
     #[serde(default)]
     args: Vec<String>,
     #[serde(default)]
@@ -122,6 +123,16 @@ struct SpecFile {
     #[serde(default)]
     on_trusted_miner: bool,
     expires_in_secs: Option<u64>,
+}
+
+/// `image_blob = { hash, size, storage }`: an image archive on a storage node (the line
+/// `horde blob put-image` prints).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ImageBlobEntry {
+    hash: String,
+    size: u64,
+    storage: String,
 }
 
 /// The volume list file of `horde job volumes`.
@@ -237,13 +248,21 @@ impl JobRequest {
     }
 
     fn from_spec_file(file: SpecFile) -> Result<Self, SpecError> {
-        let program = match (file.program, file.image) {
-            (Some(program), None) => Program::Command { program },
-            (None, Some(reference)) => Program::Image { reference },
+        let program = match (file.program, file.image, file.image_blob) {
+            (Some(program), None, None) => Program::Command { program },
+            (None, Some(reference), None) => Program::Image { reference },
+            (None, None, Some(blob)) => Program::ImageBlob {
+                hash: parse_hash(&blob.hash, "image_blob.hash")?,
+                size: blob.size,
+                storage: blob
+                    .storage
+                    .parse()
+                    .map_err(|error| field_error("image_blob.storage", format!("{error}")))?,
+            },
             _ => {
                 return Err(field_error(
                     "program",
-                    "give exactly one of program or image",
+                    "give exactly one of program, image or image_blob",
                 ));
             }
         };
@@ -356,5 +375,47 @@ inline = "hi"
         )
         .unwrap_err();
         assert!(logs.to_string().starts_with("logs_storage: "), "{logs}");
+    }
+
+    #[test]
+    fn spec_files_name_an_image_or_an_image_blob() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = format!(
+            "{}@127.0.0.1:4000",
+            horde_protocol::SecretKey::from_seed(&[1; 32]).hotkey()
+        );
+        let hash = "ab".repeat(32);
+        let read = |text: &str| {
+            let path = dir.path().join("job.toml");
+            std::fs::write(&path, text).unwrap();
+            JobRequest::from_file(&path).map(|request| request.program)
+        };
+        let image = read("executor_class = \"c\"\nimage = \"demo@sha256:00\"\n").unwrap();
+        assert_eq!(
+            image,
+            Program::Image {
+                reference: "demo@sha256:00".into()
+            }
+        );
+        let blob = read(&format!(
+            "executor_class = \"c\"\nimage_blob = {{ hash = \"{hash}\", size = 12, storage = \"{storage}\" }}\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            blob,
+            Program::ImageBlob {
+                hash: hash.parse().unwrap(),
+                size: 12,
+                storage: storage.parse().unwrap(),
+            }
+        );
+        let both = format!(
+            "executor_class = \"c\"\nimage = \"x\"\nimage_blob = {{ hash = \"{hash}\", size = 1, storage = \"{storage}\" }}\n"
+        );
+        assert!(read(&both).is_err());
+        assert!(read(&format!(
+            "executor_class = \"c\"\nimage_blob = {{ hash = \"zz\", size = 1, storage = \"{storage}\" }}\n"
+        ))
+        .is_err());
     }
 }

@@ -12,6 +12,7 @@
 //! reports the exit status with truncated copies of both logs.
 
 mod http;
+pub mod runner;
 pub mod volumes;
 
 use std::collections::{HashMap, HashSet};

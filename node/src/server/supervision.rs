@@ -76,18 +76,24 @@ pub fn guard_group(parent: u32, group: u32) -> std::io::Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        // Catch SIGTERM before asking for it, and ask before checking the parent: the parent's
-        // end cannot slip between the steps unnoticed.
-        let mut terminate =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::TERM))?;
-        if parent_is(parent) {
-            terminate.recv().await;
-        }
+        parent_ended(parent).await?;
         // Gone already (ESRCH) is what was wanted.
         let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
         Ok(())
     })
+}
+
+/// Returns once `parent`, this process's parent, has ended (at once if it already has): the
+/// kernel sends SIGTERM at its death (`PR_SET_PDEATHSIG`), which this catches. For the guards.
+pub(crate) async fn parent_ended(parent: u32) -> std::io::Result<()> {
+    // Catch SIGTERM before asking for it, and ask before checking the parent: the parent's end
+    // cannot slip between the steps unnoticed.
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::TERM))?;
+    if parent_is(parent) {
+        terminate.recv().await;
+    }
+    Ok(())
 }
 
 /// Whether this process's parent is still `parent`.

@@ -1,0 +1,564 @@
+//! The container runner: jobs as containers through the Docker Engine API (`bollard`; Docker
+//! Engine or Podman's compatible service, one client for both).
+//!
+//! A job's container has every capability dropped, `no-new-privileges`, a read-only root with a
+//! private tmpfs `/tmp`, a non-root uid from the class (whatever user the image names), the
+//! class's memory/CPU/pids limits, the job's volume read-only at `/horde/volume` and its output
+//! directory read-write at `/horde/output`, no published port, and — under `network = "none"`
+//! — no network but its own loopback. The executor reaches the job's port, and the job its
+//! executor's outputs endpoint, through sockets made inside the container's network namespace
+//! ([`netns`]). stdout and stderr are attached before start and written to the job's log files
+//! as they come. The container is removed at every end: exit, stop, and the executor's death
+//! ([`guard`]).
+//!
+//! Layout:
+//! - `container/engine.rs`: the engine's address and kind, error mapping.
+//! - `container/spec.rs`: the create request (pure; unit-tested setting by setting).
+//! - `container/image.rs`: references (present, pulled, digest-checked), archives (fetched from
+//!   storage, loaded).
+//! - `container/netns.rs`: the per-job thread inside the container's network namespace.
+//! - `container/guard.rs`: the container guard process and reaping of stale containers.
+
+pub mod engine;
+pub mod guard;
+pub mod image;
+mod netns;
+pub mod spec;
+
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bollard::container::LogOutput;
+use bollard::query_parameters::{
+    AttachContainerOptions, CreateContainerOptions, KillContainerOptions, WaitContainerOptions,
+};
+use futures::StreamExt as _;
+use horde_protocol::Program;
+use horde_transport::HordeEndpoint;
+use tokio::io::AsyncWriteExt as _;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+pub use engine::{Engine, EngineKind};
+pub use guard::{GUARD_CONTAINER_SUBCOMMAND, guard_container};
+
+use self::netns::NetnsHandle;
+use crate::server::executor::runner::{
+    JobDialer, JobExit, JobProcess, Launch, NetworkPolicy, Runner, RunnerError,
+};
+
+/// After the container has exited, how long its output may take to drain into the log files
+/// before the exit is reported anyway.
+const LOG_DRAIN: Duration = Duration::from_secs(2);
+
+/// After SIGKILL, how long the engine may take to report the container gone.
+const KILL_WAIT: Duration = Duration::from_secs(10);
+
+/// Removals retried after the engine failed one, [`REMOVE_RETRY_DELAY`] apart.
+const REMOVE_RETRIES: u32 = 30;
+/// 30 × 2 s: an engine restart has a minute to come back.
+const REMOVE_RETRY_DELAY: Duration = Duration::from_secs(2);
+
+/// The job's stdout and stderr, as the executor uploads them.
+const LOG_DIR: &str = "logs/output";
+
+/// How a [`ContainerRunner`] is set up.
+#[derive(Debug, Clone)]
+pub struct ContainerConfig {
+    /// The engine socket (`unix:///…`); `None`: `DOCKER_HOST`, else the standard socket.
+    pub engine: Option<String>,
+    /// The `horde` binary that runs the container guards (`/proc/self/exe` in the node; tests
+    /// name the built binary).
+    pub guard_program: PathBuf,
+}
+
+impl Default for ContainerConfig {
+    fn default() -> Self {
+        Self {
+            engine: None,
+            guard_program: PathBuf::from("/proc/self/exe"),
+        }
+    }
+}
+
+/// Runs jobs as containers (see the module docs).
+#[derive(Debug, Clone)]
+pub struct ContainerRunner {
+    engine: Engine,
+    config: ContainerConfig,
+    /// `PID.STARTTIME` of this executor, the value of the executor label.
+    executor: String,
+    /// The endpoint `image_blob` archives are fetched with.
+    blob_endpoint: Option<Arc<HordeEndpoint>>,
+}
+
+impl ContainerRunner {
+    /// Connects to the engine and removes containers left by executors that are gone.
+    pub async fn start(config: ContainerConfig) -> Result<Self, RunnerError> {
+        let address = engine::engine_address(config.engine.as_deref())?;
+        let engine = Engine::connect(&address).await?;
+        let reaped = guard::reap_stale(&engine).await?;
+        if reaped > 0 {
+            tracing::info!(reaped, "removed stale job containers");
+        }
+        Ok(Self {
+            engine,
+            config,
+            executor: guard::executor_identity(),
+            blob_endpoint: None,
+        })
+    }
+
+    /// Fetch `image_blob` archives with `endpoint` (without one, such jobs are refused).
+    pub fn with_blob_endpoint(mut self, endpoint: Arc<HordeEndpoint>) -> Self {
+        self.blob_endpoint = Some(endpoint);
+        self
+    }
+
+    /// The engine this runner uses.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// The image id `program` runs: resolved, pulled, or fetched and loaded.
+    async fn image(&self, launch: &Launch) -> Result<String, RunnerError> {
+        match &launch.program {
+            Program::Image { reference } => image::resolve(&self.engine, reference).await,
+            Program::ImageBlob {
+                hash,
+                size,
+                storage,
+            } => {
+                let endpoint = self.blob_endpoint.as_ref().ok_or_else(|| {
+                    RunnerError::Unsupported("image_blob (no storage endpoint)".into())
+                })?;
+                let dir = launch.job_dir.join("image");
+                tokio::fs::create_dir_all(&dir).await?;
+                let archive = dir.join("archive.tar");
+                image::fetch(endpoint, storage, *hash, *size, &archive).await?;
+                let loaded = image::load(&self.engine, &archive).await;
+                let _ = tokio::fs::remove_file(&archive).await;
+                loaded
+            }
+            Program::Command { program } => Err(RunnerError::Unsupported(format!(
+                "program {program} (a container runner runs images)"
+            ))),
+            other => Err(RunnerError::Unsupported(format!("{other:?}"))),
+        }
+    }
+}
+
+#[async_trait]
+impl Runner for ContainerRunner {
+    async fn start(&self, launch: Launch) -> Result<Box<dyn JobProcess>, RunnerError> {
+        let image_id = self.image(&launch).await?;
+        prepare_dirs(&launch)?;
+        if launch.policy.network == NetworkPolicy::Internet {
+            // Egress through a per-job bridge with host-blocking rules is not built yet: refuse
+            // rather than run with the engine's default bridge (which reaches the host).
+            return Err(RunnerError::Unsupported(
+                "network = \"internet\" in containers".into(),
+            ));
+        }
+        let body = spec::create_body(&spec::ContainerPlan {
+            launch: &launch,
+            image_id: &image_id,
+            engine: self.engine.kind,
+            executor: &self.executor,
+            network_mode: "none",
+        })?;
+        let name = container_name(&launch);
+        // The guard first, under the name the container will have: never a container unguarded.
+        let guard = guard::spawn_guard(&self.config.guard_program, &name, &self.engine)?;
+        let mut job = ContainerJob {
+            engine: self.engine.clone(),
+            name: name.clone(),
+            port: launch.port,
+            guard: Some(guard),
+            netns: None,
+            outputs: None,
+            exit: None,
+            monitor: None,
+        };
+        match job.launch(body, &launch).await {
+            Ok(()) => Ok(Box::new(job)),
+            Err(error) => {
+                Box::new(job).remove().await;
+                Err(error)
+            }
+        }
+    }
+}
+
+/// `horde-<job id>-<random>`: unique even when a job id is retried on the same engine.
+fn container_name(launch: &Launch) -> String {
+    let mut salt = [0u8; 4];
+    let _ = getrandom::fill(&mut salt);
+    format!("horde-{}-{}", launch.job_id, hex::encode(salt))
+}
+
+/// The output directory belongs to the job's uid; the log files exist for the writer.
+fn prepare_dirs(launch: &Launch) -> Result<(), RunnerError> {
+    let output = launch.job_dir.join("output");
+    std::fs::create_dir_all(&output)?;
+    std::fs::create_dir_all(launch.job_dir.join("volume"))?;
+    std::fs::create_dir_all(launch.job_dir.join(LOG_DIR))?;
+    let uid = launch.policy.uid.unwrap_or(spec::DEFAULT_UID);
+    let owner = rustix::fs::Uid::from_raw(uid);
+    let group = rustix::fs::Gid::from_raw(uid);
+    rustix::fs::chown(&output, Some(owner), Some(group)).map_err(io::Error::from)?;
+    Ok(())
+}
+
+/// One job's container and what was made for it.
+#[derive(Debug)]
+pub struct ContainerJob {
+    engine: Engine,
+    name: String,
+    port: u16,
+    guard: Option<tokio::process::Child>,
+    netns: Option<NetnsHandle>,
+    outputs: Option<tokio::net::TcpListener>,
+    /// The exit, once the monitor has seen it (`Err`: the engine failed while waiting).
+    exit: Option<watch::Receiver<Option<Result<JobExit, String>>>>,
+    monitor: Option<JoinHandle<()>>,
+}
+
+impl ContainerJob {
+    /// Creates, attaches, starts, and enters the network namespace.
+    async fn launch(
+        &mut self,
+        body: bollard::models::ContainerCreateBody,
+        launch: &Launch,
+    ) -> Result<(), RunnerError> {
+        let engine = &self.engine;
+        let options = CreateContainerOptions {
+            name: Some(self.name.clone()),
+            ..CreateContainerOptions::default()
+        };
+        engine
+            .docker
+            .create_container(Some(options), body)
+            .await
+            .map_err(|error| engine::engine_error(engine, "creating the container", error))?;
+        // Attached before start: no output is missed, and the engine keeps no log of its own.
+        let attach = AttachContainerOptions {
+            stream: true,
+            stdout: true,
+            stderr: true,
+            ..AttachContainerOptions::default()
+        };
+        let attached = engine
+            .streams
+            .attach_container(&self.name, Some(attach))
+            .await
+            .map_err(|error| engine::engine_error(engine, "attaching", error))?;
+        let logs = tokio::spawn(write_logs(attached.output, launch.job_dir.join(LOG_DIR)));
+        engine
+            .docker
+            .start_container(&self.name, None)
+            .await
+            .map_err(|error| engine::engine_error(engine, "starting the container", error))?;
+        let (exit_tx, exit_rx) = watch::channel(None);
+        self.exit = Some(exit_rx);
+        self.monitor = Some(tokio::spawn(monitor(
+            engine.clone(),
+            self.name.clone(),
+            logs,
+            exit_tx,
+        )));
+
+        let namespace = self.namespace().await?;
+        let thread = format!("netns-{}", launch.job_id.fmt_short());
+        let (netns, outputs) =
+            NetnsHandle::enter(namespace, thread, spec::outputs_port(launch.port)).await?;
+        self.outputs = Some(outputs);
+        self.netns = Some(netns);
+        Ok(())
+    }
+
+    /// The container's network namespace, opened through its first process, checked to still
+    /// be that container's after opening (a pid cannot have been reused in between).
+    async fn namespace(&mut self) -> Result<std::fs::File, RunnerError> {
+        let pid = self.running_pid().await?;
+        let namespace = std::fs::File::open(format!("/proc/{pid}/ns/net"));
+        let again = self.running_pid().await?;
+        match namespace {
+            Ok(namespace) if again == pid => Ok(namespace),
+            _ => Err(self.exited_at_once().await),
+        }
+    }
+
+    /// The pid of the container's first process while it runs.
+    async fn running_pid(&mut self) -> Result<i64, RunnerError> {
+        let engine = &self.engine;
+        let inspect = engine
+            .docker
+            .inspect_container(&self.name, None)
+            .await
+            .map_err(|error| engine::engine_error(engine, "inspecting the container", error))?;
+        let state = inspect.state.unwrap_or_default();
+        match state.pid {
+            Some(pid) if pid > 0 && state.running == Some(true) => Ok(pid),
+            _ => Err(self.exited_at_once().await),
+        }
+    }
+
+    async fn exited_at_once(&mut self) -> RunnerError {
+        match tokio::time::timeout(KILL_WAIT, self.wait()).await {
+            Ok(Ok(exit)) => RunnerError::ExitedAtOnce(exit),
+            Ok(Err(error)) => RunnerError::Engine(error.to_string()),
+            Err(_) => RunnerError::Engine("the container is not running".into()),
+        }
+    }
+
+    async fn kill(&self, signal: &str) {
+        let options = KillContainerOptions {
+            signal: signal.to_owned(),
+        };
+        // Not running any more (409) or gone (404): nothing to signal.
+        let _ = self
+            .engine
+            .docker
+            .kill_container(&self.name, Some(options))
+            .await;
+    }
+}
+
+/// Writes the attached output into `dir/stdout` and `dir/stderr` as it comes.
+async fn write_logs(
+    mut output: std::pin::Pin<
+        Box<dyn futures::Stream<Item = Result<LogOutput, bollard::errors::Error>> + Send>,
+    >,
+    dir: PathBuf,
+) -> io::Result<()> {
+    let mut stdout = tokio::fs::File::create(dir.join("stdout")).await?;
+    let mut stderr = tokio::fs::File::create(dir.join("stderr")).await?;
+    while let Some(chunk) = output.next().await {
+        match chunk {
+            Ok(LogOutput::StdOut { message }) | Ok(LogOutput::Console { message }) => {
+                stdout.write_all(&message).await?;
+            }
+            Ok(LogOutput::StdErr { message }) => stderr.write_all(&message).await?,
+            Ok(LogOutput::StdIn { .. }) => {}
+            Err(error) => return Err(io::Error::other(error)),
+        }
+    }
+    stdout.flush().await?;
+    stderr.flush().await
+}
+
+/// Waits for the container to stop, lets its output drain, and publishes how it ended.
+async fn monitor(
+    engine: Engine,
+    name: String,
+    logs: JoinHandle<io::Result<()>>,
+    exit: watch::Sender<Option<Result<JobExit, String>>>,
+) {
+    let options = WaitContainerOptions {
+        condition: "not-running".to_owned(),
+    };
+    let mut wait = engine.streams.wait_container(&name, Some(options));
+    let waited = match wait.next().await {
+        // A non-zero exit comes as this "error": the exit is read from inspect below.
+        Some(Ok(_)) | Some(Err(bollard::errors::Error::DockerContainerWaitError { .. })) => Ok(()),
+        Some(Err(error)) => Err(format!("waiting for the container: {error}")),
+        None => Err("the engine ended the wait without an answer".to_owned()),
+    };
+    if waited.is_ok() {
+        if let Ok(Ok(Err(error))) = tokio::time::timeout(LOG_DRAIN, logs).await {
+            tracing::warn!(container = %name, %error, "writing the job's output");
+        }
+    } else {
+        logs.abort();
+    }
+    let result = match waited {
+        Ok(()) => match engine.docker.inspect_container(&name, None).await {
+            Ok(inspect) => {
+                let state = inspect.state.unwrap_or_default();
+                Ok(job_exit(
+                    state.exit_code.unwrap_or(-1),
+                    state.oom_killed == Some(true),
+                ))
+            }
+            Err(error) => Err(format!("inspecting the stopped container: {error}")),
+        },
+        Err(error) => Err(error),
+    };
+    let _ = exit.send(Some(result));
+}
+
+/// A container's exit code as a [`JobExit`]: its init reports a job killed by signal N as
+/// 128 + N, as shells do.
+fn job_exit(code: i64, out_of_memory: bool) -> JobExit {
+    let code = i32::try_from(code).unwrap_or(-1);
+    match code {
+        129..=192 => JobExit {
+            code: None,
+            signal: Some(code - 128),
+            out_of_memory,
+        },
+        code => JobExit {
+            code: Some(code),
+            signal: None,
+            out_of_memory,
+        },
+    }
+}
+
+/// Connects to the job's port inside its network namespace.
+#[derive(Debug)]
+struct NetnsDialer {
+    netns: NetnsHandle,
+    port: u16,
+}
+
+#[async_trait]
+impl JobDialer for NetnsDialer {
+    async fn connect(&self) -> io::Result<tokio::net::TcpStream> {
+        self.netns.connect(self.port).await
+    }
+}
+
+/// A dialer for a job that never got a namespace: every connect fails.
+#[derive(Debug)]
+struct NoDialer;
+
+#[async_trait]
+impl JobDialer for NoDialer {
+    async fn connect(&self) -> io::Result<tokio::net::TcpStream> {
+        Err(io::Error::new(
+            io::ErrorKind::NotConnected,
+            "the job's container is not running",
+        ))
+    }
+}
+
+/// A job dropped without [`JobProcess::remove`] (a panic, a forgotten handle): its guard is told
+/// now, as if the executor had ended, and removes the container.
+impl Drop for ContainerJob {
+    fn drop(&mut self) {
+        let Some(guard) = self.guard.take() else {
+            return;
+        };
+        let pid = guard
+            .id()
+            .and_then(|pid| i32::try_from(pid).ok())
+            .and_then(rustix::process::Pid::from_raw);
+        if let Some(pid) = pid {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        }
+    }
+}
+
+#[async_trait]
+impl JobProcess for ContainerJob {
+    fn dialer(&self) -> Arc<dyn JobDialer> {
+        match &self.netns {
+            Some(netns) => Arc::new(NetnsDialer {
+                netns: netns.clone(),
+                port: self.port,
+            }),
+            None => Arc::new(NoDialer),
+        }
+    }
+
+    async fn accept_outputs(&mut self) -> io::Result<tokio::net::TcpStream> {
+        match &self.outputs {
+            Some(listener) => listener.accept().await.map(|(stream, _)| stream),
+            None => std::future::pending().await,
+        }
+    }
+
+    async fn wait(&mut self) -> io::Result<JobExit> {
+        let Some(exit) = self.exit.as_mut() else {
+            return Err(io::Error::new(
+                io::ErrorKind::NotConnected,
+                "the container never started",
+            ));
+        };
+        let result = exit
+            .wait_for(Option::is_some)
+            .await
+            .map_err(|_| io::Error::other("the container monitor ended"))?
+            .clone();
+        match result {
+            Some(Ok(exit)) => Ok(exit),
+            Some(Err(error)) => Err(io::Error::other(error)),
+            None => Err(io::Error::other("the container monitor ended")),
+        }
+    }
+
+    async fn stop(&mut self, grace: Duration) -> Option<JobExit> {
+        self.exit.as_ref()?;
+        self.kill("SIGTERM").await;
+        if let Ok(Ok(exit)) = tokio::time::timeout(grace, self.wait()).await {
+            return Some(exit);
+        }
+        self.kill("SIGKILL").await;
+        match tokio::time::timeout(KILL_WAIT, self.wait()).await {
+            Ok(Ok(exit)) => Some(exit),
+            _ => None,
+        }
+    }
+
+    async fn remove(mut self: Box<Self>) {
+        self.netns = None;
+        self.outputs = None;
+        if let Some(monitor) = self.monitor.take() {
+            monitor.abort();
+        }
+        let Err(error) = guard::remove_container(&self.engine, &self.name).await else {
+            if let Some(mut guard) = self.guard.take() {
+                let _ = guard.start_kill();
+                let _ = guard.wait().await;
+            }
+            return;
+        };
+        // The engine failed us: keep trying in the background, the guard alive meanwhile (it
+        // removes the container if this executor ends first; a later start reaps it otherwise).
+        tracing::warn!(container = %self.name, %error, "removing the job's container");
+        let (engine, name, guard) = (self.engine.clone(), self.name.clone(), self.guard.take());
+        tokio::spawn(async move {
+            for _ in 0..REMOVE_RETRIES {
+                tokio::time::sleep(REMOVE_RETRY_DELAY).await;
+                if guard::remove_container(&engine, &name).await.is_ok() {
+                    if let Some(mut guard) = guard {
+                        let _ = guard.start_kill();
+                        let _ = guard.wait().await;
+                    }
+                    return;
+                }
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes_above_128_are_signals() {
+        assert_eq!(
+            job_exit(0, false),
+            JobExit {
+                code: Some(0),
+                signal: None,
+                out_of_memory: false
+            }
+        );
+        assert_eq!(
+            job_exit(137, true),
+            JobExit {
+                code: None,
+                signal: Some(9),
+                out_of_memory: true
+            }
+        );
+        assert_eq!(job_exit(3, false).code, Some(3));
+    }
+}

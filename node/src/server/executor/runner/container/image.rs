@@ -1,0 +1,263 @@
+//! The image a job runs, by id: a reference found in the engine (pulled when absent, checked
+//! against its digest when pinned), or an archive fetched from horde storage and loaded.
+
+use std::path::Path;
+
+use bollard::models::ImageInspect;
+use bollard::query_parameters::{CreateImageOptions, ImportImageOptions};
+use futures::StreamExt as _;
+use horde_protocol::{BlobHash, NodeAddr};
+use horde_transport::HordeEndpoint;
+use tokio::io::AsyncReadExt as _;
+
+use super::engine::{Engine, engine_error, is_not_found};
+use crate::client::blob::{self as blob_client, TransferPolicy};
+use crate::client::progress::NoProgress;
+use crate::server::executor::runner::RunnerError;
+
+/// The largest image archive an executor fetches: 16 GiB holds a CUDA base image with room
+/// to spare, and bounds the disk one job can claim before it starts.
+pub const MAX_IMAGE_ARCHIVE: u64 = 16 << 30;
+
+/// Read size when streaming an archive into the engine.
+const LOAD_CHUNK: usize = 256 << 10;
+
+/// A reference split at its digest: `name[:tag]` and `sha256:HEX`, if pinned.
+fn split_digest(reference: &str) -> Result<(&str, Option<&str>), RunnerError> {
+    let Some((name, digest)) = reference.split_once('@') else {
+        return Ok((reference, None));
+    };
+    let valid = digest
+        .strip_prefix("sha256:")
+        .is_some_and(|hex| hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()));
+    if !valid || name.is_empty() {
+        return Err(RunnerError::InvalidReference {
+            reference: reference.to_owned(),
+            reason: "a pinned reference is NAME@sha256:<64 hex digits>".into(),
+        });
+    }
+    Ok((name, Some(digest)))
+}
+
+/// Whether `image` is the one `digest` pins: one of its repo digests (pulled images), or its
+/// id (loaded and imported images have no repo digest; the id is the digest of its config).
+fn matches_digest(image: &ImageInspect, digest: &str) -> bool {
+    image.id.as_deref() == Some(digest)
+        || image
+            .repo_digests
+            .iter()
+            .flatten()
+            .any(|repo_digest| repo_digest.rsplit_once('@').map(|(_, d)| d) == Some(digest))
+}
+
+fn describe(image: &ImageInspect) -> String {
+    let id = image.id.as_deref().unwrap_or("no id");
+    match image.repo_digests.as_deref() {
+        Some(digests) if !digests.is_empty() => format!("{id} ({})", digests.join(", ")),
+        _ => id.to_owned(),
+    }
+}
+
+/// The image under `name`, if the engine has one.
+async fn inspect(engine: &Engine, name: &str) -> Result<Option<ImageInspect>, RunnerError> {
+    match engine.docker.inspect_image(name).await {
+        Ok(image) => Ok(Some(image)),
+        Err(error) if is_not_found(&error) => Ok(None),
+        // A malformed name is answered 400 (Docker) or 500 (Podman): not an image we have.
+        Err(bollard::errors::Error::DockerResponseServerError {
+            status_code: 400, ..
+        }) => Ok(None),
+        Err(error) => Err(engine_error(
+            engine,
+            &format!("inspecting image {name}"),
+            error,
+        )),
+    }
+}
+
+/// The id of the image `reference` names, if present, checked against the digest when pinned.
+async fn present(engine: &Engine, reference: &str) -> Result<Option<String>, RunnerError> {
+    let (name, digest) = split_digest(reference)?;
+    let Some(digest) = digest else {
+        return Ok(inspect(engine, reference).await?.and_then(|image| image.id));
+    };
+    // By repo digest, then by the name without it (an image loaded under a tag), then by id.
+    for candidate in [reference, name, digest] {
+        if let Some(image) = inspect(engine, candidate).await? {
+            if matches_digest(&image, digest) {
+                return Ok(image.id);
+            }
+            if candidate != digest {
+                return Err(RunnerError::DigestMismatch {
+                    reference: reference.to_owned(),
+                    expected: digest.to_owned(),
+                    actual: describe(&image),
+                });
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// The id of the image `reference` names: present in the engine, else pulled. A reference
+/// pinned `NAME@sha256:…` must match the image's repo digests or id
+/// ([`RunnerError::DigestMismatch`]).
+pub async fn resolve(engine: &Engine, reference: &str) -> Result<String, RunnerError> {
+    if let Some(id) = present(engine, reference).await? {
+        return Ok(id);
+    }
+    let options = CreateImageOptions {
+        from_image: Some(reference.to_owned()),
+        ..CreateImageOptions::default()
+    };
+    let mut pull = engine.streams.create_image(Some(options), None, None);
+    while let Some(progress) = pull.next().await {
+        if let Err(error) = progress {
+            return Err(RunnerError::ImageMissing {
+                reference: reference.to_owned(),
+                reason: error.to_string(),
+            });
+        }
+    }
+    present(engine, reference)
+        .await?
+        .ok_or_else(|| RunnerError::ImageMissing {
+            reference: reference.to_owned(),
+            reason: "the pull ended without the image".into(),
+        })
+}
+
+/// Loads the image archive at `archive` (the engine's `save` format, as `docker load` does)
+/// and returns the id of the image it held. An archive the engine cannot load is
+/// [`RunnerError::NotAnImage`].
+pub async fn load(engine: &Engine, archive: &Path) -> Result<String, RunnerError> {
+    let file = tokio::fs::File::open(archive).await?;
+    let chunks = futures::stream::unfold(Some(file), |file| async move {
+        let mut file = file?;
+        let mut buffer = vec![0u8; LOAD_CHUNK];
+        match file.read(&mut buffer).await {
+            Ok(0) => None,
+            Ok(read) => {
+                buffer.truncate(read);
+                Some((Ok(bytes::Bytes::from(buffer)), Some(file)))
+            }
+            Err(error) => Some((Err(error), None)),
+        }
+    });
+    let options = ImportImageOptions {
+        quiet: true,
+        ..ImportImageOptions::default()
+    };
+    let mut answers = engine
+        .streams
+        .import_image(options, bollard::body_try_stream(chunks), None);
+    let mut loaded = Vec::new();
+    while let Some(answer) = answers.next().await {
+        match answer {
+            Ok(info) => {
+                let text = info.stream.unwrap_or_default();
+                for line in text.lines() {
+                    if let Some(id) = line.strip_prefix("Loaded image ID: ") {
+                        loaded.push(id.trim().to_owned());
+                    } else if let Some(name) = line.strip_prefix("Loaded image: ") {
+                        loaded.push(name.trim().to_owned());
+                    }
+                }
+            }
+            Err(error @ bollard::errors::Error::DockerResponseServerError { .. })
+            | Err(error @ bollard::errors::Error::DockerStreamError { .. }) => {
+                return Err(RunnerError::NotAnImage(error.to_string()));
+            }
+            Err(error) => return Err(engine_error(engine, "loading the image archive", error)),
+        }
+    }
+    // One image per job: an archive of several is refused rather than guessed from.
+    let [name] = loaded.as_slice() else {
+        return Err(RunnerError::NotAnImage(format!(
+            "the archive must hold exactly one image, the engine loaded {}",
+            loaded.len()
+        )));
+    };
+    inspect(engine, name)
+        .await?
+        .and_then(|image| image.id)
+        .ok_or_else(|| RunnerError::NotAnImage(format!("loaded {name}, which is not there")))
+}
+
+/// Fetches the image archive `hash` from `storage` into `dest` with the verified, resumable
+/// blob client. Bytes that do not match the hash are [`RunnerError::Integrity`].
+pub async fn fetch(
+    endpoint: &HordeEndpoint,
+    storage: &NodeAddr,
+    hash: BlobHash,
+    size: u64,
+    dest: &Path,
+) -> Result<(), RunnerError> {
+    if size > MAX_IMAGE_ARCHIVE {
+        return Err(RunnerError::Fetch(format!(
+            "the archive is {size} bytes, more than the {MAX_IMAGE_ARCHIVE} allowed"
+        )));
+    }
+    blob_client::get_to_file(
+        endpoint,
+        storage,
+        hash,
+        dest,
+        Some(size),
+        MAX_IMAGE_ARCHIVE,
+        &TransferPolicy::default(),
+        &mut NoProgress,
+    )
+    .await
+    .map_err(|error| {
+        if error.is_integrity() {
+            RunnerError::Integrity(error.to_string())
+        } else {
+            RunnerError::Fetch(error.to_string())
+        }
+    })?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    const DIGEST: &str = "sha256:00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+
+    #[test]
+    fn references_split_at_their_digest() {
+        assert_eq!(split_digest("busybox:1").unwrap(), ("busybox:1", None));
+        let pinned = format!("busybox:1@{DIGEST}");
+        assert_eq!(split_digest(&pinned).unwrap(), ("busybox:1", Some(DIGEST)));
+        for bad in ["busybox@sha256:12", "busybox@md5:00", &format!("@{DIGEST}")] {
+            assert!(
+                matches!(split_digest(bad), Err(RunnerError::InvalidReference { .. })),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_digest_matches_a_repo_digest_or_the_id() {
+        let by_id = ImageInspect {
+            id: Some(DIGEST.into()),
+            ..ImageInspect::default()
+        };
+        assert!(matches_digest(&by_id, DIGEST));
+        let pulled = ImageInspect {
+            id: Some("sha256:ff".into()),
+            repo_digests: Some(vec![format!("docker.io/library/busybox@{DIGEST}")]),
+            ..ImageInspect::default()
+        };
+        assert!(matches_digest(&pulled, DIGEST));
+        let other = ImageInspect {
+            id: Some("sha256:ff".into()),
+            repo_digests: Some(vec!["busybox@sha256:ee".into()]),
+            ..ImageInspect::default()
+        };
+        assert!(!matches_digest(&other, DIGEST));
+    }
+}
