@@ -284,3 +284,137 @@ impl<'a> Relay<'a> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use horde_protocol::messages::{DeclineReason, RejectReason};
+    use horde_transport::test_utils::{connected_pair, seeded_key};
+    use horde_transport::{FramedSend, accept_stream, open_session};
+    use tokio::sync::mpsc;
+
+    use super::*;
+
+    const JOB: JobId = JobId([9; 16]);
+
+    /// Forwards everything; its deadline, when set, fails the job.
+    struct PassThrough {
+        deadline: Option<Instant>,
+    }
+
+    impl RelayPolicy for PassThrough {
+        fn on_up(&mut self, message: UpMessage) -> Step {
+            Step::Up(message)
+        }
+        fn on_down(&mut self, message: DownMessage) -> Step {
+            Step::Down(message)
+        }
+        fn deadline(&self) -> Option<Instant> {
+            self.deadline
+        }
+        fn on_deadline(&mut self) -> Step {
+            Step::Fail {
+                code: codes::CANCELLED,
+                message: UpMessage::Rejected(RejectReason::Expired),
+            }
+        }
+    }
+
+    /// The previous hop: what it sent up, and a queue of nothing (it stays open).
+    struct Recorder {
+        sent: Vec<UpMessage>,
+        down: mpsc::Receiver<DownMessage>,
+    }
+
+    impl Upstream for Recorder {
+        async fn recv(&mut self) -> Result<Option<ControlMessage>, ChannelError> {
+            Ok(self.down.recv().await.map(ControlMessage::Down))
+        }
+        async fn send(&mut self, message: &UpMessage) -> Result<(), ChannelError> {
+            self.sent.push(message.clone());
+            Ok(())
+        }
+    }
+
+    /// Runs a relay with `policy` against a next hop that sends `messages`; returns the relay's
+    /// last message and what it sent up before.
+    async fn relay_against(
+        messages: Vec<ControlMessage>,
+        mut policy: PassThrough,
+    ) -> (Option<UpMessage>, Vec<UpMessage>) {
+        let pair = connected_pair().await;
+        let downstream = open_session(&pair.client, JOB, &DownMessage::Attach(JOB))
+            .await
+            .unwrap();
+        let (mut send, _recv, _first): (FramedSend, _, _) =
+            accept_stream(&pair.server).await.unwrap().unwrap();
+        for message in &messages {
+            send.send(message).await.unwrap();
+        }
+        let (_keep_open, down) = mpsc::channel(1);
+        let mut upstream = Recorder {
+            sent: Vec::new(),
+            down,
+        };
+        let hop = Hop {
+            role: Role::Miner,
+            hotkey: seeded_key(3).hotkey(),
+        };
+        let cancel = CancellationToken::new();
+        let relay = Relay::new(hop, "executor".to_owned(), "validator", downstream, &cancel);
+        let last = tokio::time::timeout(
+            Duration::from_secs(10),
+            relay.run(&mut upstream, &mut policy),
+        )
+        .await
+        .unwrap();
+        (last, upstream.sent)
+    }
+
+    /// A job's last message ends the relay, `Rejected` and `Declined` included; what came
+    /// before it went up in order.
+    #[tokio::test]
+    async fn the_jobs_last_message_ends_the_relay() {
+        for last in [
+            UpMessage::Rejected(RejectReason::Expired),
+            UpMessage::Declined(DeclineReason::Busy),
+        ] {
+            let messages = vec![
+                ControlMessage::Up(UpMessage::Accepted),
+                ControlMessage::Up(last.clone()),
+                ControlMessage::Up(UpMessage::ExecutorReady),
+            ];
+            let (end, sent) = relay_against(messages, PassThrough { deadline: None }).await;
+            assert_eq!(end, Some(last));
+            assert_eq!(sent, vec![UpMessage::Accepted]);
+        }
+    }
+
+    /// A message on the wrong side from the next hop is a protocol violation, reported up as
+    /// `HordeFailed` by this hop.
+    #[tokio::test]
+    async fn a_down_message_from_the_next_hop_fails_the_job() {
+        let messages = vec![ControlMessage::Down(DownMessage::Attach(JOB))];
+        let (end, _) = relay_against(messages, PassThrough { deadline: None }).await;
+        match end {
+            Some(UpMessage::HordeFailed(failure)) => {
+                assert_eq!(failure.reported_by, Role::Miner);
+                assert!(
+                    failure.reason.contains("violated the protocol"),
+                    "{failure:?}"
+                );
+            }
+            other => panic!("expected HordeFailed, got {other:?}"),
+        }
+    }
+
+    /// The policy's deadline ends the relay with the policy's step.
+    #[tokio::test]
+    async fn the_deadline_ends_the_relay() {
+        let deadline = Some(Instant::now() + Duration::from_millis(50));
+        let (end, sent) = relay_against(Vec::new(), PassThrough { deadline }).await;
+        assert_eq!(end, Some(UpMessage::Rejected(RejectReason::Expired)));
+        assert!(sent.is_empty());
+    }
+}
