@@ -4,6 +4,10 @@
 //! Layout:
 //! - `server/config.rs`: the TOML node configuration ([`config::NodeConfig`]), validated at load.
 //! - `server/node.rs`: start-up and shutdown ([`RunningNode`], [`run_until_signal`]).
+//! - `server/role.rs`: how every role starts and stops: `start(…) -> RoleHandle`, a `JoinSet`
+//!   under the role's child cancellation token, one `shutdown(grace)` for all.
+//! - `server/relay.rs`: the relay loop of one hop (`Relay`, driven by a role's `RelayPolicy`)
+//!   and `Hop::failed`, the one way a hop reports `HordeFailed`.
 //! - `server/streams.rs`: incoming job streams dispatched to a role, and outgoing connections
 //!   shared by every job to a peer.
 //! - `server/receipts.rs`: the accounting-receipt log validators and miners keep.
@@ -21,6 +25,8 @@ pub mod facilitator;
 pub mod miner;
 mod node;
 pub mod receipts;
+mod relay;
+mod role;
 pub mod storage;
 mod streams;
 pub mod supervision;

@@ -29,19 +29,17 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use horde_protocol::messages::{
-    Assignment, HordeFailure, JobFailure, RejectReason, ReportVerdict, StatusUpdate,
-};
+use horde_protocol::messages::{Assignment, RejectReason, ReportVerdict, StatusUpdate};
 use horde_protocol::{
     ControlMessage, Deadlines, DownMessage, Hotkey, JobId, JobSpec, JobStatus, MinerReport,
     NodeAddr, Role, Signed, UnixMillis, UpMessage, VerifiedReport, verify_report,
 };
 use horde_transport::{
-    ALPN_CONTROL, FramedRecv, FramedSend, HordeEndpoint, JobSession, codes, open_session,
+    ALPN_CONTROL, ChannelError, FramedRecv, FramedSend, HordeEndpoint, JobSession, codes,
+    open_session,
 };
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::{Instrument as _, debug, info, info_span, warn};
 
 use horde_protocol::MAX_CLOCK_SKEW_MS;
@@ -49,6 +47,10 @@ use horde_protocol::MAX_CLOCK_SKEW_MS;
 use crate::clock::now;
 use crate::server::config::FacilitatorConfig;
 use crate::server::discovery::{Directory, KnownPeers, wait_for_records};
+use crate::server::relay::{
+    Hop, Relay, RelayPolicy, Step, Upstream, bad_endpoint_record, endpoint_record_holds,
+};
+use crate::server::role::{ChildTasks, RoleHandle, Service, join_all};
 use crate::server::streams::Peers;
 use crate::server::streams::{request, serve_streams};
 use store::{JobStore, StoreError};
@@ -94,7 +96,7 @@ pub struct Facilitator {
     cancel: CancellationToken,
     /// The job drivers ([`Facilitator::drive_job`]): they outlive the client's stream (a client
     /// may re-attach) and end with the job or on `cancel`; shutdown waits for them.
-    jobs: TaskTracker,
+    jobs: Mutex<ChildTasks>,
 }
 
 fn total_deadline(deadlines: &Deadlines) -> Duration {
@@ -109,48 +111,129 @@ fn total_deadline(deadlines: &Deadlines) -> Duration {
 }
 
 /// Maps a message from the validator to the status the client sees.
-fn status_of(message: UpMessage) -> Option<JobStatus> {
+fn status_of(message: &UpMessage) -> Option<JobStatus> {
     Some(match message {
         UpMessage::Accepted => JobStatus::Accepted,
-        UpMessage::Declined(reason) => JobStatus::Rejected(RejectReason::Declined(reason)),
+        UpMessage::Declined(reason) => JobStatus::Rejected(RejectReason::Declined(reason.clone())),
         UpMessage::ExecutorReady => JobStatus::ExecutorReady,
-        UpMessage::Endpoint(record) => JobStatus::EndpointReady(record),
-        UpMessage::VolumesFetched { volume_msg_id } => JobStatus::VolumesFetched { volume_msg_id },
-        UpMessage::UploadDone(done) => JobStatus::UploadDone(done),
-        UpMessage::Finished(finished) => JobStatus::Completed(finished),
-        UpMessage::Failed(failure) => JobStatus::Failed(failure),
-        UpMessage::HordeFailed(failure) => JobStatus::HordeFailed(failure),
-        UpMessage::Rejected(reason) => JobStatus::Rejected(reason),
+        UpMessage::Endpoint(record) => JobStatus::EndpointReady(record.clone()),
+        UpMessage::VolumesFetched { volume_msg_id } => JobStatus::VolumesFetched {
+            volume_msg_id: *volume_msg_id,
+        },
+        UpMessage::UploadDone(done) => JobStatus::UploadDone(done.clone()),
+        UpMessage::Finished(finished) => JobStatus::Completed(finished.clone()),
+        UpMessage::Failed(failure) => JobStatus::Failed(failure.clone()),
+        UpMessage::HordeFailed(failure) => JobStatus::HordeFailed(failure.clone()),
+        UpMessage::Rejected(reason) => JobStatus::Rejected(reason.clone()),
         UpMessage::EndpointReady(_) | UpMessage::Status(_) => return None,
         _ => return None,
     })
 }
 
+/// The facilitator's relay policy: the validator's messages become the client's statuses, the
+/// endpoint record must be the chosen miner's, and a validator that does not end the job within
+/// all its stage deadlines plus `validator_silence_ms` fails it.
+#[derive(Debug)]
+struct ValidatorSilence {
+    hop: Hop,
+    job_id: JobId,
+    miner: Hotkey,
+    validator: Hotkey,
+    limit: Duration,
+    deadline: tokio::time::Instant,
+}
+
+impl RelayPolicy for ValidatorSilence {
+    fn on_up(&mut self, message: UpMessage) -> Step {
+        match message {
+            UpMessage::EndpointReady(_) | UpMessage::Status(_) => {
+                warn!("validator sent a message clients never see; ignored");
+                Step::Drop
+            }
+            UpMessage::Endpoint(record) => {
+                if endpoint_record_holds(&record, self.job_id, &self.miner, now()) {
+                    Step::Up(UpMessage::Endpoint(record))
+                } else {
+                    bad_endpoint_record()
+                }
+            }
+            other => Step::Up(other),
+        }
+    }
+
+    /// Checked against the job's owner when the client sent it ([`Facilitator::serve_client`]).
+    fn on_down(&mut self, message: DownMessage) -> Step {
+        Step::Down(message)
+    }
+
+    fn deadline(&self) -> Option<tokio::time::Instant> {
+        Some(self.deadline)
+    }
+
+    fn on_deadline(&mut self) -> Step {
+        Step::Fail {
+            code: codes::CANCELLED,
+            message: self.hop.failed_up(format!(
+                "validator {} did not end the job within its deadlines ({:?})",
+                self.validator, self.limit
+            )),
+        }
+    }
+}
+
+/// The client's side of a job on the facilitator: client messages come from the job's queue,
+/// statuses go to the store and to attached clients.
+struct ClientSide<'a> {
+    facilitator: &'a Facilitator,
+    job_id: JobId,
+    live: &'a LiveJob,
+    down: &'a mut mpsc::Receiver<DownMessage>,
+}
+
+impl Upstream for ClientSide<'_> {
+    async fn recv(&mut self) -> Result<Option<ControlMessage>, ChannelError> {
+        Ok(self.down.recv().await.map(ControlMessage::Down))
+    }
+
+    async fn send(&mut self, message: &UpMessage) -> Result<(), ChannelError> {
+        match status_of(message) {
+            Some(status) => {
+                self.facilitator
+                    .record(self.job_id, self.live, status)
+                    .await;
+            }
+            None => warn!("validator sent a message clients never see; ignored"),
+        }
+        Ok(())
+    }
+}
+
 impl Facilitator {
-    /// Opens the store, fails jobs a previous run left unfinished, and returns the service.
+    /// Opens the store, fails jobs a previous run left unfinished, and starts the role: its
+    /// handle owns the job drivers, which end (failing their jobs `HordeFailed`) on `cancel`.
     /// Validators and miners come from `config` and, when discovery runs, from `directory`.
-    pub async fn start(
+    pub(crate) async fn start(
         endpoint: Arc<HordeEndpoint>,
         store: JobStore,
         config: FacilitatorConfig,
         directory: Option<Arc<Directory>>,
         cancel: CancellationToken,
-    ) -> Result<Arc<Self>, StoreError> {
+    ) -> Result<RoleHandle, StoreError> {
         let hotkey = endpoint.hotkey();
         for job_id in store.unfinished().await? {
-            let failure = HordeFailure {
-                reported_by: Role::Facilitator,
-                reporter: hotkey,
-                reason: "facilitator restarted while the job was running; its session was lost"
-                    .to_owned(),
+            let hop = Hop {
+                role: Role::Facilitator,
+                hotkey,
             };
+            let failure =
+                hop.failed("facilitator restarted while the job was running; its session was lost");
             store
                 .append_status(job_id, JobStatus::HordeFailed(failure), now())
                 .await?;
             warn!(job = %job_id.fmt_short(), "failed job left unfinished by a previous run");
         }
         let excluded = store.exclusions().await?.into_iter().collect();
-        Ok(Arc::new(Self {
+        let facilitator = Arc::new(Self {
             hotkey,
             peers: Peers::new(endpoint),
             store,
@@ -165,16 +248,23 @@ impl Facilitator {
             excluded: Mutex::new(excluded),
             next_miner: AtomicUsize::new(0),
             next_validator: AtomicUsize::new(0),
-            cancel,
-            jobs: TaskTracker::new(),
-        }))
+            cancel: cancel.clone(),
+            jobs: Mutex::new(ChildTasks::default()),
+        });
+        let service = Service::Facilitator(Arc::clone(&facilitator));
+        let mut handle = RoleHandle::new(Role::Facilitator, service, cancel.clone());
+        handle.spawn(async move {
+            cancel.cancelled().await;
+            let drivers = facilitator.lock_jobs().close();
+            join_all(drivers).await;
+        });
+        Ok(handle)
     }
 
-    /// Waits for every job driver to end (they end on the facilitator's cancellation, failing
-    /// their jobs `HordeFailed`).
-    pub async fn wait_for_jobs(&self) {
-        self.jobs.close();
-        self.jobs.wait().await;
+    fn lock_jobs(&self) -> std::sync::MutexGuard<'_, ChildTasks> {
+        self.jobs
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Serves one client connection: each stream is a submission or an attach.
@@ -292,12 +382,19 @@ impl Facilitator {
 
         let span = info_span!("job", job = %job_id.fmt_short());
         let driver = Arc::clone(&self);
-        self.jobs.spawn(
-            async move {
-                driver.drive_job(job_id, signed, spec, live, down_rx).await;
+        let driving = async move {
+            driver.drive_job(job_id, signed, spec, live, down_rx).await;
+        };
+        let started = self.lock_jobs().spawn(driving.instrument(span.clone()));
+        if started.is_err() {
+            // Shutting down: the job ends here, as its driver would have ended it.
+            let live = self.lock_live().remove(&job_id);
+            if let Some(live) = live {
+                let failure = self.hop().failed("facilitator shutting down");
+                self.record(job_id, &live, JobStatus::HordeFailed(failure))
+                    .await;
             }
-            .instrument(span.clone()),
-        );
+        }
         self.serve_client(send, recv, job_id, vec![received], Some(live_rx), peer)
             .instrument(span)
             .await;
@@ -600,12 +697,11 @@ impl Facilitator {
         terminal
     }
 
-    fn horde_failed(&self, reason: String) -> JobStatus {
-        JobStatus::HordeFailed(HordeFailure {
-            reported_by: Role::Facilitator,
-            reporter: self.hotkey,
-            reason,
-        })
+    fn hop(&self) -> Hop {
+        Hop {
+            role: Role::Facilitator,
+            hotkey: self.hotkey,
+        }
     }
 
     async fn drive_job(
@@ -658,7 +754,7 @@ impl Facilitator {
                 Err(error) => warn!(validator = %validator.hotkey, %error, "validator unreachable"),
             }
         }
-        let Some((validator, mut session)) = session else {
+        let Some((validator, session)) = session else {
             return Some(JobStatus::Rejected(RejectReason::NoValidator));
         };
         if self
@@ -676,73 +772,32 @@ impl Facilitator {
         }
         let limit = total_deadline(&spec.deadlines)
             + Duration::from_millis(self.config.validator_silence_ms);
-        let deadline = tokio::time::sleep(limit);
-        tokio::pin!(deadline);
-        loop {
-            tokio::select! {
-                biased;
-                () = self.cancel.cancelled() => {
-                    session.abort(codes::SHUTDOWN);
-                    return Some(self.horde_failed("facilitator shutting down".to_owned()));
-                }
-                () = &mut deadline => {
-                    session.abort(codes::CANCELLED);
-                    return Some(self.horde_failed(format!(
-                        "validator {validator} did not end the job within its deadlines ({limit:?})"
-                    )));
-                }
-                message = session.recv() => match message {
-                    Ok(Some(ControlMessage::Up(message))) => {
-                        let Some(status) = status_of(message) else {
-                            warn!("validator sent a message clients never see; ignored");
-                            continue;
-                        };
-                        let status = match status {
-                            JobStatus::EndpointReady(record) => {
-                                match record.verify_by(&miner.hotkey) {
-                                    Ok(content) if content.job_id == job_id && content.miner == miner.hotkey => {
-                                        JobStatus::EndpointReady(record)
-                                    }
-                                    Ok(_) | Err(_) => {
-                                        session.abort(codes::PROTOCOL_VIOLATION);
-                                        return Some(JobStatus::Failed(JobFailure {
-                                            stage: horde_protocol::Stage::Readiness,
-                                            reason: horde_protocol::messages::FailureReason::BadEndpointRecord(
-                                                "endpoint record not signed by the chosen miner for this job".to_owned(),
-                                            ),
-                                            result: None,
-                                        }));
-                                    }
-                                }
-                            }
-                            other => other,
-                        };
-                        if self.record(job_id, live, status).await {
-                            let _ = session.finish();
-                            return None;
-                        }
-                    }
-                    Ok(Some(other)) => {
-                        warn!(message = ?other, "unexpected message from validator");
-                    }
-                    Ok(None) => {
-                        return Some(self.horde_failed(format!(
-                            "validator {validator} ended the job session without a result"
-                        )));
-                    }
-                    Err(error) => {
-                        return Some(self.horde_failed(format!(
-                            "validator {validator} link lost: {error}"
-                        )));
-                    }
-                },
-                Some(message) = down_rx.recv() => {
-                    if let Err(error) = session.send_down(&message).await {
-                        warn!(%error, "could not relay client message to validator");
-                    }
-                }
-            }
-        }
+        let mut policy = ValidatorSilence {
+            job_id,
+            miner: miner.hotkey,
+            validator,
+            limit,
+            deadline: tokio::time::Instant::now() + limit,
+            hop: self.hop(),
+        };
+        let mut client = ClientSide {
+            facilitator: self,
+            job_id,
+            live,
+            down: down_rx,
+        };
+        let relay = Relay::new(
+            self.hop(),
+            format!("validator {validator}"),
+            "client",
+            session,
+            &self.cancel,
+        );
+        relay
+            .run(&mut client, &mut policy)
+            .await
+            .as_ref()
+            .and_then(status_of)
     }
 
     async fn open_validator_session(

@@ -28,22 +28,23 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use horde_protocol::messages::{
-    DeclineReason, ExecutorRegistration, HordeFailure, InitialJobDetails, ReceiptReply,
+    DeclineReason, ExecutorRegistration, InitialJobDetails, ReceiptReply,
 };
 use horde_protocol::{
     AccountingReceipt, AccountingRecord, ClassCapacity, ControlMessage, Countersignature,
-    DownMessage, EndpointRecord, ExecutorClass, Hotkey, JobId, JobOutcome, ReceiptKind, Role,
-    SecretKey, Signed, UpMessage, verify_receipt,
+    Deadlines, DownMessage, EndpointRecord, ExecutorClass, Hotkey, JobId, JobOutcome, ReceiptKind,
+    Role, SecretKey, Signed, UpMessage, verify_receipt,
 };
 use horde_transport::{FramedRecv, FramedSend, JobSession, codes, open_session};
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::{Instrument as _, debug, info, info_span, warn};
 
 use crate::clock::now;
 use crate::server::config::MinerConfig;
 use crate::server::receipts::ReceiptStore;
+use crate::server::relay::{Hop, Relay, RelayPolicy, Step, ends_job};
+use crate::server::role::{ChildTasks, RoleHandle, Service, join_all};
 use crate::server::streams::serve_streams;
 use crate::server::supervision;
 
@@ -185,6 +186,8 @@ struct Pool {
     /// Set by [`Miner::kill_executors`]: no executor is started any more, so none outlives the
     /// shutdown (set and checked under the pool lock, so no spawn slips in after the kill).
     closed: bool,
+    /// The executor watchers ([`watch_executor`]), one per process; shutdown waits for them.
+    watchers: ChildTasks,
 }
 
 /// The miner service.
@@ -203,8 +206,6 @@ pub struct Miner {
     /// Signalled when a job starts being tracked.
     jobs_changed: Notify,
     cancel: CancellationToken,
-    /// The executor watchers ([`watch_executor`]), one per process; shutdown waits for them.
-    tasks: TaskTracker,
 }
 
 /// Free and total executors of each configured class: a class is free up to `max_executors`
@@ -275,8 +276,20 @@ impl Miner {
             jobs: Mutex::new(HashMap::new()),
             jobs_changed: Notify::new(),
             cancel,
-            tasks: TaskTracker::new(),
         })
+    }
+
+    /// Starts the role: the `prewarm` executors of every class, and a task that, once the
+    /// miner's token is cancelled, kills every executor and waits until each one is reaped.
+    pub(crate) fn start(self: Arc<Self>) -> RoleHandle {
+        self.prewarm();
+        let service = Service::Miner(Arc::clone(&self));
+        let mut handle = RoleHandle::new(Role::Miner, service, self.cancel.clone());
+        handle.spawn(async move {
+            self.cancel.cancelled().await;
+            self.shutdown().await;
+        });
+        handle
     }
 
     /// Free executors per class, now and on every change (for the miner's node record).
@@ -432,7 +445,7 @@ impl Miner {
     }
 
     /// Starts the `prewarm` executors of every class.
-    pub fn prewarm(self: &Arc<Self>) {
+    fn prewarm(self: &Arc<Self>) {
         for class in &self.config.classes {
             for _ in 0..class.prewarm {
                 if let Err(error) = self.spawn_executor(&class.class) {
@@ -443,7 +456,7 @@ impl Miner {
     }
 
     /// Kills every executor process, and starts no other one from now on.
-    pub fn kill_executors(&self) {
+    fn kill_executors(&self) {
         let mut pool = self.lock_pool();
         pool.closed = true;
         for slot in pool.slots.values() {
@@ -460,9 +473,9 @@ impl Miner {
 
     /// Waits until every executor's watcher has ended (after [`Miner::kill_executors`]: each
     /// process reaped).
-    pub async fn wait_for_executors(&self) {
-        self.tasks.close();
-        self.tasks.wait().await;
+    async fn wait_for_executors(&self) {
+        let watchers = self.lock_pool().watchers.close();
+        join_all(watchers).await;
     }
 
     fn spawn_executor(self: &Arc<Self>, class: &ExecutorClass) -> Result<u64, String> {
@@ -540,8 +553,10 @@ impl Miner {
             self.config.registration_timeout,
             log,
         );
-        pool.slots.insert(id, slot);
-        self.tasks.spawn(watcher.instrument(span));
+        // Only fails once the executors are killed, and then dropping the watcher kills this one.
+        if pool.watchers.spawn(watcher.instrument(span)).is_ok() {
+            pool.slots.insert(id, slot);
+        }
     }
 
     /// Slot `id` has not registered within the registration timeout: if it is still starting,
@@ -771,12 +786,11 @@ impl Miner {
         info!(slot = slot_id, "executor gone");
     }
 
-    fn horde_failed(&self, reason: String) -> UpMessage {
-        UpMessage::HordeFailed(HordeFailure {
-            reported_by: Role::Miner,
-            reporter: self.key.hotkey(),
-            reason,
-        })
+    fn hop(&self) -> Hop {
+        Hop {
+            role: Role::Miner,
+            hotkey: self.key.hotkey(),
+        }
     }
 
     async fn handle_job(
@@ -821,7 +835,11 @@ impl Miner {
             Ok(session) => session,
             Err(error) => {
                 let _ = upstream
-                    .send_up(&self.horde_failed(format!("executor unreachable: {error}")))
+                    .send_up(
+                        &self
+                            .hop()
+                            .failed_up(format!("executor unreachable: {error}")),
+                    )
                     .await;
                 let _ = upstream.finish();
                 return;
@@ -832,88 +850,86 @@ impl Miner {
             downstream.abort(codes::CANCELLED);
             return;
         }
-        let mut validator_open = true;
-        loop {
-            tokio::select! {
-                biased;
-                () = self.cancel.cancelled() => {
-                    downstream.abort(codes::SHUTDOWN);
-                    let _ = upstream.send_up(&self.horde_failed("miner shutting down".into())).await;
-                    break;
-                }
-                message = downstream.recv() => {
-                    let message = match message {
-                        Ok(Some(ControlMessage::Up(message))) => message,
-                        Ok(Some(other)) => {
-                            warn!(message = ?other, "unexpected message from executor");
-                            downstream.abort(codes::PROTOCOL_VIOLATION);
-                            let _ = upstream.send_up(&self.horde_failed("executor violated the protocol".into())).await;
-                            break;
-                        }
-                        Ok(None) => {
-                            let _ = upstream.send_up(&self.horde_failed("executor ended the job session without a result".into())).await;
-                            break;
-                        }
-                        Err(error) => {
-                            let _ = upstream.send_up(&self.horde_failed(format!("executor lost: {error}"))).await;
-                            break;
-                        }
-                    };
-                    let message = match message {
-                        UpMessage::EndpointReady(ready) => {
-                            let record = EndpointRecord {
-                                job_id,
-                                miner: self.key.hotkey(),
-                                address: ready.address,
-                                job_key: ready.job_key,
-                                expires_at: now().plus_millis(
-                                    deadlines
-                                        .execution_ms
-                                        .saturating_add(deadlines.upload_ms)
-                                        .saturating_add(ENDPOINT_RECORD_MARGIN_MS),
-                                ),
-                            };
-                            UpMessage::Endpoint(Signed::sign(&self.key, &record))
-                        }
-                        other => other,
-                    };
-                    let terminal = matches!(
-                        message,
-                        UpMessage::Finished(_) | UpMessage::Failed(_) | UpMessage::HordeFailed(_) | UpMessage::Declined(_)
-                    );
-                    if terminal {
-                        let completed = matches!(message, UpMessage::Finished(_));
-                        self.update_job(job_id, |job| job.completed = Some(completed));
-                    }
-                    if upstream.send_up(&message).await.is_err() {
-                        warn!("validator link lost; ending the job");
-                        downstream.abort(codes::CANCELLED);
-                        break;
-                    }
-                    if terminal {
-                        break;
-                    }
-                }
-                message = upstream.recv(), if validator_open => match message {
-                    Ok(Some(ControlMessage::Down(message))) => {
-                        if let Err(error) = downstream.send_down(&message).await {
-                            let _ = upstream.send_up(&self.horde_failed(format!("executor lost: {error}"))).await;
-                            break;
-                        }
-                    }
-                    Ok(Some(other)) => warn!(message = ?other, "unexpected message from validator"),
-                    Ok(None) => validator_open = false,
-                    Err(error) => {
-                        warn!(%error, "validator link lost; ending the job");
-                        downstream.abort(codes::CANCELLED);
-                        break;
-                    }
-                },
-            }
+        let mut policy = ExecutorSide {
+            miner: &self,
+            job_id,
+            deadlines,
+        };
+        let relay = Relay::new(
+            self.hop(),
+            "executor".to_owned(),
+            "validator",
+            downstream,
+            &self.cancel,
+        );
+        if let Some(last) = relay.run(&mut upstream, &mut policy).await
+            && let Err(error) = upstream.send_up(&last).await
+        {
+            warn!(%error, "could not report to the validator");
         }
         let _ = upstream.finish();
         drop(reservation);
         debug!("job over; executor released");
+    }
+}
+
+/// The miner's relay policy: the executor's `EndpointReady` becomes an [`EndpointRecord`] signed
+/// with the miner's hotkey, the job's end is remembered for its receipts, and only the messages a
+/// validator sends after the initial details (full details, volume lists, terminate requests)
+/// go down. No deadline of its own: the validator enforces the stages.
+#[derive(Debug)]
+struct ExecutorSide<'a> {
+    miner: &'a Miner,
+    job_id: JobId,
+    deadlines: Deadlines,
+}
+
+impl RelayPolicy for ExecutorSide<'_> {
+    fn on_up(&mut self, message: UpMessage) -> Step {
+        let message = match message {
+            UpMessage::EndpointReady(ready) => {
+                let record = EndpointRecord {
+                    job_id: self.job_id,
+                    miner: self.miner.key.hotkey(),
+                    address: ready.address,
+                    job_key: ready.job_key,
+                    expires_at: now().plus_millis(
+                        self.deadlines
+                            .execution_ms
+                            .saturating_add(self.deadlines.upload_ms)
+                            .saturating_add(ENDPOINT_RECORD_MARGIN_MS),
+                    ),
+                };
+                UpMessage::Endpoint(Signed::sign(&self.miner.key, &record))
+            }
+            other => other,
+        };
+        if ends_job(&message) {
+            let completed = matches!(message, UpMessage::Finished(_));
+            self.miner
+                .update_job(self.job_id, |job| job.completed = Some(completed));
+        }
+        Step::Up(message)
+    }
+
+    fn on_down(&mut self, message: DownMessage) -> Step {
+        match message {
+            DownMessage::FullDetails(_) | DownMessage::Volumes(_) | DownMessage::Terminate(_) => {
+                Step::Down(message)
+            }
+            other => {
+                warn!(message = ?other, "unexpected message from validator");
+                Step::Drop
+            }
+        }
+    }
+
+    fn deadline(&self) -> Option<tokio::time::Instant> {
+        None
+    }
+
+    fn on_deadline(&mut self) -> Step {
+        Step::Drop
     }
 }
 

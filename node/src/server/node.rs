@@ -10,14 +10,17 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument as _, debug, info, info_span, warn};
 
+use crate::server::config::ExecutorConfig;
 use crate::server::config::NodeConfig;
+use crate::server::discovery::Directory;
 use crate::server::discovery::{Discovery, DiscoveryError, LocalNode};
 use crate::server::executor;
 use crate::server::facilitator::Facilitator;
 use crate::server::facilitator::store::{JobStore, StoreError};
 use crate::server::miner::Miner;
 use crate::server::receipts::ReceiptStore;
-use crate::server::storage::BlobStore;
+use crate::server::role::{RoleHandle, Service};
+use crate::server::storage::{self, BlobStore};
 use crate::server::validator::Validator;
 
 /// How long shutdown waits for the node's tasks to end and its connections to close before it
@@ -67,27 +70,14 @@ pub fn role_alpns(role: Role) -> &'static [&'static [u8]] {
     }
 }
 
-/// The service a role runs on incoming connections.
-#[derive(Debug, Clone)]
-enum Service {
-    Facilitator(Arc<Facilitator>),
-    Validator(Arc<Validator>),
-    Miner(Arc<Miner>),
-    Storage(Arc<BlobStore>),
-    /// Executors dial their miner; they accept nothing.
-    None,
-}
-
 /// A running node. Dropping it does not stop it: call [`RunningNode::shutdown`].
 #[derive(Debug)]
 pub struct RunningNode {
     role: Role,
     endpoint: Arc<HordeEndpoint>,
     cancel: CancellationToken,
-    tasks: JoinSet<()>,
-    service: Service,
-    /// Cancelled when the role's own work ends (an executor whose miner went away).
-    role_done: CancellationToken,
+    /// The role's tasks, the accept loop and its connections among them.
+    tasks: RoleHandle,
     discovery: Option<Discovery>,
 }
 
@@ -109,13 +99,11 @@ impl RunningNode {
             .with_max_connections_per_peer(config.max_connections_per_peer);
         let endpoint = Arc::new(HordeEndpoint::bind(&key, endpoint_config)?);
         let cancel = CancellationToken::new();
-        let role_done = CancellationToken::new();
-        let mut tasks = JoinSet::new();
         let listen = endpoint.local_addr().map_err(|source| NodeError::DataDir {
             path: "listen address".to_owned(),
             source,
         })?;
-        // Miners publish their free capacity; the service is built first so it can be watched.
+        // Miners publish their free capacity; the miner is built first so it can be watched.
         let miner = match (config.role, &config.miner) {
             (Role::Miner, Some(miner_config)) => Some(Miner::new(
                 key.clone(),
@@ -146,82 +134,30 @@ impl RunningNode {
             None
         };
         let directory = discovery.as_ref().map(|d| Arc::clone(d.directory()));
-        let service = match config.role {
-            Role::Facilitator => {
-                let store = JobStore::open(&config.data_dir.join("jobs.redb"))?;
-                Service::Facilitator(
-                    Facilitator::start(
-                        Arc::clone(&endpoint),
-                        store,
-                        config.facilitator.clone(),
-                        directory,
-                        cancel.child_token(),
-                    )
-                    .await?,
-                )
-            }
-            Role::Validator => Service::Validator(
-                Validator::new(
-                    Arc::clone(&endpoint),
-                    key.clone(),
-                    config.validator.clone(),
-                    directory,
-                    ReceiptStore::open(&config.data_dir, config.receipts.max_log_bytes)?,
-                    config.receipts.countersign_timeout,
-                    cancel.child_token(),
-                )
-                .map_err(|e| NodeError::Config(e.to_string()))?,
-            ),
-            Role::Miner => match miner {
-                Some(miner) => {
-                    miner.prewarm();
-                    Service::Miner(miner)
-                }
-                None => Service::None,
-            },
-            Role::Storage => Service::Storage(Arc::new(
-                BlobStore::open(&config.data_dir, config.storage.clone())
-                    .map_err(NodeError::Blobs)?,
-            )),
-            Role::Executor => {
-                let executor_config = config.executor.clone().ok_or_else(|| {
-                    NodeError::Config("role executor needs an [executor] section".to_owned())
-                })?;
-                let endpoint = Arc::clone(&endpoint);
-                let data_dir = config.data_dir.clone();
-                let cancel = cancel.child_token();
-                let done = role_done.clone();
-                tasks.spawn(async move {
-                    if let Err(error) =
-                        executor::run(endpoint, executor_config, data_dir, cancel).await
-                    {
-                        warn!(%error, "executor stopped");
-                    }
-                    done.cancel();
-                });
-                Service::None
-            }
-            _ => Service::None,
-        };
-        tasks.spawn(accept_loop(
-            service.clone(),
-            Arc::clone(&endpoint),
+        let mut tasks = start_role(
+            &config,
+            &key,
+            &endpoint,
+            directory,
+            miner,
             cancel.child_token(),
-        ));
+        )
+        .await?;
+        let service = tasks.service().clone();
+        let accepting = accept_loop(service, Arc::clone(&endpoint), tasks.cancel().child_token());
+        tasks.spawn(accepting);
         Ok(Self {
             role: config.role,
             endpoint,
             cancel,
             tasks,
-            service,
-            role_done,
             discovery,
         })
     }
 
     /// Resolves when the role's own work ended (only executors end by themselves).
     pub async fn role_done(&self) {
-        self.role_done.cancelled().await;
+        self.tasks.done().await;
     }
 
     /// The node's role.
@@ -253,31 +189,87 @@ impl RunningNode {
     /// node's tasks (connections and their streams, the role's own tasks: a miner's executors
     /// reaped, a facilitator's jobs ended, discovery stopped) and for the close to reach peers,
     /// bounded by a grace period.
-    pub async fn shutdown(mut self) {
+    pub async fn shutdown(self) {
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
         self.cancel.cancel();
-        if let Service::Miner(miner) = &self.service {
-            miner.kill_executors();
-        }
         self.endpoint.close(codes::SHUTDOWN, b"node shutting down");
-        let discovery = self.discovery.take();
-        let drain = async {
-            while self.tasks.join_next().await.is_some() {}
-            match &self.service {
-                // Killed above, at the start of the shutdown.
-                Service::Miner(miner) => miner.wait_for_executors().await,
-                Service::Facilitator(facilitator) => facilitator.wait_for_jobs().await,
-                _ => {}
-            }
-            if let Some(discovery) = discovery {
+        self.tasks.shutdown(SHUTDOWN_GRACE).await;
+        let rest = async {
+            if let Some(discovery) = self.discovery {
                 discovery.stopped().await;
             }
             self.endpoint.wait_idle().await;
         };
-        if tokio::time::timeout(SHUTDOWN_GRACE, drain).await.is_err() {
-            warn!("shutdown grace period over; aborting remaining tasks");
-            self.tasks.abort_all();
+        if tokio::time::timeout_at(deadline, rest).await.is_err() {
+            warn!("shutdown grace period over; not waiting for discovery and the endpoint");
         }
     }
+}
+
+/// Starts `config.role` under `cancel` (a child of the node's token): every role the same way,
+/// `start(…) -> RoleHandle`. `miner` is the miner built before discovery started.
+async fn start_role(
+    config: &NodeConfig,
+    key: &SecretKey,
+    endpoint: &Arc<HordeEndpoint>,
+    directory: Option<Arc<Directory>>,
+    miner: Option<Arc<Miner>>,
+    cancel: CancellationToken,
+) -> Result<RoleHandle, NodeError> {
+    Ok(match config.role {
+        Role::Facilitator => {
+            let store = JobStore::open(&config.data_dir.join("jobs.redb"))?;
+            let facilitator = config.facilitator.clone();
+            Facilitator::start(Arc::clone(endpoint), store, facilitator, directory, cancel).await?
+        }
+        Role::Validator => Validator::new(
+            Arc::clone(endpoint),
+            key.clone(),
+            config.validator.clone(),
+            directory,
+            ReceiptStore::open(&config.data_dir, config.receipts.max_log_bytes)?,
+            config.receipts.countersign_timeout,
+            cancel,
+        )
+        .map_err(|e| NodeError::Config(e.to_string()))?
+        .start(),
+        Role::Miner => match miner {
+            Some(miner) => miner.start(),
+            None => RoleHandle::new(Role::Miner, Service::None, cancel),
+        },
+        Role::Storage => storage::start(
+            BlobStore::open(&config.data_dir, config.storage.clone()).map_err(NodeError::Blobs)?,
+            cancel,
+        ),
+        Role::Executor => {
+            let executor_config = config.executor.clone().ok_or_else(|| {
+                NodeError::Config("role executor needs an [executor] section".to_owned())
+            })?;
+            start_executor(endpoint, executor_config, config, cancel)
+        }
+        other => RoleHandle::new(other, Service::None, cancel),
+    })
+}
+
+/// The executor role: its one task is [`executor::run`], which ends by itself when its miner
+/// goes away (the node then stops, see [`RunningNode::role_done`]).
+fn start_executor(
+    endpoint: &Arc<HordeEndpoint>,
+    executor_config: ExecutorConfig,
+    config: &NodeConfig,
+    cancel: CancellationToken,
+) -> RoleHandle {
+    let mut handle = RoleHandle::new(Role::Executor, Service::None, cancel.clone());
+    let endpoint = Arc::clone(endpoint);
+    let data_dir = config.data_dir.clone();
+    let done = handle.done_token();
+    handle.spawn(async move {
+        if let Err(error) = executor::run(endpoint, executor_config, data_dir, cancel).await {
+            warn!(%error, "executor stopped");
+        }
+        done.cancel();
+    });
+    handle
 }
 
 async fn accept_loop(service: Service, endpoint: Arc<HordeEndpoint>, cancel: CancellationToken) {
@@ -332,7 +324,7 @@ async fn handle_connection(
         }
         (Service::Miner(miner), ALPN_CONTROL) => miner.handle_connection(connection, peer).await,
         (Service::Storage(store), ALPN_BLOB) => {
-            crate::server::storage::serve_connection(connection, store, cancel).await;
+            storage::serve_connection(connection, store, cancel).await;
         }
         _ => {
             info!(%peer, "no service for this protocol; closing connection");

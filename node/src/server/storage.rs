@@ -24,7 +24,7 @@ use bytes::Bytes;
 use horde_protocol::blob::{
     BlobErrorKind, BlobRequest, BlobResponse, BlobStatus, CHUNK_GROUP_LEN, Outboard,
 };
-use horde_protocol::{BlobHash, Hotkey};
+use horde_protocol::{BlobHash, Hotkey, Role};
 use horde_transport::blob::{
     Backing, BlobError, PROGRESS_TIMEOUT, ServedBlob, read_request, serve_get,
     within_progress_timeout, write_response,
@@ -37,6 +37,8 @@ use tokio::sync::{Semaphore, SemaphorePermit, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument as _, debug, info, info_span, warn};
+
+use crate::server::role::{RoleHandle, Service};
 
 pub use horde_protocol::blob::DEFAULT_MAX_BLOB_SIZE;
 
@@ -602,6 +604,12 @@ impl Drop for PutSession {
             let _ = fs::remove_file(&self.path);
         }
     }
+}
+
+/// Starts the storage role on `store`: it serves the node's `horde/blob/1` connections until
+/// `cancel`.
+pub(crate) fn start(store: BlobStore, cancel: CancellationToken) -> RoleHandle {
+    RoleHandle::new(Role::Storage, Service::Storage(Arc::new(store)), cancel)
 }
 
 /// Accepts `horde/blob/1` connections on `endpoint` and serves them until `cancel` fires;

@@ -36,13 +36,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use horde_protocol::messages::{
-    Assignment, FailureReason, HordeFailure, InitialJobDetails, JobDetails, JobFailure,
-    ReceiptReply, RejectReason, ReportVerdict,
+    Assignment, FailureReason, InitialJobDetails, JobDetails, JobFailure, ReceiptReply,
+    RejectReason, ReportVerdict,
 };
 use horde_protocol::{
-    AccountingReceipt, AccountingRecord, ControlMessage, DownMessage, ExecutorClass, Hotkey, JobId,
-    JobOutcome, JobSpec, MinerReport, NodeAddr, ReceiptKind, Role, SecretKey, Signed, Stage,
-    UnixMillis, UpMessage, verify_report,
+    AccountingReceipt, AccountingRecord, ControlMessage, Deadlines, DownMessage, ExecutorClass,
+    Hotkey, JobId, JobOutcome, JobSpec, MinerReport, NodeAddr, ReceiptKind, Role, SecretKey,
+    Signed, Stage, UnixMillis, UpMessage, verify_report,
 };
 use horde_transport::{ALPN_CONTROL, FramedRecv, FramedSend, JobSession, codes, open_session};
 use serde::{Deserialize, Serialize};
@@ -55,6 +55,10 @@ use crate::clock::now;
 use crate::server::config::ValidatorConfig;
 use crate::server::discovery::{Directory, KnownPeers, wait_for_records};
 use crate::server::receipts::ReceiptStore;
+use crate::server::relay::{
+    Hop, Relay, RelayPolicy, Step, bad_endpoint_record, endpoint_record_holds, ends_job,
+};
+use crate::server::role::{RoleHandle, Service};
 use crate::server::streams::Peers;
 use crate::server::streams::{request, serve_streams};
 
@@ -409,6 +413,13 @@ impl Validator {
         }))
     }
 
+    /// Starts the role. Its tasks are the jobs it drives, one per facilitator stream: they live
+    /// with their connections and end on the validator's cancellation.
+    pub(crate) fn start(self: Arc<Self>) -> RoleHandle {
+        let cancel = self.cancel.clone();
+        RoleHandle::new(Role::Validator, Service::Validator(self), cancel)
+    }
+
     /// Whether `miner` is excluded now because of a verified report.
     pub fn is_excluded(&self, miner: &Hotkey) -> bool {
         self.exclusions.is_excluded(miner, now())
@@ -585,12 +596,11 @@ impl Validator {
         self.miners.find(hotkey)
     }
 
-    fn horde_failed(&self, reason: String) -> UpMessage {
-        UpMessage::HordeFailed(HordeFailure {
-            reported_by: Role::Validator,
-            reporter: self.hotkey,
-            reason,
-        })
+    fn hop(&self) -> Hop {
+        Hop {
+            role: Role::Validator,
+            hotkey: self.hotkey,
+        }
     }
 
     async fn drive(&self, mut upstream: JobSession, assignment: Assignment, spec: JobSpec) {
@@ -631,7 +641,8 @@ impl Validator {
             Ok(connection) => connection,
             Err(error) => {
                 return Some(
-                    self.horde_failed(format!("miner {} unreachable: {error}", miner.hotkey)),
+                    self.hop()
+                        .failed_up(format!("miner {} unreachable: {error}", miner.hotkey)),
                 );
             }
         };
@@ -643,161 +654,144 @@ impl Validator {
             client_key: spec.client_key,
             validator: self.hotkey,
         };
-        let mut downstream =
+        let downstream =
             match open_session(&connection, job_id, &DownMessage::InitialDetails(initial)).await {
                 Ok(session) => session,
                 Err(error) => {
-                    return Some(self.horde_failed(format!("miner session failed: {error}")));
+                    return Some(
+                        self.hop()
+                            .failed_up(format!("miner session failed: {error}")),
+                    );
                 }
             };
         accounting.started(connection);
-        let deadlines = spec.deadlines;
-        let stage_limit = |stage: Stage| {
-            let millis = match stage {
-                Stage::Reservation => deadlines.reservation_ms,
-                Stage::ExecutorStartup => deadlines.executor_startup_ms,
-                // Fetching volumes, starting the job and its readiness form one wait here.
-                Stage::VolumeDownload | Stage::Readiness => deadlines
-                    .volume_download_ms
-                    .saturating_add(deadlines.readiness_ms),
-                _ => deadlines.execution_ms.saturating_add(deadlines.upload_ms),
-            };
-            Duration::from_millis(millis) + STAGE_SLACK
+        let mut policy = Stages {
+            hop: self.hop(),
+            job_id,
+            miner: miner.hotkey,
+            assignment,
+            deadlines: spec.deadlines,
+            stage: Stage::Reservation,
+            deadline: tokio::time::Instant::now()
+                + stage_limit(&spec.deadlines, Stage::Reservation),
+            accounting,
         };
-        let mut stage = Stage::Reservation;
-        let deadline = tokio::time::sleep(stage_limit(stage));
-        tokio::pin!(deadline);
-        let mut facilitator_open = true;
-        loop {
-            tokio::select! {
-                biased;
-                () = self.cancel.cancelled() => {
-                    downstream.abort(codes::SHUTDOWN);
-                    return Some(self.horde_failed("validator shutting down".to_owned()));
+        let relay = Relay::new(
+            self.hop(),
+            format!("miner {}", miner.hotkey),
+            "facilitator",
+            downstream,
+            &self.cancel,
+        );
+        relay.run(upstream, &mut policy).await
+    }
+}
+
+/// How long `stage` may take on the validator's clock: the spec's deadline plus [`STAGE_SLACK`].
+fn stage_limit(deadlines: &Deadlines, stage: Stage) -> Duration {
+    let millis = match stage {
+        Stage::Reservation => deadlines.reservation_ms,
+        Stage::ExecutorStartup => deadlines.executor_startup_ms,
+        // Fetching volumes, starting the job and its readiness form one wait here.
+        Stage::VolumeDownload | Stage::Readiness => deadlines
+            .volume_download_ms
+            .saturating_add(deadlines.readiness_ms),
+        _ => deadlines.execution_ms.saturating_add(deadlines.upload_ms),
+    };
+    Duration::from_millis(millis) + STAGE_SLACK
+}
+
+/// The validator's relay policy: the miner's messages must come in stage order (reservation,
+/// executor start-up, the job's readiness, execution), each stage within its deadline; the full
+/// details go down once the executor is ready; the endpoint record must be the chosen miner's;
+/// client messages must be the job owner's.
+#[derive(Debug)]
+struct Stages<'a> {
+    hop: Hop,
+    job_id: JobId,
+    miner: Hotkey,
+    assignment: &'a Assignment,
+    deadlines: Deadlines,
+    stage: Stage,
+    deadline: tokio::time::Instant,
+    accounting: &'a mut JobAccounting,
+}
+
+impl Stages<'_> {
+    fn enter(&mut self, stage: Stage) {
+        self.stage = stage;
+        self.deadline = tokio::time::Instant::now() + stage_limit(&self.deadlines, stage);
+    }
+}
+
+impl RelayPolicy for Stages<'_> {
+    fn on_up(&mut self, message: UpMessage) -> Step {
+        match (self.stage, message) {
+            (Stage::Reservation, UpMessage::Accepted) => {
+                self.accounting.accepted();
+                self.enter(Stage::ExecutorStartup);
+                Step::Up(UpMessage::Accepted)
+            }
+            (Stage::ExecutorStartup, UpMessage::ExecutorReady) => {
+                self.enter(Stage::VolumeDownload);
+                let details = JobDetails {
+                    spec: self.assignment.spec.clone(),
+                };
+                Step::DownThenUp(DownMessage::FullDetails(details), UpMessage::ExecutorReady)
+            }
+            (Stage::VolumeDownload, UpMessage::Endpoint(record)) => {
+                if endpoint_record_holds(&record, self.job_id, &self.miner, now()) {
+                    self.enter(Stage::Execution);
+                    Step::Up(UpMessage::Endpoint(record))
+                } else {
+                    warn!("miner's endpoint record does not verify");
+                    bad_endpoint_record()
                 }
-                () = &mut deadline => {
-                    warn!(?stage, "stage deadline passed");
-                    downstream.abort(codes::CANCELLED);
-                    return Some(UpMessage::Failed(JobFailure {
-                        stage,
-                        reason: FailureReason::Timeout,
-                        result: None,
-                    }));
+            }
+            (_, message @ (UpMessage::VolumesFetched { .. } | UpMessage::UploadDone(_))) => {
+                Step::Up(message)
+            }
+            (_, message) if ends_job(&message) => Step::End(message),
+            (stage, message) => {
+                warn!(?stage, ?message, "miner message out of order");
+                Step::Fail {
+                    code: codes::PROTOCOL_VIOLATION,
+                    message: self
+                        .hop
+                        .failed_up(format!("miner sent {message:?} during {stage:?}")),
                 }
-                message = downstream.recv() => {
-                    let message = match message {
-                        Ok(Some(ControlMessage::Up(message))) => message,
-                        Ok(Some(other)) => {
-                            warn!(message = ?other, "unexpected message from miner");
-                            downstream.abort(codes::PROTOCOL_VIOLATION);
-                            return Some(self.horde_failed("miner violated the protocol".to_owned()));
-                        }
-                        Ok(None) => {
-                            return Some(self.horde_failed(format!(
-                                "miner {} ended the job session without a result", miner.hotkey
-                            )));
-                        }
-                        Err(error) => {
-                            return Some(self.horde_failed(format!(
-                                "miner {} link lost: {error}", miner.hotkey
-                            )));
-                        }
-                    };
-                    let forward = match (&stage, message) {
-                        (Stage::Reservation, UpMessage::Accepted) => {
-                            accounting.accepted();
-                            stage = Stage::ExecutorStartup;
-                            deadline.as_mut().reset(tokio::time::Instant::now() + stage_limit(stage));
-                            UpMessage::Accepted
-                        }
-                        (Stage::ExecutorStartup, UpMessage::ExecutorReady) => {
-                            let details = JobDetails { spec: assignment.spec.clone() };
-                            if let Err(error) = downstream.send_down(&DownMessage::FullDetails(details)).await {
-                                return Some(self.horde_failed(format!("miner link lost: {error}")));
-                            }
-                            stage = Stage::VolumeDownload;
-                            deadline.as_mut().reset(tokio::time::Instant::now() + stage_limit(stage));
-                            UpMessage::ExecutorReady
-                        }
-                        (Stage::VolumeDownload, UpMessage::Endpoint(record)) => {
-                            match record.verify_by(&miner.hotkey) {
-                                Ok(content)
-                                    if content.job_id == job_id
-                                        && content.miner == miner.hotkey
-                                        && content.expires_at >= now() => {}
-                                Ok(_) | Err(_) => {
-                                    warn!("miner's endpoint record does not verify");
-                                    downstream.abort(codes::PROTOCOL_VIOLATION);
-                                    return Some(UpMessage::Failed(JobFailure {
-                                        stage: Stage::Readiness,
-                                        reason: FailureReason::BadEndpointRecord(
-                                            "not signed by the miner for this job, or expired".to_owned(),
-                                        ),
-                                        result: None,
-                                    }));
-                                }
-                            }
-                            stage = Stage::Execution;
-                            deadline.as_mut().reset(tokio::time::Instant::now() + stage_limit(stage));
-                            UpMessage::Endpoint(record)
-                        }
-                        (_, message @ (UpMessage::VolumesFetched { .. } | UpMessage::UploadDone(_))) => message,
-                        (_, message @ (UpMessage::Declined(_)
-                            | UpMessage::Finished(_)
-                            | UpMessage::Failed(_)
-                            | UpMessage::HordeFailed(_)
-                            | UpMessage::Rejected(_))) => {
-                            let _ = downstream.finish();
-                            return Some(message);
-                        }
-                        (stage, message) => {
-                            warn!(?stage, ?message, "miner message out of order");
-                            downstream.abort(codes::PROTOCOL_VIOLATION);
-                            return Some(self.horde_failed(format!(
-                                "miner sent {message:?} during {stage:?}"
-                            )));
-                        }
-                    };
-                    if let Err(error) = upstream.send_up(&forward).await {
-                        warn!(%error, "facilitator link lost; ending the job");
-                        downstream.abort(codes::CANCELLED);
-                        return None;
-                    }
-                }
-                message = upstream.recv(), if facilitator_open => match message {
-                    Ok(Some(ControlMessage::Down(message @ (DownMessage::Volumes(_) | DownMessage::Terminate(_))))) => {
-                        if !self.client_message_ok(&message, job_id, assignment) {
-                            continue;
-                        }
-                        if let Err(error) = downstream.send_down(&message).await {
-                            return Some(self.horde_failed(format!("miner link lost: {error}")));
-                        }
-                    }
-                    Ok(Some(other)) => warn!(message = ?other, "unexpected message from facilitator"),
-                    Ok(None) => facilitator_open = false,
-                    Err(error) => {
-                        warn!(%error, "facilitator link lost; ending the job");
-                        downstream.abort(codes::CANCELLED);
-                        return None;
-                    }
-                },
             }
         }
     }
 
-    /// Volume lists and terminate requests must be signed by the account that signed the spec.
-    fn client_message_ok(
-        &self,
-        message: &DownMessage,
-        job_id: JobId,
-        assignment: &Assignment,
-    ) -> bool {
-        match message.check_from_owner(job_id, assignment.spec.signer()) {
-            Ok(()) => true,
+    /// Volume lists and terminate requests pass if signed by the account that signed the spec.
+    fn on_down(&mut self, message: DownMessage) -> Step {
+        if !matches!(message, DownMessage::Volumes(_) | DownMessage::Terminate(_)) {
+            warn!(message = ?message, "unexpected message from facilitator");
+            return Step::Drop;
+        }
+        match message.check_from_owner(self.job_id, self.assignment.spec.signer()) {
+            Ok(()) => Step::Down(message),
             Err(reason) => {
                 warn!(%reason, "client message refused; dropped");
-                false
+                Step::Drop
             }
+        }
+    }
+
+    fn deadline(&self) -> Option<tokio::time::Instant> {
+        Some(self.deadline)
+    }
+
+    fn on_deadline(&mut self) -> Step {
+        warn!(stage = ?self.stage, "stage deadline passed");
+        Step::Fail {
+            code: codes::CANCELLED,
+            message: UpMessage::Failed(JobFailure {
+                stage: self.stage,
+                reason: FailureReason::Timeout,
+                result: None,
+            }),
         }
     }
 }
@@ -806,7 +800,7 @@ impl Validator {
 mod tests {
     use super::*;
     use crate::server::receipts::{DEFAULT_MAX_LOG_BYTES, StoredReceipt, log_path, read_log};
-    use horde_protocol::messages::JobFinished;
+    use horde_protocol::messages::{HordeFailure, JobFinished};
     use horde_protocol::{Countersignature, JobOutcome};
     use horde_transport::accept_stream;
     use horde_transport::test_utils::{connected_pair, seeded_key};
