@@ -965,3 +965,59 @@ async fn declared_outputs_and_logs_are_uploaded_when_the_job_ends() {
     .unwrap();
     assert_eq!(bytes, &b"the answer\n"[..]);
 }
+
+/// Issue 16, items 6–8: what can be judged without an executor is refused at submit with the
+/// field named — by the client before anything is sent, and by the facilitator for a spec
+/// signed elsewhere — instead of failing after a whole run (an absolute upload path), after a
+/// readiness deadline of 404s (a path without `/`), or never (unbounded deadlines).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn specs_that_could_only_fail_late_are_refused_at_submit() {
+    let testnet = start(TestnetConfig {
+        prewarm: 0,
+        ..TestnetConfig::default()
+    });
+    let account = SecretKey::generate();
+    let client = Client::new(account.clone(), testnet.facilitator()).unwrap();
+    let storage = testnet.node("miner-0").unwrap().node_addr();
+
+    let mut absolute = demo_request();
+    absolute.uploads.push(UploadSpec {
+        path: RelativePath("/etc/passwd".into()),
+        target: UploadTarget::Blob { storage },
+    });
+    match client.submit(&absolute).await {
+        Err(ClientError::InvalidSpec(error)) => {
+            assert_eq!(error.field, "uploads[0].path (\"/etc/passwd\")");
+            assert_eq!(error.reason, "absolute path");
+        }
+        other => panic!("expected InvalidSpec, got {other:?}"),
+    }
+
+    let refused_by_facilitator = |request: JobRequest| {
+        let client = client.clone();
+        let account = account.clone();
+        async move {
+            let client_key = SecretKey::generate();
+            let spec =
+                request.into_spec(JobId::random(), client_key.hotkey(), horde_node::client::now());
+            let mut job = client
+                .submit_signed(Signed::sign(&account, &spec), client_key)
+                .await
+                .unwrap();
+            match job.wait_for_end().await.unwrap() {
+                JobStatus::Rejected(RejectReason::InvalidSpec(why)) => why,
+                other => panic!("expected InvalidSpec, got {other:?}"),
+            }
+        }
+    };
+    let mut no_slash = demo_request();
+    no_slash.readiness = ReadinessProbe::Http {
+        path: "health".into(),
+    };
+    let why = refused_by_facilitator(no_slash).await;
+    assert!(why.starts_with("readiness_http: "), "{why}");
+    let mut endless = demo_request();
+    endless.deadlines.execution_ms = i64::MAX as u64;
+    let why = refused_by_facilitator(endless).await;
+    assert!(why.starts_with("deadlines.execution_ms: "), "{why}");
+}

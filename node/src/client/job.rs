@@ -165,6 +165,9 @@ pub enum ClientError {
          or ask its operator to raise max_connections_per_peer"
     )]
     TooManyConnections,
+    /// The spec breaks a rule that needs no executor to judge (the field is named).
+    #[error("invalid spec: {0}")]
+    InvalidSpec(#[from] horde_protocol::SpecFieldError),
     /// The facilitator did not answer a submit or attach in time, twice.
     #[error("no answer from the facilitator within {0:.1?}")]
     NoAnswer(Duration),
@@ -375,6 +378,9 @@ impl Client {
         let spec = request
             .clone()
             .into_spec(job_id, client_key.hotkey(), issued_at);
+        // The facilitator checks the same; a spec that would only fail later is refused here,
+        // before anything is sent.
+        spec.check()?;
         let signed = Signed::sign(&self.account, &spec);
         self.submit_signed(signed, client_key).await
     }

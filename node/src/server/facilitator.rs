@@ -324,9 +324,9 @@ impl Facilitator {
         if !spec.is_current(now(), MAX_CLOCK_SKEW_MS) {
             return Err(RejectReason::Expired);
         }
-        if spec.executor_class.0.is_empty() {
-            return Err(RejectReason::InvalidSpec("empty executor class".to_owned()));
-        }
+        // Everything that can be judged without an executor is judged now, not after a run.
+        spec.check()
+            .map_err(|error| RejectReason::InvalidSpec(error.to_string()))?;
         Ok(spec)
     }
 

@@ -12,7 +12,6 @@
 //! - [`HttpClient`]: the blocking HTTP agent (ureq, rustls) and its retry policy; calls run on
 //!   tokio's blocking pool.
 
-use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read as _, Write as _};
 use std::os::fd::{AsFd, AsRawFd as _, OwnedFd};
@@ -28,11 +27,7 @@ use tracing::{debug, info};
 use crate::client::blob::{self, ClientError};
 use crate::client::progress::NoProgress;
 
-/// Longest path component: 255 bytes, the `NAME_MAX` of Linux file systems.
-pub const MAX_COMPONENT_LEN: usize = 255;
-
-/// Longest relative path: 4096 bytes, Linux's `PATH_MAX`.
-pub const MAX_PATH_LEN: usize = 4096;
+pub use horde_protocol::spec_check::{MAX_COMPONENT_LEN, MAX_PATH_LEN, PathError};
 
 /// Directory under the job directory that volumes land in.
 pub const VOLUME_DIR: &str = "volume";
@@ -46,118 +41,24 @@ const STAGING_DIR: &str = ".staging";
 /// Largest blob a volume may be when the spec does not say (matches the store's default).
 const DEFAULT_MAX_VOLUME_SIZE: u64 = crate::server::storage::DEFAULT_MAX_BLOB_SIZE;
 
-/// A relative path that is refused.
-#[derive(Debug, thiserror::Error, PartialEq, Eq, Clone)]
-#[non_exhaustive]
-pub enum PathError {
-    /// The empty string.
-    #[error("empty path")]
-    Empty,
-    /// Starts with `/`.
-    #[error("absolute path")]
-    Absolute,
-    /// A `..` component.
-    #[error("`..` component")]
-    ParentDir,
-    /// A `.` component.
-    #[error("`.` component")]
-    CurrentDir,
-    /// An empty component (`a//b`, trailing `/`).
-    #[error("empty component")]
-    EmptyComponent,
-    /// A NUL byte.
-    #[error("NUL byte")]
-    Nul,
-    /// A backslash (a separator on other systems).
-    #[error("backslash")]
-    Backslash,
-    /// A component longer than [`MAX_COMPONENT_LEN`].
-    #[error("component of {0} bytes (max {MAX_COMPONENT_LEN})")]
-    ComponentTooLong(usize),
-    /// A path longer than [`MAX_PATH_LEN`].
-    #[error("path of {0} bytes (max {MAX_PATH_LEN})")]
-    TooLong(usize),
-    /// The same path twice in one job.
-    #[error("duplicate path")]
-    Duplicate,
-    /// A file that is also a directory on another path (`a` and `a/b`).
-    #[error("`{0}` is both a file and a parent directory")]
-    FileIsParent(String),
-    /// A directory on the way, or the file itself, is a symlink.
-    #[error("`{0}` is a symlink")]
-    Symlink(String),
-    /// A directory on the way is not a directory.
-    #[error("`{0}` is not a directory")]
-    NotADirectory(String),
-    /// The target already exists.
-    #[error("`{0}` already exists")]
-    Exists(String),
-}
-
-/// Checks a relative path sent by a peer and returns it as a [`PathBuf`] of normal components.
+/// Checks a relative path sent by a peer ([`RelativePath::components`], the rules the client
+/// and facilitator also apply) and returns it as a [`PathBuf`] of normal components.
 pub fn validate_relative_path(path: &RelativePath) -> Result<PathBuf, PathError> {
-    let text = path.0.as_str();
-    if text.is_empty() {
-        return Err(PathError::Empty);
-    }
-    if text.contains('\0') {
-        return Err(PathError::Nul);
-    }
-    if text.contains('\\') {
-        return Err(PathError::Backslash);
-    }
-    if text.len() > MAX_PATH_LEN {
-        return Err(PathError::TooLong(text.len()));
-    }
-    if text.starts_with('/') {
-        return Err(PathError::Absolute);
-    }
-    let mut result = PathBuf::new();
-    for component in text.split('/') {
-        match component {
-            "" => return Err(PathError::EmptyComponent),
-            "." => return Err(PathError::CurrentDir),
-            ".." => return Err(PathError::ParentDir),
-            name if name.len() > MAX_COMPONENT_LEN => {
-                return Err(PathError::ComponentTooLong(name.len()));
-            }
-            name => result.push(name),
-        }
-    }
-    Ok(result)
+    Ok(path.components()?.into_iter().collect())
 }
 
-/// Validates every path of a job and refuses duplicates and a file that is another's parent.
+/// Validates every path of a job and refuses duplicates and a file that is another's parent
+/// ([`horde_protocol::spec_check::check_paths`]).
 pub fn validate_paths<'a>(
     paths: impl IntoIterator<Item = &'a RelativePath>,
 ) -> Result<Vec<PathBuf>, (RelativePath, PathError)> {
-    let mut files = HashSet::new();
-    let mut parents = HashSet::new();
-    let mut result = Vec::new();
-    for path in paths {
-        let fail = |error| (path.clone(), error);
-        let valid = validate_relative_path(path).map_err(fail)?;
-        if files.contains(&valid) {
-            return Err(fail(PathError::Duplicate));
-        }
-        if parents.contains(&valid) {
-            return Err(fail(PathError::FileIsParent(path.0.clone())));
-        }
-        for ancestor in valid.ancestors().skip(1) {
-            if ancestor.as_os_str().is_empty() {
-                break;
-            }
-            if files.contains(ancestor) {
-                return Err(fail(PathError::FileIsParent(
-                    ancestor.display().to_string(),
-                )));
-            }
-            parents.insert(ancestor.to_owned());
-        }
-        files.insert(valid.clone());
-        result.push(valid);
+    match horde_protocol::spec_check::check_paths(paths) {
+        Ok(all) => Ok(all
+            .into_iter()
+            .map(|components| components.into_iter().collect())
+            .collect()),
+        Err((path, error)) => Err((path.clone(), error)),
     }
-    Ok(result)
 }
 
 /// Creates (or checks) the directories of `relative` under `root`, refusing any that is a
