@@ -998,8 +998,11 @@ async fn specs_that_could_only_fail_late_are_refused_at_submit() {
         let account = account.clone();
         async move {
             let client_key = SecretKey::generate();
-            let spec =
-                request.into_spec(JobId::random(), client_key.hotkey(), horde_node::client::now());
+            let spec = request.into_spec(
+                JobId::random(),
+                client_key.hotkey(),
+                horde_node::client::now(),
+            );
             let mut job = client
                 .submit_signed(Signed::sign(&account, &spec), client_key)
                 .await

@@ -6,9 +6,8 @@ use std::sync::Arc;
 
 use horde_protocol::{Hotkey, Role, SecretKey};
 use horde_transport::{ALPN_BLOB, ALPN_CONTROL, EndpointConfig, HordeEndpoint, codes};
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument as _, debug, info, info_span, warn};
+use tracing::{Instrument as _, debug, info, warn};
 
 use crate::server::config::ExecutorConfig;
 use crate::server::config::NodeConfig;
@@ -272,39 +271,20 @@ fn start_executor(
     handle
 }
 
+/// The node's accept loop: transport's one loop ([`HordeEndpoint::serve`]), each connection
+/// handed to the role's service.
 async fn accept_loop(service: Service, endpoint: Arc<HordeEndpoint>, cancel: CancellationToken) {
-    let mut connections = JoinSet::new();
-    loop {
-        let accepted = tokio::select! {
-            biased;
-            () = cancel.cancelled() => break,
-            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
-            accepted = endpoint.accept() => accepted,
-        };
-        let Some(accepted) = accepted else { break };
-        let (connection, peer, alpn) = match accepted {
-            Ok(accepted) => accepted,
-            Err(error) => {
-                debug!(%error, "incoming connection failed");
-                continue;
-            }
-        };
-        let span =
-            info_span!("peer", peer = %peer.fmt_short(), remote = %connection.remote_address());
-        connections.spawn(
+    endpoint
+        .serve(&cancel, move |incoming, token| {
             handle_connection(
                 service.clone(),
-                connection,
-                peer,
-                alpn,
-                cancel.child_token(),
+                incoming.connection,
+                incoming.peer,
+                incoming.alpn,
+                token,
             )
-            .instrument(span),
-        );
-    }
-    // Each connection ends with its streams, which end on the role's cancellation or with the
-    // endpoint's close; the node's shutdown bounds the wait.
-    while connections.join_next().await.is_some() {}
+        })
+        .await;
 }
 
 async fn handle_connection(

@@ -36,7 +36,7 @@ use quinn::VarInt;
 use tokio::sync::{Semaphore, SemaphorePermit, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument as _, debug, info, info_span, warn};
+use tracing::{Instrument as _, debug, info, warn};
 
 use crate::server::role::{RoleHandle, Service};
 
@@ -612,36 +612,25 @@ pub(crate) fn start(store: BlobStore, cancel: CancellationToken) -> RoleHandle {
     RoleHandle::new(Role::Storage, Service::Storage(Arc::new(store)), cancel)
 }
 
-/// Accepts `horde/blob/1` connections on `endpoint` and serves them until `cancel` fires;
-/// connections on other ALPNs are closed with [`codes::NOT_ALLOWED`].
+/// Accepts `horde/blob/1` connections on `endpoint` and serves them until `cancel` fires, through
+/// the one accept loop every node runs ([`HordeEndpoint::serve`]); connections on other ALPNs are
+/// closed with [`codes::NOT_ALLOWED`]. For a store embedded without a node (tests, benches).
 pub async fn serve(endpoint: Arc<HordeEndpoint>, store: Arc<BlobStore>, cancel: CancellationToken) {
-    let mut connections = JoinSet::new();
-    loop {
-        let accepted = tokio::select! {
-            biased;
-            () = cancel.cancelled() => break,
-            accepted = endpoint.accept() => accepted,
-            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
-        };
-        let Some(accepted) = accepted else { break };
-        let (connection, peer, alpn) = match accepted {
-            Ok(accepted) => accepted,
-            Err(error) => {
-                debug!(%error, "incoming connection failed");
-                continue;
+    endpoint
+        .serve(&cancel, move |incoming, token| {
+            let store = Arc::clone(&store);
+            async move {
+                if incoming.alpn != ALPN_BLOB {
+                    incoming
+                        .connection
+                        .close(codes::NOT_ALLOWED, b"only horde/blob/1 here");
+                    return;
+                }
+                serve_connection(incoming.connection, store, token).await;
             }
-        };
-        if alpn != ALPN_BLOB {
-            connection.close(codes::NOT_ALLOWED, b"only horde/blob/1 here");
-            continue;
-        }
-        let span = info_span!("blob-peer", peer = %peer.fmt_short());
-        connections.spawn(
-            serve_connection(connection, Arc::clone(&store), cancel.child_token()).instrument(span),
-        );
-    }
+        })
+        .await;
     endpoint.close(codes::SHUTDOWN, b"storage shutting down");
-    connections.shutdown().await;
 }
 
 /// Serves the streams of one authenticated `horde/blob/1` connection until it closes or
