@@ -7,7 +7,7 @@ use std::sync::Arc;
 use horde_protocol::{Hotkey, Role, SecretKey};
 use horde_transport::{ALPN_BLOB, ALPN_CONTROL, EndpointConfig, HordeEndpoint, codes};
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument as _, debug, info, warn};
+use tracing::{debug, info, warn};
 
 use crate::server::config::ExecutorConfig;
 use crate::server::config::NodeConfig;
