@@ -646,6 +646,123 @@ struct FileRows {
     task: tokio::task::JoinHandle<()>,
 }
 
+/// Serves the blob from memory and fills a reusable buffer once (not measured): from then on
+/// its memory is mapped, the same footing as raw quinn, which allocates nothing per transfer.
+async fn memory_rows(
+    client: &HordeEndpoint,
+    blob: ServedBlob,
+    hash: horde_protocol::BlobHash,
+) -> anyhow::Result<MemoryRows> {
+    let server = Arc::new(quic_endpoint(5)?);
+    let addr = NodeAddr {
+        hotkey: server.hotkey(),
+        addrs: vec![server.local_addr()?],
+    };
+    let task = tokio::spawn(serve_memory(server, blob));
+    let connection = blob::connect(client, &addr).await?;
+    let mut reused = BlobBuffer::new();
+    get_into_buffer(&connection, hash, u64::MAX, PROGRESS_TIMEOUT, &mut reused).await?;
+    Ok(MemoryRows {
+        server: addr,
+        connection,
+        task,
+        reused,
+    })
+}
+
+/// A storage node's disk store holding the blob, served through the node's accept loop.
+async fn file_rows(
+    args: &Args,
+    client: &HordeEndpoint,
+    data: &Bytes,
+    hash: horde_protocol::BlobHash,
+) -> anyhow::Result<FileRows> {
+    let work = tempfile::Builder::new()
+        .prefix("blob-bench")
+        .tempdir_in(args.json.parent().unwrap_or(Path::new(".")))
+        .or_else(|_| tempfile::tempdir())?;
+    let store = Arc::new(BlobStore::open(
+        &work.path().join("store"),
+        StoreLimits::default(),
+    )?);
+    let stored = {
+        let store = Arc::clone(&store);
+        let data = data.clone();
+        tokio::task::spawn_blocking(move || store.insert(&data)).await??
+    };
+    if stored != hash {
+        bail!("store computed another hash");
+    }
+    let endpoint = Arc::new(quic_endpoint(7)?);
+    let storage = NodeAddr {
+        hotkey: endpoint.hotkey(),
+        addrs: vec![endpoint.local_addr()?],
+    };
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn(serve(endpoint, store, cancel.clone()));
+    let connection = blob::connect(client, &storage).await?;
+    Ok(FileRows {
+        work,
+        storage,
+        connection,
+        cancel,
+        task,
+    })
+}
+
+/// Prints the table and the resume figure, and writes the JSON.
+fn report(
+    args: &Args,
+    results: &Results,
+    resume: Option<&ResumeReport>,
+    size: u64,
+) -> anyhow::Result<()> {
+    print_table(results, size, args.rounds);
+    if let Some(resume) = resume {
+        println!();
+        println!(
+            "resume: cut after {} of {} bytes verified, resumed from {}, fetched {} bytes after \
+             the resume; re-sent beyond the missing part: {} bytes ({:.4}% of the blob; one \
+             chunk group is {CHUNK_GROUP_LEN} bytes)",
+            resume.verified_before_cut,
+            resume.size,
+            resume.resumed_from,
+            resume.fetched_after_resume,
+            resume.resent_beyond_missing,
+            resume.resent_beyond_missing as f64 * 100.0 / resume.size as f64
+        );
+    }
+
+    let json = serde_json::json!({
+        "size_bytes": size,
+        "rounds": args.rounds,
+        "transfers": results.rows.iter().map(|(name, row)| row_json(results, name, row))
+            .collect::<Vec<_>>(),
+        "targets": TARGETS.iter().filter_map(|&(name, target)| {
+            let ratio = ratio_of_medians(results, name)?;
+            Some(serde_json::json!({
+                "name": name,
+                "ratio_of_medians_to_raw_quinn": ratio,
+                "target": target,
+                "met": ratio >= target,
+            }))
+        }).collect::<Vec<_>>(),
+        "resume": resume.map(|resume| serde_json::json!({
+            "verified_before_cut": resume.verified_before_cut,
+            "resumed_from": resume.resumed_from,
+            "fetched_after_resume": resume.fetched_after_resume,
+            "resent_beyond_missing": resume.resent_beyond_missing,
+            "chunk_group_bytes": CHUNK_GROUP_LEN,
+        })),
+    });
+    if let Some(parent) = args.json.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(&args.json, serde_json::to_string_pretty(&json)?)?;
+    eprintln!("wrote {}", args.json.display());
+    Ok(())
+}
+
 async fn run(args: Args) -> anyhow::Result<()> {
     let size = args.size / CHUNK as u64 * CHUNK as u64;
     eprintln!(
@@ -657,63 +774,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let (blob, hash) = ServedBlob::from_memory(data.clone());
     let client = quic_endpoint(6)?;
 
-    let mut memory = None;
-    if args.runs("mem") {
-        let server = Arc::new(quic_endpoint(5)?);
-        let addr = NodeAddr {
-            hotkey: server.hotkey(),
-            addrs: vec![server.local_addr()?],
-        };
-        let task = tokio::spawn(serve_memory(server, blob));
-        let connection = blob::connect(&client, &addr).await?;
-        // The reused buffer is filled once before the rounds (not measured): from then on its
-        // memory is mapped, the same footing as raw quinn, which allocates nothing per transfer.
-        let mut reused = BlobBuffer::new();
-        get_into_buffer(&connection, hash, u64::MAX, PROGRESS_TIMEOUT, &mut reused).await?;
-        memory = Some(MemoryRows {
-            server: addr,
-            connection,
-            task,
-            reused,
-        });
+    let mut memory = if args.runs("mem") {
+        Some(memory_rows(&client, blob, hash).await?)
     } else {
         drop(blob);
-    }
-
-    let mut files = None;
-    if args.runs("file") {
-        let work = tempfile::Builder::new()
-            .prefix("blob-bench")
-            .tempdir_in(args.json.parent().unwrap_or(Path::new(".")))
-            .or_else(|_| tempfile::tempdir())?;
-        let store = Arc::new(BlobStore::open(
-            &work.path().join("store"),
-            StoreLimits::default(),
-        )?);
-        let stored = {
-            let store = Arc::clone(&store);
-            let data = data.clone();
-            tokio::task::spawn_blocking(move || store.insert(&data)).await??
-        };
-        if stored != hash {
-            bail!("store computed another hash");
-        }
-        let endpoint = Arc::new(quic_endpoint(7)?);
-        let storage = NodeAddr {
-            hotkey: endpoint.hotkey(),
-            addrs: vec![endpoint.local_addr()?],
-        };
-        let cancel = CancellationToken::new();
-        let task = tokio::spawn(serve(endpoint, store, cancel.clone()));
-        let connection = blob::connect(&client, &storage).await?;
-        files = Some(FileRows {
-            work,
-            storage,
-            connection,
-            cancel,
-            task,
-        });
-    }
+        None
+    };
+    let files = if args.runs("file") {
+        Some(file_rows(&args, &client, &data, hash).await?)
+    } else {
+        None
+    };
 
     let mut results = Results::default();
     for round in 0..args.rounds {
@@ -794,50 +865,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let _ = files.task.await;
     }
 
-    print_table(&results, size, args.rounds);
-    if let Some(resume) = &resume {
-        println!();
-        println!(
-            "resume: cut after {} of {} bytes verified, resumed from {}, fetched {} bytes after \
-             the resume; re-sent beyond the missing part: {} bytes ({:.4}% of the blob; one \
-             chunk group is {CHUNK_GROUP_LEN} bytes)",
-            resume.verified_before_cut,
-            resume.size,
-            resume.resumed_from,
-            resume.fetched_after_resume,
-            resume.resent_beyond_missing,
-            resume.resent_beyond_missing as f64 * 100.0 / resume.size as f64
-        );
-    }
-
-    let json = serde_json::json!({
-        "size_bytes": size,
-        "rounds": args.rounds,
-        "transfers": results.rows.iter().map(|(name, row)| row_json(&results, name, row))
-            .collect::<Vec<_>>(),
-        "targets": TARGETS.iter().filter_map(|&(name, target)| {
-            let ratio = ratio_of_medians(&results, name)?;
-            Some(serde_json::json!({
-                "name": name,
-                "ratio_of_medians_to_raw_quinn": ratio,
-                "target": target,
-                "met": ratio >= target,
-            }))
-        }).collect::<Vec<_>>(),
-        "resume": resume.as_ref().map(|resume| serde_json::json!({
-            "verified_before_cut": resume.verified_before_cut,
-            "resumed_from": resume.resumed_from,
-            "fetched_after_resume": resume.fetched_after_resume,
-            "resent_beyond_missing": resume.resent_beyond_missing,
-            "chunk_group_bytes": CHUNK_GROUP_LEN,
-        })),
-    });
-    if let Some(parent) = args.json.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent)?;
-    }
-    std::fs::write(&args.json, serde_json::to_string_pretty(&json)?)?;
-    eprintln!("wrote {}", args.json.display());
-    Ok(())
+    report(&args, &results, resume.as_ref(), size)
 }
 
 /// A row's median rate over raw quinn's median rate.

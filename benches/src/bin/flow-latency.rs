@@ -646,7 +646,34 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(run(args))
 }
 
+/// Everything one run measures, before it is reported.
+struct Measured {
+    job_startup_ms: f64,
+    samples: Vec<[f64; 6]>,
+    trips: RoundTrips,
+    quinn_rtts: Vec<f64>,
+    bulk: BulkRuns,
+}
+
 async fn run(args: Args) -> anyhow::Result<()> {
+    let measured = measure(&args).await?;
+    let control = report_control_plane(&args, &measured);
+    let (rtt, keep_alive) = report_round_trips(&args, measured.trips, measured.quinn_rtts);
+    let throughput = report_bulk(&args, measured.bulk);
+    let mut json = control;
+    json["rtt"] = rtt;
+    json["keep_alive_rtt"] = keep_alive;
+    json["throughput_gbit"] = throughput;
+    if let Some(parent) = std::path::Path::new(&args.json).parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(&args.json, serde_json::to_string_pretty(&json)?)?;
+    println!("wrote {}", args.json);
+    Ok(())
+}
+
+/// Runs every measurement: the job's own start-up, the control plane, round trips, bulk.
+async fn measure(args: &Args) -> anyhow::Result<Measured> {
     let program = demo_job_binary()?;
     let program_str = program.to_str().context("utf-8 path")?.to_owned();
 
@@ -682,7 +709,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         args.requests,
     )
     .await?;
-    let mut quinn_rtts = raw_quinn_round_trips(args.requests).await?;
+    let quinn_rtts = raw_quinn_round_trips(args.requests).await?;
 
     // Bulk: a job on the testnet sends `/bytes` through the real executor process; the direct
     // job sends the same over TCP; raw quinn and an in-process tunnel (job endpoint served in
@@ -720,7 +747,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
     bulk_job.wait_for_end().await?;
     testnet.shutdown();
     drop(direct_child);
+    Ok(Measured {
+        job_startup_ms,
+        samples,
+        trips,
+        quinn_rtts,
+        bulk,
+    })
+}
 
+/// Prints the control-plane table; the JSON of the run's scalar figures.
+fn report_control_plane(args: &Args, measured: &Measured) -> serde_json::Value {
+    let samples = &measured.samples;
+    let job_startup_ms = measured.job_startup_ms;
     println!(
         "== control plane: submit -> verified endpoint ({} jobs, medians, ms since submit)",
         args.jobs
@@ -742,6 +781,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "  control-plane overhead = {total:.2} - {job_startup_ms:.2} = {overhead:.2} ms (target <= 20)"
     );
 
+    serde_json::json!({
+        "jobs": args.jobs,
+        "hops": hop_medians,
+        "job_startup_ms": job_startup_ms,
+        "submit_to_verified_endpoint_ms": total,
+        "control_plane_overhead_ms": overhead,
+    })
+}
+
+/// Prints the round-trip tables; the JSON of new-stream and keep-alive round trips.
+fn report_round_trips(
+    args: &Args,
+    trips: RoundTrips,
+    quinn_rtts: Vec<f64>,
+) -> (serde_json::Value, serde_json::Value) {
     println!(
         "== request round trip, GET /health, new connection / new tunnel stream ({} requests, \
          direct and tunnel alternating)",
@@ -750,7 +804,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let direct = Spread::of(trips.direct);
     let response = Spread::of(trips.tunnel_response);
     let verified = Spread::of(trips.tunnel_verified);
-    let quinn_rtt = Spread::of(std::mem::take(&mut quinn_rtts));
+    let quinn_rtt = Spread::of(quinn_rtts);
     direct.print_ms("direct TCP", "until the job's EOF");
     response.print_ms("horde tunnel", "until the whole response has arrived");
     verified.print_ms(
@@ -789,6 +843,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
         keep_tunnel.median / keep_direct.median
     );
 
+    (
+        serde_json::json!({"direct": direct.json(), "tunnel_response": response.json(),
+            "tunnel_verified": verified.json(), "raw_quinn": quinn_rtt.json(),
+            "ratio": verified.median / direct.median,
+            "ratio_to_response": response.median / direct.median,
+            "floor": floor_rtt.json(), "floor_ratio": floor_rtt.median / direct.median}),
+        serde_json::json!({"direct": keep_direct.json(), "tunnel": keep_tunnel.json(),
+            "ratio": keep_tunnel.median / keep_direct.median}),
+    )
+}
+
+/// Prints the bulk table; its JSON.
+fn report_bulk(args: &Args, bulk: BulkRuns) -> serde_json::Value {
     println!(
         "== bulk throughput, {} MiB job -> client ({} rounds, rows alternating; median [min-max])",
         args.size_mib, args.rounds
@@ -822,34 +889,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
         executor.median / floor_process.median
     );
 
-    let json = serde_json::json!({
-        "jobs": args.jobs,
-        "hops": hop_medians,
-        "job_startup_ms": job_startup_ms,
-        "submit_to_verified_endpoint_ms": total,
-        "control_plane_overhead_ms": overhead,
-        "rtt": {"direct": direct.json(), "tunnel_response": response.json(),
-                "tunnel_verified": verified.json(), "raw_quinn": quinn_rtt.json(),
-                "ratio": verified.median / direct.median,
-                "ratio_to_response": response.median / direct.median,
-                "floor": floor_rtt.json(), "floor_ratio": floor_rtt.median / direct.median},
-        "keep_alive_rtt": {"direct": keep_direct.json(), "tunnel": keep_tunnel.json(),
-                           "ratio": keep_tunnel.median / keep_direct.median},
-        "throughput_gbit": {"rounds": args.rounds, "direct_tcp": direct_bulk.json(),
-                            "raw_quinn": quinn.json(), "tunnel": tunnel.json(),
-                            "tunnel_over_quinn": tunnel.median / quinn.median,
-                            "direct_tcp_job_bytes": direct_job.json(),
-                            "tunnel_executor_job_bytes": executor.json(),
-                            "executor_tunnel_over_quinn": executor.median / quinn.median,
-                            "floor": floor_bulk.json(),
-                            "floor_over_quinn": floor_bulk.median / quinn.median,
-                            "floor_process": floor_process.json(),
-                            "floor_process_over_quinn": floor_process.median / quinn.median},
-    });
-    if let Some(parent) = std::path::Path::new(&args.json).parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    std::fs::write(&args.json, serde_json::to_string_pretty(&json)?)?;
-    println!("wrote {}", args.json);
-    Ok(())
+    serde_json::json!({"rounds": args.rounds, "direct_tcp": direct_bulk.json(),
+        "raw_quinn": quinn.json(), "tunnel": tunnel.json(),
+        "tunnel_over_quinn": tunnel.median / quinn.median,
+        "direct_tcp_job_bytes": direct_job.json(),
+        "tunnel_executor_job_bytes": executor.json(),
+        "executor_tunnel_over_quinn": executor.median / quinn.median,
+        "floor": floor_bulk.json(),
+        "floor_over_quinn": floor_bulk.median / quinn.median,
+        "floor_process": floor_process.json(),
+        "floor_process_over_quinn": floor_process.median / quinn.median})
 }
