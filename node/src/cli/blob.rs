@@ -112,9 +112,7 @@ async fn transfer(command: &BlobCommand, endpoint: &HordeEndpoint) -> Result<(),
             let mut progress = ProgressReporter::new("put");
             let policy = TransferPolicy::default();
             let hash = put_file(endpoint, storage, archive, &policy, &mut progress).await?;
-            let size = std::fs::metadata(archive)
-                .map_err(|error| ClientError::Io(error))?
-                .len();
+            let size = std::fs::metadata(archive).map_err(ClientError::Io)?.len();
             println!("{}", image_blob_line(&hash, size, storage));
         }
         BlobCommand::Get {
