@@ -917,7 +917,7 @@ async fn one_key_holding_its_share_is_refused_busy_while_another_key_is_served()
     let storage = start_storage(StoreLimits {
         progress_timeout: deadline,
         max_transfers: 8,
-        max_transfers_per_peer: 2,
+        max_transfers_per_peer: Some(2),
         ..StoreLimits::default()
     });
     let big = sample(3 * SEGMENT_LEN as usize / 2, 43);
