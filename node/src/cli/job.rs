@@ -37,7 +37,7 @@ pub enum JobCommand {
         #[arg(long)]
         follow: bool,
         #[command(flatten)]
-        common: Common,
+        common: JobStateArgs,
     },
     /// Print a job's status history (and follow it with --follow).
     Status {
@@ -47,7 +47,7 @@ pub enum JobCommand {
         #[arg(long)]
         follow: bool,
         #[command(flatten)]
-        common: Common,
+        common: JobStateArgs,
     },
     /// Send one HTTP request to the job through a tunnel stream and verify the job's receipt.
     Request {
@@ -61,7 +61,7 @@ pub enum JobCommand {
         #[arg(long)]
         data: Option<String>,
         #[command(flatten)]
-        common: Common,
+        common: JobStateArgs,
     },
     /// Tunnel a local TCP port to the job (curl, browsers and WebSocket clients work unchanged).
     Forward {
@@ -71,7 +71,7 @@ pub enum JobCommand {
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: SocketAddr,
         #[command(flatten)]
-        common: Common,
+        common: JobStateArgs,
     },
     /// Send a volume list (TOML) to the job and wait until it is fetched.
     Volumes {
@@ -81,14 +81,14 @@ pub enum JobCommand {
         #[arg(long)]
         spec: PathBuf,
         #[command(flatten)]
-        common: Common,
+        common: JobStateArgs,
     },
     /// End the job and print its result.
     Terminate {
         /// The job id.
         job: String,
         #[command(flatten)]
-        common: Common,
+        common: JobStateArgs,
     },
     /// Report the job's miner for a wrong answer: signs a miner report with the account key
     /// (the job's owner) from the stored endpoint record and a receipt, and prints the verdict.
@@ -111,13 +111,13 @@ pub enum JobCommand {
         #[arg(long)]
         trusted_receipt: Option<String>,
         #[command(flatten)]
-        common: Common,
+        common: JobStateArgs,
     },
 }
 
 /// Options every job command takes.
 #[derive(Debug, clap::Args)]
-pub struct Common {
+pub struct JobStateArgs {
     /// The facilitator, `HOTKEY@IP:PORT` (remembered per job after `run`).
     #[arg(long, env = "HORDE_FACILITATOR")]
     facilitator: Option<String>,
@@ -129,7 +129,7 @@ pub struct Common {
     state_dir: Option<PathBuf>,
 }
 
-impl Common {
+impl JobStateArgs {
     fn state_dir(&self) -> PathBuf {
         self.state_dir.clone().unwrap_or_else(|| {
             std::env::var_os("HOME")
@@ -167,11 +167,11 @@ struct JobState {
     endpoint: Option<String>,
 }
 
-fn state_path(common: &Common, job: &JobId) -> PathBuf {
+fn state_path(common: &JobStateArgs, job: &JobId) -> PathBuf {
     common.state_dir().join("jobs").join(format!("{job}.json"))
 }
 
-fn save_state(common: &Common, job: &JobId, state: &JobState) -> anyhow::Result<()> {
+fn save_state(common: &JobStateArgs, job: &JobId, state: &JobState) -> anyhow::Result<()> {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
     let path = state_path(common, job);
@@ -191,7 +191,7 @@ fn save_state(common: &Common, job: &JobId, state: &JobState) -> anyhow::Result<
     Ok(())
 }
 
-fn load_state(common: &Common, job: &JobId) -> anyhow::Result<JobState> {
+fn load_state(common: &JobStateArgs, job: &JobId) -> anyhow::Result<JobState> {
     let path = state_path(common, job);
     let text = std::fs::read_to_string(&path)
         .with_context(|| format!("no state for job {job} at {}", path.display()))?;
@@ -350,7 +350,7 @@ fn stored_endpoint(state: &JobState, job_id: JobId) -> anyhow::Result<VerifiedEn
 }
 
 /// The last receipt stored for the job.
-fn last_receipt(common: &Common, job_id: &JobId) -> anyhow::Result<String> {
+fn last_receipt(common: &JobStateArgs, job_id: &JobId) -> anyhow::Result<String> {
     let path = receipts_path(common, job_id);
     let text = std::fs::read_to_string(&path)
         .with_context(|| format!("no receipts for job {job_id} at {}", path.display()))?;
@@ -361,7 +361,7 @@ fn last_receipt(common: &Common, job_id: &JobId) -> anyhow::Result<String> {
         .with_context(|| format!("no receipts in {}", path.display()))
 }
 
-fn receipts_path(common: &Common, job_id: &JobId) -> PathBuf {
+fn receipts_path(common: &JobStateArgs, job_id: &JobId) -> PathBuf {
     common
         .state_dir()
         .join("jobs")
@@ -371,7 +371,7 @@ fn receipts_path(common: &Common, job_id: &JobId) -> PathBuf {
 /// Loads a job's state, re-verifies its endpoint record and connects to the job with the per-job
 /// client key.
 async fn connect_job(
-    common: &Common,
+    common: &JobStateArgs,
     job: &str,
 ) -> anyhow::Result<(JobId, VerifiedEndpoint, JobConnection)> {
     let job_id = parse_job(job)?;
@@ -662,7 +662,7 @@ async fn run(command: JobCommand, facilitators: &Facilitators) -> anyhow::Result
 }
 
 async fn attach(
-    common: &Common,
+    common: &JobStateArgs,
     job_id: JobId,
     facilitators: &Facilitators,
 ) -> anyhow::Result<crate::client::JobHandle> {
@@ -697,7 +697,7 @@ fn exit_for(status: &JobStatus) -> anyhow::Result<()> {
 }
 
 fn append_receipt(
-    common: &Common,
+    common: &JobStateArgs,
     job_id: &JobId,
     receipt: &Signed<horde_protocol::JobReceipt>,
 ) -> anyhow::Result<()> {

@@ -48,7 +48,7 @@ use crate::server::config::FacilitatorConfig;
 use crate::server::discovery::{Directory, KnownPeers, wait_for_records};
 use crate::server::streams::Peers;
 use crate::server::streams::{request, serve_streams};
-use store::{JobStore, StoreError};
+use store::{JobStore, JobStoreError};
 
 /// Why a miner report is refused; the text goes back to the reporter in
 /// `ReportVerdict::Refused`.
@@ -176,7 +176,7 @@ impl Facilitator {
         config: FacilitatorConfig,
         directory: Option<Arc<Directory>>,
         cancel: CancellationToken,
-    ) -> Result<Arc<Self>, StoreError> {
+    ) -> Result<Arc<Self>, JobStoreError> {
         let hotkey = endpoint.hotkey();
         for job_id in store.unfinished().await? {
             let failure = HordeFailure {
@@ -306,7 +306,7 @@ impl Facilitator {
             .await
         {
             Ok(update) => update,
-            Err(StoreError::Duplicate(_)) => {
+            Err(JobStoreError::Duplicate(_)) => {
                 info!(%peer, job = %job_id.fmt_short(), "replayed job id refused");
                 let _ = send
                     .send(&ControlMessage::Up(UpMessage::Rejected(
@@ -493,7 +493,7 @@ impl Facilitator {
             .await
         {
             Ok(()) => {}
-            Err(StoreError::DuplicateReport(reason)) => {
+            Err(JobStoreError::DuplicateReport(reason)) => {
                 return Err(ReportRefusal::Duplicate(reason));
             }
             Err(error) => {

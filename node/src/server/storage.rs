@@ -146,7 +146,7 @@ impl StoreLimits {
 /// A store operation that failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum StoreError {
+pub enum BlobStoreError {
     /// The blob is over the size limit.
     #[error("blob of {size} bytes exceeds the limit of {max} bytes")]
     TooLarge {
@@ -179,7 +179,7 @@ pub enum StoreError {
     Io(#[from] io::Error),
 }
 
-impl StoreError {
+impl BlobStoreError {
     fn kind(&self) -> BlobErrorKind {
         match self {
             Self::TooLarge { .. } => BlobErrorKind::TooLarge,
@@ -367,9 +367,9 @@ impl BlobStore {
         size: u64,
         hash: Option<BlobHash>,
         resume: bool,
-    ) -> Result<PutSession, StoreError> {
+    ) -> Result<PutSession, BlobStoreError> {
         if size > self.limits.max_blob_size {
-            return Err(StoreError::TooLarge {
+            return Err(BlobStoreError::TooLarge {
                 size,
                 max: self.limits.max_blob_size,
             });
@@ -382,7 +382,7 @@ impl BlobStore {
                     .unwrap_or_else(PoisonError::into_inner)
                     .insert(hash);
                 if !lock {
-                    return Err(StoreError::Busy(hash));
+                    return Err(BlobStoreError::Busy(hash));
                 }
                 match self.open_partial(hash, size, resume) {
                     Ok(found) => found,
@@ -467,7 +467,7 @@ impl BlobStore {
     }
 
     /// Stores `bytes` (blocking); returns the hash. For tests, benches and local imports.
-    pub fn insert(self: &Arc<Self>, bytes: &[u8]) -> Result<BlobHash, StoreError> {
+    pub fn insert(self: &Arc<Self>, bytes: &[u8]) -> Result<BlobHash, BlobStoreError> {
         let mut session = self.begin_put(bytes.len() as u64, None, false)?;
         session.write(bytes)?;
         session.finish()
@@ -519,10 +519,10 @@ impl PutSession {
     }
 
     /// Appends bytes.
-    pub fn write(&mut self, mut data: &[u8]) -> Result<(), StoreError> {
+    pub fn write(&mut self, mut data: &[u8]) -> Result<(), BlobStoreError> {
         let received = self.offset() + data.len() as u64;
         if received > self.size {
-            return Err(StoreError::WrongLength {
+            return Err(BlobStoreError::WrongLength {
                 received,
                 size: self.size,
             });
@@ -567,10 +567,10 @@ impl PutSession {
     }
 
     /// Checks the length and hash, fsyncs, writes the outboard and renames both into place.
-    pub fn finish(mut self) -> Result<BlobHash, StoreError> {
+    pub fn finish(mut self) -> Result<BlobHash, BlobStoreError> {
         let received = self.offset();
         if received != self.size {
-            return Err(StoreError::WrongLength {
+            return Err(BlobStoreError::WrongLength {
                 received,
                 size: self.size,
             });
@@ -590,7 +590,7 @@ impl PutSession {
             }
             let outboard = Outboard::from_group_cvs(self.size, std::mem::take(&mut self.group_cvs));
             let hash = outboard.root(None).ok_or_else(|| {
-                StoreError::Io(io::Error::other("multi-group outboard without a root"))
+                BlobStoreError::Io(io::Error::other("multi-group outboard without a root"))
             })?;
             self.group_cvs = outboard.group_cvs;
             hash
@@ -604,7 +604,7 @@ impl PutSession {
             if let Some(declared) = self.declared {
                 let _ = fs::remove_file(self.store.partial_size_path(&declared));
             }
-            return Err(StoreError::HashMismatch {
+            return Err(BlobStoreError::HashMismatch {
                 declared,
                 actual: hash,
             });

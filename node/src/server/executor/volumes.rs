@@ -25,7 +25,7 @@ use horde_transport::HordeEndpoint;
 use rustix::fs::{Mode, OFlags, RenameFlags};
 use tracing::{debug, info};
 
-use crate::client::blob::{self, ClientError};
+use crate::client::blob::{self, TransferError};
 use crate::client::progress::NoProgress;
 
 /// Longest path component: 255 bytes, the `NAME_MAX` of Linux file systems.
@@ -339,7 +339,7 @@ pub enum VolumeError {
         /// The path.
         path: String,
         /// The client error.
-        source: ClientError,
+        source: TransferError,
     },
     /// The HTTP server answered with an error status.
     #[error("{url}: HTTP status {status}")]
