@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use horde_node::client::blob::{
-    self, ClientError, GetOutcome, TransferPolicy, get_to_file, get_to_file_once, get_to_memory,
+    self, GetOutcome, TransferError, TransferPolicy, get_to_file, get_to_file_once, get_to_memory,
     put_file, put_file_once,
 };
 use horde_node::client::progress::{NoProgress, Progress};
@@ -93,7 +93,7 @@ impl Fixture {
     }
 
     /// [`get_to_file`] with retries, no expected size, no limit and no progress.
-    async fn get_file(&self, hash: BlobHash, dest: &Path) -> Result<GetOutcome, ClientError> {
+    async fn get_file(&self, hash: BlobHash, dest: &Path) -> Result<GetOutcome, TransferError> {
         get_to_file(
             &self.client,
             &self.storage.addr,
@@ -108,7 +108,7 @@ impl Fixture {
     }
 
     /// [`get_to_memory`] with the default policy.
-    async fn get_memory(&self, hash: BlobHash, max_size: u64) -> Result<Bytes, ClientError> {
+    async fn get_memory(&self, hash: BlobHash, max_size: u64) -> Result<Bytes, TransferError> {
         let policy = TransferPolicy::default();
         get_to_memory(&self.client, &self.storage.addr, hash, max_size, &policy).await
     }
@@ -211,7 +211,7 @@ async fn put_then_get_stat_and_not_found() {
     let dest = work.path().join("absent");
     let error = fixture.get_file(absent, &dest).await.unwrap_err();
     assert!(
-        matches!(error, ClientError::Blob(BlobError::NotFound(hash)) if hash == absent),
+        matches!(error, TransferError::Blob(BlobError::NotFound(hash)) if hash == absent),
         "{error:?}"
     );
     assert!(!dest.exists());
@@ -234,7 +234,7 @@ async fn corrupted_blob_is_rejected_within_one_group_and_leaves_nothing() {
     let error = fixture.get_file(hash, &dest).await.unwrap_err();
     let group_start = flipped / CHUNK_GROUP_LEN * CHUNK_GROUP_LEN;
     assert!(
-        matches!(error, ClientError::Blob(BlobError::Integrity { offset }) if offset == group_start),
+        matches!(error, TransferError::Blob(BlobError::Integrity { offset }) if offset == group_start),
         "{error:?}"
     );
     assert!(error.is_integrity());
@@ -294,7 +294,7 @@ async fn cut_download_resumes_with_only_the_missing_range() {
     .await
     .unwrap_err();
     assert!(
-        matches!(error, ClientError::Blob(ref e) if e.is_transient()),
+        matches!(error, TransferError::Blob(ref e) if e.is_transient()),
         "{error:?}"
     );
     assert!(
@@ -434,7 +434,7 @@ async fn corrupt_memory_get_exposes_only_the_groups_verified_before_it() {
     .await
     .unwrap_err();
     assert!(
-        matches!(error, ClientError::Blob(BlobError::Integrity { offset }) if offset == group_start),
+        matches!(error, TransferError::Blob(BlobError::Integrity { offset }) if offset == group_start),
         "{error:?}"
     );
     // Everything before the bad group, verified; nothing from it on.
@@ -546,7 +546,7 @@ async fn interrupted_upload_resumes_from_the_partial() {
                 stored = Some(hash);
                 break;
             }
-            Err(ClientError::Blob(BlobError::Refused {
+            Err(TransferError::Blob(BlobError::Refused {
                 kind: BlobErrorKind::Busy,
                 ..
             })) => tokio::time::sleep(Duration::from_millis(50)).await,
@@ -601,7 +601,7 @@ async fn limits_are_enforced_with_typed_errors() {
     // Over the client's size limit on get.
     let error = fixture.get_memory(hash, 1000).await.unwrap_err();
     assert!(
-        matches!(error, ClientError::Blob(BlobError::TooLarge { size, max: 1000 }) if size == 1 << 20),
+        matches!(error, TransferError::Blob(BlobError::TooLarge { size, max: 1000 }) if size == 1 << 20),
         "{error:?}"
     );
 
@@ -917,7 +917,7 @@ async fn one_key_holding_its_share_is_refused_busy_while_another_key_is_served()
     let storage = start_storage(StoreLimits {
         progress_timeout: deadline,
         max_transfers: 8,
-        max_transfers_per_peer: 2,
+        max_transfers_per_peer: Some(2),
         ..StoreLimits::default()
     });
     let big = sample(3 * SEGMENT_LEN as usize / 2, 43);
@@ -1137,7 +1137,7 @@ async fn a_dead_storage_node_is_reported_unreachable_within_the_dial_budget() {
         .expect("an unreachable node is reported within the dial budget")
         .unwrap_err();
     assert!(
-        matches!(error, ClientError::Unreachable { hotkey, .. } if hotkey == storage.hotkey),
+        matches!(error, TransferError::Unreachable { hotkey, .. } if hotkey == storage.hotkey),
         "{error:?}"
     );
     assert!(
@@ -1280,7 +1280,7 @@ async fn a_put_to_a_full_store_is_refused_as_storage_full() {
     assert!(
         matches!(
             error,
-            ClientError::Blob(BlobError::Refused {
+            TransferError::Blob(BlobError::Refused {
                 kind: BlobErrorKind::StorageFull,
                 ..
             })
@@ -1338,7 +1338,7 @@ async fn an_upload_to_a_node_that_stops_reading_fails_as_stalled() {
 /// Runs `transfer` and checks that it fails `Stalled` after `policy`'s progress timeout, within
 /// `bound` in all (retries included), rather than hanging.
 async fn expect_stalled<T: std::fmt::Debug>(
-    transfer: impl std::future::Future<Output = Result<T, ClientError>>,
+    transfer: impl std::future::Future<Output = Result<T, TransferError>>,
     policy: &TransferPolicy,
     bound: Duration,
 ) {
@@ -1348,7 +1348,7 @@ async fn expect_stalled<T: std::fmt::Debug>(
         .expect("the transfer does not hang")
         .unwrap_err();
     assert!(
-        matches!(error, ClientError::Blob(BlobError::Stalled { idle }) if idle == policy.progress_timeout),
+        matches!(error, TransferError::Blob(BlobError::Stalled { idle }) if idle == policy.progress_timeout),
         "{error:?}"
     );
     assert!(started.elapsed() < bound, "{:?}", started.elapsed());

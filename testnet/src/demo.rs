@@ -5,9 +5,10 @@ use std::io::Write;
 use std::time::Instant;
 
 use anyhow::{Context as _, ensure};
-use horde_node::client::{Client, JobRequest};
+use horde_node::client::{Client, JobConnection, JobHandle, JobRequest, VerifiedEndpoint};
 use horde_protocol::{
-    JobStatus, RelativePath, SecretKey, UploadSpec, UploadTarget, VolumeSource, VolumeSpec,
+    BlobHash, JobStatus, NodeAddr, RelativePath, SecretKey, UploadSpec, UploadTarget, VolumeSource,
+    VolumeSpec,
 };
 use horde_transport::tunnel::http_request;
 
@@ -34,9 +35,54 @@ fn status_name(status: &JobStatus) -> String {
         .to_owned()
 }
 
+/// Prints each step of the demo with the time since submission.
+struct Steps<'a, W: Write> {
+    out: &'a mut W,
+    started: Instant,
+}
+
+impl<W: Write> Steps<'_, W> {
+    fn step(&mut self, text: impl std::fmt::Display) {
+        let _ = writeln!(
+            self.out,
+            "[{:>7.1} ms] {text}",
+            self.started.elapsed().as_secs_f64() * 1e3
+        );
+    }
+}
+
 /// Runs the demo job through `testnet`, printing each step to `out`.
 pub async fn run_demo(testnet: &Testnet, out: &mut impl Write) -> anyhow::Result<DemoReport> {
     let storage = testnet.storage().context("the demo needs a storage node")?;
+    let request = demo_request(&storage)?;
+    let client = Client::new(SecretKey::generate(), testnet.facilitator())?;
+    let mut steps = Steps {
+        out,
+        started: Instant::now(),
+    };
+    let mut job = client.submit(&request).await?;
+    steps.step(format!("submitted job {}", job.job_id()));
+    let mut statuses = Vec::new();
+    let endpoint = wait_for_endpoint(&mut job, &mut statuses, &mut steps).await?;
+    let endpoint_ms = steps.started.elapsed().as_millis();
+    let connection = job.connect_job(&endpoint).await?;
+    http_echo_and_stream(&connection, &endpoint, &mut steps).await?;
+    websocket_echo(&connection).await?;
+    steps.step("WebSocket /ws -> echo round trip; receipt verified");
+    volumes_and_outputs(&mut job, &connection, &storage, &mut steps).await?;
+    let stdout = terminate(&mut job, &mut statuses, &mut steps).await?;
+    read_back(&storage, stdout, &mut steps).await?;
+    let total_ms = steps.started.elapsed().as_millis();
+    steps.step("demo complete");
+    Ok(DemoReport {
+        statuses,
+        endpoint_ms,
+        total_ms,
+    })
+}
+
+/// The demo job: the demo program on class `cpu`, with an inline volume, logs to `storage`.
+fn demo_request(storage: &NodeAddr) -> anyhow::Result<JobRequest> {
     let program = crate::demo_job_binary()?;
     let mut request = JobRequest::command("cpu", program.to_str().context("utf-8 path")?);
     request.volumes = vec![VolumeSpec {
@@ -48,77 +94,79 @@ pub async fn run_demo(testnet: &Testnet, out: &mut impl Write) -> anyhow::Result
     request.logs = Some(UploadTarget::Blob {
         storage: storage.clone(),
     });
-    let client = Client::new(SecretKey::generate(), testnet.facilitator())?;
-    let started = Instant::now();
-    let step = |out: &mut dyn Write, text: String| {
-        let _ = writeln!(
-            out,
-            "[{:>7.1} ms] {text}",
-            started.elapsed().as_secs_f64() * 1e3
-        );
-    };
-    let mut job = client.submit(&request).await?;
-    step(out, format!("submitted job {}", job.job_id()));
-    let mut statuses = Vec::new();
+    Ok(request)
+}
+
+/// Follows the statuses (recording their names) until the endpoint is ready and verified.
+async fn wait_for_endpoint(
+    job: &mut JobHandle,
+    statuses: &mut Vec<String>,
+    steps: &mut Steps<'_, impl Write>,
+) -> anyhow::Result<VerifiedEndpoint> {
     let endpoint = loop {
         let update = job
             .next_status()
             .await?
             .context("facilitator closed the stream")?;
         statuses.push(status_name(&update.status));
-        step(
-            out,
-            format!("status #{}: {}", update.seq, status_name(&update.status)),
-        );
+        steps.step(format!(
+            "status #{}: {}",
+            update.seq,
+            status_name(&update.status)
+        ));
         match update.status {
             JobStatus::EndpointReady(_) => break job.wait_for_endpoint().await?,
             status if status.is_terminal() => anyhow::bail!("job ended early: {status:?}"),
             _ => {}
         }
     };
-    let endpoint_ms = started.elapsed().as_millis();
-    step(
-        out,
-        format!(
-            "endpoint verified: {} (job key {}, signed by miner {})",
-            endpoint.address(),
-            endpoint.job_key().fmt_short(),
-            endpoint.record.miner.fmt_short()
-        ),
-    );
-    let connection = job.connect_job(&endpoint).await?;
-    let call = |method: &'static str, path: &'static str, body: &'static [u8]| {
-        let connection = &connection;
-        async move { http_request(&connection.tunnel, method, path, body).await }
-    };
+    steps.step(format!(
+        "endpoint verified: {} (job key {}, signed by miner {})",
+        endpoint.address(),
+        endpoint.job_key().fmt_short(),
+        endpoint.record.miner.fmt_short()
+    ));
+    Ok(endpoint)
+}
 
-    let response = call("POST", "/echo", b"hello through the tunnel").await?;
+/// An HTTP echo (its receipt verified) and a server-sent-events stream through the tunnel.
+async fn http_echo_and_stream(
+    connection: &JobConnection,
+    endpoint: &VerifiedEndpoint,
+    steps: &mut Steps<'_, impl Write>,
+) -> anyhow::Result<()> {
+    let response = http_request(
+        &connection.tunnel,
+        "POST",
+        "/echo",
+        b"hello through the tunnel",
+    )
+    .await?;
     ensure!(
         response.body == b"hello through the tunnel",
         "echo mismatch"
     );
     let receipt = response.receipt.verify_by(&endpoint.job_key())?;
-    step(
-        out,
-        format!(
-            "POST /echo -> {} {:?}; receipt verified ({} bytes in, {} out)",
-            response.status,
-            String::from_utf8_lossy(&response.body),
-            receipt.bytes_in,
-            receipt.bytes_out
-        ),
-    );
+    steps.step(format!(
+        "POST /echo -> {} {:?}; receipt verified ({} bytes in, {} out)",
+        response.status,
+        String::from_utf8_lossy(&response.body),
+        receipt.bytes_in,
+        receipt.bytes_out
+    ));
 
-    let response = call("GET", "/stream?n=5", b"").await?;
+    let response = http_request(&connection.tunnel, "GET", "/stream?n=5", b"").await?;
     let body = String::from_utf8_lossy(&response.body);
     let tokens = body.matches("data: token-").count();
     ensure!(tokens == 5 && body.contains("[DONE]"), "stream: {body}");
-    step(
-        out,
-        format!("GET /stream -> {tokens} SSE tokens streamed, then [DONE]; receipt verified"),
-    );
+    steps.step(format!(
+        "GET /stream -> {tokens} SSE tokens streamed, then [DONE]; receipt verified"
+    ));
+    Ok(())
+}
 
-    // WebSocket echo on one tunnel stream.
+/// A WebSocket echo on one tunnel stream: handshake, one text frame each way, close.
+async fn websocket_echo(connection: &JobConnection) -> anyhow::Result<()> {
     let mut ws = connection.tunnel.open().await?;
     let key = "ZGVtby13ZWJzb2NrZXQta2V5";
     ws.write(
@@ -165,11 +213,17 @@ pub async fn run_demo(testnet: &Testnet, out: &mut impl Write) -> anyhow::Result
     ws.finish_sending().await?;
     while ws.read().await?.is_some() {}
     ensure!(ws.receipt().is_some(), "websocket stream without receipt");
-    step(
-        out,
-        "WebSocket /ws -> echo round trip; receipt verified".to_owned(),
-    );
+    Ok(())
+}
 
+/// A volume list sent mid-session (the job reads it), then an output the job writes, uploaded to
+/// `storage`.
+async fn volumes_and_outputs(
+    job: &mut JobHandle,
+    connection: &JobConnection,
+    storage: &NodeAddr,
+    steps: &mut Steps<'_, impl Write>,
+) -> anyhow::Result<()> {
     job.send_volumes(
         1,
         vec![VolumeSpec {
@@ -188,32 +242,35 @@ pub async fn run_demo(testnet: &Testnet, out: &mut impl Write) -> anyhow::Result
     .await?;
     job.wait_for(|s| matches!(s, JobStatus::VolumesFetched { volume_msg_id: 1 }))
         .await?;
-    let response = call("GET", "/volume?path=later.txt", b"").await?;
+    let response = http_request(&connection.tunnel, "GET", "/volume?path=later.txt", b"").await?;
     ensure!(response.body == b"fetched mid-session", "volume mismatch");
-    step(
-        out,
-        "volume list 1 fetched mid-session; the job reads it".to_owned(),
-    );
+    steps.step("volume list 1 fetched mid-session; the job reads it");
 
-    let response = call("POST", "/output?path=answer.txt", b"42").await?;
+    let response =
+        http_request(&connection.tunnel, "POST", "/output?path=answer.txt", b"42").await?;
     ensure!(response.status == 200, "output: {}", response.status);
     let done = job
         .wait_for(|s| matches!(s, JobStatus::UploadDone(_)))
         .await?;
     if let JobStatus::UploadDone(done) = done {
         for output in &done.outputs {
-            step(
-                out,
-                format!(
-                    "uploaded {} ({} bytes, blake3 {})",
-                    output.path,
-                    output.size,
-                    output.hash.fmt_short()
-                ),
-            );
+            steps.step(format!(
+                "uploaded {} ({} bytes, blake3 {})",
+                output.path,
+                output.size,
+                output.hash.fmt_short()
+            ));
         }
     }
+    Ok(())
+}
 
+/// Ends the job, records the rest of its statuses, and returns its uploaded stdout.
+async fn terminate(
+    job: &mut JobHandle,
+    statuses: &mut Vec<String>,
+    steps: &mut Steps<'_, impl Write>,
+) -> anyhow::Result<BlobHash> {
     job.terminate().await?;
     let end = job.wait_for_end().await?;
     statuses.extend(
@@ -225,19 +282,25 @@ pub async fn run_demo(testnet: &Testnet, out: &mut impl Write) -> anyhow::Result
     let JobStatus::Completed(result) = end else {
         anyhow::bail!("job ended: {end:?}");
     };
-    step(
-        out,
-        format!(
-            "terminated: Completed, exit {:?}, {} outputs (stdout, stderr)",
-            result.exit_code,
-            result.outputs.len()
-        ),
-    );
+    steps.step(format!(
+        "terminated: Completed, exit {:?}, {} outputs (stdout, stderr)",
+        result.exit_code,
+        result.outputs.len()
+    ));
     let stdout = result
         .outputs
         .iter()
         .find(|o| o.path.0 == "stdout")
         .context("stdout was not uploaded")?;
+    Ok(stdout.hash)
+}
+
+/// Downloads the job's stdout from `storage` with a fresh key.
+async fn read_back(
+    storage: &NodeAddr,
+    stdout: BlobHash,
+    steps: &mut Steps<'_, impl Write>,
+) -> anyhow::Result<()> {
     let downloader = horde_transport::HordeEndpoint::bind(
         &SecretKey::generate(),
         horde_transport::EndpointConfig::new(
@@ -247,25 +310,16 @@ pub async fn run_demo(testnet: &Testnet, out: &mut impl Write) -> anyhow::Result
     )?;
     let log = horde_node::client::blob::get_to_memory(
         &downloader,
-        &storage,
-        stdout.hash,
+        storage,
+        stdout,
         16 << 20,
         &Default::default(),
     )
     .await?;
-    step(
-        out,
-        format!(
-            "job stdout read back from storage: {} bytes, {} lines",
-            log.len(),
-            log.split(|b| *b == b'\n').filter(|l| !l.is_empty()).count()
-        ),
-    );
-    let total_ms = started.elapsed().as_millis();
-    step(out, "demo complete".to_owned());
-    Ok(DemoReport {
-        statuses,
-        endpoint_ms,
-        total_ms,
-    })
+    steps.step(format!(
+        "job stdout read back from storage: {} bytes, {} lines",
+        log.len(),
+        log.split(|b| *b == b'\n').filter(|l| !l.is_empty()).count()
+    ));
+    Ok(())
 }

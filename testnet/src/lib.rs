@@ -23,8 +23,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
+use horde_node::server::config::{ClassConfig, MinerConfig, NodeConfig};
 use horde_node::server::discovery::{self, BootstrapPeer};
-use horde_protocol::{Hotkey, NodeAddr, NodeRecord, Role, SecretKey};
+use horde_protocol::{ExecutorClass, Hotkey, NodeAddr, NodeRecord, Role, SecretKey};
 
 /// How long a node has to log its start.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -104,6 +105,8 @@ pub struct NodeProcess {
     args: Vec<String>,
     /// Its config file.
     pub config: PathBuf,
+    /// What its config file holds.
+    settings: NodeConfig,
     /// Its log file (stderr and stdout).
     pub log: PathBuf,
     child: Option<Child>,
@@ -265,12 +268,12 @@ impl Planned {
     }
 }
 
-fn list(nodes: &[&Planned]) -> String {
-    let items: Vec<String> = nodes
+/// The static peer list of `nodes`.
+fn node_addrs(nodes: &[&Planned]) -> Vec<NodeAddr> {
+    nodes
         .iter()
-        .map(|n| format!("\"{}\"", NodeAddr::new(n.key.hotkey(), n.addr)))
-        .collect();
-    format!("[{}]", items.join(", "))
+        .map(|n| NodeAddr::new(n.key.hotkey(), n.addr))
+        .collect()
 }
 
 impl Testnet {
@@ -306,7 +309,7 @@ impl Testnet {
         // Static peer lists only for a closed deployment; with discovery every node joins
         // through the facilitator, which therefore starts first.
         let (validators, miners) = if config.discovery {
-            (String::new(), String::new())
+            (Vec::new(), Vec::new())
         } else {
             let of_role = |role| {
                 planned
@@ -314,7 +317,10 @@ impl Testnet {
                     .filter(|p| p.role == role)
                     .collect::<Vec<_>>()
             };
-            (list(&of_role(Role::Validator)), list(&of_role(Role::Miner)))
+            (
+                node_addrs(&of_role(Role::Validator)),
+                node_addrs(&of_role(Role::Miner)),
+            )
         };
         let bootstrap = planned
             .first()
@@ -352,72 +358,23 @@ impl Testnet {
     fn add_planned(
         &mut self,
         node: &Planned,
-        validators: &str,
-        miners: &str,
+        validators: &[NodeAddr],
+        miners: &[NodeAddr],
         bootstrap: &str,
     ) -> anyhow::Result<()> {
-        let config = &self.shape;
         let node_dir = self.dir.join(&node.name);
         std::fs::create_dir_all(&node_dir)?;
         let key_path = node_dir.join("hotkey.json");
         let _ = std::fs::remove_file(&key_path);
         node.key.write_key_file(&key_path)?;
-        let mut text = format!(
-            "key_file = \"hotkey.json\"\nlisten = \"{}\"\ndata_dir = \"data\"\n",
-            node.addr
-        );
-        // [discovery] first: the role's section comes last, so lines appended to the file (see
-        // `reports::reconfigure`) land in it.
-        if config.discovery {
-            text.push_str(&format!("\n[discovery]\nlisten = \"{}\"\n", node.p2p));
-            if let Some(ttl) = config.record_ttl_secs {
-                text.push_str(&format!("record_ttl_secs = {ttl}\n"));
-            }
-        } else {
-            text.push_str("\n[discovery]\nenabled = false\n");
-        }
-        match node.role {
-            Role::Facilitator => {
-                text.push_str("\n[facilitator]\n");
-                if !config.discovery {
-                    text.push_str(&format!("validators = {validators}\nminers = {miners}\n"));
-                }
-                if let Some(silence) = config.validator_silence_ms {
-                    text.push_str(&format!("validator_silence_ms = {silence}\n"));
-                }
-            }
-            Role::Validator => {
-                text.push_str("\n[validator]\n");
-                if !config.discovery {
-                    text.push_str(&format!("miners = {miners}\n"));
-                }
-            }
-            Role::Miner => {
-                text.push_str(&format!(
-                    "\n[miner]\nexecutor_program = \"{}\"\n",
-                    config
-                        .executor_program
-                        .as_ref()
-                        .unwrap_or(&self.horde_bin)
-                        .display(),
-                ));
-                if let Some(timeout) = config.registration_timeout_ms {
-                    text.push_str(&format!("registration_timeout_ms = {timeout}\n"));
-                }
-                text.push_str(&format!(
-                    "\n[[miner.classes]]\nclass = \"{}\"\nmax_executors = {}\nprewarm = {}\n",
-                    config.class,
-                    config.executors_per_miner,
-                    config.prewarm.min(config.executors_per_miner)
-                ));
-            }
-            _ => {}
-        }
+        let settings = self.node_config(node, validators, miners);
         let config_path = node_dir.join("node.toml");
-        std::fs::write(&config_path, text)?;
-        // The role and the bootstrap peer go on the command line, the way an operator joins.
+        std::fs::write(&config_path, settings.to_toml()?)?;
+        // The role (also in the file) and the bootstrap peer go on the command line, the way an
+        // operator joins.
         let mut args = vec!["--role".to_owned(), node.role.to_string()];
-        if config.discovery && node.role != Role::Facilitator {
+        let discovery = self.shape.discovery;
+        if discovery && node.role != Role::Facilitator {
             args.extend(["--bootstrap".to_owned(), bootstrap.to_owned()]);
         }
         self.nodes.push(NodeProcess {
@@ -425,13 +382,82 @@ impl Testnet {
             role: node.role,
             hotkey: node.key.hotkey(),
             addr: node.addr,
-            p2p: config.discovery.then_some(node.p2p),
+            p2p: discovery.then_some(node.p2p),
             args,
             log: config_path.with_file_name("node.log"),
             config: config_path,
+            settings,
             child: None,
         });
         Ok(())
+    }
+
+    /// The config file of a planned node: its address, its static peers (without discovery)
+    /// and the settings of the network's shape.
+    fn node_config(
+        &self,
+        node: &Planned,
+        validators: &[NodeAddr],
+        miners: &[NodeAddr],
+    ) -> NodeConfig {
+        let shape = &self.shape;
+        let mut config = NodeConfig::new(node.role);
+        config.key_file = "hotkey.json".into();
+        config.listen = node.addr;
+        config.data_dir = "data".into();
+        if shape.discovery {
+            config.discovery.listen = node.p2p;
+            if let Some(ttl) = shape.record_ttl_secs {
+                config.discovery.record_ttl = Duration::from_secs(ttl);
+            }
+        } else {
+            config.discovery.enabled = false;
+        }
+        match node.role {
+            Role::Facilitator => {
+                config.facilitator.validators = validators.to_vec();
+                config.facilitator.miners = miners.to_vec();
+                if let Some(silence) = shape.validator_silence_ms {
+                    config.facilitator.validator_silence_ms = silence;
+                }
+            }
+            Role::Validator => config.validator.miners = miners.to_vec(),
+            Role::Miner => {
+                let mut miner = MinerConfig {
+                    classes: vec![ClassConfig {
+                        class: ExecutorClass(shape.class.clone()),
+                        max_executors: shape.executors_per_miner,
+                        prewarm: shape.prewarm.min(shape.executors_per_miner),
+                    }],
+                    executor_program: Some(
+                        shape
+                            .executor_program
+                            .clone()
+                            .unwrap_or_else(|| self.horde_bin.clone()),
+                    ),
+                    ..MinerConfig::default()
+                };
+                if let Some(timeout) = shape.registration_timeout_ms {
+                    miner.registration_timeout = Duration::from_millis(timeout);
+                }
+                config.miner = Some(miner);
+            }
+            _ => {}
+        }
+        config
+    }
+
+    /// Changes `name`'s config file with `edit` (the node reads it when next started).
+    pub fn edit_config(
+        &mut self,
+        name: &str,
+        edit: impl FnOnce(&mut NodeConfig),
+    ) -> anyhow::Result<()> {
+        let index = self.index(name)?;
+        let node = &mut self.nodes[index];
+        edit(&mut node.settings);
+        std::fs::write(&node.config, node.settings.to_toml()?)
+            .with_context(|| format!("writing {}", node.config.display()))
     }
 
     /// Starts one more node of `role` (a late joiner) through the facilitator, and waits until
@@ -451,7 +477,7 @@ impl Testnet {
             .find(|n| n.role == Role::Facilitator)
             .and_then(|f| f.p2p.map(|p2p| format!("{}@{p2p}", f.hotkey)))
             .context("no facilitator")?;
-        self.add_planned(&planned, "", "", &bootstrap)?;
+        self.add_planned(&planned, &[], &[], &bootstrap)?;
         let index = self.nodes.len() - 1;
         self.spawn(index)?;
         self.wait_started(index)?;

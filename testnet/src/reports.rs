@@ -1,36 +1,27 @@
 //! Helpers for cross-validation tests: settings the harness does not write (trusted miners,
-//! exclusion periods) appended to a node's config with a restart, and an `Assign` sent straight to
+//! exclusion periods) edited into a node's config with a restart, and an `Assign` sent straight to
 //! a validator to see whether it would drive a job on a miner.
 
 use std::net::SocketAddr;
 
 use anyhow::{Context as _, bail};
+use horde_node::server::config::NodeConfig;
 use horde_protocol::messages::Assignment;
 use horde_protocol::{
-    ControlMessage, DownMessage, Hotkey, JobSpec, NodeAddr, SecretKey, Signed, UpMessage,
+    ControlMessage, DownMessage, JobSpec, NodeAddr, SecretKey, Signed, UpMessage,
 };
 use horde_transport::{ALPN_CONTROL, EndpointConfig, HordeEndpoint, open_session};
 
 use crate::Testnet;
 
-/// Appends `lines` to the role section of `name`'s config (the harness writes that section
-/// last) and restarts the node so it reads them.
-pub fn reconfigure(testnet: &mut Testnet, name: &str, lines: &str) -> anyhow::Result<()> {
-    use std::io::Write as _;
-    let config = testnet.node(name)?.config.clone();
-    let mut file = std::fs::OpenOptions::new()
-        .append(true)
-        .open(&config)
-        .with_context(|| format!("opening {}", config.display()))?;
-    writeln!(file, "{lines}")?;
-    drop(file);
+/// Changes `name`'s config with `edit` and restarts the node so it reads it.
+pub fn reconfigure(
+    testnet: &mut Testnet,
+    name: &str,
+    edit: impl FnOnce(&mut NodeConfig),
+) -> anyhow::Result<()> {
+    testnet.edit_config(name, edit)?;
     testnet.restart(name)
-}
-
-/// A TOML list of hotkeys.
-pub fn hotkey_list(hotkeys: &[Hotkey]) -> String {
-    let items: Vec<String> = hotkeys.iter().map(|h| format!("\"{h}\"")).collect();
-    format!("[{}]", items.join(", "))
 }
 
 /// Sends `Assign {spec, miner}` straight to `validator` (as a facilitator would) with a fresh

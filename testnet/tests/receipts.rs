@@ -216,11 +216,9 @@ async fn a_frozen_miner_does_not_hold_up_the_job_and_its_receipt_is_stored_uncou
     .unwrap();
     // A countersignature deadline well inside QUIC's idle timeout (10 s), so the validator gives
     // up on the frozen miner by its own deadline.
-    reconfigure(
-        &mut testnet,
-        "validator-0",
-        "[receipts]\ncountersign_timeout_ms = 1000",
-    )
+    reconfigure(&mut testnet, "validator-0", |config| {
+        config.receipts.countersign_timeout = Duration::from_millis(1000);
+    })
     .unwrap();
     let client = Client::new(SecretKey::generate(), testnet.facilitator()).unwrap();
     let program = demo_job_binary().unwrap();

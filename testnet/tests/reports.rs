@@ -14,7 +14,7 @@ use horde_protocol::{
     EndpointRecord, JobId, JobReceipt, JobStatus, MinerReport, NodeAddr, SecretKey, Signature,
     Signed, UpMessage,
 };
-use horde_testnet::reports::{assign_directly, hotkey_list, reconfigure};
+use horde_testnet::reports::{assign_directly, reconfigure};
 use horde_testnet::{Testnet, TestnetConfig, demo_job_binary};
 use horde_transport::tunnel::{HttpResponse, http_request};
 
@@ -246,9 +246,14 @@ async fn forged_foreign_replayed_and_non_owner_reports_are_refused_with_reasons(
 async fn trusted_job_runs_on_a_trusted_miner_and_exposes_a_wrong_answer() {
     let mut testnet = network(1, 2, 2);
     let trusted_miner = testnet.node("miner-1").unwrap().hotkey;
-    let trusted = format!("trusted_miners = {}", hotkey_list(&[trusted_miner]));
-    reconfigure(&mut testnet, "validator-0", &trusted).unwrap();
-    reconfigure(&mut testnet, "facilitator", &trusted).unwrap();
+    reconfigure(&mut testnet, "validator-0", |config| {
+        config.validator.trusted_miners = vec![trusted_miner];
+    })
+    .unwrap();
+    reconfigure(&mut testnet, "facilitator", |config| {
+        config.facilitator.trusted_miners = vec![trusted_miner];
+    })
+    .unwrap();
 
     let client = Client::new(SecretKey::generate(), testnet.facilitator()).unwrap();
     let mut trusted_request = demo_request(&[]);

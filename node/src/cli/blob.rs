@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use horde_protocol::{BlobHash, NodeAddr};
 use horde_transport::{ALPN_BLOB, HordeEndpoint};
 
-use crate::client::blob::{ClientError, TransferPolicy, get_to_file, put_file};
+use crate::client::blob::{TransferError, TransferPolicy, get_to_file, put_file};
 use crate::client::progress::ProgressReporter;
 
 /// `horde blob …`: the command-line front end of this module.
@@ -62,7 +62,7 @@ pub enum CommandError {
     Endpoint(#[from] horde_transport::ConfigError),
     /// The transfer failed.
     #[error(transparent)]
-    Transfer(#[from] ClientError),
+    Transfer(#[from] TransferError),
 }
 
 /// Runs a `horde blob` command: binds an ephemeral client endpoint, transfers with a progress
@@ -98,7 +98,7 @@ pub async fn run_command(command: BlobCommand) -> Result<(), CommandError> {
     Ok(result?)
 }
 
-async fn transfer(command: &BlobCommand, endpoint: &HordeEndpoint) -> Result<(), ClientError> {
+async fn transfer(command: &BlobCommand, endpoint: &HordeEndpoint) -> Result<(), TransferError> {
     match command {
         BlobCommand::Put { file, storage, .. } => {
             let mut progress = ProgressReporter::new("put");
@@ -112,7 +112,7 @@ async fn transfer(command: &BlobCommand, endpoint: &HordeEndpoint) -> Result<(),
             let mut progress = ProgressReporter::new("put");
             let policy = TransferPolicy::default();
             let hash = put_file(endpoint, storage, archive, &policy, &mut progress).await?;
-            let size = std::fs::metadata(archive).map_err(ClientError::Io)?.len();
+            let size = std::fs::metadata(archive).map_err(TransferError::Io)?.len();
             println!("{}", image_blob_line(&hash, size, storage));
         }
         BlobCommand::Get {

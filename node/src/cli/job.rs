@@ -37,7 +37,7 @@ pub enum JobCommand {
         #[arg(long)]
         follow: bool,
         #[command(flatten)]
-        common: Common,
+        common: JobStateArgs,
     },
     /// Print a job's status history (and follow it with --follow).
     Status {
@@ -47,7 +47,7 @@ pub enum JobCommand {
         #[arg(long)]
         follow: bool,
         #[command(flatten)]
-        common: Common,
+        common: JobStateArgs,
     },
     /// Send one HTTP request to the job through a tunnel stream and verify the job's receipt.
     Request {
@@ -61,7 +61,7 @@ pub enum JobCommand {
         #[arg(long)]
         data: Option<String>,
         #[command(flatten)]
-        common: Common,
+        common: JobStateArgs,
     },
     /// Tunnel a local TCP port to the job (curl, browsers and WebSocket clients work unchanged).
     Forward {
@@ -71,7 +71,7 @@ pub enum JobCommand {
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: SocketAddr,
         #[command(flatten)]
-        common: Common,
+        common: JobStateArgs,
     },
     /// Send a volume list (TOML) to the job and wait until it is fetched.
     Volumes {
@@ -81,43 +81,47 @@ pub enum JobCommand {
         #[arg(long)]
         spec: PathBuf,
         #[command(flatten)]
-        common: Common,
+        common: JobStateArgs,
     },
     /// End the job and print its result.
     Terminate {
         /// The job id.
         job: String,
         #[command(flatten)]
-        common: Common,
+        common: JobStateArgs,
     },
     /// Report the job's miner for a wrong answer: signs a miner report with the account key
     /// (the job's owner) from the stored endpoint record and a receipt, and prints the verdict.
-    Report {
-        /// The job id.
-        job: String,
-        /// The disputed receipt, hex as stored in `jobs/<job>.receipts` (default: the last one).
-        #[arg(long)]
-        receipt: Option<String>,
-        /// What was wrong.
-        #[arg(long)]
-        details: String,
-        /// BLAKE3 (hex) of the request (default: the receipt's digest of the bytes sent).
-        #[arg(long)]
-        request_digest: Option<String>,
-        /// BLAKE3 (hex) of the response (default: the receipt's digest of the bytes returned).
-        #[arg(long)]
-        response_digest: Option<String>,
-        /// The trusted job's receipt for the same request (hex).
-        #[arg(long)]
-        trusted_receipt: Option<String>,
-        #[command(flatten)]
-        common: Common,
-    },
+    Report(ReportArgs),
+}
+
+/// `horde job report` options.
+#[derive(Debug, clap::Args)]
+pub struct ReportArgs {
+    /// The job id.
+    job: String,
+    /// The disputed receipt, hex as stored in `jobs/<job>.receipts` (default: the last one).
+    #[arg(long)]
+    receipt: Option<String>,
+    /// What was wrong.
+    #[arg(long)]
+    details: String,
+    /// BLAKE3 (hex) of the request (default: the receipt's digest of the bytes sent).
+    #[arg(long)]
+    request_digest: Option<String>,
+    /// BLAKE3 (hex) of the response (default: the receipt's digest of the bytes returned).
+    #[arg(long)]
+    response_digest: Option<String>,
+    /// The trusted job's receipt for the same request (hex).
+    #[arg(long)]
+    trusted_receipt: Option<String>,
+    #[command(flatten)]
+    common: JobStateArgs,
 }
 
 /// Options every job command takes.
 #[derive(Debug, clap::Args)]
-pub struct Common {
+pub struct JobStateArgs {
     /// The facilitator, `HOTKEY@IP:PORT` (remembered per job after `run`).
     #[arg(long, env = "HORDE_FACILITATOR")]
     facilitator: Option<String>,
@@ -129,7 +133,7 @@ pub struct Common {
     state_dir: Option<PathBuf>,
 }
 
-impl Common {
+impl JobStateArgs {
     fn state_dir(&self) -> PathBuf {
         self.state_dir.clone().unwrap_or_else(|| {
             std::env::var_os("HOME")
@@ -167,11 +171,11 @@ struct JobState {
     endpoint: Option<String>,
 }
 
-fn state_path(common: &Common, job: &JobId) -> PathBuf {
+fn state_path(common: &JobStateArgs, job: &JobId) -> PathBuf {
     common.state_dir().join("jobs").join(format!("{job}.json"))
 }
 
-fn save_state(common: &Common, job: &JobId, state: &JobState) -> anyhow::Result<()> {
+fn save_state(common: &JobStateArgs, job: &JobId, state: &JobState) -> anyhow::Result<()> {
     let path = state_path(common, job);
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent)?;
@@ -184,7 +188,7 @@ fn save_state(common: &Common, job: &JobId, state: &JobState) -> anyhow::Result<
     Ok(())
 }
 
-fn load_state(common: &Common, job: &JobId) -> anyhow::Result<JobState> {
+fn load_state(common: &JobStateArgs, job: &JobId) -> anyhow::Result<JobState> {
     let path = state_path(common, job);
     let text = std::fs::read_to_string(&path)
         .with_context(|| format!("no state for job {job} at {}", path.display()))?;
@@ -343,7 +347,7 @@ fn stored_endpoint(state: &JobState, job_id: JobId) -> anyhow::Result<VerifiedEn
 }
 
 /// The last receipt stored for the job.
-fn last_receipt(common: &Common, job_id: &JobId) -> anyhow::Result<String> {
+fn last_receipt(common: &JobStateArgs, job_id: &JobId) -> anyhow::Result<String> {
     let path = receipts_path(common, job_id);
     let text = std::fs::read_to_string(&path)
         .with_context(|| format!("no receipts for job {job_id} at {}", path.display()))?;
@@ -354,7 +358,7 @@ fn last_receipt(common: &Common, job_id: &JobId) -> anyhow::Result<String> {
         .with_context(|| format!("no receipts in {}", path.display()))
 }
 
-fn receipts_path(common: &Common, job_id: &JobId) -> PathBuf {
+fn receipts_path(common: &JobStateArgs, job_id: &JobId) -> PathBuf {
     common
         .state_dir()
         .join("jobs")
@@ -364,7 +368,7 @@ fn receipts_path(common: &Common, job_id: &JobId) -> PathBuf {
 /// Loads a job's state, re-verifies its endpoint record and connects to the job with the per-job
 /// client key.
 async fn connect_job(
-    common: &Common,
+    common: &JobStateArgs,
     job: &str,
 ) -> anyhow::Result<(JobId, VerifiedEndpoint, JobConnection)> {
     let job_id = parse_job(job)?;
@@ -430,232 +434,274 @@ async fn run(command: JobCommand, facilitators: &Facilitators) -> anyhow::Result
             spec,
             follow,
             common,
-        } => {
-            let request = JobRequest::from_file(&spec)?;
-            let facilitator: NodeAddr = common
-                .facilitator
-                .as_deref()
-                .context("--facilitator HOTKEY@IP:PORT is required")?
-                .parse()?;
-            let client = facilitators.client(common.account()?, facilitator.clone())?;
-            let started = Instant::now();
-            let mut job = client
-                .submit(&request)
-                .await
-                .with_context(|| format!("submitting the job to the facilitator {facilitator}"))?;
-            let job_id = job.job_id();
-            println!("job {job_id}");
-            let mut state = JobState {
-                job_id: job_id.to_string(),
-                facilitator: facilitator.to_string(),
-                client_seed: hex::encode(job.client_key().context("client key")?.seed().as_ref()),
-                miner: None,
-                endpoint: None,
-            };
-            save_state(&common, &job_id, &state)?;
-            while let Some(update) = job.next_status().await? {
-                print_status(started, &update);
-                match &update.status {
-                    JobStatus::Assigned { miner, .. } => state.miner = Some(miner.to_string()),
-                    JobStatus::EndpointReady(signed) => {
-                        let endpoint = job.wait_for_endpoint().await?;
-                        print_endpoint(&endpoint);
-                        state.endpoint = Some(hex::encode(to_bytes(signed)));
-                        save_state(&common, &job_id, &state)?;
-                        if !follow {
-                            println!(
-                                "job is serving; `horde job request {job_id} GET /` talks to it"
-                            );
-                            return Ok(());
-                        }
-                    }
-                    status if status.is_terminal() => {
-                        save_state(&common, &job_id, &state)?;
-                        return exit_for(status);
-                    }
-                    _ => {}
-                }
-                save_state(&common, &job_id, &state)?;
-            }
-            Ok(())
-        }
+        } => submit(spec, follow, common, facilitators).await,
         JobCommand::Status {
             job,
             follow,
             common,
-        } => {
-            let job_id = parse_job(&job)?;
-            let mut handle = attach(&common, job_id, facilitators).await?;
-            let started = Instant::now();
-            loop {
-                let next = if follow {
-                    handle.next_status().await?
-                } else {
-                    // The history arrives in one burst; once the stream is quiet it is all here.
-                    match tokio::time::timeout(HISTORY_IDLE, handle.next_status()).await {
-                        Ok(next) => next?,
-                        Err(_) => break,
-                    }
-                };
-                let Some(update) = next else { break };
-                print_status(started, &update);
-                if update.status.is_terminal() {
-                    return exit_for(&update.status);
-                }
-            }
-            Ok(())
-        }
+        } => status(job, follow, common, facilitators).await,
         JobCommand::Request {
             job,
             method,
             path,
             data,
             common,
-        } => {
-            let (job_id, _endpoint, connection) = connect_job(&common, &job).await?;
-            let response = horde_transport::tunnel::http_request(
-                &connection.tunnel,
-                &method,
-                &path,
-                data.unwrap_or_default().as_bytes(),
-            )
-            .await;
-            connection.close().await;
-            let response = response?;
-            println!("HTTP {}", response.status);
-            println!("{}", String::from_utf8_lossy(&response.body));
-            let receipt = response.receipt.verify_by(&connection.tunnel.job_key())?;
-            eprintln!(
-                "receipt verified: stream {} in {} bytes (blake3 {}), out {} bytes (blake3 {})",
-                receipt.stream,
-                receipt.bytes_in,
-                hex::encode(receipt.digest_in),
-                receipt.bytes_out,
-                hex::encode(receipt.digest_out)
-            );
-            append_receipt(&common, &job_id, &response.receipt)?;
-            Ok(())
-        }
+        } => request(job, method, path, data, common).await,
         JobCommand::Forward {
             job,
             listen,
             common,
-        } => {
-            let (job_id, endpoint, connection) = connect_job(&common, &job).await?;
-            let listener = tokio::net::TcpListener::bind(listen).await?;
-            println!(
-                "forwarding {} -> job {job_id} at {}",
-                listener.local_addr()?,
-                endpoint.address()
-            );
-            let (receipts_tx, mut receipts_rx) = tokio::sync::mpsc::channel(64);
-            let forward = horde_transport::tunnel::forward_tcp(
-                listener,
-                connection.tunnel.clone(),
-                receipts_tx,
-            );
-            tokio::pin!(forward);
-            let result = loop {
-                tokio::select! {
-                    result = &mut forward => break result.map_err(anyhow::Error::from),
-                    Some(receipt) = receipts_rx.recv() => {
-                        if let Err(error) = append_receipt(&common, &job_id, &receipt) {
-                            break Err(error);
-                        }
-                    }
-                    _ = tokio::signal::ctrl_c() => break Ok(()),
-                }
-            };
-            connection.close().await;
-            result
-        }
-        JobCommand::Volumes { job, spec, common } => {
-            let job_id = parse_job(&job)?;
-            let file = VolumeListFile::from_file(&spec)?;
-            let mut handle = attach(&common, job_id, facilitators).await?;
-            skip_history(&mut handle).await?;
-            handle
-                .send_volumes(file.volume_msg_id, file.fetch, file.upload)
-                .await?;
-            let id = file.volume_msg_id;
-            handle
-                .wait_for(|s| matches!(s, JobStatus::VolumesFetched { volume_msg_id } if *volume_msg_id == id))
-                .await?;
-            println!("volumes {id} fetched");
-            Ok(())
-        }
-        JobCommand::Report {
-            job,
-            receipt,
-            details,
-            request_digest,
-            response_digest,
-            trusted_receipt,
-            common,
-        } => {
-            let job_id = parse_job(&job)?;
-            let state = load_state(&common, &job_id)?;
-            let endpoint = stored_endpoint(&state, job_id)?;
-            let receipt_hex = match receipt {
-                Some(hex) => hex,
-                None => last_receipt(&common, &job_id)?,
-            };
-            let receipt: Signed<JobReceipt> =
-                from_bytes_exact(&hex::decode(receipt_hex.trim())?)
-                    .context("--receipt is not a hex-encoded signed receipt")?;
-            let content = receipt
-                .verify_by(&endpoint.job_key())
-                .context("the receipt is not signed by this job's key")?;
-            let digest = |given: Option<String>, default: [u8; 32]| -> anyhow::Result<[u8; 32]> {
-                let Some(text) = given else {
-                    return Ok(default);
-                };
-                let mut digest = [0u8; 32];
-                hex::decode_to_slice(text.trim(), &mut digest)
-                    .context("digests are 64 hex digits")?;
-                Ok(digest)
-            };
-            let evidence = ReportEvidence {
-                job_id,
-                endpoint: endpoint.signed.clone(),
-                receipt,
-                request_digest: digest(request_digest, content.digest_in)?,
-                response_digest: digest(response_digest, content.digest_out)?,
-                trusted_receipt: trusted_receipt
-                    .map(|hex| -> anyhow::Result<Signed<JobReceipt>> {
-                        Ok(from_bytes_exact(&hex::decode(hex.trim())?)?)
-                    })
-                    .transpose()
-                    .context("--trusted-receipt is not a hex-encoded signed receipt")?,
-            };
-            let client = facilitators.client(common.account()?, state.facilitator.parse()?)?;
-            let report = client.sign_report(evidence, &details);
-            match client.report(&report).await? {
-                ReportVerdict::Accepted { forwarded_to } => {
-                    println!(
-                        "report accepted: miner {} excluded, forwarded to {forwarded_to} validators",
-                        endpoint.record.miner
-                    );
-                    Ok(())
-                }
-                ReportVerdict::Refused(reason) => bail!("report refused: {reason}"),
-                other => bail!("unexpected verdict {other:?}"),
-            }
-        }
-        JobCommand::Terminate { job, common } => {
-            let job_id = parse_job(&job)?;
-            let mut handle = attach(&common, job_id, facilitators).await?;
-            skip_history(&mut handle).await?;
-            handle.terminate().await?;
-            let status = handle.wait_for_end().await?;
-            println!("{}", describe(&status));
-            exit_for(&status)
-        }
+        } => forward(job, listen, common).await,
+        JobCommand::Volumes { job, spec, common } => volumes(job, spec, common, facilitators).await,
+        JobCommand::Report(args) => report(args, facilitators).await,
+        JobCommand::Terminate { job, common } => terminate(job, common, facilitators).await,
     }
 }
 
+/// Submits a job spec and follows its statuses until the endpoint is ready (or the end, with `--follow`).
+async fn submit(
+    spec: PathBuf,
+    follow: bool,
+    common: JobStateArgs,
+    facilitators: &Facilitators,
+) -> anyhow::Result<()> {
+    let request = JobRequest::from_file(&spec)?;
+    let facilitator: NodeAddr = common
+        .facilitator
+        .as_deref()
+        .context("--facilitator HOTKEY@IP:PORT is required")?
+        .parse()?;
+    let client = facilitators.client(common.account()?, facilitator.clone())?;
+    let started = Instant::now();
+    let mut job = client
+        .submit(&request)
+        .await
+        .with_context(|| format!("submitting the job to the facilitator {facilitator}"))?;
+    let job_id = job.job_id();
+    println!("job {job_id}");
+    let mut state = JobState {
+        job_id: job_id.to_string(),
+        facilitator: facilitator.to_string(),
+        client_seed: hex::encode(job.client_key().context("client key")?.seed().as_ref()),
+        miner: None,
+        endpoint: None,
+    };
+    save_state(&common, &job_id, &state)?;
+    while let Some(update) = job.next_status().await? {
+        print_status(started, &update);
+        match &update.status {
+            JobStatus::Assigned { miner, .. } => state.miner = Some(miner.to_string()),
+            JobStatus::EndpointReady(signed) => {
+                let endpoint = job.wait_for_endpoint().await?;
+                print_endpoint(&endpoint);
+                state.endpoint = Some(hex::encode(to_bytes(signed)));
+                save_state(&common, &job_id, &state)?;
+                if !follow {
+                    println!("job is serving; `horde job request {job_id} GET /` talks to it");
+                    return Ok(());
+                }
+            }
+            status if status.is_terminal() => {
+                save_state(&common, &job_id, &state)?;
+                return exit_for(status);
+            }
+            _ => {}
+        }
+        save_state(&common, &job_id, &state)?;
+    }
+    Ok(())
+}
+
+/// Prints a job's status history, and follows it with `--follow`.
+async fn status(
+    job: String,
+    follow: bool,
+    common: JobStateArgs,
+    facilitators: &Facilitators,
+) -> anyhow::Result<()> {
+    let job_id = parse_job(&job)?;
+    let mut handle = attach(&common, job_id, facilitators).await?;
+    let started = Instant::now();
+    loop {
+        let next = if follow {
+            handle.next_status().await?
+        } else {
+            // The history arrives in one burst; once the stream is quiet it is all here.
+            match tokio::time::timeout(HISTORY_IDLE, handle.next_status()).await {
+                Ok(next) => next?,
+                Err(_) => break,
+            }
+        };
+        let Some(update) = next else { break };
+        print_status(started, &update);
+        if update.status.is_terminal() {
+            return exit_for(&update.status);
+        }
+    }
+    Ok(())
+}
+
+/// Sends one HTTP request through a tunnel stream and keeps its verified receipt.
+async fn request(
+    job: String,
+    method: String,
+    path: String,
+    data: Option<String>,
+    common: JobStateArgs,
+) -> anyhow::Result<()> {
+    let (job_id, _endpoint, connection) = connect_job(&common, &job).await?;
+    let response = horde_transport::tunnel::http_request(
+        &connection.tunnel,
+        &method,
+        &path,
+        data.unwrap_or_default().as_bytes(),
+    )
+    .await;
+    connection.close().await;
+    let response = response?;
+    println!("HTTP {}", response.status);
+    println!("{}", String::from_utf8_lossy(&response.body));
+    let receipt = response.receipt.verify_by(&connection.tunnel.job_key())?;
+    eprintln!(
+        "receipt verified: stream {} in {} bytes (blake3 {}), out {} bytes (blake3 {})",
+        receipt.stream,
+        receipt.bytes_in,
+        hex::encode(receipt.digest_in),
+        receipt.bytes_out,
+        hex::encode(receipt.digest_out)
+    );
+    append_receipt(&common, &job_id, &response.receipt)?;
+    Ok(())
+}
+
+/// Tunnels a local TCP port to the job until ctrl-c, keeping every receipt.
+async fn forward(job: String, listen: SocketAddr, common: JobStateArgs) -> anyhow::Result<()> {
+    let (job_id, endpoint, connection) = connect_job(&common, &job).await?;
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    println!(
+        "forwarding {} -> job {job_id} at {}",
+        listener.local_addr()?,
+        endpoint.address()
+    );
+    let (receipts_tx, mut receipts_rx) = tokio::sync::mpsc::channel(64);
+    let forward =
+        horde_transport::tunnel::forward_tcp(listener, connection.tunnel.clone(), receipts_tx);
+    tokio::pin!(forward);
+    let result = loop {
+        tokio::select! {
+            result = &mut forward => break result.map_err(anyhow::Error::from),
+            Some(receipt) = receipts_rx.recv() => {
+                if let Err(error) = append_receipt(&common, &job_id, &receipt) {
+                    break Err(error);
+                }
+            }
+            _ = tokio::signal::ctrl_c() => break Ok(()),
+        }
+    };
+    connection.close().await;
+    result
+}
+
+/// Sends a volume list and waits until the job has fetched it.
+async fn volumes(
+    job: String,
+    spec: PathBuf,
+    common: JobStateArgs,
+    facilitators: &Facilitators,
+) -> anyhow::Result<()> {
+    let job_id = parse_job(&job)?;
+    let file = VolumeListFile::from_file(&spec)?;
+    let mut handle = attach(&common, job_id, facilitators).await?;
+    skip_history(&mut handle).await?;
+    handle
+        .send_volumes(file.volume_msg_id, file.fetch, file.upload)
+        .await?;
+    let id = file.volume_msg_id;
+    handle
+        .wait_for(
+            |s| matches!(s, JobStatus::VolumesFetched { volume_msg_id } if *volume_msg_id == id),
+        )
+        .await?;
+    println!("volumes {id} fetched");
+    Ok(())
+}
+
+/// Signs a miner report from the stored endpoint record and a receipt, and prints the verdict.
+async fn report(args: ReportArgs, facilitators: &Facilitators) -> anyhow::Result<()> {
+    let ReportArgs {
+        job,
+        receipt,
+        details,
+        request_digest,
+        response_digest,
+        trusted_receipt,
+        common,
+    } = args;
+    let job_id = parse_job(&job)?;
+    let state = load_state(&common, &job_id)?;
+    let endpoint = stored_endpoint(&state, job_id)?;
+    let receipt_hex = match receipt {
+        Some(hex) => hex,
+        None => last_receipt(&common, &job_id)?,
+    };
+    let receipt: Signed<JobReceipt> = from_bytes_exact(&hex::decode(receipt_hex.trim())?)
+        .context("--receipt is not a hex-encoded signed receipt")?;
+    let content = receipt
+        .verify_by(&endpoint.job_key())
+        .context("the receipt is not signed by this job's key")?;
+    let digest = |given: Option<String>, default: [u8; 32]| -> anyhow::Result<[u8; 32]> {
+        let Some(text) = given else {
+            return Ok(default);
+        };
+        let mut digest = [0u8; 32];
+        hex::decode_to_slice(text.trim(), &mut digest).context("digests are 64 hex digits")?;
+        Ok(digest)
+    };
+    let evidence = ReportEvidence {
+        job_id,
+        endpoint: endpoint.signed.clone(),
+        receipt,
+        request_digest: digest(request_digest, content.digest_in)?,
+        response_digest: digest(response_digest, content.digest_out)?,
+        trusted_receipt: trusted_receipt
+            .map(|hex| -> anyhow::Result<Signed<JobReceipt>> {
+                Ok(from_bytes_exact(&hex::decode(hex.trim())?)?)
+            })
+            .transpose()
+            .context("--trusted-receipt is not a hex-encoded signed receipt")?,
+    };
+    let client = facilitators.client(common.account()?, state.facilitator.parse()?)?;
+    let report = client.sign_report(evidence, &details);
+    match client.report(&report).await? {
+        ReportVerdict::Accepted { forwarded_to } => {
+            println!(
+                "report accepted: miner {} excluded, forwarded to {forwarded_to} validators",
+                endpoint.record.miner
+            );
+            Ok(())
+        }
+        ReportVerdict::Refused(reason) => bail!("report refused: {reason}"),
+        other => bail!("unexpected verdict {other:?}"),
+    }
+}
+
+/// Ends the job and prints its result.
+async fn terminate(
+    job: String,
+    common: JobStateArgs,
+    facilitators: &Facilitators,
+) -> anyhow::Result<()> {
+    let job_id = parse_job(&job)?;
+    let mut handle = attach(&common, job_id, facilitators).await?;
+    skip_history(&mut handle).await?;
+    handle.terminate().await?;
+    let status = handle.wait_for_end().await?;
+    println!("{}", describe(&status));
+    exit_for(&status)
+}
+
 async fn attach(
-    common: &Common,
+    common: &JobStateArgs,
     job_id: JobId,
     facilitators: &Facilitators,
 ) -> anyhow::Result<crate::client::JobHandle> {
@@ -690,7 +736,7 @@ fn exit_for(status: &JobStatus) -> anyhow::Result<()> {
 }
 
 fn append_receipt(
-    common: &Common,
+    common: &JobStateArgs,
     job_id: &JobId,
     receipt: &Signed<horde_protocol::JobReceipt>,
 ) -> anyhow::Result<()> {

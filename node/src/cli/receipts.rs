@@ -13,7 +13,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context as _, bail};
 use horde_protocol::codec::from_bytes_exact;
-use horde_protocol::{AccountingReceipt, ReceiptKind, UnixMillis};
+use horde_protocol::{AccountingReceipt, ReceiptError, ReceiptKind, UnixMillis};
 
 use crate::server::receipts::{LogContents, StoredReceipt, TimeWindow, log_path, read_log};
 
@@ -42,7 +42,7 @@ struct Row {
     /// The payload as stored (decoded without trusting it, for display).
     payload: Option<AccountingReceipt>,
     /// `Ok(countersigned)` when the signatures verified.
-    verified: Result<bool, String>,
+    verified: Result<bool, ReceiptError>,
 }
 
 /// Runs `horde receipts`: prints to stdout, warnings to stderr.
@@ -107,11 +107,7 @@ fn select(contents: LogContents, window: TimeWindow) -> Vec<Row> {
             {
                 return None;
             }
-            let verified = entry
-                .record
-                .verify()
-                .map(|verified| verified.countersigned)
-                .map_err(|e| e.to_string());
+            let verified = entry.record.verify().map(|verified| verified.countersigned);
             Some(Row {
                 entry,
                 payload,
@@ -151,7 +147,7 @@ fn details(row: &Row) -> String {
         );
     }
     let extra = match &row.verified {
-        Err(error) => Some(error.clone()),
+        Err(error) => Some(error.to_string()),
         Ok(false) => Some(format!(
             "not countersigned: {}",
             row.entry.note.as_deref().unwrap_or("no reason recorded")
@@ -216,7 +212,7 @@ fn json_row(row: &Row) -> serde_json::Value {
         "note": row.entry.note,
     });
     if let Err(error) = &row.verified {
-        value["error"] = error.clone().into();
+        value["error"] = error.to_string().into();
     }
     if let Some(p) = &row.payload {
         value["kind"] = p.kind.name().into();
@@ -245,7 +241,7 @@ const DAY_MS: u64 = 86_400_000;
 
 /// Parses a time for `--since` / `--until`: Unix seconds, or RFC 3339 with a `Z` or `±HH:MM`
 /// offset and optional fractional seconds (kept to the millisecond).
-pub fn parse_time(text: &str) -> Result<UnixMillis, String> {
+pub fn parse_time(text: &str) -> Result<UnixMillis, TimeError> {
     let text = text.trim();
     if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
         return text
@@ -253,29 +249,86 @@ pub fn parse_time(text: &str) -> Result<UnixMillis, String> {
             .ok()
             .and_then(|seconds| seconds.checked_mul(1000))
             .map(UnixMillis)
-            .ok_or_else(|| format!("{text:?}: Unix seconds out of range"));
+            .ok_or_else(|| TimeError::SecondsOutOfRange(text.to_owned()));
     }
-    parse_rfc3339(text).map_err(|reason| {
-        format!("{text:?}: {reason} (expected RFC 3339 like 2026-11-28T23:38:05Z, or Unix seconds)")
+    parse_rfc3339(text).map_err(|reason| TimeError::NotRfc3339 {
+        text: text.to_owned(),
+        reason,
     })
 }
 
-fn parse_rfc3339(text: &str) -> Result<UnixMillis, String> {
+/// A `--since` / `--until` value that is not a time.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TimeError {
+    /// Unix seconds past what milliseconds in a `u64` hold.
+    #[error("{0:?}: Unix seconds out of range")]
+    SecondsOutOfRange(String),
+    /// Neither Unix seconds nor an RFC 3339 time.
+    #[error("{text:?}: {reason} (expected RFC 3339 like 2026-11-28T23:38:05Z, or Unix seconds)")]
+    NotRfc3339 {
+        /// The value given.
+        text: String,
+        /// What is wrong with it as RFC 3339.
+        reason: Rfc3339Error,
+    },
+}
+
+/// What is wrong with an RFC 3339 time.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Rfc3339Error {
+    /// A field that should be digits is not.
+    #[error("bad {0}")]
+    Number(&'static str),
+    /// A separator is missing.
+    #[error("expected {what} at position {position}")]
+    Separator {
+        /// The separator expected.
+        what: &'static str,
+        /// Where (1-based).
+        position: usize,
+    },
+    /// A `.` without a fraction after it.
+    #[error("no digits after '.'")]
+    NoFraction,
+    /// An offset past ±23:59.
+    #[error("offset out of range")]
+    OffsetOutOfRange,
+    /// Neither `Z` nor `±HH:MM` at the end.
+    #[error("expected 'Z' or an offset like +01:00 at the end")]
+    NoOffset,
+    /// A year before 1970 or after 9999.
+    #[error("year out of range (1970 to 9999)")]
+    YearOutOfRange,
+    /// A month or day that does not exist.
+    #[error("no such date")]
+    NoSuchDate,
+    /// An hour, minute or second out of range.
+    #[error("time out of range")]
+    TimeOutOfRange,
+    /// In range locally, but before the epoch once the offset is applied.
+    #[error("before 1970")]
+    Before1970,
+}
+
+fn parse_rfc3339(text: &str) -> Result<UnixMillis, Rfc3339Error> {
     let bytes = text.as_bytes();
-    let number = |range: std::ops::Range<usize>, what: &str| -> Result<u64, String> {
+    let number = |range: std::ops::Range<usize>, what: &'static str| {
         let digits = bytes
             .get(range)
             .filter(|d| d.iter().all(u8::is_ascii_digit))
-            .ok_or_else(|| format!("bad {what}"))?;
+            .ok_or(Rfc3339Error::Number(what))?;
         Ok(digits
             .iter()
             .fold(0u64, |n, d| n * 10 + u64::from(d - b'0')))
     };
-    let separator = |at: usize, allowed: &[u8], what: &str| -> Result<(), String> {
-        match bytes.get(at) {
-            Some(b) if allowed.contains(b) => Ok(()),
-            _ => Err(format!("expected {what} at position {}", at + 1)),
-        }
+    let separator = |at: usize, allowed: &[u8], what: &'static str| match bytes.get(at) {
+        Some(b) if allowed.contains(b) => Ok(()),
+        _ => Err(Rfc3339Error::Separator {
+            what,
+            position: at + 1,
+        }),
     };
     let year = number(0..4, "year")?;
     separator(4, b"-", "'-'")?;
@@ -296,7 +349,7 @@ fn parse_rfc3339(text: &str) -> Result<UnixMillis, String> {
             .take_while(|b| b.is_ascii_digit())
             .count();
         if digits == 0 {
-            return Err("no digits after '.'".to_owned());
+            return Err(Rfc3339Error::NoFraction);
         }
         // Milliseconds: the first three digits, padded.
         let kept = number(at + 1..at + 1 + digits.min(3), "fraction")?;
@@ -310,29 +363,30 @@ fn parse_rfc3339(text: &str) -> Result<UnixMillis, String> {
             let hours = number(at + 1..at + 3, "offset hours")?;
             let minutes = number(at + 4..at + 6, "offset minutes")?;
             if hours > 23 || minutes > 59 {
-                return Err("offset out of range".to_owned());
+                return Err(Rfc3339Error::OffsetOutOfRange);
             }
-            let total = i64::try_from(hours * 60 + minutes).map_err(|e| e.to_string())?;
+            let total =
+                i64::try_from(hours * 60 + minutes).map_err(|_| Rfc3339Error::OffsetOutOfRange)?;
             if *sign == b'-' { -total } else { total }
         }
-        _ => return Err("expected 'Z' or an offset like +01:00 at the end".to_owned()),
+        _ => return Err(Rfc3339Error::NoOffset),
     };
     if !(1970..=9999).contains(&year) {
-        return Err("year out of range (1970 to 9999)".to_owned());
+        return Err(Rfc3339Error::YearOutOfRange);
     }
     if !(1..=12).contains(&month) || day == 0 || day > days_in_month(year, month) {
-        return Err("no such date".to_owned());
+        return Err(Rfc3339Error::NoSuchDate);
     }
     if hour > 23 || minute > 59 || second > 59 {
-        return Err("time out of range".to_owned());
+        return Err(Rfc3339Error::TimeOutOfRange);
     }
     let days = days_from_civil(year, month, day);
     let local_ms = days * DAY_MS + ((hour * 60 + minute) * 60 + second) * 1000 + millis;
     let offset_ms = offset_minutes * 60_000;
-    let utc = i64::try_from(local_ms).map_err(|e| e.to_string())? - offset_ms;
+    let utc = i64::try_from(local_ms).map_err(|_| Rfc3339Error::YearOutOfRange)? - offset_ms;
     u64::try_from(utc)
         .map(UnixMillis)
-        .map_err(|_| "before 1970".to_owned())
+        .map_err(|_| Rfc3339Error::Before1970)
 }
 
 fn is_leap(year: u64) -> bool {
@@ -518,7 +572,7 @@ mod tests {
             ("99999999999999999999", "out of range"),
             ("-5", "bad year"),
         ] {
-            let error = parse_time(text).unwrap_err();
+            let error = parse_time(text).unwrap_err().to_string();
             assert!(error.contains(needle), "{text:?}: {error}");
         }
     }

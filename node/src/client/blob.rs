@@ -4,7 +4,7 @@
 //! - [`put_file`], [`get_to_file`], [`get_to_memory`]: connect, transfer, retry transient failures
 //!   (connection lost, stream stalled, store busy) as a [`TransferPolicy`] says: a bounded number
 //!   of attempts with exponential backoff, resuming where the last attempt stopped, and a bounded
-//!   total time spent dialing a node that does not answer ([`ClientError::Unreachable`]).
+//!   total time spent dialing a node that does not answer ([`TransferError::Unreachable`]).
 //! - [`get_to_file_once`]: one attempt on a given connection (resuming from `DEST.partial`);
 //!   [`get_into_buffer`], [`get_into_vec`]: one in-memory attempt (resuming from the buffer).
 //! - [`Progress`], [`ProgressReporter`]: bytes, rate and ETA, redrawn on one line on a terminal,
@@ -53,7 +53,7 @@ pub struct TransferPolicy {
     pub max_attempts: u32,
     /// First retry delay, doubled after every failed attempt ([`INITIAL_BACKOFF`]).
     pub initial_backoff: Duration,
-    /// Total time spent on failed dials before [`ClientError::Unreachable`] ([`DIAL_BUDGET`]);
+    /// Total time spent on failed dials before [`TransferError::Unreachable`] ([`DIAL_BUDGET`]);
     /// each dial is cut off when it runs out.
     pub dial_budget: Duration,
     /// How long a transfer may receive nothing before it fails as stalled (and is retried)
@@ -85,7 +85,7 @@ const DISK_QUEUE: usize = 8;
 /// A client transfer that failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum ClientError {
+pub enum TransferError {
     /// The storage address lists no socket address.
     #[error("storage node {0} has no address")]
     NoAddress(Hotkey),
@@ -100,7 +100,7 @@ pub enum ClientError {
         /// Time spent on failed dials.
         tried_for: Duration,
         /// Why the last dial failed (boxed: rare, and it would double the size of every
-        /// `ClientError`).
+        /// `TransferError`).
         last: Box<ConnectError>,
     },
     /// The transfer failed (integrity, not found, refused, connection lost, …).
@@ -127,7 +127,7 @@ pub enum ClientError {
     Io(#[from] io::Error),
 }
 
-impl ClientError {
+impl TransferError {
     /// Whether this is a data-integrity failure (the node served bytes not matching the hash).
     pub fn is_integrity(&self) -> bool {
         matches!(self, Self::Blob(BlobError::Integrity { .. }))
@@ -146,11 +146,11 @@ impl ClientError {
 pub async fn connect(
     endpoint: &HordeEndpoint,
     storage: &NodeAddr,
-) -> Result<quinn::Connection, ClientError> {
+) -> Result<quinn::Connection, TransferError> {
     match endpoint.connect_node(storage, ALPN_BLOB).await {
         Ok(connection) => Ok(connection),
-        Err(ConnectError::NoAddress) => Err(ClientError::NoAddress(storage.hotkey)),
-        Err(error) => Err(ClientError::Connect(error)),
+        Err(ConnectError::NoAddress) => Err(TransferError::NoAddress(storage.hotkey)),
+        Err(error) => Err(TransferError::Connect(error)),
     }
 }
 
@@ -180,18 +180,18 @@ impl<'a> Retries<'a> {
         &mut self,
         endpoint: &HordeEndpoint,
         storage: &NodeAddr,
-    ) -> Result<quinn::Connection, ClientError> {
+    ) -> Result<quinn::Connection, TransferError> {
         let left = self.policy.dial_budget.saturating_sub(self.failed_dialing);
         let started = tokio::time::Instant::now();
         let error = match tokio::time::timeout(left, connect(endpoint, storage)).await {
             Ok(Ok(connection)) => return Ok(connection),
             Ok(Err(error)) => error,
-            Err(_) => ClientError::Connect(ConnectError::TimedOut(left)),
+            Err(_) => TransferError::Connect(ConnectError::TimedOut(left)),
         };
         self.failed_dialing += started.elapsed();
         match error {
-            ClientError::Connect(last) if self.failed_dialing >= self.policy.dial_budget => {
-                Err(ClientError::Unreachable {
+            TransferError::Connect(last) if self.failed_dialing >= self.policy.dial_budget => {
+                Err(TransferError::Unreachable {
                     hotkey: storage.hotkey,
                     tried_for: self.failed_dialing,
                     last: Box::new(last),
@@ -202,7 +202,7 @@ impl<'a> Retries<'a> {
     }
 
     /// Whether to try again after `error`; sleeps the backoff delay first.
-    async fn again(&mut self, error: &ClientError, what: &str) -> bool {
+    async fn again(&mut self, error: &TransferError, what: &str) -> bool {
         if !error.is_transient() || self.attempt >= self.policy.max_attempts {
             return false;
         }
@@ -241,7 +241,7 @@ pub async fn put_file(
     path: &Path,
     policy: &TransferPolicy,
     progress: &mut dyn Progress,
-) -> Result<BlobHash, ClientError> {
+) -> Result<BlobHash, TransferError> {
     let owned = path.to_owned();
     let (hash, size) = tokio::task::spawn_blocking(move || hash_file(&owned))
         .await
@@ -259,7 +259,7 @@ pub async fn put_hashed_file(
     size: u64,
     policy: &TransferPolicy,
     progress: &mut dyn Progress,
-) -> Result<BlobHash, ClientError> {
+) -> Result<BlobHash, TransferError> {
     let mut retries = Retries::new(policy);
     let result = loop {
         let result = match retries.connect(endpoint, storage).await {
@@ -296,7 +296,7 @@ pub async fn put_file_once(
     size: u64,
     progress: &mut dyn Progress,
     progress_timeout: Duration,
-) -> Result<BlobHash, ClientError> {
+) -> Result<BlobHash, TransferError> {
     let mut upload = within_progress_timeout(
         progress_timeout,
         start_put(connection, size, Some(hash), true),
@@ -332,7 +332,7 @@ pub async fn put_file_once(
     reader.await.map_err(io::Error::other)?;
     let (stored, _) = upload.finish().await?;
     if stored != hash {
-        return Err(ClientError::HashMismatch {
+        return Err(TransferError::HashMismatch {
             expected: hash,
             actual: stored,
         });
@@ -367,7 +367,7 @@ pub async fn get_to_file(
     max_size: u64,
     policy: &TransferPolicy,
     progress: &mut dyn Progress,
-) -> Result<GetOutcome, ClientError> {
+) -> Result<GetOutcome, TransferError> {
     let mut retries = Retries::new(policy);
     let result = loop {
         let result = match retries.connect(endpoint, storage).await {
@@ -442,7 +442,7 @@ pub async fn get_to_file_once(
     max_size: u64,
     progress_timeout: Duration,
     progress: &mut dyn Progress,
-) -> Result<GetOutcome, ClientError> {
+) -> Result<GetOutcome, TransferError> {
     let (partial, state) = partial_paths(dest);
     let resumed_from = recorded_progress(&partial, &state, &hash).unwrap_or(0);
     let ranges = if resumed_from > 0 {
@@ -463,7 +463,7 @@ pub async fn get_to_file_once(
     if let Some(expected) = expected_size
         && expected != size
     {
-        return Err(ClientError::SizeMismatch {
+        return Err(TransferError::SizeMismatch {
             expected,
             actual: size,
         });
@@ -692,7 +692,7 @@ pub async fn get_to_memory(
     hash: BlobHash,
     max_size: u64,
     policy: &TransferPolicy,
-) -> Result<Bytes, ClientError> {
+) -> Result<Bytes, TransferError> {
     let mut buffer = BlobBuffer::new();
     let mut retries = Retries::new(policy);
     loop {
@@ -720,7 +720,7 @@ pub async fn get_into_vec(
     max_size: u64,
     progress_timeout: Duration,
     buffer: &mut Vec<u8>,
-) -> Result<u64, ClientError> {
+) -> Result<u64, TransferError> {
     let stream = request_rest(connection, hash, max_size, progress_timeout, buffer.len()).await?;
     // Frames are copied once, straight into `buffer`, and verified there; on an error it keeps
     // the verified prefix for the next attempt.
@@ -738,7 +738,7 @@ pub async fn get_into_buffer(
     max_size: u64,
     progress_timeout: Duration,
     buffer: &mut BlobBuffer,
-) -> Result<u64, ClientError> {
+) -> Result<u64, TransferError> {
     let stream = request_rest(connection, hash, max_size, progress_timeout, buffer.len()).await?;
     Ok(stream.read_to_buffer(buffer).await?)
 }

@@ -1,15 +1,33 @@
 //! Node configuration: one TOML file per node, `deny_unknown_fields`, validated at load time.
 //!
+//! Each section is one serde type that is also what the role runs with: [`NodeConfig`] (the
+//! top-level keys), [`FacilitatorConfig`], [`ValidatorConfig`], [`MinerConfig`] (with
+//! [`ClassConfig`] per `[[miner.classes]]`), [`ExecutorConfig`], [`ReceiptsConfig`],
+//! [`StoreLimits`] (`[storage]`) and [`DiscoveryConfig`]. A field is added in one place: the
+//! type (with its serde default), its rule in the type's `validate`, and the commented example.
+//! Loading reads the file, takes `--role`, resolves relative paths, applies the other command-line
+//! overrides and validates; the testnet writes node files by serializing the same types.
+//!
 //! The commented example lives in `node/horde.example.toml`; every field has a default that works
 //! for a single machine, so the smallest valid file names only the role.
+//!
+//! Layout: `config.rs` (the node and role sections), `config/encoding.rs` (values written as
+//! text, seconds or milliseconds).
 
-use std::net::{IpAddr, SocketAddr};
+mod encoding;
+
+pub(crate) use encoding::{millis, secs, text, text_list};
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use horde_protocol::{ExecutorClass, Hotkey, NodeAddr, Role};
+use serde::{Deserialize, Serialize};
 
-use crate::server::discovery::{BootstrapPeer, DiscoveryConfig, MIN_RECORD_TTL};
-use serde::Deserialize;
+use crate::server::discovery::BootstrapPeer;
+pub use crate::server::discovery::DiscoveryConfig;
+pub use crate::server::storage::StoreLimits;
 
 /// Default QUIC listen address: loopback with an OS-chosen port, safe for a single machine.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:0";
@@ -18,10 +36,32 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:0";
 /// drives and a facilitator to every client; 1024 keeps worst-case window memory bounded.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 
+/// Default time the facilitator waits for any word from a job's validator before it fails the
+/// job: longer than the QUIC idle timeout (10 s), so a dead link is reported by QUIC first.
+pub const DEFAULT_VALIDATOR_SILENCE_MS: u64 = 30_000;
+
+/// Default time a reported miner stays excluded from selection: an hour, long enough to take a
+/// cheating miner out of rotation, short enough that a mistaken report heals by itself.
+pub const DEFAULT_EXCLUSION_SECS: u64 = 3600;
+
+/// Default time a validator waits for a miner's countersignature: a miner answers in one round
+/// trip and an fsync, so 5 s is generous; past it the receipt is stored uncountersigned.
+pub const DEFAULT_COUNTERSIGN_TIMEOUT_MS: u64 = 5_000;
+
+/// Loopback: the default for job endpoints, right for a single machine.
+const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+
+/// Longest executor registration timeout accepted: an executor that has not registered within
+/// an hour is hung, and a longer wait would only keep its class's jobs declined.
+const MAX_REGISTRATION_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// Longest executor class name, as the miner's record carries it.
+const MAX_CLASS_NAME_LEN: usize = 64;
+
 /// A config file that cannot be used.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum ConfigError {
+pub enum NodeConfigError {
     /// The file could not be read.
     #[error("config {path}: {source}")]
     Read {
@@ -30,127 +70,141 @@ pub enum ConfigError {
         /// Why.
         source: std::io::Error,
     },
-    /// The TOML is malformed or has unknown fields.
+    /// The TOML is malformed, has unknown fields or a value of the wrong shape.
     #[error("config {path}: {message}")]
     Parse {
         /// The file.
         path: String,
-        /// The parser's message (names the line and field).
+        /// The parser's message (names the line or the field).
         message: String,
     },
+    /// Neither the file nor the command line names the role.
+    #[error("config {path}: no role: set `role = \"…\"` or pass --role")]
+    NoRole {
+        /// The file.
+        path: String,
+    },
     /// A value is out of range or inconsistent.
-    #[error("config {path}: {message}")]
+    #[error("config {path}: {source}")]
     Invalid {
         /// The file.
         path: String,
-        /// What is wrong.
-        message: String,
+        /// The field and what is wrong with it.
+        source: InvalidField,
     },
+    /// The configuration could not be written as TOML.
+    #[error("config: cannot write as TOML: {0}")]
+    Write(String),
 }
 
-/// The file as written.
-#[derive(Debug, Deserialize, Default)]
+/// A config value out of range or inconsistent with another: the field, as its dotted path
+/// (`miner.classes[0].max_executors`), and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+#[non_exhaustive]
+pub struct InvalidField {
+    /// The field's dotted path in the file.
+    pub field: String,
+    /// What is wrong with its value.
+    pub reason: String,
+}
+
+impl InvalidField {
+    /// The value of `field` is wrong because of `reason`.
+    pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// A node's configuration: the file's top-level keys and one field per section.
+///
+/// Read with [`NodeConfig::load`] (or [`NodeConfig::parse`]); written with
+/// [`NodeConfig::to_toml`]. Loaded, relative paths are resolved and it is valid.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct ConfigFile {
-    role: Option<String>,
-    key_file: Option<PathBuf>,
-    listen: Option<String>,
-    max_connections: Option<usize>,
-    max_connections_per_peer: Option<usize>,
-    data_dir: Option<PathBuf>,
-    facilitator: Option<FacilitatorFile>,
-    validator: Option<ValidatorFile>,
-    miner: Option<MinerFile>,
-    executor: Option<ExecutorFile>,
-    storage: Option<StorageFile>,
-    discovery: Option<DiscoveryFile>,
-    receipts: Option<ReceiptsFile>,
+pub struct NodeConfig {
+    /// The role this node plays (in the file or `--role`).
+    #[serde(with = "text")]
+    pub role: Role,
+    /// The hotkey file (JSON, mode 0600). Relative paths are relative to the config file.
+    #[serde(default = "default_key_file")]
+    pub key_file: PathBuf,
+    /// QUIC listen address.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Cap on concurrent QUIC connections.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Cap on concurrent incoming QUIC connections from one hotkey. Above `max_connections` it
+    /// has no effect, which is allowed: lowering `max_connections` alone must not make a file
+    /// invalid.
+    #[serde(default = "default_max_connections_per_peer")]
+    pub max_connections_per_peer: usize,
+    /// Where the node keeps its state. Empty in a file: `<role>-data` beside the config file.
+    #[serde(default, skip_serializing_if = "path_is_empty")]
+    pub data_dir: PathBuf,
+    /// `[facilitator]` settings.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub facilitator: FacilitatorConfig,
+    /// `[validator]` settings.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub validator: ValidatorConfig,
+    /// `[miner]` settings (`None` unless the section is present).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub miner: Option<MinerConfig>,
+    /// `[executor]` settings (`None` unless the section is present).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub executor: Option<ExecutorConfig>,
+    /// `[storage]` settings: blob size limit and who may put (defaults: 64 GiB, anyone).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub storage: StoreLimits,
+    /// `[discovery]` settings (on by default, listening on loopback with an OS-chosen port).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub discovery: DiscoveryConfig,
+    /// `[receipts]` settings: receipt log size and countersignature deadline.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub receipts: ReceiptsConfig,
 }
 
-#[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct DiscoveryFile {
-    enabled: Option<bool>,
-    listen: Option<String>,
-    bootstrap: Option<Vec<String>>,
-    record_ttl_secs: Option<u64>,
+fn default_key_file() -> PathBuf {
+    PathBuf::from("hotkey.json")
 }
 
-#[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct ReceiptsFile {
-    max_log_bytes: Option<u64>,
-    countersign_timeout_ms: Option<u64>,
+fn default_listen() -> SocketAddr {
+    SocketAddr::new(LOCALHOST, 0)
 }
 
-#[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct StorageFile {
-    max_blob_size: Option<u64>,
-    put_allowlist: Option<Vec<String>>,
-    progress_timeout_ms: Option<u64>,
-    max_transfers: Option<usize>,
-    max_transfers_per_peer: Option<usize>,
+fn default_max_connections() -> usize {
+    DEFAULT_MAX_CONNECTIONS
 }
 
-#[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct FacilitatorFile {
-    validators: Option<Vec<String>>,
-    miners: Option<Vec<String>>,
-    allowed_clients: Option<Vec<String>>,
-    validator_silence_ms: Option<u64>,
-    trusted_miners: Option<Vec<String>>,
-    exclusion_secs: Option<u64>,
+fn default_max_connections_per_peer() -> usize {
+    horde_transport::DEFAULT_MAX_CONNECTIONS_PER_PEER
 }
 
-#[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct ValidatorFile {
-    miners: Option<Vec<String>>,
-    trusted_miners: Option<Vec<String>>,
-    allowed_facilitators: Option<Vec<String>>,
-    exclusion_secs: Option<u64>,
+fn path_is_empty(path: &Path) -> bool {
+    path.as_os_str().is_empty()
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ClassFile {
-    class: String,
-    max_executors: Option<u32>,
-    prewarm: Option<u32>,
+fn is_default<T: Default + PartialEq>(value: &T) -> bool {
+    *value == T::default()
 }
 
-#[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct MinerFile {
-    classes: Option<Vec<ClassFile>>,
-    allowed_validators: Option<Vec<String>>,
-    executor_program: Option<PathBuf>,
-    job_host: Option<IpAddr>,
-    registration_timeout_ms: Option<u64>,
-}
-
-#[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct ExecutorFile {
-    miner: Option<String>,
-    class: Option<String>,
-    job_host: Option<IpAddr>,
-}
-
-/// Default time the facilitator waits for any word from a job's validator before it fails the
-/// job: longer than the QUIC idle timeout (10 s), so a dead link is reported by QUIC first.
-pub const DEFAULT_VALIDATOR_SILENCE_MS: u64 = 30_000;
-
-/// Facilitator settings.
-#[derive(Debug, Clone)]
+/// Facilitator settings: `[facilitator]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct FacilitatorConfig {
-    /// Validators to choose from (static peers).
+    /// Validators to choose from (static peers), `HOTKEY@IP:PORT`.
+    #[serde(with = "text_list")]
     pub validators: Vec<NodeAddr>,
-    /// Miners to choose from (static peers).
+    /// Miners to choose from (static peers), `HOTKEY@IP:PORT`.
+    #[serde(with = "text_list")]
     pub miners: Vec<NodeAddr>,
     /// Client account keys allowed to submit; `None` accepts any key (testnet).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub allowed_clients: Option<Vec<Hotkey>>,
     /// How long a job's validator may stay silent before the job fails.
     pub validator_silence_ms: u64,
@@ -159,7 +213,8 @@ pub struct FacilitatorConfig {
     /// with `NoMiner`.
     pub trusted_miners: Vec<Hotkey>,
     /// How long a miner with a verified report against it is not chosen.
-    pub exclusion: std::time::Duration,
+    #[serde(rename = "exclusion_secs", with = "secs")]
+    pub exclusion: Duration,
 }
 
 impl Default for FacilitatorConfig {
@@ -170,30 +225,33 @@ impl Default for FacilitatorConfig {
             allowed_clients: None,
             validator_silence_ms: DEFAULT_VALIDATOR_SILENCE_MS,
             trusted_miners: Vec::new(),
-            exclusion: std::time::Duration::from_secs(DEFAULT_EXCLUSION_SECS),
+            exclusion: Duration::from_secs(DEFAULT_EXCLUSION_SECS),
         }
     }
 }
 
-/// Default time a reported miner stays excluded from selection: an hour, long enough to take a
-/// cheating miner out of rotation, short enough that a mistaken report heals by itself.
-pub const DEFAULT_EXCLUSION_SECS: u64 = 3600;
-
-/// Validator settings.
-#[derive(Debug, Clone)]
+/// Validator settings: `[validator]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct ValidatorConfig {
-    /// Miners this validator knows and will drive jobs on.
+    /// Miners this validator knows and will drive jobs on, `HOTKEY@IP:PORT`.
+    #[serde(with = "text_list")]
     pub miners: Vec<NodeAddr>,
     /// Miners trusted for `on_trusted_miner` jobs.
     pub trusted_miners: Vec<Hotkey>,
     /// Facilitators allowed to assign jobs; `None` accepts any (testnet).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub allowed_facilitators: Option<Vec<Hotkey>>,
     /// How long a miner with a verified report against it is excluded from selection.
-    pub exclusion: std::time::Duration,
+    #[serde(rename = "exclusion_secs", with = "secs")]
+    pub exclusion: Duration,
     /// Where exclusions are persisted (JSON, written atomically); `None` keeps them in memory.
+    /// Not in the file: loading sets `<data_dir>/exclusions.json`.
+    #[serde(skip)]
     pub exclusions_file: Option<PathBuf>,
     /// Where accepted job ids are persisted until their spec expires; `None` keeps them in
-    /// memory.
+    /// memory. Not in the file: loading sets `<data_dir>/seen_jobs.bin`.
+    #[serde(skip)]
     pub seen_jobs_file: Option<PathBuf>,
 }
 
@@ -203,109 +261,165 @@ impl Default for ValidatorConfig {
             miners: Vec::new(),
             trusted_miners: Vec::new(),
             allowed_facilitators: None,
-            exclusion: std::time::Duration::from_secs(DEFAULT_EXCLUSION_SECS),
+            exclusion: Duration::from_secs(DEFAULT_EXCLUSION_SECS),
             exclusions_file: None,
             seen_jobs_file: None,
         }
     }
 }
 
-/// One executor class a miner offers.
-#[derive(Debug, Clone)]
+/// One executor class a miner offers: `[[miner.classes]]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ClassConfig {
-    /// The class.
+    /// The class (1 to 64 characters).
     pub class: ExecutorClass,
-    /// Most executors of this class running at once.
+    /// Most executors of this class running at once (at least 1).
+    #[serde(default = "default_max_executors")]
     pub max_executors: u32,
-    /// Executors started at miner start-up, before any job asks.
+    /// Executors started at miner start-up, before any job asks (at most `max_executors`).
+    #[serde(default)]
     pub prewarm: u32,
 }
 
-/// Miner settings.
-#[derive(Debug, Clone)]
+fn default_max_executors() -> u32 {
+    1
+}
+
+impl ClassConfig {
+    /// Checks the class as `miner.classes[index]`.
+    pub fn validate(&self, index: usize) -> Result<(), InvalidField> {
+        let field = |name: &str| format!("miner.classes[{index}].{name}");
+        let name = &self.class.0;
+        if name.is_empty() || name.len() > MAX_CLASS_NAME_LEN {
+            return Err(InvalidField::new(
+                field("class"),
+                format!("class name {name:?} must be 1 to {MAX_CLASS_NAME_LEN} characters"),
+            ));
+        }
+        if self.max_executors == 0 {
+            return Err(InvalidField::new(
+                field("max_executors"),
+                format!("{name}: need 1 <= max_executors"),
+            ));
+        }
+        if self.prewarm > self.max_executors {
+            return Err(InvalidField::new(
+                field("prewarm"),
+                format!("{name}: need prewarm <= max_executors"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Miner settings: `[miner]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct MinerConfig {
     /// Executor classes offered.
     pub classes: Vec<ClassConfig>,
     /// Validators allowed to send jobs; `None` accepts any (testnet).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub allowed_validators: Option<Vec<Hotkey>>,
-    /// The `horde` binary to spawn executors with (default: this binary).
+    /// The `horde` binary to spawn executors with (default: this binary). Relative paths are
+    /// relative to the config file.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub executor_program: Option<PathBuf>,
     /// The address job endpoints listen on and advertise.
     pub job_host: IpAddr,
     /// How long a spawned executor may take to register before it is killed and its start
     /// counted as failed.
-    pub registration_timeout: std::time::Duration,
+    #[serde(rename = "registration_timeout_ms", with = "millis")]
+    pub registration_timeout: Duration,
 }
 
-/// Executor settings.
-#[derive(Debug, Clone)]
+impl Default for MinerConfig {
+    fn default() -> Self {
+        Self {
+            classes: Vec::new(),
+            allowed_validators: None,
+            executor_program: None,
+            job_host: LOCALHOST,
+            registration_timeout: crate::server::miner::DEFAULT_REGISTRATION_TIMEOUT,
+        }
+    }
+}
+
+impl MinerConfig {
+    /// Checks `[miner]` and each of its classes.
+    pub fn validate(&self) -> Result<(), InvalidField> {
+        for (index, class) in self.classes.iter().enumerate() {
+            class.validate(index)?;
+        }
+        if self.registration_timeout.is_zero()
+            || self.registration_timeout > MAX_REGISTRATION_TIMEOUT
+        {
+            return Err(InvalidField::new(
+                "miner.registration_timeout_ms",
+                format!("must be 1 to {}", MAX_REGISTRATION_TIMEOUT.as_millis()),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Executor settings: `[executor]` (the miner writes it for each executor it starts).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ExecutorConfig {
-    /// The miner to register with.
+    /// The miner to register with, `HOTKEY@IP:PORT`.
+    #[serde(with = "text")]
     pub miner: NodeAddr,
     /// The class served.
     pub class: ExecutorClass,
     /// The address job endpoints listen on and advertise.
+    #[serde(default = "default_job_host")]
     pub job_host: IpAddr,
 }
 
-/// Default time a validator waits for a miner's countersignature: a miner answers in one round
-/// trip and an fsync, so 5 s is generous; past it the receipt is stored uncountersigned.
-pub const DEFAULT_COUNTERSIGN_TIMEOUT_MS: u64 = 5_000;
+fn default_job_host() -> IpAddr {
+    LOCALHOST
+}
 
 /// Accounting receipts (validators and miners): `[receipts]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct ReceiptsConfig {
     /// Cap on `<data_dir>/receipts.log`; receipts past it are refused (and logged).
     pub max_log_bytes: u64,
     /// How long a validator waits for the miner to countersign a receipt.
-    pub countersign_timeout: std::time::Duration,
+    #[serde(rename = "countersign_timeout_ms", with = "millis")]
+    pub countersign_timeout: Duration,
 }
 
 impl Default for ReceiptsConfig {
     fn default() -> Self {
         Self {
             max_log_bytes: crate::server::receipts::DEFAULT_MAX_LOG_BYTES,
-            countersign_timeout: std::time::Duration::from_millis(DEFAULT_COUNTERSIGN_TIMEOUT_MS),
+            countersign_timeout: Duration::from_millis(DEFAULT_COUNTERSIGN_TIMEOUT_MS),
         }
     }
 }
 
-/// Loopback: the default for job endpoints, right for a single machine.
-const LOCALHOST: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
-
-/// Longest executor registration timeout accepted: an executor that has not registered within
-/// an hour is hung, and a longer wait would only keep its class's jobs declined.
-const MAX_REGISTRATION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3600);
-
-/// A validated node configuration.
-#[derive(Debug, Clone)]
-pub struct NodeConfig {
-    /// The role this node plays.
-    pub role: Role,
-    /// The hotkey file (JSON, mode 0600). Relative paths are relative to the config file.
-    pub key_file: PathBuf,
-    /// QUIC listen address.
-    pub listen: SocketAddr,
-    /// Cap on concurrent QUIC connections.
-    pub max_connections: usize,
-    /// Cap on concurrent incoming QUIC connections from one hotkey.
-    pub max_connections_per_peer: usize,
-    /// Where the node keeps its state.
-    pub data_dir: PathBuf,
-    /// `[facilitator]` settings.
-    pub facilitator: FacilitatorConfig,
-    /// `[validator]` settings.
-    pub validator: ValidatorConfig,
-    /// `[miner]` settings (`None` unless the section is present).
-    pub miner: Option<MinerConfig>,
-    /// `[executor]` settings (`None` unless the section is present).
-    pub executor: Option<ExecutorConfig>,
-    /// `[storage]` settings: blob size limit and who may put (defaults: 64 GiB, anyone).
-    pub storage: crate::server::storage::StoreLimits,
-    /// `[discovery]` settings (on by default, listening on loopback with an OS-chosen port).
-    pub discovery: DiscoveryConfig,
-    /// `[receipts]` settings: receipt log size and countersignature deadline.
-    pub receipts: ReceiptsConfig,
+impl ReceiptsConfig {
+    /// Checks `[receipts]`.
+    pub fn validate(&self) -> Result<(), InvalidField> {
+        let smallest_log = crate::server::receipts::MIN_LOG_BYTES;
+        if self.max_log_bytes < smallest_log {
+            return Err(InvalidField::new(
+                "receipts.max_log_bytes",
+                format!("must be at least {smallest_log}"),
+            ));
+        }
+        if self.countersign_timeout.is_zero() {
+            return Err(InvalidField::new(
+                "receipts.countersign_timeout_ms",
+                "must be at least 1",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Command-line values that override the file.
@@ -325,11 +439,54 @@ pub struct Overrides {
     pub p2p_listen: Option<SocketAddr>,
 }
 
+impl Overrides {
+    /// Puts the flags other than `--role` (which [`NodeConfig::parse`] takes before the typed
+    /// read, since defaults follow from it) over the loaded file.
+    fn apply(&self, config: &mut NodeConfig) {
+        if let Some(key_file) = &self.key_file {
+            config.key_file.clone_from(key_file);
+        }
+        if let Some(listen) = self.listen {
+            config.listen = listen;
+        }
+        if let Some(data_dir) = &self.data_dir {
+            config.data_dir.clone_from(data_dir);
+        }
+        config
+            .discovery
+            .bootstrap
+            .extend(self.bootstrap.iter().cloned());
+        if let Some(p2p_listen) = self.p2p_listen {
+            config.discovery.listen = p2p_listen;
+        }
+    }
+}
+
 impl NodeConfig {
+    /// A configuration for `role` with every default: what a file holding only `role` loads to,
+    /// before its paths are resolved.
+    pub fn new(role: Role) -> Self {
+        Self {
+            role,
+            key_file: default_key_file(),
+            listen: default_listen(),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_peer: default_max_connections_per_peer(),
+            data_dir: PathBuf::new(),
+            facilitator: FacilitatorConfig::default(),
+            validator: ValidatorConfig::default(),
+            miner: None,
+            executor: None,
+            storage: StoreLimits::default(),
+            discovery: DiscoveryConfig::default(),
+            receipts: ReceiptsConfig::default(),
+        }
+    }
+
     /// Reads and validates a config file, then applies command-line overrides.
-    pub fn load(path: &Path, overrides: &Overrides) -> Result<Self, ConfigError> {
+    pub fn load(path: &Path, overrides: &Overrides) -> Result<Self, NodeConfigError> {
         let shown = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|source| NodeConfigError::Read {
             path: shown.clone(),
             source,
         })?;
@@ -337,312 +494,102 @@ impl NodeConfig {
         Self::parse(&text, &shown, base, overrides)
     }
 
-    /// Validates config text; relative paths are taken relative to `base`.
+    /// Reads config text (`shown` names it in errors): takes `--role`, resolves relative paths
+    /// against `base`, applies the other overrides, fills in what follows from the role and
+    /// the data directory, and validates.
     pub fn parse(
         text: &str,
         shown: &str,
         base: &Path,
         overrides: &Overrides,
-    ) -> Result<Self, ConfigError> {
-        let file: ConfigFile = toml::from_str(text).map_err(|e| ConfigError::Parse {
+    ) -> Result<Self, NodeConfigError> {
+        let parse_error = |e: toml::de::Error| NodeConfigError::Parse {
             path: shown.to_owned(),
-            message: e.to_string(),
-        })?;
-        let invalid = |message: String| ConfigError::Invalid {
-            path: shown.to_owned(),
-            message,
+            message: e.to_string().trim_end().to_owned(),
         };
-        let role = match (&overrides.role, &file.role) {
-            (Some(role), _) => *role,
-            (None, Some(text)) => text.parse().map_err(invalid)?,
-            (None, None) => {
-                return Err(invalid(
-                    "no role: set `role = \"…\"` or pass --role".to_owned(),
-                ));
-            }
-        };
-        let listen = match (&overrides.listen, &file.listen) {
-            (Some(addr), _) => *addr,
-            (None, text) => text
-                .as_deref()
-                .unwrap_or(DEFAULT_LISTEN)
-                .parse()
-                .map_err(|e| invalid(format!("listen: {e}")))?,
-        };
-        let max_connections = file.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
-        if max_connections == 0 {
-            return Err(invalid("max_connections must be at least 1".to_owned()));
+        // Syntax errors name the line; the typed read below names the field.
+        let mut table: toml::Table = toml::from_str(text).map_err(parse_error)?;
+        if let Some(role) = overrides.role {
+            table.insert("role".to_owned(), role.as_str().into());
         }
-        // Above `max_connections` it has no effect, which is allowed: lowering `max_connections`
-        // alone must not make a file invalid.
-        let max_connections_per_peer = file
-            .max_connections_per_peer
-            .unwrap_or(horde_transport::DEFAULT_MAX_CONNECTIONS_PER_PEER);
-        if max_connections_per_peer == 0 {
-            return Err(invalid(
-                "max_connections_per_peer must be at least 1".to_owned(),
+        if !table.contains_key("role") {
+            return Err(NodeConfigError::NoRole {
+                path: shown.to_owned(),
+            });
+        }
+        let mut config: Self = table.try_into().map_err(parse_error)?;
+        config.resolve_paths(base);
+        overrides.apply(&mut config);
+        config.derive_settings();
+        config
+            .validate()
+            .map_err(|source| NodeConfigError::Invalid {
+                path: shown.to_owned(),
+                source,
+            })?;
+        Ok(config)
+    }
+
+    /// Checks every value and how they fit together, naming the field at fault.
+    pub fn validate(&self) -> Result<(), InvalidField> {
+        if self.role == Role::Client {
+            return Err(InvalidField::new("role", "a client is not a node"));
+        }
+        if self.max_connections == 0 {
+            return Err(InvalidField::new("max_connections", "must be at least 1"));
+        }
+        if self.max_connections_per_peer == 0 {
+            return Err(InvalidField::new(
+                "max_connections_per_peer",
+                "must be at least 1",
             ));
         }
-        let resolve = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
-        let key_file = overrides
-            .key_file
-            .clone()
-            .or(file.key_file.map(resolve))
-            .unwrap_or_else(|| base.join("hotkey.json"));
-        let data_dir = overrides
-            .data_dir
-            .clone()
-            .or(file.data_dir.map(resolve))
-            .unwrap_or_else(|| base.join(format!("{role}-data")));
-        let nodes =
-            |field: &str, list: Option<Vec<String>>| -> Result<Vec<NodeAddr>, ConfigError> {
-                list.unwrap_or_default()
-                    .iter()
-                    .map(|t| {
-                        t.parse()
-                            .map_err(|e| invalid(format!("{field}: {t:?}: {e}")))
-                    })
-                    .collect()
-            };
-        let keys =
-            |field: &str, list: Option<Vec<String>>| -> Result<Option<Vec<Hotkey>>, ConfigError> {
-                list.map(|list| {
-                    list.iter()
-                        .map(|t| {
-                            t.parse()
-                                .map_err(|e| invalid(format!("{field}: {t:?}: {e}")))
-                        })
-                        .collect()
-                })
-                .transpose()
-            };
-        let facilitator_file = file.facilitator.unwrap_or_default();
-        let facilitator = FacilitatorConfig {
-            validators: nodes("facilitator.validators", facilitator_file.validators)?,
-            miners: nodes("facilitator.miners", facilitator_file.miners)?,
-            allowed_clients: keys(
-                "facilitator.allowed_clients",
-                facilitator_file.allowed_clients,
-            )?,
-            validator_silence_ms: facilitator_file
-                .validator_silence_ms
-                .unwrap_or(DEFAULT_VALIDATOR_SILENCE_MS),
-            trusted_miners: keys(
-                "facilitator.trusted_miners",
-                facilitator_file.trusted_miners,
-            )?
-            .unwrap_or_default(),
-            exclusion: std::time::Duration::from_secs(
-                facilitator_file
-                    .exclusion_secs
-                    .unwrap_or(DEFAULT_EXCLUSION_SECS),
-            ),
-        };
-        let validator_file = file.validator.unwrap_or_default();
-        let validator = ValidatorConfig {
-            miners: nodes("validator.miners", validator_file.miners)?,
-            trusted_miners: keys("validator.trusted_miners", validator_file.trusted_miners)?
-                .unwrap_or_default(),
-            allowed_facilitators: keys(
-                "validator.allowed_facilitators",
-                validator_file.allowed_facilitators,
-            )?,
-            exclusion: std::time::Duration::from_secs(
-                validator_file
-                    .exclusion_secs
-                    .unwrap_or(DEFAULT_EXCLUSION_SECS),
-            ),
-            exclusions_file: Some(data_dir.join("exclusions.json")),
-            seen_jobs_file: Some(data_dir.join("seen_jobs.bin")),
-        };
-        let miner = match file.miner {
-            None => None,
-            Some(miner_file) => {
-                let mut classes = Vec::new();
-                for class in miner_file.classes.unwrap_or_default() {
-                    if class.class.is_empty() || class.class.len() > 64 {
-                        return Err(invalid(format!(
-                            "miner.classes: class name {:?} must be 1 to 64 characters",
-                            class.class
-                        )));
-                    }
-                    let max_executors = class.max_executors.unwrap_or(1);
-                    let prewarm = class.prewarm.unwrap_or(0);
-                    if max_executors == 0 || prewarm > max_executors {
-                        return Err(invalid(format!(
-                            "miner.classes: {}: need 1 <= max_executors and prewarm <= max_executors",
-                            class.class
-                        )));
-                    }
-                    classes.push(ClassConfig {
-                        class: ExecutorClass(class.class),
-                        max_executors,
-                        prewarm,
-                    });
-                }
-                let registration_timeout = miner_file.registration_timeout_ms.map_or(
-                    crate::server::miner::DEFAULT_REGISTRATION_TIMEOUT,
-                    std::time::Duration::from_millis,
-                );
-                if registration_timeout.is_zero() || registration_timeout > MAX_REGISTRATION_TIMEOUT
-                {
-                    return Err(invalid(format!(
-                        "miner.registration_timeout_ms must be 1 to {}",
-                        MAX_REGISTRATION_TIMEOUT.as_millis()
-                    )));
-                }
-                Some(MinerConfig {
-                    classes,
-                    allowed_validators: keys(
-                        "miner.allowed_validators",
-                        miner_file.allowed_validators,
-                    )?,
-                    executor_program: miner_file.executor_program.map(resolve),
-                    job_host: miner_file.job_host.unwrap_or(LOCALHOST),
-                    registration_timeout,
-                })
-            }
-        };
-        let executor = match file.executor {
-            None => None,
-            Some(executor_file) => {
-                let miner = executor_file
-                    .miner
-                    .ok_or_else(|| invalid("executor.miner is required".to_owned()))?;
-                let miner = miner
-                    .parse()
-                    .map_err(|e| invalid(format!("executor.miner: {e}")))?;
-                let class = executor_file
-                    .class
-                    .ok_or_else(|| invalid("executor.class is required".to_owned()))?;
-                Some(ExecutorConfig {
-                    miner,
-                    class: ExecutorClass(class),
-                    job_host: executor_file.job_host.unwrap_or(LOCALHOST),
-                })
-            }
-        };
-        let storage_file = file.storage.unwrap_or_default();
-        let max_blob_size = storage_file
-            .max_blob_size
-            .unwrap_or(crate::server::storage::DEFAULT_MAX_BLOB_SIZE);
-        let protocol_max = horde_protocol::blob::MAX_PROTOCOL_BLOB_SIZE;
-        if max_blob_size == 0 || max_blob_size > protocol_max {
-            return Err(invalid(format!(
-                "storage.max_blob_size must be between 1 and {protocol_max} bytes"
-            )));
-        }
-        let defaults = crate::server::storage::StoreLimits::default();
-        let progress_timeout = storage_file
-            .progress_timeout_ms
-            .map_or(defaults.progress_timeout, std::time::Duration::from_millis);
-        if progress_timeout.is_zero() {
-            return Err(invalid(
-                "storage.progress_timeout_ms must be above 0".to_owned(),
+        if self.role == Role::Executor && self.executor.is_none() {
+            return Err(InvalidField::new(
+                "executor",
+                "role executor needs an [executor] section",
             ));
         }
-        let max_transfers = storage_file.max_transfers.unwrap_or(defaults.max_transfers);
-        if max_transfers == 0 {
-            return Err(invalid("storage.max_transfers must be above 0".to_owned()));
+        if let Some(miner) = &self.miner {
+            miner.validate()?;
         }
-        // Unset, the default share shrinks to a smaller `max_transfers` rather than make a file
-        // that lowers only `max_transfers` invalid.
-        let max_transfers_per_peer = storage_file
-            .max_transfers_per_peer
-            .unwrap_or(defaults.max_transfers_per_peer.min(max_transfers));
-        if max_transfers_per_peer == 0 || max_transfers_per_peer > max_transfers {
-            return Err(invalid(format!(
-                "storage.max_transfers_per_peer must be between 1 and max_transfers ({max_transfers})"
-            )));
+        self.storage.validate()?;
+        self.discovery.validate()?;
+        self.receipts.validate()
+    }
+
+    /// The configuration as a TOML file that [`NodeConfig::load`] reads back (sections left at
+    /// their defaults are left out).
+    pub fn to_toml(&self) -> Result<String, NodeConfigError> {
+        toml::to_string(self).map_err(|e| NodeConfigError::Write(e.to_string()))
+    }
+
+    /// Makes the file's relative paths relative to `base` (the config file's directory), and
+    /// an empty `data_dir` `<base>/<role>-data`.
+    fn resolve_paths(&mut self, base: &Path) {
+        if path_is_empty(&self.data_dir) {
+            self.data_dir = PathBuf::from(format!("{}-data", self.role));
         }
-        let storage = crate::server::storage::StoreLimits {
-            max_blob_size,
-            put_allowlist: keys("storage.put_allowlist", storage_file.put_allowlist)?,
-            progress_timeout,
-            max_transfers,
-            max_transfers_per_peer,
-        };
-        let receipts_file = file.receipts.unwrap_or_default();
-        let receipts = ReceiptsConfig {
-            max_log_bytes: receipts_file
-                .max_log_bytes
-                .unwrap_or(crate::server::receipts::DEFAULT_MAX_LOG_BYTES),
-            countersign_timeout: std::time::Duration::from_millis(
-                receipts_file
-                    .countersign_timeout_ms
-                    .unwrap_or(DEFAULT_COUNTERSIGN_TIMEOUT_MS),
-            ),
-        };
-        let smallest_log = crate::server::receipts::MIN_LOG_BYTES;
-        if receipts.max_log_bytes < smallest_log {
-            return Err(invalid(format!(
-                "receipts.max_log_bytes must be at least {smallest_log}"
-            )));
+        // `join` keeps an absolute path as it is.
+        self.data_dir = base.join(&self.data_dir);
+        self.key_file = base.join(&self.key_file);
+        if let Some(program) = self
+            .miner
+            .as_mut()
+            .and_then(|miner| miner.executor_program.as_mut())
+        {
+            *program = base.join(&*program);
         }
-        if receipts.countersign_timeout.is_zero() {
-            return Err(invalid(
-                "receipts.countersign_timeout_ms must be at least 1".to_owned(),
-            ));
+    }
+
+    /// Fills in what follows from the role and the final data directory.
+    fn derive_settings(&mut self) {
+        self.validator.exclusions_file = Some(self.data_dir.join("exclusions.json"));
+        self.validator.seen_jobs_file = Some(self.data_dir.join("seen_jobs.bin"));
+        // Executors are children of their miner and never join.
+        if self.role == Role::Executor {
+            self.discovery.enabled = false;
         }
-        if role == Role::Executor && executor.is_none() {
-            return Err(invalid(
-                "role executor needs an [executor] section".to_owned(),
-            ));
-        }
-        let discovery_file = file.discovery.unwrap_or_default();
-        let mut bootstrap = Vec::new();
-        for text in discovery_file.bootstrap.unwrap_or_default() {
-            bootstrap.push(
-                text.parse::<BootstrapPeer>()
-                    .map_err(|e| invalid(format!("discovery.bootstrap: {e}")))?,
-            );
-        }
-        bootstrap.extend(overrides.bootstrap.iter().cloned());
-        let record_ttl = match discovery_file.record_ttl_secs {
-            None => DiscoveryConfig::default().record_ttl,
-            Some(secs) => {
-                let ttl = std::time::Duration::from_secs(secs);
-                let max = std::time::Duration::from_millis(
-                    crate::server::discovery::MAX_RECORD_LIFETIME_MS,
-                );
-                if ttl < MIN_RECORD_TTL || ttl > max {
-                    return Err(invalid(format!(
-                        "discovery.record_ttl_secs must be {} to {}",
-                        MIN_RECORD_TTL.as_secs(),
-                        max.as_secs()
-                    )));
-                }
-                ttl
-            }
-        };
-        let discovery = DiscoveryConfig {
-            // Executors are children of their miner and never join.
-            enabled: discovery_file.enabled.unwrap_or(true) && role != Role::Executor,
-            listen: match (&overrides.p2p_listen, &discovery_file.listen) {
-                (Some(addr), _) => *addr,
-                (None, Some(text)) => text
-                    .parse()
-                    .map_err(|e| invalid(format!("discovery.listen: {e}")))?,
-                (None, None) => DiscoveryConfig::default().listen,
-            },
-            bootstrap,
-            record_ttl,
-        };
-        Ok(Self {
-            role,
-            key_file,
-            listen,
-            max_connections,
-            max_connections_per_peer,
-            data_dir,
-            facilitator,
-            validator,
-            miner,
-            executor,
-            storage,
-            discovery,
-            receipts,
-        })
     }
 }
 
@@ -650,7 +597,7 @@ impl NodeConfig {
 mod tests {
     use super::*;
 
-    fn parse(text: &str) -> Result<NodeConfig, ConfigError> {
+    fn parse(text: &str) -> Result<NodeConfig, NodeConfigError> {
         NodeConfig::parse(
             text,
             "test.toml",
@@ -701,10 +648,11 @@ mod tests {
             std::time::Duration::from_millis(1500)
         );
         assert_eq!(config.storage.max_transfers, 3);
-        assert_eq!(config.storage.max_transfers_per_peer, 2);
+        assert_eq!(config.storage.max_transfers_per_peer, Some(2));
         let config = parse("role = \"storage\"\n[storage]\nmax_transfers = 4").unwrap();
         assert_eq!(
-            config.storage.max_transfers_per_peer, 4,
+            config.storage.transfers_per_peer(),
+            4,
             "an unset share fits a smaller max_transfers"
         );
         for (text, needle) in [
@@ -868,6 +816,86 @@ mod tests {
             let err = parse(text).unwrap_err().to_string();
             assert!(err.contains(needle), "{text:?}: {err}");
         }
+    }
+
+    #[test]
+    fn miner_classes_are_validated_by_index() {
+        for (text, needle) in [
+            (
+                "[[miner.classes]]\nclass = \"cpu\"\n[[miner.classes]]\nclass = \"gpu\"\nmax_executors = 0",
+                "miner.classes[1].max_executors",
+            ),
+            (
+                "[[miner.classes]]\nclass = \"cpu\"\nprewarm = 2",
+                "miner.classes[0].prewarm",
+            ),
+            ("[[miner.classes]]\nclass = \"\"", "miner.classes[0].class"),
+            ("[[miner.classes]]\nmax_executors = 1", "class"),
+        ] {
+            let err = parse(&format!("role = \"miner\"\n{text}"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(needle), "{text:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn role_may_come_from_the_command_line_alone() {
+        let overrides = Overrides {
+            role: Some(Role::Storage),
+            ..Overrides::default()
+        };
+        let config = NodeConfig::parse("", "t", Path::new("/x"), &overrides).unwrap();
+        assert_eq!(config.role, Role::Storage);
+        assert_eq!(config.data_dir, Path::new("/x/storage-data"));
+    }
+
+    /// What the testnet writes is what a node reads back.
+    #[test]
+    fn a_written_config_reads_back() {
+        let key = horde_protocol::SecretKey::from_seed(&[5; 32]).hotkey();
+        let peer = NodeAddr::new(key, "127.0.0.1:4000".parse().unwrap());
+        let mut config = NodeConfig::new(Role::Miner);
+        config.listen = "127.0.0.1:4001".parse().unwrap();
+        config.data_dir = "data".into();
+        config.facilitator.validators = vec![peer.clone()];
+        config.validator.trusted_miners = vec![key];
+        config.discovery.bootstrap = vec![format!("{key}@127.0.0.1:4002").parse().unwrap()];
+        config.receipts.countersign_timeout = std::time::Duration::from_millis(1500);
+        config.storage.max_transfers_per_peer = Some(3);
+        config.miner = Some(MinerConfig {
+            classes: vec![ClassConfig {
+                class: ExecutorClass("cpu".into()),
+                max_executors: 2,
+                prewarm: 1,
+            }],
+            executor_program: Some("/bin/horde".into()),
+            ..MinerConfig::default()
+        });
+        config.executor = Some(ExecutorConfig {
+            miner: peer,
+            class: ExecutorClass("cpu".into()),
+            job_host: LOCALHOST,
+        });
+        let text = config.to_toml().unwrap();
+        let read = NodeConfig::parse(&text, "t", Path::new("/x"), &Overrides::default())
+            .unwrap_or_else(|e| panic!("{e}\n{text}"));
+        assert_eq!(read.data_dir, Path::new("/x/data"));
+        assert_eq!(read.facilitator, config.facilitator);
+        assert_eq!(
+            read.validator.trusted_miners,
+            config.validator.trusted_miners
+        );
+        assert_eq!(read.discovery, config.discovery);
+        assert_eq!(read.receipts, config.receipts);
+        assert_eq!(read.storage, config.storage);
+        assert_eq!(read.miner, config.miner);
+        assert_eq!(read.executor, config.executor);
+        let defaults = NodeConfig::new(Role::Storage).to_toml().unwrap();
+        assert!(
+            !defaults.contains('['),
+            "default sections are left out: {defaults}"
+        );
     }
 
     #[test]

@@ -77,16 +77,19 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long start-up waits for the listener.
 const LISTEN_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Discovery settings (`[discovery]`).
-#[derive(Debug, Clone)]
+/// Discovery settings: the node config's `[discovery]` section.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct DiscoveryConfig {
     /// Run discovery at all (off: static peers only, a closed deployment).
     pub enabled: bool,
     /// UDP address of the libp2p QUIC listener.
     pub listen: SocketAddr,
     /// Peers to join through.
+    #[serde(with = "crate::server::config::text_list")]
     pub bootstrap: Vec<BootstrapPeer>,
     /// Lifetime of the records this node signs; re-signed every third of it.
+    #[serde(rename = "record_ttl_secs", with = "crate::server::config::secs")]
     pub record_ttl: Duration,
 }
 
@@ -98,6 +101,20 @@ impl Default for DiscoveryConfig {
             bootstrap: Vec::new(),
             record_ttl: DEFAULT_RECORD_TTL,
         }
+    }
+}
+
+impl DiscoveryConfig {
+    /// Checks `[discovery]`.
+    pub fn validate(&self) -> Result<(), crate::server::config::InvalidField> {
+        let max = Duration::from_millis(MAX_RECORD_LIFETIME_MS);
+        if self.record_ttl < MIN_RECORD_TTL || self.record_ttl > max {
+            return Err(crate::server::config::InvalidField::new(
+                "discovery.record_ttl_secs",
+                format!("must be {} to {}", MIN_RECORD_TTL.as_secs(), max.as_secs()),
+            ));
+        }
+        Ok(())
     }
 }
 

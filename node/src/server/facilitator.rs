@@ -53,7 +53,51 @@ use crate::server::relay::{
 use crate::server::role::{ChildTasks, RoleHandle, Service, join_all};
 use crate::server::streams::Peers;
 use crate::server::streams::{request, serve_streams};
-use store::{JobStore, StoreError};
+use store::{JobStore, JobStoreError};
+
+/// Why a miner report is refused; the text goes back to the reporter in
+/// `ReportVerdict::Refused`.
+#[derive(Debug, thiserror::Error)]
+enum ReportRefusal {
+    #[error("bad reporter signature: {0}")]
+    BadSignature(horde_protocol::VerifyError),
+    #[error("report dated in the future")]
+    FromTheFuture,
+    #[error("unknown job {0}")]
+    UnknownJob(JobId),
+    #[error("not the owner of job {job_id}: reported by {reporter}, owned by {owner}")]
+    NotOwner {
+        job_id: JobId,
+        reporter: Hotkey,
+        owner: Hotkey,
+    },
+    #[error("job {0} was never assigned a miner")]
+    NeverAssigned(JobId),
+    /// The chain of signatures does not hold.
+    #[error(transparent)]
+    Invalid(#[from] horde_protocol::ReportError),
+    #[error("duplicate report: {0}")]
+    Duplicate(&'static str),
+    #[error("the facilitator could not read the job")]
+    ReadFailed,
+    #[error("the facilitator could not store the report")]
+    StoreFailed,
+}
+
+/// An exchange with a validator (an assignment, a forwarded report) that did not go through.
+#[derive(Debug, thiserror::Error)]
+enum ValidatorLinkError {
+    #[error(transparent)]
+    Connect(#[from] horde_transport::ConnectError),
+    #[error(transparent)]
+    Request(#[from] crate::server::streams::RequestError),
+    #[error(transparent)]
+    Session(#[from] horde_transport::SessionError),
+    #[error("unexpected answer {0}")]
+    Unexpected(String),
+    #[error("no answer within {0:?}")]
+    NoAnswer(Duration),
+}
 
 /// Live statuses buffered per job for attached clients; a client further behind than this is
 /// disconnected and re-attaches from the store.
@@ -218,7 +262,7 @@ impl Facilitator {
         config: FacilitatorConfig,
         directory: Option<Arc<Directory>>,
         cancel: CancellationToken,
-    ) -> Result<RoleHandle, StoreError> {
+    ) -> Result<RoleHandle, JobStoreError> {
         let hotkey = endpoint.hotkey();
         for job_id in store.unfinished().await? {
             let hop = Hop {
@@ -296,7 +340,7 @@ impl Facilitator {
                     Ok(forwarded_to) => ReportVerdict::Accepted { forwarded_to },
                     Err(reason) => {
                         info!(%peer, %reason, "miner report refused");
-                        ReportVerdict::Refused(reason)
+                        ReportVerdict::Refused(reason.to_string())
                     }
                 };
                 let _ = send.send(&ControlMessage::ReportVerdict(verdict)).await;
@@ -355,7 +399,7 @@ impl Facilitator {
             .await
         {
             Ok(update) => update,
-            Err(StoreError::Duplicate(_)) => {
+            Err(JobStoreError::Duplicate(_)) => {
                 info!(%peer, job = %job_id.fmt_short(), "replayed job id refused");
                 let _ = send
                     .send(&ControlMessage::Up(UpMessage::Rejected(
@@ -540,7 +584,7 @@ impl Facilitator {
 
     /// Verifies a report end to end, records it (refusing duplicates), excludes the miner and
     /// forwards the report to every validator; returns how many validators accepted it.
-    async fn accept_report(&self, signed: &Signed<MinerReport>) -> Result<u32, String> {
+    async fn accept_report(&self, signed: &Signed<MinerReport>) -> Result<u32, ReportRefusal> {
         let verified = self.check_report(signed).await?;
         let job_id = verified.report.job_id;
         match self
@@ -549,12 +593,12 @@ impl Facilitator {
             .await
         {
             Ok(()) => {}
-            Err(StoreError::DuplicateReport(reason)) => {
-                return Err(format!("duplicate report: {reason}"));
+            Err(JobStoreError::DuplicateReport(reason)) => {
+                return Err(ReportRefusal::Duplicate(reason));
             }
             Err(error) => {
                 warn!(%error, "job store failed");
-                return Err("the facilitator could not store the report".to_owned());
+                return Err(ReportRefusal::StoreFailed);
             }
         }
         let miner = verified.miner();
@@ -586,32 +630,33 @@ impl Facilitator {
 
     /// The whole chain: reporter signature, ownership, the assigned miner's endpoint record, the
     /// receipt under its job key.
-    async fn check_report(&self, signed: &Signed<MinerReport>) -> Result<VerifiedReport, String> {
-        let report = signed
-            .verify()
-            .map_err(|e| format!("bad reporter signature: {e}"))?;
+    async fn check_report(
+        &self,
+        signed: &Signed<MinerReport>,
+    ) -> Result<VerifiedReport, ReportRefusal> {
+        let report = signed.verify().map_err(ReportRefusal::BadSignature)?;
         let job_id = report.job_id;
         if report.reported_at.0 > now().0.saturating_add(MAX_CLOCK_SKEW_MS) {
-            return Err("report dated in the future".to_owned());
+            return Err(ReportRefusal::FromTheFuture);
         }
         let record = match self.store.job(job_id).await {
             Ok(Some(record)) => record,
-            Ok(None) => return Err(format!("unknown job {job_id}")),
+            Ok(None) => return Err(ReportRefusal::UnknownJob(job_id)),
             Err(error) => {
                 warn!(%error, "job store failed");
-                return Err("the facilitator could not read the job".to_owned());
+                return Err(ReportRefusal::ReadFailed);
             }
         };
         if record.owner != *signed.signer() {
-            return Err(format!(
-                "not the owner of job {job_id}: reported by {}, owned by {}",
-                signed.signer(),
-                record.owner
-            ));
+            return Err(ReportRefusal::NotOwner {
+                job_id,
+                reporter: *signed.signer(),
+                owner: record.owner,
+            });
         }
         let history = self.store.history(job_id).await.map_err(|error| {
             warn!(%error, "job store failed");
-            "the facilitator could not read the job".to_owned()
+            ReportRefusal::ReadFailed
         })?;
         let miner = history
             .iter()
@@ -620,25 +665,25 @@ impl Facilitator {
                 JobStatus::Assigned { miner, .. } => Some(*miner),
                 _ => None,
             })
-            .ok_or_else(|| format!("job {job_id} was never assigned a miner"))?;
-        verify_report(signed, Some(&miner)).map_err(|e| e.to_string())
+            .ok_or(ReportRefusal::NeverAssigned(job_id))?;
+        Ok(verify_report(signed, Some(&miner))?)
     }
 
     async fn forward_report(
         &self,
         validator: &NodeAddr,
         signed: &Signed<MinerReport>,
-    ) -> Result<ReportVerdict, String> {
+    ) -> Result<ReportVerdict, ValidatorLinkError> {
         let exchange = async {
             let connection = self.peers.connect(validator, ALPN_CONTROL).await?;
             match request(&connection, &ControlMessage::Report(signed.clone())).await? {
                 ControlMessage::ReportVerdict(verdict) => Ok(verdict),
-                other => Err(format!("unexpected answer {other:?}")),
+                other => Err(ValidatorLinkError::Unexpected(format!("{other:?}"))),
             }
         };
         tokio::time::timeout(REPORT_FORWARD_TIMEOUT, exchange)
             .await
-            .map_err(|_| format!("no answer within {REPORT_FORWARD_TIMEOUT:?}"))?
+            .map_err(|_| ValidatorLinkError::NoAnswer(REPORT_FORWARD_TIMEOUT))?
     }
 
     fn lock_excluded(&self) -> std::sync::MutexGuard<'_, HashMap<Hotkey, UnixMillis>> {
@@ -806,14 +851,12 @@ impl Facilitator {
         job_id: JobId,
         signed: &Signed<JobSpec>,
         miner: &NodeAddr,
-    ) -> Result<JobSession, String> {
+    ) -> Result<JobSession, ValidatorLinkError> {
         let connection = self.peers.connect(validator, ALPN_CONTROL).await?;
         let assignment = Assignment {
             spec: signed.clone(),
             miner: miner.clone(),
         };
-        open_session(&connection, job_id, &DownMessage::Assign(assignment))
-            .await
-            .map_err(|e| e.to_string())
+        Ok(open_session(&connection, job_id, &DownMessage::Assign(assignment)).await?)
     }
 }

@@ -41,7 +41,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument as _, debug, info, info_span, warn};
 
 use crate::clock::now;
-use crate::server::config::MinerConfig;
+use crate::server::config::{ExecutorConfig, MinerConfig, NodeConfig, NodeConfigError};
 use crate::server::receipts::ReceiptStore;
 use crate::server::relay::{Hop, Relay, RelayPolicy, Step, ends_job};
 use crate::server::role::{ChildTasks, RoleHandle, Service, join_all};
@@ -80,41 +80,108 @@ struct TrackedJob {
     countersigned: Vec<(&'static str, [u8; 32], Countersignature)>,
 }
 
+/// Why the miner refuses to countersign a receipt; the text goes back to the validator in
+/// `ReceiptReply::Refused`.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+enum ReceiptRefusal {
+    /// Not a valid receipt, or not between that validator and this miner.
+    #[error(transparent)]
+    Invalid(#[from] horde_protocol::ReceiptError),
+    #[error("receipt issued in the future")]
+    FromTheFuture,
+    #[error("receipt too old")]
+    TooOld,
+    #[error("job {0} is unknown here")]
+    UnknownJob(JobId),
+    #[error("job {0} was sent here by another validator")]
+    OtherValidator(JobId),
+    #[error("the job ran as class {ran}, the receipt says {receipt}")]
+    OtherClass {
+        ran: ExecutorClass,
+        receipt: ExecutorClass,
+    },
+    #[error("the job was not accepted here")]
+    NotAccepted,
+    #[error("the executor reported the job finished, the receipt says {0}")]
+    OtherOutcome(JobOutcome),
+    #[error("unknown receipt kind {0}")]
+    UnknownKind(&'static str),
+    #[error("a different {0} receipt for this job was already countersigned")]
+    Conflicting(&'static str),
+}
+
 /// Whether `payload` (already verified as signed by `validator`, for this miner) is a receipt
 /// the miner agrees with for `job`.
 fn check_receipt(
     job: &TrackedJob,
     validator: &Hotkey,
     payload: &AccountingReceipt,
-) -> Result<(), String> {
+) -> Result<(), ReceiptRefusal> {
     if job.validator != *validator {
-        return Err(format!(
-            "job {} was sent here by another validator",
-            payload.job_id
-        ));
+        return Err(ReceiptRefusal::OtherValidator(payload.job_id));
     }
     if job.class != payload.executor_class {
-        return Err(format!(
-            "the job ran as class {}, the receipt says {}",
-            job.class, payload.executor_class
-        ));
+        return Err(ReceiptRefusal::OtherClass {
+            ran: job.class.clone(),
+            receipt: payload.executor_class.clone(),
+        });
     }
     match &payload.kind {
         ReceiptKind::Started => Ok(()),
         ReceiptKind::Accepted | ReceiptKind::Finished { .. } if !job.accepted => {
-            Err("the job was not accepted here".to_owned())
+            Err(ReceiptRefusal::NotAccepted)
         }
         ReceiptKind::Accepted => Ok(()),
         ReceiptKind::Finished { outcome, .. } => {
             if job.completed == Some(true) && *outcome != JobOutcome::Completed {
-                return Err(format!(
-                    "the executor reported the job finished, the receipt says {outcome}"
-                ));
+                return Err(ReceiptRefusal::OtherOutcome(*outcome));
             }
             Ok(())
         }
-        _ => Err(format!("unknown receipt kind {}", payload.kind.name())),
+        _ => Err(ReceiptRefusal::UnknownKind(payload.kind.name())),
     }
+}
+
+/// Why an executor could not be started (a reservation waiting for it is declined with this).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SpawnError {
+    /// The miner is shutting down and starts no more executors.
+    #[error("miner shutting down")]
+    ShuttingDown,
+    /// The executor's directory, config or log could not be written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The executor's key could not be written.
+    #[error(transparent)]
+    Key(#[from] horde_protocol::KeyFileError),
+    /// The executor's config could not be written.
+    #[error(transparent)]
+    Config(#[from] NodeConfigError),
+    /// No `executor_program` is set and this binary cannot be located.
+    #[error("locating horde binary: {0}")]
+    CurrentExe(std::io::Error),
+    /// The executor program cannot be found.
+    #[error("executor program {}: {source}", program.display())]
+    Program {
+        /// The program.
+        program: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The executor process could not be started.
+    #[error("spawning {}: {source}", program.display())]
+    Spawn {
+        /// The program.
+        program: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
 }
 
 /// Marks a tracked job ended when its session is over, however it ends.
@@ -368,23 +435,21 @@ impl Miner {
         &self,
         validator: &Hotkey,
         receipt: &Signed<AccountingReceipt>,
-    ) -> Result<Countersignature, String> {
-        let payload = verify_receipt(receipt).map_err(|e| e.to_string())?;
-        payload
-            .check_parties(payload.job_id, validator, &self.key.hotkey())
-            .map_err(|e| e.to_string())?;
+    ) -> Result<Countersignature, ReceiptRefusal> {
+        let payload = verify_receipt(receipt)?;
+        payload.check_parties(payload.job_id, validator, &self.key.hotkey())?;
         let now = now();
         if payload.issued_at.0 > now.0.saturating_add(RECEIPT_CLOCK_SKEW_MS) {
-            return Err("receipt issued in the future".to_owned());
+            return Err(ReceiptRefusal::FromTheFuture);
         }
         let oldest = now.0.saturating_sub(
             (RECEIPT_WINDOW.as_millis() as u64).saturating_add(RECEIPT_CLOCK_SKEW_MS),
         );
         if payload.issued_at.0 < oldest {
-            return Err("receipt too old".to_owned());
+            return Err(ReceiptRefusal::TooOld);
         }
         if !self.wait_for_job(payload.job_id).await {
-            return Err(format!("job {} is unknown here", payload.job_id));
+            return Err(ReceiptRefusal::UnknownJob(payload.job_id));
         }
         let kind = payload.kind.name();
         let digest = receipt.digest();
@@ -392,7 +457,7 @@ impl Miner {
             let mut jobs = self.lock_jobs();
             let job = jobs
                 .get_mut(&payload.job_id)
-                .ok_or_else(|| format!("job {} is unknown here", payload.job_id))?;
+                .ok_or(ReceiptRefusal::UnknownJob(payload.job_id))?;
             check_receipt(job, validator, &payload)?;
             if let Some((_, seen, countersignature)) =
                 job.countersigned.iter().find(|(seen, ..)| *seen == kind)
@@ -401,9 +466,7 @@ impl Miner {
                 return if *seen == digest {
                     Ok(*countersignature)
                 } else {
-                    Err(format!(
-                        "a different {kind} receipt for this job was already countersigned"
-                    ))
+                    Err(ReceiptRefusal::Conflicting(kind))
                 };
             }
             let countersignature = Countersignature::sign(&self.key, receipt);
@@ -431,7 +494,7 @@ impl Miner {
             Ok(countersignature) => ReceiptReply::Countersigned(countersignature),
             Err(reason) => {
                 info!(%validator, %reason, "receipt refused");
-                ReceiptReply::Refused(reason)
+                ReceiptReply::Refused(reason.to_string())
             }
         };
         let _ = send.send(&ControlMessage::ReceiptReply(reply)).await;
@@ -478,35 +541,39 @@ impl Miner {
         join_all(watchers).await;
     }
 
-    fn spawn_executor(self: &Arc<Self>, class: &ExecutorClass) -> Result<u64, String> {
+    fn spawn_executor(self: &Arc<Self>, class: &ExecutorClass) -> Result<u64, SpawnError> {
         let mut pool = self.lock_pool();
         if pool.closed {
-            return Err("miner shutting down".to_owned());
+            return Err(SpawnError::ShuttingDown);
         }
         let id = pool.next_id;
         pool.next_id += 1;
         let dir = self.data_dir.join("executors").join(format!("{id}"));
-        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let io_error = |path: &Path| {
+            let path = path.to_owned();
+            move |source| SpawnError::Io { path, source }
+        };
+        std::fs::create_dir_all(&dir).map_err(io_error(&dir))?;
         let key_path = dir.join("hotkey.json");
         let _ = std::fs::remove_file(&key_path);
         let key = SecretKey::generate();
-        key.write_key_file(&key_path).map_err(|e| e.to_string())?;
-        let miner_addr = horde_protocol::NodeAddr::new(self.key.hotkey(), self.listen);
-        let config = format!(
-            "role = \"executor\"\nkey_file = \"hotkey.json\"\nlisten = \"127.0.0.1:0\"\n\
-             data_dir = \"data\"\n\n[executor]\nminer = \"{miner_addr}\"\nclass = \"{}\"\n\
-             job_host = \"{}\"\n",
-            class.0.replace('"', ""),
-            self.config.job_host,
-        );
+        key.write_key_file(&key_path)?;
+        let mut config = NodeConfig::new(Role::Executor);
+        config.data_dir = PathBuf::from("data");
+        config.executor = Some(ExecutorConfig {
+            miner: horde_protocol::NodeAddr::new(self.key.hotkey(), self.listen),
+            class: class.clone(),
+            job_host: self.config.job_host,
+        });
         let config_path = dir.join("executor.toml");
-        std::fs::write(&config_path, config).map_err(|e| e.to_string())?;
+        std::fs::write(&config_path, config.to_toml()?).map_err(io_error(&config_path))?;
         let program = match &self.config.executor_program {
             Some(program) => program.clone(),
-            None => std::env::current_exe().map_err(|e| format!("locating horde binary: {e}"))?,
+            None => std::env::current_exe().map_err(SpawnError::CurrentExe)?,
         };
-        let log = std::fs::File::create(dir.join("executor.log")).map_err(|e| e.to_string())?;
-        let log_err = log.try_clone().map_err(|e| e.to_string())?;
+        let log_path = dir.join("executor.log");
+        let log = std::fs::File::create(&log_path).map_err(io_error(&log_path))?;
+        let log_err = log.try_clone().map_err(io_error(&log_path))?;
         let token = horde_protocol::JobId::random().0;
         // Tied to this miner: the executor (and with it its job) is killed with the miner,
         // however the miner ends.
@@ -515,8 +582,10 @@ impl Miner {
             std::env::var_os("PATH").as_deref(),
             Path::new("."),
         )
-        .map_err(|e| format!("executor program {}: {e}", program.display()))?;
-        let log_path = dir.join("executor.log");
+        .map_err(|source| SpawnError::Program {
+            program: program.clone(),
+            source,
+        })?;
         let child = supervision::tied_command(&program)
             .arg("node")
             .arg("--config")
@@ -527,7 +596,10 @@ impl Miner {
             .stderr(log_err)
             .kill_on_drop(true)
             .spawn()
-            .map_err(|e| format!("spawning {}: {e}", program.display()))?;
+            .map_err(|source| SpawnError::Spawn {
+                program: program.clone(),
+                source,
+            })?;
         info!(slot = id, %class, executor = %key.hotkey().fmt_short(), "executor spawned");
         let slot = Slot::starting(class.clone(), token, key.hotkey());
         self.add_slot(&mut pool, id, slot, child, log_path);
@@ -676,7 +748,7 @@ impl Miner {
                         return Err(DeclineReason::Busy);
                     }
                     self.spawn_executor(class)
-                        .map_err(DeclineReason::ExecutorUnavailable)?;
+                        .map_err(|e| DeclineReason::ExecutorUnavailable(e.to_string()))?;
                 }
             }
             tokio::select! {
@@ -1083,6 +1155,7 @@ mod tests {
             .countersign(&peer.hotkey(), receipt)
             .await
             .expect_err("refused")
+            .to_string()
     }
 
     #[tokio::test(start_paused = true)]
@@ -1252,7 +1325,10 @@ mod tests {
             other => panic!("expected a decline, got {other:?}"),
         }
         // A job ending now wakes reservations, which would find room for a new executor.
-        let refused = miner.spawn_executor(&cpu).expect_err("no executor starts");
+        let refused = miner
+            .spawn_executor(&cpu)
+            .expect_err("no executor starts")
+            .to_string();
         assert!(refused.contains("shutting down"), "{refused}");
         tokio::time::timeout(Duration::from_secs(5), miner.shutdown())
             .await

@@ -15,7 +15,7 @@ use crate::server::discovery::Directory;
 use crate::server::discovery::{Discovery, DiscoveryError, LocalNode};
 use crate::server::executor;
 use crate::server::facilitator::Facilitator;
-use crate::server::facilitator::store::{JobStore, StoreError};
+use crate::server::facilitator::store::{JobStore, JobStoreError};
 use crate::server::miner::Miner;
 use crate::server::receipts::ReceiptStore;
 use crate::server::role::{RoleHandle, Service};
@@ -38,7 +38,7 @@ pub enum NodeError {
     Endpoint(#[from] horde_transport::ConfigError),
     /// The facilitator's job store could not be opened.
     #[error(transparent)]
-    Store(#[from] StoreError),
+    Store(#[from] JobStoreError),
     /// The storage role's blob store could not be opened.
     #[error("blob store: {0}")]
     Blobs(std::io::Error),

@@ -9,7 +9,7 @@
 //!   make progress within [`StoreLimits::progress_timeout`] (its request, each read of an upload
 //!   body, each write of a download), else it is reset and stopped with [`codes::TIMED_OUT`];
 //!   at most [`StoreLimits::max_transfers`] gets and puts run at once, and at most
-//!   [`StoreLimits::max_transfers_per_peer`] of one hotkey, so one key cannot hold every slot;
+//!   [`StoreLimits::transfers_per_peer`] of one hotkey, so one key cannot hold every slot;
 //!   more are refused as busy.
 
 use std::collections::HashSet;
@@ -40,6 +40,8 @@ use tracing::{debug, info, warn};
 
 use crate::server::role::{RoleHandle, Service};
 
+use crate::server::config::InvalidField;
+
 pub use horde_protocol::blob::DEFAULT_MAX_BLOB_SIZE;
 
 /// Bytes accumulated before one write to disk: large writes, few syscalls.
@@ -64,21 +66,28 @@ pub const DEFAULT_MAX_TRANSFERS: usize = 64;
 /// client moves one blob at a time, so 16 is far above what an honest key needs.
 pub const DEFAULT_MAX_TRANSFERS_PER_PEER: usize = 16;
 
-/// Who may upload, how much, and how the store bounds the streams it serves.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Who may upload, how much, and how the store bounds the streams it serves: the node config's
+/// `[storage]` section.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct StoreLimits {
     /// Largest blob accepted.
     pub max_blob_size: u64,
     /// Hotkeys allowed to put; `None`: any authenticated key (the testnet default).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub put_allowlist: Option<Vec<Hotkey>>,
     /// How long a stream may make no progress (no byte of its request or upload received, no
     /// byte of a download taken by the peer) before it is reset with [`codes::TIMED_OUT`].
+    #[serde(rename = "progress_timeout_ms", with = "crate::server::config::millis")]
     pub progress_timeout: Duration,
     /// Gets and puts served at once; more are refused with `Busy` (clients retry).
     pub max_transfers: usize,
     /// Gets and puts served at once for one hotkey; more from that key are refused with `Busy`
-    /// while other keys are still served.
-    pub max_transfers_per_peer: usize,
+    /// while other keys are still served. `None`: [`DEFAULT_MAX_TRANSFERS_PER_PEER`], or
+    /// `max_transfers` if that is lower (see [`StoreLimits::transfers_per_peer`]), so a file that
+    /// lowers only `max_transfers` stays valid.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_transfers_per_peer: Option<usize>,
 }
 
 impl Default for StoreLimits {
@@ -88,15 +97,58 @@ impl Default for StoreLimits {
             put_allowlist: None,
             progress_timeout: PROGRESS_TIMEOUT,
             max_transfers: DEFAULT_MAX_TRANSFERS,
-            max_transfers_per_peer: DEFAULT_MAX_TRANSFERS_PER_PEER,
+            max_transfers_per_peer: None,
         }
+    }
+}
+
+impl StoreLimits {
+    /// Gets and puts served at once for one hotkey: `max_transfers_per_peer`, or by default
+    /// [`DEFAULT_MAX_TRANSFERS_PER_PEER`] but no more than `max_transfers`.
+    pub fn transfers_per_peer(&self) -> usize {
+        self.max_transfers_per_peer
+            .unwrap_or(DEFAULT_MAX_TRANSFERS_PER_PEER.min(self.max_transfers))
+    }
+
+    /// Checks `[storage]`.
+    pub fn validate(&self) -> Result<(), InvalidField> {
+        let protocol_max = horde_protocol::blob::MAX_PROTOCOL_BLOB_SIZE;
+        if self.max_blob_size == 0 || self.max_blob_size > protocol_max {
+            return Err(InvalidField::new(
+                "storage.max_blob_size",
+                format!("must be between 1 and {protocol_max} bytes"),
+            ));
+        }
+        if self.progress_timeout.is_zero() {
+            return Err(InvalidField::new(
+                "storage.progress_timeout_ms",
+                "must be above 0",
+            ));
+        }
+        if self.max_transfers == 0 {
+            return Err(InvalidField::new(
+                "storage.max_transfers",
+                "must be above 0",
+            ));
+        }
+        let per_peer = self.transfers_per_peer();
+        if per_peer == 0 || per_peer > self.max_transfers {
+            return Err(InvalidField::new(
+                "storage.max_transfers_per_peer",
+                format!(
+                    "must be between 1 and max_transfers ({})",
+                    self.max_transfers
+                ),
+            ));
+        }
+        Ok(())
     }
 }
 
 /// A store operation that failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum StoreError {
+pub enum BlobStoreError {
     /// The blob is over the size limit.
     #[error("blob of {size} bytes exceeds the limit of {max} bytes")]
     TooLarge {
@@ -129,7 +181,7 @@ pub enum StoreError {
     Io(#[from] io::Error),
 }
 
-impl StoreError {
+impl BlobStoreError {
     fn kind(&self) -> BlobErrorKind {
         match self {
             Self::TooLarge { .. } => BlobErrorKind::TooLarge,
@@ -206,7 +258,7 @@ impl BlobStore {
             let _ = fs::remove_file(entry?.path());
         }
         let transfers = Semaphore::new(limits.max_transfers.min(Semaphore::MAX_PERMITS));
-        let transfers_per_peer = Arc::new(PeerQuota::new(limits.max_transfers_per_peer));
+        let transfers_per_peer = Arc::new(PeerQuota::new(limits.transfers_per_peer()));
         Ok(Self {
             blobs,
             partial,
@@ -317,9 +369,9 @@ impl BlobStore {
         size: u64,
         hash: Option<BlobHash>,
         resume: bool,
-    ) -> Result<PutSession, StoreError> {
+    ) -> Result<PutSession, BlobStoreError> {
         if size > self.limits.max_blob_size {
-            return Err(StoreError::TooLarge {
+            return Err(BlobStoreError::TooLarge {
                 size,
                 max: self.limits.max_blob_size,
             });
@@ -332,7 +384,7 @@ impl BlobStore {
                     .unwrap_or_else(PoisonError::into_inner)
                     .insert(hash);
                 if !lock {
-                    return Err(StoreError::Busy(hash));
+                    return Err(BlobStoreError::Busy(hash));
                 }
                 match self.open_partial(hash, size, resume) {
                     Ok(found) => found,
@@ -417,7 +469,7 @@ impl BlobStore {
     }
 
     /// Stores `bytes` (blocking); returns the hash. For tests, benches and local imports.
-    pub fn insert(self: &Arc<Self>, bytes: &[u8]) -> Result<BlobHash, StoreError> {
+    pub fn insert(self: &Arc<Self>, bytes: &[u8]) -> Result<BlobHash, BlobStoreError> {
         let mut session = self.begin_put(bytes.len() as u64, None, false)?;
         session.write(bytes)?;
         session.finish()
@@ -469,10 +521,10 @@ impl PutSession {
     }
 
     /// Appends bytes.
-    pub fn write(&mut self, mut data: &[u8]) -> Result<(), StoreError> {
+    pub fn write(&mut self, mut data: &[u8]) -> Result<(), BlobStoreError> {
         let received = self.offset() + data.len() as u64;
         if received > self.size {
-            return Err(StoreError::WrongLength {
+            return Err(BlobStoreError::WrongLength {
                 received,
                 size: self.size,
             });
@@ -517,10 +569,10 @@ impl PutSession {
     }
 
     /// Checks the length and hash, fsyncs, writes the outboard and renames both into place.
-    pub fn finish(mut self) -> Result<BlobHash, StoreError> {
+    pub fn finish(mut self) -> Result<BlobHash, BlobStoreError> {
         let received = self.offset();
         if received != self.size {
-            return Err(StoreError::WrongLength {
+            return Err(BlobStoreError::WrongLength {
                 received,
                 size: self.size,
             });
@@ -540,7 +592,7 @@ impl PutSession {
             }
             let outboard = Outboard::from_group_cvs(self.size, std::mem::take(&mut self.group_cvs));
             let hash = outboard.root(None).ok_or_else(|| {
-                StoreError::Io(io::Error::other("multi-group outboard without a root"))
+                BlobStoreError::Io(io::Error::other("multi-group outboard without a root"))
             })?;
             self.group_cvs = outboard.group_cvs;
             hash
@@ -554,7 +606,7 @@ impl PutSession {
             if let Some(declared) = self.declared {
                 let _ = fs::remove_file(self.store.partial_size_path(&declared));
             }
-            return Err(StoreError::HashMismatch {
+            return Err(BlobStoreError::HashMismatch {
                 declared,
                 actual: hash,
             });
@@ -734,7 +786,7 @@ async fn refuse_busy(
             format!("serving {max} transfers already; try again later")
         }
         TransfersBusy::Peer => {
-            let max = store.limits.max_transfers_per_peer;
+            let max = store.limits.transfers_per_peer();
             info!(peer = %peer.fmt_short(), max, "the peer holds its share of transfer slots; refusing");
             format!("serving {max} transfers for {peer} already; try again later")
         }
@@ -922,7 +974,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let limits = StoreLimits {
             max_transfers: 3,
-            max_transfers_per_peer: 2,
+            max_transfers_per_peer: Some(2),
             ..StoreLimits::default()
         };
         let store = BlobStore::open(dir.path(), limits).unwrap();

@@ -7,7 +7,8 @@ use std::sync::Arc;
 
 use horde_protocol::{ControlMessage, Hotkey, NodeAddr};
 use horde_transport::{
-    FramedRecv, FramedSend, HordeEndpoint, accept_framed_stream, read_first_message, split,
+    ChannelError, ConnectError, FramedRecv, FramedSend, HordeEndpoint, accept_framed_stream,
+    read_first_message, split,
 };
 use tokio::sync::Mutex;
 use tokio::task::JoinSet;
@@ -36,7 +37,7 @@ impl Peers {
         &self,
         node: &NodeAddr,
         alpn: &[u8],
-    ) -> Result<quinn::Connection, String> {
+    ) -> Result<quinn::Connection, ConnectError> {
         let key = (node.hotkey, alpn.to_vec());
         let mut connections = self.connections.lock().await;
         if let Some(connection) = connections.get(&key) {
@@ -45,14 +46,24 @@ impl Peers {
             }
             connections.remove(&key);
         }
-        let connection = self
-            .endpoint
-            .connect_node(node, alpn)
-            .await
-            .map_err(|error| error.to_string())?;
+        let connection = self.endpoint.connect_node(node, alpn).await?;
         connections.insert(key, connection.clone());
         Ok(connection)
     }
+}
+
+/// A [`request`] that got no answer.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum RequestError {
+    /// No stream could be opened on the connection.
+    #[error(transparent)]
+    Open(#[from] quinn::ConnectionError),
+    /// Sending the request or reading the answer failed.
+    #[error(transparent)]
+    Channel(#[from] ChannelError),
+    /// The peer finished the stream without answering.
+    #[error("the peer ended the stream without an answer")]
+    NoAnswer,
 }
 
 /// A one-shot exchange on a stream of its own: opens a stream on `connection`, sends `message`,
@@ -60,16 +71,14 @@ impl Peers {
 pub(crate) async fn request(
     connection: &quinn::Connection,
     message: &ControlMessage,
-) -> Result<ControlMessage, String> {
-    let (send, recv) = connection.open_bi().await.map_err(|e| e.to_string())?;
+) -> Result<ControlMessage, RequestError> {
+    let (send, recv) = connection.open_bi().await?;
     let (mut send, mut recv) = split(send, recv);
-    send.send(message).await.map_err(|e| e.to_string())?;
+    send.send(message).await?;
     let _ = send.finish();
-    match recv.recv::<ControlMessage>().await {
-        Ok(Some(answer)) => Ok(answer),
-        Ok(None) => Err("the peer ended the stream without an answer".to_owned()),
-        Err(error) => Err(error.to_string()),
-    }
+    recv.recv::<ControlMessage>()
+        .await?
+        .ok_or(RequestError::NoAnswer)
 }
 
 /// Accepts the streams of an incoming connection until it closes or `cancel` fires, and runs

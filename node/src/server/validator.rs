@@ -235,7 +235,10 @@ impl ReceiptIssuer {
                 Err("the validator shut down before the miner answered".to_owned())
             }
             answer = tokio::time::timeout(limit, request(&connection, &message)) => {
-                answer.unwrap_or_else(|_| Err(format!("no countersignature within {limit:?}")))
+                answer.map_or_else(
+                    |_| Err(format!("no countersignature within {limit:?}")),
+                    |answer| answer.map_err(|e| e.to_string()),
+                )
             }
         };
         let (countersignature, note) = match answer {
@@ -449,7 +452,7 @@ impl Validator {
                     Ok(()) => ReportVerdict::Accepted { forwarded_to: 0 },
                     Err(reason) => {
                         info!(%peer, %reason, "miner report refused");
-                        ReportVerdict::Refused(reason)
+                        ReportVerdict::Refused(reason.to_string())
                     }
                 };
                 let _ = send.send(&ControlMessage::ReportVerdict(verdict)).await;
@@ -494,15 +497,15 @@ impl Validator {
         &self,
         facilitator: &Hotkey,
         signed: &Signed<MinerReport>,
-    ) -> Result<(), String> {
+    ) -> Result<(), ReportRefusal> {
         if let Some(allowed) = &self.config.allowed_facilitators
             && !allowed.contains(facilitator)
         {
-            return Err(format!("facilitator {facilitator} is not allowed"));
+            return Err(ReportRefusal::FacilitatorNotAllowed(*facilitator));
         }
-        let verified = verify_report(signed, None).map_err(|e| e.to_string())?;
+        let verified = verify_report(signed, None)?;
         if verified.report.reported_at.0 > now().0.saturating_add(MAX_CLOCK_SKEW_MS) {
-            return Err("report dated in the future".to_owned());
+            return Err(ReportRefusal::FromTheFuture);
         }
         let miner = verified.miner();
         let until = verified.exclusion_end(crate::clock::millis(self.config.exclusion), now());
@@ -511,7 +514,7 @@ impl Validator {
             .await
             .map_err(|error| {
                 warn!(%error, "could not persist an exclusion");
-                "the validator could not persist the exclusion".to_owned()
+                ReportRefusal::NotPersisted
             })?;
         info!(%miner, job = %verified.report.job_id.fmt_short(), until = until.0,
             "miner report verified; miner excluded");
@@ -794,6 +797,21 @@ impl RelayPolicy for Stages<'_> {
             }),
         }
     }
+}
+
+/// Why a forwarded miner report is refused; the text goes back to the facilitator in
+/// `ReportVerdict::Refused`.
+#[derive(Debug, thiserror::Error)]
+enum ReportRefusal {
+    #[error("facilitator {0} is not allowed")]
+    FacilitatorNotAllowed(Hotkey),
+    /// The chain of signatures does not hold.
+    #[error(transparent)]
+    Invalid(#[from] horde_protocol::ReportError),
+    #[error("report dated in the future")]
+    FromTheFuture,
+    #[error("the validator could not persist the exclusion")]
+    NotPersisted,
 }
 
 #[cfg(test)]

@@ -24,7 +24,7 @@ use horde_transport::HordeEndpoint;
 use rustix::fs::{Mode, OFlags, RenameFlags};
 use tracing::{debug, info};
 
-use crate::client::blob::{self, ClientError};
+use crate::client::blob::{self, TransferError};
 use crate::client::progress::NoProgress;
 
 pub use horde_protocol::spec_check::{MAX_COMPONENT_LEN, MAX_PATH_LEN, PathError};
@@ -240,7 +240,7 @@ pub enum VolumeError {
         /// The path.
         path: String,
         /// The client error.
-        source: ClientError,
+        source: TransferError,
     },
     /// The HTTP server answered with an error status.
     #[error("{url}: HTTP status {status}")]

@@ -25,7 +25,7 @@ const EXCLUSIONS: TableDefinition<'_, &[u8], u64> = TableDefinition::new("exclus
 /// A store operation that failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum StoreError {
+pub enum JobStoreError {
     /// The job id was used before.
     #[error("job {0} exists already")]
     Duplicate(JobId),
@@ -74,7 +74,7 @@ fn status_key(job_id: &JobId, seq: u32) -> [u8; 20] {
 
 impl JobStore {
     /// Opens (or creates) the store at `path`.
-    pub fn open(path: &Path) -> Result<Self, StoreError> {
+    pub fn open(path: &Path) -> Result<Self, JobStoreError> {
         let database = Database::create(path).map_err(db_err)?;
         let txn = database.begin_write().map_err(db_err)?;
         txn.open_table(JOBS).map_err(db_err)?;
@@ -89,12 +89,12 @@ impl JobStore {
 
     async fn blocking<T: Send + 'static>(
         &self,
-        work: impl FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
-    ) -> Result<T, StoreError> {
+        work: impl FnOnce(&Database) -> Result<T, JobStoreError> + Send + 'static,
+    ) -> Result<T, JobStoreError> {
         let db = Arc::clone(&self.db);
         tokio::task::spawn_blocking(move || work(&db))
             .await
-            .map_err(|e| StoreError::Database(format!("store task: {e}")))?
+            .map_err(|e| JobStoreError::Database(format!("store task: {e}")))?
     }
 
     /// Stores a new job with its first status, `Received`. Refuses a known job id.
@@ -104,7 +104,7 @@ impl JobStore {
         job_id: JobId,
         owner: Hotkey,
         at: UnixMillis,
-    ) -> Result<StatusUpdate, StoreError> {
+    ) -> Result<StatusUpdate, JobStoreError> {
         self.blocking(move |db| {
             let txn = db.begin_write().map_err(db_err)?;
             let update = StatusUpdate {
@@ -116,7 +116,7 @@ impl JobStore {
             {
                 let mut jobs = txn.open_table(JOBS).map_err(db_err)?;
                 if jobs.get(job_id.0.as_slice()).map_err(db_err)?.is_some() {
-                    return Err(StoreError::Duplicate(job_id));
+                    return Err(JobStoreError::Duplicate(job_id));
                 }
                 let record = JobRecord {
                     spec,
@@ -146,7 +146,7 @@ impl JobStore {
         job_id: JobId,
         status: JobStatus,
         at: UnixMillis,
-    ) -> Result<StatusUpdate, StoreError> {
+    ) -> Result<StatusUpdate, JobStoreError> {
         self.blocking(move |db| {
             let txn = db.begin_write().map_err(db_err)?;
             let update;
@@ -154,10 +154,10 @@ impl JobStore {
                 let mut jobs = txn.open_table(JOBS).map_err(db_err)?;
                 let mut record: JobRecord = match jobs.get(job_id.0.as_slice()).map_err(db_err)? {
                     Some(bytes) => decode(bytes.value())?,
-                    None => return Err(StoreError::UnknownJob(job_id)),
+                    None => return Err(JobStoreError::UnknownJob(job_id)),
                 };
                 if record.ended {
-                    return Err(StoreError::Ended(job_id));
+                    return Err(JobStoreError::Ended(job_id));
                 }
                 update = StatusUpdate {
                     job_id,
@@ -184,7 +184,7 @@ impl JobStore {
     }
 
     /// The job's record.
-    pub async fn job(&self, job_id: JobId) -> Result<Option<JobRecord>, StoreError> {
+    pub async fn job(&self, job_id: JobId) -> Result<Option<JobRecord>, JobStoreError> {
         self.blocking(move |db| {
             let txn = db.begin_read().map_err(db_err)?;
             let jobs = txn.open_table(JOBS).map_err(db_err)?;
@@ -197,7 +197,7 @@ impl JobStore {
     }
 
     /// Every status of the job, in order.
-    pub async fn history(&self, job_id: JobId) -> Result<Vec<StatusUpdate>, StoreError> {
+    pub async fn history(&self, job_id: JobId) -> Result<Vec<StatusUpdate>, JobStoreError> {
         self.blocking(move |db| {
             let txn = db.begin_read().map_err(db_err)?;
             let statuses = txn.open_table(STATUSES).map_err(db_err)?;
@@ -223,7 +223,7 @@ impl JobStore {
         job_id: JobId,
         stream: u64,
         at: UnixMillis,
-    ) -> Result<(), StoreError> {
+    ) -> Result<(), JobStoreError> {
         self.blocking(move |db| {
             let mut by_digest = vec![b'd'];
             by_digest.extend_from_slice(&digest);
@@ -234,12 +234,12 @@ impl JobStore {
             {
                 let mut reports = txn.open_table(REPORTS).map_err(db_err)?;
                 if reports.get(by_digest.as_slice()).map_err(db_err)?.is_some() {
-                    return Err(StoreError::DuplicateReport(
+                    return Err(JobStoreError::DuplicateReport(
                         "this report was accepted before",
                     ));
                 }
                 if reports.get(by_stream.as_slice()).map_err(db_err)?.is_some() {
-                    return Err(StoreError::DuplicateReport(
+                    return Err(JobStoreError::DuplicateReport(
                         "a report on this receipt was accepted before",
                     ));
                 }
@@ -253,7 +253,7 @@ impl JobStore {
     }
 
     /// Excludes `miner` until `until` (an existing later end is kept).
-    pub async fn exclude(&self, miner: Hotkey, until: UnixMillis) -> Result<(), StoreError> {
+    pub async fn exclude(&self, miner: Hotkey, until: UnixMillis) -> Result<(), JobStoreError> {
         self.blocking(move |db| {
             let txn = db.begin_write().map_err(db_err)?;
             {
@@ -270,7 +270,7 @@ impl JobStore {
     }
 
     /// Every miner exclusion, with the time it ends (ended ones included).
-    pub async fn exclusions(&self) -> Result<Vec<(Hotkey, UnixMillis)>, StoreError> {
+    pub async fn exclusions(&self) -> Result<Vec<(Hotkey, UnixMillis)>, JobStoreError> {
         self.blocking(|db| {
             let txn = db.begin_read().map_err(db_err)?;
             let exclusions = txn.open_table(EXCLUSIONS).map_err(db_err)?;
@@ -280,9 +280,9 @@ impl JobStore {
                 let bytes: [u8; 32] = key
                     .value()
                     .try_into()
-                    .map_err(|_| StoreError::Corrupt("exclusion key length".to_owned()))?;
+                    .map_err(|_| JobStoreError::Corrupt("exclusion key length".to_owned()))?;
                 let miner = Hotkey::from_bytes(bytes)
-                    .map_err(|e| StoreError::Corrupt(format!("exclusion key: {e}")))?;
+                    .map_err(|e| JobStoreError::Corrupt(format!("exclusion key: {e}")))?;
                 all.push((miner, UnixMillis(value.value())));
             }
             Ok(all)
@@ -291,7 +291,7 @@ impl JobStore {
     }
 
     /// Jobs without a terminal status (for recovery after a restart).
-    pub async fn unfinished(&self) -> Result<Vec<JobId>, StoreError> {
+    pub async fn unfinished(&self) -> Result<Vec<JobId>, JobStoreError> {
         self.blocking(|db| {
             let txn = db.begin_read().map_err(db_err)?;
             let jobs = txn.open_table(JOBS).map_err(db_err)?;
@@ -303,7 +303,7 @@ impl JobStore {
                     let id: [u8; 16] = key
                         .value()
                         .try_into()
-                        .map_err(|_| StoreError::Corrupt("job key length".to_owned()))?;
+                        .map_err(|_| JobStoreError::Corrupt("job key length".to_owned()))?;
                     unfinished.push(JobId(id));
                 }
             }
@@ -313,12 +313,12 @@ impl JobStore {
     }
 }
 
-fn db_err<E: std::fmt::Display>(error: E) -> StoreError {
-    StoreError::Database(error.to_string())
+fn db_err<E: std::fmt::Display>(error: E) -> JobStoreError {
+    JobStoreError::Database(error.to_string())
 }
 
-fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
-    from_bytes_exact(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))
+fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, JobStoreError> {
+    from_bytes_exact(bytes).map_err(|e| JobStoreError::Corrupt(e.to_string()))
 }
 
 #[cfg(test)]
@@ -351,11 +351,11 @@ mod tests {
                 .unwrap();
             assert!(matches!(
                 store.insert_report([1; 32], job_id, 8, UnixMillis(2)).await,
-                Err(StoreError::DuplicateReport(_))
+                Err(JobStoreError::DuplicateReport(_))
             ));
             assert!(matches!(
                 store.insert_report([2; 32], job_id, 4, UnixMillis(2)).await,
-                Err(StoreError::DuplicateReport(_))
+                Err(JobStoreError::DuplicateReport(_))
             ));
             store.exclude(miner, UnixMillis(100)).await.unwrap();
             store.exclude(miner, UnixMillis(50)).await.unwrap();
@@ -367,7 +367,7 @@ mod tests {
         );
         assert!(matches!(
             store.insert_report([1; 32], job_id, 9, UnixMillis(3)).await,
-            Err(StoreError::DuplicateReport(_))
+            Err(JobStoreError::DuplicateReport(_))
         ));
     }
 
@@ -386,7 +386,7 @@ mod tests {
             let second = store
                 .insert_job(spec(job_id, &key), job_id, key.hotkey(), UnixMillis(2))
                 .await;
-            assert!(matches!(second, Err(StoreError::Duplicate(id)) if id == job_id));
+            assert!(matches!(second, Err(JobStoreError::Duplicate(id)) if id == job_id));
             let update = store
                 .append_status(job_id, JobStatus::Accepted, UnixMillis(3))
                 .await
@@ -426,12 +426,12 @@ mod tests {
                 UnixMillis(5),
             )
             .await;
-        assert!(matches!(after_end, Err(StoreError::Ended(_))));
+        assert!(matches!(after_end, Err(JobStoreError::Ended(_))));
         assert!(matches!(
             store
                 .append_status(JobId([0; 16]), JobStatus::Accepted, UnixMillis(6))
                 .await,
-            Err(StoreError::UnknownJob(_))
+            Err(JobStoreError::UnknownJob(_))
         ));
     }
 }
