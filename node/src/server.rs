@@ -2,7 +2,8 @@
 //! discovery and the node's configuration, start-up and shutdown.
 //!
 //! Layout:
-//! - `server/config.rs`: the TOML node configuration ([`config::NodeConfig`]), validated at load.
+//! - `server/config.rs` (+ `config/encoding.rs`): the TOML node configuration
+//!   ([`config::NodeConfig`]), one serde type per section, validated at load.
 //! - `server/node.rs`: start-up and shutdown ([`RunningNode`], [`run_until_signal`]).
 //! - `server/role.rs`: how every role starts and stops: `start(…) -> RoleHandle`, a `JoinSet`
 //!   under the role's child cancellation token, one `shutdown(grace)` for all.
