@@ -35,8 +35,8 @@ use horde_protocol::{
     NodeAddr, Role, Signed, UnixMillis, UpMessage, VerifiedReport, verify_report,
 };
 use horde_transport::{
-    ALPN_CONTROL, ChannelError, FramedRecv, FramedSend, HordeEndpoint, JobSession, codes,
-    open_session,
+    ALPN_CONTROL, ChannelError, ConnectionCache, FramedRecv, FramedSend, HordeEndpoint, JobSession,
+    codes, open_session,
 };
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -51,7 +51,6 @@ use crate::server::relay::{
     Hop, Relay, RelayPolicy, Step, Upstream, bad_endpoint_record, endpoint_record_holds,
 };
 use crate::server::role::{ChildTasks, RoleHandle, Service, join_all};
-use crate::server::streams::Peers;
 use crate::server::streams::{request, serve_streams};
 use store::{JobStore, JobStoreError};
 
@@ -88,7 +87,7 @@ enum ReportRefusal {
 #[derive(Debug, thiserror::Error)]
 enum ValidatorLinkError {
     #[error(transparent)]
-    Connect(#[from] horde_transport::ConnectError),
+    Connect(#[from] horde_transport::DialError),
     #[error(transparent)]
     Request(#[from] crate::server::streams::RequestError),
     #[error(transparent)]
@@ -123,7 +122,7 @@ struct LiveJob {
 #[derive(Debug)]
 pub struct Facilitator {
     hotkey: Hotkey,
-    peers: Peers,
+    peers: ConnectionCache,
     store: JobStore,
     config: FacilitatorConfig,
     /// Validators to choose from: configured and discovered.
@@ -279,7 +278,7 @@ impl Facilitator {
         let excluded = store.exclusions().await?.into_iter().collect();
         let facilitator = Arc::new(Self {
             hotkey,
-            peers: Peers::new(endpoint),
+            peers: ConnectionCache::new(endpoint),
             store,
             validators: KnownPeers::new(
                 Role::Validator,

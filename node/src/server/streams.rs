@@ -1,56 +1,14 @@
-//! Connections between roles: outgoing ones shared between jobs (one QUIC connection per peer and
-//! protocol, reused by every job session to that peer, re-dialed once closed), and the loop that
-//! serves the streams of incoming ones.
+//! Job streams between roles: the loop that serves the streams of an incoming connection (each
+//! first message read concurrently, each stream on a task of its own), and one-shot requests on
+//! a stream of their own. Outgoing connections are shared through transport's
+//! `ConnectionCache` (one per peer and ALPN, one dial at a time, redialed once closed).
 
-use std::collections::HashMap;
-use std::sync::Arc;
-
-use horde_protocol::{ControlMessage, Hotkey, NodeAddr};
+use horde_protocol::ControlMessage;
 use horde_transport::{
-    ChannelError, ConnectError, FramedRecv, FramedSend, HordeEndpoint, accept_framed_stream,
-    read_first_message, split,
+    ChannelError, FramedRecv, FramedSend, accept_framed_stream, read_first_message, split,
 };
-use tokio::sync::Mutex;
 use tokio::task::JoinSet;
 use tracing::Instrument as _;
-
-/// A cache of live connections, keyed by peer hotkey and ALPN.
-#[derive(Debug)]
-pub(crate) struct Peers {
-    endpoint: Arc<HordeEndpoint>,
-    connections: Mutex<HashMap<(Hotkey, Vec<u8>), quinn::Connection>>,
-}
-
-impl Peers {
-    /// A cache dialing with `endpoint`'s identity.
-    pub(crate) fn new(endpoint: Arc<HordeEndpoint>) -> Self {
-        Self {
-            endpoint,
-            connections: Mutex::new(HashMap::new()),
-        }
-    }
-
-    /// A live connection to `node` on `alpn`: the cached one, or a new dial over its addresses.
-    ///
-    /// The lock is held while dialing so concurrent jobs to one peer share a single handshake.
-    pub(crate) async fn connect(
-        &self,
-        node: &NodeAddr,
-        alpn: &[u8],
-    ) -> Result<quinn::Connection, ConnectError> {
-        let key = (node.hotkey, alpn.to_vec());
-        let mut connections = self.connections.lock().await;
-        if let Some(connection) = connections.get(&key) {
-            if connection.close_reason().is_none() {
-                return Ok(connection.clone());
-            }
-            connections.remove(&key);
-        }
-        let connection = self.endpoint.connect_node(node, alpn).await?;
-        connections.insert(key, connection.clone());
-        Ok(connection)
-    }
-}
 
 /// A [`request`] that got no answer.
 #[derive(Debug, thiserror::Error)]

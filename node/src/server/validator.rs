@@ -44,7 +44,9 @@ use horde_protocol::{
     Hotkey, JobId, JobOutcome, JobSpec, MinerReport, NodeAddr, ReceiptKind, Role, SecretKey,
     Signed, Stage, UnixMillis, UpMessage, verify_report,
 };
-use horde_transport::{ALPN_CONTROL, FramedRecv, FramedSend, JobSession, codes, open_session};
+use horde_transport::{
+    ALPN_CONTROL, ConnectionCache, FramedRecv, FramedSend, JobSession, codes, open_session,
+};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument as _, debug, info, info_span, warn};
@@ -59,7 +61,6 @@ use crate::server::relay::{
     Hop, Relay, RelayPolicy, Step, bad_endpoint_record, endpoint_record_holds, ends_job,
 };
 use crate::server::role::{RoleHandle, Service};
-use crate::server::streams::Peers;
 use crate::server::streams::{request, serve_streams};
 
 mod seen;
@@ -372,7 +373,7 @@ fn job_outcome(last: Option<&UpMessage>, shutting_down: bool) -> JobOutcome {
 #[derive(Debug)]
 pub struct Validator {
     hotkey: Hotkey,
-    peers: Peers,
+    peers: ConnectionCache,
     config: ValidatorConfig,
     /// The miners this validator will drive jobs on: configured and discovered.
     miners: KnownPeers,
@@ -406,7 +407,7 @@ impl Validator {
         });
         Ok(Arc::new(Self {
             hotkey: endpoint.hotkey(),
-            peers: Peers::new(endpoint),
+            peers: ConnectionCache::new(endpoint),
             miners: KnownPeers::new(Role::Miner, config.miners.clone(), directory),
             config,
             exclusions,
