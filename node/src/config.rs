@@ -8,8 +8,10 @@ use std::path::{Path, PathBuf};
 
 use horde_protocol::{ExecutorClass, Hotkey, NodeAddr, Role};
 
+use crate::runner::{ClassPolicy, Gpus, NetworkPolicy, Runtime};
+
 use crate::discovery::{BootstrapPeer, DiscoveryConfig, MIN_RECORD_TTL};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Default QUIC listen address: loopback with an OS-chosen port, safe for a single machine.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:0";
@@ -119,6 +121,119 @@ struct ClassFile {
     class: String,
     max_executors: Option<u32>,
     prewarm: Option<u32>,
+    runtime: Option<Runtime>,
+    network: Option<NetworkPolicy>,
+    memory_mb: Option<u64>,
+    cpus: Option<f64>,
+    pids: Option<u64>,
+    tmp_mb: Option<u64>,
+    gpus: Option<Gpus>,
+    uid: Option<u32>,
+    allow_unisolated: Option<bool>,
+}
+
+/// An executor class's runner, network and limits, as written in `[executor.policy]` (the
+/// miner writes it for the executors it spawns, from the class's own fields).
+#[derive(Debug, Deserialize, Serialize, Default, PartialEq)]
+#[serde(deny_unknown_fields)]
+struct PolicyFile {
+    runtime: Option<Runtime>,
+    network: Option<NetworkPolicy>,
+    memory_mb: Option<u64>,
+    cpus: Option<f64>,
+    pids: Option<u64>,
+    tmp_mb: Option<u64>,
+    gpus: Option<Gpus>,
+    uid: Option<u32>,
+}
+
+const MIB: u64 = 1024 * 1024;
+
+impl PolicyFile {
+    fn from_class(class: &ClassFile) -> Self {
+        Self {
+            runtime: class.runtime,
+            network: class.network,
+            memory_mb: class.memory_mb,
+            cpus: class.cpus,
+            pids: class.pids,
+            tmp_mb: class.tmp_mb,
+            gpus: class.gpus,
+            uid: class.uid,
+        }
+    }
+
+    fn from_policy(policy: &ClassPolicy) -> Self {
+        Self {
+            runtime: Some(policy.runtime),
+            network: Some(policy.network),
+            memory_mb: policy.memory_bytes.map(|b| b / MIB),
+            cpus: policy.cpus,
+            pids: policy.pids,
+            tmp_mb: policy.tmp_bytes.map(|b| b / MIB),
+            gpus: policy.gpus,
+            uid: policy.uid,
+        }
+    }
+
+    /// The validated policy; `what` names the section in errors.
+    fn validate(self, what: &str, allow_unisolated: bool) -> Result<ClassPolicy, String> {
+        let invalid = |why: String| format!("{what}: {why}");
+        let positive = |name: &str, value: Option<u64>| match value {
+            Some(0) => Err(invalid(format!("{name} must be at least 1"))),
+            _ => Ok(value),
+        };
+        let megabytes = |name: &str, value: Option<u64>| -> Result<Option<u64>, String> {
+            positive(name, value)?
+                .map(|mb| {
+                    mb.checked_mul(MIB)
+                        .ok_or_else(|| invalid(format!("{name} is too large")))
+                })
+                .transpose()
+        };
+        if let Some(cpus) = self.cpus
+            && !(cpus.is_finite() && (0.01..=4096.0).contains(&cpus))
+        {
+            return Err(invalid(format!(
+                "cpus = {cpus} must be between 0.01 and 4096"
+            )));
+        }
+        let policy = ClassPolicy {
+            runtime: self.runtime.unwrap_or_default(),
+            network: self.network.unwrap_or_default(),
+            memory_bytes: megabytes("memory_mb", self.memory_mb)?,
+            cpus: self.cpus,
+            pids: positive("pids", self.pids)?,
+            tmp_bytes: megabytes("tmp_mb", self.tmp_mb)?,
+            gpus: self.gpus,
+            uid: self.uid,
+            allow_unisolated,
+        };
+        if policy.runtime == Runtime::Process {
+            if policy.network == NetworkPolicy::Internet {
+                return Err(invalid(
+                    "network = \"internet\" is not available with runtime = \"process\" yet \
+                     (the process runner has no NAT to keep a job off the host's addresses); \
+                     use network = \"none\" or runtime = \"container\""
+                        .to_owned(),
+                ));
+            }
+            if policy.gpus.is_some() {
+                return Err(invalid("gpus need runtime = \"container\"".to_owned()));
+            }
+        }
+        Ok(policy)
+    }
+}
+
+/// The `[executor]` lines (after `[executor]`'s own keys) that give a spawned executor its
+/// class's policy.
+pub fn executor_policy_toml(policy: &ClassPolicy) -> String {
+    let table = toml::to_string(&PolicyFile::from_policy(policy)).unwrap_or_default();
+    format!(
+        "allow_unisolated = {}\n\n[executor.policy]\n{table}",
+        policy.allow_unisolated
+    )
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -137,6 +252,8 @@ struct ExecutorFile {
     miner: Option<String>,
     class: Option<String>,
     job_host: Option<IpAddr>,
+    allow_unisolated: Option<bool>,
+    policy: Option<PolicyFile>,
 }
 
 /// Default time the facilitator waits for any word from a job's validator before it fails the
@@ -219,6 +336,8 @@ pub struct ClassConfig {
     pub max_executors: u32,
     /// Executors started at miner start-up, before any job asks.
     pub prewarm: u32,
+    /// The runner, network and limits its jobs get.
+    pub policy: ClassPolicy,
 }
 
 /// Miner settings.
@@ -246,6 +365,8 @@ pub struct ExecutorConfig {
     pub class: ExecutorClass,
     /// The address job endpoints listen on and advertise.
     pub job_host: IpAddr,
+    /// The class's runner, network and limits (`[executor.policy]`, `allow_unisolated`).
+    pub policy: ClassPolicy,
 }
 
 /// Default time a validator waits for a miner's countersignature: a miner answers in one round
@@ -474,10 +595,17 @@ impl NodeConfig {
                             class.class
                         )));
                     }
+                    let policy = PolicyFile::from_class(&class)
+                        .validate(
+                            &format!("miner.classes: {}", class.class),
+                            class.allow_unisolated.unwrap_or(false),
+                        )
+                        .map_err(invalid)?;
                     classes.push(ClassConfig {
                         class: ExecutorClass(class.class),
                         max_executors,
                         prewarm,
+                        policy,
                     });
                 }
                 let registration_timeout = miner_file.registration_timeout_ms.map_or(
@@ -515,10 +643,19 @@ impl NodeConfig {
                 let class = executor_file
                     .class
                     .ok_or_else(|| invalid("executor.class is required".to_owned()))?;
+                let policy = executor_file
+                    .policy
+                    .unwrap_or_default()
+                    .validate(
+                        "executor.policy",
+                        executor_file.allow_unisolated.unwrap_or(false),
+                    )
+                    .map_err(invalid)?;
                 Some(ExecutorConfig {
                     miner,
                     class: ExecutorClass(class),
                     job_host: executor_file.job_host.unwrap_or(LOCALHOST),
+                    policy,
                 })
             }
         };
@@ -864,6 +1001,59 @@ mod tests {
             let err = parse(text).unwrap_err().to_string();
             assert!(err.contains(needle), "{text:?}: {err}");
         }
+    }
+
+    #[test]
+    fn class_policies_are_parsed_validated_and_passed_to_executors() {
+        let config = parse(
+            "role = \"miner\"\n[[miner.classes]]\nclass = \"cpu\"\nmemory_mb = 64\ncpus = 1.5\n\
+             pids = 32\ntmp_mb = 8\nuid = 4242\nallow_unisolated = true\n",
+        )
+        .unwrap();
+        let policy = &config.miner.unwrap().classes[0].policy;
+        assert_eq!(
+            *policy,
+            ClassPolicy {
+                memory_bytes: Some(64 * MIB),
+                cpus: Some(1.5),
+                pids: Some(32),
+                tmp_bytes: Some(8 * MIB),
+                uid: Some(4242),
+                allow_unisolated: true,
+                ..ClassPolicy::default()
+            }
+        );
+        // What the miner writes for its executors reads back as the same policy.
+        let executor = parse(&format!(
+            "role = \"executor\"\n[executor]\nminer = \"{}@127.0.0.1:1\"\nclass = \"cpu\"\n{}",
+            horde_protocol::SecretKey::from_seed(&[1; 32]).hotkey(),
+            executor_policy_toml(policy)
+        ))
+        .unwrap();
+        assert_eq!(executor.executor.unwrap().policy, *policy);
+        for (class, needle) in [
+            (
+                "network = \"internet\"",
+                "not available with runtime = \"process\"",
+            ),
+            ("gpus = 2", "gpus need runtime = \"container\""),
+            ("gpus = \"some\"", "gpus"),
+            ("memory_mb = 0", "memory_mb"),
+            ("cpus = -1.0", "cpus"),
+            ("runtime = \"vm\"", "runtime"),
+        ] {
+            let text = format!("role = \"miner\"\n[[miner.classes]]\nclass = \"cpu\"\n{class}\n");
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(err.contains(needle), "{class:?}: {err}");
+        }
+        let container = parse(
+            "role = \"miner\"\n[[miner.classes]]\nclass = \"gpu\"\nruntime = \"container\"\n\
+             network = \"internet\"\ngpus = \"all\"\n",
+        )
+        .unwrap();
+        let policy = &container.miner.unwrap().classes[0].policy;
+        assert_eq!(policy.gpus, Some(Gpus::All));
+        assert_eq!(policy.network, NetworkPolicy::Internet);
     }
 
     #[test]

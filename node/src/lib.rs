@@ -15,6 +15,8 @@
 //! - `storage.rs`: the storage role (content-addressed blob store served over `horde/blob/1`).
 //! - `blob_client.rs`: blob put/get for clients and executors, with resume and progress.
 //! - `volumes.rs`: materializing job volumes and uploading outputs.
+//! - `runner.rs` (+ `runner/`): how an executor starts a job and isolates it (bubblewrap
+//!   sandboxes, the in-sandbox init and its bridge to the executor).
 
 pub mod blob_client;
 pub mod client;
@@ -28,6 +30,7 @@ mod node;
 mod peers;
 pub mod receipts;
 pub mod receipts_cli;
+pub mod runner;
 pub mod storage;
 pub mod tied;
 pub mod validator;

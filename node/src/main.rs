@@ -70,6 +70,25 @@ enum Command {
         #[arg(long)]
         group: u32,
     },
+    /// Internal: the init of a job's sandbox (run by bubblewrap inside it, with the bridge's
+    /// socket as stdout): starts PROGRAM and connects the executor to it.
+    #[command(name = horde_node::runner::bridge::SANDBOX_INIT_SUBCOMMAND, hide = true)]
+    SandboxInit {
+        /// The job's port inside the sandbox.
+        #[arg(long)]
+        port: u16,
+        /// Drop to this uid (and gid) first.
+        #[arg(long)]
+        uid: Option<u32>,
+        /// RLIMIT_AS for the job, in bytes.
+        #[arg(long)]
+        address_space: Option<u64>,
+        /// The job's program.
+        program: std::ffi::OsString,
+        /// Its arguments.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -184,6 +203,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 "starting {}",
                 std::path::Path::new(&program).display()
             )))
+        }
+        Command::SandboxInit {
+            port,
+            uid,
+            address_space,
+            program,
+            args,
+        } => {
+            let code = horde_node::runner::bridge::sandbox_init(
+                horde_node::runner::bridge::SandboxInitArgs {
+                    port,
+                    uid,
+                    address_space,
+                    program,
+                    args,
+                },
+            )
+            .context("sandbox init")?;
+            std::process::exit(code)
         }
         Command::GuardGroup { parent, group } => horde_node::tied::guard_group(parent, group)
             .with_context(|| format!("guarding process group {group}")),

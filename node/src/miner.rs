@@ -473,6 +473,13 @@ impl Miner {
         if pool.closed {
             return Err("miner shutting down".to_owned());
         }
+        let policy = self
+            .config
+            .classes
+            .iter()
+            .find(|c| c.class == *class)
+            .map(|c| c.policy.clone())
+            .unwrap_or_default();
         let id = pool.next_id;
         pool.next_id += 1;
         let dir = self.data_dir.join("executors").join(format!("{id}"));
@@ -485,9 +492,10 @@ impl Miner {
         let config = format!(
             "role = \"executor\"\nkey_file = \"hotkey.json\"\nlisten = \"127.0.0.1:0\"\n\
              data_dir = \"data\"\n\n[executor]\nminer = \"{miner_addr}\"\nclass = \"{}\"\n\
-             job_host = \"{}\"\n",
+             job_host = \"{}\"\n{}",
             class.0.replace('"', ""),
             self.config.job_host,
+            crate::config::executor_policy_toml(&policy),
         );
         let config_path = dir.join("executor.toml");
         std::fs::write(&config_path, config).map_err(|e| e.to_string())?;
@@ -1211,6 +1219,7 @@ mod tests {
             class: cpu.clone(),
             max_executors: 1,
             prewarm: 0,
+            policy: Default::default(),
         };
         let miner = miner_with(dir.path(), vec![class], DEFAULT_REGISTRATION_TIMEOUT);
         let process = add_sleeping_executor(&miner, dir.path());
