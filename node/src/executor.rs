@@ -3,13 +3,18 @@
 //! Started by a miner with a one-time token in `HORDE_EXECUTOR_TOKEN`, it dials the miner,
 //! registers on a stream it keeps open, and accepts job sessions from the miner on that same
 //! connection. For each job it prepares `volume/` and `output/`, reports ready, verifies the
-//! client-signed spec, fetches the initial volumes, starts the job process (in its own process
-//! group, with `HORDE_JOB_PORT`, `HORDE_VOLUME_DIR`, `HORDE_OUTPUT_DIR`, `HORDE_EXECUTOR_URL`),
-//! probes its readiness route, generates the job keypair and serves the job endpoint
+//! client-signed spec, fetches the initial volumes, starts the job through its class's runner
+//! (see [`crate::runner`]: a sandbox with `HORDE_JOB_PORT`, `HORDE_VOLUME_DIR`,
+//! `HORDE_OUTPUT_DIR`, `HORDE_EXECUTOR_URL`), probes its readiness route through the runner's
+//! dialer, generates the job keypair and serves the job endpoint
 //! (`horde/job/1`, certificate = job key, the only client accepted = the spec's client key),
 //! then handles volume lists, "outputs ready" notifications and termination until the job exits
 //! or its execution deadline passes. At the end it uploads declared outputs and stdout/stderr and
 //! reports the exit status with truncated copies of both logs.
+//!
+//! One job runs through stages, one function each: `prepare` → `start` → `readiness` →
+//! `serve_endpoint` → `running` → `results`; the runner removes everything made for the job
+//! whichever stage ends it.
 
 mod http;
 
@@ -185,6 +190,38 @@ struct Prepared {
     spec: JobSpec,
     owner: Hotkey,
     used_paths: HashSet<String>,
+    job_dir: PathBuf,
+}
+
+/// The job's "outputs ready" requests: each connection read on a task of its own (aborted with
+/// the set), its notification queued for the running stage.
+#[derive(Debug)]
+struct OutputsRequests {
+    notify: mpsc::Sender<http::OutputsReady>,
+    ready: mpsc::Receiver<http::OutputsReady>,
+    requests: tokio::task::JoinSet<()>,
+}
+
+impl OutputsRequests {
+    fn new() -> Self {
+        let (notify, ready) = mpsc::channel(OUTPUTS_QUEUE);
+        Self {
+            notify,
+            ready,
+            requests: tokio::task::JoinSet::new(),
+        }
+    }
+
+    fn serve(&mut self, stream: tokio::net::TcpStream) {
+        let notify = self.notify.clone();
+        self.requests.spawn(
+            async move {
+                // A broken request is the job's own problem: it gets no answer.
+                let _ = http::handle_outputs(stream, notify).await;
+            }
+            .in_current_span(),
+        );
+    }
 }
 
 /// The job endpoint while it serves.
@@ -269,7 +306,8 @@ impl JobRunner {
         cancel: &CancellationToken,
     ) -> Outcome {
         let spec = &prepared.spec;
-        if let Err(outcome) = self.readiness(job, spec, job_dir).await {
+        let mut outputs = OutputsRequests::new();
+        if let Err(outcome) = self.readiness(job, spec, job_dir, &mut outputs).await {
             return outcome;
         }
         let serving = match self
@@ -282,7 +320,14 @@ impl JobRunner {
         let execution = tokio::time::sleep(Duration::from_millis(spec.deadlines.execution_ms));
         tokio::pin!(execution);
         let ending = match self
-            .running(session, prepared, job, job_dir, cancel, execution.as_mut())
+            .running(
+                session,
+                prepared,
+                job,
+                cancel,
+                execution.as_mut(),
+                &mut outputs,
+            )
             .await
         {
             Ok(ending) => ending,
@@ -391,6 +436,7 @@ impl JobRunner {
             spec,
             owner,
             used_paths,
+            job_dir: job_dir.to_path_buf(),
         })
     }
 
@@ -433,6 +479,7 @@ impl JobRunner {
         job: &mut dyn JobProcess,
         spec: &JobSpec,
         job_dir: &Path,
+        outputs: &mut OutputsRequests,
     ) -> Result<(), Outcome> {
         let dialer = job.dialer();
         let readiness_limit = Duration::from_millis(spec.deadlines.readiness_ms);
@@ -441,7 +488,14 @@ impl JobRunner {
             loop {
                 tokio::select! {
                     biased;
-                    exit = job.wait() => return Err(exit.ok()),
+                    event = job.next_event() => match event {
+                        JobEvent::Exited(exit) => return Err(exit.ok()),
+                        // Served from the start, as the running stage will.
+                        JobEvent::Outputs(stream) => {
+                            outputs.serve(stream);
+                            continue;
+                        }
+                    },
                     ready = http::probe(dialer.as_ref(), &spec.readiness) => if ready {
                         return Ok(());
                     },
@@ -543,23 +597,22 @@ impl JobRunner {
         session: &mut JobSession,
         prepared: &mut Prepared,
         job: &mut dyn JobProcess,
-        job_dir: &Path,
         cancel: &CancellationToken,
         mut execution: std::pin::Pin<&mut tokio::time::Sleep>,
+        outputs: &mut OutputsRequests,
     ) -> Result<Ending, Outcome> {
         let Prepared {
             spec,
             owner,
             used_paths,
+            job_dir,
         } = prepared;
+        let job_dir = job_dir.as_path();
         let mut pending_uploads: HashMap<String, (UploadSpec, Option<u64>)> = spec
             .uploads
             .iter()
             .map(|u| (u.path.0.clone(), (u.clone(), None)))
             .collect();
-        let (outputs_tx, mut outputs_rx) = mpsc::channel(OUTPUTS_QUEUE);
-        // The job's "outputs ready" requests, each on a task of its own; aborted with this set.
-        let mut requests = tokio::task::JoinSet::new();
         let ending = loop {
             tokio::select! {
                 biased;
@@ -571,7 +624,7 @@ impl JobRunner {
                         break Ending::Abandoned;
                     }
                     JobEvent::Outputs(stream) => {
-                        requests.spawn(http::handle_outputs(stream, outputs_tx.clone()).in_current_span());
+                        outputs.serve(stream);
                     }
                 },
                 () = &mut execution => {
@@ -621,8 +674,8 @@ impl JobRunner {
                         break Ending::Abandoned;
                     }
                 },
-                Some(_) = requests.join_next(), if !requests.is_empty() => {}
-                Some(ready) = outputs_rx.recv() => {
+                Some(_) = outputs.requests.join_next(), if !outputs.requests.is_empty() => {}
+                Some(ready) = outputs.ready.recv() => {
                     let (message, reply) = self.upload_ready(job_dir, &ready.paths, &mut pending_uploads).await;
                     let _ = ready.reply.send(reply);
                     if let Some(message) = message

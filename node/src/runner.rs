@@ -20,7 +20,7 @@
 
 pub mod bridge;
 pub mod process;
-mod unisolated;
+pub mod unisolated;
 
 use std::fmt::Debug;
 use std::path::PathBuf;

@@ -217,3 +217,36 @@ async fn a_missing_program_is_a_spawn_error() {
     let error = runner.start(launch).await.unwrap_err();
     assert!(error.to_string().contains("no-such-program"), "{error}");
 }
+
+/// Start latency (until the job's program runs) of the sandbox against a plain child process,
+/// in the same run. Printed; asserted only loosely (machines differ).
+#[tokio::test]
+async fn sandbox_start_costs_milliseconds() {
+    use horde_node::runner::unisolated::UnisolatedRunner;
+    let dir = tempfile::tempdir().unwrap();
+    let sandboxed = runner().await;
+    let rounds = 10;
+    let mut timings = Vec::new();
+    for runner in [
+        &sandboxed as &dyn horde_node::runner::Runner,
+        &UnisolatedRunner,
+    ] {
+        let mut samples = Vec::new();
+        for _ in 0..rounds {
+            let started = Instant::now();
+            let job = runner
+                .start(launch(dir.path(), "exit 0", ClassPolicy::default()))
+                .await
+                .unwrap();
+            samples.push(started.elapsed());
+            job.remove().await;
+        }
+        samples.sort();
+        timings.push(samples[rounds / 2]);
+    }
+    println!(
+        "start p50: sandbox {:?}, plain process {:?}",
+        timings[0], timings[1]
+    );
+    assert!(timings[0] < Duration::from_secs(2));
+}

@@ -219,8 +219,16 @@ impl ProcessRunner {
             self.init.clone().into_os_string(),
             INIT_PATH.into(),
         ]);
-        if program.starts_with('/') && !program.starts_with("/usr/") {
-            args.extend(["--ro-bind".into(), program.into(), program.into()]);
+        let mut made = std::collections::HashSet::new();
+        for path in host_programs(launch, program) {
+            // Parent directories bwrap would otherwise make 0700: the job's uid must pass them.
+            let parents: Vec<&Path> = path.ancestors().skip(1).collect();
+            for dir in parents.into_iter().rev().filter(|d| *d != Path::new("/")) {
+                if made.insert(dir.to_path_buf()) {
+                    args.extend(["--perms".into(), "0755".into(), "--dir".into(), dir.into()]);
+                }
+            }
+            args.extend(["--ro-bind".into(), path.clone().into(), path.into()]);
         }
         args.extend(["--chdir".into(), OUTPUT_DIR.into()]);
         args
@@ -259,6 +267,24 @@ impl ProcessRunner {
         env.push((OUTPUT_DIR_ENV.to_owned(), OUTPUT_DIR.to_owned()));
         env
     }
+}
+
+/// Whether `path` is in the system directories every sandbox binds.
+fn in_system_dirs(path: &Path) -> bool {
+    path.starts_with("/usr") || SYSTEM_DIRS.iter().any(|dir| path.starts_with(dir))
+}
+
+/// Host programs bound read-only into the sandbox at their own paths: the program, and any
+/// argument naming one (`/bin/sh -c '…' /path/to/job`), when it is an absolute path outside the
+/// system directories to a file that others may execute on this host anyway. Nothing else of
+/// the host's files is bound.
+fn host_programs(launch: &Launch, program: &str) -> Vec<PathBuf> {
+    std::iter::once(program)
+        .chain(launch.args.iter().map(String::as_str))
+        .filter(|arg| arg.starts_with('/'))
+        .map(PathBuf::from)
+        .filter(|path| !in_system_dirs(path) && reachable_by_others(path))
+        .collect()
 }
 
 /// Whether every directory above `path` lets others through and `path` itself is a file
@@ -401,7 +427,8 @@ impl Runner for ProcessRunner {
             .root
             .then(|| launch.policy.uid.unwrap_or(DEFAULT_JOB_UID));
         if let Some(uid) = uid {
-            if program.starts_with('/') && !reachable_by_others(Path::new(program)) {
+            let path = Path::new(program);
+            if program.starts_with('/') && !in_system_dirs(path) && !reachable_by_others(path) {
                 return Err(RunnerError::Spawn {
                     program: program.clone(),
                     reason: "not an executable file that others may reach on this host".into(),

@@ -24,7 +24,7 @@ use crate::tied;
 
 /// Runs jobs as plain child processes.
 #[derive(Debug)]
-pub(crate) struct UnisolatedRunner;
+pub struct UnisolatedRunner;
 
 #[async_trait]
 impl Runner for UnisolatedRunner {
