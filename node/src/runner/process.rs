@@ -322,9 +322,32 @@ fn writable_cgroups() -> Option<Vec<PathBuf>> {
         let probe = dir.join(format!("horde-probe-{}", std::process::id()));
         std::fs::create_dir(&probe).ok()?;
         let _ = std::fs::remove_dir(&probe);
+        reap_stale_cgroups(&dir);
         dirs.push(dir);
     }
     Some(dirs)
+}
+
+/// Job cgroups left behind by an executor that was killed before it could remove them: empty
+/// ones (the kernel refuses to remove any other) older than a job's start.
+fn reap_stale_cgroups(parent: &Path) {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.filter_map(Result::ok) {
+        let stale = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .is_ok_and(|at| at.elapsed().is_ok_and(|age| age > Duration::from_secs(60)));
+        if stale
+            && entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with("horde-job-")
+        {
+            let _ = std::fs::remove_dir(entry.path());
+        }
+    }
 }
 
 /// One job's cgroups (one per controller), removed by [`JobCgroup::remove`].
