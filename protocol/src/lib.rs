@@ -312,6 +312,25 @@ mod tests {
         assert_eq!(from_bytes_exact::<Program>(&bytes).unwrap(), blob);
     }
 
+    /// Pins the failure reasons' tags: variants are append-only, so `OutOfMemory` (the newest)
+    /// is tag 7 and every older tag stays where it was.
+    #[test]
+    fn snapshot_failure_reasons() {
+        let cases = [
+            (FailureReason::Timeout, "00"),
+            (FailureReason::NonZeroExit(3), "0106"),
+            (FailureReason::Signal(9), "0212"),
+            (FailureReason::VolumeFetch("v".into()), "030176"),
+            (FailureReason::Upload("u".into()), "040175"),
+            (FailureReason::Spawn("s".into()), "050173"),
+            (FailureReason::BadEndpointRecord("b".into()), "060162"),
+            (FailureReason::OutOfMemory, "07"),
+        ];
+        for (reason, hex) in cases {
+            assert_eq!(hex::encode(to_bytes(&reason)), hex, "{reason:?}");
+        }
+    }
+
     #[test]
     fn snapshot_tunnel_data() {
         let frame = TunnelFrame::Data(b"GET /".to_vec());

@@ -214,6 +214,9 @@ pub enum FailureReason {
     Spawn(String),
     /// The endpoint record did not verify.
     BadEndpointRecord(String),
+    /// The job was killed for going over its executor class's memory limit. (Appended: enum
+    /// variants are append-only on the wire.)
+    OutOfMemory,
 }
 
 /// A job failure in one stage.

@@ -425,9 +425,9 @@ impl Testnet {
             Role::Miner => {
                 let mut miner = MinerConfig {
                     classes: vec![ClassConfig {
-                        class: ExecutorClass(shape.class.clone()),
                         max_executors: shape.executors_per_miner,
                         prewarm: shape.prewarm.min(shape.executors_per_miner),
+                        ..ClassConfig::new(ExecutorClass(shape.class.clone()))
                     }],
                     executor_program: Some(
                         shape
@@ -751,17 +751,40 @@ impl Testnet {
     /// Processes whose command line mentions this testnet's directory (nodes and the executors
     /// miners spawned), as `(pid, command line)`.
     pub fn processes(&self) -> Vec<(u32, String)> {
-        self.scan_processes(|cmdline, _| cmdline.contains(self.dir_text().as_str()))
+        self.scan_processes(|process| process.cmdline.contains(self.dir_text().as_str()))
     }
 
-    /// Job processes of this testnet's executors (their environment gives them a job port and
-    /// a directory under the testnet's), as `(pid, command line)`.
+    /// Job processes of this testnet's executors, as `(pid, command line)`: the job and what it
+    /// started, without its sandbox's own machinery (bubblewrap and the sandbox init).
     pub fn job_processes(&self) -> Vec<(u32, String)> {
-        let dir = format!("HORDE_OUTPUT_DIR={}/", self.dir_text());
-        self.scan_processes(|_, environ| {
-            environ
+        self.sandbox_processes()
+            .into_iter()
+            .filter(|(_, cmdline)| {
+                let program = cmdline.split(' ').next().unwrap_or_default();
+                !program.ends_with("bwrap") && program != "/horde/init"
+            })
+            .collect()
+    }
+
+    /// Every process of this testnet's jobs, sandbox machinery included: processes whose mount
+    /// table binds a job output directory under the testnet's directory (a sandboxed job), or
+    /// whose environment names one (an unisolated job).
+    pub fn sandbox_processes(&self) -> Vec<(u32, String)> {
+        let dir = format!("{}/", self.dir_text());
+        let env_dir = format!("HORDE_OUTPUT_DIR={dir}");
+        self.scan_processes(|process| {
+            process
+                .environ
                 .split('\0')
-                .any(|variable| variable.starts_with(&dir))
+                .any(|variable| variable.starts_with(&env_dir))
+                || std::fs::read_to_string(process.path.join("mountinfo")).is_ok_and(|mounts| {
+                    mounts.lines().any(|mount| {
+                        let mut fields = mount.split(' ').skip(3);
+                        let (root, point) = (fields.next(), fields.next());
+                        point == Some("/horde/output")
+                            && root.is_some_and(|root| root.contains(dir.as_str()))
+                    })
+                })
         })
     }
 
@@ -769,8 +792,8 @@ impl Testnet {
         self.dir.to_string_lossy().into_owned()
     }
 
-    /// Live processes (zombies left out) for which `keep(command line, environment)` holds.
-    fn scan_processes(&self, keep: impl Fn(&str, &str) -> bool) -> Vec<(u32, String)> {
+    /// Live processes (zombies left out) for which `keep` holds, as `(pid, command line)`.
+    fn scan_processes(&self, keep: impl Fn(&ProcessInfo) -> bool) -> Vec<(u32, String)> {
         let Ok(entries) = std::fs::read_dir("/proc") else {
             return Vec::new();
         };
@@ -786,8 +809,13 @@ impl Testnet {
                 let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
                 let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
                 let environ = std::fs::read(entry.path().join("environ")).unwrap_or_default();
-                let environ = String::from_utf8_lossy(&environ);
-                keep(&cmdline, &environ).then_some((pid, cmdline))
+                let environ = String::from_utf8_lossy(&environ).into_owned();
+                let process = ProcessInfo {
+                    path: entry.path(),
+                    cmdline,
+                    environ,
+                };
+                keep(&process).then_some((pid, process.cmdline))
             })
             .collect()
     }
@@ -836,6 +864,14 @@ impl Drop for Testnet {
     fn drop(&mut self) {
         self.stop_all();
     }
+}
+
+/// What [`Testnet::scan_processes`] reads of a process.
+struct ProcessInfo {
+    /// `/proc/PID`.
+    path: PathBuf,
+    cmdline: String,
+    environ: String,
 }
 
 /// Runs a future to completion on a runtime of its own, on a thread of its own (so it works

@@ -607,8 +607,8 @@ async fn executor_killed_mid_job_takes_its_job_with_it() {
         .status()
         .unwrap();
     assert!(status.success());
-    // The job was tied to it, and its group guarded: the kernel kills the job, the guard the
-    // job's own child.
+    // The job's sandbox was tied to it (bwrap dies with its parent, and the sandbox's pid 1
+    // takes the job's own child with it).
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while !testnet.job_processes().is_empty() {
         assert!(

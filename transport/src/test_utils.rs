@@ -116,7 +116,7 @@ pub async fn job_tunnel(
         job_id: JobId([job; 16]),
         job_key: job_key.clone(),
         client_key: client_key.hotkey(),
-        target,
+        target: Arc::new(target),
     });
     let handle = serve_job_endpoint(server, ctx, tokio_util::sync::CancellationToken::new());
     let connection = localhost_endpoint(&client_key)

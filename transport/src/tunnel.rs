@@ -50,7 +50,6 @@
 //! - `tunnel/client.rs`: [`JobTunnel`], [`TunnelStream`] and its halves, [`http_request`].
 //! - `tunnel/forward.rs`: [`forward_tcp`], a local TCP port tunnelled to the job.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use horde_protocol::Hotkey;
@@ -67,7 +66,8 @@ mod wire;
 pub use client::{HttpResponse, JobTunnel, TunnelReader, TunnelStream, TunnelWriter, http_request};
 pub use forward::forward_tcp;
 pub use server::{
-    JobEndpointHandle, TunnelContext, TunnelStats, serve_job_endpoint, serve_tunnel_stream,
+    JobConnector, JobEndpointHandle, TunnelContext, TunnelStats, serve_job_endpoint,
+    serve_tunnel_stream,
 };
 
 /// The largest tunnel frame accepted: a full [`MAX_FRAME_LEN`] `Data` payload plus its postcard
@@ -158,10 +158,10 @@ pub enum TunnelError {
     #[error("the stream was already finished")]
     Finished,
     /// The job's TCP port could not be reached.
-    #[error("connecting to the job at {addr}: {source}")]
+    #[error("connecting to the job at {target}: {source}")]
     JobConnect {
-        /// The job's address.
-        addr: SocketAddr,
+        /// How the job was to be reached (its address, or the runner's dialer).
+        target: String,
         /// Why.
         source: std::io::Error,
     },

@@ -125,7 +125,7 @@ async fn tunnel_bytes_and_receipt_are_exact_under_loss_reordering_and_duplicatio
             job_id: JOB_ID,
             job_key: job_key.clone(),
             client_key: client_key.hotkey(),
-            target: echo_job().await,
+            target: Arc::new(echo_job().await),
         }),
         CancellationToken::new(),
     );

@@ -50,7 +50,7 @@ fn context(target: SocketAddr) -> TunnelContext {
         job_id: JOB_ID,
         job_key: job_key(),
         client_key: client_key().hotkey(),
-        target,
+        target: Arc::new(target),
     }
 }
 

@@ -618,7 +618,7 @@ async fn tunnel_throughput(source: SocketAddr, size: u64) -> anyhow::Result<f64>
             job_id,
             job_key: job_key.clone(),
             client_key: client_key.hotkey(),
-            target: source,
+            target: Arc::new(source),
         }),
         tokio_util::sync::CancellationToken::new(),
     );

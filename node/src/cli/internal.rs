@@ -2,7 +2,7 @@
 
 use anyhow::Context as _;
 
-use crate::server::executor::runner::container;
+use crate::server::executor::runner::{bridge, container};
 use crate::server::supervision;
 
 /// Internal subcommands.
@@ -31,6 +31,25 @@ pub enum InternalCommand {
         /// The process group to kill.
         #[arg(long)]
         group: u32,
+    },
+    /// Internal: the init of a job's sandbox (run by bubblewrap inside it, with the bridge's
+    /// socket as stdout): starts PROGRAM and connects the executor to it.
+    #[command(name = bridge::SANDBOX_INIT_SUBCOMMAND, hide = true)]
+    SandboxInit {
+        /// The job's port inside the sandbox.
+        #[arg(long)]
+        port: u16,
+        /// Drop to this uid (and gid) first.
+        #[arg(long)]
+        uid: Option<u32>,
+        /// RLIMIT_AS for the job, in bytes.
+        #[arg(long)]
+        address_space: Option<u64>,
+        /// The job's program.
+        program: std::ffi::OsString,
+        /// Its arguments.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
     },
     /// Internal: force-remove container CONTAINER once process PARENT is gone. Started by
     /// executors beside each job container.
@@ -64,6 +83,23 @@ pub(crate) fn run(command: InternalCommand) -> anyhow::Result<()> {
         }
         InternalCommand::GuardGroup { parent, group } => supervision::guard_group(parent, group)
             .with_context(|| format!("guarding process group {group}")),
+        InternalCommand::SandboxInit {
+            port,
+            uid,
+            address_space,
+            program,
+            args,
+        } => {
+            let code = bridge::sandbox_init(bridge::SandboxInitArgs {
+                port,
+                uid,
+                address_space,
+                program,
+                args,
+            })
+            .context("sandbox init")?;
+            std::process::exit(code)
+        }
         InternalCommand::GuardContainer {
             parent,
             container,

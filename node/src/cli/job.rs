@@ -293,6 +293,9 @@ fn describe_failure(reason: &FailureReason) -> String {
         FailureReason::Upload(why) => format!("an upload failed: {why}"),
         FailureReason::Spawn(why) => format!("the job could not start: {why}"),
         FailureReason::BadEndpointRecord(why) => format!("bad endpoint record: {why}"),
+        FailureReason::OutOfMemory => {
+            "the job was killed for going over its memory limit".to_owned()
+        }
         other => format!("{other:?}"),
     }
 }

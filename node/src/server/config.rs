@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::server::discovery::BootstrapPeer;
 pub use crate::server::discovery::DiscoveryConfig;
+use crate::server::executor::runner::{ClassPolicy, Gpus, NetworkPolicy, Runtime};
 pub use crate::server::storage::StoreLimits;
 
 /// Default QUIC listen address: loopback with an OS-chosen port, safe for a single machine.
@@ -268,8 +269,9 @@ impl Default for ValidatorConfig {
     }
 }
 
-/// One executor class a miner offers: `[[miner.classes]]`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// One executor class a miner offers: `[[miner.classes]]`, with the runner, network and limits
+/// its jobs get.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClassConfig {
     /// The class (1 to 64 characters).
@@ -280,6 +282,70 @@ pub struct ClassConfig {
     /// Executors started at miner start-up, before any job asks (at most `max_executors`).
     #[serde(default)]
     pub prewarm: u32,
+    /// `"process"` (bubblewrap sandbox, the default) or `"container"` (Docker Engine API).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub runtime: Runtime,
+    /// `"none"` (only the job's own loopback, the default) or `"internet"`.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub network: NetworkPolicy,
+    /// Memory limit, MiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mb: Option<u64>,
+    /// CPU time, in CPUs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<f64>,
+    /// Most processes and threads at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids: Option<u64>,
+    /// Size of the job's private `/tmp`, MiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tmp_mb: Option<u64>,
+    /// `"all"` or a number (container runtime only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpus: Option<Gpus>,
+    /// The host uid (and gid) jobs run as when the node is root (default 65534).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
+    /// Run jobs even where this host cannot isolate them (said loudly at start).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub allow_unisolated: bool,
+}
+
+const MIB: u64 = 1024 * 1024;
+
+impl ClassConfig {
+    /// A class with every default: one executor, none prewarmed, the process runner, no network.
+    pub fn new(class: ExecutorClass) -> Self {
+        Self {
+            class,
+            max_executors: default_max_executors(),
+            prewarm: 0,
+            runtime: Runtime::default(),
+            network: NetworkPolicy::default(),
+            memory_mb: None,
+            cpus: None,
+            pids: None,
+            tmp_mb: None,
+            gpus: None,
+            uid: None,
+            allow_unisolated: false,
+        }
+    }
+
+    /// The policy its executors apply to jobs.
+    pub fn policy(&self) -> ClassPolicy {
+        ClassPolicy {
+            runtime: self.runtime,
+            network: self.network,
+            memory_bytes: self.memory_mb.map(|mb| mb.saturating_mul(MIB)),
+            cpus: self.cpus,
+            pids: self.pids,
+            tmp_bytes: self.tmp_mb.map(|mb| mb.saturating_mul(MIB)),
+            gpus: self.gpus,
+            uid: self.uid,
+            allow_unisolated: self.allow_unisolated,
+        }
+    }
 }
 
 fn default_max_executors() -> u32 {
@@ -309,12 +375,14 @@ impl ClassConfig {
                 format!("{name}: need prewarm <= max_executors"),
             ));
         }
-        Ok(())
+        self.policy()
+            .validate()
+            .map_err(|reason| InvalidField::new(field("policy"), format!("{name}: {reason}")))
     }
 }
 
 /// Miner settings: `[miner]`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MinerConfig {
     /// Executor classes offered.
@@ -365,7 +433,7 @@ impl MinerConfig {
 }
 
 /// Executor settings: `[executor]` (the miner writes it for each executor it starts).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExecutorConfig {
     /// The miner to register with, `HOTKEY@IP:PORT`.
@@ -376,6 +444,9 @@ pub struct ExecutorConfig {
     /// The address job endpoints listen on and advertise.
     #[serde(default = "default_job_host")]
     pub job_host: IpAddr,
+    /// The class's runner, network and limits (written by the miner from its class).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub policy: ClassPolicy,
 }
 
 fn default_job_host() -> IpAddr {
@@ -553,6 +624,12 @@ impl NodeConfig {
         if let Some(miner) = &self.miner {
             miner.validate()?;
         }
+        if let Some(executor) = &self.executor {
+            executor
+                .policy
+                .validate()
+                .map_err(|reason| InvalidField::new("executor.policy", reason))?;
+        }
         self.storage.validate()?;
         self.discovery.validate()?;
         self.receipts.validate()
@@ -604,6 +681,62 @@ mod tests {
             Path::new("/etc/horde"),
             &Overrides::default(),
         )
+    }
+
+    #[test]
+    fn class_policies_are_parsed_validated_and_passed_to_executors() {
+        let config = parse(
+            "role = \"miner\"\n[[miner.classes]]\nclass = \"cpu\"\nmemory_mb = 64\ncpus = 1.5\n\
+             pids = 32\ntmp_mb = 8\nuid = 4242\nallow_unisolated = true\n",
+        )
+        .unwrap();
+        let policy = config.miner.unwrap().classes[0].policy();
+        assert_eq!(
+            policy,
+            ClassPolicy {
+                memory_bytes: Some(64 * MIB),
+                cpus: Some(1.5),
+                pids: Some(32),
+                tmp_bytes: Some(8 * MIB),
+                uid: Some(4242),
+                allow_unisolated: true,
+                ..ClassPolicy::default()
+            }
+        );
+        // What the miner writes for its executors reads back as the same policy.
+        let mut executor = NodeConfig::new(Role::Executor);
+        executor.executor = Some(ExecutorConfig {
+            miner: format!(
+                "{}@127.0.0.1:1",
+                horde_protocol::SecretKey::from_seed(&[1; 32]).hotkey()
+            )
+            .parse()
+            .unwrap(),
+            class: ExecutorClass("cpu".into()),
+            job_host: LOCALHOST,
+            policy: policy.clone(),
+        });
+        let read = parse(&executor.to_toml().unwrap()).unwrap();
+        assert_eq!(read.executor.unwrap().policy, policy);
+        for (class, needle) in [
+            ("network = \"internet\"", "not built yet"),
+            ("gpus = 2", "gpus need runtime = \"container\""),
+            ("gpus = \"some\"", "gpus"),
+            ("memory_mb = 0", "memory must be at least 1"),
+            ("cpus = -1.0", "cpus"),
+            ("uid = 0", "never run as root"),
+            ("runtime = \"vm\"", "runtime"),
+        ] {
+            let text = format!("role = \"miner\"\n[[miner.classes]]\nclass = \"cpu\"\n{class}\n");
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(err.contains(needle), "{class:?}: {err}");
+        }
+        let gpu = parse(
+            "role = \"miner\"\n[[miner.classes]]\nclass = \"gpu\"\nruntime = \"container\"\n\
+             gpus = \"all\"\n",
+        )
+        .unwrap();
+        assert_eq!(gpu.miner.unwrap().classes[0].policy().gpus, Some(Gpus::All));
     }
 
     #[test]
@@ -865,9 +998,10 @@ mod tests {
         config.storage.max_transfers_per_peer = Some(3);
         config.miner = Some(MinerConfig {
             classes: vec![ClassConfig {
-                class: ExecutorClass("cpu".into()),
                 max_executors: 2,
                 prewarm: 1,
+                memory_mb: Some(64),
+                ..ClassConfig::new(ExecutorClass("cpu".into()))
             }],
             executor_program: Some("/bin/horde".into()),
             ..MinerConfig::default()
@@ -876,6 +1010,10 @@ mod tests {
             miner: peer,
             class: ExecutorClass("cpu".into()),
             job_host: LOCALHOST,
+            policy: ClassPolicy {
+                pids: Some(32),
+                ..ClassPolicy::default()
+            },
         });
         let text = config.to_toml().unwrap();
         let read = NodeConfig::parse(&text, "t", Path::new("/x"), &Overrides::default())

@@ -3,13 +3,18 @@
 //! Started by a miner with a one-time token in `HORDE_EXECUTOR_TOKEN`, it dials the miner,
 //! registers on a stream it keeps open, and accepts job sessions from the miner on that same
 //! connection. For each job it prepares `volume/` and `output/`, reports ready, verifies the
-//! client-signed spec, fetches the initial volumes, starts the job process (in its own process
-//! group, with `HORDE_JOB_PORT`, `HORDE_VOLUME_DIR`, `HORDE_OUTPUT_DIR`, `HORDE_EXECUTOR_URL`),
-//! probes its readiness route, generates the job keypair and serves the job endpoint
+//! client-signed spec, fetches the initial volumes, starts the job through its class's runner
+//! (see [`crate::server::executor::runner`]: a sandbox with `HORDE_JOB_PORT`, `HORDE_VOLUME_DIR`,
+//! `HORDE_OUTPUT_DIR`, `HORDE_EXECUTOR_URL`), probes its readiness route through the runner's
+//! dialer, generates the job keypair and serves the job endpoint
 //! (`horde/job/1`, certificate = job key, the only client accepted = the spec's client key),
 //! then handles volume lists, "outputs ready" notifications and termination until the job exits
 //! or its execution deadline passes. At the end it uploads declared outputs and stdout/stderr and
 //! reports the exit status with truncated copies of both logs.
+//!
+//! One job runs through stages, one function each: `prepare` → `start` → `readiness` →
+//! `serve_endpoint` → `running` → `results`; the runner removes everything made for the job
+//! whichever stage ends it.
 
 mod http;
 pub mod runner;
@@ -18,7 +23,6 @@ pub mod volumes;
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,18 +38,17 @@ use horde_transport::{
     ALPN_CONTROL, ALPN_JOB, ClientPolicy, EndpointConfig, HordeEndpoint, JobSession, accept_stream,
     codes, split,
 };
-use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument as _, debug, info, info_span, warn};
 
 use crate::server::EXECUTOR_TOKEN_ENV;
 use crate::server::config::ExecutorConfig;
-use crate::server::supervision;
+use runner::{JobEvent, JobExit, JobProcess, Launch, Runner};
 use volumes::HttpClient;
 
 /// How far past the job's execution deadline the job endpoint may drain its streams: the
-/// validator allows its stage slack (2 s) beyond the deadline for the
+/// validator allows [`crate::validator::STAGE_SLACK`] (2 s) beyond the deadline for the
 /// results, and the upload and the report need the rest.
 const DRAIN_PAST_DEADLINE: Duration = Duration::from_secs(1);
 
@@ -102,11 +105,19 @@ pub async fn run(
         .await
         .map_err(|e| ExecutorError::Miner(e.to_string()))?;
     info!(miner = %config.miner.hotkey, class = %config.class, "registered with miner");
+    let runner = match runner::select(&config.policy).await {
+        Ok(runner) => Ok(runner),
+        Err(error) => {
+            warn!(%error, "this executor refuses every job");
+            Err(error.to_string())
+        }
+    };
     let runner = JobRunner {
         endpoint,
         config,
         data_dir,
         http: HttpClient::default(),
+        runner,
     };
     loop {
         let accepted = tokio::select! {
@@ -154,19 +165,72 @@ struct JobRunner {
     config: ExecutorConfig,
     data_dir: PathBuf,
     http: HttpClient,
+    /// The runner of this executor's class, or why this host cannot run its jobs.
+    runner: Result<Arc<dyn Runner>, String>,
 }
 
 /// How a job's run ended, before uploads.
 #[derive(Debug)]
 enum Ending {
     /// The process exited by itself.
-    Exited(std::process::ExitStatus),
+    Exited(JobExit),
     /// The client asked for termination.
-    Terminated(std::process::ExitStatus),
+    Terminated(JobExit),
     /// The execution deadline passed.
     TimedOut,
     /// The miner's session went away: nobody to report to.
     Abandoned,
+}
+
+/// A stage's end: `Some` message for the miner, or `None` when there is nobody to tell.
+type Outcome = Option<UpMessage>;
+
+/// What the first stage leaves for the others: the verified spec, its owner, the volume names
+/// already used.
+#[derive(Debug)]
+struct Prepared {
+    spec: JobSpec,
+    owner: Hotkey,
+    used_paths: HashSet<String>,
+    job_dir: PathBuf,
+}
+
+/// The job's "outputs ready" requests: each connection read on a task of its own (aborted with
+/// the set), its notification queued for the running stage.
+#[derive(Debug)]
+struct OutputsRequests {
+    notify: mpsc::Sender<http::OutputsReady>,
+    ready: mpsc::Receiver<http::OutputsReady>,
+    requests: tokio::task::JoinSet<()>,
+}
+
+impl OutputsRequests {
+    fn new() -> Self {
+        let (notify, ready) = mpsc::channel(OUTPUTS_QUEUE);
+        Self {
+            notify,
+            ready,
+            requests: tokio::task::JoinSet::new(),
+        }
+    }
+
+    fn serve(&mut self, stream: tokio::net::TcpStream) {
+        let notify = self.notify.clone();
+        self.requests.spawn(
+            async move {
+                // A broken request is the job's own problem: it gets no answer.
+                let _ = http::handle_outputs(stream, notify).await;
+            }
+            .in_current_span(),
+        );
+    }
+}
+
+/// The job endpoint while it serves.
+#[derive(Debug)]
+struct Serving {
+    tunnel: horde_transport::tunnel::JobEndpointHandle,
+    cancel: CancellationToken,
 }
 
 fn failed(stage: Stage, reason: FailureReason, result: Option<JobFinished>) -> UpMessage {
@@ -177,9 +241,11 @@ fn failed(stage: Stage, reason: FailureReason, result: Option<JobFinished>) -> U
     })
 }
 
-fn exit_code_reason(status: &std::process::ExitStatus) -> FailureReason {
-    use std::os::unix::process::ExitStatusExt as _;
-    match (status.code(), status.signal()) {
+fn exit_code_reason(exit: &JobExit) -> FailureReason {
+    if exit.out_of_memory {
+        return FailureReason::OutOfMemory;
+    }
+    match (exit.code, exit.signal) {
         (Some(code), _) => FailureReason::NonZeroExit(code),
         (None, Some(signal)) => FailureReason::Signal(signal),
         (None, None) => FailureReason::NonZeroExit(-1),
@@ -209,50 +275,137 @@ impl JobRunner {
         info!("job over");
     }
 
+    /// prepare → start → readiness → endpoint → running → results; the job's runner is
+    /// removed (with everything made for the job) whatever stage ends it.
     async fn run_job_inner(
         &self,
         session: &mut JobSession,
         details: &InitialJobDetails,
         job_dir: &Path,
         cancel: &CancellationToken,
-    ) -> Option<UpMessage> {
-        // Initial preparations.
+    ) -> Outcome {
+        let mut prepared = match self.prepare(session, details, job_dir).await {
+            Ok(prepared) => prepared,
+            Err(outcome) => return outcome,
+        };
+        let mut job = match self.start(&prepared.spec, job_dir).await {
+            Ok(job) => job,
+            Err(outcome) => return outcome,
+        };
+        let outcome = self
+            .run_started(session, &mut prepared, job.as_mut(), job_dir, cancel)
+            .await;
+        job.remove().await;
+        outcome
+    }
+
+    async fn run_started(
+        &self,
+        session: &mut JobSession,
+        prepared: &mut Prepared,
+        job: &mut dyn JobProcess,
+        job_dir: &Path,
+        cancel: &CancellationToken,
+    ) -> Outcome {
+        let spec = &prepared.spec;
+        let mut outputs = OutputsRequests::new();
+        if let Err(outcome) = self.readiness(job, spec, job_dir, &mut outputs).await {
+            return outcome;
+        }
+        let serving = match self
+            .serve_endpoint(session, job, spec, job_dir, cancel)
+            .await
+        {
+            Ok(serving) => serving,
+            Err(outcome) => return outcome,
+        };
+        let execution = tokio::time::sleep(Duration::from_millis(spec.deadlines.execution_ms));
+        tokio::pin!(execution);
+        let ending = match self
+            .running(
+                session,
+                prepared,
+                job,
+                cancel,
+                execution.as_mut(),
+                &mut outputs,
+            )
+            .await
+        {
+            Ok(ending) => ending,
+            Err(outcome) => {
+                serving.cancel.cancel();
+                return outcome;
+            }
+        };
+        // The job has ended or was terminated: replies it wrote before that still reach the
+        // client with their receipts — within the execution deadline plus a second, so the
+        // results still reach the validator inside its stage slack. Out of time or abandoned
+        // (the miner is gone): closed at once.
+        let (served, failed_streams) = match ending {
+            Ending::Exited(_) | Ending::Terminated(_) => {
+                let left = execution
+                    .deadline()
+                    .saturating_duration_since(tokio::time::Instant::now());
+                let grace = horde_transport::tunnel::DRAIN_GRACE.min(left + DRAIN_PAST_DEADLINE);
+                serving.tunnel.drain(grace).await
+            }
+            Ending::TimedOut | Ending::Abandoned => serving.tunnel.shutdown().await,
+        };
+        info!(served, failed = failed_streams, "job endpoint closed");
+        self.results(&prepared.spec, job_dir, ending).await
+    }
+
+    /// Prepares the job directory, reports ready, receives and verifies the full spec, fetches
+    /// the initial volumes.
+    async fn prepare(
+        &self,
+        session: &mut JobSession,
+        details: &InitialJobDetails,
+        job_dir: &Path,
+    ) -> Result<Prepared, Outcome> {
+        let startup = |reason: String| {
+            Some(failed(
+                Stage::ExecutorStartup,
+                FailureReason::Spawn(reason),
+                None,
+            ))
+        };
         let _ = std::fs::remove_dir_all(job_dir);
         for dir in ["volume", "output", "logs/output"] {
             if let Err(error) = std::fs::create_dir_all(job_dir.join(dir)) {
-                return Some(failed(
-                    Stage::ExecutorStartup,
-                    FailureReason::Spawn(format!("preparing job directory: {error}")),
-                    None,
-                ));
+                return Err(startup(format!("preparing job directory: {error}")));
             }
         }
         if let Program::Image { reference } = &details.program {
-            return Some(failed(
-                Stage::ExecutorStartup,
-                FailureReason::Spawn(format!(
-                    "image {reference}: this executor runs commands, not container images"
-                )),
-                None,
-            ));
+            return Err(startup(format!(
+                "image {reference}: this executor runs commands, not container images"
+            )));
         }
-        session.send_up(&UpMessage::ExecutorReady).await.ok()?;
+        if let Err(reason) = &self.runner {
+            return Err(startup(reason.clone()));
+        }
+        if session.send_up(&UpMessage::ExecutorReady).await.is_err() {
+            return Err(None);
+        }
 
         // The full spec.
         let wait = Duration::from_millis(details.deadlines.executor_startup_ms) + DETAILS_SLACK;
         let signed = match tokio::time::timeout(wait, session.recv()).await {
             Err(_) => {
-                return Some(failed(Stage::ExecutorStartup, FailureReason::Timeout, None));
+                return Err(Some(failed(
+                    Stage::ExecutorStartup,
+                    FailureReason::Timeout,
+                    None,
+                )));
             }
             Ok(Ok(Some(ControlMessage::Down(DownMessage::FullDetails(full))))) => full.spec,
             Ok(Ok(Some(ControlMessage::Down(DownMessage::Terminate(_)))))
             | Ok(Ok(None))
-            | Ok(Err(_)) => {
-                return None;
-            }
+            | Ok(Err(_)) => return Err(None),
             Ok(Ok(Some(other))) => {
                 warn!(message = ?other, "expected the full job details");
-                return None;
+                return Err(None);
             }
         };
         let owner = *signed.signer();
@@ -261,19 +414,11 @@ impl JobRunner {
                 spec
             }
             Ok(_) => {
-                return Some(failed(
-                    Stage::ExecutorStartup,
-                    FailureReason::Spawn("full details disagree with the initial details".into()),
-                    None,
+                return Err(startup(
+                    "full details disagree with the initial details".into(),
                 ));
             }
-            Err(error) => {
-                return Some(failed(
-                    Stage::ExecutorStartup,
-                    FailureReason::Spawn(format!("client signature: {error}")),
-                    None,
-                ));
-            }
+            Err(error) => return Err(startup(format!("client signature: {error}"))),
         };
 
         // Initial volumes.
@@ -287,83 +432,75 @@ impl JobRunner {
             )
             .await
         {
-            return Some(failed(Stage::VolumeDownload, reason, None));
+            return Err(Some(failed(Stage::VolumeDownload, reason, None)));
         }
+        Ok(Prepared {
+            spec,
+            owner,
+            used_paths,
+            job_dir: job_dir.to_path_buf(),
+        })
+    }
 
-        // Start the job.
-        let outputs_listener = match TcpListener::bind(("127.0.0.1", 0)).await {
-            Ok(listener) => listener,
-            Err(error) => {
-                return Some(failed(
-                    Stage::ExecutorStartup,
-                    FailureReason::Spawn(error.to_string()),
-                    None,
-                ));
-            }
+    /// Starts the job through the class's runner.
+    async fn start(&self, spec: &JobSpec, job_dir: &Path) -> Result<Box<dyn JobProcess>, Outcome> {
+        let startup = |reason: String| {
+            Some(failed(
+                Stage::ExecutorStartup,
+                FailureReason::Spawn(reason),
+                None,
+            ))
         };
-        let executor_url = match outputs_listener.local_addr() {
-            Ok(addr) => format!("http://{addr}"),
-            Err(error) => {
-                return Some(failed(
-                    Stage::ExecutorStartup,
-                    FailureReason::Spawn(error.to_string()),
-                    None,
-                ));
-            }
+        let runner = self
+            .runner
+            .as_ref()
+            .map_err(|reason| startup(reason.clone()))?;
+        let launch = Launch {
+            job_id: spec.job_id,
+            program: spec.program.clone(),
+            args: spec.args.clone(),
+            env: spec.env.clone(),
+            job_dir: job_dir.to_path_buf(),
+            port: runner::DEFAULT_JOB_PORT,
+            policy: self.config.policy.clone(),
         };
-        let (outputs_tx, mut outputs_rx) = mpsc::channel(OUTPUTS_QUEUE);
-        // Owned by this job: aborted (with its requests) when the guard drops.
-        let outputs_task =
-            tokio::spawn(http::serve_outputs(outputs_listener, outputs_tx).in_current_span());
-        let _outputs_guard = AbortOnDrop(outputs_task);
+        let started = std::time::Instant::now();
+        match runner.start(launch).await {
+            Ok(job) => {
+                info!(elapsed = ?started.elapsed(), "job started");
+                Ok(job)
+            }
+            Err(error) => Err(startup(error.to_string())),
+        }
+    }
 
-        let port = match free_port() {
-            Ok(port) => port,
-            Err(error) => {
-                return Some(failed(
-                    Stage::ExecutorStartup,
-                    FailureReason::Spawn(error.to_string()),
-                    None,
-                ));
-            }
-        };
-        let mut child = match self.spawn_process(&spec, job_dir, port, &executor_url) {
-            Ok(child) => child,
-            Err(error) => {
-                return Some(failed(
-                    Stage::ExecutorStartup,
-                    FailureReason::Spawn(error),
-                    None,
-                ));
-            }
-        };
-        let pid = child.id();
-        info!(pid, port, "job process started");
-        // The job and its children share its process group: the guard kills the group if this
-        // executor ends without stopping the job (SIGKILL, a crash). Dropped (and killed) with
-        // this function, once the job has been stopped.
-        let _group_guard = pid.and_then(|pid| {
-            supervision::guard_command(pid)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .kill_on_drop(true)
-                .spawn()
-                .inspect_err(|error| warn!(%error, "could not start the job's group guard"))
-                .ok()
-        });
-        let target: SocketAddr = ([127, 0, 0, 1], port).into();
-
-        // Readiness.
+    /// Probes the job's readiness route through its dialer until it answers or the readiness
+    /// deadline passes.
+    async fn readiness(
+        &self,
+        job: &mut dyn JobProcess,
+        spec: &JobSpec,
+        job_dir: &Path,
+        outputs: &mut OutputsRequests,
+    ) -> Result<(), Outcome> {
+        let dialer = job.dialer();
         let readiness_limit = Duration::from_millis(spec.deadlines.readiness_ms);
         let ready = tokio::time::timeout(readiness_limit, async {
             let mut interval = PROBE_INTERVAL_MIN;
             loop {
-                if let Ok(Some(status)) = child.try_wait() {
-                    return Err(status);
-                }
-                if http::probe(target, &spec.readiness).await {
-                    return Ok(());
+                tokio::select! {
+                    biased;
+                    event = job.next_event() => match event {
+                        JobEvent::Exited(exit) => return Err(exit.ok()),
+                        // Served from the start, as the running stage will.
+                        JobEvent::Outputs(stream) => {
+                            outputs.serve(stream);
+                            continue;
+                        }
+                    },
+                    ready = http::probe(dialer.as_ref(), &spec.readiness) => if ready {
+                        return Ok(());
+                    },
                 }
                 tokio::time::sleep(interval).await;
                 interval = (interval * 2).min(PROBE_INTERVAL_MAX);
@@ -371,58 +508,58 @@ impl JobRunner {
         })
         .await;
         match ready {
-            Ok(Ok(())) => {}
-            Ok(Err(status)) => {
-                let result = self.finish_logs(job_dir, &spec, Some(status), false).await;
-                return Some(failed(
-                    Stage::Readiness,
-                    exit_code_reason(&status),
-                    Some(result),
-                ));
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(exit)) => {
+                let result = self.finish_logs(job_dir, spec, exit, false).await;
+                let reason = exit.map_or(FailureReason::NonZeroExit(-1), |e| exit_code_reason(&e));
+                Err(Some(failed(Stage::Readiness, reason, Some(result))))
             }
             Err(_) => {
-                let status = stop_process(&mut child, pid).await;
-                let result = self.finish_logs(job_dir, &spec, status, true).await;
-                return Some(failed(
+                let exit = job.stop(TERMINATE_GRACE).await;
+                let result = self.finish_logs(job_dir, spec, exit, true).await;
+                Err(Some(failed(
                     Stage::Readiness,
                     FailureReason::Timeout,
                     Some(result),
-                ));
+                )))
             }
         }
+    }
 
-        // The job endpoint.
+    /// Generates the job key, serves the job endpoint and reports it up.
+    async fn serve_endpoint(
+        &self,
+        session: &mut JobSession,
+        job: &mut dyn JobProcess,
+        spec: &JobSpec,
+        job_dir: &Path,
+        cancel: &CancellationToken,
+    ) -> Result<Serving, Outcome> {
         let job_key = SecretKey::generate();
         let bind: SocketAddr = (self.config.job_host, 0).into();
-        let job_endpoint = match HordeEndpoint::bind(
+        let bound = HordeEndpoint::bind(
             &job_key,
             EndpointConfig::new(bind, &[ALPN_JOB])
                 .with_client_policy(ClientPolicy::Only(spec.client_key))
                 // Every connection comes from the spec's one client key: a per-key share
                 // would only shrink the endpoint's own cap.
                 .with_max_connections_per_peer(horde_transport::DEFAULT_MAX_CONNECTIONS),
-        ) {
-            Ok(endpoint) => endpoint,
+        )
+        .map_err(|e| e.to_string())
+        .and_then(|endpoint| {
+            let address = endpoint.local_addr().map_err(|e| e.to_string())?;
+            Ok((endpoint, address))
+        });
+        let (job_endpoint, address) = match bound {
+            Ok(bound) => bound,
             Err(error) => {
-                let status = stop_process(&mut child, pid).await;
-                let result = self.finish_logs(job_dir, &spec, status, true).await;
-                return Some(failed(
+                let exit = job.stop(TERMINATE_GRACE).await;
+                let result = self.finish_logs(job_dir, spec, exit, true).await;
+                return Err(Some(failed(
                     Stage::Readiness,
-                    FailureReason::Spawn(error.to_string()),
+                    FailureReason::Spawn(error),
                     Some(result),
-                ));
-            }
-        };
-        let address = match job_endpoint.local_addr() {
-            Ok(address) => address,
-            Err(error) => {
-                let status = stop_process(&mut child, pid).await;
-                let result = self.finish_logs(job_dir, &spec, status, true).await;
-                return Some(failed(
-                    Stage::Readiness,
-                    FailureReason::Spawn(error.to_string()),
-                    Some(result),
-                ));
+                )));
             }
         };
         let tunnel_cancel = cancel.child_token();
@@ -432,7 +569,7 @@ impl JobRunner {
                 job_id: spec.job_id,
                 job_key: job_key.clone(),
                 client_key: spec.client_key,
-                target,
+                target: job.dialer(),
             }),
             tunnel_cancel.clone(),
         );
@@ -445,42 +582,61 @@ impl JobRunner {
             .await
             .is_err()
         {
-            stop_process(&mut child, pid).await;
+            job.stop(TERMINATE_GRACE).await;
             tunnel_cancel.cancel();
-            return None;
+            return Err(None);
         }
+        Ok(Serving {
+            tunnel,
+            cancel: tunnel_cancel,
+        })
+    }
 
-        // Running.
+    /// The running job: volume lists, "outputs ready" notifications and termination, until the
+    /// job exits, the execution deadline passes or the miner goes away.
+    async fn running(
+        &self,
+        session: &mut JobSession,
+        prepared: &mut Prepared,
+        job: &mut dyn JobProcess,
+        cancel: &CancellationToken,
+        mut execution: std::pin::Pin<&mut tokio::time::Sleep>,
+        outputs: &mut OutputsRequests,
+    ) -> Result<Ending, Outcome> {
+        let Prepared {
+            spec,
+            owner,
+            used_paths,
+            job_dir,
+        } = prepared;
+        let job_dir = job_dir.as_path();
         let mut pending_uploads: HashMap<String, (UploadSpec, Option<u64>)> = spec
             .uploads
             .iter()
             .map(|u| (u.path.0.clone(), (u.clone(), None)))
             .collect();
-        let execution = tokio::time::sleep(Duration::from_millis(spec.deadlines.execution_ms));
-        tokio::pin!(execution);
         let ending = loop {
             tokio::select! {
                 biased;
-                () = cancel.cancelled() => {
-                    stop_process(&mut child, pid).await;
-                    break Ending::Abandoned;
-                }
-                status = child.wait() => match status {
-                    Ok(status) => break Ending::Exited(status),
-                    Err(error) => {
+                () = cancel.cancelled() => break Ending::Abandoned,
+                event = job.next_event() => match event {
+                    JobEvent::Exited(Ok(exit)) => return Ok(Ending::Exited(exit)),
+                    JobEvent::Exited(Err(error)) => {
                         warn!(%error, "waiting for the job process");
-                        stop_process(&mut child, pid).await;
                         break Ending::Abandoned;
+                    }
+                    JobEvent::Outputs(stream) => {
+                        outputs.serve(stream);
                     }
                 },
                 () = &mut execution => {
                     info!("execution deadline passed; stopping the job");
-                    stop_process(&mut child, pid).await;
-                    break Ending::TimedOut;
+                    job.stop(TERMINATE_GRACE).await;
+                    return Ok(Ending::TimedOut);
                 }
                 message = session.recv() => match message {
                     Ok(Some(ControlMessage::Down(DownMessage::Volumes(list)))) => {
-                        let list = match list.verify_by(&owner) {
+                        let list = match list.verify_by(owner) {
                             Ok(list) if list.job_id == spec.job_id => list,
                             _ => {
                                 warn!("volume list not signed by the job's owner; ignored");
@@ -490,70 +646,56 @@ impl JobRunner {
                         for upload in &list.upload {
                             pending_uploads.insert(upload.path.0.clone(), (upload.clone(), Some(list.volume_msg_id)));
                         }
-                        match self.fetch_volumes(job_dir, &list.fetch, &mut used_paths, spec.deadlines.volume_download_ms).await {
+                        match self.fetch_volumes(job_dir, &list.fetch, used_paths, spec.deadlines.volume_download_ms).await {
                             Ok(()) => {
                                 if session.send_up(&UpMessage::VolumesFetched { volume_msg_id: list.volume_msg_id }).await.is_err() {
-                                    stop_process(&mut child, pid).await;
                                     break Ending::Abandoned;
                                 }
                             }
                             Err(reason) => {
                                 warn!(?reason, "mid-session volume fetch failed");
-                                let status = stop_process(&mut child, pid).await;
-                                let result = self.finish_logs(job_dir, &spec, status, true).await;
-                                tunnel_cancel.cancel();
-                                return Some(failed(Stage::VolumeDownload, reason, Some(result)));
+                                let exit = job.stop(TERMINATE_GRACE).await;
+                                let result = self.finish_logs(job_dir, spec, exit, true).await;
+                                return Err(Some(failed(Stage::VolumeDownload, reason, Some(result))));
                             }
                         }
                     }
                     Ok(Some(ControlMessage::Down(DownMessage::Terminate(request)))) => {
-                        if request.verify_by(&owner).is_ok_and(|r| r.job_id == spec.job_id) {
+                        if request.verify_by(owner).is_ok_and(|r| r.job_id == spec.job_id) {
                             info!("terminate requested by the client");
-                            match stop_process(&mut child, pid).await {
-                                Some(status) => break Ending::Terminated(status),
-                                None => break Ending::Abandoned,
-                            }
+                            return Ok(match job.stop(TERMINATE_GRACE).await {
+                                Some(exit) => Ending::Terminated(exit),
+                                None => Ending::Abandoned,
+                            });
                         }
                         warn!("terminate not signed by the job's owner; ignored");
                     }
                     Ok(Some(other)) => warn!(message = ?other, "unexpected message from miner"),
                     Ok(None) | Err(_) => {
                         info!("miner ended the job session; stopping the job");
-                        stop_process(&mut child, pid).await;
                         break Ending::Abandoned;
                     }
                 },
-                Some(ready) = outputs_rx.recv() => {
+                Some(_) = outputs.requests.join_next(), if !outputs.requests.is_empty() => {}
+                Some(ready) = outputs.ready.recv() => {
                     let (message, reply) = self.upload_ready(job_dir, &ready.paths, &mut pending_uploads).await;
                     let _ = ready.reply.send(reply);
                     if let Some(message) = message
                         && session.send_up(&message).await.is_err() {
-                            stop_process(&mut child, pid).await;
                             break Ending::Abandoned;
                         }
                 }
             }
         };
-        // The job has ended or was terminated: replies it wrote before that still reach the
-        // client with their receipts — within the execution deadline plus a second, so the
-        // results still reach the validator inside its stage slack. Out of time or abandoned
-        // (the miner is gone): closed at once.
-        let (served, failed_streams) = match ending {
-            Ending::Exited(_) | Ending::Terminated(_) => {
-                let left = execution
-                    .deadline()
-                    .saturating_duration_since(tokio::time::Instant::now());
-                let grace = horde_transport::tunnel::DRAIN_GRACE.min(left + DRAIN_PAST_DEADLINE);
-                tunnel.drain(grace).await
-            }
-            Ending::TimedOut | Ending::Abandoned => tunnel.shutdown().await,
-        };
-        info!(served, failed = failed_streams, "job endpoint closed");
+        job.stop(TERMINATE_GRACE).await;
+        Ok(ending)
+    }
 
-        // Results.
-        let (status, terminated) = match &ending {
-            Ending::Exited(status) => (Some(*status), false),
-            Ending::Terminated(status) => (Some(*status), true),
+    /// Uploads the declared outputs and the logs, and builds the job's last message.
+    async fn results(&self, spec: &JobSpec, job_dir: &Path, ending: Ending) -> Outcome {
+        let (exit, terminated) = match &ending {
+            Ending::Exited(exit) => (Some(*exit), false),
+            Ending::Terminated(exit) => (Some(*exit), true),
             Ending::TimedOut => (None, true),
             Ending::Abandoned => return None,
         };
@@ -578,7 +720,7 @@ impl JobRunner {
                 Err(_) => upload_error = Some(FailureReason::Timeout),
             }
         }
-        let mut result = self.finish_logs(job_dir, &spec, status, terminated).await;
+        let mut result = self.finish_logs(job_dir, spec, exit, terminated).await;
         outputs.append(&mut result.outputs);
         result.outputs = outputs;
         if let Some(reason) = upload_error {
@@ -586,8 +728,11 @@ impl JobRunner {
         }
         Some(match ending {
             Ending::TimedOut => failed(Stage::Execution, FailureReason::Timeout, Some(result)),
-            Ending::Exited(status) if !status.success() => {
-                failed(Stage::Execution, exit_code_reason(&status), Some(result))
+            Ending::Exited(exit) | Ending::Terminated(exit) if exit.out_of_memory => {
+                failed(Stage::Execution, FailureReason::OutOfMemory, Some(result))
+            }
+            Ending::Exited(exit) if !exit.success() => {
+                failed(Stage::Execution, exit_code_reason(&exit), Some(result))
             }
             _ => UpMessage::Finished(result),
         })
@@ -664,47 +809,12 @@ impl JobRunner {
         (message, Ok(count))
     }
 
-    fn spawn_process(
-        &self,
-        spec: &JobSpec,
-        job_dir: &Path,
-        port: u16,
-        executor_url: &str,
-    ) -> Result<tokio::process::Child, String> {
-        let Program::Command { program } = &spec.program else {
-            return Err("this executor runs commands only".to_owned());
-        };
-        let logs = job_dir.join("logs/output");
-        let stdout = std::fs::File::create(logs.join("stdout")).map_err(|e| e.to_string())?;
-        let stderr = std::fs::File::create(logs.join("stderr")).map_err(|e| e.to_string())?;
-        // Started directly, as the leader of its own process group: the group guard started
-        // beside it (see `run_job`) kills that group if this executor ends without stopping it.
-        let mut command = tokio::process::Command::new(program);
-        command
-            .args(&spec.args)
-            .envs(spec.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .env("HORDE_JOB_PORT", port.to_string())
-            .env("HORDE_VOLUME_DIR", job_dir.join("volume"))
-            .env("HORDE_OUTPUT_DIR", job_dir.join("output"))
-            .env("HORDE_EXECUTOR_URL", executor_url)
-            .env_remove(EXECUTOR_TOKEN_ENV)
-            .current_dir(job_dir)
-            .stdin(Stdio::null())
-            .stdout(stdout)
-            .stderr(stderr)
-            .process_group(0)
-            .kill_on_drop(true);
-        command
-            .spawn()
-            .map_err(|e| format!("starting {program}: {e}"))
-    }
-
     /// Uploads stdout/stderr when the spec names a target, and builds the job's result.
     async fn finish_logs(
         &self,
         job_dir: &Path,
         spec: &JobSpec,
-        status: Option<std::process::ExitStatus>,
+        exit: Option<JobExit>,
         terminated: bool,
     ) -> JobFinished {
         let logs_dir = job_dir.join("logs");
@@ -732,7 +842,7 @@ impl JobRunner {
             }
         }
         JobFinished {
-            exit_code: status.and_then(|s| s.code()),
+            exit_code: exit.and_then(|e| e.code),
             terminated,
             outputs,
             stdout_tail,
@@ -752,52 +862,4 @@ fn tail(path: &Path) -> String {
     let mut bytes = Vec::new();
     let _ = file.read_to_end(&mut bytes);
     String::from_utf8_lossy(&bytes).into_owned()
-}
-
-fn free_port() -> std::io::Result<u16> {
-    let listener = std::net::TcpListener::bind(("127.0.0.1", 0))?;
-    Ok(listener.local_addr()?.port())
-}
-
-/// Stops the job's whole process group: SIGTERM, then SIGKILL after [`TERMINATE_GRACE`].
-async fn stop_process(
-    child: &mut tokio::process::Child,
-    pid: Option<u32>,
-) -> Option<std::process::ExitStatus> {
-    if let Ok(Some(status)) = child.try_wait() {
-        kill_group(pid, rustix::process::Signal::KILL);
-        return Some(status);
-    }
-    kill_group(pid, rustix::process::Signal::TERM);
-    let status = match tokio::time::timeout(TERMINATE_GRACE, child.wait()).await {
-        Ok(Ok(status)) => Some(status),
-        _ => {
-            kill_group(pid, rustix::process::Signal::KILL);
-            child.wait().await.ok()
-        }
-    };
-    // Anything the job left behind in its group goes too.
-    kill_group(pid, rustix::process::Signal::KILL);
-    status
-}
-
-fn kill_group(pid: Option<u32>, signal: rustix::process::Signal) {
-    let Some(pid) = pid
-        .and_then(|p| i32::try_from(p).ok())
-        .and_then(rustix::process::Pid::from_raw)
-    else {
-        return;
-    };
-    // The job was started as the leader of its own group, so its pid is the group id.
-    let _ = rustix::process::kill_process_group(pid, signal);
-}
-
-/// Aborts a task when dropped.
-#[derive(Debug)]
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }

@@ -41,7 +41,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument as _, debug, info, info_span, warn};
 
 use crate::clock::now;
-use crate::server::config::{ExecutorConfig, MinerConfig, NodeConfig, NodeConfigError};
+use crate::server::config::{
+    ClassConfig, ExecutorConfig, MinerConfig, NodeConfig, NodeConfigError,
+};
 use crate::server::receipts::ReceiptStore;
 use crate::server::relay::{Hop, Relay, RelayPolicy, Step, ends_job};
 use crate::server::role::{ChildTasks, RoleHandle, Service, join_all};
@@ -558,12 +560,20 @@ impl Miner {
         let _ = std::fs::remove_file(&key_path);
         let key = SecretKey::generate();
         key.write_key_file(&key_path)?;
+        let policy = self
+            .config
+            .classes
+            .iter()
+            .find(|c| c.class == *class)
+            .map(ClassConfig::policy)
+            .unwrap_or_default();
         let mut config = NodeConfig::new(Role::Executor);
         config.data_dir = PathBuf::from("data");
         config.executor = Some(ExecutorConfig {
             miner: horde_protocol::NodeAddr::new(self.key.hotkey(), self.listen),
             class: class.clone(),
             job_host: self.config.job_host,
+            policy,
         });
         let config_path = dir.join("executor.toml");
         std::fs::write(&config_path, config.to_toml()?).map_err(io_error(&config_path))?;
@@ -1293,11 +1303,7 @@ mod tests {
     async fn shutdown_declines_waiting_reservations_and_starts_no_executor() {
         let dir = tempfile::tempdir().unwrap();
         let cpu = ExecutorClass("cpu".into());
-        let class = crate::server::config::ClassConfig {
-            class: cpu.clone(),
-            max_executors: 1,
-            prewarm: 0,
-        };
+        let class = ClassConfig::new(cpu.clone());
         let miner = miner_with(dir.path(), vec![class], DEFAULT_REGISTRATION_TIMEOUT);
         let process = add_sleeping_executor(&miner, dir.path());
         let mut reservation = tokio::spawn({

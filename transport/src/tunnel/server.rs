@@ -36,8 +36,23 @@ pub struct TunnelContext {
     pub job_key: SecretKey,
     /// The spec's client key: the only client allowed, signs `ClientEnd`.
     pub client_key: Hotkey,
-    /// The job's local TCP port.
-    pub target: SocketAddr,
+    /// How each tunnel stream reaches the job's TCP port.
+    pub target: Arc<dyn JobConnector>,
+}
+
+/// How the executor opens a TCP connection to the job's port for one tunnel stream: a plain
+/// address (`SocketAddr` implements it), or a runner's way into the job's own network namespace.
+#[async_trait::async_trait]
+pub trait JobConnector: Send + Sync + std::fmt::Debug {
+    /// A new connection to the job's port.
+    async fn connect(&self) -> std::io::Result<TcpStream>;
+}
+
+#[async_trait::async_trait]
+impl JobConnector for SocketAddr {
+    async fn connect(&self) -> std::io::Result<TcpStream> {
+        connect_job(*self).await
+    }
 }
 
 /// What one served tunnel stream carried.
@@ -79,7 +94,7 @@ async fn serve_with_grace(
 ) -> Result<TunnelStats, TunnelError> {
     let stream = u64::from(recv.id());
     let mut frames = FrameIn::new(recv);
-    let tcp = match tokio::time::timeout(JOB_CONNECT_TIMEOUT, connect_job(ctx.target)).await {
+    let tcp = match tokio::time::timeout(JOB_CONNECT_TIMEOUT, ctx.target.connect()).await {
         Ok(Ok(tcp)) => tcp,
         Ok(Err(source)) => return Err(abandon(&mut send, &mut frames, job_connect(ctx, source))),
         Err(_) => {
@@ -285,7 +300,7 @@ async fn connect_job(addr: SocketAddr) -> std::io::Result<TcpStream> {
 
 fn job_connect(ctx: &TunnelContext, source: std::io::Error) -> TunnelError {
     TunnelError::JobConnect {
-        addr: ctx.target,
+        target: format!("{:?}", ctx.target),
         source,
     }
 }
@@ -670,7 +685,7 @@ mod tests {
             job_id: JobId([5; 16]),
             job_key: job_key.clone(),
             client_key: client_key.hotkey(),
-            target,
+            target: Arc::new(target),
         };
         let serve = tokio::spawn(async move {
             let (connection, _, _) = server.accept().await.unwrap().unwrap();
@@ -730,7 +745,7 @@ mod tests {
             job_id: JobId([5; 16]),
             job_key: SecretKey::from_seed(&[2; 32]),
             client_key: client.hotkey(),
-            target: "127.0.0.1:1".parse().unwrap(),
+            target: Arc::new("127.0.0.1:1".parse::<SocketAddr>().unwrap()),
         };
         let mut received = Tally::new();
         received.add(b"request");

@@ -1,17 +1,16 @@
 //! The executor's two tiny HTTP/1.1 needs, on loopback only: probing the job's readiness route,
 //! and receiving the job's "outputs ready" notifications (`POST /outputs`).
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use horde_protocol::ReadinessProbe;
 use horde_transport::http;
 use serde::Deserialize;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinSet;
-use tracing::Instrument as _;
+
+use crate::server::executor::runner::JobDialer;
 
 /// Longest head (status or request line + headers) the probe and the outputs listener read.
 const MAX_HEAD: usize = 16 * 1024;
@@ -20,17 +19,21 @@ const MAX_OUTPUTS_BODY: usize = 64 * 1024;
 /// Each probe attempt's own time limit.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// One readiness probe: `true` when the job answers as the probe requires.
-pub(crate) async fn probe(target: SocketAddr, readiness: &ReadinessProbe) -> bool {
-    tokio::time::timeout(PROBE_TIMEOUT, probe_once(target, readiness))
+/// One readiness probe through the job's dialer: `true` when the job answers as the probe
+/// requires.
+pub(crate) async fn probe(dialer: &dyn JobDialer, readiness: &ReadinessProbe) -> bool {
+    tokio::time::timeout(PROBE_TIMEOUT, probe_once(dialer, readiness))
         .await
         .unwrap_or(false)
 }
 
-async fn probe_once(target: SocketAddr, readiness: &ReadinessProbe) -> bool {
-    let Ok(mut stream) = TcpStream::connect(target).await else {
+async fn probe_once(dialer: &dyn JobDialer, readiness: &ReadinessProbe) -> bool {
+    let Ok(mut stream) = dialer.connect().await else {
         return false;
     };
+    let target = stream
+        .peer_addr()
+        .map_or_else(|_| "127.0.0.1".to_owned(), |addr| addr.to_string());
     let request = match readiness {
         ReadinessProbe::Tcp => return true,
         ReadinessProbe::Http { path } => {
@@ -93,30 +96,8 @@ struct OutputsBody {
     paths: Vec<String>,
 }
 
-/// Serves `POST /outputs` on `listener`, handing each notification to `notify`, each request on
-/// a task of its own (in the current span); dropping this future aborts them.
-pub(crate) async fn serve_outputs(listener: TcpListener, notify: mpsc::Sender<OutputsReady>) {
-    let mut requests = JoinSet::new();
-    loop {
-        let accepted = tokio::select! {
-            Some(_) = requests.join_next(), if !requests.is_empty() => continue,
-            accepted = listener.accept() => accepted,
-        };
-        let Ok((stream, _)) = accepted else {
-            break;
-        };
-        let notify = notify.clone();
-        requests.spawn(
-            async move {
-                let _ = handle_outputs(stream, notify).await;
-            }
-            .in_current_span(),
-        );
-    }
-    while requests.join_next().await.is_some() {}
-}
-
-async fn handle_outputs(
+/// Answers one `POST /outputs` request from the job, handing the notification to `notify`.
+pub(crate) async fn handle_outputs(
     mut stream: TcpStream,
     notify: mpsc::Sender<OutputsReady>,
 ) -> std::io::Result<()> {

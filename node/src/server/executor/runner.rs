@@ -1,18 +1,176 @@
-//! Runners: how an executor starts a job and keeps it isolated from its host.
+//! Runners: how an executor starts a job and keeps it away from its host.
 //!
-//! This worktree holds only the interface (the process runner's branch owns the real file); the
-//! container runner lives in `runner/container.rs` and `runner/container/`.
+//! A job is a stranger's program. Whatever runs it, the job sees only what its [`Launch`]
+//! gives it: its volume read-only at [`VOLUME_DIR`], its output directory read-write at
+//! [`OUTPUT_DIR`] (also its working directory), a private `/tmp`, its own port
+//! ([`JOB_PORT_ENV`]) inside a network namespace of its own, and one way back to its executor,
+//! [`EXECUTOR_URL_ENV`]. The executor reaches the job's port only through the
+//! [`JobProcess::dialer`], and receives the job's connections to its executor URL from
+//! [`JobProcess::accept_outputs`]: nothing of a job listens on the host.
+//!
+//! Layout:
+//! - this file: the runner-independent pieces ([`Launch`], [`ClassPolicy`], the [`Runner`],
+//!   [`JobProcess`] and [`JobDialer`] traits, [`JobExit`], [`RunnerError`], the in-job paths),
+//!   and [`select`], which picks the runner an executor class asks for.
+//! - `process.rs`: the process runner (bubblewrap; the embedded default).
+//! - `bridge.rs`: the in-sandbox init (`horde sandbox-init`) and the executor's end of its
+//!   socket: connections to and from the job, passed as file descriptors.
+//! - `container.rs` (+ `container/`): the container runner over the Docker Engine API (bollard).
+//! - `unisolated.rs`: a plain child process, for hosts that cannot isolate and whose config
+//!   says `allow_unisolated = true`.
 
+pub mod bridge;
 pub mod container;
+pub mod process;
+pub mod unisolated;
 
 use std::fmt::Debug;
-use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use horde_protocol::{JobId, Program};
+use serde::{Deserialize, Serialize};
+
+pub use horde_transport::tunnel::JobConnector as JobDialer;
+
+/// Where the job finds its volume (read-only), in every runner.
+pub const VOLUME_DIR: &str = "/horde/volume";
+/// Where the job writes its outputs (read-write; also its working directory), in every runner.
+pub const OUTPUT_DIR: &str = "/horde/output";
+/// The port the job listens on, on `127.0.0.1` inside its own network namespace.
+pub const JOB_PORT_ENV: &str = "HORDE_JOB_PORT";
+/// [`VOLUME_DIR`], as the job's environment says it.
+pub const VOLUME_DIR_ENV: &str = "HORDE_VOLUME_DIR";
+/// [`OUTPUT_DIR`], as the job's environment says it.
+pub const OUTPUT_DIR_ENV: &str = "HORDE_OUTPUT_DIR";
+/// `http://127.0.0.1:PORT`: the job's own executor (`POST /outputs`), reachable from inside the
+/// job's network namespace only.
+pub const EXECUTOR_URL_ENV: &str = "HORDE_EXECUTOR_URL";
+
+/// Which runner an executor class uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Runtime {
+    /// A process in Linux namespaces (bubblewrap): the embedded default.
+    #[default]
+    Process,
+    /// A container through the Docker Engine API.
+    Container,
+}
+
+/// What a job may reach on the network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NetworkPolicy {
+    /// Only the job's own loopback: no address at all beyond it.
+    #[default]
+    None,
+    /// Real connectivity, but never the host's own addresses or loopback services.
+    Internet,
+}
+
+/// GPUs a class asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gpus {
+    /// Every GPU of the host.
+    All,
+    /// This many.
+    Count(u32),
+}
+
+impl Serialize for Gpus {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::All => serializer.serialize_str("all"),
+            Self::Count(count) => serializer.serialize_u32(*count),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Gpus {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Text {
+            Count(u32),
+            Word(String),
+        }
+        match Text::deserialize(deserializer)? {
+            Text::Count(count) => Ok(Self::Count(count)),
+            Text::Word(word) if word == "all" => Ok(Self::All),
+            Text::Word(word) => Err(serde::de::Error::custom(format!(
+                "gpus = {word:?}: expected \"all\" or a number"
+            ))),
+        }
+    }
+}
+
+/// What an executor class allows its jobs: the runner, the network, the limits. The miner
+/// builds it from its `[[miner.classes]]` entry and writes it into each executor's config
+/// (`[executor.policy]`, in bytes).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClassPolicy {
+    /// The runner.
+    pub runtime: Runtime,
+    /// The egress policy.
+    pub network: NetworkPolicy,
+    /// Memory limit (RAM, page cache and `/tmp` included where the runner can count them).
+    pub memory_bytes: Option<u64>,
+    /// CPU time, in CPUs (1.5 = one and a half CPUs' worth of time per second).
+    pub cpus: Option<f64>,
+    /// Most processes and threads at once.
+    pub pids: Option<u64>,
+    /// Size of the job's private `/tmp`.
+    pub tmp_bytes: Option<u64>,
+    /// GPUs (container runner only).
+    pub gpus: Option<Gpus>,
+    /// The host uid (and gid) the job runs as when the node runs as root; default
+    /// [`DEFAULT_JOB_UID`].
+    pub uid: Option<u32>,
+    /// Run jobs even where this host cannot isolate them (no bubblewrap, no user namespaces).
+    pub allow_unisolated: bool,
+}
+
+impl ClassPolicy {
+    /// Checks the policy; the error says what is wrong (the caller names the field).
+    pub fn validate(&self) -> Result<(), String> {
+        for (name, value) in [
+            ("memory", self.memory_bytes),
+            ("pids", self.pids),
+            ("tmp", self.tmp_bytes),
+        ] {
+            if value == Some(0) {
+                return Err(format!("{name} must be at least 1"));
+            }
+        }
+        if let Some(cpus) = self.cpus
+            && !(cpus.is_finite() && (0.01..=4096.0).contains(&cpus))
+        {
+            return Err(format!("cpus = {cpus} must be between 0.01 and 4096"));
+        }
+        if self.uid == Some(0) {
+            return Err("uid 0 is root: jobs never run as root".to_owned());
+        }
+        if self.network == NetworkPolicy::Internet {
+            return Err(
+                "network = \"internet\" is not built yet (no NAT that keeps a job off the \
+                 host's addresses); use network = \"none\""
+                    .to_owned(),
+            );
+        }
+        if self.runtime == Runtime::Process && self.gpus.is_some() {
+            return Err("gpus need runtime = \"container\"".to_owned());
+        }
+        Ok(())
+    }
+}
+
+/// The uid (and gid) jobs run as when the node is root and the class names none: `nobody`,
+/// which owns no file a job could use.
+pub const DEFAULT_JOB_UID: u32 = 65534;
 
 /// Everything a runner needs to start one job.
 #[derive(Debug, Clone)]
@@ -23,66 +181,17 @@ pub struct Launch {
     pub program: Program,
     /// Its arguments.
     pub args: Vec<String>,
-    /// Its environment (the runner adds the `HORDE_*` variables).
+    /// Its environment, from the spec (the `HORDE_*` variables are added by the runner).
     pub env: Vec<(String, String)>,
-    /// The job's host directory: `volume/` (mounted read-only at `/horde/volume`), `output/`
-    /// (read-write at `/horde/output`), `logs/output/{stdout,stderr}` (host files the runner
-    /// writes the job's stdout and stderr into).
+    /// The host directory of the job: `volume/` (mounted read-only at [`VOLUME_DIR`]),
+    /// `output/` (read-write at [`OUTPUT_DIR`]), `logs/output/{stdout,stderr}` (host files the
+    /// runner writes the job's stdout and stderr to).
     pub job_dir: PathBuf,
-    /// The port the job listens on inside its own network namespace (`HORDE_JOB_PORT`).
+    /// The port the job listens on, on 127.0.0.1 inside its own network namespace
+    /// ([`JOB_PORT_ENV`]).
     pub port: u16,
-    /// The executor class's policy.
+    /// The class's policy.
     pub policy: ClassPolicy,
-}
-
-/// What an executor class allows its jobs.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ClassPolicy {
-    /// Which runner.
-    pub runtime: Runtime,
-    /// Egress.
-    pub network: NetworkPolicy,
-    /// Memory limit.
-    pub memory_bytes: Option<u64>,
-    /// CPU limit, in CPUs.
-    pub cpus: Option<f64>,
-    /// Process (task) limit.
-    pub pids: Option<u64>,
-    /// Size of the private `/tmp`.
-    pub tmp_bytes: Option<u64>,
-    /// GPUs the job gets.
-    pub gpus: Option<Gpus>,
-    /// The uid the job runs as.
-    pub uid: Option<u32>,
-    /// Whether jobs may run on a host that cannot isolate them.
-    pub allow_unisolated: bool,
-}
-
-/// Which runner an executor class uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Runtime {
-    /// An isolated process.
-    Process,
-    /// A container through the Docker Engine API.
-    Container,
-}
-
-/// A class's egress policy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum NetworkPolicy {
-    /// No network at all (only the job's own loopback).
-    None,
-    /// The internet, never the host's own addresses or loopback services.
-    Internet,
-}
-
-/// GPUs a class gives its jobs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Gpus {
-    /// Every GPU of the host.
-    All,
-    /// This many.
-    Count(u32),
 }
 
 /// How a job ended.
@@ -90,16 +199,72 @@ pub enum Gpus {
 pub struct JobExit {
     /// Its exit code, when it exited.
     pub code: Option<i32>,
-    /// The signal that ended it, when one did.
+    /// The signal that killed it, when one did.
     pub signal: Option<i32>,
-    /// Whether it was killed for exceeding its memory limit.
+    /// Whether it was killed for going over its memory limit.
     pub out_of_memory: bool,
 }
 
-/// A runner could not start a job.
+impl JobExit {
+    /// Exited with code 0.
+    pub fn success(&self) -> bool {
+        self.code == Some(0) && !self.out_of_memory
+    }
+
+    /// From a process's exit status.
+    pub fn from_status(status: std::process::ExitStatus) -> Self {
+        use std::os::unix::process::ExitStatusExt as _;
+        Self {
+            code: status.code(),
+            signal: status.signal(),
+            out_of_memory: false,
+        }
+    }
+}
+
+/// What [`JobProcess::next_event`] saw.
+#[derive(Debug)]
+pub enum JobEvent {
+    /// The job ended (or waiting for it failed).
+    Exited(std::io::Result<JobExit>),
+    /// The job opened a connection to its executor URL.
+    Outputs(tokio::net::TcpStream),
+}
+
+/// The port jobs listen on inside their own network namespace (each job has its own, so one
+/// number serves them all).
+pub const DEFAULT_JOB_PORT: u16 = 8080;
+
+/// A job that could not be started.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum RunnerError {
+    /// This host cannot run the class's jobs as its policy requires (no bubblewrap, no user
+    /// namespaces, no engine, …).
+    #[error("this executor cannot isolate jobs: {0}")]
+    Unavailable(String),
+    /// The job asks for something this runner or class does not allow.
+    #[error("{0}")]
+    Refused(String),
+    /// The program could not be started.
+    #[error("starting {program}: {reason}")]
+    Spawn {
+        /// The program.
+        program: String,
+        /// Why.
+        reason: String,
+    },
+    /// Setting up what the job runs in failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// Why it failed.
+        source: std::io::Error,
+    },
+    /// The container engine refused or failed.
+    #[error("container engine: {0}")]
+    Engine(String),
     /// No container engine answers.
     #[error("container engine unavailable at {engine}: {reason}")]
     EngineUnavailable {
@@ -108,9 +273,6 @@ pub enum RunnerError {
         /// Why.
         reason: String,
     },
-    /// The engine refused or failed a request.
-    #[error("container engine: {0}")]
-    Engine(String),
     /// The image is not present and could not be pulled.
     #[error("image {reference} is not present and could not be pulled: {reason}")]
     ImageMissing {
@@ -157,34 +319,67 @@ pub enum RunnerError {
     ExitedAtOnce(JobExit),
     /// Preparing the job (directories, files, the guard process) failed.
     #[error("preparing the job: {0}")]
-    Io(#[from] io::Error),
+    Prepare(#[from] std::io::Error),
+}
+
+impl RunnerError {
+    /// An [`RunnerError::Io`] saying what was being done.
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        Self::Io {
+            context: context.into(),
+            source,
+        }
+    }
 }
 
 /// Starts jobs.
 #[async_trait]
 pub trait Runner: Send + Sync + Debug {
-    /// Starts `launch`'s job.
+    /// Starts `launch`'s job; returns once the job's program has been started.
     async fn start(&self, launch: Launch) -> Result<Box<dyn JobProcess>, RunnerError>;
 }
 
-/// A running job.
+/// A started job.
 #[async_trait]
 pub trait JobProcess: Send + Debug {
-    /// How the executor reaches the job's port.
+    /// How the executor reaches the job's port (the tunnel and the readiness probe).
     fn dialer(&self) -> Arc<dyn JobDialer>;
-    /// The next connection the job opened to `HORDE_EXECUTOR_URL` (cancel-safe).
-    async fn accept_outputs(&mut self) -> io::Result<tokio::net::TcpStream>;
-    /// Waits for the job to end (cancel-safe).
-    async fn wait(&mut self) -> io::Result<JobExit>;
-    /// SIGTERM, `grace`, SIGKILL; afterwards nothing of the job runs.
+    /// The next connection the job opened to [`EXECUTOR_URL_ENV`]. Cancel-safe.
+    async fn accept_outputs(&mut self) -> std::io::Result<tokio::net::TcpStream>;
+    /// Waits for the job to end. Cancel-safe.
+    async fn wait(&mut self) -> std::io::Result<JobExit>;
+    /// Whichever comes first: the job's end ([`Self::wait`]) or its next outputs connection
+    /// ([`Self::accept_outputs`]). Cancel-safe. The executor's running loop needs both at once,
+    /// and two `&mut self` futures cannot be raced from outside: each runner races its own
+    /// (disjoint) fields.
+    async fn next_event(&mut self) -> JobEvent;
+    /// SIGTERM, `grace`, SIGKILL; afterwards nothing of the job runs. `None` when its exit
+    /// status could not be had.
     async fn stop(&mut self, grace: Duration) -> Option<JobExit>;
-    /// Removes everything made for the job (container, network, …).
+    /// Removes everything made for the job (stopping it first if it still runs).
     async fn remove(self: Box<Self>);
 }
 
-/// Opens connections to a job's port.
-#[async_trait]
-pub trait JobDialer: Send + Sync + Debug {
-    /// A new connection to the job's port.
-    async fn connect(&self) -> io::Result<tokio::net::TcpStream>;
+/// The runner for `policy`, as this host can provide it: an error (logged by the executor at
+/// start, and given as the reason for every job it then refuses) when it cannot.
+pub async fn select(policy: &ClassPolicy) -> Result<Arc<dyn Runner>, RunnerError> {
+    match policy.runtime {
+        Runtime::Process => match process::ProcessRunner::detect(policy).await {
+            Ok(runner) => Ok(Arc::new(runner)),
+            Err(error) if policy.allow_unisolated => {
+                tracing::warn!(
+                    %error,
+                    "jobs run UNISOLATED (allow_unisolated = true): a job can read this \
+                     node's files and reach its processes"
+                );
+                Ok(Arc::new(unisolated::UnisolatedRunner))
+            }
+            Err(error) => Err(error),
+        },
+        Runtime::Container => {
+            let runner =
+                container::ContainerRunner::start(container::ContainerConfig::default()).await?;
+            Ok(Arc::new(runner))
+        }
+    }
 }

@@ -47,7 +47,7 @@ pub use guard::{GUARD_CONTAINER_SUBCOMMAND, guard_container};
 
 use self::netns::NetnsHandle;
 use crate::server::executor::runner::{
-    JobDialer, JobExit, JobProcess, Launch, NetworkPolicy, Runner, RunnerError,
+    JobDialer, JobEvent, JobExit, JobProcess, Launch, NetworkPolicy, Runner, RunnerError,
 };
 
 /// After the container has exited, how long its output may take to drain into the log files
@@ -454,6 +454,38 @@ impl Drop for ContainerJob {
     }
 }
 
+/// The next connection the job opened to its executor URL (never, without a listener).
+async fn accept_outputs(
+    outputs: &Option<tokio::net::TcpListener>,
+) -> io::Result<tokio::net::TcpStream> {
+    match outputs {
+        Some(listener) => listener.accept().await.map(|(stream, _)| stream),
+        None => std::future::pending().await,
+    }
+}
+
+/// The container's exit, once its monitor has seen it.
+async fn wait_exit(
+    exit: &mut Option<watch::Receiver<Option<Result<JobExit, String>>>>,
+) -> io::Result<JobExit> {
+    let Some(exit) = exit.as_mut() else {
+        return Err(io::Error::new(
+            io::ErrorKind::NotConnected,
+            "the container never started",
+        ));
+    };
+    let result = exit
+        .wait_for(Option::is_some)
+        .await
+        .map_err(|_| io::Error::other("the container monitor ended"))?
+        .clone();
+    match result {
+        Some(Ok(exit)) => Ok(exit),
+        Some(Err(error)) => Err(io::Error::other(error)),
+        None => Err(io::Error::other("the container monitor ended")),
+    }
+}
+
 #[async_trait]
 impl JobProcess for ContainerJob {
     fn dialer(&self) -> Arc<dyn JobDialer> {
@@ -467,28 +499,17 @@ impl JobProcess for ContainerJob {
     }
 
     async fn accept_outputs(&mut self) -> io::Result<tokio::net::TcpStream> {
-        match &self.outputs {
-            Some(listener) => listener.accept().await.map(|(stream, _)| stream),
-            None => std::future::pending().await,
-        }
+        accept_outputs(&self.outputs).await
     }
 
     async fn wait(&mut self) -> io::Result<JobExit> {
-        let Some(exit) = self.exit.as_mut() else {
-            return Err(io::Error::new(
-                io::ErrorKind::NotConnected,
-                "the container never started",
-            ));
-        };
-        let result = exit
-            .wait_for(Option::is_some)
-            .await
-            .map_err(|_| io::Error::other("the container monitor ended"))?
-            .clone();
-        match result {
-            Some(Ok(exit)) => Ok(exit),
-            Some(Err(error)) => Err(io::Error::other(error)),
-            None => Err(io::Error::other("the container monitor ended")),
+        wait_exit(&mut self.exit).await
+    }
+
+    async fn next_event(&mut self) -> JobEvent {
+        tokio::select! {
+            exit = wait_exit(&mut self.exit) => JobEvent::Exited(exit),
+            Ok(stream) = accept_outputs(&self.outputs) => JobEvent::Outputs(stream),
         }
     }
 

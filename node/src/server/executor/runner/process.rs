@@ -1,0 +1,677 @@
+//! The process runner: each job in a bubblewrap sandbox (Debian's `bwrap`).
+//!
+//! `bwrap` unshares the pid, mount, network, IPC, UTS and (where it can) cgroup namespaces,
+//! dies with the executor (`--die-with-parent`), starts a new session, drops every capability,
+//! and builds a root of its own: read-only binds of `/usr` (with the `/bin`, `/lib*`, `/sbin`
+//! links) and of a short list of `/etc` files programs need (never `/etc` whole), a new `/proc`
+//! of the job's pid namespace, a minimal `/dev`, a private tmpfs `/tmp`, the job's volume
+//! read-only at [`VOLUME_DIR`] and its output directory at [`OUTPUT_DIR`]. Node data, key
+//! files, the host's `/tmp`, `/work`, `/root`, `/home` are never bound. A program named by an
+//! absolute path outside `/usr` is bound read-only at its own path (that file alone).
+//!
+//! What it runs is `horde sandbox-init` (this binary, bound read-only at `/horde/init`; see
+//! `bridge.rs`), which starts the job. Its arguments go to `bwrap` through a pipe (`--args 0`)
+//! so that no host path of the job appears in any process's command line.
+//!
+//! **Users.** When the node runs as root, `bwrap` runs as root without a user namespace (a
+//! user namespace made by root maps root), and the init drops to the class's uid (default
+//! 65534) before anything else: the job's real host uid is that unprivileged uid, with no
+//! capabilities and `no_new_privs`. The job's output directory is chowned to it. Otherwise
+//! `bwrap` makes a user namespace (the job keeps the node's uid on the host, with no
+//! capabilities) and forbids further user namespaces inside.
+//!
+//! **Limits.** When the executor can write a cgroup (v1: the `memory`, `pids` and `cpu`
+//! hierarchies under its own), each job gets one: `memory.limit_in_bytes` (and the swap
+//! limit), `pids.max`, a CFS quota for `cpus`; the kernel's OOM kill is read back from
+//! `memory.oom_control`, and anything left in the cgroup is killed at the end. Without one,
+//! memory falls back to `RLIMIT_AS` (a poor stand-in: it counts address space, not memory) and
+//! pids and CPU are not limited; the executor says so at start.
+
+use std::ffi::OsString;
+use std::os::fd::{AsFd as _, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use horde_protocol::Program;
+use tokio::io::AsyncWriteExt as _;
+use tracing::{debug, info, warn};
+
+use super::bridge::{BridgeHandle, Channel, Datagram, SANDBOX_INIT_SUBCOMMAND};
+use super::{
+    ClassPolicy, DEFAULT_JOB_UID, JOB_PORT_ENV, JobDialer, JobEvent, JobExit, JobProcess, Launch,
+    NetworkPolicy, OUTPUT_DIR, OUTPUT_DIR_ENV, Runner, RunnerError, VOLUME_DIR, VOLUME_DIR_ENV,
+};
+
+/// Where the horde binary (the sandbox's init) is bound inside the sandbox.
+const INIT_PATH: &str = "/horde/init";
+/// How long the sandbox may take to come up (bwrap, the init's hello).
+const SANDBOX_START: Duration = Duration::from_secs(10);
+/// Host directories bound read-only when they exist; `/bin`, `/lib`… are links into `/usr`
+/// on merged-usr systems and are recreated as such.
+const SYSTEM_DIRS: [&str; 6] = ["/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"];
+/// The `/etc` entries programs need (the dynamic linker's cache, users and groups without
+/// passwords, name service and TLS roots, Debian's alternatives links) — nothing else of `/etc`.
+const ETC_FILES: [&str; 13] = [
+    "/etc/ld.so.cache",
+    "/etc/ld.so.conf",
+    "/etc/ld.so.conf.d",
+    "/etc/passwd",
+    "/etc/group",
+    "/etc/nsswitch.conf",
+    "/etc/hosts",
+    "/etc/localtime",
+    "/etc/alternatives",
+    "/etc/ssl",
+    "/etc/ca-certificates",
+    "/etc/mime.types",
+    "/etc/os-release",
+];
+/// The v1 cgroup hierarchies a job gets a cgroup in.
+const CGROUP_CONTROLLERS: [&str; 3] = ["memory", "pids", "cpu"];
+/// CFS period for the CPU quota: the kernel's default, 100 ms.
+const CFS_PERIOD_US: u64 = 100_000;
+
+/// Runs jobs in bubblewrap sandboxes.
+#[derive(Debug)]
+pub struct ProcessRunner {
+    bwrap: PathBuf,
+    /// The node runs as root: no user namespace, the init drops to the job uid.
+    root: bool,
+    /// The executor's own cgroup directory in each of [`CGROUP_CONTROLLERS`], when writable.
+    cgroups: Option<Vec<PathBuf>>,
+    /// The `horde` binary bound into the sandbox as its init: this very binary, by default
+    /// through `/proc/PID/exe` (so a rebuild while the node runs changes nothing).
+    init: PathBuf,
+}
+
+impl ProcessRunner {
+    /// A runner for `policy` if this host can isolate jobs: `bwrap` is installed and a
+    /// sandbox starts (a trivial one is tried).
+    pub async fn detect(policy: &ClassPolicy) -> Result<Self, RunnerError> {
+        if policy.network == NetworkPolicy::Internet {
+            return Err(RunnerError::Refused(
+                "network = \"internet\" is not available with the process runtime yet".into(),
+            ));
+        }
+        if policy.gpus.is_some() {
+            return Err(RunnerError::Refused(
+                "gpus need the container runtime".into(),
+            ));
+        }
+        let bwrap = crate::server::supervision::resolve_program(
+            "bwrap",
+            Some(std::ffi::OsStr::new("/usr/bin:/bin:/usr/local/bin")),
+            Path::new("/"),
+        )
+        .map_err(|error| RunnerError::Unavailable(format!("bubblewrap (bwrap): {error}")))?;
+        let root = rustix::process::geteuid().is_root();
+        let runner = Self {
+            bwrap,
+            root,
+            cgroups: writable_cgroups(),
+            init: PathBuf::from(format!("/proc/{}/exe", std::process::id())),
+        };
+        runner.self_test().await?;
+        match &runner.cgroups {
+            Some(_) => info!("jobs run in bubblewrap sandboxes with cgroup limits"),
+            None => warn!(
+                "jobs run in bubblewrap sandboxes, but no writable cgroup: memory is limited by \
+                 RLIMIT_AS only, pids and CPU are not limited"
+            ),
+        }
+        Ok(runner)
+    }
+
+    /// Uses `horde` (a path to the `horde` binary) as the sandbox's init: for callers that are
+    /// not the `horde` binary themselves (tests, benches).
+    pub fn with_init_binary(mut self, horde: PathBuf) -> Self {
+        self.init = horde;
+        self
+    }
+
+    /// Runs `true` in a sandbox made as for a job: fails when this host cannot make one.
+    async fn self_test(&self) -> Result<(), RunnerError> {
+        let mut args = self.base_args(None);
+        args.push("--".into());
+        args.push("true".into());
+        let output = tokio::time::timeout(
+            SANDBOX_START,
+            tokio::process::Command::new(&self.bwrap)
+                .args(&args)
+                .stdin(std::process::Stdio::null())
+                .kill_on_drop(true)
+                .output(),
+        )
+        .await
+        .map_err(|_| RunnerError::Unavailable("bwrap did not finish a trivial sandbox".into()))?
+        .map_err(|error| RunnerError::Unavailable(format!("running bwrap: {error}")))?;
+        if !output.status.success() {
+            return Err(RunnerError::Unavailable(format!(
+                "bwrap cannot make a sandbox here: {}",
+                String::from_utf8_lossy(&output.stderr).trim()
+            )));
+        }
+        Ok(())
+    }
+
+    /// The sandbox's namespaces and root filesystem, without the job's own binds.
+    fn base_args(&self, tmp_bytes: Option<u64>) -> Vec<OsString> {
+        let mut args: Vec<OsString> = Vec::new();
+        let mut push = |items: &[&str]| args.extend(items.iter().map(OsString::from));
+        push(&[
+            "--unshare-pid",
+            "--unshare-net",
+            "--unshare-ipc",
+            "--unshare-uts",
+            "--unshare-cgroup-try",
+            "--hostname",
+            "horde-job",
+            "--die-with-parent",
+            "--new-session",
+            "--cap-drop",
+            "ALL",
+        ]);
+        if self.root {
+            // The init needs these two to drop to the job's uid; it loses them with the drop.
+            push(&["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]);
+        } else {
+            push(&["--unshare-user", "--disable-userns"]);
+        }
+        push(&["--ro-bind", "/usr", "/usr"]);
+        for dir in SYSTEM_DIRS {
+            match std::fs::read_link(dir) {
+                Ok(target) => {
+                    args.extend(["--symlink".into(), target.into_os_string(), dir.into()]);
+                }
+                Err(_) => args.extend(["--ro-bind-try".into(), dir.into(), dir.into()]),
+            }
+        }
+        for file in ETC_FILES {
+            args.extend(["--ro-bind-try".into(), file.into(), file.into()]);
+        }
+        let mut push = |items: &[&str]| args.extend(items.iter().map(OsString::from));
+        push(&["--proc", "/proc", "--dev", "/dev", "--perms", "1777"]);
+        if let Some(bytes) = tmp_bytes {
+            args.extend(["--size".into(), bytes.to_string().into()]);
+        }
+        args.extend(["--tmpfs".into(), "/tmp".into()]);
+        args
+    }
+
+    /// bwrap's options for `launch` (given through `--args 0`).
+    fn job_args(&self, launch: &Launch, program: &str) -> Vec<OsString> {
+        let mut args = self.base_args(launch.policy.tmp_bytes);
+        let dir = &launch.job_dir;
+        args.extend([
+            "--perms".into(),
+            "0755".into(),
+            "--dir".into(),
+            "/horde".into(),
+            "--ro-bind".into(),
+            dir.join("volume").into_os_string(),
+            VOLUME_DIR.into(),
+            "--bind".into(),
+            dir.join("output").into_os_string(),
+            OUTPUT_DIR.into(),
+            "--ro-bind".into(),
+            self.init.clone().into_os_string(),
+            INIT_PATH.into(),
+        ]);
+        let mut made = std::collections::HashSet::new();
+        for path in host_programs(launch, program) {
+            // Parent directories bwrap would otherwise make 0700: the job's uid must pass them.
+            let parents: Vec<&Path> = path.ancestors().skip(1).collect();
+            for dir in parents.into_iter().rev().filter(|d| *d != Path::new("/")) {
+                if made.insert(dir.to_path_buf()) {
+                    args.extend(["--perms".into(), "0755".into(), "--dir".into(), dir.into()]);
+                }
+            }
+            args.extend(["--ro-bind".into(), path.clone().into(), path.into()]);
+        }
+        args.extend(["--chdir".into(), OUTPUT_DIR.into()]);
+        args
+    }
+
+    /// The command bwrap runs: the init, told the job's port and program. (bwrap 0.8 reads
+    /// options only from `--args`; the command stays on its command line.)
+    fn init_command(&self, launch: &Launch, program: &str, uid: Option<u32>) -> Vec<OsString> {
+        let mut args: Vec<OsString> = vec![
+            "--".into(),
+            INIT_PATH.into(),
+            SANDBOX_INIT_SUBCOMMAND.into(),
+        ];
+        args.extend(["--port".into(), launch.port.to_string().into()]);
+        if let Some(uid) = uid {
+            args.extend(["--uid".into(), uid.to_string().into()]);
+        }
+        if self.cgroups.is_none()
+            && let Some(bytes) = launch.policy.memory_bytes
+        {
+            args.extend(["--address-space".into(), bytes.to_string().into()]);
+        }
+        args.extend(["--".into(), program.into()]);
+        args.extend(launch.args.iter().map(OsString::from));
+        args
+    }
+
+    fn job_env(launch: &Launch) -> Vec<(String, String)> {
+        let mut env = vec![
+            ("PATH".to_owned(), "/usr/local/bin:/usr/bin:/bin".to_owned()),
+            ("HOME".to_owned(), "/tmp".to_owned()),
+        ];
+        env.extend(launch.env.iter().cloned());
+        env.push((JOB_PORT_ENV.to_owned(), launch.port.to_string()));
+        env.push((VOLUME_DIR_ENV.to_owned(), VOLUME_DIR.to_owned()));
+        env.push((OUTPUT_DIR_ENV.to_owned(), OUTPUT_DIR.to_owned()));
+        env
+    }
+}
+
+/// Whether `path` is in the system directories every sandbox binds.
+fn in_system_dirs(path: &Path) -> bool {
+    path.starts_with("/usr") || SYSTEM_DIRS.iter().any(|dir| path.starts_with(dir))
+}
+
+/// Host programs bound read-only into the sandbox at their own paths: the program, and any
+/// argument naming one (`/bin/sh -c '…' /path/to/job`), when it is an absolute path outside the
+/// system directories to a file that others may execute on this host anyway. Nothing else of
+/// the host's files is bound.
+fn host_programs(launch: &Launch, program: &str) -> Vec<PathBuf> {
+    std::iter::once(program)
+        .chain(launch.args.iter().map(String::as_str))
+        .filter(|arg| arg.starts_with('/'))
+        .map(PathBuf::from)
+        .filter(|path| !in_system_dirs(path) && reachable_by_others(path))
+        .collect()
+}
+
+/// Whether every directory above `path` lets others through and `path` itself is a file
+/// others may execute: a program the job's uid could reach on the host anyway.
+fn reachable_by_others(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt as _;
+    let Ok(metadata) = std::fs::metadata(path) else {
+        return false;
+    };
+    if !metadata.is_file() || metadata.permissions().mode() & 0o001 == 0 {
+        return false;
+    }
+    path.ancestors()
+        .skip(1)
+        .all(|dir| std::fs::metadata(dir).is_ok_and(|m| m.permissions().mode() & 0o001 != 0))
+}
+
+/// The executor's own cgroup directory in each of [`CGROUP_CONTROLLERS`] (v1), if it can make
+/// cgroups below them.
+fn writable_cgroups() -> Option<Vec<PathBuf>> {
+    let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let mut dirs = Vec::new();
+    for controller in CGROUP_CONTROLLERS {
+        let path = own.lines().find_map(|line| {
+            let mut fields = line.splitn(3, ':');
+            let (_, names, path) = (fields.next()?, fields.next()?, fields.next()?);
+            names
+                .split(',')
+                .any(|n| n == controller)
+                .then(|| path.to_owned())
+        })?;
+        let dir = Path::new("/sys/fs/cgroup")
+            .join(controller)
+            .join(path.trim_start_matches('/'));
+        let probe = dir.join(format!("horde-probe-{}", std::process::id()));
+        std::fs::create_dir(&probe).ok()?;
+        let _ = std::fs::remove_dir(&probe);
+        reap_stale_cgroups(&dir);
+        dirs.push(dir);
+    }
+    Some(dirs)
+}
+
+/// Job cgroups left behind by an executor that was killed before it could remove them: empty
+/// ones (the kernel refuses to remove any other) older than a job's start.
+fn reap_stale_cgroups(parent: &Path) {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.filter_map(Result::ok) {
+        let stale = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .is_ok_and(|at| at.elapsed().is_ok_and(|age| age > Duration::from_secs(60)));
+        if stale
+            && entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with("horde-job-")
+        {
+            let _ = std::fs::remove_dir(entry.path());
+        }
+    }
+}
+
+/// One job's cgroups (one per controller), removed by [`JobCgroup::remove`].
+#[derive(Debug)]
+struct JobCgroup {
+    dirs: Vec<PathBuf>,
+}
+
+impl JobCgroup {
+    fn create(parents: &[PathBuf], launch: &Launch) -> Result<Self, RunnerError> {
+        let name = format!("horde-job-{}", launch.job_id);
+        let mut cgroup = Self { dirs: Vec::new() };
+        for parent in parents {
+            let dir = parent.join(&name);
+            let _ = std::fs::remove_dir(&dir);
+            std::fs::create_dir(&dir)
+                .map_err(|e| RunnerError::io(format!("creating {}", dir.display()), e))?;
+            cgroup.dirs.push(dir);
+        }
+        let policy = &launch.policy;
+        let write = |file: &str, value: String| -> Result<(), RunnerError> {
+            let Some(dir) = cgroup.dirs.iter().find(|d| d.join(file).exists()) else {
+                return Err(RunnerError::Unavailable(format!("no cgroup file {file}")));
+            };
+            std::fs::write(dir.join(file), value)
+                .map_err(|e| RunnerError::io(format!("writing {file}"), e))
+        };
+        if let Some(bytes) = policy.memory_bytes {
+            write("memory.limit_in_bytes", bytes.to_string())?;
+            // Swap counts too, where the kernel accounts it.
+            let _ = write("memory.memsw.limit_in_bytes", bytes.to_string());
+        }
+        if let Some(pids) = policy.pids {
+            write("pids.max", pids.to_string())?;
+        }
+        if let Some(cpus) = policy.cpus {
+            write("cpu.cfs_period_us", CFS_PERIOD_US.to_string())?;
+            let quota = (cpus * CFS_PERIOD_US as f64).round().max(1000.0) as u64;
+            write("cpu.cfs_quota_us", quota.to_string())?;
+        }
+        Ok(cgroup)
+    }
+
+    fn add(&self, pid: i32) -> Result<(), RunnerError> {
+        for dir in &self.dirs {
+            std::fs::write(dir.join("cgroup.procs"), pid.to_string())
+                .map_err(|e| RunnerError::io(format!("joining {}", dir.display()), e))?;
+        }
+        Ok(())
+    }
+
+    fn out_of_memory(&self) -> bool {
+        self.dirs.iter().any(|dir| {
+            std::fs::read_to_string(dir.join("memory.oom_control")).is_ok_and(|text| {
+                text.lines().any(|line| {
+                    line.strip_prefix("oom_kill ")
+                        .and_then(|n| n.trim().parse::<u64>().ok())
+                        .is_some_and(|n| n > 0)
+                })
+            })
+        })
+    }
+
+    /// Kills whatever is left in the cgroups and removes them.
+    async fn remove(&self) {
+        for _ in 0..50 {
+            let mut left = false;
+            for dir in &self.dirs {
+                let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+                for pid in procs.lines().filter_map(|p| p.trim().parse::<i32>().ok()) {
+                    left = true;
+                    if let Some(pid) = rustix::process::Pid::from_raw(pid) {
+                        let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+                    }
+                }
+            }
+            if !left
+                && self
+                    .dirs
+                    .iter()
+                    .all(|d| std::fs::remove_dir(d).is_ok() || !d.exists())
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        warn!(dirs = ?self.dirs, "job cgroups could not be removed");
+    }
+}
+
+#[async_trait]
+impl Runner for ProcessRunner {
+    async fn start(&self, launch: Launch) -> Result<Box<dyn JobProcess>, RunnerError> {
+        let Program::Command { program } = &launch.program else {
+            return Err(RunnerError::Refused(
+                "this executor runs commands, not container images".into(),
+            ));
+        };
+        let uid = self
+            .root
+            .then(|| launch.policy.uid.unwrap_or(DEFAULT_JOB_UID));
+        if let Some(uid) = uid {
+            let path = Path::new(program);
+            if program.starts_with('/') && !in_system_dirs(path) && !reachable_by_others(path) {
+                return Err(RunnerError::Spawn {
+                    program: program.clone(),
+                    reason: "not an executable file that others may reach on this host".into(),
+                });
+            }
+            let owner = Some(rustix::fs::Uid::from_raw(uid));
+            let group = Some(rustix::fs::Gid::from_raw(uid));
+            rustix::fs::chown(launch.job_dir.join("output"), owner, group).map_err(|e| {
+                RunnerError::io("handing the output directory to the job", e.into())
+            })?;
+        }
+        let cgroup = match &self.cgroups {
+            Some(parents) => Some(JobCgroup::create(parents, &launch)?),
+            None => None,
+        };
+        let started = self.spawn(&launch, program, uid, cgroup.as_ref()).await;
+        match started {
+            Ok((child, bridge)) => Ok(Box::new(ProcessJob {
+                child,
+                bridge,
+                cgroup,
+                exit: None,
+            })),
+            Err(error) => {
+                if let Some(cgroup) = cgroup {
+                    cgroup.remove().await;
+                }
+                Err(error)
+            }
+        }
+    }
+}
+
+impl ProcessRunner {
+    /// Starts the sandbox and its job; returns once the init has started the job.
+    async fn spawn(
+        &self,
+        launch: &Launch,
+        program: &str,
+        uid: Option<u32>,
+        cgroup: Option<&JobCgroup>,
+    ) -> Result<(tokio::process::Child, BridgeHandle), RunnerError> {
+        let io = |context: &str| {
+            let context = context.to_owned();
+            move |error: std::io::Error| RunnerError::io(context, error)
+        };
+        let logs = launch.job_dir.join("logs/output");
+        let stdout = std::fs::File::create(logs.join("stdout")).map_err(io("stdout log"))?;
+        let stderr = std::fs::File::create(logs.join("stderr")).map_err(io("stderr log"))?;
+        let (ours, theirs) = rustix::net::socketpair(
+            rustix::net::AddressFamily::UNIX,
+            rustix::net::SocketType::SEQPACKET,
+            rustix::net::SocketFlags::CLOEXEC,
+            None,
+        )
+        .map_err(|e| RunnerError::io("socket pair", e.into()))?;
+        rustix::net::sockopt::set_socket_passcred(&ours, true)
+            .map_err(|e| RunnerError::io("socket pair", e.into()))?;
+        let (args_read, args_write) = std::io::pipe().map_err(io("argument pipe"))?;
+        let mut child = {
+            let mut command = tokio::process::Command::new(&self.bwrap);
+            command
+                .args(["--args", "0"])
+                .args(self.init_command(launch, program, uid))
+                .env_clear()
+                .envs(Self::job_env(launch))
+                .stdin(args_read)
+                .stdout(std::process::Stdio::from(theirs))
+                .stderr(stderr)
+                .kill_on_drop(true);
+            command.spawn().map_err(io("starting bwrap"))?
+        };
+        let result = tokio::time::timeout(SANDBOX_START, async {
+            let mut args = Vec::new();
+            for arg in self.job_args(launch, program) {
+                args.extend_from_slice(arg.as_encoded_bytes());
+                args.push(0);
+            }
+            let mut pipe = tokio::net::unix::pipe::Sender::from_owned_fd(OwnedFd::from(args_write))
+                .map_err(io("argument pipe"))?;
+            pipe.write_all(&args).await.map_err(io("argument pipe"))?;
+            drop(pipe);
+            let channel = Channel::new(ours).map_err(io("sandbox socket"))?;
+            handshake(&channel, cgroup, stdout, program).await?;
+            Ok(BridgeHandle::start(channel))
+        })
+        .await
+        .unwrap_or_else(|_| {
+            Err(RunnerError::Unavailable(
+                "the sandbox did not come up in time".into(),
+            ))
+        });
+        match result {
+            Ok(bridge) => Ok((child, bridge)),
+            Err(error) => {
+                let _ = child.kill().await;
+                // bwrap's own complaint, if any, is the better reason.
+                let said = std::fs::read_to_string(logs.join("stderr")).unwrap_or_default();
+                match (&error, said.lines().find(|l| l.starts_with("bwrap:"))) {
+                    (RunnerError::Spawn { .. }, _) | (_, None) => Err(error),
+                    (_, Some(line)) => Err(RunnerError::Unavailable(line.to_owned())),
+                }
+            }
+        }
+    }
+}
+
+/// Hello (with the init's pid) → cgroup → go (with the stdout log) → started or failed.
+async fn handshake(
+    channel: &Channel,
+    cgroup: Option<&JobCgroup>,
+    stdout: std::fs::File,
+    program: &str,
+) -> Result<(), RunnerError> {
+    let closed = || RunnerError::Unavailable("the sandbox ended before its job started".into());
+    let recv = || async {
+        channel
+            .recv()
+            .await
+            .map_err(|e| RunnerError::io("sandbox socket", e))?
+            .ok_or_else(closed)
+    };
+    let hello: Datagram = recv().await?;
+    if hello.bytes.first() != Some(&b'H') {
+        return Err(closed());
+    }
+    if let Some(cgroup) = cgroup {
+        let pid = hello
+            .pid
+            .ok_or_else(|| RunnerError::Unavailable("the sandbox sent no credentials".into()))?;
+        cgroup.add(pid)?;
+    }
+    let stdout = OwnedFd::from(stdout);
+    channel
+        .send(b"G", &[stdout.as_fd()], false)
+        .await
+        .map_err(|e| RunnerError::io("sandbox socket", e))?;
+    drop(stdout);
+    let answer = recv().await?;
+    match answer.bytes.first() {
+        Some(b'S') => Ok(()),
+        Some(b'F') => Err(RunnerError::Spawn {
+            program: program.to_owned(),
+            reason: String::from_utf8_lossy(&answer.bytes[1..]).into_owned(),
+        }),
+        _ => Err(closed()),
+    }
+}
+
+/// A job running in a bubblewrap sandbox.
+#[derive(Debug)]
+struct ProcessJob {
+    /// The outer `bwrap` process (on the host).
+    child: tokio::process::Child,
+    bridge: BridgeHandle,
+    cgroup: Option<JobCgroup>,
+    exit: Option<JobExit>,
+}
+
+#[async_trait]
+impl JobProcess for ProcessJob {
+    fn dialer(&self) -> Arc<dyn JobDialer> {
+        self.bridge.dialer()
+    }
+
+    async fn accept_outputs(&mut self) -> std::io::Result<tokio::net::TcpStream> {
+        self.bridge.accept_outputs().await
+    }
+
+    async fn wait(&mut self) -> std::io::Result<JobExit> {
+        if let Some(exit) = self.exit {
+            return Ok(exit);
+        }
+        let status = self.child.wait().await?;
+        // The init reported the job's own status just before it exited; the bridge ends when
+        // the sandbox's end of the socket closes, which is now.
+        let reported = tokio::time::timeout(Duration::from_secs(1), self.bridge.reported_exit())
+            .await
+            .ok()
+            .flatten();
+        let mut exit = reported.unwrap_or_else(|| JobExit::from_status(status));
+        exit.out_of_memory = self.cgroup.as_ref().is_some_and(JobCgroup::out_of_memory);
+        self.exit = Some(exit);
+        Ok(exit)
+    }
+
+    async fn next_event(&mut self) -> JobEvent {
+        if self.exit.is_some() {
+            return JobEvent::Exited(self.wait().await);
+        }
+        tokio::select! {
+            status = self.child.wait() => match status {
+                // The exit is read (with the init's report) on the next call.
+                Ok(_) => JobEvent::Exited(self.wait().await),
+                Err(error) => JobEvent::Exited(Err(error)),
+            },
+            Ok(stream) = self.bridge.accept_outputs() => JobEvent::Outputs(stream),
+        }
+    }
+
+    async fn stop(&mut self, grace: Duration) -> Option<JobExit> {
+        if self.exit.is_none() && matches!(self.child.try_wait(), Ok(None)) {
+            self.bridge.terminate();
+            if tokio::time::timeout(grace, self.wait()).await.is_err() {
+                debug!("the job outlived its grace period; killing its sandbox");
+                let _ = self.child.start_kill();
+            }
+        }
+        let exit = self.wait().await.ok();
+        if let Some(cgroup) = &self.cgroup {
+            cgroup.remove().await;
+        }
+        exit
+    }
+
+    async fn remove(mut self: Box<Self>) {
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
+        if let Some(cgroup) = &self.cgroup {
+            cgroup.remove().await;
+        }
+    }
+}
