@@ -14,6 +14,9 @@
 //!   protocol names, signature domain tags) in one append-only table, and the rule for changing
 //!   the wire.
 //!
+//! Layout: one file per module above: `keys.rs`, `signed.rs`, `blob.rs`, `codec.rs`, `job.rs`,
+//! `records.rs`, `spec_check.rs`, `messages.rs`, `accounting.rs`, `wire.rs`.
+//!
 //! No tokio, no sockets, no clock: times are passed in as [`UnixMillis`]. Every enum is
 //! append-only; a breaking change bumps the ALPN version.
 

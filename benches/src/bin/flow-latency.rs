@@ -27,6 +27,9 @@
 //!
 //! `cargo run --release -p horde-benches --bin flow-latency -- [--jobs N] [--requests N]
 //! [--size-mib N] [--rounds N] [--json PATH]`
+//!
+//! Layout: `flow-latency.rs` (the measurements and their report), `flow-latency/floor.rs` (the
+//! design-floor relay).
 
 use std::net::SocketAddr;
 use std::sync::Arc;

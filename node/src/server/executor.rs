@@ -15,6 +15,10 @@
 //! One job runs through stages, one function each: `prepare` → `start` → `readiness` →
 //! `serve_endpoint` → `running` → `results`; the runner removes everything made for the job
 //! whichever stage ends it.
+//!
+//! Layout: `executor.rs` (registration and the stages), `executor/runner.rs` (+ `runner/`: how
+//! a job is started and isolated), `executor/volumes.rs` (volumes fetched, outputs uploaded),
+//! `executor/http.rs` (the readiness probe and the job's `POST /outputs`).
 
 mod http;
 pub mod runner;
