@@ -469,12 +469,19 @@ impl JobRunner {
             policy: self.config.policy.clone(),
         };
         let started = std::time::Instant::now();
-        match runner.start(launch).await {
-            Ok(job) => {
+        // Pulling or loading an image belongs to the start-up stage: bounded by its deadline.
+        let limit = Duration::from_millis(spec.deadlines.executor_startup_ms);
+        match tokio::time::timeout(limit, runner.start(launch)).await {
+            Ok(Ok(job)) => {
                 info!(elapsed = ?started.elapsed(), "job started");
                 Ok(job)
             }
-            Err(error) => Err(startup(error.to_string())),
+            Ok(Err(error)) => Err(startup(error.to_string())),
+            Err(_) => Err(Some(failed(
+                Stage::ExecutorStartup,
+                FailureReason::Timeout,
+                None,
+            ))),
         }
     }
 
