@@ -32,8 +32,8 @@ use horde_protocol::{
 };
 use horde_transport::tunnel::TunnelError;
 use horde_transport::{
-    ALPN_CONTROL, ChannelError, ClientPolicy, ConnectError, EndpointConfig, HordeEndpoint,
-    JobSession, SessionError, open_session, split,
+    ALPN_CONTROL, ChannelError, ClientPolicy, ConnectError, ConnectionCache, DialError,
+    EndpointConfig, HordeEndpoint, JobSession, SessionError, open_session, split,
 };
 
 /// How long a [`JobHandle`] keeps trying to attach to its job again after its link to the
@@ -183,17 +183,9 @@ pub struct Client {
     endpoint: Arc<HordeEndpoint>,
     facilitator: NodeAddr,
     reattach_window: Duration,
-    /// The shared connection, dialed on first use and again once it has closed or failed.
-    link: Arc<tokio::sync::Mutex<SharedLink>>,
-}
-
-/// The connection a [`Client`] and its clones share, and the last failed dial.
-#[derive(Debug, Default)]
-struct SharedLink {
-    connection: Option<quinn::Connection>,
-    /// When the last dial failed, and why: callers that were already waiting for that dial
-    /// get its error instead of each dialing again in turn.
-    failed: Option<(tokio::time::Instant, String)>,
+    /// The shared connection (transport's one dialer): dialed on first use and again once it
+    /// has closed or been forgotten; callers waiting for a dial share its outcome.
+    link: ConnectionCache,
 }
 
 /// How long a submit or attach waits for a stream on the shared connection and the
@@ -228,10 +220,10 @@ impl Client {
         let endpoint = Arc::new(client_endpoint(&account)?);
         Ok(Self {
             account,
+            link: ConnectionCache::with_max_peers(Arc::clone(&endpoint), 1),
             endpoint,
             facilitator,
             reattach_window: REATTACH_WINDOW,
-            link: Arc::default(),
         })
     }
 
@@ -250,52 +242,32 @@ impl Client {
     /// The shared connection to the facilitator; dials one if there is none or it has closed.
     /// Callers wait for one dial rather than each making their own, and share its failure.
     async fn connect(&self) -> Result<quinn::Connection, ClientError> {
-        let asked = tokio::time::Instant::now();
-        let mut link = self.link.lock().await;
-        if let Some(connection) = link.connection.as_ref()
-            && connection.close_reason().is_none()
-        {
-            return Ok(connection.clone());
-        }
-        if let Some((at, why)) = &link.failed
-            && *at >= asked
-        {
-            return Err(ClientError::Unreachable(why.clone()));
-        }
-        match self.dial().await {
-            Ok(connection) => {
-                link.connection = Some(connection.clone());
-                link.failed = None;
-                Ok(connection)
-            }
-            Err(error) => {
-                link.failed = Some((tokio::time::Instant::now(), error.to_string()));
-                Err(error)
-            }
+        match self.link.connect(&self.facilitator, ALPN_CONTROL).await {
+            Ok(connection) => Ok(connection),
+            Err(DialError::Connect(error)) => Err(match Arc::try_unwrap(error) {
+                Ok(ConnectError::NoAddress) => {
+                    ClientError::BadEndpoint("facilitator has no address".to_owned())
+                }
+                // The caller that dialed: the error itself.
+                Ok(error) => ClientError::Connect(error),
+                // A caller that waited for that dial: its failure, shared.
+                Err(shared) => ClientError::Unreachable(shared.to_string()),
+            }),
+            Err(error) => Err(ClientError::Unreachable(error.to_string())),
         }
     }
 
     /// Drops `connection` as the shared one after a failure on it (it may be dead without
     /// knowing yet, e.g. the facilitator restarted), so the next call dials afresh.
     async fn forget(&self, connection: &quinn::Connection) {
-        let mut link = self.link.lock().await;
-        if link
-            .connection
-            .as_ref()
-            .is_some_and(|current| current.stable_id() == connection.stable_id())
-        {
-            link.connection = None;
-        }
+        self.link.forget(connection);
     }
 
     /// Closes the shared connection and waits (up to a second) until the facilitator has been
     /// told, so it frees the connection's slot at once rather than at its idle timeout. Handles
     /// and clones of this client dial again if used afterwards. Call before a process exits.
     pub async fn close(&self) {
-        let connection = self.link.lock().await.connection.take();
-        if let Some(connection) = connection {
-            connection.close(0u32.into(), b"client done");
-        }
+        self.link.close_all(0u32.into(), b"client done");
         wait_for_close(&self.endpoint).await;
     }
 
@@ -342,20 +314,6 @@ impl Client {
             }
             tracing::debug!(job = %job_id.fmt_short(), %error, "no answer on the shared connection; trying a new one");
             retried = true;
-        }
-    }
-
-    async fn dial(&self) -> Result<quinn::Connection, ClientError> {
-        match self
-            .endpoint
-            .connect_node(&self.facilitator, ALPN_CONTROL)
-            .await
-        {
-            Ok(connection) => Ok(connection),
-            Err(ConnectError::NoAddress) => Err(ClientError::BadEndpoint(
-                "facilitator has no address".to_owned(),
-            )),
-            Err(error) => Err(ClientError::Connect(error)),
         }
     }
 
