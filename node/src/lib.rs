@@ -14,7 +14,7 @@
 //! `server.rs` + `server/`, `cli.rs` + `cli/`. Dependencies run `cli → server → client`, never
 //! backwards.
 
-#[cfg(feature = "client")]
+#[cfg(feature = "server")]
 mod atomic_file;
 pub mod clock;
 
