@@ -9,16 +9,16 @@ use horde_protocol::records::ClientStreamSignature;
 use horde_protocol::{Hotkey, HotkeyVerifier, JobId, JobReceipt, SecretKey, Signed, TunnelFrame};
 use quinn::VarInt;
 
-use super::wire::{FrameIn, Incoming, Tally, push_data_frames, write_data};
+use super::wire::{DirectionDigest, FrameIn, Incoming, push_data_frames, write_data};
 use super::{DATA_CHUNK, MAX_HTTP_RESPONSE, MAX_TUNNEL_FRAME_LEN, TunnelError};
 use crate::http;
 use crate::tls::remote_hotkey;
 
 /// What the client sent, shared by the two halves of a stream so the reader can check the
 /// receipt's `digest_in`.
-type SentTally = Arc<Mutex<Tally>>;
+type SentTally = Arc<Mutex<DirectionDigest>>;
 
-fn lock(tally: &SentTally) -> std::sync::MutexGuard<'_, Tally> {
+fn lock(tally: &SentTally) -> std::sync::MutexGuard<'_, DirectionDigest> {
     tally.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
@@ -46,7 +46,7 @@ pub struct TunnelReader {
     stream: u64,
     job_key: HotkeyVerifier,
     sent: SentTally,
-    received: Tally,
+    received: DirectionDigest,
     output_ended: bool,
     receipt: Option<Signed<JobReceipt>>,
 }
@@ -153,7 +153,7 @@ impl JobTunnel {
     pub async fn open(&self) -> Result<TunnelStream, TunnelError> {
         let (send, recv) = self.connection.open_bi().await?;
         let stream = u64::from(send.id());
-        let sent = Arc::new(Mutex::new(Tally::new()));
+        let sent = Arc::new(Mutex::new(DirectionDigest::new()));
         Ok(TunnelStream {
             writer: TunnelWriter {
                 send,
@@ -169,7 +169,7 @@ impl JobTunnel {
                 stream,
                 job_key: self.job_key,
                 sent,
-                received: Tally::new(),
+                received: DirectionDigest::new(),
                 output_ended: false,
                 receipt: None,
             },

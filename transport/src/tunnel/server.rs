@@ -18,7 +18,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::{Instrument as _, debug, info, warn};
 
-use super::wire::{FrameIn, Incoming, Tally, push_data_frames, write_data, write_frame};
+use super::wire::{DirectionDigest, FrameIn, Incoming, push_data_frames, write_data, write_frame};
 use super::{
     CLIENT_END_GRACE, DATA_CHUNK, JOB_CONNECT_TIMEOUT, MAX_KEPT_RECEIPTS, MAX_TUNNEL_FRAME_LEN,
     MAX_TUNNEL_STREAMS, TunnelError,
@@ -106,8 +106,8 @@ async fn serve_with_grace(
     let _ = tcp.set_nodelay(true);
     // Both halves live until the receipt is out: closing the job's socket is not on its path.
     let (mut tcp_read, mut tcp_write) = tcp.into_split();
-    let mut inbound = Tally::new();
-    let mut outbound = Tally::new();
+    let mut inbound = DirectionDigest::new();
+    let mut outbound = DirectionDigest::new();
     // The client's `ClientEnd`, its digest already matched against what arrived. Its signature
     // is checked once the receipt is out: it is the client's evidence for the executor's
     // records and changes nothing in the reply or the receipt, so it stays off their path.
@@ -223,7 +223,7 @@ fn match_client_end(
     signed: &Signed<ClientStreamSignature>,
     ctx: &TunnelContext,
     stream: u64,
-    received: &Tally,
+    received: &DirectionDigest,
 ) -> Result<(), TunnelError> {
     if signed.signer() != &ctx.client_key {
         return Err(TunnelError::BadClientSignature(format!(
@@ -319,7 +319,7 @@ fn abandon(send: &mut quinn::SendStream, frames: &mut FrameIn, error: TunnelErro
 async fn pump_in(
     frames: &mut FrameIn,
     tcp_write: &mut tokio::net::tcp::OwnedWriteHalf,
-    tally: &mut Tally,
+    tally: &mut DirectionDigest,
     ctx: &TunnelContext,
     stream: u64,
     client_done: &AtomicBool,
@@ -374,7 +374,7 @@ struct OutputEnd {
 async fn pump_out(
     tcp_read: &mut tokio::net::tcp::OwnedReadHalf,
     send: &mut quinn::SendStream,
-    tally: &mut Tally,
+    tally: &mut DirectionDigest,
     client_done: &AtomicBool,
 ) -> Result<OutputEnd, TunnelError> {
     let mut buffer = BytesMut::with_capacity(DATA_CHUNK);
@@ -747,7 +747,7 @@ mod tests {
             client_key: client.hotkey(),
             target: Arc::new("127.0.0.1:1".parse::<SocketAddr>().unwrap()),
         };
-        let mut received = Tally::new();
+        let mut received = DirectionDigest::new();
         received.add(b"request");
         let digest = received.digest();
         let good = client_end(&client, ctx.job_id, 8, digest);

@@ -28,12 +28,12 @@ const READ_BUFFER: usize = 256 * 1024;
 const MAX_VARINT_LEN: usize = 5;
 
 /// One direction's running digest and byte count.
-pub(super) struct Tally {
+pub(super) struct DirectionDigest {
     hasher: blake3::Hasher,
     pub(super) bytes: u64,
 }
 
-impl Tally {
+impl DirectionDigest {
     pub(super) fn new() -> Self {
         Self {
             hasher: blake3::Hasher::new(),
@@ -415,7 +415,7 @@ mod tests {
 
     #[test]
     fn tally_counts_and_digests() {
-        let mut tally = Tally::new();
+        let mut tally = DirectionDigest::new();
         tally.add(b"hel");
         tally.add(b"lo");
         assert_eq!(tally.bytes, 5);
