@@ -60,14 +60,24 @@ const FILE: &str = "horde get file→file";
 /// Clock ticks per second of `/proc/self/stat` times (`getconf CLK_TCK`, 100 on Linux).
 const CLOCK_TICKS: f64 = 100.0;
 
-#[derive(Debug)]
+/// Blob transfer throughput: horde's get paths beside TCP, TLS and raw quinn, in alternating
+/// rounds.
+#[derive(Debug, clap::Parser)]
+#[command(name = "blob-throughput")]
 struct Args {
+    /// Bytes per transfer (`1GiB`, `256MiB`, `500MB`, …; at least 1 MiB). Also
+    /// `BLOB_BENCH_SIZE`.
+    #[arg(long, env = "BLOB_BENCH_SIZE", default_value = "1GiB", value_parser = parse_size)]
     size: u64,
+    /// Where the JSON results go.
+    #[arg(long, default_value = "target/blob-throughput.json")]
     json: PathBuf,
-    /// Measurements to run (`tcp`, `tls`, `quinn`, `mem`, `file`); all when empty. For
-    /// profiling one path; the table of record runs them all.
+    /// Measurements to run (`tcp`, `tls`, `quinn`, `mem`, `file`), comma-separated; all when
+    /// absent. For profiling one path; the table of record runs them all.
+    #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Measured rounds (each row once per round).
+    #[arg(long, default_value_t = DEFAULT_ROUNDS, value_parser = at_least_one)]
     rounds: usize,
 }
 
@@ -78,6 +88,14 @@ impl Args {
 }
 
 fn parse_size(text: &str) -> anyhow::Result<u64> {
+    let size = parse_size_text(text)?;
+    if size < CHUNK as u64 {
+        bail!("the size must be at least 1 MiB");
+    }
+    Ok(size)
+}
+
+fn parse_size_text(text: &str) -> anyhow::Result<u64> {
     let text = text.trim();
     let split = text
         .find(|c: char| !c.is_ascii_digit())
@@ -95,55 +113,6 @@ fn parse_size(text: &str) -> anyhow::Result<u64> {
         other => bail!("unknown size unit {other:?}"),
     };
     Ok(number * factor)
-}
-
-fn parse_args() -> anyhow::Result<Args> {
-    let mut size = std::env::var("BLOB_BENCH_SIZE")
-        .ok()
-        .map(|s| parse_size(&s))
-        .transpose()?
-        .unwrap_or(1 << 30);
-    let mut json = PathBuf::from("target/blob-throughput.json");
-    let mut only = Vec::new();
-    let mut rounds = DEFAULT_ROUNDS;
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "--size" => size = parse_size(&args.next().context("--size needs a value")?)?,
-            "--json" => json = args.next().context("--json needs a path")?.into(),
-            "--rounds" => {
-                rounds = args
-                    .next()
-                    .context("--rounds needs a number")?
-                    .parse()
-                    .context("--rounds needs a number")?;
-            }
-            "--only" => {
-                let list = args.next().context("--only needs a list")?;
-                only.extend(list.split(',').map(str::to_owned));
-            }
-            "--help" | "-h" => {
-                println!(
-                    "blob-throughput [--size 1GiB] [--rounds {DEFAULT_ROUNDS}] \\
-                     [--json target/blob-throughput.json] [--only tcp,tls,quinn,mem,file]"
-                );
-                std::process::exit(0);
-            }
-            other => bail!("unknown argument {other:?}"),
-        }
-    }
-    if size < CHUNK as u64 {
-        bail!("--size must be at least 1 MiB");
-    }
-    if rounds == 0 {
-        bail!("--rounds must be at least 1");
-    }
-    Ok(Args {
-        size,
-        json,
-        only,
-        rounds,
-    })
 }
 
 /// Process-wide counters from `/proc/self/stat` (all threads, live and exited).
@@ -555,7 +524,7 @@ async fn resume_measurement(
 }
 
 fn main() -> anyhow::Result<()> {
-    let args = parse_args()?;
+    let args = <Args as clap::Parser>::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -582,6 +551,14 @@ impl Row {
 }
 
 /// The median (the mean of the middle two for an even count); NaN for none.
+/// A count of at least one (`--rounds`).
+fn at_least_one(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(count) if count >= 1 => Ok(count),
+        _ => Err(format!("{text:?}: expected a whole number of at least 1")),
+    }
+}
+
 fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
     match values.len() {

@@ -16,32 +16,23 @@ use horde_node::client::{Client, JobRequest};
 use horde_protocol::{Role, SecretKey};
 use horde_testnet::{Testnet, TestnetConfig, demo_job_binary};
 
+/// Convergence and memory of a local network of `horde node` processes joining through one
+/// bootstrap peer.
+#[derive(Debug, clap::Parser)]
+#[command(name = "discovery-scale")]
 struct Args {
+    /// Validators.
+    #[arg(long, default_value_t = 3)]
     validators: usize,
+    /// Miners.
+    #[arg(long, default_value_t = 30)]
     miners: usize,
+    /// Seconds of idle before memory is read.
+    #[arg(long, default_value_t = 10)]
     idle_secs: u64,
+    /// Where the JSON results go.
+    #[arg(long, default_value = "target/discovery-scale.json")]
     json: String,
-}
-
-fn parse_args() -> anyhow::Result<Args> {
-    let mut args = Args {
-        validators: 3,
-        miners: 30,
-        idle_secs: 10,
-        json: "target/discovery-scale.json".to_owned(),
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let value = it.next().with_context(|| format!("{flag} needs a value"))?;
-        match flag.as_str() {
-            "--validators" => args.validators = value.parse()?,
-            "--miners" => args.miners = value.parse()?,
-            "--idle-secs" => args.idle_secs = value.parse()?,
-            "--json" => args.json = value,
-            other => anyhow::bail!("unknown flag {other}"),
-        }
-    }
-    Ok(args)
 }
 
 struct RoleMemory {
@@ -75,7 +66,7 @@ fn memory_by_role(testnet: &Testnet) -> anyhow::Result<Vec<RoleMemory>> {
 }
 
 fn main() -> anyhow::Result<()> {
-    let args = parse_args()?;
+    let args = <Args as clap::Parser>::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

@@ -49,39 +49,37 @@ use tokio::net::{TcpListener, TcpStream};
 #[path = "flow-latency/floor.rs"]
 mod floor;
 
+/// The streaming-job flow benchmark: control plane, round trips and bulk, each beside its
+/// baselines from the same run.
+#[derive(Debug, clap::Parser)]
+#[command(name = "flow-latency")]
 struct Args {
+    /// Jobs submitted for the control-plane figures.
+    #[arg(long, default_value_t = 20)]
     jobs: usize,
+    /// Requests for each round-trip figure.
+    #[arg(long, default_value_t = 200)]
     requests: usize,
+    /// Bytes per bulk transfer, MiB.
+    #[arg(long, default_value_t = 256)]
     size_mib: u64,
+    /// Bulk rounds (rows alternate within each).
+    #[arg(long, default_value_t = 3, value_parser = at_least_one)]
     rounds: usize,
+    /// Where the JSON results go.
+    #[arg(long, default_value = "target/flow-latency.json")]
     json: String,
-    /// Run as the floor relay to this TCP address (internal: the benchmark spawns itself).
+    /// Internal: run as the floor relay to this TCP address (the benchmark spawns itself).
+    #[arg(long, hide = true)]
     floor_relay: Option<SocketAddr>,
 }
 
-fn parse_args() -> anyhow::Result<Args> {
-    let mut args = Args {
-        jobs: 20,
-        requests: 200,
-        size_mib: 256,
-        rounds: 3,
-        json: "target/flow-latency.json".to_owned(),
-        floor_relay: None,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let value = it.next().with_context(|| format!("{flag} needs a value"))?;
-        match flag.as_str() {
-            "--jobs" => args.jobs = value.parse()?,
-            "--requests" => args.requests = value.parse()?,
-            "--size-mib" => args.size_mib = value.parse()?,
-            "--rounds" => args.rounds = value.parse::<usize>()?.max(1),
-            "--json" => args.json = value,
-            "--floor-relay" => args.floor_relay = Some(value.parse()?),
-            other => anyhow::bail!("unknown flag {other}"),
-        }
+/// A count of at least one (`--rounds`).
+fn at_least_one(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(count) if count >= 1 => Ok(count),
+        _ => Err(format!("{text:?}: expected a whole number of at least 1")),
     }
-    Ok(args)
 }
 
 fn median(values: &mut [f64]) -> f64 {
@@ -638,7 +636,7 @@ async fn tunnel_throughput(source: SocketAddr, size: u64) -> anyhow::Result<f64>
 }
 
 fn main() -> anyhow::Result<()> {
-    let args = parse_args()?;
+    let args = <Args as clap::Parser>::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
