@@ -17,7 +17,10 @@ fn help_prints_usage_and_exits_zero() {
         let output = Command::new(program).arg("--help").output().unwrap();
         let stdout = String::from_utf8_lossy(&output.stdout);
         assert!(output.status.success(), "{name}: {:?}", output.status);
-        assert!(stdout.contains(&format!("Usage: {name}")), "{name}: {stdout}");
+        assert!(
+            stdout.contains(&format!("Usage: {name}")),
+            "{name}: {stdout}"
+        );
         assert!(!stdout.contains("backtrace"), "{name}: {stdout}");
     }
 }

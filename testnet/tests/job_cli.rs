@@ -134,3 +134,33 @@ fn job_run_request_status_terminate_and_blob_put_get() {
     assert!(get.status.success(), "{}", text(&get));
     assert_eq!(std::fs::read(&copy).unwrap(), std::fs::read(&file).unwrap());
 }
+
+/// Issue 16, item 14: a network with no validator or no miner is refused, not silently given
+/// one; the demo without storage likewise.
+#[test]
+fn testnet_shapes_that_cannot_run_a_job_are_refused() {
+    let testnet_bin = env!("CARGO_BIN_EXE_horde-testnet");
+    for args in [
+        &["up", "--miners", "0"][..],
+        &["up", "--validators", "0"],
+        &["demo", "--executors-per-miner", "0"],
+    ] {
+        let output = std::process::Command::new(testnet_bin)
+            .args(args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("at least 1") || stderr.contains("not in 1.."),
+            "{args:?}: {stderr}"
+        );
+    }
+    let output = std::process::Command::new(testnet_bin)
+        .args(["demo", "--storage", "0"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("needs --storage 1"), "{stderr}");
+}

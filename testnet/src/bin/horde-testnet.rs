@@ -31,14 +31,14 @@ enum Command {
 
 #[derive(Debug, clap::Args)]
 struct Shape {
-    /// Validators.
-    #[arg(long, default_value_t = 1)]
+    /// Validators (at least 1: a job needs one).
+    #[arg(long, default_value_t = 1, value_parser = at_least_one)]
     validators: usize,
-    /// Miners.
-    #[arg(long, default_value_t = 1)]
+    /// Miners (at least 1: a job needs one).
+    #[arg(long, default_value_t = 1, value_parser = at_least_one)]
     miners: usize,
-    /// Executors per miner.
-    #[arg(long, default_value_t = 1)]
+    /// Executors per miner (at least 1).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     executors_per_miner: u32,
     /// Storage nodes.
     #[arg(long, default_value_t = 1)]
@@ -48,14 +48,23 @@ struct Shape {
     dir: Option<PathBuf>,
 }
 
+/// A count of at least one: a network with no validator or no miner runs no job, so `0` is
+/// refused rather than silently raised.
+fn at_least_one(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(count) if count >= 1 => Ok(count),
+        _ => Err(format!("{text:?}: expected a whole number of at least 1")),
+    }
+}
+
 impl Shape {
-    fn config(&self, storage_min: usize) -> TestnetConfig {
+    fn config(&self) -> TestnetConfig {
         TestnetConfig {
-            validators: self.validators.max(1),
-            miners: self.miners.max(1),
-            executors_per_miner: self.executors_per_miner.max(1),
-            prewarm: self.executors_per_miner.max(1),
-            storage: self.storage.max(storage_min),
+            validators: self.validators,
+            miners: self.miners,
+            executors_per_miner: self.executors_per_miner,
+            prewarm: self.executors_per_miner,
+            storage: self.storage,
             dir: self.dir.clone(),
             log_filter: "info".to_owned(),
             ..TestnetConfig::default()
@@ -97,7 +106,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Up(shape) => {
             let started = std::time::Instant::now();
-            let testnet = Testnet::start(shape.config(0))?;
+            let testnet = Testnet::start(shape.config())?;
             println!("network up in {} ms", started.elapsed().as_millis());
             print_table(&testnet);
             let pids: Vec<String> = testnet
@@ -117,8 +126,11 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Demo(shape) => {
+            if shape.storage == 0 {
+                anyhow::bail!("the demo uploads outputs and logs: it needs --storage 1 or more");
+            }
             let started = std::time::Instant::now();
-            let testnet = Testnet::start(shape.config(1))?;
+            let testnet = Testnet::start(shape.config())?;
             println!("network up in {} ms", started.elapsed().as_millis());
             print_table(&testnet);
             let report = runtime.block_on(horde_testnet::demo::run_demo(
