@@ -42,10 +42,15 @@ use crate::tls::{
 /// retransmission while bounding how long a silent peer holds a connection slot.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Default cap on concurrent incoming connections (handshaking or established). With the
-/// connection receive window below, the worst case if every peer floods without being read is
-/// 128 × 32 MiB = 4 GiB; in practice a node talks to a few dozen peers.
-pub const DEFAULT_MAX_CONNECTIONS: usize = 128;
+/// Worst-case memory the default connection cap may commit to receive buffers: 4 GiB, a sixth
+/// of the 24 GiB machines this runs on, leaving the rest to the node, its jobs and the OS.
+pub const RECEIVE_BUFFER_BUDGET: u64 = 4 << 30;
+
+/// Default cap on concurrent incoming connections (handshaking or established), derived from
+/// memory: every connection may hold up to [`RECEIVE_WINDOW`] of unread data, so the cap is
+/// [`RECEIVE_BUFFER_BUDGET`] / [`RECEIVE_WINDOW`] = 4 GiB / 32 MiB = 128. In practice a node
+/// talks to a few dozen peers, and a client runs all its jobs on one connection.
+pub const DEFAULT_MAX_CONNECTIONS: usize = (RECEIVE_BUFFER_BUDGET / RECEIVE_WINDOW) as usize;
 
 /// Default cap on concurrent incoming connections from one hotkey: 16, an eighth of
 /// [`DEFAULT_MAX_CONNECTIONS`], so at least eight keys are needed to fill an endpoint. Roles keep

@@ -33,9 +33,10 @@ pub use crate::server::storage::StoreLimits;
 /// Default QUIC listen address: loopback with an OS-chosen port, safe for a single machine.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:0";
 
-/// Default cap on concurrent QUIC connections per node. A validator talks to every miner it
-/// drives and a facilitator to every client; 1024 keeps worst-case window memory bounded.
-pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// Default cap on concurrent QUIC connections per node: transport's, derived from the memory
+/// each connection may hold (4 GiB / 32 MiB receive window = 128; it used to be 1,024 here, which
+/// is 32 GiB of worst-case buffering on a 24 GiB machine).
+pub const DEFAULT_MAX_CONNECTIONS: usize = horde_transport::DEFAULT_MAX_CONNECTIONS;
 
 /// Default time the facilitator waits for any word from a job's validator before it fails the
 /// job: longer than the QUIC idle timeout (10 s), so a dead link is reported by QUIC first.
@@ -681,6 +682,20 @@ mod tests {
             Path::new("/etc/horde"),
             &Overrides::default(),
         )
+    }
+
+    /// Issue 16, item 11: the node's default connection cap is transport's, and what it may
+    /// buffer fits the memory budget it is derived from.
+    #[test]
+    fn the_default_connection_cap_is_derived_from_memory() {
+        let config = parse("role = \"facilitator\"").unwrap();
+        assert_eq!(
+            config.max_connections,
+            horde_transport::DEFAULT_MAX_CONNECTIONS
+        );
+        assert_eq!(config.max_connections, 128);
+        let worst_case = config.max_connections as u64 * horde_transport::RECEIVE_WINDOW;
+        assert!(worst_case <= horde_transport::RECEIVE_BUFFER_BUDGET);
     }
 
     #[test]
