@@ -25,6 +25,10 @@ use crate::server::discovery::BootstrapPeer;
 #[derive(Debug, Parser)]
 #[command(name = "horde", version)]
 pub struct Cli {
+    /// On failure, print the whole error report (every cause, and a backtrace when
+    /// `RUST_BACKTRACE` asks for one) instead of one line.
+    #[arg(long, short, global = true)]
+    verbose: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -66,10 +70,12 @@ enum Command {
 /// Parses the command line, runs the command, prints a failure on one line; the process's exit
 /// code.
 pub fn main() -> std::process::ExitCode {
-    match run(Cli::parse()) {
+    let cli = Cli::parse();
+    let verbose = cli.verbose;
+    match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("{}", describe_error(&error));
+            eprintln!("{}", describe_error(&error, verbose));
             std::process::ExitCode::FAILURE
         }
     }
@@ -101,9 +107,10 @@ fn block_on(future: impl Future<Output = anyhow::Result<()>>) -> anyhow::Result<
 
 /// One line per failure for the person at the terminal: `error: what: why: …`, each cause once
 /// (our error types include their cause in their own message, so the plain chain says it twice).
-/// With `RUST_BACKTRACE` set, the full report with its backtrace instead.
-fn describe_error(error: &anyhow::Error) -> String {
-    if std::env::var_os("RUST_BACKTRACE").is_some_and(|value| value != "0") {
+/// With `--verbose`, the full report (with its backtrace when `RUST_BACKTRACE` asks) instead; the
+/// environment alone never turns a user-facing error into a stack trace.
+fn describe_error(error: &anyhow::Error, verbose: bool) -> String {
+    if verbose {
         return format!("Error: {error:?}");
     }
     format!("error: {}", one_line(error))

@@ -304,3 +304,41 @@ fn a_group_guard_kills_the_group_when_its_parent_dies() {
     };
     assert_eq!(status.signal(), Some(9), "{status:?}");
 }
+
+/// Issue 16, item 9: a user-facing error is one line even with `RUST_BACKTRACE=1` in the
+/// environment (`--verbose` asks for the whole report), and `horde job forward` on a busy port
+/// names the address.
+#[test]
+fn errors_are_one_line_and_name_what_to_fix() {
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = busy.local_addr().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let run = |verbose: bool| {
+        let mut command = Command::new(HORDE);
+        if verbose {
+            command.arg("--verbose");
+        }
+        command
+            .args([
+                "job",
+                "forward",
+                &"ab".repeat(16),
+                "--listen",
+                &addr.to_string(),
+            ])
+            .env("HORDE_STATE_DIR", state.path())
+            .env("RUST_BACKTRACE", "1")
+            .output()
+            .unwrap()
+    };
+    let output = run(false);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.starts_with("error: "), "{stderr}");
+    assert!(stderr.contains(&format!("listening on {addr}")), "{stderr}");
+    let verbose = run(true);
+    let stderr = String::from_utf8_lossy(&verbose.stderr);
+    assert!(stderr.lines().count() > 1, "{stderr}");
+    drop(busy);
+}

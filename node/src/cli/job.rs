@@ -579,8 +579,11 @@ async fn request(
 
 /// Tunnels a local TCP port to the job until ctrl-c, keeping every receipt.
 async fn forward(job: String, listen: SocketAddr, common: JobStateArgs) -> anyhow::Result<()> {
+    // Bind first: a busy address is the user's to fix before anything is dialed.
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("listening on {listen}"))?;
     let (job_id, endpoint, connection) = connect_job(&common, &job).await?;
-    let listener = tokio::net::TcpListener::bind(listen).await?;
     println!(
         "forwarding {} -> job {job_id} at {}",
         listener.local_addr()?,
