@@ -1022,7 +1022,9 @@ fn start_stalling_server(bytes: Vec<u8>) -> (NodeAddr, Arc<std::sync::Mutex<Vec<
     let recorded = Arc::clone(&starts);
     let bytes = Arc::new(bytes);
     tokio::spawn(async move {
-        while let Some(Ok((connection, _, _))) = endpoint.accept().await {
+        while let Some(Ok(horde_transport::IncomingConnection { connection, .. })) =
+            endpoint.accept().await
+        {
             let (bytes, starts) = (Arc::clone(&bytes), Arc::clone(&recorded));
             tokio::spawn(async move {
                 while let Ok((mut send, mut recv)) = connection.accept_bi().await {
@@ -1302,7 +1304,9 @@ async fn an_upload_to_a_node_that_stops_reading_fails_as_stalled() {
         addrs: vec![endpoint.local_addr().unwrap()],
     };
     tokio::spawn(async move {
-        while let Some(Ok((connection, _, _))) = endpoint.accept().await {
+        while let Some(Ok(horde_transport::IncomingConnection { connection, .. })) =
+            endpoint.accept().await
+        {
             tokio::spawn(async move {
                 while let Ok((mut send, mut recv)) = connection.accept_bi().await {
                     let Ok(Some(BlobRequest::Put { .. })) = read_request(&mut recv).await else {

@@ -11,30 +11,17 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::time::Duration;
 
-use horde_protocol::Hotkey;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument as _, debug, info_span};
 
 use crate::codes;
-use crate::endpoint::HordeEndpoint;
+use crate::endpoint::{HordeEndpoint, IncomingConnection};
 
 /// How long [`HordeEndpoint::serve`] lets the handlers end on their own after cancellation
 /// before it closes their connections: a stream in flight (a blob piece, a job message) gets a
 /// moment to finish, a stuck one holds shutdown up for no longer than this.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
-
-/// An authenticated incoming connection, as the accept loop hands it to its handler.
-#[derive(Debug, Clone)]
-#[non_exhaustive]
-pub struct IncomingConnection {
-    /// The connection.
-    pub connection: quinn::Connection,
-    /// The peer's hotkey (its certificate key, verified in the handshake).
-    pub peer: Hotkey,
-    /// The ALPN the peer chose.
-    pub alpn: Vec<u8>,
-}
 
 /// Accepts connections on `endpoint` until `cancel` fires or the endpoint closes, and runs
 /// `handler(connection, token)` for each on a task owned here; `token` is a child of `cancel`.
@@ -66,9 +53,9 @@ pub async fn serve_connections<H, Fut>(
             }
             accepted = endpoint.accept() => accepted,
         };
-        let (connection, peer, alpn) = match accepted {
+        let incoming = match accepted {
             None => break,
-            Some(Ok(accepted)) => accepted,
+            Some(Ok(incoming)) => incoming,
             Some(Err(error)) => {
                 debug!(%error, "incoming connection failed");
                 continue;
@@ -76,14 +63,10 @@ pub async fn serve_connections<H, Fut>(
         };
         let span = info_span!(
             "peer",
-            peer = %peer.fmt_short(),
-            remote = %connection.remote_address()
+            peer = %incoming.peer.fmt_short(),
+            remote = %incoming.connection.remote_address()
         );
-        let incoming = IncomingConnection {
-            connection: connection.clone(),
-            peer,
-            alpn,
-        };
+        let connection = incoming.connection.clone();
         let task = tasks.spawn(handler(incoming, children.child_token()).instrument(span));
         open.insert(task.id(), connection);
     }
@@ -132,6 +115,8 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use tokio::sync::mpsc;
+
+    use horde_protocol::Hotkey;
 
     use super::*;
     use crate::test_utils::{localhost_endpoint, seeded_key};

@@ -272,6 +272,7 @@ mod tests {
 
     use super::*;
     use crate::codes;
+    use crate::endpoint::IncomingConnection;
     use crate::test_utils::{localhost_endpoint, seeded_key};
     use crate::tls::{ALPN_BLOB, ALPN_CONTROL};
 
@@ -285,7 +286,7 @@ mod tests {
         tokio::spawn(async move {
             let mut held = Vec::new();
             while let Some(next) = endpoint.accept().await {
-                if let Ok((connection, _, _)) = next {
+                if let Ok(IncomingConnection { connection, .. }) = next {
                     count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     held.push(connection);
                 }

@@ -101,7 +101,7 @@ const MAX_INCOMING: usize = 256;
 /// from an address not yet validated is sent a Retry first (RFC 9000 §8.1.2).
 const RETRY_BELOW_FREE_DIVISOR: usize = 2;
 
-/// Accepted connections waiting for [`HordeEndpoint::accept`]. Small: the application should
+/// IncomingConnection connections waiting for [`HordeEndpoint::accept`]. Small: the application should
 /// accept promptly; a full queue holds back handshaken connections (each holding its permit).
 const ACCEPT_QUEUE: usize = 16;
 
@@ -391,8 +391,18 @@ impl AcceptError {
     }
 }
 
-/// An authenticated incoming connection: the connection, the client's hotkey, the negotiated ALPN.
-pub type Accepted = (quinn::Connection, Hotkey, Vec<u8>);
+/// An authenticated incoming connection, as [`HordeEndpoint::accept`] and the
+/// accept loop hand it over.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct IncomingConnection {
+    /// The connection.
+    pub connection: quinn::Connection,
+    /// The peer's hotkey (its certificate key, verified in the handshake).
+    pub peer: Hotkey,
+    /// The ALPN the peer chose.
+    pub alpn: Vec<u8>,
+}
 
 /// A QUIC endpoint with our identity: it dials hotkeys and accepts authenticated connections.
 ///
@@ -406,7 +416,7 @@ pub struct HordeEndpoint {
     connections: Arc<Semaphore>,
     max_connections: usize,
     per_peer: Arc<PeerQuota>,
-    accepted: Mutex<mpsc::Receiver<Result<Accepted, AcceptError>>>,
+    accepted: Mutex<mpsc::Receiver<Result<IncomingConnection, AcceptError>>>,
     acceptor: tokio::task::JoinHandle<()>,
 }
 
@@ -644,7 +654,7 @@ impl HordeEndpoint {
 
     /// The next authenticated incoming connection with the client's hotkey and the ALPN, or an
     /// error for one that failed its handshake. `None` once the endpoint is closed.
-    pub async fn accept(&self) -> Option<Result<Accepted, AcceptError>> {
+    pub async fn accept(&self) -> Option<Result<IncomingConnection, AcceptError>> {
         self.accepted.lock().await.recv().await
     }
 
@@ -670,7 +680,7 @@ async fn accept_loop(
     connections: Arc<Semaphore>,
     max_connections: usize,
     per_peer: Arc<PeerQuota>,
-    accepted: mpsc::Sender<Result<Accepted, AcceptError>>,
+    accepted: mpsc::Sender<Result<IncomingConnection, AcceptError>>,
 ) {
     // One task per connection (its handshake, then holding its slot until it closes), owned
     // here: they end with this loop, when the endpoint closes or is dropped.
@@ -720,17 +730,25 @@ async fn handle_incoming(
     incoming: quinn::Incoming,
     permit: OwnedSemaphorePermit,
     per_peer: Arc<PeerQuota>,
-    accepted: mpsc::Sender<Result<Accepted, AcceptError>>,
+    accepted: mpsc::Sender<Result<IncomingConnection, AcceptError>>,
 ) {
     let remote = incoming.remote_address();
     match handshake(incoming).await {
-        Ok((connection, client, alpn)) => {
+        Ok(IncomingConnection {
+            connection,
+            peer: client,
+            alpn,
+        }) => {
             let Some(_share) = peer_share(&per_peer, &connection, client, remote) else {
                 return;
             };
             debug!(%remote, client = %client.fmt_short(), "accepted connection");
             let handed_over = accepted
-                .send(Ok((connection.clone(), client, alpn)))
+                .send(Ok(IncomingConnection {
+                    connection: connection.clone(),
+                    peer: client,
+                    alpn,
+                }))
                 .await
                 .is_ok();
             drop(accepted);
@@ -769,7 +787,7 @@ fn peer_share(
     share
 }
 
-async fn handshake(incoming: quinn::Incoming) -> Result<Accepted, AcceptError> {
+async fn handshake(incoming: quinn::Incoming) -> Result<IncomingConnection, AcceptError> {
     let remote = incoming.remote_address();
     let handshake_failed = |error| AcceptError::Handshake {
         remote,
@@ -795,7 +813,11 @@ async fn handshake(incoming: quinn::Incoming) -> Result<Accepted, AcceptError> {
         connection.close(codes::NOT_ALLOWED, b"no ALPN");
         return Err(AcceptError::NoAlpn { remote });
     };
-    Ok((connection, client, alpn))
+    Ok(IncomingConnection {
+        connection,
+        peer: client,
+        alpn,
+    })
 }
 
 #[cfg(test)]

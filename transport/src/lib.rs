@@ -60,14 +60,14 @@ pub mod tunnel;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod test_utils;
 
-pub use accept::{DEFAULT_SHUTDOWN_GRACE, IncomingConnection, serve_connections};
+pub use accept::{DEFAULT_SHUTDOWN_GRACE, serve_connections};
 pub use dialer::{ConnectionCache, DEFAULT_MAX_PEERS, DialError};
 pub use endpoint::{
-    AcceptError, Accepted, ConfigError, ConnectError, DEFAULT_MAX_CONNECTIONS,
+    AcceptError, ConfigError, ConnectError, DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_CONNECTIONS_PER_PEER, EndpointConfig, HANDSHAKE_TIMEOUT, HordeEndpoint,
-    KEEP_ALIVE_INTERVAL, MAX_CONCURRENT_BIDI_STREAMS, MAX_CONCURRENT_UNI_STREAMS, MAX_IDLE_TIMEOUT,
-    RECEIVE_BUFFER_BUDGET, RECEIVE_WINDOW, SEND_WINDOW, STREAM_RECEIVE_WINDOW, TransportTuning,
-    transport_config,
+    IncomingConnection, KEEP_ALIVE_INTERVAL, MAX_CONCURRENT_BIDI_STREAMS,
+    MAX_CONCURRENT_UNI_STREAMS, MAX_IDLE_TIMEOUT, RECEIVE_BUFFER_BUDGET, RECEIVE_WINDOW,
+    SEND_WINDOW, STREAM_RECEIVE_WINDOW, TransportTuning, transport_config,
 };
 pub use framed::{ChannelError, FrameReader, FramedRecv, FramedSend, split};
 pub use peer_quota::{PeerPermit, PeerQuota};

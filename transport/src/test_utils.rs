@@ -61,9 +61,10 @@ pub async fn connected_pair() -> ConnectedPair {
         server_endpoint.accept()
     );
     let client = client.expect("connecting to the test server");
-    let (server, _, _) = accepted
+    let server = accepted
         .expect("server endpoint open")
-        .expect("accepting the test client");
+        .expect("accepting the test client")
+        .connection;
     ConnectedPair {
         client_endpoint,
         server_endpoint,

@@ -52,7 +52,7 @@ async fn linked(tuning: TransportTuning, seed: u64) -> Linked {
         client_endpoint.connect(path.addr(), &server_key, ALPN_CONTROL),
         server_endpoint.accept()
     );
-    let (server, _, _) = accepted.unwrap().unwrap();
+    let server = accepted.unwrap().unwrap().connection;
     Linked {
         path,
         _client_endpoint: client_endpoint,
@@ -323,7 +323,7 @@ async fn a_restarted_server_resets_its_old_connections_at_once() {
             server_endpoint.accept()
         );
         let client = client.unwrap();
-        let (server, _, _) = accepted.unwrap().unwrap();
+        let server = accepted.unwrap().unwrap().connection;
         // The crash: the path is cut, then the server's endpoint and connection are dropped
         // (their close never reaches the client).
         path.set(Impairment {

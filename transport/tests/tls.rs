@@ -137,7 +137,7 @@ async fn refusal(result: Result<quinn::Connection, ConnectError>) -> ConnectErro
 /// The next accept result of `server`, within a few seconds.
 async fn next_accept(
     server: &HordeEndpoint,
-) -> Result<(quinn::Connection, horde_protocol::Hotkey, Vec<u8>), AcceptError> {
+) -> Result<horde_transport::IncomingConnection, AcceptError> {
     tokio::time::timeout(Duration::from_secs(5), server.accept())
         .await
         .expect("accept result in time")
@@ -153,7 +153,8 @@ async fn correct_pair_connects_and_sees_each_others_hotkey() {
         next_accept(&server)
     );
     let connection = connection.unwrap();
-    let (server_side, client_key, alpn) = accepted.unwrap();
+    let accepted = accepted.unwrap();
+    let (server_side, client_key, alpn) = (accepted.connection, accepted.peer, accepted.alpn);
     assert_eq!(remote_hotkey(&connection).unwrap(), seeded_key(2).hotkey());
     assert_eq!(remote_hotkey(&server_side).unwrap(), seeded_key(1).hotkey());
     assert_eq!(client_key, seeded_key(1).hotkey());
@@ -167,7 +168,7 @@ async fn correct_pair_connects_and_sees_each_others_hotkey() {
             next_accept(&server)
         );
         connection.unwrap();
-        assert_eq!(accepted.unwrap().2, wanted);
+        assert_eq!(accepted.unwrap().alpn, wanted);
     }
 }
 
@@ -403,7 +404,7 @@ async fn job_endpoint_accepts_only_its_client() {
         next_accept(&server)
     );
     let connection = result.unwrap();
-    let (_, client_key, _) = accepted.unwrap();
+    let client_key = accepted.unwrap().peer;
     assert_eq!(client_key, job_client.hotkey());
     assert_eq!(remote_hotkey(&connection).unwrap(), server.hotkey());
 
@@ -509,7 +510,7 @@ async fn connections_per_key_are_capped_without_refusing_other_keys() {
     // reaches `accept`).
     let from_other = dial(&other, addr, server_key, ALPN_CONTROL).await.unwrap();
     let accepted = next_accept(&server).await.unwrap();
-    assert_eq!(accepted.1, other.hotkey());
+    assert_eq!(accepted.peer, other.hotkey());
     held.push(accepted);
 
     first.close(codes::SHUTDOWN, b"done");
@@ -526,7 +527,7 @@ async fn connections_per_key_are_capped_without_refusing_other_keys() {
 
     let again = dial(&greedy, addr, server_key, ALPN_CONTROL).await.unwrap();
     let accepted = next_accept(&server).await.unwrap();
-    assert_eq!(accepted.1, greedy.hotkey());
+    assert_eq!(accepted.peer, greedy.hotkey());
     assert!(again.close_reason().is_none(), "{:?}", again.close_reason());
     assert_eq!(server.incoming_connections_from(&greedy.hotkey()), 2);
     held.push(accepted);
@@ -701,6 +702,6 @@ async fn a_flood_of_abandoned_handshakes_does_not_lock_out_a_real_client() {
     let connection = connected
         .expect("the real client connects within 2 s")
         .unwrap();
-    assert_eq!(accepted.unwrap().1, seeded_key(1).hotkey());
+    assert_eq!(accepted.unwrap().peer, seeded_key(1).hotkey());
     drop((connection, silent));
 }

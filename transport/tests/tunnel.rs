@@ -592,7 +592,7 @@ async fn bad_receipts_are_refused() {
 
 /// A fake job endpoint (job key, real TLS) that answers "x" and then ends as told.
 async fn fake_job(server: HordeEndpoint, end: FakeEnd) {
-    let (connection, _, _) = server.accept().await.unwrap().unwrap();
+    let connection = server.accept().await.unwrap().unwrap().connection;
     let (send, recv) = connection.accept_bi().await.unwrap();
     let stream = u64::from(recv.id());
     let (mut send, mut recv) = split(send, recv);
@@ -648,7 +648,7 @@ where
     let addr = server.local_addr().unwrap();
     let target = echo_job().await;
     let serve = tokio::spawn(async move {
-        let (connection, _, _) = server.accept().await.unwrap().unwrap();
+        let connection = server.accept().await.unwrap().unwrap().connection;
         let (send, recv) = connection.accept_bi().await.unwrap();
         let result = serve_tunnel_stream(send, recv, &context(target)).await;
         // Keep the connection until the client has seen the reset.
@@ -912,7 +912,7 @@ async fn raw_client_end(
     let addr = server.local_addr().unwrap();
     let target = echo_job().await;
     let serve = tokio::spawn(async move {
-        let (connection, _, _) = server.accept().await.unwrap().unwrap();
+        let connection = server.accept().await.unwrap().unwrap().connection;
         let (send, recv) = connection.accept_bi().await.unwrap();
         let result = serve_tunnel_stream(send, recv, &context(target)).await;
         let _ = tokio::time::timeout(Duration::from_secs(5), connection.closed()).await;
@@ -1003,7 +1003,7 @@ async fn throughput_of_the_tunnel_against_raw_quinn() {
     let server = job_endpoint();
     let addr = server.local_addr().unwrap();
     let reader = tokio::spawn(async move {
-        let (connection, _, _) = server.accept().await.unwrap().unwrap();
+        let connection = server.accept().await.unwrap().unwrap().connection;
         let (_send, mut recv) = connection.accept_bi().await.unwrap();
         let mut total = 0;
         while let Some(chunk) = recv.read_chunk(usize::MAX, true).await.unwrap() {

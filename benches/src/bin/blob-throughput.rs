@@ -38,8 +38,8 @@ use horde_protocol::blob::CHUNK_GROUP_LEN;
 use horde_protocol::{NodeAddr, SecretKey};
 use horde_transport::blob::{BlobBuffer, PROGRESS_TIMEOUT, ServedBlob, read_request, serve_get};
 use horde_transport::{
-    ALPN_BLOB, ClientPolicy, EndpointConfig, HordeEndpoint, client_tls_config, default_validity,
-    self_signed_certificate, server_name_for, server_tls_config,
+    ALPN_BLOB, ClientPolicy, EndpointConfig, HordeEndpoint, IncomingConnection, client_tls_config,
+    default_validity, self_signed_certificate, server_name_for, server_tls_config,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -348,7 +348,7 @@ async fn connected(
     let (addr, hotkey) = (server.local_addr()?, server.hotkey());
     let (dialed, accepted) =
         tokio::join!(client.connect(addr, &hotkey, ALPN_BLOB), server.accept());
-    let (accepted, _, _) = accepted.context("server closed")??;
+    let accepted = accepted.context("server closed")??.connection;
     Ok((dialed?, accepted))
 }
 
@@ -410,7 +410,7 @@ fn print_stats(what: &str, connection: &quinn::Connection) {
 
 /// Serves one in-memory blob on every stream of every connection.
 async fn serve_memory(server: Arc<HordeEndpoint>, blob: ServedBlob) {
-    while let Some(Ok((connection, _, _))) = server.accept().await {
+    while let Some(Ok(IncomingConnection { connection, .. })) = server.accept().await {
         let blob = blob.clone();
         tokio::spawn(async move {
             while let Ok((mut send, mut recv)) = connection.accept_bi().await {

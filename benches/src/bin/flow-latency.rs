@@ -542,7 +542,7 @@ async fn raw_quinn_throughput(size: u64) -> anyhow::Result<f64> {
     let client = endpoint(&client_key, ALPN_JOB, ClientPolicy::Any)?;
     let addr = server.local_addr()?;
     let sender = tokio::spawn(async move {
-        let (connection, _, _) = server.accept().await.context("accept")??;
+        let connection = server.accept().await.context("accept")??.connection;
         let (mut send, _recv) = connection.open_bi().await?;
         let chunk = Bytes::from(vec![0x5au8; 1 << 20]);
         let mut left = size;
@@ -577,7 +577,9 @@ async fn raw_quinn_round_trips(requests: usize) -> anyhow::Result<Vec<f64>> {
     let client = endpoint(&SecretKey::generate(), ALPN_JOB, ClientPolicy::Any)?;
     let addr = server.local_addr()?;
     tokio::spawn(async move {
-        let Some(Ok((connection, _, _))) = server.accept().await else {
+        let Some(Ok(horde_transport::IncomingConnection { connection, .. })) =
+            server.accept().await
+        else {
             return;
         };
         while let Ok((mut send, mut recv)) = connection.accept_bi().await {

@@ -741,7 +741,9 @@ mod tests {
     {
         let addr = facilitator.local_addr().unwrap();
         tokio::spawn(async move {
-            while let Some(Ok((connection, _, _))) = facilitator.accept().await {
+            while let Some(Ok(horde_transport::IncomingConnection { connection, .. })) =
+                facilitator.accept().await
+            {
                 on_connection(&connection);
                 let serve = serve.clone();
                 tokio::spawn(async move {

@@ -25,6 +25,7 @@ use super::{
 };
 use crate::codes;
 use crate::endpoint::HordeEndpoint;
+use crate::endpoint::IncomingConnection;
 use crate::tls::ALPN_JOB;
 
 /// What the executor needs to serve tunnel streams for one job.
@@ -553,7 +554,11 @@ async fn run_job_endpoint(
         match accepted {
             None => break,
             Some(Err(error)) => debug!(%error, "refused a connection"),
-            Some(Ok((connection, client, alpn))) => {
+            Some(Ok(IncomingConnection {
+                connection,
+                peer: client,
+                alpn,
+            })) => {
                 if client != ctx.client_key || alpn != ALPN_JOB {
                     warn!(client = %client.fmt_short(), "not this job's client; closing");
                     connection.close(codes::NOT_ALLOWED, b"not this job's client");
@@ -688,7 +693,7 @@ mod tests {
             target: Arc::new(target),
         };
         let serve = tokio::spawn(async move {
-            let (connection, _, _) = server.accept().await.unwrap().unwrap();
+            let connection = server.accept().await.unwrap().unwrap().connection;
             let (send, recv) = connection.accept_bi().await.unwrap();
             let result = serve_with_grace(send, recv, &ctx, Duration::from_millis(200)).await;
             let _ = tokio::time::timeout(Duration::from_secs(5), connection.closed()).await;

@@ -26,7 +26,7 @@ const CHUNK: usize = horde_transport::tunnel::DATA_CHUNK;
 /// Serves relay streams to `target` on `endpoint` until the endpoint closes.
 pub(crate) async fn serve(endpoint: HordeEndpoint, target: SocketAddr) {
     while let Some(accepted) = endpoint.accept().await {
-        let Ok((connection, _, _)) = accepted else {
+        let Ok(horde_transport::IncomingConnection { connection, .. }) = accepted else {
             continue;
         };
         tokio::spawn(async move {
