@@ -754,6 +754,22 @@ impl Testnet {
         self.scan_processes(|process| process.cmdline.contains(self.dir_text().as_str()))
     }
 
+    /// This testnet's `horde` processes (nodes, the executors they started): processes running
+    /// the testnet's `horde` binary whose command line names the testnet's directory. Another
+    /// program that merely names the directory (this harness's own command, a terminal
+    /// multiplexer, an editor) is not one of them.
+    pub fn node_processes(&self) -> Vec<(u32, String)> {
+        let own = std::process::id();
+        let binary = std::fs::canonicalize(&self.horde_bin).unwrap_or(self.horde_bin.clone());
+        self.processes()
+            .into_iter()
+            .filter(|(pid, _)| {
+                *pid != own
+                    && std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|exe| exe == binary)
+            })
+            .collect()
+    }
+
     /// Job processes of this testnet's executors, as `(pid, command line)`: the job and what it
     /// started, without its sandbox's own machinery (bubblewrap and the sandbox init).
     pub fn job_processes(&self) -> Vec<(u32, String)> {
@@ -851,8 +867,9 @@ impl Testnet {
                 let _ = child.wait();
             }
         }
-        // Executors whose miner was killed outright are orphans: reap them too.
-        for (pid, _) in self.processes() {
+        // Executors whose miner was killed outright are orphans: reap them too (only `horde`
+        // processes of this testnet, never whatever else names its directory).
+        for (pid, _) in self.node_processes() {
             let _ = Command::new("kill")
                 .args(["-KILL", &pid.to_string()])
                 .status();

@@ -91,3 +91,40 @@ async fn the_demo_passes() {
     );
     assert!(printed.contains("demo complete"), "{printed}");
 }
+
+/// Issue 16, item 12: stopping a testnet stops its own `horde` processes and nothing else that
+/// happens to name its directory (the harness's own command, a terminal multiplexer).
+#[test]
+fn shutdown_leaves_other_processes_that_name_the_directory_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let testnet = Testnet::start(TestnetConfig {
+        dir: Some(dir.path().to_owned()),
+        storage: 0,
+        ..TestnetConfig::default()
+    })
+    .unwrap();
+    // `sh -c 'sleep 600; :' bystander DIR`: a shell whose command line names the directory.
+    let mut bystander = std::process::Command::new("sh")
+        .args(["-c", "sleep 600; :", "bystander"])
+        .arg(dir.path())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    assert!(
+        testnet
+            .processes()
+            .iter()
+            .any(|(pid, _)| *pid == bystander.id()),
+        "the bystander must name the directory for this test to mean anything"
+    );
+    let nodes = testnet.node_processes();
+    assert!(!nodes.is_empty());
+    assert!(nodes.iter().all(|(pid, _)| *pid != bystander.id()));
+    testnet.shutdown();
+    assert!(
+        bystander.try_wait().unwrap().is_none(),
+        "the bystander was killed"
+    );
+    let _ = bystander.kill();
+    let _ = bystander.wait();
+}

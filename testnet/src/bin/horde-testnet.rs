@@ -110,7 +110,7 @@ fn main() -> anyhow::Result<()> {
             println!("network up in {} ms", started.elapsed().as_millis());
             print_table(&testnet);
             let pids: Vec<String> = testnet
-                .processes()
+                .node_processes()
                 .iter()
                 .map(|(pid, _)| pid.to_string())
                 .collect();
@@ -148,12 +148,24 @@ fn main() -> anyhow::Result<()> {
         Command::Down { dir } => {
             let pids = std::fs::read_to_string(dir.join("pids"))
                 .with_context(|| format!("no network recorded in {}", dir.display()))?;
+            // Only a pid that still runs `horde` with this directory on its command line: after
+            // pid reuse, a recorded number may name a stranger.
+            let dir_text = dir.display().to_string();
+            let mut stopped = 0;
             for pid in pids.lines().filter(|l| !l.is_empty()) {
-                let _ = std::process::Command::new("kill")
-                    .args(["-INT", pid])
-                    .status();
+                let proc_dir = std::path::Path::new("/proc").join(pid);
+                let is_node = std::fs::read_link(proc_dir.join("exe"))
+                    .is_ok_and(|exe| exe.file_name().is_some_and(|name| name == "horde"))
+                    && std::fs::read(proc_dir.join("cmdline"))
+                        .is_ok_and(|cmdline| String::from_utf8_lossy(&cmdline).contains(&dir_text));
+                if is_node {
+                    let _ = std::process::Command::new("kill")
+                        .args(["-INT", pid])
+                        .status();
+                    stopped += 1;
+                }
             }
-            println!("stopped {} processes", pids.lines().count());
+            println!("stopped {stopped} processes");
             Ok(())
         }
     }
