@@ -257,13 +257,35 @@ struct Planned {
 }
 
 impl Planned {
-    fn new(name: String, role: Role) -> anyhow::Result<Self> {
+    /// The node `name` of a network in `dir`: its key and ports from an earlier start in the
+    /// same directory when there was one (so saved job state and specs naming its keys keep
+    /// working after a restart), else a fresh key and free ports.
+    fn new(dir: &Path, name: String, role: Role) -> anyhow::Result<Self> {
+        let node_dir = dir.join(&name);
+        let key = match SecretKey::read_key_file(&node_dir.join("hotkey.json")) {
+            Ok(key) => key,
+            Err(_) => SecretKey::generate(),
+        };
+        let earlier = NodeConfig::load(
+            &node_dir.join("node.toml"),
+            &horde_node::server::config::Overrides::default(),
+        )
+        .ok();
+        let (addr, p2p) = match earlier {
+            Some(config) if config.listen.port() != 0 && config.discovery.listen.port() != 0 => {
+                (config.listen, config.discovery.listen)
+            }
+            _ => (
+                ([127, 0, 0, 1], free_udp_port()?).into(),
+                ([127, 0, 0, 1], free_udp_port()?).into(),
+            ),
+        };
         Ok(Self {
             name,
             role,
-            key: SecretKey::generate(),
-            addr: ([127, 0, 0, 1], free_udp_port()?).into(),
-            p2p: ([127, 0, 0, 1], free_udp_port()?).into(),
+            key,
+            addr,
+            p2p,
         })
     }
 }
@@ -296,15 +318,23 @@ impl Testnet {
             Some(bin) => bin.clone(),
             None => horde_binary()?,
         };
-        let mut planned = vec![Planned::new("facilitator".to_owned(), Role::Facilitator)?];
+        let mut planned = vec![Planned::new(
+            &dir,
+            "facilitator".to_owned(),
+            Role::Facilitator,
+        )?];
         for i in 0..config.validators {
-            planned.push(Planned::new(format!("validator-{i}"), Role::Validator)?);
+            planned.push(Planned::new(
+                &dir,
+                format!("validator-{i}"),
+                Role::Validator,
+            )?);
         }
         for i in 0..config.miners {
-            planned.push(Planned::new(format!("miner-{i}"), Role::Miner)?);
+            planned.push(Planned::new(&dir, format!("miner-{i}"), Role::Miner)?);
         }
         for i in 0..config.storage {
-            planned.push(Planned::new(format!("storage-{i}"), Role::Storage)?);
+            planned.push(Planned::new(&dir, format!("storage-{i}"), Role::Storage)?);
         }
         // Static peer lists only for a closed deployment; with discovery every node joins
         // through the facilitator, which therefore starts first.
@@ -365,8 +395,12 @@ impl Testnet {
         let node_dir = self.dir.join(&node.name);
         std::fs::create_dir_all(&node_dir)?;
         let key_path = node_dir.join("hotkey.json");
-        let _ = std::fs::remove_file(&key_path);
-        node.key.write_key_file(&key_path)?;
+        let kept =
+            SecretKey::read_key_file(&key_path).is_ok_and(|key| key.hotkey() == node.key.hotkey());
+        if !kept {
+            let _ = std::fs::remove_file(&key_path);
+            node.key.write_key_file(&key_path)?;
+        }
         let settings = self.node_config(node, validators, miners);
         let config_path = node_dir.join("node.toml");
         std::fs::write(&config_path, settings.to_toml()?)?;
@@ -470,7 +504,7 @@ impl Testnet {
             .iter()
             .filter(|n| n.name.starts_with(&format!("{prefix}-")))
             .count();
-        let planned = Planned::new(format!("{prefix}-{n}"), role)?;
+        let planned = Planned::new(&self.dir, format!("{prefix}-{n}"), role)?;
         let bootstrap = self
             .nodes
             .iter()

@@ -128,3 +128,30 @@ fn shutdown_leaves_other_processes_that_name_the_directory_alone() {
     let _ = bystander.kill();
     let _ = bystander.wait();
 }
+
+/// Issue 16, item 13: a network started again in the same directory keeps every node's key and
+/// ports, so saved job state and specs naming them still work.
+#[test]
+fn a_network_restarted_in_its_directory_keeps_its_keys_and_ports() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = || TestnetConfig {
+        dir: Some(dir.path().to_owned()),
+        storage: 0,
+        ..TestnetConfig::default()
+    };
+    let identities = |testnet: &Testnet| {
+        testnet
+            .nodes()
+            .iter()
+            .map(|node| (node.name.clone(), node.hotkey, node.addr, node.p2p))
+            .collect::<Vec<_>>()
+    };
+    let first = Testnet::start(config()).unwrap();
+    let before = identities(&first);
+    first.shutdown();
+    let restarted = std::time::Instant::now();
+    let second = Testnet::start(config()).unwrap();
+    eprintln!("restarted in {:?}", restarted.elapsed());
+    assert_eq!(identities(&second), before);
+    second.shutdown();
+}
