@@ -39,7 +39,7 @@ pub const OUTPUT_DIR: &str = "output";
 const STAGING_DIR: &str = ".staging";
 
 /// Largest blob a volume may be when the spec does not say (matches the store's default).
-const DEFAULT_MAX_VOLUME_SIZE: u64 = crate::server::storage::DEFAULT_MAX_BLOB_SIZE;
+const DEFAULT_MAX_VOLUME_SIZE: u64 = horde_protocol::blob::DEFAULT_MAX_BLOB_SIZE;
 
 /// Checks a relative path sent by a peer ([`RelativePath::components`], the rules the client
 /// and facilitator also apply) and returns it as a [`PathBuf`] of normal components.
