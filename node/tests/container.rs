@@ -94,11 +94,11 @@ fn rootfs_tar(dir: &Path, extra: &[(&str, &str)]) -> Vec<u8> {
 
 /// Imports a rootfs tarball as `name` (`docker import`); returns the image id.
 async fn import(docker: &Docker, name: &str, tar: Vec<u8>) -> String {
-    let (repo, tag) = name.split_once(':').unwrap();
+    // The tag rides in `repo` (`name:tag`): Docker Engine accepts both forms, Podman's
+    // compatible service only this one (it drops a separate `tag`).
     let options = CreateImageOptions {
         from_src: Some("-".into()),
-        repo: Some(repo.into()),
-        tag: Some(tag.into()),
+        repo: Some(name.into()),
         ..CreateImageOptions::default()
     };
     let mut progress =
@@ -345,10 +345,12 @@ async fn a_hostile_job_is_refused_everything() {
     .unwrap();
     // A host process to see and signal, and a host listener to reach.
     let marker = format!("98765{}", std::process::id());
-    let mut host_process = std::process::Command::new("sleep")
-        .arg(&marker)
-        .spawn()
-        .unwrap();
+    let mut host_process = KillOnDrop(
+        std::process::Command::new("sleep")
+            .arg(&marker)
+            .spawn()
+            .unwrap(),
+    );
     let listener = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();
     let host_port = listener.local_addr().unwrap().port();
     let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -407,7 +409,7 @@ async fn a_hostile_job_is_refused_everything() {
         ("KEY_FILE".into(), key_file.display().to_string()),
         ("HOST_DIR".into(), host.path().display().to_string()),
         ("MARKER".into(), marker.clone()),
-        ("HOST_PID".into(), host_process.id().to_string()),
+        ("HOST_PID".into(), host_process.0.id().to_string()),
         ("HOST_PORT".into(), host_port.to_string()),
         ("HOST_IP".into(), host_ip),
         ("EXPECTED_UID".into(), "4321".into()),
@@ -428,13 +430,23 @@ async fn a_hostile_job_is_refused_everything() {
     assert_eq!(stdout.matches("ok ").count(), 4, "{stdout}");
     assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 0);
     // The host process was neither stopped nor killed.
-    assert!(host_process.try_wait().unwrap().is_none());
-    let state = std::fs::read_to_string(format!("/proc/{}/stat", host_process.id())).unwrap();
+    assert!(host_process.0.try_wait().unwrap().is_none());
+    let state = std::fs::read_to_string(format!("/proc/{}/stat", host_process.0.id())).unwrap();
     assert!(!state.contains(") T "), "stopped: {state}");
-    host_process.kill().unwrap();
-    let _ = host_process.wait();
+    drop(host_process);
     accepting.abort();
     remove(job, id).await;
+}
+
+/// A host process killed when the test ends, failed or not (a leaked one would hold the test
+/// harness's output pipe open).
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// The host's global IPv4 addresses.

@@ -29,6 +29,18 @@ pub const EXECUTOR_LABEL: &str = "horde.executor";
 /// (`HORDE_EXECUTOR_URL`). Any port works there since the namespace is the job's alone; this
 /// one is used unless the job's own port is this.
 pub const OUTPUTS_PORT: u16 = 7077;
+/// The mount options of the job's `/tmp` (a tmpfs), owned by the job's uid: the engine copies
+/// the mode of the image's own `/tmp` onto the tmpfs (0755 root in some images), which `mode=`
+/// does not override. Docker Engine takes `uid=`/`gid=`; Podman refuses those and chowns the
+/// tmpfs to the container's user with `U`.
+fn tmp_options(tmp_bytes: u64, uid: u32, engine: EngineKind) -> String {
+    let owner = match engine {
+        EngineKind::Docker => format!("uid={uid},gid={uid}"),
+        EngineKind::Podman => "U".to_owned(),
+    };
+    format!("rw,nosuid,nodev,size={tmp_bytes},mode=1777,{owner}")
+}
+
 /// The CDI vendor/class of NVIDIA GPUs, as Podman names them.
 const CDI_GPU: &str = "nvidia.com/gpu";
 
@@ -165,11 +177,9 @@ pub(crate) fn create_body(plan: &ContainerPlan<'_>) -> Result<ContainerCreateBod
         cap_drop: Some(vec!["ALL".to_owned()]),
         security_opt: Some(vec!["no-new-privileges".to_owned()]),
         readonly_rootfs: Some(true),
-        // Owned by the job's uid: the engine copies the mode of the image's own `/tmp` onto the
-        // tmpfs (0755 root in some images), which `mode=` does not override.
         tmpfs: Some(HashMap::from([(
             "/tmp".to_owned(),
-            format!("rw,nosuid,nodev,size={tmp_bytes},mode=1777,uid={uid},gid={uid}"),
+            tmp_options(tmp_bytes, uid, plan.engine),
         )])),
         mounts: Some(vec![
             bind("volume", VOLUME_MOUNT, true)?,
@@ -286,6 +296,11 @@ mod tests {
         assert_eq!(
             host.tmpfs.unwrap()["/tmp"],
             "rw,nosuid,nodev,size=67108864,mode=1777,uid=65534,gid=65534"
+        );
+        let podman = self::body(policy(), EngineKind::Podman).unwrap();
+        assert_eq!(
+            podman.host_config.unwrap().tmpfs.unwrap()["/tmp"],
+            "rw,nosuid,nodev,size=67108864,mode=1777,U"
         );
         let mounts = host.mounts.unwrap();
         assert_eq!(mounts[0].source.as_deref(), Some("/srv/jobs/7/volume"));
