@@ -63,3 +63,26 @@ fn show_capacity(capacity: &ClassCapacity) -> String {
         format!("{}:{}/{}", capacity.class, capacity.free, capacity.total)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use horde_protocol::ExecutorClass;
+
+    use super::*;
+
+    #[test]
+    fn a_storage_node_shows_what_it_holds_of_its_cap() {
+        let storage = ClassCapacity {
+            class: ExecutorClass(STORAGE_CAPACITY_CLASS.to_owned()),
+            free: 30,
+            total: 50,
+        };
+        assert_eq!(show_capacity(&storage), "20/50 MiB");
+        let miner = ClassCapacity {
+            class: ExecutorClass("cpu".to_owned()),
+            free: 1,
+            total: 2,
+        };
+        assert_eq!(show_capacity(&miner), "cpu:1/2");
+    }
+}
