@@ -2,7 +2,7 @@
 //!
 //! Layout:
 //! - `cli.rs`: [`Cli`], dispatch ([`main`]), the one-line error report.
-//! - `cli/key.rs`: `horde key …`; `cli/node.rs`: `horde node`; `cli/job.rs`: `horde job …`;
+//! - `cli/key.rs`: `horde key …`; `cli/node.rs`: `horde node`; `cli/job.rs` (+ `job/`): `horde job …`;
 //!   `cli/blob.rs`: `horde blob …`; `cli/nodes.rs`: `horde nodes`; `cli/receipts.rs`:
 //!   `horde receipts`; `cli/internal.rs`: hidden subcommands the node starts itself.
 
@@ -67,6 +67,22 @@ enum Command {
     Internal(internal::InternalCommand),
 }
 
+/// Exit code of `horde job run --follow` / `horde job status` when the job completed but some
+/// upload (a declared output, a mid-session upload, stdout/stderr to `logs_storage`) failed;
+/// each is printed as `not uploaded: PATH to TARGET: REASON`. Any other failure exits 1; clap's
+/// usage errors exit 2.
+pub const EXIT_NOT_UPLOADED: u8 = 3;
+
+/// A failure that exits with its own code rather than 1.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub(crate) struct CommandFailed {
+    /// The process's exit code.
+    pub(crate) code: u8,
+    /// The one-line error.
+    pub(crate) message: String,
+}
+
 /// Parses the command line, runs the command, prints a failure on one line; the process's exit
 /// code.
 pub fn main() -> std::process::ExitCode {
@@ -76,7 +92,10 @@ pub fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("{}", describe_error(&error, verbose));
-            std::process::ExitCode::FAILURE
+            match error.downcast_ref::<CommandFailed>() {
+                Some(failed) => std::process::ExitCode::from(failed.code),
+                None => std::process::ExitCode::FAILURE,
+            }
         }
     }
 }

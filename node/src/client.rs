@@ -15,7 +15,8 @@
 //! - `client/spec.rs`: job-spec and volume-list TOML files ([`JobRequest::from_file`],
 //!   [`spec::VolumeListFile`]).
 //! - `client/endpoint.rs`: [`VerifiedEndpoint`] (the miner-signed record, checked) and
-//!   [`JobConnection`] (QUIC to the job, pinned to the job key).
+//!   [`JobConnection`] (QUIC to the job, pinned to the job key; [`JobConnection::request`]: one
+//!   HTTP request, the response's exact bytes streamed, then its verified receipt).
 //! - `client/report.rs`: cross-validation ([`compare_http`]) and [`ReportEvidence`].
 //! - `client/blob.rs`: `horde/blob/1` put and get with retries and resume.
 //! - `client/progress.rs`: transfer progress callbacks and the stderr reporter.
@@ -29,6 +30,7 @@ pub mod spec;
 
 pub use crate::clock::now;
 pub use endpoint::{JobConnection, VerifiedEndpoint};
+pub use horde_transport::tunnel::{HttpResponseStream, RequestBody};
 #[cfg(feature = "cli")]
 pub(crate) use job::wait_for_close;
 pub use job::{Client, ClientError, DEFAULT_SPEC_LIFETIME, JobHandle, JobRequest, REATTACH_WINDOW};

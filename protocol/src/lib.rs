@@ -49,7 +49,7 @@ pub use messages::{
 };
 pub use records::{
     ClassCapacity, EndpointRecord, JobReceipt, MinerReport, NodeRecord, RecordSync, ReportError,
-    Role, VerifiedReport, verify_report,
+    Role, STORAGE_CAPACITY_CLASS, VerifiedReport, verify_report,
 };
 pub use signed::{Signable, Signature, Signed, VerifyError};
 pub use spec_check::{PathError, SpecFieldError};
@@ -332,6 +332,27 @@ mod tests {
         for (reason, hex) in cases {
             assert_eq!(hex::encode(to_bytes(&reason)), hex, "{reason:?}");
         }
+    }
+
+    /// Pins the output locations' tags: `NotUploaded` was appended (tag 2), so a `Blob` or
+    /// `Url` output still encodes as before.
+    #[test]
+    fn snapshot_output_locations() {
+        let url = OutputLocation::Url("u".into());
+        assert_eq!(hex::encode(to_bytes(&url)), "010175");
+        let failed = OutputLocation::NotUploaded {
+            target: "t".into(),
+            reason: "r".into(),
+        };
+        assert_eq!(hex::encode(to_bytes(&failed)), "0201740172");
+        let output = OutputRef {
+            path: RelativePath("stdout".into()),
+            size: 1,
+            hash: BlobHash([0; 32]),
+            location: failed,
+        };
+        let bytes = to_bytes(&output);
+        assert_eq!(from_bytes_exact::<OutputRef>(&bytes).unwrap(), output);
     }
 
     #[test]

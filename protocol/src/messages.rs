@@ -243,7 +243,7 @@ pub struct HordeFailure {
     pub reason: String,
 }
 
-/// Where an uploaded file ended up.
+/// Where an uploaded file ended up, or where it was to go and why it did not.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
 #[cfg_attr(test, derive(Arbitrary))]
 pub struct OutputRef {
@@ -257,7 +257,7 @@ pub struct OutputRef {
     pub location: OutputLocation,
 }
 
-/// Where an output went.
+/// Where an output went (or, appended last, that it went nowhere).
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
 #[cfg_attr(test, derive(Arbitrary))]
 #[non_exhaustive]
@@ -266,6 +266,21 @@ pub enum OutputLocation {
     Blob(NodeAddr),
     /// An HTTP PUT target.
     Url(String),
+    /// Nowhere: the upload failed. `size` and `hash` of its [`OutputRef`] are the file's when it
+    /// could be read, else zero.
+    NotUploaded {
+        /// Where it was to go (`blob HOTKEY@ADDR`, or the URL).
+        target: String,
+        /// Why it did not.
+        reason: String,
+    },
+}
+
+impl OutputRef {
+    /// Whether this output was not uploaded ([`OutputLocation::NotUploaded`]).
+    pub fn not_uploaded(&self) -> bool {
+        matches!(self.location, OutputLocation::NotUploaded { .. })
+    }
 }
 
 /// Executor: outputs were uploaded.
@@ -286,7 +301,8 @@ pub struct JobFinished {
     pub exit_code: Option<i32>,
     /// Whether it was ended by a terminate request.
     pub terminated: bool,
-    /// Uploaded outputs, stdout and stderr.
+    /// Uploaded outputs, stdout and stderr, and those not uploaded
+    /// ([`OutputLocation::NotUploaded`]).
     pub outputs: Vec<OutputRef>,
     /// The last bytes of stdout.
     pub stdout_tail: String,

@@ -92,6 +92,12 @@ impl Signable for EndpointRecord {
     const DOMAIN: &'static str = "horde/endpoint/v1";
 }
 
+/// The capacity entry a storage node publishes in its record instead of executor classes:
+/// `free` and `total` count MiB (free under the store's cap, and the cap: `[storage] max_bytes`,
+/// or what it holds plus the disk's free space), so its record carries its space without a new
+/// field.
+pub const STORAGE_CAPACITY_CLASS: &str = "storage-mib";
+
 /// Free capacity of one executor class on a miner.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
 #[cfg_attr(test, derive(Arbitrary))]

@@ -11,10 +11,13 @@
 //! - [`ResponseHead::body_length`] and [`decode_chunked`]: how a response body is framed
 //!   (nothing, `Content-Length`, chunked, or until the connection closes), and the chunked
 //!   decoder; [`complete_response_len`] tells whether a whole response is in a buffer.
+//! - [`BodyDecoder`]: the same framing decoded as the bytes arrive, for streamed responses.
 //! - [`parse_complete_response`]: everything a `Connection: close` exchange received, interim
 //!   (`1xx`) responses skipped, body de-chunked.
 //!
 //! [`http_request`]: crate::tunnel::http_request
+
+use bytes::{Buf as _, Bytes, BytesMut};
 
 /// Headers accepted in one head; more is [`HttpError::Head`] (`TooManyHeaders`).
 pub const MAX_HEADERS: usize = 64;
@@ -338,6 +341,155 @@ pub fn parse_complete_response(
     }
 }
 
+/// Longest chunk-size or trailer line a [`BodyDecoder`] waits for: 8 KiB.
+const MAX_CHUNK_LINE: usize = 8 * 1024;
+
+/// Decodes a response body as its bytes arrive, without holding more than the input given to
+/// it: `Content-Length` bytes, chunked (extensions and trailers read and dropped), or
+/// everything until the connection closes. The streaming counterpart of
+/// [`parse_complete_response`]'s body handling.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BodyDecoder {
+    state: DecoderState,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DecoderState {
+    Exact { remaining: u64, expected: u64 },
+    ChunkSize,
+    ChunkData(u64),
+    ChunkEnd,
+    Trailer,
+    UntilClose,
+    Done,
+}
+
+impl BodyDecoder {
+    /// A decoder for a body delimited by `length`.
+    pub fn new(length: BodyLength) -> Self {
+        let state = match length {
+            BodyLength::Empty | BodyLength::Exact(0) => DecoderState::Done,
+            BodyLength::Exact(length) => DecoderState::Exact {
+                remaining: length as u64,
+                expected: length as u64,
+            },
+            BodyLength::Chunked => DecoderState::ChunkSize,
+            BodyLength::UntilClose => DecoderState::UntilClose,
+        };
+        Self { state }
+    }
+
+    /// Whether the body is complete (a body delimited by the connection's end never is).
+    pub fn is_done(&self) -> bool {
+        self.state == DecoderState::Done
+    }
+
+    /// The next piece of body bytes taken from the front of `input`, or `None` when `input`
+    /// holds no more of the body (more input needed, or the body is complete: see
+    /// [`is_done`](Self::is_done)). Bytes after a complete body stay in `input`.
+    pub fn decode(&mut self, input: &mut BytesMut) -> Result<Option<Bytes>, HttpError> {
+        loop {
+            match self.state {
+                DecoderState::Done => return Ok(None),
+                DecoderState::UntilClose => {
+                    return Ok((!input.is_empty()).then(|| input.split().freeze()));
+                }
+                DecoderState::Exact {
+                    remaining,
+                    expected,
+                } => {
+                    let Some(piece) = take_up_to(input, remaining) else {
+                        return Ok(None);
+                    };
+                    let remaining = remaining - piece.len() as u64;
+                    self.state = if remaining == 0 {
+                        DecoderState::Done
+                    } else {
+                        DecoderState::Exact {
+                            remaining,
+                            expected,
+                        }
+                    };
+                    return Ok(Some(piece));
+                }
+                DecoderState::ChunkData(remaining) => {
+                    let Some(piece) = take_up_to(input, remaining) else {
+                        return Ok(None);
+                    };
+                    let remaining = remaining - piece.len() as u64;
+                    self.state = if remaining == 0 {
+                        DecoderState::ChunkEnd
+                    } else {
+                        DecoderState::ChunkData(remaining)
+                    };
+                    return Ok(Some(piece));
+                }
+                DecoderState::ChunkSize => match httparse::parse_chunk_size(input) {
+                    Ok(httparse::Status::Complete((len, size))) => {
+                        input.advance(len);
+                        self.state = if size == 0 {
+                            DecoderState::Trailer
+                        } else {
+                            DecoderState::ChunkData(size)
+                        };
+                    }
+                    Ok(httparse::Status::Partial) if input.len() > MAX_CHUNK_LINE => {
+                        return Err(HttpError::Chunked("chunk-size line too long"));
+                    }
+                    Ok(httparse::Status::Partial) => return Ok(None),
+                    Err(httparse::InvalidChunkSize) => {
+                        return Err(HttpError::Chunked("bad chunk size"));
+                    }
+                },
+                DecoderState::ChunkEnd => match input.get(..2) {
+                    None if input.first().is_none_or(|byte| *byte == b'\r') => return Ok(None),
+                    Some(b"\r\n") => {
+                        input.advance(2);
+                        self.state = DecoderState::ChunkSize;
+                    }
+                    _ => return Err(HttpError::Chunked("chunk not followed by CRLF")),
+                },
+                DecoderState::Trailer => {
+                    let Some(line_end) = input.windows(2).position(|pair| pair == b"\r\n") else {
+                        if input.len() > MAX_CHUNK_LINE {
+                            return Err(HttpError::Chunked("trailer line too long"));
+                        }
+                        return Ok(None);
+                    };
+                    input.advance(line_end + 2);
+                    if line_end == 0 {
+                        self.state = DecoderState::Done;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Checks the body is whole when the input has ended: a `Content-Length` or chunked body
+    /// cut short is an error.
+    pub fn finish(&self) -> Result<(), HttpError> {
+        match self.state {
+            DecoderState::Done | DecoderState::UntilClose => Ok(()),
+            DecoderState::Exact {
+                remaining,
+                expected,
+            } => Err(HttpError::Truncated {
+                expected: expected as usize,
+                got: (expected - remaining) as usize,
+            }),
+            _ => Err(HttpError::Chunked("the body ends inside a chunk")),
+        }
+    }
+}
+
+/// Up to `limit` bytes from the front of `input`, `None` if it is empty.
+fn take_up_to(input: &mut BytesMut, limit: u64) -> Option<Bytes> {
+    let take = usize::try_from(limit)
+        .unwrap_or(usize::MAX)
+        .min(input.len());
+    (take > 0).then(|| input.split_to(take).freeze())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -468,5 +620,52 @@ mod tests {
         ] {
             assert!(parse_complete_response(input, false).is_err(), "{input:?}");
         }
+    }
+
+    #[test]
+    fn the_body_decoder_streams_every_framing_byte_by_byte() {
+        let cases: [(BodyLength, &[u8], &[u8]); 4] = [
+            (BodyLength::Exact(5), b"he\xffl\x00rest", b"he\xffl\x00"),
+            (
+                BodyLength::Chunked,
+                b"3;x=y\r\nab\xfe\r\n2\r\n\r\n\r\n0\r\nT: v\r\n\r\nrest",
+                b"ab\xfe\r\n",
+            ),
+            (BodyLength::UntilClose, b"all\xff", b"all\xff"),
+            (BodyLength::Empty, b"rest", b""),
+        ];
+        for (length, input, body) in cases {
+            let mut decoder = BodyDecoder::new(length);
+            let mut buffer = BytesMut::new();
+            let mut out = Vec::new();
+            for byte in input {
+                buffer.extend_from_slice(&[*byte]);
+                while let Some(piece) = decoder.decode(&mut buffer).unwrap() {
+                    out.extend_from_slice(&piece);
+                }
+            }
+            assert_eq!(out, body, "{length:?}");
+            assert!(decoder.finish().is_ok(), "{length:?}");
+            if length != BodyLength::UntilClose {
+                assert!(decoder.is_done());
+                assert_eq!(&buffer[..], b"rest", "{length:?}");
+            }
+        }
+        let mut cut = BodyDecoder::new(BodyLength::Exact(4));
+        assert!(
+            cut.decode(&mut BytesMut::from(&b"ab"[..]))
+                .unwrap()
+                .is_some()
+        );
+        assert!(cut.finish().is_err());
+        let mut bad = BodyDecoder::new(BodyLength::Chunked);
+        assert!(bad.decode(&mut BytesMut::from(&b"zz\r\n"[..])).is_err());
+        let mut bad = BodyDecoder::new(BodyLength::Chunked);
+        assert!(
+            bad.decode(&mut BytesMut::from(&b"1\r\naXY"[..]))
+                .map(|_| ())
+                .and_then(|()| bad.decode(&mut BytesMut::from(&b"XY"[..])).map(|_| ()))
+                .is_err()
+        );
     }
 }

@@ -47,7 +47,9 @@
 //! - `tunnel/wire.rs`: `Data` frame headers (postcard varints), the frame writer and the
 //!   zero-copy frame reader, the running digest of one direction.
 //! - `tunnel/server.rs`: the executor side: [`serve_tunnel_stream`], [`serve_job_endpoint`].
-//! - `tunnel/client.rs`: [`JobTunnel`], [`TunnelStream`] and its halves, [`http_request`].
+//! - `tunnel/client.rs`: [`JobTunnel`], [`TunnelStream`] and its halves.
+//! - `tunnel/request.rs`: one HTTP/1.1 request per stream: [`http_request_streaming`] (the
+//!   body's exact bytes as they arrive, then the receipt) and [`http_request`] (buffered).
 //! - `tunnel/forward.rs`: [`forward_tcp`], a local TCP port tunnelled to the job.
 
 use std::time::Duration;
@@ -60,11 +62,16 @@ use crate::codes;
 
 mod client;
 mod forward;
+mod request;
 mod server;
 mod wire;
 
-pub use client::{HttpResponse, JobTunnel, TunnelReader, TunnelStream, TunnelWriter, http_request};
+pub use client::{JobTunnel, TunnelReader, TunnelStream, TunnelWriter};
 pub use forward::forward_tcp;
+pub use request::{
+    HttpResponse, HttpResponseStream, MAX_RESPONSE_HEAD, RequestBody, http_request,
+    http_request_streaming,
+};
 pub use server::{
     JobConnector, JobEndpointHandle, TunnelContext, TunnelStats, serve_job_endpoint,
     serve_tunnel_stream,
@@ -102,7 +109,7 @@ pub const MAX_FORWARDED_CONNECTIONS: usize = 256;
 /// it does not need every one in memory.
 pub const MAX_KEPT_RECEIPTS: usize = 4096;
 
-/// The largest response [`http_request`] buffers.
+/// The largest response [`http_request`] buffers ([`http_request_streaming`] holds none).
 pub const MAX_HTTP_RESPONSE: usize = 256 * 1024 * 1024;
 
 /// A tunnel stream failed.

@@ -5,6 +5,10 @@
 //! that `request`, `forward`, `volumes`, `terminate` and `status` can act on the job later by id.
 //! `request` and `forward` append each verified job receipt (hex) to `jobs/<job>.receipts`;
 //! `report` turns one of them, with the stored endpoint record, into a signed miner report.
+//!
+//! Layout: `job.rs` (the commands), `job/request.rs` (`request`: the body streamed, exact bytes).
+
+pub mod request;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -13,11 +17,13 @@ use std::time::Instant;
 use anyhow::{Context as _, bail};
 use horde_protocol::codec::{from_bytes_exact, to_bytes};
 use horde_protocol::messages::{
-    DeclineReason, FailureReason, RejectReason, ReportVerdict, StatusUpdate,
+    DeclineReason, FailureReason, JobFinished, OutputLocation, RejectReason, ReportVerdict,
+    StatusUpdate,
 };
 use horde_protocol::{EndpointRecord, JobId, JobReceipt, JobStatus, NodeAddr, SecretKey, Signed};
 use serde::{Deserialize, Serialize};
 
+use crate::cli::{CommandFailed, EXIT_NOT_UPLOADED};
 use crate::client::spec::VolumeListFile;
 use crate::client::{Client, JobConnection, JobRequest, ReportEvidence, VerifiedEndpoint};
 use crate::clock::now;
@@ -50,19 +56,9 @@ pub enum JobCommand {
         common: JobStateArgs,
     },
     /// Send one HTTP request to the job through a tunnel stream and verify the job's receipt.
-    Request {
-        /// The job id.
-        job: String,
-        /// HTTP method.
-        method: String,
-        /// Request path.
-        path: String,
-        /// Request body.
-        #[arg(long)]
-        data: Option<String>,
-        #[command(flatten)]
-        common: JobStateArgs,
-    },
+    /// The body's exact bytes go to stdout (or -o FILE), streamed; the head goes to stderr
+    /// (or, with -i, to stdout before the body).
+    Request(request::RequestArgs),
     /// Tunnel a local TCP port to the job (curl, browsers and WebSocket clients work unchanged).
     Forward {
         /// The job id.
@@ -219,14 +215,15 @@ fn describe(status: &JobStatus) -> String {
             format!("uploaded: {}", files.join(", "))
         }
         JobStatus::Completed(result) => format!(
-            "completed: exit {:?}{}, {} outputs\n--- stdout (tail)\n{}--- stderr (tail)\n{}",
+            "completed: exit {:?}{}, {} outputs{}\n--- stdout (tail)\n{}--- stderr (tail)\n{}",
             result.exit_code,
             if result.terminated {
                 " (terminated)"
             } else {
                 ""
             },
-            result.outputs.len(),
+            result.outputs.iter().filter(|o| !o.not_uploaded()).count(),
+            describe_not_uploaded(result),
             result.stdout_tail,
             result.stderr_tail
         ),
@@ -239,8 +236,10 @@ fn describe(status: &JobStatus) -> String {
             );
             if let Some(result) = &failure.result {
                 text.push_str(&format!(
-                    "\n--- stdout (tail)\n{}--- stderr (tail)\n{}",
-                    result.stdout_tail, result.stderr_tail
+                    "{}\n--- stdout (tail)\n{}--- stderr (tail)\n{}",
+                    describe_not_uploaded(result),
+                    result.stdout_tail,
+                    result.stderr_tail
                 ));
             }
             text
@@ -251,6 +250,21 @@ fn describe(status: &JobStatus) -> String {
         ),
         other => format!("{other:?}"),
     }
+}
+
+/// One line per output, log or mid-session upload that was not uploaded: what, where to, why.
+fn describe_not_uploaded(result: &JobFinished) -> String {
+    result
+        .outputs
+        .iter()
+        .filter_map(|output| match &output.location {
+            OutputLocation::NotUploaded { target, reason } => Some(format!(
+                "\nnot uploaded: {} to {target}: {reason}",
+                output.path
+            )),
+            _ => None,
+        })
+        .collect()
 }
 
 fn describe_rejection(reason: &RejectReason) -> String {
@@ -443,13 +457,7 @@ async fn run(command: JobCommand, facilitators: &Facilitators) -> anyhow::Result
             follow,
             common,
         } => status(job, follow, common, facilitators).await,
-        JobCommand::Request {
-            job,
-            method,
-            path,
-            data,
-            common,
-        } => request(job, method, path, data, common).await,
+        JobCommand::Request(args) => request::request(args).await,
         JobCommand::Forward {
             job,
             listen,
@@ -541,39 +549,6 @@ async fn status(
             return exit_for(&update.status);
         }
     }
-    Ok(())
-}
-
-/// Sends one HTTP request through a tunnel stream and keeps its verified receipt.
-async fn request(
-    job: String,
-    method: String,
-    path: String,
-    data: Option<String>,
-    common: JobStateArgs,
-) -> anyhow::Result<()> {
-    let (job_id, _endpoint, connection) = connect_job(&common, &job).await?;
-    let response = horde_transport::tunnel::http_request(
-        &connection.tunnel,
-        &method,
-        &path,
-        data.unwrap_or_default().as_bytes(),
-    )
-    .await;
-    connection.close().await;
-    let response = response?;
-    println!("HTTP {}", response.status);
-    println!("{}", String::from_utf8_lossy(&response.body));
-    let receipt = response.receipt.verify_by(&connection.tunnel.job_key())?;
-    eprintln!(
-        "receipt verified: stream {} in {} bytes (blake3 {}), out {} bytes (blake3 {})",
-        receipt.stream,
-        receipt.bytes_in,
-        hex::encode(receipt.digest_in),
-        receipt.bytes_out,
-        hex::encode(receipt.digest_out)
-    );
-    append_receipt(&common, &job_id, &response.receipt)?;
     Ok(())
 }
 
@@ -734,8 +709,27 @@ async fn skip_history(handle: &mut crate::client::JobHandle) -> anyhow::Result<(
     Ok(())
 }
 
+/// The command's result for a job's last status: success for `Completed` with every upload
+/// done; [`EXIT_NOT_UPLOADED`] for `Completed` with some upload (outputs or logs) that failed;
+/// a plain failure otherwise.
 fn exit_for(status: &JobStatus) -> anyhow::Result<()> {
     match status {
+        JobStatus::Completed(result) if result.outputs.iter().any(|o| o.not_uploaded()) => {
+            let failed: Vec<String> = result
+                .outputs
+                .iter()
+                .filter(|o| o.not_uploaded())
+                .map(|o| o.path.to_string())
+                .collect();
+            Err(CommandFailed {
+                code: EXIT_NOT_UPLOADED,
+                message: format!(
+                    "job completed, but not uploaded: {} (see above)",
+                    failed.join(", ")
+                ),
+            }
+            .into())
+        }
         JobStatus::Completed(_) => Ok(()),
         other => bail!("job ended: {}", describe(other)),
     }

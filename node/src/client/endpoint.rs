@@ -5,8 +5,11 @@ use std::net::SocketAddr;
 use crate::client::ClientError;
 use crate::client::job::wait_for_close;
 use horde_protocol::{EndpointRecord, Hotkey, JobId, SecretKey, Signed, UnixMillis};
-use horde_transport::tunnel::JobTunnel;
+use horde_transport::tunnel::{
+    HttpResponseStream, JobTunnel, RequestBody, TunnelError, http_request_streaming,
+};
 use horde_transport::{ALPN_JOB, ClientPolicy, EndpointConfig, HordeEndpoint};
+use tokio::io::AsyncRead;
 
 /// An endpoint record that verified: signed by the miner the facilitator chose, for this job,
 /// not expired. The job key is pinned from it.
@@ -77,6 +80,20 @@ impl JobConnection {
     pub async fn close(&self) {
         self.tunnel.connection().close(0u32.into(), b"client done");
         wait_for_close(&self._endpoint).await;
+    }
+
+    /// Sends one HTTP/1.1 request to the job through a new tunnel stream. The response's body
+    /// comes as its exact bytes, streamed ([`HttpResponseStream::next_body`]: nothing is
+    /// decoded as text, nothing held beyond one read), then the job's verified receipt
+    /// ([`HttpResponseStream::finish`]); until that returns, treat the bytes as unproven. The
+    /// request body is sent from memory or streamed from a reader ([`RequestBody`]).
+    pub async fn request<R: AsyncRead + Unpin>(
+        &self,
+        method: &str,
+        path: &str,
+        body: RequestBody<'_, R>,
+    ) -> Result<HttpResponseStream, TunnelError> {
+        http_request_streaming(&self.tunnel, method, path, body).await
     }
 
     /// Dials the verified endpoint with `client_key` as identity.

@@ -32,11 +32,11 @@ use std::time::Duration;
 
 use horde_protocol::messages::{
     EndpointReady, ExecutorRegistration, FailureReason, InitialJobDetails, JobFailure, JobFinished,
-    OutputRef, UploadDone,
+    OutputLocation, OutputRef, UploadDone,
 };
 use horde_protocol::{
-    ControlMessage, DownMessage, Hotkey, JobSpec, Program, RelativePath, SecretKey, Stage,
-    UpMessage, UploadSpec,
+    BlobHash, ControlMessage, DownMessage, Hotkey, JobSpec, Program, RelativePath, SecretKey,
+    Stage, UpMessage, UploadSpec, UploadTarget,
 };
 use horde_transport::{
     ALPN_CONTROL, ALPN_JOB, ClientPolicy, EndpointConfig, HordeEndpoint, JobSession, accept_stream,
@@ -197,6 +197,8 @@ struct Prepared {
     owner: Hotkey,
     used_paths: HashSet<String>,
     job_dir: PathBuf,
+    /// Uploads asked for mid-session that failed: reported again in the job's last message.
+    not_uploaded: Vec<OutputRef>,
 }
 
 /// The job's "outputs ready" requests: each connection read on a task of its own (aborted with
@@ -357,7 +359,9 @@ impl JobRunner {
             Ending::TimedOut | Ending::Abandoned => serving.tunnel.shutdown().await,
         };
         info!(served, failed = failed_streams, "job endpoint closed");
-        self.results(&prepared.spec, job_dir, ending).await
+        let not_uploaded = std::mem::take(&mut prepared.not_uploaded);
+        self.results(&prepared.spec, job_dir, ending, not_uploaded)
+            .await
     }
 
     /// Prepares the job directory, reports ready, receives and verifies the full spec, fetches
@@ -443,6 +447,7 @@ impl JobRunner {
             owner,
             used_paths,
             job_dir: job_dir.to_path_buf(),
+            not_uploaded: Vec::new(),
         })
     }
 
@@ -619,6 +624,7 @@ impl JobRunner {
             owner,
             used_paths,
             job_dir,
+            not_uploaded,
         } = prepared;
         let job_dir = job_dir.as_path();
         let mut pending_uploads: HashMap<String, (UploadSpec, Option<u64>)> = spec
@@ -689,7 +695,7 @@ impl JobRunner {
                 },
                 Some(_) = outputs.requests.join_next(), if !outputs.requests.is_empty() => {}
                 Some(ready) = outputs.ready.recv() => {
-                    let (message, reply) = self.upload_ready(job_dir, &ready.paths, &mut pending_uploads).await;
+                    let (message, reply) = self.upload_ready(job_dir, &ready.paths, &mut pending_uploads, not_uploaded).await;
                     let _ = ready.reply.send(reply);
                     if let Some(message) = message
                         && session.send_up(&message).await.is_err() {
@@ -702,8 +708,16 @@ impl JobRunner {
         Ok(ending)
     }
 
-    /// Uploads the declared outputs and the logs, and builds the job's last message.
-    async fn results(&self, spec: &JobSpec, job_dir: &Path, ending: Ending) -> Outcome {
+    /// Uploads the declared outputs and the logs, and builds the job's last message: every
+    /// upload that failed (now, or mid-session: `not_uploaded`) is in its outputs as
+    /// [`OutputLocation::NotUploaded`]; a declared output not uploaded fails the job in Upload.
+    async fn results(
+        &self,
+        spec: &JobSpec,
+        job_dir: &Path,
+        ending: Ending,
+        not_uploaded: Vec<OutputRef>,
+    ) -> Outcome {
         let (exit, terminated) = match &ending {
             Ending::Exited(exit) => (Some(*exit), false),
             Ending::Terminated(exit) => (Some(*exit), true),
@@ -716,23 +730,11 @@ impl JobRunner {
             .filter(|u| job_dir.join("output").join(&u.path.0).is_file())
             .cloned()
             .collect();
-        let mut upload_error = None;
-        let mut outputs = Vec::new();
-        if !declared.is_empty() {
-            let limit = Duration::from_millis(spec.deadlines.upload_ms);
-            match tokio::time::timeout(
-                limit,
-                volumes::upload(job_dir, &declared, &self.endpoint, &self.http),
-            )
-            .await
-            {
-                Ok(Ok(refs)) => outputs.extend(refs),
-                Ok(Err(error)) => upload_error = Some(FailureReason::Upload(error.to_string())),
-                Err(_) => upload_error = Some(FailureReason::Timeout),
-            }
-        }
+        let limit = Duration::from_millis(spec.deadlines.upload_ms);
+        let (mut outputs, upload_error) = self.upload_each(job_dir, &declared, limit).await;
         let mut result = self.finish_logs(job_dir, spec, exit, terminated).await;
         outputs.append(&mut result.outputs);
+        outputs.extend(not_uploaded);
         result.outputs = outputs;
         if let Some(reason) = upload_error {
             return Some(failed(Stage::Upload, reason, Some(result)));
@@ -790,6 +792,7 @@ impl JobRunner {
         job_dir: &Path,
         paths: &[String],
         pending: &mut HashMap<String, (UploadSpec, Option<u64>)>,
+        not_uploaded: &mut Vec<OutputRef>,
     ) -> (Option<UpMessage>, Result<usize, String>) {
         let mut by_list: HashMap<Option<u64>, Vec<UploadSpec>> = HashMap::new();
         for path in paths {
@@ -814,10 +817,54 @@ impl JobRunner {
                         outputs,
                     }));
                 }
-                Err(error) => return (None, Err(error.to_string())),
+                Err(error) => {
+                    let reason = error.to_string();
+                    not_uploaded.extend(
+                        uploads
+                            .iter()
+                            .map(|upload| not_uploaded_ref(upload, reason.clone())),
+                    );
+                    return (None, Err(reason));
+                }
             }
         }
         (message, Ok(count))
+    }
+
+    /// Uploads each of `uploads` from `dir`'s `output/`, all within `limit`: where each went,
+    /// or, for each that failed, [`OutputLocation::NotUploaded`] naming its target and why; and
+    /// the first failure's reason.
+    async fn upload_each(
+        &self,
+        dir: &Path,
+        uploads: &[UploadSpec],
+        limit: Duration,
+    ) -> (Vec<OutputRef>, Option<FailureReason>) {
+        let deadline = tokio::time::Instant::now() + limit;
+        let mut outputs = Vec::with_capacity(uploads.len());
+        let mut first_failure = None;
+        for upload in uploads {
+            let one = std::slice::from_ref(upload);
+            let sent = volumes::upload(dir, one, &self.endpoint, &self.http);
+            let (reason, failure) = match tokio::time::timeout_at(deadline, sent).await {
+                Ok(Ok(refs)) => {
+                    outputs.extend(refs);
+                    continue;
+                }
+                Ok(Err(error)) => {
+                    let reason = error.to_string();
+                    (reason.clone(), FailureReason::Upload(reason))
+                }
+                Err(_) => (
+                    format!("the upload deadline ({} ms) passed", limit.as_millis()),
+                    FailureReason::Timeout,
+                ),
+            };
+            warn!(path = %upload.path, %reason, "upload failed");
+            first_failure.get_or_insert(failure);
+            outputs.push(not_uploaded_ref(upload, reason));
+        }
+        (outputs, first_failure)
     }
 
     /// Uploads stdout/stderr when the spec names a target, and builds the job's result.
@@ -841,16 +888,7 @@ impl JobRunner {
                 })
                 .collect();
             let limit = Duration::from_millis(spec.deadlines.upload_ms);
-            match tokio::time::timeout(
-                limit,
-                volumes::upload(&logs_dir, &uploads, &self.endpoint, &self.http),
-            )
-            .await
-            {
-                Ok(Ok(refs)) => outputs = refs,
-                Ok(Err(error)) => warn!(%error, "uploading stdout/stderr failed"),
-                Err(_) => warn!("uploading stdout/stderr timed out"),
-            }
+            (outputs, _) = self.upload_each(&logs_dir, &uploads, limit).await;
         }
         JobFinished {
             exit_code: exit.and_then(|e| e.code),
@@ -859,6 +897,22 @@ impl JobRunner {
             stdout_tail,
             stderr_tail,
         }
+    }
+}
+
+/// An output that was not uploaded: where it was to go and why ([`OutputLocation::NotUploaded`];
+/// a URL is shown without its query, which may hold a presigned credential).
+fn not_uploaded_ref(upload: &UploadSpec, reason: String) -> OutputRef {
+    let target = match &upload.target {
+        UploadTarget::Blob { storage } => format!("blob storage {storage}"),
+        UploadTarget::HttpPut { url, .. } => url.split('?').next().unwrap_or_default().to_owned(),
+        other => format!("{other:?}"),
+    };
+    OutputRef {
+        path: upload.path.clone(),
+        size: 0,
+        hash: BlobHash([0; 32]),
+        location: OutputLocation::NotUploaded { target, reason },
     }
 }
 

@@ -119,11 +119,24 @@ impl RunningNode {
             }
             _ => None,
         };
+        // Storage publishes its space the same way; its store is opened first for that too.
+        let store = match config.role {
+            Role::Storage => Some(Arc::new(
+                BlobStore::open(&config.data_dir, config.storage.clone())
+                    .map_err(NodeError::Blobs)?,
+            )),
+            _ => None,
+        };
         let discovery = if config.discovery.enabled {
+            let capacity = match (&miner, &store) {
+                (Some(miner), _) => Some(miner.capacity_updates()),
+                (None, Some(store)) => Some(store.capacity_updates()),
+                (None, None) => None,
+            };
             let local = LocalNode {
                 role: config.role,
                 addrs: vec![listen],
-                capacity: miner.as_ref().map(|m| m.capacity_updates()),
+                capacity,
             };
             let discovery =
                 Discovery::start(&key, local, &config.discovery, cancel.child_token()).await?;
@@ -139,6 +152,7 @@ impl RunningNode {
             &endpoint,
             directory,
             miner,
+            store,
             cancel.child_token(),
         )
         .await?;
@@ -213,6 +227,7 @@ async fn start_role(
     endpoint: &Arc<HordeEndpoint>,
     directory: Option<Arc<Directory>>,
     miner: Option<Arc<Miner>>,
+    store: Option<Arc<BlobStore>>,
     cancel: CancellationToken,
 ) -> Result<RoleHandle, NodeError> {
     Ok(match config.role {
@@ -236,10 +251,10 @@ async fn start_role(
             Some(miner) => miner.start(),
             None => RoleHandle::new(Role::Miner, Service::None, cancel),
         },
-        Role::Storage => storage::start(
-            BlobStore::open(&config.data_dir, config.storage.clone()).map_err(NodeError::Blobs)?,
-            cancel,
-        ),
+        Role::Storage => match store {
+            Some(store) => storage::start(store, cancel),
+            None => RoleHandle::new(Role::Storage, Service::None, cancel),
+        },
         Role::Executor => {
             let executor_config = config.executor.clone().ok_or_else(|| {
                 NodeError::Config("role executor needs an [executor] section".to_owned())

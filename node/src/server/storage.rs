@@ -11,20 +11,31 @@
 //!   at most [`StoreLimits::max_transfers`] gets and puts run at once, and at most
 //!   [`StoreLimits::transfers_per_peer`] of one hotkey, so one key cannot hold every slot;
 //!   more are refused as busy.
+//! - Space: every upload reserves its declared size (less what a resumed partial holds) before
+//!   a byte is written, against `[storage] max_bytes` (stored blobs + partials + reservations)
+//!   and the filesystem's free space, or is refused `StorageFull`; a write that still finds the
+//!   disk full reclaims its partial; partials idle for `[storage] partial_idle_secs` are expired
+//!   by a sweep. The node publishes its space in its discovery record (`storage-mib`).
+//!
+//! Layout: `storage.rs` (limits, the store, the server loop), `storage/put.rs` (an upload:
+//! [`PutSession`] and [`BlobStore::begin_put`]), `storage/space.rs` (the space accounting).
+
+mod put;
+mod space;
+
+pub use put::PutSession;
+pub use space::{NoRoom, SpaceUsage};
 
 use std::collections::HashSet;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read as _, Seek as _, SeekFrom, Write as _};
+use std::fs::{self, File};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
-use blake3::hazmat::HasherExt as _;
 use bytes::Bytes;
-use horde_protocol::blob::{
-    BlobErrorKind, BlobRequest, BlobResponse, BlobStatus, CHUNK_GROUP_LEN, Outboard,
-};
-use horde_protocol::{BlobHash, Hotkey, Role};
+use horde_protocol::blob::{BlobErrorKind, BlobRequest, BlobResponse, BlobStatus};
+use horde_protocol::{BlobHash, ClassCapacity, Hotkey, Role};
 use horde_transport::blob::{
     Backing, BlobError, PROGRESS_TIMEOUT, ServedBlob, read_request, serve_get,
     within_progress_timeout, write_response,
@@ -33,7 +44,7 @@ use horde_transport::{
     ALPN_BLOB, ChannelError, HordeEndpoint, PeerPermit, PeerQuota, codes, remote_hotkey,
 };
 use quinn::VarInt;
-use tokio::sync::{Semaphore, SemaphorePermit, mpsc};
+use tokio::sync::{Semaphore, SemaphorePermit, mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -66,6 +77,15 @@ pub const DEFAULT_MAX_TRANSFERS: usize = 64;
 /// client moves one blob at a time, so 16 is far above what an honest key needs.
 pub const DEFAULT_MAX_TRANSFERS_PER_PEER: usize = 16;
 
+/// Default idle time after which a partial upload nobody continues is removed: one hour, long
+/// enough for a client to come back after a dropped link or a restart (its retries span
+/// minutes), short enough that abandoned uploads do not hold the disk for long.
+pub const DEFAULT_PARTIAL_IDLE: Duration = Duration::from_secs(3600);
+
+/// Longest pause between two sweeps for idle partial uploads: a minute (a quarter of the idle
+/// time when that is shorter), so a partial outlives its idle time by at most that.
+const MAX_SWEEP_INTERVAL: Duration = Duration::from_secs(60);
+
 /// Who may upload, how much, and how the store bounds the streams it serves: the node config's
 /// `[storage]` section.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -88,6 +108,16 @@ pub struct StoreLimits {
     /// lowers only `max_transfers` stays valid.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_transfers_per_peer: Option<usize>,
+    /// Most bytes the store holds on disk: stored blobs (with their outboards), partial uploads
+    /// and the room reserved by uploads in flight. A put that would go past it is refused
+    /// `StorageFull` before a byte is written. `None`: only the filesystem's free space bounds
+    /// it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_bytes: Option<u64>,
+    /// How long a partial upload may sit untouched (no upload continuing it) before it is
+    /// removed.
+    #[serde(rename = "partial_idle_secs", with = "crate::server::config::secs")]
+    pub partial_idle: Duration,
 }
 
 impl Default for StoreLimits {
@@ -98,6 +128,8 @@ impl Default for StoreLimits {
             progress_timeout: PROGRESS_TIMEOUT,
             max_transfers: DEFAULT_MAX_TRANSFERS,
             max_transfers_per_peer: None,
+            max_bytes: None,
+            partial_idle: DEFAULT_PARTIAL_IDLE,
         }
     }
 }
@@ -128,6 +160,15 @@ impl StoreLimits {
         if self.max_transfers == 0 {
             return Err(InvalidField::new(
                 "storage.max_transfers",
+                "must be above 0",
+            ));
+        }
+        if self.max_bytes == Some(0) {
+            return Err(InvalidField::new("storage.max_bytes", "must be above 0"));
+        }
+        if self.partial_idle.is_zero() {
+            return Err(InvalidField::new(
+                "storage.partial_idle_secs",
                 "must be above 0",
             ));
         }
@@ -176,6 +217,9 @@ pub enum BlobStoreError {
     /// Another upload of this hash is running.
     #[error("an upload of {0} is already in progress")]
     Busy(BlobHash),
+    /// The upload does not fit: refused before a byte was written.
+    #[error("no room: {0}")]
+    NoRoom(#[from] NoRoom),
     /// Disk I/O failed.
     #[error("store I/O: {0}")]
     Io(#[from] io::Error),
@@ -188,6 +232,7 @@ impl BlobStoreError {
             Self::HashMismatch { .. } => BlobErrorKind::HashMismatch,
             Self::WrongLength { .. } => BlobErrorKind::BadRequest,
             Self::Busy(_) => BlobErrorKind::Busy,
+            Self::NoRoom(_) => BlobErrorKind::StorageFull,
             Self::Io(error) if is_out_of_room(error) => BlobErrorKind::StorageFull,
             Self::Io(_) => BlobErrorKind::Internal,
         }
@@ -226,6 +271,8 @@ pub struct BlobStore {
     transfers: Semaphore,
     /// What each peer holds of them ([`StoreLimits::max_transfers_per_peer`]).
     transfers_per_peer: Arc<PeerQuota>,
+    /// What is held and reserved on disk.
+    space: space::Space,
 }
 
 /// A get or put being served: one of the store's transfer slots and one of its peer's share,
@@ -257,6 +304,15 @@ impl BlobStore {
         for entry in fs::read_dir(&tmp)? {
             let _ = fs::remove_file(entry?.path());
         }
+        let space = space::Space::scan(data_dir, &[&blobs, &partial], limits.max_bytes)?;
+        let usage = space.usage();
+        info!(
+            held = usage.held,
+            max_bytes = ?usage.cap,
+            fs_available = usage.fs_available,
+            partial_idle_secs = limits.partial_idle.as_secs(),
+            "blob store opened",
+        );
         let transfers = Semaphore::new(limits.max_transfers.min(Semaphore::MAX_PERMITS));
         let transfers_per_peer = Arc::new(PeerQuota::new(limits.transfers_per_peer()));
         Ok(Self {
@@ -267,7 +323,63 @@ impl BlobStore {
             uploads: Mutex::new(HashSet::new()),
             transfers,
             transfers_per_peer,
+            space,
         })
+    }
+
+    /// What the store holds and may still take now.
+    pub fn usage(&self) -> SpaceUsage {
+        self.space.usage()
+    }
+
+    /// The capacity entry the node publishes in its discovery record
+    /// ([`horde_protocol::STORAGE_CAPACITY_CLASS`]), updated as the store fills and empties.
+    pub fn capacity_updates(&self) -> watch::Receiver<Vec<ClassCapacity>> {
+        self.space.capacity_updates()
+    }
+
+    /// Removes the partial uploads nobody has continued for [`StoreLimits::partial_idle`]
+    /// (their files untouched that long, no upload of theirs running); returns the bytes
+    /// freed. Blocking.
+    pub fn expire_idle_partials(&self) -> io::Result<u64> {
+        let now = SystemTime::now();
+        let mut freed = 0;
+        for entry in fs::read_dir(&self.partial)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let (name, is_size) = match name.strip_suffix(".size") {
+                Some(stem) => (stem, true),
+                None => (name, false),
+            };
+            let Ok(hash) = name.parse::<BlobHash>() else {
+                continue;
+            };
+            // A partial's age is its data file's; a `.size` alone is an orphan.
+            if is_size && self.partial_path(&hash).exists() {
+                continue;
+            }
+            let idle = entry
+                .metadata()
+                .and_then(|meta| meta.modified())
+                .ok()
+                .and_then(|modified| now.duration_since(modified).ok())
+                .unwrap_or_default();
+            if idle < self.limits.partial_idle {
+                continue;
+            }
+            // Under the upload lock, so no upload of it starts while it goes.
+            let uploads = self.uploads.lock().unwrap_or_else(PoisonError::into_inner);
+            if uploads.contains(&hash) || !entry.path().exists() {
+                continue;
+            }
+            let bytes = self.remove_partial(&hash);
+            drop(uploads);
+            self.space.forget(bytes);
+            freed += bytes;
+            info!(hash = %hash.fmt_short(), bytes, idle_secs = idle.as_secs(), "idle partial upload expired");
+        }
+        Ok(freed)
     }
 
     /// A slot to serve one get or put for `peer`, unless the peer holds its share already or
@@ -361,106 +473,6 @@ impl BlobStore {
         }))
     }
 
-    /// Starts an upload of `size` bytes. With a declared `hash` the bytes go to `partial/<hash>`
-    /// and, when `resume` is set, continue after what an earlier attempt left there; without one
-    /// they go to a fresh temporary file. Blocking.
-    pub fn begin_put(
-        self: &Arc<Self>,
-        size: u64,
-        hash: Option<BlobHash>,
-        resume: bool,
-    ) -> Result<PutSession, BlobStoreError> {
-        if size > self.limits.max_blob_size {
-            return Err(BlobStoreError::TooLarge {
-                size,
-                max: self.limits.max_blob_size,
-            });
-        }
-        let (path, offset) = match hash {
-            Some(hash) => {
-                let lock = self
-                    .uploads
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .insert(hash);
-                if !lock {
-                    return Err(BlobStoreError::Busy(hash));
-                }
-                match self.open_partial(hash, size, resume) {
-                    Ok(found) => found,
-                    Err(error) => {
-                        self.release(&hash);
-                        return Err(error.into());
-                    }
-                }
-            }
-            None => (self.tmp.join(temp_name()), 0),
-        };
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(offset == 0)
-            .read(true)
-            .write(true)
-            .open(&path);
-        let mut file = match file {
-            Ok(file) => file,
-            Err(error) => {
-                if let Some(hash) = hash {
-                    self.release(&hash);
-                }
-                return Err(error.into());
-            }
-        };
-        let mut session = PutSession {
-            store: Arc::clone(self),
-            declared: hash,
-            size,
-            path,
-            file: None,
-            group_cvs: Vec::new(),
-            position: 0,
-            buffer: Vec::with_capacity(WRITE_BUFFER),
-            buffer_start: 0,
-            finished: false,
-        };
-        if offset > 0 {
-            // Rebuild the group CVs of the kept prefix.
-            file.set_len(offset)?;
-            file.seek(SeekFrom::Start(0))?;
-            let mut group = vec![0u8; CHUNK_GROUP_LEN as usize];
-            while session.position < offset {
-                file.read_exact(&mut group)?;
-                session
-                    .group_cvs
-                    .push(horde_protocol::blob::subtree_cv(session.position, &group));
-                session.position += CHUNK_GROUP_LEN;
-            }
-        }
-        file.seek(SeekFrom::Start(offset))?;
-        session.buffer_start = offset;
-        session.file = Some(file);
-        Ok(session)
-    }
-
-    /// Opens the partial file of `hash`, returning its path and the group-aligned offset at
-    /// which to continue.
-    fn open_partial(&self, hash: BlobHash, size: u64, resume: bool) -> io::Result<(PathBuf, u64)> {
-        let path = self.partial_path(&hash);
-        let mut offset = 0;
-        if resume
-            && let Ok(BlobStatus::Partial { received, size: s }) = self.stat(&hash)
-            && s == size
-            && size > CHUNK_GROUP_LEN
-        {
-            // Whole groups only, and at least the last group is sent again so the final group
-            // (possibly short) is always hashed from fresh bytes.
-            offset = (received / CHUNK_GROUP_LEN * CHUNK_GROUP_LEN)
-                .min((size - 1) / CHUNK_GROUP_LEN * CHUNK_GROUP_LEN);
-        }
-        write_synced(&self.partial_size_path(&hash), size.to_string().as_bytes())?;
-        Ok((path, offset))
-    }
-
     fn release(&self, hash: &BlobHash) {
         self.uploads
             .lock()
@@ -476,198 +488,39 @@ impl BlobStore {
     }
 }
 
-fn temp_name() -> String {
-    let mut bytes = [0u8; 8];
-    // A clash only makes two uploads share a temp name, which `create_new`-free opening would
-    // corrupt; the OS random source failing is not recoverable here anyway.
-    getrandom::fill(&mut bytes).unwrap_or_default();
-    format!("upload-{}", hex::encode(bytes))
-}
-
-/// Writes a small file and fsyncs it.
-fn write_synced(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let mut file = File::create(path)?;
-    file.write_all(bytes)?;
-    file.sync_all()
-}
-
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
-}
-
-/// One upload being written: hashes every chunk group as it completes and writes in large
-/// batches. Blocking; dropping it unfinished keeps a declared-hash partial for a later resume
-/// and deletes an anonymous temporary file.
-#[derive(Debug)]
-pub struct PutSession {
-    store: Arc<BlobStore>,
-    declared: Option<BlobHash>,
-    size: u64,
-    path: PathBuf,
-    file: Option<File>,
-    group_cvs: Vec<[u8; 32]>,
-    /// Bytes hashed into `group_cvs` or sitting in `buffer`.
-    position: u64,
-    buffer: Vec<u8>,
-    /// Blob offset of `buffer[0]`.
-    buffer_start: u64,
-    finished: bool,
-}
-
-impl PutSession {
-    /// Where the upload continues (the bytes already held).
-    pub fn offset(&self) -> u64 {
-        self.buffer_start + self.buffer.len() as u64
-    }
-
-    /// Appends bytes.
-    pub fn write(&mut self, mut data: &[u8]) -> Result<(), BlobStoreError> {
-        let received = self.offset() + data.len() as u64;
-        if received > self.size {
-            return Err(BlobStoreError::WrongLength {
-                received,
-                size: self.size,
-            });
-        }
-        while !data.is_empty() {
-            let take = (WRITE_BUFFER - self.buffer.len()).min(data.len());
-            self.buffer.extend_from_slice(&data[..take]);
-            data = &data[take..];
-            self.hash_complete_groups();
-            if self.buffer.len() == WRITE_BUFFER {
-                self.flush()?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Hashes the whole groups in the buffer not hashed yet.
-    fn hash_complete_groups(&mut self) {
-        let group = CHUNK_GROUP_LEN as usize;
-        loop {
-            let start = (self.position - self.buffer_start) as usize;
-            if self.buffer.len() - start < group {
-                break;
-            }
-            let cv =
-                horde_protocol::blob::subtree_cv(self.position, &self.buffer[start..start + group]);
-            self.group_cvs.push(cv);
-            self.position += CHUNK_GROUP_LEN;
-        }
-    }
-
-    /// Writes the buffer out, keeping the unhashed tail of a group in it.
-    fn flush(&mut self) -> io::Result<()> {
-        let hashed = (self.position - self.buffer_start) as usize;
-        let Some(file) = self.file.as_mut() else {
-            return Ok(());
-        };
-        file.write_all(&self.buffer[..hashed])?;
-        self.buffer.drain(..hashed);
-        self.buffer_start = self.position;
-        Ok(())
-    }
-
-    /// Checks the length and hash, fsyncs, writes the outboard and renames both into place.
-    pub fn finish(mut self) -> Result<BlobHash, BlobStoreError> {
-        let received = self.offset();
-        if received != self.size {
-            return Err(BlobStoreError::WrongLength {
-                received,
-                size: self.size,
-            });
-        }
-        // The last, short group.
-        let tail_start = (self.position - self.buffer_start) as usize;
-        let single_group = self.size <= CHUNK_GROUP_LEN;
-        let hash = if single_group {
-            BlobHash::of(&self.buffer)
-        } else {
-            if tail_start < self.buffer.len() {
-                let mut hasher = blake3::Hasher::new();
-                hasher.set_input_offset(self.position);
-                hasher.update(&self.buffer[tail_start..]);
-                self.group_cvs.push(hasher.finalize_non_root());
-                self.position = self.size;
-            }
-            let outboard = Outboard::from_group_cvs(self.size, std::mem::take(&mut self.group_cvs));
-            let hash = outboard.root(None).ok_or_else(|| {
-                BlobStoreError::Io(io::Error::other("multi-group outboard without a root"))
-            })?;
-            self.group_cvs = outboard.group_cvs;
-            hash
-        };
-        if let Some(declared) = self.declared
-            && declared != hash
-        {
-            // The partial is worthless: the next attempt starts over.
-            self.finished = true;
-            let _ = fs::remove_file(&self.path);
-            if let Some(declared) = self.declared {
-                let _ = fs::remove_file(self.store.partial_size_path(&declared));
-            }
-            return Err(BlobStoreError::HashMismatch {
-                declared,
-                actual: hash,
-            });
-        }
-        if single_group {
-            self.group_cvs = if self.size == 0 {
-                Vec::new()
-            } else {
-                vec![horde_protocol::blob::subtree_cv(0, &self.buffer)]
-            };
-        }
-        self.position = self.size;
-        self.flush()?;
-        let file = self
-            .file
-            .take()
-            .ok_or_else(|| io::Error::other("upload file already closed"))?;
-        file.sync_all()?;
-        drop(file);
-        let outboard = Outboard::from_group_cvs(self.size, std::mem::take(&mut self.group_cvs));
-        let outboard_tmp = self.store.tmp.join(temp_name());
-        write_synced(&outboard_tmp, &outboard.to_bytes())?;
-        fs::rename(&outboard_tmp, self.store.outboard_path(&hash))?;
-        fs::rename(&self.path, self.store.blob_path(&hash))?;
-        sync_dir(&self.store.blobs)?;
-        if let Some(declared) = self.declared {
-            let _ = fs::remove_file(self.store.partial_size_path(&declared));
-        }
-        self.finished = true;
-        Ok(hash)
-    }
-}
-
-impl Drop for PutSession {
-    fn drop(&mut self) {
-        if let Some(declared) = self.declared {
-            if !self.finished {
-                // Keep what arrived, in whole groups, for a resume.
-                let _ = self.flush();
-                if let Some(file) = self.file.take() {
-                    let _ = file.sync_data();
-                }
-            }
-            self.store.release(&declared);
-        } else if !self.finished {
-            self.file = None;
-            let _ = fs::remove_file(&self.path);
-        }
-    }
-}
-
 /// Starts the storage role on `store`: it serves the node's `horde/blob/1` connections until
 /// `cancel`.
-pub(crate) fn start(store: BlobStore, cancel: CancellationToken) -> RoleHandle {
-    RoleHandle::new(Role::Storage, Service::Storage(Arc::new(store)), cancel)
+pub(crate) fn start(store: Arc<BlobStore>, cancel: CancellationToken) -> RoleHandle {
+    let mut handle = RoleHandle::new(Role::Storage, Service::Storage(Arc::clone(&store)), cancel);
+    let token = handle.cancel().clone();
+    handle.spawn(sweep_idle_partials(store, token));
+    handle
+}
+
+/// Expires idle partial uploads ([`BlobStore::expire_idle_partials`]) every quarter of
+/// [`StoreLimits::partial_idle`], at most [`MAX_SWEEP_INTERVAL`] apart, until `cancel`.
+pub async fn sweep_idle_partials(store: Arc<BlobStore>, cancel: CancellationToken) {
+    let interval = (store.limits.partial_idle / 4).min(MAX_SWEEP_INTERVAL);
+    loop {
+        tokio::select! {
+            biased;
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(interval) => {}
+        }
+        let sweeping = Arc::clone(&store);
+        match tokio::task::spawn_blocking(move || sweeping.expire_idle_partials()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => warn!(%error, "sweeping idle partial uploads failed"),
+            Err(error) => warn!(%error, "the idle partial sweep panicked"),
+        }
+    }
 }
 
 /// Accepts `horde/blob/1` connections on `endpoint` and serves them until `cancel` fires, through
 /// the one accept loop every node runs ([`HordeEndpoint::serve`]); connections on other ALPNs are
 /// closed with [`codes::NOT_ALLOWED`]. For a store embedded without a node (tests, benches).
 pub async fn serve(endpoint: Arc<HordeEndpoint>, store: Arc<BlobStore>, cancel: CancellationToken) {
+    tokio::spawn(sweep_idle_partials(Arc::clone(&store), cancel.clone()));
     endpoint
         .serve(&cancel, move |incoming, token| {
             let store = Arc::clone(&store);

@@ -1,5 +1,5 @@
-//! The client side of the tunnel: [`JobTunnel`] opens [`TunnelStream`]s to the job, checks the
-//! job's receipt on each, and [`http_request`] sends one HTTP/1.1 request through one stream.
+//! The client side of the tunnel: [`JobTunnel`] opens [`TunnelStream`]s to the job and checks
+//! the job's receipt on each (HTTP over one stream is in `request.rs`).
 
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -10,8 +10,7 @@ use horde_protocol::{Hotkey, HotkeyVerifier, JobId, JobReceipt, SecretKey, Signe
 use quinn::VarInt;
 
 use super::wire::{DirectionDigest, FrameIn, Incoming, push_data_frames, write_data};
-use super::{DATA_CHUNK, MAX_HTTP_RESPONSE, MAX_TUNNEL_FRAME_LEN, TunnelError};
-use crate::http;
+use super::{DATA_CHUNK, MAX_TUNNEL_FRAME_LEN, TunnelError};
 use crate::tls::remote_hotkey;
 
 /// What the client sent, shared by the two halves of a stream so the reader can check the
@@ -415,77 +414,6 @@ impl TunnelReader {
     }
 }
 
-/// A job's answer to [`http_request`].
-#[derive(Debug, Clone)]
-#[non_exhaustive]
-pub struct HttpResponse {
-    /// The status code.
-    pub status: u16,
-    /// Header names and values in order, as sent.
-    pub headers: Vec<(String, String)>,
-    /// The body, de-chunked.
-    pub body: Vec<u8>,
-    /// The job's verified receipt for the stream.
-    pub receipt: Signed<JobReceipt>,
-}
-
-impl HttpResponse {
-    /// The first header named `name` (case-insensitive).
-    pub fn header(&self, name: &str) -> Option<&str> {
-        http::header(&self.headers, name)
-    }
-}
-
-/// Sends one HTTP/1.1 request with `Connection: close` through one tunnel stream, reads the
-/// response to the end and verifies the job's receipt. Handles `Content-Length`, chunked and
-/// read-to-EOF bodies.
-pub async fn http_request(
-    tunnel: &JobTunnel,
-    method: &str,
-    path: &str,
-    body: &[u8],
-) -> Result<HttpResponse, TunnelError> {
-    let token_ok = |text: &str| !text.is_empty() && !text.bytes().any(|b| b <= b' ' || b == 0x7f);
-    if !token_ok(method) || !token_ok(path) {
-        return Err(TunnelError::Http(
-            "method and path must be non-empty with no spaces or control characters".to_owned(),
-        ));
-    }
-    let mut request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: horde-job\r\nUser-Agent: horde\r\nConnection: close\r\n\
-         Content-Length: {}\r\n\r\n",
-        body.len()
-    )
-    .into_bytes();
-    request.extend_from_slice(body);
-
-    let mut tunnel = tunnel.open().await?;
-    tunnel.write_last(Bytes::from(request)).await?;
-    let mut response = Vec::new();
-    while let Some(bytes) = tunnel.read().await? {
-        if response.len() + bytes.len() > MAX_HTTP_RESPONSE {
-            return Err(TunnelError::Http(format!(
-                "response larger than {MAX_HTTP_RESPONSE} bytes"
-            )));
-        }
-        response.extend_from_slice(&bytes);
-    }
-    let receipt = tunnel
-        .receipt()
-        .cloned()
-        .ok_or(TunnelError::MissingReceipt)?;
-    let request_was_head = method.eq_ignore_ascii_case("HEAD");
-    let http::Response { head, body } = http::parse_complete_response(&response, request_was_head)
-        .map_err(|error| TunnelError::Http(error.to_string()))?;
-    let (status, headers) = (head.status, head.headers);
-    Ok(HttpResponse {
-        status,
-        headers,
-        body,
-        receipt,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use std::net::SocketAddr;
@@ -495,6 +423,7 @@ mod tests {
 
     use super::*;
     use crate::test_utils::{job_tunnel, seeded_key};
+    use crate::tunnel::http_request;
 
     /// A job answering every connection with `reply` once the request head is in.
     async fn job_answering(reply: &'static [u8]) -> SocketAddr {
