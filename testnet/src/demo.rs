@@ -15,6 +15,18 @@ use horde_transport::tunnel::http_request;
 use crate::demo_job::websocket::{accept_key, decode_frame, encode_frame};
 use crate::{Runtime, Testnet};
 
+/// The statuses a passing demo receives, in order.
+pub const DEMO_STATUSES: [&str; 8] = [
+    "Received",
+    "Assigned",
+    "Accepted",
+    "ExecutorReady",
+    "EndpointReady",
+    "VolumesFetched",
+    "UploadDone",
+    "Completed",
+];
+
 /// What the demo observed, for callers that check it.
 #[derive(Debug, Clone)]
 pub struct DemoReport {

@@ -6,8 +6,9 @@
 //! The tag is `REPO:` + the first 16 hex digits of the BLAKE3 of those files (paths and bytes):
 //! the same program on the same host gives the same tag, and an image already under it is
 //! reused without building. Each new build removes the repository's older images beyond the
-//! [`KEEP_IMAGES`] newest (never one a container uses), so rebuilds do not fill the disk. The demo (`horde-testnet demo --runtime container`), the tests and
-//! flow-latency all take their images from here.
+//! [`KEEP_IMAGES`] newest (never one a container uses), so rebuilds do not fill the disk. The
+//! demo (`horde-testnet demo --runtime container`), the tests and flow-latency all take their
+//! images from here.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -15,9 +16,15 @@ use std::process::Command;
 
 use anyhow::{Context as _, bail, ensure};
 use bollard::Docker;
-use bollard::query_parameters::{CreateImageOptions, ListImagesOptions, RemoveImageOptions};
+use bollard::query_parameters::{
+    CreateImageOptions, ListContainersOptions, ListImagesOptions, RemoveImageOptions,
+};
 use futures::StreamExt as _;
 use horde_node::server::executor::runner::container::engine::engine_address;
+use horde_node::server::executor::runner::container::spec::{
+    JOB_LABEL, OUTPUT_MOUNT, VOLUME_MOUNT,
+};
+use horde_protocol::JobId;
 
 /// The repository of the demo job's image.
 pub const DEMO_JOB_REPO: &str = "horde-demo-job";
@@ -61,6 +68,10 @@ pub async fn engine() -> anyhow::Result<Docker> {
 /// `program` (and what it needs to run) as an image in repository `repo`, built and imported
 /// unless the engine has it already; its reference `repo:HASH`.
 pub async fn program_image(program: &Path, repo: &str) -> anyhow::Result<String> {
+    // One build at a time in a process: two imports under one tag would leave the first image
+    // untagged.
+    static BUILDING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let _building = BUILDING.lock().await;
     let files = runtime_files(program)?;
     let reference = format!("{repo}:{}", content_tag(&files)?);
     let docker = engine().await?;
@@ -88,6 +99,18 @@ pub async fn program_image(program: &Path, repo: &str) -> anyhow::Result<String>
         .with_context(|| format!("{reference} missing after its import"))?;
     remove_older(&docker, repo).await;
     Ok(reference)
+}
+
+/// The ids of the containers (running or not) of job `job`, found by their job label.
+pub async fn job_containers(job: JobId) -> anyhow::Result<Vec<String>> {
+    let label = format!("{JOB_LABEL}={job}");
+    let options = ListContainersOptions {
+        all: true,
+        filters: Some(HashMap::from([("label".to_owned(), vec![label])])),
+        ..ListContainersOptions::default()
+    };
+    let containers = engine().await?.list_containers(Some(options)).await?;
+    Ok(containers.into_iter().filter_map(|c| c.id).collect())
 }
 
 /// Removes `repo`'s images beyond the [`KEEP_IMAGES`] newest; an image in use stays (the engine
@@ -160,16 +183,18 @@ fn content_tag(files: &[PathBuf]) -> anyhow::Result<String> {
 /// libraries at their host paths, and the directories a job's container mounts over.
 fn rootfs_tar(dir: &Path, program: &Path, files: &[PathBuf]) -> anyhow::Result<Vec<u8>> {
     let root = dir.join("rootfs");
-    for sub in [
-        "tmp",
-        "horde/volume",
-        "horde/output",
-        "proc",
-        "dev",
-        "sys",
-        "etc",
+    // Mount points of a job's container (its volume, its outputs, the private /tmp) and the
+    // engine's own: present in the image, since its root is read-only.
+    for mount in [
+        VOLUME_MOUNT,
+        OUTPUT_MOUNT,
+        "/tmp",
+        "/proc",
+        "/dev",
+        "/sys",
+        "/etc",
     ] {
-        std::fs::create_dir_all(root.join(sub))?;
+        std::fs::create_dir_all(root.join(mount.trim_start_matches('/')))?;
     }
     let inside = root.join(path_in_image(program).trim_start_matches('/'));
     std::fs::copy(program, &inside)?;

@@ -7,10 +7,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Tests fail loudly on any error.
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use bollard::query_parameters::ListContainersOptions;
 use horde_node::client::{Client, JobRequest};
 use horde_protocol::{JobId, Program, SecretKey};
 use horde_testnet::{Runtime, Testnet, TestnetConfig, demo, image};
@@ -25,34 +23,13 @@ async fn demo_image() -> String {
         .unwrap_or_else(|error| panic!("{error:#}"))
 }
 
-/// Containers (any state) labelled with `job`'s id.
-async fn containers_of(job: JobId) -> Vec<String> {
-    let options = ListContainersOptions {
-        all: true,
-        filters: Some(HashMap::from([(
-            "label".to_owned(),
-            vec![format!("horde.job={job}")],
-        )])),
-        ..ListContainersOptions::default()
-    };
-    image::engine()
-        .await
-        .unwrap()
-        .list_containers(Some(options))
-        .await
-        .unwrap()
-        .into_iter()
-        .filter_map(|container| container.id)
-        .collect()
-}
-
 /// Polls until no container of `jobs` is left; how long that took, or `None` past `within`.
 async fn until_gone(jobs: &[JobId], within: Duration) -> Option<Duration> {
     let started = Instant::now();
     loop {
         let mut left = 0;
         for job in jobs {
-            left += containers_of(*job).await.len();
+            left += image::job_containers(*job).await.unwrap().len();
         }
         if left == 0 {
             return Some(started.elapsed());
@@ -82,19 +59,7 @@ async fn the_demo_runs_as_a_container_image_through_the_whole_flow() {
     let report = demo::run_demo_with(&testnet, program, &mut out).await;
     let printed = String::from_utf8_lossy(&out);
     let report = report.unwrap_or_else(|e| panic!("{e:#}\n{printed}"));
-    assert_eq!(
-        report.statuses,
-        [
-            "Received",
-            "Assigned",
-            "Accepted",
-            "ExecutorReady",
-            "EndpointReady",
-            "VolumesFetched",
-            "UploadDone",
-            "Completed"
-        ]
-    );
+    assert_eq!(report.statuses, horde_testnet::demo::DEMO_STATUSES);
     assert!(printed.contains(&format!("image {reference}")), "{printed}");
     assert!(printed.contains("demo complete"), "{printed}");
     // The executor removes the container once the job has ended.
@@ -132,7 +97,11 @@ async fn a_killed_miner_leaves_none_of_its_executors_containers() {
         handles.push(job);
     }
     for job in &jobs {
-        assert_eq!(containers_of(*job).await.len(), 1, "job {job} runs");
+        assert_eq!(
+            image::job_containers(*job).await.unwrap().len(),
+            1,
+            "job {job} runs"
+        );
     }
     testnet.kill("miner-0").unwrap();
     let gone = until_gone(&jobs, GONE_WITHIN).await;
