@@ -7,17 +7,31 @@ use std::time::Instant;
 use anyhow::{Context as _, ensure};
 use horde_node::client::{Client, JobConnection, JobHandle, JobRequest, VerifiedEndpoint};
 use horde_protocol::{
-    BlobHash, JobStatus, NodeAddr, RelativePath, SecretKey, UploadSpec, UploadTarget, VolumeSource,
-    VolumeSpec,
+    BlobHash, JobId, JobStatus, NodeAddr, Program, RelativePath, SecretKey, UploadSpec,
+    UploadTarget, VolumeSource, VolumeSpec,
 };
 use horde_transport::tunnel::http_request;
 
-use crate::Testnet;
 use crate::demo_job::websocket::{accept_key, decode_frame, encode_frame};
+use crate::{Runtime, Testnet};
+
+/// The statuses a passing demo receives, in order.
+pub const DEMO_STATUSES: [&str; 8] = [
+    "Received",
+    "Assigned",
+    "Accepted",
+    "ExecutorReady",
+    "EndpointReady",
+    "VolumesFetched",
+    "UploadDone",
+    "Completed",
+];
 
 /// What the demo observed, for callers that check it.
 #[derive(Debug, Clone)]
 pub struct DemoReport {
+    /// The job.
+    pub job_id: JobId,
     /// Statuses in the order the client received them.
     pub statuses: Vec<String>,
     /// Milliseconds from submission to the verified endpoint.
@@ -51,17 +65,50 @@ impl<W: Write> Steps<'_, W> {
     }
 }
 
-/// Runs the demo job through `testnet`, printing each step to `out`.
+/// Runs the demo job (the program, for the process runner) through `testnet`, printing each
+/// step to `out`.
 pub async fn run_demo(testnet: &Testnet, out: &mut impl Write) -> anyhow::Result<DemoReport> {
+    run_demo_with(testnet, demo_program(Runtime::Process).await?, out).await
+}
+
+/// What the demo asks to run on a class whose executors use `runtime`: the demo job's path
+/// (process runners), or its image ([`crate::image::demo_job_image`], built unless the engine
+/// has it already).
+pub async fn demo_program(runtime: Runtime) -> anyhow::Result<Program> {
+    Ok(match runtime {
+        Runtime::Container => Program::Image {
+            reference: crate::image::demo_job_image().await?,
+        },
+        _ => Program::Command {
+            program: crate::demo_job_binary()?
+                .to_str()
+                .context("utf-8 path")?
+                .to_owned(),
+        },
+    })
+}
+
+/// Runs the demo with `program` (from [`demo_program`], for the runner of the testnet's class)
+/// through `testnet`, printing each step to `out`.
+pub async fn run_demo_with(
+    testnet: &Testnet,
+    program: Program,
+    out: &mut impl Write,
+) -> anyhow::Result<DemoReport> {
     let storage = testnet.storage().context("the demo needs a storage node")?;
-    let request = demo_request(&storage)?;
+    let shown = match &program {
+        Program::Image { reference } => format!("image {reference}"),
+        Program::Command { program } => format!("program {program}"),
+        other => format!("{other:?}"),
+    };
+    let request = demo_request(program, &storage);
     let client = Client::new(SecretKey::generate(), testnet.facilitator())?;
     let mut steps = Steps {
         out,
         started: Instant::now(),
     };
     let mut job = client.submit(&request).await?;
-    steps.step(format!("submitted job {}", job.job_id()));
+    steps.step(format!("submitted job {} ({shown})", job.job_id()));
     let mut statuses = Vec::new();
     let endpoint = wait_for_endpoint(&mut job, &mut statuses, &mut steps).await?;
     let endpoint_ms = steps.started.elapsed().as_millis();
@@ -75,16 +122,17 @@ pub async fn run_demo(testnet: &Testnet, out: &mut impl Write) -> anyhow::Result
     let total_ms = steps.started.elapsed().as_millis();
     steps.step("demo complete");
     Ok(DemoReport {
+        job_id: job.job_id(),
         statuses,
         endpoint_ms,
         total_ms,
     })
 }
 
-/// The demo job: the demo program on class `cpu`, with an inline volume, logs to `storage`.
-fn demo_request(storage: &NodeAddr) -> anyhow::Result<JobRequest> {
-    let program = crate::demo_job_binary()?;
-    let mut request = JobRequest::command("cpu", program.to_str().context("utf-8 path")?);
+/// The demo job: `program` on class `cpu`, with an inline volume, logs to `storage`.
+fn demo_request(program: Program, storage: &NodeAddr) -> JobRequest {
+    let mut request = JobRequest::command("cpu", "");
+    request.program = program;
     request.volumes = vec![VolumeSpec {
         path: RelativePath("greeting.txt".into()),
         source: VolumeSource::Inline {
@@ -94,7 +142,7 @@ fn demo_request(storage: &NodeAddr) -> anyhow::Result<JobRequest> {
     request.logs = Some(UploadTarget::Blob {
         storage: storage.clone(),
     });
-    Ok(request)
+    request
 }
 
 /// Follows the statuses (recording their names) until the endpoint is ready and verified.

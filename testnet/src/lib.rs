@@ -8,12 +8,14 @@
 //! every process.
 //!
 //! Layout: `lib.rs` (this harness), `demo.rs` (the demo run through a network), `demo_job.rs`
-//! (+ `demo_job/http.rs`, `demo_job/websocket.rs`: the demo job program's server), `reports.rs`
+//! (+ `demo_job/http.rs`, `demo_job/websocket.rs`: the demo job program's server), `image.rs`
+//! (container images of workspace programs, built from local files), `reports.rs`
 //! (helpers for miner-report tests), `bin/horde-testnet.rs` (the `up` / `demo` command line),
 //! `bin/horde-demo-job.rs` (the demo job program).
 
 pub mod demo;
 pub mod demo_job;
+pub mod image;
 pub mod reports;
 
 use std::io::Read as _;
@@ -25,6 +27,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use horde_node::server::config::{ClassConfig, MinerConfig, NodeConfig};
 use horde_node::server::discovery::{self, BootstrapPeer};
+pub use horde_node::server::executor::runner::Runtime;
 use horde_protocol::{ExecutorClass, Hotkey, NodeAddr, NodeRecord, Role, SecretKey};
 
 /// How long a node has to log its start.
@@ -45,6 +48,11 @@ pub struct TestnetConfig {
     pub storage: usize,
     /// The executor class miners offer.
     pub class: String,
+    /// The runner of that class's executors (default: the process runner, bubblewrap).
+    pub runtime: Runtime,
+    /// Further classes every miner offers beside `class`, each with its own runner (see
+    /// [`runner_class`]).
+    pub more_classes: Vec<ClassConfig>,
     /// Where keys, configs, logs and state go (default: a temporary directory).
     pub dir: Option<PathBuf>,
     /// The `horde` binary (default: found next to the running program, built if missing).
@@ -75,6 +83,8 @@ impl Default for TestnetConfig {
             prewarm: 1,
             storage: 1,
             class: "cpu".to_owned(),
+            runtime: Runtime::default(),
+            more_classes: Vec::new(),
             dir: None,
             horde_bin: None,
             executor_program: None,
@@ -137,6 +147,17 @@ pub struct Testnet {
     shape: TestnetConfig,
     started_in: Duration,
     converged_in: Option<Duration>,
+}
+
+/// Class `name` with one executor, prewarmed, run by `runtime` (`Runtime::Unisolated` with
+/// `allow_unisolated = true`, which it needs).
+pub fn runner_class(name: &str, runtime: Runtime) -> ClassConfig {
+    ClassConfig {
+        prewarm: 1,
+        runtime,
+        allow_unisolated: runtime == Runtime::Unisolated,
+        ..ClassConfig::new(ExecutorClass(name.to_owned()))
+    }
 }
 
 /// A free UDP port on 127.0.0.1 (bound then released; the node binds it right after).
@@ -457,12 +478,14 @@ impl Testnet {
             }
             Role::Validator => config.validator.miners = miners.to_vec(),
             Role::Miner => {
+                let mut classes = vec![ClassConfig {
+                    max_executors: shape.executors_per_miner,
+                    prewarm: shape.prewarm.min(shape.executors_per_miner),
+                    ..runner_class(&shape.class, shape.runtime)
+                }];
+                classes.extend(shape.more_classes.iter().cloned());
                 let mut miner = MinerConfig {
-                    classes: vec![ClassConfig {
-                        max_executors: shape.executors_per_miner,
-                        prewarm: shape.prewarm.min(shape.executors_per_miner),
-                        ..ClassConfig::new(ExecutorClass(shape.class.clone()))
-                    }],
+                    classes,
                     executor_program: Some(
                         shape
                             .executor_program

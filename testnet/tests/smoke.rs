@@ -76,19 +76,7 @@ async fn the_demo_passes() {
     let report = horde_testnet::demo::run_demo(&testnet, &mut out).await;
     let printed = String::from_utf8_lossy(&out);
     let report = report.unwrap_or_else(|e| panic!("{e}\n{printed}"));
-    assert_eq!(
-        report.statuses,
-        [
-            "Received",
-            "Assigned",
-            "Accepted",
-            "ExecutorReady",
-            "EndpointReady",
-            "VolumesFetched",
-            "UploadDone",
-            "Completed"
-        ]
-    );
+    assert_eq!(report.statuses, horde_testnet::demo::DEMO_STATUSES);
     assert!(printed.contains("demo complete"), "{printed}");
 }
 

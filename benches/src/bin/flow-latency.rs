@@ -24,12 +24,16 @@
 //!    process for the round trip and in both places for bulk. The tunnel's distance to this floor
 //!    is its implementation's cost; the floor's distance to direct TCP or raw quinn is the
 //!    design's.
+//! 5. The runners side by side (see `runners`): submit → verified endpoint and the cost per
+//!    tunnel connection of reaching the job's port, for the unisolated process runner, the
+//!    isolated one (bubblewrap) and the container runner (when an engine answers), jobs and
+//!    requests alternating between them, with the deltas over the unisolated runner.
 //!
 //! `cargo run --release -p horde-benches --bin flow-latency -- [--jobs N] [--requests N]
 //! [--size-mib N] [--rounds N] [--json PATH]`
 //!
 //! Layout: `flow-latency.rs` (the measurements and their report), `flow-latency/floor.rs` (the
-//! design-floor relay).
+//! design-floor relay), `flow-latency/runners.rs` (the runners compared).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -48,6 +52,8 @@ use tokio::net::{TcpListener, TcpStream};
 
 #[path = "flow-latency/floor.rs"]
 mod floor;
+#[path = "flow-latency/runners.rs"]
+mod runners;
 
 /// The streaming-job flow benchmark: control plane, round trips and bulk, each beside its
 /// baselines from the same run.
@@ -656,6 +662,8 @@ struct Measured {
     trips: RoundTrips,
     quinn_rtts: Vec<f64>,
     bulk: BulkRuns,
+    runner_rows: Vec<runners::RunnerRow>,
+    runners: runners::RunnerSamples,
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
@@ -663,7 +671,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let control = report_control_plane(&args, &measured);
     let (rtt, keep_alive) = report_round_trips(&args, measured.trips, measured.quinn_rtts);
     let throughput = report_bulk(&args, measured.bulk);
+    let runners = runners::report(&measured.runner_rows, measured.runners);
     let mut json = control;
+    json["runners"] = runners;
     json["rtt"] = rtt;
     json["keep_alive_rtt"] = keep_alive;
     json["throughput_gbit"] = throughput;
@@ -692,14 +702,17 @@ async fn measure(args: &Args) -> anyhow::Result<Measured> {
     let (direct_child, direct_port) = direct_job.context("no direct job")?;
     let job_startup_ms = median(&mut startups);
 
+    let runner_rows = runners::rows(&program_str).await;
     let testnet = Testnet::start(TestnetConfig {
         storage: 0,
         log_filter: "warn".to_owned(),
+        more_classes: runners::classes(&runner_rows),
         ..TestnetConfig::default()
     })?;
     // Warm the connections (first QUIC handshakes) before measuring.
     control_plane(&testnet, &program_str, 1).await?;
     let samples = control_plane(&testnet, &program_str, args.jobs).await?;
+    let runners = runners::measure(&testnet, &runner_rows, args.jobs, args.requests).await?;
     let relay_process =
         floor::RelayProcess::spawn(std::net::SocketAddr::from(([127, 0, 0, 1], direct_port)))
             .await?;
@@ -756,6 +769,8 @@ async fn measure(args: &Args) -> anyhow::Result<Measured> {
         trips,
         quinn_rtts,
         bulk,
+        runner_rows,
+        runners,
     })
 }
 

@@ -283,7 +283,8 @@ pub struct ClassConfig {
     /// Executors started at miner start-up, before any job asks (at most `max_executors`).
     #[serde(default)]
     pub prewarm: u32,
-    /// `"process"` (bubblewrap sandbox, the default) or `"container"` (Docker Engine API).
+    /// `"process"` (bubblewrap sandbox, the default), `"container"` (Docker Engine API), or
+    /// `"unisolated"` (a plain child process; needs `allow_unisolated = true`).
     #[serde(default, skip_serializing_if = "is_default")]
     pub runtime: Runtime,
     /// `"none"` (only the job's own loopback, the default) or `"internet"`.
@@ -741,6 +742,7 @@ mod tests {
             ("cpus = -1.0", "cpus"),
             ("uid = 0", "never run as root"),
             ("runtime = \"vm\"", "runtime"),
+            ("runtime = \"unisolated\"", "needs allow_unisolated = true"),
         ] {
             let text = format!("role = \"miner\"\n[[miner.classes]]\nclass = \"cpu\"\n{class}\n");
             let err = parse(&text).unwrap_err().to_string();
@@ -752,6 +754,15 @@ mod tests {
         )
         .unwrap();
         assert_eq!(gpu.miner.unwrap().classes[0].policy().gpus, Some(Gpus::All));
+        let plain = parse(
+            "role = \"miner\"\n[[miner.classes]]\nclass = \"cpu\"\nruntime = \"unisolated\"\n\
+             allow_unisolated = true\n",
+        )
+        .unwrap();
+        assert_eq!(
+            plain.miner.unwrap().classes[0].policy().runtime,
+            Runtime::Unisolated
+        );
     }
 
     #[test]

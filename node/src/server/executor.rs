@@ -385,7 +385,9 @@ impl JobRunner {
                 return Err(startup(format!("preparing job directory: {error}")));
             }
         }
-        if let Program::Image { reference } = &details.program {
+        if let Program::Image { reference } = &details.program
+            && self.config.policy.runtime != runner::Runtime::Container
+        {
             return Err(startup(format!(
                 "image {reference}: this executor runs commands, not container images"
             )));

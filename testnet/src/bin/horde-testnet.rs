@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use horde_testnet::{Testnet, TestnetConfig};
+use horde_testnet::{Runtime, Testnet, TestnetConfig};
 
 /// Local horde networks of `horde node` processes on 127.0.0.1.
 #[derive(Debug, Parser)]
@@ -20,7 +20,14 @@ enum Command {
     /// Start a network and keep it running until ctrl-c; prints a table of nodes.
     Up(Shape),
     /// Start a network, run a streaming job end to end through it, print each step, stop.
-    Demo(Shape),
+    Demo {
+        #[command(flatten)]
+        shape: Shape,
+        /// The runner of the miners' executors: `process` (bubblewrap sandbox) or `container`
+        /// (the demo job as an image built from local files, through the Docker Engine API).
+        #[arg(long, default_value = "process", value_parser = demo_runtime)]
+        runtime: Runtime,
+    },
     /// Stop a network started with `up --dir DIR` in another terminal.
     Down {
         /// The network's directory.
@@ -54,6 +61,15 @@ fn at_least_one(text: &str) -> Result<usize, String> {
     match text.parse::<usize>() {
         Ok(count) if count >= 1 => Ok(count),
         _ => Err(format!("{text:?}: expected a whole number of at least 1")),
+    }
+}
+
+/// `process` or `container`.
+fn demo_runtime(text: &str) -> Result<Runtime, String> {
+    match text {
+        "process" => Ok(Runtime::Process),
+        "container" => Ok(Runtime::Container),
+        _ => Err(format!("{text:?}: expected process or container")),
     }
 }
 
@@ -125,16 +141,32 @@ fn main() -> anyhow::Result<()> {
             testnet.shutdown();
             Ok(())
         }
-        Command::Demo(shape) => {
+        Command::Demo {
+            shape,
+            runtime: runner,
+        } => {
             if shape.storage == 0 {
                 anyhow::bail!("the demo uploads outputs and logs: it needs --storage 1 or more");
             }
+            // The image first: a missing engine is said before any node starts.
             let started = std::time::Instant::now();
-            let testnet = Testnet::start(shape.config())?;
+            let program = runtime.block_on(horde_testnet::demo::demo_program(runner))?;
+            if let horde_protocol::Program::Image { reference } = &program {
+                println!(
+                    "image {reference} ready in {} ms",
+                    started.elapsed().as_millis()
+                );
+            }
+            let started = std::time::Instant::now();
+            let testnet = Testnet::start(TestnetConfig {
+                runtime: runner,
+                ..shape.config()
+            })?;
             println!("network up in {} ms", started.elapsed().as_millis());
             print_table(&testnet);
-            let report = runtime.block_on(horde_testnet::demo::run_demo(
+            let report = runtime.block_on(horde_testnet::demo::run_demo_with(
                 &testnet,
+                program,
                 &mut std::io::stdout(),
             ));
             testnet.shutdown();

@@ -58,6 +58,10 @@ pub enum Runtime {
     Process,
     /// A container through the Docker Engine API.
     Container,
+    /// A plain child process with the node's user and files, even where the process runner
+    /// could isolate it: only with `allow_unisolated = true`. For measuring what isolation
+    /// costs (flow-latency) against the runner jobs had before it.
+    Unisolated,
 }
 
 /// What a job may reach on the network.
@@ -161,8 +165,15 @@ impl ClassPolicy {
                     .to_owned(),
             );
         }
-        if self.runtime == Runtime::Process && self.gpus.is_some() {
+        if self.runtime != Runtime::Container && self.gpus.is_some() {
             return Err("gpus need runtime = \"container\"".to_owned());
+        }
+        if self.runtime == Runtime::Unisolated && !self.allow_unisolated {
+            return Err(
+                "runtime = \"unisolated\" runs jobs with this node's user and files: it needs \
+                 allow_unisolated = true"
+                    .to_owned(),
+            );
         }
         Ok(())
     }
@@ -376,6 +387,16 @@ pub async fn select(policy: &ClassPolicy) -> Result<Arc<dyn Runner>, RunnerError
             }
             Err(error) => Err(error),
         },
+        Runtime::Unisolated if policy.allow_unisolated => {
+            tracing::warn!(
+                "jobs run UNISOLATED (runtime = \"unisolated\"): a job can read this node's \
+                 files and reach its processes"
+            );
+            Ok(Arc::new(unisolated::UnisolatedRunner))
+        }
+        Runtime::Unisolated => Err(RunnerError::Policy(
+            "runtime = \"unisolated\" needs allow_unisolated = true".into(),
+        )),
         Runtime::Container => {
             let runner =
                 container::ContainerRunner::start(container::ContainerConfig::default()).await?;
