@@ -6,6 +6,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Tests fail loudly on any error.
 
+#[path = "support/internet.rs"]
+mod internet;
+
 use std::collections::HashMap;
 use std::io::BufRead as _;
 use std::path::{Path, PathBuf};
@@ -16,6 +19,7 @@ use bollard::Docker;
 use bollard::query_parameters::{CreateImageOptions, ListContainersOptions, RemoveImageOptions};
 use futures::StreamExt as _;
 use horde_node::server::executor::runner::container::{ContainerConfig, ContainerRunner, image};
+use horde_node::server::executor::runner::egress::Egress;
 use horde_node::server::executor::runner::{
     ClassPolicy, JobProcess, Launch, NetworkPolicy, Runner, RunnerError, Runtime,
 };
@@ -437,22 +441,11 @@ async fn a_hostile_job_is_refused_everything() {
     remove(job, id).await;
 }
 
-/// The host's global IPv4 addresses.
+/// The host's global IPv4 addresses (not loopback, not docker0).
 fn host_addresses() -> Vec<String> {
-    let output = std::process::Command::new("ip")
-        .args(["-4", "-o", "addr", "show", "scope", "global"])
-        .output();
-    let Ok(output) = output else {
-        return Vec::new();
-    };
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .filter_map(|line| {
-            let mut words = line.split_whitespace();
-            words.find(|word| *word == "inet")?;
-            Some(words.next()?.split('/').next()?.to_owned())
-        })
-        .filter(|address| !address.starts_with("172.17."))
+    internet::host_addresses()
+        .into_iter()
+        .filter(|address| !address.starts_with("127.") && !address.starts_with("172.17."))
         .collect()
 }
 
@@ -518,8 +511,8 @@ async fn child_executor() {
         return;
     };
     let dir = PathBuf::from(std::env::var("HORDE_TEST_CHILD_DIR").unwrap());
-    let runner = runner().await;
-    let mut launch = launch(&dir, image_program(), "sleep 600", policy());
+    let runner = internet_runner().await;
+    let mut launch = launch(&dir, image_program(), "sleep 600", internet_policy());
     launch.job_id = job.parse().unwrap();
     let job = runner.start(launch).await.unwrap();
     println!("STARTED");
@@ -552,6 +545,7 @@ async fn the_container_is_gone_soon_after_its_executor_is_killed() {
         }
     }
     assert_eq!(containers_of(job).await.len(), 1, "the job runs");
+    assert_eq!(internet::job_links(job).len(), 1, "with its veth pair");
     child.kill().unwrap(); // SIGKILL
     let killed = Instant::now();
     child.wait().unwrap();
@@ -566,6 +560,14 @@ async fn the_container_is_gone_soon_after_its_executor_is_killed() {
         "container gone {:?} after its executor's SIGKILL",
         killed.elapsed()
     );
+    // Its veth pair goes with its network namespace.
+    while !internet::job_links(job).is_empty() {
+        assert!(
+            killed.elapsed() < Duration::from_secs(5),
+            "the job's veth pair outlived its executor by 5 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -843,4 +845,53 @@ async fn latency_of_start_and_of_tunnel_connections() {
         p(&plain, 99)
     );
     remove(job, id).await;
+}
+
+async fn internet_runner() -> ContainerRunner {
+    let egress = Egress::prepare()
+        .await
+        .expect("this host gives jobs egress (the node runs as root, `ip` and `nft` installed)");
+    runner().await.with_egress(egress)
+}
+
+fn internet_policy() -> ClassPolicy {
+    ClassPolicy {
+        network: NetworkPolicy::Internet,
+        ..policy()
+    }
+}
+
+/// Under `internet` a job reaches the peer, and never an address of the host (loopback,
+/// docker0, the veth ends, …, on a port where a host listener takes every address), nor
+/// another job's port or executor URL; under `none` it does not even reach the peer. Both
+/// reach their own executor URL. Each job's veth pair is gone once the job is removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn internet_reaches_the_peer_and_nothing_of_the_host_or_other_jobs() {
+    let peer = internet::Peer::start();
+    let host = internet::HostListener::start().await;
+    let runner = internet_runner().await;
+    let other_dir = job_dir();
+    let other = launch(
+        other_dir.path(),
+        image_program(),
+        internet::OTHER_JOB,
+        internet_policy(),
+    );
+    let other_id = other.job_id;
+    let other_job = runner.start(other).await.unwrap();
+    let other_outputs = internet::outputs_port(&other_dir.path().join("output")).await;
+    let other_address = internet::job_address(other_id);
+    for (policy, internet) in [(internet_policy(), true), (policy(), false)] {
+        let dir = job_dir();
+        let launch = launch(dir.path(), image_program(), internet::PROBE, policy);
+        let id = launch.job_id;
+        let others = (other_address, [JOB_PORT, other_outputs]);
+        let job = internet::probe(&runner, launch, internet, &peer, &host, others).await;
+        remove(job, id).await;
+        assert_eq!(internet::job_links(id), Vec::<String>::new(), "left behind");
+    }
+    assert_eq!(host.accepted.load(std::sync::atomic::Ordering::SeqCst), 0);
+    assert!(peer.answers());
+    remove(other_job, other_id).await;
+    assert_eq!(internet::job_links(other_id), Vec::<String>::new());
 }
