@@ -326,3 +326,45 @@ async fn egress_costs_milliseconds_at_start() {
     println!("start p50: network none {none:?}, internet {internet:?}");
     assert!(internet < Duration::from_secs(2));
 }
+
+/// A node that is not root cannot make veth pairs: the runner for an `internet` class is
+/// refused with a reason saying so, and `allow_unisolated` does not turn that into unisolated
+/// jobs; the same for both runtimes. (Run as uid 65534 in a child of this test binary.)
+#[tokio::test]
+async fn internet_is_refused_at_start_on_a_node_that_is_not_root() {
+    use horde_node::server::executor::runner::{RunnerError, Runtime, select};
+    if std::env::var("HORDE_TEST_AS_NOBODY").is_ok() {
+        for runtime in [Runtime::Process, Runtime::Container] {
+            let policy = ClassPolicy {
+                allow_unisolated: true,
+                runtime,
+                ..internet_policy()
+            };
+            match select(&policy).await {
+                Err(error @ RunnerError::Egress(_)) => println!("REFUSED: {error}"),
+                Err(error) => println!("WRONG ERROR: {error}"),
+                Ok(runner) => println!("WRONGLY STARTED: {runner:?}"),
+            }
+        }
+        return;
+    }
+    let output = std::process::Command::new("setpriv")
+        .args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
+        .arg(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "internet_is_refused_at_start_on_a_node_that_is_not_root",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("HORDE_TEST_AS_NOBODY", "1")
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        said.contains("REFUSED: job network: network = \"internet\" needs the node to run as root")
+            && said.contains("runs as uid 65534"),
+        "{said}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}

@@ -378,10 +378,15 @@ pub async fn select(policy: &ClassPolicy) -> Result<Arc<dyn Runner>, RunnerError
             Err(error) => Err(error),
         },
         Runtime::Container => {
+            // Egress first, as for the process runner.
+            let egress = match policy.network {
+                NetworkPolicy::Internet => Some(egress::Egress::prepare().await?),
+                NetworkPolicy::None => None,
+            };
             let mut runner =
                 container::ContainerRunner::start(container::ContainerConfig::default()).await?;
-            if policy.network == NetworkPolicy::Internet {
-                runner = runner.with_egress(egress::Egress::prepare().await?);
+            if let Some(egress) = egress {
+                runner = runner.with_egress(egress);
             }
             Ok(Arc::new(runner))
         }

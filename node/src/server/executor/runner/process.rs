@@ -112,17 +112,19 @@ impl ProcessRunner {
         )
         .map_err(|error| RunnerError::Unavailable(format!("bubblewrap (bwrap): {error}")))?;
         let root = rustix::process::geteuid().is_root();
-        let mut runner = Self {
+        // Egress first: a host that cannot give it refuses the class's jobs whatever else.
+        let egress = match policy.network {
+            NetworkPolicy::Internet => Some(Egress::prepare().await?),
+            NetworkPolicy::None => None,
+        };
+        let runner = Self {
             bwrap,
             root,
             cgroups: writable_cgroups(),
             init: PathBuf::from(format!("/proc/{}/exe", std::process::id())),
-            egress: None,
+            egress,
         };
         runner.self_test().await?;
-        if policy.network == NetworkPolicy::Internet {
-            runner.egress = Some(Egress::prepare().await?);
-        }
         match &runner.cgroups {
             Some(_) => info!("jobs run in bubblewrap sandboxes with cgroup limits"),
             None => warn!(
