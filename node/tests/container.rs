@@ -113,6 +113,16 @@ async fn import(docker: &Docker, name: &str, tar: Vec<u8>) -> String {
     docker.inspect_image(name).await.unwrap().id.unwrap()
 }
 
+/// The image `name` as an archive in the engine's `save` format.
+async fn save(docker: &Docker, name: &str) -> Vec<u8> {
+    let mut saved = Vec::new();
+    let mut export = docker.export_image(name);
+    while let Some(chunk) = export.next().await {
+        saved.extend_from_slice(&chunk.unwrap());
+    }
+    saved
+}
+
 /// The test image's id, built once per test binary.
 fn test_image() -> &'static str {
     static ID: OnceLock<String> = OnceLock::new();
@@ -684,6 +694,55 @@ async fn archives_that_are_not_images_are_refused() {
     assert!(matches!(error, RunnerError::NotAnImage(_)), "{error}");
 }
 
+/// An archive whose manifest tags a name the engine has for another image is refused before
+/// the engine loads it: the name keeps its image, and the archive's image is not loaded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_archive_that_would_retag_an_existing_name_is_refused() {
+    let runner = runner().await;
+    let existing = test_image().to_owned();
+    let docker = negotiated().await;
+    let dir = tempfile::tempdir().unwrap();
+    // An image of its own under a name, saved (its manifest carries the name), then removed;
+    // the name is given to the test image instead.
+    let marker = format!("retag-{}", JobId::random());
+    let name = format!("horde-test-retag:{}", &marker[6..18]);
+    let own = import(
+        &docker,
+        &name,
+        rootfs_tar(dir.path(), &[("marker", &marker)]),
+    )
+    .await;
+    let archive = dir.path().join("retag.tar");
+    std::fs::write(&archive, save(&docker, &name).await).unwrap();
+    let force = RemoveImageOptions {
+        force: true,
+        ..RemoveImageOptions::default()
+    };
+    docker.remove_image(&own, Some(force), None).await.unwrap();
+    let (repo, tag) = name.split_once(':').unwrap();
+    let options = bollard::query_parameters::TagImageOptions {
+        repo: Some(repo.into()),
+        tag: Some(tag.into()),
+    };
+    docker.tag_image(&existing, Some(options)).await.unwrap();
+
+    let error = image::load(runner.engine(), &archive).await.unwrap_err();
+    let untag = RemoveImageOptions::default();
+    let name_now = docker.inspect_image(&name).await.map(|image| image.id);
+    let own_now = docker.inspect_image(&own).await.is_ok();
+    docker.remove_image(&name, Some(untag), None).await.unwrap();
+    match &error {
+        RunnerError::Retag {
+            name: retagged,
+            existing: was,
+            archive,
+        } => assert_eq!((retagged, was, archive), (&name, &existing, &own)),
+        other => panic!("{other}"),
+    }
+    assert_eq!(name_now.unwrap(), Some(existing), "the name kept its image");
+    assert!(!own_now, "the archive's image was not loaded");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_image_blob_runs_from_storage_and_a_corrupted_one_is_refused() {
     use horde_node::server::storage::{BlobStore, StoreLimits, serve};
@@ -698,11 +757,7 @@ async fn an_image_blob_runs_from_storage_and_a_corrupted_one_is_refused() {
     let name = format!("horde-test-blob:{}", &marker[11..23]);
     let tar = rootfs_tar(dir.path(), &[("marker", &marker)]);
     import(&docker, &name, tar).await;
-    let mut saved = Vec::new();
-    let mut export = docker.export_image(&name);
-    while let Some(chunk) = export.next().await {
-        saved.extend_from_slice(&chunk.unwrap());
-    }
+    let saved = save(&docker, &name).await;
     let force = RemoveImageOptions {
         force: true,
         ..RemoveImageOptions::default()

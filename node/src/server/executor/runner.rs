@@ -290,6 +290,17 @@ pub enum RunnerError {
     /// An `image_blob` archive that the engine cannot load as an image.
     #[error("image archive is not an image: {0}")]
     NotAnImage(String),
+    /// An `image_blob` archive whose manifest tags a name the engine already has for another
+    /// image: loading it would move that name (and every later job naming it) to this one.
+    #[error("image archive would retag {name} (now {existing}) to {archive}: refused")]
+    Retag {
+        /// The name (`repo:tag`) the archive carries.
+        name: String,
+        /// The image id the engine has under it.
+        existing: String,
+        /// The image id the archive holds.
+        archive: String,
+    },
     /// An `image_blob` archive whose bytes do not match its hash.
     #[error("image archive failed verification: {0}")]
     Integrity(String),
