@@ -172,7 +172,15 @@ async fn stop_ends_everything_the_job_started() {
             .unwrap()
             .filter_map(Result::ok)
             .filter(|e| {
-                std::fs::read(e.path().join("cmdline")).is_ok_and(|c| c.starts_with(b"sleep\x0030"))
+                // Exactly the job's three (a host's own `sleep 30` loop must not count).
+                std::fs::read(e.path().join("cmdline")).is_ok_and(|c| {
+                    [
+                        &b"sleep\x00300\x00"[..],
+                        b"sleep\x00301\x00",
+                        b"sleep\x00302\x00",
+                    ]
+                    .contains(&c.as_slice())
+                })
             })
             .count()
     };
