@@ -6,6 +6,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Tests fail loudly on any error.
 
+#[path = "support/internet.rs"]
+mod internet;
+
 use std::collections::HashMap;
 use std::io::BufRead as _;
 use std::path::{Path, PathBuf};
@@ -16,6 +19,7 @@ use bollard::Docker;
 use bollard::query_parameters::{CreateImageOptions, ListContainersOptions, RemoveImageOptions};
 use futures::StreamExt as _;
 use horde_node::server::executor::runner::container::{ContainerConfig, ContainerRunner, image};
+use horde_node::server::executor::runner::egress::Egress;
 use horde_node::server::executor::runner::{
     ClassPolicy, JobProcess, Launch, NetworkPolicy, Runner, RunnerError, Runtime,
 };
@@ -107,6 +111,16 @@ async fn import(docker: &Docker, name: &str, tar: Vec<u8>) -> String {
         step.unwrap();
     }
     docker.inspect_image(name).await.unwrap().id.unwrap()
+}
+
+/// The image `name` as an archive in the engine's `save` format.
+async fn save(docker: &Docker, name: &str) -> Vec<u8> {
+    let mut saved = Vec::new();
+    let mut export = docker.export_image(name);
+    while let Some(chunk) = export.next().await {
+        saved.extend_from_slice(&chunk.unwrap());
+    }
+    saved
 }
 
 /// The test image's id, built once per test binary.
@@ -449,22 +463,11 @@ impl Drop for KillOnDrop {
     }
 }
 
-/// The host's global IPv4 addresses.
+/// The host's global IPv4 addresses (not loopback, not docker0).
 fn host_addresses() -> Vec<String> {
-    let output = std::process::Command::new("ip")
-        .args(["-4", "-o", "addr", "show", "scope", "global"])
-        .output();
-    let Ok(output) = output else {
-        return Vec::new();
-    };
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .filter_map(|line| {
-            let mut words = line.split_whitespace();
-            words.find(|word| *word == "inet")?;
-            Some(words.next()?.split('/').next()?.to_owned())
-        })
-        .filter(|address| !address.starts_with("172.17."))
+    internet::host_addresses()
+        .into_iter()
+        .filter(|address| !address.starts_with("127.") && !address.starts_with("172.17."))
         .collect()
 }
 
@@ -530,8 +533,8 @@ async fn child_executor() {
         return;
     };
     let dir = PathBuf::from(std::env::var("HORDE_TEST_CHILD_DIR").unwrap());
-    let runner = runner().await;
-    let mut launch = launch(&dir, image_program(), "sleep 600", policy());
+    let runner = internet_runner().await;
+    let mut launch = launch(&dir, image_program(), "sleep 600", internet_policy());
     launch.job_id = job.parse().unwrap();
     let job = runner.start(launch).await.unwrap();
     println!("STARTED");
@@ -564,6 +567,7 @@ async fn the_container_is_gone_soon_after_its_executor_is_killed() {
         }
     }
     assert_eq!(containers_of(job).await.len(), 1, "the job runs");
+    assert_eq!(internet::job_links(job).len(), 1, "with its veth pair");
     child.kill().unwrap(); // SIGKILL
     let killed = Instant::now();
     child.wait().unwrap();
@@ -578,6 +582,14 @@ async fn the_container_is_gone_soon_after_its_executor_is_killed() {
         "container gone {:?} after its executor's SIGKILL",
         killed.elapsed()
     );
+    // Its veth pair goes with its network namespace.
+    while !internet::job_links(job).is_empty() {
+        assert!(
+            killed.elapsed() < Duration::from_secs(5),
+            "the job's veth pair outlived its executor by 5 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -694,6 +706,55 @@ async fn archives_that_are_not_images_are_refused() {
     assert!(matches!(error, RunnerError::NotAnImage(_)), "{error}");
 }
 
+/// An archive whose manifest tags a name the engine has for another image is refused before
+/// the engine loads it: the name keeps its image, and the archive's image is not loaded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_archive_that_would_retag_an_existing_name_is_refused() {
+    let runner = runner().await;
+    let existing = test_image().to_owned();
+    let docker = negotiated().await;
+    let dir = tempfile::tempdir().unwrap();
+    // An image of its own under a name, saved (its manifest carries the name), then removed;
+    // the name is given to the test image instead.
+    let marker = format!("retag-{}", JobId::random());
+    let name = format!("horde-test-retag:{}", &marker[6..18]);
+    let own = import(
+        &docker,
+        &name,
+        rootfs_tar(dir.path(), &[("marker", &marker)]),
+    )
+    .await;
+    let archive = dir.path().join("retag.tar");
+    std::fs::write(&archive, save(&docker, &name).await).unwrap();
+    let force = RemoveImageOptions {
+        force: true,
+        ..RemoveImageOptions::default()
+    };
+    docker.remove_image(&own, Some(force), None).await.unwrap();
+    let (repo, tag) = name.split_once(':').unwrap();
+    let options = bollard::query_parameters::TagImageOptions {
+        repo: Some(repo.into()),
+        tag: Some(tag.into()),
+    };
+    docker.tag_image(&existing, Some(options)).await.unwrap();
+
+    let error = image::load(runner.engine(), &archive).await.unwrap_err();
+    let untag = RemoveImageOptions::default();
+    let name_now = docker.inspect_image(&name).await.map(|image| image.id);
+    let own_now = docker.inspect_image(&own).await.is_ok();
+    docker.remove_image(&name, Some(untag), None).await.unwrap();
+    match &error {
+        RunnerError::Retag {
+            name: retagged,
+            existing: was,
+            archive,
+        } => assert_eq!((retagged, was, archive), (&name, &existing, &own)),
+        other => panic!("{other}"),
+    }
+    assert_eq!(name_now.unwrap(), Some(existing), "the name kept its image");
+    assert!(!own_now, "the archive's image was not loaded");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_image_blob_runs_from_storage_and_a_corrupted_one_is_refused() {
     use horde_node::server::storage::{BlobStore, StoreLimits, serve};
@@ -708,11 +769,7 @@ async fn an_image_blob_runs_from_storage_and_a_corrupted_one_is_refused() {
     let name = format!("horde-test-blob:{}", &marker[11..23]);
     let tar = rootfs_tar(dir.path(), &[("marker", &marker)]);
     import(&docker, &name, tar).await;
-    let mut saved = Vec::new();
-    let mut export = docker.export_image(&name);
-    while let Some(chunk) = export.next().await {
-        saved.extend_from_slice(&chunk.unwrap());
-    }
+    let saved = save(&docker, &name).await;
     let force = RemoveImageOptions {
         force: true,
         ..RemoveImageOptions::default()
@@ -855,4 +912,53 @@ async fn latency_of_start_and_of_tunnel_connections() {
         p(&plain, 99)
     );
     remove(job, id).await;
+}
+
+async fn internet_runner() -> ContainerRunner {
+    let egress = Egress::prepare()
+        .await
+        .expect("this host gives jobs egress (the node runs as root, `ip` and `nft` installed)");
+    runner().await.with_egress(egress)
+}
+
+fn internet_policy() -> ClassPolicy {
+    ClassPolicy {
+        network: NetworkPolicy::Internet,
+        ..policy()
+    }
+}
+
+/// Under `internet` a job reaches the peer, and never an address of the host (loopback,
+/// docker0, the veth ends, …, on a port where a host listener takes every address), nor
+/// another job's port or executor URL; under `none` it does not even reach the peer. Both
+/// reach their own executor URL. Each job's veth pair is gone once the job is removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn internet_reaches_the_peer_and_nothing_of_the_host_or_other_jobs() {
+    let peer = internet::Peer::start();
+    let host = internet::HostListener::start().await;
+    let runner = internet_runner().await;
+    let other_dir = job_dir();
+    let other = launch(
+        other_dir.path(),
+        image_program(),
+        internet::OTHER_JOB,
+        internet_policy(),
+    );
+    let other_id = other.job_id;
+    let other_job = runner.start(other).await.unwrap();
+    let other_outputs = internet::outputs_port(&other_dir.path().join("output")).await;
+    let other_address = internet::job_address(other_id);
+    for (policy, internet) in [(internet_policy(), true), (policy(), false)] {
+        let dir = job_dir();
+        let launch = launch(dir.path(), image_program(), internet::PROBE, policy);
+        let id = launch.job_id;
+        let others = (other_address, [JOB_PORT, other_outputs]);
+        let job = internet::probe(&runner, launch, internet, &peer, &host, others).await;
+        remove(job, id).await;
+        assert_eq!(internet::job_links(id), Vec::<String>::new(), "left behind");
+    }
+    assert_eq!(host.accepted.load(std::sync::atomic::Ordering::SeqCst), 0);
+    assert!(peer.answers());
+    remove(other_job, other_id).await;
+    assert_eq!(internet::job_links(other_id), Vec::<String>::new());
 }

@@ -80,11 +80,11 @@ pub async fn program_image(program: &Path, repo: &str) -> anyhow::Result<String>
     }
     let dir = tempfile::Builder::new().prefix("horde-image-").tempdir()?;
     let tar = rootfs_tar(dir.path(), program, &files)?;
-    let (repo, tag) = reference.split_once(':').context("reference without tag")?;
+    // The tag rides in `repo` (`name:tag`): Docker Engine takes both forms, Podman's
+    // compatible service only this one.
     let options = CreateImageOptions {
         from_src: Some("-".into()),
-        repo: Some(repo.into()),
-        tag: Some(tag.into()),
+        repo: Some(reference.clone()),
         changes: vec![format!("CMD [\"{}\"]", path_in_image(program))],
         ..CreateImageOptions::default()
     };

@@ -287,7 +287,8 @@ pub struct ClassConfig {
     /// `"unisolated"` (a plain child process; needs `allow_unisolated = true`).
     #[serde(default, skip_serializing_if = "is_default")]
     pub runtime: Runtime,
-    /// `"none"` (only the job's own loopback, the default) or `"internet"`.
+    /// `"none"` (only the job's own loopback, the default) or `"internet"` (a veth pair and NAT
+    /// per job, never the host's own addresses; needs the node to run as root).
     #[serde(default, skip_serializing_if = "is_default")]
     pub network: NetworkPolicy,
     /// Memory limit, MiB.
@@ -735,7 +736,6 @@ mod tests {
         let read = parse(&executor.to_toml().unwrap()).unwrap();
         assert_eq!(read.executor.unwrap().policy, policy);
         for (class, needle) in [
-            ("network = \"internet\"", "not built yet"),
             ("gpus = 2", "gpus need runtime = \"container\""),
             ("gpus = \"some\"", "gpus"),
             ("memory_mb = 0", "memory must be at least 1"),
@@ -763,6 +763,15 @@ mod tests {
             plain.miner.unwrap().classes[0].policy().runtime,
             Runtime::Unisolated
         );
+        for runtime in ["process", "container"] {
+            let internet = parse(&format!(
+                "role = \"miner\"\n[[miner.classes]]\nclass = \"net\"\nruntime = \"{runtime}\"\n\
+                 network = \"internet\"\n"
+            ))
+            .unwrap();
+            let policy = internet.miner.unwrap().classes[0].policy();
+            assert_eq!(policy.network, NetworkPolicy::Internet, "{runtime}");
+        }
     }
 
     #[test]

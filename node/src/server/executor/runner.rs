@@ -16,11 +16,14 @@
 //! - `bridge.rs`: the in-sandbox init (`horde sandbox-init`) and the executor's end of its
 //!   socket: connections to and from the job, passed as file descriptors.
 //! - `container.rs` (+ `container/`): the container runner over the Docker Engine API (bollard).
+//! - `egress.rs`: `network = "internet"` for both runners (a veth pair per job, NAT, host
+//!   firewall rules).
 //! - `unisolated.rs`: a plain child process, for hosts that cannot isolate and whose config
 //!   says `allow_unisolated = true`.
 
 pub mod bridge;
 pub mod container;
+pub mod egress;
 pub mod process;
 pub mod unisolated;
 
@@ -157,13 +160,6 @@ impl ClassPolicy {
         }
         if self.uid == Some(0) {
             return Err("uid 0 is root: jobs never run as root".to_owned());
-        }
-        if self.network == NetworkPolicy::Internet {
-            return Err(
-                "network = \"internet\" is not built yet (no NAT that keeps a job off the \
-                 host's addresses); use network = \"none\""
-                    .to_owned(),
-            );
         }
         if self.runtime != Runtime::Container && self.gpus.is_some() {
             return Err("gpus need runtime = \"container\"".to_owned());
@@ -305,6 +301,17 @@ pub enum RunnerError {
     /// An `image_blob` archive that the engine cannot load as an image.
     #[error("image archive is not an image: {0}")]
     NotAnImage(String),
+    /// An `image_blob` archive whose manifest tags a name the engine already has for another
+    /// image: loading it would move that name (and every later job naming it) to this one.
+    #[error("image archive would retag {name} (now {existing}) to {archive}: refused")]
+    Retag {
+        /// The name (`repo:tag`) the archive carries.
+        name: String,
+        /// The image id the engine has under it.
+        existing: String,
+        /// The image id the archive holds.
+        archive: String,
+    },
     /// An `image_blob` archive whose bytes do not match its hash.
     #[error("image archive failed verification: {0}")]
     Integrity(String),
@@ -331,6 +338,9 @@ pub enum RunnerError {
     /// Preparing the job (directories, files, the guard process) failed.
     #[error("preparing the job: {0}")]
     Prepare(#[from] std::io::Error),
+    /// `network = "internet"` cannot be had on this host, or not for this job.
+    #[error("job network: {0}")]
+    Egress(#[from] egress::EgressError),
 }
 
 impl RunnerError {
@@ -377,7 +387,9 @@ pub async fn select(policy: &ClassPolicy) -> Result<Arc<dyn Runner>, RunnerError
     match policy.runtime {
         Runtime::Process => match process::ProcessRunner::detect(policy).await {
             Ok(runner) => Ok(Arc::new(runner)),
-            Err(error) if policy.allow_unisolated => {
+            // A host that isolates but cannot give egress refuses the class's jobs: running
+            // them unisolated would give them the host itself.
+            Err(error) if policy.allow_unisolated && !matches!(error, RunnerError::Egress(_)) => {
                 tracing::warn!(
                     %error,
                     "jobs run UNISOLATED (allow_unisolated = true): a job can read this \
@@ -398,8 +410,16 @@ pub async fn select(policy: &ClassPolicy) -> Result<Arc<dyn Runner>, RunnerError
             "runtime = \"unisolated\" needs allow_unisolated = true".into(),
         )),
         Runtime::Container => {
-            let runner =
+            // Egress first, as for the process runner.
+            let egress = match policy.network {
+                NetworkPolicy::Internet => Some(egress::Egress::prepare().await?),
+                NetworkPolicy::None => None,
+            };
+            let mut runner =
                 container::ContainerRunner::start(container::ContainerConfig::default()).await?;
+            if let Some(egress) = egress {
+                runner = runner.with_egress(egress);
+            }
             Ok(Arc::new(runner))
         }
     }

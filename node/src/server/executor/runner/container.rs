@@ -4,8 +4,10 @@
 //! A job's container has every capability dropped, `no-new-privileges`, a read-only root with a
 //! private tmpfs `/tmp`, a non-root uid from the class (whatever user the image names), the
 //! class's memory/CPU/pids limits, the job's volume read-only at `/horde/volume` and its output
-//! directory read-write at `/horde/output`, no published port, and — under `network = "none"`
-//! — no network but its own loopback. The executor reaches the job's port, and the job its
+//! directory read-write at `/horde/output`, no published port, and network mode `none`: under
+//! `network = "none"` no network but its own loopback; under `"internet"` the executor adds a
+//! veth pair to the container's namespace once it runs ([`super::egress`]; the job's first
+//! few milliseconds have loopback only). The executor reaches the job's port, and the job its
 //! executor's outputs endpoint, through sockets made inside the container's network namespace
 //! ([`netns`]). stdout and stderr are attached before start and written to the job's log files
 //! as they come. The container is removed at every end: exit, stop, and the executor's death
@@ -46,8 +48,9 @@ pub use engine::{Engine, EngineKind};
 pub use guard::{GUARD_CONTAINER_SUBCOMMAND, guard_container};
 
 use self::netns::NetnsHandle;
+use super::egress::{Egress, JobLink};
 use crate::server::executor::runner::{
-    JobDialer, JobEvent, JobExit, JobProcess, Launch, NetworkPolicy, Runner, RunnerError,
+    JobDialer, JobEvent, JobExit, JobProcess, Launch, Runner, RunnerError,
 };
 
 /// After the container has exited, how long its output may take to drain into the log files
@@ -93,6 +96,8 @@ pub struct ContainerRunner {
     executor: String,
     /// The endpoint `image_blob` archives are fetched with.
     blob_endpoint: Option<Arc<HordeEndpoint>>,
+    /// Egress for `network = "internet"` jobs (without it, such jobs are refused).
+    egress: Option<Egress>,
 }
 
 impl ContainerRunner {
@@ -109,7 +114,14 @@ impl ContainerRunner {
             config,
             executor: guard::executor_identity(),
             blob_endpoint: None,
+            egress: None,
         })
+    }
+
+    /// Gives `network = "internet"` jobs egress through `egress`.
+    pub fn with_egress(mut self, egress: Egress) -> Self {
+        self.egress = Some(egress);
+        self
     }
 
     /// Fetch `image_blob` archives with `endpoint` (without one, such jobs are refused).
@@ -154,15 +166,9 @@ impl ContainerRunner {
 #[async_trait]
 impl Runner for ContainerRunner {
     async fn start(&self, launch: Launch) -> Result<Box<dyn JobProcess>, RunnerError> {
+        let egress = super::egress::for_launch(self.egress.as_ref(), &launch)?;
         let image_id = self.image(&launch).await?;
         prepare_dirs(&launch)?;
-        if launch.policy.network == NetworkPolicy::Internet {
-            // Egress through a per-job bridge with host-blocking rules is not built yet: refuse
-            // rather than run with the engine's default bridge (which reaches the host).
-            return Err(RunnerError::Unsupported(
-                "network = \"internet\" in containers".into(),
-            ));
-        }
         let body = spec::create_body(&spec::ContainerPlan {
             launch: &launch,
             image_id: &image_id,
@@ -179,11 +185,12 @@ impl Runner for ContainerRunner {
             port: launch.port,
             guard: Some(guard),
             netns: None,
+            link: None,
             outputs: None,
             exit: None,
             monitor: None,
         };
-        match job.launch(body, &launch).await {
+        match job.launch(body, &launch, egress).await {
             Ok(()) => Ok(Box::new(job)),
             Err(error) => {
                 Box::new(job).remove().await;
@@ -221,6 +228,8 @@ pub struct ContainerJob {
     port: u16,
     guard: Option<tokio::process::Child>,
     netns: Option<NetnsHandle>,
+    /// The job's veth pair, under `network = "internet"`.
+    link: Option<JobLink>,
     outputs: Option<tokio::net::TcpListener>,
     /// The exit, once the monitor has seen it (`Err`: the engine failed while waiting).
     exit: Option<watch::Receiver<Option<Result<JobExit, String>>>>,
@@ -228,11 +237,12 @@ pub struct ContainerJob {
 }
 
 impl ContainerJob {
-    /// Creates, attaches, starts, and enters the network namespace.
+    /// Creates, attaches, starts, enters the network namespace, and gives it egress.
     async fn launch(
         &mut self,
         body: bollard::models::ContainerCreateBody,
         launch: &Launch,
+        egress: Option<&Egress>,
     ) -> Result<(), RunnerError> {
         let engine = &self.engine;
         let options = CreateContainerOptions {
@@ -272,11 +282,18 @@ impl ContainerJob {
         )));
 
         let namespace = self.namespace().await?;
+        let network = match egress {
+            Some(egress) => Some((egress, namespace.try_clone()?)),
+            None => None,
+        };
         let thread = format!("netns-{}", launch.job_id.fmt_short());
         let (netns, outputs) =
             NetnsHandle::enter(namespace, thread, spec::outputs_port(launch.port)).await?;
         self.outputs = Some(outputs);
         self.netns = Some(netns);
+        if let Some((egress, namespace)) = network {
+            self.link = Some(egress.attach(launch.job_id, &namespace).await?);
+        }
         Ok(())
     }
 
@@ -529,6 +546,9 @@ impl JobProcess for ContainerJob {
     async fn remove(mut self: Box<Self>) {
         self.netns = None;
         self.outputs = None;
+        if let Some(link) = self.link.take() {
+            link.remove().await;
+        }
         if let Some(monitor) = self.monitor.take() {
             monitor.abort();
         }

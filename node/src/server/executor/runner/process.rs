@@ -26,6 +26,12 @@
 //! `memory.oom_control`, and anything left in the cgroup is killed at the end. Without one,
 //! memory falls back to `RLIMIT_AS` (a poor stand-in: it counts address space, not memory) and
 //! pids and CPU are not limited; the executor says so at start.
+//!
+//! **Egress.** Under `network = "internet"` the sandbox keeps its own network namespace, and
+//! between the init's hello and the go the executor gives it a veth pair, an address and a
+//! default route ([`super::egress`]) through `/proc/<init pid>/ns/net`, so the job starts
+//! with its network up; `/etc/resolv.conf` is bound too. The pair is deleted when the job is
+//! stopped or removed (and by the kernel with the namespace, whatever ended it).
 
 use std::ffi::OsString;
 use std::os::fd::{AsFd as _, OwnedFd};
@@ -39,6 +45,7 @@ use tokio::io::AsyncWriteExt as _;
 use tracing::{debug, info, warn};
 
 use super::bridge::{BridgeHandle, Channel, Datagram, SANDBOX_INIT_SUBCOMMAND};
+use super::egress::{Egress, JobLink};
 use super::{
     ClassPolicy, DEFAULT_JOB_UID, JOB_PORT_ENV, JobDialer, JobEvent, JobExit, JobProcess, Launch,
     NetworkPolicy, OUTPUT_DIR, OUTPUT_DIR_ENV, Runner, RunnerError, VOLUME_DIR, VOLUME_DIR_ENV,
@@ -84,17 +91,15 @@ pub struct ProcessRunner {
     /// The `horde` binary bound into the sandbox as its init: this very binary, by default
     /// through `/proc/PID/exe` (so a rebuild while the node runs changes nothing).
     init: PathBuf,
+    /// Egress, when the class's network is `internet`.
+    egress: Option<Egress>,
 }
 
 impl ProcessRunner {
     /// A runner for `policy` if this host can isolate jobs: `bwrap` is installed and a
-    /// sandbox starts (a trivial one is tried).
+    /// sandbox starts (a trivial one is tried); under `network = "internet"`, if this host
+    /// can also give jobs egress ([`Egress::prepare`]).
     pub async fn detect(policy: &ClassPolicy) -> Result<Self, RunnerError> {
-        if policy.network == NetworkPolicy::Internet {
-            return Err(RunnerError::Refused(
-                "network = \"internet\" is not available with the process runtime yet".into(),
-            ));
-        }
         if policy.gpus.is_some() {
             return Err(RunnerError::Refused(
                 "gpus need the container runtime".into(),
@@ -107,11 +112,17 @@ impl ProcessRunner {
         )
         .map_err(|error| RunnerError::Unavailable(format!("bubblewrap (bwrap): {error}")))?;
         let root = rustix::process::geteuid().is_root();
+        // Egress first: a host that cannot give it refuses the class's jobs whatever else.
+        let egress = match policy.network {
+            NetworkPolicy::Internet => Some(Egress::prepare().await?),
+            NetworkPolicy::None => None,
+        };
         let runner = Self {
             bwrap,
             root,
             cgroups: writable_cgroups(),
             init: PathBuf::from(format!("/proc/{}/exe", std::process::id())),
+            egress,
         };
         runner.self_test().await?;
         match &runner.cgroups {
@@ -229,6 +240,13 @@ impl ProcessRunner {
                 }
             }
             args.extend(["--ro-bind".into(), path.clone().into(), path.into()]);
+        }
+        if launch.policy.network == NetworkPolicy::Internet {
+            args.extend([
+                "--ro-bind-try".into(),
+                "/etc/resolv.conf".into(),
+                "/etc/resolv.conf".into(),
+            ]);
         }
         args.extend(["--chdir".into(), OUTPUT_DIR.into()]);
         args
@@ -446,6 +464,7 @@ impl Runner for ProcessRunner {
                 "this executor runs commands, not container images".into(),
             ));
         };
+        let egress = super::egress::for_launch(self.egress.as_ref(), &launch)?;
         let uid = self
             .root
             .then(|| launch.policy.uid.unwrap_or(DEFAULT_JOB_UID));
@@ -467,12 +486,15 @@ impl Runner for ProcessRunner {
             Some(parents) => Some(JobCgroup::create(parents, &launch)?),
             None => None,
         };
-        let started = self.spawn(&launch, program, uid, cgroup.as_ref()).await;
+        let started = self
+            .spawn(&launch, program, uid, cgroup.as_ref(), egress)
+            .await;
         match started {
-            Ok((child, bridge)) => Ok(Box::new(ProcessJob {
+            Ok((child, bridge, link)) => Ok(Box::new(ProcessJob {
                 child,
                 bridge,
                 cgroup,
+                link,
                 exit: None,
             })),
             Err(error) => {
@@ -493,7 +515,8 @@ impl ProcessRunner {
         program: &str,
         uid: Option<u32>,
         cgroup: Option<&JobCgroup>,
-    ) -> Result<(tokio::process::Child, BridgeHandle), RunnerError> {
+        egress: Option<&Egress>,
+    ) -> Result<(tokio::process::Child, BridgeHandle, Option<JobLink>), RunnerError> {
         let io = |context: &str| {
             let context = context.to_owned();
             move |error: std::io::Error| RunnerError::io(context, error)
@@ -524,6 +547,7 @@ impl ProcessRunner {
                 .kill_on_drop(true);
             command.spawn().map_err(io("starting bwrap"))?
         };
+        let mut link = None;
         let result = tokio::time::timeout(SANDBOX_START, async {
             let mut args = Vec::new();
             for arg in self.job_args(launch, program) {
@@ -535,7 +559,8 @@ impl ProcessRunner {
             pipe.write_all(&args).await.map_err(io("argument pipe"))?;
             drop(pipe);
             let channel = Channel::new(ours).map_err(io("sandbox socket"))?;
-            handshake(&channel, cgroup, stdout, program).await?;
+            let network = egress.map(|egress| (egress, launch.job_id, &mut link));
+            handshake(&channel, cgroup, network, stdout, program).await?;
             Ok(BridgeHandle::start(channel))
         })
         .await
@@ -545,9 +570,12 @@ impl ProcessRunner {
             ))
         });
         match result {
-            Ok(bridge) => Ok((child, bridge)),
+            Ok(bridge) => Ok((child, bridge, link)),
             Err(error) => {
                 let _ = child.kill().await;
+                if let Some(link) = link {
+                    link.remove().await;
+                }
                 // bwrap's own complaint, if any, is the better reason.
                 let said = std::fs::read_to_string(logs.join("stderr")).unwrap_or_default();
                 match (&error, said.lines().find(|l| l.starts_with("bwrap:"))) {
@@ -559,10 +587,15 @@ impl ProcessRunner {
     }
 }
 
-/// Hello (with the init's pid) → cgroup → go (with the stdout log) → started or failed.
+/// The job's egress, and where to keep its link.
+type Network<'a> = (&'a Egress, horde_protocol::JobId, &'a mut Option<JobLink>);
+
+/// Hello (with the init's pid) → cgroup → network → go (with the stdout log) → started or
+/// failed.
 async fn handshake(
     channel: &Channel,
     cgroup: Option<&JobCgroup>,
+    network: Option<Network<'_>>,
     stdout: std::fs::File,
     program: &str,
 ) -> Result<(), RunnerError> {
@@ -578,11 +611,19 @@ async fn handshake(
     if hello.bytes.first() != Some(&b'H') {
         return Err(closed());
     }
-    if let Some(cgroup) = cgroup {
-        let pid = hello
+    let pid = || {
+        hello
             .pid
-            .ok_or_else(|| RunnerError::Unavailable("the sandbox sent no credentials".into()))?;
-        cgroup.add(pid)?;
+            .ok_or_else(|| RunnerError::Unavailable("the sandbox sent no credentials".into()))
+    };
+    if let Some(cgroup) = cgroup {
+        cgroup.add(pid()?)?;
+    }
+    if let Some((egress, job, link)) = network {
+        // The init waits for the go: its pid is still the sandbox's.
+        let path = format!("/proc/{}/ns/net", pid()?);
+        let namespace = std::fs::File::open(&path).map_err(|e| RunnerError::io(path, e))?;
+        *link = Some(egress.attach(job, &namespace).await?);
     }
     let stdout = OwnedFd::from(stdout);
     channel
@@ -608,6 +649,8 @@ struct ProcessJob {
     child: tokio::process::Child,
     bridge: BridgeHandle,
     cgroup: Option<JobCgroup>,
+    /// The job's veth pair, under `network = "internet"`.
+    link: Option<JobLink>,
     exit: Option<JobExit>,
 }
 
@@ -664,6 +707,9 @@ impl JobProcess for ProcessJob {
         if let Some(cgroup) = &self.cgroup {
             cgroup.remove().await;
         }
+        if let Some(link) = self.link.take() {
+            link.remove().await;
+        }
         exit
     }
 
@@ -672,6 +718,9 @@ impl JobProcess for ProcessJob {
         let _ = self.child.wait().await;
         if let Some(cgroup) = &self.cgroup {
             cgroup.remove().await;
+        }
+        if let Some(link) = self.link.take() {
+            link.remove().await;
         }
     }
 }

@@ -45,7 +45,7 @@ fn identity_of(pid: u32) -> Option<String> {
 }
 
 /// Whether the executor a container's label names still runs.
-fn executor_alive(label: &str) -> bool {
+pub(crate) fn executor_alive(label: &str) -> bool {
     let Some(pid) = label
         .split('.')
         .next()

@@ -127,10 +127,100 @@ pub async fn resolve(engine: &Engine, reference: &str) -> Result<String, RunnerE
         })
 }
 
+/// The largest `manifest.json` read from an archive: one entry per image, a few hundred bytes
+/// each; 1 MiB is thousands of images, far past the one a job may carry.
+const MAX_MANIFEST: u64 = 1 << 20;
+
+/// One image of an archive's `manifest.json`, as the engine's `save` writes it.
+#[derive(Debug, serde::Deserialize)]
+struct ManifestEntry {
+    /// `blobs/sha256/HEX` (OCI layout) or `HEX.json` (older engines): the image id's digest.
+    #[serde(rename = "Config")]
+    config: String,
+    /// The names the engine tags when it loads the archive.
+    #[serde(rename = "RepoTags", default)]
+    repo_tags: Option<Vec<String>>,
+}
+
+impl ManifestEntry {
+    /// The image id (`sha256:HEX`) this entry's config names.
+    fn image_id(&self) -> String {
+        let file = self.config.rsplit('/').next().unwrap_or_default();
+        format!("sha256:{}", file.trim_end_matches(".json"))
+    }
+}
+
+/// The `(name, image id)` pairs the archive at `archive` would tag when loaded, from its
+/// `manifest.json` (read without loading anything; an archive without one is
+/// [`RunnerError::NotAnImage`]).
+fn archive_tags(archive: &Path) -> Result<Vec<(String, String)>, RunnerError> {
+    use std::io::Read as _;
+    let not_an_image = |reason: String| RunnerError::NotAnImage(reason);
+    let file = std::fs::File::open(archive)?;
+    let mut tar = tar::Archive::new(file);
+    let entries = tar
+        .entries_with_seek()
+        .map_err(|error| not_an_image(format!("reading the archive: {error}")))?;
+    for entry in entries {
+        let entry = entry.map_err(|error| not_an_image(format!("reading the archive: {error}")))?;
+        let is_manifest = entry
+            .path()
+            .is_ok_and(|path| path.as_os_str() == "manifest.json");
+        if !is_manifest {
+            continue;
+        }
+        if entry.size() > MAX_MANIFEST {
+            return Err(not_an_image(format!(
+                "manifest.json is {} bytes, more than {MAX_MANIFEST}",
+                entry.size()
+            )));
+        }
+        let mut text = Vec::new();
+        entry.take(MAX_MANIFEST).read_to_end(&mut text)?;
+        let manifest: Vec<ManifestEntry> = serde_json::from_slice(&text)
+            .map_err(|error| not_an_image(format!("manifest.json: {error}")))?;
+        return Ok(manifest
+            .iter()
+            .flat_map(|image| {
+                let id = image.image_id();
+                image
+                    .repo_tags
+                    .iter()
+                    .flatten()
+                    .map(move |tag| (tag.clone(), id.clone()))
+            })
+            .collect());
+    }
+    Err(not_an_image("the archive has no manifest.json".into()))
+}
+
+/// Refuses an archive that would move a name the engine has to another image
+/// ([`RunnerError::Retag`]). A name it tags anew, or to the image it already names, is fine.
+async fn check_tags(engine: &Engine, archive: &Path) -> Result<(), RunnerError> {
+    let path = archive.to_owned();
+    let tags = tokio::task::spawn_blocking(move || archive_tags(&path))
+        .await
+        .map_err(|error| RunnerError::NotAnImage(format!("reading the archive: {error}")))??;
+    for (name, id) in tags {
+        if let Some(existing) = inspect(engine, &name).await?.and_then(|image| image.id)
+            && existing != id
+        {
+            return Err(RunnerError::Retag {
+                name,
+                existing,
+                archive: id,
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Loads the image archive at `archive` (the engine's `save` format, as `docker load` does)
 /// and returns the id of the image it held. An archive the engine cannot load is
-/// [`RunnerError::NotAnImage`].
+/// [`RunnerError::NotAnImage`]; one whose `manifest.json` would retag a name the engine has
+/// for another image is [`RunnerError::Retag`], checked before the engine sees it.
 pub async fn load(engine: &Engine, archive: &Path) -> Result<String, RunnerError> {
+    check_tags(engine, archive).await?;
     let file = tokio::fs::File::open(archive).await?;
     let chunks = futures::stream::unfold(Some(file), |file| async move {
         let mut file = file?;
