@@ -1,24 +1,25 @@
 //! Discovery: every node but executors runs a libp2p swarm beside its QUIC endpoint, finds peers
-//! with identify and Kademlia from its bootstrap peers, and exchanges signed [`NodeRecord`]s over
-//! `/horde/records/1`.
+//! with identify and Kademlia from its bootstrap peers, spreads signed [`NodeRecord`]s on
+//! gossipsub and fetches whole directories over `/horde/records/1` (request-response) when it
+//! joins.
 //!
 //! Identity: the libp2p key is the node's hotkey (same ed25519 secret), so a `PeerId` and a hotkey
 //! name the same node and a bootstrap peer can be written `HOTKEY@IP:PORT`. Transport: libp2p's
 //! QUIC (quinn + rustls with ring, like the rest of horde) on its own UDP port.
 //!
 //! Records: each node signs `NodeRecord {hotkey, role, QUIC addresses, discovery addresses,
-//! executor capacity, version, seq, expires_at}`, re-signs it with a higher `seq` every third of
-//! its lifetime and whenever its capacity changes, and sends it to every connected peer. A new
-//! connection starts with both sides sending their own record and asking for all records the other
-//! holds; records new to a node are passed on to its other peers, so a record spreads through the
-//! whole network and stale copies stop at nodes that already hold a newer one. Every record is
-//! checked before it is kept ([`check_record`]): signature, signer = named hotkey, lifetime and size
-//! limits, and for a record sent as the sender's own, the sender's `PeerId` must be the record's
-//! hotkey. Refused records are logged and dropped; the newest `seq` per hotkey wins; expired
-//! records are swept every second.
+//! executor capacity, version, seq, expires_at}`, re-signs it with a higher `seq` every two fifths
+//! of its lifetime and (coalesced to one per 100 ms) when its capacity changes, and publishes it on
+//! the gossip topic. Every gossiped record is judged before gossipsub forwards it (bad records are
+//! rejected and their sender penalised, stale ones ignored); records from the record exchange pass
+//! [`check_record`], and one sent as the sender's own must name the sender's `PeerId`. The newest
+//! `seq` per hotkey wins; expired records are swept every second; the directory is kept on disk
+//! for restarts.
 //!
-//! Layout: `discovery.rs` (the swarm, record exchange and checks), `discovery/directory.rs` (the
-//! node-record directory: newest `seq` wins, expiry).
+//! Layout: `discovery.rs` (config, identities, the swarm, the record exchange),
+//! `discovery/task.rs` (the swarm task: publishing, judging, fetching, keeping on disk),
+//! `discovery/gossip.rs` (the gossipsub settings and the record check of gossip messages),
+//! `discovery/directory.rs` (the node-record directory: newest `seq` wins, expiry).
 
 mod directory;
 mod gossip;

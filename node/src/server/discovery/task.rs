@@ -36,19 +36,21 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 /// Capacity changes are published at most this often (changes in between are coalesced into
 /// the next record).
 pub const CAPACITY_COALESCE: Duration = Duration::from_millis(100);
-/// How many whole directories a node fetches from peers that are not its bootstrap peers (a
-/// restarted node without bootstrap peers learns the network from the first that connect).
-const FULL_FETCHES: usize = 2;
 /// How often the directory is written to disk when only records of known nodes changed (a
 /// restart loads it; a record kept from up to this long ago is still valid for most of its life).
 const SAVE_INTERVAL: Duration = Duration::from_secs(15);
 /// How soon it is written when a node joined or left (so a restart knows every member).
 const SAVE_MEMBERS_DELAY: Duration = Duration::from_secs(1);
-/// How many peers of a loaded directory are dialed at start, for a fresh copy at once.
+/// How many nodes of a loaded directory are dialed at start, each asked for its whole directory
+/// once connected (a fresh copy at once, also for a node without bootstrap peers).
 const DIAL_LOADED: usize = 3;
 /// How often the message counters are logged (target `horde_node::server::discovery::stats`,
 /// level debug).
 const STATS_INTERVAL: Duration = Duration::from_secs(5);
+/// How long after its first announcement a node announces its record once more: by then the
+/// meshes of a network starting together have formed, and a first copy that reached only
+/// half-formed meshes is made good (one extra record per node, once).
+const SETTLE_DELAY: Duration = Duration::from_secs(4);
 /// The file, in the node's state directory, that holds the directory between runs.
 pub const DIRECTORY_FILE: &str = "discovery-directory.bin";
 
@@ -133,14 +135,15 @@ pub(super) struct SwarmTask {
     pub(super) state_dir: Option<PathBuf>,
     /// Bootstrap peers the whole directory was fetched from already.
     joined: Vec<PeerId>,
-    /// Whole directories fetched from other peers.
-    fetched: usize,
+    /// Nodes of the kept directory dialed at start, to fetch a fresh copy from once.
+    refetch: Vec<PeerId>,
     /// When the own record was last published, and whether a capacity change waits for
     /// [`CAPACITY_COALESCE`] to pass.
     published_at: Option<Instant>,
     capacity_pending: bool,
-    /// Whether the own record reached a subscribed peer yet.
+    /// Whether the own record reached a subscribed peer yet, and when it is announced again.
     announced: bool,
+    settle: Option<Instant>,
     /// The directory's change count, size and time at the last write.
     saved: (u64, usize, Instant),
     stats: Stats,
@@ -167,10 +170,11 @@ impl SwarmTask {
             queries,
             state_dir,
             joined: Vec::new(),
-            fetched: 0,
+            refetch: Vec::new(),
             published_at: None,
             capacity_pending: false,
             announced: false,
+            settle: None,
             saved: (0, 0, Instant::now()),
             stats: Stats::default(),
             logged: Stats::default(),
@@ -205,8 +209,19 @@ impl SwarmTask {
                     (false, _) => std::future::pending().await,
                 }
             };
+            let settle = async {
+                match self.settle {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 () = cancel.cancelled() => break,
+                () = settle => {
+                    self.settle = None;
+                    self.own.refresh();
+                    self.publish_own();
+                }
                 event = self.swarm.select_next_some() => self.on_event(event),
                 Some(query) = self.queries.recv() => self.answer(query),
                 _ = republish.tick() => {
@@ -302,6 +317,7 @@ impl SwarmTask {
         }
         info!(records = self.directory.len(), "kept directory loaded");
         for (peer, addr) in dial {
+            self.refetch.push(peer);
             let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(peer)
                 .addresses(vec![addr])
                 .build();
@@ -365,6 +381,9 @@ impl SwarmTask {
         {
             Ok(_) => {
                 self.stats.published += 1;
+                if !self.announced {
+                    self.settle = Some(Instant::now() + SETTLE_DELAY);
+                }
                 self.announced = true;
             }
             // Nobody to tell yet: the first subscribed peer triggers a publish.
@@ -396,9 +415,9 @@ impl SwarmTask {
             // Joining: the whole directory, once, from the bootstrap peer; gossip from then on.
             self.joined.push(peer);
             self.send_own(peer, true);
-        } else if !bootstrap && self.fetched < FULL_FETCHES {
-            // No bootstrap peer (a facilitator, maybe restarted): learn from the first peers.
-            self.fetched += 1;
+        } else if let Some(at) = self.refetch.iter().position(|p| *p == peer) {
+            // A node of the kept directory (a restarted node): its fresh copy.
+            self.refetch.swap_remove(at);
             self.send_own(peer, true);
         } else if bootstrap {
             // Back to a bootstrap peer that may have restarted: it learns our record at once.
