@@ -2,14 +2,11 @@
 //! library multi-node tests use (the way libp2p uses `swarm-test`).
 //!
 //! [`Testnet::start`] generates a key per node in a directory (temporary unless given), writes
-//! each node's config with its static peers, starts one `horde node --role …` process per node
-//! and waits until each has logged its start. Ports: with discovery every node binds port 0 on its
-//! first start and keeps the port it got (`data/bound.toml`, read back here after the start), so
-//! no port is chosen here and handed over, a race with other programs; the facilitator starts
-//! first and the others join through the port it bound. Without discovery (static peer lists
-//! name every port before any node starts) free ports are picked here. Nodes can be killed and
-//! restarted with the same key and port to test failures. Dropping the testnet kills every
-//! process.
+//! each node's config, starts one `horde node --role …` process per node and waits until each
+//! has logged its start. With discovery nodes bind port 0 and keep the port (`data/bound.toml`,
+//! read back after each start: no race); the facilitator starts first. Static peer lists (no
+//! discovery) need free ports picked here. Nodes can be killed and restarted with the same key and
+//! port. Dropping the testnet kills every process.
 //!
 //! Layout: `lib.rs` (this harness), `demo.rs` (the demo run through a network), `demo_job.rs`
 //! (+ `demo_job/http.rs`, `demo_job/websocket.rs`: the demo job program's server), `reports.rs`
@@ -263,8 +260,7 @@ struct Planned {
 impl Planned {
     /// The node `name` of a network in `dir`: its key and ports from an earlier start in the
     /// same directory when there was one (so saved job state and specs naming its keys keep
-    /// working after a restart), else a fresh key and ports: port 0 (the node binds a free one
-    /// and keeps it) unless `pick_ports` (static peer lists need every port before any start).
+    /// working after a restart), else a fresh key and port 0, or free ports if `pick_ports`.
     fn new(dir: &Path, name: String, role: Role, pick_ports: bool) -> anyhow::Result<Self> {
         let node_dir = dir.join(&name);
         let key = match SecretKey::read_key_file(&node_dir.join("hotkey.json")) {
@@ -389,8 +385,7 @@ impl Testnet {
         Ok(testnet)
     }
 
-    /// Adds and spawns the planned nodes. With discovery the facilitator goes first: the others
-    /// join through the port it bound.
+    /// Adds and spawns the planned nodes; with discovery the facilitator first (others join it).
     fn spawn_planned(
         &mut self,
         planned: &[Planned],
@@ -417,7 +412,7 @@ impl Testnet {
         Ok(())
     }
 
-    /// `HOTKEY@IP:PORT` of the facilitator's discovery listener.
+    /// The facilitator's discovery listener.
     fn bootstrap_peer(&self) -> anyhow::Result<String> {
         self.nodes
             .iter()
@@ -426,15 +421,10 @@ impl Testnet {
             .context("no facilitator")
     }
 
-    /// Reads the ports a started node bound (`data/bound.toml`, written before it logs its
-    /// start).
+    /// Reads the ports a started node bound (`data/bound.toml`, written before its start line).
     fn learn_ports(&mut self, index: usize) -> anyhow::Result<()> {
         let node = &mut self.nodes[index];
-        let data_dir = node
-            .config
-            .parent()
-            .unwrap_or(Path::new("."))
-            .join(&node.settings.data_dir);
+        let data_dir = node.config.with_file_name(&node.settings.data_dir);
         let bound = horde_node::server::bound::BoundAddrs::read(&data_dir)
             .with_context(|| format!("{} wrote no bound addresses", node.name))?;
         node.addr = bound.listen;
@@ -823,8 +813,7 @@ impl Testnet {
             std::thread::sleep(Duration::from_millis(20));
         }
         self.learn_ports(index)?;
-        // A restarted node has only the directory it kept on disk: wait until it has learnt the network
-        // again (and the network has its new record).
+        // A restarted node may lack recent records: wait until the network converged again.
         if self.shape.discovery {
             self.wait_converged(self.shape.converge_timeout)?;
         }
