@@ -5,6 +5,7 @@
 //! - `server/config.rs` (+ `config/encoding.rs`): the TOML node configuration
 //!   ([`config::NodeConfig`]), one serde type per section, validated at load.
 //! - `server/node.rs`: start-up and shutdown ([`RunningNode`], [`run_until_signal`]).
+//! - `server/bound.rs`: the ports a node bound, kept in its data dir and reused on restart.
 //! - `server/role.rs`: how every role starts and stops: `start(…) -> RoleHandle`, a `JoinSet`
 //!   under the role's child cancellation token, one `shutdown(grace)` for all.
 //! - `server/relay.rs`: the relay loop of one hop (`Relay`, driven by a role's `RelayPolicy`)
@@ -19,6 +20,7 @@
 //!   `executor/volumes.rs`), `server/storage.rs`: the roles, one folder each. Roles never import
 //!   each other; what two roles share lives here or in `horde-protocol`.
 
+pub mod bound;
 pub mod config;
 pub mod discovery;
 pub mod executor;

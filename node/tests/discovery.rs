@@ -1,12 +1,15 @@
 //! Discovery between in-process nodes on loopback: records spread through a bootstrap peer,
-//! capacity changes arrive, stopped nodes expire, forged records are dropped.
+//! capacity changes arrive, stopped nodes expire, forged records are dropped (over the record
+//! exchange and on gossip, where their sender is penalised), a restarted node has its directory
+//! back at once.
 #![allow(clippy::unwrap_used)]
 
 use std::time::Duration;
 
 use horde_node::client::now;
 use horde_node::server::discovery::{
-    BootstrapPeer, Discovery, DiscoveryConfig, LocalNode, exchange, peer_id, quic_multiaddr,
+    BootstrapPeer, Discovery, DiscoveryConfig, LocalNode, exchange, gossip_behaviour,
+    gossip_encode, gossip_topic, peer_id, quic_multiaddr,
 };
 use horde_protocol::{
     ClassCapacity, ExecutorClass, Hotkey, NodeRecord, RecordSync, Role, SecretKey, Signature,
@@ -43,6 +46,7 @@ async fn start(
         role,
         addrs: vec![([127, 0, 0, 1], 7000).into()],
         capacity,
+        state_dir: None,
     };
     Discovery::start(key, local, &config(bootstrap), cancel.child_token())
         .await
@@ -173,12 +177,18 @@ async fn send(
     .unwrap()
 }
 
+/// A facilitator's discovery on its own, and how to reach it.
+async fn lone_node() -> (CancellationToken, SecretKey, Discovery, BootstrapPeer) {
+    let cancel = CancellationToken::new();
+    let key = SecretKey::generate();
+    let node = start(&key, Role::Facilitator, None, vec![], &cancel).await;
+    let target = bootstrap_of(&node, &key);
+    (cancel, key, node, target)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_records_are_dropped_and_honest_ones_kept() {
-    let cancel = CancellationToken::new();
-    let node_key = SecretKey::generate();
-    let node = start(&node_key, Role::Facilitator, None, vec![], &cancel).await;
-    let target = bootstrap_of(&node, &node_key);
+    let (cancel, node_key, node, target) = lone_node().await;
     let directory = node.directory().clone();
 
     let rogue = SecretKey::generate();
@@ -253,5 +263,176 @@ async fn forged_records_are_dropped_and_honest_ones_kept() {
     send(&rogue, &target, None, vec![older]).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(directory.get(&fourth.hotkey(), now()).unwrap().seq, 1);
+    cancel.cancel();
+}
+
+/// A rogue libp2p node speaking horde's gossip: it publishes whatever it is given.
+async fn rogue_swarm(
+    key: &SecretKey,
+    target: &BootstrapPeer,
+) -> libp2p::Swarm<libp2p::gossipsub::Behaviour> {
+    use futures::StreamExt as _;
+    let mut seed = key.seed();
+    let keypair = libp2p::identity::Keypair::ed25519_from_bytes(&mut seed[..]).unwrap();
+    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
+        .with_tokio()
+        .with_quic()
+        .with_behaviour(|keypair| gossip_behaviour(keypair).unwrap())
+        .unwrap()
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+        .build();
+    swarm.behaviour_mut().subscribe(&gossip_topic()).unwrap();
+    let dial = libp2p::swarm::dial_opts::DialOpts::peer_id(target.peer)
+        .addresses(vec![target.addr.clone()])
+        .build();
+    swarm.dial(dial).unwrap();
+    // Until the target has told us it is subscribed (publishing before that reaches nobody).
+    let subscribed = async {
+        loop {
+            if let libp2p::swarm::SwarmEvent::Behaviour(libp2p::gossipsub::Event::Subscribed {
+                peer_id,
+                ..
+            }) = swarm.select_next_some().await
+                && peer_id == target.peer
+            {
+                return;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), subscribed)
+        .await
+        .expect("the node subscribed");
+    swarm
+}
+
+/// Publishes `data` from the rogue and keeps its swarm running for `for_`.
+async fn rogue_publish(
+    swarm: &mut libp2p::Swarm<libp2p::gossipsub::Behaviour>,
+    data: Vec<u8>,
+    for_: Duration,
+) {
+    use futures::StreamExt as _;
+    swarm.behaviour_mut().publish(gossip_topic(), data).unwrap();
+    let _ = tokio::time::timeout(for_, async {
+        loop {
+            swarm.select_next_some().await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_and_replayed_gossip_is_rejected_and_its_sender_penalised() {
+    let (cancel, _, node, target) = lone_node().await;
+    let directory = node.directory().clone();
+    let rogue = SecretKey::generate();
+    let rogue_peer = peer_id(&rogue.hotkey());
+    let mut swarm = rogue_swarm(&rogue, &target).await;
+
+    // Control: the rogue's own genuine record is kept, and costs it nothing.
+    let own = Signed::sign(&rogue, &record_of(rogue.hotkey(), 1));
+    rogue_publish(&mut swarm, gossip_encode(&own), Duration::from_millis(500)).await;
+    assert!(directory.get(&rogue.hotkey(), now()).is_some());
+    let score = node.peer_score(&rogue_peer).await.unwrap();
+    assert!(score >= 0.0, "honest record penalised: {score}");
+
+    // A replayed record: the victim's genuine record, published by the rogue.
+    let victim = SecretKey::generate();
+    let replayed = Signed::sign(&victim, &record_of(victim.hotkey(), 1));
+    rogue_publish(
+        &mut swarm,
+        gossip_encode(&replayed),
+        Duration::from_millis(300),
+    )
+    .await;
+    // A forged record: the rogue's next record with a flipped signature bit.
+    let good = Signed::sign(&rogue, &record_of(rogue.hotkey(), 2));
+    let mut signature = *good.signature().as_bytes();
+    signature[0] ^= 0x80;
+    let forged = Signed::from_parts(
+        good.bytes().to_vec(),
+        rogue.hotkey(),
+        Signature::from_bytes(signature),
+    );
+    rogue_publish(
+        &mut swarm,
+        gossip_encode(&forged),
+        Duration::from_millis(300),
+    )
+    .await;
+    // Garbage and an oversized message.
+    rogue_publish(&mut swarm, vec![0xff; 40], Duration::from_millis(300)).await;
+
+    assert!(directory.get(&victim.hotkey(), now()).is_none());
+    assert_eq!(directory.get(&rogue.hotkey(), now()).unwrap().seq, 1);
+    let score = node.peer_score(&rogue_peer).await.unwrap();
+    // Three invalid records: -10 × 3², below the graylist threshold.
+    assert!(score < -80.0, "rogue not penalised: {score}");
+    cancel.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_node_has_its_directory_back_at_once() {
+    let cancel = CancellationToken::new();
+    let state = tempfile::tempdir().unwrap();
+    let fac_key = SecretKey::generate();
+    let facilitator_cancel = cancel.child_token();
+    let with_state = |cancel: &CancellationToken, listen: std::net::SocketAddr| {
+        let config = DiscoveryConfig {
+            listen,
+            record_ttl: Duration::from_secs(60),
+            ..DiscoveryConfig::default()
+        };
+        let local = LocalNode {
+            role: Role::Facilitator,
+            addrs: vec![([127, 0, 0, 1], 7000).into()],
+            capacity: None,
+            state_dir: Some(state.path().to_path_buf()),
+        };
+        let key = fac_key.clone();
+        let cancel = cancel.child_token();
+        async move { Discovery::start(&key, local, &config, cancel).await }
+    };
+    let facilitator = with_state(&facilitator_cancel, ([127, 0, 0, 1], 0).into())
+        .await
+        .unwrap();
+    let listen = facilitator.listen_addrs()[0];
+    let boot = bootstrap_of(&facilitator, &fac_key);
+    let mut others = Vec::new();
+    for role in [Role::Validator, Role::Miner, Role::Miner] {
+        let key = SecretKey::generate();
+        start(&key, role, None, vec![boot.clone()], &cancel).await;
+        others.push(key.hotkey());
+    }
+    let directory = facilitator.directory().clone();
+    eventually(Duration::from_secs(10), "facilitator knows all", || {
+        others.iter().all(|h| directory.get(h, now()).is_some())
+    })
+    .await;
+    // The facilitator stops (keeping its directory on disk) and starts again on its port.
+    facilitator_cancel.cancel();
+    facilitator.stopped().await;
+    assert!(state.path().join("discovery-directory.bin").exists());
+
+    // libp2p's QUIC endpoint lets go of the port a moment after the swarm is gone.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let facilitator = loop {
+        let restarted_at = std::time::Instant::now();
+        match with_state(&cancel, listen).await {
+            Ok(started) => break (started, restarted_at),
+            Err(error) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let _ = error;
+            }
+            Err(error) => panic!("no restart on {listen}: {error}"),
+        }
+    };
+    let (facilitator, restarted_at) = facilitator;
+    let directory = facilitator.directory().clone();
+    eventually(Duration::from_secs(1), "the directory is back", || {
+        others.iter().all(|h| directory.get(h, now()).is_some())
+    })
+    .await;
+    assert!(restarted_at.elapsed() <= Duration::from_secs(1));
     cancel.cancel();
 }

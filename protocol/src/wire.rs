@@ -10,9 +10,9 @@
 //! | discovery protocol | [`DISCOVERY_RECORDS`] | `/horde/records/1` | libp2p record exchange |
 //! | discovery protocol | [`DISCOVERY_KAD`] | `/horde/kad/1` | horde's own Kademlia DHT |
 //! | discovery protocol | [`DISCOVERY_IDENTIFY`] | `/horde/id/1` | libp2p identify version string |
+//! | discovery protocol | [`DISCOVERY_GOSSIP`] | `/horde/meshsub` | gossipsub protocol prefix (`…/1.2.0` etc.) |
+//! | gossip topic | [`DISCOVERY_GOSSIP_TOPIC`] | `horde/records/1` | signed node records |
 //! | signature domain tag | [`DOMAIN_TAGS`] | `horde/<purpose>/v1` | every signature (`tag ‖ exact bytes`) |
-//!
-//! Gossip topics will be listed here when discovery gains them; there are none today.
 //!
 //! # Changing the wire
 //!
@@ -123,6 +123,10 @@ pub const DISCOVERY_RECORDS: &str = "/horde/records/1";
 pub const DISCOVERY_KAD: &str = "/horde/kad/1";
 /// The libp2p identify protocol version string.
 pub const DISCOVERY_IDENTIFY: &str = "/horde/id/1";
+/// horde's gossipsub protocol prefix (its own mesh, apart from any public one).
+pub const DISCOVERY_GOSSIP: &str = "/horde/meshsub";
+/// The gossip topic of signed node records.
+pub const DISCOVERY_GOSSIP_TOPIC: &str = "horde/records/1";
 
 /// Every signature domain tag, one per signing purpose. The tags are defined beside their types
 /// (`Signable::DOMAIN`) and in [`COUNTERSIGN_DOMAIN`]; this list is what makes them visible in
@@ -240,7 +244,14 @@ mod tests {
     #[test]
     fn names_are_versioned_and_unique() {
         let alpns = [ALPN_CONTROL, ALPN_BLOB, ALPN_JOB];
-        let discovery = [DISCOVERY_RECORDS, DISCOVERY_KAD, DISCOVERY_IDENTIFY];
+        let discovery = [
+            DISCOVERY_RECORDS,
+            DISCOVERY_KAD,
+            DISCOVERY_IDENTIFY,
+            DISCOVERY_GOSSIP_TOPIC,
+        ];
+        // gossipsub appends its own version (`/1.2.0`, …) to the prefix.
+        assert!(DISCOVERY_GOSSIP.starts_with("/horde/") && !DISCOVERY_GOSSIP.ends_with('/'));
         let names: Vec<&[u8]> = alpns
             .into_iter()
             .chain(discovery.iter().map(|name| name.as_bytes()))

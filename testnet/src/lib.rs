@@ -1,11 +1,12 @@
 //! horde-testnet: starts a local network of `horde node` processes with role flags, and is the
 //! library multi-node tests use (the way libp2p uses `swarm-test`).
 //!
-//! [`Testnet::start`] generates a key per node in a directory (temporary unless given), picks
-//! distinct free loopback ports, writes each node's config with its static peers, starts one
-//! `horde node --role …` process per node and waits until each has logged its start. Nodes can be
-//! killed and restarted with the same key and port to test failures. Dropping the testnet kills
-//! every process.
+//! [`Testnet::start`] generates a key per node in a directory (temporary unless given), writes
+//! each node's config, starts one `horde node --role …` process per node and waits until each
+//! has logged its start. With discovery nodes bind port 0 and keep the port (`data/bound.toml`,
+//! read back after each start: no race); the facilitator starts first. Static peer lists (no
+//! discovery) need free ports picked here. Nodes can be killed and restarted with the same key and
+//! port. Dropping the testnet kills every process.
 //!
 //! Layout: `lib.rs` (this harness), `demo.rs` (the demo run through a network), `demo_job.rs`
 //! (+ `demo_job/http.rs`, `demo_job/websocket.rs`: the demo job program's server), `image.rs`
@@ -68,7 +69,7 @@ pub struct TestnetConfig {
     /// Nodes find each other by discovery, joining through the facilitator (`--bootstrap`);
     /// `false` writes static peer lists instead and turns discovery off (a closed deployment).
     pub discovery: bool,
-    /// Lifetime of node records (seconds); `None` keeps the default (30 s).
+    /// Lifetime of node records (seconds); `None` keeps the default (120 s).
     pub record_ttl_secs: Option<u64>,
     /// How long [`Testnet::start`] waits for discovery to converge.
     pub converge_timeout: Duration,
@@ -280,8 +281,8 @@ struct Planned {
 impl Planned {
     /// The node `name` of a network in `dir`: its key and ports from an earlier start in the
     /// same directory when there was one (so saved job state and specs naming its keys keep
-    /// working after a restart), else a fresh key and free ports.
-    fn new(dir: &Path, name: String, role: Role) -> anyhow::Result<Self> {
+    /// working after a restart), else a fresh key and port 0, or free ports if `pick_ports`.
+    fn new(dir: &Path, name: String, role: Role, pick_ports: bool) -> anyhow::Result<Self> {
         let node_dir = dir.join(&name);
         let key = match SecretKey::read_key_file(&node_dir.join("hotkey.json")) {
             Ok(key) => key,
@@ -296,6 +297,7 @@ impl Planned {
             Some(config) if config.listen.port() != 0 && config.discovery.listen.port() != 0 => {
                 (config.listen, config.discovery.listen)
             }
+            _ if !pick_ports => (([127, 0, 0, 1], 0).into(), ([127, 0, 0, 1], 0).into()),
             _ => (
                 ([127, 0, 0, 1], free_udp_port()?).into(),
                 ([127, 0, 0, 1], free_udp_port()?).into(),
@@ -339,23 +341,31 @@ impl Testnet {
             Some(bin) => bin.clone(),
             None => horde_binary()?,
         };
+        let pick = !config.discovery;
         let mut planned = vec![Planned::new(
             &dir,
             "facilitator".to_owned(),
             Role::Facilitator,
+            pick,
         )?];
         for i in 0..config.validators {
             planned.push(Planned::new(
                 &dir,
                 format!("validator-{i}"),
                 Role::Validator,
+                pick,
             )?);
         }
         for i in 0..config.miners {
-            planned.push(Planned::new(&dir, format!("miner-{i}"), Role::Miner)?);
+            planned.push(Planned::new(&dir, format!("miner-{i}"), Role::Miner, pick)?);
         }
         for i in 0..config.storage {
-            planned.push(Planned::new(&dir, format!("storage-{i}"), Role::Storage)?);
+            planned.push(Planned::new(
+                &dir,
+                format!("storage-{i}"),
+                Role::Storage,
+                pick,
+            )?);
         }
         // Static peer lists only for a closed deployment; with discovery every node joins
         // through the facilitator, which therefore starts first.
@@ -373,10 +383,6 @@ impl Testnet {
                 node_addrs(&of_role(Role::Miner)),
             )
         };
-        let bootstrap = planned
-            .first()
-            .map(|f| format!("{}@{}", f.key.hotkey(), f.p2p))
-            .unwrap_or_default();
         let mut testnet = Self {
             _temp: temp,
             dir,
@@ -387,13 +393,8 @@ impl Testnet {
             started_in: Duration::ZERO,
             converged_in: None,
         };
-        for node in &planned {
-            testnet.add_planned(node, &validators, &miners, &bootstrap)?;
-        }
         let spawned = Instant::now();
-        for index in 0..testnet.nodes.len() {
-            testnet.spawn(index)?;
-        }
+        testnet.spawn_planned(&planned, &validators, &miners)?;
         for index in 0..testnet.nodes.len() {
             testnet.wait_started(index)?;
         }
@@ -403,6 +404,55 @@ impl Testnet {
             testnet.converged_in = Some(spawned.elapsed());
         }
         Ok(testnet)
+    }
+
+    /// Adds and spawns the planned nodes; with discovery the facilitator first (others join it).
+    fn spawn_planned(
+        &mut self,
+        planned: &[Planned],
+        validators: &[NodeAddr],
+        miners: &[NodeAddr],
+    ) -> anyhow::Result<()> {
+        let mut spawned = 0;
+        let mut bootstrap = String::new();
+        if self.shape.discovery
+            && let Some(first) = planned.first()
+        {
+            self.add_planned(first, validators, miners, "")?;
+            self.spawn(0)?;
+            self.wait_started(0)?;
+            bootstrap = self.bootstrap_peer()?;
+            spawned = 1;
+        }
+        for node in &planned[spawned..] {
+            self.add_planned(node, validators, miners, &bootstrap)?;
+        }
+        for index in spawned..self.nodes.len() {
+            self.spawn(index)?;
+        }
+        Ok(())
+    }
+
+    /// The facilitator's discovery listener.
+    fn bootstrap_peer(&self) -> anyhow::Result<String> {
+        self.nodes
+            .iter()
+            .find(|n| n.role == Role::Facilitator)
+            .and_then(|f| f.p2p.map(|p2p| format!("{}@{p2p}", f.hotkey)))
+            .context("no facilitator")
+    }
+
+    /// Reads the ports a started node bound (`data/bound.toml`, written before its start line).
+    fn learn_ports(&mut self, index: usize) -> anyhow::Result<()> {
+        let node = &mut self.nodes[index];
+        let data_dir = node.config.with_file_name(&node.settings.data_dir);
+        let bound = horde_node::server::bound::BoundAddrs::read(&data_dir)
+            .with_context(|| format!("{} wrote no bound addresses", node.name))?;
+        node.addr = bound.listen;
+        if node.p2p.is_some() {
+            node.p2p = bound.discovery;
+        }
+        Ok(())
     }
 
     /// Writes a planned node's key and config and adds it (not yet started).
@@ -527,13 +577,8 @@ impl Testnet {
             .iter()
             .filter(|n| n.name.starts_with(&format!("{prefix}-")))
             .count();
-        let planned = Planned::new(&self.dir, format!("{prefix}-{n}"), role)?;
-        let bootstrap = self
-            .nodes
-            .iter()
-            .find(|n| n.role == Role::Facilitator)
-            .and_then(|f| f.p2p.map(|p2p| format!("{}@{p2p}", f.hotkey)))
-            .context("no facilitator")?;
+        let planned = Planned::new(&self.dir, format!("{prefix}-{n}"), role, false)?;
+        let bootstrap = self.bootstrap_peer()?;
         self.add_planned(&planned, &[], &[], &bootstrap)?;
         let index = self.nodes.len() - 1;
         self.spawn(index)?;
@@ -581,7 +626,7 @@ impl Testnet {
                 );
             }
             if self.count_starts(index) > 0 {
-                return Ok(());
+                return self.learn_ports(index);
             }
             if Instant::now() > deadline {
                 bail!(
@@ -790,8 +835,8 @@ impl Testnet {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        // A restarted node has forgotten its directory: wait until it has learnt the network
-        // again (and the network has its new record).
+        self.learn_ports(index)?;
+        // A restarted node may lack recent records: wait until the network converged again.
         if self.shape.discovery {
             self.wait_converged(self.shape.converge_timeout)?;
         }

@@ -1,6 +1,7 @@
 //! Discovery across real `horde node` processes that join with `--role … --bootstrap …`: a late
 //! joiner is discovered and used, a node that leaves is no longer chosen once its record expires,
-//! forged records sent to the facilitator are dropped.
+//! forged records sent to the facilitator are dropped, a facilitator killed and restarted has its
+//! directory back within a second.
 
 #![allow(clippy::unwrap_used)] // Tests fail loudly on any error.
 
@@ -165,4 +166,57 @@ async fn late_joiner_is_used_leaver_expires_forgeries_are_dropped() {
     assert!(log.contains("bad signature"), "{log}");
     // And the network still works with the honest record.
     assert_eq!(run_job(&client, &testnet).await, late);
+}
+
+/// Seconds since midnight UTC of a log line's timestamp (`2026-12-05T11:08:21.123456Z …`).
+fn time_of_day(line: &str) -> f64 {
+    let time = line.split('T').nth(1).unwrap();
+    let time = &time[..time.find('Z').unwrap()];
+    let mut parts = time.split(':');
+    let hours: f64 = parts.next().unwrap().parse().unwrap();
+    let minutes: f64 = parts.next().unwrap().parse().unwrap();
+    let seconds: f64 = parts.next().unwrap().parse().unwrap();
+    hours * 3600.0 + minutes * 60.0 + seconds
+}
+
+#[test]
+fn a_killed_facilitator_has_its_directory_back_within_a_second() {
+    let mut testnet = Testnet::start(TestnetConfig {
+        storage: 0,
+        miners: 3,
+        ..TestnetConfig::default()
+    })
+    .unwrap();
+    let others: Vec<Hotkey> = testnet
+        .nodes()
+        .iter()
+        .filter(|n| n.role != Role::Facilitator)
+        .map(|n| n.hotkey)
+        .collect();
+    let port = testnet.node("facilitator").unwrap().p2p;
+    // The kept directory is written within about a second of a node joining.
+    std::thread::sleep(Duration::from_secs(3));
+    // SIGKILL: no last write; it starts again on its port with what it kept.
+    testnet.restart("facilitator").unwrap();
+    assert_eq!(testnet.node("facilitator").unwrap().p2p, port);
+    let known = testnet.known_by("facilitator").unwrap();
+    assert!(others.iter().all(|h| known.iter().any(|r| r.hotkey == *h)));
+    // From its own log: every other node was in its directory within a second of its start.
+    let log = testnet.log("facilitator");
+    let restart = log.rfind("horde node started").unwrap();
+    let start_line = log[..restart].rsplit('\n').next().unwrap();
+    let loaded = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("kept directory loaded"))
+        .unwrap_or_else(|| panic!("no directory loaded:\n{log}"));
+    assert!(
+        loaded.contains(&format!("records={}", others.len())),
+        "{loaded}"
+    );
+    let after_start = time_of_day(loaded) - time_of_day(start_line);
+    assert!(
+        after_start <= 1.0,
+        "directory back {after_start} s after the start"
+    );
 }

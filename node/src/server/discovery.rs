@@ -1,26 +1,29 @@
 //! Discovery: every node but executors runs a libp2p swarm beside its QUIC endpoint, finds peers
-//! with identify and Kademlia from its bootstrap peers, and exchanges signed [`NodeRecord`]s over
-//! `/horde/records/1`.
+//! with identify and Kademlia from its bootstrap peers, spreads signed [`NodeRecord`]s on
+//! gossipsub and fetches whole directories over `/horde/records/1` (request-response) when it
+//! joins.
 //!
 //! Identity: the libp2p key is the node's hotkey (same ed25519 secret), so a `PeerId` and a hotkey
 //! name the same node and a bootstrap peer can be written `HOTKEY@IP:PORT`. Transport: libp2p's
 //! QUIC (quinn + rustls with ring, like the rest of horde) on its own UDP port.
 //!
 //! Records: each node signs `NodeRecord {hotkey, role, QUIC addresses, discovery addresses,
-//! executor capacity, version, seq, expires_at}`, re-signs it with a higher `seq` every third of
-//! its lifetime and whenever its capacity changes, and sends it to every connected peer. A new
-//! connection starts with both sides sending their own record and asking for all records the other
-//! holds; records new to a node are passed on to its other peers, so a record spreads through the
-//! whole network and stale copies stop at nodes that already hold a newer one. Every record is
-//! checked before it is kept ([`check_record`]): signature, signer = named hotkey, lifetime and size
-//! limits, and for a record sent as the sender's own, the sender's `PeerId` must be the record's
-//! hotkey. Refused records are logged and dropped; the newest `seq` per hotkey wins; expired
-//! records are swept every second.
+//! executor capacity, version, seq, expires_at}`, re-signs it with a higher `seq` every two fifths
+//! of its lifetime and (coalesced to one per 100 ms) when its capacity changes, and publishes it on
+//! the gossip topic. Every gossiped record is judged before gossipsub forwards it (bad records are
+//! rejected and their sender penalised, stale ones ignored); records from the record exchange pass
+//! [`check_record`], and one sent as the sender's own must name the sender's `PeerId`. The newest
+//! `seq` per hotkey wins; expired records are swept every second; the directory is kept on disk
+//! for restarts.
 //!
-//! Layout: `discovery.rs` (the swarm, record exchange and checks), `discovery/directory.rs` (the
-//! node-record directory: newest `seq` wins, expiry).
+//! Layout: `discovery.rs` (config, identities, the swarm, the record exchange),
+//! `discovery/task.rs` (the swarm task: publishing, judging, fetching, keeping on disk),
+//! `discovery/gossip.rs` (the gossipsub settings and the record check of gossip messages),
+//! `discovery/directory.rs` (the node-record directory: newest `seq` wins, expiry).
 
 mod directory;
+mod gossip;
+mod task;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -28,9 +31,7 @@ use std::time::Duration;
 
 use futures::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, StreamExt as _};
 use horde_protocol::codec::{FRAME_HEADER_LEN, encode_frame, frame_len, from_bytes_exact};
-use horde_protocol::{
-    ClassCapacity, Hotkey, NodeAddr, NodeRecord, RecordSync, Role, SecretKey, Signed,
-};
+use horde_protocol::{ClassCapacity, Hotkey, NodeAddr, NodeRecord, RecordSync, Role, SecretKey};
 use libp2p::kad::store::MemoryStore;
 use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, ProtocolSupport};
@@ -38,7 +39,13 @@ use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, identify, kad};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument as _, debug, info, info_span, warn};
+use tracing::{Instrument as _, info_span, warn};
+
+pub use gossip::{
+    MAX_RECORD_BYTES, behaviour as gossip_behaviour, encode as gossip_encode, message_id,
+    score_thresholds, topic as gossip_topic,
+};
+pub use task::{CAPACITY_COALESCE, DIRECTORY_FILE, refresh_interval};
 
 pub use directory::{
     Directory, MAX_DIRECTORY_RECORDS, MAX_RECORD_ADDRS, MAX_RECORD_CLASSES, MAX_RECORD_LIFETIME_MS,
@@ -60,18 +67,12 @@ pub const MAX_SYNC_BYTES: u32 = 1024 * 1024;
 /// Most records one [`RecordSync`] carries (a full directory answer is cut to this).
 pub const MAX_SYNC_RECORDS: usize = 1024;
 
-/// Default record lifetime.
-pub const DEFAULT_RECORD_TTL: Duration = Duration::from_secs(30);
+/// Default record lifetime: a vanished node is forgotten within 2 minutes; records are re-signed
+/// every two fifths of it (48 s), which keeps idle traffic low at 256 nodes (see the README).
+pub const DEFAULT_RECORD_TTL: Duration = Duration::from_secs(120);
 /// Shortest record lifetime a config may set.
 pub const MIN_RECORD_TTL: Duration = Duration::from_secs(2);
 
-/// How often a node runs a Kademlia bootstrap (a walk toward its own id and random ids) to find
-/// peers beyond the ones it knows.
-const WALK_INTERVAL: Duration = Duration::from_secs(30);
-/// How often bootstrap peers that are not connected are dialed again.
-const REDIAL_INTERVAL: Duration = Duration::from_secs(2);
-/// How often expired records are swept.
-const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 /// How long one record exchange may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long start-up waits for the listener.
@@ -268,6 +269,8 @@ pub struct LocalNode {
     pub addrs: Vec<SocketAddr>,
     /// Its executor capacity (miners): the latest value is published.
     pub capacity: Option<watch::Receiver<Vec<ClassCapacity>>>,
+    /// Where the directory is kept between runs (the node's data dir); `None`: not kept.
+    pub state_dir: Option<std::path::PathBuf>,
 }
 
 /// A running discovery service. Stops when its cancellation token is cancelled
@@ -277,6 +280,8 @@ pub struct Discovery {
     directory: Arc<Directory>,
     listen: Vec<SocketAddr>,
     hotkey: Hotkey,
+    /// Questions to the swarm task.
+    queries: tokio::sync::mpsc::Sender<task::Query>,
     /// The swarm task; it owns the discovery listener.
     task: tokio::task::JoinHandle<()>,
 }
@@ -312,7 +317,12 @@ impl Discovery {
                 .kad
                 .add_address(&peer.peer, peer.addr.clone());
         }
-        let own = OwnRecord {
+        swarm
+            .behaviour_mut()
+            .gossip
+            .subscribe(&gossip::topic())
+            .map_err(|e| DiscoveryError::Swarm(e.to_string()))?;
+        let own = task::OwnRecord {
             key: key.clone(),
             role: local.role,
             addrs: local.addrs,
@@ -326,22 +336,24 @@ impl Discovery {
             ttl: config.record_ttl,
             signed: None,
         };
-        let mut task = SwarmTask {
+        let (queries, queries_rx) = tokio::sync::mpsc::channel(16);
+        let mut task = task::SwarmTask::new(
             swarm,
-            directory: Arc::clone(&directory),
+            Arc::clone(&directory),
             own,
-            capacity: local.capacity,
-            walked: false,
+            local.capacity,
             bootstrap,
-        };
+            queries_rx,
+            local.state_dir,
+        );
         task.own.refresh();
-        task.redial();
         let span = info_span!("discovery", node = %hotkey.fmt_short());
         let task = tokio::spawn(task.run(cancel).instrument(span));
         Ok(Self {
             directory,
             listen,
             hotkey,
+            queries,
             task,
         })
     }
@@ -351,6 +363,16 @@ impl Discovery {
     pub async fn stopped(self) {
         // The task never panics on peer input; a panic has been logged by the runtime.
         let _ = self.task.await;
+    }
+
+    /// The gossipsub score this node gives `peer` (`None`: not known, or the node stopped).
+    pub async fn peer_score(&self, peer: &PeerId) -> Option<f64> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.queries
+            .send(task::Query::PeerScore(*peer, reply))
+            .await
+            .ok()?;
+        answer.await.ok().flatten()
     }
 
     /// The records discovered so far.
@@ -448,6 +470,7 @@ struct Behaviour {
     identify: identify::Behaviour,
     kad: kad::Behaviour<MemoryStore>,
     records: request_response::Behaviour<RecordCodec>,
+    gossip: libp2p::gossipsub::Behaviour,
 }
 
 /// A libp2p swarm with horde's identity, QUIC transport and behaviours.
@@ -476,15 +499,17 @@ fn build_swarm(key: &SecretKey, record_ttl: Duration) -> Result<Swarm<Behaviour>
                 [(PROTOCOL_RECORDS, ProtocolSupport::Full)],
                 request_response::Config::default().with_request_timeout(REQUEST_TIMEOUT),
             );
-            Behaviour {
+            let gossip = gossip::behaviour(keypair)?;
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Behaviour {
                 identify,
                 kad,
                 records,
-            }
+                gossip,
+            })
         })
         .map_err(|e| DiscoveryError::Swarm(e.to_string()))?
-        // Records are re-sent every third of their lifetime, which keeps connections busy; an
-        // idle one outlives a lifetime before it closes.
+        // Mesh connections stay open (gossipsub keeps them alive); others close after a record
+        // lifetime without traffic.
         .with_swarm_config(|c| c.with_idle_connection_timeout(record_ttl + REQUEST_TIMEOUT))
         .build();
     Ok(swarm)
@@ -524,329 +549,6 @@ async fn wait_for_listener(
             addr: wanted,
             message: "no listener within 10 s".to_owned(),
         })?
-}
-
-/// The node's own record, re-signed on every change.
-struct OwnRecord {
-    key: SecretKey,
-    role: Role,
-    addrs: Vec<SocketAddr>,
-    p2p_addrs: Vec<SocketAddr>,
-    capacity: Vec<ClassCapacity>,
-    seq: u64,
-    ttl: Duration,
-    signed: Option<Signed<NodeRecord>>,
-}
-
-impl OwnRecord {
-    /// Signs the current state with a higher `seq` and a fresh expiry.
-    fn refresh(&mut self) -> Signed<NodeRecord> {
-        let now = now();
-        // Milliseconds since the epoch keep `seq` rising across restarts without a stored
-        // counter; +1 keeps it rising within one millisecond.
-        self.seq = (self.seq + 1).max(now.0);
-        let ttl_ms = u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX);
-        let record = NodeRecord {
-            hotkey: self.key.hotkey(),
-            role: self.role,
-            addrs: self.addrs.clone(),
-            p2p_addrs: self.p2p_addrs.clone(),
-            capacity: self.capacity.clone(),
-            version: env!("CARGO_PKG_VERSION").to_owned(),
-            seq: self.seq,
-            expires_at: now.plus_millis(ttl_ms),
-        };
-        let signed = Signed::sign(&self.key, &record);
-        self.signed = Some(signed.clone());
-        signed
-    }
-
-    fn current(&mut self) -> Signed<NodeRecord> {
-        match &self.signed {
-            Some(signed) => signed.clone(),
-            None => self.refresh(),
-        }
-    }
-}
-
-struct SwarmTask {
-    swarm: Swarm<Behaviour>,
-    directory: Arc<Directory>,
-    own: OwnRecord,
-    capacity: Option<watch::Receiver<Vec<ClassCapacity>>>,
-    walked: bool,
-    /// Dialed at start and again whenever the connection to one is gone (a restarted bootstrap
-    /// node knows nobody until its peers come back).
-    bootstrap: Vec<BootstrapPeer>,
-}
-
-impl SwarmTask {
-    async fn run(mut self, cancel: CancellationToken) {
-        let republish_every = (self.own.ttl / 3).max(Duration::from_millis(500));
-        let mut republish = tokio::time::interval(republish_every);
-        republish.tick().await;
-        let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
-        let mut walk = tokio::time::interval(WALK_INTERVAL);
-        walk.tick().await;
-        let mut redial = tokio::time::interval(REDIAL_INTERVAL);
-        redial.tick().await;
-        loop {
-            let capacity_changed = async {
-                match self.capacity.as_mut() {
-                    Some(rx) => rx.changed().await.is_ok(),
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                () = cancel.cancelled() => break,
-                event = self.swarm.select_next_some() => self.on_event(event),
-                _ = republish.tick() => {
-                    self.own.refresh();
-                    self.push_own();
-                }
-                _ = sweep.tick() => {
-                    for record in self.directory.expire(now()) {
-                        info!(role = %record.role, hotkey = %record.hotkey, "node record expired");
-                    }
-                }
-                _ = walk.tick() => self.walk(),
-                _ = redial.tick() => self.redial(),
-                changed = capacity_changed => {
-                    if changed {
-                        if let Some(rx) = self.capacity.as_mut() {
-                            self.own.capacity = rx.borrow_and_update().clone();
-                        }
-                        self.own.refresh();
-                        self.push_own();
-                    } else {
-                        // The sender is gone: the role stopped; keep serving what we know.
-                        self.capacity = None;
-                    }
-                }
-            }
-        }
-        debug!("discovery stopped");
-    }
-
-    fn redial(&mut self) {
-        for peer in &self.bootstrap {
-            if self.swarm.is_connected(&peer.peer) {
-                continue;
-            }
-            let dial = libp2p::swarm::dial_opts::DialOpts::peer_id(peer.peer)
-                .addresses(vec![peer.addr.clone()])
-                .build();
-            if let Err(error) = self.swarm.dial(dial) {
-                debug!(%peer, %error, "cannot dial bootstrap peer");
-            }
-        }
-    }
-
-    fn walk(&mut self) {
-        if let Err(error) = self.swarm.behaviour_mut().kad.bootstrap() {
-            debug!(%error, "no peers to walk from yet");
-        }
-    }
-
-    fn push_own(&mut self) {
-        let own = self.own.current();
-        let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
-        for peer in peers {
-            self.swarm.behaviour_mut().records.send_request(
-                &peer,
-                RecordSync {
-                    own: Some(own.clone()),
-                    relayed: Vec::new(),
-                    want_all: false,
-                },
-            );
-        }
-    }
-
-    fn on_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
-        match event {
-            SwarmEvent::ConnectionEstablished {
-                peer_id,
-                num_established,
-                ..
-            } => {
-                debug!(peer = %peer_id, "discovery connection");
-                if num_established.get() == 1 {
-                    let own = self.own.current();
-                    self.swarm.behaviour_mut().records.send_request(
-                        &peer_id,
-                        RecordSync {
-                            own: Some(own),
-                            relayed: Vec::new(),
-                            want_all: true,
-                        },
-                    );
-                }
-                if !self.walked {
-                    self.walked = true;
-                    self.walk();
-                }
-            }
-            SwarmEvent::NewListenAddr { address, .. } => {
-                if let Some(addr) = socket_addr(&address)
-                    && !self.own.p2p_addrs.contains(&addr)
-                {
-                    self.own.p2p_addrs.push(addr);
-                    self.own.refresh();
-                    self.push_own();
-                }
-            }
-            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
-                debug!(peer = ?peer_id, %error, "discovery dial failed");
-            }
-            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
-                peer_id,
-                info,
-                ..
-            })) => {
-                for addr in info.listen_addrs {
-                    if socket_addr(&addr).is_some() {
-                        self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
-                    }
-                }
-            }
-            SwarmEvent::Behaviour(BehaviourEvent::Records(event)) => self.on_records(event),
-            _ => {}
-        }
-    }
-
-    fn on_records(&mut self, event: request_response::Event<RecordSync, RecordSync>) {
-        match event {
-            request_response::Event::Message { peer, message, .. } => match message {
-                request_response::Message::Request {
-                    request, channel, ..
-                } => {
-                    let want_all = request.want_all;
-                    self.accept(peer, request);
-                    let relayed = if want_all {
-                        let mut all = self.directory.signed_records(
-                            &hotkey_of(&peer).unwrap_or(self.own.key.hotkey()),
-                            now(),
-                        );
-                        all.truncate(MAX_SYNC_RECORDS);
-                        all
-                    } else {
-                        Vec::new()
-                    };
-                    let answer = RecordSync {
-                        own: Some(self.own.current()),
-                        relayed,
-                        want_all: false,
-                    };
-                    if self
-                        .swarm
-                        .behaviour_mut()
-                        .records
-                        .send_response(channel, answer)
-                        .is_err()
-                    {
-                        debug!(%peer, "record exchange answer not sent: stream gone");
-                    }
-                }
-                request_response::Message::Response { response, .. } => {
-                    self.accept(peer, response);
-                }
-            },
-            request_response::Event::OutboundFailure { peer, error, .. } => {
-                debug!(%peer, %error, "record exchange failed");
-            }
-            request_response::Event::InboundFailure { peer, error, .. } => {
-                debug!(%peer, %error, "record exchange refused");
-            }
-            request_response::Event::ResponseSent { .. } => {}
-        }
-    }
-
-    /// Checks and keeps the records of one message; passes the new ones on to other peers.
-    fn accept(&mut self, from: PeerId, sync: RecordSync) {
-        let now = now();
-        let own_hotkey = self.own.key.hotkey();
-        let mut fresh = Vec::new();
-        let offered = sync.own.into_iter().map(|r| (r, true)).chain(
-            sync.relayed
-                .into_iter()
-                .take(MAX_SYNC_RECORDS)
-                .map(|r| (r, false)),
-        );
-        for (signed, as_own) in offered {
-            let record = match check_record(&signed, now) {
-                Ok(record) => record,
-                // A relayed copy that ran out on the way is normal.
-                Err(RecordRejection::Expired) if !as_own => continue,
-                Err(reason) => {
-                    warn!(peer = %from, signer = %signed.signer(), %reason, "node record dropped");
-                    continue;
-                }
-            };
-            if as_own && peer_id(&record.hotkey) != from {
-                let reason = RecordRejection::PeerIdMismatch {
-                    peer: hotkey_of(&from).map_or_else(|| from.to_string(), |h| h.to_string()),
-                    named: record.hotkey,
-                };
-                warn!(peer = %from, %reason, "node record dropped");
-                continue;
-            }
-            if record.hotkey == own_hotkey {
-                continue;
-            }
-            let (role, hotkey, seq) = (record.role, record.hotkey, record.seq);
-            let addrs = record.addrs.clone();
-            let p2p = record.p2p_addrs.clone();
-            match self.directory.offer(signed.clone(), record) {
-                Offer::New => {
-                    info!(%role, %hotkey, ?addrs, via = %from, "node discovered");
-                    // Make it reachable for Kademlia walks too.
-                    for addr in p2p {
-                        self.swarm
-                            .behaviour_mut()
-                            .kad
-                            .add_address(&peer_id(&hotkey), quic_multiaddr(addr));
-                    }
-                    fresh.push(signed);
-                }
-                Offer::Updated => {
-                    debug!(%role, %hotkey, seq, "node record updated");
-                    fresh.push(signed);
-                }
-                Offer::Stale => {}
-                Offer::Full => {
-                    warn!(%role, %hotkey, limit = MAX_DIRECTORY_RECORDS, "directory full; record dropped");
-                }
-            }
-        }
-        if fresh.is_empty() {
-            return;
-        }
-        let peers: Vec<PeerId> = self
-            .swarm
-            .connected_peers()
-            .filter(|p| **p != from)
-            .copied()
-            .collect();
-        for peer in peers {
-            let relayed: Vec<Signed<NodeRecord>> = fresh
-                .iter()
-                .filter(|r| peer_id(r.signer()) != peer)
-                .cloned()
-                .collect();
-            if relayed.is_empty() {
-                continue;
-            }
-            self.swarm.behaviour_mut().records.send_request(
-                &peer,
-                RecordSync {
-                    own: None,
-                    relayed,
-                    want_all: false,
-                },
-            );
-        }
-    }
 }
 
 /// Length-prefixed postcard frames of [`RecordSync`], capped at [`MAX_SYNC_BYTES`].
@@ -1002,6 +704,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+    use horde_protocol::Signed;
 
     /// Offers a miner record of `key` with `free` executors of class `cpu`.
     fn offer_miner(directory: &Directory, key: &SecretKey, free: u32, seq: u64) -> Offer {

@@ -9,10 +9,11 @@ use horde_transport::{ALPN_BLOB, ALPN_CONTROL, EndpointConfig, HordeEndpoint, co
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::server::bound::{BoundAddrs, bind_reusing, reuse};
 use crate::server::config::ExecutorConfig;
 use crate::server::config::NodeConfig;
 use crate::server::discovery::Directory;
-use crate::server::discovery::{Discovery, DiscoveryError, LocalNode};
+use crate::server::discovery::{Discovery, DiscoveryConfig, DiscoveryError, LocalNode};
 use crate::server::executor;
 use crate::server::facilitator::Facilitator;
 use crate::server::facilitator::store::{JobStore, JobStoreError};
@@ -93,10 +94,23 @@ impl RunningNode {
             path: config.data_dir.display().to_string(),
             source,
         })?;
-        let endpoint_config = EndpointConfig::new(config.listen, role_alpns(config.role))
-            .with_max_connections(config.max_connections)
-            .with_max_connections_per_peer(config.max_connections_per_peer);
-        let endpoint = Arc::new(HordeEndpoint::bind(&key, endpoint_config)?);
+        // Port 0 binds a free port once and the same port on later starts (executors, many to
+        // a data dir and never named by peers, always take a fresh one).
+        let earlier = (config.role != Role::Executor)
+            .then(|| BoundAddrs::read(&config.data_dir))
+            .flatten();
+        let endpoint = bind_reusing(
+            "listen",
+            config.listen,
+            earlier.map(|b| b.listen),
+            |listen| {
+                let endpoint_config = EndpointConfig::new(listen, role_alpns(config.role))
+                    .with_max_connections(config.max_connections)
+                    .with_max_connections_per_peer(config.max_connections_per_peer);
+                HordeEndpoint::bind(&key, endpoint_config)
+            },
+        )?;
+        let endpoint = Arc::new(endpoint);
         let cancel = CancellationToken::new();
         let listen = endpoint.local_addr().map_err(|source| NodeError::DataDir {
             path: "listen address".to_owned(),
@@ -137,14 +151,45 @@ impl RunningNode {
                 role: config.role,
                 addrs: vec![listen],
                 capacity,
+                state_dir: Some(config.data_dir.clone()),
             };
-            let discovery =
-                Discovery::start(&key, local, &config.discovery, cancel.child_token()).await?;
+            let wanted = reuse(config.discovery.listen, earlier.and_then(|b| b.discovery));
+            let reused = DiscoveryConfig {
+                listen: wanted,
+                ..config.discovery.clone()
+            };
+            let discovery = match Discovery::start(
+                &key,
+                local.clone(),
+                &reused,
+                cancel.child_token(),
+            )
+            .await
+            {
+                Err(DiscoveryError::Listen { message, .. })
+                    if wanted != config.discovery.listen =>
+                {
+                    warn!(%wanted, %message, "discovery: the port bound last time is taken; binding a new one");
+                    Discovery::start(&key, local, &config.discovery, cancel.child_token()).await?
+                }
+                started => started?,
+            };
             info!(bootstrap = %discovery.bootstrap_addr(), "discovery listening");
             Some(discovery)
         } else {
             None
         };
+        if config.role != Role::Executor {
+            let bound = BoundAddrs {
+                listen,
+                discovery: discovery
+                    .as_ref()
+                    .and_then(|d| d.listen_addrs().first().copied()),
+            };
+            if let Err(error) = bound.write(&config.data_dir) {
+                warn!(%error, "bound addresses not kept; a restart binds new ports");
+            }
+        }
         let directory = discovery.as_ref().map(|d| Arc::clone(d.directory()));
         let mut tasks = start_role(
             &config,

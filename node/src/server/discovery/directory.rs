@@ -164,6 +164,21 @@ impl Directory {
         }
     }
 
+    /// The `seq` of the record held for `hotkey` (expired or not).
+    pub fn seq_of(&self, hotkey: &Hotkey) -> Option<u64> {
+        self.lock().get(hotkey).map(|e| e.record.seq)
+    }
+
+    /// How many records are held (expired ones not yet swept included).
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether no record is held.
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+
     /// Drops records expired at `now`; returns them.
     pub fn expire(&self, now: UnixMillis) -> Vec<NodeRecord> {
         let mut expired = Vec::new();

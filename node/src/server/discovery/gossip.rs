@@ -1,0 +1,398 @@
+//! Record dissemination on gossipsub: the topic, the router's settings (mesh, flood protection,
+//! peer scoring; each with its reason) and the check every record message passes before it is
+//! kept or forwarded ([`judge`]).
+//!
+//! Messages carry one postcard-encoded `Signed<NodeRecord>`; the message id is the BLAKE3 hash of
+//! those bytes, so two different records never share an id (an id built from `(hotkey, seq)`
+//! would let a forged record with a victim's next `seq` suppress the real one as a "duplicate").
+//! Validation is manual: gossipsub forwards a message only after [`judge`] said
+//! [`Verdict::Accept`]; [`Verdict::Reject`] also lowers the sender's score (P₄), and
+//! [`Verdict::Ignore`] drops a message honest peers may forward too (a stale or expired copy).
+
+use std::time::Duration;
+
+use horde_protocol::codec::{from_bytes_exact, to_bytes};
+use horde_protocol::{NodeRecord, Signed, UnixMillis};
+use libp2p::gossipsub::{
+    self, IdentTopic, MessageAuthenticity, MessageId, PeerScoreParams, PeerScoreThresholds,
+    TopicScoreParams, ValidationMode,
+};
+use libp2p::{PeerId, identity::Keypair};
+
+use super::directory::{Directory, RecordRejection, check_record};
+use super::peer_id;
+
+/// Largest record message accepted or published (a record at every limit of [`check_record`]
+/// is far smaller; anything bigger is refused before it is decoded).
+pub const MAX_RECORD_BYTES: usize = 8 * 1024;
+
+/// Largest gossipsub frame: a few records plus control messages (IHAVE lists of up to
+/// [`MAX_IHAVE_LENGTH`] ids of 32 bytes).
+const MAX_TRANSMIT_SIZE: usize = 64 * 1024;
+/// Most message ids one IHAVE may list: a whole 256-node network's records several times over.
+const MAX_IHAVE_LENGTH: usize = 1024;
+
+/// The topic every node subscribes to.
+pub fn topic() -> IdentTopic {
+    IdentTopic::new(horde_protocol::wire::DISCOVERY_GOSSIP_TOPIC)
+}
+
+/// The message id of a record message: BLAKE3 of its bytes.
+pub fn message_id(data: &[u8]) -> MessageId {
+    MessageId::new(blake3::hash(data).as_bytes())
+}
+
+/// A record as a gossip message.
+pub fn encode(signed: &Signed<NodeRecord>) -> Vec<u8> {
+    to_bytes(signed)
+}
+
+/// What becomes of a record message.
+#[derive(Debug)]
+pub(super) enum Verdict {
+    /// Kept (newer than the one held) and forwarded.
+    Accept(Box<(Signed<NodeRecord>, NodeRecord)>),
+    /// Dropped without blame: not newer than the record held, expired, or our own.
+    Ignore(&'static str),
+    /// Dropped and its sender penalised: it cannot have come from an honest peer.
+    Reject(RecordRejection),
+}
+
+/// Checks a record message from gossip against the directory (without changing it).
+///
+/// Order: size, decoding, then the `seq` held for the named node (a copy not newer than it is
+/// ignored before any signature is checked: the common case, and the cheap one), then the full
+/// [`check_record`], then the binding of the publishing peer (`source`) to the record's hotkey.
+pub(super) fn judge(
+    data: &[u8],
+    source: Option<PeerId>,
+    directory: &Directory,
+    own: &horde_protocol::Hotkey,
+    now: UnixMillis,
+) -> Verdict {
+    if data.len() > MAX_RECORD_BYTES {
+        return Verdict::Reject(RecordRejection::TooLarge("record message"));
+    }
+    let Ok(signed) = from_bytes_exact::<Signed<NodeRecord>>(data) else {
+        return Verdict::Reject(RecordRejection::BadSignature);
+    };
+    if signed.signer() == own {
+        return Verdict::Ignore("our own record");
+    }
+    // A record message names its signer; a copy not newer than what is held needs no signature
+    // check (it changes nothing and is not forwarded).
+    if let Some(held) = directory.seq_of(signed.signer())
+        && let Ok(record) = from_bytes_exact::<NodeRecord>(signed.bytes())
+        && record.seq <= held
+    {
+        return Verdict::Ignore("not newer than the record held");
+    }
+    let record = match check_record(&signed, now) {
+        Ok(record) => record,
+        Err(RecordRejection::Expired) => return Verdict::Ignore("expired"),
+        Err(reason) => return Verdict::Reject(reason),
+    };
+    if source != Some(peer_id(&record.hotkey)) {
+        return Verdict::Reject(RecordRejection::PeerIdMismatch {
+            peer: source.map_or_else(|| "none".to_owned(), |p| p.to_string()),
+            named: record.hotkey,
+        });
+    }
+    Verdict::Accept(Box::new((signed, record)))
+}
+
+/// The gossipsub router of a node whose libp2p identity is `keypair`.
+pub fn behaviour(keypair: &Keypair) -> Result<gossipsub::Behaviour, String> {
+    let config = gossipsub::ConfigBuilder::default()
+        // horde's own mesh, apart from any public one.
+        .protocol_id_prefix(horde_protocol::wire::DISCOVERY_GOSSIP)
+        // D = 6: a record reaches 256 nodes in about log₆ 256 ≈ 3 hops, and each node receives
+        // it from at most a handful of mesh peers.
+        .mesh_n(6)
+        // D_lo = 4, D_hi = 12: room for the mesh to grow and shrink without constant GRAFT/PRUNE
+        // churn, while a node's mesh never thins to a single path.
+        .mesh_n_low(4)
+        .mesh_n_high(12)
+        // At least 2 mesh peers this node dialed itself: an attacker accepting inbound
+        // connections alone cannot fill a node's mesh.
+        .mesh_outbound_min(2)
+        // Gossip (IHAVE) to 3 non-mesh peers per heartbeat, never more (factor 0, else a
+        // facilitator with 255 connections would gossip to 64): repairs a record a mesh path lost
+        // at ~0.5 KB/s per node of ids instead of ~3 KB/s with libp2p's 6 and 25%.
+        .gossip_lazy(3)
+        .gossip_factor(0.0)
+        // IHAVE lists the ids of the last 2 heartbeats (default 3), of 5 kept for IWANT answers.
+        .history_gossip(2)
+        .history_length(5)
+        // One heartbeat per second: mesh repair and gossip within a second, ~256 small control
+        // frames per second in a 256-node network.
+        .heartbeat_interval(Duration::from_secs(1))
+        .heartbeat_initial_delay(Duration::from_millis(100))
+        // A frame holds a few records and control lists; larger frames are refused unread.
+        .max_transmit_size(MAX_TRANSMIT_SIZE)
+        .max_ihave_length(MAX_IHAVE_LENGTH)
+        // Ids are remembered for 2 minutes, the default record lifetime: a late copy of a message
+        // within its useful life is dropped by id, without decoding or a signature check.
+        .duplicate_cache_time(Duration::from_secs(120))
+        // Records carry their own signature: gossipsub's own per-message signature would double
+        // the verification work. The author field is set and bound to the record in `judge`.
+        .validation_mode(ValidationMode::Permissive)
+        // Nothing is forwarded before `judge` accepted it.
+        .validate_messages()
+        .message_id_fn(|message| message_id(&message.data))
+        // Own records go to every subscribed peer (not only the mesh): a joining node's record
+        // spreads before its mesh has formed.
+        .flood_publish(true)
+        // Per-peer send queue of 256 RPCs (half for forwarded records, preallocated): libp2p's
+        // 5000 preallocate ~650 KiB per connection, 40 MiB on a node with 64 peers. A record
+        // dropped for a peer this far behind reaches it by IHAVE or the next refresh.
+        .connection_handler_queue_len(256)
+        // Ask mesh peers not to send a copy already received, even for records this small.
+        .idontwant_message_size_threshold(0)
+        .build()
+        .map_err(|e| e.to_string())?;
+    let mut behaviour = gossipsub::Behaviour::new(
+        MessageAuthenticity::Author(keypair.public().to_peer_id()),
+        config,
+    )?;
+    behaviour.with_peer_score(score_params(), score_thresholds())?;
+    Ok(behaviour)
+}
+
+/// Peer scoring: punishes invalid records hard, rewards useful peers a little, and leaves out
+/// the delivery-rate penalties that would punish honest peers of a quiet network.
+fn score_params() -> PeerScoreParams {
+    let topic = TopicScoreParams {
+        // The one topic carries the whole score.
+        topic_weight: 1.0,
+        // P1, up to +1 for ten minutes in the mesh: a small preference for stable peers.
+        time_in_mesh_weight: 0.01,
+        time_in_mesh_quantum: Duration::from_secs(6),
+        time_in_mesh_cap: 100.0,
+        // P2, up to +5 for records delivered first; decays within a minute.
+        first_message_deliveries_weight: 0.5,
+        first_message_deliveries_decay: 0.95,
+        first_message_deliveries_cap: 10.0,
+        // P3/P3b off: an idle network sends a few records a minute per peer, far below any rate
+        // a mesh peer could be required to deliver.
+        mesh_message_deliveries_weight: 0.0,
+        mesh_failure_penalty_weight: 0.0,
+        // P4: -10 × (invalid records)²: one invalid record puts a peer at the gossip threshold,
+        // two below the publish threshold, three graylist it; the count decays by 1% a second
+        // (a graylisted peer is back after about 2 minutes of good behaviour).
+        invalid_message_deliveries_weight: -10.0,
+        invalid_message_deliveries_decay: 0.99,
+        ..TopicScoreParams::default()
+    };
+    let mut params = PeerScoreParams {
+        // Caps the positive part, so past good behaviour cannot hide new invalid records.
+        topic_score_cap: 10.0,
+        // No application score is set.
+        app_specific_weight: 0.0,
+        // Off: many nodes legitimately share one IP (a host running several miners, a NAT, a
+        // one-machine testnet); identities are hotkeys, not addresses.
+        ip_colocation_factor_weight: 0.0,
+        // P7 (broken IWANT promises, GRAFT during backoff): -10 × excess², as libp2p advises.
+        behaviour_penalty_weight: -10.0,
+        behaviour_penalty_threshold: 2.0,
+        behaviour_penalty_decay: 0.9,
+        // A penalised peer that reconnects keeps its score for 10 minutes.
+        retain_score: Duration::from_secs(600),
+        ..PeerScoreParams::default()
+    };
+    params.topics.insert(topic_hash(), topic);
+    params
+}
+
+fn topic_hash() -> gossipsub::TopicHash {
+    topic().hash()
+}
+
+/// Score thresholds (see [`score_params`] for what moves a score).
+pub fn score_thresholds() -> PeerScoreThresholds {
+    PeerScoreThresholds {
+        // Below -10 (one invalid record with nothing to offset it): no gossip to or from it.
+        gossip_threshold: -10.0,
+        // Below -30 (two invalid records): our own records are not flood-published to it.
+        publish_threshold: -30.0,
+        // Below -80 (three invalid records): everything it sends is ignored unread.
+        graylist_threshold: -80.0,
+        // Peer exchange is off; a high bar in case it is turned on.
+        accept_px_threshold: 10.0,
+        // Opportunistic grafting when the mesh's median score falls below +1.
+        opportunistic_graft_threshold: 1.0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use horde_protocol::{ClassCapacity, ExecutorClass, Role, SecretKey, Signature};
+
+    use super::super::directory::Offer;
+
+    const NOW: UnixMillis = UnixMillis(1_000_000);
+
+    fn record(key: &SecretKey, seq: u64, expires_at: u64, free: u32) -> NodeRecord {
+        NodeRecord {
+            hotkey: key.hotkey(),
+            role: Role::Miner,
+            addrs: vec![([127, 0, 0, 1], 4000).into()],
+            p2p_addrs: vec![([127, 0, 0, 1], 5000).into()],
+            capacity: vec![ClassCapacity {
+                class: ExecutorClass("cpu".into()),
+                free,
+                total: 2,
+            }],
+            version: "test".into(),
+            seq,
+            expires_at: UnixMillis(expires_at),
+        }
+    }
+
+    fn judged(directory: &Directory, signed: &Signed<NodeRecord>, source: PeerId) -> Verdict {
+        let own = SecretKey::generate().hotkey();
+        judge(&encode(signed), Some(source), directory, &own, NOW)
+    }
+
+    fn keep(directory: &Directory, verdict: Verdict) -> Offer {
+        match verdict {
+            Verdict::Accept(accepted) => {
+                let (signed, record) = *accepted;
+                directory.offer(signed, record)
+            }
+            other => panic!("not accepted: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn bad_signature_signer_binding_and_size_are_rejected() {
+        let directory = Directory::default();
+        let key = SecretKey::generate();
+        let source = peer_id(&key.hotkey());
+        let good = Signed::sign(&key, &record(&key, 1, NOW.0 + 5000, 1));
+        let mut signature = *good.signature().as_bytes();
+        signature[3] ^= 1;
+        let tampered = Signed::from_parts(
+            good.bytes().to_vec(),
+            key.hotkey(),
+            Signature::from_bytes(signature),
+        );
+        assert!(matches!(
+            judged(&directory, &tampered, source),
+            Verdict::Reject(RecordRejection::BadSignature)
+        ));
+        // Signed by another key than the one it names.
+        let other = SecretKey::generate();
+        let misnamed = Signed::sign(&other, &record(&key, 1, NOW.0 + 5000, 1));
+        assert!(matches!(
+            judged(&directory, &misnamed, peer_id(&other.hotkey())),
+            Verdict::Reject(RecordRejection::SignerMismatch { .. })
+        ));
+        // A genuine record published by a peer that is not its node.
+        assert!(matches!(
+            judged(&directory, &good, peer_id(&other.hotkey())),
+            Verdict::Reject(RecordRejection::PeerIdMismatch { .. })
+        ));
+        // Too big, and not a record at all.
+        let own = other.hotkey();
+        let big = vec![0u8; MAX_RECORD_BYTES + 1];
+        assert!(matches!(
+            judge(&big, Some(source), &directory, &own, NOW),
+            Verdict::Reject(RecordRejection::TooLarge(_))
+        ));
+        assert!(matches!(
+            judge(&[1, 2, 3], Some(source), &directory, &own, NOW),
+            Verdict::Reject(_)
+        ));
+        // Nothing of it was kept; the genuine record from its own node is.
+        assert_eq!(directory.seq_of(&key.hotkey()), None);
+        assert_eq!(
+            keep(&directory, judged(&directory, &good, source)),
+            Offer::New
+        );
+    }
+
+    #[test]
+    fn stale_and_expired_records_are_ignored() {
+        let directory = Directory::default();
+        let key = SecretKey::generate();
+        let source = peer_id(&key.hotkey());
+        let newer = Signed::sign(&key, &record(&key, 5, NOW.0 + 5000, 1));
+        assert_eq!(
+            keep(&directory, judged(&directory, &newer, source)),
+            Offer::New
+        );
+        for seq in [4, 5] {
+            let older = Signed::sign(&key, &record(&key, seq, NOW.0 + 9000, 1));
+            assert!(matches!(
+                judged(&directory, &older, source),
+                Verdict::Ignore(_)
+            ));
+        }
+        let other = SecretKey::generate();
+        let expired = Signed::sign(&other, &record(&other, 9, NOW.0, 1));
+        assert!(matches!(
+            judged(&directory, &expired, peer_id(&other.hotkey())),
+            Verdict::Ignore("expired")
+        ));
+        // Our own record coming back is ignored, not blamed.
+        assert!(matches!(
+            judge(
+                &encode(&newer),
+                Some(source),
+                &directory,
+                &key.hotkey(),
+                NOW
+            ),
+            Verdict::Ignore(_)
+        ));
+    }
+
+    #[test]
+    fn a_forged_next_seq_cannot_suppress_the_real_record() {
+        let directory = Directory::default();
+        let victim = SecretKey::generate();
+        let source = peer_id(&victim.hotkey());
+        let first = Signed::sign(&victim, &record(&victim, 1, NOW.0 + 5000, 1));
+        keep(&directory, judged(&directory, &first, source));
+        // The attacker sends the victim's next seq first: same (hotkey, seq), bytes of its own,
+        // the victim's hotkey as signer and any signature.
+        let real = Signed::sign(&victim, &record(&victim, 2, NOW.0 + 5000, 0));
+        let rogue = SecretKey::generate();
+        let forged_record = record(&victim, 2, NOW.0 + 5000, 99);
+        let forged = Signed::from_parts(
+            to_bytes(&forged_record),
+            victim.hotkey(),
+            *Signed::sign(&rogue, &forged_record).signature(),
+        );
+        let (forged_id, real_id) = (message_id(&encode(&forged)), message_id(&encode(&real)));
+        // Different records, different ids: the real one is no duplicate of the forgery.
+        assert_ne!(forged_id, real_id);
+        assert!(matches!(
+            judged(&directory, &forged, source),
+            Verdict::Reject(RecordRejection::BadSignature)
+        ));
+        // The real record still arrives, is accepted and wins.
+        assert_eq!(
+            keep(&directory, judged(&directory, &real, source)),
+            Offer::Updated
+        );
+        assert_eq!(
+            directory.get(&victim.hotkey(), NOW).unwrap().capacity[0].free,
+            0
+        );
+        // The same bytes always have the same id (a re-sent copy is a duplicate).
+        assert_eq!(message_id(&encode(&real)), real_id);
+    }
+
+    #[test]
+    fn the_router_settings_are_accepted_by_libp2p() {
+        let keypair = Keypair::generate_ed25519();
+        assert!(behaviour(&keypair).is_ok());
+        assert!(score_params().validate().is_ok());
+        assert!(score_thresholds().validate().is_ok());
+    }
+}

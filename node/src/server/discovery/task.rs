@@ -1,0 +1,627 @@
+//! The discovery task: owns the swarm, publishes the node's own record on gossip (re-signed every
+//! [`refresh_interval`] and, coalesced, on capacity changes), judges the records gossip brings,
+//! fetches whole directories over the record exchange when joining, answers such fetches, sweeps
+//! expired records and keeps the directory on disk.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use horde_protocol::codec::{from_bytes_exact, to_bytes};
+use horde_protocol::{ClassCapacity, NodeRecord, RecordSync, Role, SecretKey, Signed};
+use libp2p::gossipsub::{self, MessageAcceptance, PublishError};
+use libp2p::request_response;
+use libp2p::swarm::SwarmEvent;
+use libp2p::{PeerId, Swarm, identify};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::gossip::{self, Verdict};
+use super::{
+    Behaviour, BehaviourEvent, BootstrapPeer, Directory, MAX_DIRECTORY_RECORDS, MAX_SYNC_RECORDS,
+    Offer, RecordRejection, check_record, hotkey_of, peer_id, quic_multiaddr, socket_addr,
+};
+use crate::clock::now;
+
+/// How often a node runs a Kademlia bootstrap (a walk toward its own id and random ids) to find
+/// peers beyond the ones it knows.
+const WALK_INTERVAL: Duration = Duration::from_secs(30);
+/// How often bootstrap peers that are not connected are dialed again.
+const REDIAL_INTERVAL: Duration = Duration::from_secs(2);
+/// How often expired records are swept.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+/// Capacity changes are published at most this often (changes in between are coalesced into
+/// the next record).
+pub const CAPACITY_COALESCE: Duration = Duration::from_millis(100);
+/// How often the directory is written to disk when only records of known nodes changed (a
+/// restart loads it; a record kept from up to this long ago is still valid for most of its life).
+const SAVE_INTERVAL: Duration = Duration::from_secs(15);
+/// How soon it is written when a node joined or left (so a restart knows every member).
+const SAVE_MEMBERS_DELAY: Duration = Duration::from_secs(1);
+/// How many nodes of a loaded directory are dialed at start, each asked for its whole directory
+/// once connected (a fresh copy at once, also for a node without bootstrap peers).
+const DIAL_LOADED: usize = 3;
+/// How often the message counters are logged (target `horde_node::server::discovery::stats`,
+/// level debug).
+const STATS_INTERVAL: Duration = Duration::from_secs(5);
+/// How long after its first announcement a node announces its record once more: by then the
+/// meshes of a network starting together have formed, and a first copy that reached only
+/// half-formed meshes is made good (one extra record per node, once).
+const SETTLE_DELAY: Duration = Duration::from_secs(4);
+/// The file, in the node's state directory, that holds the directory between runs.
+pub const DIRECTORY_FILE: &str = "discovery-directory.bin";
+
+/// How often a node re-signs its record: two fifths of its lifetime, so one lost refresh is
+/// survived (the next one arrives before the record expires).
+pub fn refresh_interval(ttl: Duration) -> Duration {
+    (ttl * 2 / 5).max(Duration::from_millis(500))
+}
+
+/// A question to the running task.
+pub(super) enum Query {
+    /// The gossipsub score of a peer.
+    PeerScore(PeerId, oneshot::Sender<Option<f64>>),
+}
+
+/// The node's own record, re-signed on every change.
+pub(super) struct OwnRecord {
+    pub(super) key: SecretKey,
+    pub(super) role: Role,
+    pub(super) addrs: Vec<std::net::SocketAddr>,
+    pub(super) p2p_addrs: Vec<std::net::SocketAddr>,
+    pub(super) capacity: Vec<ClassCapacity>,
+    pub(super) seq: u64,
+    pub(super) ttl: Duration,
+    pub(super) signed: Option<Signed<NodeRecord>>,
+}
+
+impl OwnRecord {
+    /// Signs the current state with a higher `seq` and a fresh expiry.
+    pub(super) fn refresh(&mut self) -> Signed<NodeRecord> {
+        let now = now();
+        // Milliseconds since the epoch keep `seq` rising across restarts without a stored
+        // counter; +1 keeps it rising within one millisecond.
+        self.seq = (self.seq + 1).max(now.0);
+        let ttl_ms = u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX);
+        let record = NodeRecord {
+            hotkey: self.key.hotkey(),
+            role: self.role,
+            addrs: self.addrs.clone(),
+            p2p_addrs: self.p2p_addrs.clone(),
+            capacity: self.capacity.clone(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            seq: self.seq,
+            expires_at: now.plus_millis(ttl_ms),
+        };
+        let signed = Signed::sign(&self.key, &record);
+        self.signed = Some(signed.clone());
+        signed
+    }
+
+    fn current(&mut self) -> Signed<NodeRecord> {
+        match &self.signed {
+            Some(signed) => signed.clone(),
+            None => self.refresh(),
+        }
+    }
+}
+
+/// Message counters, logged every [`STATS_INTERVAL`].
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Stats {
+    received: u64,
+    accepted: u64,
+    ignored: u64,
+    rejected: u64,
+    published: u64,
+    fetches_sent: u64,
+    fetches_served: u64,
+}
+
+pub(super) struct SwarmTask {
+    pub(super) swarm: Swarm<Behaviour>,
+    pub(super) directory: Arc<Directory>,
+    pub(super) own: OwnRecord,
+    pub(super) capacity: Option<watch::Receiver<Vec<ClassCapacity>>>,
+    pub(super) walked: bool,
+    /// Dialed at start and again whenever the connection to one is gone (a restarted bootstrap
+    /// node knows nobody until its peers come back).
+    pub(super) bootstrap: Vec<BootstrapPeer>,
+    pub(super) queries: mpsc::Receiver<Query>,
+    /// Where the directory is kept between runs.
+    pub(super) state_dir: Option<PathBuf>,
+    /// Bootstrap peers the whole directory was fetched from already.
+    joined: Vec<PeerId>,
+    /// Nodes of the kept directory dialed at start, to fetch a fresh copy from once.
+    refetch: Vec<PeerId>,
+    /// When the own record was last published, and whether a capacity change waits for
+    /// [`CAPACITY_COALESCE`] to pass.
+    published_at: Option<Instant>,
+    capacity_pending: bool,
+    /// Whether the own record reached a subscribed peer yet, and when it is announced again.
+    announced: bool,
+    settle: Option<Instant>,
+    /// The directory's change count, size and time at the last write.
+    saved: (u64, usize, Instant),
+    stats: Stats,
+    logged: Stats,
+}
+
+impl SwarmTask {
+    pub(super) fn new(
+        swarm: Swarm<Behaviour>,
+        directory: Arc<Directory>,
+        own: OwnRecord,
+        capacity: Option<watch::Receiver<Vec<ClassCapacity>>>,
+        bootstrap: Vec<BootstrapPeer>,
+        queries: mpsc::Receiver<Query>,
+        state_dir: Option<PathBuf>,
+    ) -> Self {
+        Self {
+            swarm,
+            directory,
+            own,
+            capacity,
+            walked: false,
+            bootstrap,
+            queries,
+            state_dir,
+            joined: Vec::new(),
+            refetch: Vec::new(),
+            published_at: None,
+            capacity_pending: false,
+            announced: false,
+            settle: None,
+            saved: (0, 0, Instant::now()),
+            stats: Stats::default(),
+            logged: Stats::default(),
+        }
+    }
+
+    pub(super) async fn run(mut self, cancel: CancellationToken) {
+        self.load();
+        self.redial();
+        let mut republish = tokio::time::interval(refresh_interval(self.own.ttl));
+        republish.tick().await;
+        let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
+        let mut walk = tokio::time::interval(WALK_INTERVAL);
+        walk.tick().await;
+        let mut redial = tokio::time::interval(REDIAL_INTERVAL);
+        redial.tick().await;
+        let mut save = tokio::time::interval(SAVE_MEMBERS_DELAY);
+        save.tick().await;
+        let mut stats = tokio::time::interval(STATS_INTERVAL);
+        stats.tick().await;
+        loop {
+            let capacity_changed = async {
+                match self.capacity.as_mut() {
+                    Some(rx) if !self.capacity_pending => rx.changed().await.is_ok(),
+                    _ => std::future::pending().await,
+                }
+            };
+            let coalesced = async {
+                match (self.capacity_pending, self.published_at) {
+                    (true, Some(at)) => tokio::time::sleep_until(at + CAPACITY_COALESCE).await,
+                    (true, None) => {}
+                    (false, _) => std::future::pending().await,
+                }
+            };
+            let settle = async {
+                match self.settle {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = cancel.cancelled() => break,
+                () = settle => {
+                    self.settle = None;
+                    self.own.refresh();
+                    self.publish_own();
+                }
+                event = self.swarm.select_next_some() => self.on_event(event),
+                Some(query) = self.queries.recv() => self.answer(query),
+                _ = republish.tick() => {
+                    self.own.refresh();
+                    self.publish_own();
+                }
+                _ = sweep.tick() => {
+                    for record in self.directory.expire(now()) {
+                        info!(role = %record.role, hotkey = %record.hotkey, "node record expired");
+                    }
+                }
+                _ = walk.tick() => self.walk(),
+                _ = redial.tick() => self.redial(),
+                _ = save.tick() => self.save(false),
+                _ = stats.tick() => self.log_stats(),
+                changed = capacity_changed => {
+                    if changed {
+                        self.capacity_pending = true;
+                    } else {
+                        // The sender is gone: the role stopped; keep serving what we know.
+                        self.capacity = None;
+                    }
+                }
+                () = coalesced => {
+                    self.capacity_pending = false;
+                    if let Some(rx) = self.capacity.as_mut() {
+                        self.own.capacity = rx.borrow_and_update().clone();
+                    }
+                    self.own.refresh();
+                    self.publish_own();
+                }
+            }
+        }
+        self.save(true);
+        debug!("discovery stopped");
+    }
+
+    fn answer(&mut self, query: Query) {
+        match query {
+            Query::PeerScore(peer, reply) => {
+                let _ = reply.send(self.swarm.behaviour().gossip.peer_score(&peer));
+            }
+        }
+    }
+
+    fn log_stats(&mut self) {
+        if self.stats == self.logged {
+            return;
+        }
+        self.logged = self.stats;
+        let s = self.stats;
+        debug!(
+            target: "horde_node::server::discovery::stats",
+            received = s.received, accepted = s.accepted, ignored = s.ignored,
+            rejected = s.rejected, published = s.published, fetches_sent = s.fetches_sent,
+            fetches_served = s.fetches_served, records = self.directory.len(),
+            "gossip counters"
+        );
+    }
+
+    /// Loads the directory kept by an earlier run (every record checked again, expired ones
+    /// dropped) and dials a few of its nodes for a fresh copy at once.
+    fn load(&mut self) {
+        let Some(path) = self.state_dir.as_ref().map(|d| d.join(DIRECTORY_FILE)) else {
+            return;
+        };
+        let Ok(bytes) = std::fs::read(&path) else {
+            return;
+        };
+        let records: Vec<Signed<NodeRecord>> = match from_bytes_exact(&bytes) {
+            Ok(records) => records,
+            Err(error) => {
+                warn!(path = %path.display(), %error, "kept directory unreadable; ignored");
+                return;
+            }
+        };
+        let now = now();
+        let own = self.own.key.hotkey();
+        let mut dial = Vec::new();
+        for signed in records.into_iter().take(MAX_DIRECTORY_RECORDS) {
+            let Ok(record) = check_record(&signed, now) else {
+                continue;
+            };
+            if record.hotkey == own {
+                continue;
+            }
+            if dial.len() < DIAL_LOADED
+                && let Some(addr) = record.p2p_addrs.first()
+            {
+                dial.push((peer_id(&record.hotkey), quic_multiaddr(*addr)));
+            }
+            self.directory.offer(signed, record);
+        }
+        info!(records = self.directory.len(), "kept directory loaded");
+        for (peer, addr) in dial {
+            self.refetch.push(peer);
+            let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(peer)
+                .addresses(vec![addr])
+                .build();
+            if let Err(error) = self.swarm.dial(opts) {
+                debug!(%peer, %error, "cannot dial a known node");
+            }
+        }
+    }
+
+    /// Writes the directory to disk when it changed since the last write: at once when its
+    /// size changed (a node joined or left) or when `now`, else every [`SAVE_INTERVAL`].
+    fn save(&mut self, now_: bool) {
+        let Some(dir) = &self.state_dir else {
+            return;
+        };
+        let version = *self.directory.subscribe().borrow();
+        let members = self.directory.len();
+        let (saved_version, saved_members, saved_at) = self.saved;
+        let due = now_ || members != saved_members || saved_at.elapsed() >= SAVE_INTERVAL;
+        if version == saved_version || !due {
+            return;
+        }
+        let records = self.directory.signed_records(&self.own.key.hotkey(), now());
+        let path = dir.join(DIRECTORY_FILE);
+        match crate::atomic_file::write_atomically(&path, &to_bytes(&records), 0o644) {
+            Ok(()) => self.saved = (version, members, Instant::now()),
+            Err(error) => warn!(path = %path.display(), %error, "directory not kept on disk"),
+        }
+    }
+
+    fn redial(&mut self) {
+        for peer in &self.bootstrap {
+            if self.swarm.is_connected(&peer.peer) {
+                continue;
+            }
+            let dial = libp2p::swarm::dial_opts::DialOpts::peer_id(peer.peer)
+                .addresses(vec![peer.addr.clone()])
+                .build();
+            if let Err(error) = self.swarm.dial(dial) {
+                debug!(%peer, %error, "cannot dial bootstrap peer");
+            }
+        }
+    }
+
+    fn walk(&mut self) {
+        if let Err(error) = self.swarm.behaviour_mut().kad.bootstrap() {
+            debug!(%error, "no peers to walk from yet");
+        }
+    }
+
+    /// Publishes the own record on gossip (to every subscribed peer).
+    fn publish_own(&mut self) {
+        let own = self.own.current();
+        let data = gossip::encode(&own);
+        self.published_at = Some(Instant::now());
+        match self
+            .swarm
+            .behaviour_mut()
+            .gossip
+            .publish(gossip::topic(), data)
+        {
+            Ok(_) => {
+                self.stats.published += 1;
+                if !self.announced {
+                    self.settle = Some(Instant::now() + SETTLE_DELAY);
+                }
+                self.announced = true;
+            }
+            // Nobody to tell yet: the first subscribed peer triggers a publish.
+            Err(PublishError::NoPeersSubscribedToTopic | PublishError::Duplicate) => {}
+            Err(error) => debug!(%error, "own record not published"),
+        }
+    }
+
+    /// Sends our own record to `peer`, asking for every record it holds when `want_all`.
+    fn send_own(&mut self, peer: PeerId, want_all: bool) {
+        if want_all {
+            self.stats.fetches_sent += 1;
+        }
+        let own = self.own.current();
+        self.swarm.behaviour_mut().records.send_request(
+            &peer,
+            RecordSync {
+                own: Some(own),
+                relayed: Vec::new(),
+                want_all,
+            },
+        );
+    }
+
+    fn on_connected(&mut self, peer: PeerId) {
+        debug!(%peer, "discovery connection");
+        let bootstrap = self.bootstrap.iter().any(|b| b.peer == peer);
+        if bootstrap && !self.joined.contains(&peer) {
+            // Joining: the whole directory, once, from the bootstrap peer; gossip from then on.
+            self.joined.push(peer);
+            self.send_own(peer, true);
+        } else if let Some(at) = self.refetch.iter().position(|p| *p == peer) {
+            // A node of the kept directory (a restarted node): its fresh copy.
+            self.refetch.swap_remove(at);
+            self.send_own(peer, true);
+        } else if bootstrap {
+            // Back to a bootstrap peer that may have restarted: it learns our record at once.
+            self.send_own(peer, false);
+        }
+        if !self.walked {
+            self.walked = true;
+            self.walk();
+        }
+    }
+
+    fn on_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                num_established,
+                ..
+            } if num_established.get() == 1 => self.on_connected(peer_id),
+            SwarmEvent::NewListenAddr { address, .. } => {
+                if let Some(addr) = socket_addr(&address)
+                    && !self.own.p2p_addrs.contains(&addr)
+                {
+                    self.own.p2p_addrs.push(addr);
+                    self.own.refresh();
+                    self.publish_own();
+                }
+            }
+            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                debug!(peer = ?peer_id, %error, "discovery dial failed");
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
+                peer_id,
+                info,
+                ..
+            })) => {
+                for addr in info.listen_addrs {
+                    if socket_addr(&addr).is_some() {
+                        self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                    }
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Records(event)) => self.on_records(event),
+            SwarmEvent::Behaviour(BehaviourEvent::Gossip(event)) => self.on_gossip(event),
+            _ => {}
+        }
+    }
+
+    fn on_gossip(&mut self, event: gossipsub::Event) {
+        match event {
+            gossipsub::Event::Message {
+                propagation_source,
+                message_id,
+                message,
+            } => {
+                self.stats.received += 1;
+                let verdict = gossip::judge(
+                    &message.data,
+                    message.source,
+                    &self.directory,
+                    &self.own.key.hotkey(),
+                    now(),
+                );
+                let acceptance = match verdict {
+                    Verdict::Accept(accepted) => {
+                        let (signed, record) = *accepted;
+                        match self.keep(propagation_source, signed, record) {
+                            Offer::New | Offer::Updated => MessageAcceptance::Accept,
+                            Offer::Stale | Offer::Full => MessageAcceptance::Ignore,
+                        }
+                    }
+                    Verdict::Ignore(reason) => {
+                        debug!(peer = %propagation_source, reason, "gossiped record ignored");
+                        MessageAcceptance::Ignore
+                    }
+                    Verdict::Reject(reason) => {
+                        warn!(peer = %propagation_source, %reason, "gossiped record rejected; sender penalised");
+                        MessageAcceptance::Reject
+                    }
+                };
+                match acceptance {
+                    MessageAcceptance::Accept => self.stats.accepted += 1,
+                    MessageAcceptance::Ignore => self.stats.ignored += 1,
+                    MessageAcceptance::Reject => self.stats.rejected += 1,
+                }
+                self.swarm
+                    .behaviour_mut()
+                    .gossip
+                    .report_message_validation_result(&message_id, &propagation_source, acceptance);
+            }
+            gossipsub::Event::Subscribed { .. } if !self.announced => {
+                // The first peer to hear us: our record goes out now, not at the next refresh.
+                self.publish_own();
+            }
+            _ => {}
+        }
+    }
+
+    /// Keeps a checked record of another node.
+    fn keep(&mut self, via: PeerId, signed: Signed<NodeRecord>, record: NodeRecord) -> Offer {
+        let (role, hotkey, seq) = (record.role, record.hotkey, record.seq);
+        let addrs = record.addrs.clone();
+        let p2p = record.p2p_addrs.clone();
+        let offer = self.directory.offer(signed, record);
+        match offer {
+            Offer::New => {
+                info!(%role, %hotkey, ?addrs, %via, "node discovered");
+                // Make it reachable for Kademlia walks too.
+                for addr in p2p {
+                    self.swarm
+                        .behaviour_mut()
+                        .kad
+                        .add_address(&peer_id(&hotkey), quic_multiaddr(addr));
+                }
+            }
+            Offer::Updated => debug!(%role, %hotkey, seq, "node record updated"),
+            Offer::Stale => {}
+            Offer::Full => {
+                warn!(%role, %hotkey, limit = MAX_DIRECTORY_RECORDS, "directory full; record dropped");
+            }
+        }
+        offer
+    }
+
+    fn on_records(&mut self, event: request_response::Event<RecordSync, RecordSync>) {
+        match event {
+            request_response::Event::Message { peer, message, .. } => match message {
+                request_response::Message::Request {
+                    request, channel, ..
+                } => {
+                    let want_all = request.want_all;
+                    self.accept(peer, request);
+                    let relayed = if want_all {
+                        self.stats.fetches_served += 1;
+                        let mut all = self.directory.signed_records(
+                            &hotkey_of(&peer).unwrap_or(self.own.key.hotkey()),
+                            now(),
+                        );
+                        all.truncate(MAX_SYNC_RECORDS);
+                        all
+                    } else {
+                        Vec::new()
+                    };
+                    let answer = RecordSync {
+                        own: Some(self.own.current()),
+                        relayed,
+                        want_all: false,
+                    };
+                    if self
+                        .swarm
+                        .behaviour_mut()
+                        .records
+                        .send_response(channel, answer)
+                        .is_err()
+                    {
+                        debug!(%peer, "record exchange answer not sent: stream gone");
+                    }
+                }
+                request_response::Message::Response { response, .. } => {
+                    self.accept(peer, response);
+                }
+            },
+            request_response::Event::OutboundFailure { peer, error, .. } => {
+                debug!(%peer, %error, "record exchange failed");
+            }
+            request_response::Event::InboundFailure { peer, error, .. } => {
+                debug!(%peer, %error, "record exchange refused");
+            }
+            request_response::Event::ResponseSent { .. } => {}
+        }
+    }
+
+    /// Checks and keeps the records of one exchange (a join fetch, its answer, a peer's own
+    /// record). Nothing is passed on: each node publishes its own record on gossip.
+    fn accept(&mut self, from: PeerId, sync: RecordSync) {
+        let now = now();
+        let own_hotkey = self.own.key.hotkey();
+        let offered = sync.own.into_iter().map(|r| (r, true)).chain(
+            sync.relayed
+                .into_iter()
+                .take(MAX_SYNC_RECORDS)
+                .map(|r| (r, false)),
+        );
+        for (signed, as_own) in offered {
+            let record = match check_record(&signed, now) {
+                Ok(record) => record,
+                // A relayed copy that ran out on the way is normal.
+                Err(RecordRejection::Expired) if !as_own => continue,
+                Err(reason) => {
+                    warn!(peer = %from, signer = %signed.signer(), %reason, "node record dropped");
+                    continue;
+                }
+            };
+            if as_own && peer_id(&record.hotkey) != from {
+                let reason = RecordRejection::PeerIdMismatch {
+                    peer: hotkey_of(&from).map_or_else(|| from.to_string(), |h| h.to_string()),
+                    named: record.hotkey,
+                };
+                warn!(peer = %from, %reason, "node record dropped");
+                continue;
+            }
+            if record.hotkey == own_hotkey {
+                continue;
+            }
+            self.keep(from, signed, record);
+        }
+    }
+}
