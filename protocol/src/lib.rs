@@ -355,6 +355,47 @@ mod tests {
         assert_eq!(from_bytes_exact::<OutputRef>(&bytes).unwrap(), output);
     }
 
+    /// Pins the reject reasons' tags: `WarmingUp` (11) and `AllBusy` (12) were appended, so
+    /// the older tags stay where they were.
+    #[test]
+    fn snapshot_reject_reasons() {
+        let cases = [
+            (RejectReason::BadSignature, "00"),
+            (RejectReason::NoMiner, "05"),
+            (RejectReason::NotOwner, "0a"),
+            (
+                RejectReason::WarmingUp {
+                    retry_after_ms: 1000,
+                },
+                "0be807",
+            ),
+            (
+                RejectReason::AllBusy {
+                    class: ExecutorClass("cpu".into()),
+                    executors: 3,
+                },
+                "0c0363707503",
+            ),
+        ];
+        for (reason, hex) in cases {
+            assert_eq!(hex::encode(to_bytes(&reason)), hex, "{reason:?}");
+            assert_eq!(
+                from_bytes_exact::<RejectReason>(&hex::decode(hex).unwrap()).unwrap(),
+                reason
+            );
+        }
+    }
+
+    /// Pins `DownMessage::Resume`'s tag: appended as variant 7.
+    #[test]
+    fn snapshot_resume() {
+        let resume = DownMessage::Resume(JobId([0xab; 16]));
+        assert_eq!(
+            hex::encode(to_bytes(&resume)),
+            "07abababababababababababababababab"
+        );
+    }
+
     #[test]
     fn snapshot_tunnel_data() {
         let frame = TunnelFrame::Data(b"GET /".to_vec());

@@ -66,6 +66,11 @@ pub enum DownMessage {
     Volumes(Signed<VolumeList>),
     /// Client → … → executor: end the job.
     Terminate(Signed<TerminateRequest>),
+    /// Facilitator → validator, first frame of a new stream: the facilitator restarted (or its
+    /// link broke) and takes the job's session up again on this stream. The validator sends the
+    /// messages it held meanwhile, then relays as before; a job it no longer drives is answered
+    /// `Rejected(UnknownJob)`. (Appended: variants are append-only on the wire.)
+    Resume(JobId),
 }
 
 /// Messages toward the client.
@@ -193,6 +198,22 @@ pub enum RejectReason {
     UnknownJob,
     /// The caller does not own the job.
     NotOwner,
+    /// The facilitator started recently and is still learning the network: it knows no miner of
+    /// the job's class yet. Not stored: the same signed spec may be submitted again after
+    /// `retry_after_ms` (clients do so within the spec's reservation deadline). (Appended:
+    /// variants are append-only on the wire.)
+    WarmingUp {
+        /// When to try again, in milliseconds.
+        retry_after_ms: u64,
+    },
+    /// Miners offer the class, but every executor of it is busy (as their records say).
+    /// (Appended.)
+    AllBusy {
+        /// The class asked for.
+        class: crate::job::ExecutorClass,
+        /// How many executors of the class the known miners have in all.
+        executors: u32,
+    },
 }
 
 /// Why a stage failed.
@@ -454,6 +475,7 @@ impl DownMessage {
             DownMessage::FullDetails(_) => "FullDetails",
             DownMessage::Volumes(_) => "Volumes",
             DownMessage::Terminate(_) => "Terminate",
+            DownMessage::Resume(_) => "Resume",
         }
     }
 

@@ -816,10 +816,39 @@ impl Testnet {
         Ok(())
     }
 
+    /// Stops a node gracefully (SIGTERM), waiting up to 10 s before killing it.
+    pub fn stop(&mut self, name: &str) -> anyhow::Result<()> {
+        let index = self.index(name)?;
+        if let Some(mut child) = self.nodes[index].child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        Ok(())
+    }
+
     /// Restarts a killed node with the same key, port and state directory.
     pub fn restart(&mut self, name: &str) -> anyhow::Result<()> {
-        let index = self.index(name)?;
         self.kill(name)?;
+        self.start_again(name)?;
+        // A restarted node has forgotten its directory: wait until it has learnt the network
+        // again (and the network has its new record).
+        if self.shape.discovery {
+            self.wait_converged(self.shape.converge_timeout)?;
+        }
+        Ok(())
+    }
+
+    /// Starts a stopped (or killed) node again with the same key, port and state directory,
+    /// and waits only until it has logged its start (not for discovery to converge).
+    pub fn start_again(&mut self, name: &str) -> anyhow::Result<()> {
+        let index = self.index(name)?;
         let before = self.count_starts(index);
         self.spawn(index)?;
         let deadline = Instant::now() + START_TIMEOUT;
@@ -836,10 +865,6 @@ impl Testnet {
             std::thread::sleep(Duration::from_millis(20));
         }
         self.learn_ports(index)?;
-        // A restarted node may lack recent records: wait until the network converged again.
-        if self.shape.discovery {
-            self.wait_converged(self.shape.converge_timeout)?;
-        }
         Ok(())
     }
 

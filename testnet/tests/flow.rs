@@ -666,8 +666,11 @@ async fn miner_killed_mid_job_is_horde_failed() {
     }
 }
 
+/// A facilitator restart keeps the job's record and the job itself (issue 16, item 2; the
+/// tunnel and the outage are covered in `facilitator_restart.rs`): the handle attaches again,
+/// sees each status once and in order, and can still end the job.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn facilitator_restart_keeps_the_record_and_fails_the_job_explicitly() {
+async fn facilitator_restart_keeps_the_record_and_the_job() {
     let mut testnet = start(TestnetConfig::default());
     let account = SecretKey::generate();
     let client = Client::new(account.clone(), testnet.facilitator()).unwrap();
@@ -675,12 +678,18 @@ async fn facilitator_restart_keeps_the_record_and_fails_the_job_explicitly() {
     endpoint(&mut job, &testnet).await;
     let seen = job.history().to_vec();
     testnet.restart("facilitator").unwrap();
+    job.terminate().await.unwrap();
     // The handle notices (the restarted facilitator resets the old connection at once) and
-    // attaches again by itself; each status reaches it once, in order.
-    let end = tokio::time::timeout(Duration::from_secs(15), job.wait_for_end())
+    // attaches again by itself; the terminate request reaches the job.
+    let end = tokio::time::timeout(Duration::from_secs(30), job.wait_for_end())
         .await
         .expect("the handle re-attaches and the job ends")
         .unwrap();
+    assert!(
+        matches!(&end, JobStatus::Completed(result) if result.terminated),
+        "{end:?}\n{}",
+        testnet.log("facilitator")
+    );
     let history = job.history();
     assert!(history.len() > seen.len(), "{history:?}");
     assert_eq!(&history[..seen.len()], seen.as_slice());
@@ -692,12 +701,6 @@ async fn facilitator_restart_keeps_the_record_and_fails_the_job_explicitly() {
     let mut attached = client.attach(job.job_id(), None).await.unwrap();
     assert_eq!(attached.wait_for_end().await.unwrap(), end);
     assert_eq!(attached.history(), history);
-    match end {
-        JobStatus::HordeFailed(failure) => {
-            assert!(failure.reason.contains("restarted"), "{}", failure.reason);
-        }
-        other => panic!("{other:?}"),
-    }
     // Another account cannot attach to the job.
     let stranger = Client::new(SecretKey::generate(), testnet.facilitator()).unwrap();
     let mut other = stranger.attach(job.job_id(), None).await.unwrap();

@@ -14,6 +14,11 @@
 //! it cannot take every slot; an extra one is closed with [`codes::TOO_MANY_CONNECTIONS`] and
 //! never reaches [`HordeEndpoint::accept`].
 //!
+//! With [`AdmissionLimits`] ([`EndpointConfig::with_admission`]), keys the endpoint does not know
+//! ([`HordeEndpoint::set_known_keys`]) are bounded per source address and in total, and an
+//! unknown key's connection that opens no stream soon after its handshake is closed (see
+//! `admission.rs`).
+//!
 //! Stateless-reset tokens and connection ids of an endpoint on a fixed port are keyed by the
 //! node's identity and that port, so a node restarted with its key on its port resets its peers'
 //! stale connections at once (RFC 9000 §10.3); an ephemeral port gets random keys.
@@ -30,6 +35,7 @@ use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tracing::{debug, warn};
 
+use crate::admission::{AddressSlot, Admission, AdmissionLimits, KnownKeys};
 use crate::codes;
 use crate::peer_quota::{PeerPermit, PeerQuota};
 use crate::tls::{
@@ -213,6 +219,8 @@ pub struct EndpointConfig {
     pub max_connections_per_peer: usize,
     /// Flow control and liveness.
     pub transport: TransportTuning,
+    /// What keys the endpoint does not know may hold (`None`: every key is treated alike).
+    pub admission: Option<AdmissionLimits>,
 }
 
 impl EndpointConfig {
@@ -225,7 +233,15 @@ impl EndpointConfig {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_connections_per_peer: DEFAULT_MAX_CONNECTIONS_PER_PEER,
             transport: TransportTuning::default(),
+            admission: None,
         }
+    }
+
+    /// Bounds what unknown keys may hold (see `admission.rs`); the known keys are given later
+    /// with [`HordeEndpoint::set_known_keys`] (until then, no key is known).
+    pub fn with_admission(mut self, limits: AdmissionLimits) -> Self {
+        self.admission = Some(limits);
+        self
     }
 
     /// Sets the client policy.
@@ -416,6 +432,7 @@ pub struct HordeEndpoint {
     connections: Arc<Semaphore>,
     max_connections: usize,
     per_peer: Arc<PeerQuota>,
+    admission: Option<Arc<Admission>>,
     accepted: Mutex<mpsc::Receiver<Result<IncomingConnection, AcceptError>>>,
     acceptor: tokio::task::JoinHandle<()>,
 }
@@ -548,12 +565,19 @@ impl HordeEndpoint {
 
         let connections = Arc::new(Semaphore::new(config.max_connections));
         let per_peer = Arc::new(PeerQuota::new(config.max_connections_per_peer));
+        let admission = config
+            .admission
+            .clone()
+            .map(|l| Arc::new(Admission::new(l)));
         let (sender, receiver) = mpsc::channel(ACCEPT_QUEUE);
         let acceptor = tokio::spawn(accept_loop(
             endpoint.clone(),
-            Arc::clone(&connections),
-            config.max_connections,
-            Arc::clone(&per_peer),
+            Limits {
+                connections: Arc::clone(&connections),
+                max_connections: config.max_connections,
+                per_peer: Arc::clone(&per_peer),
+                admission: admission.clone(),
+            },
             sender,
         ));
         Ok(Self {
@@ -564,6 +588,7 @@ impl HordeEndpoint {
             connections,
             max_connections: config.max_connections,
             per_peer,
+            admission,
             accepted: Mutex::new(receiver),
             acceptor,
         })
@@ -588,6 +613,22 @@ impl HordeEndpoint {
     /// `max_connections_per_peer`).
     pub fn incoming_connections_from(&self, peer: &Hotkey) -> usize {
         self.per_peer.held_by(peer)
+    }
+
+    /// Tells an endpoint with [`AdmissionLimits`] which keys it knows; `false` if it has no
+    /// limits or was told already.
+    pub fn set_known_keys(&self, known: Arc<dyn KnownKeys>) -> bool {
+        self.admission
+            .as_ref()
+            .is_some_and(|admission| admission.set_known(known))
+    }
+
+    /// Connections unknown keys hold now: in total, and handshaking or held from `address`
+    /// (zeros without [`AdmissionLimits`]).
+    pub fn unknown_connections(&self, address: std::net::IpAddr) -> (usize, usize) {
+        self.admission
+            .as_ref()
+            .map_or((0, 0), |admission| admission.held(address))
     }
 
     /// The underlying quinn endpoint.
@@ -675,13 +716,25 @@ impl Drop for HordeEndpoint {
     }
 }
 
-async fn accept_loop(
-    endpoint: quinn::Endpoint,
+/// The accept loop's limits: the connection slots, each key's share, what unknown keys hold.
+struct Limits {
     connections: Arc<Semaphore>,
     max_connections: usize,
     per_peer: Arc<PeerQuota>,
+    admission: Option<Arc<Admission>>,
+}
+
+async fn accept_loop(
+    endpoint: quinn::Endpoint,
+    limits: Limits,
     accepted: mpsc::Sender<Result<IncomingConnection, AcceptError>>,
 ) {
+    let Limits {
+        connections,
+        max_connections,
+        per_peer,
+        admission,
+    } = limits;
     // One task per connection (its handshake, then holding its slot until it closes), owned
     // here: they end with this loop, when the endpoint closes or is dropped.
     let mut tasks = JoinSet::new();
@@ -706,32 +759,58 @@ async fn accept_loop(
             }
             continue;
         }
+        // One address holds a bounded share while handshaking (its key is not known yet).
+        let address_slot = match &admission {
+            Some(admission) => match admission.try_address(incoming.remote_address().ip()) {
+                Some(slot) => Some(slot),
+                None => {
+                    debug!(remote = %incoming.remote_address(), "refusing connection: the address holds its share");
+                    incoming.refuse();
+                    continue;
+                }
+            },
+            None => None,
+        };
         let Ok(permit) = Arc::clone(&connections).try_acquire_owned() else {
             debug!(remote = %incoming.remote_address(), "refusing connection: at capacity");
             incoming.refuse();
             continue;
         };
-        let per_peer = Arc::clone(&per_peer);
-        tasks.spawn(handle_incoming(
-            incoming,
+        let slots = Slots {
             permit,
-            per_peer,
-            accepted.clone(),
-        ));
+            per_peer: Arc::clone(&per_peer),
+            admission: admission.clone(),
+            address_slot,
+        };
+        tasks.spawn(handle_incoming(incoming, slots, accepted.clone()));
     }
     // Closed: the tasks still holding a slot have nothing left to count it against.
     tasks.shutdown().await;
 }
 
-/// Runs one handshake, takes the client's share of the connections, hands the connection over,
-/// and holds its slot and share until it closes (both are released when this task ends, on
-/// every path).
-async fn handle_incoming(
-    incoming: quinn::Incoming,
+/// What one incoming connection holds: its connection slot, its key's share, and (with
+/// admission limits) its source address's slot while it is handshaking or held by an unknown key.
+struct Slots {
     permit: OwnedSemaphorePermit,
     per_peer: Arc<PeerQuota>,
+    admission: Option<Arc<Admission>>,
+    address_slot: Option<AddressSlot>,
+}
+
+/// Runs one handshake, takes the client's share of the connections (and, for an unknown key, of
+/// the unknown keys' share), hands the connection over, and holds its slots until it closes (all
+/// are released when this task ends, on every path).
+async fn handle_incoming(
+    incoming: quinn::Incoming,
+    slots: Slots,
     accepted: mpsc::Sender<Result<IncomingConnection, AcceptError>>,
 ) {
+    let Slots {
+        permit,
+        per_peer,
+        admission,
+        mut address_slot,
+    } = slots;
     let remote = incoming.remote_address();
     match handshake(incoming).await {
         Ok(IncomingConnection {
@@ -742,6 +821,24 @@ async fn handle_incoming(
             let Some(_share) = peer_share(&per_peer, &connection, client, remote) else {
                 return;
             };
+            let mut _unknown = None;
+            let mut first_stream_within = None;
+            if let Some(admission) = &admission {
+                if admission.is_known(&client) {
+                    // A known key does not count against its address.
+                    address_slot = None;
+                } else {
+                    let Some(slot) = admission.try_unknown() else {
+                        debug!(%remote, peer = %client.fmt_short(), "refusing connection: unknown keys hold their share");
+                        connection
+                            .close(codes::BUSY, b"unknown keys hold their share of connections");
+                        return;
+                    };
+                    _unknown = Some(slot);
+                    first_stream_within = Some(admission.limits().first_stream_timeout);
+                }
+            }
+            let _address_slot = address_slot;
             debug!(%remote, client = %client.fmt_short(), "accepted connection");
             let handed_over = accepted
                 .send(Ok(IncomingConnection {
@@ -755,6 +852,9 @@ async fn handle_incoming(
             if !handed_over {
                 connection.close(codes::SHUTDOWN, b"endpoint closed");
             }
+            if let Some(within) = first_stream_within {
+                close_if_no_stream(&connection, within).await;
+            }
             connection.closed().await;
         }
         Err(error) => {
@@ -765,6 +865,20 @@ async fn handle_incoming(
         }
     }
     drop(permit);
+}
+
+/// Closes `connection` with [`codes::TIMED_OUT`] if its peer has opened no stream (sent no
+/// STREAM frame) `within` of now; returns then, or when the connection closes first.
+async fn close_if_no_stream(connection: &quinn::Connection, within: Duration) {
+    tokio::select! {
+        _ = connection.closed() => {}
+        () = tokio::time::sleep(within) => {
+            if connection.stats().frame_rx.stream == 0 {
+                debug!(remote = %connection.remote_address(), "closing connection: no stream opened");
+                connection.close(codes::TIMED_OUT, b"no stream opened");
+            }
+        }
+    }
 }
 
 /// A permit of `client`'s share of the connections, or `None` after closing `connection` with

@@ -22,6 +22,8 @@
 //! - `tls.rs`: certificates, server-name convention, verifiers, rustls configs (the ALPNs live
 //!   in [`horde_protocol::wire`] and are re-exported here).
 //! - `endpoint.rs`: [`EndpointConfig`], [`TransportTuning`], [`HordeEndpoint`].
+//! - `admission.rs`: [`AdmissionLimits`], [`KnownKeys`]: admission that favours known keys
+//!   (unknown ones bounded per source address and in total, closed when they open no stream).
 //! - `accept.rs`: [`serve_connections`] / [`HordeEndpoint::serve`], the accept loop that owns
 //!   one task per incoming connection.
 //! - `dialer.rs`: [`ConnectionCache`], one shared connection (and one dial in flight) per peer
@@ -47,6 +49,7 @@
 #![deny(missing_docs)]
 
 mod accept;
+mod admission;
 pub mod blob;
 mod dialer;
 mod endpoint;
@@ -61,6 +64,10 @@ pub mod tunnel;
 pub mod test_utils;
 
 pub use accept::{DEFAULT_SHUTDOWN_GRACE, serve_connections};
+pub use admission::{
+    AdmissionLimits, FIRST_STREAM_TIMEOUT, KnownKeys, UNKNOWN_PER_ADDRESS_DIVISOR,
+    UNKNOWN_SHARE_DIVISOR,
+};
 pub use dialer::{ConnectionCache, DEFAULT_MAX_PEERS, DialError};
 pub use endpoint::{
     AcceptError, ConfigError, ConnectError, DEFAULT_MAX_CONNECTIONS,

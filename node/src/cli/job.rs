@@ -294,6 +294,13 @@ fn describe_rejection(reason: &RejectReason) -> String {
         RejectReason::MinerNotAllowed => "the chosen miner is not allowed".to_owned(),
         RejectReason::UnknownJob => "no such job".to_owned(),
         RejectReason::NotOwner => "the job belongs to another account".to_owned(),
+        RejectReason::WarmingUp { retry_after_ms } => format!(
+            "the facilitator is still learning the network (discovery warming up), retry in {} s",
+            retry_after_ms.div_ceil(1000)
+        ),
+        RejectReason::AllBusy { class, executors } => {
+            format!("all {executors} executors of class {class} are busy")
+        }
         other => format!("{other:?}"),
     }
 }

@@ -8,6 +8,16 @@
 //! let connection = job.connect_job(&endpoint).await?; // TLS pinned to the job key
 //! ```
 //!
+//! A submission refused `WarmingUp` (a facilitator that has just started and knows no miner for
+//! the class yet) is sent again when the facilitator says, until the spec's reservation
+//! deadline; then the refusal is the job's status.
+//!
+//! A volume list or terminate request sent while the link to the facilitator is broken is sent
+//! once the handle has attached again (it attaches at once when the send fails; a message written
+//! into a link not yet known to be dead is sent again on the next attach, until the job confirms
+//! it: `VolumesFetched`, or its end). Only when attaching fails for the whole window is it
+//! refused, with a typed error.
+//!
 //! A [`JobHandle`] that loses its link to the facilitator (a facilitator restart, a network
 //! outage) attaches to the job again by itself, with backoff, for up to [`REATTACH_WINDOW`]; the
 //! statuses it had already seen are skipped in the replayed history, so the caller sees each one
@@ -48,6 +58,10 @@ const REATTACH_FIRST_BACKOFF: Duration = Duration::from_millis(100);
 
 /// The longest pause between attach attempts.
 const REATTACH_MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+/// The shortest pause before submitting again to a facilitator that is warming up (whatever it
+/// asks), so a client never spins on it.
+const WARMUP_RETRY_MIN: Duration = Duration::from_millis(100);
 
 /// How long a spec stays valid after signing unless the request says otherwise.
 pub const DEFAULT_SPEC_LIFETIME: Duration = Duration::from_secs(600);
@@ -349,11 +363,30 @@ impl Client {
         signed: Signed<JobSpec>,
         client_key: SecretKey,
     ) -> Result<JobHandle, ClientError> {
-        let job_id = signed
+        let spec = signed
             .verify()
-            .map_err(|e| ClientError::Unexpected(format!("own spec: {e}")))?
-            .job_id;
-        let mut opened = self.session(job_id, &DownMessage::Submit(signed)).await?;
+            .map_err(|e| ClientError::Unexpected(format!("own spec: {e}")))?;
+        let job_id = spec.job_id;
+        // A facilitator still learning the network refuses without storing the job: the same
+        // signed spec goes again when it says, for as long as the reservation deadline allows.
+        let reservation = Duration::from_millis(spec.deadlines.reservation_ms);
+        let give_up = tokio::time::Instant::now() + reservation;
+        let submit = DownMessage::Submit(signed);
+        let mut opened = loop {
+            let opened = self.session(job_id, &submit).await?;
+            let ControlMessage::Up(UpMessage::Rejected(RejectReason::WarmingUp { retry_after_ms })) =
+                opened.answer
+            else {
+                break opened;
+            };
+            let retry = Duration::from_millis(retry_after_ms).max(WARMUP_RETRY_MIN);
+            if tokio::time::Instant::now() + retry >= give_up {
+                break opened;
+            }
+            tracing::info!(job = %job_id.fmt_short(), retry_after_ms,
+                "facilitator warming up; submitting again");
+            tokio::time::sleep(retry).await;
+        };
         if opened.retried
             && matches!(
                 opened.answer,
@@ -439,6 +472,10 @@ pub struct JobHandle {
     /// Set while the status stream is being re-established: the re-attach window's end and the
     /// next backoff. Cleared by the first new status.
     reattaching: Option<(tokio::time::Instant, Duration)>,
+    /// Volume lists and terminate requests sent and not yet confirmed (by `VolumesFetched` or
+    /// the job's end): sent again on a stream attached again, so one written into a link that
+    /// was already dead is delivered after the outage rather than lost.
+    unconfirmed: Vec<DownMessage>,
 }
 
 impl JobHandle {
@@ -459,6 +496,7 @@ impl JobHandle {
             history: Vec::new(),
             ended: false,
             reattaching: None,
+            unconfirmed: Vec::new(),
         }
     }
 
@@ -548,6 +586,13 @@ impl JobHandle {
                     self._connection = opened.connection;
                     self.pending = Some(opened.answer);
                     self.reattaching = Some((deadline, backoff));
+                    for message in &self.unconfirmed {
+                        // A failure here breaks the new stream too; the next attach sends again.
+                        if let Err(error) = self.session.send_down(message).await {
+                            tracing::debug!(%error, "re-sending a client message failed");
+                            break;
+                        }
+                    }
                     return Ok(());
                 }
                 Ok(Err(error)) => last = error,
@@ -595,11 +640,17 @@ impl JobHandle {
                 update.job_id
             )));
         }
-        if let JobStatus::Assigned { miner, .. } = &update.status {
-            self.miner = Some(*miner);
+        match &update.status {
+            JobStatus::Assigned { miner, .. } => self.miner = Some(*miner),
+            JobStatus::VolumesFetched { volume_msg_id } => self.unconfirmed.retain(|sent| {
+                !matches!(sent, DownMessage::Volumes(list)
+                    if list.verify().is_ok_and(|list| list.volume_msg_id == *volume_msg_id))
+            }),
+            _ => {}
         }
         if update.status.is_terminal() {
             self.ended = true;
+            self.unconfirmed.clear();
         }
         self.history.push(update.clone());
         Ok(Some(update))
@@ -683,10 +734,7 @@ impl JobHandle {
             upload,
         };
         let signed = Signed::sign(&self.client.account, &list);
-        self.session
-            .send_down(&DownMessage::Volumes(signed))
-            .await?;
-        Ok(())
+        self.deliver(DownMessage::Volumes(signed)).await
     }
 
     /// Asks for the job to end.
@@ -696,9 +744,26 @@ impl JobHandle {
             issued_at: now(),
         };
         let signed = Signed::sign(&self.client.account, &request);
-        self.session
-            .send_down(&DownMessage::Terminate(signed))
-            .await?;
+        self.deliver(DownMessage::Terminate(signed)).await
+    }
+
+    /// Sends a client message down and keeps it until the job confirms it. A link found broken
+    /// (a facilitator restart) is mended first, by attaching again within the re-attach window:
+    /// the message goes on the new stream. Only when that fails is the message refused, with
+    /// the error.
+    async fn deliver(&mut self, message: DownMessage) -> Result<(), ClientError> {
+        if let Err(error) = self.session.send_down(&message).await {
+            if self.ended {
+                return Err(error.into());
+            }
+            self.unconfirmed.push(message);
+            if let Err(error) = self.reattach(error.into()).await {
+                self.unconfirmed.pop();
+                return Err(error);
+            }
+            return Ok(());
+        }
+        self.unconfirmed.push(message);
         Ok(())
     }
 

@@ -8,11 +8,21 @@
 //!
 //! Each job is driven by its own task, independent of the client's stream: a client that goes
 //! away does not end its job. A job whose validator link dies (QUIC idle timeout) or that
-//! outlives all its stage deadlines plus `validator_silence_ms` ends `HordeFailed`. On start-up,
-//! jobs left unfinished by a previous run are failed explicitly, never silently lost.
+//! outlives all its stage deadlines plus `validator_silence_ms` ends `HordeFailed`. A facilitator
+//! that stops (gracefully or not) does not end its jobs: on start-up, jobs a previous run left
+//! running with a validator are resumed from the store (`facilitator/resume.rs`; the validator
+//! drove them on meanwhile), and those not yet assigned are failed explicitly, never silently
+//! lost.
 //!
 //! Layout: `facilitator.rs` (admission, choice, job drivers), `facilitator/store.rs` (the redb
-//! job store).
+//! job store), `facilitator/resume.rs` (jobs taken up again after a restart),
+//! `facilitator/warmup.rs` (why there is no miner: warming up, all busy, none).
+//!
+//! A job with no miner is refused with what the facilitator knows: `WarmingUp { retry_after_ms }`
+//! at submission while it is still learning the network (not stored, so the same signed spec
+//! may come again; clients retry within the spec's reservation deadline), `AllBusy { class,
+//! executors }` when miners offer the class but none has a free executor, `NoMiner` when no
+//! miner offers it.
 //!
 //! Miner reports (`ControlMessage::Report`) are verified end to end — reporter signature, the
 //! reporter owns the job, the endpoint record is signed by the miner this facilitator assigned,
@@ -22,7 +32,9 @@
 //! itself, so the miner in `Assigned` — which the client verifies the endpoint record against —
 //! is the one that runs the job; validators still refuse a miner they do not trust.
 
+mod resume;
 pub mod store;
+mod warmup;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -36,7 +48,7 @@ use horde_protocol::{
 };
 use horde_transport::{
     ALPN_CONTROL, ChannelError, ConnectionCache, FramedRecv, FramedSend, HordeEndpoint, JobSession,
-    codes, open_session,
+    KnownKeys, codes, open_session,
 };
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -53,6 +65,7 @@ use crate::server::relay::{
 use crate::server::role::{ChildTasks, RoleHandle, Service, join_all};
 use crate::server::streams::{request, serve_streams};
 use store::{JobStore, JobStoreError};
+use warmup::WarmUp;
 
 /// Why a miner report is refused; the text goes back to the reporter in
 /// `ReportVerdict::Refused`.
@@ -116,6 +129,8 @@ const MINER_WAIT_MAX: Duration = Duration::from_secs(2);
 struct LiveJob {
     statuses: broadcast::Sender<StatusUpdate>,
     down: mpsc::Sender<DownMessage>,
+    /// The account that submitted it (a known key while the job runs).
+    owner: Hotkey,
 }
 
 /// The facilitator service.
@@ -136,6 +151,10 @@ pub struct Facilitator {
     /// skip the other's turns).
     next_miner: AtomicUsize,
     next_validator: AtomicUsize,
+    /// How far it has learnt the network since it started.
+    warm_up: WarmUp,
+    /// The discovered nodes (their keys are known to admission).
+    directory: Option<Arc<Directory>>,
     cancel: CancellationToken,
     /// The job drivers ([`Facilitator::drive_job`]): they outlive the client's stream (a client
     /// may re-attach) and end with the job or on `cancel`; shutdown waits for them.
@@ -251,30 +270,43 @@ impl Upstream for ClientSide<'_> {
     }
 }
 
+/// Admission favours known keys (transport's `admission.rs`): configured validators and miners,
+/// every node in the discovered directory, and the accounts with jobs in flight here.
+impl KnownKeys for Facilitator {
+    fn is_known(&self, key: &Hotkey) -> bool {
+        self.config
+            .validators
+            .iter()
+            .any(|peer| peer.hotkey == *key)
+            || self.config.miners.iter().any(|peer| peer.hotkey == *key)
+            || self
+                .directory
+                .as_ref()
+                .is_some_and(|directory| directory.get(key, now()).is_some())
+            || self.lock_live().values().any(|live| live.owner == *key)
+    }
+}
+
 impl Facilitator {
     /// Opens the store, fails jobs a previous run left unfinished, and starts the role: its
     /// handle owns the job drivers, which end (failing their jobs `HordeFailed`) on `cancel`.
-    /// Validators and miners come from `config` and, when discovery runs, from `directory`.
+    /// Validators and miners come from `config` and, when discovery runs, from `directory`;
+    /// `warm_up` is how long after start an empty directory means "still learning" (the record
+    /// lifetime; see `facilitator/warmup.rs`).
     pub(crate) async fn start(
         endpoint: Arc<HordeEndpoint>,
         store: JobStore,
         config: FacilitatorConfig,
         directory: Option<Arc<Directory>>,
+        warm_up: Duration,
         cancel: CancellationToken,
     ) -> Result<RoleHandle, JobStoreError> {
         let hotkey = endpoint.hotkey();
-        for job_id in store.unfinished().await? {
-            let hop = Hop {
-                role: Role::Facilitator,
-                hotkey,
-            };
-            let failure =
-                hop.failed("facilitator restarted while the job was running; its session was lost");
-            store
-                .append_status(job_id, JobStatus::HordeFailed(failure), now())
-                .await?;
-            warn!(job = %job_id.fmt_short(), "failed job left unfinished by a previous run");
-        }
+        let hop = Hop {
+            role: Role::Facilitator,
+            hotkey,
+        };
+        let resumable = resume::recover(&store, &hop).await?;
         let excluded = store.exclusions().await?.into_iter().collect();
         let facilitator = Arc::new(Self {
             hotkey,
@@ -285,7 +317,9 @@ impl Facilitator {
                 config.validators.clone(),
                 directory.clone(),
             ),
-            miners: KnownPeers::new(Role::Miner, config.miners.clone(), directory),
+            miners: KnownPeers::new(Role::Miner, config.miners.clone(), directory.clone()),
+            warm_up: WarmUp::new(warm_up, directory.clone(), !config.miners.is_empty()),
+            directory,
             config,
             live: Mutex::new(HashMap::new()),
             excluded: Mutex::new(excluded),
@@ -294,6 +328,9 @@ impl Facilitator {
             cancel: cancel.clone(),
             jobs: Mutex::new(ChildTasks::default()),
         });
+        for job in resumable {
+            facilitator.resume(job);
+        }
         let service = Service::Facilitator(Arc::clone(&facilitator));
         let mut handle = RoleHandle::new(Role::Facilitator, service, cancel.clone());
         handle.spawn(async move {
@@ -380,7 +417,10 @@ impl Facilitator {
         recv: FramedRecv,
         signed: Signed<JobSpec>,
     ) {
-        let spec = match self.check_spec(&peer, &signed) {
+        let checked = self
+            .check_spec(&peer, &signed)
+            .and_then(|spec| self.refuse_while_warming_up(&spec).map(|()| spec));
+        let spec = match checked {
             Ok(spec) => spec,
             Err(reason) => {
                 info!(%peer, ?reason, "job refused");
@@ -419,6 +459,7 @@ impl Facilitator {
         let live = LiveJob {
             statuses,
             down: down_tx,
+            owner: peer,
         };
         self.lock_live().insert(job_id, live.clone());
         info!(job = %job_id.fmt_short(), client = %peer, class = %spec.executor_class, "job received");
@@ -691,22 +732,50 @@ impl Facilitator {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// The miners a job may be given: not excluded, and trusted if the job asks for it.
+    /// Whether `miner` may be given `spec`'s job: not excluded, and trusted if the job asks.
+    fn may_run(&self, spec: &JobSpec, miner: &Hotkey, now: UnixMillis) -> bool {
+        let excluded = self
+            .lock_excluded()
+            .get(miner)
+            .is_some_and(|until| *until > now);
+        !excluded && (!spec.on_trusted_miner || self.config.trusted_miners.contains(miner))
+    }
+
+    /// The miners a job may be given: a free executor of its class, and [`Self::may_run`].
     fn eligible_miners(&self, spec: &JobSpec) -> Vec<NodeAddr> {
         let now = now();
-        let excluded = self.lock_excluded();
         self.miners
             .with_free(&spec.executor_class)
             .into_iter()
-            .filter(|miner| {
-                excluded
-                    .get(&miner.hotkey)
-                    .is_none_or(|until| *until <= now)
-            })
-            .filter(|miner| {
-                !spec.on_trusted_miner || self.config.trusted_miners.contains(&miner.hotkey)
-            })
+            .filter(|miner| self.may_run(spec, &miner.hotkey, now))
             .collect()
+    }
+
+    /// Refuses a submission with `WarmingUp` (not stored) while the facilitator is still
+    /// learning the network and knows no miner for the job (see `facilitator/warmup.rs`).
+    fn refuse_while_warming_up(&self, spec: &JobSpec) -> Result<(), RejectReason> {
+        match self.warm_up.retry_after() {
+            Some(retry) if self.eligible_miners(spec).is_empty() => Err(RejectReason::WarmingUp {
+                retry_after_ms: u64::try_from(retry.as_millis()).unwrap_or(u64::MAX),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Why no miner could be given `spec`'s job: every executor of the class busy, or none.
+    fn no_miner_reason(&self, spec: &JobSpec) -> RejectReason {
+        let now = now();
+        let executors = self
+            .warm_up
+            .executors_of(&spec.executor_class, |miner| self.may_run(spec, miner, now));
+        if executors > 0 {
+            RejectReason::AllBusy {
+                class: spec.executor_class.clone(),
+                executors,
+            }
+        } else {
+            RejectReason::NoMiner
+        }
     }
 
     /// Chooses a miner for `spec`. When none shows a free executor of the class, waits for one
@@ -756,9 +825,13 @@ impl Facilitator {
         live: LiveJob,
         mut down_rx: mpsc::Receiver<DownMessage>,
     ) {
-        let final_status = self
-            .drive_job_inner(job_id, signed, &spec, &live, &mut down_rx)
-            .await;
+        // A facilitator that stops leaves the job running (its validator drives it on) and
+        // unfinished in the store: the next run resumes it.
+        let final_status = tokio::select! {
+            biased;
+            () = self.cancel.cancelled() => None,
+            status = self.drive_job_inner(job_id, signed, &spec, &live, &mut down_rx) => status,
+        };
         if let Some(status) = final_status {
             self.record(job_id, &live, status).await;
         }
@@ -777,7 +850,7 @@ impl Facilitator {
         down_rx: &mut mpsc::Receiver<DownMessage>,
     ) -> Option<JobStatus> {
         let Some(miner) = self.wait_for_miner(spec).await else {
-            return Some(JobStatus::Rejected(RejectReason::NoMiner));
+            return Some(JobStatus::Rejected(self.no_miner_reason(spec)));
         };
         // Try validators in turn, starting from a rotating position.
         let mut session = None;
@@ -814,11 +887,33 @@ impl Facilitator {
         {
             return None;
         }
+        self.relay_to_validator(
+            job_id,
+            spec,
+            live,
+            down_rx,
+            (validator, miner.hotkey),
+            session,
+        )
+        .await
+    }
+
+    /// Relays the job between its clients and its validator's `session` until it ends; returns
+    /// the terminal status to record if the session itself did not deliver one.
+    async fn relay_to_validator(
+        &self,
+        job_id: JobId,
+        spec: &JobSpec,
+        live: &LiveJob,
+        down_rx: &mut mpsc::Receiver<DownMessage>,
+        (validator, miner): (Hotkey, Hotkey),
+        session: JobSession,
+    ) -> Option<JobStatus> {
         let limit = total_deadline(&spec.deadlines)
             + Duration::from_millis(self.config.validator_silence_ms);
         let mut policy = ValidatorSilence {
             job_id,
-            miner: miner.hotkey,
+            miner,
             validator,
             limit,
             deadline: tokio::time::Instant::now() + limit,

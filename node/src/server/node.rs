@@ -5,7 +5,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use horde_protocol::{Hotkey, Role, SecretKey};
-use horde_transport::{ALPN_BLOB, ALPN_CONTROL, EndpointConfig, HordeEndpoint, codes};
+use horde_transport::{
+    ALPN_BLOB, ALPN_CONTROL, AdmissionLimits, EndpointConfig, HordeEndpoint, KnownKeys, codes,
+};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -104,9 +106,16 @@ impl RunningNode {
             config.listen,
             earlier.map(|b| b.listen),
             |listen| {
-                let endpoint_config = EndpointConfig::new(listen, role_alpns(config.role))
+                let mut endpoint_config = EndpointConfig::new(listen, role_alpns(config.role))
                     .with_max_connections(config.max_connections)
                     .with_max_connections_per_peer(config.max_connections_per_peer);
+                if config.role == Role::Facilitator {
+                    // The internet-facing entry point: unknown keys get a bounded share of its
+                    // slots.
+                    endpoint_config = endpoint_config.with_admission(
+                        AdmissionLimits::for_max_connections(config.max_connections),
+                    );
+                }
                 HordeEndpoint::bind(&key, endpoint_config)
             },
         )?;
@@ -202,6 +211,9 @@ impl RunningNode {
         )
         .await?;
         let service = tasks.service().clone();
+        if let Service::Facilitator(facilitator) = &service {
+            endpoint.set_known_keys(Arc::clone(facilitator) as Arc<dyn KnownKeys>);
+        }
         let accepting = accept_loop(service, Arc::clone(&endpoint), tasks.cancel().child_token());
         tasks.spawn(accepting);
         Ok(Self {
@@ -279,7 +291,20 @@ async fn start_role(
         Role::Facilitator => {
             let store = JobStore::open(&config.data_dir.join("jobs.redb"))?;
             let facilitator = config.facilitator.clone();
-            Facilitator::start(Arc::clone(endpoint), store, facilitator, directory, cancel).await?
+            let warm_up = if config.discovery.enabled {
+                config.discovery.record_ttl
+            } else {
+                std::time::Duration::ZERO
+            };
+            Facilitator::start(
+                Arc::clone(endpoint),
+                store,
+                facilitator,
+                directory,
+                warm_up,
+                cancel,
+            )
+            .await?
         }
         Role::Validator => Validator::new(
             Arc::clone(endpoint),

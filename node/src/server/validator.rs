@@ -15,6 +15,13 @@
 //! `<data_dir>/exclusions.json` (written to a temporary file, synced, then renamed), so a restart
 //! keeps them.
 //!
+//! A facilitator that goes away (restart, crash, upgrade) does not end the jobs it assigned: the
+//! validator drives them on, holds their statuses, and sends them up the new stream a returning
+//! facilitator opens with `Resume(job_id)`, for up to [`FACILITATOR_AWAY_MAX`] (`link.rs`).
+//!
+//! Layout: `validator.rs` (checks, driving, stages, accounting), `validator/link.rs` (the link to
+//! the facilitator that survives it), `validator/seen.rs` (job ids seen).
+//!
 //! Each job id accepted is kept until its spec expires, also across restarts (`seen.rs`,
 //! `<data_dir>/seen_jobs.bin`): the same signed spec assigned again — replayed by anyone who has
 //! seen it — is refused with `DuplicateJobId` instead of being driven (and paid for) twice.
@@ -63,7 +70,11 @@ use crate::server::relay::{
 use crate::server::role::{RoleHandle, Service};
 use crate::server::streams::{request, serve_streams};
 
+mod link;
 mod seen;
+
+pub use link::{AWAY_BUFFER, FACILITATOR_AWAY_MAX};
+use link::{FacilitatorLink, Resumes};
 
 pub use seen::SeenJobsError;
 use seen::{Seen, SeenJobs};
@@ -381,6 +392,8 @@ pub struct Validator {
     /// Job ids accepted and not yet expired: a replayed spec is refused.
     seen: Arc<SeenJobs>,
     receipts: Arc<ReceiptIssuer>,
+    /// The jobs driven now, for a facilitator that comes back to resume them.
+    resumes: Arc<Resumes>,
     cancel: CancellationToken,
 }
 
@@ -413,6 +426,7 @@ impl Validator {
             exclusions,
             seen,
             receipts,
+            resumes: Arc::new(Resumes::default()),
             cancel,
         }))
     }
@@ -448,6 +462,18 @@ impl Validator {
     ) {
         let assignment = match first {
             ControlMessage::Down(DownMessage::Assign(assignment)) => assignment,
+            ControlMessage::Down(DownMessage::Resume(job_id)) => {
+                let session = JobSession::new(job_id, peer, send, recv);
+                if let Err(refused) = self.resumes.offer(job_id, &peer, session) {
+                    let (reason, mut session) = *refused;
+                    info!(%peer, job = %job_id.fmt_short(), %reason, "resume refused");
+                    let _ = session
+                        .send_up(&UpMessage::Rejected(RejectReason::UnknownJob))
+                        .await;
+                    let _ = session.finish();
+                }
+                return;
+            }
             ControlMessage::Report(report) => {
                 let verdict = match self.accept_report(&peer, &report).await {
                     Ok(()) => ReportVerdict::Accepted { forwarded_to: 0 },
@@ -607,8 +633,10 @@ impl Validator {
         }
     }
 
-    async fn drive(&self, mut upstream: JobSession, assignment: Assignment, spec: JobSpec) {
+    async fn drive(&self, upstream: JobSession, assignment: Assignment, spec: JobSpec) {
         let job_id = spec.job_id;
+        let facilitator = *upstream.peer();
+        let mut upstream = self.resumes.link(job_id, facilitator, upstream);
         let mut accounting = JobAccounting::new(
             Arc::clone(&self.receipts),
             job_id,
@@ -619,13 +647,14 @@ impl Validator {
             .drive_inner(&mut upstream, &assignment, &spec, &mut accounting)
             .await;
         let ended = job_outcome(outcome.as_ref(), self.cancel.is_cancelled());
-        if let Some(message) = outcome
-            && let Err(error) = upstream.send_up(&message).await
-        {
-            warn!(%error, "could not report to the facilitator");
-        }
-        let _ = upstream.finish();
-        accounting.finish(ended).await;
+        // The accounting does not wait for an away facilitator.
+        let report = async {
+            tokio::select! {
+                () = self.cancel.cancelled() => {}
+                () = upstream.finish_with(outcome) => {}
+            }
+        };
+        tokio::join!(report, accounting.finish(ended));
         debug!(job = %job_id.fmt_short(), "job session over");
     }
 
@@ -633,7 +662,7 @@ impl Validator {
     /// deliver one itself.
     async fn drive_inner(
         &self,
-        upstream: &mut JobSession,
+        upstream: &mut FacilitatorLink,
         assignment: &Assignment,
         spec: &JobSpec,
         accounting: &mut JobAccounting,

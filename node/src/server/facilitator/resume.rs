@@ -1,0 +1,176 @@
+//! Jobs that outlive their facilitator: a restarted facilitator takes up, from its job store,
+//! every job a previous run left running with a validator assigned.
+//!
+//! For each, it finds the validator again (configured, or discovered within [`RESUME_WAIT`]),
+//! opens a new job stream to it with `Resume(job_id)`, and drives the job from there as before:
+//! the validator sends the statuses it held while the facilitator was away, clients attach again
+//! and get the history then live statuses, and their volume lists and terminate requests go down
+//! the new stream. The validator keeps a job whose facilitator is away for
+//! `validator::FACILITATOR_AWAY_MAX` (60 s); a facilitator that is down longer finds the job
+//! ended, and records it `HordeFailed`. A job the previous run had not yet given a validator is
+//! failed explicitly (`HordeFailed`, "restarted before the job was assigned").
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use horde_protocol::messages::RejectReason;
+use horde_protocol::{DownMessage, Hotkey, JobId, JobSpec, JobStatus};
+use horde_transport::{ALPN_CONTROL, open_session};
+use tokio::sync::{broadcast, mpsc};
+use tracing::{Instrument as _, info, info_span, warn};
+
+use super::store::{JobRecord, JobStore, JobStoreError};
+use super::{DOWN_QUEUE, Facilitator, LIVE_STATUS_BUFFER, LiveJob};
+use crate::clock::now;
+use crate::server::discovery::wait_for_records;
+
+/// How long a restarted facilitator tries to reach a job's validator again (discovery relearns
+/// it within a record refresh, 10 s by default; a restarting validator takes a few seconds).
+pub(super) const RESUME_WAIT: Duration = Duration::from_secs(30);
+
+/// A job the previous run left running with a validator.
+#[derive(Debug)]
+pub(super) struct Resumable {
+    job_id: JobId,
+    record: JobRecord,
+    validator: Hotkey,
+    miner: Hotkey,
+}
+
+/// Sorts the jobs a previous run left unfinished: those with a validator assigned are returned
+/// to be resumed, the others are failed explicitly.
+pub(super) async fn recover(
+    store: &JobStore,
+    hop: &crate::server::relay::Hop,
+) -> Result<Vec<Resumable>, JobStoreError> {
+    let mut resumable = Vec::new();
+    for job_id in store.unfinished().await? {
+        let assigned = store
+            .history(job_id)
+            .await?
+            .iter()
+            .rev()
+            .find_map(|update| match &update.status {
+                JobStatus::Assigned { validator, miner } => Some((*validator, *miner)),
+                _ => None,
+            });
+        match (assigned, store.job(job_id).await?) {
+            (Some((validator, miner)), Some(record)) => resumable.push(Resumable {
+                job_id,
+                record,
+                validator,
+                miner,
+            }),
+            _ => {
+                let failure = hop.failed(
+                    "facilitator restarted before the job was assigned a validator; it never ran",
+                );
+                store
+                    .append_status(job_id, JobStatus::HordeFailed(failure), now())
+                    .await?;
+                warn!(job = %job_id.fmt_short(), "failed job left unassigned by a previous run");
+            }
+        }
+    }
+    Ok(resumable)
+}
+
+impl Facilitator {
+    /// Starts driving `job` again (see the module docs).
+    pub(super) fn resume(self: &Arc<Self>, job: Resumable) {
+        let Ok(spec) = job.record.spec.verify() else {
+            warn!(job = %job.job_id.fmt_short(), "stored spec no longer verifies; not resumed");
+            return;
+        };
+        let (statuses, _) = broadcast::channel(LIVE_STATUS_BUFFER);
+        let (down, down_rx) = mpsc::channel(DOWN_QUEUE);
+        let live = LiveJob {
+            statuses,
+            down,
+            owner: job.record.owner,
+        };
+        self.lock_live().insert(job.job_id, live.clone());
+        info!(job = %job.job_id.fmt_short(), validator = %job.validator, "resuming a job left running by a previous run");
+        let span = info_span!("job", job = %job.job_id.fmt_short());
+        let driver = Arc::clone(self);
+        let driving = async move {
+            driver.drive_resumed(job, spec, live, down_rx).await;
+        };
+        let _ = self.lock_jobs().spawn(driving.instrument(span));
+    }
+
+    async fn drive_resumed(
+        self: Arc<Self>,
+        job: Resumable,
+        spec: JobSpec,
+        live: LiveJob,
+        mut down_rx: mpsc::Receiver<DownMessage>,
+    ) {
+        let job_id = job.job_id;
+        let driving = async {
+            let Some(session) = self.reopen(&job).await else {
+                return Some(JobStatus::HordeFailed(self.hop().failed(format!(
+                    "facilitator restarted and could not reach validator {} again within {RESUME_WAIT:?}",
+                    job.validator
+                ))));
+            };
+            let status = self
+                .relay_to_validator(
+                    job_id,
+                    &spec,
+                    &live,
+                    &mut down_rx,
+                    (job.validator, job.miner),
+                    session,
+                )
+                .await;
+            match status {
+                Some(JobStatus::Rejected(RejectReason::UnknownJob)) => {
+                    Some(JobStatus::HordeFailed(self.hop().failed(format!(
+                        "validator {} no longer drives the job (the facilitator was away too long)",
+                        job.validator
+                    ))))
+                }
+                other => other,
+            }
+        };
+        let final_status = tokio::select! {
+            biased;
+            () = self.cancel.cancelled() => None,
+            status = driving => status,
+        };
+        if let Some(status) = final_status {
+            self.record(job_id, &live, status).await;
+        }
+        self.lock_live().remove(&job_id);
+        info!("job session over");
+    }
+
+    /// A new job stream to the job's validator, opened with `Resume`, within [`RESUME_WAIT`].
+    async fn reopen(&self, job: &Resumable) -> Option<horde_transport::JobSession> {
+        let until = tokio::time::Instant::now() + RESUME_WAIT;
+        loop {
+            let left = until.saturating_duration_since(tokio::time::Instant::now());
+            let validator = wait_for_records(self.validators.changes(), left, || {
+                self.validators.find(&job.validator)
+            })
+            .await?;
+            let attempt = async {
+                let connection = self.peers.connect(&validator, ALPN_CONTROL).await?;
+                Ok::<_, super::ValidatorLinkError>(
+                    open_session(&connection, job.job_id, &DownMessage::Resume(job.job_id)).await?,
+                )
+            };
+            match attempt.await {
+                Ok(session) => return Some(session),
+                Err(error) => {
+                    warn!(validator = %job.validator, %error, "validator not reachable yet")
+                }
+            }
+            if tokio::time::Instant::now() >= until {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+}

@@ -1,0 +1,164 @@
+//! Admission that favours known peers (issue 16, item 10): a flood of fresh keys from one
+//! address does not lock a new client out of the facilitator, and does not grow its memory
+//! beyond the bound the README states.
+
+#![allow(clippy::unwrap_used)] // Tests fail loudly on any error.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use horde_node::client::{Client, JobRequest};
+use horde_protocol::{NodeAddr, SecretKey};
+use horde_testnet::{Testnet, TestnetConfig, demo_job_binary};
+use horde_transport::{ALPN_CONTROL, EndpointConfig, HordeEndpoint, codes};
+use tokio::task::JoinSet;
+
+/// Fresh keys in the flood.
+const FLOOD_KEYS: usize = 2_000;
+
+/// Flood connections handshaking at once.
+const FLOOD_IN_FLIGHT: usize = 64;
+
+/// The facilitator's resident memory during the flood stays under this (README, "Fault
+/// matrix"): the flood holds at most one address's share of the unknown keys' slots (8).
+const FACILITATOR_RSS_BOUND_KIB: u64 = 64 * 1024;
+
+fn demo_request() -> JobRequest {
+    let program = demo_job_binary().expect("demo job binary");
+    JobRequest::command("cpu", program.to_str().expect("utf-8 path"))
+}
+
+/// A new client (a fresh key, from 127.0.0.1) submits a job and waits for its verified
+/// endpoint; returns how long that took, then ends the job.
+async fn time_to_endpoint(facilitator: &NodeAddr) -> Duration {
+    let client = Client::new(SecretKey::generate(), facilitator.clone()).unwrap();
+    let started = Instant::now();
+    let mut job = client.submit(&demo_request()).await.unwrap();
+    job.wait_for_endpoint()
+        .await
+        .unwrap_or_else(|error| panic!("{error}: {:?}", job.history()));
+    let took = started.elapsed();
+    job.terminate().await.unwrap();
+    job.wait_for_end().await.unwrap();
+    client.close().await;
+    took
+}
+
+/// What became of the flood's connections.
+#[derive(Debug, Default)]
+struct FloodOutcome {
+    handshakes: AtomicUsize,
+    refused: AtomicUsize,
+    closed_busy: AtomicUsize,
+    closed_idle: AtomicUsize,
+}
+
+/// Dials `target` from 127.0.0.2 with `keys` fresh keys (each its own endpoint), keeping every
+/// connection that gets through open and idle; returns the endpoints and connections held.
+async fn flood(
+    target: SocketAddr,
+    hotkey: horde_protocol::Hotkey,
+    keys: usize,
+    outcome: Arc<FloodOutcome>,
+) -> Vec<(HordeEndpoint, quinn::Connection)> {
+    let bind: SocketAddr = ([127, 0, 0, 2], 0).into();
+    let mut held = Vec::new();
+    let mut dials = JoinSet::new();
+    for _ in 0..keys {
+        while dials.len() >= FLOOD_IN_FLIGHT {
+            if let Some(Ok(Some(pair))) = dials.join_next().await {
+                held.push(pair);
+            }
+        }
+        let outcome = Arc::clone(&outcome);
+        dials.spawn(async move {
+            let config = EndpointConfig::new(bind, &[ALPN_CONTROL]).with_max_connections(1);
+            let endpoint = HordeEndpoint::bind(&SecretKey::generate(), config).unwrap();
+            match endpoint.connect(target, &hotkey, ALPN_CONTROL).await {
+                Ok(connection) => {
+                    outcome.handshakes.fetch_add(1, Ordering::Relaxed);
+                    Some((endpoint, connection))
+                }
+                Err(_) => {
+                    outcome.refused.fetch_add(1, Ordering::Relaxed);
+                    None
+                }
+            }
+        });
+    }
+    while let Some(joined) = dials.join_next().await {
+        if let Ok(Some(pair)) = joined {
+            held.push(pair);
+        }
+    }
+    held
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_fresh_keys_from_one_address_does_not_lock_a_new_client_out() {
+    let testnet = Testnet::start(TestnetConfig::default()).unwrap();
+    let facilitator = testnet.facilitator();
+    // The first job spawns what later ones reuse; the second is the usual time.
+    time_to_endpoint(&facilitator).await;
+    let usual = time_to_endpoint(&facilitator).await;
+    let rss_before = testnet.rss_kib("facilitator").unwrap();
+
+    let outcome = Arc::new(FloodOutcome::default());
+    let flooding = tokio::spawn(flood(
+        facilitator.addrs[0],
+        facilitator.hotkey,
+        FLOOD_KEYS,
+        Arc::clone(&outcome),
+    ));
+    // Let the flood get going: many of its attempts have been answered.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while outcome.handshakes.load(Ordering::Relaxed) + outcome.refused.load(Ordering::Relaxed) < 200
+    {
+        assert!(Instant::now() < deadline, "the flood never got going");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let during = time_to_endpoint(&facilitator).await;
+    let rss_during = testnet.rss_kib("facilitator").unwrap();
+    let held = flooding.await.unwrap();
+    let rss_after_flood = testnet.rss_kib("facilitator").unwrap();
+    // Past the first-stream timeout every flood connection has been closed.
+    tokio::time::sleep(horde_transport::FIRST_STREAM_TIMEOUT + Duration::from_secs(2)).await;
+    for (_, connection) in &held {
+        match connection.close_reason() {
+            Some(quinn::ConnectionError::ApplicationClosed(close))
+                if close.error_code == codes::BUSY =>
+            {
+                outcome.closed_busy.fetch_add(1, Ordering::Relaxed);
+            }
+            Some(quinn::ConnectionError::ApplicationClosed(close))
+                if close.error_code == codes::TIMED_OUT =>
+            {
+                outcome.closed_idle.fetch_add(1, Ordering::Relaxed);
+            }
+            other => panic!("a flood connection is still open or ended otherwise: {other:?}"),
+        }
+    }
+    eprintln!(
+        "usual {usual:?}, during the flood {during:?}; flood: {outcome:?}; facilitator RSS \
+         {rss_before} KiB before, {rss_during} KiB during, {rss_after_flood} KiB after the flood"
+    );
+    assert!(
+        during <= usual + Duration::from_secs(2),
+        "usual {usual:?}, during the flood {during:?}"
+    );
+    assert!(
+        rss_during.max(rss_after_flood) < FACILITATOR_RSS_BOUND_KIB,
+        "{rss_during} / {rss_after_flood} KiB"
+    );
+    assert_eq!(
+        outcome.handshakes.load(Ordering::Relaxed) + outcome.refused.load(Ordering::Relaxed),
+        FLOOD_KEYS
+    );
+    // Most of the flood never got a handshake: refused up front for its address.
+    assert!(
+        outcome.refused.load(Ordering::Relaxed) > FLOOD_KEYS / 2,
+        "{outcome:?}"
+    );
+}

@@ -1,0 +1,218 @@
+//! What clients see across a facilitator restart and when it has no miner for them: a running
+//! job survives the restart (kill -9 or graceful), its tunnel works throughout and its statuses
+//! resume; while the restarted facilitator is still learning the network it says so
+//! (`WarmingUp`) and clients retry within the reservation deadline, instead of a `NoMiner` that
+//! reads like a fact; a class whose executors are all busy is `AllBusy`, not `NoMiner`.
+
+#![allow(clippy::unwrap_used)] // Tests fail loudly on any error.
+
+use std::time::{Duration, Instant};
+
+use horde_node::client::{Client, ClientError, JobConnection, JobHandle, JobRequest};
+use horde_protocol::messages::RejectReason;
+use horde_protocol::{ExecutorClass, JobStatus, RelativePath, SecretKey, VolumeSource, VolumeSpec};
+use horde_testnet::{Testnet, TestnetConfig, demo_job_binary};
+use horde_transport::tunnel::http_request;
+
+fn demo_request() -> JobRequest {
+    let program = demo_job_binary().expect("demo job binary");
+    JobRequest::command("cpu", program.to_str().expect("utf-8 path"))
+}
+
+fn start(config: TestnetConfig) -> Testnet {
+    Testnet::start(config).expect("testnet starts")
+}
+
+fn rejections(job: &JobHandle) -> Vec<JobStatus> {
+    job.history()
+        .iter()
+        .filter(|update| matches!(update.status, JobStatus::Rejected(_)))
+        .map(|update| update.status.clone())
+        .collect()
+}
+
+/// Item 3 of issue 16: after a kill -9 the facilitator knows no miner for seconds. A job whose
+/// reservation deadline is shorter than that ends `WarmingUp` (never `NoMiner`); a job with room
+/// to wait is submitted again by the client until the facilitator knows the miner, and runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_facilitator_says_warming_up_and_clients_retry_until_it_knows_a_miner() {
+    let mut testnet = start(TestnetConfig::default());
+    testnet.kill("facilitator").unwrap();
+    testnet.start_again("facilitator").unwrap();
+    let restarted = Instant::now();
+    let client = Client::new(SecretKey::generate(), testnet.facilitator()).unwrap();
+
+    let mut short = demo_request();
+    short.deadlines.reservation_ms = 200;
+    let mut job = client.submit(&short).await.unwrap();
+    let end = job.wait_for_end().await.unwrap();
+    match &end {
+        JobStatus::Rejected(RejectReason::WarmingUp { retry_after_ms }) => {
+            assert!(*retry_after_ms > 0 && *retry_after_ms <= 1000, "{end:?}");
+        }
+        other => panic!(
+            "expected WarmingUp {:?} after the restart, got {other:?}\nfacilitator:\n{}",
+            restarted.elapsed(),
+            testnet.log("facilitator")
+        ),
+    }
+
+    let mut patient = demo_request();
+    patient.deadlines.reservation_ms = 40_000;
+    let mut job = client.submit(&patient).await.unwrap();
+    let endpoint = tokio::time::timeout(Duration::from_secs(60), job.wait_for_endpoint())
+        .await
+        .expect("the job gets its endpoint");
+    assert!(
+        endpoint.is_ok(),
+        "{endpoint:?}\nhistory: {:?}\nfacilitator:\n{}",
+        job.history(),
+        testnet.log("facilitator")
+    );
+    assert_eq!(rejections(&job), Vec::<JobStatus>::new());
+    eprintln!(
+        "endpoint {:?} after the facilitator's restart",
+        restarted.elapsed()
+    );
+    job.terminate().await.unwrap();
+    job.wait_for_end().await.unwrap();
+}
+
+/// Item 3 of issue 16: a miner that offers the class but whose one executor is taken makes a
+/// second job `AllBusy { class, executors: 1 }`; a class nobody offers stays `NoMiner`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_executors_busy_is_not_no_miner() {
+    let testnet = start(TestnetConfig::default());
+    let client = Client::new(SecretKey::generate(), testnet.facilitator()).unwrap();
+    let mut first = client.submit(&demo_request()).await.unwrap();
+    first.wait_for_endpoint().await.unwrap();
+
+    let mut second = client.submit(&demo_request()).await.unwrap();
+    let end = second.wait_for_end().await.unwrap();
+    assert_eq!(
+        end,
+        JobStatus::Rejected(RejectReason::AllBusy {
+            class: ExecutorClass("cpu".into()),
+            executors: 1,
+        })
+    );
+
+    let mut nobody = demo_request();
+    nobody.executor_class = ExecutorClass("gpu-none".into());
+    let mut third = client.submit(&nobody).await.unwrap();
+    assert_eq!(
+        third.wait_for_end().await.unwrap(),
+        JobStatus::Rejected(RejectReason::NoMiner)
+    );
+    first.terminate().await.unwrap();
+    first.wait_for_end().await.unwrap();
+}
+
+/// `GET /health` through the job's tunnel, receipt verified.
+async fn health(connection: &JobConnection) -> u16 {
+    http_request(&connection.tunnel, "GET", "/health", b"")
+        .await
+        .unwrap_or_else(|error| panic!("GET /health through the tunnel: {error}"))
+        .status
+}
+
+/// Item 2 of issue 16: a running job survives its facilitator's restart, mid-tunnel. The tunnel
+/// works during the outage; a volume list sent during it is delivered after (or refused with a
+/// typed error, never lost); statuses resume on the same handle, each once and in order; the
+/// job is still terminated through the restarted facilitator.
+async fn a_job_survives_a_facilitator_restart(graceful: bool) {
+    let mut testnet = start(TestnetConfig::default());
+    let client = Client::new(SecretKey::generate(), testnet.facilitator()).unwrap();
+    let mut job = client.submit(&demo_request()).await.unwrap();
+    let endpoint = job.wait_for_endpoint().await.unwrap();
+    let connection = job.connect_job(&endpoint).await.unwrap();
+    assert_eq!(health(&connection).await, 200);
+
+    if graceful {
+        testnet.stop("facilitator").unwrap();
+    } else {
+        testnet.kill("facilitator").unwrap();
+    }
+    let down = Instant::now();
+    assert_eq!(
+        health(&connection).await,
+        200,
+        "the tunnel works during the outage"
+    );
+    let volumes = vec![VolumeSpec {
+        path: RelativePath("during/outage.txt".into()),
+        source: VolumeSource::Inline {
+            bytes: b"sent while the facilitator was down".to_vec(),
+        },
+    }];
+    // Sent while the facilitator is down; it comes back half a second later.
+    let (sent, restarted) = tokio::join!(job.send_volumes(7, volumes, Vec::new()), async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::task::block_in_place(|| testnet.start_again("facilitator"))
+    });
+    restarted.unwrap();
+    eprintln!("facilitator down for {:?}", down.elapsed());
+    match sent {
+        Ok(()) => {
+            let fetched = tokio::time::timeout(
+                Duration::from_secs(60),
+                job.wait_for(|status| {
+                    matches!(status, JobStatus::VolumesFetched { volume_msg_id: 7 })
+                }),
+            )
+            .await
+            .expect("statuses resume after the restart");
+            assert!(
+                fetched.is_ok(),
+                "{fetched:?}\nhistory: {:?}\nfacilitator:\n{}\nvalidator:\n{}",
+                job.history(),
+                testnet.log("facilitator"),
+                testnet.log("validator-0")
+            );
+        }
+        Err(ClientError::Channel(error)) => {
+            eprintln!("volume list refused with a typed error: {error}")
+        }
+        Err(other) => panic!("volume list during the outage: {other}"),
+    }
+    eprintln!(
+        "statuses resumed {:?} after the facilitator went down",
+        down.elapsed()
+    );
+    assert_eq!(
+        health(&connection).await,
+        200,
+        "the tunnel works after the restart"
+    );
+
+    job.terminate().await.unwrap();
+    let end = tokio::time::timeout(Duration::from_secs(30), job.wait_for_end())
+        .await
+        .expect("the job ends once terminated")
+        .unwrap();
+    assert!(
+        matches!(&end, JobStatus::Completed(result) if result.terminated),
+        "{end:?}\nfacilitator:\n{}",
+        testnet.log("facilitator")
+    );
+    let history = job.history();
+    for (index, update) in history.iter().enumerate() {
+        assert_eq!(update.seq as usize, index, "{history:?}");
+    }
+    assert!(
+        !history
+            .iter()
+            .any(|update| matches!(update.status, JobStatus::HordeFailed(_))),
+        "{history:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_job_survives_its_facilitator_killed_mid_tunnel() {
+    a_job_survives_a_facilitator_restart(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_job_survives_a_graceful_facilitator_restart_mid_tunnel() {
+    a_job_survives_a_facilitator_restart(true).await;
+}
