@@ -342,3 +342,39 @@ fn errors_are_one_line_and_name_what_to_fix() {
     assert!(stderr.lines().count() > 1, "{stderr}");
     drop(busy);
 }
+
+/// Issue 16, item 9: dialing a node under the wrong hotkey says which key answered and which
+/// was dialed (not rustls's bare "NotValidForName"), on one line.
+#[test]
+fn a_wrong_hotkey_names_the_key_that_answered_and_the_one_dialed() {
+    use horde_transport::test_utils::{localhost_endpoint, seeded_key};
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    // A real QUIC endpoint of key 20, accepting (and dropping) whatever connects.
+    let endpoint = runtime.block_on(async { localhost_endpoint(&seeded_key(20)) });
+    let actual = endpoint.hotkey();
+    let dialed = seeded_key(21).hotkey();
+    let addr = endpoint.local_addr().unwrap();
+    let accepting = runtime.spawn(async move { while endpoint.accept().await.is_some() {} });
+    let out = tempfile::tempdir().unwrap();
+    let output = Command::new(HORDE)
+        .args([
+            "blob",
+            "get",
+            &"ab".repeat(32),
+            "-o",
+            out.path().join("blob").to_str().unwrap(),
+            "--storage",
+            &format!("{dialed}@{addr}"),
+        ])
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains(&actual.to_string()) && stderr.contains(&dialed.to_string()),
+        "{stderr}"
+    );
+    accepting.abort();
+}

@@ -101,7 +101,7 @@ pub enum PeerCertificateError {
     #[error("server name does not name a hotkey")]
     BadServerName,
     /// The server is not the hotkey we dialed.
-    #[error("expected hotkey {expected:?}, the peer is {actual:?}")]
+    #[error("the peer is hotkey {actual}, not {expected} as dialed (check the HOTKEY@ADDR used)")]
     WrongHotkey {
         /// Who we meant to reach.
         expected: Hotkey,
@@ -123,7 +123,11 @@ impl From<PeerCertificateError> for rustls::Error {
             E::Expired => CertificateError::Expired,
             E::BadSelfSignature => CertificateError::BadSignature,
             E::UnknownCriticalExtension(_) => CertificateError::UnhandledCriticalExtension,
-            E::WrongHotkey { .. } | E::BadServerName => CertificateError::NotValidForName,
+            // Both keys in the message: the user fixes the hotkey they dialed with it.
+            wrong @ E::WrongHotkey { .. } => {
+                return rustls::Error::Other(rustls::OtherError(Arc::new(wrong)));
+            }
+            E::BadServerName => CertificateError::NotValidForName,
             E::NotAllowed(_) => CertificateError::ApplicationVerificationFailure,
             other @ (E::Chain(_) | E::NotEd25519 | E::InvalidKey(_)) => {
                 CertificateError::Other(rustls::OtherError(Arc::new(other)))
@@ -650,9 +654,13 @@ mod tests {
     fn wrong_hotkey_is_refused() {
         let certificate = node_certificate(&seeded_key(1));
         let err = verify_as_server(&certificate, &seeded_key(2).hotkey()).unwrap_err();
-        assert_eq!(
-            err,
-            rustls::Error::InvalidCertificate(CertificateError::NotValidForName)
+        assert!(matches!(err, rustls::Error::Other(_)), "{err:?}");
+        // The message names both keys, in full, so the user can fix the one they dialed.
+        let message = err.to_string();
+        assert!(
+            message.contains(&seeded_key(1).hotkey().to_string())
+                && message.contains(&seeded_key(2).hotkey().to_string()),
+            "{message}"
         );
     }
 
