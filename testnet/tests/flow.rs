@@ -539,7 +539,8 @@ async fn executor_not_registering_is_killed_and_its_job_declined() {
 }
 
 /// With discovery the facilitator sees from the miner's record that its one executor is busy
-/// and that it has no such class: both jobs are refused before any miner is bothered.
+/// (`AllBusy`, not `NoMiner`) and that it has no such class: both jobs are refused before any
+/// miner is bothered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn discovered_capacity_keeps_jobs_off_full_miners() {
     let testnet = start(TestnetConfig::default());
@@ -549,7 +550,10 @@ async fn discovered_capacity_keeps_jobs_off_full_miners() {
     let refused_after = std::time::Instant::now();
     assert_eq!(
         second.wait_for_end().await.unwrap(),
-        JobStatus::Rejected(RejectReason::NoMiner)
+        JobStatus::Rejected(RejectReason::AllBusy {
+            class: horde_protocol::ExecutorClass("cpu".into()),
+            executors: 1,
+        })
     );
     // It waited for an executor to free up (up to 2 s) before refusing.
     assert!(
