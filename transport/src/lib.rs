@@ -36,7 +36,7 @@
 //! - `blob.rs` + `blob/`: the `horde/blob/1` protocol ([`blob`]): `serve.rs`, `get.rs`,
 //!   `verify.rs`, `sink.rs`, `put.rs`, `buffer.rs`.
 //! - `tunnel.rs` + `tunnel/`: the `horde/job/1` job tunnel ([`tunnel`]): `wire.rs`, `server.rs`,
-//!   `client.rs`, `forward.rs`.
+//!   `client.rs`, `request.rs` (one streamed HTTP request, exact body bytes), `forward.rs`.
 //! - `http.rs`: [`http`], the one HTTP/1.1 head and body-framing parser (on `httparse`).
 //! - `test_utils.rs` + `test_utils/impaired_path.rs` (feature `test-utils`): seeded keys, an
 //!   endpoint pair on `127.0.0.1:0`, an impaired UDP path.
