@@ -73,10 +73,12 @@ async fn a_restarted_facilitator_says_warming_up_and_clients_retry_until_it_know
         ),
     }
 
+    // Without its kept directory the facilitator hears of each node by that node's next
+    // re-publication (every 48 s): a reservation longer than that always sees both.
     let mut patient = demo_request();
-    patient.deadlines.reservation_ms = 40_000;
+    patient.deadlines.reservation_ms = 110_000;
     let mut job = client.submit(&patient).await.unwrap();
-    let endpoint = tokio::time::timeout(Duration::from_secs(60), job.wait_for_endpoint())
+    let endpoint = tokio::time::timeout(Duration::from_secs(150), job.wait_for_endpoint())
         .await
         .expect("the job gets its endpoint");
     assert!(

@@ -752,10 +752,13 @@ impl Facilitator {
     }
 
     /// Refuses a submission with `WarmingUp` (not stored) while the facilitator is still
-    /// learning the network and knows no miner for the job (see `facilitator/warmup.rs`).
+    /// learning the network and knows no miner for the job, or no validator yet (see
+    /// `facilitator/warmup.rs`): records arrive one by one, a miner's maybe before any
+    /// validator's.
     fn refuse_while_warming_up(&self, spec: &JobSpec) -> Result<(), RejectReason> {
+        let unknown = self.eligible_miners(spec).is_empty() || self.validators.list().is_empty();
         match self.warm_up.retry_after() {
-            Some(retry) if self.eligible_miners(spec).is_empty() => Err(RejectReason::WarmingUp {
+            Some(retry) if unknown => Err(RejectReason::WarmingUp {
                 retry_after_ms: u64::try_from(retry.as_millis()).unwrap_or(u64::MAX),
             }),
             _ => Ok(()),

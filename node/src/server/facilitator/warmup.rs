@@ -5,7 +5,8 @@
 //! **Warming up** means: discovery runs, the facilitator started less than one record lifetime
 //! ago (`[discovery] record_ttl_secs`, default 120 s: every live node re-signs and re-publishes
 //! its record at least twice within it, so a node not heard of by then is not there), no miner
-//! is configured statically, and its directory holds no miner record at all yet. (Once it knows
+//! is configured statically, and its directory holds no miner record or no validator record
+//! yet (and the facilitator has no eligible miner or no validator for the job). (Once it knows
 //! a miner, a class no known miner lists is `NoMiner`.) Taken from what the facilitator sees (its
 //! start time, its directory's contents), through the directory's public reading API only.
 
@@ -53,7 +54,11 @@ impl WarmUp {
         if self.static_miners || remaining.is_zero() {
             return None;
         }
-        (directory.count(Role::Miner, now()) == 0).then(|| remaining.min(WARMUP_RETRY_MAX))
+        // Records arrive one by one: a miner's may come before any validator's.
+        let now = now();
+        let missing =
+            directory.count(Role::Miner, now) == 0 || directory.count(Role::Validator, now) == 0;
+        missing.then(|| remaining.min(WARMUP_RETRY_MAX))
     }
 
     /// How many executors of `class` the discovered miners that `eligible` keeps have in all,
