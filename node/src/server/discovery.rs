@@ -49,7 +49,7 @@ pub use task::{CAPACITY_COALESCE, DIRECTORY_FILE, refresh_interval};
 
 pub use directory::{
     Directory, MAX_DIRECTORY_RECORDS, MAX_RECORD_ADDRS, MAX_RECORD_CLASSES, MAX_RECORD_LIFETIME_MS,
-    Offer, RecordRejection, check_record, has_free, node_addr,
+    Offer, RecordRejection, check_record, free_of, node_addr,
 };
 
 use crate::clock::now;
@@ -673,8 +673,22 @@ impl KnownPeers {
 
     /// Peers offering a free executor of `class`: discovered miners whose record says so, and
     /// every configured one (a static peer publishes no capacity; it declines `Busy` itself).
-    pub fn with_free(&self, class: &horde_protocol::ExecutorClass) -> Vec<NodeAddr> {
-        self.select(|record| has_free(record, class))
+    /// Each comes with what its record offers of the class: free executors and the record's
+    /// sequence number (`None` for a configured peer).
+    pub fn with_free_offers(
+        &self,
+        class: &horde_protocol::ExecutorClass,
+    ) -> Vec<(NodeAddr, Option<(u32, u64)>)> {
+        let mut peers: Vec<_> = self.configured.iter().map(|p| (p.clone(), None)).collect();
+        if let Some(directory) = &self.directory {
+            for record in directory.with_role(self.role, now()) {
+                let free = free_of(&record, class);
+                if free > 0 && !peers.iter().any(|(p, _)| p.hotkey == record.hotkey) {
+                    peers.push((node_addr(&record), Some((free, record.seq))));
+                }
+            }
+        }
+        peers
     }
 
     /// The peer with this hotkey.
@@ -743,10 +757,13 @@ mod tests {
         });
         let started = std::time::Instant::now();
         let found = wait_for_records(miners.changes(), Duration::from_secs(20), || {
-            miners.with_free(&class).into_iter().next()
+            miners.with_free_offers(&class).into_iter().next()
         })
         .await;
-        assert_eq!(found.map(|peer| peer.hotkey), Some(key.hotkey()));
+        assert_eq!(
+            found.map(|(peer, offered)| (peer.hotkey, offered)),
+            Some((key.hotkey(), Some((1, 2))))
+        );
         let waited = started.elapsed();
         assert!(waited >= Duration::from_millis(100), "{waited:?}");
         assert!(waited < Duration::from_secs(10), "{waited:?}");

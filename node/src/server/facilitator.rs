@@ -32,6 +32,7 @@
 //! itself, so the miner in `Assigned` — which the client verifies the endpoint record against —
 //! is the one that runs the job; validators still refuse a miner they do not trust.
 
+mod claims;
 mod resume;
 pub mod store;
 mod warmup;
@@ -64,6 +65,7 @@ use crate::server::relay::{
 };
 use crate::server::role::{ChildTasks, RoleHandle, Service, join_all};
 use crate::server::streams::{request, serve_streams};
+use claims::Claims;
 use store::{JobStore, JobStoreError};
 use warmup::WarmUp;
 
@@ -153,6 +155,8 @@ pub struct Facilitator {
     next_validator: AtomicUsize,
     /// How far it has learnt the network since it started.
     warm_up: WarmUp,
+    /// Executors just given jobs, before their miners' records say so.
+    claims: Claims,
     /// The discovered nodes (their keys are known to admission).
     directory: Option<Arc<Directory>>,
     cancel: CancellationToken,
@@ -319,6 +323,7 @@ impl Facilitator {
             ),
             miners: KnownPeers::new(Role::Miner, config.miners.clone(), directory.clone()),
             warm_up: WarmUp::new(warm_up, directory.clone(), !config.miners.is_empty()),
+            claims: Claims::default(),
             directory,
             config,
             live: Mutex::new(HashMap::new()),
@@ -742,12 +747,12 @@ impl Facilitator {
     }
 
     /// The miners a job may be given: a free executor of its class, and [`Self::may_run`].
-    fn eligible_miners(&self, spec: &JobSpec) -> Vec<NodeAddr> {
+    fn eligible_miners(&self, spec: &JobSpec) -> Vec<(NodeAddr, Option<(u32, u64)>)> {
         let now = now();
         self.miners
-            .with_free(&spec.executor_class)
+            .with_free_offers(&spec.executor_class)
             .into_iter()
-            .filter(|miner| self.may_run(spec, &miner.hotkey, now))
+            .filter(|(miner, _)| self.may_run(spec, &miner.hotkey, now))
             .collect()
     }
 
@@ -781,24 +786,37 @@ impl Facilitator {
         }
     }
 
-    /// Chooses a miner for `spec`. When none shows a free executor of the class, waits for one
+    /// Chooses a miner for `spec` and claims one of its free executors (`facilitator/claims.rs`:
+    /// one just given to another job is not free, whatever a record not yet updated says).
+    /// When none shows a free executor of the class, waits for one
     /// to free up (a released executor reaches the records within milliseconds) for at most
     /// [`MINER_WAIT_MAX`] or the spec's reservation deadline, whichever is shorter, before the
     /// job is refused with `NoMiner`.
     async fn wait_for_miner(&self, spec: &JobSpec) -> Option<NodeAddr> {
         let wait = MINER_WAIT_MAX.min(Duration::from_millis(spec.deadlines.reservation_ms));
         wait_for_records(self.miners.changes(), wait, || {
-            self.choose_miner(&self.eligible_miners(spec))
+            let candidates = self
+                .eligible_miners(spec)
+                .into_iter()
+                .map(|(miner, offered)| {
+                    let hotkey = miner.hotkey;
+                    (miner, hotkey, offered)
+                })
+                .collect();
+            self.claims
+                .choose_and_claim(&spec.executor_class, candidates, |peers| {
+                    self.choose_miner(peers)
+                })
         })
         .await
     }
 
-    fn choose_miner(&self, peers: &[NodeAddr]) -> Option<NodeAddr> {
+    /// The round-robin position among `peers`.
+    fn choose_miner(&self, peers: &[NodeAddr]) -> Option<usize> {
         if peers.is_empty() {
             return None;
         }
-        let index = self.next_miner.fetch_add(1, Ordering::Relaxed) % peers.len();
-        peers.get(index).cloned()
+        Some(self.next_miner.fetch_add(1, Ordering::Relaxed) % peers.len())
     }
 
     async fn record(&self, job_id: JobId, live: &LiveJob, status: JobStatus) -> bool {
@@ -875,6 +893,7 @@ impl Facilitator {
             }
         }
         let Some((validator, session)) = session else {
+            self.claims.release(&miner.hotkey, &spec.executor_class);
             return Some(JobStatus::Rejected(RejectReason::NoValidator));
         };
         if self

@@ -241,12 +241,13 @@ pub fn node_addr(record: &NodeRecord) -> NodeAddr {
     }
 }
 
-/// Whether a miner's record offers a free executor of `class`.
-pub fn has_free(record: &NodeRecord, class: &ExecutorClass) -> bool {
+/// How many free executors of `class` a miner's record offers.
+pub fn free_of(record: &NodeRecord, class: &ExecutorClass) -> u32 {
     record
         .capacity
         .iter()
-        .any(|c| c.class == *class && c.free > 0)
+        .filter(|c| c.class == *class)
+        .fold(0, |sum, c| sum.saturating_add(c.free))
 }
 
 #[cfg(test)]
@@ -391,9 +392,9 @@ mod tests {
     fn free_capacity_is_per_class() {
         let key = SecretKey::generate();
         let mut r = record(&key, Role::Miner, 1, NOW.0 + 1000);
-        assert!(has_free(&r, &ExecutorClass("cpu".into())));
-        assert!(!has_free(&r, &ExecutorClass("gpu".into())));
+        assert_eq!(free_of(&r, &ExecutorClass("cpu".into())), 1);
+        assert_eq!(free_of(&r, &ExecutorClass("gpu".into())), 0);
         r.capacity[0].free = 0;
-        assert!(!has_free(&r, &ExecutorClass("cpu".into())));
+        assert_eq!(free_of(&r, &ExecutorClass("cpu".into())), 0);
     }
 }
