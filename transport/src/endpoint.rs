@@ -130,6 +130,8 @@ pub struct TransportTuning {
     pub max_idle_timeout: Duration,
     /// How often an otherwise idle connection sends a keep-alive (must be below the idle timeout).
     pub keep_alive_interval: Duration,
+    /// The largest UDP payload MTU discovery tries (and we accept), bytes; at least 1,200.
+    pub max_udp_payload: u16,
 }
 
 impl Default for TransportTuning {
@@ -142,6 +144,7 @@ impl Default for TransportTuning {
             max_concurrent_uni_streams: MAX_CONCURRENT_UNI_STREAMS,
             max_idle_timeout: MAX_IDLE_TIMEOUT,
             keep_alive_interval: KEEP_ALIVE_INTERVAL,
+            max_udp_payload: crate::udp::MAX_UDP_PAYLOAD,
         }
     }
 }
@@ -201,7 +204,7 @@ pub fn transport_config(tuning: &TransportTuning) -> Result<quinn::TransportConf
         // No datagrams: everything horde sends needs reliability and ordering.
         .datagram_receive_buffer_size(None);
     let mut mtu_discovery = quinn::MtuDiscoveryConfig::default();
-    mtu_discovery.upper_bound(crate::udp::MAX_UDP_PAYLOAD);
+    mtu_discovery.upper_bound(tuning.max_udp_payload);
     config.mtu_discovery_config(Some(mtu_discovery));
     Ok(config)
 }
@@ -551,7 +554,7 @@ impl HordeEndpoint {
         // not be able to reset each other's connections (RFC 9000 §10.3.1), so the port is part
         // of the derivation, and an ephemeral port gets random keys.
         let mut endpoint_config = quinn::EndpointConfig::default();
-        (endpoint_config.max_udp_payload_size(crate::udp::MAX_UDP_PAYLOAD))
+        (endpoint_config.max_udp_payload_size(config.transport.max_udp_payload))
             .map_err(|_| ConfigError::OutOfRange("max_udp_payload_size"))?;
         if config.bind.port() != 0 {
             endpoint_config.reset_key(Arc::new(ResetKey::derive(key, config.bind.port())));
