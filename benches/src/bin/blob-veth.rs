@@ -118,9 +118,15 @@ fn write_random_file(path: &Path, size: u64) -> anyhow::Result<BlobHash> {
 
 /// Which rows can run here; prints why each missing one is skipped.
 fn available_rows(nginx: bool) -> Vec<Row> {
+    // `openssl` answers `version`, the others `--version`.
     let have = |program: &str| {
+        let flag = if program == "openssl" {
+            "version"
+        } else {
+            "--version"
+        };
         std::process::Command::new(program)
-            .arg("--version")
+            .arg(flag)
             .output()
             .is_ok_and(|output| output.status.success())
     };
