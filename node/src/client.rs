@@ -32,6 +32,5 @@ pub use crate::clock::now;
 pub use endpoint::{JobConnection, VerifiedEndpoint};
 pub use horde_transport::tunnel::{HttpResponseStream, RequestBody};
 #[cfg(feature = "cli")]
-pub(crate) use job::wait_for_close;
 pub use job::{Client, ClientError, DEFAULT_SPEC_LIFETIME, JobHandle, JobRequest, REATTACH_WINDOW};
 pub use report::{Comparison, ReportEvidence, byte_equal, compare_http};

@@ -161,13 +161,24 @@ impl ConnectionCache {
     /// Closes every cached connection with `code` and `reason` and empties the cache (dials in
     /// flight go on; their callers get their outcome).
     pub fn close_all(&self, code: VarInt, reason: &[u8]) {
+        for connection in self.take_all() {
+            connection.close(code, reason);
+        }
+    }
+
+    /// Empties the cache and returns its connections, still open, for a caller that closes
+    /// them and waits until their closes have left ([`crate::close_promptly`]). Dials in flight
+    /// go on; their callers get their outcome.
+    pub fn take_all(&self) -> Vec<quinn::Connection> {
+        let mut taken = Vec::new();
         self.lock().retain(|_, slot| match slot {
             Slot::Ready(connection, _) => {
-                connection.close(code, reason);
+                taken.push(connection.clone());
                 false
             }
             Slot::Dialing(_) => true,
         });
+        taken
     }
 
     /// Keys held: live or closed connections, and dials in flight.

@@ -130,6 +130,8 @@ pub struct TransportTuning {
     pub max_idle_timeout: Duration,
     /// How often an otherwise idle connection sends a keep-alive (must be below the idle timeout).
     pub keep_alive_interval: Duration,
+    /// The largest UDP payload MTU discovery tries (and we accept), bytes; at least 1,200.
+    pub max_udp_payload: u16,
 }
 
 impl Default for TransportTuning {
@@ -142,6 +144,7 @@ impl Default for TransportTuning {
             max_concurrent_uni_streams: MAX_CONCURRENT_UNI_STREAMS,
             max_idle_timeout: MAX_IDLE_TIMEOUT,
             keep_alive_interval: KEEP_ALIVE_INTERVAL,
+            max_udp_payload: crate::udp::MAX_UDP_PAYLOAD,
         }
     }
 }
@@ -200,6 +203,9 @@ pub fn transport_config(tuning: &TransportTuning) -> Result<quinn::TransportConf
         .keep_alive_interval(Some(tuning.keep_alive_interval))
         // No datagrams: everything horde sends needs reliability and ordering.
         .datagram_receive_buffer_size(None);
+    let mut mtu_discovery = quinn::MtuDiscoveryConfig::default();
+    mtu_discovery.upper_bound(tuning.max_udp_payload);
+    config.mtu_discovery_config(Some(mtu_discovery));
     Ok(config)
 }
 
@@ -548,6 +554,8 @@ impl HordeEndpoint {
         // not be able to reset each other's connections (RFC 9000 §10.3.1), so the port is part
         // of the derivation, and an ephemeral port gets random keys.
         let mut endpoint_config = quinn::EndpointConfig::default();
+        (endpoint_config.max_udp_payload_size(config.transport.max_udp_payload))
+            .map_err(|_| ConfigError::OutOfRange("max_udp_payload_size"))?;
         if config.bind.port() != 0 {
             endpoint_config.reset_key(Arc::new(ResetKey::derive(key, config.bind.port())));
             let cid_key = connection_id_key(key, config.bind.port());
@@ -555,11 +563,13 @@ impl HordeEndpoint {
                 Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
             });
         }
-        let endpoint = quinn::Endpoint::new(
+        let socket = crate::udp::BoundedGsoSocket::wrap(socket).map_err(bind_error)?;
+        let runtime = Arc::new(quinn::TokioRuntime);
+        let endpoint = quinn::Endpoint::new_with_abstract_socket(
             endpoint_config,
             Some(server),
             socket,
-            Arc::new(quinn::TokioRuntime),
+            runtime,
         )
         .map_err(bind_error)?;
 

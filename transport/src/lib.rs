@@ -26,6 +26,8 @@
 //!   (unknown ones bounded per source address and in total, closed when they open no stream).
 //! - `accept.rs`: [`serve_connections`] / [`HordeEndpoint::serve`], the accept loop that owns
 //!   one task per incoming connection.
+//! - `closing.rs`: [`close_promptly`], [`close_endpoint_promptly`]: closing a one-shot
+//!   command's connections without waiting out QUIC's draining period.
 //! - `dialer.rs`: [`ConnectionCache`], one shared connection (and one dial in flight) per peer
 //!   hotkey and ALPN.
 //! - `framed.rs`: the framed channels and the cancel-safe frame reader.
@@ -37,6 +39,8 @@
 //!   `verify.rs`, `sink.rs`, `put.rs`, `buffer.rs`.
 //! - `tunnel.rs` + `tunnel/`: the `horde/job/1` job tunnel ([`tunnel`]): `wire.rs`, `server.rs`,
 //!   `client.rs`, `request.rs` (one streamed HTTP request, exact body bytes), `forward.rs`.
+//! - `udp.rs`: the socket under every endpoint, keeping each segmentation-offload send within
+//!   64 KiB so MTU discovery may go up to [`MAX_UDP_PAYLOAD`] (jumbo frames, loopback).
 //! - `http.rs`: [`http`], the one HTTP/1.1 head and body-framing parser (on `httparse`).
 //! - `test_utils.rs` + `test_utils/impaired_path.rs` (feature `test-utils`): seeded keys, an
 //!   endpoint pair on `127.0.0.1:0`, an impaired UDP path.
@@ -51,6 +55,7 @@
 mod accept;
 mod admission;
 pub mod blob;
+mod closing;
 mod dialer;
 mod endpoint;
 mod framed;
@@ -59,6 +64,7 @@ mod peer_quota;
 mod session;
 mod tls;
 pub mod tunnel;
+mod udp;
 
 #[cfg(any(test, feature = "test-utils"))]
 pub mod test_utils;
@@ -67,6 +73,9 @@ pub use accept::{DEFAULT_SHUTDOWN_GRACE, serve_connections};
 pub use admission::{
     AdmissionLimits, FIRST_STREAM_TIMEOUT, KnownKeys, UNKNOWN_PER_ADDRESS_DIVISOR,
     UNKNOWN_SHARE_DIVISOR,
+};
+pub use closing::{
+    CLOSE_SEND_TIMEOUT, ENDPOINT_CLOSE_GRACE, close_endpoint_promptly, close_promptly,
 };
 pub use dialer::{ConnectionCache, DEFAULT_MAX_PEERS, DialError};
 pub use endpoint::{
@@ -88,6 +97,7 @@ pub use tls::{
     client_tls_config, default_validity, hotkey_from_server_name, parse_certificate_hotkey,
     remote_hotkey, self_signed_certificate, server_name_for, server_tls_config,
 };
+pub use udp::MAX_UDP_PAYLOAD;
 
 /// QUIC application error codes horde uses when it closes a connection or stops/resets a stream:
 /// [`horde_protocol::wire::codes`] as [`quinn::VarInt`]s.

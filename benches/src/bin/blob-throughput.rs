@@ -3,7 +3,9 @@
 //! `cargo run --release -p horde-benches --bin blob-throughput -- --size 1GiB [--rounds 5]
 //! [--json PATH]` (`--only quinn,mem` runs a subset, for profiling one path; the table of record
 //! runs all). `BLOB_BENCH_STATS=1` prints each quinn sender's path statistics (loss, congestion
-//! events).
+//! events, MTU, UDP sends and datagrams: datagrams per send show segmentation offload at work).
+//! `BLOB_BENCH_MAX_UDP_PAYLOAD=1452` caps MTU discovery as quinn's default does (default: horde's
+//! `MAX_UDP_PAYLOAD`, 8,972).
 //!
 //! Measures, one after the other on 127.0.0.1 with both ends in this process:
 //! (a) plain TCP, (b) TCP + rustls TLS 1.3 (horde's ed25519 certificates and verifiers),
@@ -38,8 +40,9 @@ use horde_protocol::blob::CHUNK_GROUP_LEN;
 use horde_protocol::{NodeAddr, SecretKey};
 use horde_transport::blob::{BlobBuffer, PROGRESS_TIMEOUT, ServedBlob, read_request, serve_get};
 use horde_transport::{
-    ALPN_BLOB, ClientPolicy, EndpointConfig, HordeEndpoint, IncomingConnection, client_tls_config,
-    default_validity, self_signed_certificate, server_name_for, server_tls_config,
+    ALPN_BLOB, ClientPolicy, EndpointConfig, HordeEndpoint, IncomingConnection, TransportTuning,
+    client_tls_config, default_validity, self_signed_certificate, server_name_for,
+    server_tls_config,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -334,7 +337,12 @@ fn tls(size: u64, chunk: &Bytes) -> anyhow::Result<()> {
 }
 
 fn quic_endpoint(seed: u8) -> anyhow::Result<HordeEndpoint> {
-    let config = EndpointConfig::new(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), &[ALPN_BLOB]);
+    let mut tuning = TransportTuning::default();
+    if let Ok(value) = std::env::var("BLOB_BENCH_MAX_UDP_PAYLOAD") {
+        tuning.max_udp_payload = value.parse().context("BLOB_BENCH_MAX_UDP_PAYLOAD")?;
+    }
+    let config = EndpointConfig::new(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), &[ALPN_BLOB])
+        .with_transport(tuning);
     Ok(HordeEndpoint::bind(
         &SecretKey::from_seed(&[seed; 32]),
         config,
@@ -395,8 +403,9 @@ fn print_stats(what: &str, connection: &quinn::Connection) {
     }
     let stats = connection.stats();
     eprintln!(
-        "{what}: sent {} packets, lost {} ({} bytes), congestion events {}, cwnd {}, rtt {:?}; \
-         udp tx {:?} rx {:?}",
+        "{what}: MTU {}, sent {} packets, lost {} ({} bytes), congestion events {}, cwnd {}, \
+         rtt {:?}; udp tx {:?} rx {:?}",
+        stats.path.current_mtu,
         stats.path.sent_packets,
         stats.path.lost_packets,
         stats.path.lost_bytes,

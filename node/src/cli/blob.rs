@@ -91,10 +91,10 @@ pub async fn run_command(command: BlobCommand) -> Result<(), CommandError> {
         horde_transport::EndpointConfig::new(bind, &[ALPN_BLOB]),
     )?;
     let result = transfer(&command, &endpoint).await;
-    // Tell the node before exiting (bounded), so it frees the connection's slot at once rather
-    // than at its idle timeout; also after a failure.
-    endpoint.close(horde_transport::codes::SHUTDOWN, b"done");
-    crate::client::wait_for_close(&endpoint).await;
+    // Tell the node before exiting, so it frees the connection's slot at once rather than at
+    // its idle timeout (also after a failure), without waiting out QUIC's draining period.
+    horde_transport::close_endpoint_promptly(&endpoint, horde_transport::codes::SHUTDOWN, b"done")
+        .await;
     Ok(result?)
 }
 

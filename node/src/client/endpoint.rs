@@ -3,12 +3,11 @@
 use std::net::SocketAddr;
 
 use crate::client::ClientError;
-use crate::client::job::wait_for_close;
 use horde_protocol::{EndpointRecord, Hotkey, JobId, SecretKey, Signed, UnixMillis};
 use horde_transport::tunnel::{
     HttpResponseStream, JobTunnel, RequestBody, TunnelError, http_request_streaming,
 };
-use horde_transport::{ALPN_JOB, ClientPolicy, EndpointConfig, HordeEndpoint};
+use horde_transport::{ALPN_JOB, ClientPolicy, EndpointConfig, HordeEndpoint, close_promptly};
 use tokio::io::AsyncRead;
 
 /// An endpoint record that verified: signed by the miner the facilitator chose, for this job,
@@ -75,11 +74,12 @@ pub struct JobConnection {
 }
 
 impl JobConnection {
-    /// Closes the connection and waits (up to a second) until the job endpoint has been told,
-    /// so it frees the slot at once rather than at its idle timeout. Call before a process exits.
+    /// Closes the connection and waits until the close has been sent (up to
+    /// [`CLOSE_SEND_TIMEOUT`](horde_transport::CLOSE_SEND_TIMEOUT)), so the job endpoint frees
+    /// the slot at once rather than at its idle timeout, without waiting out QUIC's draining
+    /// period. Call before a process exits.
     pub async fn close(&self) {
-        self.tunnel.connection().close(0u32.into(), b"client done");
-        wait_for_close(&self._endpoint).await;
+        close_promptly(self.tunnel.connection(), 0u32.into(), b"client done").await;
     }
 
     /// Sends one HTTP/1.1 request to the job through a new tunnel stream. The response's body

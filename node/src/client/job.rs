@@ -194,7 +194,6 @@ pub enum ClientError {
 #[derive(Debug, Clone)]
 pub struct Client {
     account: SecretKey,
-    endpoint: Arc<HordeEndpoint>,
     facilitator: NodeAddr,
     reattach_window: Duration,
     /// The shared connection (transport's one dialer): dialed on first use and again once it
@@ -209,15 +208,6 @@ pub struct Client {
 /// request is sent once more on a new one. The facilitator persists with an fsync before it
 /// answers, so 10 s is far above a healthy answer (a few ms).
 const FIRST_ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// How long a client closing before its process exits waits for the close to be sent.
-const CLOSE_GRACE: Duration = Duration::from_secs(1);
-
-/// Waits (up to [`CLOSE_GRACE`]) until `endpoint`'s closed connections have told their peers,
-/// so the peers free the slots at once rather than at their idle timeout.
-pub(crate) async fn wait_for_close(endpoint: &HordeEndpoint) {
-    let _ = tokio::time::timeout(CLOSE_GRACE, endpoint.wait_idle()).await;
-}
 
 fn client_endpoint(key: &SecretKey) -> Result<HordeEndpoint, ClientError> {
     let bind: SocketAddr = ([0, 0, 0, 0], 0).into();
@@ -234,8 +224,7 @@ impl Client {
         let endpoint = Arc::new(client_endpoint(&account)?);
         Ok(Self {
             account,
-            link: ConnectionCache::with_max_peers(Arc::clone(&endpoint), 1),
-            endpoint,
+            link: ConnectionCache::with_max_peers(endpoint, 1),
             facilitator,
             reattach_window: REATTACH_WINDOW,
         })
@@ -277,12 +266,16 @@ impl Client {
         self.link.forget(connection);
     }
 
-    /// Closes the shared connection and waits (up to a second) until the facilitator has been
-    /// told, so it frees the connection's slot at once rather than at its idle timeout. Handles
-    /// and clones of this client dial again if used afterwards. Call before a process exits.
+    /// Closes the shared connection and waits until the close has been sent (up to
+    /// [`CLOSE_SEND_TIMEOUT`](horde_transport::CLOSE_SEND_TIMEOUT)), so the facilitator frees
+    /// the connection's slot at once rather than at its idle timeout, without waiting out QUIC's
+    /// draining period. Handles and clones of this client dial again if used afterwards. Call
+    /// before a process exits.
     pub async fn close(&self) {
-        self.link.close_all(0u32.into(), b"client done");
-        wait_for_close(&self.endpoint).await;
+        let (code, reason) = (0u32.into(), b"client done");
+        for connection in self.link.take_all() {
+            horde_transport::close_promptly(&connection, code, reason).await;
+        }
     }
 
     /// Opens a job session on the shared connection and reads the facilitator's first answer.

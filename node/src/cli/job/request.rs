@@ -83,9 +83,24 @@ impl Drop for PendingFile {
 /// Sends the request and streams the answer; see the module docs.
 pub(super) async fn request(args: RequestArgs) -> anyhow::Result<()> {
     let (job_id, _endpoint, connection) = connect_job(&args.common, &args.job).await?;
-    let result = exchange(&args, &connection).await;
+    // The answer is complete, checked and kept before the connection closes; closing then only
+    // waits for the close to leave, not for QUIC's draining period.
+    let result = match exchange(&args, &connection).await {
+        Ok(receipt) => keep_receipt(&args.common, &job_id, &connection, &receipt),
+        Err(error) => Err(error),
+    };
     connection.close().await;
-    let receipt = result?;
+    result
+}
+
+/// Verifies the receipt against the pinned job key, reports it on stderr and appends it to
+/// the job's receipt file.
+fn keep_receipt(
+    common: &JobStateArgs,
+    job_id: &horde_protocol::JobId,
+    connection: &crate::client::JobConnection,
+    receipt: &horde_protocol::Signed<horde_protocol::JobReceipt>,
+) -> anyhow::Result<()> {
     let verified = receipt.verify_by(&connection.tunnel.job_key())?;
     eprintln!(
         "receipt verified: stream {} in {} bytes (blake3 {}), out {} bytes (blake3 {})",
@@ -95,8 +110,7 @@ pub(super) async fn request(args: RequestArgs) -> anyhow::Result<()> {
         verified.bytes_out,
         hex::encode(verified.digest_out)
     );
-    append_receipt(&args.common, &job_id, &receipt)?;
-    Ok(())
+    append_receipt(common, job_id, receipt)
 }
 
 /// Sends the request, writes the head and body where asked, and returns the verified receipt;
