@@ -5,10 +5,11 @@
 
 use std::process::Command;
 
-const BENCHES: [(&str, &str); 3] = [
+const BENCHES: [(&str, &str); 4] = [
     ("blob-throughput", env!("CARGO_BIN_EXE_blob-throughput")),
     ("flow-latency", env!("CARGO_BIN_EXE_flow-latency")),
     ("discovery-scale", env!("CARGO_BIN_EXE_discovery-scale")),
+    ("sdk-request-rtt", env!("CARGO_BIN_EXE_sdk-request-rtt")),
 ];
 
 #[test]

@@ -215,7 +215,7 @@ const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// Waits (up to [`CLOSE_GRACE`]) until `endpoint`'s closed connections have told their peers,
 /// so the peers free the slots at once rather than at their idle timeout.
-pub(crate) async fn wait_for_close(endpoint: &HordeEndpoint) {
+pub async fn wait_for_close(endpoint: &HordeEndpoint) {
     let _ = tokio::time::timeout(CLOSE_GRACE, endpoint.wait_idle()).await;
 }
 
