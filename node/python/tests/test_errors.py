@@ -121,14 +121,18 @@ def test_ctrl_c_cancels_a_blocking_call(network, client):
     job.wait(timeout=60)
 
 
-def test_horde_failed_names_the_hop(tmp_path):
-    """A killed validator: the facilitator fails the job and says so (the Rust flow test's
-    fault, through a network of its own)."""
+def test_report_then_horde_failed_names_the_hop(tmp_path):
+    """On a network of its own (a report excludes the miner): a miner report with the job's
+    receipt as evidence is accepted; then a killed validator: the facilitator fails the job and
+    says so (the Rust flow test's fault)."""
     process, net = start_network(tmp_path)
     try:
         client = horde.Client(horde.Key.generate(), net.facilitator)
         job = client.submit(net.demo_spec())
         job.wait_for_endpoint(timeout=60)
+        response = job.request("POST", "/echo", b"disputed")
+        verdict = job.report(response.receipt, "a wrong answer")
+        assert verdict.startswith("Accepted"), verdict
         pids = (tmp_path / "pids").read_text().split()
         validator = [p for p in pids if "validator" in _cmdline(p)]
         assert len(validator) == 1, pids
