@@ -7,13 +7,14 @@ import os
 import signal
 import socket
 import stat
+import subprocess
 import threading
 import time
 
 import pytest
 
 import horde
-from conftest import start_network, stop_network
+from conftest import binary, start_network, stop_network
 
 
 def free_udp_port() -> int:
@@ -92,18 +93,43 @@ def test_unreachable_facilitator():
         client.submit(horde.JobSpec(executor_class="cpu", program="/bin/true"), timeout=60)
 
 
-def test_too_many_connections_from_one_key(network):
+def test_too_many_connections_from_one_key(tmp_path):
+    """A facilitator of its own whose per-key cap (2) is below the per-address share of unknown
+    keys (8; `horde-testnet up`'s facilitator admits 16 per key, so loopback clients hit the
+    address share first, a refusal at the handshake: `UnreachableError`)."""
     key = horde.Key.generate()
-    clients = []
-    with pytest.raises(horde.TooManyConnectionsError):
-        for _ in range(64):
-            client = horde.Client(key, network.facilitator)
-            clients.append(client)
-            # Each client holds its own connection; a refused job id costs the network nothing.
-            client.attach("00" * 16, timeout=30)
-    assert len(clients) > 1
-    for client in clients:
-        client.close()
+    key.save(tmp_path / "hotkey.json")
+    port = free_udp_port()
+    (tmp_path / "node.toml").write_text(
+        'role = "facilitator"\nkey_file = "hotkey.json"\n'
+        f'listen = "127.0.0.1:{port}"\nmax_connections = 128\nmax_connections_per_peer = 2\n'
+        'data_dir = "data"\n')
+    horde_bin = binary("horde", "HORDE_BIN")
+    with open(tmp_path / "node.log", "wb") as log:
+        node = subprocess.Popen([horde_bin, "node", "--config", str(tmp_path / "node.toml")],
+                                cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        facilitator = f"{key.ss58}@127.0.0.1:{port}"
+        account = horde.Key.generate()
+        clients = []
+        deadline = time.monotonic() + 30
+        while True:  # the node is up once a client is answered (a refused unknown job id)
+            first = horde.Client(account, facilitator)
+            try:
+                first.attach("00" * 16, timeout=5)
+                break
+            except (horde.TimedOutError, horde.UnreachableError):
+                assert time.monotonic() < deadline, (tmp_path / "node.log").read_text()
+        clients.append(first)
+        with pytest.raises(horde.TooManyConnectionsError):
+            for _ in range(4):
+                client = horde.Client(account, facilitator)
+                clients.append(client)
+                client.attach("00" * 16, timeout=30)
+        assert len(clients) == 3, len(clients)
+    finally:
+        node.terminate()
+        node.wait(timeout=30)
 
 
 def test_ctrl_c_cancels_a_blocking_call(network, client):

@@ -16,10 +16,7 @@ use std::time::Instant;
 
 use anyhow::{Context as _, bail};
 use horde_protocol::codec::{from_bytes_exact, to_bytes};
-use horde_protocol::messages::{
-    DeclineReason, FailureReason, JobFinished, OutputLocation, RejectReason, ReportVerdict,
-    StatusUpdate,
-};
+use horde_protocol::messages::{ReportVerdict, StatusUpdate};
 use horde_protocol::{EndpointRecord, JobId, JobReceipt, JobStatus, NodeAddr, SecretKey, Signed};
 use serde::{Deserialize, Serialize};
 
