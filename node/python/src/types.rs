@@ -134,6 +134,16 @@ pub(crate) struct Endpoint {
     expires_at_ms: u64,
 }
 
+#[pymethods]
+impl Endpoint {
+    fn __repr__(&self) -> String {
+        format!(
+            "Endpoint({}, job key {}, miner {})",
+            self.address, self.job_key, self.miner
+        )
+    }
+}
+
 impl From<&VerifiedEndpoint> for Endpoint {
     fn from(endpoint: &VerifiedEndpoint) -> Self {
         Self {

@@ -633,7 +633,9 @@ fn append_receipt(
 #[cfg(test)]
 mod tests {
     use horde_protocol::Stage;
-    use horde_protocol::messages::{JobFailure, JobFinished};
+    use horde_protocol::messages::{
+        DeclineReason, FailureReason, JobFailure, JobFinished, RejectReason,
+    };
 
     use super::*;
 
