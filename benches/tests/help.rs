@@ -5,12 +5,13 @@
 
 use std::process::Command;
 
-const BENCHES: [(&str, &str); 5] = [
+const BENCHES: [(&str, &str); 6] = [
     ("oneshot-latency", env!("CARGO_BIN_EXE_oneshot-latency")),
     ("blob-throughput", env!("CARGO_BIN_EXE_blob-throughput")),
     ("blob-veth", env!("CARGO_BIN_EXE_blob-veth")),
     ("flow-latency", env!("CARGO_BIN_EXE_flow-latency")),
     ("discovery-scale", env!("CARGO_BIN_EXE_discovery-scale")),
+    ("sdk-request-rtt", env!("CARGO_BIN_EXE_sdk-request-rtt")),
 ];
 
 #[test]

@@ -18,10 +18,12 @@
 //!   [`JobConnection`] (QUIC to the job, pinned to the job key; [`JobConnection::request`]: one
 //!   HTTP request, the response's exact bytes streamed, then its verified receipt).
 //! - `client/report.rs`: cross-validation ([`compare_http`]) and [`ReportEvidence`].
+//! - `client/describe.rs`: statuses, refusals and failures in words, as the CLI prints them.
 //! - `client/blob.rs`: `horde/blob/1` put and get with retries and resume.
 //! - `client/progress.rs`: transfer progress callbacks and the stderr reporter.
 
 pub mod blob;
+pub mod describe;
 mod endpoint;
 mod job;
 pub mod progress;
@@ -31,6 +33,5 @@ pub mod spec;
 pub use crate::clock::now;
 pub use endpoint::{JobConnection, VerifiedEndpoint};
 pub use horde_transport::tunnel::{HttpResponseStream, RequestBody};
-#[cfg(feature = "cli")]
 pub use job::{Client, ClientError, DEFAULT_SPEC_LIFETIME, JobHandle, JobRequest, REATTACH_WINDOW};
 pub use report::{Comparison, ReportEvidence, byte_equal, compare_http};

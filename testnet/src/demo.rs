@@ -40,15 +40,6 @@ pub struct DemoReport {
     pub total_ms: u128,
 }
 
-fn status_name(status: &JobStatus) -> String {
-    let shown = format!("{status:?}");
-    shown
-        .split(['(', ' ', '{'])
-        .next()
-        .unwrap_or_default()
-        .to_owned()
-}
-
 /// Prints each step of the demo with the time since submission.
 struct Steps<'a, W: Write> {
     out: &'a mut W,
@@ -156,11 +147,11 @@ async fn wait_for_endpoint(
             .next_status()
             .await?
             .context("facilitator closed the stream")?;
-        statuses.push(status_name(&update.status));
+        statuses.push(horde_node::client::describe::name(&update.status));
         steps.step(format!(
             "status #{}: {}",
             update.seq,
-            status_name(&update.status)
+            horde_node::client::describe::name(&update.status)
         ));
         match update.status {
             JobStatus::EndpointReady(_) => break job.wait_for_endpoint().await?,
@@ -325,7 +316,7 @@ async fn terminate(
         job.history()
             .iter()
             .skip(statuses.len())
-            .map(|u| status_name(&u.status)),
+            .map(|u| horde_node::client::describe::name(&u.status)),
     );
     let JobStatus::Completed(result) = end else {
         anyhow::bail!("job ended: {end:?}");

@@ -8,7 +8,14 @@
 use std::path::{Path, PathBuf};
 
 /// The crates of the workspace, relative to its root.
-const CRATES: &[&str] = &["protocol", "transport", "node", "testnet", "benches"];
+const CRATES: &[&str] = &[
+    "protocol",
+    "transport",
+    "node",
+    "node/python",
+    "testnet",
+    "benches",
+];
 
 /// A source file may hold this many lines before its tests.
 const MAX_FILE_LINES: usize = 1_000;

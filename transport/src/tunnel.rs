@@ -70,7 +70,7 @@ pub use client::{JobTunnel, TunnelReader, TunnelStream, TunnelWriter};
 pub use forward::forward_tcp;
 pub use request::{
     HttpResponse, HttpResponseStream, MAX_RESPONSE_HEAD, RequestBody, http_request,
-    http_request_streaming,
+    http_request_streaming, http_request_streaming_with_headers,
 };
 pub use server::{
     JobConnector, JobEndpointHandle, TunnelContext, TunnelStats, serve_job_endpoint,

@@ -6,6 +6,7 @@ use crate::client::ClientError;
 use horde_protocol::{EndpointRecord, Hotkey, JobId, SecretKey, Signed, UnixMillis};
 use horde_transport::tunnel::{
     HttpResponseStream, JobTunnel, RequestBody, TunnelError, http_request_streaming,
+    http_request_streaming_with_headers,
 };
 use horde_transport::{ALPN_JOB, ClientPolicy, EndpointConfig, HordeEndpoint, close_promptly};
 use tokio::io::AsyncRead;
@@ -94,6 +95,18 @@ impl JobConnection {
         body: RequestBody<'_, R>,
     ) -> Result<HttpResponseStream, TunnelError> {
         http_request_streaming(&self.tunnel, method, path, body).await
+    }
+
+    /// [`request`](Self::request) with the caller's `headers` added (see
+    /// [`http_request_streaming_with_headers`] for the ones refused).
+    pub async fn request_with_headers<R: AsyncRead + Unpin>(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(String, String)],
+        body: RequestBody<'_, R>,
+    ) -> Result<HttpResponseStream, TunnelError> {
+        http_request_streaming_with_headers(&self.tunnel, method, path, headers, body).await
     }
 
     /// Dials the verified endpoint with `client_key` as identity.

@@ -232,6 +232,14 @@ fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, SpecError
     })
 }
 
+/// Parses TOML text; errors name it as `label`.
+fn parse_toml<T: serde::de::DeserializeOwned>(text: &str, label: &str) -> Result<T, SpecError> {
+    toml::from_str(text).map_err(|source| SpecError::Parse {
+        path: PathBuf::from(label),
+        source,
+    })
+}
+
 impl JobRequest {
     /// Reads a job spec file (TOML; see the module docs).
     pub fn from_file(path: &Path) -> Result<Self, SpecError> {
@@ -240,11 +248,7 @@ impl JobRequest {
 
     /// Parses a job spec from TOML text.
     pub fn from_toml(text: &str) -> Result<Self, SpecError> {
-        let file = toml::from_str(text).map_err(|source| SpecError::Parse {
-            path: PathBuf::from("<text>"),
-            source,
-        })?;
-        Self::from_spec_file(file)
+        Self::from_spec_file(parse_toml(text, "<text>")?)
     }
 
     fn from_spec_file(file: SpecFile) -> Result<Self, SpecError> {
@@ -316,7 +320,15 @@ impl JobRequest {
 impl VolumeListFile {
     /// Reads a volume-list file (`volume_msg_id`, `[[fetch]]`, `[[upload]]`).
     pub fn from_file(path: &Path) -> Result<Self, SpecError> {
-        let file: VolumesFile = read_toml(path)?;
+        Self::from_volumes_file(read_toml(path)?)
+    }
+
+    /// Parses a volume list from TOML text.
+    pub fn from_toml(text: &str) -> Result<Self, SpecError> {
+        Self::from_volumes_file(parse_toml(text, "<volume list>")?)
+    }
+
+    fn from_volumes_file(file: VolumesFile) -> Result<Self, SpecError> {
         Ok(Self {
             volume_msg_id: file.volume_msg_id,
             fetch: file

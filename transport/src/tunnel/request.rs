@@ -126,18 +126,61 @@ pub async fn http_request_streaming<R: AsyncRead + Unpin>(
     path: &str,
     body: RequestBody<'_, R>,
 ) -> Result<HttpResponseStream, TunnelError> {
+    http_request_streaming_with_headers(tunnel, method, path, &[], body).await
+}
+
+/// Headers the request framing sets itself: a caller's would contradict it.
+const FRAMING_HEADERS: [&str; 3] = ["content-length", "transfer-encoding", "connection"];
+
+/// [`http_request_streaming`] with the caller's `headers` added. A `Host` or `User-Agent` among
+/// them replaces the default one; `Content-Length`, `Transfer-Encoding` and `Connection` are
+/// refused (the body's length and the connection's end are set by the request), and so are names
+/// that are not HTTP tokens and values holding CR, LF or NUL.
+pub async fn http_request_streaming_with_headers<R: AsyncRead + Unpin>(
+    tunnel: &JobTunnel,
+    method: &str,
+    path: &str,
+    headers: &[(String, String)],
+    body: RequestBody<'_, R>,
+) -> Result<HttpResponseStream, TunnelError> {
     let token_ok = |text: &str| !text.is_empty() && !text.bytes().any(|b| b <= b' ' || b == 0x7f);
     if !token_ok(method) || !token_ok(path) {
         return Err(TunnelError::Http(
             "method and path must be non-empty with no spaces or control characters".to_owned(),
         ));
     }
+    let mut extra = String::new();
+    for (name, value) in headers {
+        let name_ok = token_ok(name) && !name.bytes().any(|b| b":\"(),/;<=>?@[\\]{}".contains(&b));
+        if !name_ok || value.bytes().any(|b| matches!(b, b'\r' | b'\n' | 0)) {
+            return Err(TunnelError::Http(format!(
+                "header {name:?}: not a valid header"
+            )));
+        }
+        if FRAMING_HEADERS.iter().any(|f| name.eq_ignore_ascii_case(f)) {
+            return Err(TunnelError::Http(format!(
+                "header {name}: set by the request itself, not by the caller"
+            )));
+        }
+        extra.push_str(&format!("{name}: {value}\r\n"));
+    }
+    let given = |wanted: &str| headers.iter().any(|(n, _)| n.eq_ignore_ascii_case(wanted));
+    let host = if given("host") {
+        ""
+    } else {
+        "Host: horde-job\r\n"
+    };
+    let agent = if given("user-agent") {
+        ""
+    } else {
+        "User-Agent: horde\r\n"
+    };
     let len = match &body {
         RequestBody::Bytes(bytes) => bytes.len() as u64,
         RequestBody::Reader { len, .. } => *len,
     };
     let mut request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: horde-job\r\nUser-Agent: horde\r\nConnection: close\r\n\
+        "{method} {path} HTTP/1.1\r\n{host}{agent}{extra}Connection: close\r\n\
          Content-Length: {len}\r\n\r\n",
     )
     .into_bytes();
