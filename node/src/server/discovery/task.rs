@@ -506,7 +506,7 @@ impl SwarmTask {
             // Spread by hotkey over PULL_SPREAD_MS.
             let spread = self.own.key.hotkey().as_bytes()[..2]
                 .iter()
-                .fold(0u64, |acc, b| acc << 8 | u64::from(*b))
+                .fold(0u64, |acc, b| (acc << 8) | u64::from(*b))
                 % PULL_SPREAD_MS;
             self.pull_at = Some(Instant::now() + PULL_FIRST + Duration::from_millis(spread));
         }
