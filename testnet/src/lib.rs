@@ -36,6 +36,8 @@ use horde_protocol::{ExecutorClass, Hotkey, NodeAddr, NodeRecord, Role, SecretKe
 
 /// How long a node has to log its start.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often [`Testnet::wait_converged`] asks the observers that still lack records.
+const CONVERGE_POLL: Duration = Duration::from_millis(100);
 
 /// The shape of the network to start.
 #[derive(Debug, Clone)]
@@ -569,58 +571,94 @@ impl Testnet {
 
     /// Waits until the facilitator knows every running node and every validator knows every
     /// running miner.
+    ///
+    /// Each round asks only the observers still lacking a record (a directory fetch costs the
+    /// observer and this process a QUIC handshake and a signature check per record: asking all
+    /// of a 256-node network every round would take a core from the network it measures); once
+    /// each was complete, one more round asks them all, and only a round that finds nobody
+    /// lacking anything ends the wait.
     pub fn wait_converged(&self, timeout: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
+        let mut complete = std::collections::HashSet::new();
         loop {
-            match self.missing_records() {
-                Ok(missing) if missing.is_empty() => return Ok(()),
-                Ok(missing) if Instant::now() > deadline => {
-                    bail!(
-                        "discovery did not converge within {timeout:?}: {}",
-                        missing.join("; ")
-                    );
+            let confirming = complete.len() == self.observers().count();
+            if confirming {
+                complete.clear();
+            }
+            let missing = self.missing_records(&mut complete);
+            if missing.is_empty() {
+                if confirming {
+                    return Ok(());
                 }
-                Err(error) if Instant::now() > deadline => {
-                    bail!("discovery did not converge within {timeout:?}: {error:#}");
-                }
-                _ => std::thread::sleep(Duration::from_millis(50)),
+            } else if Instant::now() > deadline {
+                // At 256 nodes the lists of names are long: their start is enough.
+                let summary: Vec<String> = missing
+                    .iter()
+                    .map(|m| m.chars().take(300).collect())
+                    .collect();
+                bail!(
+                    "discovery did not converge within {timeout:?}: {}",
+                    summary.join("; ")
+                );
+            } else {
+                std::thread::sleep(CONVERGE_POLL);
             }
         }
     }
 
-    /// What each observer still lacks, as `observer: names`.
-    fn missing_records(&self) -> anyhow::Result<Vec<String>> {
-        let running = |role: Option<Role>| {
-            self.nodes
-                .iter()
-                .filter(move |n| n.child.is_some() && role.is_none_or(|r| n.role == r))
-        };
+    fn running(&self, role: Option<Role>) -> impl Iterator<Item = &NodeProcess> {
+        self.nodes
+            .iter()
+            .filter(move |n| n.child.is_some() && role.is_none_or(|r| n.role == r))
+    }
+
+    /// The running nodes whose directories convergence is judged by.
+    fn observers(&self) -> impl Iterator<Item = &NodeProcess> {
+        self.running(None)
+            .filter(|n| matches!(n.role, Role::Facilitator | Role::Validator))
+    }
+
+    /// What each observer not yet in `complete` still lacks, as `observer: names`; observers
+    /// found lacking nothing are added to `complete`.
+    fn missing_records(&self, complete: &mut std::collections::HashSet<String>) -> Vec<String> {
         let mut missing = Vec::new();
-        for observer in
-            running(None).filter(|n| matches!(n.role, Role::Facilitator | Role::Validator))
-        {
-            let known: Vec<Hotkey> = self
-                .known_by(&observer.name)?
-                .into_iter()
-                .map(|r| r.hotkey)
-                .collect();
+        for observer in self.observers() {
+            if complete.contains(&observer.name) {
+                continue;
+            }
+            // An observer too busy to answer now is asked again next round; the others are
+            // still asked (what they lack is in the report).
+            let known: Vec<Hotkey> = match self.known_by(&observer.name) {
+                Ok(records) => records.into_iter().map(|r| r.hotkey).collect(),
+                Err(error) => {
+                    missing.push(format!("{}: {error:#}", observer.name));
+                    continue;
+                }
+            };
             let wanted = if observer.role == Role::Facilitator {
-                running(None)
+                self.running(None)
                     .filter(|n| n.name != observer.name)
                     .collect::<Vec<_>>()
             } else {
-                running(Some(Role::Miner)).collect()
+                self.running(Some(Role::Miner)).collect()
             };
             let lacking: Vec<&str> = wanted
                 .iter()
                 .filter(|n| !known.contains(&n.hotkey))
                 .map(|n| n.name.as_str())
                 .collect();
-            if !lacking.is_empty() {
-                missing.push(format!("{} lacks {}", observer.name, lacking.join(", ")));
+            if lacking.is_empty() {
+                complete.insert(observer.name.clone());
+            } else {
+                missing.push(format!(
+                    "{} lacks {} nodes: {}",
+                    observer.name,
+                    lacking.len(),
+                    lacking.join(", ")
+                ));
             }
         }
-        Ok(missing)
+        missing
     }
 
     /// Resident memory of a node's process (KiB), from `/proc/PID/status`.

@@ -5,6 +5,10 @@
 //! - convergence: time from spawning the nodes until the facilitator knows every node and every
 //!   validator knows every miner (and the part of it after the last node logged its start);
 //! - a job through the converged network (submit → verified endpoint), to show it is usable;
+//! - capacity-change latency: `--jobs` concurrent jobs take and free miners' executors; each
+//!   change is coalesced on its miner (change → signed record, from the miners' logs) and travels
+//!   to the facilitator (signed → kept, from its log; a record's `seq` is its signing time in ms,
+//!   one clock on one machine); p50/p99 of both and of record updates in general;
 //! - over an idle window: resident memory and CPU of every node, per role, the whole network's
 //!   CPU, and the gossip counters the nodes log (records published per second network-wide,
 //!   messages received / accepted / ignored / rejected, whole-directory fetches).
@@ -34,6 +38,10 @@ struct Args {
     /// are re-signed every 48 s, so a window shorter than that sees few of them).
     #[arg(long, default_value_t = 60)]
     idle_secs: u64,
+    /// Concurrent jobs run for the capacity-change latency (each changes a miner's capacity
+    /// twice: taken, freed).
+    #[arg(long, default_value_t = 8)]
+    jobs: usize,
     /// Where the JSON results go.
     #[arg(long, default_value = "target/discovery-scale.json")]
     json: String,
@@ -44,7 +52,7 @@ const MAX_NODES: usize = 256;
 /// Clock ticks per second of `/proc/PID/stat` CPU times (`getconf CLK_TCK`, 100 on Linux).
 const CLK_TCK: f64 = 100.0;
 /// How many gossip counters a node logs (see `GOSSIP_FIELDS`).
-const FIELDS: usize = 7;
+const FIELDS: usize = 8;
 /// The counters of a node's `gossip counters` log line, in order.
 const GOSSIP_FIELDS: [&str; FIELDS] = [
     "received",
@@ -54,6 +62,7 @@ const GOSSIP_FIELDS: [&str; FIELDS] = [
     "published",
     "fetches_sent",
     "fetches_served",
+    "received_bytes",
 ];
 
 /// min / median / max of one figure over the nodes of a role.
@@ -178,6 +187,120 @@ fn network_counters(testnet: &Testnet) -> [u64; FIELDS] {
     total
 }
 
+/// The values of `field=` in the lines of `log` that contain `message`.
+fn log_values(log: &str, message: &str, field: &str) -> Vec<f64> {
+    log.lines()
+        .filter(|l| l.contains(message))
+        .filter_map(|l| field_value(l, field))
+        .collect()
+}
+
+/// The number after `field=` in a log line.
+fn field_value(line: &str, field: &str) -> Option<f64> {
+    let key = format!("{field}=");
+    line.split_whitespace()
+        .find_map(|word| word.strip_prefix(&key))
+        .and_then(|v| v.trim_end_matches(',').parse().ok())
+}
+
+/// The `q` quantile (0..=1) of sorted `values`.
+fn quantile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let at = ((sorted.len() - 1) as f64 * q).round() as usize;
+    sorted[at.min(sorted.len() - 1)]
+}
+
+/// `n`, p50, p99, max of `values` (sorted here).
+fn latency_summary(mut values: Vec<f64>) -> (usize, f64, f64, f64) {
+    values.sort_by(f64::total_cmp);
+    (
+        values.len(),
+        quantile(&values, 0.5),
+        quantile(&values, 0.99),
+        values.last().copied().unwrap_or(f64::NAN),
+    )
+}
+
+/// Every node's log length now (the job phase is read from there on).
+fn log_marks(testnet: &Testnet) -> std::collections::HashMap<String, usize> {
+    testnet
+        .nodes()
+        .iter()
+        .map(|n| (n.name.clone(), testnet.log(&n.name).len()))
+        .collect()
+}
+
+/// What a node logged after `marks` were taken.
+fn log_since(
+    testnet: &Testnet,
+    marks: &std::collections::HashMap<String, usize>,
+    name: &str,
+) -> String {
+    let log = testnet.log(name);
+    let from = marks.get(name).copied().unwrap_or(0).min(log.len());
+    log.get(from..).unwrap_or_default().to_owned()
+}
+
+/// The load average (1, 5, 15 min) of the machine.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+/// Capacity-change latency over the job phase (logs from `marks` on), printed and as JSON.
+fn capacity_latency(
+    testnet: &Testnet,
+    marks: &std::collections::HashMap<String, usize>,
+    jobs: usize,
+) -> anyhow::Result<serde_json::Value> {
+    let mut coalesced = Vec::new();
+    let mut change_seqs = Vec::new();
+    for node in testnet.nodes().iter().filter(|n| n.role == Role::Miner) {
+        let log = log_since(testnet, marks, &node.name);
+        coalesced.extend(log_values(&log, "capacity published", "coalesced_ms"));
+        change_seqs.extend(log_values(&log, "capacity published", "seq"));
+    }
+    let facilitator = testnet
+        .nodes()
+        .iter()
+        .find(|n| n.role == Role::Facilitator)
+        .map(|n| n.name.clone())
+        .context("no facilitator")?;
+    // Records the facilitator kept during the job phase: (seq, age).
+    let kept: Vec<(f64, f64)> = log_since(testnet, marks, &facilitator)
+        .lines()
+        .filter(|l| l.contains("record kept"))
+        .filter_map(|l| Some((field_value(l, "seq")?, field_value(l, "age_ms")?)))
+        .collect();
+    let change_ages: Vec<f64> = kept
+        .iter()
+        .filter(|(seq, _)| change_seqs.contains(seq))
+        .map(|(_, age)| *age)
+        .collect();
+    let all_ages: Vec<f64> = kept.iter().map(|(_, age)| *age).collect();
+    let summary = |name: &str, values: Vec<f64>| {
+        let (n, p50, p99, max) = latency_summary(values);
+        println!("  {name}: n={n}, p50 {p50:.0} ms, p99 {p99:.0} ms, max {max:.0} ms");
+        serde_json::json!({"n": n, "p50_ms": p50, "p99_ms": p99, "max_ms": max})
+    };
+    println!(
+        "== capacity-change latency ({jobs} concurrent jobs, each taking and freeing an executor)"
+    );
+    let json = serde_json::json!({
+        "coalesce": summary("change -> signed record, on the miner (coalescing)", coalesced),
+        "to_facilitator": summary("capacity record signed -> kept by the facilitator", change_ages),
+        "any_update_to_facilitator": summary("any record update signed -> kept by the facilitator", all_ages),
+    });
+    println!(
+        "  (change -> facilitator is the sum of the first two; coalescing waits at most {} ms by design)",
+        horde_node::server::discovery::CAPACITY_COALESCE.as_millis()
+    );
+    Ok(json)
+}
+
 fn main() -> anyhow::Result<()> {
     let args = <Args as clap::Parser>::parse();
     anyhow::ensure!(
@@ -197,7 +320,11 @@ fn main() -> anyhow::Result<()> {
         prewarm: 0,
         storage: 0,
         // The nodes' gossip counters are logged at debug, every 5 s.
-        log_filter: "warn,horde_node::server::discovery::stats=debug".to_owned(),
+        // The latency lines too (capacity changes, records kept).
+        log_filter: format!(
+            "warn,horde_node::server::discovery::stats=debug,{}=debug",
+            horde_node::server::discovery::LATENCY_TARGET
+        ),
         converge_timeout: Duration::from_secs(120),
         ..TestnetConfig::default()
     })?;
@@ -221,20 +348,38 @@ fn main() -> anyhow::Result<()> {
         "  harness total (build check, keys, configs, spawn, converge): {:.0} ms",
         total.as_secs_f64() * 1e3
     );
+    println!("  load average at convergence: {}", load_average());
     let request = JobRequest::command("cpu", program.to_str().context("utf-8 path")?);
+    let marks = log_marks(&testnet);
+    let jobs = args.jobs.clamp(1, args.miners.max(1));
     let job_ms = runtime.block_on(async {
         let client = Client::new(SecretKey::generate(), testnet.facilitator())?;
-        let submitted = Instant::now();
-        let mut job = client.submit(&request).await?;
-        job.wait_for_endpoint().await?;
-        let ms = submitted.elapsed().as_secs_f64() * 1e3;
-        job.terminate().await?;
-        job.wait_for_end().await?;
-        anyhow::Ok(ms)
+        let mut runs = tokio::task::JoinSet::new();
+        for _ in 0..jobs {
+            let (client, request) = (client.clone(), request.clone());
+            runs.spawn(async move {
+                let submitted = Instant::now();
+                let mut job = client.submit(&request).await?;
+                job.wait_for_endpoint().await?;
+                let ms = submitted.elapsed().as_secs_f64() * 1e3;
+                job.terminate().await?;
+                job.wait_for_end().await?;
+                anyhow::Ok(ms)
+            });
+        }
+        let mut all = Vec::new();
+        while let Some(ms) = runs.join_next().await {
+            all.push(ms??);
+        }
+        anyhow::Ok(all)
     })?;
+    // The freed executors' records are on their way.
+    std::thread::sleep(Duration::from_secs(2));
+    let (_, job_p50, _, job_max) = latency_summary(job_ms.clone());
     println!(
-        "  a job through the converged network: endpoint verified in {job_ms:.0} ms (executor spawned on demand)"
+        "  {jobs} concurrent jobs through the converged network: endpoint verified in {job_p50:.0} ms median, {job_max:.0} ms max (executors spawned on demand)"
     );
+    let latency = capacity_latency(&testnet, &marks, jobs)?;
     // The idle window: CPU and counters at both ends (counters are logged every 5 s, so both
     // ends are read just after a fresh line).
     let pids = node_pids(&testnet);
@@ -290,6 +435,11 @@ fn main() -> anyhow::Result<()> {
         "  whole-directory fetches: {:.0} sent, {:.0} served; network idle CPU {network_cpu:.1}% of one core",
         delta[5], delta[6]
     );
+    let bytes_per_node = per_sec(7) / nodes as f64;
+    println!(
+        "  record bytes received per node: {bytes_per_node:.0} B/s (gossip payloads; control frames and QUIC overhead not counted); load average {}",
+        load_average()
+    );
     println!(
         "  totals since start: {}",
         GOSSIP_FIELDS
@@ -314,6 +464,9 @@ fn main() -> anyhow::Result<()> {
         "converged_ms": converged.as_secs_f64() * 1e3,
         "all_started_ms": testnet.started_in().as_secs_f64() * 1e3,
         "job_endpoint_ms": job_ms,
+        "capacity_latency": latency,
+        "record_bytes_per_node_per_sec": bytes_per_node,
+        "load_average_end": load_average(),
         "idle_secs": secs,
         "rss_mib": spread_json(&memory),
         "cpu_pct": spread_json(&cpu),

@@ -45,7 +45,7 @@ pub use gossip::{
     MAX_RECORD_BYTES, behaviour as gossip_behaviour, encode as gossip_encode, message_id,
     score_thresholds, topic as gossip_topic,
 };
-pub use task::{CAPACITY_COALESCE, DIRECTORY_FILE, refresh_interval};
+pub use task::{CAPACITY_COALESCE, DIRECTORY_FILE, LATENCY_TARGET, refresh_interval};
 
 pub use directory::{
     Directory, MAX_DIRECTORY_RECORDS, MAX_RECORD_ADDRS, MAX_RECORD_CLASSES, MAX_RECORD_LIFETIME_MS,
@@ -73,6 +73,8 @@ pub const DEFAULT_RECORD_TTL: Duration = Duration::from_secs(120);
 /// Shortest record lifetime a config may set.
 pub const MIN_RECORD_TTL: Duration = Duration::from_secs(2);
 
+/// How long a connection outside the gossip mesh stays open without traffic.
+const IDLE_CONNECTION: Duration = Duration::from_secs(30);
 /// How long one record exchange may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long start-up waits for the listener.
@@ -294,7 +296,7 @@ impl Discovery {
         config: &DiscoveryConfig,
         cancel: CancellationToken,
     ) -> Result<Self, DiscoveryError> {
-        let mut swarm = build_swarm(key, config.record_ttl)?;
+        let mut swarm = build_swarm(key)?;
         let listen_addr = quic_multiaddr(config.listen);
         swarm
             .listen_on(listen_addr)
@@ -403,7 +405,7 @@ pub async fn exchange(
     sync: RecordSync,
     timeout: Duration,
 ) -> Result<RecordSync, DiscoveryError> {
-    let mut swarm = build_swarm(key, DEFAULT_RECORD_TTL)?;
+    let mut swarm = build_swarm(key)?;
     let request = swarm.behaviour_mut().records.send_request_with_addresses(
         &peer.peer,
         sync,
@@ -474,7 +476,7 @@ struct Behaviour {
 }
 
 /// A libp2p swarm with horde's identity, QUIC transport and behaviours.
-fn build_swarm(key: &SecretKey, record_ttl: Duration) -> Result<Swarm<Behaviour>, DiscoveryError> {
+fn build_swarm(key: &SecretKey) -> Result<Swarm<Behaviour>, DiscoveryError> {
     let mut seed = key.seed();
     let keypair = libp2p::identity::Keypair::ed25519_from_bytes(&mut seed[..])
         .map_err(|e| DiscoveryError::Swarm(e.to_string()))?;
@@ -508,9 +510,11 @@ fn build_swarm(key: &SecretKey, record_ttl: Duration) -> Result<Swarm<Behaviour>
             })
         })
         .map_err(|e| DiscoveryError::Swarm(e.to_string()))?
-        // Mesh connections stay open (gossipsub keeps them alive); others close after a record
-        // lifetime without traffic.
-        .with_swarm_config(|c| c.with_idle_connection_timeout(record_ttl + REQUEST_TIMEOUT))
+        // Mesh connections stay open (gossipsub keeps them alive), and so do those to bootstrap
+        // peers (redialed); the others a Kademlia walk opened close after IDLE_CONNECTION
+        // without traffic: each open connection costs memory (queues, QUIC state) and CPU
+        // (keep-alives), and at 256 nodes walks would otherwise connect most nodes to most.
+        .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_CONNECTION))
         .build();
     Ok(swarm)
 }

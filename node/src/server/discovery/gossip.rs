@@ -29,6 +29,8 @@ pub const MAX_RECORD_BYTES: usize = 8 * 1024;
 /// Largest gossipsub frame: a few records plus control messages (IHAVE lists of up to
 /// [`MAX_IHAVE_LENGTH`] ids of 32 bytes).
 const MAX_TRANSMIT_SIZE: usize = 64 * 1024;
+/// Per-peer gossipsub send queue (half of it for forwarded records).
+const QUEUE_LEN: usize = 256;
 /// Most message ids one IHAVE may list: a whole 256-node network's records several times over.
 const MAX_IHAVE_LENGTH: usize = 1024;
 
@@ -143,10 +145,16 @@ pub fn behaviour(keypair: &Keypair) -> Result<gossipsub::Behaviour, String> {
         // Own records go to every subscribed peer (not only the mesh): a joining node's record
         // spreads before its mesh has formed.
         .flood_publish(true)
-        // Per-peer send queue of 256 RPCs (half for forwarded records, preallocated): libp2p's
-        // 5000 preallocate ~650 KiB per connection, 40 MiB on a node with 64 peers. A record
-        // dropped for a peer this far behind reaches it by IHAVE or the next refresh.
-        .connection_handler_queue_len(256)
+        // Per-peer send queue of 256 RPCs (half for forwarded records; preallocated, ~100 bytes
+        // a slot): libp2p's 5000 preallocate ~650 KiB per connection, 40 MiB on a node with 64
+        // peers. At 256 nodes the facilitator's 128 forward slots fill while the network starts;
+        // what is dropped then reaches its peers by IHAVE or by the pull sync (task.rs), which
+        // costs less than a queue for the whole network on each of the hub's 255 connections.
+        .connection_handler_queue_len(QUEUE_LEN)
+        // A forwarded record may wait 10 s for its connection (libp2p: 1 s): on a machine busy
+        // starting hundreds of nodes a late copy still saves a pull; a record lives 120 s.
+        .forward_queue_duration(Duration::from_secs(10))
+        .publish_queue_duration(Duration::from_secs(10))
         // Ask mesh peers not to send a copy already received, even for records this small.
         .idontwant_message_size_threshold(0)
         .build()

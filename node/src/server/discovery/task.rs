@@ -27,8 +27,17 @@ use super::{
 use crate::clock::now;
 
 /// How often a node runs a Kademlia bootstrap (a walk toward its own id and random ids) to find
-/// peers beyond the ones it knows.
-const WALK_INTERVAL: Duration = Duration::from_secs(30);
+/// peers beyond the ones it knows (also once at its first connection). Each walk opens
+/// connections to some 20 peers that close again when idle; every 5 minutes, Kademlia's own
+/// default, keeps that churn small at 256 nodes (a mesh needs only a handful of peers).
+const WALK_INTERVAL: Duration = Duration::from_secs(300);
+/// Connections a node keeps before it closes the ones it dialed itself that are neither in its
+/// gossip mesh nor to a bootstrap peer (checked every [`REDIAL_INTERVAL`]). gossipsub keeps a
+/// connection open for as long as it lasts, so without this each Kademlia walk would add ~20
+/// connections for good: at 256 nodes most nodes ended up connected to most, with a send queue
+/// and QUIC keep-alives for each. Inbound connections are never closed here (a peer that dialed
+/// us may use us as its bootstrap peer and would dial again).
+const MAX_CONNECTED: usize = 24;
 /// How often bootstrap peers that are not connected are dialed again.
 const REDIAL_INTERVAL: Duration = Duration::from_secs(2);
 /// How often expired records are swept.
@@ -51,6 +60,22 @@ const STATS_INTERVAL: Duration = Duration::from_secs(5);
 /// meshes of a network starting together have formed, and a first copy that reached only
 /// half-formed meshes is made good (one extra record per node, once).
 const SETTLE_DELAY: Duration = Duration::from_secs(4);
+/// How long after its join fetch a node pulls the whole directory again (plus up to
+/// [`PULL_SPREAD_MS`], by hotkey, so a network starting together does not pull at once): the
+/// join fetch holds only the nodes that joined before it, and gossip copies of the rest may have
+/// been dropped on a machine busy starting them. Records not newer than the held ones cost a
+/// decode, no signature check.
+const PULL_FIRST: Duration = Duration::from_secs(3);
+const PULL_SPREAD_MS: u64 = 2000;
+/// A pull that brought nodes this node did not know is repeated after [`PULL_WAIT`], at most
+/// [`MAX_PULLS`] times after one join; one that brought none ends the pulls (gossip alone from
+/// then on). While a network starts, each pull costs its node the decode of one directory.
+const PULL_WAIT: Duration = Duration::from_secs(3);
+const MAX_PULLS: u32 = 20;
+/// The log target of the record-latency lines (level debug): "capacity published" (a miner's
+/// wait from a capacity change to signing it) and "record kept" (how long after signing a record
+/// was kept; a record's `seq` is its signing time in ms).
+pub const LATENCY_TARGET: &str = "horde_node::server::discovery::latency";
 /// The file, in the node's state directory, that holds the directory between runs.
 pub const DIRECTORY_FILE: &str = "discovery-directory.bin";
 
@@ -119,6 +144,9 @@ struct Stats {
     published: u64,
     fetches_sent: u64,
     fetches_served: u64,
+    /// Bytes of the record messages received on gossip (payloads; control frames and
+    /// transport overhead not counted).
+    received_bytes: u64,
 }
 
 pub(super) struct SwarmTask {
@@ -133,6 +161,8 @@ pub(super) struct SwarmTask {
     pub(super) queries: mpsc::Receiver<Query>,
     /// Where the directory is kept between runs.
     pub(super) state_dir: Option<PathBuf>,
+    /// Peers this node dialed (a connection it opened is open to them).
+    dialed: std::collections::HashSet<PeerId>,
     /// Bootstrap peers the whole directory was fetched from already.
     joined: Vec<PeerId>,
     /// Nodes of the kept directory dialed at start, to fetch a fresh copy from once.
@@ -141,9 +171,17 @@ pub(super) struct SwarmTask {
     /// [`CAPACITY_COALESCE`] to pass.
     published_at: Option<Instant>,
     capacity_pending: bool,
+    /// When the first capacity change not yet published happened.
+    capacity_changed_at: Option<Instant>,
     /// Whether the own record reached a subscribed peer yet, and when it is announced again.
     announced: bool,
     settle: Option<Instant>,
+    /// When the next pull sync is due, the wait before it, the request in flight and whose turn
+    /// it is among the bootstrap peers.
+    pull_at: Option<Instant>,
+    pulls: u32,
+    pull_request: Option<request_response::OutboundRequestId>,
+    pull_turn: usize,
     /// The directory's change count, size and time at the last write.
     saved: (u64, usize, Instant),
     stats: Stats,
@@ -169,12 +207,18 @@ impl SwarmTask {
             bootstrap,
             queries,
             state_dir,
+            dialed: std::collections::HashSet::new(),
             joined: Vec::new(),
             refetch: Vec::new(),
             published_at: None,
             capacity_pending: false,
+            capacity_changed_at: None,
             announced: false,
             settle: None,
+            pull_at: None,
+            pulls: 0,
+            pull_request: None,
+            pull_turn: 0,
             saved: (0, 0, Instant::now()),
             stats: Stats::default(),
             logged: Stats::default(),
@@ -215,8 +259,15 @@ impl SwarmTask {
                     None => std::future::pending().await,
                 }
             };
+            let pull = async {
+                match self.pull_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 () = cancel.cancelled() => break,
+                () = pull => self.pull(),
                 () = settle => {
                     self.settle = None;
                     self.own.refresh();
@@ -234,12 +285,16 @@ impl SwarmTask {
                     }
                 }
                 _ = walk.tick() => self.walk(),
-                _ = redial.tick() => self.redial(),
+                _ = redial.tick() => {
+                    self.redial();
+                    self.trim();
+                }
                 _ = save.tick() => self.save(false),
                 _ = stats.tick() => self.log_stats(),
                 changed = capacity_changed => {
                     if changed {
                         self.capacity_pending = true;
+                        self.capacity_changed_at.get_or_insert_with(Instant::now);
                     } else {
                         // The sender is gone: the role stopped; keep serving what we know.
                         self.capacity = None;
@@ -251,6 +306,14 @@ impl SwarmTask {
                         self.own.capacity = rx.borrow_and_update().clone();
                     }
                     self.own.refresh();
+                    if let Some(at) = self.capacity_changed_at.take() {
+                        debug!(
+                            target: LATENCY_TARGET,
+                            coalesced_ms = u64::try_from(at.elapsed().as_millis()).unwrap_or(u64::MAX),
+                            seq = self.own.seq,
+                            "capacity published"
+                        );
+                    }
                     self.publish_own();
                 }
             }
@@ -277,7 +340,7 @@ impl SwarmTask {
             target: "horde_node::server::discovery::stats",
             received = s.received, accepted = s.accepted, ignored = s.ignored,
             rejected = s.rejected, published = s.published, fetches_sent = s.fetches_sent,
-            fetches_served = s.fetches_served, records = self.directory.len(),
+            fetches_served = s.fetches_served, received_bytes = s.received_bytes, records = self.directory.len(),
             "gossip counters"
         );
     }
@@ -362,6 +425,34 @@ impl SwarmTask {
         }
     }
 
+    /// Closes connections this node dialed that are outside its gossip mesh and not to a
+    /// bootstrap peer, while it has more than [`MAX_CONNECTED`].
+    fn trim(&mut self) {
+        let connected = self.swarm.connected_peers().count();
+        if connected <= MAX_CONNECTED {
+            return;
+        }
+        let mesh: std::collections::HashSet<PeerId> = self
+            .swarm
+            .behaviour()
+            .gossip
+            .all_mesh_peers()
+            .copied()
+            .collect();
+        let closable: Vec<PeerId> = self
+            .dialed
+            .iter()
+            .filter(|p| !mesh.contains(*p) && !self.bootstrap.iter().any(|b| b.peer == **p))
+            .copied()
+            .take(connected - MAX_CONNECTED)
+            .collect();
+        for peer in closable {
+            self.dialed.remove(&peer);
+            // Not connected any more: nothing to close.
+            let _ = self.swarm.disconnect_peer_id(peer);
+        }
+    }
+
     fn walk(&mut self) {
         if let Err(error) = self.swarm.behaviour_mut().kad.bootstrap() {
             debug!(%error, "no peers to walk from yet");
@@ -393,7 +484,7 @@ impl SwarmTask {
     }
 
     /// Sends our own record to `peer`, asking for every record it holds when `want_all`.
-    fn send_own(&mut self, peer: PeerId, want_all: bool) {
+    fn send_own(&mut self, peer: PeerId, want_all: bool) -> request_response::OutboundRequestId {
         if want_all {
             self.stats.fetches_sent += 1;
         }
@@ -405,7 +496,55 @@ impl SwarmTask {
                 relayed: Vec::new(),
                 want_all,
             },
-        );
+        )
+    }
+
+    /// Starts the pull syncs of a join (unless they run already).
+    fn start_pulls(&mut self) {
+        if self.pull_at.is_none() && self.pull_request.is_none() {
+            self.pulls = 0;
+            // Spread by hotkey over PULL_SPREAD_MS.
+            let spread = self.own.key.hotkey().as_bytes()[..2]
+                .iter()
+                .fold(0u64, |acc, b| (acc << 8) | u64::from(*b))
+                % PULL_SPREAD_MS;
+            self.pull_at = Some(Instant::now() + PULL_FIRST + Duration::from_millis(spread));
+        }
+    }
+
+    /// Pull sync: asks a bootstrap peer (in turn; any connected peer when none is connected)
+    /// for its whole directory.
+    fn pull(&mut self) {
+        self.pull_at = None;
+        let connected: Vec<PeerId> = self
+            .bootstrap
+            .iter()
+            .map(|b| b.peer)
+            .filter(|p| self.swarm.is_connected(p))
+            .collect();
+        let peer = if connected.is_empty() {
+            self.swarm
+                .connected_peers()
+                .nth(self.pull_turn)
+                .copied()
+                .or_else(|| self.swarm.connected_peers().next().copied())
+        } else {
+            Some(connected[self.pull_turn % connected.len()])
+        };
+        self.pull_turn = self.pull_turn.wrapping_add(1);
+        match peer {
+            Some(peer) => self.pull_request = Some(self.send_own(peer, true)),
+            // Nobody to ask now; again after the wait.
+            None => self.pull_again(),
+        }
+    }
+
+    /// Schedules the next pull, unless this join had its share.
+    fn pull_again(&mut self) {
+        self.pulls += 1;
+        if self.pulls < MAX_PULLS {
+            self.pull_at = Some(Instant::now() + PULL_WAIT);
+        }
     }
 
     fn on_connected(&mut self, peer: PeerId) {
@@ -415,10 +554,12 @@ impl SwarmTask {
             // Joining: the whole directory, once, from the bootstrap peer; gossip from then on.
             self.joined.push(peer);
             self.send_own(peer, true);
+            self.start_pulls();
         } else if let Some(at) = self.refetch.iter().position(|p| *p == peer) {
             // A node of the kept directory (a restarted node): its fresh copy.
             self.refetch.swap_remove(at);
             self.send_own(peer, true);
+            self.start_pulls();
         } else if bootstrap {
             // Back to a bootstrap peer that may have restarted: it learns our record at once.
             self.send_own(peer, false);
@@ -434,8 +575,23 @@ impl SwarmTask {
             SwarmEvent::ConnectionEstablished {
                 peer_id,
                 num_established,
+                endpoint,
                 ..
-            } if num_established.get() == 1 => self.on_connected(peer_id),
+            } => {
+                if endpoint.is_dialer() {
+                    self.dialed.insert(peer_id);
+                }
+                if num_established.get() == 1 {
+                    self.on_connected(peer_id);
+                }
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established: 0,
+                ..
+            } => {
+                self.dialed.remove(&peer_id);
+            }
             SwarmEvent::NewListenAddr { address, .. } => {
                 if let Some(addr) = socket_addr(&address)
                     && !self.own.p2p_addrs.contains(&addr)
@@ -473,6 +629,7 @@ impl SwarmTask {
                 message,
             } => {
                 self.stats.received += 1;
+                self.stats.received_bytes += message.data.len() as u64;
                 let verdict = gossip::judge(
                     &message.data,
                     message.source,
@@ -521,6 +678,15 @@ impl SwarmTask {
         let addrs = record.addrs.clone();
         let p2p = record.p2p_addrs.clone();
         let offer = self.directory.offer(signed, record);
+        if matches!(offer, Offer::New | Offer::Updated) {
+            debug!(
+                target: LATENCY_TARGET,
+                %hotkey,
+                seq,
+                age_ms = now().0.saturating_sub(seq),
+                "record kept"
+            );
+        }
         match offer {
             Offer::New => {
                 info!(%role, %hotkey, ?addrs, %via, "node discovered");
@@ -575,12 +741,31 @@ impl SwarmTask {
                         debug!(%peer, "record exchange answer not sent: stream gone");
                     }
                 }
-                request_response::Message::Response { response, .. } => {
-                    self.accept(peer, response);
+                request_response::Message::Response {
+                    response,
+                    request_id,
+                } => {
+                    let learned = self.accept(peer, response);
+                    if self.pull_request == Some(request_id) {
+                        self.pull_request = None;
+                        debug!(%peer, learned, "pull sync");
+                        if learned > 0 {
+                            self.pull_again();
+                        }
+                    }
                 }
             },
-            request_response::Event::OutboundFailure { peer, error, .. } => {
+            request_response::Event::OutboundFailure {
+                peer,
+                error,
+                request_id,
+                ..
+            } => {
                 debug!(%peer, %error, "record exchange failed");
+                if self.pull_request == Some(request_id) {
+                    self.pull_request = None;
+                    self.pull_again();
+                }
             }
             request_response::Event::InboundFailure { peer, error, .. } => {
                 debug!(%peer, %error, "record exchange refused");
@@ -590,8 +775,9 @@ impl SwarmTask {
     }
 
     /// Checks and keeps the records of one exchange (a join fetch, its answer, a peer's own
-    /// record). Nothing is passed on: each node publishes its own record on gossip.
-    fn accept(&mut self, from: PeerId, sync: RecordSync) {
+    /// record); returns how many nodes were new to the directory. Nothing is passed on: each node publishes
+    /// its own record on gossip.
+    fn accept(&mut self, from: PeerId, sync: RecordSync) -> usize {
         let now = now();
         let own_hotkey = self.own.key.hotkey();
         let offered = sync.own.into_iter().map(|r| (r, true)).chain(
@@ -600,7 +786,15 @@ impl SwarmTask {
                 .take(MAX_SYNC_RECORDS)
                 .map(|r| (r, false)),
         );
+        let mut learned = 0;
         for (signed, as_own) in offered {
+            // A copy not newer than the held record changes nothing: no signature check.
+            if let Some(held) = self.directory.seq_of(signed.signer())
+                && let Ok(record) = from_bytes_exact::<NodeRecord>(signed.bytes())
+                && record.seq <= held
+            {
+                continue;
+            }
             let record = match check_record(&signed, now) {
                 Ok(record) => record,
                 // A relayed copy that ran out on the way is normal.
@@ -621,7 +815,10 @@ impl SwarmTask {
             if record.hotkey == own_hotkey {
                 continue;
             }
-            self.keep(from, signed, record);
+            if self.keep(from, signed, record) == Offer::New {
+                learned += 1;
+            }
         }
+        learned
     }
 }
