@@ -120,7 +120,7 @@ async fn get<T: DeserializeOwned>(
         Ok(Err(error)) => return Err(unavailable(error.to_string())),
         Err(_) => return Err(unavailable(format!("no answer within {ANSWER_TIMEOUT:?}"))),
     };
-    let (status, body) = parse_answer(&answer).map_err(|reason| unavailable(reason))?;
+    let (status, body) = parse_answer(&answer).map_err(unavailable)?;
     match status {
         200 => serde_json::from_slice(body)
             .map(Some)
