@@ -238,6 +238,9 @@ pub enum FailureReason {
     /// The job was killed for going over its executor class's memory limit. (Appended: enum
     /// variants are append-only on the wire.)
     OutOfMemory,
+    /// The runner lost the job while it ran: it cannot say how the job ended (its container
+    /// engine stopped answering, …). What of the job could be stopped was. (Appended.)
+    Lost(String),
 }
 
 /// A job failure in one stage.

@@ -141,6 +141,7 @@ pub fn failure(reason: &FailureReason) -> String {
         FailureReason::OutOfMemory => {
             "the job was killed for going over its memory limit".to_owned()
         }
+        FailureReason::Lost(why) => format!("the executor lost the job while it ran: {why}"),
         other => format!("{other:?}"),
     }
 }

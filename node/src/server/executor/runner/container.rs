@@ -6,11 +6,11 @@
 //! class's memory/CPU/pids limits, the job's volume read-only at `/horde/volume` and its output
 //! directory read-write at `/horde/output`, no published port, and network mode `none`: under
 //! `network = "none"` no network but its own loopback; under `"internet"` the executor adds a
-//! veth pair to the container's namespace once it runs ([`super::egress`]; the job's first
-//! few milliseconds have loopback only). The executor reaches the job's port, and the job its
-//! executor's outputs endpoint, through sockets made inside the container's network namespace
-//! ([`netns`]). stdout and stderr are attached before start and written to the job's log files
-//! as they come. The container is removed at every end: exit, stop, and the executor's death
+//! veth pair to the container's namespace once it runs ([`super::egress`]). The executor
+//! reaches the job's port, and the job its executor's outputs endpoint, through sockets made
+//! inside the container's network namespace ([`netns`]). The job's own command starts only
+//! once those are in place ([`gate`]): its first instruction can reach its executor. stdout
+//! and stderr are attached before start and written to the job's log files as they come. The container is removed at every end: exit, stop, and the executor's death
 //! ([`guard`]).
 //!
 //! Layout:
@@ -20,14 +20,20 @@
 //!   storage, loaded).
 //! - `container/netns.rs`: the per-job thread inside the container's network namespace.
 //! - `container/guard.rs`: the container guard process and reaping of stale containers.
+//! - `container/state.rs`: container state read leniently (Podman's states are not bollard's).
+//! - `container/gate.rs`: the start gate, which holds the job's command until the executor
+//!   holds the container's network namespace.
 
 pub mod engine;
+pub mod gate;
 pub mod guard;
 pub mod image;
 mod netns;
 pub mod spec;
+mod state;
 
 use std::io;
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -59,6 +65,9 @@ const LOG_DRAIN: Duration = Duration::from_secs(2);
 
 /// After SIGKILL, how long the engine may take to report the container gone.
 const KILL_WAIT: Duration = Duration::from_secs(10);
+
+/// How often a container's init killed without the engine is checked for being gone.
+const REAP_POLL: Duration = Duration::from_millis(10);
 
 /// Removals retried after the engine failed one, [`REMOVE_RETRY_DELAY`] apart.
 const REMOVE_RETRIES: u32 = 30;
@@ -168,13 +177,16 @@ impl Runner for ContainerRunner {
     async fn start(&self, launch: Launch) -> Result<Box<dyn JobProcess>, RunnerError> {
         let egress = super::egress::for_launch(self.egress.as_ref(), &launch)?;
         let image_id = self.image(&launch).await?;
+        let command = image::command(&self.engine, &image_id, &launch.args).await?;
         prepare_dirs(&launch)?;
+        let gate = gate::Gate::prepare(&launch.job_dir)?;
         let body = spec::create_body(&spec::ContainerPlan {
             launch: &launch,
             image_id: &image_id,
             engine: self.engine.kind,
             executor: &self.executor,
             network_mode: "none",
+            command: &command,
         })?;
         let name = container_name(&launch);
         // The guard first, under the name the container will have: never a container unguarded.
@@ -184,11 +196,13 @@ impl Runner for ContainerRunner {
             name: name.clone(),
             port: launch.port,
             guard: Some(guard),
+            gate: Some(gate),
             netns: None,
             link: None,
             outputs: None,
             exit: None,
             monitor: None,
+            pidfd: None,
         };
         match job.launch(body, &launch, egress).await {
             Ok(()) => Ok(Box::new(job)),
@@ -227,17 +241,26 @@ pub struct ContainerJob {
     name: String,
     port: u16,
     guard: Option<tokio::process::Child>,
+    /// The start gate, held open until the job is removed ([`gate`]).
+    gate: Option<gate::Gate>,
     netns: Option<NetnsHandle>,
     /// The job's veth pair, under `network = "internet"`.
     link: Option<JobLink>,
     outputs: Option<tokio::net::TcpListener>,
     /// The exit, once the monitor has seen it (`Err`: the engine failed while waiting).
-    exit: Option<watch::Receiver<Option<Result<JobExit, String>>>>,
+    exit: Option<watch::Receiver<Option<MonitorResult>>>,
     monitor: Option<JoinHandle<()>>,
+    /// The container's first process (its init), held from the start: the job can be killed
+    /// without the engine when the engine is gone ([`JobProcess::stop`]).
+    pidfd: Option<OwnedFd>,
 }
 
+/// How the monitor saw the container end: its exit, or why the engine could not say.
+type MonitorResult = Result<JobExit, Arc<RunnerError>>;
+
 impl ContainerJob {
-    /// Creates, attaches, starts, enters the network namespace, and gives it egress.
+    /// Creates, attaches, starts, enters the network namespace, gives it egress, and releases
+    /// the job's command.
     async fn launch(
         &mut self,
         body: bollard::models::ContainerCreateBody,
@@ -294,40 +317,74 @@ impl ContainerJob {
         if let Some((egress, namespace)) = network {
             self.link = Some(egress.attach(launch.job_id, &namespace).await?);
         }
+        if let Some(gate) = self.gate.as_mut() {
+            gate.release()
+                .map_err(|error| RunnerError::io("releasing the job's start gate", error))?;
+        }
         Ok(())
     }
 
     /// The container's network namespace, opened through its first process, checked to still
     /// be that container's after opening (a pid cannot have been reused in between).
+    /// Also holds the process itself (a pidfd), checked the same way.
     async fn namespace(&mut self) -> Result<std::fs::File, RunnerError> {
         let pid = self.running_pid().await?;
         let namespace = std::fs::File::open(format!("/proc/{pid}/ns/net"));
+        let pidfd = i32::try_from(pid)
+            .ok()
+            .and_then(rustix::process::Pid::from_raw)
+            .and_then(|pid| {
+                rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok()
+            });
         let again = self.running_pid().await?;
         match namespace {
-            Ok(namespace) if again == pid => Ok(namespace),
+            Ok(namespace) if again == pid => {
+                self.pidfd = pidfd;
+                Ok(namespace)
+            }
             _ => Err(self.exited_at_once().await),
         }
     }
 
+    /// Kills the container's init without the engine (its pid namespace goes with it) and
+    /// waits up to `within` for it to be gone. Whether it is gone.
+    async fn kill_without_engine(&mut self, within: Duration) -> bool {
+        let Some(pidfd) = self.pidfd.take() else {
+            return false;
+        };
+        if let Err(error) =
+            rustix::process::pidfd_send_signal(&pidfd, rustix::process::Signal::KILL)
+        {
+            // ESRCH: it is gone already.
+            return error == rustix::io::Errno::SRCH;
+        }
+        // Gone once reaped (by the engine's shim): then any signal, a harmless SIGCONT here,
+        // fails with ESRCH.
+        let started = tokio::time::Instant::now();
+        while started.elapsed() < within {
+            let signalled =
+                rustix::process::pidfd_send_signal(&pidfd, rustix::process::Signal::CONT);
+            if signalled == Err(rustix::io::Errno::SRCH) {
+                return true;
+            }
+            tokio::time::sleep(REAP_POLL).await;
+        }
+        false
+    }
+
     /// The pid of the container's first process while it runs.
     async fn running_pid(&mut self) -> Result<i64, RunnerError> {
-        let engine = &self.engine;
-        let inspect = engine
-            .docker
-            .inspect_container(&self.name, None)
-            .await
-            .map_err(|error| engine::engine_error(engine, "inspecting the container", error))?;
-        let state = inspect.state.unwrap_or_default();
-        match state.pid {
-            Some(pid) if pid > 0 && state.running == Some(true) => Ok(pid),
+        let state = state::inspect(&self.engine, &self.name).await?;
+        match state {
+            Some(state) if state.pid > 0 && state.running => Ok(state.pid),
             _ => Err(self.exited_at_once().await),
         }
     }
 
     async fn exited_at_once(&mut self) -> RunnerError {
-        match tokio::time::timeout(KILL_WAIT, self.wait()).await {
+        match tokio::time::timeout(KILL_WAIT, monitored(&mut self.exit)).await {
             Ok(Ok(exit)) => RunnerError::ExitedAtOnce(exit),
-            Ok(Err(error)) => RunnerError::Engine(error.to_string()),
+            Ok(Err(error)) => copy_error(&error),
             Err(_) => RunnerError::Engine("the container is not running".into()),
         }
     }
@@ -373,7 +430,7 @@ async fn monitor(
     engine: Engine,
     name: String,
     logs: JoinHandle<io::Result<()>>,
-    exit: watch::Sender<Option<Result<JobExit, String>>>,
+    exit: watch::Sender<Option<MonitorResult>>,
 ) {
     let options = WaitContainerOptions {
         condition: "not-running".to_owned(),
@@ -382,8 +439,17 @@ async fn monitor(
     let waited = match wait.next().await {
         // A non-zero exit comes as this "error": the exit is read from inspect below.
         Some(Ok(_)) | Some(Err(bollard::errors::Error::DockerContainerWaitError { .. })) => Ok(()),
-        Some(Err(error)) => Err(format!("waiting for the container: {error}")),
-        None => Err("the engine ended the wait without an answer".to_owned()),
+        Some(Err(error)) => Err(engine::engine_error(
+            &engine,
+            "waiting for the container",
+            error,
+        )),
+        // The connection closed without an answer: the engine went away (a stopped engine
+        // closes its connections; an engine that answers never ends a wait this way).
+        None => Err(RunnerError::EngineUnavailable {
+            engine: engine.address.clone(),
+            reason: "waiting for the container: the engine closed the connection".into(),
+        }),
     };
     if waited.is_ok() {
         if let Ok(Ok(Err(error))) = tokio::time::timeout(LOG_DRAIN, logs).await {
@@ -393,19 +459,19 @@ async fn monitor(
         logs.abort();
     }
     let result = match waited {
-        Ok(()) => match engine.docker.inspect_container(&name, None).await {
-            Ok(inspect) => {
-                let state = inspect.state.unwrap_or_default();
-                Ok(job_exit(
-                    state.exit_code.unwrap_or(-1),
-                    state.oom_killed == Some(true),
-                ))
-            }
-            Err(error) => Err(format!("inspecting the stopped container: {error}")),
+        Ok(()) => match state::inspect(&engine, &name).await {
+            Ok(Some(state)) => Ok(job_exit(state.exit_code, state.oom_killed)),
+            Ok(None) => Err(RunnerError::Engine(
+                "the container was removed before its exit could be read".into(),
+            )),
+            Err(error) => Err(error),
         },
         Err(error) => Err(error),
     };
-    let _ = exit.send(Some(result));
+    if let Err(error) = &result {
+        tracing::warn!(container = %name, %error, "lost the job's container");
+    }
+    let _ = exit.send(Some(result.map_err(Arc::new)));
 }
 
 /// A container's exit code as a [`JobExit`]: its init reports a job killed by signal N as
@@ -481,25 +547,37 @@ async fn accept_outputs(
     }
 }
 
-/// The container's exit, once its monitor has seen it.
+/// The container's exit, once its monitor has seen it. When the engine could not say how it
+/// ended, the error carries the [`RunnerError`] (an `Arc<RunnerError>`, typically
+/// [`RunnerError::EngineUnavailable`]).
 async fn wait_exit(
-    exit: &mut Option<watch::Receiver<Option<Result<JobExit, String>>>>,
+    exit: &mut Option<watch::Receiver<Option<MonitorResult>>>,
 ) -> io::Result<JobExit> {
+    monitored(exit).await.map_err(io::Error::other)
+}
+
+/// The container's exit as its monitor saw it.
+async fn monitored(exit: &mut Option<watch::Receiver<Option<MonitorResult>>>) -> MonitorResult {
+    let ended = || Arc::new(RunnerError::Engine("the container monitor ended".into()));
     let Some(exit) = exit.as_mut() else {
-        return Err(io::Error::new(
-            io::ErrorKind::NotConnected,
-            "the container never started",
-        ));
+        return Err(Arc::new(RunnerError::Engine(
+            "the container never started".into(),
+        )));
     };
-    let result = exit
-        .wait_for(Option::is_some)
-        .await
-        .map_err(|_| io::Error::other("the container monitor ended"))?
-        .clone();
-    match result {
-        Some(Ok(exit)) => Ok(exit),
-        Some(Err(error)) => Err(io::Error::other(error)),
-        None => Err(io::Error::other("the container monitor ended")),
+    match exit.wait_for(Option::is_some).await {
+        Ok(result) => (*result).clone().unwrap_or_else(|| Err(ended())),
+        Err(_) => Err(ended()),
+    }
+}
+
+/// A copy of a monitor's error (the monitor keeps its own).
+fn copy_error(error: &RunnerError) -> RunnerError {
+    match error {
+        RunnerError::EngineUnavailable { engine, reason } => RunnerError::EngineUnavailable {
+            engine: engine.clone(),
+            reason: reason.clone(),
+        },
+        other => RunnerError::Engine(other.to_string()),
     }
 }
 
@@ -530,20 +608,32 @@ impl JobProcess for ContainerJob {
         }
     }
 
+    /// When the engine is gone (its monitor lost the container), the container's init is
+    /// killed through the pidfd held since the start: nothing of the job runs afterwards either
+    /// way, though its exit status is then unknown (`None`).
     async fn stop(&mut self, grace: Duration) -> Option<JobExit> {
         self.exit.as_ref()?;
         self.kill("SIGTERM").await;
-        if let Ok(Ok(exit)) = tokio::time::timeout(grace, self.wait()).await {
-            return Some(exit);
+        match tokio::time::timeout(grace, self.wait()).await {
+            Ok(Ok(exit)) => return Some(exit),
+            Ok(Err(_)) => {
+                self.kill_without_engine(KILL_WAIT).await;
+                return None;
+            }
+            Err(_) => {}
         }
         self.kill("SIGKILL").await;
         match tokio::time::timeout(KILL_WAIT, self.wait()).await {
             Ok(Ok(exit)) => Some(exit),
-            _ => None,
+            _ => {
+                self.kill_without_engine(KILL_WAIT).await;
+                None
+            }
         }
     }
 
     async fn remove(mut self: Box<Self>) {
+        self.gate = None;
         self.netns = None;
         self.outputs = None;
         if let Some(link) = self.link.take() {

@@ -15,11 +15,10 @@
 //! caught at the next start: every container labelled [`EXECUTOR_LABEL`] whose executor
 //! (`PID.STARTTIME`, so a reused pid does not count) no longer runs is removed.
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::process::Stdio;
 
-use bollard::query_parameters::{ListContainersOptions, RemoveContainerOptions};
+use bollard::query_parameters::RemoveContainerOptions;
 
 use super::engine::{Engine, engine_error, is_not_found};
 use super::spec::EXECUTOR_LABEL;
@@ -117,26 +116,14 @@ pub fn guard_container(parent: u32, container: &str, engine: &str) -> std::io::R
 
 /// Removes every container labelled by an executor that no longer runs. Returns how many.
 pub(crate) async fn reap_stale(engine: &Engine) -> Result<usize, RunnerError> {
-    let options = ListContainersOptions {
-        all: true,
-        filters: Some(HashMap::from([(
-            "label".to_owned(),
-            vec![EXECUTOR_LABEL.to_owned()],
-        )])),
-        ..ListContainersOptions::default()
-    };
-    let containers = engine
-        .docker
-        .list_containers(Some(options))
-        .await
-        .map_err(|error| engine_error(engine, "listing containers", error))?;
+    // Listed leniently: Podman's states (`stopped`, …) are not bollard's.
+    let containers = super::state::list(engine, EXECUTOR_LABEL).await?;
     let mut reaped = 0;
     for container in containers {
-        let Some(id) = container.id else { continue };
+        let id = container.id;
         let executor = container
             .labels
-            .as_ref()
-            .and_then(|labels| labels.get(EXECUTOR_LABEL))
+            .get(EXECUTOR_LABEL)
             .cloned()
             .unwrap_or_default();
         if executor_alive(&executor) {

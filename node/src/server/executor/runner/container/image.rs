@@ -127,6 +127,41 @@ pub async fn resolve(engine: &Engine, reference: &str) -> Result<String, RunnerE
         })
 }
 
+/// The command a container of `image_id` runs for a job with `args`, as the engine would
+/// build it: the image's entrypoint, then the job's arguments, else the image's command. The
+/// runner starts it behind its start gate ([`super::gate`]), so it must be known here.
+pub async fn command(
+    engine: &Engine,
+    image_id: &str,
+    args: &[String],
+) -> Result<Vec<String>, RunnerError> {
+    let config = inspect(engine, image_id)
+        .await?
+        .ok_or_else(|| RunnerError::ImageMissing {
+            reference: image_id.to_owned(),
+            reason: "gone from the engine before its container was made".into(),
+        })?
+        .config
+        .unwrap_or_default();
+    let tail = if args.is_empty() {
+        config.cmd.unwrap_or_default()
+    } else {
+        args.to_vec()
+    };
+    let command: Vec<String> = config
+        .entrypoint
+        .unwrap_or_default()
+        .into_iter()
+        .chain(tail)
+        .collect();
+    if command.is_empty() {
+        return Err(RunnerError::Refused(format!(
+            "image {image_id} names no command and the job gives none"
+        )));
+    }
+    Ok(command)
+}
+
 /// The largest `manifest.json` read from an archive: one entry per image, a few hundred bytes
 /// each; 1 MiB is thousands of images, far past the one a job may carry.
 const MAX_MANIFEST: u64 = 1 << 20;

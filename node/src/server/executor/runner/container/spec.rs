@@ -9,6 +9,7 @@ use bollard::models::{
 };
 
 use super::engine::EngineKind;
+use super::gate;
 use crate::server::executor::runner::{Gpus, Launch, RunnerError};
 
 /// Where the job's volume directory appears inside the container (read-only).
@@ -57,6 +58,9 @@ pub(crate) struct ContainerPlan<'a> {
     pub executor: &'a str,
     /// The network mode: `none`, or the job's own network.
     pub network_mode: &'a str,
+    /// The job's command (the image's entrypoint and command, or the job's arguments), run
+    /// behind the start gate ([`super::gate`]).
+    pub command: &'a [String],
 }
 
 /// The outputs port inside the job's namespace: [`OUTPUTS_PORT`], or the next one when the job
@@ -184,6 +188,7 @@ pub(crate) fn create_body(plan: &ContainerPlan<'_>) -> Result<ContainerCreateBod
         mounts: Some(vec![
             bind("volume", VOLUME_MOUNT, true)?,
             bind("output", OUTPUT_MOUNT, false)?,
+            bind(gate::HOST_DIR, gate::GATE_DIR, true)?,
         ]),
         memory,
         // Swap counted in the limit: a job over it is killed, not swapped.
@@ -211,7 +216,10 @@ pub(crate) fn create_body(plan: &ContainerPlan<'_>) -> Result<ContainerCreateBod
     ]);
     Ok(ContainerCreateBody {
         image: Some(plan.image_id.to_owned()),
-        cmd: (!launch.args.is_empty()).then(|| launch.args.clone()),
+        // The engine runs entrypoint + cmd: the gate, then the job's command, whatever the
+        // image's own entrypoint and command (they are in `plan.command` already).
+        entrypoint: Some(gate::gated(plan.command)),
+        cmd: Some(Vec::new()),
         env: Some(environment(launch)),
         user: Some(format!("{uid}:{uid}")),
         hostname: Some("job".to_owned()),
@@ -276,6 +284,7 @@ mod tests {
             engine,
             executor: "42.7",
             network_mode: "none",
+            command: &launch.args,
         })
     }
 
@@ -308,9 +317,22 @@ mod tests {
         assert_eq!(mounts[0].read_only, Some(true));
         assert_eq!(mounts[1].target.as_deref(), Some(OUTPUT_MOUNT));
         assert_eq!(mounts[1].read_only, Some(false));
+        // The start gate's directory, read-only.
+        assert_eq!(mounts[2].source.as_deref(), Some("/srv/jobs/7/start"));
+        assert_eq!(mounts[2].target.as_deref(), Some(gate::GATE_DIR));
+        assert_eq!(mounts[2].read_only, Some(true));
         assert_eq!(body.user.as_deref(), Some("65534:65534"));
         assert_eq!(body.image.as_deref(), Some("sha256:abc"));
-        assert_eq!(body.cmd, Some(vec!["serve".to_owned()]));
+        // The gate, then the job's command; no image command appended.
+        assert_eq!(
+            body.entrypoint,
+            Some(vec![
+                gate::GATE_PROGRAM.to_owned(),
+                gate::GATE_PIPE.to_owned(),
+                "serve".to_owned()
+            ])
+        );
+        assert_eq!(body.cmd, Some(Vec::new()));
         let labels = body.labels.unwrap();
         assert_eq!(labels[JOB_LABEL], JobId([7; 16]).to_string());
         assert_eq!(labels[EXECUTOR_LABEL], "42.7");
