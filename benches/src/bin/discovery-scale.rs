@@ -301,6 +301,60 @@ fn capacity_latency(
     Ok(json)
 }
 
+/// Prints how long the network took to converge, and what that time is made of.
+fn print_convergence(testnet: &Testnet, args: &Args, converged: Duration, total: Duration) {
+    let nodes = testnet.nodes().len();
+    println!(
+        "== discovery: {nodes} nodes (1 facilitator, {} validators, {} miners), one machine",
+        args.validators, args.miners
+    );
+    println!(
+        "  converged {:.0} ms after spawning the nodes (start-up of {nodes} processes included)",
+        converged.as_secs_f64() * 1e3
+    );
+    println!(
+        "  of which {:.0} ms until every node had logged its start, {:.0} ms after that",
+        testnet.started_in().as_secs_f64() * 1e3,
+        converged.saturating_sub(testnet.started_in()).as_secs_f64() * 1e3
+    );
+    println!(
+        "  harness total (build check, keys, configs, spawn, converge): {:.0} ms",
+        total.as_secs_f64() * 1e3
+    );
+}
+
+/// Runs `jobs` jobs at once through the converged network; returns each one's time from
+/// submission to a verified endpoint, in ms.
+fn concurrent_jobs(
+    runtime: &tokio::runtime::Runtime,
+    testnet: &Testnet,
+    program: &std::path::Path,
+    jobs: usize,
+) -> anyhow::Result<Vec<f64>> {
+    let request = JobRequest::command("cpu", program.to_str().context("utf-8 path")?);
+    runtime.block_on(async {
+        let client = Client::new(SecretKey::generate(), testnet.facilitator())?;
+        let mut runs = tokio::task::JoinSet::new();
+        for _ in 0..jobs {
+            let (client, request) = (client.clone(), request.clone());
+            runs.spawn(async move {
+                let submitted = Instant::now();
+                let mut job = client.submit(&request).await?;
+                job.wait_for_endpoint().await?;
+                let ms = submitted.elapsed().as_secs_f64() * 1e3;
+                job.terminate().await?;
+                job.wait_for_end().await?;
+                anyhow::Ok(ms)
+            });
+        }
+        let mut all = Vec::new();
+        while let Some(ms) = runs.join_next().await {
+            all.push(ms??);
+        }
+        anyhow::Ok(all)
+    })
+}
+
 fn main() -> anyhow::Result<()> {
     let args = <Args as clap::Parser>::parse();
     anyhow::ensure!(
@@ -331,48 +385,11 @@ fn main() -> anyhow::Result<()> {
     let converged = testnet.converged_in().context("discovery did not run")?;
     let total = started.elapsed();
     let nodes = testnet.nodes().len();
-    println!(
-        "== discovery: {nodes} nodes (1 facilitator, {} validators, {} miners), one machine",
-        args.validators, args.miners
-    );
-    println!(
-        "  converged {:.0} ms after spawning the nodes (start-up of {nodes} processes included)",
-        converged.as_secs_f64() * 1e3
-    );
-    println!(
-        "  of which {:.0} ms until every node had logged its start, {:.0} ms after that",
-        testnet.started_in().as_secs_f64() * 1e3,
-        converged.saturating_sub(testnet.started_in()).as_secs_f64() * 1e3
-    );
-    println!(
-        "  harness total (build check, keys, configs, spawn, converge): {:.0} ms",
-        total.as_secs_f64() * 1e3
-    );
+    print_convergence(&testnet, &args, converged, total);
     println!("  load average at convergence: {}", load_average());
-    let request = JobRequest::command("cpu", program.to_str().context("utf-8 path")?);
     let marks = log_marks(&testnet);
     let jobs = args.jobs.clamp(1, args.miners.max(1));
-    let job_ms = runtime.block_on(async {
-        let client = Client::new(SecretKey::generate(), testnet.facilitator())?;
-        let mut runs = tokio::task::JoinSet::new();
-        for _ in 0..jobs {
-            let (client, request) = (client.clone(), request.clone());
-            runs.spawn(async move {
-                let submitted = Instant::now();
-                let mut job = client.submit(&request).await?;
-                job.wait_for_endpoint().await?;
-                let ms = submitted.elapsed().as_secs_f64() * 1e3;
-                job.terminate().await?;
-                job.wait_for_end().await?;
-                anyhow::Ok(ms)
-            });
-        }
-        let mut all = Vec::new();
-        while let Some(ms) = runs.join_next().await {
-            all.push(ms??);
-        }
-        anyhow::Ok(all)
-    })?;
+    let job_ms = concurrent_jobs(&runtime, &testnet, &program, jobs)?;
     // The freed executors' records are on their way.
     std::thread::sleep(Duration::from_secs(2));
     let (_, job_p50, _, job_max) = latency_summary(job_ms.clone());

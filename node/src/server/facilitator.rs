@@ -16,7 +16,8 @@
 //!
 //! Layout: `facilitator.rs` (admission, choice, job drivers), `facilitator/store.rs` (the redb
 //! job store), `facilitator/resume.rs` (jobs taken up again after a restart),
-//! `facilitator/warmup.rs` (why there is no miner: warming up, all busy, none).
+//! `facilitator/warmup.rs` (why there is no miner: warming up, all busy, none),
+//! `facilitator/claims.rs` (executors just assigned, before the miners' records say so).
 //!
 //! A job with no miner is refused with what the facilitator knows: `WarmingUp { retry_after_ms }`
 //! at submission while it is still learning the network (not stored, so the same signed spec
