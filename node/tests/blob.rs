@@ -110,7 +110,15 @@ impl Fixture {
     /// [`get_to_memory`] with the default policy.
     async fn get_memory(&self, hash: BlobHash, max_size: u64) -> Result<Bytes, TransferError> {
         let policy = TransferPolicy::default();
-        get_to_memory(&self.client, &self.storage.addr, hash, max_size, &policy).await
+        get_to_memory(
+            &self.client,
+            &self.storage.addr,
+            hash,
+            max_size,
+            &policy,
+            &mut NoProgress,
+        )
+        .await
     }
 
     /// Flips one bit of the stored blob's byte at `offset`, on disk.
@@ -193,6 +201,7 @@ async fn put_then_get_stat_and_not_found() {
             hash,
             NO_LIMIT,
             &TransferPolicy::default(),
+            &mut NoProgress,
         )
         .await
         .unwrap();
@@ -244,6 +253,71 @@ async fn corrupted_blob_is_rejected_within_one_group_and_leaves_nothing() {
     // In memory too.
     let error = fixture.get_memory(hash, NO_LIMIT).await.unwrap_err();
     assert!(error.is_integrity(), "{error:?}");
+}
+
+/// Records every progress call.
+#[derive(Debug, Default)]
+struct Recorded {
+    starts: Vec<(u64, u64)>,
+    updates: Vec<u64>,
+    finished: usize,
+}
+
+impl Progress for Recorded {
+    fn start(&mut self, total: u64, done: u64) {
+        self.starts.push((total, done));
+    }
+
+    fn update(&mut self, done: u64) {
+        self.updates.push(done);
+    }
+
+    fn finish(&mut self) {
+        self.finished += 1;
+    }
+}
+
+#[tokio::test]
+async fn a_download_into_memory_reports_its_verified_progress() {
+    let fixture = Fixture::start(StoreLimits::default()).await;
+    let size = 2 * SEGMENT_LEN as usize + 1000;
+    let bytes = sample(size, 5);
+    let hash = put_bytes(&fixture.connection, Bytes::from(bytes.clone()))
+        .await
+        .unwrap();
+    let policy = TransferPolicy::default();
+    let storage = &fixture.storage.addr;
+
+    let mut whole = Recorded::default();
+    let got = get_to_memory(
+        &fixture.client,
+        storage,
+        hash,
+        NO_LIMIT,
+        &policy,
+        &mut whole,
+    )
+    .await
+    .unwrap();
+    assert_eq!(got, bytes);
+    assert_eq!(whole.starts, [(size as u64, 0)]);
+    assert_eq!(whole.updates.last(), Some(&(size as u64)));
+    assert!(whole.updates.is_sorted(), "{:?}", whole.updates);
+    assert_eq!(whole.finished, 1);
+
+    // A transfer that stops midway has told how far it got: the verified prefix, before the
+    // corrupted group.
+    let flipped = SEGMENT_LEN + 300_000;
+    fixture.corrupt(&hash, flipped);
+    let mut cut = Recorded::default();
+    let error = get_to_memory(&fixture.client, storage, hash, NO_LIMIT, &policy, &mut cut)
+        .await
+        .unwrap_err();
+    assert!(error.is_integrity(), "{error:?}");
+    assert_eq!(cut.starts, [(size as u64, 0)]);
+    let reached = *cut.updates.last().expect("progress before the failure");
+    assert!(reached > 0 && reached <= flipped, "{:?}", cut.updates);
+    assert_eq!(cut.finished, 1);
 }
 
 /// Closes the connection once half the blob has been verified; remembers the last progress.
@@ -900,9 +974,16 @@ async fn transfers_beyond_the_cap_are_refused_busy_until_a_slot_frees() {
         max_attempts: 10,
         ..TransferPolicy::default()
     };
-    let bytes = get_to_memory(&client, &storage.addr, hash, NO_LIMIT, &policy)
-        .await
-        .unwrap();
+    let bytes = get_to_memory(
+        &client,
+        &storage.addr,
+        hash,
+        NO_LIMIT,
+        &policy,
+        &mut NoProgress,
+    )
+    .await
+    .unwrap();
     assert_eq!(bytes, big);
     assert!(started.elapsed() < 10 * deadline);
 }
@@ -939,9 +1020,17 @@ async fn one_key_holding_its_share_is_refused_busy_while_another_key_is_served()
         let connection = blob::connect(&other, &storage.addr).await.unwrap();
         let bytes = Bytes::from(sample(100_000, 45));
         let policy = TransferPolicy::default();
+        let mut quiet = NoProgress;
         let (put, got) = tokio::join!(
             put_bytes(&connection, bytes.clone()),
-            get_to_memory(&other, &storage.addr, small_hash, NO_LIMIT, &policy)
+            get_to_memory(
+                &other,
+                &storage.addr,
+                small_hash,
+                NO_LIMIT,
+                &policy,
+                &mut quiet
+            )
         );
         assert_eq!(put.unwrap(), BlobHash::of(&bytes));
         assert_eq!(got.unwrap(), small);
@@ -1133,7 +1222,15 @@ async fn a_dead_storage_node_is_reported_unreachable_within_the_dial_budget() {
         ..TransferPolicy::default()
     };
     let started = std::time::Instant::now();
-    let download = get_to_memory(&client, &storage, BlobHash([1; 32]), NO_LIMIT, &policy);
+    let mut quiet = NoProgress;
+    let download = get_to_memory(
+        &client,
+        &storage,
+        BlobHash([1; 32]),
+        NO_LIMIT,
+        &policy,
+        &mut quiet,
+    );
     let error = tokio::time::timeout(Duration::from_secs(8), download)
         .await
         .expect("an unreachable node is reported within the dial budget")

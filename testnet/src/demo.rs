@@ -353,6 +353,7 @@ async fn read_back(
         stdout,
         16 << 20,
         &Default::default(),
+        &mut horde_node::client::progress::NoProgress,
     )
     .await?;
     steps.step(format!(

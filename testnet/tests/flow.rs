@@ -219,6 +219,7 @@ async fn whole_flow_with_every_kind_of_traffic() {
         output.hash,
         1 << 20,
         &Default::default(),
+        &mut horde_node::client::progress::NoProgress,
     )
     .await
     .unwrap();
@@ -229,6 +230,7 @@ async fn whole_flow_with_every_kind_of_traffic() {
         stdout.hash,
         1 << 20,
         &Default::default(),
+        &mut horde_node::client::progress::NoProgress,
     )
     .await
     .unwrap();
@@ -967,6 +969,7 @@ async fn declared_outputs_and_logs_are_uploaded_when_the_job_ends() {
         answer.hash,
         1 << 20,
         &Default::default(),
+        &mut horde_node::client::progress::NoProgress,
     )
     .await
     .unwrap();

@@ -1,4 +1,5 @@
-//! The workspace's shape, checked on every test run: each module's `//!` layout list names the
+//! The workspace's shape, checked on every test run: the top level holds only what the design
+//! names (hidden entries and `target/` aside), each module's `//!` layout list names the
 //! files beside it (and names no file that is gone), no source file is over 1,000 lines before
 //! its `#[cfg(test)] mod tests`, and no function is over 150 lines. Files under `tests/` are
 //! exempt from the size limits.
@@ -15,6 +16,21 @@ const CRATES: &[&str] = &[
     "node/python",
     "testnet",
     "benches",
+];
+
+/// What the workspace's top level may hold besides hidden entries and `target/`: the crates,
+/// the manifest and lock file, the README, and the tools' configuration files.
+const TOP_LEVEL: &[&str] = &[
+    "Cargo.toml",
+    "Cargo.lock",
+    "README.md",
+    "protocol",
+    "transport",
+    "node",
+    "testnet",
+    "benches",
+    "clippy.toml",
+    "rustfmt.toml",
 ];
 
 /// A source file may hold this many lines before its tests.
@@ -200,4 +216,22 @@ fn no_file_or_function_is_too_long() {
         }
     }
     assert!(problems.is_empty(), "\n{}", problems.join("\n"));
+}
+
+#[test]
+fn the_top_level_holds_only_the_named_entries() {
+    let root = workspace_root();
+    let mut strays: Vec<String> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| {
+            !name.starts_with('.') && name != "target" && !TOP_LEVEL.contains(&name.as_str())
+        })
+        .collect();
+    strays.sort();
+    assert!(
+        strays.is_empty(),
+        "{}: not part of the workspace's top level: {strays:?}",
+        root.display()
+    );
 }

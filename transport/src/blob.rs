@@ -54,7 +54,7 @@ mod sink;
 mod verify;
 
 pub use buffer::{BlobBuffer, MAPPED_MIN};
-pub use get::{GetStream, VerifiedData, request_get};
+pub use get::{GetStream, PROGRESS_INTERVAL, VerifiedData, request_get};
 pub use put::{PutUpload, put_bytes, start_put, stat};
 pub use serve::{Backing, ServedBlob, serve_get};
 pub use sink::{SINK_ALIGN, SINK_BATCH, VerifiedSink};

@@ -797,8 +797,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let mut received = Bytes::new();
             let (client, server, slot) = (&client, &memory.server, &mut received);
             let fetch = move || async move {
-                *slot = get_to_memory(client, server, hash, u64::MAX, &TransferPolicy::default())
-                    .await?;
+                *slot = get_to_memory(
+                    client,
+                    server,
+                    hash,
+                    u64::MAX,
+                    &TransferPolicy::default(),
+                    &mut NoProgress,
+                )
+                .await?;
                 Ok(())
             };
             results.push(measure(MEM, round, size, fetch).await?);

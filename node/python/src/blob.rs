@@ -128,39 +128,27 @@ async fn get(
 ) -> PyResult<Option<BytesOut>> {
     let endpoint = endpoint(key, &storage)?;
     let policy = TransferPolicy::default();
+    let mut progress = PythonProgress {
+        callback: progress,
+        total: 0,
+        last: None,
+    };
     let result = match path {
-        Some(path) => {
-            let mut progress = PythonProgress {
-                callback: progress,
-                total: 0,
-                last: None,
-            };
-            get_to_file(
-                &endpoint,
-                &storage,
-                hash,
-                &path,
-                None,
-                max_size,
-                &policy,
-                &mut progress,
-            )
+        Some(path) => get_to_file(
+            &endpoint,
+            &storage,
+            hash,
+            &path,
+            None,
+            max_size,
+            &policy,
+            &mut progress,
+        )
+        .await
+        .map(|_| None),
+        None => get_to_memory(&endpoint, &storage, hash, max_size, &policy, &mut progress)
             .await
-            .map(|_| None)
-        }
-        None => {
-            let result = get_to_memory(&endpoint, &storage, hash, max_size, &policy).await;
-            if let Ok(bytes) = &result {
-                let size = bytes.len() as u64;
-                let mut progress = PythonProgress {
-                    callback: progress,
-                    total: size,
-                    last: None,
-                };
-                progress.call(size, true);
-            }
-            result.map(|bytes| Some(BytesOut(bytes)))
-        }
+            .map(|bytes| Some(BytesOut(bytes))),
     };
     closing(endpoint, result.map_err(Failure::from)).await
 }

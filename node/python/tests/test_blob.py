@@ -27,7 +27,10 @@ def test_blob_round_trip_with_progress(network, tmp_path):
     assert len(hash) == 64
     assert seen and seen[-1] == (len(data), len(data))
 
-    assert horde.blob_get(network.storage, hash) == data
+    in_memory: list[tuple[int, int]] = []
+    assert horde.blob_get(network.storage, hash, progress=lambda d, t: in_memory.append((d, t))) == data
+    assert in_memory[0] == (0, len(data))
+    assert in_memory[-1] == (len(data), len(data))
     got: list[tuple[int, int]] = []
     target = tmp_path / "copy.bin"
     assert horde.blob_get(network.storage, hash, target, progress=lambda d, t: got.append((d, t))) is None
@@ -49,8 +52,12 @@ def test_a_corrupted_blob_is_refused(network, tmp_path):
         byte = file.read(1)
         file.seek(1_000_000)
         file.write(bytes([byte[0] ^ 1]))
+    reached: list[tuple[int, int]] = []
     with pytest.raises(horde.IntegrityError):
-        horde.blob_get(network.storage, hash)
+        horde.blob_get(network.storage, hash, progress=lambda d, t: reached.append((d, t)))
+    # The progress told how far the verified bytes went before the corrupted group.
+    assert reached[0] == (0, len(data))
+    assert reached[-1][0] <= 1_000_000
     target = tmp_path / "never.bin"
     with pytest.raises(horde.IntegrityError):
         horde.blob_get(network.storage, hash, target)

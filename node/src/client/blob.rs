@@ -31,7 +31,7 @@ use horde_transport::{ALPN_BLOB, ConnectError, HordeEndpoint};
 use tokio::sync::mpsc;
 use tracing::{debug, info};
 
-use crate::client::progress::Progress;
+use crate::client::progress::{NoProgress, Progress};
 
 /// Attempts per transfer before giving up on transient failures (connection lost, reset,
 /// stalled, busy).
@@ -685,30 +685,43 @@ impl VerifiedSink for PartialWriter {
 
 /// Downloads a whole blob into memory, retrying transient failures as `policy` says and
 /// resuming from what earlier attempts delivered. Large blobs land in a mapping faulted in
-/// ahead of the data ([`BlobBuffer`]), handed over as [`Bytes`] without a copy.
+/// ahead of the data ([`BlobBuffer`]), handed over as [`Bytes`] without a copy. `progress`
+/// hears each attempt's start and the verified position while it grows (every
+/// [`PROGRESS_INTERVAL`](horde_transport::blob::PROGRESS_INTERVAL)).
 pub async fn get_to_memory(
     endpoint: &HordeEndpoint,
     storage: &NodeAddr,
     hash: BlobHash,
     max_size: u64,
     policy: &TransferPolicy,
+    progress: &mut dyn Progress,
 ) -> Result<Bytes, TransferError> {
     let mut buffer = BlobBuffer::new();
     let mut retries = Retries::new(policy);
-    loop {
+    let outcome = loop {
         let result = match retries.connect(endpoint, storage).await {
             Ok(connection) => {
                 let timeout = policy.progress_timeout;
-                get_into_buffer(&connection, hash, max_size, timeout, &mut buffer).await
+                get_into_buffer_reporting(
+                    &connection,
+                    hash,
+                    max_size,
+                    timeout,
+                    &mut buffer,
+                    progress,
+                )
+                .await
             }
             Err(error) => Err(error),
         };
         match result {
-            Ok(_) => return Ok(buffer.into_bytes()),
+            Ok(_) => break Ok(buffer.into_bytes()),
             Err(error) if retries.again(&error, "download").await => {}
-            Err(error) => return Err(error),
+            Err(error) => break Err(error),
         }
-    }
+    };
+    progress.finish();
+    outcome
 }
 
 /// One in-memory download attempt appending to `buffer` (which holds a verified prefix).
@@ -739,8 +752,32 @@ pub async fn get_into_buffer(
     progress_timeout: Duration,
     buffer: &mut BlobBuffer,
 ) -> Result<u64, TransferError> {
+    get_into_buffer_reporting(
+        connection,
+        hash,
+        max_size,
+        progress_timeout,
+        buffer,
+        &mut NoProgress,
+    )
+    .await
+}
+
+/// [`get_into_buffer`], telling `progress` the attempt's start and the verified position.
+async fn get_into_buffer_reporting(
+    connection: &quinn::Connection,
+    hash: BlobHash,
+    max_size: u64,
+    progress_timeout: Duration,
+    buffer: &mut BlobBuffer,
+    progress: &mut dyn Progress,
+) -> Result<u64, TransferError> {
     let stream = request_rest(connection, hash, max_size, progress_timeout, buffer.len()).await?;
-    Ok(stream.read_to_buffer(buffer).await?)
+    progress.start(stream.size(), buffer.len() as u64);
+    let mut update = |done| progress.update(done);
+    Ok(stream
+        .read_to_buffer_with_progress(buffer, &mut update)
+        .await?)
 }
 
 /// Asks for the blob's bytes after the first `held` (all of them when none are held).

@@ -36,6 +36,9 @@ pub struct VerifiedData {
 /// Verified runs queued for [`GetStream::next`].
 const OUTPUT_QUEUE: usize = 4;
 
+/// How often a read into memory reports its verified position while it grows.
+pub const PROGRESS_INTERVAL: Duration = Duration::from_millis(50);
+
 /// The client side of a `Get` after the header: yields verified data in blob order.
 ///
 /// One task reads STREAM frames from quinn in batches (`read_chunks`, no copy), copies each
@@ -254,7 +257,7 @@ impl GetStream {
             *buffer = Vec::new();
             dest
         };
-        let (mut dest, accepted, result) = self.read_whole(dest, held, size).await?;
+        let (mut dest, accepted, result) = self.read_whole(dest, held, size, &mut |_| {}).await?;
         dest.truncate(accepted);
         *buffer = dest;
         result
@@ -269,11 +272,22 @@ impl GetStream {
     /// [`BlobBuffer::clear`]ed one) is filled in place. Returns the bytes read from the stream
     /// after the header.
     pub async fn read_to_buffer(self, buffer: &mut BlobBuffer) -> Result<u64, BlobError> {
+        self.read_to_buffer_with_progress(buffer, &mut |_| {}).await
+    }
+
+    /// [`Self::read_to_buffer`], calling `progress` with the blob position verified so far
+    /// (the buffer's prefix included) every [`PROGRESS_INTERVAL`] while bytes arrive, and once
+    /// at the end.
+    pub async fn read_to_buffer_with_progress(
+        self,
+        buffer: &mut BlobBuffer,
+        progress: &mut (dyn FnMut(u64) + Send),
+    ) -> Result<u64, BlobError> {
         let held = buffer.len();
         let size = self.whole_size(held as u64)?;
         buffer.reserve_total(size);
         let dest = std::mem::take(buffer);
-        let (mut dest, accepted, result) = self.read_whole(dest, held, size).await?;
+        let (mut dest, accepted, result) = self.read_whole(dest, held, size, progress).await?;
         dest.set_verified_len(accepted);
         *buffer = dest;
         result
@@ -301,27 +315,49 @@ impl GetStream {
     }
 
     /// Receives the response into `dest[held..size]` (`dest[..held]` holds the blob's first
-    /// bytes). Returns the destination, how much of it is verified, and the outcome; `Err` only
-    /// if the receiving task itself failed.
+    /// bytes), calling `progress` with the verified position every [`PROGRESS_INTERVAL`] while
+    /// it grows and once at the end. Returns the destination, how much of it is verified, and
+    /// the outcome; `Err` only if the receiving task itself failed.
     async fn read_whole<D: Destination + 'static>(
         mut self,
         dest: D,
         held: usize,
         size: usize,
+        progress: &mut (dyn FnMut(u64) + Send),
     ) -> Result<(D, usize, Result<u64, BlobError>), BlobError> {
         let Some((recv, tree)) = self.setup.take() else {
             return Err(BlobError::Protocol(
                 "the transfer already started".to_owned(),
             ));
         };
+        // The receiving task publishes its verified position after each batch of frames (one
+        // relaxed store); this task reads it at a human pace.
+        let position = Arc::new(AtomicU64::new(held as u64));
         let sink = WholeSink {
             dest,
             accepted: held,
             end: size,
+            position: Some(Arc::clone(&position)),
         };
-        let task = self.start_receiver(recv, tree, sink, held as u64);
-        let (verifier, result) = task.await.map_err(io::Error::other)?;
+        let mut task = self.start_receiver(recv, tree, sink, held as u64);
+        let mut ticks = tokio::time::interval(PROGRESS_INTERVAL);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut reported = held as u64;
+        let joined = loop {
+            tokio::select! {
+                joined = &mut task => break joined,
+                _ = ticks.tick() => {
+                    let now = position.load(Ordering::Relaxed);
+                    if now != reported {
+                        reported = now;
+                        progress(now);
+                    }
+                }
+            }
+        };
+        let (verifier, result) = joined.map_err(io::Error::other)?;
         let WholeSink { dest, accepted, .. } = verifier.sink;
+        progress(accepted as u64);
         Ok((dest, accepted, result.map(|()| self.wire_bytes())))
     }
 

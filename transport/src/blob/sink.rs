@@ -5,6 +5,8 @@
 
 use std::io;
 use std::ops::Range;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::BytesMut;
 use tokio::sync::mpsc;
@@ -201,6 +203,8 @@ pub(super) struct WholeSink<D> {
     pub(super) accepted: usize,
     /// The blob's size: the window ends there.
     pub(super) end: usize,
+    /// Where `accepted` is published after each batch of frames, for a progress reader.
+    pub(super) position: Option<Arc<AtomicU64>>,
 }
 
 impl<D: Destination> Sink for WholeSink<D> {
@@ -225,6 +229,9 @@ impl<D: Destination> Sink for WholeSink<D> {
     }
 
     async fn flush(&mut self) -> bool {
+        if let Some(position) = &self.position {
+            position.store(self.accepted as u64, Ordering::Relaxed);
+        }
         true
     }
 }
@@ -283,6 +290,7 @@ mod tests {
             dest: vec![0u8; 10],
             accepted: 4,
             end: 10,
+            position: None,
         };
         assert_eq!(sink.window().len(), 6);
         sink.window()[..6].copy_from_slice(b"abcdef");

@@ -330,6 +330,7 @@ mod tests {
             dest: vec![0u8; size],
             accepted: 0,
             end: size,
+            position: None,
         };
         Verifier::new(tree, sink, 0, Duration::from_secs(1))
     }

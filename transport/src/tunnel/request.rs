@@ -143,47 +143,11 @@ pub async fn http_request_streaming_with_headers<R: AsyncRead + Unpin>(
     headers: &[(String, String)],
     body: RequestBody<'_, R>,
 ) -> Result<HttpResponseStream, TunnelError> {
-    let token_ok = |text: &str| !text.is_empty() && !text.bytes().any(|b| b <= b' ' || b == 0x7f);
-    if !token_ok(method) || !token_ok(path) {
-        return Err(TunnelError::Http(
-            "method and path must be non-empty with no spaces or control characters".to_owned(),
-        ));
-    }
-    let mut extra = String::new();
-    for (name, value) in headers {
-        let name_ok = token_ok(name) && !name.bytes().any(|b| b":\"(),/;<=>?@[\\]{}".contains(&b));
-        if !name_ok || value.bytes().any(|b| matches!(b, b'\r' | b'\n' | 0)) {
-            return Err(TunnelError::Http(format!(
-                "header {name:?}: not a valid header"
-            )));
-        }
-        if FRAMING_HEADERS.iter().any(|f| name.eq_ignore_ascii_case(f)) {
-            return Err(TunnelError::Http(format!(
-                "header {name}: set by the request itself, not by the caller"
-            )));
-        }
-        extra.push_str(&format!("{name}: {value}\r\n"));
-    }
-    let given = |wanted: &str| headers.iter().any(|(n, _)| n.eq_ignore_ascii_case(wanted));
-    let host = if given("host") {
-        ""
-    } else {
-        "Host: horde-job\r\n"
-    };
-    let agent = if given("user-agent") {
-        ""
-    } else {
-        "User-Agent: horde\r\n"
-    };
     let len = match &body {
         RequestBody::Bytes(bytes) => bytes.len() as u64,
         RequestBody::Reader { len, .. } => *len,
     };
-    let mut request = format!(
-        "{method} {path} HTTP/1.1\r\n{host}{agent}{extra}Connection: close\r\n\
-         Content-Length: {len}\r\n\r\n",
-    )
-    .into_bytes();
+    let mut request = request_head(method, path, headers, len)?;
     let mut stream = tunnel.open().await?;
     match body {
         RequestBody::Bytes(bytes) => {
@@ -213,6 +177,57 @@ pub async fn http_request_streaming_with_headers<R: AsyncRead + Unpin>(
         }
     }
     read_head(stream, method.eq_ignore_ascii_case("HEAD")).await
+}
+
+/// The request's head: the request line, `Host` and `User-Agent` unless `headers` give them,
+/// the caller's `headers`, `Connection: close` and `Content-Length: len`. Refuses a method or
+/// path that is empty or holds spaces or control characters, a header name that is not an HTTP
+/// token, a value holding CR, LF or NUL, and the framing headers.
+fn request_head(
+    method: &str,
+    path: &str,
+    headers: &[(String, String)],
+    len: u64,
+) -> Result<Vec<u8>, TunnelError> {
+    let token_ok = |text: &str| !text.is_empty() && !text.bytes().any(|b| b <= b' ' || b == 0x7f);
+    if !token_ok(method) || !token_ok(path) {
+        return Err(TunnelError::Http(
+            "method and path must be non-empty with no spaces or control characters".to_owned(),
+        ));
+    }
+    let mut extra = String::new();
+    for (name, value) in headers {
+        // RFC 9110 token characters only.
+        let tchar = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+        let name_ok = !name.is_empty() && name.bytes().all(tchar);
+        if !name_ok || value.bytes().any(|b| matches!(b, b'\r' | b'\n' | 0)) {
+            return Err(TunnelError::Http(format!(
+                "header {name:?}: not a valid header"
+            )));
+        }
+        if FRAMING_HEADERS.iter().any(|f| name.eq_ignore_ascii_case(f)) {
+            return Err(TunnelError::Http(format!(
+                "header {name}: set by the request itself, not by the caller"
+            )));
+        }
+        extra.push_str(&format!("{name}: {value}\r\n"));
+    }
+    let given = |wanted: &str| headers.iter().any(|(n, _)| n.eq_ignore_ascii_case(wanted));
+    let host = if given("host") {
+        ""
+    } else {
+        "Host: horde-job\r\n"
+    };
+    let agent = if given("user-agent") {
+        ""
+    } else {
+        "User-Agent: horde\r\n"
+    };
+    Ok(format!(
+        "{method} {path} HTTP/1.1\r\n{host}{agent}{extra}Connection: close\r\n\
+         Content-Length: {len}\r\n\r\n",
+    )
+    .into_bytes())
 }
 
 /// Reads the final response head from `stream`.
@@ -281,4 +296,82 @@ pub async fn http_request(
         body: collected,
         receipt,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(name, value)| ((*name).to_owned(), (*value).to_owned()))
+            .collect()
+    }
+
+    fn refusal(method: &str, path: &str, pairs: &[(&str, &str)]) -> String {
+        match request_head(method, path, &headers(pairs), 0) {
+            Err(TunnelError::Http(reason)) => reason,
+            other => panic!("{method} {path} {pairs:?}: expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_request_head_carries_the_callers_headers_and_its_own_framing() {
+        let given = headers(&[("X-Trace", "a b\tc"), ("host", "job.example")]);
+        let head = request_head("POST", "/echo?x=1", &given, 42).unwrap();
+        let parsed = http::parse_request_head(&head)
+            .unwrap()
+            .expect("a whole head");
+        assert_eq!(parsed.len, head.len());
+        assert_eq!(
+            (parsed.method.as_str(), parsed.target.as_str()),
+            ("POST", "/echo?x=1")
+        );
+        assert_eq!(parsed.header("x-trace"), Some("a b\tc"));
+        // The caller's Host replaces the default one; the default User-Agent stays.
+        assert_eq!(parsed.header("Host"), Some("job.example"));
+        let hosts = parsed
+            .headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case("host"));
+        assert_eq!(hosts.count(), 1);
+        assert_eq!(parsed.header("User-Agent"), Some("horde"));
+        assert_eq!(parsed.header("Connection"), Some("close"));
+        assert_eq!(http::content_length(&parsed.headers).unwrap(), Some(42));
+    }
+
+    #[test]
+    fn headers_that_would_break_the_framing_are_refused() {
+        for name in ["Content-Length", "transfer-encoding", "CONNECTION"] {
+            let reason = refusal("GET", "/", &[(name, "1")]);
+            assert!(
+                reason.contains("set by the request itself"),
+                "{name}: {reason}"
+            );
+        }
+        // A value that would smuggle a second header or request.
+        for value in ["a\r\nX-Evil: 1", "a\nb", "a\rb", "a\0b"] {
+            let reason = refusal("GET", "/", &[("X-Ok", value)]);
+            assert!(reason.contains("not a valid header"), "{value:?}: {reason}");
+        }
+        // Names that are not HTTP tokens.
+        for name in ["", "X Y", "X:Y", "X\tY", "(x)", "a/b", "x\u{7f}", "é"] {
+            let reason = refusal("GET", "/", &[(name, "v")]);
+            assert!(reason.contains("not a valid header"), "{name:?}: {reason}");
+        }
+        for (method, path) in [
+            ("", "/"),
+            ("GE T", "/"),
+            ("GET", ""),
+            ("GET", "/a b"),
+            ("GET", "/\r\n"),
+        ] {
+            let reason = refusal(method, path, &[]);
+            assert!(
+                reason.contains("method and path"),
+                "{method:?} {path:?}: {reason}"
+            );
+        }
+    }
 }
