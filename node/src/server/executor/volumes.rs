@@ -320,10 +320,46 @@ impl HttpClient {
     /// doubling) between them. Status codes are handled here, not as transport errors; connects
     /// time out after 10 s and a body stalled for 60 s fails the attempt.
     pub fn new(max_attempts: u32, initial_backoff: Duration) -> Self {
+        Self::with_tls(
+            max_attempts,
+            initial_backoff,
+            ureq::tls::TlsConfig::default(),
+        )
+    }
+
+    /// [`new`](Self::new), trusting for HTTPS only the certificates in `pem` instead of the
+    /// web's public roots: servers under a private CA (or a benchmark's own). An error if `pem`
+    /// holds no certificate or one that does not parse.
+    pub fn with_roots_pem(
+        max_attempts: u32,
+        initial_backoff: Duration,
+        pem: &[u8],
+    ) -> io::Result<Self> {
+        let roots = ureq::tls::parse_pem(pem)
+            .filter_map(|item| match item {
+                Ok(ureq::tls::PemItem::Certificate(certificate)) => Some(Ok(certificate)),
+                Ok(_) => None,
+                Err(error) => Some(Err(io::Error::new(io::ErrorKind::InvalidData, error))),
+            })
+            .collect::<io::Result<Vec<_>>>()?;
+        if roots.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "no certificate in the PEM roots",
+            ));
+        }
+        let tls = ureq::tls::TlsConfig::builder()
+            .root_certs(ureq::tls::RootCerts::Specific(std::sync::Arc::new(roots)))
+            .build();
+        Ok(Self::with_tls(max_attempts, initial_backoff, tls))
+    }
+
+    fn with_tls(max_attempts: u32, initial_backoff: Duration, tls: ureq::tls::TlsConfig) -> Self {
         let agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_connect(Some(Duration::from_secs(10)))
             .timeout_recv_body(Some(Duration::from_secs(60)))
+            .tls_config(tls)
             .build()
             .into();
         Self {
