@@ -175,7 +175,7 @@ fn main() -> anyhow::Result<()> {
             horde.display()
         );
     }
-    let nginx = servers::nginx_program();
+    let nginx = horde_benches::nginx_program();
     let rows = available_rows(nginx.is_some());
     let Some(&first_mtu) = args.mtu.first() else {
         bail!("no MTU given");

@@ -20,7 +20,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use horde_benches::median;
+use horde_benches::{free_loopback_port, median, nginx_program, run_tool as tool};
 use horde_node::server::executor::volumes::{HttpClient, materialize, upload};
 use horde_protocol::{
     BlobHash, RelativePath, SecretKey, UploadSpec, UploadTarget, VolumeSource, VolumeSpec,
@@ -44,21 +44,6 @@ struct Args {
 
 /// The file nginx serves.
 const FILE: &str = "data.bin";
-
-/// Runs a tool; fails with its stderr unless it exits 0.
-fn tool(command: &mut Command) -> anyhow::Result<std::process::Output> {
-    let output = command
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("running {command:?}"))?;
-    if !output.status.success() {
-        bail!(
-            "{command:?}: {}",
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    }
-    Ok(output)
-}
 
 /// An RSA-2048 CA and a server certificate for 127.0.0.1 it signed (a leaf, as a client that
 /// checks certificates properly requires); returns the CA's file.
@@ -124,15 +109,9 @@ impl Drop for Nginx {
     }
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind(("127.0.0.1", 0))?
-        .local_addr()?
-        .port())
-}
-
 fn start_nginx(program: &Path, dir: &Path, root: &Path) -> anyhow::Result<Nginx> {
     std::fs::create_dir_all(dir.join("temp"))?;
-    let (https, http) = (free_port()?, free_port()?);
+    let (https, http) = (free_loopback_port()?, free_loopback_port()?);
     let (d, r) = (dir.display(), root.display());
     let locations = format!(
         "    root {r};\n    location /up/ {{ dav_methods PUT; create_full_put_path on; }}\n"
@@ -398,11 +377,7 @@ fn report(args: &Args, rows: [Row; 8]) -> serde_json::Value {
 }
 
 async fn run(args: &Args) -> anyhow::Result<()> {
-    let Some(program) = ["/usr/sbin/nginx", "/usr/bin/nginx"]
-        .into_iter()
-        .map(PathBuf::from)
-        .find(|path| path.exists())
-    else {
+    let Some(program) = nginx_program() else {
         println!("url-volumes: nothing measured: nginx is not installed (.ci/bench-tools)");
         return Ok(());
     };

@@ -23,14 +23,6 @@ use rustls::{ClientConfig, ClientConnection, DigitallySignedStruct, SignatureSch
 /// How long nginx may take to start listening.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// nginx's program, if installed.
-pub(crate) fn program() -> Option<PathBuf> {
-    ["/usr/sbin/nginx", "/usr/bin/nginx"]
-        .into_iter()
-        .map(PathBuf::from)
-        .find(|path| path.exists())
-}
-
 /// A running nginx in front of one job port, killed when dropped.
 #[derive(Debug)]
 pub(crate) struct Nginx {
@@ -50,42 +42,6 @@ impl Drop for Nginx {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// A free loopback port (bound, then released for nginx to take).
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind(("127.0.0.1", 0))?
-        .local_addr()?
-        .port())
-}
-
-/// A self-signed RSA-2048 certificate (openssl's defaults, as the reference makes them) for
-/// `subject`, written as `<name>.pem` and `<name>.key` in `dir`.
-fn make_certificate(dir: &Path, name: &str, subject: &str) -> anyhow::Result<(PathBuf, PathBuf)> {
-    let (cert, key) = (
-        dir.join(format!("{name}.pem")),
-        dir.join(format!("{name}.key")),
-    );
-    let output = Command::new("openssl")
-        .args([
-            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-        ])
-        .args(["-subj", &format!("/CN={subject}")])
-        .args(["-addext", "subjectAltName=IP:127.0.0.1"])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .stdin(Stdio::null())
-        .output()
-        .context("running openssl (.ci/bench-tools installs it)")?;
-    if !output.status.success() {
-        bail!(
-            "openssl req: {}",
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    }
-    Ok((cert, key))
 }
 
 /// nginx's configuration: two mutual-TLS listeners proxying to `job_port`.
@@ -123,20 +79,34 @@ fn config(dir: &Path, job_port: u16, ports: [u16; 2]) -> String {
 /// Starts nginx in front of `job_port` in `dir`; `Ok(None)` with a message when nginx or
 /// openssl is absent.
 pub(crate) fn start(dir: &Path, job_port: u16) -> anyhow::Result<Option<Nginx>> {
-    let Some(nginx) = program() else {
+    let Some(nginx) = horde_benches::nginx_program() else {
         println!("  (nginx rows skipped: nginx is not installed; .ci/bench-tools installs it)");
         return Ok(None);
     };
     std::fs::create_dir_all(dir.join("temp"))?;
-    let (server_cert, _) = match make_certificate(dir, "server", "horde-bench-server") {
-        Ok(files) => files,
-        Err(error) => {
-            println!("  (nginx rows skipped: {error:#})");
-            return Ok(None);
-        }
-    };
-    let (client_cert, client_key) = make_certificate(dir, "client", "horde-bench-client")?;
-    let ports = [free_port()?, free_port()?];
+    let file = |name: &str| dir.join(name);
+    let (server_cert, client_cert, client_key) =
+        (file("server.pem"), file("client.pem"), file("client.key"));
+    let server = horde_benches::self_signed_rsa(
+        &server_cert,
+        &file("server.key"),
+        "horde-bench-server",
+        "IP:127.0.0.1",
+    );
+    if let Err(error) = server {
+        println!("  (nginx rows skipped: {error:#})");
+        return Ok(None);
+    }
+    horde_benches::self_signed_rsa(
+        &client_cert,
+        &client_key,
+        "horde-bench-client",
+        "IP:127.0.0.1",
+    )?;
+    let ports = [
+        horde_benches::free_loopback_port()?,
+        horde_benches::free_loopback_port()?,
+    ];
     let config_path = dir.join("nginx.conf");
     std::fs::write(&config_path, config(dir, job_port, ports))?;
     let log = std::fs::File::create(dir.join("nginx.out"))?;
@@ -311,41 +281,37 @@ impl Write for Conn {
 pub(crate) fn curl_echo(nginx: &Nginx, body: &str) -> anyhow::Result<f64> {
     let [server_cert, client_cert, client_key] = &nginx.curl_files;
     let started = Instant::now();
-    let output = Command::new("curl")
-        .args(["-sS", "--fail", "--data", body])
-        .arg("--cacert")
-        .arg(server_cert)
-        .arg("--cert")
-        .arg(client_cert)
-        .arg("--key")
-        .arg(client_key)
-        .arg(format!("https://{}/echo", nginx.default_buffers))
-        .stdin(Stdio::null())
-        .output()
-        .context("running curl")?;
+    let output = horde_benches::run_tool(
+        Command::new("curl")
+            .args(["-sS", "--fail", "--data", body])
+            .arg("--cacert")
+            .arg(server_cert)
+            .arg("--cert")
+            .arg(client_cert)
+            .arg("--key")
+            .arg(client_key)
+            .arg(format!("https://{}/echo", nginx.default_buffers)),
+    )?;
     let elapsed = started.elapsed().as_secs_f64() * 1e3;
-    if !output.status.success() || output.stdout != body.as_bytes() {
-        bail!(
-            "curl through nginx: {} {}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
+    anyhow::ensure!(
+        output.stdout == body.as_bytes(),
+        "curl through nginx: wrong answer"
+    );
     Ok(elapsed)
 }
 
 /// One `curl` process straight to the job (plain HTTP); milliseconds, spawn to exit.
 pub(crate) fn curl_direct_echo(port: u16, body: &str) -> anyhow::Result<f64> {
     let started = Instant::now();
-    let output = Command::new("curl")
-        .args(["-sS", "--fail", "--data", body])
-        .arg(format!("http://127.0.0.1:{port}/echo"))
-        .stdin(Stdio::null())
-        .output()
-        .context("running curl")?;
+    let output = horde_benches::run_tool(
+        Command::new("curl")
+            .args(["-sS", "--fail", "--data", body])
+            .arg(format!("http://127.0.0.1:{port}/echo")),
+    )?;
     let elapsed = started.elapsed().as_secs_f64() * 1e3;
-    if !output.status.success() || output.stdout != body.as_bytes() {
-        bail!("curl direct: {}", String::from_utf8_lossy(&output.stderr));
-    }
+    anyhow::ensure!(
+        output.stdout == body.as_bytes(),
+        "curl direct: wrong answer"
+    );
     Ok(elapsed)
 }

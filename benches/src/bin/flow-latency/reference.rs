@@ -98,21 +98,7 @@ struct HordeSide {
 
 /// Runs `horde` with the state directory; its output, failing unless it exits 0.
 fn run_horde(horde: &Path, state: &Path, args: &[&str]) -> anyhow::Result<std::process::Output> {
-    let output = Command::new(horde)
-        .args(args)
-        .env("HORDE_STATE_DIR", state)
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("horde {}", args.join(" ")))?;
-    if !output.status.success() {
-        bail!(
-            "horde {}: {}\n{}",
-            args.join(" "),
-            output.status,
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-    Ok(output)
+    horde_benches::run_tool(Command::new(horde).args(args).env("HORDE_STATE_DIR", state))
 }
 
 /// The job's connection as `horde job request` makes it: from the state `horde job run` left.
