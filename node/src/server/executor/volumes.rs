@@ -834,6 +834,38 @@ mod tests {
         RelativePath(text.to_owned())
     }
 
+    /// A self-signed P-256 CA certificate (openssl, valid until 2126): a fixture, not a secret.
+    const TEST_CA_PEM: &str = "\
+-----BEGIN CERTIFICATE-----\n\
+MIIBhjCCAS2gAwIBAgIUES1zzrbavmOpSYtI5YDzhj1x2FswCgYIKoZIzj0EAwIw\n\
+GDEWMBQGA1UEAwwNaG9yZGUtdGVzdC1jYTAgFw0yNjEyMDUxNzI2MDhaGA8yMTI2\n\
+MTExMTE3MjYwOFowGDEWMBQGA1UEAwwNaG9yZGUtdGVzdC1jYTBZMBMGByqGSM49\n\
+AgEGCCqGSM49AwEHA0IABMYZiBga3Wdzp4kANgGHLKlrjP0dre0+g/dx02DTWiw0\n\
+l8SOKLiR/IZUGxjolctOl09CQdyVhJURciXx9JLFrZijUzBRMB0GA1UdDgQWBBSY\n\
+hSn6JEMdfMAmguM4O/waYgKnDTAfBgNVHSMEGDAWgBSYhSn6JEMdfMAmguM4O/wa\n\
+YgKnDTAPBgNVHRMBAf8EBTADAQH/MAoGCCqGSM49BAMCA0cAMEQCIHUIitsw47v2\n\
+UfI2nC1iNgdZ83HIxpa8ZxNemVgXz2tiAiA2ZOKSIWup56Rg/9J+nFFFfS6Lkxk9\n\
+OSBRsWvRavtcZA==\n\
+-----END CERTIFICATE-----\n\
+";
+
+    #[test]
+    fn https_roots_must_hold_a_certificate() {
+        let client =
+            HttpClient::with_roots_pem(2, Duration::from_millis(1), TEST_CA_PEM.as_bytes())
+                .expect("a CA certificate is accepted");
+        assert_eq!(client.max_attempts, 2);
+        for pem in [
+            "".as_bytes(),
+            b"not PEM at all",
+            b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+            b"-----BEGIN CERTIFICATE-----\n!!!\n-----END CERTIFICATE-----\n",
+        ] {
+            let error = HttpClient::with_roots_pem(1, Duration::ZERO, pem).unwrap_err();
+            assert_eq!(error.kind(), io::ErrorKind::InvalidData, "{error}");
+        }
+    }
+
     #[test]
     fn bad_names_are_refused_with_the_right_reason() {
         let long_component = "a".repeat(MAX_COMPONENT_LEN + 1);
