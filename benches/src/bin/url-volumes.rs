@@ -14,13 +14,15 @@
 //! has answered the PUT; `upload` hashes the file first (it reports the BLAKE3), curl does not.
 //! The served file is read once before the rounds, so every row reads it from the page cache.
 
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail};
-use horde_benches::{free_loopback_port, median, nginx_program, run_tool as tool};
+use anyhow::bail;
+use horde_benches::{
+    free_loopback_port, median, nginx_logs, nginx_program, run_tool as tool, spawn_nginx,
+    write_random_file,
+};
 use horde_node::server::executor::volumes::{HttpClient, materialize, upload};
 use horde_protocol::{
     BlobHash, RelativePath, SecretKey, UploadSpec, UploadTarget, VolumeSource, VolumeSpec,
@@ -129,18 +131,7 @@ fn start_nginx(program: &Path, dir: &Path, root: &Path) -> anyhow::Result<Nginx>
                {locations}  }}\n\
            server {{\n    listen 127.0.0.1:{http};\n{locations}  }}\n}}\n"
     );
-    std::fs::write(dir.join("nginx.conf"), config)?;
-    let log = std::fs::File::create(dir.join("nginx.out"))?;
-    let child = Command::new(program)
-        .arg("-p")
-        .arg(dir)
-        .arg("-c")
-        .arg(dir.join("nginx.conf"))
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .spawn()
-        .context("starting nginx")?;
+    let child = spawn_nginx(&mut Command::new(program), dir, &config)?;
     let mut nginx = Nginx { child, https, http };
     let started = Instant::now();
     while [https, http]
@@ -150,33 +141,11 @@ fn start_nginx(program: &Path, dir: &Path, root: &Path) -> anyhow::Result<Nginx>
         if !matches!(nginx.child.try_wait(), Ok(None))
             || started.elapsed() > Duration::from_secs(20)
         {
-            let errors = std::fs::read_to_string(dir.join("error.log")).unwrap_or_default();
-            let out = std::fs::read_to_string(dir.join("nginx.out")).unwrap_or_default();
-            bail!("nginx did not start:\n{out}{errors}");
+            bail!("nginx did not start:\n{}", nginx_logs(dir));
         }
         std::thread::sleep(Duration::from_millis(20));
     }
     Ok(nginx)
-}
-
-/// Writes `size` incompressible bytes (BLAKE3's output stream of a fixed seed); their hash.
-fn write_random_file(path: &Path, size: u64) -> anyhow::Result<BlobHash> {
-    let mut stream = blake3::Hasher::new()
-        .update(b"horde url-volumes bench data")
-        .finalize_xof();
-    let mut hasher = blake3::Hasher::new();
-    let mut file = std::io::BufWriter::new(std::fs::File::create(path)?);
-    let mut piece = vec![0u8; 1 << 20];
-    let mut left = size;
-    while left > 0 {
-        let n = left.min(piece.len() as u64) as usize;
-        stream.fill(&mut piece[..n]);
-        hasher.update(&piece[..n]);
-        file.write_all(&piece[..n])?;
-        left -= n as u64;
-    }
-    file.into_inner()?.sync_all()?;
-    Ok(BlobHash(*hasher.finalize().as_bytes()))
 }
 
 /// One row's samples (seconds) and, for curl's downloads, the same counting fsync + b3sum.
@@ -386,7 +355,11 @@ async fn run(args: &Args) -> anyhow::Result<()> {
     std::fs::create_dir_all(root.join("up"))?;
     let source = root.join(FILE);
     let size = args.size << 20;
-    let hash = write_random_file(&source, size)?;
+    let hash = BlobHash(write_random_file(
+        &source,
+        size,
+        b"horde url-volumes bench data",
+    )?);
     let ca = make_certificates(dir.path())?;
     let nginx = start_nginx(&program, dir.path(), &root)?;
     let bench = Bench {

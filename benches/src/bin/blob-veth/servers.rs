@@ -165,19 +165,8 @@ pub(crate) fn start_nginx(
         cert = cert.display(),
         root = root.display(),
     );
-    let config_path = dir.join("nginx.conf");
-    std::fs::write(&config_path, config)?;
-    let log = std::fs::File::create(dir.join("nginx.out"))?;
-    let child = VethPair::command(&pair.server, nginx)
-        .arg("-p")
-        .arg(dir)
-        .arg("-c")
-        .arg(&config_path)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .spawn()
-        .context("starting nginx")?;
+    let child =
+        horde_benches::spawn_nginx(&mut VethPair::command(&pair.server, nginx), dir, &config)?;
     let mut server = Server { child };
     // Listening once a TCP connect from the client side succeeds; probed with curl in the
     // client namespace (this thread is in neither).
@@ -192,9 +181,7 @@ pub(crate) fn start_nginx(
             break;
         }
         if !server.running() || started.elapsed() > START_TIMEOUT {
-            let out = std::fs::read_to_string(dir.join("nginx.out")).unwrap_or_default();
-            let errors = std::fs::read_to_string(dir.join("error.log")).unwrap_or_default();
-            bail!("nginx did not start:\n{out}{errors}");
+            bail!("nginx did not start:\n{}", horde_benches::nginx_logs(dir));
         }
         std::thread::sleep(Duration::from_millis(50));
     }

@@ -9,11 +9,11 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{WebPkiSupportedAlgorithms, verify_tls12_signature, verify_tls13_signature};
 use rustls::pki_types::pem::PemObject as _;
@@ -107,19 +107,8 @@ pub(crate) fn start(dir: &Path, job_port: u16) -> anyhow::Result<Option<Nginx>> 
         horde_benches::free_loopback_port()?,
         horde_benches::free_loopback_port()?,
     ];
-    let config_path = dir.join("nginx.conf");
-    std::fs::write(&config_path, config(dir, job_port, ports))?;
-    let log = std::fs::File::create(dir.join("nginx.out"))?;
-    let child = Command::new(nginx)
-        .arg("-p")
-        .arg(dir)
-        .arg("-c")
-        .arg(&config_path)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .spawn()
-        .context("starting nginx")?;
+    let child =
+        horde_benches::spawn_nginx(&mut Command::new(nginx), dir, &config(dir, job_port, ports))?;
     let addr = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
     let mut nginx = Nginx {
         child,
@@ -134,9 +123,7 @@ pub(crate) fn start(dir: &Path, job_port: u16) -> anyhow::Result<Option<Nginx>> 
         .any(|port| TcpStream::connect(addr(*port)).is_err())
     {
         if !matches!(nginx.child.try_wait(), Ok(None)) || started.elapsed() > START_TIMEOUT {
-            let out = std::fs::read_to_string(dir.join("nginx.out")).unwrap_or_default();
-            let errors = std::fs::read_to_string(dir.join("error.log")).unwrap_or_default();
-            bail!("nginx did not start:\n{out}{errors}");
+            bail!("nginx did not start:\n{}", horde_benches::nginx_logs(dir));
         }
         std::thread::sleep(Duration::from_millis(20));
     }
