@@ -10,3 +10,113 @@ pub fn median(mut values: Vec<f64>) -> f64 {
         len => (values[len / 2 - 1] + values[len / 2]) / 2.0,
     }
 }
+
+/// nginx's program, if installed (Debian puts it in `/usr/sbin`; `.ci/bench-tools` installs it).
+pub fn nginx_program() -> Option<std::path::PathBuf> {
+    ["/usr/sbin/nginx", "/usr/bin/nginx"]
+        .into_iter()
+        .map(std::path::PathBuf::from)
+        .find(|path| path.exists())
+}
+
+/// A free TCP port on 127.0.0.1 (bound, then released for a server to take).
+pub fn free_loopback_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind(("127.0.0.1", 0))?
+        .local_addr()?
+        .port())
+}
+
+/// Runs a tool to its end with no input; its output, or an error with its stderr unless it
+/// exited 0.
+pub fn run_tool(command: &mut std::process::Command) -> anyhow::Result<std::process::Output> {
+    let output = command
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|error| anyhow::anyhow!("running {command:?}: {error}"))?;
+    if !output.status.success() {
+        anyhow::bail!(
+            "{command:?}: {}\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(output)
+}
+
+/// A self-signed RSA-2048 certificate made with openssl's defaults (as the reference system
+/// makes its own) for `subject`, with `subjectAltName` `san` (`IP:127.0.0.1`), written to
+/// `cert` and its key to `key`.
+pub fn self_signed_rsa(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    subject: &str,
+    san: &str,
+) -> anyhow::Result<()> {
+    run_tool(
+        std::process::Command::new("openssl")
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+            ])
+            .args(["-subj", &format!("/CN={subject}")])
+            .args(["-addext", &format!("subjectAltName={san}")])
+            .arg("-keyout")
+            .arg(key)
+            .arg("-out")
+            .arg(cert),
+    )
+    .map_err(|error| error.context("openssl (.ci/bench-tools installs it)"))?;
+    Ok(())
+}
+
+/// Starts nginx through `command` (nginx itself, or a wrapper such as `ip netns exec … nginx`)
+/// with `config` written to `dir/nginx.conf`, `dir` as its prefix and its output in
+/// `dir/nginx.out`; see [`nginx_logs`] when it does not come up.
+pub fn spawn_nginx(
+    command: &mut std::process::Command,
+    dir: &std::path::Path,
+    config: &str,
+) -> anyhow::Result<std::process::Child> {
+    let config_path = dir.join("nginx.conf");
+    std::fs::write(&config_path, config)?;
+    let log = std::fs::File::create(dir.join("nginx.out"))?;
+    command
+        .arg("-p")
+        .arg(dir)
+        .arg("-c")
+        .arg(&config_path)
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .map_err(|error| anyhow::anyhow!("starting nginx: {error}"))
+}
+
+/// What an nginx started by [`spawn_nginx`] printed and logged (`error_log dir/error.log`).
+pub fn nginx_logs(dir: &std::path::Path) -> String {
+    let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
+    read("nginx.out") + &read("error.log")
+}
+
+/// Writes `size` random bytes (BLAKE3's output stream of `seed`: incompressible, the same in
+/// every run) to `path` and syncs it; returns their BLAKE3 hash.
+pub fn write_random_file(
+    path: &std::path::Path,
+    size: u64,
+    seed: &[u8],
+) -> std::io::Result<[u8; 32]> {
+    use std::io::Write as _;
+    let mut stream = blake3::Hasher::new().update(seed).finalize_xof();
+    let mut hasher = blake3::Hasher::new();
+    let mut file = std::io::BufWriter::new(std::fs::File::create(path)?);
+    let mut piece = vec![0u8; 1 << 20];
+    let mut left = size;
+    while left > 0 {
+        let n = left.min(piece.len() as u64) as usize;
+        stream.fill(&mut piece[..n]);
+        hasher.update(&piece[..n]);
+        file.write_all(&piece[..n])?;
+        left -= n as u64;
+    }
+    file.into_inner()?.sync_all()?;
+    Ok(*hasher.finalize().as_bytes())
+}

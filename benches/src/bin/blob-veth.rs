@@ -29,7 +29,6 @@ mod rows;
 #[path = "blob-veth/servers.rs"]
 mod servers;
 
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, bail};
@@ -98,24 +97,6 @@ fn load_average() -> String {
         .unwrap_or_default()
 }
 
-/// Writes `size` random bytes (BLAKE3's output stream of a fixed seed: incompressible, the same
-/// in every run) to `path`; returns their BLAKE3 hash.
-fn write_random_file(path: &Path, size: u64) -> anyhow::Result<BlobHash> {
-    let mut stream = blake3::Hasher::new()
-        .update(b"horde blob-veth bench data")
-        .finalize_xof();
-    let mut hasher = blake3::Hasher::new();
-    let mut file = std::io::BufWriter::new(std::fs::File::create(path)?);
-    let mut piece = vec![0u8; PIECE];
-    for _ in 0..size / PIECE as u64 {
-        stream.fill(&mut piece);
-        hasher.update(&piece);
-        file.write_all(&piece)?;
-    }
-    file.into_inner()?.sync_all()?;
-    Ok(BlobHash(*hasher.finalize().as_bytes()))
-}
-
 /// Which rows can run here; prints why each missing one is skipped.
 fn available_rows(nginx: bool) -> Vec<Row> {
     // `openssl` answers `version`, the others `--version`.
@@ -175,7 +156,7 @@ fn main() -> anyhow::Result<()> {
             horde.display()
         );
     }
-    let nginx = servers::nginx_program();
+    let nginx = horde_benches::nginx_program();
     let rows = available_rows(nginx.is_some());
     let Some(&first_mtu) = args.mtu.first() else {
         bail!("no MTU given");
@@ -191,7 +172,11 @@ fn main() -> anyhow::Result<()> {
     std::fs::create_dir_all(&www)?;
     let source = www.join(servers::BLOB_FILE);
     eprintln!("writing {} random bytes to {}", args.size, source.display());
-    let hash = write_random_file(&source, args.size)?;
+    let hash = BlobHash(horde_benches::write_random_file(
+        &source,
+        args.size,
+        b"horde blob-veth bench data",
+    )?);
 
     let pair = VethPair::create(first_mtu)?;
     let (storage_server, storage) =

@@ -28,12 +28,21 @@
 //!    tunnel connection of reaching the job's port, for the unisolated process runner, the
 //!    isolated one (bubblewrap) and the container runner (when an engine answers), jobs and
 //!    requests alternating between them, with the deltas over the unisolated runner.
+//! 6. Against the reference system's path (see `reference`): nginx with mutual TLS in front of
+//!    the job (default proxy buffering, and 256 KiB buffers) beside `horde job forward`, the Rust
+//!    client's tunnel streams and direct TCP: new-connection and keep-alive requests, WebSocket
+//!    echo, bulk, and one request per process (curl through nginx against `horde job request`),
+//!    with the targets beside the ratios. nginx rows are skipped, saying so, when nginx
+//!    is not installed (`.ci/bench-tools` installs it). `--reference-only` runs this alone.
 //!
 //! `cargo run --release -p horde-benches --bin flow-latency -- [--jobs N] [--requests N]
-//! [--size-mib N] [--rounds N] [--json PATH]`
+//! [--size-mib N] [--rounds N] [--reference-only] [--reference-rounds N]
+//! [--reference-requests N] [--reference-processes N] [--json PATH]`
 //!
 //! Layout: `flow-latency.rs` (the measurements and their report), `flow-latency/floor.rs` (the
-//! design-floor relay), `flow-latency/runners.rs` (the runners compared).
+//! design-floor relay), `flow-latency/runners.rs` (the runners compared),
+//! `flow-latency/reference.rs` (the comparison with the reference's path),
+//! `flow-latency/nginx.rs` (nginx with mutual TLS, its certificates and TLS client).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -52,6 +61,10 @@ use tokio::net::{TcpListener, TcpStream};
 
 #[path = "flow-latency/floor.rs"]
 mod floor;
+#[path = "flow-latency/nginx.rs"]
+mod nginx;
+#[path = "flow-latency/reference.rs"]
+mod reference;
 #[path = "flow-latency/runners.rs"]
 mod runners;
 
@@ -75,6 +88,18 @@ struct Args {
     /// Where the JSON results go.
     #[arg(long, default_value = "target/flow-latency.json")]
     json: String,
+    /// Only the comparison with the reference's path (nginx with mutual TLS), none of the rest.
+    #[arg(long)]
+    reference_only: bool,
+    /// Rounds of the comparison with the reference's path.
+    #[arg(long, default_value_t = 7, value_parser = at_least_one)]
+    reference_rounds: usize,
+    /// Requests (and WebSocket messages) per row and round in that comparison.
+    #[arg(long, default_value_t = 50, value_parser = at_least_one)]
+    reference_requests: usize,
+    /// Processes of each kind per round in that comparison (one request each).
+    #[arg(long, default_value_t = 5)]
+    reference_processes: usize,
     /// Internal: run as the floor relay to this TCP address (the benchmark spawns itself).
     #[arg(long, hide = true)]
     floor_relay: Option<SocketAddr>,
@@ -358,17 +383,17 @@ fn complete_response(buffer: &[u8]) -> anyhow::Result<Option<usize>> {
     Ok(http::complete_response_len(buffer)?)
 }
 
-/// One end of a persistent connection carrying keep-alive requests.
-trait KeepAlive {
-    /// Sends one keep-alive request.
-    async fn send_request(&mut self) -> anyhow::Result<()>;
+/// One end of a persistent connection carrying keep-alive requests (or WebSocket frames).
+trait Duplex {
+    /// Sends `bytes`.
+    async fn send(&mut self, bytes: &[u8]) -> anyhow::Result<()>;
     /// Appends the next bytes received to `buffer`.
     async fn receive(&mut self, buffer: &mut Vec<u8>) -> anyhow::Result<()>;
 }
 
-impl KeepAlive for TcpStream {
-    async fn send_request(&mut self) -> anyhow::Result<()> {
-        Ok(self.write_all(KEEP_ALIVE_REQUEST).await?)
+impl Duplex for TcpStream {
+    async fn send(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
+        Ok(self.write_all(bytes).await?)
     }
 
     async fn receive(&mut self, buffer: &mut Vec<u8>) -> anyhow::Result<()> {
@@ -380,9 +405,9 @@ impl KeepAlive for TcpStream {
     }
 }
 
-impl KeepAlive for TunnelStream {
-    async fn send_request(&mut self) -> anyhow::Result<()> {
-        Ok(self.write(KEEP_ALIVE_REQUEST).await?)
+impl Duplex for TunnelStream {
+    async fn send(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
+        Ok(self.write(bytes).await?)
     }
 
     async fn receive(&mut self, buffer: &mut Vec<u8>) -> anyhow::Result<()> {
@@ -394,11 +419,11 @@ impl KeepAlive for TunnelStream {
 
 /// One keep-alive `GET /health` round trip on `connection`; milliseconds.
 async fn keep_alive_round_trip(
-    connection: &mut impl KeepAlive,
+    connection: &mut impl Duplex,
     buffer: &mut Vec<u8>,
 ) -> anyhow::Result<f64> {
     let started = Instant::now();
-    connection.send_request().await?;
+    connection.send(KEEP_ALIVE_REQUEST).await?;
     let total = loop {
         if let Some(total) = complete_response(buffer)? {
             break total;
@@ -664,25 +689,48 @@ struct Measured {
     bulk: BulkRuns,
     runner_rows: Vec<runners::RunnerRow>,
     runners: runners::RunnerSamples,
+    reference: reference::Samples,
+}
+
+impl Args {
+    fn reference_plan(&self) -> reference::Plan {
+        reference::Plan {
+            rounds: self.reference_rounds,
+            requests: self.reference_requests,
+            processes: self.reference_processes,
+            size: self.size_mib << 20,
+        }
+    }
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let measured = measure(&args).await?;
-    let control = report_control_plane(&args, &measured);
-    let (rtt, keep_alive) = report_round_trips(&args, measured.trips, measured.quinn_rtts);
-    let throughput = report_bulk(&args, measured.bulk);
-    let runners = runners::report(&measured.runner_rows, measured.runners);
-    let mut json = control;
-    json["runners"] = runners;
-    json["rtt"] = rtt;
-    json["keep_alive_rtt"] = keep_alive;
-    json["throughput_gbit"] = throughput;
+    let json = if args.reference_only {
+        reference::run_alone(args.reference_plan()).await?
+    } else {
+        run_all(&args).await?
+    };
     if let Some(parent) = std::path::Path::new(&args.json).parent() {
         std::fs::create_dir_all(parent)?;
     }
     std::fs::write(&args.json, serde_json::to_string_pretty(&json)?)?;
     println!("wrote {}", args.json);
     Ok(())
+}
+
+/// Every section; the run's JSON.
+async fn run_all(args: &Args) -> anyhow::Result<serde_json::Value> {
+    let measured = measure(args).await?;
+    let control = report_control_plane(args, &measured);
+    let (rtt, keep_alive) = report_round_trips(args, measured.trips, measured.quinn_rtts);
+    let throughput = report_bulk(args, measured.bulk);
+    let runners = runners::report(&measured.runner_rows, measured.runners);
+    let mut json = control;
+    json["runners"] = runners;
+    json["rtt"] = rtt;
+    json["keep_alive_rtt"] = keep_alive;
+    json["throughput_gbit"] = throughput;
+    json["reference"] = reference::report(args.reference_plan(), measured.reference);
+    Ok(json)
 }
 
 /// Runs every measurement: the job's own start-up, the control plane, round trips, bulk.
@@ -761,6 +809,13 @@ async fn measure(args: &Args) -> anyhow::Result<Measured> {
     }
     bulk_job.terminate().await?;
     bulk_job.wait_for_end().await?;
+    let reference = reference::measure(
+        args.reference_plan(),
+        &testnet.facilitator().to_string(),
+        &program_str,
+        direct_port,
+    )
+    .await?;
     testnet.shutdown();
     drop(direct_child);
     Ok(Measured {
@@ -771,6 +826,7 @@ async fn measure(args: &Args) -> anyhow::Result<Measured> {
         bulk,
         runner_rows,
         runners,
+        reference,
     })
 }
 

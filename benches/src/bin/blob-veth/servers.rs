@@ -4,7 +4,7 @@
 //! resident memory, reset before each transfer).
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
@@ -132,40 +132,6 @@ pub(crate) fn start_storage(
     Ok((server, NodeAddr::new(key.hotkey(), listen)))
 }
 
-/// nginx's program, if installed.
-pub(crate) fn nginx_program() -> Option<PathBuf> {
-    ["/usr/sbin/nginx", "/usr/bin/nginx"]
-        .into_iter()
-        .map(PathBuf::from)
-        .find(|path| path.exists())
-}
-
-/// A self-signed RSA-2048 certificate for [`SERVER_IP`] (as the reference system makes its
-/// own), written as `cert.pem` and `key.pem` in `dir`.
-fn make_certificate(dir: &Path) -> anyhow::Result<PathBuf> {
-    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-    let output = Command::new("openssl")
-        .args([
-            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-        ])
-        .args(["-subj", "/CN=horde-bench"])
-        .args(["-addext", &format!("subjectAltName=IP:{SERVER_IP}")])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .stdin(Stdio::null())
-        .output()
-        .context("running openssl (.ci/bench-tools installs it)")?;
-    if !output.status.success() {
-        bail!(
-            "openssl req: {}",
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    }
-    Ok(cert)
-}
-
 /// Starts nginx (one process: no master, one worker loop) in the server namespace, serving
 /// `root` over HTTPS on [`HTTPS_PORT`] and HTTP on [`HTTP_PORT`]; returns it and the
 /// certificate a client must trust.
@@ -176,7 +142,13 @@ pub(crate) fn start_nginx(
     root: &Path,
 ) -> anyhow::Result<(Server, PathBuf)> {
     std::fs::create_dir_all(dir.join("temp"))?;
-    let cert = make_certificate(dir)?;
+    let cert = dir.join("cert.pem");
+    horde_benches::self_signed_rsa(
+        &cert,
+        &dir.join("key.pem"),
+        "horde-bench",
+        &format!("IP:{SERVER_IP}"),
+    )?;
     let config = format!(
         "daemon off;\nmaster_process off;\nworker_processes 1;\npid {dir}/nginx.pid;\n\
          error_log {dir}/error.log warn;\nevents {{ worker_connections 64; }}\n\
@@ -193,19 +165,8 @@ pub(crate) fn start_nginx(
         cert = cert.display(),
         root = root.display(),
     );
-    let config_path = dir.join("nginx.conf");
-    std::fs::write(&config_path, config)?;
-    let log = std::fs::File::create(dir.join("nginx.out"))?;
-    let child = VethPair::command(&pair.server, nginx)
-        .arg("-p")
-        .arg(dir)
-        .arg("-c")
-        .arg(&config_path)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .spawn()
-        .context("starting nginx")?;
+    let child =
+        horde_benches::spawn_nginx(&mut VethPair::command(&pair.server, nginx), dir, &config)?;
     let mut server = Server { child };
     // Listening once a TCP connect from the client side succeeds; probed with curl in the
     // client namespace (this thread is in neither).
@@ -220,9 +181,7 @@ pub(crate) fn start_nginx(
             break;
         }
         if !server.running() || started.elapsed() > START_TIMEOUT {
-            let out = std::fs::read_to_string(dir.join("nginx.out")).unwrap_or_default();
-            let errors = std::fs::read_to_string(dir.join("error.log")).unwrap_or_default();
-            bail!("nginx did not start:\n{out}{errors}");
+            bail!("nginx did not start:\n{}", horde_benches::nginx_logs(dir));
         }
         std::thread::sleep(Duration::from_millis(50));
     }

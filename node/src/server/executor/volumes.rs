@@ -320,10 +320,46 @@ impl HttpClient {
     /// doubling) between them. Status codes are handled here, not as transport errors; connects
     /// time out after 10 s and a body stalled for 60 s fails the attempt.
     pub fn new(max_attempts: u32, initial_backoff: Duration) -> Self {
+        Self::with_tls(
+            max_attempts,
+            initial_backoff,
+            ureq::tls::TlsConfig::default(),
+        )
+    }
+
+    /// [`new`](Self::new), trusting for HTTPS only the certificates in `pem` instead of the
+    /// web's public roots: servers under a private CA (or a benchmark's own). An error if `pem`
+    /// holds no certificate or one that does not parse.
+    pub fn with_roots_pem(
+        max_attempts: u32,
+        initial_backoff: Duration,
+        pem: &[u8],
+    ) -> io::Result<Self> {
+        let roots = ureq::tls::parse_pem(pem)
+            .filter_map(|item| match item {
+                Ok(ureq::tls::PemItem::Certificate(certificate)) => Some(Ok(certificate)),
+                Ok(_) => None,
+                Err(error) => Some(Err(io::Error::new(io::ErrorKind::InvalidData, error))),
+            })
+            .collect::<io::Result<Vec<_>>>()?;
+        if roots.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "no certificate in the PEM roots",
+            ));
+        }
+        let tls = ureq::tls::TlsConfig::builder()
+            .root_certs(ureq::tls::RootCerts::Specific(std::sync::Arc::new(roots)))
+            .build();
+        Ok(Self::with_tls(max_attempts, initial_backoff, tls))
+    }
+
+    fn with_tls(max_attempts: u32, initial_backoff: Duration, tls: ureq::tls::TlsConfig) -> Self {
         let agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_connect(Some(Duration::from_secs(10)))
             .timeout_recv_body(Some(Duration::from_secs(60)))
+            .tls_config(tls)
             .build()
             .into();
         Self {
@@ -796,6 +832,38 @@ mod tests {
 
     fn path(text: &str) -> RelativePath {
         RelativePath(text.to_owned())
+    }
+
+    /// A self-signed P-256 CA certificate (openssl, valid until 2126): a fixture, not a secret.
+    const TEST_CA_PEM: &str = "\
+-----BEGIN CERTIFICATE-----\n\
+MIIBhjCCAS2gAwIBAgIUES1zzrbavmOpSYtI5YDzhj1x2FswCgYIKoZIzj0EAwIw\n\
+GDEWMBQGA1UEAwwNaG9yZGUtdGVzdC1jYTAgFw0yNjEyMDUxNzI2MDhaGA8yMTI2\n\
+MTExMTE3MjYwOFowGDEWMBQGA1UEAwwNaG9yZGUtdGVzdC1jYTBZMBMGByqGSM49\n\
+AgEGCCqGSM49AwEHA0IABMYZiBga3Wdzp4kANgGHLKlrjP0dre0+g/dx02DTWiw0\n\
+l8SOKLiR/IZUGxjolctOl09CQdyVhJURciXx9JLFrZijUzBRMB0GA1UdDgQWBBSY\n\
+hSn6JEMdfMAmguM4O/waYgKnDTAfBgNVHSMEGDAWgBSYhSn6JEMdfMAmguM4O/wa\n\
+YgKnDTAPBgNVHRMBAf8EBTADAQH/MAoGCCqGSM49BAMCA0cAMEQCIHUIitsw47v2\n\
+UfI2nC1iNgdZ83HIxpa8ZxNemVgXz2tiAiA2ZOKSIWup56Rg/9J+nFFFfS6Lkxk9\n\
+OSBRsWvRavtcZA==\n\
+-----END CERTIFICATE-----\n\
+";
+
+    #[test]
+    fn https_roots_must_hold_a_certificate() {
+        let client =
+            HttpClient::with_roots_pem(2, Duration::from_millis(1), TEST_CA_PEM.as_bytes())
+                .expect("a CA certificate is accepted");
+        assert_eq!(client.max_attempts, 2);
+        for pem in [
+            "".as_bytes(),
+            b"not PEM at all",
+            b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+            b"-----BEGIN CERTIFICATE-----\n!!!\n-----END CERTIFICATE-----\n",
+        ] {
+            let error = HttpClient::with_roots_pem(1, Duration::ZERO, pem).unwrap_err();
+            assert_eq!(error.kind(), io::ErrorKind::InvalidData, "{error}");
+        }
     }
 
     #[test]

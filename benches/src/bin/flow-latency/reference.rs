@@ -1,0 +1,554 @@
+//! The reference system's path beside horde's (issue 19): the same demo job program reached
+//! directly over TCP, through nginx with mutual TLS (default proxy buffering, and 256 KiB proxy
+//! buffers; see `nginx`), through `horde job forward` (the CLI process, a plain TCP client on
+//! its port), and through the Rust client's own tunnel streams (`JobConnection`, this process).
+//! nginx and the direct rows reach the directly started job; `forward`, the Rust client and
+//! `horde job request` reach one testnet job submitted with `horde job run` (the same program,
+//! run by the executor).
+//!
+//! Measured in rounds (`--reference-rounds`, 7 by default), every row once per round in turn:
+//! `GET /health` on a new connection each (TLS: a full handshake, no resumption; the tunnel: a
+//! new stream, until its receipt verified), keep-alive `GET /health` on one connection, a 32 B
+//! WebSocket binary message echoed, `GET /bytes` of `--size-mib` (one transfer per row and
+//! round), and one request per process (`curl` through nginx with the client certificate,
+//! `curl` direct, `horde job request`, each `POST /echo`, spawn to exit, answers checked).
+//! Ratios are against nginx with default buffers (bulk also against 256 KiB buffers), printed
+//! beside the issue's targets.
+
+use std::io::{Read as _, Write as _};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use horde_node::client::{JobConnection, VerifiedEndpoint, now};
+use horde_protocol::codec::from_bytes_exact;
+use horde_protocol::{EndpointRecord, JobId, SecretKey, Signed};
+use horde_testnet::demo_job::websocket::{OPCODE_BINARY, OPCODE_CLOSE, decode_frame, encode_frame};
+use horde_testnet::{Testnet, TestnetConfig, demo_job_binary};
+use horde_transport::tunnel::JobTunnel;
+
+use super::nginx::{self, Conn, Dial, Nginx};
+use super::{Duplex, Spread, bytes_request, gbit, keep_alive_round_trip, ms, tunnel_bytes};
+
+/// The body of every one-request-per-process `POST /echo`.
+const ECHO_BODY: &str = "one shot";
+
+/// A `GET /health` closing its connection.
+const CLOSE_REQUEST: &[u8] = b"GET /health HTTP/1.1\r\nHost: job\r\nConnection: close\r\n\r\n";
+
+/// The WebSocket opening handshake (RFC 6455's sample key).
+const WS_UPGRADE: &[u8] = b"GET /ws HTTP/1.1\r\nHost: job\r\nUpgrade: websocket\r\n\
+    Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+    Sec-WebSocket-Version: 13\r\n\r\n";
+
+/// The echoed WebSocket message's size.
+const WS_MESSAGE: usize = 32;
+
+/// How many of each measurement one run makes.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Plan {
+    pub(crate) rounds: usize,
+    /// Requests (and WebSocket messages) per row and round.
+    pub(crate) requests: usize,
+    /// Processes of each kind per round.
+    pub(crate) processes: usize,
+    pub(crate) size: u64,
+}
+
+/// The rows, in the order they run in every round.
+const ROWS: [&str; 5] = [
+    "direct TCP",
+    "nginx mTLS",
+    "nginx mTLS 256k",
+    "job forward",
+    "Rust client",
+];
+const NGINX: usize = 1;
+const NGINX_LARGE: usize = 2;
+const FORWARD: usize = 3;
+const CLIENT: usize = 4;
+
+/// Samples of one measurement, per row.
+type PerRow = [Vec<f64>; 5];
+
+/// Everything the reference comparison measured.
+#[derive(Default)]
+pub(crate) struct Samples {
+    new_connection: PerRow,
+    keep_alive: PerRow,
+    websocket: PerRow,
+    bulk: PerRow,
+    /// Spawn to exit: curl through nginx, curl direct, `horde job request`.
+    processes: [Vec<f64>; 3],
+    nginx: bool,
+}
+
+/// The testnet job submitted with `horde job run`, its forwarder and the Rust client's
+/// connection to it.
+struct HordeSide {
+    horde: PathBuf,
+    state: tempfile::TempDir,
+    job: String,
+    forward: tokio::process::Child,
+    forward_addr: SocketAddr,
+    connection: JobConnection,
+}
+
+/// Runs `horde` with the state directory; its output, failing unless it exits 0.
+fn run_horde(horde: &Path, state: &Path, args: &[&str]) -> anyhow::Result<std::process::Output> {
+    horde_benches::run_tool(Command::new(horde).args(args).env("HORDE_STATE_DIR", state))
+}
+
+/// The job's connection as `horde job request` makes it: from the state `horde job run` left.
+async fn connect_from_state(state: &Path, job: &str) -> anyhow::Result<JobConnection> {
+    let job_id: JobId = job.parse().map_err(|_| anyhow::anyhow!("job id {job:?}"))?;
+    let text = std::fs::read_to_string(state.join("jobs").join(format!("{job}.json")))?;
+    let saved: serde_json::Value = serde_json::from_str(&text)?;
+    let field = |name: &str| {
+        saved[name]
+            .as_str()
+            .with_context(|| format!("job state without {name}"))
+    };
+    let signed: Signed<EndpointRecord> =
+        from_bytes_exact(&hex::decode(field("endpoint")?)?).context("endpoint record")?;
+    let endpoint = VerifiedEndpoint::verify(&signed, job_id, &field("miner")?.parse()?, now())?;
+    let mut seed = [0u8; 32];
+    hex::decode_to_slice(field("client_seed")?, &mut seed)?;
+    Ok(JobConnection::connect(job_id, SecretKey::from_seed(&seed), &endpoint).await?)
+}
+
+impl HordeSide {
+    async fn start(facilitator: &str, program: &str) -> anyhow::Result<Self> {
+        let horde = horde_testnet::horde_binary()?;
+        let state = tempfile::tempdir()?;
+        let spec = state.path().join("job.toml");
+        std::fs::write(
+            &spec,
+            format!(
+                "executor_class = \"cpu\"\nprogram = \"{program}\"\nreadiness_http = \"/health\"\n"
+            ),
+        )?;
+        let spec = spec.to_string_lossy().into_owned();
+        let output = run_horde(
+            &horde,
+            state.path(),
+            &["job", "run", "--spec", &spec, "--facilitator", facilitator],
+        )?;
+        let text = String::from_utf8_lossy(&output.stdout).into_owned();
+        let job = text
+            .lines()
+            .find_map(|line| line.strip_prefix("job "))
+            .map(|id| id.trim().to_owned())
+            .with_context(|| format!("no job id in {text}"))?;
+        let port = std::net::TcpListener::bind(("127.0.0.1", 0))?
+            .local_addr()?
+            .port();
+        let forward_addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let forward = tokio::process::Command::new(&horde)
+            .args([
+                "job",
+                "forward",
+                &job,
+                "--listen",
+                &forward_addr.to_string(),
+            ])
+            .env("HORDE_STATE_DIR", state.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting horde job forward")?;
+        let started = Instant::now();
+        while !super::direct_request(port, "GET /health")
+            .await
+            .is_ok_and(|status| status == 200)
+        {
+            if started.elapsed() > Duration::from_secs(20) {
+                bail!("horde job forward did not answer on {forward_addr}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let connection = connect_from_state(state.path(), &job).await?;
+        Ok(Self {
+            horde,
+            state,
+            job,
+            forward,
+            forward_addr,
+            connection,
+        })
+    }
+
+    /// One `horde job request POST /echo` process; milliseconds, spawn to exit.
+    fn request_process(&self) -> anyhow::Result<f64> {
+        let started = Instant::now();
+        let output = run_horde(
+            &self.horde,
+            self.state.path(),
+            &[
+                "job", "request", &self.job, "POST", "/echo", "--data", ECHO_BODY,
+            ],
+        )?;
+        let elapsed = ms(started.elapsed());
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        if output.stdout != ECHO_BODY.as_bytes() || !stderr.contains("receipt verified") {
+            bail!("horde job request: incomplete answer: {stderr}");
+        }
+        Ok(elapsed)
+    }
+
+    async fn stop(mut self) {
+        self.connection.close().await;
+        let _ = self.forward.kill().await;
+        let _ = run_horde(
+            &self.horde,
+            self.state.path(),
+            &["job", "terminate", &self.job],
+        );
+    }
+}
+
+/// Runs blocking client code (the TCP and TLS rows) off the runtime's workers' duty.
+fn blocking<F: std::future::Future>(future: F) -> F::Output {
+    tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(future))
+}
+
+impl Duplex for Conn {
+    async fn send(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
+        self.write_all(bytes)?;
+        Ok(self.flush()?)
+    }
+
+    async fn receive(&mut self, buffer: &mut Vec<u8>) -> anyhow::Result<()> {
+        let mut chunk = [0u8; 16 * 1024];
+        let n = self.read(&mut chunk)?;
+        anyhow::ensure!(n > 0, "connection closed mid-response");
+        buffer.extend_from_slice(&chunk[..n]);
+        Ok(())
+    }
+}
+
+/// `GET /health` on a new connection, until the whole response has arrived; milliseconds.
+async fn new_connection_request(dial: &Dial) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    let mut conn = dial.connect()?;
+    conn.send(CLOSE_REQUEST).await?;
+    let mut buffer = Vec::new();
+    while super::complete_response(&buffer)?.is_none() {
+        conn.receive(&mut buffer).await?;
+    }
+    let elapsed = ms(started.elapsed());
+    anyhow::ensure!(buffer.starts_with(b"HTTP/1.1 200"), "status of {dial:?}");
+    Ok(elapsed)
+}
+
+/// `requests` keep-alive round trips on `conn` after one to warm it; milliseconds each.
+async fn keep_alive_trips(conn: &mut impl Duplex, requests: usize) -> anyhow::Result<Vec<f64>> {
+    let mut buffer = Vec::new();
+    keep_alive_round_trip(conn, &mut buffer).await?;
+    let mut samples = Vec::with_capacity(requests);
+    for _ in 0..requests {
+        samples.push(keep_alive_round_trip(conn, &mut buffer).await?);
+    }
+    Ok(samples)
+}
+
+/// Opens a WebSocket on `conn`, then `messages` echoes of a 32 B binary message after one to
+/// warm it (milliseconds each), then closes it.
+async fn websocket_echoes(conn: &mut impl Duplex, messages: usize) -> anyhow::Result<Vec<f64>> {
+    let mut buffer = Vec::new();
+    conn.send(WS_UPGRADE).await?;
+    let head_end = loop {
+        if let Some(at) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at + 4;
+        }
+        conn.receive(&mut buffer).await?;
+    };
+    anyhow::ensure!(
+        buffer.starts_with(b"HTTP/1.1 101"),
+        "WebSocket not accepted"
+    );
+    buffer.drain(..head_end);
+    let payload = [0x61u8; WS_MESSAGE];
+    let frame = encode_frame(true, OPCODE_BINARY, &payload, Some([7, 1, 9, 3]));
+    let mut samples = Vec::with_capacity(messages);
+    for index in 0..=messages {
+        let started = Instant::now();
+        conn.send(&frame).await?;
+        let (echo, used) = loop {
+            match decode_frame(&buffer, 1 << 16) {
+                Ok(Some(decoded)) => break decoded,
+                Ok(None) => conn.receive(&mut buffer).await?,
+                Err(error) => bail!("WebSocket frame: {error}"),
+            }
+        };
+        let elapsed = ms(started.elapsed());
+        anyhow::ensure!(echo.payload == payload, "WebSocket echo differs");
+        buffer.drain(..used);
+        if index > 0 {
+            samples.push(elapsed);
+        }
+    }
+    conn.send(&encode_frame(
+        true,
+        OPCODE_CLOSE,
+        &1000u16.to_be_bytes(),
+        Some([7, 1, 9, 3]),
+    ))
+    .await?;
+    Ok(samples)
+}
+
+/// `GET /bytes?n={size}` on a new connection until the whole body has arrived; Gbit/s.
+async fn bulk(dial: &Dial, size: u64) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    let mut conn = dial.connect()?;
+    conn.send(bytes_request(size).as_bytes()).await?;
+    let mut buffer = vec![0u8; 256 * 1024];
+    let (mut head, mut body) = (Vec::new(), None::<u64>);
+    while body.is_none_or(|received| received < size) {
+        let n = conn.read(&mut buffer)?;
+        anyhow::ensure!(n > 0, "{dial:?}: closed after {body:?} of {size} bytes");
+        match &mut body {
+            Some(received) => *received += n as u64,
+            None => {
+                head.extend_from_slice(&buffer[..n]);
+                if let Some(at) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+                    anyhow::ensure!(head.starts_with(b"HTTP/1.1 200"), "bulk status");
+                    body = Some((head.len() - at - 4) as u64);
+                }
+            }
+        }
+    }
+    Ok(gbit(size, started.elapsed()))
+}
+
+/// Every row's figure of one round.
+async fn round(
+    plan: Plan,
+    dials: &[Option<Dial>; 4],
+    tunnel: &JobTunnel,
+    samples: &mut Samples,
+) -> anyhow::Result<()> {
+    for (row, dial) in dials.iter().enumerate() {
+        let Some(dial) = dial else { continue };
+        let row_samples = blocking(async {
+            let mut new_connection = Vec::with_capacity(plan.requests);
+            for _ in 0..plan.requests {
+                new_connection.push(new_connection_request(dial).await?);
+            }
+            let keep_alive = keep_alive_trips(&mut dial.connect()?, plan.requests).await?;
+            let websocket = websocket_echoes(&mut dial.connect()?, plan.requests).await?;
+            anyhow::Ok((new_connection, keep_alive, websocket))
+        })
+        .with_context(|| format!("row {}", ROWS[row]))?;
+        samples.new_connection[row].extend(row_samples.0);
+        samples.keep_alive[row].extend(row_samples.1);
+        samples.websocket[row].extend(row_samples.2);
+    }
+    for _ in 0..plan.requests {
+        let (_, verified) = super::tunnel_request(tunnel).await?;
+        samples.new_connection[CLIENT].push(verified);
+    }
+    let mut stream = tunnel.open().await?;
+    samples.keep_alive[CLIENT].extend(keep_alive_trips(&mut stream, plan.requests).await?);
+    stream.finish_sending().await?;
+    while stream.read().await?.is_some() {}
+    anyhow::ensure!(
+        stream.receipt().is_some(),
+        "no receipt for the keep-alive stream"
+    );
+    let mut stream = tunnel.open().await?;
+    samples.websocket[CLIENT].extend(websocket_echoes(&mut stream, plan.requests).await?);
+    stream.finish_sending().await?;
+    while stream.read().await?.is_some() {}
+    anyhow::ensure!(
+        stream.receipt().is_some(),
+        "no receipt for the WebSocket stream"
+    );
+
+    for (row, dial) in dials.iter().enumerate() {
+        if let Some(dial) = dial {
+            samples.bulk[row].push(blocking(bulk(dial, plan.size))?);
+        }
+    }
+    samples.bulk[CLIENT].push(tunnel_bytes(tunnel, plan.size).await?);
+    Ok(())
+}
+
+/// Measures every row in `plan.rounds` rounds; nginx proxies to the job at `direct_port`.
+pub(crate) async fn measure(
+    plan: Plan,
+    facilitator: &str,
+    program: &str,
+    direct_port: u16,
+) -> anyhow::Result<Samples> {
+    let side = HordeSide::start(facilitator, program).await?;
+    let nginx_dir = tempfile::tempdir()?;
+    let nginx = nginx::start(nginx_dir.path(), direct_port)?;
+    let tls = |nginx: &Nginx, addr| Dial::Tls(addr, nginx.tls.clone());
+    let dials = [
+        Some(Dial::Tcp(SocketAddr::from(([127, 0, 0, 1], direct_port)))),
+        nginx.as_ref().map(|n| tls(n, n.default_buffers)),
+        nginx.as_ref().map(|n| tls(n, n.large_buffers)),
+        Some(Dial::Tcp(side.forward_addr)),
+    ];
+    let mut samples = Samples {
+        nginx: nginx.is_some(),
+        ..Samples::default()
+    };
+    for index in 0..plan.rounds {
+        eprintln!("reference round {}/{}", index + 1, plan.rounds);
+        round(plan, &dials, &side.connection.tunnel, &mut samples).await?;
+        for _ in 0..plan.processes {
+            if let Some(nginx) = &nginx {
+                samples.processes[0].push(nginx::curl_echo(nginx, ECHO_BODY)?);
+            }
+            samples.processes[1].push(nginx::curl_direct_echo(direct_port, ECHO_BODY)?);
+            samples.processes[2].push(side.request_process()?);
+        }
+    }
+    drop(nginx);
+    side.stop().await;
+    Ok(samples)
+}
+
+/// The comparison with the reference's path alone (`--reference-only`): a direct job, a
+/// testnet, and the rows of `reference`.
+pub(crate) async fn run_alone(plan: Plan) -> anyhow::Result<serde_json::Value> {
+    let program = demo_job_binary()?;
+    let program_str = program.to_str().context("utf-8 path")?.to_owned();
+    let (_, direct_child, direct_port) = super::job_startup(&program).await?;
+    let testnet = Testnet::start(TestnetConfig {
+        storage: 0,
+        log_filter: "warn".to_owned(),
+        ..TestnetConfig::default()
+    })?;
+    let samples = measure(
+        plan,
+        &testnet.facilitator().to_string(),
+        &program_str,
+        direct_port,
+    )
+    .await?;
+    testnet.shutdown();
+    drop(direct_child);
+    Ok(serde_json::json!({"reference": report(plan, samples)}))
+}
+
+/// One table: every row's median, p99 and ratio to nginx, with the targets' notes.
+fn table(
+    title: &str,
+    unit: &str,
+    rows: PerRow,
+    nginx: bool,
+    targets: &[(usize, &str)],
+) -> serde_json::Value {
+    println!("  -- {title}");
+    let spreads: Vec<Spread> = rows.into_iter().map(Spread::of).collect();
+    let base = spreads[NGINX].median;
+    let mut json = serde_json::Map::new();
+    for (row, spread) in spreads.iter().enumerate() {
+        if spread.median.is_nan() {
+            continue;
+        }
+        let ratio = spread.median / base;
+        let target = targets
+            .iter()
+            .find(|(r, _)| *r == row)
+            .map_or("", |(_, t)| *t);
+        let ratio_text = if nginx {
+            format!("{ratio:.2}x nginx")
+        } else {
+            String::new()
+        };
+        println!(
+            "    {:<16} {:>9.3} {unit} [{:.3}-{:.3}] p99 {:.3}  {ratio_text:<12} {target}",
+            ROWS[row], spread.median, spread.min, spread.max, spread.p99
+        );
+        let mut value = spread.json();
+        value["ratio_to_nginx"] = serde_json::json!(ratio);
+        json.insert(ROWS[row].to_owned(), value);
+    }
+    serde_json::Value::Object(json)
+}
+
+/// Prints the comparison; its JSON.
+pub(crate) fn report(plan: Plan, samples: Samples) -> serde_json::Value {
+    println!(
+        "== against the reference's path: nginx mutual TLS in front of the job ({} rounds, rows \
+         alternating; {} requests per row and round; median [min-max] p99; ratios to nginx with \
+         default buffers)",
+        plan.rounds, plan.requests
+    );
+    if !samples.nginx {
+        println!("  (no nginx rows: nginx or openssl is missing)");
+    }
+    let nginx = samples.nginx;
+    let new_connection = table(
+        "GET /health, new connection each (TLS: full handshake; Rust client: new stream, receipt verified)",
+        "ms",
+        samples.new_connection,
+        nginx,
+        &[(FORWARD, "target <= 0.35x")],
+    );
+    let keep_alive = table(
+        "keep-alive GET /health on one connection",
+        "ms",
+        samples.keep_alive,
+        nginx,
+        &[(FORWARD, "target <= 1.2x"), (CLIENT, "target <= 1.0x")],
+    );
+    let websocket = table(
+        "WebSocket echo, 32 B binary message",
+        "ms",
+        samples.websocket,
+        nginx,
+        &[(FORWARD, "target <= 1.0x")],
+    );
+    let large = Spread::of(samples.bulk[NGINX_LARGE].clone()).median;
+    let forward_bulk = Spread::of(samples.bulk[FORWARD].clone()).median;
+    let client_bulk = Spread::of(samples.bulk[CLIENT].clone()).median;
+    let bulk = table(
+        &format!("bulk GET /bytes, {} MiB (Gbit/s)", plan.size >> 20),
+        "Gb/s",
+        samples.bulk,
+        nginx,
+        &[],
+    );
+    if nginx {
+        println!(
+            "    against nginx with 256 KiB buffers: forward {:.2}x (target >= 0.7), Rust client \
+             {:.2}x (target >= 0.8)",
+            forward_bulk / large,
+            client_bulk / large
+        );
+    }
+    println!(
+        "  -- one request per process, POST /echo, spawn to exit ({} per round)",
+        plan.processes
+    );
+    let [curl_nginx, curl_direct, request] = samples.processes.map(Spread::of);
+    curl_direct.print_ms("curl direct", "plain HTTP to the job");
+    if nginx {
+        curl_nginx.print_ms("curl nginx", "mutual TLS, full handshake");
+    }
+    request.print_ms("horde request", "`horde job request`, receipt verified");
+    if nginx {
+        println!(
+            "    horde job request / curl through nginx: {:.2}x (target <= 2)",
+            request.median / curl_nginx.median
+        );
+    }
+    serde_json::json!({
+        "rounds": plan.rounds, "requests_per_round": plan.requests,
+        "new_connection_ms": new_connection, "keep_alive_ms": keep_alive,
+        "websocket_echo_ms": websocket, "bulk_gbit": bulk,
+        "bulk_forward_over_nginx_256k": forward_bulk / large,
+        "bulk_client_over_nginx_256k": client_bulk / large,
+        "process_ms": {"curl_nginx": curl_nginx.json(), "curl_direct": curl_direct.json(),
+                       "horde_job_request": request.json()},
+    })
+}
