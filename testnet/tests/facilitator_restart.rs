@@ -74,7 +74,7 @@ async fn a_restarted_facilitator_says_warming_up_and_clients_retry_until_it_know
     }
 
     // Without its kept directory the facilitator hears of each node by that node's next
-    // re-publication (every 48 s): a reservation longer than that always sees both.
+    // re-publication (every 90 s by default): a reservation longer than that always sees both.
     let mut patient = demo_request();
     patient.deadlines.reservation_ms = 110_000;
     let mut job = client.submit(&patient).await.unwrap();

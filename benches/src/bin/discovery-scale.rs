@@ -35,7 +35,7 @@ struct Args {
     #[arg(long, default_value_t = 30)]
     miners: usize,
     /// Seconds of the idle window (memory is read at its end, CPU and counters over it; records
-    /// are re-signed every 48 s, so a window shorter than that sees few of them).
+    /// are re-signed every 90 s, so a window shorter than that sees few of them).
     #[arg(long, default_value_t = 60)]
     idle_secs: u64,
     /// Concurrent jobs run for the capacity-change latency (each changes a miner's capacity

@@ -8,8 +8,8 @@
 //! QUIC (quinn + rustls with ring, like the rest of horde) on its own UDP port.
 //!
 //! Records: each node signs `NodeRecord {hotkey, role, QUIC addresses, discovery addresses,
-//! executor capacity, version, seq, expires_at}`, re-signs it with a higher `seq` every two fifths
-//! of its lifetime and (coalesced to one per 100 ms) when its capacity changes, and publishes it on
+//! executor capacity, version, seq, expires_at}`, re-signs it with a higher `seq` 30 s before it
+//! expires (`task::refresh_interval`) and (coalesced to one per 100 ms) when its capacity changes, and publishes it on
 //! the gossip topic. Every gossiped record is judged before gossipsub forwards it (bad records are
 //! rejected and their sender penalised, stale ones ignored); records from the record exchange pass
 //! [`check_record`], and one sent as the sender's own must name the sender's `PeerId`. The newest
@@ -67,8 +67,17 @@ pub const MAX_SYNC_BYTES: u32 = 1024 * 1024;
 /// Most records one [`RecordSync`] carries (a full directory answer is cut to this).
 pub const MAX_SYNC_RECORDS: usize = 1024;
 
+/// Keep-alive of the discovery QUIC connections (libp2p's default: 5 s). An idle node's
+/// packets are mostly these: every connection (up to 24 dialed, plus those accepted) pings each
+/// way per interval and acknowledges the other's ping.
+const GOSSIP_KEEP_ALIVE: Duration = Duration::from_secs(15);
+/// Idle timeout of the discovery QUIC connections, in ms (libp2p's default: 10 s): three
+/// keep-alives. A vanished peer's connection is closed within it; its record expires anyway.
+const GOSSIP_IDLE_TIMEOUT_MS: u32 = 45_000;
+
 /// Default record lifetime: a vanished node is forgotten within 2 minutes; records are re-signed
-/// every two fifths of it (48 s), which keeps idle traffic low at 256 nodes (see the README).
+/// 30 s before it runs out (every 90 s), which keeps idle traffic low at 256 nodes (see the
+/// README).
 pub const DEFAULT_RECORD_TTL: Duration = Duration::from_secs(120);
 /// Shortest record lifetime a config may set.
 pub const MIN_RECORD_TTL: Duration = Duration::from_secs(2);
@@ -482,7 +491,11 @@ fn build_swarm(key: &SecretKey) -> Result<Swarm<Behaviour>, DiscoveryError> {
         .map_err(|e| DiscoveryError::Swarm(e.to_string()))?;
     let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
-        .with_quic()
+        .with_quic_config(|mut config| {
+            config.keep_alive_interval = GOSSIP_KEEP_ALIVE;
+            config.max_idle_timeout = GOSSIP_IDLE_TIMEOUT_MS;
+            config
+        })
         .with_behaviour(|keypair| {
             let peer = keypair.public().to_peer_id();
             let identify = identify::Behaviour::new(identify::Config::new(
@@ -723,6 +736,19 @@ mod tests {
 
     use super::*;
     use horde_protocol::Signed;
+
+    #[test]
+    fn records_are_refreshed_thirty_seconds_before_they_expire_or_at_two_fifths() {
+        let secs = |s: u64| Duration::from_secs(s);
+        assert_eq!(refresh_interval(DEFAULT_RECORD_TTL), secs(90));
+        assert_eq!(refresh_interval(secs(600)), secs(570));
+        // Short lifetimes keep two fifths: one lost refresh is survived.
+        assert_eq!(refresh_interval(secs(50)), secs(20));
+        assert_eq!(refresh_interval(MIN_RECORD_TTL), Duration::from_millis(800));
+        for ttl in [MIN_RECORD_TTL, secs(10), secs(60), DEFAULT_RECORD_TTL, secs(600)] {
+            assert!(refresh_interval(ttl) < ttl, "{ttl:?}");
+        }
+    }
 
     /// Offers a miner record of `key` with `free` executors of class `cpu`.
     fn offer_miner(directory: &Directory, key: &SecretKey, free: u32, seq: u64) -> Offer {
