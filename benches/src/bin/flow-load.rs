@@ -202,14 +202,24 @@ fn latency_cell(values: Vec<f64>) -> (String, f64) {
     )
 }
 
+/// What both phases run with.
+struct Bench<'a> {
+    runtime: &'a tokio::runtime::Runtime,
+    testnet: &'a Testnet,
+    clients: &'a [Client],
+    request: &'a JobRequest,
+    args: &'a Args,
+}
+
 /// Phase 1: holds `args.jobs` jobs open together and reports them; returns its runs.
-fn held_phase(
-    runtime: &tokio::runtime::Runtime,
-    testnet: &Testnet,
-    clients: &[Client],
-    request: &JobRequest,
-    args: &Args,
-) -> anyhow::Result<(Vec<JobRun>, serde_json::Value)> {
+fn held_phase(bench: &Bench<'_>) -> anyhow::Result<(Vec<JobRun>, serde_json::Value)> {
+    let Bench {
+        runtime,
+        testnet,
+        clients,
+        request,
+        args,
+    } = *bench;
     let jobs = args.jobs;
     let idle = usage(testnet)?;
     let held = runtime.block_on(jobs::HeldJobs::open(clients, request, jobs, args.open_rate));
@@ -319,13 +329,14 @@ fn held_phase(
 }
 
 /// Phase 2: the sustained run of short jobs; returns its runs.
-fn sustained_phase(
-    runtime: &tokio::runtime::Runtime,
-    testnet: &Testnet,
-    clients: &[Client],
-    request: &JobRequest,
-    args: &Args,
-) -> anyhow::Result<(Vec<JobRun>, serde_json::Value)> {
+fn sustained_phase(bench: &Bench<'_>) -> anyhow::Result<(Vec<JobRun>, serde_json::Value)> {
+    let Bench {
+        runtime,
+        testnet,
+        clients,
+        request,
+        args,
+    } = *bench;
     let before = usage(testnet)?;
     let sustained = runtime.block_on(jobs::sustained(clients, request, args.secs, args.rate));
     let after = usage(testnet)?;
@@ -333,11 +344,15 @@ fn sustained_phase(
     let submitted = runs.len();
     let ended = runs.iter().filter(|r| r.ended_as_expected()).count();
     let span = sustained.span.as_secs_f64();
-    let achieved = ended as f64 / span;
+    let window = args.secs as f64;
+    // Completions per second during the run: jobs that ended (as expected) within the window;
+    // the tail after it is reported beside.
+    let achieved = sustained.ended_in_window as f64 / window;
     let per_job = |after: f64, before: f64| (after - before) / submitted.max(1) as f64 * 1e3;
     let (endpoint, _) = latency_cell(values(&runs, |r| r.endpoint_ms));
     let (whole, _) = latency_cell(values(&runs, |r| r.total_ms));
-    let sustained_ok = achieved >= TARGET_RATE && sustained.submitting.as_secs_f64() >= TARGET_SECS;
+    let sustained_ok = achieved >= TARGET_RATE && window >= TARGET_SECS && ended == submitted;
+    let load = load_average();
     println!();
     println!(
         "### Phase 2: short jobs at {} per second for {} s (submit -> endpoint -> one request -> terminate)",
@@ -353,8 +368,12 @@ fn sustained_phase(
         met(ended == submitted),
     );
     row(
-        "achieved rate (ended jobs / first submit to last end)",
-        &format!("{achieved:.2} jobs/s over {span:.1} s"),
+        "achieved rate (jobs ended within the window / window)",
+        &format!(
+            "{achieved:.2} jobs/s ({} in {window:.0} s; the last job ended {:.2} s after the window)",
+            sustained.ended_in_window,
+            span - window
+        ),
         &format!(">= {TARGET_RATE:.0} jobs/s for {TARGET_SECS:.0} s"),
         met(sustained_ok),
     );
@@ -376,8 +395,13 @@ fn sustained_phase(
         "",
         "",
     );
+    println!(
+        "\n(submissions over {:.1} s; load average at the end: {load})",
+        sustained.submitting.as_secs_f64()
+    );
     let json = serde_json::json!({
         "secs": args.secs, "rate": args.rate, "submitted": submitted, "ended_as_expected": ended,
+        "ended_in_window": sustained.ended_in_window, "load_average_end": load,
         "span_secs": span, "achieved_jobs_per_sec": achieved,
         "max_in_flight": sustained.max_in_flight,
         "endpoint_ms": values(&runs, |r| r.endpoint_ms),
@@ -478,13 +502,22 @@ fn main() -> anyhow::Result<()> {
     );
     let mut request = JobRequest::command("cpu", program.to_str().context("utf-8 path")?);
     request.deadlines.readiness_ms = 60_000;
+    // A client's endpoint binds its socket in the runtime.
+    let _runtime_context = runtime.enter();
     let clients = (0..args.clients)
         .map(|_| Client::new(SecretKey::generate(), testnet.facilitator()))
         .collect::<Result<Vec<_>, _>>()?;
-    let (mut runs, held) = held_phase(&runtime, &testnet, &clients, &request, &args)?;
+    let bench = Bench {
+        runtime: &runtime,
+        testnet: &testnet,
+        clients: &clients,
+        request: &request,
+        args: &args,
+    };
+    let (mut runs, held) = held_phase(&bench)?;
     let mut sustained = serde_json::Value::Null;
     if args.secs > 0 && args.rate > 0.0 {
-        let (more, json) = sustained_phase(&runtime, &testnet, &clients, &request, &args)?;
+        let (more, json) = sustained_phase(&bench)?;
         runs.extend(more);
         sustained = json;
     }

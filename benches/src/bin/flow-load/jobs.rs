@@ -208,6 +208,8 @@ impl HeldJobs {
                 let mut run = JobRun::new(slot);
                 let job = open_within(&client, &request, &mut run).await;
                 let _ = opened_tx.send(job.is_some()).await;
+                // Held jobs keep their tasks: only the count of answers ends the wait below.
+                drop(opened_tx);
                 if let Some(job) = job {
                     if released.wait_for(|go| *go).await.is_err() {
                         run.error = Some("the bench stopped before the release".to_owned());
@@ -219,8 +221,11 @@ impl HeldJobs {
         }
         drop(opened_tx);
         let mut open = 0;
-        while let Some(serving) = opened_rx.recv().await {
-            open += usize::from(serving);
+        for _ in 0..jobs {
+            match opened_rx.recv().await {
+                Some(serving) => open += usize::from(serving),
+                None => break,
+            }
         }
         Self {
             tasks,
@@ -232,20 +237,23 @@ impl HeldJobs {
 
     /// Terminates every held job and returns what became of all of them.
     pub(crate) async fn release(self) -> Vec<JobRun> {
-        let Self {
-            mut tasks, release, ..
-        } = self;
+        let Self { tasks, release, .. } = self;
         let _ = release.send(true);
-        let mut runs = Vec::new();
-        while let Some(run) = tasks.join_next().await {
-            runs.push(run.unwrap_or_else(|error| {
-                let mut run = JobRun::new(0);
-                run.error = Some(format!("job task failed: {error}"));
-                run
-            }));
-        }
-        runs
+        join_runs(tasks).await
     }
+}
+
+/// Every job task's run (a task that panicked counts as a failed job).
+async fn join_runs(mut tasks: JoinSet<JobRun>) -> Vec<JobRun> {
+    let mut runs = Vec::new();
+    while let Some(run) = tasks.join_next().await {
+        runs.push(run.unwrap_or_else(|error| {
+            let mut run = JobRun::new(0);
+            run.error = Some(format!("job task failed: {error}"));
+            run
+        }));
+    }
+    runs
 }
 
 /// Phase 2's outcome.
@@ -257,6 +265,8 @@ pub(crate) struct Sustained {
     pub(crate) span: Duration,
     /// Most jobs between submission and end at one time.
     pub(crate) max_in_flight: usize,
+    /// Jobs that ended as expected within the `secs` window.
+    pub(crate) ended_in_window: usize,
 }
 
 /// Submits short jobs at `rate` per second for `secs`, round-robin over `clients`; each is
@@ -269,6 +279,7 @@ pub(crate) async fn sustained(
 ) -> Sustained {
     let in_flight = Arc::new(AtomicUsize::new(0));
     let max_in_flight = Arc::new(AtomicUsize::new(0));
+    let ended_in_window = Arc::new(AtomicUsize::new(0));
     let mut tasks = JoinSet::new();
     let mut ticker = ticker(rate);
     let started = Instant::now();
@@ -280,6 +291,7 @@ pub(crate) async fn sustained(
         index += 1;
         let (client, request) = (clients[slot].clone(), request.clone());
         let (in_flight, max_in_flight) = (Arc::clone(&in_flight), Arc::clone(&max_in_flight));
+        let ended_in_window = Arc::clone(&ended_in_window);
         tasks.spawn(async move {
             let now = in_flight.fetch_add(1, Ordering::SeqCst) + 1;
             max_in_flight.fetch_max(now, Ordering::SeqCst);
@@ -287,23 +299,20 @@ pub(crate) async fn sustained(
             if let Some(job) = open_within(&client, &request, &mut run).await {
                 close_within(job, &mut run).await;
             }
+            if run.ended_as_expected() && started.elapsed() <= window {
+                ended_in_window.fetch_add(1, Ordering::SeqCst);
+            }
             in_flight.fetch_sub(1, Ordering::SeqCst);
             run
         });
     }
     let submitting = started.elapsed();
-    let mut runs = Vec::new();
-    while let Some(run) = tasks.join_next().await {
-        runs.push(run.unwrap_or_else(|error| {
-            let mut run = JobRun::new(0);
-            run.error = Some(format!("job task failed: {error}"));
-            run
-        }));
-    }
+    let runs = join_runs(tasks).await;
     Sustained {
         runs,
         submitting,
         span: started.elapsed(),
         max_in_flight: max_in_flight.load(Ordering::SeqCst),
+        ended_in_window: ended_in_window.load(Ordering::SeqCst),
     }
 }
