@@ -5,13 +5,14 @@
 
 use std::process::Command;
 
-const BENCHES: [(&str, &str); 6] = [
+const BENCHES: [(&str, &str); 7] = [
     ("oneshot-latency", env!("CARGO_BIN_EXE_oneshot-latency")),
     ("blob-throughput", env!("CARGO_BIN_EXE_blob-throughput")),
     ("blob-veth", env!("CARGO_BIN_EXE_blob-veth")),
     ("flow-latency", env!("CARGO_BIN_EXE_flow-latency")),
     ("discovery-scale", env!("CARGO_BIN_EXE_discovery-scale")),
     ("sdk-request-rtt", env!("CARGO_BIN_EXE_sdk-request-rtt")),
+    ("flow-load", env!("CARGO_BIN_EXE_flow-load")),
 ];
 
 #[test]

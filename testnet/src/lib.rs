@@ -661,14 +661,17 @@ impl Testnet {
         missing
     }
 
+    /// The process id of a running node.
+    pub fn pid(&self, name: &str) -> anyhow::Result<u32> {
+        let child = self.node(name)?.child.as_ref();
+        Ok(child
+            .with_context(|| format!("{name} is not running"))?
+            .id())
+    }
+
     /// Resident memory of a node's process (KiB), from `/proc/PID/status`.
     pub fn rss_kib(&self, name: &str) -> anyhow::Result<u64> {
-        let node = self.node(name)?;
-        let child = node
-            .child
-            .as_ref()
-            .with_context(|| format!("{name} is not running"))?;
-        let status = std::fs::read_to_string(format!("/proc/{}/status", child.id()))?;
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid(name)?))?;
         status
             .lines()
             .find_map(|l| l.strip_prefix("VmRSS:"))

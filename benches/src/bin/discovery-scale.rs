@@ -19,6 +19,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use horde_benches::{cpu_secs, latency_summary, load_average};
 use horde_node::client::{Client, JobRequest};
 use horde_protocol::{Role, SecretKey};
 use horde_testnet::{Testnet, TestnetConfig, demo_job_binary};
@@ -49,8 +50,6 @@ struct Args {
 
 /// Most nodes one run may start (a subnet's 256 slots).
 const MAX_NODES: usize = 256;
-/// Clock ticks per second of `/proc/PID/stat` CPU times (`getconf CLK_TCK`, 100 on Linux).
-const CLK_TCK: f64 = 100.0;
 /// How many gossip counters a node logs (see `GOSSIP_FIELDS`).
 const FIELDS: usize = 8;
 /// The counters of a node's `gossip counters` log line, in order.
@@ -146,18 +145,6 @@ fn node_pids(testnet: &Testnet) -> std::collections::HashMap<String, u32> {
     pids
 }
 
-/// CPU time (user + system, seconds) of a process so far.
-fn cpu_secs(pid: u32) -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the command name, which is in parentheses and may hold spaces.
-    let rest = stat.rsplit_once(')').context("no ) in stat")?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of the whole line: 11 and 12 after the state.
-    let ticks: f64 = fields.get(11).context("no utime")?.parse::<f64>()?
-        + fields.get(12).context("no stime")?.parse::<f64>()?;
-    Ok(ticks / CLK_TCK)
-}
-
 /// The last `gossip counters` line of a node's log, as numbers in `GOSSIP_FIELDS` order.
 fn gossip_counters(log: &str) -> [u64; FIELDS] {
     let mut counters = [0; FIELDS];
@@ -203,26 +190,6 @@ fn field_value(line: &str, field: &str) -> Option<f64> {
         .and_then(|v| v.trim_end_matches(',').parse().ok())
 }
 
-/// The `q` quantile (0..=1) of sorted `values`.
-fn quantile(sorted: &[f64], q: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let at = ((sorted.len() - 1) as f64 * q).round() as usize;
-    sorted[at.min(sorted.len() - 1)]
-}
-
-/// `n`, p50, p99, max of `values` (sorted here).
-fn latency_summary(mut values: Vec<f64>) -> (usize, f64, f64, f64) {
-    values.sort_by(f64::total_cmp);
-    (
-        values.len(),
-        quantile(&values, 0.5),
-        quantile(&values, 0.99),
-        values.last().copied().unwrap_or(f64::NAN),
-    )
-}
-
 /// Every node's log length now (the job phase is read from there on).
 fn log_marks(testnet: &Testnet) -> std::collections::HashMap<String, usize> {
     testnet
@@ -241,13 +208,6 @@ fn log_since(
     let log = testnet.log(name);
     let from = marks.get(name).copied().unwrap_or(0).min(log.len());
     log.get(from..).unwrap_or_default().to_owned()
-}
-
-/// The load average (1, 5, 15 min) of the machine.
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
 }
 
 /// Capacity-change latency over the job phase (logs from `marks` on), printed and as JSON.
