@@ -123,6 +123,10 @@ pub async fn run(
             Err(error.to_string())
         }
     };
+    // The first job's sandbox is made now, not when it arrives.
+    if let Ok(runner) = &runner {
+        runner.prepare_next(&data_dir.join("jobs"));
+    }
     let runner = JobRunner {
         endpoint,
         config,
@@ -284,6 +288,10 @@ impl JobRunner {
         let _ = session.finish();
         if let Err(error) = std::fs::remove_dir_all(&job_dir) {
             debug!(%error, "job directory cleanup");
+        }
+        // The next job's sandbox, made while no job waits for it.
+        if let Ok(runner) = &self.runner {
+            runner.prepare_next(&self.data_dir.join("jobs"));
         }
         info!("job over");
     }
