@@ -14,7 +14,9 @@
 //!
 //! One job runs through stages, one function each: `prepare` → `start` → `readiness` →
 //! `serve_endpoint` → `running` → `results`; the runner removes everything made for the job
-//! whichever stage ends it.
+//! whichever stage ends it. When the executor starts and after each job, the runner prepares
+//! what the next job will need ([`Runner::prepare_next`]: the process runner's sandbox), off
+//! that job's start path.
 //!
 //! Layout: `executor.rs` (registration and the stages), `executor/runner.rs` (+ `runner/`: how
 //! a job is started and isolated), `executor/volumes.rs` (volumes fetched, outputs uploaded),

@@ -498,20 +498,9 @@ fn reachable_by_others(path: &Path) -> bool {
 /// The executor's own cgroup directory in each of [`CGROUP_CONTROLLERS`] (v1), if it can make
 /// cgroups below them.
 fn writable_cgroups() -> Option<Vec<PathBuf>> {
-    let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
     let mut dirs = Vec::new();
     for controller in CGROUP_CONTROLLERS {
-        let path = own.lines().find_map(|line| {
-            let mut fields = line.splitn(3, ':');
-            let (_, names, path) = (fields.next()?, fields.next()?, fields.next()?);
-            names
-                .split(',')
-                .any(|n| n == controller)
-                .then(|| path.to_owned())
-        })?;
-        let dir = Path::new("/sys/fs/cgroup")
-            .join(controller)
-            .join(path.trim_start_matches('/'));
+        let dir = own_cgroup(controller)?;
         let probe = dir.join(format!("horde-probe-{}", std::process::id()));
         std::fs::create_dir(&probe).ok()?;
         let _ = std::fs::remove_dir(&probe);
@@ -521,9 +510,39 @@ fn writable_cgroups() -> Option<Vec<PathBuf>> {
     Some(dirs)
 }
 
+/// This process's own cgroup directory in v1 hierarchy `controller`.
+pub(super) fn own_cgroup(controller: &str) -> Option<PathBuf> {
+    let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let path = own.lines().find_map(|line| {
+        let mut fields = line.splitn(3, ':');
+        let (_, names, path) = (fields.next()?, fields.next()?, fields.next()?);
+        names
+            .split(',')
+            .any(|n| n == controller)
+            .then(|| path.to_owned())
+    })?;
+    Some(
+        Path::new("/sys/fs/cgroup")
+            .join(controller)
+            .join(path.trim_start_matches('/')),
+    )
+}
+
+/// Whether the kernel killed a process for memory in the v1 memory cgroup `dir` or below it
+/// (`oom_kill` of `memory.oom_control` counts its descendants' kills too).
+pub(super) fn oom_killed(dir: &Path) -> bool {
+    std::fs::read_to_string(dir.join("memory.oom_control")).is_ok_and(|text| {
+        text.lines().any(|line| {
+            line.strip_prefix("oom_kill ")
+                .and_then(|n| n.trim().parse::<u64>().ok())
+                .is_some_and(|n| n > 0)
+        })
+    })
+}
+
 /// Job cgroups left behind by an executor that was killed before it could remove them: empty
 /// ones (the kernel refuses to remove any other) older than a job's start.
-fn reap_stale_cgroups(parent: &Path) {
+pub(super) fn reap_stale_cgroups(parent: &Path) {
     let Ok(entries) = std::fs::read_dir(parent) else {
         return;
     };
@@ -597,15 +616,7 @@ impl JobCgroup {
     }
 
     fn out_of_memory(&self) -> bool {
-        self.dirs.iter().any(|dir| {
-            std::fs::read_to_string(dir.join("memory.oom_control")).is_ok_and(|text| {
-                text.lines().any(|line| {
-                    line.strip_prefix("oom_kill ")
-                        .and_then(|n| n.trim().parse::<u64>().ok())
-                        .is_some_and(|n| n > 0)
-                })
-            })
-        })
+        self.dirs.iter().any(|dir| oom_killed(dir))
     }
 
     /// Kills whatever is left in the cgroups and removes them.

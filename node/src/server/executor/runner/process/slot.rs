@@ -35,6 +35,7 @@
 
 use std::os::fd::{AsFd as _, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use tracing::debug;
 
@@ -227,22 +228,21 @@ impl Slot {
         file: Option<OwnedFd>,
         egress: Option<&Egress>,
     ) -> Result<ProcessJob, WarmError> {
+        let phase = std::time::Instant::now();
         if let Err(reason) = self.usable_for(launch) {
             self.discard().await;
             return Err(WarmError::Unusable(reason));
         }
-        let adopted = (|| {
-            let (stdout, stderr) = log_files(&launch.job_dir.join("logs/output"))?;
-            self.adopt(&launch.job_dir)?;
-            Ok((stdout, stderr))
-        })();
-        let (stdout, stderr) = match adopted {
+        let logs = log_files(&launch.job_dir.join("logs/output"));
+        let logs = logs.and_then(|logs| self.adopt(&launch.job_dir).map(|()| logs));
+        let (stdout, stderr) = match logs {
             Ok(files) => files,
             Err(error) => {
                 self.discard().await;
                 return Err(WarmError::Job(error));
             }
         };
+        let adopted = phase.elapsed();
         let link = match egress {
             Some(egress) => match attach(egress, launch.job_id, self.opened.pid).await {
                 Ok(link) => Some(link),
@@ -266,11 +266,13 @@ impl Slot {
         let mut fds = vec![stdout.as_fd(), stderr.as_fd()];
         fds.extend(file.as_ref().map(|file| file.as_fd()));
         let channel = &self.opened.channel;
+        let mut sent = Duration::ZERO;
         let started = tokio::time::timeout(SANDBOX_START, async {
             channel
                 .send(&message.encode(), &fds, false)
                 .await
                 .map_err(|e| RunnerError::io("sandbox socket", e))?;
+            sent = phase.elapsed();
             job_started(channel, program).await
         })
         .await
@@ -290,6 +292,7 @@ impl Slot {
                 other => WarmError::Unusable(other.to_string()),
             });
         }
+        debug!(?adopted, ?sent, started = ?phase.elapsed(), "job handed to the pre-made sandbox");
         let _ = std::fs::remove_dir_all(&self.dir);
         let Opened { child, channel, .. } = self.opened;
         Ok(ProcessJob {
