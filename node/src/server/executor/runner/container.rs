@@ -15,8 +15,8 @@
 //!
 //! Layout:
 //! - `container/engine.rs`: the engine's address and kind, error mapping.
-//! - `container/cgroup.rs`: the job's cgroup parent, whose OOM counter says whether the job was
-//!   killed for memory (Podman's API never does).
+//! - `container/cgroup.rs`: the job's cgroup parent, which holds its memory limit and whose OOM
+//!   counter says whether the job was killed for memory (Podman's API never does).
 //! - `container/spec.rs`: the create request (pure; unit-tested setting by setting).
 //! - `container/image.rs`: references (present, pulled, digest-checked), archives (fetched from
 //!   storage, loaded).
@@ -193,9 +193,14 @@ impl Runner for ContainerRunner {
             command: &command,
         })?;
         let name = container_name(&launch);
-        let cgroup = cgroup::CgroupParent::create(&name);
+        // The memory limit on a cgroup parent of the runner's, where the OOM kill is counted.
+        let cgroup = launch
+            .policy
+            .memory_bytes
+            .and_then(|bytes| cgroup::CgroupParent::create(&name, bytes));
         if let (Some(cgroup), Some(host)) = (&cgroup, body.host_config.as_mut()) {
             host.cgroup_parent = Some(cgroup.path().to_owned());
+            (host.memory, host.memory_swap) = (None, None);
         }
         // The guard first, under the name the container will have: never a container unguarded.
         let guard = guard::spawn_guard(&self.config.guard_program, &name, &self.engine)?;

@@ -1,17 +1,25 @@
 //! The job's cgroup parent: the engine makes the container's cgroups below one the runner makes
 //! (`HostConfig.CgroupParent`, a path from the hierarchies' root), beneath the executor's own
-//! v1 memory cgroup. The engine still sets the class's limits on the container's own cgroups;
-//! the parent has none. It is there to count: `oom_kill` in its `memory.oom_control` counts the
-//! kernel's OOM kills below it, read as the process runner reads its jobs' own
-//! ([`super::super::process::oom_killed`]). Podman's service (4.3) never sets
-//! `State.OOMKilled`; Docker Engine does; a job is out of memory when either says so.
+//! v1 memory cgroup, and the class's memory limit is set on that parent instead of the
+//! container's own cgroup. So the kernel's out-of-memory handling happens at the parent, and
+//! the runner learns of it there: v1 counts a kill in the victim's own cgroup only (`oom_kill`
+//! of `memory.oom_control`, which the engine removes with the container), so the runner
+//! registers an eventfd for the parent's `memory.oom_control` (`cgroup.event_control`, as
+//! Docker Engine does for the container's own), signalled when the parent runs out of memory;
+//! its `oom_kill` is read too, as the process runner reads its jobs'
+//! ([`super::super::process::oom_killed`]). Podman's service (4.3)
+//! never sets `State.OOMKilled`; Docker Engine does; a job is out of memory when either says
+//! so. Under Podman the container's monitor (`conmon`) lives below the parent too: its memory,
+//! about a megabyte, counts towards the job's limit.
 //!
-//! Without a writable v1 memory cgroup (another host layout), no parent is made and only the
-//! engine's word counts. The parent is removed with the job, in every hierarchy the engine made
-//! it in; one left by an executor that was killed is reaped at the next runner's start, as the
-//! process runner's are.
+//! Without a writable v1 memory cgroup (another host layout), or for a class without a memory
+//! limit, no parent is made: the engine sets the limit and only its word counts. The parent is
+//! removed with the job, in every hierarchy the engine made it in; one left by an executor that
+//! was killed is reaped at the next runner's start, as the process runner's are.
 
+use std::os::fd::{AsRawFd as _, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::super::process::{oom_killed, own_cgroup, reap_stale_cgroups};
@@ -26,22 +34,41 @@ pub(super) struct CgroupParent {
     relative: String,
     /// Its directory in the memory hierarchy.
     memory: PathBuf,
+    /// Signalled when the parent runs out of memory.
+    oom_events: Option<Arc<OwnedFd>>,
 }
 
 impl CgroupParent {
-    /// Makes `horde-job-NAME` below this executor's memory cgroup; `None` where it cannot.
-    pub(super) fn create(name: &str) -> Option<Self> {
+    /// Makes `horde-job-NAME` below this executor's memory cgroup, limited to `bytes` (swap
+    /// included where the kernel counts it); `None` where it cannot.
+    pub(super) fn create(name: &str, bytes: u64) -> Option<Self> {
         let own = own_cgroup("memory")?;
         let memory = own.join(format!("horde-job-{name}"));
         std::fs::create_dir(&memory).ok()?;
         let relative = memory
             .strip_prefix(Path::new(CGROUP_ROOT).join("memory"))
-            .ok()?
-            .to_str()
+            .ok()
+            .and_then(Path::to_str)
             .map(|path| format!("/{path}"));
-        match relative {
-            Some(relative) => Some(Self { relative, memory }),
-            None => {
+        let limited = std::fs::write(memory.join("memory.limit_in_bytes"), bytes.to_string());
+        match (relative, limited) {
+            (Some(relative), Ok(())) => {
+                let swap = memory.join("memory.memsw.limit_in_bytes");
+                let _ = std::fs::write(swap, bytes.to_string());
+                let oom_events = oom_events(&memory).map(Arc::new);
+                if oom_events.is_none() {
+                    tracing::warn!(
+                        "no out-of-memory notification for a job's cgroup: only the engine can \
+                         say it ran out of memory"
+                    );
+                }
+                Some(Self {
+                    relative,
+                    memory,
+                    oom_events,
+                })
+            }
+            _ => {
                 let _ = std::fs::remove_dir(&memory);
                 None
             }
@@ -60,9 +87,14 @@ impl CgroupParent {
         &self.relative
     }
 
-    /// Whether the kernel killed a process of the job for memory.
+    /// Whether the job ran out of memory (the kernel then kills one of its processes).
     pub(super) fn out_of_memory(&self) -> bool {
-        oom_killed(&self.memory)
+        let signalled = self.oom_events.as_ref().is_some_and(|events| {
+            let mut count = [0u8; 8];
+            rustix::io::read(events.as_ref(), &mut count).is_ok_and(|n| n == 8)
+                && u64::from_ne_bytes(count) > 0
+        });
+        signalled || oom_killed(&self.memory)
     }
 
     /// Removes it (and anything the engine left in it) from every v1 hierarchy, once the
@@ -84,6 +116,17 @@ impl CgroupParent {
         }
         tracing::warn!(parent = %self.relative, "a job's cgroup parent could not be removed");
     }
+}
+
+/// A non-blocking eventfd the kernel signals when the memory cgroup `dir` runs out of memory.
+fn oom_events(dir: &Path) -> Option<OwnedFd> {
+    use rustix::event::{EventfdFlags, eventfd};
+    let events = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK).ok()?;
+    // The registration keeps its own reference to the control file.
+    let control = std::fs::File::open(dir.join("memory.oom_control")).ok()?;
+    let line = format!("{} {}", events.as_raw_fd(), control.as_raw_fd());
+    std::fs::write(dir.join("cgroup.event_control"), line).ok()?;
+    Some(events)
 }
 
 /// Removes the cgroup `dir` and the cgroups below it, deepest first; whether it is gone.
