@@ -193,7 +193,10 @@ impl Runner for ContainerRunner {
             command: &command,
         })?;
         let name = container_name(&launch);
-        // The memory limit on a cgroup parent of the runner's, where the OOM kill is counted.
+        // The guard first, under the name the container will have: never a container unguarded.
+        let guard = guard::spawn_guard(&self.config.guard_program, &name, &self.engine)?;
+        // The memory limit on a cgroup parent of the runner's, where the OOM kill is counted
+        // (made once nothing before the job's own removal can fail).
         let cgroup = launch
             .policy
             .memory_bytes
@@ -202,8 +205,6 @@ impl Runner for ContainerRunner {
             host.cgroup_parent = Some(cgroup.path().to_owned());
             (host.memory, host.memory_swap) = (None, None);
         }
-        // The guard first, under the name the container will have: never a container unguarded.
-        let guard = guard::spawn_guard(&self.config.guard_program, &name, &self.engine)?;
         let mut job = ContainerJob {
             engine: self.engine.clone(),
             name: name.clone(),

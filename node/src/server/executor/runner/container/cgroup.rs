@@ -75,10 +75,20 @@ impl CgroupParent {
         }
     }
 
-    /// Empty job cgroup parents older than a minute, left by executors that were killed.
+    /// Empty job cgroup parents older than a minute, left by executors that were killed, in
+    /// every hierarchy the engine made them in.
     pub(super) fn reap_stale() {
-        if let Some(own) = own_cgroup("memory") {
-            reap_stale_cgroups(&own);
+        let memory = Path::new(CGROUP_ROOT).join("memory");
+        let Some(own) = own_cgroup("memory") else {
+            return;
+        };
+        let (Ok(relative), Ok(hierarchies)) =
+            (own.strip_prefix(&memory), std::fs::read_dir(CGROUP_ROOT))
+        else {
+            return;
+        };
+        for hierarchy in hierarchies.filter_map(Result::ok) {
+            reap_stale_cgroups(&hierarchy.path().join(relative));
         }
     }
 
