@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use horde_node::server::executor::runner::process::ProcessRunner;
 use horde_node::server::executor::runner::{
-    ClassPolicy, JobEvent, Launch, NetworkPolicy, Runner as _,
+    ClassPolicy, JobEvent, JobExit, Launch, NetworkPolicy, Runner as _,
 };
 use horde_protocol::{JobId, Program};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -375,4 +375,188 @@ async fn internet_is_refused_at_start_on_a_node_that_is_not_root() {
         "{said}\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
+}
+
+/// The job's exit, whatever outputs connections it makes first.
+async fn exit_of(job: &mut Box<dyn horde_node::server::executor::runner::JobProcess>) -> JobExit {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(30), job.next_event())
+            .await
+            .unwrap()
+        {
+            JobEvent::Exited(exit) => break exit.unwrap(),
+            JobEvent::Outputs(_) => {}
+        }
+    }
+}
+
+/// Pre-made sandboxes (`prepare_next`) in `jobs`, a directory others may pass (a job's uid
+/// must reach a program in it).
+fn jobs_dir() -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt as _;
+    let jobs = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(jobs.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    jobs
+}
+
+/// A job whose program is outside `/usr` starts in the sandbox made before it: the program
+/// runs from its descriptor (its host path is not in the sandbox, where a cold sandbox binds
+/// it), the volume fetched before the start is there read-only, the output directory is
+/// written where the executor looks for it, the job runs as the job uid. The next job gets a
+/// new sandbox (a fresh `/tmp`), never the first one's.
+#[tokio::test]
+async fn jobs_start_in_sandboxes_made_before_them() {
+    let jobs = jobs_dir();
+    let runner = runner().await;
+    let shell = jobs.path().join("bin/dash");
+    std::fs::create_dir_all(shell.parent().unwrap()).unwrap();
+    std::fs::copy("/bin/dash", &shell).unwrap();
+    let script = r#"
+        test -e "$SHELL_PATH" && echo "program visible" || echo "program hidden"
+        cat /horde/volume/in.txt
+        touch /horde/volume/new 2>/dev/null && echo "VOLUME WRITABLE"
+        echo "tmp $(ls -A /tmp | wc -l)"; touch /tmp/mark
+        echo "uid $(id -u)"; echo "$GREETING $HORDE_JOB_PORT"
+        echo written > /horde/output/out.txt
+    "#;
+    for round in 0..2 {
+        runner.prepare_next(jobs.path());
+        let dir = jobs.path().join(format!("job-{round}"));
+        let mut launch = launch(&dir, script, ClassPolicy::default());
+        launch.program = Program::Command {
+            program: shell.to_str().unwrap().to_owned(),
+        };
+        launch
+            .env
+            .push(("SHELL_PATH".into(), shell.to_str().unwrap().into()));
+        std::fs::write(dir.join("volume/in.txt"), format!("volume {round}\n")).unwrap();
+        let mut job = runner.start(launch).await.unwrap();
+        let exit = exit_of(&mut job).await;
+        job.remove().await;
+        let out = stdout(&dir);
+        assert!(exit.success(), "{exit:?}\n{out}");
+        assert!(
+            out.contains("program hidden"),
+            "not the pre-made sandbox:\n{out}"
+        );
+        assert!(out.contains(&format!("volume {round}")), "{out}");
+        assert!(!out.contains("VOLUME WRITABLE"), "{out}");
+        assert!(out.contains("tmp 0"), "a sandbox used twice:\n{out}");
+        assert!(out.contains("hello 8080"), "{out}");
+        if rustix::process::geteuid().is_root() {
+            assert!(out.contains("uid 65534"), "{out}");
+        }
+        assert_eq!(
+            std::fs::read_to_string(dir.join("output/out.txt")).unwrap(),
+            "written\n"
+        );
+        assert!(dir.join("volume/in.txt").is_file());
+        // Nothing of the slot is left beside the job's directory.
+        let left: Vec<_> = std::fs::read_dir(jobs.path())
+            .unwrap()
+            .filter_map(Result::ok)
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|name| name.starts_with(".sandbox-"))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+    }
+}
+
+/// A pre-made sandbox that died before its job came is not used: the job starts in a new one.
+#[tokio::test]
+async fn a_dead_pre_made_sandbox_gives_way_to_a_new_one() {
+    let jobs = jobs_dir();
+    let runner = runner().await;
+    runner.prepare_next(jobs.path());
+    // Its pid 1 (bubblewrap's, inside the sandbox), which binds the slot's output.
+    let slot = format!("{}/.sandbox-", jobs.path().display());
+    let mut killed = 0;
+    for _ in 0..500 {
+        for entry in std::fs::read_dir("/proc").unwrap().filter_map(Result::ok) {
+            let bwrap = std::fs::read(entry.path().join("cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains("bwrap"));
+            let ours = std::fs::read_to_string(entry.path().join("mountinfo"))
+                .is_ok_and(|m| m.contains(&slot));
+            if bwrap && ours {
+                let pid = entry.file_name().to_string_lossy().parse::<i32>().unwrap();
+                rustix::process::kill_process(
+                    rustix::process::Pid::from_raw(pid).unwrap(),
+                    rustix::process::Signal::KILL,
+                )
+                .unwrap();
+                killed += 1;
+            }
+        }
+        if killed > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // (Its init may still be bubblewrap's fork, not yet the init: killed too.)
+    assert!(killed >= 1, "the pre-made sandbox was not found");
+    let dir = jobs.path().join("job");
+    let mut job = runner
+        .start(launch(&dir, "echo ran", ClassPolicy::default()))
+        .await
+        .unwrap();
+    let exit = exit_of(&mut job).await;
+    job.remove().await;
+    assert!(exit.success(), "{exit:?}");
+    assert!(stdout(&dir).contains("ran"));
+}
+
+/// In a pre-made sandbox, a job over its memory limit ends out of memory (its cgroup was made
+/// with the sandbox).
+#[tokio::test]
+async fn a_job_over_its_memory_limit_in_a_pre_made_sandbox_ends_out_of_memory() {
+    let jobs = jobs_dir();
+    let policy = ClassPolicy {
+        memory_bytes: Some(64 << 20),
+        ..ClassPolicy::default()
+    };
+    let runner = ProcessRunner::detect(&policy)
+        .await
+        .unwrap()
+        .with_init_binary(env!("CARGO_BIN_EXE_horde").into());
+    runner.prepare_next(jobs.path());
+    let script = "python3 -c 'x = bytearray(512 << 20); print(len(x))'";
+    let mut job = runner
+        .start(launch(&jobs.path().join("job"), script, policy))
+        .await
+        .unwrap();
+    let exit = exit_of(&mut job).await;
+    job.remove().await;
+    assert!(exit.out_of_memory, "{exit:?}");
+}
+
+/// Under `internet`, a job in a pre-made sandbox has its link before its program runs, and
+/// reaches the peer and nothing of the host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn internet_in_a_pre_made_sandbox() {
+    let peer = internet::Peer::start();
+    let host = internet::HostListener::start().await;
+    let runner = internet_runner().await;
+    let jobs = jobs_dir();
+    // Another job (in a new sandbox: none was made ahead), which the probe must not reach.
+    let other = launch(
+        &jobs.path().join("other"),
+        internet::OTHER_JOB,
+        internet_policy(),
+    );
+    let other_id = other.job_id;
+    let other_job = runner.start(other).await.unwrap();
+    let other_outputs = internet::outputs_port(&jobs.path().join("other/output")).await;
+    runner.prepare_next(jobs.path());
+    let launch = launch(&jobs.path().join("job"), internet::PROBE, internet_policy());
+    let id = launch.job_id;
+    let others = (
+        internet::job_address(other_id),
+        [launch.port, other_outputs],
+    );
+    let job = internet::probe(&runner, launch, true, &peer, &host, others).await;
+    job.remove().await;
+    other_job.remove().await;
+    assert_eq!(internet::job_links(id), Vec::<String>::new(), "left behind");
+    assert_eq!(host.accepted.load(std::sync::atomic::Ordering::SeqCst), 0);
+    assert!(peer.answers());
 }

@@ -852,7 +852,10 @@ impl Testnet {
 
     /// Every process of this testnet's jobs, sandbox machinery included: processes whose mount
     /// table binds a job output directory under the testnet's directory (a sandboxed job), or
-    /// whose environment names one (an unisolated job).
+    /// whose environment names one (an unisolated job). A sandbox an executor made ahead for
+    /// its next job, no job in it yet, binds its output from a slot directory
+    /// (`jobs/.sandbox-*`) instead and is not a job's; once a job has it, its output directory
+    /// is the job's (and stays so, deleted or not).
     pub fn sandbox_processes(&self) -> Vec<(u32, String)> {
         let dir = format!("{}/", self.dir_text());
         let env_dir = format!("HORDE_OUTPUT_DIR={dir}");
@@ -866,7 +869,9 @@ impl Testnet {
                         let mut fields = mount.split(' ').skip(3);
                         let (root, point) = (fields.next(), fields.next());
                         point == Some("/horde/output")
-                            && root.is_some_and(|root| root.contains(dir.as_str()))
+                            && root.is_some_and(|root| {
+                                root.contains(dir.as_str()) && !root.contains("/jobs/.sandbox-")
+                            })
                     })
                 })
         })

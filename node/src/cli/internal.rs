@@ -36,17 +36,18 @@ pub enum InternalCommand {
     /// socket as stdout): starts PROGRAM and connects the executor to it.
     #[command(name = bridge::SANDBOX_INIT_SUBCOMMAND, hide = true)]
     SandboxInit {
-        /// The job's port inside the sandbox.
+        /// The job's port inside the sandbox (required with PROGRAM).
         #[arg(long)]
-        port: u16,
+        port: Option<u16>,
         /// Drop to this uid (and gid) first.
         #[arg(long)]
         uid: Option<u32>,
         /// RLIMIT_AS for the job, in bytes.
         #[arg(long)]
         address_space: Option<u64>,
-        /// The job's program.
-        program: std::ffi::OsString,
+        /// The job's program; none for a pre-made sandbox, whose job comes over the bridge.
+        #[arg(requires = "port")]
+        program: Option<std::ffi::OsString>,
         /// Its arguments.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<std::ffi::OsString>,

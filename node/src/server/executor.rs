@@ -14,7 +14,9 @@
 //!
 //! One job runs through stages, one function each: `prepare` → `start` → `readiness` →
 //! `serve_endpoint` → `running` → `results`; the runner removes everything made for the job
-//! whichever stage ends it.
+//! whichever stage ends it. When the executor starts and after each job, the runner prepares
+//! what the next job will need ([`Runner::prepare_next`]: the process runner's sandbox), off
+//! that job's start path.
 //!
 //! Layout: `executor.rs` (registration and the stages), `executor/runner.rs` (+ `runner/`: how
 //! a job is started and isolated), `executor/volumes.rs` (volumes fetched, outputs uploaded),
@@ -123,6 +125,10 @@ pub async fn run(
             Err(error.to_string())
         }
     };
+    // The first job's sandbox is made now, not when it arrives.
+    if let Ok(runner) = &runner {
+        runner.prepare_next(&data_dir.join("jobs"));
+    }
     let runner = JobRunner {
         endpoint,
         config,
@@ -284,6 +290,10 @@ impl JobRunner {
         let _ = session.finish();
         if let Err(error) = std::fs::remove_dir_all(&job_dir) {
             debug!(%error, "job directory cleanup");
+        }
+        // The next job's sandbox, made while no job waits for it.
+        if let Ok(runner) = &self.runner {
+            runner.prepare_next(&self.data_dir.join("jobs"));
         }
         info!("job over");
     }

@@ -12,7 +12,8 @@
 //! - this file: the runner-independent pieces ([`Launch`], [`ClassPolicy`], the [`Runner`],
 //!   [`JobProcess`] and [`JobDialer`] traits, [`JobExit`], [`RunnerError`], the in-job paths),
 //!   and [`select`], which picks the runner an executor class asks for.
-//! - `process.rs`: the process runner (bubblewrap; the embedded default).
+//! - `process.rs` (+ `process/`): the process runner (bubblewrap; the embedded default), its
+//!   sandboxes made ahead of their jobs.
 //! - `bridge.rs`: the in-sandbox init (`horde sandbox-init`) and the executor's end of its
 //!   socket: connections to and from the job, passed as file descriptors.
 //! - `container.rs` (+ `container/`): the container runner over the Docker Engine API (bollard).
@@ -358,6 +359,11 @@ impl RunnerError {
 pub trait Runner: Send + Sync + Debug {
     /// Starts `launch`'s job; returns once the job's program has been started.
     async fn start(&self, launch: Launch) -> Result<Box<dyn JobProcess>, RunnerError>;
+
+    /// Prepares, off the next job's start path, what a job whose directory is in `jobs_dir`
+    /// will need (the process runner: its sandbox, `process/slot.rs`). The executor calls it
+    /// when it starts and after each job; a runner with nothing to prepare does nothing.
+    fn prepare_next(&self, _jobs_dir: &std::path::Path) {}
 }
 
 /// A started job.

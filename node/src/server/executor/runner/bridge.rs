@@ -19,7 +19,8 @@
 //! | from | tag | body | ancillary |
 //! |---|---|---|---|
 //! | init | `H` hello | outputs port `u16` | `SCM_CREDENTIALS` (its pid, as the executor sees it) |
-//! | executor | `G` go | – | the job's stdout file |
+//! | executor | `G` go (cold) | – | the job's stdout file |
+//! | executor | `J` job (pre-made) | port `u16`, then the program, its arguments and environment ([`encode_job`]) | stdout, stderr, and the program's file when it is outside `/usr` |
 //! | init | `S` started / `F` failed | – / the reason (UTF-8) | – |
 //! | executor | `C` connect | request id `u64` | – |
 //! | init | `c` connected / `e` refused | request id `u64` / + errno `i32` | the socket (`c`) |
@@ -28,6 +29,7 @@
 //! | init | `x` exited | code `i32`, signal `i32` (`i32::MIN` = none) | – |
 
 use std::collections::HashMap;
+use std::ffi::OsString;
 use std::io::{IoSlice, IoSliceMut};
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd as _, BorrowedFd, OwnedFd};
@@ -49,6 +51,11 @@ pub const SANDBOX_INIT_SUBCOMMAND: &str = "sandbox-init";
 
 /// Longest message: a spawn failure's reason, cut to fit.
 const MAX_MESSAGE: usize = 1024;
+/// Longest `J` message: a job whose program, arguments and environment need more starts in a
+/// sandbox of its own (its arguments on `bwrap`'s command line).
+pub(crate) const MAX_JOB_MESSAGE: usize = 64 * 1024;
+/// Most descriptors in one message (`J`: stdout, stderr, the program).
+const MAX_FDS: usize = 3;
 /// "No value" in the exit message's code and signal fields.
 const NONE: i32 = i32::MIN;
 /// Connect requests waiting for the bridge at once: tunnel streams and probes beyond it wait
@@ -94,8 +101,8 @@ impl Channel {
         self.fd
             .async_io(Interest::WRITABLE, || {
                 let fd = self.fd.as_fd();
-                let mut space =
-                    [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1), ScmCredentials(1))];
+                let mut space = [MaybeUninit::uninit();
+                    rustix::cmsg_space!(ScmRights(MAX_FDS), ScmCredentials(1))];
                 let mut control = SendAncillaryBuffer::new(&mut space);
                 if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
                     return Err(std::io::Error::other(
@@ -124,12 +131,18 @@ impl Channel {
 
     /// The next datagram; `None` once the other end has closed.
     pub(crate) async fn recv(&self) -> std::io::Result<Option<Datagram>> {
+        self.recv_up_to(MAX_MESSAGE).await
+    }
+
+    /// The next datagram of at most `limit` bytes (longer ones are cut); `None` once the other
+    /// end has closed.
+    async fn recv_up_to(&self, limit: usize) -> std::io::Result<Option<Datagram>> {
         self.fd
             .async_io(Interest::READABLE, || {
                 let fd = self.fd.as_fd();
-                let mut bytes = vec![0u8; MAX_MESSAGE];
-                let mut space =
-                    [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2), ScmCredentials(1))];
+                let mut bytes = vec![0u8; limit];
+                let mut space = [MaybeUninit::uninit();
+                    rustix::cmsg_space!(ScmRights(MAX_FDS), ScmCredentials(1))];
                 let mut control = RecvAncillaryBuffer::new(&mut space);
                 let received = rustix::net::recvmsg(
                     fd,
@@ -151,7 +164,7 @@ impl Channel {
                     // A seqpacket socket reads 0 only at the end (we never send empty messages).
                     return Ok(None);
                 }
-                bytes.truncate(received.bytes.min(MAX_MESSAGE));
+                bytes.truncate(received.bytes.min(limit));
                 datagram.bytes = bytes;
                 Ok(Some(datagram))
             })
@@ -336,16 +349,95 @@ async fn bridge_actor(
 /// What `horde sandbox-init` is told on its command line.
 #[derive(Debug, Clone)]
 pub struct SandboxInitArgs {
-    /// The job's port (inside the sandbox's network namespace).
-    pub port: u16,
+    /// The job's port (inside the sandbox's network namespace); with a pre-made sandbox's
+    /// init, it comes with the job (`J`).
+    pub port: Option<u16>,
     /// Drop to this uid (and gid) first: set when bubblewrap ran as root.
     pub uid: Option<u32>,
     /// `RLIMIT_AS` for the job, when no memory cgroup could be had.
     pub address_space: Option<u64>,
-    /// The job's program.
-    pub program: std::ffi::OsString,
+    /// The job's program; `None` for a pre-made sandbox, whose job comes later (`J`).
+    pub program: Option<OsString>,
     /// Its arguments.
-    pub args: Vec<std::ffi::OsString>,
+    pub args: Vec<OsString>,
+}
+
+/// The job a pre-made sandbox's init is given (`J`): everything the cold init has on its
+/// command line and in its environment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct JobMessage {
+    /// The job's port.
+    pub(crate) port: u16,
+    /// The program as the job names it: what runs (resolved with the job's `PATH`) unless its
+    /// file comes beside the message, and the job's `argv[0]` either way.
+    pub(crate) program: OsString,
+    /// Its arguments.
+    pub(crate) args: Vec<OsString>,
+    /// Its whole environment.
+    pub(crate) env: Vec<(OsString, OsString)>,
+}
+
+impl JobMessage {
+    /// `J`, the port, then each string as a `u32` length and its bytes: the program, the count
+    /// of arguments and each, the count of variables and each name and value.
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        use std::os::unix::ffi::OsStrExt as _;
+        let mut bytes = vec![b'J'];
+        bytes.extend_from_slice(&self.port.to_le_bytes());
+        let mut put = |text: &[u8]| {
+            bytes.extend_from_slice(&(text.len() as u32).to_le_bytes());
+            bytes.extend_from_slice(text);
+        };
+        put(self.program.as_bytes());
+        put(&(self.args.len() as u32).to_le_bytes());
+        for arg in &self.args {
+            put(arg.as_bytes());
+        }
+        put(&(self.env.len() as u32).to_le_bytes());
+        for (name, value) in &self.env {
+            put(name.as_bytes());
+            put(value.as_bytes());
+        }
+        bytes
+    }
+
+    /// The message [`Self::encode`] made; `None` for anything else.
+    pub(crate) fn decode(bytes: &[u8]) -> Option<Self> {
+        use std::os::unix::ffi::OsStrExt as _;
+        let rest = bytes.strip_prefix(b"J")?;
+        let port = u16::from_le_bytes(rest.get(..2)?.try_into().ok()?);
+        let mut fields = Fields(&rest[2..]);
+        let string = |text: &[u8]| std::ffi::OsStr::from_bytes(text).to_owned();
+        let program = string(fields.next()?);
+        let args = (0..fields.count()?)
+            .map(|_| fields.next().map(string))
+            .collect::<Option<Vec<_>>>()?;
+        let env = (0..fields.count()?)
+            .map(|_| Some((string(fields.next()?), string(fields.next()?))))
+            .collect::<Option<Vec<_>>>()?;
+        Some(Self {
+            port,
+            program,
+            args,
+            env,
+        })
+    }
+}
+
+/// The length-prefixed fields of a [`JobMessage`].
+struct Fields<'a>(&'a [u8]);
+
+impl<'a> Fields<'a> {
+    fn next(&mut self) -> Option<&'a [u8]> {
+        let len = u32::from_le_bytes(self.0.get(..4)?.try_into().ok()?) as usize;
+        let field = self.0.get(4..4usize.checked_add(len)?)?;
+        self.0 = &self.0[4 + len..];
+        Some(field)
+    }
+
+    fn count(&mut self) -> Option<usize> {
+        Some(u32::from_le_bytes(self.next()?.try_into().ok()?) as usize)
+    }
 }
 
 /// `horde sandbox-init`: runs inside the sandbox, with the bridge's socket as stdout. Returns
@@ -377,6 +469,56 @@ fn drop_privileges(uid: u32) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The job's command, once the executor has said go: `G` for a cold sandbox (the program and
+/// arguments from the command line, the environment inherited), `J` for a pre-made one
+/// (everything from the message). With the port, and the program's file while it must stay
+/// open (until the spawn). `None` when the executor said anything else.
+async fn job_command(
+    channel: &Channel,
+    args: &SandboxInitArgs,
+) -> std::io::Result<Option<(u16, tokio::process::Command, Option<OwnedFd>)>> {
+    if let Some(program) = &args.program {
+        let stdout = match channel.recv().await? {
+            Some(Datagram { bytes, mut fds, .. }) if bytes.first() == Some(&b'G') => fds.pop(),
+            _ => return Ok(None),
+        };
+        let mut command = tokio::process::Command::new(program);
+        command.args(&args.args);
+        if let Some(stdout) = stdout {
+            command.stdout(std::process::Stdio::from(stdout));
+        }
+        return Ok(args.port.map(|port| (port, command, None)));
+    }
+    let Some(Datagram { bytes, fds, .. }) = channel.recv_up_to(MAX_JOB_MESSAGE).await? else {
+        return Ok(None);
+    };
+    let Some(job) = JobMessage::decode(&bytes) else {
+        return Ok(None);
+    };
+    let mut fds = fds.into_iter();
+    let (stdout, stderr, file) = (fds.next(), fds.next(), fds.next());
+    // A program from outside the sandbox's own files: exec'd through its descriptor (the path
+    // is resolved before the descriptor, close-on-exec, is closed).
+    let mut command = match &file {
+        Some(file) => {
+            use std::os::fd::AsRawFd as _;
+            let mut command =
+                tokio::process::Command::new(format!("/proc/self/fd/{}", file.as_raw_fd()));
+            command.arg0(&job.program);
+            command
+        }
+        None => tokio::process::Command::new(&job.program),
+    };
+    command.args(&job.args).env_clear().envs(job.env);
+    if let Some(stdout) = stdout {
+        command.stdout(std::process::Stdio::from(stdout));
+    }
+    if let Some(stderr) = stderr {
+        command.stderr(std::process::Stdio::from(stderr));
+    }
+    Ok(Some((job.port, command, file)))
+}
+
 async fn run_init(args: SandboxInitArgs, control: OwnedFd) -> std::io::Result<i32> {
     let channel = Channel::new(control)?;
     let outputs = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
@@ -384,10 +526,10 @@ async fn run_init(args: SandboxInitArgs, control: OwnedFd) -> std::io::Result<i3
     let mut hello = vec![b'H'];
     hello.extend_from_slice(&outputs_port.to_le_bytes());
     channel.send(&hello, &[], true).await?;
-    // Go: the executor has put this process in the job's cgroups, and hands over the stdout log.
-    let stdout = match channel.recv().await? {
-        Some(Datagram { bytes, mut fds, .. }) if bytes.first() == Some(&b'G') => fds.pop(),
-        _ => return Ok(1),
+    // Go: the executor has put this process in the job's cgroups, and hands over the stdout
+    // log (and, to a pre-made sandbox, the job itself).
+    let Some((port, mut command, file)) = job_command(&channel, &args).await? else {
+        return Ok(1);
     };
     if let Some(bytes) = args.address_space {
         let limit = rustix::process::Rlimit {
@@ -396,18 +538,15 @@ async fn run_init(args: SandboxInitArgs, control: OwnedFd) -> std::io::Result<i3
         };
         rustix::process::setrlimit(rustix::process::Resource::As, limit)?;
     }
-    let mut command = tokio::process::Command::new(&args.program);
     command
-        .args(&args.args)
         .env(EXECUTOR_URL_ENV, format!("http://127.0.0.1:{outputs_port}"))
         .current_dir(OUTPUT_DIR)
         .stdin(std::process::Stdio::null())
         .process_group(0)
         .kill_on_drop(true);
-    if let Some(stdout) = stdout {
-        command.stdout(std::process::Stdio::from(stdout));
-    }
-    let mut child = match command.spawn() {
+    let spawned = command.spawn();
+    drop(file);
+    let mut child = match spawned {
         Ok(child) => child,
         Err(error) => {
             let mut message = b"F".to_vec();
@@ -444,7 +583,7 @@ async fn run_init(args: SandboxInitArgs, control: OwnedFd) -> std::io::Result<i3
                 Ok(Some(Datagram { bytes, .. })) => match bytes.first() {
                     Some(b'C') => {
                         let id = u64_at(&bytes, 1).unwrap_or(u64::MAX);
-                        connect_job(&channel, id, args.port).await?;
+                        connect_job(&channel, id, port).await?;
                     }
                     Some(b'T') => kill_group(rustix::process::Signal::TERM),
                     _ => {}
@@ -490,5 +629,30 @@ async fn connect_job(channel: &Channel, id: u64, port: u16) -> std::io::Result<(
             message.extend_from_slice(&errno.to_le_bytes());
             channel.send(&message, &[], false).await
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::JobMessage;
+
+    #[test]
+    fn a_job_message_reads_back_as_sent_and_a_cut_one_not_at_all() {
+        let job = JobMessage {
+            port: 8080,
+            program: "/srv/job".into(),
+            args: vec!["-c".into(), "".into(), "é\n".into()],
+            env: vec![("A".into(), "1=2".into()), ("EMPTY".into(), "".into())],
+        };
+        let bytes = job.encode();
+        assert_eq!(JobMessage::decode(&bytes), Some(job));
+        for cut in 0..bytes.len() {
+            assert_eq!(JobMessage::decode(&bytes[..cut]), None, "cut at {cut}");
+        }
+        let mut huge_count = bytes[..3].to_vec();
+        huge_count.extend_from_slice(&0u32.to_le_bytes());
+        huge_count.extend_from_slice(&4u32.to_le_bytes());
+        huge_count.extend_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(JobMessage::decode(&huge_count), None);
     }
 }

@@ -15,6 +15,8 @@
 //!
 //! Layout:
 //! - `container/engine.rs`: the engine's address and kind, error mapping.
+//! - `container/cgroup.rs`: the job's cgroup parent, which holds its memory limit and whose OOM
+//!   counter says whether the job was killed for memory (Podman's API never does).
 //! - `container/spec.rs`: the create request (pure; unit-tested setting by setting).
 //! - `container/image.rs`: references (present, pulled, digest-checked), archives (fetched from
 //!   storage, loaded).
@@ -24,6 +26,7 @@
 //! - `container/gate.rs`: the start gate, which holds the job's command until the executor
 //!   holds the container's network namespace.
 
+mod cgroup;
 pub mod engine;
 pub mod gate;
 pub mod guard;
@@ -115,6 +118,7 @@ impl ContainerRunner {
         let address = engine::engine_address(config.engine.as_deref())?;
         let engine = Engine::connect(&address).await?;
         let reaped = guard::reap_stale(&engine).await?;
+        cgroup::CgroupParent::reap_stale();
         if reaped > 0 {
             tracing::info!(reaped, "removed stale job containers");
         }
@@ -180,7 +184,7 @@ impl Runner for ContainerRunner {
         let command = image::command(&self.engine, &image_id, &launch.args).await?;
         prepare_dirs(&launch)?;
         let gate = gate::Gate::prepare(&launch.job_dir)?;
-        let body = spec::create_body(&spec::ContainerPlan {
+        let mut body = spec::create_body(&spec::ContainerPlan {
             launch: &launch,
             image_id: &image_id,
             engine: self.engine.kind,
@@ -191,6 +195,16 @@ impl Runner for ContainerRunner {
         let name = container_name(&launch);
         // The guard first, under the name the container will have: never a container unguarded.
         let guard = guard::spawn_guard(&self.config.guard_program, &name, &self.engine)?;
+        // The memory limit on a cgroup parent of the runner's, where the OOM kill is counted
+        // (made once nothing before the job's own removal can fail).
+        let cgroup = launch
+            .policy
+            .memory_bytes
+            .and_then(|bytes| cgroup::CgroupParent::create(&name, bytes));
+        if let (Some(cgroup), Some(host)) = (&cgroup, body.host_config.as_mut()) {
+            host.cgroup_parent = Some(cgroup.path().to_owned());
+            (host.memory, host.memory_swap) = (None, None);
+        }
         let mut job = ContainerJob {
             engine: self.engine.clone(),
             name: name.clone(),
@@ -203,6 +217,7 @@ impl Runner for ContainerRunner {
             exit: None,
             monitor: None,
             pidfd: None,
+            cgroup,
         };
         match job.launch(body, &launch, egress).await {
             Ok(()) => Ok(Box::new(job)),
@@ -253,6 +268,8 @@ pub struct ContainerJob {
     /// The container's first process (its init), held from the start: the job can be killed
     /// without the engine when the engine is gone ([`JobProcess::stop`]).
     pidfd: Option<OwnedFd>,
+    /// The container's cgroup parent, where this host can make one ([`cgroup`]).
+    cgroup: Option<cgroup::CgroupParent>,
 }
 
 /// How the monitor saw the container end: its exit, or why the engine could not say.
@@ -300,6 +317,7 @@ impl ContainerJob {
         self.monitor = Some(tokio::spawn(monitor(
             engine.clone(),
             self.name.clone(),
+            self.cgroup.clone(),
             logs,
             exit_tx,
         )));
@@ -429,6 +447,7 @@ async fn write_logs(
 async fn monitor(
     engine: Engine,
     name: String,
+    cgroup: Option<cgroup::CgroupParent>,
     logs: JoinHandle<io::Result<()>>,
     exit: watch::Sender<Option<MonitorResult>>,
 ) {
@@ -460,7 +479,12 @@ async fn monitor(
     }
     let result = match waited {
         Ok(()) => match state::inspect(&engine, &name).await {
-            Ok(Some(state)) => Ok(job_exit(state.exit_code, state.oom_killed)),
+            Ok(Some(state)) => {
+                let killed = cgroup
+                    .as_ref()
+                    .is_some_and(cgroup::CgroupParent::out_of_memory);
+                Ok(job_exit(state.exit_code, state.oom_killed || killed))
+            }
             Ok(None) => Err(RunnerError::Engine(
                 "the container was removed before its exit could be read".into(),
             )),
@@ -647,12 +671,16 @@ impl JobProcess for ContainerJob {
                 let _ = guard.start_kill();
                 let _ = guard.wait().await;
             }
+            if let Some(cgroup) = self.cgroup.take() {
+                cgroup.remove().await;
+            }
             return;
         };
         // The engine failed us: keep trying in the background, the guard alive meanwhile (it
         // removes the container if this executor ends first; a later start reaps it otherwise).
         tracing::warn!(container = %self.name, %error, "removing the job's container");
         let (engine, name, guard) = (self.engine.clone(), self.name.clone(), self.guard.take());
+        let cgroup = self.cgroup.take();
         tokio::spawn(async move {
             for _ in 0..REMOVE_RETRIES {
                 tokio::time::sleep(REMOVE_RETRY_DELAY).await;
@@ -660,6 +688,9 @@ impl JobProcess for ContainerJob {
                     if let Some(mut guard) = guard {
                         let _ = guard.start_kill();
                         let _ = guard.wait().await;
+                    }
+                    if let Some(cgroup) = cgroup {
+                        cgroup.remove().await;
                     }
                     return;
                 }

@@ -32,6 +32,15 @@
 //! default route ([`super::egress`]) through `/proc/<init pid>/ns/net`, so the job starts
 //! with its network up; `/etc/resolv.conf` is bound too. The pair is deleted when the job is
 //! stopped or removed (and by the kernel with the namespace, whatever ended it).
+//!
+//! **Sandboxes made ahead.** `bwrap`'s setup (tens of milliseconds, the network namespace
+//! most) and the cgroups are made before the job arrives: the next job's sandbox is made when
+//! the executor starts and after each job, with everything above but the job, and the job is
+//! handed to its waiting init when it starts; a job it does not fit, or a sandbox that failed,
+//! starts cold as described above (`process/slot.rs` says which and how).
+//!
+//! Layout: `process.rs` (the runner, its sandboxes, the job's cgroups and its process),
+//! `process/slot.rs` (sandboxes made ahead of their jobs).
 
 use std::ffi::OsString;
 use std::os::fd::{AsFd as _, OwnedFd};
@@ -43,6 +52,10 @@ use async_trait::async_trait;
 use horde_protocol::Program;
 use tokio::io::AsyncWriteExt as _;
 use tracing::{debug, info, warn};
+
+mod slot;
+
+use slot::Slot;
 
 use super::bridge::{BridgeHandle, Channel, Datagram, SANDBOX_INIT_SUBCOMMAND};
 use super::egress::{Egress, JobLink};
@@ -83,6 +96,33 @@ const CFS_PERIOD_US: u64 = 100_000;
 /// Runs jobs in bubblewrap sandboxes.
 #[derive(Debug)]
 pub struct ProcessRunner {
+    sandboxes: Sandboxes,
+    /// Egress, when the class's network is `internet`.
+    egress: Option<Egress>,
+    /// The class's policy, which pre-made sandboxes are made for.
+    policy: ClassPolicy,
+    /// The pre-made sandbox for the next job, made or being made ([`Runner::prepare_next`]).
+    next: std::sync::Mutex<Option<tokio::task::JoinHandle<Result<Slot, RunnerError>>>>,
+    /// Pre-made sandboxes so far (their directories' names).
+    made: std::sync::atomic::AtomicU64,
+}
+
+impl Drop for ProcessRunner {
+    fn drop(&mut self) {
+        let next = self.next.get_mut().map(Option::take);
+        if let (Ok(Some(next)), Ok(runtime)) = (next, tokio::runtime::Handle::try_current()) {
+            runtime.spawn(async move {
+                if let Ok(Ok(slot)) = next.await {
+                    slot.discard().await;
+                }
+            });
+        }
+    }
+}
+
+/// How this host makes sandboxes (what a pre-made one is made with, off the runner).
+#[derive(Debug, Clone)]
+pub(super) struct Sandboxes {
     bwrap: PathBuf,
     /// The node runs as root: no user namespace, the init drops to the job uid.
     root: bool,
@@ -91,8 +131,14 @@ pub struct ProcessRunner {
     /// The `horde` binary bound into the sandbox as its init: this very binary, by default
     /// through `/proc/PID/exe` (so a rebuild while the node runs changes nothing).
     init: PathBuf,
-    /// Egress, when the class's network is `internet`.
-    egress: Option<Egress>,
+}
+
+/// A sandbox that has started and said hello: its `bwrap`, the bridge's socket, its init's pid.
+#[derive(Debug)]
+pub(super) struct Opened {
+    pub(super) child: tokio::process::Child,
+    pub(super) channel: Channel,
+    pub(super) pid: i32,
 }
 
 impl ProcessRunner {
@@ -118,14 +164,19 @@ impl ProcessRunner {
             NetworkPolicy::None => None,
         };
         let runner = Self {
-            bwrap,
-            root,
-            cgroups: writable_cgroups(),
-            init: PathBuf::from(format!("/proc/{}/exe", std::process::id())),
+            sandboxes: Sandboxes {
+                bwrap,
+                root,
+                cgroups: writable_cgroups(),
+                init: PathBuf::from(format!("/proc/{}/exe", std::process::id())),
+            },
             egress,
+            policy: policy.clone(),
+            next: std::sync::Mutex::new(None),
+            made: std::sync::atomic::AtomicU64::new(0),
         };
-        runner.self_test().await?;
-        match &runner.cgroups {
+        runner.sandboxes.self_test().await?;
+        match &runner.sandboxes.cgroups {
             Some(_) => info!("jobs run in bubblewrap sandboxes with cgroup limits"),
             None => warn!(
                 "jobs run in bubblewrap sandboxes, but no writable cgroup: memory is limited by \
@@ -138,8 +189,16 @@ impl ProcessRunner {
     /// Uses `horde` (a path to the `horde` binary) as the sandbox's init: for callers that are
     /// not the `horde` binary themselves (tests, benches).
     pub fn with_init_binary(mut self, horde: PathBuf) -> Self {
-        self.init = horde;
+        self.sandboxes.init = horde;
         self
+    }
+}
+
+impl Sandboxes {
+    /// The uid the job runs as on the host, when the node is root (else its own, in a user
+    /// namespace).
+    fn job_uid(&self, policy: &ClassPolicy) -> Option<u32> {
+        self.root.then(|| policy.uid.unwrap_or(DEFAULT_JOB_UID))
     }
 
     /// Runs `true` in a sandbox made as for a job: fails when this host cannot make one.
@@ -211,10 +270,16 @@ impl ProcessRunner {
         args
     }
 
-    /// bwrap's options for `launch` (given through `--args 0`).
-    fn job_args(&self, launch: &Launch, program: &str) -> Vec<OsString> {
-        let mut args = self.base_args(launch.policy.tmp_bytes);
-        let dir = &launch.job_dir;
+    /// bwrap's options for a sandbox under `policy` whose job directory (`volume/`,
+    /// `output/`) is `dir`, with `programs` bound at their own paths (given through
+    /// `--args 0`).
+    pub(super) fn binds(
+        &self,
+        policy: &ClassPolicy,
+        dir: &Path,
+        programs: Vec<PathBuf>,
+    ) -> Vec<OsString> {
+        let mut args = self.base_args(policy.tmp_bytes);
         args.extend([
             "--perms".into(),
             "0755".into(),
@@ -231,7 +296,7 @@ impl ProcessRunner {
             INIT_PATH.into(),
         ]);
         let mut made = std::collections::HashSet::new();
-        for path in host_programs(launch, program) {
+        for path in programs {
             // Parent directories bwrap would otherwise make 0700: the job's uid must pass them.
             let parents: Vec<&Path> = path.ancestors().skip(1).collect();
             for dir in parents.into_iter().rev().filter(|d| *d != Path::new("/")) {
@@ -241,7 +306,7 @@ impl ProcessRunner {
             }
             args.extend(["--ro-bind".into(), path.clone().into(), path.into()]);
         }
-        if launch.policy.network == NetworkPolicy::Internet {
+        if policy.network == NetworkPolicy::Internet {
             args.extend([
                 "--ro-bind-try".into(),
                 "/etc/resolv.conf".into(),
@@ -252,39 +317,149 @@ impl ProcessRunner {
         args
     }
 
-    /// The command bwrap runs: the init, told the job's port and program. (bwrap 0.8 reads
-    /// options only from `--args`; the command stays on its command line.)
-    fn init_command(&self, launch: &Launch, program: &str, uid: Option<u32>) -> Vec<OsString> {
+    /// The command bwrap runs: the init, told the job's port and program (`job`), or neither
+    /// for a pre-made sandbox. (bwrap 0.8 reads options only from `--args`; the command stays
+    /// on its command line.)
+    pub(super) fn init_command(
+        &self,
+        policy: &ClassPolicy,
+        job: Option<(u16, &str, &[String])>,
+    ) -> Vec<OsString> {
         let mut args: Vec<OsString> = vec![
             "--".into(),
             INIT_PATH.into(),
             SANDBOX_INIT_SUBCOMMAND.into(),
         ];
-        args.extend(["--port".into(), launch.port.to_string().into()]);
-        if let Some(uid) = uid {
+        if let Some(uid) = self.job_uid(policy) {
             args.extend(["--uid".into(), uid.to_string().into()]);
         }
         if self.cgroups.is_none()
-            && let Some(bytes) = launch.policy.memory_bytes
+            && let Some(bytes) = policy.memory_bytes
         {
             args.extend(["--address-space".into(), bytes.to_string().into()]);
         }
-        args.extend(["--".into(), program.into()]);
-        args.extend(launch.args.iter().map(OsString::from));
+        if let Some((port, program, job_args)) = job {
+            args.extend(["--port".into(), port.to_string().into()]);
+            args.extend(["--".into(), program.into()]);
+            args.extend(job_args.iter().map(OsString::from));
+        }
         args
     }
 
-    fn job_env(launch: &Launch) -> Vec<(String, String)> {
-        let mut env = vec![
-            ("PATH".to_owned(), "/usr/local/bin:/usr/bin:/bin".to_owned()),
-            ("HOME".to_owned(), "/tmp".to_owned()),
-        ];
-        env.extend(launch.env.iter().cloned());
-        env.push((JOB_PORT_ENV.to_owned(), launch.port.to_string()));
-        env.push((VOLUME_DIR_ENV.to_owned(), VOLUME_DIR.to_owned()));
-        env.push((OUTPUT_DIR_ENV.to_owned(), OUTPUT_DIR.to_owned()));
-        env
+    /// Starts `bwrap` with `binds` (through `--args 0`), `command` and `env` (nothing else of
+    /// the executor's environment), its stderr to `stderr` (at `stderr_path`); returns once
+    /// the init has said hello.
+    pub(super) async fn open(
+        &self,
+        binds: Vec<OsString>,
+        command: Vec<OsString>,
+        env: Vec<(String, String)>,
+        stderr: (std::fs::File, &Path),
+    ) -> Result<Opened, RunnerError> {
+        let io = |context: &str| {
+            let context = context.to_owned();
+            move |error: std::io::Error| RunnerError::io(context, error)
+        };
+        let (ours, theirs) = rustix::net::socketpair(
+            rustix::net::AddressFamily::UNIX,
+            rustix::net::SocketType::SEQPACKET,
+            rustix::net::SocketFlags::CLOEXEC,
+            None,
+        )
+        .map_err(|e| RunnerError::io("socket pair", e.into()))?;
+        rustix::net::sockopt::set_socket_passcred(&ours, true)
+            .map_err(|e| RunnerError::io("socket pair", e.into()))?;
+        let (args_read, args_write) = std::io::pipe().map_err(io("argument pipe"))?;
+        let mut child = tokio::process::Command::new(&self.bwrap)
+            .args(["--args", "0"])
+            .args(command)
+            .env_clear()
+            .envs(env)
+            .stdin(args_read)
+            .stdout(std::process::Stdio::from(theirs))
+            .stderr(stderr.0)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(io("starting bwrap"))?;
+        let result = tokio::time::timeout(SANDBOX_START, async {
+            let mut args = Vec::new();
+            for arg in binds {
+                args.extend_from_slice(arg.as_encoded_bytes());
+                args.push(0);
+            }
+            let mut pipe = tokio::net::unix::pipe::Sender::from_owned_fd(OwnedFd::from(args_write))
+                .map_err(io("argument pipe"))?;
+            pipe.write_all(&args).await.map_err(io("argument pipe"))?;
+            drop(pipe);
+            let channel = Channel::new(ours).map_err(io("sandbox socket"))?;
+            let hello = recv(&channel).await?;
+            if hello.bytes.first() != Some(&b'H') {
+                return Err(closed());
+            }
+            let pid = hello.pid.ok_or_else(|| {
+                RunnerError::Unavailable("the sandbox sent no credentials".into())
+            })?;
+            Ok((channel, pid))
+        })
+        .await
+        .unwrap_or_else(|_| {
+            Err(RunnerError::Unavailable(
+                "the sandbox did not come up in time".into(),
+            ))
+        });
+        match result {
+            Ok((channel, pid)) => Ok(Opened {
+                child,
+                channel,
+                pid,
+            }),
+            Err(error) => {
+                let _ = child.kill().await;
+                Err(bwrap_said(stderr.1, error))
+            }
+        }
     }
+}
+
+/// The job's environment: the runner's `PATH` and `HOME`, the spec's, the `HORDE_*` paths.
+fn job_env(launch: &Launch) -> Vec<(String, String)> {
+    let mut env = base_env();
+    env.extend(launch.env.iter().cloned());
+    env.push((JOB_PORT_ENV.to_owned(), launch.port.to_string()));
+    env.push((VOLUME_DIR_ENV.to_owned(), VOLUME_DIR.to_owned()));
+    env.push((OUTPUT_DIR_ENV.to_owned(), OUTPUT_DIR.to_owned()));
+    env
+}
+
+/// The environment every sandbox starts with (a pre-made one's init has only this).
+pub(super) fn base_env() -> Vec<(String, String)> {
+    vec![
+        ("PATH".to_owned(), "/usr/local/bin:/usr/bin:/bin".to_owned()),
+        ("HOME".to_owned(), "/tmp".to_owned()),
+    ]
+}
+
+/// `error`, or bwrap's own complaint (in its stderr at `stderr`) if it made one: the better
+/// reason. A spawn failure is the job's own and stays.
+pub(super) fn bwrap_said(stderr: &Path, error: RunnerError) -> RunnerError {
+    let said = std::fs::read_to_string(stderr).unwrap_or_default();
+    match (&error, said.lines().find(|l| l.starts_with("bwrap:"))) {
+        (RunnerError::Spawn { .. }, _) | (_, None) => error,
+        (_, Some(line)) => RunnerError::Unavailable(line.to_owned()),
+    }
+}
+
+fn closed() -> RunnerError {
+    RunnerError::Unavailable("the sandbox ended before its job started".into())
+}
+
+/// The sandbox's next message; its end is [`closed`].
+async fn recv(channel: &Channel) -> Result<Datagram, RunnerError> {
+    channel
+        .recv()
+        .await
+        .map_err(|e| RunnerError::io("sandbox socket", e))?
+        .ok_or_else(closed)
 }
 
 /// Whether `path` is in the system directories every sandbox binds.
@@ -323,20 +498,9 @@ fn reachable_by_others(path: &Path) -> bool {
 /// The executor's own cgroup directory in each of [`CGROUP_CONTROLLERS`] (v1), if it can make
 /// cgroups below them.
 fn writable_cgroups() -> Option<Vec<PathBuf>> {
-    let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
     let mut dirs = Vec::new();
     for controller in CGROUP_CONTROLLERS {
-        let path = own.lines().find_map(|line| {
-            let mut fields = line.splitn(3, ':');
-            let (_, names, path) = (fields.next()?, fields.next()?, fields.next()?);
-            names
-                .split(',')
-                .any(|n| n == controller)
-                .then(|| path.to_owned())
-        })?;
-        let dir = Path::new("/sys/fs/cgroup")
-            .join(controller)
-            .join(path.trim_start_matches('/'));
+        let dir = own_cgroup(controller)?;
         let probe = dir.join(format!("horde-probe-{}", std::process::id()));
         std::fs::create_dir(&probe).ok()?;
         let _ = std::fs::remove_dir(&probe);
@@ -346,9 +510,39 @@ fn writable_cgroups() -> Option<Vec<PathBuf>> {
     Some(dirs)
 }
 
+/// This process's own cgroup directory in v1 hierarchy `controller`.
+pub(super) fn own_cgroup(controller: &str) -> Option<PathBuf> {
+    let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let path = own.lines().find_map(|line| {
+        let mut fields = line.splitn(3, ':');
+        let (_, names, path) = (fields.next()?, fields.next()?, fields.next()?);
+        names
+            .split(',')
+            .any(|n| n == controller)
+            .then(|| path.to_owned())
+    })?;
+    Some(
+        Path::new("/sys/fs/cgroup")
+            .join(controller)
+            .join(path.trim_start_matches('/')),
+    )
+}
+
+/// Whether the kernel killed a process for memory in the v1 memory cgroup `dir` or below it
+/// (`oom_kill` of `memory.oom_control` counts its descendants' kills too).
+pub(super) fn oom_killed(dir: &Path) -> bool {
+    std::fs::read_to_string(dir.join("memory.oom_control")).is_ok_and(|text| {
+        text.lines().any(|line| {
+            line.strip_prefix("oom_kill ")
+                .and_then(|n| n.trim().parse::<u64>().ok())
+                .is_some_and(|n| n > 0)
+        })
+    })
+}
+
 /// Job cgroups left behind by an executor that was killed before it could remove them: empty
 /// ones (the kernel refuses to remove any other) older than a job's start.
-fn reap_stale_cgroups(parent: &Path) {
+pub(super) fn reap_stale_cgroups(parent: &Path) {
     let Ok(entries) = std::fs::read_dir(parent) else {
         return;
     };
@@ -370,13 +564,18 @@ fn reap_stale_cgroups(parent: &Path) {
 
 /// One job's cgroups (one per controller), removed by [`JobCgroup::remove`].
 #[derive(Debug)]
-struct JobCgroup {
+pub(super) struct JobCgroup {
     dirs: Vec<PathBuf>,
 }
 
 impl JobCgroup {
-    fn create(parents: &[PathBuf], launch: &Launch) -> Result<Self, RunnerError> {
-        let name = format!("horde-job-{}", launch.job_id);
+    /// Cgroups `horde-job-NAME` below `parents`, with `policy`'s limits.
+    pub(super) fn create(
+        parents: &[PathBuf],
+        name: &str,
+        policy: &ClassPolicy,
+    ) -> Result<Self, RunnerError> {
+        let name = format!("horde-job-{name}");
         let mut cgroup = Self { dirs: Vec::new() };
         for parent in parents {
             let dir = parent.join(&name);
@@ -385,7 +584,6 @@ impl JobCgroup {
                 .map_err(|e| RunnerError::io(format!("creating {}", dir.display()), e))?;
             cgroup.dirs.push(dir);
         }
-        let policy = &launch.policy;
         let write = |file: &str, value: String| -> Result<(), RunnerError> {
             let Some(dir) = cgroup.dirs.iter().find(|d| d.join(file).exists()) else {
                 return Err(RunnerError::Unavailable(format!("no cgroup file {file}")));
@@ -409,7 +607,7 @@ impl JobCgroup {
         Ok(cgroup)
     }
 
-    fn add(&self, pid: i32) -> Result<(), RunnerError> {
+    pub(super) fn add(&self, pid: i32) -> Result<(), RunnerError> {
         for dir in &self.dirs {
             std::fs::write(dir.join("cgroup.procs"), pid.to_string())
                 .map_err(|e| RunnerError::io(format!("joining {}", dir.display()), e))?;
@@ -418,19 +616,11 @@ impl JobCgroup {
     }
 
     fn out_of_memory(&self) -> bool {
-        self.dirs.iter().any(|dir| {
-            std::fs::read_to_string(dir.join("memory.oom_control")).is_ok_and(|text| {
-                text.lines().any(|line| {
-                    line.strip_prefix("oom_kill ")
-                        .and_then(|n| n.trim().parse::<u64>().ok())
-                        .is_some_and(|n| n > 0)
-                })
-            })
-        })
+        self.dirs.iter().any(|dir| oom_killed(dir))
     }
 
     /// Kills whatever is left in the cgroups and removes them.
-    async fn remove(&self) {
+    pub(super) async fn remove(&self) {
         for _ in 0..50 {
             let mut left = false;
             for dir in &self.dirs {
@@ -465,10 +655,8 @@ impl Runner for ProcessRunner {
             ));
         };
         let egress = super::egress::for_launch(self.egress.as_ref(), &launch)?;
-        let uid = self
-            .root
-            .then(|| launch.policy.uid.unwrap_or(DEFAULT_JOB_UID));
-        if let Some(uid) = uid {
+        let started = std::time::Instant::now();
+        if self.sandboxes.root {
             let path = Path::new(program);
             if program.starts_with('/') && !in_system_dirs(path) && !reachable_by_others(path) {
                 return Err(RunnerError::Spawn {
@@ -476,27 +664,107 @@ impl Runner for ProcessRunner {
                     reason: "not an executable file that others may reach on this host".into(),
                 });
             }
+        }
+        if let Some(file) = slot::program_file(&launch, program)
+            && let Some(slot) = self.take_slot().await
+        {
+            match slot.start(&launch, program, file, egress).await {
+                Ok(job) => {
+                    debug!(elapsed = ?started.elapsed(), "job started in the pre-made sandbox");
+                    return Ok(Box::new(job));
+                }
+                Err(slot::WarmError::Job(error)) => return Err(error),
+                Err(slot::WarmError::Unusable(reason)) => {
+                    warn!(%reason, "the pre-made sandbox is unusable: the job gets a new one");
+                }
+            }
+        }
+        let job = self.start_cold(&launch, program, egress).await?;
+        debug!(elapsed = ?started.elapsed(), "job started in a new sandbox");
+        Ok(Box::new(job))
+    }
+
+    fn prepare_next(&self, jobs_dir: &Path) {
+        let mut next = self
+            .next
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if next.is_some() || tokio::runtime::Handle::try_current().is_err() {
+            return;
+        }
+        let made = self.made.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if made == 0 {
+            slot::reap_stale(jobs_dir);
+        }
+        let dir = jobs_dir.join(slot::slot_name(made));
+        *next = Some(tokio::spawn(Slot::make(
+            self.sandboxes.clone(),
+            self.policy.clone(),
+            dir,
+        )));
+    }
+}
+
+impl ProcessRunner {
+    /// The pre-made sandbox, if one was prepared and is up (waiting for it if it is still
+    /// being made: never longer than a new one would take).
+    async fn take_slot(&self) -> Option<Slot> {
+        let next = self
+            .next
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()?;
+        match tokio::time::timeout(SANDBOX_START, next).await {
+            Ok(Ok(Ok(slot))) => Some(slot),
+            Ok(Ok(Err(error))) => {
+                warn!(%error, "the pre-made sandbox failed: the job gets a new one");
+                None
+            }
+            Ok(Err(error)) => {
+                warn!(%error, "making the pre-made sandbox failed: the job gets a new one");
+                None
+            }
+            Err(_) => {
+                warn!("the pre-made sandbox did not come up in time: the job gets a new one");
+                None
+            }
+        }
+    }
+
+    /// A new sandbox for `launch` (cgroup, binds, init), started on the job's start path.
+    async fn start_cold(
+        &self,
+        launch: &Launch,
+        program: &str,
+        egress: Option<&Egress>,
+    ) -> Result<ProcessJob, RunnerError> {
+        let phase = std::time::Instant::now();
+        if let Some(uid) = self.sandboxes.job_uid(&launch.policy) {
             let owner = Some(rustix::fs::Uid::from_raw(uid));
             let group = Some(rustix::fs::Gid::from_raw(uid));
             rustix::fs::chown(launch.job_dir.join("output"), owner, group).map_err(|e| {
                 RunnerError::io("handing the output directory to the job", e.into())
             })?;
         }
-        let cgroup = match &self.cgroups {
-            Some(parents) => Some(JobCgroup::create(parents, &launch)?),
+        let cgroup = match &self.sandboxes.cgroups {
+            Some(parents) => Some(JobCgroup::create(
+                parents,
+                &launch.job_id.to_string(),
+                &launch.policy,
+            )?),
             None => None,
         };
-        let started = self
-            .spawn(&launch, program, uid, cgroup.as_ref(), egress)
-            .await;
+        let prepared = phase.elapsed();
+        let started = self.spawn(launch, program, cgroup.as_ref(), egress).await;
+        debug!(?prepared, total = ?phase.elapsed(), "new sandbox: cgroup and chown, then bwrap");
         match started {
-            Ok((child, bridge, link)) => Ok(Box::new(ProcessJob {
+            Ok((child, bridge, link)) => Ok(ProcessJob {
                 child,
                 bridge,
                 cgroup,
                 link,
                 exit: None,
-            })),
+            }),
             Err(error) => {
                 if let Some(cgroup) = cgroup {
                     cgroup.remove().await;
@@ -505,63 +773,49 @@ impl Runner for ProcessRunner {
             }
         }
     }
-}
 
-impl ProcessRunner {
     /// Starts the sandbox and its job; returns once the init has started the job.
     async fn spawn(
         &self,
         launch: &Launch,
         program: &str,
-        uid: Option<u32>,
         cgroup: Option<&JobCgroup>,
         egress: Option<&Egress>,
     ) -> Result<(tokio::process::Child, BridgeHandle, Option<JobLink>), RunnerError> {
-        let io = |context: &str| {
-            let context = context.to_owned();
-            move |error: std::io::Error| RunnerError::io(context, error)
-        };
         let logs = launch.job_dir.join("logs/output");
-        let stdout = std::fs::File::create(logs.join("stdout")).map_err(io("stdout log"))?;
-        let stderr = std::fs::File::create(logs.join("stderr")).map_err(io("stderr log"))?;
-        let (ours, theirs) = rustix::net::socketpair(
-            rustix::net::AddressFamily::UNIX,
-            rustix::net::SocketType::SEQPACKET,
-            rustix::net::SocketFlags::CLOEXEC,
-            None,
-        )
-        .map_err(|e| RunnerError::io("socket pair", e.into()))?;
-        rustix::net::sockopt::set_socket_passcred(&ours, true)
-            .map_err(|e| RunnerError::io("socket pair", e.into()))?;
-        let (args_read, args_write) = std::io::pipe().map_err(io("argument pipe"))?;
-        let mut child = {
-            let mut command = tokio::process::Command::new(&self.bwrap);
-            command
-                .args(["--args", "0"])
-                .args(self.init_command(launch, program, uid))
-                .env_clear()
-                .envs(Self::job_env(launch))
-                .stdin(args_read)
-                .stdout(std::process::Stdio::from(theirs))
-                .stderr(stderr)
-                .kill_on_drop(true);
-            command.spawn().map_err(io("starting bwrap"))?
-        };
+        let (stdout, stderr) = log_files(&logs)?;
+        let binds = self.sandboxes.binds(
+            &launch.policy,
+            &launch.job_dir,
+            host_programs(launch, program),
+        );
+        let command = self
+            .sandboxes
+            .init_command(&launch.policy, Some((launch.port, program, &launch.args)));
+        let stderr_path = logs.join("stderr");
+        let Opened {
+            mut child,
+            channel,
+            pid,
+        } = self
+            .sandboxes
+            .open(binds, command, job_env(launch), (stderr, &stderr_path))
+            .await?;
         let mut link = None;
         let result = tokio::time::timeout(SANDBOX_START, async {
-            let mut args = Vec::new();
-            for arg in self.job_args(launch, program) {
-                args.extend_from_slice(arg.as_encoded_bytes());
-                args.push(0);
+            if let Some(cgroup) = cgroup {
+                cgroup.add(pid)?;
             }
-            let mut pipe = tokio::net::unix::pipe::Sender::from_owned_fd(OwnedFd::from(args_write))
-                .map_err(io("argument pipe"))?;
-            pipe.write_all(&args).await.map_err(io("argument pipe"))?;
-            drop(pipe);
-            let channel = Channel::new(ours).map_err(io("sandbox socket"))?;
-            let network = egress.map(|egress| (egress, launch.job_id, &mut link));
-            handshake(&channel, cgroup, network, stdout, program).await?;
-            Ok(BridgeHandle::start(channel))
+            if let Some(egress) = egress {
+                link = Some(attach(egress, launch.job_id, pid).await?);
+            }
+            let stdout = OwnedFd::from(stdout);
+            channel
+                .send(b"G", &[stdout.as_fd()], false)
+                .await
+                .map_err(|e| RunnerError::io("sandbox socket", e))?;
+            drop(stdout);
+            job_started(&channel, program).await
         })
         .await
         .unwrap_or_else(|_| {
@@ -570,68 +824,42 @@ impl ProcessRunner {
             ))
         });
         match result {
-            Ok(bridge) => Ok((child, bridge, link)),
+            Ok(()) => Ok((child, BridgeHandle::start(channel), link)),
             Err(error) => {
                 let _ = child.kill().await;
                 if let Some(link) = link {
                     link.remove().await;
                 }
-                // bwrap's own complaint, if any, is the better reason.
-                let said = std::fs::read_to_string(logs.join("stderr")).unwrap_or_default();
-                match (&error, said.lines().find(|l| l.starts_with("bwrap:"))) {
-                    (RunnerError::Spawn { .. }, _) | (_, None) => Err(error),
-                    (_, Some(line)) => Err(RunnerError::Unavailable(line.to_owned())),
-                }
+                Err(bwrap_said(&stderr_path, error))
             }
         }
     }
 }
 
-/// The job's egress, and where to keep its link.
-type Network<'a> = (&'a Egress, horde_protocol::JobId, &'a mut Option<JobLink>);
+/// The job's stdout and stderr logs, created (empty) in `logs`.
+pub(super) fn log_files(logs: &Path) -> Result<(std::fs::File, std::fs::File), RunnerError> {
+    let create = |name: &str| {
+        std::fs::File::create(logs.join(name))
+            .map_err(|e| RunnerError::io(format!("{name} log"), e))
+    };
+    Ok((create("stdout")?, create("stderr")?))
+}
 
-/// Hello (with the init's pid) → cgroup → network → go (with the stdout log) → started or
-/// failed.
-async fn handshake(
-    channel: &Channel,
-    cgroup: Option<&JobCgroup>,
-    network: Option<Network<'_>>,
-    stdout: std::fs::File,
-    program: &str,
-) -> Result<(), RunnerError> {
-    let closed = || RunnerError::Unavailable("the sandbox ended before its job started".into());
-    let recv = || async {
-        channel
-            .recv()
-            .await
-            .map_err(|e| RunnerError::io("sandbox socket", e))?
-            .ok_or_else(closed)
-    };
-    let hello: Datagram = recv().await?;
-    if hello.bytes.first() != Some(&b'H') {
-        return Err(closed());
-    }
-    let pid = || {
-        hello
-            .pid
-            .ok_or_else(|| RunnerError::Unavailable("the sandbox sent no credentials".into()))
-    };
-    if let Some(cgroup) = cgroup {
-        cgroup.add(pid()?)?;
-    }
-    if let Some((egress, job, link)) = network {
-        // The init waits for the go: its pid is still the sandbox's.
-        let path = format!("/proc/{}/ns/net", pid()?);
-        let namespace = std::fs::File::open(&path).map_err(|e| RunnerError::io(path, e))?;
-        *link = Some(egress.attach(job, &namespace).await?);
-    }
-    let stdout = OwnedFd::from(stdout);
-    channel
-        .send(b"G", &[stdout.as_fd()], false)
-        .await
-        .map_err(|e| RunnerError::io("sandbox socket", e))?;
-    drop(stdout);
-    let answer = recv().await?;
+/// Gives the sandbox whose init is `pid` (it waits for its go: the pid is still the
+/// sandbox's) its egress link.
+pub(super) async fn attach(
+    egress: &Egress,
+    job: horde_protocol::JobId,
+    pid: i32,
+) -> Result<JobLink, RunnerError> {
+    let path = format!("/proc/{pid}/ns/net");
+    let namespace = std::fs::File::open(&path).map_err(|e| RunnerError::io(path, e))?;
+    Ok(egress.attach(job, &namespace).await?)
+}
+
+/// The init's answer to the go: started, or why the job's program could not be.
+pub(super) async fn job_started(channel: &Channel, program: &str) -> Result<(), RunnerError> {
+    let answer = recv(channel).await?;
     match answer.bytes.first() {
         Some(b'S') => Ok(()),
         Some(b'F') => Err(RunnerError::Spawn {
@@ -644,14 +872,14 @@ async fn handshake(
 
 /// A job running in a bubblewrap sandbox.
 #[derive(Debug)]
-struct ProcessJob {
+pub(super) struct ProcessJob {
     /// The outer `bwrap` process (on the host).
-    child: tokio::process::Child,
-    bridge: BridgeHandle,
-    cgroup: Option<JobCgroup>,
+    pub(super) child: tokio::process::Child,
+    pub(super) bridge: BridgeHandle,
+    pub(super) cgroup: Option<JobCgroup>,
     /// The job's veth pair, under `network = "internet"`.
-    link: Option<JobLink>,
-    exit: Option<JobExit>,
+    pub(super) link: Option<JobLink>,
+    pub(super) exit: Option<JobExit>,
 }
 
 #[async_trait]
