@@ -745,7 +745,13 @@ mod tests {
         // Short lifetimes keep two fifths: one lost refresh is survived.
         assert_eq!(refresh_interval(secs(50)), secs(20));
         assert_eq!(refresh_interval(MIN_RECORD_TTL), Duration::from_millis(800));
-        for ttl in [MIN_RECORD_TTL, secs(10), secs(60), DEFAULT_RECORD_TTL, secs(600)] {
+        for ttl in [
+            MIN_RECORD_TTL,
+            secs(10),
+            secs(60),
+            DEFAULT_RECORD_TTL,
+            secs(600),
+        ] {
             assert!(refresh_interval(ttl) < ttl, "{ttl:?}");
         }
     }
