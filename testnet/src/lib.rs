@@ -697,6 +697,12 @@ impl Testnet {
             .with_context(|| format!("no node {name}"))
     }
 
+    /// Whether the node called `name` is still running.
+    pub fn is_running(&mut self, name: &str) -> anyhow::Result<bool> {
+        let index = self.index(name)?;
+        Ok(self.nodes[index].is_running())
+    }
+
     fn index(&self, name: &str) -> anyhow::Result<usize> {
         self.nodes
             .iter()

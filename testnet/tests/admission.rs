@@ -1,6 +1,6 @@
 //! Admission that favours known peers (issue 16, item 10): a flood of fresh keys from one
 //! address does not lock a new client out of the facilitator, and does not grow its memory
-//! beyond the bound the README states.
+//! beyond the bound the README states; junk datagrams at every port leave the network working.
 
 #![allow(clippy::unwrap_used)] // Tests fail loudly on any error.
 
@@ -161,4 +161,88 @@ async fn a_flood_of_fresh_keys_from_one_address_does_not_lock_a_new_client_out()
         outcome.refused.load(Ordering::Relaxed) > FLOOD_KEYS / 2,
         "{outcome:?}"
     );
+}
+
+/// Datagrams of junk: random bytes, QUIC-shaped long headers (an Initial's first byte and
+/// version 1, random connection ids and payload; padded to 1,200 bytes as a client's Initial
+/// must be) and short headers, from many source ports, aimed at every UDP port the network's
+/// nodes listen on (their QUIC and discovery ports).
+fn junk_datagrams(count: usize, seed: u64) -> Vec<Vec<u8>> {
+    let mut state = seed;
+    let mut next = move || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (state >> 33) as u32
+    };
+    (0..count)
+        .map(|i| {
+            let len = match i % 4 {
+                0 => 1 + next() as usize % 64,
+                1 | 2 => 1200,
+                _ => 1 + next() as usize % 1500,
+            };
+            let mut datagram: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            match i % 4 {
+                // A long-header Initial of QUIC v1 with 8-byte connection ids.
+                1 => {
+                    datagram[..6].copy_from_slice(&[0xc0, 0, 0, 0, 1, 8]);
+                    datagram[14] = 8;
+                }
+                // A short header (fixed bit set).
+                2 => datagram[0] = 0x40 | (datagram[0] & 0x3f),
+                _ => {}
+            }
+            datagram
+        })
+        .collect()
+}
+
+/// Junk on the wire (README, "Fault matrix"): 20,000 datagrams of random and QUIC-shaped bytes
+/// at every node's QUIC and discovery ports leave every node running, and a new client's job
+/// then runs through the same network.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn junk_datagrams_at_every_port_leave_the_network_working() {
+    let mut testnet = Testnet::start(TestnetConfig {
+        storage: 0,
+        ..TestnetConfig::default()
+    })
+    .unwrap();
+    let targets: Vec<SocketAddr> = testnet
+        .nodes()
+        .iter()
+        .flat_map(|node| std::iter::once(node.addr).chain(node.p2p))
+        .collect();
+    assert!(targets.len() >= 6, "{targets:?}");
+    let before = time_to_endpoint(&testnet.facilitator()).await;
+
+    let datagrams = junk_datagrams(20_000, 7);
+    let sent = tokio::task::spawn_blocking(move || {
+        // 16 source sockets, so the junk comes from many "peers".
+        let sockets: Vec<std::net::UdpSocket> = (0..16)
+            .map(|_| std::net::UdpSocket::bind("127.0.0.3:0").unwrap())
+            .collect();
+        let mut sent = 0usize;
+        for (i, datagram) in datagrams.iter().enumerate() {
+            let target = targets[i % targets.len()];
+            if sockets[i % sockets.len()].send_to(datagram, target).is_ok() {
+                sent += 1;
+            }
+        }
+        sent
+    })
+    .await
+    .unwrap();
+    assert!(sent > 19_000, "only {sent} junk datagrams sent");
+
+    let after = time_to_endpoint(&testnet.facilitator()).await;
+    let names: Vec<String> = testnet.nodes().iter().map(|n| n.name.clone()).collect();
+    for name in names {
+        assert!(
+            testnet.is_running(&name).unwrap(),
+            "{name} died from junk datagrams:\n{}",
+            testnet.log(&name)
+        );
+    }
+    println!("endpoint before the junk {before:?}, after {after:?}");
 }

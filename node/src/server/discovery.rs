@@ -67,14 +67,6 @@ pub const MAX_SYNC_BYTES: u32 = 1024 * 1024;
 /// Most records one [`RecordSync`] carries (a full directory answer is cut to this).
 pub const MAX_SYNC_RECORDS: usize = 1024;
 
-/// Keep-alive of the discovery QUIC connections (libp2p's default: 5 s). An idle node's
-/// packets are mostly these: every connection (up to 24 dialed, plus those accepted) pings each
-/// way per interval and acknowledges the other's ping.
-const GOSSIP_KEEP_ALIVE: Duration = Duration::from_secs(15);
-/// Idle timeout of the discovery QUIC connections, in ms (libp2p's default: 10 s): three
-/// keep-alives. A vanished peer's connection is closed within it; its record expires anyway.
-const GOSSIP_IDLE_TIMEOUT_MS: u32 = 45_000;
-
 /// Default record lifetime: a vanished node is forgotten within 2 minutes; records are re-signed
 /// 30 s before it runs out (every 90 s), which keeps idle traffic low at 256 nodes (see the
 /// README).
@@ -491,11 +483,7 @@ fn build_swarm(key: &SecretKey) -> Result<Swarm<Behaviour>, DiscoveryError> {
         .map_err(|e| DiscoveryError::Swarm(e.to_string()))?;
     let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
-        .with_quic_config(|mut config| {
-            config.keep_alive_interval = GOSSIP_KEEP_ALIVE;
-            config.max_idle_timeout = GOSSIP_IDLE_TIMEOUT_MS;
-            config
-        })
+        .with_quic()
         .with_behaviour(|keypair| {
             let peer = keypair.public().to_peer_id();
             let identify = identify::Behaviour::new(identify::Config::new(
