@@ -504,18 +504,18 @@ fn fetch_url(
         source,
     };
     let _ = fs::remove_file(dest);
-    let file = OpenOptions::new()
+    let mut file = OpenOptions::new()
         .write(true)
         .create_new(true)
         .open(dest)
         .map_err(io_error)?;
-    // `dest` is new and only written by `sink`, so what it hashed always describes exactly the
-    // file's bytes: a resumed attempt extends the hash of the prefix the earlier attempts wrote.
-    let mut sink = Sink::start(file);
+    // `dest` is new and only written here, so `received` always describes exactly its bytes:
+    // a resumed attempt extends the hash of the prefix the earlier attempts wrote.
+    let mut received = Received::default();
     let mut backoff = http.initial_backoff;
     let mut attempt = 1;
     let fetched = loop {
-        match fetch_attempt(http, url, &mut sink, expected_size) {
+        match fetch_attempt(http, url, &mut file, &mut received, expected_size) {
             Ok(Attempt::Done) => break Ok(()),
             Ok(Attempt::Retry(message)) if attempt < http.max_attempts => {
                 info!(url, attempt, %message, "HTTP download interrupted, retrying in {backoff:?}");
@@ -533,15 +533,10 @@ fn fetch_url(
             Err(error) => break Err(error),
         }
     };
-    // The writer's own failure explains a stopped sink better than the send that noticed it.
-    let written = sink.finish().map_err(io_error);
-    let checked = match (fetched, written) {
-        (_, Err(error)) | (Err(error), _) => Err(error),
-        (Ok(()), Ok((file, received))) => file
-            .sync_all()
-            .map_err(io_error)
-            .and_then(|()| received.check(expected_size, expected_hash, shown)),
-    };
+    let checked = fetched
+        .and_then(|()| file.sync_all().map_err(io_error))
+        .and_then(|()| received.check(expected_size, expected_hash, shown));
+    drop(file);
     if checked.is_err() {
         let _ = fs::remove_file(dest);
     }
@@ -592,114 +587,22 @@ impl Received {
     }
 }
 
-/// Bytes received before a chunk is handed to the writer.
-const FETCH_CHUNK: usize = 1 << 20;
+/// Bytes asked of the response body per read (and written per `write`).
+const FETCH_CHUNK: usize = 256 * 1024;
 
-/// Chunks in flight between the receiving thread and the writer.
-const FETCH_QUEUE: usize = 8;
-
-/// The writer flushes what it wrote (`fdatasync`) every this many bytes, on its own thread, so
-/// the disk works while the body arrives and the final `fsync` has little left to do.
-const FLUSH_EVERY: u64 = 16 << 20;
-
-/// What the receiving thread sends the writer.
-enum Chunk {
-    Bytes(Vec<u8>),
-    /// The server sent the whole body again: empty the file and the hash.
-    Restart,
-}
-
-/// A download's file, written and hashed on its own thread beside the one receiving the body.
-struct Sink {
-    chunks: std::sync::mpsc::SyncSender<Chunk>,
-    /// Buffers the writer is done with, for the receiver to fill again.
-    free: std::sync::mpsc::Receiver<Vec<u8>>,
-    /// Bytes handed to the writer (since the last restart).
-    len: u64,
-    writer: std::thread::JoinHandle<io::Result<(File, Received)>>,
-}
-
-impl Sink {
-    fn start(file: File) -> Self {
-        let (chunks, to_write) = std::sync::mpsc::sync_channel(FETCH_QUEUE);
-        let (done, free) = std::sync::mpsc::sync_channel(FETCH_QUEUE + 1);
-        let writer = std::thread::spawn(move || write_chunks(file, &to_write, &done));
-        Self {
-            chunks,
-            free,
-            len: 0,
-            writer,
-        }
-    }
-
-    fn buffer(&self) -> Vec<u8> {
-        self.free
-            .try_recv()
-            .unwrap_or_else(|_| vec![0; FETCH_CHUNK])
-    }
-
-    /// Hands `chunk` over; an error means the writer stopped (`finish` says why).
-    fn send(&mut self, chunk: Chunk) -> Result<(), VolumeError> {
-        match &chunk {
-            Chunk::Bytes(bytes) => self.len += bytes.len() as u64,
-            Chunk::Restart => self.len = 0,
-        }
-        self.chunks.send(chunk).map_err(|_| VolumeError::Io {
-            path: String::new(),
-            source: io::Error::other("the download's writer stopped"),
-        })
-    }
-
-    /// Waits for everything sent to be written; the file and what it holds.
-    fn finish(self) -> io::Result<(File, Received)> {
-        drop(self.chunks);
-        self.writer
-            .join()
-            .unwrap_or_else(|_| Err(io::Error::other("the download's writer panicked")))
-    }
-}
-
-/// The writer thread: appends each chunk and feeds it to the hash, until the sender is dropped.
-fn write_chunks(
-    mut file: File,
-    chunks: &std::sync::mpsc::Receiver<Chunk>,
-    done: &std::sync::mpsc::SyncSender<Vec<u8>>,
-) -> io::Result<(File, Received)> {
-    use std::io::Seek as _;
-    let mut received = Received::default();
-    let mut unflushed = 0u64;
-    for chunk in chunks {
-        match chunk {
-            Chunk::Bytes(bytes) => {
-                file.write_all(&bytes)?;
-                received.append(&bytes);
-                unflushed += bytes.len() as u64;
-                if unflushed >= FLUSH_EVERY {
-                    file.sync_data()?;
-                    unflushed = 0;
-                }
-                // Returned as it is: a full buffer needs no zeroing before it is filled again.
-                let _ = done.try_send(bytes);
-            }
-            Chunk::Restart => {
-                file.set_len(0)?;
-                file.rewind()?;
-                received = Received::default();
-                unflushed = 0;
-            }
-        }
-    }
-    Ok((file, received))
-}
-
-/// One GET: asks for the bytes after what the sink holds and hands them to it.
+/// One GET: asks for the bytes after what `file` holds (`received`) and appends them.
 fn fetch_attempt(
     http: &HttpClient,
     url: &str,
-    sink: &mut Sink,
+    file: &mut File,
+    received: &mut Received,
     expected_size: Option<u64>,
 ) -> Result<Attempt, VolumeError> {
-    let held = sink.len;
+    let io_error = |source| VolumeError::Io {
+        path: url.to_owned(),
+        source,
+    };
+    let held = received.len;
     if held > 0 && expected_size == Some(held) {
         return Ok(Attempt::Done);
     }
@@ -733,38 +636,30 @@ fn fetch_attempt(
         }
     };
     if !append && held > 0 {
-        sink.send(Chunk::Restart)?;
+        use std::io::Seek as _;
+        file.set_len(0).map_err(io_error)?;
+        file.rewind().map_err(io_error)?;
+        *received = Received::default();
     }
     let mut reader = response.into_body().into_reader();
+    let mut buffer = vec![0u8; FETCH_CHUNK];
     loop {
-        let mut buffer = sink.buffer();
-        buffer.resize(FETCH_CHUNK, 0);
-        let mut filled = 0;
-        let ended = loop {
-            match reader.read(&mut buffer[filled..]) {
-                Ok(0) => break Some(Attempt::Done),
-                Ok(read) => filled += read,
-                Err(error) => break Some(Attempt::Retry(error.to_string())),
-            }
-            if filled == buffer.len() {
-                break None;
-            }
+        let read = match reader.read(&mut buffer) {
+            Ok(0) => return Ok(Attempt::Done),
+            Ok(read) => read,
+            Err(error) => return Ok(Attempt::Retry(error.to_string())),
         };
-        buffer.truncate(filled);
-        if filled > 0 {
-            sink.send(Chunk::Bytes(buffer))?;
-        }
+        let chunk = &buffer[..read];
+        file.write_all(chunk).map_err(io_error)?;
+        received.append(chunk);
         if let Some(expected) = expected_size
-            && sink.len > expected
+            && received.len > expected
         {
             return Err(VolumeError::SizeMismatch {
                 path: url.to_owned(),
                 expected,
-                actual: sink.len,
+                actual: received.len,
             });
-        }
-        if let Some(ended) = ended {
-            return Ok(ended);
         }
     }
 }
