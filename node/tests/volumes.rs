@@ -29,6 +29,11 @@ struct HttpServer {
 
 impl HttpServer {
     fn start(drop_after: Option<usize>) -> Self {
+        Self::start_with(drop_after, &[])
+    }
+
+    /// With the fixture's fault flags (`--corrupt-dropped`, `--no-ranges`).
+    fn start_with(drop_after: Option<usize>, flags: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/http_server.py");
         let mut command = Command::new("python3");
@@ -36,6 +41,7 @@ impl HttpServer {
             .arg(script)
             .arg("--dir")
             .arg(dir.path())
+            .args(flags)
             .stdout(Stdio::piped());
         if let Some(k) = drop_after {
             command.arg("--drop-after").arg(k.to_string());
@@ -143,6 +149,82 @@ async fn url_source_resumes_with_range_after_a_dropped_connection() {
         .parse()
         .unwrap();
     assert!(resumed_at > 0 && resumed_at <= 100_000, "{range}");
+}
+
+/// The GETs the server saw and the `Range` each asked for.
+fn get_ranges(server: &HttpServer) -> Vec<Option<String>> {
+    server
+        .requests()
+        .into_iter()
+        .filter(|r| r["method"] == "GET")
+        .map(|r| r["headers"]["range"].as_str().map(str::to_owned))
+        .collect()
+}
+
+fn url_volume(server: &HttpServer, bytes: &[u8]) -> VolumeSpec {
+    volume(
+        "data.bin",
+        VolumeSource::Url {
+            url: server.url("data.bin"),
+            size: Some(bytes.len() as u64),
+            blake3: Some(BlobHash::of(bytes)),
+        },
+    )
+}
+
+#[tokio::test]
+async fn a_resumed_download_with_a_corrupted_prefix_is_refused_and_leaves_no_file() {
+    let server = HttpServer::start_with(Some(100_000), &["--corrupt-dropped"]);
+    let bytes = sample(1_000_000);
+    server.serve_file("data.bin", &bytes);
+    let job = tempfile::tempdir().unwrap();
+    let endpoint = localhost_endpoint(&seeded_key(1));
+    let error = materialize(
+        job.path(),
+        &[url_volume(&server, &bytes)],
+        &endpoint,
+        &http(),
+    )
+    .await
+    .unwrap_err();
+    // The right size, the right tail: only the hash of the whole can tell.
+    assert!(
+        matches!(error, VolumeError::HashMismatch { expected, actual, .. }
+            if expected == BlobHash::of(&bytes) && actual != expected),
+        "{error:?}"
+    );
+    let ranges = get_ranges(&server);
+    assert_eq!(ranges.len(), 2, "{ranges:?}");
+    assert!(ranges[0].is_none() && ranges[1].is_some(), "{ranges:?}");
+    assert!(
+        files_under(job.path()).is_empty(),
+        "{:?}",
+        files_under(job.path())
+    );
+}
+
+#[tokio::test]
+async fn a_resume_answered_with_the_whole_file_starts_over() {
+    let server = HttpServer::start_with(Some(100_000), &["--no-ranges"]);
+    let bytes = sample(1_000_000);
+    server.serve_file("data.bin", &bytes);
+    let job = tempfile::tempdir().unwrap();
+    let endpoint = localhost_endpoint(&seeded_key(1));
+    let placed = materialize(
+        job.path(),
+        &[url_volume(&server, &bytes)],
+        &endpoint,
+        &http(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(std::fs::read(&placed[0].path).unwrap(), bytes);
+    let ranges = get_ranges(&server);
+    assert_eq!(ranges.len(), 2, "{ranges:?}");
+    assert!(
+        ranges[1].is_some(),
+        "the second GET asked to resume: {ranges:?}"
+    );
 }
 
 #[tokio::test]

@@ -11,7 +11,7 @@
 //! A URL volume is complete when its file is fetched, `fsync`ed and checked against the
 //! declared size and BLAKE3; curl's download is timed to its exit, and again counting an
 //! `fsync` of its file and a `b3sum` of it (the same work). An upload is complete when nginx
-//! has answered the PUT; `upload` hashes the file first (it reports the BLAKE3), curl does not.
+//! has answered the PUT; `upload` hashes what it sends (it reports the BLAKE3), curl does not.
 //! The served file is read once before the rounds, so every row reads it from the page cache.
 
 use std::path::{Path, PathBuf};
@@ -231,7 +231,7 @@ impl Bench {
         Ok((fetched, total))
     }
 
-    /// An output uploaded with `upload` (hashed, then PUT); seconds.
+    /// An output uploaded with `upload` (hashed while it is sent); seconds.
     async fn put_url(&self, tls: bool, name: &str) -> anyhow::Result<f64> {
         let job = tempfile::tempdir()?;
         std::fs::create_dir_all(job.path().join("output"))?;

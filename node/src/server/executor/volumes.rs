@@ -490,7 +490,7 @@ enum Attempt {
 }
 
 /// Downloads `url` into `dest` (blocking), resuming with `Range` after a dropped connection,
-/// then checks the size and BLAKE3. On a check failure `dest` is deleted.
+/// then checks the size and BLAKE3 of what was received. On a check failure `dest` is deleted.
 fn fetch_url(
     http: &HttpClient,
     url: &str,
@@ -509,11 +509,14 @@ fn fetch_url(
         .create_new(true)
         .open(dest)
         .map_err(io_error)?;
+    // `dest` is new and only written here, so `received` always describes exactly its bytes:
+    // a resumed attempt extends the hash of the prefix the earlier attempts wrote.
+    let mut received = Received::default();
     let mut backoff = http.initial_backoff;
     let mut attempt = 1;
-    loop {
-        match fetch_attempt(http, url, &mut file, expected_size) {
-            Ok(Attempt::Done) => break,
+    let fetched = loop {
+        match fetch_attempt(http, url, &mut file, &mut received, expected_size) {
+            Ok(Attempt::Done) => break Ok(()),
             Ok(Attempt::Retry(message)) if attempt < http.max_attempts => {
                 info!(url, attempt, %message, "HTTP download interrupted, retrying in {backoff:?}");
                 std::thread::sleep(backoff);
@@ -521,36 +524,85 @@ fn fetch_url(
                 attempt += 1;
             }
             Ok(Attempt::Retry(message)) => {
-                let _ = fs::remove_file(dest);
-                return Err(VolumeError::Http {
+                break Err(VolumeError::Http {
                     url: url.to_owned(),
                     message,
                     attempts: attempt,
                 });
             }
-            Err(error) => {
-                let _ = fs::remove_file(dest);
-                return Err(error);
-            }
+            Err(error) => break Err(error),
         }
-    }
-    file.sync_all().map_err(io_error)?;
+    };
+    let checked = fetched
+        .and_then(|()| file.sync_all().map_err(io_error))
+        .and_then(|()| received.check(expected_size, expected_hash, shown));
     drop(file);
-    let checked = check_file(dest, expected_size, expected_hash, shown);
     if checked.is_err() {
         let _ = fs::remove_file(dest);
     }
     checked
 }
 
-/// One GET: asks for the bytes after what `file` holds and appends them.
+/// The bytes of a download written so far: their count and BLAKE3, fed with each chunk as it
+/// is written, so the file is never read back to be checked.
+#[derive(Default)]
+struct Received {
+    len: u64,
+    hasher: blake3::Hasher,
+}
+
+impl Received {
+    fn append(&mut self, bytes: &[u8]) {
+        self.hasher.update(bytes);
+        self.len += bytes.len() as u64;
+    }
+
+    /// The size and hash of everything received against the declared ones.
+    fn check(
+        &self,
+        expected_size: Option<u64>,
+        expected_hash: Option<BlobHash>,
+        shown: &str,
+    ) -> Result<u64, VolumeError> {
+        if let Some(expected) = expected_size
+            && expected != self.len
+        {
+            return Err(VolumeError::SizeMismatch {
+                path: shown.to_owned(),
+                expected,
+                actual: self.len,
+            });
+        }
+        let hash = BlobHash(*self.hasher.finalize().as_bytes());
+        if let Some(expected) = expected_hash
+            && expected != hash
+        {
+            return Err(VolumeError::HashMismatch {
+                path: shown.to_owned(),
+                expected,
+                actual: hash,
+            });
+        }
+        Ok(self.len)
+    }
+}
+
+/// Bytes asked of the response body per read (and written per `write`).
+const FETCH_CHUNK: usize = 256 * 1024;
+
+/// One GET: asks for the bytes after what `file` holds (`received`) and appends them.
 fn fetch_attempt(
     http: &HttpClient,
     url: &str,
     file: &mut File,
+    received: &mut Received,
     expected_size: Option<u64>,
 ) -> Result<Attempt, VolumeError> {
-    let held = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let io_error = |source| VolumeError::Io {
+        path: url.to_owned(),
+        source,
+    };
+    let held = received.len;
     if held > 0 && expected_size == Some(held) {
         return Ok(Attempt::Done);
     }
@@ -565,18 +617,14 @@ fn fetch_attempt(
     let status = response.status().as_u16();
     let append = match status {
         200 => false,
+        // Not the range we asked for: start over rather than splice wrong bytes.
         206 => {
-            let start = response
+            response
                 .headers()
                 .get("content-range")
                 .and_then(|value| value.to_str().ok())
-                .and_then(content_range_start);
-            if start != Some(held) {
-                // Not the range we asked for: start over rather than splice wrong bytes.
-                false
-            } else {
-                true
-            }
+                .and_then(content_range_start)
+                == Some(held)
         }
         416 if held > 0 => return Ok(Attempt::Done),
         500..=599 | 408 | 429 => return Ok(Attempt::Retry(format!("HTTP status {status}"))),
@@ -587,34 +635,31 @@ fn fetch_attempt(
             });
         }
     };
-    if !append {
-        file.set_len(0).map_err(|source| VolumeError::Io {
-            path: url.to_owned(),
-            source,
-        })?;
+    if !append && held > 0 {
+        use std::io::Seek as _;
+        file.set_len(0).map_err(io_error)?;
+        file.rewind().map_err(io_error)?;
+        *received = Received::default();
     }
     let mut reader = response.into_body().into_reader();
-    let mut buffer = vec![0u8; 256 * 1024];
+    let mut buffer = vec![0u8; FETCH_CHUNK];
     loop {
         let read = match reader.read(&mut buffer) {
             Ok(0) => return Ok(Attempt::Done),
             Ok(read) => read,
             Err(error) => return Ok(Attempt::Retry(error.to_string())),
         };
-        file.write_all(&buffer[..read])
-            .map_err(|source| VolumeError::Io {
+        let chunk = &buffer[..read];
+        file.write_all(chunk).map_err(io_error)?;
+        received.append(chunk);
+        if let Some(expected) = expected_size
+            && received.len > expected
+        {
+            return Err(VolumeError::SizeMismatch {
                 path: url.to_owned(),
-                source,
-            })?;
-        if let Some(expected) = expected_size {
-            let written = file.metadata().map(|m| m.len()).unwrap_or(0);
-            if written > expected {
-                return Err(VolumeError::SizeMismatch {
-                    path: url.to_owned(),
-                    expected,
-                    actual: written,
-                });
-            }
+                expected,
+                actual: received.len,
+            });
         }
     }
 }
@@ -623,37 +668,6 @@ fn fetch_attempt(
 fn content_range_start(value: &str) -> Option<u64> {
     let range = value.trim().strip_prefix("bytes ")?;
     range.split('-').next()?.trim().parse().ok()
-}
-
-fn check_file(
-    path: &Path,
-    expected_size: Option<u64>,
-    expected_hash: Option<BlobHash>,
-    shown: &str,
-) -> Result<u64, VolumeError> {
-    let (hash, size) = blob::hash_file(path).map_err(|source| VolumeError::Io {
-        path: shown.to_owned(),
-        source,
-    })?;
-    if let Some(expected) = expected_size
-        && expected != size
-    {
-        return Err(VolumeError::SizeMismatch {
-            path: shown.to_owned(),
-            expected,
-            actual: size,
-        });
-    }
-    if let Some(expected) = expected_hash
-        && expected != hash
-    {
-        return Err(VolumeError::HashMismatch {
-            path: shown.to_owned(),
-            expected,
-            actual: hash,
-        });
-    }
-    Ok(size)
 }
 
 /// Opens an output under `root` without following symlinks on the way, refusing anything but
@@ -727,15 +741,15 @@ pub async fn upload(
             path: shown.clone(),
             source,
         };
-        let (hash, size) = {
-            let path = path.clone();
-            tokio::task::spawn_blocking(move || blob::hash_file(&path))
-                .await
-                .map_err(|error| io_error(io::Error::other(error)))?
-                .map_err(io_error)?
-        };
-        let location = match &spec.target {
+        let (hash, size, location) = match &spec.target {
             UploadTarget::Blob { storage } => {
+                let (hash, size) = {
+                    let path = path.clone();
+                    tokio::task::spawn_blocking(move || blob::hash_file(&path))
+                        .await
+                        .map_err(|error| io_error(io::Error::other(error)))?
+                        .map_err(io_error)?
+                };
                 let policy = blob::TransferPolicy::default();
                 // The hash just computed is declared: the file is not read a second time to hash
                 // it, and a store that keeps it under another hash is an error of the put.
@@ -753,15 +767,20 @@ pub async fn upload(
                     path: shown.clone(),
                     source,
                 })?;
-                OutputLocation::Blob(storage.clone())
+                (hash, size, OutputLocation::Blob(storage.clone()))
             }
             UploadTarget::HttpPut { url, headers } => {
                 let (http, url, headers) = (http.clone(), url.clone(), headers.clone());
                 let sent_url = url.clone();
-                tokio::task::spawn_blocking(move || http_put(&http, &url, &headers, file))
-                    .await
-                    .map_err(|error| io_error(io::Error::other(error)))??;
-                OutputLocation::Url(sent_url)
+                let path = shown.clone();
+                // Hashed while it is sent: the size and BLAKE3 reported are those of the bytes
+                // the server accepted.
+                let (hash, size) = tokio::task::spawn_blocking(move || {
+                    http_put(&http, &url, &headers, file, &path)
+                })
+                .await
+                .map_err(|error| io_error(io::Error::other(error)))??;
+                (hash, size, OutputLocation::Url(sent_url))
             }
             _ => return Err(VolumeError::Unsupported(shown)),
         };
@@ -775,32 +794,64 @@ pub async fn upload(
     Ok(outputs)
 }
 
+/// A reader that hashes and counts what passes through it.
+struct HashingReader<R> {
+    inner: R,
+    received: Received,
+}
+
+impl<R: io::Read> io::Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let read = self.inner.read(buf)?;
+        self.received.append(&buf[..read]);
+        Ok(read)
+    }
+}
+
 /// PUTs a file with its Content-Length and the given headers (blocking), retrying transport
-/// failures and 5xx answers.
+/// failures and 5xx answers; returns the BLAKE3 and size of what the accepted attempt sent.
 fn http_put(
     http: &HttpClient,
     url: &str,
     headers: &[(String, String)],
     file: File,
-) -> Result<(), VolumeError> {
+    shown: &str,
+) -> Result<(BlobHash, u64), VolumeError> {
     use std::io::Seek as _;
+    let io_error = |source| VolumeError::Io {
+        path: url.to_owned(),
+        source,
+    };
     let mut file = file;
     let mut backoff = http.initial_backoff;
     let mut attempt = 1;
     loop {
-        file.rewind().map_err(|source| VolumeError::Io {
-            path: url.to_owned(),
-            source,
-        })?;
+        file.rewind().map_err(io_error)?;
+        let size = file.metadata().map_err(io_error)?.len();
         let mut request = http.agent.put(url);
-        for (name, value) in headers {
+        // The length sent is the file's: a Content-Length among the given headers is not used.
+        for (name, value) in headers
+            .iter()
+            .filter(|(name, _)| !name.eq_ignore_ascii_case("content-length"))
+        {
             request = request.header(name.as_str(), value.as_str());
         }
-        let failure = match request.send(&file) {
+        let mut body = HashingReader {
+            inner: &file,
+            received: Received::default(),
+        };
+        let sent = request
+            .header("Content-Length", size)
+            .send(ureq::SendBody::from_reader(&mut body));
+        let failure = match sent {
             Ok(response) => {
                 let status = response.status().as_u16();
                 if response.status().is_success() {
-                    return Ok(());
+                    // The file cannot have changed size unnoticed: the body is sent with this
+                    // length, and a short one fails the request.
+                    body.received.check(Some(size), None, shown)?;
+                    let hash = BlobHash(*body.received.hasher.finalize().as_bytes());
+                    return Ok((hash, size));
                 }
                 if !(500..=599).contains(&status) {
                     return Err(VolumeError::HttpStatus {
