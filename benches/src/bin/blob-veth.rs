@@ -32,7 +32,7 @@ mod servers;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, bail};
-use horde_benches::median;
+use horde_benches::{load_average, median};
 use horde_protocol::BlobHash;
 
 use crate::netns::VethPair;
@@ -84,17 +84,6 @@ fn parse_size(text: &str) -> Result<u64, String> {
         size if size >= PIECE as u64 => Ok(size / PIECE as u64 * PIECE as u64),
         _ => Err("the size must be at least 1 MiB".to_owned()),
     }
-}
-
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|text| {
-            text.split_whitespace()
-                .take(3)
-                .collect::<Vec<_>>()
-                .join(" ")
-        })
-        .unwrap_or_default()
 }
 
 /// Which rows can run here; prints why each missing one is skipped.
