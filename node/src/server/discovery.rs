@@ -13,8 +13,11 @@
 //! the gossip topic. Every gossiped record is judged before gossipsub forwards it (bad records are
 //! rejected and their sender penalised, stale ones ignored); records from the record exchange pass
 //! [`check_record`], and one sent as the sender's own must name the sender's `PeerId`. The newest
-//! `seq` per hotkey wins; expired records are swept every second; the directory is kept on disk
-//! for restarts.
+//! `seq` per hotkey wins; expired records are swept when the first of them runs out; the
+//! directory is kept on disk for restarts.
+//!
+//! Threads: the swarm runs on a thread of its own (`discovery`) with a single-threaded runtime,
+//! so that an idle node's packets and timers wake one thread (see [`Discovery::start`]).
 //!
 //! Layout: `discovery.rs` (config, identities, the swarm, the record exchange),
 //! `discovery/task.rs` (the swarm task: publishing, judging, fetching, keeping on disk),
