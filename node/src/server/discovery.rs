@@ -13,8 +13,11 @@
 //! the gossip topic. Every gossiped record is judged before gossipsub forwards it (bad records are
 //! rejected and their sender penalised, stale ones ignored); records from the record exchange pass
 //! [`check_record`], and one sent as the sender's own must name the sender's `PeerId`. The newest
-//! `seq` per hotkey wins; expired records are swept every second; the directory is kept on disk
-//! for restarts.
+//! `seq` per hotkey wins; expired records are swept when the first of them runs out; the
+//! directory is kept on disk for restarts.
+//!
+//! Threads: the swarm runs on a thread of its own (`discovery`) with a single-threaded runtime,
+//! so that an idle node's packets and timers wake one thread (see [`Discovery::start`]).
 //!
 //! Layout: `discovery.rs` (config, identities, the swarm, the record exchange),
 //! `discovery/task.rs` (the swarm task: publishing, judging, fetching, keeping on disk),
@@ -285,87 +288,83 @@ pub struct Discovery {
     hotkey: Hotkey,
     /// Questions to the swarm task.
     queries: tokio::sync::mpsc::Sender<task::Query>,
-    /// The swarm task; it owns the discovery listener.
-    task: tokio::task::JoinHandle<()>,
+    /// Closed when the discovery thread has ended (its runtime, and with it the listener and
+    /// every connection, dropped).
+    done: tokio::sync::oneshot::Receiver<()>,
 }
 
 impl Discovery {
     /// Builds the swarm, opens the listener, dials the bootstrap peers and runs until `cancel`.
+    ///
+    /// The swarm runs on a thread of its own with a single-threaded runtime: libp2p's QUIC
+    /// endpoint, its connections and the swarm task then wake one thread per packet or timer
+    /// instead of handing each other work across the node's runtime workers (at idle, a node's
+    /// CPU is mostly these wake-ups; see benches/RESULTS.md, "Discovery idle cost"), and job
+    /// traffic on the node's runtime does not delay records. The thread inherits the network
+    /// namespace of the caller's thread.
     pub async fn start(
         key: &SecretKey,
         local: LocalNode,
         config: &DiscoveryConfig,
         cancel: CancellationToken,
     ) -> Result<Self, DiscoveryError> {
-        let mut swarm = build_swarm(key)?;
-        let listen_addr = quic_multiaddr(config.listen);
-        swarm
-            .listen_on(listen_addr)
-            .map_err(|e| DiscoveryError::Listen {
-                addr: config.listen,
-                message: e.to_string(),
-            })?;
-        let listen = wait_for_listener(&mut swarm, config.listen).await?;
         let directory = Arc::new(Directory::default());
         let hotkey = key.hotkey();
-        let bootstrap: Vec<BootstrapPeer> = config
-            .bootstrap
-            .iter()
-            .filter(|peer| peer.peer != *swarm.local_peer_id())
-            .cloned()
-            .collect();
-        for peer in &bootstrap {
-            swarm
-                .behaviour_mut()
-                .kad
-                .add_address(&peer.peer, peer.addr.clone());
-        }
-        swarm
-            .behaviour_mut()
-            .gossip
-            .subscribe(&gossip::topic())
-            .map_err(|e| DiscoveryError::Swarm(e.to_string()))?;
-        let own = task::OwnRecord {
-            key: key.clone(),
-            role: local.role,
-            addrs: local.addrs,
-            p2p_addrs: listen.clone(),
-            capacity: local
-                .capacity
-                .as_ref()
-                .map(|rx| rx.borrow().clone())
-                .unwrap_or_default(),
-            seq: 0,
-            ttl: config.record_ttl,
-            signed: None,
-        };
         let (queries, queries_rx) = tokio::sync::mpsc::channel(16);
-        let mut task = task::SwarmTask::new(
-            swarm,
-            Arc::clone(&directory),
-            own,
-            local.capacity,
-            bootstrap,
-            queries_rx,
-            local.state_dir,
-        );
-        task.own.refresh();
+        let (ready, started) = tokio::sync::oneshot::channel();
+        let (finished, done) = tokio::sync::oneshot::channel::<()>();
         let span = info_span!("discovery", node = %hotkey.fmt_short());
-        let task = tokio::spawn(task.run(cancel).instrument(span));
+        let (key, config, shared) = (key.clone(), config.clone(), Arc::clone(&directory));
+        std::thread::Builder::new()
+            .name("discovery".to_owned())
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime,
+                    Err(error) => {
+                        let _ = ready.send(Err(DiscoveryError::Swarm(format!("runtime: {error}"))));
+                        return;
+                    }
+                };
+                runtime.block_on(
+                    async move {
+                        match prepare(&key, local, &config, shared, queries_rx).await {
+                            Ok((task, listen)) => {
+                                // The caller may have given up waiting; the task still stops
+                                // with `cancel`.
+                                let _ = ready.send(Ok(listen));
+                                task.run(cancel).await;
+                            }
+                            Err(error) => {
+                                let _ = ready.send(Err(error));
+                            }
+                        }
+                    }
+                    .instrument(span),
+                );
+                drop(runtime);
+                drop(finished);
+            })
+            .map_err(|e| DiscoveryError::Swarm(format!("discovery thread: {e}")))?;
+        let listen = started
+            .await
+            .map_err(|_| DiscoveryError::Swarm("discovery thread ended at start".to_owned()))??;
         Ok(Self {
             directory,
             listen,
             hotkey,
             queries,
-            task,
+            done,
         })
     }
 
     /// Waits until the service has stopped (its cancellation token was cancelled) and its
     /// listener is closed.
     pub async fn stopped(self) {
-        // The task never panics on peer input; a panic has been logged by the runtime.
-        let _ = self.task.await;
+        // Closed (never sent) when the discovery thread ends.
+        let _ = self.done.await;
     }
 
     /// The gossipsub score this node gives `peer` (`None`: not known, or the node stopped).
@@ -395,6 +394,69 @@ impl Discovery {
             None => self.hotkey.to_string(),
         }
     }
+}
+
+/// Builds the swarm, opens the listener and subscribes to the record topic (on the discovery
+/// thread, so that libp2p's QUIC tasks run on its runtime); the task to run and the listener's
+/// addresses.
+async fn prepare(
+    key: &SecretKey,
+    local: LocalNode,
+    config: &DiscoveryConfig,
+    directory: Arc<Directory>,
+    queries: tokio::sync::mpsc::Receiver<task::Query>,
+) -> Result<(task::SwarmTask, Vec<SocketAddr>), DiscoveryError> {
+    let mut swarm = build_swarm(key)?;
+    let listen_addr = quic_multiaddr(config.listen);
+    swarm
+        .listen_on(listen_addr)
+        .map_err(|e| DiscoveryError::Listen {
+            addr: config.listen,
+            message: e.to_string(),
+        })?;
+    let listen = wait_for_listener(&mut swarm, config.listen).await?;
+    let bootstrap: Vec<BootstrapPeer> = config
+        .bootstrap
+        .iter()
+        .filter(|peer| peer.peer != *swarm.local_peer_id())
+        .cloned()
+        .collect();
+    for peer in &bootstrap {
+        swarm
+            .behaviour_mut()
+            .kad
+            .add_address(&peer.peer, peer.addr.clone());
+    }
+    swarm
+        .behaviour_mut()
+        .gossip
+        .subscribe(&gossip::topic())
+        .map_err(|e| DiscoveryError::Swarm(e.to_string()))?;
+    let own = task::OwnRecord {
+        key: key.clone(),
+        role: local.role,
+        addrs: local.addrs,
+        p2p_addrs: listen.clone(),
+        capacity: local
+            .capacity
+            .as_ref()
+            .map(|rx| rx.borrow().clone())
+            .unwrap_or_default(),
+        seq: 0,
+        ttl: config.record_ttl,
+        signed: None,
+    };
+    let mut task = task::SwarmTask::new(
+        swarm,
+        directory,
+        own,
+        local.capacity,
+        bootstrap,
+        queries,
+        local.state_dir,
+    );
+    task.own.refresh();
+    Ok((task, listen))
 }
 
 /// One record exchange with a discovery peer, from a short-lived swarm of our own: sends `sync`,

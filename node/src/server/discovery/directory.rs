@@ -195,6 +195,12 @@ impl Directory {
         expired
     }
 
+    /// When the first held record expires (`None`: none held). The discovery task sleeps until
+    /// then instead of sweeping on a tick.
+    pub fn next_expiry(&self) -> Option<UnixMillis> {
+        self.lock().values().map(|e| e.record.expires_at).min()
+    }
+
     /// The live record of `hotkey`.
     pub fn get(&self, hotkey: &Hotkey, now: UnixMillis) -> Option<NodeRecord> {
         self.lock()
@@ -285,7 +291,9 @@ mod tests {
             let record = record(&key, Role::Miner, seq, expires_at);
             directory.offer(Signed::sign(&key, &record), record)
         };
+        assert_eq!(directory.next_expiry(), None);
         assert_eq!(offer(2, NOW.0 + 5000), Offer::New);
+        assert_eq!(directory.next_expiry(), Some(UnixMillis(NOW.0 + 5000)));
         assert!(changes.has_changed().unwrap());
         changes.mark_unchanged();
         assert_eq!(offer(1, NOW.0 + 5000), Offer::Stale);
@@ -296,6 +304,7 @@ mod tests {
         assert!(directory.expire(NOW).is_empty());
         assert!(!changes.has_changed().unwrap());
         assert_eq!(directory.expire(UnixMillis(NOW.0 + 5000)).len(), 1);
+        assert_eq!(directory.next_expiry(), None);
         assert!(changes.has_changed().unwrap());
     }
 

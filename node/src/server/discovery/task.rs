@@ -32,16 +32,17 @@ use crate::clock::now;
 /// default, keeps that churn small at 256 nodes (a mesh needs only a handful of peers).
 const WALK_INTERVAL: Duration = Duration::from_secs(300);
 /// Connections a node keeps before it closes the ones it dialed itself that are neither in its
-/// gossip mesh nor to a bootstrap peer (checked every [`REDIAL_INTERVAL`]). gossipsub keeps a
+/// gossip mesh nor to a bootstrap peer (checked [`REDIAL_INTERVAL`] after a connection beyond
+/// it). gossipsub keeps a
 /// connection open for as long as it lasts, so without this each Kademlia walk would add ~20
 /// connections for good: at 256 nodes most nodes ended up connected to most, with a send queue
 /// and QUIC keep-alives for each. Inbound connections are never closed here (a peer that dialed
 /// us may use us as its bootstrap peer and would dial again).
 const MAX_CONNECTED: usize = 24;
-/// How often bootstrap peers that are not connected are dialed again.
+/// How soon a bootstrap peer whose connection was lost (or whose dial failed) is dialed again,
+/// and how soon after a new connection the connection count is checked against
+/// [`MAX_CONNECTED`] (the mesh has settled by then).
 const REDIAL_INTERVAL: Duration = Duration::from_secs(2);
-/// How often expired records are swept.
-const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 /// Capacity changes are published at most this often (changes in between are coalesced into
 /// the next record).
 pub const CAPACITY_COALESCE: Duration = Duration::from_millis(100);
@@ -53,8 +54,9 @@ const SAVE_MEMBERS_DELAY: Duration = Duration::from_secs(1);
 /// How many nodes of a loaded directory are dialed at start, each asked for its whole directory
 /// once connected (a fresh copy at once, also for a node without bootstrap peers).
 const DIAL_LOADED: usize = 3;
-/// How often the message counters are logged (target `horde_node::server::discovery::stats`,
-/// level debug).
+/// How soon after a change the message counters are logged (target
+/// `horde_node::server::discovery::stats`, level debug; at most one line per interval, none
+/// while nothing changes).
 const STATS_INTERVAL: Duration = Duration::from_secs(5);
 /// How long after its first announcement a node announces its record once more: by then the
 /// meshes of a network starting together have formed, and a first copy that reached only
@@ -195,6 +197,29 @@ pub(super) struct SwarmTask {
     saved: (u64, usize, Instant),
     stats: Stats,
     logged: Stats,
+    /// Timers, each set only while it has work to do (an idle node wakes for none of them):
+    /// the next redial of bootstrap peers, connection trim, directory write and counter log.
+    redial_at: Option<Instant>,
+    trim_at: Option<Instant>,
+    save_at: Option<Instant>,
+    stats_at: Option<Instant>,
+}
+
+/// Sleeps until `at`; forever when `None`.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// When the first record of `directory` expires, as an instant (`None`: no record held).
+fn next_expiry(directory: &Directory) -> Option<Instant> {
+    let at = directory.next_expiry()?;
+    // One millisecond late: at `expires_at` itself the record is already not live, and the
+    // wall clock is read in whole milliseconds.
+    let wait = at.0.saturating_sub(now().0).saturating_add(1);
+    Some(Instant::now() + Duration::from_millis(wait))
 }
 
 impl SwarmTask {
@@ -231,6 +256,10 @@ impl SwarmTask {
             saved: (0, 0, Instant::now()),
             stats: Stats::default(),
             logged: Stats::default(),
+            redial_at: None,
+            trim_at: None,
+            save_at: None,
+            stats_at: None,
         }
     }
 
@@ -239,15 +268,13 @@ impl SwarmTask {
         self.redial();
         let mut republish = tokio::time::interval(refresh_interval(self.own.ttl));
         republish.tick().await;
-        let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
         let mut walk = tokio::time::interval(WALK_INTERVAL);
         walk.tick().await;
-        let mut redial = tokio::time::interval(REDIAL_INTERVAL);
-        redial.tick().await;
-        let mut save = tokio::time::interval(SAVE_MEMBERS_DELAY);
-        save.tick().await;
-        let mut stats = tokio::time::interval(STATS_INTERVAL);
-        stats.tick().await;
+        // No periodic sweep, write or redial: each timer below is set from what happened (a
+        // record kept, a connection lost), so an idle node sleeps until its next refresh, the
+        // first expiry in its directory, or traffic.
+        let mut changes = self.directory.subscribe();
+        let mut expiry = next_expiry(&self.directory);
         loop {
             let capacity_changed = async {
                 match self.capacity.as_mut() {
@@ -288,18 +315,36 @@ impl SwarmTask {
                     self.own.refresh();
                     self.publish_own();
                 }
-                _ = sweep.tick() => {
+                () = sleep_until(expiry) => {
                     for record in self.directory.expire(now()) {
                         info!(role = %record.role, hotkey = %record.hotkey, "node record expired");
                     }
+                    expiry = next_expiry(&self.directory);
+                }
+                Ok(()) = changes.changed() => {
+                    changes.mark_unchanged();
+                    expiry = next_expiry(&self.directory);
+                    self.schedule_save();
                 }
                 _ = walk.tick() => self.walk(),
-                _ = redial.tick() => {
+                () = sleep_until(self.redial_at) => {
+                    self.redial_at = None;
                     self.redial();
+                }
+                () = sleep_until(self.trim_at) => {
+                    self.trim_at = None;
                     self.trim();
                 }
-                _ = save.tick() => self.save(false),
-                _ = stats.tick() => self.log_stats(),
+                () = sleep_until(self.save_at) => {
+                    self.save_at = None;
+                    self.save(false);
+                    // Not due yet (only records of known nodes changed): at the next write.
+                    self.schedule_save();
+                }
+                () = sleep_until(self.stats_at) => {
+                    self.stats_at = None;
+                    self.log_stats();
+                }
                 changed = capacity_changed => {
                     if changed {
                         self.capacity_pending = true;
@@ -325,6 +370,9 @@ impl SwarmTask {
                     }
                     self.publish_own();
                 }
+            }
+            if self.stats != self.logged && self.stats_at.is_none() {
+                self.stats_at = Some(Instant::now() + STATS_INTERVAL);
             }
         }
         self.save(true);
@@ -399,6 +447,25 @@ impl SwarmTask {
         }
     }
 
+    /// Sets the write timer while the directory holds changes not on disk: [`SAVE_MEMBERS_DELAY`]
+    /// from now when a node joined or left, else [`SAVE_INTERVAL`] after the last write.
+    fn schedule_save(&mut self) {
+        if self.state_dir.is_none() {
+            return;
+        }
+        let (saved_version, saved_members, saved_at) = self.saved;
+        if *self.directory.subscribe().borrow() == saved_version {
+            return;
+        }
+        let soon = Instant::now() + SAVE_MEMBERS_DELAY;
+        let due = if self.directory.len() == saved_members {
+            (saved_at + SAVE_INTERVAL).max(soon)
+        } else {
+            soon
+        };
+        self.save_at = Some(self.save_at.map_or(due, |at| at.min(due)));
+    }
+
     /// Writes the directory to disk when it changed since the last write: at once when its
     /// size changed (a node joined or left) or when `now`, else every [`SAVE_INTERVAL`].
     fn save(&mut self, now_: bool) {
@@ -420,6 +487,8 @@ impl SwarmTask {
         }
     }
 
+    /// Dials the bootstrap peers that are not connected. A dial that fails, or a connection to
+    /// one that is lost later, sets the timer for the next try (`redial_soon`).
     fn redial(&mut self) {
         for peer in &self.bootstrap {
             if self.swarm.is_connected(&peer.peer) {
@@ -428,9 +497,25 @@ impl SwarmTask {
             let dial = libp2p::swarm::dial_opts::DialOpts::peer_id(peer.peer)
                 .addresses(vec![peer.addr.clone()])
                 .build();
-            if let Err(error) = self.swarm.dial(dial) {
-                debug!(%peer, %error, "cannot dial bootstrap peer");
+            match self.swarm.dial(dial) {
+                Ok(()) => {}
+                // A dial already under way reports its own end.
+                Err(libp2p::swarm::DialError::DialPeerConditionFalse(_)) => {}
+                Err(error) => {
+                    debug!(%peer, %error, "cannot dial bootstrap peer");
+                    self.redial_at
+                        .get_or_insert(Instant::now() + REDIAL_INTERVAL);
+                }
             }
+        }
+    }
+
+    /// Sets the redial timer when `peer` is a bootstrap peer no longer connected.
+    fn redial_soon(&mut self, peer: Option<PeerId>) {
+        let Some(peer) = peer else { return };
+        if self.bootstrap.iter().any(|b| b.peer == peer) && !self.swarm.is_connected(&peer) {
+            self.redial_at
+                .get_or_insert(Instant::now() + REDIAL_INTERVAL);
         }
     }
 
@@ -593,6 +678,9 @@ impl SwarmTask {
                 if num_established.get() == 1 {
                     self.on_connected(peer_id);
                 }
+                if self.trim_at.is_none() && self.swarm.connected_peers().count() > MAX_CONNECTED {
+                    self.trim_at = Some(Instant::now() + REDIAL_INTERVAL);
+                }
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
@@ -600,6 +688,7 @@ impl SwarmTask {
                 ..
             } => {
                 self.dialed.remove(&peer_id);
+                self.redial_soon(Some(peer_id));
             }
             SwarmEvent::NewListenAddr { address, .. } => {
                 if let Some(addr) = socket_addr(&address)
@@ -612,6 +701,7 @@ impl SwarmTask {
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 debug!(peer = ?peer_id, %error, "discovery dial failed");
+                self.redial_soon(peer_id);
             }
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
                 peer_id,
