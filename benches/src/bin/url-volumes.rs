@@ -8,9 +8,10 @@
 //! DAV module for PUT, as Debian builds it), curl, openssl and b3sum, which `.ci/bench-tools`
 //! installs; without nginx the bench says so and measures nothing.
 //!
-//! A URL volume is complete when its file is fetched, `fsync`ed and checked against the
-//! declared size and BLAKE3; curl's download is timed to its exit, and again counting an
-//! `fsync` of its file and a `b3sum` of it (the same work). An upload is complete when nginx
+//! A URL volume is complete when its file is fetched, checked against the declared size and
+//! BLAKE3 and renamed into place (not fsynced: a volume lives only as long as its job, see
+//! `materialize`); curl's download is timed to its exit, and again counting an `fsync` of its
+//! file and a `b3sum` of it. An upload is complete when nginx
 //! has answered the PUT; `upload` hashes what it sends (it reports the BLAKE3), curl does not.
 //! The served file is read once before the rounds, so every row reads it from the page cache.
 
@@ -188,7 +189,7 @@ impl Bench {
         }
     }
 
-    /// A URL volume fetched, fsynced and checked; seconds.
+    /// A URL volume fetched, checked and placed; seconds.
     async fn url_volume(&self, tls: bool) -> anyhow::Result<f64> {
         let job = tempfile::tempdir()?;
         let volume = VolumeSpec {

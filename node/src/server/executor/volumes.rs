@@ -5,15 +5,16 @@
 //! - [`materialize`]: fetches every [`VolumeSpec`] into `<job_dir>/volume/<path>`: `Blob` from a
 //!   storage node (verified, resumable), `Url` over HTTP(S) (Range resume, bounded retries with
 //!   exponential backoff, optional size and BLAKE3 checks), `Inline`. Every file is fetched into
-//!   `<job_dir>/.staging/` (outside the job's view), checked, fsynced, then renamed into place;
-//!   no directory on the way is a symlink and the final name must not exist.
+//!   `<job_dir>/.staging/` (outside the job's view), checked, then renamed into place; no
+//!   directory on the way is a symlink and the final name must not exist. URL and inline volumes
+//!   are not fsynced (see [`materialize`]).
 //! - [`upload`]: sends outputs from `<job_dir>/output/<path>` to a storage node or an HTTP PUT
 //!   URL (presigned S3 URLs work: a plain PUT with the given headers and a Content-Length).
 //! - [`HttpClient`]: the blocking HTTP agent (ureq, rustls) and its retry policy; calls run on
 //!   tokio's blocking pool.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read as _, Write as _};
+use std::io::{self, Write as _};
 use std::os::fd::{AsFd, AsRawFd as _, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -177,7 +178,7 @@ fn errno_error(shown: &str, errno: rustix::io::Errno) -> VolumeError {
     }
 }
 
-/// Moves the fsynced file `staged` (in the `staging` directory) to `relative` under `root`.
+/// Moves the checked file `staged` (in the `staging` directory) to `relative` under `root`.
 /// The directories on the way are walked with [`walk_to_parent`] (created if missing), and the
 /// file is renamed in relative to the last handle with `RENAME_NOREPLACE`: a symlink anywhere
 /// below `root` (or at `root` itself) is refused, never followed, even if it appeared after
@@ -204,7 +205,6 @@ fn place_file(
         rustix::io::Errno::EXIST => path_error(&shown, PathError::Exists(shown.clone())),
         errno => errno_error(&shown, errno),
     })?;
-    rustix::fs::fsync(&dir).map_err(|errno| errno_error(&shown, errno))?;
     Ok(current)
 }
 
@@ -381,6 +381,14 @@ pub struct Materialized {
 
 /// Fetches every volume into `<job_dir>/volume/<path>`. Paths are validated first (all of them,
 /// before anything is fetched); each file is complete and checked before it appears.
+///
+/// Nothing here is fsynced except what [`blob::get_to_file`] does for its own resume state: a
+/// volume lives only as long as its job (the job directory is removed before the job starts and
+/// after it ends), so there is nothing a crash could leave for anyone to trust: after a crash the
+/// job is gone and a new run fetches anew. The job reads the checked bytes from the page cache
+/// they were written to. What an fsync would add is an error for a write-back failure (the disk
+/// failing under the file after the check); without it such a failure shows as the job's own
+/// read error or bad data, as for any file the job writes and reads back itself.
 pub async fn materialize(
     job_dir: &Path,
     volumes: &[VolumeSpec],
@@ -455,9 +463,6 @@ pub async fn materialize(
         debug!(path = %shown, size, "volume ready");
         placed.push(Materialized { path: target, size });
     }
-    if let Some(parent) = placed.first().and_then(|p| p.path.parent()) {
-        let _ = File::open(parent).and_then(|dir| dir.sync_all());
-    }
     Ok(placed)
 }
 
@@ -479,8 +484,7 @@ fn ensure_real_dir(dir: &Path) -> Result<(), VolumeError> {
 fn write_new_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let _ = fs::remove_file(path);
     let mut file = OpenOptions::new().write(true).create_new(true).open(path)?;
-    file.write_all(bytes)?;
-    file.sync_all()
+    file.write_all(bytes)
 }
 
 /// What one HTTP GET attempt ended with.
@@ -511,7 +515,7 @@ fn fetch_url(
         .map_err(io_error)?;
     // `dest` is new and only written here, so `received` always describes exactly its bytes:
     // a resumed attempt extends the hash of the prefix the earlier attempts wrote.
-    let mut received = Received::default();
+    let mut received = HashedDownload::start().map_err(io_error)?;
     let mut backoff = http.initial_backoff;
     let mut attempt = 1;
     let fetched = loop {
@@ -533,9 +537,8 @@ fn fetch_url(
             Err(error) => break Err(error),
         }
     };
-    let checked = fetched
-        .and_then(|()| file.sync_all().map_err(io_error))
-        .and_then(|()| received.check(expected_size, expected_hash, shown));
+    let hashed = received.finish();
+    let checked = fetched.and_then(|()| hashed.check(expected_size, expected_hash, shown));
     drop(file);
     if checked.is_err() {
         let _ = fs::remove_file(dest);
@@ -587,7 +590,115 @@ impl Received {
     }
 }
 
-/// Bytes asked of the response body per read (and written per `write`).
+/// A download's bytes, hashed on a helper thread while the receiving thread reads and writes
+/// the next piece: the BLAKE3 of a piece overlaps the network and the file write instead of
+/// following them. Pieces go to the hasher in order and come back as empty buffers.
+struct HashedDownload {
+    len: u64,
+    pieces: std::sync::mpsc::SyncSender<Piece>,
+    spares: std::sync::mpsc::Receiver<Vec<u8>>,
+    hasher: std::thread::JoinHandle<blake3::Hasher>,
+}
+
+/// What the hasher thread is sent.
+enum Piece {
+    /// The next bytes of the file.
+    Bytes(Vec<u8>),
+    /// The file was started over: forget what was hashed.
+    Restart,
+}
+
+/// Buffers of [`FETCH_CHUNK`] in flight between the receiving thread and the hasher.
+const HASH_BUFFERS: usize = 4;
+
+impl HashedDownload {
+    fn start() -> io::Result<Self> {
+        let (pieces, to_hash) = std::sync::mpsc::sync_channel::<Piece>(HASH_BUFFERS);
+        let (spare, spares) = std::sync::mpsc::sync_channel(HASH_BUFFERS);
+        for _ in 0..HASH_BUFFERS {
+            let _ = spare.try_send(vec![0u8; FETCH_CHUNK]);
+        }
+        let hasher = std::thread::Builder::new()
+            .name("volume-hash".into())
+            .spawn(move || {
+                let mut hasher = blake3::Hasher::new();
+                for piece in to_hash {
+                    match piece {
+                        Piece::Bytes(mut bytes) => {
+                            hasher.update(&bytes);
+                            bytes.resize(FETCH_CHUNK, 0);
+                            let _ = spare.try_send(bytes);
+                        }
+                        Piece::Restart => {
+                            hasher.reset();
+                        }
+                    }
+                }
+                hasher
+            })?;
+        Ok(Self {
+            len: 0,
+            pieces,
+            spares,
+            hasher,
+        })
+    }
+
+    /// An empty buffer of [`FETCH_CHUNK`] bytes to read the next piece into (waits for the
+    /// hasher when every buffer is queued for it).
+    fn buffer(&self) -> io::Result<Vec<u8>> {
+        self.spares
+            .recv()
+            .map_err(|_| io::Error::other("the volume's hasher thread stopped"))
+    }
+
+    /// The first `filled` bytes of `buffer` are the file's next bytes (already written).
+    fn append(&mut self, mut buffer: Vec<u8>, filled: usize) -> io::Result<()> {
+        buffer.truncate(filled);
+        self.len += filled as u64;
+        self.pieces
+            .send(Piece::Bytes(buffer))
+            .map_err(|_| io::Error::other("the volume's hasher thread stopped"))
+    }
+
+    fn restart(&mut self) -> io::Result<()> {
+        self.len = 0;
+        self.pieces
+            .send(Piece::Restart)
+            .map_err(|_| io::Error::other("the volume's hasher thread stopped"))
+    }
+
+    /// The count and hash of everything appended since the last restart.
+    fn finish(self) -> Received {
+        let Self {
+            len,
+            pieces,
+            spares,
+            hasher,
+        } = self;
+        drop(pieces);
+        drop(spares);
+        let hasher = hasher.join().unwrap_or_else(|_| blake3::Hasher::new());
+        Received { len, hasher }
+    }
+}
+
+/// Reads from `reader` until `buffer` is full or the body ends; the count read, and the error
+/// that stopped it early, if any (the bytes before it are still good).
+fn fill(reader: &mut impl io::Read, buffer: &mut [u8]) -> (usize, Option<io::Error>) {
+    let mut filled = 0;
+    while filled < buffer.len() {
+        match reader.read(&mut buffer[filled..]) {
+            Ok(0) => break,
+            Ok(read) => filled += read,
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+            Err(error) => return (filled, Some(error)),
+        }
+    }
+    (filled, None)
+}
+
+/// Bytes of the response body gathered per `write` (and per piece hashed).
 const FETCH_CHUNK: usize = 256 * 1024;
 
 /// One GET: asks for the bytes after what `file` holds (`received`) and appends them.
@@ -595,7 +706,7 @@ fn fetch_attempt(
     http: &HttpClient,
     url: &str,
     file: &mut File,
-    received: &mut Received,
+    received: &mut HashedDownload,
     expected_size: Option<u64>,
 ) -> Result<Attempt, VolumeError> {
     let io_error = |source| VolumeError::Io {
@@ -639,19 +750,14 @@ fn fetch_attempt(
         use std::io::Seek as _;
         file.set_len(0).map_err(io_error)?;
         file.rewind().map_err(io_error)?;
-        *received = Received::default();
+        received.restart().map_err(io_error)?;
     }
     let mut reader = response.into_body().into_reader();
-    let mut buffer = vec![0u8; FETCH_CHUNK];
     loop {
-        let read = match reader.read(&mut buffer) {
-            Ok(0) => return Ok(Attempt::Done),
-            Ok(read) => read,
-            Err(error) => return Ok(Attempt::Retry(error.to_string())),
-        };
-        let chunk = &buffer[..read];
-        file.write_all(chunk).map_err(io_error)?;
-        received.append(chunk);
+        let mut buffer = received.buffer().map_err(io_error)?;
+        let (filled, error) = fill(&mut reader, &mut buffer);
+        file.write_all(&buffer[..filled]).map_err(io_error)?;
+        received.append(buffer, filled).map_err(io_error)?;
         if let Some(expected) = expected_size
             && received.len > expected
         {
@@ -660,6 +766,11 @@ fn fetch_attempt(
                 expected,
                 actual: received.len,
             });
+        }
+        match error {
+            Some(error) => return Ok(Attempt::Retry(error.to_string())),
+            None if filled < FETCH_CHUNK => return Ok(Attempt::Done),
+            None => {}
         }
     }
 }
