@@ -30,6 +30,7 @@ use horde_testnet::{Testnet, TestnetConfig, demo_job_binary};
 use horde_transport::tunnel::JobTunnel;
 
 use super::nginx::{self, Conn, Dial, Nginx};
+use super::quinn_echo;
 use super::{Duplex, Spread, bytes_request, gbit, keep_alive_round_trip, ms, tunnel_bytes};
 
 /// The body of every one-request-per-process `POST /echo`.
@@ -82,6 +83,8 @@ pub(crate) struct Samples {
     bulk: PerRow,
     /// Spawn to exit: curl through nginx, curl direct, `horde job request`.
     processes: [Vec<f64>; 3],
+    /// The floor: a bare quinn 32 B echo, per [`quinn_echo::ROWS`].
+    quinn_echo: [Vec<f64>; 3],
     nginx: bool,
 }
 
@@ -375,6 +378,13 @@ async fn round(
         }
     }
     samples.bulk[CLIENT].push(tunnel_bytes(tunnel, plan.size).await?);
+    for (row, trips) in quinn_echo::round(plan.requests)
+        .await?
+        .into_iter()
+        .enumerate()
+    {
+        samples.quinn_echo[row].extend(trips);
+    }
     Ok(())
 }
 
@@ -475,6 +485,60 @@ fn table(
     serde_json::Value::Object(json)
 }
 
+/// The floor: the bare quinn echo's rows, with what they are read against.
+struct Floor {
+    rows: Vec<Spread>,
+    nginx_websocket: f64,
+    /// The horde rows' medians: forward keep-alive, Rust client keep-alive, forward WebSocket.
+    horde: [(&'static str, f64); 3],
+}
+
+impl Floor {
+    fn of(samples: &Samples) -> Self {
+        let median = |values: &[f64]| Spread::of(values.to_vec()).median;
+        Self {
+            rows: samples.quinn_echo.iter().cloned().map(Spread::of).collect(),
+            nginx_websocket: median(&samples.websocket[NGINX]),
+            horde: [
+                ("forward keep-alive", median(&samples.keep_alive[FORWARD])),
+                ("client keep-alive", median(&samples.keep_alive[CLIENT])),
+                ("forward WS echo", median(&samples.websocket[FORWARD])),
+            ],
+        }
+    }
+
+    /// Prints each row against nginx's WebSocket echo, with the horde rows over it; its JSON.
+    fn print(&self, nginx: bool) -> serde_json::Value {
+        println!(
+            "  -- floor: bare quinn echo, 32 B on one open stream, both ends in this process \
+             (horde's TLS and transport config)"
+        );
+        let mut json = serde_json::Map::new();
+        for (row, spread) in quinn_echo::ROWS.iter().zip(&self.rows) {
+            let over: Vec<String> = self
+                .horde
+                .iter()
+                .map(|(name, value)| format!("{name} {:.1}x", value / spread.median))
+                .collect();
+            let ratio = if nginx {
+                format!("{:.2}x nginx WS", spread.median / self.nginx_websocket)
+            } else {
+                String::new()
+            };
+            println!(
+                "    {row:<16} {:>9.3} ms [{:.3}-{:.3}] p99 {:.3}  {ratio:<14} ({})",
+                spread.median,
+                spread.min,
+                spread.max,
+                spread.p99,
+                over.join(", ")
+            );
+            json.insert((*row).to_owned(), spread.json());
+        }
+        serde_json::Value::Object(json)
+    }
+}
+
 /// Prints the comparison; its JSON.
 pub(crate) fn report(plan: Plan, samples: Samples) -> serde_json::Value {
     println!(
@@ -487,6 +551,7 @@ pub(crate) fn report(plan: Plan, samples: Samples) -> serde_json::Value {
         println!("  (no nginx rows: nginx or openssl is missing)");
     }
     let nginx = samples.nginx;
+    let floor = Floor::of(&samples);
     let new_connection = table(
         "GET /health, new connection each (TLS: full handshake; Rust client: new stream, receipt verified)",
         "ms",
@@ -508,6 +573,7 @@ pub(crate) fn report(plan: Plan, samples: Samples) -> serde_json::Value {
         nginx,
         &[(FORWARD, "target <= 1.0x")],
     );
+    let floor = floor.print(nginx);
     let large = Spread::of(samples.bulk[NGINX_LARGE].clone()).median;
     let forward_bulk = Spread::of(samples.bulk[FORWARD].clone()).median;
     let client_bulk = Spread::of(samples.bulk[CLIENT].clone()).median;
@@ -545,7 +611,7 @@ pub(crate) fn report(plan: Plan, samples: Samples) -> serde_json::Value {
     serde_json::json!({
         "rounds": plan.rounds, "requests_per_round": plan.requests,
         "new_connection_ms": new_connection, "keep_alive_ms": keep_alive,
-        "websocket_echo_ms": websocket, "bulk_gbit": bulk,
+        "websocket_echo_ms": websocket, "quinn_echo_floor_ms": floor, "bulk_gbit": bulk,
         "bulk_forward_over_nginx_256k": forward_bulk / large,
         "bulk_client_over_nginx_256k": client_bulk / large,
         "process_ms": {"curl_nginx": curl_nginx.json(), "curl_direct": curl_direct.json(),
