@@ -178,9 +178,6 @@ pub enum ConfigError {
         /// The OS error.
         source: std::io::Error,
     },
-    /// The thread or runtime an endpoint was to run on could not be started.
-    #[error("starting the endpoint's thread: {0}")]
-    Thread(std::io::Error),
 }
 
 /// The one place connection tuning becomes a quinn [`quinn::TransportConfig`].

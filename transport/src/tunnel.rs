@@ -38,8 +38,7 @@
 //!   [`TunnelError::BadReceipt`]; a stream that ends without one is
 //!   [`TunnelError::MissingReceipt`].
 //!
-//! Entry points: [`serve_job_endpoint`] (or [`serve_job_endpoint_thread`], on a thread of its
-//! own) / [`serve_tunnel_stream`] (executor side); on the client,
+//! Entry points: [`serve_job_endpoint`] / [`serve_tunnel_stream`] (executor side); on the client,
 //! [`JobTunnel`] (a job connection whose peer was checked once against the pinned job key) opens
 //! [`TunnelStream`]s, [`http_request`] sends one HTTP/1.1 request through one stream, and
 //! [`forward_tcp`] tunnels a local TCP port to the job.
@@ -75,7 +74,7 @@ pub use request::{
 };
 pub use server::{
     JobConnector, JobEndpointHandle, TunnelContext, TunnelStats, serve_job_endpoint,
-    serve_job_endpoint_thread, serve_tunnel_stream,
+    serve_tunnel_stream,
 };
 
 /// The largest tunnel frame accepted: a full [`MAX_FRAME_LEN`] `Data` payload plus its postcard

@@ -579,33 +579,20 @@ impl JobRunner {
     ) -> Result<Serving, Outcome> {
         let job_key = SecretKey::generate();
         let bind: SocketAddr = (self.config.job_host, 0).into();
-        let tunnel_cancel = cancel.child_token();
-        // On a thread of its own: every hop of a tunnel round trip in this process (UDP
-        // socket, quinn's drivers, the stream task, the job's socket) wakes that one thread.
-        let bound = horde_transport::tunnel::serve_job_endpoint_thread(
+        let bound = HordeEndpoint::bind(
             &job_key,
             EndpointConfig::new(bind, &[ALPN_JOB])
                 .with_client_policy(ClientPolicy::Only(spec.client_key))
                 // Every connection comes from the spec's one client key: a per-key share
                 // would only shrink the endpoint's own cap.
                 .with_max_connections_per_peer(horde_transport::DEFAULT_MAX_CONNECTIONS),
-            Arc::new(horde_transport::tunnel::TunnelContext {
-                job_id: spec.job_id,
-                job_key: job_key.clone(),
-                client_key: spec.client_key,
-                target: job.dialer(),
-            }),
-            tunnel_cancel.clone(),
         )
-        .await
         .map_err(|e| e.to_string())
-        .and_then(|tunnel| {
-            let address = tunnel
-                .local_addr()
-                .ok_or_else(|| "the job endpoint has no local address".to_owned())?;
-            Ok((tunnel, address))
+        .and_then(|endpoint| {
+            let address = endpoint.local_addr().map_err(|e| e.to_string())?;
+            Ok((endpoint, address))
         });
-        let (tunnel, address) = match bound {
+        let (job_endpoint, address) = match bound {
             Ok(bound) => bound,
             Err(error) => {
                 let exit = job.stop(TERMINATE_GRACE).await;
@@ -617,6 +604,17 @@ impl JobRunner {
                 )));
             }
         };
+        let tunnel_cancel = cancel.child_token();
+        let tunnel = horde_transport::tunnel::serve_job_endpoint(
+            job_endpoint,
+            Arc::new(horde_transport::tunnel::TunnelContext {
+                job_id: spec.job_id,
+                job_key: job_key.clone(),
+                client_key: spec.client_key,
+                target: job.dialer(),
+            }),
+            tunnel_cancel.clone(),
+        );
         info!(%address, job_key = %job_key.hotkey().fmt_short(), "job endpoint serving");
         if session
             .send_up(&UpMessage::EndpointReady(EndpointReady {

@@ -487,120 +487,36 @@ impl JobEndpointHandle {
 /// [`serve_tunnel_stream`], at most [`MAX_TUNNEL_STREAMS`] at once.
 ///
 /// Runs until `cancel` fires or the handle is dropped; must be called inside a tokio runtime.
-/// The endpoint's drivers run on the runtime `endpoint` was bound in; see
-/// [`serve_job_endpoint_thread`] for an endpoint on a thread of its own.
 pub fn serve_job_endpoint(
     endpoint: HordeEndpoint,
     ctx: Arc<TunnelContext>,
     cancel: CancellationToken,
 ) -> JobEndpointHandle {
-    let (parts, serving) = job_endpoint(endpoint, ctx, cancel);
-    // Owned by the handle: stopped by its token (also on drop) and awaited by its shutdown.
-    parts.into_handle(tokio::spawn(serving))
-}
-
-/// Binds a job endpoint with `key` and `config` and serves it as [`serve_job_endpoint`] does, on
-/// a thread of its own with a current-thread runtime. Everything on the tunnel's path in this
-/// process then runs on that one thread: the UDP socket, quinn's endpoint and connection
-/// drivers, the stream tasks and the job's sockets (a [`JobConnector`] should return a socket
-/// registered with the caller's runtime, which `SocketAddr`'s does). A round trip's hand-offs
-/// between these tasks are then local queue pushes rather than wake-ups of other worker threads
-/// (a futex and a scheduling delay each, on a loaded machine). The thread ends with the
-/// endpoint: on `cancel`, when the handle is dropped, or after [`JobEndpointHandle::drain`].
-///
-/// Must be called inside a tokio runtime (the handle's task lives there).
-pub async fn serve_job_endpoint_thread(
-    key: &SecretKey,
-    config: crate::EndpointConfig,
-    ctx: Arc<TunnelContext>,
-    cancel: CancellationToken,
-) -> Result<JobEndpointHandle, crate::ConfigError> {
-    let (parts_tx, parts_rx) = tokio::sync::oneshot::channel();
-    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
-    let key = key.clone();
-    let thread_cancel = cancel.clone();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(crate::ConfigError::Thread)?;
-    std::thread::Builder::new()
-        .name(format!("job {}", ctx.job_id.fmt_short()))
-        .spawn(move || {
-            runtime.block_on(async move {
-                let endpoint = match HordeEndpoint::bind(&key, config) {
-                    Ok(endpoint) => endpoint,
-                    Err(error) => {
-                        let _ = parts_tx.send(Err(error));
-                        return;
-                    }
-                };
-                let (parts, serving) = job_endpoint(endpoint, ctx, thread_cancel);
-                if parts_tx.send(Ok(parts)).is_ok() {
-                    serving.await;
-                }
-            });
-            // The stream tasks still running when the endpoint task ends (only on `cancel`)
-            // are dropped with the runtime, before the handle's task completes.
-            drop(runtime);
-            drop(done_tx);
-        })
-        .map_err(crate::ConfigError::Thread)?;
-    let parts = parts_rx.await.map_err(|_| {
-        crate::ConfigError::Thread(std::io::Error::other("the job endpoint's thread ended"))
-    })??;
-    Ok(parts.into_handle(tokio::spawn(async move {
-        let _ = done_rx.await;
-    })))
-}
-
-/// A job endpoint ready to serve: what its handle holds, less the task.
-struct EndpointParts {
-    local_addr: Option<SocketAddr>,
-    log: Arc<Mutex<ReceiptLog>>,
-    draining: CancellationToken,
-    cancel: CancellationToken,
-}
-
-impl EndpointParts {
-    fn into_handle(self, task: tokio::task::JoinHandle<()>) -> JobEndpointHandle {
-        JobEndpointHandle {
-            local_addr: self.local_addr,
-            log: self.log,
-            draining: self.draining,
-            _stop_on_drop: self.cancel.clone().drop_guard(),
-            cancel: self.cancel,
-            task,
-        }
-    }
-}
-
-/// The parts of a job endpoint's handle, and the future that serves it.
-fn job_endpoint(
-    endpoint: HordeEndpoint,
-    ctx: Arc<TunnelContext>,
-    cancel: CancellationToken,
-) -> (EndpointParts, impl Future<Output = ()> + Send + 'static) {
     let local_addr = endpoint.local_addr().ok();
     let log = Arc::new(Mutex::new(ReceiptLog::default()));
     let span = tracing::info_span!("job endpoint", job = %ctx.job_id.fmt_short());
     let draining = cancel.child_token();
-    let serving = run_job_endpoint(
-        endpoint,
-        ctx,
-        Stop {
-            draining: draining.clone(),
-            cancel: cancel.clone(),
-        },
-        Arc::clone(&log),
-    )
-    .instrument(span);
-    let parts = EndpointParts {
+    // Owned by the handle: stopped by its token (also on drop) and awaited by its shutdown.
+    let task = tokio::spawn(
+        run_job_endpoint(
+            endpoint,
+            ctx,
+            Stop {
+                draining: draining.clone(),
+                cancel: cancel.clone(),
+            },
+            Arc::clone(&log),
+        )
+        .instrument(span),
+    );
+    JobEndpointHandle {
         local_addr,
         log,
         draining,
+        _stop_on_drop: cancel.clone().drop_guard(),
         cancel,
-    };
-    (parts, serving)
+        task,
+    }
 }
 
 /// How a job endpoint stops: `draining` ends accepting (what is in flight goes on), `cancel`
@@ -884,117 +800,5 @@ mod tests {
             "{error}"
         );
         assert_eq!(handle.shutdown().await, (0, 1));
-    }
-
-    /// Connects to `target`, recording the name of the thread it runs on.
-    #[derive(Debug)]
-    struct ThreadRecorder {
-        target: SocketAddr,
-        threads: Mutex<Vec<Option<String>>>,
-    }
-
-    #[async_trait::async_trait]
-    impl JobConnector for ThreadRecorder {
-        async fn connect(&self) -> std::io::Result<TcpStream> {
-            let name = std::thread::current().name().map(str::to_owned);
-            self.threads
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .push(name);
-            connect_job(self.target).await
-        }
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn an_endpoint_on_its_own_thread_serves_streams_there_and_ends_with_its_handle() {
-        use crate::test_utils::{localhost_endpoint, seeded_key};
-        use crate::{ClientPolicy, EndpointConfig};
-
-        // A job that echoes each connection's bytes upper-cased until EOF.
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let target = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            while let Ok((mut tcp, _)) = listener.accept().await {
-                tokio::spawn(async move {
-                    let mut input = Vec::new();
-                    tcp.read_to_end(&mut input).await.unwrap();
-                    tcp.write_all(&input.to_ascii_uppercase()).await.unwrap();
-                });
-            }
-        });
-        let (client_key, job_key) = (seeded_key(24), seeded_key(25));
-        let job_id = JobId([9; 16]);
-        let recorder = Arc::new(ThreadRecorder {
-            target,
-            threads: Mutex::new(Vec::new()),
-        });
-        let config = || {
-            EndpointConfig::new("127.0.0.1:0".parse().unwrap(), &[ALPN_JOB])
-                .with_client_policy(ClientPolicy::Only(client_key.hotkey()))
-        };
-        let ctx = Arc::new(TunnelContext {
-            job_id,
-            job_key: job_key.clone(),
-            client_key: client_key.hotkey(),
-            target: recorder.clone(),
-        });
-        let handle = serve_job_endpoint_thread(
-            &job_key,
-            config(),
-            Arc::clone(&ctx),
-            CancellationToken::new(),
-        )
-        .await
-        .unwrap();
-        let addr = handle.local_addr().unwrap();
-        let client = localhost_endpoint(&client_key);
-        let connection = client
-            .connect(addr, &job_key.hotkey(), ALPN_JOB)
-            .await
-            .unwrap();
-        let tunnel = JobTunnel::new(
-            connection.clone(),
-            job_id,
-            client_key.clone(),
-            job_key.hotkey(),
-        )
-        .unwrap();
-        for message in [&b"one"[..], b"two", b"three"] {
-            let mut stream = tunnel.open().await.unwrap();
-            stream.write(message).await.unwrap();
-            stream.finish_sending().await.unwrap();
-            let mut output = Vec::new();
-            while let Some(bytes) = stream.read().await.unwrap() {
-                output.extend_from_slice(&bytes);
-            }
-            assert_eq!(output, message.to_ascii_uppercase());
-            assert!(stream.receipt().is_some());
-        }
-        let expected = Some(format!("job {}", job_id.fmt_short()));
-        let threads = recorder.threads.lock().unwrap().clone();
-        assert_eq!(
-            threads,
-            vec![expected; 3],
-            "streams served off the endpoint's thread"
-        );
-        assert_eq!(handle.receipts().len(), 3);
-
-        // The port is taken now: binding it again fails with a typed error, no thread left.
-        let mut taken = config();
-        taken.bind = addr;
-        let error = serve_job_endpoint_thread(&job_key, taken, ctx, CancellationToken::new())
-            .await
-            .unwrap_err();
-        assert!(matches!(error, crate::ConfigError::Bind { .. }), "{error}");
-
-        // Draining ends the endpoint (and its thread) once the connection has gone.
-        connection.close(codes::SHUTDOWN, b"done");
-        let counts = tokio::time::timeout(
-            Duration::from_secs(10),
-            handle.drain(Duration::from_secs(5)),
-        )
-        .await
-        .expect("the endpoint's thread ends");
-        assert_eq!(counts, (3, 0));
     }
 }

@@ -172,16 +172,11 @@ impl Channel {
     }
 }
 
-/// A TCP socket received as a file descriptor, non-blocking, not yet registered with a runtime.
-fn std_tcp_from_fd(fd: OwnedFd) -> std::io::Result<std::net::TcpStream> {
+/// A TCP socket received as a file descriptor, as a tokio stream.
+fn tcp_from_fd(fd: OwnedFd) -> std::io::Result<TcpStream> {
     let stream = std::net::TcpStream::from(fd);
     stream.set_nonblocking(true)?;
-    Ok(stream)
-}
-
-/// A TCP socket received as a file descriptor, as a tokio stream of the current runtime.
-fn tcp_from_fd(fd: OwnedFd) -> std::io::Result<TcpStream> {
-    TcpStream::from_std(std_tcp_from_fd(fd)?)
+    TcpStream::from_std(stream)
 }
 
 fn u64_at(bytes: &[u8], at: usize) -> Option<u64> {
@@ -196,9 +191,7 @@ fn i32_at(bytes: &[u8], at: usize) -> Option<i32> {
 // Executor side
 // ---------------------------------------------------------------------------------------------
 
-/// A connection to the job's port, registered by the dialer's caller: the job endpoint runs on
-/// a runtime of its own (`serve_job_endpoint_thread`), and its sockets wake that runtime.
-type ConnectReply = oneshot::Sender<std::io::Result<std::net::TcpStream>>;
+type ConnectReply = oneshot::Sender<std::io::Result<TcpStream>>;
 
 /// The executor's handle on a running sandbox's bridge (its actor runs until the sandbox's end
 /// of the socket closes, or this handle is dropped).
@@ -278,7 +271,7 @@ impl JobDialer for BridgeDialer {
         let (reply, answer) = oneshot::channel();
         let gone = || std::io::Error::new(std::io::ErrorKind::NotConnected, "the job has ended");
         self.requests.send(reply).await.map_err(|_| gone())?;
-        TcpStream::from_std(answer.await.map_err(|_| gone())??)
+        answer.await.map_err(|_| gone())?
     }
 }
 
@@ -302,7 +295,7 @@ async fn bridge_actor(
                 let Datagram { bytes, mut fds, .. } = datagram;
                 match bytes.first() {
                     Some(b'c') => {
-                        let stream = fds.pop().ok_or_else(|| std::io::Error::other("no socket")).and_then(std_tcp_from_fd);
+                        let stream = fds.pop().ok_or_else(|| std::io::Error::other("no socket")).and_then(tcp_from_fd);
                         if let Some(reply) = u64_at(&bytes, 1).and_then(|id| pending.remove(&id)) {
                             let _ = reply.send(stream);
                         }
