@@ -106,6 +106,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Receipts(args) => receipts::run(&args),
         Command::Internal(command) => internal::run(command),
         Command::Blob { command } => block_on(async { Ok(blob::run_command(command).await?) }),
+        Command::Job { command } if command.is_relay() => {
+            block_on_one_thread(job::run_command(command))
+        }
         Command::Job { command } => block_on(job::run_command(command)),
         Command::Nodes { peer, json } => block_on(nodes::run(&peer, json)),
         Command::Node(args) => {
@@ -118,6 +121,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 /// The one tokio runtime of a `horde` process, built for the commands that need one.
 fn block_on(future: impl Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
     tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(future)
+}
+
+/// A current-thread runtime for a relay (`horde job forward`): like nginx's worker, one thread
+/// carries every hop (local socket → tunnel stream → quinn's connection → UDP socket and back),
+/// so no wake-up crosses threads; on a loaded machine each crossing is a futex wake and a
+/// scheduling delay on the round trip.
+fn block_on_one_thread(future: impl Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?

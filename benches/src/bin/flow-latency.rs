@@ -34,6 +34,8 @@
 //!    echo, bulk, and one request per process (curl through nginx against `horde job request`),
 //!    with the targets beside the ratios. nginx rows are skipped, saying so, when nginx
 //!    is not installed (`.ci/bench-tools` installs it). `--reference-only` runs this alone.
+//!    Its floor, in the same rounds (see `quinn_echo`): a bare quinn 32 B echo on one open
+//!    stream, both ends in this process, on the multi-thread runtime and on current-thread ones.
 //!
 //! `cargo run --release -p horde-benches --bin flow-latency -- [--jobs N] [--requests N]
 //! [--size-mib N] [--rounds N] [--reference-only] [--reference-rounds N]
@@ -42,6 +44,7 @@
 //! Layout: `flow-latency.rs` (the measurements and their report), `flow-latency/floor.rs` (the
 //! design-floor relay), `flow-latency/runners.rs` (the runners compared),
 //! `flow-latency/reference.rs` (the comparison with the reference's path),
+//! `flow-latency/quinn_echo.rs` (its floor: what quinn allows for a round trip),
 //! `flow-latency/nginx.rs` (nginx with mutual TLS, its certificates and TLS client).
 
 use std::net::SocketAddr;
@@ -63,6 +66,8 @@ use tokio::net::{TcpListener, TcpStream};
 mod floor;
 #[path = "flow-latency/nginx.rs"]
 mod nginx;
+#[path = "flow-latency/quinn_echo.rs"]
+mod quinn_echo;
 #[path = "flow-latency/reference.rs"]
 mod reference;
 #[path = "flow-latency/runners.rs"]

@@ -317,6 +317,13 @@ impl Facilitators {
     }
 }
 
+impl JobCommand {
+    /// A relay between local sockets and the job (`forward`): it runs on one thread.
+    pub(crate) fn is_relay(&self) -> bool {
+        matches!(self, Self::Forward { .. })
+    }
+}
+
 /// Runs a `horde job` command.
 pub async fn run_command(command: JobCommand) -> anyhow::Result<()> {
     let facilitators = Facilitators::default();

@@ -179,4 +179,67 @@ mod tests {
         ));
         assert_eq!(handle.shutdown().await, (1, 0));
     }
+
+    /// `horde job forward` runs on a current-thread runtime: many local connections open at
+    /// once, each exchanging in turn, are all served by that one thread.
+    #[tokio::test(flavor = "current_thread")]
+    async fn serves_many_concurrent_connections_on_one_thread() {
+        // A job that echoes each line it reads, until EOF.
+        let job = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let target = job.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = job.accept().await {
+                tokio::spawn(async move {
+                    let (read, mut write) = tcp.into_split();
+                    let mut lines = tokio::io::BufReader::new(read);
+                    let mut line = String::new();
+                    while tokio::io::AsyncBufReadExt::read_line(&mut lines, &mut line)
+                        .await
+                        .is_ok_and(|n| n > 0)
+                    {
+                        write.write_all(line.as_bytes()).await.unwrap();
+                        line.clear();
+                    }
+                });
+            }
+        });
+        let (tunnel, handle) = job_tunnel(target, 6, 44).await;
+        let connection = tunnel.connection().clone();
+        let local = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let local_addr = local.local_addr().unwrap();
+        let (receipts, mut receipts_rx) = mpsc::channel(64);
+        let forwarder = tokio::spawn(forward_tcp(local, tunnel, receipts));
+
+        const CONNECTIONS: usize = 40;
+        let mut clients = Vec::new();
+        for _ in 0..CONNECTIONS {
+            clients.push(TcpStream::connect(local_addr).await.unwrap());
+        }
+        // Every connection is open; each round trip goes through its own tunnel stream.
+        for round in 0..3 {
+            for (index, client) in clients.iter_mut().enumerate() {
+                let line = format!("connection {index} round {round}\n");
+                client.write_all(line.as_bytes()).await.unwrap();
+                let mut echo = vec![0u8; line.len()];
+                client.read_exact(&mut echo).await.unwrap();
+                assert_eq!(echo, line.as_bytes());
+            }
+        }
+        for mut client in clients {
+            client.shutdown().await.unwrap();
+            let mut rest = Vec::new();
+            client.read_to_end(&mut rest).await.unwrap();
+            assert!(rest.is_empty());
+        }
+        for _ in 0..CONNECTIONS {
+            let receipt = receipts_rx.recv().await.unwrap().verify().unwrap();
+            assert_eq!(receipt.bytes_in, receipt.bytes_out);
+        }
+        connection.close(codes::SHUTDOWN, b"done");
+        assert!(matches!(
+            forwarder.await.unwrap(),
+            Err(TunnelError::Connection(_))
+        ));
+        assert_eq!(handle.shutdown().await, (CONNECTIONS as u64, 0));
+    }
 }

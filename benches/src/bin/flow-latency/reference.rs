@@ -30,6 +30,7 @@ use horde_testnet::{Testnet, TestnetConfig, demo_job_binary};
 use horde_transport::tunnel::JobTunnel;
 
 use super::nginx::{self, Conn, Dial, Nginx};
+use super::quinn_echo;
 use super::{Duplex, Spread, bytes_request, gbit, keep_alive_round_trip, ms, tunnel_bytes};
 
 /// The body of every one-request-per-process `POST /echo`.
@@ -82,6 +83,10 @@ pub(crate) struct Samples {
     bulk: PerRow,
     /// Spawn to exit: curl through nginx, curl direct, `horde job request`.
     processes: [Vec<f64>; 3],
+    /// The Rust client on a current-thread runtime of its own: keep-alive, WebSocket echo.
+    client_one_thread: [Vec<f64>; 2],
+    /// The floor: a bare quinn 32 B echo, per [`quinn_echo::ROWS`].
+    quinn_echo: [Vec<f64>; 3],
     nginx: bool,
 }
 
@@ -325,13 +330,54 @@ async fn bulk(dial: &Dial, size: u64) -> anyhow::Result<f64> {
     Ok(gbit(size, started.elapsed()))
 }
 
+/// The Rust client's keep-alive round trips and WebSocket echoes, each on a tunnel stream of
+/// its own whose receipt is checked at its end.
+async fn client_trips(tunnel: &JobTunnel, requests: usize) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
+    let mut stream = tunnel.open().await?;
+    let keep_alive = keep_alive_trips(&mut stream, requests).await?;
+    stream.finish_sending().await?;
+    while stream.read().await?.is_some() {}
+    anyhow::ensure!(
+        stream.receipt().is_some(),
+        "no receipt for the keep-alive stream"
+    );
+    let mut stream = tunnel.open().await?;
+    let websocket = websocket_echoes(&mut stream, requests).await?;
+    stream.finish_sending().await?;
+    while stream.read().await?.is_some() {}
+    anyhow::ensure!(
+        stream.receipt().is_some(),
+        "no receipt for the WebSocket stream"
+    );
+    Ok((keep_alive, websocket))
+}
+
+/// [`client_trips`] from a client on a current-thread runtime of its own (one thread, as the
+/// blocking TLS client of the nginx rows), on its own connection made from the job's state.
+fn one_thread_client(
+    state: &Path,
+    job: &str,
+    requests: usize,
+) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let connection = connect_from_state(state, job).await?;
+        let trips = client_trips(&connection.tunnel, requests).await;
+        connection.close().await;
+        trips
+    })
+}
+
 /// Every row's figure of one round.
 async fn round(
     plan: Plan,
     dials: &[Option<Dial>; 4],
-    tunnel: &JobTunnel,
+    side: &HordeSide,
     samples: &mut Samples,
 ) -> anyhow::Result<()> {
+    let tunnel = &side.connection.tunnel;
     for (row, dial) in dials.iter().enumerate() {
         let Some(dial) = dial else { continue };
         let row_samples = blocking(async {
@@ -352,22 +398,18 @@ async fn round(
         let (_, verified) = super::tunnel_request(tunnel).await?;
         samples.new_connection[CLIENT].push(verified);
     }
-    let mut stream = tunnel.open().await?;
-    samples.keep_alive[CLIENT].extend(keep_alive_trips(&mut stream, plan.requests).await?);
-    stream.finish_sending().await?;
-    while stream.read().await?.is_some() {}
-    anyhow::ensure!(
-        stream.receipt().is_some(),
-        "no receipt for the keep-alive stream"
+    let (keep_alive, websocket) = client_trips(tunnel, plan.requests).await?;
+    samples.keep_alive[CLIENT].extend(keep_alive);
+    samples.websocket[CLIENT].extend(websocket);
+    let (state, job, requests) = (
+        side.state.path().to_owned(),
+        side.job.clone(),
+        plan.requests,
     );
-    let mut stream = tunnel.open().await?;
-    samples.websocket[CLIENT].extend(websocket_echoes(&mut stream, plan.requests).await?);
-    stream.finish_sending().await?;
-    while stream.read().await?.is_some() {}
-    anyhow::ensure!(
-        stream.receipt().is_some(),
-        "no receipt for the WebSocket stream"
-    );
+    let (keep_alive, websocket) =
+        tokio::task::spawn_blocking(move || one_thread_client(&state, &job, requests)).await??;
+    samples.client_one_thread[0].extend(keep_alive);
+    samples.client_one_thread[1].extend(websocket);
 
     for (row, dial) in dials.iter().enumerate() {
         if let Some(dial) = dial {
@@ -375,6 +417,13 @@ async fn round(
         }
     }
     samples.bulk[CLIENT].push(tunnel_bytes(tunnel, plan.size).await?);
+    for (row, trips) in quinn_echo::round(plan.requests)
+        .await?
+        .into_iter()
+        .enumerate()
+    {
+        samples.quinn_echo[row].extend(trips);
+    }
     Ok(())
 }
 
@@ -401,7 +450,7 @@ pub(crate) async fn measure(
     };
     for index in 0..plan.rounds {
         eprintln!("reference round {}/{}", index + 1, plan.rounds);
-        round(plan, &dials, &side.connection.tunnel, &mut samples).await?;
+        round(plan, &dials, &side, &mut samples).await?;
         for _ in 0..plan.processes {
             if let Some(nginx) = &nginx {
                 samples.processes[0].push(nginx::curl_echo(nginx, ECHO_BODY)?);
@@ -475,6 +524,88 @@ fn table(
     serde_json::Value::Object(json)
 }
 
+/// The floor: the bare quinn echo's rows, with what they are read against.
+struct Floor {
+    rows: Vec<Spread>,
+    nginx_keep_alive: f64,
+    nginx_websocket: f64,
+    /// The horde rows' medians: forward keep-alive, Rust client keep-alive, forward WebSocket.
+    horde: [(&'static str, f64); 3],
+}
+
+impl Floor {
+    fn of(samples: &Samples) -> Self {
+        let median = |values: &[f64]| Spread::of(values.to_vec()).median;
+        Self {
+            rows: samples.quinn_echo.iter().cloned().map(Spread::of).collect(),
+            nginx_keep_alive: median(&samples.keep_alive[NGINX]),
+            nginx_websocket: median(&samples.websocket[NGINX]),
+            horde: [
+                ("forward keep-alive", median(&samples.keep_alive[FORWARD])),
+                ("client keep-alive", median(&samples.keep_alive[CLIENT])),
+                ("forward WS echo", median(&samples.websocket[FORWARD])),
+            ],
+        }
+    }
+
+    /// Prints each row against nginx's WebSocket echo, with the horde rows over it; its JSON.
+    fn print(&self, nginx: bool) -> serde_json::Value {
+        println!(
+            "  -- floor: bare quinn echo, 32 B on one open stream, both ends in this process \
+             (horde's TLS and transport config)"
+        );
+        let mut json = serde_json::Map::new();
+        for (row, spread) in quinn_echo::ROWS.iter().zip(&self.rows) {
+            let over: Vec<String> = self
+                .horde
+                .iter()
+                .map(|(name, value)| format!("{name} {:.1}x", value / spread.median))
+                .collect();
+            let ratio = if nginx {
+                format!("{:.2}x nginx WS", spread.median / self.nginx_websocket)
+            } else {
+                String::new()
+            };
+            println!(
+                "    {row:<16} {:>9.3} ms [{:.3}-{:.3}] p99 {:.3}  {ratio:<14} ({})",
+                spread.median,
+                spread.min,
+                spread.max,
+                spread.p99,
+                over.join(", ")
+            );
+            json.insert((*row).to_owned(), spread.json());
+        }
+        serde_json::Value::Object(json)
+    }
+}
+
+/// Prints the Rust client's rows from a current-thread runtime, against nginx; their JSON.
+fn one_thread_client_rows(rows: &[Vec<f64>; 2], floor: &Floor, nginx: bool) -> serde_json::Value {
+    println!(
+        "  -- Rust client on a current-thread runtime of its own (one thread, as the TLS client)"
+    );
+    let mut json = serde_json::Map::new();
+    for ((name, trips), base) in ["keep-alive GET /health", "WebSocket echo, 32 B"]
+        .iter()
+        .zip(rows)
+        .zip([floor.nginx_keep_alive, floor.nginx_websocket])
+    {
+        let spread = Spread::of(trips.clone());
+        let ratio = if nginx {
+            format!("{:.2}x nginx", spread.median / base)
+        } else {
+            String::new()
+        };
+        println!(
+            "    {name:<24} {:>9.3} ms [{:.3}-{:.3}] p99 {:.3}  {ratio}",
+            spread.median, spread.min, spread.max, spread.p99
+        );
+        json.insert((*name).to_owned(), spread.json());
+    }
+    serde_json::Value::Object(json)
+}
+
 /// Prints the comparison; its JSON.
 pub(crate) fn report(plan: Plan, samples: Samples) -> serde_json::Value {
     println!(
@@ -487,6 +618,7 @@ pub(crate) fn report(plan: Plan, samples: Samples) -> serde_json::Value {
         println!("  (no nginx rows: nginx or openssl is missing)");
     }
     let nginx = samples.nginx;
+    let floor = Floor::of(&samples);
     let new_connection = table(
         "GET /health, new connection each (TLS: full handshake; Rust client: new stream, receipt verified)",
         "ms",
@@ -508,6 +640,8 @@ pub(crate) fn report(plan: Plan, samples: Samples) -> serde_json::Value {
         nginx,
         &[(FORWARD, "target <= 1.0x")],
     );
+    let one_thread = one_thread_client_rows(&samples.client_one_thread, &floor, nginx);
+    let floor = floor.print(nginx);
     let large = Spread::of(samples.bulk[NGINX_LARGE].clone()).median;
     let forward_bulk = Spread::of(samples.bulk[FORWARD].clone()).median;
     let client_bulk = Spread::of(samples.bulk[CLIENT].clone()).median;
@@ -545,7 +679,8 @@ pub(crate) fn report(plan: Plan, samples: Samples) -> serde_json::Value {
     serde_json::json!({
         "rounds": plan.rounds, "requests_per_round": plan.requests,
         "new_connection_ms": new_connection, "keep_alive_ms": keep_alive,
-        "websocket_echo_ms": websocket, "bulk_gbit": bulk,
+        "websocket_echo_ms": websocket, "quinn_echo_floor_ms": floor,
+        "rust_client_one_thread_ms": one_thread, "bulk_gbit": bulk,
         "bulk_forward_over_nginx_256k": forward_bulk / large,
         "bulk_client_over_nginx_256k": client_bulk / large,
         "process_ms": {"curl_nginx": curl_nginx.json(), "curl_direct": curl_direct.json(),
