@@ -549,20 +549,22 @@ impl HordeEndpoint {
             source,
         };
         let socket = std::net::UdpSocket::bind(config.bind).map_err(bind_error)?;
-        // Keys that survive a restart only for a fixed port: a node comes back on its port.
-        // Two endpoints of one identity on different ports (two clients of one account) must
-        // not be able to reset each other's connections (RFC 9000 §10.3.1), so the port is part
-        // of the derivation, and an ephemeral port gets random keys.
+        // Keys that survive a restart: a node comes back on its port (a port 0 bind is kept and
+        // reused from the node's second start on), so the keys come from the port actually
+        // bound, the first start's included; otherwise a node killed in its first run could not
+        // reset its peers' old connections and they would wait out the idle timeout. Two
+        // endpoints of one identity on different ports (two clients of one account) must not be
+        // able to reset each other's connections (RFC 9000 §10.3.1), so the port is part of the
+        // derivation.
+        let port = socket.local_addr().map_err(bind_error)?.port();
         let mut endpoint_config = quinn::EndpointConfig::default();
         (endpoint_config.max_udp_payload_size(config.transport.max_udp_payload))
             .map_err(|_| ConfigError::OutOfRange("max_udp_payload_size"))?;
-        if config.bind.port() != 0 {
-            endpoint_config.reset_key(Arc::new(ResetKey::derive(key, config.bind.port())));
-            let cid_key = connection_id_key(key, config.bind.port());
-            endpoint_config.cid_generator(move || {
-                Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
-            });
-        }
+        endpoint_config.reset_key(Arc::new(ResetKey::derive(key, port)));
+        let cid_key = connection_id_key(key, port);
+        endpoint_config.cid_generator(move || {
+            Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+        });
         let socket = crate::udp::BoundedGsoSocket::wrap(socket).map_err(bind_error)?;
         let runtime = Arc::new(quinn::TokioRuntime);
         let endpoint = quinn::Endpoint::new_with_abstract_socket(

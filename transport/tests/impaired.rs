@@ -62,15 +62,6 @@ async fn linked(tuning: TransportTuning, seed: u64) -> Linked {
     }
 }
 
-/// Waits until `path` has delivered `datagrams` more datagrams than when called: a point in the
-/// middle of a transfer, whatever the machine's speed.
-async fn after_datagrams(path: &ImpairedPath, datagrams: u64) {
-    let start = path.counts().delivered.load(Ordering::Relaxed);
-    while path.counts().delivered.load(Ordering::Relaxed) < start + datagrams {
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-}
-
 /// Sends `data` from `from` on a new stream and reads it on `to`; returns what arrived and the
 /// longest time between two pieces (or before the first).
 async fn transfer(
@@ -180,13 +171,16 @@ async fn a_short_outage_is_ridden_out_on_the_same_connection() {
     tuning.max_udp_payload = 1452;
     let link = linked(tuning, 11).await;
     let data = pattern(8 << 20);
-    let outage = async {
-        // About 1 MiB in.
-        after_datagrams(&link.path, 800).await;
-        link.path.set(Impairment {
+    // About 1 MiB in (the relay switches itself there).
+    link.path.set_after(
+        800,
+        Impairment {
             blackout: true,
             ..Impairment::default()
-        });
+        },
+    );
+    let outage = async {
+        link.path.switched().await;
         tokio::time::sleep(Duration::from_secs(2)).await;
         link.path.set(Impairment::default());
     };
@@ -247,10 +241,9 @@ async fn an_mtu_black_hole_never_stalls_a_transfer() {
     let (warm, _) = transfer(&link.client, &link.server, pattern(1 << 20), async {}).await;
     assert_eq!(warm.len(), 1 << 20);
     let data = pattern(8 << 20);
-    let hole = async {
-        after_datagrams(&link.path, 800).await;
-        link.path.set(black_hole.clone());
-    };
+    // Both directions count: 400 datagrams are well inside the 8 MiB even at jumbo sizes.
+    link.path.set_after(400, black_hole.clone());
+    let hole = link.path.switched();
     let (received, longest_gap) = transfer(&link.client, &link.server, data.clone(), hole).await;
     assert!(received == data);
     assert!(longest_gap < Duration::from_secs(3), "{longest_gap:?}");
@@ -306,20 +299,39 @@ async fn tiny_windows_both_ways_do_not_deadlock() {
 /// A server on a fixed port that crashes (nothing reaches the client: the path is cut while it
 /// goes) and comes back with the same key on the same port: the client's next packet draws a
 /// stateless reset the client accepts, because the reset key derives from the node's key and
-/// port, and its connection ends at once (`Reset`) instead of after the idle timeout. Back
-/// with another key, its reset is not accepted.
+/// port, and its connection ends at once (`Reset`) instead of after the idle timeout. The same
+/// when its first run bound port 0 and it comes back on the port it got (as a node keeps its
+/// port in `bound.toml`). Back with another key, its reset is not accepted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_server_resets_its_old_connections_at_once() {
-    for (restarted_key, reset_expected) in [(seeded_key(2), true), (seeded_key(3), false)] {
-        // A fixed port, as a node's configured `listen` is.
-        let port = std::net::UdpSocket::bind("127.0.0.1:0")
+    for (restarted_key, reset_expected, first_on_port_0) in [
+        (seeded_key(2), true, false),
+        (seeded_key(2), true, true),
+        (seeded_key(3), false, false),
+    ] {
+        let server_endpoint = if first_on_port_0 {
+            let any = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+            HordeEndpoint::bind(
+                &seeded_key(2),
+                horde_transport::EndpointConfig::new(any, &[ALPN_CONTROL]),
+            )
             .unwrap()
-            .local_addr()
+        } else {
+            // A fixed port, as a node's configured `listen` is.
+            let port = std::net::UdpSocket::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let fixed = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+            HordeEndpoint::bind(
+                &seeded_key(2),
+                horde_transport::EndpointConfig::new(fixed, &[ALPN_CONTROL]),
+            )
             .unwrap()
-            .port();
-        let server_addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        };
+        let server_addr = server_endpoint.local_addr().unwrap();
         let fixed = || horde_transport::EndpointConfig::new(server_addr, &[ALPN_CONTROL]);
-        let server_endpoint = HordeEndpoint::bind(&seeded_key(2), fixed()).unwrap();
         let path = ImpairedPath::start(server_addr, 29).await.unwrap();
         let client_endpoint = localhost_endpoint(&seeded_key(1));
         let server_key = seeded_key(2).hotkey();

@@ -5,7 +5,7 @@
 //!
 //! The client dials [`ImpairedPath::addr`] instead of the server; the server sees the relay's
 //! own socket as the client. Impairments apply to both directions and can be changed at any
-//! time with [`ImpairedPath::set`].
+//! time with [`ImpairedPath::set`], or at a given datagram with [`ImpairedPath::set_after`].
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -45,11 +45,18 @@ pub struct PathCounts {
     pub dropped: AtomicU64,
 }
 
+/// The impairment in force, and the next one with the delivered count it starts at.
+#[derive(Debug, Default)]
+struct Impairments {
+    now: Impairment,
+    next: Option<(u64, Impairment)>,
+}
+
 /// A running relay; stops when dropped.
 #[derive(Debug)]
 pub struct ImpairedPath {
     addr: SocketAddr,
-    impairment: Arc<Mutex<Impairment>>,
+    impairment: Arc<Mutex<Impairments>>,
     counts: Arc<PathCounts>,
     _tasks: JoinSet<()>,
 }
@@ -61,7 +68,7 @@ impl ImpairedPath {
         let back = Arc::new(UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await?);
         back.connect(server).await?;
         let addr = front.local_addr()?;
-        let impairment = Arc::new(Mutex::new(Impairment::default()));
+        let impairment = Arc::new(Mutex::new(Impairments::default()));
         let counts = Arc::new(PathCounts::default());
         let client = Arc::new(Mutex::new(None::<SocketAddr>));
         let mut tasks = JoinSet::new();
@@ -105,12 +112,39 @@ impl ImpairedPath {
         self.addr
     }
 
-    /// Impairs the path from now on.
+    /// Impairs the path from now on (and forgets a pending [`Self::set_after`]).
     pub fn set(&self, impairment: Impairment) {
         *self
             .impairment
             .lock()
-            .unwrap_or_else(PoisonError::into_inner) = impairment;
+            .unwrap_or_else(PoisonError::into_inner) = Impairments {
+            now: impairment,
+            next: None,
+        };
+    }
+
+    /// Impairs the path once it has delivered `datagrams` more datagrams than now. The relay
+    /// switches itself between two datagrams, so a fast transfer cannot end before the switch,
+    /// however late the test's own task runs.
+    pub fn set_after(&self, datagrams: u64, impairment: Impairment) {
+        let at = self.counts.delivered.load(Ordering::Relaxed) + datagrams;
+        self.impairment
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .next = Some((at, impairment));
+    }
+
+    /// Waits until the impairment given to [`Self::set_after`] is in force.
+    pub async fn switched(&self) {
+        while self
+            .impairment
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .next
+            .is_some()
+        {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
     }
 
     /// What the relay has done so far.
@@ -121,13 +155,13 @@ impl ImpairedPath {
 
 /// One direction of the relay.
 struct Relay {
-    impairment: Arc<Mutex<Impairment>>,
+    impairment: Arc<Mutex<Impairments>>,
     counts: Arc<PathCounts>,
     random: Mutex<u64>,
 }
 
 impl Relay {
-    fn new(impairment: &Arc<Mutex<Impairment>>, counts: &Arc<PathCounts>, seed: u64) -> Self {
+    fn new(impairment: &Arc<Mutex<Impairments>>, counts: &Arc<PathCounts>, seed: u64) -> Self {
         Self {
             impairment: Arc::clone(impairment),
             counts: Arc::clone(counts),
@@ -148,11 +182,17 @@ impl Relay {
 
     /// Sends `datagram` on `socket` (to `to`, or its connected peer), as impaired now.
     fn forward(&self, datagram: &[u8], socket: Arc<UdpSocket>, to: Option<SocketAddr>) {
-        let impairment = self
-            .impairment
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
+        let impairment = {
+            let mut impairments = self
+                .impairment
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let delivered = self.counts.delivered.load(Ordering::Relaxed);
+            if let Some((_, next)) = impairments.next.take_if(|(at, _)| delivered >= *at) {
+                impairments.now = next;
+            }
+            impairments.now.clone()
+        };
         let too_large = impairment
             .max_datagram
             .is_some_and(|max| datagram.len() > max);
