@@ -175,22 +175,49 @@ impl FacilitatorLink {
     }
 }
 
+impl FacilitatorLink {
+    /// A facilitator that resumes the job while this link still has a stream to it: the old
+    /// stream is dead even if nothing says so yet. A crashed facilitator is noticed only at the
+    /// connection's idle timeout when it had dialed us (a QUIC client's handshake connection id
+    /// carries no stateless-reset token), and until then the new stream would wait unread.
+    fn supersede(&mut self, session: JobSession) {
+        if self.session.replace(session).is_some() {
+            info!(job = %self.job_id.fmt_short(),
+                "facilitator resumed the job on a new stream; the old one is dropped");
+        }
+        self.away_until = None;
+    }
+}
+
 impl Upstream for FacilitatorLink {
     async fn recv(&mut self) -> Result<Option<ControlMessage>, ChannelError> {
         loop {
             match &mut self.session {
-                Some(session) => match session.recv().await {
-                    Ok(Some(message)) => return Ok(Some(message)),
-                    // The facilitator never finishes its side while the job runs: it went away.
-                    Ok(None) => self.lose(&"stream finished"),
-                    Err(error) => self.lose(&error),
-                },
+                Some(session) => {
+                    let received = tokio::select! {
+                        received = session.recv() => Ok(received),
+                        Some(resumed) = self.resumed.recv() => Err(resumed),
+                    };
+                    match received {
+                        Ok(Ok(Some(message))) => return Ok(Some(message)),
+                        // The facilitator never finishes its side while the job runs: it went
+                        // away.
+                        Ok(Ok(None)) => self.lose(&"stream finished"),
+                        Ok(Err(error)) => self.lose(&error),
+                        Err(resumed) => self.supersede(resumed),
+                    }
+                }
                 None => self.wait_for_resume().await?,
             }
         }
     }
 
     async fn send(&mut self, message: &UpMessage) -> Result<(), ChannelError> {
+        if self.session.is_some()
+            && let Ok(resumed) = self.resumed.try_recv()
+        {
+            self.supersede(resumed);
+        }
         if let Some(session) = &mut self.session {
             match session.send_up(message).await {
                 Ok(()) => return Ok(()),
