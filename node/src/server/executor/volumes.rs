@@ -647,9 +647,7 @@ impl HashedDownload {
     /// An empty buffer of [`FETCH_CHUNK`] bytes to read the next piece into (waits for the
     /// hasher when every buffer is queued for it).
     fn buffer(&self) -> io::Result<Vec<u8>> {
-        self.spares
-            .recv()
-            .map_err(|_| io::Error::other("the volume's hasher thread stopped"))
+        self.spares.recv().map_err(|_| hasher_stopped())
     }
 
     /// The first `filled` bytes of `buffer` are the file's next bytes (already written).
@@ -658,14 +656,14 @@ impl HashedDownload {
         self.len += filled as u64;
         self.pieces
             .send(Piece::Bytes(buffer))
-            .map_err(|_| io::Error::other("the volume's hasher thread stopped"))
+            .map_err(|_| hasher_stopped())
     }
 
     fn restart(&mut self) -> io::Result<()> {
         self.len = 0;
         self.pieces
             .send(Piece::Restart)
-            .map_err(|_| io::Error::other("the volume's hasher thread stopped"))
+            .map_err(|_| hasher_stopped())
     }
 
     /// The count and hash of everything appended since the last restart.
@@ -681,6 +679,11 @@ impl HashedDownload {
         let hasher = hasher.join().unwrap_or_else(|_| blake3::Hasher::new());
         Received { len, hasher }
     }
+}
+
+/// The hasher thread is gone (it ends only when its channels close, or by a panic).
+fn hasher_stopped() -> io::Error {
+    io::Error::other("the volume's hasher thread stopped")
 }
 
 /// Reads from `reader` until `buffer` is full or the body ends; the count read, and the error
