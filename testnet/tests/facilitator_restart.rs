@@ -147,17 +147,23 @@ async fn health(connection: &JobConnection) -> u16 {
         .status
 }
 
-/// Item 2 of issue 16: a running job survives its facilitator's restart, mid-tunnel. The tunnel
-/// works during the outage; a volume list sent during it is delivered after (or refused with a
-/// typed error, never lost); statuses resume on the same handle, each once and in order; the
-/// job is still terminated through the restarted facilitator.
-async fn a_job_survives_a_facilitator_restart(graceful: bool) {
-    let mut testnet = start(TestnetConfig::default());
+/// A testnet with a demo job running and its tunnel answering.
+async fn running_demo_job() -> (Testnet, JobHandle, JobConnection) {
+    let testnet = start(TestnetConfig::default());
     let client = Client::new(SecretKey::generate(), testnet.facilitator()).unwrap();
     let mut job = client.submit(&demo_request()).await.unwrap();
     let endpoint = job.wait_for_endpoint().await.unwrap();
     let connection = job.connect_job(&endpoint).await.unwrap();
     assert_eq!(health(&connection).await, 200);
+    (testnet, job, connection)
+}
+
+/// Item 2 of issue 16: a running job survives its facilitator's restart, mid-tunnel. The tunnel
+/// works during the outage; a volume list sent during it is delivered after (or refused with a
+/// typed error, never lost); statuses resume on the same handle, each once and in order; the
+/// job is still terminated through the restarted facilitator.
+async fn a_job_survives_a_facilitator_restart(graceful: bool) {
+    let (mut testnet, mut job, connection) = running_demo_job().await;
 
     if graceful {
         testnet.stop("facilitator").unwrap();
@@ -246,4 +252,47 @@ async fn a_running_job_survives_its_facilitator_killed_mid_tunnel() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_running_job_survives_a_graceful_facilitator_restart_mid_tunnel() {
     a_job_survives_a_facilitator_restart(true).await;
+}
+
+/// A job that ends while its facilitator is down (kill -9) keeps its real outcome. The
+/// validator's last status goes into the stream of the dead facilitator, which accepts writes
+/// until the loss is noticed; the validator holds the job open until the facilitator
+/// acknowledges that stream, and a restarted facilitator resuming the job gets what was written
+/// to it again (dropping what it had recorded). Before, the job's end was lost and the restarted
+/// facilitator recorded `HordeFailed` ("validator no longer drives the job").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_that_ends_while_its_facilitator_is_down_keeps_its_outcome() {
+    let (mut testnet, mut job, connection) = running_demo_job().await;
+
+    testnet.kill("facilitator").unwrap();
+    // The job exits by itself (through its tunnel, which does not need the facilitator).
+    let exit = http_request(&connection.tunnel, "GET", "/exit?code=0", b"")
+        .await
+        .unwrap();
+    assert_eq!(exit.status, 200);
+    // Long enough for its end to travel executor → miner → validator → the dead stream.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    tokio::task::block_in_place(|| testnet.start_again("facilitator")).unwrap();
+
+    let end = tokio::time::timeout(Duration::from_secs(60), job.wait_for_end())
+        .await
+        .expect("the job's end arrives after the restart")
+        .unwrap();
+    assert!(
+        matches!(&end, JobStatus::Completed(result) if !result.terminated && result.exit_code == Some(0)),
+        "{end:?}\nhistory: {:?}\nfacilitator:\n{}\nvalidator:\n{}",
+        job.history(),
+        testnet.log("facilitator"),
+        testnet.log("validator-0")
+    );
+    // Each status once, in order: what the validator sent again was not recorded twice.
+    let history = job.history();
+    for (index, update) in history.iter().enumerate() {
+        assert_eq!(update.seq as usize, index, "{history:?}");
+    }
+    let endpoints = history
+        .iter()
+        .filter(|update| matches!(update.status, JobStatus::EndpointReady(_)))
+        .count();
+    assert_eq!(endpoints, 1, "{history:?}");
 }

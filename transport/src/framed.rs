@@ -41,6 +41,9 @@ pub enum ChannelError {
     /// An I/O error from a non-QUIC reader.
     #[error("reading: {0}")]
     Io(std::io::Error),
+    /// The connection was lost before the peer acknowledged all of a finished stream.
+    #[error("waiting for the peer to acknowledge the stream: {0}")]
+    Unacknowledged(#[from] quinn::StoppedError),
 }
 
 impl ChannelError {
@@ -178,6 +181,14 @@ impl FramedSend {
     /// Ends the stream cleanly after what was sent (the peer reads `None`).
     pub fn finish(&mut self) -> Result<(), ChannelError> {
         self.stream.finish()?;
+        Ok(())
+    }
+
+    /// After [`FramedSend::finish`]: waits until the peer has acknowledged receiving every byte
+    /// of the stream (not necessarily processed it), or stopped it. An error means the
+    /// connection was lost first, so the peer may lack part of what was written.
+    pub async fn delivered(&mut self) -> Result<(), ChannelError> {
+        self.stream.stopped().await?;
         Ok(())
     }
 

@@ -112,6 +112,12 @@ impl JobSession {
         self.send.finish()
     }
 
+    /// After [`JobSession::finish`]: waits until the peer has acknowledged everything sent (see
+    /// [`FramedSend::delivered`]); an error means the peer may lack part of it.
+    pub async fn delivered(&mut self) -> Result<(), ChannelError> {
+        self.send.delivered().await
+    }
+
     /// Abandons the session in both directions with `code` (e.g. [`codes::CANCELLED`]).
     pub fn abort(&mut self, code: VarInt) {
         self.send.reset(code);

@@ -208,10 +208,30 @@ struct ValidatorSilence {
     validator: Hotkey,
     limit: Duration,
     deadline: tokio::time::Instant,
+    /// Statuses a previous run of this facilitator recorded for a resumed job (empty for a new
+    /// one): the validator sends again what it wrote to the old stream, and each status already
+    /// recorded is dropped once.
+    recorded: Vec<JobStatus>,
+}
+
+/// The validator side of a job: who drives it, its stream, and what a previous run recorded.
+#[derive(Debug)]
+struct ValidatorLeg {
+    validator: Hotkey,
+    miner: Hotkey,
+    session: JobSession,
+    recorded: Vec<JobStatus>,
 }
 
 impl RelayPolicy for ValidatorSilence {
     fn on_up(&mut self, message: UpMessage) -> Step {
+        if let Some(status) = status_of(&message)
+            && let Some(at) = self.recorded.iter().position(|held| *held == status)
+        {
+            self.recorded.remove(at);
+            debug!("a status sent again by the validator was recorded before the restart; dropped");
+            return Step::Drop;
+        }
         match message {
             UpMessage::EndpointReady(_) | UpMessage::Status(_) => {
                 warn!("validator sent a message clients never see; ignored");
@@ -910,15 +930,14 @@ impl Facilitator {
         {
             return None;
         }
-        self.relay_to_validator(
-            job_id,
-            spec,
-            live,
-            down_rx,
-            (validator, miner.hotkey),
+        let leg = ValidatorLeg {
+            validator,
+            miner: miner.hotkey,
             session,
-        )
-        .await
+            recorded: Vec::new(),
+        };
+        self.relay_to_validator(job_id, spec, live, down_rx, leg)
+            .await
     }
 
     /// Relays the job between its clients and its validator's `session` until it ends; returns
@@ -929,9 +948,14 @@ impl Facilitator {
         spec: &JobSpec,
         live: &LiveJob,
         down_rx: &mut mpsc::Receiver<DownMessage>,
-        (validator, miner): (Hotkey, Hotkey),
-        session: JobSession,
+        leg: ValidatorLeg,
     ) -> Option<JobStatus> {
+        let ValidatorLeg {
+            validator,
+            miner,
+            session,
+            recorded,
+        } = leg;
         let limit = total_deadline(&spec.deadlines)
             + Duration::from_millis(self.config.validator_silence_ms);
         let mut policy = ValidatorSilence {
@@ -941,6 +965,7 @@ impl Facilitator {
             limit,
             deadline: tokio::time::Instant::now() + limit,
             hop: self.hop(),
+            recorded,
         };
         let mut client = ClientSide {
             facilitator: self,

@@ -35,6 +35,9 @@ pub(super) struct Resumable {
     record: JobRecord,
     validator: Hotkey,
     miner: Hotkey,
+    /// The statuses the previous run recorded: the validator sends again what it wrote to the
+    /// old stream (it cannot know what arrived), and those already recorded are dropped.
+    recorded: Vec<JobStatus>,
 }
 
 /// Sorts the jobs a previous run left unfinished: those with a validator assigned are returned
@@ -45,21 +48,23 @@ pub(super) async fn recover(
 ) -> Result<Vec<Resumable>, JobStoreError> {
     let mut resumable = Vec::new();
     for job_id in store.unfinished().await? {
-        let assigned = store
+        let recorded: Vec<JobStatus> = store
             .history(job_id)
             .await?
-            .iter()
-            .rev()
-            .find_map(|update| match &update.status {
-                JobStatus::Assigned { validator, miner } => Some((*validator, *miner)),
-                _ => None,
-            });
+            .into_iter()
+            .map(|update| update.status)
+            .collect();
+        let assigned = recorded.iter().rev().find_map(|status| match status {
+            JobStatus::Assigned { validator, miner } => Some((*validator, *miner)),
+            _ => None,
+        });
         match (assigned, store.job(job_id).await?) {
             (Some((validator, miner)), Some(record)) => resumable.push(Resumable {
                 job_id,
                 record,
                 validator,
                 miner,
+                recorded,
             }),
             _ => {
                 let failure = hop.failed(
@@ -114,15 +119,14 @@ impl Facilitator {
                     job.validator
                 ))));
             };
+            let leg = super::ValidatorLeg {
+                validator: job.validator,
+                miner: job.miner,
+                session,
+                recorded: job.recorded.clone(),
+            };
             let status = self
-                .relay_to_validator(
-                    job_id,
-                    &spec,
-                    &live,
-                    &mut down_rx,
-                    (job.validator, job.miner),
-                    session,
-                )
+                .relay_to_validator(job_id, &spec, &live, &mut down_rx, leg)
                 .await;
             match status {
                 Some(JobStatus::Rejected(RejectReason::UnknownJob)) => {

@@ -7,6 +7,13 @@
 //! back opens a new stream with `Resume(job_id)` ([`Resumes::offer`]): the held messages go up
 //! it first, then the relay goes on as before. If none comes back in time, the link reports the
 //! loss and the relay ends the job (its miner session aborted `CANCELLED`).
+//!
+//! A stream to a crashed facilitator accepts writes until the loss is noticed (a resume, or the
+//! connection's idle timeout), so what was written to it is not known to have arrived: the link
+//! keeps the messages written to its current stream and sends them again, first, on a resumed
+//! one (the facilitator drops those it had recorded, `facilitator/resume.rs`). The job's last
+//! message counts as delivered only once the facilitator acknowledged the finished stream; until
+//! then (at most [`FACILITATOR_AWAY_MAX`]) the job stays open to a resume.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -29,6 +36,10 @@ pub const FACILITATOR_AWAY_MAX: Duration = Duration::from_secs(60);
 /// handful, plus one per volume list and upload); a job that sends more while its facilitator
 /// is away is ended.
 pub const AWAY_BUFFER: usize = 64;
+
+/// Messages kept as written to the current stream but not known to have arrived: a job sends a
+/// handful; beyond this the oldest (the likeliest to have arrived) are let go.
+const UNCONFIRMED_MAX: usize = AWAY_BUFFER;
 
 /// The jobs this validator drives that a facilitator may resume: job id → (the facilitator
 /// that assigned it, where its new stream goes).
@@ -61,6 +72,7 @@ impl Resumes {
             job_id,
             session: Some(session),
             held: VecDeque::new(),
+            unconfirmed: VecDeque::new(),
             away_until: None,
             resumed,
             resumes: Arc::clone(self),
@@ -103,6 +115,8 @@ pub(super) struct FacilitatorLink {
     job_id: JobId,
     session: Option<JobSession>,
     held: VecDeque<UpMessage>,
+    /// Written to the current stream, in order; not known to have reached the facilitator.
+    unconfirmed: VecDeque<UpMessage>,
     /// Set while the facilitator is away: when the link gives up.
     away_until: Option<Instant>,
     resumed: mpsc::Receiver<JobSession>,
@@ -130,47 +144,103 @@ impl FacilitatorLink {
             warn!(job = %self.job_id.fmt_short(), %error,
                 "link to the facilitator lost; driving the job on and waiting for it to resume");
             self.away_until = Some(Instant::now() + FACILITATOR_AWAY_MAX);
+            self.requeue_unconfirmed();
+        }
+    }
+
+    /// What was written to a stream now gone goes up again, first, on the next one.
+    fn requeue_unconfirmed(&mut self) {
+        while let Some(message) = self.unconfirmed.pop_back() {
+            self.held.push_front(message);
+        }
+    }
+
+    fn written(&mut self, message: UpMessage) {
+        if self.unconfirmed.len() == UNCONFIRMED_MAX {
+            self.unconfirmed.pop_front();
+        }
+        self.unconfirmed.push_back(message);
+    }
+
+    /// Sends what is held up the current stream, in order; a failure loses the stream (and the
+    /// held messages wait for the next resume). Cancel-safe between messages.
+    async fn flush_held(&mut self) {
+        while let Some(message) = self.held.front() {
+            let Some(session) = &mut self.session else {
+                return;
+            };
+            if let Err(error) = session.send_up(message).await {
+                self.lose(&error);
+                return;
+            }
+            if let Some(sent) = self.held.pop_front() {
+                self.written(sent);
+            }
         }
     }
 
     /// Waits (until the away deadline) for the facilitator to resume, and sends it what was
-    /// held. Cancel-safe up to the sending of held messages (each is removed once sent).
+    /// held.
     async fn wait_for_resume(&mut self) -> Result<(), ChannelError> {
         let until = self.away_until.unwrap_or_else(Instant::now);
-        let Ok(Some(mut session)) = tokio::time::timeout_at(until, self.resumed.recv()).await
-        else {
+        let Ok(Some(session)) = tokio::time::timeout_at(until, self.resumed.recv()).await else {
             return Err(gone());
         };
-        while let Some(message) = self.held.front() {
-            if let Err(error) = session.send_up(message).await {
-                // Gone again before it had everything: wait for the next resume.
-                warn!(job = %self.job_id.fmt_short(), %error, "facilitator lost again while resuming");
-                return Ok(());
-            }
-            self.held.pop_front();
-        }
-        info!(job = %self.job_id.fmt_short(), "facilitator resumed the job");
         self.session = Some(session);
         self.away_until = None;
+        let held = self.held.len();
+        self.flush_held().await;
+        if self.session.is_some() {
+            info!(job = %self.job_id.fmt_short(), sent_again = held, "facilitator resumed the job");
+        } else {
+            warn!(job = %self.job_id.fmt_short(), "facilitator lost again while resuming");
+        }
         Ok(())
     }
 
-    /// Delivers `message` (the job's last) to the facilitator, waiting for it to resume if it is
-    /// away; then finishes the stream.
+    /// Delivers `message` (the job's last) to the facilitator and finishes the stream, then
+    /// waits (at most [`FACILITATOR_AWAY_MAX`]) until the facilitator acknowledged all of it;
+    /// a facilitator that crashed meanwhile and resumes the job gets it all again.
     pub(super) async fn finish_with(&mut self, message: Option<UpMessage>) {
         if let Some(message) = message
             && let Err(error) = self.send(&message).await
         {
             warn!(%error, "could not report to the facilitator");
         }
-        while self.session.is_none() && !self.held.is_empty() {
-            if let Err(error) = self.wait_for_resume().await {
-                warn!(%error, held = self.held.len(), "the job's last statuses never reached the facilitator");
-                return;
+        let give_up = Instant::now() + FACILITATOR_AWAY_MAX;
+        loop {
+            let Some(session) = &mut self.session else {
+                if self.held.is_empty() {
+                    return;
+                }
+                if let Err(error) = self.wait_for_resume().await {
+                    warn!(%error, held = self.held.len(),
+                        "the job's last statuses never reached the facilitator");
+                    return;
+                }
+                continue;
+            };
+            if let Err(error) = session.finish() {
+                self.lose(&error);
+                continue;
             }
-        }
-        if let Some(session) = &mut self.session {
-            let _ = session.finish();
+            let outcome = tokio::select! {
+                delivered = session.delivered() => Ok(delivered),
+                Some(resumed) = self.resumed.recv() => Err(resumed),
+                () = tokio::time::sleep_until(give_up) => {
+                    warn!(job = %self.job_id.fmt_short(),
+                        "the facilitator never acknowledged the job's last statuses");
+                    return;
+                }
+            };
+            match outcome {
+                Ok(Ok(())) => return,
+                Ok(Err(error)) => self.lose(&error),
+                Err(resumed) => {
+                    self.supersede(resumed);
+                    self.flush_held().await;
+                }
+            }
         }
     }
 }
@@ -180,12 +250,14 @@ impl FacilitatorLink {
     /// stream is dead even if nothing says so yet. A crashed facilitator is noticed only at the
     /// connection's idle timeout when it had dialed us (a QUIC client's handshake connection id
     /// carries no stateless-reset token), and until then the new stream would wait unread.
+    /// What was written to the old stream goes up the new one first ([`Self::flush_held`]).
     fn supersede(&mut self, session: JobSession) {
         if self.session.replace(session).is_some() {
-            info!(job = %self.job_id.fmt_short(),
+            info!(job = %self.job_id.fmt_short(), sent_again = self.unconfirmed.len(),
                 "facilitator resumed the job on a new stream; the old one is dropped");
         }
         self.away_until = None;
+        self.requeue_unconfirmed();
     }
 }
 
@@ -204,7 +276,10 @@ impl Upstream for FacilitatorLink {
                         // away.
                         Ok(Ok(None)) => self.lose(&"stream finished"),
                         Ok(Err(error)) => self.lose(&error),
-                        Err(resumed) => self.supersede(resumed),
+                        Err(resumed) => {
+                            self.supersede(resumed);
+                            self.flush_held().await;
+                        }
                     }
                 }
                 None => self.wait_for_resume().await?,
@@ -217,10 +292,14 @@ impl Upstream for FacilitatorLink {
             && let Ok(resumed) = self.resumed.try_recv()
         {
             self.supersede(resumed);
+            self.flush_held().await;
         }
         if let Some(session) = &mut self.session {
             match session.send_up(message).await {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    self.written(message.clone());
+                    return Ok(());
+                }
                 Err(error) => self.lose(&error),
             }
         }
