@@ -1,11 +1,14 @@
 //! Blob transfer over a veth pair between two network namespaces, against what a user would
 //! pick instead (curl ← nginx over HTTPS and HTTP), measured from outside in the same run.
 //!
-//! `blob-veth [--size 1GiB] [--rounds 5] [--mtu 1500,9000] [--json PATH]` (root: it creates the
-//! namespaces `hbench-srv-PID` and `hbench-cli-PID` joined by a veth pair, 198.18.0.1/24 and
-//! 198.18.0.2/24, and removes them at the end). Needs `target/release/horde` beside it (or
-//! `--horde`), GNU time, and for the nginx rows nginx, curl, openssl and b3sum, which
-//! `.ci/bench-tools` installs; the bench installs nothing and skips a row whose tool is missing,
+//! `blob-veth [--size 1GiB] [--rounds 5] [--mtu 1500,9000] [--no-loopback] [--json PATH]`
+//! (root: it creates the namespaces `hbench-srv-PID` and `hbench-cli-PID` joined by a veth pair,
+//! 198.18.0.1/24 and 198.18.0.2/24, and removes them at the end). Each MTU is one set of rounds
+//! over the veth pair; then one set on loopback: the same clients run in the server namespace,
+//! where the server's address is reached through `lo`. Needs `target/release/horde` beside it
+//! (or `--horde`), GNU time, and for the nginx rows nginx, curl, openssl and b3sum, which
+//! `.ci/bench-tools` installs; sendme's row runs when `sendme` is on PATH (`.ci/bench-tools
+//! --sendme` builds it). The bench installs nothing and skips a row whose tool is missing,
 //! saying so.
 //!
 //! Server side: one `horde node --role storage` holding a random blob, and one nginx process
@@ -14,7 +17,9 @@
 //! (what the CLI calls) from a runtime whose threads live in the client namespace, the
 //! `horde blob get` command, `curl` over HTTPS, and over HTTP; curl's file is checked and
 //! charged with a `b3sum` (horde verifies BLAKE3 while receiving), and its rate is also given
-//! counting the `fsync` of what it left in the page cache (horde fsyncs before it finishes).
+//! counting the `fsync` of what it left in the page cache (horde fsyncs before it finishes);
+//! `sendme receive` ← `sendme send` of the same file (iroh-blobs verifies BLAKE3 itself; its
+//! file's flush is counted as curl's is).
 //! Every row: median Gbit/s and min–max, CPU s per GiB of each end, peak resident sets, the
 //! rate counting the flush, and ratios to HTTPS. The server's file is read once before the
 //! rounds, so every row reads it from the page cache.
@@ -36,7 +41,7 @@ use horde_benches::{load_average, median};
 use horde_protocol::BlobHash;
 
 use crate::netns::VethPair;
-use crate::rows::{GNU_TIME, Measurement, Row, Setup};
+use crate::rows::{GNU_TIME, Measurement, Route, Row, Setup};
 
 /// Random bytes are generated and written in pieces of this size.
 const PIECE: usize = 1 << 20;
@@ -54,6 +59,10 @@ struct Args {
     /// The veth pair's MTUs, measured one after the other.
     #[arg(long, value_delimiter = ',', default_value = "1500,9000")]
     mtu: Vec<u32>,
+    /// Leave out the loopback rounds (measured after the veth MTUs: the clients run in the
+    /// server namespace and reach the same servers through its `lo`).
+    #[arg(long)]
+    no_loopback: bool,
     /// The `horde` binary (default: the one beside this bench).
     #[arg(long)]
     horde: Option<PathBuf>,
@@ -119,10 +128,12 @@ fn available_rows(nginx: bool) -> Vec<Row> {
             missing.join(", ")
         );
     }
-    if !have("sendme") {
-        eprintln!("skipping sendme: not on PATH");
+    if have("sendme") {
+        rows.push(Row::Sendme);
     } else {
-        eprintln!("sendme is on PATH, but this bench has no sendme row yet: skipped");
+        eprintln!(
+            "skipping sendme: not on PATH (`.ci/bench-tools --sendme` builds it with cargo install)"
+        );
     }
     rows
 }
@@ -157,7 +168,9 @@ fn main() -> anyhow::Result<()> {
     let work = tempfile::Builder::new()
         .prefix("blob-veth")
         .tempdir_in(base)?;
-    let www = work.path().join("www");
+    // Absolute: sendme's rows run in a directory of their own.
+    let work_dir = std::fs::canonicalize(work.path())?;
+    let www = work_dir.join("www");
     std::fs::create_dir_all(&www)?;
     let source = www.join(servers::BLOB_FILE);
     eprintln!("writing {} random bytes to {}", args.size, source.display());
@@ -169,7 +182,7 @@ fn main() -> anyhow::Result<()> {
 
     let pair = VethPair::create(first_mtu)?;
     let (storage_server, storage) =
-        servers::start_storage(&pair, &horde, &work.path().join("storage"))?;
+        servers::start_storage(&pair, &horde, &work_dir.join("storage"))?;
     let put = std::process::Command::new("ip")
         .args(["netns", "exec", &pair.client])
         .arg(&horde)
@@ -190,19 +203,30 @@ fn main() -> anyhow::Result<()> {
         (Some(nginx), true) => Some(servers::start_nginx(
             &pair,
             nginx,
-            &work.path().join("nginx"),
+            &work_dir.join("nginx"),
             &www,
         )?),
         _ => None,
+    };
+    let sendme_server = if rows.contains(&Row::Sendme) {
+        eprintln!("sendme send: importing the file");
+        Some(servers::start_sendme(
+            &pair,
+            &work_dir.join("sendme-send"),
+            &source,
+        )?)
+    } else {
+        None
     };
     // Every row reads the server's file from the page cache.
     std::io::copy(&mut std::fs::File::open(&source)?, &mut std::io::sink())?;
 
     let setup = Setup {
         client_runtime: rows::runtime_in(&pair.client)?,
+        server_runtime: rows::runtime_in(&pair.server)?,
         pair,
         horde,
-        work: work.path().to_owned(),
+        work: work_dir,
         size: args.size,
         hash,
         storage,
@@ -210,19 +234,31 @@ fn main() -> anyhow::Result<()> {
         nginx: nginx_server
             .as_ref()
             .map(|(server, cert)| (server.pid(), cert.clone())),
+        sendme: sendme_server
+            .as_ref()
+            .map(|(server, ticket)| (server.pid(), ticket.clone())),
     };
+    let routes: Vec<Route> = args
+        .mtu
+        .iter()
+        .map(|&mtu| Route::Veth(mtu))
+        .chain((!args.no_loopback).then_some(Route::Loopback))
+        .collect();
     let mut report = Vec::new();
-    for &mtu in &args.mtu {
-        setup.pair.set_mtu(mtu)?;
+    for &route in &routes {
+        if let Route::Veth(mtu) = route {
+            setup.pair.set_mtu(mtu)?;
+        }
         let load_before = load_average();
         let mut results: Vec<(Row, Vec<Measurement>)> =
             rows.iter().map(|&row| (row, Vec::new())).collect();
         for round in 0..args.rounds {
             for (row, measured) in &mut results {
-                let measurement = rows::measure(&setup, *row)?;
+                let measurement = rows::measure(&setup, route, *row)?;
                 eprintln!(
-                    "MTU {mtu}, round {}, {}: {:.2} Gbit/s ({:.2} counting the flush), \
+                    "{}, round {}, {}: {:.2} Gbit/s ({:.2} counting the flush), \
                      {:.2} CPU s/GiB",
+                    route.name(),
                     round + 1,
                     row.name(),
                     measurement.gbits(),
@@ -233,9 +269,10 @@ fn main() -> anyhow::Result<()> {
             }
         }
         let load = format!("{load_before} before, {} after", load_average());
-        print_table(mtu, args.size, args.rounds, &load, &results);
-        report.push(table_json(mtu, &load, &results));
+        print_table(route, args.size, args.rounds, &load, &results);
+        report.push(table_json(route, &load, &results));
     }
+    drop(sendme_server);
     drop(nginx_server);
     drop(storage_server);
     let json = serde_json::json!({
@@ -275,7 +312,7 @@ fn ratio(value: f64, https: f64) -> String {
 }
 
 fn print_table(
-    mtu: u32,
+    route: Route,
     size: u64,
     rounds: usize,
     load: &str,
@@ -285,8 +322,12 @@ fn print_table(
     let https_flushed = https_median(results, Measurement::flushed_gbits);
     let https_cpu = https_median(results, Measurement::cpu_per_gib);
     println!();
+    let path = match route {
+        Route::Veth(mtu) => format!("veth pair, MTU {mtu}"),
+        Route::Loopback => "loopback (clients in the server namespace)".to_owned(),
+    };
     println!(
-        "veth pair, MTU {mtu}, {} MiB file → file, median of {rounds} rounds (load average {load})",
+        "{path}, {} MiB file → file, median of {rounds} rounds (load average {load})",
         size >> 20
     );
     println!(
@@ -314,9 +355,13 @@ fn print_table(
     }
 }
 
-fn table_json(mtu: u32, load: &str, results: &[(Row, Vec<Measurement>)]) -> serde_json::Value {
+fn table_json(route: Route, load: &str, results: &[(Row, Vec<Measurement>)]) -> serde_json::Value {
     serde_json::json!({
-        "mtu": mtu,
+        "path": route.name(),
+        "mtu": match route {
+            Route::Veth(mtu) => Some(mtu),
+            Route::Loopback => None,
+        },
         "load_average": load,
         "rows": results.iter().map(|(row, measured)| serde_json::json!({
             "name": row.name(),

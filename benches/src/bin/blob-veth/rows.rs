@@ -1,5 +1,7 @@
 //! One transfer of each row, measured from outside: wall time (spawn to exit for a command),
-//! the rate counting the flush to disk, CPU seconds of both ends and their peak resident sets.
+//! the rate counting the flush to disk, CPU seconds of both ends and their peak resident sets;
+//! on the veth pair (client in the client namespace) or on loopback (client in the server
+//! namespace: traffic to an address of one's own namespace goes through its `lo`).
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -28,6 +30,9 @@ pub(crate) enum Row {
     Https,
     /// `curl` ← nginx over HTTP, plus `b3sum` of the received file.
     Http,
+    /// `sendme receive` (iroh-blobs, which verifies BLAKE3 as it receives) from a `sendme send`
+    /// of the same file in the server namespace.
+    Sendme,
 }
 
 impl Row {
@@ -37,6 +42,35 @@ impl Row {
             Self::Cli => "`horde blob get` (CLI)",
             Self::Https => "curl ← nginx, HTTPS TLS 1.3 (+ b3sum)",
             Self::Http => "curl ← nginx, HTTP (+ b3sum)",
+            Self::Sendme => "sendme receive ← sendme send (iroh-blobs)",
+        }
+    }
+}
+
+/// The path a round's transfers take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Route {
+    /// Over the veth pair at this MTU: clients in the client namespace.
+    Veth(u32),
+    /// Over loopback: clients in the server namespace, to the same server addresses (an address
+    /// of one's own namespace is reached through `lo`, MTU 65,536), so TCP moves 64 KiB
+    /// segments while QUIC still sends datagrams of at most what its MTU discovery found.
+    Loopback,
+}
+
+impl Route {
+    pub(crate) fn name(self) -> String {
+        match self {
+            Self::Veth(mtu) => format!("MTU {mtu}"),
+            Self::Loopback => "loopback".to_owned(),
+        }
+    }
+
+    /// The namespace clients of this route run in.
+    fn client_namespace(self, setup: &Setup) -> &str {
+        match self {
+            Self::Veth(_) => &setup.pair.client,
+            Self::Loopback => &setup.pair.server,
         }
     }
 }
@@ -94,21 +128,28 @@ struct CommandUsage {
     rss_kib: f64,
 }
 
-/// Runs `program ARGS` in the client namespace under GNU time; fails if it fails.
+/// Runs `program ARGS` in `namespace` under GNU time (in directory `cwd` if given; `scratch`
+/// must then be absolute); fails if it fails.
 fn run_timed(
     namespace: &str,
+    cwd: Option<&Path>,
     program: &Path,
     args: &[&str],
     scratch: &Path,
 ) -> anyhow::Result<(CommandUsage, String)> {
     let usage_file = scratch.join("usage.txt");
-    let start = Instant::now();
-    let output = VethPair::command(namespace, Path::new(GNU_TIME))
+    let mut command = VethPair::command(namespace, Path::new(GNU_TIME));
+    command
         .args(["-f", "%U %S %M", "-o"])
         .arg(&usage_file)
         .arg(program)
         .args(args)
-        .stdin(Stdio::null())
+        .stdin(Stdio::null());
+    if let Some(cwd) = cwd {
+        command.current_dir(cwd);
+    }
+    let start = Instant::now();
+    let output = command
         .output()
         .with_context(|| format!("running {}", program.display()))?;
     let wall = start.elapsed().as_secs_f64();
@@ -152,8 +193,12 @@ pub(crate) struct Setup {
     pub(crate) storage_pid: u32,
     /// nginx's process and the certificate curl trusts, when nginx is installed.
     pub(crate) nginx: Option<(u32, PathBuf)>,
-    /// The runtime whose threads live in the client namespace (the in-process row).
+    /// `sendme send`'s process and its ticket, when sendme is on PATH.
+    pub(crate) sendme: Option<(u32, String)>,
+    /// The runtime whose threads live in the client namespace (the in-process row on veth).
     pub(crate) client_runtime: tokio::runtime::Runtime,
+    /// The runtime whose threads live in the server namespace (the in-process row on loopback).
+    pub(crate) server_runtime: tokio::runtime::Runtime,
 }
 
 /// A multi-threaded runtime (as the CLI's) whose worker threads live in `namespace`: they are
@@ -170,8 +215,8 @@ pub(crate) fn runtime_in(namespace: &str) -> anyhow::Result<tokio::runtime::Runt
     .map_err(|_| anyhow::anyhow!("the namespace thread panicked"))?
 }
 
-/// Measures `row` once; the received file is removed afterwards.
-pub(crate) fn measure(setup: &Setup, row: Row) -> anyhow::Result<Measurement> {
+/// Measures `row` once on `route`; the received file is removed afterwards.
+pub(crate) fn measure(setup: &Setup, route: Route, row: Row) -> anyhow::Result<Measurement> {
     let out = setup.work.join("received.bin");
     let _ = std::fs::remove_file(&out);
     let server_pid = match row {
@@ -180,13 +225,19 @@ pub(crate) fn measure(setup: &Setup, row: Row) -> anyhow::Result<Measurement> {
             Some((pid, _)) => *pid,
             None => bail!("nginx is not running"),
         },
+        Row::Sendme => match &setup.sendme {
+            Some((pid, _)) => *pid,
+            None => bail!("sendme send is not running"),
+        },
     };
     reset_peak_rss(server_pid);
     let server_before = cpu_seconds(server_pid);
+    let namespace = route.client_namespace(setup);
     let mut measurement = match row {
-        Row::InProcess => in_process(setup, &out)?,
-        Row::Cli => cli(setup, &out)?,
-        Row::Https | Row::Http => curl(setup, row, &out)?,
+        Row::InProcess => in_process(setup, route, &out)?,
+        Row::Cli => cli(setup, namespace, &out)?,
+        Row::Https | Row::Http => curl(setup, namespace, row, &out)?,
+        Row::Sendme => sendme(setup, namespace, &out)?,
     };
     measurement.server_cpu = cpu_seconds(server_pid) - server_before;
     measurement.server_rss_kib = peak_rss_kib(server_pid);
@@ -205,7 +256,11 @@ pub(crate) fn measure(setup: &Setup, row: Row) -> anyhow::Result<Measurement> {
     Ok(measurement)
 }
 
-fn in_process(setup: &Setup, out: &Path) -> anyhow::Result<Measurement> {
+fn in_process(setup: &Setup, route: Route, out: &Path) -> anyhow::Result<Measurement> {
+    let runtime = match route {
+        Route::Veth(_) => &setup.client_runtime,
+        Route::Loopback => &setup.server_runtime,
+    };
     let me = std::process::id();
     reset_peak_rss(me);
     let cpu_before = cpu_seconds(me);
@@ -213,7 +268,7 @@ fn in_process(setup: &Setup, out: &Path) -> anyhow::Result<Measurement> {
     let start = Instant::now();
     // Spawned (not `block_on`, which would run on this thread, outside the namespace): the
     // endpoint's socket is made on a worker thread, inside it.
-    let task = setup.client_runtime.spawn(async move {
+    let task = runtime.spawn(async move {
         let bind = std::net::SocketAddr::from(([0, 0, 0, 0], 0));
         let endpoint = HordeEndpoint::bind(
             &SecretKey::generate(),
@@ -236,7 +291,7 @@ fn in_process(setup: &Setup, out: &Path) -> anyhow::Result<Measurement> {
             .await;
         anyhow::Ok(outcome?)
     });
-    setup.client_runtime.block_on(task)??;
+    runtime.block_on(task)??;
     let seconds = start.elapsed().as_secs_f64();
     Ok(Measurement {
         bytes: setup.size,
@@ -249,14 +304,14 @@ fn in_process(setup: &Setup, out: &Path) -> anyhow::Result<Measurement> {
     })
 }
 
-fn cli(setup: &Setup, out: &Path) -> anyhow::Result<Measurement> {
+fn cli(setup: &Setup, namespace: &str, out: &Path) -> anyhow::Result<Measurement> {
     let (hash, storage, out) = (
         setup.hash.to_string(),
         setup.storage.to_string(),
         out.to_string_lossy(),
     );
     let args = ["blob", "get", &hash, "--out", &out, "--storage", &storage];
-    let (usage, _) = run_timed(&setup.pair.client, &setup.horde, &args, &setup.work)?;
+    let (usage, _) = run_timed(namespace, None, &setup.horde, &args, &setup.work)?;
     Ok(Measurement {
         bytes: setup.size,
         seconds: usage.wall,
@@ -268,7 +323,7 @@ fn cli(setup: &Setup, out: &Path) -> anyhow::Result<Measurement> {
     })
 }
 
-fn curl(setup: &Setup, row: Row, out: &Path) -> anyhow::Result<Measurement> {
+fn curl(setup: &Setup, namespace: &str, row: Row, out: &Path) -> anyhow::Result<Measurement> {
     let Some((_, cert)) = &setup.nginx else {
         bail!("nginx is not running");
     };
@@ -287,14 +342,15 @@ fn curl(setup: &Setup, row: Row, out: &Path) -> anyhow::Result<Measurement> {
         &out_text,
         &url,
     ];
-    let (usage, _) = run_timed(&setup.pair.client, Path::new("curl"), &args, &setup.work)?;
+    let (usage, _) = run_timed(namespace, None, Path::new("curl"), &args, &setup.work)?;
     // What the page cache still held of the file: written out as horde's rows write theirs.
     let flush_start = Instant::now();
     std::fs::File::open(out)?.sync_all()?;
     let flush = flush_start.elapsed().as_secs_f64();
     // The hash horde computes while receiving, computed here after the fact.
     let (hashing, printed) = run_timed(
-        &setup.pair.client,
+        namespace,
+        None,
         Path::new("b3sum"),
         &["--no-names", &out_text],
         &setup.work,
@@ -311,6 +367,42 @@ fn curl(setup: &Setup, row: Row, out: &Path) -> anyhow::Result<Measurement> {
         seconds: usage.wall,
         flushed_seconds: usage.wall + flush,
         client_cpu: usage.cpu + hashing.cpu,
+        server_cpu: 0.0,
+        client_rss_kib: usage.rss_kib,
+        server_rss_kib: 0.0,
+    })
+}
+
+/// `sendme receive TICKET` in a directory of its own (it writes the file, named as sent, into
+/// its working directory, through a `.sendme-*` directory there); the file is then moved to
+/// `out`. sendme does not fsync: like curl's, its file's flush is timed after it exits.
+fn sendme(setup: &Setup, namespace: &str, out: &Path) -> anyhow::Result<Measurement> {
+    let Some((_, ticket)) = &setup.sendme else {
+        bail!("sendme send is not running");
+    };
+    let dir = setup.work.join("sendme-receive");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let (usage, _) = run_timed(
+        namespace,
+        Some(&dir),
+        Path::new("sendme"),
+        &["receive", ticket],
+        &setup.work,
+    )?;
+    let received = dir.join(servers::BLOB_FILE);
+    let flush_start = Instant::now();
+    std::fs::File::open(&received)
+        .with_context(|| format!("sendme left no {}", received.display()))?
+        .sync_all()?;
+    let flush = flush_start.elapsed().as_secs_f64();
+    std::fs::rename(&received, out)?;
+    std::fs::remove_dir_all(&dir)?;
+    Ok(Measurement {
+        bytes: setup.size,
+        seconds: usage.wall,
+        flushed_seconds: usage.wall + flush,
+        client_cpu: usage.cpu,
         server_cpu: 0.0,
         client_rss_kib: usage.rss_kib,
         server_rss_kib: 0.0,

@@ -187,3 +187,58 @@ pub(crate) fn start_nginx(
     }
     Ok((server, cert))
 }
+
+/// How long `sendme send` may take to import the file and print its ticket.
+const SENDME_TICKET_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// Starts `sendme send FILE` in the server namespace (in `dir`, where it keeps its temporary
+/// store) and returns it with the ticket it printed. Its output goes on being read (and its
+/// stderr to `dir/sendme.log`) so that it never blocks writing.
+pub(crate) fn start_sendme(
+    pair: &VethPair,
+    dir: &Path,
+    file: &Path,
+) -> anyhow::Result<(Server, String)> {
+    use std::io::BufRead as _;
+
+    std::fs::create_dir_all(dir)?;
+    let log = std::fs::File::create(dir.join("sendme.log"))?;
+    let mut child = VethPair::command(&pair.server, Path::new("sendme"))
+        .arg("send")
+        .arg(file)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .context("starting sendme send")?;
+    let Some(stdout) = child.stdout.take() else {
+        bail!("sendme send has no stdout");
+    };
+    let mut server = Server { child };
+    let (found, ticket) = std::sync::mpsc::sync_channel(1);
+    std::thread::spawn(move || {
+        let mut found = Some(found);
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            let ticket = line
+                .split_whitespace()
+                .skip_while(|word| *word != "receive")
+                .nth(1);
+            if let (Some(ticket), Some(sender)) = (ticket, found.take()) {
+                let _ = sender.send(ticket.to_owned());
+            }
+        }
+    });
+    match ticket.recv_timeout(SENDME_TICKET_TIMEOUT) {
+        Ok(ticket) => Ok((server, ticket)),
+        Err(_) => {
+            let running = server.running();
+            bail!(
+                "sendme send printed no ticket within {SENDME_TICKET_TIMEOUT:?} (running: \
+                 {running}); its log:\n{}",
+                std::fs::read_to_string(dir.join("sendme.log")).unwrap_or_default()
+            )
+        }
+    }
+}
