@@ -5,6 +5,8 @@
 
 use anyhow::Context as _;
 
+pub mod netns;
+
 /// Clock ticks per second of `/proc/PID/stat` CPU times (`getconf CLK_TCK`, 100 on Linux).
 const CLK_TCK: f64 = 100.0;
 

@@ -1,7 +1,8 @@
 //! The demo job (`horde-demo-job`): a small HTTP/1.1 server on tokio, written by hand so it has no
 //! dependencies, serving what the streaming job flow exercises.
 //!
-//! Routes (on `127.0.0.1:$HORDE_JOB_PORT`):
+//! Routes (on `127.0.0.1:$HORDE_JOB_PORT`, or `$HORDE_JOB_HOST:$HORDE_JOB_PORT` when set: a bench
+//! reaching the job across a veth pair):
 //! - `GET /health` → 200 `ok` (503 with `--fail-health`);
 //! - `POST /echo` → 200 with the request body (reversed with `--wrong-echo`, a cheating job);
 //! - `GET /stream?n=N[&delay_ms=D]` → a chunked `text/event-stream` of N events
@@ -25,7 +26,7 @@
 pub mod http;
 pub mod websocket;
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -54,8 +55,10 @@ const EXECUTOR_TIMEOUT: Duration = Duration::from_secs(10);
 /// What the demo job is told by its environment and flags.
 #[derive(Debug, Clone)]
 pub struct DemoConfig {
-    /// The port to listen on (on 127.0.0.1).
+    /// The port to listen on.
     pub port: u16,
+    /// The address to listen on (`HORDE_JOB_HOST`; default 127.0.0.1).
+    pub host: IpAddr,
     /// Where the executor put the job's volumes.
     pub volume_dir: Option<PathBuf>,
     /// Where the job writes its outputs.
@@ -69,7 +72,7 @@ pub struct DemoConfig {
 }
 
 impl DemoConfig {
-    /// Reads `HORDE_JOB_PORT` (required), `HORDE_VOLUME_DIR`, `HORDE_OUTPUT_DIR` and
+    /// Reads `HORDE_JOB_PORT` (required), `HORDE_JOB_HOST`, `HORDE_VOLUME_DIR`, `HORDE_OUTPUT_DIR` and
     /// `HORDE_EXECUTOR_URL`, and the flags (`--fail-health`).
     pub fn from_env(args: impl IntoIterator<Item = String>) -> anyhow::Result<Self> {
         let port = std::env::var("HORDE_JOB_PORT").context("HORDE_JOB_PORT is not set")?;
@@ -77,6 +80,13 @@ impl DemoConfig {
             .trim()
             .parse()
             .with_context(|| format!("HORDE_JOB_PORT {port:?} is not a port"))?;
+        let host = match std::env::var("HORDE_JOB_HOST") {
+            Ok(host) => host
+                .trim()
+                .parse()
+                .with_context(|| format!("HORDE_JOB_HOST {host:?} is not an IP address"))?,
+            Err(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        };
         let mut fail_health = false;
         let mut wrong_echo = false;
         for arg in args {
@@ -89,6 +99,7 @@ impl DemoConfig {
         let dir = |name: &str| std::env::var_os(name).map(PathBuf::from);
         Ok(Self {
             port,
+            host,
             volume_dir: dir("HORDE_VOLUME_DIR"),
             output_dir: dir("HORDE_OUTPUT_DIR"),
             executor_url: std::env::var("HORDE_EXECUTOR_URL").ok(),
@@ -98,9 +109,9 @@ impl DemoConfig {
     }
 }
 
-/// Listens on `127.0.0.1:port` and serves until the process is killed (or `/exit`).
+/// Listens on `host:port` and serves until the process is killed (or `/exit`).
 pub async fn run(config: DemoConfig) -> anyhow::Result<()> {
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, config.port));
+    let addr = SocketAddr::from((config.host, config.port));
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding {addr}"))?;

@@ -22,7 +22,7 @@ pub mod image;
 pub mod reports;
 
 use std::io::Read as _;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -78,6 +78,9 @@ pub struct TestnetConfig {
     pub record_ttl_secs: Option<u64>,
     /// How long [`Testnet::start`] waits for discovery to converge.
     pub converge_timeout: Duration,
+    /// The address miners' job endpoints listen on and advertise (`[miner] job_host`); `None`
+    /// keeps the default (127.0.0.1).
+    pub job_host: Option<IpAddr>,
 }
 
 impl Default for TestnetConfig {
@@ -100,6 +103,7 @@ impl Default for TestnetConfig {
             discovery: true,
             record_ttl_secs: None,
             converge_timeout: Duration::from_secs(30),
+            job_host: None,
         }
     }
 }
@@ -448,6 +452,9 @@ impl Testnet {
                 };
                 if let Some(timeout) = shape.registration_timeout_ms {
                     miner.registration_timeout = Duration::from_millis(timeout);
+                }
+                if let Some(host) = shape.job_host {
+                    miner.job_host = host;
                 }
                 config.miner = Some(miner);
             }

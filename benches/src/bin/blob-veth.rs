@@ -24,11 +24,9 @@
 //! rate counting the flush, and ratios to HTTPS. The server's file is read once before the
 //! rounds, so every row reads it from the page cache.
 //!
-//! Layout: `blob-veth/netns.rs` (namespaces, veth pair, entering them), `blob-veth/servers.rs`
+//! Layout: `horde_benches::netns` (namespaces, veth pair, entering them), `blob-veth/servers.rs`
 //! (storage node, nginx, process counters), `blob-veth/rows.rs` (one transfer of each row).
 
-#[path = "blob-veth/netns.rs"]
-mod netns;
 #[path = "blob-veth/rows.rs"]
 mod rows;
 #[path = "blob-veth/servers.rs"]
@@ -40,8 +38,8 @@ use anyhow::{Context as _, bail};
 use horde_benches::{load_average, median};
 use horde_protocol::BlobHash;
 
-use crate::netns::VethPair;
 use crate::rows::{GNU_TIME, Measurement, Route, Row, Setup};
+use horde_benches::netns::{self, VethPair};
 
 /// Random bytes are generated and written in pieces of this size.
 const PIECE: usize = 1 << 20;
@@ -222,8 +220,8 @@ fn main() -> anyhow::Result<()> {
     std::io::copy(&mut std::fs::File::open(&source)?, &mut std::io::sink())?;
 
     let setup = Setup {
-        client_runtime: rows::runtime_in(&pair.client)?,
-        server_runtime: rows::runtime_in(&pair.server)?,
+        client_runtime: netns::runtime_in(&pair.client)?,
+        server_runtime: netns::runtime_in(&pair.server)?,
         pair,
         horde,
         work: work_dir,

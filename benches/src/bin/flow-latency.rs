@@ -33,13 +33,17 @@
 //!    client's tunnel streams and direct TCP: new-connection and keep-alive requests, WebSocket
 //!    echo, bulk, and one request per process (curl through nginx against `horde job request`),
 //!    with the targets beside the ratios. nginx rows are skipped, saying so, when nginx
-//!    is not installed (`.ci/bench-tools` installs it). `--reference-only` runs this alone.
+//!    is not installed (`.ci/bench-tools` installs it). `--reference-only` runs this alone;
+//!    `--veth` runs it once more across a veth pair at MTU 1,500 between two network namespaces
+//!    the bench creates and removes (`hbench-srv-PID` with the job, nginx and the testnet, whose
+//!    job endpoints listen on 198.18.0.1; `hbench-cli-PID`, 198.18.0.2, with every client),
+//!    skipped with a message unless run as root with `ip`.
 //!    Its floor, in the same rounds (see `quinn_echo`): a bare quinn 32 B echo on one open
 //!    stream, both ends in this process, on the multi-thread runtime and on current-thread ones.
 //!
 //! `cargo run --release -p horde-benches --bin flow-latency -- [--jobs N] [--requests N]
 //! [--size-mib N] [--rounds N] [--reference-only] [--reference-rounds N]
-//! [--reference-requests N] [--reference-processes N] [--json PATH]`
+//! [--reference-requests N] [--reference-processes N] [--veth] [--json PATH]`
 //!
 //! Layout: `flow-latency.rs` (the measurements and their report), `flow-latency/floor.rs` (the
 //! design-floor relay), `flow-latency/runners.rs` (the runners compared),
@@ -47,7 +51,7 @@
 //! `flow-latency/quinn_echo.rs` (its floor: what quinn allows for a round trip),
 //! `flow-latency/nginx.rs` (nginx with mutual TLS, its certificates and TLS client).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -105,6 +109,11 @@ struct Args {
     /// Processes of each kind per round in that comparison (one request each).
     #[arg(long, default_value_t = 5)]
     reference_processes: usize,
+    /// Also runs that comparison across a veth pair (MTU 1,500) between two network namespaces
+    /// the bench creates and removes: job, nginx and testnet in one, the clients in the other
+    /// (root and `ip` needed; skipped with a message otherwise).
+    #[arg(long)]
+    veth: bool,
     /// Internal: run as the floor relay to this TCP address (the benchmark spawns itself).
     #[arg(long, hide = true)]
     floor_relay: Option<SocketAddr>,
@@ -180,13 +189,21 @@ fn ms(duration: Duration) -> f64 {
 async fn job_startup(
     program: &std::path::Path,
 ) -> anyhow::Result<(Duration, tokio::process::Child, u16)> {
-    let port = std::net::TcpListener::bind(("127.0.0.1", 0))?
-        .local_addr()?
-        .port();
+    let (startup, child, addr) = job_startup_on(program, Ipv4Addr::LOCALHOST.into()).await?;
+    Ok((startup, child, addr.port()))
+}
+
+/// [`job_startup`] with the job listening on `host` (`HORDE_JOB_HOST`); its address.
+async fn job_startup_on(
+    program: &std::path::Path,
+    host: IpAddr,
+) -> anyhow::Result<(Duration, tokio::process::Child, SocketAddr)> {
+    let addr = std::net::TcpListener::bind((host, 0))?.local_addr()?;
     let dir = tempfile::tempdir()?;
     let started = Instant::now();
     let child = tokio::process::Command::new(program)
-        .env("HORDE_JOB_PORT", port.to_string())
+        .env("HORDE_JOB_PORT", addr.port().to_string())
+        .env("HORDE_JOB_HOST", host.to_string())
         .env("HORDE_VOLUME_DIR", dir.path())
         .env("HORDE_OUTPUT_DIR", dir.path())
         .stdout(std::process::Stdio::null())
@@ -194,11 +211,11 @@ async fn job_startup(
         .kill_on_drop(true)
         .spawn()?;
     loop {
-        if direct_request(port, "GET /health")
+        if direct_request_to(addr, "GET /health")
             .await
             .is_ok_and(|s| s == 200)
         {
-            return Ok((started.elapsed(), child, port));
+            return Ok((started.elapsed(), child, addr));
         }
         if started.elapsed() > Duration::from_secs(10) {
             anyhow::bail!("demo job did not start");
@@ -209,7 +226,12 @@ async fn job_startup(
 
 /// One HTTP/1.1 request on a new TCP connection; returns the status code.
 async fn direct_request(port: u16, request_line: &str) -> anyhow::Result<u16> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).await?;
+    direct_request_to(SocketAddr::from((Ipv4Addr::LOCALHOST, port)), request_line).await
+}
+
+/// [`direct_request`] to `addr`.
+async fn direct_request_to(addr: SocketAddr, request_line: &str) -> anyhow::Result<u16> {
+    let mut stream = TcpStream::connect(addr).await?;
     stream
         .write_all(
             format!("{request_line} HTTP/1.1\r\nHost: job\r\nConnection: close\r\n\r\n").as_bytes(),
@@ -709,11 +731,17 @@ impl Args {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let json = if args.reference_only {
+    let mut json = if args.reference_only {
         reference::run_alone(args.reference_plan()).await?
     } else {
         run_all(&args).await?
     };
+    if args.veth {
+        let plan = args.reference_plan();
+        json["reference_veth"] = tokio::task::spawn_blocking(move || reference::run_veth(plan))
+            .await
+            .context("the veth comparison panicked")??;
+    }
     if let Some(parent) = std::path::Path::new(&args.json).parent() {
         std::fs::create_dir_all(parent)?;
     }
@@ -734,7 +762,11 @@ async fn run_all(args: &Args) -> anyhow::Result<serde_json::Value> {
     json["rtt"] = rtt;
     json["keep_alive_rtt"] = keep_alive;
     json["throughput_gbit"] = throughput;
-    json["reference"] = reference::report(args.reference_plan(), measured.reference);
+    json["reference"] = reference::report(
+        args.reference_plan(),
+        &reference::Net::LOOPBACK,
+        measured.reference,
+    );
     Ok(json)
 }
 
@@ -816,9 +848,10 @@ async fn measure(args: &Args) -> anyhow::Result<Measured> {
     bulk_job.wait_for_end().await?;
     let reference = reference::measure(
         args.reference_plan(),
+        &reference::Net::LOOPBACK,
         &testnet.facilitator().to_string(),
         &program_str,
-        direct_port,
+        SocketAddr::from((Ipv4Addr::LOCALHOST, direct_port)),
     )
     .await?;
     testnet.shutdown();

@@ -13,8 +13,8 @@ use horde_node::client::progress::NoProgress;
 use horde_protocol::{BlobHash, NodeAddr, SecretKey};
 use horde_transport::{ALPN_BLOB, EndpointConfig, HordeEndpoint};
 
-use crate::netns::{self, SERVER_IP, VethPair};
 use crate::servers::{self, HTTP_PORT, HTTPS_PORT, cpu_seconds, peak_rss_kib, reset_peak_rss};
+use horde_benches::netns::{SERVER_IP, VethPair};
 
 /// GNU time, for a command's CPU time and peak resident set (from `wait4`).
 pub(crate) const GNU_TIME: &str = "/usr/bin/time";
@@ -199,20 +199,6 @@ pub(crate) struct Setup {
     pub(crate) client_runtime: tokio::runtime::Runtime,
     /// The runtime whose threads live in the server namespace (the in-process row on loopback).
     pub(crate) server_runtime: tokio::runtime::Runtime,
-}
-
-/// A multi-threaded runtime (as the CLI's) whose worker threads live in `namespace`: they are
-/// started by a thread that entered it, and inherit it.
-pub(crate) fn runtime_in(namespace: &str) -> anyhow::Result<tokio::runtime::Runtime> {
-    let namespace = namespace.to_owned();
-    std::thread::spawn(move || {
-        netns::enter(&namespace)?;
-        Ok(tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()?)
-    })
-    .join()
-    .map_err(|_| anyhow::anyhow!("the namespace thread panicked"))?
 }
 
 /// Measures `row` once on `route`; the received file is removed afterwards.

@@ -11,7 +11,7 @@ use anyhow::{Context as _, bail};
 use horde_node::server::config::NodeConfig;
 use horde_protocol::{NodeAddr, Role, SecretKey};
 
-use crate::netns::{SERVER_IP, VethPair};
+use horde_benches::netns::{SERVER_IP, VethPair};
 
 /// The storage node's QUIC port in the server namespace (the namespace is ours alone).
 const STORAGE_PORT: u16 = 4433;

@@ -7,7 +7,7 @@
 //! (`Dial`), and curl with the same files for one request per process.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::sync::Arc;
@@ -44,12 +44,12 @@ impl Drop for Nginx {
     }
 }
 
-/// nginx's configuration: two mutual-TLS listeners proxying to `job_port`.
-fn config(dir: &Path, job_port: u16, ports: [u16; 2]) -> String {
+/// nginx's configuration: two mutual-TLS listeners on `listen` proxying to `job`.
+fn config(dir: &Path, job: SocketAddr, listen: IpAddr, ports: [u16; 2]) -> String {
     let dir = dir.display();
     let server = |port: u16, buffers: &str| {
         format!(
-            "  server {{\n    listen 127.0.0.1:{port} ssl;\n    ssl_protocols TLSv1.3;\n\
+            "  server {{\n    listen {listen}:{port} ssl;\n    ssl_protocols TLSv1.3;\n\
                  ssl_certificate {dir}/server.pem;\n    ssl_certificate_key {dir}/server.key;\n\
                  ssl_client_certificate {dir}/client.pem;\n    ssl_verify_client on;\n\
                  location / {{\n      proxy_pass http://job;\n      proxy_http_version 1.1;\n\
@@ -66,7 +66,7 @@ fn config(dir: &Path, job_port: u16, ports: [u16; 2]) -> String {
            fastcgi_temp_path {dir}/temp;\n  uwsgi_temp_path {dir}/temp;\n\
            scgi_temp_path {dir}/temp;\n\
            map $http_upgrade $connection_upgrade {{ default upgrade; '' ''; }}\n\
-           upstream job {{ server 127.0.0.1:{job_port}; keepalive 32; }}\n{}{}}}\n",
+           upstream job {{ server {job}; keepalive 32; }}\n{}{}}}\n",
         server(ports[0], ""),
         server(
             ports[1],
@@ -76,9 +76,9 @@ fn config(dir: &Path, job_port: u16, ports: [u16; 2]) -> String {
     )
 }
 
-/// Starts nginx in front of `job_port` in `dir`; `Ok(None)` with a message when nginx or
-/// openssl is absent.
-pub(crate) fn start(dir: &Path, job_port: u16) -> anyhow::Result<Option<Nginx>> {
+/// Starts nginx in front of `job` in `dir`, listening on `listen`; `Ok(None)` with a message
+/// when nginx or openssl is absent.
+pub(crate) fn start(dir: &Path, listen: IpAddr, job: SocketAddr) -> anyhow::Result<Option<Nginx>> {
     let Some(nginx) = horde_benches::nginx_program() else {
         println!("  (nginx rows skipped: nginx is not installed; .ci/bench-tools installs it)");
         return Ok(None);
@@ -91,7 +91,7 @@ pub(crate) fn start(dir: &Path, job_port: u16) -> anyhow::Result<Option<Nginx>> 
         &server_cert,
         &file("server.key"),
         "horde-bench-server",
-        "IP:127.0.0.1",
+        &format!("IP:{listen}"),
     );
     if let Err(error) = server {
         println!("  (nginx rows skipped: {error:#})");
@@ -101,15 +101,16 @@ pub(crate) fn start(dir: &Path, job_port: u16) -> anyhow::Result<Option<Nginx>> 
         &client_cert,
         &client_key,
         "horde-bench-client",
-        "IP:127.0.0.1",
+        &format!("IP:{listen}"),
     )?;
-    let ports = [
-        horde_benches::free_loopback_port()?,
-        horde_benches::free_loopback_port()?,
-    ];
-    let child =
-        horde_benches::spawn_nginx(&mut Command::new(nginx), dir, &config(dir, job_port, ports))?;
-    let addr = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+    let free_port = || std::net::TcpListener::bind((listen, 0))?.local_addr();
+    let ports = [free_port()?.port(), free_port()?.port()];
+    let child = horde_benches::spawn_nginx(
+        &mut Command::new(nginx),
+        dir,
+        &config(dir, job, listen, ports),
+    )?;
+    let addr = |port: u16| SocketAddr::from((listen, port));
     let mut nginx = Nginx {
         child,
         default_buffers: addr(ports[0]),
@@ -288,12 +289,12 @@ pub(crate) fn curl_echo(nginx: &Nginx, body: &str) -> anyhow::Result<f64> {
 }
 
 /// One `curl` process straight to the job (plain HTTP); milliseconds, spawn to exit.
-pub(crate) fn curl_direct_echo(port: u16, body: &str) -> anyhow::Result<f64> {
+pub(crate) fn curl_direct_echo(job: SocketAddr, body: &str) -> anyhow::Result<f64> {
     let started = Instant::now();
     let output = horde_benches::run_tool(
         Command::new("curl")
             .args(["-sS", "--fail", "--data", body])
-            .arg(format!("http://127.0.0.1:{port}/echo")),
+            .arg(format!("http://{job}/echo")),
     )?;
     let elapsed = started.elapsed().as_secs_f64() * 1e3;
     anyhow::ensure!(

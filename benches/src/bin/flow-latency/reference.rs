@@ -16,12 +16,13 @@
 //! beside the issue's targets.
 
 use std::io::{Read as _, Write as _};
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
+use horde_benches::netns::{self, SERVER_IP, VethPair};
 use horde_node::client::{JobConnection, VerifiedEndpoint, now};
 use horde_protocol::codec::from_bytes_exact;
 use horde_protocol::{EndpointRecord, JobId, SecretKey, Signed};
@@ -46,6 +47,50 @@ const WS_UPGRADE: &[u8] = b"GET /ws HTTP/1.1\r\nHost: job\r\nUpgrade: websocket\
 
 /// The echoed WebSocket message's size.
 const WS_MESSAGE: usize = 32;
+
+/// The veth pair's MTU (`--veth`): what an Ethernet path carries.
+const VETH_MTU: u32 = 1500;
+
+/// Where the rows run: all on loopback, or across a veth pair (`--veth`) with the job, nginx and
+/// the testnet in the server's namespace and every client (the measuring threads, `horde job
+/// forward`, `horde job request`, curl, the Rust client) in the client's.
+pub(crate) struct Net<'a> {
+    /// The address of the server side's listeners: the direct job, nginx, the job endpoint.
+    server_ip: IpAddr,
+    /// The veth pair, when across one.
+    pair: Option<&'a VethPair>,
+}
+
+impl Net<'_> {
+    /// Everything on loopback.
+    pub(crate) const LOOPBACK: Net<'static> = Net {
+        server_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+        pair: None,
+    };
+
+    /// Runs `work` (which reaches the testnet's nodes on their loopback addresses, or starts a
+    /// server) in the server's namespace.
+    fn on_server<T: Send>(
+        &self,
+        work: impl FnOnce() -> anyhow::Result<T> + Send,
+    ) -> anyhow::Result<T> {
+        match self.pair {
+            Some(pair) => netns::run_in(&pair.server, work),
+            None => work(),
+        }
+    }
+
+    /// What the report's title says about the path.
+    fn describe(&self) -> String {
+        match self.pair {
+            Some(_) => format!(
+                "veth pair, MTU {VETH_MTU}: job, nginx and testnet in one namespace, the clients \
+                 in the other"
+            ),
+            None => "loopback".to_owned(),
+        }
+    }
+}
 
 /// How many of each measurement one run makes.
 #[derive(Debug, Clone, Copy)]
@@ -125,7 +170,7 @@ async fn connect_from_state(state: &Path, job: &str) -> anyhow::Result<JobConnec
 }
 
 impl HordeSide {
-    async fn start(facilitator: &str, program: &str) -> anyhow::Result<Self> {
+    async fn start(net: &Net<'_>, facilitator: &str, program: &str) -> anyhow::Result<Self> {
         let horde = horde_testnet::horde_binary()?;
         let state = tempfile::tempdir()?;
         let spec = state.path().join("job.toml");
@@ -136,11 +181,13 @@ impl HordeSide {
             ),
         )?;
         let spec = spec.to_string_lossy().into_owned();
-        let output = run_horde(
-            &horde,
-            state.path(),
-            &["job", "run", "--spec", &spec, "--facilitator", facilitator],
-        )?;
+        let output = net.on_server(|| {
+            run_horde(
+                &horde,
+                state.path(),
+                &["job", "run", "--spec", &spec, "--facilitator", facilitator],
+            )
+        })?;
         let text = String::from_utf8_lossy(&output.stdout).into_owned();
         let job = text
             .lines()
@@ -204,14 +251,16 @@ impl HordeSide {
         Ok(elapsed)
     }
 
-    async fn stop(mut self) {
+    async fn stop(mut self, net: &Net<'_>) {
         self.connection.close().await;
         let _ = self.forward.kill().await;
-        let _ = run_horde(
-            &self.horde,
-            self.state.path(),
-            &["job", "terminate", &self.job],
-        );
+        let _ = net.on_server(|| {
+            run_horde(
+                &self.horde,
+                self.state.path(),
+                &["job", "terminate", &self.job],
+            )
+        });
     }
 }
 
@@ -427,19 +476,21 @@ async fn round(
     Ok(())
 }
 
-/// Measures every row in `plan.rounds` rounds; nginx proxies to the job at `direct_port`.
+/// Measures every row in `plan.rounds` rounds; nginx proxies to the job at `direct`. Runs on
+/// the clients' side of `net`.
 pub(crate) async fn measure(
     plan: Plan,
+    net: &Net<'_>,
     facilitator: &str,
     program: &str,
-    direct_port: u16,
+    direct: SocketAddr,
 ) -> anyhow::Result<Samples> {
-    let side = HordeSide::start(facilitator, program).await?;
+    let side = HordeSide::start(net, facilitator, program).await?;
     let nginx_dir = tempfile::tempdir()?;
-    let nginx = nginx::start(nginx_dir.path(), direct_port)?;
+    let nginx = net.on_server(|| nginx::start(nginx_dir.path(), net.server_ip, direct))?;
     let tls = |nginx: &Nginx, addr| Dial::Tls(addr, nginx.tls.clone());
     let dials = [
-        Some(Dial::Tcp(SocketAddr::from(([127, 0, 0, 1], direct_port)))),
+        Some(Dial::Tcp(direct)),
         nginx.as_ref().map(|n| tls(n, n.default_buffers)),
         nginx.as_ref().map(|n| tls(n, n.large_buffers)),
         Some(Dial::Tcp(side.forward_addr)),
@@ -455,12 +506,12 @@ pub(crate) async fn measure(
             if let Some(nginx) = &nginx {
                 samples.processes[0].push(nginx::curl_echo(nginx, ECHO_BODY)?);
             }
-            samples.processes[1].push(nginx::curl_direct_echo(direct_port, ECHO_BODY)?);
+            samples.processes[1].push(nginx::curl_direct_echo(direct, ECHO_BODY)?);
             samples.processes[2].push(side.request_process()?);
         }
     }
     drop(nginx);
-    side.stop().await;
+    side.stop(net).await;
     Ok(samples)
 }
 
@@ -477,25 +528,94 @@ pub(crate) async fn run_alone(plan: Plan) -> anyhow::Result<serde_json::Value> {
     })?;
     let samples = measure(
         plan,
+        &Net::LOOPBACK,
         &testnet.facilitator().to_string(),
         &program_str,
-        direct_port,
+        SocketAddr::from((Ipv4Addr::LOCALHOST, direct_port)),
     )
     .await?;
     testnet.shutdown();
     drop(direct_child);
-    Ok(serde_json::json!({"reference": report(plan, samples)}))
+    Ok(serde_json::json!({"reference": report(plan, &Net::LOOPBACK, samples)}))
 }
 
-/// One table: every row's median, p99 and ratio to nginx, with the targets' notes.
+/// The same comparison across a veth pair (`--veth`): namespaces and the pair created here and
+/// removed at the end; the job, nginx and a testnet whose job endpoints listen on the server's
+/// veth address in one namespace, every client in the other. Skipped, saying why, unless this
+/// runs as root with `ip` installed. Blocking: call it off the runtime.
+pub(crate) fn run_veth(plan: Plan) -> anyhow::Result<serde_json::Value> {
+    if let Some(reason) = netns::unavailable() {
+        println!(
+            "== against the reference's path across a veth pair: skipped: flow-latency --veth {reason}"
+        );
+        return Ok(serde_json::json!({ "skipped": reason }));
+    }
+    let program = demo_job_binary()?;
+    let program_str = program.to_str().context("utf-8 path")?.to_owned();
+    let server_ip: IpAddr = SERVER_IP.parse()?;
+    let pair = VethPair::create(VETH_MTU)?;
+    let server = netns::runtime_in(&pair.server)?;
+    let client = netns::runtime_in(&pair.client)?;
+    // `block_on` runs its future on the calling thread: each one runs on a thread that entered
+    // the runtime's namespace.
+    let (direct_child, direct) = netns::run_in(&pair.server, || {
+        server.block_on(async {
+            let (_, child, addr) = super::job_startup_on(&program, server_ip).await?;
+            anyhow::Ok((child, addr))
+        })
+    })?;
+    let testnet = netns::run_in(&pair.server, || {
+        Testnet::start(TestnetConfig {
+            storage: 0,
+            log_filter: "warn".to_owned(),
+            job_host: Some(server_ip),
+            ..TestnetConfig::default()
+        })
+    })?;
+    let net = Net {
+        server_ip,
+        pair: Some(&pair),
+    };
+    let facilitator = testnet.facilitator().to_string();
+    let samples = netns::run_in(&pair.client, || {
+        client.block_on(measure(plan, &net, &facilitator, &program_str, direct))
+    });
+    testnet.shutdown();
+    drop(direct_child);
+    drop((client, server));
+    Ok(serde_json::json!({"reference_veth": report(plan, &net, samples?)}))
+}
+
+/// The ratio of `row`'s median to nginx's within each round (`per_round` samples of each row per
+/// round, in order), over the rounds: median, min, max. Rows of one round run moments apart, so
+/// this ratio holds still when the machine's load moves both between rounds.
+fn per_round_ratio(rows: &PerRow, row: usize, per_round: usize) -> Option<(f64, f64, f64)> {
+    let rounds = rows[row]
+        .chunks(per_round)
+        .zip(rows[NGINX].chunks(per_round));
+    let ratios: Vec<f64> = rounds
+        .map(|(this, nginx)| Spread::of(this.to_vec()).median / Spread::of(nginx.to_vec()).median)
+        .collect();
+    let min = ratios.iter().copied().reduce(f64::min)?;
+    let max = ratios.iter().copied().reduce(f64::max)?;
+    Some((horde_benches::median(ratios), min, max))
+}
+
+/// One table: every row's median, p99 and ratio to nginx (of the medians over every round, and
+/// the median of the rounds' own ratios), with the targets' notes. `per_round`: samples of each
+/// row per round.
 fn table(
     title: &str,
     unit: &str,
     rows: PerRow,
+    per_round: usize,
     nginx: bool,
     targets: &[(usize, &str)],
 ) -> serde_json::Value {
     println!("  -- {title}");
+    let round_ratios: Vec<_> = (0..rows.len())
+        .map(|row| per_round_ratio(&rows, row, per_round))
+        .collect();
     let spreads: Vec<Spread> = rows.into_iter().map(Spread::of).collect();
     let base = spreads[NGINX].median;
     let mut json = serde_json::Map::new();
@@ -508,17 +628,24 @@ fn table(
             .iter()
             .find(|(r, _)| *r == row)
             .map_or("", |(_, t)| *t);
-        let ratio_text = if nginx {
-            format!("{ratio:.2}x nginx")
-        } else {
-            String::new()
+        let (ratio_text, round_text) = match round_ratios[row] {
+            Some((median, min, max)) if nginx => (
+                format!("{ratio:.2}x nginx"),
+                format!("per round {median:.2}x [{min:.2}-{max:.2}]"),
+            ),
+            _ => (String::new(), String::new()),
         };
         println!(
-            "    {:<16} {:>9.3} {unit} [{:.3}-{:.3}] p99 {:.3}  {ratio_text:<12} {target}",
+            "    {:<16} {:>9.3} {unit} [{:.3}-{:.3}] p99 {:.3}  {ratio_text:<12} {round_text:<28} \
+             {target}",
             ROWS[row], spread.median, spread.min, spread.max, spread.p99
         );
         let mut value = spread.json();
         value["ratio_to_nginx"] = serde_json::json!(ratio);
+        if let Some((median, min, max)) = round_ratios[row] {
+            value["ratio_to_nginx_per_round"] =
+                serde_json::json!({"median": median, "min": min, "max": max});
+        }
         json.insert(ROWS[row].to_owned(), value);
     }
     serde_json::Value::Object(json)
@@ -607,12 +734,15 @@ fn one_thread_client_rows(rows: &[Vec<f64>; 2], floor: &Floor, nginx: bool) -> s
 }
 
 /// Prints the comparison; its JSON.
-pub(crate) fn report(plan: Plan, samples: Samples) -> serde_json::Value {
+pub(crate) fn report(plan: Plan, net: &Net<'_>, samples: Samples) -> serde_json::Value {
     println!(
-        "== against the reference's path: nginx mutual TLS in front of the job ({} rounds, rows \
-         alternating; {} requests per row and round; median [min-max] p99; ratios to nginx with \
-         default buffers)",
-        plan.rounds, plan.requests
+        "== against the reference's path: nginx mutual TLS in front of the job, {} ({} rounds, \
+         rows alternating; {} requests per row and round; median [min-max] p99; ratios to nginx \
+         with default buffers; load average {})",
+        net.describe(),
+        plan.rounds,
+        plan.requests,
+        horde_benches::load_average()
     );
     if !samples.nginx {
         println!("  (no nginx rows: nginx or openssl is missing)");
@@ -623,6 +753,7 @@ pub(crate) fn report(plan: Plan, samples: Samples) -> serde_json::Value {
         "GET /health, new connection each (TLS: full handshake; Rust client: new stream, receipt verified)",
         "ms",
         samples.new_connection,
+        plan.requests,
         nginx,
         &[(FORWARD, "target <= 0.35x")],
     );
@@ -630,6 +761,7 @@ pub(crate) fn report(plan: Plan, samples: Samples) -> serde_json::Value {
         "keep-alive GET /health on one connection",
         "ms",
         samples.keep_alive,
+        plan.requests,
         nginx,
         &[(FORWARD, "target <= 1.2x"), (CLIENT, "target <= 1.0x")],
     );
@@ -637,6 +769,7 @@ pub(crate) fn report(plan: Plan, samples: Samples) -> serde_json::Value {
         "WebSocket echo, 32 B binary message",
         "ms",
         samples.websocket,
+        plan.requests,
         nginx,
         &[(FORWARD, "target <= 1.0x")],
     );
@@ -649,6 +782,7 @@ pub(crate) fn report(plan: Plan, samples: Samples) -> serde_json::Value {
         &format!("bulk GET /bytes, {} MiB (Gbit/s)", plan.size >> 20),
         "Gb/s",
         samples.bulk,
+        1,
         nginx,
         &[],
     );

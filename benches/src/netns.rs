@@ -1,5 +1,6 @@
-//! Two network namespaces joined by a veth pair, created by the bench and removed when dropped,
-//! and the ways into them: a command run with `ip netns exec`, or a thread moved into one.
+//! Two network namespaces joined by a veth pair, created by a bench and removed when dropped,
+//! and the ways into them: a command run with `ip netns exec`, a thread moved into one, or a
+//! runtime whose threads live in one (`blob-veth`, `flow-latency --veth`).
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -7,20 +8,20 @@ use std::process::{Command, Stdio};
 use anyhow::{Context as _, bail};
 
 /// The server's address inside its namespace (RFC 2544 benchmarking range: never routed).
-pub(crate) const SERVER_IP: &str = "198.18.0.1";
+pub const SERVER_IP: &str = "198.18.0.1";
 /// The client's address inside its namespace.
-pub(crate) const CLIENT_IP: &str = "198.18.0.2";
+pub const CLIENT_IP: &str = "198.18.0.2";
 /// The prefix both addresses share.
 const PREFIX_LEN: u8 = 24;
 
 /// A server and a client namespace joined by a veth pair; both are deleted (which deletes
 /// the veth pair with them) when this is dropped.
 #[derive(Debug)]
-pub(crate) struct VethPair {
+pub struct VethPair {
     /// The server's namespace.
-    pub(crate) server: String,
+    pub server: String,
     /// The client's namespace.
-    pub(crate) client: String,
+    pub client: String,
     server_link: String,
     client_link: String,
 }
@@ -45,7 +46,7 @@ fn ip(args: &[&str]) -> anyhow::Result<()> {
 impl VethPair {
     /// Creates the namespaces (named after this process, so two runs never collide), the
     /// veth pair between them with `mtu`, the addresses, and brings every link up.
-    pub(crate) fn create(mtu: u32) -> anyhow::Result<Self> {
+    pub fn create(mtu: u32) -> anyhow::Result<Self> {
         let id = std::process::id();
         let pair = Self {
             server: format!("hbench-srv-{id}"),
@@ -84,7 +85,7 @@ impl VethPair {
     }
 
     /// Sets the MTU of both ends.
-    pub(crate) fn set_mtu(&self, mtu: u32) -> anyhow::Result<()> {
+    pub fn set_mtu(&self, mtu: u32) -> anyhow::Result<()> {
         let mtu = mtu.to_string();
         for (namespace, link) in [
             (&self.server, &self.server_link),
@@ -96,14 +97,14 @@ impl VethPair {
     }
 
     /// A command that runs `program` inside `namespace`.
-    pub(crate) fn command(namespace: &str, program: &std::path::Path) -> Command {
+    pub fn command(namespace: &str, program: &std::path::Path) -> Command {
         let mut command = Command::new("ip");
         command.args(["netns", "exec", namespace]).arg(program);
         command
     }
 
     /// The file naming `namespace`, for `setns`.
-    pub(crate) fn path(namespace: &str) -> PathBuf {
+    pub fn path(namespace: &str) -> PathBuf {
         PathBuf::from("/run/netns").join(namespace)
     }
 }
@@ -120,7 +121,7 @@ impl Drop for VethPair {
 
 /// Moves the calling thread into `namespace`'s network namespace: sockets it (and the threads
 /// it starts afterwards) create belong there.
-pub(crate) fn enter(namespace: &str) -> anyhow::Result<()> {
+pub fn enter(namespace: &str) -> anyhow::Result<()> {
     let path = VethPair::path(namespace);
     let file = std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
     rustix::thread::move_into_link_name_space(
@@ -131,9 +132,40 @@ pub(crate) fn enter(namespace: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A multi-threaded runtime whose worker threads live in `namespace`: they are started by a
+/// thread that entered it, and inherit it (as do the processes and blocking threads they start).
+pub fn runtime_in(namespace: &str) -> anyhow::Result<tokio::runtime::Runtime> {
+    let namespace = namespace.to_owned();
+    std::thread::spawn(move || {
+        enter(&namespace)?;
+        Ok(tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?)
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the namespace thread panicked"))?
+}
+
+/// Runs `work` on a thread of its own that entered `namespace` (the sockets it creates and the
+/// processes it starts belong there); its result.
+pub fn run_in<T: Send>(
+    namespace: &str,
+    work: impl FnOnce() -> anyhow::Result<T> + Send,
+) -> anyhow::Result<T> {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                enter(namespace)?;
+                work()
+            })
+            .join()
+            .map_err(|_| anyhow::anyhow!("the namespace thread panicked"))?
+    })
+}
+
 /// Whether this process may create namespaces and links (root, with `ip` present); the reason
 /// when it may not.
-pub(crate) fn unavailable() -> Option<String> {
+pub fn unavailable() -> Option<String> {
     if !rustix::process::geteuid().is_root() {
         return Some("needs root (it creates network namespaces and a veth pair)".to_owned());
     }
