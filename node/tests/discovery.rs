@@ -154,6 +154,7 @@ fn record_of(named: Hotkey, seq: u64) -> NodeRecord {
         version: "test".into(),
         seq,
         expires_at: now().plus_millis(60_000),
+        incarnation: horde_protocol::UnixMillis(1),
     }
 }
 
@@ -371,33 +372,75 @@ async fn forged_and_replayed_gossip_is_rejected_and_its_sender_penalised() {
     cancel.cancel();
 }
 
+/// A facilitator's discovery keeping its directory in `state`, listening on `listen`.
+async fn start_kept(
+    key: &SecretKey,
+    state: &std::path::Path,
+    listen: std::net::SocketAddr,
+    cancel: &CancellationToken,
+) -> Result<Discovery, horde_node::server::discovery::DiscoveryError> {
+    let config = DiscoveryConfig {
+        listen,
+        record_ttl: Duration::from_secs(60),
+        ..DiscoveryConfig::default()
+    };
+    let local = LocalNode {
+        role: Role::Facilitator,
+        addrs: vec![([127, 0, 0, 1], 7000).into()],
+        capacity: None,
+        state_dir: Some(state.to_path_buf()),
+    };
+    Discovery::start(key, local, &config, cancel.child_token()).await
+}
+
+/// A facilitator's first run with a kept directory, on a free port: its state directory, key,
+/// cancellation token (a child of `cancel`), discovery and bootstrap address.
+async fn first_run_kept(
+    cancel: &CancellationToken,
+) -> (
+    tempfile::TempDir,
+    SecretKey,
+    CancellationToken,
+    Discovery,
+    BootstrapPeer,
+) {
+    let state = tempfile::tempdir().unwrap();
+    let key = SecretKey::generate();
+    let run = cancel.child_token();
+    let facilitator = start_kept(&key, state.path(), ([127, 0, 0, 1], 0).into(), &run)
+        .await
+        .unwrap();
+    let boot = bootstrap_of(&facilitator, &key);
+    (state, key, run, facilitator, boot)
+}
+
+/// Starts [`start_kept`] again on `listen` once libp2p's QUIC endpoint has let go of the port (a
+/// moment after the swarm is gone); also returns when it started.
+async fn restart_kept(
+    key: &SecretKey,
+    state: &std::path::Path,
+    listen: std::net::SocketAddr,
+    cancel: &CancellationToken,
+) -> (Discovery, std::time::Instant) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let restarted_at = std::time::Instant::now();
+        match start_kept(key, state, listen, cancel).await {
+            Ok(started) => return (started, restarted_at),
+            Err(error) if std::time::Instant::now() < deadline => {
+                let _ = error;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(error) => panic!("no restart on {listen}: {error}"),
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_node_has_its_directory_back_at_once() {
     let cancel = CancellationToken::new();
-    let state = tempfile::tempdir().unwrap();
-    let fac_key = SecretKey::generate();
-    let facilitator_cancel = cancel.child_token();
-    let with_state = |cancel: &CancellationToken, listen: std::net::SocketAddr| {
-        let config = DiscoveryConfig {
-            listen,
-            record_ttl: Duration::from_secs(60),
-            ..DiscoveryConfig::default()
-        };
-        let local = LocalNode {
-            role: Role::Facilitator,
-            addrs: vec![([127, 0, 0, 1], 7000).into()],
-            capacity: None,
-            state_dir: Some(state.path().to_path_buf()),
-        };
-        let key = fac_key.clone();
-        let cancel = cancel.child_token();
-        async move { Discovery::start(&key, local, &config, cancel).await }
-    };
-    let facilitator = with_state(&facilitator_cancel, ([127, 0, 0, 1], 0).into())
-        .await
-        .unwrap();
+    let (state, fac_key, facilitator_cancel, facilitator, boot) = first_run_kept(&cancel).await;
     let listen = facilitator.listen_addrs()[0];
-    let boot = bootstrap_of(&facilitator, &fac_key);
     let mut others = Vec::new();
     for role in [Role::Validator, Role::Miner, Role::Miner] {
         let key = SecretKey::generate();
@@ -414,25 +457,80 @@ async fn a_restarted_node_has_its_directory_back_at_once() {
     facilitator.stopped().await;
     assert!(state.path().join("discovery-directory.bin").exists());
 
-    // libp2p's QUIC endpoint lets go of the port a moment after the swarm is gone.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let facilitator = loop {
-        let restarted_at = std::time::Instant::now();
-        match with_state(&cancel, listen).await {
-            Ok(started) => break (started, restarted_at),
-            Err(error) if std::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                let _ = error;
-            }
-            Err(error) => panic!("no restart on {listen}: {error}"),
-        }
-    };
-    let (facilitator, restarted_at) = facilitator;
+    let (facilitator, restarted_at) = restart_kept(&fac_key, state.path(), listen, &cancel).await;
     let directory = facilitator.directory().clone();
     eventually(Duration::from_secs(1), "the directory is back", || {
         others.iter().all(|h| directory.get(h, now()).is_some())
     })
     .await;
     assert!(restarted_at.elapsed() <= Duration::from_secs(1));
+    cancel.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_of_a_restarted_node_leave_their_old_connection_at_once() {
+    // A miner joins through a facilitator, which then stops without a word to it (as after
+    // `kill -9`: the swarm's runtime is dropped, nothing is sent) and starts again on its port.
+    // The miner's old connection is dead, and QUIC would let it idle out only after 45 s; the
+    // facilitator's new record (a later `incarnation`) must make the miner leave it at once, so
+    // that what the miner publishes next reaches the restarted facilitator.
+    let cancel = CancellationToken::new();
+    let (state, fac_key, first_run, facilitator, boot) = first_run_kept(&cancel).await;
+    let listen = facilitator.listen_addrs()[0];
+    let miner_key = SecretKey::generate();
+    let (capacity_tx, capacity_rx) = watch::channel(capacity(2));
+    let miner = start(
+        &miner_key,
+        Role::Miner,
+        Some(capacity_rx),
+        vec![boot],
+        &cancel,
+    )
+    .await;
+    let (fac_dir, miner_dir) = (facilitator.directory().clone(), miner.directory().clone());
+    eventually(Duration::from_secs(10), "both know each other", || {
+        fac_dir.get(&miner_key.hotkey(), now()).is_some()
+            && miner_dir.get(&fac_key.hotkey(), now()).is_some()
+    })
+    .await;
+    let old = miner_dir.get(&fac_key.hotkey(), now()).unwrap();
+    // The connection must be older than the restart margin (1 s) to count as the old run's.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    first_run.cancel();
+    facilitator.stopped().await;
+
+    let (facilitator, restarted_at) = restart_kept(&fac_key, state.path(), listen, &cancel).await;
+    let fac_dir = facilitator.directory().clone();
+    // The restarted facilitator dials the miner from its kept directory and sends its record.
+    eventually(
+        Duration::from_secs(2),
+        "the miner has the new run's record",
+        || {
+            miner_dir
+                .get(&fac_key.hotkey(), now())
+                .is_some_and(|r| r.seq > old.seq && r.incarnation > old.incarnation)
+        },
+    )
+    .await;
+    // The miner's next record reaches the facilitator on a live connection: before the
+    // facilitator's first pull (3 s after it connected), long before the old connection's idle
+    // timeout.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    capacity_tx.send(capacity(0)).unwrap();
+    eventually(
+        Duration::from_millis(1500),
+        "the capacity change reaches the restarted facilitator",
+        || {
+            fac_dir
+                .get(&miner_key.hotkey(), now())
+                .is_some_and(|r| r.capacity == capacity(0))
+        },
+    )
+    .await;
+    assert!(
+        restarted_at.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        restarted_at.elapsed()
+    );
     cancel.cancel();
 }

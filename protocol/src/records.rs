@@ -132,13 +132,19 @@ pub struct NodeRecord {
     pub seq: u64,
     /// After this the record is dropped.
     pub expires_at: UnixMillis,
+    /// When the node's current run started (its discovery service, wall clock): a record with a
+    /// later incarnation than the one held tells a peer the node restarted, so that the peer
+    /// leaves the connections it still holds to the node's old run (dead: a restarted node
+    /// cannot answer on them) instead of waiting for their idle timeout.
+    pub incarnation: UnixMillis,
 }
 
 impl Signable for NodeRecord {
-    const DOMAIN: &'static str = "horde/node-record/v1";
+    // v2: `incarnation` added (postcard is positional; a v1 record does not decode as v2).
+    const DOMAIN: &'static str = "horde/node-record/v2";
 }
 
-/// One message of the record exchange (`/horde/records/1`): sent on every new discovery
+/// One message of the record exchange (`/horde/records/2`): sent on every new discovery
 /// connection, on every change of the sender's own record, and to pass on records new to the
 /// sender. The answer is a `RecordSync` too.
 #[derive(Clone, PartialEq, Eq, Debug, Default, Serialize, Deserialize)]

@@ -7,11 +7,11 @@
 //! | ALPN | [`ALPN_JOB`] | `horde/job/1` | client tunnels to a job endpoint |
 //! | application error code | [`codes`] | `0`–`9` | closing a connection, stopping/resetting a stream |
 //! | blob stop code | [`blob_stop`] | `0x10`–`0x12` | a blob receiver stopping its stream |
-//! | discovery protocol | [`DISCOVERY_RECORDS`] | `/horde/records/1` | libp2p record exchange |
+//! | discovery protocol | [`DISCOVERY_RECORDS`] | `/horde/records/2` | libp2p record exchange |
 //! | discovery protocol | [`DISCOVERY_KAD`] | `/horde/kad/1` | horde's own Kademlia DHT |
 //! | discovery protocol | [`DISCOVERY_IDENTIFY`] | `/horde/id/1` | libp2p identify version string |
 //! | discovery protocol | [`DISCOVERY_GOSSIP`] | `/horde/meshsub` | gossipsub protocol prefix (`…/1.2.0` etc.) |
-//! | gossip topic | [`DISCOVERY_GOSSIP_TOPIC`] | `horde/records/1` | signed node records |
+//! | gossip topic | [`DISCOVERY_GOSSIP_TOPIC`] | `horde/records/2` | signed node records |
 //! | signature domain tag | [`DOMAIN_TAGS`] | `horde/<purpose>/v1` | every signature (`tag ‖ exact bytes`) |
 //!
 //! # Changing the wire
@@ -117,16 +117,19 @@ pub mod blob_stop {
     pub const ALL: &[u32] = &[INTEGRITY, TOO_LARGE, CANCELLED];
 }
 
-/// The libp2p record exchange protocol (request-response).
-pub const DISCOVERY_RECORDS: &str = "/horde/records/1";
+/// The libp2p record exchange protocol (request-response). `/2`: `NodeRecord` gained
+/// `incarnation` (nodes of `/1` and `/2` do not exchange records; all nodes upgrade together).
+pub const DISCOVERY_RECORDS: &str = "/horde/records/2";
 /// horde's Kademlia protocol name (its own DHT, apart from any public one).
 pub const DISCOVERY_KAD: &str = "/horde/kad/1";
 /// The libp2p identify protocol version string.
 pub const DISCOVERY_IDENTIFY: &str = "/horde/id/1";
 /// horde's gossipsub protocol prefix (its own mesh, apart from any public one).
 pub const DISCOVERY_GOSSIP: &str = "/horde/meshsub";
-/// The gossip topic of signed node records.
-pub const DISCOVERY_GOSSIP_TOPIC: &str = "horde/records/1";
+/// The gossip topic of signed node records (`/2` with `DISCOVERY_RECORDS`: a node of the old
+/// version neither receives nor forwards records it could not decode, and is not penalised for
+/// them).
+pub const DISCOVERY_GOSSIP_TOPIC: &str = "horde/records/2";
 
 /// Every signature domain tag, one per signing purpose. The tags are defined beside their types
 /// (`Signable::DOMAIN`) and in [`COUNTERSIGN_DOMAIN`]; this list is what makes them visible in

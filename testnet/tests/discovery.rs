@@ -127,6 +127,7 @@ async fn late_joiner_is_used_leaver_expires_forgeries_are_dropped() {
         version: "forged".into(),
         seq: u64::MAX - 1,
         expires_at: now().plus_millis(60_000),
+        incarnation: horde_protocol::UnixMillis(1),
     };
     // PeerId mismatch: a genuine record of another key, presented as the rogue's own.
     let victims = Signed::sign(&victim, &record_of(&victim));

@@ -1,6 +1,6 @@
 //! Discovery: every node but executors runs a libp2p swarm beside its QUIC endpoint, finds peers
 //! with identify and Kademlia from its bootstrap peers, spreads signed [`NodeRecord`]s on
-//! gossipsub and fetches whole directories over `/horde/records/1` (request-response) when it
+//! gossipsub and fetches whole directories over `/horde/records/2` (request-response) when it
 //! joins.
 //!
 //! Identity: the libp2p key is the node's hotkey (same ed25519 secret), so a `PeerId` and a hotkey
@@ -8,13 +8,15 @@
 //! QUIC (quinn + rustls with ring, like the rest of horde) on its own UDP port.
 //!
 //! Records: each node signs `NodeRecord {hotkey, role, QUIC addresses, discovery addresses,
-//! executor capacity, version, seq, expires_at}`, re-signs it with a higher `seq` 30 s before it
+//! executor capacity, version, seq, expires_at, incarnation}`, re-signs it with a higher `seq` 30 s before it
 //! expires (`task::refresh_interval`) and (coalesced to one per 100 ms) when its capacity changes, and publishes it on
 //! the gossip topic. Every gossiped record is judged before gossipsub forwards it (bad records are
 //! rejected and their sender penalised, stale ones ignored); records from the record exchange pass
 //! [`check_record`], and one sent as the sender's own must name the sender's `PeerId`. The newest
 //! `seq` per hotkey wins; expired records are swept when the first of them runs out; the
-//! directory is kept on disk for restarts.
+//! directory is kept on disk for restarts. A record of a known node with a later `incarnation`
+//! (a restarted node) closes the connections to its old run at once (see
+//! `task::RESTART_MARGIN_MS`).
 //!
 //! Threads: the swarm runs on a thread of its own (`discovery`) with a single-threaded runtime,
 //! so that an idle node's packets and timers wake one thread (see [`Discovery::start`]).
@@ -69,6 +71,21 @@ pub const PROTOCOL_IDENTIFY: &str = horde_protocol::wire::DISCOVERY_IDENTIFY;
 pub const MAX_SYNC_BYTES: u32 = 1024 * 1024;
 /// Most records one [`RecordSync`] carries (a full directory answer is cut to this).
 pub const MAX_SYNC_RECORDS: usize = 1024;
+
+/// Keep-alive of the discovery QUIC connections (libp2p's default: 5 s). At idle a connection
+/// carries nothing else, and quinn pings when neither side sent for this long (a received packet
+/// resets the timer), so each connection costs a PING and its ACK per interval: 0.13 packets/s
+/// instead of 0.4, for 17 connections of a miner 2.3 instead of 6.8, for a 256-node facilitator's
+/// 255 connections 34 instead of 102 (see benches/RESULTS.md, "Idle cost at 256 nodes").
+/// 15 s also keeps a UDP binding of a NAT alive (those last 30 s or more).
+const GOSSIP_KEEP_ALIVE: Duration = Duration::from_secs(15);
+/// Idle timeout of the discovery QUIC connections, in ms (libp2p's default: 10 s): three
+/// keep-alives, so one lost PING does not close a connection. A vanished peer's connections
+/// close within it (its record expires anyway); a restarted one's close as soon as its new
+/// record arrives (`NodeRecord::incarnation`, see `task::RESTART_MARGIN_MS`): a restarted node
+/// sends no stateless reset for its old connections (libp2p-quic leaves quinn's connection-id
+/// key random), so without that its peers would send into the dead ones for 45 s.
+const GOSSIP_IDLE_TIMEOUT_MS: u32 = 45_000;
 
 /// Default record lifetime: a vanished node is forgotten within 2 minutes; records are re-signed
 /// 30 s before it runs out (every 90 s), which keeps idle traffic low at 256 nodes (see the
@@ -444,6 +461,7 @@ async fn prepare(
             .unwrap_or_default(),
         seq: 0,
         ttl: config.record_ttl,
+        incarnation: now(),
         signed: None,
     };
     let mut task = task::SwarmTask::new(
@@ -545,7 +563,11 @@ fn build_swarm(key: &SecretKey) -> Result<Swarm<Behaviour>, DiscoveryError> {
         .map_err(|e| DiscoveryError::Swarm(e.to_string()))?;
     let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
-        .with_quic()
+        .with_quic_config(|mut config| {
+            config.keep_alive_interval = GOSSIP_KEEP_ALIVE;
+            config.max_idle_timeout = GOSSIP_IDLE_TIMEOUT_MS;
+            config
+        })
         .with_behaviour(|keypair| {
             let peer = keypair.public().to_peer_id();
             let identify = identify::Behaviour::new(identify::Config::new(
@@ -821,6 +843,7 @@ mod tests {
             version: "test".into(),
             seq,
             expires_at: now().plus_millis(60_000),
+            incarnation: horde_protocol::UnixMillis(1),
         };
         directory.offer(Signed::sign(key, &record), record)
     }

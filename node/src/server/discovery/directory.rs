@@ -169,6 +169,11 @@ impl Directory {
         self.lock().get(hotkey).map(|e| e.record.seq)
     }
 
+    /// The `incarnation` of the record held for `hotkey` (expired or not).
+    pub fn incarnation_of(&self, hotkey: &Hotkey) -> Option<UnixMillis> {
+        self.lock().get(hotkey).map(|e| e.record.incarnation)
+    }
+
     /// How many records are held (expired ones not yet swept included).
     pub fn len(&self) -> usize {
         self.lock().len()
@@ -277,6 +282,7 @@ mod tests {
             version: "test".into(),
             seq,
             expires_at: UnixMillis(expires_at),
+            incarnation: UnixMillis(1),
         }
     }
 

@@ -262,6 +262,7 @@ mod tests {
             version: "test".into(),
             seq,
             expires_at: UnixMillis(expires_at),
+            incarnation: UnixMillis(1),
         }
     }
 

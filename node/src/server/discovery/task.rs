@@ -9,10 +9,10 @@ use std::time::Duration;
 
 use futures::StreamExt as _;
 use horde_protocol::codec::{from_bytes_exact, to_bytes};
-use horde_protocol::{ClassCapacity, NodeRecord, RecordSync, Role, SecretKey, Signed};
+use horde_protocol::{ClassCapacity, NodeRecord, RecordSync, Role, SecretKey, Signed, UnixMillis};
 use libp2p::gossipsub::{self, MessageAcceptance, PublishError};
 use libp2p::request_response;
-use libp2p::swarm::SwarmEvent;
+use libp2p::swarm::{ConnectionId, SwarmEvent};
 use libp2p::{PeerId, Swarm, identify};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
@@ -80,6 +80,13 @@ const MAX_PULLS: u32 = 20;
 pub const LATENCY_TARGET: &str = "horde_node::server::discovery::latency";
 /// The file, in the node's state directory, that holds the directory between runs.
 pub const DIRECTORY_FILE: &str = "discovery-directory.bin";
+/// A connection to a node established this long before the start of the node's current run
+/// (its record's `incarnation`) or earlier is a connection to its old run; one established later
+/// may be a new connection of the new run (both clocks are wall clocks, of two machines: the
+/// margin absorbs their skew). A restarted node cannot answer on an old connection (its QUIC
+/// state is gone, and libp2p's endpoint sends no stateless reset for it), so a peer that learns
+/// of the restart closes those at once instead of waiting for the idle timeout.
+pub(super) const RESTART_MARGIN_MS: u64 = 1000;
 
 /// How long before its record expires a node re-signs it, at most: time for gossipsub to
 /// repair a refresh a mesh path lost (IHAVE/IWANT within seconds) before the old copy expires.
@@ -111,6 +118,8 @@ pub(super) struct OwnRecord {
     pub(super) capacity: Vec<ClassCapacity>,
     pub(super) seq: u64,
     pub(super) ttl: Duration,
+    /// When this run started (see `NodeRecord::incarnation`).
+    pub(super) incarnation: UnixMillis,
     pub(super) signed: Option<Signed<NodeRecord>>,
 }
 
@@ -131,6 +140,7 @@ impl OwnRecord {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             seq: self.seq,
             expires_at: now.plus_millis(ttl_ms),
+            incarnation: self.incarnation,
         };
         let signed = Signed::sign(&self.key, &record);
         self.signed = Some(signed.clone());
@@ -174,6 +184,9 @@ pub(super) struct SwarmTask {
     pub(super) state_dir: Option<PathBuf>,
     /// Peers this node dialed (a connection it opened is open to them).
     dialed: std::collections::HashSet<PeerId>,
+    /// Every open connection, by peer, with when it was established (wall clock): a peer's
+    /// record with a newer `incarnation` closes the ones from before its restart.
+    connections: std::collections::HashMap<PeerId, Vec<(ConnectionId, UnixMillis)>>,
     /// Bootstrap peers the whole directory was fetched from already.
     joined: Vec<PeerId>,
     /// Nodes of the kept directory dialed at start, to fetch a fresh copy from once.
@@ -242,6 +255,7 @@ impl SwarmTask {
             queries,
             state_dir,
             dialed: std::collections::HashSet::new(),
+            connections: std::collections::HashMap::new(),
             joined: Vec::new(),
             refetch: Vec::new(),
             published_at: None,
@@ -668,10 +682,15 @@ impl SwarmTask {
         match event {
             SwarmEvent::ConnectionEstablished {
                 peer_id,
+                connection_id,
                 num_established,
                 endpoint,
                 ..
             } => {
+                self.connections
+                    .entry(peer_id)
+                    .or_default()
+                    .push((connection_id, now()));
                 if endpoint.is_dialer() {
                     self.dialed.insert(peer_id);
                 }
@@ -684,11 +703,20 @@ impl SwarmTask {
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
-                num_established: 0,
+                connection_id,
+                num_established,
                 ..
             } => {
-                self.dialed.remove(&peer_id);
-                self.redial_soon(Some(peer_id));
+                if let Some(open) = self.connections.get_mut(&peer_id) {
+                    open.retain(|(id, _)| *id != connection_id);
+                    if open.is_empty() {
+                        self.connections.remove(&peer_id);
+                    }
+                }
+                if num_established == 0 {
+                    self.dialed.remove(&peer_id);
+                    self.redial_soon(Some(peer_id));
+                }
             }
             SwarmEvent::NewListenAddr { address, .. } => {
                 if let Some(addr) = socket_addr(&address)
@@ -771,12 +799,18 @@ impl SwarmTask {
         }
     }
 
-    /// Keeps a checked record of another node.
+    /// Keeps a checked record of another node; a newer record from a new run of a known node
+    /// (a later `incarnation`) also closes the connections to its old run.
     fn keep(&mut self, via: PeerId, signed: Signed<NodeRecord>, record: NodeRecord) -> Offer {
         let (role, hotkey, seq) = (record.role, record.hotkey, record.seq);
         let addrs = record.addrs.clone();
         let p2p = record.p2p_addrs.clone();
+        let incarnation = record.incarnation;
+        let held_incarnation = self.directory.incarnation_of(&hotkey);
         let offer = self.directory.offer(signed, record);
+        if offer == Offer::Updated && held_incarnation.is_some_and(|held| held < incarnation) {
+            self.leave_old_run(peer_id(&hotkey), incarnation);
+        }
         if matches!(offer, Offer::New | Offer::Updated) {
             debug!(
                 target: LATENCY_TARGET,
@@ -804,6 +838,31 @@ impl SwarmTask {
             }
         }
         offer
+    }
+
+    /// Closes the connections to `peer` established before its run that started at
+    /// `incarnation` (less [`RESTART_MARGIN_MS`]): they lead to a process that is gone. Without
+    /// this they would stay open until their idle timeout (45 s), and gossipsub, which sends on a
+    /// peer's oldest connection, would send our records, GRAFTs and IHAVEs into the void until
+    /// then, even when the restarted node has dialed us anew. Once they are closed, gossipsub
+    /// moves to a connection of the new run, or (none left) a bootstrap peer is redialed.
+    fn leave_old_run(&mut self, peer: PeerId, incarnation: UnixMillis) {
+        let cutoff = incarnation.0.saturating_sub(RESTART_MARGIN_MS);
+        let old: Vec<ConnectionId> = self
+            .connections
+            .get(&peer)
+            .into_iter()
+            .flatten()
+            .filter(|(_, established)| established.0 < cutoff)
+            .map(|(id, _)| *id)
+            .collect();
+        if old.is_empty() {
+            return;
+        }
+        info!(%peer, connections = old.len(), "peer restarted; leaving its old connections");
+        for id in old {
+            self.swarm.close_connection(id);
+        }
     }
 
     fn on_records(&mut self, event: request_response::Event<RecordSync, RecordSync>) {
