@@ -1,7 +1,8 @@
-//! Discovery: every node but executors runs a libp2p swarm beside its QUIC endpoint, finds peers
-//! with identify and Kademlia from its bootstrap peers, spreads signed [`NodeRecord`]s on
-//! gossipsub and fetches whole directories over `/horde/records/1` (request-response) when it
-//! joins.
+//! Discovery: every node but executors runs a libp2p swarm beside its QUIC endpoint, joins
+//! through its bootstrap peers, spreads signed [`NodeRecord`]s on gossipsub and fetches whole
+//! directories over `/horde/records/1` (request-response) when it joins. Its gossip peers come
+//! from the directory itself: every record names its node's discovery addresses, and a node dials
+//! a few nodes it learned (`task::MESH_DIALS`).
 //!
 //! Identity: the libp2p key is the node's hotkey (same ed25519 secret), so a `PeerId` and a hotkey
 //! name the same node and a bootstrap peer can be written `HOTKEY@IP:PORT`. Transport: libp2p's
@@ -35,11 +36,10 @@ use std::time::Duration;
 use futures::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, StreamExt as _};
 use horde_protocol::codec::{FRAME_HEADER_LEN, encode_frame, frame_len, from_bytes_exact};
 use horde_protocol::{ClassCapacity, Hotkey, NodeAddr, NodeRecord, RecordSync, Role, SecretKey};
-use libp2p::kad::store::MemoryStore;
 use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
-use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, identify, kad};
+use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument as _, info_span, warn};
@@ -60,10 +60,6 @@ use crate::clock::now;
 /// The record exchange protocol.
 pub const PROTOCOL_RECORDS: StreamProtocol =
     StreamProtocol::new(horde_protocol::wire::DISCOVERY_RECORDS);
-/// horde's Kademlia protocol name (its own DHT, apart from any public one).
-pub const PROTOCOL_KAD: StreamProtocol = StreamProtocol::new(horde_protocol::wire::DISCOVERY_KAD);
-/// The identify protocol version string.
-pub const PROTOCOL_IDENTIFY: &str = horde_protocol::wire::DISCOVERY_IDENTIFY;
 
 /// Largest encoded [`RecordSync`] accepted or sent.
 pub const MAX_SYNC_BYTES: u32 = 1024 * 1024;
@@ -77,7 +73,8 @@ pub const DEFAULT_RECORD_TTL: Duration = Duration::from_secs(120);
 /// Shortest record lifetime a config may set.
 pub const MIN_RECORD_TTL: Duration = Duration::from_secs(2);
 
-/// How long a connection outside the gossip mesh stays open without traffic.
+/// How long a connection without gossip (a record exchange of `horde nodes` or the harness)
+/// stays open without traffic.
 const IDLE_CONNECTION: Duration = Duration::from_secs(30);
 /// How long one record exchange may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -421,12 +418,6 @@ async fn prepare(
         .filter(|peer| peer.peer != *swarm.local_peer_id())
         .cloned()
         .collect();
-    for peer in &bootstrap {
-        swarm
-            .behaviour_mut()
-            .kad
-            .add_address(&peer.peer, peer.addr.clone());
-    }
     swarm
         .behaviour_mut()
         .gossip
@@ -532,8 +523,6 @@ pub async fn list_nodes(peer: &BootstrapPeer) -> Result<Vec<NodeRecord>, Discove
 
 #[derive(NetworkBehaviour)]
 struct Behaviour {
-    identify: identify::Behaviour,
-    kad: kad::Behaviour<MemoryStore>,
     records: request_response::Behaviour<RecordCodec>,
     gossip: libp2p::gossipsub::Behaviour,
 }
@@ -547,18 +536,6 @@ fn build_swarm(key: &SecretKey) -> Result<Swarm<Behaviour>, DiscoveryError> {
         .with_tokio()
         .with_quic()
         .with_behaviour(|keypair| {
-            let peer = keypair.public().to_peer_id();
-            let identify = identify::Behaviour::new(identify::Config::new(
-                PROTOCOL_IDENTIFY.to_owned(),
-                keypair.public(),
-            ));
-            let mut kad = kad::Behaviour::with_config(
-                peer,
-                MemoryStore::new(peer),
-                kad::Config::new(PROTOCOL_KAD),
-            );
-            // Answer queries even without a confirmed external address (loopback, LANs).
-            kad.set_mode(Some(kad::Mode::Server));
             let records = request_response::Behaviour::with_codec(
                 RecordCodec,
                 [(PROTOCOL_RECORDS, ProtocolSupport::Full)],
@@ -566,17 +543,14 @@ fn build_swarm(key: &SecretKey) -> Result<Swarm<Behaviour>, DiscoveryError> {
             );
             let gossip = gossip::behaviour(keypair)?;
             Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Behaviour {
-                identify,
-                kad,
                 records,
                 gossip,
             })
         })
         .map_err(|e| DiscoveryError::Swarm(e.to_string()))?
-        // Mesh connections stay open (gossipsub keeps them alive), and so do those to bootstrap
-        // peers (redialed); the others a Kademlia walk opened close after IDLE_CONNECTION
-        // without traffic: each open connection costs memory (queues, QUIC state) and CPU
-        // (keep-alives), and at 256 nodes walks would otherwise connect most nodes to most.
+        // Connections between discovery nodes stay open (gossipsub holds a stream on each);
+        // one that carries no gossip (a record exchange of `horde nodes`, the harness) closes
+        // after IDLE_CONNECTION without traffic.
         .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_CONNECTION))
         .build();
     Ok(swarm)

@@ -13,7 +13,8 @@ use horde_protocol::{ClassCapacity, NodeRecord, RecordSync, Role, SecretKey, Sig
 use libp2p::gossipsub::{self, MessageAcceptance, PublishError};
 use libp2p::request_response;
 use libp2p::swarm::SwarmEvent;
-use libp2p::{PeerId, Swarm, identify};
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+use libp2p::{PeerId, Swarm};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -26,23 +27,27 @@ use super::{
 };
 use crate::clock::now;
 
-/// How often a node runs a Kademlia bootstrap (a walk toward its own id and random ids) to find
-/// peers beyond the ones it knows (also once at its first connection). Each walk opens
-/// connections to some 20 peers that close again when idle; every 5 minutes, Kademlia's own
-/// default, keeps that churn small at 256 nodes (a mesh needs only a handful of peers).
-const WALK_INTERVAL: Duration = Duration::from_secs(300);
-/// Connections a node keeps before it closes the ones it dialed itself that are neither in its
-/// gossip mesh nor to a bootstrap peer (checked [`REDIAL_INTERVAL`] after a connection beyond
-/// it). gossipsub keeps a
-/// connection open for as long as it lasts, so without this each Kademlia walk would add ~20
-/// connections for good: at 256 nodes most nodes ended up connected to most, with a send queue
-/// and QUIC keep-alives for each. Inbound connections are never closed here (a peer that dialed
-/// us may use us as its bootstrap peer and would dial again).
-const MAX_CONNECTED: usize = 24;
-/// How soon a bootstrap peer whose connection was lost (or whose dial failed) is dialed again,
-/// and how soon after a new connection the connection count is checked against
-/// [`MAX_CONNECTED`] (the mesh has settled by then).
+/// How many nodes of its directory a node keeps connections to that it dialed itself (besides
+/// its bootstrap peers), for its gossip mesh: gossipsub meshes `mesh_n` = 6 of the connected
+/// peers, at least 2 of them dialed by the node (`mesh_outbound_min`); 4 dialed here and ~4
+/// dialed by others give every node ~8 connections whatever the network's size, so a node's
+/// connections (QUIC state, a send queue, keep-alives each) do not grow with the network.
+/// Peers come from the directory (every record names its node's discovery addresses, signed):
+/// the Kademlia walks that found them before opened some 20 connections per walk, and at 256
+/// nodes starting together thousands within seconds, which starved the machine (see
+/// benches/RESULTS.md, "Start-up at 256 nodes"). A connection gossipsub holds stays open
+/// (it keeps a stream on it), so these few are never trimmed.
+pub(super) const MESH_DIALS: usize = 4;
+/// How soon after a change (a node learned, a dialed connection lost or a dial failed) the node
+/// dials towards [`MESH_DIALS`]: the records of one fetch make one round of dials.
+const FILL_DELAY: Duration = Duration::from_millis(500);
+/// How soon a bootstrap peer whose connection was lost (or whose dial failed) is dialed again;
+/// each failure in a row doubles the wait, up to [`REDIAL_MAX`], so a bootstrap peer that is
+/// down (or too busy to answer) is not hammered by every node of the network at once.
 const REDIAL_INTERVAL: Duration = Duration::from_secs(2);
+/// The longest wait between redials of a bootstrap peer: a node cut off from it (a partition, a
+/// restart) is back within this long after it is reachable again.
+const REDIAL_MAX: Duration = Duration::from_secs(8);
 /// Capacity changes are published at most this often (changes in between are coalesced into
 /// the next record).
 pub const CAPACITY_COALESCE: Duration = Duration::from_millis(100);
@@ -158,6 +163,12 @@ struct Stats {
     /// Bytes of the record messages received on gossip (payloads; control frames and
     /// transport overhead not counted).
     received_bytes: u64,
+    /// Connections established and closed (every connection, both directions), closed by the
+    /// connection cap, and dials that failed.
+    connections_opened: u64,
+    connections_closed: u64,
+    mesh_dials: u64,
+    dial_failures: u64,
 }
 
 pub(super) struct SwarmTask {
@@ -165,7 +176,6 @@ pub(super) struct SwarmTask {
     pub(super) directory: Arc<Directory>,
     pub(super) own: OwnRecord,
     pub(super) capacity: Option<watch::Receiver<Vec<ClassCapacity>>>,
-    pub(super) walked: bool,
     /// Dialed at start and again whenever the connection to one is gone (a restarted bootstrap
     /// node knows nobody until its peers come back).
     pub(super) bootstrap: Vec<BootstrapPeer>,
@@ -174,6 +184,14 @@ pub(super) struct SwarmTask {
     pub(super) state_dir: Option<PathBuf>,
     /// Peers this node dialed (a connection it opened is open to them).
     dialed: std::collections::HashSet<PeerId>,
+    /// Directory nodes dialed for the mesh, not yet connected; when the next round of such dials
+    /// is due; a random seed and round counter that order the candidates differently each round.
+    dialing: std::collections::HashSet<PeerId>,
+    fill_at: Option<Instant>,
+    fill_seed: [u8; 32],
+    fill_round: u64,
+    /// The wait before the next bootstrap redial (doubles with each failure in a row).
+    redial_wait: Duration,
     /// Bootstrap peers the whole directory was fetched from already.
     joined: Vec<PeerId>,
     /// Nodes of the kept directory dialed at start, to fetch a fresh copy from once.
@@ -187,22 +205,29 @@ pub(super) struct SwarmTask {
     /// Whether the own record reached a subscribed peer yet, and when it is announced again.
     announced: bool,
     settle: Option<Instant>,
-    /// When the next pull sync is due, the wait before it, the request in flight and whose turn
-    /// it is among the bootstrap peers.
+    /// When the next pull sync is due, the wait before it, the request in flight and how many
+    /// were sent (a new random choice of peer each).
     pull_at: Option<Instant>,
     pulls: u32,
     pull_request: Option<request_response::OutboundRequestId>,
-    pull_turn: usize,
+    pull_turn: u64,
     /// The directory's change count, size and time at the last write.
     saved: (u64, usize, Instant),
     stats: Stats,
     logged: Stats,
     /// Timers, each set only while it has work to do (an idle node wakes for none of them):
-    /// the next redial of bootstrap peers, connection trim, directory write and counter log.
+    /// the next redial of bootstrap peers, directory write and counter log.
     redial_at: Option<Instant>,
-    trim_at: Option<Instant>,
     save_at: Option<Instant>,
     stats_at: Option<Instant>,
+}
+
+/// 32 random bytes (the operating system's generator; zeros if it fails, which only makes the
+/// choice of peers and redial jitter predictable).
+fn random_seed() -> [u8; 32] {
+    let mut seed = [0u8; 32];
+    let _ = getrandom::fill(&mut seed);
+    seed
 }
 
 /// Sleeps until `at`; forever when `None`.
@@ -237,11 +262,15 @@ impl SwarmTask {
             directory,
             own,
             capacity,
-            walked: false,
             bootstrap,
             queries,
             state_dir,
             dialed: std::collections::HashSet::new(),
+            dialing: std::collections::HashSet::new(),
+            fill_at: None,
+            fill_seed: random_seed(),
+            fill_round: 0,
+            redial_wait: REDIAL_INTERVAL,
             joined: Vec::new(),
             refetch: Vec::new(),
             published_at: None,
@@ -257,7 +286,6 @@ impl SwarmTask {
             stats: Stats::default(),
             logged: Stats::default(),
             redial_at: None,
-            trim_at: None,
             save_at: None,
             stats_at: None,
         }
@@ -268,8 +296,6 @@ impl SwarmTask {
         self.redial();
         let mut republish = tokio::time::interval(refresh_interval(self.own.ttl));
         republish.tick().await;
-        let mut walk = tokio::time::interval(WALK_INTERVAL);
-        walk.tick().await;
         // No periodic sweep, write or redial: each timer below is set from what happened (a
         // record kept, a connection lost), so an idle node sleeps until its next refresh, the
         // first expiry in its directory, or traffic.
@@ -325,15 +351,12 @@ impl SwarmTask {
                     changes.mark_unchanged();
                     expiry = next_expiry(&self.directory);
                     self.schedule_save();
+                    self.schedule_fill();
                 }
-                _ = walk.tick() => self.walk(),
+                () = sleep_until(self.fill_at) => self.fill(),
                 () = sleep_until(self.redial_at) => {
                     self.redial_at = None;
                     self.redial();
-                }
-                () = sleep_until(self.trim_at) => {
-                    self.trim_at = None;
-                    self.trim();
                 }
                 () = sleep_until(self.save_at) => {
                     self.save_at = None;
@@ -397,7 +420,10 @@ impl SwarmTask {
             target: "horde_node::server::discovery::stats",
             received = s.received, accepted = s.accepted, ignored = s.ignored,
             rejected = s.rejected, published = s.published, fetches_sent = s.fetches_sent,
-            fetches_served = s.fetches_served, received_bytes = s.received_bytes, records = self.directory.len(),
+            fetches_served = s.fetches_served, received_bytes = s.received_bytes,
+            connections_opened = s.connections_opened, connections_closed = s.connections_closed,
+            mesh_dials = s.mesh_dials, dial_failures = s.dial_failures,
+            connected = self.swarm.connected_peers().count(), records = self.directory.len(),
             "gossip counters"
         );
     }
@@ -510,46 +536,77 @@ impl SwarmTask {
         }
     }
 
-    /// Sets the redial timer when `peer` is a bootstrap peer no longer connected.
+    /// Sets the redial timer when `peer` is a bootstrap peer no longer connected: the wait
+    /// doubles with each loss or failed dial in a row (up to [`REDIAL_MAX`]), plus up to a
+    /// quarter of it at random, so that nodes that lost the same peer do not dial it together.
     fn redial_soon(&mut self, peer: Option<PeerId>) {
         let Some(peer) = peer else { return };
-        if self.bootstrap.iter().any(|b| b.peer == peer) && !self.swarm.is_connected(&peer) {
-            self.redial_at
-                .get_or_insert(Instant::now() + REDIAL_INTERVAL);
+        if self.is_bootstrap(&peer) && !self.swarm.is_connected(&peer) && self.redial_at.is_none()
+        {
+            let wait = self.redial_wait;
+            self.redial_wait = (wait * 2).min(REDIAL_MAX);
+            let quarter = u64::try_from(wait.as_millis() / 4).unwrap_or(0).max(1);
+            let jitter = u64::from_le_bytes(random_seed()[..8].try_into().unwrap_or([0; 8])) % quarter;
+            self.redial_at = Some(Instant::now() + wait + Duration::from_millis(jitter));
         }
     }
 
-    /// Closes connections this node dialed that are outside its gossip mesh and not to a
-    /// bootstrap peer, while it has more than [`MAX_CONNECTED`].
-    fn trim(&mut self) {
-        let connected = self.swarm.connected_peers().count();
-        if connected <= MAX_CONNECTED {
+    fn is_bootstrap(&self, peer: &PeerId) -> bool {
+        self.bootstrap.iter().any(|b| b.peer == *peer)
+    }
+
+    /// How many directory nodes this node has dialed for its mesh (connected or under way).
+    fn mesh_dialed(&self) -> usize {
+        self.dialed.iter().filter(|p| !self.is_bootstrap(p)).count() + self.dialing.len()
+    }
+
+    /// Sets the dial timer while this node has dialed fewer than [`MESH_DIALS`] nodes.
+    fn schedule_fill(&mut self) {
+        if self.fill_at.is_none() && self.mesh_dialed() < MESH_DIALS {
+            self.fill_at = Some(Instant::now() + FILL_DELAY);
+        }
+    }
+
+    /// Dials nodes of the directory, chosen at random among those not connected, until
+    /// [`MESH_DIALS`] are dialed.
+    fn fill(&mut self) {
+        self.fill_at = None;
+        let wanted = MESH_DIALS.saturating_sub(self.mesh_dialed());
+        if wanted == 0 {
             return;
         }
-        let mesh: std::collections::HashSet<PeerId> = self
-            .swarm
-            .behaviour()
-            .gossip
-            .all_mesh_peers()
-            .copied()
+        self.fill_round = self.fill_round.wrapping_add(1);
+        let own = self.own.key.hotkey();
+        let mut candidates: Vec<([u8; 32], PeerId, std::net::SocketAddr)> = self
+            .directory
+            .p2p_addrs(now())
+            .into_iter()
+            .filter(|(hotkey, _)| *hotkey != own)
+            .filter_map(|(hotkey, addr)| {
+                let peer = peer_id(&hotkey);
+                if self.swarm.is_connected(&peer) || self.dialing.contains(&peer) {
+                    return None;
+                }
+                let mut order = blake3::Hasher::new();
+                order.update(&self.fill_seed);
+                order.update(&self.fill_round.to_le_bytes());
+                order.update(hotkey.as_bytes());
+                Some((*order.finalize().as_bytes(), peer, addr))
+            })
             .collect();
-        let closable: Vec<PeerId> = self
-            .dialed
-            .iter()
-            .filter(|p| !mesh.contains(*p) && !self.bootstrap.iter().any(|b| b.peer == **p))
-            .copied()
-            .take(connected - MAX_CONNECTED)
-            .collect();
-        for peer in closable {
-            self.dialed.remove(&peer);
-            // Not connected any more: nothing to close.
-            let _ = self.swarm.disconnect_peer_id(peer);
-        }
-    }
-
-    fn walk(&mut self) {
-        if let Err(error) = self.swarm.behaviour_mut().kad.bootstrap() {
-            debug!(%error, "no peers to walk from yet");
+        candidates.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        for (_, peer, addr) in candidates.into_iter().take(wanted) {
+            let dial = DialOpts::peer_id(peer)
+                .condition(PeerCondition::DisconnectedAndNotDialing)
+                .addresses(vec![quic_multiaddr(addr)])
+                .build();
+            match self.swarm.dial(dial) {
+                Ok(()) => {
+                    self.stats.mesh_dials += 1;
+                    self.dialing.insert(peer);
+                }
+                Err(error) => debug!(%peer, %error, "cannot dial a directory node"),
+            }
         }
     }
 
@@ -606,26 +663,31 @@ impl SwarmTask {
         }
     }
 
-    /// Pull sync: asks a bootstrap peer (in turn; any connected peer when none is connected)
-    /// for its whole directory.
+    /// Pull sync: asks a connected peer, chosen at random each time, for its whole directory.
+    /// Not the bootstrap peer in particular: at 256 nodes every node pulling from the one node
+    /// they all joined through made it answer ~85 whole directories a second while the
+    /// network started; any peer knows about as much, and the pulls spread over all of them.
     fn pull(&mut self) {
         self.pull_at = None;
-        let connected: Vec<PeerId> = self
-            .bootstrap
-            .iter()
-            .map(|b| b.peer)
-            .filter(|p| self.swarm.is_connected(p))
-            .collect();
-        let peer = if connected.is_empty() {
-            self.swarm
-                .connected_peers()
-                .nth(self.pull_turn)
-                .copied()
-                .or_else(|| self.swarm.connected_peers().next().copied())
-        } else {
-            Some(connected[self.pull_turn % connected.len()])
-        };
         self.pull_turn = self.pull_turn.wrapping_add(1);
+        let (seed, turn) = (self.fill_seed, self.pull_turn);
+        // Peers on the record topic (not a short-lived swarm of `horde nodes` or the harness).
+        let topic = gossip::topic().hash();
+        let peer = self
+            .swarm
+            .behaviour()
+            .gossip
+            .all_peers()
+            .filter(|(_, topics)| topics.contains(&&topic))
+            .map(|(peer, _)| *peer)
+            .min_by_key(|peer| {
+            let mut order = blake3::Hasher::new();
+            order.update(&seed);
+            order.update(b"pull");
+            order.update(&turn.to_le_bytes());
+            order.update(&peer.to_bytes());
+            *order.finalize().as_bytes()
+        });
         match peer {
             Some(peer) => self.pull_request = Some(self.send_own(peer, true)),
             // Nobody to ask now; again after the wait.
@@ -658,10 +720,6 @@ impl SwarmTask {
             // Back to a bootstrap peer that may have restarted: it learns our record at once.
             self.send_own(peer, false);
         }
-        if !self.walked {
-            self.walked = true;
-            self.walk();
-        }
     }
 
     fn on_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
@@ -672,22 +730,32 @@ impl SwarmTask {
                 endpoint,
                 ..
             } => {
+                self.stats.connections_opened += 1;
+                self.dialing.remove(&peer_id);
                 if endpoint.is_dialer() {
                     self.dialed.insert(peer_id);
+                }
+                if self.is_bootstrap(&peer_id) {
+                    self.redial_wait = REDIAL_INTERVAL;
                 }
                 if num_established.get() == 1 {
                     self.on_connected(peer_id);
                 }
-                if self.trim_at.is_none() && self.swarm.connected_peers().count() > MAX_CONNECTED {
-                    self.trim_at = Some(Instant::now() + REDIAL_INTERVAL);
-                }
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
-                num_established: 0,
+                num_established,
+                cause,
                 ..
             } => {
-                self.dialed.remove(&peer_id);
+                self.stats.connections_closed += 1;
+                debug!(peer = %peer_id, ?cause, "discovery connection closed");
+                if num_established > 0 {
+                    return;
+                }
+                if self.dialed.remove(&peer_id) {
+                    self.schedule_fill();
+                }
                 self.redial_soon(Some(peer_id));
             }
             SwarmEvent::NewListenAddr { address, .. } => {
@@ -700,19 +768,14 @@ impl SwarmTask {
                 }
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                self.stats.dial_failures += 1;
                 debug!(peer = ?peer_id, %error, "discovery dial failed");
-                self.redial_soon(peer_id);
-            }
-            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
-                peer_id,
-                info,
-                ..
-            })) => {
-                for addr in info.listen_addrs {
-                    if socket_addr(&addr).is_some() {
-                        self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
-                    }
+                if let Some(peer) = peer_id
+                    && self.dialing.remove(&peer)
+                {
+                    self.schedule_fill();
                 }
+                self.redial_soon(peer_id);
             }
             SwarmEvent::Behaviour(BehaviourEvent::Records(event)) => self.on_records(event),
             SwarmEvent::Behaviour(BehaviourEvent::Gossip(event)) => self.on_gossip(event),
@@ -775,7 +838,6 @@ impl SwarmTask {
     fn keep(&mut self, via: PeerId, signed: Signed<NodeRecord>, record: NodeRecord) -> Offer {
         let (role, hotkey, seq) = (record.role, record.hotkey, record.seq);
         let addrs = record.addrs.clone();
-        let p2p = record.p2p_addrs.clone();
         let offer = self.directory.offer(signed, record);
         if matches!(offer, Offer::New | Offer::Updated) {
             debug!(
@@ -787,16 +849,7 @@ impl SwarmTask {
             );
         }
         match offer {
-            Offer::New => {
-                info!(%role, %hotkey, ?addrs, %via, "node discovered");
-                // Make it reachable for Kademlia walks too.
-                for addr in p2p {
-                    self.swarm
-                        .behaviour_mut()
-                        .kad
-                        .add_address(&peer_id(&hotkey), quic_multiaddr(addr));
-                }
-            }
+            Offer::New => info!(%role, %hotkey, ?addrs, %via, "node discovered"),
             Offer::Updated => debug!(%role, %hotkey, seq, "node record updated"),
             Offer::Stale => {}
             Offer::Full => {
