@@ -47,6 +47,9 @@ struct Args {
     /// appended to the bench's own.
     #[arg(long, default_value = "")]
     log: String,
+    /// Keep the network's directory (keys, configs, node logs) here instead of a temporary one.
+    #[arg(long)]
+    dir: Option<std::path::PathBuf>,
     /// Where the JSON results go.
     #[arg(long, default_value = "target/discovery-scale.json")]
     json: String,
@@ -346,6 +349,7 @@ fn main() -> anyhow::Result<()> {
             args.log
         ),
         converge_timeout: Duration::from_secs(120),
+        dir: args.dir.clone(),
         ..TestnetConfig::default()
     })?;
     let converged = testnet.converged_in().context("discovery did not run")?;

@@ -452,46 +452,81 @@ async fn prepare(
 
 /// One record exchange with a discovery peer, from a short-lived swarm of our own: sends `sync`,
 /// returns the peer's answer (with every record it holds when `sync.want_all`). Used by
-/// `horde nodes` and by the harness that waits for a network to converge.
+/// `horde nodes`.
 pub async fn exchange(
     key: &SecretKey,
     peer: &BootstrapPeer,
     sync: RecordSync,
     timeout: Duration,
 ) -> Result<RecordSync, DiscoveryError> {
-    let mut swarm = build_swarm(key)?;
-    let request = swarm.behaviour_mut().records.send_request_with_addresses(
-        &peer.peer,
-        sync,
-        vec![peer.addr.clone()],
-    );
-    let wait = async {
-        loop {
-            match swarm.select_next_some().await {
-                SwarmEvent::Behaviour(BehaviourEvent::Records(
-                    request_response::Event::Message {
-                        message:
-                            request_response::Message::Response {
-                                request_id,
-                                response,
-                            },
-                        ..
-                    },
-                )) if request_id == request => return Ok(response),
-                SwarmEvent::Behaviour(BehaviourEvent::Records(
-                    request_response::Event::OutboundFailure {
-                        request_id, error, ..
-                    },
-                )) if request_id == request => {
-                    return Err(DiscoveryError::Exchange(format!("{peer}: {error}")));
+    Exchanger::new(key)?.exchange(peer, sync, timeout).await
+}
+
+/// A swarm of its own for record exchanges with many peers, one after another: its connections
+/// stay open between exchanges (until idle for 30 s), so asking the same nodes again costs a
+/// request, not a QUIC handshake each (the harness that waits for a network to converge asks
+/// its observers every 100 ms). It joins no gossip.
+pub struct Exchanger {
+    swarm: Swarm<Behaviour>,
+}
+
+impl std::fmt::Debug for Exchanger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Exchanger")
+            .field("peer", self.swarm.local_peer_id())
+            .finish()
+    }
+}
+
+impl Exchanger {
+    /// A swarm with the identity `key`.
+    pub fn new(key: &SecretKey) -> Result<Self, DiscoveryError> {
+        Ok(Self {
+            swarm: build_swarm(key)?,
+        })
+    }
+
+    /// Sends `sync` to `peer` and returns its answer (see [`exchange`]).
+    pub async fn exchange(
+        &mut self,
+        peer: &BootstrapPeer,
+        sync: RecordSync,
+        timeout: Duration,
+    ) -> Result<RecordSync, DiscoveryError> {
+        let swarm = &mut self.swarm;
+        let request = swarm.behaviour_mut().records.send_request_with_addresses(
+            &peer.peer,
+            sync,
+            vec![peer.addr.clone()],
+        );
+        let wait = async {
+            loop {
+                match swarm.select_next_some().await {
+                    SwarmEvent::Behaviour(BehaviourEvent::Records(
+                        request_response::Event::Message {
+                            message:
+                                request_response::Message::Response {
+                                    request_id,
+                                    response,
+                                },
+                            ..
+                        },
+                    )) if request_id == request => return Ok(response),
+                    SwarmEvent::Behaviour(BehaviourEvent::Records(
+                        request_response::Event::OutboundFailure {
+                            request_id, error, ..
+                        },
+                    )) if request_id == request => {
+                        return Err(DiscoveryError::Exchange(format!("{peer}: {error}")));
+                    }
+                    _ => {}
                 }
-                _ => {}
             }
-        }
-    };
-    tokio::time::timeout(timeout, wait)
-        .await
-        .map_err(|_| DiscoveryError::Exchange(format!("{peer}: no answer within {timeout:?}")))?
+        };
+        tokio::time::timeout(timeout, wait).await.map_err(|_| {
+            DiscoveryError::Exchange(format!("{peer}: no answer within {timeout:?}"))
+        })?
+    }
 }
 
 /// Every record a node holds, its own included, each verified (`horde nodes`).

@@ -63,10 +63,16 @@ const DIAL_LOADED: usize = 3;
 /// `horde_node::server::discovery::stats`, level debug; at most one line per interval, none
 /// while nothing changes).
 const STATS_INTERVAL: Duration = Duration::from_secs(5);
-/// How long after its first announcement a node announces its record once more: by then the
-/// meshes of a network starting together have formed, and a first copy that reached only
-/// half-formed meshes is made good (one extra record per node, once).
-const SETTLE_DELAY: Duration = Duration::from_secs(4);
+/// How long after the first whole directory it received (its join fetch or a pull answered; a
+/// node without bootstrap peers: after its first announcement) a node announces its record
+/// once more: by then it has dialed its mesh peers
+/// (`MESH_DIALS`, [`FILL_DELAY`] after it learned them) and the meshes of a network starting
+/// together have formed, so this copy reaches every node, where a first copy sent while the
+/// node knew only its bootstrap peer may have reached part of the network (one extra record per
+/// node, once). Timed from the first announcement instead, a node whose join fetch waited on
+/// a busy bootstrap peer announced again before it had any other peer: at 256 nodes such a
+/// record stayed unknown to half the network until its refresh, 90 s later.
+const SETTLE_DELAY: Duration = Duration::from_secs(3);
 /// How long after its join fetch a node pulls the whole directory again (plus up to
 /// [`PULL_SPREAD_MS`], by hotkey, so a network starting together does not pull at once): the
 /// join fetch holds only the nodes that joined before it, and gossip copies of the rest may have
@@ -74,10 +80,13 @@ const SETTLE_DELAY: Duration = Duration::from_secs(4);
 /// decode, no signature check.
 const PULL_FIRST: Duration = Duration::from_secs(3);
 const PULL_SPREAD_MS: u64 = 2000;
-/// A pull that brought nodes this node did not know is repeated after [`PULL_WAIT`], at most
-/// [`MAX_PULLS`] times after one join; one that brought none ends the pulls (gossip alone from
-/// then on). While a network starts, each pull costs its node the decode of one directory.
+/// A pull is repeated after [`PULL_WAIT`], at most [`MAX_PULLS`] times after one join, until
+/// [`EMPTY_PULLS`] in a row brought no node this node did not know (gossip alone from then on).
+/// Each asks another peer chosen at random: one pull from a peer that lacked the same record
+/// used to end the pulls, and at 256 nodes left records unknown to some nodes until their
+/// refresh. While a network starts, each pull costs its node the decode of one directory.
 const PULL_WAIT: Duration = Duration::from_secs(3);
+const EMPTY_PULLS: u32 = 3;
 const MAX_PULLS: u32 = 20;
 /// The log target of the record-latency lines (level debug): "capacity published" (a miner's
 /// wait from a capacity change to signing it) and "record kept" (how long after signing a record
@@ -205,14 +214,21 @@ pub(super) struct SwarmTask {
     /// Whether the own record reached a subscribed peer yet, and when it is announced again.
     announced: bool,
     settle: Option<Instant>,
+    /// The join fetch in flight (asked again while it fails), and whether the second
+    /// announcement was made (timed from the first whole directory received).
+    join_request: Option<request_response::OutboundRequestId>,
+    settled: bool,
+    /// Pulls in a row that brought no node this node did not know.
+    empty_pulls: u32,
     /// When the next pull sync is due, the wait before it, the request in flight and how many
     /// were sent (a new random choice of peer each).
     pull_at: Option<Instant>,
     pulls: u32,
     pull_request: Option<request_response::OutboundRequestId>,
     pull_turn: u64,
-    /// The directory's change count, size and time at the last write.
+    /// The directory's change count, size and time at the last write, and the write under way.
     saved: (u64, usize, Instant),
+    saving: Option<tokio::task::JoinHandle<()>>,
     stats: Stats,
     logged: Stats,
     /// Timers, each set only while it has work to do (an idle node wakes for none of them):
@@ -278,11 +294,15 @@ impl SwarmTask {
             capacity_changed_at: None,
             announced: false,
             settle: None,
+            join_request: None,
+            settled: false,
+            empty_pulls: 0,
             pull_at: None,
             pulls: 0,
             pull_request: None,
             pull_turn: 0,
             saved: (0, 0, Instant::now()),
+            saving: None,
             stats: Stats::default(),
             logged: Stats::default(),
             redial_at: None,
@@ -333,7 +353,12 @@ impl SwarmTask {
                 () = settle => {
                     self.settle = None;
                     self.own.refresh();
-                    self.publish_own();
+                    // Nobody subscribed to tell yet: again after the delay.
+                    if self.publish_own() {
+                        self.settled = true;
+                    } else {
+                        self.settle = Some(Instant::now() + SETTLE_DELAY);
+                    }
                 }
                 event = self.swarm.select_next_some() => self.on_event(event),
                 Some(query) = self.queries.recv() => self.answer(query),
@@ -505,11 +530,29 @@ impl SwarmTask {
         if version == saved_version || !due {
             return;
         }
+        // One write at a time: a change made meanwhile is written once this one is done.
+        if !now_ && self.saving.as_ref().is_some_and(|w| !w.is_finished()) {
+            self.save_at = Some(Instant::now() + SAVE_MEMBERS_DELAY);
+            return;
+        }
         let records = self.directory.signed_records(&self.own.key.hotkey(), now());
         let path = dir.join(DIRECTORY_FILE);
-        match crate::atomic_file::write_atomically(&path, &to_bytes(&records), 0o644) {
-            Ok(()) => self.saved = (version, members, Instant::now()),
-            Err(error) => warn!(path = %path.display(), %error, "directory not kept on disk"),
+        let bytes = to_bytes(&records);
+        self.saved = (version, members, Instant::now());
+        let write = move || {
+            if let Err(error) = crate::atomic_file::write_atomically(&path, &bytes, 0o644) {
+                warn!(path = %path.display(), %error, "directory not kept on disk");
+            }
+        };
+        if now_ {
+            // Stopping: on disk before the node exits.
+            write();
+        } else {
+            // Off the discovery thread: the write syncs the file and its directory, which on a
+            // busy disk blocked the thread's packets and timers for seconds (every node writes
+            // within a second of a node joining, so 256 nodes starting together wrote ~256
+            // times a second), long enough for peers' QUIC idle timeouts.
+            self.saving = Some(tokio::task::spawn_blocking(write));
         }
     }
 
@@ -610,8 +653,8 @@ impl SwarmTask {
         }
     }
 
-    /// Publishes the own record on gossip (to every subscribed peer).
-    fn publish_own(&mut self) {
+    /// Publishes the own record on gossip (to every subscribed peer); whether it went out.
+    fn publish_own(&mut self) -> bool {
         let own = self.own.current();
         let data = gossip::encode(&own);
         self.published_at = Some(Instant::now());
@@ -623,14 +666,21 @@ impl SwarmTask {
         {
             Ok(_) => {
                 self.stats.published += 1;
-                if !self.announced {
+                // A node that joins through a bootstrap peer announces again SETTLE_DELAY after
+                // its join fetch is answered (by then it has dialed its mesh peers); one without
+                // (a first facilitator) SETTLE_DELAY after this first announcement.
+                if !self.announced && self.bootstrap.is_empty() {
                     self.settle = Some(Instant::now() + SETTLE_DELAY);
                 }
                 self.announced = true;
+                true
             }
             // Nobody to tell yet: the first subscribed peer triggers a publish.
-            Err(PublishError::NoPeersSubscribedToTopic | PublishError::Duplicate) => {}
-            Err(error) => debug!(%error, "own record not published"),
+            Err(PublishError::NoPeersSubscribedToTopic | PublishError::Duplicate) => false,
+            Err(error) => {
+                debug!(%error, "own record not published");
+                false
+            }
         }
     }
 
@@ -654,6 +704,7 @@ impl SwarmTask {
     fn start_pulls(&mut self) {
         if self.pull_at.is_none() && self.pull_request.is_none() {
             self.pulls = 0;
+            self.empty_pulls = 0;
             // Spread by hotkey over PULL_SPREAD_MS.
             let spread = self.own.key.hotkey().as_bytes()[..2]
                 .iter()
@@ -703,13 +754,22 @@ impl SwarmTask {
         }
     }
 
+    /// A whole directory arrived (a join fetch or a pull answered): unless done already, the
+    /// second announcement is due [`SETTLE_DELAY`] from now, once this node has dialed its mesh
+    /// peers from what it learned.
+    fn directory_fetched(&mut self) {
+        if !self.settled && self.settle.is_none() {
+            self.settle = Some(Instant::now() + SETTLE_DELAY);
+        }
+    }
+
     fn on_connected(&mut self, peer: PeerId) {
         debug!(%peer, "discovery connection");
         let bootstrap = self.bootstrap.iter().any(|b| b.peer == peer);
         if bootstrap && !self.joined.contains(&peer) {
             // Joining: the whole directory, once, from the bootstrap peer; gossip from then on.
             self.joined.push(peer);
-            self.send_own(peer, true);
+            self.join_request = Some(self.send_own(peer, true));
             self.start_pulls();
         } else if let Some(at) = self.refetch.iter().position(|p| *p == peer) {
             // A node of the kept directory (a restarted node): its fresh copy.
@@ -897,11 +957,19 @@ impl SwarmTask {
                     response,
                     request_id,
                 } => {
+                    let whole = !response.relayed.is_empty();
                     let learned = self.accept(peer, response);
+                    if self.join_request == Some(request_id) {
+                        self.join_request = None;
+                    }
+                    if whole {
+                        self.directory_fetched();
+                    }
                     if self.pull_request == Some(request_id) {
                         self.pull_request = None;
                         debug!(%peer, learned, "pull sync");
-                        if learned > 0 {
+                        self.empty_pulls = if learned > 0 { 0 } else { self.empty_pulls + 1 };
+                        if self.empty_pulls < EMPTY_PULLS {
                             self.pull_again();
                         }
                     }
@@ -914,6 +982,16 @@ impl SwarmTask {
                 ..
             } => {
                 debug!(%peer, %error, "record exchange failed");
+                if self.join_request == Some(request_id) {
+                    // Joined through this peer only once it answered: asked again now if it is
+                    // still connected (a busy peer), else at the next connection to it.
+                    self.join_request = None;
+                    if self.swarm.is_connected(&peer) {
+                        self.join_request = Some(self.send_own(peer, true));
+                    } else {
+                        self.joined.retain(|p| *p != peer);
+                    }
+                }
                 if self.pull_request == Some(request_id) {
                     self.pull_request = None;
                     self.pull_again();
