@@ -577,10 +577,7 @@ fn build_swarm(key: &SecretKey) -> Result<Swarm<Behaviour>, DiscoveryError> {
                 request_response::Config::default().with_request_timeout(REQUEST_TIMEOUT),
             );
             let gossip = gossip::behaviour(keypair)?;
-            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Behaviour {
-                records,
-                gossip,
-            })
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Behaviour { records, gossip })
         })
         .map_err(|e| DiscoveryError::Swarm(e.to_string()))?
         // Connections between discovery nodes stay open (gossipsub holds a stream on each);

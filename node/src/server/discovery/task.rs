@@ -584,12 +584,12 @@ impl SwarmTask {
     /// quarter of it at random, so that nodes that lost the same peer do not dial it together.
     fn redial_soon(&mut self, peer: Option<PeerId>) {
         let Some(peer) = peer else { return };
-        if self.is_bootstrap(&peer) && !self.swarm.is_connected(&peer) && self.redial_at.is_none()
-        {
+        if self.is_bootstrap(&peer) && !self.swarm.is_connected(&peer) && self.redial_at.is_none() {
             let wait = self.redial_wait;
             self.redial_wait = (wait * 2).min(REDIAL_MAX);
             let quarter = u64::try_from(wait.as_millis() / 4).unwrap_or(0).max(1);
-            let jitter = u64::from_le_bytes(random_seed()[..8].try_into().unwrap_or([0; 8])) % quarter;
+            let jitter =
+                u64::from_le_bytes(random_seed()[..8].try_into().unwrap_or([0; 8])) % quarter;
             self.redial_at = Some(Instant::now() + wait + Duration::from_millis(jitter));
         }
     }
@@ -732,13 +732,13 @@ impl SwarmTask {
             .filter(|(_, topics)| topics.contains(&&topic))
             .map(|(peer, _)| *peer)
             .min_by_key(|peer| {
-            let mut order = blake3::Hasher::new();
-            order.update(&seed);
-            order.update(b"pull");
-            order.update(&turn.to_le_bytes());
-            order.update(&peer.to_bytes());
-            *order.finalize().as_bytes()
-        });
+                let mut order = blake3::Hasher::new();
+                order.update(&seed);
+                order.update(b"pull");
+                order.update(&turn.to_le_bytes());
+                order.update(&peer.to_bytes());
+                *order.finalize().as_bytes()
+            });
         match peer {
             Some(peer) => self.pull_request = Some(self.send_own(peer, true)),
             // Nobody to ask now; again after the wait.
