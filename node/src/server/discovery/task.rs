@@ -637,7 +637,7 @@ impl SwarmTask {
                 Some((*order.finalize().as_bytes(), peer, addr))
             })
             .collect();
-        candidates.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        candidates.sort_unstable_by_key(|candidate| candidate.0);
         for (_, peer, addr) in candidates.into_iter().take(wanted) {
             let dial = DialOpts::peer_id(peer)
                 .condition(PeerCondition::DisconnectedAndNotDialing)
