@@ -8,8 +8,8 @@
 //! | application error code | [`codes`] | `0`–`9` | closing a connection, stopping/resetting a stream |
 //! | blob stop code | [`blob_stop`] | `0x10`–`0x12` | a blob receiver stopping its stream |
 //! | discovery protocol | [`DISCOVERY_RECORDS`] | `/horde/records/2` | libp2p record exchange |
-//! | discovery protocol | [`DISCOVERY_KAD`] | `/horde/kad/1` | horde's own Kademlia DHT |
-//! | discovery protocol | [`DISCOVERY_IDENTIFY`] | `/horde/id/1` | libp2p identify version string |
+//! | discovery protocol | [`DISCOVERY_KAD`] | `/horde/kad/1` | horde's own Kademlia DHT; not spoken since nodes take their peers from the directory (reserved) |
+//! | discovery protocol | [`DISCOVERY_IDENTIFY`] | `/horde/id/1` | libp2p identify version string; not spoken any more (reserved) |
 //! | discovery protocol | [`DISCOVERY_GOSSIP`] | `/horde/meshsub` | gossipsub protocol prefix (`…/1.2.0` etc.) |
 //! | gossip topic | [`DISCOVERY_GOSSIP_TOPIC`] | `horde/records/2` | signed node records |
 //! | signature domain tag | [`DOMAIN_TAGS`] | `horde/<purpose>/v1` | every signature (`tag ‖ exact bytes`) |
@@ -120,9 +120,11 @@ pub mod blob_stop {
 /// The libp2p record exchange protocol (request-response). `/2`: `NodeRecord` gained
 /// `incarnation` (nodes of `/1` and `/2` do not exchange records; all nodes upgrade together).
 pub const DISCOVERY_RECORDS: &str = "/horde/records/2";
-/// horde's Kademlia protocol name (its own DHT, apart from any public one).
+/// horde's Kademlia protocol name (its own DHT, apart from any public one). Not spoken any more:
+/// nodes take their gossip peers from the directory; kept so the name is never reused.
 pub const DISCOVERY_KAD: &str = "/horde/kad/1";
-/// The libp2p identify protocol version string.
+/// The libp2p identify protocol version string. Not spoken any more (it fed Kademlia); kept so
+/// the name is never reused.
 pub const DISCOVERY_IDENTIFY: &str = "/horde/id/1";
 /// horde's gossipsub protocol prefix (its own mesh, apart from any public one).
 pub const DISCOVERY_GOSSIP: &str = "/horde/meshsub";

@@ -43,6 +43,13 @@ struct Args {
     /// twice: taken, freed).
     #[arg(long, default_value_t = 8)]
     jobs: usize,
+    /// Further `RUST_LOG` directives for the nodes (e.g. `horde_node::server::discovery=debug`),
+    /// appended to the bench's own.
+    #[arg(long, default_value = "")]
+    log: String,
+    /// Keep the network's directory (keys, configs, node logs) here instead of a temporary one.
+    #[arg(long)]
+    dir: Option<std::path::PathBuf>,
     /// Where the JSON results go.
     #[arg(long, default_value = "target/discovery-scale.json")]
     json: String,
@@ -336,10 +343,13 @@ fn main() -> anyhow::Result<()> {
         // The nodes' gossip counters are logged at debug, every 5 s.
         // The latency lines too (capacity changes, records kept).
         log_filter: format!(
-            "warn,horde_node::server::discovery::stats=debug,{}=debug",
-            horde_node::server::discovery::LATENCY_TARGET
+            "warn,horde_node::server::discovery::stats=debug,{}=debug{}{}",
+            horde_node::server::discovery::LATENCY_TARGET,
+            if args.log.is_empty() { "" } else { "," },
+            args.log
         ),
         converge_timeout: Duration::from_secs(120),
+        dir: args.dir.clone(),
         ..TestnetConfig::default()
     })?;
     let converged = testnet.converged_in().context("discovery did not run")?;

@@ -1,7 +1,8 @@
-//! Discovery: every node but executors runs a libp2p swarm beside its QUIC endpoint, finds peers
-//! with identify and Kademlia from its bootstrap peers, spreads signed [`NodeRecord`]s on
-//! gossipsub and fetches whole directories over `/horde/records/2` (request-response) when it
-//! joins.
+//! Discovery: every node but executors runs a libp2p swarm beside its QUIC endpoint, joins
+//! through its bootstrap peers, spreads signed [`NodeRecord`]s on gossipsub and fetches whole
+//! directories over `/horde/records/2` (request-response) when it joins. Its gossip peers come
+//! from the directory itself: every record names its node's discovery addresses, and a node dials
+//! a few nodes it learned (`task::MESH_DIALS`).
 //!
 //! Identity: the libp2p key is the node's hotkey (same ed25519 secret), so a `PeerId` and a hotkey
 //! name the same node and a bootstrap peer can be written `HOTKEY@IP:PORT`. Transport: libp2p's
@@ -37,11 +38,10 @@ use std::time::Duration;
 use futures::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, StreamExt as _};
 use horde_protocol::codec::{FRAME_HEADER_LEN, encode_frame, frame_len, from_bytes_exact};
 use horde_protocol::{ClassCapacity, Hotkey, NodeAddr, NodeRecord, RecordSync, Role, SecretKey};
-use libp2p::kad::store::MemoryStore;
 use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
-use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, identify, kad};
+use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument as _, info_span, warn};
@@ -62,10 +62,6 @@ use crate::clock::now;
 /// The record exchange protocol.
 pub const PROTOCOL_RECORDS: StreamProtocol =
     StreamProtocol::new(horde_protocol::wire::DISCOVERY_RECORDS);
-/// horde's Kademlia protocol name (its own DHT, apart from any public one).
-pub const PROTOCOL_KAD: StreamProtocol = StreamProtocol::new(horde_protocol::wire::DISCOVERY_KAD);
-/// The identify protocol version string.
-pub const PROTOCOL_IDENTIFY: &str = horde_protocol::wire::DISCOVERY_IDENTIFY;
 
 /// Largest encoded [`RecordSync`] accepted or sent.
 pub const MAX_SYNC_BYTES: u32 = 1024 * 1024;
@@ -94,7 +90,8 @@ pub const DEFAULT_RECORD_TTL: Duration = Duration::from_secs(120);
 /// Shortest record lifetime a config may set.
 pub const MIN_RECORD_TTL: Duration = Duration::from_secs(2);
 
-/// How long a connection outside the gossip mesh stays open without traffic.
+/// How long a connection without gossip (a record exchange of `horde nodes` or the harness)
+/// stays open without traffic.
 const IDLE_CONNECTION: Duration = Duration::from_secs(30);
 /// How long one record exchange may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -438,12 +435,6 @@ async fn prepare(
         .filter(|peer| peer.peer != *swarm.local_peer_id())
         .cloned()
         .collect();
-    for peer in &bootstrap {
-        swarm
-            .behaviour_mut()
-            .kad
-            .add_address(&peer.peer, peer.addr.clone());
-    }
     swarm
         .behaviour_mut()
         .gossip
@@ -479,46 +470,81 @@ async fn prepare(
 
 /// One record exchange with a discovery peer, from a short-lived swarm of our own: sends `sync`,
 /// returns the peer's answer (with every record it holds when `sync.want_all`). Used by
-/// `horde nodes` and by the harness that waits for a network to converge.
+/// `horde nodes`.
 pub async fn exchange(
     key: &SecretKey,
     peer: &BootstrapPeer,
     sync: RecordSync,
     timeout: Duration,
 ) -> Result<RecordSync, DiscoveryError> {
-    let mut swarm = build_swarm(key)?;
-    let request = swarm.behaviour_mut().records.send_request_with_addresses(
-        &peer.peer,
-        sync,
-        vec![peer.addr.clone()],
-    );
-    let wait = async {
-        loop {
-            match swarm.select_next_some().await {
-                SwarmEvent::Behaviour(BehaviourEvent::Records(
-                    request_response::Event::Message {
-                        message:
-                            request_response::Message::Response {
-                                request_id,
-                                response,
-                            },
-                        ..
-                    },
-                )) if request_id == request => return Ok(response),
-                SwarmEvent::Behaviour(BehaviourEvent::Records(
-                    request_response::Event::OutboundFailure {
-                        request_id, error, ..
-                    },
-                )) if request_id == request => {
-                    return Err(DiscoveryError::Exchange(format!("{peer}: {error}")));
+    Exchanger::new(key)?.exchange(peer, sync, timeout).await
+}
+
+/// A swarm of its own for record exchanges with many peers, one after another: its connections
+/// stay open between exchanges (until idle for 30 s), so asking the same nodes again costs a
+/// request, not a QUIC handshake each (the harness that waits for a network to converge asks
+/// its observers every 100 ms). It joins no gossip.
+pub struct Exchanger {
+    swarm: Swarm<Behaviour>,
+}
+
+impl std::fmt::Debug for Exchanger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Exchanger")
+            .field("peer", self.swarm.local_peer_id())
+            .finish()
+    }
+}
+
+impl Exchanger {
+    /// A swarm with the identity `key`.
+    pub fn new(key: &SecretKey) -> Result<Self, DiscoveryError> {
+        Ok(Self {
+            swarm: build_swarm(key)?,
+        })
+    }
+
+    /// Sends `sync` to `peer` and returns its answer (see [`exchange`]).
+    pub async fn exchange(
+        &mut self,
+        peer: &BootstrapPeer,
+        sync: RecordSync,
+        timeout: Duration,
+    ) -> Result<RecordSync, DiscoveryError> {
+        let swarm = &mut self.swarm;
+        let request = swarm.behaviour_mut().records.send_request_with_addresses(
+            &peer.peer,
+            sync,
+            vec![peer.addr.clone()],
+        );
+        let wait = async {
+            loop {
+                match swarm.select_next_some().await {
+                    SwarmEvent::Behaviour(BehaviourEvent::Records(
+                        request_response::Event::Message {
+                            message:
+                                request_response::Message::Response {
+                                    request_id,
+                                    response,
+                                },
+                            ..
+                        },
+                    )) if request_id == request => return Ok(response),
+                    SwarmEvent::Behaviour(BehaviourEvent::Records(
+                        request_response::Event::OutboundFailure {
+                            request_id, error, ..
+                        },
+                    )) if request_id == request => {
+                        return Err(DiscoveryError::Exchange(format!("{peer}: {error}")));
+                    }
+                    _ => {}
                 }
-                _ => {}
             }
-        }
-    };
-    tokio::time::timeout(timeout, wait)
-        .await
-        .map_err(|_| DiscoveryError::Exchange(format!("{peer}: no answer within {timeout:?}")))?
+        };
+        tokio::time::timeout(timeout, wait).await.map_err(|_| {
+            DiscoveryError::Exchange(format!("{peer}: no answer within {timeout:?}"))
+        })?
+    }
 }
 
 /// Every record a node holds, its own included, each verified (`horde nodes`).
@@ -550,8 +576,6 @@ pub async fn list_nodes(peer: &BootstrapPeer) -> Result<Vec<NodeRecord>, Discove
 
 #[derive(NetworkBehaviour)]
 struct Behaviour {
-    identify: identify::Behaviour,
-    kad: kad::Behaviour<MemoryStore>,
     records: request_response::Behaviour<RecordCodec>,
     gossip: libp2p::gossipsub::Behaviour,
 }
@@ -569,36 +593,18 @@ fn build_swarm(key: &SecretKey) -> Result<Swarm<Behaviour>, DiscoveryError> {
             config
         })
         .with_behaviour(|keypair| {
-            let peer = keypair.public().to_peer_id();
-            let identify = identify::Behaviour::new(identify::Config::new(
-                PROTOCOL_IDENTIFY.to_owned(),
-                keypair.public(),
-            ));
-            let mut kad = kad::Behaviour::with_config(
-                peer,
-                MemoryStore::new(peer),
-                kad::Config::new(PROTOCOL_KAD),
-            );
-            // Answer queries even without a confirmed external address (loopback, LANs).
-            kad.set_mode(Some(kad::Mode::Server));
             let records = request_response::Behaviour::with_codec(
                 RecordCodec,
                 [(PROTOCOL_RECORDS, ProtocolSupport::Full)],
                 request_response::Config::default().with_request_timeout(REQUEST_TIMEOUT),
             );
             let gossip = gossip::behaviour(keypair)?;
-            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Behaviour {
-                identify,
-                kad,
-                records,
-                gossip,
-            })
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Behaviour { records, gossip })
         })
         .map_err(|e| DiscoveryError::Swarm(e.to_string()))?
-        // Mesh connections stay open (gossipsub keeps them alive), and so do those to bootstrap
-        // peers (redialed); the others a Kademlia walk opened close after IDLE_CONNECTION
-        // without traffic: each open connection costs memory (queues, QUIC state) and CPU
-        // (keep-alives), and at 256 nodes walks would otherwise connect most nodes to most.
+        // Connections between discovery nodes stay open (gossipsub holds a stream on each);
+        // one that carries no gossip (a record exchange of `horde nodes`, the harness) closes
+        // after IDLE_CONNECTION without traffic.
         .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_CONNECTION))
         .build();
     Ok(swarm)

@@ -235,6 +235,16 @@ impl Directory {
             .collect()
     }
 
+    /// The first discovery address of every live record (the nodes a node may dial for its
+    /// gossip mesh).
+    pub fn p2p_addrs(&self, now: UnixMillis) -> Vec<(Hotkey, std::net::SocketAddr)> {
+        self.lock()
+            .values()
+            .filter(|e| e.record.expires_at > now)
+            .filter_map(|e| Some((e.record.hotkey, *e.record.p2p_addrs.first()?)))
+            .collect()
+    }
+
     /// How many live records of each role are held.
     pub fn count(&self, role: Role, now: UnixMillis) -> usize {
         self.lock()

@@ -12,8 +12,9 @@ use horde_protocol::codec::{from_bytes_exact, to_bytes};
 use horde_protocol::{ClassCapacity, NodeRecord, RecordSync, Role, SecretKey, Signed, UnixMillis};
 use libp2p::gossipsub::{self, MessageAcceptance, PublishError};
 use libp2p::request_response;
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{ConnectionId, SwarmEvent};
-use libp2p::{PeerId, Swarm, identify};
+use libp2p::{PeerId, Swarm};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -26,23 +27,27 @@ use super::{
 };
 use crate::clock::now;
 
-/// How often a node runs a Kademlia bootstrap (a walk toward its own id and random ids) to find
-/// peers beyond the ones it knows (also once at its first connection). Each walk opens
-/// connections to some 20 peers that close again when idle; every 5 minutes, Kademlia's own
-/// default, keeps that churn small at 256 nodes (a mesh needs only a handful of peers).
-const WALK_INTERVAL: Duration = Duration::from_secs(300);
-/// Connections a node keeps before it closes the ones it dialed itself that are neither in its
-/// gossip mesh nor to a bootstrap peer (checked [`REDIAL_INTERVAL`] after a connection beyond
-/// it). gossipsub keeps a
-/// connection open for as long as it lasts, so without this each Kademlia walk would add ~20
-/// connections for good: at 256 nodes most nodes ended up connected to most, with a send queue
-/// and QUIC keep-alives for each. Inbound connections are never closed here (a peer that dialed
-/// us may use us as its bootstrap peer and would dial again).
-const MAX_CONNECTED: usize = 24;
-/// How soon a bootstrap peer whose connection was lost (or whose dial failed) is dialed again,
-/// and how soon after a new connection the connection count is checked against
-/// [`MAX_CONNECTED`] (the mesh has settled by then).
+/// How many nodes of its directory a node keeps connections to that it dialed itself (besides
+/// its bootstrap peers), for its gossip mesh: gossipsub meshes `mesh_n` = 6 of the connected
+/// peers, at least 2 of them dialed by the node (`mesh_outbound_min`); 4 dialed here and ~4
+/// dialed by others give every node ~8 connections whatever the network's size, so a node's
+/// connections (QUIC state, a send queue, keep-alives each) do not grow with the network.
+/// Peers come from the directory (every record names its node's discovery addresses, signed):
+/// the Kademlia walks that found them before opened some 20 connections per walk, and at 256
+/// nodes starting together thousands within seconds, which starved the machine (see
+/// benches/RESULTS.md, "Start-up at 256 nodes"). A connection gossipsub holds stays open
+/// (it keeps a stream on it), so these few are never trimmed.
+pub(super) const MESH_DIALS: usize = 4;
+/// How soon after a change (a node learned, a dialed connection lost or a dial failed) the node
+/// dials towards [`MESH_DIALS`]: the records of one fetch make one round of dials.
+const FILL_DELAY: Duration = Duration::from_millis(500);
+/// How soon a bootstrap peer whose connection was lost (or whose dial failed) is dialed again;
+/// each failure in a row doubles the wait, up to [`REDIAL_MAX`], so a bootstrap peer that is
+/// down (or too busy to answer) is not hammered by every node of the network at once.
 const REDIAL_INTERVAL: Duration = Duration::from_secs(2);
+/// The longest wait between redials of a bootstrap peer: a node cut off from it (a partition, a
+/// restart) is back within this long after it is reachable again.
+const REDIAL_MAX: Duration = Duration::from_secs(8);
 /// Capacity changes are published at most this often (changes in between are coalesced into
 /// the next record).
 pub const CAPACITY_COALESCE: Duration = Duration::from_millis(100);
@@ -58,10 +63,16 @@ const DIAL_LOADED: usize = 3;
 /// `horde_node::server::discovery::stats`, level debug; at most one line per interval, none
 /// while nothing changes).
 const STATS_INTERVAL: Duration = Duration::from_secs(5);
-/// How long after its first announcement a node announces its record once more: by then the
-/// meshes of a network starting together have formed, and a first copy that reached only
-/// half-formed meshes is made good (one extra record per node, once).
-const SETTLE_DELAY: Duration = Duration::from_secs(4);
+/// How long after the first whole directory it received (its join fetch or a pull answered; a
+/// node without bootstrap peers: after its first announcement) a node announces its record
+/// once more: by then it has dialed its mesh peers
+/// (`MESH_DIALS`, [`FILL_DELAY`] after it learned them) and the meshes of a network starting
+/// together have formed, so this copy reaches every node, where a first copy sent while the
+/// node knew only its bootstrap peer may have reached part of the network (one extra record per
+/// node, once). Timed from the first announcement instead, a node whose join fetch waited on
+/// a busy bootstrap peer announced again before it had any other peer: at 256 nodes such a
+/// record stayed unknown to half the network until its refresh, 90 s later.
+const SETTLE_DELAY: Duration = Duration::from_secs(3);
 /// How long after its join fetch a node pulls the whole directory again (plus up to
 /// [`PULL_SPREAD_MS`], by hotkey, so a network starting together does not pull at once): the
 /// join fetch holds only the nodes that joined before it, and gossip copies of the rest may have
@@ -69,10 +80,13 @@ const SETTLE_DELAY: Duration = Duration::from_secs(4);
 /// decode, no signature check.
 const PULL_FIRST: Duration = Duration::from_secs(3);
 const PULL_SPREAD_MS: u64 = 2000;
-/// A pull that brought nodes this node did not know is repeated after [`PULL_WAIT`], at most
-/// [`MAX_PULLS`] times after one join; one that brought none ends the pulls (gossip alone from
-/// then on). While a network starts, each pull costs its node the decode of one directory.
+/// A pull is repeated after [`PULL_WAIT`], at most [`MAX_PULLS`] times after one join, until
+/// [`EMPTY_PULLS`] in a row brought no node this node did not know (gossip alone from then on).
+/// Each asks another peer chosen at random: one pull from a peer that lacked the same record
+/// used to end the pulls, and at 256 nodes left records unknown to some nodes until their
+/// refresh. While a network starts, each pull costs its node the decode of one directory.
 const PULL_WAIT: Duration = Duration::from_secs(3);
+const EMPTY_PULLS: u32 = 3;
 const MAX_PULLS: u32 = 20;
 /// The log target of the record-latency lines (level debug): "capacity published" (a miner's
 /// wait from a capacity change to signing it) and "record kept" (how long after signing a record
@@ -168,6 +182,12 @@ struct Stats {
     /// Bytes of the record messages received on gossip (payloads; control frames and
     /// transport overhead not counted).
     received_bytes: u64,
+    /// Connections established and closed (every connection, both directions), closed by the
+    /// connection cap, and dials that failed.
+    connections_opened: u64,
+    connections_closed: u64,
+    mesh_dials: u64,
+    dial_failures: u64,
 }
 
 pub(super) struct SwarmTask {
@@ -175,7 +195,6 @@ pub(super) struct SwarmTask {
     pub(super) directory: Arc<Directory>,
     pub(super) own: OwnRecord,
     pub(super) capacity: Option<watch::Receiver<Vec<ClassCapacity>>>,
-    pub(super) walked: bool,
     /// Dialed at start and again whenever the connection to one is gone (a restarted bootstrap
     /// node knows nobody until its peers come back).
     pub(super) bootstrap: Vec<BootstrapPeer>,
@@ -187,6 +206,14 @@ pub(super) struct SwarmTask {
     /// Every open connection, by peer, with when it was established (wall clock): a peer's
     /// record with a newer `incarnation` closes the ones from before its restart.
     connections: std::collections::HashMap<PeerId, Vec<(ConnectionId, UnixMillis)>>,
+    /// Directory nodes dialed for the mesh, not yet connected; when the next round of such dials
+    /// is due; a random seed and round counter that order the candidates differently each round.
+    dialing: std::collections::HashSet<PeerId>,
+    fill_at: Option<Instant>,
+    fill_seed: [u8; 32],
+    fill_round: u64,
+    /// The wait before the next bootstrap redial (doubles with each failure in a row).
+    redial_wait: Duration,
     /// Bootstrap peers the whole directory was fetched from already.
     joined: Vec<PeerId>,
     /// Nodes of the kept directory dialed at start, to fetch a fresh copy from once.
@@ -200,22 +227,36 @@ pub(super) struct SwarmTask {
     /// Whether the own record reached a subscribed peer yet, and when it is announced again.
     announced: bool,
     settle: Option<Instant>,
-    /// When the next pull sync is due, the wait before it, the request in flight and whose turn
-    /// it is among the bootstrap peers.
+    /// The join fetch in flight (asked again while it fails), and whether the second
+    /// announcement was made (timed from the first whole directory received).
+    join_request: Option<request_response::OutboundRequestId>,
+    settled: bool,
+    /// Pulls in a row that brought no node this node did not know.
+    empty_pulls: u32,
+    /// When the next pull sync is due, the wait before it, the request in flight and how many
+    /// were sent (a new random choice of peer each).
     pull_at: Option<Instant>,
     pulls: u32,
     pull_request: Option<request_response::OutboundRequestId>,
-    pull_turn: usize,
-    /// The directory's change count, size and time at the last write.
+    pull_turn: u64,
+    /// The directory's change count, size and time at the last write, and the write under way.
     saved: (u64, usize, Instant),
+    saving: Option<tokio::task::JoinHandle<()>>,
     stats: Stats,
     logged: Stats,
     /// Timers, each set only while it has work to do (an idle node wakes for none of them):
-    /// the next redial of bootstrap peers, connection trim, directory write and counter log.
+    /// the next redial of bootstrap peers, directory write and counter log.
     redial_at: Option<Instant>,
-    trim_at: Option<Instant>,
     save_at: Option<Instant>,
     stats_at: Option<Instant>,
+}
+
+/// 32 random bytes (the operating system's generator; zeros if it fails, which only makes the
+/// choice of peers and redial jitter predictable).
+fn random_seed() -> [u8; 32] {
+    let mut seed = [0u8; 32];
+    let _ = getrandom::fill(&mut seed);
+    seed
 }
 
 /// Sleeps until `at`; forever when `None`.
@@ -250,12 +291,16 @@ impl SwarmTask {
             directory,
             own,
             capacity,
-            walked: false,
             bootstrap,
             queries,
             state_dir,
             dialed: std::collections::HashSet::new(),
             connections: std::collections::HashMap::new(),
+            dialing: std::collections::HashSet::new(),
+            fill_at: None,
+            fill_seed: random_seed(),
+            fill_round: 0,
+            redial_wait: REDIAL_INTERVAL,
             joined: Vec::new(),
             refetch: Vec::new(),
             published_at: None,
@@ -263,15 +308,18 @@ impl SwarmTask {
             capacity_changed_at: None,
             announced: false,
             settle: None,
+            join_request: None,
+            settled: false,
+            empty_pulls: 0,
             pull_at: None,
             pulls: 0,
             pull_request: None,
             pull_turn: 0,
             saved: (0, 0, Instant::now()),
+            saving: None,
             stats: Stats::default(),
             logged: Stats::default(),
             redial_at: None,
-            trim_at: None,
             save_at: None,
             stats_at: None,
         }
@@ -282,8 +330,6 @@ impl SwarmTask {
         self.redial();
         let mut republish = tokio::time::interval(refresh_interval(self.own.ttl));
         republish.tick().await;
-        let mut walk = tokio::time::interval(WALK_INTERVAL);
-        walk.tick().await;
         // No periodic sweep, write or redial: each timer below is set from what happened (a
         // record kept, a connection lost), so an idle node sleeps until its next refresh, the
         // first expiry in its directory, or traffic.
@@ -321,7 +367,12 @@ impl SwarmTask {
                 () = settle => {
                     self.settle = None;
                     self.own.refresh();
-                    self.publish_own();
+                    // Nobody subscribed to tell yet: again after the delay.
+                    if self.publish_own() {
+                        self.settled = true;
+                    } else {
+                        self.settle = Some(Instant::now() + SETTLE_DELAY);
+                    }
                 }
                 event = self.swarm.select_next_some() => self.on_event(event),
                 Some(query) = self.queries.recv() => self.answer(query),
@@ -339,15 +390,12 @@ impl SwarmTask {
                     changes.mark_unchanged();
                     expiry = next_expiry(&self.directory);
                     self.schedule_save();
+                    self.schedule_fill();
                 }
-                _ = walk.tick() => self.walk(),
+                () = sleep_until(self.fill_at) => self.fill(),
                 () = sleep_until(self.redial_at) => {
                     self.redial_at = None;
                     self.redial();
-                }
-                () = sleep_until(self.trim_at) => {
-                    self.trim_at = None;
-                    self.trim();
                 }
                 () = sleep_until(self.save_at) => {
                     self.save_at = None;
@@ -411,7 +459,10 @@ impl SwarmTask {
             target: "horde_node::server::discovery::stats",
             received = s.received, accepted = s.accepted, ignored = s.ignored,
             rejected = s.rejected, published = s.published, fetches_sent = s.fetches_sent,
-            fetches_served = s.fetches_served, received_bytes = s.received_bytes, records = self.directory.len(),
+            fetches_served = s.fetches_served, received_bytes = s.received_bytes,
+            connections_opened = s.connections_opened, connections_closed = s.connections_closed,
+            mesh_dials = s.mesh_dials, dial_failures = s.dial_failures,
+            connected = self.swarm.connected_peers().count(), records = self.directory.len(),
             "gossip counters"
         );
     }
@@ -493,11 +544,29 @@ impl SwarmTask {
         if version == saved_version || !due {
             return;
         }
+        // One write at a time: a change made meanwhile is written once this one is done.
+        if !now_ && self.saving.as_ref().is_some_and(|w| !w.is_finished()) {
+            self.save_at = Some(Instant::now() + SAVE_MEMBERS_DELAY);
+            return;
+        }
         let records = self.directory.signed_records(&self.own.key.hotkey(), now());
         let path = dir.join(DIRECTORY_FILE);
-        match crate::atomic_file::write_atomically(&path, &to_bytes(&records), 0o644) {
-            Ok(()) => self.saved = (version, members, Instant::now()),
-            Err(error) => warn!(path = %path.display(), %error, "directory not kept on disk"),
+        let bytes = to_bytes(&records);
+        self.saved = (version, members, Instant::now());
+        let write = move || {
+            if let Err(error) = crate::atomic_file::write_atomically(&path, &bytes, 0o644) {
+                warn!(path = %path.display(), %error, "directory not kept on disk");
+            }
+        };
+        if now_ {
+            // Stopping: on disk before the node exits.
+            write();
+        } else {
+            // Off the discovery thread: the write syncs the file and its directory, which on a
+            // busy disk blocked the thread's packets and timers for seconds (every node writes
+            // within a second of a node joining, so 256 nodes starting together wrote ~256
+            // times a second), long enough for peers' QUIC idle timeouts.
+            self.saving = Some(tokio::task::spawn_blocking(write));
         }
     }
 
@@ -524,51 +593,82 @@ impl SwarmTask {
         }
     }
 
-    /// Sets the redial timer when `peer` is a bootstrap peer no longer connected.
+    /// Sets the redial timer when `peer` is a bootstrap peer no longer connected: the wait
+    /// doubles with each loss or failed dial in a row (up to [`REDIAL_MAX`]), plus up to a
+    /// quarter of it at random, so that nodes that lost the same peer do not dial it together.
     fn redial_soon(&mut self, peer: Option<PeerId>) {
         let Some(peer) = peer else { return };
-        if self.bootstrap.iter().any(|b| b.peer == peer) && !self.swarm.is_connected(&peer) {
-            self.redial_at
-                .get_or_insert(Instant::now() + REDIAL_INTERVAL);
+        if self.is_bootstrap(&peer) && !self.swarm.is_connected(&peer) && self.redial_at.is_none() {
+            let wait = self.redial_wait;
+            self.redial_wait = (wait * 2).min(REDIAL_MAX);
+            let quarter = u64::try_from(wait.as_millis() / 4).unwrap_or(0).max(1);
+            let jitter =
+                u64::from_le_bytes(random_seed()[..8].try_into().unwrap_or([0; 8])) % quarter;
+            self.redial_at = Some(Instant::now() + wait + Duration::from_millis(jitter));
         }
     }
 
-    /// Closes connections this node dialed that are outside its gossip mesh and not to a
-    /// bootstrap peer, while it has more than [`MAX_CONNECTED`].
-    fn trim(&mut self) {
-        let connected = self.swarm.connected_peers().count();
-        if connected <= MAX_CONNECTED {
+    fn is_bootstrap(&self, peer: &PeerId) -> bool {
+        self.bootstrap.iter().any(|b| b.peer == *peer)
+    }
+
+    /// How many directory nodes this node has dialed for its mesh (connected or under way).
+    fn mesh_dialed(&self) -> usize {
+        self.dialed.iter().filter(|p| !self.is_bootstrap(p)).count() + self.dialing.len()
+    }
+
+    /// Sets the dial timer while this node has dialed fewer than [`MESH_DIALS`] nodes.
+    fn schedule_fill(&mut self) {
+        if self.fill_at.is_none() && self.mesh_dialed() < MESH_DIALS {
+            self.fill_at = Some(Instant::now() + FILL_DELAY);
+        }
+    }
+
+    /// Dials nodes of the directory, chosen at random among those not connected, until
+    /// [`MESH_DIALS`] are dialed.
+    fn fill(&mut self) {
+        self.fill_at = None;
+        let wanted = MESH_DIALS.saturating_sub(self.mesh_dialed());
+        if wanted == 0 {
             return;
         }
-        let mesh: std::collections::HashSet<PeerId> = self
-            .swarm
-            .behaviour()
-            .gossip
-            .all_mesh_peers()
-            .copied()
+        self.fill_round = self.fill_round.wrapping_add(1);
+        let own = self.own.key.hotkey();
+        let mut candidates: Vec<([u8; 32], PeerId, std::net::SocketAddr)> = self
+            .directory
+            .p2p_addrs(now())
+            .into_iter()
+            .filter(|(hotkey, _)| *hotkey != own)
+            .filter_map(|(hotkey, addr)| {
+                let peer = peer_id(&hotkey);
+                if self.swarm.is_connected(&peer) || self.dialing.contains(&peer) {
+                    return None;
+                }
+                let mut order = blake3::Hasher::new();
+                order.update(&self.fill_seed);
+                order.update(&self.fill_round.to_le_bytes());
+                order.update(hotkey.as_bytes());
+                Some((*order.finalize().as_bytes(), peer, addr))
+            })
             .collect();
-        let closable: Vec<PeerId> = self
-            .dialed
-            .iter()
-            .filter(|p| !mesh.contains(*p) && !self.bootstrap.iter().any(|b| b.peer == **p))
-            .copied()
-            .take(connected - MAX_CONNECTED)
-            .collect();
-        for peer in closable {
-            self.dialed.remove(&peer);
-            // Not connected any more: nothing to close.
-            let _ = self.swarm.disconnect_peer_id(peer);
+        candidates.sort_unstable_by_key(|candidate| candidate.0);
+        for (_, peer, addr) in candidates.into_iter().take(wanted) {
+            let dial = DialOpts::peer_id(peer)
+                .condition(PeerCondition::DisconnectedAndNotDialing)
+                .addresses(vec![quic_multiaddr(addr)])
+                .build();
+            match self.swarm.dial(dial) {
+                Ok(()) => {
+                    self.stats.mesh_dials += 1;
+                    self.dialing.insert(peer);
+                }
+                Err(error) => debug!(%peer, %error, "cannot dial a directory node"),
+            }
         }
     }
 
-    fn walk(&mut self) {
-        if let Err(error) = self.swarm.behaviour_mut().kad.bootstrap() {
-            debug!(%error, "no peers to walk from yet");
-        }
-    }
-
-    /// Publishes the own record on gossip (to every subscribed peer).
-    fn publish_own(&mut self) {
+    /// Publishes the own record on gossip (to every subscribed peer); whether it went out.
+    fn publish_own(&mut self) -> bool {
         let own = self.own.current();
         let data = gossip::encode(&own);
         self.published_at = Some(Instant::now());
@@ -580,14 +680,21 @@ impl SwarmTask {
         {
             Ok(_) => {
                 self.stats.published += 1;
-                if !self.announced {
+                // A node that joins through a bootstrap peer announces again SETTLE_DELAY after
+                // its join fetch is answered (by then it has dialed its mesh peers); one without
+                // (a first facilitator) SETTLE_DELAY after this first announcement.
+                if !self.announced && self.bootstrap.is_empty() {
                     self.settle = Some(Instant::now() + SETTLE_DELAY);
                 }
                 self.announced = true;
+                true
             }
             // Nobody to tell yet: the first subscribed peer triggers a publish.
-            Err(PublishError::NoPeersSubscribedToTopic | PublishError::Duplicate) => {}
-            Err(error) => debug!(%error, "own record not published"),
+            Err(PublishError::NoPeersSubscribedToTopic | PublishError::Duplicate) => false,
+            Err(error) => {
+                debug!(%error, "own record not published");
+                false
+            }
         }
     }
 
@@ -611,6 +718,7 @@ impl SwarmTask {
     fn start_pulls(&mut self) {
         if self.pull_at.is_none() && self.pull_request.is_none() {
             self.pulls = 0;
+            self.empty_pulls = 0;
             // Spread by hotkey over PULL_SPREAD_MS.
             let spread = self.own.key.hotkey().as_bytes()[..2]
                 .iter()
@@ -620,26 +728,31 @@ impl SwarmTask {
         }
     }
 
-    /// Pull sync: asks a bootstrap peer (in turn; any connected peer when none is connected)
-    /// for its whole directory.
+    /// Pull sync: asks a connected peer, chosen at random each time, for its whole directory.
+    /// Not the bootstrap peer in particular: at 256 nodes every node pulling from the one node
+    /// they all joined through made it answer ~85 whole directories a second while the
+    /// network started; any peer knows about as much, and the pulls spread over all of them.
     fn pull(&mut self) {
         self.pull_at = None;
-        let connected: Vec<PeerId> = self
-            .bootstrap
-            .iter()
-            .map(|b| b.peer)
-            .filter(|p| self.swarm.is_connected(p))
-            .collect();
-        let peer = if connected.is_empty() {
-            self.swarm
-                .connected_peers()
-                .nth(self.pull_turn)
-                .copied()
-                .or_else(|| self.swarm.connected_peers().next().copied())
-        } else {
-            Some(connected[self.pull_turn % connected.len()])
-        };
         self.pull_turn = self.pull_turn.wrapping_add(1);
+        let (seed, turn) = (self.fill_seed, self.pull_turn);
+        // Peers on the record topic (not a short-lived swarm of `horde nodes` or the harness).
+        let topic = gossip::topic().hash();
+        let peer = self
+            .swarm
+            .behaviour()
+            .gossip
+            .all_peers()
+            .filter(|(_, topics)| topics.contains(&&topic))
+            .map(|(peer, _)| *peer)
+            .min_by_key(|peer| {
+                let mut order = blake3::Hasher::new();
+                order.update(&seed);
+                order.update(b"pull");
+                order.update(&turn.to_le_bytes());
+                order.update(&peer.to_bytes());
+                *order.finalize().as_bytes()
+            });
         match peer {
             Some(peer) => self.pull_request = Some(self.send_own(peer, true)),
             // Nobody to ask now; again after the wait.
@@ -655,13 +768,22 @@ impl SwarmTask {
         }
     }
 
+    /// A whole directory arrived (a join fetch or a pull answered): unless done already, the
+    /// second announcement is due [`SETTLE_DELAY`] from now, once this node has dialed its mesh
+    /// peers from what it learned.
+    fn directory_fetched(&mut self) {
+        if !self.settled && self.settle.is_none() {
+            self.settle = Some(Instant::now() + SETTLE_DELAY);
+        }
+    }
+
     fn on_connected(&mut self, peer: PeerId) {
         debug!(%peer, "discovery connection");
         let bootstrap = self.bootstrap.iter().any(|b| b.peer == peer);
         if bootstrap && !self.joined.contains(&peer) {
             // Joining: the whole directory, once, from the bootstrap peer; gossip from then on.
             self.joined.push(peer);
-            self.send_own(peer, true);
+            self.join_request = Some(self.send_own(peer, true));
             self.start_pulls();
         } else if let Some(at) = self.refetch.iter().position(|p| *p == peer) {
             // A node of the kept directory (a restarted node): its fresh copy.
@@ -671,10 +793,6 @@ impl SwarmTask {
         } else if bootstrap {
             // Back to a bootstrap peer that may have restarted: it learns our record at once.
             self.send_own(peer, false);
-        }
-        if !self.walked {
-            self.walked = true;
-            self.walk();
         }
     }
 
@@ -687,6 +805,8 @@ impl SwarmTask {
                 endpoint,
                 ..
             } => {
+                self.stats.connections_opened += 1;
+                self.dialing.remove(&peer_id);
                 self.connections
                     .entry(peer_id)
                     .or_default()
@@ -694,29 +814,35 @@ impl SwarmTask {
                 if endpoint.is_dialer() {
                     self.dialed.insert(peer_id);
                 }
+                if self.is_bootstrap(&peer_id) {
+                    self.redial_wait = REDIAL_INTERVAL;
+                }
                 if num_established.get() == 1 {
                     self.on_connected(peer_id);
-                }
-                if self.trim_at.is_none() && self.swarm.connected_peers().count() > MAX_CONNECTED {
-                    self.trim_at = Some(Instant::now() + REDIAL_INTERVAL);
                 }
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
                 connection_id,
                 num_established,
+                cause,
                 ..
             } => {
+                self.stats.connections_closed += 1;
+                debug!(peer = %peer_id, ?cause, "discovery connection closed");
                 if let Some(open) = self.connections.get_mut(&peer_id) {
                     open.retain(|(id, _)| *id != connection_id);
                     if open.is_empty() {
                         self.connections.remove(&peer_id);
                     }
                 }
-                if num_established == 0 {
-                    self.dialed.remove(&peer_id);
-                    self.redial_soon(Some(peer_id));
+                if num_established > 0 {
+                    return;
                 }
+                if self.dialed.remove(&peer_id) {
+                    self.schedule_fill();
+                }
+                self.redial_soon(Some(peer_id));
             }
             SwarmEvent::NewListenAddr { address, .. } => {
                 if let Some(addr) = socket_addr(&address)
@@ -728,19 +854,14 @@ impl SwarmTask {
                 }
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                self.stats.dial_failures += 1;
                 debug!(peer = ?peer_id, %error, "discovery dial failed");
-                self.redial_soon(peer_id);
-            }
-            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
-                peer_id,
-                info,
-                ..
-            })) => {
-                for addr in info.listen_addrs {
-                    if socket_addr(&addr).is_some() {
-                        self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
-                    }
+                if let Some(peer) = peer_id
+                    && self.dialing.remove(&peer)
+                {
+                    self.schedule_fill();
                 }
+                self.redial_soon(peer_id);
             }
             SwarmEvent::Behaviour(BehaviourEvent::Records(event)) => self.on_records(event),
             SwarmEvent::Behaviour(BehaviourEvent::Gossip(event)) => self.on_gossip(event),
@@ -804,7 +925,6 @@ impl SwarmTask {
     fn keep(&mut self, via: PeerId, signed: Signed<NodeRecord>, record: NodeRecord) -> Offer {
         let (role, hotkey, seq) = (record.role, record.hotkey, record.seq);
         let addrs = record.addrs.clone();
-        let p2p = record.p2p_addrs.clone();
         let incarnation = record.incarnation;
         let held_incarnation = self.directory.incarnation_of(&hotkey);
         let offer = self.directory.offer(signed, record);
@@ -821,16 +941,7 @@ impl SwarmTask {
             );
         }
         match offer {
-            Offer::New => {
-                info!(%role, %hotkey, ?addrs, %via, "node discovered");
-                // Make it reachable for Kademlia walks too.
-                for addr in p2p {
-                    self.swarm
-                        .behaviour_mut()
-                        .kad
-                        .add_address(&peer_id(&hotkey), quic_multiaddr(addr));
-                }
-            }
+            Offer::New => info!(%role, %hotkey, ?addrs, %via, "node discovered"),
             Offer::Updated => debug!(%role, %hotkey, seq, "node record updated"),
             Offer::Stale => {}
             Offer::Full => {
@@ -903,11 +1014,19 @@ impl SwarmTask {
                     response,
                     request_id,
                 } => {
+                    let whole = !response.relayed.is_empty();
                     let learned = self.accept(peer, response);
+                    if self.join_request == Some(request_id) {
+                        self.join_request = None;
+                    }
+                    if whole {
+                        self.directory_fetched();
+                    }
                     if self.pull_request == Some(request_id) {
                         self.pull_request = None;
                         debug!(%peer, learned, "pull sync");
-                        if learned > 0 {
+                        self.empty_pulls = if learned > 0 { 0 } else { self.empty_pulls + 1 };
+                        if self.empty_pulls < EMPTY_PULLS {
                             self.pull_again();
                         }
                     }
@@ -920,6 +1039,16 @@ impl SwarmTask {
                 ..
             } => {
                 debug!(%peer, %error, "record exchange failed");
+                if self.join_request == Some(request_id) {
+                    // Joined through this peer only once it answered: asked again now if it is
+                    // still connected (a busy peer), else at the next connection to it.
+                    self.join_request = None;
+                    if self.swarm.is_connected(&peer) {
+                        self.join_request = Some(self.send_own(peer, true));
+                    } else {
+                        self.joined.retain(|p| *p != peer);
+                    }
+                }
                 if self.pull_request == Some(request_id) {
                     self.pull_request = None;
                     self.pull_again();
