@@ -373,7 +373,7 @@ fn sendme(setup: &Setup, namespace: &str, out: &Path) -> anyhow::Result<Measurem
         namespace,
         Some(&dir),
         Path::new("sendme"),
-        &["receive", ticket],
+        &["receive", "--relay", "disabled", "--no-progress", ticket],
         &setup.work,
     )?;
     let received = dir.join(servers::BLOB_FILE);

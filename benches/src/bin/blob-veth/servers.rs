@@ -203,8 +203,16 @@ pub(crate) fn start_sendme(
 
     std::fs::create_dir_all(dir)?;
     let log = std::fs::File::create(dir.join("sendme.log"))?;
+    // No relay server (none is reachable here; the ticket names the server's addresses).
     let mut child = VethPair::command(&pair.server, Path::new("sendme"))
-        .arg("send")
+        .args([
+            "send",
+            "--relay",
+            "disabled",
+            "--ticket-type",
+            "addresses",
+            "--no-progress",
+        ])
         .arg(file)
         .current_dir(dir)
         .stdin(Stdio::null())

@@ -512,8 +512,11 @@ impl SwarmTask {
         }
     }
 
-    /// Sets the write timer while the directory holds changes not on disk: [`SAVE_MEMBERS_DELAY`]
-    /// from now when a node joined or left, else [`SAVE_INTERVAL`] after the last write.
+    /// Sets the write timer while the directory holds changes not on disk: at once when nothing
+    /// is on disk yet (a node killed in its first second then still knows peers to dial when it
+    /// restarts; without any it dials no one and waits for its peers' idle timeouts),
+    /// [`SAVE_MEMBERS_DELAY`] from now when a node joined or left, else [`SAVE_INTERVAL`] after
+    /// the last write.
     fn schedule_save(&mut self) {
         if self.state_dir.is_none() {
             return;
@@ -522,7 +525,11 @@ impl SwarmTask {
         if *self.directory.subscribe().borrow() == saved_version {
             return;
         }
-        let soon = Instant::now() + SAVE_MEMBERS_DELAY;
+        let soon = if saved_members == 0 {
+            Instant::now()
+        } else {
+            Instant::now() + SAVE_MEMBERS_DELAY
+        };
         let due = if self.directory.len() == saved_members {
             (saved_at + SAVE_INTERVAL).max(soon)
         } else {

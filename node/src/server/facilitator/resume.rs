@@ -24,9 +24,13 @@ use super::{DOWN_QUEUE, Facilitator, LIVE_STATUS_BUFFER, LiveJob};
 use crate::clock::now;
 use crate::server::discovery::wait_for_records;
 
-/// How long a restarted facilitator tries to reach a job's validator again (discovery relearns
-/// it within a record refresh, 10 s by default; a restarting validator takes a few seconds).
-pub(super) const RESUME_WAIT: Duration = Duration::from_secs(30);
+/// How long a restarted facilitator tries to reach a job's validator again: 55 s. With its kept
+/// directory it dials known nodes at once and relearns the validator within a second or two; a
+/// facilitator restarted without one (its state lost, or killed before its first write) dials
+/// no one and waits for its peers to redial it, which they do only when their old connection
+/// to it reaches discovery's idle timeout (45 s) plus the redial delay. Within the validator's
+/// `FACILITATOR_AWAY_MAX` (60 s).
+pub(super) const RESUME_WAIT: Duration = Duration::from_secs(55);
 
 /// A job the previous run left running with a validator.
 #[derive(Debug)]
