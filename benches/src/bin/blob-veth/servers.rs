@@ -199,7 +199,7 @@ pub(crate) fn start_sendme(
     dir: &Path,
     file: &Path,
 ) -> anyhow::Result<(Server, String)> {
-    use std::io::BufRead as _;
+    use std::io::{BufRead as _, Write as _};
 
     std::fs::create_dir_all(dir)?;
     let log = std::fs::File::create(dir.join("sendme.log"))?;
@@ -225,26 +225,47 @@ pub(crate) fn start_sendme(
     };
     let mut server = Server { child };
     let (found, ticket) = std::sync::mpsc::sync_channel(1);
+    let out_path = dir.join("sendme.out");
     std::thread::spawn(move || {
         let mut found = Some(found);
-        for line in std::io::BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            let ticket = line
-                .split_whitespace()
-                .skip_while(|word| *word != "receive")
-                .nth(1);
-            if let (Some(ticket), Some(sender)) = (ticket, found.take()) {
-                let _ = sender.send(ticket.to_owned());
+        let mut copy = std::fs::File::create(out_path).ok();
+        for line in std::io::BufReader::new(stdout).split(b'\n') {
+            let line = match line {
+                Ok(line) => line,
+                Err(error) => {
+                    if let Some(copy) = copy.as_mut() {
+                        let _ = writeln!(copy, "(reading its output: {error})");
+                    }
+                    break;
+                }
+            };
+            let line = String::from_utf8_lossy(&line);
+            if let Some(copy) = copy.as_mut() {
+                let _ = writeln!(copy, "{line}");
+            }
+            // "sendme receive TICKET"; a ticket is lowercase base32 starting with "blob".
+            let ticket = line.find("blob").map(|at| {
+                line[at..]
+                    .chars()
+                    .take_while(char::is_ascii_alphanumeric)
+                    .collect::<String>()
+            });
+            if line.contains("receive")
+                && let Some(ticket) = ticket
+                && let Some(sender) = found.take()
+            {
+                let _ = sender.send(ticket);
             }
         }
     });
     match ticket.recv_timeout(SENDME_TICKET_TIMEOUT) {
         Ok(ticket) => Ok((server, ticket)),
-        Err(_) => {
+        Err(error) => {
             let running = server.running();
             bail!(
-                "sendme send printed no ticket within {SENDME_TICKET_TIMEOUT:?} (running: \
-                 {running}); its log:\n{}",
+                "sendme send gave no ticket ({error}; running: {running}); its output:\n{}\n\
+                 its log:\n{}",
+                std::fs::read_to_string(dir.join("sendme.out")).unwrap_or_default(),
                 std::fs::read_to_string(dir.join("sendme.log")).unwrap_or_default()
             )
         }
