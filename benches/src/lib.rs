@@ -2,6 +2,9 @@
 //! (plain TCP, TCP + TLS, raw quinn) in the same run and print ratios. This library holds what
 //! several bench binaries share: medians and quantiles, and the CPU time and load figures read
 //! from `/proc`.
+//!
+//! Layout: `lib.rs` (this), `netns.rs` (network namespaces joined by a veth pair, made and
+//! removed by a bench, and the ways into them).
 
 use anyhow::Context as _;
 

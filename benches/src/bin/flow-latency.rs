@@ -49,6 +49,7 @@
 //! design-floor relay), `flow-latency/runners.rs` (the runners compared),
 //! `flow-latency/reference.rs` (the comparison with the reference's path),
 //! `flow-latency/quinn_echo.rs` (its floor: what quinn allows for a round trip),
+//! `flow-latency/raw_quinn.rs` (raw quinn's bulk rate and per-stream round trip),
 //! `flow-latency/nginx.rs` (nginx with mutual TLS, its certificates and TLS client).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -72,6 +73,8 @@ mod floor;
 mod nginx;
 #[path = "flow-latency/quinn_echo.rs"]
 mod quinn_echo;
+#[path = "flow-latency/raw_quinn.rs"]
+mod raw_quinn;
 #[path = "flow-latency/reference.rs"]
 mod reference;
 #[path = "flow-latency/runners.rs"]
@@ -593,80 +596,6 @@ fn endpoint(key: &SecretKey, alpn: &[u8], policy: ClientPolicy) -> anyhow::Resul
     )?)
 }
 
-async fn raw_quinn_throughput(size: u64) -> anyhow::Result<f64> {
-    let server_key = SecretKey::generate();
-    let client_key = SecretKey::generate();
-    let server = endpoint(&server_key, ALPN_JOB, ClientPolicy::Any)?;
-    let client = endpoint(&client_key, ALPN_JOB, ClientPolicy::Any)?;
-    let addr = server.local_addr()?;
-    let sender = tokio::spawn(async move {
-        let connection = server.accept().await.context("accept")??.connection;
-        let (mut send, _recv) = connection.open_bi().await?;
-        let chunk = Bytes::from(vec![0x5au8; 1 << 20]);
-        let mut left = size;
-        while left > 0 {
-            let n = left.min(chunk.len() as u64) as usize;
-            send.write_chunk(chunk.slice(..n)).await?;
-            left -= n as u64;
-        }
-        send.finish()?;
-        connection.closed().await;
-        anyhow::Ok(())
-    });
-    let connection = client.connect(addr, &server_key.hotkey(), ALPN_JOB).await?;
-    let started = Instant::now();
-    let (_send, mut recv) = connection.accept_bi().await?;
-    let mut total = 0u64;
-    while let Some(chunk) = recv.read_chunk(1 << 20, true).await? {
-        total += chunk.bytes.len() as u64;
-    }
-    let elapsed = started.elapsed();
-    connection.close(0u32.into(), b"done");
-    let _ = sender.await;
-    anyhow::ensure!(total == size, "raw quinn short read {total}");
-    Ok(gbit(size, elapsed))
-}
-
-/// Request/response round trips over raw quinn (new stream per request, both ends here): the
-/// floor any QUIC tunnel stream pays, to read the tunnel's ratio against.
-async fn raw_quinn_round_trips(requests: usize) -> anyhow::Result<Vec<f64>> {
-    let server_key = SecretKey::generate();
-    let server = endpoint(&server_key, ALPN_JOB, ClientPolicy::Any)?;
-    let client = endpoint(&SecretKey::generate(), ALPN_JOB, ClientPolicy::Any)?;
-    let addr = server.local_addr()?;
-    tokio::spawn(async move {
-        let Some(Ok(horde_transport::IncomingConnection { connection, .. })) =
-            server.accept().await
-        else {
-            return;
-        };
-        while let Ok((mut send, mut recv)) = connection.accept_bi().await {
-            tokio::spawn(async move {
-                if recv.read_to_end(64 * 1024).await.is_ok() {
-                    let _ = send
-                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-                        .await;
-                    let _ = send.finish();
-                }
-            });
-        }
-    });
-    let connection = client.connect(addr, &server_key.hotkey(), ALPN_JOB).await?;
-    let mut samples = Vec::with_capacity(requests);
-    for _ in 0..requests {
-        let started = Instant::now();
-        let (mut send, mut recv) = connection.open_bi().await?;
-        send.write_all(b"GET /health HTTP/1.1\r\nHost: job\r\nConnection: close\r\n\r\n")
-            .await?;
-        send.finish()?;
-        let response = recv.read_to_end(64 * 1024).await?;
-        anyhow::ensure!(response.ends_with(b"ok"), "raw quinn response");
-        samples.push(ms(started.elapsed()));
-    }
-    connection.close(0u32.into(), b"done");
-    Ok(samples)
-}
-
 async fn tunnel_throughput(source: SocketAddr, size: u64) -> anyhow::Result<f64> {
     let job_key = SecretKey::generate();
     let client_key = SecretKey::generate();
@@ -810,7 +739,7 @@ async fn measure(args: &Args) -> anyhow::Result<Measured> {
         args.requests,
     )
     .await?;
-    let quinn_rtts = raw_quinn_round_trips(args.requests).await?;
+    let quinn_rtts = raw_quinn::raw_quinn_round_trips(args.requests).await?;
 
     // Bulk: a job on the testnet sends `/bytes` through the real executor process; the direct
     // job sends the same over TCP; raw quinn and an in-process tunnel (job endpoint served in
@@ -828,7 +757,8 @@ async fn measure(args: &Args) -> anyhow::Result<Measured> {
     let mut bulk = BulkRuns::default();
     for _ in 0..args.rounds {
         bulk.direct.push(direct_tcp_throughput(source, size).await?);
-        bulk.quinn.push(raw_quinn_throughput(size).await?);
+        bulk.quinn
+            .push(raw_quinn::raw_quinn_throughput(size).await?);
         bulk.tunnel.push(tunnel_throughput(source, size).await?);
         bulk.direct_job.push(direct_bytes(direct_port, size).await?);
         bulk.executor

@@ -208,9 +208,7 @@ struct ValidatorSilence {
     validator: Hotkey,
     limit: Duration,
     deadline: tokio::time::Instant,
-    /// Statuses a previous run of this facilitator recorded for a resumed job (empty for a new
-    /// one): the validator sends again what it wrote to the old stream, and each status already
-    /// recorded is dropped once.
+    /// Statuses a previous run recorded (a resumed job): each, sent again, is dropped once.
     recorded: Vec<JobStatus>,
 }
 
@@ -950,12 +948,7 @@ impl Facilitator {
         down_rx: &mut mpsc::Receiver<DownMessage>,
         leg: ValidatorLeg,
     ) -> Option<JobStatus> {
-        let ValidatorLeg {
-            validator,
-            miner,
-            session,
-            recorded,
-        } = leg;
+        let (validator, miner) = (leg.validator, leg.miner);
         let limit = total_deadline(&spec.deadlines)
             + Duration::from_millis(self.config.validator_silence_ms);
         let mut policy = ValidatorSilence {
@@ -965,7 +958,7 @@ impl Facilitator {
             limit,
             deadline: tokio::time::Instant::now() + limit,
             hop: self.hop(),
-            recorded,
+            recorded: leg.recorded,
         };
         let mut client = ClientSide {
             facilitator: self,
@@ -977,7 +970,7 @@ impl Facilitator {
             self.hop(),
             format!("validator {validator}"),
             "client",
-            session,
+            leg.session,
             &self.cancel,
         );
         relay

@@ -2,6 +2,8 @@
 //! [`refresh_interval`] and, coalesced, on capacity changes), judges the records gossip brings,
 //! fetches whole directories over the record exchange when joining, answers such fetches, sweeps
 //! expired records and keeps the directory on disk.
+//!
+//! Layout: `task/upkeep.rs` (the directory kept on disk, bootstrap redials, mesh dials).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -26,6 +28,8 @@ use super::{
     Offer, RecordRejection, check_record, hotkey_of, peer_id, quic_multiaddr, socket_addr,
 };
 use crate::clock::now;
+
+mod upkeep;
 
 /// How many nodes of its directory a node keeps connections to that it dialed itself (besides
 /// its bootstrap peers), for its gossip mesh: gossipsub meshes `mesh_n` = 6 of the connected
@@ -465,213 +469,6 @@ impl SwarmTask {
             connected = self.swarm.connected_peers().count(), records = self.directory.len(),
             "gossip counters"
         );
-    }
-
-    /// Loads the directory kept by an earlier run (every record checked again, expired ones
-    /// dropped) and dials a few of its nodes for a fresh copy at once.
-    fn load(&mut self) {
-        let Some(path) = self.state_dir.as_ref().map(|d| d.join(DIRECTORY_FILE)) else {
-            return;
-        };
-        let Ok(bytes) = std::fs::read(&path) else {
-            return;
-        };
-        let records: Vec<Signed<NodeRecord>> = match from_bytes_exact(&bytes) {
-            Ok(records) => records,
-            Err(error) => {
-                warn!(path = %path.display(), %error, "kept directory unreadable; ignored");
-                return;
-            }
-        };
-        let now = now();
-        let own = self.own.key.hotkey();
-        let mut dial = Vec::new();
-        for signed in records.into_iter().take(MAX_DIRECTORY_RECORDS) {
-            let Ok(record) = check_record(&signed, now) else {
-                continue;
-            };
-            if record.hotkey == own {
-                continue;
-            }
-            if dial.len() < DIAL_LOADED
-                && let Some(addr) = record.p2p_addrs.first()
-            {
-                dial.push((peer_id(&record.hotkey), quic_multiaddr(*addr)));
-            }
-            self.directory.offer(signed, record);
-        }
-        info!(records = self.directory.len(), "kept directory loaded");
-        for (peer, addr) in dial {
-            self.refetch.push(peer);
-            let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(peer)
-                .addresses(vec![addr])
-                .build();
-            if let Err(error) = self.swarm.dial(opts) {
-                debug!(%peer, %error, "cannot dial a known node");
-            }
-        }
-    }
-
-    /// Sets the write timer while the directory holds changes not on disk: at once when nothing
-    /// is on disk yet (a node killed in its first second then still knows peers to dial when it
-    /// restarts; without any it dials no one and waits for its peers' idle timeouts),
-    /// [`SAVE_MEMBERS_DELAY`] from now when a node joined or left, else [`SAVE_INTERVAL`] after
-    /// the last write.
-    fn schedule_save(&mut self) {
-        if self.state_dir.is_none() {
-            return;
-        }
-        let (saved_version, saved_members, saved_at) = self.saved;
-        if *self.directory.subscribe().borrow() == saved_version {
-            return;
-        }
-        let soon = if saved_members == 0 {
-            Instant::now()
-        } else {
-            Instant::now() + SAVE_MEMBERS_DELAY
-        };
-        let due = if self.directory.len() == saved_members {
-            (saved_at + SAVE_INTERVAL).max(soon)
-        } else {
-            soon
-        };
-        self.save_at = Some(self.save_at.map_or(due, |at| at.min(due)));
-    }
-
-    /// Writes the directory to disk when it changed since the last write: at once when its
-    /// size changed (a node joined or left) or when `now`, else every [`SAVE_INTERVAL`].
-    fn save(&mut self, now_: bool) {
-        let Some(dir) = &self.state_dir else {
-            return;
-        };
-        let version = *self.directory.subscribe().borrow();
-        let members = self.directory.len();
-        let (saved_version, saved_members, saved_at) = self.saved;
-        let due = now_ || members != saved_members || saved_at.elapsed() >= SAVE_INTERVAL;
-        if version == saved_version || !due {
-            return;
-        }
-        // One write at a time: a change made meanwhile is written once this one is done.
-        if !now_ && self.saving.as_ref().is_some_and(|w| !w.is_finished()) {
-            self.save_at = Some(Instant::now() + SAVE_MEMBERS_DELAY);
-            return;
-        }
-        let records = self.directory.signed_records(&self.own.key.hotkey(), now());
-        let path = dir.join(DIRECTORY_FILE);
-        let bytes = to_bytes(&records);
-        self.saved = (version, members, Instant::now());
-        let write = move || {
-            if let Err(error) = crate::atomic_file::write_atomically(&path, &bytes, 0o644) {
-                warn!(path = %path.display(), %error, "directory not kept on disk");
-            }
-        };
-        if now_ {
-            // Stopping: on disk before the node exits.
-            write();
-        } else {
-            // Off the discovery thread: the write syncs the file and its directory, which on a
-            // busy disk blocked the thread's packets and timers for seconds (every node writes
-            // within a second of a node joining, so 256 nodes starting together wrote ~256
-            // times a second), long enough for peers' QUIC idle timeouts.
-            self.saving = Some(tokio::task::spawn_blocking(write));
-        }
-    }
-
-    /// Dials the bootstrap peers that are not connected. A dial that fails, or a connection to
-    /// one that is lost later, sets the timer for the next try (`redial_soon`).
-    fn redial(&mut self) {
-        for peer in &self.bootstrap {
-            if self.swarm.is_connected(&peer.peer) {
-                continue;
-            }
-            let dial = libp2p::swarm::dial_opts::DialOpts::peer_id(peer.peer)
-                .addresses(vec![peer.addr.clone()])
-                .build();
-            match self.swarm.dial(dial) {
-                Ok(()) => {}
-                // A dial already under way reports its own end.
-                Err(libp2p::swarm::DialError::DialPeerConditionFalse(_)) => {}
-                Err(error) => {
-                    debug!(%peer, %error, "cannot dial bootstrap peer");
-                    self.redial_at
-                        .get_or_insert(Instant::now() + REDIAL_INTERVAL);
-                }
-            }
-        }
-    }
-
-    /// Sets the redial timer when `peer` is a bootstrap peer no longer connected: the wait
-    /// doubles with each loss or failed dial in a row (up to [`REDIAL_MAX`]), plus up to a
-    /// quarter of it at random, so that nodes that lost the same peer do not dial it together.
-    fn redial_soon(&mut self, peer: Option<PeerId>) {
-        let Some(peer) = peer else { return };
-        if self.is_bootstrap(&peer) && !self.swarm.is_connected(&peer) && self.redial_at.is_none() {
-            let wait = self.redial_wait;
-            self.redial_wait = (wait * 2).min(REDIAL_MAX);
-            let quarter = u64::try_from(wait.as_millis() / 4).unwrap_or(0).max(1);
-            let jitter =
-                u64::from_le_bytes(random_seed()[..8].try_into().unwrap_or([0; 8])) % quarter;
-            self.redial_at = Some(Instant::now() + wait + Duration::from_millis(jitter));
-        }
-    }
-
-    fn is_bootstrap(&self, peer: &PeerId) -> bool {
-        self.bootstrap.iter().any(|b| b.peer == *peer)
-    }
-
-    /// How many directory nodes this node has dialed for its mesh (connected or under way).
-    fn mesh_dialed(&self) -> usize {
-        self.dialed.iter().filter(|p| !self.is_bootstrap(p)).count() + self.dialing.len()
-    }
-
-    /// Sets the dial timer while this node has dialed fewer than [`MESH_DIALS`] nodes.
-    fn schedule_fill(&mut self) {
-        if self.fill_at.is_none() && self.mesh_dialed() < MESH_DIALS {
-            self.fill_at = Some(Instant::now() + FILL_DELAY);
-        }
-    }
-
-    /// Dials nodes of the directory, chosen at random among those not connected, until
-    /// [`MESH_DIALS`] are dialed.
-    fn fill(&mut self) {
-        self.fill_at = None;
-        let wanted = MESH_DIALS.saturating_sub(self.mesh_dialed());
-        if wanted == 0 {
-            return;
-        }
-        self.fill_round = self.fill_round.wrapping_add(1);
-        let own = self.own.key.hotkey();
-        let mut candidates: Vec<([u8; 32], PeerId, std::net::SocketAddr)> = self
-            .directory
-            .p2p_addrs(now())
-            .into_iter()
-            .filter(|(hotkey, _)| *hotkey != own)
-            .filter_map(|(hotkey, addr)| {
-                let peer = peer_id(&hotkey);
-                if self.swarm.is_connected(&peer) || self.dialing.contains(&peer) {
-                    return None;
-                }
-                let mut order = blake3::Hasher::new();
-                order.update(&self.fill_seed);
-                order.update(&self.fill_round.to_le_bytes());
-                order.update(hotkey.as_bytes());
-                Some((*order.finalize().as_bytes(), peer, addr))
-            })
-            .collect();
-        candidates.sort_unstable_by_key(|candidate| candidate.0);
-        for (_, peer, addr) in candidates.into_iter().take(wanted) {
-            let dial = DialOpts::peer_id(peer)
-                .condition(PeerCondition::DisconnectedAndNotDialing)
-                .addresses(vec![quic_multiaddr(addr)])
-                .build();
-            match self.swarm.dial(dial) {
-                Ok(()) => {
-                    self.stats.mesh_dials += 1;
-                    self.dialing.insert(peer);
-                }
-                Err(error) => debug!(%peer, %error, "cannot dial a directory node"),
-            }
-        }
     }
 
     /// Publishes the own record on gossip (to every subscribed peer); whether it went out.
