@@ -68,20 +68,15 @@ pub const MAX_SYNC_BYTES: u32 = 1024 * 1024;
 /// Most records one [`RecordSync`] carries (a full directory answer is cut to this).
 pub const MAX_SYNC_RECORDS: usize = 1024;
 
-/// Keep-alive of the discovery QUIC connections (libp2p's default: 5 s). At idle a connection
-/// carries nothing else, and quinn pings when neither side sent for this long (a received packet
-/// resets the timer), so each connection costs a PING and its ACK per interval: 0.13 packets/s
-/// instead of 0.4, for 17 connections of a miner 2.3 instead of 6.8, for a 256-node facilitator's
-/// 255 connections 34 instead of 102 (see benches/RESULTS.md, "Idle cost at 256 nodes").
-/// 15 s also keeps a UDP binding of a NAT alive (those last 30 s or more).
-const GOSSIP_KEEP_ALIVE: Duration = Duration::from_secs(15);
-/// Idle timeout of the discovery QUIC connections, in ms (libp2p's default: 10 s): three
-/// keep-alives, so one lost PING does not close a connection. A vanished peer's connections
-/// close within it (its record expires anyway); a restarted one's close as soon as its new
-/// record arrives (`NodeRecord::incarnation`, see `task::RESTART_MARGIN_MS`): a restarted node
-/// sends no stateless reset for its old connections (libp2p-quic leaves quinn's connection-id
-/// key random), so without that its peers would send into the dead ones for 45 s.
-const GOSSIP_IDLE_TIMEOUT_MS: u32 = 45_000;
+/// Keep-alive of the discovery QUIC connections: libp2p's 5 s. 15 s (with a 45 s idle timeout)
+/// cut an idle 34-node network's CPU by about a third, made safe for a restart without
+/// stateless resets by `NodeRecord::incarnation` (`task::RESTART_MARGIN_MS`); it is not taken
+/// yet: a facilitator restarted gracefully took longer to relearn its validator and storage node
+/// (`flow::facilitator_restart_keeps_the_record_and_the_job` failed once in CI, 30 s without
+/// them; the test ran 70 s against 54 s with 5 s / 10 s), which is not traced yet.
+const GOSSIP_KEEP_ALIVE: Duration = Duration::from_secs(5);
+/// Idle timeout of the discovery QUIC connections, in ms: libp2p's 10 s (see above).
+const GOSSIP_IDLE_TIMEOUT_MS: u32 = 10_000;
 
 /// Default record lifetime: a vanished node is forgotten within 2 minutes; records are re-signed
 /// 30 s before it runs out (every 90 s), which keeps idle traffic low at 256 nodes (see the
