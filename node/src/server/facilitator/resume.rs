@@ -28,8 +28,8 @@ use crate::server::discovery::wait_for_records;
 /// directory it dials known nodes at once and relearns the validator within a second or two; a
 /// facilitator restarted without one (its state lost, or killed before its first write) dials
 /// no one and waits for its peers to redial it, which they do only when their old connection
-/// to it reaches discovery's idle timeout (45 s) plus the redial delay. Within the validator's
-/// `FACILITATOR_AWAY_MAX` (60 s).
+/// to it reaches discovery's idle timeout (10 s today; 45 s was tried) plus the redial back-off.
+/// Within the validator's `FACILITATOR_AWAY_MAX` (60 s).
 pub(super) const RESUME_WAIT: Duration = Duration::from_secs(55);
 
 /// A job the previous run left running with a validator.
