@@ -605,6 +605,55 @@ async fn oversize_frame_over_quic_stops_the_sender() {
     );
 }
 
+/// `delivered` after `finish` resolves once the peer has acknowledged the whole stream, and the
+/// peer then reads every frame and the end.
+#[tokio::test]
+async fn delivered_resolves_once_the_peer_has_the_whole_stream() {
+    let pair = connected_pair().await;
+    let (send, recv) = pair.client.open_bi().await.unwrap();
+    let (mut send, _client_recv) = split(send, recv);
+    let big = vec![3u8; 300 * 1024];
+    send.send(&big).await.unwrap();
+    send.finish().unwrap();
+    tokio::time::timeout(Duration::from_secs(5), send.delivered())
+        .await
+        .expect("acknowledged in time")
+        .unwrap();
+
+    let (server_send, server_recv) = pair.server.accept_bi().await.unwrap();
+    let (_server_send, mut server_recv) = split(server_send, server_recv);
+    assert_eq!(server_recv.recv::<Vec<u8>>().await.unwrap(), Some(big));
+    assert_eq!(server_recv.recv::<Vec<u8>>().await.unwrap(), None);
+}
+
+/// A connection lost before the peer acknowledged a finished stream makes `delivered` fail with
+/// the typed `Unacknowledged` error instead of claiming delivery. On this current-thread
+/// runtime nothing runs between `finish` and `close`, so no acknowledgement can arrive first.
+#[tokio::test]
+async fn delivered_fails_typed_when_the_connection_dies_first() {
+    let pair = connected_pair().await;
+    let (send, recv) = pair.client.open_bi().await.unwrap();
+    let (mut send, _client_recv) = split(send, recv);
+    send.send(&ControlMessage::Up(UpMessage::Accepted))
+        .await
+        .unwrap();
+    send.finish().unwrap();
+    pair.client.close(codes::CANCELLED, b"gone");
+    let error = tokio::time::timeout(Duration::from_secs(5), send.delivered())
+        .await
+        .expect("resolved in time")
+        .unwrap_err();
+    assert!(
+        matches!(
+            error,
+            ChannelError::Unacknowledged(quinn::StoppedError::ConnectionLost(
+                quinn::ConnectionError::LocallyClosed
+            ))
+        ),
+        "{error:?}"
+    );
+}
+
 /// Dialing an address where nothing answers (a UDP socket that never reads) fails with a typed
 /// `TimedOut` after the handshake timeout, not sooner and not never. The clock is tokio's paused
 /// one, so the test does not wait ten real seconds.

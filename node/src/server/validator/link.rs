@@ -236,10 +236,7 @@ impl FacilitatorLink {
             match outcome {
                 Ok(Ok(())) => return,
                 Ok(Err(error)) => self.lose(&error),
-                Err(resumed) => {
-                    self.supersede(resumed);
-                    self.flush_held().await;
-                }
+                Err(resumed) => self.take_over(resumed).await,
             }
         }
     }
@@ -250,14 +247,16 @@ impl FacilitatorLink {
     /// stream is dead even if nothing says so yet. A crashed facilitator is noticed only at the
     /// connection's idle timeout when it had dialed us (a QUIC client's handshake connection id
     /// carries no stateless-reset token), and until then the new stream would wait unread.
-    /// What was written to the old stream goes up the new one first ([`Self::flush_held`]).
-    fn supersede(&mut self, session: JobSession) {
+    /// What was written to the old stream, and what was held, goes up the new one first
+    /// ([`Self::flush_held`]).
+    async fn take_over(&mut self, session: JobSession) {
         if self.session.replace(session).is_some() {
             info!(job = %self.job_id.fmt_short(), sent_again = self.unconfirmed.len(),
                 "facilitator resumed the job on a new stream; the old one is dropped");
         }
         self.away_until = None;
         self.requeue_unconfirmed();
+        self.flush_held().await;
     }
 }
 
@@ -276,10 +275,7 @@ impl Upstream for FacilitatorLink {
                         // away.
                         Ok(Ok(None)) => self.lose(&"stream finished"),
                         Ok(Err(error)) => self.lose(&error),
-                        Err(resumed) => {
-                            self.supersede(resumed);
-                            self.flush_held().await;
-                        }
+                        Err(resumed) => self.take_over(resumed).await,
                     }
                 }
                 None => self.wait_for_resume().await?,
@@ -291,8 +287,7 @@ impl Upstream for FacilitatorLink {
         if self.session.is_some()
             && let Ok(resumed) = self.resumed.try_recv()
         {
-            self.supersede(resumed);
-            self.flush_held().await;
+            self.take_over(resumed).await;
         }
         if let Some(session) = &mut self.session {
             match session.send_up(message).await {
