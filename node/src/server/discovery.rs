@@ -386,6 +386,35 @@ impl Discovery {
         answer.await.ok().flatten()
     }
 
+    /// How many connections this node dialed to its bootstrap peers are open: 0 once it left
+    /// them for peers of its own (see `task::LEAVE_PEERS`) or stopped.
+    pub async fn bootstrap_connections(&self) -> usize {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        if self
+            .queries
+            .send(task::Query::BootstrapDials(reply))
+            .await
+            .is_err()
+        {
+            return 0;
+        }
+        answer.await.unwrap_or(0)
+    }
+
+    /// Whether this node is connected to `peer` (a connection dialed by either side).
+    pub async fn is_connected(&self, peer: &PeerId) -> bool {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        if self
+            .queries
+            .send(task::Query::Connected(*peer, reply))
+            .await
+            .is_err()
+        {
+            return false;
+        }
+        answer.await.unwrap_or(false)
+    }
+
     /// The records discovered so far.
     pub fn directory(&self) -> &Arc<Directory> {
         &self.directory
