@@ -2,7 +2,8 @@
 //! through its bootstrap peers, spreads signed [`NodeRecord`]s on gossipsub and fetches whole
 //! directories over `/horde/records/2` (request-response) when it joins. Its gossip peers come
 //! from the directory itself: every record names its node's discovery addresses, and a node dials
-//! a few nodes it learned (`task::MESH_DIALS`).
+//! a few nodes it learned (`task::MESH_DIALS`), and once it has them it closes the connection it
+//! dialed to its bootstrap peer (`task::LEAVE_PEERS`; dialed again when it is cut off).
 //!
 //! Identity: the libp2p key is the node's hotkey (same ed25519 secret), so a `PeerId` and a hotkey
 //! name the same node and a bootstrap peer can be written `HOTKEY@IP:PORT`. Transport: libp2p's
