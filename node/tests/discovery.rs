@@ -1,7 +1,8 @@
 //! Discovery between in-process nodes on loopback: records spread through a bootstrap peer,
 //! capacity changes arrive, stopped nodes expire, forged records are dropped (over the record
 //! exchange and on gossip, where their sender is penalised), a restarted node has its directory
-//! back at once.
+//! back at once, a node with peers of its own leaves its bootstrap peer and rejoins it when cut
+//! off.
 #![allow(clippy::unwrap_used)]
 
 use std::time::Duration;
@@ -532,5 +533,68 @@ async fn peers_of_a_restarted_node_leave_their_old_connection_at_once() {
         "{:?}",
         restarted_at.elapsed()
     );
+    cancel.cancel();
+}
+
+/// A node whose network gives it peers of its own closes the connection it dialed to its
+/// bootstrap peer (so the bootstrap peer's connections do not grow with the network); once it
+/// has lost those peers it dials the bootstrap peer again, and records reach it through it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_leaves_its_bootstrap_peer_and_rejoins_it_when_cut_off() {
+    let cancel = CancellationToken::new();
+    let boot_key = SecretKey::generate();
+    let boot = start(&boot_key, Role::Facilitator, None, vec![], &cancel).await;
+    let bootstrap = bootstrap_of(&boot, &boot_key);
+    let boot_peer = peer_id(&boot_key.hotkey());
+    let mut nodes = Vec::new();
+    for _ in 0..6 {
+        let own = cancel.child_token();
+        let key = SecretKey::generate();
+        let node = start(&key, Role::Miner, None, vec![bootstrap.clone()], &own).await;
+        nodes.push((own, node));
+    }
+    // Every node joins; each leaves its bootstrap connection once it has its own peers.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let left = loop {
+        let mut found = None;
+        for (i, (_, node)) in nodes.iter().enumerate() {
+            if node.directory().len() == 6 && node.bootstrap_connections().await == 0 {
+                found = Some(i);
+                break;
+            }
+        }
+        if let Some(i) = found {
+            break i;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out: no node left its bootstrap peer"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let (keep_cancel, kept) = nodes.swap_remove(left);
+    // Every other node stops: the one that left is cut off and is connected to its bootstrap
+    // peer again (it dials it, unless the bootstrap peer, which lost its peers too, dialed it
+    // first for its own mesh).
+    for (own, node) in nodes {
+        own.cancel();
+        node.stopped().await;
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !kept.is_connected(&boot_peer).await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out: the cut-off node is not connected to its bootstrap peer again"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Records reach it through the bootstrap peer again: a node joining now is learned.
+    let late_key = SecretKey::generate();
+    let _late = start(&late_key, Role::Miner, None, vec![bootstrap], &cancel).await;
+    eventually(Duration::from_secs(30), "the late node is learned", || {
+        kept.directory().get(&late_key.hotkey(), now()).is_some()
+    })
+    .await;
+    keep_cancel.cancel();
     cancel.cancel();
 }

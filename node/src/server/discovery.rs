@@ -2,7 +2,8 @@
 //! through its bootstrap peers, spreads signed [`NodeRecord`]s on gossipsub and fetches whole
 //! directories over `/horde/records/2` (request-response) when it joins. Its gossip peers come
 //! from the directory itself: every record names its node's discovery addresses, and a node dials
-//! a few nodes it learned (`task::MESH_DIALS`).
+//! a few nodes it learned (`task::MESH_DIALS`), and once it has them it closes the connection it
+//! dialed to its bootstrap peer (`task::LEAVE_PEERS`; dialed again when it is cut off).
 //!
 //! Identity: the libp2p key is the node's hotkey (same ed25519 secret), so a `PeerId` and a hotkey
 //! name the same node and a bootstrap peer can be written `HOTKEY@IP:PORT`. Transport: libp2p's
@@ -384,6 +385,35 @@ impl Discovery {
             .await
             .ok()?;
         answer.await.ok().flatten()
+    }
+
+    /// How many connections this node dialed to its bootstrap peers are open: 0 once it left
+    /// them for peers of its own (see `task::LEAVE_PEERS`) or stopped.
+    pub async fn bootstrap_connections(&self) -> usize {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        if self
+            .queries
+            .send(task::Query::BootstrapDials(reply))
+            .await
+            .is_err()
+        {
+            return 0;
+        }
+        answer.await.unwrap_or(0)
+    }
+
+    /// Whether this node is connected to `peer` (a connection dialed by either side).
+    pub async fn is_connected(&self, peer: &PeerId) -> bool {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        if self
+            .queries
+            .send(task::Query::Connected(*peer, reply))
+            .await
+            .is_err()
+        {
+            return false;
+        }
+        answer.await.unwrap_or(false)
     }
 
     /// The records discovered so far.

@@ -110,23 +110,27 @@ pub fn behaviour(keypair: &Keypair) -> Result<gossipsub::Behaviour, String> {
     let config = gossipsub::ConfigBuilder::default()
         // horde's own mesh, apart from any public one.
         .protocol_id_prefix(horde_protocol::wire::DISCOVERY_GOSSIP)
-        // D = 6: a record reaches 256 nodes in about log₆ 256 ≈ 3 hops, and each node receives
-        // it from at most a handful of mesh peers.
-        .mesh_n(6)
-        // D_lo = 4, D_hi = 12: room for the mesh to grow and shrink without constant GRAFT/PRUNE
-        // churn, while a node's mesh never thins to a single path.
-        .mesh_n_low(4)
-        .mesh_n_high(12)
-        // At least 2 mesh peers this node dialed itself: an attacker accepting inbound
-        // connections alone cannot fill a node's mesh.
+        // D = 4: a record reaches 256 nodes in about log₃ 256 ≈ 5 hops (each node forwards to
+        // the 3 mesh peers it did not get it from), and each node receives about 4 copies of it
+        // (D = 6: ~6; record copies are most of an idle node's traffic at 256 nodes, see
+        // benches/RESULTS.md).
+        .mesh_n(4)
+        // D_lo = 3, D_hi = 8: room for the mesh to grow and shrink without constant GRAFT/PRUNE
+        // churn (a node has ~8 connections), while a node's mesh never thins to a single path.
+        .mesh_n_low(3)
+        .mesh_n_high(8)
+        // At least 2 mesh peers this node dialed itself (below D_lo and at most D/2, as the
+        // gossipsub v1.1 spec asks): an attacker accepting inbound connections alone cannot
+        // fill a node's mesh.
         .mesh_outbound_min(2)
-        // Gossip (IHAVE) to 3 non-mesh peers per heartbeat, never more (factor 0, else a
-        // facilitator with 255 connections would gossip to 64): repairs a record a mesh path lost
-        // at ~0.5 KB/s per node of ids instead of ~3 KB/s with libp2p's 6 and 25%.
-        .gossip_lazy(3)
+        // Gossip (IHAVE) to 2 non-mesh peers per heartbeat, never more (factor 0, else a
+        // facilitator with 255 connections would gossip to 64): repairs a record a mesh path
+        // lost, at a few hundred bytes a second of ids per node.
+        .gossip_lazy(2)
         .gossip_factor(0.0)
-        // IHAVE lists the ids of the last 2 heartbeats (default 3), of 5 kept for IWANT answers.
-        .history_gossip(2)
+        // IHAVE lists the ids of the last heartbeat only (default 3), of 5 kept for IWANT
+        // answers: every id is announced once per gossip peer, not again a second later.
+        .history_gossip(1)
         .history_length(5)
         // One heartbeat per second: mesh repair and gossip within a second, ~256 small control
         // frames per second in a 256-node network.

@@ -3,7 +3,8 @@
 //! fetches whole directories over the record exchange when joining, answers such fetches, sweeps
 //! expired records and keeps the directory on disk.
 //!
-//! Layout: `task/upkeep.rs` (the directory kept on disk, bootstrap redials, mesh dials).
+//! Layout: `task/upkeep.rs` (the directory kept on disk, bootstrap redials and leaving, mesh
+//! dials).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -42,6 +43,24 @@ mod upkeep;
 /// benches/RESULTS.md, "Start-up at 256 nodes"). A connection gossipsub holds stays open
 /// (it keeps a stream on it), so these few are never trimmed.
 pub(super) const MESH_DIALS: usize = 4;
+/// A node closes the connections it dialed to its bootstrap peers once it is connected to this
+/// many other nodes on the record topic, its join is done (whole directory fetched, second
+/// announcement made) and its directory holds a live record of every bootstrap peer (gossip
+/// reaches them through the mesh). Held for the whole run, these connections made the bootstrap
+/// peer (the facilitator) a hub of one connection per node: at 256 nodes 255 connections, each
+/// with QUIC state, a gossipsub send queue and keep-alives; leaving them cut the idle
+/// facilitator's CPU from 0.97 to 0.13 % of a core (see benches/RESULTS.md, "256 nodes on a
+/// quiet machine"). A network too small to give a node this many other peers keeps them.
+pub(super) const LEAVE_PEERS: usize = MESH_DIALS;
+/// How long after those conditions first hold the bootstrap connections are closed (checked
+/// again then): the second announcement and a pull under way have gone out by then.
+const LEAVE_DELAY: Duration = Duration::from_secs(5);
+/// A node that left its bootstrap peers dials them again when it has fewer than this many other
+/// peers on the record topic, or when the record of a bootstrap peer expires in its directory
+/// (nothing of it arrived for a record's lifetime: a partition). It then keeps that connection
+/// for the rest of its run: its mesh may lie wholly on its side of a partition, and the bootstrap
+/// connection is the bridge that lets the halves find each other when it heals.
+pub(super) const REJOIN_PEERS: usize = 2;
 /// How soon after a change (a node learned, a dialed connection lost or a dial failed) the node
 /// dials towards [`MESH_DIALS`]: the records of one fetch make one round of dials.
 const FILL_DELAY: Duration = Duration::from_millis(500);
@@ -125,6 +144,10 @@ pub fn refresh_interval(ttl: Duration) -> Duration {
 pub(super) enum Query {
     /// The gossipsub score of a peer.
     PeerScore(PeerId, oneshot::Sender<Option<f64>>),
+    /// How many connections this node dialed to its bootstrap peers are open.
+    BootstrapDials(oneshot::Sender<usize>),
+    /// Whether a peer is connected (by either side's dial).
+    Connected(PeerId, oneshot::Sender<bool>),
 }
 
 /// The node's own record, re-signed on every change.
@@ -218,6 +241,13 @@ pub(super) struct SwarmTask {
     fill_round: u64,
     /// The wait before the next bootstrap redial (doubles with each failure in a row).
     redial_wait: Duration,
+    /// Leaving the bootstrap peers ([`LEAVE_PEERS`]): the open connections this node dialed to
+    /// them, when it leaves them (conditions checked again then), whether it left (not redialed
+    /// while it has other peers) and whether it stays (it rejoined once: kept for the run).
+    bootstrap_dials: std::collections::HashSet<ConnectionId>,
+    leave_at: Option<Instant>,
+    left: bool,
+    stay: bool,
     /// Bootstrap peers the whole directory was fetched from already.
     joined: Vec<PeerId>,
     /// Nodes of the kept directory dialed at start, to fetch a fresh copy from once.
@@ -305,6 +335,10 @@ impl SwarmTask {
             fill_seed: random_seed(),
             fill_round: 0,
             redial_wait: REDIAL_INTERVAL,
+            bootstrap_dials: std::collections::HashSet::new(),
+            leave_at: None,
+            left: false,
+            stay: false,
             joined: Vec::new(),
             refetch: Vec::new(),
             published_at: None,
@@ -374,6 +408,7 @@ impl SwarmTask {
                     // Nobody subscribed to tell yet: again after the delay.
                     if self.publish_own() {
                         self.settled = true;
+                        self.schedule_leave();
                     } else {
                         self.settle = Some(Instant::now() + SETTLE_DELAY);
                     }
@@ -389,14 +424,17 @@ impl SwarmTask {
                         info!(role = %record.role, hotkey = %record.hotkey, "node record expired");
                     }
                     expiry = next_expiry(&self.directory);
+                    self.rejoin_if_cut_off();
                 }
                 Ok(()) = changes.changed() => {
                     changes.mark_unchanged();
                     expiry = next_expiry(&self.directory);
                     self.schedule_save();
                     self.schedule_fill();
+                    self.schedule_leave();
                 }
                 () = sleep_until(self.fill_at) => self.fill(),
+                () = sleep_until(self.leave_at) => self.leave(),
                 () = sleep_until(self.redial_at) => {
                     self.redial_at = None;
                     self.redial();
@@ -449,6 +487,12 @@ impl SwarmTask {
         match query {
             Query::PeerScore(peer, reply) => {
                 let _ = reply.send(self.swarm.behaviour().gossip.peer_score(&peer));
+            }
+            Query::BootstrapDials(reply) => {
+                let _ = reply.send(self.bootstrap_dials.len());
+            }
+            Query::Connected(peer, reply) => {
+                let _ = reply.send(self.swarm.is_connected(&peer));
             }
         }
     }
@@ -617,6 +661,9 @@ impl SwarmTask {
                     .push((connection_id, now()));
                 if endpoint.is_dialer() {
                     self.dialed.insert(peer_id);
+                    if self.is_bootstrap(&peer_id) {
+                        self.bootstrap_dials.insert(connection_id);
+                    }
                 }
                 if self.is_bootstrap(&peer_id) {
                     self.redial_wait = REDIAL_INTERVAL;
@@ -633,6 +680,7 @@ impl SwarmTask {
                 ..
             } => {
                 self.stats.connections_closed += 1;
+                self.bootstrap_dials.remove(&connection_id);
                 debug!(peer = %peer_id, ?cause, "discovery connection closed");
                 if let Some(open) = self.connections.get_mut(&peer_id) {
                     open.retain(|(id, _)| *id != connection_id);
@@ -647,6 +695,7 @@ impl SwarmTask {
                     self.schedule_fill();
                 }
                 self.redial_soon(Some(peer_id));
+                self.rejoin_if_cut_off();
             }
             SwarmEvent::NewListenAddr { address, .. } => {
                 if let Some(addr) = socket_addr(&address)
@@ -720,6 +769,8 @@ impl SwarmTask {
                 // The first peer to hear us: our record goes out now, not at the next refresh.
                 self.publish_own();
             }
+            // One more peer on the topic: maybe enough to leave the bootstrap peers.
+            gossipsub::Event::Subscribed { .. } => self.schedule_leave(),
             _ => {}
         }
     }

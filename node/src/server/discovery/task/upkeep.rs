@@ -1,6 +1,7 @@
 //! The discovery task's upkeep: the directory kept on disk (loaded at start, written after
-//! changes) and the connections kept (bootstrap redials with back-off, and the few directory
-//! nodes each node dials for its gossip mesh).
+//! changes) and the connections kept (bootstrap redials with back-off, leaving the bootstrap
+//! peers once the node has its own peers and joining them again when it loses them, and the few
+//! directory nodes each node dials for its gossip mesh).
 
 use super::*;
 
@@ -118,6 +119,9 @@ impl SwarmTask {
     /// Dials the bootstrap peers that are not connected. A dial that fails, or a connection to
     /// one that is lost later, sets the timer for the next try (`redial_soon`).
     pub(super) fn redial(&mut self) {
+        if self.left {
+            return;
+        }
         for peer in &self.bootstrap {
             if self.swarm.is_connected(&peer.peer) {
                 continue;
@@ -143,7 +147,11 @@ impl SwarmTask {
     /// quarter of it at random, so that nodes that lost the same peer do not dial it together.
     pub(super) fn redial_soon(&mut self, peer: Option<PeerId>) {
         let Some(peer) = peer else { return };
-        if self.is_bootstrap(&peer) && !self.swarm.is_connected(&peer) && self.redial_at.is_none() {
+        if self.is_bootstrap(&peer)
+            && !self.left
+            && !self.swarm.is_connected(&peer)
+            && self.redial_at.is_none()
+        {
             let wait = self.redial_wait;
             self.redial_wait = (wait * 2).min(REDIAL_MAX);
             let quarter = u64::try_from(wait.as_millis() / 4).unwrap_or(0).max(1);
@@ -155,6 +163,86 @@ impl SwarmTask {
 
     pub(super) fn is_bootstrap(&self, peer: &PeerId) -> bool {
         self.bootstrap.iter().any(|b| b.peer == *peer)
+    }
+
+    /// How many peers other than the bootstrap peers are connected on the record topic.
+    fn topic_peers(&self) -> usize {
+        let topic = gossip::topic().hash();
+        self.swarm
+            .behaviour()
+            .gossip
+            .all_peers()
+            .filter(|(peer, topics)| topics.contains(&&topic) && !self.is_bootstrap(peer))
+            .count()
+    }
+
+    /// Whether every bootstrap peer's record is live in the directory.
+    fn bootstrap_records_live(&self) -> bool {
+        let now = now();
+        self.bootstrap.iter().all(|b| {
+            hotkey_of(&b.peer).is_some_and(|hotkey| self.directory.get(&hotkey, now).is_some())
+        })
+    }
+
+    /// Whether this node may close the connections it dialed to its bootstrap peers (see
+    /// [`LEAVE_PEERS`]).
+    fn may_leave(&self) -> bool {
+        !self.left
+            && !self.stay
+            && !self.bootstrap_dials.is_empty()
+            && self.settled
+            && self.join_request.is_none()
+            && self.topic_peers() >= LEAVE_PEERS
+            && self.bootstrap_records_live()
+    }
+
+    /// Sets the leave timer when this node may leave its bootstrap peers.
+    pub(super) fn schedule_leave(&mut self) {
+        if self.leave_at.is_none() && self.may_leave() {
+            self.leave_at = Some(Instant::now() + LEAVE_DELAY);
+        }
+    }
+
+    /// Closes the connections this node dialed to its bootstrap peers, if it still may (a
+    /// connection a bootstrap peer dialed to this node, for its own mesh, stays).
+    pub(super) fn leave(&mut self) {
+        self.leave_at = None;
+        if !self.may_leave() {
+            return;
+        }
+        self.left = true;
+        self.redial_at = None;
+        info!(
+            connections = self.bootstrap_dials.len(),
+            peers = self.topic_peers(),
+            "own peers found; leaving the bootstrap connection"
+        );
+        for id in self.bootstrap_dials.drain() {
+            self.swarm.close_connection(id);
+        }
+    }
+
+    /// After this node left its bootstrap peers: dials them again, and keeps them for the rest
+    /// of the run, when it has fewer than [`REJOIN_PEERS`] other peers on the record topic or a
+    /// bootstrap peer's record expired (see [`REJOIN_PEERS`]).
+    pub(super) fn rejoin_if_cut_off(&mut self) {
+        if !self.left {
+            return;
+        }
+        let peers = self.topic_peers();
+        let live = self.bootstrap_records_live();
+        if peers >= REJOIN_PEERS && live {
+            return;
+        }
+        info!(
+            peers,
+            bootstrap_record_live = live,
+            "cut off from the network; rejoining the bootstrap peers"
+        );
+        self.left = false;
+        self.stay = true;
+        self.redial_wait = REDIAL_INTERVAL;
+        self.redial();
     }
 
     /// How many directory nodes this node has dialed for its mesh (connected or under way).
@@ -186,7 +274,11 @@ impl SwarmTask {
             .filter(|(hotkey, _)| *hotkey != own)
             .filter_map(|(hotkey, addr)| {
                 let peer = peer_id(&hotkey);
-                if self.swarm.is_connected(&peer) || self.dialing.contains(&peer) {
+                // Bootstrap peers are dialed (and left) by `redial` and `leave` alone.
+                if self.is_bootstrap(&peer)
+                    || self.swarm.is_connected(&peer)
+                    || self.dialing.contains(&peer)
+                {
                     return None;
                 }
                 let mut order = blake3::Hasher::new();
