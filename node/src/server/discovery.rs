@@ -377,43 +377,34 @@ impl Discovery {
         let _ = self.done.await;
     }
 
+    /// Asks the discovery task a question (`None`: the node stopped).
+    async fn ask<T>(
+        &self,
+        query: impl FnOnce(tokio::sync::oneshot::Sender<T>) -> task::Query,
+    ) -> Option<T> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.queries.send(query(reply)).await.ok()?;
+        answer.await.ok()
+    }
+
     /// The gossipsub score this node gives `peer` (`None`: not known, or the node stopped).
     pub async fn peer_score(&self, peer: &PeerId) -> Option<f64> {
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        self.queries
-            .send(task::Query::PeerScore(*peer, reply))
+        self.ask(|reply| task::Query::PeerScore(*peer, reply))
             .await
-            .ok()?;
-        answer.await.ok().flatten()
+            .flatten()
     }
 
     /// How many connections this node dialed to its bootstrap peers are open: 0 once it left
     /// them for peers of its own (see `task::LEAVE_PEERS`) or stopped.
     pub async fn bootstrap_connections(&self) -> usize {
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        if self
-            .queries
-            .send(task::Query::BootstrapDials(reply))
-            .await
-            .is_err()
-        {
-            return 0;
-        }
-        answer.await.unwrap_or(0)
+        self.ask(task::Query::BootstrapDials).await.unwrap_or(0)
     }
 
     /// Whether this node is connected to `peer` (a connection dialed by either side).
     pub async fn is_connected(&self, peer: &PeerId) -> bool {
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        if self
-            .queries
-            .send(task::Query::Connected(*peer, reply))
+        self.ask(|reply| task::Query::Connected(*peer, reply))
             .await
-            .is_err()
-        {
-            return false;
-        }
-        answer.await.unwrap_or(false)
+            .unwrap_or(false)
     }
 
     /// The records discovered so far.
