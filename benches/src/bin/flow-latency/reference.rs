@@ -13,7 +13,10 @@
 //! round), and one request per process (`curl` through nginx with the client certificate,
 //! `curl` direct, `horde job request`, each `POST /echo`, spawn to exit, answers checked).
 //! Ratios are against nginx with default buffers (bulk also against 256 KiB buffers), printed
-//! beside the issue's targets.
+//! beside the issue's targets. Each round also measures the floors of the horde rows, with
+//! horde's TLS and transport config and both ends in this process on loopback: a bare quinn
+//! 32 B echo on one open stream, and one bare quinn stream of `--size-mib` (the bulk rate a
+//! single QUIC stream reaches on this machine, without the tunnel, the executor or `forward`).
 
 use std::io::{Read as _, Write as _};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -132,6 +135,8 @@ pub(crate) struct Samples {
     client_one_thread: [Vec<f64>; 2],
     /// The floor: a bare quinn 32 B echo, per [`quinn_echo::ROWS`].
     quinn_echo: [Vec<f64>; 3],
+    /// The bulk floor: bare quinn, one stream of `--size-mib`, both ends in this process.
+    quinn_bulk: Vec<f64>,
     nginx: bool,
 }
 
@@ -466,6 +471,9 @@ async fn round(
         }
     }
     samples.bulk[CLIENT].push(tunnel_bytes(tunnel, plan.size).await?);
+    samples
+        .quinn_bulk
+        .push(super::raw_quinn::raw_quinn_throughput(plan.size).await?);
     for (row, trips) in quinn_echo::round(plan.requests)
         .await?
         .into_iter()
@@ -794,6 +802,28 @@ pub(crate) fn report(plan: Plan, net: &Net<'_>, samples: Samples) -> serde_json:
             client_bulk / large
         );
     }
+    let quinn_bulk = Spread::of(samples.quinn_bulk);
+    println!(
+        "  -- floor: bare quinn, one stream of {} MiB, both ends in this process on its 2-worker \
+         runtime (horde's TLS and transport config, loopback)",
+        plan.size >> 20
+    );
+    println!(
+        "    quinn            {:>9.3} Gb/s [{:.3}-{:.3}]  forward {:.2}x, Rust client {:.2}x of it{}",
+        quinn_bulk.median,
+        quinn_bulk.min,
+        quinn_bulk.max,
+        forward_bulk / quinn_bulk.median,
+        client_bulk / quinn_bulk.median,
+        if nginx {
+            format!(
+                "; it is {:.2}x nginx with 256 KiB buffers",
+                quinn_bulk.median / large
+            )
+        } else {
+            String::new()
+        }
+    );
     println!(
         "  -- one request per process, POST /echo, spawn to exit ({} per round)",
         plan.processes
@@ -817,6 +847,7 @@ pub(crate) fn report(plan: Plan, net: &Net<'_>, samples: Samples) -> serde_json:
         "rust_client_one_thread_ms": one_thread, "bulk_gbit": bulk,
         "bulk_forward_over_nginx_256k": forward_bulk / large,
         "bulk_client_over_nginx_256k": client_bulk / large,
+        "bulk_quinn_floor_gbit": quinn_bulk.json(),
         "process_ms": {"curl_nginx": curl_nginx.json(), "curl_direct": curl_direct.json(),
                        "horde_job_request": request.json()},
     })
