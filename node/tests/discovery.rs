@@ -1,8 +1,9 @@
 //! Discovery between in-process nodes on loopback: records spread through a bootstrap peer,
 //! capacity changes arrive, stopped nodes expire, forged records are dropped (over the record
 //! exchange and on gossip, where their sender is penalised), a restarted node has its directory
-//! back at once, a node with peers of its own leaves its bootstrap peer and rejoins it when cut
-//! off.
+//! back at once, its peers leave its old run and connect afresh (what it publishes reaches them),
+//! a stopped node closes its connections at once (an aborted one does not), a node with peers of
+//! its own leaves its bootstrap peer and rejoins it when cut off.
 #![allow(clippy::unwrap_used)]
 
 use std::time::Duration;
@@ -470,13 +471,15 @@ async fn a_restarted_node_has_its_directory_back_at_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peers_of_a_restarted_node_leave_their_old_connection_at_once() {
-    // A miner joins through a facilitator, which then stops without a word to it (as after
-    // `kill -9`: the swarm's runtime is dropped, nothing is sent) and starts again on its port.
+    // A miner joins through a facilitator, which then stops without a word to it (aborted, as
+    // by `kill -9`: the swarm's runtime is dropped, nothing is sent) and starts again on its
+    // port.
     // The miner's old connection is dead, and QUIC would let it idle out only after 45 s; the
-    // facilitator's new record (a later `incarnation`) must make the miner leave it at once, so
-    // that what the miner publishes next reaches the restarted facilitator.
+    // facilitator's new record (a later `incarnation`) must make the miner leave it at once (and
+    // connect afresh), so that what the miner publishes next reaches the restarted facilitator.
+    // The restart comes at once: a connection less than a second old is the old run's too.
     let cancel = CancellationToken::new();
-    let (state, fac_key, first_run, facilitator, boot) = first_run_kept(&cancel).await;
+    let (state, fac_key, _first_run, facilitator, boot) = first_run_kept(&cancel).await;
     let listen = facilitator.listen_addrs()[0];
     let miner_key = SecretKey::generate();
     let (capacity_tx, capacity_rx) = watch::channel(capacity(2));
@@ -495,10 +498,7 @@ async fn peers_of_a_restarted_node_leave_their_old_connection_at_once() {
     })
     .await;
     let old = miner_dir.get(&fac_key.hotkey(), now()).unwrap();
-    // The connection must be older than the restart margin (1 s) to count as the old run's.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    first_run.cancel();
-    facilitator.stopped().await;
+    facilitator.abort().await;
 
     let (facilitator, restarted_at) = restart_kept(&fac_key, state.path(), listen, &cancel).await;
     let fac_dir = facilitator.directory().clone();
@@ -532,6 +532,179 @@ async fn peers_of_a_restarted_node_leave_their_old_connection_at_once() {
         restarted_at.elapsed() < Duration::from_secs(3),
         "{:?}",
         restarted_at.elapsed()
+    );
+    cancel.cancel();
+}
+
+/// A miner's discovery keeping its directory in `state`, joining through `bootstrap`; started
+/// again on `listen` (port 0 the first time) once the port is free, like [`restart_kept`].
+async fn start_miner_kept(
+    key: &SecretKey,
+    capacity: watch::Receiver<Vec<ClassCapacity>>,
+    bootstrap: &BootstrapPeer,
+    state: &std::path::Path,
+    listen: std::net::SocketAddr,
+    cancel: &CancellationToken,
+) -> Discovery {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let local = LocalNode {
+            role: Role::Miner,
+            addrs: vec![([127, 0, 0, 1], 7000).into()],
+            capacity: Some(capacity.clone()),
+            state_dir: Some(state.to_path_buf()),
+        };
+        let config = DiscoveryConfig {
+            listen,
+            ..config(vec![bootstrap.clone()])
+        };
+        match Discovery::start(key, local, &config, cancel.child_token()).await {
+            Ok(started) => return started,
+            Err(error) if std::time::Instant::now() < deadline => {
+                let _ = error;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(error) => panic!("no start on {listen}: {error}"),
+        }
+    }
+}
+
+/// A node killed and started again while its peers still hold connections to its old run: its
+/// peers connect to the new run afresh, and what it publishes on gossip reaches them. gossipsub
+/// tells a peer its topics only on the first connection to it; a peer that kept a connection to
+/// the old run never told the new run, which then saw nobody on the topic and published nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_node_publishes_to_peers_that_held_its_old_run() {
+    let cancel = CancellationToken::new();
+    let fac_key = SecretKey::generate();
+    let facilitator = start(&fac_key, Role::Facilitator, None, vec![], &cancel).await;
+    let boot = bootstrap_of(&facilitator, &fac_key);
+    let val_key = SecretKey::generate();
+    let validator = start(&val_key, Role::Validator, None, vec![boot.clone()], &cancel).await;
+    let state = tempfile::tempdir().unwrap();
+    let miner_key = SecretKey::generate();
+    let miner_peer = peer_id(&miner_key.hotkey());
+    let (capacity_tx, capacity_rx) = watch::channel(capacity(2));
+    let first_run = start_miner_kept(
+        &miner_key,
+        capacity_rx.clone(),
+        &boot,
+        state.path(),
+        ([127, 0, 0, 1], 0).into(),
+        &cancel,
+    )
+    .await;
+    let listen = first_run.listen_addrs()[0];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !(facilitator.is_connected(&miner_peer).await
+        && validator.is_connected(&miner_peer).await
+        && first_run.directory().len() == 2
+        && state.path().join("discovery-directory.bin").exists())
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out: the miner is not connected to both"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let old = facilitator
+        .directory()
+        .get(&miner_key.hotkey(), now())
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    first_run.abort().await;
+
+    let _miner = start_miner_kept(
+        &miner_key,
+        capacity_rx,
+        &boot,
+        state.path(),
+        listen,
+        &cancel,
+    )
+    .await;
+    let (fac_dir, val_dir) = (
+        facilitator.directory().clone(),
+        validator.directory().clone(),
+    );
+    eventually(
+        Duration::from_secs(5),
+        "both have the new run's record",
+        || {
+            [&fac_dir, &val_dir].iter().all(|directory| {
+                directory
+                    .get(&miner_key.hotkey(), now())
+                    .is_some_and(|r| r.incarnation > old.incarnation)
+            })
+        },
+    )
+    .await;
+    // A capacity change travels on gossip (or in a pull, which asks a peer on the topic too);
+    // the record exchanges of the restart went out before it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    capacity_tx.send(capacity(0)).unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "the restarted miner's capacity change reaches both on gossip",
+        || {
+            [&fac_dir, &val_dir].iter().all(|directory| {
+                directory
+                    .get(&miner_key.hotkey(), now())
+                    .is_some_and(|r| r.capacity == capacity(0))
+            })
+        },
+    )
+    .await;
+    cancel.cancel();
+}
+
+/// A node that stops closes its connections: its peers see them closed at once, not at their
+/// QUIC idle timeout (45 s), and stop sending into them. One that is aborted (as by `kill -9`)
+/// sends nothing: its peers still hold its connection seconds later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_node_closes_its_connections_at_once_and_an_aborted_one_does_not() {
+    let cancel = CancellationToken::new();
+    let boot_key = SecretKey::generate();
+    let boot = start(&boot_key, Role::Facilitator, None, vec![], &cancel).await;
+    let bootstrap = bootstrap_of(&boot, &boot_key);
+    let (stopped_key, aborted_key) = (SecretKey::generate(), SecretKey::generate());
+    let stopping = cancel.child_token();
+    let stopped = start(
+        &stopped_key,
+        Role::Miner,
+        None,
+        vec![bootstrap.clone()],
+        &stopping,
+    )
+    .await;
+    let aborted = start(&aborted_key, Role::Miner, None, vec![bootstrap], &cancel).await;
+    let stopped_peer = peer_id(&stopped_key.hotkey());
+    let aborted_peer = peer_id(&aborted_key.hotkey());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !(boot.is_connected(&stopped_peer).await && boot.is_connected(&aborted_peer).await) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out: the miners are not connected to the facilitator"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    stopping.cancel();
+    stopped.stopped().await;
+    let closed_at = std::time::Instant::now();
+    while boot.is_connected(&stopped_peer).await {
+        assert!(
+            closed_at.elapsed() < Duration::from_secs(1),
+            "the stopped miner's connection is still open at the facilitator"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    aborted.abort().await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        boot.is_connected(&aborted_peer).await,
+        "the aborted miner's connection was closed: an abort must send nothing"
     );
     cancel.cancel();
 }

@@ -135,7 +135,7 @@ pub struct NodeRecord {
     /// When the node's current run started (its discovery service, wall clock): a record with a
     /// later incarnation than the one held tells a peer the node restarted, so that the peer
     /// leaves the connections it still holds to the node's old run (dead: a restarted node
-    /// cannot answer on them) instead of waiting for their idle timeout.
+    /// cannot answer on them) instead of waiting for their idle timeout, and connects afresh.
     pub incarnation: UnixMillis,
 }
 

@@ -17,8 +17,9 @@
 //! [`check_record`], and one sent as the sender's own must name the sender's `PeerId`. The newest
 //! `seq` per hotkey wins; expired records are swept when the first of them runs out; the
 //! directory is kept on disk for restarts. A record of a known node with a later `incarnation`
-//! (a restarted node) closes the connections to its old run at once (see
-//! `task::RESTART_MARGIN_MS`).
+//! (a restarted node) closes the connections to its old run at once, and the node is connected
+//! afresh (see `SwarmTask::restarted` in `task/connections.rs`); a node that stops closes its
+//! connections first, so its peers learn at once.
 //!
 //! Threads: the swarm runs on a thread of its own (`discovery`) with a single-threaded runtime,
 //! so that an idle node's packets and timers wake one thread (see [`Discovery::start`]).
@@ -69,15 +70,35 @@ pub const MAX_SYNC_BYTES: u32 = 1024 * 1024;
 /// Most records one [`RecordSync`] carries (a full directory answer is cut to this).
 pub const MAX_SYNC_RECORDS: usize = 1024;
 
-/// Keep-alive of the discovery QUIC connections: libp2p's 5 s. 15 s (with a 45 s idle timeout)
-/// cut an idle 34-node network's CPU by about a third, made safe for a restart without
-/// stateless resets by `NodeRecord::incarnation` (`task::RESTART_MARGIN_MS`); it is not taken
-/// yet: a facilitator restarted gracefully took longer to relearn its validator and storage node
-/// (`flow::facilitator_restart_keeps_the_record_and_the_job` failed once in CI, 30 s without
-/// them; the test ran 70 s against 54 s with 5 s / 10 s), which is not traced yet.
-const GOSSIP_KEEP_ALIVE: Duration = Duration::from_secs(5);
-/// Idle timeout of the discovery QUIC connections, in ms: libp2p's 10 s (see above).
-const GOSSIP_IDLE_TIMEOUT_MS: u32 = 10_000;
+/// Keep-alive of the discovery QUIC connections (libp2p's default: 5 s). At idle a connection
+/// carries nothing else, and quinn pings when neither side sent for this long (a received packet
+/// resets the timer), so each connection costs a PING and its ACK per interval: 0.13 packets/s
+/// instead of 0.4 (see benches/RESULTS.md, "Idle cost at 256 nodes"); at 34 nodes idle this cut
+/// the network's CPU by about a third (3.0–3.9 % to 2.1–2.4 % of a core). 15 s also keeps a NAT's
+/// UDP binding alive (those last 30 s or more).
+///
+/// What makes the long idle timeout safe: a peer that is gone is noticed without it in both
+/// ways a node goes. A node that stops closes its connections before it exits
+/// (`SwarmTask::close_all`), so its peers leave them at once; a node killed (`kill -9`, a crash)
+/// and started again makes itself known by its record's later `incarnation`, and each peer then
+/// closes its whole session with the old run and connects afresh (`SwarmTask::restarted`). The
+/// second is what a first try of 15 s / 45 s lacked
+/// (`flow::facilitator_restart_keeps_the_record_and_the_job` failed once, and failed again when
+/// traced): the facilitator, killed 0.3 s after the testnet converged, had kept only the miner
+/// on disk; the miner, still holding a connection to the old run, never told the new run it was
+/// on the record topic (gossipsub does so only on a peer's first connection), so the new run
+/// published its record to nobody, and the validator and storage node learned of it only when
+/// their dead connections reached the idle timeout (45 s; 10 s before). Now the test's restart
+/// converges in under 2 s. Measured against 5 s / 10 s (`discovery-scale`, release builds, the
+/// same session, 2026-12-06 06:33–06:39 UTC): 34 nodes, 30 s idle, network CPU 1.9 / 2.4 % of
+/// a core → 1.4 / 1.6 %, loopback 180 → 125–140 B/s per node; 256 nodes, 60 s idle (one run
+/// each), 10.5 % → 5.9 %, loopback 116 → 47 B/s per node; convergence and capacity latency
+/// unchanged within the noise.
+const GOSSIP_KEEP_ALIVE: Duration = Duration::from_secs(15);
+/// Idle timeout of the discovery QUIC connections, in ms (libp2p's default: 10 s): three
+/// keep-alives, so one lost PING does not close a connection. A vanished peer's connections close
+/// within it (its record expires anyway); a stopped or restarted one's at once (see above).
+const GOSSIP_IDLE_TIMEOUT_MS: u32 = 45_000;
 
 /// Default record lifetime: a vanished node is forgotten within 2 minutes; records are re-signed
 /// 30 s before it runs out (every 90 s), which keeps idle traffic low at 256 nodes (see the
@@ -290,7 +311,9 @@ pub struct LocalNode {
 }
 
 /// A running discovery service. Stops when its cancellation token is cancelled
-/// ([`Discovery::stopped`] waits for that).
+/// ([`Discovery::stopped`] waits for that): it closes every connection first, so its peers
+/// learn at once (see `SwarmTask::close_all` in `task/connections.rs`). [`Discovery::abort`]
+/// stops it as a crash would.
 #[derive(Debug)]
 pub struct Discovery {
     directory: Arc<Directory>,
@@ -298,6 +321,8 @@ pub struct Discovery {
     hotkey: Hotkey,
     /// Questions to the swarm task.
     queries: tokio::sync::mpsc::Sender<task::Query>,
+    /// Cancelled by [`Discovery::abort`]: the task ends without closing its connections.
+    abort: CancellationToken,
     /// Closed when the discovery thread has ended (its runtime, and with it the listener and
     /// every connection, dropped).
     done: tokio::sync::oneshot::Receiver<()>,
@@ -324,7 +349,9 @@ impl Discovery {
         let (ready, started) = tokio::sync::oneshot::channel();
         let (finished, done) = tokio::sync::oneshot::channel::<()>();
         let span = info_span!("discovery", node = %hotkey.fmt_short());
+        let abort = CancellationToken::new();
         let (key, config, shared) = (key.clone(), config.clone(), Arc::clone(&directory));
+        let aborted = abort.clone();
         std::thread::Builder::new()
             .name("discovery".to_owned())
             .spawn(move || {
@@ -345,7 +372,7 @@ impl Discovery {
                                 // The caller may have given up waiting; the task still stops
                                 // with `cancel`.
                                 let _ = ready.send(Ok(listen));
-                                task.run(cancel).await;
+                                task.run(cancel, aborted).await;
                             }
                             Err(error) => {
                                 let _ = ready.send(Err(error));
@@ -366,15 +393,25 @@ impl Discovery {
             listen,
             hotkey,
             queries,
+            abort,
             done,
         })
     }
 
-    /// Waits until the service has stopped (its cancellation token was cancelled) and its
-    /// listener is closed.
+    /// Waits until the service has stopped (its cancellation token was cancelled: its
+    /// connections closed, the directory written) and its listener is closed.
     pub async fn stopped(self) {
         // Closed (never sent) when the discovery thread ends.
         let _ = self.done.await;
+    }
+
+    /// Stops the service at once, as a crash (`kill -9`) would as far as its peers can tell:
+    /// its connections are dropped without a word, so a peer learns of it only when its own
+    /// connection times out or the node's next run makes itself known (tests of what peers do
+    /// then). The directory is still written. Waits until the thread has ended.
+    pub async fn abort(self) {
+        self.abort.cancel();
+        self.stopped().await;
     }
 
     /// Asks the discovery task a question (`None`: the node stopped).

@@ -4,7 +4,8 @@
 //! expired records and keeps the directory on disk.
 //!
 //! Layout: `task/upkeep.rs` (the directory kept on disk, bootstrap redials and leaving, mesh
-//! dials).
+//! dials), `task/connections.rs` (connections by peer: a restarted peer connected afresh, every
+//! connection closed when the node stops).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -30,7 +31,10 @@ use super::{
 };
 use crate::clock::now;
 
+mod connections;
 mod upkeep;
+
+use connections::Session;
 
 /// How many nodes of its directory a node keeps connections to that it dialed itself (besides
 /// its bootstrap peers), for its gossip mesh: gossipsub meshes `mesh_n` = 6 of the connected
@@ -119,14 +123,6 @@ const MAX_PULLS: u32 = 20;
 pub const LATENCY_TARGET: &str = "horde_node::server::discovery::latency";
 /// The file, in the node's state directory, that holds the directory between runs.
 pub const DIRECTORY_FILE: &str = "discovery-directory.bin";
-/// A connection to a node established this long before the start of the node's current run
-/// (its record's `incarnation`) or earlier is a connection to its old run; one established later
-/// may be a new connection of the new run (both clocks are wall clocks, of two machines: the
-/// margin absorbs their skew). A restarted node cannot answer on an old connection (its QUIC
-/// state is gone, and libp2p's endpoint sends no stateless reset for it), so a peer that learns
-/// of the restart closes those at once instead of waiting for the idle timeout.
-pub(super) const RESTART_MARGIN_MS: u64 = 1000;
-
 /// How long before its record expires a node re-signs it, at most: time for gossipsub to
 /// repair a refresh a mesh path lost (IHAVE/IWANT within seconds) before the old copy expires.
 pub(super) const REFRESH_MARGIN: Duration = Duration::from_secs(30);
@@ -232,9 +228,9 @@ pub(super) struct SwarmTask {
     pub(super) state_dir: Option<PathBuf>,
     /// Peers this node dialed (a connection it opened is open to them).
     dialed: std::collections::HashSet<PeerId>,
-    /// Every open connection, by peer, with when it was established (wall clock): a peer's
-    /// record with a newer `incarnation` closes the ones from before its restart.
-    connections: std::collections::HashMap<PeerId, Vec<(ConnectionId, UnixMillis)>>,
+    /// Every open connection, by peer, as a [`Session`] (a peer's record with a newer
+    /// `incarnation` closes a session from before its restart, see `connections.rs`).
+    connections: std::collections::HashMap<PeerId, Session>,
     /// Directory nodes dialed for the mesh, not yet connected; when the next round of such dials
     /// is due; a random seed and round counter that order the candidates differently each round.
     dialing: std::collections::HashSet<PeerId>,
@@ -252,8 +248,10 @@ pub(super) struct SwarmTask {
     stay: bool,
     /// Bootstrap peers the whole directory was fetched from already.
     joined: Vec<PeerId>,
-    /// Nodes of the kept directory dialed at start, to fetch a fresh copy from once.
+    /// Nodes of the kept directory dialed at start, to fetch a fresh copy from once, and the
+    /// fetches under way (one that fails is asked again at the next connection to its node).
     refetch: Vec<PeerId>,
+    refetching: Vec<(request_response::OutboundRequestId, PeerId)>,
     /// When the own record was last published, and whether a capacity change waits for
     /// [`CAPACITY_COALESCE`] to pass.
     published_at: Option<Instant>,
@@ -343,6 +341,7 @@ impl SwarmTask {
             stay: false,
             joined: Vec::new(),
             refetch: Vec::new(),
+            refetching: Vec::new(),
             published_at: None,
             capacity_pending: false,
             capacity_changed_at: None,
@@ -365,7 +364,9 @@ impl SwarmTask {
         }
     }
 
-    pub(super) async fn run(mut self, cancel: CancellationToken) {
+    /// Runs until `cancel` (a stop: every connection closed first, see [`CLOSE_WAIT`]) or
+    /// `abort` (as a crash: nothing sent); the directory is written either way.
+    pub(super) async fn run(mut self, cancel: CancellationToken, abort: CancellationToken) {
         self.load();
         self.redial();
         let mut republish = tokio::time::interval(refresh_interval(self.own.ttl));
@@ -403,6 +404,7 @@ impl SwarmTask {
             };
             tokio::select! {
                 () = cancel.cancelled() => break,
+                () = abort.cancelled() => break,
                 () = pull => self.pull(),
                 () = settle => {
                     self.settle = None;
@@ -480,6 +482,9 @@ impl SwarmTask {
             if self.stats != self.logged && self.stats_at.is_none() {
                 self.stats_at = Some(Instant::now() + STATS_INTERVAL);
             }
+        }
+        if !abort.is_cancelled() {
+            self.close_all().await;
         }
         self.save(true);
         debug!("discovery stopped");
@@ -638,7 +643,8 @@ impl SwarmTask {
         } else if let Some(at) = self.refetch.iter().position(|p| *p == peer) {
             // A node of the kept directory (a restarted node): its fresh copy.
             self.refetch.swap_remove(at);
-            self.send_own(peer, true);
+            let request = self.send_own(peer, true);
+            self.refetching.push((request, peer));
             self.start_pulls();
         } else if bootstrap {
             // Back to a bootstrap peer that may have restarted: it learns our record at once.
@@ -659,8 +665,9 @@ impl SwarmTask {
                 self.dialing.remove(&peer_id);
                 self.connections
                     .entry(peer_id)
-                    .or_default()
-                    .push((connection_id, now()));
+                    .or_insert_with(|| Session::new(connection_id))
+                    .open
+                    .push(connection_id);
                 if endpoint.is_dialer() {
                     self.dialed.insert(peer_id);
                     if self.is_bootstrap(&peer_id) {
@@ -684,9 +691,9 @@ impl SwarmTask {
                 self.stats.connections_closed += 1;
                 self.bootstrap_dials.remove(&connection_id);
                 debug!(peer = %peer_id, ?cause, "discovery connection closed");
-                if let Some(open) = self.connections.get_mut(&peer_id) {
-                    open.retain(|(id, _)| *id != connection_id);
-                    if open.is_empty() {
+                if let Some(session) = self.connections.get_mut(&peer_id) {
+                    session.open.retain(|id| *id != connection_id);
+                    if session.open.is_empty() {
                         self.connections.remove(&peer_id);
                     }
                 }
@@ -743,7 +750,7 @@ impl SwarmTask {
                 let acceptance = match verdict {
                     Verdict::Accept(accepted) => {
                         let (signed, record) = *accepted;
-                        match self.keep(propagation_source, signed, record) {
+                        match self.keep(propagation_source, None, signed, record) {
                             Offer::New | Offer::Updated => MessageAcceptance::Accept,
                             Offer::Stale | Offer::Full => MessageAcceptance::Ignore,
                         }
@@ -778,15 +785,23 @@ impl SwarmTask {
     }
 
     /// Keeps a checked record of another node; a newer record from a new run of a known node
-    /// (a later `incarnation`) also closes the connections to its old run.
-    fn keep(&mut self, via: PeerId, signed: Signed<NodeRecord>, record: NodeRecord) -> Offer {
+    /// (a later `incarnation`) also closes a session with it that may be its old run's (see
+    /// `restarted`). `own_over`: the connection the record came over when it is the sender's
+    /// own (a record exchange), `None` for gossip and records relayed by others.
+    fn keep(
+        &mut self,
+        via: PeerId,
+        own_over: Option<ConnectionId>,
+        signed: Signed<NodeRecord>,
+        record: NodeRecord,
+    ) -> Offer {
         let (role, hotkey, seq) = (record.role, record.hotkey, record.seq);
         let addrs = record.addrs.clone();
         let incarnation = record.incarnation;
         let held_incarnation = self.directory.incarnation_of(&hotkey);
         let offer = self.directory.offer(signed, record);
         if offer == Offer::Updated && held_incarnation.is_some_and(|held| held < incarnation) {
-            self.leave_old_run(peer_id(&hotkey), incarnation);
+            self.restarted(peer_id(&hotkey), own_over);
         }
         if matches!(offer, Offer::New | Offer::Updated) {
             debug!(
@@ -808,39 +823,18 @@ impl SwarmTask {
         offer
     }
 
-    /// Closes the connections to `peer` established before its run that started at
-    /// `incarnation` (less [`RESTART_MARGIN_MS`]): they lead to a process that is gone. Without
-    /// this they would stay open until their idle timeout (45 s), and gossipsub, which sends on a
-    /// peer's oldest connection, would send our records, GRAFTs and IHAVEs into the void until
-    /// then, even when the restarted node has dialed us anew. Once they are closed, gossipsub
-    /// moves to a connection of the new run, or (none left) a bootstrap peer is redialed.
-    fn leave_old_run(&mut self, peer: PeerId, incarnation: UnixMillis) {
-        let cutoff = incarnation.0.saturating_sub(RESTART_MARGIN_MS);
-        let old: Vec<ConnectionId> = self
-            .connections
-            .get(&peer)
-            .into_iter()
-            .flatten()
-            .filter(|(_, established)| established.0 < cutoff)
-            .map(|(id, _)| *id)
-            .collect();
-        if old.is_empty() {
-            return;
-        }
-        info!(%peer, connections = old.len(), "peer restarted; leaving its old connections");
-        for id in old {
-            self.swarm.close_connection(id);
-        }
-    }
-
     fn on_records(&mut self, event: request_response::Event<RecordSync, RecordSync>) {
         match event {
-            request_response::Event::Message { peer, message, .. } => match message {
+            request_response::Event::Message {
+                peer,
+                connection_id,
+                message,
+            } => match message {
                 request_response::Message::Request {
                     request, channel, ..
                 } => {
                     let want_all = request.want_all;
-                    self.accept(peer, request);
+                    self.accept(peer, connection_id, request);
                     let relayed = if want_all {
                         self.stats.fetches_served += 1;
                         let mut all = self.directory.signed_records(
@@ -872,10 +866,11 @@ impl SwarmTask {
                     request_id,
                 } => {
                     let whole = !response.relayed.is_empty();
-                    let learned = self.accept(peer, response);
+                    let learned = self.accept(peer, connection_id, response);
                     if self.join_request == Some(request_id) {
                         self.join_request = None;
                     }
+                    self.refetching.retain(|(id, _)| *id != request_id);
                     if whole {
                         self.directory_fetched();
                     }
@@ -910,6 +905,14 @@ impl SwarmTask {
                     self.pull_request = None;
                     self.pull_again();
                 }
+                if let Some(at) = self.refetching.iter().position(|(id, _)| *id == request_id) {
+                    // A restarted peer closes the connection it had from us before answering
+                    // (`restarted`): the copy is asked for at the next connection to it.
+                    let (_, peer) = self.refetching.swap_remove(at);
+                    if !self.swarm.is_connected(&peer) && !self.refetch.contains(&peer) {
+                        self.refetch.push(peer);
+                    }
+                }
             }
             request_response::Event::InboundFailure { peer, error, .. } => {
                 debug!(%peer, %error, "record exchange refused");
@@ -921,7 +924,7 @@ impl SwarmTask {
     /// Checks and keeps the records of one exchange (a join fetch, its answer, a peer's own
     /// record); returns how many nodes were new to the directory. Nothing is passed on: each node publishes
     /// its own record on gossip.
-    fn accept(&mut self, from: PeerId, sync: RecordSync) -> usize {
+    fn accept(&mut self, from: PeerId, over: ConnectionId, sync: RecordSync) -> usize {
         let now = now();
         let own_hotkey = self.own.key.hotkey();
         let offered = sync.own.into_iter().map(|r| (r, true)).chain(
@@ -959,7 +962,8 @@ impl SwarmTask {
             if record.hotkey == own_hotkey {
                 continue;
             }
-            if self.keep(from, signed, record) == Offer::New {
+            let own_over = as_own.then_some(over);
+            if self.keep(from, own_over, signed, record) == Offer::New {
                 learned += 1;
             }
         }

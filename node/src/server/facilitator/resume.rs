@@ -27,9 +27,10 @@ use crate::server::discovery::wait_for_records;
 /// How long a restarted facilitator tries to reach a job's validator again: 55 s. With its kept
 /// directory it dials known nodes at once and relearns the validator within a second or two; a
 /// facilitator restarted without one (its state lost, or killed before its first write) dials
-/// no one and waits for its peers to redial it, which they do only when their old connection
-/// to it reaches discovery's idle timeout (10 s today; 45 s was tried) plus the redial back-off.
-/// Within the validator's `FACILITATOR_AWAY_MAX` (60 s).
+/// no one and waits for its peers to redial it, which after a crash they do only when their old
+/// connection to it reaches discovery's idle timeout (45 s) plus the redial back-off (after a
+/// graceful stop at once: the stopping node closed its connections). Within the validator's
+/// `FACILITATOR_AWAY_MAX` (60 s).
 pub(super) const RESUME_WAIT: Duration = Duration::from_secs(55);
 
 /// A job the previous run left running with a validator.
