@@ -69,9 +69,9 @@ const CHECKED_KEYS_MAX: usize = 1024;
 /// decodes the same few hundred hotkeys again and again: every node record of a directory answer
 /// (a joining node pulls the whole directory several times, ~255 records each at 256 nodes),
 /// every gossiped copy, and the record inside each signed envelope once more. At 256 nodes
-/// starting together these checks were about a tenth of all the CPU spent until the network
-/// converged (see benches/RESULTS.md, "Where the CPU of a 256-node start goes"). At most
-/// [`CHECKED_KEYS_MAX`] entries of ~230 bytes.
+/// starting together these checks took 3.8 of the ~27 CPU-seconds all nodes spent until the
+/// network converged, 1.5 with this (perf, 2026-12-06, issue 17; the rest of the 1.5 is the
+/// signature checks' own point work). At most [`CHECKED_KEYS_MAX`] entries of ~230 bytes.
 static CHECKED_KEYS: std::sync::LazyLock<
     std::sync::Mutex<std::collections::HashMap<[u8; 32], VerifyingKey>>,
 > = std::sync::LazyLock::new(Default::default);

@@ -72,8 +72,8 @@ pub const MAX_SYNC_RECORDS: usize = 1024;
 /// 256). A connection carries gossipsub's one stream each way and a record exchange now and then;
 /// quinn sets up the state of every stream the peer may open when the connection is made (two
 /// hash-map entries each), ~21 KiB per connection at 256: a facilitator that 255 nodes join
-/// through at once held 5.5 MiB of it (heaptrack, see benches/RESULTS.md, "Where the
-/// facilitator's memory goes"). A peer over the limit waits for a stream to close.
+/// through at once held 5.5 MiB of it (heaptrack, 2026-12-06, issue 17), and kept the arena it
+/// took after the connections closed. A peer over the limit waits for a stream to close.
 const MAX_STREAMS: u32 = 32;
 
 /// Keep-alive of the discovery QUIC connections: libp2p's 5 s. 15 s (with a 45 s idle timeout)
