@@ -103,7 +103,7 @@ fn checked_key(bytes: &[u8; 32]) -> Result<VerifyingKey, KeyError> {
 
 impl Hotkey {
     /// Builds a hotkey from its 32 compressed bytes, refusing invalid points and weak keys (a key
-    /// checked before is not decompressed again, see [`CHECKED_KEYS`]).
+    /// checked before is not decompressed again, see `CHECKED_KEYS`).
     pub fn from_bytes(bytes: [u8; 32]) -> Result<Self, KeyError> {
         checked_key(&bytes)?;
         Ok(Self(bytes))

@@ -215,7 +215,7 @@ const ED25519_PROTOBUF_PREFIX: [u8; 4] = [0x08, 0x01, 0x12, 0x20];
 
 /// The libp2p peer id of a hotkey.
 ///
-/// Built from the key's bytes (libp2p's spec encoding, see [`ED25519_PROTOBUF_PREFIX`]) instead
+/// Built from the key's bytes (libp2p's spec encoding, see `ED25519_PROTOBUF_PREFIX`) instead
 /// of through libp2p's `PublicKey`, which decompresses the point again each time: the discovery
 /// task asks this for every record it checks, and the hotkey was checked when it was decoded.
 pub fn peer_id(hotkey: &Hotkey) -> PeerId {
