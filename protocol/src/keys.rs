@@ -59,13 +59,53 @@ pub enum KeyError {
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Hotkey([u8; 32]);
 
+/// Most keys [`checked_key`] remembers: every node of a 256-node subnet, its validators' clients
+/// and the jobs in flight, with room to spare. When full it is emptied and refills with the keys
+/// in use (a key missing from it only costs its check again).
+const CHECKED_KEYS_MAX: usize = 1024;
+
+/// Keys found to be valid, strong points, decompressed: a key is judged by its bytes alone, so the
+/// answer never changes. Decoding a hotkey checks it (a point decompression, ~10 µs), and a node
+/// decodes the same few hundred hotkeys again and again: every node record of a directory answer
+/// (a joining node pulls the whole directory several times, ~255 records each at 256 nodes),
+/// every gossiped copy, and the record inside each signed envelope once more. At 256 nodes
+/// starting together these checks took 3.8 of the ~27 CPU-seconds all nodes spent until the
+/// network converged, 1.5 with this (perf, 2026-12-06, issue 17; the rest of the 1.5 is the
+/// signature checks' own point work). At most [`CHECKED_KEYS_MAX`] entries of ~230 bytes.
+static CHECKED_KEYS: std::sync::LazyLock<
+    std::sync::Mutex<std::collections::HashMap<[u8; 32], VerifyingKey>>,
+> = std::sync::LazyLock::new(Default::default);
+
+fn checked_keys()
+-> std::sync::MutexGuard<'static, std::collections::HashMap<[u8; 32], VerifyingKey>> {
+    CHECKED_KEYS
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// `bytes` as a valid, strong (not small-order) ed25519 key, decompressed; remembered in
+/// [`CHECKED_KEYS`].
+fn checked_key(bytes: &[u8; 32]) -> Result<VerifyingKey, KeyError> {
+    if let Some(key) = checked_keys().get(bytes) {
+        return Ok(*key);
+    }
+    let key = VerifyingKey::from_bytes(bytes).map_err(|_| KeyError::InvalidPoint)?;
+    if key.is_weak() {
+        return Err(KeyError::WeakKey);
+    }
+    let mut keys = checked_keys();
+    if keys.len() >= CHECKED_KEYS_MAX {
+        keys.clear();
+    }
+    keys.insert(*bytes, key);
+    Ok(key)
+}
+
 impl Hotkey {
-    /// Builds a hotkey from its 32 compressed bytes, refusing invalid points and weak keys.
+    /// Builds a hotkey from its 32 compressed bytes, refusing invalid points and weak keys (a key
+    /// checked before is not decompressed again, see `CHECKED_KEYS`).
     pub fn from_bytes(bytes: [u8; 32]) -> Result<Self, KeyError> {
-        let key = VerifyingKey::from_bytes(&bytes).map_err(|_| KeyError::InvalidPoint)?;
-        if key.is_weak() {
-            return Err(KeyError::WeakKey);
-        }
+        checked_key(&bytes)?;
         Ok(Self(bytes))
     }
 
@@ -76,16 +116,16 @@ impl Hotkey {
 
     /// The key as a dalek verifying key.
     pub fn verifying_key(&self) -> Result<VerifyingKey, KeyError> {
+        if let Some(key) = checked_keys().get(&self.0) {
+            return Ok(*key);
+        }
         VerifyingKey::from_bytes(&self.0).map_err(|_| KeyError::InvalidPoint)
     }
 
     /// The key decompressed and checked once, for verifying many signatures by it (a job's
     /// receipts): each [`HotkeyVerifier::verify`] then skips the point decompression.
     pub fn verifier(&self) -> Result<HotkeyVerifier, KeyError> {
-        let key = self.verifying_key()?;
-        if key.is_weak() {
-            return Err(KeyError::WeakKey);
-        }
+        let key = checked_key(&self.0)?;
         Ok(HotkeyVerifier { hotkey: *self, key })
     }
 
@@ -503,6 +543,48 @@ mod tests {
         let mut off_curve = [0u8; 32];
         off_curve[0] = 2;
         assert_eq!(Hotkey::from_bytes(off_curve), Err(KeyError::InvalidPoint));
+    }
+
+    #[test]
+    fn remembered_keys_give_the_same_answers() {
+        let key = SecretKey::generate();
+        let bytes = *key.hotkey().as_bytes();
+        // Checked, then answered from memory: the same hotkey, and it still verifies only its
+        // own signatures.
+        for _ in 0..2 {
+            let hotkey = Hotkey::from_bytes(bytes).unwrap();
+            assert!(checked_keys().contains_key(&bytes));
+            let signature = key.sign("horde/test/v1", b"hello");
+            assert_eq!(hotkey.verify("horde/test/v1", b"hello", &signature), Ok(()));
+            assert_eq!(
+                hotkey.verify("horde/test/v1", b"hullo", &signature),
+                Err(SignatureError::Invalid)
+            );
+            assert_eq!(
+                hotkey.verifying_key().unwrap(),
+                VerifyingKey::from_bytes(&bytes).unwrap()
+            );
+        }
+        // Refused keys are never remembered: refused again, each time.
+        let mut identity = [0u8; 32];
+        identity[0] = 1;
+        let mut off_curve = [0u8; 32];
+        off_curve[0] = 2;
+        for _ in 0..2 {
+            assert_eq!(Hotkey::from_bytes(identity), Err(KeyError::WeakKey));
+            assert_eq!(Hotkey::from_bytes(off_curve), Err(KeyError::InvalidPoint));
+            assert!(!checked_keys().contains_key(&identity));
+            assert!(!checked_keys().contains_key(&off_curve));
+        }
+        // Full: emptied, and the keys in use come back.
+        for seed in 0..=CHECKED_KEYS_MAX {
+            let mut seed_bytes = [0u8; 32];
+            seed_bytes[..8].copy_from_slice(&(seed as u64).to_le_bytes());
+            let other = SecretKey::from_seed(&seed_bytes).hotkey();
+            Hotkey::from_bytes(*other.as_bytes()).unwrap();
+            assert!(checked_keys().len() <= CHECKED_KEYS_MAX);
+        }
+        assert_eq!(Hotkey::from_bytes(bytes), Ok(key.hotkey()));
     }
 
     #[test]

@@ -69,6 +69,13 @@ pub const PROTOCOL_RECORDS: StreamProtocol =
 pub const MAX_SYNC_BYTES: u32 = 1024 * 1024;
 /// Most records one [`RecordSync`] carries (a full directory answer is cut to this).
 pub const MAX_SYNC_RECORDS: usize = 1024;
+/// Most streams a discovery peer may have open on one connection at once (libp2p's QUIC default:
+/// 256). A connection carries gossipsub's one stream each way and a record exchange now and then;
+/// quinn sets up the state of every stream the peer may open when the connection is made (two
+/// hash-map entries each), ~21 KiB per connection at 256: a facilitator that 255 nodes join
+/// through at once held 5.5 MiB of it (heaptrack, 2026-12-06, issue 17), and kept the arena it
+/// took after the connections closed. A peer over the limit waits for a stream to close.
+const MAX_STREAMS: u32 = 32;
 
 /// Keep-alive of the discovery QUIC connections (libp2p's default: 5 s). At idle a connection
 /// carries nothing else, and quinn pings when neither side sent for this long (a received packet
@@ -222,10 +229,28 @@ impl std::fmt::Display for BootstrapPeer {
     }
 }
 
+/// The protobuf encoding of an ed25519 public key in libp2p (`KeyType` 1, then the 32 bytes):
+/// these 4 bytes, then the key. A peer id of such a key is this encoding itself as an identity
+/// multihash (code 0), since it is shorter than 42 bytes.
+const ED25519_PROTOBUF_PREFIX: [u8; 4] = [0x08, 0x01, 0x12, 0x20];
+
 /// The libp2p peer id of a hotkey.
+///
+/// Built from the key's bytes (libp2p's spec encoding, see `ED25519_PROTOBUF_PREFIX`) instead
+/// of through libp2p's `PublicKey`, which decompresses the point again each time: the discovery
+/// task asks this for every record it checks, and the hotkey was checked when it was decoded.
 pub fn peer_id(hotkey: &Hotkey) -> PeerId {
-    // A hotkey is a valid ed25519 point (checked when it was made), so this cannot fail; the
-    // fallback keeps the function total without a panic path.
+    let mut encoded = [0u8; 36];
+    encoded[..4].copy_from_slice(&ED25519_PROTOBUF_PREFIX);
+    encoded[4..].copy_from_slice(hotkey.as_bytes());
+    let built = libp2p::multihash::Multihash::<64>::wrap(0, &encoded)
+        .ok()
+        .and_then(|multihash| PeerId::from_multihash(multihash).ok());
+    if let Some(peer) = built {
+        return peer;
+    }
+    // 36 bytes always fit a 64-byte multihash, so this is not reached; it keeps the function
+    // total without a panic path.
     match libp2p::identity::ed25519::PublicKey::try_from_bytes(hotkey.as_bytes()) {
         Ok(key) => libp2p::identity::PublicKey::from(key).to_peer_id(),
         Err(_) => PeerId::from_multihash(libp2p::multihash::Multihash::default())
@@ -240,7 +265,16 @@ pub fn hotkey_of(peer: &PeerId) -> Option<Hotkey> {
     if multihash.code() != 0 {
         return None;
     }
-    let key = libp2p::identity::PublicKey::try_decode_protobuf(multihash.digest()).ok()?;
+    let digest = multihash.digest();
+    // The encoding every ed25519 peer id has (`PublicKey::to_peer_id`): the key's bytes are read
+    // directly, and checked by `Hotkey::from_bytes` (once per key, see `CHECKED_KEYS` in
+    // horde-protocol).
+    if let Some(key) = digest.strip_prefix(&ED25519_PROTOBUF_PREFIX[..])
+        && let Ok(bytes) = <[u8; 32]>::try_from(key)
+    {
+        return Hotkey::from_bytes(bytes).ok();
+    }
+    let key = libp2p::identity::PublicKey::try_decode_protobuf(digest).ok()?;
     let key = key.try_into_ed25519().ok()?;
     Hotkey::from_bytes(key.to_bytes()).ok()
 }
@@ -641,6 +675,7 @@ fn build_swarm(key: &SecretKey) -> Result<Swarm<Behaviour>, DiscoveryError> {
     let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
         .with_quic_config(|mut config| {
+            config.max_concurrent_stream_limit = MAX_STREAMS;
             config.keep_alive_interval = GOSSIP_KEEP_ALIVE;
             config.max_idle_timeout = GOSSIP_IDLE_TIMEOUT_MS;
             config
@@ -967,6 +1002,12 @@ mod tests {
         let keypair = libp2p::identity::Keypair::ed25519_from_bytes(&mut seed[..]).unwrap();
         assert_eq!(keypair.public().to_peer_id(), peer);
         assert_eq!(hotkey_of(&PeerId::random()), None);
+        // A digest of the ed25519 shape whose 32 bytes are no valid key has none either.
+        let mut bad = [0u8; 36];
+        bad[..4].copy_from_slice(&ED25519_PROTOBUF_PREFIX);
+        bad[4] = 2;
+        let bad = PeerId::from_multihash(libp2p::multihash::Multihash::wrap(0, &bad).unwrap());
+        assert_eq!(bad.ok().and_then(|peer| hotkey_of(&peer)), None);
     }
 
     #[test]

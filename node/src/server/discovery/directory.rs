@@ -169,6 +169,16 @@ impl Directory {
         self.lock().get(hotkey).map(|e| e.record.seq)
     }
 
+    /// Whether the record held for `signed`'s signer is exactly `signed` (the same signed bytes):
+    /// a copy of a record already held, known stale without decoding it. Most records of a
+    /// directory answer are such copies (a joining node pulls the whole directory several
+    /// times), and a byte comparison costs less than decoding the record for its `seq`.
+    pub fn holds(&self, signed: &Signed<NodeRecord>) -> bool {
+        self.lock()
+            .get(signed.signer())
+            .is_some_and(|held| held.signed.bytes() == signed.bytes())
+    }
+
     /// The `incarnation` of the record held for `hotkey` (expired or not).
     pub fn incarnation_of(&self, hotkey: &Hotkey) -> Option<UnixMillis> {
         self.lock().get(hotkey).map(|e| e.record.incarnation)
@@ -322,6 +332,30 @@ mod tests {
         assert_eq!(directory.expire(UnixMillis(NOW.0 + 5000)).len(), 1);
         assert_eq!(directory.next_expiry(), None);
         assert!(changes.has_changed().unwrap());
+    }
+
+    #[test]
+    fn a_copy_of_the_held_record_is_known_by_its_bytes() {
+        let directory = Directory::default();
+        let key = SecretKey::generate();
+        let first = record(&key, Role::Miner, 2, NOW.0 + 5000);
+        let signed = Signed::sign(&key, &first);
+        assert!(!directory.holds(&signed));
+        assert_eq!(directory.offer(signed.clone(), first), Offer::New);
+        assert!(directory.holds(&signed));
+        // Another record of the same node (newer or older) is not the one held.
+        for seq in [1, 3] {
+            assert!(!directory.holds(&Signed::sign(
+                &key,
+                &record(&key, Role::Miner, seq, NOW.0 + 5000)
+            )));
+        }
+        // Nor is the same record of another node.
+        let other = SecretKey::generate();
+        assert!(!directory.holds(&Signed::sign(
+            &other,
+            &record(&other, Role::Miner, 2, NOW.0 + 5000)
+        )));
     }
 
     #[test]

@@ -84,7 +84,11 @@ pub(super) fn judge(
         return Verdict::Ignore("our own record");
     }
     // A record message names its signer; a copy not newer than what is held needs no signature
-    // check (it changes nothing and is not forwarded).
+    // check (it changes nothing and is not forwarded); a copy of the very record held, not even
+    // decoding.
+    if directory.holds(&signed) {
+        return Verdict::Ignore("not newer than the record held");
+    }
     if let Some(held) = directory.seq_of(signed.signer())
         && let Ok(record) = from_bytes_exact::<NodeRecord>(signed.bytes())
         && record.seq <= held

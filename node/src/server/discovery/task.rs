@@ -935,7 +935,11 @@ impl SwarmTask {
         );
         let mut learned = 0;
         for (signed, as_own) in offered {
-            // A copy not newer than the held record changes nothing: no signature check.
+            // A copy not newer than the held record changes nothing: no signature check (and for
+            // a copy of the very record held, no decoding either).
+            if self.directory.holds(&signed) {
+                continue;
+            }
             if let Some(held) = self.directory.seq_of(signed.signer())
                 && let Ok(record) = from_bytes_exact::<NodeRecord>(signed.bytes())
                 && record.seq <= held
