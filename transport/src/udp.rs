@@ -8,7 +8,7 @@
 //! every batch lost, black-hole detection, back to 1,200 bytes. Here such a batch goes out as
 //! several sends of whole datagrams, each within [`MAX_SEND_BYTES`].
 //!
-//! The socket's kernel buffers are raised to [`SOCKET_BUFFER`] (as far as the system allows):
+//! The socket's kernel receive buffer is raised to [`SOCKET_BUFFER`] (as far as the system allows):
 //! with Linux's default 208 KiB receive buffer, a receiver that is busy for a third of a
 //! millisecond at 5 Gbit/s (a TCP write, a hash, a scheduling delay on a loaded machine) loses
 //! datagrams, and every loss halves the sender's congestion window.
@@ -39,35 +39,35 @@ pub(crate) struct BoundedGsoSocket {
     inner: Arc<dyn AsyncUdpSocket>,
 }
 
-/// The kernel receive and send buffer each endpoint's UDP socket asks for: 8 MiB, a stream's
-/// whole receive window ([`crate::STREAM_RECEIVE_WINDOW`]), so the socket can hold what the peer
-/// may send before the receiving task next runs. The kernel grants at most
-/// `net.core.rmem_max` / `wmem_max` (Linux's default is 208 KiB; raise them to
-/// `8388608` for full bulk speed); the buffer is memory only while datagrams wait in it.
+/// The kernel receive buffer each endpoint's UDP socket asks for: 8 MiB, a stream's whole receive
+/// window ([`crate::STREAM_RECEIVE_WINDOW`]), so the socket can hold what the peer may send before
+/// the receiving task next runs. The kernel grants at most `net.core.rmem_max` (Linux's default
+/// is 208 KiB; raise it to `8388608` for full bulk speed); the buffer is memory only while
+/// datagrams wait in it. The send buffer keeps the system's default: raising it too showed no
+/// gain, and one-process receivers (`horde job request`, `horde blob get`) ran 5–10 % slower
+/// against senders with 8 MiB send buffers in A/B runs (benches/RESULTS.md, "UDP socket
+/// buffers").
 /// Measured (`horde job forward`, 1 GiB `GET /bytes` from a testnet job, loopback, 2-core
 /// machine, `rmem_max` 4 MiB): with the default 208 KiB the forwarder's socket dropped ~600
 /// datagrams per GiB (`UdpRcvbufErrors`) and ran at 4.3–5.3 Gbit/s with both processes
 /// partly idle; see benches/RESULTS.md, "UDP socket buffers".
 pub const SOCKET_BUFFER: usize = 8 * 1024 * 1024;
 
-/// Asks for [`SOCKET_BUFFER`] in both directions; returns what the kernel granted (receive,
-/// send; Linux reports twice the requested size, its bookkeeping included). A refusal is not an
-/// error: the socket keeps its default buffers.
-pub(crate) fn enlarge_buffers(socket: &std::net::UdpSocket) -> (usize, usize) {
+/// Asks for a [`SOCKET_BUFFER`] receive buffer; returns what the kernel granted (Linux reports
+/// twice the requested size, its bookkeeping included). A refusal is not an error: the socket
+/// keeps its default buffer.
+pub(crate) fn enlarge_receive_buffer(socket: &std::net::UdpSocket) -> usize {
     let socket = socket2::SockRef::from(socket);
     let _ = socket.set_recv_buffer_size(SOCKET_BUFFER);
-    let _ = socket.set_send_buffer_size(SOCKET_BUFFER);
-    (
-        socket.recv_buffer_size().unwrap_or(0),
-        socket.send_buffer_size().unwrap_or(0),
-    )
+    socket.recv_buffer_size().unwrap_or(0)
 }
 
 impl BoundedGsoSocket {
-    /// Wraps quinn's tokio socket for `socket`, its buffers enlarged ([`enlarge_buffers`]).
+    /// Wraps quinn's tokio socket for `socket`, its receive buffer enlarged
+    /// ([`enlarge_receive_buffer`]).
     pub(crate) fn wrap(socket: std::net::UdpSocket) -> io::Result<Arc<dyn AsyncUdpSocket>> {
-        let (receive, send) = enlarge_buffers(&socket);
-        tracing::debug!(receive, send, "UDP socket buffers");
+        let receive = enlarge_receive_buffer(&socket);
+        tracing::debug!(receive, "UDP socket receive buffer");
         let inner = quinn::Runtime::wrap_udp_socket(&quinn::TokioRuntime, socket)?;
         Ok(Arc::new(Self { inner }))
     }
@@ -161,20 +161,12 @@ mod tests {
     }
 
     #[test]
-    fn socket_buffers_are_raised_as_far_as_the_system_allows() {
+    fn the_receive_buffer_is_raised_as_far_as_the_system_allows() {
         let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let (default_receive, _) = {
-            let socket = socket2::SockRef::from(&socket);
-            (
-                socket.recv_buffer_size().unwrap(),
-                socket.send_buffer_size().unwrap(),
-            )
-        };
-        let (receive, send) = enlarge_buffers(&socket);
+        let default_receive = socket2::SockRef::from(&socket).recv_buffer_size().unwrap();
+        let receive = enlarge_receive_buffer(&socket);
         // Linux grants min(request, cap) and reports twice that (its bookkeeping).
-        let expected = |cap: usize| 2 * SOCKET_BUFFER.min(cap);
-        assert_eq!(receive, expected(system_max("rmem_max")));
-        assert_eq!(send, expected(system_max("wmem_max")));
+        assert_eq!(receive, 2 * SOCKET_BUFFER.min(system_max("rmem_max")));
         assert!(receive >= default_receive);
     }
 
