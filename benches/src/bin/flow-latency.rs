@@ -40,6 +40,8 @@
 //!    skipped with a message unless run as root with `ip`.
 //!    Its floor, in the same rounds (see `quinn_echo`): a bare quinn 32 B echo on one open
 //!    stream, both ends in this process, on the multi-thread runtime and on current-thread ones.
+//!    Beside the bulk rows: the UDP buffer errors counted during each row's transfers
+//!    (`RcvbufErrors` of the clients' namespace, `SndbufErrors` of the servers').
 //!
 //! `cargo run --release -p horde-benches --bin flow-latency -- [--jobs N] [--requests N]
 //! [--size-mib N] [--rounds N] [--reference-only] [--reference-rounds N]
@@ -50,7 +52,9 @@
 //! `flow-latency/reference.rs` (the comparison with the reference's path),
 //! `flow-latency/quinn_echo.rs` (its floor: what quinn allows for a round trip),
 //! `flow-latency/raw_quinn.rs` (raw quinn's bulk rate and per-stream round trip),
-//! `flow-latency/nginx.rs` (nginx with mutual TLS, its certificates and TLS client).
+//! `flow-latency/nginx.rs` (nginx with mutual TLS, its certificates and TLS client),
+//! `flow-latency/udp_counters.rs` (the kernel's UDP buffer error counters read around each bulk
+//! transfer of that comparison).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -79,6 +83,8 @@ mod raw_quinn;
 mod reference;
 #[path = "flow-latency/runners.rs"]
 mod runners;
+#[path = "flow-latency/udp_counters.rs"]
+mod udp_counters;
 
 /// The streaming-job flow benchmark: control plane, round trips and bulk, each beside its
 /// baselines from the same run.

@@ -35,6 +35,7 @@ use horde_transport::tunnel::JobTunnel;
 
 use super::nginx::{self, Conn, Dial, Nginx};
 use super::quinn_echo;
+use super::udp_counters::{Counters, UdpCounters, UdpErrors};
 use super::{Duplex, Spread, bytes_request, gbit, keep_alive_round_trip, ms, tunnel_bytes};
 
 /// The body of every one-request-per-process `POST /echo`.
@@ -137,6 +138,10 @@ pub(crate) struct Samples {
     quinn_echo: [Vec<f64>; 3],
     /// The bulk floor: bare quinn, one stream of `--size-mib`, both ends in this process.
     quinn_bulk: Vec<f64>,
+    /// Per bulk row, summed over the rounds: `RcvbufErrors` of the clients' namespace (the
+    /// receiving sockets: `forward`'s and this process's) and `SndbufErrors` of the servers'
+    /// (the executor's); on loopback both are the one namespace's.
+    bulk_udp: [UdpErrors; 5],
     nginx: bool,
 }
 
@@ -430,6 +435,7 @@ async fn round(
     dials: &[Option<Dial>; 4],
     side: &HordeSide,
     samples: &mut Samples,
+    counters: &mut Counters,
 ) -> anyhow::Result<()> {
     let tunnel = &side.connection.tunnel;
     for (row, dial) in dials.iter().enumerate() {
@@ -467,10 +473,18 @@ async fn round(
 
     for (row, dial) in dials.iter().enumerate() {
         if let Some(dial) = dial {
-            samples.bulk[row].push(blocking(bulk(dial, plan.size))?);
+            let sum = &mut samples.bulk_udp[row];
+            let rate = counters
+                .around(sum, async { blocking(bulk(dial, plan.size)) })
+                .await?;
+            samples.bulk[row].push(rate);
         }
     }
-    samples.bulk[CLIENT].push(tunnel_bytes(tunnel, plan.size).await?);
+    let sum = &mut samples.bulk_udp[CLIENT];
+    let rate = counters
+        .around(sum, tunnel_bytes(tunnel, plan.size))
+        .await?;
+    samples.bulk[CLIENT].push(rate);
     samples
         .quinn_bulk
         .push(super::raw_quinn::raw_quinn_throughput(plan.size).await?);
@@ -507,9 +521,16 @@ pub(crate) async fn measure(
         nginx: nginx.is_some(),
         ..Samples::default()
     };
+    let mut counters = Counters {
+        clients: UdpCounters::open()?,
+        servers: match net.pair {
+            Some(_) => Some(net.on_server(UdpCounters::open)?),
+            None => None,
+        },
+    };
     for index in 0..plan.rounds {
         eprintln!("reference round {}/{}", index + 1, plan.rounds);
-        round(plan, &dials, &side, &mut samples).await?;
+        round(plan, &dials, &side, &mut samples, &mut counters).await?;
         for _ in 0..plan.processes {
             if let Some(nginx) = &nginx {
                 samples.processes[0].push(nginx::curl_echo(nginx, ECHO_BODY)?);
@@ -786,7 +807,8 @@ pub(crate) fn report(plan: Plan, net: &Net<'_>, samples: Samples) -> serde_json:
     let large = Spread::of(samples.bulk[NGINX_LARGE].clone()).median;
     let forward_bulk = Spread::of(samples.bulk[FORWARD].clone()).median;
     let client_bulk = Spread::of(samples.bulk[CLIENT].clone()).median;
-    let bulk = table(
+    let bulk_udp = samples.bulk_udp;
+    let mut bulk = table(
         &format!("bulk GET /bytes, {} MiB (Gbit/s)", plan.size >> 20),
         "Gb/s",
         samples.bulk,
@@ -794,6 +816,24 @@ pub(crate) fn report(plan: Plan, net: &Net<'_>, samples: Samples) -> serde_json:
         nginx,
         &[],
     );
+    println!(
+        "    UDP errors during each row's transfers, all rounds: RcvbufErrors (clients' side) / \
+         SndbufErrors (servers' side): {}",
+        ROWS.iter()
+            .zip(&bulk_udp)
+            .map(|(row, errors)| format!(
+                "{row} {} / {}",
+                errors.receive_buffer, errors.send_buffer
+            ))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    for (row, errors) in ROWS.iter().zip(&bulk_udp) {
+        if let Some(value) = bulk.get_mut(*row) {
+            value["udp_rcvbuf_errors"] = serde_json::json!(errors.receive_buffer);
+            value["udp_sndbuf_errors"] = serde_json::json!(errors.send_buffer);
+        }
+    }
     if nginx {
         println!(
             "    against nginx with 256 KiB buffers: forward {:.2}x (target >= 0.7), Rust client \
