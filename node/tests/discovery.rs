@@ -416,26 +416,41 @@ async fn first_run_kept(
     (state, key, run, facilitator, boot)
 }
 
-/// Starts [`start_kept`] again on `listen` once libp2p's QUIC endpoint has let go of the port (a
-/// moment after the swarm is gone); also returns when it started.
+/// Calls `start` until it binds `listen`: a restarted node's port is free again only once
+/// libp2p's QUIC endpoint of the run before has let go of it (a moment after its swarm is
+/// gone). Also returns when the successful attempt began. Panics after 10 s.
+async fn start_when_free<F, Fut>(
+    listen: std::net::SocketAddr,
+    mut start: F,
+) -> (Discovery, std::time::Instant)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<
+            Output = Result<Discovery, horde_node::server::discovery::DiscoveryError>,
+        >,
+{
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let began = std::time::Instant::now();
+        match start().await {
+            Ok(started) => return (started, began),
+            Err(_) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(error) => panic!("no start on {listen}: {error}"),
+        }
+    }
+}
+
+/// Starts [`start_kept`] again on `listen` once the port is free ([`start_when_free`]); also
+/// returns when it started.
 async fn restart_kept(
     key: &SecretKey,
     state: &std::path::Path,
     listen: std::net::SocketAddr,
     cancel: &CancellationToken,
 ) -> (Discovery, std::time::Instant) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let restarted_at = std::time::Instant::now();
-        match start_kept(key, state, listen, cancel).await {
-            Ok(started) => return (started, restarted_at),
-            Err(error) if std::time::Instant::now() < deadline => {
-                let _ = error;
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(error) => panic!("no restart on {listen}: {error}"),
-        }
-    }
+    start_when_free(listen, || start_kept(key, state, listen, cancel)).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -537,7 +552,7 @@ async fn peers_of_a_restarted_node_leave_their_old_connection_at_once() {
 }
 
 /// A miner's discovery keeping its directory in `state`, joining through `bootstrap`; started
-/// again on `listen` (port 0 the first time) once the port is free, like [`restart_kept`].
+/// again on `listen` (port 0 the first time) once the port is free ([`start_when_free`]).
 async fn start_miner_kept(
     key: &SecretKey,
     capacity: watch::Receiver<Vec<ClassCapacity>>,
@@ -546,27 +561,20 @@ async fn start_miner_kept(
     listen: std::net::SocketAddr,
     cancel: &CancellationToken,
 ) -> Discovery {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
+    let config = DiscoveryConfig {
+        listen,
+        ..config(vec![bootstrap.clone()])
+    };
+    let start = || {
         let local = LocalNode {
             role: Role::Miner,
             addrs: vec![([127, 0, 0, 1], 7000).into()],
             capacity: Some(capacity.clone()),
             state_dir: Some(state.to_path_buf()),
         };
-        let config = DiscoveryConfig {
-            listen,
-            ..config(vec![bootstrap.clone()])
-        };
-        match Discovery::start(key, local, &config, cancel.child_token()).await {
-            Ok(started) => return started,
-            Err(error) if std::time::Instant::now() < deadline => {
-                let _ = error;
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(error) => panic!("no start on {listen}: {error}"),
-        }
-    }
+        Discovery::start(key, local, &config, cancel.child_token())
+    };
+    start_when_free(listen, start).await.0
 }
 
 /// A node killed and started again while its peers still hold connections to its old run: its
