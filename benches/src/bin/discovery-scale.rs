@@ -19,7 +19,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use horde_benches::{cpu_secs, latency_summary, load_average};
+use horde_benches::{cpu_secs, latency_summary, load_average, loopback_bytes};
 use horde_node::client::{Client, JobRequest};
 use horde_protocol::{Role, SecretKey};
 use horde_testnet::{Testnet, TestnetConfig, demo_job_binary};
@@ -381,8 +381,22 @@ fn main() -> anyhow::Result<()> {
         .map(|(name, pid)| Ok((name.clone(), cpu_secs(*pid)?)))
         .collect::<anyhow::Result<_>>()?;
     let counters_start = network_counters(&testnet);
+    let loopback_start = loopback_bytes()?;
     let window = Instant::now();
-    std::thread::sleep(Duration::from_secs(args.idle_secs));
+    // Loopback bytes second by second: the median second is the traffic between refresh waves
+    // (a wave of 256 records lasts a few seconds of the window).
+    let mut seconds = Vec::new();
+    let mut last = loopback_start;
+    for second in 1..=args.idle_secs {
+        std::thread::sleep(
+            (window + Duration::from_secs(second)).saturating_duration_since(Instant::now()),
+        );
+        let now = loopback_bytes()?;
+        seconds.push(now.saturating_sub(last) as f64);
+        last = now;
+    }
+    let loopback = last.saturating_sub(loopback_start);
+    let (_, quiet_second, _, busiest_second) = latency_summary(seconds);
     let counters_end = network_counters(&testnet);
     let secs = window.elapsed().as_secs_f64();
     let mut cpu_pct = std::collections::HashMap::new();
@@ -427,6 +441,12 @@ fn main() -> anyhow::Result<()> {
         "  record bytes received per node: {bytes_per_node:.0} B/s (gossip payloads; control frames and QUIC overhead not counted); load average {}",
         load_average()
     );
+    let loopback_per_node = loopback as f64 / secs / nodes as f64;
+    println!(
+        "  loopback traffic per node: {loopback_per_node:.0} B/s (every byte on lo over the window: IP/UDP/QUIC headers, control frames, ACKs and keep-alives included); median second {:.0} B/s, busiest {:.0} B/s per node",
+        quiet_second / nodes as f64,
+        busiest_second / nodes as f64
+    );
     println!(
         "  totals since start: {}",
         GOSSIP_FIELDS
@@ -453,6 +473,8 @@ fn main() -> anyhow::Result<()> {
         "job_endpoint_ms": job_ms,
         "capacity_latency": latency,
         "record_bytes_per_node_per_sec": bytes_per_node,
+        "loopback_bytes_per_node_per_sec": loopback_per_node,
+        "loopback_median_second_per_node": quiet_second / nodes as f64,
         "load_average_end": load_average(),
         "idle_secs": secs,
         "rss_mib": spread_json(&memory),
