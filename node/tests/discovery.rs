@@ -399,9 +399,10 @@ async fn forged_and_replayed_gossip_is_rejected_and_its_sender_penalised() {
     )
     .await;
     assert_eq!(directory.get(&rogue.hotkey(), now()).unwrap().seq, 2);
-    // A record of a victim the rogue signed itself: the signer is not the hotkey it names.
+    // A record of a victim the rogue signed itself: the signer is not the hotkey it names (a
+    // `seq` above the rogue's own, so it is not ignored as an old record of its signer first).
     let victim = SecretKey::generate();
-    let misnamed = Signed::sign(&rogue, &record_of(victim.hotkey(), 1));
+    let misnamed = Signed::sign(&rogue, &record_of(victim.hotkey(), 5));
     rogue_publish(
         &mut swarm,
         gossip_encode(&misnamed),
