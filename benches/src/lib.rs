@@ -165,6 +165,22 @@ pub fn cpu_secs(pid: u32) -> anyhow::Result<f64> {
     Ok(ticks / CLK_TCK)
 }
 
+/// Bytes received on the loopback interface so far (`/proc/net/dev`, `lo`): every packet between
+/// processes on this machine, IP and UDP headers included. On `lo` every byte sent is received
+/// once, so this is also what was sent.
+pub fn loopback_bytes() -> anyhow::Result<u64> {
+    let dev = std::fs::read_to_string("/proc/net/dev")?;
+    let line = dev
+        .lines()
+        .find_map(|l| l.trim_start().strip_prefix("lo:"))
+        .context("no lo in /proc/net/dev")?;
+    Ok(line
+        .split_whitespace()
+        .next()
+        .context("no receive bytes for lo")?
+        .parse()?)
+}
+
 /// The load average (1, 5, 15 min) of the machine.
 pub fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")

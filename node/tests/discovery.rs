@@ -274,13 +274,38 @@ async fn rogue_swarm(
     key: &SecretKey,
     target: &BootstrapPeer,
 ) -> libp2p::Swarm<libp2p::gossipsub::Behaviour> {
+    rogue_swarm_with(key, target, gossip_behaviour().unwrap()).await
+}
+
+/// A rogue speaking gossipsub on horde's protocol and topic the way gossipsub does by default:
+/// every message names its author (`from`, unsigned) and carries a sequence number.
+async fn authored_rogue_swarm(
+    key: &SecretKey,
+    target: &BootstrapPeer,
+) -> libp2p::Swarm<libp2p::gossipsub::Behaviour> {
+    use libp2p::gossipsub::{ConfigBuilder, MessageAuthenticity, ValidationMode};
+    let config = ConfigBuilder::default()
+        .protocol_id_prefix(horde_protocol::wire::DISCOVERY_GOSSIP)
+        .validation_mode(ValidationMode::Permissive)
+        .build()
+        .unwrap();
+    let author = MessageAuthenticity::Author(peer_id(&key.hotkey()));
+    let behaviour = libp2p::gossipsub::Behaviour::new(author, config).unwrap();
+    rogue_swarm_with(key, target, behaviour).await
+}
+
+async fn rogue_swarm_with(
+    key: &SecretKey,
+    target: &BootstrapPeer,
+    behaviour: libp2p::gossipsub::Behaviour,
+) -> libp2p::Swarm<libp2p::gossipsub::Behaviour> {
     use futures::StreamExt as _;
     let mut seed = key.seed();
     let keypair = libp2p::identity::Keypair::ed25519_from_bytes(&mut seed[..]).unwrap();
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
         .with_quic()
-        .with_behaviour(|keypair| gossip_behaviour(keypair).unwrap())
+        .with_behaviour(|_| behaviour)
         .unwrap()
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
         .build();
@@ -332,24 +357,60 @@ async fn forged_and_replayed_gossip_is_rejected_and_its_sender_penalised() {
     let rogue_peer = peer_id(&rogue.hotkey());
     let mut swarm = rogue_swarm(&rogue, &target).await;
 
-    // Control: the rogue's own genuine record is kept, and costs it nothing.
-    let own = Signed::sign(&rogue, &record_of(rogue.hotkey(), 1));
-    rogue_publish(&mut swarm, gossip_encode(&own), Duration::from_millis(500)).await;
-    assert!(directory.get(&rogue.hotkey(), now()).is_some());
+    // Control: the rogue's own genuine records are kept, and cost it nothing.
+    let first = Signed::sign(&rogue, &record_of(rogue.hotkey(), 1));
+    rogue_publish(
+        &mut swarm,
+        gossip_encode(&first),
+        Duration::from_millis(500),
+    )
+    .await;
+    let second = Signed::sign(&rogue, &record_of(rogue.hotkey(), 2));
+    rogue_publish(
+        &mut swarm,
+        gossip_encode(&second),
+        Duration::from_millis(500),
+    )
+    .await;
+    assert_eq!(directory.get(&rogue.hotkey(), now()).unwrap().seq, 2);
+    // A genuine record of another node, relayed: every node forwards every node's records, and
+    // the record names and signs its node itself.
+    let other = SecretKey::generate();
+    let relayed = Signed::sign(&other, &record_of(other.hotkey(), 1));
+    rogue_publish(
+        &mut swarm,
+        gossip_encode(&relayed),
+        Duration::from_millis(500),
+    )
+    .await;
+    assert!(directory.get(&other.hotkey(), now()).is_some());
     let score = node.peer_score(&rogue_peer).await.unwrap();
-    assert!(score >= 0.0, "honest record penalised: {score}");
+    assert!(score >= 0.0, "honest records penalised: {score}");
 
-    // A replayed record: the victim's genuine record, published by the rogue.
-    let victim = SecretKey::generate();
-    let replayed = Signed::sign(&victim, &record_of(victim.hotkey(), 1));
+    // A replayed record: an older record of the rogue, with another expiry (new bytes, so not a
+    // duplicate by id): dropped, without blame (honest peers forward late copies too).
+    let mut older = record_of(rogue.hotkey(), 1);
+    older.expires_at = now().plus_millis(90_000);
+    let replayed = Signed::sign(&rogue, &older);
     rogue_publish(
         &mut swarm,
         gossip_encode(&replayed),
         Duration::from_millis(300),
     )
     .await;
+    assert_eq!(directory.get(&rogue.hotkey(), now()).unwrap().seq, 2);
+    // A record of a victim the rogue signed itself: the signer is not the hotkey it names (a
+    // `seq` above the rogue's own, so it is not ignored as an old record of its signer first).
+    let victim = SecretKey::generate();
+    let misnamed = Signed::sign(&rogue, &record_of(victim.hotkey(), 5));
+    rogue_publish(
+        &mut swarm,
+        gossip_encode(&misnamed),
+        Duration::from_millis(300),
+    )
+    .await;
     // A forged record: the rogue's next record with a flipped signature bit.
-    let good = Signed::sign(&rogue, &record_of(rogue.hotkey(), 2));
+    let good = Signed::sign(&rogue, &record_of(rogue.hotkey(), 3));
     let mut signature = *good.signature().as_bytes();
     signature[0] ^= 0x80;
     let forged = Signed::from_parts(
@@ -363,14 +424,31 @@ async fn forged_and_replayed_gossip_is_rejected_and_its_sender_penalised() {
         Duration::from_millis(300),
     )
     .await;
-    // Garbage and an oversized message.
+    // Garbage.
     rogue_publish(&mut swarm, vec![0xff; 40], Duration::from_millis(300)).await;
 
     assert!(directory.get(&victim.hotkey(), now()).is_none());
-    assert_eq!(directory.get(&rogue.hotkey(), now()).unwrap().seq, 1);
+    assert_eq!(directory.get(&rogue.hotkey(), now()).unwrap().seq, 2);
     let score = node.peer_score(&rogue_peer).await.unwrap();
     // Three invalid records: -10 × 3², below the graylist threshold.
     assert!(score < -80.0, "rogue not penalised: {score}");
+
+    // A message that names its author (gossipsub's default, unsigned: proves nothing) is
+    // refused before it is read, even with a genuine record of its author in it, and its sender
+    // is penalised.
+    let authored = SecretKey::generate();
+    let authored_peer = peer_id(&authored.hotkey());
+    let mut swarm = authored_rogue_swarm(&authored, &target).await;
+    let genuine = Signed::sign(&authored, &record_of(authored.hotkey(), 1));
+    rogue_publish(
+        &mut swarm,
+        gossip_encode(&genuine),
+        Duration::from_millis(500),
+    )
+    .await;
+    assert!(directory.get(&authored.hotkey(), now()).is_none());
+    let score = node.peer_score(&authored_peer).await.unwrap();
+    assert!(score < 0.0, "authored message not penalised: {score}");
     cancel.cancel();
 }
 

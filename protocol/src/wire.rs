@@ -11,7 +11,7 @@
 //! | discovery protocol | [`DISCOVERY_KAD`] | `/horde/kad/1` | horde's own Kademlia DHT; not spoken since nodes take their peers from the directory (reserved) |
 //! | discovery protocol | [`DISCOVERY_IDENTIFY`] | `/horde/id/1` | libp2p identify version string; not spoken any more (reserved) |
 //! | discovery protocol | [`DISCOVERY_GOSSIP`] | `/horde/meshsub` | gossipsub protocol prefix (`…/1.2.0` etc.) |
-//! | gossip topic | [`DISCOVERY_GOSSIP_TOPIC`] | `horde/records/2` | signed node records |
+//! | gossip topic | [`DISCOVERY_GOSSIP_TOPIC`] | `horde/records/3` | signed node records (anonymous messages) |
 //! | signature domain tag | [`DOMAIN_TAGS`] | `horde/<purpose>/v1` | every signature (`tag ‖ exact bytes`) |
 //!
 //! # Changing the wire
@@ -128,10 +128,12 @@ pub const DISCOVERY_KAD: &str = "/horde/kad/1";
 pub const DISCOVERY_IDENTIFY: &str = "/horde/id/1";
 /// horde's gossipsub protocol prefix (its own mesh, apart from any public one).
 pub const DISCOVERY_GOSSIP: &str = "/horde/meshsub";
-/// The gossip topic of signed node records (`/2` with `DISCOVERY_RECORDS`: a node of the old
+/// The gossip topic of signed node records. `/2` with `DISCOVERY_RECORDS`: a node of the old
 /// version neither receives nor forwards records it could not decode, and is not penalised for
-/// them).
-pub const DISCOVERY_GOSSIP_TOPIC: &str = "horde/records/2";
+/// them. `/3`: record messages are anonymous (no gossipsub `from` or `seqno`; the record itself
+/// is unchanged); a node of `/2` and one of `/3` would reject each other's messages, so they
+/// do not share a topic.
+pub const DISCOVERY_GOSSIP_TOPIC: &str = "horde/records/3";
 
 /// Every signature domain tag, one per signing purpose. The tags are defined beside their types
 /// (`Signable::DOMAIN`) and in [`COUNTERSIGN_DOMAIN`]; this list is what makes them visible in

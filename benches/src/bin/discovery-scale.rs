@@ -11,7 +11,9 @@
 //!   one clock on one machine); p50/p99 of both and of record updates in general;
 //! - over an idle window: resident memory and CPU of every node, per role, the whole network's
 //!   CPU, and the gossip counters the nodes log (records published per second network-wide,
-//!   messages received / accepted / ignored / rejected, whole-directory fetches).
+//!   messages received / accepted / ignored / rejected, whole-directory fetches), and the bytes
+//!   on the loopback interface per node (all of the nodes' traffic, headers and ACKs included;
+//!   the whole window, its median second and its busiest).
 //!
 //! `cargo run --release -p horde-benches --bin discovery-scale -- [--validators N] [--miners N]
 //! [--idle-secs S] [--json PATH]`; 256 nodes: `--validators 16 --miners 239`.
@@ -19,7 +21,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use horde_benches::{cpu_secs, latency_summary, load_average};
+use horde_benches::{cpu_secs, latency_summary, load_average, loopback_bytes};
 use horde_node::client::{Client, JobRequest};
 use horde_protocol::{Role, SecretKey};
 use horde_testnet::{Testnet, TestnetConfig, demo_job_binary};
@@ -322,6 +324,51 @@ fn concurrent_jobs(
     })
 }
 
+/// Loopback traffic over an idle window.
+struct Loopback {
+    /// Bytes over the whole window.
+    total: u64,
+    /// Bytes of the median second (the traffic between refresh waves: a wave of 256 records
+    /// lasts a few seconds of the window) and of the busiest.
+    median_second: f64,
+    busiest_second: f64,
+}
+
+impl Loopback {
+    /// Prints the figures per node (`secs`: the window's length) and returns them as JSON.
+    fn report(&self, secs: f64, nodes: usize) -> serde_json::Value {
+        let nodes = nodes as f64;
+        let per_sec = self.total as f64 / secs / nodes;
+        let (median, busiest) = (self.median_second / nodes, self.busiest_second / nodes);
+        println!(
+            "  loopback traffic per node: {per_sec:.0} B/s (every byte on lo over the window: IP/UDP/QUIC headers, control frames, ACKs and keep-alives included); median second {median:.0} B/s, busiest {busiest:.0} B/s"
+        );
+        serde_json::json!({"bytes_per_sec": per_sec, "median_second": median, "busiest_second": busiest})
+    }
+}
+
+/// Samples the loopback byte counter every second for `secs` seconds.
+fn loopback_over(secs: u64) -> anyhow::Result<Loopback> {
+    let start = Instant::now();
+    let first = loopback_bytes()?;
+    let mut seconds = Vec::new();
+    let mut last = first;
+    for second in 1..=secs {
+        std::thread::sleep(
+            (start + Duration::from_secs(second)).saturating_duration_since(Instant::now()),
+        );
+        let now = loopback_bytes()?;
+        seconds.push(now.saturating_sub(last) as f64);
+        last = now;
+    }
+    let (_, median_second, _, busiest_second) = latency_summary(seconds);
+    Ok(Loopback {
+        total: last.saturating_sub(first),
+        median_second,
+        busiest_second,
+    })
+}
+
 fn main() -> anyhow::Result<()> {
     let args = <Args as clap::Parser>::parse();
     anyhow::ensure!(
@@ -382,7 +429,7 @@ fn main() -> anyhow::Result<()> {
         .collect::<anyhow::Result<_>>()?;
     let counters_start = network_counters(&testnet);
     let window = Instant::now();
-    std::thread::sleep(Duration::from_secs(args.idle_secs));
+    let loopback = loopback_over(args.idle_secs)?;
     let counters_end = network_counters(&testnet);
     let secs = window.elapsed().as_secs_f64();
     let mut cpu_pct = std::collections::HashMap::new();
@@ -427,6 +474,7 @@ fn main() -> anyhow::Result<()> {
         "  record bytes received per node: {bytes_per_node:.0} B/s (gossip payloads; control frames and QUIC overhead not counted); load average {}",
         load_average()
     );
+    let loopback = loopback.report(secs, nodes);
     println!(
         "  totals since start: {}",
         GOSSIP_FIELDS
@@ -453,6 +501,7 @@ fn main() -> anyhow::Result<()> {
         "job_endpoint_ms": job_ms,
         "capacity_latency": latency,
         "record_bytes_per_node_per_sec": bytes_per_node,
+        "loopback_per_node": loopback,
         "load_average_end": load_average(),
         "idle_secs": secs,
         "rss_mib": spread_json(&memory),

@@ -10,7 +10,7 @@
 //! QUIC (quinn + rustls with ring, like the rest of horde) on its own UDP port.
 //!
 //! Records: each node signs `NodeRecord {hotkey, role, QUIC addresses, discovery addresses,
-//! executor capacity, version, seq, expires_at, incarnation}`, re-signs it with a higher `seq` 30 s before it
+//! executor capacity, version, seq, expires_at, incarnation}`, re-signs it with a higher `seq` 15 s before it
 //! expires (`task::refresh_interval`) and (coalesced to one per 100 ms) when its capacity changes, and publishes it on
 //! the gossip topic. Every gossiped record is judged before gossipsub forwards it (bad records are
 //! rejected and their sender penalised, stale ones ignored); records from the record exchange pass
@@ -108,7 +108,7 @@ const GOSSIP_KEEP_ALIVE: Duration = Duration::from_secs(15);
 const GOSSIP_IDLE_TIMEOUT_MS: u32 = 45_000;
 
 /// Default record lifetime: a vanished node is forgotten within 2 minutes; records are re-signed
-/// 30 s before it runs out (every 90 s), which keeps idle traffic low at 256 nodes (see the
+/// 15 s before it runs out (every 105 s), which keeps idle traffic low at 256 nodes (see the
 /// README).
 pub const DEFAULT_RECORD_TTL: Duration = Duration::from_secs(120);
 /// Shortest record lifetime a config may set.
@@ -680,13 +680,13 @@ fn build_swarm(key: &SecretKey) -> Result<Swarm<Behaviour>, DiscoveryError> {
             config.max_idle_timeout = GOSSIP_IDLE_TIMEOUT_MS;
             config
         })
-        .with_behaviour(|keypair| {
+        .with_behaviour(|_| {
             let records = request_response::Behaviour::with_codec(
                 RecordCodec,
                 [(PROTOCOL_RECORDS, ProtocolSupport::Full)],
                 request_response::Config::default().with_request_timeout(REQUEST_TIMEOUT),
             );
-            let gossip = gossip::behaviour(keypair)?;
+            let gossip = gossip::behaviour()?;
             Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Behaviour { records, gossip })
         })
         .map_err(|e| DiscoveryError::Swarm(e.to_string()))?
@@ -904,12 +904,12 @@ mod tests {
     use horde_protocol::Signed;
 
     #[test]
-    fn records_are_refreshed_thirty_seconds_before_they_expire_or_at_two_fifths() {
+    fn records_are_refreshed_fifteen_seconds_before_they_expire_or_at_two_fifths() {
         let secs = |s: u64| Duration::from_secs(s);
-        assert_eq!(refresh_interval(DEFAULT_RECORD_TTL), secs(90));
-        assert_eq!(refresh_interval(secs(600)), secs(570));
+        assert_eq!(refresh_interval(DEFAULT_RECORD_TTL), secs(105));
+        assert_eq!(refresh_interval(secs(600)), secs(585));
         // Short lifetimes keep two fifths: one lost refresh is survived.
-        assert_eq!(refresh_interval(secs(50)), secs(20));
+        assert_eq!(refresh_interval(secs(20)), secs(8));
         assert_eq!(refresh_interval(MIN_RECORD_TTL), Duration::from_millis(800));
         for ttl in [
             MIN_RECORD_TTL,
