@@ -334,6 +334,15 @@ async fn rogue_swarm_with(
 }
 
 /// Publishes `data` from the rogue and keeps its swarm running for `for_`.
+/// [`rogue_publish`] of one record as a gossip message.
+async fn publish_record(
+    swarm: &mut libp2p::Swarm<libp2p::gossipsub::Behaviour>,
+    record: &Signed<NodeRecord>,
+    for_: Duration,
+) {
+    rogue_publish(swarm, gossip_encode(record), for_).await;
+}
+
 async fn rogue_publish(
     swarm: &mut libp2p::Swarm<libp2p::gossipsub::Behaviour>,
     data: Vec<u8>,
@@ -359,30 +368,15 @@ async fn forged_and_replayed_gossip_is_rejected_and_its_sender_penalised() {
 
     // Control: the rogue's own genuine records are kept, and cost it nothing.
     let first = Signed::sign(&rogue, &record_of(rogue.hotkey(), 1));
-    rogue_publish(
-        &mut swarm,
-        gossip_encode(&first),
-        Duration::from_millis(500),
-    )
-    .await;
+    publish_record(&mut swarm, &first, Duration::from_millis(500)).await;
     let second = Signed::sign(&rogue, &record_of(rogue.hotkey(), 2));
-    rogue_publish(
-        &mut swarm,
-        gossip_encode(&second),
-        Duration::from_millis(500),
-    )
-    .await;
+    publish_record(&mut swarm, &second, Duration::from_millis(500)).await;
     assert_eq!(directory.get(&rogue.hotkey(), now()).unwrap().seq, 2);
     // A genuine record of another node, relayed: every node forwards every node's records, and
     // the record names and signs its node itself.
     let other = SecretKey::generate();
     let relayed = Signed::sign(&other, &record_of(other.hotkey(), 1));
-    rogue_publish(
-        &mut swarm,
-        gossip_encode(&relayed),
-        Duration::from_millis(500),
-    )
-    .await;
+    publish_record(&mut swarm, &relayed, Duration::from_millis(500)).await;
     assert!(directory.get(&other.hotkey(), now()).is_some());
     let score = node.peer_score(&rogue_peer).await.unwrap();
     assert!(score >= 0.0, "honest records penalised: {score}");
@@ -392,23 +386,13 @@ async fn forged_and_replayed_gossip_is_rejected_and_its_sender_penalised() {
     let mut older = record_of(rogue.hotkey(), 1);
     older.expires_at = now().plus_millis(90_000);
     let replayed = Signed::sign(&rogue, &older);
-    rogue_publish(
-        &mut swarm,
-        gossip_encode(&replayed),
-        Duration::from_millis(300),
-    )
-    .await;
+    publish_record(&mut swarm, &replayed, Duration::from_millis(300)).await;
     assert_eq!(directory.get(&rogue.hotkey(), now()).unwrap().seq, 2);
     // A record of a victim the rogue signed itself: the signer is not the hotkey it names (a
     // `seq` above the rogue's own, so it is not ignored as an old record of its signer first).
     let victim = SecretKey::generate();
     let misnamed = Signed::sign(&rogue, &record_of(victim.hotkey(), 5));
-    rogue_publish(
-        &mut swarm,
-        gossip_encode(&misnamed),
-        Duration::from_millis(300),
-    )
-    .await;
+    publish_record(&mut swarm, &misnamed, Duration::from_millis(300)).await;
     // A forged record: the rogue's next record with a flipped signature bit.
     let good = Signed::sign(&rogue, &record_of(rogue.hotkey(), 3));
     let mut signature = *good.signature().as_bytes();
@@ -418,12 +402,7 @@ async fn forged_and_replayed_gossip_is_rejected_and_its_sender_penalised() {
         rogue.hotkey(),
         Signature::from_bytes(signature),
     );
-    rogue_publish(
-        &mut swarm,
-        gossip_encode(&forged),
-        Duration::from_millis(300),
-    )
-    .await;
+    publish_record(&mut swarm, &forged, Duration::from_millis(300)).await;
     // Garbage.
     rogue_publish(&mut swarm, vec![0xff; 40], Duration::from_millis(300)).await;
 
@@ -440,12 +419,7 @@ async fn forged_and_replayed_gossip_is_rejected_and_its_sender_penalised() {
     let authored_peer = peer_id(&authored.hotkey());
     let mut swarm = authored_rogue_swarm(&authored, &target).await;
     let genuine = Signed::sign(&authored, &record_of(authored.hotkey(), 1));
-    rogue_publish(
-        &mut swarm,
-        gossip_encode(&genuine),
-        Duration::from_millis(500),
-    )
-    .await;
+    publish_record(&mut swarm, &genuine, Duration::from_millis(500)).await;
     assert!(directory.get(&authored.hotkey(), now()).is_none());
     let score = node.peer_score(&authored_peer).await.unwrap();
     assert!(score < 0.0, "authored message not penalised: {score}");
