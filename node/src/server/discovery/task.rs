@@ -37,8 +37,8 @@ mod upkeep;
 use connections::Session;
 
 /// How many nodes of its directory a node keeps connections to that it dialed itself (besides
-/// its bootstrap peers), for its gossip mesh: gossipsub meshes `mesh_n` = 6 of the connected
-/// peers, at least 2 of them dialed by the node (`mesh_outbound_min`); 4 dialed here and ~4
+/// its bootstrap peers), for its gossip mesh: gossipsub meshes `mesh_n` = 3 of the connected
+/// peers, at least 1 of them dialed by the node (`mesh_outbound_min`, `gossip.rs`); 4 dialed here and ~4
 /// dialed by others give every node ~8 connections whatever the network's size, so a node's
 /// connections (QUIC state, a send queue, keep-alives each) do not grow with the network.
 /// Peers come from the directory (every record names its node's discovery addresses, signed):
