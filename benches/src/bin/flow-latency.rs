@@ -53,8 +53,8 @@
 //! `flow-latency/quinn_echo.rs` (its floor: what quinn allows for a round trip),
 //! `flow-latency/raw_quinn.rs` (raw quinn's bulk rate and per-stream round trip),
 //! `flow-latency/nginx.rs` (nginx with mutual TLS, its certificates and TLS client),
-//! `flow-latency/udp_counters.rs` (the kernel's UDP buffer error counters read around each bulk
-//! transfer of that comparison).
+//! `flow-latency/udp_counters.rs` (the kernel's UDP buffer error and datagram counters read
+//! around each bulk transfer of that comparison).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -764,7 +764,7 @@ async fn measure(args: &Args) -> anyhow::Result<Measured> {
     for _ in 0..args.rounds {
         bulk.direct.push(direct_tcp_throughput(source, size).await?);
         bulk.quinn
-            .push(raw_quinn::raw_quinn_throughput(size).await?);
+            .push(raw_quinn::raw_quinn_throughput(size, None).await?);
         bulk.tunnel.push(tunnel_throughput(source, size).await?);
         bulk.direct_job.push(direct_bytes(direct_port, size).await?);
         bulk.executor

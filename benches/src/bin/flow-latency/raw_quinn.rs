@@ -3,13 +3,50 @@
 
 use super::*;
 
-pub(crate) async fn raw_quinn_throughput(size: u64) -> anyhow::Result<f64> {
+/// Where the sending end of [`raw_quinn_throughput`] lives across a veth pair: its socket is made
+/// on a thread in the server's namespace, bound to the server's address, and it runs on the
+/// server namespace's runtime (threads of their own, as the executor is a process of its own).
+pub(crate) struct FarSide<'a> {
+    pub(crate) namespace: &'a str,
+    pub(crate) runtime: &'a tokio::runtime::Handle,
+    pub(crate) ip: std::net::IpAddr,
+}
+
+/// One stream of `size` bytes from a bare quinn endpoint to this runtime's; Gbit/s. `far`: the
+/// sender across a veth pair (packets of at most 1,452 bytes there), else on this runtime over
+/// loopback.
+pub(crate) async fn raw_quinn_throughput(
+    size: u64,
+    far: Option<FarSide<'_>>,
+) -> anyhow::Result<f64> {
     let server_key = SecretKey::generate();
     let client_key = SecretKey::generate();
-    let server = endpoint(&server_key, ALPN_JOB, ClientPolicy::Any)?;
-    let client = endpoint(&client_key, ALPN_JOB, ClientPolicy::Any)?;
+    let client = match far {
+        // Loopback cannot reach the pair's far end: bind the client to any address.
+        Some(_) => HordeEndpoint::bind(
+            &client_key,
+            EndpointConfig::new(([0, 0, 0, 0], 0).into(), &[ALPN_JOB])
+                .with_client_policy(ClientPolicy::Any),
+        )?,
+        None => endpoint(&client_key, ALPN_JOB, ClientPolicy::Any)?,
+    };
+    let (server, runtime) = match far {
+        None => (
+            endpoint(&server_key, ALPN_JOB, ClientPolicy::Any)?,
+            tokio::runtime::Handle::current(),
+        ),
+        Some(far) => {
+            let server = horde_benches::netns::run_in(far.namespace, || {
+                let _entered = far.runtime.enter();
+                let config = EndpointConfig::new((far.ip, 0).into(), &[ALPN_JOB])
+                    .with_client_policy(ClientPolicy::Any);
+                Ok(HordeEndpoint::bind(&server_key, config)?)
+            })?;
+            (server, far.runtime.clone())
+        }
+    };
     let addr = server.local_addr()?;
-    let sender = tokio::spawn(async move {
+    let sender = runtime.spawn(async move {
         let connection = server.accept().await.context("accept")??.connection;
         let (mut send, _recv) = connection.open_bi().await?;
         let chunk = Bytes::from(vec![0x5au8; 1 << 20]);

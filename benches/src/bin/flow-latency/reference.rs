@@ -14,9 +14,13 @@
 //! `curl` direct, `horde job request`, each `POST /echo`, spawn to exit, answers checked).
 //! Ratios are against nginx with default buffers (bulk also against 256 KiB buffers), printed
 //! beside the issue's targets. Each round also measures the floors of the horde rows, with
-//! horde's TLS and transport config and both ends in this process on loopback: a bare quinn
-//! 32 B echo on one open stream, and one bare quinn stream of `--size-mib` (the bulk rate a
-//! single QUIC stream reaches on this machine, without the tunnel, the executor or `forward`).
+//! horde's TLS and transport config and both ends in this process: a bare quinn 32 B echo on
+//! one open stream (loopback), and one bare quinn stream of `--size-mib` (the bulk rate a single
+//! QUIC stream reaches on this machine, without the tunnel, the executor or `forward`; across
+//! the veth pair its sender lives in the server's namespace, so it crosses the pair at the
+//! pair's packet size). Beside the bulk rows: the kernel's UDP datagram counts per GiB in each
+//! namespace and quinn's own counts on the Rust client's connection, which say whether the
+//! segmentation offloads batch (a GSO send and a GRO super-datagram count once each).
 
 use std::io::{Read as _, Write as _};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -63,6 +67,8 @@ pub(crate) struct Net<'a> {
     server_ip: IpAddr,
     /// The veth pair, when across one.
     pair: Option<&'a VethPair>,
+    /// The runtime whose threads live in the server's namespace, when across a veth pair.
+    server_runtime: Option<tokio::runtime::Handle>,
 }
 
 impl Net<'_> {
@@ -70,7 +76,17 @@ impl Net<'_> {
     pub(crate) const LOOPBACK: Net<'static> = Net {
         server_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
         pair: None,
+        server_runtime: None,
     };
+
+    /// Where the bare quinn bulk floor's sender runs: across the pair when there is one.
+    fn far_side(&self) -> Option<super::raw_quinn::FarSide<'_>> {
+        Some(super::raw_quinn::FarSide {
+            namespace: &self.pair?.server,
+            runtime: self.server_runtime.as_ref()?,
+            ip: self.server_ip,
+        })
+    }
 
     /// Runs `work` (which reaches the testnet's nodes on their loopback addresses, or starts a
     /// server) in the server's namespace.
@@ -142,7 +158,30 @@ pub(crate) struct Samples {
     /// receiving sockets: `forward`'s and this process's) and `SndbufErrors` of the servers'
     /// (the executor's); on loopback both are the one namespace's.
     bulk_udp: [UdpErrors; 5],
+    /// The Rust client's connection over its bulk transfers, summed over the rounds.
+    client_quinn: QuinnTally,
     nginx: bool,
+}
+
+/// What quinn counted on the Rust client's connection over its bulk transfers: datagrams and
+/// receive calls in, datagrams and send calls out (its ACKs), and the path MTU at the end.
+#[derive(Debug, Default)]
+struct QuinnTally {
+    rx_datagrams: u64,
+    rx_ios: u64,
+    tx_datagrams: u64,
+    tx_ios: u64,
+    mtu: u16,
+}
+
+impl QuinnTally {
+    fn add(&mut self, before: &quinn::ConnectionStats, after: &quinn::ConnectionStats) {
+        self.rx_datagrams += after.udp_rx.datagrams - before.udp_rx.datagrams;
+        self.rx_ios += after.udp_rx.ios - before.udp_rx.ios;
+        self.tx_datagrams += after.udp_tx.datagrams - before.udp_tx.datagrams;
+        self.tx_ios += after.udp_tx.ios - before.udp_tx.ios;
+        self.mtu = after.path.current_mtu;
+    }
 }
 
 /// The testnet job submitted with `horde job run`, its forwarder and the Rust client's
@@ -432,6 +471,7 @@ fn one_thread_client(
 /// Every row's figure of one round.
 async fn round(
     plan: Plan,
+    net: &Net<'_>,
     dials: &[Option<Dial>; 4],
     side: &HordeSide,
     samples: &mut Samples,
@@ -481,13 +521,17 @@ async fn round(
         }
     }
     let sum = &mut samples.bulk_udp[CLIENT];
+    let before = tunnel.connection().stats();
     let rate = counters
         .around(sum, tunnel_bytes(tunnel, plan.size))
         .await?;
+    samples
+        .client_quinn
+        .add(&before, &tunnel.connection().stats());
     samples.bulk[CLIENT].push(rate);
     samples
         .quinn_bulk
-        .push(super::raw_quinn::raw_quinn_throughput(plan.size).await?);
+        .push(super::raw_quinn::raw_quinn_throughput(plan.size, net.far_side()).await?);
     for (row, trips) in quinn_echo::round(plan.requests)
         .await?
         .into_iter()
@@ -530,7 +574,7 @@ pub(crate) async fn measure(
     };
     for index in 0..plan.rounds {
         eprintln!("reference round {}/{}", index + 1, plan.rounds);
-        round(plan, &dials, &side, &mut samples, &mut counters).await?;
+        round(plan, net, &dials, &side, &mut samples, &mut counters).await?;
         for _ in 0..plan.processes {
             if let Some(nginx) = &nginx {
                 samples.processes[0].push(nginx::curl_echo(nginx, ECHO_BODY)?);
@@ -604,6 +648,7 @@ pub(crate) fn run_veth(plan: Plan) -> anyhow::Result<serde_json::Value> {
     let net = Net {
         server_ip,
         pair: Some(&pair),
+        server_runtime: Some(server.handle().clone()),
     };
     let facilitator = testnet.facilitator().to_string();
     let samples = netns::run_in(&pair.client, || {
@@ -828,10 +873,52 @@ pub(crate) fn report(plan: Plan, net: &Net<'_>, samples: Samples) -> serde_json:
             .collect::<Vec<_>>()
             .join(", ")
     );
+    // Datagrams per GiB moved: on loopback the one namespace counts both ends.
+    let gib = (plan.rounds as f64 * plan.size as f64 / f64::from(1u32 << 30)).max(1e-9);
+    let per_gib = |count: u64| (count as f64 / gib).round();
+    println!(
+        "    UDP datagrams per GiB, clients' namespace in / out{}: {}",
+        if net.pair.is_some() {
+            ", servers' in / out"
+        } else {
+            ""
+        },
+        ROWS.iter()
+            .zip(&bulk_udp)
+            .map(|(row, udp)| {
+                let mut cell = format!(
+                    "{row} {} / {}",
+                    per_gib(udp.in_datagrams),
+                    per_gib(udp.out_datagrams)
+                );
+                if net.pair.is_some() {
+                    cell += &format!(", {} / {}", per_gib(udp.server_in), per_gib(udp.server_out));
+                }
+                cell
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    );
+    let quinn = &samples.client_quinn;
+    println!(
+        "    Rust client's connection per GiB (quinn's counts): {} datagrams in ({} receive \
+         events), {} out ({} sends); path MTU {}",
+        per_gib(quinn.rx_datagrams),
+        per_gib(quinn.rx_ios),
+        per_gib(quinn.tx_datagrams),
+        per_gib(quinn.tx_ios),
+        quinn.mtu
+    );
     for (row, errors) in ROWS.iter().zip(&bulk_udp) {
         if let Some(value) = bulk.get_mut(*row) {
             value["udp_rcvbuf_errors"] = serde_json::json!(errors.receive_buffer);
             value["udp_sndbuf_errors"] = serde_json::json!(errors.send_buffer);
+            value["udp_datagrams_per_gib"] = serde_json::json!({
+                "clients_in": per_gib(errors.in_datagrams),
+                "clients_out": per_gib(errors.out_datagrams),
+                "servers_in": per_gib(errors.server_in),
+                "servers_out": per_gib(errors.server_out),
+            });
         }
     }
     if nginx {
@@ -844,9 +931,14 @@ pub(crate) fn report(plan: Plan, net: &Net<'_>, samples: Samples) -> serde_json:
     }
     let quinn_bulk = Spread::of(samples.quinn_bulk);
     println!(
-        "  -- floor: bare quinn, one stream of {} MiB, both ends in this process on its 2-worker \
-         runtime (horde's TLS and transport config, loopback)",
-        plan.size >> 20
+        "  -- floor: bare quinn, one stream of {} MiB, both ends in this process (horde's TLS and \
+         transport config; {})",
+        plan.size >> 20,
+        if net.pair.is_some() {
+            "the sender in the server's namespace on its runtime, across the veth pair"
+        } else {
+            "on its 2-worker runtime, loopback"
+        }
     );
     println!(
         "    quinn            {:>9.3} Gb/s [{:.3}-{:.3}]  forward {:.2}x, Rust client {:.2}x of it{}",

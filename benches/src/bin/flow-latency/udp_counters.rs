@@ -1,20 +1,27 @@
-//! The kernel's UDP error counters (`/proc/net/snmp`, `Udp:` `RcvbufErrors` and `SndbufErrors`)
-//! read around each bulk transfer: a datagram dropped at a full receive buffer halves the
-//! sender's congestion window, and a send refused by a full send buffer makes the sender wait
-//! for the socket (benches/RESULTS.md, "UDP socket buffers"). The counters are per network
-//! namespace: the file is opened once on each side and re-read, and keeps the namespace it was
-//! opened in.
+//! The kernel's UDP counters (`/proc/net/snmp`, `Udp:`) read around each bulk transfer: the
+//! errors `RcvbufErrors` and `SndbufErrors` (a datagram dropped at a full receive buffer halves
+//! the sender's congestion window, and a send refused by a full send buffer makes the sender
+//! wait for the socket: benches/RESULTS.md, "UDP socket buffers"), and `InDatagrams` /
+//! `OutDatagrams`, which count what a socket received and sent (a GSO send and a GRO
+//! super-datagram count once each), so their number per GiB says how well the offloads batch on
+//! each path. The counters are per network namespace: the file is opened once on each side and
+//! re-read, and keeps the namespace it was opened in.
 
 use std::fs::File;
 use std::io::{Read as _, Seek as _, SeekFrom};
 
 use anyhow::Context as _;
 
-/// `RcvbufErrors` and `SndbufErrors` of one namespace at one moment.
+/// `RcvbufErrors` and `SndbufErrors` of one namespace at one moment; summed over a row,
+/// `InDatagrams` / `OutDatagrams` of the clients' namespace and, across veth, the servers'.
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct UdpErrors {
     pub(crate) receive_buffer: u64,
     pub(crate) send_buffer: u64,
+    pub(crate) in_datagrams: u64,
+    pub(crate) out_datagrams: u64,
+    pub(crate) server_in: u64,
+    pub(crate) server_out: u64,
 }
 
 impl UdpErrors {
@@ -23,7 +30,21 @@ impl UdpErrors {
         Self {
             receive_buffer: self.receive_buffer.saturating_sub(before.receive_buffer),
             send_buffer: self.send_buffer.saturating_sub(before.send_buffer),
+            in_datagrams: self.in_datagrams.saturating_sub(before.in_datagrams),
+            out_datagrams: self.out_datagrams.saturating_sub(before.out_datagrams),
+            server_in: self.server_in.saturating_sub(before.server_in),
+            server_out: self.server_out.saturating_sub(before.server_out),
         }
+    }
+
+    /// Adds `rise` to these sums.
+    fn add(&mut self, rise: Self) {
+        self.receive_buffer += rise.receive_buffer;
+        self.send_buffer += rise.send_buffer;
+        self.in_datagrams += rise.in_datagrams;
+        self.out_datagrams += rise.out_datagrams;
+        self.server_in += rise.server_in;
+        self.server_out += rise.server_out;
     }
 }
 
@@ -61,6 +82,10 @@ fn parse(text: &str) -> Option<UdpErrors> {
     Some(UdpErrors {
         receive_buffer: field("RcvbufErrors")?,
         send_buffer: field("SndbufErrors")?,
+        in_datagrams: field("InDatagrams")?,
+        out_datagrams: field("OutDatagrams")?,
+        server_in: 0,
+        server_out: 0,
     })
 }
 
@@ -75,13 +100,15 @@ impl Counters {
     /// Receive-buffer drops on the clients' side, send-buffer refusals on the servers'.
     fn read(&mut self) -> anyhow::Result<UdpErrors> {
         let clients = self.clients.read()?;
-        let send_buffer = match &mut self.servers {
-            Some(servers) => servers.read()?.send_buffer,
-            None => clients.send_buffer,
+        let servers = match &mut self.servers {
+            Some(servers) => Some(servers.read()?),
+            None => None,
         };
         Ok(UdpErrors {
-            receive_buffer: clients.receive_buffer,
-            send_buffer,
+            send_buffer: servers.map_or(clients.send_buffer, |servers| servers.send_buffer),
+            server_in: servers.map_or(0, |servers| servers.in_datagrams),
+            server_out: servers.map_or(0, |servers| servers.out_datagrams),
+            ..clients
         })
     }
 
@@ -93,9 +120,7 @@ impl Counters {
     ) -> anyhow::Result<T> {
         let before = self.read()?;
         let result = transfer.await?;
-        let rise = self.read()?.since(before);
-        sum.receive_buffer += rise.receive_buffer;
-        sum.send_buffer += rise.send_buffer;
+        sum.add(self.read()?.since(before));
         Ok(result)
     }
 }
@@ -113,6 +138,7 @@ mod tests {
             UdpLite: 0 0 0 0 9 9\n";
         let errors = parse(text).unwrap();
         assert_eq!((errors.receive_buffer, errors.send_buffer), (7, 3));
+        assert_eq!((errors.in_datagrams, errors.out_datagrams), (35, 36));
         assert!(parse("Tcp: a\nTcp: 1\n").is_none());
     }
 
