@@ -807,6 +807,76 @@ fn one_thread_client_rows(rows: &[Vec<f64>; 2], floor: &Floor, nginx: bool) -> s
     serde_json::Value::Object(json)
 }
 
+/// Prints the bulk rows' UDP counters (buffer errors, datagrams per GiB in each namespace, the
+/// Rust client's quinn counts) and adds them to the rows' JSON.
+fn print_bulk_udp(
+    plan: &Plan,
+    net: &Net<'_>,
+    bulk_udp: &[UdpErrors; 5],
+    quinn: &QuinnTally,
+    bulk: &mut serde_json::Value,
+) {
+    println!(
+        "    UDP errors during each row's transfers, all rounds: RcvbufErrors (clients' side) / \
+         SndbufErrors (servers' side): {}",
+        ROWS.iter()
+            .zip(bulk_udp)
+            .map(|(row, errors)| format!(
+                "{row} {} / {}",
+                errors.receive_buffer, errors.send_buffer
+            ))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    // Datagrams per GiB moved: on loopback the one namespace counts both ends.
+    let gib = (plan.rounds as f64 * plan.size as f64 / f64::from(1u32 << 30)).max(1e-9);
+    let per_gib = |count: u64| (count as f64 / gib).round();
+    println!(
+        "    UDP datagrams per GiB, clients' namespace in / out{}: {}",
+        if net.pair.is_some() {
+            ", servers' in / out"
+        } else {
+            ""
+        },
+        ROWS.iter()
+            .zip(bulk_udp)
+            .map(|(row, udp)| {
+                let mut cell = format!(
+                    "{row} {} / {}",
+                    per_gib(udp.in_datagrams),
+                    per_gib(udp.out_datagrams)
+                );
+                if net.pair.is_some() {
+                    cell += &format!(", {} / {}", per_gib(udp.server_in), per_gib(udp.server_out));
+                }
+                cell
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    );
+    println!(
+        "    Rust client's connection per GiB (quinn's counts): {} datagrams in ({} receive \
+         events), {} out ({} sends); path MTU {}",
+        per_gib(quinn.rx_datagrams),
+        per_gib(quinn.rx_ios),
+        per_gib(quinn.tx_datagrams),
+        per_gib(quinn.tx_ios),
+        quinn.mtu
+    );
+    for (row, errors) in ROWS.iter().zip(bulk_udp) {
+        if let Some(value) = bulk.get_mut(*row) {
+            value["udp_rcvbuf_errors"] = serde_json::json!(errors.receive_buffer);
+            value["udp_sndbuf_errors"] = serde_json::json!(errors.send_buffer);
+            value["udp_datagrams_per_gib"] = serde_json::json!({
+                "clients_in": per_gib(errors.in_datagrams),
+                "clients_out": per_gib(errors.out_datagrams),
+                "servers_in": per_gib(errors.server_in),
+                "servers_out": per_gib(errors.server_out),
+            });
+        }
+    }
+}
+
 /// Prints the comparison; its JSON.
 pub(crate) fn report(plan: Plan, net: &Net<'_>, samples: Samples) -> serde_json::Value {
     println!(
@@ -861,66 +931,7 @@ pub(crate) fn report(plan: Plan, net: &Net<'_>, samples: Samples) -> serde_json:
         nginx,
         &[],
     );
-    println!(
-        "    UDP errors during each row's transfers, all rounds: RcvbufErrors (clients' side) / \
-         SndbufErrors (servers' side): {}",
-        ROWS.iter()
-            .zip(&bulk_udp)
-            .map(|(row, errors)| format!(
-                "{row} {} / {}",
-                errors.receive_buffer, errors.send_buffer
-            ))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
-    // Datagrams per GiB moved: on loopback the one namespace counts both ends.
-    let gib = (plan.rounds as f64 * plan.size as f64 / f64::from(1u32 << 30)).max(1e-9);
-    let per_gib = |count: u64| (count as f64 / gib).round();
-    println!(
-        "    UDP datagrams per GiB, clients' namespace in / out{}: {}",
-        if net.pair.is_some() {
-            ", servers' in / out"
-        } else {
-            ""
-        },
-        ROWS.iter()
-            .zip(&bulk_udp)
-            .map(|(row, udp)| {
-                let mut cell = format!(
-                    "{row} {} / {}",
-                    per_gib(udp.in_datagrams),
-                    per_gib(udp.out_datagrams)
-                );
-                if net.pair.is_some() {
-                    cell += &format!(", {} / {}", per_gib(udp.server_in), per_gib(udp.server_out));
-                }
-                cell
-            })
-            .collect::<Vec<_>>()
-            .join("; ")
-    );
-    let quinn = &samples.client_quinn;
-    println!(
-        "    Rust client's connection per GiB (quinn's counts): {} datagrams in ({} receive \
-         events), {} out ({} sends); path MTU {}",
-        per_gib(quinn.rx_datagrams),
-        per_gib(quinn.rx_ios),
-        per_gib(quinn.tx_datagrams),
-        per_gib(quinn.tx_ios),
-        quinn.mtu
-    );
-    for (row, errors) in ROWS.iter().zip(&bulk_udp) {
-        if let Some(value) = bulk.get_mut(*row) {
-            value["udp_rcvbuf_errors"] = serde_json::json!(errors.receive_buffer);
-            value["udp_sndbuf_errors"] = serde_json::json!(errors.send_buffer);
-            value["udp_datagrams_per_gib"] = serde_json::json!({
-                "clients_in": per_gib(errors.in_datagrams),
-                "clients_out": per_gib(errors.out_datagrams),
-                "servers_in": per_gib(errors.server_in),
-                "servers_out": per_gib(errors.server_out),
-            });
-        }
-    }
+    print_bulk_udp(&plan, net, &bulk_udp, &samples.client_quinn, &mut bulk);
     if nginx {
         println!(
             "    against nginx with 256 KiB buffers: forward {:.2}x (target >= 0.7), Rust client \
