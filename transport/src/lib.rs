@@ -97,7 +97,7 @@ pub use tls::{
     client_tls_config, default_validity, hotkey_from_server_name, parse_certificate_hotkey,
     remote_hotkey, self_signed_certificate, server_name_for, server_tls_config,
 };
-pub use udp::{MAX_UDP_PAYLOAD, SOCKET_BUFFER};
+pub use udp::{MAX_UDP_PAYLOAD, SOCKET_BUFFER, enlarge_receive_buffer};
 
 /// QUIC application error codes horde uses when it closes a connection or stops/resets a stream:
 /// [`horde_protocol::wire::codes`] as [`quinn::VarInt`]s.

@@ -56,7 +56,7 @@ pub const SOCKET_BUFFER: usize = 8 * 1024 * 1024;
 /// Asks for a [`SOCKET_BUFFER`] receive buffer; returns what the kernel granted (Linux reports
 /// twice the requested size, its bookkeeping included). A refusal is not an error: the socket
 /// keeps its default buffer.
-pub(crate) fn enlarge_receive_buffer(socket: &std::net::UdpSocket) -> usize {
+pub fn enlarge_receive_buffer(socket: &std::net::UdpSocket) -> usize {
     let socket = socket2::SockRef::from(socket);
     let _ = socket.set_recv_buffer_size(SOCKET_BUFFER);
     socket.recv_buffer_size().unwrap_or(0)

@@ -31,6 +31,7 @@
 
 mod directory;
 mod gossip;
+mod socket;
 mod task;
 
 use std::net::{IpAddr, SocketAddr};
@@ -46,7 +47,7 @@ use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument as _, info_span, warn};
+use tracing::{Instrument as _, debug, info, info_span, warn};
 
 pub use gossip::{
     MAX_RECORD_BYTES, behaviour as gossip_behaviour, encode as gossip_encode, message_id,
@@ -516,6 +517,17 @@ async fn prepare(
             message: e.to_string(),
         })?;
     let listen = wait_for_listener(&mut swarm, config.listen).await?;
+    // libp2p bound the socket with the system's default receive buffer (see `socket`).
+    for addr in &listen {
+        match socket::enlarge_receive_buffer(*addr) {
+            Ok(receive) => debug!(receive, "discovery socket receive buffer"),
+            Err(error) => info!(
+                %error,
+                "discovery socket keeps the system's default receive buffer; a bootstrap peer \
+                 of many joiners may drop datagrams"
+            ),
+        }
+    }
     let bootstrap: Vec<BootstrapPeer> = config
         .bootstrap
         .iter()
