@@ -178,6 +178,9 @@ pub enum ConfigError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// The thread or runtime of an endpoint served on a thread of its own could not be started.
+    #[error("starting the endpoint's thread: {0}")]
+    Thread(std::io::Error),
 }
 
 /// The one place connection tuning becomes a quinn [`quinn::TransportConfig`].

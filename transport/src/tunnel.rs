@@ -74,7 +74,7 @@ pub use request::{
 };
 pub use server::{
     JobConnector, JobEndpointHandle, TunnelContext, TunnelStats, serve_job_endpoint,
-    serve_tunnel_stream,
+    serve_job_endpoint_on_own_thread, serve_tunnel_stream,
 };
 
 /// The largest tunnel frame accepted: a full [`MAX_FRAME_LEN`] `Data` payload plus its postcard

@@ -595,18 +595,33 @@ fn gbit(bytes: u64, elapsed: Duration) -> f64 {
     bytes as f64 * 8.0 / elapsed.as_secs_f64() / 1e9
 }
 
-fn endpoint(key: &SecretKey, alpn: &[u8], policy: ClientPolicy) -> anyhow::Result<HordeEndpoint> {
+/// A bench endpoint with `key` on an ephemeral port of `ip` (`LOOPBACK` unless the row crosses a
+/// veth pair), accepting `alpn` from the peers `policy` lets in.
+fn endpoint(
+    key: &SecretKey,
+    ip: IpAddr,
+    alpn: &[u8],
+    policy: ClientPolicy,
+) -> anyhow::Result<HordeEndpoint> {
     Ok(HordeEndpoint::bind(
         key,
-        EndpointConfig::new(([127, 0, 0, 1], 0).into(), &[alpn]).with_client_policy(policy),
+        EndpointConfig::new((ip, 0).into(), &[alpn]).with_client_policy(policy),
     )?)
 }
+
+/// Where the bench's endpoints bind unless a row crosses a veth pair.
+const LOOPBACK: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
 async fn tunnel_throughput(source: SocketAddr, size: u64) -> anyhow::Result<f64> {
     let job_key = SecretKey::generate();
     let client_key = SecretKey::generate();
     let job_id = JobId::random();
-    let server = endpoint(&job_key, ALPN_JOB, ClientPolicy::Only(client_key.hotkey()))?;
+    let server = endpoint(
+        &job_key,
+        LOOPBACK,
+        ALPN_JOB,
+        ClientPolicy::Only(client_key.hotkey()),
+    )?;
     let addr = server.local_addr()?;
     let handle = serve_job_endpoint(
         server,
@@ -618,7 +633,7 @@ async fn tunnel_throughput(source: SocketAddr, size: u64) -> anyhow::Result<f64>
         }),
         tokio_util::sync::CancellationToken::new(),
     );
-    let client = endpoint(&client_key, ALPN_JOB, ClientPolicy::Any)?;
+    let client = endpoint(&client_key, LOOPBACK, ALPN_JOB, ClientPolicy::Any)?;
     let connection = client.connect(addr, &job_key.hotkey(), ALPN_JOB).await?;
     let tunnel = JobTunnel::new(connection.clone(), job_id, client_key, job_key.hotkey())?;
     let started = Instant::now();

@@ -579,21 +579,33 @@ impl JobRunner {
     ) -> Result<Serving, Outcome> {
         let job_key = SecretKey::generate();
         let bind: SocketAddr = (self.config.job_host, 0).into();
-        let bound = HordeEndpoint::bind(
+        let tunnel_cancel = cancel.child_token();
+        // On a thread of its own: every hop of a round trip through the tunnel stays on it
+        // (see `serve_job_endpoint_on_own_thread`).
+        let served = horde_transport::tunnel::serve_job_endpoint_on_own_thread(
             &job_key,
             EndpointConfig::new(bind, &[ALPN_JOB])
                 .with_client_policy(ClientPolicy::Only(spec.client_key))
                 // Every connection comes from the spec's one client key: a per-key share
                 // would only shrink the endpoint's own cap.
                 .with_max_connections_per_peer(horde_transport::DEFAULT_MAX_CONNECTIONS),
+            Arc::new(horde_transport::tunnel::TunnelContext {
+                job_id: spec.job_id,
+                job_key: job_key.clone(),
+                client_key: spec.client_key,
+                target: job.dialer(),
+            }),
+            tunnel_cancel.clone(),
         )
         .map_err(|e| e.to_string())
-        .and_then(|endpoint| {
-            let address = endpoint.local_addr().map_err(|e| e.to_string())?;
-            Ok((endpoint, address))
+        .and_then(|tunnel| {
+            let address = tunnel
+                .local_addr()
+                .ok_or_else(|| "the job endpoint has no local address".to_owned())?;
+            Ok((tunnel, address))
         });
-        let (job_endpoint, address) = match bound {
-            Ok(bound) => bound,
+        let (tunnel, address) = match served {
+            Ok(served) => served,
             Err(error) => {
                 let exit = job.stop(TERMINATE_GRACE).await;
                 let result = self.finish_logs(job_dir, spec, exit, true).await;
@@ -604,17 +616,6 @@ impl JobRunner {
                 )));
             }
         };
-        let tunnel_cancel = cancel.child_token();
-        let tunnel = horde_transport::tunnel::serve_job_endpoint(
-            job_endpoint,
-            Arc::new(horde_transport::tunnel::TunnelContext {
-                job_id: spec.job_id,
-                job_key: job_key.clone(),
-                client_key: spec.client_key,
-                target: job.dialer(),
-            }),
-            tunnel_cancel.clone(),
-        );
         info!(%address, job_key = %job_key.hotkey().fmt_short(), "job endpoint serving");
         if session
             .send_up(&UpMessage::EndpointReady(EndpointReady {

@@ -24,8 +24,7 @@ use super::{
     MAX_TUNNEL_STREAMS, TunnelError,
 };
 use crate::codes;
-use crate::endpoint::HordeEndpoint;
-use crate::endpoint::IncomingConnection;
+use crate::endpoint::{ConfigError, EndpointConfig, HordeEndpoint, IncomingConnection};
 use crate::tls::ALPN_JOB;
 
 /// What the executor needs to serve tunnel streams for one job.
@@ -432,6 +431,9 @@ struct ReceiptLog {
 /// The running job endpoint started by [`serve_job_endpoint`]. Dropping it stops the endpoint.
 #[derive(Debug)]
 pub struct JobEndpointHandle {
+    /// Cancelled when the endpoint's task has ended (the thread of
+    /// [`serve_job_endpoint_on_own_thread`] runs until then).
+    ended: CancellationToken,
     local_addr: Option<SocketAddr>,
     log: Arc<Mutex<ReceiptLog>>,
     /// Stops accepting connections and streams; those in flight go on.
@@ -496,20 +498,29 @@ pub fn serve_job_endpoint(
     let log = Arc::new(Mutex::new(ReceiptLog::default()));
     let span = tracing::info_span!("job endpoint", job = %ctx.job_id.fmt_short());
     let draining = cancel.child_token();
+    let (draining_for_task, cancel_for_task) = (draining.clone(), cancel.clone());
+    let log_for_task = Arc::clone(&log);
+    let ended = CancellationToken::new();
+    let ended_on_drop = ended.clone().drop_guard();
     // Owned by the handle: stopped by its token (also on drop) and awaited by its shutdown.
     let task = tokio::spawn(
-        run_job_endpoint(
-            endpoint,
-            ctx,
-            Stop {
-                draining: draining.clone(),
-                cancel: cancel.clone(),
-            },
-            Arc::clone(&log),
-        )
+        async move {
+            let _ended = ended_on_drop;
+            run_job_endpoint(
+                endpoint,
+                ctx,
+                Stop {
+                    draining: draining_for_task,
+                    cancel: cancel_for_task,
+                },
+                log_for_task,
+            )
+            .await;
+        }
         .instrument(span),
     );
     JobEndpointHandle {
+        ended,
         local_addr,
         log,
         draining,
@@ -517,6 +528,58 @@ pub fn serve_job_endpoint(
         cancel,
         task,
     }
+}
+
+/// How long the thread of [`serve_job_endpoint_on_own_thread`] lets quinn send the closes of
+/// the endpoint's connections once its task has ended (a close is one packet; on a path that
+/// loses it the peer's idle timeout or a stateless reset ends the connection anyway).
+const OWN_THREAD_CLOSE_GRACE: Duration = Duration::from_millis(200);
+
+/// Binds a job endpoint and serves it as [`serve_job_endpoint`] does, on a thread of its own
+/// with a current-thread runtime: the UDP socket, quinn's endpoint and connection drivers, the
+/// tunnel streams and their TCP connections to the job all run on that one thread, as
+/// `horde job forward` runs on one. On the shared multi-thread runtime a packet's hand-offs
+/// (socket → endpoint driver → connection driver → stream task) can land on different workers,
+/// each crossing a futex wake of a parked thread; measured on a 2-core VM, a parked worker woke
+/// for the UDP read of every round trip. The job's TCP connections must be registered with this
+/// runtime: [`JobConnector::connect`] is called on it and must create its stream there.
+///
+/// The thread runs until the endpoint's task has ended (a [`JobEndpointHandle::drain`],
+/// [`JobEndpointHandle::shutdown`], `cancel` or a dropped handle), then lets the connections'
+/// closes go out for up to 200 ms. Call inside a tokio runtime, like [`serve_job_endpoint`]:
+/// the handle is awaited from the caller's.
+pub fn serve_job_endpoint_on_own_thread(
+    key: &SecretKey,
+    config: EndpointConfig,
+    ctx: Arc<TunnelContext>,
+    cancel: CancellationToken,
+) -> Result<JobEndpointHandle, ConfigError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(ConfigError::Thread)?;
+    let (handle, quinn_endpoint) = {
+        let _entered = runtime.enter();
+        let endpoint = HordeEndpoint::bind(key, config)?;
+        let quinn_endpoint = endpoint.quinn().clone();
+        (serve_job_endpoint(endpoint, ctx, cancel), quinn_endpoint)
+    };
+    let ended = handle.ended.clone();
+    let addr = handle
+        .local_addr
+        .map_or_else(String::new, |addr| addr.to_string());
+    std::thread::Builder::new()
+        .name("job-endpoint".to_owned())
+        .spawn(move || {
+            runtime.block_on(async {
+                ended.cancelled().await;
+                let _ =
+                    tokio::time::timeout(OWN_THREAD_CLOSE_GRACE, quinn_endpoint.wait_idle()).await;
+            });
+            debug!(endpoint = %addr, "job endpoint thread done");
+        })
+        .map_err(ConfigError::Thread)?;
+    Ok(handle)
 }
 
 /// How a job endpoint stops: `draining` ends accepting (what is in flight goes on), `cancel`
@@ -782,6 +845,95 @@ mod tests {
             check_client_end(&forged, &ctx.client_key),
             Err(TunnelError::BadClientSignature(_))
         ));
+    }
+
+    /// A connector that records the thread each connection was made on.
+    #[derive(Debug)]
+    struct RecordingConnector {
+        target: SocketAddr,
+        threads: Mutex<Vec<Option<String>>>,
+    }
+
+    #[async_trait::async_trait]
+    impl JobConnector for RecordingConnector {
+        async fn connect(&self) -> std::io::Result<TcpStream> {
+            let thread = std::thread::current().name().map(str::to_owned);
+            self.threads
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(thread);
+            connect_job(self.target).await
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_endpoint_on_its_own_thread_serves_streams_there() {
+        use crate::ClientPolicy;
+        use crate::test_utils::{localhost_endpoint, seeded_key};
+
+        // A job that answers one HTTP request per connection.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let target = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut request = vec![0u8; 1024];
+                    let _ = tcp.read(&mut request).await;
+                    let _ = tcp
+                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                        .await;
+                });
+            }
+        });
+        let (client_key, job_key) = (seeded_key(30), seeded_key(31));
+        let connector = Arc::new(RecordingConnector {
+            target,
+            threads: Mutex::new(Vec::new()),
+        });
+        let handle = serve_job_endpoint_on_own_thread(
+            &job_key,
+            EndpointConfig::new("127.0.0.1:0".parse().unwrap(), &[ALPN_JOB])
+                .with_client_policy(ClientPolicy::Only(client_key.hotkey())),
+            Arc::new(TunnelContext {
+                job_id: JobId([7; 16]),
+                job_key: job_key.clone(),
+                client_key: client_key.hotkey(),
+                target: Arc::clone(&connector) as Arc<dyn JobConnector>,
+            }),
+            CancellationToken::new(),
+        )
+        .unwrap();
+        let addr = handle.local_addr().unwrap();
+        let connection = localhost_endpoint(&client_key)
+            .connect(addr, &job_key.hotkey(), ALPN_JOB)
+            .await
+            .unwrap();
+        let tunnel = JobTunnel::new(
+            connection.clone(),
+            JobId([7; 16]),
+            client_key,
+            job_key.hotkey(),
+        )
+        .unwrap();
+        for _ in 0..3 {
+            let response = crate::tunnel::http_request(&tunnel, "GET", "/health", b"")
+                .await
+                .unwrap();
+            assert_eq!((response.status, &response.body[..]), (200, &b"ok"[..]));
+            response.receipt.verify().unwrap();
+        }
+        let threads = connector
+            .threads
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        assert_eq!(threads, vec![Some("job-endpoint".to_owned()); 3]);
+        assert_eq!(handle.receipts().len(), 3);
+        assert_eq!(handle.shutdown().await, (3, 0));
+        // The endpoint closed every connection as it stopped.
+        tokio::time::timeout(Duration::from_secs(5), connection.closed())
+            .await
+            .unwrap();
     }
 
     #[tokio::test]

@@ -21,26 +21,21 @@ pub(crate) async fn raw_quinn_throughput(
 ) -> anyhow::Result<f64> {
     let server_key = SecretKey::generate();
     let client_key = SecretKey::generate();
-    let client = match far {
-        // Loopback cannot reach the pair's far end: bind the client to any address.
-        Some(_) => HordeEndpoint::bind(
-            &client_key,
-            EndpointConfig::new(([0, 0, 0, 0], 0).into(), &[ALPN_JOB])
-                .with_client_policy(ClientPolicy::Any),
-        )?,
-        None => endpoint(&client_key, ALPN_JOB, ClientPolicy::Any)?,
+    // Loopback cannot reach the pair's far end: there the client binds to any address.
+    let client_ip = match far {
+        Some(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        None => LOOPBACK,
     };
+    let client = endpoint(&client_key, client_ip, ALPN_JOB, ClientPolicy::Any)?;
     let (server, runtime) = match far {
         None => (
-            endpoint(&server_key, ALPN_JOB, ClientPolicy::Any)?,
+            endpoint(&server_key, LOOPBACK, ALPN_JOB, ClientPolicy::Any)?,
             tokio::runtime::Handle::current(),
         ),
         Some(far) => {
             let server = horde_benches::netns::run_in(far.namespace, || {
                 let _entered = far.runtime.enter();
-                let config = EndpointConfig::new((far.ip, 0).into(), &[ALPN_JOB])
-                    .with_client_policy(ClientPolicy::Any);
-                Ok(HordeEndpoint::bind(&server_key, config)?)
+                endpoint(&server_key, far.ip, ALPN_JOB, ClientPolicy::Any)
             })?;
             (server, far.runtime.clone())
         }
@@ -78,8 +73,13 @@ pub(crate) async fn raw_quinn_throughput(
 /// floor any QUIC tunnel stream pays, to read the tunnel's ratio against.
 pub(crate) async fn raw_quinn_round_trips(requests: usize) -> anyhow::Result<Vec<f64>> {
     let server_key = SecretKey::generate();
-    let server = endpoint(&server_key, ALPN_JOB, ClientPolicy::Any)?;
-    let client = endpoint(&SecretKey::generate(), ALPN_JOB, ClientPolicy::Any)?;
+    let server = endpoint(&server_key, LOOPBACK, ALPN_JOB, ClientPolicy::Any)?;
+    let client = endpoint(
+        &SecretKey::generate(),
+        LOOPBACK,
+        ALPN_JOB,
+        ClientPolicy::Any,
+    )?;
     let addr = server.local_addr()?;
     tokio::spawn(async move {
         let Some(Ok(horde_transport::IncomingConnection { connection, .. })) =

@@ -39,7 +39,7 @@ use horde_transport::tunnel::JobTunnel;
 
 use super::nginx::{self, Conn, Dial, Nginx};
 use super::quinn_echo;
-use super::udp_counters::{Counters, UdpCounters, UdpErrors};
+use super::udp_counters::{Counters, UdpCounts, UdpSnmpFile};
 use super::{Duplex, Spread, bytes_request, gbit, keep_alive_round_trip, ms, tunnel_bytes};
 
 /// The body of every one-request-per-process `POST /echo`.
@@ -157,7 +157,7 @@ pub(crate) struct Samples {
     /// Per bulk row, summed over the rounds: `RcvbufErrors` of the clients' namespace (the
     /// receiving sockets: `forward`'s and this process's) and `SndbufErrors` of the servers'
     /// (the executor's); on loopback both are the one namespace's.
-    bulk_udp: [UdpErrors; 5],
+    bulk_udp: [UdpCounts; 5],
     /// The Rust client's connection over its bulk transfers, summed over the rounds.
     client_quinn: QuinnTally,
     nginx: bool,
@@ -566,9 +566,9 @@ pub(crate) async fn measure(
         ..Samples::default()
     };
     let mut counters = Counters {
-        clients: UdpCounters::open()?,
+        clients: UdpSnmpFile::open()?,
         servers: match net.pair {
-            Some(_) => Some(net.on_server(UdpCounters::open)?),
+            Some(_) => Some(net.on_server(UdpSnmpFile::open)?),
             None => None,
         },
     };
@@ -812,7 +812,7 @@ fn one_thread_client_rows(rows: &[Vec<f64>; 2], floor: &Floor, nginx: bool) -> s
 fn print_bulk_udp(
     plan: &Plan,
     net: &Net<'_>,
-    bulk_udp: &[UdpErrors; 5],
+    bulk_udp: &[UdpCounts; 5],
     quinn: &QuinnTally,
     bulk: &mut serde_json::Value,
 ) {

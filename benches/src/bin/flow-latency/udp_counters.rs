@@ -12,10 +12,11 @@ use std::io::{Read as _, Seek as _, SeekFrom};
 
 use anyhow::Context as _;
 
-/// `RcvbufErrors` and `SndbufErrors` of one namespace at one moment; summed over a row,
-/// `InDatagrams` / `OutDatagrams` of the clients' namespace and, across veth, the servers'.
+/// The UDP counters of one namespace at one moment, or their rise summed over a row: the errors
+/// `RcvbufErrors` and `SndbufErrors`, `InDatagrams` / `OutDatagrams` of the clients' namespace
+/// and, across veth, the servers'.
 #[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct UdpErrors {
+pub(crate) struct UdpCounts {
     pub(crate) receive_buffer: u64,
     pub(crate) send_buffer: u64,
     pub(crate) in_datagrams: u64,
@@ -24,7 +25,7 @@ pub(crate) struct UdpErrors {
     pub(crate) server_out: u64,
 }
 
-impl UdpErrors {
+impl UdpCounts {
     /// What rose from `before` to `self`.
     pub(crate) fn since(self, before: Self) -> Self {
         Self {
@@ -48,12 +49,12 @@ impl UdpErrors {
     }
 }
 
-/// The counters of the namespace the file was opened in.
-pub(crate) struct UdpCounters {
+/// `/proc/net/snmp` of the namespace the file was opened in, re-read for each [`UdpCounts`].
+pub(crate) struct UdpSnmpFile {
     snmp: File,
 }
 
-impl UdpCounters {
+impl UdpSnmpFile {
     /// Opens the calling thread's namespace's counters.
     pub(crate) fn open() -> anyhow::Result<Self> {
         let snmp = File::open("/proc/thread-self/net/snmp").context("opening the UDP counters")?;
@@ -61,7 +62,7 @@ impl UdpCounters {
     }
 
     /// The counters now.
-    pub(crate) fn read(&mut self) -> anyhow::Result<UdpErrors> {
+    pub(crate) fn read(&mut self) -> anyhow::Result<UdpCounts> {
         self.snmp.seek(SeekFrom::Start(0))?;
         let mut text = String::new();
         self.snmp.read_to_string(&mut text)?;
@@ -69,9 +70,9 @@ impl UdpCounters {
     }
 }
 
-/// `RcvbufErrors` and `SndbufErrors` from the text of `/proc/net/snmp` (a `Udp:` line of names,
-/// then one of values).
-fn parse(text: &str) -> Option<UdpErrors> {
+/// The `Udp:` counters from the text of `/proc/net/snmp` (a `Udp:` line of names, then one of
+/// values); the servers' datagram counts are left at 0.
+fn parse(text: &str) -> Option<UdpCounts> {
     let mut lines = text.lines().filter(|line| line.starts_with("Udp:"));
     let names: Vec<&str> = lines.next()?.split_whitespace().collect();
     let values: Vec<&str> = lines.next()?.split_whitespace().collect();
@@ -79,7 +80,7 @@ fn parse(text: &str) -> Option<UdpErrors> {
         let at = names.iter().position(|n| *n == name)?;
         values.get(at)?.parse().ok()
     };
-    Some(UdpErrors {
+    Some(UdpCounts {
         receive_buffer: field("RcvbufErrors")?,
         send_buffer: field("SndbufErrors")?,
         in_datagrams: field("InDatagrams")?,
@@ -89,22 +90,19 @@ fn parse(text: &str) -> Option<UdpErrors> {
     })
 }
 
-/// The UDP error counters of the clients' namespace and, across a veth pair, of the servers'.
+/// The UDP counters of the clients' namespace and, across a veth pair, of the servers'.
 pub(crate) struct Counters {
-    pub(crate) clients: UdpCounters,
+    pub(crate) clients: UdpSnmpFile,
     /// `None` when servers and clients share the namespace.
-    pub(crate) servers: Option<UdpCounters>,
+    pub(crate) servers: Option<UdpSnmpFile>,
 }
 
 impl Counters {
     /// Receive-buffer drops on the clients' side, send-buffer refusals on the servers'.
-    fn read(&mut self) -> anyhow::Result<UdpErrors> {
+    fn read(&mut self) -> anyhow::Result<UdpCounts> {
         let clients = self.clients.read()?;
-        let servers = match &mut self.servers {
-            Some(servers) => Some(servers.read()?),
-            None => None,
-        };
-        Ok(UdpErrors {
+        let servers = self.servers.as_mut().map(UdpSnmpFile::read).transpose()?;
+        Ok(UdpCounts {
             send_buffer: servers.map_or(clients.send_buffer, |servers| servers.send_buffer),
             server_in: servers.map_or(0, |servers| servers.in_datagrams),
             server_out: servers.map_or(0, |servers| servers.out_datagrams),
@@ -115,7 +113,7 @@ impl Counters {
     /// Runs `transfer` and adds the counters' rise over it to `sum`.
     pub(crate) async fn around<T>(
         &mut self,
-        sum: &mut UdpErrors,
+        sum: &mut UdpCounts,
         transfer: impl std::future::Future<Output = anyhow::Result<T>>,
     ) -> anyhow::Result<T> {
         let before = self.read()?;
@@ -144,6 +142,6 @@ mod tests {
 
     #[test]
     fn reads_this_machine() {
-        UdpCounters::open().unwrap().read().unwrap();
+        UdpSnmpFile::open().unwrap().read().unwrap();
     }
 }

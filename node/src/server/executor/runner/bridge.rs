@@ -191,7 +191,9 @@ fn i32_at(bytes: &[u8], at: usize) -> Option<i32> {
 // Executor side
 // ---------------------------------------------------------------------------------------------
 
-type ConnectReply = oneshot::Sender<std::io::Result<TcpStream>>;
+/// The job's connected socket, sent as a descriptor: the dialer's caller registers it with its
+/// own runtime (a job endpoint served on a thread of its own polls its streams there).
+type ConnectReply = oneshot::Sender<std::io::Result<OwnedFd>>;
 
 /// The executor's handle on a running sandbox's bridge (its actor runs until the sandbox's end
 /// of the socket closes, or this handle is dropped).
@@ -271,7 +273,7 @@ impl JobDialer for BridgeDialer {
         let (reply, answer) = oneshot::channel();
         let gone = || std::io::Error::new(std::io::ErrorKind::NotConnected, "the job has ended");
         self.requests.send(reply).await.map_err(|_| gone())?;
-        answer.await.map_err(|_| gone())?
+        tcp_from_fd(answer.await.map_err(|_| gone())??)
     }
 }
 
@@ -295,7 +297,7 @@ async fn bridge_actor(
                 let Datagram { bytes, mut fds, .. } = datagram;
                 match bytes.first() {
                     Some(b'c') => {
-                        let stream = fds.pop().ok_or_else(|| std::io::Error::other("no socket")).and_then(tcp_from_fd);
+                        let stream = fds.pop().ok_or_else(|| std::io::Error::other("no socket"));
                         if let Some(reply) = u64_at(&bytes, 1).and_then(|id| pending.remove(&id)) {
                             let _ = reply.send(stream);
                         }
