@@ -27,7 +27,8 @@
 //! Layout: `discovery.rs` (config, identities, the swarm, the record exchange),
 //! `discovery/task.rs` (the swarm task: publishing, judging, fetching, keeping on disk),
 //! `discovery/gossip.rs` (the gossipsub settings and the record check of gossip messages),
-//! `discovery/directory.rs` (the node-record directory: newest `seq` wins, expiry).
+//! `discovery/directory.rs` (the node-record directory: newest `seq` wins, expiry),
+//! `discovery/socket.rs` (the listener's UDP receive buffer, which libp2p does not set).
 
 mod directory;
 mod gossip;

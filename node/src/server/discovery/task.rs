@@ -5,7 +5,8 @@
 //!
 //! Layout: `task/upkeep.rs` (the directory kept on disk, bootstrap redials and leaving, mesh
 //! dials), `task/connections.rs` (connections by peer: a restarted peer connected afresh, every
-//! connection closed when the node stops).
+//! connection closed when the node stops), `task/announce.rs` (the own record published: first
+//! and second announcement).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -31,6 +32,7 @@ use super::{
 };
 use crate::clock::now;
 
+mod announce;
 mod connections;
 mod upkeep;
 
@@ -527,61 +529,6 @@ impl SwarmTask {
             connected = self.swarm.connected_peers().count(), records = self.directory.len(),
             "gossip counters"
         );
-    }
-
-    /// Publishes the own record on gossip (to every subscribed peer); whether it went out.
-    fn publish_own(&mut self) -> bool {
-        let own = self.own.current();
-        let data = gossip::encode(&own);
-        self.published_at = Some(Instant::now());
-        match self
-            .swarm
-            .behaviour_mut()
-            .gossip
-            .publish(gossip::topic(), data)
-        {
-            Ok(_) => {
-                self.stats.published += 1;
-                // A node that joins through a bootstrap peer announces again SETTLE_DELAY after
-                // its join fetch is answered (by then it has dialed its mesh peers); one without
-                // (a first facilitator) SETTLE_DELAY after this first announcement.
-                if !self.announced && self.bootstrap.is_empty() {
-                    self.settle = Some(Instant::now() + SETTLE_DELAY);
-                }
-                self.announced = true;
-                true
-            }
-            // Nobody to tell yet: the first subscribed peer triggers a publish.
-            Err(PublishError::NoPeersSubscribedToTopic | PublishError::Duplicate) => false,
-            Err(error) => {
-                debug!(%error, "own record not published");
-                false
-            }
-        }
-    }
-
-    /// Publishes the own record a second time, unchanged (`gossip::encode_again`: checked only
-    /// by nodes that lack it); whether it went out (or had gone out already).
-    fn announce_again(&mut self) -> bool {
-        let own = self.own.current();
-        match self
-            .swarm
-            .behaviour_mut()
-            .gossip
-            .publish(gossip::topic(), gossip::encode_again(&own))
-        {
-            Ok(_) => {
-                self.stats.published += 1;
-                true
-            }
-            // This very record was announced again already.
-            Err(PublishError::Duplicate) => true,
-            Err(PublishError::NoPeersSubscribedToTopic) => false,
-            Err(error) => {
-                debug!(%error, "own record not announced again");
-                false
-            }
-        }
     }
 
     /// Sends our own record to `peer`, asking for every record it holds when `want_all`.
