@@ -17,7 +17,7 @@
 //! dropping it leaves libp2p's open.
 
 use std::io;
-use std::net::{SocketAddr, UdpSocket};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 
 use rustix::process::{PidfdFlags, PidfdGetfdFlags, getpid, pidfd_getfd, pidfd_open};
 
@@ -35,7 +35,7 @@ fn own_socket(bound: SocketAddr) -> io::Result<UdpSocket> {
     } else {
         "/proc/self/net/udp6"
     };
-    let inodes = inodes_bound_to(&std::fs::read_to_string(table)?, bound.port());
+    let inodes = inodes_bound_to(&std::fs::read_to_string(table)?, bound);
     let descriptor = descriptor_of(&inodes)?.ok_or_else(|| {
         io::Error::new(
             io::ErrorKind::NotFound,
@@ -50,9 +50,9 @@ fn own_socket(bound: SocketAddr) -> io::Result<UdpSocket> {
     Ok(UdpSocket::from(duplicate))
 }
 
-/// The inodes of the sockets a `/proc/net/udp` table lists as bound to `port` (every socket of
-/// the network namespace, of any process).
-fn inodes_bound_to(table: &str, port: u16) -> Vec<u64> {
+/// The inodes of the sockets a `/proc/net/udp` table lists as bound to `bound`: its port, on its
+/// address or on the unspecified one (every socket of the network namespace, of any process).
+fn inodes_bound_to(table: &str, bound: SocketAddr) -> Vec<u64> {
     table
         .lines()
         .skip(1)
@@ -60,11 +60,29 @@ fn inodes_bound_to(table: &str, port: u16) -> Vec<u64> {
             let fields: Vec<&str> = line.split_whitespace().collect();
             // `sl local_address rem_address st tx:rx tr:tm retrnsmt uid timeout inode …`;
             // a local address is `HEXIP:HEXPORT`.
-            let local_port = fields.get(1)?.rsplit_once(':')?.1;
+            let (ip, port) = fields.get(1)?.rsplit_once(':')?;
             let inode = fields.get(9)?.parse().ok()?;
-            (u16::from_str_radix(local_port, 16).ok()? == port).then_some(inode)
+            let ip = table_ip(ip)?;
+            (u16::from_str_radix(port, 16).ok()? == bound.port()
+                && (ip == bound.ip() || ip.is_unspecified()))
+            .then_some(inode)
         })
         .collect()
+}
+
+/// An address as the kernel prints it in `/proc/net/udp{,6}`: the address's bytes read as
+/// native-endian 32-bit words, each in 8 hex digits.
+fn table_ip(hex: &str) -> Option<IpAddr> {
+    let mut bytes = Vec::with_capacity(16);
+    for word in hex.as_bytes().chunks(8) {
+        let word = u32::from_str_radix(std::str::from_utf8(word).ok()?, 16).ok()?;
+        bytes.extend_from_slice(&word.to_ne_bytes());
+    }
+    match bytes.len() {
+        4 => <[u8; 4]>::try_from(bytes).ok().map(IpAddr::from),
+        16 => <[u8; 16]>::try_from(bytes).ok().map(IpAddr::from),
+        _ => None,
+    }
 }
 
 /// The first of this process's descriptors that refers to one of the sockets `inodes`.
@@ -159,13 +177,27 @@ mod tests {
     }
 
     #[test]
-    fn the_table_is_read_by_port_and_inode() {
+    // The kernel prints native-endian words; these literals are a little-endian machine's.
+    #[cfg(target_endian = "little")]
+    fn the_table_is_read_by_address_port_and_inode() {
         let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops\n\
               1: 0100007F:C8F4 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 4242 2 0000000000000000 0\n\
               2: 00000000:0035 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 77 2 0000000000000000 0\n\
-              3: garbage\n";
-        assert_eq!(inodes_bound_to(table, 0xC8F4), vec![4242]);
-        assert_eq!(inodes_bound_to(table, 53), vec![77]);
-        assert!(inodes_bound_to(table, 1).is_empty());
+              3: 0200007F:C8F4 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 99 2 0000000000000000 0\n\
+              4: garbage\n";
+        let at = |ip: [u8; 4], port| SocketAddr::from((ip, port));
+        assert_eq!(
+            inodes_bound_to(table, at([127, 0, 0, 1], 0xC8F4)),
+            vec![4242]
+        );
+        assert_eq!(inodes_bound_to(table, at([127, 0, 0, 2], 0xC8F4)), vec![99]);
+        // A socket on the unspecified address holds the port on every address.
+        assert_eq!(inodes_bound_to(table, at([127, 0, 0, 1], 53)), vec![77]);
+        assert!(inodes_bound_to(table, at([127, 0, 0, 1], 1)).is_empty());
+        assert_eq!(table_ip("0100007F"), Some(IpAddr::from([127, 0, 0, 1])));
+        assert_eq!(
+            table_ip("00000000000000000000000001000000"),
+            Some(IpAddr::from(std::net::Ipv6Addr::LOCALHOST))
+        );
     }
 }
