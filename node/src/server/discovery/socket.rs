@@ -10,8 +10,8 @@
 //! waited for them (11.1–14.4 s). With the buffer enlarged (system-wide, to check): no drop, no
 //! failed dial, 9.7 s. See benches/RESULTS.md, "Join storms and the discovery socket".
 //!
-//! The socket is found by the port it is bound to (`/proc/self/net/udp` or `udp6` name its
-//! inode), then among this process's descriptors (`/proc/self/fd`: `socket:[inode]`), and
+//! The socket is found by the address and port it is bound to (`/proc/self/net/udp` or `udp6`
+//! name its inode), then among this process's descriptors (`/proc/self/fd`: `socket:[inode]`), and
 //! duplicated with `pidfd_getfd` (Linux 5.6; a process may always take its own descriptors).
 //! The duplicate shares the socket: the option set through it holds for libp2p's descriptor, and
 //! dropping it leaves libp2p's open.
@@ -21,8 +21,9 @@ use std::net::{IpAddr, SocketAddr, UdpSocket};
 
 use rustix::process::{PidfdFlags, PidfdGetfdFlags, getpid, pidfd_getfd, pidfd_open};
 
-/// Enlarges the receive buffer of this process's UDP socket bound to `bound` (its port, in its
-/// address family); returns what the kernel granted (Linux reports twice the requested size).
+/// Enlarges the receive buffer of this process's UDP socket bound to `bound` (its port, on its
+/// address or the unspecified one); returns what the kernel granted (Linux reports twice the
+/// requested size).
 pub(super) fn enlarge_receive_buffer(bound: SocketAddr) -> io::Result<usize> {
     let socket = own_socket(bound)?;
     Ok(horde_transport::enlarge_receive_buffer(&socket))
