@@ -612,6 +612,11 @@ fn endpoint(
 /// Where the bench's endpoints bind unless a row crosses a veth pair.
 const LOOPBACK: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
+/// A job-protocol endpoint on loopback that admits any client key (the bench's usual one).
+fn loopback_endpoint(key: &SecretKey) -> anyhow::Result<HordeEndpoint> {
+    endpoint(key, LOOPBACK, ALPN_JOB, ClientPolicy::Any)
+}
+
 async fn tunnel_throughput(source: SocketAddr, size: u64) -> anyhow::Result<f64> {
     let job_key = SecretKey::generate();
     let client_key = SecretKey::generate();
@@ -633,7 +638,7 @@ async fn tunnel_throughput(source: SocketAddr, size: u64) -> anyhow::Result<f64>
         }),
         tokio_util::sync::CancellationToken::new(),
     );
-    let client = endpoint(&client_key, LOOPBACK, ALPN_JOB, ClientPolicy::Any)?;
+    let client = loopback_endpoint(&client_key)?;
     let connection = client.connect(addr, &job_key.hotkey(), ALPN_JOB).await?;
     let tunnel = JobTunnel::new(connection.clone(), job_id, client_key, job_key.hotkey())?;
     let started = Instant::now();

@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 use anyhow::Context as _;
 use bytes::BytesMut;
 use horde_protocol::{NodeAddr, SecretKey};
-use horde_transport::{ALPN_JOB, ClientPolicy, HordeEndpoint};
+use horde_transport::{ALPN_JOB, HordeEndpoint};
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::net::TcpStream;
 
@@ -44,7 +44,7 @@ pub(crate) async fn serve(endpoint: HordeEndpoint, target: SocketAddr) {
 /// Starts a relay to `target` in this process; returns its address.
 pub(crate) fn start_in_process(target: SocketAddr) -> anyhow::Result<NodeAddr> {
     let key = SecretKey::generate();
-    let endpoint = super::endpoint(&key, super::LOOPBACK, ALPN_JOB, ClientPolicy::Any)?;
+    let endpoint = super::loopback_endpoint(&key)?;
     let addr = NodeAddr::new(key.hotkey(), endpoint.local_addr()?);
     tokio::spawn(serve(endpoint, target));
     Ok(addr)
@@ -54,7 +54,7 @@ pub(crate) fn start_in_process(target: SocketAddr) -> anyhow::Result<NodeAddr> {
 /// (`HOTKEY@IP:PORT`) as the first line on stdout.
 pub(crate) async fn run_process(target: SocketAddr) -> anyhow::Result<()> {
     let key = SecretKey::generate();
-    let endpoint = super::endpoint(&key, super::LOOPBACK, ALPN_JOB, ClientPolicy::Any)?;
+    let endpoint = super::loopback_endpoint(&key)?;
     println!("{}", NodeAddr::new(key.hotkey(), endpoint.local_addr()?));
     serve(endpoint, target).await;
     Ok(())
@@ -162,12 +162,7 @@ pub(crate) struct RelayClient {
 impl RelayClient {
     /// Connects a new client endpoint to the relay at `addr`.
     pub(crate) async fn connect(addr: &NodeAddr) -> anyhow::Result<Self> {
-        let endpoint = super::endpoint(
-            &SecretKey::generate(),
-            super::LOOPBACK,
-            ALPN_JOB,
-            ClientPolicy::Any,
-        )?;
+        let endpoint = super::loopback_endpoint(&SecretKey::generate())?;
         let target = *addr.addrs.first().context("relay without an address")?;
         let connection = endpoint.connect(target, &addr.hotkey, ALPN_JOB).await?;
         Ok(Self {

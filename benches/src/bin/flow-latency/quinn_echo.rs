@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use anyhow::Context as _;
 use horde_protocol::{Hotkey, SecretKey};
-use horde_transport::{ALPN_JOB, ClientPolicy, HordeEndpoint};
+use horde_transport::{ALPN_JOB, HordeEndpoint};
 
 use super::ms;
 
@@ -45,12 +45,7 @@ async fn serve(endpoint: HordeEndpoint) -> anyhow::Result<()> {
 /// Connects to the echo at `addr`, warms the stream with one echo, then times `messages`
 /// echoes; milliseconds each.
 async fn trips(addr: SocketAddr, server: Hotkey, messages: usize) -> anyhow::Result<Vec<f64>> {
-    let client = super::endpoint(
-        &SecretKey::generate(),
-        super::LOOPBACK,
-        ALPN_JOB,
-        ClientPolicy::Any,
-    )?;
+    let client = super::loopback_endpoint(&SecretKey::generate())?;
     let connection = client.connect(addr, &server, ALPN_JOB).await?;
     let (mut send, mut recv) = connection.open_bi().await?;
     let payload = [0x61u8; MESSAGE];
@@ -79,7 +74,7 @@ async fn trips(addr: SocketAddr, server: Hotkey, messages: usize) -> anyhow::Res
 /// A server endpoint on the current runtime: its address and key.
 fn bind_server() -> anyhow::Result<(HordeEndpoint, SocketAddr, Hotkey)> {
     let key = SecretKey::generate();
-    let endpoint = super::endpoint(&key, super::LOOPBACK, ALPN_JOB, ClientPolicy::Any)?;
+    let endpoint = super::loopback_endpoint(&key)?;
     let addr = endpoint.local_addr()?;
     Ok((endpoint, addr, key.hotkey()))
 }

@@ -29,7 +29,7 @@ pub(crate) async fn raw_quinn_throughput(
     let client = endpoint(&client_key, client_ip, ALPN_JOB, ClientPolicy::Any)?;
     let (server, runtime) = match far {
         None => (
-            endpoint(&server_key, LOOPBACK, ALPN_JOB, ClientPolicy::Any)?,
+            loopback_endpoint(&server_key)?,
             tokio::runtime::Handle::current(),
         ),
         Some(far) => {
@@ -73,7 +73,7 @@ pub(crate) async fn raw_quinn_throughput(
 /// floor any QUIC tunnel stream pays, to read the tunnel's ratio against.
 pub(crate) async fn raw_quinn_round_trips(requests: usize) -> anyhow::Result<Vec<f64>> {
     let server_key = SecretKey::generate();
-    let server = endpoint(&server_key, LOOPBACK, ALPN_JOB, ClientPolicy::Any)?;
+    let server = loopback_endpoint(&server_key)?;
     let client = endpoint(
         &SecretKey::generate(),
         LOOPBACK,
