@@ -62,12 +62,16 @@ pub fn to_bytes<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
 
 /// Decodes postcard bytes, refusing trailing bytes.
 pub fn from_bytes_exact<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError> {
-    let (value, rest) =
-        postcard::take_from_bytes(bytes).map_err(|e| DecodeError::Postcard(e.to_string()))?;
+    let (value, rest) = from_bytes_prefix(bytes)?;
     if !rest.is_empty() {
         return Err(DecodeError::TrailingBytes(rest.len()));
     }
     Ok(value)
+}
+
+/// Decodes a value from the start of postcard bytes; returns it and the bytes after it.
+pub fn from_bytes_prefix<T: DeserializeOwned>(bytes: &[u8]) -> Result<(T, &[u8]), DecodeError> {
+    postcard::take_from_bytes(bytes).map_err(|e| DecodeError::Postcard(e.to_string()))
 }
 
 /// Encodes a message as a frame (header + body), refusing one larger than `max`.

@@ -20,7 +20,7 @@
 
 use std::time::Duration;
 
-use horde_protocol::codec::{from_bytes_exact, to_bytes};
+use horde_protocol::codec::{from_bytes_exact, from_bytes_prefix, to_bytes};
 use horde_protocol::{NodeRecord, Signed, UnixMillis};
 use libp2p::gossipsub::{
     self, IdentTopic, MessageAuthenticity, MessageId, PeerScoreParams, PeerScoreThresholds,
@@ -107,14 +107,11 @@ pub(super) fn judge(
     if data.len() > MAX_RECORD_BYTES {
         return Verdict::Reject(RecordRejection::TooLarge("record message"));
     }
-    let (record_bytes, again) = match data.split_last() {
-        Some((&AGAIN, first)) if from_bytes_exact::<Signed<NodeRecord>>(data).is_err() => {
-            (first, true)
-        }
-        _ => (data, false),
-    };
-    let Ok(signed) = from_bytes_exact::<Signed<NodeRecord>>(record_bytes) else {
-        return Verdict::Reject(RecordRejection::BadSignature);
+    // The record, alone (a first announcement) or followed by the one marker byte.
+    let (signed, again) = match from_bytes_prefix::<Signed<NodeRecord>>(data) {
+        Ok((signed, [])) => (signed, false),
+        Ok((signed, [AGAIN])) => (signed, true),
+        _ => return Verdict::Reject(RecordRejection::BadSignature),
     };
     if signed.signer() == own {
         return Verdict::Ignore("our own record");
