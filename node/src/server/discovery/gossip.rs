@@ -42,6 +42,9 @@ const QUEUE_LEN: usize = 256;
 const MAX_IHAVE_LENGTH: usize = 1024;
 /// Messages this size and larger are announced with IDONTWANT to mesh peers (records never are).
 const IDONTWANT_MIN: usize = 1024;
+/// How long a peer pruned from a mesh stays out of it (see `behaviour`). Above gossipsub's
+/// `graft_flood_threshold` (10 s), so a GRAFT at the end of the backoff is never scored as a flood.
+const PRUNE_BACKOFF: Duration = Duration::from_secs(15);
 
 /// The topic every node subscribes to.
 pub fn topic() -> IdentTopic {
@@ -171,6 +174,15 @@ pub fn behaviour() -> Result<gossipsub::Behaviour, String> {
         // answers: every id is announced once per gossip peer, not again a second later.
         .history_gossip(1)
         .history_length(5)
+        // A peer pruned from a mesh may graft again after 15 s (libp2p: 60 s). While a network
+        // starts, every node joins through the facilitator, whose mesh is oversubscribed with
+        // ~255 peers and pruned to D at each heartbeat; the pruned peers (its own mesh dials
+        // among them) and the facilitator then kept off each other's meshes for a minute, after
+        // the joiners had left it: 45 s after a 256-node start its mesh was empty, records
+        // reached it only by IHAVE (1 s later, or never: 2 of 16 capacity changes), capacity
+        // p99 1,356 ms (`discovery-scale`, 2026-12-06 17:58 UTC). 15 s is still 15 heartbeats,
+        // far above the GRAFT/PRUNE oscillation the backoff guards against.
+        .prune_backoff(PRUNE_BACKOFF)
         // One heartbeat per second: mesh repair and gossip within a second, ~256 small control
         // frames per second in a 256-node network.
         .heartbeat_interval(Duration::from_secs(1))
