@@ -3,14 +3,15 @@
 //! exchange and on gossip, where their sender is penalised), a restarted node has its directory
 //! back at once, its peers leave its old run and connect afresh (what it publishes reaches them),
 //! a stopped node closes its connections at once (an aborted one does not), a node with peers of
-//! its own leaves its bootstrap peer and rejoins it when cut off.
+//! its own leaves its bootstrap peer and rejoins it when cut off, and a bootstrap peer that all
+//! its joiners left stays on gossip (it dials peers of its own).
 #![allow(clippy::unwrap_used)]
 
 use std::time::Duration;
 
 use horde_node::client::now;
 use horde_node::server::discovery::{
-    BootstrapPeer, Discovery, DiscoveryConfig, LocalNode, exchange, gossip_behaviour,
+    BootstrapPeer, Directory, Discovery, DiscoveryConfig, LocalNode, exchange, gossip_behaviour,
     gossip_encode, gossip_topic, peer_id, quic_multiaddr,
 };
 use horde_protocol::{
@@ -44,13 +45,23 @@ async fn start(
     bootstrap: Vec<BootstrapPeer>,
     cancel: &CancellationToken,
 ) -> Discovery {
+    start_with(key, role, capacity, config(bootstrap), cancel).await
+}
+
+async fn start_with(
+    key: &SecretKey,
+    role: Role,
+    capacity: Option<watch::Receiver<Vec<ClassCapacity>>>,
+    config: DiscoveryConfig,
+    cancel: &CancellationToken,
+) -> Discovery {
     let local = LocalNode {
         role,
         addrs: vec![([127, 0, 0, 1], 7000).into()],
         capacity,
         state_dir: None,
     };
-    Discovery::start(key, local, &config(bootstrap), cancel.child_token())
+    Discovery::start(key, local, &config, cancel.child_token())
         .await
         .unwrap()
 }
@@ -62,6 +73,22 @@ async fn eventually(limit: Duration, what: &str, mut check: impl FnMut() -> bool
         assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Waits up to `limit` for `directory` to hold `miner`'s record with `expected` capacity.
+async fn capacity_reaches(
+    directory: &Directory,
+    miner: &Hotkey,
+    expected: &[ClassCapacity],
+    limit: Duration,
+    what: &str,
+) {
+    eventually(limit, what, || {
+        directory
+            .get(miner, now())
+            .is_some_and(|r| r.capacity == expected)
+    })
+    .await;
 }
 
 fn capacity(free: u32) -> Vec<ClassCapacity> {
@@ -113,21 +140,21 @@ async fn records_spread_update_and_expire() {
 
     // A capacity change is published at once (well before the periodic re-sign).
     capacity_tx.send(capacity(0)).unwrap();
-    eventually(
+    capacity_reaches(
+        &fac_dir,
+        &miner,
+        &capacity(0),
         Duration::from_millis(1500),
         "capacity update arrives",
-        || {
-            fac_dir
-                .get(&miner, now())
-                .is_some_and(|r| r.capacity == capacity(0))
-        },
     )
     .await;
-    eventually(Duration::from_secs(3), "relayed update arrives", || {
-        val_dir
-            .get(&miner, now())
-            .is_some_and(|r| r.capacity == capacity(0))
-    })
+    capacity_reaches(
+        &val_dir,
+        &miner,
+        &capacity(0),
+        Duration::from_secs(3),
+        "relayed update arrives",
+    )
     .await;
 
     // Records are re-signed before they expire: still known after two lifetimes.
@@ -585,14 +612,12 @@ async fn peers_of_a_restarted_node_leave_their_old_connection_at_once() {
     // timeout.
     tokio::time::sleep(Duration::from_millis(200)).await;
     capacity_tx.send(capacity(0)).unwrap();
-    eventually(
+    capacity_reaches(
+        &fac_dir,
+        &miner_key.hotkey(),
+        &capacity(0),
         Duration::from_millis(1500),
         "the capacity change reaches the restarted facilitator",
-        || {
-            fac_dir
-                .get(&miner_key.hotkey(), now())
-                .is_some_and(|r| r.capacity == capacity(0))
-        },
     )
     .await;
     assert!(
@@ -829,5 +854,67 @@ async fn a_node_leaves_its_bootstrap_peer_and_rejoins_it_when_cut_off() {
     })
     .await;
     keep_cancel.cancel();
+    cancel.cancel();
+}
+
+/// Whether every node has closed the connections it dialed to its bootstrap peer.
+async fn all_left(nodes: &[(SecretKey, watch::Sender<Vec<ClassCapacity>>, Discovery)]) -> bool {
+    for (_, _, node) in nodes {
+        if node.bootstrap_connections().await > 0 {
+            return false;
+        }
+    }
+    true
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bootstrap_peer_stays_on_gossip_after_every_joiner_left_it() {
+    let cancel = CancellationToken::new();
+    let boot_key = SecretKey::generate();
+    // Records of the default lifetime (2 minutes): no refresh within the test, so only what
+    // the nodes do on their own, not a refresh arriving, can bring the bootstrap peer new peers.
+    let long = |bootstrap| DiscoveryConfig {
+        bootstrap,
+        ..DiscoveryConfig::default()
+    };
+    let boot = start_with(&boot_key, Role::Facilitator, None, long(vec![]), &cancel).await;
+    let bootstrap = bootstrap_of(&boot, &boot_key);
+    let mut nodes = Vec::new();
+    for _ in 0..6 {
+        let key = SecretKey::generate();
+        let (capacity_tx, capacity_rx) = watch::channel(capacity(2));
+        let node = start_with(
+            &key,
+            Role::Miner,
+            Some(capacity_rx),
+            long(vec![bootstrap.clone()]),
+            &cancel,
+        )
+        .await;
+        nodes.push((key, capacity_tx, node));
+    }
+    // Every node joins through the bootstrap peer (connected to it while the bootstrap peer
+    // learns it) and leaves it once it has peers of its own.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !all_left(&nodes).await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out: not every node left its bootstrap peer"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A capacity change reaches it by gossip: it has peers of its own (it dialed them once
+    // its joiners had left), not none until its record expired and they came back to it.
+    let fac_dir = boot.directory().clone();
+    let (key, capacity_tx, _) = &nodes[0];
+    capacity_tx.send(capacity(0)).unwrap();
+    capacity_reaches(
+        &fac_dir,
+        &key.hotkey(),
+        &capacity(0),
+        Duration::from_secs(5),
+        "the capacity change reaches the bootstrap peer",
+    )
+    .await;
     cancel.cancel();
 }

@@ -678,9 +678,14 @@ impl SwarmTask {
                 if num_established > 0 {
                     return;
                 }
-                if self.dialed.remove(&peer_id) {
-                    self.schedule_fill();
-                }
+                // Whoever dialed it: a node whose peers all came to it (the bootstrap peer of
+                // a network, whose joiners dial it and leave it once they have peers of their
+                // own) had no node to dial when it learned them, connected as they were, and
+                // once they left it was cut off from gossip (no mesh, so no record, no
+                // capacity change, and its own record expiring everywhere) until its peers
+                // noticed and dialed it again, a record lifetime later.
+                self.dialed.remove(&peer_id);
+                self.schedule_fill();
                 self.redial_soon(Some(peer_id));
                 self.rejoin_if_cut_off();
             }
