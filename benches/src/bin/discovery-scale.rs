@@ -61,6 +61,8 @@ struct Args {
 const MAX_NODES: usize = 256;
 /// How many gossip counters a node logs (see `GOSSIP_FIELDS`).
 const FIELDS: usize = 8;
+/// The longest wait for the start-up's pull syncs to end before the idle window.
+const SETTLE_LIMIT: Duration = Duration::from_secs(60);
 /// The counters of a node's `gossip counters` log line, in order.
 const GOSSIP_FIELDS: [&str; FIELDS] = [
     "received",
@@ -319,6 +321,34 @@ fn print_gossip(nodes: usize, secs: f64, delta: &[f64], network_cpu: f64) {
     );
 }
 
+/// Waits until the start-up's pull syncs are over (no node sent a whole-directory fetch for 6 s:
+/// each node pulls every 3 s after its join until 3 pulls in a row brought nothing new), at most
+/// [`SETTLE_LIMIT`], so that the idle window that follows measures a network at rest, not the
+/// tail of its start. Prints how long it waited.
+fn settle(testnet: &Testnet) {
+    let fetches = GOSSIP_FIELDS
+        .iter()
+        .position(|f| *f == "fetches_sent")
+        .unwrap_or(0);
+    let started = Instant::now();
+    let mut last = network_counters(testnet)[fetches];
+    // Counters are logged at most every 5 s, when they changed.
+    std::thread::sleep(Duration::from_secs(6));
+    loop {
+        let now = network_counters(testnet)[fetches];
+        if now == last || started.elapsed() >= SETTLE_LIMIT {
+            println!(
+                "  start-up pull syncs over {:.0} s after the job phase ({} whole-directory fetches sent since start)",
+                started.elapsed().as_secs_f64(),
+                now
+            );
+            return;
+        }
+        last = now;
+        std::thread::sleep(Duration::from_secs(6));
+    }
+}
+
 /// Prints how long the network took to converge, and what that time is made of.
 fn print_convergence(testnet: &Testnet, args: &Args, converged: Duration, total: Duration) {
     let nodes = testnet.nodes().len();
@@ -469,7 +499,7 @@ fn main() -> anyhow::Result<()> {
         "found {} of {nodes} node processes",
         pids.len()
     );
-    std::thread::sleep(Duration::from_secs(6));
+    settle(&testnet);
     let cpu_start: Vec<(String, f64)> = pids
         .iter()
         .map(|(name, pid)| Ok((name.clone(), cpu_secs(*pid)?)))
