@@ -323,6 +323,13 @@ impl TunnelReader {
         }
     }
 
+    /// Tells the job's endpoint to stop sending (QUIC STOP_SENDING with `code`): it closes the
+    /// job's connection for this stream, and no receipt follows. For a reader whose consumer
+    /// went away while the job still sends.
+    pub fn stop(&mut self, code: VarInt) {
+        self.frames.stop(code);
+    }
+
     /// Whether the job has closed its side (the output-ended marker arrived).
     pub fn output_ended(&self) -> bool {
         self.output_ended

@@ -60,6 +60,9 @@ pub async fn forward_tcp(
                 drop(permit);
                 match result {
                     Ok(()) => debug!("forwarded connection done"),
+                    Err(TunnelError::Local(error)) => {
+                        debug!(%error, "the local client went away");
+                    }
                     Err(error) => warn!(%error, "forwarded connection failed"),
                 }
             }
@@ -94,14 +97,16 @@ async fn forward_connection(
         writer.finish_sending().await
     };
     let down = async {
-        let mut local_open = true;
         loop {
             match reader.next_event().await? {
                 ReaderEvent::Data(bytes) => {
-                    if local_open && let Err(error) = local_write.write_all(&bytes).await {
-                        // The local client went away; keep reading for the receipt.
-                        debug!(%error, "local client stopped reading");
-                        local_open = false;
+                    if let Err(error) = local_write.write_all(&bytes).await {
+                        // The local client went away while the job still sends: the job is told
+                        // to stop (its endpoint closes the job's connection) rather than drained
+                        // for a receipt, which a job that never stops sending would never give
+                        // (it kept the job, its executor and this process busy after curl quit).
+                        reader.stop(codes::CANCELLED);
+                        return Err(TunnelError::Local(error));
                     }
                 }
                 ReaderEvent::OutputEnded => {
@@ -241,5 +246,53 @@ mod tests {
             Err(TunnelError::Connection(_))
         ));
         assert_eq!(handle.shutdown().await, (CONNECTIONS as u64, 0));
+    }
+
+    /// A local client that leaves while the job still sends (curl stopped by `-m`, a closed
+    /// browser tab on an endless stream): the job's connection is closed within seconds, not
+    /// drained for a receipt that a job sending forever never gives.
+    #[tokio::test]
+    async fn a_local_client_that_leaves_stops_a_job_that_keeps_sending() {
+        // A job that sends without end, until its connection fails.
+        let job = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let target = job.local_addr().unwrap();
+        let (ended_tx, ended_rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let (mut tcp, _) = job.accept().await.unwrap();
+            let block = vec![b'x'; 64 * 1024];
+            let mut sent = 0u64;
+            while tcp.write_all(&block).await.is_ok() {
+                sent += block.len() as u64;
+            }
+            let _ = ended_tx.send(sent);
+        });
+        let (tunnel, handle) = job_tunnel(target, 6, 60).await;
+        let local = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let local_addr = local.local_addr().unwrap();
+        let (receipts, mut receipts_rx) = mpsc::channel(4);
+        let forwarder = tokio::spawn(forward_tcp(local, tunnel, receipts));
+
+        // The client sends its request and half-closes (as HTTP/1.0 clients do), reads a
+        // little of the answer and goes away.
+        let mut tcp = TcpStream::connect(local_addr).await.unwrap();
+        tcp.write_all(b"GET /flood HTTP/1.0\r\n\r\n").await.unwrap();
+        tcp.shutdown().await.unwrap();
+        let mut first = vec![0; 1024 * 1024];
+        tcp.read_exact(&mut first).await.unwrap();
+        drop(tcp);
+
+        let sent = tokio::time::timeout(Duration::from_secs(10), ended_rx)
+            .await
+            .expect("the job still sent 10 s after its local client left")
+            .unwrap();
+        assert!(sent >= first.len() as u64);
+        assert!(
+            receipts_rx.try_recv().is_err(),
+            "no receipt for a stopped stream"
+        );
+        // The forwarder serves on.
+        assert!(!forwarder.is_finished());
+        forwarder.abort();
+        drop(handle);
     }
 }
