@@ -883,8 +883,11 @@ impl Testnet {
         // A frozen node cannot act on SIGINT.
         for node in &self.nodes {
             if let Some(child) = &node.child {
+                // A node that already ended (stopped by `horde-testnet down`) has nothing to
+                // signal: `kill`'s complaint about it is not worth showing.
                 let _ = Command::new("kill")
                     .args(["-CONT", &child.id().to_string()])
+                    .stderr(std::process::Stdio::null())
                     .status();
             }
         }
@@ -892,6 +895,7 @@ impl Testnet {
             if let Some(child) = &node.child {
                 let _ = Command::new("kill")
                     .args(["-INT", &child.id().to_string()])
+                    .stderr(std::process::Stdio::null())
                     .status();
             }
         }

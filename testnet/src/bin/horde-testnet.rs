@@ -122,7 +122,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Up(shape) => {
             let started = std::time::Instant::now();
-            let testnet = Testnet::start(shape.config())?;
+            let mut testnet = Testnet::start(shape.config())?;
             println!("network up in {} ms", started.elapsed().as_millis());
             print_table(&testnet);
             let pids: Vec<String> = testnet
@@ -135,8 +135,24 @@ fn main() -> anyhow::Result<()> {
                 "ctrl-c stops it (or `horde-testnet down --dir {}`)",
                 testnet.dir().display()
             );
+            let names: Vec<String> = testnet.nodes().iter().map(|n| n.name.clone()).collect();
             runtime.block_on(async {
-                let _ = tokio::signal::ctrl_c().await;
+                let ctrl_c = tokio::signal::ctrl_c();
+                tokio::pin!(ctrl_c);
+                let mut check = tokio::time::interval(std::time::Duration::from_millis(500));
+                loop {
+                    tokio::select! {
+                        _ = &mut ctrl_c => break,
+                        _ = check.tick() => {
+                            // `down` from another terminal (or anything else) stopped every
+                            // node: nothing is left to keep up.
+                            if names.iter().all(|n| !testnet.is_running(n).unwrap_or(false)) {
+                                println!("every node has stopped");
+                                break;
+                            }
+                        }
+                    }
+                }
             });
             testnet.shutdown();
             Ok(())
