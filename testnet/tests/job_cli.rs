@@ -97,6 +97,41 @@ fn job_run_request_status_terminate_and_blob_put_get() {
         std::fs::read_to_string(state.path().join("jobs").join(format!("{job}.receipts"))).unwrap();
     assert_eq!(receipts.lines().count(), 2);
 
+    // A job slow to end its answer, against --max-time: an error within the limit, no file.
+    let slow = state.path().join("slow.txt");
+    let started = std::time::Instant::now();
+    let timed_out = horde(
+        state.path(),
+        &[
+            "job",
+            "request",
+            &job,
+            "GET",
+            "/stream?n=100&delay_ms=1000",
+            "--max-time",
+            "1.5",
+            "-o",
+            slow.to_str().unwrap(),
+        ],
+    );
+    let out = text(&timed_out);
+    assert!(!timed_out.status.success(), "{out}");
+    assert!(out.contains("no whole answer within 1.5 s"), "{out}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(30),
+        "{out}"
+    );
+    assert!(!slow.exists());
+    for bad in ["0", "-1", "soon", "NaN"] {
+        let flag = format!("--max-time={bad}");
+        let refused = horde(
+            state.path(),
+            &["job", "request", &job, "GET", "/health", &flag],
+        );
+        assert!(!refused.status.success(), "--max-time {bad} accepted");
+        assert!(text(&refused).contains("--max-time"), "{}", text(&refused));
+    }
+
     let status = horde(state.path(), &["job", "status", &job]);
     let out = text(&status);
     assert!(out.contains("endpoint ready"), "{out}");

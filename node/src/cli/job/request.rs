@@ -34,6 +34,11 @@ pub struct RequestArgs {
     /// Write the response head to stdout before the body (as curl -i).
     #[arg(short, long)]
     include: bool,
+    /// Give up after this many seconds (the whole exchange, as curl's -m): a job that never
+    /// answers, or never ends its answer, is an error and a non-zero exit, and with -o no file
+    /// appears. Default: no limit.
+    #[arg(short = 'm', long, value_name = "SECS", value_parser = max_time)]
+    max_time: Option<std::time::Duration>,
     #[command(flatten)]
     common: JobStateArgs,
 }
@@ -85,12 +90,35 @@ pub(super) async fn request(args: RequestArgs) -> anyhow::Result<()> {
     let (job_id, _endpoint, connection) = connect_job(&args.common, &args.job).await?;
     // The answer is complete, checked and kept before the connection closes; closing then only
     // waits for the close to leave, not for QUIC's draining period.
-    let result = match exchange(&args, &connection).await {
+    let answer = exchange(&args, &connection);
+    let answer = match args.max_time {
+        Some(limit) => tokio::time::timeout(limit, answer)
+            .await
+            .unwrap_or_else(|_| {
+                Err(anyhow::anyhow!(
+                    "no whole answer within {} s (--max-time)",
+                    limit.as_secs_f64()
+                ))
+            }),
+        None => answer.await,
+    };
+    let result = match answer {
         Ok(receipt) => keep_receipt(&args.common, &job_id, &connection, &receipt),
         Err(error) => Err(error),
     };
     connection.close().await;
     result
+}
+
+/// `--max-time`: seconds, positive and finite.
+fn max_time(text: &str) -> Result<std::time::Duration, String> {
+    let secs: f64 = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number of seconds"))?;
+    if secs.is_nan() || secs <= 0.0 {
+        return Err(format!("{text}: must be more than 0 seconds"));
+    }
+    std::time::Duration::try_from_secs_f64(secs).map_err(|error| format!("{text}: {error}"))
 }
 
 /// Verifies the receipt against the pinned job key, reports it on stderr and appends it to
