@@ -149,6 +149,50 @@ mod tests {
     use super::*;
     use crate::test_utils::job_tunnel;
 
+    /// A forwarder on a fresh loopback port, tunnelling to the job at `target` (`job` and
+    /// `key_seed` as for [`job_tunnel`]), passing receipts on through a queue of `queue`.
+    struct Forwarder {
+        task: tokio::task::JoinHandle<Result<(), TunnelError>>,
+        addr: std::net::SocketAddr,
+        connection: quinn::Connection,
+        receipts: mpsc::Receiver<Signed<JobReceipt>>,
+        endpoint: crate::tunnel::JobEndpointHandle,
+    }
+
+    impl Forwarder {
+        /// Closes the QUIC connection; the forwarder must end with that error. Returns the
+        /// endpoint's (served, failed) stream counts.
+        async fn close(self) -> (u64, u64) {
+            self.connection.close(codes::SHUTDOWN, b"done");
+            assert!(matches!(
+                self.task.await.unwrap(),
+                Err(TunnelError::Connection(_))
+            ));
+            self.endpoint.shutdown().await
+        }
+    }
+
+    async fn forwarder(
+        target: std::net::SocketAddr,
+        job: u8,
+        key_seed: u8,
+        queue: usize,
+    ) -> Forwarder {
+        let (tunnel, endpoint) = job_tunnel(target, job, key_seed).await;
+        let connection = tunnel.connection().clone();
+        let local = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = local.local_addr().unwrap();
+        let (receipts, rx) = mpsc::channel(queue);
+        let task = tokio::spawn(forward_tcp(local, tunnel, receipts));
+        Forwarder {
+            task,
+            addr,
+            connection,
+            receipts: rx,
+            endpoint,
+        }
+    }
+
     #[tokio::test]
     async fn forwards_a_local_connection_both_ways_with_a_receipt() {
         // A job that upper-cases what it reads until EOF, then closes.
@@ -160,29 +204,19 @@ mod tests {
             tcp.read_to_end(&mut input).await.unwrap();
             tcp.write_all(&input.to_ascii_uppercase()).await.unwrap();
         });
-        let (tunnel, handle) = job_tunnel(target, 4, 40).await;
-        let connection = tunnel.connection().clone();
-        let local = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let local_addr = local.local_addr().unwrap();
-        let (receipts, mut receipts_rx) = mpsc::channel(4);
-        let forwarder = tokio::spawn(forward_tcp(local, tunnel, receipts));
+        let mut fwd = forwarder(target, 4, 40, 4).await;
 
-        let mut tcp = TcpStream::connect(local_addr).await.unwrap();
+        let mut tcp = TcpStream::connect(fwd.addr).await.unwrap();
         tcp.write_all(b"hello job").await.unwrap();
         tcp.shutdown().await.unwrap();
         let mut output = Vec::new();
         tcp.read_to_end(&mut output).await.unwrap();
         assert_eq!(output, b"HELLO JOB");
-        let receipt = receipts_rx.recv().await.unwrap().verify().unwrap();
+        let receipt = fwd.receipts.recv().await.unwrap().verify().unwrap();
         assert_eq!((receipt.bytes_in, receipt.bytes_out), (9, 9));
         assert_eq!(receipt.digest_out, *blake3::hash(b"HELLO JOB").as_bytes());
 
-        connection.close(codes::SHUTDOWN, b"done");
-        assert!(matches!(
-            forwarder.await.unwrap(),
-            Err(TunnelError::Connection(_))
-        ));
-        assert_eq!(handle.shutdown().await, (1, 0));
+        assert_eq!(fwd.close().await, (1, 0));
     }
 
     /// `horde job forward` runs on a current-thread runtime: many local connections open at
@@ -208,17 +242,12 @@ mod tests {
                 });
             }
         });
-        let (tunnel, handle) = job_tunnel(target, 6, 44).await;
-        let connection = tunnel.connection().clone();
-        let local = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let local_addr = local.local_addr().unwrap();
-        let (receipts, mut receipts_rx) = mpsc::channel(64);
-        let forwarder = tokio::spawn(forward_tcp(local, tunnel, receipts));
+        let mut fwd = forwarder(target, 6, 44, 64).await;
 
         const CONNECTIONS: usize = 40;
         let mut clients = Vec::new();
         for _ in 0..CONNECTIONS {
-            clients.push(TcpStream::connect(local_addr).await.unwrap());
+            clients.push(TcpStream::connect(fwd.addr).await.unwrap());
         }
         // Every connection is open; each round trip goes through its own tunnel stream.
         for round in 0..3 {
@@ -237,15 +266,10 @@ mod tests {
             assert!(rest.is_empty());
         }
         for _ in 0..CONNECTIONS {
-            let receipt = receipts_rx.recv().await.unwrap().verify().unwrap();
+            let receipt = fwd.receipts.recv().await.unwrap().verify().unwrap();
             assert_eq!(receipt.bytes_in, receipt.bytes_out);
         }
-        connection.close(codes::SHUTDOWN, b"done");
-        assert!(matches!(
-            forwarder.await.unwrap(),
-            Err(TunnelError::Connection(_))
-        ));
-        assert_eq!(handle.shutdown().await, (CONNECTIONS as u64, 0));
+        assert_eq!(fwd.close().await, (CONNECTIONS as u64, 0));
     }
 
     /// A local client that leaves while the job still sends (curl stopped by `-m`, a closed
@@ -266,15 +290,11 @@ mod tests {
             }
             let _ = ended_tx.send(sent);
         });
-        let (tunnel, handle) = job_tunnel(target, 6, 60).await;
-        let local = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let local_addr = local.local_addr().unwrap();
-        let (receipts, mut receipts_rx) = mpsc::channel(4);
-        let forwarder = tokio::spawn(forward_tcp(local, tunnel, receipts));
+        let mut fwd = forwarder(target, 6, 60, 4).await;
 
         // The client sends its request and half-closes (as HTTP/1.0 clients do), reads a
         // little of the answer and goes away.
-        let mut tcp = TcpStream::connect(local_addr).await.unwrap();
+        let mut tcp = TcpStream::connect(fwd.addr).await.unwrap();
         tcp.write_all(b"GET /flood HTTP/1.0\r\n\r\n").await.unwrap();
         tcp.shutdown().await.unwrap();
         let mut first = vec![0; 1024 * 1024];
@@ -287,12 +307,11 @@ mod tests {
             .unwrap();
         assert!(sent >= first.len() as u64);
         assert!(
-            receipts_rx.try_recv().is_err(),
+            fwd.receipts.try_recv().is_err(),
             "no receipt for a stopped stream"
         );
         // The forwarder serves on.
-        assert!(!forwarder.is_finished());
-        forwarder.abort();
-        drop(handle);
+        assert!(!fwd.task.is_finished());
+        fwd.task.abort();
     }
 }
