@@ -526,7 +526,9 @@ impl SwarmTask {
             fetches_served = s.fetches_served, received_bytes = s.received_bytes,
             connections_opened = s.connections_opened, connections_closed = s.connections_closed,
             mesh_dials = s.mesh_dials, dial_failures = s.dial_failures,
-            connected = self.swarm.connected_peers().count(), records = self.directory.len(),
+            connected = self.swarm.connected_peers().count(),
+            mesh = self.swarm.behaviour().gossip.mesh_peers(&gossip::topic().hash()).count(),
+            records = self.directory.len(),
             "gossip counters"
         );
     }
@@ -798,6 +800,8 @@ impl SwarmTask {
                 %hotkey,
                 seq,
                 age_ms = now().0.saturating_sub(seq),
+                %via,
+                mesh = self.swarm.behaviour().gossip.mesh_peers(&gossip::topic().hash()).count(),
                 "record kept"
             );
         }
