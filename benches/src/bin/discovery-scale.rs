@@ -63,6 +63,15 @@ const MAX_NODES: usize = 256;
 const FIELDS: usize = 8;
 /// The longest wait for the start-up's pull syncs to end before the idle window.
 const SETTLE_LIMIT: Duration = Duration::from_secs(60);
+/// Positions of the counters in [`GOSSIP_FIELDS`] (and in every array of counters read here).
+const RECEIVED: usize = 0;
+const ACCEPTED: usize = 1;
+const IGNORED: usize = 2;
+const REJECTED: usize = 3;
+const PUBLISHED: usize = 4;
+const FETCHES_SENT: usize = 5;
+const FETCHES_SERVED: usize = 6;
+const RECEIVED_BYTES: usize = 7;
 /// The counters of a node's `gossip counters` log line, in order.
 const GOSSIP_FIELDS: [&str; FIELDS] = [
     "received",
@@ -303,18 +312,18 @@ fn print_gossip(nodes: usize, secs: f64, delta: &[f64], network_cpu: f64) {
     );
     println!(
         "  records published: {:.2}/s; messages received {:.1}/s ({:.2}/s per node): accepted {:.1}/s (= signature checks that kept a record), ignored {:.1}/s, rejected {:.1}/s",
-        per_sec(4),
-        per_sec(0),
-        per_sec(0) / nodes as f64,
-        per_sec(1),
-        per_sec(2),
-        per_sec(3)
+        per_sec(PUBLISHED),
+        per_sec(RECEIVED),
+        per_sec(RECEIVED) / nodes as f64,
+        per_sec(ACCEPTED),
+        per_sec(IGNORED),
+        per_sec(REJECTED)
     );
     println!(
         "  whole-directory fetches: {:.0} sent, {:.0} served; network idle CPU {network_cpu:.1}% of one core",
-        delta[5], delta[6]
+        delta[FETCHES_SENT], delta[FETCHES_SERVED]
     );
-    let bytes_per_node = per_sec(7) / nodes as f64;
+    let bytes_per_node = per_sec(RECEIVED_BYTES) / nodes as f64;
     println!(
         "  record bytes received per node: {bytes_per_node:.0} B/s (gossip payloads; control frames and QUIC overhead not counted); load average {}",
         load_average()
@@ -326,16 +335,12 @@ fn print_gossip(nodes: usize, secs: f64, delta: &[f64], network_cpu: f64) {
 /// [`SETTLE_LIMIT`], so that the idle window that follows measures a network at rest, not the
 /// tail of its start. Prints how long it waited.
 fn settle(testnet: &Testnet) {
-    let fetches = GOSSIP_FIELDS
-        .iter()
-        .position(|f| *f == "fetches_sent")
-        .unwrap_or(0);
     let started = Instant::now();
-    let mut last = network_counters(testnet)[fetches];
+    let mut last = network_counters(testnet)[FETCHES_SENT];
     // Counters are logged at most every 5 s, when they changed.
     std::thread::sleep(Duration::from_secs(6));
     loop {
-        let now = network_counters(testnet)[fetches];
+        let now = network_counters(testnet)[FETCHES_SENT];
         if now == last || started.elapsed() >= SETTLE_LIMIT {
             println!(
                 "  start-up pull syncs over {:.0} s after the job phase ({} whole-directory fetches sent since start)",
@@ -531,7 +536,7 @@ fn main() -> anyhow::Result<()> {
         .collect();
     let per_sec = |i: usize| delta[i] / secs;
     print_gossip(nodes, secs, &delta, network_cpu);
-    let bytes_per_node = per_sec(7) / nodes as f64;
+    let bytes_per_node = per_sec(RECEIVED_BYTES) / nodes as f64;
     let loopback = loopback.report(secs, nodes);
     println!(
         "  totals since start: {}",
@@ -591,4 +596,26 @@ fn main() -> anyhow::Result<()> {
     println!("  (json: {})", args.json);
     testnet.shutdown();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_counter_position_names_its_field() {
+        let named = [
+            (RECEIVED, "received"),
+            (ACCEPTED, "accepted"),
+            (IGNORED, "ignored"),
+            (REJECTED, "rejected"),
+            (PUBLISHED, "published"),
+            (FETCHES_SENT, "fetches_sent"),
+            (FETCHES_SERVED, "fetches_served"),
+            (RECEIVED_BYTES, "received_bytes"),
+        ];
+        for (position, field) in named {
+            assert_eq!(GOSSIP_FIELDS[position], field);
+        }
+    }
 }

@@ -455,6 +455,21 @@ impl JobEndpointHandle {
         log.receipts.iter().cloned().collect()
     }
 
+    /// The receipts issued so far once there are at least `count`, waiting up to 5 s for them
+    /// (the endpoint logs a receipt after sending it, so its client may hold it first); fewer
+    /// when the wait ran out.
+    #[cfg(any(test, feature = "test-utils"))]
+    pub async fn receipts_at_least(&self, count: usize) -> Vec<Signed<JobReceipt>> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let receipts = self.receipts();
+            if receipts.len() >= count || tokio::time::Instant::now() >= deadline {
+                return receipts;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Streams that ended with a receipt, and streams that failed.
     pub fn stream_counts(&self) -> (u64, u64) {
         let log = self.log.lock().unwrap_or_else(PoisonError::into_inner);
@@ -928,14 +943,7 @@ mod tests {
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
         assert_eq!(threads, vec![Some("job-endpoint".to_owned()); 3]);
-        // The endpoint logs a receipt after sending it: the client may hold the last one first.
-        for _ in 0..500 {
-            if handle.receipts().len() == 3 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        assert_eq!(handle.receipts().len(), 3);
+        assert_eq!(handle.receipts_at_least(3).await.len(), 3);
         assert_eq!(handle.shutdown().await, (3, 0));
         // The endpoint closed every connection as it stopped.
         tokio::time::timeout(Duration::from_secs(5), connection.closed())
