@@ -527,7 +527,7 @@ impl SwarmTask {
             connections_opened = s.connections_opened, connections_closed = s.connections_closed,
             mesh_dials = s.mesh_dials, dial_failures = s.dial_failures,
             connected = self.swarm.connected_peers().count(),
-            mesh = self.swarm.behaviour().gossip.mesh_peers(&gossip::topic().hash()).count(),
+            mesh = self.mesh_size(),
             records = self.directory.len(),
             "gossip counters"
         );
@@ -801,7 +801,7 @@ impl SwarmTask {
                 seq,
                 age_ms = now().0.saturating_sub(seq),
                 %via,
-                mesh = self.swarm.behaviour().gossip.mesh_peers(&gossip::topic().hash()).count(),
+                mesh = self.mesh_size(),
                 "record kept"
             );
         }

@@ -176,6 +176,12 @@ impl SwarmTask {
             .count()
     }
 
+    /// How many peers this node's gossip mesh holds on the record topic.
+    pub(super) fn mesh_size(&self) -> usize {
+        let topic = gossip::topic().hash();
+        self.swarm.behaviour().gossip.mesh_peers(&topic).count()
+    }
+
     /// Whether every bootstrap peer's record is live in the directory.
     fn bootstrap_records_live(&self) -> bool {
         let now = now();
