@@ -4,8 +4,9 @@
 //! back at once, its peers leave its old run and connect afresh (what it publishes reaches them),
 //! a stopped node closes its connections at once (an aborted one does not), a node with peers of
 //! its own leaves its bootstrap peer and rejoins it when cut off, and a bootstrap peer that all
-//! its joiners left stays on gossip (it dials peers of its own), and a peer that forwards a
-//! node's own record back to it is not blamed for it.
+//! its joiners left stays on gossip (it dials peers of its own), a peer that forwards a
+//! node's own record back to it is not blamed for it, and the facilitator, the validators and
+//! the miners keep the backbone that carries capacity to the facilitator.
 #![allow(clippy::unwrap_used)]
 
 use std::time::Duration;
@@ -966,5 +967,113 @@ async fn the_bootstrap_peer_stays_on_gossip_after_every_joiner_left_it() {
         "the capacity change reaches the bootstrap peer",
     )
     .await;
+    cancel.cancel();
+}
+
+/// The capacity backbone: the facilitator and the validators keep connections to each other
+/// (a validator whose bootstrap peer is a miner dials the facilitator once it learns it), every
+/// miner keeps one to a validator, and a miner's capacity change reaches the facilitator.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn validators_and_miners_keep_the_facilitators_backbone() {
+    let cancel = CancellationToken::new();
+    let long = |bootstrap| DiscoveryConfig {
+        bootstrap,
+        ..DiscoveryConfig::default()
+    };
+    let fac_key = SecretKey::generate();
+    let fac = start_with(&fac_key, Role::Facilitator, None, long(vec![]), &cancel).await;
+    let bootstrap = bootstrap_of(&fac, &fac_key);
+    let mut miners = Vec::new();
+    for _ in 0..10 {
+        let key = SecretKey::generate();
+        let (capacity_tx, capacity_rx) = watch::channel(capacity(2));
+        let node = start_with(
+            &key,
+            Role::Miner,
+            Some(capacity_rx),
+            long(vec![bootstrap.clone()]),
+            &cancel,
+        )
+        .await;
+        miners.push((key, capacity_tx, node));
+    }
+    let through_fac = SecretKey::generate();
+    let through_miner = SecretKey::generate();
+    let miner_bootstrap = bootstrap_of(&miners[0].2, &miners[0].0);
+    let validators = [
+        start_with(
+            &through_fac,
+            Role::Validator,
+            None,
+            long(vec![bootstrap.clone()]),
+            &cancel,
+        )
+        .await,
+        start_with(
+            &through_miner,
+            Role::Validator,
+            None,
+            long(vec![miner_bootstrap]),
+            &cancel,
+        )
+        .await,
+    ];
+    let validator_peers = [
+        peer_id(&through_fac.hotkey()),
+        peer_id(&through_miner.hotkey()),
+    ];
+    // Every miner joins and leaves its bootstrap connection (to the facilitator).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !all_left(&miners).await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out: not every miner left its bootstrap peer"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut missing = Vec::new();
+        for (i, peer) in validator_peers.iter().enumerate() {
+            if !fac.is_connected(peer).await {
+                missing.push(format!("validator {i} - facilitator"));
+            }
+        }
+        for (i, (_, _, miner)) in miners.iter().enumerate() {
+            let mut any = false;
+            for peer in &validator_peers {
+                any |= miner.is_connected(peer).await;
+            }
+            if !any {
+                missing.push(format!("miner {i} - a validator"));
+            }
+        }
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out: backbone links missing: {missing:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Still there a few heartbeats later (not a join's connection about to be left).
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    for peer in &validator_peers {
+        assert!(fac.is_connected(peer).await, "a validator left the facilitator");
+    }
+    let fac_dir = fac.directory().clone();
+    for (key, capacity_tx, _) in &miners[..3] {
+        capacity_tx.send(capacity(1)).unwrap();
+        capacity_reaches(
+            &fac_dir,
+            &key.hotkey(),
+            &capacity(1),
+            Duration::from_secs(5),
+            "a capacity change reaches the facilitator",
+        )
+        .await;
+    }
+    drop(validators);
     cancel.cancel();
 }

@@ -4,7 +4,8 @@
 //! expired records and keeps the directory on disk.
 //!
 //! Layout: `task/upkeep.rs` (the directory kept on disk, bootstrap redials and leaving, mesh
-//! dials), `task/connections.rs` (connections by peer: a restarted peer connected afresh, every
+//! dials), `task/backbone.rs` (the facilitator and validators as direct peers, each miner's
+//! relay validator: capacity in two hops), `task/connections.rs` (connections by peer: a restarted peer connected afresh, every
 //! connection closed when the node stops), `task/announce.rs` (the own record published: first
 //! and second announcement).
 
@@ -33,6 +34,7 @@ use super::{
 use crate::clock::now;
 
 mod announce;
+mod backbone;
 mod connections;
 mod upkeep;
 
@@ -249,6 +251,13 @@ pub(super) struct SwarmTask {
     fill_round: u64,
     /// The wait before the next bootstrap redial (doubles with each failure in a row).
     redial_wait: Duration,
+    /// The backbone (`backbone.rs`): direct peers (gossipsub explicit peers), a miner's relay
+    /// validator and the round of its choice, and the back-off after a backbone peer was lost.
+    direct: std::collections::HashSet<PeerId>,
+    relay: Option<PeerId>,
+    relay_round: u64,
+    backbone_at: Option<Instant>,
+    backbone_wait: Duration,
     /// Leaving the bootstrap peers ([`LEAVE_PEERS`]): the open connections this node dialed to
     /// them, when it leaves them (conditions checked again then), whether it left (not redialed
     /// while it has other peers) and whether it stays (it rejoined once: kept for the run).
@@ -345,6 +354,11 @@ impl SwarmTask {
             fill_seed: random_seed(),
             fill_round: 0,
             redial_wait: REDIAL_INTERVAL,
+            direct: std::collections::HashSet::new(),
+            relay: None,
+            relay_round: 0,
+            backbone_at: None,
+            backbone_wait: REDIAL_INTERVAL,
             bootstrap_dials: std::collections::HashSet::new(),
             leave_at: None,
             left: false,
@@ -438,6 +452,7 @@ impl SwarmTask {
                     }
                     expiry = next_expiry(&self.directory);
                     self.rejoin_if_cut_off();
+                    self.keep_backbone();
                 }
                 Ok(()) = changes.changed() => {
                     changes.mark_unchanged();
@@ -445,8 +460,10 @@ impl SwarmTask {
                     self.schedule_save();
                     self.schedule_fill();
                     self.schedule_leave();
+                    self.keep_backbone();
                 }
                 () = sleep_until(self.fill_at) => self.fill(),
+                () = sleep_until(self.backbone_at) => self.backbone_due(),
                 () = sleep_until(self.leave_at) => self.leave(),
                 () = sleep_until(self.redial_at) => {
                     self.redial_at = None;
@@ -657,6 +674,9 @@ impl SwarmTask {
                 if self.is_bootstrap(&peer_id) {
                     self.redial_wait = REDIAL_INTERVAL;
                 }
+                if self.is_backbone(&peer_id) {
+                    self.backbone_wait = REDIAL_INTERVAL;
+                }
                 if num_established.get() == 1 {
                     self.on_connected(peer_id);
                 }
@@ -689,6 +709,7 @@ impl SwarmTask {
                 self.dialed.remove(&peer_id);
                 self.schedule_fill();
                 self.redial_soon(Some(peer_id));
+                self.backbone_lost(peer_id);
                 self.rejoin_if_cut_off();
             }
             SwarmEvent::NewListenAddr { address, .. } => {
@@ -709,6 +730,9 @@ impl SwarmTask {
                     self.schedule_fill();
                 }
                 self.redial_soon(peer_id);
+                if let Some(peer) = peer_id {
+                    self.backbone_lost(peer);
+                }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Records(event)) => self.on_records(event),
             SwarmEvent::Behaviour(BehaviourEvent::Gossip(event)) => self.on_gossip(event),

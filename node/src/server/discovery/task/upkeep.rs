@@ -223,8 +223,18 @@ impl SwarmTask {
             peers = self.topic_peers(),
             "own peers found; leaving the bootstrap connection"
         );
+        // A connection to a bootstrap peer that is also a backbone peer (a validator's
+        // facilitator) stays: the backbone keeps it from now on.
+        let kept: std::collections::HashSet<ConnectionId> = self
+            .connections
+            .iter()
+            .filter(|(peer, _)| self.is_backbone(peer))
+            .flat_map(|(_, session)| session.open.iter().copied())
+            .collect();
         for id in self.bootstrap_dials.drain() {
-            self.swarm.close_connection(id);
+            if !kept.contains(&id) {
+                self.swarm.close_connection(id);
+            }
         }
     }
 
@@ -251,9 +261,14 @@ impl SwarmTask {
         self.redial();
     }
 
-    /// How many directory nodes this node has dialed for its mesh (connected or under way).
+    /// How many directory nodes this node has dialed for its mesh (connected or under way);
+    /// backbone peers (`backbone.rs`) are not counted.
     pub(super) fn mesh_dialed(&self) -> usize {
-        self.dialed.iter().filter(|p| !self.is_bootstrap(p)).count() + self.dialing.len()
+        self.dialed
+            .iter()
+            .filter(|p| !self.is_bootstrap(p) && !self.is_backbone(p))
+            .count()
+            + self.dialing.len()
     }
 
     /// Sets the dial timer while this node has dialed fewer than [`MESH_DIALS`] nodes.
@@ -280,8 +295,10 @@ impl SwarmTask {
             .filter(|(hotkey, _)| *hotkey != own)
             .filter_map(|(hotkey, addr)| {
                 let peer = peer_id(&hotkey);
-                // Bootstrap peers are dialed (and left) by `redial` and `leave` alone.
+                // Bootstrap peers are dialed (and left) by `redial` and `leave` alone, backbone
+                // peers by `keep_backbone`.
                 if self.is_bootstrap(&peer)
+                    || self.is_backbone(&peer)
                     || self.swarm.is_connected(&peer)
                     || self.dialing.contains(&peer)
                 {
