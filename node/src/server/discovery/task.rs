@@ -121,6 +121,10 @@ const PULL_SPREAD_MS: u64 = 2000;
 const PULL_WAIT: Duration = Duration::from_secs(3);
 const EMPTY_PULLS: u32 = 3;
 const MAX_PULLS: u32 = 20;
+/// At most this many ids of first announcements are awaited (`SwarmTask::exchanged`): an
+/// announcement arrives within milliseconds of the exchange that brought its record, or had
+/// arrived before it (then no id is kept), so only a join storm keeps hundreds at once.
+const MAX_EXCHANGED: usize = 1024;
 /// The log target of the record-latency lines (level debug): "capacity published" (a miner's
 /// wait from a capacity change to signing it) and "record kept" (how long after signing a record
 /// was kept; a record's `seq` is its signing time in ms).
@@ -271,6 +275,15 @@ pub(super) struct SwarmTask {
     /// fetches under way (one that fails is asked again at the next connection to its node).
     refetch: Vec<PeerId>,
     refetching: Vec<(request_response::OutboundRequestId, PeerId)>,
+    /// The gossip message ids of records kept from a record exchange as their sender's own,
+    /// whose first announcement has not arrived on gossip yet. When it arrives it is forwarded
+    /// (the record was checked when it was kept) instead of ignored as not newer than the
+    /// record held: a joiner sends its record to its bootstrap peer twice at once, in its join
+    /// fetch and on gossip, and with the gossip copy ignored its first announcement ended at
+    /// its bootstrap peer, its only peer. At 256 nodes the bootstrap peer ignored all 255, and
+    /// the last joiners became known only with their second announcement, 12 s after they
+    /// started. Emptied when it holds [`MAX_EXCHANGED`] (ids of announcements that never came).
+    exchanged: std::collections::HashSet<gossipsub::MessageId>,
     /// When the own record was last published, and whether a capacity change waits for
     /// [`CAPACITY_COALESCE`] to pass.
     published_at: Option<Instant>,
@@ -366,6 +379,7 @@ impl SwarmTask {
             joined: Vec::new(),
             refetch: Vec::new(),
             refetching: Vec::new(),
+            exchanged: std::collections::HashSet::new(),
             published_at: None,
             capacity_pending: false,
             capacity_changed_at: None,
@@ -749,12 +763,16 @@ impl SwarmTask {
             } => {
                 self.stats.received += 1;
                 self.stats.received_bytes += message.data.len() as u64;
-                let verdict = gossip::judge(
+                let mut verdict = gossip::judge(
                     &message.data,
                     &self.directory,
                     &self.own.key.hotkey(),
                     now(),
                 );
+                if matches!(verdict, Verdict::Ignore(_)) && self.exchanged.remove(&message_id) {
+                    // The first announcement of a record an exchange brought (see `exchanged`).
+                    verdict = Verdict::Forward;
+                }
                 let forwarded = matches!(verdict, Verdict::Forward);
                 let acceptance = match verdict {
                     Verdict::Accept(accepted) => {
@@ -984,7 +1002,17 @@ impl SwarmTask {
                 continue;
             }
             let own_over = as_own.then_some(over);
-            if self.keep(from, own_over, signed, record) == Offer::New {
+            let announcement = as_own.then(|| gossip::message_id(&gossip::encode(&signed)));
+            let offer = self.keep(from, own_over, signed, record);
+            if let Some(id) = announcement
+                && matches!(offer, Offer::New | Offer::Updated)
+            {
+                if self.exchanged.len() >= MAX_EXCHANGED {
+                    self.exchanged.clear();
+                }
+                self.exchanged.insert(id);
+            }
+            if offer == Offer::New {
                 learned += 1;
             }
         }
