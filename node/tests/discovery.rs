@@ -5,8 +5,10 @@
 //! a stopped node closes its connections at once (an aborted one does not), a node with peers of
 //! its own leaves its bootstrap peer and rejoins it when cut off, and a bootstrap peer that all
 //! its joiners left stays on gossip (it dials peers of its own), a peer that forwards a
-//! node's own record back to it is not blamed for it, and the facilitator, the validators and
-//! the miners keep the backbone that carries capacity to the facilitator.
+//! node's own record back to it is not blamed for it, the facilitator, the validators and the
+//! miners keep the backbone that carries capacity to the facilitator, and a joiner's first
+//! announcement gets past its bootstrap peer even when its join fetch brought the record there
+//! first.
 #![allow(clippy::unwrap_used)]
 
 use std::time::Duration;
@@ -1060,7 +1062,10 @@ async fn validators_and_miners_keep_the_facilitators_backbone() {
     // Still there a few heartbeats later (not a join's connection about to be left).
     tokio::time::sleep(Duration::from_secs(6)).await;
     for peer in &validator_peers {
-        assert!(fac.is_connected(peer).await, "a validator left the facilitator");
+        assert!(
+            fac.is_connected(peer).await,
+            "a validator left the facilitator"
+        );
     }
     let fac_dir = fac.directory().clone();
     for (key, capacity_tx, _) in &miners[..3] {
@@ -1075,5 +1080,60 @@ async fn validators_and_miners_keep_the_facilitators_backbone() {
         .await;
     }
     drop(validators);
+    cancel.cancel();
+}
+
+/// A joiner sends its record to its bootstrap peer twice at once: in its join fetch and on
+/// gossip. When the fetch arrives first (the common order on a busy bootstrap peer: at 256
+/// nodes the facilitator ignored all 255 first announcements), the bootstrap peer keeps the
+/// record from it and must still forward the gossip copy, the joiner's first announcement, or
+/// the announcement ends there (the joiner's only peer) and the rest of the network learns the
+/// joiner only from its second announcement, 2 s after its join fetch is answered (at 256
+/// nodes, 12 s after the last joiners started).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joiners_first_announcement_spreads_beyond_its_bootstrap_peer() {
+    use futures::StreamExt as _;
+    let (cancel, _, boot, target) = lone_node().await;
+    // A peer of the bootstrap node that only listens, on its mesh after a few heartbeats.
+    let observer = SecretKey::generate();
+    let mut observer_swarm = rogue_swarm(&observer, &target).await;
+    let _ = tokio::time::timeout(Duration::from_secs(3), async {
+        loop {
+            observer_swarm.select_next_some().await;
+        }
+    })
+    .await;
+    // The joiner: its record in a record exchange (as its join fetch carries it), then the
+    // same record on gossip.
+    let joiner = SecretKey::generate();
+    let record = Signed::sign(&joiner, &record_of(joiner.hotkey(), 1));
+    send(&joiner, &target, Some(record.clone()), Vec::new()).await;
+    assert!(boot.directory().get(&joiner.hotkey(), now()).is_some());
+    let mut joiner_swarm = rogue_swarm(&joiner, &target).await;
+    joiner_swarm
+        .behaviour_mut()
+        .publish(gossip_topic(), gossip_encode(&record))
+        .unwrap();
+    let arrived = tokio::time::timeout(Duration::from_secs(3), async {
+        loop {
+            tokio::select! {
+                event = observer_swarm.select_next_some() => {
+                    if let libp2p::swarm::SwarmEvent::Behaviour(
+                        libp2p::gossipsub::Event::Message { message, .. },
+                    ) = event
+                        && message.data == gossip_encode(&record)
+                    {
+                        return;
+                    }
+                }
+                _ = joiner_swarm.select_next_some() => {}
+            }
+        }
+    })
+    .await;
+    assert!(
+        arrived.is_ok(),
+        "the joiner's first announcement did not get past its bootstrap peer"
+    );
     cancel.cancel();
 }

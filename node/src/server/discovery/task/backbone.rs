@@ -60,7 +60,10 @@ impl SwarmTask {
             let gone: Vec<PeerId> = self.direct.difference(&wanted).copied().collect();
             for peer in gone {
                 self.direct.remove(&peer);
-                self.swarm.behaviour_mut().gossip.remove_explicit_peer(&peer);
+                self.swarm
+                    .behaviour_mut()
+                    .gossip
+                    .remove_explicit_peer(&peer);
                 debug!(%peer, "direct peer removed (its record expired)");
             }
             for peer in wanted {
