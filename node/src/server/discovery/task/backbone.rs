@@ -14,7 +14,8 @@
 use super::*;
 
 /// At most this many direct peers (a facilitator's validators, a validator's facilitators),
-/// the first by hotkey of the live records of that role.
+/// chosen among the live records of that role in an order drawn at random at each start (so
+/// that nobody can grind hotkeys that push the real validators out of a facilitator's set).
 pub(super) const MAX_DIRECT_PEERS: usize = 32;
 
 impl SwarmTask {
@@ -50,12 +51,24 @@ impl SwarmTask {
     pub(super) fn keep_backbone(&mut self) {
         let now = now();
         if let Some(role) = self.direct_role() {
-            let wanted: std::collections::HashSet<PeerId> = self
+            let seed = self.fill_seed;
+            let mut candidates: Vec<([u8; 32], PeerId)> = self
                 .directory
                 .with_role(role, now)
                 .iter()
+                .map(|record| {
+                    let mut order = blake3::Hasher::new();
+                    order.update(&seed);
+                    order.update(b"direct");
+                    order.update(record.hotkey.as_bytes());
+                    (*order.finalize().as_bytes(), peer_id(&record.hotkey))
+                })
+                .collect();
+            candidates.sort_unstable_by_key(|(order, _)| *order);
+            let wanted: std::collections::HashSet<PeerId> = candidates
+                .into_iter()
                 .take(MAX_DIRECT_PEERS)
-                .map(|record| peer_id(&record.hotkey))
+                .map(|(_, peer)| peer)
                 .collect();
             let gone: Vec<PeerId> = self.direct.difference(&wanted).copied().collect();
             for peer in gone {
