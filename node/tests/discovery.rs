@@ -920,20 +920,24 @@ async fn all_left(nodes: &[(SecretKey, watch::Sender<Vec<ClassCapacity>>, Discov
     true
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_bootstrap_peer_stays_on_gossip_after_every_joiner_left_it() {
-    let cancel = CancellationToken::new();
-    let boot_key = SecretKey::generate();
-    // Records of the default lifetime (2 minutes): no refresh within the test, so only what
-    // the nodes do on their own, not a refresh arriving, can bring the bootstrap peer new peers.
-    let long = |bootstrap| DiscoveryConfig {
+/// A config with records of the default lifetime (2 minutes): no refresh within a test, so only
+/// what the nodes do on their own moves records.
+fn long(bootstrap: Vec<BootstrapPeer>) -> DiscoveryConfig {
+    DiscoveryConfig {
         bootstrap,
         ..DiscoveryConfig::default()
-    };
-    let boot = start_with(&boot_key, Role::Facilitator, None, long(vec![]), &cancel).await;
-    let bootstrap = bootstrap_of(&boot, &boot_key);
+    }
+}
+
+/// `count` miners with long-lived records joining through `bootstrap`, each with the sender of
+/// its capacity (2 free).
+async fn start_miners(
+    count: usize,
+    bootstrap: &BootstrapPeer,
+    cancel: &CancellationToken,
+) -> Vec<(SecretKey, watch::Sender<Vec<ClassCapacity>>, Discovery)> {
     let mut nodes = Vec::new();
-    for _ in 0..6 {
+    for _ in 0..count {
         let key = SecretKey::generate();
         let (capacity_tx, capacity_rx) = watch::channel(capacity(2));
         let node = start_with(
@@ -941,21 +945,38 @@ async fn the_bootstrap_peer_stays_on_gossip_after_every_joiner_left_it() {
             Role::Miner,
             Some(capacity_rx),
             long(vec![bootstrap.clone()]),
-            &cancel,
+            cancel,
         )
         .await;
         nodes.push((key, capacity_tx, node));
     }
-    // Every node joins through the bootstrap peer (connected to it while the bootstrap peer
-    // learns it) and leaves it once it has peers of its own.
+    nodes
+}
+
+/// Waits up to 60 s for every node to close the connections it dialed to its bootstrap peer.
+async fn wait_all_left(nodes: &[(SecretKey, watch::Sender<Vec<ClassCapacity>>, Discovery)]) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while !all_left(&nodes).await {
+    while !all_left(nodes).await {
         assert!(
             tokio::time::Instant::now() < deadline,
             "timed out: not every node left its bootstrap peer"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bootstrap_peer_stays_on_gossip_after_every_joiner_left_it() {
+    let cancel = CancellationToken::new();
+    let boot_key = SecretKey::generate();
+    // Records of the default lifetime (2 minutes): no refresh within the test, so only what
+    // the nodes do on their own, not a refresh arriving, can bring the bootstrap peer new peers.
+    let boot = start_with(&boot_key, Role::Facilitator, None, long(vec![]), &cancel).await;
+    let bootstrap = bootstrap_of(&boot, &boot_key);
+    let nodes = start_miners(6, &bootstrap, &cancel).await;
+    // Every node joins through the bootstrap peer (connected to it while the bootstrap peer
+    // learns it) and leaves it once it has peers of its own.
+    wait_all_left(&nodes).await;
     // A capacity change reaches it by gossip: it has peers of its own (it dialed them once
     // its joiners had left), not none until its record expired and they came back to it.
     let fac_dir = boot.directory().clone();
@@ -978,27 +999,10 @@ async fn the_bootstrap_peer_stays_on_gossip_after_every_joiner_left_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn validators_and_miners_keep_the_facilitators_backbone() {
     let cancel = CancellationToken::new();
-    let long = |bootstrap| DiscoveryConfig {
-        bootstrap,
-        ..DiscoveryConfig::default()
-    };
     let fac_key = SecretKey::generate();
     let fac = start_with(&fac_key, Role::Facilitator, None, long(vec![]), &cancel).await;
     let bootstrap = bootstrap_of(&fac, &fac_key);
-    let mut miners = Vec::new();
-    for _ in 0..10 {
-        let key = SecretKey::generate();
-        let (capacity_tx, capacity_rx) = watch::channel(capacity(2));
-        let node = start_with(
-            &key,
-            Role::Miner,
-            Some(capacity_rx),
-            long(vec![bootstrap.clone()]),
-            &cancel,
-        )
-        .await;
-        miners.push((key, capacity_tx, node));
-    }
+    let miners = start_miners(10, &bootstrap, &cancel).await;
     let through_fac = SecretKey::generate();
     let through_miner = SecretKey::generate();
     let miner_bootstrap = bootstrap_of(&miners[0].2, &miners[0].0);
@@ -1025,14 +1029,7 @@ async fn validators_and_miners_keep_the_facilitators_backbone() {
         peer_id(&through_miner.hotkey()),
     ];
     // Every miner joins and leaves its bootstrap connection (to the facilitator).
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while !all_left(&miners).await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out: not every miner left its bootstrap peer"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_all_left(&miners).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         let mut missing = Vec::new();

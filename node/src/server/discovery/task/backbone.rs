@@ -167,12 +167,7 @@ impl SwarmTask {
             self.relay = None;
         }
         if self.backbone_at.is_none() {
-            let wait = self.backbone_wait;
-            self.backbone_wait = (wait * 2).min(REDIAL_MAX);
-            let quarter = u64::try_from(wait.as_millis() / 4).unwrap_or(0).max(1);
-            let jitter =
-                u64::from_le_bytes(random_seed()[..8].try_into().unwrap_or([0; 8])) % quarter;
-            self.backbone_at = Some(Instant::now() + wait + Duration::from_millis(jitter));
+            self.backbone_at = Some(super::upkeep::back_off(&mut self.backbone_wait));
         }
     }
 

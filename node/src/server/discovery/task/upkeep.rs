@@ -5,6 +5,17 @@
 
 use super::*;
 
+/// One step of a redial back-off: when to dial again (`wait` from now, plus up to a quarter of
+/// it at random, so that nodes that lost the same peer do not dial it together), with `wait`
+/// doubled for the next loss in a row, up to [`REDIAL_MAX`].
+pub(super) fn back_off(wait: &mut Duration) -> Instant {
+    let now_wait = *wait;
+    *wait = (now_wait * 2).min(REDIAL_MAX);
+    let quarter = u64::try_from(now_wait.as_millis() / 4).unwrap_or(0).max(1);
+    let jitter = u64::from_le_bytes(random_seed()[..8].try_into().unwrap_or([0; 8])) % quarter;
+    Instant::now() + now_wait + Duration::from_millis(jitter)
+}
+
 impl SwarmTask {
     /// Loads the directory kept by an earlier run (every record checked again, expired ones
     /// dropped) and dials a few of its nodes for a fresh copy at once.
@@ -152,12 +163,7 @@ impl SwarmTask {
             && !self.swarm.is_connected(&peer)
             && self.redial_at.is_none()
         {
-            let wait = self.redial_wait;
-            self.redial_wait = (wait * 2).min(REDIAL_MAX);
-            let quarter = u64::try_from(wait.as_millis() / 4).unwrap_or(0).max(1);
-            let jitter =
-                u64::from_le_bytes(random_seed()[..8].try_into().unwrap_or([0; 8])) % quarter;
-            self.redial_at = Some(Instant::now() + wait + Duration::from_millis(jitter));
+            self.redial_at = Some(back_off(&mut self.redial_wait));
         }
     }
 
