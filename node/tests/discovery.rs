@@ -1080,6 +1080,86 @@ async fn validators_and_miners_keep_the_facilitators_backbone() {
     cancel.cancel();
 }
 
+/// A miner whose relay validator stops chooses another validator and connects to it, not the
+/// stopped one again: the stopped validator's record lives on in every directory (2 minutes
+/// here), so a choice at random among live records would pick it again half the time and wait
+/// out a failed dial and a longer back-off before the next try.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_miner_whose_relay_stops_chooses_another_validator() {
+    let cancel = CancellationToken::new();
+    let fac_key = SecretKey::generate();
+    let fac = start_with(&fac_key, Role::Facilitator, None, long(vec![]), &cancel).await;
+    let bootstrap = bootstrap_of(&fac, &fac_key);
+    let keys = [SecretKey::generate(), SecretKey::generate()];
+    let stops = [cancel.child_token(), cancel.child_token()];
+    let mut validators = Vec::new();
+    for (key, stop) in keys.iter().zip(&stops) {
+        let config = long(vec![bootstrap.clone()]);
+        validators.push(start_with(key, Role::Validator, None, config, stop).await);
+    }
+    let validator_peers = keys.each_ref().map(|key| peer_id(&key.hotkey()));
+    let miners = start_miners(8, &bootstrap, &cancel).await;
+    // Every miner has a relay among the two validators and is connected to it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let relays = loop {
+        let mut relays = Vec::new();
+        for (_, _, miner) in &miners {
+            match miner.relay().await {
+                Some(relay) if miner.is_connected(&relay).await => relays.push(relay),
+                _ => break,
+            }
+        }
+        if relays.len() == miners.len() {
+            break relays;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out: {} of {} miners connected to a relay",
+            relays.len(),
+            miners.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(relays.iter().all(|relay| validator_peers.contains(relay)));
+    // Stop the validator relaying for more miners (at least 4 of 8).
+    let on_first = relays.iter().filter(|r| **r == validator_peers[0]).count();
+    let (stopped, other) = if on_first * 2 >= miners.len() {
+        (0, 1)
+    } else {
+        (1, 0)
+    };
+    stops[stopped].cancel();
+    let orphans: Vec<_> = miners
+        .iter()
+        .zip(&relays)
+        .filter(|(_, relay)| **relay == validator_peers[stopped])
+        .map(|((_, _, miner), _)| miner)
+        .collect();
+    // The back-off after a lost relay is 2-2.5 s; a second try after a failed dial of the
+    // stopped validator would come 4-5 s after that.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(6);
+    loop {
+        let mut moved = 0;
+        for miner in &orphans {
+            if miner.relay().await == Some(validator_peers[other])
+                && miner.is_connected(&validator_peers[other]).await
+            {
+                moved += 1;
+            }
+        }
+        if moved == orphans.len() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out: {moved} of {} miners of the stopped validator moved to the other",
+            orphans.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    cancel.cancel();
+}
+
 /// A joiner sends its record to its bootstrap peer twice at once: in its join fetch and on
 /// gossip. When the fetch arrives first (the common order on a busy bootstrap peer: at 256
 /// nodes the facilitator ignored all 255 first announcements), the bootstrap peer keeps the

@@ -4,12 +4,14 @@
 //! [`Testnet::start`] generates a key per node in a directory (temporary unless given), writes
 //! each node's config, starts one `horde node --role …` process per node and waits until each
 //! has logged its start. With discovery nodes bind port 0 and keep the port (`data/bound.toml`,
-//! read back after each start: no race); the facilitator starts first. Static peer lists (no
+//! read back after each start: no race); the facilitator starts first (and, when miners join
+//! through the validators, the validators next). Static peer lists (no
 //! discovery) need free ports picked here. Nodes can be killed and restarted with the same key and
 //! port. Dropping the testnet kills every process.
 //!
 //! Layout: `lib.rs` (this harness), `binaries.rs` (finding and building the workspace's
-//! binaries), `demo.rs` (the demo run through a network), `demo_job.rs`
+//! binaries), `convergence.rs` (whether discovery converged: each node's directory asked),
+//! `demo.rs` (the demo run through a network), `demo_job.rs`
 //! (+ `demo_job/http.rs`, `demo_job/websocket.rs`: the demo job program's server), `image.rs`
 //! (container images of workspace programs, built from local files), `processes.rs` (the
 //! testnet's node, job and sandbox processes, from `/proc`), `reports.rs`
@@ -17,6 +19,7 @@
 //! `bin/horde-demo-job.rs` (the demo job program).
 
 mod binaries;
+mod convergence;
 pub mod demo;
 pub mod demo_job;
 pub mod image;
@@ -78,6 +81,10 @@ pub struct TestnetConfig {
     /// Nodes find each other by discovery, joining through the facilitator (`--bootstrap`);
     /// `false` writes static peer lists instead and turns discovery off (a closed deployment).
     pub discovery: bool,
+    /// With discovery: the validators join through the facilitator and start first; every
+    /// other node then joins through one validator (in turn), as a subnet's miners would know
+    /// its validators, instead of all joining through the facilitator (`false`, the default).
+    pub join_through_validators: bool,
     /// Lifetime of node records (seconds); `None` keeps the default (120 s).
     pub record_ttl_secs: Option<u64>,
     /// How long [`Testnet::start`] waits for discovery to converge.
@@ -105,6 +112,7 @@ impl Default for TestnetConfig {
             log_filter: "info".to_owned(),
             validator_silence_ms: None,
             discovery: true,
+            join_through_validators: false,
             record_ttl_secs: None,
             converge_timeout: Duration::from_secs(30),
             job_host: None,
@@ -137,6 +145,12 @@ pub struct NodeProcess {
 }
 
 impl NodeProcess {
+    /// The command-line arguments it is started with after its config file (`--role`,
+    /// `--bootstrap PEER`).
+    pub fn args(&self) -> &[String] {
+        &self.args
+    }
+
     /// The node's address for clients and peers.
     pub fn node_addr(&self) -> NodeAddr {
         NodeAddr::new(self.hotkey, self.addr)
@@ -316,40 +330,70 @@ impl Testnet {
         Ok(testnet)
     }
 
-    /// Adds and spawns the planned nodes; with discovery the facilitator first (others join it).
+    /// Adds and spawns the planned nodes; with discovery the facilitator first (others join it),
+    /// and with [`TestnetConfig::join_through_validators`] the validators next (the rest join
+    /// them).
     fn spawn_planned(
         &mut self,
         planned: &[Planned],
         validators: &[NodeAddr],
         miners: &[NodeAddr],
     ) -> anyhow::Result<()> {
-        let mut spawned = 0;
-        let mut bootstrap = String::new();
-        if self.shape.discovery
-            && let Some(first) = planned.first()
-        {
+        let mut rest: Vec<&Planned> = planned.iter().collect();
+        let mut bootstrap = vec![String::new()];
+        if self.shape.discovery && !rest.is_empty() {
+            let first = rest.remove(0);
             self.add_planned(first, validators, miners, "")?;
             self.spawn(0)?;
             self.wait_started(0)?;
-            bootstrap = self.bootstrap_peer()?;
-            spawned = 1;
+            bootstrap = vec![self.bootstrap_peer(0)?];
+            if self.shape.join_through_validators {
+                let (ahead, after): (Vec<&Planned>, Vec<&Planned>) =
+                    rest.into_iter().partition(|p| p.role == Role::Validator);
+                rest = after;
+                let from = self.nodes.len();
+                for node in ahead {
+                    self.add_planned(node, validators, miners, &bootstrap[0])?;
+                }
+                for index in from..self.nodes.len() {
+                    self.spawn(index)?;
+                }
+                for index in from..self.nodes.len() {
+                    self.wait_started(index)?;
+                }
+                if self.nodes.len() > from {
+                    bootstrap = (from..self.nodes.len())
+                        .map(|index| self.bootstrap_peer(index))
+                        .collect::<anyhow::Result<_>>()?;
+                }
+            }
         }
-        for node in &planned[spawned..] {
-            self.add_planned(node, validators, miners, &bootstrap)?;
+        let from = self.nodes.len();
+        for (i, node) in rest.into_iter().enumerate() {
+            self.add_planned(node, validators, miners, &bootstrap[i % bootstrap.len()])?;
         }
-        for index in spawned..self.nodes.len() {
+        for index in from..self.nodes.len() {
             self.spawn(index)?;
         }
         Ok(())
     }
 
+    /// A started node's discovery listener, as `--bootstrap` takes it.
+    fn bootstrap_peer(&self, index: usize) -> anyhow::Result<String> {
+        let node = &self.nodes[index];
+        node.p2p
+            .map(|p2p| format!("{}@{p2p}", node.hotkey))
+            .with_context(|| format!("{} has no discovery address", node.name))
+    }
+
     /// The facilitator's discovery listener.
-    fn bootstrap_peer(&self) -> anyhow::Result<String> {
-        self.nodes
+    fn facilitator_peer(&self) -> anyhow::Result<String> {
+        let index = self
+            .nodes
             .iter()
-            .find(|n| n.role == Role::Facilitator)
-            .and_then(|f| f.p2p.map(|p2p| format!("{}@{p2p}", f.hotkey)))
-            .context("no facilitator")
+            .position(|n| n.role == Role::Facilitator)
+            .context("no facilitator")?;
+        self.bootstrap_peer(index)
     }
 
     /// Reads the ports a started node bound (`data/bound.toml`, written before its start line).
@@ -491,7 +535,7 @@ impl Testnet {
             .filter(|n| n.name.starts_with(&format!("{prefix}-")))
             .count();
         let planned = Planned::new(&self.dir, format!("{prefix}-{n}"), role, false)?;
-        let bootstrap = self.bootstrap_peer()?;
+        let bootstrap = self.facilitator_peer()?;
         self.add_planned(&planned, &[], &[], &bootstrap)?;
         let index = self.nodes.len() - 1;
         self.spawn(index)?;
@@ -567,150 +611,6 @@ impl Testnet {
     /// Time from spawning the nodes until every one had logged its start.
     pub fn started_in(&self) -> Duration {
         self.started_in
-    }
-
-    /// The records a node's discovery directory holds now, asked over the record exchange.
-    pub fn known_by(&self, name: &str) -> anyhow::Result<Vec<NodeRecord>> {
-        let node = self.node(name)?;
-        let p2p = node
-            .p2p
-            .with_context(|| format!("{name} runs no discovery"))?;
-        let peer: BootstrapPeer = format!("{}@{p2p}", node.hotkey).parse()?;
-        Ok(block_on(
-            async move { discovery::list_nodes(&peer).await },
-        )??)
-    }
-
-    /// The hotkeys of the records a node's directory holds now, its own included, as the node
-    /// names them: not verified again here (the node checked every record it kept), so a
-    /// convergence poll costs the node one answer and this process no signature checks (with 17
-    /// observers of 256 nodes polled every 100 ms, checking each record took a core). Asked
-    /// through `exchanger`, whose connection to the node stays open from one poll to the next.
-    async fn known_hotkeys(
-        &self,
-        exchanger: &mut discovery::Exchanger,
-        name: &str,
-    ) -> anyhow::Result<Vec<Hotkey>> {
-        let node = self.node(name)?;
-        let p2p = node
-            .p2p
-            .with_context(|| format!("{name} runs no discovery"))?;
-        let peer: BootstrapPeer = format!("{}@{p2p}", node.hotkey).parse()?;
-        let ask = horde_protocol::RecordSync {
-            own: None,
-            relayed: Vec::new(),
-            want_all: true,
-        };
-        let answer = exchanger.exchange(&peer, ask, OBSERVER_TIMEOUT).await?;
-        Ok(answer
-            .own
-            .iter()
-            .chain(&answer.relayed)
-            .map(|signed| *signed.signer())
-            .collect())
-    }
-
-    /// Waits until the facilitator knows every running node and every validator knows every
-    /// running miner.
-    ///
-    /// Each round asks only the observers still lacking a record (a directory fetch costs the
-    /// observer and this process a QUIC handshake and a signature check per record: asking all
-    /// of a 256-node network every round would take a core from the network it measures); once
-    /// each was complete, one more round asks them all, and only a round that finds nobody
-    /// lacking anything ends the wait.
-    pub fn wait_converged(&self, timeout: Duration) -> anyhow::Result<()> {
-        block_on(self.converge(timeout))?
-    }
-
-    async fn converge(&self, timeout: Duration) -> anyhow::Result<()> {
-        let deadline = Instant::now() + timeout;
-        let mut complete = std::collections::HashSet::new();
-        // One swarm for every poll: its connections to the observers stay open (a handshake
-        // per observer, not per poll: at 256 nodes the polls opened ~5,000 connections).
-        let mut exchanger = discovery::Exchanger::new(&SecretKey::generate())?;
-        loop {
-            let confirming = complete.len() == self.observers().count();
-            if confirming {
-                complete.clear();
-            }
-            let missing = self.missing_records(&mut exchanger, &mut complete).await;
-            if missing.is_empty() {
-                if confirming {
-                    return Ok(());
-                }
-            } else if Instant::now() > deadline {
-                // At 256 nodes the lists of names are long: their start is enough.
-                let summary: Vec<String> = missing
-                    .iter()
-                    .map(|m| m.chars().take(300).collect())
-                    .collect();
-                bail!(
-                    "discovery did not converge within {timeout:?}: {}",
-                    summary.join("; ")
-                );
-            } else {
-                tokio::time::sleep(CONVERGE_POLL).await;
-            }
-        }
-    }
-
-    fn running(&self, role: Option<Role>) -> impl Iterator<Item = &NodeProcess> {
-        self.nodes
-            .iter()
-            .filter(move |n| n.child.is_some() && role.is_none_or(|r| n.role == r))
-    }
-
-    /// The running nodes whose directories convergence is judged by.
-    fn observers(&self) -> impl Iterator<Item = &NodeProcess> {
-        self.running(None)
-            .filter(|n| matches!(n.role, Role::Facilitator | Role::Validator))
-    }
-
-    /// What each observer not yet in `complete` still lacks, as `observer: names`; observers
-    /// found lacking nothing are added to `complete`.
-    async fn missing_records(
-        &self,
-        exchanger: &mut discovery::Exchanger,
-        complete: &mut std::collections::HashSet<String>,
-    ) -> Vec<String> {
-        let mut missing = Vec::new();
-        for observer in self.observers() {
-            if complete.contains(&observer.name) {
-                continue;
-            }
-            // An observer too busy to answer now is asked again next round; the others are
-            // still asked (what they lack is in the report).
-            let known: Vec<Hotkey> = match self.known_hotkeys(exchanger, &observer.name).await {
-                Ok(known) => known,
-                Err(error) => {
-                    missing.push(format!("{}: {error:#}", observer.name));
-                    continue;
-                }
-            };
-            let wanted = if observer.role == Role::Facilitator {
-                self.running(None)
-                    .filter(|n| n.name != observer.name)
-                    .collect::<Vec<_>>()
-            } else {
-                self.running(Some(Role::Miner)).collect()
-            };
-            let lacking: Vec<&str> = wanted
-                .iter()
-                .filter(|n| !known.contains(&n.hotkey))
-                .map(|n| n.name.as_str())
-                .collect();
-            if lacking.is_empty() {
-                complete.insert(observer.name.clone());
-            } else {
-                missing.push(format!(
-                    "{} lacks {} nodes: {}",
-                    observer.name,
-                    lacking.len(),
-                    lacking.join(", ")
-                ));
-            }
-        }
-        missing
     }
 
     /// The process id of a running node.

@@ -221,3 +221,51 @@ fn a_killed_facilitator_has_its_directory_back_within_a_second() {
         "directory back {after_start} s after the start"
     );
 }
+
+/// Miners that join through the validators (each through one, in turn; the validators through
+/// the facilitator) are known to the facilitator and every validator, and run jobs: the
+/// facilitator need not be every node's bootstrap peer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn miners_joining_through_validators_are_known_and_used() {
+    let testnet = Testnet::start(TestnetConfig {
+        validators: 2,
+        miners: 4,
+        storage: 0,
+        join_through_validators: true,
+        ..TestnetConfig::default()
+    })
+    .unwrap();
+    assert!(testnet.converged_in().is_some());
+    let miners: Vec<Hotkey> = testnet
+        .nodes()
+        .iter()
+        .filter(|n| n.role == Role::Miner)
+        .map(|n| n.hotkey)
+        .collect();
+    for observer in ["facilitator", "validator-0", "validator-1"] {
+        for miner in &miners {
+            assert!(knows(&testnet, observer, miner), "{observer} lacks a miner");
+        }
+    }
+    // Each miner was given one validator as its bootstrap peer, never the facilitator.
+    let facilitator = testnet.node("facilitator").unwrap().hotkey.to_string();
+    let validators: Vec<String> = ["validator-0", "validator-1"]
+        .map(|name| testnet.node(name).unwrap().hotkey.to_string())
+        .to_vec();
+    for node in testnet.nodes().iter().filter(|n| n.role == Role::Miner) {
+        let args = node.args();
+        let bootstrap = args
+            .iter()
+            .skip_while(|a| *a != "--bootstrap")
+            .nth(1)
+            .unwrap();
+        assert!(!bootstrap.starts_with(&facilitator), "{args:?}");
+        assert!(
+            validators.iter().any(|v| bootstrap.starts_with(v)),
+            "{args:?}"
+        );
+    }
+    let client = Client::new(SecretKey::generate(), testnet.facilitator()).unwrap();
+    let miner = run_job(&client, &testnet).await;
+    assert!(miners.contains(&miner));
+}

@@ -1,6 +1,7 @@
 //! Discovery at scale: starts a testnet of real `horde node` processes (default 1 facilitator,
 //! 3 validators, 30 miners; up to 256 nodes), all joining through the facilitator with
-//! `--bootstrap`, and reports
+//! `--bootstrap` (or, with `--join-through-validators`, the miners through the validators), and
+//! reports
 //!
 //! - convergence: time from spawning the nodes until the facilitator knows every node and every
 //!   validator knows every miner (and the part of it after the last node logged its start);
@@ -26,8 +27,7 @@ use horde_node::client::{Client, JobRequest};
 use horde_protocol::{Role, SecretKey};
 use horde_testnet::{Testnet, TestnetConfig, demo_job_binary};
 
-/// Convergence and memory of a local network of `horde node` processes joining through one
-/// bootstrap peer.
+/// Convergence and memory of a local network of `horde node` processes joining by discovery.
 #[derive(Debug, clap::Parser)]
 #[command(name = "discovery-scale")]
 struct Args {
@@ -52,6 +52,11 @@ struct Args {
     /// Keep the network's directory (keys, configs, node logs) here instead of a temporary one.
     #[arg(long)]
     dir: Option<std::path::PathBuf>,
+    /// The validators join through the facilitator and start first; each miner then joins
+    /// through one validator (in turn) instead of the facilitator: a subnet's miners know its
+    /// validators, and the facilitator is then not the bootstrap peer of every node.
+    #[arg(long)]
+    join_through_validators: bool,
     /// Where the JSON results go.
     #[arg(long, default_value = "target/discovery-scale.json")]
     json: String,
@@ -358,8 +363,14 @@ fn settle(testnet: &Testnet) {
 fn print_convergence(testnet: &Testnet, args: &Args, converged: Duration, total: Duration) {
     let nodes = testnet.nodes().len();
     println!(
-        "== discovery: {nodes} nodes (1 facilitator, {} validators, {} miners), one machine",
-        args.validators, args.miners
+        "== discovery: {nodes} nodes (1 facilitator, {} validators, {} miners), one machine, {}",
+        args.validators,
+        args.miners,
+        if args.join_through_validators {
+            "validators joining through the facilitator, miners through a validator each"
+        } else {
+            "all joining through the facilitator"
+        }
     );
     println!(
         "  converged {:.0} ms after spawning the nodes (start-up of {nodes} processes included)",
@@ -481,6 +492,7 @@ fn main() -> anyhow::Result<()> {
         ),
         converge_timeout: Duration::from_secs(120),
         dir: args.dir.clone(),
+        join_through_validators: args.join_through_validators,
         ..TestnetConfig::default()
     })?;
     let converged = testnet.converged_in().context("discovery did not run")?;

@@ -480,6 +480,12 @@ impl Discovery {
             .unwrap_or(false)
     }
 
+    /// The validator this miner keeps a connection to for its capacity changes (its relay; see
+    /// `task/backbone.rs`): `None` for other roles, and while a miner has none.
+    pub async fn relay(&self) -> Option<PeerId> {
+        self.ask(task::Query::Relay).await.flatten()
+    }
+
     /// The records discovered so far.
     pub fn directory(&self) -> &Arc<Directory> {
         &self.directory

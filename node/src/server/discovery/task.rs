@@ -162,6 +162,8 @@ pub(super) enum Query {
     BootstrapDials(oneshot::Sender<usize>),
     /// Whether a peer is connected (by either side's dial).
     Connected(PeerId, oneshot::Sender<bool>),
+    /// A miner's relay validator (`backbone.rs`).
+    Relay(oneshot::Sender<Option<PeerId>>),
 }
 
 /// The node's own record, re-signed on every change.
@@ -258,10 +260,12 @@ pub(super) struct SwarmTask {
     /// The wait before the next bootstrap redial (doubles with each failure in a row).
     redial_wait: Duration,
     /// The backbone (`backbone.rs`): direct peers (gossipsub explicit peers), a miner's relay
-    /// validator and the round of its choice, and the back-off after a backbone peer was lost.
+    /// validator, the round of its choice and the relay it lost last, and the back-off after a
+    /// backbone peer was lost.
     direct: std::collections::HashSet<PeerId>,
     relay: Option<PeerId>,
     relay_round: u64,
+    relay_lost: Option<PeerId>,
     backbone_at: Option<Instant>,
     backbone_wait: Duration,
     /// Leaving the bootstrap peers ([`LEAVE_PEERS`]): the open connections this node dialed to
@@ -327,6 +331,18 @@ fn random_seed() -> [u8; 32] {
     seed
 }
 
+/// A node's own order among candidates for `purpose` in `round`: BLAKE3 of its seed (drawn at
+/// each start), the purpose, the round and the candidate. Taking the lowest is a choice at
+/// random that no other node can predict, nor grind keys into.
+fn order_key(seed: &[u8; 32], purpose: &[u8], round: u64, candidate: &[u8]) -> [u8; 32] {
+    let mut order = blake3::Hasher::new();
+    order.update(seed);
+    order.update(purpose);
+    order.update(&round.to_le_bytes());
+    order.update(candidate);
+    *order.finalize().as_bytes()
+}
+
 /// Sleeps until `at`; forever when `None`.
 async fn sleep_until(at: Option<Instant>) {
     match at {
@@ -372,6 +388,7 @@ impl SwarmTask {
             direct: std::collections::HashSet::new(),
             relay: None,
             relay_round: 0,
+            relay_lost: None,
             backbone_at: None,
             backbone_wait: REDIAL_INTERVAL,
             bootstrap_dials: std::collections::HashSet::new(),
@@ -543,6 +560,9 @@ impl SwarmTask {
             Query::Connected(peer, reply) => {
                 let _ = reply.send(self.swarm.is_connected(&peer));
             }
+            Query::Relay(reply) => {
+                let _ = reply.send(self.relay);
+            }
         }
     }
 
@@ -613,14 +633,7 @@ impl SwarmTask {
             .all_peers()
             .filter(|(_, topics)| topics.contains(&&topic))
             .map(|(peer, _)| *peer)
-            .min_by_key(|peer| {
-                let mut order = blake3::Hasher::new();
-                order.update(&seed);
-                order.update(b"pull");
-                order.update(&turn.to_le_bytes());
-                order.update(&peer.to_bytes());
-                *order.finalize().as_bytes()
-            });
+            .min_by_key(|peer| order_key(&seed, b"pull", turn, &peer.to_bytes()));
         match peer {
             Some(peer) => self.pull_request = Some(self.send_own(peer, true)),
             // Nobody to ask now; again after the wait.

@@ -57,11 +57,8 @@ impl SwarmTask {
                 .with_role(role, now)
                 .iter()
                 .map(|record| {
-                    let mut order = blake3::Hasher::new();
-                    order.update(&seed);
-                    order.update(b"direct");
-                    order.update(record.hotkey.as_bytes());
-                    (*order.finalize().as_bytes(), peer_id(&record.hotkey))
+                    let order = order_key(&seed, b"direct", 0, record.hotkey.as_bytes());
+                    (order, peer_id(&record.hotkey))
                 })
                 .collect();
             candidates.sort_unstable_by_key(|(order, _)| *order);
@@ -103,23 +100,25 @@ impl SwarmTask {
         }
     }
 
-    /// A validator for a miner's relay, at random among the live ones (a new choice each
-    /// round, so a relay that cannot be reached is not chosen again and again).
+    /// A validator for a miner's relay: one it is connected to if any (a miner that joined
+    /// through a validator keeps that connection instead of opening a second one), else one at
+    /// random among the live ones (a new choice each round, so a relay that cannot be reached is
+    /// not chosen again and again); never the relay it lost last while another is live (its
+    /// record outlives it: a stopped or killed validator stays in directories until its record
+    /// expires).
     fn choose_relay(&mut self, now: UnixMillis) -> Option<PeerId> {
         self.relay_round = self.relay_round.wrapping_add(1);
-        let (seed, round) = (self.fill_seed, self.relay_round);
+        let (seed, round, lost) = (self.fill_seed, self.relay_round, self.relay_lost);
         self.directory
             .with_role(Role::Validator, now)
             .iter()
             .map(|record| {
-                let mut order = blake3::Hasher::new();
-                order.update(&seed);
-                order.update(b"relay");
-                order.update(&round.to_le_bytes());
-                order.update(record.hotkey.as_bytes());
-                (*order.finalize().as_bytes(), peer_id(&record.hotkey))
+                let peer = peer_id(&record.hotkey);
+                let order = order_key(&seed, b"relay", round, record.hotkey.as_bytes());
+                let apart = !self.swarm.is_connected(&peer);
+                ((Some(peer) == lost, apart, order), peer)
             })
-            .min_by_key(|(order, _)| *order)
+            .min_by_key(|(key, _)| *key)
             .map(|(_, peer)| peer)
     }
 
@@ -158,13 +157,15 @@ impl SwarmTask {
     /// A backbone peer this node dials was lost (its connection closed, or a dial failed): it
     /// is dialed again after the back-off, which doubles with each loss in a row up to
     /// [`REDIAL_MAX`] (a connection that opens resets it), plus up to a quarter at random. A
-    /// miner whose relay dial failed chooses its next relay then.
+    /// miner that lost its relay (or whose relay dial failed) chooses its next relay then,
+    /// another validator when one is live.
     pub(super) fn backbone_lost(&mut self, peer: PeerId) {
         if !self.dials_backbone(&peer) {
             return;
         }
         if self.relay == Some(peer) && !self.swarm.is_connected(&peer) {
             self.relay = None;
+            self.relay_lost = Some(peer);
         }
         if self.backbone_at.is_none() {
             self.backbone_at = Some(super::upkeep::back_off(&mut self.backbone_wait));

@@ -310,11 +310,8 @@ impl SwarmTask {
                 {
                     return None;
                 }
-                let mut order = blake3::Hasher::new();
-                order.update(&self.fill_seed);
-                order.update(&self.fill_round.to_le_bytes());
-                order.update(hotkey.as_bytes());
-                Some((*order.finalize().as_bytes(), peer, addr))
+                let order = order_key(&self.fill_seed, b"fill", self.fill_round, hotkey.as_bytes());
+                Some((order, peer, addr))
             })
             .collect();
         candidates.sort_unstable_by_key(|candidate| candidate.0);
