@@ -387,6 +387,55 @@ fn print_convergence(testnet: &Testnet, args: &Args, converged: Duration, total:
     );
 }
 
+/// Unix time in ms of a log line's leading RFC 3339 timestamp (`2026-12-07T03:34:24.972138Z`).
+fn line_unix_ms(line: &str) -> Option<f64> {
+    let stamp = line.split_whitespace().next()?.strip_suffix('Z')?;
+    let (date, time) = stamp.split_once('T')?;
+    let mut date = date.split('-').map(str::parse::<i64>);
+    let (year, month, day) = (date.next()?.ok()?, date.next()?.ok()?, date.next()?.ok()?);
+    let mut time = time.split(':').map(str::parse::<f64>);
+    let (hours, minutes, seconds) = (time.next()?.ok()?, time.next()?.ok()?, time.next()?.ok()?);
+    // Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's `days_from_civil`).
+    let year = if month <= 2 { year - 1 } else { year };
+    let era = year.div_euclid(400);
+    let year_of_era = year - era * 400;
+    let day_of_year = (153 * ((month + 9) % 12) + 2) / 5 + day - 1;
+    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+    let days = era * 146_097 + day_of_era - 719_468;
+    Some(((days * 86_400) as f64 + hours * 3600.0 + minutes * 60.0 + seconds) * 1e3)
+}
+
+/// When discovery converged by the nodes' own logs, as unix ms: the latest of the first `node
+/// discovered` lines of the pairs the harness waits for (the facilitator learning each node,
+/// each validator each miner). The harness's poll sees it later by however long the observers
+/// take to answer it.
+fn converged_by_logs(testnet: &Testnet) -> Option<f64> {
+    let nodes = testnet.nodes();
+    let mut latest = 0.0f64;
+    let observers = nodes
+        .iter()
+        .filter(|n| matches!(n.role, Role::Facilitator | Role::Validator));
+    for observer in observers {
+        let log = testnet.log(&observer.name);
+        let mut first = std::collections::HashMap::new();
+        for line in log.lines().filter(|l| l.contains("node discovered")) {
+            let hotkey = line
+                .split_whitespace()
+                .find_map(|word| word.strip_prefix("hotkey="));
+            if let (Some(hotkey), Some(at)) = (hotkey, line_unix_ms(line)) {
+                first.entry(hotkey).or_insert(at);
+            }
+        }
+        let wanted = nodes.iter().filter(|n| {
+            n.name != observer.name && (observer.role == Role::Facilitator || n.role == Role::Miner)
+        });
+        for node in wanted {
+            latest = latest.max(*first.get(node.hotkey.to_string().as_str())?);
+        }
+    }
+    Some(latest)
+}
+
 /// Runs `jobs` jobs at once through the converged network; returns each one's time from
 /// submission to a verified endpoint, in ms.
 fn concurrent_jobs(
@@ -475,6 +524,7 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     let program = demo_job_binary()?;
     let started = Instant::now();
+    let started_unix_ms = horde_node::client::now().0 as f64;
     let testnet = Testnet::start(TestnetConfig {
         validators: args.validators,
         miners: args.miners,
@@ -499,6 +549,16 @@ fn main() -> anyhow::Result<()> {
     let total = started.elapsed();
     let nodes = testnet.nodes().len();
     print_convergence(&testnet, &args, converged, total);
+    let by_logs = converged_by_logs(&testnet).map(|at| at - started_unix_ms);
+    match by_logs {
+        Some(ms) => println!(
+            "  by the nodes' own logs: converged {ms:.0} ms after the harness started (the last \
+             pair's `node discovered` line; the poll saw it {:.0} ms later, the observers \
+             answering it on a busy machine)",
+            converged.as_secs_f64() * 1e3 - ms
+        ),
+        None => println!("  by the nodes' own logs: a pair without a `node discovered` line"),
+    }
     println!("  load average at convergence: {}", load_average());
     let jobs = args.jobs.clamp(1, args.miners.max(1));
     let (job_ms, latency) = job_phase(
@@ -590,6 +650,7 @@ fn main() -> anyhow::Result<()> {
         "validators": args.validators,
         "miners": args.miners,
         "converged_ms": converged.as_secs_f64() * 1e3,
+        "converged_by_logs_ms": by_logs,
         "all_started_ms": testnet.started_in().as_secs_f64() * 1e3,
         "job_endpoint_ms": job_ms,
         "capacity_latency": latency,
@@ -629,5 +690,16 @@ mod tests {
         for (position, field) in named {
             assert_eq!(GOSSIP_FIELDS[position], field);
         }
+    }
+
+    #[test]
+    fn log_timestamps_are_read_as_unix_milliseconds() {
+        let at = |line: &str| line_unix_ms(line).map(|ms| (ms * 1e3).round() / 1e3);
+        let line = "2026-12-07T03:34:24.972138Z  INFO discovery: node discovered";
+        assert_eq!(at(line), Some(1_796_614_464_972.138));
+        assert_eq!(at("2024-02-29T23:59:59.5Z x"), Some(1_709_251_199_500.0));
+        assert_eq!(at("1970-01-01T00:00:00Z"), Some(0.0));
+        assert_eq!(at("  INFO no timestamp"), None);
+        assert_eq!(at("2026-12-07 03:34:24Z"), None);
     }
 }
