@@ -359,8 +359,14 @@ fn settle(testnet: &Testnet) {
     }
 }
 
-/// Prints how long the network took to converge, and what that time is made of.
-fn print_convergence(testnet: &Testnet, args: &Args, converged: Duration, total: Duration) {
+/// Prints how long the network took to converge (by the harness's poll, and in ms by the nodes'
+/// logs), and what that time is made of.
+fn print_convergence(
+    testnet: &Testnet,
+    args: &Args,
+    (converged, by_logs): (Duration, Option<f64>),
+    total: Duration,
+) {
     let nodes = testnet.nodes().len();
     println!(
         "== discovery: {nodes} nodes (1 facilitator, {} validators, {} miners), one machine, {}",
@@ -381,6 +387,15 @@ fn print_convergence(testnet: &Testnet, args: &Args, converged: Duration, total:
         testnet.started_in().as_secs_f64() * 1e3,
         converged.saturating_sub(testnet.started_in()).as_secs_f64() * 1e3
     );
+    match by_logs {
+        Some(ms) => println!(
+            "  by the nodes' own logs: converged {ms:.0} ms after the harness started (the last \
+             pair's `node discovered` line; the poll saw it {:.0} ms later, the observers \
+             answering it on a busy machine)",
+            converged.as_secs_f64() * 1e3 - ms
+        ),
+        None => println!("  by the nodes' own logs: a pair without a `node discovered` line"),
+    }
     println!(
         "  harness total (build check, keys, configs, spawn, converge): {:.0} ms",
         total.as_secs_f64() * 1e3
@@ -548,17 +563,8 @@ fn main() -> anyhow::Result<()> {
     let converged = testnet.converged_in().context("discovery did not run")?;
     let total = started.elapsed();
     let nodes = testnet.nodes().len();
-    print_convergence(&testnet, &args, converged, total);
     let by_logs = converged_by_logs(&testnet).map(|at| at - started_unix_ms);
-    match by_logs {
-        Some(ms) => println!(
-            "  by the nodes' own logs: converged {ms:.0} ms after the harness started (the last \
-             pair's `node discovered` line; the poll saw it {:.0} ms later, the observers \
-             answering it on a busy machine)",
-            converged.as_secs_f64() * 1e3 - ms
-        ),
-        None => println!("  by the nodes' own logs: a pair without a `node discovered` line"),
-    }
+    print_convergence(&testnet, &args, (converged, by_logs), total);
     println!("  load average at convergence: {}", load_average());
     let jobs = args.jobs.clamp(1, args.miners.max(1));
     let (job_ms, latency) = job_phase(
