@@ -929,6 +929,14 @@ fn long(bootstrap: Vec<BootstrapPeer>) -> DiscoveryConfig {
     }
 }
 
+/// A facilitator with records of the default lifetime, and the peer to bootstrap through it.
+async fn long_facilitator(cancel: &CancellationToken) -> (Discovery, BootstrapPeer) {
+    let key = SecretKey::generate();
+    let facilitator = start_with(&key, Role::Facilitator, None, long(vec![]), cancel).await;
+    let bootstrap = bootstrap_of(&facilitator, &key);
+    (facilitator, bootstrap)
+}
+
 /// `count` miners with long-lived records joining through `bootstrap`, each with the sender of
 /// its capacity (2 free).
 async fn start_miners(
@@ -968,11 +976,9 @@ async fn wait_all_left(nodes: &[(SecretKey, watch::Sender<Vec<ClassCapacity>>, D
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_bootstrap_peer_stays_on_gossip_after_every_joiner_left_it() {
     let cancel = CancellationToken::new();
-    let boot_key = SecretKey::generate();
     // Records of the default lifetime (2 minutes): no refresh within the test, so only what
     // the nodes do on their own, not a refresh arriving, can bring the bootstrap peer new peers.
-    let boot = start_with(&boot_key, Role::Facilitator, None, long(vec![]), &cancel).await;
-    let bootstrap = bootstrap_of(&boot, &boot_key);
+    let (boot, bootstrap) = long_facilitator(&cancel).await;
     let nodes = start_miners(6, &bootstrap, &cancel).await;
     // Every node joins through the bootstrap peer (connected to it while the bootstrap peer
     // learns it) and leaves it once it has peers of its own.
@@ -999,9 +1005,7 @@ async fn the_bootstrap_peer_stays_on_gossip_after_every_joiner_left_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn validators_and_miners_keep_the_facilitators_backbone() {
     let cancel = CancellationToken::new();
-    let fac_key = SecretKey::generate();
-    let fac = start_with(&fac_key, Role::Facilitator, None, long(vec![]), &cancel).await;
-    let bootstrap = bootstrap_of(&fac, &fac_key);
+    let (fac, bootstrap) = long_facilitator(&cancel).await;
     let miners = start_miners(10, &bootstrap, &cancel).await;
     let through_fac = SecretKey::generate();
     let through_miner = SecretKey::generate();
@@ -1087,9 +1091,7 @@ async fn validators_and_miners_keep_the_facilitators_backbone() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_miner_whose_relay_stops_chooses_another_validator() {
     let cancel = CancellationToken::new();
-    let fac_key = SecretKey::generate();
-    let fac = start_with(&fac_key, Role::Facilitator, None, long(vec![]), &cancel).await;
-    let bootstrap = bootstrap_of(&fac, &fac_key);
+    let (_facilitator, bootstrap) = long_facilitator(&cancel).await;
     let keys = [SecretKey::generate(), SecretKey::generate()];
     let stops = [cancel.child_token(), cancel.child_token()];
     let mut validators = Vec::new();

@@ -6,11 +6,7 @@ use super::*;
 impl Testnet {
     /// The records a node's discovery directory holds now, asked over the record exchange.
     pub fn known_by(&self, name: &str) -> anyhow::Result<Vec<NodeRecord>> {
-        let node = self.node(name)?;
-        let p2p = node
-            .p2p
-            .with_context(|| format!("{name} runs no discovery"))?;
-        let peer: BootstrapPeer = format!("{}@{p2p}", node.hotkey).parse()?;
+        let peer = self.discovery_peer(name)?;
         Ok(block_on(
             async move { discovery::list_nodes(&peer).await },
         )??)
@@ -26,11 +22,7 @@ impl Testnet {
         exchanger: &mut discovery::Exchanger,
         name: &str,
     ) -> anyhow::Result<Vec<Hotkey>> {
-        let node = self.node(name)?;
-        let p2p = node
-            .p2p
-            .with_context(|| format!("{name} runs no discovery"))?;
-        let peer: BootstrapPeer = format!("{}@{p2p}", node.hotkey).parse()?;
+        let peer = self.discovery_peer(name)?;
         let ask = horde_protocol::RecordSync {
             own: None,
             relayed: Vec::new(),

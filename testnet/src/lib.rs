@@ -351,31 +351,38 @@ impl Testnet {
                 let (ahead, after): (Vec<&Planned>, Vec<&Planned>) =
                     rest.into_iter().partition(|p| p.role == Role::Validator);
                 rest = after;
-                let from = self.nodes.len();
-                for node in ahead {
-                    self.add_planned(node, validators, miners, &bootstrap[0])?;
-                }
-                for index in from..self.nodes.len() {
-                    self.spawn(index)?;
-                }
-                for index in from..self.nodes.len() {
+                let started = self.add_and_spawn(&ahead, validators, miners, &bootstrap)?;
+                for index in started.clone() {
                     self.wait_started(index)?;
                 }
-                if self.nodes.len() > from {
-                    bootstrap = (from..self.nodes.len())
+                if !started.is_empty() {
+                    bootstrap = started
                         .map(|index| self.bootstrap_peer(index))
                         .collect::<anyhow::Result<_>>()?;
                 }
             }
         }
+        self.add_and_spawn(&rest, validators, miners, &bootstrap)?;
+        Ok(())
+    }
+
+    /// Adds the planned nodes, the i-th with `bootstrap[i % len]` as its bootstrap peer, then
+    /// spawns them all; their indices.
+    fn add_and_spawn(
+        &mut self,
+        planned: &[&Planned],
+        validators: &[NodeAddr],
+        miners: &[NodeAddr],
+        bootstrap: &[String],
+    ) -> anyhow::Result<std::ops::Range<usize>> {
         let from = self.nodes.len();
-        for (i, node) in rest.into_iter().enumerate() {
+        for (i, node) in planned.iter().enumerate() {
             self.add_planned(node, validators, miners, &bootstrap[i % bootstrap.len()])?;
         }
         for index in from..self.nodes.len() {
             self.spawn(index)?;
         }
-        Ok(())
+        Ok(from..self.nodes.len())
     }
 
     /// A started node's discovery listener, as `--bootstrap` takes it.
@@ -384,6 +391,11 @@ impl Testnet {
         node.p2p
             .map(|p2p| format!("{}@{p2p}", node.hotkey))
             .with_context(|| format!("{} has no discovery address", node.name))
+    }
+
+    /// The discovery listener of the node called `name`, to dial it as a bootstrap peer.
+    fn discovery_peer(&self, name: &str) -> anyhow::Result<BootstrapPeer> {
+        Ok(self.bootstrap_peer(self.index(name)?)?.parse()?)
     }
 
     /// The facilitator's discovery listener.

@@ -906,6 +906,44 @@ async fn a_killed_validator_fails_the_job_within_the_idle_timeout() {
     assert!(elapsed < bound, "{elapsed:?}");
 }
 
+/// A validator killed between jobs keeps its discovery record for up to its lifetime, so jobs
+/// may still be given to it. Once the facilitator's connection to it has timed out, the first
+/// job that tries it waits out one handshake timeout and goes to the other validator; the jobs
+/// after that go to the live validator without trying the dead one again (before, every other
+/// job waited 10 s until the record expired: one "validator unreachable" per such job).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_go_past_a_validator_that_could_not_be_reached() {
+    let mut testnet = start(TestnetConfig {
+        validators: 2,
+        ..TestnetConfig::default()
+    });
+    let live = testnet.node("validator-1").unwrap().hotkey;
+    testnet.kill("validator-0").unwrap();
+    tokio::time::sleep(
+        horde_transport::MAX_IDLE_TIMEOUT
+            + horde_transport::KEEP_ALIVE_INTERVAL
+            + Duration::from_secs(2),
+    )
+    .await;
+    for _ in 0..4 {
+        let (_client, mut job) = submit(&testnet, &demo_request()).await;
+        endpoint(&mut job, &testnet).await;
+        let validators: Vec<_> = job
+            .history()
+            .iter()
+            .filter_map(|update| match &update.status {
+                JobStatus::Assigned { validator, .. } => Some(*validator),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(validators, [live]);
+        job.terminate().await.unwrap();
+        job.wait_for_end().await.unwrap();
+    }
+    let log = testnet.log("facilitator");
+    assert_eq!(log.matches("validator unreachable").count(), 1, "{log}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_validator_fails_the_job_instead_of_leaving_it_running() {
     let testnet = start(TestnetConfig::default());

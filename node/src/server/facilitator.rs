@@ -17,7 +17,8 @@
 //! Layout: `facilitator.rs` (admission, choice, job drivers), `facilitator/store.rs` (the redb
 //! job store), `facilitator/resume.rs` (jobs taken up again after a restart),
 //! `facilitator/warmup.rs` (why there is no miner: warming up, all busy, none),
-//! `facilitator/claims.rs` (executors just assigned, before the miners' records say so).
+//! `facilitator/claims.rs` (executors just assigned, before the miners' records say so),
+//! `facilitator/unreachable.rs` (validators that could not be reached lately, tried last).
 //!
 //! A job with no miner is refused with what the facilitator knows: `WarmingUp { retry_after_ms }`
 //! at submission while it is still learning the network (not stored, so the same signed spec
@@ -36,6 +37,7 @@
 mod claims;
 mod resume;
 pub mod store;
+mod unreachable;
 mod warmup;
 
 use std::collections::HashMap;
@@ -154,6 +156,7 @@ pub struct Facilitator {
     /// skip the other's turns).
     next_miner: AtomicUsize,
     next_validator: AtomicUsize,
+    unreachable: unreachable::Unreachable,
     /// How far it has learnt the network since it started.
     warm_up: WarmUp,
     /// Executors just given jobs, before their miners' records say so.
@@ -349,6 +352,7 @@ impl Facilitator {
             excluded: Mutex::new(excluded),
             next_miner: AtomicUsize::new(0),
             next_validator: AtomicUsize::new(0),
+            unreachable: unreachable::Unreachable::default(),
             cancel: cancel.clone(),
             jobs: Mutex::new(ChildTasks::default()),
         });
@@ -892,23 +896,20 @@ impl Facilitator {
         let Some(miner) = self.wait_for_miner(spec).await else {
             return Some(JobStatus::Rejected(self.no_miner_reason(spec)));
         };
-        // Try validators in turn, starting from a rotating position.
+        // Try validators in turn, from a rotating position, those unreachable lately last.
         let mut session = None;
-        let validators = &self.validators.list();
         let start = self.next_validator.fetch_add(1, Ordering::Relaxed);
-        for offset in 0..validators.len() {
-            let Some(validator) = validators.get((start + offset) % validators.len()) else {
-                continue;
-            };
+        for validator in self.unreachable.in_turn(self.validators.list(), start) {
             match self
-                .open_validator_session(validator, job_id, &signed, &miner)
+                .open_validator_session(&validator, job_id, &signed, &miner)
                 .await
             {
                 Ok(opened) => {
+                    self.unreachable.opened(&validator.hotkey);
                     session = Some((validator.hotkey, opened));
                     break;
                 }
-                Err(error) => warn!(validator = %validator.hotkey, %error, "validator unreachable"),
+                Err(error) => self.unreachable.failed(&validator.hotkey, &error),
             }
         }
         let Some((validator, session)) = session else {
