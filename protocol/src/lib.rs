@@ -397,6 +397,14 @@ mod tests {
         );
     }
 
+    /// Pins the hand-over's two appended tags: `DownMessage::Proceed` is variant 8,
+    /// `UpMessage::AssignmentReceived` variant 12.
+    #[test]
+    fn snapshot_hand_over() {
+        assert_eq!(hex::encode(to_bytes(&DownMessage::Proceed)), "08");
+        assert_eq!(hex::encode(to_bytes(&UpMessage::AssignmentReceived)), "0c");
+    }
+
     #[test]
     fn snapshot_tunnel_data() {
         let frame = TunnelFrame::Data(b"GET /".to_vec());

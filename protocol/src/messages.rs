@@ -71,6 +71,13 @@ pub enum DownMessage {
     /// messages it held meanwhile, then relays as before; a job it no longer drives is answered
     /// `Rejected(UnknownJob)`. (Appended: variants are append-only on the wire.)
     Resume(JobId),
+    /// Facilitator → validator, the second frame of an `Assign` stream, sent once the
+    /// validator's [`UpMessage::AssignmentReceived`] came in and `Assigned` was recorded: only
+    /// now may the validator act on the assignment. A validator that is not told to proceed (the
+    /// stream is reset, or nothing comes) drops the job without contacting the miner, so a
+    /// facilitator that heard nothing may give the job to another validator without it ever
+    /// running twice. (Appended.)
+    Proceed,
 }
 
 /// Messages toward the client.
@@ -105,6 +112,10 @@ pub enum UpMessage {
     Status(StatusUpdate),
     /// Facilitator → client: the job was refused.
     Rejected(RejectReason),
+    /// Validator → facilitator, the first answer on an `Assign` stream, before anything else is
+    /// done: the assignment arrived. The validator then waits for [`DownMessage::Proceed`].
+    /// (Appended: variants are append-only on the wire.)
+    AssignmentReceived,
 }
 
 /// Facilitator → validator.
@@ -479,6 +490,7 @@ impl DownMessage {
             DownMessage::Volumes(_) => "Volumes",
             DownMessage::Terminate(_) => "Terminate",
             DownMessage::Resume(_) => "Resume",
+            DownMessage::Proceed => "Proceed",
         }
     }
 

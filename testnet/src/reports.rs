@@ -25,13 +25,29 @@ pub fn reconfigure(
 }
 
 /// Sends `Assign {spec, miner}` straight to `validator` (as a facilitator would) with a fresh
-/// key and returns the validator's first answer. A validator that accepts starts driving the
-/// job; dropping the returned session ends it.
+/// key, tells it to proceed once it acknowledged, and returns the validator's first answer after
+/// that. A validator that accepts starts driving the job; dropping the returned session ends it.
 pub async fn assign_directly(
     validator: &NodeAddr,
     spec: Signed<JobSpec>,
     miner: NodeAddr,
 ) -> anyhow::Result<(UpMessage, horde_transport::JobSession)> {
+    let mut session = assign_without_proceeding(validator, spec, miner).await?;
+    session.send_down(&DownMessage::Proceed).await?;
+    match session.recv().await? {
+        Some(ControlMessage::Up(message)) => Ok((message, session)),
+        other => bail!("validator answered {other:?}"),
+    }
+}
+
+/// Sends `Assign {spec, miner}` straight to `validator` with a fresh key and returns the session
+/// once the validator acknowledged it (`AssignmentReceived`), without telling it to proceed:
+/// the validator must not act on the job until it is told.
+pub async fn assign_without_proceeding(
+    validator: &NodeAddr,
+    spec: Signed<JobSpec>,
+    miner: NodeAddr,
+) -> anyhow::Result<horde_transport::JobSession> {
     let key = SecretKey::generate();
     let bind: SocketAddr = ([127, 0, 0, 1], 0).into();
     let endpoint = HordeEndpoint::bind(&key, EndpointConfig::new(bind, &[ALPN_CONTROL]))?;
@@ -50,7 +66,7 @@ pub async fn assign_directly(
     )
     .await?;
     match session.recv().await? {
-        Some(ControlMessage::Up(message)) => Ok((message, session)),
-        other => bail!("validator answered {other:?}"),
+        Some(ControlMessage::Up(UpMessage::AssignmentReceived)) => Ok(session),
+        other => bail!("validator answered {other:?} instead of AssignmentReceived"),
     }
 }

@@ -851,6 +851,74 @@ async fn a_spec_replayed_to_the_validator_is_refused_even_after_a_restart() {
     );
 }
 
+/// An `Assign` the validator acknowledged but was not told to proceed with — the facilitator
+/// reset the stream, or said nothing for the validator's whole wait — is dropped before any
+/// check or dial: the miner never hears of the job, and the validator has not even recorded its
+/// id (the same spec, assigned again and told to proceed, is driven, not refused as a replay).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_assignment_not_told_to_proceed_never_reaches_the_miner() {
+    let testnet = start(TestnetConfig {
+        discovery: false,
+        prewarm: 0,
+        ..TestnetConfig::default()
+    });
+    let account = SecretKey::generate();
+    let validator = testnet.node("validator-0").unwrap().node_addr();
+    let miner = testnet.node("miner-0").unwrap().node_addr();
+    // A class the miner lacks: a spec that reaches it is declined, and logged with its id.
+    let (_, withdrawn) = spec_without_executor(&account, &SecretKey::generate());
+    let job = |signed: &Signed<horde_protocol::JobSpec>| {
+        signed.verify().unwrap().job_id.fmt_short().to_string()
+    };
+    let session = horde_testnet::reports::assign_without_proceeding(
+        &validator,
+        withdrawn.clone(),
+        miner.clone(),
+    )
+    .await
+    .unwrap();
+    drop(session);
+    // Nothing said: the validator gives up after its wait and ends the stream.
+    let (_, unanswered) = spec_without_executor(&account, &SecretKey::generate());
+    let mut session = horde_testnet::reports::assign_without_proceeding(
+        &validator,
+        unanswered.clone(),
+        miner.clone(),
+    )
+    .await
+    .unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(20), session.recv())
+        .await
+        .expect("the validator ends the stream after its wait");
+    assert!(!matches!(ended, Ok(Some(_))), "{ended:?}");
+    let validator_log = testnet.log("validator-0");
+    assert_eq!(
+        validator_log
+            .matches("assignment dropped before it was acted on")
+            .count(),
+        2,
+        "{validator_log}"
+    );
+    assert!(
+        validator_log.contains("no Proceed within"),
+        "{validator_log}"
+    );
+    let miner_log = testnet.log("miner-0");
+    for signed in [&withdrawn, &unanswered] {
+        assert!(!miner_log.contains(&job(signed)), "{miner_log}");
+    }
+    // Told to proceed, the withdrawn spec is driven: the miner declines it.
+    let (answer, _session) =
+        horde_testnet::reports::assign_directly(&validator, withdrawn.clone(), miner)
+            .await
+            .unwrap();
+    assert_eq!(
+        answer,
+        UpMessage::Declined(DeclineReason::NoExecutorForClass)
+    );
+    assert!(testnet.log("miner-0").contains(&job(&withdrawn)));
+}
+
 /// A miner frozen for 4 s (SIGSTOP, under the 10 s idle timeout) mid-job: the client keeps
 /// talking to the job meanwhile (the tunnel does not pass through the miner), and once the miner
 /// runs again the control path works: the client's terminate ends the job `Completed`.
@@ -906,6 +974,22 @@ async fn a_killed_validator_fails_the_job_within_the_idle_timeout() {
     assert!(elapsed < bound, "{elapsed:?}");
 }
 
+/// Runs the demo job to its endpoint, terminates it, and returns the validators its history
+/// records it `Assigned` to.
+async fn run_demo_job(testnet: &Testnet) -> Vec<horde_protocol::Hotkey> {
+    let (_client, mut job) = submit(testnet, &demo_request()).await;
+    endpoint(&mut job, testnet).await;
+    job.terminate().await.unwrap();
+    job.wait_for_end().await.unwrap();
+    job.history()
+        .iter()
+        .filter_map(|update| match &update.status {
+            JobStatus::Assigned { validator, .. } => Some(*validator),
+            _ => None,
+        })
+        .collect()
+}
+
 /// A validator killed between jobs keeps its discovery record for up to its lifetime, so jobs
 /// may still be given to it. Once the facilitator's connection to it has timed out, the first
 /// job that tries it waits out one handshake timeout and goes to the other validator; the jobs
@@ -926,22 +1010,41 @@ async fn jobs_go_past_a_validator_that_could_not_be_reached() {
     )
     .await;
     for _ in 0..4 {
-        let (_client, mut job) = submit(&testnet, &demo_request()).await;
-        endpoint(&mut job, &testnet).await;
-        let validators: Vec<_> = job
-            .history()
-            .iter()
-            .filter_map(|update| match &update.status {
-                JobStatus::Assigned { validator, .. } => Some(*validator),
-                _ => None,
-            })
-            .collect();
-        assert_eq!(validators, [live]);
-        job.terminate().await.unwrap();
-        job.wait_for_end().await.unwrap();
+        assert_eq!(run_demo_job(&testnet).await, [live]);
     }
     let log = testnet.log("facilitator");
     assert_eq!(log.matches("validator unreachable").count(), 1, "{log}");
+}
+
+/// A validator killed with `kill -9` while the facilitator's connection to it still looks open
+/// (well within the idle timeout): the `Assign` sent on it is never answered, so the job is
+/// taken back after the hand-over's answer timeout and given to the other validator — not
+/// recorded `Assigned` to the dead one and then lost, as before the two-step hand-over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_given_to_a_killed_validator_goes_to_the_next_one() {
+    let mut testnet = start(TestnetConfig {
+        validators: 2,
+        ..TestnetConfig::default()
+    });
+    // Two jobs: the facilitator's validator turn passes both, so it holds a connection to each.
+    let mut used = Vec::new();
+    for _ in 0..2 {
+        used.extend(run_demo_job(&testnet).await);
+    }
+    let dead = testnet.node("validator-0").unwrap().hotkey;
+    let live = testnet.node("validator-1").unwrap().hotkey;
+    assert!(used.contains(&dead) && used.contains(&live), "{used:?}");
+    testnet.kill("validator-0").unwrap();
+    for _ in 0..3 {
+        assert_eq!(run_demo_job(&testnet).await, [live]);
+    }
+    let log = testnet.log("facilitator");
+    let unreachable: Vec<_> = log
+        .lines()
+        .filter(|line| line.contains("validator unreachable"))
+        .collect();
+    assert_eq!(unreachable.len(), 1, "{log}");
+    assert!(unreachable[0].contains("no answer within"), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -14,7 +14,8 @@
 //! drove them on meanwhile), and those not yet assigned are failed explicitly, never silently
 //! lost.
 //!
-//! Layout: `facilitator.rs` (admission, choice, job drivers), `facilitator/store.rs` (the redb
+//! Layout: `facilitator.rs` (admission, choice, job drivers), `facilitator/leg.rs` (the job's
+//! validator leg: the two-step hand-over and the relay), `facilitator/store.rs` (the redb
 //! job store), `facilitator/resume.rs` (jobs taken up again after a restart),
 //! `facilitator/warmup.rs` (why there is no miner: warming up, all busy, none),
 //! `facilitator/claims.rs` (executors just assigned, before the miners' records say so),
@@ -35,6 +36,7 @@
 //! is the one that runs the job; validators still refuse a miner they do not trust.
 
 mod claims;
+mod leg;
 mod resume;
 pub mod store;
 mod unreachable;
@@ -45,14 +47,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use horde_protocol::messages::{Assignment, RejectReason, ReportVerdict, StatusUpdate};
+use horde_protocol::messages::{RejectReason, ReportVerdict, StatusUpdate};
 use horde_protocol::{
     ControlMessage, Deadlines, DownMessage, Hotkey, JobId, JobSpec, JobStatus, MinerReport,
     NodeAddr, Role, Signed, UnixMillis, UpMessage, VerifiedReport, verify_report,
 };
 use horde_transport::{
-    ALPN_CONTROL, ChannelError, ConnectionCache, FramedRecv, FramedSend, HordeEndpoint, JobSession,
-    KnownKeys, codes, open_session,
+    ALPN_CONTROL, ChannelError, ConnectionCache, FramedRecv, FramedSend, HordeEndpoint, KnownKeys,
+    codes,
 };
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -63,12 +65,11 @@ use horde_protocol::MAX_CLOCK_SKEW_MS;
 use crate::clock::now;
 use crate::server::config::FacilitatorConfig;
 use crate::server::discovery::{Directory, KnownPeers, wait_for_records};
-use crate::server::relay::{
-    Hop, Relay, RelayPolicy, Step, Upstream, bad_endpoint_record, endpoint_record_holds,
-};
+use crate::server::relay::Hop;
 use crate::server::role::{ChildTasks, RoleHandle, Service, join_all};
 use crate::server::streams::{request, serve_streams};
 use claims::Claims;
+use leg::ValidatorLeg;
 use store::{JobStore, JobStoreError};
 use warmup::WarmUp;
 
@@ -110,6 +111,8 @@ enum ValidatorLinkError {
     Request(#[from] crate::server::streams::RequestError),
     #[error(transparent)]
     Session(#[from] horde_transport::SessionError),
+    #[error(transparent)]
+    Channel(#[from] ChannelError),
     #[error("unexpected answer {0}")]
     Unexpected(String),
     #[error("no answer within {0:?}")]
@@ -178,122 +181,6 @@ fn total_deadline(deadlines: &Deadlines) -> Duration {
         .saturating_add(deadlines.execution_ms)
         .saturating_add(deadlines.upload_ms);
     Duration::from_millis(sum)
-}
-
-/// Maps a message from the validator to the status the client sees.
-fn status_of(message: &UpMessage) -> Option<JobStatus> {
-    Some(match message {
-        UpMessage::Accepted => JobStatus::Accepted,
-        UpMessage::Declined(reason) => JobStatus::Rejected(RejectReason::Declined(reason.clone())),
-        UpMessage::ExecutorReady => JobStatus::ExecutorReady,
-        UpMessage::Endpoint(record) => JobStatus::EndpointReady(record.clone()),
-        UpMessage::VolumesFetched { volume_msg_id } => JobStatus::VolumesFetched {
-            volume_msg_id: *volume_msg_id,
-        },
-        UpMessage::UploadDone(done) => JobStatus::UploadDone(done.clone()),
-        UpMessage::Finished(finished) => JobStatus::Completed(finished.clone()),
-        UpMessage::Failed(failure) => JobStatus::Failed(failure.clone()),
-        UpMessage::HordeFailed(failure) => JobStatus::HordeFailed(failure.clone()),
-        UpMessage::Rejected(reason) => JobStatus::Rejected(reason.clone()),
-        UpMessage::EndpointReady(_) | UpMessage::Status(_) => return None,
-        _ => return None,
-    })
-}
-
-/// The facilitator's relay policy: the validator's messages become the client's statuses, the
-/// endpoint record must be the chosen miner's, and a validator that does not end the job within
-/// all its stage deadlines plus `validator_silence_ms` fails it.
-#[derive(Debug)]
-struct ValidatorSilence {
-    hop: Hop,
-    job_id: JobId,
-    miner: Hotkey,
-    validator: Hotkey,
-    limit: Duration,
-    deadline: tokio::time::Instant,
-    /// Statuses a previous run recorded (a resumed job): each, sent again, is dropped once.
-    recorded: Vec<JobStatus>,
-}
-
-/// The validator side of a job: who drives it, its stream, and what a previous run recorded.
-#[derive(Debug)]
-struct ValidatorLeg {
-    validator: Hotkey,
-    miner: Hotkey,
-    session: JobSession,
-    recorded: Vec<JobStatus>,
-}
-
-impl RelayPolicy for ValidatorSilence {
-    fn on_up(&mut self, message: UpMessage) -> Step {
-        if let Some(status) = status_of(&message)
-            && let Some(at) = self.recorded.iter().position(|held| *held == status)
-        {
-            self.recorded.remove(at);
-            debug!("a status sent again by the validator was recorded before the restart; dropped");
-            return Step::Drop;
-        }
-        match message {
-            UpMessage::EndpointReady(_) | UpMessage::Status(_) => {
-                warn!("validator sent a message clients never see; ignored");
-                Step::Drop
-            }
-            UpMessage::Endpoint(record) => {
-                if endpoint_record_holds(&record, self.job_id, &self.miner, now()) {
-                    Step::Up(UpMessage::Endpoint(record))
-                } else {
-                    bad_endpoint_record()
-                }
-            }
-            other => Step::Up(other),
-        }
-    }
-
-    /// Checked against the job's owner when the client sent it ([`Facilitator::serve_client`]).
-    fn on_down(&mut self, message: DownMessage) -> Step {
-        Step::Down(message)
-    }
-
-    fn deadline(&self) -> Option<tokio::time::Instant> {
-        Some(self.deadline)
-    }
-
-    fn on_deadline(&mut self) -> Step {
-        Step::Fail {
-            code: codes::CANCELLED,
-            message: self.hop.failed_up(format!(
-                "validator {} did not end the job within its deadlines ({:?})",
-                self.validator, self.limit
-            )),
-        }
-    }
-}
-
-/// The client's side of a job on the facilitator: client messages come from the job's queue,
-/// statuses go to the store and to attached clients.
-struct ClientSide<'a> {
-    facilitator: &'a Facilitator,
-    job_id: JobId,
-    live: &'a LiveJob,
-    down: &'a mut mpsc::Receiver<DownMessage>,
-}
-
-impl Upstream for ClientSide<'_> {
-    async fn recv(&mut self) -> Result<Option<ControlMessage>, ChannelError> {
-        Ok(self.down.recv().await.map(ControlMessage::Down))
-    }
-
-    async fn send(&mut self, message: &UpMessage) -> Result<(), ChannelError> {
-        match status_of(message) {
-            Some(status) => {
-                self.facilitator
-                    .record(self.job_id, self.live, status)
-                    .await;
-            }
-            None => warn!("validator sent a message clients never see; ignored"),
-        }
-        Ok(())
-    }
 }
 
 /// Admission favours known keys (transport's `admission.rs`): configured validators and miners,
@@ -900,10 +787,7 @@ impl Facilitator {
         let mut session = None;
         let start = self.next_validator.fetch_add(1, Ordering::Relaxed);
         for validator in self.unreachable.in_turn(self.validators.list(), start) {
-            match self
-                .open_validator_session(&validator, job_id, &signed, &miner)
-                .await
-            {
+            match self.hand_over(&validator, job_id, &signed, &miner).await {
                 Ok(opened) => {
                     self.unreachable.opened(&validator.hotkey);
                     session = Some((validator.hotkey, opened));
@@ -912,10 +796,11 @@ impl Facilitator {
                 Err(error) => self.unreachable.failed(&validator.hotkey, &error),
             }
         }
-        let Some((validator, session)) = session else {
+        let Some((validator, mut session)) = session else {
             self.claims.release(&miner.hotkey, &spec.executor_class);
             return Some(JobStatus::Rejected(RejectReason::NoValidator));
         };
+        // Recorded before the validator may act on it: a job that can run is in the store.
         if self
             .record(
                 job_id,
@@ -929,6 +814,10 @@ impl Facilitator {
         {
             return None;
         }
+        if let Err(error) = session.send_down(&DownMessage::Proceed).await {
+            // The relay below sees the broken stream and fails the job.
+            debug!(%error, "could not tell the validator to proceed");
+        }
         let leg = ValidatorLeg {
             validator,
             miner: miner.hotkey,
@@ -937,62 +826,5 @@ impl Facilitator {
         };
         self.relay_to_validator(job_id, spec, live, down_rx, leg)
             .await
-    }
-
-    /// Relays the job between its clients and its validator's `session` until it ends; returns
-    /// the terminal status to record if the session itself did not deliver one.
-    async fn relay_to_validator(
-        &self,
-        job_id: JobId,
-        spec: &JobSpec,
-        live: &LiveJob,
-        down_rx: &mut mpsc::Receiver<DownMessage>,
-        leg: ValidatorLeg,
-    ) -> Option<JobStatus> {
-        let (validator, miner) = (leg.validator, leg.miner);
-        let limit = total_deadline(&spec.deadlines)
-            + Duration::from_millis(self.config.validator_silence_ms);
-        let mut policy = ValidatorSilence {
-            job_id,
-            miner,
-            validator,
-            limit,
-            deadline: tokio::time::Instant::now() + limit,
-            hop: self.hop(),
-            recorded: leg.recorded,
-        };
-        let mut client = ClientSide {
-            facilitator: self,
-            job_id,
-            live,
-            down: down_rx,
-        };
-        let relay = Relay::new(
-            self.hop(),
-            format!("validator {validator}"),
-            "client",
-            leg.session,
-            &self.cancel,
-        );
-        relay
-            .run(&mut client, &mut policy)
-            .await
-            .as_ref()
-            .and_then(status_of)
-    }
-
-    async fn open_validator_session(
-        &self,
-        validator: &NodeAddr,
-        job_id: JobId,
-        signed: &Signed<JobSpec>,
-        miner: &NodeAddr,
-    ) -> Result<JobSession, ValidatorLinkError> {
-        let connection = self.peers.connect(validator, ALPN_CONTROL).await?;
-        let assignment = Assignment {
-            spec: signed.clone(),
-            miner: miner.clone(),
-        };
-        Ok(open_session(&connection, job_id, &DownMessage::Assign(assignment)).await?)
     }
 }

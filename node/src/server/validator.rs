@@ -1,6 +1,7 @@
 //! The validator role: verifies a job and drives it against a miner, stage by stage.
 //!
-//! For each `Assign` from a facilitator it verifies the client's signature and the spec's expiry,
+//! For each `Assign` from a facilitator — answered `AssignmentReceived` at once and acted on only
+//! after the facilitator's `Proceed` (`validator/hand_over.rs`) — it verifies the client's signature and the spec's expiry,
 //! checks that the miner is one it knows (and trusts, for `on_trusted_miner` jobs), sends
 //! `InitialDetails`, waits for the reservation and the executor's readiness, sends the full
 //! client-signed spec, verifies the miner's signed endpoint record before forwarding it, then
@@ -19,8 +20,10 @@
 //! validator drives them on, holds their statuses, and sends them up the new stream a returning
 //! facilitator opens with `Resume(job_id)`, for up to [`FACILITATOR_AWAY_MAX`] (`link.rs`).
 //!
-//! Layout: `validator.rs` (checks, driving, stages, accounting), `validator/link.rs` (the link to
-//! the facilitator that survives it), `validator/seen.rs` (job ids seen).
+//! Layout: `validator.rs` (checks, driving, stages, accounting), `validator/hand_over.rs` (an
+//! `Assign` is answered at once and acted on only after the facilitator's `Proceed`),
+//! `validator/link.rs` (the link to the facilitator that survives it), `validator/seen.rs` (job
+//! ids seen).
 //!
 //! Each job id accepted is kept until its spec expires, also across restarts (`seen.rs`,
 //! `<data_dir>/seen_jobs.bin`): the same signed spec assigned again — replayed by anyone who has
@@ -70,6 +73,7 @@ use crate::server::relay::{
 use crate::server::role::{RoleHandle, Service};
 use crate::server::streams::{request, serve_streams};
 
+mod hand_over;
 mod link;
 mod seen;
 
@@ -493,6 +497,20 @@ impl Validator {
                 return;
             }
         };
+        let handed_over = tokio::select! {
+            () = self.cancel.cancelled() => return,
+            handed_over = hand_over::hand_over(&mut send, &mut recv, hand_over::PROCEED_WAIT) => handed_over,
+        };
+        if let Err(error) = handed_over {
+            info!(%peer, %error, "assignment dropped before it was acted on");
+            let code = match error {
+                hand_over::HandOverError::Unexpected(_) => codes::PROTOCOL_VIOLATION,
+                _ => codes::CANCELLED,
+            };
+            recv.stop(code);
+            send.reset(code);
+            return;
+        }
         self.await_miner_record(&assignment.miner.hotkey).await;
         let checked = match self.check_assignment(&peer, &assignment) {
             // Last, so only specs accepted otherwise are recorded.
