@@ -348,7 +348,8 @@ async fn internet_is_refused_at_start_on_a_node_that_is_not_root() {
                 runtime,
                 ..internet_policy()
             };
-            match select(&policy).await {
+            let state = tempfile::tempdir().unwrap();
+            match select(&policy, state.path()).await {
                 Err(error @ RunnerError::Egress(_)) => println!("REFUSED: {error}"),
                 Err(error) => println!("WRONG ERROR: {error}"),
                 Ok(runner) => println!("WRONGLY STARTED: {runner:?}"),
@@ -388,6 +389,18 @@ async fn exit_of(job: &mut Box<dyn horde_node::server::executor::runner::JobProc
             JobEvent::Outputs(_) => {}
         }
     }
+}
+
+/// Runs `echo ran` in `dir` to its end: it must exit 0 having printed just that.
+async fn echo_ran(runner: &ProcessRunner, dir: &Path) {
+    let mut job = runner
+        .start(launch(dir, "echo ran", ClassPolicy::default()))
+        .await
+        .unwrap();
+    let exit = exit_of(&mut job).await;
+    job.remove().await;
+    assert!(exit.success(), "{exit:?}");
+    assert_eq!(stdout(dir), "ran\n");
 }
 
 /// Pre-made sandboxes (`prepare_next`) in `jobs`, a directory others may pass (a job's uid
@@ -494,15 +507,7 @@ async fn a_dead_pre_made_sandbox_gives_way_to_a_new_one() {
     }
     // (Its init may still be bubblewrap's fork, not yet the init: killed too.)
     assert!(killed >= 1, "the pre-made sandbox was not found");
-    let dir = jobs.path().join("job");
-    let mut job = runner
-        .start(launch(&dir, "echo ran", ClassPolicy::default()))
-        .await
-        .unwrap();
-    let exit = exit_of(&mut job).await;
-    job.remove().await;
-    assert!(exit.success(), "{exit:?}");
-    assert!(stdout(&dir).contains("ran"));
+    echo_ran(&runner, &jobs.path().join("job")).await;
 }
 
 /// In a pre-made sandbox, a job over its memory limit ends out of memory (its cgroup was made
@@ -559,4 +564,38 @@ async fn internet_in_a_pre_made_sandbox() {
     assert_eq!(internet::job_links(id), Vec::<String>::new(), "left behind");
     assert_eq!(host.accepted.load(std::sync::atomic::Ordering::SeqCst), 0);
     assert!(peer.answers());
+}
+
+/// The `horde` binary replaced on disk while the executor runs (a new file renamed over it, as
+/// a package upgrade does; the old one unlinked): jobs still start, cold and in pre-made
+/// sandboxes, with the init the runner kept at start; its name goes with the runner. (Bound
+/// where it was, the init would now be the new file — here a script that is no init at all —
+/// and through `/proc/PID/exe` bwrap could not find it: "Can't find source path".)
+#[tokio::test]
+async fn replacing_the_binary_on_disk_breaks_no_sandbox() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let jobs = jobs_dir();
+    let install = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let binary = install.path().join("horde");
+    std::fs::copy(env!("CARGO_BIN_EXE_horde"), &binary).unwrap();
+    let runner = ProcessRunner::detect(&ClassPolicy::default())
+        .await
+        .unwrap()
+        .with_init_binary(binary.clone())
+        .pin_init(state.path());
+    let upgrade = install.path().join("horde.new");
+    std::fs::write(&upgrade, "#!/bin/sh\nexit 99\n").unwrap();
+    std::fs::set_permissions(&upgrade, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::rename(&upgrade, &binary).unwrap();
+    for (round, made_ahead) in [false, true].into_iter().enumerate() {
+        if made_ahead {
+            runner.prepare_next(jobs.path());
+        }
+        echo_ran(&runner, &jobs.path().join(format!("job-{round}"))).await;
+    }
+    let pinned = || std::fs::read_dir(state.path()).unwrap().count();
+    assert_eq!(pinned(), 1);
+    drop(runner);
+    assert_eq!(pinned(), 0);
 }

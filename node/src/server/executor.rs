@@ -118,7 +118,7 @@ pub async fn run(
         .await
         .map_err(|e| ExecutorError::Miner(e.to_string()))?;
     info!(miner = %config.miner.hotkey, class = %config.class, "registered with miner");
-    let runner = match runner::select(&config.policy).await {
+    let runner = match runner::select(&config.policy, &data_dir).await {
         Ok(runner) => Ok(runner),
         Err(error) => {
             warn!(%error, "this executor refuses every job");

@@ -389,10 +389,14 @@ pub trait JobProcess: Send + Debug {
 
 /// The runner for `policy`, as this host can provide it: an error (logged by the executor at
 /// start, and given as the reason for every job it then refuses) when it cannot.
-pub async fn select(policy: &ClassPolicy) -> Result<Arc<dyn Runner>, RunnerError> {
+/// A process runner keeps its sandboxes' init binary under its own name in `data_dir`.
+pub async fn select(
+    policy: &ClassPolicy,
+    data_dir: &std::path::Path,
+) -> Result<Arc<dyn Runner>, RunnerError> {
     match policy.runtime {
         Runtime::Process => match process::ProcessRunner::detect(policy).await {
-            Ok(runner) => Ok(Arc::new(runner)),
+            Ok(runner) => Ok(Arc::new(runner.pin_init(data_dir))),
             // A host that isolates but cannot give egress refuses the class's jobs: running
             // them unisolated would give them the host itself.
             Err(error) if policy.allow_unisolated && !matches!(error, RunnerError::Egress(_)) => {

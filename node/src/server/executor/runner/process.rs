@@ -40,7 +40,8 @@
 //! starts cold as described above (`process/slot.rs` says which and how).
 //!
 //! Layout: `process.rs` (the runner, its sandboxes, the job's cgroups and its process),
-//! `process/slot.rs` (sandboxes made ahead of their jobs).
+//! `process/slot.rs` (sandboxes made ahead of their jobs), `process/pin.rs` (the init binary
+//! kept under the executor's own name, so replacing `horde` on disk breaks no sandbox).
 
 use std::ffi::OsString;
 use std::os::fd::{AsFd as _, OwnedFd};
@@ -53,6 +54,7 @@ use horde_protocol::Program;
 use tokio::io::AsyncWriteExt as _;
 use tracing::{debug, info, warn};
 
+mod pin;
 mod slot;
 
 use slot::Slot;
@@ -105,6 +107,8 @@ pub struct ProcessRunner {
     next: std::sync::Mutex<Option<tokio::task::JoinHandle<Result<Slot, RunnerError>>>>,
     /// Pre-made sandboxes so far (their directories' names).
     made: std::sync::atomic::AtomicU64,
+    /// The executor's own name for the init binary, when [`ProcessRunner::pin_init`] made one.
+    pinned: Option<pin::PinnedInit>,
 }
 
 impl Drop for ProcessRunner {
@@ -128,8 +132,8 @@ pub(super) struct Sandboxes {
     root: bool,
     /// The executor's own cgroup directory in each of [`CGROUP_CONTROLLERS`], when writable.
     cgroups: Option<Vec<PathBuf>>,
-    /// The `horde` binary bound into the sandbox as its init: this very binary, by default
-    /// through `/proc/PID/exe` (so a rebuild while the node runs changes nothing).
+    /// The `horde` binary bound into the sandbox as its init: this very binary, through
+    /// `/proc/PID/exe` until [`ProcessRunner::pin_init`] gives it a name of the executor's own.
     init: PathBuf,
 }
 
@@ -174,6 +178,7 @@ impl ProcessRunner {
             policy: policy.clone(),
             next: std::sync::Mutex::new(None),
             made: std::sync::atomic::AtomicU64::new(0),
+            pinned: None,
         };
         runner.sandboxes.self_test().await?;
         match &runner.sandboxes.cgroups {
@@ -190,6 +195,26 @@ impl ProcessRunner {
     /// not the `horde` binary themselves (tests, benches).
     pub fn with_init_binary(mut self, horde: PathBuf) -> Self {
         self.sandboxes.init = horde;
+        self
+    }
+
+    /// Keeps the init binary as it is now under a name of this executor's own in `dir`, so that
+    /// replacing the `horde` file on disk while the node runs does not break later sandboxes
+    /// (`process/pin.rs`). Where no name can be made (the directory not writable, the disk
+    /// full), says so and binds the binary where it is, as before.
+    pub fn pin_init(mut self, dir: &Path) -> Self {
+        match pin::PinnedInit::new(&self.sandboxes.init, dir) {
+            Ok(pinned) => {
+                self.sandboxes.init = pinned.path().to_path_buf();
+                self.pinned = Some(pinned);
+            }
+            Err(error) => warn!(
+                %error,
+                dir = %dir.display(),
+                "could not keep a copy of the sandbox init: replacing the horde binary on disk \
+                 makes new jobs fail until the node restarts"
+            ),
+        }
         self
     }
 }
