@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use horde_node::client::now;
 use horde_node::server::discovery::{
-    BootstrapPeer, Directory, Discovery, DiscoveryConfig, LocalNode, exchange, gossip_behaviour,
-    gossip_encode, gossip_topic, peer_id, quic_multiaddr,
+    BootstrapPeer, Directory, Discovery, DiscoveryConfig, LocalNode, capacity_gossip_topic,
+    exchange, gossip_behaviour, gossip_encode, gossip_topic, peer_id, quic_multiaddr,
 };
 use horde_protocol::{
     ClassCapacity, ExecutorClass, Hotkey, NodeRecord, RecordSync, Role, SecretKey, Signature,
@@ -330,7 +330,6 @@ async fn rogue_swarm_with(
     target: &BootstrapPeer,
     behaviour: libp2p::gossipsub::Behaviour,
 ) -> libp2p::Swarm<libp2p::gossipsub::Behaviour> {
-    use futures::StreamExt as _;
     let mut seed = key.seed();
     let keypair = libp2p::identity::Keypair::ed25519_from_bytes(&mut seed[..]).unwrap();
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
@@ -345,23 +344,31 @@ async fn rogue_swarm_with(
         .addresses(vec![target.addr.clone()])
         .build();
     swarm.dial(dial).unwrap();
-    // Until the target has told us it is subscribed (publishing before that reaches nobody).
+    wait_subscribed(&mut swarm, target.peer, gossip_topic()).await;
+    swarm
+}
+
+/// Runs the rogue until `peer` has told it that it is subscribed to `topic` (publishing before
+/// that reaches nobody; a node's topics are announced one message each).
+async fn wait_subscribed(
+    swarm: &mut libp2p::Swarm<libp2p::gossipsub::Behaviour>,
+    peer: libp2p::PeerId,
+    topic: libp2p::gossipsub::IdentTopic,
+) {
+    use futures::StreamExt as _;
+    let topic = topic.hash();
     let subscribed = async {
-        loop {
-            if let libp2p::swarm::SwarmEvent::Behaviour(libp2p::gossipsub::Event::Subscribed {
-                peer_id,
-                ..
-            }) = swarm.select_next_some().await
-                && peer_id == target.peer
-            {
-                return;
-            }
+        while !swarm
+            .behaviour()
+            .all_peers()
+            .any(|(id, topics)| *id == peer && topics.contains(&&topic))
+        {
+            swarm.select_next_some().await;
         }
     };
     tokio::time::timeout(Duration::from_secs(10), subscribed)
         .await
         .expect("the node subscribed");
-    swarm
 }
 
 /// Publishes `data` from the rogue and keeps its swarm running for `for_`.
@@ -379,8 +386,17 @@ async fn rogue_publish(
     data: Vec<u8>,
     for_: Duration,
 ) {
+    rogue_publish_on(swarm, gossip_topic(), data, for_).await;
+}
+
+async fn rogue_publish_on(
+    swarm: &mut libp2p::Swarm<libp2p::gossipsub::Behaviour>,
+    topic: libp2p::gossipsub::IdentTopic,
+    data: Vec<u8>,
+    for_: Duration,
+) {
     use futures::StreamExt as _;
-    swarm.behaviour_mut().publish(gossip_topic(), data).unwrap();
+    swarm.behaviour_mut().publish(topic, data).unwrap();
     let _ = tokio::time::timeout(for_, async {
         loop {
             swarm.select_next_some().await;
@@ -389,13 +405,25 @@ async fn rogue_publish(
     .await;
 }
 
+/// A lone facilitator ([`lone_node`]) and a rogue connected to it, with the rogue's key.
+async fn rogue_at_lone_node() -> (
+    CancellationToken,
+    Discovery,
+    BootstrapPeer,
+    SecretKey,
+    libp2p::Swarm<libp2p::gossipsub::Behaviour>,
+) {
+    let (cancel, _, node, target) = lone_node().await;
+    let rogue = SecretKey::generate();
+    let swarm = rogue_swarm(&rogue, &target).await;
+    (cancel, node, target, rogue, swarm)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_and_replayed_gossip_is_rejected_and_its_sender_penalised() {
-    let (cancel, _, node, target) = lone_node().await;
+    let (cancel, node, target, rogue, mut swarm) = rogue_at_lone_node().await;
     let directory = node.directory().clone();
-    let rogue = SecretKey::generate();
     let rogue_peer = peer_id(&rogue.hotkey());
-    let mut swarm = rogue_swarm(&rogue, &target).await;
 
     // Control: the rogue's own genuine records are kept, and cost it nothing.
     let first = Signed::sign(&rogue, &record_of(rogue.hotkey(), 1));
@@ -454,6 +482,37 @@ async fn forged_and_replayed_gossip_is_rejected_and_its_sender_penalised() {
     assert!(directory.get(&authored.hotkey(), now()).is_none());
     let score = node.peer_score(&authored_peer).await.unwrap();
     assert!(score < 0.0, "authored message not penalised: {score}");
+    cancel.cancel();
+}
+
+/// The capacity topic (the facilitator's and validators' own) is judged as the record topic is:
+/// a genuine record published there is kept, a forged one dropped and its sender penalised.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_records_on_the_capacity_topic_are_rejected_and_their_sender_penalised() {
+    let (cancel, node, target, rogue, mut swarm) = rogue_at_lone_node().await;
+    let directory = node.directory().clone();
+    let rogue_peer = peer_id(&rogue.hotkey());
+    wait_subscribed(&mut swarm, target.peer, capacity_gossip_topic()).await;
+    let wait = Duration::from_millis(500);
+    // The rogue's genuine record first, then three forgeries of its next ones.
+    let mut records = vec![Signed::sign(&rogue, &record_of(rogue.hotkey(), 1))];
+    for flip in 0..3u8 {
+        let good = Signed::sign(&rogue, &record_of(rogue.hotkey(), 2 + u64::from(flip)));
+        let mut signature = *good.signature().as_bytes();
+        signature[usize::from(flip)] ^= 0x80;
+        records.push(Signed::from_parts(
+            good.bytes().to_vec(),
+            rogue.hotkey(),
+            Signature::from_bytes(signature),
+        ));
+    }
+    for record in &records {
+        let data = gossip_encode(record);
+        rogue_publish_on(&mut swarm, capacity_gossip_topic(), data, wait).await;
+        assert_eq!(directory.get(&rogue.hotkey(), now()).unwrap().seq, 1);
+    }
+    let score = node.peer_score(&rogue_peer).await.unwrap();
+    assert!(score < -80.0, "rogue not penalised: {score}");
     cancel.cancel();
 }
 
@@ -1079,6 +1138,30 @@ async fn validators_and_miners_keep_the_facilitators_backbone() {
             "a capacity change reaches the facilitator",
         )
         .await;
+        for validator in &validators {
+            capacity_reaches(
+                validator.directory(),
+                &key.hotkey(),
+                &capacity(1),
+                Duration::from_secs(5),
+                "a capacity change reaches every validator",
+            )
+            .await;
+        }
+    }
+    // The other miners were not woken by it (it went on the capacity topic, which they do not
+    // follow): they still hold the changed miners' records as they were (refreshed only after
+    // a lifetime here).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for (_, _, miner) in &miners[3..] {
+        for (key, _, _) in &miners[..3] {
+            let held = miner.directory().get(&key.hotkey(), now()).unwrap();
+            assert_eq!(
+                held.capacity,
+                capacity(2),
+                "a capacity change reached a miner"
+            );
+        }
     }
     drop(validators);
     cancel.cancel();

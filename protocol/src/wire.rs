@@ -12,6 +12,7 @@
 //! | discovery protocol | [`DISCOVERY_IDENTIFY`] | `/horde/id/1` | libp2p identify version string; not spoken any more (reserved) |
 //! | discovery protocol | [`DISCOVERY_GOSSIP`] | `/horde/meshsub` | gossipsub protocol prefix (`…/1.2.0` etc.) |
 //! | gossip topic | [`DISCOVERY_GOSSIP_TOPIC`] | `horde/records/3` | signed node records (anonymous messages) |
+//! | gossip topic | [`DISCOVERY_CAPACITY_TOPIC`] | `horde/capacity/1` | a miner's record re-signed for a capacity change, for the facilitator and validators only |
 //! | signature domain tag | [`DOMAIN_TAGS`] | `horde/<purpose>/v1` | every signature (`tag ‖ exact bytes`) |
 //!
 //! # Changing the wire
@@ -134,6 +135,10 @@ pub const DISCOVERY_GOSSIP: &str = "/horde/meshsub";
 /// is unchanged); a node of `/2` and one of `/3` would reject each other's messages, so they
 /// do not share a topic.
 pub const DISCOVERY_GOSSIP_TOPIC: &str = "horde/records/3";
+/// The gossip topic of capacity changes: the same signed record messages, published by a miner
+/// whose free executors changed, subscribed to only by the nodes that act on capacity (the
+/// facilitator and the validators), so a change wakes those few instead of every node.
+pub const DISCOVERY_CAPACITY_TOPIC: &str = "horde/capacity/1";
 
 /// Every signature domain tag, one per signing purpose. The tags are defined beside their types
 /// (`Signable::DOMAIN`) and in [`COUNTERSIGN_DOMAIN`]; this list is what makes them visible in
@@ -256,6 +261,7 @@ mod tests {
             DISCOVERY_KAD,
             DISCOVERY_IDENTIFY,
             DISCOVERY_GOSSIP_TOPIC,
+            DISCOVERY_CAPACITY_TOPIC,
         ];
         // gossipsub appends its own version (`/1.2.0`, …) to the prefix.
         assert!(DISCOVERY_GOSSIP.starts_with("/horde/") && !DISCOVERY_GOSSIP.ends_with('/'));

@@ -51,8 +51,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument as _, debug, info, info_span, warn};
 
 pub use gossip::{
-    MAX_RECORD_BYTES, behaviour as gossip_behaviour, encode as gossip_encode, message_id,
-    score_thresholds, topic as gossip_topic,
+    MAX_RECORD_BYTES, behaviour as gossip_behaviour, capacity_topic as capacity_gossip_topic,
+    encode as gossip_encode, message_id, score_thresholds, topic as gossip_topic,
 };
 pub use task::{CAPACITY_COALESCE, DIRECTORY_FILE, LATENCY_TARGET, refresh_interval};
 
@@ -546,6 +546,13 @@ async fn prepare(
         .gossip
         .subscribe(&gossip::topic())
         .map_err(|e| DiscoveryError::Swarm(e.to_string()))?;
+    if gossip::follows_capacity(local.role) {
+        swarm
+            .behaviour_mut()
+            .gossip
+            .subscribe(&gossip::capacity_topic())
+            .map_err(|e| DiscoveryError::Swarm(e.to_string()))?;
+    }
     let own = task::OwnRecord {
         key: key.clone(),
         role: local.role,

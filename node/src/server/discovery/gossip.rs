@@ -51,6 +51,25 @@ pub fn topic() -> IdentTopic {
     IdentTopic::new(horde_protocol::wire::DISCOVERY_GOSSIP_TOPIC)
 }
 
+/// The topic of capacity changes (the same record messages): a miner publishes its record
+/// re-signed for a change of its free executors here, and only the nodes that act on capacity
+/// subscribe to it. At 256 nodes a change flooded on [`topic`] woke all 256 processes (each
+/// judged and forwarded it) while only the facilitator and 16 validators use it; eight jobs
+/// starting at once made eight such floods, and on 2 cores the facilitator's copy waited behind
+/// them (p99 157–301 ms, signed → kept by the facilitator). Other nodes get the new capacity
+/// with the miner's next refresh on [`topic`].
+pub fn capacity_topic() -> IdentTopic {
+    IdentTopic::new(horde_protocol::wire::DISCOVERY_CAPACITY_TOPIC)
+}
+
+/// Whether a node of `role` subscribes to [`capacity_topic`]: the roles that act on capacity.
+pub(super) fn follows_capacity(role: horde_protocol::Role) -> bool {
+    matches!(
+        role,
+        horde_protocol::Role::Facilitator | horde_protocol::Role::Validator
+    )
+}
+
 /// The message id of a record message: BLAKE3 of its bytes.
 pub fn message_id(data: &[u8]) -> MessageId {
     MessageId::new(blake3::hash(data).as_bytes())
@@ -239,7 +258,7 @@ pub fn behaviour() -> Result<gossipsub::Behaviour, String> {
 /// the delivery-rate penalties that would punish honest peers of a quiet network.
 fn score_params() -> PeerScoreParams {
     let topic = TopicScoreParams {
-        // The one topic carries the whole score.
+        // Each topic carries the whole score (the capacity topic has the same parameters).
         topic_weight: 1.0,
         // P1, up to +1 for ten minutes in the mesh: a small preference for stable peers.
         time_in_mesh_weight: 0.01,
@@ -276,6 +295,7 @@ fn score_params() -> PeerScoreParams {
         retain_score: Duration::from_secs(600),
         ..PeerScoreParams::default()
     };
+    params.topics.insert(capacity_topic().hash(), topic.clone());
     params.topics.insert(topic_hash(), topic);
     params
 }

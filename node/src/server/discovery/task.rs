@@ -535,7 +535,7 @@ impl SwarmTask {
                             "capacity published"
                         );
                     }
-                    self.publish_own();
+                    self.publish_capacity();
                 }
             }
             if self.stats != self.logged && self.stats_at.is_none() {
@@ -822,6 +822,8 @@ impl SwarmTask {
                     .gossip
                     .report_message_validation_result(&message_id, &propagation_source, acceptance);
             }
+            // Only the record topic counts here (the capacity topic is a few nodes' extra).
+            gossipsub::Event::Subscribed { topic, .. } if topic != gossip::topic().hash() => {}
             gossipsub::Event::Subscribed { .. } if !self.announced => {
                 // The first peer to hear us: our record goes out now, not at the next refresh.
                 self.publish_own();

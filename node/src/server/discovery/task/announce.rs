@@ -1,9 +1,35 @@
 //! The node's own record on gossip: published at once when a first peer subscribes, on every
-//! refresh and capacity change, and once more, unchanged, after the join (`SETTLE_DELAY`).
+//! refresh and capacity change (a miner's capacity change on the capacity topic, see
+//! `gossip::capacity_topic`), and once more, unchanged, after the join (`SETTLE_DELAY`).
 
 use super::*;
 
 impl SwarmTask {
+    /// Publishes the own record, re-signed for a capacity change, on the capacity topic (to
+    /// the connected facilitator and validators: a miner's relay among them); on the record
+    /// topic when no peer on the capacity topic is connected yet, or for a node that does not
+    /// have one of its own (not a miner).
+    pub(super) fn publish_capacity(&mut self) -> bool {
+        if self.own.role == Role::Miner {
+            let data = gossip::encode(&self.own.current());
+            match self
+                .swarm
+                .behaviour_mut()
+                .gossip
+                .publish(gossip::capacity_topic(), data)
+            {
+                Ok(_) => {
+                    self.published_at = Some(Instant::now());
+                    self.stats.published += 1;
+                    return true;
+                }
+                Err(PublishError::NoPeersSubscribedToTopic) => {}
+                Err(error) => debug!(%error, "capacity change not published on its topic"),
+            }
+        }
+        self.publish_own()
+    }
+
     /// Publishes the own record on gossip (to every subscribed peer); whether it went out.
     pub(super) fn publish_own(&mut self) -> bool {
         let own = self.own.current();

@@ -9,7 +9,9 @@
 //! directory, or a copy where no link can be made (another filesystem; `fs.protected_hardlinks`
 //! for a binary the node's user does not own) — and binds that: jobs keep the init that matches
 //! this executor until the node is restarted on the new binary. The name is removed when the
-//! runner is dropped, and one an earlier executor left (killed) is removed at start.
+//! runner is dropped; an executor that is killed (a stopping miner kills its executors) leaves
+//! it, and the next executor started in that directory removes it (a hard link costs no space
+//! while the installed binary is the same file; a copy, one binary's size per executor slot).
 
 use std::path::{Path, PathBuf};
 
