@@ -527,15 +527,17 @@ impl SwarmTask {
                         self.own.capacity = rx.borrow_and_update().clone();
                     }
                     self.own.refresh();
-                    if let Some(at) = self.capacity_changed_at.take() {
+                    let coalesced = self.capacity_changed_at.take().map(|at| at.elapsed());
+                    self.publish_capacity();
+                    if let Some(coalesced) = coalesced {
+                        // The seq that went out (a failed first try signs the record anew).
                         debug!(
                             target: LATENCY_TARGET,
-                            coalesced_ms = u64::try_from(at.elapsed().as_millis()).unwrap_or(u64::MAX),
+                            coalesced_ms = u64::try_from(coalesced.as_millis()).unwrap_or(u64::MAX),
                             seq = self.own.seq,
                             "capacity published"
                         );
                     }
-                    self.publish_capacity();
                 }
             }
             if self.stats != self.logged && self.stats_at.is_none() {

@@ -23,8 +23,13 @@ impl SwarmTask {
                     self.stats.published += 1;
                     return true;
                 }
-                Err(PublishError::NoPeersSubscribedToTopic) => {}
-                Err(error) => debug!(%error, "capacity change not published on its topic"),
+                Err(error) => {
+                    info!(%error, "capacity change not published on its topic; on the record topic");
+                    // gossipsub may have taken the message id before it failed (full queues,
+                    // no peer above the publish threshold): the same bytes would now be refused
+                    // as a duplicate on the record topic, so the record is signed anew.
+                    self.own.refresh();
+                }
             }
         }
         self.publish_own()
