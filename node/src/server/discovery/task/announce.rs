@@ -5,6 +5,17 @@
 use super::*;
 
 impl SwarmTask {
+    /// Publishes `data` on `topic`, counting it when it went out.
+    fn publish_on(
+        &mut self,
+        topic: gossipsub::IdentTopic,
+        data: Vec<u8>,
+    ) -> Result<(), PublishError> {
+        self.swarm.behaviour_mut().gossip.publish(topic, data)?;
+        self.stats.published += 1;
+        Ok(())
+    }
+
     /// Publishes the own record, re-signed for a capacity change, on the capacity topic (to
     /// the connected facilitator and validators: a miner's relay among them); on the record
     /// topic when no peer on the capacity topic is connected yet, or for a node that does not
@@ -12,15 +23,9 @@ impl SwarmTask {
     pub(super) fn publish_capacity(&mut self) -> bool {
         if self.own.role == Role::Miner {
             let data = gossip::encode(&self.own.current());
-            match self
-                .swarm
-                .behaviour_mut()
-                .gossip
-                .publish(gossip::capacity_topic(), data)
-            {
-                Ok(_) => {
+            match self.publish_on(gossip::capacity_topic(), data) {
+                Ok(()) => {
                     self.published_at = Some(Instant::now());
-                    self.stats.published += 1;
                     return true;
                 }
                 Err(error) => {
@@ -37,17 +42,10 @@ impl SwarmTask {
 
     /// Publishes the own record on gossip (to every subscribed peer); whether it went out.
     pub(super) fn publish_own(&mut self) -> bool {
-        let own = self.own.current();
-        let data = gossip::encode(&own);
+        let data = gossip::encode(&self.own.current());
         self.published_at = Some(Instant::now());
-        match self
-            .swarm
-            .behaviour_mut()
-            .gossip
-            .publish(gossip::topic(), data)
-        {
-            Ok(_) => {
-                self.stats.published += 1;
+        match self.publish_on(gossip::topic(), data) {
+            Ok(()) => {
                 // A node that joins through a bootstrap peer announces again SETTLE_DELAY after
                 // its join fetch is answered (by then it has dialed its mesh peers); one without
                 // (a first facilitator) SETTLE_DELAY after this first announcement.
@@ -69,17 +67,9 @@ impl SwarmTask {
     /// Publishes the own record a second time, unchanged (`gossip::encode_again`: checked only
     /// by nodes that lack it); whether it went out (or had gone out already).
     pub(super) fn announce_again(&mut self) -> bool {
-        let own = self.own.current();
-        match self
-            .swarm
-            .behaviour_mut()
-            .gossip
-            .publish(gossip::topic(), gossip::encode_again(&own))
-        {
-            Ok(_) => {
-                self.stats.published += 1;
-                true
-            }
+        let data = gossip::encode_again(&self.own.current());
+        match self.publish_on(gossip::topic(), data) {
+            Ok(()) => true,
             // This very record was announced again already.
             Err(PublishError::Duplicate) => true,
             Err(PublishError::NoPeersSubscribedToTopic) => false,
