@@ -478,6 +478,43 @@ pub enum ClientMessageError {
     NotFromClients(&'static str),
 }
 
+impl ControlMessage {
+    /// The variant's name (with the inner one for `Down`/`Up`), for logs and errors: a message
+    /// can carry a whole job spec, which a log line should not.
+    pub fn name(&self) -> &'static str {
+        match self {
+            ControlMessage::Down(down) => down.name(),
+            ControlMessage::Up(up) => up.name(),
+            ControlMessage::RegisterExecutor(_) => "RegisterExecutor",
+            ControlMessage::Report(_) => "Report",
+            ControlMessage::ReportVerdict(_) => "ReportVerdict",
+            ControlMessage::Receipt(_) => "Receipt",
+            ControlMessage::ReceiptReply(_) => "ReceiptReply",
+        }
+    }
+}
+
+impl UpMessage {
+    /// The variant's name, for logs and errors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            UpMessage::Accepted => "Accepted",
+            UpMessage::Declined(_) => "Declined",
+            UpMessage::ExecutorReady => "ExecutorReady",
+            UpMessage::EndpointReady(_) => "EndpointReady",
+            UpMessage::Endpoint(_) => "Endpoint",
+            UpMessage::VolumesFetched { .. } => "VolumesFetched",
+            UpMessage::UploadDone(_) => "UploadDone",
+            UpMessage::Finished(_) => "Finished",
+            UpMessage::Failed(_) => "Failed",
+            UpMessage::HordeFailed(_) => "HordeFailed",
+            UpMessage::Status(_) => "Status",
+            UpMessage::Rejected(_) => "Rejected",
+            UpMessage::AssignmentReceived => "AssignmentReceived",
+        }
+    }
+}
+
 impl DownMessage {
     /// The variant's name, for logs and errors.
     pub fn name(&self) -> &'static str {

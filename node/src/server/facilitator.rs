@@ -633,7 +633,7 @@ impl Facilitator {
             let connection = self.peers.connect(validator, ALPN_CONTROL).await?;
             match request(&connection, &ControlMessage::Report(signed.clone())).await? {
                 ControlMessage::ReportVerdict(verdict) => Ok(verdict),
-                other => Err(ValidatorLinkError::Unexpected(format!("{other:?}"))),
+                other => Err(ValidatorLinkError::Unexpected(other.name().to_owned())),
             }
         };
         tokio::time::timeout(REPORT_FORWARD_TIMEOUT, exchange)

@@ -267,7 +267,7 @@ impl ReceiptIssuer {
             Ok(ControlMessage::ReceiptReply(ReceiptReply::Refused(reason))) => {
                 (None, Some(format!("the miner refused: {reason}")))
             }
-            Ok(other) => (None, Some(format!("unexpected answer {other:?}"))),
+            Ok(other) => (None, Some(format!("unexpected answer {}", other.name()))),
             Err(reason) => (None, Some(reason)),
         };
         match &note {
@@ -804,12 +804,16 @@ impl RelayPolicy for Stages<'_> {
             }
             (_, message) if ends_job(&message) => Step::End(message),
             (stage, message) => {
-                warn!(?stage, ?message, "miner message out of order");
+                warn!(
+                    ?stage,
+                    message = message.name(),
+                    "miner message out of order"
+                );
                 Step::Fail {
                     code: codes::PROTOCOL_VIOLATION,
                     message: self
                         .hop
-                        .failed_up(format!("miner sent {message:?} during {stage:?}")),
+                        .failed_up(format!("miner sent {} during {stage:?}", message.name())),
                 }
             }
         }

@@ -216,7 +216,10 @@ impl Facilitator {
             Ok(Ok(Some(ControlMessage::Up(UpMessage::AssignmentReceived)))) => Ok(session),
             Ok(Ok(other)) => {
                 session.abort(codes::PROTOCOL_VIOLATION);
-                Err(ValidatorLinkError::Unexpected(format!("{other:?}")))
+                let what = other
+                    .as_ref()
+                    .map_or("the end of the stream", ControlMessage::name);
+                Err(ValidatorLinkError::Unexpected(what.to_owned()))
             }
             Ok(Err(error)) => Err(ValidatorLinkError::Channel(error)),
             Err(_) => {

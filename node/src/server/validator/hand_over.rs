@@ -43,10 +43,7 @@ pub(super) async fn hand_over(
         .map_err(HandOverError::Answer)?;
     match tokio::time::timeout(wait, recv.recv::<ControlMessage>()).await {
         Ok(Ok(Some(ControlMessage::Down(DownMessage::Proceed)))) => Ok(()),
-        Ok(Ok(Some(ControlMessage::Down(other)))) => {
-            Err(HandOverError::Unexpected(other.name().to_owned()))
-        }
-        Ok(Ok(Some(other))) => Err(HandOverError::Unexpected(format!("{other:?}"))),
+        Ok(Ok(Some(other))) => Err(HandOverError::Unexpected(other.name().to_owned())),
         Ok(Ok(None)) => Err(HandOverError::Ended),
         Ok(Err(error)) => Err(HandOverError::Withdrawn(error)),
         Err(_) => Err(HandOverError::NoProceed(wait)),
