@@ -105,7 +105,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Key { command } => key::run(command),
         Command::Receipts(args) => receipts::run(&args),
         Command::Internal(command) => internal::run(command),
-        Command::Blob { command } => block_on(async { Ok(blob::run_command(command).await?) }),
+        Command::Blob { command } => {
+            block_on_one_thread(async { Ok(blob::run_command(command).await?) })
+        }
         Command::Job { command } if command.is_relay() => {
             block_on_one_thread(job::run_command(command))
         }
@@ -127,10 +129,14 @@ fn block_on(future: impl Future<Output = anyhow::Result<()>>) -> anyhow::Result<
         .block_on(future)
 }
 
-/// A current-thread runtime for a relay (`horde job forward`): like nginx's worker, one thread
-/// carries every hop (local socket → tunnel stream → quinn's connection → UDP socket and back),
-/// so no wake-up crosses threads; on a loaded machine each crossing is a futex wake and a
-/// scheduling delay on the round trip.
+/// A current-thread runtime for a relay (`horde job forward`) and for blob transfers: like
+/// nginx's worker, one thread carries every hop (local socket → tunnel stream → quinn's
+/// connection → UDP socket and back), so no wake-up crosses threads; on a loaded machine each
+/// crossing is a futex wake and a scheduling delay on the round trip. A blob's disk work runs on
+/// threads of its own (the writer, the checkpoints, hashing a file to upload). Measured, `horde
+/// blob get` of 1 GiB across a veth pair at MTU 1,500: 3.85–4.01 Gbit/s at 3.06–3.48 CPU s/GiB
+/// (both ends) on the 2-worker runtime, 4.80–5.52 at 2.66–2.73 on this one (benches/RESULTS.md,
+/// "One thread for the blob CLI").
 fn block_on_one_thread(future: impl Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -86,6 +86,14 @@ pub(super) enum ReaderEvent {
 /// certificate, verified at the handshake) is the pinned job key and prepares that key for
 /// verifying receipts, so a stream opened afterwards costs no certificate parsing and no point
 /// decompression. Cheap to clone.
+///
+/// **Runtime.** Streams move fastest when the connection and its readers share one thread (a
+/// current-thread runtime, as `horde job forward` and `horde blob` use): on a multi-thread
+/// runtime each packet's hand-offs (UDP socket → quinn's endpoint → its connection → the reading
+/// task) may cross workers. Measured with `flow-latency`, bulk 256 MiB, two runs: across a veth
+/// pair at MTU 1,500 3.7 / 4.3 Gbit/s from the bench's 2-worker runtime, 4.3 / 5.9 from a
+/// current-thread one; loopback 6.4 / 7.0 against 7.0 / 8.0 (benches/RESULTS.md, "One thread
+/// for the blob CLI").
 #[derive(Clone)]
 pub struct JobTunnel {
     connection: quinn::Connection,
