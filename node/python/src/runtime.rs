@@ -22,9 +22,15 @@ use crate::errors::HordeError;
 /// to feel immediate, rare enough to cost nothing.
 const SIGNAL_CHECK_INTERVAL: Duration = Duration::from_millis(50);
 
-/// Worker threads of the runtime: the SDK moves bytes and checks signatures; two threads keep up
-/// with a gigabit link and leave the interpreter its own core.
-const WORKER_THREADS: usize = 2;
+/// Worker threads of the runtime: one, so a connection's every hop (UDP socket → quinn's endpoint
+/// → its connection → the task reading the stream) stays on one thread, as in `horde job
+/// forward` and `horde blob`; a blob's disk work has threads of its own. Measured with
+/// `benches/python_sdk.py`, two runs each, alternating: request round trip 1.30 / 1.18× the Rust
+/// client's with two workers, 1.11 / 0.99× with one; 1 GiB `blob_get` 0.92 / 0.86× the one-thread
+/// CLI's rate with two, 0.93 / 1.00× with one (benches/RESULTS.md, "One thread for the blob
+/// CLI"). A Python callback that calls the SDK while the runtime runs it is served too
+/// ([`block_on`] hands the worker's other tasks to a fresh thread while it waits).
+const WORKER_THREADS: usize = 1;
 
 /// The runtime of this process, with the process id it was made in. A runtime is leaked rather
 /// than dropped: after a fork its threads are gone and dropping it would wait for them.
@@ -86,10 +92,28 @@ where
     F: Future<Output = PyResult<T>> + Send + 'static,
     T: Send + 'static,
 {
-    let (done, mut result) = std::sync::mpsc::sync_channel(1);
+    let (done, result) = std::sync::mpsc::sync_channel(1);
     let task = runtime()?.spawn(async move {
         let _ = done.send(future.await);
     });
+    // Called on the runtime's worker (a progress callback calling the SDK): the worker's other
+    // tasks, this call's among them, move to another thread while this one waits.
+    if tokio::runtime::Handle::try_current().is_ok() {
+        return tokio::task::block_in_place(|| wait_for(py, result, &task));
+    }
+    wait_for(py, result, &task)
+}
+
+/// Waits for `task`'s result with the GIL released, running Python's signal handlers every
+/// [`SIGNAL_CHECK_INTERVAL`] (see [`block_on`]).
+fn wait_for<T>(
+    py: Python<'_>,
+    mut result: std::sync::mpsc::Receiver<PyResult<T>>,
+    task: &tokio::task::JoinHandle<()>,
+) -> PyResult<T>
+where
+    T: Send + 'static,
+{
     loop {
         let (receiver, received) = py.detach(move || {
             let received = result.recv_timeout(SIGNAL_CHECK_INTERVAL);

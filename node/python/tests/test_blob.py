@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -63,3 +64,27 @@ def test_a_corrupted_blob_is_refused(network, tmp_path):
         horde.blob_get(network.storage, hash, target)
     assert not target.exists()
     assert not any(p.name.startswith("never.bin") for p in tmp_path.iterdir())
+
+
+def test_a_progress_callback_may_call_the_sdk(network):
+    # The callback runs on the SDK's runtime thread; a blocking SDK call from it must be served,
+    # not wait forever for the thread it is blocking.
+    data = os.urandom(1024 * 1024)
+    hash = horde.blob_put(network.storage, data)
+    fetched: list[bytes] = []
+
+    def progress(done: int, total: int) -> None:
+        if not fetched:
+            fetched.append(horde.blob_get(network.storage, hash))
+
+    outer: list[bytes] = []
+    # On a thread of its own, so that a deadlock fails the test instead of hanging the run.
+    call = threading.Thread(
+        target=lambda: outer.append(horde.blob_get(network.storage, hash, progress=progress)),
+        daemon=True,
+    )
+    call.start()
+    call.join(timeout=60)
+    assert not call.is_alive(), "an SDK call from a progress callback never returned"
+    assert outer == [data]
+    assert fetched == [data]
