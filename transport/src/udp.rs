@@ -212,13 +212,11 @@ impl Held {
             None => len <= self.segment,
         };
         !self.contents.is_empty()
-            && self.contents.len().is_multiple_of(self.segment)
             && segment_fits
             && self.destination == Some(transmit.destination)
             && self.src_ip == transmit.src_ip
             && self.ecn == transmit.ecn
-            && self.contents.len() + len <= MAX_SEND_BYTES
-            && (self.contents.len() + len).div_ceil(self.segment) <= max_segments
+            && self.room_for(len, max_segments)
     }
 
     /// Holds `transmit` (after [`Held::holdable`], or when [`Held::takes`] it).
@@ -233,7 +231,8 @@ impl Held {
         self.contents.extend_from_slice(transmit.contents);
     }
 
-    /// Whether another batch of `len` bytes would still fit (so it is worth waiting for).
+    /// Whether `len` more bytes may follow what is held in the same send: all held datagrams
+    /// full, within [`MAX_SEND_BYTES`] and the socket's segment limit.
     fn room_for(&self, len: usize, max_segments: usize) -> bool {
         self.contents.len().is_multiple_of(self.segment)
             && self.contents.len() + len <= MAX_SEND_BYTES
