@@ -18,10 +18,17 @@ pub(crate) fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> std::io:
         .truncate(true)
         .mode(mode)
         .open(&temp)?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
+    let written = file
+        .write_all(bytes)
+        .and_then(|()| file.sync_all())
+        .and_then(|()| std::fs::rename(&temp, path));
+    if let Err(error) = written {
+        // A full disk: the old file stays as it was, and no half-written temporary is left.
+        drop(file);
+        let _ = std::fs::remove_file(&temp);
+        return Err(error);
+    }
     drop(file);
-    std::fs::rename(&temp, path)?;
     let dir = match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir,
         _ => Path::new("."),
@@ -49,6 +56,19 @@ mod tests {
             .map(|entry| entry.unwrap().file_name())
             .collect();
         assert_eq!(names, vec![std::ffi::OsString::from("state.json")]);
+    }
+
+    #[test]
+    fn a_failed_write_leaves_the_old_state_and_no_temporary() {
+        // The rename fails (the target is a directory that is not empty): as after a write that
+        // found the disk full, the temporary is removed and what was there stays.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        std::fs::create_dir(&path).unwrap();
+        std::fs::write(path.join("kept"), b"old").unwrap();
+        assert!(write_atomically(&path, b"new", 0o600).is_err());
+        assert_eq!(std::fs::read(path.join("kept")).unwrap(), b"old");
+        assert!(!dir.path().join("state.json.tmp").exists());
     }
 
     #[test]

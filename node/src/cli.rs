@@ -6,6 +6,22 @@
 //!   `cli/blob.rs`: `horde blob …`; `cli/nodes.rs`: `horde nodes`; `cli/receipts.rs`:
 //!   `horde receipts`; `cli/internal.rs`: hidden subcommands the node starts itself.
 
+/// `println!` for a command's output. When the reader has gone away (`horde job status ID |
+/// head -1`), the command ends quietly with status 141, as a shell tool killed by `SIGPIPE`
+/// does, instead of panicking; any other write error ends it with a one-line message.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::cli::write_out(format_args!($($arg)*), true)
+    };
+}
+
+/// `print!` for a command's output; see [`out!`].
+macro_rules! out_part {
+    ($($arg:tt)*) => {
+        $crate::cli::write_out(format_args!($($arg)*), false)
+    };
+}
+
 pub mod blob;
 pub mod internal;
 pub mod job;
@@ -119,6 +135,36 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
 }
+
+/// Writes one piece of a command's output to stdout (a line when `line`); see [`out!`].
+pub(crate) fn write_out(args: std::fmt::Arguments<'_>, line: bool) {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    let written = stdout
+        .write_fmt(args)
+        .and_then(|()| {
+            if line {
+                stdout.write_all(b"\n")
+            } else {
+                Ok(())
+            }
+        })
+        .and_then(|()| stdout.flush());
+    match written {
+        Ok(()) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => {
+            std::process::exit(STATUS_OUTPUT_CLOSED)
+        }
+        Err(error) => {
+            eprintln!("error: writing to standard output: {error}");
+            std::process::exit(1)
+        }
+    }
+}
+
+/// The exit status when the reader of stdout went away: 128 + SIGPIPE, what a shell reports for
+/// a tool the signal ended.
+const STATUS_OUTPUT_CLOSED: i32 = 141;
 
 /// The one tokio runtime of a `horde` process, built for the commands that need one.
 fn block_on(future: impl Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {

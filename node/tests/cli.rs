@@ -42,6 +42,53 @@ fn key_generate_then_show() {
 }
 
 #[test]
+fn output_to_a_reader_that_went_away_ends_quietly() {
+    // `horde key show K | head -0`: the pipe's reading end is closed before horde writes.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("k.json");
+    SecretKey::generate().write_key_file(&path).unwrap();
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = Command::new(HORDE)
+        .args(["key", "show", path.to_str().unwrap()])
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(141), "{out:?}");
+    assert!(stderr.is_empty(), "nothing on stderr, no panic: {stderr}");
+}
+
+#[test]
+fn a_key_that_could_not_be_written_leaves_no_file() {
+    // A full disk, as the file-size limit makes it: the write fails (EFBIG, SIGXFSZ ignored).
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("k.json");
+    let out = Command::new("sh")
+        .args([
+            "-c",
+            "trap '' XFSZ; ulimit -f 0; exec \"$0\" key generate --out \"$1\"",
+        ])
+        .args([HORDE, path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        stderr.contains("k.json"),
+        "the error names the file: {stderr}"
+    );
+    assert!(!path.exists(), "no empty key file is left behind");
+    // So the next try, with room, just works.
+    assert!(
+        horde(&["key", "generate", "--out", path.to_str().unwrap()])
+            .status
+            .success()
+    );
+}
+
+#[test]
 fn key_readable_by_others_is_refused_by_the_node() {
     use std::os::unix::fs::PermissionsExt as _;
     let dir = tempfile::tempdir().unwrap();

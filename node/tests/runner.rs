@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use horde_node::server::executor::runner::process::ProcessRunner;
 use horde_node::server::executor::runner::{
-    ClassPolicy, JobEvent, JobExit, Launch, NetworkPolicy, Runner as _,
+    ClassPolicy, DEFAULT_TMP_BYTES, JobEvent, JobExit, Launch, NetworkPolicy, Runner as _,
 };
 use horde_protocol::{JobId, Program};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -216,6 +216,28 @@ async fn a_job_over_its_memory_limit_ends_out_of_memory() {
     };
     assert!(!exit.success(), "{exit:?}");
     println!("{exit:?}");
+    job.remove().await;
+}
+
+#[tokio::test]
+async fn a_class_without_a_tmp_limit_gets_the_default_one() {
+    // Without it a job could fill half of the host's memory through its /tmp.
+    let dir = tempfile::tempdir().unwrap();
+    let runner = runner().await;
+    let script = "python3 -c 'import os; s = os.statvfs(\"/tmp\"); \
+                  print(\"tmp-kib\", s.f_blocks * s.f_frsize // 1024)'";
+    let mut job = runner
+        .start(launch(dir.path(), script, ClassPolicy::default()))
+        .await
+        .unwrap();
+    let exit = exit_of(&mut job).await;
+    assert!(exit.success(), "{exit:?}");
+    let expected = format!("tmp-kib {}", DEFAULT_TMP_BYTES / 1024);
+    assert!(
+        stdout(dir.path()).contains(&expected),
+        "{}",
+        stdout(dir.path())
+    );
     job.remove().await;
 }
 

@@ -304,6 +304,9 @@ async fn wrong_blake3_or_size_is_a_typed_error_and_leaves_no_file() {
     );
 }
 
+/// What one upload may send in these tests: far above their files.
+const OUTPUT_LIMIT: u64 = 1 << 30;
+
 #[tokio::test]
 async fn http_put_upload_sends_the_file_with_custom_headers() {
     let server = HttpServer::start(None);
@@ -325,6 +328,7 @@ async fn http_put_upload_sends_the_file_with_custom_headers() {
         }],
         &endpoint,
         &http(),
+        OUTPUT_LIMIT,
     )
     .await
     .unwrap();
@@ -450,12 +454,57 @@ async fn blob_and_inline_volumes_and_blob_uploads() {
         }],
         &endpoint,
         &http(),
+        OUTPUT_LIMIT,
     )
     .await
     .unwrap();
     assert_eq!(refs[0].hash, BlobHash::of(&bytes[..1000]));
-    assert_eq!(refs[0].location, OutputLocation::Blob(storage));
+    assert_eq!(refs[0].location, OutputLocation::Blob(storage.clone()));
     assert!(store.blob_path(&refs[0].hash).exists());
+
+    // A sparse output of 64 GiB (a few blocks on disk) is refused before a byte is read or
+    // sent, as is one that only the sum of one upload's outputs takes past the limit.
+    let sparse = std::fs::File::create(job.path().join("output/sparse.bin")).unwrap();
+    sparse.set_len(64 << 30).unwrap();
+    let started = std::time::Instant::now();
+    let to_store = |name: &str| UploadSpec {
+        path: RelativePath(name.to_owned()),
+        target: UploadTarget::Blob {
+            storage: storage.clone(),
+        },
+    };
+    let error = upload(
+        job.path(),
+        &[to_store("sparse.bin")],
+        &endpoint,
+        &http(),
+        OUTPUT_LIMIT,
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(&error, VolumeError::Output { path, message } if path == "sparse.bin"
+            && message.contains("output_mb")),
+        "{error:?}"
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "refused at once"
+    );
+    std::fs::write(job.path().join("output/out2.bin"), &bytes[..1000]).unwrap();
+    let error = upload(
+        job.path(),
+        &[to_store("out.bin"), to_store("out2.bin")],
+        &endpoint,
+        &http(),
+        1500,
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(&error, VolumeError::Output { path, .. } if path == "out2.bin"),
+        "{error:?}"
+    );
 
     // An output that is a symlink is refused.
     std::os::unix::fs::symlink("/etc/passwd", job.path().join("output/link")).unwrap();
@@ -470,6 +519,7 @@ async fn blob_and_inline_volumes_and_blob_uploads() {
         }],
         &endpoint,
         &http(),
+        OUTPUT_LIMIT,
     )
     .await
     .unwrap_err();

@@ -487,13 +487,21 @@ impl SecretKey {
                 }
             })?;
         let json = self.to_key_file_json();
-        file.write_all(json.as_bytes())
+        let written = file
+            .write_all(json.as_bytes())
             .and_then(|()| file.write_all(b"\n"))
-            .and_then(|()| file.sync_all())
-            .map_err(|source| KeyFileError::Io {
+            .and_then(|()| file.sync_all());
+        if let Err(source) = written {
+            // A full disk: the file this call created holds nothing usable. Left behind, every
+            // later command would read it as a malformed key until someone deleted it by hand.
+            drop(file);
+            let _ = std::fs::remove_file(path);
+            return Err(KeyFileError::Io {
                 path: shown,
                 source,
-            })
+            });
+        }
+        Ok(())
     }
 }
 

@@ -104,7 +104,7 @@ async fn transfer(command: &BlobCommand, endpoint: &HordeEndpoint) -> Result<(),
             let mut progress = ProgressReporter::new("put");
             let policy = TransferPolicy::default();
             let hash = put_file(endpoint, storage, file, &policy, &mut progress).await?;
-            println!("{hash}");
+            out!("{hash}");
         }
         BlobCommand::PutImage {
             archive, storage, ..
@@ -113,7 +113,7 @@ async fn transfer(command: &BlobCommand, endpoint: &HordeEndpoint) -> Result<(),
             let policy = TransferPolicy::default();
             let hash = put_file(endpoint, storage, archive, &policy, &mut progress).await?;
             let size = std::fs::metadata(archive).map_err(TransferError::Io)?.len();
-            println!("{}", image_blob_line(&hash, size, storage));
+            out!("{}", image_blob_line(&hash, size, storage));
         }
         BlobCommand::Get {
             hash, out, storage, ..
@@ -130,7 +130,7 @@ async fn transfer(command: &BlobCommand, endpoint: &HordeEndpoint) -> Result<(),
                 &mut progress,
             )
             .await?;
-            println!("{}", out.display());
+            out!("{}", out.display());
         }
     }
     Ok(())

@@ -178,8 +178,8 @@ fn save_state(common: &JobStateArgs, job: &JobId, state: &JobState) -> anyhow::R
         &path,
         serde_json::to_string_pretty(state)?.as_bytes(),
         0o600,
-    )?;
-    Ok(())
+    )
+    .with_context(|| format!("saving the state of job {job} to {}", path.display()))
 }
 
 fn load_state(common: &JobStateArgs, job: &JobId) -> anyhow::Result<JobState> {
@@ -195,7 +195,7 @@ fn parse_job(job: &str) -> anyhow::Result<JobId> {
 }
 
 fn print_status(started: Instant, update: &StatusUpdate) {
-    println!(
+    out!(
         "[{:>6} ms] #{} {}",
         started.elapsed().as_millis(),
         update.seq,
@@ -204,7 +204,7 @@ fn print_status(started: Instant, update: &StatusUpdate) {
 }
 
 fn print_endpoint(endpoint: &VerifiedEndpoint) {
-    println!(
+    out!(
         "endpoint verified: {} job key {} (signed by miner {})",
         endpoint.address(),
         endpoint.job_key(),
@@ -376,7 +376,16 @@ async fn submit(
         .await
         .with_context(|| format!("submitting the job to the facilitator {facilitator}"))?;
     let job_id = job.job_id();
-    println!("job {job_id}");
+    out!("job {job_id}");
+    // The job runs whatever happens to its state here (a full disk): say so, and how to end it.
+    let save_state = |common: &JobStateArgs, job_id: &JobId, state: &JobState| {
+        save_state(common, job_id, state).with_context(|| {
+            format!(
+                "job {job_id} was submitted and runs on; `horde job terminate {job_id} \
+                 --facilitator {facilitator}` ends it"
+            )
+        })
+    };
     let mut state = JobState {
         job_id: job_id.to_string(),
         facilitator: facilitator.to_string(),
@@ -395,7 +404,7 @@ async fn submit(
                 state.endpoint = Some(hex::encode(to_bytes(signed)));
                 save_state(&common, &job_id, &state)?;
                 if !follow {
-                    println!("job is serving; `horde job request {job_id} GET /` talks to it");
+                    out!("job is serving; `horde job request {job_id} GET /` talks to it");
                     return Ok(());
                 }
             }
@@ -446,7 +455,7 @@ async fn forward(job: String, listen: SocketAddr, common: JobStateArgs) -> anyho
         .await
         .with_context(|| format!("listening on {listen}"))?;
     let (job_id, endpoint, connection) = connect_job(&common, &job).await?;
-    println!(
+    out!(
         "forwarding {} -> job {job_id} at {}",
         listener.local_addr()?,
         endpoint.address()
@@ -490,7 +499,7 @@ async fn volumes(
             |s| matches!(s, JobStatus::VolumesFetched { volume_msg_id } if *volume_msg_id == id),
         )
         .await?;
-    println!("volumes {id} fetched");
+    out!("volumes {id} fetched");
     Ok(())
 }
 
@@ -542,7 +551,7 @@ async fn report(args: ReportArgs, facilitators: &Facilitators) -> anyhow::Result
     let report = client.sign_report(evidence, &details);
     match client.report(&report).await? {
         ReportVerdict::Accepted { forwarded_to } => {
-            println!(
+            out!(
                 "report accepted: miner {} excluded, forwarded to {forwarded_to} validators",
                 endpoint.record.miner
             );
@@ -564,7 +573,7 @@ async fn terminate(
     skip_history(&mut handle).await?;
     handle.terminate().await?;
     let status = handle.wait_for_end().await?;
-    println!("{}", describe(&status));
+    out!("{}", describe(&status));
     exit_for(&status)
 }
 

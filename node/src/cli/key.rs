@@ -28,14 +28,14 @@ pub(crate) fn run(command: KeyCommand) -> anyhow::Result<()> {
             let key = SecretKey::generate();
             key.write_key_file(&out)?;
             let hotkey = key.hotkey();
-            println!("wrote {}", out.display());
-            println!("ss58: {hotkey}");
-            println!("hex:  0x{}", hotkey.to_hex());
+            out!("wrote {}", out.display());
+            out!("ss58: {hotkey}");
+            out!("hex:  0x{}", hotkey.to_hex());
         }
         KeyCommand::Show { file } => {
             let hotkey = SecretKey::read_key_file(&file)?.hotkey();
-            println!("ss58: {hotkey}");
-            println!("hex:  0x{}", hotkey.to_hex());
+            out!("ss58: {hotkey}");
+            out!("hex:  0x{}", hotkey.to_hex());
         }
     }
     Ok(())

@@ -16,9 +16,12 @@ pub(crate) async fn run(peer: &BootstrapPeer, json: bool) -> anyhow::Result<()> 
 fn print_nodes(records: &[NodeRecord], json: bool) {
     let now = now();
     if !json {
-        println!(
+        out!(
             "{:<12} {:<50} {:<24} {:<18} expires in",
-            "role", "hotkey", "quic address", "free/total, held"
+            "role",
+            "hotkey",
+            "quic address",
+            "free/total, held"
         );
     }
     for record in records {
@@ -36,9 +39,9 @@ fn print_nodes(records: &[NodeRecord], json: bool) {
                 "seq": record.seq,
                 "expires_in_s": expires_s,
             });
-            println!("{line}");
+            out!("{line}");
         } else {
-            println!(
+            out!(
                 "{:<12} {:<50} {:<24} {:<18} {expires_s:.1} s",
                 record.role.as_str(),
                 record.hotkey.to_string(),

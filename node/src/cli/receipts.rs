@@ -76,12 +76,12 @@ pub fn run(args: &ReceiptsArgs) -> anyhow::Result<()> {
     let invalid = rows.iter().filter(|row| row.verified.is_err()).count();
     if args.json {
         let list: Vec<serde_json::Value> = rows.iter().map(json_row).collect();
-        println!(
+        out!(
             "{}",
             serde_json::to_string_pretty(&list).context("encoding JSON")?
         );
     } else {
-        print!("{}", table(&rows));
+        out_part!("{}", table(&rows));
     }
     if let Some(damage) = damage {
         bail!("{damage}; only the receipts before it are listed");

@@ -303,6 +303,10 @@ pub struct ClassConfig {
     /// Size of the job's private `/tmp`, MiB.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tmp_mb: Option<u64>,
+    /// Most bytes one upload of the job's outputs sends, all its files together, MiB (default
+    /// 4096: [`crate::server::executor::runner::DEFAULT_OUTPUT_BYTES`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_mb: Option<u64>,
     /// `"all"` or a number (container runtime only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gpus: Option<Gpus>,
@@ -329,6 +333,7 @@ impl ClassConfig {
             cpus: None,
             pids: None,
             tmp_mb: None,
+            output_mb: None,
             gpus: None,
             uid: None,
             allow_unisolated: false,
@@ -344,6 +349,7 @@ impl ClassConfig {
             cpus: self.cpus,
             pids: self.pids,
             tmp_bytes: self.tmp_mb.map(|mb| mb.saturating_mul(MIB)),
+            output_bytes: self.output_mb.map(|mb| mb.saturating_mul(MIB)),
             gpus: self.gpus,
             uid: self.uid,
             allow_unisolated: self.allow_unisolated,
@@ -594,6 +600,7 @@ impl NodeConfig {
         let mut config: Self = table.try_into().map_err(parse_error)?;
         config.resolve_paths(base);
         overrides.apply(&mut config);
+        config.make_paths_absolute();
         config.derive_settings();
         config
             .validate()
@@ -659,6 +666,29 @@ impl NodeConfig {
             .and_then(|miner| miner.executor_program.as_mut())
         {
             *program = base.join(&*program);
+        }
+    }
+
+    /// Makes the data directory, the key file and the executor program absolute (against the
+    /// working directory): a relative path (`horde node --config node.toml`, `--data-dir data`)
+    /// would otherwise reach places that do not share the node's working directory, such as a
+    /// Docker Engine mounting a job's volume ("mount path must be absolute").
+    fn make_paths_absolute(&mut self) {
+        let absolute = |path: &mut PathBuf| {
+            // Fails only for an empty path or an unreadable working directory: kept as it is,
+            // and the first use names the path.
+            if let Ok(full) = std::path::absolute(&*path) {
+                *path = full;
+            }
+        };
+        absolute(&mut self.data_dir);
+        absolute(&mut self.key_file);
+        if let Some(program) = self
+            .miner
+            .as_mut()
+            .and_then(|miner| miner.executor_program.as_mut())
+        {
+            absolute(program);
         }
     }
 
@@ -1054,6 +1084,18 @@ mod tests {
         let read = NodeConfig::parse(&text, "t", Path::new("/x"), &Overrides::default())
             .unwrap_or_else(|e| panic!("{e}\n{text}"));
         assert_eq!(read.data_dir, Path::new("/x/data"));
+        // Read from a config named relative to the working directory (`--config node.toml`),
+        // and with `--data-dir` relative too: every path comes out absolute, against it.
+        let here = std::env::current_dir().unwrap();
+        let relative = NodeConfig::parse(&text, "t", Path::new(""), &Overrides::default()).unwrap();
+        assert_eq!(relative.data_dir, here.join("data"));
+        assert!(relative.key_file.is_absolute(), "{:?}", relative.key_file);
+        let overridden = Overrides {
+            data_dir: Some("elsewhere".into()),
+            ..Overrides::default()
+        };
+        let relative = NodeConfig::parse(&text, "t", Path::new("/x"), &overridden).unwrap();
+        assert_eq!(relative.data_dir, here.join("elsewhere"));
         assert_eq!(read.facilitator, config.facilitator);
         assert_eq!(
             read.validator.trusted_miners,

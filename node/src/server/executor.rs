@@ -19,8 +19,9 @@
 //! that job's start path.
 //!
 //! Layout: `executor.rs` (registration and the stages), `executor/runner.rs` (+ `runner/`: how
-//! a job is started and isolated), `executor/volumes.rs` (volumes fetched, outputs uploaded),
-//! `executor/http.rs` (the readiness probe and the job's `POST /outputs`).
+//! a job is started and isolated), `executor/volumes.rs` (volumes fetched) and
+//! `executor/volumes/upload.rs` (outputs uploaded), `executor/http.rs` (the readiness probe and
+//! the job's `POST /outputs`).
 
 mod http;
 pub mod runner;
@@ -840,7 +841,15 @@ impl JobRunner {
         let mut count = 0;
         let mut message = None;
         for (volume_msg_id, uploads) in by_list {
-            match volumes::upload(job_dir, &uploads, &self.endpoint, &self.http).await {
+            match volumes::upload(
+                job_dir,
+                &uploads,
+                &self.endpoint,
+                &self.http,
+                self.config.policy.output_limit(),
+            )
+            .await
+            {
                 Ok(outputs) => {
                     count += outputs.len();
                     message = Some(UpMessage::UploadDone(UploadDone {
@@ -876,7 +885,13 @@ impl JobRunner {
         let mut first_failure = None;
         for upload in uploads {
             let one = std::slice::from_ref(upload);
-            let sent = volumes::upload(dir, one, &self.endpoint, &self.http);
+            let sent = volumes::upload(
+                dir,
+                one,
+                &self.endpoint,
+                &self.http,
+                self.config.policy.output_limit(),
+            );
             let (reason, failure) = match tokio::time::timeout_at(deadline, sent).await {
                 Ok(Ok(refs)) => {
                     outputs.extend(refs);

@@ -161,6 +161,7 @@ pub(crate) fn policy() -> ClassPolicy {
         cpus: Some(1.0),
         pids: Some(128),
         tmp_bytes: None,
+        output_bytes: None,
         gpus: None,
         uid: None,
         allow_unisolated: false,

@@ -133,6 +133,9 @@ pub struct ClassPolicy {
     pub pids: Option<u64>,
     /// Size of the job's private `/tmp`.
     pub tmp_bytes: Option<u64>,
+    /// Most bytes one upload of the job's outputs sends, its files together; default
+    /// [`DEFAULT_OUTPUT_BYTES`].
+    pub output_bytes: Option<u64>,
     /// GPUs (container runner only).
     pub gpus: Option<Gpus>,
     /// The host uid (and gid) the job runs as when the node runs as root; default
@@ -142,13 +145,41 @@ pub struct ClassPolicy {
     pub allow_unisolated: bool,
 }
 
+/// What one upload of a job's outputs may send when the class says nothing (`output_mb`).
+pub const DEFAULT_OUTPUT_BYTES: u64 = 4 << 30;
+
+/// The size of the private `/tmp` when the class names none (`tmp_mb`), for every runner: room
+/// for scratch files, small enough that many jobs' tmpfs pages cannot crowd out the host's
+/// memory (a tmpfs without a size may take half of it).
+pub const DEFAULT_TMP_BYTES: u64 = 64 << 20;
+
+/// Most processes and threads of a job when the class names none (`pids`), where the runner
+/// can count them: a fork bomb stops there instead of at the host's own limit.
+pub const DEFAULT_PIDS: u64 = 4096;
+
 impl ClassPolicy {
+    /// The size of the job's private `/tmp`.
+    pub fn tmp_limit(&self) -> u64 {
+        self.tmp_bytes.unwrap_or(DEFAULT_TMP_BYTES)
+    }
+
+    /// Most processes and threads of the job at once.
+    pub fn pids_limit(&self) -> u64 {
+        self.pids.unwrap_or(DEFAULT_PIDS)
+    }
+
+    /// What one upload of the job's outputs may send.
+    pub fn output_limit(&self) -> u64 {
+        self.output_bytes.unwrap_or(DEFAULT_OUTPUT_BYTES)
+    }
+
     /// Checks the policy; the error says what is wrong (the caller names the field).
     pub fn validate(&self) -> Result<(), String> {
         for (name, value) in [
             ("memory", self.memory_bytes),
             ("pids", self.pids),
             ("tmp", self.tmp_bytes),
+            ("output", self.output_bytes),
         ] {
             if value == Some(0) {
                 return Err(format!("{name} must be at least 1"));

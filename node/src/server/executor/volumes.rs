@@ -8,19 +8,19 @@
 //!   `<job_dir>/.staging/` (outside the job's view), checked, then renamed into place; no
 //!   directory on the way is a symlink and the final name must not exist. URL and inline volumes
 //!   are not fsynced (see [`materialize`]).
-//! - [`upload`]: sends outputs from `<job_dir>/output/<path>` to a storage node or an HTTP PUT
-//!   URL (presigned S3 URLs work: a plain PUT with the given headers and a Content-Length).
+//! - [`upload`] (`volumes/upload.rs`): sends outputs from `<job_dir>/output/<path>` to a storage
+//!   node or an HTTP PUT URL (presigned S3 URLs work: a plain PUT with the given headers and a
+//!   Content-Length), within the class's output limit.
 //! - [`HttpClient`]: the blocking HTTP agent (ureq, rustls) and its retry policy; calls run on
 //!   tokio's blocking pool.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write as _};
-use std::os::fd::{AsFd, AsRawFd as _, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use horde_protocol::messages::{OutputLocation, OutputRef};
-use horde_protocol::{BlobHash, RelativePath, UploadSpec, UploadTarget, VolumeSource, VolumeSpec};
+use horde_protocol::{BlobHash, RelativePath, VolumeSource, VolumeSpec};
 use horde_transport::HordeEndpoint;
 use rustix::fs::{Mode, OFlags, RenameFlags};
 use tracing::{debug, info};
@@ -36,6 +36,12 @@ pub const VOLUME_DIR: &str = "volume";
 /// Directory under the job directory that outputs are read from.
 pub const OUTPUT_DIR: &str = "output";
 
+mod upload;
+
+pub use upload::upload;
+#[cfg(test)]
+use upload::{open_output, opened_path};
+
 /// Private directory under the job directory where downloads are staged.
 const STAGING_DIR: &str = ".staging";
 
@@ -46,6 +52,16 @@ const DEFAULT_MAX_VOLUME_SIZE: u64 = horde_protocol::blob::DEFAULT_MAX_BLOB_SIZE
 /// and facilitator also apply) and returns it as a [`PathBuf`] of normal components.
 pub fn validate_relative_path(path: &RelativePath) -> Result<PathBuf, PathError> {
     Ok(path.components()?.into_iter().collect())
+}
+
+/// [`validate_paths`], a refusal as the [`VolumeError`] that names the path.
+fn checked_paths<'a>(
+    paths: impl IntoIterator<Item = &'a RelativePath>,
+) -> Result<Vec<PathBuf>, VolumeError> {
+    validate_paths(paths).map_err(|(path, source)| VolumeError::Path {
+        path: path.0,
+        source,
+    })
 }
 
 /// Validates every path of a job and refuses duplicates and a file that is another's parent
@@ -395,13 +411,7 @@ pub async fn materialize(
     endpoint: &HordeEndpoint,
     http: &HttpClient,
 ) -> Result<Vec<Materialized>, VolumeError> {
-    let paths =
-        validate_paths(volumes.iter().map(|volume| &volume.path)).map_err(|(path, source)| {
-            VolumeError::Path {
-                path: path.0,
-                source,
-            }
-        })?;
+    let paths = checked_paths(volumes.iter().map(|volume| &volume.path))?;
     let root = job_dir.join(VOLUME_DIR);
     let staging = job_dir.join(STAGING_DIR);
     for dir in [&root, &staging] {
@@ -782,213 +792,6 @@ fn fetch_attempt(
 fn content_range_start(value: &str) -> Option<u64> {
     let range = value.trim().strip_prefix("bytes ")?;
     range.split('-').next()?.trim().parse().ok()
-}
-
-/// Opens an output under `root` without following symlinks on the way, refusing anything but
-/// a regular file.
-fn open_output(root: &Path, relative: &Path, shown: &str) -> Result<File, VolumeError> {
-    let missing = || VolumeError::Output {
-        path: shown.to_owned(),
-        message: "no such file".to_owned(),
-    };
-    let (dir, file_name, current) =
-        walk_to_parent(root, relative, false, shown).map_err(|error| match error {
-            VolumeError::Io { source, .. } if source.kind() == io::ErrorKind::NotFound => missing(),
-            other => other,
-        })?;
-    // `O_NONBLOCK`: a FIFO put there by the job must not block the executor in `open`; it is
-    // then refused as not a regular file (reads from a regular file never block anyway).
-    let file = rustix::fs::openat(
-        &dir,
-        file_name,
-        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|errno| match errno {
-        rustix::io::Errno::NOENT => missing(),
-        errno => refuse_walk(errno, root, &current, shown),
-    })?;
-    let file = File::from(file);
-    let meta = file.metadata().map_err(|source| VolumeError::Io {
-        path: shown.to_owned(),
-        source,
-    })?;
-    if !meta.is_file() {
-        return Err(VolumeError::Output {
-            path: shown.to_owned(),
-            message: "not a regular file".to_owned(),
-        });
-    }
-    Ok(file)
-}
-
-/// A path that opens the very file `file` has open (Linux's `/proc/self/fd` magic link, not
-/// resolved by name): an output opened safely once is read through it however its path changes.
-fn opened_path(file: &File) -> PathBuf {
-    PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()))
-}
-
-/// Uploads every output from `<job_dir>/output/<path>` to its target and returns where each
-/// went, with its size and BLAKE3.
-pub async fn upload(
-    job_dir: &Path,
-    uploads: &[UploadSpec],
-    endpoint: &HordeEndpoint,
-    http: &HttpClient,
-) -> Result<Vec<OutputRef>, VolumeError> {
-    let paths =
-        validate_paths(uploads.iter().map(|upload| &upload.path)).map_err(|(path, source)| {
-            VolumeError::Path {
-                path: path.0,
-                source,
-            }
-        })?;
-    let root = job_dir.join(OUTPUT_DIR);
-    let mut outputs = Vec::with_capacity(uploads.len());
-    for (spec, relative) in uploads.iter().zip(paths) {
-        let shown = spec.path.0.clone();
-        // Opened once, without following a symlink anywhere below `root`; hashed and sent from
-        // that open file, never by its name again, so the job cannot swap what is uploaded.
-        let file = open_output(&root, &relative, &shown)?;
-        let path = opened_path(&file);
-        let io_error = |source| VolumeError::Io {
-            path: shown.clone(),
-            source,
-        };
-        let (hash, size, location) = match &spec.target {
-            UploadTarget::Blob { storage } => {
-                let (hash, size) = {
-                    let path = path.clone();
-                    tokio::task::spawn_blocking(move || blob::hash_file(&path))
-                        .await
-                        .map_err(|error| io_error(io::Error::other(error)))?
-                        .map_err(io_error)?
-                };
-                let policy = blob::TransferPolicy::default();
-                // The hash just computed is declared: the file is not read a second time to hash
-                // it, and a store that keeps it under another hash is an error of the put.
-                blob::put_hashed_file(
-                    endpoint,
-                    storage,
-                    &path,
-                    hash,
-                    size,
-                    &policy,
-                    &mut NoProgress,
-                )
-                .await
-                .map_err(|source| VolumeError::Blob {
-                    path: shown.clone(),
-                    source,
-                })?;
-                (hash, size, OutputLocation::Blob(storage.clone()))
-            }
-            UploadTarget::HttpPut { url, headers } => {
-                let (http, url, headers) = (http.clone(), url.clone(), headers.clone());
-                let sent_url = url.clone();
-                let path = shown.clone();
-                // Hashed while it is sent: the size and BLAKE3 reported are those of the bytes
-                // the server accepted.
-                let (hash, size) = tokio::task::spawn_blocking(move || {
-                    http_put(&http, &url, &headers, file, &path)
-                })
-                .await
-                .map_err(|error| io_error(io::Error::other(error)))??;
-                (hash, size, OutputLocation::Url(sent_url))
-            }
-            _ => return Err(VolumeError::Unsupported(shown)),
-        };
-        outputs.push(OutputRef {
-            path: spec.path.clone(),
-            size,
-            hash,
-            location,
-        });
-    }
-    Ok(outputs)
-}
-
-/// A reader that hashes and counts what passes through it.
-struct HashingReader<R> {
-    inner: R,
-    received: Received,
-}
-
-impl<R: io::Read> io::Read for HashingReader<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let read = self.inner.read(buf)?;
-        self.received.append(&buf[..read]);
-        Ok(read)
-    }
-}
-
-/// PUTs a file with its Content-Length and the given headers (blocking), retrying transport
-/// failures and 5xx answers; returns the BLAKE3 and size of what the accepted attempt sent.
-fn http_put(
-    http: &HttpClient,
-    url: &str,
-    headers: &[(String, String)],
-    file: File,
-    shown: &str,
-) -> Result<(BlobHash, u64), VolumeError> {
-    use std::io::Seek as _;
-    let io_error = |source| VolumeError::Io {
-        path: url.to_owned(),
-        source,
-    };
-    let mut file = file;
-    let mut backoff = http.initial_backoff;
-    let mut attempt = 1;
-    loop {
-        file.rewind().map_err(io_error)?;
-        let size = file.metadata().map_err(io_error)?.len();
-        let mut request = http.agent.put(url);
-        // The length sent is the file's: a Content-Length among the given headers is not used.
-        for (name, value) in headers
-            .iter()
-            .filter(|(name, _)| !name.eq_ignore_ascii_case("content-length"))
-        {
-            request = request.header(name.as_str(), value.as_str());
-        }
-        let mut body = HashingReader {
-            inner: &file,
-            received: Received::default(),
-        };
-        let sent = request
-            .header("Content-Length", size)
-            .send(ureq::SendBody::from_reader(&mut body));
-        let failure = match sent {
-            Ok(response) => {
-                let status = response.status().as_u16();
-                if response.status().is_success() {
-                    // The file cannot have changed size unnoticed: the body is sent with this
-                    // length, and a short one fails the request.
-                    body.received.check(Some(size), None, shown)?;
-                    let hash = BlobHash(*body.received.hasher.finalize().as_bytes());
-                    return Ok((hash, size));
-                }
-                if !(500..=599).contains(&status) {
-                    return Err(VolumeError::HttpStatus {
-                        url: url.to_owned(),
-                        status,
-                    });
-                }
-                format!("HTTP status {status}")
-            }
-            Err(error) => error.to_string(),
-        };
-        if attempt >= http.max_attempts {
-            return Err(VolumeError::Http {
-                url: url.to_owned(),
-                message: failure,
-                attempts: attempt,
-            });
-        }
-        info!(url, attempt, %failure, "HTTP upload failed, retrying in {backoff:?}");
-        std::thread::sleep(backoff);
-        backoff *= 2;
-        attempt += 1;
-    }
 }
 
 #[cfg(test)]

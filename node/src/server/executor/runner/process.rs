@@ -304,7 +304,7 @@ impl Sandboxes {
         dir: &Path,
         programs: Vec<PathBuf>,
     ) -> Vec<OsString> {
-        let mut args = self.base_args(policy.tmp_bytes);
+        let mut args = self.base_args(Some(policy.tmp_limit()));
         args.extend([
             "--perms".into(),
             "0755".into(),
@@ -621,9 +621,7 @@ impl JobCgroup {
             // Swap counts too, where the kernel accounts it.
             let _ = write("memory.memsw.limit_in_bytes", bytes.to_string());
         }
-        if let Some(pids) = policy.pids {
-            write("pids.max", pids.to_string())?;
-        }
+        write("pids.max", policy.pids_limit().to_string())?;
         if let Some(cpus) = policy.cpus {
             write("cpu.cfs_period_us", CFS_PERIOD_US.to_string())?;
             let quota = (cpus * CFS_PERIOD_US as f64).round().max(1000.0) as u64;

@@ -18,9 +18,6 @@ pub const VOLUME_MOUNT: &str = "/horde/volume";
 pub const OUTPUT_MOUNT: &str = "/horde/output";
 /// The uid (and gid) a job runs as when its class names none: `nobody`.
 pub const DEFAULT_UID: u32 = 65534;
-/// The size of the private `/tmp` when the class names none: room for scratch files, small
-/// enough that many jobs' tmpfs pages cannot crowd out the host's memory.
-pub const DEFAULT_TMP_BYTES: u64 = 64 << 20;
 /// The label naming the job a container runs.
 pub const JOB_LABEL: &str = "horde.job";
 /// The label naming the executor that started a container (`PID.STARTTIME`, see
@@ -148,7 +145,7 @@ pub(crate) fn create_body(plan: &ContainerPlan<'_>) -> Result<ContainerCreateBod
             "a job never runs as root: the class's uid must not be 0".into(),
         ));
     }
-    let tmp_bytes = policy.tmp_bytes.unwrap_or(DEFAULT_TMP_BYTES);
+    let tmp_bytes = policy.tmp_limit();
     let memory = policy
         .memory_bytes
         .map(|bytes| to_i64(bytes, "memory"))
@@ -162,7 +159,7 @@ pub(crate) fn create_body(plan: &ContainerPlan<'_>) -> Result<ContainerCreateBod
         Some(cpus) => return Err(RunnerError::Policy(format!("cpus {cpus} is out of range"))),
         None => None,
     };
-    let pids = policy.pids.map(|pids| to_i64(pids, "pids")).transpose()?;
+    let pids = Some(to_i64(policy.pids_limit(), "pids")?);
     let (device_requests, devices) = gpu_devices(policy.gpus, plan.engine);
     let bind = |source: &str, target: &str, read_only: bool| -> Result<Mount, RunnerError> {
         let source = launch.job_dir.join(source);
@@ -270,6 +267,7 @@ mod tests {
             cpus: None,
             pids: None,
             tmp_bytes: None,
+            output_bytes: None,
             gpus: None,
             uid: None,
             allow_unisolated: false,
@@ -300,6 +298,8 @@ mod tests {
         assert_eq!(host.readonly_rootfs, Some(true));
         assert_eq!(host.privileged, Some(false));
         assert_eq!(host.network_mode.as_deref(), Some("none"));
+        // A class that names no limits still bounds processes and /tmp.
+        assert_eq!(host.pids_limit, Some(4096));
         assert_eq!(host.init, Some(true));
         assert!(host.port_bindings.is_none() && host.publish_all_ports.is_none());
         assert_eq!(
