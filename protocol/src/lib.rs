@@ -356,8 +356,8 @@ mod tests {
         assert_eq!(from_bytes_exact::<OutputRef>(&bytes).unwrap(), output);
     }
 
-    /// Pins the reject reasons' tags: `WarmingUp` (11) and `AllBusy` (12) were appended, so
-    /// the older tags stay where they were.
+    /// Pins the reject reasons' tags: `WarmingUp` (11), `AllBusy` (12) and `StoreFailed` (13)
+    /// were appended, so the older tags stay where they were.
     #[test]
     fn snapshot_reject_reasons() {
         let cases = [
@@ -377,6 +377,7 @@ mod tests {
                 },
                 "0c0363707503",
             ),
+            (RejectReason::StoreFailed("disk".into()), "0d046469736b"),
         ];
         for (reason, hex) in cases {
             assert_eq!(hex::encode(to_bytes(&reason)), hex, "{reason:?}");

@@ -225,6 +225,9 @@ pub enum RejectReason {
         /// How many executors of the class the known miners have in all.
         executors: u32,
     },
+    /// The facilitator could not record the job (its store failed, e.g. a full disk): nothing
+    /// runs; the same spec may be submitted again. (Appended.)
+    StoreFailed(String),
 }
 
 /// Why a stage failed.

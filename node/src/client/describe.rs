@@ -124,6 +124,9 @@ pub fn rejection(reason: &RejectReason) -> String {
         RejectReason::AllBusy { class, executors } => {
             format!("all {executors} executors of class {class} are busy")
         }
+        RejectReason::StoreFailed(why) => format!(
+            "the facilitator could not record the job ({why}); nothing runs, submit it again"
+        ),
         other => format!("{other:?}"),
     }
 }

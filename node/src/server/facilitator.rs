@@ -364,8 +364,14 @@ impl Facilitator {
                 return;
             }
             Err(error) => {
-                warn!(%error, "job store failed");
-                send.reset(codes::INTERNAL);
+                // Nothing was stored, so nothing runs: the client is told why, not just reset.
+                warn!(%error, "job store failed; job refused");
+                let _ = send
+                    .send(&ControlMessage::Up(UpMessage::Rejected(
+                        RejectReason::StoreFailed(error.to_string()),
+                    )))
+                    .await;
+                let _ = send.finish();
                 return;
             }
         };

@@ -13,9 +13,13 @@
 //! still comes only after the commit holding its write, but hundreds of jobs at once share
 //! fsyncs instead of queueing one fsync each (a few ms on a virtual disk, which capped the
 //! facilitator near 100 commits/s: about a dozen jobs per second).
+//!
+//! After an I/O error (a full disk) redb refuses every later operation until the database is
+//! opened again; the store then reopens it at once and before each operation until that works,
+//! so the facilitator serves again as soon as the disk has room, without a restart.
 
-use std::path::Path;
-use std::sync::{Arc, Weak};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, PoisonError, RwLock, Weak};
 
 use horde_protocol::codec::{from_bytes_exact, to_bytes};
 use horde_protocol::messages::StatusUpdate;
@@ -23,6 +27,7 @@ use horde_protocol::{Hotkey, JobId, JobSpec, JobStatus, Signed, UnixMillis};
 use redb::{Database, ReadableTable as _, TableDefinition};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
+use tracing::{info, warn};
 
 const JOBS: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("jobs");
 const STATUSES: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("statuses");
@@ -30,7 +35,7 @@ const REPORTS: TableDefinition<'_, &[u8], u64> = TableDefinition::new("reports")
 const EXCLUSIONS: TableDefinition<'_, &[u8], u64> = TableDefinition::new("exclusions");
 
 /// A store operation that failed.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum JobStoreError {
     /// The job id was used before.
@@ -48,6 +53,9 @@ pub enum JobStoreError {
     /// The database failed.
     #[error("job store: {0}")]
     Database(String),
+    /// Reading or writing the database's file failed (a full disk): the store reopens it.
+    #[error("job store: {0}")]
+    Io(String),
     /// A stored record did not decode (corruption or a version mismatch).
     #[error("job store record: {0}")]
     Corrupt(String),
@@ -77,8 +85,79 @@ const MAX_BATCH: usize = 512;
 /// the writer thread (see the module docs).
 #[derive(Debug, Clone)]
 pub struct JobStore {
-    db: Arc<Database>,
+    db: Arc<Shared>,
     writes: mpsc::Sender<JobWrite>,
+}
+
+/// The database, opened again after an I/O error (see the module docs).
+#[derive(Debug)]
+struct Shared {
+    path: PathBuf,
+    /// `None` while it could not be opened again.
+    db: RwLock<Option<Database>>,
+}
+
+impl Shared {
+    /// Runs `work` on the database, reopening it first if an earlier I/O error closed it, and
+    /// after `work` meets one.
+    fn with<T>(
+        &self,
+        work: impl FnOnce(&Database) -> Result<T, JobStoreError>,
+    ) -> Result<T, JobStoreError> {
+        if self
+            .db
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_none()
+        {
+            self.reopen();
+        }
+        let outcome = match self
+            .db
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+        {
+            Some(db) => work(db),
+            None => {
+                return Err(JobStoreError::Io(
+                    "closed after an I/O error; it could not be opened again yet".to_owned(),
+                ));
+            }
+        };
+        if let Err(JobStoreError::Io(error)) = &outcome {
+            warn!(%error, "job store I/O error: reopening the database");
+            self.reopen();
+        }
+        outcome
+    }
+
+    /// Closes the database (its file lock with it) and opens it again.
+    fn reopen(&self) {
+        let mut db = self.db.write().unwrap_or_else(PoisonError::into_inner);
+        *db = None;
+        match open_database(&self.path) {
+            Ok(opened) => {
+                info!(path = %self.path.display(), "job store opened again");
+                *db = Some(opened);
+            }
+            Err(error) => {
+                warn!(%error, "job store: opening it again failed; retried at the next operation")
+            }
+        }
+    }
+}
+
+/// Opens (or creates) the database at `path` with every table.
+fn open_database(path: &Path) -> Result<Database, JobStoreError> {
+    let database = Database::create(path).map_err(db_err)?;
+    let txn = database.begin_write().map_err(db_err)?;
+    txn.open_table(JOBS).map_err(db_err)?;
+    txn.open_table(STATUSES).map_err(db_err)?;
+    txn.open_table(REPORTS).map_err(db_err)?;
+    txn.open_table(EXCLUSIONS).map_err(db_err)?;
+    txn.commit().map_err(db_err)?;
+    Ok(database)
 }
 
 /// A job write for the writer thread, with where its outcome goes.
@@ -183,7 +262,7 @@ fn answer_batch(batch: Vec<JobWrite>, outcomes: Result<Vec<Applied>, JobStoreErr
         }
         Err(error) => {
             for write in batch {
-                write.answer(Err(JobStoreError::Database(error.to_string())));
+                write.answer(Err(error.clone()));
             }
         }
     }
@@ -203,7 +282,7 @@ fn apply_batch(db: &Database, batch: &[JobWrite]) -> Result<Vec<Applied>, JobSto
 /// The writer thread: takes the writes queued since the last commit (up to [`MAX_BATCH`]) and
 /// commits them together, until every [`JobStore`] handle is gone. Holds the database weakly,
 /// so a dropped store closes it (and can be opened again) without waiting for this thread.
-fn write_jobs(db: Weak<Database>, mut writes: mpsc::Receiver<JobWrite>) {
+fn write_jobs(db: Weak<Shared>, mut writes: mpsc::Receiver<JobWrite>) {
     while let Some(first) = writes.blocking_recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -215,7 +294,7 @@ fn write_jobs(db: Weak<Database>, mut writes: mpsc::Receiver<JobWrite>) {
         // The database is let go before anyone is answered: a caller that then drops the
         // store finds it closed at once.
         let outcomes = match db.upgrade() {
-            Some(db) => apply_batch(&db, &batch),
+            Some(db) => db.with(|db| apply_batch(db, &batch)),
             None => Err(JobStoreError::Database("store closed".to_owned())),
         };
         answer_batch(batch, outcomes);
@@ -232,14 +311,10 @@ fn status_key(job_id: &JobId, seq: u32) -> [u8; 20] {
 impl JobStore {
     /// Opens (or creates) the store at `path`.
     pub fn open(path: &Path) -> Result<Self, JobStoreError> {
-        let database = Database::create(path).map_err(db_err)?;
-        let txn = database.begin_write().map_err(db_err)?;
-        txn.open_table(JOBS).map_err(db_err)?;
-        txn.open_table(STATUSES).map_err(db_err)?;
-        txn.open_table(REPORTS).map_err(db_err)?;
-        txn.open_table(EXCLUSIONS).map_err(db_err)?;
-        txn.commit().map_err(db_err)?;
-        let db = Arc::new(database);
+        let db = Arc::new(Shared {
+            path: path.to_owned(),
+            db: RwLock::new(Some(open_database(path)?)),
+        });
         let (writes, queue) = mpsc::channel(WRITE_QUEUE);
         let weak = Arc::downgrade(&db);
         std::thread::Builder::new()
@@ -265,7 +340,7 @@ impl JobStore {
         work: impl FnOnce(&Database) -> Result<T, JobStoreError> + Send + 'static,
     ) -> Result<T, JobStoreError> {
         let db = Arc::clone(&self.db);
-        tokio::task::spawn_blocking(move || work(&db))
+        tokio::task::spawn_blocking(move || db.with(work))
             .await
             .map_err(|e| JobStoreError::Database(format!("store task: {e}")))?
     }
@@ -434,8 +509,13 @@ impl JobStore {
     }
 }
 
-fn db_err<E: std::fmt::Display>(error: E) -> JobStoreError {
-    JobStoreError::Database(error.to_string())
+fn db_err(error: impl Into<redb::Error>) -> JobStoreError {
+    match error.into() {
+        error @ (redb::Error::Io(_) | redb::Error::PreviousIo) => {
+            JobStoreError::Io(error.to_string())
+        }
+        error => JobStoreError::Database(error.to_string()),
+    }
 }
 
 fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, JobStoreError> {
@@ -456,6 +536,74 @@ mod tests {
             UnixMillis(1),
         );
         Signed::sign(key, &spec)
+    }
+
+    /// A small tmpfs of its own (root only), unmounted on drop.
+    struct SmallDisk {
+        dir: tempfile::TempDir,
+    }
+
+    impl SmallDisk {
+        fn mount(bytes: u64) -> Option<Self> {
+            if !rustix::process::geteuid().is_root() {
+                return None;
+            }
+            let dir = tempfile::tempdir().ok()?;
+            let mounted = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
+                .arg(dir.path())
+                .status()
+                .is_ok_and(|status| status.success());
+            mounted.then_some(Self { dir })
+        }
+    }
+
+    impl Drop for SmallDisk {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg(self.dir.path())
+                .status();
+        }
+    }
+
+    #[tokio::test]
+    async fn the_store_works_again_once_a_full_disk_has_room() {
+        let Some(disk) = SmallDisk::mount(16 << 20) else {
+            eprintln!("skipped: mounting a small tmpfs needs root");
+            return;
+        };
+        let store = JobStore::open(&disk.dir.path().join("jobs.redb")).unwrap();
+        let key = SecretKey::from_seed(&[4; 32]);
+        let insert = |n: u32| {
+            let mut id = [0u8; 16];
+            id[..4].copy_from_slice(&n.to_be_bytes());
+            let job_id = JobId(id);
+            store.insert_job(spec(job_id, &key), job_id, key.hotkey(), UnixMillis(1))
+        };
+        // Fill the disk, then insert until a commit needs room there is not.
+        let filler = disk.dir.path().join("filler");
+        {
+            use std::io::Write as _;
+            let mut file = std::fs::File::create(&filler).unwrap();
+            while file.write_all(&[0u8; 64 * 1024]).is_ok() {}
+        }
+        let mut failure = None;
+        for n in 0..20_000 {
+            if let Err(error) = insert(n).await {
+                failure = Some(error);
+                break;
+            }
+        }
+        assert!(matches!(failure, Some(JobStoreError::Io(_))), "{failure:?}");
+        // Still full: still refused, with the same typed error.
+        assert!(matches!(insert(30_000).await, Err(JobStoreError::Io(_))));
+        // Room again: the same store works, no restart (redb alone refuses every operation
+        // after an I/O error until the database is opened again).
+        std::fs::remove_file(&filler).unwrap();
+        insert(30_001).await.expect("the store works again");
+        let mut id = [0u8; 16];
+        id[..4].copy_from_slice(&30_001u32.to_be_bytes());
+        assert!(store.job(JobId(id)).await.unwrap().is_some());
     }
 
     #[tokio::test]
@@ -552,7 +700,7 @@ mod tests {
         ]
         .into_iter()
         .unzip();
-        let outcomes = apply_batch(&store.db, &writes);
+        let outcomes = store.db.with(|db| apply_batch(db, &writes));
         answer_batch(writes, outcomes);
         let mut outcomes = Vec::new();
         for answer in answers {
