@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use horde_node::server::executor::volumes::{
-    HttpClient, PathError, VolumeError, materialize, upload,
+    HttpClient, OutputBudget, PathError, VolumeError, materialize, upload,
 };
 use horde_node::server::storage::{BlobStore, StoreLimits, serve};
 use horde_protocol::messages::OutputLocation;
@@ -304,7 +304,7 @@ async fn wrong_blake3_or_size_is_a_typed_error_and_leaves_no_file() {
     );
 }
 
-/// What one upload may send in these tests: far above their files.
+/// What a job may upload in these tests: far above their files.
 const OUTPUT_LIMIT: u64 = 1 << 30;
 
 #[tokio::test]
@@ -328,7 +328,7 @@ async fn http_put_upload_sends_the_file_with_custom_headers() {
         }],
         &endpoint,
         &http(),
-        OUTPUT_LIMIT,
+        &mut OutputBudget::new(OUTPUT_LIMIT),
     )
     .await
     .unwrap();
@@ -454,7 +454,7 @@ async fn blob_and_inline_volumes_and_blob_uploads() {
         }],
         &endpoint,
         &http(),
-        OUTPUT_LIMIT,
+        &mut OutputBudget::new(OUTPUT_LIMIT),
     )
     .await
     .unwrap();
@@ -478,7 +478,7 @@ async fn blob_and_inline_volumes_and_blob_uploads() {
         &[to_store("sparse.bin")],
         &endpoint,
         &http(),
-        OUTPUT_LIMIT,
+        &mut OutputBudget::new(OUTPUT_LIMIT),
     )
     .await
     .unwrap_err();
@@ -492,17 +492,36 @@ async fn blob_and_inline_volumes_and_blob_uploads() {
         "refused at once"
     );
     std::fs::write(job.path().join("output/out2.bin"), &bytes[..1000]).unwrap();
+    let budget = &mut OutputBudget::new(1500);
     let error = upload(
         job.path(),
         &[to_store("out.bin"), to_store("out2.bin")],
         &endpoint,
         &http(),
-        1500,
+        budget,
     )
     .await
     .unwrap_err();
     assert!(
         matches!(&error, VolumeError::Output { path, .. } if path == "out2.bin"),
+        "{error:?}"
+    );
+    // The budget is the job's: what one upload sent is gone for the next ones, each of which
+    // would fit on its own.
+    assert_eq!(budget.left(), 500);
+    let error = upload(
+        job.path(),
+        &[to_store("out2.bin")],
+        &endpoint,
+        &http(),
+        budget,
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(&error, VolumeError::Output { path, message } if path == "out2.bin"
+            && message.contains("1000 bytes do not fit") && message.contains("total 1500 bytes")
+            && message.contains("500 are left")),
         "{error:?}"
     );
 
@@ -519,7 +538,7 @@ async fn blob_and_inline_volumes_and_blob_uploads() {
         }],
         &endpoint,
         &http(),
-        OUTPUT_LIMIT,
+        &mut OutputBudget::new(OUTPUT_LIMIT),
     )
     .await
     .unwrap_err();

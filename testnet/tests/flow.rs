@@ -1175,3 +1175,67 @@ async fn specs_that_could_only_fail_late_are_refused_at_submit() {
     let why = refused_by_facilitator(endless).await;
     assert!(why.starts_with("deadlines.execution_ms: "), "{why}");
 }
+
+/// A class's `output_mb` is the job's, over all its uploads: a job that asks for one upload
+/// after another gets the second refused once the first used the budget, though each would fit
+/// alone (before, each POST /outputs could send `output_mb` again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_mb_bounds_all_of_a_jobs_uploads_together() {
+    let defaults = TestnetConfig::default();
+    let testnet = start(TestnetConfig {
+        more_classes: vec![horde_node::server::config::ClassConfig {
+            output_mb: Some(1),
+            ..horde_testnet::runner_class("small-outputs", defaults.runtime)
+        }],
+        ..defaults
+    });
+    let storage = testnet.storage().unwrap();
+    let program = demo_job_binary().expect("demo job binary");
+    let mut request = JobRequest::command("small-outputs", program.to_str().unwrap());
+    request.uploads = ["a.bin", "b.bin"]
+        .map(|name| UploadSpec {
+            path: RelativePath(name.into()),
+            target: UploadTarget::Blob {
+                storage: storage.clone(),
+            },
+        })
+        .to_vec();
+    let (_client, mut job) = submit(&testnet, &request).await;
+    let endpoint = endpoint(&mut job, &testnet).await;
+    let connection = job.connect_job(&endpoint).await.unwrap();
+    let bytes = vec![7u8; 600_000];
+    let (status, body) = get(&connection, "POST", "/output?path=a.bin", &bytes).await;
+    let body = String::from_utf8_lossy(&body).into_owned();
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"executor_status\":200"), "{body}");
+    job.wait_for(|s| matches!(s, JobStatus::UploadDone(_)))
+        .await
+        .unwrap();
+    let (status, body) = get(&connection, "POST", "/output?path=b.bin", &bytes).await;
+    let body = String::from_utf8_lossy(&body).into_owned();
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"executor_status\":500"), "{body}");
+
+    job.terminate().await.unwrap();
+    let end = job.wait_for_end().await.unwrap();
+    let JobStatus::Failed(failure) = &end else {
+        panic!("{end:?}")
+    };
+    assert_eq!(failure.stage, Stage::Upload, "{end:?}");
+    let result = failure.result.as_ref().expect("the job's result");
+    let refused = result
+        .outputs
+        .iter()
+        .find(|o| o.path.0 == "b.bin" && o.not_uploaded())
+        .unwrap_or_else(|| panic!("{:?}", result.outputs));
+    let horde_protocol::messages::OutputLocation::NotUploaded { reason, .. } = &refused.location
+    else {
+        unreachable!()
+    };
+    assert!(
+        reason.contains("600000 bytes do not fit")
+            && reason.contains("total 1048576 bytes")
+            && reason.contains("448576 are left"),
+        "{reason}"
+    );
+}

@@ -24,7 +24,7 @@ use horde_benches::{
     free_loopback_port, median, nginx_logs, nginx_program, run_tool as tool, spawn_nginx,
     write_random_file,
 };
-use horde_node::server::executor::volumes::{HttpClient, materialize, upload};
+use horde_node::server::executor::volumes::{HttpClient, OutputBudget, materialize, upload};
 use horde_protocol::{
     BlobHash, RelativePath, SecretKey, UploadSpec, UploadTarget, VolumeSource, VolumeSpec,
 };
@@ -246,7 +246,8 @@ impl Bench {
         };
         let started = Instant::now();
         // No output limit: the bench's file is what it measures.
-        let outputs = upload(job.path(), &[spec], &self.endpoint, &self.http, u64::MAX).await?;
+        let budget = &mut OutputBudget::new(u64::MAX);
+        let outputs = upload(job.path(), &[spec], &self.endpoint, &self.http, budget).await?;
         let seconds = started.elapsed().as_secs_f64();
         anyhow::ensure!(
             outputs.first().is_some_and(|o| o.hash == self.hash),

@@ -303,7 +303,7 @@ pub struct ClassConfig {
     /// Size of the job's private `/tmp`, MiB.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tmp_mb: Option<u64>,
-    /// Most bytes one upload of the job's outputs sends, all its files together, MiB (default
+    /// Most bytes the job's outputs send, all its uploads together, MiB (default
     /// 4096: [`crate::server::executor::runner::DEFAULT_OUTPUT_BYTES`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output_mb: Option<u64>,

@@ -213,6 +213,8 @@ struct Prepared {
     job_dir: PathBuf,
     /// Uploads asked for mid-session that failed: reported again in the job's last message.
     not_uploaded: Vec<OutputRef>,
+    /// What the job's declared outputs may still send, mid-session and at the end together.
+    output_budget: volumes::OutputBudget,
 }
 
 /// The job's "outputs ready" requests: each connection read on a task of its own (aborted with
@@ -378,7 +380,8 @@ impl JobRunner {
         };
         info!(served, failed = failed_streams, "job endpoint closed");
         let not_uploaded = std::mem::take(&mut prepared.not_uploaded);
-        self.results(&prepared.spec, job_dir, ending, not_uploaded)
+        let budget = &mut prepared.output_budget;
+        self.results(&prepared.spec, job_dir, ending, not_uploaded, budget)
             .await
     }
 
@@ -468,6 +471,7 @@ impl JobRunner {
             used_paths,
             job_dir: job_dir.to_path_buf(),
             not_uploaded: Vec::new(),
+            output_budget: volumes::OutputBudget::new(self.config.policy.output_limit()),
         })
     }
 
@@ -653,6 +657,7 @@ impl JobRunner {
             used_paths,
             job_dir,
             not_uploaded,
+            output_budget,
         } = prepared;
         let job_dir = job_dir.as_path();
         let mut pending_uploads: HashMap<String, (UploadSpec, Option<u64>)> = spec
@@ -727,7 +732,7 @@ impl JobRunner {
                 },
                 Some(_) = outputs.requests.join_next(), if !outputs.requests.is_empty() => {}
                 Some(ready) = outputs.ready.recv() => {
-                    let (message, reply) = self.upload_ready(job_dir, &ready.paths, &mut pending_uploads, not_uploaded).await;
+                    let (message, reply) = self.upload_ready(job_dir, &ready.paths, &mut pending_uploads, not_uploaded, output_budget).await;
                     let _ = ready.reply.send(reply);
                     if let Some(message) = message
                         && session.send_up(&message).await.is_err() {
@@ -749,6 +754,7 @@ impl JobRunner {
         job_dir: &Path,
         ending: Ending,
         not_uploaded: Vec<OutputRef>,
+        budget: &mut volumes::OutputBudget,
     ) -> Outcome {
         let (exit, terminated) = match &ending {
             Ending::Exited(exit) => (Some(*exit), false),
@@ -763,7 +769,7 @@ impl JobRunner {
             .cloned()
             .collect();
         let limit = Duration::from_millis(spec.deadlines.upload_ms);
-        let (mut outputs, upload_error) = self.upload_each(job_dir, &declared, limit).await;
+        let (mut outputs, upload_error) = self.upload_each(job_dir, &declared, limit, budget).await;
         let mut result = self.finish_logs(job_dir, spec, exit, terminated).await;
         outputs.append(&mut result.outputs);
         outputs.extend(not_uploaded);
@@ -818,13 +824,15 @@ impl JobRunner {
         }
     }
 
-    /// Uploads the files the job said are ready, as the volume lists (or the spec) declared.
+    /// Uploads the files the job said are ready, as the volume lists (or the spec) declared,
+    /// within the job's `budget`.
     async fn upload_ready(
         &self,
         job_dir: &Path,
         paths: &[String],
         pending: &mut HashMap<String, (UploadSpec, Option<u64>)>,
         not_uploaded: &mut Vec<OutputRef>,
+        budget: &mut volumes::OutputBudget,
     ) -> (Option<UpMessage>, Result<usize, String>) {
         let mut by_list: HashMap<Option<u64>, Vec<UploadSpec>> = HashMap::new();
         for path in paths {
@@ -841,15 +849,7 @@ impl JobRunner {
         let mut count = 0;
         let mut message = None;
         for (volume_msg_id, uploads) in by_list {
-            match volumes::upload(
-                job_dir,
-                &uploads,
-                &self.endpoint,
-                &self.http,
-                self.config.policy.output_limit(),
-            )
-            .await
-            {
+            match volumes::upload(job_dir, &uploads, &self.endpoint, &self.http, budget).await {
                 Ok(outputs) => {
                     count += outputs.len();
                     message = Some(UpMessage::UploadDone(UploadDone {
@@ -871,27 +871,22 @@ impl JobRunner {
         (message, Ok(count))
     }
 
-    /// Uploads each of `uploads` from `dir`'s `output/`, all within `limit`: where each went,
-    /// or, for each that failed, [`OutputLocation::NotUploaded`] naming its target and why; and
-    /// the first failure's reason.
+    /// Uploads each of `uploads` from `dir`'s `output/`, all within `limit` and `budget`: where
+    /// each went, or, for each that failed, [`OutputLocation::NotUploaded`] naming its target
+    /// and why; and the first failure's reason.
     async fn upload_each(
         &self,
         dir: &Path,
         uploads: &[UploadSpec],
         limit: Duration,
+        budget: &mut volumes::OutputBudget,
     ) -> (Vec<OutputRef>, Option<FailureReason>) {
         let deadline = tokio::time::Instant::now() + limit;
         let mut outputs = Vec::with_capacity(uploads.len());
         let mut first_failure = None;
         for upload in uploads {
             let one = std::slice::from_ref(upload);
-            let sent = volumes::upload(
-                dir,
-                one,
-                &self.endpoint,
-                &self.http,
-                self.config.policy.output_limit(),
-            );
+            let sent = volumes::upload(dir, one, &self.endpoint, &self.http, budget);
             let (reason, failure) = match tokio::time::timeout_at(deadline, sent).await {
                 Ok(Ok(refs)) => {
                     outputs.extend(refs);
@@ -934,7 +929,10 @@ impl JobRunner {
                 })
                 .collect();
             let limit = Duration::from_millis(spec.deadlines.upload_ms);
-            (outputs, _) = self.upload_each(&logs_dir, &uploads, limit).await;
+            // The logs have an `output_mb` of their own: a job that used its outputs' budget
+            // still has its stdout and stderr uploaded.
+            let budget = &mut volumes::OutputBudget::new(self.config.policy.output_limit());
+            (outputs, _) = self.upload_each(&logs_dir, &uploads, limit, budget).await;
         }
         JobFinished {
             exit_code: exit.and_then(|e| e.code),

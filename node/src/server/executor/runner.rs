@@ -133,8 +133,8 @@ pub struct ClassPolicy {
     pub pids: Option<u64>,
     /// Size of the job's private `/tmp`.
     pub tmp_bytes: Option<u64>,
-    /// Most bytes one upload of the job's outputs sends, its files together; default
-    /// [`DEFAULT_OUTPUT_BYTES`].
+    /// Most bytes the job's declared outputs send, all its uploads together (stdout and stderr
+    /// have as much again); default [`DEFAULT_OUTPUT_BYTES`].
     pub output_bytes: Option<u64>,
     /// GPUs (container runner only).
     pub gpus: Option<Gpus>,
@@ -145,7 +145,7 @@ pub struct ClassPolicy {
     pub allow_unisolated: bool,
 }
 
-/// What one upload of a job's outputs may send when the class says nothing (`output_mb`).
+/// What a job's outputs may send when the class says nothing (`output_mb`).
 pub const DEFAULT_OUTPUT_BYTES: u64 = 4 << 30;
 
 /// The size of the private `/tmp` when the class names none (`tmp_mb`), for every runner: room
@@ -168,7 +168,7 @@ impl ClassPolicy {
         self.pids.unwrap_or(DEFAULT_PIDS)
     }
 
-    /// What one upload of the job's outputs may send.
+    /// What the job's outputs may send, all its uploads together.
     pub fn output_limit(&self) -> u64 {
         self.output_bytes.unwrap_or(DEFAULT_OUTPUT_BYTES)
     }

@@ -38,7 +38,7 @@ pub const OUTPUT_DIR: &str = "output";
 
 mod upload;
 
-pub use upload::upload;
+pub use upload::{OutputBudget, upload};
 #[cfg(test)]
 use upload::{open_output, opened_path};
 

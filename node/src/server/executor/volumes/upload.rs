@@ -1,6 +1,6 @@
 //! Output uploads: [`upload`] sends files from `<job_dir>/output/<path>` to a storage node or
-//! an HTTP PUT URL, each opened once without following symlinks and within the class's output
-//! limit.
+//! an HTTP PUT URL, each opened once without following symlinks and within what the job may
+//! still upload ([`OutputBudget`]).
 
 use std::fs::File;
 use std::io;
@@ -63,22 +63,55 @@ pub(super) fn opened_path(file: &File) -> PathBuf {
     PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()))
 }
 
+/// What one job may upload, all its outputs together, over all its uploads: the class's
+/// `output_mb`, drawn down by each output sent. An output past what is left is refused before a
+/// byte of it is read, so a job cannot keep the executor busy and fill a storage node with, say,
+/// a sparse file of terabytes, nor by asking for one upload after another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutputBudget {
+    left: u64,
+    max: u64,
+}
+
+impl OutputBudget {
+    /// A job's whole budget: `max` bytes.
+    pub fn new(max: u64) -> Self {
+        Self { left: max, max }
+    }
+
+    /// Bytes the job may still upload.
+    pub fn left(&self) -> u64 {
+        self.left
+    }
+
+    /// An output of `size` bytes fits in what is left, or the refusal.
+    fn check(&self, size: u64, shown: &str) -> Result<(), VolumeError> {
+        if size <= self.left {
+            return Ok(());
+        }
+        Err(VolumeError::Output {
+            path: shown.to_owned(),
+            message: format!(
+                "{size} bytes do not fit: the outputs of one job may total {} bytes (the \
+                 class's output_mb), {} are left",
+                self.max, self.left
+            ),
+        })
+    }
+}
+
 /// Uploads every output from `<job_dir>/output/<path>` to its target and returns where each
-/// went, with its size and BLAKE3. `max_bytes` bounds what one call sends, all outputs
-/// together (the class's `output_mb`): an output past it is refused before a byte of it is
-/// read, so a job cannot keep the executor busy and fill a storage node with, say, a sparse
-/// file of terabytes.
+/// went, with its size and BLAKE3, drawing each from the job's `budget`.
 pub async fn upload(
     job_dir: &Path,
     uploads: &[UploadSpec],
     endpoint: &HordeEndpoint,
     http: &HttpClient,
-    max_bytes: u64,
+    budget: &mut OutputBudget,
 ) -> Result<Vec<OutputRef>, VolumeError> {
     let paths = checked_paths(uploads.iter().map(|upload| &upload.path))?;
     let root = job_dir.join(OUTPUT_DIR);
     let mut outputs = Vec::with_capacity(uploads.len());
-    let mut left = max_bytes;
     for (spec, relative) in uploads.iter().zip(paths) {
         let shown = spec.path.0.clone();
         // Opened once, without following a symlink anywhere below `root`; hashed and sent from
@@ -89,8 +122,7 @@ pub async fn upload(
             path: shown.clone(),
             source,
         };
-        let within = |size: u64| within_output_limit(size, left, max_bytes, &shown);
-        within(file.metadata().map_err(io_error)?.len())?;
+        budget.check(file.metadata().map_err(io_error)?.len(), &shown)?;
         let (hash, size, location) = match &spec.target {
             UploadTarget::Blob { storage } => {
                 let (hash, size) = {
@@ -101,7 +133,7 @@ pub async fn upload(
                         .map_err(io_error)?
                 };
                 // The job may have grown the file since it was opened.
-                within(size)?;
+                budget.check(size, &shown)?;
                 let policy = blob::TransferPolicy::default();
                 // The hash just computed is declared: the file is not read a second time to hash
                 // it, and a store that keeps it under another hash is an error of the put.
@@ -127,9 +159,9 @@ pub async fn upload(
                 let path = shown.clone();
                 // Hashed while it is sent: the size and BLAKE3 reported are those of the bytes
                 // the server accepted.
-                let limit = left;
+                let budget = *budget;
                 let (hash, size) = tokio::task::spawn_blocking(move || {
-                    http_put(&http, &url, &headers, file, &path, limit)
+                    http_put(&http, &url, &headers, file, &path, budget)
                 })
                 .await
                 .map_err(|error| io_error(io::Error::other(error)))??;
@@ -137,7 +169,7 @@ pub async fn upload(
             }
             _ => return Err(VolumeError::Unsupported(shown)),
         };
-        left = left.saturating_sub(size);
+        budget.left = budget.left.saturating_sub(size);
         outputs.push(OutputRef {
             path: spec.path.clone(),
             size,
@@ -146,20 +178,6 @@ pub async fn upload(
         });
     }
     Ok(outputs)
-}
-
-/// An output of `size` bytes fits in the `left` of an upload's `max` bytes, or the refusal.
-fn within_output_limit(size: u64, left: u64, max: u64, shown: &str) -> Result<(), VolumeError> {
-    if size <= left {
-        return Ok(());
-    }
-    Err(VolumeError::Output {
-        path: shown.to_owned(),
-        message: format!(
-            "{size} bytes do not fit: the outputs of one upload may total {max} bytes (the \
-             class's output_mb), {left} are left"
-        ),
-    })
 }
 
 /// A reader that hashes and counts what passes through it.
@@ -177,14 +195,15 @@ impl<R: io::Read> io::Read for HashingReader<R> {
 }
 
 /// PUTs a file with its Content-Length and the given headers (blocking), retrying transport
-/// failures and 5xx answers; returns the BLAKE3 and size of what the accepted attempt sent.
+/// failures and 5xx answers, each attempt within `budget`; returns the BLAKE3 and size of what
+/// the accepted attempt sent.
 fn http_put(
     http: &HttpClient,
     url: &str,
     headers: &[(String, String)],
     file: File,
     shown: &str,
-    max_bytes: u64,
+    budget: OutputBudget,
 ) -> Result<(BlobHash, u64), VolumeError> {
     use std::io::Seek as _;
     let io_error = |source| VolumeError::Io {
@@ -197,7 +216,7 @@ fn http_put(
     loop {
         file.rewind().map_err(io_error)?;
         let size = file.metadata().map_err(io_error)?.len();
-        within_output_limit(size, max_bytes, max_bytes, shown)?;
+        budget.check(size, shown)?;
         let mut request = http.agent.put(url);
         // The length sent is the file's: a Content-Length among the given headers is not used.
         for (name, value) in headers
