@@ -523,14 +523,15 @@ impl Overrides {
     /// Puts the flags other than `--role` (which [`NodeConfig::parse`] takes before the typed
     /// read, since defaults follow from it) over the loaded file.
     fn apply(&self, config: &mut NodeConfig) {
+        // Paths given on the command line are relative to the working directory.
         if let Some(key_file) = &self.key_file {
-            config.key_file.clone_from(key_file);
+            config.key_file = absolute(key_file);
         }
         if let Some(listen) = self.listen {
             config.listen = listen;
         }
         if let Some(data_dir) = &self.data_dir {
-            config.data_dir.clone_from(data_dir);
+            config.data_dir = absolute(data_dir);
         }
         config
             .discovery
@@ -540,6 +541,20 @@ impl Overrides {
             config.discovery.listen = p2p_listen;
         }
     }
+}
+
+/// `path` against the working directory: a relative path (`horde node --config node.toml`,
+/// `--data-dir data`) would otherwise reach places that do not share the node's working
+/// directory, such as a Docker Engine mounting a job's volume ("mount path must be absolute").
+/// An empty path is the working directory; one that cannot be made absolute (the working
+/// directory unreadable) is kept as it is, and its first use names it.
+fn absolute(path: &Path) -> PathBuf {
+    let path = if path_is_empty(path) {
+        Path::new(".")
+    } else {
+        path
+    };
+    std::path::absolute(path).unwrap_or_else(|_| path.to_owned())
 }
 
 impl NodeConfig {
@@ -600,7 +615,6 @@ impl NodeConfig {
         let mut config: Self = table.try_into().map_err(parse_error)?;
         config.resolve_paths(base);
         overrides.apply(&mut config);
-        config.make_paths_absolute();
         config.derive_settings();
         config
             .validate()
@@ -652,8 +666,10 @@ impl NodeConfig {
     }
 
     /// Makes the file's relative paths relative to `base` (the config file's directory), and
-    /// an empty `data_dir` `<base>/<role>-data`.
+    /// an empty `data_dir` `<base>/<role>-data`; all absolute, `base` against the working
+    /// directory.
     fn resolve_paths(&mut self, base: &Path) {
+        let base = absolute(base);
         if path_is_empty(&self.data_dir) {
             self.data_dir = PathBuf::from(format!("{}-data", self.role));
         }
@@ -666,29 +682,6 @@ impl NodeConfig {
             .and_then(|miner| miner.executor_program.as_mut())
         {
             *program = base.join(&*program);
-        }
-    }
-
-    /// Makes the data directory, the key file and the executor program absolute (against the
-    /// working directory): a relative path (`horde node --config node.toml`, `--data-dir data`)
-    /// would otherwise reach places that do not share the node's working directory, such as a
-    /// Docker Engine mounting a job's volume ("mount path must be absolute").
-    fn make_paths_absolute(&mut self) {
-        let absolute = |path: &mut PathBuf| {
-            // Fails only for an empty path or an unreadable working directory: kept as it is,
-            // and the first use names the path.
-            if let Ok(full) = std::path::absolute(&*path) {
-                *path = full;
-            }
-        };
-        absolute(&mut self.data_dir);
-        absolute(&mut self.key_file);
-        if let Some(program) = self
-            .miner
-            .as_mut()
-            .and_then(|miner| miner.executor_program.as_mut())
-        {
-            absolute(program);
         }
     }
 

@@ -317,6 +317,16 @@ pub enum VolumeError {
     },
 }
 
+impl VolumeError {
+    /// The blob transfer of the volume or output at `path` failed (for `map_err`).
+    fn blob(path: &str) -> impl FnOnce(TransferError) -> Self + '_ {
+        move |source| Self::Blob {
+            path: path.to_owned(),
+            source,
+        }
+    }
+}
+
 /// The blocking HTTP client and its retry policy.
 #[derive(Debug, Clone)]
 pub struct HttpClient {
@@ -446,10 +456,7 @@ pub async fn materialize(
                     &mut NoProgress,
                 )
                 .await
-                .map_err(|source| VolumeError::Blob {
-                    path: shown.clone(),
-                    source,
-                })?;
+                .map_err(VolumeError::blob(&shown))?;
                 outcome.size
             }
             VolumeSource::Url { url, size, blake3 } => {

@@ -147,10 +147,7 @@ pub async fn upload(
                     &mut NoProgress,
                 )
                 .await
-                .map_err(|source| VolumeError::Blob {
-                    path: shown.clone(),
-                    source,
-                })?;
+                .map_err(VolumeError::blob(&shown))?;
                 (hash, size, OutputLocation::Blob(storage.clone()))
             }
             UploadTarget::HttpPut { url, headers } => {
