@@ -2,7 +2,8 @@
 //! job survives the restart (kill -9 or graceful), its tunnel works throughout and its statuses
 //! resume; while the restarted facilitator is still learning the network it says so
 //! (`WarmingUp`) and clients retry within the reservation deadline, instead of a `NoMiner` that
-//! reads like a fact; a class whose executors are all busy is `AllBusy`, not `NoMiner`.
+//! reads like a fact; a class whose executors are all busy is `AllBusy`, not `NoMiner`; a
+//! facilitator whose disk is full refuses jobs with why, and serves again once there is room.
 
 #![allow(clippy::unwrap_used)] // Tests fail loudly on any error.
 
@@ -295,4 +296,137 @@ async fn a_job_that_ends_while_its_facilitator_is_down_keeps_its_outcome() {
         .filter(|update| matches!(update.status, JobStatus::EndpointReady(_)))
         .count();
     assert_eq!(endpoints, 1, "{history:?}");
+}
+
+/// A tmpfs of `bytes` mounted over `dir` (its files copied in), lazily unmounted on drop.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    /// `None` where mounting needs a root this process is not.
+    fn mount_over(dir: &std::path::Path, bytes: u64) -> Option<Self> {
+        if !rustix::process::geteuid().is_root() {
+            return None;
+        }
+        let saved = tempfile::tempdir().unwrap();
+        let copy = |from: &std::path::Path, to: &std::path::Path| {
+            let status = std::process::Command::new("cp")
+                .arg("-a")
+                .arg(format!("{}/.", from.display()))
+                .arg(to)
+                .status()
+                .unwrap();
+            assert!(
+                status.success(),
+                "cp -a {} {}",
+                from.display(),
+                to.display()
+            );
+        };
+        copy(dir, saved.path());
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .unwrap();
+        if !status.success() {
+            return None;
+        }
+        copy(saved.path(), dir);
+        Some(Self(dir.to_owned()))
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// The facilitator's data directory full: a submission it cannot record is refused with why
+/// (`StoreFailed`: nothing runs, so the client may submit again), never a bare stream reset;
+/// once there is room the same facilitator, not restarted, records and serves jobs again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_facilitator_on_a_full_disk_refuses_jobs_with_why_and_serves_again_once_there_is_room() {
+    let mut testnet = start(TestnetConfig::default());
+    testnet.kill("facilitator").unwrap();
+    let data = testnet.dir().join("facilitator").join("data");
+    let Some(_disk) = SmallDisk::mount_over(&data, 16 << 20) else {
+        eprintln!("skipped: mounting a small tmpfs needs root");
+        return;
+    };
+    testnet.start_again("facilitator").unwrap();
+    let client = Client::new(SecretKey::generate(), testnet.facilitator()).unwrap();
+    let mut first = client.submit(&demo_request()).await.unwrap();
+    first.wait_for_endpoint().await.unwrap();
+    first.terminate().await.unwrap();
+    first.wait_for_end().await.unwrap();
+
+    let filler = data.join("filler");
+    {
+        use std::io::Write as _;
+        let mut file = std::fs::File::create(&filler).unwrap();
+        while file.write_all(&[0u8; 64 * 1024]).is_ok() {}
+        while file.write_all(&[0u8; 512]).is_ok() {}
+    }
+    // Each job the store can still place in pages it has is recorded; the first it cannot is
+    // refused, with why.
+    let mut refused = None;
+    let mut recorded = Vec::new();
+    for _ in 0..200 {
+        let mut job = client.submit(&demo_request()).await.unwrap();
+        let status = job
+            .wait_for(|s| matches!(s, JobStatus::Rejected(_) | JobStatus::Received))
+            .await
+            .unwrap();
+        if let JobStatus::Rejected(reason) = status {
+            refused = Some(reason);
+            break;
+        }
+        recorded.push(job);
+    }
+    let refused = refused.expect("a job refused while the disk is full");
+    let RejectReason::StoreFailed(why) = &refused else {
+        panic!("{refused:?}")
+    };
+    assert!(why.contains("No space left on device"), "{why}");
+    assert!(
+        horde_node::client::describe::rejection(&refused).contains("nothing runs"),
+        "{refused:?}"
+    );
+
+    // Room again: the same facilitator process records the next job and it runs (once the
+    // one recorded before the refusal that got the executor has ended, and the miner's
+    // capacity record says so).
+    std::fs::remove_file(&filler).unwrap();
+    for mut job in recorded {
+        if job.terminate().await.is_ok() {
+            let _ = job.wait_for_end().await;
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let mut again = None;
+    for _ in 0..40 {
+        let mut job = client.submit(&demo_request()).await.unwrap();
+        match job.wait_for_endpoint().await {
+            Ok(_) => {
+                again = Some(job);
+                break;
+            }
+            Err(ClientError::JobEnded(status))
+                if matches!(
+                    *status,
+                    JobStatus::Rejected(RejectReason::AllBusy { .. } | RejectReason::Declined(_))
+                ) =>
+            {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(error) => panic!("{error}"),
+        }
+    }
+    let mut again = again.expect("the executor free again");
+    again.terminate().await.unwrap();
+    again.wait_for_end().await.unwrap();
 }

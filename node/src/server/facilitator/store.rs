@@ -19,7 +19,9 @@
 //! so the facilitator serves again as soon as the disk has room, without a restart.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, PoisonError, RwLock, Weak};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
+use std::time::{Duration, Instant};
 
 use horde_protocol::codec::{from_bytes_exact, to_bytes};
 use horde_protocol::messages::StatusUpdate;
@@ -93,13 +95,23 @@ pub struct JobStore {
 #[derive(Debug)]
 struct Shared {
     path: PathBuf,
-    /// `None` while it could not be opened again.
+    /// `None` from an I/O error until it is opened again.
     db: RwLock<Option<Database>>,
+    /// When opening it again was last tried: at most once per [`REOPEN_INTERVAL`].
+    last_reopen: Mutex<Option<Instant>>,
+    /// How many times opening it again was tried.
+    reopens: AtomicU64,
 }
 
+/// The least time between two attempts to open the database again after an I/O error: while
+/// the disk stays full, a burst of submissions is refused at once instead of each trying to
+/// open (and repair) the database first.
+const REOPEN_INTERVAL: Duration = Duration::from_secs(1);
+
 impl Shared {
-    /// Runs `work` on the database, reopening it first if an earlier I/O error closed it, and
-    /// after `work` meets one.
+    /// Runs `work` on the database, opening it again first if an I/O error closed it. An I/O
+    /// error of `work` closes it (redb refuses every later operation until it is opened again)
+    /// and opens it again, at most once per [`REOPEN_INTERVAL`].
     fn with<T>(
         &self,
         work: impl FnOnce(&Database) -> Result<T, JobStoreError>,
@@ -126,23 +138,38 @@ impl Shared {
             }
         };
         if let Err(JobStoreError::Io(error)) = &outcome {
-            warn!(%error, "job store I/O error: reopening the database");
+            warn!(%error, "job store I/O error: closing the database to open it again");
+            *self.db.write().unwrap_or_else(PoisonError::into_inner) = None;
             self.reopen();
         }
         outcome
     }
 
-    /// Closes the database (its file lock with it) and opens it again.
+    /// Opens the closed database again, unless it is open or the last attempt was less than
+    /// [`REOPEN_INTERVAL`] ago.
     fn reopen(&self) {
         let mut db = self.db.write().unwrap_or_else(PoisonError::into_inner);
-        *db = None;
+        if db.is_some() {
+            return;
+        }
+        {
+            let mut last = self
+                .last_reopen
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if last.is_some_and(|at| at.elapsed() < REOPEN_INTERVAL) {
+                return;
+            }
+            *last = Some(Instant::now());
+        }
+        let attempt = self.reopens.fetch_add(1, Ordering::Relaxed) + 1;
         match open_database(&self.path) {
             Ok(opened) => {
-                info!(path = %self.path.display(), "job store opened again");
+                info!(path = %self.path.display(), attempt, "job store opened again");
                 *db = Some(opened);
             }
             Err(error) => {
-                warn!(%error, "job store: opening it again failed; retried at the next operation")
+                warn!(%error, attempt, "job store: opening it again failed; retried in {REOPEN_INTERVAL:?} at the earliest")
             }
         }
     }
@@ -314,6 +341,8 @@ impl JobStore {
         let db = Arc::new(Shared {
             path: path.to_owned(),
             db: RwLock::new(Some(open_database(path)?)),
+            last_reopen: Mutex::new(None),
+            reopens: AtomicU64::new(0),
         });
         let (writes, queue) = mpsc::channel(WRITE_QUEUE);
         let weak = Arc::downgrade(&db);
@@ -595,11 +624,23 @@ mod tests {
             }
         }
         assert!(matches!(failure, Some(JobStoreError::Io(_))), "{failure:?}");
-        // Still full: still refused, with the same typed error.
-        assert!(matches!(insert(30_000).await, Err(JobStoreError::Io(_))));
+        // Still full: still refused, with the same typed error; a burst of them tries to open
+        // the database again at most once per interval, not once each.
+        let tried = store.db.reopens.load(Ordering::Relaxed);
+        let burst = Instant::now();
+        for n in 30_000..30_050 {
+            assert!(matches!(insert(n).await, Err(JobStoreError::Io(_))));
+        }
+        let intervals = burst.elapsed().as_secs_f64() / REOPEN_INTERVAL.as_secs_f64();
+        let reopened = store.db.reopens.load(Ordering::Relaxed) - tried;
+        assert!(
+            reopened as f64 <= intervals.ceil() + 1.0,
+            "{reopened} attempts to open it again in {intervals:.2} intervals"
+        );
         // Room again: the same store works, no restart (redb alone refuses every operation
-        // after an I/O error until the database is opened again).
+        // after an I/O error until the database is opened again), once the interval is past.
         std::fs::remove_file(&filler).unwrap();
+        std::thread::sleep(REOPEN_INTERVAL);
         insert(30_001).await.expect("the store works again");
         let mut id = [0u8; 16];
         id[..4].copy_from_slice(&30_001u32.to_be_bytes());
