@@ -483,10 +483,12 @@ async fn blob_and_inline_volumes_and_blob_uploads() {
     .await
     .unwrap_err();
     assert!(
-        matches!(&error, VolumeError::Output { path, message } if path == "sparse.bin"
-            && message.contains("output_mb")),
+        matches!(&error, VolumeError::OverBudget { path, size, .. } if path == "sparse.bin"
+            && *size == 64 << 30),
         "{error:?}"
     );
+    assert!(error.to_string().contains("output_mb"), "{error}");
+    assert_eq!(error.http_status(), 413);
     assert!(
         started.elapsed() < std::time::Duration::from_secs(5),
         "refused at once"
@@ -503,7 +505,7 @@ async fn blob_and_inline_volumes_and_blob_uploads() {
     .await
     .unwrap_err();
     assert!(
-        matches!(&error, VolumeError::Output { path, .. } if path == "out2.bin"),
+        matches!(&error, VolumeError::OverBudget { path, .. } if path == "out2.bin"),
         "{error:?}"
     );
     // The budget is the job's: what one upload sent is gone for the next ones, each of which
@@ -519,9 +521,8 @@ async fn blob_and_inline_volumes_and_blob_uploads() {
     .await
     .unwrap_err();
     assert!(
-        matches!(&error, VolumeError::Output { path, message } if path == "out2.bin"
-            && message.contains("1000 bytes do not fit") && message.contains("total 1500 bytes")
-            && message.contains("500 are left")),
+        matches!(&error, VolumeError::OverBudget { path, size: 1000, max: 1500, left: 500 }
+            if path == "out2.bin"),
         "{error:?}"
     );
 

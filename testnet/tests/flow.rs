@@ -1214,7 +1214,12 @@ async fn output_mb_bounds_all_of_a_jobs_uploads_together() {
     let (status, body) = get(&connection, "POST", "/output?path=b.bin", &bytes).await;
     let body = String::from_utf8_lossy(&body).into_owned();
     assert_eq!(status, 200, "{body}");
-    assert!(body.contains("\"executor_status\":500"), "{body}");
+    // Over the budget is the job's own doing: 413, not a server error.
+    assert!(body.contains("\"executor_status\":413"), "{body}");
+    // As is a file no upload was declared for: 400.
+    let (_, body) = get(&connection, "POST", "/output?path=c.bin", b"x").await;
+    let body = String::from_utf8_lossy(&body).into_owned();
+    assert!(body.contains("\"executor_status\":400"), "{body}");
 
     job.terminate().await.unwrap();
     let end = job.wait_for_end().await.unwrap();

@@ -665,7 +665,7 @@ impl JobRunner {
             .iter()
             .map(|u| (u.path.0.clone(), (u.clone(), None)))
             .collect();
-        let ending = loop {
+        let ending = 'running: loop {
             tokio::select! {
                 biased;
                 () = cancel.cancelled() => break Ending::Abandoned,
@@ -732,12 +732,13 @@ impl JobRunner {
                 },
                 Some(_) = outputs.requests.join_next(), if !outputs.requests.is_empty() => {}
                 Some(ready) = outputs.ready.recv() => {
-                    let (message, reply) = self.upload_ready(job_dir, &ready.paths, &mut pending_uploads, not_uploaded, output_budget).await;
+                    let (messages, reply) = self.upload_ready(job_dir, &ready.paths, &mut pending_uploads, not_uploaded, output_budget).await;
                     let _ = ready.reply.send(reply);
-                    if let Some(message) = message
-                        && session.send_up(&message).await.is_err() {
-                            break Ending::Abandoned;
+                    for message in &messages {
+                        if session.send_up(message).await.is_err() {
+                            break 'running Ending::Abandoned;
                         }
+                    }
                 }
             }
         };
@@ -833,26 +834,28 @@ impl JobRunner {
         pending: &mut HashMap<String, (UploadSpec, Option<u64>)>,
         not_uploaded: &mut Vec<OutputRef>,
         budget: &mut volumes::OutputBudget,
-    ) -> (Option<UpMessage>, Result<usize, String>) {
+    ) -> (Vec<UpMessage>, Result<usize, http::OutputsRefusal>) {
+        // Every path is checked before any is taken: a request naming one undeclared file
+        // leaves the others declared for a later one.
+        if let Some(path) = paths.iter().find(|path| !pending.contains_key(*path)) {
+            let refusal = http::OutputsRefusal {
+                status: 400,
+                reason: format!("{path}: no upload declared for this file"),
+            };
+            return (Vec::new(), Err(refusal));
+        }
         let mut by_list: HashMap<Option<u64>, Vec<UploadSpec>> = HashMap::new();
-        for path in paths {
-            match pending.remove(path) {
-                Some((spec, list)) => by_list.entry(list).or_default().push(spec),
-                None => {
-                    return (
-                        None,
-                        Err(format!("{path}: no upload declared for this file")),
-                    );
-                }
-            }
+        for (spec, list) in paths.iter().filter_map(|path| pending.remove(path)) {
+            by_list.entry(list).or_default().push(spec);
         }
         let mut count = 0;
-        let mut message = None;
+        // One message per volume list the files came from.
+        let mut messages = Vec::new();
         for (volume_msg_id, uploads) in by_list {
             match volumes::upload(job_dir, &uploads, &self.endpoint, &self.http, budget).await {
                 Ok(outputs) => {
                     count += outputs.len();
-                    message = Some(UpMessage::UploadDone(UploadDone {
+                    messages.push(UpMessage::UploadDone(UploadDone {
                         volume_msg_id,
                         outputs,
                     }));
@@ -864,11 +867,15 @@ impl JobRunner {
                             .iter()
                             .map(|upload| not_uploaded_ref(upload, reason.clone())),
                     );
-                    return (None, Err(reason));
+                    let refusal = http::OutputsRefusal {
+                        status: error.http_status(),
+                        reason,
+                    };
+                    return (messages, Err(refusal));
                 }
             }
         }
-        (message, Ok(count))
+        (messages, Ok(count))
     }
 
     /// Uploads each of `uploads` from `dir`'s `output/`, all within `limit` and `budget`: where

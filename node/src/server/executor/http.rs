@@ -87,8 +87,18 @@ async fn read_head<T>(
 pub(crate) struct OutputsReady {
     /// Paths relative to the output directory.
     pub(crate) paths: Vec<String>,
-    /// Where the executor answers once the uploads are done (`Err` carries the reason).
-    pub(crate) reply: oneshot::Sender<Result<usize, String>>,
+    /// Where the executor answers once the uploads are done: how many were uploaded, or why
+    /// not.
+    pub(crate) reply: oneshot::Sender<Result<usize, OutputsRefusal>>,
+}
+
+/// Why a job's `POST /outputs` was not done, and the HTTP status that says whose fault it was.
+#[derive(Debug)]
+pub(crate) struct OutputsRefusal {
+    /// 4xx for the job's own mistakes, 5xx for the executor's or the target's.
+    pub(crate) status: u16,
+    /// Why, for the job to log.
+    pub(crate) reason: String,
 }
 
 #[derive(Deserialize)]
@@ -135,7 +145,7 @@ pub(crate) async fn handle_outputs(
     }
     match answer.await {
         Ok(Ok(count)) => respond(stream, 200, &format!("uploaded {count}")).await,
-        Ok(Err(reason)) => respond(stream, 500, &reason).await,
+        Ok(Err(refused)) => respond(stream, refused.status, &refused.reason).await,
         Err(_) => respond(stream, 503, "job is ending").await,
     }
 }
@@ -147,6 +157,7 @@ async fn respond(mut stream: TcpStream, code: u16, text: &str) -> std::io::Resul
         404 => "Not Found",
         413 => "Payload Too Large",
         500 => "Internal Server Error",
+        502 => "Bad Gateway",
         _ => "Service Unavailable",
     };
     let response = format!(

@@ -296,6 +296,21 @@ pub enum VolumeError {
         /// Computed.
         actual: BlobHash,
     },
+    /// An output past what the job may still upload ([`OutputBudget`]).
+    #[error(
+        "output `{path}`: {size} bytes do not fit: the outputs of one job may total {max} bytes \
+         (the class's output_mb), {left} are left"
+    )]
+    OverBudget {
+        /// The path.
+        path: String,
+        /// The output's size.
+        size: u64,
+        /// The job's whole budget.
+        max: u64,
+        /// What was left of it.
+        left: u64,
+    },
     /// The output to upload is missing or not a regular file.
     #[error("output `{path}`: {message}")]
     Output {
@@ -318,6 +333,23 @@ pub enum VolumeError {
 }
 
 impl VolumeError {
+    /// The HTTP status that answers a job's `POST /outputs` this upload failed for: 4xx for
+    /// what the job got wrong (a refused path, a missing or irregular file, a file changed
+    /// while it was sent: 400; over its budget: 413), 502 for a target that failed, 500 for the
+    /// executor's own I/O.
+    pub fn http_status(&self) -> u16 {
+        match self {
+            Self::Path { .. }
+            | Self::Output { .. }
+            | Self::Unsupported(_)
+            | Self::SizeMismatch { .. }
+            | Self::HashMismatch { .. } => 400,
+            Self::OverBudget { .. } => 413,
+            Self::Blob { .. } | Self::HttpStatus { .. } | Self::Http { .. } => 502,
+            Self::Io { .. } => 500,
+        }
+    }
+
     /// The blob transfer of the volume or output at `path` failed (for `map_err`).
     fn blob(path: &str) -> impl FnOnce(TransferError) -> Self + '_ {
         move |source| Self::Blob {

@@ -89,13 +89,11 @@ impl OutputBudget {
         if size <= self.left {
             return Ok(());
         }
-        Err(VolumeError::Output {
+        Err(VolumeError::OverBudget {
             path: shown.to_owned(),
-            message: format!(
-                "{size} bytes do not fit: the outputs of one job may total {} bytes (the \
-                 class's output_mb), {} are left",
-                self.max, self.left
-            ),
+            size,
+            max: self.max,
+            left: self.left,
         })
     }
 }
