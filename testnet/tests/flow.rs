@@ -1244,3 +1244,71 @@ async fn output_mb_bounds_all_of_a_jobs_uploads_together() {
         "{reason}"
     );
 }
+
+/// One `POST /outputs` naming files declared in different places (the spec, a volume list)
+/// gets one `UploadDone` per place, each with its own outputs (before, only the last was sent).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_outputs_request_across_volume_lists_reports_each_list() {
+    let testnet = start(TestnetConfig::default());
+    let storage = testnet.storage().unwrap();
+    let to_storage = |name: &str| UploadSpec {
+        path: RelativePath(name.into()),
+        target: UploadTarget::Blob {
+            storage: storage.clone(),
+        },
+    };
+    let mut request = JobRequest::command("cpu", "/bin/sh");
+    // Both files are written at once; they are announced together once the volume list that
+    // declares the second has been fetched (its `go` file is there).
+    request.args = vec![
+        "-c".into(),
+        "printf a > \"$HORDE_OUTPUT_DIR/a.bin\"; printf bb > \"$HORDE_OUTPUT_DIR/b.bin\"; \
+         python3 -c '\n\
+import json, os, time, urllib.request\n\
+while not os.path.exists(os.path.join(os.environ[\"HORDE_VOLUME_DIR\"], \"go\")):\n    time.sleep(0.02)\n\
+body = json.dumps({\"paths\": [\"a.bin\", \"b.bin\"]}).encode()\n\
+request = urllib.request.Request(os.environ[\"HORDE_EXECUTOR_URL\"] + \"/outputs\", data=body, method=\"POST\")\n\
+print(\"outputs\", urllib.request.urlopen(request).status, flush=True)\n\
+' & exec python3 -m http.server --bind 127.0.0.1 \"$HORDE_JOB_PORT\""
+            .into(),
+    ];
+    request.readiness = ReadinessProbe::Tcp;
+    request.uploads = vec![to_storage("a.bin")];
+    let (_client, mut job) = submit(&testnet, &request).await;
+    endpoint(&mut job, &testnet).await;
+    job.send_volumes(
+        9,
+        vec![VolumeSpec {
+            path: RelativePath("go".into()),
+            source: VolumeSource::Inline { bytes: vec![1] },
+        }],
+        vec![to_storage("b.bin")],
+    )
+    .await
+    .unwrap();
+    let mut done = Vec::new();
+    while done.len() < 2 {
+        let status = tokio::time::timeout(
+            Duration::from_secs(30),
+            job.wait_for(|s| matches!(s, JobStatus::UploadDone(_))),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("an UploadDone for each list: {:?}", job.history()))
+        .unwrap();
+        let JobStatus::UploadDone(upload) = status else {
+            unreachable!()
+        };
+        let names: Vec<String> = upload.outputs.iter().map(|o| o.path.0.clone()).collect();
+        done.push((upload.volume_msg_id, names));
+    }
+    done.sort();
+    assert_eq!(
+        done,
+        [
+            (None, vec!["a.bin".to_owned()]),
+            (Some(9), vec!["b.bin".to_owned()])
+        ]
+    );
+    job.terminate().await.unwrap();
+    job.wait_for_end().await.unwrap();
+}
