@@ -125,6 +125,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             block_on_one_thread(async { Ok(blob::run_command(command).await?) })
         }
         Command::Job { command } if command.is_relay() => {
+            horde_transport::spin::enable(horde_transport::spin::configured_window());
             block_on_one_thread(job::run_command(command))
         }
         Command::Job { command } => block_on(job::run_command(command)),
@@ -186,6 +187,8 @@ fn block_on(future: impl Future<Output = anyhow::Result<()>>) -> anyhow::Result<
 fn block_on_one_thread(future: impl Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
+        // Spins for a relay's answer before sleeping, when `spin::enable` was called.
+        .on_thread_park(horde_transport::spin::before_park)
         .build()
         .context("starting the async runtime")?
         .block_on(future)

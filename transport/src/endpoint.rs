@@ -552,6 +552,8 @@ impl HordeEndpoint {
             source,
         };
         let socket = std::net::UdpSocket::bind(config.bind).map_err(bind_error)?;
+        // A relay's answers arrive here (nothing unless this process spins: `spin::enable`).
+        crate::spin::watch(&socket);
         // Keys that survive a restart: a node comes back on its port (a port 0 bind is kept and
         // reused from the node's second start on), so the keys come from the port actually
         // bound, the first start's included; otherwise a node killed in its first run could not

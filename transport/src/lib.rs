@@ -41,6 +41,7 @@
 //!   `client.rs`, `request.rs` (one streamed HTTP request, exact body bytes), `forward.rs`.
 //! - `udp.rs`: the socket under every endpoint, keeping each segmentation-offload send within
 //!   64 KiB so MTU discovery may go up to [`MAX_UDP_PAYLOAD`] (jumbo frames, loopback).
+//! - `spin.rs`: [`spin`], the tunnel relays' busy-poll of their sockets before they sleep.
 //! - `http.rs`: [`http`], the one HTTP/1.1 head and body-framing parser (on `httparse`).
 //! - `test_utils.rs` + `test_utils/impaired_path.rs` (feature `test-utils`): seeded keys, an
 //!   endpoint pair on `127.0.0.1:0`, an impaired UDP path.
@@ -62,6 +63,7 @@ mod framed;
 pub mod http;
 mod peer_quota;
 mod session;
+pub mod spin;
 mod tls;
 pub mod tunnel;
 mod udp;

@@ -27,6 +27,8 @@ pub async fn forward_tcp(
     receipts: mpsc::Sender<Signed<JobReceipt>>,
 ) -> Result<(), TunnelError> {
     let connection = tunnel.connection().clone();
+    // New local connections wake this thread too: its spin sees them.
+    crate::spin::watch(&listener);
     let slots = Arc::new(Semaphore::new(MAX_FORWARDED_CONNECTIONS));
     let mut tasks = JoinSet::new();
     loop {
@@ -52,6 +54,7 @@ pub async fn forward_tcp(
             },
         };
         while tasks.try_join_next().is_some() {}
+        crate::spin::watch(&tcp);
         let tunnel = tunnel.clone();
         let receipts = receipts.clone();
         tasks.spawn(

@@ -94,7 +94,12 @@ async fn serve_with_grace(
 ) -> Result<TunnelStats, TunnelError> {
     let stream = u64::from(recv.id());
     let mut frames = FrameIn::new(recv);
-    let tcp = match tokio::time::timeout(JOB_CONNECT_TIMEOUT, ctx.target.connect()).await {
+    // The dial may be answered by another thread (the process runner's bridge): no spin
+    // would see it.
+    let dialing = crate::spin::hold();
+    let dialed = tokio::time::timeout(JOB_CONNECT_TIMEOUT, ctx.target.connect()).await;
+    drop(dialing);
+    let tcp = match dialed {
         Ok(Ok(tcp)) => tcp,
         Ok(Err(source)) => return Err(abandon(&mut send, &mut frames, job_connect(ctx, source))),
         Err(_) => {
@@ -104,6 +109,8 @@ async fn serve_with_grace(
     };
     // Small writes (an SSE token, a WebSocket frame) go out at once.
     let _ = tcp.set_nodelay(true);
+    // The job's answers arrive here: this thread spins for them before it sleeps.
+    crate::spin::watch(&tcp);
     // Both halves live until the receipt is out: closing the job's socket is not on its path.
     let (mut tcp_read, mut tcp_write) = tcp.into_split();
     let mut inbound = DirectionDigest::new();
@@ -569,8 +576,10 @@ pub fn serve_job_endpoint_on_own_thread(
     ctx: Arc<TunnelContext>,
     cancel: CancellationToken,
 ) -> Result<JobEndpointHandle, ConfigError> {
+    crate::spin::enable(crate::spin::configured_window());
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
+        .on_thread_park(crate::spin::before_park)
         .build()
         .map_err(ConfigError::Thread)?;
     let (handle, quinn_endpoint) = {

@@ -1,0 +1,250 @@
+//! Busy-polling before a thread sleeps, for the relays on a tunnel's path (`horde job forward`
+//! and the job endpoint's thread).
+//!
+//! A keep-alive round trip through the tunnel crosses more processes than one through an
+//! nginx proxy, and on a virtual machine each wake-up of a sleeping thread costs tens of
+//! microseconds: the round trip's time is mostly wake-ups (benches/RESULTS.md). A relay that
+//! expects an answer soon can keep its CPU for a short window instead of sleeping, and see the
+//! answer arrive without being woken. [`before_park`] is that window: installed as a
+//! current-thread runtime's `on_thread_park` hook, it polls the sockets registered with
+//! [`watch`] until one is readable or the window has passed, then lets the runtime sleep as
+//! usual (which returns at once when something arrived). The window bounds the CPU it costs:
+//! at most one window each time the thread would sleep.
+//!
+//! A spin only pays when the answer comes on a watched socket. It does not end for a wake-up
+//! from another thread (a dial through the process runner's bridge) or a timer; code that
+//! waits for one says so with [`hold`], and after [`MISSES_BEFORE_BACKING_OFF`] spins in a row
+//! that saw nothing, only every [`PROBE_EVERY`]th sleep spins until one sees something again.
+//! While spinning the thread yields, so a process woken on its CPU (the job answering) runs at
+//! once instead of waiting for the spinner's time slice to end.
+//!
+//! Off unless [`enable`] was called (the window comes from `HORDE_SPIN_US` when set).
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use rustix::event::epoll;
+
+/// The window a relay spins before it sleeps when `HORDE_SPIN_US` does not say.
+pub const DEFAULT_SPIN_WINDOW: Duration = Duration::from_micros(200);
+
+/// Spins in a row that saw nothing, after which [`before_park`] backs off.
+pub const MISSES_BEFORE_BACKING_OFF: u32 = 2;
+
+/// While backed off, one sleep in this many still spins, to notice answers coming back.
+pub const PROBE_EVERY: u32 = 16;
+
+/// Sockets to poll for readability, and how long to poll them.
+#[derive(Debug)]
+pub struct SpinSet {
+    /// The watched sockets, level-triggered for readability.
+    epoll: OwnedFd,
+    window: Duration,
+    /// Waits for something no watched socket brings ([`hold`]) now in progress.
+    holds: AtomicU32,
+    /// Spins in a row that saw nothing.
+    misses: AtomicU32,
+    /// Sleeps without a spin since backing off.
+    skipped: AtomicU32,
+}
+
+impl SpinSet {
+    /// An empty set that polls for `window`.
+    pub fn new(window: Duration) -> std::io::Result<Self> {
+        let epoll = epoll::create(epoll::CreateFlags::CLOEXEC)?;
+        Ok(Self {
+            epoll,
+            window,
+            holds: AtomicU32::new(0),
+            misses: AtomicU32::new(0),
+            skipped: AtomicU32::new(0),
+        })
+    }
+
+    /// Adds `socket`; it leaves the set by itself when it is closed.
+    pub fn watch(&self, socket: impl AsFd) -> std::io::Result<()> {
+        epoll::add(
+            &self.epoll,
+            socket,
+            epoll::EventData::new_u64(0),
+            epoll::EventFlags::IN,
+        )?;
+        Ok(())
+    }
+
+    /// Polls the sockets until one is readable (`true`) or the window has passed (`false`).
+    pub fn spin(&self) -> bool {
+        let started = Instant::now();
+        let mut events = [epoll::Event {
+            flags: epoll::EventFlags::empty(),
+            data: epoll::EventData::new_u64(0),
+        }];
+        for polls in 1u32.. {
+            match epoll::wait(&self.epoll, &mut events[..], Some(&NO_WAIT)) {
+                Ok(0) => {}
+                Ok(_) => return true,
+                // The set cannot be polled: sleep as usual.
+                Err(_) => return false,
+            }
+            if started.elapsed() >= self.window {
+                return false;
+            }
+            if polls % YIELD_EVERY == 0 {
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+        false
+    }
+
+    /// Spins before a sleep unless a [`hold`] is in progress or recent spins saw nothing (then
+    /// one sleep in [`PROBE_EVERY`]); returns whether a socket became readable.
+    pub fn spin_if_useful(&self) -> bool {
+        if self.holds.load(Ordering::Relaxed) > 0 {
+            return false;
+        }
+        if self.misses.load(Ordering::Relaxed) >= MISSES_BEFORE_BACKING_OFF
+            && self.skipped.fetch_add(1, Ordering::Relaxed) + 1 < PROBE_EVERY
+        {
+            return false;
+        }
+        self.skipped.store(0, Ordering::Relaxed);
+        let readable = self.spin();
+        if readable {
+            self.misses.store(0, Ordering::Relaxed);
+        } else {
+            self.misses.fetch_add(1, Ordering::Relaxed);
+        }
+        readable
+    }
+}
+
+/// While alive, [`before_park`] does not spin: the thread waits for something no watched
+/// socket brings.
+#[derive(Debug)]
+pub struct Hold(Option<&'static SpinSet>);
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        if let Some(set) = self.0 {
+            set.holds.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// No spinning until the returned guard is dropped (a wait for another thread's answer).
+pub fn hold() -> Hold {
+    match SPIN.get() {
+        Some(Some(set)) => {
+            set.holds.fetch_add(1, Ordering::Relaxed);
+            Hold(Some(set))
+        }
+        _ => Hold(None),
+    }
+}
+
+/// Polls between two yields of the CPU while spinning (a poll is a system call, about a
+/// microsecond here): a process woken on the spinner's CPU (the job, the other relay) waits at
+/// most that long. Spinning without yielding made the keep-alive round trip's p99 about 1 ms,
+/// the scheduler's tick, on two vCPUs (benches/RESULTS.md).
+const YIELD_EVERY: u32 = 8;
+
+const NO_WAIT: rustix::event::Timespec = rustix::event::Timespec {
+    tv_sec: 0,
+    tv_nsec: 0,
+};
+
+static SPIN: OnceLock<Option<SpinSet>> = OnceLock::new();
+
+/// The window `HORDE_SPIN_US` names (`0` turns spinning off), else [`DEFAULT_SPIN_WINDOW`].
+pub fn configured_window() -> Duration {
+    std::env::var("HORDE_SPIN_US")
+        .ok()
+        .and_then(|value| value.trim().parse().ok())
+        .map_or(DEFAULT_SPIN_WINDOW, Duration::from_micros)
+}
+
+/// Turns spinning on for this process with `window` (a zero window leaves it off). The first
+/// call decides; returns whether spinning is on.
+pub fn enable(window: Duration) -> bool {
+    SPIN.get_or_init(|| {
+        if window.is_zero() {
+            return None;
+        }
+        SpinSet::new(window).ok()
+    })
+    .is_some()
+}
+
+/// Adds `socket` to the sockets [`before_park`] watches (nothing when spinning is off).
+pub fn watch(socket: impl AsFd) {
+    if let Some(Some(spin)) = SPIN.get() {
+        // A socket that cannot be watched is only not spun for.
+        let _ = spin.watch(socket);
+    }
+}
+
+/// Polls the watched sockets until one is readable or the window has passed (at once when
+/// spinning is off). For `tokio::runtime::Builder::on_thread_park`.
+pub fn before_park() {
+    if let Some(Some(spin)) = SPIN.get() {
+        spin.spin_if_useful();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_readable_socket_ends_the_spin_and_a_closed_one_leaves_the_set() {
+        // A window no test run reaches: the spin can only end early because a socket is
+        // readable.
+        let set = SpinSet::new(Duration::from_secs(3600)).unwrap();
+        let receiver = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        set.watch(&receiver).unwrap();
+        let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        sender
+            .send_to(b"answer", receiver.local_addr().unwrap())
+            .unwrap();
+        assert!(set.spin());
+        // Still readable (nothing was read): it ends at once again.
+        assert!(set.spin());
+        // Closed, it is out of the set: a short window passes with nothing readable.
+        drop(receiver);
+        let short = SpinSet {
+            window: Duration::from_millis(1),
+            ..set
+        };
+        assert!(!short.spin());
+    }
+
+    #[test]
+    fn after_spins_that_saw_nothing_only_every_probe_spins() {
+        let set = SpinSet::new(Duration::from_micros(1)).unwrap();
+        let receiver = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        set.watch(&receiver).unwrap();
+        for _ in 0..MISSES_BEFORE_BACKING_OFF {
+            assert!(!set.spin_if_useful());
+        }
+        // Backed off: a datagram waiting is not seen until the probe.
+        let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        sender
+            .send_to(b"answer", receiver.local_addr().unwrap())
+            .unwrap();
+        for _ in 1..PROBE_EVERY {
+            assert!(!set.spin_if_useful());
+        }
+        assert!(set.spin_if_useful(), "the probe sees it");
+        // Seen: spinning again at every sleep.
+        assert!(set.spin_if_useful());
+        // A hold: no spin, however readable.
+        set.holds.fetch_add(1, Ordering::Relaxed);
+        assert!(!set.spin_if_useful());
+        set.holds.fetch_sub(1, Ordering::Relaxed);
+        assert!(set.spin_if_useful());
+    }
+}
