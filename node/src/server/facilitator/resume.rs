@@ -136,7 +136,9 @@ impl Facilitator {
             match status {
                 Some(JobStatus::Rejected(RejectReason::UnknownJob)) => {
                     Some(JobStatus::HordeFailed(self.hop().failed(format!(
-                        "validator {} no longer drives the job (the facilitator was away too long)",
+                        "validator {} no longer holds the job (it restarted since, or the job \
+                         ended while the facilitator was away and the validator stopped waiting \
+                         for it); its outcome is not known",
                         job.validator
                     ))))
                 }
