@@ -5,8 +5,7 @@
 
 #![allow(clippy::unwrap_used)] // Tests fail loudly on any error.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,40 +17,10 @@ use horde_protocol::blob::BlobErrorKind;
 use horde_protocol::{BlobHash, NodeAddr, STORAGE_CAPACITY_CLASS};
 use horde_transport::HordeEndpoint;
 use horde_transport::blob::{BlobError, start_put};
-use horde_transport::test_utils::{localhost_endpoint, seeded_key};
+use horde_transport::test_utils::{SmallDisk, localhost_endpoint, seeded_key};
 use tokio_util::sync::CancellationToken;
 
 const MIB: u64 = 1 << 20;
-
-/// A tmpfs of `size_mib` MiB mounted on a fresh directory, unmounted when dropped.
-struct Tmpfs {
-    mount: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Tmpfs {
-    fn mount(size_mib: u64) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let mount = dir.path().join("fs");
-        std::fs::create_dir(&mount).unwrap();
-        let status = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size_mib}m"), "tmpfs"])
-            .arg(&mount)
-            .status()
-            .unwrap();
-        assert!(
-            status.success(),
-            "mounting a tmpfs needs root (these tests run as root)"
-        );
-        Self { mount, _dir: dir }
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.mount).status();
-    }
-}
 
 /// A store served on 127.0.0.1 and a client endpoint.
 struct Storage {
@@ -142,8 +111,10 @@ fn assert_put_storage_full(error: &TransferError) {
 /// partial reclaimed; the disk is back to what it was and a later 2 MB put succeeds.
 #[tokio::test]
 async fn a_full_disk_refuses_puts_and_reclaims_their_partials() {
-    let fs = Tmpfs::mount(50);
-    let data = fs.mount.join("storage-data");
+    let dir = tempfile::tempdir().unwrap();
+    let fs = SmallDisk::mount_over(&dir.path().join("fs"), 50 * MIB)
+        .expect("mounting a tmpfs needs root (these tests run as root)");
+    let data = fs.path().join("storage-data");
     let storage = start_storage(&data, StoreLimits::default());
     let partial = data.join("partial");
     let work = tempfile::tempdir().unwrap();
@@ -180,7 +151,7 @@ async fn a_full_disk_refuses_puts_and_reclaims_their_partials() {
         .write(Bytes::copy_from_slice(&bytes[..(8 * MIB) as usize]))
         .await
         .unwrap();
-    let filler = fs.mount.join("filler");
+    let filler = fs.path().join("filler");
     std::fs::write(&filler, sample(35 * MIB, 3)).unwrap_or_else(|error| {
         panic!("the filler fits beside 8 MiB of upload: {error}");
     });

@@ -13,6 +13,7 @@ use horde_node::client::{Client, ClientError, JobConnection, JobHandle, JobReque
 use horde_protocol::messages::RejectReason;
 use horde_protocol::{ExecutorClass, JobStatus, RelativePath, SecretKey, VolumeSource, VolumeSpec};
 use horde_testnet::{Testnet, TestnetConfig, demo_job_binary};
+use horde_transport::test_utils::SmallDisk;
 use horde_transport::tunnel::http_request;
 
 fn demo_request() -> JobRequest {
@@ -298,53 +299,6 @@ async fn a_job_that_ends_while_its_facilitator_is_down_keeps_its_outcome() {
     assert_eq!(endpoints, 1, "{history:?}");
 }
 
-/// A tmpfs of `bytes` mounted over `dir` (its files copied in), lazily unmounted on drop.
-struct SmallDisk(std::path::PathBuf);
-
-impl SmallDisk {
-    /// `None` where mounting needs a root this process is not.
-    fn mount_over(dir: &std::path::Path, bytes: u64) -> Option<Self> {
-        if !rustix::process::geteuid().is_root() {
-            return None;
-        }
-        let saved = tempfile::tempdir().unwrap();
-        let copy = |from: &std::path::Path, to: &std::path::Path| {
-            let status = std::process::Command::new("cp")
-                .arg("-a")
-                .arg(format!("{}/.", from.display()))
-                .arg(to)
-                .status()
-                .unwrap();
-            assert!(
-                status.success(),
-                "cp -a {} {}",
-                from.display(),
-                to.display()
-            );
-        };
-        copy(dir, saved.path());
-        let status = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
-            .arg(dir)
-            .status()
-            .unwrap();
-        if !status.success() {
-            return None;
-        }
-        copy(saved.path(), dir);
-        Some(Self(dir.to_owned()))
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
-    }
-}
-
 /// The facilitator's data directory full: a submission it cannot record is refused with why
 /// (`StoreFailed`: nothing runs, so the client may submit again), never a bare stream reset;
 /// once there is room the same facilitator, not restarted, records and serves jobs again.
@@ -353,7 +307,7 @@ async fn a_facilitator_on_a_full_disk_refuses_jobs_with_why_and_serves_again_onc
     let mut testnet = start(TestnetConfig::default());
     testnet.kill("facilitator").unwrap();
     let data = testnet.dir().join("facilitator").join("data");
-    let Some(_disk) = SmallDisk::mount_over(&data, 16 << 20) else {
+    let Some(disk) = SmallDisk::mount_over(&data, 16 << 20) else {
         eprintln!("skipped: mounting a small tmpfs needs root");
         return;
     };
@@ -364,13 +318,7 @@ async fn a_facilitator_on_a_full_disk_refuses_jobs_with_why_and_serves_again_onc
     first.terminate().await.unwrap();
     first.wait_for_end().await.unwrap();
 
-    let filler = data.join("filler");
-    {
-        use std::io::Write as _;
-        let mut file = std::fs::File::create(&filler).unwrap();
-        while file.write_all(&[0u8; 64 * 1024]).is_ok() {}
-        while file.write_all(&[0u8; 512]).is_ok() {}
-    }
+    let filler = disk.fill("filler");
     // Each job the store can still place in pages it has is recorded; the first it cannot is
     // refused, with why.
     let mut refused = None;

@@ -43,8 +43,9 @@
 //!   64 KiB so MTU discovery may go up to [`MAX_UDP_PAYLOAD`] (jumbo frames, loopback).
 //! - `spin.rs`: [`spin`], the tunnel relays' busy-poll of their sockets before they sleep.
 //! - `http.rs`: [`http`], the one HTTP/1.1 head and body-framing parser (on `httparse`).
-//! - `test_utils.rs` + `test_utils/impaired_path.rs` (feature `test-utils`): seeded keys, an
-//!   endpoint pair on `127.0.0.1:0`, an impaired UDP path.
+//! - `test_utils.rs` + `test_utils/impaired_path.rs`, `test_utils/small_disk.rs` (feature
+//!   `test-utils`): seeded keys, an endpoint pair on `127.0.0.1:0`, an impaired UDP path, a
+//!   small tmpfs for full-disk tests.
 //! - [`codes`] (here): the application error codes of [`horde_protocol::wire::codes`] as
 //!   `quinn::VarInt`s.
 //!

@@ -1,9 +1,12 @@
 //! Test helpers (feature `test-utils`): seeded keys and endpoints on `127.0.0.1:0`, and an
-//! impaired UDP path between two endpoints (`impaired_path.rs`).
+//! impaired UDP path between two endpoints (`impaired_path.rs`), and a small tmpfs for tests of
+//! full disks (`small_disk.rs`).
 
 mod impaired_path;
+mod small_disk;
 
 pub use impaired_path::{ImpairedPath, Impairment, PathCounts};
+pub use small_disk::SmallDisk;
 
 use std::net::{Ipv4Addr, SocketAddr};
 

@@ -116,25 +116,20 @@ impl Shared {
         &self,
         work: impl FnOnce(&Database) -> Result<T, JobStoreError>,
     ) -> Result<T, JobStoreError> {
-        if self
-            .db
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .is_none()
-        {
-            self.reopen();
-        }
-        let outcome = match self
-            .db
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .as_ref()
-        {
-            Some(db) => work(db),
-            None => {
-                return Err(JobStoreError::Io(
-                    "closed after an I/O error; it could not be opened again yet".to_owned(),
-                ));
+        let outcome = {
+            let mut db = self.db.read().unwrap_or_else(PoisonError::into_inner);
+            if db.is_none() {
+                drop(db);
+                self.reopen();
+                db = self.db.read().unwrap_or_else(PoisonError::into_inner);
+            }
+            match db.as_ref() {
+                Some(db) => work(db),
+                None => {
+                    return Err(JobStoreError::Io(
+                        "closed after an I/O error; it could not be opened again yet".to_owned(),
+                    ));
+                }
             }
         };
         if let Err(JobStoreError::Io(error)) = &outcome {
@@ -557,6 +552,7 @@ mod tests {
     use horde_protocol::SecretKey;
     use horde_protocol::messages::{HordeFailure, JobFinished};
     use horde_protocol::records::Role;
+    use horde_transport::test_utils::SmallDisk;
 
     fn spec(job_id: JobId, key: &SecretKey) -> Signed<JobSpec> {
         let spec = crate::client::JobRequest::command("cpu", "true").into_spec(
@@ -567,41 +563,14 @@ mod tests {
         Signed::sign(key, &spec)
     }
 
-    /// A small tmpfs of its own (root only), unmounted on drop.
-    struct SmallDisk {
-        dir: tempfile::TempDir,
-    }
-
-    impl SmallDisk {
-        fn mount(bytes: u64) -> Option<Self> {
-            if !rustix::process::geteuid().is_root() {
-                return None;
-            }
-            let dir = tempfile::tempdir().ok()?;
-            let mounted = std::process::Command::new("mount")
-                .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
-                .arg(dir.path())
-                .status()
-                .is_ok_and(|status| status.success());
-            mounted.then_some(Self { dir })
-        }
-    }
-
-    impl Drop for SmallDisk {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount")
-                .arg(self.dir.path())
-                .status();
-        }
-    }
-
     #[tokio::test]
     async fn the_store_works_again_once_a_full_disk_has_room() {
-        let Some(disk) = SmallDisk::mount(16 << 20) else {
+        let dir = tempfile::tempdir().unwrap();
+        let Some(disk) = SmallDisk::mount_over(dir.path(), 16 << 20) else {
             eprintln!("skipped: mounting a small tmpfs needs root");
             return;
         };
-        let store = JobStore::open(&disk.dir.path().join("jobs.redb")).unwrap();
+        let store = JobStore::open(&disk.path().join("jobs.redb")).unwrap();
         let key = SecretKey::from_seed(&[4; 32]);
         let insert = |n: u32| {
             let mut id = [0u8; 16];
@@ -610,12 +579,7 @@ mod tests {
             store.insert_job(spec(job_id, &key), job_id, key.hotkey(), UnixMillis(1))
         };
         // Fill the disk, then insert until a commit needs room there is not.
-        let filler = disk.dir.path().join("filler");
-        {
-            use std::io::Write as _;
-            let mut file = std::fs::File::create(&filler).unwrap();
-            while file.write_all(&[0u8; 64 * 1024]).is_ok() {}
-        }
+        let filler = disk.fill("filler");
         let mut failure = None;
         for n in 0..20_000 {
             if let Err(error) = insert(n).await {
