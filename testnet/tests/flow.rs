@@ -1178,7 +1178,9 @@ async fn specs_that_could_only_fail_late_are_refused_at_submit() {
 
 /// A class's `output_mb` is the job's, over all its uploads: a job that asks for one upload
 /// after another gets the second refused once the first used the budget, though each would fit
-/// alone (before, each POST /outputs could send `output_mb` again).
+/// alone (before, each POST /outputs could send `output_mb` again). A declared output sent
+/// mid-session and unchanged is not sent again at the job's end (before, it was, and that
+/// second copy no longer fit the budget: reported not uploaded though it had been).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn output_mb_bounds_all_of_a_jobs_uploads_together() {
     let defaults = TestnetConfig::default();
@@ -1208,9 +1210,13 @@ async fn output_mb_bounds_all_of_a_jobs_uploads_together() {
     let body = String::from_utf8_lossy(&body).into_owned();
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("\"executor_status\":200"), "{body}");
-    job.wait_for(|s| matches!(s, JobStatus::UploadDone(_)))
+    let done = job
+        .wait_for(|s| matches!(s, JobStatus::UploadDone(_)))
         .await
         .unwrap();
+    let JobStatus::UploadDone(done) = done else {
+        unreachable!()
+    };
     let (status, body) = get(&connection, "POST", "/output?path=b.bin", &bytes).await;
     let body = String::from_utf8_lossy(&body).into_owned();
     assert_eq!(status, 200, "{body}");
@@ -1243,6 +1249,13 @@ async fn output_mb_bounds_all_of_a_jobs_uploads_together() {
             && reason.contains("448576 are left"),
         "{reason}"
     );
+    // a.bin, unchanged since its mid-session upload: reported once, as sent then.
+    let a: Vec<_> = result
+        .outputs
+        .iter()
+        .filter(|o| o.path.0 == "a.bin")
+        .collect();
+    assert_eq!(a, vec![&done.outputs[0]], "{:?}", result.outputs);
 }
 
 /// One `POST /outputs` naming files declared in different places (the spec, a volume list)

@@ -215,6 +215,9 @@ struct Prepared {
     not_uploaded: Vec<OutputRef>,
     /// What the job's declared outputs may still send, mid-session and at the end together.
     output_budget: volumes::OutputBudget,
+    /// The spec's declared outputs the job announced mid-session, as they were uploaded then:
+    /// at the job's end each is sent again only if it changed since.
+    sent: HashMap<String, OutputRef>,
 }
 
 /// The job's "outputs ready" requests: each connection read on a task of its own (aborted with
@@ -380,8 +383,9 @@ impl JobRunner {
         };
         info!(served, failed = failed_streams, "job endpoint closed");
         let not_uploaded = std::mem::take(&mut prepared.not_uploaded);
+        let sent = std::mem::take(&mut prepared.sent);
         let budget = &mut prepared.output_budget;
-        self.results(&prepared.spec, job_dir, ending, not_uploaded, budget)
+        self.results(&prepared.spec, job_dir, ending, not_uploaded, sent, budget)
             .await
     }
 
@@ -472,6 +476,7 @@ impl JobRunner {
             job_dir: job_dir.to_path_buf(),
             not_uploaded: Vec::new(),
             output_budget: volumes::OutputBudget::new(self.config.policy.output_limit()),
+            sent: HashMap::new(),
         })
     }
 
@@ -658,6 +663,7 @@ impl JobRunner {
             job_dir,
             not_uploaded,
             output_budget,
+            sent,
         } = prepared;
         let job_dir = job_dir.as_path();
         let mut pending_uploads: HashMap<String, (UploadSpec, Option<u64>)> = spec
@@ -732,7 +738,7 @@ impl JobRunner {
                 },
                 Some(_) = outputs.requests.join_next(), if !outputs.requests.is_empty() => {}
                 Some(ready) = outputs.ready.recv() => {
-                    let (messages, reply) = self.upload_ready(job_dir, &ready.paths, &mut pending_uploads, not_uploaded, output_budget).await;
+                    let (messages, reply) = self.upload_ready(job_dir, &ready.paths, &mut pending_uploads, not_uploaded, sent, output_budget).await;
                     let _ = ready.reply.send(reply);
                     for message in &messages {
                         if session.send_up(message).await.is_err() {
@@ -749,12 +755,15 @@ impl JobRunner {
     /// Uploads the declared outputs and the logs, and builds the job's last message: every
     /// upload that failed (now, or mid-session: `not_uploaded`) is in its outputs as
     /// [`OutputLocation::NotUploaded`]; a declared output not uploaded fails the job in Upload.
+    /// A declared output already uploaded mid-session (`sent`) and unchanged since, or removed
+    /// since, is not sent again: the copy sent then is the one reported.
     async fn results(
         &self,
         spec: &JobSpec,
         job_dir: &Path,
         ending: Ending,
         not_uploaded: Vec<OutputRef>,
+        mut sent: HashMap<String, OutputRef>,
         budget: &mut volumes::OutputBudget,
     ) -> Outcome {
         let (exit, terminated) = match &ending {
@@ -763,14 +772,22 @@ impl JobRunner {
             Ending::TimedOut => (None, true),
             Ending::Abandoned => return None,
         };
-        let declared: Vec<UploadSpec> = spec
-            .uploads
-            .iter()
-            .filter(|u| job_dir.join("output").join(&u.path.0).is_file())
-            .cloned()
-            .collect();
+        let mut kept = Vec::new();
+        let mut declared = Vec::new();
+        for upload in &spec.uploads {
+            match sent.remove(&upload.path.0) {
+                Some(earlier) if volumes::unchanged_since(job_dir, &earlier).await => {
+                    kept.push(earlier);
+                }
+                _ if job_dir.join("output").join(&upload.path.0).is_file() => {
+                    declared.push(upload.clone());
+                }
+                _ => {}
+            }
+        }
         let limit = Duration::from_millis(spec.deadlines.upload_ms);
         let (mut outputs, upload_error) = self.upload_each(job_dir, &declared, limit, budget).await;
+        outputs.append(&mut kept);
         let mut result = self.finish_logs(job_dir, spec, exit, terminated).await;
         outputs.append(&mut result.outputs);
         outputs.extend(not_uploaded);
@@ -826,13 +843,14 @@ impl JobRunner {
     }
 
     /// Uploads the files the job said are ready, as the volume lists (or the spec) declared,
-    /// within the job's `budget`.
+    /// within the job's `budget`; what the spec declared is remembered in `sent`.
     async fn upload_ready(
         &self,
         job_dir: &Path,
         paths: &[String],
         pending: &mut HashMap<String, (UploadSpec, Option<u64>)>,
         not_uploaded: &mut Vec<OutputRef>,
+        sent: &mut HashMap<String, OutputRef>,
         budget: &mut volumes::OutputBudget,
     ) -> (Vec<UpMessage>, Result<usize, http::OutputsRefusal>) {
         // Every path is checked before any is taken: a request naming one undeclared file
@@ -855,22 +873,21 @@ impl JobRunner {
             match volumes::upload(job_dir, &uploads, &self.endpoint, &self.http, budget).await {
                 Ok(outputs) => {
                     count += outputs.len();
+                    if volume_msg_id.is_none() {
+                        sent.extend(outputs.iter().map(|out| (out.path.0.clone(), out.clone())));
+                    }
                     messages.push(UpMessage::UploadDone(UploadDone {
                         volume_msg_id,
                         outputs,
                     }));
                 }
                 Err(error) => {
-                    let reason = error.to_string();
+                    let refusal = http::OutputsRefusal::upload_failed(&error);
                     not_uploaded.extend(
                         uploads
                             .iter()
-                            .map(|upload| not_uploaded_ref(upload, reason.clone())),
+                            .map(|upload| not_uploaded_ref(upload, refusal.reason.clone())),
                     );
-                    let refusal = http::OutputsRefusal {
-                        status: error.http_status(),
-                        reason,
-                    };
                     return (messages, Err(refusal));
                 }
             }

@@ -11,6 +11,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::server::executor::runner::JobDialer;
+use crate::server::executor::volumes::VolumeError;
 
 /// Longest head (status or request line + headers) the probe and the outputs listener read.
 const MAX_HEAD: usize = 16 * 1024;
@@ -99,6 +100,31 @@ pub(crate) struct OutputsRefusal {
     pub(crate) status: u16,
     /// Why, for the job to log.
     pub(crate) reason: String,
+}
+
+impl OutputsRefusal {
+    /// The answer to a `POST /outputs` whose upload failed with `error`: 4xx for what the job
+    /// got wrong (a refused path, a missing or irregular file, a file changed while it was
+    /// sent: 400; over its budget: 413), 502 for a target that failed, 500 for the executor's
+    /// own I/O.
+    pub(crate) fn upload_failed(error: &VolumeError) -> Self {
+        let status = match error {
+            VolumeError::Path { .. }
+            | VolumeError::Output { .. }
+            | VolumeError::Unsupported(_)
+            | VolumeError::SizeMismatch { .. }
+            | VolumeError::HashMismatch { .. } => 400,
+            VolumeError::OverBudget { .. } => 413,
+            VolumeError::Blob { .. }
+            | VolumeError::HttpStatus { .. }
+            | VolumeError::Http { .. } => 502,
+            VolumeError::Io { .. } => 500,
+        };
+        Self {
+            status,
+            reason: error.to_string(),
+        }
+    }
 }
 
 #[derive(Deserialize)]

@@ -38,7 +38,7 @@ pub const OUTPUT_DIR: &str = "output";
 
 mod upload;
 
-pub use upload::{OutputBudget, upload};
+pub use upload::{OutputBudget, unchanged_since, upload};
 #[cfg(test)]
 use upload::{open_output, opened_path};
 
@@ -333,23 +333,6 @@ pub enum VolumeError {
 }
 
 impl VolumeError {
-    /// The HTTP status that answers a job's `POST /outputs` this upload failed for: 4xx for
-    /// what the job got wrong (a refused path, a missing or irregular file, a file changed
-    /// while it was sent: 400; over its budget: 413), 502 for a target that failed, 500 for the
-    /// executor's own I/O.
-    pub fn http_status(&self) -> u16 {
-        match self {
-            Self::Path { .. }
-            | Self::Output { .. }
-            | Self::Unsupported(_)
-            | Self::SizeMismatch { .. }
-            | Self::HashMismatch { .. } => 400,
-            Self::OverBudget { .. } => 413,
-            Self::Blob { .. } | Self::HttpStatus { .. } | Self::Http { .. } => 502,
-            Self::Io { .. } => 500,
-        }
-    }
-
     /// The blob transfer of the volume or output at `path` failed (for `map_err`).
     fn blob(path: &str) -> impl FnOnce(TransferError) -> Self + '_ {
         move |source| Self::Blob {

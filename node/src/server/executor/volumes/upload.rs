@@ -22,28 +22,37 @@ use crate::client::progress::NoProgress;
 /// Opens an output under `root` without following symlinks on the way, refusing anything but
 /// a regular file.
 pub(super) fn open_output(root: &Path, relative: &Path, shown: &str) -> Result<File, VolumeError> {
-    let missing = || VolumeError::Output {
+    open_output_if_there(root, relative, shown)?.ok_or_else(|| VolumeError::Output {
         path: shown.to_owned(),
         message: "no such file".to_owned(),
+    })
+}
+
+/// [`open_output`], with `None` for an output (or a directory on its way) that is not there.
+fn open_output_if_there(
+    root: &Path,
+    relative: &Path,
+    shown: &str,
+) -> Result<Option<File>, VolumeError> {
+    let (dir, file_name, current) = match walk_to_parent(root, relative, false, shown) {
+        Ok(walked) => walked,
+        Err(VolumeError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+            return Ok(None);
+        }
+        Err(other) => return Err(other),
     };
-    let (dir, file_name, current) =
-        walk_to_parent(root, relative, false, shown).map_err(|error| match error {
-            VolumeError::Io { source, .. } if source.kind() == io::ErrorKind::NotFound => missing(),
-            other => other,
-        })?;
     // `O_NONBLOCK`: a FIFO put there by the job must not block the executor in `open`; it is
     // then refused as not a regular file (reads from a regular file never block anyway).
-    let file = rustix::fs::openat(
+    let file = match rustix::fs::openat(
         &dir,
         file_name,
         OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
         Mode::empty(),
-    )
-    .map_err(|errno| match errno {
-        rustix::io::Errno::NOENT => missing(),
-        errno => refuse_walk(errno, root, &current, shown),
-    })?;
-    let file = File::from(file);
+    ) {
+        Ok(file) => File::from(file),
+        Err(rustix::io::Errno::NOENT) => return Ok(None),
+        Err(errno) => return Err(refuse_walk(errno, root, &current, shown)),
+    };
     let meta = file.metadata().map_err(|source| VolumeError::Io {
         path: shown.to_owned(),
         source,
@@ -54,7 +63,7 @@ pub(super) fn open_output(root: &Path, relative: &Path, shown: &str) -> Result<F
             message: "not a regular file".to_owned(),
         });
     }
-    Ok(file)
+    Ok(Some(file))
 }
 
 /// A path that opens the very file `file` has open (Linux's `/proc/self/fd` magic link, not
@@ -173,6 +182,30 @@ pub async fn upload(
         });
     }
     Ok(outputs)
+}
+
+/// Whether an output the job announced mid-session and that was uploaded then (`sent`) needs no
+/// second upload at the job's end: the file is still a regular file of the same size and
+/// BLAKE3, or it has been removed since (the copy sent stands). A file the job changed, or
+/// replaced by anything but a regular file, is sent (or refused) again.
+pub async fn unchanged_since(job_dir: &Path, sent: &OutputRef) -> bool {
+    let Ok(paths) = checked_paths(std::iter::once(&sent.path)) else {
+        return false;
+    };
+    let Some(relative) = paths.into_iter().next() else {
+        return false;
+    };
+    let file = match open_output_if_there(&job_dir.join(OUTPUT_DIR), &relative, &sent.path.0) {
+        Ok(Some(file)) => file,
+        Ok(None) => return true,
+        Err(_) => return false,
+    };
+    if file.metadata().map(|meta| meta.len()).ok() != Some(sent.size) {
+        return false;
+    }
+    let path = opened_path(&file);
+    let now = tokio::task::spawn_blocking(move || blob::hash_file(&path)).await;
+    matches!(now, Ok(Ok((hash, size))) if hash == sent.hash && size == sent.size)
 }
 
 /// A reader that hashes and counts what passes through it.
