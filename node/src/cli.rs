@@ -122,11 +122,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Receipts(args) => receipts::run(&args),
         Command::Internal(command) => internal::run(command),
         Command::Blob { command } => {
-            block_on_one_thread(async { Ok(blob::run_command(command).await?) })
+            block_on_one_thread(false, async { Ok(blob::run_command(command).await?) })
         }
         Command::Job { command } if command.is_relay() => {
-            horde_transport::spin::enable(horde_transport::spin::configured_window());
-            block_on_one_thread(job::run_command(command))
+            block_on_one_thread(true, job::run_command(command))
         }
         Command::Job { command } => block_on(job::run_command(command)),
         Command::Nodes { peer, json } => block_on(nodes::run(&peer, json)),
@@ -183,13 +182,13 @@ fn block_on(future: impl Future<Output = anyhow::Result<()>>) -> anyhow::Result<
 /// threads of its own (the writer, the checkpoints, hashing a file to upload). Measured, `horde
 /// blob get` of 1 GiB across a veth pair at MTU 1,500: 3.85–4.01 Gbit/s at 3.06–3.48 CPU s/GiB
 /// (both ends) on the 2-worker runtime, 4.80–5.52 at 2.66–2.73 on this one (benches/RESULTS.md,
-/// "One thread for the blob CLI").
-fn block_on_one_thread(future: impl Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        // Spins for a relay's answer before sleeping, when `spin::enable` was called.
-        .on_thread_park(horde_transport::spin::before_park)
-        .build()
+/// "One thread for the blob CLI"). A relay (`spin`) also spins for its answers before it
+/// sleeps ([`crate::client::one_thread_runtime`]).
+fn block_on_one_thread(
+    spin: bool,
+    future: impl Future<Output = anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    crate::client::one_thread_runtime(spin)
         .context("starting the async runtime")?
         .block_on(future)
 }

@@ -21,6 +21,8 @@
 //! - `client/describe.rs`: statuses, refusals and failures in words, as the CLI prints them.
 //! - `client/blob.rs`: `horde/blob/1` put and get with retries and resume.
 //! - `client/progress.rs`: transfer progress callbacks and the stderr reporter.
+//! - `client/runtime.rs`: [`one_thread_runtime`], one thread that spins before it sleeps, for
+//!   the lowest round trips.
 
 pub mod blob;
 pub mod describe;
@@ -28,6 +30,7 @@ mod endpoint;
 mod job;
 pub mod progress;
 mod report;
+mod runtime;
 pub mod spec;
 
 pub use crate::clock::now;
@@ -35,3 +38,4 @@ pub use endpoint::{JobConnection, VerifiedEndpoint};
 pub use horde_transport::tunnel::{HttpResponseStream, RequestBody};
 pub use job::{Client, ClientError, DEFAULT_SPEC_LIFETIME, JobHandle, JobRequest, REATTACH_WINDOW};
 pub use report::{Comparison, ReportEvidence, byte_equal, compare_http};
+pub use runtime::one_thread_runtime;

@@ -18,6 +18,12 @@
 //! While spinning the thread yields, so a process woken on its CPU (the job answering) runs at
 //! once instead of waiting for the spinner's time slice to end.
 //!
+//! A spin does not take a CPU several others wait for: it does not start, and it ends, while
+//! more threads are runnable than the process has CPUs plus one (the kernel's count,
+//! `/proc/loadavg`), as in a bulk transfer, where every process on the path has work. One
+//! thread waiting is allowed: that is the job just woken by the request, which the spin's
+//! yields let run.
+//!
 //! Off unless [`enable`] was called (the window comes from `HORDE_SPIN_US` when set).
 
 use std::os::fd::{AsFd, OwnedFd};
@@ -28,7 +34,7 @@ use std::time::{Duration, Instant};
 use rustix::event::epoll;
 
 /// The window a relay spins before it sleeps when `HORDE_SPIN_US` does not say.
-pub const DEFAULT_SPIN_WINDOW: Duration = Duration::from_micros(200);
+pub const DEFAULT_SPIN_WINDOW: Duration = Duration::from_micros(100);
 
 /// Spins in a row that saw nothing, after which [`before_park`] backs off.
 pub const MISSES_BEFORE_BACKING_OFF: u32 = 2;
@@ -36,12 +42,29 @@ pub const MISSES_BEFORE_BACKING_OFF: u32 = 2;
 /// While backed off, one sleep in this many still spins, to notice answers coming back.
 pub const PROBE_EVERY: u32 = 16;
 
+/// How a spin ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Spin {
+    /// A watched socket became readable.
+    Readable,
+    /// The window passed with nothing readable.
+    Nothing,
+    /// At least two threads waited for a CPU ([`CROWDED_CHECKS`] checks in a row), or the spin
+    /// was not started for that.
+    Crowded,
+}
+
+/// Checks in a row (one at each yield) that see the CPUs crowded before a spin gives up its CPU.
+pub const CROWDED_CHECKS: u32 = 2;
+
 /// Sockets to poll for readability, and how long to poll them.
 #[derive(Debug)]
 pub struct SpinSet {
     /// The watched sockets, level-triggered for readability.
     epoll: OwnedFd,
     window: Duration,
+    /// The kernel's count of runnable threads, where it can be read.
+    runnable: Option<Runnable>,
     /// Waits for something no watched socket brings ([`hold`]) now in progress.
     holds: AtomicU32,
     /// Spins in a row that saw nothing.
@@ -57,6 +80,7 @@ impl SpinSet {
         Ok(Self {
             epoll,
             window,
+            runnable: Runnable::open(),
             holds: AtomicU32::new(0),
             misses: AtomicU32::new(0),
             skipped: AtomicU32::new(0),
@@ -74,34 +98,55 @@ impl SpinSet {
         Ok(())
     }
 
-    /// Polls the sockets until one is readable (`true`) or the window has passed (`false`).
-    pub fn spin(&self) -> bool {
+    /// Whether at least two runnable threads wait for a CPU (never, where the count cannot be
+    /// read).
+    fn crowded(&self) -> bool {
+        self.runnable.as_ref().is_some_and(Runnable::crowded)
+    }
+
+    /// Polls the sockets until one is readable, the window has passed, or other threads need
+    /// the CPU; not at all while they do.
+    pub fn spin(&self) -> Spin {
+        if self.crowded() {
+            return Spin::Crowded;
+        }
         let started = Instant::now();
         let mut events = [epoll::Event {
             flags: epoll::EventFlags::empty(),
             data: epoll::EventData::new_u64(0),
         }];
+        let mut crowded = 0;
         for polls in 1u32.. {
             match epoll::wait(&self.epoll, &mut events[..], Some(&NO_WAIT)) {
                 Ok(0) => {}
-                Ok(_) => return true,
+                Ok(_) => return Spin::Readable,
                 // The set cannot be polled: sleep as usual.
-                Err(_) => return false,
+                Err(_) => return Spin::Nothing,
             }
             if started.elapsed() >= self.window {
-                return false;
+                return Spin::Nothing;
             }
             if polls % YIELD_EVERY == 0 {
+                if self.crowded() {
+                    crowded += 1;
+                    if crowded >= CROWDED_CHECKS {
+                        return Spin::Crowded;
+                    }
+                } else {
+                    crowded = 0;
+                }
                 std::thread::yield_now();
             } else {
                 std::hint::spin_loop();
             }
         }
-        false
+        Spin::Nothing
     }
 
     /// Spins before a sleep unless a [`hold`] is in progress or recent spins saw nothing (then
-    /// one sleep in [`PROBE_EVERY`]); returns whether a socket became readable.
+    /// one sleep in [`PROBE_EVERY`]); returns whether a socket became readable. A spin cut
+    /// short (or not started) because the CPUs were crowded is not counted as one that saw
+    /// nothing.
     pub fn spin_if_useful(&self) -> bool {
         if self.holds.load(Ordering::Relaxed) > 0 {
             return false;
@@ -112,14 +157,66 @@ impl SpinSet {
             return false;
         }
         self.skipped.store(0, Ordering::Relaxed);
-        let readable = self.spin();
-        if readable {
-            self.misses.store(0, Ordering::Relaxed);
-        } else {
-            self.misses.fetch_add(1, Ordering::Relaxed);
+        match self.spin() {
+            Spin::Readable => {
+                self.misses.store(0, Ordering::Relaxed);
+                true
+            }
+            Spin::Nothing => {
+                self.misses.fetch_add(1, Ordering::Relaxed);
+                false
+            }
+            Spin::Crowded => false,
         }
-        readable
     }
+}
+
+/// The kernel's count of runnable threads, all CPUs (the fourth field of `/proc/loadavg`,
+/// `RUNNABLE/TOTAL`; read again with one `pread`, about a microsecond), against the CPUs this
+/// process may run on.
+#[derive(Debug)]
+struct Runnable {
+    loadavg: OwnedFd,
+    cpus: u32,
+}
+
+impl Runnable {
+    fn open() -> Option<Self> {
+        let loadavg = rustix::fs::open(
+            "/proc/loadavg",
+            rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .ok()?;
+        let cpus = std::thread::available_parallelism().ok()?.get();
+        let runnable = Self {
+            loadavg,
+            cpus: u32::try_from(cpus).unwrap_or(u32::MAX),
+        };
+        runnable.count()?;
+        Some(runnable)
+    }
+
+    /// Runnable threads now, this one among them.
+    fn count(&self) -> Option<u32> {
+        let mut buffer = [0u8; 128];
+        let read = rustix::io::pread(&self.loadavg, &mut buffer, 0).ok()?;
+        runnable_in(buffer.get(..read)?)
+    }
+
+    /// More runnable threads than CPUs plus one (this one counted): at least two wait for a
+    /// CPU.
+    fn crowded(&self) -> bool {
+        self.count()
+            .is_some_and(|runnable| runnable > self.cpus.saturating_add(1))
+    }
+}
+
+/// The runnable count of a `/proc/loadavg` line (`0.52 0.58 0.59 3/467 12345`).
+fn runnable_in(line: &[u8]) -> Option<u32> {
+    let line = std::str::from_utf8(line).ok()?;
+    let (runnable, _total) = line.split_ascii_whitespace().nth(3)?.split_once('/')?;
+    runnable.parse().ok()
 }
 
 /// While alive, [`before_park`] does not spin: the thread waits for something no watched
@@ -199,32 +296,82 @@ pub fn before_park() {
 mod tests {
     use super::*;
 
+    /// A set that does not read the runnable count: other tests running at the same time may
+    /// crowd the CPUs, which these tests are not about.
+    fn uncounted(window: Duration) -> SpinSet {
+        SpinSet {
+            runnable: None,
+            ..SpinSet::new(window).unwrap()
+        }
+    }
+
     #[test]
     fn a_readable_socket_ends_the_spin_and_a_closed_one_leaves_the_set() {
         // A window no test run reaches: the spin can only end early because a socket is
         // readable.
-        let set = SpinSet::new(Duration::from_secs(3600)).unwrap();
+        let set = uncounted(Duration::from_secs(3600));
         let receiver = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         set.watch(&receiver).unwrap();
         let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         sender
             .send_to(b"answer", receiver.local_addr().unwrap())
             .unwrap();
-        assert!(set.spin());
+        assert_eq!(set.spin(), Spin::Readable);
         // Still readable (nothing was read): it ends at once again.
-        assert!(set.spin());
+        assert_eq!(set.spin(), Spin::Readable);
         // Closed, it is out of the set: a short window passes with nothing readable.
         drop(receiver);
         let short = SpinSet {
             window: Duration::from_millis(1),
             ..set
         };
-        assert!(!short.spin());
+        assert_eq!(short.spin(), Spin::Nothing);
+    }
+
+    #[test]
+    fn the_runnable_count_is_read_from_loadavg() {
+        assert_eq!(runnable_in(b"0.52 0.58 0.59 3/467 12345\n"), Some(3));
+        assert_eq!(runnable_in(b"0.52 0.58 0.59 12/4670 1\n"), Some(12));
+        assert_eq!(runnable_in(b"0.52 0.58"), None);
+        assert_eq!(runnable_in(b"0.52 0.58 0.59 x/4 1"), None);
+        let runnable = Runnable::open().expect("/proc/loadavg readable");
+        assert!(runnable.count().is_some_and(|n| n >= 1), "this thread runs");
+    }
+
+    /// More busy threads than CPUs: a spin with a window no run reaches ends, saying why,
+    /// instead of taking a CPU from them.
+    #[test]
+    fn a_spin_gives_way_while_other_threads_want_the_cpus() {
+        let set = SpinSet::new(Duration::from_secs(3600)).unwrap();
+        let receiver = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        set.watch(&receiver).unwrap();
+        let cpus = set.runnable.as_ref().expect("/proc/loadavg readable").cpus;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let busy: Vec<_> = (0..=cpus + 1)
+            .map(|_| {
+                let stop = std::sync::Arc::clone(&stop);
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        std::hint::spin_loop();
+                    }
+                })
+            })
+            .collect();
+        let started = Instant::now();
+        let ended = set.spin();
+        stop.store(true, Ordering::Relaxed);
+        for thread in busy {
+            thread.join().unwrap();
+        }
+        assert_eq!(ended, Spin::Crowded);
+        assert!(started.elapsed() < Duration::from_secs(60));
+        // Not a miss: spins that gave way do not back off the next ones.
+        assert_eq!(set.misses.load(Ordering::Relaxed), 0);
     }
 
     #[test]
     fn after_spins_that_saw_nothing_only_every_probe_spins() {
-        let set = SpinSet::new(Duration::from_micros(1)).unwrap();
+        let set = uncounted(Duration::from_micros(1));
         let receiver = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         set.watch(&receiver).unwrap();
         for _ in 0..MISSES_BEFORE_BACKING_OFF {

@@ -156,7 +156,7 @@ pub(crate) struct Samples {
     bulk: PerRow,
     /// Spawn to exit: curl through nginx, curl direct, `horde job request`.
     processes: [Vec<f64>; 3],
-    /// The Rust client on a current-thread runtime of its own: keep-alive, WebSocket echo.
+    /// The Rust client on `client::one_thread_runtime`: keep-alive, WebSocket echo.
     client_one_thread: [Vec<f64>; 2],
     /// The same client's bulk `GET /bytes` (Gbit/s).
     client_one_thread_bulk: Vec<f64>,
@@ -460,18 +460,17 @@ async fn client_trips(tunnel: &JobTunnel, requests: usize) -> anyhow::Result<(Ve
     Ok((keep_alive, websocket))
 }
 
-/// [`client_trips`] and one bulk `GET /bytes` of `size` from a client on a current-thread
-/// runtime of its own (one thread, as the blocking TLS client of the nginx rows and as `horde
-/// job forward`), on its own connection made from the job's state.
+/// [`client_trips`] and one bulk `GET /bytes` of `size` from a client on
+/// `horde_node::client::one_thread_runtime` (one thread, as the blocking TLS client of the nginx
+/// rows and as `horde job forward`, spinning before it sleeps as `forward` does), on its own
+/// connection made from the job's state.
 fn one_thread_client(
     state: &Path,
     job: &str,
     requests: usize,
     size: u64,
 ) -> anyhow::Result<(Vec<f64>, Vec<f64>, f64)> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let runtime = horde_node::client::one_thread_runtime(true)?;
     runtime.block_on(async {
         let connection = connect_from_state(state, job).await?;
         let measured = async {
