@@ -577,6 +577,8 @@ pub fn serve_job_endpoint_on_own_thread(
     cancel: CancellationToken,
 ) -> Result<JobEndpointHandle, ConfigError> {
     crate::spin::enable(crate::spin::configured_window());
+    // Between streams nothing is near: the CPU is left to those making the next one.
+    crate::spin::only_while_relaying();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .on_thread_park(crate::spin::before_park)
@@ -705,7 +707,10 @@ async fn serve_connection(
         let stream = u64::from(recv.id());
         streams.spawn(
             async move {
+                // This process spins for its answers while a stream is served.
+                let relaying = crate::spin::relaying();
                 let result = serve_tunnel_stream(send, recv, &ctx).await;
+                drop(relaying);
                 drop(permit);
                 let mut log = log.lock().unwrap_or_else(PoisonError::into_inner);
                 match result {
