@@ -4,6 +4,7 @@
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 /// A tmpfs of a fixed size mounted over a directory; unmounted (lazily, so open files do not
 /// keep it) when dropped, which shows the directory's own files again.
@@ -17,24 +18,34 @@ impl SmallDisk {
     /// so a node's data directory can be moved onto it between runs. `None` where this process
     /// is not root, or the mount is refused; panics when a copy fails (the test is wrong).
     pub fn mount_over(dir: &Path, bytes: u64) -> Option<Self> {
+        static COPIES: AtomicU32 = AtomicU32::new(0);
         if !rustix::process::geteuid().is_root() {
             return None;
         }
         std::fs::create_dir_all(dir).expect("creating the directory to mount over");
-        let saved = dir.with_extension("before-tmpfs");
-        std::fs::create_dir_all(&saved).expect("creating the copy's directory");
+        // A sibling of its own (a fresh name, never an existing directory) keeps the files
+        // while the tmpfs is mounted.
+        let mut name = dir.file_name().expect("a directory with a name").to_owned();
+        name.push(format!(
+            ".before-tmpfs-{}-{}",
+            std::process::id(),
+            COPIES.fetch_add(1, Ordering::Relaxed)
+        ));
+        let saved = dir.with_file_name(name);
+        std::fs::create_dir(&saved).expect("creating the copy's directory");
         copy_contents(dir, &saved);
         let mounted = Command::new("mount")
             .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
             .arg(dir)
             .status()
             .is_ok_and(|status| status.success());
-        let disk = mounted.then(|| {
-            copy_contents(&saved, dir);
-            Self {
-                dir: dir.to_owned(),
-            }
+        // Made before the copy back: a copy that does not fit still unmounts on the way out.
+        let disk = mounted.then(|| Self {
+            dir: dir.to_owned(),
         });
+        if disk.is_some() {
+            copy_contents(&saved, dir);
+        }
         let _ = std::fs::remove_dir_all(&saved);
         disk
     }
