@@ -8,11 +8,13 @@ use std::time::Duration;
 use horde_node::client::{
     Client, ClientError, JobConnection, JobHandle, JobRequest, VerifiedEndpoint,
 };
-use horde_protocol::messages::{DeclineReason, FailureReason, RejectReason};
+use horde_protocol::messages::{
+    DeclineReason, FailureReason, JobFinished, OutputRef, RejectReason, UploadDone,
+};
 use horde_protocol::{ControlMessage, UpMessage};
 use horde_protocol::{
-    EndpointRecord, JobId, JobStatus, ReadinessProbe, RelativePath, SecretKey, Signed, Stage,
-    UploadSpec, UploadTarget, VolumeSource, VolumeSpec,
+    EndpointRecord, JobId, JobStatus, NodeAddr, ReadinessProbe, RelativePath, SecretKey, Signed,
+    Stage, UploadSpec, UploadTarget, VolumeSource, VolumeSpec,
 };
 use horde_testnet::{Testnet, TestnetConfig, demo_job_binary};
 use horde_transport::tunnel::http_request;
@@ -187,13 +189,7 @@ async fn whole_flow_with_every_kind_of_traffic() {
     )
     .await;
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
-    let done = job
-        .wait_for(|s| matches!(s, JobStatus::UploadDone(_)))
-        .await
-        .unwrap();
-    let JobStatus::UploadDone(done) = done else {
-        unreachable!()
-    };
+    let done = next_upload_done(&mut job, "the output's").await;
     assert_eq!(done.volume_msg_id, Some(7));
     let output = &done.outputs[0];
     assert_eq!(output.hash, horde_protocol::BlobHash::of(b"the result"));
@@ -1176,13 +1172,54 @@ async fn specs_that_could_only_fail_late_are_refused_at_submit() {
     assert!(why.starts_with("deadlines.execution_ms: "), "{why}");
 }
 
-/// A class's `output_mb` is the job's, over all its uploads: a job that asks for one upload
-/// after another gets the second refused once the first used the budget, though each would fit
-/// alone (before, each POST /outputs could send `output_mb` again). A declared output sent
-/// mid-session and unchanged is not sent again at the job's end (before, it was, and that
-/// second copy no longer fit the budget: reported not uploaded though it had been).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn output_mb_bounds_all_of_a_jobs_uploads_together() {
+/// The job's next `UploadDone` (`which`, for the failure message), within 30 s.
+async fn next_upload_done(job: &mut JobHandle, which: &str) -> UploadDone {
+    let status = tokio::time::timeout(
+        Duration::from_secs(30),
+        job.wait_for(|s| matches!(s, JobStatus::UploadDone(_))),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("an UploadDone, {which}: {:?}", job.history()))
+    .unwrap();
+    let JobStatus::UploadDone(done) = status else {
+        unreachable!()
+    };
+    done
+}
+
+/// Terminates the job, which must then end failed in its upload stage, and returns its result.
+async fn terminated_with_an_upload_failed(job: &mut JobHandle) -> JobFinished {
+    job.terminate().await.unwrap();
+    let end = job.wait_for_end().await.unwrap();
+    let JobStatus::Failed(failure) = end else {
+        panic!("{end:?}")
+    };
+    assert_eq!(failure.stage, Stage::Upload, "{failure:?}");
+    failure.result.expect("the job's result")
+}
+
+/// `sent`, an output uploaded mid-session, is in the job's result once, as it was sent.
+fn reported_once_as_sent(result: &JobFinished, sent: &OutputRef) {
+    let reported: Vec<_> = result
+        .outputs
+        .iter()
+        .filter(|o| o.path == sent.path)
+        .collect();
+    assert_eq!(reported, vec![sent], "{:?}", result.outputs);
+}
+
+/// An upload of the output `name` to `storage`.
+fn blob_upload(storage: &NodeAddr, name: &str) -> UploadSpec {
+    UploadSpec {
+        path: RelativePath(name.into()),
+        target: UploadTarget::Blob {
+            storage: storage.clone(),
+        },
+    }
+}
+
+/// A testnet with a class `small-outputs` whose jobs may upload 1 MiB in all, and its storage.
+fn small_outputs_testnet() -> (Testnet, NodeAddr) {
     let defaults = TestnetConfig::default();
     let testnet = start(TestnetConfig {
         more_classes: vec![horde_node::server::config::ClassConfig {
@@ -1192,15 +1229,21 @@ async fn output_mb_bounds_all_of_a_jobs_uploads_together() {
         ..defaults
     });
     let storage = testnet.storage().unwrap();
+    (testnet, storage)
+}
+
+/// A class's `output_mb` is the job's, over all its uploads: a job that asks for one upload
+/// after another gets the second refused once the first used the budget, though each would fit
+/// alone (before, each POST /outputs could send `output_mb` again). A declared output sent
+/// mid-session and unchanged is not sent again at the job's end (before, it was, and that
+/// second copy no longer fit the budget: reported not uploaded though it had been).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_mb_bounds_all_of_a_jobs_uploads_together() {
+    let (testnet, storage) = small_outputs_testnet();
     let program = demo_job_binary().expect("demo job binary");
     let mut request = JobRequest::command("small-outputs", program.to_str().unwrap());
     request.uploads = ["a.bin", "b.bin"]
-        .map(|name| UploadSpec {
-            path: RelativePath(name.into()),
-            target: UploadTarget::Blob {
-                storage: storage.clone(),
-            },
-        })
+        .map(|name| blob_upload(&storage, name))
         .to_vec();
     let (_client, mut job) = submit(&testnet, &request).await;
     let endpoint = endpoint(&mut job, &testnet).await;
@@ -1210,13 +1253,7 @@ async fn output_mb_bounds_all_of_a_jobs_uploads_together() {
     let body = String::from_utf8_lossy(&body).into_owned();
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("\"executor_status\":200"), "{body}");
-    let done = job
-        .wait_for(|s| matches!(s, JobStatus::UploadDone(_)))
-        .await
-        .unwrap();
-    let JobStatus::UploadDone(done) = done else {
-        unreachable!()
-    };
+    let done = next_upload_done(&mut job, "the output's").await;
     let (status, body) = get(&connection, "POST", "/output?path=b.bin", &bytes).await;
     let body = String::from_utf8_lossy(&body).into_owned();
     assert_eq!(status, 200, "{body}");
@@ -1227,13 +1264,7 @@ async fn output_mb_bounds_all_of_a_jobs_uploads_together() {
     let body = String::from_utf8_lossy(&body).into_owned();
     assert!(body.contains("\"executor_status\":400"), "{body}");
 
-    job.terminate().await.unwrap();
-    let end = job.wait_for_end().await.unwrap();
-    let JobStatus::Failed(failure) = &end else {
-        panic!("{end:?}")
-    };
-    assert_eq!(failure.stage, Stage::Upload, "{end:?}");
-    let result = failure.result.as_ref().expect("the job's result");
+    let result = terminated_with_an_upload_failed(&mut job).await;
     let refused = result
         .outputs
         .iter()
@@ -1250,12 +1281,7 @@ async fn output_mb_bounds_all_of_a_jobs_uploads_together() {
         "{reason}"
     );
     // a.bin, unchanged since its mid-session upload: reported once, as sent then.
-    let a: Vec<_> = result
-        .outputs
-        .iter()
-        .filter(|o| o.path.0 == "a.bin")
-        .collect();
-    assert_eq!(a, vec![&done.outputs[0]], "{:?}", result.outputs);
+    reported_once_as_sent(&result, &done.outputs[0]);
 }
 
 /// One `POST /outputs` naming files declared in different places (the spec, a volume list)
@@ -1264,12 +1290,7 @@ async fn output_mb_bounds_all_of_a_jobs_uploads_together() {
 async fn one_outputs_request_across_volume_lists_reports_each_list() {
     let testnet = start(TestnetConfig::default());
     let storage = testnet.storage().unwrap();
-    let to_storage = |name: &str| UploadSpec {
-        path: RelativePath(name.into()),
-        target: UploadTarget::Blob {
-            storage: storage.clone(),
-        },
-    };
+    let to_storage = |name: &str| blob_upload(&storage, name);
     let mut request = JobRequest::command("cpu", "/bin/sh");
     // Both files are written at once; they are announced together once the volume list that
     // declares the second has been fetched (its `go` file is there).
@@ -1301,16 +1322,7 @@ print(\"outputs\", urllib.request.urlopen(request).status, flush=True)\n\
     .unwrap();
     let mut done = Vec::new();
     while done.len() < 2 {
-        let status = tokio::time::timeout(
-            Duration::from_secs(30),
-            job.wait_for(|s| matches!(s, JobStatus::UploadDone(_))),
-        )
-        .await
-        .unwrap_or_else(|_| panic!("an UploadDone for each list: {:?}", job.history()))
-        .unwrap();
-        let JobStatus::UploadDone(upload) = status else {
-            unreachable!()
-        };
+        let upload = next_upload_done(&mut job, "one for each list").await;
         let names: Vec<String> = upload.outputs.iter().map(|o| o.path.0.clone()).collect();
         done.push((upload.volume_msg_id, names));
     }
@@ -1324,4 +1336,50 @@ print(\"outputs\", urllib.request.urlopen(request).status, flush=True)\n\
     );
     job.terminate().await.unwrap();
     job.wait_for_end().await.unwrap();
+}
+
+/// One `POST /outputs` whose second file does not fit what the job may still upload: the first
+/// is sent and reported (`UploadDone`) and at the job's end reported once, as sent; the second
+/// is refused, 413 (before, the whole request was refused and the first, sent and counted, was
+/// reported not uploaded and sent again at the end, where it no longer fit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_file_does_not_undo_the_files_sent_before_it() {
+    let (testnet, storage) = small_outputs_testnet();
+    let to_storage = |name: &str| blob_upload(&storage, name);
+    let mut request = JobRequest::command("small-outputs", "/bin/sh");
+    request.args = vec![
+        "-c".into(),
+        "python3 -c '\n\
+import json, os, urllib.error, urllib.request\n\
+for name in (\"a.bin\", \"b.bin\"):\n    open(os.path.join(os.environ[\"HORDE_OUTPUT_DIR\"], name), \"wb\").write(b\"x\" * 600000)\n\
+body = json.dumps({\"paths\": [\"a.bin\", \"b.bin\"]}).encode()\n\
+request = urllib.request.Request(os.environ[\"HORDE_EXECUTOR_URL\"] + \"/outputs\", data=body, method=\"POST\")\n\
+try:\n    status = urllib.request.urlopen(request).status\n\
+except urllib.error.HTTPError as error:\n    status = error.code\n\
+print(\"outputs\", status, flush=True)\n\
+' & exec python3 -m http.server --bind 127.0.0.1 \"$HORDE_JOB_PORT\""
+            .into(),
+    ];
+    request.readiness = ReadinessProbe::Tcp;
+    request.uploads = vec![to_storage("a.bin"), to_storage("b.bin")];
+    let (_client, mut job) = submit(&testnet, &request).await;
+    endpoint(&mut job, &testnet).await;
+    let done = next_upload_done(&mut job, "a.bin's").await;
+    let names: Vec<&str> = done.outputs.iter().map(|o| o.path.0.as_str()).collect();
+    assert_eq!(names, ["a.bin"]);
+    let result = terminated_with_an_upload_failed(&mut job).await;
+    assert!(
+        result.stdout_tail.contains("outputs 413"),
+        "{:?}",
+        result.stdout_tail
+    );
+    reported_once_as_sent(&result, &done.outputs[0]);
+    assert!(
+        result
+            .outputs
+            .iter()
+            .any(|o| o.path.0 == "b.bin" && o.not_uploaded()),
+        "{:?}",
+        result.outputs
+    );
 }
