@@ -19,7 +19,8 @@ use super::{
 impl JobRunner {
     /// Uploads the declared outputs and the logs, and builds the job's last message: every
     /// upload that failed (now, or mid-session: `not_uploaded`) is in its outputs as
-    /// [`OutputLocation::NotUploaded`]; a declared output not uploaded fails the job in Upload.
+    /// [`OutputLocation::NotUploaded`], and one that failed at the end fails the job in Upload (a
+    /// declared output the job never wrote is left out).
     /// A declared output already uploaded mid-session (`sent`) and unchanged since, or removed
     /// since, is not sent again: the copy sent then is the one reported.
     pub(super) async fn results(

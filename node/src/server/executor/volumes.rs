@@ -1007,6 +1007,15 @@ OSBRsWvRavtcZA==\n\
             Err(VolumeError::Output { message, .. }) => assert_eq!(message, "not a regular file"),
             other => panic!("{other:?}"),
         }
+        // A socket cannot be opened at all (ENXIO): the job's doing too, not an I/O error of
+        // the executor's (which would answer its POST /outputs 500).
+        let _socket = std::os::unix::net::UnixListener::bind(root.join("socket")).unwrap();
+        match open_output(&root, Path::new("socket"), "socket") {
+            Err(VolumeError::Output { message, .. }) => {
+                assert!(message.starts_with("cannot be opened"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -51,6 +51,16 @@ fn open_output_if_there(
     ) {
         Ok(file) => File::from(file),
         Err(rustix::io::Errno::NOENT) => return Ok(None),
+        // A socket (ENXIO), a file the job made unreadable: what the job put there, not the
+        // executor's I/O failing.
+        Err(
+            errno @ (rustix::io::Errno::NXIO | rustix::io::Errno::ACCESS | rustix::io::Errno::PERM),
+        ) => {
+            return Err(VolumeError::Output {
+                path: shown.to_owned(),
+                message: format!("cannot be opened: {}", io::Error::from(errno)),
+            });
+        }
         Err(errno) => return Err(refuse_walk(errno, root, &current, shown)),
     };
     let meta = file.metadata().map_err(|source| VolumeError::Io {
