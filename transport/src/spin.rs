@@ -60,7 +60,8 @@ pub enum Spin {
     Crowded,
 }
 
-/// Checks in a row (one at each yield) that see the CPUs crowded before a spin gives up its CPU.
+/// Checks in a row (one every [`CROWDED_CHECK_EVERY`] polls) that see the CPUs crowded before a
+/// spin gives up its CPU.
 pub const CROWDED_CHECKS: u32 = 2;
 
 /// Sockets to poll for readability, and how long to poll them.
@@ -139,13 +140,15 @@ impl SpinSet {
                 return Spin::Nothing;
             }
             if polls % YIELD_EVERY == 0 {
-                if self.crowded() {
-                    crowded += 1;
-                    if crowded >= CROWDED_CHECKS {
-                        return Spin::Crowded;
+                if polls % CROWDED_CHECK_EVERY == 0 {
+                    if self.crowded() {
+                        crowded += 1;
+                        if crowded >= CROWDED_CHECKS {
+                            return Spin::Crowded;
+                        }
+                    } else {
+                        crowded = 0;
                     }
-                } else {
-                    crowded = 0;
                 }
                 std::thread::yield_now();
             } else {
@@ -186,7 +189,7 @@ impl SpinSet {
 }
 
 /// The kernel's count of runnable threads, all CPUs (the fourth field of `/proc/loadavg`,
-/// `RUNNABLE/TOTAL`; read again with one `pread`, about a microsecond), against the machine's
+/// `RUNNABLE/TOTAL`; read again with one `pread`, a few microseconds), against the machine's
 /// online CPUs (the count covers them all, whatever this process's affinity or quota; inside a
 /// container both are the host's).
 #[derive(Debug)]
@@ -307,6 +310,11 @@ pub fn only_while_relaying() {
         set.gated.store(true, Ordering::Relaxed);
     }
 }
+
+/// Polls between two reads of the runnable count while spinning: a read formats all of
+/// `/proc/loadavg` (a few microseconds; read at every yield it took about a tenth of a relay's
+/// CPU in a profile of a keep-alive loop).
+const CROWDED_CHECK_EVERY: u32 = 4 * YIELD_EVERY;
 
 /// Polls between two yields of the CPU while spinning (a poll is a system call, about a
 /// microsecond here): a process woken on the spinner's CPU (the job, the other relay) waits at
