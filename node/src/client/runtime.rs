@@ -11,10 +11,10 @@ use tokio::runtime::{Builder, Runtime};
 /// ([`horde_transport::spin`]). Spinning is per process and decided by the first call that asks
 /// for it; it watches the endpoints bound after that call.
 ///
-/// Measured on two vCPUs (`flow-latency`, benches/RESULTS.md "A client runtime that spins"):
-/// a keep-alive round trip to a job took 1.30–1.54× as long as the same request through nginx
-/// with mutual TLS from a client on a 2-worker runtime, 1.12–1.60× on one thread without
-/// spinning, and 0.46–0.81× on this runtime.
+/// Measured on two vCPUs (`flow-latency`, benches/RESULTS.md "Spins that give way, and a client
+/// runtime that spins"): a keep-alive round trip to a job took 1.15–1.30× as long as the same
+/// request through nginx with mutual TLS from a client on a 2-worker runtime, and 0.54–0.82× on
+/// this runtime (0.99–1.44× with spinning off everywhere).
 pub fn one_thread_runtime(spin: bool) -> std::io::Result<Runtime> {
     if spin {
         horde_transport::spin::enable(horde_transport::spin::configured_window());
