@@ -256,52 +256,42 @@ fn runnable_in(line: &[u8]) -> Option<u32> {
     runnable.parse().ok()
 }
 
-/// While alive, [`before_park`] does not spin: the thread waits for something no watched
-/// socket brings.
+/// A count on the process's spin set ([`hold`]'s or [`relaying`]'s), raised while the guard
+/// is alive; nothing when spinning is off.
 #[derive(Debug)]
-pub struct Hold(Option<&'static SpinSet>);
+pub struct Counted(Option<&'static AtomicU32>);
 
-impl Drop for Hold {
+impl Counted {
+    fn raise(count: fn(&'static SpinSet) -> &'static AtomicU32) -> Self {
+        match SPIN.get() {
+            Some(Some(set)) => {
+                let count = count(set);
+                count.fetch_add(1, Ordering::Relaxed);
+                Self(Some(count))
+            }
+            _ => Self(None),
+        }
+    }
+}
+
+impl Drop for Counted {
     fn drop(&mut self) {
-        if let Some(set) = self.0 {
-            set.holds.fetch_sub(1, Ordering::Relaxed);
+        if let Some(count) = self.0 {
+            count.fetch_sub(1, Ordering::Relaxed);
         }
     }
 }
 
-/// No spinning until the returned guard is dropped (a wait for another thread's answer).
-pub fn hold() -> Hold {
-    match SPIN.get() {
-        Some(Some(set)) => {
-            set.holds.fetch_add(1, Ordering::Relaxed);
-            Hold(Some(set))
-        }
-        _ => Hold(None),
-    }
+/// No spinning until the returned guard is dropped (a wait for another thread's answer, which
+/// no watched socket brings).
+pub fn hold() -> Counted {
+    Counted::raise(|set| &set.holds)
 }
 
-/// While alive, the process relays something: where [`only_while_relaying`] was called, its
-/// spins need one of these.
-#[derive(Debug)]
-pub struct Relaying(Option<&'static SpinSet>);
-
-impl Drop for Relaying {
-    fn drop(&mut self) {
-        if let Some(set) = self.0 {
-            set.relays.fetch_sub(1, Ordering::Relaxed);
-        }
-    }
-}
-
-/// Marks a relay in progress (a tunnel stream served) until the guard is dropped.
-pub fn relaying() -> Relaying {
-    match SPIN.get() {
-        Some(Some(set)) => {
-            set.relays.fetch_add(1, Ordering::Relaxed);
-            Relaying(Some(set))
-        }
-        _ => Relaying(None),
-    }
+/// Marks a relay in progress (a tunnel stream served) until the guard is dropped: where
+/// [`only_while_relaying`] was called, spins need one.
+pub fn relaying() -> Counted {
+    Counted::raise(|set| &set.relays)
 }
 
 /// From now on this process spins only while a [`relaying`] guard is alive.
