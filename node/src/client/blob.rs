@@ -216,15 +216,21 @@ impl<'a> Retries<'a> {
 
 /// The BLAKE3 of a file (blocking).
 pub fn hash_file(path: &Path) -> io::Result<(BlobHash, u64)> {
-    let mut file = File::open(path)?;
+    hash_reader(File::open(path)?)
+}
+
+/// The BLAKE3 and length of everything `reader` yields (blocking).
+pub fn hash_reader(mut reader: impl io::Read) -> io::Result<(BlobHash, u64)> {
     let mut hasher = blake3::Hasher::new();
     let mut buffer = vec![0u8; UPLOAD_CHUNK];
     let mut size = 0u64;
     loop {
-        let read = file.read(&mut buffer)?;
-        if read == 0 {
-            break;
-        }
+        let read = match reader.read(&mut buffer) {
+            Ok(0) => break,
+            Ok(read) => read,
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+            Err(error) => return Err(error),
+        };
         hasher.update(&buffer[..read]);
         size += read as u64;
     }

@@ -215,12 +215,8 @@ pub async fn unchanged_since(job_dir: &Path, sent: &OutputRef) -> bool {
     }
     // At most one byte past the size sent is read: a file still growing is not followed.
     let limit = sent.size.saturating_add(1);
-    let now = tokio::task::spawn_blocking(move || {
-        let mut hasher = blake3::Hasher::new();
-        let size = io::copy(&mut io::Read::take(file, limit), &mut hasher)?;
-        io::Result::Ok((BlobHash(*hasher.finalize().as_bytes()), size))
-    })
-    .await;
+    let now =
+        tokio::task::spawn_blocking(move || blob::hash_reader(io::Read::take(file, limit))).await;
     matches!(now, Ok(Ok((hash, size))) if hash == sent.hash && size == sent.size)
 }
 
