@@ -17,7 +17,7 @@
 //! - `server/discovery.rs` (+ `discovery/`): libp2p discovery and the node-record directory.
 //! - `server/facilitator.rs` (+ `facilitator/store.rs`), `server/validator.rs`
 //!   (+ `validator/seen.rs`), `server/miner.rs`, `server/executor.rs` (+ `executor/http.rs`,
-//!   `executor/outputs.rs`, `executor/volumes.rs`, `executor/volumes/upload.rs`),
+//!   `executor/outputs.rs`, `executor/disk.rs`, `executor/volumes.rs`, `executor/volumes/upload.rs`),
 //!   `server/storage.rs`: the roles, one
 //!   folder each. Roles never import each other; what two roles share lives here or in
 //!   `horde-protocol`.

@@ -266,6 +266,29 @@ async fn a_job_over_its_memory_limit_ends_out_of_memory() {
     remove(job, id).await;
 }
 
+/// No file a job writes grows past its class's disk limit: not one in its output directory (the
+/// `fsize` ulimit: the writer gets SIGXFSZ, 128 + 25), not its stdout (the executor keeps the
+/// first `disk_bytes` of it and drops the rest, the job never held by it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_file_grows_past_the_disk_limit() {
+    let runner = runner().await;
+    let dir = job_dir();
+    let mut policy = policy();
+    let limit: u64 = 4 << 20;
+    policy.disk_bytes = Some(limit);
+    let script = "dd if=/dev/zero of=/horde/output/big bs=1M count=16 2>/dev/null; \
+                  echo \"dd $?\" >&2; head -c 16777216 /dev/zero; echo \"flood $?\" >&2";
+    let launch = launch(dir.path(), image_program(), script, policy);
+    let exit = run_to_exit(&runner, launch).await;
+    assert_eq!(exit.code, Some(0), "{exit:?}");
+    let size = |path: &str| std::fs::metadata(dir.path().join(path)).unwrap().len();
+    assert_eq!(size("output/big"), limit);
+    assert_eq!(size("logs/output/stdout"), limit);
+    let stderr = std::fs::read_to_string(dir.path().join("logs/output/stderr")).unwrap();
+    assert!(stderr.contains("dd 153"), "{stderr}");
+    assert!(stderr.contains("flood 0"), "{stderr}");
+}
+
 /// Not a test on its own: the "executor" of [`the_container_is_gone_soon_after_its_executor_is_killed`],
 /// run in a child process. Starts a job through the runner, says so, and waits to be killed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

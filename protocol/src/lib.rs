@@ -315,8 +315,8 @@ mod tests {
         assert_eq!(from_bytes_exact::<Program>(&bytes).unwrap(), blob);
     }
 
-    /// Pins the failure reasons' tags: variants are append-only, so `Lost` (the newest) is
-    /// tag 8 and every older tag stays where it was.
+    /// Pins the failure reasons' tags: variants are append-only, so `OverDiskLimit` (the
+    /// newest) is tag 9 and every older tag stays where it was.
     #[test]
     fn snapshot_failure_reasons() {
         let cases = [
@@ -329,6 +329,7 @@ mod tests {
             (FailureReason::BadEndpointRecord("b".into()), "060162"),
             (FailureReason::OutOfMemory, "07"),
             (FailureReason::Lost("l".into()), "08016c"),
+            (FailureReason::OverDiskLimit("d".into()), "090164"),
         ];
         for (reason, hex) in cases {
             assert_eq!(hex::encode(to_bytes(&reason)), hex, "{reason:?}");

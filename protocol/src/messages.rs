@@ -255,6 +255,9 @@ pub enum FailureReason {
     /// The runner lost the job while it ran: it cannot say how the job ended (its container
     /// engine stopped answering, …). What of the job could be stopped was. (Appended.)
     Lost(String),
+    /// The job was stopped for keeping more on the node's disk (its output directory and logs)
+    /// than its executor class allows: bytes or files, as said. (Appended.)
+    OverDiskLimit(String),
 }
 
 /// A job failure in one stage.

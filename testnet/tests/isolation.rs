@@ -10,8 +10,10 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use horde_node::client::{Client, JobHandle, JobRequest};
+use horde_node::server::executor::disk::{MAX_JOB_FILES, MEASURE_EVERY};
+use horde_protocol::messages::FailureReason;
 use horde_protocol::{
-    JobStatus, ReadinessProbe, RelativePath, SecretKey, VolumeSource, VolumeSpec,
+    JobStatus, ReadinessProbe, RelativePath, SecretKey, Stage, VolumeSource, VolumeSpec,
 };
 use horde_testnet::{Testnet, TestnetConfig, demo_job_binary};
 
@@ -277,4 +279,111 @@ async fn a_hostile_job_is_refused_every_way_out() {
         "{:?}",
         testnet.sandbox_processes()
     );
+}
+
+/// What a job may keep on the node's disk in this test's class (`disk_mb`).
+const SMALL_DISK_MB: u64 = 16;
+
+/// Runs `script` on the small-disk class; its end, which must be a failure for going over the
+/// disk limit: its stage, why, and the job's stdout tail.
+async fn over_the_disk_limit(
+    testnet: &Testnet,
+    script: &str,
+    serves: bool,
+) -> (Stage, String, String) {
+    let mut request = JobRequest::command("small-disk", "/bin/sh");
+    request.args = vec!["-c".into(), script.into()];
+    request.readiness = ReadinessProbe::Tcp;
+    let (_client, mut job) = submit(testnet, &request).await;
+    if serves {
+        job.wait_for_endpoint().await.unwrap();
+    }
+    let end = tokio::time::timeout(Duration::from_secs(60), job.wait_for_end())
+        .await
+        .expect("the job was stopped in time")
+        .unwrap();
+    let JobStatus::Failed(failure) = end else {
+        panic!("{end:?}\n{:?}", job.history());
+    };
+    let FailureReason::OverDiskLimit(why) = failure.reason else {
+        panic!("{failure:?}");
+    };
+    let stdout = failure.result.map(|r| r.stdout_tail).unwrap_or_default();
+    // Nothing of the job is left on the node's disk.
+    let executors = testnet.dir().join("miner-0/data/executors");
+    for executor in std::fs::read_dir(executors).unwrap() {
+        let dir = executor
+            .unwrap()
+            .path()
+            .join("data/jobs")
+            .join(job.job_id().to_string());
+        assert!(!dir.exists(), "{} left behind", dir.display());
+    }
+    (failure.stage, why, stdout)
+}
+
+/// Hostile jobs that try to fill the node's disk through the only host directories they can
+/// write (their output directory and logs): many large files, one huge file, a stdout flood,
+/// many empty files. Each is stopped at its class's `disk_mb` (or at `MAX_JOB_FILES` entries),
+/// no file grows past it, and the executor runs the next job as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_filling_the_disk_is_stopped_at_its_class_limit() {
+    let defaults = TestnetConfig::default();
+    let testnet = Testnet::start(TestnetConfig {
+        more_classes: vec![horde_node::server::config::ClassConfig {
+            disk_mb: Some(SMALL_DISK_MB),
+            ..horde_testnet::runner_class("small-disk", defaults.runtime)
+        }],
+        ..defaults
+    })
+    .expect("testnet starts");
+    let limit = SMALL_DISK_MB << 20;
+
+    // Many 1 MiB files, after the job's endpoint is up: stopped while it runs.
+    let many = r#"(sleep 1; i=0; while :; do head -c 1048576 /dev/zero > "$HORDE_OUTPUT_DIR/f$i" || break; i=$((i+1)); done; sleep 600) &
+exec python3 -m http.server --bind 127.0.0.1 "$HORDE_JOB_PORT""#;
+    let (stage, why, _) = over_the_disk_limit(&testnet, many, true).await;
+    assert_eq!(stage, Stage::Execution);
+    assert!(why.contains(&format!("more than {limit} bytes")), "{why}");
+
+    // One file as large as it can: the kernel stops it at the limit (SIGXFSZ, 128 + 25).
+    let one = r#"dd if=/dev/zero of="$HORDE_OUTPUT_DIR/big" bs=1M count=64 2>/dev/null; echo "dd $?"; echo "size $(stat -c %s "$HORDE_OUTPUT_DIR/big")"; sleep 600"#;
+    let (stage, why, stdout) = over_the_disk_limit(&testnet, one, false).await;
+    assert_eq!(stage, Stage::Readiness);
+    assert!(why.contains("bytes"), "{why}");
+    assert!(stdout.contains("dd 153"), "{stdout}");
+    assert!(stdout.contains(&format!("size {limit}")), "{stdout}");
+
+    // stdout flooded: the log stops at the limit too.
+    let flood = r#"head -c 67108864 /dev/zero | tr '\0' x; echo "flood $?" >&2; sleep 600"#;
+    let (_, why, stdout) = over_the_disk_limit(&testnet, flood, false).await;
+    assert!(why.contains("bytes"), "{why}");
+    assert!(stdout.ends_with("xxxx"), "the log's tail is the flood's");
+
+    // Many empty files: few blocks, many inodes.
+    let files = r#"python3 -c "
+import os
+d = os.environ['HORDE_OUTPUT_DIR']
+for i in range(150000):
+    open(os.path.join(d, str(i)), 'w').close()
+"; sleep 600"#;
+    let (_, why, _) = over_the_disk_limit(&testnet, files, false).await;
+    let most = MAX_JOB_FILES;
+    assert!(why.contains(&format!("more than {most} files")), "{why}");
+
+    // The executor runs the next job as before.
+    let mut fine = JobRequest::command("small-disk", "/bin/sh");
+    let script = r#"head -c 1048576 /dev/zero > "$HORDE_OUTPUT_DIR/ok"; echo fine
+exec python3 -m http.server --bind 127.0.0.1 "$HORDE_JOB_PORT""#;
+    fine.args = vec!["-c".into(), script.into()];
+    fine.readiness = ReadinessProbe::Tcp;
+    let (_client, mut job) = submit(&testnet, &fine).await;
+    job.wait_for_endpoint().await.unwrap();
+    tokio::time::sleep(MEASURE_EVERY * 2).await;
+    job.terminate().await.unwrap();
+    let end = job.wait_for_end().await.unwrap();
+    let JobStatus::Completed(result) = end else {
+        panic!("{end:?}");
+    };
+    assert!(result.stdout_tail.contains("fine"), "{result:?}");
 }

@@ -45,6 +45,9 @@ pub enum InternalCommand {
         /// RLIMIT_AS for the job, in bytes.
         #[arg(long)]
         address_space: Option<u64>,
+        /// RLIMIT_FSIZE for the job, in bytes.
+        #[arg(long)]
+        file_size: Option<u64>,
         /// The job's program; none for a pre-made sandbox, whose job comes over the bridge.
         #[arg(requires = "port")]
         program: Option<std::ffi::OsString>,
@@ -88,6 +91,7 @@ pub(crate) fn run(command: InternalCommand) -> anyhow::Result<()> {
             port,
             uid,
             address_space,
+            file_size,
             program,
             args,
         } => {
@@ -95,6 +99,7 @@ pub(crate) fn run(command: InternalCommand) -> anyhow::Result<()> {
                 port,
                 uid,
                 address_space,
+                file_size,
                 program,
                 args,
             })

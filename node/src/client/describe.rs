@@ -145,6 +145,7 @@ pub fn failure(reason: &FailureReason) -> String {
             "the job was killed for going over its memory limit".to_owned()
         }
         FailureReason::Lost(why) => format!("the executor lost the job while it ran: {why}"),
+        FailureReason::OverDiskLimit(why) => format!("the job was stopped: {why}"),
         other => format!("{other:?}"),
     }
 }

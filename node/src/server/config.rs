@@ -307,6 +307,10 @@ pub struct ClassConfig {
     /// 4096: [`crate::server::executor::runner::DEFAULT_OUTPUT_BYTES`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output_mb: Option<u64>,
+    /// Most disk the job's output directory and logs take while it runs, MiB; also the most
+    /// any one file it writes may hold (default twice `output_mb`). A job past it is stopped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_mb: Option<u64>,
     /// `"all"` or a number (container runtime only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gpus: Option<Gpus>,
@@ -334,6 +338,7 @@ impl ClassConfig {
             pids: None,
             tmp_mb: None,
             output_mb: None,
+            disk_mb: None,
             gpus: None,
             uid: None,
             allow_unisolated: false,
@@ -350,6 +355,7 @@ impl ClassConfig {
             pids: self.pids,
             tmp_bytes: self.tmp_mb.map(|mb| mb.saturating_mul(MIB)),
             output_bytes: self.output_mb.map(|mb| mb.saturating_mul(MIB)),
+            disk_bytes: self.disk_mb.map(|mb| mb.saturating_mul(MIB)),
             gpus: self.gpus,
             uid: self.uid,
             allow_unisolated: self.allow_unisolated,

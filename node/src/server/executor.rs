@@ -22,8 +22,10 @@
 //! a job is started and isolated), `executor/volumes.rs` (volumes fetched) and
 //! `executor/volumes/upload.rs` (outputs uploaded), `executor/outputs.rs` (which outputs are
 //! uploaded when: mid-session, at the end, the logs, the job's last message),
-//! `executor/http.rs` (the readiness probe and the job's `POST /outputs`).
+//! `executor/http.rs` (the readiness probe and the job's `POST /outputs`), `executor/disk.rs`
+//! (what the job keeps on the node's disk, measured while it runs).
 
+pub mod disk;
 mod http;
 mod outputs;
 pub mod runner;
@@ -252,6 +254,24 @@ impl OutputsRequests {
     }
 }
 
+/// What the executor watches of a started job besides its process.
+#[derive(Debug)]
+struct Watched {
+    /// Its `POST /outputs` requests.
+    outputs: OutputsRequests,
+    /// What it keeps on the node's disk.
+    disk: disk::DiskWatch,
+}
+
+/// Why the job did not become ready, short of the readiness deadline.
+#[derive(Debug)]
+enum NotReady {
+    /// It ended (or the runner lost it).
+    Exited(std::io::Result<JobExit>),
+    /// It kept more on the node's disk than its class allows.
+    OverDisk(String),
+}
+
 /// The job endpoint while it serves.
 #[derive(Debug)]
 struct Serving {
@@ -338,8 +358,18 @@ impl JobRunner {
         cancel: &CancellationToken,
     ) -> Outcome {
         let spec = &prepared.spec;
-        let mut outputs = OutputsRequests::new();
-        if let Err(outcome) = self.readiness(job, spec, job_dir, &mut outputs).await {
+        let policy = &self.config.policy;
+        let limits = disk::DiskLimits {
+            bytes: policy.disk_limit(),
+            files: disk::MAX_JOB_FILES,
+        };
+        let roots = vec![job_dir.join("output"), job_dir.join("logs/output")];
+        let mut watched = Watched {
+            outputs: OutputsRequests::new(),
+            disk: disk::DiskWatch::start(roots, limits),
+        };
+        let readiness = self.readiness(job, spec, job_dir, &mut watched);
+        if let Err(outcome) = readiness.await {
             return outcome;
         }
         let serving = match self
@@ -358,7 +388,7 @@ impl JobRunner {
                 job,
                 cancel,
                 execution.as_mut(),
-                &mut outputs,
+                &mut watched,
             )
             .await
         {
@@ -527,7 +557,7 @@ impl JobRunner {
         job: &mut dyn JobProcess,
         spec: &JobSpec,
         job_dir: &Path,
-        outputs: &mut OutputsRequests,
+        watched: &mut Watched,
     ) -> Result<(), Outcome> {
         let dialer = job.dialer();
         let readiness_limit = Duration::from_millis(spec.deadlines.readiness_ms);
@@ -536,11 +566,12 @@ impl JobRunner {
             loop {
                 tokio::select! {
                     biased;
+                    why = watched.disk.exceeded() => return Err(NotReady::OverDisk(why)),
                     event = job.next_event() => match event {
-                        JobEvent::Exited(exit) => return Err(exit),
+                        JobEvent::Exited(exit) => return Err(NotReady::Exited(exit)),
                         // Served from the start, as the running stage will.
                         JobEvent::Outputs(stream) => {
-                            outputs.serve(stream);
+                            watched.outputs.serve(stream);
                             continue;
                         }
                     },
@@ -554,29 +585,50 @@ impl JobRunner {
         .await;
         match ready {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(Ok(exit))) => {
+            Ok(Err(NotReady::Exited(Ok(exit)))) => {
                 let result = self.finish_logs(job_dir, spec, Some(exit), false).await;
                 let reason = exit_code_reason(&exit);
                 Err(Some(failed(Stage::Readiness, reason, Some(result))))
             }
             // The runner cannot say how the job ended (its engine went away).
-            Ok(Err(Err(error))) => {
+            Ok(Err(NotReady::Exited(Err(error)))) => {
                 warn!(%error, "lost the job");
-                let exit = job.stop(TERMINATE_GRACE).await;
-                let result = self.finish_logs(job_dir, spec, exit, true).await;
                 let reason = FailureReason::Lost(error.to_string());
-                Err(Some(failed(Stage::Readiness, reason, Some(result))))
+                Err(Some(
+                    self.stopped(job, spec, job_dir, Stage::Readiness, reason)
+                        .await,
+                ))
+            }
+            Ok(Err(NotReady::OverDisk(why))) => {
+                warn!(%why, "the job is over its disk limit; stopping it");
+                let reason = FailureReason::OverDiskLimit(why);
+                Err(Some(
+                    self.stopped(job, spec, job_dir, Stage::Readiness, reason)
+                        .await,
+                ))
             }
             Err(_) => {
-                let exit = job.stop(TERMINATE_GRACE).await;
-                let result = self.finish_logs(job_dir, spec, exit, true).await;
-                Err(Some(failed(
-                    Stage::Readiness,
-                    FailureReason::Timeout,
-                    Some(result),
-                )))
+                let reason = FailureReason::Timeout;
+                Err(Some(
+                    self.stopped(job, spec, job_dir, Stage::Readiness, reason)
+                        .await,
+                ))
             }
         }
+    }
+
+    /// Stops the job and builds its failure in `stage` for `reason`, with its logs.
+    async fn stopped(
+        &self,
+        job: &mut dyn JobProcess,
+        spec: &JobSpec,
+        job_dir: &Path,
+        stage: Stage,
+        reason: FailureReason,
+    ) -> UpMessage {
+        let exit = job.stop(TERMINATE_GRACE).await;
+        let result = self.finish_logs(job_dir, spec, exit, true).await;
+        failed(stage, reason, Some(result))
     }
 
     /// Generates the job key, serves the job endpoint and reports it up.
@@ -655,7 +707,7 @@ impl JobRunner {
         job: &mut dyn JobProcess,
         cancel: &CancellationToken,
         mut execution: std::pin::Pin<&mut tokio::time::Sleep>,
-        outputs: &mut OutputsRequests,
+        watched: &mut Watched,
     ) -> Result<Ending, Outcome> {
         let Prepared {
             spec,
@@ -682,14 +734,18 @@ impl JobRunner {
                     // what can be stopped, and say so.
                     JobEvent::Exited(Err(error)) => {
                         warn!(%error, "lost the job");
-                        let exit = job.stop(TERMINATE_GRACE).await;
-                        let result = self.finish_logs(job_dir, spec, exit, true).await;
-                        return Err(Some(failed(Stage::Execution, FailureReason::Lost(error.to_string()), Some(result))));
+                        let reason = FailureReason::Lost(error.to_string());
+                        return Err(Some(self.stopped(job, spec, job_dir, Stage::Execution, reason).await));
                     }
                     JobEvent::Outputs(stream) => {
-                        outputs.serve(stream);
+                        watched.outputs.serve(stream);
                     }
                 },
+                why = watched.disk.exceeded() => {
+                    warn!(%why, "the job is over its disk limit; stopping it");
+                    let reason = FailureReason::OverDiskLimit(why);
+                    return Err(Some(self.stopped(job, spec, job_dir, Stage::Execution, reason).await));
+                }
                 () = &mut execution => {
                     info!("execution deadline passed; stopping the job");
                     job.stop(TERMINATE_GRACE).await;
@@ -715,9 +771,7 @@ impl JobRunner {
                             }
                             Err(reason) => {
                                 warn!(?reason, "mid-session volume fetch failed");
-                                let exit = job.stop(TERMINATE_GRACE).await;
-                                let result = self.finish_logs(job_dir, spec, exit, true).await;
-                                return Err(Some(failed(Stage::VolumeDownload, reason, Some(result))));
+                                return Err(Some(self.stopped(job, spec, job_dir, Stage::VolumeDownload, reason).await));
                             }
                         }
                     }
@@ -737,8 +791,8 @@ impl JobRunner {
                         break Ending::Abandoned;
                     }
                 },
-                Some(_) = outputs.requests.join_next(), if !outputs.requests.is_empty() => {}
-                Some(ready) = outputs.ready.recv() => {
+                Some(_) = watched.outputs.requests.join_next(), if !watched.outputs.requests.is_empty() => {}
+                Some(ready) = watched.outputs.ready.recv() => {
                     let (messages, reply) = self.upload_ready(job_dir, &ready.paths, &mut pending_uploads, not_uploaded, sent, output_budget).await;
                     let _ = ready.reply.send(reply);
                     for message in &messages {

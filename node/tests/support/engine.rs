@@ -162,6 +162,7 @@ pub(crate) fn policy() -> ClassPolicy {
         pids: Some(128),
         tmp_bytes: None,
         output_bytes: None,
+        disk_bytes: None,
         gpus: None,
         uid: None,
         allow_unisolated: false,

@@ -136,6 +136,9 @@ pub struct ClassPolicy {
     /// Most bytes the job's declared outputs send, all its uploads together (stdout and stderr
     /// have as much again); default [`DEFAULT_OUTPUT_BYTES`].
     pub output_bytes: Option<u64>,
+    /// Most bytes of disk the job's output directory and logs take together while it runs (and
+    /// the most any one file it writes may hold); default twice [`Self::output_limit`].
+    pub disk_bytes: Option<u64>,
     /// GPUs (container runner only).
     pub gpus: Option<Gpus>,
     /// The host uid (and gid) the job runs as when the node runs as root; default
@@ -173,6 +176,14 @@ impl ClassPolicy {
         self.output_bytes.unwrap_or(DEFAULT_OUTPUT_BYTES)
     }
 
+    /// What the job may keep on the node's disk while it runs (its output directory and logs
+    /// together; also the most one file may hold): the class's `disk_mb`, else room for
+    /// outputs and logs each as large as [`Self::output_limit`].
+    pub fn disk_limit(&self) -> u64 {
+        self.disk_bytes
+            .unwrap_or_else(|| self.output_limit().saturating_mul(2))
+    }
+
     /// Checks the policy; the error says what is wrong (the caller names the field).
     pub fn validate(&self) -> Result<(), String> {
         for (name, value) in [
@@ -180,6 +191,7 @@ impl ClassPolicy {
             ("pids", self.pids),
             ("tmp", self.tmp_bytes),
             ("output", self.output_bytes),
+            ("disk", self.disk_bytes),
         ] {
             if value == Some(0) {
                 return Err(format!("{name} must be at least 1"));

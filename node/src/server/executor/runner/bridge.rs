@@ -358,6 +358,8 @@ pub struct SandboxInitArgs {
     pub uid: Option<u32>,
     /// `RLIMIT_AS` for the job, when no memory cgroup could be had.
     pub address_space: Option<u64>,
+    /// `RLIMIT_FSIZE` for the job: the most one file it writes may hold.
+    pub file_size: Option<u64>,
     /// The job's program; `None` for a pre-made sandbox, whose job comes later (`J`).
     pub program: Option<OsString>,
     /// Its arguments.
@@ -533,12 +535,17 @@ async fn run_init(args: SandboxInitArgs, control: OwnedFd) -> std::io::Result<i3
     let Some((port, mut command, file)) = job_command(&channel, &args).await? else {
         return Ok(1);
     };
-    if let Some(bytes) = args.address_space {
-        let limit = rustix::process::Rlimit {
-            current: Some(bytes),
-            maximum: Some(bytes),
-        };
-        rustix::process::setrlimit(rustix::process::Resource::As, limit)?;
+    for (resource, bytes) in [
+        (rustix::process::Resource::As, args.address_space),
+        (rustix::process::Resource::Fsize, args.file_size),
+    ] {
+        if let Some(bytes) = bytes {
+            let limit = rustix::process::Rlimit {
+                current: Some(bytes),
+                maximum: Some(bytes),
+            };
+            rustix::process::setrlimit(resource, limit)?;
+        }
     }
     command
         .env(EXECUTOR_URL_ENV, format!("http://127.0.0.1:{outputs_port}"))

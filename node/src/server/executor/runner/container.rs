@@ -3,14 +3,15 @@
 //!
 //! A job's container has every capability dropped, `no-new-privileges`, a read-only root with a
 //! private tmpfs `/tmp`, a non-root uid from the class (whatever user the image names), the
-//! class's memory/CPU/pids limits, the job's volume read-only at `/horde/volume` and its output
+//! class's memory/CPU/pids limits, an `fsize` ulimit of the class's disk limit, the job's volume read-only at `/horde/volume` and its output
 //! directory read-write at `/horde/output`, no published port, and network mode `none`: under
 //! `network = "none"` no network but its own loopback; under `"internet"` the executor adds a
 //! veth pair to the container's namespace once it runs ([`super::egress`]). The executor
 //! reaches the job's port, and the job its executor's outputs endpoint, through sockets made
 //! inside the container's network namespace ([`netns`]). The job's own command starts only
 //! once those are in place ([`gate`]): its first instruction can reach its executor. stdout
-//! and stderr are attached before start and written to the job's log files as they come. The container is removed at every end: exit, stop, and the executor's death
+//! and stderr are attached before start and written to the job's log files as they come (each
+//! up to the disk limit, the rest dropped). The container is removed at every end: exit, stop, and the executor's death
 //! ([`guard`]).
 //!
 //! Layout:
@@ -306,7 +307,12 @@ impl ContainerJob {
             .attach_container(&self.name, Some(attach))
             .await
             .map_err(|error| engine::engine_error(engine, "attaching", error))?;
-        let logs = tokio::spawn(write_logs(attached.output, launch.job_dir.join(LOG_DIR)));
+        let logs_dir = launch.job_dir.join(LOG_DIR);
+        let logs = tokio::spawn(write_logs(
+            attached.output,
+            logs_dir,
+            launch.policy.disk_limit(),
+        ));
         engine
             .docker
             .start_container(&self.name, None)
@@ -420,27 +426,54 @@ impl ContainerJob {
     }
 }
 
-/// Writes the attached output into `dir/stdout` and `dir/stderr` as it comes.
+/// Writes the attached output into `dir/stdout` and `dir/stderr` as it comes, each up to
+/// `limit` bytes (the class's disk limit, as `RLIMIT_FSIZE` bounds a file the job writes
+/// itself); past it the output is read and dropped, so the job is never held by its logs.
 async fn write_logs(
     mut output: std::pin::Pin<
         Box<dyn futures::Stream<Item = Result<LogOutput, bollard::errors::Error>> + Send>,
     >,
     dir: PathBuf,
+    limit: u64,
 ) -> io::Result<()> {
-    let mut stdout = tokio::fs::File::create(dir.join("stdout")).await?;
-    let mut stderr = tokio::fs::File::create(dir.join("stderr")).await?;
+    let mut stdout = CappedLog::create(&dir.join("stdout"), limit).await?;
+    let mut stderr = CappedLog::create(&dir.join("stderr"), limit).await?;
     while let Some(chunk) = output.next().await {
         match chunk {
             Ok(LogOutput::StdOut { message }) | Ok(LogOutput::Console { message }) => {
-                stdout.write_all(&message).await?;
+                stdout.write(&message).await?;
             }
-            Ok(LogOutput::StdErr { message }) => stderr.write_all(&message).await?,
+            Ok(LogOutput::StdErr { message }) => stderr.write(&message).await?,
             Ok(LogOutput::StdIn { .. }) => {}
             Err(error) => return Err(io::Error::other(error)),
         }
     }
-    stdout.flush().await?;
-    stderr.flush().await
+    stdout.file.flush().await?;
+    stderr.file.flush().await
+}
+
+/// A log file that keeps the first `left` bytes written to it.
+struct CappedLog {
+    file: tokio::fs::File,
+    left: u64,
+}
+
+impl CappedLog {
+    async fn create(path: &std::path::Path, limit: u64) -> io::Result<Self> {
+        Ok(Self {
+            file: tokio::fs::File::create(path).await?,
+            left: limit,
+        })
+    }
+
+    async fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
+        let kept = usize::try_from(self.left).map_or(bytes.len(), |left| left.min(bytes.len()));
+        if kept > 0 {
+            self.file.write_all(&bytes[..kept]).await?;
+            self.left -= kept as u64;
+        }
+        Ok(())
+    }
 }
 
 /// Waits for the container to stop, lets its output drain, and publishes how it ended.

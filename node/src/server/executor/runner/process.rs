@@ -25,7 +25,9 @@
 //! limit), `pids.max`, a CFS quota for `cpus`; the kernel's OOM kill is read back from
 //! `memory.oom_control`, and anything left in the cgroup is killed at the end. Without one,
 //! memory falls back to `RLIMIT_AS` (a poor stand-in: it counts address space, not memory) and
-//! pids and CPU are not limited; the executor says so at start.
+//! pids and CPU are not limited; the executor says so at start. Whatever the cgroups, the init
+//! gives the job `RLIMIT_FSIZE` = the class's disk limit: no file it writes (its logs included)
+//! grows past it (the executor measures all of them together: [`crate::server::executor::disk`]).
 //!
 //! **Egress.** Under `network = "internet"` the sandbox keeps its own network namespace, and
 //! between the init's hello and the go the executor gives it a veth pair, an address and a
@@ -363,6 +365,9 @@ impl Sandboxes {
         {
             args.extend(["--address-space".into(), bytes.to_string().into()]);
         }
+        // No file the job writes (its logs included) grows past its disk limit.
+        let file_size = policy.disk_limit().to_string();
+        args.extend(["--file-size".into(), file_size.into()]);
         if let Some((port, program, job_args)) = job {
             args.extend(["--port".into(), port.to_string().into()]);
             args.extend(["--".into(), program.into()]);

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use bollard::models::{
     ContainerCreateBody, DeviceMapping, DeviceRequest, HostConfig, HostConfigLogConfig, Mount,
-    MountType,
+    MountType, ResourcesUlimits,
 };
 
 use super::engine::EngineKind;
@@ -160,6 +160,13 @@ pub(crate) fn create_body(plan: &ContainerPlan<'_>) -> Result<ContainerCreateBod
         None => None,
     };
     let pids = Some(to_i64(policy.pids_limit(), "pids")?);
+    // No file the job writes (in its output directory) grows past its disk limit.
+    let file_size = to_i64(policy.disk_limit(), "disk")?;
+    let ulimits = vec![ResourcesUlimits {
+        name: Some("fsize".to_owned()),
+        soft: Some(file_size),
+        hard: Some(file_size),
+    }];
     let (device_requests, devices) = gpu_devices(policy.gpus, plan.engine);
     let bind = |source: &str, target: &str, read_only: bool| -> Result<Mount, RunnerError> {
         let source = launch.job_dir.join(source);
@@ -192,6 +199,7 @@ pub(crate) fn create_body(plan: &ContainerPlan<'_>) -> Result<ContainerCreateBod
         memory_swap: memory,
         nano_cpus,
         pids_limit: pids,
+        ulimits: Some(ulimits),
         network_mode: Some(plan.network_mode.to_owned()),
         ipc_mode: Some("private".to_owned()),
         // A real init as pid 1: signals reach the job, orphans are reaped, and when it exits
@@ -268,6 +276,7 @@ mod tests {
             pids: None,
             tmp_bytes: None,
             output_bytes: None,
+            disk_bytes: None,
             gpus: None,
             uid: None,
             allow_unisolated: false,
@@ -301,6 +310,12 @@ mod tests {
         // A class that names no limits still bounds processes and /tmp.
         assert_eq!(host.pids_limit, Some(4096));
         assert_eq!(host.init, Some(true));
+        // And the size of any one file it writes: twice the default output limit.
+        let fsize = host.ulimits.clone().unwrap();
+        assert_eq!(fsize.len(), 1);
+        assert_eq!(fsize[0].name.as_deref(), Some("fsize"));
+        assert_eq!(fsize[0].hard, Some(8 << 30));
+        assert_eq!(fsize[0].soft, Some(8 << 30));
         assert!(host.port_bindings.is_none() && host.publish_all_ports.is_none());
         assert_eq!(
             host.tmpfs.unwrap()["/tmp"],

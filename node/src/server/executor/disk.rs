@@ -1,0 +1,243 @@
+//! What a running job keeps on the node's disk: its output directory and its stdout/stderr
+//! logs, the only host directories a job can write (its `/tmp` is a tmpfs of its own size, its
+//! volume and root are read-only).
+//!
+//! Two bounds, one per kind of attack:
+//! - **One file**: the runner gives the job `RLIMIT_FSIZE` = the class's disk limit, so the
+//!   kernel refuses (SIGXFSZ, then `EFBIG`) any write past it in any one file, logs included.
+//! - **All files together**: [`DiskWatch`] measures the job's directories while it runs (the
+//!   blocks each entry takes on disk, directories included, and the number of entries) and
+//!   reports the first time either is over the class's limit; the executor then stops the job
+//!   (`FailureReason::OverDiskLimit`). A job writing many files at full speed can get past the
+//!   limit by what it writes between two measurements (at least [`MEASURE_EVERY`] apart, longer
+//!   when a measurement itself takes long: ten times its duration), as with the kubelet's
+//!   ephemeral-storage eviction; the per-file bound holds regardless.
+//!
+//! What cannot be measured counts against the job: a directory the executor cannot read (a job
+//! running as the node's own uid can `chmod 000` one) or a path too long to name stops it,
+//! since whatever is behind it could not be counted (and could not be uploaded either).
+
+use std::io;
+use std::os::unix::fs::MetadataExt as _;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+use tracing::debug;
+
+/// Most entries (files, directories, links, anything) in a job's output directory and logs
+/// together: millions of empty files fill a filesystem's inodes while taking few blocks.
+pub const MAX_JOB_FILES: u64 = 100_000;
+
+/// The shortest time between two measurements of a job's directories.
+pub const MEASURE_EVERY: Duration = Duration::from_millis(250);
+
+/// A measurement takes at most this share of the time between two (a job with many files makes
+/// the walk longer; the interval grows with it).
+const MEASURE_SHARE: u32 = 10;
+
+/// What a job may keep on the node's disk while it runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiskLimits {
+    /// Bytes of disk (blocks in use, not apparent sizes: a sparse file counts what it holds).
+    pub bytes: u64,
+    /// Entries.
+    pub files: u64,
+}
+
+/// What was found in a job's directories; a measurement stops early once over a limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Bytes of disk in use.
+    pub bytes: u64,
+    /// Entries.
+    pub files: u64,
+}
+
+impl Usage {
+    /// Why this usage is over `limits`, or `None` within them.
+    fn over(&self, limits: &DiskLimits) -> Option<String> {
+        if self.bytes > limits.bytes {
+            return Some(format!(
+                "the job's output directory and logs take more than {} bytes of disk (the \
+                 class's disk_mb)",
+                limits.bytes
+            ));
+        }
+        if self.files > limits.files {
+            return Some(format!(
+                "the job's output directory and logs hold more than {} files",
+                limits.files
+            ));
+        }
+        None
+    }
+}
+
+/// Measures `roots` (each a directory, its entries walked without following links), stopping
+/// once over `limits`: `Err` with why when over, or when something could not be measured.
+pub fn measure(roots: &[PathBuf], limits: &DiskLimits) -> Result<Usage, String> {
+    let mut usage = Usage::default();
+    let mut pending: Vec<PathBuf> = roots.to_vec();
+    while let Some(dir) = pending.pop() {
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            // Removed while walked (by the job): nothing there to count.
+            Err(error) if error.kind() == io::ErrorKind::NotFound => continue,
+            Err(error) => return Err(unmeasurable(&dir, &error)),
+        };
+        for entry in entries {
+            let entry = match entry {
+                Ok(entry) => entry,
+                Err(error) => return Err(unmeasurable(&dir, &error)),
+            };
+            let path = entry.path();
+            let meta = match std::fs::symlink_metadata(&path) {
+                Ok(meta) => meta,
+                Err(error) if error.kind() == io::ErrorKind::NotFound => continue,
+                Err(error) => return Err(unmeasurable(&path, &error)),
+            };
+            usage.files += 1;
+            usage.bytes = usage
+                .bytes
+                .saturating_add(meta.blocks().saturating_mul(512));
+            if let Some(why) = usage.over(limits) {
+                return Err(why);
+            }
+            if meta.is_dir() {
+                pending.push(path);
+            }
+        }
+    }
+    Ok(usage)
+}
+
+fn unmeasurable(path: &Path, error: &io::Error) -> String {
+    format!(
+        "the job's output could not be measured ({}: {error}); it is stopped since what it \
+         holds there cannot be counted",
+        path.display()
+    )
+}
+
+/// Measures a job's directories on a task of its own while it runs; dropped, it stops.
+#[derive(Debug)]
+pub struct DiskWatch {
+    over: oneshot::Receiver<String>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl DiskWatch {
+    /// Starts measuring `roots` against `limits`: the first measurement at once, then at least
+    /// [`MEASURE_EVERY`] apart.
+    pub fn start(roots: Vec<PathBuf>, limits: DiskLimits) -> Self {
+        let (report, over) = oneshot::channel();
+        let task = tokio::spawn(async move {
+            loop {
+                let roots = roots.clone();
+                let started = Instant::now();
+                let measured = tokio::task::spawn_blocking(move || measure(&roots, &limits)).await;
+                let took = started.elapsed();
+                match measured {
+                    Ok(Ok(usage)) => debug!(?usage, ?took, "job's disk measured"),
+                    Ok(Err(why)) => {
+                        let _ = report.send(why);
+                        return;
+                    }
+                    // The measuring thread panicked or the runtime is going away.
+                    Err(_) => return,
+                }
+                tokio::time::sleep(MEASURE_EVERY.max(took * MEASURE_SHARE)).await;
+            }
+        });
+        Self { over, task }
+    }
+
+    /// Resolves, with why, once the job is over its limits; never while it is within them.
+    pub async fn exceeded(&mut self) -> String {
+        match (&mut self.over).await {
+            Ok(why) => why,
+            Err(_) => std::future::pending().await,
+        }
+    }
+}
+
+impl Drop for DiskWatch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn limits(bytes: u64, files: u64) -> DiskLimits {
+        DiskLimits { bytes, files }
+    }
+
+    #[test]
+    fn counts_blocks_and_entries_of_every_level() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("a/b")).unwrap();
+        std::fs::write(dir.path().join("a/b/one"), vec![1u8; 100_000]).unwrap();
+        std::fs::write(dir.path().join("two"), b"x").unwrap();
+        let usage = measure(&[dir.path().to_owned()], &limits(u64::MAX, u64::MAX)).unwrap();
+        assert_eq!(usage.files, 4, "a, a/b, a/b/one, two");
+        assert!(usage.bytes >= 100_000, "{usage:?}");
+    }
+
+    #[test]
+    fn a_sparse_file_counts_what_it_holds_not_its_length() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = std::fs::File::create(dir.path().join("sparse")).unwrap();
+        file.set_len(1 << 40).unwrap();
+        let usage = measure(&[dir.path().to_owned()], &limits(1 << 20, 10)).unwrap();
+        assert!(usage.bytes < 1 << 20, "{usage:?}");
+    }
+
+    #[test]
+    fn over_bytes_or_entries_says_which() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in 0..20 {
+            std::fs::write(dir.path().join(name.to_string()), vec![7u8; 8192]).unwrap();
+        }
+        let roots = [dir.path().to_owned()];
+        let why = measure(&roots, &limits(64 * 1024, 1000)).unwrap_err();
+        assert!(why.contains("more than 65536 bytes"), "{why}");
+        let why = measure(&roots, &limits(u64::MAX, 19)).unwrap_err();
+        assert!(why.contains("more than 19 files"), "{why}");
+        assert!(measure(&roots, &limits(u64::MAX, 20)).is_ok());
+    }
+
+    #[test]
+    fn a_tree_too_deep_to_name_stops_the_job() {
+        // Built the way a job can: each level made relative to the one above, past PATH_MAX.
+        use rustix::fs::{Mode, OFlags};
+        let dir = tempfile::tempdir().unwrap();
+        let name = "d".repeat(250);
+        let flags = OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC;
+        let mut level = rustix::fs::open(dir.path(), flags, Mode::empty()).unwrap();
+        for _ in 0..20 {
+            rustix::fs::mkdirat(&level, name.as_str(), Mode::from_raw_mode(0o700)).unwrap();
+            level = rustix::fs::openat(&level, name.as_str(), flags, Mode::empty()).unwrap();
+        }
+        let why = measure(&[dir.path().to_owned()], &limits(u64::MAX, u64::MAX)).unwrap_err();
+        assert!(why.contains("could not be measured"), "{why}");
+    }
+
+    #[tokio::test]
+    async fn the_watch_reports_growth_past_the_limit_while_it_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut watch = DiskWatch::start(vec![dir.path().to_owned()], limits(1 << 20, 1000));
+        let quiet = tokio::time::timeout(MEASURE_EVERY * 3, watch.exceeded()).await;
+        assert!(quiet.is_err(), "reported while within its limits");
+        std::fs::write(dir.path().join("big"), vec![1u8; 2 << 20]).unwrap();
+        let why = tokio::time::timeout(MEASURE_EVERY * 8, watch.exceeded())
+            .await
+            .expect("the growth was seen");
+        assert!(why.contains("more than 1048576 bytes"), "{why}");
+    }
+}
