@@ -299,19 +299,47 @@ async fn a_job_that_ends_while_its_facilitator_is_down_keeps_its_outcome() {
     assert_eq!(endpoints, 1, "{history:?}");
 }
 
+/// A testnet whose facilitator keeps its data on a 16 MiB tmpfs (`None` unless root).
+fn facilitator_on_a_small_disk() -> Option<(Testnet, SmallDisk)> {
+    let mut testnet = start(TestnetConfig::default());
+    testnet.kill("facilitator").unwrap();
+    let data = testnet.dir().join("facilitator").join("data");
+    let disk = SmallDisk::mount_over(&data, 16 << 20)?;
+    testnet.start_again("facilitator").unwrap();
+    Some((testnet, disk))
+}
+
+/// Submits jobs until one is refused (the disk full): each the store can still place in pages
+/// it has is recorded; the first it cannot is refused, with why. The refusal and the jobs
+/// recorded before it.
+async fn submit_until_refused(
+    client: &Client,
+    request: &JobRequest,
+) -> (RejectReason, Vec<JobHandle>) {
+    let mut recorded = Vec::new();
+    for _ in 0..200 {
+        let mut job = client.submit(request).await.unwrap();
+        let status = job
+            .wait_for(|s| matches!(s, JobStatus::Rejected(_) | JobStatus::Received))
+            .await
+            .unwrap();
+        if let JobStatus::Rejected(reason) = status {
+            return (reason, recorded);
+        }
+        recorded.push(job);
+    }
+    panic!("no job refused while the disk is full");
+}
+
 /// The facilitator's data directory full: a submission it cannot record is refused with why
 /// (`StoreFailed`: nothing runs, so the client may submit again), never a bare stream reset;
 /// once there is room the same facilitator, not restarted, records and serves jobs again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_facilitator_on_a_full_disk_refuses_jobs_with_why_and_serves_again_once_there_is_room() {
-    let mut testnet = start(TestnetConfig::default());
-    testnet.kill("facilitator").unwrap();
-    let data = testnet.dir().join("facilitator").join("data");
-    let Some(disk) = SmallDisk::mount_over(&data, 16 << 20) else {
+    let Some((testnet, disk)) = facilitator_on_a_small_disk() else {
         eprintln!("skipped: mounting a small tmpfs needs root");
         return;
     };
-    testnet.start_again("facilitator").unwrap();
     let client = Client::new(SecretKey::generate(), testnet.facilitator()).unwrap();
     let mut first = client.submit(&demo_request()).await.unwrap();
     first.wait_for_endpoint().await.unwrap();
@@ -319,23 +347,7 @@ async fn a_facilitator_on_a_full_disk_refuses_jobs_with_why_and_serves_again_onc
     first.wait_for_end().await.unwrap();
 
     let filler = disk.fill("filler");
-    // Each job the store can still place in pages it has is recorded; the first it cannot is
-    // refused, with why.
-    let mut refused = None;
-    let mut recorded = Vec::new();
-    for _ in 0..200 {
-        let mut job = client.submit(&demo_request()).await.unwrap();
-        let status = job
-            .wait_for(|s| matches!(s, JobStatus::Rejected(_) | JobStatus::Received))
-            .await
-            .unwrap();
-        if let JobStatus::Rejected(reason) = status {
-            refused = Some(reason);
-            break;
-        }
-        recorded.push(job);
-    }
-    let refused = refused.expect("a job refused while the disk is full");
+    let (refused, recorded) = submit_until_refused(&client, &demo_request()).await;
     let RejectReason::StoreFailed(why) = &refused else {
         panic!("{refused:?}")
     };
@@ -377,4 +389,98 @@ async fn a_facilitator_on_a_full_disk_refuses_jobs_with_why_and_serves_again_onc
     let mut again = again.expect("the executor free again");
     again.terminate().await.unwrap();
     again.wait_for_end().await.unwrap();
+}
+
+/// A job that runs while the facilitator's disk fills: its client still hears every status
+/// (its end included) as it comes, and once there is room the same facilitator records them,
+/// so a client attaching later reads the whole history from the store. Before, each status the
+/// store refused was dropped: the client waited for an end that never came.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_running_when_the_facilitators_disk_fills_still_reaches_its_client() {
+    let Some((mut testnet, disk)) = facilitator_on_a_small_disk() else {
+        eprintln!("skipped: mounting a small tmpfs needs root");
+        return;
+    };
+    let key = SecretKey::generate();
+    let client = Client::new(key.clone(), testnet.facilitator()).unwrap();
+    let mut job = client.submit(&demo_request()).await.unwrap();
+    job.wait_for_endpoint().await.unwrap();
+
+    // Fill the disk, and keep submitting large jobs (256 KiB specs) as other clients would:
+    // each the store cannot fit fails its write, and it closes the database, opened again at
+    // most once a second, so the running job's statuses meet a store that refuses them.
+    let filler = disk.fill("filler");
+    let mut large = demo_request();
+    large.volumes = vec![VolumeSpec {
+        path: RelativePath("pad.bin".into()),
+        source: VolumeSource::Inline {
+            bytes: vec![7; 256 << 10],
+        },
+    }];
+    let (refused, _recorded) = submit_until_refused(&client, &large).await;
+    assert!(
+        matches!(refused, RejectReason::StoreFailed(_)),
+        "{refused:?}"
+    );
+    let others = Client::new(SecretKey::generate(), testnet.facilitator()).unwrap();
+    let flood = tokio::spawn(async move {
+        loop {
+            if let Ok(mut job) = others.submit(&large).await {
+                let _ = job.wait_for(|s| !matches!(s, JobStatus::Received)).await;
+            }
+        }
+    });
+    let log = testnet.dir().join("facilitator/node.log");
+    let refusals = || {
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .matches("job store failed; job refused")
+            .count()
+    };
+    let before = refusals();
+    while refusals() < before + 3 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    job.terminate().await.unwrap();
+    let end = tokio::time::timeout(Duration::from_secs(30), job.wait_for_end())
+        .await
+        .expect("the job's end reached its client while the disk was full")
+        .unwrap();
+    flood.abort();
+    assert!(matches!(end, JobStatus::Completed(_)), "{end:?}");
+    let said = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        said.contains("could not store status; sent to the job's clients"),
+        "the store took every status: the test did not fill the disk"
+    );
+    let seen: Vec<u32> = job.history().iter().map(|update| update.seq).collect();
+
+    // Room again: what waited is stored, under the numbers the client got; the job's driver
+    // ends once it is. Read back through a restarted facilitator: from the store alone.
+    std::fs::remove_file(&filler).unwrap();
+    let short = job.job_id().fmt_short().to_string();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .any(|line| line.contains(&short) && line.contains("job session over"))
+    {
+        assert!(Instant::now() < deadline, "the job's driver never ended");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let said = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        said.contains("status stored after the store failed"),
+        "{said}"
+    );
+    assert!(!said.contains("never took"), "{said}");
+    testnet.kill("facilitator").unwrap();
+    testnet.start_again("facilitator").unwrap();
+    let client = Client::new(key, testnet.facilitator()).unwrap();
+    let mut attached = client.attach(job.job_id(), None).await.unwrap();
+    let end = attached.wait_for_end().await.unwrap();
+    assert!(matches!(end, JobStatus::Completed(_)), "{end:?}");
+    let stored: Vec<u32> = attached.history().iter().map(|update| update.seq).collect();
+    assert_eq!(stored, seen);
 }

@@ -19,7 +19,9 @@
 //! job store), `facilitator/resume.rs` (jobs taken up again after a restart),
 //! `facilitator/warmup.rs` (why there is no miner: warming up, all busy, none),
 //! `facilitator/claims.rs` (executors just assigned, before the miners' records say so),
-//! `facilitator/unreachable.rs` (validators that could not be reached lately, tried last).
+//! `facilitator/unreachable.rs` (validators that could not be reached lately, tried last),
+//! `facilitator/unrecorded.rs` (statuses the store could not take yet: sent to the clients,
+//! stored once it can).
 //!
 //! A job with no miner is refused with what the facilitator knows: `WarmingUp { retry_after_ms }`
 //! at submission while it is still learning the network (not stored, so the same signed spec
@@ -40,6 +42,7 @@ mod leg;
 mod resume;
 pub mod store;
 mod unreachable;
+mod unrecorded;
 mod warmup;
 
 use std::collections::HashMap;
@@ -139,6 +142,8 @@ struct LiveJob {
     down: mpsc::Sender<DownMessage>,
     /// The account that submitted it (a known key while the job runs).
     owner: Hotkey,
+    /// Its statuses the store could not take yet.
+    unrecorded: unrecorded::SharedUnrecorded,
 }
 
 /// The facilitator service.
@@ -381,6 +386,8 @@ impl Facilitator {
             statuses,
             down: down_tx,
             owner: peer,
+            // `Received` is status 0.
+            unrecorded: unrecorded::Unrecorded::shared(1),
         };
         self.lock_live().insert(job_id, live.clone());
         info!(job = %job_id.fmt_short(), client = %peer, class = %spec.executor_class, "job received");
@@ -431,12 +438,15 @@ impl Facilitator {
             let _ = send.finish();
             return;
         }
-        // Subscribe before reading the history so no status falls between the two.
-        let live_rx = self
-            .lock_live()
-            .get(&job_id)
-            .map(|live| live.statuses.subscribe());
-        let history = match self.store.history(job_id).await {
+        // Subscribe, then take the statuses waiting for the store, then read the store's
+        // history: a status is in one of the three whenever it moves from one to the next.
+        let live = self.lock_live().get(&job_id).cloned();
+        let live_rx = live.as_ref().map(|live| live.statuses.subscribe());
+        let waiting = live
+            .as_ref()
+            .map(|live| live.unrecorded_after(None))
+            .unwrap_or_default();
+        let mut history = match self.store.history(job_id).await {
             Ok(history) => history,
             Err(error) => {
                 warn!(%error, "job store failed");
@@ -444,6 +454,12 @@ impl Facilitator {
                 return;
             }
         };
+        let last = history.last().map(|update| update.seq);
+        history.extend(
+            waiting
+                .into_iter()
+                .filter(|update| last.is_none_or(|last| update.seq > last)),
+        );
         debug!(job = %job_id.fmt_short(), statuses = history.len(), "client re-attached");
         self.serve_client(send, recv, job_id, history, live_rx, peer)
             .await;
@@ -735,18 +751,6 @@ impl Facilitator {
         Some(self.next_miner.fetch_add(1, Ordering::Relaxed) % peers.len())
     }
 
-    async fn record(&self, job_id: JobId, live: &LiveJob, status: JobStatus) -> bool {
-        let terminal = status.is_terminal();
-        match self.store.append_status(job_id, status, now()).await {
-            Ok(update) => {
-                // No receiver (no client attached) is fine: the store has it.
-                let _ = live.statuses.send(update);
-            }
-            Err(error) => warn!(%error, "could not store status"),
-        }
-        terminal
-    }
-
     fn hop(&self) -> Hop {
         Hop {
             role: Role::Facilitator,
@@ -772,6 +776,7 @@ impl Facilitator {
         if let Some(status) = final_status {
             self.record(job_id, &live, status).await;
         }
+        self.settle(job_id, &live).await;
         self.lock_live().remove(&job_id);
         info!("job session over");
     }

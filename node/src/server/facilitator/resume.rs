@@ -98,6 +98,7 @@ impl Facilitator {
             statuses,
             down,
             owner: job.record.owner,
+            unrecorded: super::unrecorded::Unrecorded::shared(job.record.next_seq),
         };
         self.lock_live().insert(job.job_id, live.clone());
         info!(job = %job.job_id.fmt_short(), validator = %job.validator, "resuming a job left running by a previous run");
@@ -153,6 +154,7 @@ impl Facilitator {
         if let Some(status) = final_status {
             self.record(job_id, &live, status).await;
         }
+        self.settle(job_id, &live).await;
         self.lock_live().remove(&job_id);
         info!("job session over");
     }
