@@ -309,15 +309,20 @@ async fn over_the_disk_limit(
         panic!("{failure:?}");
     };
     let stdout = failure.result.map(|r| r.stdout_tail).unwrap_or_default();
-    // Nothing of the job is left on the node's disk.
+    // Nothing of the job is left on the node's disk (removed once its end is sent).
     let executors = testnet.dir().join("miner-0/data/executors");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
     for executor in std::fs::read_dir(executors).unwrap() {
-        let dir = executor
-            .unwrap()
-            .path()
-            .join("data/jobs")
-            .join(job.job_id().to_string());
-        assert!(!dir.exists(), "{} left behind", dir.display());
+        let dir = executor.unwrap().path().join("data/jobs");
+        let dir = dir.join(job.job_id().to_string());
+        while dir.exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} left behind",
+                dir.display()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
     (failure.stage, why, stdout)
 }

@@ -597,6 +597,18 @@ impl JobHandle {
         }
     }
 
+    /// Whether `update` is one this handle has seen: the same status at the same time. Not its
+    /// number alone: a facilitator whose store refused statuses (its disk full) sends them under
+    /// the numbers the store will give them, and if it restarts before storing them, later
+    /// statuses come under those numbers again; they are new, and taken.
+    fn seen(&self, update: &StatusUpdate) -> bool {
+        let same = |seen: &StatusUpdate| seen.at == update.at && seen.status == update.status;
+        let at_its_number = usize::try_from(update.seq)
+            .ok()
+            .and_then(|seq| self.history.get(seq));
+        at_its_number.is_some_and(same) || self.history.iter().any(same)
+    }
+
     /// Takes in one message of the status stream: the status it carries, or `None` for one
     /// already seen (replayed after attaching again).
     fn accept_status(
@@ -605,7 +617,7 @@ impl JobHandle {
     ) -> Result<Option<StatusUpdate>, ClientError> {
         let update = match message {
             ControlMessage::Up(UpMessage::Status(update)) => {
-                if usize::try_from(update.seq).is_ok_and(|seq| seq < self.history.len()) {
+                if self.seen(&update) {
                     return Ok(None);
                 }
                 update
@@ -814,11 +826,12 @@ mod tests {
         Client::new(seeded_key(1), NodeAddr::new(seeded_key(2).hotkey(), addr)).unwrap()
     }
 
+    /// Status `seq`, at a time of its own (as a facilitator stores it: replayed the same).
     fn status(job_id: JobId, seq: u32, status: JobStatus) -> ControlMessage {
         ControlMessage::Up(UpMessage::Status(StatusUpdate {
             job_id,
             seq,
-            at: now(),
+            at: UnixMillis(1_000 + u64::from(seq)),
             status,
         }))
     }
@@ -961,6 +974,57 @@ mod tests {
             connections.load(Ordering::Relaxed),
             2,
             "resent on a new connection"
+        );
+    }
+
+    /// A facilitator whose store refused statuses (its disk full) sent them under the numbers
+    /// the store would give them, then restarted without them: after attaching again, the
+    /// replayed statuses are skipped and a new status under a number seen before is taken (the
+    /// handle used to drop it as seen, and waited for an end it had been sent).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_new_status_under_a_number_seen_before_is_taken() {
+        let client = fake_facilitator(
+            localhost_endpoint(&seeded_key(2)),
+            |_| {},
+            move |first, mut send| async move {
+                let (job_id, statuses) = match first {
+                    ControlMessage::Down(DownMessage::Submit(signed)) => {
+                        let job_id = signed.verify().unwrap().job_id;
+                        let sent = [
+                            JobStatus::Received,
+                            JobStatus::Accepted,
+                            JobStatus::ExecutorReady,
+                        ];
+                        (job_id, sent.to_vec())
+                    }
+                    ControlMessage::Down(DownMessage::Attach(job_id)) => {
+                        let ended = JobStatus::Rejected(RejectReason::NoMiner);
+                        (
+                            job_id,
+                            vec![JobStatus::Received, JobStatus::Accepted, ended],
+                        )
+                    }
+                    _ => return,
+                };
+                for (seq, update) in (0..).zip(statuses) {
+                    send.send(&status(job_id, seq, update)).await.unwrap();
+                }
+                let _ = send.finish();
+            },
+        );
+        let mut job = submitted(&client).await;
+        let mut seen = Vec::new();
+        while let Some(update) = job.next_status().await.unwrap() {
+            seen.push((update.seq, update.status));
+        }
+        let ended = JobStatus::Rejected(RejectReason::NoMiner);
+        assert_eq!(
+            seen,
+            vec![
+                (1, JobStatus::Accepted),
+                (2, JobStatus::ExecutorReady),
+                (2, ended)
+            ]
         );
     }
 

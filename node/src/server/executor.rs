@@ -398,6 +398,8 @@ impl JobRunner {
                 return outcome;
             }
         };
+        // Nothing of the job runs any more: nothing to measure or to answer.
+        drop(watched);
         // The job has ended or was terminated: replies it wrote before that still reach the
         // client with their receipts — within the execution deadline plus a second, so the
         // results still reach the validator inside its stage slack. Out of time or abandoned
@@ -617,7 +619,8 @@ impl JobRunner {
         }
     }
 
-    /// Stops the job and builds its failure in `stage` for `reason`, with its logs.
+    /// Stops the job and builds its failure in `stage` for `reason`, with its logs. A job over
+    /// its disk limit is killed at once: a grace period would be more time to write.
     async fn stopped(
         &self,
         job: &mut dyn JobProcess,
@@ -626,7 +629,11 @@ impl JobRunner {
         stage: Stage,
         reason: FailureReason,
     ) -> UpMessage {
-        let exit = job.stop(TERMINATE_GRACE).await;
+        let grace = match reason {
+            FailureReason::OverDiskLimit(_) => Duration::ZERO,
+            _ => TERMINATE_GRACE,
+        };
+        let exit = job.stop(grace).await;
         let result = self.finish_logs(job_dir, spec, exit, true).await;
         failed(stage, reason, Some(result))
     }
@@ -670,13 +677,11 @@ impl JobRunner {
         let (tunnel, address) = match served {
             Ok(served) => served,
             Err(error) => {
-                let exit = job.stop(TERMINATE_GRACE).await;
-                let result = self.finish_logs(job_dir, spec, exit, true).await;
-                return Err(Some(failed(
-                    Stage::Readiness,
-                    FailureReason::Spawn(error),
-                    Some(result),
-                )));
+                let reason = FailureReason::Spawn(error);
+                return Err(Some(
+                    self.stopped(job, spec, job_dir, Stage::Readiness, reason)
+                        .await,
+                ));
             }
         };
         info!(%address, job_key = %job_key.hotkey().fmt_short(), "job endpoint serving");
@@ -728,6 +733,12 @@ impl JobRunner {
             tokio::select! {
                 biased;
                 () = cancel.cancelled() => break Ending::Abandoned,
+                // Before the job's exit: a job that went over and exited is still stopped for it.
+                why = watched.disk.exceeded() => {
+                    warn!(%why, "the job is over its disk limit; stopping it");
+                    let reason = FailureReason::OverDiskLimit(why);
+                    return Err(Some(self.stopped(job, spec, job_dir, Stage::Execution, reason).await));
+                }
                 event = job.next_event() => match event {
                     JobEvent::Exited(Ok(exit)) => return Ok(Ending::Exited(exit)),
                     // The runner cannot say how the job ended (its engine went away): stop
@@ -741,11 +752,6 @@ impl JobRunner {
                         watched.outputs.serve(stream);
                     }
                 },
-                why = watched.disk.exceeded() => {
-                    warn!(%why, "the job is over its disk limit; stopping it");
-                    let reason = FailureReason::OverDiskLimit(why);
-                    return Err(Some(self.stopped(job, spec, job_dir, Stage::Execution, reason).await));
-                }
                 () = &mut execution => {
                     info!("execution deadline passed; stopping the job");
                     job.stop(TERMINATE_GRACE).await;
@@ -763,7 +769,15 @@ impl JobRunner {
                         for upload in &list.upload {
                             pending_uploads.insert(upload.path.0.clone(), (upload.clone(), Some(list.volume_msg_id)));
                         }
-                        match self.fetch_volumes(job_dir, &list.fetch, used_paths, spec.deadlines.volume_download_ms).await {
+                        let fetch = self.fetch_volumes(job_dir, &list.fetch, used_paths, spec.deadlines.volume_download_ms);
+                        let fetched = match watched.disk.unless_over(fetch).await {
+                            Ok(fetched) => fetched,
+                            Err(why) => {
+                                let reason = FailureReason::OverDiskLimit(why);
+                                return Err(Some(self.stopped(job, spec, job_dir, Stage::Execution, reason).await));
+                            }
+                        };
+                        match fetched {
                             Ok(()) => {
                                 if session.send_up(&UpMessage::VolumesFetched { volume_msg_id: list.volume_msg_id }).await.is_err() {
                                     break Ending::Abandoned;
@@ -793,7 +807,14 @@ impl JobRunner {
                 },
                 Some(_) = watched.outputs.requests.join_next(), if !watched.outputs.requests.is_empty() => {}
                 Some(ready) = watched.outputs.ready.recv() => {
-                    let (messages, reply) = self.upload_ready(job_dir, &ready.paths, &mut pending_uploads, not_uploaded, sent, output_budget).await;
+                    let upload = self.upload_ready(job_dir, &ready.paths, &mut pending_uploads, not_uploaded, sent, output_budget);
+                    let (messages, reply) = match watched.disk.unless_over(upload).await {
+                        Ok(uploaded) => uploaded,
+                        Err(why) => {
+                            let reason = FailureReason::OverDiskLimit(why);
+                            return Err(Some(self.stopped(job, spec, job_dir, Stage::Execution, reason).await));
+                        }
+                    };
                     let _ = ready.reply.send(reply);
                     for message in &messages {
                         if session.send_up(message).await.is_err() {

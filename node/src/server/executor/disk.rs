@@ -7,15 +7,23 @@
 //!   kernel refuses (SIGXFSZ, then `EFBIG`) any write past it in any one file, logs included.
 //! - **All files together**: [`DiskWatch`] measures the job's directories while it runs (the
 //!   blocks each entry takes on disk, directories included, and the number of entries) and
-//!   reports the first time either is over the class's limit; the executor then stops the job
-//!   (`FailureReason::OverDiskLimit`). A job writing many files at full speed can get past the
-//!   limit by what it writes between two measurements (at least [`MEASURE_EVERY`] apart, longer
-//!   when a measurement itself takes long: ten times its duration), as with the kubelet's
+//!   reports the first time either is over the class's limit; the executor then kills the job
+//!   at once (`FailureReason::OverDiskLimit`), also while it uploads or fetches for the job. A
+//!   job writing many files at full speed can get past the limit by what it writes between two
+//!   measurements (at least [`MEASURE_EVERY`] apart, longer when a measurement itself takes
+//!   long: ten times its duration, at most [`MEASURE_EVERY_MAX`]), as with the kubelet's
 //!   ephemeral-storage eviction; the per-file bound holds regardless.
 //!
-//! What cannot be measured counts against the job: a directory the executor cannot read (a job
-//! running as the node's own uid can `chmod 000` one) or a path too long to name stops it,
-//! since whatever is behind it could not be counted (and could not be uploaded either).
+//! What cannot be measured twice in a row counts against the job: a directory the executor
+//! cannot read (a job running as the node's own uid can `chmod 000` one) or a path too long to
+//! name stops it, since whatever is behind it could not be counted (and could not be uploaded
+//! either). An entry removed or replaced while walked is skipped.
+//!
+//! Not seen by the walk (said in the README): space held by files the job deleted but keeps
+//! open (or made with `O_TMPFILE`), given back when the job is killed; and `fallocate` with
+//! `FALLOC_FL_KEEP_SIZE`, which the kernel does not check against `RLIMIT_FSIZE` (its blocks
+//! are counted, at the next measurement). The unisolated runner's job gets no `RLIMIT_FSIZE`
+//! (it runs with the node's privileges anyway); the walk still bounds it.
 
 use std::io;
 use std::os::unix::fs::MetadataExt as _;
@@ -23,7 +31,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
-use tracing::debug;
+use tracing::{debug, warn};
 
 /// Most entries (files, directories, links, anything) in a job's output directory and logs
 /// together: millions of empty files fill a filesystem's inodes while taking few blocks.
@@ -32,9 +40,15 @@ pub const MAX_JOB_FILES: u64 = 100_000;
 /// The shortest time between two measurements of a job's directories.
 pub const MEASURE_EVERY: Duration = Duration::from_millis(250);
 
+/// The longest time between two measurements, however long one takes.
+pub const MEASURE_EVERY_MAX: Duration = Duration::from_secs(2);
+
 /// A measurement takes at most this share of the time between two (a job with many files makes
-/// the walk longer; the interval grows with it).
+/// the walk longer; the interval grows with it, up to [`MEASURE_EVERY_MAX`]).
 const MEASURE_SHARE: u32 = 10;
+
+/// Measurements in a row that could not be made before the job is stopped for it.
+const UNMEASURABLE_IN_A_ROW: u32 = 2;
 
 /// What a job may keep on the node's disk while it runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,27 +88,36 @@ impl Usage {
     }
 }
 
+/// Why a measurement stopped short.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NotWithin {
+    /// Over a limit: why.
+    Over(String),
+    /// Something could not be measured: what and why.
+    Unmeasurable(String),
+}
+
 /// Measures `roots` (each a directory, its entries walked without following links), stopping
-/// once over `limits`: `Err` with why when over, or when something could not be measured.
-pub fn measure(roots: &[PathBuf], limits: &DiskLimits) -> Result<Usage, String> {
+/// once over `limits`. An entry removed or replaced while walked is skipped.
+pub fn measure(roots: &[PathBuf], limits: &DiskLimits) -> Result<Usage, NotWithin> {
     let mut usage = Usage::default();
     let mut pending: Vec<PathBuf> = roots.to_vec();
     while let Some(dir) = pending.pop() {
         let entries = match std::fs::read_dir(&dir) {
             Ok(entries) => entries,
-            // Removed while walked (by the job): nothing there to count.
-            Err(error) if error.kind() == io::ErrorKind::NotFound => continue,
+            Err(error) if gone(&error) => continue,
             Err(error) => return Err(unmeasurable(&dir, &error)),
         };
         for entry in entries {
             let entry = match entry {
                 Ok(entry) => entry,
+                Err(error) if gone(&error) => break,
                 Err(error) => return Err(unmeasurable(&dir, &error)),
             };
             let path = entry.path();
             let meta = match std::fs::symlink_metadata(&path) {
                 Ok(meta) => meta,
-                Err(error) if error.kind() == io::ErrorKind::NotFound => continue,
+                Err(error) if gone(&error) => continue,
                 Err(error) => return Err(unmeasurable(&path, &error)),
             };
             usage.files += 1;
@@ -102,7 +125,7 @@ pub fn measure(roots: &[PathBuf], limits: &DiskLimits) -> Result<Usage, String> 
                 .bytes
                 .saturating_add(meta.blocks().saturating_mul(512));
             if let Some(why) = usage.over(limits) {
-                return Err(why);
+                return Err(NotWithin::Over(why));
             }
             if meta.is_dir() {
                 pending.push(path);
@@ -112,12 +135,20 @@ pub fn measure(roots: &[PathBuf], limits: &DiskLimits) -> Result<Usage, String> 
     Ok(usage)
 }
 
-fn unmeasurable(path: &Path, error: &io::Error) -> String {
-    format!(
+/// Removed, or replaced by something else, while walked (by the job): nothing there to count.
+fn gone(error: &io::Error) -> bool {
+    matches!(
+        error.kind(),
+        io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+    )
+}
+
+fn unmeasurable(path: &Path, error: &io::Error) -> NotWithin {
+    NotWithin::Unmeasurable(format!(
         "the job's output could not be measured ({}: {error}); it is stopped since what it \
          holds there cannot be counted",
         path.display()
-    )
+    ))
 }
 
 /// Measures a job's directories on a task of its own while it runs; dropped, it stops.
@@ -133,21 +164,37 @@ impl DiskWatch {
     pub fn start(roots: Vec<PathBuf>, limits: DiskLimits) -> Self {
         let (report, over) = oneshot::channel();
         let task = tokio::spawn(async move {
+            let mut unmeasurable = 0;
             loop {
                 let roots = roots.clone();
                 let started = Instant::now();
                 let measured = tokio::task::spawn_blocking(move || measure(&roots, &limits)).await;
                 let took = started.elapsed();
                 match measured {
-                    Ok(Ok(usage)) => debug!(?usage, ?took, "job's disk measured"),
-                    Ok(Err(why)) => {
+                    Ok(Ok(usage)) => {
+                        unmeasurable = 0;
+                        debug!(?usage, ?took, "job's disk measured");
+                    }
+                    Ok(Err(NotWithin::Over(why))) => {
                         let _ = report.send(why);
                         return;
                     }
+                    Ok(Err(NotWithin::Unmeasurable(why))) => {
+                        unmeasurable += 1;
+                        if unmeasurable >= UNMEASURABLE_IN_A_ROW {
+                            let _ = report.send(why);
+                            return;
+                        }
+                        debug!(%why, "job's disk not measured; trying again");
+                    }
                     // The measuring thread panicked or the runtime is going away.
-                    Err(_) => return,
+                    Err(error) => {
+                        warn!(%error, "the job's disk is no longer measured");
+                        return;
+                    }
                 }
-                tokio::time::sleep(MEASURE_EVERY.max(took * MEASURE_SHARE)).await;
+                let wait = (took * MEASURE_SHARE).clamp(MEASURE_EVERY, MEASURE_EVERY_MAX);
+                tokio::time::sleep(wait).await;
             }
         });
         Self { over, task }
@@ -158,6 +205,15 @@ impl DiskWatch {
         match (&mut self.over).await {
             Ok(why) => why,
             Err(_) => std::future::pending().await,
+        }
+    }
+
+    /// `work`'s outcome, unless the job goes over its limits first: then why.
+    pub async fn unless_over<T>(&mut self, work: impl Future<Output = T>) -> Result<T, String> {
+        tokio::select! {
+            biased;
+            why = self.exceeded() => Err(why),
+            done = work => Ok(done),
         }
     }
 }
@@ -205,9 +261,13 @@ mod tests {
             std::fs::write(dir.path().join(name.to_string()), vec![7u8; 8192]).unwrap();
         }
         let roots = [dir.path().to_owned()];
-        let why = measure(&roots, &limits(64 * 1024, 1000)).unwrap_err();
+        let Err(NotWithin::Over(why)) = measure(&roots, &limits(64 * 1024, 1000)) else {
+            panic!("not over")
+        };
         assert!(why.contains("more than 65536 bytes"), "{why}");
-        let why = measure(&roots, &limits(u64::MAX, 19)).unwrap_err();
+        let Err(NotWithin::Over(why)) = measure(&roots, &limits(u64::MAX, 19)) else {
+            panic!("not over")
+        };
         assert!(why.contains("more than 19 files"), "{why}");
         assert!(measure(&roots, &limits(u64::MAX, 20)).is_ok());
     }
@@ -224,7 +284,10 @@ mod tests {
             rustix::fs::mkdirat(&level, name.as_str(), Mode::from_raw_mode(0o700)).unwrap();
             level = rustix::fs::openat(&level, name.as_str(), flags, Mode::empty()).unwrap();
         }
-        let why = measure(&[dir.path().to_owned()], &limits(u64::MAX, u64::MAX)).unwrap_err();
+        let roots = [dir.path().to_owned()];
+        let Err(NotWithin::Unmeasurable(why)) = measure(&roots, &limits(u64::MAX, u64::MAX)) else {
+            panic!("measured")
+        };
         assert!(why.contains("could not be measured"), "{why}");
     }
 

@@ -535,9 +535,11 @@ async fn run_init(args: SandboxInitArgs, control: OwnedFd) -> std::io::Result<i3
     let Some((port, mut command, file)) = job_command(&channel, &args).await? else {
         return Ok(1);
     };
+    // No core files: a job killed by SIGXFSZ (or anything else) leaves none on the host.
     for (resource, bytes) in [
         (rustix::process::Resource::As, args.address_space),
         (rustix::process::Resource::Fsize, args.file_size),
+        (rustix::process::Resource::Core, Some(0)),
     ] {
         if let Some(bytes) = bytes {
             let limit = rustix::process::Rlimit {

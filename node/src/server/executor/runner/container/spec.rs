@@ -162,11 +162,14 @@ pub(crate) fn create_body(plan: &ContainerPlan<'_>) -> Result<ContainerCreateBod
     let pids = Some(to_i64(policy.pids_limit(), "pids")?);
     // No file the job writes (in its output directory) grows past its disk limit.
     let file_size = to_i64(policy.disk_limit(), "disk")?;
-    let ulimits = vec![ResourcesUlimits {
-        name: Some("fsize".to_owned()),
-        soft: Some(file_size),
-        hard: Some(file_size),
-    }];
+    // And no core files: a job killed by SIGXFSZ (or anything else) leaves none on the host.
+    let ulimits = [("fsize", file_size), ("core", 0)]
+        .map(|(name, limit)| ResourcesUlimits {
+            name: Some(name.to_owned()),
+            soft: Some(limit),
+            hard: Some(limit),
+        })
+        .to_vec();
     let (device_requests, devices) = gpu_devices(policy.gpus, plan.engine);
     let bind = |source: &str, target: &str, read_only: bool| -> Result<Mount, RunnerError> {
         let source = launch.job_dir.join(source);
@@ -310,12 +313,14 @@ mod tests {
         // A class that names no limits still bounds processes and /tmp.
         assert_eq!(host.pids_limit, Some(4096));
         assert_eq!(host.init, Some(true));
-        // And the size of any one file it writes: twice the default output limit.
-        let fsize = host.ulimits.clone().unwrap();
-        assert_eq!(fsize.len(), 1);
-        assert_eq!(fsize[0].name.as_deref(), Some("fsize"));
-        assert_eq!(fsize[0].hard, Some(8 << 30));
-        assert_eq!(fsize[0].soft, Some(8 << 30));
+        // And the size of any one file it writes (twice the default output limit), and cores.
+        let ulimits = host.ulimits.clone().unwrap();
+        assert_eq!(ulimits.len(), 2);
+        assert_eq!(ulimits[0].name.as_deref(), Some("fsize"));
+        assert_eq!(ulimits[0].hard, Some(8 << 30));
+        assert_eq!(ulimits[0].soft, Some(8 << 30));
+        assert_eq!(ulimits[1].name.as_deref(), Some("core"));
+        assert_eq!((ulimits[1].soft, ulimits[1].hard), (Some(0), Some(0)));
         assert!(host.port_bindings.is_none() && host.publish_all_ports.is_none());
         assert_eq!(
             host.tmpfs.unwrap()["/tmp"],
