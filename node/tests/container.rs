@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bollard::query_parameters::RemoveImageOptions;
+use horde_node::server::executor::disk::JobProcesses;
 use horde_node::server::executor::runner::container::{ContainerRunner, image};
 use horde_node::server::executor::runner::egress::Egress;
 use horde_node::server::executor::runner::{ClassPolicy, NetworkPolicy, Runner, RunnerError};
@@ -287,6 +288,34 @@ async fn no_file_grows_past_the_disk_limit() {
     let stderr = std::fs::read_to_string(dir.path().join("logs/output/stderr")).unwrap();
     assert!(stderr.contains("dd 153"), "{stderr}");
     assert!(stderr.contains("flood 0"), "{stderr}");
+}
+
+/// A file the job deleted but keeps open is in no directory, yet holds its space: it is found
+/// through the container's pid namespace, counted once, and not before it is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_file_the_job_holds_open_is_counted() {
+    let runner = runner().await;
+    let dir = job_dir();
+    let script = "exec 3>/horde/output/held; rm /horde/output/held; sleep 1; \
+                  head -c 4194304 /dev/zero >&3; sleep 600";
+    let launch = launch(dir.path(), image_program(), script, policy());
+    let id = launch.job_id;
+    let job = runner.start(launch).await.unwrap();
+    let output = dir.path().join("output");
+    let processes = JobProcesses::of(job.pid().expect("the container's pid"), &output)
+        .expect("the container has a pid namespace of its own");
+    assert_eq!(
+        processes.deleted_but_open(),
+        0,
+        "counted before it was written"
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while processes.deleted_but_open() < 4 << 20 {
+        assert!(Instant::now() < deadline, "never counted");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(processes.deleted_but_open() < 5 << 20);
+    remove(job, id).await;
 }
 
 /// Not a test on its own: the "executor" of [`the_container_is_gone_soon_after_its_executor_is_killed`],

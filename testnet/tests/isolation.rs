@@ -365,6 +365,23 @@ exec python3 -m http.server --bind 127.0.0.1 "$HORDE_JOB_PORT""#;
     assert!(why.contains("bytes"), "{why}");
     assert!(stdout.ends_with("xxxx"), "the log's tail is the flood's");
 
+    // Files deleted but held open (each under the per-file limit): in no directory, on the disk.
+    let held = r#"python3 -c "
+import os, time
+held = []
+for i in range(4):
+    f = open(os.path.join(os.environ['HORDE_OUTPUT_DIR'], 'h%d' % i), 'wb')
+    os.unlink(f.name)
+    f.write(bytes(15 << 20))
+    f.flush()
+    held.append(f)
+print('holding', flush=True)
+time.sleep(600)
+""#;
+    let (_, why, stdout) = over_the_disk_limit(&testnet, held, false).await;
+    assert!(why.contains(&format!("more than {limit} bytes")), "{why}");
+    assert!(stdout.contains("holding"), "{stdout}");
+
     // Many empty files: few blocks, many inodes.
     let files = r#"python3 -c "
 import os

@@ -364,9 +364,12 @@ impl JobRunner {
             files: disk::MAX_JOB_FILES,
         };
         let roots = vec![job_dir.join("output"), job_dir.join("logs/output")];
+        let processes = job
+            .pid()
+            .and_then(|pid| disk::JobProcesses::of(pid, &job_dir.join("output")));
         let mut watched = Watched {
             outputs: OutputsRequests::new(),
-            disk: disk::DiskWatch::start(roots, limits),
+            disk: disk::DiskWatch::start(roots, processes, limits),
         };
         let readiness = self.readiness(job, spec, job_dir, &mut watched);
         if let Err(outcome) = readiness.await {

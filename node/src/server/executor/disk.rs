@@ -19,13 +19,17 @@
 //! name stops it, since whatever is behind it could not be counted (and could not be uploaded
 //! either). An entry removed or replaced while walked is skipped.
 //!
-//! Not seen by the walk (said in the README): space held by files the job deleted but keeps
-//! open (or made with `O_TMPFILE`), given back when the job is killed; and `fallocate` with
-//! `FALLOC_FL_KEEP_SIZE`, which the kernel does not check against `RLIMIT_FSIZE` (its blocks
-//! are counted, at the next measurement). The unisolated runner's job gets no `RLIMIT_FSIZE`
+//! Files the job deleted but keeps open (or never named: `O_TMPFILE`) are not in its directories
+//! but hold their space: each measurement also counts, once each, the deleted files on the
+//! directories' filesystem that the processes of the job's pid namespace hold open
+//! ([`JobProcesses`], through `/proc`; a runner without a pid namespace of its own gives none).
+//! `fallocate` with `FALLOC_FL_KEEP_SIZE` is not checked by the kernel against `RLIMIT_FSIZE`;
+//! its blocks are counted at the next measurement. The unisolated runner's job gets no `RLIMIT_FSIZE`
 //! (it runs with the node's privileges anyway); the walk still bounds it.
 
+use std::collections::HashSet;
 use std::io;
+use std::os::unix::ffi::OsStrExt as _;
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -88,6 +92,73 @@ impl Usage {
     }
 }
 
+/// The job's processes, for the files they hold open: its pid namespace (the inode of
+/// `/proc/PID/ns/pid`) and the filesystem of its directories.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JobProcesses {
+    pid_namespace: u64,
+    device: u64,
+}
+
+impl JobProcesses {
+    /// For the job whose first process is `pid`, its directories on `dir`'s filesystem. `None`
+    /// when that process shares the executor's pid namespace (nothing tells the job's processes
+    /// from the node's) or cannot be seen.
+    pub fn of(pid: u32, dir: &Path) -> Option<Self> {
+        let pid_namespace = std::fs::metadata(format!("/proc/{pid}/ns/pid")).ok()?.ino();
+        let own = std::fs::metadata("/proc/self/ns/pid").ok()?.ino();
+        if pid_namespace == own {
+            return None;
+        }
+        let device = std::fs::metadata(dir).ok()?.dev();
+        Some(Self {
+            pid_namespace,
+            device,
+        })
+    }
+
+    /// The disk held by deleted files on the directories' filesystem that the job's processes
+    /// keep open, each file once. A process that ends or cannot be read is skipped.
+    pub fn deleted_but_open(&self) -> u64 {
+        let Ok(processes) = std::fs::read_dir("/proc") else {
+            return 0;
+        };
+        let mut counted = HashSet::new();
+        let mut bytes = 0u64;
+        for process in processes.flatten() {
+            let name = process.file_name();
+            if !name.as_bytes().iter().all(u8::is_ascii_digit) {
+                continue;
+            }
+            let dir = process.path();
+            let in_job = std::fs::metadata(dir.join("ns/pid"))
+                .is_ok_and(|meta| meta.ino() == self.pid_namespace);
+            if !in_job {
+                continue;
+            }
+            let Ok(fds) = std::fs::read_dir(dir.join("fd")) else {
+                continue;
+            };
+            for fd in fds.flatten() {
+                let path = fd.path();
+                let deleted = std::fs::read_link(&path)
+                    .is_ok_and(|target| target.as_os_str().as_bytes().ends_with(b" (deleted)"));
+                if !deleted {
+                    continue;
+                }
+                if let Ok(meta) = std::fs::metadata(&path)
+                    && meta.is_file()
+                    && meta.dev() == self.device
+                    && counted.insert(meta.ino())
+                {
+                    bytes = bytes.saturating_add(meta.blocks().saturating_mul(512));
+                }
+            }
+        }
+        bytes
+    }
+}
+
 /// Why a measurement stopped short.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NotWithin {
@@ -97,10 +168,21 @@ pub enum NotWithin {
     Unmeasurable(String),
 }
 
-/// Measures `roots` (each a directory, its entries walked without following links), stopping
-/// once over `limits`. An entry removed or replaced while walked is skipped.
-pub fn measure(roots: &[PathBuf], limits: &DiskLimits) -> Result<Usage, NotWithin> {
-    let mut usage = Usage::default();
+/// Measures `roots` (each a directory, its entries walked without following links) and the
+/// deleted files `processes` hold open, stopping once over `limits`. An entry removed or
+/// replaced while walked is skipped.
+pub fn measure(
+    roots: &[PathBuf],
+    processes: Option<&JobProcesses>,
+    limits: &DiskLimits,
+) -> Result<Usage, NotWithin> {
+    let mut usage = Usage {
+        bytes: processes.map_or(0, JobProcesses::deleted_but_open),
+        files: 0,
+    };
+    if let Some(why) = usage.over(limits) {
+        return Err(NotWithin::Over(why));
+    }
     let mut pending: Vec<PathBuf> = roots.to_vec();
     while let Some(dir) = pending.pop() {
         let entries = match std::fs::read_dir(&dir) {
@@ -159,16 +241,19 @@ pub struct DiskWatch {
 }
 
 impl DiskWatch {
-    /// Starts measuring `roots` against `limits`: the first measurement at once, then at least
-    /// [`MEASURE_EVERY`] apart.
-    pub fn start(roots: Vec<PathBuf>, limits: DiskLimits) -> Self {
+    /// Starts measuring `roots` and what `processes` hold open against `limits`: the first
+    /// measurement at once, then at least [`MEASURE_EVERY`] apart.
+    pub fn start(roots: Vec<PathBuf>, processes: Option<JobProcesses>, limits: DiskLimits) -> Self {
         let (report, over) = oneshot::channel();
         let task = tokio::spawn(async move {
             let mut unmeasurable = 0;
             loop {
                 let roots = roots.clone();
                 let started = Instant::now();
-                let measured = tokio::task::spawn_blocking(move || measure(&roots, &limits)).await;
+                let measured = tokio::task::spawn_blocking(move || {
+                    measure(&roots, processes.as_ref(), &limits)
+                })
+                .await;
                 let took = started.elapsed();
                 match measured {
                     Ok(Ok(usage)) => {
@@ -240,7 +325,7 @@ mod tests {
         std::fs::create_dir_all(dir.path().join("a/b")).unwrap();
         std::fs::write(dir.path().join("a/b/one"), vec![1u8; 100_000]).unwrap();
         std::fs::write(dir.path().join("two"), b"x").unwrap();
-        let usage = measure(&[dir.path().to_owned()], &limits(u64::MAX, u64::MAX)).unwrap();
+        let usage = measure(&[dir.path().to_owned()], None, &limits(u64::MAX, u64::MAX)).unwrap();
         assert_eq!(usage.files, 4, "a, a/b, a/b/one, two");
         assert!(usage.bytes >= 100_000, "{usage:?}");
     }
@@ -250,7 +335,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = std::fs::File::create(dir.path().join("sparse")).unwrap();
         file.set_len(1 << 40).unwrap();
-        let usage = measure(&[dir.path().to_owned()], &limits(1 << 20, 10)).unwrap();
+        let usage = measure(&[dir.path().to_owned()], None, &limits(1 << 20, 10)).unwrap();
         assert!(usage.bytes < 1 << 20, "{usage:?}");
     }
 
@@ -261,15 +346,15 @@ mod tests {
             std::fs::write(dir.path().join(name.to_string()), vec![7u8; 8192]).unwrap();
         }
         let roots = [dir.path().to_owned()];
-        let Err(NotWithin::Over(why)) = measure(&roots, &limits(64 * 1024, 1000)) else {
+        let Err(NotWithin::Over(why)) = measure(&roots, None, &limits(64 * 1024, 1000)) else {
             panic!("not over")
         };
         assert!(why.contains("more than 65536 bytes"), "{why}");
-        let Err(NotWithin::Over(why)) = measure(&roots, &limits(u64::MAX, 19)) else {
+        let Err(NotWithin::Over(why)) = measure(&roots, None, &limits(u64::MAX, 19)) else {
             panic!("not over")
         };
         assert!(why.contains("more than 19 files"), "{why}");
-        assert!(measure(&roots, &limits(u64::MAX, 20)).is_ok());
+        assert!(measure(&roots, None, &limits(u64::MAX, 20)).is_ok());
     }
 
     #[test]
@@ -285,7 +370,8 @@ mod tests {
             level = rustix::fs::openat(&level, name.as_str(), flags, Mode::empty()).unwrap();
         }
         let roots = [dir.path().to_owned()];
-        let Err(NotWithin::Unmeasurable(why)) = measure(&roots, &limits(u64::MAX, u64::MAX)) else {
+        let Err(NotWithin::Unmeasurable(why)) = measure(&roots, None, &limits(u64::MAX, u64::MAX))
+        else {
             panic!("measured")
         };
         assert!(why.contains("could not be measured"), "{why}");
@@ -294,7 +380,7 @@ mod tests {
     #[tokio::test]
     async fn the_watch_reports_growth_past_the_limit_while_it_runs() {
         let dir = tempfile::tempdir().unwrap();
-        let mut watch = DiskWatch::start(vec![dir.path().to_owned()], limits(1 << 20, 1000));
+        let mut watch = DiskWatch::start(vec![dir.path().to_owned()], None, limits(1 << 20, 1000));
         let quiet = tokio::time::timeout(MEASURE_EVERY * 3, watch.exceeded()).await;
         assert!(quiet.is_err(), "reported while within its limits");
         std::fs::write(dir.path().join("big"), vec![1u8; 2 << 20]).unwrap();

@@ -414,6 +414,12 @@ pub trait Runner: Send + Sync + Debug {
 pub trait JobProcess: Send + Debug {
     /// How the executor reaches the job's port (the tunnel and the readiness probe).
     fn dialer(&self) -> Arc<dyn JobDialer>;
+    /// The host pid of a process in the job's own pid namespace (its first one), where the job
+    /// has a namespace of its own: the executor counts the files its processes hold open
+    /// through it ([`crate::server::executor::disk`]).
+    fn pid(&self) -> Option<u32> {
+        None
+    }
     /// The next connection the job opened to [`EXECUTOR_URL_ENV`]. Cancel-safe.
     async fn accept_outputs(&mut self) -> std::io::Result<tokio::net::TcpStream>;
     /// Waits for the job to end. Cancel-safe.

@@ -218,6 +218,7 @@ impl Runner for ContainerRunner {
             exit: None,
             monitor: None,
             pidfd: None,
+            init: None,
             cgroup,
         };
         match job.launch(body, &launch, egress).await {
@@ -269,6 +270,8 @@ pub struct ContainerJob {
     /// The container's first process (its init), held from the start: the job can be killed
     /// without the engine when the engine is gone ([`JobProcess::stop`]).
     pidfd: Option<OwnedFd>,
+    /// That process's pid.
+    init: Option<u32>,
     /// The container's cgroup parent, where this host can make one ([`cgroup`]).
     cgroup: Option<cgroup::CgroupParent>,
 }
@@ -364,6 +367,7 @@ impl ContainerJob {
         match namespace {
             Ok(namespace) if again == pid => {
                 self.pidfd = pidfd;
+                self.init = u32::try_from(pid).ok();
                 Ok(namespace)
             }
             _ => Err(self.exited_at_once().await),
@@ -648,6 +652,10 @@ impl JobProcess for ContainerJob {
             }),
             None => Arc::new(NoDialer),
         }
+    }
+
+    fn pid(&self) -> Option<u32> {
+        self.init
     }
 
     async fn accept_outputs(&mut self) -> io::Result<tokio::net::TcpStream> {

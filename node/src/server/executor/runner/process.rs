@@ -786,11 +786,12 @@ impl ProcessRunner {
         let started = self.spawn(launch, program, cgroup.as_ref(), egress).await;
         debug!(?prepared, total = ?phase.elapsed(), "new sandbox: cgroup and chown, then bwrap");
         match started {
-            Ok((child, bridge, link)) => Ok(ProcessJob {
+            Ok((child, bridge, link, init)) => Ok(ProcessJob {
                 child,
                 bridge,
                 cgroup,
                 link,
+                init,
                 exit: None,
             }),
             Err(error) => {
@@ -809,7 +810,7 @@ impl ProcessRunner {
         program: &str,
         cgroup: Option<&JobCgroup>,
         egress: Option<&Egress>,
-    ) -> Result<(tokio::process::Child, BridgeHandle, Option<JobLink>), RunnerError> {
+    ) -> Result<(tokio::process::Child, BridgeHandle, Option<JobLink>, i32), RunnerError> {
         let logs = launch.job_dir.join("logs/output");
         let (stdout, stderr) = log_files(&logs)?;
         let binds = self.sandboxes.binds(
@@ -852,7 +853,7 @@ impl ProcessRunner {
             ))
         });
         match result {
-            Ok(()) => Ok((child, BridgeHandle::start(channel), link)),
+            Ok(()) => Ok((child, BridgeHandle::start(channel), link, pid)),
             Err(error) => {
                 let _ = child.kill().await;
                 if let Some(link) = link {
@@ -907,6 +908,8 @@ pub(super) struct ProcessJob {
     pub(super) cgroup: Option<JobCgroup>,
     /// The job's veth pair, under `network = "internet"`.
     pub(super) link: Option<JobLink>,
+    /// The sandbox's init (host pid), in the job's pid namespace.
+    pub(super) init: i32,
     pub(super) exit: Option<JobExit>,
 }
 
@@ -914,6 +917,10 @@ pub(super) struct ProcessJob {
 impl JobProcess for ProcessJob {
     fn dialer(&self) -> Arc<dyn JobDialer> {
         self.bridge.dialer()
+    }
+
+    fn pid(&self) -> Option<u32> {
+        u32::try_from(self.init).ok()
     }
 
     async fn accept_outputs(&mut self) -> std::io::Result<tokio::net::TcpStream> {

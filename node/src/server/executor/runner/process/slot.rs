@@ -294,12 +294,17 @@ impl Slot {
         }
         debug!(?adopted, ?sent, started = ?phase.elapsed(), "job handed to the pre-made sandbox");
         let _ = std::fs::remove_dir_all(&self.dir);
-        let Opened { child, channel, .. } = self.opened;
+        let Opened {
+            child,
+            channel,
+            pid,
+        } = self.opened;
         Ok(ProcessJob {
             child,
             bridge: BridgeHandle::start(channel),
             cgroup: self.cgroup,
             link,
+            init: pid,
             exit: None,
         })
     }
