@@ -27,8 +27,8 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use self::engine::{
     IMAGE, JOB_PORT, READY_WITHIN, containers_of, host_process_with, http_get, image_program,
-    import, job_dir, launch, negotiated, policy, remove, rootfs_tar, run_to_exit, runner, save,
-    test_image, until_ready,
+    import, import_with, job_dir, launch, negotiated, policy, remove, rootfs_tar, run_to_exit,
+    runner, save, test_image, until_ready,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -316,6 +316,61 @@ async fn a_deleted_file_the_job_holds_open_is_counted() {
     }
     assert!(processes.deleted_but_open() < 5 << 20);
     remove(job, id).await;
+}
+
+/// An image's `VOLUME`s are tmpfs of the class's `tmp_mb`, not engine volumes on the host's
+/// disk (writable whatever the read-only root, and measured by nothing); an image declaring
+/// more than `MAX_IMAGE_VOLUMES` is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_images_volumes_are_bounded_tmpfs() {
+    let runner = runner().await;
+    let docker = negotiated().await;
+    let dir = job_dir();
+    let tag = JobId::random().to_string();
+    let name = format!("horde-test-volumes:{}", &tag[..12]);
+    let tar = rootfs_tar(dir.path(), &[]);
+    let changes = vec!["VOLUME /data".to_owned()];
+    let id = import_with(&docker, &name, tar.clone(), changes).await;
+    let mut small = policy();
+    small.tmp_bytes = Some(1 << 20);
+    let script = "dd if=/dev/zero of=/data/big bs=1M count=4 2>/dev/null; echo \"dd $?\"; \
+                  grep ' /data ' /proc/mounts";
+    let program = Program::Image {
+        reference: name.clone(),
+    };
+    let exit = run_to_exit(&runner, launch(dir.path(), program, script, small)).await;
+    assert_eq!(exit.code, Some(0), "{exit:?}");
+    let stdout = std::fs::read_to_string(dir.path().join("logs/output/stdout")).unwrap();
+    assert!(stdout.contains("dd 1"), "the 4 MiB write fit:\n{stdout}");
+    assert!(stdout.contains("tmpfs /data tmpfs"), "{stdout}");
+
+    let many = format!("horde-test-volumes:{}", &tag[12..24]);
+    let changes = (0..=image::MAX_IMAGE_VOLUMES)
+        .map(|n| format!("VOLUME /v{n}"))
+        .collect();
+    let many_id = import_with(&docker, &many, tar, changes).await;
+    let program = Program::Image {
+        reference: many.clone(),
+    };
+    let other = job_dir();
+    match runner
+        .start(launch(other.path(), program, "true", policy()))
+        .await
+    {
+        Err(RunnerError::Refused(why)) => assert!(why.contains("declares 9 volumes"), "{why}"),
+        Err(error) => panic!("{error}"),
+        Ok(_) => panic!("an image with 9 volumes ran"),
+    }
+    let force = RemoveImageOptions {
+        force: true,
+        ..RemoveImageOptions::default()
+    };
+    for image in [id, many_id] {
+        docker
+            .remove_image(&image, Some(force.clone()), None)
+            .await
+            .unwrap();
+    }
 }
 
 /// Not a test on its own: the "executor" of [`the_container_is_gone_soon_after_its_executor_is_killed`],

@@ -91,11 +91,22 @@ pub(crate) fn rootfs_tar(dir: &Path, extra: &[(&str, &str)]) -> Vec<u8> {
 
 /// Imports a rootfs tarball as `name` (`docker import`); returns the image id.
 pub(crate) async fn import(docker: &Docker, name: &str, tar: Vec<u8>) -> String {
+    import_with(docker, name, tar, Vec::new()).await
+}
+
+/// [`import`] with Dockerfile instructions applied to the image (`docker import --change`).
+pub(crate) async fn import_with(
+    docker: &Docker,
+    name: &str,
+    tar: Vec<u8>,
+    changes: Vec<String>,
+) -> String {
     // The tag rides in `repo` (`name:tag`): Docker Engine accepts both forms, Podman's
     // compatible service only this one (it drops a separate `tag`).
     let options = CreateImageOptions {
         from_src: Some("-".into()),
         repo: Some(name.into()),
+        changes,
         ..CreateImageOptions::default()
     };
     let mut progress =

@@ -1,6 +1,6 @@
 //! What a running job keeps on the node's disk: its output directory and its stdout/stderr
-//! logs, the only host directories a job can write (its `/tmp` is a tmpfs of its own size, its
-//! volume and root are read-only).
+//! logs, the only host directories a job can write (its `/tmp`, and a container's image
+//! volumes, are tmpfs of their own size; its volume and root are read-only).
 //!
 //! Two bounds, one per kind of attack:
 //! - **One file**: the runner gives the job `RLIMIT_FSIZE` = the class's disk limit, so the

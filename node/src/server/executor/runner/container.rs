@@ -2,7 +2,8 @@
 //! Engine or Podman's compatible service, one client for both).
 //!
 //! A job's container has every capability dropped, `no-new-privileges`, a read-only root with a
-//! private tmpfs `/tmp`, a non-root uid from the class (whatever user the image names), the
+//! private tmpfs `/tmp` (and one like it at each `VOLUME` the image declares, never an engine
+//! volume on the host's disk), a non-root uid from the class (whatever user the image names), the
 //! class's memory/CPU/pids limits, an `fsize` ulimit of the class's disk limit, the job's volume read-only at `/horde/volume` and its output
 //! directory read-write at `/horde/output`, no published port, and network mode `none`: under
 //! `network = "none"` no network but its own loopback; under `"internet"` the executor adds a
@@ -182,7 +183,7 @@ impl Runner for ContainerRunner {
     async fn start(&self, launch: Launch) -> Result<Box<dyn JobProcess>, RunnerError> {
         let egress = super::egress::for_launch(self.egress.as_ref(), &launch)?;
         let image_id = self.image(&launch).await?;
-        let command = image::command(&self.engine, &image_id, &launch.args).await?;
+        let run = image::run(&self.engine, &image_id, &launch.args).await?;
         prepare_dirs(&launch)?;
         let gate = gate::Gate::prepare(&launch.job_dir)?;
         let mut body = spec::create_body(&spec::ContainerPlan {
@@ -191,7 +192,8 @@ impl Runner for ContainerRunner {
             engine: self.engine.kind,
             executor: &self.executor,
             network_mode: "none",
-            command: &command,
+            command: &run.command,
+            image_volumes: &run.volumes,
         })?;
         let name = container_name(&launch);
         // The guard first, under the name the container will have: never a container unguarded.

@@ -127,14 +127,28 @@ pub async fn resolve(engine: &Engine, reference: &str) -> Result<String, RunnerE
         })
 }
 
-/// The command a container of `image_id` runs for a job with `args`, as the engine would
-/// build it: the image's entrypoint, then the job's arguments, else the image's command. The
-/// runner starts it behind its start gate ([`super::gate`]), so it must be known here.
-pub async fn command(
+/// Most `VOLUME`s an image may declare: each becomes a tmpfs of the class's `tmp_mb`.
+pub const MAX_IMAGE_VOLUMES: usize = 8;
+
+/// What a container of an image runs, from the image's config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageRun {
+    /// The command, as the engine would build it: the image's entrypoint, then the job's
+    /// arguments, else the image's command. The runner starts it behind its start gate
+    /// ([`super::gate`]), so it must be known here.
+    pub command: Vec<String>,
+    /// The directories the image declares `VOLUME`s (the engine would give each a volume of
+    /// its own, writable, on the host's disk, whatever the read-only root).
+    pub volumes: Vec<String>,
+}
+
+/// What a container of `image_id` runs for a job with `args` ([`ImageRun`]); an image
+/// declaring more than [`MAX_IMAGE_VOLUMES`] volumes is refused.
+pub async fn run(
     engine: &Engine,
     image_id: &str,
     args: &[String],
-) -> Result<Vec<String>, RunnerError> {
+) -> Result<ImageRun, RunnerError> {
     let config = inspect(engine, image_id)
         .await?
         .ok_or_else(|| RunnerError::ImageMissing {
@@ -159,7 +173,15 @@ pub async fn command(
             "image {image_id} names no command and the job gives none"
         )));
     }
-    Ok(command)
+    let mut volumes: Vec<String> = config.volumes.unwrap_or_default();
+    volumes.sort();
+    if volumes.len() > MAX_IMAGE_VOLUMES {
+        return Err(RunnerError::Refused(format!(
+            "image {image_id} declares {} volumes; at most {MAX_IMAGE_VOLUMES} are run",
+            volumes.len()
+        )));
+    }
+    Ok(ImageRun { command, volumes })
 }
 
 /// The largest `manifest.json` read from an archive: one entry per image, a few hundred bytes

@@ -58,6 +58,9 @@ pub(crate) struct ContainerPlan<'a> {
     /// The job's command (the image's entrypoint and command, or the job's arguments), run
     /// behind the start gate ([`super::gate`]).
     pub command: &'a [String],
+    /// The directories the image declares `VOLUME`s: each gets a tmpfs like `/tmp` (its own
+    /// `tmp_mb`, its pages counted in the job's memory) instead of a volume on the host's disk.
+    pub image_volumes: &'a [String],
 }
 
 /// The outputs port inside the job's namespace: [`OUTPUTS_PORT`], or the next one when the job
@@ -188,10 +191,14 @@ pub(crate) fn create_body(plan: &ContainerPlan<'_>) -> Result<ContainerCreateBod
         cap_drop: Some(vec!["ALL".to_owned()]),
         security_opt: Some(vec!["no-new-privileges".to_owned()]),
         readonly_rootfs: Some(true),
-        tmpfs: Some(HashMap::from([(
-            "/tmp".to_owned(),
-            tmp_options(tmp_bytes, uid, plan.engine),
-        )])),
+        tmpfs: Some(
+            std::iter::once("/tmp")
+                .chain(plan.image_volumes.iter().map(String::as_str))
+                // Where the job's own directories are bound, the bind is what the job gets.
+                .filter(|path| ![VOLUME_MOUNT, OUTPUT_MOUNT, gate::GATE_DIR].contains(path))
+                .map(|path| (path.to_owned(), tmp_options(tmp_bytes, uid, plan.engine)))
+                .collect(),
+        ),
         mounts: Some(vec![
             bind("volume", VOLUME_MOUNT, true)?,
             bind("output", OUTPUT_MOUNT, false)?,
@@ -289,6 +296,7 @@ mod tests {
     fn body(policy: ClassPolicy, engine: EngineKind) -> Result<ContainerCreateBody, RunnerError> {
         let launch = launch(policy);
         create_body(&ContainerPlan {
+            image_volumes: &["/data".to_owned(), "/horde/output".to_owned()],
             launch: &launch,
             image_id: "sha256:abc",
             engine,
@@ -322,10 +330,14 @@ mod tests {
         assert_eq!(ulimits[1].name.as_deref(), Some("core"));
         assert_eq!((ulimits[1].soft, ulimits[1].hard), (Some(0), Some(0)));
         assert!(host.port_bindings.is_none() && host.publish_all_ports.is_none());
+        let tmpfs = host.tmpfs.unwrap();
         assert_eq!(
-            host.tmpfs.unwrap()["/tmp"],
+            tmpfs["/tmp"],
             "rw,nosuid,nodev,size=67108864,mode=1777,uid=65534,gid=65534"
         );
+        // The image's volumes are tmpfs too, but where the job's own directory is bound.
+        assert_eq!(tmpfs["/data"], tmpfs["/tmp"]);
+        assert_eq!(tmpfs.len(), 2, "{tmpfs:?}");
         let podman = self::body(policy(), EngineKind::Podman).unwrap();
         assert_eq!(
             podman.host_config.unwrap().tmpfs.unwrap()["/tmp"],
