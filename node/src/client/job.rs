@@ -597,12 +597,13 @@ impl JobHandle {
         }
     }
 
-    /// Whether `update` is one this handle has seen: the same status at the same time. Not its
-    /// number alone: a facilitator whose store refused statuses (its disk full) sends them under
-    /// the numbers the store will give them, and if it restarts before storing them, later
-    /// statuses come under those numbers again; they are new, and taken.
+    /// Whether `update` is one this handle has seen: the same status (a job's statuses never
+    /// repeat). Not by its number alone: a facilitator whose store refused statuses (its disk
+    /// full) sends them under the numbers the store will give them, and if it restarts before
+    /// storing them, later statuses come under those numbers again (new, and taken), and the
+    /// validator sends the lost ones again (stored anew, under new numbers and times: seen).
     fn seen(&self, update: &StatusUpdate) -> bool {
-        let same = |seen: &StatusUpdate| seen.at == update.at && seen.status == update.status;
+        let same = |seen: &StatusUpdate| seen.status == update.status;
         let at_its_number = usize::try_from(update.seq)
             .ok()
             .and_then(|seq| self.history.get(seq));
