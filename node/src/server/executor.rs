@@ -604,14 +604,10 @@ impl JobRunner {
                         .await,
                 ))
             }
-            Ok(Err(NotReady::OverDisk(why))) => {
-                warn!(%why, "the job is over its disk limit; stopping it");
-                let reason = FailureReason::OverDiskLimit(why);
-                Err(Some(
-                    self.stopped(job, spec, job_dir, Stage::Readiness, reason)
-                        .await,
-                ))
-            }
+            Ok(Err(NotReady::OverDisk(why))) => Err(Some(
+                self.over_disk(job, spec, job_dir, Stage::Readiness, why)
+                    .await,
+            )),
             Err(_) => {
                 let reason = FailureReason::Timeout;
                 Err(Some(
@@ -622,8 +618,8 @@ impl JobRunner {
         }
     }
 
-    /// Stops the job and builds its failure in `stage` for `reason`, with its logs. A job over
-    /// its disk limit is killed at once: a grace period would be more time to write.
+    /// Stops the job (SIGTERM, [`TERMINATE_GRACE`], SIGKILL) and builds its failure in `stage`
+    /// for `reason`, with its logs.
     async fn stopped(
         &self,
         job: &mut dyn JobProcess,
@@ -632,10 +628,35 @@ impl JobRunner {
         stage: Stage,
         reason: FailureReason,
     ) -> UpMessage {
-        let grace = match reason {
-            FailureReason::OverDiskLimit(_) => Duration::ZERO,
-            _ => TERMINATE_GRACE,
-        };
+        self.stopped_within(TERMINATE_GRACE, job, spec, job_dir, stage, reason)
+            .await
+    }
+
+    /// Kills the job at once, it being over its disk limit (`why`): a grace period would be
+    /// more time to write. Its failure in `stage`, with its logs.
+    async fn over_disk(
+        &self,
+        job: &mut dyn JobProcess,
+        spec: &JobSpec,
+        job_dir: &Path,
+        stage: Stage,
+        why: String,
+    ) -> UpMessage {
+        warn!(%why, "the job is over its disk limit; killing it");
+        let reason = FailureReason::OverDiskLimit(why);
+        self.stopped_within(Duration::ZERO, job, spec, job_dir, stage, reason)
+            .await
+    }
+
+    async fn stopped_within(
+        &self,
+        grace: Duration,
+        job: &mut dyn JobProcess,
+        spec: &JobSpec,
+        job_dir: &Path,
+        stage: Stage,
+        reason: FailureReason,
+    ) -> UpMessage {
         let exit = job.stop(grace).await;
         let result = self.finish_logs(job_dir, spec, exit, true).await;
         failed(stage, reason, Some(result))
@@ -738,9 +759,7 @@ impl JobRunner {
                 () = cancel.cancelled() => break Ending::Abandoned,
                 // Before the job's exit: a job that went over and exited is still stopped for it.
                 why = watched.disk.exceeded() => {
-                    warn!(%why, "the job is over its disk limit; stopping it");
-                    let reason = FailureReason::OverDiskLimit(why);
-                    return Err(Some(self.stopped(job, spec, job_dir, Stage::Execution, reason).await));
+                    return Err(Some(self.over_disk(job, spec, job_dir, Stage::Execution, why).await));
                 }
                 event = job.next_event() => match event {
                     JobEvent::Exited(Ok(exit)) => return Ok(Ending::Exited(exit)),
@@ -776,8 +795,7 @@ impl JobRunner {
                         let fetched = match watched.disk.unless_over(fetch).await {
                             Ok(fetched) => fetched,
                             Err(why) => {
-                                let reason = FailureReason::OverDiskLimit(why);
-                                return Err(Some(self.stopped(job, spec, job_dir, Stage::Execution, reason).await));
+                                return Err(Some(self.over_disk(job, spec, job_dir, Stage::Execution, why).await));
                             }
                         };
                         match fetched {
@@ -814,8 +832,7 @@ impl JobRunner {
                     let (messages, reply) = match watched.disk.unless_over(upload).await {
                         Ok(uploaded) => uploaded,
                         Err(why) => {
-                            let reason = FailureReason::OverDiskLimit(why);
-                            return Err(Some(self.stopped(job, spec, job_dir, Stage::Execution, reason).await));
+                            return Err(Some(self.over_disk(job, spec, job_dir, Stage::Execution, why).await));
                         }
                     };
                     let _ = ready.reply.send(reply);

@@ -3,17 +3,18 @@
 //!
 //! A job's container has every capability dropped, `no-new-privileges`, a read-only root with a
 //! private tmpfs `/tmp` (and one like it at each `VOLUME` the image declares, never an engine
-//! volume on the host's disk), a non-root uid from the class (whatever user the image names), the
-//! class's memory/CPU/pids limits, an `fsize` ulimit of the class's disk limit, the job's volume read-only at `/horde/volume` and its output
-//! directory read-write at `/horde/output`, no published port, and network mode `none`: under
+//! volume on the host's disk), a non-root uid from the class (whatever user the image names),
+//! the class's memory/CPU/pids limits, an `fsize` ulimit of the class's disk limit, the job's
+//! volume read-only at `/horde/volume` and its output directory read-write at
+//! `/horde/output`, no published port, and network mode `none`: under
 //! `network = "none"` no network but its own loopback; under `"internet"` the executor adds a
 //! veth pair to the container's namespace once it runs ([`super::egress`]). The executor
 //! reaches the job's port, and the job its executor's outputs endpoint, through sockets made
 //! inside the container's network namespace ([`netns`]). The job's own command starts only
 //! once those are in place ([`gate`]): its first instruction can reach its executor. stdout
 //! and stderr are attached before start and written to the job's log files as they come (each
-//! up to the disk limit, the rest dropped). The container is removed at every end: exit, stop, and the executor's death
-//! ([`guard`]).
+//! up to the disk limit, the rest dropped). The container is removed at every end: exit, stop,
+//! and the executor's death ([`guard`]).
 //!
 //! Layout:
 //! - `container/engine.rs`: the engine's address and kind, error mapping.
