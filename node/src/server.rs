@@ -14,6 +14,8 @@
 //!   shared by every job to a peer.
 //! - `server/receipts.rs`: the accounting-receipt log validators and miners keep.
 //! - `server/supervision.rs`: process supervision (a child tied to its parent's life).
+//! - `server/cleanup.rs`: removing a directory a job wrote in, whatever the job did to its
+//!   permissions (the executor's job directories, the miner's ended executors).
 //! - `server/discovery.rs` (+ `discovery/`): libp2p discovery and the node-record directory.
 //! - `server/facilitator.rs` (+ `facilitator/store.rs`), `server/validator.rs`
 //!   (+ `validator/seen.rs`), `server/miner.rs`, `server/executor.rs` (+ `executor/http.rs`,
@@ -23,6 +25,7 @@
 //!   `horde-protocol`.
 
 pub mod bound;
+pub mod cleanup;
 pub mod config;
 pub mod discovery;
 pub mod executor;

@@ -580,17 +580,10 @@ async fn discovered_capacity_keeps_jobs_off_full_miners() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn executor_killed_mid_job_takes_its_job_with_it() {
     let testnet = start(TestnetConfig::default());
-    // A job with a child of its own: the shell starts `sleep` in the background, then becomes
-    // the demo job (which serves the endpoint). `sleep` is in the job's process group.
-    let demo = demo_job_binary().expect("demo job binary");
-    let mut request = JobRequest::command("cpu", "/bin/sh");
-    request.args = vec![
-        "-c".to_owned(),
-        "sleep 600 & exec \"$0\"".to_owned(),
-        demo.to_str().expect("utf-8 path").to_owned(),
-    ];
-    let (_client, mut job) = submit(&testnet, &request).await;
+    let (_client, mut job) = submit(&testnet, &writing_job_with_a_child()).await;
     endpoint(&mut job, &testnet).await;
+    let written = job_dirs(&testnet, &job);
+    assert_eq!(written.len(), 1, "{written:?}");
     let jobs = testnet.job_processes();
     assert_eq!(jobs.len(), 2, "the job and its sleep: {jobs:?}");
     assert!(
@@ -629,13 +622,85 @@ async fn executor_killed_mid_job_takes_its_job_with_it() {
         matches!(end, JobStatus::HordeFailed(_) | JobStatus::Failed(_)),
         "{end:?}"
     );
+    // What the job wrote went with its executor (the miner removes an ended executor's data).
+    wait_until_gone(&written, &testnet).await;
+}
+
+/// A job with a child of its own and files in its output directory: the shell writes 1 MiB
+/// under a directory it then locks (`chmod 000`), starts `sleep` in the background, then
+/// becomes the demo job (which serves the endpoint). `sleep` is in the job's process group.
+fn writing_job_with_a_child() -> JobRequest {
+    let demo = demo_job_binary().expect("demo job binary");
+    let mut request = JobRequest::command("cpu", "/bin/sh");
+    request.args = vec![
+        "-c".to_owned(),
+        "mkdir -p \"$HORDE_OUTPUT_DIR/d/e\" && head -c 1048576 /dev/zero > \"$HORDE_OUTPUT_DIR/d/e/f\" \
+         && chmod 000 \"$HORDE_OUTPUT_DIR/d/e\" \"$HORDE_OUTPUT_DIR/d\" && sleep 600 & exec \"$0\""
+            .to_owned(),
+        demo.to_str().expect("utf-8 path").to_owned(),
+    ];
+    request
+}
+
+/// The directories of `job` under the testnet's executors, with the job's file in each.
+fn job_dirs(testnet: &Testnet, job: &JobHandle) -> Vec<std::path::PathBuf> {
+    let id = job.job_id().to_string();
+    let executors = testnet.dir().join("miner-0/data/executors");
+    let found: Vec<_> = std::fs::read_dir(executors)
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|executor| executor.path().join("data/jobs").join(&id))
+        .filter(|dir| dir.exists())
+        .collect();
+    for dir in &found {
+        let file = dir.join("output/d/e/f");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::fs::metadata(&file).map_or(true, |meta| meta.len() < 1 << 20) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} not written",
+                file.display()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    found
+}
+
+/// Waits (at most 20 s) until none of `dirs` is left, nor any earlier run's executors.
+async fn wait_until_gone(dirs: &[std::path::PathBuf], testnet: &Testnet) {
+    let stale = || -> Vec<String> {
+        std::fs::read_dir(testnet.dir().join("miner-0/data"))
+            .into_iter()
+            .flatten()
+            .filter_map(Result::ok)
+            .map(|entry| entry.file_name().to_string_lossy().into_owned())
+            .filter(|name| name.starts_with("executors.stale-"))
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let left: Vec<_> = dirs.iter().filter(|dir| dir.exists()).collect();
+        if left.is_empty() && stale().is_empty() {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "left on the miner's disk: {left:?} {:?}\n{}",
+            stale(),
+            testnet.log("miner-0")
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn miner_killed_mid_job_is_horde_failed() {
     let mut testnet = start(TestnetConfig::default());
-    let (_client, mut job) = submit(&testnet, &demo_request()).await;
+    let (_client, mut job) = submit(&testnet, &writing_job_with_a_child()).await;
     endpoint(&mut job, &testnet).await;
+    let written = job_dirs(&testnet, &job);
+    assert_eq!(written.len(), 1, "{written:?}");
     testnet.kill("miner-0").unwrap();
     let end = tokio::time::timeout(Duration::from_secs(30), job.wait_for_end())
         .await
@@ -666,6 +731,11 @@ async fn miner_killed_mid_job_is_horde_failed() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // A miner killed cannot clean up: the job's files are there until it starts again, which
+    // removes its earlier run's executors.
+    assert!(written[0].exists());
+    testnet.start_again("miner-0").unwrap();
+    wait_until_gone(&written, &testnet).await;
 }
 
 /// A facilitator restart keeps the job's record and the job itself (issue 16, item 2; the

@@ -52,8 +52,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument as _, debug, info, info_span, warn};
 
-use crate::server::EXECUTOR_TOKEN_ENV;
 use crate::server::config::ExecutorConfig;
+use crate::server::{EXECUTOR_TOKEN_ENV, cleanup};
 use runner::{JobEvent, JobExit, JobProcess, Launch, Runner};
 use volumes::HttpClient;
 
@@ -315,8 +315,8 @@ impl JobRunner {
             warn!(%error, "could not report the job's end to the miner");
         }
         let _ = session.finish();
-        if let Err(error) = std::fs::remove_dir_all(&job_dir) {
-            debug!(%error, "job directory cleanup");
+        if let Err(error) = cleanup::remove_left_behind(job_dir.clone()).await {
+            warn!(%error, dir = %job_dir.display(), "could not remove the job's directory");
         }
         // The next job's sandbox, made while no job waits for it.
         if let Ok(runner) = &self.runner {
@@ -440,7 +440,11 @@ impl JobRunner {
                 None,
             ))
         };
-        let _ = std::fs::remove_dir_all(job_dir);
+        if let Err(error) = cleanup::remove_tree(job_dir) {
+            return Err(startup(format!(
+                "removing an earlier job directory: {error}"
+            )));
+        }
         for dir in ["volume", "output", "logs/output"] {
             if let Err(error) = std::fs::create_dir_all(job_dir.join(dir)) {
                 return Err(startup(format!("preparing job directory: {error}")));

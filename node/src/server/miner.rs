@@ -48,7 +48,7 @@ use crate::server::receipts::ReceiptStore;
 use crate::server::relay::{Hop, Relay, RelayPolicy, Step, ends_job};
 use crate::server::role::{ChildTasks, RoleHandle, Service, join_all};
 use crate::server::streams::serve_streams;
-use crate::server::supervision;
+use crate::server::{cleanup, supervision};
 
 mod receipts;
 
@@ -124,6 +124,15 @@ const FAILURE_MEMORY: Duration = Duration::from_secs(10);
 /// How much of an executor's log a start-up failure quotes: its last line, at most this many
 /// bytes (the whole log stays in the executor's directory).
 const FAILURE_LOG_QUOTE: usize = 300;
+
+/// Where each executor gets a directory of its own (`<id>/`: configuration, key, log, and its
+/// data directory `data/` with its jobs' files, removed once the executor has ended).
+const EXECUTORS_DIR: &str = "executors";
+/// An executor's log and data directory in its own directory.
+const EXECUTOR_LOG: &str = "executor.log";
+const EXECUTOR_DATA: &str = "data";
+/// An earlier run's [`EXECUTORS_DIR`], set aside at start to be removed.
+const STALE_EXECUTORS_PREFIX: &str = "executors.stale-";
 
 #[derive(Debug)]
 struct Slot {
@@ -251,9 +260,20 @@ impl Miner {
     /// Starts the role: the `prewarm` executors of every class, and a task that, once the
     /// miner's token is cancelled, kills every executor and waits until each one is reaped.
     pub(crate) fn start(self: Arc<Self>) -> RoleHandle {
+        let stale = self.set_aside_stale_executors();
         self.prewarm();
         let service = Service::Miner(Arc::clone(&self));
         let mut handle = RoleHandle::new(Role::Miner, service, self.cancel.clone());
+        handle.spawn(async move {
+            for dir in stale {
+                match cleanup::remove_left_behind(dir.clone()).await {
+                    Ok(()) => info!(dir = %dir.display(), "removed an earlier run's executors"),
+                    Err(error) => {
+                        warn!(%error, dir = %dir.display(), "could not remove an earlier run's executors");
+                    }
+                }
+            }
+        });
         handle.spawn(async move {
             self.cancel.cancelled().await;
             self.shutdown().await;
@@ -279,6 +299,39 @@ impl Miner {
         self.pool
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The executor directories of an earlier run of this miner (each with its jobs' files, left
+    /// when the miner was killed: its executors and their jobs died with it), moved out of the
+    /// way of this run's executors at once, to be removed in the background. Also returns what
+    /// an earlier move left unremoved.
+    fn set_aside_stale_executors(&self) -> Vec<PathBuf> {
+        let executors = self.data_dir.join(EXECUTORS_DIR);
+        if executors.exists() {
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_nanos();
+            let aside = self
+                .data_dir
+                .join(format!("{STALE_EXECUTORS_PREFIX}{nanos}"));
+            if let Err(error) = std::fs::rename(&executors, &aside) {
+                warn!(%error, dir = %executors.display(), "could not set an earlier run's executors aside");
+            }
+        }
+        let Ok(entries) = std::fs::read_dir(&self.data_dir) else {
+            return Vec::new();
+        };
+        entries
+            .filter_map(Result::ok)
+            .filter(|entry| {
+                entry
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with(STALE_EXECUTORS_PREFIX)
+            })
+            .map(|entry| entry.path())
+            .collect()
     }
 
     /// Starts the `prewarm` executors of every class.
@@ -322,7 +375,7 @@ impl Miner {
         }
         let id = pool.next_id;
         pool.next_id += 1;
-        let dir = self.data_dir.join("executors").join(format!("{id}"));
+        let dir = self.data_dir.join(EXECUTORS_DIR).join(format!("{id}"));
         let io_error = |path: &Path| {
             let path = path.to_owned();
             move |source| SpawnError::Io { path, source }
@@ -340,7 +393,7 @@ impl Miner {
             .map(ClassConfig::policy)
             .unwrap_or_default();
         let mut config = NodeConfig::new(Role::Executor);
-        config.data_dir = PathBuf::from("data");
+        config.data_dir = PathBuf::from(EXECUTOR_DATA);
         config.executor = Some(ExecutorConfig {
             miner: horde_protocol::NodeAddr::new(self.key.hotkey(), self.listen),
             class: class.clone(),
@@ -353,7 +406,7 @@ impl Miner {
             Some(program) => program.clone(),
             None => std::env::current_exe().map_err(SpawnError::CurrentExe)?,
         };
-        let log_path = dir.join("executor.log");
+        let log_path = dir.join(EXECUTOR_LOG);
         let log = std::fs::File::create(&log_path).map_err(io_error(&log_path))?;
         let log_err = log.try_clone().map_err(io_error(&log_path))?;
         let token = horde_protocol::JobId::random().0;
@@ -384,19 +437,19 @@ impl Miner {
             })?;
         info!(slot = id, %class, executor = %key.hotkey().fmt_short(), "executor spawned");
         let slot = Slot::starting(class.clone(), token, key.hotkey());
-        self.add_slot(&mut pool, id, slot, child, log_path);
+        self.add_slot(&mut pool, id, slot, child, dir);
         Ok(id)
     }
 
-    /// Adds `slot` as `id` for executor process `child` (whose log is `log`) and starts the
-    /// process's watcher.
+    /// Adds `slot` as `id` for executor process `child` (whose directory is `dir`) and starts
+    /// the process's watcher.
     fn add_slot(
         self: &Arc<Self>,
         pool: &mut Pool,
         id: u64,
         slot: Slot,
         child: tokio::process::Child,
-        log: PathBuf,
+        dir: PathBuf,
     ) {
         let span = info_span!("executor", slot = id, class = %slot.class);
         let watcher = watch_executor(
@@ -405,7 +458,7 @@ impl Miner {
             child,
             slot.stop.clone(),
             self.config.registration_timeout,
-            log,
+            dir,
         );
         // Only fails once the executors are killed, and then dropping the watcher kills this one.
         if pool.watchers.spawn(watcher.instrument(span)).is_ok() {
@@ -789,14 +842,15 @@ impl RelayPolicy for ExecutorSide<'_> {
 
 /// Owns executor process `child` of slot `id`: kills it when `stop` is cancelled or when it has
 /// not registered within `registration_timeout` (or the miner is gone by then: nothing could use
-/// it), reaps it, and tells the miner how it ended.
+/// it), reaps it, tells the miner how it ended, and removes its data directory (in `dir`) with
+/// whatever its job left there.
 async fn watch_executor(
     miner: std::sync::Weak<Miner>,
     id: u64,
     mut child: tokio::process::Child,
     stop: CancellationToken,
     registration_timeout: Duration,
-    log: PathBuf,
+    dir: PathBuf,
 ) {
     let registration_deadline = tokio::time::sleep(registration_timeout);
     tokio::pin!(registration_deadline);
@@ -823,7 +877,10 @@ async fn watch_executor(
         Err(error) => format!("an unknown status ({error})"),
     };
     if let Some(miner) = miner.upgrade() {
-        miner.executor_exited(id, &status, &log);
+        miner.executor_exited(id, &status, &dir.join(EXECUTOR_LOG));
+    }
+    if let Err(error) = cleanup::remove_left_behind(dir.join(EXECUTOR_DATA)).await {
+        warn!(%error, dir = %dir.display(), "could not remove the ended executor's data");
     }
 }
 
@@ -1066,8 +1123,7 @@ mod tests {
             .unwrap();
         let process = Path::new("/proc").join(child.id().unwrap().to_string());
         let slot = Slot::starting(ExecutorClass("cpu".into()), [0; 16], key(9).hotkey());
-        let log = dir.join("executor.log");
-        miner.add_slot(&mut miner.lock_pool(), 0, slot, child, log);
+        miner.add_slot(&mut miner.lock_pool(), 0, slot, child, dir.to_owned());
         process
     }
 

@@ -22,7 +22,8 @@
 //! Files the job deleted but keeps open (or never named: `O_TMPFILE`) are not in its directories
 //! but hold their space: each measurement also counts, once each, the deleted files on the
 //! directories' filesystem that the processes of the job's pid namespace hold open
-//! ([`JobProcesses`], through `/proc`; a runner without a pid namespace of its own gives none).
+//! ([`JobProcesses`]: listed from the job's own cgroup, or found among all of `/proc` when it
+//! has none; a runner without a pid namespace of its own gives none).
 //! `fallocate` with `FALLOC_FL_KEEP_SIZE` is not checked by the kernel against `RLIMIT_FSIZE`;
 //! its blocks are counted at the next measurement. The unisolated runner's job gets no `RLIMIT_FSIZE`
 //! (it runs with the node's privileges anyway); the walk still bounds it.
@@ -92,12 +93,19 @@ impl Usage {
     }
 }
 
+/// Where cgroup hierarchies are mounted.
+const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+
 /// The job's processes, for the files they hold open: its pid namespace (the inode of
-/// `/proc/PID/ns/pid`) and the filesystem of its directories.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// `/proc/PID/ns/pid`) and the filesystem of its directories. They are listed from the job's
+/// cgroup when it has one of its own (the container's, the process runner's job cgroup), else
+/// found among all of `/proc`.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JobProcesses {
     pid_namespace: u64,
     device: u64,
+    /// The `cgroup.procs` of the job's cgroup, when it is not the executor's own.
+    cgroup_procs: Option<PathBuf>,
 }
 
 impl JobProcesses {
@@ -111,26 +119,49 @@ impl JobProcesses {
             return None;
         }
         let device = std::fs::metadata(dir).ok()?.dev();
+        let cgroup_procs = cgroup_procs(pid);
+        debug!(listed_from = ?cgroup_procs, "the job's processes, for the files they hold open");
         Some(Self {
             pid_namespace,
             device,
+            cgroup_procs,
         })
+    }
+
+    /// The `/proc` directories of the processes that may be the job's: its cgroup's, else
+    /// every process's.
+    fn candidates(&self) -> Vec<PathBuf> {
+        if let Some(procs) = &self.cgroup_procs
+            && let Ok(text) = std::fs::read_to_string(procs)
+        {
+            return text
+                .lines()
+                .filter_map(|line| line.trim().parse::<u32>().ok())
+                .map(|pid| PathBuf::from(format!("/proc/{pid}")))
+                .collect();
+        }
+        let Ok(processes) = std::fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        processes
+            .flatten()
+            .filter(|process| {
+                process
+                    .file_name()
+                    .as_bytes()
+                    .iter()
+                    .all(u8::is_ascii_digit)
+            })
+            .map(|process| process.path())
+            .collect()
     }
 
     /// The disk held by deleted files on the directories' filesystem that the job's processes
     /// keep open, each file once. A process that ends or cannot be read is skipped.
     pub fn deleted_but_open(&self) -> u64 {
-        let Ok(processes) = std::fs::read_dir("/proc") else {
-            return 0;
-        };
         let mut counted = HashSet::new();
         let mut bytes = 0u64;
-        for process in processes.flatten() {
-            let name = process.file_name();
-            if !name.as_bytes().iter().all(u8::is_ascii_digit) {
-                continue;
-            }
-            let dir = process.path();
+        for dir in self.candidates() {
             let in_job = std::fs::metadata(dir.join("ns/pid"))
                 .is_ok_and(|meta| meta.ino() == self.pid_namespace);
             if !in_job {
@@ -157,6 +188,38 @@ impl JobProcesses {
         }
         bytes
     }
+}
+
+/// The `cgroup.procs` file of `pid`'s cgroup (the `pids` controller's in a v1 hierarchy, the
+/// unified one in v2), when the file is there and the cgroup is not this process's own.
+fn cgroup_procs(pid: u32) -> Option<PathBuf> {
+    let job = cgroup_of(&std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?)?;
+    let own = std::fs::read_to_string("/proc/self/cgroup")
+        .ok()
+        .and_then(|text| cgroup_of(&text));
+    let procs = job.join("cgroup.procs");
+    (own.as_ref() != Some(&job) && procs.is_file()).then_some(procs)
+}
+
+/// The directory of the cgroup that `/proc/PID/cgroup`'s `text` names: the `pids` hierarchy's
+/// (v1), else the unified one's (v2: `0::/path`).
+fn cgroup_of(text: &str) -> Option<PathBuf> {
+    let mut unified = None;
+    for line in text.lines() {
+        let mut fields = line.splitn(3, ':');
+        let (Some(id), Some(names), Some(path)) = (fields.next(), fields.next(), fields.next())
+        else {
+            continue;
+        };
+        let path = path.trim_start_matches('/');
+        if names.split(',').any(|name| name == "pids") {
+            return Some(Path::new(CGROUP_ROOT).join("pids").join(path));
+        }
+        if id == "0" && names.is_empty() {
+            unified = Some(Path::new(CGROUP_ROOT).join(path));
+        }
+    }
+    unified
 }
 
 /// Why a measurement stopped short.
@@ -245,13 +308,14 @@ impl DiskWatch {
     /// measurement at once, then at least [`MEASURE_EVERY`] apart.
     pub fn start(roots: Vec<PathBuf>, processes: Option<JobProcesses>, limits: DiskLimits) -> Self {
         let (report, over) = oneshot::channel();
+        let watched = std::sync::Arc::new((roots, processes));
         let task = tokio::spawn(async move {
             let mut unmeasurable = 0;
             loop {
-                let roots = roots.clone();
+                let watched = std::sync::Arc::clone(&watched);
                 let started = Instant::now();
                 let measured = tokio::task::spawn_blocking(move || {
-                    measure(&roots, processes.as_ref(), &limits)
+                    measure(&watched.0, watched.1.as_ref(), &limits)
                 })
                 .await;
                 let took = started.elapsed();
@@ -314,6 +378,65 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+
+    #[test]
+    fn the_cgroup_named_is_the_pids_hierarchys_else_the_unified_one() {
+        let v1 = "12:pids:/docker/abc\n11:memory:/docker/abc\n0::/system.slice/docker.service\n";
+        assert_eq!(
+            cgroup_of(v1),
+            Some(PathBuf::from("/sys/fs/cgroup/pids/docker/abc"))
+        );
+        assert_eq!(
+            cgroup_of("0::/system.slice/horde.service\n"),
+            Some(PathBuf::from("/sys/fs/cgroup/system.slice/horde.service"))
+        );
+        assert_eq!(cgroup_of("3:memory:/x\n"), None);
+        assert_eq!(cgroup_of("garbage"), None);
+    }
+
+    /// A job in a cgroup of its own has its processes listed from that cgroup (not every
+    /// process of the host); one in the executor's own cgroup is looked for among all of
+    /// `/proc`. Needs root (to make a cgroup); said and skipped otherwise.
+    #[test]
+    fn a_jobs_processes_are_listed_from_its_own_cgroup() {
+        let mut sleeper = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let pid = sleeper.id();
+        assert_eq!(
+            cgroup_procs(pid),
+            None,
+            "the child shares the test's cgroup"
+        );
+        let own = cgroup_of(&std::fs::read_to_string("/proc/self/cgroup").unwrap()).unwrap();
+        let job_cgroup = own.join(format!("horde-disk-test-{}", std::process::id()));
+        if let Err(error) = std::fs::create_dir(&job_cgroup) {
+            let _ = sleeper.kill();
+            let _ = sleeper.wait();
+            eprintln!(
+                "skipped: cannot make a cgroup at {}: {error}",
+                job_cgroup.display()
+            );
+            return;
+        }
+        let moved = std::fs::write(job_cgroup.join("cgroup.procs"), pid.to_string());
+        let listed = moved.as_ref().ok().map(|()| {
+            let processes = JobProcesses {
+                pid_namespace: 0,
+                device: 0,
+                cgroup_procs: cgroup_procs(pid),
+            };
+            (processes.cgroup_procs.clone(), processes.candidates())
+        });
+        let _ = sleeper.kill();
+        let _ = sleeper.wait();
+        let _ = std::fs::remove_dir(&job_cgroup);
+        moved.unwrap();
+        let (procs, candidates) = listed.unwrap();
+        assert_eq!(procs, Some(job_cgroup.join("cgroup.procs")));
+        assert_eq!(candidates, vec![PathBuf::from(format!("/proc/{pid}"))]);
+    }
 
     fn limits(bytes: u64, files: u64) -> DiskLimits {
         DiskLimits { bytes, files }

@@ -66,7 +66,7 @@ pub(super) fn reap_stale(jobs_dir: &Path) {
     for entry in entries.filter_map(Result::ok) {
         let name = entry.file_name().to_string_lossy().into_owned();
         if name.starts_with(SLOT_PREFIX) && !name.starts_with(&own) {
-            let _ = std::fs::remove_dir_all(entry.path());
+            let _ = crate::server::cleanup::remove_tree(&entry.path());
         }
     }
 }
@@ -143,11 +143,11 @@ impl Slot {
         dir: PathBuf,
     ) -> Result<Self, RunnerError> {
         let made = std::time::Instant::now();
-        let _ = std::fs::remove_dir_all(&dir);
+        let _ = crate::server::cleanup::remove_tree(&dir);
         let cgroup = match Self::prepare(&sandboxes, &policy, &dir) {
             Ok(cgroup) => cgroup,
             Err(error) => {
-                let _ = std::fs::remove_dir_all(&dir);
+                let _ = crate::server::cleanup::remove_tree(&dir);
                 return Err(error);
             }
         };
@@ -185,7 +185,7 @@ impl Slot {
                 if let Some(cgroup) = cgroup {
                     cgroup.remove().await;
                 }
-                let _ = std::fs::remove_dir_all(&dir);
+                let _ = crate::server::cleanup::remove_tree(&dir);
                 Err(joined.err().unwrap_or_else(|| {
                     RunnerError::Unavailable("the pre-made sandbox failed".into())
                 }))
@@ -293,7 +293,7 @@ impl Slot {
             });
         }
         debug!(?adopted, ?sent, started = ?phase.elapsed(), "job handed to the pre-made sandbox");
-        let _ = std::fs::remove_dir_all(&self.dir);
+        let _ = crate::server::cleanup::remove_tree(&self.dir);
         let Opened {
             child,
             channel,
@@ -350,6 +350,6 @@ impl Slot {
         if let Some(cgroup) = &self.cgroup {
             cgroup.remove().await;
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
+        let _ = crate::server::cleanup::remove_tree(&self.dir);
     }
 }
