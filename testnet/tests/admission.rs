@@ -1,6 +1,8 @@
 //! Admission that favours known peers (issue 16, item 10): a flood of fresh keys from one
 //! address does not lock a new client out of the facilitator, and does not grow its memory
-//! beyond the bound the README states; junk datagrams at every port leave the network working.
+//! beyond the bound the README states; nor does a flood from several addresses that holds the
+//! unknown keys' whole share with streams open; junk datagrams at every port leave the network
+//! working.
 
 #![allow(clippy::unwrap_used)] // Tests fail loudly on any error.
 
@@ -168,6 +170,115 @@ async fn a_flood_of_fresh_keys_from_one_address_does_not_lock_a_new_client_out()
         outcome.refused.load(Ordering::Relaxed) > FLOOD_KEYS / 2,
         "{outcome:?}"
     );
+}
+
+/// Source addresses of the holding flood (127.0.0.2 and on), and the connections each keeps:
+/// together the whole of the unknown keys' share (32 of the facilitator's default 128 slots).
+const HOLDING_ADDRESSES: u8 = 4;
+const HOLDING_PER_ADDRESS: usize = 8;
+
+/// What the holding flood saw.
+#[derive(Debug, Default)]
+struct HoldingOutcome {
+    handshakes: AtomicUsize,
+    /// Closed with `BUSY` to make room for a newer connection.
+    evicted: AtomicUsize,
+    /// Refused before a handshake, or failed otherwise.
+    failed: AtomicUsize,
+}
+
+/// A flood that holds its slots: from each of [`HOLDING_ADDRESSES`] addresses,
+/// [`HOLDING_PER_ADDRESS`] fresh keys dial `target`, open a stream and send one byte (so none
+/// is closed as idle), and hold the connection; a connection closed is dialled again with a
+/// fresh key at once, until `stop`.
+async fn holding_flood(
+    target: SocketAddr,
+    hotkey: horde_protocol::Hotkey,
+    outcome: Arc<HoldingOutcome>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut holders = JoinSet::new();
+    for address in 0..HOLDING_ADDRESSES {
+        for _ in 0..HOLDING_PER_ADDRESS {
+            let (outcome, mut stop) = (Arc::clone(&outcome), stop.clone());
+            holders.spawn(async move {
+                let bind: SocketAddr = ([127, 0, 0, 2 + address], 0).into();
+                while !*stop.borrow() {
+                    let config = EndpointConfig::new(bind, &[ALPN_CONTROL]).with_max_connections(1);
+                    let endpoint = HordeEndpoint::bind(&SecretKey::generate(), config).unwrap();
+                    let held = async {
+                        let connection = endpoint.connect(target, &hotkey, ALPN_CONTROL).await?;
+                        outcome.handshakes.fetch_add(1, Ordering::Relaxed);
+                        let (mut send, _recv) = connection.open_bi().await?;
+                        send.write_all(&[0]).await?;
+                        anyhow::Ok(connection.closed().await)
+                    };
+                    let ended = tokio::select! {
+                        _ = stop.wait_for(|stopped| *stopped) => break,
+                        ended = held => ended,
+                    };
+                    match ended {
+                        Ok(quinn::ConnectionError::ApplicationClosed(close))
+                            if close.error_code == codes::BUSY =>
+                        {
+                            outcome.evicted.fetch_add(1, Ordering::Relaxed);
+                        }
+                        _ => {
+                            outcome.failed.fetch_add(1, Ordering::Relaxed);
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    }
+                }
+            });
+        }
+    }
+    while holders.join_next().await.is_some() {}
+}
+
+/// Four addresses holding the unknown keys' whole share, each connection with a stream open,
+/// and dialling again whenever one is closed, do not lock a new client out: its connection is
+/// admitted and one of the flood's makes room (until 2026-12-08 the newcomer was refused `BUSY`
+/// for as long as the flood held on).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_holding_the_unknown_share_from_several_addresses_does_not_lock_a_new_client_out() {
+    let testnet = Testnet::start(TestnetConfig::default()).unwrap();
+    let facilitator = testnet.facilitator();
+    time_to_endpoint(&facilitator).await;
+    let usual = time_to_endpoint(&facilitator).await;
+
+    let outcome = Arc::new(HoldingOutcome::default());
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let flooding = tokio::spawn(holding_flood(
+        facilitator.addrs[0],
+        facilitator.hotkey,
+        Arc::clone(&outcome),
+        stopped,
+    ));
+    // The flood holds the whole share.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while outcome.handshakes.load(Ordering::Relaxed)
+        < usize::from(HOLDING_ADDRESSES) * HOLDING_PER_ADDRESS
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the flood never held the share: {outcome:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let during = tokio::time::timeout(Duration::from_secs(30), time_to_endpoint(&facilitator))
+        .await
+        .unwrap_or_else(|_| panic!("no endpoint within 30 s during the flood: {outcome:?}"));
+    let evicted = outcome.evicted.load(Ordering::Relaxed);
+    stop.send_replace(true);
+    flooding.await.unwrap();
+    eprintln!("usual {usual:?}, during the holding flood {during:?}; flood: {outcome:?}");
+    assert!(
+        during <= usual + Duration::from_secs(2),
+        "usual {usual:?}, during the flood {during:?}"
+    );
+    // The client's connection made room: the flood lost connections to it.
+    assert!(evicted >= 1, "{outcome:?}");
 }
 
 /// Datagrams of junk: random bytes, QUIC-shaped long headers (an Initial's first byte and

@@ -7,7 +7,15 @@
 //!   refused (`CONNECTION_REFUSED`) before any handshake work. A known key's connection gives its
 //!   address slot back as soon as its handshake has named the key.
 //! - **In total**, after the handshake: unknown keys together hold at most `max_unknown`
-//!   connections; one more is closed with [`codes::BUSY`].
+//!   connections. One more is admitted all the same, and makes room: the unknown connections
+//!   whose keys have become known since their handshake (an account with a job in flight now)
+//!   leave the share, and if none did, one connection of the source address that holds the most
+//!   of the share (its oldest) is closed with [`codes::BUSY`]. A new client is thus never turned
+//!   away by connections that were there before it (refusing the newcomer, as this did until
+//!   2026-12-08, let four addresses that each hold their 8 with a stream open lock every new
+//!   user out for as long as they liked), and a flood's connections push out each other before
+//!   they push out a client from an address of its own: to reach it, a flood must hold no more
+//!   than one connection per address, from as many addresses as the share has slots.
 //! - **Idle**: an unknown key's connection that has opened no stream `first_stream_timeout` after
 //!   its handshake is closed with [`codes::TIMED_OUT`] (every horde client opens its first stream
 //!   at once; keep-alives would otherwise hold an idle one open for ever).
@@ -21,7 +29,7 @@
 //! [`codes::BUSY`]: crate::codes::BUSY
 //! [`codes::TIMED_OUT`]: crate::codes::TIMED_OUT
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
@@ -72,8 +80,48 @@ impl AdmissionLimits {
 
 #[derive(Debug, Default)]
 struct Counts {
-    unknown: usize,
+    /// The connections unknown keys hold, by admission number: oldest first.
+    unknown: BTreeMap<u64, Held>,
+    /// The next admission number.
+    next: u64,
     per_address: HashMap<IpAddr, usize>,
+}
+
+/// How an unknown key's connection is closed to make room for a newer one.
+pub(crate) trait Evict: Send + Sync + std::fmt::Debug {
+    fn evict(&self);
+}
+
+impl Evict for quinn::Connection {
+    fn evict(&self) {
+        self.close(
+            crate::codes::BUSY,
+            b"unknown keys hold their share of connections; the oldest makes room",
+        );
+    }
+}
+
+/// One connection an unknown key holds.
+#[derive(Debug)]
+struct Held {
+    key: Hotkey,
+    address: IpAddr,
+    connection: Box<dyn Evict>,
+}
+
+impl Counts {
+    /// The connection to evict for a newcomer: the oldest of the address holding the most.
+    fn eviction_candidate(&self) -> Option<u64> {
+        let mut per_address: HashMap<IpAddr, usize> = HashMap::new();
+        for held in self.unknown.values() {
+            *per_address.entry(held.address).or_insert(0) += 1;
+        }
+        let most = per_address.values().copied().max()?;
+        self.unknown
+            .iter()
+            .find(|(_, held)| per_address.get(&held.address) == Some(&most))
+            .map(|(number, _)| *number)
+    }
 }
 
 /// The endpoint's admission state: the limits, the known keys (set once the role that knows
@@ -122,23 +170,78 @@ impl Admission {
         })
     }
 
-    /// A slot of the unknown keys' share; `None` when they hold all of it.
-    pub(crate) fn try_unknown(self: &Arc<Self>) -> Option<UnknownSlot> {
-        let mut counts = self.lock();
-        if counts.unknown >= self.limits.max_unknown {
-            return None;
+    /// A slot of the unknown keys' share for `key`'s `connection` from `address`. When they
+    /// hold all of it, the connections whose keys are known by now leave it, and if none did,
+    /// the oldest connection of the address holding the most is evicted (closed with `BUSY`);
+    /// whether one was.
+    pub(crate) fn admit_unknown(
+        self: &Arc<Self>,
+        key: Hotkey,
+        address: IpAddr,
+        connection: Box<dyn Evict>,
+    ) -> (UnknownSlot, bool) {
+        let full = |counts: &Counts| counts.unknown.len() >= self.limits.max_unknown;
+        // Asked without the lock held: the known keys are the role's, behind locks of its own.
+        let snapshot: Vec<(u64, Hotkey)> = {
+            let counts = self.lock();
+            if full(&counts) {
+                counts
+                    .unknown
+                    .iter()
+                    .map(|(n, held)| (*n, held.key))
+                    .collect()
+            } else {
+                Vec::new()
+            }
+        };
+        let known_now: Vec<u64> = snapshot
+            .into_iter()
+            .filter(|(_, key)| self.is_known(key))
+            .map(|(number, _)| number)
+            .collect();
+        let (number, evicted) = {
+            let mut counts = self.lock();
+            for number in known_now {
+                counts.unknown.remove(&number);
+            }
+            let evicted = if full(&counts) {
+                counts
+                    .eviction_candidate()
+                    .and_then(|number| counts.unknown.remove(&number))
+                    .map(|held| held.connection)
+            } else {
+                None
+            };
+            let number = counts.next;
+            counts.next += 1;
+            counts.unknown.insert(
+                number,
+                Held {
+                    key,
+                    address,
+                    connection,
+                },
+            );
+            (number, evicted)
+        };
+        let was_evicted = evicted.is_some();
+        if let Some(connection) = evicted {
+            connection.evict();
         }
-        counts.unknown += 1;
-        Some(UnknownSlot {
-            admission: Arc::clone(self),
-        })
+        (
+            UnknownSlot {
+                admission: Arc::clone(self),
+                number,
+            },
+            was_evicted,
+        )
     }
 
     /// Connections unknown keys hold now, in total and from `address` (with handshakes).
     pub(crate) fn held(&self, address: IpAddr) -> (usize, usize) {
         let counts = self.lock();
         (
-            counts.unknown,
+            counts.unknown.len(),
             counts.per_address.get(&address).copied().unwrap_or(0),
         )
     }
@@ -173,12 +276,14 @@ impl Drop for AddressSlot {
 #[derive(Debug)]
 pub(crate) struct UnknownSlot {
     admission: Arc<Admission>,
+    number: u64,
 }
 
 impl Drop for UnknownSlot {
     fn drop(&mut self) {
-        let mut counts = self.admission.lock();
-        counts.unknown = counts.unknown.saturating_sub(1);
+        // Gone already when it was evicted, or left the share once its key became known.
+        let held = self.admission.lock().unknown.remove(&self.number);
+        drop(held);
     }
 }
 
@@ -195,8 +300,43 @@ mod tests {
         assert_eq!((tiny.max_unknown, tiny.max_unknown_per_address), (1, 1));
     }
 
+    /// A connection of the tests: evicting it sets its flag.
+    #[derive(Debug, Default)]
+    struct Conn(Arc<std::sync::atomic::AtomicBool>);
+
+    impl Evict for Conn {
+        fn evict(&self) {
+            self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    /// Known keys of the tests: those listed.
+    #[derive(Debug, Default)]
+    struct Listed(Mutex<Vec<Hotkey>>);
+
+    impl KnownKeys for Listed {
+        fn is_known(&self, key: &Hotkey) -> bool {
+            self.0.lock().unwrap().contains(key)
+        }
+    }
+
+    /// Test key number `n` (the same key for the same number in one test run).
+    fn key(n: u8) -> Hotkey {
+        static KEYS: OnceLock<Vec<Hotkey>> = OnceLock::new();
+        KEYS.get_or_init(|| {
+            (0..8)
+                .map(|_| horde_protocol::SecretKey::generate().hotkey())
+                .collect()
+        })[usize::from(n)]
+    }
+
+    fn conn() -> (Box<dyn Evict>, Arc<std::sync::atomic::AtomicBool>) {
+        let evicted = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        (Box::new(Conn(Arc::clone(&evicted))), evicted)
+    }
+
     #[test]
-    fn slots_are_bounded_per_address_and_in_total_and_given_back() {
+    fn slots_are_bounded_per_address_and_given_back() {
         let admission = Arc::new(Admission::new(AdmissionLimits {
             max_unknown: 3,
             max_unknown_per_address: 2,
@@ -210,10 +350,62 @@ mod tests {
         let _other = admission.try_address(b).unwrap();
         drop(first);
         assert!(admission.try_address(a).is_some());
-        let unknown: Vec<_> = (0..3).map(|_| admission.try_unknown().unwrap()).collect();
-        assert!(admission.try_unknown().is_none());
+        let unknown: Vec<_> = (0..3)
+            .map(|n| admission.admit_unknown(key(n), a, conn().0).0)
+            .collect();
+        assert_eq!(admission.held(b), (3, 1));
         drop(unknown);
         assert_eq!(admission.held(b), (0, 1));
-        assert!(admission.try_unknown().is_some());
+    }
+
+    /// A newcomer past the unknown share is admitted: keys known since their handshake leave
+    /// the share first; otherwise the oldest connection of the address holding the most is
+    /// evicted, never the newcomer, and never a lone connection of an address of its own while
+    /// another address holds more.
+    #[test]
+    fn a_full_share_makes_room_for_a_newcomer() {
+        let admission = Arc::new(Admission::new(AdmissionLimits {
+            max_unknown: 4,
+            max_unknown_per_address: 4,
+            first_stream_timeout: FIRST_STREAM_TIMEOUT,
+        }));
+        let known = Arc::new(Listed::default());
+        assert!(admission.set_known(Arc::clone(&known) as Arc<dyn KnownKeys>));
+        let (flood, user): (IpAddr, IpAddr) = ([127, 0, 0, 2].into(), [127, 0, 0, 1].into());
+        let mut held = Vec::new();
+        let mut flags: Vec<Arc<std::sync::atomic::AtomicBool>> = Vec::new();
+        let mut admit = |n: u8, address: IpAddr, flags: &mut Vec<_>| {
+            let (connection, evicted) = conn();
+            let (slot, made_room) = admission.admit_unknown(key(n), address, connection);
+            held.push(slot);
+            flags.push(evicted);
+            made_room
+        };
+        // The user first (number 0), then the flood fills the share.
+        assert!(!admit(0, user, &mut flags));
+        for n in 1..4 {
+            assert!(!admit(n, flood, &mut flags));
+        }
+        // Key 2 has a job in flight now: it leaves the share, nobody is evicted.
+        known.0.lock().unwrap().push(key(2));
+        assert!(!admit(4, flood, &mut flags));
+        // Full of unknown keys: the flood's oldest (1, then 3, then 4) makes room each time,
+        // never the user's older lone connection, never the newcomer.
+        for (n, evicted) in [(5u8, 1usize), (6, 3), (7, 4)] {
+            assert!(admit(n, flood, &mut flags));
+            let gone: Vec<usize> = (0..flags.len())
+                .filter(|i| flags[*i].load(std::sync::atomic::Ordering::SeqCst))
+                .collect();
+            assert_eq!(gone.last(), Some(&evicted), "{gone:?}");
+        }
+        assert!(!flags[0].load(std::sync::atomic::Ordering::SeqCst));
+        assert_eq!(admission.held(key_addr()).0, 4);
+        // Dropping every slot, evicted ones included, gives the share back once.
+        drop(held);
+        assert_eq!(admission.held(key_addr()).0, 0);
+    }
+
+    fn key_addr() -> IpAddr {
+        [127, 0, 0, 9].into()
     }
 }

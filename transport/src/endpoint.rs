@@ -845,12 +845,11 @@ async fn handle_incoming(
                     // A known key does not count against its address.
                     address_slot = None;
                 } else {
-                    let Some(slot) = admission.try_unknown() else {
-                        debug!(%remote, peer = %client.fmt_short(), "refusing connection: unknown keys hold their share");
-                        connection
-                            .close(codes::BUSY, b"unknown keys hold their share of connections");
-                        return;
-                    };
+                    let (slot, made_room) =
+                        admission.admit_unknown(client, remote.ip(), Box::new(connection.clone()));
+                    if made_room {
+                        debug!(%remote, peer = %client.fmt_short(), "unknown keys held their share: the oldest connection closed for this one");
+                    }
                     _unknown = Some(slot);
                     first_stream_within = Some(admission.limits().first_stream_timeout);
                 }
