@@ -181,6 +181,8 @@ const HOLDING_PER_ADDRESS: usize = 8;
 #[derive(Debug, Default)]
 struct HoldingOutcome {
     handshakes: AtomicUsize,
+    /// Connections open now.
+    held: AtomicUsize,
     /// Closed with `BUSY` to make room for a newer connection.
     evicted: AtomicUsize,
     /// Refused before a handshake, or failed otherwise.
@@ -209,9 +211,15 @@ async fn holding_flood(
                     let held = async {
                         let connection = endpoint.connect(target, &hotkey, ALPN_CONTROL).await?;
                         outcome.handshakes.fetch_add(1, Ordering::Relaxed);
-                        let (mut send, _recv) = connection.open_bi().await?;
-                        send.write_all(&[0]).await?;
-                        anyhow::Ok(connection.closed().await)
+                        outcome.held.fetch_add(1, Ordering::Relaxed);
+                        let open = async {
+                            let (mut send, _recv) = connection.open_bi().await?;
+                            send.write_all(&[0]).await?;
+                            anyhow::Ok(connection.closed().await)
+                        };
+                        let ended = open.await;
+                        outcome.held.fetch_sub(1, Ordering::Relaxed);
+                        ended
                     };
                     let ended = tokio::select! {
                         _ = stop.wait_for(|stopped| *stopped) => break,
@@ -256,7 +264,7 @@ async fn a_flood_holding_the_unknown_share_from_several_addresses_does_not_lock_
     ));
     // The flood holds the whole share.
     let deadline = Instant::now() + Duration::from_secs(60);
-    while outcome.handshakes.load(Ordering::Relaxed)
+    while outcome.held.load(Ordering::Relaxed)
         < usize::from(HOLDING_ADDRESSES) * HOLDING_PER_ADDRESS
     {
         assert!(

@@ -5,13 +5,14 @@
 //! leaves a tree that `std::fs::remove_dir_all` cannot open, and the job's output would stay on
 //! the host for good. [`remove_tree`] gives each directory back its owner's `rwx` before it
 //! reads it, never follows a symbolic link, and walks with one directory open at a time (going
-//! back up through `..`), so a tree deeper than `PATH_MAX` or than the open-file limit is
-//! removed all the same. It is meant for trees whose writers are gone: a process still writing
-//! may leave the last `rmdir` with `ENOTEMPTY` (callers retry).
+//! back up through `..`, checked to be the directory it came from), so a tree deeper than
+//! `PATH_MAX` or than the open-file limit is removed all the same. A writer still at work (a
+//! job's processes dying with their executor) can make it stop with an error, never make it act
+//! outside the tree: [`remove_left_behind`] tries again.
 
 use std::ffi::CString;
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, AsRawFd as _, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use rustix::fs::{AtFlags, CWD, Dir, FileType, Mode, OFlags};
@@ -46,15 +47,18 @@ pub async fn remove_left_behind(path: PathBuf) -> io::Result<()> {
     }
 }
 
-/// One directory on the way down: its name in its parent (none for the top) and the
-/// subdirectories still to visit.
+/// One directory on the way down: its name in its parent (none for the top), its identity
+/// (device, inode), and the subdirectories still to visit.
 struct Level {
     name: Option<CString>,
+    identity: (u64, u64),
     pending: Vec<CString>,
 }
 
 /// Removes `path` and everything under it; a missing `path` is not an error, a file or link
-/// at `path` is unlinked.
+/// at `path` is unlinked. Stops with an error, leaving the rest, where the tree changes under
+/// the walk (a directory moved, replaced by a link) or holds a mount point: it never goes
+/// outside the tree.
 pub fn remove_tree(path: &Path) -> io::Result<()> {
     let metadata = match std::fs::symlink_metadata(path) {
         Ok(metadata) => metadata,
@@ -66,25 +70,31 @@ pub fn remove_tree(path: &Path) -> io::Result<()> {
     }
     give_owner_rwx(CWD, path)?;
     let mut dir = rustix::fs::openat(CWD, path, OPEN_DIR, Mode::empty())?;
+    let top = identity(&dir)?;
     let pending = empty_files(&dir)?;
     let mut stack = vec![Level {
         name: None,
+        identity: top,
         pending,
     }];
     while let Some(level) = stack.last_mut() {
         if let Some(name) = level.pending.pop() {
-            match rustix::fs::openat(&dir, name.as_c_str(), OPEN_DIR, Mode::empty()) {
-                Ok(child) => {
-                    let pending = empty_files(&child)?;
-                    dir = child;
-                    stack.push(Level {
-                        name: Some(name),
-                        pending,
-                    });
-                }
-                Err(rustix::io::Errno::NOENT) => {}
+            let child = match rustix::fs::openat(&dir, name.as_c_str(), OPEN_DIR, Mode::empty()) {
+                Ok(child) => child,
+                Err(rustix::io::Errno::NOENT) => continue,
                 Err(error) => return Err(error.into()),
+            };
+            let child_identity = identity(&child)?;
+            if child_identity.0 != top.0 {
+                return Err(changed(path, "holds a mount point"));
             }
+            let pending = empty_files(&child)?;
+            dir = child;
+            stack.push(Level {
+                name: Some(name),
+                identity: child_identity,
+                pending,
+            });
             continue;
         }
         let Some(Level {
@@ -94,6 +104,10 @@ pub fn remove_tree(path: &Path) -> io::Result<()> {
             break;
         };
         dir = rustix::fs::openat(&dir, c"..", OPEN_DIR, Mode::empty())?;
+        let parent = stack.last().map(|level| level.identity);
+        if Some(identity(&dir)?) != parent {
+            return Err(changed(path, "changed while it was removed"));
+        }
         match rustix::fs::unlinkat(&dir, name.as_c_str(), AtFlags::REMOVEDIR) {
             Ok(()) | Err(rustix::io::Errno::NOENT) => {}
             Err(error) => return Err(error.into()),
@@ -104,6 +118,17 @@ pub fn remove_tree(path: &Path) -> io::Result<()> {
         Err(error) if error.kind() != io::ErrorKind::NotFound => Err(error),
         _ => Ok(()),
     }
+}
+
+/// The device and inode of an open directory.
+fn identity(dir: &OwnedFd) -> io::Result<(u64, u64)> {
+    let stat = rustix::fs::fstat(dir)?;
+    #[allow(clippy::useless_conversion)] // the field types differ between targets
+    Ok((u64::from(stat.st_dev), u64::from(stat.st_ino)))
+}
+
+fn changed(path: &Path, what: &str) -> io::Error {
+    io::Error::other(format!("{} {what}", path.display()))
 }
 
 /// Unlinks everything in `dir` but its subdirectories, gives each subdirectory its owner's
@@ -138,27 +163,28 @@ fn empty_files(dir: &OwnedFd) -> io::Result<Vec<CString>> {
     Ok(subdirs)
 }
 
-/// Adds the owner's `rwx` to directory `name` in `dir` when it lacks any of them. (`chmodat`
-/// follows a link; `name` was seen as a directory, and nothing writes the tree any more.)
-fn give_owner_rwx<P: rustix::path::Arg + Copy>(
-    dir: impl std::os::fd::AsFd,
-    name: P,
-) -> io::Result<()> {
-    let stat = match rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW) {
-        Ok(stat) => stat,
+/// Adds the owner's `rwx` to directory `name` in `dir` when it lacks any of them (the other
+/// bits kept, set-id and sticky bits dropped). Through a descriptor of the directory itself
+/// (`O_PATH`, never a link: a writer swapping in a link cannot have its target changed) and
+/// its `/proc/self/fd` entry, since `fchmod` refuses an `O_PATH` descriptor and `chmodat`
+/// cannot be told not to follow a link on every kernel.
+fn give_owner_rwx<P: rustix::path::Arg>(dir: impl AsFd, name: P) -> io::Result<()> {
+    let flags = OFlags::PATH
+        .union(OFlags::DIRECTORY)
+        .union(OFlags::NOFOLLOW)
+        .union(OFlags::CLOEXEC);
+    let fd = match rustix::fs::openat(dir, name, flags, Mode::empty()) {
+        Ok(fd) => fd,
         Err(rustix::io::Errno::NOENT) => return Ok(()),
         Err(error) => return Err(error.into()),
     };
-    if FileType::from_raw_mode(stat.st_mode) != FileType::Directory
-        || stat.st_mode & OWNER_RWX == OWNER_RWX
-    {
+    let stat = rustix::fs::fstat(&fd)?;
+    if stat.st_mode & OWNER_RWX == OWNER_RWX {
         return Ok(());
     }
-    let mode = Mode::from_raw_mode((stat.st_mode & 0o7777) | OWNER_RWX);
-    match rustix::fs::chmodat(&dir, name, mode, AtFlags::empty()) {
-        Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
-        Err(error) => Err(error.into()),
-    }
+    let mode = Mode::from_raw_mode((stat.st_mode & 0o777) | OWNER_RWX);
+    rustix::fs::chmod(format!("/proc/self/fd/{}", fd.as_raw_fd()), mode)?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -289,5 +315,23 @@ mod tests {
         symlink(base.path(), &link).unwrap();
         remove_tree(&link).unwrap();
         assert!(!link.exists() && base.path().exists());
+    }
+
+    /// A directory's permissions are changed through the directory itself: a link in its place
+    /// (a writer swapping one in) is refused, its target untouched; set-id bits are dropped.
+    #[test]
+    fn permissions_are_given_back_to_the_directory_never_through_a_link() {
+        let base = tempfile::tempdir().unwrap();
+        let target = base.path().join("target");
+        std::fs::create_dir(&target).unwrap();
+        mode(&target, 0o2500);
+        let link = base.path().join("link");
+        symlink(&target, &link).unwrap();
+        assert!(give_owner_rwx(CWD, link.as_path()).is_err());
+        let target_mode = std::fs::metadata(&target).unwrap().permissions().mode();
+        assert_eq!(target_mode & 0o7777, 0o2500);
+        give_owner_rwx(CWD, target.as_path()).unwrap();
+        let target_mode = std::fs::metadata(&target).unwrap().permissions().mode();
+        assert_eq!(target_mode & 0o7777, 0o700);
     }
 }

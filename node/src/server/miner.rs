@@ -257,16 +257,25 @@ impl Miner {
         })
     }
 
-    /// Starts the role: the `prewarm` executors of every class, and a task that, once the
-    /// miner's token is cancelled, kills every executor and waits until each one is reaped.
+    /// Starts the role: the `prewarm` executors of every class, a task removing what an earlier
+    /// run's executors left (set aside first, so this run's start at once), and a task that,
+    /// once the miner's token is cancelled, kills every executor and waits until each one is
+    /// reaped.
     pub(crate) fn start(self: Arc<Self>) -> RoleHandle {
         let stale = self.set_aside_stale_executors();
         self.prewarm();
         let service = Service::Miner(Arc::clone(&self));
         let mut handle = RoleHandle::new(Role::Miner, service, self.cancel.clone());
+        let cancel = self.cancel.clone();
         handle.spawn(async move {
             for dir in stale {
-                match cleanup::remove_left_behind(dir.clone()).await {
+                // Not held up by shutdown: what is left is removed at the next start.
+                let removed = tokio::select! {
+                    biased;
+                    () = cancel.cancelled() => return,
+                    removed = cleanup::remove_left_behind(dir.clone()) => removed,
+                };
+                match removed {
                     Ok(()) => info!(dir = %dir.display(), "removed an earlier run's executors"),
                     Err(error) => {
                         warn!(%error, dir = %dir.display(), "could not remove an earlier run's executors");

@@ -36,6 +36,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
+
+use super::runner::cgroup_in;
 use tracing::{debug, warn};
 
 /// Most entries (files, directories, links, anything) in a job's output directory and logs
@@ -93,8 +95,8 @@ impl Usage {
     }
 }
 
-/// Where cgroup hierarchies are mounted.
-const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+/// Most cgroups read for a job's processes: its own and those below it.
+const MAX_JOB_CGROUPS: usize = 64;
 
 /// The job's processes, for the files they hold open: its pid namespace (the inode of
 /// `/proc/PID/ns/pid`) and the filesystem of its directories. They are listed from the job's
@@ -104,8 +106,8 @@ const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 pub struct JobProcesses {
     pid_namespace: u64,
     device: u64,
-    /// The `cgroup.procs` of the job's cgroup, when it is not the executor's own.
-    cgroup_procs: Option<PathBuf>,
+    /// The job's cgroup, when it is not the executor's own.
+    cgroup: Option<PathBuf>,
 }
 
 impl JobProcesses {
@@ -119,24 +121,23 @@ impl JobProcesses {
             return None;
         }
         let device = std::fs::metadata(dir).ok()?.dev();
-        let cgroup_procs = cgroup_procs(pid);
-        debug!(listed_from = ?cgroup_procs, "the job's processes, for the files they hold open");
+        let cgroup = job_cgroup(pid);
+        debug!(listed_from = ?cgroup, "the job's processes, for the files they hold open");
         Some(Self {
             pid_namespace,
             device,
-            cgroup_procs,
+            cgroup,
         })
     }
 
-    /// The `/proc` directories of the processes that may be the job's: its cgroup's, else
-    /// every process's.
+    /// The `/proc` directories of the processes that may be the job's: its cgroup's and those
+    /// of the cgroups below it (at most [`MAX_JOB_CGROUPS`]), else every process's.
     fn candidates(&self) -> Vec<PathBuf> {
-        if let Some(procs) = &self.cgroup_procs
-            && let Ok(text) = std::fs::read_to_string(procs)
+        if let Some(cgroup) = &self.cgroup
+            && let Some(pids) = cgroup_pids(cgroup)
         {
-            return text
-                .lines()
-                .filter_map(|line| line.trim().parse::<u32>().ok())
+            return pids
+                .into_iter()
                 .map(|pid| PathBuf::from(format!("/proc/{pid}")))
                 .collect();
         }
@@ -190,36 +191,53 @@ impl JobProcesses {
     }
 }
 
-/// The `cgroup.procs` file of `pid`'s cgroup (the `pids` controller's in a v1 hierarchy, the
-/// unified one in v2), when the file is there and the cgroup is not this process's own.
-fn cgroup_procs(pid: u32) -> Option<PathBuf> {
+/// `pid`'s cgroup (the `pids` controller's in a v1 hierarchy, the unified one in v2), when it
+/// can be read and is not this process's own.
+fn job_cgroup(pid: u32) -> Option<PathBuf> {
     let job = cgroup_of(&std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?)?;
     let own = std::fs::read_to_string("/proc/self/cgroup")
         .ok()
         .and_then(|text| cgroup_of(&text));
-    let procs = job.join("cgroup.procs");
-    (own.as_ref() != Some(&job) && procs.is_file()).then_some(procs)
+    (own.as_ref() != Some(&job) && job.join("cgroup.procs").is_file()).then_some(job)
 }
 
-/// The directory of the cgroup that `/proc/PID/cgroup`'s `text` names: the `pids` hierarchy's
-/// (v1), else the unified one's (v2: `0::/path`).
+/// The cgroup that `/proc/PID/cgroup`'s `text` names: the `pids` hierarchy's, else the unified
+/// one's.
 fn cgroup_of(text: &str) -> Option<PathBuf> {
-    let mut unified = None;
-    for line in text.lines() {
-        let mut fields = line.splitn(3, ':');
-        let (Some(id), Some(names), Some(path)) = (fields.next(), fields.next(), fields.next())
-        else {
+    cgroup_in(text, "pids").or_else(|| cgroup_in(text, ""))
+}
+
+/// The processes of `cgroup` and of the cgroups below it (where a job can make cgroups of its
+/// own, its processes in them count too), reading at most [`MAX_JOB_CGROUPS`] cgroups; `None`
+/// when `cgroup`'s own list cannot be read.
+fn cgroup_pids(cgroup: &Path) -> Option<Vec<u32>> {
+    let mut pids = Vec::new();
+    let mut cgroups = vec![cgroup.to_owned()];
+    let mut read = 0;
+    while let Some(dir) = cgroups.pop() {
+        let text = std::fs::read_to_string(dir.join("cgroup.procs"));
+        if read == 0 {
+            text.as_ref().ok()?;
+        }
+        read += 1;
+        pids.extend(
+            text.unwrap_or_default()
+                .lines()
+                .filter_map(|line| line.trim().parse::<u32>().ok()),
+        );
+        let Ok(entries) = std::fs::read_dir(&dir) else {
             continue;
         };
-        let path = path.trim_start_matches('/');
-        if names.split(',').any(|name| name == "pids") {
-            return Some(Path::new(CGROUP_ROOT).join("pids").join(path));
-        }
-        if id == "0" && names.is_empty() {
-            unified = Some(Path::new(CGROUP_ROOT).join(path));
+        for entry in entries.flatten() {
+            if read + cgroups.len() >= MAX_JOB_CGROUPS {
+                break;
+            }
+            if entry.file_type().is_ok_and(|kind| kind.is_dir()) {
+                cgroups.push(entry.path());
+            }
         }
     }
-    unified
+    Some(pids)
 }
 
 /// Why a measurement stopped short.
@@ -392,50 +410,61 @@ mod tests {
         );
         assert_eq!(cgroup_of("3:memory:/x\n"), None);
         assert_eq!(cgroup_of("garbage"), None);
+        // Outside the reader's cgroup namespace: not followed.
+        assert_eq!(cgroup_of("0::/../../system.slice\n"), None);
     }
 
-    /// A job in a cgroup of its own has its processes listed from that cgroup (not every
-    /// process of the host); one in the executor's own cgroup is looked for among all of
-    /// `/proc`. Needs root (to make a cgroup); said and skipped otherwise.
+    /// A job in a cgroup of its own has its processes listed from that cgroup and the ones below
+    /// it (not every process of the host); one in the executor's own cgroup is looked for among
+    /// all of `/proc`. Needs root (to make cgroups); said and skipped otherwise.
     #[test]
-    fn a_jobs_processes_are_listed_from_its_own_cgroup() {
-        let mut sleeper = std::process::Command::new("sleep")
-            .arg("30")
-            .spawn()
-            .unwrap();
-        let pid = sleeper.id();
+    fn a_jobs_processes_are_listed_from_its_own_cgroups() {
+        let sleep = || {
+            std::process::Command::new("sleep")
+                .arg("30")
+                .spawn()
+                .unwrap()
+        };
+        let (mut first, mut second) = (sleep(), sleep());
         assert_eq!(
-            cgroup_procs(pid),
+            job_cgroup(first.id()),
             None,
             "the child shares the test's cgroup"
         );
         let own = cgroup_of(&std::fs::read_to_string("/proc/self/cgroup").unwrap()).unwrap();
-        let job_cgroup = own.join(format!("horde-disk-test-{}", std::process::id()));
-        if let Err(error) = std::fs::create_dir(&job_cgroup) {
-            let _ = sleeper.kill();
-            let _ = sleeper.wait();
-            eprintln!(
-                "skipped: cannot make a cgroup at {}: {error}",
-                job_cgroup.display()
-            );
-            return;
-        }
-        let moved = std::fs::write(job_cgroup.join("cgroup.procs"), pid.to_string());
-        let listed = moved.as_ref().ok().map(|()| {
+        let job = own.join(format!("horde-disk-test-{}", std::process::id()));
+        let below = job.join("below");
+        let made = std::fs::create_dir(&job).and_then(|()| std::fs::create_dir(&below));
+        let listed = made.as_ref().ok().map(|()| {
+            std::fs::write(job.join("cgroup.procs"), first.id().to_string()).unwrap();
+            std::fs::write(below.join("cgroup.procs"), second.id().to_string()).unwrap();
             let processes = JobProcesses {
                 pid_namespace: 0,
                 device: 0,
-                cgroup_procs: cgroup_procs(pid),
+                cgroup: job_cgroup(first.id()),
             };
-            (processes.cgroup_procs.clone(), processes.candidates())
+            let mut candidates = processes.candidates();
+            candidates.sort();
+            (processes.cgroup.clone(), candidates)
         });
-        let _ = sleeper.kill();
-        let _ = sleeper.wait();
-        let _ = std::fs::remove_dir(&job_cgroup);
-        moved.unwrap();
-        let (procs, candidates) = listed.unwrap();
-        assert_eq!(procs, Some(job_cgroup.join("cgroup.procs")));
-        assert_eq!(candidates, vec![PathBuf::from(format!("/proc/{pid}"))]);
+        for sleeper in [&mut first, &mut second] {
+            let _ = sleeper.kill();
+            let _ = sleeper.wait();
+        }
+        let _ = std::fs::remove_dir(&below);
+        let _ = std::fs::remove_dir(&job);
+        if let Err(error) = made {
+            eprintln!("skipped: cannot make cgroups at {}: {error}", job.display());
+            return;
+        }
+        let (cgroup, candidates) = listed.unwrap();
+        assert_eq!(cgroup, Some(job));
+        let mut expected: Vec<_> = [first.id(), second.id()]
+            .iter()
+            .map(|pid| PathBuf::from(format!("/proc/{pid}")))
+            .collect();
+        expected.sort();
+        assert_eq!(candidates, expected);
     }
 
     fn limits(bytes: u64, files: u64) -> DiskLimits {

@@ -29,7 +29,7 @@ pub mod process;
 pub mod unisolated;
 
 use std::fmt::Debug;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -482,4 +482,31 @@ pub async fn select(
             Ok(Arc::new(runner))
         }
     }
+}
+
+/// Where cgroup hierarchies are mounted.
+pub(crate) const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+
+/// The cgroup directory that `/proc/PID/cgroup`'s `text` names in v1 hierarchy `controller`,
+/// or in the unified (v2) hierarchy for `controller` `""` (its `0::/path` line). `None` for a
+/// path outside the reader's cgroup namespace (one with `..`).
+pub(crate) fn cgroup_in(text: &str, controller: &str) -> Option<PathBuf> {
+    let path = text.lines().find_map(|line| {
+        let mut fields = line.splitn(3, ':');
+        let (id, names, path) = (fields.next()?, fields.next()?, fields.next()?);
+        let named = if controller.is_empty() {
+            id == "0" && names.is_empty()
+        } else {
+            names.split(',').any(|n| n == controller)
+        };
+        named.then(|| path.to_owned())
+    })?;
+    if path.split('/').any(|part| part == "..") {
+        return None;
+    }
+    Some(
+        Path::new(CGROUP_ROOT)
+            .join(controller)
+            .join(path.trim_start_matches('/')),
+    )
 }

@@ -542,19 +542,9 @@ fn writable_cgroups() -> Option<Vec<PathBuf>> {
 
 /// This process's own cgroup directory in v1 hierarchy `controller`.
 pub(super) fn own_cgroup(controller: &str) -> Option<PathBuf> {
-    let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
-    let path = own.lines().find_map(|line| {
-        let mut fields = line.splitn(3, ':');
-        let (_, names, path) = (fields.next()?, fields.next()?, fields.next()?);
-        names
-            .split(',')
-            .any(|n| n == controller)
-            .then(|| path.to_owned())
-    })?;
-    Some(
-        Path::new("/sys/fs/cgroup")
-            .join(controller)
-            .join(path.trim_start_matches('/')),
+    super::cgroup_in(
+        &std::fs::read_to_string("/proc/self/cgroup").ok()?,
+        controller,
     )
 }
 

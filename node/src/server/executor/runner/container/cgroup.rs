@@ -22,10 +22,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::super::CGROUP_ROOT;
 use super::super::process::{oom_killed, own_cgroup, reap_stale_cgroups};
-
-/// Where v1 hierarchies are mounted.
-const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 
 /// One job's cgroup parent (see the module docs).
 #[derive(Debug, Clone)]
