@@ -46,9 +46,15 @@ impl PinnedInit {
             rustix::fs::AtFlags::SYMLINK_FOLLOW,
         );
         if linked.is_err() {
+            // A copy that does not fit (a data directory on a small or full filesystem) is
+            // removed: left, its part would fill the filesystem the jobs write their logs to.
             let partial = dir.join(format!("{own}.partial"));
-            std::fs::copy(binary, &partial)?;
-            std::fs::rename(&partial, &path)?;
+            let copied =
+                std::fs::copy(binary, &partial).and_then(|_| std::fs::rename(&partial, &path));
+            if let Err(error) = copied {
+                let _ = std::fs::remove_file(&partial);
+                return Err(error);
+            }
         }
         Ok(Self { path })
     }
@@ -69,7 +75,28 @@ impl Drop for PinnedInit {
 mod tests {
     use std::os::unix::fs::MetadataExt as _;
 
+    use horde_transport::test_utils::SmallDisk;
+
     use super::*;
+
+    /// A copy that does not fit fails and leaves nothing behind (found from outside 2026-12-08:
+    /// the part left filled the miner's data directory, and every job then died writing its
+    /// stdout). Needs root (a small tmpfs); said and skipped otherwise.
+    #[test]
+    fn a_copy_that_does_not_fit_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let Some(disk) = SmallDisk::mount_over(dir.path(), 1 << 20) else {
+            eprintln!("skipped: mounting a small tmpfs needs root");
+            return;
+        };
+        let error = PinnedInit::new(Path::new("/proc/self/exe"), disk.path()).unwrap_err();
+        assert_eq!(error.raw_os_error(), Some(28), "{error}");
+        let left: Vec<_> = std::fs::read_dir(disk.path())
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name())
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+    }
 
     /// The running binary, pinned through `/proc/self/exe`: on the same filesystem a link to
     /// the very file (same inode), on another a copy of its bytes; an earlier executor's name is
