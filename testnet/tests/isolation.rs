@@ -16,6 +16,7 @@ use horde_protocol::{
     JobStatus, ReadinessProbe, RelativePath, SecretKey, Stage, VolumeSource, VolumeSpec,
 };
 use horde_testnet::{Testnet, TestnetConfig, demo_job_binary};
+use horde_transport::test_utils::SmallDisk;
 
 /// Every attempt the hostile job makes, one `refused NAME` / `SUCCEEDED NAME` line each.
 const HOSTILE_SCRIPT: &str = r#"
@@ -408,4 +409,58 @@ exec python3 -m http.server --bind 127.0.0.1 "$HORDE_JOB_PORT""#;
         panic!("{end:?}");
     };
     assert!(result.stdout_tail.contains("fine"), "{result:?}");
+}
+
+/// The miner's disk full: a job fails at once in executor start-up saying so (before: it
+/// started, died at its first write to stdout, "the job exited with status 101", nothing in its
+/// logs; found from outside 2026-12-08), and once there is room the next job runs. Root only (a
+/// small tmpfs over the miner's data directory).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_on_a_full_miner_disk_fails_saying_so_and_the_next_runs_once_there_is_room() {
+    let mut testnet = Testnet::start(TestnetConfig::default()).unwrap();
+    testnet.kill("miner-0").unwrap();
+    let data = testnet.dir().join("miner-0").join("data");
+    // Its executors died with it; their directories (a link to the `horde` binary each) are
+    // not copied onto the small disk.
+    std::fs::remove_dir_all(data.join("executors")).unwrap();
+    let Some(disk) = SmallDisk::mount_over(&data, 128 << 20) else {
+        eprintln!("skipped: mounting a small tmpfs needs root");
+        return;
+    };
+    testnet.start_again("miner-0").unwrap();
+    let filler = disk.fill("filler");
+    let request = JobRequest::command("cpu", demo_job_binary().unwrap().to_str().unwrap());
+    let client = Client::new(SecretKey::generate(), testnet.facilitator()).unwrap();
+    let end = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            // The restarted miner may not be chosen at once (its capacity is learnt anew).
+            let mut job = client.submit(&request).await.unwrap();
+            match job.wait_for_end().await.unwrap() {
+                JobStatus::Rejected(_) => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                end => break end,
+            }
+        }
+    })
+    .await
+    .expect("the job ends within a minute");
+    match &end {
+        JobStatus::Failed(failure) => {
+            assert_eq!(failure.stage, Stage::ExecutorStartup, "{end:?}");
+            assert!(
+                matches!(&failure.reason, FailureReason::Spawn(why) if why.contains("disk is full")),
+                "{end:?}"
+            );
+        }
+        other => panic!("{other:?}\n{}", testnet.log("miner-0")),
+    }
+    std::fs::remove_file(&filler).unwrap();
+    let mut job = client.submit(&request).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(30), job.wait_for_endpoint())
+        .await
+        .expect("the next job is serving within 30 s")
+        .unwrap();
+    job.terminate().await.unwrap();
+    job.wait_for_end().await.unwrap();
 }

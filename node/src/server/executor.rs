@@ -82,6 +82,9 @@ const TERMINATE_GRACE: Duration = Duration::from_secs(3);
 const DETAILS_SLACK: Duration = Duration::from_secs(2);
 /// Pending "outputs ready" notifications.
 const OUTPUTS_QUEUE: usize = 8;
+/// Least room on the executor's disk for a job to start: a job started on a full disk dies at
+/// its first write to stdout, with nothing in its logs to say why.
+const MIN_FREE_BYTES: u64 = 64 << 20;
 
 /// An executor that cannot run.
 #[derive(Debug, thiserror::Error)]
@@ -298,6 +301,13 @@ fn exit_code_reason(exit: &JobExit) -> FailureReason {
     }
 }
 
+/// Bytes an unprivileged writer may still use on the filesystem of `dir`; `None` when it cannot
+/// be asked.
+fn free_bytes(dir: &Path) -> Option<u64> {
+    let stat = rustix::fs::statvfs(dir).ok()?;
+    Some(stat.f_bavail.saturating_mul(stat.f_frsize))
+}
+
 impl JobRunner {
     async fn run_job(
         &self,
@@ -443,6 +453,15 @@ impl JobRunner {
         if let Err(error) = cleanup::remove_tree(job_dir) {
             return Err(startup(format!(
                 "removing an earlier job directory: {error}"
+            )));
+        }
+        if let Some(free) = free_bytes(&self.data_dir)
+            && free < MIN_FREE_BYTES
+        {
+            return Err(startup(format!(
+                "the miner's disk is full: {free} bytes free for the job's files in {} (a job \
+                 starts with at least {MIN_FREE_BYTES})",
+                self.data_dir.display()
             )));
         }
         for dir in ["volume", "output", "logs/output"] {
