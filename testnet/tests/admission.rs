@@ -20,6 +20,10 @@ use tokio::task::JoinSet;
 /// Fresh keys in the flood.
 const FLOOD_KEYS: usize = 2_000;
 
+/// The flood tests one at a time: each compares a client's time during its flood with the usual
+/// time, which another test's flood on the same two cores would skew (seen in CI 2026-12-08).
+static ONE_FLOOD_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Flood connections handshaking at once.
 const FLOOD_IN_FLIGHT: usize = 64;
 
@@ -104,6 +108,7 @@ async fn flood(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_fresh_keys_from_one_address_does_not_lock_a_new_client_out() {
+    let _alone = ONE_FLOOD_AT_A_TIME.lock().await;
     let testnet = Testnet::start(TestnetConfig::default()).unwrap();
     let facilitator = testnet.facilitator();
     // The first job spawns what later ones reuse; the second is the usual time.
@@ -249,6 +254,7 @@ async fn holding_flood(
 /// for as long as the flood held on).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_holding_the_unknown_share_from_several_addresses_does_not_lock_a_new_client_out() {
+    let _alone = ONE_FLOOD_AT_A_TIME.lock().await;
     let testnet = Testnet::start(TestnetConfig::default()).unwrap();
     let facilitator = testnet.facilitator();
     time_to_endpoint(&facilitator).await;
